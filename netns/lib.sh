@@ -44,6 +44,9 @@ GW_PRIVATE_DIRS=(/run/wireguard /run/gatewire)
 export WG_PROCESS_FOREGROUND=1 # make wireguard-go stay attached unless told otherwise
 
 mkdir -p "$GW_TMP"/{logs,pids,keys,conf,ns,data}
+# The exit trap may fire inside a command whose output goes to /dev/null:
+# keep the original stdout/stderr to report on.
+exec {GW_OUT_FD}>&1 {GW_ERR_FD}>&2
 
 # ---------------------------------------------------------------- output
 lab_log() { printf '[%s %s] %s\n' "$(date +%T)" "${GW_TEST_NAME:-lab}" "$*" >&2; }
@@ -387,6 +390,7 @@ _lab_on_exit() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
+    exec 1>&"$GW_OUT_FD" 2>&"$GW_ERR_FD"
     if [ "$rc" -ne 0 ]; then
         lab_log "exit status $rc; process logs follow"
         _lab_dump_logs
