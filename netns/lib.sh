@@ -85,6 +85,9 @@ assert_eq() {
     check "$1 (expected '$2', got '$3')" test "$2" = "$3"
 }
 
+# not cmd... : succeed when cmd fails (for check/wait_for)
+not() { ! "$@"; }
+
 # lab_finish: print the tally, exit non-zero if any check failed.
 lab_finish() {
     lab_log "checks: $GW_PASS passed, $GW_FAIL failed"
@@ -325,6 +328,20 @@ nat_rebind() {
 nat_port_min() { cut -d- -f1 "$GW_TMP/nat_range"; }
 nat_port_max() { cut -d- -f2 "$GW_TMP/nat_range"; }
 
+# lab_hosts NS "ADDR NAME"... : /etc/hosts as seen inside NS (ip netns exec
+# bind-mounts /etc/netns/<ns>/hosts over /etc/hosts). Removed by lab_down.
+lab_hosts() {
+    local ns=$1 d
+    shift
+    d="/etc/netns/$(lab_ns "$ns")"
+    mkdir -p "$d"
+    {
+        echo "127.0.0.1 localhost"
+        echo "::1 localhost"
+        printf '%s\n' "$@"
+    } >"$d/hosts"
+}
+
 # all namespaces of this run
 lab_list() { ip netns list | awk '{print $1}' | grep "^${GW_PFX}" || true; }
 
@@ -367,7 +384,9 @@ lab_down() {
         kill -KILL "$pid" 2>/dev/null || true
         rm -f "$f"
     done
-    # Delete the bridge segments first so links vanish, then the hosts.
+    for ns in $(lab_list); do
+        rm -rf "/etc/netns/$ns"
+    done
     for ns in $(lab_list); do
         ip netns del "$ns" 2>/dev/null || true
     done
@@ -495,9 +514,10 @@ EOF
 
 # gw_node_conf NODE HUB [HUB...] : write $GW_TMP/conf/NODE.toml; print its path.
 # The first hub carries the whole overlay, further ones only their own address.
-# Env: GW_DEAD_AFTER (8), GW_PKA (5), GW_NODE_IFACE (gwn0), GW_MTU (1420)
+# Env: GW_ENDPOINT (endpoint of the first hub, default its wan IPv4:port),
+# GW_DEAD_AFTER (8), GW_PKA (5), GW_NODE_IFACE (gwn0), GW_MTU (1420)
 gw_node_conf() {
-    local node=$1 h first=1 allowed f
+    local node=$1 h first=1 allowed f ep
     shift
     f="$GW_TMP/conf/$node.toml"
     {
@@ -510,7 +530,9 @@ mtu = ${GW_MTU:-1420}
 dead_after = ${GW_DEAD_AFTER:-8}
 EOF
         for h in "$@"; do
+            ep=""
             if [ $first = 1 ]; then
+                ep=${GW_ENDPOINT:-}
                 allowed="\"$GW_OV4_PREFIX\", \"$GW_OV6_PREFIX\""
             else
                 allowed="\"$(lab_ov4 "$h")/32\", \"$(lab_ov6 "$h")/128\""
@@ -521,7 +543,7 @@ EOF
 [[hub]]
 name = "$h"
 public_key = "$(lab_pub "$h")"
-endpoint = "$(lab_hub_endpoint "$h")"
+endpoint = "${ep:-$(lab_hub_endpoint "$h")}"
 allowed_ips = [$allowed]
 persistent_keepalive = ${GW_PKA:-5}
 EOF

@@ -3,8 +3,8 @@
 # nodes (two hidden behind the NAT, one direct). If this fails the lab or the
 # machine is broken, not gatewire.
 set -euo pipefail
-GW_TEST_NAME=01-lab
-# shellcheck source=../lib.sh
+export GW_TEST_NAME=01-lab
+# shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
 need_cmd wg wireguard-go ping socat conntrack jq
 

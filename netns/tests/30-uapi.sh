@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The standard UAPI on a gatewire hub: `wg show` reports peers, `wg set` adds
+# peers at runtime (a gatewire node d1 and a wireguard-go node n2 connect
+# through them) and removes them (traffic stops).
+# timeout: 300
+set -euo pipefail
+export GW_TEST_NAME=30-uapi
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+need_cmd wg wireguard-go ping jq
+need_gatewire
+
+lab_up 2 1
+gw_start_hub hub n1
+gw_start_node n1 hub
+must "n1 reaches the hub" wait_for 15 lab_ping1 n1 "$(lab_ov4 hub)"
+lab_ping n1 "$(lab_ov4 hub)" 5 || true # some transfer to see
+
+# ---------------------------------------------------------------- wg show
+show=$(lab_exec hub wg show gw0 2>&1 || true)
+printf '%s\n' "$show" | sed 's/^/    | /' >&2
+check "wg show gw0 names the hub's public key" grep -qF "public key: $(lab_pub hub)" <<<"$show"
+check "wg show gw0 shows the listen port" grep -q "listening port: $GW_HUB_PORT" <<<"$show"
+check "wg show gw0 lists peer n1" grep -qF "peer: $(lab_pub n1)" <<<"$show"
+check "wg show gw0 shows n1's endpoint (the NAT)" grep -q "endpoint: $(lab_wan4 nat):" <<<"$show"
+check "wg show gw0 shows a latest handshake" grep -q "latest handshake:" <<<"$show"
+check "wg show gw0 shows transfer" grep -q "transfer:" <<<"$show"
+check "wg show gw0 shows n1's allowed ips" grep -q "allowed ips: .*$(lab_ov4 n1)/32" <<<"$show"
+
+# dump: pubkey psk endpoint allowed-ips latest-handshake rx tx keepalive
+dump_field() { lab_exec hub wg show gw0 dump | awk -v k="$(lab_pub "$1")" -v c="$2" '$1==k {print $c}'; }
+hs=$(dump_field n1 5)
+rx=$(dump_field n1 6)
+tx=$(dump_field n1 7)
+check "dump: n1 latest handshake is recent ($hs)" test "$(($(date +%s) - ${hs:-0}))" -lt 60
+check "dump: n1 rx ($rx) and tx ($tx) > 0" test "${rx:-0}" -gt 0 -a "${tx:-0}" -gt 0
+check "wg show gw0 public-key" test "$(lab_exec hub wg show gw0 public-key)" = "$(lab_pub hub)"
+check "wg show gw0 listen-port" test "$(lab_exec hub wg show gw0 listen-port)" = "$GW_HUB_PORT"
+showconf_ok() { lab_exec hub wg showconf gw0 | grep -q '^\[Peer\]'; }
+check "wg showconf gw0 works" showconf_ok
+
+# ---------------------------------------------------------------- wg set: add
+lab_log "adding d1 (gatewire node) and n2 (wireguard-go node) at runtime"
+check "wg set adds d1" lab_exec hub wg set gw0 peer "$(lab_pub d1)" \
+    allowed-ips "$(lab_ov4 d1)/32,$(lab_ov6 d1)/128"
+check "wg set adds n2" lab_exec hub wg set gw0 peer "$(lab_pub n2)" \
+    allowed-ips "$(lab_ov4 n2)/32,$(lab_ov6 n2)/128"
+check "wg show lists 3 peers" test "$(lab_exec hub wg show gw0 peers | wc -l)" -eq 3
+
+gw_start_node d1 hub
+wg_impl_start wireguard-go n2 wg0
+wg_iface_setup n2 wg0 n2 0 "$(lab_ov4 n2)/10" "$(lab_ov6 n2)/48"
+wg_peer n2 wg0 hub "$GW_OV4_PREFIX,$GW_OV6_PREFIX" "$(lab_hub_endpoint hub)" 5
+
+check "runtime peer d1 (gatewire) reaches the hub" wait_for 15 lab_ping1 d1 "$(lab_ov4 hub)"
+check "runtime peer d1 reaches the hub over v6" lab_ping d1 "$(lab_ov6 hub)"
+check "runtime peer n2 (wireguard-go) reaches the hub" wait_for 15 lab_ping1 n2 "$(lab_ov4 hub)"
+check "n1 reaches runtime peer d1 through the hub" wait_for 5 lab_ping1 n1 "$(lab_ov4 d1)"
+check "runtime peer n2 reaches d1 through the hub" wait_for 5 lab_ping1 n2 "$(lab_ov4 d1)"
+check "the hub reaches runtime peer n2" lab_ping hub "$(lab_ov4 n2)"
+
+peer_count=$(gw_show_json hub | jq '[.interfaces[].peers[]] | length' || echo "?")
+check "gatewire show --json lists the runtime peers too ($peer_count)" test "$peer_count" = 3
+
+# ---------------------------------------------------------------- wg set: remove
+check "wg set removes d1" lab_exec hub wg set gw0 peer "$(lab_pub d1)" remove
+check "wg set removes n2" lab_exec hub wg set gw0 peer "$(lab_pub n2)" remove
+check "wg show lists 1 peer" test "$(lab_exec hub wg show gw0 peers | wc -l)" -eq 1
+check "removed d1 is cut off (d1 -> hub fails)" lab_ping_fails d1 "$(lab_ov4 hub)"
+check "removed n2 is cut off (n2 -> hub fails)" lab_ping_fails n2 "$(lab_ov4 hub)"
+check "removed d1 is cut off (hub -> d1 fails)" lab_ping_fails hub "$(lab_ov4 d1)"
+check "n1 cannot reach removed d1" lab_ping_fails n1 "$(lab_ov4 d1)"
+check "n1 still reaches the hub" lab_ping n1 "$(lab_ov4 hub)"
+sleep 6 # a few handshake retries of the removed peers
+check "removed d1 stays cut off" lab_ping_fails d1 "$(lab_ov4 hub)"
+
+# re-adding d1 brings it back
+check "wg set re-adds d1" lab_exec hub wg set gw0 peer "$(lab_pub d1)" \
+    allowed-ips "$(lab_ov4 d1)/32,$(lab_ov6 d1)/128"
+check "re-added d1 reaches the hub again" wait_for 20 lab_ping1 d1 "$(lab_ov4 hub)"
+
+# a change of allowed-ips at runtime takes effect
+check "wg set narrows n1's allowed-ips to v6 only" lab_exec hub wg set gw0 peer "$(lab_pub n1)" \
+    replace-allowed-ips allowed-ips "$(lab_ov6 n1)/128"
+check "n1 over v4 is now refused" lab_ping_fails n1 "$(lab_ov4 hub)"
+check "n1 over v6 still works" lab_ping n1 "$(lab_ov6 hub)"
+
+for p in hub n1 d1; do check "$p still running" lab_alive "$p"; done
+lab_finish
