@@ -1,0 +1,412 @@
+//! The command line: `gatewire genkey|pubkey|hub|node|show|wg`.
+
+use crate::config::{HubConfig, NodeConfig};
+use crate::keys::PrivateKey;
+use crate::wg::api::{self, ApiServer};
+use crate::wg::device::{Device, DeviceConfig, Mode, ShowInterface};
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing::error;
+
+#[derive(Parser)]
+#[command(
+    name = "gatewire",
+    version,
+    about = "A web gateway for hidden nodes over userspace WireGuard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a new private key (base64), like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin and print its public key, like `wg pubkey`.
+    Pubkey,
+    /// Run the hub: concentrate node tunnels on a public gateway.
+    Hub {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run a hidden node: dial out to one or more hubs.
+    Node {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show running gatewire interfaces (like `wg show`, plus drop counters).
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// One interface; all gatewire interfaces when omitted.
+        interface: Option<String>,
+    },
+    /// A plain userspace WireGuard interface configured through the UAPI socket
+    /// (`wg setconf`), like wireguard-go; usable as wg-quick's
+    /// WG_QUICK_USERSPACE_IMPLEMENTATION.
+    Wg {
+        interface: String,
+        /// Stay in the foreground (also when WG_PROCESS_FOREGROUND=1).
+        #[arg(short, long)]
+        foreground: bool,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers the daemon can still be stopped by SIGKILL.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {},
+        _ = term.recv() => {},
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Genkey => {
+            println!("{}", PrivateKey::generate().expose_base64());
+            ExitCode::SUCCESS
+        }
+        Cmd::Pubkey => {
+            let mut s = String::new();
+            if std::io::stdin().take(1024).read_to_string(&mut s).is_err() {
+                eprintln!("gatewire: cannot read a key on stdin");
+                return ExitCode::FAILURE;
+            }
+            match PrivateKey::from_base64(&s) {
+                Ok(k) => {
+                    println!("{}", k.public_key());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gatewire: key is not the correct length or format: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Hub { config, check } => {
+            let cfg = match HubConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gatewire: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if check {
+                println!("{}: ok ({} peers)", config.display(), cfg.peers.len());
+                return ExitCode::SUCCESS;
+            }
+            init_tracing();
+            run_daemon(crate::hub::run(cfg, shutdown_signal()))
+        }
+        Cmd::Node { config, check } => {
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gatewire: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if check {
+                println!("{}: ok ({} hubs)", config.display(), cfg.hubs.len());
+                return ExitCode::SUCCESS;
+            }
+            init_tracing();
+            run_daemon(crate::node::run(cfg, shutdown_signal()))
+        }
+        Cmd::Show { json, interface } => show(json, interface),
+        Cmd::Wg {
+            interface,
+            foreground,
+        } => {
+            let fg = foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
+            wg_mode(interface, fg)
+        }
+    }
+}
+
+fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatewire: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn wg_mode(interface: String, foreground: bool) -> ExitCode {
+    // Daemonise before any thread exists: the parent returns once the child
+    // reports that the interface and its socket are ready (as wireguard-go does).
+    let mut ready_fd: Option<std::fs::File> = None;
+    if !foreground {
+        match daemonize() {
+            Ok(Some(fd)) => ready_fd = Some(fd),
+            Ok(None) => unreachable_parent(),
+            Err(e) => {
+                eprintln!("gatewire: cannot daemonize: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    init_tracing();
+    let name = interface.clone();
+    run_daemon(async move {
+        let dev = Device::start(DeviceConfig {
+            name: name.clone(),
+            mode: Mode::Wg,
+            private_key: None,
+            listen_port: 0,
+            addresses: Vec::new(),
+            mtu: crate::config::DEFAULT_MTU,
+            forward: false,
+            keepalive: 0,
+            peers: Vec::new(),
+        })
+        .await?;
+        let api = ApiServer::start(dev.inner.clone()).await?;
+        if let Some(mut f) = ready_fd.take() {
+            let _ = f.write_all(b"1");
+        }
+        shutdown_signal().await;
+        drop(api);
+        drop(dev);
+        Ok(())
+    })
+}
+
+/// Only reached in a parent whose child failed before reporting readiness.
+fn unreachable_parent() -> ! {
+    std::process::exit(1)
+}
+
+/// Forks. In the parent: waits for the child's readiness byte and exits (0 if
+/// ready, 1 if not). In the child: returns the write end of the readiness pipe,
+/// with stdio on /dev/null and a new session.
+fn daemonize() -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: plain libc calls on a fresh process with no other threads yet.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        match libc::fork() {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => {
+                libc::close(fds[0]);
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                    if null > 2 {
+                        libc::close(null);
+                    }
+                }
+                Ok(Some(std::fs::File::from_raw_fd(fds[1])))
+            }
+            _ => {
+                libc::close(fds[1]);
+                let mut f = std::fs::File::from_raw_fd(fds[0]);
+                let mut b = [0u8; 1];
+                let ok = matches!(f.read(&mut b), Ok(1));
+                std::process::exit(if ok { 0 } else { 1 });
+            }
+        }
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", U[i])
+    }
+}
+
+fn ago(secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let d = now.saturating_sub(secs);
+    match d {
+        0..=59 => format!("{d} seconds ago"),
+        60..=3599 => format!("{} minutes, {} seconds ago", d / 60, d % 60),
+        _ => format!("{} hours, {} minutes ago", d / 3600, (d % 3600) / 60),
+    }
+}
+
+fn print_text(i: &ShowInterface) {
+    println!(
+        "interface: {} ({})",
+        i.name,
+        serde_json::to_value(i.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    );
+    if let Some(k) = &i.public_key {
+        println!("  public key: {k}");
+    }
+    println!("  listening port: {}", i.listen_port);
+    let drops: Vec<String> = i
+        .drops
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !drops.is_empty() {
+        println!("  drops: {}", drops.join(" "));
+    }
+    for p in &i.peers {
+        println!();
+        match &p.name {
+            Some(n) => println!("peer: {} ({n})", p.public_key),
+            None => println!("peer: {}", p.public_key),
+        }
+        if let Some(e) = &p.endpoint {
+            println!("  endpoint: {e}");
+        }
+        println!(
+            "  allowed ips: {}",
+            if p.allowed_ips.is_empty() {
+                "(none)".into()
+            } else {
+                p.allowed_ips.join(", ")
+            }
+        );
+        if let Some(h) = p.latest_handshake {
+            println!("  latest handshake: {}", ago(h));
+        }
+        if p.rx_bytes > 0 || p.tx_bytes > 0 {
+            println!(
+                "  transfer: {} received, {} sent",
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes)
+            );
+        }
+        if let Some(k) = p.persistent_keepalive {
+            println!("  persistent keepalive: every {k} seconds");
+        }
+        let drops: Vec<String> = p
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !drops.is_empty() {
+            println!("  drops: {}", drops.join(" "));
+        }
+    }
+}
+
+fn show(json: bool, interface: Option<String>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatewire: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let names: Vec<String> = match &interface {
+        Some(i) => vec![i.clone()],
+        None => std::fs::read_dir(api::SOCKET_DIR)
+            .map(|d| {
+                let mut v: Vec<String> = d
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(".sock"))
+                            .map(String::from)
+                    })
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default(),
+    };
+    let mut out = Vec::new();
+    let mut failed = false;
+    for n in &names {
+        match rt.block_on(api::query_show(n)) {
+            Ok(i) => out.push(i),
+            Err(e) => {
+                // Without a name, sockets of other WireGuard implementations are skipped.
+                if interface.is_some() {
+                    eprintln!("gatewire: {n}: {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if json {
+        let v = serde_json::json!({ "interfaces": out });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for (k, i) in out.iter().enumerate() {
+            if k > 0 {
+                println!();
+            }
+            print_text(i);
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,193 @@
+//! WireGuard keys in the formats `wg` uses: 32 bytes, base64 in configs and on the
+//! command line, lowercase hex on the UAPI socket.
+//!
+//! [`PrivateKey`] never prints its secret: its `Debug` and `Display` are masked.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand_core::{OsRng, RngCore};
+use std::fmt;
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+use zeroize::Zeroize;
+
+/// Errors from parsing a key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("not valid base64")]
+    Base64,
+    #[error("not valid hex")]
+    Hex,
+    #[error("a key is 32 bytes, this one decodes to {0}")]
+    Length(usize),
+}
+
+fn decode_b64(s: &str) -> Result<[u8; 32], KeyError> {
+    let v = B64.decode(s.trim()).map_err(|_| KeyError::Base64)?;
+    let len = v.len();
+    v.try_into().map_err(|_| KeyError::Length(len))
+}
+
+fn decode_hex(s: &str) -> Result<[u8; 32], KeyError> {
+    let v = hex::decode(s.trim()).map_err(|_| KeyError::Hex)?;
+    let len = v.len();
+    v.try_into().map_err(|_| KeyError::Length(len))
+}
+
+/// A Curve25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        decode_b64(s).map(Self)
+    }
+    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+        decode_hex(s).map(Self)
+    }
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn as_x25519(&self) -> XPublic {
+        XPublic::from(self.0)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+/// A Curve25519 private key, clamped as `wg genkey` clamps it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey([u8; 32]);
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl PrivateKey {
+    /// A fresh random key, clamped like `wg genkey`.
+    pub fn generate() -> Self {
+        let mut k = [0u8; 32];
+        OsRng.fill_bytes(&mut k);
+        k[0] &= 248;
+        k[31] = (k[31] & 127) | 64;
+        Self(k)
+    }
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        decode_b64(s).map(Self)
+    }
+    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+        decode_hex(s).map(Self)
+    }
+    /// The secret in base64. Only for writing key files and `genkey`.
+    pub fn expose_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+    /// The secret in hex. Only for the UAPI `get` reply, which `wg` expects.
+    pub fn expose_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(XPublic::from(&self.secret()).to_bytes())
+    }
+    pub fn secret(&self) -> StaticSecret {
+        StaticSecret::from(self.0)
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0u8; 32]
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// A 32-byte preshared key; masked like [`PrivateKey`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey(pub [u8; 32]);
+
+impl Drop for PresharedKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl PresharedKey {
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        decode_b64(s).map(Self)
+    }
+    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+        decode_hex(s).map(Self)
+    }
+    pub fn expose_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0u8; 32]
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vector_matches_wg() {
+        // `echo yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk= | wg pubkey`
+        let k = PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
+        assert_eq!(
+            k.public_key().to_base64(),
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+        );
+    }
+
+    #[test]
+    fn generated_keys_are_clamped_and_roundtrip() {
+        let k = PrivateKey::generate();
+        let b = k.expose_base64();
+        let k2 = PrivateKey::from_base64(&b).unwrap();
+        assert_eq!(k, k2);
+        assert_eq!(k.0[0] & 7, 0);
+        assert_eq!(k.0[31] & 0xc0, 0x40);
+        assert_eq!(PrivateKey::from_hex(&k.expose_hex()).unwrap(), k);
+    }
+
+    #[test]
+    fn debug_is_masked() {
+        let k = PrivateKey::generate();
+        let d = format!("{k:?}");
+        assert!(!d.contains(&k.expose_base64()));
+        assert!(!d.contains(&k.expose_hex()));
+    }
+
+    #[test]
+    fn bad_keys_are_errors() {
+        assert_eq!(PublicKey::from_base64("abc!"), Err(KeyError::Base64));
+        assert_eq!(PublicKey::from_base64("AAAA"), Err(KeyError::Length(3)));
+        assert_eq!(PublicKey::from_hex("zz"), Err(KeyError::Hex));
+    }
+}

@@ -1,0 +1,14 @@
+//! gatewire: hidden nodes serve the public internet through hubs, over
+//! userspace WireGuard tunnels.
+//!
+//! Pure protocol cores (no sockets, no clock) live beside thin drivers:
+//! [`wg::allowed_ips`], [`wg::uapi`] and [`wg::packet`] are pure;
+//! [`wg::device`] and [`wg::api`] drive them with tokio, a TUN and UDP sockets.
+//! [`hub`] and [`node`] are the two daemon modes; [`cli`] is the command line.
+
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod keys;
+pub mod node;
+pub mod wg;

@@ -1,0 +1,1092 @@
+//! The userspace WireGuard device: one TUN, one UDP socket per address family,
+//! and a table of peers each driven by boringtun's sans-IO `Tunn`.
+//!
+//! The peer table is immutable once published and swapped atomically on change
+//! (`ArcSwap`), so the per-packet path takes no table lock: it loads the table,
+//! finds the peer by receiver index (incoming) or by longest-prefix match over
+//! allowed IPs (outgoing), and locks only that peer's `Tunn`. Buffers are owned
+//! by each loop and reused; nothing is allocated per packet.
+
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+use crate::wg::allowed_ips::AllowedIps;
+use crate::wg::packet::{self, Hop};
+use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
+use arc_swap::ArcSwap;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ipnet::IpNet;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Largest datagram or IP packet handled.
+pub const MAX_PACKET: usize = 65536;
+/// WireGuard adds at most this much to a packet.
+const OVERHEAD: usize = 32;
+/// Handshakes per second before the device answers with cookies (as boringtun's device).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Timer resolution: how often every peer's timers are updated.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Why a packet was dropped (or, for `CookieSent`, answered with a cookie).
+/// Each is a counter in `gatewire show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    InvalidPacket,
+    UnknownIndex,
+    UnknownPeer,
+    InvalidMac,
+    DecryptFailed,
+    Replay,
+    UnderLoad,
+    CookieSent,
+    SourceNotAllowed,
+    NoRoute,
+    NoEndpoint,
+    NoKey,
+    MalformedIp,
+    TtlExpired,
+    TunWrite,
+    UdpSend,
+    Other,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 17] = [
+        DropReason::InvalidPacket,
+        DropReason::UnknownIndex,
+        DropReason::UnknownPeer,
+        DropReason::InvalidMac,
+        DropReason::DecryptFailed,
+        DropReason::Replay,
+        DropReason::UnderLoad,
+        DropReason::CookieSent,
+        DropReason::SourceNotAllowed,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::NoKey,
+        DropReason::MalformedIp,
+        DropReason::TtlExpired,
+        DropReason::TunWrite,
+        DropReason::UdpSend,
+        DropReason::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::InvalidPacket => "invalid_packet",
+            DropReason::UnknownIndex => "unknown_index",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::InvalidMac => "invalid_mac",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::Replay => "replay",
+            DropReason::UnderLoad => "under_load",
+            DropReason::CookieSent => "cookie_sent",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NoKey => "no_key",
+            DropReason::MalformedIp => "malformed_ip",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::TunWrite => "tun_write",
+            DropReason::UdpSend => "udp_send",
+            DropReason::Other => "other",
+        }
+    }
+
+    fn from_wg(e: &WireGuardError) -> Self {
+        match e {
+            WireGuardError::InvalidMac => DropReason::InvalidMac,
+            WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+            WireGuardError::UnderLoad => DropReason::UnderLoad,
+            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+                DropReason::InvalidPacket
+            }
+            WireGuardError::WrongIndex | WireGuardError::WrongKey => DropReason::UnknownPeer,
+            WireGuardError::InvalidAeadTag
+            | WireGuardError::InvalidTai64nTimestamp
+            | WireGuardError::WrongTai64nTimestamp
+            | WireGuardError::NoCurrentSession
+            | WireGuardError::UnexpectedPacket
+            | WireGuardError::WrongPacketType => DropReason::DecryptFailed,
+            _ => DropReason::Other,
+        }
+    }
+}
+
+/// Drop counters, one atomic per reason.
+#[derive(Default)]
+pub struct DropCounters([AtomicU64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    #[inline]
+    pub fn inc(&self, r: DropReason) {
+        if let Some(c) = self.0.get(r as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub fn get(&self, r: DropReason) -> u64 {
+        self.0
+            .get(r as usize)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), self.get(*r)))
+            .collect()
+    }
+}
+
+/// What kind of daemon owns the device (reported by `gatewire show`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Hub,
+    Node,
+    Wg,
+}
+
+/// A peer as configured.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: Option<String>,
+    pub public_key: PublicKey,
+    pub preshared_key: Option<PresharedKey>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// Everything needed to bring a device up.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub mode: Mode,
+    pub private_key: Option<PrivateKey>,
+    pub listen_port: u16,
+    /// Addresses (with their prefixes) put on the TUN; the prefixes become routes.
+    pub addresses: Vec<IpNet>,
+    pub mtu: u16,
+    /// Forward packets between peers inside the device, as a hub does.
+    pub forward: bool,
+    /// Keepalive the device sends to every peer it has heard from recently, in
+    /// seconds (0: off). Unlike WireGuard's persistent keepalive it does not make
+    /// the device initiate handshakes towards peers that are gone.
+    pub keepalive: u16,
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One peer: its `Tunn`, endpoint and counters.
+pub struct Peer {
+    name: Mutex<Option<String>>,
+    pub public_key: PublicKey,
+    index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    preshared_key: Mutex<Option<PresharedKey>>,
+    persistent_keepalive: AtomicU32,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// Milliseconds since device start of the last authenticated packet received.
+    last_rx_ms: AtomicU64,
+    /// Milliseconds since device start of the last packet sent.
+    last_tx_ms: AtomicU64,
+    /// Packets from this peer whose source was outside its allowed IPs.
+    src_not_allowed: AtomicU64,
+}
+
+impl Peer {
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.read()
+    }
+    pub fn set_endpoint(&self, e: SocketAddr) {
+        if self.endpoint() != Some(e) {
+            *self.endpoint.write() = Some(e);
+        }
+    }
+    pub fn name(&self) -> Option<String> {
+        self.name.lock().clone()
+    }
+    pub fn set_name(&self, name: Option<String>) {
+        *self.name.lock() = name;
+    }
+    fn keepalive(&self) -> u16 {
+        self.persistent_keepalive.load(Ordering::Relaxed) as u16
+    }
+    /// Milliseconds since the device started at which the last authenticated
+    /// packet arrived (0: never).
+    pub fn last_rx_ms(&self) -> u64 {
+        self.last_rx_ms.load(Ordering::Relaxed)
+    }
+    fn last_handshake(&self) -> Option<Duration> {
+        let (since, ..) = self.tunn.lock().stats();
+        let since = since?;
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?
+            .checked_sub(since)
+    }
+}
+
+/// The immutable peer table, replaced as a whole on every change.
+#[derive(Default, Clone)]
+struct Table {
+    by_key: HashMap<PublicKey, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: AllowedIps<Arc<Peer>>,
+}
+
+/// The static key and what derives from it.
+struct KeyState {
+    private: PrivateKey,
+    secret: x25519_dalek::StaticSecret,
+    public: x25519_dalek::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+impl KeyState {
+    fn new(private: PrivateKey) -> Self {
+        let secret = private.secret();
+        let public = x25519_dalek::PublicKey::from(&secret);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        Self {
+            private,
+            secret,
+            public,
+            rate_limiter,
+        }
+    }
+}
+
+struct Sockets {
+    v4: Option<Arc<UdpSocket>>,
+    v6: Option<Arc<UdpSocket>>,
+    port: u16,
+}
+
+impl Sockets {
+    fn for_addr(&self, a: &SocketAddr) -> Option<&Arc<UdpSocket>> {
+        match a {
+            SocketAddr::V4(_) => self.v4.as_ref(),
+            SocketAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+}
+
+/// Shared state of a running device.
+pub struct Inner {
+    pub name: String,
+    pub mode: Mode,
+    forward: bool,
+    keepalive: AtomicU32,
+    tun: tun_rs::AsyncDevice,
+    table: ArcSwap<Table>,
+    key: ArcSwap<Option<KeyState>>,
+    sockets: ArcSwap<Sockets>,
+    recv_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Serialises configuration changes (readers never wait on it).
+    config_lock: tokio::sync::Mutex<()>,
+    next_index: AtomicU32,
+    fwmark: AtomicU32,
+    pub drops: DropCounters,
+    start: Instant,
+}
+
+/// A running device. Dropping it stops its tasks and removes the TUN.
+pub struct Device {
+    pub inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.inner.recv_tasks.lock().iter() {
+            t.abort();
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => socket2::Domain::IPV4,
+        SocketAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Room for bursts: a full TCP window of datagrams in each direction.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Binds IPv4 and IPv6 sockets on `port` (0: a random port, the same for both).
+/// At least one family must succeed.
+fn bind_pair(port: u16) -> io::Result<Sockets> {
+    let v4 = bind_udp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    let port = match &v4 {
+        Ok(s) => s.local_addr()?.port(),
+        Err(_) => port,
+    };
+    let v6 = bind_udp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    let port = match (&v4, &v6) {
+        (Err(e), Err(_)) => return Err(io::Error::new(e.kind(), e.to_string())),
+        (Err(_), Ok(s)) => s.local_addr()?.port(),
+        _ => port,
+    };
+    if let Err(e) = &v6 {
+        debug!(error = %e, "no IPv6 UDP socket");
+    }
+    Ok(Sockets {
+        v4: v4.ok().map(Arc::new),
+        v6: v6.ok().map(Arc::new),
+        port,
+    })
+}
+
+fn build_tun(cfg: &DeviceConfig) -> io::Result<tun_rs::AsyncDevice> {
+    let mut b = tun_rs::DeviceBuilder::new().name(&cfg.name).mtu(cfg.mtu);
+    let mut v4_done = false;
+    for a in &cfg.addresses {
+        match a {
+            IpNet::V4(n) if !v4_done => {
+                b = b.ipv4(n.addr(), n.prefix_len(), None);
+                v4_done = true;
+            }
+            IpNet::V6(n) => b = b.ipv6(n.addr(), n.prefix_len()),
+            IpNet::V4(_) => {}
+        }
+    }
+    let dev = b.build_async()?;
+    for a in &cfg.addresses {
+        if let IpNet::V4(n) = a {
+            if v4_done && Some(a) != cfg.addresses.iter().find(|x| x.addr().is_ipv4()) {
+                dev.add_address_v4(n.addr(), n.prefix_len())?;
+            }
+        }
+    }
+    Ok(dev)
+}
+
+impl Device {
+    /// Creates the TUN and sockets, installs the peers and starts the loops.
+    /// Nothing is left behind on error.
+    pub async fn start(cfg: DeviceConfig) -> anyhow::Result<Device> {
+        use anyhow::Context as _;
+        let tun = build_tun(&cfg).with_context(|| format!("creating TUN device {}", cfg.name))?;
+        let sockets = bind_pair(cfg.listen_port)
+            .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
+        let key = cfg.private_key.clone().map(KeyState::new);
+        let inner = Arc::new(Inner {
+            name: cfg.name.clone(),
+            mode: cfg.mode,
+            forward: cfg.forward,
+            keepalive: AtomicU32::new(u32::from(cfg.keepalive)),
+            tun,
+            table: ArcSwap::from_pointee(Table::default()),
+            key: ArcSwap::from_pointee(key),
+            sockets: ArcSwap::from_pointee(sockets),
+            recv_tasks: Mutex::new(Vec::new()),
+            config_lock: tokio::sync::Mutex::new(()),
+            next_index: AtomicU32::new(rand_index()),
+            fwmark: AtomicU32::new(0),
+            drops: DropCounters::default(),
+            start: Instant::now(),
+        });
+        let mut set = DeviceSet::default();
+        for p in &cfg.peers {
+            set.peers.push(PeerSet {
+                public_key: p.public_key,
+                remove: false,
+                update_only: false,
+                preshared_key: Some(p.preshared_key.clone()),
+                endpoint: p.endpoint,
+                persistent_keepalive: p.persistent_keepalive,
+                replace_allowed_ips: true,
+                allowed_ips: p.allowed_ips.clone(),
+            });
+        }
+        inner.apply(set).await?;
+        for p in &cfg.peers {
+            if let Some(peer) = inner.peer(&p.public_key) {
+                peer.set_name(p.name.clone());
+            }
+        }
+        inner.spawn_receivers();
+        let tasks = vec![
+            tokio::spawn(Arc::clone(&inner).tun_loop()),
+            tokio::spawn(Arc::clone(&inner).timer_loop()),
+        ];
+        let port = inner.sockets.load().port;
+        info!(interface = %cfg.name, port, mode = ?cfg.mode, peers = cfg.peers.len(), "device up");
+        Ok(Device { inner, tasks })
+    }
+}
+
+fn rand_index() -> u32 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32() & 0x00ff_ffff
+}
+
+/// Where the result of an operation on a `Tunn` ended up in the output buffer.
+enum Out {
+    Nothing,
+    Network(usize, usize),
+    Tunnel(usize, usize, IpAddr),
+    Error(WireGuardError),
+}
+
+fn locate(base: usize, p: &[u8]) -> (usize, usize) {
+    let off = (p.as_ptr() as usize).saturating_sub(base);
+    (off, off + p.len())
+}
+
+/// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
+/// so the buffer's borrow (and the peer lock) can end before the I/O.
+fn classify(base: usize, r: TunnResult<'_>) -> Out {
+    match r {
+        TunnResult::Done => Out::Nothing,
+        TunnResult::Err(e) => Out::Error(e),
+        TunnResult::WriteToNetwork(p) => {
+            let (a, b) = locate(base, p);
+            Out::Network(a, b)
+        }
+        TunnResult::WriteToTunnelV4(p, src) => {
+            let (a, b) = locate(base, p);
+            Out::Tunnel(a, b, IpAddr::V4(src))
+        }
+        TunnResult::WriteToTunnelV6(p, src) => {
+            let (a, b) = locate(base, p);
+            Out::Tunnel(a, b, IpAddr::V6(src))
+        }
+    }
+}
+
+async fn send_udp(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+    match sock.try_send_to(buf, to) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(buf, to).await.map(|_| ()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Inner {
+    /// Milliseconds since the device started.
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// The peer with this public key.
+    pub fn peer(&self, key: &PublicKey) -> Option<Arc<Peer>> {
+        self.table.load().by_key.get(key).cloned()
+    }
+
+    /// All peers.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.table.load().by_key.values().cloned().collect()
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.sockets.load().port
+    }
+
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.key
+            .load()
+            .as_ref()
+            .as_ref()
+            .map(|k| PublicKey(k.public.to_bytes()))
+    }
+
+    fn new_tunn(
+        &self,
+        public_key: PublicKey,
+        psk: Option<PresharedKey>,
+        keepalive: u16,
+        index: u32,
+    ) -> Tunn {
+        let key = self.key.load();
+        let (secret, rl) = match key.as_ref() {
+            Some(k) => (k.secret.clone(), Some(Arc::clone(&k.rate_limiter))),
+            // Without a private key the peer exists but cannot talk; a throwaway key
+            // keeps the Tunn valid until one is set.
+            None => (PrivateKey::generate().secret(), None),
+        };
+        Tunn::new(
+            secret,
+            public_key.as_x25519(),
+            psk.map(|p| p.0),
+            (keepalive > 0).then_some(keepalive),
+            index,
+            rl,
+        )
+    }
+
+    fn spawn_receivers(self: &Arc<Self>) {
+        let socks = self.sockets.load();
+        let mut tasks = self.recv_tasks.lock();
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        for s in [&socks.v4, &socks.v6].into_iter().flatten() {
+            tasks.push(tokio::spawn(Arc::clone(self).udp_loop(Arc::clone(s))));
+        }
+    }
+
+    /// Sends what the TUN gives us to the peer that owns its destination.
+    async fn tun_loop(self: Arc<Self>) {
+        let mut rx = vec![0u8; MAX_PACKET];
+        let mut tx = vec![0u8; MAX_PACKET + OVERHEAD];
+        loop {
+            let n = match self.tun.recv(&mut rx).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "TUN read failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(pkt) = rx.get(..n) else { continue };
+            let Some(dst) = packet::dst(pkt) else {
+                self.drops.inc(DropReason::MalformedIp);
+                continue;
+            };
+            let table = self.table.load();
+            let Some(peer) = table.routes.lookup(dst) else {
+                self.drops.inc(DropReason::NoRoute);
+                continue;
+            };
+            let peer = Arc::clone(peer);
+            drop(table);
+            self.send_to_peer(&peer, pkt, &mut tx).await;
+        }
+    }
+
+    /// Encapsulates `pkt` for `peer` and sends it to the peer's endpoint.
+    async fn send_to_peer(&self, peer: &Peer, pkt: &[u8], tx: &mut [u8]) {
+        let out = {
+            let mut t = peer.tunn.lock();
+            let base = tx.as_ptr() as usize;
+            let r = t.encapsulate(pkt, tx);
+            classify(base, r)
+        };
+        match out {
+            Out::Network(a, b) => {
+                if let Some(d) = tx.get(a..b) {
+                    self.send_net(peer, d).await;
+                }
+            }
+            Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
+            _ => {}
+        }
+    }
+
+    async fn send_net(&self, peer: &Peer, data: &[u8]) {
+        let Some(ep) = peer.endpoint() else {
+            self.drops.inc(DropReason::NoEndpoint);
+            return;
+        };
+        let socks = self.sockets.load();
+        let Some(sock) = socks.for_addr(&ep) else {
+            self.drops.inc(DropReason::NoEndpoint);
+            return;
+        };
+        match send_udp(sock, data, ep).await {
+            Ok(()) => {
+                peer.tx_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.drops.inc(DropReason::UdpSend);
+                debug!(error = %e, endpoint = %ep, "UDP send failed");
+            }
+        }
+    }
+
+    async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
+        let mut rx = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET + OVERHEAD];
+        let mut fwd = vec![0u8; MAX_PACKET + OVERHEAD];
+        loop {
+            let (n, from) = match sock.recv_from(&mut rx).await {
+                Ok(v) => v,
+                Err(e) => {
+                    // ICMP errors surface here on Linux; they are not fatal.
+                    debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            let Some(datagram) = rx.get(..n) else {
+                continue;
+            };
+            self.handle_datagram(&sock, datagram, from, &mut out, &mut fwd)
+                .await;
+        }
+    }
+
+    /// Finds the peer a datagram belongs to, without doing any expensive work
+    /// for packets that fail cheap checks.
+    fn find_peer(
+        &self,
+        sock: &UdpSocket,
+        table: &Table,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+    ) -> Option<Arc<Peer>> {
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                self.drops.inc(DropReason::InvalidPacket);
+                return None;
+            }
+        };
+        let key = self.key.load();
+        let Some(key) = key.as_ref() else {
+            self.drops.inc(DropReason::NoKey);
+            return None;
+        };
+        let idx = match &parsed {
+            Packet::HandshakeInit(init) => {
+                // mac1 and, under load, mac2 before any Diffie-Hellman.
+                match key
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, out)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let _ = sock.try_send_to(cookie, from);
+                        self.drops.inc(DropReason::CookieSent);
+                        return None;
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        self.drops.inc(DropReason::from_wg(&e));
+                        return None;
+                    }
+                    Err(_) => {
+                        self.drops.inc(DropReason::Other);
+                        return None;
+                    }
+                }
+                let Ok(half) = parse_handshake_anon(&key.secret, &key.public, init) else {
+                    self.drops.inc(DropReason::UnknownPeer);
+                    return None;
+                };
+                let peer = table.by_key.get(&PublicKey(half.peer_static_public));
+                if peer.is_none() {
+                    self.drops.inc(DropReason::UnknownPeer);
+                }
+                return peer.cloned();
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        let peer = table.by_index.get(&(idx >> 8));
+        if peer.is_none() {
+            self.drops.inc(DropReason::UnknownIndex);
+        }
+        peer.cloned()
+    }
+
+    async fn handle_datagram(
+        &self,
+        sock: &UdpSocket,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        fwd: &mut [u8],
+    ) {
+        let table = self.table.load_full();
+        let Some(peer) = self.find_peer(sock, &table, datagram, from, out) else {
+            return;
+        };
+        let result = {
+            let mut t = peer.tunn.lock();
+            let base = out.as_ptr() as usize;
+            let r = t.decapsulate(Some(from.ip()), datagram, out);
+            classify(base, r)
+        };
+        let authenticated = !matches!(result, Out::Error(_));
+        if authenticated {
+            peer.set_endpoint(from);
+            peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        }
+        match result {
+            Out::Nothing => {}
+            Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
+            Out::Network(a, b) => {
+                if let Some(d) = out.get(a..b) {
+                    self.send_net(&peer, d).await;
+                }
+                // A completed handshake may release queued packets.
+                loop {
+                    let r = {
+                        let mut t = peer.tunn.lock();
+                        let base = out.as_ptr() as usize;
+                        let r = t.decapsulate(None, &[], out);
+                        classify(base, r)
+                    };
+                    match r {
+                        Out::Network(a, b) => {
+                            if let Some(d) = out.get(a..b) {
+                                self.send_net(&peer, d).await;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            Out::Tunnel(a, b, src) => {
+                // Cryptokey routing: the source must be one of this peer's allowed IPs.
+                let owner = table.routes.lookup(src);
+                if !owner.is_some_and(|o| Arc::ptr_eq(o, &peer)) {
+                    self.drops.inc(DropReason::SourceNotAllowed);
+                    peer.src_not_allowed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Some(pkt) = out.get_mut(a..b) else { return };
+                self.deliver(&table, &peer, pkt, fwd).await;
+            }
+        }
+    }
+
+    /// Delivers a decrypted packet: to another peer when the device forwards and
+    /// the destination belongs to one, otherwise to the TUN.
+    async fn deliver(&self, table: &Table, from: &Arc<Peer>, pkt: &mut [u8], fwd: &mut [u8]) {
+        if self.forward {
+            if let Some(dst) = packet::dst(pkt) {
+                if let Some(to) = table.routes.lookup(dst) {
+                    if !Arc::ptr_eq(to, from) {
+                        match packet::decrement_hop_limit(pkt) {
+                            Hop::Forward => {
+                                let to = Arc::clone(to);
+                                self.send_to_peer(&to, pkt, fwd).await;
+                                return;
+                            }
+                            // Let the kernel answer with Time Exceeded.
+                            Hop::Expired => self.drops.inc(DropReason::TtlExpired),
+                            Hop::Malformed => {
+                                self.drops.inc(DropReason::MalformedIp);
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.tun.send(pkt).await {
+            self.drops.inc(DropReason::TunWrite);
+            debug!(error = %e, "TUN write failed");
+        }
+    }
+
+    /// Drives every peer's timers, the device keepalive and the rate limiter.
+    async fn timer_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET + OVERHEAD];
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reset = Instant::now();
+        loop {
+            tick.tick().await;
+            if last_reset.elapsed() >= Duration::from_secs(1) {
+                if let Some(k) = self.key.load().as_ref() {
+                    k.rate_limiter.reset_count();
+                }
+                last_reset = Instant::now();
+            }
+            let table = self.table.load_full();
+            let now = self.now_ms();
+            let keepalive_ms = u64::from(self.keepalive.load(Ordering::Relaxed)) * 1000;
+            for peer in table.by_key.values() {
+                let out = {
+                    let mut t = peer.tunn.lock();
+                    let base = buf.as_ptr() as usize;
+                    let r = t.update_timers(&mut buf);
+                    classify(base, r)
+                };
+                match out {
+                    Out::Network(a, b) => {
+                        if let Some(d) = buf.get(a..b) {
+                            self.send_net(peer, d).await;
+                        }
+                        continue;
+                    }
+                    Out::Error(WireGuardError::ConnectionExpired) | Out::Nothing => {}
+                    Out::Error(e) => debug!(error = ?e, "timer error"),
+                    Out::Tunnel(..) => {}
+                }
+                // Device keepalive: only towards peers heard from within the
+                // session lifetime, so the device never chases peers that left.
+                let rx = peer.last_rx_ms();
+                if keepalive_ms > 0
+                    && rx > 0
+                    && now.saturating_sub(rx) < 180_000
+                    && now.saturating_sub(peer.last_tx_ms.load(Ordering::Relaxed)) >= keepalive_ms
+                {
+                    self.send_to_peer(peer, &[], &mut buf).await;
+                }
+            }
+        }
+    }
+
+    /// Forces a new handshake with `peer` now (used when a hub went silent).
+    pub async fn force_handshake(&self, peer: &Peer) {
+        let mut buf = vec![0u8; 256];
+        let out = {
+            let mut t = peer.tunn.lock();
+            let base = buf.as_ptr() as usize;
+            let r = t.format_handshake_initiation(&mut buf, true);
+            classify(base, r)
+        };
+        if let Out::Network(a, b) = out {
+            if let Some(d) = buf.get(a..b) {
+                self.send_net(peer, d).await;
+            }
+        }
+    }
+
+    /// Applies a configuration change atomically: readers see the old table or
+    /// the new one, never a mix.
+    pub async fn apply(self: &Arc<Self>, set: DeviceSet) -> anyhow::Result<()> {
+        let _guard = self.config_lock.lock().await;
+        if let Some(port) = set.listen_port {
+            if port != self.sockets.load().port || port == 0 {
+                let s = bind_pair(port)?;
+                self.sockets.store(Arc::new(s));
+                self.spawn_receivers();
+            }
+        }
+        let mut t = (**self.table.load()).clone();
+        if let Some(pk) = set.private_key {
+            let same = self
+                .key
+                .load()
+                .as_ref()
+                .as_ref()
+                .is_some_and(|k| Some(&k.private) == pk.as_ref());
+            if !same {
+                let ks = pk.map(KeyState::new);
+                // A new static key invalidates every session.
+                for p in t.by_key.values() {
+                    let mut tunn = p.tunn.lock();
+                    match &ks {
+                        Some(k) => tunn.set_static_private(
+                            k.secret.clone(),
+                            k.public,
+                            Some(Arc::clone(&k.rate_limiter)),
+                        ),
+                        None => {
+                            let g = PrivateKey::generate().secret();
+                            let gp = x25519_dalek::PublicKey::from(&g);
+                            tunn.set_static_private(g, gp, None)
+                        }
+                    }
+                }
+                self.key.store(Arc::new(ks));
+            }
+        }
+        if let Some(m) = set.fwmark {
+            self.fwmark.store(m, Ordering::Relaxed);
+        }
+        if set.replace_peers {
+            t = Table::default();
+        }
+        let own = self.public_key();
+        for ps in set.peers {
+            if Some(ps.public_key) == own || ps.remove {
+                // WireGuard ignores a peer that has the device's own key.
+                t.remove(&ps.public_key);
+                continue;
+            }
+            let peer = match t.by_key.get(&ps.public_key) {
+                Some(p) => Arc::clone(p),
+                None if ps.update_only => continue,
+                None => {
+                    let index = self.next_free_index(&t);
+                    let peer = Arc::new(Peer {
+                        name: Mutex::new(None),
+                        public_key: ps.public_key,
+                        index,
+                        tunn: Mutex::new(self.new_tunn(ps.public_key, None, 0, index)),
+                        endpoint: RwLock::new(None),
+                        preshared_key: Mutex::new(None),
+                        persistent_keepalive: AtomicU32::new(0),
+                        rx_bytes: AtomicU64::new(0),
+                        tx_bytes: AtomicU64::new(0),
+                        last_rx_ms: AtomicU64::new(0),
+                        last_tx_ms: AtomicU64::new(0),
+                        src_not_allowed: AtomicU64::new(0),
+                    });
+                    t.by_index.insert(index, Arc::clone(&peer));
+                    t.by_key.insert(ps.public_key, Arc::clone(&peer));
+                    peer
+                }
+            };
+            if let Some(e) = ps.endpoint {
+                peer.set_endpoint(e);
+            }
+            let psk_changed = ps
+                .preshared_key
+                .as_ref()
+                .is_some_and(|p| *p != *peer.preshared_key.lock());
+            let ka_changed = ps
+                .persistent_keepalive
+                .is_some_and(|k| k != peer.keepalive());
+            if psk_changed || ka_changed {
+                // `Tunn` fixes both at creation: a new one, same index.
+                if let Some(p) = ps.preshared_key {
+                    *peer.preshared_key.lock() = p;
+                }
+                if let Some(k) = ps.persistent_keepalive {
+                    peer.persistent_keepalive
+                        .store(u32::from(k), Ordering::Relaxed);
+                }
+                let psk = peer.preshared_key.lock().clone();
+                *peer.tunn.lock() =
+                    self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
+            }
+            if ps.replace_allowed_ips {
+                t.routes.retain(|p| p.public_key != ps.public_key);
+            }
+            for n in &ps.allowed_ips {
+                // An allowed IP belongs to one peer: the newest claim wins, as in WireGuard.
+                t.routes.insert(n.trunc(), Arc::clone(&peer));
+            }
+        }
+        self.table.store(Arc::new(t));
+        Ok(())
+    }
+
+    fn next_free_index(&self, t: &Table) -> u32 {
+        loop {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            if !t.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// The state `get=1` reports.
+    pub fn info(&self) -> DeviceInfo {
+        let table = self.table.load();
+        let mut peers: Vec<_> = table.by_key.values().collect();
+        peers.sort_by_key(|p| p.index);
+        let mut allowed: HashMap<PublicKey, Vec<IpNet>> = HashMap::new();
+        for (n, p) in table.routes.iter() {
+            allowed.entry(p.public_key).or_default().push(n);
+        }
+        DeviceInfo {
+            private_key: self.key.load().as_ref().as_ref().map(|k| k.private.clone()),
+            listen_port: self.listen_port(),
+            fwmark: self.fwmark.load(Ordering::Relaxed),
+            peers: peers
+                .into_iter()
+                .map(|p| PeerInfo {
+                    public_key: p.public_key,
+                    preshared_key: p.preshared_key.lock().clone(),
+                    endpoint: p.endpoint(),
+                    last_handshake: p.last_handshake(),
+                    rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                    persistent_keepalive: p.keepalive(),
+                    allowed_ips: allowed.remove(&p.public_key).unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The state `gatewire show --json` reports.
+    pub fn show(&self) -> ShowInterface {
+        let info = self.info();
+        let table = self.table.load();
+        ShowInterface {
+            name: self.name.clone(),
+            mode: self.mode,
+            public_key: self.public_key().map(|k| k.to_base64()),
+            listen_port: info.listen_port,
+            drops: self.drops.snapshot(),
+            peers: info
+                .peers
+                .into_iter()
+                .map(|p| {
+                    let peer = table.by_key.get(&p.public_key);
+                    ShowPeer {
+                        name: peer.and_then(|x| x.name()),
+                        public_key: p.public_key.to_base64(),
+                        endpoint: p.endpoint.map(|e| e.to_string()),
+                        allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                        latest_handshake: p.last_handshake.map(|d| d.as_secs()),
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                        persistent_keepalive: (p.persistent_keepalive > 0)
+                            .then_some(p.persistent_keepalive),
+                        drops: [(
+                            "source_not_allowed".to_string(),
+                            peer.map(|x| x.src_not_allowed.load(Ordering::Relaxed))
+                                .unwrap_or(0),
+                        )]
+                        .into_iter()
+                        .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Table {
+    fn remove(&mut self, key: &PublicKey) {
+        if let Some(old) = self.by_key.remove(key) {
+            self.by_index.remove(&old.index);
+            self.routes.retain(|p| p.public_key != *key);
+        }
+    }
+}
+
+/// One interface in `gatewire show --json`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ShowInterface {
+    pub name: String,
+    pub mode: Mode,
+    pub public_key: Option<String>,
+    pub listen_port: u16,
+    pub drops: std::collections::BTreeMap<String, u64>,
+    pub peers: Vec<ShowPeer>,
+}
+
+/// One peer in `gatewire show --json`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ShowPeer {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub latest_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+    pub drops: std::collections::BTreeMap<String, u64>,
+}

@@ -1,0 +1,8 @@
+//! Userspace WireGuard: the pure cores (allowed-IPs table, UAPI text protocol,
+//! IP header views) and the drivers (device loops, UAPI socket).
+
+pub mod allowed_ips;
+pub mod api;
+pub mod device;
+pub mod packet;
+pub mod uapi;
