@@ -12,3 +12,4 @@ pub mod hub;
 pub mod keys;
 pub mod node;
 pub mod wg;
+pub mod ygg;
