@@ -12,4 +12,5 @@ pub mod hub;
 pub mod keys;
 pub mod node;
 pub mod wg;
+pub mod xlat;
 pub mod ygg;
