@@ -567,7 +567,7 @@ gw_start_hub() {
     shift
     need_gatewire
     if [ -n "${GW_CONF:-}" ]; then conf=$GW_CONF; else conf=$(gw_hub_conf "$hub" "$@"); fi
-    lab_bg "$hub" "$hub" env RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" hub --config "$conf"
+    lab_bg "$hub" "$hub" env NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" hub --config "$conf"
     if ! wait_for 10 iface_up "$hub" "${GW_HUB_IFACE:-gw0}"; then
         lab_die "gatewire hub in $hub did not bring up ${GW_HUB_IFACE:-gw0} within 10 s"
     fi
@@ -584,7 +584,7 @@ gw_start_node() {
     shift
     need_gatewire
     if [ -n "${GW_CONF:-}" ]; then conf=$GW_CONF; else conf=$(gw_node_conf "$node" "$@"); fi
-    lab_bg "$node" "$node" env RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" node --config "$conf"
+    lab_bg "$node" "$node" env NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" node --config "$conf"
     if ! wait_for 10 iface_up "$node" "${GW_NODE_IFACE:-gwn0}"; then
         lab_die "gatewire node in $node did not bring up ${GW_NODE_IFACE:-gwn0} within 10 s"
     fi
@@ -615,7 +615,7 @@ wg_impl_start() {
         ;;
     gatewire)
         need_gatewire
-        lab_bg "$ns" "$name" env RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" wg "$ifc" --foreground
+        lab_bg "$ns" "$name" env NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$GATEWIRE" wg "$ifc" --foreground
         ;;
     boringtun)
         [ -n "$BORINGTUN" ] || lab_die "BORINGTUN (path to boringtun-cli) not set"

@@ -81,7 +81,7 @@ check "re-added d1 reaches the hub again" wait_for 20 lab_ping1 d1 "$(lab_ov4 hu
 
 # a change of allowed-ips at runtime takes effect
 check "wg set narrows n1's allowed-ips to v6 only" lab_exec hub wg set gw0 peer "$(lab_pub n1)" \
-    replace-allowed-ips allowed-ips "$(lab_ov6 n1)/128"
+    allowed-ips "$(lab_ov6 n1)/128"
 check "n1 over v4 is now refused" lab_ping_fails n1 "$(lab_ov4 hub)"
 check "n1 over v6 still works" lab_ping n1 "$(lab_ov6 hub)"
 
