@@ -11,6 +11,7 @@ pub mod config;
 pub mod hub;
 pub mod keys;
 pub mod node;
+pub mod proxy;
 pub mod wg;
 pub mod xlat;
 pub mod ygg;

@@ -1,0 +1,3 @@
+//! Reverse-proxy building blocks.
+pub mod detect;
+pub mod names;
