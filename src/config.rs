@@ -46,6 +46,14 @@ struct RawHubFile {
     hub: RawHub,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    // Reverse proxy (src/proxy/settings.rs validates these).
+    proxy: Option<crate::proxy::settings::RawProxy>,
+    #[serde(default)]
+    route: Vec<crate::proxy::settings::RawRoute>,
+    #[serde(default)]
+    tcp: Vec<crate::proxy::settings::RawTcp>,
+    #[serde(default)]
+    udp: Vec<crate::proxy::settings::RawUdp>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +131,8 @@ pub struct HubConfig {
     pub mtu: u16,
     pub keepalive: u16,
     pub peers: Vec<HubPeer>,
+    /// The reverse proxy, if the file has a `[proxy]` section or any route/forward.
+    pub proxy: Option<crate::proxy::settings::ProxySettings>,
 }
 
 /// A hub as a node sees it.
@@ -341,6 +351,10 @@ impl HubConfig {
         if peers.iter().any(|p| p.public_key == own) {
             return Err(ctx.err("a [[peer]] has the hub's own public key"));
         }
+        let proxy = crate::proxy::settings::validate(
+            raw.proxy, raw.route, raw.tcp, raw.udp, &addresses, base,
+        )
+        .map_err(|m| ctx.err(m))?;
         Ok(HubConfig {
             interface: ctx.interface("hub", raw.hub.interface, "gw0")?,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
@@ -349,6 +363,7 @@ impl HubConfig {
             private_key,
             addresses,
             peers,
+            proxy,
         })
     }
 }

@@ -2,10 +2,26 @@
 //! own network stack.
 
 use crate::config::HubConfig;
+use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
 use crate::wg::device::{Device, DeviceConfig, Mode, PeerConfig};
 use std::future::Future;
+use std::time::Duration;
 use tracing::info;
+
+/// How long open proxy connections get to finish when the hub stops.
+pub const PROXY_DRAIN: Duration = Duration::from_secs(5);
+
+/// Starts the reverse proxy if the config has one. Call after the TUN is up, so
+/// the check against the host's addresses sees the overlay addresses too.
+pub async fn start_proxy(cfg: &HubConfig) -> anyhow::Result<Option<Proxy>> {
+    let Some(settings) = cfg.proxy.clone() else {
+        return Ok(None);
+    };
+    crate::proxy::settings::check_host_addresses(&settings)
+        .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
+    Ok(Some(Proxy::start(settings).await?))
+}
 
 pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
     DeviceConfig {
@@ -37,6 +53,7 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
 pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let dev = Device::start(device_config(&cfg)).await?;
     let api = ApiServer::start(dev.inner.clone()).await?;
+    let proxy = start_proxy(&cfg).await?;
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
@@ -44,6 +61,9 @@ pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     shutdown.await;
     info!("hub stopping");
+    if let Some(p) = proxy {
+        p.shutdown(PROXY_DRAIN).await;
+    }
     drop(api);
     drop(dev);
     Ok(())

@@ -1,3 +1,21 @@
 //! Reverse-proxy building blocks.
+//!
+//! Pure cores: [`detect`] (ClientHello SNI, HTTP Host sniffing), [`names`]
+//! (host names, route table), [`proxy_protocol`] (PROXY v2 headers).
+//! Drivers: [`server`] (listeners and connection routing), [`http`] (hyper
+//! proxying), [`upstream`] (backend choice, passive health, backend TLS),
+//! [`forward`] (UDP flows), [`tls`] (ClientHello reading, SNI cert resolver),
+//! [`io`]. [`settings`] validates the hub config's proxy sections.
 pub mod detect;
+pub mod forward;
+pub mod http;
+pub mod io;
 pub mod names;
+pub mod proxy_protocol;
+pub mod server;
+pub mod settings;
+pub mod stats;
+pub mod tls;
+pub mod upstream;
+
+pub use server::Proxy;

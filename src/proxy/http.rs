@@ -1,0 +1,481 @@
+//! HTTP reverse proxying with hyper: routing by Host, forwarding headers,
+//! hop-by-hop stripping, streamed bodies with byte counting, WebSocket/Upgrade
+//! passthrough and clear 4xx/5xx answers.
+
+use crate::proxy::io::splice;
+use crate::proxy::names::DomainName;
+use crate::proxy::server::{Route, Shared};
+use crate::proxy::settings::TlsMode;
+use crate::proxy::stats::{Counters, ErrorKind};
+use crate::proxy::upstream::UpstreamError;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+/// The body type of every response (and of requests sent to backends).
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What the HTTP handler knows about the client connection.
+pub struct ConnInfo {
+    /// Client address.
+    pub client: SocketAddr,
+    /// True on a terminated TLS connection.
+    pub tls: bool,
+    /// The route chosen by SNI on TLS connections.
+    pub sni_route: Option<Arc<Route>>,
+}
+
+/// Counts DATA bytes of a streamed body into `bytes_in` or `bytes_out`.
+struct CountedBody<B> {
+    inner: B,
+    counters: Arc<Counters>,
+    inbound: bool,
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                let n = d.len() as u64;
+                if self.inbound {
+                    self.counters.add_in(n);
+                } else {
+                    self.counters.add_out(n);
+                }
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn counted(b: Incoming, counters: Arc<Counters>, inbound: bool) -> ProxyBody {
+    CountedBody {
+        inner: b,
+        counters,
+        inbound,
+    }
+    .boxed()
+}
+
+/// A small plain-text response.
+pub fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn err(counters: &Counters, kind: ErrorKind, status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    counters.error(kind);
+    text(status, msg)
+}
+
+/// The request's authority (`host[:port]` as sent) and its host name.
+fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
+    let auth = match req.uri().authority() {
+        Some(a) => a.as_str().to_string(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?.to_string(),
+    };
+    let host = if auth.starts_with('[') {
+        return None; // IPv6 literal: no route
+    } else {
+        match auth.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => auth.as_str(),
+        }
+    };
+    let name = DomainName::parse(host).ok()?;
+    Some((auth, name))
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (the fixed list and those named in `Connection`).
+/// With `upgrade`, `Connection: upgrade` and the `Upgrade` value are kept.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
+    }
+}
+
+/// The `Upgrade` value if this is an HTTP/1.1 upgrade request.
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
+    let prior: Vec<String> = h
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let joined = if prior.is_empty() {
+        value.to_string()
+    } else {
+        format!("{}, {value}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        h.insert(name, v);
+    }
+}
+
+/// Sets X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host and
+/// Forwarded (appended).
+fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str) {
+    let ip = canonical(client);
+    let proto = if tls { "https" } else { "http" };
+    append(
+        h,
+        HeaderName::from_static("x-forwarded-for"),
+        &ip.to_string(),
+    );
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        h.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+    let for_ = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let host = authority.replace(['"', '\\'], "");
+    append(
+        h,
+        header::FORWARDED,
+        &format!("for={for_};host=\"{host}\";proto={proto}"),
+    );
+}
+
+async fn send_on<IO>(
+    io: IO,
+    req: Request<ProxyBody>,
+    shared: &Shared,
+) -> Result<Response<Incoming>, (ErrorKind, StatusCode, &'static str)>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let bad = (
+        ErrorKind::BackendProtocol,
+        StatusCode::BAD_GATEWAY,
+        "bad gateway: the backend broke the HTTP exchange",
+    );
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(io))
+        .await
+        .map_err(|_| bad)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(error = %e, "backend connection ended");
+        }
+    });
+    match tokio::time::timeout(shared.limits.response_timeout, sender.send_request(req)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => {
+            debug!(error = %e, "backend request failed");
+            Err(bad)
+        }
+        Err(_) => Err((
+            ErrorKind::BackendTimeout,
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway timeout: the backend did not answer in time",
+        )),
+    }
+}
+
+/// Handles one request: route, rewrite, forward, relay.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let Some((authority, host)) = request_host(&req) else {
+        return Ok(err(
+            &shared.listener,
+            ErrorKind::UnknownHost,
+            StatusCode::NOT_FOUND,
+            "404 not found: no route for this host",
+        ));
+    };
+    let Some(route) = shared.table.lookup(&host).cloned() else {
+        return Ok(err(
+            &shared.listener,
+            ErrorKind::UnknownHost,
+            StatusCode::NOT_FOUND,
+            "404 not found: no route for this host",
+        ));
+    };
+    let c = route.counters.clone();
+    c.request();
+    if let Some(sni) = &conn.sni_route {
+        if !Arc::ptr_eq(sni, &route) {
+            return Ok(err(
+                &c,
+                ErrorKind::Misdirected,
+                StatusCode::MISDIRECTED_REQUEST,
+                "421 misdirected request: Host does not match the TLS server name",
+            ));
+        }
+    }
+    if !conn.tls && (route.settings.redirect_https || route.settings.tls == TlsMode::Passthrough) {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut r = text(StatusCode::PERMANENT_REDIRECT, "redirecting to https");
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(r);
+    }
+    let upgrade = upgrade_of(&req);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade.clone());
+    add_forwarding(&mut parts.headers, conn.client.ip(), conn.tls, &authority);
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    parts.uri = match pq.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return Ok(text(StatusCode::BAD_REQUEST, "400 bad request: target"));
+        }
+    };
+    parts.version = Version::HTTP_11;
+    let breq = Request::from_parts(parts, counted(body, c.clone(), true));
+
+    let (tcp, backend) = match route.upstreams.connect(shared.limits.connect_timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(route = %route.id, error = %e, "no backend connection");
+            let (kind, status, msg) = match e {
+                UpstreamError::NoHealthy => (
+                    ErrorKind::NoHealthyBackend,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 service unavailable: no healthy backend",
+                ),
+                UpstreamError::Refused(..) => (
+                    ErrorKind::BackendRefused,
+                    StatusCode::BAD_GATEWAY,
+                    "502 bad gateway: the backend refused the connection",
+                ),
+                UpstreamError::Timeout(_) => (
+                    ErrorKind::BackendTimeout,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "504 gateway timeout: the backend did not accept the connection in time",
+                ),
+            };
+            return Ok(err(&c, kind, status, msg));
+        }
+    };
+    let sent = match (&route.backend_tls, crate::proxy::upstream::is_tls(&backend)) {
+        (Some(tlsc), true) => {
+            let hs = tokio::time::timeout(
+                shared.limits.connect_timeout,
+                tlsc.connect(tcp, backend.addr),
+            )
+            .await;
+            match hs {
+                Ok(Ok(tls)) => send_on(tls, breq, &shared).await,
+                Ok(Err(e)) => {
+                    debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
+                    Err((
+                        ErrorKind::BackendTls,
+                        StatusCode::BAD_GATEWAY,
+                        "502 bad gateway: TLS to the backend failed",
+                    ))
+                }
+                Err(_) => Err((
+                    ErrorKind::BackendTimeout,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "504 gateway timeout: TLS to the backend timed out",
+                )),
+            }
+        }
+        _ => send_on(tcp, breq, &shared).await,
+    };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        if let Some(cu) = client_upgrade {
+            let bu = hyper::upgrade::on(&mut resp);
+            let idle = shared.limits.idle_timeout;
+            let c2 = c.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(cu, bu) {
+                    Ok((cio, bio)) => {
+                        let r = splice(TokioIo::new(cio), TokioIo::new(bio), c2, idle).await;
+                        debug!(result = ?r, "upgraded connection ended");
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    let keep = if switching {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(&mut parts.headers, keep);
+    Ok(Response::from_parts(parts, counted(body, c, false)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let r = Request::builder()
+            .uri("/x")
+            .header("host", "Blog.GW.example.org:8080")
+            .body(())
+            .unwrap();
+        let (a, h) = request_host(&r).unwrap();
+        assert_eq!(a, "Blog.GW.example.org:8080");
+        assert_eq!(h.as_str(), "blog.gw.example.org");
+        let r = Request::builder()
+            .uri("https://www.example.com/x")
+            .header("host", "other.example")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r).unwrap().1.as_str(), "www.example.com");
+        let r = Request::builder()
+            .uri("/")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
+        assert!(request_host(&r).is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_forwarding() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.9"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, None);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none() && h.get("transfer-encoding").is_none());
+        add_forwarding(
+            &mut h,
+            "::ffff:198.51.100.7".parse().unwrap(),
+            true,
+            "a.b:443",
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9, 198.51.100.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.b:443");
+        assert_eq!(
+            h["forwarded"],
+            "for=198.51.100.7;host=\"a.b:443\";proto=https"
+        );
+        let mut h6 = HeaderMap::new();
+        add_forwarding(&mut h6, "2001:db8::1".parse().unwrap(), false, "x");
+        assert_eq!(
+            h6["forwarded"],
+            "for=\"[2001:db8::1]\";host=\"x\";proto=http"
+        );
+        let mut u = HeaderMap::new();
+        u.insert("connection", HeaderValue::from_static("Upgrade"));
+        strip_hop_by_hop(&mut u, Some(HeaderValue::from_static("websocket")));
+        assert_eq!(u["connection"], "upgrade");
+        assert_eq!(u["upgrade"], "websocket");
+    }
+}

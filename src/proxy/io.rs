@@ -1,0 +1,233 @@
+//! I/O helpers for the proxy drivers: dual-stack listener binding, a stream that
+//! replays bytes already read (the peeked ClientHello), and a counted splice with
+//! an idle timeout.
+
+use crate::proxy::stats::Counters;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::time::Instant;
+
+fn socket_for(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        // `0.0.0.0:80` and `[::]:80` are two listeners, as the config says.
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Binds a TCP listener (SO_REUSEADDR, IPV6_V6ONLY on IPv6).
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket_for(addr, socket2::Type::STREAM)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Binds a UDP socket (IPV6_V6ONLY on IPv6).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket_for(addr, socket2::Type::DGRAM)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// A stream that first yields `prefix`, then reads from `inner`.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `prefix` is returned by reads before anything from `inner`.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.pos..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            if let Some(chunk) = rest.get(..n) {
+                buf.put_slice(chunk);
+            }
+            this.pos += n;
+            if this.pos >= this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Last-activity clock shared by both sides of a splice.
+#[derive(Clone)]
+pub struct Activity {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    /// Now is the last activity.
+    pub fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    /// Marks activity now.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Relaxed);
+    }
+    /// Time since the last activity.
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts bytes read from the client side into `bytes_in` (or `bytes_out` when
+/// wrapping the backend side), and records activity.
+pub struct Counted<S> {
+    inner: S,
+    counters: Arc<Counters>,
+    client_side: bool,
+    activity: Activity,
+}
+
+impl<S> Counted<S> {
+    /// Wraps one side of a splice. `client_side`: reads are client bytes.
+    pub fn new(inner: S, counters: Arc<Counters>, client_side: bool, activity: Activity) -> Self {
+        Counted {
+            inner,
+            counters,
+            client_side,
+            activity,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.activity.touch();
+            if self.client_side {
+                self.counters.add_in(n);
+            } else {
+                self.counters.add_out(n);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Splices `client` and `backend` until both directions end, an error, or
+/// `idle` without a byte either way. Bytes are counted as they pass.
+pub async fn splice<C, B>(
+    client: C,
+    backend: B,
+    counters: Arc<Counters>,
+    idle: Duration,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let act = Activity::new();
+    let mut c = Counted::new(client, counters.clone(), true, act.clone());
+    let mut b = Counted::new(backend, counters, false, act.clone());
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
+    tokio::pin!(copy);
+    let tick = (idle / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = &mut copy => return r.map(|_| ()),
+            _ = tokio::time::sleep(tick) => {
+                if act.idle() >= idle {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+            }
+        }
+    }
+}

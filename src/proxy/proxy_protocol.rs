@@ -1,0 +1,341 @@
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+//! PROXY protocol version 2 headers (haproxy's `proxy-protocol.txt`, section 2.2).
+//!
+//! Pure: [`encode_v2`] builds the binary header the proxy writes to a backend
+//! before any client byte on TCP forwards and TLS passthrough routes, so the backend
+//! learns the real client address. [`decode_v2`] is the matching parser, used by tests
+//! and by anyone who wants to check what a backend receives.
+//!
+//! Addresses are normalised first: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
+//! sent as IPv4. If the two ends then still differ in family, both are sent as IPv6
+//! (IPv4 mapped), because the header has a single family.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// The 12-byte signature every v2 header starts with.
+pub const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+/// Length of the fixed part: signature, version/command, family, length.
+pub const FIXED_LEN: usize = 16;
+/// Address block length for `AF_INET`.
+pub const V4_ADDR_LEN: usize = 12;
+/// Address block length for `AF_INET6`.
+pub const V6_ADDR_LEN: usize = 36;
+/// Longest header [`encode_v2`] produces.
+pub const MAX_ENCODED_LEN: usize = FIXED_LEN + V6_ADDR_LEN;
+
+/// The transport the proxied connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `SOCK_STREAM`.
+    Tcp,
+    /// `SOCK_DGRAM`.
+    Udp,
+}
+
+/// What a v2 header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `LOCAL`: the connection was made by the proxy itself (health checks); no addresses.
+    Local,
+    /// `PROXY`: relayed on behalf of `src`, which connected to `dst`.
+    Proxy {
+        /// The transport.
+        transport: Transport,
+        /// The client address.
+        src: SocketAddr,
+        /// The address the client connected to (the proxy's listener).
+        dst: SocketAddr,
+    },
+    /// `PROXY` with an unspecified or unknown family: the receiver must use the real
+    /// connection addresses.
+    ProxyUnspec,
+}
+
+/// A decoded header and the number of bytes it occupied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded {
+    /// The command.
+    pub command: Command,
+    /// Header length in bytes (fixed part plus the announced length, TLVs included).
+    pub len: usize,
+}
+
+/// Why [`decode_v2`] returned no header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A valid prefix so far: read more.
+    #[error("incomplete PROXY v2 header")]
+    Incomplete,
+    /// The bytes do not start with the v2 signature.
+    #[error("no PROXY v2 signature")]
+    NoSignature,
+    /// The version nibble is not 2.
+    #[error("PROXY header version {0} is not 2")]
+    Version(u8),
+    /// The command nibble is neither LOCAL nor PROXY.
+    #[error("unknown PROXY command {0}")]
+    Command(u8),
+    /// The announced length is too short for the family.
+    #[error("PROXY address block too short for its family")]
+    Short,
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+fn to_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+/// Appends the v2 `PROXY` header for a connection from `src` to `dst` to `out`.
+///
+/// ```
+/// use gatewire::proxy::proxy_protocol::{decode_v2, encode_v2, Command, Transport};
+/// let (src, dst) = ("198.51.100.7:40000".parse().unwrap(), "203.0.113.1:443".parse().unwrap());
+/// let mut hdr = Vec::new();
+/// encode_v2(&mut hdr, Transport::Tcp, src, dst);
+/// assert_eq!(hdr.len(), 28);
+/// let d = decode_v2(&hdr).unwrap();
+/// assert_eq!(d.command, Command::Proxy { transport: Transport::Tcp, src, dst });
+/// ```
+pub fn encode_v2(out: &mut Vec<u8>, transport: Transport, src: SocketAddr, dst: SocketAddr) {
+    let (sip, dip) = (unmap(src.ip()), unmap(dst.ip()));
+    let proto: u8 = match transport {
+        Transport::Tcp => 0x1,
+        Transport::Udp => 0x2,
+    };
+    out.extend_from_slice(&SIGNATURE);
+    out.push(0x21); // version 2, PROXY
+    match (sip, dip) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.push(0x10 | proto);
+            out.extend_from_slice(&(V4_ADDR_LEN as u16).to_be_bytes());
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            out.push(0x20 | proto);
+            out.extend_from_slice(&(V6_ADDR_LEN as u16).to_be_bytes());
+            out.extend_from_slice(&to_v6(s).octets());
+            out.extend_from_slice(&to_v6(d).octets());
+        }
+    }
+    out.extend_from_slice(&src.port().to_be_bytes());
+    out.extend_from_slice(&dst.port().to_be_bytes());
+}
+
+/// Appends a v2 `LOCAL` header (no addresses) to `out`.
+pub fn encode_v2_local(out: &mut Vec<u8>) {
+    out.extend_from_slice(&SIGNATURE);
+    out.push(0x20);
+    out.push(0x00);
+    out.extend_from_slice(&0u16.to_be_bytes());
+}
+
+fn arr<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+/// Parses a v2 header at the start of `buf`. TLVs after the addresses are skipped.
+pub fn decode_v2(buf: &[u8]) -> Result<Decoded, DecodeError> {
+    let sig_have = buf.len().min(SIGNATURE.len());
+    if buf.get(..sig_have) != SIGNATURE.get(..sig_have) {
+        return Err(DecodeError::NoSignature);
+    }
+    let Some(fixed) = arr::<FIXED_LEN>(buf, 0) else {
+        return Err(DecodeError::Incomplete);
+    };
+    let [.., ver_cmd, fam, l0, l1] = fixed;
+    if ver_cmd >> 4 != 2 {
+        return Err(DecodeError::Version(ver_cmd >> 4));
+    }
+    let len = usize::from(u16::from_be_bytes([l0, l1]));
+    let total = FIXED_LEN + len;
+    let body = buf.get(FIXED_LEN..total).ok_or(DecodeError::Incomplete)?;
+    let command = match ver_cmd & 0x0F {
+        0 => Command::Local,
+        1 => {
+            let transport = match fam & 0x0F {
+                1 => Some(Transport::Tcp),
+                2 => Some(Transport::Udp),
+                _ => None,
+            };
+            match (fam >> 4, transport) {
+                (1, Some(transport)) => {
+                    let a = arr::<V4_ADDR_LEN>(body, 0).ok_or(DecodeError::Short)?;
+                    let [s0, s1, s2, s3, d0, d1, d2, d3, sp0, sp1, dp0, dp1] = a;
+                    Command::Proxy {
+                        transport,
+                        src: SocketAddr::new(
+                            Ipv4Addr::new(s0, s1, s2, s3).into(),
+                            u16::from_be_bytes([sp0, sp1]),
+                        ),
+                        dst: SocketAddr::new(
+                            Ipv4Addr::new(d0, d1, d2, d3).into(),
+                            u16::from_be_bytes([dp0, dp1]),
+                        ),
+                    }
+                }
+                (2, Some(transport)) => {
+                    let s = arr::<16>(body, 0).ok_or(DecodeError::Short)?;
+                    let d = arr::<16>(body, 16).ok_or(DecodeError::Short)?;
+                    let sp = arr::<2>(body, 32).ok_or(DecodeError::Short)?;
+                    let dp = arr::<2>(body, 34).ok_or(DecodeError::Short)?;
+                    Command::Proxy {
+                        transport,
+                        src: SocketAddr::new(Ipv6Addr::from(s).into(), u16::from_be_bytes(sp)),
+                        dst: SocketAddr::new(Ipv6Addr::from(d).into(), u16::from_be_bytes(dp)),
+                    }
+                }
+                _ => Command::ProxyUnspec,
+            }
+        }
+        c => return Err(DecodeError::Command(c)),
+    };
+    Ok(Decoded {
+        command,
+        len: total,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v4_bytes_exact() {
+        let mut out = Vec::new();
+        encode_v2(
+            &mut out,
+            Transport::Tcp,
+            sa("192.0.2.1:1234"),
+            sa("203.0.113.1:443"),
+        );
+        let mut want = SIGNATURE.to_vec();
+        want.extend_from_slice(&[0x21, 0x11, 0x00, 0x0C]);
+        want.extend_from_slice(&[192, 0, 2, 1, 203, 0, 113, 1, 0x04, 0xD2, 0x01, 0xBB]);
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn v6_and_udp() {
+        let mut out = Vec::new();
+        let (s, d) = (sa("[2001:db8::1]:5353"), sa("[2001:db8::2]:53"));
+        encode_v2(&mut out, Transport::Udp, s, d);
+        assert_eq!(out.len(), FIXED_LEN + V6_ADDR_LEN);
+        assert_eq!(out[13], 0x22);
+        assert_eq!(
+            decode_v2(&out).unwrap().command,
+            Command::Proxy {
+                transport: Transport::Udp,
+                src: s,
+                dst: d
+            }
+        );
+    }
+
+    #[test]
+    fn mapped_addresses_become_v4_and_mixed_become_v6() {
+        let mut out = Vec::new();
+        encode_v2(
+            &mut out,
+            Transport::Tcp,
+            sa("[::ffff:198.51.100.9]:1000"),
+            sa("[::ffff:203.0.113.1]:80"),
+        );
+        assert_eq!(out[13], 0x11);
+        out.clear();
+        encode_v2(
+            &mut out,
+            Transport::Tcp,
+            sa("198.51.100.9:1000"),
+            sa("[2001:db8::1]:80"),
+        );
+        assert_eq!(out[13], 0x21);
+        let Command::Proxy { src, .. } = decode_v2(&out).unwrap().command else {
+            panic!("not PROXY")
+        };
+        assert_eq!(src, sa("[::ffff:198.51.100.9]:1000"));
+    }
+
+    #[test]
+    fn local_and_errors() {
+        let mut out = Vec::new();
+        encode_v2_local(&mut out);
+        assert_eq!(
+            decode_v2(&out).unwrap(),
+            Decoded {
+                command: Command::Local,
+                len: 16
+            }
+        );
+        assert_eq!(decode_v2(b"GET / HTTP/1.1"), Err(DecodeError::NoSignature));
+        assert_eq!(decode_v2(&SIGNATURE[..5]), Err(DecodeError::Incomplete));
+        let mut bad = SIGNATURE.to_vec();
+        bad.extend_from_slice(&[0x11, 0x11, 0, 0]);
+        assert_eq!(decode_v2(&bad), Err(DecodeError::Version(1)));
+        let mut short = SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]);
+        assert_eq!(decode_v2(&short), Err(DecodeError::Short));
+        let mut unspec = SIGNATURE.to_vec();
+        unspec.extend_from_slice(&[0x21, 0x00, 0, 0]);
+        assert_eq!(decode_v2(&unspec).unwrap().command, Command::ProxyUnspec);
+    }
+
+    #[test]
+    fn tlvs_are_skipped() {
+        let mut out = Vec::new();
+        encode_v2(&mut out, Transport::Tcp, sa("1.2.3.4:5"), sa("6.7.8.9:10"));
+        out[15] += 4; // announce a 4-byte TLV
+        out.extend_from_slice(&[0x04, 0x00, 0x01, 0xAA, b'x']);
+        let d = decode_v2(&out).unwrap();
+        assert_eq!(d.len, FIXED_LEN + V4_ADDR_LEN + 4);
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(s in any::<SocketAddr>(), d in any::<SocketAddr>(), udp in any::<bool>()) {
+            let t = if udp { Transport::Udp } else { Transport::Tcp };
+            let mut out = Vec::new();
+            encode_v2(&mut out, t, s, d);
+            let dec = decode_v2(&out).unwrap();
+            prop_assert_eq!(dec.len, out.len());
+            let Command::Proxy { transport, src, dst } = dec.command else { panic!() };
+            prop_assert_eq!(transport, t);
+            prop_assert_eq!(unmap(src.ip()), unmap(s.ip()));
+            prop_assert_eq!(unmap(dst.ip()), unmap(d.ip()));
+            prop_assert_eq!((src.port(), dst.port()), (s.port(), d.port()));
+            // every strict prefix is Incomplete
+            for cut in 0..out.len() {
+                prop_assert_eq!(decode_v2(&out[..cut]), Err(DecodeError::Incomplete));
+            }
+        }
+
+        #[test]
+        fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = decode_v2(&b);
+            let mut s = SIGNATURE.to_vec();
+            s.extend_from_slice(&b);
+            let _ = decode_v2(&s);
+        }
+    }
+}

@@ -1,0 +1,839 @@
+//! The hub's `[proxy]`, `[[route]]`, `[[tcp]]` and `[[udp]]` configuration: raw
+//! serde structs (strict, unknown keys are errors) validated into [`ProxySettings`].
+//!
+//! The runtime ([`crate::proxy::server::Proxy::start`]) takes [`ProxySettings`] as is;
+//! every safety rule on backends (no loopback, link-local, unspecified, multicast or
+//! hub-own addresses) is enforced here, at load time, and against the host's live
+//! interface addresses by [`check_host_addresses`] when the hub starts.
+
+use crate::proxy::names::{DomainName, Label};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    #[serde(default)]
+    domains: Vec<String>,
+    http_listen: Option<Vec<String>>,
+    https_listen: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    header_timeout: Option<u64>,
+    handshake_timeout: Option<u64>,
+    idle_timeout: Option<u64>,
+    connect_timeout: Option<u64>,
+    response_timeout: Option<u64>,
+    max_header_bytes: Option<usize>,
+    backend_down_for: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    name: Option<String>,
+    fqdn: Option<String>,
+    tls: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    backends: Vec<String>,
+    #[serde(default)]
+    redirect_https: bool,
+    #[serde(default)]
+    proxy_protocol: bool,
+    backend_ca: Option<PathBuf>,
+    backend_server_name: Option<String>,
+    #[serde(default)]
+    backend_insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTcp {
+    listen: String,
+    backends: Vec<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUdp {
+    listen: String,
+    backends: Vec<String>,
+    max_flows: Option<usize>,
+    flow_idle_timeout: Option<u64>,
+}
+
+/// How a route treats TLS on :443.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// The hub holds the certificate, terminates TLS and proxies HTTP.
+    Terminate,
+    /// The TLS stream is routed on SNI and spliced to the backend untouched.
+    Passthrough,
+}
+
+/// Backend protocol for HTTP routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP/1.1 over TCP.
+    Http,
+    /// HTTP/1.1 over TLS (rustls).
+    Https,
+}
+
+/// One backend: a scheme and an IP literal with a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// `http` unless written `https://`; ignored for passthrough/tcp/udp.
+    pub scheme: Scheme,
+    /// Where to connect.
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scheme {
+            Scheme::Http => write!(f, "{}", self.addr),
+            Scheme::Https => write!(f, "https://{}", self.addr),
+        }
+    }
+}
+
+/// The host a route serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RouteHost {
+    /// `label.<domain>` for every gateway domain.
+    Name(Label),
+    /// A custom domain, matched exactly.
+    Fqdn(DomainName),
+}
+
+impl fmt::Display for RouteHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteHost::Name(l) => write!(f, "name:{l}"),
+            RouteHost::Fqdn(d) => write!(f, "fqdn:{d}"),
+        }
+    }
+}
+
+/// PEM files of a terminated route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1). Never logged.
+    pub key: PathBuf,
+}
+
+/// TLS to `https://` backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendTls {
+    /// CA certificates (PEM) that verify the backend's certificate.
+    pub ca: Option<PathBuf>,
+    /// Server name to send and verify; default: the backend's IP address.
+    pub server_name: Option<String>,
+    /// Accept any backend certificate. Only for lab setups.
+    pub insecure_skip_verify: bool,
+}
+
+/// A validated HTTP/TLS route.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// What it serves.
+    pub host: RouteHost,
+    /// Terminate or pass TLS through.
+    pub tls: TlsMode,
+    /// Certificate for terminated HTTPS; `None`: the route serves only HTTP.
+    pub cert: Option<CertFiles>,
+    /// Non-empty.
+    pub backends: Vec<Backend>,
+    /// Answer plain HTTP with a 308 to `https://`.
+    pub redirect_https: bool,
+    /// PROXY v2 header to passthrough backends.
+    pub proxy_protocol: bool,
+    /// TLS settings for `https://` backends.
+    pub backend_tls: BackendTls,
+}
+
+/// A raw TCP port forward.
+#[derive(Debug, Clone)]
+pub struct TcpForwardSettings {
+    /// Public address.
+    pub listen: SocketAddr,
+    /// Non-empty.
+    pub backends: Vec<Backend>,
+    /// PROXY v2 header before the client's bytes.
+    pub proxy_protocol: bool,
+}
+
+/// A raw UDP port forward.
+#[derive(Debug, Clone)]
+pub struct UdpForwardSettings {
+    /// Public address.
+    pub listen: SocketAddr,
+    /// Non-empty.
+    pub backends: Vec<Backend>,
+    /// Flow table bound; the least recently active flow is evicted beyond it.
+    pub max_flows: usize,
+    /// A flow with no packet in either direction for this long is dropped.
+    pub flow_idle_timeout: Duration,
+}
+
+/// Timeouts and sizes.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent client connections over all listeners.
+    pub max_connections: usize,
+    /// Time to read a request head (slowloris guard), and idle keep-alive time.
+    pub header_timeout: Duration,
+    /// Time to receive a complete ClientHello and finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Spliced connections (passthrough, tcp, upgrades) idle for this long are closed.
+    pub idle_timeout: Duration,
+    /// TCP (and TLS) connect to one backend.
+    pub connect_timeout: Duration,
+    /// Time for a backend to send its response head.
+    pub response_timeout: Duration,
+    /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// How long a backend that refused a connection is skipped.
+    pub backend_down_for: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            backend_down_for: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the proxy needs to run.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    /// Gateway domains for name routes.
+    pub domains: Vec<DomainName>,
+    /// Plain HTTP listeners.
+    pub http_listen: Vec<SocketAddr>,
+    /// TLS listeners (SNI routing).
+    pub https_listen: Vec<SocketAddr>,
+    /// HTTP/TLS routes.
+    pub routes: Vec<RouteSettings>,
+    /// TCP forwards.
+    pub tcp: Vec<TcpForwardSettings>,
+    /// UDP forwards.
+    pub udp: Vec<UdpForwardSettings>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl ProxySettings {
+    /// Every backend with a description of who uses it.
+    pub fn all_backends(&self) -> Vec<(String, Backend)> {
+        let mut v = Vec::new();
+        for r in &self.routes {
+            v.extend(
+                r.backends
+                    .iter()
+                    .map(|b| (format!("[[route]] {}", r.host), *b)),
+            );
+        }
+        for t in &self.tcp {
+            v.extend(
+                t.backends
+                    .iter()
+                    .map(|b| (format!("[[tcp]] {}", t.listen), *b)),
+            );
+        }
+        for u in &self.udp {
+            v.extend(
+                u.backends
+                    .iter()
+                    .map(|b| (format!("[[udp]] {}", u.listen), *b)),
+            );
+        }
+        v
+    }
+
+    /// Refuses backends that are an address configured on this host (loops into
+    /// the hub itself). `host` is the host's interface addresses.
+    pub fn check_against(&self, host: &[IpAddr]) -> Result<(), String> {
+        let own: HashSet<IpAddr> = host.iter().map(|ip| canonical(*ip)).collect();
+        for (who, b) in self.all_backends() {
+            if own.contains(&canonical(b.addr.ip())) {
+                return Err(format!(
+                    "{who}: backend `{b}` is an address of this host (the hub itself)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every backend against the addresses configured on the host right now.
+pub fn check_host_addresses(settings: &ProxySettings) -> Result<(), String> {
+    let addrs: Vec<IpAddr> = match getifaddrs::getifaddrs() {
+        Ok(it) => it.filter_map(|i| i.address.ip_addr()).collect(),
+        Err(e) => return Err(format!("cannot list the host's addresses: {e}")),
+    };
+    settings.check_against(&addrs)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Why an address may never be a backend, if it may not.
+pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_unspecified() || v4.octets()[0] == 0 {
+                Some("unspecified")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else if v4.is_broadcast() {
+                Some("broadcast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn secs(what: &str, v: Option<u64>, default: Duration) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(format!("[proxy] {what}: must be at least 1 second")),
+        Some(s) if s > 86_400 => Err(format!("[proxy] {what}: at most 86400 seconds")),
+        Some(s) => Ok(Duration::from_secs(s)),
+    }
+}
+
+fn listen_addrs(what: &str, v: Option<Vec<String>>, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let v = v.unwrap_or_else(|| vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
+    let mut out = Vec::new();
+    for s in v {
+        let a: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("[proxy] {what}: `{s}` is not ip:port (IPv6 in brackets)"))?;
+        if out.contains(&a) {
+            return Err(format!("[proxy] {what}: `{s}` is listed twice"));
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// Parses a backend. `schemes_ok`: HTTP routes accept `http://`/`https://`.
+fn backend(who: &str, s: &str, schemes_ok: bool) -> Result<Backend, String> {
+    let t = s.trim();
+    let (scheme, rest, default_port) = if let Some(r) = t.strip_prefix("http://") {
+        (Scheme::Http, r, Some(80))
+    } else if let Some(r) = t.strip_prefix("https://") {
+        (Scheme::Https, r, Some(443))
+    } else if t.contains("://") {
+        return Err(format!(
+            "{who}: backend `{s}`: unknown scheme (use http:// or https://, or plain ip:port)"
+        ));
+    } else {
+        (Scheme::Http, t, None)
+    };
+    if default_port.is_some() && !schemes_ok {
+        return Err(format!(
+            "{who}: backend `{s}`: a scheme is only allowed on terminated HTTP routes; write ip:port"
+        ));
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') {
+        return Err(format!("{who}: backend `{s}`: a path is not allowed"));
+    }
+    let addr = match rest.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let ip = rest
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .unwrap_or(rest);
+            match (ip.parse::<IpAddr>(), default_port) {
+                (Ok(ip), Some(p)) if !rest.contains(':') || rest.starts_with('[') => {
+                    SocketAddr::new(ip, p)
+                }
+                _ => {
+                    return Err(format!(
+                        "{who}: backend `{s}`: expected an IP literal and a port, as \
+                         `100.64.0.2:80` or `[fd77:6777::2]:8080` (host names are not allowed)"
+                    ))
+                }
+            }
+        }
+    };
+    if addr.port() == 0 {
+        return Err(format!("{who}: backend `{s}`: port 0"));
+    }
+    if let Some(why) = forbidden_reason(addr.ip()) {
+        return Err(format!(
+            "{who}: backend `{s}`: {why} addresses are not allowed as backends"
+        ));
+    }
+    Ok(Backend { scheme, addr })
+}
+
+fn backends(
+    who: &str,
+    v: &[String],
+    schemes_ok: bool,
+    own: &HashSet<IpAddr>,
+) -> Result<Vec<Backend>, String> {
+    if v.is_empty() {
+        return Err(format!("{who}: `backends` must list at least one backend"));
+    }
+    let mut out: Vec<Backend> = Vec::new();
+    for s in v {
+        let b = backend(who, s, schemes_ok)?;
+        if own.contains(&canonical(b.addr.ip())) {
+            return Err(format!(
+                "{who}: backend `{s}` is one of the hub's own addresses"
+            ));
+        }
+        if out.iter().any(|o| o.addr == b.addr) {
+            return Err(format!("{who}: backend `{s}` is listed twice"));
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_relative() {
+        base.join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Validates the proxy sections of a hub file. `hub_addrs` are the `[hub]`
+/// addresses; `base` resolves relative file names. Returns `None` when the file
+/// has neither a `[proxy]` section nor any route or forward.
+pub(crate) fn validate(
+    proxy: Option<RawProxy>,
+    routes: Vec<RawRoute>,
+    tcp: Vec<RawTcp>,
+    udp: Vec<RawUdp>,
+    hub_addrs: &[IpNet],
+    base: &Path,
+) -> Result<Option<ProxySettings>, String> {
+    if proxy.is_none() && routes.is_empty() && tcp.is_empty() && udp.is_empty() {
+        return Ok(None);
+    }
+    let raw = proxy.unwrap_or_default();
+    let d = Limits::default();
+    let max_header_bytes = raw.max_header_bytes.unwrap_or(d.max_header_bytes);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        return Err("[proxy] max_header_bytes: must be 1024 to 1048576".into());
+    }
+    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
+    if !(1..=1_000_000).contains(&max_connections) {
+        return Err("[proxy] max_connections: must be 1 to 1000000".into());
+    }
+    let limits = Limits {
+        max_connections,
+        header_timeout: secs("header_timeout", raw.header_timeout, d.header_timeout)?,
+        handshake_timeout: secs(
+            "handshake_timeout",
+            raw.handshake_timeout,
+            d.handshake_timeout,
+        )?,
+        idle_timeout: secs("idle_timeout", raw.idle_timeout, d.idle_timeout)?,
+        connect_timeout: secs("connect_timeout", raw.connect_timeout, d.connect_timeout)?,
+        response_timeout: secs("response_timeout", raw.response_timeout, d.response_timeout)?,
+        max_header_bytes,
+        backend_down_for: secs("backend_down_for", raw.backend_down_for, d.backend_down_for)?,
+    };
+    let mut domains: Vec<DomainName> = Vec::new();
+    for s in &raw.domains {
+        let dn = DomainName::parse(s).map_err(|e| format!("[proxy] domains: `{s}`: {e}"))?;
+        if domains.contains(&dn) {
+            return Err(format!("[proxy] domains: `{s}` is listed twice"));
+        }
+        domains.push(dn);
+    }
+    let http_listen = listen_addrs("http_listen", raw.http_listen, 80)?;
+    let https_listen = listen_addrs("https_listen", raw.https_listen, 443)?;
+
+    // The hub's own addresses: overlay addresses and specific listen addresses.
+    let mut own: HashSet<IpAddr> = hub_addrs.iter().map(|n| canonical(n.addr())).collect();
+    let tcp_listen: Vec<(String, SocketAddr)> = tcp
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.listen
+                .parse::<SocketAddr>()
+                .map(|a| (format!("[[tcp]] #{}", i + 1), a))
+                .map_err(|_| format!("[[tcp]] #{}: listen `{}` is not ip:port", i + 1, t.listen))
+        })
+        .collect::<Result<_, _>>()?;
+    let udp_listen: Vec<(String, SocketAddr)> = udp
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            u.listen
+                .parse::<SocketAddr>()
+                .map(|a| (format!("[[udp]] #{}", i + 1), a))
+                .map_err(|_| format!("[[udp]] #{}: listen `{}` is not ip:port", i + 1, u.listen))
+        })
+        .collect::<Result<_, _>>()?;
+    for a in http_listen
+        .iter()
+        .chain(&https_listen)
+        .chain(tcp_listen.iter().map(|(_, a)| a))
+        .chain(udp_listen.iter().map(|(_, a)| a))
+    {
+        if !a.ip().is_unspecified() {
+            own.insert(canonical(a.ip()));
+        }
+    }
+    // TCP ports may not collide (HTTP, HTTPS and TCP forwards share the TCP space).
+    let mut tcp_seen: Vec<SocketAddr> = http_listen.iter().chain(&https_listen).copied().collect();
+    for (who, a) in &tcp_listen {
+        if tcp_seen.contains(a) {
+            return Err(format!(
+                "{who}: listen `{a}` is already used by another listener"
+            ));
+        }
+        tcp_seen.push(*a);
+    }
+    let mut udp_seen = Vec::new();
+    for (who, a) in &udp_listen {
+        if udp_seen.contains(a) {
+            return Err(format!(
+                "{who}: listen `{a}` is already used by another listener"
+            ));
+        }
+        udp_seen.push(*a);
+    }
+
+    let mut out_routes = Vec::new();
+    let mut hosts = HashSet::new();
+    for (i, r) in routes.into_iter().enumerate() {
+        let label = r.name.as_deref().or(r.fqdn.as_deref()).unwrap_or("?");
+        let who = format!("[[route]] #{} ({label})", i + 1);
+        let host = match (&r.name, &r.fqdn) {
+            (Some(n), None) => {
+                let l = Label::parse(n).map_err(|e| format!("{who}: name: {e}"))?;
+                if domains.is_empty() {
+                    return Err(format!(
+                        "{who}: a name route needs at least one gateway domain in [proxy] domains"
+                    ));
+                }
+                for d in &domains {
+                    if l.under(d).is_none() {
+                        return Err(format!("{who}: `{l}.{d}` is longer than 253 characters"));
+                    }
+                }
+                RouteHost::Name(l)
+            }
+            (None, Some(f)) => {
+                let dn = DomainName::parse(f).map_err(|e| format!("{who}: fqdn: {e}"))?;
+                if let Some(d) = domains.iter().find(|d| dn.is_within(d)) {
+                    return Err(format!(
+                        "{who}: fqdn `{dn}` is within the gateway domain `{d}`; use a name route"
+                    ));
+                }
+                RouteHost::Fqdn(dn)
+            }
+            _ => return Err(format!("{who}: set exactly one of `name` and `fqdn`")),
+        };
+        if !hosts.insert(host.clone()) {
+            return Err(format!("{who}: `{host}` is already routed"));
+        }
+        let tls = match r.tls.as_deref() {
+            None | Some("terminate") => TlsMode::Terminate,
+            Some("passthrough") => TlsMode::Passthrough,
+            Some(o) => {
+                return Err(format!(
+                    "{who}: tls = `{o}`: expected `terminate` or `passthrough`"
+                ))
+            }
+        };
+        let cert = match (r.cert, r.key) {
+            (Some(c), Some(k)) => Some(CertFiles {
+                cert: resolve(base, &c),
+                key: resolve(base, &k),
+            }),
+            (None, None) => None,
+            _ => return Err(format!("{who}: set both `cert` and `key`, or neither")),
+        };
+        let passthrough = tls == TlsMode::Passthrough;
+        if passthrough && cert.is_some() {
+            return Err(format!(
+                "{who}: a passthrough route has no certificate on the hub (remove `cert`/`key`)"
+            ));
+        }
+        if !passthrough && r.proxy_protocol {
+            return Err(format!(
+                "{who}: proxy_protocol applies to passthrough routes; terminated routes send X-Forwarded-For"
+            ));
+        }
+        let backends = backends(&who, &r.backends, !passthrough, &own)?;
+        let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
+        let backend_tls = BackendTls {
+            ca: r.backend_ca.map(|p| resolve(base, &p)),
+            server_name: r.backend_server_name,
+            insecure_skip_verify: r.backend_insecure_skip_verify,
+        };
+        if !has_https
+            && (backend_tls.ca.is_some()
+                || backend_tls.server_name.is_some()
+                || backend_tls.insecure_skip_verify)
+        {
+            return Err(format!(
+                "{who}: backend_ca/backend_server_name/backend_insecure_skip_verify need an https:// backend"
+            ));
+        }
+        if has_https && backend_tls.ca.is_none() && !backend_tls.insecure_skip_verify {
+            return Err(format!(
+                "{who}: https:// backends need `backend_ca` (or backend_insecure_skip_verify = true)"
+            ));
+        }
+        if let Some(sn) = &backend_tls.server_name {
+            rustls_pki_types::ServerName::try_from(sn.as_str())
+                .map_err(|_| format!("{who}: backend_server_name `{sn}` is not a valid name"))?;
+        }
+        out_routes.push(RouteSettings {
+            host,
+            tls,
+            cert,
+            backends,
+            redirect_https: r.redirect_https,
+            proxy_protocol: r.proxy_protocol,
+            backend_tls,
+        });
+    }
+    let mut out_tcp = Vec::new();
+    for (t, (who, listen)) in tcp.into_iter().zip(tcp_listen) {
+        out_tcp.push(TcpForwardSettings {
+            listen,
+            backends: backends(&who, &t.backends, false, &own)?,
+            proxy_protocol: t.proxy_protocol,
+        });
+    }
+    let mut out_udp = Vec::new();
+    for (u, (who, listen)) in udp.into_iter().zip(udp_listen) {
+        let max_flows = u.max_flows.unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_flows) {
+            return Err(format!("{who}: max_flows: must be 1 to 1000000"));
+        }
+        out_udp.push(UdpForwardSettings {
+            listen,
+            backends: backends(&who, &u.backends, false, &own)?,
+            max_flows,
+            flow_idle_timeout: secs(
+                "flow_idle_timeout",
+                u.flow_idle_timeout,
+                Duration::from_secs(60),
+            )
+            .map_err(|e| format!("{who}: {e}"))?,
+        });
+    }
+    Ok(Some(ProxySettings {
+        domains,
+        http_listen,
+        https_listen,
+        routes: out_routes,
+        tcp: out_tcp,
+        udp: out_udp,
+        limits,
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_grammar() {
+        let ok = |s: &str| backend("r", s, true).unwrap();
+        assert_eq!(ok("100.64.0.3:80").addr, "100.64.0.3:80".parse().unwrap());
+        assert_eq!(
+            ok("http://[fd77:6777::2]:8080").addr,
+            "[fd77:6777::2]:8080".parse().unwrap()
+        );
+        assert_eq!(ok("http://100.64.0.3").addr.port(), 80);
+        assert_eq!(ok("https://[200:1::2]").addr.port(), 443);
+        assert_eq!(ok("https://[200:1::2]/").scheme, Scheme::Https);
+        let bad = |s: &str, want: &str| {
+            let e = backend("[[route]] #1 (blog)", s, true).unwrap_err();
+            assert!(e.contains(want), "{s}: {e}");
+            assert!(e.contains("blog"), "{e}");
+            assert!(e.contains(s), "{e}");
+        };
+        bad("127.0.0.1:80", "loopback");
+        bad("http://[::1]:80", "loopback");
+        bad("[::ffff:127.0.0.1]:80", "loopback");
+        bad("169.254.1.1:80", "link-local");
+        bad("[fe80::1]:80", "link-local");
+        bad("0.0.0.0:80", "unspecified");
+        bad("[::]:80", "unspecified");
+        bad("224.0.0.1:80", "multicast");
+        bad("[ff02::1]:80", "multicast");
+        bad("localhost:80", "IP literal");
+        bad("100.64.0.3", "IP literal");
+        bad("fd77::1:80", "IP literal");
+        bad("ftp://1.2.3.4:21", "scheme");
+        bad("http://1.2.3.4:80/app", "path");
+        bad("1.2.3.4:0", "port 0");
+        assert!(backend("t", "http://1.2.3.4:80", false)
+            .unwrap_err()
+            .contains("scheme"));
+    }
+
+    fn v(proxy: Option<RawProxy>, routes: Vec<RawRoute>) -> Result<Option<ProxySettings>, String> {
+        validate(
+            proxy,
+            routes,
+            vec![],
+            vec![],
+            &[
+                "100.64.0.1/10".parse().unwrap(),
+                "fd77::1/48".parse().unwrap(),
+            ],
+            Path::new("/etc/gatewire"),
+        )
+    }
+
+    fn route(name: &str, backends: &[&str]) -> RawRoute {
+        RawRoute {
+            name: Some(name.into()),
+            fqdn: None,
+            tls: None,
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            backends: backends.iter().map(|s| s.to_string()).collect(),
+            redirect_https: false,
+            proxy_protocol: false,
+            backend_ca: None,
+            backend_server_name: None,
+            backend_insecure_skip_verify: false,
+        }
+    }
+
+    fn px() -> Option<RawProxy> {
+        Some(RawProxy {
+            domains: vec!["GW.Example.org".into()],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn validates_routes() {
+        assert!(v(None, vec![]).unwrap().is_none());
+        let s = v(px(), vec![route("Blog", &["100.64.1.1:80"])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.domains[0].as_str(), "gw.example.org");
+        assert_eq!(
+            s.routes[0].host,
+            RouteHost::Name(Label::parse("blog").unwrap())
+        );
+        assert_eq!(
+            s.routes[0].cert.as_ref().unwrap().cert,
+            Path::new("/etc/gatewire/c.pem")
+        );
+        assert_eq!(s.http_listen.len(), 2);
+        let e = v(None, vec![route("blog", &["100.64.1.1:80"])]).unwrap_err();
+        assert!(e.contains("domain"), "{e}");
+        let e = v(px(), vec![route("blog", &["100.64.0.1:80"])]).unwrap_err();
+        assert!(
+            e.contains("hub's own") && e.contains("100.64.0.1:80") && e.contains("blog"),
+            "{e}"
+        );
+        let e = v(px(), vec![route("blog", &["[fd77::1]:80"])]).unwrap_err();
+        assert!(e.contains("hub's own"), "{e}");
+        let e = v(
+            px(),
+            vec![
+                route("blog", &["100.64.1.1:80"]),
+                route("BLOG", &["100.64.1.2:80"]),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("already routed"), "{e}");
+        let mut both = route("blog", &["100.64.1.1:80"]);
+        both.fqdn = Some("www.example.com".into());
+        assert!(v(px(), vec![both]).unwrap_err().contains("exactly one"));
+        let mut inside = route("x", &["100.64.1.1:80"]);
+        inside.name = None;
+        inside.fqdn = Some("a.gw.example.org".into());
+        assert!(v(px(), vec![inside]).unwrap_err().contains("name route"));
+        let mut pt = route("x", &["http://100.64.1.1:80"]);
+        pt.tls = Some("passthrough".into());
+        pt.cert = None;
+        pt.key = None;
+        assert!(v(px(), vec![pt]).unwrap_err().contains("scheme"));
+        let mut hs = route("x", &["https://100.64.1.1"]);
+        assert!(v(px(), vec![hs]).unwrap_err().contains("backend_ca"));
+        hs = route("x", &["https://100.64.1.1"]);
+        hs.backend_insecure_skip_verify = true;
+        assert!(v(px(), vec![hs]).is_ok());
+        let listen_self = Some(RawProxy {
+            domains: vec!["gw.example.org".into()],
+            http_listen: Some(vec!["203.0.113.1:80".into()]),
+            ..Default::default()
+        });
+        let e = v(listen_self, vec![route("b", &["203.0.113.1:8080"])]).unwrap_err();
+        assert!(e.contains("hub's own"), "{e}");
+    }
+
+    #[test]
+    fn host_check() {
+        let s = v(px(), vec![route("blog", &["100.64.1.1:80"])])
+            .unwrap()
+            .unwrap();
+        assert!(s.check_against(&["10.0.0.1".parse().unwrap()]).is_ok());
+        let e = s
+            .check_against(&["::ffff:100.64.1.1".parse().unwrap()])
+            .unwrap_err();
+        assert!(
+            e.contains("100.64.1.1:80") && e.contains("name:blog"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! Per-route counters: requests, bytes in and out (what a gateway bills), errors
+//! by kind, backend health. Lock-free atomics, read as a [`RouteSnapshot`].
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a request or connection failed. `as_str` is the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route for the Host (404).
+    UnknownHost,
+    /// No route for the SNI (TLS alert).
+    UnknownSni,
+    /// A ClientHello that could not be parsed, or not TLS at all.
+    BadClientHello,
+    /// The client did not finish its ClientHello or handshake in time.
+    HandshakeTimeout,
+    /// The TLS handshake with the client failed.
+    TlsHandshake,
+    /// The Host does not belong to the route chosen by SNI (421).
+    Misdirected,
+    /// Every backend is marked down (503).
+    NoHealthyBackend,
+    /// Backend refused or reset the connection (502).
+    BackendRefused,
+    /// Backend did not accept or answer in time (504).
+    BackendTimeout,
+    /// TLS to an https backend failed (502).
+    BackendTls,
+    /// The backend broke the HTTP exchange (502).
+    BackendProtocol,
+    /// The connection limit was reached; the connection was closed at once.
+    OverCapacity,
+}
+
+impl ErrorKind {
+    /// All kinds, in label order.
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::UnknownHost,
+        ErrorKind::UnknownSni,
+        ErrorKind::BadClientHello,
+        ErrorKind::HandshakeTimeout,
+        ErrorKind::TlsHandshake,
+        ErrorKind::Misdirected,
+        ErrorKind::NoHealthyBackend,
+        ErrorKind::BackendRefused,
+        ErrorKind::BackendTimeout,
+        ErrorKind::BackendTls,
+        ErrorKind::BackendProtocol,
+        ErrorKind::OverCapacity,
+    ];
+
+    /// Stable metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::UnknownHost => "unknown_host",
+            ErrorKind::UnknownSni => "unknown_sni",
+            ErrorKind::BadClientHello => "bad_client_hello",
+            ErrorKind::HandshakeTimeout => "handshake_timeout",
+            ErrorKind::TlsHandshake => "tls_handshake",
+            ErrorKind::Misdirected => "misdirected",
+            ErrorKind::NoHealthyBackend => "no_healthy_backend",
+            ErrorKind::BackendRefused => "backend_refused",
+            ErrorKind::BackendTimeout => "backend_timeout",
+            ErrorKind::BackendTls => "backend_tls",
+            ErrorKind::BackendProtocol => "backend_protocol",
+            ErrorKind::OverCapacity => "over_capacity",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one route or forward (or of the listeners, for traffic no route took).
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    connections: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+}
+
+impl Counters {
+    /// One HTTP request (or one UDP flow).
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+    /// One accepted connection routed here.
+    pub fn connection(&self) {
+        self.connections.fetch_add(1, Relaxed);
+    }
+    /// Bytes from the client towards the backend.
+    pub fn add_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Relaxed);
+    }
+    /// Bytes from the backend towards the client.
+    pub fn add_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Relaxed);
+    }
+    /// One error of `kind`.
+    pub fn error(&self, kind: ErrorKind) {
+        if let Some(c) = self.errors.get(kind.index()) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+    /// Current count of `kind`.
+    pub fn errors_of(&self, kind: ErrorKind) -> u64 {
+        self.errors.get(kind.index()).map_or(0, |c| c.load(Relaxed))
+    }
+
+    fn snapshot(&self) -> (u64, u64, u64, u64, BTreeMap<&'static str, u64>) {
+        let errors = ErrorKind::ALL
+            .iter()
+            .filter_map(|k| {
+                let n = self.errors_of(*k);
+                (n > 0).then_some((k.as_str(), n))
+            })
+            .collect();
+        (
+            self.requests.load(Relaxed),
+            self.connections.load(Relaxed),
+            self.bytes_in.load(Relaxed),
+            self.bytes_out.load(Relaxed),
+            errors,
+        )
+    }
+}
+
+/// Health of one backend as the proxy sees it (passive checks).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// `ip:port` (with `https://` for TLS backends).
+    pub backend: String,
+    /// False while the backend is skipped after a failed connect.
+    pub up: bool,
+    /// Failed connects so far.
+    pub failures: u64,
+}
+
+/// A point-in-time copy of one route's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteSnapshot {
+    /// `name:blog`, `fqdn:www.example.com`, `tcp:0.0.0.0:2222`, `udp:...`, or
+    /// `listener` for traffic that matched no route.
+    pub route: String,
+    /// Hosts served (`blog.gw.example.org`, ...), empty for forwards.
+    pub hosts: Vec<String>,
+    /// HTTP requests (UDP: flows).
+    pub requests: u64,
+    /// Client connections routed here.
+    pub connections: u64,
+    /// Client-to-backend bytes.
+    pub bytes_in: u64,
+    /// Backend-to-client bytes.
+    pub bytes_out: u64,
+    /// Errors by kind (only non-zero kinds).
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Backends and their health.
+    pub backends: Vec<BackendHealth>,
+}
+
+impl RouteSnapshot {
+    pub(crate) fn new(
+        route: String,
+        hosts: Vec<String>,
+        c: &Counters,
+        backends: Vec<BackendHealth>,
+    ) -> Self {
+        let (requests, connections, bytes_in, bytes_out, errors) = c.snapshot();
+        RouteSnapshot {
+            route,
+            hosts,
+            requests,
+            connections,
+            bytes_in,
+            bytes_out,
+            errors,
+            backends,
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! TLS on the :443 listeners: reading the ClientHello (with a deadline and the
+//! size cap) to route on SNI, TLS alerts for refusals, and the per-name
+//! certificate resolver for terminated routes.
+
+use crate::proxy::detect::{parse_client_hello, SniError, MAX_CLIENT_HELLO_LEN};
+use crate::proxy::names::DomainName;
+use crate::proxy::settings::CertFiles;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// TLS 1.2-framed fatal `unrecognized_name` (112) alert.
+pub const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+/// Fatal `decode_error` (50) alert, for a malformed ClientHello.
+pub const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
+/// Fatal `internal_error` (80) alert.
+pub const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50];
+
+/// The outcome of reading a ClientHello.
+#[derive(Debug)]
+pub enum Hello {
+    /// A complete ClientHello; `bytes` is everything read (to replay), `sni` the
+    /// server name if any.
+    Ok {
+        /// All bytes read from the client so far.
+        bytes: Vec<u8>,
+        /// The SNI host name.
+        sni: Option<DomainName>,
+    },
+    /// Not a ClientHello (or a broken one).
+    Bad(SniError),
+    /// The deadline passed first.
+    Timeout,
+    /// The client closed or the read failed.
+    Closed,
+}
+
+/// Reads from `s` until [`parse_client_hello`] gives a final answer, for at most
+/// `deadline` and [`MAX_CLIENT_HELLO_LEN`] (plus one read) bytes.
+pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Duration) -> Hello {
+    let mut buf = Vec::with_capacity(2048);
+    let work = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Hello::Closed,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            match parse_client_hello(&buf) {
+                Ok(info) => {
+                    let sni = info.server_name().cloned();
+                    return Hello::Ok {
+                        bytes: std::mem::take(&mut buf),
+                        sni,
+                    };
+                }
+                Err(SniError::Incomplete { .. }) if buf.len() <= MAX_CLIENT_HELLO_LEN + 5 => {}
+                Err(SniError::Incomplete { .. }) => {
+                    return Hello::Bad(SniError::TooLarge {
+                        limit: MAX_CLIENT_HELLO_LEN,
+                    })
+                }
+                Err(e) => return Hello::Bad(e),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or(Hello::Timeout)
+}
+
+/// Sends `alert` and closes the write side; errors are ignored (the client may be gone).
+pub async fn send_alert<S: AsyncWrite + Unpin>(s: &mut S, alert: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = s.write_all(alert).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+}
+
+/// Loads a PEM chain and key into a signing key. Errors name the files, never the key.
+pub fn load_certified_key(files: &CertFiles) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("cert {}: {e}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cert {}: {e}", files.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "cert {}: no PEM certificate found",
+            files.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("key {}: no usable private key ({e})", files.key.display()))?;
+    let provider = crate::proxy::upstream::provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("key {}: unsupported private key: {e}", files.key.display()))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|e| {
+        format!(
+            "cert {} and key {} do not match: {e}",
+            files.cert.display(),
+            files.key.display()
+        )
+    })?;
+    Ok(ck)
+}
+
+/// Picks the certificate by SNI among the terminated routes' hosts.
+#[derive(Debug, Default)]
+pub struct SniResolver {
+    certs: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    /// Serves `key` for `host`.
+    pub fn insert(&mut self, host: &DomainName, key: Arc<CertifiedKey>) {
+        self.certs.insert(host.as_str().to_string(), key);
+    }
+    /// True if `host` has a certificate.
+    pub fn has(&self, host: &DomainName) -> bool {
+        self.certs.contains_key(host.as_str())
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        let name = DomainName::parse(name).ok()?;
+        self.certs.get(name.as_str()).cloned()
+    }
+}
+
+/// The server config of every terminated route: SNI resolver, ALPN h2 and http/1.1.
+pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, String> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
