@@ -1,0 +1,719 @@
+//! Loopback integration tests of the hub's reverse proxy (no root needed).
+//!
+//! Config validation refuses loopback backends, so these tests build
+//! `ProxySettings` directly (the runtime takes validated settings as given) and
+//! point routes at tiny servers on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use gatewire::proxy::names::{DomainName, Label};
+use gatewire::proxy::proxy_protocol::{decode_v2, Command};
+use gatewire::proxy::settings::{
+    Backend, BackendTls, CertFiles, Limits, ProxySettings, RouteHost, RouteSettings, Scheme,
+    TcpForwardSettings, TlsMode, UdpForwardSettings,
+};
+use gatewire::proxy::Proxy;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+const T: Duration = Duration::from_secs(10);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn be(addr: SocketAddr) -> Backend {
+    Backend {
+        scheme: Scheme::Http,
+        addr,
+    }
+}
+
+fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
+    RouteSettings {
+        host: RouteHost::Name(Label::parse(name).unwrap()),
+        tls,
+        cert: None,
+        backends,
+        redirect_https: false,
+        proxy_protocol: false,
+        backend_tls: BackendTls::default(),
+    }
+}
+
+fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
+    ProxySettings {
+        domains: vec![DomainName::parse("gw.test").unwrap()],
+        http_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        https_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        routes,
+        tcp: vec![],
+        udp: vec![],
+        limits: Limits {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        },
+    }
+}
+
+/// An HTTP/1.1 backend answering `name <path> xff=<X-Forwarded-For> ...`; it
+/// echoes the upgraded stream for `Upgrade: echo` requests.
+async fn http_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| async move {
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string()
+                        };
+                        if req.headers().contains_key("upgrade") {
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let up = up.await.unwrap();
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 64];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                            let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            r.headers_mut()
+                                .insert("connection", "upgrade".parse().unwrap());
+                            r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+                            return Ok::<_, Infallible>(r);
+                        }
+                        let text = format!(
+                            "{name} {} host={} xff={} xfp={} xfh={} fwd={} conn={}",
+                            req.uri(),
+                            h("host"),
+                            h("x-forwarded-for"),
+                            h("x-forwarded-proto"),
+                            h("x-forwarded-host"),
+                            h("forwarded"),
+                            h("x-hop"),
+                        );
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let text = format!("{text} body={}", body.len());
+                        Ok(hyper::Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a raw HTTP/1.1 request and returns the whole response (connection: close).
+async fn raw_http(addr: SocketAddr, host: &str, extra: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("GET /hello?x=1 HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Pki {
+    cert_pem: String,
+    key_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+fn pki(names: &[&str]) -> Pki {
+    let ck =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    Pki {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.key_pair.serialize_pem(),
+        cert_der: ck.cert.der().clone(),
+        key_der: ck.key_pair.serialize_der(),
+    }
+}
+
+fn client_config(trust: &CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.clone()).unwrap();
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(c)
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gatewire-proxy-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn http_by_host_forwarding_headers_and_404() {
+    let b = http_backend("blog").await;
+    let p = Proxy::start(settings(vec![route(
+        "blog",
+        TlsMode::Terminate,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let at = p.http_addrs()[0];
+    let r = raw_http(
+        at,
+        "Blog.GW.test",
+        "X-Forwarded-For: 192.0.2.9\r\nConnection: x-hop\r\nX-Hop: secret\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("blog /hello?x=1 host=Blog.GW.test"), "{r}");
+    assert!(r.contains("xff=192.0.2.9, 127.0.0.1 "), "{r}");
+    assert!(r.contains("xfp=http xfh=Blog.GW.test"), "{r}");
+    assert!(
+        r.contains("fwd=for=127.0.0.1;host=\"Blog.GW.test\";proto=http"),
+        "{r}"
+    );
+    assert!(r.contains("conn=-"), "hop-by-hop header leaked: {r}");
+
+    let r = raw_http(at, "nope.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    assert!(r.contains("no route"), "{r}");
+    let r = raw_http(at, "blog.other.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+
+    let st = p.stats();
+    let blog = st.iter().find(|s| s.route == "name:blog").unwrap();
+    assert_eq!(blog.requests, 1);
+    assert!(blog.bytes_out > 0);
+    assert_eq!(blog.hosts, vec!["blog.gw.test".to_string()]);
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("unknown_host"), Some(&2));
+}
+
+#[tokio::test]
+async fn post_body_streams_and_counts() {
+    let b = http_backend("up").await;
+    let p = Proxy::start(settings(vec![route("up", TlsMode::Terminate, vec![be(b)])]))
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    let body = vec![b'z'; 300_000];
+    s.write_all(
+        format!(
+            "POST /u HTTP/1.1\r\nHost: up.gw.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.contains("body=300000"), "{out}");
+    let st = p.stats();
+    let up = st.iter().find(|s| s.route == "name:up").unwrap();
+    assert_eq!(up.bytes_in, 300_000);
+}
+
+#[tokio::test]
+async fn bad_backends_502_then_503_and_failover() {
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let good = http_backend("good").await;
+    let p = Proxy::start(settings(vec![
+        route("dead", TlsMode::Terminate, vec![be(dead)]),
+        route("mixed", TlsMode::Terminate, vec![be(dead), be(good)]),
+    ]))
+    .await
+    .unwrap();
+    let at = p.http_addrs()[0];
+    let r = raw_http(at, "dead.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    let r = raw_http(at, "dead.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    for _ in 0..4 {
+        let r = raw_http(at, "mixed.gw.test", "").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("good"), "{r}");
+    }
+    let st = p.stats();
+    let d = st.iter().find(|s| s.route == "name:dead").unwrap();
+    assert_eq!(d.errors.get("backend_refused"), Some(&1));
+    assert_eq!(d.errors.get("no_healthy_backend"), Some(&1));
+    let m = st.iter().find(|s| s.route == "name:mixed").unwrap();
+    assert!(!m.backends[0].up && m.backends[1].up, "{:?}", m.backends);
+}
+
+#[tokio::test]
+async fn upgrade_is_relayed() {
+    let b = http_backend("ws").await;
+    let p = Proxy::start(settings(vec![route("ws", TlsMode::Terminate, vec![be(b)])]))
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: ws.gw.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    s.write_all(b"ping-through-the-proxy").await.unwrap();
+    let mut back = [0u8; 22];
+    tokio::time::timeout(T, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping-through-the-proxy");
+}
+
+/// A TLS server on loopback that answers one HTTP request with `pt:<sni>`.
+async fn tls_backend(pki: &Pki) -> SocketAddr {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![pki.cert_der.clone()],
+            PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+        )
+        .unwrap();
+    let acc = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                let Ok(mut t) = acc.accept(s).await else {
+                    return;
+                };
+                let sni = t.get_ref().1.server_name().unwrap_or("-").to_string();
+                let mut buf = [0u8; 1024];
+                let _ = t.read(&mut buf).await;
+                let body = format!("pt:{sni}");
+                let _ = t
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = t.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn tls_get(
+    at: SocketAddr,
+    sni: &str,
+    trust: &CertificateDer<'static>,
+) -> std::io::Result<String> {
+    let conn = tokio_rustls::TlsConnector::from(client_config(trust, &[b"http/1.1"]));
+    let tcp = TcpStream::connect(at).await?;
+    let mut t = conn
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await?;
+    t.write_all(
+        format!("GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, t.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn sni_passthrough_reaches_tls_backend() {
+    let pki = pki(&["secure.gw.test"]);
+    let b = tls_backend(&pki).await;
+    let p = Proxy::start(settings(vec![route(
+        "secure",
+        TlsMode::Passthrough,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let r = tls_get(p.https_addrs()[0], "secure.gw.test", &pki.cert_der)
+        .await
+        .unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("pt:secure.gw.test"),
+        "{r}"
+    );
+    // Plain HTTP for a passthrough route is redirected.
+    let r = raw_http(p.http_addrs()[0], "secure.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
+    assert!(
+        r.contains("location: https://secure.gw.test/hello?x=1"),
+        "{r}"
+    );
+    let st = p.stats();
+    let s = st.iter().find(|s| s.route == "name:secure").unwrap();
+    assert_eq!(s.connections, 1);
+    assert!(s.bytes_in > 200 && s.bytes_out > 200, "{s:?}");
+}
+
+fn terminate_route(name: &str, pki: &Pki, backend: SocketAddr) -> RouteSettings {
+    let dir = tmpdir(name);
+    let (c, k) = (dir.join("fullchain.pem"), dir.join("key.pem"));
+    std::fs::write(&c, &pki.cert_pem).unwrap();
+    std::fs::write(&k, &pki.key_pem).unwrap();
+    let mut r = route(name, TlsMode::Terminate, vec![be(backend)]);
+    r.cert = Some(CertFiles { cert: c, key: k });
+    r
+}
+
+#[tokio::test]
+async fn terminate_with_file_cert_http1_and_h2() {
+    let pki_a = pki(&["blog.gw.test"]);
+    let pki_b = pki(&["shop.gw.test"]);
+    let b = http_backend("tb").await;
+    let p = Proxy::start(settings(vec![
+        terminate_route("blog", &pki_a, b),
+        terminate_route("shop", &pki_b, b),
+    ]))
+    .await
+    .unwrap();
+    let at = p.https_addrs()[0];
+    let r = tls_get(at, "blog.gw.test", &pki_a.cert_der).await.unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains("tb /tls host=blog.gw.test xff=127.0.0.1 xfp=https"),
+        "{r}"
+    );
+    // Per-name certificates: shop gets its own.
+    let r = tls_get(at, "shop.gw.test", &pki_b.cert_der).await.unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Host that disagrees with SNI: 421.
+    let conn = tokio_rustls::TlsConnector::from(client_config(&pki_a.cert_der, &[]));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let mut t = conn
+        .connect(ServerName::try_from("blog.gw.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nHost: shop.gw.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = t.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 421"), "{out}");
+
+    // HTTP/2 over ALPN.
+    let conn = tokio_rustls::TlsConnector::from(client_config(&pki_a.cert_der, &[b"h2"]));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let t = conn
+        .connect(ServerName::try_from("blog.gw.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, c) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(t),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    let req = hyper::Request::builder()
+        .uri("https://blog.gw.test/h2path")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("tb /h2path host=blog.gw.test"), "{body}");
+}
+
+/// The raw ClientHello a rustls client sends for `sni`.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let pki = pki(&["x.test"]);
+    let mut c = rustls::ClientConnection::new(
+        client_config(&pki.cert_der, &[]),
+        ServerName::try_from(sni.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    c.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn unknown_sni_gets_unrecognized_name_alert() {
+    let b = http_backend("x").await;
+    let p = Proxy::start(settings(vec![route(
+        "x",
+        TlsMode::Passthrough,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let hello = client_hello("nope.gw.test");
+    let mut s = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
+    // Split the ClientHello over two writes: the proxy must reassemble it.
+    let (a, rest) = hello.split_at(20);
+    s.write_all(a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(rest).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
+    // Garbage gets a decode_error alert, not a crash.
+    let mut s = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0, 0, 1, 0])
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.first(), Some(&0x15));
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("unknown_sni"), Some(&1));
+    assert_eq!(l.errors.get("bad_client_hello"), Some(&1));
+}
+
+async fn tcp_backend(proxy_protocol: bool) -> (SocketAddr, tokio::sync::mpsc::Receiver<Command>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = 0;
+                if proxy_protocol {
+                    loop {
+                        let n = s.read(&mut buf[have..]).await.unwrap();
+                        assert!(n > 0);
+                        have += n;
+                        match decode_v2(&buf[..have]) {
+                            Ok(d) => {
+                                tx.send(d.command).await.unwrap();
+                                buf.copy_within(d.len..have, 0);
+                                have -= d.len;
+                                break;
+                            }
+                            Err(gatewire::proxy::proxy_protocol::DecodeError::Incomplete) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                if have > 0 {
+                    s.write_all(&buf[..have]).await.unwrap();
+                }
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn tcp_forward_with_and_without_proxy_v2() {
+    let (plain, _) = tcp_backend(false).await;
+    let (pp, mut seen) = tcp_backend(true).await;
+    let mut s = settings(vec![]);
+    s.tcp = vec![
+        TcpForwardSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backends: vec![be(plain)],
+            proxy_protocol: false,
+        },
+        TcpForwardSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backends: vec![be(pp)],
+            proxy_protocol: true,
+        },
+    ];
+    let p = Proxy::start(s).await.unwrap();
+    for (i, at) in p.tcp_addrs().iter().enumerate() {
+        let mut c = TcpStream::connect(at).await.unwrap();
+        c.write_all(b"hello tcp").await.unwrap();
+        let mut back = [0u8; 9];
+        tokio::time::timeout(T, c.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&back, b"hello tcp", "forward {i}");
+        if i == 1 {
+            let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
+            let Command::Proxy { src, dst, .. } = cmd else {
+                panic!("{cmd:?}")
+            };
+            assert_eq!(src, c.local_addr().unwrap());
+            assert_eq!(dst, *at);
+        }
+    }
+    let st = p.stats();
+    let f = st.iter().find(|s| s.route.starts_with("tcp:")).unwrap();
+    assert_eq!(f.connections, 1);
+}
+
+#[tokio::test]
+async fn passthrough_sends_proxy_v2_before_the_hello() {
+    let (pp, mut seen) = tcp_backend(true).await;
+    let mut r = route("pp", TlsMode::Passthrough, vec![be(pp)]);
+    r.proxy_protocol = true;
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let hello = client_hello("pp.gw.test");
+    let mut c = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
+    c.write_all(&hello).await.unwrap();
+    let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
+    let Command::Proxy { src, .. } = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(src, c.local_addr().unwrap());
+    // The echo backend returns the ClientHello bytes unchanged after the header.
+    let mut back = vec![0u8; hello.len()];
+    tokio::time::timeout(T, c.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, hello);
+}
+
+#[tokio::test]
+async fn udp_forward_echo_and_flows() {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(echo_addr)],
+        max_flows: 2,
+        flow_idle_timeout: Duration::from_secs(60),
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let mut clients = Vec::new();
+    for i in 0..3u8 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(&[b'q', i], at).await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], &[b'q', i]);
+        assert_eq!(from, at, "replies come from the listening socket");
+        clients.push(c);
+    }
+    // The first flow was evicted (max 2) but a new packet opens a new flow.
+    clients[0].send_to(b"again", at).await.unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = tokio::time::timeout(T, clients[0].recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"again");
+    let st = p.stats();
+    let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+    assert_eq!(u.requests, 4, "flows created");
+    assert_eq!(u.bytes_in, 11);
+    assert_eq!(u.bytes_out, 11);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_and_proxy_stays_up() {
+    let b = http_backend("big").await;
+    let p = Proxy::start(settings(vec![route(
+        "big",
+        TlsMode::Terminate,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let at = p.http_addrs()[0];
+    let huge = format!("X-Big: {}\r\n", "a".repeat(64 * 1024));
+    let mut s = TcpStream::connect(at).await.unwrap();
+    let _ = s
+        .write_all(format!("GET / HTTP/1.1\r\nHost: big.gw.test\r\n{huge}\r\n").as_bytes())
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+    let r = raw_http(at, "big.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting() {
+    let b = http_backend("s").await;
+    let p = Proxy::start(settings(vec![route("s", TlsMode::Terminate, vec![be(b)])]))
+        .await
+        .unwrap();
+    let at = p.http_addrs()[0];
+    assert!(raw_http(at, "s.gw.test", "")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    p.shutdown(Duration::from_secs(1)).await;
+    assert!(TcpStream::connect(at).await.is_err());
+}
