@@ -34,6 +34,7 @@ GW_PFX="gw${GW_RUN}-"
 GW_TMP=${GW_TMP:-/tmp/gatewire-lab.$GW_RUN}
 GW_KEEP_TMP=${GW_KEEP_TMP:-0}    # 1: keep $GW_TMP even when everything passed
 GW_OWN_TRAP=${GW_OWN_TRAP:-1}    # 0: caller manages lab_down itself (demo)
+GW_SETSID=${GW_SETSID:-0}        # 1: lab_bg processes get their own session (demo)
 GW_PASS=0
 GW_FAIL=0
 GW_HUB_PORT=${GW_HUB_PORT:-51820}
@@ -431,6 +432,10 @@ lab_bg() {
     shift 2
     printf -- '--- %s start: %s\n' "$(date +%T.%N)" "$*" >>"$GW_TMP/logs/$name.log"
     _lab_argv "$ns" "$@"
+    if [ "${GW_SETSID:-0}" = 1 ]; then
+        # own session: survives the terminal (or job) that started it
+        LAB_ARGV=(setsid "${LAB_ARGV[@]}")
+    fi
     (exec "${LAB_ARGV[@]}" >>"$GW_TMP/logs/$name.log" 2>&1 </dev/null) &
     echo $! >"$GW_TMP/pids/$name.pid"
 }
