@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Largest datagram or IP packet handled.
 pub const MAX_PACKET: usize = 65536;
@@ -35,6 +35,21 @@ pub const MAX_PACKET: usize = 65536;
 const OVERHEAD: usize = 32;
 /// Handshakes per second before the device answers with cookies (as boringtun's device).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Receive buffers per recvmmsg call (each may hold several GRO-coalesced datagrams).
+const RECV_BUFS: usize = 8;
+/// Most bytes in one GSO send (the UDP length field's limit, less headers).
+const GSO_MAX: usize = 65_000;
+
+/// Consecutive datagrams for one peer, encrypted back to back in the send buffer.
+#[derive(Default)]
+struct Group {
+    peer: Option<Arc<Peer>>,
+    segment: Option<usize>,
+    len: usize,
+    count: usize,
+}
+/// Room in front of a packet for the virtio-net header of an offload TUN.
+const TUN_HEADROOM: usize = 16;
 /// Timer resolution: how often every peer's timers are updated.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -271,14 +286,57 @@ impl KeyState {
     }
 }
 
+/// A UDP socket with its segmentation offload state (GSO on send, GRO on receive).
+pub(crate) struct Udp {
+    sock: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+}
+
+impl Udp {
+    fn new(sock: UdpSocket) -> io::Result<Udp> {
+        let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        Ok(Udp { sock, state })
+    }
+
+    /// Sends `contents` to `to`, as datagrams of `segment` bytes each (the last
+    /// may be shorter) when `segment` is given.
+    async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: segment.filter(|s| *s < contents.len()),
+            src_ip: None,
+        };
+        loop {
+            let r = self.sock.try_io(tokio::io::Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.sock.writable().await?,
+                r => return r,
+            }
+        }
+    }
+
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.sock.try_send_to(buf, to)
+    }
+}
+
 struct Sockets {
-    v4: Option<Arc<UdpSocket>>,
-    v6: Option<Arc<UdpSocket>>,
+    v4: Option<Arc<Udp>>,
+    v6: Option<Arc<Udp>>,
     port: u16,
 }
 
 impl Sockets {
-    fn for_addr(&self, a: &SocketAddr) -> Option<&Arc<UdpSocket>> {
+    fn for_addr(&self, a: &SocketAddr) -> Option<&Arc<Udp>> {
         match a {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
@@ -293,6 +351,9 @@ pub struct Inner {
     forward: bool,
     keepalive: AtomicU32,
     tun: tun_rs::AsyncDevice,
+    /// The TUN was opened with virtio-net headers: reads may be TSO super-packets
+    /// (split in userspace) and writes are GRO-coalesced.
+    offload: bool,
     table: ArcSwap<Table>,
     key: ArcSwap<Option<KeyState>>,
     sockets: ArcSwap<Sockets>,
@@ -357,14 +418,28 @@ fn bind_pair(port: u16) -> io::Result<Sockets> {
         debug!(error = %e, "no IPv6 UDP socket");
     }
     Ok(Sockets {
-        v4: v4.ok().map(Arc::new),
-        v6: v6.ok().map(Arc::new),
+        v4: v4.ok().map(Udp::new).transpose()?.map(Arc::new),
+        v6: v6.ok().map(Udp::new).transpose()?.map(Arc::new),
         port,
     })
 }
 
-fn build_tun(cfg: &DeviceConfig) -> io::Result<tun_rs::AsyncDevice> {
-    let mut b = tun_rs::DeviceBuilder::new().name(&cfg.name).mtu(cfg.mtu);
+/// Opens the TUN with offloads when the kernel allows it, plainly otherwise.
+fn build_tun(cfg: &DeviceConfig) -> io::Result<(tun_rs::AsyncDevice, bool)> {
+    match build_tun_with(cfg, true) {
+        Ok(d) => Ok((d, true)),
+        Err(e) => {
+            debug!(error = %e, "TUN offload unavailable");
+            build_tun_with(cfg, false).map(|d| (d, false))
+        }
+    }
+}
+
+fn build_tun_with(cfg: &DeviceConfig, offload: bool) -> io::Result<tun_rs::AsyncDevice> {
+    let mut b = tun_rs::DeviceBuilder::new()
+        .name(&cfg.name)
+        .mtu(cfg.mtu)
+        .offload(offload);
     let mut v4_done = false;
     for a in &cfg.addresses {
         match a {
@@ -392,7 +467,8 @@ impl Device {
     /// Nothing is left behind on error.
     pub async fn start(cfg: DeviceConfig) -> anyhow::Result<Device> {
         use anyhow::Context as _;
-        let tun = build_tun(&cfg).with_context(|| format!("creating TUN device {}", cfg.name))?;
+        let (tun, offload) =
+            build_tun(&cfg).with_context(|| format!("creating TUN device {}", cfg.name))?;
         let sockets = bind_pair(cfg.listen_port)
             .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
         let key = cfg.private_key.clone().map(KeyState::new);
@@ -402,6 +478,7 @@ impl Device {
             forward: cfg.forward,
             keepalive: AtomicU32::new(u32::from(cfg.keepalive)),
             tun,
+            offload,
             table: ArcSwap::from_pointee(Table::default()),
             key: ArcSwap::from_pointee(key),
             sockets: ArcSwap::from_pointee(sockets),
@@ -481,14 +558,6 @@ fn classify(base: usize, r: TunnResult<'_>) -> Out {
     }
 }
 
-async fn send_udp(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<()> {
-    match sock.try_send_to(buf, to) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(buf, to).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
-}
-
 impl Inner {
     /// Milliseconds since the device started.
     pub fn now_ms(&self) -> u64 {
@@ -552,32 +621,153 @@ impl Inner {
         }
     }
 
-    /// Sends what the TUN gives us to the peer that owns its destination.
+    /// Sends what the TUN gives us to the peer that owns its destination. With
+    /// offloads, one read returns a TCP super-packet already split into
+    /// MTU-sized segments.
     async fn tun_loop(self: Arc<Self>) {
-        let mut rx = vec![0u8; MAX_PACKET];
+        let batch = if self.offload {
+            tun_rs::IDEAL_BATCH_SIZE
+        } else {
+            1
+        };
+        let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect();
+        let mut sizes = vec![0usize; batch];
         let mut tx = vec![0u8; MAX_PACKET + OVERHEAD];
         loop {
-            let n = match self.tun.recv(&mut rx).await {
+            let r = if self.offload {
+                self.tun
+                    .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                    .await
+            } else {
+                match bufs.first_mut() {
+                    Some(b) => self.tun.recv(b).await.map(|n| {
+                        if let Some(s) = sizes.first_mut() {
+                            *s = n;
+                        }
+                        1
+                    }),
+                    None => return,
+                }
+            };
+            let n = match r {
                 Ok(n) => n,
                 Err(e) => {
-                    warn!(error = %e, "TUN read failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        self.drops.inc(DropReason::MalformedIp);
+                        debug!(error = %e, "TUN read failed");
+                    }
                     continue;
                 }
             };
-            let Some(pkt) = rx.get(..n) else { continue };
-            let Some(dst) = packet::dst(pkt) else {
-                self.drops.inc(DropReason::MalformedIp);
-                continue;
-            };
-            let table = self.table.load();
-            let Some(peer) = table.routes.lookup(dst) else {
-                self.drops.inc(DropReason::NoRoute);
-                continue;
-            };
-            let peer = Arc::clone(peer);
-            drop(table);
-            self.send_to_peer(&peer, pkt, &mut tx).await;
+            let table = self.table.load_full();
+            let mut group = Group::default();
+            for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
+                let Some(pkt) = buf.get(..len) else { continue };
+                let Some(dst) = packet::dst(pkt) else {
+                    self.drops.inc(DropReason::MalformedIp);
+                    continue;
+                };
+                let Some(peer) = table.routes.lookup(dst) else {
+                    self.drops.inc(DropReason::NoRoute);
+                    continue;
+                };
+                if group.peer.as_ref().is_some_and(|p| !Arc::ptr_eq(p, peer))
+                    || group.len + len + OVERHEAD > GSO_MAX
+                {
+                    self.flush_group(&mut group, &mut tx).await;
+                }
+                group.peer = Some(Arc::clone(peer));
+                let off = group.len;
+                let Some(dst_buf) = tx.get_mut(off..) else {
+                    continue;
+                };
+                let base = dst_buf.as_ptr() as usize;
+                let out = {
+                    let mut t = peer.tunn.lock();
+                    let r = t.encapsulate(pkt, dst_buf);
+                    classify(base, r)
+                };
+                match out {
+                    Out::Network(0, l) => {
+                        match group.segment {
+                            None => group.segment = Some(l),
+                            Some(seg) if l > seg => {
+                                // Larger than the group's segments: send the group
+                                // alone, then start again with this datagram.
+                                let prev = group.len;
+                                group.len = off;
+                                self.flush_group(&mut group, &mut tx).await;
+                                tx.copy_within(prev..prev + l, 0);
+                                group.peer = Some(Arc::clone(peer));
+                                group.segment = Some(l);
+                                group.len = 0;
+                            }
+                            Some(_) => {}
+                        }
+                        group.len += l;
+                        group.count += 1;
+                        // A shorter datagram can only end a group.
+                        if group.segment.is_some_and(|seg| l < seg) {
+                            self.flush_group(&mut group, &mut tx).await;
+                        }
+                    }
+                    Out::Network(a, b) => {
+                        // Not expected from boringtun; send it on its own.
+                        if let Some(d) = tx.get(off + a..off + b) {
+                            let d = d.to_vec();
+                            self.send_net(peer, &d).await;
+                        }
+                    }
+                    Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
+                    _ => {}
+                }
+            }
+            self.flush_group(&mut group, &mut tx).await;
+        }
+    }
+
+    /// Sends a group of datagrams for one peer with one system call (UDP GSO).
+    async fn flush_group(&self, g: &mut Group, tx: &mut [u8]) {
+        let (Some(peer), Some(seg)) = (g.peer.take(), g.segment.take()) else {
+            *g = Group::default();
+            return;
+        };
+        let len = std::mem::take(&mut g.len);
+        let count = std::mem::take(&mut g.count);
+        let Some(contents) = tx.get(..len) else {
+            return;
+        };
+        let Some(ep) = peer.endpoint() else {
+            self.drops.inc(DropReason::NoEndpoint);
+            return;
+        };
+        let socks = self.sockets.load();
+        let Some(udp) = socks.for_addr(&ep) else {
+            self.drops.inc(DropReason::NoEndpoint);
+            return;
+        };
+        let r = match udp.send(ep, contents, (count > 1).then_some(seg)).await {
+            Err(e) if count > 1 => {
+                // Without GSO on this path: one datagram at a time.
+                debug!(error = %e, "UDP GSO send failed, sending singly");
+                let mut r = Ok(());
+                for c in contents.chunks(seg) {
+                    r = udp.send(ep, c, None).await;
+                }
+                r
+            }
+            r => r,
+        };
+        match r {
+            Ok(()) => {
+                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.drops.inc(DropReason::UdpSend);
+                debug!(error = %e, endpoint = %ep, "UDP send failed");
+            }
         }
     }
 
@@ -610,7 +800,7 @@ impl Inner {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
-        match send_udp(sock, data, ep).await {
+        match sock.send(ep, data, None).await {
             Ok(()) => {
                 peer.tx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -623,24 +813,82 @@ impl Inner {
         }
     }
 
-    async fn udp_loop(self: Arc<Self>, sock: Arc<UdpSocket>) {
-        let mut rx = vec![0u8; MAX_PACKET];
+    /// Receives datagrams in batches (recvmmsg, with UDP GRO coalescing), and
+    /// writes what they carry to the TUN in one go so the kernel can coalesce
+    /// TCP segments (GRO) on the way in.
+    async fn udp_loop(self: Arc<Self>, udp: Arc<Udp>) {
+        let mut rx: Vec<Vec<u8>> = (0..RECV_BUFS).map(|_| vec![0u8; MAX_PACKET]).collect();
+        let mut meta = vec![quinn_udp::RecvMeta::default(); RECV_BUFS];
         let mut out = vec![0u8; MAX_PACKET + OVERHEAD];
         let mut fwd = vec![0u8; MAX_PACKET + OVERHEAD];
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut gro = tun_rs::GROTable::new();
         loop {
-            let (n, from) = match sock.recv_from(&mut rx).await {
-                Ok(v) => v,
+            let r = {
+                let mut iovs: Vec<std::io::IoSliceMut<'_>> =
+                    rx.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                udp.sock
+                    .async_io(tokio::io::Interest::READABLE, || {
+                        udp.state.recv((&udp.sock).into(), &mut iovs, &mut meta)
+                    })
+                    .await
+            };
+            let msgs = match r {
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors surface here on Linux; they are not fatal.
                     debug!(error = %e, "UDP receive error");
                     continue;
                 }
             };
-            let Some(datagram) = rx.get(..n) else {
+            let mut k = 0;
+            for (buf, m) in rx.iter().zip(meta.iter()).take(msgs) {
+                let Some(data) = buf.get(..m.len) else {
+                    continue;
+                };
+                let stride = if m.stride == 0 {
+                    m.len.max(1)
+                } else {
+                    m.stride
+                };
+                for datagram in data.chunks(stride) {
+                    if batch.len() <= k {
+                        batch.push(Vec::with_capacity(2048));
+                    }
+                    let Some(slot) = batch.get_mut(k) else { break };
+                    if self
+                        .handle_datagram(&udp, datagram, m.addr, &mut out, &mut fwd, slot)
+                        .await
+                    {
+                        k += 1;
+                    }
+                }
+            }
+            if k > 0 {
+                if let Some(b) = batch.get_mut(..k) {
+                    self.write_tun(&mut gro, b).await;
+                }
+            }
+        }
+    }
+
+    /// Writes packets that sit at `TUN_HEADROOM` in their buffers.
+    async fn write_tun(&self, gro: &mut tun_rs::GROTable, bufs: &mut [Vec<u8>]) {
+        if self.offload {
+            if let Err(e) = self.tun.send_multiple(gro, bufs, TUN_HEADROOM).await {
+                self.drops.inc(DropReason::TunWrite);
+                debug!(error = %e, "TUN write failed");
+            }
+            return;
+        }
+        for b in bufs.iter() {
+            let Some(p) = b.get(TUN_HEADROOM..) else {
                 continue;
             };
-            self.handle_datagram(&sock, datagram, from, &mut out, &mut fwd)
-                .await;
+            if let Err(e) = self.tun.send(p).await {
+                self.drops.inc(DropReason::TunWrite);
+                debug!(error = %e, "TUN write failed");
+            }
         }
     }
 
@@ -648,7 +896,7 @@ impl Inner {
     /// for packets that fail cheap checks.
     fn find_peer(
         &self,
-        sock: &UdpSocket,
+        sock: &Udp,
         table: &Table,
         datagram: &[u8],
         from: SocketAddr,
@@ -709,17 +957,20 @@ impl Inner {
         peer.cloned()
     }
 
+    /// Handles one datagram. Returns true when it left a packet for the TUN in
+    /// `slot` (at `TUN_HEADROOM`).
     async fn handle_datagram(
         &self,
-        sock: &UdpSocket,
+        sock: &Udp,
         datagram: &[u8],
         from: SocketAddr,
         out: &mut [u8],
         fwd: &mut [u8],
-    ) {
+        slot: &mut Vec<u8>,
+    ) -> bool {
         let table = self.table.load_full();
         let Some(peer) = self.find_peer(sock, &table, datagram, from, out) else {
-            return;
+            return false;
         };
         let result = {
             let mut t = peer.tunn.lock();
@@ -765,41 +1016,58 @@ impl Inner {
                 if !owner.is_some_and(|o| Arc::ptr_eq(o, &peer)) {
                     self.drops.inc(DropReason::SourceNotAllowed);
                     peer.src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return false;
                 }
-                let Some(pkt) = out.get_mut(a..b) else { return };
-                self.deliver(&table, &peer, pkt, fwd).await;
+                let Some(pkt) = out.get_mut(a..b) else {
+                    return false;
+                };
+                if self.forward_to_peer(&table, &peer, pkt, fwd).await {
+                    return false;
+                }
+                slot.clear();
+                slot.resize(TUN_HEADROOM, 0);
+                slot.extend_from_slice(pkt);
+                return true;
             }
         }
+        false
     }
 
-    /// Delivers a decrypted packet: to another peer when the device forwards and
-    /// the destination belongs to one, otherwise to the TUN.
-    async fn deliver(&self, table: &Table, from: &Arc<Peer>, pkt: &mut [u8], fwd: &mut [u8]) {
-        if self.forward {
-            if let Some(dst) = packet::dst(pkt) {
-                if let Some(to) = table.routes.lookup(dst) {
-                    if !Arc::ptr_eq(to, from) {
-                        match packet::decrement_hop_limit(pkt) {
-                            Hop::Forward => {
-                                let to = Arc::clone(to);
-                                self.send_to_peer(&to, pkt, fwd).await;
-                                return;
-                            }
-                            // Let the kernel answer with Time Exceeded.
-                            Hop::Expired => self.drops.inc(DropReason::TtlExpired),
-                            Hop::Malformed => {
-                                self.drops.inc(DropReason::MalformedIp);
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
+    /// Forwards a decrypted packet to another peer when the device forwards and
+    /// the destination belongs to one. Returns false when the packet is for the TUN.
+    async fn forward_to_peer(
+        &self,
+        table: &Table,
+        from: &Arc<Peer>,
+        pkt: &mut [u8],
+        fwd: &mut [u8],
+    ) -> bool {
+        if !self.forward {
+            return false;
         }
-        if let Err(e) = self.tun.send(pkt).await {
-            self.drops.inc(DropReason::TunWrite);
-            debug!(error = %e, "TUN write failed");
+        let Some(dst) = packet::dst(pkt) else {
+            return false;
+        };
+        let Some(to) = table.routes.lookup(dst) else {
+            return false;
+        };
+        if Arc::ptr_eq(to, from) {
+            return false;
+        }
+        match packet::decrement_hop_limit(pkt) {
+            Hop::Forward => {
+                self.send_to_peer(to, pkt, fwd).await;
+                true
+            }
+            // The kernel answers with Time Exceeded.
+            Hop::Expired => {
+                self.drops.inc(DropReason::TtlExpired);
+                false
+            }
+            Hop::Malformed => {
+                self.drops.inc(DropReason::MalformedIp);
+                true
+            }
         }
     }
 
