@@ -4,6 +4,8 @@
 #     node behind the NAT. n1 <-> hub and n1 <-> n2 (forwarded by the gatewire hub).
 #  B. wireguard-go hub on hub2 (kernel forwarding on); d1 and n3 are gatewire
 #     nodes. Each reaches the hub and each other.
+#  C. `gatewire wg wg0` (daemonizing, configured only with wg/ip) on d2 joins
+#     the wireguard-go hub.
 # Ping plus a TCP transfer both ways in each case.
 # timeout: 420
 set -euo pipefail
@@ -14,7 +16,7 @@ need_cmd wg wireguard-go ping socat
 need_gatewire
 MB=${INTEROP_MB:-50}
 
-lab_up 3 1
+lab_up 3 2
 lab_add_hub2
 f=$(make_file data "$MB")
 
@@ -58,5 +60,25 @@ check "B: $MB MiB hub2 -> n3" tcp_transfer hub2 n3 "$(lab_ov4 n3)" "$f"
 check "B: $MB MiB d1 -> n3 (v6)" tcp_transfer d1 n3 "$(lab_ov6 n3)" "$f"
 eps=$(lab_exec hub2 wg show wg0 endpoints)
 check "B: wireguard-go hub sees n3 behind the NAT" grep -q "$(lab_wan4 nat):" <<<"$eps"
+
+
+# ---------------------------------------------------------------- C
+lab_log "C: gatewire wg (plain UAPI mode, daemonized) on d2 -> wireguard-go hub2"
+rc=0
+lab_exec d2 env -u WG_PROCESS_FOREGROUND NO_COLOR=1 timeout 20 "$GATEWIRE" wg wg0 \
+    >"$(lab_logfile gatewire-wg-d2)" 2>&1 || rc=$?
+check "C: gatewire wg wg0 returns after daemonizing (status $rc)" test "$rc" -eq 0
+check "C: the UAPI socket exists" wait_for 5 uapi_ready d2 wg0
+check "C: the daemon lives on in d2" test -n "$(ip netns pids "$(lab_ns d2)")"
+wg_iface_setup d2 wg0 d2 0 "$(lab_ov4 d2)/10" "$(lab_ov6 d2)/48"
+wg_peer d2 wg0 hub2 "$GW_OV4_PREFIX,$GW_OV6_PREFIX" "$(lab_hub_endpoint hub2)" 5
+wg_peer hub2 wg0 d2 "$(lab_ov4 d2)/32,$(lab_ov6 d2)/128"
+check "C: gatewire wg d2 -> wireguard-go hub (v4)" wait_for 15 lab_ping1 d2 "$(lab_ov4 hub2)"
+check "C: gatewire wg d2 -> wireguard-go hub (v6)" lab_ping d2 "$(lab_ov6 hub2)"
+check "C: d2 -> n3 (gatewire wg -> wireguard-go hub -> gatewire node)" wait_for 10 lab_ping1 d2 "$(lab_ov4 n3)"
+check "C: $MB MiB d2 -> hub2" tcp_transfer d2 hub2 "$(lab_ov4 hub2)" "$f"
+check "C: $MB MiB hub2 -> d2 (v6)" tcp_transfer hub2 d2 "$(lab_ov6 d2)" "$f"
+hs=$(lab_exec d2 wg show wg0 latest-handshakes | awk '{print $2}')
+check "C: wg show on gatewire wg reports the handshake ($hs)" test "${hs:-0}" -gt 0
 
 lab_finish

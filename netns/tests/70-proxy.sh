@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The hub's embedded reverse proxy in front of a hidden node behind the NAT.
+# n1 runs real backends bound only to its IPv6 overlay address: an HTTP server
+# (python3) that echoes the forwarding headers, a TCP echo and a UDP echo
+# (socat). From the public namespace `pub`, curl reaches the HTTP backend by
+# name over IPv4 and IPv6, over plain HTTP, terminated HTTPS (HTTP/1.1 and
+# HTTP/2) with a certificate file on the hub; the backend sees the client's real
+# address in X-Forwarded-For. An unknown Host gets 404, an unknown SNI a TLS
+# alert; the TCP and UDP forwards carry an IPv4 client to the IPv6-only
+# backends. A config whose backend is the hub's loopback is refused at load.
+# timeout: 300
+set -euo pipefail
+export GW_TEST_NAME=70-proxy
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+need_cmd curl socat python3 openssl ss
+need_gatewire
+
+DOMAIN=gw.example.org
+HOST="blog.$DOMAIN"
+HUB4=$(lab_wan4 hub)
+HUB6=$(lab_wan6 hub)
+PUB4=$(lab_wan4 pub)
+PUB6=$(lab_wan6 pub)
+N1V6=$(lab_ov6 n1)
+MARK="hello-from-n1-$$"
+
+lab_up 1 0
+
+# --- certificate for the terminated route (self-signed; curl trusts it by --cacert)
+CERT_DIR="$GW_TMP/certs"
+mkdir -p "$CERT_DIR"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
+    -keyout "$CERT_DIR/key.pem" -out "$CERT_DIR/fullchain.pem" >/dev/null 2>&1 ||
+    lab_die "openssl could not make a test certificate"
+
+# --- hub config: the lab's hub file plus the proxy sections
+conf=$(gw_hub_conf hub n1)
+cat >>"$conf" <<EOF
+
+[proxy]
+domains = ["$DOMAIN"]
+http_listen = ["0.0.0.0:80", "[::]:80"]
+https_listen = ["0.0.0.0:443", "[::]:443"]
+
+[[route]]
+name = "blog"
+tls = "terminate"
+cert = "$CERT_DIR/fullchain.pem"
+key = "$CERT_DIR/key.pem"
+backends = ["http://[$N1V6]:8080"]
+
+[[tcp]]
+listen = "0.0.0.0:2222"
+backends = ["[$N1V6]:7000"]
+
+[[udp]]
+listen = "0.0.0.0:5353"
+backends = ["[$N1V6]:5300"]
+EOF
+
+# A config whose backend loops into the hub is refused at load, naming it.
+bad="$GW_TMP/conf/hub-bad.toml"
+sed 's#backends = \["http://\[.*\]:8080"\]#backends = ["http://127.0.0.1:8080"]#' "$conf" >"$bad"
+out=$(lab_exec hub "$GATEWIRE" hub --config "$bad" --check 2>&1 || true)
+check "a loopback backend is refused at config load, named" \
+    grep -q "127.0.0.1:8080.*loopback" <<<"$out"
+check "the refusal names the route" grep -q "blog" <<<"$out"
+
+GW_CONF=$conf gw_start_hub hub
+gw_start_node n1 hub
+must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
+
+# --- backends on n1, bound to its IPv6 overlay address only
+cat >"$GW_TMP/backend.py" <<'EOF'
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MARK = sys.argv[3]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        h = self.headers
+        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s\n" % (
+            MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"),
+            h.get("X-Forwarded-Host"), h.get("Forwarded"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("backend: " + (fmt % args) + "\n")
+
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+EOF
+lab_bg n1 web python3 "$GW_TMP/backend.py" "$N1V6" 8080 "$MARK"
+lab_bg n1 tcpecho socat "TCP6-LISTEN:7000,bind=[$N1V6],fork,reuseaddr" PIPE
+lab_bg n1 udpecho socat "UDP6-LISTEN:5300,bind=[$N1V6],fork,reuseaddr" PIPE
+must "HTTP backend listening on n1's overlay address" \
+    wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q '$N1V6'"
+must "TCP echo listening" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :7000' | grep -q ."
+must "hub proxy listening on :80 and :443" \
+    wait_for 10 lab_sh hub "ss -Hltn 'sport = :80' | grep -q . && ss -Hltn 'sport = :443' | grep -q ."
+
+# curl from the public namespace. Prints the body; extra args pass through.
+pcurl() { lab_exec pub curl -sS --max-time 10 "$@"; }
+
+# --- HTTP by name; an IPv4 client reaches an IPv6-only backend
+body=$(pcurl --resolve "$HOST:80:$HUB4" "http://$HOST/plain" || true)
+check "HTTP by name over IPv4 reaches n1's IPv6-only backend" grep -q "$MARK path=/plain" <<<"$body"
+check "backend sees the client's IPv4 address in X-Forwarded-For" grep -q "xff=$PUB4 " <<<"$body"
+check "X-Forwarded-Proto is http" grep -q "xfp=http " <<<"$body"
+check "X-Forwarded-Host is the requested host" grep -q "xfh=$HOST " <<<"$body"
+check "Forwarded names the client" grep -q "fwd=for=$PUB4;" <<<"$body"
+
+body=$(pcurl --resolve "$HOST:80:[$HUB6]" "http://$HOST/v6" || true)
+check "HTTP by name over IPv6" grep -q "$MARK path=/v6" <<<"$body"
+check "X-Forwarded-For carries the IPv6 client" grep -q "xff=$PUB6 " <<<"$body"
+
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "nope.$DOMAIN:80:$HUB4" "http://nope.$DOMAIN/" || true)
+assert_eq "unknown Host gets 404" 404 "$code"
+
+# --- HTTPS terminated at the hub (certificate file), HTTP/1.1 and HTTP/2
+body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/tls" || true)
+check "HTTPS terminated at the hub, curl verifies the certificate" grep -q "$MARK path=/tls" <<<"$body"
+check "X-Forwarded-Proto is https" grep -q "xfp=https " <<<"$body"
+ver=$(pcurl --http2 -o /dev/null -w '%{http_version}' --cacert "$CERT_DIR/fullchain.pem" \
+    --resolve "$HOST:443:$HUB4" "https://$HOST/h2" || true)
+assert_eq "HTTP/2 negotiated through ALPN" 2 "$ver"
+err=$(lab_exec pub curl -sS --max-time 10 -k --resolve "nope.$DOMAIN:443:$HUB4" "https://nope.$DOMAIN/" 2>&1 >/dev/null || true)
+check "unknown SNI gets a TLS alert (unrecognized name)" grep -qi "unrecognized name\|alert" <<<"$err"
+
+# --- TCP and UDP forwards: IPv4 client, IPv6-only backends
+tcp_out=$(lab_sh pub "printf 'tcp-$MARK' | timeout 10 socat -t 2 - TCP4:$HUB4:2222" || true)
+assert_eq "TCP forward: IPv4 client to the IPv6-only echo on n1" "tcp-$MARK" "$tcp_out"
+udp_out=$(lab_sh pub "printf 'udp-$MARK' | timeout 10 socat -t 2 - UDP4:$HUB4:5353" || true)
+assert_eq "UDP forward: IPv4 client to the IPv6-only echo on n1" "udp-$MARK" "$udp_out"
+
+# --- a burst of requests, then the hub is still fine
+ok=0
+for _ in $(seq 1 50); do
+    if pcurl -o /dev/null --resolve "$HOST:80:$HUB4" "http://$HOST/burst"; then ok=$((ok + 1)); fi
+done
+assert_eq "50 sequential requests through the tunnel succeed" 50 "$ok"
+
+check "hub still running" lab_alive hub
+check "n1 still running" lab_alive n1
+lab_finish
