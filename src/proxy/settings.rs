@@ -837,3 +837,53 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod toml_tests {
+    use crate::config::HubConfig;
+    use std::path::Path;
+
+    const HUB: &str = "[hub]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\naddresses = [\"100.64.0.1/10\", \"fd77:6777::1/48\"]\n";
+
+    fn parse(extra: &str) -> Result<HubConfig, String> {
+        HubConfig::parse("hub.toml", &format!("{HUB}{extra}"), Path::new("/etc/gw"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            "[proxy]\ndomains = [\"gw.example.org\"]\nhttp_listen = [\"0.0.0.0:80\"]\n\
+             [[route]]\nname = \"blog\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             backends = [\"http://[fd77:6777::2]:8080\", \"100.64.0.3:80\"]\n\
+             [[route]]\nfqdn = \"WWW.Example.com\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
+             backends = [\"100.64.0.4:443\"]\n\
+             [[tcp]]\nlisten = \"0.0.0.0:2222\"\nbackends = [\"100.64.0.2:22\"]\nproxy_protocol = true\n\
+             [[udp]]\nlisten = \"0.0.0.0:5353\"\nbackends = [\"100.64.0.2:53\"]\n",
+        )
+        .unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!(p.routes.len(), 2);
+        assert_eq!(p.routes[1].host.to_string(), "fqdn:www.example.com");
+        assert_eq!(p.tcp.len(), 1);
+        assert_eq!(p.udp[0].max_flows, 4096);
+        assert!(parse("").unwrap().proxy.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_loopback_are_named() {
+        let e = parse("[proxy]\ndomain = [\"gw.example.org\"]\n").unwrap_err();
+        assert!(e.contains("domain") && e.contains("line"), "{e}");
+        let e =
+            parse("[[route]]\nfqdn = \"a.example\"\nbackends = [\"100.64.0.9:80\"]\nbackend = 1\n")
+                .unwrap_err();
+        assert!(e.contains("backend"), "{e}");
+        let e = parse("[[route]]\nfqdn = \"a.example\"\nbackends = [\"http://127.0.0.1:8080\"]\n")
+            .unwrap_err();
+        assert!(
+            e.contains("a.example") && e.contains("127.0.0.1:8080") && e.contains("loopback"),
+            "{e}"
+        );
+    }
+}
