@@ -448,8 +448,10 @@ lab_alive() {
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
-# lab_stop NAME [SIGNAL] : signal a lab_bg process and wait (5 s, then KILL)
-lab_stop() {
+# lab_stop NAME [SIGNAL] : signal a lab_bg process and wait (5 s, then KILL).
+# (stderr muted: bash reports "Killed" for a job that died of SIGKILL)
+lab_stop() { _lab_stop "$@" 2>/dev/null; }
+_lab_stop() {
     local name=$1 sig=${2:-TERM} pid i
     pid=$(lab_pid "$name") || return 0
     [ -n "$pid" ] || return 0
