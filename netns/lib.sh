@@ -416,6 +416,7 @@ _lab_on_exit() {
         _lab_dump_logs
     fi
     lab_down
+    rm -rf "$GW_TMP/data" # big random files; logs and configs stay on failure
     if [ "$rc" -eq 0 ] && [ "$GW_KEEP_TMP" != 1 ]; then
         rm -rf "$GW_TMP"
     else
