@@ -60,6 +60,24 @@ enum Cmd {
         #[arg(short, long)]
         foreground: bool,
     },
+    /// Yggdrasil identities: `keygen`, `address <pubkey>`.
+    Ygg {
+        #[command(subcommand)]
+        cmd: YggCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum YggCmd {
+    /// Print a new Yggdrasil private key (the daemon's 128-hex PrivateKey, for
+    /// `[yggdrasil] private_key`), its public key, address and subnet.
+    Keygen {
+        /// Print JSON (the daemon's `PrivateKey`/`PublicKey` fields and more).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the 200::/7 address and 300::/64 subnet of a public key (64 hex).
+    Address { public_key: String },
 }
 
 fn init_tracing() {
@@ -155,6 +173,43 @@ pub fn main() -> ExitCode {
             let fg = foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
             wg_mode(interface, fg)
         }
+        Cmd::Ygg { cmd } => ygg_cmd(cmd),
+    }
+}
+
+fn ygg_cmd(cmd: YggCmd) -> ExitCode {
+    use crate::ygg::identity::{Identity, PublicKey};
+    match cmd {
+        YggCmd::Keygen { json } => {
+            let id = Identity::generate(&mut rand_core::OsRng);
+            let private = id.private_key().to_config_hex();
+            if json {
+                let v = serde_json::json!({
+                    "PrivateKey": private,
+                    "PublicKey": id.public_key().to_hex(),
+                    "Address": id.address().to_string(),
+                    "Subnet": id.subnet().to_string(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!("PrivateKey: {private}");
+                println!("PublicKey: {}", id.public_key().to_hex());
+                println!("Address: {}", id.address());
+                println!("Subnet: {}", id.subnet());
+            }
+            ExitCode::SUCCESS
+        }
+        YggCmd::Address { public_key } => match PublicKey::from_hex(public_key.trim()) {
+            Ok(k) => {
+                println!("Address: {}", k.address());
+                println!("Subnet: {}", k.subnet());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gatewire: public key `{}`: {e}", public_key.trim());
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -379,6 +434,18 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
             })
             .unwrap_or_default(),
     };
+    // The Yggdrasil overlay: supervisor status files plus its admin socket.
+    let overlays = crate::ygg::report::collect(std::path::Path::new(
+        crate::ygg::settings::DEFAULT_STATE_DIR,
+    ));
+    let overlay = overlays
+        .into_iter()
+        .find(|o| interface.as_ref().is_none_or(|i| *i == o.interface));
+    let names: Vec<String> = match (&interface, &overlay) {
+        // `gatewire show ygg0`: the overlay only.
+        (Some(_), Some(_)) => Vec::new(),
+        _ => names,
+    };
     let mut out = Vec::new();
     let mut failed = false;
     for n in &names {
@@ -394,7 +461,7 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
         }
     }
     if json {
-        let v = serde_json::json!({ "interfaces": out });
+        let v = serde_json::json!({ "interfaces": out, "yggdrasil": overlay });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         for (k, i) in out.iter().enumerate() {
@@ -402,6 +469,12 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
                 println!();
             }
             print_text(i);
+        }
+        if let Some(o) = &overlay {
+            if !out.is_empty() {
+                println!();
+            }
+            crate::ygg::report::print_text(o);
         }
     }
     if failed {

@@ -54,6 +54,8 @@ struct RawHubFile {
     tcp: Vec<crate::proxy::settings::RawTcp>,
     #[serde(default)]
     udp: Vec<crate::proxy::settings::RawUdp>,
+    // The supervised Yggdrasil daemon (src/ygg/settings.rs validates it).
+    yggdrasil: Option<crate::ygg::settings::RawYggdrasil>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +87,7 @@ struct RawNodeFile {
     node: RawNode,
     #[serde(default)]
     hub: Vec<RawNodeHub>,
+    yggdrasil: Option<crate::ygg::settings::RawYggdrasil>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +136,8 @@ pub struct HubConfig {
     pub peers: Vec<HubPeer>,
     /// The reverse proxy, if the file has a `[proxy]` section or any route/forward.
     pub proxy: Option<crate::proxy::settings::ProxySettings>,
+    /// The supervised Yggdrasil daemon, if the file has `[yggdrasil]`.
+    pub yggdrasil: Option<crate::ygg::settings::YggSettings>,
 }
 
 /// A hub as a node sees it.
@@ -156,7 +161,10 @@ pub struct NodeConfig {
     pub addresses: Vec<IpNet>,
     pub mtu: u16,
     pub dead_after: u16,
+    /// Empty only with `[yggdrasil]`: then the node runs no WireGuard device.
     pub hubs: Vec<NodeHub>,
+    /// The supervised Yggdrasil daemon, if the file has `[yggdrasil]`.
+    pub yggdrasil: Option<crate::ygg::settings::YggSettings>,
 }
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -355,6 +363,11 @@ impl HubConfig {
             raw.proxy, raw.route, raw.tcp, raw.udp, &addresses, base,
         )
         .map_err(|m| ctx.err(m))?;
+        let yggdrasil = raw
+            .yggdrasil
+            .map(|y| crate::ygg::settings::validate(y, base))
+            .transpose()
+            .map_err(|m| ctx.err(m))?;
         Ok(HubConfig {
             interface: ctx.interface("hub", raw.hub.interface, "gw0")?,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
@@ -364,6 +377,7 @@ impl HubConfig {
             addresses,
             peers,
             proxy,
+            yggdrasil,
         })
     }
 }
@@ -386,8 +400,10 @@ impl NodeConfig {
             base,
         )?;
         let addresses = ctx.nets("[node] addresses", &raw.node.addresses, true)?;
-        if raw.hub.is_empty() {
-            return Err(ctx.err("at least one [[hub]] is required"));
+        if raw.hub.is_empty() && raw.yggdrasil.is_none() {
+            return Err(ctx.err(
+                "at least one [[hub]] is required (or a [yggdrasil] section, for a node reachable only over Yggdrasil)",
+            ));
         }
         let mut hubs = Vec::new();
         for (i, rh) in raw.hub.iter().enumerate() {
@@ -418,6 +434,11 @@ impl NodeConfig {
         if dead_after < 2 {
             return Err(ctx.err("[node] dead_after: at least 2 seconds"));
         }
+        let yggdrasil = raw
+            .yggdrasil
+            .map(|y| crate::ygg::settings::validate(y, base))
+            .transpose()
+            .map_err(|m| ctx.err(m))?;
         Ok(NodeConfig {
             interface: ctx.interface("node", raw.node.interface, "gwn0")?,
             listen_port: raw.node.listen_port.unwrap_or(0),
@@ -426,6 +447,7 @@ impl NodeConfig {
             private_key,
             addresses,
             hubs,
+            yggdrasil,
         })
     }
 }
@@ -521,5 +543,61 @@ mod tests {
         .unwrap();
         assert_eq!(c.hubs[0].persistent_keepalive, DEFAULT_NODE_KEEPALIVE);
         assert_eq!(c.dead_after, DEFAULT_DEAD_AFTER);
+    }
+
+    const YGG_KEY: &str = "2fb6bcc83c6976e63c76f3286278c441af929b4902a0544cd6e1e401b2a5d3328988ec86fd70a116524ef24b11d0aed0ef374a69b1014ae93a82716a7fadca54";
+
+    #[test]
+    fn node_with_only_yggdrasil() {
+        let text = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = []\n\
+             [yggdrasil]\nprivate_key = \"{YGG_KEY}\"\npeers = [\"tcp://203.0.113.1:12345\"]\n"
+        );
+        let c = NodeConfig::parse("n.toml", &text, Path::new(".")).unwrap();
+        assert!(c.hubs.is_empty());
+        let y = c.yggdrasil.as_ref().unwrap();
+        assert_eq!(y.peers.len(), 1);
+        assert!(!format!("{c:?}").contains(YGG_KEY));
+    }
+
+    #[test]
+    fn yggdrasil_errors_name_the_key() {
+        let base = format!("[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n");
+        let e = hub(&format!("{base}[yggdrasil]\nprivate_key = \"00zz\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[yggdrasil] private_key") && e.contains("hub.toml"),
+            "{e}"
+        );
+        let e = hub(&format!(
+            "{base}[yggdrasil]\nprivate_key = \"{YGG_KEY}\"\npeers = [\"tcp:/203.0.113.1:1\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("peers") && e.contains("tcp:/203.0.113.1:1"),
+            "{e}"
+        );
+        let e = hub(&format!(
+            "{base}[yggdrasil]\nprivate_key = \"{YGG_KEY}\"\nlisten_on = []\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn yggdrasil_backends_are_accepted_by_the_proxy() {
+        let c = hub(&format!(
+            "[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n\
+             [proxy]\ndomains = [\"gw.example.org\"]\n\
+             [[route]]\nname = \"site\"\nbackends = [\"http://[200:ecee:26f2:51e:bdd3:5b62:1b69:dc5e]:8080\"]\n\
+             [[route]]\nname = \"sub\"\nbackends = [\"http://[300:ecee:26f2:51e::1]:80\"]\n\
+             [yggdrasil]\nprivate_key = \"{YGG_KEY}\"\n"
+        ))
+        .unwrap();
+        assert!(c.proxy.is_some());
+        assert!(c.yggdrasil.is_some());
     }
 }

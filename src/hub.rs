@@ -54,6 +54,11 @@ pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::
     let dev = Device::start(device_config(&cfg)).await?;
     let api = ApiServer::start(dev.inner.clone()).await?;
     let proxy = start_proxy(&cfg).await?;
+    // The overlay sidecar never fails the hub: it logs and retries on its own.
+    let ygg = cfg
+        .yggdrasil
+        .clone()
+        .map(crate::ygg::supervisor::Supervisor::start);
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
@@ -61,6 +66,9 @@ pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     shutdown.await;
     info!("hub stopping");
+    if let Some(y) = ygg {
+        y.shutdown().await;
+    }
     if let Some(p) = proxy {
         p.shutdown(PROXY_DRAIN).await;
     }

@@ -103,6 +103,21 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16) {
 
 /// Runs the node until `shutdown` completes.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // The overlay sidecar never fails the node: it logs and retries on its own.
+    let ygg = cfg
+        .yggdrasil
+        .clone()
+        .map(crate::ygg::supervisor::Supervisor::start);
+    if cfg.hubs.is_empty() {
+        // Reachable only over Yggdrasil: no WireGuard device at all.
+        info!("node ready (Yggdrasil only, no WireGuard hub)");
+        shutdown.await;
+        info!("node stopping");
+        if let Some(y) = ygg {
+            y.shutdown().await;
+        }
+        return Ok(());
+    }
     let mut peers = Vec::new();
     for h in &cfg.hubs {
         peers.push(PeerConfig {
@@ -142,6 +157,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     info!("node stopping");
     for s in sups {
         s.abort();
+    }
+    if let Some(y) = ygg {
+        y.shutdown().await;
     }
     drop(api);
     drop(dev);

@@ -791,7 +791,8 @@ struct RawConfig<'a> {
     node_info: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
-fn valid_if_name(n: &str) -> bool {
+/// Whether `n` is a valid `IfName` (`auto`, `none` or an interface name).
+pub fn valid_if_name(n: &str) -> bool {
     n == "auto"
         || n == "none"
         || (!n.is_empty()

@@ -10,13 +10,19 @@
 //!   validation and daemon config generation;
 //! * [`admin`]: admin API request encoding and response parsing for both the
 //!   0.4.7 and the 0.5.x dialects;
-//! * [`admin_client`]: a small blocking Unix-socket client over [`admin`].
+//! * [`admin_client`]: a small blocking Unix-socket client over [`admin`];
+//! * [`settings`]: the `[yggdrasil]` config section;
+//! * [`supervisor`]: the async driver that runs and restarts the daemon;
+//! * [`report`]: the overlay state for `gatewire show`.
 #![warn(missing_docs)]
 
 pub mod addr;
 pub mod admin;
 pub mod admin_client;
 pub mod identity;
+pub mod report;
+pub mod settings;
+pub mod supervisor;
 
 pub use addr::{addr_for_key, is_ygg, partial_key, subnet_for_key, PartialKey, YggSubnet};
 pub use admin::{AdminError, AdminRequest};

@@ -1,0 +1,888 @@
+//! The supervised `yggdrasil` sidecar (docs/yggdrasil.md 6.A): gatewire
+//! writes the daemon's config (mode 0600, in a private 0700 directory),
+//! starts `yggdrasil -useconffile`, waits for its admin socket, and restarts
+//! it with a bounded, jittered exponential backoff ([`Backoff`], pure) when
+//! it dies or will not start. The daemon's TUN carries 200::/7 (yggdrasil
+//! gives it `<address>/7`).
+//!
+//! The daemon never outlives gatewire: it runs in its own process group with
+//! `PR_SET_PDEATHSIG` (SIGTERM) set before `exec`, the child handle is
+//! `kill_on_drop`, and [`Supervisor::shutdown`] stops it (SIGTERM, then
+//! SIGKILL). Nothing here can fail the caller: every problem is logged,
+//! recorded in the status file (`gatewire show`) and retried, so the
+//! WireGuard side is never taken down by the overlay.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use super::admin_client::AdminClient;
+use super::settings::YggSettings;
+use super::Version;
+
+/// First restart delay.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest delay between two starts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A daemon that ran this long resets the backoff.
+pub const BACKOFF_STABLE: Duration = Duration::from_secs(30);
+/// How long the admin socket gets to answer after a start.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Between SIGTERM and SIGKILL at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Daemon output lines kept for the failure report.
+const TAIL_LINES: usize = 12;
+
+/// Restart delays [pure]: `base * 2^n` capped at `max`, with "equal jitter"
+/// (a uniformly drawn value in the upper half of that), `n` counting the
+/// consecutive short runs; a run of at least `stable` starts over from `base`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    stable: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// A policy; `base <= max`.
+    pub fn new(base: Duration, max: Duration, stable: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            stable,
+            failures: 0,
+        }
+    }
+
+    /// Consecutive short runs so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// The delay before the next start, after a run that lasted `ran_for`.
+    /// `jitter` in `[0, 1]` (clamped) picks the point in `[d/2, d]`.
+    pub fn next_delay(&mut self, ran_for: Duration, jitter: f64) -> Duration {
+        if ran_for >= self.stable {
+            self.failures = 0;
+        }
+        let exp = self.failures.min(30);
+        self.failures = self.failures.saturating_add(1);
+        let full = self
+            .base
+            .checked_mul(1u32 << exp)
+            .unwrap_or(self.max)
+            .min(self.max);
+        let j = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        full / 2 + full.mul_f64(j) / 2
+    }
+}
+
+/// Where the supervisor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Detecting the version, writing the config, waiting for the admin socket.
+    Starting,
+    /// The daemon runs and its admin socket answered.
+    Running,
+    /// The daemon runs but its admin socket did not answer in time.
+    Unresponsive,
+    /// Waiting before the next start.
+    Backoff,
+    /// Shut down.
+    Stopped,
+}
+
+/// What the supervisor publishes (also written to `status.json` in the
+/// daemon's directory for `gatewire show`). Holds no secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's TUN.
+    pub interface: String,
+    /// Its admin socket.
+    pub admin_socket: PathBuf,
+    /// The executable.
+    pub binary: PathBuf,
+    /// The dialect in use (configured or detected), once known.
+    pub version: Option<String>,
+    /// Supervisor state.
+    pub state: State,
+    /// Daemon PID while it runs.
+    pub pid: Option<u32>,
+    /// Starts after the first one.
+    pub restarts: u64,
+    /// Why the last run ended or could not start.
+    pub last_error: Option<String>,
+    /// Unix time of the last state change.
+    pub since: u64,
+    /// Milliseconds until the next start (in `backoff`).
+    pub retry_in_ms: Option<u64>,
+    /// Own public key (hex).
+    pub public_key: String,
+    /// Own 200::/7 address.
+    pub address: String,
+    /// Own 300::/64 subnet.
+    pub subnet: String,
+    /// PID of the supervising gatewire.
+    pub supervisor_pid: u32,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The status file of a daemon directory.
+pub fn status_path(dir: &Path) -> PathBuf {
+    dir.join("status.json")
+}
+
+struct Shared {
+    settings: YggSettings,
+    status: Mutex<Status>,
+    tail: Mutex<VecDeque<String>>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        let snapshot = {
+            let mut s = self.status.lock();
+            f(&mut s);
+            s.clone()
+        };
+        let dir = self.settings.dir();
+        let write = || -> std::io::Result<()> {
+            let tmp = dir.join("status.json.tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&snapshot).unwrap_or_default())?;
+            std::fs::rename(&tmp, status_path(&dir))
+        };
+        if let Err(e) = write() {
+            debug!(error = %e, "cannot write yggdrasil status file");
+        }
+    }
+
+    fn set_state(&self, state: State) {
+        self.update(|s| {
+            s.state = state;
+            s.since = unix_now();
+        });
+    }
+
+    fn tail_text(&self) -> String {
+        let t = self.tail.lock();
+        t.iter().cloned().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// A running supervisor. Dropping it aborts the task, which kills the daemon
+/// (`kill_on_drop`); [`Supervisor::shutdown`] stops it gracefully.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Supervisor {
+    /// Starts supervising in the background. Never fails: problems are
+    /// logged and retried.
+    pub fn start(settings: YggSettings) -> Supervisor {
+        let pk = settings.private_key.public_key();
+        let status = Status {
+            interface: settings.interface.clone(),
+            admin_socket: settings.admin_socket.clone(),
+            binary: settings.binary.clone(),
+            version: settings.version.map(|v| v.to_string()),
+            state: State::Starting,
+            pid: None,
+            restarts: 0,
+            last_error: None,
+            since: unix_now(),
+            retry_in_ms: None,
+            public_key: pk.to_hex(),
+            address: pk.address().to_string(),
+            subnet: pk.subnet().to_string(),
+            supervisor_pid: std::process::id(),
+        };
+        let shared = Arc::new(Shared {
+            settings,
+            status: Mutex::new(status),
+            tail: Mutex::new(VecDeque::new()),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(shared.clone(), stop_rx));
+        Supervisor {
+            shared,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> Status {
+        self.shared.status.lock().clone()
+    }
+
+    /// Stops the daemon (SIGTERM, SIGKILL after a grace period) and waits.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            if tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                warn!("yggdrasil supervisor did not stop in time");
+            }
+        }
+    }
+}
+
+/// Resolves once a stop was requested (or the sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+enum Outcome {
+    Stopped,
+    Failed(String),
+}
+
+async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let s = &shared.settings;
+    let dir = s.dir();
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
+    {
+        error!(dir = %dir.display(), error = %e, "yggdrasil: cannot create the state directory");
+    }
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX, BACKOFF_STABLE);
+    let mut first = true;
+    loop {
+        if !first {
+            shared.update(|st| st.restarts += 1);
+        }
+        first = false;
+        shared.update(|st| {
+            st.state = State::Starting;
+            st.since = unix_now();
+            st.retry_in_ms = None;
+            st.pid = None;
+        });
+        let t0 = Instant::now();
+        let reason = match run_once(&shared, &mut stop).await {
+            Outcome::Stopped => break,
+            Outcome::Failed(r) => r,
+        };
+        let jitter =
+            f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng)) / f64::from(u32::MAX);
+        let delay = backoff.next_delay(t0.elapsed(), jitter);
+        let restarts = shared.status.lock().restarts;
+        error!(
+            interface = %s.interface,
+            retry_in_s = format!("{:.1}", delay.as_secs_f64()),
+            restarts,
+            "yggdrasil: {reason}"
+        );
+        shared.update(|st| {
+            st.state = State::Backoff;
+            st.since = unix_now();
+            st.pid = None;
+            st.last_error = Some(reason);
+            st.retry_in_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    shared.update(|st| {
+        st.state = State::Stopped;
+        st.since = unix_now();
+        st.pid = None;
+    });
+    // The config holds the private key; the status is stale from now on.
+    let _ = std::fs::remove_file(dir.join("yggdrasil.conf"));
+    let _ = std::fs::remove_file(status_path(&dir));
+    let _ = std::fs::remove_file(&s.admin_socket);
+    info!(interface = %s.interface, "yggdrasil stopped");
+}
+
+/// Asks `binary -version`, then (Debian builds say `unknown`) whether
+/// `-genconf -json` has a `PublicKey` field, which only 0.4 writes.
+pub async fn detect_version(binary: &Path) -> Result<Version, String> {
+    let out = |args: &'static [&'static str]| async move {
+        let o = tokio::time::timeout(
+            Duration::from_secs(10),
+            Command::new(binary)
+                .args(args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| format!("`{} {}` timed out", binary.display(), args.join(" ")))?
+        .map_err(|e| spawn_error(binary, &e))?;
+        if !out_ok(&o) {
+            return Err(format!(
+                "`{} {}` failed ({}){}",
+                binary.display(),
+                args.join(" "),
+                o.status,
+                first_line(&o.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let v = out(&["-version"]).await?;
+    if let Some(version) = version_from_text(&v) {
+        return Ok(version);
+    }
+    let conf = out(&["-genconf", "-json"]).await?;
+    let j: serde_json::Value = serde_json::from_str(&conf)
+        .map_err(|e| format!("`{} -genconf -json` is not JSON: {e}", binary.display()))?;
+    Ok(if j.get("PublicKey").is_some() {
+        Version::V0_4
+    } else {
+        Version::V0_5
+    })
+}
+
+fn out_ok(o: &std::process::Output) -> bool {
+    o.status.success()
+}
+
+fn first_line(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    match s.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(l) => format!(": {l}"),
+        None => String::new(),
+    }
+}
+
+/// The release line in `-version` output ("Build version: 0.5.14").
+pub fn version_from_text(s: &str) -> Option<Version> {
+    s.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("build version"))
+        .find_map(|(_, v)| {
+            let v = v.trim().trim_start_matches('v');
+            if v.starts_with("0.4.") || v == "0.4" {
+                Some(Version::V0_4)
+            } else if v.starts_with("0.5.") || v == "0.5" {
+                Some(Version::V0_5)
+            } else {
+                None
+            }
+        })
+}
+
+fn spawn_error(binary: &Path, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "daemon binary {} not found (install yggdrasil or set [yggdrasil] binary)",
+            binary.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            format!("daemon binary {} is not executable", binary.display())
+        }
+        _ => format!("cannot start {}: {e}", binary.display()),
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn spawn_daemon(binary: &Path, conf: &Path) -> std::io::Result<Child> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("-useconffile")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own group: a terminal's ^C reaches gatewire only, which then
+        // stops the daemon in order.
+        .process_group(0);
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork
+    // and exec. PDEATHSIG fires when the forking thread ends; tokio's worker
+    // threads live as long as the runtime, i.e. as long as gatewire.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // gatewire died between fork and prctl: do not start orphaned.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn forward_lines(
+    shared: Arc<Shared>,
+    r: impl AsyncRead + Unpin + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line: String = line.chars().take(400).collect();
+            // Kernel link-local chatter the daemon complains about.
+            if line.contains("incorrect source address") {
+                debug!(target: "yggdrasil", "{line}");
+            } else {
+                info!(target: "yggdrasil", "{line}");
+            }
+            let mut t = shared.tail.lock();
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    })
+}
+
+async fn admin_self(sock: PathBuf, version: Version) -> Result<super::admin::SelfInfo, String> {
+    tokio::task::spawn_blocking(move || {
+        AdminClient::connect(&sock, version, Duration::from_secs(2))
+            .and_then(|mut c| c.get_self())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Whether `iface` holds `addr` (then the kernel routes the /7 prefix, i.e.
+/// 200::/7, through it).
+fn tun_has_address(iface: &str, addr: std::net::Ipv6Addr) -> bool {
+    getifaddrs::getifaddrs().is_ok_and(|mut it| {
+        it.any(|i| i.name == iface && i.address.ip_addr() == Some(std::net::IpAddr::V6(addr)))
+    })
+}
+
+async fn stop_child(child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: signalling our own child by PID.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+        warn!(pid, "yggdrasil did not stop on SIGTERM; killing it");
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+fn exit_reason(
+    shared: &Shared,
+    status: std::io::Result<std::process::ExitStatus>,
+    ran: Duration,
+) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match status {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => format!("ended ({st})"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    };
+    let tail = shared.tail_text();
+    let mut r = format!(
+        "daemon {} {how} after {:.1} s",
+        shared.settings.binary.display(),
+        ran.as_secs_f64()
+    );
+    if !tail.is_empty() {
+        r.push_str("; last output: ");
+        r.push_str(&tail);
+    }
+    r
+}
+
+async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Outcome {
+    let s = &shared.settings;
+    if *stop.borrow() {
+        return Outcome::Stopped;
+    }
+    let version = match s.version {
+        Some(v) => v,
+        None => match detect_version(&s.binary).await {
+            Ok(v) => v,
+            Err(e) => {
+                return Outcome::Failed(format!(
+                    "cannot tell the daemon's version: {e} (or set [yggdrasil] version)"
+                ))
+            }
+        },
+    };
+    shared.update(|st| st.version = Some(version.to_string()));
+    let text = match s.daemon_settings().render(version) {
+        Ok(t) => t,
+        Err(e) => {
+            return Outcome::Failed(format!("bad daemon config for yggdrasil {version}: {e}"))
+        }
+    };
+    let conf = s.dir().join("yggdrasil.conf");
+    if let Err(e) = write_private(&conf, &text) {
+        return Outcome::Failed(format!("cannot write {}: {e}", conf.display()));
+    }
+    if let Some(parent) = s.admin_socket.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    // We are the only user of this socket: a file left by a killed daemon
+    // would only delay the new one.
+    let _ = std::fs::remove_file(&s.admin_socket);
+    shared.tail.lock().clear();
+    let t0 = Instant::now();
+    let mut child = match spawn_daemon(&s.binary, &conf) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(spawn_error(&s.binary, &e)),
+    };
+    let pid = child.id();
+    let mut fwd = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        fwd.push(forward_lines(shared.clone(), o));
+    }
+    if let Some(e) = child.stderr.take() {
+        fwd.push(forward_lines(shared.clone(), e));
+    }
+    shared.update(|st| st.pid = pid);
+    info!(
+        interface = %s.interface,
+        pid = pid.unwrap_or(0),
+        version = %version,
+        config = %conf.display(),
+        "yggdrasil started"
+    );
+
+    // Readiness: the admin socket answers getSelf.
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let mut last_err = String::new();
+    let ready = loop {
+        tokio::select! {
+            st = child.wait() => {
+                // Let the output readers drain so the reason shows the daemon's words.
+                for f in fwd.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+                }
+                return Outcome::Failed(exit_reason(shared, st, t0.elapsed()));
+            }
+            _ = stopped(stop) => {
+                stop_child(&mut child).await;
+                return Outcome::Stopped;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        match admin_self(s.admin_socket.clone(), version).await {
+            Ok(me) => break Some(me),
+            Err(e) => last_err = e,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+    };
+    match ready {
+        Some(me) => {
+            if me.key != s.private_key.public_key() {
+                warn!(
+                    interface = %s.interface,
+                    "yggdrasil reports key {} but the config has {}",
+                    me.key,
+                    s.private_key.public_key()
+                );
+            }
+            // yggdrasil gives its TUN <address>/7: the kernel then routes
+            // 200::/7 (node addresses and 300::/8 subnets) through it.
+            let mut routed = false;
+            for _ in 0..25 {
+                if tun_has_address(&s.interface, me.address) {
+                    routed = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if routed {
+                info!(
+                    interface = %s.interface,
+                    address = %me.address,
+                    subnet = %me.subnet,
+                    peers = s.peers.len(),
+                    "yggdrasil running; 200::/7 routed through {}",
+                    s.interface
+                );
+            } else {
+                warn!(
+                    interface = %s.interface,
+                    address = %me.address,
+                    "yggdrasil running but {} does not carry {}/7; 200::/7 is not routed (no CAP_NET_ADMIN or /dev/net/tun?)",
+                    s.interface,
+                    me.address
+                );
+            }
+            shared.set_state(State::Running);
+        }
+        None => {
+            warn!(
+                interface = %s.interface,
+                socket = %s.admin_socket.display(),
+                error = %last_err,
+                "yggdrasil runs but its admin socket does not answer"
+            );
+            shared.set_state(State::Unresponsive);
+        }
+    }
+
+    tokio::select! {
+        st = child.wait() => {
+            for f in fwd.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+            }
+            Outcome::Failed(exit_reason(shared, st, t0.elapsed()))
+        }
+        _ = stopped(stop) => {
+            stop_child(&mut child).await;
+            Outcome::Stopped
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn b() -> Backoff {
+        Backoff::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_bounded() {
+        let mut p = b();
+        let short = Duration::from_millis(10);
+        let full: Vec<Duration> = (0..12).map(|_| p.next_delay(short, 1.0)).collect();
+        assert_eq!(full[0], Duration::from_millis(500));
+        assert_eq!(full[1], Duration::from_secs(1));
+        assert_eq!(full[2], Duration::from_secs(2));
+        assert_eq!(full[7], Duration::from_secs(60));
+        assert!(full.iter().all(|d| *d <= BACKOFF_MAX));
+        // Many failures never overflow.
+        for _ in 0..100 {
+            assert!(p.next_delay(short, 1.0) <= BACKOFF_MAX);
+        }
+        assert_eq!(p.next_delay(short, 1.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn backoff_jitter_stays_in_upper_half() {
+        let mut p = b();
+        let d = p.next_delay(Duration::ZERO, 0.0);
+        assert_eq!(d, Duration::from_millis(250));
+        let mut p = b();
+        assert_eq!(
+            p.next_delay(Duration::ZERO, 0.5),
+            Duration::from_millis(375)
+        );
+        let mut p = b();
+        assert_eq!(
+            p.next_delay(Duration::ZERO, 7.0),
+            Duration::from_millis(500)
+        );
+        let mut p = b();
+        assert_eq!(
+            p.next_delay(Duration::ZERO, f64::NAN),
+            Duration::from_millis(250)
+        );
+        for j in 0..=100 {
+            let mut p = b();
+            for _ in 0..5 {
+                p.next_delay(Duration::ZERO, 1.0);
+            }
+            let d = p.next_delay(Duration::ZERO, f64::from(j) / 100.0);
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(16),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_resets_after_a_stable_run() {
+        let mut p = b();
+        for _ in 0..6 {
+            p.next_delay(Duration::from_secs(1), 1.0);
+        }
+        assert_eq!(p.failures(), 6);
+        assert_eq!(
+            p.next_delay(Duration::from_secs(30), 1.0),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            p.next_delay(Duration::from_secs(29), 1.0),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn version_text() {
+        assert_eq!(
+            version_from_text("Build name: yggdrasil\nBuild version: 0.5.14\n"),
+            Some(Version::V0_5)
+        );
+        assert_eq!(
+            version_from_text("Build name: yggdrasil\nBuild version: v0.4.7\n"),
+            Some(Version::V0_4)
+        );
+        assert_eq!(
+            version_from_text("Build name: unknown\nBuild version: unknown\n"),
+            None
+        );
+        assert_eq!(version_from_text(""), None);
+    }
+
+    fn settings(dir: &Path, binary: &str) -> YggSettings {
+        let raw: super::super::settings::RawYggdrasil = toml::from_str(&format!(
+            "private_key = \"2fb6bcc83c6976e63c76f3286278c441af929b4902a0544cd6e1e401b2a5d3328988ec86fd70a116524ef24b11d0aed0ef374a69b1014ae93a82716a7fadca54\"\n\
+             binary = \"{binary}\"\nversion = \"0.4\"\nadmin_socket = \"{}/a.sock\"\n",
+            dir.display()
+        ))
+        .unwrap();
+        let mut s = super::super::settings::validate(raw, dir).unwrap();
+        s.state_dir = dir.to_path_buf();
+        s
+    }
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gw-ygg-sup-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_daemon_that_will_not_start_is_retried_and_reported() {
+        let d = tmp("false");
+        let sup = Supervisor::start(settings(&d, "/bin/false"));
+        let t0 = Instant::now();
+        while sup.status().restarts < 2 && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = sup.status();
+        assert!(st.restarts >= 2, "{st:?}");
+        let err = st.last_error.clone().unwrap();
+        assert!(
+            err.contains("/bin/false") && err.contains("status 1"),
+            "{err}"
+        );
+        // The config was written privately.
+        let conf = d.join("ygg-ygg0").join("yggdrasil.conf");
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let file: Status =
+            serde_json::from_slice(&std::fs::read(status_path(&d.join("ygg-ygg0"))).unwrap())
+                .unwrap();
+        assert_eq!(file.address, "200:ecee:26f2:51e:bdd3:5b62:1b69:dc5e");
+        assert!(!std::fs::read_to_string(status_path(&d.join("ygg-ygg0")))
+            .unwrap()
+            .contains("2fb6bcc8"));
+        sup.shutdown().await;
+        assert!(
+            !conf.exists(),
+            "the config with the key is removed at shutdown"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_binary_is_named() {
+        let d = tmp("missing");
+        let sup = Supervisor::start(settings(&d, "/nonexistent/yggdrasil"));
+        let t0 = Instant::now();
+        while sup.status().last_error.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = sup.status();
+        let err = st.last_error.unwrap_or_default();
+        assert!(
+            err.contains("/nonexistent/yggdrasil") && err.contains("not found"),
+            "{err}"
+        );
+        assert_eq!(st.state, State::Backoff);
+        sup.shutdown().await;
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_stops_a_running_child() {
+        // A stand-in daemon that just sleeps: shutdown must end it.
+        let d = tmp("sleep");
+        let script = d.join("fake-ygg");
+        std::fs::write(&script, "#!/bin/sh\necho fake daemon up\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sup = Supervisor::start(settings(&d, script.to_str().unwrap()));
+        let t0 = Instant::now();
+        while sup.status().pid.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pid = i32::try_from(sup.status().pid.unwrap()).unwrap();
+        sup.shutdown().await;
+        // SAFETY: probing a PID we started.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "daemon {pid} survived shutdown");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
