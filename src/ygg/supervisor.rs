@@ -44,6 +44,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Daemon output lines kept for the failure report.
 const TAIL_LINES: usize = 12;
+/// Of those, how many go into the failure message.
+const REPORT_LINES: usize = 4;
 
 /// Restart delays [pure]: `base * 2^n` capped at `max`, with "equal jitter"
 /// (a uniformly drawn value in the upper half of that), `n` counting the
@@ -193,9 +195,11 @@ impl Shared {
         });
     }
 
+    /// The daemon's last few output lines, for a failure report.
     fn tail_text(&self) -> String {
         let t = self.tail.lock();
-        t.iter().cloned().collect::<Vec<_>>().join(" | ")
+        let skip = t.len().saturating_sub(REPORT_LINES);
+        t.iter().skip(skip).cloned().collect::<Vec<_>>().join(" | ")
     }
 }
 
@@ -314,7 +318,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let restarts = shared.status.lock().restarts;
         error!(
             interface = %s.interface,
-            retry_in_s = format!("{:.1}", delay.as_secs_f64()),
+            retry_in_s = %format!("{:.2}", delay.as_secs_f64()),
             restarts,
             "yggdrasil: {reason}"
         );
