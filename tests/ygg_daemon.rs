@@ -226,10 +226,13 @@ fn live_daemons_answer_admin_requests() {
     b.admin_listen = AdminListen::Unix(b_sock.clone());
 
     let _da = Daemon::start("A", &dir, &a);
+    // A listens before its admin socket answers; starting B only then keeps
+    // B's first dials from failing on a loaded machine (after three quick
+    // retries the daemon waits a minute).
+    let mut ca = connect(&a_sock);
     let _db = Daemon::start("B", &dir, &b);
 
     // A: dialect detection, getSelf, and an unsupported command
-    let mut ca = connect(&a_sock);
     assert_eq!(ca.detect_version().expect("list"), Some(Version::V0_4));
     let me = ca.get_self().expect("getSelf");
     assert_eq!(me.key, a_id.public_key());
