@@ -148,7 +148,11 @@ pub fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_tracing();
-            run_daemon(crate::hub::run(cfg, shutdown_signal()))
+            run_daemon(crate::hub::run_watching(
+                cfg,
+                config.clone(),
+                shutdown_signal(),
+            ))
         }
         Cmd::Node { config, check } => {
             let cfg = match NodeConfig::load(&config) {
@@ -447,10 +451,19 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
         _ => names,
     };
     let mut out = Vec::new();
+    // The raw objects keep extra sections (`proxy`, ...) for --json.
+    let mut raw = Vec::new();
     let mut failed = false;
     for n in &names {
-        match rt.block_on(api::query_show(n)) {
-            Ok(i) => out.push(i),
+        let got = rt.block_on(api::query_show_value(n)).and_then(|v| {
+            let i: ShowInterface = serde_json::from_value(v.clone())?;
+            Ok((i, v))
+        });
+        match got {
+            Ok((i, v)) => {
+                out.push(i);
+                raw.push(v);
+            }
             Err(e) => {
                 // Without a name, sockets of other WireGuard implementations are skipped.
                 if interface.is_some() {
@@ -461,7 +474,7 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
         }
     }
     if json {
-        let v = serde_json::json!({ "interfaces": out, "yggdrasil": overlay });
+        let v = serde_json::json!({ "interfaces": raw, "yggdrasil": overlay });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         for (k, i) in out.iter().enumerate() {

@@ -2,25 +2,147 @@
 //! own network stack.
 
 use crate::config::HubConfig;
+use crate::proxy::server::StatsHandle;
+use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
-use crate::wg::device::{Device, DeviceConfig, Mode, PeerConfig};
+use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long open proxy connections get to finish when the hub stops.
 pub const PROXY_DRAIN: Duration = Duration::from_secs(5);
 
+/// How often the config file is checked for changes.
+pub const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// Node liveness for the proxy: a backend inside a peer's allowed IPs counts as
+/// down when nothing was received from that peer for `down_after` (or ever).
+pub struct NodeTunnels {
+    nets: ArcSwap<Vec<(IpNet, bool)>>,
+    down_after_ms: AtomicU64,
+}
+
+impl NodeTunnels {
+    fn new(down_after: Duration) -> Arc<Self> {
+        Arc::new(NodeTunnels {
+            nets: ArcSwap::from_pointee(Vec::new()),
+            down_after_ms: AtomicU64::new(down_after.as_millis() as u64),
+        })
+    }
+
+    fn set_down_after(&self, d: Duration) {
+        self.down_after_ms.store(d.as_millis() as u64, Relaxed);
+    }
+
+    /// Re-reads the peers' last receive times.
+    pub fn refresh(&self, dev: &Inner) {
+        let now = dev.now_ms();
+        let down_after = self.down_after_ms.load(Relaxed);
+        let mut v = Vec::new();
+        for p in dev.info().peers {
+            let last = dev.peer(&p.public_key).map_or(0, |x| x.last_rx_ms());
+            let up = last > 0 && now.saturating_sub(last) < down_after;
+            v.extend(p.allowed_ips.into_iter().map(|n| (n, up)));
+        }
+        self.nets.store(Arc::new(v));
+    }
+}
+
+impl TunnelLiveness for NodeTunnels {
+    fn tunnel_up(&self, ip: IpAddr) -> Option<bool> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.nets
+            .load()
+            .iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, up)| *up)
+    }
+}
+
 /// Starts the reverse proxy if the config has one. Call after the TUN is up, so
 /// the check against the host's addresses sees the overlay addresses too.
 pub async fn start_proxy(cfg: &HubConfig) -> anyhow::Result<Option<Proxy>> {
+    start_proxy_with(cfg, None).await
+}
+
+async fn start_proxy_with(
+    cfg: &HubConfig,
+    tunnels: Option<Arc<dyn TunnelLiveness>>,
+) -> anyhow::Result<Option<Proxy>> {
     let Some(settings) = cfg.proxy.clone() else {
         return Ok(None);
     };
     crate::proxy::settings::check_host_addresses(&settings)
         .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
-    Ok(Some(Proxy::start(settings).await?))
+    Ok(Some(Proxy::start_with(settings, tunnels).await?))
+}
+
+/// The proxy of a running hub, swapped on reload.
+struct ProxySlot {
+    proxy: Option<Proxy>,
+    stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
+    tunnels: Arc<NodeTunnels>,
+}
+
+impl ProxySlot {
+    fn set(&mut self, p: Option<Proxy>) {
+        *self.stats.lock() = p.as_ref().map(|p| p.stats_handle());
+        self.proxy = p;
+    }
+
+    /// Re-reads `path` and applies its proxy sections. Errors are logged and the
+    /// running proxy is kept.
+    async fn reload(&mut self, path: &Path) {
+        let cfg = match HubConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "config reload failed; keeping the running proxy");
+                return;
+            }
+        };
+        if let Some(s) = &cfg.proxy {
+            self.tunnels.set_down_after(s.limits.tunnel_down_after);
+            if let Err(e) = crate::proxy::settings::check_host_addresses(s) {
+                warn!(error = %e, "config reload refused; keeping the running proxy");
+                return;
+            }
+        }
+        match (cfg.proxy.clone(), &self.proxy) {
+            (Some(s), Some(p)) => {
+                if let Err(e) = p.reload(s).await {
+                    warn!(error = %format!("{e:#}"), "proxy reload failed; keeping the running proxy");
+                }
+            }
+            (Some(_), None) => {
+                match start_proxy_with(&cfg, Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>))
+                    .await
+                {
+                    Ok(p) => self.set(p),
+                    Err(e) => warn!(error = %format!("{e:#}"), "proxy start on reload failed"),
+                }
+            }
+            (None, Some(_)) => {
+                info!("proxy removed from the config; draining");
+                if let Some(p) = self.proxy.take() {
+                    *self.stats.lock() = None;
+                    tokio::spawn(p.shutdown(PROXY_DRAIN));
+                }
+            }
+            (None, None) => {}
+        }
+    }
 }
 
 pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
@@ -51,25 +173,94 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are
 /// removed on return, on error too.
 pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_inner(cfg, None, shutdown).await
+}
+
+/// Like [`run`], and reloads the proxy sections of `path` when the file changes
+/// or on SIGHUP, without dropping open connections.
+pub async fn run_watching(
+    cfg: HubConfig,
+    path: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_inner(cfg, Some(path), shutdown).await
+}
+
+fn file_stamp(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+async fn run_inner(
+    cfg: HubConfig,
+    path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let dev = Device::start(device_config(&cfg)).await?;
     let api = ApiServer::start(dev.inner.clone()).await?;
-    let proxy = start_proxy(&cfg).await?;
     // The overlay sidecar never fails the hub: it logs and retries on its own.
     let ygg = cfg
         .yggdrasil
         .clone()
         .map(crate::ygg::supervisor::Supervisor::start);
+    let down_after = cfg
+        .proxy
+        .as_ref()
+        .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
+    let tunnels = NodeTunnels::new(down_after);
+    tunnels.refresh(&dev.inner);
+    let mut slot = ProxySlot {
+        proxy: None,
+        stats: Arc::default(),
+        tunnels: tunnels.clone(),
+    };
+    slot.set(start_proxy_with(&cfg, Some(tunnels.clone() as Arc<dyn TunnelLiveness>)).await?);
+    let stats = slot.stats.clone();
+    api.set_show_section(
+        "proxy",
+        Arc::new(move || match stats.lock().as_ref() {
+            Some(h) => serde_json::json!({ "routes": h.stats() }),
+            None => serde_json::Value::Null,
+        }),
+    );
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
         "hub ready"
     );
-    shutdown.await;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut stamp = path.as_deref().and_then(file_stamp);
+    let mut poll = tokio::time::interval(CONFIG_POLL);
+    let mut live = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = live.tick() => tunnels.refresh(&dev.inner),
+            _ = poll.tick(), if path.is_some() => {
+                let now = path.as_deref().and_then(file_stamp);
+                if now.is_some() && now != stamp {
+                    stamp = now;
+                    if let Some(p) = &path {
+                        info!(config = %p.display(), "config file changed; reloading the proxy");
+                        slot.reload(p).await;
+                    }
+                }
+            }
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                if let Some(p) = &path {
+                    info!(config = %p.display(), "SIGHUP; reloading the proxy");
+                    stamp = file_stamp(p);
+                    slot.reload(p).await;
+                }
+            }
+        }
+    }
     info!("hub stopping");
     if let Some(y) = ygg {
         y.shutdown().await;
     }
-    if let Some(p) = proxy {
+    *slot.stats.lock() = None;
+    if let Some(p) = slot.proxy.take() {
         p.shutdown(PROXY_DRAIN).await;
     }
     drop(api);

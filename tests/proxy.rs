@@ -9,8 +9,8 @@ use bytes::Bytes;
 use gatewire::proxy::names::{DomainName, Label};
 use gatewire::proxy::proxy_protocol::{decode_v2, Command};
 use gatewire::proxy::settings::{
-    Backend, BackendTls, CertFiles, Limits, ProxySettings, RouteHost, RouteSettings, Scheme,
-    TcpForwardSettings, TlsMode, UdpForwardSettings,
+    Backend, BackendTls, Balance, CertFiles, Limits, ProxyProtocol, ProxySettings, RouteHost,
+    RouteSettings, Scheme, TcpForwardSettings, TlsMode, UdpForwardSettings,
 };
 use gatewire::proxy::Proxy;
 use http_body_util::{BodyExt, Full};
@@ -45,8 +45,9 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         cert: None,
         backends,
         redirect_https: false,
-        proxy_protocol: false,
+        proxy_protocol: ProxyProtocol::Off,
         backend_tls: BackendTls::default(),
+        balance: Balance::default(),
     }
 }
 
@@ -578,12 +579,14 @@ async fn tcp_forward_with_and_without_proxy_v2() {
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             backends: vec![be(plain)],
-            proxy_protocol: false,
+            proxy_protocol: ProxyProtocol::Off,
+            balance: Balance::default(),
         },
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             backends: vec![be(pp)],
-            proxy_protocol: true,
+            proxy_protocol: ProxyProtocol::V2,
+            balance: Balance::default(),
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -614,7 +617,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
 async fn passthrough_sends_proxy_v2_before_the_hello() {
     let (pp, mut seen) = tcp_backend(true).await;
     let mut r = route("pp", TlsMode::Passthrough, vec![be(pp)]);
-    r.proxy_protocol = true;
+    r.proxy_protocol = ProxyProtocol::V2;
     let p = Proxy::start(settings(vec![r])).await.unwrap();
     let hello = client_hello("pp.gw.test");
     let mut c = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
@@ -649,6 +652,7 @@ async fn udp_forward_echo_and_flows() {
         backends: vec![be(echo_addr)],
         max_flows: 2,
         flow_idle_timeout: Duration::from_secs(60),
+        balance: Balance::default(),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.udp_addrs()[0];

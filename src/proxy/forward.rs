@@ -4,7 +4,6 @@
 
 use crate::proxy::io::Activity;
 use crate::proxy::server::Forward;
-use crate::proxy::settings::UdpForwardSettings;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,10 +13,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+/// Finds the forward currently configured on this listener (it changes on reload).
+pub(crate) type Lookup = Arc<dyn Fn() -> Option<Arc<Forward>> + Send + Sync>;
+
 struct Flow {
     sock: Arc<UdpSocket>,
     activity: Activity,
     task: JoinHandle<()>,
+    fwd: Arc<Forward>,
 }
 
 impl Drop for Flow {
@@ -27,7 +30,7 @@ impl Drop for Flow {
 }
 
 async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr) -> Option<Flow> {
-    let Some(backend) = fwd.upstreams.pick() else {
+    let Some((backend, lease)) = fwd.upstreams.pick(Some(client.ip())) else {
         fwd.counters
             .error(crate::proxy::stats::ErrorKind::NoHealthyBackend);
         return None;
@@ -55,6 +58,7 @@ async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr
     let activity = Activity::new();
     let (s2, a2, f2) = (sock.clone(), activity.clone(), fwd.clone());
     let task = tokio::spawn(async move {
+        let _lease = lease;
         let mut buf = vec![0u8; 65535];
         loop {
             match s2.recv(&mut buf).await {
@@ -80,21 +84,19 @@ async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr
         sock,
         activity,
         task,
+        fwd: fwd.clone(),
     })
 }
 
 /// Runs one UDP forward until `stop`.
 pub(crate) async fn udp_loop(
     listen: Arc<UdpSocket>,
-    fwd: Arc<Forward>,
-    cfg: UdpForwardSettings,
+    lookup: Lookup,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; 65535];
-    let tick =
-        (cfg.flow_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut sweep = tokio::time::interval(tick);
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             r = listen.recv_from(&mut buf) => {
@@ -106,6 +108,8 @@ pub(crate) async fn udp_loop(
                     }
                 };
                 let Some(data) = buf.get(..n) else { continue };
+                let Some(fwd) = lookup() else { continue };
+                let Some(cfg) = fwd.udp.clone() else { continue };
                 let live = flows.get(&client).is_some_and(|f| !f.task.is_finished());
                 if !live {
                     flows.remove(&client);
@@ -127,14 +131,17 @@ pub(crate) async fn udp_loop(
                 }
                 if let Some(f) = flows.get(&client) {
                     f.activity.touch();
-                    fwd.counters.add_in(n as u64);
+                    f.fwd.counters.add_in(n as u64);
                     if let Err(e) = f.sock.send(data).await {
                         debug!(error = %e, "udp send to backend");
                     }
                 }
             }
             _ = sweep.tick() => {
-                flows.retain(|_, f| !f.task.is_finished() && f.activity.idle() < cfg.flow_idle_timeout);
+                flows.retain(|_, f| {
+                    let idle = f.fwd.udp.as_ref().map_or(Duration::ZERO, |u| u.flow_idle_timeout);
+                    !f.task.is_finished() && f.activity.idle() < idle
+                });
             }
             _ = stop.changed() => break,
         }

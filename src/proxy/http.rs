@@ -7,7 +7,7 @@ use crate::proxy::names::DomainName;
 use crate::proxy::server::{Route, Shared};
 use crate::proxy::settings::TlsMode;
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::UpstreamError;
+use crate::proxy::upstream::{Lease, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 /// The body type of every response (and of requests sent to backends).
@@ -40,7 +41,13 @@ struct CountedBody<B> {
     inner: B,
     counters: Arc<Counters>,
     inbound: bool,
+    /// Kept until the body is dropped: the backend lease (least-connections)
+    /// and the route's connection slot.
+    _hold: Option<Hold>,
 }
+
+/// A backend lease and a route slot, released together.
+type Hold = (Lease, Option<OwnedSemaphorePermit>);
 
 impl<B> Body for CountedBody<B>
 where
@@ -74,11 +81,12 @@ where
     }
 }
 
-fn counted(b: Incoming, counters: Arc<Counters>, inbound: bool) -> ProxyBody {
+fn counted(b: Incoming, counters: Arc<Counters>, inbound: bool, hold: Option<Hold>) -> ProxyBody {
     CountedBody {
         inner: b,
         counters,
         inbound,
+        _hold: hold,
     }
     .boxed()
 }
@@ -329,9 +337,21 @@ pub async fn handle(
         }
     };
     parts.version = Version::HTTP_11;
-    let breq = Request::from_parts(parts, counted(body, c.clone(), true));
+    let breq = Request::from_parts(parts, counted(body, c.clone(), true, None));
 
-    let (tcp, backend) = match route.upstreams.connect(shared.limits.connect_timeout).await {
+    let Ok(slot) = route.upstreams.admit() else {
+        return Ok(err(
+            &c,
+            ErrorKind::OverCapacity,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the route is at its connection limit",
+        ));
+    };
+    let connected = route
+        .upstreams
+        .connect(shared.limits.connect_timeout, Some(conn.client.ip()))
+        .await;
+    let (tcp, backend, lease) = match connected {
         Ok(x) => x,
         Err(e) => {
             debug!(route = %route.id, error = %e, "no backend connection");
@@ -386,12 +406,15 @@ pub async fn handle(
         Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let mut hold = Some((lease, slot));
     if switching {
         if let Some(cu) = client_upgrade {
             let bu = hyper::upgrade::on(&mut resp);
             let idle = shared.limits.idle_timeout;
             let c2 = c.clone();
+            let h = hold.take();
             tokio::spawn(async move {
+                let _h = h;
                 match tokio::try_join!(cu, bu) {
                     Ok((cio, bio)) => {
                         let r = splice(TokioIo::new(cio), TokioIo::new(bio), c2, idle).await;
@@ -409,7 +432,7 @@ pub async fn handle(
         None
     };
     strip_hop_by_hop(&mut parts.headers, keep);
-    Ok(Response::from_parts(parts, counted(body, c, false)))
+    Ok(Response::from_parts(parts, counted(body, c, false, hold)))
 }
 
 #[cfg(test)]

@@ -137,6 +137,24 @@ pub fn encode_v2(out: &mut Vec<u8>, transport: Transport, src: SocketAddr, dst: 
     out.extend_from_slice(&dst.port().to_be_bytes());
 }
 
+/// Appends the v1 (text) `PROXY` header for a TCP connection from `src` to `dst`.
+/// IPv4-mapped addresses are written as IPv4; mixed families as IPv6.
+///
+/// ```
+/// use gatewire::proxy::proxy_protocol::encode_v1;
+/// let mut hdr = Vec::new();
+/// encode_v1(&mut hdr, "198.51.100.7:40000".parse().unwrap(), "203.0.113.1:443".parse().unwrap());
+/// assert_eq!(hdr, b"PROXY TCP4 198.51.100.7 203.0.113.1 40000 443\r\n");
+/// ```
+pub fn encode_v1(out: &mut Vec<u8>, src: SocketAddr, dst: SocketAddr) {
+    let line = match (unmap(src.ip()), unmap(dst.ip())) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => format!("PROXY TCP4 {s} {d} "),
+        (s, d) => format!("PROXY TCP6 {} {} ", to_v6(s), to_v6(d)),
+    };
+    out.extend_from_slice(line.as_bytes());
+    out.extend_from_slice(format!("{} {}\r\n", src.port(), dst.port()).as_bytes());
+}
+
 /// Appends a v2 `LOCAL` header (no addresses) to `out`.
 pub fn encode_v2_local(out: &mut Vec<u8>) {
     out.extend_from_slice(&SIGNATURE);

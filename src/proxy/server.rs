@@ -1,22 +1,32 @@
 //! The proxy runtime: binds the listeners, routes connections, owns the tasks.
 //!
-//! [`Proxy::start`] takes validated [`ProxySettings`]; dropping the [`Proxy`] (or
-//! [`Proxy::shutdown`]) stops accepting. Connections in flight are asked to finish
-//! (HTTP graceful shutdown) and are otherwise left to end by themselves.
+//! [`Proxy::start`] takes validated [`ProxySettings`]; [`Proxy::reload`] swaps in
+//! new settings without dropping open connections: routes, certificates and
+//! forwards are rebuilt (counters and backend health of unchanged routes carry
+//! over), listeners are diffed (new ones bound, removed ones closed), and HTTP
+//! connections of the old generation finish their request in flight and close.
+//! [`Proxy::shutdown`] stops accepting and drains; dropping the [`Proxy`] stops
+//! accepting at once.
 
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
 use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
 use crate::proxy::names::{DomainName, NameTable};
-use crate::proxy::proxy_protocol::{encode_v2, Transport};
-use crate::proxy::settings::{Limits, ProxySettings, RouteHost, RouteSettings, TlsMode};
+use crate::proxy::proxy_protocol::{encode_v1, encode_v2, Transport};
+use crate::proxy::settings::{
+    Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TlsMode, UdpForwardSettings,
+};
 use crate::proxy::stats::{Counters, ErrorKind, RouteSnapshot};
 use crate::proxy::tls::{self, Hello, SniResolver};
-use crate::proxy::upstream::{BackendTlsClient, UpstreamError, Upstreams};
+use crate::proxy::upstream::{BackendTlsClient, Lease, TunnelLiveness, UpstreamError, Upstreams};
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -34,11 +44,11 @@ pub struct Route {
     /// Its settings.
     pub settings: RouteSettings,
     /// Its backends.
-    pub upstreams: Upstreams,
+    pub upstreams: Arc<Upstreams>,
     /// Its counters.
     pub counters: Arc<Counters>,
     /// TLS client for `https://` backends.
-    pub backend_tls: Option<BackendTlsClient>,
+    pub backend_tls: Option<Arc<BackendTlsClient>>,
     /// True if a certificate is loaded (terminated HTTPS works).
     pub has_cert: bool,
 }
@@ -46,12 +56,16 @@ pub struct Route {
 /// A TCP or UDP forward at run time.
 pub(crate) struct Forward {
     pub id: String,
-    pub upstreams: Upstreams,
+    /// The configured listen address (the key across reloads).
+    pub listen: SocketAddr,
+    pub upstreams: Arc<Upstreams>,
     pub counters: Arc<Counters>,
-    pub proxy_protocol: bool,
+    pub proxy_protocol: ProxyProtocol,
+    /// UDP settings; `None` for TCP.
+    pub udp: Option<UdpForwardSettings>,
 }
 
-/// State shared by every connection.
+/// One generation of routing state, shared by every connection accepted under it.
 pub struct Shared {
     /// Host -> route.
     pub table: NameTable<Arc<Route>>,
@@ -62,25 +76,120 @@ pub struct Shared {
     tls: Option<Arc<rustls::ServerConfig>>,
     routes: Vec<Arc<Route>>,
     forwards: Vec<Arc<Forward>>,
+    /// Set when a reload or shutdown replaces this generation: its HTTP
+    /// connections finish the request in flight and close.
+    retired: watch::Sender<bool>,
+}
+
+/// Which listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Http,
+    Https,
+    Tcp,
+    Udp,
+}
+
+/// A listener's identity across reloads: its kind, configured address, and
+/// rank among listeners of that kind and address (only port-0 tests have more
+/// than one).
+type Key = (Kind, SocketAddr, usize);
+
+struct Listening {
+    kind: Kind,
+    conf: SocketAddr,
+    nth: usize,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Runtime {
+    current: ArcSwap<Shared>,
+    conns: Arc<Semaphore>,
+    max_connections: AtomicUsize,
+    tunnels: Option<Arc<dyn TunnelLiveness>>,
+    listeners: Mutex<Vec<Listening>>,
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 /// A running proxy.
 pub struct Proxy {
-    shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    conns: Arc<Semaphore>,
-    http_addrs: Vec<SocketAddr>,
-    https_addrs: Vec<SocketAddr>,
-    tcp_addrs: Vec<SocketAddr>,
-    udp_addrs: Vec<SocketAddr>,
+    rt: Arc<Runtime>,
 }
 
-fn build(settings: &ProxySettings) -> anyhow::Result<Shared> {
+/// A cheap handle that reads a running proxy's counters.
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Runtime>);
+
+impl StatsHandle {
+    /// Same as [`Proxy::stats`].
+    pub fn stats(&self) -> Vec<RouteSnapshot> {
+        snapshot(&self.0.current.load())
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Routes and forwards that appeared.
+    pub added: Vec<String>,
+    /// Routes and forwards that went away.
+    pub removed: Vec<String>,
+    /// Routes and forwards whose settings changed.
+    pub changed: Vec<String>,
+    /// Listeners bound.
+    pub listeners_added: Vec<String>,
+    /// Listeners closed.
+    pub listeners_removed: Vec<String>,
+}
+
+impl ReloadReport {
+    /// True if nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.listeners_added.is_empty()
+            && self.listeners_removed.is_empty()
+    }
+}
+
+fn backend_tls_for(id: &str, rs: &RouteSettings) -> anyhow::Result<Option<Arc<BackendTlsClient>>> {
+    if rs.backends.iter().any(crate::proxy::upstream::is_tls) {
+        Ok(Some(Arc::new(
+            BackendTlsClient::new(&rs.backend_tls)
+                .map_err(|e| anyhow::anyhow!("[[route]] {id}: {e}"))?,
+        )))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Builds a generation. Counters (by id) and upstreams (by id, when backends
+/// and balancing are unchanged) are taken over from `prev`.
+fn build(
+    settings: &ProxySettings,
+    prev: Option<&Shared>,
+    tunnels: &Option<Arc<dyn TunnelLiveness>>,
+) -> anyhow::Result<Shared> {
     let limits = settings.limits.clone();
     let mut table = NameTable::new();
     let mut resolver = SniResolver::default();
     let mut routes = Vec::new();
+    let old_routes: HashMap<&str, &Arc<Route>> = prev
+        .map(|p| p.routes.iter().map(|r| (r.id.as_str(), r)).collect())
+        .unwrap_or_default();
+    let old_fwds: HashMap<&str, &Arc<Forward>> = prev
+        .map(|p| p.forwards.iter().map(|f| (f.id.as_str(), f)).collect())
+        .unwrap_or_default();
+    let reuse = |old: Option<&Arc<Upstreams>>,
+                 backends: &[crate::proxy::settings::Backend],
+                 bal: &crate::proxy::settings::Balance|
+     -> Option<Arc<Upstreams>> {
+        old.filter(|u| u.backends() == backends && u.balance() == bal)
+            .cloned()
+    };
     for rs in &settings.routes {
         let id = rs.host.to_string();
         let hosts: Vec<DomainName> = match &rs.host {
@@ -94,20 +203,27 @@ fn build(settings: &ProxySettings) -> anyhow::Result<Shared> {
             )),
             None => None,
         };
-        let backend_tls = if rs.backends.iter().any(crate::proxy::upstream::is_tls) {
-            Some(
-                BackendTlsClient::new(&rs.backend_tls)
-                    .map_err(|e| anyhow::anyhow!("[[route]] {id}: {e}"))?,
-            )
-        } else {
-            None
+        let backend_tls = backend_tls_for(&id, rs)?;
+        let old = old_routes.get(id.as_str());
+        let upstreams = match reuse(old.map(|r| &r.upstreams), &rs.backends, &rs.balance) {
+            Some(u) => u,
+            None => {
+                let u = Arc::new(Upstreams::new(
+                    &rs.backends,
+                    &rs.balance,
+                    &limits,
+                    tunnels.clone(),
+                ));
+                u.spawn_checks(backend_tls.clone(), id.clone());
+                u
+            }
         };
         let route = Arc::new(Route {
             id: id.clone(),
             hosts: hosts.clone(),
             settings: rs.clone(),
-            upstreams: Upstreams::new(&rs.backends, limits.backend_down_for),
-            counters: Arc::new(Counters::default()),
+            upstreams,
+            counters: old.map(|r| r.counters.clone()).unwrap_or_default(),
             backend_tls,
             has_cert: key.is_some(),
         });
@@ -136,37 +252,160 @@ fn build(settings: &ProxySettings) -> anyhow::Result<Shared> {
         None
     };
     let mut forwards = Vec::new();
-    for t in &settings.tcp {
+    let mut fwd = |id: String,
+                   listen: SocketAddr,
+                   backends: &[crate::proxy::settings::Backend],
+                   bal: &crate::proxy::settings::Balance,
+                   pp: ProxyProtocol,
+                   udp: Option<UdpForwardSettings>| {
+        let old = old_fwds.get(id.as_str());
+        let upstreams = match reuse(old.map(|f| &f.upstreams), backends, bal) {
+            Some(u) => u,
+            None => {
+                let u = Arc::new(Upstreams::new(backends, bal, &limits, tunnels.clone()));
+                u.spawn_checks(None, id.clone());
+                u
+            }
+        };
         forwards.push(Arc::new(Forward {
-            id: format!("tcp:{}", t.listen),
-            upstreams: Upstreams::new(&t.backends, limits.backend_down_for),
-            counters: Arc::new(Counters::default()),
-            proxy_protocol: t.proxy_protocol,
+            counters: old.map(|f| f.counters.clone()).unwrap_or_default(),
+            id,
+            listen,
+            upstreams,
+            proxy_protocol: pp,
+            udp,
         }));
+    };
+    for t in &settings.tcp {
+        fwd(
+            format!("tcp:{}", t.listen),
+            t.listen,
+            &t.backends,
+            &t.balance,
+            t.proxy_protocol,
+            None,
+        );
     }
     for u in &settings.udp {
-        forwards.push(Arc::new(Forward {
-            id: format!("udp:{}", u.listen),
-            upstreams: Upstreams::new(&u.backends, limits.backend_down_for),
-            counters: Arc::new(Counters::default()),
-            proxy_protocol: false,
-        }));
+        fwd(
+            format!("udp:{}", u.listen),
+            u.listen,
+            &u.backends,
+            &u.balance,
+            ProxyProtocol::Off,
+            Some(u.clone()),
+        );
     }
     Ok(Shared {
         table,
-        limits,
-        listener: Arc::new(Counters::default()),
+        limits: limits.clone(),
+        listener: prev.map(|p| p.listener.clone()).unwrap_or_default(),
         tls,
         routes,
         forwards,
+        retired: watch::channel(false).0,
     })
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Http,
-    Https,
-    Tcp(usize),
+fn wanted(settings: &ProxySettings) -> Vec<Key> {
+    let mut v: Vec<(Kind, SocketAddr)> = Vec::new();
+    v.extend(settings.http_listen.iter().map(|a| (Kind::Http, *a)));
+    v.extend(settings.https_listen.iter().map(|a| (Kind::Https, *a)));
+    v.extend(settings.tcp.iter().map(|t| (Kind::Tcp, t.listen)));
+    v.extend(settings.udp.iter().map(|u| (Kind::Udp, u.listen)));
+    let mut out: Vec<Key> = Vec::new();
+    for (k, a) in v {
+        let nth = out
+            .iter()
+            .filter(|(k2, a2, _)| *k2 == k && *a2 == a)
+            .count();
+        out.push((k, a, nth));
+    }
+    out
+}
+
+fn what(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Http => "http_listen",
+        Kind::Https => "https_listen",
+        Kind::Tcp => "[[tcp]] listen",
+        Kind::Udp => "[[udp]] listen",
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+fn bind(kind: Kind, addr: SocketAddr) -> anyhow::Result<(Bound, SocketAddr)> {
+    let ctx = || format!("proxy: cannot listen on {} {addr}", what(kind));
+    if kind == Kind::Udp {
+        let s = bind_udp(addr).with_context(ctx)?;
+        let a = s.local_addr()?;
+        Ok((Bound::Udp(s), a))
+    } else {
+        let l = bind_tcp(addr).with_context(ctx)?;
+        let a = l.local_addr()?;
+        Ok((Bound::Tcp(l), a))
+    }
+}
+
+fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> Listening {
+    let (kind, conf, nth) = key;
+    let (stop, stop_rx) = watch::channel(false);
+    let task = match b {
+        Bound::Tcp(l) => tokio::spawn(accept_loop(l, key, rt.clone(), stop_rx)),
+        Bound::Udp(s) => {
+            let rt2 = rt.clone();
+            let lookup: forward::Lookup = Arc::new(move || {
+                rt2.current
+                    .load()
+                    .forwards
+                    .iter()
+                    .filter(|f| f.udp.is_some() && f.listen == conf)
+                    .nth(nth)
+                    .cloned()
+            });
+            let span = info_span!("udp", listen = %conf);
+            tokio::spawn(forward::udp_loop(Arc::new(s), lookup, stop_rx).instrument(span))
+        }
+    };
+    Listening {
+        kind,
+        conf,
+        nth,
+        bound,
+        stop,
+        task,
+    }
+}
+
+fn snapshot(s: &Shared) -> Vec<RouteSnapshot> {
+    let mut v: Vec<RouteSnapshot> = s
+        .routes
+        .iter()
+        .map(|r| {
+            RouteSnapshot::new(
+                r.id.clone(),
+                r.hosts.iter().map(|h| h.to_string()).collect(),
+                &r.counters,
+                r.upstreams.health(),
+            )
+        })
+        .collect();
+    v.extend(
+        s.forwards.iter().map(|f| {
+            RouteSnapshot::new(f.id.clone(), Vec::new(), &f.counters, f.upstreams.health())
+        }),
+    );
+    v.push(RouteSnapshot::new(
+        "listener".into(),
+        Vec::new(),
+        &s.listener,
+        Vec::new(),
+    ));
+    v
 }
 
 impl Proxy {
@@ -174,132 +413,220 @@ impl Proxy {
     /// taken as validated (see [`crate::proxy::settings`]); backends are not
     /// re-checked here.
     pub async fn start(settings: ProxySettings) -> anyhow::Result<Proxy> {
-        let shared = Arc::new(build(&settings)?);
-        let (stop, stop_rx) = watch::channel(false);
-        let conns = Arc::new(Semaphore::new(settings.limits.max_connections));
-        let mut tasks = Vec::new();
-        let bound = |addr: SocketAddr, what: &str| -> anyhow::Result<(TcpListener, SocketAddr)> {
-            let l =
-                bind_tcp(addr).with_context(|| format!("proxy: cannot listen on {what} {addr}"))?;
-            let a = l.local_addr()?;
-            Ok((l, a))
-        };
-        let mut listeners = Vec::new();
-        let (mut http_addrs, mut https_addrs, mut tcp_addrs, mut udp_addrs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for a in &settings.http_listen {
-            let (l, a) = bound(*a, "http_listen")?;
-            http_addrs.push(a);
-            listeners.push((l, Kind::Http));
+        Self::start_with(settings, None).await
+    }
+
+    /// Like [`Proxy::start`]; backends inside a node's allowed IPs count as down
+    /// while `tunnels` says that node's tunnel is down.
+    pub async fn start_with(
+        settings: ProxySettings,
+        tunnels: Option<Arc<dyn TunnelLiveness>>,
+    ) -> anyhow::Result<Proxy> {
+        let shared = build(&settings, None, &tunnels)?;
+        let mut bound = Vec::new();
+        for key in wanted(&settings) {
+            let (b, a) = bind(key.0, key.1)?;
+            bound.push((key, b, a));
         }
-        for a in &settings.https_listen {
-            let (l, a) = bound(*a, "https_listen")?;
-            https_addrs.push(a);
-            listeners.push((l, Kind::Https));
-        }
-        for (i, t) in settings.tcp.iter().enumerate() {
-            let (l, a) = bound(t.listen, "[[tcp]] listen")?;
-            tcp_addrs.push(a);
-            listeners.push((l, Kind::Tcp(i)));
-        }
-        let mut udp_socks = Vec::new();
-        for u in &settings.udp {
-            let s = bind_udp(u.listen)
-                .with_context(|| format!("proxy: cannot listen on [[udp]] {}", u.listen))?;
-            udp_addrs.push(s.local_addr()?);
-            udp_socks.push((s, u.clone()));
-        }
-        for (l, kind) in listeners {
-            let shared = shared.clone();
-            let stop = stop_rx.clone();
-            let conns = conns.clone();
-            tasks.push(tokio::spawn(accept_loop(l, kind, shared, stop, conns)));
-        }
-        let ntcp = settings.tcp.len();
-        for (i, (s, u)) in udp_socks.into_iter().enumerate() {
-            if let Some(fwd) = shared.forwards.get(ntcp + i).cloned() {
-                let stop = stop_rx.clone();
-                let span = info_span!("udp", listen = %u.listen);
-                tasks.push(tokio::spawn(
-                    forward::udp_loop(Arc::new(s), fwd, u, stop).instrument(span),
-                ));
-            }
-        }
+        let max = settings.limits.max_connections;
+        let rt = Arc::new(Runtime {
+            current: ArcSwap::from_pointee(shared),
+            conns: Arc::new(Semaphore::new(max)),
+            max_connections: AtomicUsize::new(max),
+            tunnels,
+            listeners: Mutex::new(Vec::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let ls: Vec<Listening> = bound
+            .into_iter()
+            .map(|(key, b, a)| spawn_listener(&rt, key, b, a))
+            .collect();
+        *rt.listeners.lock() = ls;
+        let p = Proxy { rt };
         info!(
-            routes = shared.routes.len(),
-            http = ?http_addrs,
-            https = ?https_addrs,
-            tcp = ?tcp_addrs,
-            udp = ?udp_addrs,
+            routes = settings.routes.len(),
+            http = ?p.http_addrs(),
+            https = ?p.https_addrs(),
+            tcp = ?p.tcp_addrs(),
+            udp = ?p.udp_addrs(),
             "proxy listening"
         );
-        Ok(Proxy {
-            shared,
-            stop,
-            tasks,
-            conns,
-            http_addrs,
-            https_addrs,
-            tcp_addrs,
-            udp_addrs,
-        })
+        Ok(p)
+    }
+
+    fn addrs(&self, kind: Kind) -> Vec<SocketAddr> {
+        self.rt
+            .listeners
+            .lock()
+            .iter()
+            .filter(|l| l.kind == kind)
+            .map(|l| l.bound)
+            .collect()
     }
 
     /// Bound HTTP listener addresses (useful with port 0).
-    pub fn http_addrs(&self) -> &[SocketAddr] {
-        &self.http_addrs
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Http)
     }
     /// Bound HTTPS listener addresses.
-    pub fn https_addrs(&self) -> &[SocketAddr] {
-        &self.https_addrs
+    pub fn https_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Https)
     }
     /// Bound TCP forward addresses, in `[[tcp]]` order.
-    pub fn tcp_addrs(&self) -> &[SocketAddr] {
-        &self.tcp_addrs
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Tcp)
     }
     /// Bound UDP forward addresses, in `[[udp]]` order.
-    pub fn udp_addrs(&self) -> &[SocketAddr] {
-        &self.udp_addrs
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Udp)
     }
 
     /// Per-route counters and backend health; the entry `listener` counts
     /// traffic that matched no route.
     pub fn stats(&self) -> Vec<RouteSnapshot> {
-        let s = &self.shared;
-        let mut v: Vec<RouteSnapshot> = s
+        snapshot(&self.rt.current.load())
+    }
+
+    /// A handle for reading the stats from elsewhere (the API socket).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.rt.clone())
+    }
+
+    /// Applies new settings without dropping open connections. On error (a
+    /// certificate that does not load, a port that cannot be bound) nothing
+    /// changes and the old settings keep running.
+    pub async fn reload(&self, settings: ProxySettings) -> anyhow::Result<ReloadReport> {
+        let rt = &self.rt;
+        let _g = rt.reload_lock.lock().await;
+        let old = rt.current.load_full();
+        let new = build(&settings, Some(&old), &rt.tunnels)?;
+
+        // Listeners: bind the new ones first, so a failure changes nothing.
+        let want = wanted(&settings);
+        let have: Vec<Key> = rt
+            .listeners
+            .lock()
+            .iter()
+            .map(|l| (l.kind, l.conf, l.nth))
+            .collect();
+        let mut fresh = Vec::new();
+        for key in want.iter().filter(|w| !have.contains(w)) {
+            let (b, a) = bind(key.0, key.1)?;
+            fresh.push((*key, b, a));
+        }
+
+        let mut report = ReloadReport::default();
+        let ids = |s: &Shared| -> Vec<String> {
+            s.routes
+                .iter()
+                .map(|r| r.id.clone())
+                .chain(s.forwards.iter().map(|f| f.id.clone()))
+                .collect()
+        };
+        let (old_ids, new_ids) = (ids(&old), ids(&new));
+        report.added = new_ids
+            .iter()
+            .filter(|i| !old_ids.contains(i))
+            .cloned()
+            .collect();
+        report.removed = old_ids
+            .iter()
+            .filter(|i| !new_ids.contains(i))
+            .cloned()
+            .collect();
+        for r in &new.routes {
+            if let Some(o) = old.routes.iter().find(|o| o.id == r.id) {
+                if o.settings != r.settings {
+                    report.changed.push(r.id.clone());
+                }
+            }
+        }
+        for f in &new.forwards {
+            if let Some(o) = old.forwards.iter().find(|o| o.id == f.id) {
+                if o.udp != f.udp
+                    || o.proxy_protocol != f.proxy_protocol
+                    || !Arc::ptr_eq(&o.upstreams, &f.upstreams)
+                {
+                    report.changed.push(f.id.clone());
+                }
+            }
+        }
+        // Upstreams not carried over stop their health checks.
+        let kept: Vec<*const Upstreams> = new
             .routes
             .iter()
-            .map(|r| {
-                RouteSnapshot::new(
-                    r.id.clone(),
-                    r.hosts.iter().map(|h| h.to_string()).collect(),
-                    &r.counters,
-                    r.upstreams.health(),
-                )
-            })
+            .map(|r| Arc::as_ptr(&r.upstreams))
+            .chain(new.forwards.iter().map(|f| Arc::as_ptr(&f.upstreams)))
             .collect();
-        v.extend(s.forwards.iter().map(|f| {
-            RouteSnapshot::new(f.id.clone(), Vec::new(), &f.counters, f.upstreams.health())
-        }));
-        v.push(RouteSnapshot::new(
-            "listener".into(),
-            Vec::new(),
-            &s.listener,
-            Vec::new(),
-        ));
-        v
+        for u in old
+            .routes
+            .iter()
+            .map(|r| &r.upstreams)
+            .chain(old.forwards.iter().map(|f| &f.upstreams))
+        {
+            if !kept.contains(&Arc::as_ptr(u)) {
+                u.retire();
+            }
+        }
+
+        // Global connection limit.
+        let max = settings.limits.max_connections;
+        let prev_max = rt.max_connections.swap(max, Relaxed);
+        if max > prev_max {
+            rt.conns.add_permits(max - prev_max);
+        } else if max < prev_max {
+            rt.conns.forget_permits(prev_max - max);
+        }
+
+        rt.current.store(Arc::new(new));
+        let _ = old.retired.send(true);
+
+        let mut ls = rt.listeners.lock();
+        let mut keep = Vec::new();
+        for l in ls.drain(..) {
+            if want.contains(&(l.kind, l.conf, l.nth)) {
+                keep.push(l);
+            } else {
+                report
+                    .listeners_removed
+                    .push(format!("{} {}", what(l.kind), l.conf));
+                let _ = l.stop.send(true);
+            }
+        }
+        for (key, b, a) in fresh {
+            report
+                .listeners_added
+                .push(format!("{} {}", what(key.0), key.1));
+            keep.push(spawn_listener(rt, key, b, a));
+        }
+        *ls = keep;
+        drop(ls);
+        info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            changed = ?report.changed,
+            listeners_added = ?report.listeners_added,
+            listeners_removed = ?report.listeners_removed,
+            "proxy reloaded"
+        );
+        Ok(report)
     }
 
     /// Stops accepting, asks HTTP connections to finish, and waits up to `grace`
     /// for open connections to end.
-    pub async fn shutdown(mut self, grace: Duration) {
-        let _ = self.stop.send(true);
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
+    pub async fn shutdown(self, grace: Duration) {
+        let rt = self.rt.clone();
+        let ls: Vec<Listening> = rt.listeners.lock().drain(..).collect();
+        for l in &ls {
+            let _ = l.stop.send(true);
         }
-        let max = self.shared.limits.max_connections;
+        for l in ls {
+            let _ = l.task.await;
+        }
+        let _ = rt.current.load().retired.send(true);
+        let max = rt.max_connections.load(Relaxed);
         let _ = tokio::time::timeout(grace, async {
-            while self.conns.available_permits() < max {
+            while rt.conns.available_permits() < max {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -309,19 +636,28 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for t in &self.tasks {
-            t.abort();
+        for l in self.rt.listeners.lock().drain(..) {
+            let _ = l.stop.send(true);
+            l.task.abort();
+        }
+        let _ = self.rt.current.load().retired.send(true);
+        let cur = self.rt.current.load();
+        for u in cur
+            .routes
+            .iter()
+            .map(|r| &r.upstreams)
+            .chain(cur.forwards.iter().map(|f| &f.upstreams))
+        {
+            u.retire();
         }
     }
 }
 
 async fn accept_loop(
     l: TcpListener,
-    kind: Kind,
-    shared: Arc<Shared>,
+    (kind, conf, nth): Key,
+    rt: Arc<Runtime>,
     mut stop: watch::Receiver<bool>,
-    conns: Arc<Semaphore>,
 ) {
     let local = l.local_addr().ok();
     loop {
@@ -336,14 +672,14 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        let shared = rt.current.load_full();
+        let Ok(permit) = rt.conns.clone().try_acquire_owned() else {
             shared.listener.error(ErrorKind::OverCapacity);
             drop(sock);
             continue;
         };
         let _ = sock.set_nodelay(true);
-        let shared = shared.clone();
-        let stop = stop.clone();
+        let retired = shared.retired.subscribe();
         let span = info_span!("conn", client = %peer);
         let fut = async move {
             match kind {
@@ -353,14 +689,21 @@ async fn accept_loop(
                         tls: false,
                         sni_route: None,
                     });
-                    serve_http(shared, sock, info, false, stop).await;
+                    serve_http(shared, sock, info, false, retired).await;
                 }
-                Kind::Https => serve_tls(shared, sock, peer, stop).await,
-                Kind::Tcp(i) => {
-                    if let Some(fwd) = shared.forwards.get(i).cloned() {
+                Kind::Https => serve_tls(shared, sock, peer, retired).await,
+                Kind::Tcp => {
+                    let fwd = shared
+                        .forwards
+                        .iter()
+                        .filter(|f| f.udp.is_none() && f.listen == conf)
+                        .nth(nth)
+                        .cloned();
+                    if let Some(fwd) = fwd {
                         serve_tcp(&shared, fwd, sock, peer).await;
                     }
                 }
+                Kind::Udp => {}
             }
             drop::<OwnedSemaphorePermit>(permit);
         };
@@ -388,7 +731,7 @@ async fn serve_http<IO>(
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "h2 connection ended") },
-            _ = stop.changed() => {
+            _ = retired(&mut stop) => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
@@ -403,12 +746,25 @@ async fn serve_http<IO>(
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http/1 connection ended") },
-            _ = stop.changed() => {
+            _ = retired(&mut stop) => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
         }
     }
+}
+
+/// Completes when the generation is retired (at once if it already is).
+async fn retired(rx: &mut watch::Receiver<bool>) {
+    if *rx.borrow_and_update() {
+        return;
+    }
+    while rx.changed().await.is_ok() {
+        if *rx.borrow() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 fn upstream_error(c: &Counters, e: &UpstreamError) {
@@ -419,17 +775,18 @@ fn upstream_error(c: &Counters, e: &UpstreamError) {
     });
 }
 
-/// Connects to a backend of `up`, sends the PROXY v2 header if asked, then `first`.
+/// Connects to a backend of `up`, sends the PROXY header if asked, then `first`.
 async fn open_backend(
-    up: &Upstreams,
+    up: &Arc<Upstreams>,
     c: &Counters,
     limits: &Limits,
-    proxy_protocol: bool,
+    pp: ProxyProtocol,
     client: SocketAddr,
     local: SocketAddr,
     first: &[u8],
-) -> Option<TcpStream> {
-    let (mut b, backend) = match up.connect(limits.connect_timeout).await {
+) -> Option<(TcpStream, Lease)> {
+    let (mut b, backend, lease) = match up.connect(limits.connect_timeout, Some(client.ip())).await
+    {
         Ok(x) => x,
         Err(e) => {
             debug!(error = %e, "no backend connection");
@@ -437,9 +794,11 @@ async fn open_backend(
             return None;
         }
     };
-    let mut head = Vec::with_capacity(first.len() + 52);
-    if proxy_protocol {
-        encode_v2(&mut head, Transport::Tcp, client, local);
+    let mut head = Vec::with_capacity(first.len() + 108);
+    match pp {
+        ProxyProtocol::Off => {}
+        ProxyProtocol::V1 => encode_v1(&mut head, client, local),
+        ProxyProtocol::V2 => encode_v2(&mut head, Transport::Tcp, client, local),
     }
     head.extend_from_slice(first);
     if !head.is_empty() {
@@ -450,14 +809,18 @@ async fn open_backend(
         }
         c.add_in(first.len() as u64);
     }
-    Some(b)
+    Some((b, lease))
 }
 
 async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: SocketAddr) {
     let c = fwd.counters.clone();
     c.connection();
+    let Ok(_slot) = fwd.upstreams.admit() else {
+        c.error(ErrorKind::OverCapacity);
+        return;
+    };
     let Ok(local) = sock.local_addr() else { return };
-    let Some(b) = open_backend(
+    let Some((b, _lease)) = open_backend(
         &fwd.upstreams,
         &c,
         &shared.limits,
@@ -508,8 +871,13 @@ async fn serve_tls(
     c.connection();
     match route.settings.tls {
         TlsMode::Passthrough => {
+            let Ok(_slot) = route.upstreams.admit() else {
+                c.error(ErrorKind::OverCapacity);
+                tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+                return;
+            };
             let Ok(local) = sock.local_addr() else { return };
-            let Some(b) = open_backend(
+            let Some((b, _lease)) = open_backend(
                 &route.upstreams,
                 &c,
                 &limits,

@@ -30,6 +30,15 @@ pub(crate) struct RawProxy {
     response_timeout: Option<u64>,
     max_header_bytes: Option<usize>,
     backend_down_for: Option<u64>,
+    tunnel_down_after: Option<u64>,
+}
+
+/// `proxy_protocol = true | false | "v1" | "v2"` (true is v2).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawPp {
+    Bool(bool),
+    Version(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,12 +52,21 @@ pub(crate) struct RawRoute {
     backends: Vec<String>,
     #[serde(default)]
     redirect_https: bool,
-    #[serde(default)]
-    proxy_protocol: bool,
+    proxy_protocol: Option<RawPp>,
     backend_ca: Option<PathBuf>,
     backend_server_name: Option<String>,
     #[serde(default)]
     backend_insecure_skip_verify: bool,
+    balance: Option<String>,
+    #[serde(default)]
+    sticky: bool,
+    health_check: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<u64>,
+    health_timeout: Option<u64>,
+    health_fall: Option<u32>,
+    health_rise: Option<u32>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,8 +74,17 @@ pub(crate) struct RawRoute {
 pub(crate) struct RawTcp {
     listen: String,
     backends: Vec<String>,
+    proxy_protocol: Option<RawPp>,
+    balance: Option<String>,
     #[serde(default)]
-    proxy_protocol: bool,
+    sticky: bool,
+    health_check: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<u64>,
+    health_timeout: Option<u64>,
+    health_fall: Option<u32>,
+    health_rise: Option<u32>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +94,78 @@ pub(crate) struct RawUdp {
     backends: Vec<String>,
     max_flows: Option<usize>,
     flow_idle_timeout: Option<u64>,
+    balance: Option<String>,
+    #[serde(default)]
+    sticky: bool,
+    health_check: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<u64>,
+    health_timeout: Option<u64>,
+    health_fall: Option<u32>,
+    health_rise: Option<u32>,
+    max_connections: Option<usize>,
+}
+
+/// PROXY protocol header sent to backends of passthrough routes and TCP forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    /// No header.
+    #[default]
+    Off,
+    /// Text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// How a backend is chosen among the healthy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest open connections (ties: round-robin).
+    LeastConn,
+}
+
+/// What an active health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET <path>` answers 2xx or 3xx (TLS for `https://` backends).
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+}
+
+/// An active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The probe.
+    pub kind: HealthKind,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a backend down.
+    pub fall: u32,
+    /// Consecutive successes that mark it up again.
+    pub rise: u32,
+}
+
+/// Load balancing, health checks and the connection limit of a route or forward.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Balance {
+    /// Backend choice.
+    pub policy: Policy,
+    /// The same client address goes to the same backend while it is healthy.
+    pub sticky: bool,
+    /// Active health check, if any (passive checks always apply).
+    pub health: Option<HealthCheck>,
+    /// Most connections (HTTP: requests in flight) at once; `None`: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// How a route treats TLS on :443.
@@ -144,7 +243,7 @@ pub struct BackendTls {
 }
 
 /// A validated HTTP/TLS route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSettings {
     /// What it serves.
     pub host: RouteHost,
@@ -156,25 +255,29 @@ pub struct RouteSettings {
     pub backends: Vec<Backend>,
     /// Answer plain HTTP with a 308 to `https://`.
     pub redirect_https: bool,
-    /// PROXY v2 header to passthrough backends.
-    pub proxy_protocol: bool,
+    /// PROXY header to passthrough backends.
+    pub proxy_protocol: ProxyProtocol,
     /// TLS settings for `https://` backends.
     pub backend_tls: BackendTls,
+    /// Load balancing, health checks, connection limit.
+    pub balance: Balance,
 }
 
 /// A raw TCP port forward.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpForwardSettings {
     /// Public address.
     pub listen: SocketAddr,
     /// Non-empty.
     pub backends: Vec<Backend>,
-    /// PROXY v2 header before the client's bytes.
-    pub proxy_protocol: bool,
+    /// PROXY header before the client's bytes.
+    pub proxy_protocol: ProxyProtocol,
+    /// Load balancing, health checks, connection limit.
+    pub balance: Balance,
 }
 
 /// A raw UDP port forward.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpForwardSettings {
     /// Public address.
     pub listen: SocketAddr,
@@ -184,6 +287,8 @@ pub struct UdpForwardSettings {
     pub max_flows: usize,
     /// A flow with no packet in either direction for this long is dropped.
     pub flow_idle_timeout: Duration,
+    /// Load balancing (no active health checks for UDP).
+    pub balance: Balance,
 }
 
 /// Timeouts and sizes.
@@ -205,6 +310,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// How long a backend that refused a connection is skipped.
     pub backend_down_for: Duration,
+    /// A backend inside a node's allowed IPs counts as down when nothing was
+    /// received from that node for this long (or never).
+    pub tunnel_down_after: Duration,
 }
 
 impl Default for Limits {
@@ -218,6 +326,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             backend_down_for: Duration::from_secs(5),
+            tunnel_down_after: Duration::from_secs(40),
         }
     }
 }
@@ -440,6 +549,136 @@ fn backends(
     Ok(out)
 }
 
+fn proxy_protocol(who: &str, v: Option<RawPp>) -> Result<ProxyProtocol, String> {
+    match v {
+        None | Some(RawPp::Bool(false)) => Ok(ProxyProtocol::Off),
+        Some(RawPp::Bool(true)) => Ok(ProxyProtocol::V2),
+        Some(RawPp::Version(s)) => match s.to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(ProxyProtocol::V1),
+            "v2" | "2" => Ok(ProxyProtocol::V2),
+            "off" | "none" => Ok(ProxyProtocol::Off),
+            _ => Err(format!(
+                "{who}: proxy_protocol = `{s}`: expected true, false, \"v1\" or \"v2\""
+            )),
+        },
+    }
+}
+
+/// The load-balancing keys, as written in any of `[[route]]`, `[[tcp]]`, `[[udp]]`.
+struct RawBal {
+    balance: Option<String>,
+    sticky: bool,
+    health_check: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<u64>,
+    health_timeout: Option<u64>,
+    health_fall: Option<u32>,
+    health_rise: Option<u32>,
+    max_connections: Option<usize>,
+}
+
+macro_rules! raw_bal {
+    ($r:expr) => {
+        RawBal {
+            balance: $r.balance,
+            sticky: $r.sticky,
+            health_check: $r.health_check,
+            health_path: $r.health_path,
+            health_interval: $r.health_interval,
+            health_timeout: $r.health_timeout,
+            health_fall: $r.health_fall,
+            health_rise: $r.health_rise,
+            max_connections: $r.max_connections,
+        }
+    };
+}
+
+fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
+    let policy = match r.balance.as_deref() {
+        None | Some("round_robin") => Policy::RoundRobin,
+        Some("least_conn") => Policy::LeastConn,
+        Some(o) => {
+            return Err(format!(
+                "{who}: balance = `{o}`: expected `round_robin` or `least_conn`"
+            ))
+        }
+    };
+    let per = |what: &str, v: Option<u64>, d: u64| -> Result<Duration, String> {
+        secs(what, v, Duration::from_secs(d))
+            .map_err(|e| format!("{who}: {}", e.replace("[proxy] ", "")))
+    };
+    let health = match r.health_check.as_deref() {
+        None | Some("none") => {
+            if r.health_path.is_some()
+                || r.health_interval.is_some()
+                || r.health_timeout.is_some()
+                || r.health_fall.is_some()
+                || r.health_rise.is_some()
+            {
+                return Err(format!(
+                    "{who}: health_path/interval/timeout/fall/rise need health_check = \"tcp\" or \"http\""
+                ));
+            }
+            None
+        }
+        Some(k) if udp => {
+            return Err(format!(
+                "{who}: health_check = `{k}`: UDP forwards have no active health checks"
+            ))
+        }
+        Some(k) => {
+            let kind = match k {
+                "tcp" => {
+                    if r.health_path.is_some() {
+                        return Err(format!("{who}: health_path needs health_check = \"http\""));
+                    }
+                    HealthKind::Tcp
+                }
+                "http" => {
+                    let path = r.health_path.unwrap_or_else(|| "/".into());
+                    if !path.starts_with('/')
+                        || path.len() > 1024
+                        || path.bytes().any(|b| !(0x21..0x7f).contains(&b))
+                    {
+                        return Err(format!(
+                            "{who}: health_path `{path}`: expected a path starting with `/`, printable ASCII without spaces"
+                        ));
+                    }
+                    HealthKind::Http { path }
+                }
+                o => {
+                    return Err(format!(
+                        "{who}: health_check = `{o}`: expected `tcp`, `http` or `none`"
+                    ))
+                }
+            };
+            let fall = r.health_fall.unwrap_or(2);
+            let rise = r.health_rise.unwrap_or(1);
+            if !(1..=100).contains(&fall) || !(1..=100).contains(&rise) {
+                return Err(format!("{who}: health_fall and health_rise: 1 to 100"));
+            }
+            Some(HealthCheck {
+                kind,
+                interval: per("health_interval", r.health_interval, 2)?,
+                timeout: per("health_timeout", r.health_timeout, 1)?,
+                fall,
+                rise,
+            })
+        }
+    };
+    if let Some(m) = r.max_connections {
+        if !(1..=1_000_000).contains(&m) {
+            return Err(format!("{who}: max_connections: must be 1 to 1000000"));
+        }
+    }
+    Ok(Balance {
+        policy,
+        sticky: r.sticky,
+        health,
+        max_connections: r.max_connections,
+    })
+}
+
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_relative() {
         base.join(p)
@@ -485,6 +724,11 @@ pub(crate) fn validate(
         response_timeout: secs("response_timeout", raw.response_timeout, d.response_timeout)?,
         max_header_bytes,
         backend_down_for: secs("backend_down_for", raw.backend_down_for, d.backend_down_for)?,
+        tunnel_down_after: secs(
+            "tunnel_down_after",
+            raw.tunnel_down_after,
+            d.tunnel_down_after,
+        )?,
     };
     let mut domains: Vec<DomainName> = Vec::new();
     for s in &raw.domains {
@@ -551,7 +795,7 @@ pub(crate) fn validate(
 
     let mut out_routes = Vec::new();
     let mut hosts = HashSet::new();
-    for (i, r) in routes.into_iter().enumerate() {
+    for (i, mut r) in routes.into_iter().enumerate() {
         let label = r.name.as_deref().or(r.fqdn.as_deref()).unwrap_or("?");
         let who = format!("[[route]] #{} ({label})", i + 1);
         let host = match (&r.name, &r.fqdn) {
@@ -606,12 +850,14 @@ pub(crate) fn validate(
                 "{who}: a passthrough route has no certificate on the hub (remove `cert`/`key`)"
             ));
         }
-        if !passthrough && r.proxy_protocol {
+        let pp = proxy_protocol(&who, r.proxy_protocol.take())?;
+        if !passthrough && pp != ProxyProtocol::Off {
             return Err(format!(
                 "{who}: proxy_protocol applies to passthrough routes; terminated routes send X-Forwarded-For"
             ));
         }
         let backends = backends(&who, &r.backends, !passthrough, &own)?;
+        let bal = balance(&who, raw_bal!(r), false)?;
         let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
         let backend_tls = BackendTls {
             ca: r.backend_ca.map(|p| resolve(base, &p)),
@@ -642,16 +888,20 @@ pub(crate) fn validate(
             cert,
             backends,
             redirect_https: r.redirect_https,
-            proxy_protocol: r.proxy_protocol,
+            proxy_protocol: pp,
             backend_tls,
+            balance: bal,
         });
     }
     let mut out_tcp = Vec::new();
     for (t, (who, listen)) in tcp.into_iter().zip(tcp_listen) {
+        let backends = backends(&who, &t.backends, false, &own)?;
+        let proxy_protocol = proxy_protocol(&who, t.proxy_protocol)?;
         out_tcp.push(TcpForwardSettings {
             listen,
-            backends: backends(&who, &t.backends, false, &own)?,
-            proxy_protocol: t.proxy_protocol,
+            backends,
+            proxy_protocol,
+            balance: balance(&who, raw_bal!(t), false)?,
         });
     }
     let mut out_udp = Vec::new();
@@ -660,8 +910,10 @@ pub(crate) fn validate(
         if !(1..=1_000_000).contains(&max_flows) {
             return Err(format!("{who}: max_flows: must be 1 to 1000000"));
         }
+        let bal = balance(&who, raw_bal!(u), true)?;
         out_udp.push(UdpForwardSettings {
             listen,
+            balance: bal,
             backends: backends(&who, &u.backends, false, &own)?,
             max_flows,
             flow_idle_timeout: secs(
@@ -748,10 +1000,19 @@ mod tests {
             key: Some("k.pem".into()),
             backends: backends.iter().map(|s| s.to_string()).collect(),
             redirect_https: false,
-            proxy_protocol: false,
+            proxy_protocol: None,
             backend_ca: None,
             backend_server_name: None,
             backend_insecure_skip_verify: false,
+            balance: None,
+            sticky: false,
+            health_check: None,
+            health_path: None,
+            health_interval: None,
+            health_timeout: None,
+            health_fall: None,
+            health_rise: None,
+            max_connections: None,
         }
     }
 

@@ -135,10 +135,21 @@ impl Counters {
 pub struct BackendHealth {
     /// `ip:port` (with `https://` for TLS backends).
     pub backend: String,
-    /// False while the backend is skipped after a failed connect.
+    /// False while the backend is skipped: a failed connect (for a while), a
+    /// failing active check, or its node's tunnel down.
     pub up: bool,
     /// Failed connects so far.
     pub failures: u64,
+    /// Open connections (HTTP: requests in flight) to it.
+    pub active_connections: u64,
+    /// Active check state: `passing`, `failing`; absent without active checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<&'static str>,
+    /// Failed active checks so far.
+    pub checks_failed: u64,
+    /// Its node's tunnel: `up`, `down`; absent when no node carries it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<&'static str>,
 }
 
 /// A point-in-time copy of one route's counters.

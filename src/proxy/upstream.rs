@@ -1,22 +1,28 @@
-//! Backend selection and connection: round-robin over a route's backends with
-//! passive health (a failed connect skips the backend for a while), TLS to
+//! Backend selection and connection: round-robin or least-connections over a
+//! route's healthy backends, optional stickiness by client address, passive
+//! health (a failed connect skips the backend for a while), active health checks
+//! (TCP connect or HTTP GET), tunnel liveness (a backend behind a node whose
+//! tunnel is silent counts as down), a per-route connection limit, and TLS to
 //! `https://` backends.
 
-use crate::proxy::settings::{Backend, BackendTls, Scheme};
+use crate::proxy::settings::{Backend, BackendTls, Balance, HealthKind, Limits, Policy, Scheme};
 use crate::proxy::stats::BackendHealth;
 use parking_lot::Mutex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use std::hash::{Hash, Hasher};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 /// Why no backend connection could be made.
 #[derive(Debug, thiserror::Error)]
@@ -32,22 +38,70 @@ pub enum UpstreamError {
     Timeout(SocketAddr),
 }
 
+/// Which nodes' tunnels are alive; the hub implements it from its WireGuard peers.
+pub trait TunnelLiveness: Send + Sync {
+    /// `Some(false)` when `ip` is behind a node whose tunnel is down, `Some(true)`
+    /// when it is up, `None` when no node carries `ip`.
+    fn tunnel_up(&self, ip: IpAddr) -> Option<bool>;
+}
+
 struct State {
     backend: Backend,
     down_until: Mutex<Option<Instant>>,
     failures: AtomicU64,
+    /// Result of the active checks (true until a check says otherwise).
+    check_ok: AtomicBool,
+    checks_failed: AtomicU64,
+    /// Open connections (HTTP: requests in flight).
+    active: AtomicUsize,
 }
 
-/// A route's backends.
+/// A route's (or forward's) backends.
 pub struct Upstreams {
     states: Vec<State>,
     next: AtomicUsize,
     down_for: Duration,
+    balance: Balance,
+    tunnels: Option<Arc<dyn TunnelLiveness>>,
+    limit: Option<Arc<Semaphore>>,
+    retired: AtomicBool,
+}
+
+/// One open connection to a backend; counts for least-connections until dropped.
+pub struct Lease {
+    up: Arc<Upstreams>,
+    index: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(s) = self.up.states.get(self.index) {
+            s.active.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("index", &self.index).finish()
+    }
+}
+
+fn sticky_score(client: IpAddr, b: &Backend) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client.hash(&mut h);
+    b.addr.hash(&mut h);
+    h.finish()
 }
 
 impl Upstreams {
     /// `backends` must be non-empty for connects to succeed.
-    pub fn new(backends: &[Backend], down_for: Duration) -> Self {
+    pub fn new(
+        backends: &[Backend],
+        balance: &Balance,
+        limits: &Limits,
+        tunnels: Option<Arc<dyn TunnelLiveness>>,
+    ) -> Self {
         Upstreams {
             states: backends
                 .iter()
@@ -55,36 +109,104 @@ impl Upstreams {
                     backend: *b,
                     down_until: Mutex::new(None),
                     failures: AtomicU64::new(0),
+                    check_ok: AtomicBool::new(true),
+                    checks_failed: AtomicU64::new(0),
+                    active: AtomicUsize::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            down_for,
+            down_for: limits.backend_down_for,
+            balance: balance.clone(),
+            tunnels,
+            limit: balance.max_connections.map(|m| Arc::new(Semaphore::new(m))),
+            retired: AtomicBool::new(false),
         }
     }
 
-    /// Healthy backends in round-robin order for one attempt.
-    fn candidates(&self, now: Instant) -> Vec<usize> {
+    /// The backends, in config order.
+    pub fn backends(&self) -> Vec<Backend> {
+        self.states.iter().map(|s| s.backend).collect()
+    }
+
+    /// The balancing settings this was built with.
+    pub fn balance(&self) -> &Balance {
+        &self.balance
+    }
+
+    /// Stops the active checks (the route left the config).
+    pub fn retire(&self) {
+        self.retired.store(true, Relaxed);
+    }
+
+    /// A slot under the route's connection limit: `Err(())` when it is full,
+    /// `Ok(None)` when there is no limit.
+    #[allow(clippy::result_unit_err)]
+    pub fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
+        match &self.limit {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+        }
+    }
+
+    fn tunnel_ok(&self, s: &State) -> Option<bool> {
+        self.tunnels
+            .as_ref()
+            .and_then(|t| t.tunnel_up(s.backend.addr.ip()))
+    }
+
+    fn usable(&self, s: &State, now: Instant) -> bool {
+        s.down_until.lock().is_none_or(|t| t <= now)
+            && s.check_ok.load(Relaxed)
+            && self.tunnel_ok(s) != Some(false)
+    }
+
+    /// Healthy backends in the order to try them for one attempt.
+    fn candidates(&self, client: Option<IpAddr>, now: Instant) -> Vec<usize> {
         let n = self.states.len();
         if n == 0 {
             return Vec::new();
         }
         let start = self.next.fetch_add(1, Relaxed) % n;
-        (0..n)
+        let mut v: Vec<usize> = (0..n)
             .map(|i| (start + i) % n)
-            .filter(|&i| {
-                self.states
-                    .get(i)
-                    .is_some_and(|s| s.down_until.lock().is_none_or(|t| t <= now))
-            })
-            .collect()
+            .filter(|&i| self.states.get(i).is_some_and(|s| self.usable(s, now)))
+            .collect();
+        match (self.balance.sticky, client) {
+            (true, Some(ip)) => {
+                v.sort_by_key(|&i| {
+                    std::cmp::Reverse(
+                        self.states
+                            .get(i)
+                            .map_or(0, |s| sticky_score(ip, &s.backend)),
+                    )
+                });
+            }
+            _ => {
+                if self.balance.policy == Policy::LeastConn {
+                    // Stable sort: ties keep the round-robin order.
+                    v.sort_by_key(|&i| self.states.get(i).map_or(0, |s| s.active.load(Relaxed)));
+                }
+            }
+        }
+        v
+    }
+
+    fn lease(self: &Arc<Self>, index: usize) -> Lease {
+        if let Some(s) = self.states.get(index) {
+            s.active.fetch_add(1, Relaxed);
+        }
+        Lease {
+            up: self.clone(),
+            index,
+        }
     }
 
     /// Picks the next healthy backend without connecting (UDP).
-    pub fn pick(&self) -> Option<Backend> {
-        let c = self.candidates(Instant::now());
-        c.first()
-            .and_then(|&i| self.states.get(i))
-            .map(|s| s.backend)
+    pub fn pick(self: &Arc<Self>, client: Option<IpAddr>) -> Option<(Backend, Lease)> {
+        let c = self.candidates(client, Instant::now());
+        let i = *c.first()?;
+        let s = self.states.get(i)?;
+        Some((s.backend, self.lease(i)))
     }
 
     /// Marks `addr` down (a failed connect or an ICMP refusal).
@@ -101,19 +223,25 @@ impl Upstreams {
         }
     }
 
-    /// Connects to the next healthy backend, trying the others on failure.
-    pub async fn connect(&self, timeout: Duration) -> Result<(TcpStream, Backend), UpstreamError> {
+    /// Connects to the best healthy backend, trying the others on failure.
+    pub async fn connect(
+        self: &Arc<Self>,
+        timeout: Duration,
+        client: Option<IpAddr>,
+    ) -> Result<(TcpStream, Backend, Lease), UpstreamError> {
         let mut last = UpstreamError::NoHealthy;
-        for i in self.candidates(Instant::now()) {
+        let cands = self.candidates(client, Instant::now());
+        for i in cands {
             let Some(s) = self.states.get(i) else {
                 continue;
             };
             let addr = s.backend.addr;
+            let lease = self.lease(i);
             match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     self.mark_up(i);
-                    return Ok((stream, s.backend));
+                    return Ok((stream, s.backend, lease));
                 }
                 Ok(Err(e)) => {
                     debug!(backend = %addr, error = %e, "backend connect failed");
@@ -137,11 +265,159 @@ impl Upstreams {
             .iter()
             .map(|s| BackendHealth {
                 backend: s.backend.to_string(),
-                up: s.down_until.lock().is_none_or(|t| t <= now),
+                up: self.usable(s, now),
                 failures: s.failures.load(Relaxed),
+                active_connections: s.active.load(Relaxed) as u64,
+                check: self.balance.health.as_ref().map(|_| {
+                    if s.check_ok.load(Relaxed) {
+                        "passing"
+                    } else {
+                        "failing"
+                    }
+                }),
+                checks_failed: s.checks_failed.load(Relaxed),
+                tunnel: self.tunnel_ok(s).map(|up| if up { "up" } else { "down" }),
             })
             .collect()
     }
+
+    /// Starts the active health checks, if configured. The task ends when the
+    /// upstreams are dropped or retired.
+    pub fn spawn_checks(self: &Arc<Self>, tls: Option<Arc<BackendTlsClient>>, who: String) {
+        let Some(hc) = self.balance.health.clone() else {
+            return;
+        };
+        let weak: Weak<Upstreams> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut streak: Vec<i64> = Vec::new();
+            let mut tick = tokio::time::interval(hc.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(up) = weak.upgrade() else { return };
+                if up.retired.load(Relaxed) {
+                    return;
+                }
+                streak.resize(up.states.len(), 0);
+                let to = hc.timeout;
+                let probes = up.states.iter().map(|s| {
+                    let tls = tls.clone();
+                    let kind = hc.kind.clone();
+                    let b = s.backend;
+                    async move { probe(b, &kind, tls.as_deref(), to).await }
+                });
+                let results = futures_join_all(probes).await;
+                for ((s, ok), st) in up.states.iter().zip(results).zip(streak.iter_mut()) {
+                    let was = s.check_ok.load(Relaxed);
+                    match &ok {
+                        Ok(()) => *st = if *st > 0 { *st + 1 } else { 1 },
+                        Err(_) => {
+                            *st = if *st < 0 { *st - 1 } else { -1 };
+                            s.checks_failed.fetch_add(1, Relaxed);
+                        }
+                    }
+                    if was && *st <= -i64::from(hc.fall) {
+                        s.check_ok.store(false, Relaxed);
+                        let e = ok.err().unwrap_or_default();
+                        warn!(route = %who, backend = %s.backend, error = %e, "backend down (health check)");
+                    } else if !was && *st >= i64::from(hc.rise) {
+                        s.check_ok.store(true, Relaxed);
+                        *s.down_until.lock() = None;
+                        info!(route = %who, backend = %s.backend, "backend up (health check)");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(_) => return out,
+        }
+    }
+    out
+}
+
+/// One health probe.
+async fn probe(
+    b: Backend,
+    kind: &HealthKind,
+    tls: Option<&BackendTlsClient>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let work = async {
+        let tcp = TcpStream::connect(b.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let HealthKind::Http { path } = kind else {
+            return Ok(());
+        };
+        let host = match b.addr {
+            SocketAddr::V4(a) => a.to_string(),
+            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        };
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gatewire-health\r\nConnection: close\r\n\r\n"
+        );
+        let mut head = [0u8; 16];
+        let n = match (tls, b.scheme) {
+            (Some(t), Scheme::Https) => {
+                let mut s = t
+                    .connect(tcp, b.addr)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_head(&mut s, &mut head).await?
+            }
+            _ => {
+                let mut s = tcp;
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_head(&mut s, &mut head).await?
+            }
+        };
+        let line = head.get(..n).unwrap_or_default();
+        // "HTTP/1.x NNN"
+        match line.get(9) {
+            Some(b'2') | Some(b'3') if line.starts_with(b"HTTP/1.") => Ok(()),
+            _ => Err(format!(
+                "answered `{}`",
+                String::from_utf8_lossy(line).trim()
+            )),
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8; 16],
+) -> Result<usize, String> {
+    let mut n = 0;
+    while n < 12 {
+        let Some(rest) = buf.get_mut(n..) else { break };
+        match s.read(rest).await {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(n)
 }
 
 /// The ring crypto provider every TLS config here uses.

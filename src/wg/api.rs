@@ -26,10 +26,15 @@ pub fn socket_path(iface: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
 }
 
+/// Extra top-level objects in `show=json` (e.g. `proxy`), by name.
+pub type ShowSection = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+type ShowSections = Arc<parking_lot::RwLock<Vec<(String, ShowSection)>>>;
+
 /// The listening socket; removes its file when dropped.
 pub struct ApiServer {
     path: PathBuf,
     task: JoinHandle<()>,
+    sections: ShowSections,
 }
 
 impl Drop for ApiServer {
@@ -55,6 +60,8 @@ impl ApiServer {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        let sections: ShowSections = Arc::default();
+        let secs = sections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let (stream, _) = match listener.accept().await {
@@ -69,15 +76,32 @@ impl ApiServer {
                     return;
                 };
                 let dev = Arc::clone(&dev);
+                let secs = secs.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(dev, stream).await {
+                    if let Err(e) = serve(dev, stream, secs).await {
                         debug!(error = %e, "UAPI client");
                     }
                     drop(permit);
                 });
             }
         });
-        Ok(ApiServer { path, task })
+        Ok(ApiServer {
+            path,
+            task,
+            sections,
+        })
+    }
+
+    /// Adds (or replaces) a top-level object `name` in `show=json`.
+    pub fn set_show_section(&self, name: &str, f: ShowSection) {
+        let mut v = self.sections.write();
+        v.retain(|(n, _)| n != name);
+        v.push((name.to_string(), f));
+    }
+
+    /// Removes the object `name` from `show=json`.
+    pub fn remove_show_section(&self, name: &str) {
+        self.sections.write().retain(|(n, _)| n != name);
     }
 }
 
@@ -104,7 +128,7 @@ async fn read_line(
 
 use tokio::io::AsyncReadExt as _;
 
-async fn serve(dev: Arc<Inner>, stream: UnixStream) -> io::Result<()> {
+async fn serve(dev: Arc<Inner>, stream: UnixStream, sections: ShowSections) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = String::new();
@@ -132,7 +156,14 @@ async fn serve(dev: Arc<Inner>, stream: UnixStream) -> io::Result<()> {
                 let body = if op == Op::Get {
                     uapi::format_get(&dev.info())
                 } else {
-                    let j = serde_json::to_string(&dev.show()).unwrap_or_else(|_| "{}".into());
+                    let mut v = serde_json::to_value(dev.show()).unwrap_or_default();
+                    if let Some(obj) = v.as_object_mut() {
+                        let secs: Vec<(String, ShowSection)> = sections.read().clone();
+                        for (name, f) in secs {
+                            obj.insert(name, f());
+                        }
+                    }
+                    let j = serde_json::to_string(&v).unwrap_or_else(|_| "{}".into());
                     format!("{j}\nerrno=0\n\n")
                 };
                 w.write_all(body.as_bytes()).await?;
@@ -174,6 +205,11 @@ async fn serve(dev: Arc<Inner>, stream: UnixStream) -> io::Result<()> {
 
 /// A client for the `show=json` extension: what `gatewire show` prints.
 pub async fn query_show(iface: &str) -> anyhow::Result<crate::wg::device::ShowInterface> {
+    Ok(serde_json::from_value(query_show_value(iface).await?)?)
+}
+
+/// `show=json` as raw JSON: the interface plus any extra objects (`proxy`, ...).
+pub async fn query_show_value(iface: &str) -> anyhow::Result<serde_json::Value> {
     let mut s = UnixStream::connect(socket_path(iface)).await?;
     s.write_all(b"show=json\n\n").await?;
     let mut r = BufReader::new(s);

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Acceptance 6: editing the hub's config adds a route while a large download over
+# another route runs to the end unharmed. n1 serves a 64 MiB file (python3
+# http.server on its IPv6 overlay address); curl in `pub` downloads it through
+# the hub at a limited rate (about 8 s). Meanwhile the test appends a second
+# route and a TCP forward to the hub's config file: the hub picks the change up
+# by itself (file watch), the new route answers within seconds, and the download
+# completes with the right checksum. A config edit that breaks the file is
+# refused and the running routes keep working; SIGHUP reloads too. Counters and
+# route health are in `gatewire show --json` under `proxy`.
+# timeout: 300
+set -euo pipefail
+export GW_TEST_NAME=71-proxy-reload
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+need_cmd curl python3 ss sha256sum jq socat
+need_gatewire
+
+DOMAIN=gw.example.org
+HUB4=$(lab_wan4 hub)
+N1V6=$(lab_ov6 n1)
+
+lab_up 1 0
+
+conf=$(gw_hub_conf hub n1)
+cat >>"$conf" <<EOF
+
+[proxy]
+domains = ["$DOMAIN"]
+http_listen = ["0.0.0.0:80"]
+https_listen = ["0.0.0.0:443"]
+
+[[route]]
+name = "files"
+backends = ["http://[$N1V6]:8080"]
+EOF
+
+GW_CONF=$conf gw_start_hub hub
+gw_start_node n1 hub
+must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
+
+# --- backends on n1: a file server and a second small site
+www="$GW_TMP/www"
+mkdir -p "$www/files" "$www/news"
+big=$(make_file big.bin 64)
+cp "$big" "$www/files/big.bin"
+echo "news-$$" >"$www/news/index.html"
+cat >"$GW_TMP/serve.py" <<'EOF'
+import functools, socket, sys
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+h = functools.partial(SimpleHTTPRequestHandler, directory=sys.argv[3])
+S((sys.argv[1], int(sys.argv[2])), h).serve_forever()
+EOF
+lab_bg n1 files python3 "$GW_TMP/serve.py" "$N1V6" 8080 "$www/files"
+lab_bg n1 news python3 "$GW_TMP/serve.py" "$N1V6" 8081 "$www/news"
+lab_bg n1 echo socat "TCP6-LISTEN:7001,bind=[$N1V6],fork,reuseaddr" PIPE
+must "file server listening on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
+must "news server listening on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8081' | grep -q ."
+must "hub proxy listening on :80" wait_for 10 lab_sh hub "ss -Hltn 'sport = :80' | grep -q ."
+
+pcurl() { lab_exec pub curl -sS --max-time 10 "$@"; }
+news() { pcurl --resolve "news.$DOMAIN:80:$HUB4" "http://news.$DOMAIN/" 2>/dev/null; }
+
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "news.$DOMAIN:80:$HUB4" "http://news.$DOMAIN/" || true)
+assert_eq "news is not routed yet (404)" 404 "$code"
+
+# --- the long download: 64 MiB at 8 MiB/s
+out="$GW_TMP/data/big.out"
+lab_bg pub download curl -sS --max-time 120 --limit-rate 8M -o "$out" \
+    -w '%{http_code} %{size_download}\n' \
+    --resolve "files.$DOMAIN:80:$HUB4" "http://files.$DOMAIN/big.bin"
+must "download under way" wait_for 10 test -s "$out"
+sleep 1
+
+# --- edit the config: a new route and a new TCP forward
+cp "$conf" "$GW_TMP/conf/base.toml"
+t0=$(now_ms)
+cat >>"$conf" <<EOF
+
+[[route]]
+name = "news"
+backends = ["http://[$N1V6]:8081"]
+
+[[tcp]]
+listen = "0.0.0.0:7001"
+backends = ["[$N1V6]:7001"]
+EOF
+check "the new route answers within 5 s of the edit" wait_for 5 eval 'news | grep -q "news-$$"'
+lab_log "new route live $(($(now_ms) - t0)) ms after the edit"
+tcp_out=$(lab_sh pub "printf 'tcp-$$' | timeout 10 socat -t 2 - TCP4:$HUB4:7001" || true)
+assert_eq "the new TCP forward works" "tcp-$$" "$tcp_out"
+check "the download is still running after the reload" lab_alive download
+
+# --- a broken edit is refused; everything keeps working
+cp "$conf" "$GW_TMP/conf/good.toml"
+echo 'this is = not [valid' >>"$conf"
+sleep 2
+check "hub logs the refused reload" grep -q "config reload failed" "$(lab_logfile hub)"
+check "routes still served after a broken edit" eval 'news | grep -q "news-$$"'
+cp "$GW_TMP/conf/good.toml" "$conf"
+
+# --- the download ends intact
+must "download finished" wait_for 60 not lab_alive download
+res=$(tail -n 1 "$(lab_logfile download)")
+assert_eq "download: HTTP 200, every byte" "200 $((64 * 1024 * 1024))" "$res"
+h1=$(sha256sum <"$big" | cut -d' ' -f1)
+h2=$(sha256sum <"$out" | cut -d' ' -f1)
+assert_eq "download checksum intact" "$h1" "$h2"
+
+# --- SIGHUP reloads at once: back to the base config (news removed)
+cp "$GW_TMP/conf/base.toml" "$conf"
+kill -HUP "$(lab_pid hub)"
+check "news is gone after the reload (404)" wait_for 5 eval \
+    "[ \"\$(pcurl -o /dev/null -w '%{http_code}' --resolve news.$DOMAIN:80:$HUB4 http://news.$DOMAIN/)\" = 404 ]"
+check "hub logged the SIGHUP reload" grep -q "SIGHUP; reloading" "$(lab_logfile hub)"
+check "hub still alive after SIGHUP" lab_alive hub
+
+# --- counters in gatewire show --json
+js=$(gw_show_json hub gw0 || true)
+check "show --json has the files route with the download's bytes" \
+    jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:files") | .bytes_out >= 67108864' <<<"$js" >/dev/null
+check "show --json reports backend health" \
+    jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:files") | .backends[0].up == true' <<<"$js" >/dev/null
+
+check "hub still running" lab_alive hub
+lab_finish

@@ -1,0 +1,506 @@
+//! Loopback tests of the proxy's hot reload, balancing and health checks:
+//! a reload adds a route while a large download over another route runs to the
+//! end; removed listeners close; active health checks and tunnel liveness take
+//! backends out and back; least-connections, stickiness, per-route limits and
+//! PROXY v1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use gatewire::proxy::names::{DomainName, Label};
+use gatewire::proxy::settings::{
+    Backend, BackendTls, Balance, HealthCheck, HealthKind, Limits, Policy, ProxyProtocol,
+    ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TlsMode,
+};
+use gatewire::proxy::upstream::TunnelLiveness;
+use gatewire::proxy::Proxy;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(20);
+
+fn be(addr: SocketAddr) -> Backend {
+    Backend {
+        scheme: Scheme::Http,
+        addr,
+    }
+}
+
+fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
+    RouteSettings {
+        host: RouteHost::Name(Label::parse(name).unwrap()),
+        tls: TlsMode::Terminate,
+        cert: None,
+        backends,
+        redirect_https: false,
+        proxy_protocol: ProxyProtocol::Off,
+        backend_tls: BackendTls::default(),
+        balance: Balance::default(),
+    }
+}
+
+fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
+    ProxySettings {
+        domains: vec![DomainName::parse("gw.test").unwrap()],
+        http_listen: vec!["127.0.0.1:0".parse().unwrap()],
+        https_listen: vec![],
+        routes,
+        tcp: vec![],
+        udp: vec![],
+        limits: Limits {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        },
+    }
+}
+
+/// A backend answering `<name>` on every path, except `/big/<n>`: `n` MiB,
+/// streamed in 64 KiB chunks with a short pause every MiB, and `/slow`: an
+/// answer after 1.5 s.
+async fn backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_string();
+                        let body: http_body_util::combinators::BoxBody<Bytes, Infallible> =
+                            if let Some(n) = path.strip_prefix("/big/") {
+                                let mib: usize = n.parse().unwrap_or(1);
+                                let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+                                tokio::spawn(async move {
+                                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                                    for i in 0..mib * 16 {
+                                        if tx.send(chunk.clone()).await.is_err() {
+                                            return;
+                                        }
+                                        if i % 16 == 15 {
+                                            tokio::time::sleep(Duration::from_millis(40)).await;
+                                        }
+                                    }
+                                });
+                                ChanBody(rx).boxed()
+                            } else if path == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(1500)).await;
+                                http_body_util::Full::new(Bytes::from(name)).boxed()
+                            } else {
+                                http_body_util::Full::new(Bytes::from(name)).boxed()
+                            };
+                        Ok::<_, Infallible>(hyper::Response::new(body))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A body fed by a channel.
+struct ChanBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// GET over a fresh connection; returns (status line, body length, body prefix).
+async fn get(addr: SocketAddr, host: &str, path: &str) -> (String, usize, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let body = &out[split..];
+    let status = head.lines().next().unwrap_or("").to_string();
+    // Chunked bodies: count payload bytes roughly by dechunking.
+    let len = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk_len(body)
+    } else {
+        body.len()
+    };
+    let prefix = String::from_utf8_lossy(&body[..body.len().min(64)]).into_owned();
+    (status, len, prefix)
+}
+
+fn dechunk_len(mut b: &[u8]) -> usize {
+    let mut n = 0;
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return n;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return n;
+        }
+        n += size;
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+async fn body_of(addr: SocketAddr, host: &str) -> String {
+    let (st, _, body) = get(addr, host, "/").await;
+    format!("{st} {body}")
+}
+
+#[tokio::test]
+async fn reload_adds_a_route_while_a_download_runs() {
+    let (a, _ta) = backend("alpha").await;
+    let (b, _tb) = backend("beta").await;
+    let p = Proxy::start(settings(vec![route("a", vec![be(a)])]))
+        .await
+        .unwrap();
+    let at = p.http_addrs()[0];
+    assert!(body_of(at, "b.gw.test").await.contains("404"));
+    // 32 MiB with pauses: about 1.3 s.
+    let dl = tokio::spawn(async move { get(at, "a.gw.test", "/big/32").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = p
+        .reload(settings(vec![
+            route("a", vec![be(a)]),
+            route("b", vec![be(b)]),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(report.added, vec!["name:b".to_string()]);
+    assert!(report.removed.is_empty() && report.changed.is_empty());
+    assert!(report.listeners_added.is_empty() && report.listeners_removed.is_empty());
+    assert!(
+        body_of(at, "b.gw.test").await.contains("200 OK beta"),
+        "new route serves"
+    );
+    assert!(!dl.is_finished(), "the download should still be running");
+    let (st, len, _) = tokio::time::timeout(T, dl).await.unwrap().unwrap();
+    assert!(st.contains("200"), "{st}");
+    assert_eq!(len, 32 * 1024 * 1024, "the download ran to the end");
+    // Counters of the unchanged route carried over the reload.
+    let s = p.stats();
+    let ra = s.iter().find(|r| r.route == "name:a").unwrap();
+    assert_eq!(ra.requests, 1);
+    assert!(ra.bytes_out >= 32 * 1024 * 1024);
+
+    // Removing a route: 404 afterwards; a bad certificate path keeps the old config.
+    let mut bad = route("c", vec![be(a)]);
+    bad.cert = Some(gatewire::proxy::settings::CertFiles {
+        cert: "/nonexistent/c.pem".into(),
+        key: "/nonexistent/k.pem".into(),
+    });
+    let e = p
+        .reload(settings(vec![route("b", vec![be(b)]), bad]))
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("name:c"), "{e:#}");
+    assert!(body_of(at, "a.gw.test").await.contains("200 OK alpha"));
+    let r = p
+        .reload(settings(vec![route("b", vec![be(b)])]))
+        .await
+        .unwrap();
+    assert_eq!(r.removed, vec!["name:a".to_string()]);
+    assert!(body_of(at, "a.gw.test").await.contains("404"));
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
+    let (a, _ta) = backend("alpha").await;
+    let (echo, _te) = backend("tcp-beta").await;
+    let mut s1 = settings(vec![route("a", vec![be(a)])]);
+    let p = Proxy::start(s1.clone()).await.unwrap();
+    let at = p.http_addrs()[0];
+    // A keep-alive connection opened before the reload.
+    let mut ka = TcpStream::connect(at).await.unwrap();
+    ka.write_all(b"GET /slow HTTP/1.1\r\nHost: a.gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Reload: same HTTP listener (by configured address), one new TCP forward.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_at = free.local_addr().unwrap();
+    drop(free);
+    s1.tcp = vec![TcpForwardSettings {
+        listen: tcp_at,
+        backends: vec![be(echo)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+    }];
+    let r = p.reload(s1.clone()).await.unwrap();
+    assert_eq!(r.added, vec![format!("tcp:{tcp_at}")]);
+    assert_eq!(r.listeners_added.len(), 1, "{r:?}");
+    assert_eq!(p.http_addrs(), vec![at], "HTTP listener kept");
+    // The request in flight on the old generation completes; then the server closes.
+    let mut out = Vec::new();
+    tokio::time::timeout(T, ka.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("alpha"),
+        "{out}"
+    );
+    // The new TCP forward works (an HTTP backend behind a raw TCP forward).
+    let (st, _, body) = get(tcp_at, "x", "/").await;
+    assert!(st.contains("200") && body == "tcp-beta", "{st} {body}");
+    // Removing it closes the port.
+    s1.tcp.clear();
+    let r = p.reload(s1).await.unwrap();
+    assert_eq!(r.listeners_removed.len(), 1, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(TcpStream::connect(tcp_at).await.is_err());
+}
+
+fn health(interval_ms: u64) -> HealthCheck {
+    HealthCheck {
+        kind: HealthKind::Http {
+            path: "/health".into(),
+        },
+        interval: Duration::from_millis(interval_ms),
+        timeout: Duration::from_millis(500),
+        fall: 2,
+        rise: 1,
+    }
+}
+
+#[tokio::test]
+async fn active_health_checks_fail_over_and_back() {
+    let (a, ta) = backend("alpha").await;
+    let (b, _tb) = backend("beta").await;
+    let mut r = route("h", vec![be(a), be(b)]);
+    r.balance.health = Some(health(200));
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let at = p.http_addrs()[0];
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(body_of(at, "h.gw.test").await);
+    }
+    assert_eq!(seen.len(), 2, "round-robin over both: {seen:?}");
+    // alpha goes away (its listener closes: connects are refused).
+    ta.abort();
+    let _ = ta.await;
+    let t0 = Instant::now();
+    loop {
+        let st = p.stats();
+        let h = st.iter().find(|s| s.route == "name:h").unwrap();
+        if !h.backends[0].up && h.backends[0].check == Some("failing") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", h.backends);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..6 {
+        assert_eq!(body_of(at, "h.gw.test").await, "HTTP/1.1 200 OK beta");
+    }
+    // alpha comes back on the same port.
+    let l = TcpListener::bind(a).await.unwrap();
+    let back = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from("alpha2"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let t0 = Instant::now();
+    loop {
+        let st = p.stats();
+        let h = st.iter().find(|s| s.route == "name:h").unwrap();
+        if h.backends[0].up {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", h.backends);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(body_of(at, "h.gw.test").await);
+    }
+    assert!(seen.contains("HTTP/1.1 200 OK alpha2"), "{seen:?}");
+    back.abort();
+}
+
+struct Fake(AtomicBool, IpAddr);
+impl TunnelLiveness for Fake {
+    fn tunnel_up(&self, ip: IpAddr) -> Option<bool> {
+        (ip == self.1).then(|| self.0.load(Ordering::Relaxed))
+    }
+}
+
+#[tokio::test]
+async fn a_backend_behind_a_dead_tunnel_counts_as_down() {
+    let (a, _ta) = backend("alpha").await;
+    // beta listens on another loopback address, "behind a node".
+    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    drop(l);
+    let lb = TcpListener::bind(b).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = lb.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from("beta"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let fake = Arc::new(Fake(AtomicBool::new(false), b.ip()));
+    let p = Proxy::start_with(
+        settings(vec![route("t", vec![be(a), be(b)])]),
+        Some(fake.clone()),
+    )
+    .await
+    .unwrap();
+    let at = p.http_addrs()[0];
+    for _ in 0..4 {
+        assert_eq!(body_of(at, "t.gw.test").await, "HTTP/1.1 200 OK alpha");
+    }
+    let st = p.stats();
+    let t = st.iter().find(|s| s.route == "name:t").unwrap();
+    assert_eq!(t.backends[1].tunnel, Some("down"));
+    assert!(!t.backends[1].up && t.backends[0].up);
+    assert_eq!(t.backends[0].tunnel, None);
+    fake.0.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(body_of(at, "t.gw.test").await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn least_conn_sticky_and_route_limit() {
+    let (a, _ta) = backend("alpha").await;
+    let (b, _tb) = backend("beta").await;
+    // least_conn: while a slow request holds one backend, quick ones go to the other.
+    let mut lc = route("lc", vec![be(a), be(b)]);
+    lc.balance.policy = Policy::LeastConn;
+    let mut st = route("st", vec![be(a), be(b)]);
+    st.balance.sticky = true;
+    let mut lim = route("lim", vec![be(a)]);
+    lim.balance.max_connections = Some(1);
+    let p = Proxy::start(settings(vec![lc, st, lim])).await.unwrap();
+    let at = p.http_addrs()[0];
+    let slow = tokio::spawn(async move { get(at, "lc.gw.test", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy = {
+        let s = p.stats();
+        let r = s.iter().find(|r| r.route == "name:lc").unwrap();
+        assert_eq!(
+            r.backends.iter().map(|b| b.active_connections).sum::<u64>(),
+            1,
+            "{:?}",
+            r.backends
+        );
+        if r.backends[0].active_connections == 1 {
+            "alpha"
+        } else {
+            "beta"
+        }
+    };
+    for _ in 0..4 {
+        let got = body_of(at, "lc.gw.test").await;
+        assert!(!got.ends_with(busy), "{got} while {busy} is busy");
+    }
+    slow.await.unwrap();
+
+    // sticky: one client address always lands on the same backend.
+    let first = body_of(at, "st.gw.test").await;
+    for _ in 0..5 {
+        assert_eq!(body_of(at, "st.gw.test").await, first);
+    }
+
+    // A route limited to one connection: the second at once gets 503.
+    let hold = tokio::spawn(async move { get(at, "lim.gw.test", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s2, _, body) = get(at, "lim.gw.test", "/").await;
+    assert!(s2.contains("503") && body.contains("limit"), "{s2} {body}");
+    assert!(hold.await.unwrap().0.contains("200"));
+    let s = p.stats();
+    let r = s.iter().find(|r| r.route == "name:lim").unwrap();
+    assert_eq!(r.errors.get("over_capacity"), Some(&1));
+    assert!(body_of(at, "lim.gw.test").await.contains("200"));
+}
+
+#[tokio::test]
+async fn tcp_forward_sends_proxy_v1() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    let got = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 256];
+        let mut n = 0;
+        while !buf[..n].ends_with(b"hello") {
+            let k = s.read(&mut buf[n..]).await.unwrap();
+            assert!(k > 0);
+            n += k;
+        }
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let mut s = settings(vec![]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(b)],
+        proxy_protocol: ProxyProtocol::V1,
+        balance: Balance::default(),
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.tcp_addrs()[0];
+    let mut c = TcpStream::connect(at).await.unwrap();
+    let me = c.local_addr().unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let line = tokio::time::timeout(T, got).await.unwrap().unwrap();
+    assert_eq!(
+        line,
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\nhello",
+            me.port(),
+            at.port()
+        )
+    );
+}
