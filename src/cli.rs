@@ -261,6 +261,8 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
             forward: false,
             keepalive: 0,
             peers: Vec::new(),
+            xlat: None,
+            nat64: None,
         })
         .await?;
         let api = ApiServer::start(dev.inner.clone()).await?;

@@ -56,6 +56,8 @@ struct RawHubFile {
     udp: Vec<crate::proxy::settings::RawUdp>,
     // The supervised Yggdrasil daemon (src/ygg/settings.rs validates it).
     yggdrasil: Option<crate::ygg::settings::RawYggdrasil>,
+    // IPv4/IPv6 translation (src/xlat/settings.rs validates it).
+    xlat: Option<crate::xlat::settings::RawXlat>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +140,8 @@ pub struct HubConfig {
     pub proxy: Option<crate::proxy::settings::ProxySettings>,
     /// The supervised Yggdrasil daemon, if the file has `[yggdrasil]`.
     pub yggdrasil: Option<crate::ygg::settings::YggSettings>,
+    /// SIIT / NAT64 on the TUN, if the file has an `[xlat]` section.
+    pub xlat: Option<crate::xlat::settings::XlatSettings>,
 }
 
 /// A hub as a node sees it.
@@ -368,16 +372,23 @@ impl HubConfig {
             .map(|y| crate::ygg::settings::validate(y, base))
             .transpose()
             .map_err(|m| ctx.err(m))?;
+        let mtu = ctx.mtu("hub", raw.hub.mtu)?;
+        let xlat = raw
+            .xlat
+            .map(|x| crate::xlat::settings::validate(x, &addresses, mtu))
+            .transpose()
+            .map_err(|m| ctx.err(m))?;
         Ok(HubConfig {
             interface: ctx.interface("hub", raw.hub.interface, "gw0")?,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
-            mtu: ctx.mtu("hub", raw.hub.mtu)?,
+            mtu,
             keepalive: raw.hub.keepalive.unwrap_or(DEFAULT_HUB_KEEPALIVE),
             private_key,
             addresses,
             peers,
             proxy,
             yggdrasil,
+            xlat,
         })
     }
 }

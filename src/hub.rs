@@ -167,6 +167,8 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
                 allowed_ips: p.allowed_ips.clone(),
             })
             .collect(),
+        xlat: cfg.xlat.as_ref().map(crate::wg::xlat::device_config),
+        nat64: cfg.xlat.as_ref().and_then(|x| x.nat64.clone()),
     }
 }
 
@@ -196,6 +198,7 @@ async fn run_inner(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let dev = Device::start(device_config(&cfg)).await?;
+    crate::wg::xlat::add_routes(&cfg.interface, cfg.xlat.as_ref())?;
     let api = ApiServer::start(dev.inner.clone()).await?;
     // The overlay sidecar never fails the hub: it logs and retries on its own.
     let ygg = cfg

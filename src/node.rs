@@ -139,6 +139,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         forward: false,
         keepalive: 0,
         peers,
+        xlat: None,
+        nat64: None,
     })
     .await?;
     let api = ApiServer::start(dev.inner.clone()).await?;

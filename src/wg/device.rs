@@ -11,6 +11,8 @@ use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::wg::allowed_ips::AllowedIps;
 use crate::wg::packet::{self, Hop};
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
+use crate::wg::xlat::XlatPath;
+use crate::xlat;
 use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -48,6 +50,40 @@ struct Group {
     len: usize,
     count: usize,
 }
+/// Where translated packets for the TUN go: the one slot of a datagram (UDP
+/// loop) or a batch written after each TUN read (TUN loop).
+enum TunSink<'a> {
+    Slot(&'a mut Vec<u8>, bool),
+    Batch(&'a mut Vec<Vec<u8>>, &'a mut usize),
+}
+
+impl TunSink<'_> {
+    /// Queues `p` (at `TUN_HEADROOM`); false when there is no room.
+    fn push(&mut self, p: &[u8]) -> bool {
+        let b = match self {
+            TunSink::Slot(_, true) => return false,
+            TunSink::Slot(slot, used) => {
+                *used = true;
+                &mut **slot
+            }
+            TunSink::Batch(v, n) => {
+                if v.len() <= **n {
+                    v.push(Vec::with_capacity(2048));
+                }
+                let Some(b) = v.get_mut(**n) else {
+                    return false;
+                };
+                **n += 1;
+                b
+            }
+        };
+        b.clear();
+        b.resize(TUN_HEADROOM, 0);
+        b.extend_from_slice(p);
+        true
+    }
+}
+
 /// Room in front of a packet for the virtio-net header of an offload TUN.
 const TUN_HEADROOM: usize = 16;
 /// Timer resolution: how often every peer's timers are updated.
@@ -202,6 +238,10 @@ pub struct DeviceConfig {
     /// the device initiate handshakes towards peers that are gone.
     pub keepalive: u16,
     pub peers: Vec<PeerConfig>,
+    /// SIIT translation on the data path (hub mode), see `wg::xlat`.
+    pub xlat: Option<Arc<xlat::Config>>,
+    /// Stateful NAT64 behind the translator (needs `xlat`).
+    pub nat64: Option<xlat::nat64::Settings>,
 }
 
 /// One peer: its `Tunn`, endpoint and counters.
@@ -364,6 +404,8 @@ pub struct Inner {
     fwmark: AtomicU32,
     pub drops: DropCounters,
     start: Instant,
+    /// The translator, when the device runs one.
+    xlat: Option<XlatPath>,
 }
 
 /// A running device. Dropping it stops its tasks and removes the TUN.
@@ -488,6 +530,10 @@ impl Device {
             fwmark: AtomicU32::new(0),
             drops: DropCounters::default(),
             start: Instant::now(),
+            xlat: cfg
+                .xlat
+                .clone()
+                .map(|c| XlatPath::new(c, cfg.nat64.clone())),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {
@@ -634,6 +680,17 @@ impl Inner {
         let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect();
         let mut sizes = vec![0usize; batch];
         let mut tx = vec![0u8; MAX_PACKET + OVERHEAD];
+        // Translator output, and translated packets for the TUN.
+        let mut xout = vec![
+            0u8;
+            if self.xlat.is_some() {
+                xlat::OUT_BUF_LEN
+            } else {
+                0
+            }
+        ];
+        let mut to_tun: Vec<Vec<u8>> = Vec::new();
+        let mut gro = tun_rs::GROTable::new();
         loop {
             let r = if self.offload {
                 self.tun
@@ -662,8 +719,27 @@ impl Inner {
             };
             let table = self.table.load_full();
             let mut group = Group::default();
+            let mut ntun = 0;
             for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
-                let Some(pkt) = buf.get(..len) else { continue };
+                let Some(mut pkt) = buf.get(..len) else {
+                    continue;
+                };
+                if let Some(x) = &self.xlat {
+                    if let Some(o) = x.on_tun(pkt, &mut xout, self.now_ms() / 1000) {
+                        // One translated packet for a peer joins the group below;
+                        // anything else is sent from here.
+                        match self.xlat_single_peer(&table, &o, &xout) {
+                            Some(p) => pkt = p,
+                            None => {
+                                self.flush_group(&mut group, &mut tx).await;
+                                let mut sink = TunSink::Batch(&mut to_tun, &mut ntun);
+                                self.xlat_emit(&table, &o, &xout, &mut tx, &mut sink).await;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                let len = pkt.len();
                 let Some(dst) = packet::dst(pkt) else {
                     self.drops.inc(DropReason::MalformedIp);
                     continue;
@@ -724,6 +800,54 @@ impl Inner {
                 }
             }
             self.flush_group(&mut group, &mut tx).await;
+            if let Some(b) = to_tun.get_mut(..ntun) {
+                if !b.is_empty() {
+                    self.write_tun(&mut gro, b).await;
+                }
+            }
+        }
+    }
+
+    /// The translated packet, when the outcome is exactly one packet for a peer.
+    fn xlat_single_peer<'a>(
+        &self,
+        table: &Table,
+        o: &xlat::Outcome,
+        out: &'a [u8],
+    ) -> Option<&'a [u8]> {
+        let xlat::Outcome::Forward(p) = o else {
+            return None;
+        };
+        let &[len] = p.lens() else {
+            return None;
+        };
+        let pkt = out.get(..len as usize)?;
+        table.routes.lookup(packet::dst(pkt)?)?;
+        Some(pkt)
+    }
+
+    /// Sends what the translator produced: each packet to the peer that owns
+    /// its destination, or else to the TUN through `sink`.
+    async fn xlat_emit(
+        &self,
+        table: &Table,
+        o: &xlat::Outcome,
+        out: &[u8],
+        tx: &mut [u8],
+        sink: &mut TunSink<'_>,
+    ) {
+        let Some(packets) = o.packets() else {
+            return;
+        };
+        for p in packets.iter(out) {
+            match packet::dst(p).and_then(|d| table.routes.lookup(d)) {
+                Some(peer) => self.send_to_peer(peer, p, tx).await,
+                None => {
+                    if !sink.push(p) {
+                        self.drops.inc(DropReason::TunWrite);
+                    }
+                }
+            }
         }
     }
 
@@ -821,6 +945,14 @@ impl Inner {
         let mut meta = vec![quinn_udp::RecvMeta::default(); RECV_BUFS];
         let mut out = vec![0u8; MAX_PACKET + OVERHEAD];
         let mut fwd = vec![0u8; MAX_PACKET + OVERHEAD];
+        let mut xout = vec![
+            0u8;
+            if self.xlat.is_some() {
+                xlat::OUT_BUF_LEN
+            } else {
+                0
+            }
+        ];
         let mut batch: Vec<Vec<u8>> = Vec::new();
         let mut gro = tun_rs::GROTable::new();
         loop {
@@ -857,7 +989,9 @@ impl Inner {
                     }
                     let Some(slot) = batch.get_mut(k) else { break };
                     if self
-                        .handle_datagram(&udp, datagram, m.addr, &mut out, &mut fwd, slot)
+                        .handle_datagram(
+                            &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, slot,
+                        )
                         .await
                     {
                         k += 1;
@@ -959,6 +1093,7 @@ impl Inner {
 
     /// Handles one datagram. Returns true when it left a packet for the TUN in
     /// `slot` (at `TUN_HEADROOM`).
+    #[allow(clippy::too_many_arguments)] // the loop's buffers, passed down
     async fn handle_datagram(
         &self,
         sock: &Udp,
@@ -966,6 +1101,7 @@ impl Inner {
         from: SocketAddr,
         out: &mut [u8],
         fwd: &mut [u8],
+        xout: &mut [u8],
         slot: &mut Vec<u8>,
     ) -> bool {
         let table = self.table.load_full();
@@ -1023,6 +1159,13 @@ impl Inner {
                 };
                 if self.forward_to_peer(&table, &peer, pkt, fwd).await {
                     return false;
+                }
+                if let Some(x) = &self.xlat {
+                    if let Some(o) = x.on_peer(pkt, xout, self.now_ms() / 1000) {
+                        let mut sink = TunSink::Slot(slot, false);
+                        self.xlat_emit(&table, &o, xout, fwd, &mut sink).await;
+                        return matches!(sink, TunSink::Slot(_, true));
+                    }
                 }
                 slot.clear();
                 slot.resize(TUN_HEADROOM, 0);
@@ -1296,6 +1439,7 @@ impl Inner {
             public_key: self.public_key().map(|k| k.to_base64()),
             listen_port: info.listen_port,
             drops: self.drops.snapshot(),
+            xlat_drops: self.xlat.as_ref().map(|x| x.drops()),
             peers: info
                 .peers
                 .into_iter()
@@ -1342,6 +1486,9 @@ pub struct ShowInterface {
     pub public_key: Option<String>,
     pub listen_port: u16,
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// Packets the translator dropped (or answered with an ICMP error), by reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xlat_drops: Option<std::collections::BTreeMap<String, u64>>,
     pub peers: Vec<ShowPeer>,
 }
 

@@ -6,3 +6,4 @@ pub mod api;
 pub mod device;
 pub mod packet;
 pub mod uapi;
+pub mod xlat;

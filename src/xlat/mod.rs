@@ -39,6 +39,8 @@ pub mod addr;
 mod buf;
 pub mod csum;
 mod icmp;
+pub mod nat64;
+pub mod settings;
 mod v4_to_v6;
 mod v6_to_v4;
 
@@ -148,6 +150,12 @@ pub enum DropReason {
     PacketTooBig,
     /// The caller's output buffer is too small.
     OutputTooSmall,
+    /// NAT64: no session (or binding) for the packet, and it may not create one.
+    Nat64NoSession,
+    /// NAT64: the session table is full.
+    Nat64TableFull,
+    /// NAT64: no free port (or ICMP identifier) left on the pool4 address.
+    Nat64PortsExhausted,
 }
 
 impl DropReason {
@@ -170,7 +178,38 @@ impl DropReason {
             DropReason::UdpZeroChecksum => "udp_zero_checksum",
             DropReason::PacketTooBig => "packet_too_big",
             DropReason::OutputTooSmall => "output_too_small",
+            DropReason::Nat64NoSession => "nat64_no_session",
+            DropReason::Nat64TableFull => "nat64_table_full",
+            DropReason::Nat64PortsExhausted => "nat64_ports_exhausted",
         }
+    }
+
+    /// Every reason, in a fixed order (see [`DropReason::index`]).
+    pub const ALL: [DropReason; 19] = [
+        DropReason::Truncated,
+        DropReason::BadHeader,
+        DropReason::BadChecksum,
+        DropReason::Untranslatable,
+        DropReason::IllegalAddress,
+        DropReason::UnsupportedProtocol,
+        DropReason::UnsupportedIcmp,
+        DropReason::NestedIcmpError,
+        DropReason::TtlExpired,
+        DropReason::FragmentedIcmp,
+        DropReason::ExtensionAfterFragment,
+        DropReason::Fragment,
+        DropReason::SourceRoute,
+        DropReason::UdpZeroChecksum,
+        DropReason::PacketTooBig,
+        DropReason::OutputTooSmall,
+        DropReason::Nat64NoSession,
+        DropReason::Nat64TableFull,
+        DropReason::Nat64PortsExhausted,
+    ];
+
+    /// Position in [`DropReason::ALL`] (for counter arrays).
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -1,0 +1,55 @@
+//! Fuzz target for the NAT64 session table: a sequence of packets, each fed
+//! outbound (IPv6 node → IPv4) or inbound (translated from IPv4), at advancing
+//! times, into a small table so that full-table, port exhaustion and expiry
+//! paths are reached. The table must never panic nor exceed its bound.
+#![no_main]
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use gatewire::xlat::nat64::{Settings, Table};
+use gatewire::xlat::Pool6;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(pool6) = Pool6::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96) else {
+        return;
+    };
+    let mut t = Table::new(Settings {
+        pool4: Ipv4Addr::new(198, 51, 100, 200),
+        port_min: 1000,
+        port_max: 1015,
+        max_sessions: 8,
+    });
+    let mut now = 0u64;
+    let mut buf = [0u8; 2048];
+    // Records: [control][len][bytes...]; control bit 0 = direction, bits 1..7 = time step.
+    let mut rest = data;
+    while let [ctl, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (pkt, next) = tail.split_at(n);
+        rest = next;
+        now += u64::from(ctl >> 1) * 7;
+        let Some(b) = buf.get_mut(..pkt.len()) else {
+            return;
+        };
+        b.copy_from_slice(pkt);
+        // Make the prefix plausible often enough to reach the table.
+        if b.len() >= 40 && ctl & 0x80 != 0 {
+            if let Some(h) = b.get_mut(0) {
+                *h = 0x60;
+            }
+            let p = pool6.embed([203, 0, 113, b.get(39).copied().unwrap_or(0)]);
+            let off = if ctl & 1 == 0 { 24 } else { 8 };
+            if let Some(d) = b.get_mut(off..off + 16) {
+                d.copy_from_slice(&p);
+            }
+        }
+        let _ = if ctl & 1 == 0 {
+            t.outbound(b, &pool6, now)
+        } else {
+            t.inbound(b, &pool6, now)
+        };
+        assert!(t.sessions() <= 8);
+        assert!(t.bindings() <= t.sessions());
+    }
+});

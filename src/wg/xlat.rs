@@ -1,0 +1,219 @@
+//! The translator on the device's data path (hub mode): decides which packets
+//! the SIIT translator (and the NAT64 table) take, runs them, and counts what
+//! they drop. The device routes whatever comes out: an output packet whose
+//! destination belongs to a peer is encrypted for it, anything else goes to the
+//! TUN (the hub's own stack forwards it).
+//!
+//! * From the TUN: an IPv4 packet to an EAM IPv4 range or to the NAT64 pool4
+//!   address is translated 4→6 (then, for pool4, mapped back to the node by
+//!   its NAT64 session); an IPv6 packet to pool6 is translated 6→4.
+//! * From a peer (after cryptokey routing, when no other peer owns the
+//!   destination): an IPv6 packet to pool6 or to an EAM IPv6 range is
+//!   translated 6→4; when its source has no EAM mapping it goes through NAT64
+//!   first (if configured).
+//!
+//! Nothing here allocates per packet: the caller owns the output buffer
+//! ([`crate::xlat::OUT_BUF_LEN`] bytes; its last [`SCRATCH`] bytes are used as
+//! scratch space for NAT64 rewrites).
+
+use crate::xlat::{self, nat64, DropReason, Outcome};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Scratch room at the end of the output buffer for a packet being rewritten.
+pub const SCRATCH: usize = 65_536;
+
+/// Translator state of a device.
+pub struct XlatPath {
+    cfg: Arc<xlat::Config>,
+    nat: Option<Mutex<nat64::Table>>,
+    pool4: Option<[u8; 4]>,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl XlatPath {
+    pub fn new(cfg: Arc<xlat::Config>, nat64: Option<nat64::Settings>) -> Self {
+        XlatPath {
+            pool4: nat64.as_ref().map(|n| n.pool4.octets()),
+            nat: nat64.map(|n| Mutex::new(nat64::Table::new(n))),
+            cfg,
+            drops: Default::default(),
+        }
+    }
+
+    pub fn config(&self) -> &xlat::Config {
+        &self.cfg
+    }
+
+    fn count(&self, o: &Outcome) {
+        let r = match o {
+            Outcome::Drop(r) | Outcome::Reply { cause: r, .. } => *r,
+            _ => return,
+        };
+        if let Some(c) = self.drops.get(r.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn done(&self, o: Outcome) -> Option<Outcome> {
+        self.count(&o);
+        Some(o)
+    }
+
+    /// Drop counters by reason (only reasons seen at least once).
+    pub fn drops(&self) -> BTreeMap<String, u64> {
+        DropReason::ALL
+            .iter()
+            .filter_map(|r| {
+                let n = self.drops.get(r.index())?.load(Ordering::Relaxed);
+                (n > 0).then(|| (r.as_str().to_string(), n))
+            })
+            .collect()
+    }
+
+    /// NAT64 sessions and bindings, if NAT64 is on.
+    pub fn nat64_counts(&self) -> Option<(usize, usize)> {
+        self.nat.as_ref().map(|n| {
+            let t = n.lock();
+            (t.sessions(), t.bindings())
+        })
+    }
+
+    fn in_pool6(&self, dst: &[u8; 16]) -> bool {
+        self.cfg
+            .pool6
+            .as_ref()
+            .is_some_and(|p| p.extract(dst).is_some())
+    }
+
+    /// A packet read from the TUN. `None`: not for the translator.
+    pub fn on_tun(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Option<Outcome> {
+        match pkt.first().map(|b| b >> 4) {
+            Some(4) => {
+                let dst: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+                let to_pool4 = self.pool4 == Some(dst);
+                if !to_pool4 && xlat::addr::eam_lookup_v4(&self.cfg.eamt, dst).is_none() {
+                    return None;
+                }
+                let o = xlat::translate_4to6(&self.cfg, pkt, out);
+                if !to_pool4 {
+                    return self.done(o);
+                }
+                self.done(self.nat_inbound(o, out, now))
+            }
+            Some(6) => {
+                let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+                if !self.in_pool6(&dst) {
+                    return None;
+                }
+                self.done(self.six_to_four(pkt, out, now))
+            }
+            _ => None,
+        }
+    }
+
+    /// A decrypted IPv6 packet from a peer that no other peer takes. `None`: not
+    /// for the translator.
+    pub fn on_peer(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Option<Outcome> {
+        if pkt.first().map(|b| b >> 4) != Some(6) {
+            return None;
+        }
+        let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+        if !self.in_pool6(&dst) && xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_none() {
+            return None;
+        }
+        self.done(self.six_to_four(pkt, out, now))
+    }
+
+    /// IPv6 → IPv4, through NAT64 when the source has no stateless mapping.
+    fn six_to_four(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Outcome {
+        let stateless = pkt
+            .get(8..24)
+            .and_then(|s| <[u8; 16]>::try_from(s).ok())
+            .is_some_and(|src| {
+                xlat::addr::eam_lookup_v6(&self.cfg.eamt, &src).is_some() || self.in_pool6(&src)
+            });
+        let (Some(nat), Some(pool6), false) = (&self.nat, &self.cfg.pool6, stateless) else {
+            return xlat::translate_6to4(&self.cfg, pkt, out);
+        };
+        let Some(split) = out.len().checked_sub(SCRATCH) else {
+            return Outcome::Drop(DropReason::OutputTooSmall);
+        };
+        let (head, scratch) = out.split_at_mut(split);
+        let Some(s) = scratch.get_mut(..pkt.len()) else {
+            return Outcome::Drop(DropReason::OutputTooSmall);
+        };
+        s.copy_from_slice(pkt);
+        if let Err(e) = nat.lock().outbound(s, pool6, now) {
+            return Outcome::Drop(e);
+        }
+        match xlat::translate_6to4(&self.cfg, s, head) {
+            // An error about the packet must go to the node, not to the pool4
+            // address it was rewritten to: answer for the original packet.
+            Outcome::Reply { .. } => match xlat::translate_6to4(&self.cfg, pkt, head) {
+                o @ Outcome::Reply { .. } => o,
+                _ => Outcome::Drop(DropReason::Untranslatable),
+            },
+            o => o,
+        }
+    }
+
+    /// Maps a packet translated from IPv4 to pool4 back to its NAT64 session.
+    fn nat_inbound(&self, o: Outcome, out: &mut [u8], now: u64) -> Outcome {
+        let Outcome::Forward(p) = o else {
+            return o;
+        };
+        let (Some(nat), Some(pool6)) = (&self.nat, &self.cfg.pool6) else {
+            return Outcome::Drop(DropReason::Untranslatable);
+        };
+        // Later fragments carry no port: only whole packets (or a first
+        // fragment alone) can be mapped.
+        if p.len() != 1 {
+            return Outcome::Drop(DropReason::Fragment);
+        }
+        let Some(first) = out.get_mut(..p.total_len()) else {
+            return Outcome::Drop(DropReason::OutputTooSmall);
+        };
+        match nat.lock().inbound(first, pool6, now) {
+            Ok(()) => Outcome::Forward(p),
+            Err(e) => Outcome::Drop(e),
+        }
+    }
+}
+
+/// The translator configuration a hub device runs with: the validated settings
+/// and a fresh random key for the IPv4 identification hash.
+pub fn device_config(x: &xlat::settings::XlatSettings) -> Arc<xlat::Config> {
+    use rand_core::RngCore;
+    let mut c = x.config.clone();
+    c.id_salt = rand_core::OsRng.next_u32();
+    Arc::new(c)
+}
+
+/// Routes the translated ranges (EAM IPv4 ranges, pool6, the NAT64 pool4
+/// address) onto the TUN `iface` with iproute2, so the host's stack hands their
+/// packets to the translator.
+pub fn add_routes(iface: &str, x: Option<&xlat::settings::XlatSettings>) -> anyhow::Result<()> {
+    let Some(x) = x else {
+        return Ok(());
+    };
+    for r in &x.routes {
+        let net = r.to_string();
+        let st = std::process::Command::new("ip")
+            .args(["route", "replace", &net, "dev", iface])
+            .status()
+            .map_err(|e| {
+                anyhow::anyhow!("xlat: running `ip route replace {net} dev {iface}`: {e}")
+            })?;
+        if !st.success() {
+            anyhow::bail!("xlat: `ip route replace {net} dev {iface}` failed ({st})");
+        }
+    }
+    if !x.routes.is_empty() {
+        let routes: Vec<String> = x.routes.iter().map(|r| r.to_string()).collect();
+        tracing::info!(?routes, "xlat routes added");
+    }
+    Ok(())
+}

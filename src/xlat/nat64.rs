@@ -1,0 +1,691 @@
+//! Stateful NAT64 (RFC 6146): the binding information base (BIB) and session
+//! table, pure and sans-IO.
+//!
+//! gatewire implements NAT64 as NAPT on the IPv6 side in front of the
+//! stateless translator:
+//!
+//! * **Outbound** (IPv6 node → IPv4 server): [`Table::outbound`] rewrites the
+//!   IPv6 source to `pool6 + pool4` and the source port (or ICMP echo
+//!   identifier) to the allocated IPv4 port, updating the checksum
+//!   incrementally; [`super::translate_6to4`] then turns the packet into IPv4
+//!   with source `pool4:port`.
+//! * **Inbound** (IPv4 server → pool4): the IPv4 packet is translated to IPv6
+//!   first (its destination becomes `pool6 + pool4`), then [`Table::inbound`]
+//!   finds the session and rewrites the destination back to the node's address
+//!   and port. ICMP errors about a NAT64 session get their inner packet mapped
+//!   back too.
+//!
+//! Mappings are endpoint-independent (one IPv4 port per IPv6 transport address,
+//! whatever the remote); filtering is address-and-port-dependent for TCP and
+//! ICMP and endpoint-independent for UDP (RFC 6146 §3.5.1.1 allows both).
+//! Timers are RFC 6146's: UDP 5 min, TCP established 2 h 4 min, TCP transitory
+//! 4 min, ICMP query 60 s. The table never reads a clock: every call takes
+//! `now` in seconds from an arbitrary origin. Its size is bounded
+//! ([`Settings::max_sessions`]); when full, new sessions are refused with
+//! [`DropReason::Nat64TableFull`] after expired ones are swept.
+//! Fragments other than the first cannot be mapped (they carry no port) and
+//! are dropped with [`DropReason::Fragment`].
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use super::buf;
+use super::csum;
+use super::{DropReason, Pool6};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+/// RFC 6146 §4: UDP session lifetime (seconds).
+pub const UDP_TIMEOUT: u64 = 5 * 60;
+/// RFC 6146 §4: established TCP session lifetime (seconds).
+pub const TCP_EST_TIMEOUT: u64 = 2 * 3600 + 4 * 60;
+/// RFC 6146 §4: transitory TCP session lifetime (seconds).
+pub const TCP_TRANS_TIMEOUT: u64 = 4 * 60;
+/// RFC 6146 §4: ICMP query session lifetime (seconds).
+pub const ICMP_TIMEOUT: u64 = 60;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP6: u8 = 58;
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+
+/// NAT64 settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The IPv4 address sessions are mapped to.
+    pub pool4: Ipv4Addr,
+    /// Lowest port (and ICMP identifier) to allocate.
+    pub port_min: u16,
+    /// Highest port (and ICMP identifier) to allocate.
+    pub port_max: u16,
+    /// Most sessions (all protocols together).
+    pub max_sessions: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            pool4: Ipv4Addr::new(192, 0, 2, 1),
+            port_min: 1024,
+            port_max: 65535,
+            max_sessions: 65536,
+        }
+    }
+}
+
+/// Transport protocol of a BIB entry or session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    /// ICMP queries (echo); the "port" is the identifier.
+    Icmp,
+}
+
+impl Proto {
+    fn idx(self) -> usize {
+        match self {
+            Proto::Tcp => 0,
+            Proto::Udp => 1,
+            Proto::Icmp => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct V6Key {
+    proto: Proto,
+    addr: [u8; 16],
+    port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct V4Key {
+    proto: Proto,
+    port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SessKey {
+    proto: Proto,
+    port4: u16,
+    remote: [u8; 4],
+    rport: u16,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bib {
+    v6: V6Key,
+    sessions: u32,
+}
+
+/// Simplified RFC 6146 §3.5.2 TCP states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    /// SYN seen from IPv6 only.
+    V6Init,
+    /// SYN seen both ways (or data after a reset).
+    Established,
+    /// FIN seen from one side.
+    FinOne { from_v6: bool },
+    /// FIN seen from both sides.
+    FinBoth,
+    /// RST seen.
+    Trans,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    expires: u64,
+    tcp: TcpState,
+}
+
+/// What [`Table::lookup`] reports about a session (for tests and `show`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub v6_addr: [u8; 16],
+    pub v6_port: u16,
+    pub port4: u16,
+    pub expires: u64,
+    pub tcp: TcpState,
+}
+
+/// The BIB and session table.
+#[derive(Debug)]
+pub struct Table {
+    settings: Settings,
+    bib6: HashMap<V6Key, u16>,
+    bib4: HashMap<V4Key, Bib>,
+    sessions: HashMap<SessKey, Session>,
+    cursor: [u16; 3],
+    next_sweep: u64,
+}
+
+/// Where the transport header is and what it is.
+struct L4 {
+    proto: Proto,
+    off: usize,
+    /// ICMPv6 type (0 for TCP/UDP).
+    icmp_type: u8,
+}
+
+/// Finds the transport header of an IPv6 packet, skipping Hop-by-Hop, Routing
+/// and Destination Options headers. A first fragment is accepted (its ports
+/// are there); any other fragment is not.
+fn find_l4(pkt: &[u8]) -> Result<(u8, usize), DropReason> {
+    if buf::u8at(pkt, 0)? >> 4 != 6 {
+        return Err(DropReason::BadHeader);
+    }
+    let mut nh = buf::u8at(pkt, 6)?;
+    let mut off = 40usize;
+    for _ in 0..8 {
+        match nh {
+            0 | 43 | 60 => {
+                let next = buf::u8at(pkt, off)?;
+                let len = (usize::from(buf::u8at(pkt, off + 1)?) + 1) * 8;
+                nh = next;
+                off += len;
+            }
+            44 => {
+                let next = buf::u8at(pkt, off)?;
+                let frag = buf::u16at(pkt, off + 2)?;
+                if frag & 0xfff8 != 0 {
+                    return Err(DropReason::Fragment);
+                }
+                nh = next;
+                off += 8;
+            }
+            _ => return Ok((nh, off)),
+        }
+    }
+    Err(DropReason::BadHeader)
+}
+
+fn classify(pkt: &[u8]) -> Result<L4, DropReason> {
+    let (nh, off) = find_l4(pkt)?;
+    match nh {
+        TCP => {
+            buf::get(pkt, off, 20)?;
+            Ok(L4 {
+                proto: Proto::Tcp,
+                off,
+                icmp_type: 0,
+            })
+        }
+        UDP => {
+            buf::get(pkt, off, 8)?;
+            Ok(L4 {
+                proto: Proto::Udp,
+                off,
+                icmp_type: 0,
+            })
+        }
+        ICMP6 => {
+            buf::get(pkt, off, 8)?;
+            Ok(L4 {
+                proto: Proto::Icmp,
+                off,
+                icmp_type: buf::u8at(pkt, off)?,
+            })
+        }
+        _ => Err(DropReason::UnsupportedProtocol),
+    }
+}
+
+/// Offset of the transport checksum from the start of the transport header.
+fn csum_off(proto: Proto) -> usize {
+    match proto {
+        Proto::Tcp => 16,
+        Proto::Udp => 6,
+        Proto::Icmp => 2,
+    }
+}
+
+/// Rewrites an IPv6 address at `addr_off` and a 16-bit port/identifier at
+/// `port_off`, both covered by the transport checksum at `csum_at` (when the
+/// checksum lies inside `pkt`), incrementally (RFC 1624).
+fn rewrite(
+    pkt: &mut [u8],
+    addr_off: usize,
+    new_addr: &[u8; 16],
+    port_off: usize,
+    new_port: u16,
+    csum_at: Option<usize>,
+    udp: bool,
+) -> Result<(), DropReason> {
+    let old_addr = buf::arr16(pkt, addr_off)?;
+    let old_port = buf::u16at(pkt, port_off)?;
+    if let Some(c) = csum_at {
+        if let Ok(old) = buf::u16at(pkt, c) {
+            // A zero UDP checksum means "none": leave it.
+            if !(udp && old == 0) {
+                let removed = csum::add(csum::sum(&old_addr), u32::from(old_port));
+                let added = csum::add(csum::sum(new_addr), u32::from(new_port));
+                let mut n = csum::update(old, removed, added);
+                if udp && n == 0 {
+                    n = 0xffff;
+                }
+                buf::put16(pkt, c, n)?;
+            }
+        }
+    }
+    buf::put(pkt, addr_off, new_addr)?;
+    buf::put16(pkt, port_off, new_port)?;
+    Ok(())
+}
+
+impl Table {
+    pub fn new(settings: Settings) -> Self {
+        let min = settings.port_min;
+        Table {
+            settings,
+            bib6: HashMap::new(),
+            bib4: HashMap::new(),
+            sessions: HashMap::new(),
+            cursor: [min; 3],
+            next_sweep: 0,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Number of live sessions (expired ones count until swept).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of BIB entries.
+    pub fn bindings(&self) -> usize {
+        self.bib4.len()
+    }
+
+    /// Removes every session that expired at or before `now`, and the BIB
+    /// entries left without a session.
+    pub fn expire(&mut self, now: u64) {
+        let bib4 = &mut self.bib4;
+        self.sessions.retain(|k, s| {
+            if s.expires > now {
+                return true;
+            }
+            if let Some(b) = bib4.get_mut(&V4Key {
+                proto: k.proto,
+                port: k.port4,
+            }) {
+                b.sessions = b.sessions.saturating_sub(1);
+            }
+            false
+        });
+        let bib6 = &mut self.bib6;
+        bib4.retain(|_, b| {
+            if b.sessions == 0 {
+                bib6.remove(&b.v6);
+                false
+            } else {
+                true
+            }
+        });
+        self.next_sweep = now.saturating_add(1);
+    }
+
+    fn maybe_sweep(&mut self, now: u64) {
+        if now >= self.next_sweep {
+            self.expire(now);
+        }
+    }
+
+    /// The session for an IPv4-side 5-tuple, if any (expired or not).
+    pub fn lookup(
+        &self,
+        proto: Proto,
+        port4: u16,
+        remote: Ipv4Addr,
+        rport: u16,
+    ) -> Option<SessionInfo> {
+        let k = SessKey {
+            proto,
+            port4,
+            remote: remote.octets(),
+            rport,
+        };
+        let s = self.sessions.get(&k)?;
+        let b = self.bib4.get(&V4Key { proto, port: port4 })?;
+        Some(SessionInfo {
+            v6_addr: b.v6.addr,
+            v6_port: b.v6.port,
+            port4,
+            expires: s.expires,
+            tcp: s.tcp,
+        })
+    }
+
+    fn alloc_port(&mut self, proto: Proto, preferred: u16) -> Result<u16, DropReason> {
+        let (min, max) = (self.settings.port_min, self.settings.port_max);
+        if min > max {
+            return Err(DropReason::Nat64PortsExhausted);
+        }
+        if (min..=max).contains(&preferred)
+            && !self.bib4.contains_key(&V4Key {
+                proto,
+                port: preferred,
+            })
+        {
+            return Ok(preferred);
+        }
+        let span = u32::from(max - min) + 1;
+        let cur = self
+            .cursor
+            .get_mut(proto.idx())
+            .ok_or(DropReason::BadHeader)?;
+        for _ in 0..span {
+            let p = *cur;
+            *cur = if p >= max { min } else { p + 1 };
+            if p >= min && p <= max && !self.bib4.contains_key(&V4Key { proto, port: p }) {
+                return Ok(p);
+            }
+        }
+        Err(DropReason::Nat64PortsExhausted)
+    }
+
+    /// Finds or creates the BIB entry and session for an outbound packet;
+    /// returns the IPv4 port.
+    fn outbound_session(
+        &mut self,
+        v6: V6Key,
+        remote: [u8; 4],
+        rport: u16,
+        creates: bool,
+        now: u64,
+    ) -> Result<(u16, SessKey), DropReason> {
+        if let Some(&port4) = self.bib6.get(&v6) {
+            let k = SessKey {
+                proto: v6.proto,
+                port4,
+                remote,
+                rport,
+            };
+            if self.sessions.contains_key(&k) {
+                return Ok((port4, k));
+            }
+        }
+        if !creates {
+            return Err(DropReason::Nat64NoSession);
+        }
+        // Room for the session first, so no binding is left without one.
+        self.room(now)?;
+        let port4 = match self.bib6.get(&v6) {
+            Some(&p) => p,
+            None => {
+                let p = self.alloc_port(v6.proto, v6.port)?;
+                self.bib6.insert(v6, p);
+                self.bib4.insert(
+                    V4Key {
+                        proto: v6.proto,
+                        port: p,
+                    },
+                    Bib { v6, sessions: 0 },
+                );
+                p
+            }
+        };
+        let k = SessKey {
+            proto: v6.proto,
+            port4,
+            remote,
+            rport,
+        };
+        self.sessions.insert(
+            k,
+            Session {
+                expires: now,
+                tcp: TcpState::V6Init,
+            },
+        );
+        if let Some(b) = self.bib4.get_mut(&V4Key {
+            proto: v6.proto,
+            port: port4,
+        }) {
+            b.sessions += 1;
+        }
+        Ok((port4, k))
+    }
+
+    fn room(&mut self, now: u64) -> Result<(), DropReason> {
+        if self.sessions.len() >= self.settings.max_sessions {
+            self.expire(now);
+            if self.sessions.len() >= self.settings.max_sessions {
+                return Err(DropReason::Nat64TableFull);
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates a session's state and expiry for a packet.
+    fn touch(&mut self, k: &SessKey, from_v6: bool, tcp_flags: u8, now: u64) {
+        let Some(s) = self.sessions.get_mut(k) else {
+            return;
+        };
+        let timeout = match k.proto {
+            Proto::Udp => UDP_TIMEOUT,
+            Proto::Icmp => ICMP_TIMEOUT,
+            Proto::Tcp => {
+                s.tcp = next_tcp(s.tcp, from_v6, tcp_flags);
+                match s.tcp {
+                    TcpState::Established => TCP_EST_TIMEOUT,
+                    TcpState::FinOne { .. } => TCP_EST_TIMEOUT,
+                    TcpState::V6Init | TcpState::FinBoth | TcpState::Trans => TCP_TRANS_TIMEOUT,
+                }
+            }
+        };
+        // Packets in a closing session never extend it (RFC 6146 §3.5.2.2).
+        let closing = k.proto == Proto::Tcp && matches!(s.tcp, TcpState::FinBoth | TcpState::Trans);
+        if closing {
+            if s.expires <= now {
+                s.expires = now.saturating_add(timeout);
+            }
+            s.expires = s.expires.min(now.saturating_add(timeout));
+        } else {
+            s.expires = now.saturating_add(timeout);
+        }
+    }
+
+    /// Maps an IPv6 packet from a node to `pool6 + remote` onto the pool4
+    /// address: rewrites its source address and port (or echo identifier) in
+    /// place. The caller then translates it with [`super::translate_6to4`].
+    pub fn outbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
+        self.maybe_sweep(now);
+        let l4 = classify(pkt)?;
+        let src = buf::arr16(pkt, 8)?;
+        let dst = buf::arr16(pkt, 24)?;
+        let remote = pool6.extract(&dst).ok_or(DropReason::Untranslatable)?;
+        let (sport_off, rport, flags) = match l4.proto {
+            Proto::Tcp => (
+                l4.off,
+                buf::u16at(pkt, l4.off + 2)?,
+                buf::u8at(pkt, l4.off + 13)?,
+            ),
+            Proto::Udp => (l4.off, buf::u16at(pkt, l4.off + 2)?, 0),
+            Proto::Icmp => {
+                if l4.icmp_type != 128 {
+                    // Echo replies and errors from nodes towards IPv4 have no session to
+                    // start; echo request is the only query RFC 7915 translates.
+                    return Err(DropReason::UnsupportedIcmp);
+                }
+                (l4.off + 4, 0, 0)
+            }
+        };
+        let v6 = V6Key {
+            proto: l4.proto,
+            addr: src,
+            port: buf::u16at(pkt, sport_off)?,
+        };
+        // TCP sessions start with a SYN (RFC 6146 §3.5.2.1).
+        let creates = l4.proto != Proto::Tcp || flags & SYN != 0;
+        let (port4, k) = self.outbound_session(v6, remote, rport, creates, now)?;
+        self.touch(&k, true, flags, now);
+        let new_src = pool6.embed(self.settings.pool4.octets());
+        rewrite(
+            pkt,
+            8,
+            &new_src,
+            sport_off,
+            port4,
+            Some(l4.off + csum_off(l4.proto)),
+            l4.proto == Proto::Udp,
+        )
+    }
+
+    /// Maps an IPv6 packet translated from IPv4 (destination `pool6 + pool4`)
+    /// back to the node: rewrites the destination address and port (or echo
+    /// identifier); for an ICMPv6 error, the inner packet's source too.
+    pub fn inbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
+        self.maybe_sweep(now);
+        let l4 = classify(pkt)?;
+        let src = buf::arr16(pkt, 8)?;
+        let remote = pool6.extract(&src).ok_or(DropReason::Untranslatable)?;
+        match (l4.proto, l4.icmp_type) {
+            (Proto::Icmp, 1..=4) => return self.inbound_error(pkt, l4.off, pool6),
+            (Proto::Icmp, 129) => {}
+            (Proto::Icmp, _) => return Err(DropReason::UnsupportedIcmp),
+            _ => {}
+        }
+        let (dport_off, rport, flags) = match l4.proto {
+            Proto::Tcp => (
+                l4.off + 2,
+                buf::u16at(pkt, l4.off)?,
+                buf::u8at(pkt, l4.off + 13)?,
+            ),
+            Proto::Udp => (l4.off + 2, buf::u16at(pkt, l4.off)?, 0),
+            Proto::Icmp => (l4.off + 4, 0, 0),
+        };
+        let port4 = buf::u16at(pkt, dport_off)?;
+        let k = SessKey {
+            proto: l4.proto,
+            port4,
+            remote,
+            rport,
+        };
+        let v4k = V4Key {
+            proto: l4.proto,
+            port: port4,
+        };
+        let bib = *self.bib4.get(&v4k).ok_or(DropReason::Nat64NoSession)?;
+        if !self.sessions.contains_key(&k) {
+            // Endpoint-independent filtering for UDP only.
+            if l4.proto != Proto::Udp {
+                return Err(DropReason::Nat64NoSession);
+            }
+            self.room(now)?;
+            self.sessions.insert(
+                k,
+                Session {
+                    expires: now,
+                    tcp: TcpState::V6Init,
+                },
+            );
+            if let Some(b) = self.bib4.get_mut(&v4k) {
+                b.sessions += 1;
+            }
+        }
+        self.touch(&k, false, flags, now);
+        rewrite(
+            pkt,
+            24,
+            &bib.v6.addr,
+            dport_off,
+            bib.v6.port,
+            Some(l4.off + csum_off(l4.proto)),
+            l4.proto == Proto::Udp,
+        )
+    }
+
+    /// An ICMPv6 error (translated from ICMPv4) about a packet the node sent
+    /// through NAT64: the inner packet goes from `pool6 + pool4 : port4` to the
+    /// remote. Maps the outer destination and the inner source back, then
+    /// recomputes the ICMPv6 checksum.
+    fn inbound_error(
+        &mut self,
+        pkt: &mut [u8],
+        icmp_off: usize,
+        pool6: &Pool6,
+    ) -> Result<(), DropReason> {
+        let inner = icmp_off + 8;
+        let inner_pkt = buf::tail(pkt, inner)?;
+        let nh = buf::u8at(inner_pkt, 6)?;
+        let inner_dst = buf::arr16(inner_pkt, 24)?;
+        let remote = pool6
+            .extract(&inner_dst)
+            .ok_or(DropReason::Untranslatable)?;
+        let l4 = inner + 40;
+        let (proto, sport_off, rport, csum_at) = match nh {
+            TCP => (Proto::Tcp, l4, buf::u16at(pkt, l4 + 2)?, l4 + 16),
+            UDP => (Proto::Udp, l4, buf::u16at(pkt, l4 + 2)?, l4 + 6),
+            ICMP6 => {
+                if buf::u8at(pkt, l4)? != 128 {
+                    return Err(DropReason::NestedIcmpError);
+                }
+                (Proto::Icmp, l4 + 4, 0, l4 + 2)
+            }
+            _ => return Err(DropReason::UnsupportedProtocol),
+        };
+        let port4 = buf::u16at(pkt, sport_off)?;
+        let k = SessKey {
+            proto,
+            port4,
+            remote,
+            rport,
+        };
+        if !self.sessions.contains_key(&k) {
+            return Err(DropReason::Nat64NoSession);
+        }
+        let bib = *self
+            .bib4
+            .get(&V4Key { proto, port: port4 })
+            .ok_or(DropReason::Nat64NoSession)?;
+        // Inner source (checksum of the inner transport header when present).
+        rewrite(
+            pkt,
+            inner + 8,
+            &bib.v6.addr,
+            sport_off,
+            bib.v6.port,
+            Some(csum_at),
+            proto == Proto::Udp,
+        )?;
+        buf::put(pkt, 24, &bib.v6.addr)?;
+        // Outer ICMPv6 checksum from scratch.
+        let plen = usize::from(buf::u16at(pkt, 4)?);
+        let end = 40usize.checked_add(plen).ok_or(DropReason::Truncated)?;
+        let src = buf::arr16(pkt, 8)?;
+        let dst = buf::arr16(pkt, 24)?;
+        let icmp_len = end.checked_sub(icmp_off).ok_or(DropReason::BadHeader)?;
+        buf::put16(pkt, icmp_off + 2, 0)?;
+        let body = buf::get(pkt, icmp_off, icmp_len)?;
+        let len32 = u32::try_from(icmp_len).map_err(|_| DropReason::BadHeader)?;
+        let c = csum::finish(csum::add(
+            csum::pseudo_v6(&src, &dst, ICMP6, len32),
+            csum::sum(body),
+        ));
+        buf::put16(pkt, icmp_off + 2, c)
+    }
+}
+
+fn next_tcp(s: TcpState, from_v6: bool, flags: u8) -> TcpState {
+    if flags & RST != 0 {
+        return TcpState::Trans;
+    }
+    match s {
+        TcpState::V6Init if !from_v6 && flags & SYN != 0 => TcpState::Established,
+        TcpState::V6Init => TcpState::V6Init,
+        TcpState::Trans => TcpState::Established,
+        TcpState::Established if flags & FIN != 0 => TcpState::FinOne { from_v6 },
+        TcpState::Established => TcpState::Established,
+        TcpState::FinOne { from_v6: f } if flags & FIN != 0 && f != from_v6 => TcpState::FinBoth,
+        s @ (TcpState::FinOne { .. } | TcpState::FinBoth) => s,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests;

@@ -1,0 +1,375 @@
+use super::*;
+use crate::xlat::{translate_4to6, translate_6to4, Config, Outcome, OUT_BUF_LEN};
+use proptest::prelude::*;
+use std::net::Ipv6Addr;
+
+const NODE: [u8; 16] = [0xfd, 0x77, 0x67, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+const REMOTE: [u8; 4] = [203, 0, 113, 10];
+const POOL4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+
+fn pool6() -> Pool6 {
+    Pool6::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96).unwrap()
+}
+
+fn table(max: usize) -> Table {
+    Table::new(Settings {
+        pool4: POOL4,
+        port_min: 2000,
+        port_max: 2003,
+        max_sessions: max,
+    })
+}
+
+/// An IPv6 packet with a correct transport checksum.
+fn v6_packet(src: [u8; 16], dst: [u8; 16], nh: u8, l4: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+    p[6] = nh;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src);
+    p[24..40].copy_from_slice(&dst);
+    p.extend_from_slice(l4);
+    let coff = 40
+        + match nh {
+            6 => 16,
+            17 => 6,
+            _ => 2,
+        };
+    p[coff] = 0;
+    p[coff + 1] = 0;
+    let c = csum::finish(csum::add(
+        csum::pseudo_v6(&src, &dst, nh, l4.len() as u32),
+        csum::sum(&p[40..]),
+    ));
+    p[coff..coff + 2].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14] = 0xff;
+    t.extend_from_slice(payload);
+    t
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(payload);
+    u
+}
+
+fn v6_csum_ok(p: &[u8]) -> bool {
+    let (nh, off) = find_l4(p).unwrap();
+    let src: [u8; 16] = p[8..24].try_into().unwrap();
+    let dst: [u8; 16] = p[24..40].try_into().unwrap();
+    csum::verify(
+        csum::pseudo_v6(&src, &dst, nh, (p.len() - off) as u32),
+        &p[off..],
+    )
+}
+
+fn v4_csum_ok(p: &[u8]) -> bool {
+    let ihl = usize::from(p[0] & 15) * 4;
+    let src: [u8; 4] = p[12..16].try_into().unwrap();
+    let dst: [u8; 4] = p[16..20].try_into().unwrap();
+    let extra = if p[9] == 1 {
+        0
+    } else {
+        csum::pseudo_v4(&src, &dst, p[9], (p.len() - ihl) as u32)
+    };
+    csum::verify(extra, &p[ihl..])
+}
+
+fn cfg() -> Config {
+    Config::default()
+}
+
+/// Node → remote: NAT64 outbound then stateless 6→4; returns the IPv4 packet.
+fn out_v4(t: &mut Table, pkt: &mut [u8], now: u64) -> Result<Vec<u8>, DropReason> {
+    t.outbound(pkt, &pool6(), now)?;
+    let mut out = vec![0u8; OUT_BUF_LEN];
+    match translate_6to4(&cfg(), pkt, &mut out) {
+        Outcome::Forward(p) => Ok(p.iter(&out).next().unwrap().to_vec()),
+        o => panic!("{o:?}"),
+    }
+}
+
+/// An IPv4 reply turned into IPv6 for the node.
+fn in_v6(t: &mut Table, v4: &[u8], now: u64) -> Result<Vec<u8>, DropReason> {
+    let mut out = vec![0u8; OUT_BUF_LEN];
+    let mut p = match translate_4to6(&cfg(), v4, &mut out) {
+        Outcome::Forward(p) => p.iter(&out).next().unwrap().to_vec(),
+        o => panic!("{o:?}"),
+    };
+    t.inbound(&mut p, &pool6(), now)?;
+    Ok(p)
+}
+
+/// Swaps an IPv4 packet's addresses and ports, keeping checksums right.
+fn v4_reply(p: &[u8], flags: Option<u8>) -> Vec<u8> {
+    let mut r = p.to_vec();
+    r[12..16].copy_from_slice(&p[16..20]);
+    r[16..20].copy_from_slice(&p[12..16]);
+    r[20..22].copy_from_slice(&p[22..24]);
+    r[22..24].copy_from_slice(&p[20..22]);
+    if let Some(f) = flags {
+        r[33] = f;
+    }
+    let coff = if p[9] == 6 { 36 } else { 26 };
+    r[coff] = 0;
+    r[coff + 1] = 0;
+    let c = csum::finish(csum::add(
+        csum::pseudo_v4(
+            &r[12..16].try_into().unwrap(),
+            &r[16..20].try_into().unwrap(),
+            p[9],
+            (r.len() - 20) as u32,
+        ),
+        csum::sum(&r[20..]),
+    ));
+    r[coff..coff + 2].copy_from_slice(&c.to_be_bytes());
+    r[10] = 0;
+    r[11] = 0;
+    let h = crate::wg::packet::ipv4_header_checksum(&r[..20]);
+    r[10..12].copy_from_slice(&h.to_be_bytes());
+    r
+}
+
+#[test]
+fn drop_reason_indices_match() {
+    for (i, r) in DropReason::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+}
+
+#[test]
+fn tcp_round_trip() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let mut syn = v6_packet(NODE, dst, 6, &tcp(40000, 80, SYN, b""));
+    let v4 = out_v4(&mut t, &mut syn, 100).unwrap();
+    assert_eq!(&v4[12..16], &POOL4.octets());
+    assert_eq!(&v4[16..20], &REMOTE);
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    assert!((2000..=2003).contains(&port4));
+    assert!(v4_csum_ok(&v4));
+    let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
+    assert_eq!(s.tcp, TcpState::V6Init);
+    assert_eq!(s.expires, 100 + TCP_TRANS_TIMEOUT);
+
+    let synack = v4_reply(&v4, Some(SYN | 0x10));
+    let back = in_v6(&mut t, &synack, 101).unwrap();
+    assert_eq!(&back[24..40], &NODE);
+    assert_eq!(u16::from_be_bytes([back[42], back[43]]), 40000);
+    assert_eq!(&back[8..24], &dst);
+    assert!(v6_csum_ok(&back));
+    let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
+    assert_eq!(s.tcp, TcpState::Established);
+    assert_eq!(s.expires, 101 + TCP_EST_TIMEOUT);
+}
+
+#[test]
+fn tcp_needs_syn_to_start() {
+    let mut t = table(16);
+    let mut ack = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(40000, 80, 0x10, b"x"));
+    assert_eq!(
+        t.outbound(&mut ack, &pool6(), 0),
+        Err(DropReason::Nat64NoSession)
+    );
+}
+
+#[test]
+fn udp_round_trip_and_expiry() {
+    let mut t = table(16);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(5353, 53, b"hello"));
+    let v4 = out_v4(&mut t, &mut p, 10).unwrap();
+    assert!(v4_csum_ok(&v4));
+    let back = in_v6(&mut t, &v4_reply(&v4, None), 20).unwrap();
+    assert!(v6_csum_ok(&back));
+    assert_eq!(u16::from_be_bytes([back[42], back[43]]), 5353);
+    // Refreshed at 20: alive until 20 + 300.
+    t.expire(20 + UDP_TIMEOUT - 1);
+    assert_eq!(t.sessions(), 1);
+    t.expire(20 + UDP_TIMEOUT);
+    assert_eq!(t.sessions(), 0);
+    assert_eq!(t.bindings(), 0);
+    assert_eq!(
+        in_v6(&mut t, &v4_reply(&v4, None), 400),
+        Err(DropReason::Nat64NoSession)
+    );
+}
+
+#[test]
+fn udp_endpoint_independent() {
+    let mut t = table(16);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    let mut other = v4_reply(&v4, None);
+    other[12..16].copy_from_slice(&[192, 0, 2, 99]);
+    let other = v4_reply(&v4_reply(&other, None), None);
+    // Same mapping from another remote: allowed for UDP.
+    let back = in_v6(&mut t, &other, 1).unwrap();
+    assert_eq!(&back[24..40], &NODE);
+    assert_eq!(t.sessions(), 2);
+    assert_eq!(t.bindings(), 1);
+}
+
+#[test]
+fn icmp_echo_round_trip() {
+    let mut t = table(16);
+    let mut echo = vec![128u8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    echo.extend_from_slice(b"ping");
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 58, &echo);
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    assert_eq!(v4[20], 8);
+    assert!(v4_csum_ok(&v4));
+    let id4 = u16::from_be_bytes([v4[24], v4[25]]);
+    // Echo reply.
+    let mut r = v4.clone();
+    r[12..16].copy_from_slice(&v4[16..20]);
+    r[16..20].copy_from_slice(&v4[12..16]);
+    r[20] = 0;
+    r[22] = 0;
+    r[23] = 0;
+    let c = csum::checksum(&r[20..]);
+    r[22..24].copy_from_slice(&c.to_be_bytes());
+    let back = in_v6(&mut t, &r, 1).unwrap();
+    assert_eq!(back[40], 129);
+    assert_eq!(&back[44..46], &[0x12, 0x34]);
+    assert!(v6_csum_ok(&back));
+    assert!(t.lookup(Proto::Icmp, id4, REMOTE.into(), 0).is_some());
+    t.expire(1 + ICMP_TIMEOUT);
+    assert_eq!(t.sessions(), 0);
+}
+
+#[test]
+fn icmp_error_maps_inner_packet() {
+    let mut t = table(16);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(7000, 9, b"probe"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    // Port unreachable from the remote, quoting the packet.
+    let mut e = vec![0x45u8, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    e.extend_from_slice(&REMOTE);
+    e.extend_from_slice(&POOL4.octets());
+    e.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+    e.extend_from_slice(&v4);
+    let len = e.len() as u16;
+    e[2..4].copy_from_slice(&len.to_be_bytes());
+    let c = csum::checksum(&e[20..]);
+    e[22..24].copy_from_slice(&c.to_be_bytes());
+    let h = crate::wg::packet::ipv4_header_checksum(&e[..20]);
+    e[10..12].copy_from_slice(&h.to_be_bytes());
+    let back = in_v6(&mut t, &e, 1).unwrap();
+    assert_eq!(back[40], 1);
+    assert_eq!(&back[24..40], &NODE);
+    assert_eq!(&back[48 + 8..48 + 24], &NODE);
+    assert_eq!(u16::from_be_bytes([back[88], back[89]]), 7000);
+    assert!(v6_csum_ok(&back));
+}
+
+#[test]
+fn bounded_and_ports_exhausted() {
+    let mut t = table(3);
+    for i in 0..3u16 {
+        let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(100 + i, 53, b""));
+        t.outbound(&mut p, &pool6(), 0).unwrap();
+    }
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(200, 53, b""));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), 0),
+        Err(DropReason::Nat64TableFull)
+    );
+    // Once they expire there is room again.
+    assert!(t.outbound(&mut p, &pool6(), UDP_TIMEOUT + 1).is_ok());
+
+    let mut t = table(100);
+    for i in 0..4u16 {
+        let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(100 + i, 53, b""));
+        t.outbound(&mut p, &pool6(), 0).unwrap();
+    }
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(200, 53, b""));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), 0),
+        Err(DropReason::Nat64PortsExhausted)
+    );
+}
+
+#[test]
+fn tcp_fin_and_rst_are_transitory() {
+    let mut t = table(16);
+    let mut syn = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(1, 80, SYN, b""));
+    let v4 = out_v4(&mut t, &mut syn, 0).unwrap();
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    in_v6(&mut t, &v4_reply(&v4, Some(SYN | 0x10)), 0).unwrap();
+    in_v6(&mut t, &v4_reply(&v4, Some(FIN | 0x10)), 10).unwrap();
+    let mut fin = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(1, 80, FIN | 0x10, b""));
+    t.outbound(&mut fin, &pool6(), 20).unwrap();
+    let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
+    assert_eq!(s.tcp, TcpState::FinBoth);
+    assert_eq!(s.expires, 20 + TCP_TRANS_TIMEOUT);
+    let mut rst = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(1, 80, RST, b""));
+    t.outbound(&mut rst, &pool6(), 30).unwrap();
+    let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
+    assert_eq!(s.tcp, TcpState::Trans);
+    assert!(s.expires <= 30 + TCP_TRANS_TIMEOUT);
+}
+
+#[test]
+fn non_first_fragment_dropped() {
+    let mut t = table(16);
+    let mut p = v6_packet(
+        NODE,
+        pool6().embed(REMOTE),
+        44,
+        &[17, 0, 0, 8, 0, 0, 0, 1, 0, 0],
+    );
+    assert_eq!(t.outbound(&mut p, &pool6(), 0), Err(DropReason::Fragment));
+}
+
+proptest! {
+    #[test]
+    fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..200), now in 0u64..1000) {
+        let mut t = table(8);
+        let mut a = data.clone();
+        let _ = t.outbound(&mut a, &pool6(), now);
+        let mut b = data;
+        let _ = t.inbound(&mut b, &pool6(), now);
+    }
+
+    #[test]
+    fn bounded_and_checksums_stay_valid(
+        ops in proptest::collection::vec((0u8..3, any::<u16>(), any::<u16>(), 0u64..2000, proptest::collection::vec(any::<u8>(), 0..40)), 1..60)
+    ) {
+        let mut t = Table::new(Settings { pool4: POOL4, port_min: 1024, port_max: 1100, max_sessions: 20 });
+        let mut now = 0;
+        for (kind, sport, dport, dt, payload) in ops {
+            now += dt;
+            let dst = pool6().embed(REMOTE);
+            let mut p = match kind {
+                0 => v6_packet(NODE, dst, 17, &udp(sport, dport, &payload)),
+                1 => v6_packet(NODE, dst, 6, &tcp(sport, dport, SYN, &payload)),
+                _ => {
+                    let mut e = vec![128u8, 0, 0, 0];
+                    e.extend_from_slice(&sport.to_be_bytes());
+                    e.extend_from_slice(&[0, 1]);
+                    e.extend_from_slice(&payload);
+                    v6_packet(NODE, dst, 58, &e)
+                }
+            };
+            if t.outbound(&mut p, &pool6(), now).is_ok() {
+                prop_assert!(v6_csum_ok(&p));
+                prop_assert_eq!(&p[8..24], &pool6().embed(POOL4.octets()));
+            }
+            prop_assert!(t.sessions() <= 20);
+            prop_assert!(t.bindings() <= t.sessions());
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The hub's `[xlat]` configuration section: raw TOML structs and their
+//! validation into a translator [`Config`], optional NAT64 settings and the
+//! routes the hub puts on its TUN. Errors name the offending key.
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use super::nat64;
+use super::{Config, Eam, Pool6};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// `[xlat]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawXlat {
+    pool6: Option<String>,
+    #[serde(default)]
+    eam: Vec<RawEam>,
+    rfc6791_ipv4: Option<String>,
+    rfc6791_ipv6: Option<String>,
+    self_ipv4: Option<String>,
+    self_ipv6: Option<String>,
+    lowest_ipv6_mtu: Option<u16>,
+    ipv4_mtu: Option<u16>,
+    ipv6_mtu: Option<u16>,
+    amend_udp_checksum_zero: Option<bool>,
+    routes: Option<bool>,
+    nat64: Option<RawNat64>,
+}
+
+/// One `eam = [{ ipv4 = "...", ipv6 = "..." }]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEam {
+    ipv4: String,
+    ipv6: String,
+}
+
+/// `[xlat.nat64]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNat64 {
+    pool4: String,
+    ports: Option<String>,
+    max_sessions: Option<usize>,
+}
+
+/// Validated translation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XlatSettings {
+    pub config: Config,
+    pub nat64: Option<nat64::Settings>,
+    /// Routes to put on the hub's TUN (empty when `routes = false`).
+    pub routes: Vec<IpNet>,
+}
+
+fn v4net(key: &str, s: &str) -> Result<Ipv4Net, String> {
+    s.parse::<Ipv4Net>()
+        .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
+        .map_err(|_| format!("[xlat] {key}: `{s}` is not an IPv4 address or prefix"))
+}
+
+fn v6net(key: &str, s: &str) -> Result<Ipv6Net, String> {
+    s.parse::<Ipv6Net>()
+        .or_else(|_| s.parse::<Ipv6Addr>().map(Ipv6Net::from))
+        .map_err(|_| format!("[xlat] {key}: `{s}` is not an IPv6 address or prefix"))
+}
+
+fn v4addr(key: &str, s: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("[xlat] {key}: `{s}` is not an IPv4 address"))
+}
+
+fn v6addr(key: &str, s: &str) -> Result<Ipv6Addr, String> {
+    s.parse()
+        .map_err(|_| format!("[xlat] {key}: `{s}` is not an IPv6 address"))
+}
+
+/// Validates `[xlat]`. `hub_addresses` supply the default error sources and
+/// `hub_mtu` the default IPv6-side MTU (the tunnels').
+pub fn validate(
+    raw: RawXlat,
+    hub_addresses: &[IpNet],
+    hub_mtu: u16,
+) -> Result<XlatSettings, String> {
+    let mut cfg = Config::default();
+    let mut routes = Vec::new();
+    match raw.pool6.as_deref() {
+        Some("off") => cfg.pool6 = None,
+        Some(s) => {
+            let n = v6net("pool6", s)?;
+            if n.trunc() != n {
+                return Err(format!("[xlat] pool6: `{s}` has host bits set"));
+            }
+            cfg.pool6 = Some(
+                Pool6::new(n.network(), n.prefix_len())
+                    .map_err(|e| format!("[xlat] pool6: `{s}`: {e}"))?,
+            );
+        }
+        None => {}
+    }
+    if let Some(p) = &cfg.pool6 {
+        if let Ok(n) = Ipv6Net::new(p.prefix(), p.prefix_len()) {
+            routes.push(IpNet::V6(n));
+        }
+    }
+    for (i, e) in raw.eam.iter().enumerate() {
+        let key = format!("eam #{}", i + 1);
+        let a = v4net(&format!("{key} ipv4"), &e.ipv4)?;
+        let b = v6net(&format!("{key} ipv6"), &e.ipv6)?;
+        let eam = Eam::new(a.network(), a.prefix_len(), b.network(), b.prefix_len())
+            .map_err(|err| format!("[xlat] {key} ({} = {}): {err}", e.ipv4, e.ipv6))?;
+        if a.trunc() != a || b.trunc() != b {
+            return Err(format!(
+                "[xlat] {key}: `{}` / `{}` has host bits set",
+                e.ipv4, e.ipv6
+            ));
+        }
+        if cfg.eamt.iter().any(|x| x.v4() == eam.v4()) {
+            return Err(format!("[xlat] {key}: ipv4 `{}` is listed twice", e.ipv4));
+        }
+        cfg.eamt.push(eam);
+        routes.push(IpNet::V4(a));
+    }
+    if let Some(s) = &raw.rfc6791_ipv4 {
+        let n = v4net("rfc6791_ipv4", s)?;
+        cfg.rfc6791_v4 = Some((n.network(), n.prefix_len()));
+    }
+    if let Some(s) = &raw.rfc6791_ipv6 {
+        cfg.rfc6791_v6 = Some(v6addr("rfc6791_ipv6", s)?);
+    }
+    cfg.self_v4 = match &raw.self_ipv4 {
+        Some(s) => Some(v4addr("self_ipv4", s)?),
+        None => hub_addresses.iter().find_map(|a| match a.addr() {
+            IpAddr::V4(v) => Some(v),
+            IpAddr::V6(_) => None,
+        }),
+    };
+    cfg.self_v6 = match &raw.self_ipv6 {
+        Some(s) => Some(v6addr("self_ipv6", s)?),
+        None => hub_addresses.iter().find_map(|a| match a.addr() {
+            IpAddr::V6(v) => Some(v),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    cfg.lowest_ipv6_mtu = raw.lowest_ipv6_mtu.unwrap_or(1280);
+    if cfg.lowest_ipv6_mtu < 1280 {
+        return Err(format!(
+            "[xlat] lowest_ipv6_mtu {}: must be at least 1280",
+            cfg.lowest_ipv6_mtu
+        ));
+    }
+    cfg.ipv4_mtu = raw.ipv4_mtu.unwrap_or(1500);
+    if cfg.ipv4_mtu < 576 {
+        return Err(format!(
+            "[xlat] ipv4_mtu {}: must be at least 576",
+            cfg.ipv4_mtu
+        ));
+    }
+    cfg.ipv6_mtu = raw.ipv6_mtu.unwrap_or(hub_mtu);
+    if cfg.ipv6_mtu < 1280 {
+        return Err(format!(
+            "[xlat] ipv6_mtu {}: must be at least 1280",
+            cfg.ipv6_mtu
+        ));
+    }
+    cfg.amend_udp_checksum_zero = raw.amend_udp_checksum_zero.unwrap_or(false);
+    let nat64 = match raw.nat64 {
+        None => None,
+        Some(n) => {
+            let pool4 = v4addr("nat64.pool4", &n.pool4)?;
+            if cfg.pool6.is_none() {
+                return Err("[xlat.nat64] needs a pool6 (pool6 = \"off\" is set)".into());
+            }
+            if super::addr::eam_lookup_v4(&cfg.eamt, pool4.octets()).is_some() {
+                return Err(format!(
+                    "[xlat.nat64] pool4 `{pool4}` lies inside an eam ipv4 range"
+                ));
+            }
+            let (port_min, port_max) = match n.ports.as_deref() {
+                None => (1024, 65535),
+                Some(s) => {
+                    let bad = || {
+                        format!("[xlat.nat64] ports `{s}`: expected FIRST-LAST, e.g. 1024-65535")
+                    };
+                    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+                    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+                    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+                    if a == 0 || a > b {
+                        return Err(bad());
+                    }
+                    (a, b)
+                }
+            };
+            let max_sessions = n.max_sessions.unwrap_or(65536);
+            if max_sessions == 0 || max_sessions > 4_000_000 {
+                return Err(format!(
+                    "[xlat.nat64] max_sessions {max_sessions}: must be 1 to 4000000"
+                ));
+            }
+            routes.push(IpNet::V4(Ipv4Net::from(pool4)));
+            Some(nat64::Settings {
+                pool4,
+                port_min,
+                port_max,
+                max_sessions,
+            })
+        }
+    };
+    if raw.routes == Some(false) {
+        routes.clear();
+    }
+    Ok(XlatSettings {
+        config: cfg,
+        nat64,
+        routes,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<XlatSettings, String> {
+        let raw: RawXlat = toml::from_str(s).map_err(|e| e.to_string())?;
+        validate(
+            raw,
+            &[
+                "100.64.0.1/10".parse().unwrap(),
+                "fd77::1/48".parse().unwrap(),
+            ],
+            1420,
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let x = parse("").unwrap();
+        assert_eq!(x.config.pool6, Config::default().pool6);
+        assert_eq!(x.config.self_v4, Some(Ipv4Addr::new(100, 64, 0, 1)));
+        assert_eq!(x.config.ipv6_mtu, 1420);
+        assert_eq!(x.routes, vec!["64:ff9b::/96".parse::<IpNet>().unwrap()]);
+        assert!(x.nat64.is_none());
+    }
+
+    #[test]
+    fn full() {
+        let x = parse(
+            r#"pool6 = "2001:db8:100::/40"
+eam = [{ ipv4 = "198.51.100.10/32", ipv6 = "fd77:6777::1:1/128" }, { ipv4 = "10.0.0.0/24", ipv6 = "2001:db8:2::/120" }]
+rfc6791_ipv4 = "203.0.113.8/32"
+self_ipv4 = "198.51.100.1"
+ipv4_mtu = 1400
+amend_udp_checksum_zero = true
+[nat64]
+pool4 = "198.51.100.200"
+ports = "2000-3000"
+max_sessions = 10
+"#,
+        )
+        .unwrap();
+        assert_eq!(x.config.eamt.len(), 2);
+        assert_eq!(
+            x.config.rfc6791_v4,
+            Some((Ipv4Addr::new(203, 0, 113, 8), 32))
+        );
+        let n = x.nat64.unwrap();
+        assert_eq!((n.port_min, n.port_max, n.max_sessions), (2000, 3000, 10));
+        assert_eq!(x.routes.len(), 4);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, key) in [
+            ("pool6 = \"64:ff9b::/33\"", "pool6"),
+            ("pool6 = \"nope\"", "pool6"),
+            (
+                "eam = [{ ipv4 = \"1.2.3.0/24\", ipv6 = \"2001:db8::/130\" }]",
+                "eam #1",
+            ),
+            (
+                "eam = [{ ipv4 = \"1.2.0.0/16\", ipv6 = \"2001:db8::/120\" }]",
+                "eam #1",
+            ),
+            ("lowest_ipv6_mtu = 1000", "lowest_ipv6_mtu"),
+            ("self_ipv4 = \"::1\"", "self_ipv4"),
+            ("[nat64]\npool4 = \"x\"", "pool4"),
+            ("[nat64]\npool4 = \"1.2.3.4\"\nports = \"9-3\"", "ports"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+}
