@@ -263,6 +263,7 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
             peers: Vec::new(),
             xlat: None,
             nat64: None,
+            xlat_via_pool6: Vec::new(),
         })
         .await?;
         let api = ApiServer::start(dev.inner.clone()).await?;

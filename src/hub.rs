@@ -169,6 +169,11 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
             .collect(),
         xlat: cfg.xlat.as_ref().map(crate::wg::xlat::device_config),
         nat64: cfg.xlat.as_ref().and_then(|x| x.nat64.clone()),
+        xlat_via_pool6: cfg
+            .xlat
+            .as_ref()
+            .map(|x| x.via_pool6.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -141,6 +141,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         peers,
         xlat: None,
         nat64: None,
+        xlat_via_pool6: Vec::new(),
     })
     .await?;
     let api = ApiServer::start(dev.inner.clone()).await?;

@@ -242,6 +242,9 @@ pub struct DeviceConfig {
     pub xlat: Option<Arc<xlat::Config>>,
     /// Stateful NAT64 behind the translator (needs `xlat`).
     pub nat64: Option<xlat::nat64::Settings>,
+    /// IPv4 destinations, besides the EAM ranges, that the translator takes
+    /// from the TUN and maps through pool6.
+    pub xlat_via_pool6: Vec<ipnet::Ipv4Net>,
 }
 
 /// One peer: its `Tunn`, endpoint and counters.
@@ -533,7 +536,7 @@ impl Device {
             xlat: cfg
                 .xlat
                 .clone()
-                .map(|c| XlatPath::new(c, cfg.nat64.clone())),
+                .map(|c| XlatPath::new(c, cfg.nat64.clone(), cfg.xlat_via_pool6.clone())),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {
@@ -725,7 +728,8 @@ impl Inner {
                     continue;
                 };
                 if let Some(x) = &self.xlat {
-                    if let Some(o) = x.on_tun(pkt, &mut xout, self.now_ms() / 1000) {
+                    let owns = |a: Ipv6Addr| table.routes.lookup(IpAddr::V6(a)).is_some();
+                    if let Some(o) = x.on_tun(pkt, &mut xout, self.now_ms() / 1000, owns) {
                         // One translated packet for a peer joins the group below;
                         // anything else is sent from here.
                         match self.xlat_single_peer(&table, &o, &xout) {

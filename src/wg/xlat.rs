@@ -30,12 +30,19 @@ pub struct XlatPath {
     cfg: Arc<xlat::Config>,
     nat: Option<Mutex<nat64::Table>>,
     pool4: Option<[u8; 4]>,
+    /// IPv4 destinations (besides EAM ranges) translated through pool6.
+    via_pool6: Vec<ipnet::Ipv4Net>,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl XlatPath {
-    pub fn new(cfg: Arc<xlat::Config>, nat64: Option<nat64::Settings>) -> Self {
+    pub fn new(
+        cfg: Arc<xlat::Config>,
+        nat64: Option<nat64::Settings>,
+        via_pool6: Vec<ipnet::Ipv4Net>,
+    ) -> Self {
         XlatPath {
+            via_pool6,
             pool4: nat64.as_ref().map(|n| n.pool4.octets()),
             nat: nat64.map(|n| Mutex::new(nat64::Table::new(n))),
             cfg,
@@ -89,12 +96,26 @@ impl XlatPath {
     }
 
     /// A packet read from the TUN. `None`: not for the translator.
-    pub fn on_tun(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Option<Outcome> {
+    /// `peer_owns` tells whether a peer's allowed IPs hold an IPv6 address
+    /// (such packets are the peer's, even inside an EAM range).
+    pub fn on_tun(
+        &self,
+        pkt: &[u8],
+        out: &mut [u8],
+        now: u64,
+        peer_owns: impl Fn(std::net::Ipv6Addr) -> bool,
+    ) -> Option<Outcome> {
         match pkt.first().map(|b| b >> 4) {
             Some(4) => {
                 let dst: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
                 let to_pool4 = self.pool4 == Some(dst);
-                if !to_pool4 && xlat::addr::eam_lookup_v4(&self.cfg.eamt, dst).is_none() {
+                if !to_pool4
+                    && xlat::addr::eam_lookup_v4(&self.cfg.eamt, dst).is_none()
+                    && !self
+                        .via_pool6
+                        .iter()
+                        .any(|n| n.contains(&std::net::Ipv4Addr::from(dst)))
+                {
                     return None;
                 }
                 let o = xlat::translate_4to6(&self.cfg, pkt, out);
@@ -105,7 +126,11 @@ impl XlatPath {
             }
             Some(6) => {
                 let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
-                if !self.in_pool6(&dst) {
+                let eam = || {
+                    xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
+                        && !peer_owns(dst.into())
+                };
+                if !self.in_pool6(&dst) && !eam() {
                     return None;
                 }
                 self.done(self.six_to_four(pkt, out, now))

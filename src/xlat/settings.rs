@@ -25,6 +25,8 @@ pub struct RawXlat {
     ipv6_mtu: Option<u16>,
     amend_udp_checksum_zero: Option<bool>,
     routes: Option<bool>,
+    #[serde(default)]
+    ipv4_via_pool6: Vec<String>,
     nat64: Option<RawNat64>,
 }
 
@@ -50,6 +52,8 @@ pub struct RawNat64 {
 pub struct XlatSettings {
     pub config: Config,
     pub nat64: Option<nat64::Settings>,
+    /// IPv4 destinations, besides the EAM ranges, translated through pool6.
+    pub via_pool6: Vec<Ipv4Net>,
     /// Routes to put on the hub's TUN (empty when `routes = false`).
     pub routes: Vec<IpNet>,
 }
@@ -207,11 +211,24 @@ pub fn validate(
             })
         }
     };
+    let mut via_pool6 = Vec::new();
+    for s in &raw.ipv4_via_pool6 {
+        let n = v4net("ipv4_via_pool6", s)?;
+        if n.trunc() != n {
+            return Err(format!("[xlat] ipv4_via_pool6: `{s}` has host bits set"));
+        }
+        if cfg.pool6.is_none() {
+            return Err("[xlat] ipv4_via_pool6 needs a pool6".into());
+        }
+        via_pool6.push(n);
+        routes.push(IpNet::V4(n));
+    }
     if raw.routes == Some(false) {
         routes.clear();
     }
     Ok(XlatSettings {
         config: cfg,
+        via_pool6,
         nat64,
         routes,
     })
