@@ -48,6 +48,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         proxy_protocol: ProxyProtocol::Off,
         backend_tls: BackendTls::default(),
         balance: Balance::default(),
+        acme: false,
     }
 }
 
@@ -64,6 +65,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
             response_timeout: Duration::from_secs(5),
             ..Limits::default()
         },
+        acme: None,
     }
 }
 

@@ -44,6 +44,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         proxy_protocol: ProxyProtocol::Off,
         backend_tls: BackendTls::default(),
         balance: Balance::default(),
+        acme: false,
     }
 }
 
@@ -60,6 +61,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
             response_timeout: Duration::from_secs(5),
             ..Limits::default()
         },
+        acme: None,
     }
 }
 

@@ -277,6 +277,20 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    if let Some(token) = req
+        .uri()
+        .path()
+        .strip_prefix(crate::proxy::acme::HTTP01_PREFIX)
+    {
+        if let Some(ka) = shared.acme.http01(token) {
+            let mut r = Response::new(Full::new(Bytes::from(ka)).map_err(|n| match n {}).boxed());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return Ok(r);
+        }
+    }
     let Some((authority, host)) = request_host(&req) else {
         return Ok(err(
             &shared.listener,

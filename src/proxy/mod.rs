@@ -6,6 +6,7 @@
 //! proxying), [`upstream`] (backend choice, passive health, backend TLS),
 //! [`forward`] (UDP flows), [`tls`] (ClientHello reading, SNI cert resolver),
 //! [`io`]. [`settings`] validates the hub config's proxy sections.
+pub mod acme;
 pub mod detect;
 pub mod forward;
 pub mod http;

@@ -8,6 +8,7 @@
 //! [`Proxy::shutdown`] stops accepting and drains; dropping the [`Proxy`] stops
 //! accepting at once.
 
+use crate::proxy::acme::AcmeState;
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
 use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
@@ -79,6 +80,8 @@ pub struct Shared {
     /// Set when a reload or shutdown replaces this generation: its HTTP
     /// connections finish the request in flight and close.
     retired: watch::Sender<bool>,
+    /// ACME challenges and certificates (shared by every generation).
+    pub acme: Arc<AcmeState>,
 }
 
 /// Which listener.
@@ -105,6 +108,7 @@ struct Listening {
 }
 
 struct Runtime {
+    acme: Arc<AcmeState>,
     current: ArcSwap<Shared>,
     conns: Arc<Semaphore>,
     max_connections: AtomicUsize,
@@ -172,10 +176,11 @@ fn build(
     settings: &ProxySettings,
     prev: Option<&Shared>,
     tunnels: &Option<Arc<dyn TunnelLiveness>>,
+    acme: &Arc<AcmeState>,
 ) -> anyhow::Result<Shared> {
     let limits = settings.limits.clone();
     let mut table = NameTable::new();
-    let mut resolver = SniResolver::default();
+    let mut resolver = SniResolver::default().with_acme(acme.clone());
     let mut routes = Vec::new();
     let old_routes: HashMap<&str, &Arc<Route>> = prev
         .map(|p| p.routes.iter().map(|r| (r.id.as_str(), r)).collect())
@@ -225,7 +230,7 @@ fn build(
             upstreams,
             counters: old.map(|r| r.counters.clone()).unwrap_or_default(),
             backend_tls,
-            has_cert: key.is_some(),
+            has_cert: key.is_some() || rs.acme,
         });
         for h in &hosts {
             if let Some(k) = &key {
@@ -304,7 +309,26 @@ fn build(
         routes,
         forwards,
         retired: watch::channel(false).0,
+        acme: acme.clone(),
     })
+}
+
+/// Host names whose certificates ACME should keep.
+fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
+    let mut v = Vec::new();
+    for r in settings.routes.iter().filter(|r| r.acme) {
+        match &r.host {
+            RouteHost::Name(l) => v.extend(
+                settings
+                    .domains
+                    .iter()
+                    .filter_map(|d| l.under(d))
+                    .map(|h| h.to_string()),
+            ),
+            RouteHost::Fqdn(f) => v.push(f.to_string()),
+        }
+    }
+    v
 }
 
 fn wanted(settings: &ProxySettings) -> Vec<Key> {
@@ -422,14 +446,18 @@ impl Proxy {
         settings: ProxySettings,
         tunnels: Option<Arc<dyn TunnelLiveness>>,
     ) -> anyhow::Result<Proxy> {
-        let shared = build(&settings, None, &tunnels)?;
+        let acme = Arc::new(AcmeState::default());
+        let shared = build(&settings, None, &tunnels, &acme)?;
         let mut bound = Vec::new();
         for key in wanted(&settings) {
             let (b, a) = bind(key.0, key.1)?;
             bound.push((key, b, a));
         }
         let max = settings.limits.max_connections;
+        acme.set_wanted(settings.acme.clone(), acme_hosts(&settings));
+        crate::proxy::acme::spawn_manager(&acme);
         let rt = Arc::new(Runtime {
+            acme,
             current: ArcSwap::from_pointee(shared),
             conns: Arc::new(Semaphore::new(max)),
             max_connections: AtomicUsize::new(max),
@@ -499,7 +527,7 @@ impl Proxy {
         let rt = &self.rt;
         let _g = rt.reload_lock.lock().await;
         let old = rt.current.load_full();
-        let new = build(&settings, Some(&old), &rt.tunnels)?;
+        let new = build(&settings, Some(&old), &rt.tunnels, &rt.acme)?;
 
         // Listeners: bind the new ones first, so a failure changes nothing.
         let want = wanted(&settings);
@@ -580,6 +608,8 @@ impl Proxy {
 
         rt.current.store(Arc::new(new));
         let _ = old.retired.send(true);
+        rt.acme
+            .set_wanted(settings.acme.clone(), acme_hosts(&settings));
 
         let mut ls = rt.listeners.lock();
         let mut keep = Vec::new();
@@ -845,7 +875,31 @@ async fn serve_tls(
 ) {
     let limits = shared.limits.clone();
     let (bytes, sni) = match tls::read_client_hello(&mut sock, limits.handshake_timeout).await {
-        Hello::Ok { bytes, sni } => (bytes, sni),
+        Hello::Ok {
+            bytes,
+            sni,
+            acme_alpn: true,
+        } => {
+            // A TLS-ALPN-01 validation: answer with the challenge certificate.
+            let key = sni.as_ref().and_then(|s| shared.acme.alpn01(s.as_str()));
+            match key.map(tls::acme_alpn_config) {
+                Some(Ok(cfg)) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+                    let io = Prefixed::new(bytes, sock);
+                    if let Ok(Ok(mut t)) =
+                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)).await
+                    {
+                        let _ = t.shutdown().await;
+                    }
+                }
+                _ => {
+                    shared.listener.error(ErrorKind::UnknownSni);
+                    tls::send_alert(&mut sock, &tls::ALERT_UNRECOGNIZED_NAME).await;
+                }
+            }
+            return;
+        }
+        Hello::Ok { bytes, sni, .. } => (bytes, sni),
         Hello::Bad(e) => {
             debug!(error = %e, "bad ClientHello");
             shared.listener.error(ErrorKind::BadClientHello);

@@ -31,6 +31,19 @@ pub(crate) struct RawProxy {
     max_header_bytes: Option<usize>,
     backend_down_for: Option<u64>,
     tunnel_down_after: Option<u64>,
+    acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAcme {
+    directory: String,
+    #[serde(default)]
+    contact: Vec<String>,
+    state_dir: PathBuf,
+    directory_ca: Option<PathBuf>,
+    challenge: Option<String>,
+    renew_before_days: Option<u64>,
 }
 
 /// `proxy_protocol = true | false | "v1" | "v2"` (true is v2).
@@ -57,6 +70,8 @@ pub(crate) struct RawRoute {
     backend_server_name: Option<String>,
     #[serde(default)]
     backend_insecure_skip_verify: bool,
+    #[serde(default)]
+    acme: bool,
     balance: Option<String>,
     #[serde(default)]
     sticky: bool,
@@ -168,6 +183,32 @@ pub struct Balance {
     pub max_connections: Option<usize>,
 }
 
+/// Which ACME challenge proves control of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// A token under `/.well-known/acme-challenge/` on port 80.
+    Http01,
+    /// A validation certificate for ALPN `acme-tls/1` on port 443.
+    TlsAlpn01,
+}
+
+/// Automatic certificates (`[proxy.acme]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// ACME directory URL (https).
+    pub directory: String,
+    /// Contact URIs (`mailto:...`).
+    pub contact: Vec<String>,
+    /// Account and certificates are kept here.
+    pub state_dir: PathBuf,
+    /// CA certificates (PEM) that verify the ACME server; default: the system bundle.
+    pub directory_ca: Option<PathBuf>,
+    /// The challenge type.
+    pub challenge: AcmeChallenge,
+    /// Renew this long before expiry.
+    pub renew_before: Duration,
+}
+
 /// How a route treats TLS on :443.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
@@ -261,6 +302,8 @@ pub struct RouteSettings {
     pub backend_tls: BackendTls,
     /// Load balancing, health checks, connection limit.
     pub balance: Balance,
+    /// The certificate comes from ACME (`[proxy.acme]`).
+    pub acme: bool,
 }
 
 /// A raw TCP port forward.
@@ -348,6 +391,8 @@ pub struct ProxySettings {
     pub udp: Vec<UdpForwardSettings>,
     /// Limits.
     pub limits: Limits,
+    /// Automatic certificates, if configured.
+    pub acme: Option<AcmeSettings>,
 }
 
 impl ProxySettings {
@@ -738,6 +783,38 @@ pub(crate) fn validate(
         }
         domains.push(dn);
     }
+    let acme = match raw.acme {
+        None => None,
+        Some(a) => {
+            if !a.directory.starts_with("https://") {
+                return Err(format!(
+                    "[proxy.acme] directory `{}`: must be an https:// URL",
+                    a.directory
+                ));
+            }
+            let challenge = match a.challenge.as_deref() {
+                None | Some("http-01") => AcmeChallenge::Http01,
+                Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+                Some(o) => {
+                    return Err(format!(
+                        "[proxy.acme] challenge = `{o}`: expected `http-01` or `tls-alpn-01`"
+                    ))
+                }
+            };
+            let days = a.renew_before_days.unwrap_or(30);
+            if !(1..=365).contains(&days) {
+                return Err("[proxy.acme] renew_before_days: 1 to 365".into());
+            }
+            Some(AcmeSettings {
+                directory: a.directory,
+                contact: a.contact,
+                state_dir: resolve(base, &a.state_dir),
+                directory_ca: a.directory_ca.map(|p| resolve(base, &p)),
+                challenge,
+                renew_before: Duration::from_secs(days * 86_400),
+            })
+        }
+    };
     let http_listen = listen_addrs("http_listen", raw.http_listen, 80)?;
     let https_listen = listen_addrs("https_listen", raw.https_listen, 443)?;
 
@@ -845,6 +922,14 @@ pub(crate) fn validate(
             _ => return Err(format!("{who}: set both `cert` and `key`, or neither")),
         };
         let passthrough = tls == TlsMode::Passthrough;
+        if r.acme && (passthrough || cert.is_some()) {
+            return Err(format!(
+                "{who}: acme = true is for terminated routes without `cert`/`key`"
+            ));
+        }
+        if r.acme && acme.is_none() {
+            return Err(format!("{who}: acme = true needs a [proxy.acme] section"));
+        }
         if passthrough && cert.is_some() {
             return Err(format!(
                 "{who}: a passthrough route has no certificate on the hub (remove `cert`/`key`)"
@@ -891,6 +976,7 @@ pub(crate) fn validate(
             proxy_protocol: pp,
             backend_tls,
             balance: bal,
+            acme: r.acme,
         });
     }
     let mut out_tcp = Vec::new();
@@ -932,6 +1018,7 @@ pub(crate) fn validate(
         tcp: out_tcp,
         udp: out_udp,
         limits,
+        acme,
     }))
 }
 
@@ -1004,6 +1091,7 @@ mod tests {
             backend_ca: None,
             backend_server_name: None,
             backend_insecure_skip_verify: false,
+            acme: false,
             balance: None,
             sticky: false,
             health_check: None,
@@ -1130,6 +1218,44 @@ mod toml_tests {
         assert_eq!(p.tcp.len(), 1);
         assert_eq!(p.udp[0].max_flows, 4096);
         assert!(parse("").unwrap().proxy.is_none());
+    }
+
+    #[test]
+    fn acme_and_balancing_keys() {
+        let c = parse(
+            "[proxy]\ndomains = [\"gw.example.org\"]\n\
+             [proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
+             challenge = \"tls-alpn-01\"\n\
+             [[route]]\nname = \"blog\"\nacme = true\nbackends = [\"100.64.0.3:80\", \"100.64.0.4:80\"]\n\
+             balance = \"least_conn\"\nsticky = true\nhealth_check = \"http\"\nhealth_path = \"/hz\"\n\
+             health_interval = 1\nmax_connections = 10\n\
+             [[tcp]]\nlisten = \"0.0.0.0:2222\"\nbackends = [\"100.64.0.2:22\"]\nproxy_protocol = \"v1\"\n",
+        )
+        .unwrap();
+        let p = c.proxy.unwrap();
+        let a = p.acme.unwrap();
+        assert_eq!(a.state_dir, Path::new("/etc/gw/acme"));
+        assert_eq!(a.challenge, super::AcmeChallenge::TlsAlpn01);
+        let r = &p.routes[0];
+        assert!(r.acme);
+        assert_eq!(r.balance.policy, super::Policy::LeastConn);
+        assert!(r.balance.sticky);
+        assert_eq!(r.balance.max_connections, Some(10));
+        assert_eq!(
+            r.balance.health.as_ref().unwrap().kind,
+            super::HealthKind::Http { path: "/hz".into() }
+        );
+        assert_eq!(p.tcp[0].proxy_protocol, super::ProxyProtocol::V1);
+        let e =
+            parse("[[route]]\nfqdn = \"a.example\"\nacme = true\nbackends = [\"100.64.0.9:80\"]\n")
+                .unwrap_err();
+        assert!(e.contains("[proxy.acme]"), "{e}");
+        let e = parse("[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nhealth_check = \"tcp\"\n")
+            .unwrap_err();
+        assert!(e.contains("UDP"), "{e}");
+        let e = parse("[[tcp]]\nlisten = \"0.0.0.0:22\"\nbackends = [\"100.64.0.9:22\"]\nproxy_protocol = \"v3\"\n")
+            .unwrap_err();
+        assert!(e.contains("v3"), "{e}");
     }
 
     #[test]

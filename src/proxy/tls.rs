@@ -31,6 +31,8 @@ pub enum Hello {
         bytes: Vec<u8>,
         /// The SNI host name.
         sni: Option<DomainName>,
+        /// The client offers ALPN `acme-tls/1` (a TLS-ALPN-01 validation).
+        acme_alpn: bool,
     },
     /// Not a ClientHello (or a broken one).
     Bad(SniError),
@@ -55,9 +57,11 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Durati
             match parse_client_hello(&buf) {
                 Ok(info) => {
                     let sni = info.server_name().cloned();
+                    let acme_alpn = info.offers_alpn(crate::proxy::acme::ACME_TLS_ALPN);
                     return Hello::Ok {
                         bytes: std::mem::take(&mut buf),
                         sni,
+                        acme_alpn,
                     };
                 }
                 Err(SniError::Incomplete { .. }) if buf.len() <= MAX_CLIENT_HELLO_LEN + 5 => {}
@@ -115,15 +119,29 @@ pub fn load_certified_key(files: &CertFiles) -> Result<CertifiedKey, String> {
 }
 
 /// Picks the certificate by SNI among the terminated routes' hosts.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SniResolver {
     certs: HashMap<String, Arc<CertifiedKey>>,
+    acme: Option<Arc<crate::proxy::acme::AcmeState>>,
+}
+
+impl std::fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("names", &self.certs.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl SniResolver {
     /// Serves `key` for `host`.
     pub fn insert(&mut self, host: &DomainName, key: Arc<CertifiedKey>) {
         self.certs.insert(host.as_str().to_string(), key);
+    }
+    /// Falls back to ACME certificates for names without a file certificate.
+    pub fn with_acme(mut self, acme: Arc<crate::proxy::acme::AcmeState>) -> Self {
+        self.acme = Some(acme);
+        self
     }
     /// True if `host` has a certificate.
     pub fn has(&self, host: &DomainName) -> bool {
@@ -135,7 +153,10 @@ impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name()?;
         let name = DomainName::parse(name).ok()?;
-        self.certs.get(name.as_str()).cloned()
+        self.certs
+            .get(name.as_str())
+            .cloned()
+            .or_else(|| self.acme.as_ref()?.cert(name.as_str()))
     }
 }
 
@@ -147,5 +168,23 @@ pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, Stri
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A server config that answers one TLS-ALPN-01 validation with `key`.
+pub fn acme_alpn_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
+    #[derive(Debug)]
+    struct One(Arc<CertifiedKey>);
+    impl ResolvesServerCert for One {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(One(key)));
+    cfg.alpn_protocols = vec![crate::proxy::acme::ACME_TLS_ALPN.to_vec()];
     Ok(cfg)
 }

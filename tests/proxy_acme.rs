@@ -1,0 +1,365 @@
+//! ACME against a real server: Debian's `pebble` (skipped when it is not
+//! installed) on loopback, with `pebble-challtestsrv` as its DNS answering
+//! 127.0.0.1 for every name. The proxy obtains a certificate through HTTP-01 and
+//! through TLS-ALPN-01, serves it (verified against pebble's root), keeps it in
+//! the state directory and loads it from there after a restart without a new
+//! order.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use gatewire::proxy::names::{DomainName, Label};
+use gatewire::proxy::settings::{
+    AcmeChallenge, AcmeSettings, Backend, BackendTls, Balance, Limits, ProxyProtocol,
+    ProxySettings, RouteHost, RouteSettings, Scheme, TlsMode,
+};
+use gatewire::proxy::Proxy;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PEBBLE: &str = "/usr/bin/pebble";
+const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
+
+/// Kills the child (by its PID, through the handle) when dropped.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gatewire-acme-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Pebble {
+    _pebble: Proc,
+    _dns: Proc,
+    dir_url: String,
+    mgmt: u16,
+    ca: PathBuf,
+}
+
+async fn wait_port(port: u16) {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "port {port} never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
+    // Pebble's own HTTPS certificate, for 127.0.0.1 and localhost.
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ca = dir.join("pebble-tls.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("pebble-key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let (acme, mgmt, dns) = (free_port(), free_port(), free_udp_port());
+    let cfg = serde_json::json!({ "pebble": {
+        "listenAddress": format!("127.0.0.1:{acme}"),
+        "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+        "certificate": dir.join("pebble-tls.pem"),
+        "privateKey": dir.join("pebble-key.pem"),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false
+    }});
+    std::fs::write(dir.join("pebble.json"), cfg.to_string()).unwrap();
+    let log = |n: &str| std::fs::File::create(dir.join(n)).unwrap();
+    let dns_proc = Proc(
+        Command::new(CHALLTESTSRV)
+            .args([
+                "-dns01",
+                &format!("127.0.0.1:{dns}"),
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                &format!("127.0.0.1:{}", free_port()),
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+            ])
+            .stdout(log("challtestsrv.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble-challtestsrv"),
+    );
+    let pebble = Proc(
+        Command::new(PEBBLE)
+            .args(["-config"])
+            .arg(dir.join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log("pebble.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble"),
+    );
+    wait_port(acme).await;
+    wait_port(mgmt).await;
+    Pebble {
+        _pebble: pebble,
+        _dns: dns_proc,
+        dir_url: format!("https://127.0.0.1:{acme}/dir"),
+        mgmt,
+        ca,
+    }
+}
+
+fn tls_client(roots: &[CertificateDer<'static>], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(c))
+}
+
+fn pem_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// Pebble's current root (it makes a new one each start).
+async fn pebble_root(p: &Pebble) -> Vec<CertificateDer<'static>> {
+    let ca = pem_certs(&std::fs::read(&p.ca).unwrap());
+    let tls = tls_client(&ca, &[]);
+    let tcp = TcpStream::connect(("127.0.0.1", p.mgmt)).await.unwrap();
+    let mut s = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    s.write_all(b"GET /roots/0 HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    pem_certs(&out[at..])
+}
+
+/// GET https://host/ through the proxy, verifying against `roots`.
+async fn https_get(at: SocketAddr, host: &str, roots: &[CertificateDer<'static>]) -> String {
+    let tls = tls_client(roots, &[b"http/1.1"]);
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let mut s = tls
+        .connect(ServerName::try_from(host.to_string()).unwrap(), tcp)
+        .await
+        .expect("TLS to the proxy verifies against pebble's root");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nacme-ok",
+                    )
+                    .await;
+            });
+        }
+    });
+    a
+}
+
+fn settings(
+    http: u16,
+    tls: u16,
+    p: &Pebble,
+    state: &Path,
+    ch: AcmeChallenge,
+    b: SocketAddr,
+) -> ProxySettings {
+    ProxySettings {
+        domains: vec![DomainName::parse("gw.test").unwrap()],
+        http_listen: vec![format!("127.0.0.1:{http}").parse().unwrap()],
+        https_listen: vec![format!("127.0.0.1:{tls}").parse().unwrap()],
+        routes: vec![RouteSettings {
+            host: RouteHost::Name(Label::parse("site").unwrap()),
+            tls: TlsMode::Terminate,
+            cert: None,
+            backends: vec![Backend {
+                scheme: Scheme::Http,
+                addr: b,
+            }],
+            redirect_https: false,
+            proxy_protocol: ProxyProtocol::Off,
+            backend_tls: BackendTls::default(),
+            balance: Balance::default(),
+            acme: true,
+        }],
+        tcp: vec![],
+        udp: vec![],
+        limits: Limits::default(),
+        acme: Some(AcmeSettings {
+            directory: p.dir_url.clone(),
+            contact: vec!["mailto:ops@gw.test".into()],
+            state_dir: state.to_path_buf(),
+            directory_ca: Some(p.ca.clone()),
+            challenge: ch,
+            renew_before: Duration::from_secs(86_400),
+        }),
+    }
+}
+
+async fn wait_cert(state: &Path) {
+    let f = state.join("certs/site.gw.test/fullchain.pem");
+    let t0 = Instant::now();
+    while !f.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no certificate issued; see the pebble logs in {}",
+            state.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn run(ch: AcmeChallenge, tag: &str) {
+    if !Path::new(PEBBLE).exists() || !Path::new(CHALLTESTSRV).exists() {
+        eprintln!("pebble not installed; skipping");
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("gatewire=info")
+        .try_init();
+    let dir = tmpdir(tag);
+    let (http, tls) = (free_port(), free_port());
+    let p = start_pebble(&dir, http, tls).await;
+    let state = dir.join("state");
+    let b = backend().await;
+    let proxy = Proxy::start(settings(http, tls, &p, &state, ch, b))
+        .await
+        .unwrap();
+    wait_cert(&state).await;
+    let root = pebble_root(&p).await;
+    let at: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    let r = https_get(at, "site.gw.test", &root).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("acme-ok"),
+        "{r}"
+    );
+    let mode = std::fs::metadata(state.join("certs/site.gw.test/key.pem"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077,
+        0,
+        "key not private"
+    );
+    let account = state.join("account.json");
+    assert!(account.exists());
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    // A restart loads the stored certificate: served at once, no new order.
+    let before = std::fs::metadata(state.join("certs/site.gw.test/fullchain.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let proxy = Proxy::start(settings(http, tls, &p, &state, ch, b))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = https_get(at, "site.gw.test", &root).await;
+    assert!(r.ends_with("acme-ok"), "{r}");
+    let after = std::fs::metadata(state.join("certs/site.gw.test/fullchain.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "no new order after a restart");
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    // Renewal: a certificate inside the renewal window is replaced.
+    let mut s = settings(http, tls, &p, &state, ch, b);
+    if let Some(a) = s.acme.as_mut() {
+        a.renew_before = Duration::from_secs(200 * 365 * 86_400);
+    }
+    let proxy = Proxy::start(s).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let m = std::fs::metadata(state.join("certs/site.gw.test/fullchain.pem"))
+            .and_then(|m| m.modified())
+            .unwrap_or(before);
+        if m != before {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no renewal");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = https_get(at, "site.gw.test", &root).await;
+    assert!(r.ends_with("acme-ok"), "{r}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn acme_http01_with_pebble() {
+    run(AcmeChallenge::Http01, "http01").await;
+}
+
+#[tokio::test]
+async fn acme_tls_alpn01_with_pebble() {
+    run(AcmeChallenge::TlsAlpn01, "alpn01").await;
+}
