@@ -506,3 +506,36 @@ async fn tcp_forward_sends_proxy_v1() {
         )
     );
 }
+
+#[tokio::test]
+async fn backend_connections_are_pooled() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            acc.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from("pooled"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let p = Proxy::start(settings(vec![route("pool", vec![be(b)])]))
+        .await
+        .unwrap();
+    let at = p.http_addrs()[0];
+    for _ in 0..20 {
+        assert_eq!(body_of(at, "pool.gw.test").await, "HTTP/1.1 200 OK pooled");
+    }
+    let n = accepted.load(Ordering::Relaxed);
+    assert!(n <= 2, "{n} backend connections for 20 sequential requests");
+}

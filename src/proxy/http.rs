@@ -7,7 +7,7 @@ use crate::proxy::names::DomainName;
 use crate::proxy::server::{Route, Shared};
 use crate::proxy::settings::TlsMode;
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::{Lease, UpstreamError};
+use crate::proxy::upstream::{Lease, Pooled, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -235,38 +235,52 @@ fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str)
     );
 }
 
-async fn send_on<IO>(
-    io: IO,
-    req: Request<ProxyBody>,
-    shared: &Shared,
-) -> Result<Response<Incoming>, (ErrorKind, StatusCode, &'static str)>
+type SendError = (ErrorKind, StatusCode, &'static str);
+
+const BAD_EXCHANGE: SendError = (
+    ErrorKind::BackendProtocol,
+    StatusCode::BAD_GATEWAY,
+    "502 bad gateway: the backend broke the HTTP exchange",
+);
+
+/// An HTTP/1.1 client connection over `io`.
+async fn handshake<IO>(io: IO) -> Result<Pooled, SendError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let bad = (
-        ErrorKind::BackendProtocol,
-        StatusCode::BAD_GATEWAY,
-        "bad gateway: the backend broke the HTTP exchange",
-    );
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
-        .map_err(|_| bad)?;
+        .map_err(|_| BAD_EXCHANGE)?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             debug!(error = %e, "backend connection ended");
         }
     });
-    match tokio::time::timeout(shared.limits.response_timeout, sender.send_request(req)).await {
+    Ok(sender)
+}
+
+/// Sends `req` on `sender`. When the connection failed before the request went
+/// out (a pooled connection the backend had just closed), the request comes back.
+async fn send(
+    sender: &mut Pooled,
+    req: Request<ProxyBody>,
+    shared: &Shared,
+) -> Result<Response<Incoming>, (SendError, Option<Request<ProxyBody>>)> {
+    match tokio::time::timeout(shared.limits.response_timeout, sender.try_send_request(req)).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => {
-            debug!(error = %e, "backend request failed");
-            Err(bad)
+        Ok(Err(mut e)) => {
+            let back = e.take_message();
+            debug!(error = %e.into_error(), "backend request failed");
+            Err((BAD_EXCHANGE, back))
         }
         Err(_) => Err((
-            ErrorKind::BackendTimeout,
-            StatusCode::GATEWAY_TIMEOUT,
-            "gateway timeout: the backend did not answer in time",
+            (
+                ErrorKind::BackendTimeout,
+                StatusCode::GATEWAY_TIMEOUT,
+                "504 gateway timeout: the backend did not answer in time",
+            ),
+            None,
         )),
     }
 }
@@ -361,64 +375,100 @@ pub async fn handle(
             "503 service unavailable: the route is at its connection limit",
         ));
     };
-    let connected = route
-        .upstreams
-        .connect(shared.limits.connect_timeout, Some(conn.client.ip()))
-        .await;
-    let (tcp, backend, lease) = match connected {
-        Ok(x) => x,
-        Err(e) => {
-            debug!(route = %route.id, error = %e, "no backend connection");
-            let (kind, status, msg) = match e {
-                UpstreamError::NoHealthy => (
-                    ErrorKind::NoHealthyBackend,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "503 service unavailable: no healthy backend",
-                ),
-                UpstreamError::Refused(..) => (
-                    ErrorKind::BackendRefused,
-                    StatusCode::BAD_GATEWAY,
-                    "502 bad gateway: the backend refused the connection",
-                ),
-                UpstreamError::Timeout(_) => (
-                    ErrorKind::BackendTimeout,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "504 gateway timeout: the backend did not accept the connection in time",
-                ),
-            };
-            return Ok(err(&c, kind, status, msg));
-        }
+    let plan = route.upstreams.plan(Some(conn.client.ip()));
+    let mut pooled = if upgrade.is_none() {
+        route.upstreams.take_idle(&plan)
+    } else {
+        None
     };
-    let sent = match (&route.backend_tls, crate::proxy::upstream::is_tls(&backend)) {
-        (Some(tlsc), true) => {
-            let hs = tokio::time::timeout(
-                shared.limits.connect_timeout,
-                tlsc.connect(tcp, backend.addr),
-            )
-            .await;
-            match hs {
-                Ok(Ok(tls)) => send_on(tls, breq, &shared).await,
-                Ok(Err(e)) => {
-                    debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
-                    Err((
-                        ErrorKind::BackendTls,
-                        StatusCode::BAD_GATEWAY,
-                        "502 bad gateway: TLS to the backend failed",
-                    ))
+    let mut breq = breq;
+    let (resp, sender, backend, lease) = loop {
+        let from_pool = pooled.is_some();
+        let (mut sender, backend, lease) = match pooled.take() {
+            Some(x) => x,
+            None => {
+                let connected = route
+                    .upstreams
+                    .connect_plan(&plan, shared.limits.connect_timeout)
+                    .await;
+                let (tcp, backend, lease) = match connected {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!(route = %route.id, error = %e, "no backend connection");
+                        let (kind, status, msg) = match e {
+                        UpstreamError::NoHealthy => (
+                            ErrorKind::NoHealthyBackend,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "503 service unavailable: no healthy backend",
+                        ),
+                        UpstreamError::Refused(..) => (
+                            ErrorKind::BackendRefused,
+                            StatusCode::BAD_GATEWAY,
+                            "502 bad gateway: the backend refused the connection",
+                        ),
+                        UpstreamError::Timeout(_) => (
+                            ErrorKind::BackendTimeout,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "504 gateway timeout: the backend did not accept the connection in time",
+                        ),
+                    };
+                        return Ok(err(&c, kind, status, msg));
+                    }
+                };
+                let hs = match (&route.backend_tls, crate::proxy::upstream::is_tls(&backend)) {
+                    (Some(tlsc), true) => {
+                        let hs = tokio::time::timeout(
+                            shared.limits.connect_timeout,
+                            tlsc.connect(tcp, backend.addr),
+                        )
+                        .await;
+                        match hs {
+                            Ok(Ok(tls)) => handshake(tls).await,
+                            Ok(Err(e)) => {
+                                debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
+                                Err((
+                                    ErrorKind::BackendTls,
+                                    StatusCode::BAD_GATEWAY,
+                                    "502 bad gateway: TLS to the backend failed",
+                                ))
+                            }
+                            Err(_) => Err((
+                                ErrorKind::BackendTimeout,
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "504 gateway timeout: TLS to the backend timed out",
+                            )),
+                        }
+                    }
+                    _ => handshake(tcp).await,
+                };
+                match hs {
+                    Ok(s) => (s, backend, lease),
+                    Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
                 }
-                Err(_) => Err((
-                    ErrorKind::BackendTimeout,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "504 gateway timeout: TLS to the backend timed out",
-                )),
             }
+        };
+        match send(&mut sender, breq, &shared).await {
+            Ok(r) => break (r, sender, backend, lease),
+            Err((_, Some(back))) if from_pool => {
+                // The idle connection was gone: once more on a fresh one.
+                breq = back;
+                continue;
+            }
+            Err(((kind, status, msg), _)) => return Ok(err(&c, kind, status, msg)),
         }
-        _ => send_on(tcp, breq, &shared).await,
     };
-    let mut resp = match sent {
-        Ok(r) => r,
-        Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
-    };
+    let mut resp = resp;
+    let mut sender = sender;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
+        // Back to the pool once the response body has been read to its end.
+        let up = route.upstreams.clone();
+        let addr = backend.addr;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                up.put_idle(addr, sender);
+            }
+        });
+    }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut hold = Some((lease, slot));
     if switching {

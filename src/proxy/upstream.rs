@@ -54,7 +54,18 @@ struct State {
     checks_failed: AtomicU64,
     /// Open connections (HTTP: requests in flight).
     active: AtomicUsize,
+    /// Idle HTTP/1.1 connections (keep-alive), newest last.
+    idle: Mutex<Vec<(Instant, Pooled)>>,
 }
+
+/// An idle keep-alive connection to an HTTP backend.
+pub type Pooled = hyper::client::conn::http1::SendRequest<crate::proxy::http::ProxyBody>;
+
+/// Most idle connections kept per backend.
+const POOL_MAX: usize = 64;
+/// An idle connection older than this is not reused (backends close idle
+/// keep-alive connections on their own schedule).
+const POOL_AGE: Duration = Duration::from_secs(15);
 
 /// A route's (or forward's) backends.
 pub struct Upstreams {
@@ -112,6 +123,7 @@ impl Upstreams {
                     check_ok: AtomicBool::new(true),
                     checks_failed: AtomicU64::new(0),
                     active: AtomicUsize::new(0),
+                    idle: Mutex::new(Vec::new()),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -214,6 +226,7 @@ impl Upstreams {
         if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
             *s.down_until.lock() = Some(Instant::now() + self.down_for);
             s.failures.fetch_add(1, Relaxed);
+            s.idle.lock().clear();
         }
     }
 
@@ -223,15 +236,57 @@ impl Upstreams {
         }
     }
 
+    /// The backends to try for one request, best first.
+    pub fn plan(&self, client: Option<IpAddr>) -> Vec<usize> {
+        self.candidates(client, Instant::now())
+    }
+
+    /// An idle keep-alive connection to the first backend of `plan`, if any.
+    pub fn take_idle(self: &Arc<Self>, plan: &[usize]) -> Option<(Pooled, Backend, Lease)> {
+        let i = *plan.first()?;
+        let s = self.states.get(i)?;
+        let mut idle = s.idle.lock();
+        while let Some((at, sender)) = idle.pop() {
+            if at.elapsed() < POOL_AGE && !sender.is_closed() && sender.is_ready() {
+                drop(idle);
+                return Some((sender, s.backend, self.lease(i)));
+            }
+        }
+        None
+    }
+
+    /// Keeps an idle keep-alive connection to `addr` for reuse.
+    pub fn put_idle(&self, addr: SocketAddr, sender: Pooled) {
+        if self.retired.load(Relaxed) {
+            return;
+        }
+        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
+            let mut idle = s.idle.lock();
+            idle.retain(|(at, p)| at.elapsed() < POOL_AGE && !p.is_closed());
+            if idle.len() < POOL_MAX {
+                idle.push((Instant::now(), sender));
+            }
+        }
+    }
+
     /// Connects to the best healthy backend, trying the others on failure.
     pub async fn connect(
         self: &Arc<Self>,
         timeout: Duration,
         client: Option<IpAddr>,
     ) -> Result<(TcpStream, Backend, Lease), UpstreamError> {
+        let plan = self.plan(client);
+        self.connect_plan(&plan, timeout).await
+    }
+
+    /// Connects to the backends of `plan` in order until one accepts.
+    pub async fn connect_plan(
+        self: &Arc<Self>,
+        plan: &[usize],
+        timeout: Duration,
+    ) -> Result<(TcpStream, Backend, Lease), UpstreamError> {
         let mut last = UpstreamError::NoHealthy;
-        let cands = self.candidates(client, Instant::now());
-        for i in cands {
+        for &i in plan {
             let Some(s) = self.states.get(i) else {
                 continue;
             };
@@ -318,6 +373,7 @@ impl Upstreams {
                     }
                     if was && *st <= -i64::from(hc.fall) {
                         s.check_ok.store(false, Relaxed);
+                        s.idle.lock().clear();
                         let e = ok.err().unwrap_or_default();
                         warn!(route = %who, backend = %s.backend, error = %e, "backend down (health check)");
                     } else if !was && *st >= i64::from(hc.rise) {
