@@ -716,6 +716,8 @@ impl Inner {
                     if e.kind() != io::ErrorKind::WouldBlock {
                         self.drops.inc(DropReason::MalformedIp);
                         debug!(error = %e, "TUN read failed");
+                        // A TUN that is gone fails every read: do not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     continue;
                 }
