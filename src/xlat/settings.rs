@@ -311,3 +311,31 @@ max_sessions = 10
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod hub_file_tests {
+    const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+    fn hub(extra: &str) -> Result<crate::config::HubConfig, String> {
+        crate::config::HubConfig::parse(
+            "hub.toml",
+            &format!("[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n{extra}"),
+            std::path::Path::new("."),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hub_file_section() {
+        let c = hub("[xlat]\neam = [{ ipv4 = \"198.51.100.10/32\", ipv6 = \"fd77:6777::1:1/128\" }]\n[xlat.nat64]\npool4 = \"198.51.100.200\"\n").unwrap();
+        let x = c.xlat.unwrap();
+        assert_eq!(x.config.eamt.len(), 1);
+        assert!(x.nat64.is_some());
+        assert!(hub("").unwrap().xlat.is_none());
+        let e = hub("[xlat]\npool_6 = \"64:ff9b::/96\"\n").unwrap_err();
+        assert!(e.contains("pool_6") && e.contains("line 5"), "{e}");
+        let e = hub("[xlat.nat64]\npool4 = \"198.51.100.200\"\nport = \"1-2\"\n").unwrap_err();
+        assert!(e.contains("port"), "{e}");
+    }
+}
