@@ -6,7 +6,7 @@ use crate::proxy::server::StatsHandle;
 use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
-use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
+use crate::wg::device::{Device, DeviceConfig, Inner, Mode, Peer, PeerConfig};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use std::future::Future;
@@ -25,32 +25,39 @@ pub const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Node liveness for the proxy: a backend inside a peer's allowed IPs counts as
 /// down when nothing was received from that peer for `down_after` (or ever).
+/// The allowed-IP map is refreshed periodically; the receive times are read
+/// live from the peers.
 pub struct NodeTunnels {
-    nets: ArcSwap<Vec<(IpNet, bool)>>,
+    nets: ArcSwap<Vec<(IpNet, Arc<Peer>)>>,
     down_after_ms: AtomicU64,
+    /// The device clock (`Inner::now_ms`) at `base`.
+    base_ms: u64,
+    base: std::time::Instant,
 }
 
 impl NodeTunnels {
-    fn new(down_after: Duration) -> Arc<Self> {
-        Arc::new(NodeTunnels {
+    fn new(down_after: Duration, dev: &Inner) -> Arc<Self> {
+        let t = Arc::new(NodeTunnels {
             nets: ArcSwap::from_pointee(Vec::new()),
             down_after_ms: AtomicU64::new(down_after.as_millis() as u64),
-        })
+            base_ms: dev.now_ms(),
+            base: std::time::Instant::now(),
+        });
+        t.refresh(dev);
+        t
     }
 
     fn set_down_after(&self, d: Duration) {
         self.down_after_ms.store(d.as_millis() as u64, Relaxed);
     }
 
-    /// Re-reads the peers' last receive times.
+    /// Re-reads which peer carries which allowed IPs.
     pub fn refresh(&self, dev: &Inner) {
-        let now = dev.now_ms();
-        let down_after = self.down_after_ms.load(Relaxed);
         let mut v = Vec::new();
         for p in dev.info().peers {
-            let last = dev.peer(&p.public_key).map_or(0, |x| x.last_rx_ms());
-            let up = last > 0 && now.saturating_sub(last) < down_after;
-            v.extend(p.allowed_ips.into_iter().map(|n| (n, up)));
+            if let Some(peer) = dev.peer(&p.public_key) {
+                v.extend(p.allowed_ips.into_iter().map(|n| (n, peer.clone())));
+            }
         }
         self.nets.store(Arc::new(v));
     }
@@ -62,12 +69,14 @@ impl TunnelLiveness for NodeTunnels {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.nets
-            .load()
+        let nets = self.nets.load();
+        let (_, peer) = nets
             .iter()
             .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, up)| *up)
+            .max_by_key(|(n, _)| n.prefix_len())?;
+        let now = self.base_ms + self.base.elapsed().as_millis() as u64;
+        let last = peer.last_rx_ms();
+        Some(last > 0 && now.saturating_sub(last) < self.down_after_ms.load(Relaxed))
     }
 }
 
@@ -214,8 +223,7 @@ async fn run_inner(
         .proxy
         .as_ref()
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
-    let tunnels = NodeTunnels::new(down_after);
-    tunnels.refresh(&dev.inner);
+    let tunnels = NodeTunnels::new(down_after, &dev.inner);
     let mut slot = ProxySlot {
         proxy: None,
         stats: Arc::default(),
@@ -238,7 +246,7 @@ async fn run_inner(
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut stamp = path.as_deref().and_then(file_stamp);
     let mut poll = tokio::time::interval(CONFIG_POLL);
-    let mut live = tokio::time::interval(Duration::from_millis(500));
+    let mut live = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

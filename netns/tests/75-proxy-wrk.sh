@@ -68,8 +68,8 @@ must "nginx on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
 must "hub :443" wait_for 10 lab_sh hub "ss -Hltn 'sport = :443' | grep -q ."
 
 echo "$HUB4 $HOST" >"$GW_TMP/hosts"
-body=$(lab_exec pub curl -sS --max-time 10 --cacert "$CERT/cert.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
-must "route works" grep -q small-response-from-n1 <<<"$body"
+must "route works" wait_for 10 eval \
+    "lab_exec pub curl -sS --max-time 5 --cacert '$CERT/cert.pem' --resolve '$HOST:443:$HUB4' 'https://$HOST/' | grep -q small-response-from-n1"
 
 out=$(lab_exec pub bash -c "mount --bind '$GW_TMP/hosts' /etc/hosts && exec wrk -t 2 -c 64 -d ${DUR}s --latency https://$HOST/" 2>&1 || true)
 printf '%s\n' "$out" | sed 's/^/    /' >&2

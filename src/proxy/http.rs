@@ -459,6 +459,7 @@ pub async fn handle(
     };
     let mut resp = resp;
     let mut sender = sender;
+    route.upstreams.note_ok(backend.addr);
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
         // Back to the pool once the response body has been read to its end.
         let up = route.upstreams.clone();

@@ -56,6 +56,8 @@ struct State {
     active: AtomicUsize,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
+    /// When the backend last answered a request (ms since `Upstreams::epoch`).
+    last_ok_ms: AtomicU64,
 }
 
 /// An idle keep-alive connection to an HTTP backend.
@@ -66,6 +68,10 @@ const POOL_MAX: usize = 64;
 /// An idle connection older than this is not reused (backends close idle
 /// keep-alive connections on their own schedule).
 const POOL_AGE: Duration = Duration::from_secs(15);
+/// Idle connections are only reused while the backend answered within this
+/// long: a pooled connection to a node that just died would wait for the
+/// response timeout, a fresh connect fails over after the connect timeout.
+const POOL_RECENT_MS: u64 = 1000;
 
 /// A route's (or forward's) backends.
 pub struct Upstreams {
@@ -76,6 +82,7 @@ pub struct Upstreams {
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     limit: Option<Arc<Semaphore>>,
     retired: AtomicBool,
+    epoch: Instant,
 }
 
 /// One open connection to a backend; counts for least-connections until dropped.
@@ -124,6 +131,7 @@ impl Upstreams {
                     checks_failed: AtomicU64::new(0),
                     active: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
+                    last_ok_ms: AtomicU64::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -132,6 +140,18 @@ impl Upstreams {
             tunnels,
             limit: balance.max_connections.map(|m| Arc::new(Semaphore::new(m))),
             retired: AtomicBool::new(false),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The backend `addr` just answered a request.
+    pub fn note_ok(&self, addr: SocketAddr) {
+        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
+            s.last_ok_ms.store(self.now_ms().max(1), Relaxed);
         }
     }
 
@@ -245,6 +265,10 @@ impl Upstreams {
     pub fn take_idle(self: &Arc<Self>, plan: &[usize]) -> Option<(Pooled, Backend, Lease)> {
         let i = *plan.first()?;
         let s = self.states.get(i)?;
+        let last = s.last_ok_ms.load(Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) > POOL_RECENT_MS {
+            return None;
+        }
         let mut idle = s.idle.lock();
         while let Some((at, sender)) = idle.pop() {
             if at.elapsed() < POOL_AGE && !sender.is_closed() && sender.is_ready() {
