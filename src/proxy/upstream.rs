@@ -64,7 +64,7 @@ struct State {
 pub type Pooled = hyper::client::conn::http1::SendRequest<crate::proxy::http::ProxyBody>;
 
 /// Most idle connections kept per backend.
-const POOL_MAX: usize = 64;
+const POOL_MAX: usize = 1024;
 /// An idle connection older than this is not reused (backends close idle
 /// keep-alive connections on their own schedule).
 const POOL_AGE: Duration = Duration::from_secs(15);
