@@ -92,6 +92,8 @@ check "closed UDP port on pub: port unreachable mapped back to n1 (ECONNREFUSED)
 
 gw_show_json hub >"$GW_TMP/show.json" || true
 check "show --json has xlat_drops" jq -e '.interfaces[0] | has("xlat_drops")' "$GW_TMP/show.json"
+check "show --json: NAT64 sessions and bindings" \
+    jq -e '.interfaces[0].nat64 | .sessions >= 3 and .bindings >= 1' "$GW_TMP/show.json"
 for p in hub n1; do
     check "$p still running" lab_alive "$p"
 done

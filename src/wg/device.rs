@@ -1446,6 +1446,11 @@ impl Inner {
             listen_port: info.listen_port,
             drops: self.drops.snapshot(),
             xlat_drops: self.xlat.as_ref().map(|x| x.drops()),
+            nat64: self
+                .xlat
+                .as_ref()
+                .and_then(|x| x.nat64_counts())
+                .map(|(sessions, bindings)| ShowNat64 { sessions, bindings }),
             peers: info
                 .peers
                 .into_iter()
@@ -1495,7 +1500,17 @@ pub struct ShowInterface {
     /// Packets the translator dropped (or answered with an ICMP error), by reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xlat_drops: Option<std::collections::BTreeMap<String, u64>>,
+    /// NAT64 table occupancy, when the translator runs NAT64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat64: Option<ShowNat64>,
     pub peers: Vec<ShowPeer>,
+}
+
+/// NAT64 table occupancy in `gatewire show --json`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ShowNat64 {
+    pub sessions: usize,
+    pub bindings: usize,
 }
 
 /// One peer in `gatewire show --json`.
