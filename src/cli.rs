@@ -86,6 +86,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -111,8 +112,24 @@ async fn shutdown_signal() {
     }
 }
 
+/// For the short-lived commands that print: die quietly on a closed pipe
+/// (`gatewire show | head`) like other command-line tools, instead of panicking
+/// in `println!`. Daemons keep Rust's default (SIGPIPE ignored, EPIPE returned).
+fn default_sigpipe() {
+    // SAFETY: resetting a signal disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Genkey | Cmd::Pubkey | Cmd::Show { .. } | Cmd::Ygg { .. }
+    ) {
+        default_sigpipe();
+    }
     match cli.cmd {
         Cmd::Genkey => {
             println!("{}", PrivateKey::generate().expose_base64());

@@ -1076,8 +1076,10 @@ impl Inner {
                         return None;
                     }
                 }
+                // Failing to decrypt the initiator's static key: not a real
+                // initiation for this device (forged, or for another key).
                 let Ok(half) = parse_handshake_anon(&key.secret, &key.public, init) else {
-                    self.drops.inc(DropReason::UnknownPeer);
+                    self.drops.inc(DropReason::DecryptFailed);
                     return None;
                 };
                 let peer = table.by_key.get(&PublicKey(half.peer_static_public));
