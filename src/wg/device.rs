@@ -41,6 +41,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 const RECV_BUFS: usize = 8;
 /// Most bytes in one GSO send (the UDP length field's limit, less headers).
 const GSO_MAX: usize = 65_000;
+/// Most datagrams in one GSO send (Linux's UDP_MAX_SEGMENTS on older kernels).
+const GSO_MAX_SEGMENTS: usize = 64;
 
 /// Consecutive datagrams for one peer, encrypted back to back in the send buffer.
 #[derive(Default)]
@@ -756,6 +758,7 @@ impl Inner {
                 };
                 if group.peer.as_ref().is_some_and(|p| !Arc::ptr_eq(p, peer))
                     || group.len + len + OVERHEAD > GSO_MAX
+                    || group.count >= GSO_MAX_SEGMENTS
                 {
                     self.flush_group(&mut group, &mut tx).await;
                 }
@@ -877,18 +880,25 @@ impl Inner {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
-        let r = match udp.send(ep, contents, (count > 1).then_some(seg)).await {
-            Err(e) if count > 1 => {
-                // Without GSO on this path: one datagram at a time.
-                debug!(error = %e, "UDP GSO send failed, sending singly");
-                let mut r = Ok(());
-                for c in contents.chunks(seg) {
-                    r = udp.send(ep, c, None).await;
-                }
-                r
-            }
-            r => r,
+        // One system call for the group when the socket can segment it,
+        // otherwise one datagram at a time.
+        let gso = count > 1 && count <= udp.state.max_gso_segments();
+        let mut r = if gso || count <= 1 {
+            udp.send(ep, contents, gso.then_some(seg)).await
+        } else {
+            Err(io::Error::new(io::ErrorKind::Unsupported, "no GSO"))
         };
+        if let Err(e) = &r {
+            if count > 1 {
+                debug!(error = %e, "sending the group one datagram at a time");
+                r = Ok(());
+                for c in contents.chunks(seg) {
+                    if let Err(e) = udp.send(ep, c, None).await {
+                        r = Err(e);
+                    }
+                }
+            }
+        }
         match r {
             Ok(()) => {
                 peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
