@@ -989,6 +989,9 @@ impl Inner {
                     continue;
                 }
             };
+            // One table snapshot per batch, as in the TUN loop: no shared
+            // reference count touched per datagram.
+            let table = self.table.load_full();
             let mut k = 0;
             for (buf, m) in rx.iter().zip(meta.iter()).take(msgs) {
                 let Some(data) = buf.get(..m.len) else {
@@ -1006,7 +1009,7 @@ impl Inner {
                     let Some(slot) = batch.get_mut(k) else { break };
                     if self
                         .handle_datagram(
-                            &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, slot,
+                            &table, &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, slot,
                         )
                         .await
                     {
@@ -1114,6 +1117,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)] // the loop's buffers, passed down
     async fn handle_datagram(
         &self,
+        table: &Table,
         sock: &Udp,
         datagram: &[u8],
         from: SocketAddr,
@@ -1122,8 +1126,7 @@ impl Inner {
         xout: &mut [u8],
         slot: &mut Vec<u8>,
     ) -> bool {
-        let table = self.table.load_full();
-        let Some(peer) = self.find_peer(sock, &table, datagram, from, out) else {
+        let Some(peer) = self.find_peer(sock, table, datagram, from, out) else {
             return false;
         };
         let result = {
@@ -1175,13 +1178,13 @@ impl Inner {
                 let Some(pkt) = out.get_mut(a..b) else {
                     return false;
                 };
-                if self.forward_to_peer(&table, &peer, pkt, fwd).await {
+                if self.forward_to_peer(table, &peer, pkt, fwd).await {
                     return false;
                 }
                 if let Some(x) = &self.xlat {
                     if let Some(o) = x.on_peer(pkt, xout, self.now_ms() / 1000) {
                         let mut sink = TunSink::Slot(slot, false);
-                        self.xlat_emit(&table, &o, xout, fwd, &mut sink).await;
+                        self.xlat_emit(table, &o, xout, fwd, &mut sink).await;
                         return matches!(sink, TunSink::Slot(_, true));
                     }
                 }
