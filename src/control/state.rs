@@ -1,1 +1,997 @@
-//! See docs/control.md.
+//! The control plane's durable state and every operation on it: a pure core.
+//!
+//! Operations take the current time (unix seconds) and whatever outside facts
+//! they need as arguments, change the state or return a typed [`Error`], and do
+//! no I/O. The driver (`api.rs`) applies an operation to a copy, saves the copy
+//! through a [`crate::control::store::Store`], and only then swaps it in and
+//! answers: an acknowledged change is a durable one.
+//!
+//! Routes come from two places: the operator's API (`routes`) and nodes'
+//! declared services (`services`). [`State::evaluate`] turns the declarations
+//! into routes and forwards, checking each against the name registry, and says
+//! which declarations were refused and why.
+
+use crate::control::registry::{NameRegistry, Verdict};
+use crate::proxy::names::{DomainName, Label};
+use crate::proxy::settings::{RawPp, RawRoute, RawTcp, RawUdp};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// A failed operation: an HTTP status and a message naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Error {
+    pub fn bad(m: impl Into<String>) -> Self {
+        Error {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Error {
+            status: 401,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Error {
+            status: 404,
+            message: m.into(),
+        }
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Error {
+            status: 409,
+            message: m.into(),
+        }
+    }
+    pub fn gone(m: impl Into<String>) -> Self {
+        Error {
+            status: 410,
+            message: m.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a node came to be a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeOrigin {
+    /// `POST /v1/peers`.
+    Api,
+    /// `POST /v1/join` with a token.
+    Join,
+}
+
+/// A peer added through the control plane (config-file peers are not stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub allowed_ips: Vec<IpNet>,
+    pub origin: NodeOrigin,
+    pub created: u64,
+}
+
+/// An operator route: a `[[route]]` table kept as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRecord {
+    pub spec: RawRoute,
+    /// Starts at 1; bumped by every change that alters the spec.
+    pub version: u64,
+    pub updated: u64,
+}
+
+/// Who may serve a name (a label under the gateway domains, or an fqdn).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameRecord {
+    /// Node keys (base64). The first is the owner; more only with `replicas`.
+    pub owners: Vec<String>,
+    #[serde(default)]
+    pub replicas: bool,
+    /// Unix seconds; routes outlive it by the registry's grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+/// A join token as the hub keeps it: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub replicas: bool,
+    pub created: u64,
+    pub expires: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<u64>,
+}
+
+/// The protocol of a declared service.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+    Udp,
+}
+
+/// A service as a node declares it (`PUT /v1/services`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDecl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Where the hub connects, on the node's overlay address.
+    pub port: u16,
+    /// `terminate` (default) or `passthrough`; HTTP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// The public port of a TCP or UDP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+impl ServiceDecl {
+    /// The registry key: the label, or the fqdn.
+    pub fn registry_name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.fqdn.as_deref())
+    }
+
+    /// `name:blog`, `fqdn:shop.example.com`, `tcp:20022`, `udp:20053`.
+    pub fn host(&self) -> String {
+        match (self.protocol, &self.name, &self.fqdn) {
+            (Protocol::Tcp, ..) => format!("tcp:{}", self.public_port.unwrap_or(0)),
+            (Protocol::Udp, ..) => format!("udp:{}", self.public_port.unwrap_or(0)),
+            (Protocol::Http, Some(n), _) => format!("name:{n}"),
+            (Protocol::Http, None, Some(f)) => format!("fqdn:{f}"),
+            (Protocol::Http, None, None) => "?".into(),
+        }
+    }
+}
+
+/// One node's declaration of one service, with the backend the hub derived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRecord {
+    pub decl: ServiceDecl,
+    /// The node's overlay address the declaration came from, with `decl.port`.
+    pub backend: SocketAddr,
+    /// When this node first declared it: older declarations win conflicts.
+    pub since: u64,
+}
+
+/// What became of one declared service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub host: String,
+    /// `active` or `refused`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// Everything the control plane keeps across restarts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Bumped by every committed change.
+    pub version: u64,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeRecord>,
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteRecord>,
+    #[serde(default)]
+    pub names: BTreeMap<String, NameRecord>,
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Declared services by node key.
+    #[serde(default)]
+    pub services: BTreeMap<String, Vec<ServiceRecord>>,
+}
+
+/// Facts from outside the state that operations check against.
+pub struct Context<'a> {
+    pub now: u64,
+    /// Validates a route spec against the hub's proxy configuration
+    /// (domains, listeners, own addresses, backend rules).
+    pub check_route: &'a dyn Fn(&RawRoute) -> std::result::Result<(), String>,
+    /// Hosts routed by the config file (`name:blog`), which the API cannot take.
+    pub file_hosts: &'a BTreeSet<String>,
+    /// Public keys of config-file peers and the hub's own key.
+    pub file_keys: &'a BTreeSet<String>,
+    /// Addresses in use outside the state (hub addresses, config-file peers).
+    pub used_ips: &'a BTreeSet<IpAddr>,
+    /// Address pools for joined nodes.
+    pub pools: &'a [IpNet],
+    /// Public ports nodes may claim for TCP/UDP services.
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// Ports the config file already listens on (TCP and UDP).
+    pub file_ports: &'a BTreeSet<(Protocol, u16)>,
+}
+
+/// A DNS label as the API accepts it: already lowercase.
+pub fn api_label(s: &str) -> Result<Label> {
+    let l = Label::parse(s).map_err(|e| Error::bad(format!("name `{s}`: {e}")))?;
+    if l.as_str() != s {
+        return Err(Error::bad(format!(
+            "name `{s}`: must be lowercase (`{}`)",
+            l.as_str()
+        )));
+    }
+    Ok(l)
+}
+
+/// A domain as the API accepts it: already lowercase, no trailing dot.
+pub fn api_fqdn(s: &str) -> Result<DomainName> {
+    let d = DomainName::parse(s).map_err(|e| Error::bad(format!("fqdn `{s}`: {e}")))?;
+    if d.as_str() != s {
+        return Err(Error::bad(format!(
+            "fqdn `{s}`: must be lowercase without a trailing dot (`{}`)",
+            d.as_str()
+        )));
+    }
+    Ok(d)
+}
+
+/// A registry name: a label, or (with a dot) an fqdn.
+pub fn api_name(s: &str) -> Result<String> {
+    if s.contains('.') {
+        Ok(api_fqdn(s)?.as_str().to_string())
+    } else {
+        Ok(api_label(s)?.as_str().to_string())
+    }
+}
+
+/// The route id for a spec: `name:<label>` or `fqdn:<domain>`.
+pub fn route_id(spec: &RawRoute) -> Result<String> {
+    match (&spec.name, &spec.fqdn) {
+        (Some(n), None) => Ok(format!("name:{}", api_label(n)?)),
+        (None, Some(f)) => Ok(format!("fqdn:{}", api_fqdn(f)?)),
+        _ => Err(Error::bad("set exactly one of `name` and `fqdn`")),
+    }
+}
+
+/// A public key as the API accepts it (standard or url-safe base64), in
+/// standard base64.
+pub fn api_key(s: &str) -> Result<String> {
+    let std: String = s
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    crate::keys::PublicKey::from_base64(&std)
+        .map(|k| k.to_base64())
+        .map_err(|e| Error::bad(format!("public key `{s}`: {e}")))
+}
+
+fn strip_who(e: String) -> String {
+    // The proxy validator prefixes `[[route]] #1 (blog): `; the API names the
+    // route by its id already.
+    match e.split_once("): ") {
+        Some((head, rest)) if head.starts_with("[[route]]") => rest.to_string(),
+        _ => e,
+    }
+}
+
+impl State {
+    fn bump(&mut self) {
+        self.version += 1;
+    }
+
+    fn check_spec(&self, ctx: &Context, spec: &RawRoute) -> Result<String> {
+        let id = route_id(spec)?;
+        if ctx.file_hosts.contains(&id) {
+            return Err(Error::conflict(format!(
+                "`{id}` is routed by the hub's config file"
+            )));
+        }
+        (ctx.check_route)(spec).map_err(|e| Error::bad(format!("{id}: {}", strip_who(e))))?;
+        Ok(id)
+    }
+
+    fn node_serves(&self, id: &str) -> Option<&str> {
+        self.services.iter().find_map(|(k, v)| {
+            v.iter()
+                .any(|s| s.decl.protocol == Protocol::Http && s.decl.host() == id)
+                .then_some(k.as_str())
+        })
+    }
+
+    /// `POST /v1/routes`: creates a route; the same spec again is a no-op.
+    /// Returns the record and whether it was created.
+    pub fn create_route(&mut self, ctx: &Context, spec: RawRoute) -> Result<(String, bool)> {
+        let id = self.check_spec(ctx, &spec)?;
+        if let Some(r) = self.routes.get(&id) {
+            if r.spec == spec {
+                return Ok((id, false));
+            }
+            return Err(Error::conflict(format!(
+                "route `{id}` exists (version {}) with another spec; update it with PUT",
+                r.version
+            )));
+        }
+        if let Some(k) = self.node_serves(&id) {
+            return Err(Error::conflict(format!(
+                "`{id}` is served by node {k} (a declared service)"
+            )));
+        }
+        self.routes.insert(
+            id.clone(),
+            RouteRecord {
+                spec,
+                version: 1,
+                updated: ctx.now,
+            },
+        );
+        self.bump();
+        Ok((id, true))
+    }
+
+    /// `PUT /v1/routes/{id}`: replaces the spec in place. With `expect`, the
+    /// current version must equal it. The same spec again changes nothing.
+    pub fn update_route(
+        &mut self,
+        ctx: &Context,
+        id: &str,
+        spec: RawRoute,
+        expect: Option<u64>,
+    ) -> Result<bool> {
+        let new_id = self.check_spec(ctx, &spec)?;
+        if new_id != id {
+            return Err(Error::bad(format!(
+                "the spec is for `{new_id}`, not `{id}`; a route's host cannot change"
+            )));
+        }
+        let r = self
+            .routes
+            .get_mut(id)
+            .ok_or_else(|| Error::not_found(format!("no route `{id}`")))?;
+        if let Some(v) = expect {
+            if v != r.version {
+                return Err(Error::conflict(format!(
+                    "route `{id}` is at version {}, not {v}",
+                    r.version
+                )));
+            }
+        }
+        if r.spec == spec {
+            return Ok(false);
+        }
+        r.spec = spec;
+        r.version += 1;
+        r.updated = ctx.now;
+        self.bump();
+        Ok(true)
+    }
+
+    /// Pause or resume a route. Returns whether anything changed.
+    pub fn set_paused(&mut self, now: u64, id: &str, paused: bool) -> Result<bool> {
+        let r = self
+            .routes
+            .get_mut(id)
+            .ok_or_else(|| Error::not_found(format!("no route `{id}`")))?;
+        if r.spec.paused == paused {
+            return Ok(false);
+        }
+        r.spec.paused = paused;
+        r.version += 1;
+        r.updated = now;
+        self.bump();
+        Ok(true)
+    }
+
+    pub fn delete_route(&mut self, id: &str) -> Result<()> {
+        self.routes
+            .remove(id)
+            .ok_or_else(|| Error::not_found(format!("no route `{id}`")))?;
+        self.bump();
+        Ok(())
+    }
+
+    fn used_ips(&self, ctx: &Context) -> BTreeSet<IpAddr> {
+        let mut used = ctx.used_ips.clone();
+        for n in self.nodes.values() {
+            used.extend(n.allowed_ips.iter().map(|n| n.addr()));
+        }
+        used
+    }
+
+    /// One free host address from each pool (a /32 or /128).
+    fn allocate(&self, ctx: &Context) -> Result<Vec<IpNet>> {
+        let used = self.used_ips(ctx);
+        let mut out = Vec::new();
+        for pool in ctx.pools {
+            let found = pool
+                .hosts()
+                .take(1 << 20)
+                .find(|ip| !used.contains(ip) && !is_subnet_anycast(pool, *ip));
+            match found {
+                Some(ip) => out.push(IpNet::from(ip)),
+                None => return Err(Error::conflict(format!("address pool {pool} is full"))),
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::bad(
+                "no address pools: set [control] pools or give allowed_ips",
+            ));
+        }
+        Ok(out)
+    }
+
+    fn check_new_key(&self, ctx: &Context, key: &str) -> Result<()> {
+        if ctx.file_keys.contains(key) {
+            return Err(Error::conflict(format!(
+                "public key {key} is the hub's own or a config-file peer"
+            )));
+        }
+        if self.nodes.contains_key(key) {
+            return Err(Error::conflict(format!(
+                "public key {key} is already a peer"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/peers`.
+    pub fn add_node(
+        &mut self,
+        ctx: &Context,
+        key: &str,
+        name: Option<String>,
+        allowed_ips: Option<Vec<IpNet>>,
+    ) -> Result<NodeRecord> {
+        let key = api_key(key)?;
+        self.check_new_key(ctx, &key)?;
+        if let Some(n) = &name {
+            check_peer_name(n)?;
+        }
+        let allowed_ips = match allowed_ips {
+            Some(v) => {
+                let used = self.used_ips(ctx);
+                for n in &v {
+                    if n.trunc() != *n {
+                        return Err(Error::bad(format!("allowed_ips: `{n}` has host bits set")));
+                    }
+                    if used.iter().any(|ip| n.contains(ip)) {
+                        return Err(Error::conflict(format!(
+                            "allowed_ips: `{n}` overlaps an address in use"
+                        )));
+                    }
+                    let overlaps = self
+                        .nodes
+                        .values()
+                        .flat_map(|r| &r.allowed_ips)
+                        .any(|o| o.contains(n) || n.contains(o));
+                    if overlaps {
+                        return Err(Error::conflict(format!(
+                            "allowed_ips: `{n}` overlaps another peer's"
+                        )));
+                    }
+                }
+                v
+            }
+            None => self.allocate(ctx)?,
+        };
+        let rec = NodeRecord {
+            name,
+            allowed_ips,
+            origin: NodeOrigin::Api,
+            created: ctx.now,
+        };
+        self.nodes.insert(key, rec.clone());
+        self.bump();
+        Ok(rec)
+    }
+
+    /// `DELETE /v1/peers/{key}`: the node and its declared services go.
+    pub fn remove_node(&mut self, key: &str) -> Result<()> {
+        let key = api_key(key)?;
+        self.nodes
+            .remove(&key)
+            .ok_or_else(|| Error::not_found(format!("no peer {key} in the control plane's state (config-file peers are edited in the file)")))?;
+        self.services.remove(&key);
+        self.bump();
+        Ok(())
+    }
+
+    /// `PUT /v1/names/{name}`.
+    pub fn set_name(&mut self, name: &str, rec: NameRecord) -> Result<()> {
+        let name = api_name(name)?;
+        if rec.owners.is_empty() {
+            return Err(Error::bad("owners: at least one public key"));
+        }
+        let mut owners = Vec::new();
+        for o in &rec.owners {
+            let k = api_key(o)?;
+            if owners.contains(&k) {
+                return Err(Error::bad(format!("owners: {k} is listed twice")));
+            }
+            owners.push(k);
+        }
+        if owners.len() > 1 && !rec.replicas {
+            return Err(Error::bad("owners: several owners need `replicas: true`"));
+        }
+        let rec = NameRecord { owners, ..rec };
+        if self.names.get(&name) == Some(&rec) {
+            return Ok(());
+        }
+        self.names.insert(name, rec);
+        self.bump();
+        Ok(())
+    }
+
+    pub fn delete_name(&mut self, name: &str) -> Result<()> {
+        self.names
+            .remove(name)
+            .ok_or_else(|| Error::not_found(format!("no name `{name}`")))?;
+        self.bump();
+        Ok(())
+    }
+
+    /// `POST /v1/tokens`: stores a token; the caller made `id` and the secret.
+    pub fn create_token(
+        &mut self,
+        now: u64,
+        id: &str,
+        secret_sha256: [u8; 32],
+        names: Vec<String>,
+        ttl: u64,
+        replicas: bool,
+    ) -> Result<TokenRecord> {
+        if !(60..=30 * 86_400).contains(&ttl) {
+            return Err(Error::bad("ttl: 60 seconds to 30 days"));
+        }
+        let mut checked = Vec::new();
+        for n in &names {
+            let n = api_name(n)?;
+            if checked.contains(&n) {
+                return Err(Error::bad(format!("names: `{n}` is listed twice")));
+            }
+            if let Some(r) = self.names.get(&n) {
+                if !r.replicas {
+                    return Err(Error::conflict(format!(
+                        "name `{n}` is owned by {} and does not allow replicas",
+                        r.owners.first().map_or("?", |s| s.as_str())
+                    )));
+                }
+            }
+            checked.push(n);
+        }
+        if self.tokens.contains_key(id) {
+            return Err(Error::conflict(format!("token id {id} exists")));
+        }
+        let rec = TokenRecord {
+            secret_sha256: hex(&secret_sha256),
+            names: checked,
+            replicas,
+            created: now,
+            expires: now + ttl,
+            used_by: None,
+            used_at: None,
+        };
+        self.tokens.insert(id.to_string(), rec.clone());
+        self.bump();
+        Ok(rec)
+    }
+
+    pub fn revoke_token(&mut self, id: &str) -> Result<()> {
+        self.tokens
+            .remove(id)
+            .ok_or_else(|| Error::not_found(format!("no token `{id}`")))?;
+        self.bump();
+        Ok(())
+    }
+
+    /// `POST /v1/join`: spends the token, adds the node with fresh addresses
+    /// and gives it the token's names.
+    pub fn join(
+        &mut self,
+        ctx: &Context,
+        id: &str,
+        secret_sha256: [u8; 32],
+        key: &str,
+        name: Option<String>,
+    ) -> Result<(NodeRecord, Vec<String>)> {
+        let invalid = || Error::unauthorized("the join token is not valid");
+        let t = self.tokens.get(id).ok_or_else(invalid)?;
+        if !ct_eq(t.secret_sha256.as_bytes(), hex(&secret_sha256).as_bytes()) {
+            return Err(invalid());
+        }
+        if let Some(by) = &t.used_by {
+            return Err(Error::gone(format!(
+                "the join token was already used (by {by} at {})",
+                t.used_at.unwrap_or(0)
+            )));
+        }
+        if ctx.now >= t.expires {
+            return Err(Error::gone(format!(
+                "the join token expired {} s ago",
+                ctx.now - t.expires
+            )));
+        }
+        let key = api_key(key)?;
+        self.check_new_key(ctx, &key)?;
+        if let Some(n) = &name {
+            check_peer_name(n)?;
+        }
+        let names = t.names.clone();
+        let replicas = t.replicas;
+        for n in &names {
+            if let Some(r) = self.names.get(n) {
+                if !r.replicas {
+                    return Err(Error::conflict(format!(
+                        "name `{n}` has been taken by {} since the token was made",
+                        r.owners.first().map_or("?", |s| s.as_str())
+                    )));
+                }
+            }
+        }
+        let allowed_ips = self.allocate(ctx)?;
+        let rec = NodeRecord {
+            name,
+            allowed_ips,
+            origin: NodeOrigin::Join,
+            created: ctx.now,
+        };
+        for n in &names {
+            match self.names.get_mut(n) {
+                Some(r) => r.owners.push(key.clone()),
+                None => {
+                    self.names.insert(
+                        n.clone(),
+                        NameRecord {
+                            owners: vec![key.clone()],
+                            replicas,
+                            expires: None,
+                        },
+                    );
+                }
+            }
+        }
+        if let Some(t) = self.tokens.get_mut(id) {
+            t.used_by = Some(key.clone());
+            t.used_at = Some(ctx.now);
+        }
+        self.nodes.insert(key, rec.clone());
+        self.bump();
+        Ok((rec, names))
+    }
+
+    /// `PUT /v1/services` from `key`, calling from `from`: replaces the node's
+    /// declarations (validated one by one; an invalid one fails the call).
+    /// Returns whether anything changed.
+    pub fn declare_services(
+        &mut self,
+        now: u64,
+        key: &str,
+        from: IpAddr,
+        decls: Vec<ServiceDecl>,
+    ) -> Result<bool> {
+        if decls.len() > 256 {
+            return Err(Error::bad("at most 256 services per node"));
+        }
+        let old = self.services.get(key).cloned().unwrap_or_default();
+        let mut out: Vec<ServiceRecord> = Vec::new();
+        for (i, d) in decls.into_iter().enumerate() {
+            let d = check_decl(i, d)?;
+            let host = d.host();
+            if out.iter().any(|o| o.decl.host() == host) {
+                return Err(Error::bad(format!(
+                    "services #{}: `{host}` is declared twice",
+                    i + 1
+                )));
+            }
+            if d.port == 0 {
+                return Err(Error::bad(format!("services #{}: port 0", i + 1)));
+            }
+            let backend = SocketAddr::new(from, d.port);
+            let since = old
+                .iter()
+                .find(|o| o.decl == d && o.backend == backend)
+                .map_or(now, |o| o.since);
+            out.push(ServiceRecord {
+                decl: d,
+                backend,
+                since,
+            });
+        }
+        if out == old {
+            return Ok(false);
+        }
+        if out.is_empty() {
+            self.services.remove(key);
+        } else {
+            self.services.insert(key.to_string(), out);
+        }
+        self.bump();
+        Ok(true)
+    }
+
+    /// Drops used and expired tokens older than a week. Returns whether any went.
+    pub fn prune_tokens(&mut self, now: u64) -> bool {
+        let before = self.tokens.len();
+        self.tokens
+            .retain(|_, t| now < t.expires.saturating_add(7 * 86_400));
+        let changed = self.tokens.len() != before;
+        if changed {
+            self.bump();
+        }
+        changed
+    }
+
+    /// Turns declared services into routes and forwards. Older declarations
+    /// win conflicts; each declaration gets a status.
+    pub fn evaluate(&self, ctx: &Context, registry: &dyn NameRegistry, acme: bool) -> Evaluation {
+        let mut all: Vec<(&String, &ServiceRecord)> = self
+            .services
+            .iter()
+            .flat_map(|(k, v)| v.iter().map(move |s| (k, s)))
+            .collect();
+        all.sort_by(|a, b| (a.1.since, a.0).cmp(&(b.1.since, b.0)));
+        let mut ev = Evaluation::default();
+        // host -> (first decl, backends, node keys)
+        let mut groups: BTreeMap<String, (ServiceDecl, Vec<SocketAddr>, Vec<String>)> =
+            BTreeMap::new();
+        for (key, s) in all {
+            let host = s.decl.host();
+            let refuse = |ev: &mut Evaluation, why: String| {
+                ev.statuses
+                    .entry(key.clone())
+                    .or_default()
+                    .push(ServiceStatus {
+                        host: host.clone(),
+                        status: "refused".into(),
+                        error: Some(why),
+                        backend: None,
+                    });
+            };
+            if !self.nodes.contains_key(key) && !ctx.file_keys.contains(key) {
+                refuse(&mut ev, "the node is not a peer of this hub".into());
+                continue;
+            }
+            if let Some(name) = s.decl.registry_name() {
+                match registry.verdict(self, name, key, ctx.now) {
+                    Verdict::Allowed => {}
+                    Verdict::Refused(why) => {
+                        refuse(&mut ev, why);
+                        continue;
+                    }
+                }
+            } else if s.decl.protocol == Protocol::Http {
+                refuse(&mut ev, "an http service needs `name` or `fqdn`".into());
+                continue;
+            }
+            match s.decl.protocol {
+                Protocol::Http => {
+                    if ctx.file_hosts.contains(&host) || self.routes.contains_key(&host) {
+                        refuse(&mut ev, format!("`{host}` is routed by the hub operator"));
+                        continue;
+                    }
+                }
+                p @ (Protocol::Tcp | Protocol::Udp) => {
+                    let port = s.decl.public_port.unwrap_or(0);
+                    if !ctx.ports.contains(&port) {
+                        refuse(
+                            &mut ev,
+                            format!(
+                                "public_port {port} is outside the hub's range {}-{}",
+                                ctx.ports.start(),
+                                ctx.ports.end()
+                            ),
+                        );
+                        continue;
+                    }
+                    if ctx.file_ports.contains(&(p, port)) {
+                        refuse(&mut ev, format!("public_port {port} is used by the hub"));
+                        continue;
+                    }
+                }
+            }
+            match groups.get_mut(&host) {
+                None => {
+                    groups.insert(
+                        host.clone(),
+                        (s.decl.clone(), vec![s.backend], vec![key.clone()]),
+                    );
+                }
+                Some((first, backends, keys)) => {
+                    if keys.contains(key) {
+                        // The same node twice cannot happen (declare_services).
+                        continue;
+                    }
+                    let same_name = first.registry_name().is_some()
+                        && first.registry_name() == s.decl.registry_name();
+                    if !same_name {
+                        refuse(&mut ev, format!("`{host}` is taken by node {}", keys[0]));
+                        continue;
+                    }
+                    if first.tls != s.decl.tls || first.proxy_protocol != s.decl.proxy_protocol {
+                        refuse(
+                            &mut ev,
+                            format!(
+                                "`{host}` is served by node {} with other tls/proxy_protocol settings",
+                                keys[0]
+                            ),
+                        );
+                        continue;
+                    }
+                    backends.push(s.backend);
+                    keys.push(key.clone());
+                }
+            }
+            ev.statuses
+                .entry(key.clone())
+                .or_default()
+                .push(ServiceStatus {
+                    host: host.clone(),
+                    status: "active".into(),
+                    error: None,
+                    backend: Some(s.backend.to_string()),
+                });
+        }
+        for (host, (d, backends, _keys)) in groups {
+            let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+            match d.protocol {
+                Protocol::Http => {
+                    let passthrough = d.tls.as_deref() == Some("passthrough");
+                    ev.routes.push(RawRoute {
+                        name: d.name.clone(),
+                        fqdn: d.fqdn.clone(),
+                        tls: d.tls.clone(),
+                        backends: list,
+                        proxy_protocol: (passthrough && d.proxy_protocol)
+                            .then_some(RawPp::Bool(true)),
+                        acme: acme && !passthrough,
+                        ..RawRoute::default()
+                    });
+                }
+                Protocol::Tcp => ev.tcp.push(RawTcp {
+                    listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
+                    backends: list,
+                    proxy_protocol: d.proxy_protocol.then_some(RawPp::Bool(true)),
+                    ..RawTcp::default()
+                }),
+                Protocol::Udp => ev.udp.push(RawUdp {
+                    listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
+                    backends: list,
+                    ..RawUdp::default()
+                }),
+            }
+            ev.hosts.push(host);
+        }
+        ev
+    }
+}
+
+/// What the declared services amount to.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Evaluation {
+    /// HTTP routes, one per host, backends from every node serving it.
+    pub routes: Vec<RawRoute>,
+    pub tcp: Vec<RawTcp>,
+    pub udp: Vec<RawUdp>,
+    /// The hosts of `routes`, `tcp` and `udp`, in the same order.
+    pub hosts: Vec<String>,
+    /// Per node key, what became of each declaration.
+    pub statuses: BTreeMap<String, Vec<ServiceStatus>>,
+}
+
+fn check_peer_name(n: &str) -> Result<()> {
+    if n.is_empty()
+        || n.len() > 64
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Error::bad(format!(
+            "name `{n}`: 1 to 64 letters, digits, `-`, `_`, `.`"
+        )));
+    }
+    Ok(())
+}
+
+fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
+    let who = |m: String| Error::bad(format!("services #{}: {m}", i + 1));
+    match (&d.name, &d.fqdn) {
+        (Some(n), None) => {
+            api_label(n).map_err(|e| who(e.message))?;
+        }
+        (None, Some(f)) => {
+            api_fqdn(f).map_err(|e| who(e.message))?;
+        }
+        (None, None) if d.protocol != Protocol::Http => {}
+        _ => return Err(who("set exactly one of `name` and `fqdn`".into())),
+    }
+    match d.protocol {
+        Protocol::Http => {
+            match d.tls.as_deref() {
+                None | Some("terminate") => d.tls = None,
+                Some("passthrough") => {}
+                Some(o) => {
+                    return Err(who(format!(
+                        "tls = `{o}`: expected `terminate` or `passthrough`"
+                    )))
+                }
+            }
+            if d.public_port.is_some() {
+                return Err(who("public_port is for tcp and udp services".into()));
+            }
+            if d.proxy_protocol && d.tls.is_none() {
+                return Err(who(
+                    "proxy_protocol is for passthrough (terminated routes send X-Forwarded-For)"
+                        .into(),
+                ));
+            }
+        }
+        Protocol::Tcp | Protocol::Udp => {
+            if d.tls.is_some() {
+                return Err(who("tls is for http services".into()));
+            }
+            if d.public_port.is_none() {
+                return Err(who("a tcp or udp service needs public_port".into()));
+            }
+            if d.protocol == Protocol::Udp && d.proxy_protocol {
+                return Err(who("proxy_protocol is not available for udp".into()));
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// Whether `ip` is the all-zeros host of an IPv6 pool (the subnet-router
+/// anycast address), which `hosts()` includes for IPv6.
+fn is_subnet_anycast(pool: &IpNet, ip: IpAddr) -> bool {
+    matches!(pool, IpNet::V6(_)) && ip == pool.network()
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Constant-time equality of two byte strings of equal length.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests;

@@ -1,1 +1,173 @@
-//! See docs/control.md.
+//! Where the control plane's [`State`] lives between restarts.
+//!
+//! [`Store`] loads and saves the whole state. A save returns only once the new
+//! state is durable, and a crash at any moment leaves either the old state or
+//! the new one, never a mix. [`FileStore`] keeps `state.json` in the hub's state
+//! directory: it writes a temporary file, syncs it, renames it over the old one
+//! and syncs the directory. An etcd store implements the same trait with a
+//! transaction on one key (or one key per object, compared by revision).
+
+use crate::control::state::State;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+pub trait Store: Send + Sync {
+    /// The saved state, or `None` when nothing was ever saved.
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<Option<State>>>;
+    /// Makes `state` durable. On error the previous state is still the saved one.
+    fn save<'a>(&'a self, state: &'a State) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Where the state lives, for logs.
+    fn describe(&self) -> String;
+}
+
+/// `state.json` in a directory, written crash-safe.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+pub const STATE_FILE: &str = "state.json";
+
+impl FileStore {
+    /// Creates the directory (mode 0700) if it does not exist.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| anyhow::anyhow!("state directory {}: {e}", dir.display()))?;
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    fn load_sync(&self) -> anyhow::Result<Option<State>> {
+        let p = self.path();
+        let text = match std::fs::read(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", p.display())),
+        };
+        let s: State = serde_json::from_slice(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid state file: {e}", p.display()))?;
+        Ok(Some(s))
+    }
+
+    fn save_sync(&self, state: &State) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let body = serde_json::to_vec_pretty(state)?;
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let ctx = |e: std::io::Error| anyhow::anyhow!("{}: {e}", tmp.display());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(ctx)?;
+        f.write_all(&body).map_err(ctx)?;
+        f.write_all(b"\n").map_err(ctx)?;
+        f.sync_all().map_err(ctx)?;
+        drop(f);
+        std::fs::rename(&tmp, self.path())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path().display()))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.display()))?;
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> BoxFuture<'_, anyhow::Result<Option<State>>> {
+        let me = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || me.load_sync())
+                .await
+                .map_err(|e| anyhow::anyhow!("state load task: {e}"))?
+        })
+    }
+
+    fn save<'a>(&'a self, state: &'a State) -> BoxFuture<'a, anyhow::Result<()>> {
+        let me = self.clone();
+        let state = state.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || me.save_sync(&state))
+                .await
+                .map_err(|e| anyhow::anyhow!("state save task: {e}"))?
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn tempdir() -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "gatewire-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_atomic_replace() {
+        let d = tempdir();
+        let s = FileStore::open(&d.path().join("st")).unwrap();
+        assert!(s.load().await.unwrap().is_none());
+        let mut st = State {
+            version: 7,
+            ..State::default()
+        };
+        s.save(&st).await.unwrap();
+        assert_eq!(s.load().await.unwrap().unwrap(), st);
+        st.version = 8;
+        s.save(&st).await.unwrap();
+        assert_eq!(s.load().await.unwrap().unwrap().version, 8);
+        // A leftover temp file from a crash mid-write is ignored.
+        std::fs::write(d.path().join("st").join("state.json.tmp"), b"{garbage").unwrap();
+        assert_eq!(s.load().await.unwrap().unwrap().version, 8);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+
+    #[tokio::test]
+    async fn corrupt_file_is_an_error_not_an_empty_state() {
+        let d = tempdir();
+        let s = FileStore::open(d.path()).unwrap();
+        std::fs::write(s.path(), b"{\"version\": 1, \"bogus\": 2}").unwrap();
+        let e = s.load().await.unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

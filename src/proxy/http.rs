@@ -323,6 +323,14 @@ pub async fn handle(
     };
     let c = route.counters.clone();
     c.request();
+    if route.settings.paused {
+        return Ok(err(
+            &c,
+            ErrorKind::Paused,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the route is paused",
+        ));
+    }
     if let Some(sni) = &conn.sni_route {
         if !Arc::ptr_eq(sni, &route) {
             return Ok(err(

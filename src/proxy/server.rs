@@ -924,6 +924,10 @@ async fn serve_tls(
     let c = route.counters.clone();
     c.connection();
     match route.settings.tls {
+        TlsMode::Passthrough if route.settings.paused => {
+            c.error(ErrorKind::Paused);
+            tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+        }
         TlsMode::Passthrough => {
             let Ok(_slot) = route.upstreams.admit() else {
                 c.error(ErrorKind::OverCapacity);

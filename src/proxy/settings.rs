@@ -8,117 +8,170 @@
 
 use crate::proxy::names::{DomainName, Label};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawProxy {
+pub struct RawProxy {
     #[serde(default)]
-    domains: Vec<String>,
-    http_listen: Option<Vec<String>>,
-    https_listen: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    header_timeout: Option<u64>,
-    handshake_timeout: Option<u64>,
-    idle_timeout: Option<u64>,
-    connect_timeout: Option<u64>,
-    response_timeout: Option<u64>,
-    max_header_bytes: Option<usize>,
-    backend_down_for: Option<u64>,
-    tunnel_down_after: Option<u64>,
-    acme: Option<RawAcme>,
+    pub domains: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_listen: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_down_for: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel_down_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<RawAcme>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawAcme {
-    directory: String,
+pub struct RawAcme {
+    pub directory: String,
     #[serde(default)]
-    contact: Vec<String>,
-    state_dir: PathBuf,
-    directory_ca: Option<PathBuf>,
-    challenge: Option<String>,
-    renew_before_days: Option<u64>,
+    pub contact: Vec<String>,
+    pub state_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_before_days: Option<u64>,
 }
 
 /// `proxy_protocol = true | false | "v1" | "v2"` (true is v2).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
-pub(crate) enum RawPp {
+pub enum RawPp {
     Bool(bool),
     Version(String),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawRoute {
-    name: Option<String>,
-    fqdn: Option<String>,
-    tls: Option<String>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    backends: Vec<String>,
+pub struct RawRoute {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    pub backends: Vec<String>,
     #[serde(default)]
-    redirect_https: bool,
-    proxy_protocol: Option<RawPp>,
-    backend_ca: Option<PathBuf>,
-    backend_server_name: Option<String>,
+    pub redirect_https: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<RawPp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_server_name: Option<String>,
     #[serde(default)]
-    backend_insecure_skip_verify: bool,
+    pub backend_insecure_skip_verify: bool,
     #[serde(default)]
-    acme: bool,
-    balance: Option<String>,
+    pub acme: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
     #[serde(default)]
-    sticky: bool,
-    health_check: Option<String>,
-    health_path: Option<String>,
-    health_interval: Option<u64>,
-    health_timeout: Option<u64>,
-    health_fall: Option<u32>,
-    health_rise: Option<u32>,
-    max_connections: Option<usize>,
+    pub sticky: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_fall: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_rise: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// A paused route answers 503 (HTTP) or closes (passthrough).
+    #[serde(default)]
+    pub paused: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawTcp {
-    listen: String,
-    backends: Vec<String>,
-    proxy_protocol: Option<RawPp>,
-    balance: Option<String>,
+pub struct RawTcp {
+    pub listen: String,
+    pub backends: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<RawPp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
     #[serde(default)]
-    sticky: bool,
-    health_check: Option<String>,
-    health_path: Option<String>,
-    health_interval: Option<u64>,
-    health_timeout: Option<u64>,
-    health_fall: Option<u32>,
-    health_rise: Option<u32>,
-    max_connections: Option<usize>,
+    pub sticky: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_fall: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_rise: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawUdp {
-    listen: String,
-    backends: Vec<String>,
-    max_flows: Option<usize>,
-    flow_idle_timeout: Option<u64>,
-    balance: Option<String>,
+pub struct RawUdp {
+    pub listen: String,
+    pub backends: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_idle_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
     #[serde(default)]
-    sticky: bool,
-    health_check: Option<String>,
-    health_path: Option<String>,
-    health_interval: Option<u64>,
-    health_timeout: Option<u64>,
-    health_fall: Option<u32>,
-    health_rise: Option<u32>,
-    max_connections: Option<usize>,
+    pub sticky: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_fall: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_rise: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 /// PROXY protocol header sent to backends of passthrough routes and TCP forwards.
@@ -304,6 +357,8 @@ pub struct RouteSettings {
     pub balance: Balance,
     /// The certificate comes from ACME (`[proxy.acme]`).
     pub acme: bool,
+    /// Answer 503 (HTTP) or close (passthrough) instead of proxying.
+    pub paused: bool,
 }
 
 /// A raw TCP port forward.
@@ -977,6 +1032,7 @@ pub(crate) fn validate(
             backend_tls,
             balance: bal,
             acme: r.acme,
+            paused: r.paused,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1101,6 +1157,7 @@ mod tests {
             health_fall: None,
             health_rise: None,
             max_connections: None,
+            paused: false,
         }
     }
 

@@ -32,11 +32,13 @@ pub enum ErrorKind {
     BackendProtocol,
     /// The connection limit was reached; the connection was closed at once.
     OverCapacity,
+    /// The route is paused (503, or a closed passthrough connection).
+    Paused,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -49,6 +51,7 @@ impl ErrorKind {
         ErrorKind::BackendTls,
         ErrorKind::BackendProtocol,
         ErrorKind::OverCapacity,
+        ErrorKind::Paused,
     ];
 
     /// Stable metric label.
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::BackendTls => "backend_tls",
             ErrorKind::BackendProtocol => "backend_protocol",
             ErrorKind::OverCapacity => "over_capacity",
+            ErrorKind::Paused => "paused",
         }
     }
 

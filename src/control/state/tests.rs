@@ -1,0 +1,406 @@
+use super::*;
+use crate::control::registry::LocalRegistry;
+use proptest::prelude::*;
+
+const K1: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+const K2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const K3: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+
+struct Env {
+    file_hosts: BTreeSet<String>,
+    file_keys: BTreeSet<String>,
+    used: BTreeSet<IpAddr>,
+    pools: Vec<IpNet>,
+    file_ports: BTreeSet<(Protocol, u16)>,
+}
+
+fn env() -> Env {
+    Env {
+        file_hosts: ["name:static".to_string()].into(),
+        file_keys: BTreeSet::new(),
+        used: [
+            "100.64.1.1".parse().unwrap(),
+            "fd77:6777:1::1".parse().unwrap(),
+        ]
+        .into(),
+        pools: vec![
+            "100.64.1.0/29".parse().unwrap(),
+            "fd77:6777:1::/64".parse().unwrap(),
+        ],
+        file_ports: [(Protocol::Tcp, 20001)].into(),
+    }
+}
+
+fn check(r: &RawRoute) -> std::result::Result<(), String> {
+    if r.backends.iter().any(|b| b.contains("127.0.0.1")) {
+        return Err("[[route]] #1 (x): backend `127.0.0.1:80`: loopback addresses are not allowed as backends".into());
+    }
+    Ok(())
+}
+
+fn ctx(e: &Env, now: u64) -> Context<'_> {
+    Context {
+        now,
+        check_route: &check,
+        file_hosts: &e.file_hosts,
+        file_keys: &e.file_keys,
+        used_ips: &e.used,
+        pools: &e.pools,
+        ports: 20000..=20999,
+        file_ports: &e.file_ports,
+    }
+}
+
+fn spec(name: &str, backend: &str) -> RawRoute {
+    RawRoute {
+        name: Some(name.into()),
+        backends: vec![backend.into()],
+        ..RawRoute::default()
+    }
+}
+
+fn http(name: &str, port: u16) -> ServiceDecl {
+    ServiceDecl {
+        name: Some(name.into()),
+        fqdn: None,
+        protocol: Protocol::Http,
+        port,
+        tls: None,
+        public_port: None,
+        proxy_protocol: false,
+    }
+}
+
+#[test]
+fn create_is_idempotent_and_conflicts_are_409() {
+    let e = env();
+    let mut s = State::default();
+    let (id, created) = s
+        .create_route(&ctx(&e, 1), spec("blog", "100.64.0.2:80"))
+        .unwrap();
+    assert_eq!((id.as_str(), created), ("name:blog", true));
+    assert_eq!(s.version, 1);
+    let (_, created) = s
+        .create_route(&ctx(&e, 2), spec("blog", "100.64.0.2:80"))
+        .unwrap();
+    assert!(!created);
+    assert_eq!(s.version, 1, "the same spec again changes nothing");
+    let err = s
+        .create_route(&ctx(&e, 3), spec("blog", "100.64.0.3:80"))
+        .unwrap_err();
+    assert_eq!(err.status, 409);
+    let err = s
+        .create_route(&ctx(&e, 3), spec("static", "100.64.0.3:80"))
+        .unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("config file"), "{err}");
+}
+
+#[test]
+fn update_in_place_is_versioned() {
+    let e = env();
+    let mut s = State::default();
+    s.create_route(&ctx(&e, 1), spec("blog", "100.64.0.2:80"))
+        .unwrap();
+    assert!(s
+        .update_route(
+            &ctx(&e, 2),
+            "name:blog",
+            spec("blog", "100.64.0.3:80"),
+            Some(1)
+        )
+        .unwrap());
+    assert_eq!(s.routes["name:blog"].version, 2);
+    let err = s
+        .update_route(
+            &ctx(&e, 3),
+            "name:blog",
+            spec("blog", "100.64.0.4:80"),
+            Some(1),
+        )
+        .unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("version 2"), "{err}");
+    // Same spec: no bump.
+    assert!(!s
+        .update_route(
+            &ctx(&e, 4),
+            "name:blog",
+            spec("blog", "100.64.0.3:80"),
+            None
+        )
+        .unwrap());
+    assert_eq!(s.routes["name:blog"].version, 2);
+    let err = s
+        .update_route(
+            &ctx(&e, 4),
+            "name:blog",
+            spec("shop", "100.64.0.3:80"),
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(s.set_paused(5, "name:blog", true).unwrap());
+    assert!(!s.set_paused(5, "name:blog", true).unwrap());
+    assert!(s.routes["name:blog"].spec.paused);
+    assert_eq!(s.routes["name:blog"].version, 3);
+    assert_eq!(s.delete_route("name:nope").unwrap_err().status, 404);
+}
+
+#[test]
+fn bad_names_and_backends_are_400_and_change_nothing() {
+    let e = env();
+    let mut s = State::default();
+    for (n, want) in [
+        ("Blog", "lowercase"),
+        ("a.b", "name"),
+        (&"x".repeat(64)[..], "name"),
+        ("-x", "name"),
+    ] {
+        let err = s
+            .create_route(&ctx(&e, 1), spec(n, "100.64.0.2:80"))
+            .unwrap_err();
+        assert_eq!(err.status, 400, "{n}");
+        assert!(err.message.contains(want), "{n}: {err}");
+    }
+    let err = s
+        .create_route(&ctx(&e, 1), spec("blog", "127.0.0.1:80"))
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(
+        err.message.starts_with("name:blog: backend `127.0.0.1:80`"),
+        "{err}"
+    );
+    assert_eq!(s, State::default());
+}
+
+fn token(s: &mut State, id: &str, names: &[&str], replicas: bool, now: u64) -> [u8; 32] {
+    let h = [id.as_bytes()[0]; 32];
+    s.create_token(
+        now,
+        id,
+        h,
+        names.iter().map(|s| s.to_string()).collect(),
+        3600,
+        replicas,
+    )
+    .unwrap();
+    h
+}
+
+#[test]
+fn join_spends_the_token_once() {
+    let e = env();
+    let mut s = State::default();
+    let h = token(&mut s, "a1", &["blog"], false, 10);
+    let err = s.join(&ctx(&e, 11), "a1", [0; 32], K1, None).unwrap_err();
+    assert_eq!(err.status, 401);
+    let (rec, names) = s
+        .join(&ctx(&e, 11), "a1", h, K1, Some("n1".into()))
+        .unwrap();
+    assert_eq!(names, vec!["blog".to_string()]);
+    assert_eq!(
+        rec.allowed_ips,
+        vec![
+            "100.64.1.2/32".parse::<IpNet>().unwrap(),
+            "fd77:6777:1::2/128".parse().unwrap()
+        ]
+    );
+    assert_eq!(s.names["blog"].owners, vec![K1.to_string()]);
+    let err = s.join(&ctx(&e, 12), "a1", h, K2, None).unwrap_err();
+    assert_eq!(err.status, 410);
+    assert!(err.message.contains("already used"), "{err}");
+    let h2 = token(&mut s, "b2", &[], false, 20);
+    let err = s.join(&ctx(&e, 20 + 3600), "b2", h2, K2, None).unwrap_err();
+    assert_eq!(err.status, 410);
+    assert!(err.message.contains("expired"), "{err}");
+    // A token for a name owned without replicas cannot be made.
+    let err = s
+        .create_token(30, "c3", [9; 32], vec!["blog".into()], 3600, false)
+        .unwrap_err();
+    assert_eq!(err.status, 409);
+}
+
+#[test]
+fn pools_run_out_cleanly() {
+    let e = env();
+    let mut s = State::default();
+    // 100.64.1.0/29: hosts .1-.6, .1 in use.
+    for i in 0..5u8 {
+        let k = crate::keys::PrivateKey::from_bytes([i + 1; 32])
+            .public_key()
+            .to_base64();
+        s.add_node(&ctx(&e, 1), &k, None, None).unwrap();
+    }
+    let k = crate::keys::PrivateKey::from_bytes([99; 32])
+        .public_key()
+        .to_base64();
+    let err = s.add_node(&ctx(&e, 1), &k, None, None).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("full"), "{err}");
+}
+
+#[test]
+fn services_follow_ownership_and_replicas() {
+    let e = env();
+    let mut s = State::default();
+    let reg = LocalRegistry { grace: 100 };
+    let h = token(&mut s, "a1", &["blog"], false, 1);
+    s.join(&ctx(&e, 1), "a1", h, K1, None).unwrap();
+    s.add_node(&ctx(&e, 1), K2, None, None).unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    let ip2: IpAddr = "100.64.1.3".parse().unwrap();
+    s.declare_services(2, K1, ip1, vec![http("blog", 80)])
+        .unwrap();
+    s.declare_services(3, K2, ip2, vec![http("blog", 80)])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 4), &reg, false);
+    assert_eq!(ev.routes.len(), 1);
+    assert_eq!(ev.routes[0].backends, vec!["100.64.1.2:80".to_string()]);
+    let st2 = &ev.statuses[K2][0];
+    assert_eq!(st2.status, "refused");
+    assert!(
+        st2.error
+            .as_deref()
+            .unwrap()
+            .contains("does not allow replicas"),
+        "{st2:?}"
+    );
+    // The owner allows replicas and lists K2: two backends.
+    s.set_name(
+        "blog",
+        NameRecord {
+            owners: vec![K1.into(), K2.into()],
+            replicas: true,
+            expires: None,
+        },
+    )
+    .unwrap();
+    let ev = s.evaluate(&ctx(&e, 5), &reg, false);
+    assert_eq!(ev.routes[0].backends.len(), 2);
+    assert!(ev.statuses[K2].iter().all(|s| s.status == "active"));
+    // Expiry with grace.
+    s.set_name(
+        "blog",
+        NameRecord {
+            owners: vec![K1.into(), K2.into()],
+            replicas: true,
+            expires: Some(10),
+        },
+    )
+    .unwrap();
+    assert_eq!(s.evaluate(&ctx(&e, 109), &reg, false).routes.len(), 1);
+    assert!(s.evaluate(&ctx(&e, 110), &reg, false).routes.is_empty());
+    // Withdrawal: an empty declaration removes the node's services.
+    assert!(s.declare_services(6, K1, ip1, vec![]).unwrap());
+    assert!(!s.services.contains_key(K1));
+}
+
+#[test]
+fn operator_routes_win_over_declared_services_and_ports_are_checked() {
+    let e = env();
+    let mut s = State::default();
+    let reg = LocalRegistry { grace: 0 };
+    s.add_node(&ctx(&e, 1), K3, None, None).unwrap();
+    s.set_name(
+        "shop",
+        NameRecord {
+            owners: vec![K3.into()],
+            replicas: false,
+            expires: None,
+        },
+    )
+    .unwrap();
+    s.create_route(&ctx(&e, 1), spec("shop", "100.64.0.9:80"))
+        .unwrap();
+    let ip: IpAddr = "100.64.1.2".parse().unwrap();
+    let tcp = |p| ServiceDecl {
+        name: None,
+        fqdn: None,
+        protocol: Protocol::Tcp,
+        port: 22,
+        tls: None,
+        public_port: Some(p),
+        proxy_protocol: false,
+    };
+    s.declare_services(2, K3, ip, vec![http("shop", 80), tcp(20022), tcp(20001)])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 3), &reg, false);
+    let st = &ev.statuses[K3];
+    assert_eq!(st[0].status, "refused");
+    assert!(st[0].error.as_deref().unwrap().contains("operator"));
+    assert_eq!(st[1].status, "active");
+    assert_eq!(ev.tcp.len(), 1);
+    assert_eq!(ev.tcp[0].listen, "0.0.0.0:20022");
+    assert!(st[2].error.as_deref().unwrap().contains("used by the hub"));
+    // Invalid declarations fail the call and change nothing.
+    let v = s.version;
+    let err = s
+        .declare_services(4, K3, ip, vec![http("Shop", 80)])
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains("services #1"), "{err}");
+    assert_eq!(s.version, v);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create(u8, u8),
+    Update(u8, u8, Option<u64>),
+    Pause(u8, bool),
+    Delete(u8),
+    Token(u8),
+    Join(u8, u8),
+    Declare(u8, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..4u8, 0..4u8).prop_map(|(a, b)| Op::Create(a, b)),
+        (0..4u8, 0..4u8, proptest::option::of(0..5u64)).prop_map(|(a, b, v)| Op::Update(a, b, v)),
+        (0..4u8, any::<bool>()).prop_map(|(a, b)| Op::Pause(a, b)),
+        (0..4u8).prop_map(Op::Delete),
+        (0..4u8).prop_map(Op::Token),
+        (0..4u8, 0..3u8).prop_map(|(a, b)| Op::Join(a, b)),
+        (0..3u8, 0..4u8).prop_map(|(a, b)| Op::Declare(a, b)),
+    ]
+}
+
+proptest! {
+    /// Whatever the sequence: failed operations change nothing, successful
+    /// ones bump the version at most once, and the state survives JSON.
+    #[test]
+    fn operations_keep_the_state_consistent(ops in proptest::collection::vec(op(), 1..40)) {
+        let e = env();
+        let keys = [K1, K2, K3];
+        let mut s = State::default();
+        for (t, o) in ops.into_iter().enumerate() {
+            let now = t as u64 + 1;
+            let before = s.clone();
+            let c = ctx(&e, now);
+            let name = |i: u8| format!("r{i}");
+            let r: Result<()> = match o {
+                Op::Create(i, b) => s.create_route(&c, spec(&name(i), &format!("100.64.0.{}:80", b + 2))).map(|_| ()),
+                Op::Update(i, b, v) => s.update_route(&c, &format!("name:{}", name(i)), spec(&name(i), &format!("100.64.0.{}:80", b + 2)), v).map(|_| ()),
+                Op::Pause(i, p) => s.set_paused(now, &format!("name:{}", name(i)), p).map(|_| ()),
+                Op::Delete(i) => s.delete_route(&format!("name:{}", name(i))),
+                Op::Token(i) => s.create_token(now, &format!("t{i}"), [i; 32], vec![name(i)], 3600, true).map(|_| ()),
+                Op::Join(i, k) => s.join(&c, &format!("t{i}"), [i; 32], keys[k as usize], None).map(|_| ()),
+                Op::Declare(k, i) => s.declare_services(now, keys[k as usize], "100.64.1.2".parse().unwrap(), vec![http(&name(i), 80)]).map(|_| ()),
+            };
+            match r {
+                Err(_) => prop_assert_eq!(&s, &before),
+                Ok(()) => prop_assert!(s.version == before.version || s.version == before.version + 1),
+            }
+            let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+            prop_assert_eq!(&back, &s);
+            let ev = s.evaluate(&c, &LocalRegistry { grace: 0 }, false);
+            // Every active route's host is unique and no operator route is shadowed.
+            let mut hosts = ev.hosts.clone();
+            hosts.sort();
+            hosts.dedup();
+            prop_assert_eq!(hosts.len(), ev.hosts.len());
+            for h in &ev.hosts { prop_assert!(!s.routes.contains_key(h)); }
+        }
+    }
+}
