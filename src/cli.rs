@@ -65,6 +65,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: YggCmd,
     },
+    /// The hub's admin API: peers, routes, names, join tokens, metrics.
+    Ctl(crate::control::client::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -126,7 +128,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.cmd,
-        Cmd::Genkey | Cmd::Pubkey | Cmd::Show { .. } | Cmd::Ygg { .. }
+        Cmd::Genkey | Cmd::Pubkey | Cmd::Show { .. } | Cmd::Ygg { .. } | Cmd::Ctl(_)
     ) {
         default_sigpipe();
     }
@@ -195,6 +197,7 @@ pub fn main() -> ExitCode {
             wg_mode(interface, fg)
         }
         Cmd::Ygg { cmd } => ygg_cmd(cmd),
+        Cmd::Ctl(args) => crate::control::client::main(args),
     }
 }
 

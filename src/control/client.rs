@@ -1,1 +1,1320 @@
-//! See docs/control.md.
+//! `gatewire ctl`: the admin API client (docs/control.md, "The ctl client").
+//!
+//! Each subcommand maps onto one request of the admin API ([`request_for`], a
+//! pure function); `route update` is a read-modify-write: `GET` the route, apply
+//! the given options to its spec ([`update_request`]) and `PUT` it back with the
+//! version that was read, so a concurrent change answers 409 instead of being
+//! overwritten. Transports: the hub's Unix socket (no token), or TLS on TCP with
+//! a bearer token and the API certificate pinned by its SHA-256.
+//!
+//! The bearer token never appears in `Debug` output, logs or error messages.
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The interface whose socket is used when neither `--socket` nor `--interface`
+/// is given.
+pub const DEFAULT_INTERFACE: &str = "gw0";
+/// Where the hub puts its control socket, `<interface>.ctl.sock`.
+pub const SOCKET_DIR: &str = "/run/gatewire";
+/// Largest answer body read.
+pub const BODY_LIMIT: usize = 16 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every endpoint of the admin API as `(method, path template)`, as in
+/// `docs/openapi.json`. `gatewire ctl` uses all of them but `POST /v1/join`,
+/// which `gatewire node join` calls.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", "/v1/status"),
+    ("GET", "/v1/peers"),
+    ("POST", "/v1/peers"),
+    ("GET", "/v1/peers/{key}"),
+    ("DELETE", "/v1/peers/{key}"),
+    ("GET", "/v1/routes"),
+    ("POST", "/v1/routes"),
+    ("GET", "/v1/routes/{id}"),
+    ("PUT", "/v1/routes/{id}"),
+    ("DELETE", "/v1/routes/{id}"),
+    ("POST", "/v1/routes/{id}/pause"),
+    ("POST", "/v1/routes/{id}/resume"),
+    ("GET", "/v1/names"),
+    ("PUT", "/v1/names/{name}"),
+    ("DELETE", "/v1/names/{name}"),
+    ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{id}"),
+    ("POST", "/v1/join"),
+    ("GET", "/metrics"),
+];
+
+/// The node services API (over the tunnel), as in `docs/openapi.json`.
+pub const NODE_ENDPOINTS: &[(&str, &str)] = &[("GET", "/v1/services"), ("PUT", "/v1/services")];
+
+/// The control socket of an interface.
+pub fn socket_path(interface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{interface}.ctl.sock"))
+}
+
+// ------------------------------------------------------------ command line
+
+/// `gatewire ctl`: options and subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct CtlArgs {
+    /// The hub's control socket [default: /run/gatewire/<interface>.ctl.sock].
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "PATH",
+        conflicts_with = "url"
+    )]
+    pub socket: Option<PathBuf>,
+    /// The hub interface whose socket is used.
+    #[arg(long, global = true, help_heading = "Connection", value_name = "NAME", default_value = DEFAULT_INTERFACE)]
+    pub interface: String,
+    /// The API over TLS on TCP instead of the socket: https://host:port.
+    #[arg(long, global = true, help_heading = "Connection", value_name = "URL")]
+    pub url: Option<String>,
+    /// File holding the admin bearer token (with --url; else $GATEWIRE_TOKEN).
+    #[arg(long, global = true, help_heading = "Connection", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// SHA-256 of the API certificate, hex (with --url).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "SHA256"
+    )]
+    pub pin: Option<String>,
+    /// Print the raw JSON answer.
+    #[arg(long, global = true, help_heading = "Output")]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+/// The subcommands; each maps onto one API request.
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum CtlCommand {
+    /// The hub: interface, public key, state version, counts.
+    Status,
+    /// List peers (config peers and joined nodes).
+    Peers,
+    /// One peer: show, add, remove.
+    Peer {
+        #[command(subcommand)]
+        cmd: PeerCmd,
+    },
+    /// List routes.
+    Routes,
+    /// One route: show, create, update, pause, resume, delete.
+    Route {
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
+    /// List names and their owners.
+    Names,
+    /// One name: set, delete.
+    Name {
+        #[command(subcommand)]
+        cmd: NameCmd,
+    },
+    /// List join tokens (never their secrets).
+    Tokens,
+    /// Join tokens: create, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Print the Prometheus metrics.
+    Metrics,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum PeerCmd {
+    /// Show one peer.
+    Show {
+        /// Public key (base64, standard or url-safe).
+        key: String,
+    },
+    /// Add a peer; without --allowed-ips its addresses come from the pools.
+    Add {
+        /// Public key (base64).
+        key: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Comma-separated prefixes.
+        #[arg(long, value_delimiter = ',', value_name = "PREFIXES")]
+        allowed_ips: Option<Vec<String>>,
+    },
+    /// Remove a peer; its declared services are withdrawn.
+    Remove { key: String },
+}
+
+/// Route options shared by `route create` and `route update`.
+#[derive(Args, Debug, Clone, PartialEq, Default)]
+pub struct RouteOpts {
+    /// A name route: one label under every gateway domain.
+    #[arg(long, value_name = "LABEL", conflicts_with = "fqdn")]
+    pub name: Option<String>,
+    /// A custom domain.
+    #[arg(long, value_name = "DOMAIN")]
+    pub fqdn: Option<String>,
+    /// A backend (repeat, or comma-separated); given ones replace the list.
+    #[arg(long = "backend", value_name = "BACKEND", value_delimiter = ',')]
+    pub backends: Vec<String>,
+    #[arg(long, value_parser = ["terminate", "passthrough"])]
+    pub tls: Option<String>,
+    /// Certificate from ACME (`--acme=false` turns it off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub acme: Option<bool>,
+    /// PROXY protocol header to passthrough backends.
+    #[arg(long, value_parser = ["off", "v1", "v2"])]
+    pub proxy_protocol: Option<String>,
+    /// Redirect plain HTTP to https:// (`--redirect-https=false` turns it off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub redirect_https: Option<bool>,
+    #[arg(long, value_parser = ["round_robin", "least_conn"])]
+    pub balance: Option<String>,
+    /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
+    #[arg(long, value_name = "FILE.json")]
+    pub spec_file: Option<PathBuf>,
+}
+
+impl RouteOpts {
+    fn changes_nothing(&self) -> bool {
+        self.name.is_none()
+            && self.fqdn.is_none()
+            && self.backends.is_empty()
+            && self.tls.is_none()
+            && self.acme.is_none()
+            && self.proxy_protocol.is_none()
+            && self.redirect_https.is_none()
+            && self.balance.is_none()
+            && self.spec_file.is_none()
+    }
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum RouteCmd {
+    /// Show one route. ID: `name:<label>`, `fqdn:<domain>`, or a bare label or domain.
+    Show { id: String },
+    /// Create a route.
+    Create {
+        #[command(flatten)]
+        opts: RouteOpts,
+    },
+    /// Change the given options of a route (read, modify, write back).
+    Update {
+        id: String,
+        #[command(flatten)]
+        opts: RouteOpts,
+        /// Expected current version (default: the version just read).
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+    },
+    /// Pause a route: it answers 503.
+    Pause { id: String },
+    /// Resume a paused route.
+    Resume { id: String },
+    /// Delete a route.
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum NameCmd {
+    /// Set the owners of a name.
+    Set {
+        name: String,
+        /// An owner's public key (repeat for several).
+        #[arg(
+            long = "owner",
+            value_name = "KEY",
+            required = true,
+            value_delimiter = ','
+        )]
+        owners: Vec<String>,
+        /// Further keys may join as replicas (`--replicas=false`: no).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        replicas: Option<bool>,
+        /// Expiry, Unix seconds.
+        #[arg(long, value_name = "UNIX")]
+        expires: Option<u64>,
+    },
+    /// Delete a name.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum TokenCmd {
+    /// Create a join token; prints the token alone on stdout.
+    Create {
+        /// Names the joining node will own (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// Lifetime: seconds, or with a unit (30m, 1h, 2d).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// The names may already have an owner that allows replicas.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        replicas: Option<bool>,
+    },
+    /// Revoke a join token.
+    Revoke { id: String },
+}
+
+/// `3600`, `90s`, `30m`, `1h`, `2d` as seconds.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("`{s}`: the unit is s, m, h or d")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected seconds or a number with s, m, h or d"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{s}`: out of range"))
+}
+
+// ------------------------------------------------------------ errors
+
+/// What went wrong; decides the exit code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CtlError {
+    /// Bad arguments or local files: exit 2.
+    Usage(String),
+    /// A non-2xx answer: exit 2 for 4xx, 1 otherwise.
+    Http { status: u16, msg: String },
+    /// Connection, TLS, timeout or a malformed answer: exit 1.
+    Transport(String),
+}
+
+impl fmt::Display for CtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CtlError::Usage(m) | CtlError::Transport(m) => f.write_str(m),
+            CtlError::Http { status, msg } => write!(f, "{msg} (HTTP {status})"),
+        }
+    }
+}
+
+impl CtlError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Usage(_) => 2,
+            CtlError::Http { status, .. } if (400..500).contains(status) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Text from the server or a file, safe to print on a terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The error for a non-2xx answer: `{"error": msg}`, else the body's first
+/// line, else the status's reason.
+pub fn http_error(status: u16, body: &[u8]) -> CtlError {
+    let from_json = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(printable));
+    let msg = from_json.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        let line = text.trim().lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("error")
+                .to_lowercase()
+        } else {
+            printable(&line.chars().take(200).collect::<String>())
+        }
+    });
+    CtlError::Http { status, msg }
+}
+
+// ------------------------------------------------------------ requests
+
+/// One API request: method, path (segments percent-encoded), JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub method: &'static str,
+    pub path: String,
+    pub body: Option<Value>,
+}
+
+impl Request {
+    fn new(method: &'static str, path: String, body: Option<Value>) -> Self {
+        Request { method, path, body }
+    }
+    fn get(path: String) -> Self {
+        Self::new("GET", path, None)
+    }
+}
+
+/// A path segment, percent-encoded: everything but unreserved characters, `:`
+/// and `@` (so base64's `/`, `+` and `=` become `%2F`, `%2B`, `%3D`).
+pub fn segment(s: &str) -> String {
+    let dots = s == "." || s == "..";
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if !dots && (b.is_ascii_alphanumeric() || b"-._~:@".contains(&b)) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A route id: `name:<label>` and `fqdn:<domain>` as given; a bare argument
+/// is a domain when it has a dot, a label otherwise.
+pub fn route_id(arg: &str) -> String {
+    if arg.starts_with("name:") || arg.starts_with("fqdn:") {
+        arg.to_string()
+    } else if arg.contains('.') {
+        format!("fqdn:{arg}")
+    } else {
+        format!("name:{arg}")
+    }
+}
+
+fn route_path(id: &str) -> String {
+    format!("/v1/routes/{}", segment(&route_id(id)))
+}
+
+fn strings(v: &[String]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String(s.clone())).collect())
+}
+
+/// The spec in `--spec-file`, a JSON object.
+fn spec_file(path: &Path) -> Result<Map<String, Value>, CtlError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CtlError::Usage(format!("--spec-file {}: {e}", path.display())))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(CtlError::Usage(format!(
+            "--spec-file {}: expected a JSON object (a RouteSpec)",
+            path.display()
+        ))),
+        Err(e) => Err(CtlError::Usage(format!(
+            "--spec-file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Applies the given route options to a spec; absent options leave it alone.
+pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
+    if let Some(n) = &o.name {
+        spec.remove("fqdn");
+        spec.insert("name".into(), n.clone().into());
+    }
+    if let Some(f) = &o.fqdn {
+        spec.remove("name");
+        spec.insert("fqdn".into(), f.clone().into());
+    }
+    if !o.backends.is_empty() {
+        spec.insert("backends".into(), strings(&o.backends));
+    }
+    if let Some(t) = &o.tls {
+        spec.insert("tls".into(), t.clone().into());
+    }
+    if let Some(a) = o.acme {
+        spec.insert("acme".into(), a.into());
+    }
+    if let Some(p) = &o.proxy_protocol {
+        let v = match p.as_str() {
+            "off" => Value::Bool(false),
+            other => other.into(),
+        };
+        spec.insert("proxy_protocol".into(), v);
+    }
+    if let Some(r) = o.redirect_https {
+        spec.insert("redirect_https".into(), r.into());
+    }
+    if let Some(b) = &o.balance {
+        spec.insert("balance".into(), b.clone().into());
+    }
+}
+
+fn create_spec(o: &RouteOpts) -> Result<Value, CtlError> {
+    let mut spec = match &o.spec_file {
+        Some(p) => spec_file(p)?,
+        None => Map::new(),
+    };
+    apply_route_opts(&mut spec, o);
+    if !spec.contains_key("name") && !spec.contains_key("fqdn") {
+        return Err(CtlError::Usage(
+            "route create: give --name LABEL or --fqdn DOMAIN".into(),
+        ));
+    }
+    if !spec.contains_key("backends") {
+        return Err(CtlError::Usage(
+            "route create: give at least one --backend".into(),
+        ));
+    }
+    Ok(Value::Object(spec))
+}
+
+/// The request for a subcommand. For `route update` this is the `GET` of the
+/// current route; [`update_request`] makes the `PUT` from its answer.
+pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
+    Ok(match cmd {
+        CtlCommand::Status => Request::get("/v1/status".into()),
+        CtlCommand::Peers => Request::get("/v1/peers".into()),
+        CtlCommand::Peer { cmd } => match cmd {
+            PeerCmd::Show { key } => Request::get(format!("/v1/peers/{}", segment(key))),
+            PeerCmd::Add {
+                key,
+                name,
+                allowed_ips,
+            } => {
+                let mut body = Map::new();
+                body.insert("public_key".into(), key.clone().into());
+                if let Some(n) = name {
+                    body.insert("name".into(), n.clone().into());
+                }
+                if let Some(a) = allowed_ips {
+                    body.insert("allowed_ips".into(), strings(a));
+                }
+                Request::new("POST", "/v1/peers".into(), Some(Value::Object(body)))
+            }
+            PeerCmd::Remove { key } => {
+                Request::new("DELETE", format!("/v1/peers/{}", segment(key)), None)
+            }
+        },
+        CtlCommand::Routes => Request::get("/v1/routes".into()),
+        CtlCommand::Route { cmd } => match cmd {
+            RouteCmd::Show { id } => Request::get(route_path(id)),
+            RouteCmd::Create { opts } => {
+                Request::new("POST", "/v1/routes".into(), Some(create_spec(opts)?))
+            }
+            RouteCmd::Update { id, opts, .. } => {
+                if opts.changes_nothing() {
+                    return Err(CtlError::Usage(
+                        "route update: no option given, nothing to change".into(),
+                    ));
+                }
+                Request::get(route_path(id))
+            }
+            RouteCmd::Pause { id } => Request::new("POST", route_path(id) + "/pause", None),
+            RouteCmd::Resume { id } => Request::new("POST", route_path(id) + "/resume", None),
+            RouteCmd::Delete { id } => Request::new("DELETE", route_path(id), None),
+        },
+        CtlCommand::Names => Request::get("/v1/names".into()),
+        CtlCommand::Name { cmd } => match cmd {
+            NameCmd::Set {
+                name,
+                owners,
+                replicas,
+                expires,
+            } => {
+                let mut body = Map::new();
+                body.insert("owners".into(), strings(owners));
+                if let Some(r) = replicas {
+                    body.insert("replicas".into(), (*r).into());
+                }
+                if let Some(e) = expires {
+                    body.insert("expires".into(), (*e).into());
+                }
+                Request::new(
+                    "PUT",
+                    format!("/v1/names/{}", segment(name)),
+                    Some(Value::Object(body)),
+                )
+            }
+            NameCmd::Delete { name } => {
+                Request::new("DELETE", format!("/v1/names/{}", segment(name)), None)
+            }
+        },
+        CtlCommand::Tokens => Request::get("/v1/tokens".into()),
+        CtlCommand::Token { cmd } => match cmd {
+            TokenCmd::Create {
+                names,
+                ttl,
+                replicas,
+            } => {
+                let mut body = Map::new();
+                body.insert("names".into(), strings(names));
+                if let Some(t) = ttl {
+                    body.insert("ttl".into(), (*t).into());
+                }
+                if let Some(r) = replicas {
+                    body.insert("replicas".into(), (*r).into());
+                }
+                Request::new("POST", "/v1/tokens".into(), Some(Value::Object(body)))
+            }
+            TokenCmd::Revoke { id } => {
+                Request::new("DELETE", format!("/v1/tokens/{}", segment(id)), None)
+            }
+        },
+        CtlCommand::Metrics => Request::get("/metrics".into()),
+    })
+}
+
+/// The `PUT` of `route update ID`: the current route's spec (or the
+/// `--spec-file`) with the given options applied, and the expected version
+/// (`--version`, else the version of `current`).
+pub fn update_request(
+    id: &str,
+    opts: &RouteOpts,
+    version: Option<u64>,
+    current: &Value,
+) -> Result<Request, CtlError> {
+    let mut spec = match &opts.spec_file {
+        Some(p) => {
+            // A whole new spec; the pause state is not a route option here.
+            let mut m = spec_file(p)?;
+            if let (false, Some(x)) = (
+                m.contains_key("paused"),
+                current.get("spec").and_then(|s| s.get("paused")),
+            ) {
+                m.insert("paused".into(), x.clone());
+            }
+            m
+        }
+        None => match current.get("spec") {
+            Some(Value::Object(m)) => m.clone(),
+            _ => {
+                return Err(CtlError::Transport(
+                    "the route in the answer has no spec".into(),
+                ))
+            }
+        },
+    };
+    apply_route_opts(&mut spec, opts);
+    let version = match version {
+        Some(v) => v,
+        None => current
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| CtlError::Transport("the route in the answer has no version".into()))?,
+    };
+    let mut body = Map::new();
+    body.insert("spec".into(), Value::Object(spec));
+    body.insert("version".into(), version.into());
+    Ok(Request::new(
+        "PUT",
+        route_path(id),
+        Some(Value::Object(body)),
+    ))
+}
+
+/// Whether `path` (a concrete, encoded path) matches the template `tpl`.
+pub fn path_matches(tpl: &str, path: &str) -> bool {
+    let t: Vec<&str> = tpl.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    t.len() == p.len()
+        && t.iter().zip(&p).all(|(t, p)| {
+            if t.starts_with('{') && t.ends_with('}') {
+                !p.is_empty()
+            } else {
+                t == p
+            }
+        })
+}
+
+// ------------------------------------------------------------ transport
+
+/// The admin bearer token. Never printed: `Debug` is masked and the header
+/// value is marked sensitive.
+struct Token(zeroize::Zeroizing<String>);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    fn from_text(text: zeroize::Zeroizing<String>, what: &str) -> Result<Token, CtlError> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(CtlError::Usage(format!("{what}: the token is empty")));
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CtlError::Usage(format!(
+                "{what}: the token has characters a bearer token cannot have"
+            )));
+        }
+        Ok(Token(zeroize::Zeroizing::new(t.to_string())))
+    }
+
+    fn header(&self) -> Result<http::HeaderValue, CtlError> {
+        let s = zeroize::Zeroizing::new(format!("Bearer {}", self.0.as_str()));
+        let mut v = http::HeaderValue::from_str(&s)
+            .map_err(|_| CtlError::Usage("the token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+}
+
+fn read_token(file: Option<&Path>) -> Result<Token, CtlError> {
+    if let Some(p) = file {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| CtlError::Usage(format!("--token-file {}: {e}", p.display())))?;
+        return Token::from_text(
+            zeroize::Zeroizing::new(text),
+            &format!("--token-file {}", p.display()),
+        );
+    }
+    match std::env::var("GATEWIRE_TOKEN") {
+        Ok(t) => Token::from_text(zeroize::Zeroizing::new(t), "GATEWIRE_TOKEN"),
+        Err(_) => Err(CtlError::Usage(
+            "--url needs the admin token: --token-file PATH or GATEWIRE_TOKEN".into(),
+        )),
+    }
+}
+
+/// A certificate fingerprint: 64 hex digits, `:` between bytes allowed.
+pub fn parse_pin(s: &str) -> Result<[u8; 32], CtlError> {
+    let clean: String = s.trim().chars().filter(|c| *c != ':').collect();
+    let v = hex::decode(&clean)
+        .map_err(|_| CtlError::Usage("--pin: expected the SHA-256 in hex".into()))?;
+    let n = v.len();
+    v.try_into().map_err(|_| {
+        CtlError::Usage(format!(
+            "--pin: a SHA-256 is 32 bytes (64 hex digits), this is {n}"
+        ))
+    })
+}
+
+/// `https://host[:port]` as (host for connecting and SNI, port, Host header).
+pub fn parse_url(s: &str) -> Result<(String, u16, String), CtlError> {
+    let bad = |why: &str| CtlError::Usage(format!("--url {}: {why}", printable(s)));
+    let uri: http::Uri = s.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad(
+            "expected https://host:port (the API on TCP is always TLS)",
+        ));
+    }
+    let auth = uri.authority().ok_or_else(|| bad("no host"))?;
+    if auth.as_str().contains('@') {
+        return Err(bad("user information is not allowed"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("expected no path"));
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = uri.port_u16().unwrap_or(443);
+    Ok((host.to_string(), port, auth.as_str().to_string()))
+}
+
+/// The TLS client configuration that accepts only the pinned certificate.
+fn pinned_tls(fp: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, CtlError> {
+    let _ = fp;
+    Err(CtlError::Usage("--url: TLS pinning not available".into()))
+}
+
+enum Target {
+    Unix(PathBuf),
+    Tls {
+        host: String,
+        port: u16,
+        authority: String,
+        token: Token,
+        config: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl Target {
+    fn from_args(a: &CtlArgs) -> Result<Target, CtlError> {
+        let Some(url) = &a.url else {
+            let path = a
+                .socket
+                .clone()
+                .unwrap_or_else(|| socket_path(&a.interface));
+            return Ok(Target::Unix(path));
+        };
+        let (host, port, authority) = parse_url(url)?;
+        let pin = a.pin.as_deref().ok_or_else(|| {
+            CtlError::Usage("--url needs --pin <SHA-256 of the API certificate>".into())
+        })?;
+        let fp = parse_pin(pin)?;
+        let token = read_token(a.token_file.as_deref())?;
+        Ok(Target::Tls {
+            host,
+            port,
+            authority,
+            token,
+            config: pinned_tls(fp)?,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Tls { authority, .. } => format!("https://{authority}"),
+        }
+    }
+
+    /// Sends one request on a new connection; the body of a 2xx answer, else
+    /// the error it carries.
+    async fn send(&self, req: &Request) -> Result<Bytes, CtlError> {
+        let work = async {
+            match self {
+                Target::Unix(path) => {
+                    let s = connect(self, tokio::net::UnixStream::connect(path)).await?;
+                    exchange(TokioIo::new(s), build(req, "localhost", None)?).await
+                }
+                Target::Tls {
+                    host,
+                    port,
+                    authority,
+                    token,
+                    config,
+                } => {
+                    let tcp = connect(self, tokio::net::TcpStream::connect((host.as_str(), *port)))
+                        .await?;
+                    let name = rustls::pki_types::ServerName::try_from(host.clone())
+                        .map_err(|_| CtlError::Usage(format!("--url: bad host `{host}`")))?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| {
+                            CtlError::Transport(format!("TLS with {}: {e}", self.describe()))
+                        })?;
+                    exchange(TokioIo::new(tls), build(req, authority, Some(token))?).await
+                }
+            }
+        };
+        let (status, body) =
+            tokio::time::timeout(REQUEST_TIMEOUT, work)
+                .await
+                .map_err(|_| {
+                    CtlError::Transport(format!(
+                        "{}: no answer within {} s",
+                        self.describe(),
+                        REQUEST_TIMEOUT.as_secs()
+                    ))
+                })??;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(http_error(status.as_u16(), &body))
+        }
+    }
+}
+
+async fn connect<S>(
+    t: &Target,
+    fut: impl std::future::Future<Output = std::io::Result<S>>,
+) -> Result<S, CtlError> {
+    let hint = match t {
+        Target::Unix(_) => " (is the hub running with [control]? are you root?)",
+        Target::Tls { .. } => "",
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(CtlError::Transport(format!(
+            "cannot connect to {}: {e}{hint}",
+            t.describe()
+        ))),
+        Err(_) => Err(CtlError::Transport(format!(
+            "cannot connect to {}: timed out",
+            t.describe()
+        ))),
+    }
+}
+
+fn build(
+    req: &Request,
+    host: &str,
+    token: Option<&Token>,
+) -> Result<http::Request<Full<Bytes>>, CtlError> {
+    use http::header;
+    let method = http::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| CtlError::Usage(format!("bad method {}", req.method)))?;
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(req.path.as_str())
+        .header(header::HOST, host)
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("gatewire-ctl/", env!("CARGO_PKG_VERSION")),
+        );
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, t.header()?);
+    }
+    let body = match &req.body {
+        Some(v) => {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+            Bytes::from(serde_json::to_vec(v).map_err(|e| CtlError::Usage(e.to_string()))?)
+        }
+        None => Bytes::new(),
+    };
+    b.body(Full::new(body))
+        .map_err(|e| CtlError::Usage(format!("request {} {}: {e}", req.method, req.path)))
+}
+
+async fn exchange<T>(
+    io: T,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(http::StatusCode, Bytes), CtlError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let err = |e: hyper::Error| CtlError::Transport(format!("HTTP: {e}"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(err)?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(err)?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                CtlError::Transport(format!(
+                    "the answer is larger than {} MiB",
+                    BODY_LIMIT >> 20
+                ))
+            } else {
+                CtlError::Transport(format!("reading the answer: {e}"))
+            }
+        })?
+        .to_bytes();
+    driver.abort();
+    Ok((status, body))
+}
+
+// ------------------------------------------------------------ output
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `42s`, `5m3s`, `2h10m`, `3d4h`.
+pub fn duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{}h", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+/// A Unix time relative to `now`: `in 1h0m`, `5m3s ago`.
+fn relative(t: u64, now: u64) -> String {
+    if t >= now {
+        format!("in {}", duration(t - now))
+    } else {
+        format!("{} ago", duration(now - t))
+    }
+}
+
+/// `512 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn bytes_human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// A JSON value as table text.
+fn text(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => printable(s),
+        Some(Value::Bool(b)) => if *b { "yes" } else { "no" }.into(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Array(a)) if a.is_empty() => "-".into(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| text(Some(x)))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(o @ Value::Object(_)) => printable(&o.to_string()),
+    }
+}
+
+fn time_field(v: Option<&Value>, now: u64, never: &str) -> String {
+    match v.and_then(Value::as_u64) {
+        None | Some(0) => never.into(),
+        Some(t) => relative(t, now),
+    }
+}
+
+fn bytes_field(v: Option<&Value>) -> String {
+    v.and_then(Value::as_u64)
+        .map(bytes_human)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let head: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for r in std::iter::once(&head).chain(rows) {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            if i + 1 < r.len() {
+                let width = w.get(i).copied().unwrap_or(0);
+                line.extend(std::iter::repeat_n(
+                    ' ',
+                    width.saturating_sub(c.chars().count()),
+                ));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn items(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Null => Vec::new(),
+        one => vec![one],
+    }
+}
+
+fn peer_key(p: &Value) -> Option<&Value> {
+    p.get("public_key").or_else(|| p.get("key"))
+}
+
+/// Peers: name, key, allowed ips, latest handshake age, rx/tx.
+pub fn peers_table(v: &Value, now: u64) -> String {
+    let rows: Vec<Vec<String>> = items(v)
+        .into_iter()
+        .map(|p| {
+            vec![
+                text(p.get("name")),
+                text(peer_key(p)),
+                text(p.get("allowed_ips")),
+                time_field(p.get("latest_handshake"), now, "never"),
+                bytes_field(p.get("rx_bytes")),
+                bytes_field(p.get("tx_bytes")),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "KEY", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"],
+        &rows,
+    )
+}
+
+fn backends_text(r: &Value) -> String {
+    match r.get("backends").and_then(Value::as_array) {
+        Some(bs) if !bs.is_empty() => bs
+            .iter()
+            .map(|b| {
+                let state = match b.get("up").and_then(Value::as_bool) {
+                    Some(true) => " up",
+                    Some(false) => " DOWN",
+                    None => "",
+                };
+                format!("{}{state}", text(b.get("addr")))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => text(r.get("spec").and_then(|s| s.get("backends"))),
+    }
+}
+
+/// Routes: id, version, paused, origin, backends with up/down.
+pub fn routes_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(v)
+        .into_iter()
+        .map(|r| {
+            vec![
+                text(r.get("id")),
+                text(r.get("version")),
+                text(r.get("paused")),
+                text(r.get("origin")),
+                backends_text(r),
+            ]
+        })
+        .collect();
+    table(&["ID", "VERSION", "PAUSED", "ORIGIN", "BACKENDS"], &rows)
+}
+
+/// Names: name, owners, replicas, expiry.
+pub fn names_table(v: &Value, now: u64) -> String {
+    let rows: Vec<Vec<String>> = items(v)
+        .into_iter()
+        .map(|n| {
+            vec![
+                text(n.get("name")),
+                text(n.get("owners")),
+                text(n.get("replicas")),
+                time_field(n.get("expires"), now, "never"),
+            ]
+        })
+        .collect();
+    table(&["NAME", "OWNERS", "REPLICAS", "EXPIRES"], &rows)
+}
+
+/// Tokens: id, names, replicas, expiry.
+pub fn tokens_table(v: &Value, now: u64) -> String {
+    let rows: Vec<Vec<String>> = items(v)
+        .into_iter()
+        .map(|t| {
+            vec![
+                text(t.get("id")),
+                text(t.get("names")),
+                text(t.get("replicas")),
+                time_field(t.get("expires"), now, "-"),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAMES", "REPLICAS", "EXPIRES"], &rows)
+}
+
+/// `key: value` lines, the named keys first in their order, then the rest.
+fn fields(v: &Value, first: &[&str], indent: &str) -> String {
+    let mut out = String::new();
+    let Some(m) = v.as_object() else {
+        return format!("{indent}{}\n", text(Some(v)));
+    };
+    let rest = m.keys().filter(|k| !first.contains(&k.as_str()));
+    for k in first.iter().copied().chain(rest.map(String::as_str)) {
+        if let Some(x) = m.get(k) {
+            out.push_str(&format!(
+                "{indent}{}: {}\n",
+                k.replace('_', " "),
+                text(Some(x))
+            ));
+        }
+    }
+    out
+}
+
+/// `ctl status`.
+pub fn status_text(v: &Value) -> String {
+    let mut c = v.clone();
+    if let Some(m) = c.as_object_mut() {
+        for k in ["peers", "routes"] {
+            if let Some(Value::Array(a)) = m.get(k) {
+                let n = a.len();
+                m.insert(k.into(), n.into());
+            }
+        }
+    }
+    fields(
+        &c,
+        &[
+            "interface",
+            "public_key",
+            "state_version",
+            "peers",
+            "routes",
+        ],
+        "",
+    )
+}
+
+/// `ctl peer show`.
+pub fn peer_text(p: &Value, now: u64) -> String {
+    let mut out = format!("peer: {}", text(peer_key(p)));
+    if let Some(n) = p.get("name").and_then(Value::as_str) {
+        out.push_str(&format!(" ({})", printable(n)));
+    }
+    out.push('\n');
+    let mut rest = p.clone();
+    if let Some(m) = rest.as_object_mut() {
+        for k in ["public_key", "key", "name"] {
+            m.remove(k);
+        }
+        if let Some(h) = m.get("latest_handshake") {
+            let s = time_field(Some(h), now, "never");
+            m.insert("latest_handshake".into(), s.into());
+        }
+        for k in ["rx_bytes", "tx_bytes"] {
+            if let Some(b) = m.get(k) {
+                let s = bytes_field(Some(b));
+                m.insert(k.into(), s.into());
+            }
+        }
+    }
+    out + &fields(
+        &rest,
+        &[
+            "allowed_ips",
+            "endpoint",
+            "latest_handshake",
+            "rx_bytes",
+            "tx_bytes",
+        ],
+        "  ",
+    )
+}
+
+/// `ctl route show` and the answer of route changes.
+pub fn route_text(r: &Value) -> String {
+    let mut out = format!("route: {}\n", text(r.get("id")));
+    for k in ["version", "paused", "origin", "owner"] {
+        if let Some(x) = r.get(k) {
+            out.push_str(&format!("  {k}: {}\n", text(Some(x))));
+        }
+    }
+    out.push_str(&format!("  backends: {}\n", backends_text(r)));
+    if let Some(Value::Object(spec)) = r.get("spec") {
+        out.push_str("  spec:\n");
+        for (k, x) in spec {
+            out.push_str(&format!("    {k} = {}\n", printable(&x.to_string())));
+        }
+    }
+    out
+}
+
+/// The human output for a command's (2xx, JSON) answer.
+pub fn render(cmd: &CtlCommand, v: &Value, now: u64) -> String {
+    match cmd {
+        CtlCommand::Status => status_text(v),
+        CtlCommand::Peers => peers_table(v, now),
+        CtlCommand::Peer { cmd } => match cmd {
+            PeerCmd::Show { .. } | PeerCmd::Add { .. } => peer_text(v, now),
+            PeerCmd::Remove { .. } => String::new(),
+        },
+        CtlCommand::Routes => routes_table(v),
+        CtlCommand::Route { cmd } => match cmd {
+            RouteCmd::Delete { .. } => String::new(),
+            _ => route_text(v),
+        },
+        CtlCommand::Names => names_table(v, now),
+        CtlCommand::Name { cmd } => match cmd {
+            NameCmd::Set { .. } => names_table(v, now),
+            NameCmd::Delete { .. } => String::new(),
+        },
+        CtlCommand::Tokens => tokens_table(v, now),
+        CtlCommand::Token { cmd } => match cmd {
+            TokenCmd::Create { .. } => format!("{}\n", text(v.get("token"))),
+            TokenCmd::Revoke { .. } => String::new(),
+        },
+        CtlCommand::Metrics => String::new(),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, CtlError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| CtlError::Transport(format!("the answer is not JSON: {e}")))
+}
+
+async fn run(args: &CtlArgs) -> Result<(), CtlError> {
+    let req = request_for(&args.cmd)?;
+    let target = Target::from_args(args)?;
+    let mut body = target.send(&req).await?;
+    if let CtlCommand::Route {
+        cmd: RouteCmd::Update { id, opts, version },
+    } = &args.cmd
+    {
+        let current = parse_json(&body)?;
+        body = target
+            .send(&update_request(id, opts, *version, &current)?)
+            .await?;
+    }
+    let mut out = std::io::stdout().lock();
+    let w = |out: &mut std::io::StdoutLock, s: &[u8]| {
+        out.write_all(s)
+            .and_then(|_| out.flush())
+            .map_err(|e| CtlError::Transport(format!("stdout: {e}")))
+    };
+    if matches!(args.cmd, CtlCommand::Metrics) {
+        return w(&mut out, &body);
+    }
+    if args.json {
+        if body.is_empty() {
+            return Ok(());
+        }
+        w(&mut out, &body)?;
+        return if body.ends_with(b"\n") {
+            Ok(())
+        } else {
+            w(&mut out, b"\n")
+        };
+    }
+    let v = parse_json(&body)?;
+    let now = now_unix();
+    if let CtlCommand::Token {
+        cmd: TokenCmd::Create { .. },
+    } = &args.cmd
+    {
+        let mut details = format!("token {}", text(v.get("id")));
+        if let Some(e) = v.get("expires").and_then(Value::as_u64) {
+            details.push_str(&format!(", expires {} ({e})", relative(e, now)));
+        }
+        eprintln!("{details}");
+    }
+    w(&mut out, render(&args.cmd, &v, now).as_bytes())
+}
+
+/// `gatewire ctl`: exit 0 on success, 2 for usage errors and 4xx answers, 1
+/// otherwise; errors print as `error: <msg> (HTTP <status>)`.
+pub fn main(args: CtlArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
