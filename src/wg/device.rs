@@ -408,6 +408,8 @@ pub struct Inner {
     next_index: AtomicU32,
     fwmark: AtomicU32,
     pub drops: DropCounters,
+    /// Handshakes completed: initiations answered and responses accepted.
+    handshakes: AtomicU64,
     start: Instant,
     /// The translator, when the device runs one.
     xlat: Option<XlatPath>,
@@ -534,6 +536,7 @@ impl Device {
             next_index: AtomicU32::new(rand_index()),
             fwmark: AtomicU32::new(0),
             drops: DropCounters::default(),
+            handshakes: AtomicU64::new(0),
             start: Instant::now(),
             xlat: cfg
                 .xlat
@@ -1146,6 +1149,11 @@ impl Inner {
             Out::Nothing => {}
             Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
             Out::Network(a, b) => {
+                // An answered initiation or an accepted response (a cookie
+                // reply, message type 3, completes nothing).
+                if out.get(a) != Some(&3) {
+                    self.handshakes.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(d) = out.get(a..b) {
                     self.send_net(&peer, d).await;
                 }
@@ -1460,6 +1468,7 @@ impl Inner {
             public_key: self.public_key().map(|k| k.to_base64()),
             listen_port: info.listen_port,
             drops: self.drops.snapshot(),
+            handshakes: self.handshakes.load(Ordering::Relaxed),
             xlat_drops: self.xlat.as_ref().map(|x| x.drops()),
             nat64: self
                 .xlat
@@ -1512,6 +1521,9 @@ pub struct ShowInterface {
     pub public_key: Option<String>,
     pub listen_port: u16,
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// Handshakes completed since the device started.
+    #[serde(default)]
+    pub handshakes: u64,
     /// Packets the translator dropped (or answered with an ICMP error), by reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xlat_drops: Option<std::collections::BTreeMap<String, u64>>,
