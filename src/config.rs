@@ -58,6 +58,8 @@ struct RawHubFile {
     yggdrasil: Option<crate::ygg::settings::RawYggdrasil>,
     // IPv4/IPv6 translation (src/xlat/settings.rs validates it).
     xlat: Option<crate::xlat::settings::RawXlat>,
+    // The control plane (src/control/settings.rs validates it).
+    control: Option<crate::control::settings::RawControl>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,9 @@ struct RawNodeFile {
     #[serde(default)]
     hub: Vec<RawNodeHub>,
     yggdrasil: Option<crate::ygg::settings::RawYggdrasil>,
+    // Services the node declares to its hubs (validated below, `services`).
+    #[serde(default)]
+    service: Vec<RawService>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +118,7 @@ struct RawNodeHub {
     allowed_ips: Vec<String>,
     preshared_key: Option<String>,
     persistent_keepalive: Option<u16>,
+    control: Option<String>,
 }
 
 /// A peer of the hub.
@@ -142,6 +148,43 @@ pub struct HubConfig {
     pub yggdrasil: Option<crate::ygg::settings::YggSettings>,
     /// SIIT / NAT64 on the TUN, if the file has an `[xlat]` section.
     pub xlat: Option<crate::xlat::settings::XlatSettings>,
+    /// The control plane, if the file has a `[control]` section.
+    pub control: Option<crate::control::settings::ControlSettings>,
+    /// The proxy sections as written, for merging routes from the control plane.
+    pub proxy_raw: ProxyRaw,
+    /// The directory relative file names resolve against.
+    pub base: PathBuf,
+}
+
+/// The proxy sections of a hub file before validation.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyRaw {
+    pub proxy: Option<crate::proxy::settings::RawProxy>,
+    pub route: Vec<crate::proxy::settings::RawRoute>,
+    pub tcp: Vec<crate::proxy::settings::RawTcp>,
+    pub udp: Vec<crate::proxy::settings::RawUdp>,
+}
+
+impl ProxyRaw {
+    /// Validates these sections plus `extra` routes and forwards.
+    pub fn validate_with(
+        &self,
+        extra: &ProxyRaw,
+        hub_addrs: &[IpNet],
+        base: &Path,
+    ) -> Result<Option<crate::proxy::settings::ProxySettings>, String> {
+        fn cat<T: Clone>(a: &[T], b: &[T]) -> Vec<T> {
+            a.iter().chain(b).cloned().collect()
+        }
+        crate::proxy::settings::validate(
+            self.proxy.clone().or_else(|| extra.proxy.clone()),
+            cat(&self.route, &extra.route),
+            cat(&self.tcp, &extra.tcp),
+            cat(&self.udp, &extra.udp),
+            hub_addrs,
+            base,
+        )
+    }
 }
 
 /// A hub as a node sees it.
@@ -154,6 +197,9 @@ pub struct NodeHub {
     pub allowed_ips: Vec<IpNet>,
     pub preshared_key: Option<PresharedKey>,
     pub persistent_keepalive: u16,
+    /// The hub's node services API (`ip:port` on its overlay address), where
+    /// the node declares its `[[service]]`s.
+    pub control: Option<std::net::SocketAddr>,
 }
 
 /// Validated node settings.
@@ -169,6 +215,8 @@ pub struct NodeConfig {
     pub hubs: Vec<NodeHub>,
     /// The supervised Yggdrasil daemon, if the file has `[yggdrasil]`.
     pub yggdrasil: Option<crate::ygg::settings::YggSettings>,
+    /// Services declared to every hub with `control`.
+    pub services: Vec<NodeService>,
 }
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -363,10 +411,15 @@ impl HubConfig {
         if peers.iter().any(|p| p.public_key == own) {
             return Err(ctx.err("a [[peer]] has the hub's own public key"));
         }
-        let proxy = crate::proxy::settings::validate(
-            raw.proxy, raw.route, raw.tcp, raw.udp, &addresses, base,
-        )
-        .map_err(|m| ctx.err(m))?;
+        let proxy_raw = ProxyRaw {
+            proxy: raw.proxy,
+            route: raw.route,
+            tcp: raw.tcp,
+            udp: raw.udp,
+        };
+        let proxy = proxy_raw
+            .validate_with(&ProxyRaw::default(), &addresses, base)
+            .map_err(|m| ctx.err(m))?;
         let yggdrasil = raw
             .yggdrasil
             .map(|y| crate::ygg::settings::validate(y, base))
@@ -378,8 +431,14 @@ impl HubConfig {
             .map(|x| crate::xlat::settings::validate(x, &addresses, mtu))
             .transpose()
             .map_err(|m| ctx.err(m))?;
+        let interface = ctx.interface("hub", raw.hub.interface, "gw0")?;
+        let control = raw
+            .control
+            .map(|c| crate::control::settings::validate(c, &interface, &addresses, base))
+            .transpose()
+            .map_err(|m| ctx.err(m))?;
         Ok(HubConfig {
-            interface: ctx.interface("hub", raw.hub.interface, "gw0")?,
+            interface,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
             mtu,
             keepalive: raw.hub.keepalive.unwrap_or(DEFAULT_HUB_KEEPALIVE),
@@ -389,6 +448,9 @@ impl HubConfig {
             proxy,
             yggdrasil,
             xlat,
+            control,
+            proxy_raw,
+            base: base.to_path_buf(),
         })
     }
 }
@@ -431,13 +493,20 @@ impl NodeConfig {
             if !port_ok {
                 return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")));
             }
+            let allowed_ips = ctx.nets(&format!("{what} allowed_ips"), &rh.allowed_ips, false)?;
+            let control = rh
+                .control
+                .as_deref()
+                .map(|c| node_control(&what, c, &allowed_ips).map_err(|m| ctx.err(m)))
+                .transpose()?;
             hubs.push(NodeHub {
                 name: rh.name.clone(),
                 public_key,
                 endpoint: ep.to_string(),
-                allowed_ips: ctx.nets(&format!("{what} allowed_ips"), &rh.allowed_ips, false)?,
+                allowed_ips,
                 preshared_key: ctx.psk(&what, &rh.preshared_key)?,
                 persistent_keepalive: rh.persistent_keepalive.unwrap_or(DEFAULT_NODE_KEEPALIVE),
+                control,
             });
         }
         check_unique_keys(&ctx, hubs.iter().map(|h| &h.public_key))?;
@@ -450,6 +519,7 @@ impl NodeConfig {
             .map(|y| crate::ygg::settings::validate(y, base))
             .transpose()
             .map_err(|m| ctx.err(m))?;
+        let services = node_services(&raw.service, &addresses).map_err(|m| ctx.err(m))?;
         Ok(NodeConfig {
             interface: ctx.interface("node", raw.node.interface, "gwn0")?,
             listen_port: raw.node.listen_port.unwrap_or(0),
@@ -459,7 +529,353 @@ impl NodeConfig {
             addresses,
             hubs,
             yggdrasil,
+            services,
         })
+    }
+}
+
+// ------------------------------------------------------------ node services
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    fqdn: Option<String>,
+    local: String,
+    port: Option<u16>,
+    protocol: Option<String>,
+    tls: Option<String>,
+    public_port: Option<u16>,
+    proxy_protocol: Option<bool>,
+}
+
+/// The host a service is published under: one label under the hub's gateway
+/// domains, or a custom domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceHost {
+    Name(crate::proxy::names::Label),
+    Fqdn(crate::proxy::names::DomainName),
+}
+
+impl fmt::Display for ServiceHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceHost::Name(l) => f.write_str(l.as_str()),
+            ServiceHost::Fqdn(d) => f.write_str(d.as_str()),
+        }
+    }
+}
+
+/// How the hub carries a service (`protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    Http,
+    Tcp,
+    Udp,
+}
+
+/// Who holds the certificate of an HTTP service (`tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTls {
+    /// The hub terminates TLS and proxies HTTP to the node.
+    Terminate,
+    /// The hub splices the TLS stream to the node, chosen by SNI.
+    Passthrough,
+}
+
+/// A validated `[[service]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeService {
+    pub host: ServiceHost,
+    /// Where the service listens on the node.
+    pub local: std::net::SocketAddr,
+    /// The port the hub connects to on the node's overlay address.
+    pub port: u16,
+    pub protocol: ServiceProtocol,
+    /// HTTP only (default `terminate`); `None` for tcp and udp.
+    pub tls: Option<ServiceTls>,
+    /// The hub's public port; tcp and udp only, required there.
+    pub public_port: Option<u16>,
+    /// Passthrough HTTP and tcp only.
+    pub proxy_protocol: bool,
+}
+
+/// `[[hub]] control`: `ip:port` inside the hub's `allowed_ips`, so requests
+/// go down that hub's tunnel.
+fn node_control(
+    what: &str,
+    s: &str,
+    allowed_ips: &[IpNet],
+) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr = s.trim().parse().map_err(|_| {
+        format!("{what} control `{s}`: expected ip:port, e.g. `[fd77:6777::1]:7001`")
+    })?;
+    if a.port() == 0 {
+        return Err(format!("{what} control `{s}`: port 0"));
+    }
+    if !allowed_ips.iter().any(|n| n.contains(&a.ip())) {
+        return Err(format!(
+            "{what} control `{s}`: not inside this hub's allowed_ips, so it would not \
+             go through the tunnel"
+        ));
+    }
+    Ok(a)
+}
+
+/// Validates the `[[service]]` entries; `overlay` is `[node] addresses`.
+fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeService>, String> {
+    use crate::proxy::names::{DomainName, Label};
+    let mut out: Vec<NodeService> = Vec::new();
+    // What makes two entries the same, with the entry that holds it.
+    let mut hosts: std::collections::HashMap<(ServiceHost, ServiceProtocol), String> =
+        std::collections::HashMap::new();
+    let mut publics: std::collections::HashMap<(ServiceProtocol, u16), String> =
+        std::collections::HashMap::new();
+    let mut listens: std::collections::HashMap<(bool, u16), (std::net::SocketAddr, String)> =
+        std::collections::HashMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        let what = format!(
+            "[[service]] #{} ({})",
+            i + 1,
+            r.name.as_deref().or(r.fqdn.as_deref()).unwrap_or("unnamed")
+        );
+        let host = match (&r.name, &r.fqdn) {
+            (Some(n), None) => ServiceHost::Name(
+                Label::parse(n).map_err(|e| format!("{what} name: {e} (one DNS label)"))?,
+            ),
+            (None, Some(f)) => {
+                ServiceHost::Fqdn(DomainName::parse(f).map_err(|e| format!("{what} fqdn: {e}"))?)
+            }
+            (Some(_), Some(_)) => return Err(format!("{what}: set `name` or `fqdn`, not both")),
+            (None, None) => return Err(format!("{what}: `name` or `fqdn` is required")),
+        };
+        let local: std::net::SocketAddr = r
+            .local
+            .trim()
+            .parse()
+            .map_err(|_| format!("{what} local `{}`: expected ip:port", r.local))?;
+        if local.port() == 0 {
+            return Err(format!("{what} local `{local}`: port 0"));
+        }
+        let port = r.port.unwrap_or(local.port());
+        if port == 0 {
+            return Err(format!("{what} port: 0 is not a port"));
+        }
+        let on_overlay =
+            local.ip().is_unspecified() || overlay.iter().any(|n| n.addr() == local.ip());
+        if on_overlay && port != local.port() {
+            return Err(format!(
+                "{what} port {port}: `local` {local} already listens on the overlay address, \
+                 so the hub connects to port {}; drop `port`, or point `local` at another \
+                 address (127.0.0.1:{}) to forward",
+                local.port(),
+                local.port()
+            ));
+        }
+        let protocol = match r.protocol.as_deref().unwrap_or("http") {
+            "http" => ServiceProtocol::Http,
+            "tcp" => ServiceProtocol::Tcp,
+            "udp" => ServiceProtocol::Udp,
+            p => {
+                return Err(format!(
+                    "{what} protocol `{p}`: expected `http`, `tcp` or `udp`"
+                ))
+            }
+        };
+        let tls = match (protocol, r.tls.as_deref()) {
+            (ServiceProtocol::Http, None | Some("terminate")) => Some(ServiceTls::Terminate),
+            (ServiceProtocol::Http, Some("passthrough")) => Some(ServiceTls::Passthrough),
+            (ServiceProtocol::Http, Some(t)) => {
+                return Err(format!(
+                    "{what} tls `{t}`: expected `terminate` or `passthrough`"
+                ))
+            }
+            (_, None) => None,
+            (_, Some(_)) => return Err(format!("{what} tls: only for protocol = \"http\"")),
+        };
+        let public_port = match (protocol, r.public_port) {
+            (ServiceProtocol::Http, None) => None,
+            (ServiceProtocol::Http, Some(_)) => {
+                return Err(format!(
+                    "{what} public_port: only for tcp and udp (http is routed by host name)"
+                ))
+            }
+            (_, None) => {
+                return Err(format!(
+                    "{what} public_port: required for tcp and udp (the hub's public port)"
+                ))
+            }
+            (_, Some(0)) => return Err(format!("{what} public_port: 0 is not a port")),
+            (_, Some(p)) => Some(p),
+        };
+        let proxy_protocol = r.proxy_protocol.unwrap_or(false);
+        let pp_ok = protocol == ServiceProtocol::Tcp || tls == Some(ServiceTls::Passthrough);
+        if r.proxy_protocol.is_some() && !pp_ok {
+            return Err(format!(
+                "{what} proxy_protocol: only for tls = \"passthrough\" and protocol = \"tcp\""
+            ));
+        }
+        if let Some(other) = hosts.insert((host.clone(), protocol), what.clone()) {
+            return Err(format!(
+                "{what}: {} is already declared by {other}",
+                match &host {
+                    ServiceHost::Name(n) => format!("name `{n}`"),
+                    ServiceHost::Fqdn(f) => format!("fqdn `{f}`"),
+                }
+            ));
+        }
+        if let Some(p) = public_port {
+            if let Some(other) = publics.insert((protocol, p), what.clone()) {
+                return Err(format!(
+                    "{what}: public_port {p} is already claimed by {other}"
+                ));
+            }
+        }
+        let udp = protocol == ServiceProtocol::Udp;
+        if let Some((other_local, other)) = listens.get(&(udp, port)) {
+            if *other_local != local {
+                return Err(format!(
+                    "{what}: port {port} is also used by {other}, which points at {other_local}, \
+                     not {local}"
+                ));
+            }
+        } else {
+            listens.insert((udp, port), (local, what.clone()));
+        }
+        out.push(NodeService {
+            host,
+            local,
+            port,
+            protocol,
+            tls,
+            public_port,
+            proxy_protocol,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod service_tests {
+    use super::*;
+
+    const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const P2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn node(extra: &str) -> Result<NodeConfig, String> {
+        let text = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\", \"fd77:6777::1:1/48\"]\n\
+             [[hub]]\nname = \"hub1\"\npublic_key = \"{P2}\"\nendpoint = \"hub.example:51820\"\n\
+             allowed_ips = [\"100.64.0.0/10\", \"fd77:6777::/48\"]\ncontrol = \"[fd77:6777::1]:7001\"\n{extra}"
+        );
+        NodeConfig::parse("n.toml", &text, Path::new(".")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn services_and_control() {
+        let c = node(
+            "[[service]]\nname = \"Blog\"\nlocal = \"127.0.0.1:8080\"\n\
+             [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
+             [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n\
+             [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.hubs[0].control,
+            Some("[fd77:6777::1]:7001".parse().unwrap())
+        );
+        let s = &c.services;
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[0].host.to_string(), "blog");
+        assert_eq!(s[0].port, 8080);
+        assert_eq!(s[0].protocol, ServiceProtocol::Http);
+        assert_eq!(s[0].tls, Some(ServiceTls::Terminate));
+        assert!(!s[0].proxy_protocol);
+        assert!(matches!(s[1].host, ServiceHost::Fqdn(_)));
+        assert_eq!(s[1].tls, Some(ServiceTls::Passthrough));
+        assert!(s[1].proxy_protocol);
+        assert_eq!(
+            (s[2].port, s[2].public_port, s[2].tls),
+            (2222, Some(20022), None)
+        );
+        assert_eq!(s[3].protocol, ServiceProtocol::Udp);
+        // No services, no control: still fine.
+        let c = NodeConfig::parse(
+            "n.toml",
+            &format!(
+                "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\"]\n\
+                 [[hub]]\npublic_key = \"{P2}\"\nendpoint = \"h.example:1\"\nallowed_ips = [\"100.64.0.0/10\"]\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(c.services.is_empty() && c.hubs[0].control.is_none());
+    }
+
+    #[test]
+    fn service_errors_name_the_entry() {
+        let cases: &[(&str, &str)] = &[
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nlisten = 3\n", "listen"),
+            ("[[service]]\nlocal = \"127.0.0.1:1\"\n", "#1 (unnamed): `name` or `fqdn` is required"),
+            ("[[service]]\nname = \"a\"\nfqdn = \"a.example\"\nlocal = \"127.0.0.1:1\"\n", "not both"),
+            ("[[service]]\nname = \"a.b\"\nlocal = \"127.0.0.1:1\"\n", "#1 (a.b) name: label `a.b` contains `.`"),
+            ("[[service]]\nfqdn = \"bad_name.example\"\nlocal = \"127.0.0.1:1\"\n", "fqdn"),
+            ("[[service]]\nname = \"a\"\nlocal = \"localhost:1\"\n", "local `localhost:1`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:0\"\n", "port 0"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"quic\"\n", "protocol `quic`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\ntls = \"yes\"\n", "tls `yes`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\n", "public_port: required"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 5\ntls = \"terminate\"\n", "tls: only"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\npublic_port = 5\n", "public_port: only"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nproxy_protocol = true\n", "proxy_protocol"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"udp\"\npublic_port = 5\nproxy_protocol = false\n", "proxy_protocol"),
+            ("[[service]]\nname = \"a\"\nlocal = \"0.0.0.0:80\"\nport = 81\n", "drop `port`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"100.64.1.1:80\"\nport = 81\n", "drop `port`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\n[[service]]\nname = \"A\"\nlocal = \"127.0.0.1:2\"\n",
+             "[[service]] #2 (A): name `a` is already declared by [[service]] #1 (a)"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 9\n\
+              [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:2\"\nprotocol = \"tcp\"\npublic_port = 9\n", "public_port 9 is already claimed"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nport = 80\n\
+              [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:2\"\nport = 80\n", "port 80 is also used by [[service]] #1 (a)"),
+        ];
+        for (extra, want) in cases {
+            let e = node(extra).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        // The same port for tcp and udp, or for two names on the same local, is fine.
+        node(
+            "[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:53\"\nprotocol = \"tcp\"\npublic_port = 53\n\
+             [[service]]\nname = \"a\"\nlocal = \"127.0.0.1:53\"\nprotocol = \"udp\"\npublic_port = 53\n\
+             [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:53\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn control_must_go_through_the_hub() {
+        let base = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\"]\n\
+             [[hub]]\nname = \"h\"\npublic_key = \"{P2}\"\nendpoint = \"h.example:1\"\nallowed_ips = [\"100.64.0.0/10\"]\n"
+        );
+        for (c, want) in [
+            ("10.0.0.1:7001", "not inside this hub's allowed_ips"),
+            ("100.64.0.1", "expected ip:port"),
+            ("100.64.0.1:0", "port 0"),
+        ] {
+            let e = NodeConfig::parse(
+                "n.toml",
+                &format!("{base}control = \"{c}\"\n"),
+                Path::new("."),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("[[hub]] #1 (h) control") && e.contains(want),
+                "{e}"
+            );
+        }
     }
 }
 

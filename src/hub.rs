@@ -2,7 +2,9 @@
 //! own network stack.
 
 use crate::config::HubConfig;
+use crate::control::runtime::Control;
 use crate::proxy::server::StatsHandle;
+use crate::proxy::settings::ProxySettings;
 use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
@@ -83,14 +85,14 @@ impl TunnelLiveness for NodeTunnels {
 /// Starts the reverse proxy if the config has one. Call after the TUN is up, so
 /// the check against the host's addresses sees the overlay addresses too.
 pub async fn start_proxy(cfg: &HubConfig) -> anyhow::Result<Option<Proxy>> {
-    start_proxy_with(cfg, None).await
+    start_proxy_with(cfg.proxy.clone(), None).await
 }
 
 async fn start_proxy_with(
-    cfg: &HubConfig,
+    settings: Option<ProxySettings>,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
 ) -> anyhow::Result<Option<Proxy>> {
-    let Some(settings) = cfg.proxy.clone() else {
+    let Some(settings) = settings else {
         return Ok(None);
     };
     crate::proxy::settings::check_host_addresses(&settings)
@@ -111,32 +113,28 @@ impl ProxySlot {
         self.proxy = p;
     }
 
-    /// Re-reads `path` and applies its proxy sections. Errors are logged and the
-    /// running proxy is kept.
-    async fn reload(&mut self, path: &Path) {
-        let cfg = match HubConfig::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "config reload failed; keeping the running proxy");
-                return;
-            }
-        };
-        if let Some(s) = &cfg.proxy {
+    /// Applies new proxy settings: reloads the running proxy, starts one, or
+    /// drains it. Errors are logged and the running proxy is kept.
+    async fn apply(&mut self, settings: Option<ProxySettings>) {
+        if let Some(s) = &settings {
             self.tunnels.set_down_after(s.limits.tunnel_down_after);
             if let Err(e) = crate::proxy::settings::check_host_addresses(s) {
                 warn!(error = %e, "config reload refused; keeping the running proxy");
                 return;
             }
         }
-        match (cfg.proxy.clone(), &self.proxy) {
+        match (settings, &self.proxy) {
             (Some(s), Some(p)) => {
                 if let Err(e) = p.reload(s).await {
                     warn!(error = %format!("{e:#}"), "proxy reload failed; keeping the running proxy");
                 }
             }
-            (Some(_), None) => {
-                match start_proxy_with(&cfg, Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>))
-                    .await
+            (Some(s), None) => {
+                match start_proxy_with(
+                    Some(s),
+                    Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>),
+                )
+                .await
                 {
                     Ok(p) => self.set(p),
                     Err(e) => warn!(error = %format!("{e:#}"), "proxy start on reload failed"),
@@ -151,6 +149,37 @@ impl ProxySlot {
             }
             (None, None) => {}
         }
+    }
+
+    /// Re-reads `path` and applies it. A file that does not load is logged and
+    /// the running proxy is kept.
+    async fn reload(&mut self, path: &Path, control: Option<&Control>) {
+        let cfg = match HubConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "config reload failed; keeping the running proxy");
+                return;
+            }
+        };
+        match control {
+            // The control plane merges its routes and asks for an apply.
+            Some(c) => c.set_config(cfg).await,
+            None => self.apply(cfg.proxy).await,
+        }
+    }
+}
+
+/// The proxy settings the hub should run now.
+fn wanted_proxy(cfg: &HubConfig, control: Option<&Control>) -> Option<ProxySettings> {
+    match control {
+        Some(c) => match c.effective_proxy() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "control plane routes refused");
+                cfg.proxy.clone()
+            }
+        },
+        None => cfg.proxy.clone(),
     }
 }
 
@@ -224,12 +253,32 @@ async fn run_inner(
         .as_ref()
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
     let tunnels = NodeTunnels::new(down_after, &dev.inner);
+    let control = match &cfg.control {
+        Some(_) => Some(Control::start(cfg.clone(), dev.inner.clone()).await?),
+        None => None,
+    };
+    let _control_api = match &control {
+        Some(c) => Some((
+            crate::control::api::ApiServer::start(c.clone()).await?,
+            crate::control::node_api::NodeApi::start(c.clone())?,
+        )),
+        None => None,
+    };
     let mut slot = ProxySlot {
         proxy: None,
-        stats: Arc::default(),
+        stats: control
+            .as_ref()
+            .map(|c| c.proxy_stats.clone())
+            .unwrap_or_default(),
         tunnels: tunnels.clone(),
     };
-    slot.set(start_proxy_with(&cfg, Some(tunnels.clone() as Arc<dyn TunnelLiveness>)).await?);
+    slot.set(
+        start_proxy_with(
+            wanted_proxy(&cfg, control.as_deref()),
+            Some(tunnels.clone() as Arc<dyn TunnelLiveness>),
+        )
+        .await?,
+    );
     let stats = slot.stats.clone();
     api.set_show_section(
         "proxy",
@@ -247,18 +296,39 @@ async fn run_inner(
     let mut stamp = path.as_deref().and_then(file_stamp);
     let mut poll = tokio::time::interval(CONFIG_POLL);
     let mut live = tokio::time::interval(Duration::from_secs(1));
+    let mut revalidate = tokio::time::interval(
+        control
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.settings().revalidate),
+    );
+    let no_control = tokio::sync::Notify::new();
+    let apply = control.as_ref().map_or(&no_control, |c| &c.apply);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = live.tick() => tunnels.refresh(&dev.inner),
+            _ = apply.notified() => {
+                if let Some(c) = &control {
+                    slot.apply(wanted_proxy(&c.hub_config(), Some(c))).await;
+                }
+            }
+            _ = revalidate.tick(), if control.is_some() => {
+                if let Some(c) = &control {
+                    if c.reevaluate() {
+                        info!("name ownership changed; re-applying routes");
+                        c.apply.notify_one();
+                    }
+                    let _ = c.mutate(|s, ctx| { s.prune_tokens(ctx.now); Ok(()) }).await;
+                }
+            }
             _ = poll.tick(), if path.is_some() => {
                 let now = path.as_deref().and_then(file_stamp);
                 if now.is_some() && now != stamp {
                     stamp = now;
                     if let Some(p) = &path {
                         info!(config = %p.display(), "config file changed; reloading the proxy");
-                        slot.reload(p).await;
+                        slot.reload(p, control.as_deref()).await;
                     }
                 }
             }
@@ -266,7 +336,7 @@ async fn run_inner(
                 if let Some(p) = &path {
                     info!(config = %p.display(), "SIGHUP; reloading the proxy");
                     stamp = file_stamp(p);
-                    slot.reload(p).await;
+                    slot.reload(p, control.as_deref()).await;
                 }
             }
         }
@@ -279,6 +349,8 @@ async fn run_inner(
     if let Some(p) = slot.proxy.take() {
         p.shutdown(PROXY_DRAIN).await;
     }
+    drop(_control_api);
+    drop(control);
     drop(api);
     drop(dev);
     Ok(())

@@ -1,1 +1,711 @@
-//! See docs/control.md.
+//! The admin API: HTTP/1.1 and JSON on a Unix socket (no token; the socket is
+//! root's, mode 0600) and optionally on TCP with TLS and a bearer token. The
+//! routes are in `docs/control.md` and `docs/openapi.json`.
+//!
+//! Request handling is [`handle`]: method, path and body in, status and JSON
+//! out, with every state change going through [`Control::mutate`].
+
+use crate::control::runtime::Control;
+use crate::control::state::{self, api_key, NameRecord, ServiceStatus};
+use crate::proxy::settings::RawRoute;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+/// Largest request body.
+pub const MAX_BODY: usize = 1 << 20;
+/// Time to read a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once per listener.
+const MAX_CONNS: usize = 256;
+
+/// The listening sockets; the Unix socket file is removed on drop.
+pub struct ApiServer {
+    tasks: Vec<JoinHandle<()>>,
+    socket: PathBuf,
+    pub tcp_addrs: Vec<SocketAddr>,
+    pub fingerprint: Option<String>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Transport {
+    Unix,
+    Tcp,
+}
+
+/// A JSON answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    /// Raw text (for `/metrics`) instead of JSON.
+    pub text: Option<(String, &'static str)>,
+}
+
+impl Answer {
+    fn json(status: StatusCode, body: Value) -> Self {
+        Answer {
+            status,
+            body,
+            text: None,
+        }
+    }
+    fn ok(body: Value) -> Self {
+        Self::json(StatusCode::OK, body)
+    }
+    fn err(e: state::Error) -> Self {
+        Self::json(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            json!({ "error": e.message }),
+        )
+    }
+    fn no_content() -> Self {
+        Self::json(StatusCode::NO_CONTENT, Value::Null)
+    }
+}
+
+impl From<state::Error> for Answer {
+    fn from(e: state::Error) -> Self {
+        Answer::err(e)
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, state::Error> {
+    if body.is_empty() {
+        return Err(state::Error::bad("a JSON body is required"));
+    }
+    serde_json::from_slice(body).map_err(|e| state::Error::bad(format!("body: {e}")))
+}
+
+fn decode_segment(s: &str) -> Result<String, state::Error> {
+    percent_decode(s)
+        .ok_or_else(|| state::Error::bad(format!("path segment `{s}`: bad %-encoding")))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b.get(i)? {
+            b'%' => {
+                let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(h, 16).ok()?);
+                i += 3;
+            }
+            c => {
+                out.push(*c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddPeer {
+    public_key: String,
+    name: Option<String>,
+    allowed_ips: Option<Vec<ipnet::IpNet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutRoute {
+    spec: RawRoute,
+    version: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    names: Vec<String>,
+    ttl: Option<u64>,
+    #[serde(default)]
+    replicas: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Join {
+    token: String,
+    public_key: String,
+    name: Option<String>,
+}
+
+fn route_json(c: &Control, id: &str) -> Option<Value> {
+    let st = c.state();
+    let health = c.health();
+    let backends = |id: &str| {
+        health
+            .get(id)
+            .map(|h| serde_json::to_value(&h.backends).unwrap_or(Value::Null))
+            .unwrap_or(Value::Array(vec![]))
+    };
+    if let Some(r) = st.routes.get(id) {
+        return Some(json!({
+            "id": id, "version": r.version, "paused": r.spec.paused, "origin": "api",
+            "spec": r.spec, "updated": r.updated, "backends": backends(id),
+        }));
+    }
+    let ev = c.evaluation();
+    if let Some(i) = ev.hosts.iter().position(|h| h == id) {
+        let owners: Vec<&String> = ev
+            .statuses
+            .iter()
+            .filter(|(_, v)| v.iter().any(|s| s.host == id && s.status == "active"))
+            .map(|(k, _)| k)
+            .collect();
+        let spec = if let Some(r) = ev
+            .routes
+            .iter()
+            .find(|r| state::route_id(r).ok().as_deref() == Some(id))
+        {
+            serde_json::to_value(r).unwrap_or(Value::Null)
+        } else if id.starts_with("tcp:") {
+            ev.tcp
+                .iter()
+                .find(|t| t.listen.ends_with(&id[4..]))
+                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null)
+        } else {
+            ev.udp
+                .iter()
+                .find(|t| t.listen.ends_with(&id[4..]))
+                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null)
+        };
+        let _ = i;
+        return Some(json!({
+            "id": id, "version": 0, "paused": false, "origin": "node",
+            "owners": owners, "spec": spec, "backends": backends(id),
+        }));
+    }
+    let cfg = c.hub_config();
+    let p = cfg.proxy.as_ref()?;
+    let r = p.routes.iter().find(|r| r.host.to_string() == id)?;
+    Some(json!({
+        "id": id, "version": 0, "paused": r.paused, "origin": "config",
+        "spec": { "backends": r.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                  "tls": match r.tls { crate::proxy::settings::TlsMode::Terminate => "terminate", crate::proxy::settings::TlsMode::Passthrough => "passthrough" } },
+        "backends": backends(id),
+    }))
+}
+
+fn route_ids(c: &Control) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .hub_config()
+        .proxy
+        .as_ref()
+        .map(|p| p.routes.iter().map(|r| r.host.to_string()).collect())
+        .unwrap_or_default();
+    ids.extend(c.state().routes.keys().cloned());
+    ids.extend(c.evaluation().hosts.iter().cloned());
+    ids
+}
+
+fn peers_json(c: &Control, only: Option<&str>) -> Vec<Value> {
+    let st = c.state();
+    let show = c.dev.show();
+    show.peers
+        .into_iter()
+        .filter(|p| only.is_none_or(|k| k == p.public_key))
+        .map(|p| {
+            let origin = match st.nodes.get(&p.public_key) {
+                Some(n) => serde_json::to_value(n.origin).unwrap_or(Value::Null),
+                None => json!("config"),
+            };
+            let mut v = serde_json::to_value(&p).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("origin".into(), origin);
+                o.insert(
+                    "services".into(),
+                    serde_json::to_value(c.statuses_of(&p.public_key)).unwrap_or(Value::Null),
+                );
+            }
+            v
+        })
+        .collect()
+}
+
+/// Serves one request.
+pub async fn handle(c: &Control, t: Transport, method: &Method, path: &str, body: &[u8]) -> Answer {
+    let segs: Vec<&str> = path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let r = route(c, t, method, &segs, body).await;
+    match r {
+        Ok(a) => a,
+        Err(e) => Answer::err(e),
+    }
+}
+
+async fn route(
+    c: &Control,
+    t: Transport,
+    m: &Method,
+    segs: &[&str],
+    body: &[u8],
+) -> Result<Answer, state::Error> {
+    let nf = || state::Error::not_found(format!("no such endpoint: /{}", segs.join("/")));
+    let method_err = || state::Error {
+        status: 405,
+        message: format!("method {m} is not allowed on /{}", segs.join("/")),
+    };
+    match segs {
+        ["metrics"] => {
+            if m != Method::GET {
+                return Err(method_err());
+            }
+            let show = c.dev.show();
+            let routes: Vec<_> = c.health().into_values().collect();
+            let ev = c.evaluation();
+            let (mut active, mut refused) = (0, 0);
+            for s in ev.statuses.values().flatten() {
+                if s.status == "active" {
+                    active += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            let text = crate::control::metrics::render(&crate::control::metrics::MetricsInput {
+                device: Some(&show),
+                routes: &routes,
+                control: crate::control::metrics::ControlCounters {
+                    state_version: c.state().version,
+                    api_requests: c.counters.api_requests.load(Relaxed),
+                    api_errors: c.counters.api_errors.load(Relaxed),
+                    joins: c.counters.joins.load(Relaxed),
+                    services_active: active,
+                    services_refused: refused,
+                },
+            });
+            Ok(Answer {
+                status: StatusCode::OK,
+                body: Value::Null,
+                text: Some((text, crate::control::metrics::CONTENT_TYPE)),
+            })
+        }
+        ["v1", "status"] => {
+            if m != Method::GET {
+                return Err(method_err());
+            }
+            let st = c.state();
+            let show = c.dev.show();
+            Ok(Answer::ok(json!({
+                "interface": show.name,
+                "public_key": show.public_key,
+                "state_version": st.version,
+                "peers": show.peers.len(),
+                "routes": route_ids(c).len(),
+                "api_fingerprint": crate::control::pin::ApiCert::load_or_create(&c.settings().state_dir, &[]).ok().map(|a| a.fingerprint_hex()),
+            })))
+        }
+        ["v1", "peers"] => match *m {
+            Method::GET => Ok(Answer::ok(Value::Array(peers_json(c, None)))),
+            Method::POST => {
+                let a: AddPeer = parse(body)?;
+                let key = api_key(&a.public_key)?;
+                c.mutate(|s, ctx| s.add_node(ctx, &a.public_key, a.name, a.allowed_ips))
+                    .await?;
+                let p = peers_json(c, Some(&key)).into_iter().next().unwrap_or(Value::Null);
+                Ok(Answer::json(StatusCode::CREATED, p))
+            }
+            _ => Err(method_err()),
+        },
+        ["v1", "peers", key] => {
+            let key = api_key(&decode_segment(key)?)?;
+            match *m {
+                Method::GET => peers_json(c, Some(&key))
+                    .into_iter()
+                    .next()
+                    .map(Answer::ok)
+                    .ok_or_else(|| state::Error::not_found(format!("no peer {key}"))),
+                Method::DELETE => {
+                    c.mutate(|s, _| s.remove_node(&key)).await?;
+                    Ok(Answer::no_content())
+                }
+                _ => Err(method_err()),
+            }
+        }
+        ["v1", "routes"] => match *m {
+            Method::GET => Ok(Answer::ok(Value::Array(
+                route_ids(c).iter().filter_map(|id| route_json(c, id)).collect(),
+            ))),
+            Method::POST => {
+                let spec: RawRoute = parse(body)?;
+                let (id, created) = c.mutate(|s, ctx| s.create_route(ctx, spec)).await?;
+                let v = route_json(c, &id).unwrap_or(Value::Null);
+                Ok(Answer::json(
+                    if created { StatusCode::CREATED } else { StatusCode::OK },
+                    v,
+                ))
+            }
+            _ => Err(method_err()),
+        },
+        ["v1", "routes", id] => {
+            let id = decode_segment(id)?;
+            match *m {
+                Method::GET => route_json(c, &id)
+                    .map(Answer::ok)
+                    .ok_or_else(|| state::Error::not_found(format!("no route `{id}`"))),
+                Method::PUT => {
+                    let p: PutRoute = parse(body)?;
+                    c.mutate(|s, ctx| s.update_route(ctx, &id, p.spec, p.version))
+                        .await?;
+                    Ok(Answer::ok(route_json(c, &id).unwrap_or(Value::Null)))
+                }
+                Method::DELETE => {
+                    c.mutate(|s, _| s.delete_route(&id)).await?;
+                    Ok(Answer::no_content())
+                }
+                _ => Err(method_err()),
+            }
+        }
+        ["v1", "routes", id, action @ ("pause" | "resume")] => {
+            if m != Method::POST {
+                return Err(method_err());
+            }
+            let id = decode_segment(id)?;
+            let paused = *action == "pause";
+            c.mutate(|s, ctx| s.set_paused(ctx.now, &id, paused)).await?;
+            Ok(Answer::ok(route_json(c, &id).unwrap_or(Value::Null)))
+        }
+        ["v1", "names"] => match *m {
+            Method::GET => Ok(Answer::ok(
+                c.state()
+                    .names
+                    .iter()
+                    .map(|(n, r)| {
+                        json!({"name": n, "owners": r.owners, "replicas": r.replicas, "expires": r.expires})
+                    })
+                    .collect(),
+            )),
+            _ => Err(method_err()),
+        },
+        ["v1", "names", name] => {
+            let name = decode_segment(name)?;
+            match *m {
+                Method::PUT => {
+                    let rec: NameRecord = parse(body)?;
+                    c.mutate(|s, _| s.set_name(&name, rec)).await?;
+                    let st = c.state();
+                    let r = st.names.get(&name);
+                    Ok(Answer::ok(json!({"name": name, "owners": r.map(|r| &r.owners), "replicas": r.map(|r| r.replicas), "expires": r.and_then(|r| r.expires)})))
+                }
+                Method::DELETE => {
+                    c.mutate(|s, _| s.delete_name(&name)).await?;
+                    Ok(Answer::no_content())
+                }
+                _ => Err(method_err()),
+            }
+        }
+        ["v1", "tokens"] => match *m {
+            Method::GET => Ok(Answer::ok(
+                c.state()
+                    .tokens
+                    .iter()
+                    .map(|(id, t)| {
+                        json!({"id": id, "names": t.names, "replicas": t.replicas, "created": t.created,
+                               "expires": t.expires, "used_by": t.used_by, "used_at": t.used_at})
+                    })
+                    .collect(),
+            )),
+            Method::POST => {
+                let req: NewToken = parse(body)?;
+                let settings = c.settings();
+                let api = settings.api_endpoint.clone().ok_or_else(|| {
+                    state::Error::bad("the hub has no [control] api_endpoint; join tokens need it")
+                })?;
+                if settings.wg_endpoint.is_none() {
+                    return Err(state::Error::bad(
+                        "the hub has no [control] wg_endpoint; join tokens need it",
+                    ));
+                }
+                if settings.listen.is_empty() {
+                    return Err(state::Error::bad(
+                        "the hub has no [control] listen address; nodes join over the TCP API",
+                    ));
+                }
+                let cert = crate::control::pin::ApiCert::load_or_create(&settings.state_dir, &[])
+                    .map_err(|e| state::Error {
+                        status: 500,
+                        message: format!("API certificate: {e:#}"),
+                    })?;
+                let tok = crate::control::token::JoinToken::generate(api, cert.fingerprint());
+                let ttl = req.ttl.unwrap_or(3600);
+                let id = tok.id.clone();
+                let h = tok.secret_hash();
+                let rec = c
+                    .mutate(|s, ctx| s.create_token(ctx.now, &id, h, req.names, ttl, req.replicas))
+                    .await?;
+                Ok(Answer::json(
+                    StatusCode::CREATED,
+                    json!({"id": id, "token": tok.encode(), "expires": rec.expires, "names": rec.names}),
+                ))
+            }
+            _ => Err(method_err()),
+        },
+        ["v1", "tokens", id] => {
+            if m != Method::DELETE {
+                return Err(method_err());
+            }
+            let id = decode_segment(id)?;
+            c.mutate(|s, _| s.revoke_token(&id)).await?;
+            Ok(Answer::no_content())
+        }
+        ["v1", "join"] => {
+            if m != Method::POST {
+                return Err(method_err());
+            }
+            let j: Join = parse(body)?;
+            let tok = crate::control::token::JoinToken::decode(j.token.trim())
+                .map_err(|e| state::Error::bad(format!("token: {e}")))?;
+            let key = api_key(&j.public_key)?;
+            let h = tok.secret_hash();
+            let (rec, names) = c
+                .mutate(|s, ctx| s.join(ctx, &tok.id, h, &key, j.name))
+                .await?;
+            c.counters.joins.fetch_add(1, Relaxed);
+            let settings = c.settings();
+            let cfg = c.hub_config();
+            let hub_v = cfg.addresses.iter().map(|n| n.trunc().to_string()).collect::<Vec<_>>();
+            let node_api = cfg
+                .addresses
+                .first()
+                .map(|a| SocketAddr::new(a.addr(), settings.node_port).to_string());
+            // The node's addresses carry the hub network's prefix length, so its
+            // kernel routes the whole overlay into the tunnel.
+            let addrs: Vec<String> = rec
+                .allowed_ips
+                .iter()
+                .map(|n| {
+                    let pl = cfg
+                        .addresses
+                        .iter()
+                        .find(|h| h.trunc().contains(&n.addr()))
+                        .map_or(n.prefix_len(), |h| h.prefix_len());
+                    format!("{}/{pl}", n.addr())
+                })
+                .collect();
+            info!(node = %key, addresses = ?addrs, names = ?names, "node joined");
+            let _ = t;
+            Ok(Answer::ok(json!({
+                "hub_public_key": cfg.private_key.public_key().to_base64(),
+                "wg_endpoint": settings.wg_endpoint,
+                "addresses": addrs,
+                "allowed_ips": hub_v,
+                "node_api": node_api,
+                "names": names,
+            })))
+        }
+        _ => Err(nf()),
+    }
+}
+
+fn respond(a: Answer) -> Response<Full<Bytes>> {
+    let (body, ct) = match a.text {
+        Some((t, ct)) => (Bytes::from(t), ct),
+        None if a.status == StatusCode::NO_CONTENT => (Bytes::new(), "application/json"),
+        None => {
+            let mut v = serde_json::to_vec_pretty(&a.body).unwrap_or_default();
+            v.push(b'\n');
+            (Bytes::from(v), "application/json")
+        }
+    };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = a.status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ct) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn serve_req(
+    c: Arc<Control>,
+    t: Transport,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    c.counters.api_requests.fetch_add(1, Relaxed);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    if t == Transport::Tcp && !(method == Method::POST && path == "/v1/join") {
+        let ok = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .zip(c.settings().admin_token)
+            .is_some_and(|(given, tok)| tok.matches(given.trim()));
+        if !ok {
+            c.counters.api_errors.fetch_add(1, Relaxed);
+            let mut r = respond(Answer::json(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "this API needs `Authorization: Bearer <admin token>`"}),
+            ));
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+            return Ok(r);
+        }
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            c.counters.api_errors.fetch_add(1, Relaxed);
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return Ok(respond(if too_big {
+                Answer::json(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({"error": format!("the body is larger than {MAX_BODY} bytes")}),
+                )
+            } else {
+                Answer::json(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("body: {e}")}),
+                )
+            }));
+        }
+    };
+    let a = handle(&c, t, &method, &path, &body).await;
+    if a.status.is_client_error() || a.status.is_server_error() {
+        c.counters.api_errors.fetch_add(1, Relaxed);
+        debug!(%method, %path, status = a.status.as_u16(), "API error");
+    }
+    Ok(respond(a))
+}
+
+async fn serve_conn<S>(c: Arc<Control>, t: Transport, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| serve_req(c.clone(), t, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        debug!(error = %e, "API connection ended");
+    }
+}
+
+impl ApiServer {
+    pub async fn start(c: Arc<Control>) -> anyhow::Result<ApiServer> {
+        use std::os::unix::fs::PermissionsExt;
+        let settings = c.settings();
+        let sock = settings.socket.clone();
+        if let Some(dir) = sock.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if sock.exists() {
+            if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+                anyhow::bail!("{} is served by another running process", sock.display());
+            }
+            std::fs::remove_file(&sock)?;
+        }
+        let ul = UnixListener::bind(&sock)
+            .map_err(|e| anyhow::anyhow!("control socket {}: {e}", sock.display()))?;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+        let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+        let mut tasks = Vec::new();
+        {
+            let c = c.clone();
+            let sem = sem.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = ul.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Ok(permit) = sem.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        serve_conn(c, Transport::Unix, s).await;
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        let mut tcp_addrs = Vec::new();
+        let mut fingerprint = None;
+        if !settings.listen.is_empty() {
+            let cert = crate::control::pin::ApiCert::load_or_create(&settings.state_dir, &[])?;
+            fingerprint = Some(cert.fingerprint_hex());
+            let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+            for a in &settings.listen {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("[control] listen {a}: {e}"))?;
+                tcp_addrs.push(l.local_addr()?);
+                let c = c.clone();
+                let acceptor = acceptor.clone();
+                let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let Ok((s, peer)) = l.accept().await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        let Ok(permit) = sem.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let c = c.clone();
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(s)).await {
+                                Ok(Ok(tls)) => serve_conn(c, Transport::Tcp, tls).await,
+                                Ok(Err(e)) => debug!(%peer, error = %e, "API TLS handshake failed"),
+                                Err(_) => debug!(%peer, "API TLS handshake timed out"),
+                            }
+                            drop(permit);
+                        });
+                    }
+                }));
+            }
+            info!(listen = ?tcp_addrs, fingerprint = fingerprint.as_deref().unwrap_or(""), "admin API on TCP (TLS, bearer token)");
+        }
+        info!(socket = %sock.display(), "admin API on the control socket");
+        Ok(ApiServer {
+            tasks,
+            socket: sock,
+            tcp_addrs,
+            fingerprint,
+        })
+    }
+}
+
+/// Statuses as the node services API returns them.
+pub fn services_json(v: &[ServiceStatus]) -> Value {
+    json!({ "services": v })
+}

@@ -1,1 +1,180 @@
-//! See docs/control.md.
+//! The node services API on the hub's overlay addresses (`[control]
+//! node_port`), bound to the hub's TUN so that only tunnel traffic reaches it.
+//!
+//! The caller is known by its source address: cryptokey routing has already
+//! checked that a packet from that address came from the one peer whose
+//! allowed IPs hold it. Plain HTTP is enough; the tunnel authenticates and
+//! encrypts.
+
+use crate::control::api::services_json;
+use crate::control::runtime::Control;
+use crate::control::state::{self, ServiceDecl};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+const MAX_BODY: usize = 256 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Declare {
+    services: Vec<ServiceDecl>,
+}
+
+pub struct NodeApi {
+    tasks: Vec<JoinHandle<()>>,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Drop for NodeApi {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn answer(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut b = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    b.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(b)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(e: state::Error) -> Response<Full<Bytes>> {
+    answer(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        json!({ "error": e.message }),
+    )
+}
+
+async fn serve(
+    c: Arc<Control>,
+    from: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let ip = from.ip();
+    let Some(key) = c.peer_of(ip) else {
+        return Ok(error(state::Error {
+            status: 403,
+            message: format!("{ip} is not an address of any peer"),
+        }));
+    };
+    if req.uri().path() != "/v1/services" {
+        return Ok(error(state::Error::not_found(format!(
+            "no such endpoint: {}",
+            req.uri().path()
+        ))));
+    }
+    match *req.method() {
+        Method::GET => Ok(answer(StatusCode::OK, services_json(&c.statuses_of(&key)))),
+        Method::PUT => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return Ok(error(state::Error {
+                        status: 413,
+                        message: format!("body: {e}"),
+                    }))
+                }
+            };
+            let d: Declare = match serde_json::from_slice(&body) {
+                Ok(d) => d,
+                Err(e) => return Ok(error(state::Error::bad(format!("body: {e}")))),
+            };
+            let n = d.services.len();
+            match c
+                .mutate(|s, ctx| s.declare_services(ctx.now, &key, ip, d.services))
+                .await
+            {
+                Ok(changed) => {
+                    if changed {
+                        info!(node = %key, from = %ip, services = n, "node declared its services");
+                    }
+                    Ok(answer(StatusCode::OK, services_json(&c.statuses_of(&key))))
+                }
+                Err(e) => {
+                    warn!(node = %key, error = %e, "node's service declaration refused");
+                    Ok(error(e))
+                }
+            }
+        }
+        _ => Ok(error(state::Error {
+            status: 405,
+            message: format!("method {} is not allowed", req.method()),
+        })),
+    }
+}
+
+fn bind(addr: SocketAddr, iface: &str) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind_device(Some(iface.as_bytes()))?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(256)?;
+    Ok(TcpListener::from_std(s.into())?)
+}
+
+impl NodeApi {
+    /// Listens on every hub overlay address at `[control] node_port`.
+    pub fn start(c: Arc<Control>) -> anyhow::Result<NodeApi> {
+        let cfg = c.hub_config();
+        let port = c.settings().node_port;
+        let mut tasks = Vec::new();
+        let mut addrs = Vec::new();
+        for a in &cfg.addresses {
+            let sa = SocketAddr::new(a.addr(), port);
+            let l = bind(sa, &cfg.interface)
+                .map_err(|e| anyhow::anyhow!("node services API on {sa}: {e}"))?;
+            addrs.push(sa);
+            let c = c.clone();
+            let sem = Arc::new(tokio::sync::Semaphore::new(256));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, from)) = l.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Ok(permit) = sem.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let svc =
+                            hyper::service::service_fn(move |req| serve(c.clone(), from, req));
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(Duration::from_secs(10))
+                            .serve_connection(TokioIo::new(s), svc);
+                        if let Err(e) = conn.await {
+                            debug!(%from, error = %e, "node API connection ended");
+                        }
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        info!(listen = ?addrs, "node services API");
+        Ok(NodeApi { tasks, addrs })
+    }
+}

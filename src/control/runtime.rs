@@ -1,0 +1,428 @@
+//! The running control plane of a hub: the state behind a writer lock, its
+//! store, the device peers it manages, and the routes it hands the proxy.
+//!
+//! Every change goes through [`Control::mutate`]: one writer at a time applies
+//! a pure operation ([`crate::control::state`]) to a copy, saves the copy, and
+//! only then publishes it, syncs the device's peers and asks the hub to
+//! re-apply the proxy's routes. Readers load the published state without
+//! locks.
+
+use crate::config::{HubConfig, ProxyRaw};
+use crate::control::registry::{LocalRegistry, NameRegistry};
+use crate::control::settings::ControlSettings;
+use crate::control::state::{Context, Evaluation, Protocol, ServiceStatus, State};
+use crate::control::store::{FileStore, Store};
+use crate::proxy::server::StatsHandle;
+use crate::proxy::settings::{ProxySettings, RawRoute};
+use crate::wg::device::Inner;
+use crate::wg::uapi::{DeviceSet, PeerSet};
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Facts taken from the hub's config file.
+struct FileEnv {
+    cfg: HubConfig,
+    file_hosts: BTreeSet<String>,
+    file_keys: BTreeSet<String>,
+    used_ips: BTreeSet<IpAddr>,
+    file_ports: BTreeSet<(Protocol, u16)>,
+}
+
+impl FileEnv {
+    fn new(cfg: HubConfig) -> Self {
+        let mut file_hosts = BTreeSet::new();
+        let mut file_ports = BTreeSet::new();
+        if let Some(p) = &cfg.proxy {
+            for r in &p.routes {
+                file_hosts.insert(r.host.to_string());
+            }
+            for a in p.http_listen.iter().chain(&p.https_listen) {
+                file_ports.insert((Protocol::Tcp, a.port()));
+            }
+            file_ports.extend(p.tcp.iter().map(|t| (Protocol::Tcp, t.listen.port())));
+            file_ports.extend(p.udp.iter().map(|u| (Protocol::Udp, u.listen.port())));
+        }
+        let mut file_keys: BTreeSet<String> =
+            cfg.peers.iter().map(|p| p.public_key.to_base64()).collect();
+        file_keys.insert(cfg.private_key.public_key().to_base64());
+        let mut used_ips: BTreeSet<IpAddr> = cfg.addresses.iter().map(|n| n.addr()).collect();
+        for p in &cfg.peers {
+            used_ips.extend(p.allowed_ips.iter().map(|n| n.addr()));
+        }
+        if let Some(c) = &cfg.control {
+            file_ports.insert((Protocol::Tcp, c.node_port));
+            file_ports.extend(c.listen.iter().map(|a| (Protocol::Tcp, a.port())));
+        }
+        FileEnv {
+            cfg,
+            file_hosts,
+            file_keys,
+            used_ips,
+            file_ports,
+        }
+    }
+
+    fn settings(&self) -> &ControlSettings {
+        // `Control` is only built for configs with `[control]`.
+        static EMPTY: std::sync::OnceLock<ControlSettings> = std::sync::OnceLock::new();
+        self.cfg.control.as_ref().unwrap_or_else(|| {
+            EMPTY.get_or_init(|| ControlSettings {
+                state_dir: ".".into(),
+                socket: ".".into(),
+                listen: vec![],
+                admin_token: None,
+                api_endpoint: None,
+                wg_endpoint: None,
+                node_port: crate::control::settings::DEFAULT_NODE_PORT,
+                pools: vec![],
+                ports: 1..=0,
+                revalidate: std::time::Duration::from_secs(60),
+                grace: 0,
+            })
+        })
+    }
+
+    /// Checks one route spec the way the config file's routes are checked.
+    fn check_route(&self, spec: &RawRoute) -> Result<(), String> {
+        let raw = ProxyRaw {
+            proxy: self.cfg.proxy_raw.proxy.clone(),
+            route: vec![spec.clone()],
+            tcp: vec![],
+            udp: vec![],
+        };
+        let s = raw.validate_with(&ProxyRaw::default(), &self.cfg.addresses, &self.cfg.base)?;
+        if let Some(s) = s {
+            crate::proxy::settings::check_host_addresses(&s)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub api_requests: AtomicU64,
+    pub api_errors: AtomicU64,
+    pub joins: AtomicU64,
+}
+
+pub struct Control {
+    pub dev: Arc<Inner>,
+    store: Box<dyn Store>,
+    registry: Box<dyn NameRegistry>,
+    writer: tokio::sync::Mutex<()>,
+    state: ArcSwap<State>,
+    env: ArcSwap<FileEnv>,
+    /// Peers this control plane added to the device.
+    managed: parking_lot::Mutex<BTreeSet<String>>,
+    /// The last evaluation of declared services.
+    evaluation: ArcSwap<Evaluation>,
+    /// Tells the hub to re-apply the proxy's routes.
+    pub apply: tokio::sync::Notify,
+    pub counters: Counters,
+    /// The running proxy's counters, for route health and `/metrics`.
+    pub proxy_stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Control {
+    /// Loads the state and adds its peers to the device.
+    pub async fn start(cfg: HubConfig, dev: Arc<Inner>) -> anyhow::Result<Arc<Control>> {
+        let settings = cfg
+            .control
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no [control] section"))?;
+        let store = FileStore::open(&settings.state_dir)?;
+        let state = store.load().await?.unwrap_or_default();
+        info!(
+            state = %store.describe(),
+            version = state.version,
+            nodes = state.nodes.len(),
+            routes = state.routes.len(),
+            "control plane state loaded"
+        );
+        let c = Arc::new(Control {
+            dev,
+            store: Box::new(store),
+            registry: Box::new(LocalRegistry {
+                grace: settings.grace,
+            }),
+            writer: tokio::sync::Mutex::new(()),
+            state: ArcSwap::from_pointee(state),
+            env: ArcSwap::from_pointee(FileEnv::new(cfg)),
+            managed: parking_lot::Mutex::new(BTreeSet::new()),
+            evaluation: ArcSwap::from_pointee(Evaluation::default()),
+            apply: tokio::sync::Notify::new(),
+            counters: Counters::default(),
+            proxy_stats: Arc::default(),
+        });
+        c.sync_peers().await;
+        c.reevaluate();
+        Ok(c)
+    }
+
+    pub fn settings(&self) -> ControlSettings {
+        self.env.load().settings().clone()
+    }
+
+    pub fn hub_config(&self) -> HubConfig {
+        self.env.load().cfg.clone()
+    }
+
+    /// The published state.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    pub fn evaluation(&self) -> Arc<Evaluation> {
+        self.evaluation.load_full()
+    }
+
+    /// What became of `key`'s declared services.
+    pub fn statuses_of(&self, key: &str) -> Vec<ServiceStatus> {
+        self.evaluation
+            .load()
+            .statuses
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A new config file: new facts to check against; routes are re-applied.
+    pub async fn set_config(&self, cfg: HubConfig) {
+        self.env.store(Arc::new(FileEnv::new(cfg)));
+        self.sync_peers().await;
+        self.reevaluate();
+        self.apply.notify_one();
+    }
+
+    /// Runs `op` on a copy of the state with the current facts; saves and
+    /// publishes the copy if it changed. The answer is given only after that.
+    pub async fn mutate<T>(
+        &self,
+        op: impl FnOnce(&mut State, &Context) -> crate::control::state::Result<T>,
+    ) -> crate::control::state::Result<T> {
+        let _w = self.writer.lock().await;
+        let cur = self.state.load_full();
+        let mut next = (*cur).clone();
+        let out = {
+            let env = self.env.load_full();
+            let st = env.settings();
+            let check = |r: &RawRoute| env.check_route(r);
+            let ctx = Context {
+                now: now(),
+                check_route: &check,
+                file_hosts: &env.file_hosts,
+                file_keys: &env.file_keys,
+                used_ips: &env.used_ips,
+                pools: &st.pools,
+                ports: st.ports.clone(),
+                file_ports: &env.file_ports,
+            };
+            op(&mut next, &ctx)?
+        };
+        if next != *cur {
+            if let Err(e) = self.store.save(&next).await {
+                warn!(error = %format!("{e:#}"), "saving the control plane state failed; change not made");
+                return Err(crate::control::state::Error {
+                    status: 500,
+                    message: format!("the state could not be saved: {e:#}"),
+                });
+            }
+            self.state.store(Arc::new(next));
+            drop(_w);
+            self.sync_peers().await;
+            self.reevaluate();
+            self.apply.notify_one();
+        }
+        Ok(out)
+    }
+
+    /// Re-checks declared services against the registry; tells the hub when
+    /// the outcome changed. Returns whether it did.
+    pub fn reevaluate(&self) -> bool {
+        let env = self.env.load_full();
+        let st = env.settings();
+        let check = |r: &RawRoute| env.check_route(r);
+        let ctx = Context {
+            now: now(),
+            check_route: &check,
+            file_hosts: &env.file_hosts,
+            file_keys: &env.file_keys,
+            used_ips: &env.used_ips,
+            pools: &st.pools,
+            ports: st.ports.clone(),
+            file_ports: &env.file_ports,
+        };
+        let acme = env.cfg.proxy.as_ref().is_some_and(|p| p.acme.is_some());
+        let ev = self
+            .state
+            .load()
+            .evaluate(&ctx, self.registry.as_ref(), acme);
+        let changed = *self.evaluation.load_full() != ev;
+        if changed {
+            for (key, sts) in &ev.statuses {
+                for s in sts {
+                    if s.status != "active" {
+                        info!(node = %key, host = %s.host, error = s.error.as_deref().unwrap_or(""), "declared service refused");
+                    }
+                }
+            }
+            self.evaluation.store(Arc::new(ev));
+        }
+        changed
+    }
+
+    /// The proxy settings: the config file's sections plus the operator's
+    /// routes and the active declared services. A route that does not fit (for
+    /// example, a name route after the file lost its gateway domains) is left
+    /// out and logged; it never takes the others down.
+    pub fn effective_proxy(&self) -> Result<Option<ProxySettings>, String> {
+        let env = self.env.load_full();
+        let cfg = &env.cfg;
+        let state = self.state.load_full();
+        let ev = self.evaluation.load_full();
+        let file = &cfg.proxy_raw;
+        let mut extra = ProxyRaw::default();
+        if file.proxy.is_none() {
+            extra.proxy = Some(Default::default());
+        }
+        let fits = |e: &ProxyRaw| file.validate_with(e, &cfg.addresses, &cfg.base).is_ok();
+        for (id, r) in &state.routes {
+            let one = ProxyRaw {
+                proxy: extra.proxy.clone(),
+                route: vec![r.spec.clone()],
+                ..Default::default()
+            };
+            if fits(&one) {
+                extra.route.push(r.spec.clone());
+            } else {
+                warn!(route = %id, "route does not fit the current config; left out");
+            }
+        }
+        for r in &ev.routes {
+            let one = ProxyRaw {
+                proxy: extra.proxy.clone(),
+                route: vec![r.clone()],
+                ..Default::default()
+            };
+            if fits(&one) {
+                extra.route.push(r.clone());
+            } else {
+                warn!(name = ?r.name.as_ref().or(r.fqdn.as_ref()), "declared service does not fit the current config; left out");
+            }
+        }
+        extra.tcp = ev.tcp.clone();
+        extra.udp = ev.udp.clone();
+        if extra.route.is_empty() && extra.tcp.is_empty() && extra.udp.is_empty() {
+            return file.validate_with(&ProxyRaw::default(), &cfg.addresses, &cfg.base);
+        }
+        match file.validate_with(&extra, &cfg.addresses, &cfg.base) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                warn!(error = %e, "control plane routes do not fit together; serving the config file's routes only");
+                file.validate_with(&ProxyRaw::default(), &cfg.addresses, &cfg.base)
+            }
+        }
+    }
+
+    /// Makes the device's control-plane peers match the state.
+    async fn sync_peers(&self) {
+        let state = self.state.load_full();
+        let env = self.env.load_full();
+        let mut set = DeviceSet::default();
+        let mut managed = self.managed.lock().clone();
+        for (k, n) in &state.nodes {
+            if env.file_keys.contains(k) {
+                continue;
+            }
+            let Ok(key) = crate::keys::PublicKey::from_base64(k) else {
+                continue;
+            };
+            let have = self.dev.peer(&key).is_some();
+            if have && managed.contains(k) {
+                continue;
+            }
+            let mut p = PeerSet::new(key);
+            p.replace_allowed_ips = true;
+            p.allowed_ips = n.allowed_ips.clone();
+            set.peers.push(p);
+            managed.insert(k.clone());
+        }
+        let gone: Vec<String> = managed
+            .iter()
+            .filter(|k| !state.nodes.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            managed.remove(&k);
+            if env.file_keys.contains(&k) {
+                continue;
+            }
+            if let Ok(key) = crate::keys::PublicKey::from_base64(&k) {
+                let mut p = PeerSet::new(key);
+                p.remove = true;
+                set.peers.push(p);
+            }
+        }
+        if set.peers.is_empty() {
+            return;
+        }
+        match self.dev.apply(set).await {
+            Ok(()) => *self.managed.lock() = managed,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "adding control-plane peers to the device failed")
+            }
+        }
+        for (k, n) in &state.nodes {
+            if let (Some(name), Ok(key)) = (&n.name, crate::keys::PublicKey::from_base64(k)) {
+                if let Some(p) = self.dev.peer(&key) {
+                    p.set_name(Some(name.clone()));
+                }
+            }
+        }
+    }
+
+    /// The peer whose allowed IPs hold `ip` (longest prefix), if any.
+    pub fn peer_of(&self, ip: IpAddr) -> Option<String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.dev
+            .info()
+            .peers
+            .into_iter()
+            .filter_map(|p| {
+                p.allowed_ips
+                    .iter()
+                    .filter(|n| n.contains(&ip))
+                    .map(IpNet::prefix_len)
+                    .max()
+                    .map(|l| (l, p.public_key.to_base64()))
+            })
+            .max_by_key(|(l, _)| *l)
+            .map(|(_, k)| k)
+    }
+
+    /// The running proxy's counters and backend health, by route id.
+    pub fn health(&self) -> BTreeMap<String, crate::proxy::stats::RouteSnapshot> {
+        let mut out = BTreeMap::new();
+        if let Some(h) = self.proxy_stats.lock().as_ref() {
+            for r in h.stats() {
+                out.insert(r.route.clone(), r);
+            }
+        }
+        out
+    }
+}
