@@ -66,7 +66,7 @@ enum Cmd {
         cmd: YggCmd,
     },
     /// The hub's admin API: peers, routes, names, join tokens, metrics.
-    Ctl(crate::control::client::CtlArgs),
+    Ctl(Box<crate::control::client::CtlArgs>),
 }
 
 #[derive(Subcommand)]
@@ -197,7 +197,7 @@ pub fn main() -> ExitCode {
             wg_mode(interface, fg)
         }
         Cmd::Ygg { cmd } => ygg_cmd(cmd),
-        Cmd::Ctl(args) => crate::control::client::main(args),
+        Cmd::Ctl(args) => crate::control::client::main(*args),
     }
 }
 

@@ -728,9 +728,8 @@ pub fn parse_url(s: &str) -> Result<(String, u16, String), CtlError> {
 }
 
 /// The TLS client configuration that accepts only the pinned certificate.
-fn pinned_tls(fp: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, CtlError> {
-    let _ = fp;
-    Err(CtlError::Usage("--url: TLS pinning not available".into()))
+fn pinned_tls(fp: [u8; 32]) -> Arc<rustls::ClientConfig> {
+    super::pin::pinned_client_config(fp)
 }
 
 enum Target {
@@ -764,7 +763,7 @@ impl Target {
             port,
             authority,
             token,
-            config: pinned_tls(fp)?,
+            config: pinned_tls(fp),
         })
     }
 
@@ -793,8 +792,8 @@ impl Target {
                 } => {
                     let tcp = connect(self, tokio::net::TcpStream::connect((host.as_str(), *port)))
                         .await?;
-                    let name = rustls::pki_types::ServerName::try_from(host.clone())
-                        .map_err(|_| CtlError::Usage(format!("--url: bad host `{host}`")))?;
+                    let _ = tcp.set_nodelay(true);
+                    let name = super::pin::server_name(&format!("{host}:{port}"));
                     let tls = tokio_rustls::TlsConnector::from(config.clone())
                         .connect(name, tcp)
                         .await
@@ -1249,19 +1248,28 @@ fn parse_json(body: &[u8]) -> Result<Value, CtlError> {
         .map_err(|e| CtlError::Transport(format!("the answer is not JSON: {e}")))
 }
 
-async fn run(args: &CtlArgs) -> Result<(), CtlError> {
-    let req = request_for(&args.cmd)?;
-    let target = Target::from_args(args)?;
-    let mut body = target.send(&req).await?;
-    if let CtlCommand::Route {
-        cmd: RouteCmd::Update { id, opts, version },
-    } = &args.cmd
-    {
-        let current = parse_json(&body)?;
-        body = target
-            .send(&update_request(id, opts, *version, &current)?)
-            .await?;
+/// Sends the request(s) of a command; the body of the (last) answer.
+async fn execute(target: &Target, cmd: &CtlCommand) -> Result<Bytes, CtlError> {
+    let req = request_for(cmd)?;
+    let body = target.send(&req).await?;
+    match cmd {
+        CtlCommand::Route {
+            cmd: RouteCmd::Update { id, opts, version },
+        } => {
+            let current = parse_json(&body)?;
+            target
+                .send(&update_request(id, opts, *version, &current)?)
+                .await
+        }
+        _ => Ok(body),
     }
+}
+
+async fn run(args: &CtlArgs) -> Result<(), CtlError> {
+    // Arguments first, so a usage error needs no connection.
+    request_for(&args.cmd)?;
+    let target = Target::from_args(args)?;
+    let body = execute(&target, &args.cmd).await?;
     let mut out = std::io::stdout().lock();
     let w = |out: &mut std::io::StdoutLock, s: &[u8]| {
         out.write_all(s)
@@ -1316,5 +1324,1040 @@ pub fn main(args: CtlArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use serde_json::json;
+
+    #[derive(Parser, Debug)]
+    struct TestCli {
+        #[command(flatten)]
+        args: CtlArgs,
+    }
+
+    fn parse(line: &[&str]) -> CtlArgs {
+        let argv = std::iter::once("ctl").chain(line.iter().copied());
+        match TestCli::try_parse_from(argv) {
+            Ok(c) => c.args,
+            Err(e) => panic!("{line:?}: {e}"),
+        }
+    }
+
+    fn req(line: &[&str]) -> Request {
+        let a = parse(line);
+        match request_for(&a.cmd) {
+            Ok(r) => r,
+            Err(e) => panic!("{line:?}: {e}"),
+        }
+    }
+
+    const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    const KEY2: &str = "ab/c++f8AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBk=";
+
+    fn openapi() -> Value {
+        match serde_json::from_str(include_str!("../../docs/openapi.json")) {
+            Ok(v) => v,
+            Err(e) => panic!("docs/openapi.json: {e}"),
+        }
+    }
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        use clap::CommandFactory;
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn openapi_has_every_endpoint() {
+        let doc = openapi();
+        assert!(doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")));
+        let paths = doc["paths"].as_object().expect("paths");
+        for (method, path) in ENDPOINTS.iter().chain(NODE_ENDPOINTS) {
+            let op = &paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} missing from docs/openapi.json"))
+                [method.to_lowercase()];
+            assert!(
+                op.is_object(),
+                "{method} {path} missing from docs/openapi.json"
+            );
+            let responses = op["responses"].as_object().expect("responses");
+            assert!(!responses.is_empty(), "{method} {path}: no responses");
+        }
+    }
+
+    #[test]
+    fn openapi_paths_have_operations_and_are_known() {
+        let doc = openapi();
+        let paths = doc["paths"].as_object().expect("paths");
+        let methods = ["get", "put", "post", "delete", "patch", "head", "options"];
+        for (path, item) in paths {
+            let ops: Vec<&str> = methods
+                .iter()
+                .copied()
+                .filter(|m| item.get(*m).is_some())
+                .collect();
+            assert!(
+                ops.iter().any(|m| item[*m]["responses"]
+                    .as_object()
+                    .is_some_and(|r| !r.is_empty())),
+                "{path}: no operation with responses"
+            );
+            for m in ops {
+                let up = m.to_uppercase();
+                assert!(
+                    ENDPOINTS
+                        .iter()
+                        .chain(NODE_ENDPOINTS)
+                        .any(|(em, ep)| *em == up && ep == path),
+                    "{up} {path} is in docs/openapi.json but not in ENDPOINTS"
+                );
+            }
+        }
+        // Every schema reference resolves.
+        let text = include_str!("../../docs/openapi.json");
+        let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+        let responses = doc["components"]["responses"]
+            .as_object()
+            .expect("responses");
+        for part in text.split("\"$ref\": \"").skip(1) {
+            let r = part.split('"').next().unwrap_or("");
+            let ok = match r.strip_prefix("#/components/schemas/") {
+                Some(n) => schemas.contains_key(n),
+                None => r
+                    .strip_prefix("#/components/responses/")
+                    .is_some_and(|n| responses.contains_key(n)),
+            };
+            assert!(ok, "dangling $ref {r}");
+        }
+    }
+
+    #[test]
+    fn route_spec_schema_has_every_route_key() {
+        // The `[[route]]` keys (RawRoute) plus `paused`, as serialized.
+        let spec = crate::proxy::settings::RawRoute {
+            name: Some("x".into()),
+            fqdn: Some("x.example".into()),
+            tls: Some("terminate".into()),
+            cert: Some("c".into()),
+            key: Some("k".into()),
+            backends: vec!["100.64.1.2:80".into()],
+            proxy_protocol: Some(crate::proxy::settings::RawPp::Bool(true)),
+            backend_ca: Some("ca".into()),
+            backend_server_name: Some("b".into()),
+            balance: Some("least_conn".into()),
+            health_check: Some("tcp".into()),
+            health_path: Some("/".into()),
+            health_interval: Some(1),
+            health_timeout: Some(1),
+            health_fall: Some(1),
+            health_rise: Some(1),
+            max_connections: Some(1),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&spec).expect("serialize");
+        let doc = openapi();
+        let props = doc["components"]["schemas"]["RouteSpec"]["properties"]
+            .as_object()
+            .expect("RouteSpec");
+        for k in v.as_object().expect("object").keys() {
+            assert!(props.contains_key(k), "RouteSpec lacks `{k}`");
+        }
+        for k in props.keys() {
+            assert!(v.get(k).is_some(), "RouteSpec has `{k}`, RawRoute does not");
+        }
+    }
+
+    #[test]
+    fn every_request_is_an_endpoint() {
+        let lines: &[&[&str]] = &[
+            &["status"],
+            &["peers"],
+            &["peer", "show", KEY],
+            &["peer", "add", KEY],
+            &["peer", "remove", KEY],
+            &["routes"],
+            &["route", "show", "blog"],
+            &[
+                "route",
+                "create",
+                "--name",
+                "blog",
+                "--backend",
+                "100.64.1.2:80",
+            ],
+            &["route", "update", "blog", "--tls", "passthrough"],
+            &["route", "pause", "blog"],
+            &["route", "resume", "fqdn:shop.example.com"],
+            &["route", "delete", "blog"],
+            &["names"],
+            &["name", "set", "blog", "--owner", KEY],
+            &["name", "delete", "blog"],
+            &["tokens"],
+            &["token", "create", "--names", "blog"],
+            &["token", "revoke", "0123456789abcdef"],
+            &["metrics"],
+        ];
+        for l in lines {
+            let r = req(l);
+            assert!(
+                ENDPOINTS
+                    .iter()
+                    .any(|(m, p)| *m == r.method && path_matches(p, &r.path)),
+                "{l:?}: {} {} is not in ENDPOINTS",
+                r.method,
+                r.path
+            );
+        }
+    }
+
+    #[test]
+    fn peers_map_onto_requests() {
+        assert_eq!(req(&["peers"]), Request::get("/v1/peers".into()));
+        assert_eq!(
+            req(&["peer", "show", KEY2]),
+            Request::get("/v1/peers/ab%2Fc%2B%2Bf8AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBk%3D".into())
+        );
+        assert_eq!(
+            req(&[
+                "peer",
+                "add",
+                KEY,
+                "--name",
+                "n1",
+                "--allowed-ips",
+                "100.64.1.5/32,fd77::5/128"
+            ]),
+            Request::new(
+                "POST",
+                "/v1/peers".into(),
+                Some(
+                    json!({"public_key": KEY, "name": "n1", "allowed_ips": ["100.64.1.5/32", "fd77::5/128"]})
+                )
+            )
+        );
+        // Without --allowed-ips the hub takes addresses from its pools.
+        assert_eq!(
+            req(&["peer", "add", KEY]).body,
+            Some(json!({"public_key": KEY}))
+        );
+        let r = req(&["peer", "remove", KEY]);
+        assert_eq!(r.method, "DELETE");
+        assert_eq!(
+            r.path,
+            "/v1/peers/xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg%3D"
+        );
+        assert_eq!(r.body, None);
+    }
+
+    #[test]
+    fn routes_map_onto_requests() {
+        assert_eq!(req(&["routes"]), Request::get("/v1/routes".into()));
+        assert_eq!(req(&["route", "show", "blog"]).path, "/v1/routes/name:blog");
+        assert_eq!(
+            req(&["route", "show", "shop.example.com"]).path,
+            "/v1/routes/fqdn:shop.example.com"
+        );
+        assert_eq!(
+            req(&["route", "show", "name:blog"]).path,
+            "/v1/routes/name:blog"
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--fqdn",
+                "shop.example.com",
+                "--backend",
+                "[fd77:6777::1:2]:443",
+                "--backend",
+                "100.64.1.2:443",
+                "--tls",
+                "passthrough",
+                "--proxy-protocol",
+                "v2",
+                "--balance",
+                "least_conn"
+            ]),
+            Request::new(
+                "POST",
+                "/v1/routes".into(),
+                Some(json!({
+                    "fqdn": "shop.example.com",
+                    "backends": ["[fd77:6777::1:2]:443", "100.64.1.2:443"],
+                    "tls": "passthrough",
+                    "proxy_protocol": "v2",
+                    "balance": "least_conn",
+                }))
+            )
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--name",
+                "blog",
+                "--backend",
+                "a:1,b:2",
+                "--acme",
+                "--redirect-https"
+            ])
+            .body,
+            Some(
+                json!({"name": "blog", "backends": ["a:1", "b:2"], "acme": true, "redirect_https": true})
+            )
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--name",
+                "blog",
+                "--backend",
+                "a:1",
+                "--acme=false",
+                "--proxy-protocol",
+                "off"
+            ])
+            .body,
+            Some(
+                json!({"name": "blog", "backends": ["a:1"], "acme": false, "proxy_protocol": false})
+            )
+        );
+        assert_eq!(
+            req(&["route", "pause", "blog"]),
+            Request::new("POST", "/v1/routes/name:blog/pause".into(), None)
+        );
+        assert_eq!(
+            req(&["route", "resume", "blog"]),
+            Request::new("POST", "/v1/routes/name:blog/resume".into(), None)
+        );
+        assert_eq!(
+            req(&["route", "delete", "fqdn:shop.example.com"]),
+            Request::new("DELETE", "/v1/routes/fqdn:shop.example.com".into(), None)
+        );
+        // Update starts with a GET of the current route.
+        assert_eq!(
+            req(&["route", "update", "blog", "--backend", "c:3"]),
+            Request::get("/v1/routes/name:blog".into())
+        );
+    }
+
+    #[test]
+    fn route_argument_errors() {
+        let e = |l: &[&str]| request_for(&parse(l).cmd).err();
+        assert!(
+            matches!(e(&["route", "create", "--backend", "a:1"]), Some(CtlError::Usage(m)) if m.contains("--name"))
+        );
+        assert!(
+            matches!(e(&["route", "create", "--name", "blog"]), Some(CtlError::Usage(m)) if m.contains("--backend"))
+        );
+        assert!(
+            matches!(e(&["route", "update", "blog"]), Some(CtlError::Usage(m)) if m.contains("nothing to change"))
+        );
+        let argv = [
+            "ctl",
+            "route",
+            "create",
+            "--name",
+            "a",
+            "--fqdn",
+            "b.c",
+            "--backend",
+            "a:1",
+        ];
+        assert!(TestCli::try_parse_from(argv).is_err(), "--name with --fqdn");
+        let argv = [
+            "ctl",
+            "route",
+            "create",
+            "--name",
+            "a",
+            "--backend",
+            "a:1",
+            "--tls",
+            "both",
+        ];
+        assert!(TestCli::try_parse_from(argv).is_err(), "--tls both");
+        let argv = ["ctl", "--socket", "/s", "--url", "https://h:1", "status"];
+        assert!(
+            TestCli::try_parse_from(argv).is_err(),
+            "--socket with --url"
+        );
+    }
+
+    fn temp_path(tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        std::env::temp_dir().join(format!(
+            "gatewire-ctl-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    #[test]
+    fn spec_file_is_the_base_and_options_override_it() {
+        let p = temp_path("spec.json");
+        std::fs::write(
+            &p,
+            r#"{"name": "blog", "backends": ["a:1"], "sticky": true, "health_check": "http"}"#,
+        )
+        .expect("write");
+        let ps = p.to_string_lossy().to_string();
+        assert_eq!(
+            req(&["route", "create", "--spec-file", &ps, "--backend", "b:2"]).body,
+            Some(
+                json!({"name": "blog", "backends": ["b:2"], "sticky": true, "health_check": "http"})
+            )
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--spec-file",
+                &ps,
+                "--fqdn",
+                "blog.example.com"
+            ])
+            .body,
+            Some(
+                json!({"fqdn": "blog.example.com", "backends": ["a:1"], "sticky": true, "health_check": "http"})
+            )
+        );
+        std::fs::write(&p, "[1]").expect("write");
+        let e = request_for(&parse(&["route", "create", "--spec-file", &ps]).cmd);
+        assert!(matches!(e, Err(CtlError::Usage(m)) if m.contains("JSON object")));
+        let _ = std::fs::remove_file(&p);
+        let e = request_for(&parse(&["route", "create", "--spec-file", &ps]).cmd);
+        assert!(matches!(e, Err(CtlError::Usage(_))));
+    }
+
+    fn current_route() -> Value {
+        json!({
+            "id": "name:blog", "version": 4, "paused": true, "origin": "api",
+            "spec": {"name": "blog", "backends": ["a:1"], "tls": "terminate", "acme": true, "paused": true},
+            "backends": [{"addr": "a:1", "up": true}],
+        })
+    }
+
+    #[test]
+    fn update_changes_only_the_given_options() {
+        let a = parse(&[
+            "route",
+            "update",
+            "blog",
+            "--backend",
+            "b:2",
+            "--backend",
+            "c:3",
+            "--acme=false",
+            "--balance",
+            "least_conn",
+        ]);
+        let CtlCommand::Route {
+            cmd: RouteCmd::Update { id, opts, version },
+        } = &a.cmd
+        else {
+            panic!("not an update")
+        };
+        let r = update_request(id, opts, *version, &current_route()).expect("request");
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.path, "/v1/routes/name:blog");
+        assert_eq!(
+            r.body,
+            Some(json!({
+                "spec": {"name": "blog", "backends": ["b:2", "c:3"], "tls": "terminate", "acme": false, "paused": true, "balance": "least_conn"},
+                "version": 4,
+            }))
+        );
+        // An explicit --version wins over the one read.
+        let a = parse(&[
+            "route",
+            "update",
+            "blog",
+            "--redirect-https",
+            "--version",
+            "2",
+        ]);
+        let CtlCommand::Route {
+            cmd: RouteCmd::Update { id, opts, version },
+        } = &a.cmd
+        else {
+            panic!("not an update")
+        };
+        let r = update_request(id, opts, *version, &current_route()).expect("request");
+        assert_eq!(
+            r.body.as_ref().map(|b| b["version"].clone()),
+            Some(json!(2))
+        );
+        assert_eq!(
+            r.body.as_ref().map(|b| b["spec"]["redirect_https"].clone()),
+            Some(json!(true))
+        );
+        // A spec file replaces the spec but keeps the pause state.
+        let p = temp_path("update.json");
+        std::fs::write(&p, r#"{"name": "blog", "backends": ["d:4"]}"#).expect("write");
+        let ps = p.to_string_lossy().to_string();
+        let a = parse(&["route", "update", "blog", "--spec-file", &ps]);
+        let CtlCommand::Route {
+            cmd: RouteCmd::Update { id, opts, version },
+        } = &a.cmd
+        else {
+            panic!("not an update")
+        };
+        let r = update_request(id, opts, *version, &current_route()).expect("request");
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(
+            r.body,
+            Some(
+                json!({"spec": {"name": "blog", "backends": ["d:4"], "paused": true}, "version": 4})
+            )
+        );
+        // An answer without a spec is the server's fault.
+        let e = update_request(
+            id,
+            &RouteOpts {
+                tls: Some("terminate".into()),
+                ..Default::default()
+            },
+            None,
+            &json!({"version": 1}),
+        );
+        assert!(matches!(e, Err(CtlError::Transport(_))));
+    }
+
+    #[test]
+    fn names_and_tokens_map_onto_requests() {
+        assert_eq!(req(&["names"]), Request::get("/v1/names".into()));
+        assert_eq!(
+            req(&[
+                "name",
+                "set",
+                "blog",
+                "--owner",
+                KEY,
+                "--owner",
+                KEY2,
+                "--replicas",
+                "--expires",
+                "1900000000"
+            ]),
+            Request::new(
+                "PUT",
+                "/v1/names/blog".into(),
+                Some(json!({"owners": [KEY, KEY2], "replicas": true, "expires": 1_900_000_000u64}))
+            )
+        );
+        assert_eq!(
+            req(&["name", "set", "shop.example.com", "--owner", KEY]),
+            Request::new(
+                "PUT",
+                "/v1/names/shop.example.com".into(),
+                Some(json!({"owners": [KEY]}))
+            )
+        );
+        assert!(
+            TestCli::try_parse_from(["ctl", "name", "set", "blog"]).is_err(),
+            "--owner required"
+        );
+        assert_eq!(
+            req(&["name", "delete", "blog"]),
+            Request::new("DELETE", "/v1/names/blog".into(), None)
+        );
+        assert_eq!(req(&["tokens"]), Request::get("/v1/tokens".into()));
+        assert_eq!(
+            req(&[
+                "token",
+                "create",
+                "--names",
+                "blog,shop.example.com",
+                "--ttl",
+                "30m",
+                "--replicas"
+            ]),
+            Request::new(
+                "POST",
+                "/v1/tokens".into(),
+                Some(json!({"names": ["blog", "shop.example.com"], "ttl": 1800, "replicas": true}))
+            )
+        );
+        assert_eq!(
+            req(&["token", "create", "--names", "blog"]).body,
+            Some(json!({"names": ["blog"]}))
+        );
+        assert_eq!(
+            req(&["token", "revoke", "0123456789abcdef"]),
+            Request::new("DELETE", "/v1/tokens/0123456789abcdef".into(), None)
+        );
+        assert_eq!(req(&["status"]), Request::get("/v1/status".into()));
+        assert_eq!(req(&["metrics"]), Request::get("/metrics".into()));
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let a = parse(&["route", "show", "blog", "--json", "--interface", "gw1"]);
+        assert!(a.json);
+        assert_eq!(a.interface, "gw1");
+        let a = parse(&["--socket", "/tmp/x.sock", "status"]);
+        assert_eq!(a.socket, Some(PathBuf::from("/tmp/x.sock")));
+        let a = parse(&["status"]);
+        assert_eq!(a.interface, DEFAULT_INTERFACE);
+        assert_eq!(
+            socket_path(&a.interface),
+            PathBuf::from("/run/gatewire/gw0.ctl.sock")
+        );
+    }
+
+    #[test]
+    fn segments_and_ids() {
+        assert_eq!(segment("a/b+c="), "a%2Fb%2Bc%3D");
+        assert_eq!(segment("name:blog"), "name:blog");
+        assert_eq!(segment("x y?#%"), "x%20y%3F%23%25");
+        assert_eq!(segment(".."), "%2E%2E");
+        assert_eq!(segment("ä"), "%C3%A4");
+        assert_eq!(route_id("blog"), "name:blog");
+        assert_eq!(route_id("shop.example.com"), "fqdn:shop.example.com");
+        assert_eq!(route_id("fqdn:x.y"), "fqdn:x.y");
+        assert!(path_matches(
+            "/v1/routes/{id}/pause",
+            "/v1/routes/name:a/pause"
+        ));
+        assert!(!path_matches("/v1/routes/{id}", "/v1/routes/name:a/pause"));
+        assert!(!path_matches("/v1/routes/{id}", "/v1/routes/"));
+    }
+
+    #[test]
+    fn ttl_pin_and_url() {
+        assert_eq!(parse_ttl("3600"), Ok(3600));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("1h"), Ok(3600));
+        assert_eq!(parse_ttl("2d"), Ok(172_800));
+        for bad in ["", "0", "h", "1w", "-1", "1.5h", "99999999999999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let fp = parse_pin(hex).expect("pin");
+        assert_eq!(fp[1], 0x11);
+        assert_eq!(fp[31], 0xff);
+        let colons: Vec<String> = fp.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(parse_pin(&colons.join(":")), Ok(fp));
+        assert!(parse_pin(&hex[2..]).is_err());
+        assert!(parse_pin("zz").is_err());
+        assert_eq!(
+            parse_url("https://hub.example.org:7443"),
+            Ok((
+                "hub.example.org".into(),
+                7443,
+                "hub.example.org:7443".into()
+            ))
+        );
+        assert_eq!(
+            parse_url("https://[2001:db8::1]:7443/"),
+            Ok(("2001:db8::1".into(), 7443, "[2001:db8::1]:7443".into()))
+        );
+        assert_eq!(parse_url("https://10.0.0.1").map(|u| u.1), Ok(443));
+        for bad in [
+            "http://h:1",
+            "h:1",
+            "https://u:p@h:1",
+            "https://h:1/v1",
+            "https://h:1?x",
+            "https://:1",
+        ] {
+            assert!(matches!(parse_url(bad), Err(CtlError::Usage(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_and_exit_codes() {
+        let e = http_error(409, br#"{"error": "version 3 is not the current one (4)"}"#);
+        assert_eq!(
+            e.to_string(),
+            "version 3 is not the current one (4) (HTTP 409)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let e = http_error(500, br#"{"error": "saving state: disk full"}"#);
+        assert_eq!(e.to_string(), "saving state: disk full (HTTP 500)");
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(http_error(404, b"").to_string(), "not found (HTTP 404)");
+        assert_eq!(
+            http_error(502, b"bad gateway\nmore").to_string(),
+            "bad gateway (HTTP 502)"
+        );
+        assert_eq!(
+            http_error(400, b"{\"error\": \"a\\u001b[31mb\"}").to_string(),
+            "a?[31mb (HTTP 400)"
+        );
+        assert_eq!(CtlError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(CtlError::Transport("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn token_never_shows() {
+        let t = Token::from_text(zeroize::Zeroizing::new(" s3cret-token\n".into()), "t")
+            .expect("token");
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        let h = t.header().expect("header");
+        assert!(h.is_sensitive());
+        assert_eq!(h.to_str().ok(), Some("Bearer s3cret-token"));
+        assert!(format!("{h:?}").contains("Sensitive"));
+        let e = Token::from_text(zeroize::Zeroizing::new("zq zq".into()), "f").expect_err("space");
+        assert!(!e.to_string().contains("zq"));
+        assert!(Token::from_text(zeroize::Zeroizing::new(" \n".into()), "f").is_err());
+    }
+
+    const NOW: u64 = 1_700_000_000;
+
+    #[test]
+    fn peers_table_renders() {
+        let v = json!([
+            {"name": "blog-node", "public_key": KEY, "allowed_ips": ["100.64.1.1/32", "fd77:6777::1:1/128"],
+             "latest_handshake": NOW - 75, "rx_bytes": 1536, "tx_bytes": 10, "origin": "config"},
+            {"public_key": KEY2, "allowed_ips": [], "latest_handshake": null, "rx_bytes": 0, "tx_bytes": 0},
+        ]);
+        let t = peers_table(&v, NOW);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("NAME       KEY"), "{t}");
+        assert_eq!(
+            lines[1],
+            format!("blog-node  {KEY}  100.64.1.1/32,fd77:6777::1:1/128  1m15s ago  1.5 KiB  10 B")
+        );
+        assert_eq!(
+            lines[2],
+            format!("-          {KEY2}  -                                 never      0 B      0 B")
+        );
+        // Columns line up: every cell of a column starts at the same offset.
+        let off = lines[0].find("HANDSHAKE").expect("col");
+        assert_eq!(lines[1].find("1m15s"), Some(off));
+        assert_eq!(lines[2].find("never"), Some(off));
+    }
+
+    #[test]
+    fn routes_table_renders() {
+        let v = json!([
+            {"id": "name:blog", "version": 3, "paused": false, "origin": "api",
+             "spec": {"name": "blog", "backends": ["100.64.1.2:80", "100.64.1.3:80"]},
+             "backends": [{"addr": "100.64.1.2:80", "up": true}, {"addr": "100.64.1.3:80", "up": false}]},
+            {"id": "fqdn:shop.example.com", "version": 1, "paused": true, "origin": "node", "owner": KEY,
+             "spec": {"fqdn": "shop.example.com", "backends": ["[fd77::2]:443"]}, "backends": []},
+        ]);
+        let t = routes_table(&v);
+        assert_eq!(
+            t,
+            "ID                     VERSION  PAUSED  ORIGIN  BACKENDS\n\
+             name:blog              3        no      api     100.64.1.2:80 up, 100.64.1.3:80 DOWN\n\
+             fqdn:shop.example.com  1        yes     node    [fd77::2]:443\n"
+        );
+        assert_eq!(
+            routes_table(&json!([])),
+            "ID  VERSION  PAUSED  ORIGIN  BACKENDS\n"
+        );
+        let d = route_text(&v[1]);
+        assert!(
+            d.starts_with(
+                "route: fqdn:shop.example.com\n  version: 1\n  paused: yes\n  origin: node\n"
+            ),
+            "{d}"
+        );
+        assert!(d.contains(&format!("  owner: {KEY}\n")), "{d}");
+        assert!(d.contains("    fqdn = \"shop.example.com\"\n"), "{d}");
+    }
+
+    #[test]
+    fn names_tokens_status_render() {
+        let v = json!([{"name": "blog", "owners": [KEY, KEY2], "replicas": true, "expires": NOW + 3600},
+                       {"name": "shop.example.com", "owners": [KEY], "replicas": false}]);
+        let t = names_table(&v, NOW);
+        assert!(
+            t.contains(&format!(
+                "blog              {KEY},{KEY2}  yes       in 1h0m"
+            )),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .nth(2)
+                .is_some_and(|l| l.ends_with("no        never")),
+            "{t}"
+        );
+        let v = json!([{"id": "0123456789abcdef", "names": ["blog"], "replicas": false, "created": NOW - 10, "expires": NOW - 5}]);
+        assert_eq!(
+            tokens_table(&v, NOW),
+            "ID                NAMES  REPLICAS  EXPIRES\n0123456789abcdef  blog   no        5s ago\n"
+        );
+        let v = json!({"interface": "gw0", "public_key": KEY, "state_version": 7, "peers": 2, "routes": [1, 2, 3]});
+        assert_eq!(
+            status_text(&v),
+            format!("interface: gw0\npublic key: {KEY}\nstate version: 7\npeers: 2\nroutes: 3\n")
+        );
+        let p = json!({"public_key": KEY, "name": "n1", "allowed_ips": ["100.64.1.2/32"], "latest_handshake": NOW - 3, "rx_bytes": 5, "tx_bytes": 3 << 20});
+        assert_eq!(
+            peer_text(&p, NOW),
+            format!("peer: {KEY} (n1)\n  allowed ips: 100.64.1.2/32\n  latest handshake: 3s ago\n  rx bytes: 5 B\n  tx bytes: 3.0 MiB\n")
+        );
+        let c = parse(&["token", "create", "--names", "blog"]).cmd;
+        assert_eq!(
+            render(
+                &c,
+                &json!({"id": "x", "token": "gwj1.abc", "expires": NOW}),
+                NOW
+            ),
+            "gwj1.abc\n"
+        );
+        let c = parse(&["route", "delete", "blog"]).cmd;
+        assert_eq!(render(&c, &Value::Null, NOW), "");
+        assert_eq!(duration(86_400 * 2 + 3600), "2d1h");
+    }
+
+    // ------------------------------------------------ over a socket
+
+    type Seen = Arc<parking_lot::Mutex<Vec<(String, String, Option<String>, Value)>>>;
+
+    /// A stand-in API on a Unix socket: records every request (method, path,
+    /// authorization, body) and answers with `answer`.
+    fn fake_api(
+        answer: fn(&str, &str, &Value) -> (u16, String),
+    ) -> (PathBuf, Seen, tokio::task::JoinHandle<()>) {
+        let path = temp_path("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                serve(TokioIo::new(stream), s.clone(), answer);
+            }
+        });
+        (path, seen, task)
+    }
+
+    fn serve<T>(io: T, seen: Seen, answer: fn(&str, &str, &Value) -> (u16, String))
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let auth = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
+                let body = req.into_body().collect().await?.to_bytes();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let (status, text) = answer(&method, &path, &body);
+                seen.lock().push((method, path, auth, body));
+                let mut resp = http::Response::new(Full::new(Bytes::from(text)));
+                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+                Ok::<_, hyper::Error>(resp)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+
+    fn answers(method: &str, path: &str, body: &Value) -> (u16, String) {
+        match (method, path) {
+            ("GET", "/v1/status") => (
+                200,
+                r#"{"interface":"gw0","public_key":"k","state_version":1,"peers":0,"routes":0}"#
+                    .into(),
+            ),
+            ("GET", "/v1/routes/name:blog") => (200, current_route().to_string()),
+            ("PUT", "/v1/routes/name:blog") if body["version"] == json!(4) => {
+                let mut r = current_route();
+                r["spec"] = body["spec"].clone();
+                r["version"] = json!(5);
+                (200, r.to_string())
+            }
+            ("PUT", "/v1/routes/name:blog") => {
+                (409, r#"{"error":"route name:blog is at version 4"}"#.into())
+            }
+            ("DELETE", "/v1/routes/name:blog") => (204, String::new()),
+            ("GET", "/metrics") => (200, "gatewire_up 1\n".repeat(2)),
+            ("GET", "/v1/names") => (200, "[".to_string() + &"0,".repeat(9 << 20) + "0]"),
+            _ => (404, r#"{"error":"no such thing"}"#.into()),
+        }
+    }
+
+    fn cmd(line: &[&str]) -> CtlCommand {
+        parse(line).cmd
+    }
+
+    #[tokio::test]
+    async fn unix_socket_round_trips() {
+        let (path, seen, task) = fake_api(answers);
+        let t = Target::Unix(path.clone());
+        let body = execute(&t, &cmd(&["status"])).await.expect("status");
+        assert_eq!(parse_json(&body).expect("json")["interface"], "gw0");
+        let body = execute(&t, &cmd(&["metrics"])).await.expect("metrics");
+        assert_eq!(&body[..], b"gatewire_up 1\ngatewire_up 1\n");
+        let body = execute(&t, &cmd(&["route", "delete", "blog"]))
+            .await
+            .expect("delete");
+        assert!(body.is_empty());
+        // Read, modify, write back with the version read.
+        let body = execute(&t, &cmd(&["route", "update", "blog", "--backend", "z:9"]))
+            .await
+            .expect("update");
+        let v = parse_json(&body).expect("json");
+        assert_eq!(v["version"], 5);
+        assert_eq!(v["spec"]["backends"], json!(["z:9"]));
+        // A stale --version is the server's 409, exit code 2.
+        let e = execute(
+            &t,
+            &cmd(&[
+                "route",
+                "update",
+                "blog",
+                "--tls",
+                "passthrough",
+                "--version",
+                "3",
+            ]),
+        )
+        .await
+        .expect_err("conflict");
+        assert_eq!(
+            e,
+            CtlError::Http {
+                status: 409,
+                msg: "route name:blog is at version 4".into()
+            }
+        );
+        assert_eq!(e.exit_code(), 2);
+        let e = execute(&t, &cmd(&["peer", "show", KEY]))
+            .await
+            .expect_err("404");
+        assert_eq!(e.to_string(), "no such thing (HTTP 404)");
+        // Answers beyond the limit are refused.
+        let e = execute(&t, &cmd(&["names"])).await.expect_err("too large");
+        assert!(
+            matches!(&e, CtlError::Transport(m) if m.contains("larger than 16 MiB")),
+            "{e}"
+        );
+        let seen = seen.lock().clone();
+        let log: Vec<(&str, &str)> = seen
+            .iter()
+            .map(|(m, p, _, _)| (m.as_str(), p.as_str()))
+            .collect();
+        assert_eq!(
+            log,
+            [
+                ("GET", "/v1/status"),
+                ("GET", "/metrics"),
+                ("DELETE", "/v1/routes/name:blog"),
+                ("GET", "/v1/routes/name:blog"),
+                ("PUT", "/v1/routes/name:blog"),
+                ("GET", "/v1/routes/name:blog"),
+                ("PUT", "/v1/routes/name:blog"),
+                (
+                    "GET",
+                    "/v1/peers/xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg%3D"
+                ),
+                ("GET", "/v1/names"),
+            ]
+        );
+        // No token on the socket.
+        assert!(seen.iter().all(|(_, _, auth, _)| auth.is_none()));
+        let mut spec = current_route()["spec"].clone();
+        spec["tls"] = json!("passthrough");
+        assert_eq!(seen[6].3, json!({"spec": spec, "version": 3}));
+        task.abort();
+        let _ = std::fs::remove_file(&path);
+        let e = execute(&t, &cmd(&["status"])).await.expect_err("gone");
+        assert!(
+            matches!(&e, CtlError::Transport(m) if m.starts_with("cannot connect to ")),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 1);
+    }
+
+    #[tokio::test]
+    async fn tls_with_pin_and_token() {
+        let dir = temp_path("state");
+        let cert = crate::control::pin::ApiCert::load_or_create(&dir, &["127.0.0.1".into()])
+            .expect("api cert");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(TokioIo::new(tls), s.clone(), answers);
+                }
+            }
+        });
+        let token_file = temp_path("token");
+        std::fs::write(&token_file, "s3cret\n").expect("write");
+        let url = format!("https://127.0.0.1:{port}");
+        let good = hex::encode(cert.fingerprint());
+        let a = parse(&[
+            "--url",
+            &url,
+            "--pin",
+            &good,
+            "--token-file",
+            &token_file.to_string_lossy(),
+            "status",
+        ]);
+        let t = Target::from_args(&a).expect("target");
+        let body = execute(&t, &a.cmd).await.expect("status over TLS");
+        assert_eq!(parse_json(&body).expect("json")["state_version"], 1);
+        assert_eq!(seen.lock()[0].2.as_deref(), Some("Bearer s3cret"));
+        // Another certificate is refused before any request is sent.
+        let bad = hex::encode([7u8; 32]);
+        let a = parse(&[
+            "--url",
+            &url,
+            "--pin",
+            &bad,
+            "--token-file",
+            &token_file.to_string_lossy(),
+            "status",
+        ]);
+        let t = Target::from_args(&a).expect("target");
+        let e = execute(&t, &a.cmd).await.expect_err("wrong pin");
+        assert!(
+            matches!(&e, CtlError::Transport(m) if m.starts_with("TLS with https://127.0.0.1:")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("s3cret"));
+        assert_eq!(seen.lock().len(), 1);
+        // --url needs a pin and a token.
+        let a = parse(&["--url", &url, "status"]);
+        assert!(matches!(Target::from_args(&a), Err(CtlError::Usage(m)) if m.contains("--pin")));
+        let a = parse(&[
+            "--url",
+            &url,
+            "--pin",
+            &good,
+            "--token-file",
+            "/nonexistent/token",
+            "status",
+        ]);
+        assert!(
+            matches!(Target::from_args(&a), Err(CtlError::Usage(m)) if m.contains("--token-file"))
+        );
+        task.abort();
+        let _ = std::fs::remove_file(&token_file);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
