@@ -390,10 +390,11 @@ pub fn segment(s: &str) -> String {
     out
 }
 
-/// A route id: `name:<label>` and `fqdn:<domain>` as given; a bare argument
-/// is a domain when it has a dot, a label otherwise.
+/// A route id: `name:<label>`, `fqdn:<domain>` (and the `tcp:`/`udp:` ids of
+/// node-declared forwards) as given; a bare argument is a domain when it has a
+/// dot, a label otherwise.
 pub fn route_id(arg: &str) -> String {
-    if arg.starts_with("name:") || arg.starts_with("fqdn:") {
+    if arg.contains(':') {
         arg.to_string()
     } else if arg.contains('.') {
         format!("fqdn:{arg}")
@@ -1058,7 +1059,11 @@ fn backends_text(r: &Value) -> String {
                     Some(false) => " DOWN",
                     None => "",
                 };
-                format!("{}{state}", text(b.get("addr")))
+                // `addr` per the contract; `backend` as the proxy's health names it.
+                format!(
+                    "{}{state}",
+                    text(b.get("addr").or_else(|| b.get("backend")))
+                )
             })
             .collect::<Vec<_>>()
             .join(", "),
@@ -1180,15 +1185,34 @@ pub fn peer_text(p: &Value, now: u64) -> String {
                 m.insert(k.into(), s.into());
             }
         }
+        // Drop counters: the non-zero ones.
+        if let Some(Value::Object(d)) = m.get("drops") {
+            let nz: Vec<String> = d
+                .iter()
+                .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            m.insert("drops".into(), nz.join(" ").into());
+        }
+        // Declared services: `host status`.
+        if let Some(Value::Array(list)) = m.get("services") {
+            let v: Vec<String> = list
+                .iter()
+                .map(|x| format!("{} {}", text(x.get("host")), text(x.get("status"))))
+                .collect();
+            m.insert("services".into(), v.join(", ").into());
+        }
     }
     out + &fields(
         &rest,
         &[
+            "origin",
             "allowed_ips",
             "endpoint",
             "latest_handshake",
             "rx_bytes",
             "tx_bytes",
+            "services",
         ],
         "  ",
     )
@@ -1197,7 +1221,7 @@ pub fn peer_text(p: &Value, now: u64) -> String {
 /// `ctl route show` and the answer of route changes.
 pub fn route_text(r: &Value) -> String {
     let mut out = format!("route: {}\n", text(r.get("id")));
-    for k in ["version", "paused", "origin", "owner"] {
+    for k in ["version", "paused", "origin", "owner", "owners"] {
         if let Some(x) = r.get(k) {
             out.push_str(&format!("  {k}: {}\n", text(Some(x))));
         }
@@ -1925,6 +1949,8 @@ mod tests {
         assert_eq!(route_id("blog"), "name:blog");
         assert_eq!(route_id("shop.example.com"), "fqdn:shop.example.com");
         assert_eq!(route_id("fqdn:x.y"), "fqdn:x.y");
+        assert_eq!(route_id("tcp:0.0.0.0:2222"), "tcp:0.0.0.0:2222");
+        assert_eq!(segment("udp:[::]:53"), "udp:%5B::%5D:53");
         assert!(path_matches(
             "/v1/routes/{id}/pause",
             "/v1/routes/name:a/pause"
@@ -2061,6 +2087,14 @@ mod tests {
             routes_table(&json!([])),
             "ID  VERSION  PAUSED  ORIGIN  BACKENDS\n"
         );
+        // Backend health as the proxy names it (`backend`) renders the same.
+        let v2 = json!([{"id": "name:a", "version": 1, "paused": false, "origin": "config",
+                        "backends": [{"backend": "100.64.1.2:80", "up": false, "failures": 3}]}]);
+        assert!(
+            routes_table(&v2).ends_with("config  100.64.1.2:80 DOWN\n"),
+            "{}",
+            routes_table(&v2)
+        );
         let d = route_text(&v[1]);
         assert!(
             d.starts_with(
@@ -2103,6 +2137,13 @@ mod tests {
         assert_eq!(
             peer_text(&p, NOW),
             format!("peer: {KEY} (n1)\n  allowed ips: 100.64.1.2/32\n  latest handshake: 3s ago\n  rx bytes: 5 B\n  tx bytes: 3.0 MiB\n")
+        );
+        let p = json!({"public_key": KEY, "origin": "join", "allowed_ips": [], "rx_bytes": 0, "tx_bytes": 0,
+                       "drops": {"bad_source": 2, "unknown_peer": 0},
+                       "services": [{"host": "name:blog", "status": "active"}, {"host": "fqdn:x.y", "status": "refused", "error": "taken"}]});
+        assert_eq!(
+            peer_text(&p, NOW),
+            format!("peer: {KEY}\n  origin: join\n  allowed ips: -\n  rx bytes: 0 B\n  tx bytes: 0 B\n  services: name:blog active, fqdn:x.y refused\n  drops: bad_source=2\n")
         );
         let c = parse(&["token", "create", "--names", "blog"]).cmd;
         assert_eq!(
