@@ -1120,7 +1120,8 @@ pub fn tokens_table(v: &Value, now: u64) -> String {
     table(&["ID", "NAMES", "REPLICAS", "EXPIRES"], &rows)
 }
 
-/// `key: value` lines, the named keys first in their order, then the rest.
+/// `key: value` lines, the named keys first in their order, then the rest;
+/// null and empty values are left out.
 fn fields(v: &Value, first: &[&str], indent: &str) -> String {
     let mut out = String::new();
     let Some(m) = v.as_object() else {
@@ -1128,7 +1129,7 @@ fn fields(v: &Value, first: &[&str], indent: &str) -> String {
     };
     let rest = m.keys().filter(|k| !first.contains(&k.as_str()));
     for k in first.iter().copied().chain(rest.map(String::as_str)) {
-        if let Some(x) = m.get(k) {
+        if let Some(x) = m.get(k).filter(|x| !x.is_null() && x.as_str() != Some("")) {
             out.push_str(&format!(
                 "{indent}{}: {}\n",
                 k.replace('_', " "),
@@ -2139,7 +2140,7 @@ mod tests {
             format!("peer: {KEY} (n1)\n  allowed ips: 100.64.1.2/32\n  latest handshake: 3s ago\n  rx bytes: 5 B\n  tx bytes: 3.0 MiB\n")
         );
         let p = json!({"public_key": KEY, "origin": "join", "allowed_ips": [], "rx_bytes": 0, "tx_bytes": 0,
-                       "drops": {"bad_source": 2, "unknown_peer": 0},
+                       "endpoint": null, "drops": {"bad_source": 2, "unknown_peer": 0},
                        "services": [{"host": "name:blog", "status": "active"}, {"host": "fqdn:x.y", "status": "refused", "error": "taken"}]});
         assert_eq!(
             peer_text(&p, NOW),
