@@ -629,7 +629,7 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
     use crate::proxy::names::{DomainName, Label};
     let mut out: Vec<NodeService> = Vec::new();
     // What makes two entries the same, with the entry that holds it.
-    let mut hosts: std::collections::HashMap<(ServiceHost, ServiceProtocol), String> =
+    let mut hosts: std::collections::HashMap<ServiceHost, String> =
         std::collections::HashMap::new();
     let mut publics: std::collections::HashMap<(ServiceProtocol, u16), String> =
         std::collections::HashMap::new();
@@ -717,7 +717,12 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
                 "{what} proxy_protocol: only for tls = \"passthrough\" and protocol = \"tcp\""
             ));
         }
-        if let Some(other) = hosts.insert((host.clone(), protocol), what.clone()) {
+        // The hub knows an HTTP service by its host, tcp and udp by public port.
+        let host_taken = match protocol {
+            ServiceProtocol::Http => hosts.insert(host.clone(), what.clone()),
+            _ => None,
+        };
+        if let Some(other) = host_taken {
             return Err(format!(
                 "{what}: {} is already declared by {other}",
                 match &host {
@@ -844,11 +849,13 @@ mod service_tests {
             let e = node(extra).unwrap_err();
             assert!(e.contains(want), "{extra}: {e}");
         }
-        // The same port for tcp and udp, or for two names on the same local, is fine.
+        // The same port for tcp and udp, two names on the same local, or one
+        // name for several tcp ports, is fine.
         node(
             "[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:53\"\nprotocol = \"tcp\"\npublic_port = 53\n\
              [[service]]\nname = \"a\"\nlocal = \"127.0.0.1:53\"\nprotocol = \"udp\"\npublic_port = 53\n\
-             [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:53\"\n",
+             [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:53\"\n\
+             [[service]]\nname = \"a\"\nlocal = \"127.0.0.1:54\"\nprotocol = \"tcp\"\npublic_port = 54\n",
         )
         .unwrap();
     }

@@ -2,7 +2,9 @@
 //! tunnels up. A hub that has gone silent for `dead_after` seconds (its
 //! keepalives stopped: restarted, or the NAT mapping changed) gets a fresh
 //! handshake at once, its name re-resolved, rather than after WireGuard's
-//! default of up to two minutes.
+//! default of up to two minutes. The node also runs its `[[service]]`
+//! forwarders and declares the services to hubs with `control`
+//! ([`crate::control::services`]).
 
 use crate::config::{NodeConfig, NodeHub};
 use crate::wg::api::ApiServer;
@@ -150,10 +152,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .iter()
         .map(|h| tokio::spawn(supervise(dev.inner.clone(), h.clone(), cfg.dead_after)))
         .collect();
+    // `[[service]]` forwarders and their declaration to hubs with `control`.
+    let services = crate::control::services::Services::start(&cfg, dev.inner.clone());
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
         hubs = cfg.hubs.len(),
+        services = cfg.services.len(),
         "node ready"
     );
     shutdown.await;
@@ -161,6 +166,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     for s in sups {
         s.abort();
     }
+    drop(services);
     if let Some(y) = ygg {
         y.shutdown().await;
     }

@@ -1,1 +1,948 @@
-//! See docs/control.md.
+//! Node side of the services API (docs/control.md, "Node side").
+//!
+//! * **Forwarders**: a `[[service]]` whose `local` address is neither an
+//!   overlay address of the node nor unspecified is not reachable from the
+//!   hub; the node listens on each of its overlay addresses at the service's
+//!   `port` and forwards TCP connections (or UDP flows) to `local`.
+//! * **Registration**: for each `[[hub]]` with `control`, a task declares the
+//!   whole service set with `PUT http://<control>/v1/services` when the tunnel
+//!   comes up, again every 30 s, and at once when the set changes; it retries
+//!   failures with backoff and logs each service's status once per change.
+//!
+//! Pure parts, unit-tested: [`declaration`] (the JSON body), [`plan`] (which
+//! forwarders), [`changes`] (what to log), [`Schedule`] (when to try).
+
+use crate::config::{NodeConfig, NodeHub, NodeService, ServiceHost, ServiceProtocol, ServiceTls};
+use crate::keys::PublicKey;
+use crate::proxy::io::Activity;
+use crate::wg::device::Inner;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Between declarations that succeeded.
+pub const REFRESH_MS: u64 = 30_000;
+/// First retry after a failure; doubles up to [`MAX_BACKOFF_MS`].
+pub const RETRY_MS: u64 = 5_000;
+pub const MAX_BACKOFF_MS: u64 = 60_000;
+/// One declaration (connect, request, answer) may take this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest answer read from the hub.
+const MAX_ANSWER: usize = 1024 * 1024;
+/// Forwarders: connect to `local` within this, close after this long idle.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TCP_IDLE: Duration = Duration::from_secs(3600);
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_UDP_FLOWS: usize = 1024;
+const UDP_IDLE: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------ wire
+
+/// A service as the node declares it (`Service` in docs/control.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceDecl {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+    pub protocol: ServiceProtocol,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServiceTls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+}
+
+impl From<&NodeService> for ServiceDecl {
+    fn from(s: &NodeService) -> Self {
+        let (name, fqdn) = match &s.host {
+            ServiceHost::Name(l) => (Some(l.as_str().to_string()), None),
+            ServiceHost::Fqdn(d) => (None, Some(d.as_str().to_string())),
+        };
+        ServiceDecl {
+            name,
+            fqdn,
+            protocol: s.protocol,
+            port: s.port,
+            tls: s.tls,
+            public_port: s.public_port,
+            proxy_protocol: s.proxy_protocol,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Declaration {
+    services: Vec<ServiceDecl>,
+}
+
+/// The body of `PUT /v1/services`: `{"services": [Service]}`.
+pub fn declaration(services: &[NodeService]) -> Vec<u8> {
+    let d = Declaration {
+        services: services.iter().map(ServiceDecl::from).collect(),
+    };
+    // Plain strings, integers and booleans always serialise.
+    serde_json::to_vec(&d).unwrap_or_default()
+}
+
+/// The hub's view of one declared service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ServiceStatus {
+    pub host: String,
+    /// `active` or `refused`.
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub backend: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Statuses {
+    services: Vec<ServiceStatus>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+// ------------------------------------------------------------ what to log
+
+/// A change in what the hub says about one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Active {
+        host: String,
+        backend: Option<String>,
+    },
+    Refused {
+        host: String,
+        error: String,
+    },
+    /// A status this node does not know (a newer hub).
+    Other {
+        host: String,
+        status: String,
+    },
+    /// The hub no longer lists it.
+    Gone {
+        host: String,
+    },
+}
+
+/// What changed between the statuses last logged (`old`, by host) and the
+/// hub's latest answer; `old` becomes the latest answer.
+pub fn changes(old: &mut BTreeMap<String, ServiceStatus>, new: &[ServiceStatus]) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut next = BTreeMap::new();
+    for s in new {
+        if old.get(&s.host) != Some(s) && !next.contains_key(&s.host) {
+            out.push(match s.status.as_str() {
+                "active" => Event::Active {
+                    host: s.host.clone(),
+                    backend: s.backend.clone(),
+                },
+                "refused" => Event::Refused {
+                    host: s.host.clone(),
+                    error: s
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "no reason given".to_string()),
+                },
+                other => Event::Other {
+                    host: s.host.clone(),
+                    status: other.to_string(),
+                },
+            });
+        }
+        next.insert(s.host.clone(), s.clone());
+    }
+    for host in old.keys() {
+        if !next.contains_key(host) {
+            out.push(Event::Gone { host: host.clone() });
+        }
+    }
+    *old = next;
+    out
+}
+
+fn log_event(hub: &str, e: &Event) {
+    match e {
+        Event::Active { host, backend } => {
+            info!(hub, service = %host, backend = backend.as_deref().unwrap_or("-"), "service active")
+        }
+        Event::Refused { host, error } => {
+            warn!(hub, service = %host, error = %error, "hub refused service")
+        }
+        Event::Other { host, status } => {
+            info!(hub, service = %host, status = %status, "service status")
+        }
+        Event::Gone { host } => info!(hub, service = %host, "service no longer listed by the hub"),
+    }
+}
+
+// ------------------------------------------------------------ when to declare
+
+/// When the next declaration is due. Times are milliseconds on any
+/// monotonic clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    next_ms: u64,
+    backoff_ms: u64,
+}
+
+impl Schedule {
+    /// Due at once.
+    pub fn new(now_ms: u64) -> Self {
+        Schedule {
+            next_ms: now_ms,
+            backoff_ms: RETRY_MS,
+        }
+    }
+    pub fn due(&self, now_ms: u64) -> bool {
+        now_ms >= self.next_ms
+    }
+    /// The hub took the declaration: refresh in [`REFRESH_MS`].
+    pub fn succeeded(&mut self, now_ms: u64) {
+        self.next_ms = now_ms.saturating_add(REFRESH_MS);
+        self.backoff_ms = RETRY_MS;
+    }
+    /// It failed: retry after the backoff, which doubles up to [`MAX_BACKOFF_MS`].
+    pub fn failed(&mut self, now_ms: u64) {
+        self.next_ms = now_ms.saturating_add(self.backoff_ms);
+        self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+    /// The tunnel came up or the services changed: declare now.
+    pub fn now(&mut self, now_ms: u64) {
+        self.next_ms = now_ms;
+        self.backoff_ms = RETRY_MS;
+    }
+    /// Milliseconds until due.
+    pub fn wait_ms(&self, now_ms: u64) -> u64 {
+        self.next_ms.saturating_sub(now_ms)
+    }
+}
+
+/// Whether the tunnel to a hub is up: something arrived within `dead_after_ms`.
+pub fn tunnel_up(now_ms: u64, last_rx_ms: u64, dead_after_ms: u64) -> bool {
+    last_rx_ms > 0 && now_ms.saturating_sub(last_rx_ms) < dead_after_ms
+}
+
+// ------------------------------------------------------------ the request
+
+/// Declares `body` to the services API at `control`; the statuses on success,
+/// a message naming the problem otherwise.
+pub async fn put_services(
+    control: SocketAddr,
+    body: Vec<u8>,
+) -> Result<Vec<ServiceStatus>, String> {
+    let work = async {
+        let tcp = TcpStream::connect(control)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("HTTP: {e}"))?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::builder()
+            .method(hyper::Method::PUT)
+            .uri("/v1/services")
+            .header(hyper::header::HOST, control.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("request: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        conn.abort();
+        if status.is_success() {
+            serde_json::from_slice::<Statuses>(&bytes)
+                .map(|s| s.services)
+                .map_err(|e| format!("answer ({status}): {e}"))
+        } else {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| {
+                    String::from_utf8_lossy(bytes.get(..200).unwrap_or(&bytes)).into_owned()
+                });
+            Err(format!("{status}: {msg}"))
+        }
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))
+}
+
+async fn register(
+    dev: Arc<Inner>,
+    hub_key: PublicKey,
+    hub: String,
+    control: SocketAddr,
+    mut services: watch::Receiver<Vec<NodeService>>,
+    dead_after_ms: u64,
+) {
+    let mut sched = Schedule::new(dev.now_ms());
+    let mut statuses = BTreeMap::new();
+    let mut was_up = false;
+    let mut last_error: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = services.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                sched.now(dev.now_ms());
+            }
+        }
+        let now = dev.now_ms();
+        let up = dev
+            .peer(&hub_key)
+            .is_some_and(|p| tunnel_up(now, p.last_rx_ms(), dead_after_ms));
+        if up && !was_up {
+            sched.now(now);
+        }
+        was_up = up;
+        if !sched.due(now) {
+            continue;
+        }
+        let body = declaration(&services.borrow_and_update());
+        match put_services(control, body).await {
+            Ok(st) => {
+                sched.succeeded(dev.now_ms());
+                if last_error.take().is_some() {
+                    info!(hub = %hub, %control, "services declared");
+                }
+                for e in changes(&mut statuses, &st) {
+                    log_event(&hub, &e);
+                }
+            }
+            Err(e) => {
+                sched.failed(dev.now_ms());
+                let retry_s = sched.wait_ms(dev.now_ms()) / 1000;
+                if last_error.as_deref() != Some(e.as_str()) {
+                    warn!(hub = %hub, %control, error = %e, retry_s, "cannot declare services");
+                } else {
+                    debug!(hub = %hub, %control, error = %e, retry_s, "cannot declare services");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ forwarders
+
+/// One forwarder: listen on `listen`, forward to `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardPlan {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+    pub udp: bool,
+    /// The service's name, for logs.
+    pub service: String,
+}
+
+/// Whether `s` needs a forwarder: its `local` address is neither unspecified
+/// nor one of the node's overlay addresses.
+pub fn needs_forwarder(s: &NodeService, overlay: &[IpNet]) -> bool {
+    let ip = s.local.ip();
+    !ip.is_unspecified() && !overlay.iter().any(|n| n.addr() == ip)
+}
+
+/// The forwarders for `services` on the overlay addresses `overlay`, one per
+/// (address, port, transport).
+pub fn plan(services: &[NodeService], overlay: &[IpNet]) -> Vec<ForwardPlan> {
+    let mut out: Vec<ForwardPlan> = Vec::new();
+    for s in services.iter().filter(|s| needs_forwarder(s, overlay)) {
+        let udp = s.protocol == ServiceProtocol::Udp;
+        for a in overlay {
+            let listen = SocketAddr::new(a.addr(), s.port);
+            if out.iter().any(|p| p.listen == listen && p.udp == udp) {
+                continue;
+            }
+            out.push(ForwardPlan {
+                listen,
+                target: s.local,
+                udp,
+                service: s.host.to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// Binds on an overlay address that may not be configured yet (the TUN is
+/// new, IPv6 may still be tentative): IP_FREEBIND.
+fn bind(addr: SocketAddr, udp: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let ty = if udp { Type::DGRAM } else { Type::STREAM };
+    let s = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+        let _ = s.set_freebind_ipv6(true);
+    } else {
+        let _ = s.set_freebind(true);
+    }
+    if !udp {
+        s.set_reuse_address(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    if !udp {
+        s.listen(1024)?;
+    }
+    Ok(s)
+}
+
+/// Binds, retrying with backoff (the port may be held briefly by a previous
+/// run); logs the first failure and the recovery.
+async fn bind_retrying(p: &ForwardPlan) -> socket2::Socket {
+    let mut delay = Duration::from_secs(1);
+    let mut warned = false;
+    loop {
+        match bind(p.listen, p.udp) {
+            Ok(s) => {
+                info!(service = %p.service, listen = %p.listen, target = %p.target,
+                      proto = if p.udp { "udp" } else { "tcp" }, "service forwarder");
+                return s;
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(service = %p.service, listen = %p.listen, error = %e,
+                          "cannot listen for the service forwarder; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn tcp_forwarder(p: ForwardPlan) {
+    let s = bind_retrying(&p).await;
+    let l = match TcpListener::from_std(s.into()) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(service = %p.service, listen = %p.listen, error = %e, "service forwarder");
+            return;
+        }
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let counters = Arc::new(crate::proxy::stats::Counters::default());
+    loop {
+        let (client, from) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(listen = %p.listen, error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            debug!(listen = %p.listen, "forwarder at its connection limit");
+            continue;
+        };
+        let (target, service, counters) = (p.target, p.service.clone(), counters.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+                .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    debug!(service, %from, %target, error = %e, "forwarder cannot reach the service");
+                    return;
+                }
+                Err(_) => {
+                    debug!(service, %from, %target, "forwarder connect timed out");
+                    return;
+                }
+            };
+            let _ = client.set_nodelay(true);
+            let _ = backend.set_nodelay(true);
+            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE).await {
+                debug!(service, %from, error = %e, "forwarded connection ended");
+            }
+        });
+    }
+}
+
+struct Flow {
+    sock: Arc<UdpSocket>,
+    activity: Activity,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn new_flow(
+    listen: Arc<UdpSocket>,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> std::io::Result<Flow> {
+    let any: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).await?;
+    sock.connect(target).await?;
+    let sock = Arc::new(sock);
+    let activity = Activity::new();
+    let (s2, a2) = (sock.clone(), activity.clone());
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            match s2.recv(&mut buf).await {
+                Ok(n) => {
+                    let Some(d) = buf.get(..n) else { continue };
+                    a2.touch();
+                    let _ = listen.send_to(d, client).await;
+                }
+                // ECONNREFUSED (nothing listens on `local`) ends the flow.
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(Flow {
+        sock,
+        activity,
+        task,
+    })
+}
+
+async fn udp_forwarder(p: ForwardPlan) {
+    let s = bind_retrying(&p).await;
+    let listen = match UdpSocket::from_std(s.into()) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            warn!(service = %p.service, listen = %p.listen, error = %e, "service forwarder");
+            return;
+        }
+    };
+    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
+    let mut buf = vec![0u8; 65535];
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            r = listen.recv_from(&mut buf) => {
+                let Ok((n, client)) = r else { continue };
+                let Some(data) = buf.get(..n) else { continue };
+                if flows.get(&client).is_none_or(|f| f.task.is_finished()) {
+                    flows.remove(&client);
+                    if flows.len() >= MAX_UDP_FLOWS {
+                        let oldest = flows
+                            .iter()
+                            .max_by_key(|(_, f)| f.activity.idle())
+                            .map(|(k, _)| *k);
+                        if let Some(k) = oldest {
+                            flows.remove(&k);
+                        }
+                    }
+                    match new_flow(listen.clone(), p.target, client).await {
+                        Ok(f) => {
+                            flows.insert(client, f);
+                        }
+                        Err(e) => {
+                            debug!(service = %p.service, target = %p.target, error = %e, "udp flow");
+                            continue;
+                        }
+                    }
+                }
+                if let Some(f) = flows.get(&client) {
+                    f.activity.touch();
+                    let _ = f.sock.send(data).await;
+                }
+            }
+            _ = sweep.tick() => {
+                flows.retain(|_, f| !f.task.is_finished() && f.activity.idle() < UDP_IDLE);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ the whole
+
+/// The node's forwarders and registration tasks; stopped when dropped.
+pub struct Services {
+    tasks: Vec<JoinHandle<()>>,
+    /// Replacing the list re-declares it to every hub at once.
+    pub list: watch::Sender<Vec<NodeService>>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Services {
+    /// Starts the forwarders for `cfg.services` and one registration task
+    /// per hub with `control`.
+    pub fn start(cfg: &NodeConfig, dev: Arc<Inner>) -> Services {
+        let mut tasks = Vec::new();
+        for p in plan(&cfg.services, &cfg.addresses) {
+            tasks.push(if p.udp {
+                tokio::spawn(udp_forwarder(p))
+            } else {
+                tokio::spawn(tcp_forwarder(p))
+            });
+        }
+        let (list, rx) = watch::channel(cfg.services.clone());
+        let dead_after_ms = u64::from(cfg.dead_after) * 1000;
+        for h in &cfg.hubs {
+            if let Some(control) = h.control {
+                tasks.push(tokio::spawn(register(
+                    dev.clone(),
+                    h.public_key,
+                    hub_label(h),
+                    control,
+                    rx.clone(),
+                    dead_after_ms,
+                )));
+            }
+        }
+        if !cfg.services.is_empty() && cfg.hubs.iter().all(|h| h.control.is_none()) {
+            info!(
+                services = cfg.services.len(),
+                "no [[hub]] has `control`: services are forwarded but not declared"
+            );
+        }
+        Services { tasks, list }
+    }
+}
+
+fn hub_label(h: &NodeHub) -> String {
+    h.name.clone().unwrap_or_else(|| h.public_key.to_base64())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const P2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn cfg(services: &str) -> NodeConfig {
+        let text = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\", \"fd77:6777::1:1/48\"]\n\
+             [[hub]]\npublic_key = \"{P2}\"\nendpoint = \"h.example:1\"\n\
+             allowed_ips = [\"100.64.0.0/10\", \"fd77:6777::/48\"]\ncontrol = \"100.64.0.1:7001\"\n{services}"
+        );
+        NodeConfig::parse("n.toml", &text, Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn declaration_follows_the_contract() {
+        let c = cfg("[[service]]\nname = \"blog\"\nlocal = \"127.0.0.1:8080\"\n\
+             [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
+             [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n");
+        let v: serde_json::Value = serde_json::from_slice(&declaration(&c.services)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"services": [
+                {"name": "blog", "protocol": "http", "port": 8080, "tls": "terminate"},
+                {"fqdn": "shop.example.com", "protocol": "http", "port": 8443, "tls": "passthrough", "proxy_protocol": true},
+                {"name": "ssh", "protocol": "tcp", "port": 2222, "public_port": 20022},
+            ]})
+        );
+        let empty: serde_json::Value = serde_json::from_slice(&declaration(&[])).unwrap();
+        assert_eq!(empty, serde_json::json!({"services": []}));
+    }
+
+    #[test]
+    fn forwarders_only_where_needed() {
+        let c = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n\
+             [[service]]\nname = \"b\"\nlocal = \"0.0.0.0:8081\"\n\
+             [[service]]\nname = \"c\"\nlocal = \"100.64.1.1:8082\"\n\
+             [[service]]\nname = \"d\"\nlocal = \"192.168.1.5:53\"\nport = 5353\nprotocol = \"udp\"\npublic_port = 53\n\
+             [[service]]\nname = \"e\"\nlocal = \"127.0.0.1:8080\"\n");
+        let p = plan(&c.services, &c.addresses);
+        let got: Vec<(String, bool, String)> = p
+            .iter()
+            .map(|p| (p.listen.to_string(), p.udp, p.target.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "100.64.1.1:8080".to_string(),
+                    false,
+                    "127.0.0.1:8080".to_string()
+                ),
+                (
+                    "[fd77:6777::1:1]:8080".to_string(),
+                    false,
+                    "127.0.0.1:8080".to_string()
+                ),
+                (
+                    "100.64.1.1:5353".to_string(),
+                    true,
+                    "192.168.1.5:53".to_string()
+                ),
+                (
+                    "[fd77:6777::1:1]:5353".to_string(),
+                    true,
+                    "192.168.1.5:53".to_string()
+                ),
+            ]
+        );
+        assert_eq!(p[0].service, "a");
+    }
+
+    fn st(host: &str, status: &str, error: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            host: host.into(),
+            status: status.into(),
+            error: error.map(String::from),
+            backend: (status == "active").then(|| "[fd77:6777::1:1]:8080".to_string()),
+        }
+    }
+
+    #[test]
+    fn each_change_is_logged_once() {
+        let mut old = BTreeMap::new();
+        let a = st("name:blog", "active", None);
+        let r = st(
+            "name:shop",
+            "refused",
+            Some("name `shop` is owned by another node"),
+        );
+        let ev = changes(&mut old, &[a.clone(), r.clone()]);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Active {
+                    host: "name:blog".into(),
+                    backend: a.backend.clone()
+                },
+                Event::Refused {
+                    host: "name:shop".into(),
+                    error: "name `shop` is owned by another node".into()
+                },
+            ]
+        );
+        // The same answer again: nothing to log.
+        assert!(changes(&mut old, &[a.clone(), r.clone()]).is_empty());
+        // A different refusal reason is logged; the other service is gone.
+        let r2 = st("name:shop", "refused", Some("expired"));
+        assert_eq!(
+            changes(&mut old, &[r2]),
+            vec![
+                Event::Refused {
+                    host: "name:shop".into(),
+                    error: "expired".into()
+                },
+                Event::Gone {
+                    host: "name:blog".into()
+                },
+            ]
+        );
+        // Refused becomes active; unknown statuses pass through; no reason given.
+        let ev = changes(
+            &mut old,
+            &[
+                st("name:shop", "active", None),
+                st("tcp:20022", "pending", None),
+                st("udp:53", "refused", None),
+            ],
+        );
+        assert!(matches!(&ev[0], Event::Active { host, .. } if host == "name:shop"));
+        assert_eq!(
+            ev[1],
+            Event::Other {
+                host: "tcp:20022".into(),
+                status: "pending".into()
+            }
+        );
+        assert_eq!(
+            ev[2],
+            Event::Refused {
+                host: "udp:53".into(),
+                error: "no reason given".into()
+            }
+        );
+    }
+
+    #[test]
+    fn schedule() {
+        let mut s = Schedule::new(1000);
+        assert!(s.due(1000));
+        s.failed(1000);
+        assert!(!s.due(5999) && s.due(6000));
+        s.failed(6000);
+        assert_eq!(s.wait_ms(6000), 10_000);
+        for _ in 0..10 {
+            s.failed(0);
+        }
+        assert_eq!(s.wait_ms(0), MAX_BACKOFF_MS);
+        s.succeeded(100_000);
+        assert_eq!(s.wait_ms(100_000), REFRESH_MS);
+        s.failed(130_000);
+        assert_eq!(s.wait_ms(130_000), RETRY_MS);
+        s.now(131_000);
+        assert!(s.due(131_000));
+        assert!(tunnel_up(10_000, 9_000, 8_000));
+        assert!(!tunnel_up(10_000, 1_000, 8_000));
+        assert!(!tunnel_up(10_000, 0, 8_000));
+    }
+
+    #[tokio::test]
+    async fn put_against_a_fake_hub() {
+        use hyper::service::service_fn;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for round in 0..2 {
+                let (s, _) = l.accept().await.unwrap();
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        assert_eq!(req.method(), hyper::Method::PUT);
+                        assert_eq!(req.uri().path(), "/v1/services");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let (code, answer) = if round == 0 {
+                            assert_eq!(v["services"][0]["name"], "blog");
+                            (
+                                200,
+                                r#"{"services":[{"host":"name:blog","status":"active","backend":"[fd77::2]:8080"}]}"#,
+                            )
+                        } else {
+                            (400, r#"{"error":"services #1: port 0"}"#)
+                        };
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(answer)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            }
+        });
+        let c = cfg("[[service]]\nname = \"blog\"\nlocal = \"127.0.0.1:8080\"\n");
+        let got = put_services(addr, declaration(&c.services)).await.unwrap();
+        assert_eq!(
+            got,
+            vec![ServiceStatus {
+                host: "name:blog".into(),
+                status: "active".into(),
+                error: None,
+                backend: Some("[fd77::2]:8080".into()),
+            }]
+        );
+        let e = put_services(addr, declaration(&c.services))
+            .await
+            .unwrap_err();
+        assert_eq!(e, "400 Bad Request: services #1: port 0");
+        server.await.unwrap();
+        // Nobody listening: a connection error.
+        let e = put_services(addr, b"{}".to_vec()).await.unwrap_err();
+        assert!(e.starts_with("connecting"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tcp_and_udp_forwarders() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Targets on loopback; "overlay" is 127.0.0.2 here.
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(&b).await.unwrap();
+        });
+        let probe = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let listen = probe.local_addr().unwrap();
+        drop(probe);
+        let t = tokio::spawn(tcp_forwarder(ForwardPlan {
+            listen,
+            target,
+            udp: false,
+            service: "t".into(),
+        }));
+        let mut c = loop {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        c.write_all(b"hello").await.unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"hello");
+        t.abort();
+
+        let uecho = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let utarget = uecho.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut b = [0u8; 100];
+            loop {
+                let (n, from) = uecho.recv_from(&mut b).await.unwrap();
+                uecho.send_to(&b[..n], from).await.unwrap();
+            }
+        });
+        let probe = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        let ulisten = probe.local_addr().unwrap();
+        drop(probe);
+        let u = tokio::spawn(udp_forwarder(ForwardPlan {
+            listen: ulisten,
+            target: utarget,
+            udp: true,
+            service: "u".into(),
+        }));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut got = [0u8; 100];
+        let mut ok = false;
+        for _ in 0..50 {
+            client.send_to(b"ping", ulisten).await.unwrap();
+            if let Ok(Ok((n, from))) =
+                tokio::time::timeout(Duration::from_millis(100), client.recv_from(&mut got)).await
+            {
+                assert_eq!(&got[..n], b"ping");
+                assert_eq!(from, ulisten);
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "no UDP echo through the forwarder");
+        u.abort();
+    }
+}
