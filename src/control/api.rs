@@ -323,7 +323,10 @@ async fn route(
                 "state_version": st.version,
                 "peers": show.peers.len(),
                 "routes": route_ids(c).len(),
-                "api_fingerprint": crate::control::pin::ApiCert::load_or_create(&c.settings().state_dir, &[]).ok().map(|a| a.fingerprint_hex()),
+                "api_fingerprint": (!c.settings().listen.is_empty())
+                    .then(|| crate::control::pin::ApiCert::load_or_create(&c.settings().state_dir, &[]).ok())
+                    .flatten()
+                    .map(|a| a.fingerprint_hex()),
             })))
         }
         ["v1", "peers"] => match *m {
