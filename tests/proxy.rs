@@ -49,6 +49,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         backend_tls: BackendTls::default(),
         balance: Balance::default(),
         acme: false,
+        paused: false,
     }
 }
 

@@ -246,6 +246,7 @@ fn settings(
             backend_tls: BackendTls::default(),
             balance: Balance::default(),
             acme: true,
+            paused: false,
         }],
         tcp: vec![],
         udp: vec![],

@@ -45,6 +45,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         backend_tls: BackendTls::default(),
         balance: Balance::default(),
         acme: false,
+        paused: false,
     }
 }
 

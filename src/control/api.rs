@@ -251,6 +251,26 @@ fn peers_json(c: &Control, only: Option<&str>) -> Vec<Value> {
         .collect()
 }
 
+/// The endpoint template a path matches, with the methods it takes.
+pub fn endpoint(segs: &[&str]) -> Option<(&'static str, &'static [&'static str])> {
+    Some(match segs {
+        ["metrics"] => ("/metrics", &["GET"]),
+        ["v1", "status"] => ("/v1/status", &["GET"]),
+        ["v1", "peers"] => ("/v1/peers", &["GET", "POST"]),
+        ["v1", "peers", _] => ("/v1/peers/{key}", &["GET", "DELETE"]),
+        ["v1", "routes"] => ("/v1/routes", &["GET", "POST"]),
+        ["v1", "routes", _] => ("/v1/routes/{id}", &["GET", "PUT", "DELETE"]),
+        ["v1", "routes", _, "pause"] => ("/v1/routes/{id}/pause", &["POST"]),
+        ["v1", "routes", _, "resume"] => ("/v1/routes/{id}/resume", &["POST"]),
+        ["v1", "names"] => ("/v1/names", &["GET"]),
+        ["v1", "names", _] => ("/v1/names/{name}", &["PUT", "DELETE"]),
+        ["v1", "tokens"] => ("/v1/tokens", &["GET", "POST"]),
+        ["v1", "tokens", _] => ("/v1/tokens/{id}", &["DELETE"]),
+        ["v1", "join"] => ("/v1/join", &["POST"]),
+        _ => return None,
+    })
+}
+
 /// Serves one request.
 pub async fn handle(c: &Control, t: Transport, method: &Method, path: &str, body: &[u8]) -> Answer {
     let segs: Vec<&str> = path
@@ -277,6 +297,11 @@ async fn route(
         status: 405,
         message: format!("method {m} is not allowed on /{}", segs.join("/")),
     };
+    match endpoint(segs) {
+        None => return Err(nf()),
+        Some((_, methods)) if !methods.contains(&m.as_str()) => return Err(method_err()),
+        Some(_) => {}
+    }
     match segs {
         ["metrics"] => {
             if m != Method::GET {
@@ -711,4 +736,62 @@ impl ApiServer {
 /// Statuses as the node services API returns them.
 pub fn services_json(v: &[ServiceStatus]) -> Value {
     json!({ "services": v })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::control::client::ENDPOINTS;
+
+    fn segs(template: &str) -> Vec<String> {
+        template
+            .trim_start_matches('/')
+            .split('/')
+            .map(|s| match s {
+                "{key}" => "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg%3D".to_string(),
+                "{id}" => "name:blog".to_string(),
+                "{name}" => "blog".to_string(),
+                s => s.to_string(),
+            })
+            .collect()
+    }
+
+    /// The server's routes and the documented ones (`docs/openapi.json`,
+    /// checked against `ENDPOINTS` in `client.rs`) are the same set.
+    #[test]
+    fn server_serves_exactly_the_documented_endpoints() {
+        let mut served = Vec::new();
+        for (m, t) in ENDPOINTS {
+            let s = segs(t);
+            let v: Vec<&str> = s.iter().map(String::as_str).collect();
+            let (tmpl, methods) = endpoint(&v).unwrap_or_else(|| panic!("{m} {t} not served"));
+            assert_eq!(tmpl, *t);
+            assert!(methods.contains(m), "{m} {t} not served");
+            served.push((*m, tmpl));
+        }
+        // And nothing more: every (method, template) the server has is documented.
+        let mut all = Vec::new();
+        for (_, t) in ENDPOINTS {
+            let s = segs(t);
+            let v: Vec<&str> = s.iter().map(String::as_str).collect();
+            let (tmpl, methods) = endpoint(&v).unwrap();
+            all.extend(methods.iter().map(|m| (*m, tmpl)));
+        }
+        all.sort();
+        all.dedup();
+        served.sort();
+        served.dedup();
+        assert_eq!(all, served);
+        assert!(endpoint(&["v1", "nope"]).is_none());
+        assert!(endpoint(&["v1", "routes", "a", "b"]).is_none());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb%2B%3D").unwrap(), "a/b+=");
+        assert!(percent_decode("%zz").is_none());
+        assert!(percent_decode("%2").is_none());
+        assert!(percent_decode("%ff").is_none(), "not UTF-8");
+    }
 }

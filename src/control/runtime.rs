@@ -27,6 +27,9 @@ use tracing::{info, warn};
 /// Facts taken from the hub's config file.
 struct FileEnv {
     cfg: HubConfig,
+    /// `[control]` of `cfg`, or the running one if the file lost its section
+    /// (the control plane keeps going until the hub restarts).
+    settings: ControlSettings,
     file_hosts: BTreeSet<String>,
     file_keys: BTreeSet<String>,
     used_ips: BTreeSet<IpAddr>,
@@ -34,7 +37,7 @@ struct FileEnv {
 }
 
 impl FileEnv {
-    fn new(cfg: HubConfig) -> Self {
+    fn new(cfg: HubConfig, running: &ControlSettings) -> Self {
         let mut file_hosts = BTreeSet::new();
         let mut file_ports = BTreeSet::new();
         if let Some(p) = &cfg.proxy {
@@ -59,6 +62,7 @@ impl FileEnv {
             file_ports.extend(c.listen.iter().map(|a| (Protocol::Tcp, a.port())));
         }
         FileEnv {
+            settings: cfg.control.clone().unwrap_or_else(|| running.clone()),
             cfg,
             file_hosts,
             file_keys,
@@ -68,23 +72,7 @@ impl FileEnv {
     }
 
     fn settings(&self) -> &ControlSettings {
-        // `Control` is only built for configs with `[control]`.
-        static EMPTY: std::sync::OnceLock<ControlSettings> = std::sync::OnceLock::new();
-        self.cfg.control.as_ref().unwrap_or_else(|| {
-            EMPTY.get_or_init(|| ControlSettings {
-                state_dir: ".".into(),
-                socket: ".".into(),
-                listen: vec![],
-                admin_token: None,
-                api_endpoint: None,
-                wg_endpoint: None,
-                node_port: crate::control::settings::DEFAULT_NODE_PORT,
-                pools: vec![],
-                ports: 1..=0,
-                revalidate: std::time::Duration::from_secs(60),
-                grace: 0,
-            })
-        })
+        &self.settings
     }
 
     /// Checks one route spec the way the config file's routes are checked.
@@ -159,7 +147,7 @@ impl Control {
             }),
             writer: tokio::sync::Mutex::new(()),
             state: ArcSwap::from_pointee(state),
-            env: ArcSwap::from_pointee(FileEnv::new(cfg)),
+            env: ArcSwap::from_pointee(FileEnv::new(cfg, &settings)),
             managed: parking_lot::Mutex::new(BTreeSet::new()),
             evaluation: ArcSwap::from_pointee(Evaluation::default()),
             apply: tokio::sync::Notify::new(),
@@ -200,7 +188,11 @@ impl Control {
 
     /// A new config file: new facts to check against; routes are re-applied.
     pub async fn set_config(&self, cfg: HubConfig) {
-        self.env.store(Arc::new(FileEnv::new(cfg)));
+        if cfg.control.is_none() {
+            warn!("the config file lost its [control] section; the control plane keeps its settings until the hub restarts");
+        }
+        let running = self.settings();
+        self.env.store(Arc::new(FileEnv::new(cfg, &running)));
         self.sync_peers().await;
         self.reevaluate();
         self.apply.notify_one();
