@@ -36,12 +36,15 @@ enum Cmd {
         check: bool,
     },
     /// Run a hidden node: dial out to one or more hubs.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Node {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[arg(short, long, required = true)]
+        config: Option<PathBuf>,
         /// Validate the configuration and exit.
         #[arg(long)]
         check: bool,
+        #[command(subcommand)]
+        cmd: Option<NodeCmd>,
     },
     /// Show running gatewire interfaces (like `wg show`, plus drop counters).
     Show {
@@ -67,6 +70,12 @@ enum Cmd {
     },
     /// The hub's admin API: peers, routes, names, join tokens, metrics.
     Ctl(Box<crate::control::client::CtlArgs>),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Enrol with a hub using a join token, and write the node config.
+    Join(crate::control::join::JoinArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,21 +182,24 @@ pub fn main() -> ExitCode {
                 shutdown_signal(),
             ))
         }
-        Cmd::Node { config, check } => {
-            let cfg = match NodeConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("gatewire: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if check {
-                println!("{}: ok ({} hubs)", config.display(), cfg.hubs.len());
-                return ExitCode::SUCCESS;
+        Cmd::Node {
+            cmd: Some(NodeCmd::Join(args)),
+            ..
+        } => match crate::control::join::main(&args) {
+            Ok(Some(config)) => run_node(config, false),
+            Ok(None) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatewire: {e}");
+                ExitCode::FAILURE
             }
-            init_tracing();
-            run_daemon(crate::node::run(cfg, shutdown_signal()))
-        }
+        },
+        Cmd::Node { config, check, .. } => match config {
+            Some(config) => run_node(config, check),
+            None => {
+                eprintln!("gatewire: node: --config is required");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Show { json, interface } => show(json, interface),
         Cmd::Wg {
             interface,
@@ -199,6 +211,23 @@ pub fn main() -> ExitCode {
         Cmd::Ygg { cmd } => ygg_cmd(cmd),
         Cmd::Ctl(args) => crate::control::client::main(*args),
     }
+}
+
+/// `gatewire node --config PATH [--check]` (also after `node join --run`).
+fn run_node(config: PathBuf, check: bool) -> ExitCode {
+    let cfg = match NodeConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gatewire: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("{}: ok ({} hubs)", config.display(), cfg.hubs.len());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing();
+    run_daemon(crate::node::run(cfg, shutdown_signal()))
 }
 
 fn ygg_cmd(cmd: YggCmd) -> ExitCode {

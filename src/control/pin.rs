@@ -59,7 +59,7 @@ impl fmt::Debug for ApiCert {
 
 /// Writes `data` to `path` atomically: a temporary file with `mode`, fsync,
 /// rename, fsync of the directory.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
