@@ -38,6 +38,7 @@
 pub mod addr;
 mod buf;
 pub mod csum;
+pub mod gso;
 mod icmp;
 pub mod nat64;
 pub mod settings;
