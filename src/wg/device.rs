@@ -473,6 +473,71 @@ fn bind_pair(port: u16) -> io::Result<Sockets> {
     })
 }
 
+/// Splits what one read from an offload TUN returned (virtio-net header, then
+/// the packet) into plain packets in `bufs`, as tun-rs's `recv_multiple` does
+/// after its read: completes a partial checksum, cuts a super-packet into
+/// segments (with tun-rs's own `gso_split`, public though left out of its
+/// documentation).
+fn split_virtio(frame: &mut [u8], bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+    use xlat::gso::{F_NEEDS_CSUM, GSO_ECN, GSO_NONE, VNET_HDR_LEN};
+    let bad = |what: &'static str| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut hdr = tun_rs::VirtioNetHdr::decode(frame)?;
+    let pkt = frame
+        .get_mut(VNET_HDR_LEN..)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("TUN read shorter than its virtio-net header"))?;
+    let start = usize::from(hdr.csum_start);
+    if hdr.gso_type == GSO_NONE {
+        if hdr.flags & F_NEEDS_CSUM != 0 {
+            // The field holds the pseudo-header sum: add the rest, complement.
+            let at = start + usize::from(hdr.csum_offset);
+            let field = pkt
+                .get_mut(at..at + 2)
+                .ok_or_else(|| bad("checksum field beyond the packet"))?;
+            let mut partial = [0u8; 2];
+            partial.copy_from_slice(field);
+            field.fill(0);
+            let sum = xlat::csum::sum(pkt.get(start..).unwrap_or(&[]));
+            let c = !xlat::csum::fold(xlat::csum::add(u16::from_be_bytes(partial).into(), sum));
+            if let Some(field) = pkt.get_mut(at..at + 2) {
+                field.copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        let (Some(b), Some(s)) = (bufs.first_mut(), sizes.first_mut()) else {
+            return Ok(0);
+        };
+        b.get_mut(..pkt.len())
+            .ok_or_else(|| bad("TUN packet larger than the buffer"))?
+            .copy_from_slice(pkt);
+        *s = pkt.len();
+        return Ok(1);
+    }
+    let is_v6 = match pkt.first().map(|b| b >> 4) {
+        Some(4) => false,
+        Some(6) => true,
+        _ => return Err(bad("GSO packet is neither IPv4 nor IPv6")),
+    };
+    // The kernel's hdr_len is only a hint (the whole first segment when it
+    // forwards): take the transport header's length instead.
+    let l4 = if hdr.gso_type & !GSO_ECN == tun_rs::VIRTIO_NET_HDR_GSO_UDP_L4 {
+        8
+    } else {
+        let doff = pkt
+            .get(start + 12)
+            .ok_or_else(|| bad("GSO packet too short"))?;
+        let thl = usize::from(doff >> 4) * 4;
+        if !(20..=60).contains(&thl) {
+            return Err(bad("GSO packet with a bad TCP header length"));
+        }
+        thl
+    };
+    hdr.hdr_len = u16::try_from(start + l4).map_err(|_| bad("GSO header too long"))?;
+    if pkt.len() < usize::from(hdr.hdr_len) {
+        return Err(bad("GSO packet shorter than its headers"));
+    }
+    tun_rs::gso_split(pkt, hdr, bufs, sizes, 0, is_v6)
+}
+
 /// Opens the TUN with offloads when the kernel allows it, plainly otherwise.
 fn build_tun(cfg: &DeviceConfig) -> io::Result<(tun_rs::AsyncDevice, bool)> {
     match build_tun_with(cfg, true) {
@@ -684,7 +749,8 @@ impl Inner {
         } else {
             1
         };
-        let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        // Room in front for a super-packet translated whole, in place.
+        let mut original = vec![0u8; xlat::gso::HEADROOM + tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
         let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect();
         let mut sizes = vec![0usize; batch];
         let mut tx = vec![0u8; MAX_PACKET + OVERHEAD];
@@ -701,9 +767,17 @@ impl Inner {
         let mut gro = tun_rs::GROTable::new();
         loop {
             let r = if self.offload {
-                self.tun
-                    .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-                    .await
+                match &self.xlat {
+                    Some(x) => {
+                        self.recv_xlat(x, &mut original, &mut bufs, &mut sizes)
+                            .await
+                    }
+                    None => {
+                        self.tun
+                            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                            .await
+                    }
+                }
             } else {
                 match bufs.first_mut() {
                     Some(b) => self.tun.recv(b).await.map(|n| {
@@ -817,6 +891,42 @@ impl Inner {
                     self.write_tun(&mut gro, b).await;
                 }
             }
+        }
+    }
+
+    /// One read from an offload TUN when the device translates. A TCP
+    /// super-packet that the translator turns into one for the TUN is
+    /// translated whole, in place, and written back with one write (0 packets
+    /// are returned); anything else is split into `bufs` as `recv_multiple`
+    /// does.
+    async fn recv_xlat(
+        &self,
+        x: &XlatPath,
+        raw: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        let head = xlat::gso::HEADROOM;
+        let Some(rx) = raw.get_mut(head..) else {
+            return Ok(0);
+        };
+        let frame = head..head + self.tun.recv(rx).await?;
+        let whole = {
+            let table = self.table.load();
+            x.on_tun_gso(raw, frame.clone(), |a| table.routes.lookup(a).is_some())
+        };
+        if let Some(out) = whole {
+            if let Some(f) = raw.get(out) {
+                if let Err(e) = self.tun.send(f).await {
+                    self.drops.inc(DropReason::TunWrite);
+                    debug!(error = %e, "TUN write failed");
+                }
+            }
+            return Ok(0);
+        }
+        match raw.get_mut(frame) {
+            Some(f) => split_virtio(f, bufs, sizes),
+            None => Ok(0),
         }
     }
 

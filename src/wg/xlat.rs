@@ -139,6 +139,54 @@ impl XlatPath {
         }
     }
 
+    /// A frame read from an offload TUN (virtio-net header, then packet, at
+    /// `buf[frame]`, with [`xlat::gso::HEADROOM`] free bytes before it): when it
+    /// is a TCP super-packet that [`Self::on_tun`] would translate statelessly
+    /// into packets for the TUN (no peer owns the translated destination, no
+    /// NAT64), translates it whole and in place and returns where the
+    /// translated frame lies. `None`: anything else, `buf` untouched; the
+    /// caller splits it and takes the per-packet path.
+    pub fn on_tun_gso(
+        &self,
+        buf: &mut [u8],
+        frame: std::ops::Range<usize>,
+        peer_owns: impl Fn(std::net::IpAddr) -> bool,
+    ) -> Option<std::ops::Range<usize>> {
+        let f = buf.get(frame.clone())?;
+        let pkt = f.get(xlat::gso::VNET_HDR_LEN..)?;
+        match pkt.first().map(|b| b >> 4) {
+            Some(4) => {
+                let dst: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+                // pool4 (NAT64) packets go to their session's node.
+                if self.pool4 == Some(dst)
+                    || (xlat::addr::eam_lookup_v4(&self.cfg.eamt, dst).is_none()
+                        && !self
+                            .via_pool6
+                            .iter()
+                            .any(|n| n.contains(&std::net::Ipv4Addr::from(dst))))
+                {
+                    return None;
+                }
+            }
+            Some(6) => {
+                let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+                let eam = xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
+                    && !peer_owns(std::net::Ipv6Addr::from(dst).into());
+                if !self.in_pool6(&dst) && !eam {
+                    return None;
+                }
+                // A source without a stateless mapping (NAT64) is not planned:
+                // `xlat::gso::plan` maps both addresses statelessly or gives up.
+            }
+            _ => return None,
+        }
+        let plan = xlat::gso::plan(&self.cfg, f)?;
+        if peer_owns(plan.destination()) {
+            return None;
+        }
+        plan.apply(buf, frame.start)
+    }
+
     /// A decrypted IPv6 packet from a peer that no other peer takes. `None`: not
     /// for the translator.
     pub fn on_peer(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Option<Outcome> {
