@@ -742,7 +742,7 @@ impl Inner {
 
     /// Sends what the TUN gives us to the peer that owns its destination. With
     /// offloads, one read returns a TCP super-packet already split into
-    /// MTU-sized segments.
+    /// MTU-sized segments (except one the translator takes whole: `recv_xlat`).
     async fn tun_loop(self: Arc<Self>) {
         let batch = if self.offload {
             tun_rs::IDEAL_BATCH_SIZE
