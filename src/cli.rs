@@ -227,7 +227,7 @@ fn run_node(config: PathBuf, check: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing();
-    run_daemon(crate::node::run(cfg, shutdown_signal()))
+    run_daemon(crate::node::run_watching(cfg, config, shutdown_signal()))
 }
 
 fn ygg_cmd(cmd: YggCmd) -> ExitCode {

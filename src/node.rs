@@ -103,8 +103,59 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16) {
     }
 }
 
+/// What of a reloaded config the running node cannot take without a
+/// restart (everything but `[[service]]`), for the warning.
+pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.private_key.public_key() != new.private_key.public_key() {
+        out.push("private_key");
+    }
+    if old.interface != new.interface {
+        out.push("interface");
+    }
+    if old.listen_port != new.listen_port {
+        out.push("listen_port");
+    }
+    if old.addresses != new.addresses {
+        out.push("addresses");
+    }
+    if old.mtu != new.mtu {
+        out.push("mtu");
+    }
+    if old.dead_after != new.dead_after {
+        out.push("dead_after");
+    }
+    if format!("{:?}", old.hubs) != format!("{:?}", new.hubs) {
+        out.push("[[hub]]");
+    }
+    if format!("{:?}", old.yggdrasil) != format!("{:?}", new.yggdrasil) {
+        out.push("[yggdrasil]");
+    }
+    out
+}
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_inner(cfg, None, shutdown).await
+}
+
+/// Like [`run`], and re-reads `path` when the file changes or on SIGHUP:
+/// a changed `[[service]]` set is applied at once (forwarders and the
+/// declaration to every hub, so a removed service's route is withdrawn);
+/// other changes are reported as needing a restart.
+pub async fn run_watching(
+    cfg: NodeConfig,
+    path: std::path::PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_inner(cfg, Some(path), shutdown).await
+}
+
+async fn run_inner(
+    cfg: NodeConfig,
+    path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     // The overlay sidecar never fails the node: it logs and retries on its own.
     let ygg = cfg
         .yggdrasil
@@ -153,7 +204,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .map(|h| tokio::spawn(supervise(dev.inner.clone(), h.clone(), cfg.dead_after)))
         .collect();
     // `[[service]]` forwarders and their declaration to hubs with `control`.
-    let services = crate::control::services::Services::start(&cfg, dev.inner.clone());
+    let mut services = crate::control::services::Services::start(&cfg, dev.inner.clone());
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
@@ -161,7 +212,46 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         services = cfg.services.len(),
         "node ready"
     );
-    shutdown.await;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut stamp = path.as_deref().and_then(|p| std::fs::read(p).ok());
+    let mut poll = tokio::time::interval(crate::hub::CONFIG_POLL);
+    tokio::pin!(shutdown);
+    loop {
+        let why = tokio::select! {
+            _ = &mut shutdown => break,
+            _ = poll.tick(), if path.is_some() => {
+                let now = path.as_deref().and_then(|p| std::fs::read(p).ok());
+                if now.is_none() || now == stamp {
+                    continue;
+                }
+                stamp = now;
+                "config file changed"
+            }
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                stamp = path.as_deref().and_then(|p| std::fs::read(p).ok());
+                "SIGHUP"
+            }
+        };
+        let Some(p) = &path else { continue };
+        match NodeConfig::load(p) {
+            Err(e) => {
+                warn!(config = %p.display(), error = %e, "{why}; reload refused, keeping the running services")
+            }
+            Ok(new) => {
+                let restart = needs_restart(&cfg, &new);
+                if !restart.is_empty() {
+                    warn!(config = %p.display(), changed = %restart.join(", "),
+                          "{why}; these changes take effect on restart");
+                }
+                if services.current() == new.services {
+                    info!(config = %p.display(), "{why}; services unchanged");
+                } else {
+                    info!(config = %p.display(), services = new.services.len(), "{why}; applying [[service]]");
+                    services.replace(new.services);
+                }
+            }
+        }
+    }
     info!("node stopping");
     for s in sups {
         s.abort();
@@ -178,6 +268,25 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_services_reload_live() {
+        let k = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let hub = "[[hub]]\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\n\
+                   endpoint = \"h.example:1\"\nallowed_ips = [\"100.64.0.0/10\"]\n";
+        let parse = |extra: &str, hub: &str| {
+            let text = format!(
+                "[node]\nprivate_key = \"{k}\"\naddresses = [\"100.64.1.1/10\"]\n{extra}{hub}"
+            );
+            NodeConfig::parse("n.toml", &text, std::path::Path::new(".")).expect("config")
+        };
+        let base = parse("", hub);
+        let svc = format!("{hub}[[service]]\nname = \"blog\"\nlocal = \"127.0.0.1:80\"\n");
+        assert!(needs_restart(&base, &parse("", &svc)).is_empty());
+        assert_eq!(needs_restart(&base, &parse("mtu = 1280\n", hub)), ["mtu"]);
+        let other_hub = hub.replace("h.example:1", "h.example:2");
+        assert_eq!(needs_restart(&base, &parse("", &other_hub)), ["[[hub]]"]);
+    }
 
     #[test]
     fn supervisor_decisions() {

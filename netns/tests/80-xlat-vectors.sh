@@ -13,14 +13,16 @@ set -euo pipefail
 export GW_TEST_NAME=80-xlat-vectors
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd ip cargo
+need_cmd ip cargo jq
 need_gatewire
 
-# the test binary (debug build is enough: the translator is $GATEWIRE)
+# the test binary: the release profile, which `cargo test --release` (CI) has
+# built already; picked by its target name, not by output order
 test_bin=${XLAT_TUN_TEST:-}
 if [ -z "$test_bin" ]; then
-    test_bin=$(cd "$GW_ROOT" && cargo test --test xlat_tun_vectors --no-run --message-format=json 2>/dev/null |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    test_bin=$(cd "$GW_ROOT" && cargo test --release --test xlat_tun_vectors --no-run --message-format=json 2>/dev/null |
+        jq -r 'select(.reason == "compiler-artifact" and .target.name == "xlat_tun_vectors" and .executable != null) | .executable' |
+        tail -n 1)
 fi
 [ -x "$test_bin" ] || lab_die "could not build tests/xlat_tun_vectors.rs"
 

@@ -1195,11 +1195,17 @@ pub fn peer_text(p: &Value, now: u64) -> String {
                 .collect();
             m.insert("drops".into(), nz.join(" ").into());
         }
-        // Declared services: `host status`.
+        // Declared services: `host status`, with the hub's reason when refused.
         if let Some(Value::Array(list)) = m.get("services") {
             let v: Vec<String> = list
                 .iter()
-                .map(|x| format!("{} {}", text(x.get("host")), text(x.get("status"))))
+                .map(|x| {
+                    let head = format!("{} {}", text(x.get("host")), text(x.get("status")));
+                    match x.get("error").and_then(Value::as_str) {
+                        Some(e) if !e.is_empty() => format!("{head} ({e})"),
+                        _ => head,
+                    }
+                })
                 .collect();
             m.insert("services".into(), v.join(", ").into());
         }
@@ -2144,7 +2150,7 @@ mod tests {
                        "services": [{"host": "name:blog", "status": "active"}, {"host": "fqdn:x.y", "status": "refused", "error": "taken"}]});
         assert_eq!(
             peer_text(&p, NOW),
-            format!("peer: {KEY}\n  origin: join\n  allowed ips: -\n  rx bytes: 0 B\n  tx bytes: 0 B\n  services: name:blog active, fqdn:x.y refused\n  drops: bad_source=2\n")
+            format!("peer: {KEY}\n  origin: join\n  allowed ips: -\n  rx bytes: 0 B\n  tx bytes: 0 B\n  services: name:blog active, fqdn:x.y refused (taken)\n  drops: bad_source=2\n")
         );
         let c = parse(&["token", "create", "--names", "blog"]).cmd;
         assert_eq!(

@@ -597,9 +597,13 @@ async fn udp_forwarder(p: ForwardPlan) {
 
 /// The node's forwarders and registration tasks; stopped when dropped.
 pub struct Services {
+    /// Registration tasks, one per hub with `control`.
     tasks: Vec<JoinHandle<()>>,
+    /// Running forwarders by plan; [`Services::replace`] diffs against it.
+    forwarders: Vec<(ForwardPlan, JoinHandle<()>)>,
+    overlay: Vec<IpNet>,
     /// Replacing the list re-declares it to every hub at once.
-    pub list: watch::Sender<Vec<NodeService>>,
+    list: watch::Sender<Vec<NodeService>>,
 }
 
 impl Drop for Services {
@@ -607,23 +611,42 @@ impl Drop for Services {
         for t in &self.tasks {
             t.abort();
         }
+        for (_, t) in &self.forwarders {
+            t.abort();
+        }
     }
+}
+
+fn spawn_forwarder(p: ForwardPlan) -> JoinHandle<()> {
+    if p.udp {
+        tokio::spawn(udp_forwarder(p))
+    } else {
+        tokio::spawn(tcp_forwarder(p))
+    }
+}
+
+/// What a new service set changes in the running forwarders: the indexes of
+/// `old` to stop and the plans of `new` to start. Unchanged plans keep
+/// running (with their open connections).
+pub fn forwarder_diff(old: &[ForwardPlan], new: &[ForwardPlan]) -> (Vec<usize>, Vec<ForwardPlan>) {
+    let stop = (0..old.len())
+        .filter(|&i| old.get(i).is_some_and(|o| !new.contains(o)))
+        .collect();
+    let start = new.iter().filter(|n| !old.contains(n)).cloned().collect();
+    (stop, start)
 }
 
 impl Services {
     /// Starts the forwarders for `cfg.services` and one registration task
     /// per hub with `control`.
     pub fn start(cfg: &NodeConfig, dev: Arc<Inner>) -> Services {
-        let mut tasks = Vec::new();
-        for p in plan(&cfg.services, &cfg.addresses) {
-            tasks.push(if p.udp {
-                tokio::spawn(udp_forwarder(p))
-            } else {
-                tokio::spawn(tcp_forwarder(p))
-            });
-        }
+        let forwarders = plan(&cfg.services, &cfg.addresses)
+            .into_iter()
+            .map(|p| (p.clone(), spawn_forwarder(p)))
+            .collect();
         let (list, rx) = watch::channel(cfg.services.clone());
         let dead_after_ms = u64::from(cfg.dead_after) * 1000;
+        let mut tasks = Vec::new();
         for h in &cfg.hubs {
             if let Some(control) = h.control {
                 tasks.push(tokio::spawn(register(
@@ -642,7 +665,47 @@ impl Services {
                 "no [[hub]] has `control`: services are forwarded but not declared"
             );
         }
-        Services { tasks, list }
+        Services {
+            tasks,
+            forwarders,
+            overlay: cfg.addresses.clone(),
+            list,
+        }
+    }
+
+    /// The declared set now.
+    pub fn current(&self) -> Vec<NodeService> {
+        self.list.borrow().clone()
+    }
+
+    /// Replaces the service set (a config reload): stops the forwarders no
+    /// longer planned, starts the new ones, and re-declares the set to every
+    /// hub at once, which withdraws the routes of removed services.
+    pub fn replace(&mut self, services: Vec<NodeService>) {
+        if *self.list.borrow() == services {
+            return;
+        }
+        let new_plan = plan(&services, &self.overlay);
+        let old: Vec<ForwardPlan> = self.forwarders.iter().map(|(p, _)| p.clone()).collect();
+        let (stop, start) = forwarder_diff(&old, &new_plan);
+        let mut kept = Vec::new();
+        for (i, (p, t)) in std::mem::take(&mut self.forwarders).into_iter().enumerate() {
+            if stop.contains(&i) {
+                info!(service = %p.service, listen = %p.listen, "service forwarder stopped");
+                t.abort();
+            } else {
+                kept.push((p, t));
+            }
+        }
+        for p in start {
+            kept.push((p.clone(), spawn_forwarder(p)));
+        }
+        self.forwarders = kept;
+        info!(
+            services = services.len(),
+            "service set changed; declaring it again"
+        );
+        self.list.send_replace(services);
     }
 }
 
@@ -684,6 +747,29 @@ mod tests {
         );
         let empty: serde_json::Value = serde_json::from_slice(&declaration(&[])).unwrap();
         assert_eq!(empty, serde_json::json!({"services": []}));
+    }
+
+    #[test]
+    fn a_changed_set_restarts_only_changed_forwarders() {
+        let a = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n\
+             [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:8081\"\n");
+        let b = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n\
+             [[service]]\nname = \"c\"\nlocal = \"127.0.0.1:9000\"\nport = 8081\n");
+        let old = plan(&a.services, &a.addresses);
+        let new = plan(&b.services, &b.addresses);
+        assert_eq!(old.len(), 4, "two services on two overlay addresses");
+        let (stop, start) = forwarder_diff(&old, &new);
+        // `a` is untouched; `b`'s two listeners stop, `c` starts two on the same port.
+        let stopped: Vec<&str> = stop.iter().map(|&i| old[i].service.as_str()).collect();
+        assert_eq!(stopped, ["b", "b"]);
+        assert_eq!(start.len(), 2);
+        assert!(start
+            .iter()
+            .all(|p| p.service == "c" && p.listen.port() == 8081));
+        let (stop, start) = forwarder_diff(&new, &new);
+        assert!(stop.is_empty() && start.is_empty());
+        let (stop, start) = forwarder_diff(&old, &[]);
+        assert_eq!((stop.len(), start.len()), (4, 0));
     }
 
     #[test]
