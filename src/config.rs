@@ -225,6 +225,14 @@ pub const DEFAULT_HUB_KEEPALIVE: u16 = 4;
 pub const DEFAULT_NODE_KEEPALIVE: u16 = 15;
 pub const DEFAULT_DEAD_AFTER: u16 = 8;
 
+/// A TUN interface name: 1 to 15 characters of letters, digits, `-`, `_`, `.`.
+pub fn interface_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 struct Ctx<'a> {
     path: &'a str,
 }
@@ -306,12 +314,7 @@ impl Ctx<'_> {
         default: &str,
     ) -> Result<String, ConfigError> {
         let n = name.unwrap_or_else(|| default.to_string());
-        if n.is_empty()
-            || n.len() > 15
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if !interface_name_ok(&n) {
             return Err(self.err(format!(
                 "[{section}] interface `{n}`: 1 to 15 characters of letters, digits, `-`, `_`, `.`"
             )));

@@ -139,7 +139,10 @@ check "state moved from the start (join and service)" eval '[ "$v_before" != "$s
 TOKEN2=$(ctl token create --names other --ttl 10m 2>/dev/null)
 d2="$GW_TMP/n2-etc"
 mkdir -p "$d2"
-must "n2 joins with its own token" lab_exec n2 "$GATEWIRE" node join "$TOKEN2" --config "$d2/node.toml" --name n2
+check "a bad --interface is refused before the token is spent" \
+    not lab_exec n2 "$GATEWIRE" node join "$TOKEN2" --config "$d2/node.toml" --interface 'bad/if'
+must "n2 joins with its own token (interface gwj0)" \
+    lab_exec n2 "$GATEWIRE" node join "$TOKEN2" --config "$d2/node.toml" --name n2 --interface gwj0
 cat >>"$d2/node.toml" <<EOF
 
 [[service]]
@@ -151,7 +154,7 @@ name = "blog"
 local = "127.0.0.1:8080"
 EOF
 lab_bg n2 n2 env NO_COLOR=1 RUST_LOG=info "$GATEWIRE" node --config "$d2/node.toml"
-must "n2 brought up gwn0" wait_for 10 iface_up n2 gwn0
+must "n2 brought up gwj0" wait_for 10 iface_up n2 gwj0
 K2=$(ctl --json peers | jq -r '.[] | select(.name == "n2") | .public_key')
 N2OV=$(ctl --json peers | jq -r '.[] | select(.name == "n2") | .allowed_ips[0]' | cut -d/ -f1)
 must "n2 logs the hub's refusal of blog, naming the owner" \

@@ -43,6 +43,10 @@ pub struct JoinArgs {
     /// The node's name on the hub (shown by `gatewire show` and the API).
     #[arg(long)]
     pub name: Option<String>,
+    /// The node's TUN interface (default gwn0); give each node process on
+    /// one machine its own, e.g. when joining a second hub.
+    #[arg(long)]
+    pub interface: Option<String>,
     /// Start the node with the written config once joined.
     #[arg(long)]
     pub run: bool,
@@ -218,13 +222,22 @@ fn list(v: &[IpNet]) -> String {
 
 /// The node config for `e`. `key_file` is written as given (relative paths
 /// are relative to the config file); `hub_name` names the hub.
-pub fn render_config(e: &Enrolment, key_file: &str, hub_name: &str, token_id: &str) -> String {
+pub fn render_config(
+    e: &Enrolment,
+    key_file: &str,
+    hub_name: &str,
+    token_id: &str,
+    interface: Option<&str>,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Written by `gatewire node join` (token {token_id}).");
     let _ = writeln!(s, "# Reference: docs/config.md.");
     let _ = writeln!(s);
     let _ = writeln!(s, "[node]");
     let _ = writeln!(s, "private_key_file = {}", q(key_file));
+    if let Some(i) = interface {
+        let _ = writeln!(s, "interface = {}", q(i));
+    }
     let _ = writeln!(s, "addresses = {}", list(&e.addresses));
     let _ = writeln!(s);
     let _ = writeln!(s, "[[hub]]");
@@ -383,6 +396,14 @@ fn check_writable(dir: &Path) -> Result<(), JoinError> {
 /// Joins the hub that `args.token` names and writes the config.
 pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
     let tok = JoinToken::decode(token)?;
+    // Checked before the token is spent on the hub.
+    if let Some(i) = &args.interface {
+        if !crate::config::interface_name_ok(i) {
+            return Err(local(format!(
+                "--interface `{i}`: 1 to 15 characters of letters, digits, `-`, `_`, `.`"
+            )));
+        }
+    }
     let config = absolute(&args.config)?;
     let config_dir = config
         .parent()
@@ -427,7 +448,13 @@ pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let text = render_config(&enrolment, &key_ref, &hub_name, &tok.id);
+    let text = render_config(
+        &enrolment,
+        &key_ref,
+        &hub_name,
+        &tok.id,
+        args.interface.as_deref(),
+    );
     let mut key_text = zeroize::Zeroizing::new(key.expose_base64());
     key_text.push('\n');
     crate::control::pin::write_atomic(&key_file, key_text.as_bytes(), 0o600)
@@ -548,7 +575,7 @@ mod tests {
         // The host prefix took the hub network's; the /48 stayed.
         assert_eq!(e.addresses[0].to_string(), "100.64.1.2/10");
         assert_eq!(e.addresses[1].to_string(), "fd77:6777:1::2/48");
-        let text = render_config(&e, "node.key", "hub.example.org", "0123456789abcdef");
+        let text = render_config(&e, "node.key", "hub.example.org", "0123456789abcdef", None);
         let d = tmpdir("cfg");
         let key = PrivateKey::generate();
         std::fs::write(d.join("node.key"), key.expose_base64()).unwrap();
@@ -612,8 +639,9 @@ mod tests {
         assert_eq!(e.warnings.len(), 1);
         let e = bad(&|j| j.node_api = None).unwrap();
         assert!(e.node_api.is_none());
-        let text = render_config(&e, "/var/lib/k", "h", "0123456789abcdef");
+        let text = render_config(&e, "/var/lib/k", "h", "0123456789abcdef", Some("gwn1"));
         assert!(!text.contains("control"), "{text}");
+        assert!(text.contains("\ninterface = \"gwn1\"\n"), "{text}");
     }
 
     #[tokio::test]
@@ -675,6 +703,7 @@ mod tests {
             config: d.join("etc/node.toml"),
             key_file: None,
             name: Some("n1".into()),
+            interface: None,
             run: false,
             force: false,
         };
