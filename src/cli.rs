@@ -313,6 +313,7 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
             xlat: None,
             nat64: None,
             xlat_via_pool6: Vec::new(),
+            xlat_icmp_rate: 0,
         })
         .await?;
         let api = ApiServer::start(dev.inner.clone()).await?;

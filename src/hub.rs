@@ -212,6 +212,7 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
             .as_ref()
             .map(|x| x.via_pool6.clone())
             .unwrap_or_default(),
+        xlat_icmp_rate: cfg.xlat.as_ref().map_or(0, |x| x.icmp_error_rate),
     }
 }
 

@@ -195,6 +195,7 @@ async fn run_inner(
         xlat: None,
         nat64: None,
         xlat_via_pool6: Vec::new(),
+        xlat_icmp_rate: 0,
     })
     .await?;
     let api = ApiServer::start(dev.inner.clone()).await?;

@@ -9,7 +9,10 @@
 # pub: the hub's kernel takes one, the translator sees 1) and Time Exceeded
 # from n1 acting as an IPv6 router (TTL 3, towards 198.51.100.11 <->
 # fd77:6777:1::1, a prefix n1 routes onward), translated to ICMPv4 11/0.
-# The hub counts what the translator dropped in show --json .xlat_drops.
+# The errors the translator generates are rate limited (icmp_error_rate = 10:
+# a burst of 200 expiring pings gets at most 10 per second back, the rest
+# counted as icmp_error_rate_limited). The hub counts what the translator
+# dropped in show --json .xlat_drops.
 # timeout: 240
 set -euo pipefail
 export GW_TEST_NAME=81-siit
@@ -40,6 +43,7 @@ eam = [
     { ipv4 = "$EAM4_ROUTED/32", ipv6 = "$ROUTED6/128" },
 ]
 self_ipv4 = "$SELF4"
+icmp_error_rate = 10
 CONF
 # The hub's stack forwards between wan0 and the TUN; the translator's own
 # error source (198.51.100.1) is not routed anywhere, so no strict rp_filter.
@@ -119,9 +123,21 @@ check "TTL 2: Time Exceeded from the translator ($SELF4)" ttl_from 2 "$SELF4" "$
 # fd77:6777::1:1, translated to ICMPv4 11/0 from its EAM address
 check "TTL 3: n1's ICMPv6 Time Exceeded comes back as ICMPv4 from $EAM4" ttl_from 3 "$EAM4" "$EAM4_ROUTED"
 
+# Generated errors are rate limited (icmp_error_rate = 10 per second): a burst
+# of 200 expiring pings gets at most 10 back for each second it touches.
+t0=$(now_ms)
+burst=$(lab_exec pub ping -n -c 200 -i 0.002 -W 1 -t 2 "$EAM4_ROUTED" 2>&1 || true)
+secs=$((($(now_ms) - t0 + 999) / 1000 + 1))
+n_te=$(grep -c 'Time to live exceeded' <<<"$burst" || true)
+lab_log "burst of 200 TTL-2 pings over at most $secs s windows: $n_te Time Exceeded back"
+check "rate limit: some Time Exceeded come back ($n_te)" test "$n_te" -ge 1
+check "rate limit: at most 10 per second come back ($n_te <= 10 x $secs)" test "$n_te" -le $((10 * secs))
+
 gw_show_json hub >"$GW_TMP/show.json" || true
 check "show --json: xlat_drops.ttl_expired counted" \
-    jq -e '[.interfaces[] | .xlat_drops.ttl_expired // 0] | add >= 1' "$GW_TMP/show.json"
+    jq -e '[.interfaces[] | .xlat_drops.ttl_expired // 0] | add >= 200' "$GW_TMP/show.json"
+check "show --json: errors over the rate counted as icmp_error_rate_limited" \
+    jq -e '[.interfaces[] | .xlat_drops.icmp_error_rate_limited // 0] | add >= 150' "$GW_TMP/show.json"
 
 for p in hub n1; do
     check "$p still running" lab_alive "$p"

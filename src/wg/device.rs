@@ -247,6 +247,8 @@ pub struct DeviceConfig {
     /// IPv4 destinations, besides the EAM ranges, that the translator takes
     /// from the TUN and maps through pool6.
     pub xlat_via_pool6: Vec<ipnet::Ipv4Net>,
+    /// Most ICMP errors the translator generates per second (0: none).
+    pub xlat_icmp_rate: u32,
 }
 
 /// One peer: its `Tunn`, endpoint and counters.
@@ -603,10 +605,14 @@ impl Device {
             drops: DropCounters::default(),
             handshakes: AtomicU64::new(0),
             start: Instant::now(),
-            xlat: cfg
-                .xlat
-                .clone()
-                .map(|c| XlatPath::new(c, cfg.nat64.clone(), cfg.xlat_via_pool6.clone())),
+            xlat: cfg.xlat.clone().map(|c| {
+                XlatPath::new(
+                    c,
+                    cfg.nat64.clone(),
+                    cfg.xlat_via_pool6.clone(),
+                    cfg.xlat_icmp_rate,
+                )
+            }),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {

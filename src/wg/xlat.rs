@@ -33,15 +33,24 @@ pub struct XlatPath {
     /// IPv4 destinations (besides EAM ranges) translated through pool6.
     via_pool6: Vec<ipnet::Ipv4Net>,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// Generated ICMP errors allowed per second; the ones over it are dropped.
+    budget: Mutex<xlat::budget::ErrorBudget>,
+    rate_limited: AtomicU64,
 }
+
+/// The drop counter name of generated ICMP errors over the rate limit.
+pub const RATE_LIMITED: &str = "icmp_error_rate_limited";
 
 impl XlatPath {
     pub fn new(
         cfg: Arc<xlat::Config>,
         nat64: Option<nat64::Settings>,
         via_pool6: Vec<ipnet::Ipv4Net>,
+        icmp_error_rate: u32,
     ) -> Self {
         XlatPath {
+            budget: Mutex::new(xlat::budget::ErrorBudget::new(icmp_error_rate)),
+            rate_limited: AtomicU64::new(0),
             via_pool6,
             pool4: nat64.as_ref().map(|n| n.pool4.octets()),
             nat: nat64.map(|n| Mutex::new(nat64::Table::new(n))),
@@ -64,20 +73,35 @@ impl XlatPath {
         }
     }
 
-    fn done(&self, o: Outcome) -> Option<Outcome> {
+    /// Counts `o`, and holds a generated ICMP error to the rate limit: over
+    /// it, the error is not sent (the packet that caused it is dropped and
+    /// counted under its reason either way).
+    fn done(&self, o: Outcome, now: u64) -> Option<Outcome> {
         self.count(&o);
+        if let Outcome::Reply { cause, .. } = &o {
+            if !self.budget.lock().allow(now) {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return Some(Outcome::Drop(*cause));
+            }
+        }
         Some(o)
     }
 
-    /// Drop counters by reason (only reasons seen at least once).
+    /// Drop counters by reason (only reasons seen at least once), and
+    /// [`RATE_LIMITED`]: generated ICMP errors not sent.
     pub fn drops(&self) -> BTreeMap<String, u64> {
-        DropReason::ALL
+        let mut m: BTreeMap<String, u64> = DropReason::ALL
             .iter()
             .filter_map(|r| {
                 let n = self.drops.get(r.index())?.load(Ordering::Relaxed);
                 (n > 0).then(|| (r.as_str().to_string(), n))
             })
-            .collect()
+            .collect();
+        let n = self.rate_limited.load(Ordering::Relaxed);
+        if n > 0 {
+            m.insert(RATE_LIMITED.to_string(), n);
+        }
+        m
     }
 
     /// NAT64 sessions and bindings, if NAT64 is on.
@@ -120,9 +144,9 @@ impl XlatPath {
                 }
                 let o = xlat::translate_4to6(&self.cfg, pkt, out);
                 if !to_pool4 {
-                    return self.done(o);
+                    return self.done(o, now);
                 }
-                self.done(self.nat_inbound(o, out, now))
+                self.done(self.nat_inbound(o, out, now), now)
             }
             Some(6) => {
                 let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
@@ -133,7 +157,7 @@ impl XlatPath {
                 if !self.in_pool6(&dst) && !eam() {
                     return None;
                 }
-                self.done(self.six_to_four(pkt, out, now))
+                self.done(self.six_to_four(pkt, out, now), now)
             }
             _ => None,
         }
@@ -197,7 +221,7 @@ impl XlatPath {
         if !self.in_pool6(&dst) && xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_none() {
             return None;
         }
-        self.done(self.six_to_four(pkt, out, now))
+        self.done(self.six_to_four(pkt, out, now), now)
     }
 
     /// IPv6 → IPv4, through NAT64 when the source has no stateless mapping.
@@ -289,4 +313,81 @@ pub fn add_routes(iface: &str, x: Option<&xlat::settings::XlatSettings>) -> anyh
         tracing::info!(?routes, "xlat routes added");
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    /// An IPv6 UDP packet from 64:ff9b::198.51.100.2 to 64:ff9b::192.0.2.1
+    /// with hop limit `hop`.
+    fn udp6(hop: u8) -> Vec<u8> {
+        let src: Ipv6Addr = "64:ff9b::c633:6402".parse().unwrap();
+        let dst: Ipv6Addr = "64:ff9b::c000:201".parse().unwrap();
+        let payload = b"ping";
+        let ulen = 8 + payload.len();
+        let mut p = vec![0x60, 0, 0, 0, 0, ulen as u8, 17, hop];
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, ulen as u8, 0, 0]);
+        p.extend_from_slice(payload);
+        let acc = xlat::csum::add(
+            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, ulen as u32),
+            xlat::csum::sum(&p[40..]),
+        );
+        let c = xlat::csum::finish(acc).to_be_bytes();
+        p[46] = c[0];
+        p[47] = c[1];
+        p
+    }
+
+    fn path(rate: u32) -> XlatPath {
+        let cfg = xlat::Config {
+            self_v4: Some("198.51.100.1".parse().unwrap()),
+            self_v6: Some("fd77:6777::1".parse().unwrap()),
+            ..xlat::Config::default()
+        };
+        XlatPath::new(Arc::new(cfg), None, Vec::new(), rate)
+    }
+
+    #[test]
+    fn generated_errors_are_rate_limited_per_second() {
+        let x = path(2);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let expired = udp6(1);
+        let kinds = |x: &XlatPath, now: u64, out: &mut [u8]| -> Vec<&'static str> {
+            (0..5)
+                .map(|_| match x.on_peer(&expired, out, now) {
+                    Some(Outcome::Reply { .. }) => "reply",
+                    Some(Outcome::Drop(_)) => "drop",
+                    Some(_) => "other",
+                    None => "none",
+                })
+                .collect()
+        };
+        assert_eq!(
+            kinds(&x, 100, &mut out),
+            ["reply", "reply", "drop", "drop", "drop"]
+        );
+        assert_eq!(x.drops().get(RATE_LIMITED), Some(&3));
+        // Every expired packet is counted under its own reason too.
+        let expired_count: u64 = x
+            .drops()
+            .iter()
+            .filter(|(k, _)| k.as_str() != RATE_LIMITED)
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(expired_count, 5);
+        // The next second sends again; forwarded packets are never limited.
+        assert_eq!(kinds(&x, 101, &mut out)[..2], ["reply", "reply"]);
+        assert!(matches!(
+            x.on_peer(&udp6(64), &mut out, 101),
+            Some(Outcome::Forward(_))
+        ));
+        // 0: no generated errors at all.
+        let off = path(0);
+        assert_eq!(kinds(&off, 100, &mut out), ["drop"; 5]);
+    }
 }

@@ -36,6 +36,7 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 pub mod addr;
+pub mod budget;
 mod buf;
 pub mod csum;
 pub mod gso;

@@ -24,6 +24,7 @@ pub struct RawXlat {
     ipv4_mtu: Option<u16>,
     ipv6_mtu: Option<u16>,
     amend_udp_checksum_zero: Option<bool>,
+    icmp_error_rate: Option<u32>,
     routes: Option<bool>,
     #[serde(default)]
     ipv4_via_pool6: Vec<String>,
@@ -56,6 +57,8 @@ pub struct XlatSettings {
     pub via_pool6: Vec<Ipv4Net>,
     /// Routes to put on the hub's TUN (empty when `routes = false`).
     pub routes: Vec<IpNet>,
+    /// Most ICMP errors the translator generates per second (0: none).
+    pub icmp_error_rate: u32,
 }
 
 fn v4net(key: &str, s: &str) -> Result<Ipv4Net, String> {
@@ -169,6 +172,14 @@ pub fn validate(
         ));
     }
     cfg.amend_udp_checksum_zero = raw.amend_udp_checksum_zero.unwrap_or(false);
+    let icmp_error_rate = raw
+        .icmp_error_rate
+        .unwrap_or(super::budget::DEFAULT_PER_SECOND);
+    if icmp_error_rate > 1_000_000 {
+        return Err(format!(
+            "[xlat] icmp_error_rate {icmp_error_rate}: at most 1000000 per second (0 sends none)"
+        ));
+    }
     let nat64 = match raw.nat64 {
         None => None,
         Some(n) => {
@@ -231,6 +242,7 @@ pub fn validate(
         via_pool6,
         nat64,
         routes,
+        icmp_error_rate,
     })
 }
 
@@ -259,6 +271,11 @@ mod tests {
         assert_eq!(x.config.ipv6_mtu, 1420);
         assert_eq!(x.routes, vec!["64:ff9b::/96".parse::<IpNet>().unwrap()]);
         assert!(x.nat64.is_none());
+        assert_eq!(x.icmp_error_rate, 100);
+        assert_eq!(parse("icmp_error_rate = 0").unwrap().icmp_error_rate, 0);
+        assert!(parse("icmp_error_rate = 2000000")
+            .unwrap_err()
+            .contains("icmp_error_rate"));
     }
 
     #[test]
