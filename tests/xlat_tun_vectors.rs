@@ -67,7 +67,9 @@ fn xlat_section(settings: &str) -> String {
             _ => panic!("unknown setting {k}"),
         }
     }
-    let mut s = String::from("[xlat]\nroutes = false\n");
+    // The cases assume Jool: no MSS clamping, every generated error sent.
+    let mut s =
+        String::from("[xlat]\nroutes = false\nmss_clamp = false\nicmp_error_rate = 1000000\n");
     match &pool6 {
         Some(p) => {
             s += &format!("pool6 = \"{p}\"\n");

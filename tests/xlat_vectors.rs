@@ -48,6 +48,8 @@ fn default_config() -> Config {
         ipv4_mtu: 1500,
         ipv6_mtu: 1500,
         id_salt: 0x5eed,
+        // Jool does not clamp the MSS; the cases expect SYNs untouched.
+        mss_clamp: false,
     }
 }
 

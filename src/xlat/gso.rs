@@ -177,10 +177,12 @@ pub fn plan(cfg: &Config, frame: &[u8]) -> Option<Plan> {
 }
 
 /// Length of the TCP header at `pkt[off..]`, when it is whole within `end`
-/// and some payload follows it.
+/// and some payload follows it. A SYN is left to the per-packet path (which
+/// clamps its MSS); the kernel never makes one a super-packet anyway.
 fn tcp_header_len(pkt: &[u8], off: usize, end: usize) -> Option<usize> {
     let thl = usize::from(u8at(pkt, off + 12).ok()? >> 4) * 4;
-    (thl >= 20 && off + thl < end).then_some(thl)
+    let syn = u8at(pkt, off + 13).ok()? & 0x02 != 0;
+    (thl >= 20 && off + thl < end && !syn).then_some(thl)
 }
 
 /// The partial checksum at `pkt[off + 16]` updated for the pseudo-header

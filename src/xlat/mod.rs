@@ -93,6 +93,11 @@ pub struct Config {
     /// Key of the hash that derives IPv4 identification values; set it from a
     /// random source at startup.
     pub id_salt: u32,
+    /// Lower the MSS option of translated TCP SYNs to what fits the other
+    /// side's MTU (`ipv6_mtu` − 60 towards IPv6, `ipv4_mtu` − 40 towards
+    /// IPv4), so TCP works even where ICMP errors are filtered. Not part of
+    /// RFC 7915; on by default.
+    pub mss_clamp: bool,
 }
 
 impl Default for Config {
@@ -111,6 +116,7 @@ impl Default for Config {
             ipv4_mtu: 1500,
             ipv6_mtu: 1500,
             id_salt: 0,
+            mss_clamp: true,
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct RawXlat {
     ipv6_mtu: Option<u16>,
     amend_udp_checksum_zero: Option<bool>,
     icmp_error_rate: Option<u32>,
+    mss_clamp: Option<bool>,
     routes: Option<bool>,
     #[serde(default)]
     ipv4_via_pool6: Vec<String>,
@@ -172,6 +173,7 @@ pub fn validate(
         ));
     }
     cfg.amend_udp_checksum_zero = raw.amend_udp_checksum_zero.unwrap_or(false);
+    cfg.mss_clamp = raw.mss_clamp.unwrap_or(true);
     let icmp_error_rate = raw
         .icmp_error_rate
         .unwrap_or(super::budget::DEFAULT_PER_SECOND);

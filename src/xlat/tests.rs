@@ -628,3 +628,179 @@ fn hairpinning_translates_twice() {
         o => panic!("{o:?}"),
     }
 }
+
+/// A TCP header with `flags` and the options `opts` (padded to 4 bytes).
+fn tcp_with_options(flags: u8, opts: &[u8]) -> Vec<u8> {
+    let mut o = opts.to_vec();
+    while !o.len().is_multiple_of(4) {
+        o.push(1); // NOP
+    }
+    let doff = (20 + o.len()) / 4;
+    let mut t = vec![0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0];
+    t.push((doff as u8) << 4);
+    t.push(flags);
+    t.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&o);
+    t
+}
+
+const SYN: u8 = 0x02;
+/// MSS 1460, SACK permitted, window scale 7 (as Linux sends them, no timestamps).
+const SYN_OPTS: [u8; 12] = [2, 4, 0x05, 0xb4, 1, 1, 4, 2, 1, 3, 3, 7];
+
+fn mss_of(tcp: &[u8]) -> Option<u16> {
+    super::v4_to_v6::tcp_syn_mss(tcp).map(|(_, v)| v)
+}
+
+/// Whether the TCP checksum of an IPv6 packet verifies.
+fn tcp6_ok(p: &[u8]) -> bool {
+    let src: [u8; 16] = p[8..24].try_into().unwrap();
+    let dst: [u8; 16] = p[24..40].try_into().unwrap();
+    csum::verify(
+        csum::pseudo_v6(&src, &dst, 6, (p.len() - 40) as u32),
+        &p[40..],
+    )
+}
+
+fn tcp4_ok(p: &[u8]) -> bool {
+    let src: [u8; 4] = p[12..16].try_into().unwrap();
+    let dst: [u8; 4] = p[16..20].try_into().unwrap();
+    csum::verify(
+        csum::pseudo_v4(&src, &dst, 6, (p.len() - 20) as u32),
+        &p[20..],
+    )
+}
+
+#[test]
+fn syn_mss_is_clamped_to_the_ipv6_mtu() {
+    let c = Config {
+        ipv6_mtu: 1420,
+        ..cfg()
+    };
+    let mut p = ipv4(
+        [203, 0, 113, 5],
+        [192, 0, 2, 9],
+        6,
+        64,
+        1,
+        0x4000,
+        0,
+        &tcp_with_options(SYN, &SYN_OPTS),
+    );
+    fix_l4_v4(&mut p);
+    let mut out = vec![0u8; OUT];
+    let q = single(translate_4to6(&c, &p, &mut out), &out);
+    assert_eq!(mss_of(&q[40..]), Some(1360), "1420 - 40 - 20");
+    assert!(tcp6_ok(&q), "checksum follows the MSS change");
+    // The other options are untouched.
+    assert_eq!(&q[40 + 24..40 + 32], &SYN_OPTS[4..]);
+    // Off: untouched.
+    let off = Config {
+        mss_clamp: false,
+        ..c.clone()
+    };
+    let q = single(translate_4to6(&off, &p, &mut out), &out);
+    assert_eq!(mss_of(&q[40..]), Some(1460));
+    assert!(tcp6_ok(&q));
+    // Already small enough, or not a SYN: untouched.
+    let small = [2, 4, 0x04, 0x00];
+    let mut p2 = ipv4(
+        [203, 0, 113, 5],
+        [192, 0, 2, 9],
+        6,
+        64,
+        1,
+        0x4000,
+        0,
+        &tcp_with_options(SYN, &small),
+    );
+    fix_l4_v4(&mut p2);
+    let q = single(translate_4to6(&c, &p2, &mut out), &out);
+    assert_eq!(mss_of(&q[40..]), Some(1024));
+    let mut ack = ipv4(
+        [203, 0, 113, 5],
+        [192, 0, 2, 9],
+        6,
+        64,
+        1,
+        0x4000,
+        0,
+        &tcp_with_options(0x10, &SYN_OPTS),
+    );
+    fix_l4_v4(&mut ack);
+    let q = single(translate_4to6(&c, &ack, &mut out), &out);
+    assert_eq!(
+        &q[40 + 20..40 + 24],
+        &SYN_OPTS[..4],
+        "MSS bytes of a non-SYN stay"
+    );
+    // A wrong checksum stays wrong.
+    let mut bad = p.clone();
+    bad[20 + 16] ^= 0x55;
+    let q = single(translate_4to6(&c, &bad, &mut out), &out);
+    assert_eq!(mss_of(&q[40..]), Some(1360));
+    assert!(!tcp6_ok(&q));
+}
+
+#[test]
+fn syn_mss_is_clamped_to_the_ipv4_mtu() {
+    let c = Config {
+        ipv4_mtu: 1400,
+        ..cfg()
+    };
+    let src: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+    let dst: Ipv6Addr = "64:ff9b::cb00:7105".parse().unwrap();
+    let mut opts = SYN_OPTS;
+    opts[2..4].copy_from_slice(&1440u16.to_be_bytes());
+    let mut tcp = tcp_with_options(SYN | 0x10, &opts);
+    let acc = csum::add(
+        csum::pseudo_v6(&src.octets(), &dst.octets(), 6, tcp.len() as u32),
+        csum::sum(&tcp),
+    );
+    tcp[16..18].copy_from_slice(&csum::finish(acc).to_be_bytes());
+    let p = ipv6(src, dst, 6, 64, &tcp);
+    let mut out = vec![0u8; OUT];
+    let q = single(translate_6to4(&c, &p, &mut out), &out);
+    assert_eq!(mss_of(&q[20..]), Some(1360), "1400 - 20 - 20");
+    assert!(tcp4_ok(&q));
+}
+
+#[test]
+fn syn_mss_option_walk() {
+    // MSS after NOPs and another option; none at all; malformed lengths.
+    let t = tcp_with_options(SYN, &[1, 1, 4, 2, 2, 4, 0x05, 0x78]);
+    assert_eq!(super::v4_to_v6::tcp_syn_mss(&t), Some((26, 1400)));
+    assert_eq!(mss_of(&tcp_with_options(SYN, &[4, 2])), None);
+    assert_eq!(
+        mss_of(&tcp_with_options(SYN, &[3, 0, 2, 4, 5, 0])),
+        None,
+        "length 0"
+    );
+    assert_eq!(
+        mss_of(&tcp_with_options(SYN, &[0, 0, 2, 4, 5, 0])),
+        None,
+        "end of options first"
+    );
+    assert_eq!(
+        mss_of(&tcp_with_options(SYN, &[1, 1, 2, 4])),
+        None,
+        "cut short by the data offset"
+    );
+    let mut t = tcp_with_options(SYN, &SYN_OPTS);
+    t[12] = 0xf0; // data offset 60 > header
+    assert_eq!(mss_of(&t), None);
+    t[12] = 0x30; // data offset 12 < 20
+    assert_eq!(mss_of(&t), None);
+}
+
+proptest! {
+    /// Any bytes: the option walk never panics, and a value it finds lies
+    /// inside the header the data offset gives.
+    #[test]
+    fn syn_mss_never_panics(t in prop::collection::vec(any::<u8>(), 0..80)) {
+        if let Some((off, _)) = super::v4_to_v6::tcp_syn_mss(&t) {
+            let doff = usize::from(t[12] >> 4) * 4;
+            prop_assert!(off + 2 <= doff && off >= 22);
+        }
+    }
+}

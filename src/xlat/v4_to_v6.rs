@@ -116,6 +116,15 @@ pub(super) struct Patch {
 }
 
 impl Patch {
+    /// The value of the edit at `off`, if there is one.
+    fn edit_mut(&mut self, off: usize) -> Option<&mut u16> {
+        self.edits
+            .get_mut(..self.n)?
+            .iter_mut()
+            .find(|(o, _)| *o == off)
+            .map(|(_, v)| v)
+    }
+
     pub fn add_edit(&mut self, off: usize, v: u16) {
         if let Some(e) = self.edits.get_mut(self.n) {
             *e = (off, v);
@@ -133,6 +142,54 @@ impl Patch {
         }
         Ok(())
     }
+}
+
+/// The MSS option of a TCP SYN (`tcp` is the TCP header onward): its value's
+/// offset in `tcp` and the value. `None` for anything else or when the
+/// options are malformed.
+pub(super) fn tcp_syn_mss(tcp: &[u8]) -> Option<(usize, u16)> {
+    if tcp.get(13)? & 0x02 == 0 {
+        return None;
+    }
+    let doff = usize::from(tcp.get(12)? >> 4) * 4;
+    let opts = tcp.get(20..doff)?;
+    let mut i = 0;
+    while let Some(&kind) = opts.get(i) {
+        match kind {
+            0 => return None,
+            1 => i += 1,
+            _ => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let v = u16::from_be_bytes([*opts.get(i + 2)?, *opts.get(i + 3)?]);
+                    return Some((20 + i + 2, v));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// Lowers the MSS of a TCP SYN to `max` (the other side's MTU less the IP and
+/// TCP headers) so the connection never sends segments that would not fit
+/// after translation; the checksum edit takes the change along (so a wrong
+/// checksum stays wrong). Needs the checksum edit at offset 16 in `patch`.
+pub(super) fn clamp_mss(patch: &mut Patch, tcp: &[u8], max: u16) {
+    let Some((off, mss)) = tcp_syn_mss(tcp) else {
+        return;
+    };
+    if mss <= max {
+        return;
+    }
+    let Some(c) = patch.edit_mut(16) else {
+        return;
+    };
+    *c = csum::update(*c, u32::from(mss), u32::from(max));
+    patch.add_edit(off, max);
 }
 
 /// Protocol numbers that exist only in IPv6 and must not be passed through.
@@ -291,6 +348,10 @@ pub(super) fn translate(
                 &dst6,
                 false,
             )?;
+            if h.proto == 6 && cfg.mss_clamp {
+                // IPv6 header (40) and TCP header (20) out of the IPv6 MTU.
+                clamp_mss(&mut patch, payload, cfg.ipv6_mtu.max(1280) - 60);
+            }
         }
     }
 

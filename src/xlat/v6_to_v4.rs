@@ -325,7 +325,7 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
             return Err(DropReason::FragmentedIcmp);
         }
         let patch = if h.first() {
-            l4_patch(
+            let mut p = l4_patch(
                 h.proto,
                 payload,
                 payload.len(),
@@ -334,7 +334,12 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
                 &src4,
                 &dst4,
                 false,
-            )?
+            )?;
+            if h.proto == 6 && cfg.mss_clamp {
+                // IPv4 header (20) and TCP header (20) out of the IPv4 MTU.
+                super::v4_to_v6::clamp_mss(&mut p, payload, cfg.ipv4_mtu.max(576) - 40);
+            }
+            p
         } else {
             Patch::default()
         };
