@@ -188,7 +188,7 @@ impl ProxyRaw {
 }
 
 /// A hub as a node sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeHub {
     pub name: Option<String>,
     pub public_key: PublicKey,

@@ -232,7 +232,8 @@ pub async fn run_watching(
     run_inner(cfg, Some(path), shutdown).await
 }
 
-fn file_stamp(path: &Path) -> Option<Vec<u8>> {
+/// What the config watchers compare to notice a changed file (its bytes).
+pub(crate) fn file_stamp(path: &Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 

@@ -125,10 +125,16 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
     if old.dead_after != new.dead_after {
         out.push("dead_after");
     }
-    if format!("{:?}", old.hubs) != format!("{:?}", new.hubs) {
+    if old.hubs != new.hubs {
         out.push("[[hub]]");
     }
-    if format!("{:?}", old.yggdrasil) != format!("{:?}", new.yggdrasil) {
+    // `Debug` masks the private key: compare its public half as well.
+    let ygg = |c: &NodeConfig| {
+        c.yggdrasil
+            .as_ref()
+            .map(|y| (y.private_key.public_key(), format!("{y:?}")))
+    };
+    if ygg(old) != ygg(new) {
         out.push("[yggdrasil]");
     }
     out
@@ -214,14 +220,15 @@ async fn run_inner(
         "node ready"
     );
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut stamp = path.as_deref().and_then(|p| std::fs::read(p).ok());
+    let stamp_of = |p: &Option<std::path::PathBuf>| p.as_deref().and_then(crate::hub::file_stamp);
+    let mut stamp = stamp_of(&path);
     let mut poll = tokio::time::interval(crate::hub::CONFIG_POLL);
     tokio::pin!(shutdown);
     loop {
         let why = tokio::select! {
             _ = &mut shutdown => break,
             _ = poll.tick(), if path.is_some() => {
-                let now = path.as_deref().and_then(|p| std::fs::read(p).ok());
+                let now = stamp_of(&path);
                 if now.is_none() || now == stamp {
                     continue;
                 }
@@ -229,7 +236,7 @@ async fn run_inner(
                 "config file changed"
             }
             Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                stamp = path.as_deref().and_then(|p| std::fs::read(p).ok());
+                stamp = stamp_of(&path);
                 "SIGHUP"
             }
         };
@@ -287,6 +294,9 @@ mod tests {
         assert_eq!(needs_restart(&base, &parse("mtu = 1280\n", hub)), ["mtu"]);
         let other_hub = hub.replace("h.example:1", "h.example:2");
         assert_eq!(needs_restart(&base, &parse("", &other_hub)), ["[[hub]]"]);
+        // A key change is seen although `Debug` masks keys.
+        let psk = format!("{hub}preshared_key = \"{k}\"\n");
+        assert_eq!(needs_restart(&base, &parse("", &psk)), ["[[hub]]"]);
     }
 
     #[test]

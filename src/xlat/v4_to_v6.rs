@@ -153,25 +153,9 @@ pub(super) fn tcp_syn_mss(tcp: &[u8]) -> Option<(usize, u16)> {
     }
     let doff = usize::from(tcp.get(12)? >> 4) * 4;
     let opts = tcp.get(20..doff)?;
-    let mut i = 0;
-    while let Some(&kind) = opts.get(i) {
-        match kind {
-            0 => return None,
-            1 => i += 1,
-            _ => {
-                let len = usize::from(*opts.get(i + 1)?);
-                if len < 2 {
-                    return None;
-                }
-                if kind == 2 && len == 4 {
-                    let v = u16::from_be_bytes([*opts.get(i + 2)?, *opts.get(i + 3)?]);
-                    return Some((20 + i + 2, v));
-                }
-                i += len;
-            }
-        }
-    }
-    None
+    let i = find_option(opts, |kind, len, _| Some(kind == 2 && len == 4))?;
+    let v = u16::from_be_bytes([*opts.get(i + 2)?, *opts.get(i + 3)?]);
+    Some((20 + i + 2, v))
 }
 
 /// Lowers the MSS of a TCP SYN to `max` (the other side's MTU less the IP and
@@ -444,6 +428,17 @@ fn unexpired_source_route(opts: &[u8]) -> bool {
 
 /// Offset of the first unexpired LSRR/SSRR option.
 fn source_route_at(opts: &[u8]) -> Option<usize> {
+    find_option(opts, |kind, len, o| {
+        Some((kind == 131 || kind == 137) && usize::from(*o.get(2)?) <= len)
+    })
+}
+
+/// Walks IPv4 or TCP options (kind, length, value; kind 0 ends the list, 1
+/// is a one-byte pad) to the first option for which `want(kind, len, rest)`
+/// holds, `rest` starting at that option; returns its offset. A malformed
+/// length, or `want` giving `None` (bytes it needs are missing), ends the
+/// walk with `None`.
+fn find_option(opts: &[u8], want: impl Fn(u8, usize, &[u8]) -> Option<bool>) -> Option<usize> {
     let mut i = 0usize;
     while let Some(&kind) = opts.get(i) {
         match kind {
@@ -454,11 +449,8 @@ fn source_route_at(opts: &[u8]) -> Option<usize> {
                 if len < 2 {
                     return None;
                 }
-                if kind == 131 || kind == 137 {
-                    let ptr = usize::from(*opts.get(i + 2)?);
-                    if ptr <= len {
-                        return Some(i);
-                    }
+                if want(kind, len, opts.get(i..)?)? {
+                    return Some(i);
                 }
                 i += len;
             }
