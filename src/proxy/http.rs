@@ -7,7 +7,7 @@ use crate::proxy::names::DomainName;
 use crate::proxy::server::{Route, Shared};
 use crate::proxy::settings::TlsMode;
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::{Lease, Pooled, UpstreamError};
+use crate::proxy::upstream::{Held, Lease, Pooled, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -34,6 +34,51 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The route chosen by SNI on TLS connections.
     pub sni_route: Option<Arc<Route>>,
+    /// HTTP/1.1 client connections (one request at a time) keep the backend
+    /// connection of their last request here for their next one.
+    held: Option<parking_lot::Mutex<Option<Held>>>,
+}
+
+impl ConnInfo {
+    /// `sequential`: the client connection is HTTP/1.1, so its requests come
+    /// one after another and may keep a backend connection between them.
+    pub fn new(
+        client: SocketAddr,
+        tls: bool,
+        sni_route: Option<Arc<Route>>,
+        sequential: bool,
+    ) -> Self {
+        ConnInfo {
+            client,
+            tls,
+            sni_route,
+            held: sequential.then(|| parking_lot::Mutex::new(None)),
+        }
+    }
+
+    fn take_held(&self) -> Option<Held> {
+        self.held.as_ref().and_then(|h| h.lock().take())
+    }
+
+    /// Holds `h` for the next request, or gives it to the pool.
+    fn keep(&self, h: Held) {
+        match &self.held {
+            Some(slot) => {
+                if let Some(old) = slot.lock().replace(h) {
+                    old.release();
+                }
+            }
+            None => h.release(),
+        }
+    }
+}
+
+impl Drop for ConnInfo {
+    fn drop(&mut self) {
+        if let Some(h) = self.take_held() {
+            h.release();
+        }
+    }
 }
 
 /// Counts DATA bytes of a streamed body into `bytes_in` or `bytes_out`.
@@ -139,14 +184,14 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers (the fixed list and those named in `Connection`).
@@ -361,17 +406,13 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    parts.uri = match pq.parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return Ok(text(StatusCode::BAD_REQUEST, "400 bad request: target"));
-        }
-    };
+    parts.uri = http::Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
     parts.version = Version::HTTP_11;
     let breq = Request::from_parts(parts, counted(body, c.clone(), true, None));
 
@@ -384,11 +425,18 @@ pub async fn handle(
         ));
     };
     let plan = route.upstreams.plan(Some(conn.client.ip()));
-    let mut pooled = if upgrade.is_none() {
-        route.upstreams.take_idle(&plan)
-    } else {
-        None
-    };
+    let mut pooled = None;
+    if upgrade.is_none() {
+        if let Some(h) = conn.take_held() {
+            match route.upstreams.reuse_held(&plan, h) {
+                Ok(x) => pooled = Some(x),
+                Err(h) => h.release(),
+            }
+        }
+        if pooled.is_none() {
+            pooled = route.upstreams.take_idle(&plan);
+        }
+    }
     let mut breq = breq;
     let (resp, sender, backend, lease) = loop {
         let from_pool = pooled.is_some();
@@ -466,17 +514,11 @@ pub async fn handle(
         }
     };
     let mut resp = resp;
-    let mut sender = sender;
     route.upstreams.note_ok(backend.addr);
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
-        // Back to the pool once the response body has been read to its end.
-        let up = route.upstreams.clone();
-        let addr = backend.addr;
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                up.put_idle(addr, sender);
-            }
-        });
+        // Reused once the response body has been read to its end: by this
+        // client's next request, or from the pool.
+        conn.keep(route.upstreams.hold(backend.addr, sender));
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut hold = Some((lease, slot));

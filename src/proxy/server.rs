@@ -714,11 +714,7 @@ async fn accept_loop(
         let fut = async move {
             match kind {
                 Kind::Http => {
-                    let info = Arc::new(ConnInfo {
-                        client: peer,
-                        tls: false,
-                        sni_route: None,
-                    });
+                    let info = Arc::new(ConnInfo::new(peer, false, None, true));
                     serve_http(shared, sock, info, false, retired).await;
                 }
                 Kind::Https => serve_tls(shared, sock, peer, retired).await,
@@ -972,11 +968,7 @@ async fn serve_tls(
                     }
                 };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let info = Arc::new(ConnInfo {
-                client: peer,
-                tls: true,
-                sni_route: Some(route),
-            });
+            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2));
             serve_http(shared, tls, info, h2, stop).await;
         }
     }

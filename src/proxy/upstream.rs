@@ -73,6 +73,39 @@ const POOL_AGE: Duration = Duration::from_secs(15);
 /// response timeout, a fresh connect fails over after the connect timeout.
 const POOL_RECENT_MS: u64 = 1000;
 
+/// A backend keep-alive connection held by one HTTP/1.1 client connection
+/// between its requests: the next request on that client connection reuses it
+/// without going through the shared pool (no lock, no task to watch it).
+pub struct Held {
+    up: Arc<Upstreams>,
+    addr: SocketAddr,
+    sender: Pooled,
+    at_ms: u64,
+}
+
+impl Held {
+    /// Gives the connection to its backend's shared pool: at once when it is
+    /// idle, else from a task once its response has been read to the end.
+    pub fn release(self) {
+        let Held {
+            up, addr, sender, ..
+        } = self;
+        if sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            up.put_idle(addr, sender);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let mut sender = sender;
+            rt.spawn(async move {
+                if sender.ready().await.is_ok() {
+                    up.put_idle(addr, sender);
+                }
+            });
+        }
+    }
+}
+
 /// A route's (or forward's) backends.
 pub struct Upstreams {
     states: Vec<State>,
@@ -277,6 +310,47 @@ impl Upstreams {
             }
         }
         None
+    }
+
+    /// A connection that just carried a request to `addr`, to be held by the
+    /// client connection that sent it until that client's next request.
+    pub fn hold(self: &Arc<Self>, addr: SocketAddr, sender: Pooled) -> Held {
+        Held {
+            up: self.clone(),
+            addr,
+            sender,
+            at_ms: self.now_ms(),
+        }
+    }
+
+    /// Reuses `held` for the next request of the same client connection when it
+    /// goes where `plan` would send the request anyway (same route generation,
+    /// same first backend), is fresh and is idle; gives it back otherwise.
+    pub fn reuse_held(
+        self: &Arc<Self>,
+        plan: &[usize],
+        held: Held,
+    ) -> Result<(Pooled, Backend, Lease), Held> {
+        let Some(&i) = plan.first() else {
+            return Err(held);
+        };
+        let Some(s) = self.states.get(i) else {
+            return Err(held);
+        };
+        let now = self.now_ms();
+        let last = s.last_ok_ms.load(Relaxed);
+        let fresh = now.saturating_sub(held.at_ms) < POOL_AGE.as_millis() as u64
+            && last != 0
+            && now.saturating_sub(last) <= POOL_RECENT_MS;
+        if !Arc::ptr_eq(&held.up, self)
+            || s.backend.addr != held.addr
+            || !fresh
+            || held.sender.is_closed()
+            || !held.sender.is_ready()
+        {
+            return Err(held);
+        }
+        Ok((held.sender, s.backend, self.lease(i)))
     }
 
     /// Keeps an idle keep-alive connection to `addr` for reuse.
