@@ -63,12 +63,12 @@ impl ConnInfo {
     /// Holds `h` for the next request, or gives it to the pool.
     fn keep(&self, h: Held) {
         match &self.held {
-            Some(slot) => {
+            Some(slot) if h.may_keep() => {
                 if let Some(old) = slot.lock().replace(h) {
                     old.release();
                 }
             }
-            None => h.release(),
+            _ => h.release(),
         }
     }
 }

@@ -56,6 +56,8 @@ struct State {
     active: AtomicUsize,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
+    /// Connections held by client connections between their requests.
+    held: AtomicUsize,
     /// When the backend last answered a request (ms since `Upstreams::epoch`).
     last_ok_ms: AtomicU64,
 }
@@ -81,15 +83,42 @@ pub struct Held {
     addr: SocketAddr,
     sender: Pooled,
     at_ms: u64,
+    slot: Option<HeldSlot>,
+}
+
+/// One of a backend's held connections (at most `POOL_MAX` per backend, so idle
+/// client connections cannot pin an unbounded number of backend connections).
+struct HeldSlot {
+    up: Arc<Upstreams>,
+    index: usize,
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        if let Some(s) = self.up.states.get(self.index) {
+            s.held.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl Held {
+    /// True when the client connection may keep it (the backend's held
+    /// connections are under their bound).
+    pub fn may_keep(&self) -> bool {
+        self.slot.is_some()
+    }
+
     /// Gives the connection to its backend's shared pool: at once when it is
     /// idle, else from a task once its response has been read to the end.
     pub fn release(self) {
         let Held {
-            up, addr, sender, ..
+            up,
+            addr,
+            sender,
+            slot,
+            ..
         } = self;
+        drop(slot);
         if sender.is_closed() {
             return;
         }
@@ -164,6 +193,7 @@ impl Upstreams {
                     checks_failed: AtomicU64::new(0),
                     active: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
+                    held: AtomicUsize::new(0),
                     last_ok_ms: AtomicU64::new(0),
                 })
                 .collect(),
@@ -315,11 +345,27 @@ impl Upstreams {
     /// A connection that just carried a request to `addr`, to be held by the
     /// client connection that sent it until that client's next request.
     pub fn hold(self: &Arc<Self>, addr: SocketAddr, sender: Pooled) -> Held {
+        let slot = self
+            .states
+            .iter()
+            .position(|s| s.backend.addr == addr)
+            .and_then(|index| {
+                let s = self.states.get(index)?;
+                if s.held.fetch_add(1, Relaxed) >= POOL_MAX {
+                    s.held.fetch_sub(1, Relaxed);
+                    return None;
+                }
+                Some(HeldSlot {
+                    up: self.clone(),
+                    index,
+                })
+            });
         Held {
             up: self.clone(),
             addr,
             sender,
             at_ms: self.now_ms(),
+            slot,
         }
     }
 
@@ -350,7 +396,9 @@ impl Upstreams {
         {
             return Err(held);
         }
-        Ok((held.sender, s.backend, self.lease(i)))
+        let Held { sender, slot, .. } = held;
+        drop(slot);
+        Ok((sender, s.backend, self.lease(i)))
     }
 
     /// Keeps an idle keep-alive connection to `addr` for reuse.
@@ -697,4 +745,105 @@ impl BackendTlsClient {
 /// True if the backend speaks TLS.
 pub fn is_tls(b: &Backend) -> bool {
     b.scheme == Scheme::Https
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::proxy::http::ProxyBody;
+    use crate::proxy::settings::Scheme;
+    use hyper_util::rt::TokioIo;
+
+    fn ups(ports: &[u16]) -> Arc<Upstreams> {
+        let backends: Vec<Backend> = ports
+            .iter()
+            .map(|p| Backend {
+                scheme: Scheme::Http,
+                addr: SocketAddr::from(([192, 0, 2, 1], *p)),
+            })
+            .collect();
+        Arc::new(Upstreams::new(
+            &backends,
+            &Balance::default(),
+            &Limits::default(),
+            None,
+        ))
+    }
+
+    /// An HTTP/1.1 client connection over an in-memory pipe (the far end
+    /// stays open and silent).
+    async fn sender() -> (Pooled, tokio::io::DuplexStream) {
+        let (a, b) = tokio::io::duplex(4096);
+        let (s, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(a))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut s = s;
+        s.ready().await.unwrap();
+        (s, b)
+    }
+
+    #[tokio::test]
+    async fn held_connection_is_reused_only_where_the_plan_goes() {
+        let up = ups(&[80, 81]);
+        let a0 = SocketAddr::from(([192, 0, 2, 1], 80));
+        let (s, _far) = sender().await;
+        // The backend never answered: not reused (a dead node's connection
+        // would wait for the response timeout).
+        let h = up.hold(a0, s);
+        assert!(h.may_keep());
+        assert_eq!(up.states[0].held.load(Relaxed), 1);
+        let h = up.reuse_held(&[0, 1], h).err().unwrap();
+        up.note_ok(a0);
+        // Another backend first in the plan: given back.
+        let h = up.reuse_held(&[1, 0], h).err().unwrap();
+        // Another generation of the route: given back.
+        let other = ups(&[80, 81]);
+        other.note_ok(a0);
+        let h = other.reuse_held(&[0, 1], h).err().unwrap();
+        // Same route, same backend, idle: reused, and counted as a connection.
+        let (s, b, _lease) = up.reuse_held(&[0, 1], h).ok().unwrap();
+        assert_eq!(b.addr, a0);
+        assert_eq!(up.health()[0].active_connections, 1);
+        assert_eq!(up.states[0].held.load(Relaxed), 0);
+        // Released while idle: straight into the pool, taken from there.
+        up.hold(a0, s).release();
+        assert!(up.take_idle(&[0]).is_some());
+    }
+
+    #[tokio::test]
+    async fn closed_held_connection_is_dropped() {
+        let up = ups(&[80]);
+        let a0 = SocketAddr::from(([192, 0, 2, 1], 80));
+        up.note_ok(a0);
+        let (s, far) = sender().await;
+        drop(far);
+        // Let the connection task see the close.
+        for _ in 0..100 {
+            if s.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(s.is_closed());
+        let h = up.hold(a0, s);
+        let h = up.reuse_held(&[0], h).err().unwrap();
+        h.release();
+        assert!(up.take_idle(&[0]).is_none());
+        assert_eq!(up.states[0].held.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn held_connections_are_bounded_per_backend() {
+        let up = ups(&[80]);
+        let a0 = SocketAddr::from(([192, 0, 2, 1], 80));
+        up.states[0].held.store(POOL_MAX, Relaxed);
+        let (s, _far) = sender().await;
+        let h = up.hold(a0, s);
+        assert!(!h.may_keep());
+        drop(h);
+        assert_eq!(up.states[0].held.load(Relaxed), POOL_MAX);
+    }
 }
