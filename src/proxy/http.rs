@@ -5,6 +5,7 @@
 use crate::proxy::io::splice;
 use crate::proxy::names::DomainName;
 use crate::proxy::server::{Route, Shared};
+use crate::proxy::settings::Backend;
 use crate::proxy::settings::TlsMode;
 use crate::proxy::stats::{Counters, ErrorKind};
 use crate::proxy::upstream::{Held, Lease, Pooled, UpstreamError};
@@ -34,14 +35,19 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The route chosen by SNI on TLS connections.
     pub sni_route: Option<Arc<Route>>,
-    /// HTTP/1.1 client connections (one request at a time) keep the backend
-    /// connection of their last request here for their next one.
-    held: Option<parking_lot::Mutex<Option<Held>>>,
+    /// Backend connections of this client connection's finished requests,
+    /// kept for its next ones (newest last, at most `held_max`).
+    held: parking_lot::Mutex<Vec<Held>>,
+    held_max: usize,
 }
 
+/// Backend connections an HTTP/2 client connection keeps between its
+/// requests (one per stream it runs at once, up to this many).
+const H2_HELD: usize = 32;
+
 impl ConnInfo {
-    /// `sequential`: the client connection is HTTP/1.1, so its requests come
-    /// one after another and may keep a backend connection between them.
+    /// `sequential`: the client connection is HTTP/1.1 (one request at a time,
+    /// so one backend connection kept); HTTP/2 keeps up to `H2_HELD`.
     pub fn new(
         client: SocketAddr,
         tls: bool,
@@ -52,30 +58,44 @@ impl ConnInfo {
             client,
             tls,
             sni_route,
-            held: sequential.then(|| parking_lot::Mutex::new(None)),
+            held: parking_lot::Mutex::new(Vec::new()),
+            held_max: if sequential { 1 } else { H2_HELD },
         }
     }
 
-    fn take_held(&self) -> Option<Held> {
-        self.held.as_ref().and_then(|h| h.lock().take())
+    /// A kept backend connection that can carry a request planned as `plan`
+    /// on `route` (newest first).
+    fn reuse(&self, route: &Route, plan: &[usize]) -> Option<(Pooled, Backend, Lease)> {
+        let mut held = self.held.lock();
+        let i = held.iter().rposition(|h| route.upstreams.fits(plan, h))?;
+        let h = held.swap_remove(i);
+        drop(held);
+        route.upstreams.reuse_held(plan, h).ok()
     }
 
-    /// Holds `h` for the next request, or gives it to the pool.
+    /// Keeps `h` for a later request, or gives it to the pool.
     fn keep(&self, h: Held) {
-        match &self.held {
-            Some(slot) if h.may_keep() => {
-                if let Some(old) = slot.lock().replace(h) {
-                    old.release();
-                }
-            }
-            _ => h.release(),
+        if !h.may_keep() {
+            h.release();
+            return;
+        }
+        let mut held = self.held.lock();
+        held.push(h);
+        let out = if held.len() > self.held_max {
+            Some(held.remove(0))
+        } else {
+            None
+        };
+        drop(held);
+        if let Some(old) = out {
+            old.release();
         }
     }
 }
 
 impl Drop for ConnInfo {
     fn drop(&mut self) {
-        if let Some(h) = self.take_held() {
+        for h in std::mem::take(self.held.get_mut()) {
             h.release();
         }
     }
@@ -427,15 +447,9 @@ pub async fn handle(
     let plan = route.upstreams.plan(Some(conn.client.ip()));
     let mut pooled = None;
     if upgrade.is_none() {
-        if let Some(h) = conn.take_held() {
-            match route.upstreams.reuse_held(&plan, h) {
-                Ok(x) => pooled = Some(x),
-                Err(h) => h.release(),
-            }
-        }
-        if pooled.is_none() {
-            pooled = route.upstreams.take_idle(&plan);
-        }
+        pooled = conn
+            .reuse(&route, &plan)
+            .or_else(|| route.upstreams.take_idle(&plan));
     }
     let mut breq = breq;
     let (resp, sender, backend, lease) = loop {

@@ -380,25 +380,33 @@ impl Upstreams {
         let Some(&i) = plan.first() else {
             return Err(held);
         };
+        if !self.fits(plan, &held) {
+            return Err(held);
+        }
         let Some(s) = self.states.get(i) else {
             return Err(held);
+        };
+        let Held { sender, slot, .. } = held;
+        drop(slot);
+        Ok((sender, s.backend, self.lease(i)))
+    }
+
+    /// Whether `held` can carry a request planned as `plan` now (see
+    /// `reuse_held`).
+    pub fn fits(self: &Arc<Self>, plan: &[usize], held: &Held) -> bool {
+        let Some(s) = plan.first().and_then(|&i| self.states.get(i)) else {
+            return false;
         };
         let now = self.now_ms();
         let last = s.last_ok_ms.load(Relaxed);
         let fresh = now.saturating_sub(held.at_ms) < POOL_AGE.as_millis() as u64
             && last != 0
             && now.saturating_sub(last) <= POOL_RECENT_MS;
-        if !Arc::ptr_eq(&held.up, self)
-            || s.backend.addr != held.addr
-            || !fresh
-            || held.sender.is_closed()
-            || !held.sender.is_ready()
-        {
-            return Err(held);
-        }
-        let Held { sender, slot, .. } = held;
-        drop(slot);
-        Ok((sender, s.backend, self.lease(i)))
+        Arc::ptr_eq(&held.up, self)
+            && s.backend.addr == held.addr
+            && fresh
+            && !held.sender.is_closed()
+            && held.sender.is_ready()
     }
 
     /// Keeps an idle keep-alive connection to `addr` for reuse.
