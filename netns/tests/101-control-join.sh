@@ -128,8 +128,8 @@ lab_exec n2 "$GATEWIRE" node join "$TOKEN1" --config "$GW_TMP/reuse/node.toml" >
 rc=$?
 set -e
 check "a second use of the token fails (exit $rc)" eval '[ $rc -ne 0 ]'
-check "the refusal says the token was already used (410)" \
-    eval 'grep -q "already used" "$GW_TMP/reuse.out" && grep -q 410 "$GW_TMP/reuse.out"'
+check "the refusal says the token was already used (410) and when (UTC)" \
+    eval 'grep -q "already used" "$GW_TMP/reuse.out" && grep -q 410 "$GW_TMP/reuse.out" && grep -Eq "at [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z" "$GW_TMP/reuse.out"'
 check "no config was written on the refused join" not test -e "$GW_TMP/reuse/node.toml"
 check "the refused join changed nothing on the hub" eval '[ "$(ctl --json status | jq -r .state_version)" = "$v_before" ]'
 check "still one peer" eval '[ "$(ctl --json peers | jq length)" = 1 ]'

@@ -637,9 +637,9 @@ impl State {
             return Err(invalid());
         }
         if let Some(by) = &t.used_by {
+            let at = t.used_at.map_or_else(|| "an unknown time".to_string(), utc);
             return Err(Error::gone(format!(
-                "the join token was already used (by {by} at {})",
-                t.used_at.unwrap_or(0)
+                "the join token was already used (by {by} at {at})"
             )));
         }
         if ctx.now >= t.expires {
@@ -981,6 +981,30 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
 /// anycast address), which `hosts()` includes for IPv6.
 fn is_subnet_anycast(pool: &IpNet, ip: IpAddr) -> bool {
     matches!(pool, IpNet::V6(_)) && ip == pool.network()
+}
+
+/// Unix seconds as an RFC 3339 UTC time (`2026-12-03T09:32:15Z`), for
+/// messages people read.
+pub fn utc(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar),
+    // counted in 400-year eras that start on March 1st.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub fn hex(b: &[u8]) -> String {

@@ -210,6 +210,11 @@ fn join_spends_the_token_once() {
     let err = s.join(&ctx(&e, 12), "a1", h, K2, None).unwrap_err();
     assert_eq!(err.status, 410);
     assert!(err.message.contains("already used"), "{err}");
+    assert!(
+        err.message
+            .contains(&format!("by {K1} at 1970-01-01T00:00:11Z")),
+        "{err}"
+    );
     let h2 = token(&mut s, "b2", &[], false, 20);
     let err = s.join(&ctx(&e, 20 + 3600), "b2", h2, K2, None).unwrap_err();
     assert_eq!(err.status, 410);
@@ -403,4 +408,12 @@ proptest! {
             for h in &ev.hosts { prop_assert!(!s.routes.contains_key(h)); }
         }
     }
+}
+
+#[test]
+fn utc_times() {
+    assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+    assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+    assert_eq!(utc(1_796_290_335), "2026-12-03T09:32:15Z");
+    assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
 }
