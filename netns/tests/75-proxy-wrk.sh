@@ -83,5 +83,13 @@ assert_eq "no errors counted on the route" 0 "$errs"
 n=$(jq '.interfaces[0].proxy.routes[] | select(.route == "name:web") | .requests' <<<"$js")
 check "hub counted at least wrk's requests" [ "${n:-0}" -ge "${reqs:-1}" ]
 lab_log "wrk: $reqs requests in ${DUR}s, $(sed -n 's/^Requests\/sec: *//p' <<<"$out") req/s"
+# Backend connections are kept and reused (by the client connection that
+# opened them, then from the pool), not opened per request: tens of thousands
+# of requests leave about one backend socket per wrk connection on n1, in any
+# state (a connection per request would leave one TIME-WAIT socket each).
+bsocks=$(lab_sh n1 "ss -Htan 'sport = :8080' | grep -vc LISTEN" || true)
+lab_log "backend sockets on n1 after the run: ${bsocks:-?} (for $reqs requests)"
+check "backend connections were reused (1 to 128 sockets on n1, got ${bsocks:-none})" \
+    eval '[ "${bsocks:-0}" -ge 1 ] && [ "${bsocks:-0}" -le 128 ]'
 check "hub still running" lab_alive hub
 lab_finish
