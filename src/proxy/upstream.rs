@@ -75,9 +75,10 @@ const POOL_AGE: Duration = Duration::from_secs(15);
 /// response timeout, a fresh connect fails over after the connect timeout.
 const POOL_RECENT_MS: u64 = 1000;
 
-/// A backend keep-alive connection held by one HTTP/1.1 client connection
-/// between its requests: the next request on that client connection reuses it
-/// without going through the shared pool (no lock, no task to watch it).
+/// A backend keep-alive connection held by one client connection between its
+/// requests (HTTP/1.1: the last one; HTTP/2: one per finished stream): a later
+/// request on that client connection reuses it without going through the
+/// shared pool (no pool lock, no task to watch it).
 pub struct Held {
     up: Arc<Upstreams>,
     addr: SocketAddr,
