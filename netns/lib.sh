@@ -197,6 +197,16 @@ _lab_segment() {
     _lab_netns_add "$seg"
     ip -n "$(lab_ns "$seg")" link add br0 type bridge
     ip -n "$(lab_ns "$seg")" link set br0 up
+    # A segment is a plain switch: where the host has br_netfilter loaded (as
+    # container hosts do), bridged frames would otherwise run through the
+    # iptables hooks of the segment's namespace.
+    if [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+        local k
+        for k in iptables ip6tables arptables; do
+            ip netns exec "$(lab_ns "$seg")" sysctl -qw "net.bridge.bridge-nf-call-$k=0" ||
+                lab_die "cannot turn off bridge-nf-call-$k in segment $seg"
+        done
+    fi
 }
 
 # underlay addresses

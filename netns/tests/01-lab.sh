@@ -16,6 +16,14 @@ must "pub pings hub (v4)" lab_ping pub "$(lab_wan4 hub)"
 must "pub pings hub (v6)" lab_ping pub "$(lab_wan6 hub)"
 must "n1 pings hub through the NAT" lab_ping n1 "$(lab_wan4 hub)"
 check "hub cannot reach the LAN" lab_ping_fails hub "$(lab_lan4 n1)"
+# segments are plain switches: bridged frames skip the iptables hooks even on
+# a host with br_netfilter loaded
+bridge_nf_off() {
+    [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ] && return 0
+    [ "$(ip netns exec "$(lab_ns wan)" sysctl -n net.bridge.bridge-nf-call-iptables)" = 0 ] &&
+        [ "$(ip netns exec "$(lab_ns lan)" sysctl -n net.bridge.bridge-nf-call-ip6tables)" = 0 ]
+}
+check "the segments' bridges do not call iptables" bridge_nf_off
 
 # wireguard-go hub with kernel forwarding between its peers
 lab_exec hub sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
