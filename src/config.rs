@@ -107,6 +107,7 @@ struct RawNode {
     addresses: Vec<String>,
     mtu: Option<u16>,
     dead_after: Option<u16>,
+    routes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +212,9 @@ pub struct NodeConfig {
     pub addresses: Vec<IpNet>,
     pub mtu: u16,
     pub dead_after: u16,
+    /// Install kernel routes into the TUN for the hubs' allowed IPs that the
+    /// addresses' prefixes do not cover.
+    pub routes: bool,
     /// Empty only with `[yggdrasil]`: then the node runs no WireGuard device.
     pub hubs: Vec<NodeHub>,
     /// The supervised Yggdrasil daemon, if the file has `[yggdrasil]`.
@@ -528,6 +532,7 @@ impl NodeConfig {
             listen_port: raw.node.listen_port.unwrap_or(0),
             mtu: ctx.mtu("node", raw.node.mtu)?,
             dead_after,
+            routes: raw.node.routes.unwrap_or(true),
             private_key,
             addresses,
             hubs,
@@ -980,6 +985,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.hubs[0].persistent_keepalive, DEFAULT_NODE_KEEPALIVE);
         assert_eq!(c.dead_after, DEFAULT_DEAD_AFTER);
+        assert!(c.routes, "routes are installed unless turned off");
+        let off = NodeConfig::parse(
+            "n.toml",
+            &format!("{}routes = false\n[[hub]]\npublic_key = \"{P2}\"\nendpoint = \"hub.example:51820\"\nallowed_ips = [\"100.64.0.0/10\"]\n", base),
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(!off.routes);
     }
 
     const YGG_KEY: &str = "2fb6bcc83c6976e63c76f3286278c441af929b4902a0544cd6e1e401b2a5d3328988ec86fd70a116524ef24b11d0aed0ef374a69b1014ae93a82716a7fadca54";

@@ -125,6 +125,9 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
     if old.dead_after != new.dead_after {
         out.push("dead_after");
     }
+    if old.routes != new.routes {
+        out.push("routes");
+    }
     if old.hubs != new.hubs {
         out.push("[[hub]]");
     }
@@ -138,6 +141,29 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
         out.push("[yggdrasil]");
     }
     out
+}
+
+/// Routes the hubs' allowed IPs into the TUN, as wg-quick does, except those
+/// the node's own address prefixes already cover and default routes (which
+/// would also capture the tunnel's packets to its hubs; logged instead).
+fn add_routes(cfg: &NodeConfig, endpoints: &[std::net::IpAddr]) -> anyhow::Result<()> {
+    let plan = crate::wg::route::plan(
+        &cfg.addresses,
+        endpoints,
+        cfg.hubs.iter().flat_map(|h| h.allowed_ips.iter()),
+    );
+    for (net, why) in &plan.skipped {
+        warn!(route = %net, interface = %cfg.interface, "a hub's allowed_ips prefix gets no route: {why}");
+    }
+    for net in &plan.add {
+        crate::wg::route::replace(net, &cfg.interface)
+            .map_err(|e| anyhow::anyhow!("routing a hub's allowed_ips into the tunnel: {e}"))?;
+    }
+    if !plan.add.is_empty() {
+        let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
+        info!(?routes, interface = %cfg.interface, "routes added");
+    }
+    Ok(())
 }
 
 /// Runs the node until `shutdown` completes.
@@ -188,6 +214,10 @@ async fn run_inner(
             allowed_ips: h.allowed_ips.clone(),
         });
     }
+    let endpoints: Vec<_> = peers
+        .iter()
+        .filter_map(|p| p.endpoint.map(|e| e.ip()))
+        .collect();
     let dev = Device::start(DeviceConfig {
         name: cfg.interface.clone(),
         mode: Mode::Node,
@@ -204,6 +234,9 @@ async fn run_inner(
         xlat_icmp_rate: 0,
     })
     .await?;
+    if cfg.routes {
+        add_routes(&cfg, &endpoints)?;
+    }
     let api = ApiServer::start(dev.inner.clone()).await?;
     let sups: Vec<_> = cfg
         .hubs

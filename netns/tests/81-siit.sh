@@ -56,7 +56,9 @@ nconf=$(gw_node_conf n1 hub)
 sed -i 's|"fd77:6777::/48"\]|"fd77:6777::/48", "64:ff9b::/96"]|' "$nconf"
 grep -q '64:ff9b::/96' "$nconf" || lab_die "could not add pool6 to n1's allowed_ips"
 GW_CONF=$nconf gw_start_node n1 hub
-lab_exec n1 ip -6 route add 64:ff9b::/96 dev gwn0
+# the node routes its hub's allowed_ips beyond its own prefixes into the tunnel
+pool6_routed() { lab_exec n1 ip -6 route show 64:ff9b::/96 | grep -q "dev gwn0"; }
+must "n1 routes pool6 into the tunnel" wait_for 5 pool6_routed
 # (routed out of the LAN port: only the hop-limit check matters here)
 lab_exec n1 ip -6 route add fd77:6777:1::/64 dev lan0
 lab_exec n1 sysctl -qw net.ipv6.conf.all.forwarding=1 net.ipv6.icmp.ratelimit=0

@@ -34,10 +34,18 @@ lab_exec hub sysctl -qw net.ipv4.ip_forward=1
 GW_CONF=$conf gw_start_hub hub
 
 nconf=$(gw_node_conf n1 hub)
-sed -i 's|"fd77:6777::/48"\]|"fd77:6777::/48", "64:ff9b::/96"]|' "$nconf"
+# pool6 through the hub; and, by mistake, the wan prefix that holds the hub's
+# endpoint (routed into the tunnel, it would cut the node off)
+sed -i 's|"fd77:6777::/48"\]|"fd77:6777::/48", "64:ff9b::/96", "203.0.113.0/24"]|' "$nconf"
 grep -q '64:ff9b::/96' "$nconf" || lab_die "could not add pool6 to n1's allowed_ips"
 GW_CONF=$nconf gw_start_node n1 hub
-lab_exec n1 ip -6 route add 64:ff9b::/96 dev gwn0
+# the node routes its hub's allowed_ips beyond its own prefixes into the tunnel
+pool6_routed() { lab_exec n1 ip -6 route show 64:ff9b::/96 | grep -q "dev gwn0"; }
+must "n1 routes pool6 into the tunnel" wait_for 5 pool6_routed
+check "n1 does not route the prefix holding the hub's endpoint into the tunnel" \
+    not lab_sh n1 "ip route show 203.0.113.0/24 | grep -q gwn0"
+says_why() { grep "holds the hub endpoint 203.0.113.1" "$(lab_logfile n1)" | grep -q "route=203.0.113.0/24"; }
+check "n1 says why" says_why
 must "n1 reaches the hub" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
 
 # pub: IPv4-only servers; pool4 is routed to the hub

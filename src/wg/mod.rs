@@ -5,5 +5,6 @@ pub mod allowed_ips;
 pub mod api;
 pub mod device;
 pub mod packet;
+pub mod route;
 pub mod uapi;
 pub mod xlat;

@@ -297,16 +297,7 @@ pub fn add_routes(iface: &str, x: Option<&xlat::settings::XlatSettings>) -> anyh
         return Ok(());
     };
     for r in &x.routes {
-        let net = r.to_string();
-        let st = std::process::Command::new("ip")
-            .args(["route", "replace", &net, "dev", iface])
-            .status()
-            .map_err(|e| {
-                anyhow::anyhow!("xlat: running `ip route replace {net} dev {iface}`: {e}")
-            })?;
-        if !st.success() {
-            anyhow::bail!("xlat: `ip route replace {net} dev {iface}` failed ({st})");
-        }
+        crate::wg::route::replace(r, iface).map_err(|e| anyhow::anyhow!("xlat: {e}"))?;
     }
     if !x.routes.is_empty() {
         let routes: Vec<String> = x.routes.iter().map(|r| r.to_string()).collect();

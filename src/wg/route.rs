@@ -1,0 +1,171 @@
+//! Kernel routes into a device: which prefixes need one (a pure plan) and the
+//! iproute2 call that installs it. Routes through a TUN go away with it, so
+//! nothing here removes them.
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// The routes a device needs for the prefixes its peers own.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Prefixes to route into the device, normalised, without duplicates and
+    /// without any that another of them already covers.
+    pub add: Vec<IpNet>,
+    /// Prefixes asked for and not installed, with why.
+    pub skipped: Vec<(IpNet, Skip)>,
+}
+
+/// Why a prefix gets no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// A default route (`0.0.0.0/0`, `::/0`).
+    Default,
+    /// The prefix holds this hub endpoint: routed into the tunnel, the
+    /// tunnel's own packets to that hub would loop.
+    Endpoint(IpAddr),
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::Default => f.write_str(
+                "a default route would also capture the tunnel's own packets to its hubs",
+            ),
+            Skip::Endpoint(a) => write!(
+                f,
+                "it holds the hub endpoint {a}: the tunnel's own packets would loop"
+            ),
+        }
+    }
+}
+
+/// Plans the routes for `allowed` (the peers' allowed IPs) on a device whose
+/// own addresses are `addresses`: a prefix inside the network of one of the
+/// addresses is already on-link through the device and needs nothing. A
+/// prefix holding one of the hubs' `endpoints` is skipped.
+pub fn plan<'a>(
+    addresses: &[IpNet],
+    endpoints: &[IpAddr],
+    allowed: impl IntoIterator<Item = &'a IpNet>,
+) -> Plan {
+    let on_link: Vec<IpNet> = addresses.iter().map(IpNet::trunc).collect();
+    let mut want: Vec<IpNet> = Vec::new();
+    let mut skipped: Vec<(IpNet, Skip)> = Vec::new();
+    for net in allowed.into_iter().map(IpNet::trunc) {
+        let skip = if net.prefix_len() == 0 {
+            Some(Skip::Default)
+        } else {
+            endpoints
+                .iter()
+                .find(|e| net.contains(*e))
+                .map(|e| Skip::Endpoint(*e))
+        };
+        if let Some(why) = skip {
+            if !skipped.iter().any(|(n, _)| *n == net) {
+                skipped.push((net, why));
+            }
+            continue;
+        }
+        if on_link.iter().any(|l| l.contains(&net)) {
+            continue;
+        }
+        want.push(net);
+    }
+    want.sort();
+    want.dedup();
+    let add = want
+        .iter()
+        .filter(|n| !want.iter().any(|o| o != *n && o.contains(*n)))
+        .copied()
+        .collect();
+    Plan { add, skipped }
+}
+
+/// `ip route replace NET dev IFACE`.
+pub fn replace(net: &IpNet, iface: &str) -> anyhow::Result<()> {
+    let net = net.to_string();
+    let st = std::process::Command::new("ip")
+        .args(["route", "replace", &net, "dev", iface])
+        .status()
+        .map_err(|e| anyhow::anyhow!("running `ip route replace {net} dev {iface}`: {e}"))?;
+    if !st.success() {
+        anyhow::bail!("`ip route replace {net} dev {iface}` failed ({st})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn on_link_prefixes_need_no_route() {
+        let addrs = nets(&["100.64.1.1/10", "fd77:6777::1:1/48"]);
+        let p = plan(
+            &addrs,
+            &[],
+            &nets(&["100.64.0.0/10", "fd77:6777::/48", "100.64.0.1/32"]),
+        );
+        assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn other_prefixes_are_routed_once_and_normalised() {
+        let addrs = nets(&["100.64.1.1/10", "fd77:6777::1:1/48"]);
+        let p = plan(
+            &addrs,
+            &["203.0.113.1".parse().unwrap()],
+            &nets(&[
+                "fd77:6777::/48",
+                "64:ff9b::/96",
+                "64:ff9b::c000:201/128",
+                "10.9.8.7/16",
+                "64:ff9b::/96",
+                "200::/7",
+            ]),
+        );
+        assert_eq!(p.add, nets(&["10.9.0.0/16", "64:ff9b::/96", "200::/7"]));
+        assert!(p.skipped.is_empty());
+    }
+
+    #[test]
+    fn default_routes_are_reported_not_planned() {
+        let p = plan(
+            &nets(&["100.64.1.1/10"]),
+            &[],
+            &nets(&["0.0.0.0/0", "::/0", "0.0.0.0/0"]),
+        );
+        assert!(p.add.is_empty());
+        let d: Vec<IpNet> = p.skipped.iter().map(|(n, _)| *n).collect();
+        assert_eq!(d, nets(&["0.0.0.0/0", "::/0"]));
+        assert!(p.skipped.iter().all(|(_, w)| *w == Skip::Default));
+    }
+
+    #[test]
+    fn a_prefix_holding_a_hub_endpoint_is_not_routed() {
+        let hub: IpAddr = "2001:db8:1::1".parse().unwrap();
+        let p = plan(
+            &nets(&["100.64.1.1/10"]),
+            &["203.0.113.1".parse().unwrap(), hub],
+            &nets(&["2001:db8:1::/64", "2001:db8:2::/64"]),
+        );
+        assert_eq!(p.add, nets(&["2001:db8:2::/64"]));
+        assert_eq!(
+            p.skipped,
+            vec![("2001:db8:1::/64".parse().unwrap(), Skip::Endpoint(hub))]
+        );
+        assert!(p.skipped[0].1.to_string().contains("2001:db8:1::1"));
+    }
+
+    #[test]
+    fn a_wider_prefix_than_the_address_is_routed() {
+        // The address's /24 does not cover the hub's /10.
+        let p = plan(&nets(&["100.64.1.1/24"]), &[], &nets(&["100.64.0.0/10"]));
+        assert_eq!(p.add, nets(&["100.64.0.0/10"]));
+    }
+}
