@@ -51,5 +51,6 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(t.sessions() <= 8);
         assert!(t.bindings() <= t.sessions());
+        assert!(t.fragment_flows() <= gatewire::xlat::nat64::MAX_FRAG_FLOWS);
     }
 });

@@ -77,6 +77,27 @@ udp_ok() {
     [ "$r" = "udp-$MARK" ]
 }
 check "UDP echo through NAT64" wait_for 10 udp_ok
+
+# A 4000-byte datagram each way: n1 sends IPv6 fragments, pub answers with
+# IPv4 fragments; the later fragments (no ports) follow their first.
+udp_frag_ok() {
+    lab_exec n1 python3 -c '
+import os, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((sys.argv[1], 7000))
+data = os.urandom(4000)
+for _ in range(3):
+    s.send(data)
+    try:
+        if s.recv(8192) == data:
+            sys.exit(0)
+    except socket.timeout:
+        pass
+sys.exit(1)
+' "$PUB64"
+}
+check "fragmented UDP (4000 bytes) echoed through NAT64 both ways" udp_frag_ok
 check "ping $PUB64 (ICMPv6 echo through NAT64)" lab_ping n1 "$PUB64"
 
 port_unreach() {

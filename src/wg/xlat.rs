@@ -265,18 +265,21 @@ impl XlatPath {
         let (Some(nat), Some(pool6)) = (&self.nat, &self.cfg.pool6) else {
             return Outcome::Drop(DropReason::Untranslatable);
         };
-        // Later fragments carry no port: only whole packets (or a first
-        // fragment alone) can be mapped.
-        if p.len() != 1 {
-            return Outcome::Drop(DropReason::Fragment);
+        // One IPv4 packet may have become several IPv6 fragments: the first
+        // finds the session, the later ones the mapping it left.
+        let mut nat = nat.lock();
+        let mut start = 0usize;
+        for &len in p.lens() {
+            let end = start.saturating_add(len as usize);
+            let Some(piece) = out.get_mut(start..end) else {
+                return Outcome::Drop(DropReason::OutputTooSmall);
+            };
+            if let Err(e) = nat.inbound(piece, pool6, now) {
+                return Outcome::Drop(e);
+            }
+            start = end;
         }
-        let Some(first) = out.get_mut(..p.total_len()) else {
-            return Outcome::Drop(DropReason::OutputTooSmall);
-        };
-        match nat.lock().inbound(first, pool6, now) {
-            Ok(()) => Outcome::Forward(p),
-            Err(e) => Outcome::Drop(e),
-        }
+        Outcome::Forward(p)
     }
 }
 

@@ -148,7 +148,8 @@ pub enum DropReason {
     FragmentedIcmp,
     /// Extension header after the IPv6 Fragment header.
     ExtensionAfterFragment,
-    /// Other fragment problem (too many pieces, ...).
+    /// Other fragment problem (too many pieces; for NAT64, a later fragment
+    /// whose first was not seen or whose mapping expired).
     Fragment,
     /// Routing header with Segments Left != 0, or an unexpired IPv4 source route.
     SourceRoute,

@@ -23,8 +23,13 @@
 //! `now` in seconds from an arbitrary origin. Its size is bounded
 //! ([`Settings::max_sessions`]); when full, new sessions are refused with
 //! [`DropReason::Nat64TableFull`] after expired ones are swept.
-//! Fragments other than the first cannot be mapped (they carry no port) and
-//! are dropped with [`DropReason::Fragment`].
+//! Fragments other than the first carry no port: the mapping a first
+//! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
+//! protocol and fragment identification, and the later fragments of that
+//! datagram get the same address (RFC 6146 §3.4 tracks fragments the same
+//! way). A later fragment that arrives before its first, or after the
+//! mapping expired, is dropped with [`DropReason::Fragment`]; at most
+//! [`MAX_FRAG_FLOWS`] datagrams are tracked at once.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use super::buf;
@@ -41,6 +46,11 @@ pub const TCP_EST_TIMEOUT: u64 = 2 * 3600 + 4 * 60;
 pub const TCP_TRANS_TIMEOUT: u64 = 4 * 60;
 /// RFC 6146 §4: ICMP query session lifetime (seconds).
 pub const ICMP_TIMEOUT: u64 = 60;
+/// How long a first fragment's mapping serves the later fragments of its
+/// datagram (seconds; RFC 6146's FRAGMENT_MIN is 2, `now` counts whole seconds).
+pub const FRAG_TIMEOUT: u64 = 5;
+/// Most fragmented datagrams tracked at once.
+pub const MAX_FRAG_FLOWS: usize = 4096;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -113,6 +123,25 @@ struct SessKey {
     rport: u16,
 }
 
+/// A fragmented datagram in flight, as its fragments name it (the addresses
+/// as they reach the table, before rewriting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FragKey {
+    outbound: bool,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    id: u32,
+}
+
+/// The address the first fragment was rewritten to (source outbound,
+/// destination inbound).
+#[derive(Debug, Clone, Copy)]
+struct FragFlow {
+    addr: [u8; 16],
+    expires: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bib {
     v6: V6Key,
@@ -157,6 +186,7 @@ pub struct Table {
     bib6: HashMap<V6Key, u16>,
     bib4: HashMap<V4Key, Bib>,
     sessions: HashMap<SessKey, Session>,
+    frags: HashMap<FragKey, FragFlow>,
     cursor: [u16; 3],
     next_sweep: u64,
 }
@@ -167,17 +197,35 @@ struct L4 {
     off: usize,
     /// ICMPv6 type (0 for TCP/UDP).
     icmp_type: u8,
+    /// The fragment identification when the packet is a first fragment.
+    frag_id: Option<u32>,
 }
 
-/// Finds the transport header of an IPv6 packet, skipping Hop-by-Hop, Routing
-/// and Destination Options headers. A first fragment is accepted (its ports
-/// are there); any other fragment is not.
-fn find_l4(pkt: &[u8]) -> Result<(u8, usize), DropReason> {
+/// What an IPv6 packet holds for the table.
+enum Parsed {
+    /// A whole packet or a first fragment: its transport header.
+    L4(L4),
+    /// A later fragment: its upper-layer protocol and identification.
+    Later { proto: u8, id: u32 },
+}
+
+/// Headers found before the upper-layer data.
+struct Headers {
+    nh: u8,
+    off: usize,
+    /// Fragment identification and whether this is a later fragment.
+    frag: Option<(u32, bool)>,
+}
+
+/// Finds the upper-layer header of an IPv6 packet, skipping Hop-by-Hop,
+/// Routing and Destination Options headers and noting a Fragment header.
+fn find_l4(pkt: &[u8]) -> Result<Headers, DropReason> {
     if buf::u8at(pkt, 0)? >> 4 != 6 {
         return Err(DropReason::BadHeader);
     }
     let mut nh = buf::u8at(pkt, 6)?;
     let mut off = 40usize;
+    let mut frag = None;
     for _ in 0..8 {
         match nh {
             0 | 43 | 60 => {
@@ -187,48 +235,56 @@ fn find_l4(pkt: &[u8]) -> Result<(u8, usize), DropReason> {
                 off += len;
             }
             44 => {
-                let next = buf::u8at(pkt, off)?;
-                let frag = buf::u16at(pkt, off + 2)?;
-                if frag & 0xfff8 != 0 {
-                    return Err(DropReason::Fragment);
+                if frag.is_some() {
+                    // Two Fragment headers: not a packet any sender makes.
+                    return Err(DropReason::BadHeader);
                 }
+                let next = buf::u8at(pkt, off)?;
+                let offset = buf::u16at(pkt, off + 2)? & 0xfff8;
+                frag = Some((buf::u32at(pkt, off + 4)?, offset != 0));
                 nh = next;
                 off += 8;
             }
-            _ => return Ok((nh, off)),
+            _ => return Ok(Headers { nh, off, frag }),
         }
     }
     Err(DropReason::BadHeader)
 }
 
-fn classify(pkt: &[u8]) -> Result<L4, DropReason> {
-    let (nh, off) = find_l4(pkt)?;
-    match nh {
-        TCP => {
-            buf::get(pkt, off, 20)?;
-            Ok(L4 {
-                proto: Proto::Tcp,
-                off,
-                icmp_type: 0,
-            })
-        }
-        UDP => {
-            buf::get(pkt, off, 8)?;
-            Ok(L4 {
-                proto: Proto::Udp,
-                off,
-                icmp_type: 0,
-            })
-        }
-        ICMP6 => {
-            buf::get(pkt, off, 8)?;
-            Ok(L4 {
-                proto: Proto::Icmp,
-                off,
-                icmp_type: buf::u8at(pkt, off)?,
-            })
-        }
-        _ => Err(DropReason::UnsupportedProtocol),
+fn classify(pkt: &[u8]) -> Result<Parsed, DropReason> {
+    let h = find_l4(pkt)?;
+    let (nh, off) = (h.nh, h.off);
+    let frag_id = match h.frag {
+        Some((id, true)) => return Ok(Parsed::Later { proto: nh, id }),
+        Some((id, false)) => Some(id),
+        None => None,
+    };
+    let (proto, need) = match nh {
+        TCP => (Proto::Tcp, 20),
+        UDP => (Proto::Udp, 8),
+        ICMP6 => (Proto::Icmp, 8),
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    buf::get(pkt, off, need)?;
+    let icmp_type = if proto == Proto::Icmp {
+        buf::u8at(pkt, off)?
+    } else {
+        0
+    };
+    Ok(Parsed::L4(L4 {
+        proto,
+        off,
+        icmp_type,
+        frag_id,
+    }))
+}
+
+/// The protocol number of a table protocol, as a Fragment header names it.
+fn proto_number(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => TCP,
+        Proto::Udp => UDP,
+        Proto::Icmp => ICMP6,
     }
 }
 
@@ -282,6 +338,7 @@ impl Table {
             bib6: HashMap::new(),
             bib4: HashMap::new(),
             sessions: HashMap::new(),
+            frags: HashMap::new(),
             cursor: [min; 3],
             next_sweep: 0,
         }
@@ -301,6 +358,56 @@ impl Table {
         self.bib4.len()
     }
 
+    /// Fragmented datagrams whose first fragment's mapping is kept.
+    pub fn fragment_flows(&self) -> usize {
+        self.frags.len()
+    }
+
+    /// Keeps the address a first fragment was given, for the later fragments
+    /// of its datagram. When the bound is reached even after expired flows
+    /// are swept, the datagram is not tracked (its later fragments are then
+    /// dropped as unknown).
+    fn remember_fragment(&mut self, k: FragKey, addr: [u8; 16], now: u64) {
+        if self.frags.len() >= MAX_FRAG_FLOWS && !self.frags.contains_key(&k) {
+            self.frags.retain(|_, f| f.expires > now);
+            if self.frags.len() >= MAX_FRAG_FLOWS {
+                return;
+            }
+        }
+        self.frags.insert(
+            k,
+            FragFlow {
+                addr,
+                expires: now.saturating_add(FRAG_TIMEOUT),
+            },
+        );
+    }
+
+    /// A later fragment: gets the address its first fragment got (the source
+    /// outbound, the destination inbound), or is dropped.
+    fn later_fragment(
+        &mut self,
+        pkt: &mut [u8],
+        outbound: bool,
+        proto: u8,
+        id: u32,
+        now: u64,
+    ) -> Result<(), DropReason> {
+        let k = FragKey {
+            outbound,
+            proto,
+            src: buf::arr16(pkt, 8)?,
+            dst: buf::arr16(pkt, 24)?,
+            id,
+        };
+        let flow = self
+            .frags
+            .get(&k)
+            .filter(|f| f.expires > now)
+            .ok_or(DropReason::Fragment)?;
+        buf::put(pkt, if outbound { 8 } else { 24 }, &flow.addr)
+    }
+
     /// Removes every session that expired at or before `now`, and the BIB
     /// entries left without a session.
     pub fn expire(&mut self, now: u64) {
@@ -317,6 +424,7 @@ impl Table {
             }
             false
         });
+        self.frags.retain(|_, f| f.expires > now);
         let bib6 = &mut self.bib6;
         bib4.retain(|_, b| {
             if b.sessions == 0 {
@@ -495,7 +603,10 @@ impl Table {
     /// place. The caller then translates it with [`super::translate_6to4`].
     pub fn outbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
         self.maybe_sweep(now);
-        let l4 = classify(pkt)?;
+        let l4 = match classify(pkt)? {
+            Parsed::L4(l4) => l4,
+            Parsed::Later { proto, id } => return self.later_fragment(pkt, true, proto, id, now),
+        };
         let src = buf::arr16(pkt, 8)?;
         let dst = buf::arr16(pkt, 24)?;
         let remote = pool6.extract(&dst).ok_or(DropReason::Untranslatable)?;
@@ -533,7 +644,18 @@ impl Table {
             port4,
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
-        )
+        )?;
+        if let Some(id) = l4.frag_id {
+            let k = FragKey {
+                outbound: true,
+                proto: proto_number(l4.proto),
+                src,
+                dst,
+                id,
+            };
+            self.remember_fragment(k, new_src, now);
+        }
+        Ok(())
     }
 
     /// Maps an IPv6 packet translated from IPv4 (destination `pool6 + pool4`)
@@ -541,8 +663,12 @@ impl Table {
     /// identifier); for an ICMPv6 error, the inner packet's source too.
     pub fn inbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
         self.maybe_sweep(now);
-        let l4 = classify(pkt)?;
+        let l4 = match classify(pkt)? {
+            Parsed::L4(l4) => l4,
+            Parsed::Later { proto, id } => return self.later_fragment(pkt, false, proto, id, now),
+        };
         let src = buf::arr16(pkt, 8)?;
+        let dst = buf::arr16(pkt, 24)?;
         let remote = pool6.extract(&src).ok_or(DropReason::Untranslatable)?;
         match (l4.proto, l4.icmp_type) {
             (Proto::Icmp, 1..=4) => return self.inbound_error(pkt, l4.off, pool6),
@@ -597,7 +723,18 @@ impl Table {
             bib.v6.port,
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
-        )
+        )?;
+        if let Some(id) = l4.frag_id {
+            let k = FragKey {
+                outbound: false,
+                proto: proto_number(l4.proto),
+                src,
+                dst,
+                id,
+            };
+            self.remember_fragment(k, bib.v6.addr, now);
+        }
+        Ok(())
     }
 
     /// An ICMPv6 error (translated from ICMPv4) about a packet the node sent

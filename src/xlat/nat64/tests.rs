@@ -67,7 +67,7 @@ fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn v6_csum_ok(p: &[u8]) -> bool {
-    let (nh, off) = find_l4(p).unwrap();
+    let Headers { nh, off, .. } = find_l4(p).unwrap();
     let src: [u8; 16] = p[8..24].try_into().unwrap();
     let dst: [u8; 16] = p[24..40].try_into().unwrap();
     csum::verify(
@@ -323,7 +323,7 @@ fn tcp_fin_and_rst_are_transitory() {
 }
 
 #[test]
-fn non_first_fragment_dropped() {
+fn later_fragment_without_its_first_dropped() {
     let mut t = table(16);
     let mut p = v6_packet(
         NODE,
@@ -372,4 +372,184 @@ proptest! {
             prop_assert!(t.bindings() <= t.sessions());
         }
     }
+}
+
+/// Splits a whole IPv6 packet (no extension headers) into two fragments at
+/// `at` bytes of its payload (a multiple of 8), with identification `id`.
+fn v6_fragments(whole: &[u8], id: u32, at: usize) -> [Vec<u8>; 2] {
+    let nh = whole[6];
+    let payload = &whole[40..];
+    let piece = |data: &[u8], offset: usize, more: bool| {
+        let mut p = whole[..40].to_vec();
+        p[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        p[6] = 44;
+        p.push(nh);
+        p.push(0);
+        p.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(data);
+        p
+    };
+    [
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    ]
+}
+
+/// Splits a whole IPv4 packet (20-byte header) into two fragments at `at`
+/// bytes of its payload (a multiple of 8).
+fn v4_fragments(whole: &[u8], id: u16, at: usize) -> [Vec<u8>; 2] {
+    let payload = &whole[20..];
+    let piece = |data: &[u8], offset: usize, more: bool| {
+        let mut p = whole[..20].to_vec();
+        p[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        let flags = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
+        p[6..8].copy_from_slice(&flags.to_be_bytes());
+        p.extend_from_slice(data);
+        p[10] = 0;
+        p[11] = 0;
+        let h = crate::wg::packet::ipv4_header_checksum(&p[..20]);
+        p[10..12].copy_from_slice(&h.to_be_bytes());
+        p
+    };
+    [
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    ]
+}
+
+/// The upper-layer bytes of IPv4 fragments, reassembled in order.
+fn v4_reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    frags.iter().flat_map(|f| f[20..].to_vec()).collect()
+}
+
+/// The upper-layer bytes of IPv6 fragments (40-byte header, then a Fragment
+/// header), reassembled in order.
+fn v6_reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    frags.iter().flat_map(|f| f[48..].to_vec()).collect()
+}
+
+fn translate_one_6to4(pkt: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; OUT_BUF_LEN];
+    match translate_6to4(&cfg(), pkt, &mut out) {
+        Outcome::Forward(p) => {
+            assert_eq!(p.len(), 1);
+            p.iter(&out).next().unwrap().to_vec()
+        }
+        o => panic!("{o:?}"),
+    }
+}
+
+fn translate_one_4to6(pkt: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; OUT_BUF_LEN];
+    match translate_4to6(&cfg(), pkt, &mut out) {
+        Outcome::Forward(p) => {
+            assert_eq!(p.len(), 1);
+            p.iter(&out).next().unwrap().to_vec()
+        }
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
+fn outbound_later_fragments_follow_their_first() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let data: Vec<u8> = (0..200u8).collect();
+    let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &data));
+    let [mut first, mut later] = v6_fragments(&whole, 0x1234_5678, 104);
+    // A later fragment before its first has nothing to follow.
+    let mut early = later.clone();
+    assert_eq!(
+        t.outbound(&mut early, &pool6(), 10),
+        Err(DropReason::Fragment)
+    );
+    t.outbound(&mut first, &pool6(), 10).unwrap();
+    assert_eq!(t.fragment_flows(), 1);
+    t.outbound(&mut later, &pool6(), 11).unwrap();
+    assert_eq!(&later[8..24], &first[8..24], "same source as the first");
+    let v4 = [translate_one_6to4(&first), translate_one_6to4(&later)];
+    for f in &v4 {
+        assert_eq!(&f[12..16], &POOL4.octets());
+        assert_eq!(&f[16..20], &REMOTE);
+        assert_eq!(u16::from_be_bytes([f[4], f[5]]), 0x5678);
+    }
+    // The reassembled datagram's checksum holds for pool4 and the new port.
+    let l4 = v4_reassemble(&v4);
+    assert_eq!(l4.len(), 8 + data.len());
+    assert!(csum::verify(
+        csum::pseudo_v4(&POOL4.octets(), &REMOTE, 17, l4.len() as u32),
+        &l4
+    ));
+    let port4 = u16::from_be_bytes([l4[0], l4[1]]);
+    assert!(t.lookup(Proto::Udp, port4, REMOTE.into(), 53).is_some());
+    // Another datagram's later fragment (other identification): dropped.
+    let [_, mut stray] = v6_fragments(&whole, 0x1234_5679, 104);
+    assert_eq!(
+        t.outbound(&mut stray, &pool6(), 11),
+        Err(DropReason::Fragment)
+    );
+    // The mapping does not outlive FRAG_TIMEOUT.
+    let [_, mut late] = v6_fragments(&whole, 0x1234_5678, 104);
+    assert_eq!(
+        t.outbound(&mut late, &pool6(), 10 + FRAG_TIMEOUT),
+        Err(DropReason::Fragment)
+    );
+    t.expire(10 + FRAG_TIMEOUT);
+    assert_eq!(t.fragment_flows(), 0);
+}
+
+#[test]
+fn inbound_later_fragments_follow_their_first() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let mut q = v6_packet(NODE, dst, 17, &udp(5353, 53, b"query"));
+    let v4q = out_v4(&mut t, &mut q, 10).unwrap();
+    // A large answer, fragmented by the IPv4 server.
+    let mut big = v4_reply(&v4q, None);
+    let answer: Vec<u8> = (0..300u16).map(|i| i as u8).collect();
+    big.truncate(28);
+    big.extend_from_slice(&answer);
+    let total = big.len() as u16;
+    big[2..4].copy_from_slice(&total.to_be_bytes());
+    big[24..26].copy_from_slice(&((8 + answer.len()) as u16).to_be_bytes());
+    let big = v4_reply(&v4_reply(&big, None), None); // checksums recomputed
+    let [f1, f2] = v4_fragments(&big, 0x4242, 160);
+    let mut v6 = [translate_one_4to6(&f1), translate_one_4to6(&f2)];
+    // The later one first: nothing to follow yet.
+    let mut early = v6[1].clone();
+    assert_eq!(
+        t.inbound(&mut early, &pool6(), 11),
+        Err(DropReason::Fragment)
+    );
+    for f in v6.iter_mut() {
+        t.inbound(f, &pool6(), 11).unwrap();
+        assert_eq!(&f[24..40], &NODE, "to the node");
+        assert_eq!(&f[8..24], &dst);
+    }
+    let l4 = v6_reassemble(&v6);
+    assert_eq!(u16::from_be_bytes([l4[2], l4[3]]), 5353);
+    assert!(csum::verify(
+        csum::pseudo_v6(&dst, &NODE, 17, l4.len() as u32),
+        &l4
+    ));
+    assert_eq!(&l4[8..], &answer[..]);
+}
+
+#[test]
+fn fragment_flows_are_bounded() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &[7u8; 64]));
+    for id in 0..(MAX_FRAG_FLOWS as u32 + 10) {
+        let [mut first, _] = v6_fragments(&whole, id, 32);
+        t.outbound(&mut first, &pool6(), 1).unwrap();
+    }
+    assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS);
+    // Once the old ones expire, new datagrams are tracked again.
+    let [mut first, mut later] = v6_fragments(&whole, u32::MAX, 32);
+    t.outbound(&mut first, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
+    t.outbound(&mut later, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
+    assert_eq!(t.fragment_flows(), 1);
 }
