@@ -72,6 +72,7 @@ struct RawHub {
     addresses: Vec<String>,
     mtu: Option<u16>,
     keepalive: Option<u16>,
+    routes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +143,9 @@ pub struct HubConfig {
     pub addresses: Vec<IpNet>,
     pub mtu: u16,
     pub keepalive: u16,
+    /// Install kernel routes into the TUN for the `[[peer]]`s' allowed IPs
+    /// that the addresses' prefixes do not cover.
+    pub routes: bool,
     pub peers: Vec<HubPeer>,
     /// The reverse proxy, if the file has a `[proxy]` section or any route/forward.
     pub proxy: Option<crate::proxy::settings::ProxySettings>,
@@ -449,6 +453,7 @@ impl HubConfig {
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
             mtu,
             keepalive: raw.hub.keepalive.unwrap_or(DEFAULT_HUB_KEEPALIVE),
+            routes: raw.hub.routes.unwrap_or(true),
             private_key,
             addresses,
             peers,

@@ -216,6 +216,36 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
     }
 }
 
+/// Routes the `[[peer]]`s' allowed IPs into the TUN, as wg-quick does, except
+/// those the hub's own address prefixes already cover, default routes and
+/// prefixes holding a peer's configured endpoint (logged instead). Peers
+/// added later (UAPI, control plane) get addresses inside those prefixes or
+/// routes from the operator.
+fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
+    let endpoints: Vec<_> = cfg
+        .peers
+        .iter()
+        .filter_map(|p| p.endpoint.map(|e| e.ip()))
+        .collect();
+    let plan = crate::wg::route::plan(
+        &cfg.addresses,
+        &endpoints,
+        cfg.peers.iter().flat_map(|p| p.allowed_ips.iter()),
+    );
+    for (net, why) in &plan.skipped {
+        warn!(route = %net, interface = %cfg.interface, "a peer's allowed_ips prefix gets no route: {why}");
+    }
+    for net in &plan.add {
+        crate::wg::route::replace(net, &cfg.interface)
+            .map_err(|e| anyhow::anyhow!("routing a peer's allowed_ips into the tunnel: {e}"))?;
+    }
+    if !plan.add.is_empty() {
+        let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
+        info!(?routes, interface = %cfg.interface, "routes added");
+    }
+    Ok(())
+}
+
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are
 /// removed on return, on error too.
 pub async fn run(cfg: HubConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -243,6 +273,9 @@ async fn run_inner(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let dev = Device::start(device_config(&cfg)).await?;
+    if cfg.routes {
+        add_peer_routes(&cfg)?;
+    }
     crate::wg::xlat::add_routes(&cfg.interface, cfg.xlat.as_ref())?;
     let api = ApiServer::start(dev.inner.clone()).await?;
     // The overlay sidecar never fails the hub: it logs and retries on its own.

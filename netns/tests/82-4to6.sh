@@ -31,7 +31,8 @@ sed -i "s|\"$(lab_ov6 n1)/128\"\\]|\"$(lab_ov6 n1)/128\", \"$CLIENT6/128\"]|" "$
 grep -q "$CLIENT6/128" "$conf" || lab_die "could not give n1 its 4to6 address"
 lab_exec hub sysctl -qw net.ipv6.conf.all.forwarding=1
 GW_CONF=$conf gw_start_hub hub
-lab_exec hub ip -6 route add "$PREFIX" dev gw0
+client_routed() { lab_exec hub ip -6 route show "$CLIENT6/128" | grep -q "dev gw0"; }
+must "the hub routes the client's address into its TUN" wait_for 5 client_routed
 
 # n1: wireguard-go, configured like any WireGuard client (wg set + ip)
 check "n1 has no IPv6 route outside the tunnel" not lab_sh n1 "ip -6 route show default | grep -q ."

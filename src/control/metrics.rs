@@ -27,7 +27,7 @@
 //! | `gatewire_peer_drops_total` | counter | `peer`, `name`, `reason` |
 //! | `gatewire_handshakes_total` | counter | |
 //! | `gatewire_drops_total`, `gatewire_xlat_drops_total` | counter | `reason` |
-//! | `gatewire_nat64_sessions`, `gatewire_nat64_bindings` | gauge | |
+//! | `gatewire_nat64_sessions`, `gatewire_nat64_bindings`, `gatewire_nat64_fragment_flows` | gauge | |
 //! | `gatewire_route_requests_total`, `gatewire_route_connections_total` | counter | `route` |
 //! | `gatewire_route_in_bytes_total`, `gatewire_route_out_bytes_total` | counter | `route` |
 //! | `gatewire_route_errors_total` | counter | `route`, `kind` |
@@ -222,6 +222,12 @@ fn device(w: &mut Writer, dev: &ShowInterface, now: u64) {
             "NAT64 bindings (BIB entries).",
             Kind::Gauge,
             |f| f.sample(&[], n.bindings as u64),
+        );
+        w.family(
+            "gatewire_nat64_fragment_flows",
+            "Fragmented datagrams whose later fragments NAT64 expects.",
+            Kind::Gauge,
+            |f| f.sample(&[], n.fragments as u64),
         );
     }
 }
@@ -534,6 +540,7 @@ mod tests {
             nat64: Some(ShowNat64 {
                 sessions: 5,
                 bindings: 2,
+                fragments: 1,
             }),
             peers: vec![
                 peer("AAAA+/8=", Some("blog-node"), Some(NOW - 10), 100),
@@ -808,6 +815,7 @@ mod tests {
         );
         assert_eq!(p.get("gatewire_nat64_sessions", &[]), Some(5));
         assert_eq!(p.get("gatewire_nat64_bindings", &[]), Some(2));
+        assert_eq!(p.get("gatewire_nat64_fragment_flows", &[]), Some(1));
 
         let r = [("route", "name:blog")];
         assert_eq!(p.get("gatewire_route_requests_total", &r), Some(11));
@@ -852,7 +860,7 @@ mod tests {
         for s in &p.samples {
             assert!(p.types.contains_key(&s.name));
         }
-        assert_eq!(p.types.len(), 28);
+        assert_eq!(p.types.len(), 29);
 
         // GATEWIRE_METRICS_SAMPLE=<path> writes this sample there, for
         // checking it with other parsers.

@@ -1586,11 +1586,13 @@ impl Inner {
             drops: self.drops.snapshot(),
             handshakes: self.handshakes.load(Ordering::Relaxed),
             xlat_drops: self.xlat.as_ref().map(|x| x.drops()),
-            nat64: self
-                .xlat
-                .as_ref()
-                .and_then(|x| x.nat64_counts())
-                .map(|(sessions, bindings)| ShowNat64 { sessions, bindings }),
+            nat64: self.xlat.as_ref().and_then(|x| x.nat64_counts()).map(
+                |(sessions, bindings, fragments)| ShowNat64 {
+                    sessions,
+                    bindings,
+                    fragments,
+                },
+            ),
             peers: info
                 .peers
                 .into_iter()
@@ -1654,6 +1656,9 @@ pub struct ShowInterface {
 pub struct ShowNat64 {
     pub sessions: usize,
     pub bindings: usize,
+    /// Fragmented datagrams whose later fragments are expected.
+    #[serde(default)]
+    pub fragments: usize,
 }
 
 /// One peer in `gatewire show --json`.

@@ -104,11 +104,11 @@ impl XlatPath {
         m
     }
 
-    /// NAT64 sessions and bindings, if NAT64 is on.
-    pub fn nat64_counts(&self) -> Option<(usize, usize)> {
+    /// NAT64 sessions, bindings and tracked fragmented datagrams, if NAT64 is on.
+    pub fn nat64_counts(&self) -> Option<(usize, usize, usize)> {
         self.nat.as_ref().map(|n| {
             let t = n.lock();
-            (t.sessions(), t.bindings())
+            (t.sessions(), t.bindings(), t.fragment_flows())
         })
     }
 
