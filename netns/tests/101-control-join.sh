@@ -55,6 +55,12 @@ api_endpoint = "$HUB4:$API_PORT"
 wg_endpoint = "$(lab_hub_endpoint hub)"
 node_port = $NODE_PORT
 pools = ["100.64.5.0/24", "fd77:6777:0:5::/64"]
+
+[xlat]
+pool6 = "64:ff9b::/96"
+
+[xlat.nat64]
+pool4 = "198.51.100.200"
 EOF
 
 ctl() { "$GATEWIRE" ctl --socket "$SOCK" "$@"; }
@@ -100,6 +106,10 @@ check "the key file is private (0600)" eval '[ "$(stat -c %a "$d1/node.key")" = 
 check "the config names the hub's node API" grep -q "^control = \"$HUBOV:$NODE_PORT\"" "$d1/node.toml"
 check "the config lists blog for the owner to uncomment" grep -q '^# name = "blog"' "$d1/node.toml"
 check "the private key is not in the config" not grep -q "$(cat "$d1/node.key")" "$d1/node.toml"
+# The hub runs NAT64: its pool6 is among what the node routes to it.
+check "the config routes the hub's NAT64 pool6 to the hub" grep -q '^allowed_ips = .*"64:ff9b::/96"' "$d1/node.toml"
+pool6_routed() { lab_exec n1 ip -6 route show 64:ff9b::/96 | grep -q "dev gwn0"; }
+check "n1 routes pool6 into the tunnel" wait_for 5 pool6_routed
 K1=$(ctl --json peers | jq -r '.[] | select(.name == "n1") | .public_key')
 check "the hub lists n1 as a peer" eval '[ -n "$K1" ] && [ "$K1" != null ]'
 N1OV=$(ctl --json peers | jq -r '.[] | select(.name == "n1") | .allowed_ips[0]' | cut -d/ -f1)

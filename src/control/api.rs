@@ -522,7 +522,18 @@ async fn route(
             c.counters.joins.fetch_add(1, Relaxed);
             let settings = c.settings();
             let cfg = c.hub_config();
-            let hub_v = cfg.addresses.iter().map(|n| n.trunc().to_string()).collect::<Vec<_>>();
+            let mut hub_v = cfg.addresses.iter().map(|n| n.trunc().to_string()).collect::<Vec<_>>();
+            // A hub with NAT64 gives its pool6 too: the node routes it into the
+            // tunnel, and IPv4 destinations (from DNS64, or written by hand)
+            // work from the node's IPv6 address.
+            if let Some(p) = cfg
+                .xlat
+                .as_ref()
+                .filter(|x| x.nat64.is_some())
+                .and_then(|x| x.config.pool6.as_ref())
+            {
+                hub_v.push(format!("{}/{}", p.prefix(), p.prefix_len()));
+            }
             let node_api = cfg
                 .addresses
                 .first()
