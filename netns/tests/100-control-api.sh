@@ -534,6 +534,15 @@ fi
 bad "join with an expired token" tcp-none 410 "expired" POST /v1/join \
     "{\"token\": \"$LATE_TOKEN\", \"public_key\": \"$(lab_pub x3)\"}"
 
+# --- a peer given a prefix outside the hub's networks (a site behind a node)
+# gets a route into the TUN while it exists
+SITE=10.77.0.0/24
+site_routed() { lab_exec hub ip route show "$SITE" | grep -q "dev gw0"; }
+check "ctl peer add with an off-link prefix" ctl peer add "$(lab_pub x4)" --name site --allowed-ips "$SITE"
+check "the hub routes the peer's prefix into its TUN" wait_for 5 site_routed
+check "ctl peer remove" ctl peer remove "$(lab_pub x4)"
+check "the route goes with the peer" wait_for 5 not site_routed
+
 lab_log "update latencies: $(tr '\n' ';' <"$GW_TMP/latencies")"
 check "hub still running" lab_alive hub
 lab_finish

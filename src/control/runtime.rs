@@ -370,8 +370,33 @@ impl Control {
         if set.peers.is_empty() {
             return;
         }
+        // With `[hub] routes`, prefixes outside the hub's own networks get a
+        // route while a peer owns them.
+        let routes = env.cfg.routes;
+        let added: Vec<IpNet> = set
+            .peers
+            .iter()
+            .filter(|p| !p.remove)
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        let removed: Vec<IpNet> = if routes {
+            let info = self.dev.info();
+            set.peers
+                .iter()
+                .filter(|p| p.remove)
+                .filter_map(|p| info.peers.iter().find(|i| i.public_key == p.public_key))
+                .flat_map(|i| i.allowed_ips.iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
         match self.dev.apply(set).await {
-            Ok(()) => *self.managed.lock() = managed,
+            Ok(()) => {
+                *self.managed.lock() = managed;
+                if routes {
+                    self.sync_routes(&env.cfg, &added, &removed);
+                }
+            }
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "adding control-plane peers to the device failed")
             }
@@ -380,6 +405,46 @@ impl Control {
             if let (Some(name), Ok(key)) = (&n.name, crate::keys::PublicKey::from_base64(k)) {
                 if let Some(p) = self.dev.peer(&key) {
                     p.set_name(Some(name.clone()));
+                }
+            }
+        }
+    }
+
+    /// Routes the off-link prefixes of added peers into the TUN, and takes
+    /// away those of removed peers that no remaining peer holds.
+    fn sync_routes(&self, cfg: &HubConfig, added: &[IpNet], removed: &[IpNet]) {
+        use crate::wg::route;
+        for net in route::plan(&cfg.addresses, &[], added).add {
+            match route::replace(&net, &cfg.interface) {
+                Ok(()) => {
+                    info!(route = %net, interface = %cfg.interface, "route added for a control-plane peer")
+                }
+                Err(e) => {
+                    warn!(route = %net, error = %e, "cannot route a control-plane peer's prefix")
+                }
+            }
+        }
+        let gone = route::plan(&cfg.addresses, &[], removed).add;
+        if gone.is_empty() {
+            return;
+        }
+        let held: Vec<IpNet> = self
+            .dev
+            .info()
+            .peers
+            .into_iter()
+            .flat_map(|p| p.allowed_ips)
+            .collect();
+        for net in gone {
+            if held.iter().any(|h| h.contains(&net)) {
+                continue;
+            }
+            match route::delete(&net, &cfg.interface) {
+                Ok(()) => {
+                    info!(route = %net, interface = %cfg.interface, "route removed with its control-plane peer")
+                }
+                Err(e) => {
+                    warn!(route = %net, error = %e, "cannot remove a control-plane peer's route")
                 }
             }
         }

@@ -94,6 +94,19 @@ pub fn replace(net: &IpNet, iface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ip route del NET dev IFACE`.
+pub fn delete(net: &IpNet, iface: &str) -> anyhow::Result<()> {
+    let net = net.to_string();
+    let st = std::process::Command::new("ip")
+        .args(["route", "del", &net, "dev", iface])
+        .status()
+        .map_err(|e| anyhow::anyhow!("running `ip route del {net} dev {iface}`: {e}"))?;
+    if !st.success() {
+        anyhow::bail!("`ip route del {net} dev {iface}` failed ({st})");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
