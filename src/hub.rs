@@ -227,23 +227,13 @@ fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
         .iter()
         .filter_map(|p| p.endpoint.map(|e| e.ip()))
         .collect();
-    let plan = crate::wg::route::plan(
+    crate::wg::route::install(
         &cfg.addresses,
         &endpoints,
         cfg.peers.iter().flat_map(|p| p.allowed_ips.iter()),
-    );
-    for (net, why) in &plan.skipped {
-        warn!(route = %net, interface = %cfg.interface, "a peer's allowed_ips prefix gets no route: {why}");
-    }
-    for net in &plan.add {
-        crate::wg::route::replace(net, &cfg.interface)
-            .map_err(|e| anyhow::anyhow!("routing a peer's allowed_ips into the tunnel: {e}"))?;
-    }
-    if !plan.add.is_empty() {
-        let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
-        info!(?routes, interface = %cfg.interface, "routes added");
-    }
-    Ok(())
+        &cfg.interface,
+        "a peer's",
+    )
 }
 
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are

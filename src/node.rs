@@ -147,23 +147,13 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
 /// the node's own address prefixes already cover and default routes (which
 /// would also capture the tunnel's packets to its hubs; logged instead).
 fn add_routes(cfg: &NodeConfig, endpoints: &[std::net::IpAddr]) -> anyhow::Result<()> {
-    let plan = crate::wg::route::plan(
+    crate::wg::route::install(
         &cfg.addresses,
         endpoints,
         cfg.hubs.iter().flat_map(|h| h.allowed_ips.iter()),
-    );
-    for (net, why) in &plan.skipped {
-        warn!(route = %net, interface = %cfg.interface, "a hub's allowed_ips prefix gets no route: {why}");
-    }
-    for net in &plan.add {
-        crate::wg::route::replace(net, &cfg.interface)
-            .map_err(|e| anyhow::anyhow!("routing a hub's allowed_ips into the tunnel: {e}"))?;
-    }
-    if !plan.add.is_empty() {
-        let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
-        info!(?routes, interface = %cfg.interface, "routes added");
-    }
-    Ok(())
+        &cfg.interface,
+        "a hub's",
+    )
 }
 
 /// Runs the node until `shutdown` completes.

@@ -81,28 +81,49 @@ pub fn plan<'a>(
     Plan { add, skipped }
 }
 
-/// `ip route replace NET dev IFACE`.
-pub fn replace(net: &IpNet, iface: &str) -> anyhow::Result<()> {
-    let net = net.to_string();
-    let st = std::process::Command::new("ip")
-        .args(["route", "replace", &net, "dev", iface])
-        .status()
-        .map_err(|e| anyhow::anyhow!("running `ip route replace {net} dev {iface}`: {e}"))?;
-    if !st.success() {
-        anyhow::bail!("`ip route replace {net} dev {iface}` failed ({st})");
+/// Plans the routes for `allowed` (see [`plan`]) and installs them into
+/// `iface`, logging what is skipped and why. `whose` names the owners in the
+/// messages ("a hub's", "a peer's").
+pub fn install<'a>(
+    addresses: &[IpNet],
+    endpoints: &[IpAddr],
+    allowed: impl IntoIterator<Item = &'a IpNet>,
+    iface: &str,
+    whose: &str,
+) -> anyhow::Result<()> {
+    let plan = plan(addresses, endpoints, allowed);
+    for (net, why) in &plan.skipped {
+        tracing::warn!(route = %net, interface = %iface, "{whose} allowed_ips prefix gets no route: {why}");
+    }
+    for net in &plan.add {
+        replace(net, iface)
+            .map_err(|e| anyhow::anyhow!("routing {whose} allowed_ips into the tunnel: {e}"))?;
+    }
+    if !plan.add.is_empty() {
+        let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
+        tracing::info!(?routes, interface = %iface, "routes added");
     }
     Ok(())
 }
 
+/// `ip route replace NET dev IFACE`.
+pub fn replace(net: &IpNet, iface: &str) -> anyhow::Result<()> {
+    ip_route("replace", net, iface)
+}
+
 /// `ip route del NET dev IFACE`.
 pub fn delete(net: &IpNet, iface: &str) -> anyhow::Result<()> {
+    ip_route("del", net, iface)
+}
+
+fn ip_route(verb: &str, net: &IpNet, iface: &str) -> anyhow::Result<()> {
     let net = net.to_string();
     let st = std::process::Command::new("ip")
-        .args(["route", "del", &net, "dev", iface])
+        .args(["route", verb, &net, "dev", iface])
         .status()
-        .map_err(|e| anyhow::anyhow!("running `ip route del {net} dev {iface}`: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("running `ip route {verb} {net} dev {iface}`: {e}"))?;
     if !st.success() {
-        anyhow::bail!("`ip route del {net} dev {iface}` failed ({st})");
+        anyhow::bail!("`ip route {verb} {net} dev {iface}` failed ({st})");
     }
     Ok(())
 }

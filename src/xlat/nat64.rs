@@ -363,6 +363,30 @@ impl Table {
         self.frags.len()
     }
 
+    /// When `l4` is a first fragment (from `src` to `dst` as it reached the
+    /// table), keeps the address it was given for the later fragments of its
+    /// datagram.
+    fn remember_first(
+        &mut self,
+        l4: &L4,
+        outbound: bool,
+        src: [u8; 16],
+        dst: [u8; 16],
+        addr: [u8; 16],
+        now: u64,
+    ) {
+        if let Some(id) = l4.frag_id {
+            let k = FragKey {
+                outbound,
+                proto: proto_number(l4.proto),
+                src,
+                dst,
+                id,
+            };
+            self.remember_fragment(k, addr, now);
+        }
+    }
+
     /// Keeps the address a first fragment was given, for the later fragments
     /// of its datagram. When the bound is reached even after expired flows
     /// are swept, the datagram is not tracked (its later fragments are then
@@ -645,16 +669,7 @@ impl Table {
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
         )?;
-        if let Some(id) = l4.frag_id {
-            let k = FragKey {
-                outbound: true,
-                proto: proto_number(l4.proto),
-                src,
-                dst,
-                id,
-            };
-            self.remember_fragment(k, new_src, now);
-        }
+        self.remember_first(&l4, true, src, dst, new_src, now);
         Ok(())
     }
 
@@ -724,16 +739,7 @@ impl Table {
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
         )?;
-        if let Some(id) = l4.frag_id {
-            let k = FragKey {
-                outbound: false,
-                proto: proto_number(l4.proto),
-                src,
-                dst,
-                id,
-            };
-            self.remember_fragment(k, bib.v6.addr, now);
-        }
+        self.remember_first(&l4, false, src, dst, bib.v6.addr, now);
         Ok(())
     }
 
