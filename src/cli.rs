@@ -107,20 +107,29 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-async fn shutdown_signal() {
+/// Completes on the first SIGINT or SIGTERM.
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Installs the SIGINT and SIGTERM handlers at once (inside the runtime), so
+/// a signal that arrives while the daemon is still starting stops it cleanly
+/// instead of killing it, and returns the future that waits for them.
+fn shutdown_signal() -> Shutdown {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handlers the daemon can still be stopped by SIGKILL.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {},
-        _ = term.recv() => {},
-    }
+    );
+    Box::pin(async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without signal handlers the daemon can still be stopped by SIGKILL.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+    })
 }
 
 /// For the short-lived commands that print: die quietly on a closed pipe
@@ -176,11 +185,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_tracing();
-            run_daemon(crate::hub::run_watching(
-                cfg,
-                config.clone(),
-                shutdown_signal(),
-            ))
+            run_daemon(|shutdown| crate::hub::run_watching(cfg, config.clone(), shutdown))
         }
         Cmd::Node {
             cmd: Some(NodeCmd::Join(args)),
@@ -227,7 +232,7 @@ fn run_node(config: PathBuf, check: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing();
-    run_daemon(crate::node::run_watching(cfg, config, shutdown_signal()))
+    run_daemon(|shutdown| crate::node::run_watching(cfg, config, shutdown))
 }
 
 fn ygg_cmd(cmd: YggCmd) -> ExitCode {
@@ -266,7 +271,11 @@ fn ygg_cmd(cmd: YggCmd) -> ExitCode {
     }
 }
 
-fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs a daemon on a fresh runtime; the signal handlers are installed before
+/// `daemon` starts anything.
+fn run_daemon<F: std::future::Future<Output = anyhow::Result<()>>>(
+    daemon: impl FnOnce(Shutdown) -> F,
+) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -274,7 +283,7 @@ fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(fut) {
+    match rt.block_on(async { daemon(shutdown_signal()).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -299,7 +308,7 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
     }
     init_tracing();
     let name = interface.clone();
-    run_daemon(async move {
+    run_daemon(|shutdown| async move {
         let dev = Device::start(DeviceConfig {
             name: name.clone(),
             mode: Mode::Wg,
@@ -320,7 +329,7 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
         if let Some(mut f) = ready_fd.take() {
             let _ = f.write_all(b"1");
         }
-        shutdown_signal().await;
+        shutdown.await;
         drop(api);
         drop(dev);
         Ok(())
