@@ -373,28 +373,44 @@ impl Control {
         // With `[hub] routes`, prefixes outside the hub's own networks get a
         // route while a peer owns them.
         let routes = env.cfg.routes;
-        let added: Vec<IpNet> = set
-            .peers
-            .iter()
-            .filter(|p| !p.remove)
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect();
-        let removed: Vec<IpNet> = if routes {
+        let (added, removed): (Vec<IpNet>, Vec<IpNet>) = if routes {
             let info = self.dev.info();
-            set.peers
+            let added = set
+                .peers
+                .iter()
+                .filter(|p| !p.remove)
+                .flat_map(|p| p.allowed_ips.iter().copied())
+                .collect();
+            let removed = set
+                .peers
                 .iter()
                 .filter(|p| p.remove)
                 .filter_map(|p| info.peers.iter().find(|i| i.public_key == p.public_key))
                 .flat_map(|i| i.allowed_ips.iter().copied())
-                .collect()
+                .collect();
+            (added, removed)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         match self.dev.apply(set).await {
             Ok(()) => {
                 *self.managed.lock() = managed;
                 if routes {
-                    self.sync_routes(&env.cfg, &added, &removed);
+                    // iproute2 runs as a child process: off the async workers.
+                    let held: Vec<IpNet> = self
+                        .dev
+                        .info()
+                        .peers
+                        .into_iter()
+                        .flat_map(|p| p.allowed_ips)
+                        .collect();
+                    let cfg = env.cfg.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        sync_routes(&cfg, &added, &removed, &held)
+                    });
+                    if let Err(e) = r.await {
+                        warn!(error = %e, "control-plane peer routes: task failed");
+                    }
                 }
             }
             Err(e) => {
@@ -405,46 +421,6 @@ impl Control {
             if let (Some(name), Ok(key)) = (&n.name, crate::keys::PublicKey::from_base64(k)) {
                 if let Some(p) = self.dev.peer(&key) {
                     p.set_name(Some(name.clone()));
-                }
-            }
-        }
-    }
-
-    /// Routes the off-link prefixes of added peers into the TUN, and takes
-    /// away those of removed peers that no remaining peer holds.
-    fn sync_routes(&self, cfg: &HubConfig, added: &[IpNet], removed: &[IpNet]) {
-        use crate::wg::route;
-        for net in route::plan(&cfg.addresses, &[], added).add {
-            match route::replace(&net, &cfg.interface) {
-                Ok(()) => {
-                    info!(route = %net, interface = %cfg.interface, "route added for a control-plane peer")
-                }
-                Err(e) => {
-                    warn!(route = %net, error = %e, "cannot route a control-plane peer's prefix")
-                }
-            }
-        }
-        let gone = route::plan(&cfg.addresses, &[], removed).add;
-        if gone.is_empty() {
-            return;
-        }
-        let held: Vec<IpNet> = self
-            .dev
-            .info()
-            .peers
-            .into_iter()
-            .flat_map(|p| p.allowed_ips)
-            .collect();
-        for net in gone {
-            if held.iter().any(|h| h.contains(&net)) {
-                continue;
-            }
-            match route::delete(&net, &cfg.interface) {
-                Ok(()) => {
-                    info!(route = %net, interface = %cfg.interface, "route removed with its control-plane peer")
-                }
-                Err(e) => {
-                    warn!(route = %net, error = %e, "cannot remove a control-plane peer's route")
                 }
             }
         }
@@ -481,5 +457,34 @@ impl Control {
             }
         }
         out
+    }
+}
+
+/// Routes the off-link prefixes of added peers into the TUN, and takes
+/// away those of removed peers that no remaining peer (`held`) holds.
+fn sync_routes(cfg: &HubConfig, added: &[IpNet], removed: &[IpNet], held: &[IpNet]) {
+    use crate::wg::route;
+    for net in route::plan(&cfg.addresses, &[], added).add {
+        match route::replace(&net, &cfg.interface) {
+            Ok(()) => {
+                info!(route = %net, interface = %cfg.interface, "route added for a control-plane peer")
+            }
+            Err(e) => {
+                warn!(route = %net, error = %e, "cannot route a control-plane peer's prefix")
+            }
+        }
+    }
+    for net in route::plan(&cfg.addresses, &[], removed).add {
+        if held.iter().any(|h| h.contains(&net)) {
+            continue;
+        }
+        match route::delete(&net, &cfg.interface) {
+            Ok(()) => {
+                info!(route = %net, interface = %cfg.interface, "route removed with its control-plane peer")
+            }
+            Err(e) => {
+                warn!(route = %net, error = %e, "cannot remove a control-plane peer's route")
+            }
+        }
     }
 }

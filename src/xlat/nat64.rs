@@ -388,15 +388,12 @@ impl Table {
     }
 
     /// Keeps the address a first fragment was given, for the later fragments
-    /// of its datagram. When the bound is reached even after expired flows
-    /// are swept, the datagram is not tracked (its later fragments are then
-    /// dropped as unknown).
+    /// of its datagram. At the bound the datagram is not tracked (its later
+    /// fragments are then dropped as unknown); expired flows leave with the
+    /// once-a-second sweep, never with a scan per packet.
     fn remember_fragment(&mut self, k: FragKey, addr: [u8; 16], now: u64) {
         if self.frags.len() >= MAX_FRAG_FLOWS && !self.frags.contains_key(&k) {
-            self.frags.retain(|_, f| f.expires > now);
-            if self.frags.len() >= MAX_FRAG_FLOWS {
-                return;
-            }
+            return;
         }
         self.frags.insert(
             k,
