@@ -1,7 +1,8 @@
 //! Fuzz target for the NAT64 session table: a sequence of packets, each fed
 //! outbound (IPv6 node → IPv4) or inbound (translated from IPv4), at advancing
 //! times, into a small table so that full-table, port exhaustion and expiry
-//! paths are reached. The table must never panic nor exceed its bound.
+//! paths are reached. The table must never panic nor exceed its bounds
+//! (sessions, tracked datagrams, held fragment bytes).
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -52,5 +53,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(t.sessions() <= 8);
         assert!(t.bindings() <= t.sessions());
         assert!(t.fragment_flows() <= gatewire::xlat::nat64::MAX_FRAG_FLOWS);
+        let (held, bytes) = t.held_fragments();
+        assert!(bytes <= gatewire::xlat::nat64::MAX_HELD_BYTES);
+        assert!(held <= bytes);
+        // Held fragments released by a first come out rewritten, once.
+        while let Some(r) = t.take_released() {
+            assert!(r.packet.len() >= 48);
+        }
     }
 });

@@ -2,9 +2,10 @@
 # Stateful NAT64 (RFC 6146) on the hub: n1, a node that uses only its IPv6
 # overlay, reaches IPv4-only servers in `pub` (bound to 203.0.113.10 only)
 # through 64:ff9b::/96. Its sessions leave the hub from pool4 198.51.100.200.
-# Checked: HTTP (curl to [64:ff9b::cb00:710a]), a UDP echo, ping (ICMPv6 echo
-# <-> ICMPv4 echo by identifier), a 20 MiB download intact, and a closed UDP
-# port whose ICMPv4 port unreachable is mapped back to n1 (ECONNREFUSED).
+# Checked: HTTP (curl to [64:ff9b::cb00:710a]), a UDP echo, fragmented UDP in
+# order and out of order, ping (ICMPv6 echo <-> ICMPv4 echo by identifier), a
+# 20 MiB download intact, and a closed UDP port whose ICMPv4 port unreachable
+# is mapped back to n1 (ECONNREFUSED).
 # timeout: 180
 set -euo pipefail
 export GW_TEST_NAME=83-nat64
@@ -98,6 +99,15 @@ sys.exit(1)
 ' "$PUB64"
 }
 check "fragmented UDP (4000 bytes) echoed through NAT64 both ways" udp_frag_ok
+
+# The same, with every datagram's fragments sent last first (RFC 6146: a NAT64
+# MUST handle fragments arriving out of order): the later fragments, which
+# carry no ports, reach the hub before the first that maps them, both ways.
+FRAGORDER="$GW_LIB_DIR/tools/fragorder.py"
+lab_bg pub fragsrv python3 "$FRAGORDER" server "$PUB4" 7001
+must "pub's out-of-order UDP server listens" wait_for 10 lab_sh pub "ss -Hlun 'sport = :7001' | grep -q ."
+check "UDP fragments sent last first, through NAT64 both ways (3000 bytes)" \
+    lab_exec n1 python3 "$FRAGORDER" client "$PUB64" 7001 3000
 check "ping $PUB64 (ICMPv6 echo through NAT64)" lab_ping n1 "$PUB64"
 
 port_unreach() {
@@ -123,6 +133,11 @@ gw_show_json hub >"$GW_TMP/show.json" || true
 check "show --json has xlat_drops" jq -e '.interfaces[0] | has("xlat_drops")' "$GW_TMP/show.json"
 check "show --json: NAT64 sessions and bindings" \
     jq -e '.interfaces[0].nat64 | .sessions >= 3 and .bindings >= 1' "$GW_TMP/show.json"
+check "show --json: no fragment left held" jq -e '.interfaces[0].nat64.held_fragments == 0' "$GW_TMP/show.json"
+# 3 fragments each way: the 2 later ones of each datagram were held, going
+# out (IPv6) and coming back (IPv4; the hub's kernel forwards them as they are)
+check "show --json: later fragments held both ways" \
+    jq -e '.interfaces[0].nat64.held_fragments_total >= 4' "$GW_TMP/show.json"
 for p in hub n1; do
     check "$p still running" lab_alive "$p"
 done

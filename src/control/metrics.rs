@@ -27,7 +27,8 @@
 //! | `gatewire_peer_drops_total` | counter | `peer`, `name`, `reason` |
 //! | `gatewire_handshakes_total` | counter | |
 //! | `gatewire_drops_total`, `gatewire_xlat_drops_total` | counter | `reason` |
-//! | `gatewire_nat64_sessions`, `gatewire_nat64_bindings`, `gatewire_nat64_fragment_flows` | gauge | |
+//! | `gatewire_nat64_sessions`, `gatewire_nat64_bindings`, `gatewire_nat64_fragment_flows`, `gatewire_nat64_held_fragments` | gauge | |
+//! | `gatewire_nat64_held_fragments_total` | counter | |
 //! | `gatewire_route_requests_total`, `gatewire_route_connections_total` | counter | `route` |
 //! | `gatewire_route_in_bytes_total`, `gatewire_route_out_bytes_total` | counter | `route` |
 //! | `gatewire_route_errors_total` | counter | `route`, `kind` |
@@ -228,6 +229,18 @@ fn device(w: &mut Writer, dev: &ShowInterface, now: u64) {
             "Fragmented datagrams whose later fragments NAT64 expects.",
             Kind::Gauge,
             |f| f.sample(&[], n.fragments as u64),
+        );
+        w.family(
+            "gatewire_nat64_held_fragments",
+            "Later fragments NAT64 holds until their first fragment comes.",
+            Kind::Gauge,
+            |f| f.sample(&[], n.held_fragments as u64),
+        );
+        w.family(
+            "gatewire_nat64_held_fragments_total",
+            "Later fragments that came before their first fragment.",
+            Kind::Counter,
+            |f| f.sample(&[], n.held_fragments_total),
         );
     }
 }
@@ -541,6 +554,8 @@ mod tests {
                 sessions: 5,
                 bindings: 2,
                 fragments: 1,
+                held_fragments: 3,
+                held_fragments_total: 11,
             }),
             peers: vec![
                 peer("AAAA+/8=", Some("blog-node"), Some(NOW - 10), 100),
@@ -816,6 +831,8 @@ mod tests {
         assert_eq!(p.get("gatewire_nat64_sessions", &[]), Some(5));
         assert_eq!(p.get("gatewire_nat64_bindings", &[]), Some(2));
         assert_eq!(p.get("gatewire_nat64_fragment_flows", &[]), Some(1));
+        assert_eq!(p.get("gatewire_nat64_held_fragments", &[]), Some(3));
+        assert_eq!(p.get("gatewire_nat64_held_fragments_total", &[]), Some(11));
 
         let r = [("route", "name:blog")];
         assert_eq!(p.get("gatewire_route_requests_total", &r), Some(11));
@@ -860,7 +877,7 @@ mod tests {
         for s in &p.samples {
             assert!(p.types.contains_key(&s.name));
         }
-        assert_eq!(p.types.len(), 29);
+        assert_eq!(p.types.len(), 31);
 
         // GATEWIRE_METRICS_SAMPLE=<path> writes this sample there, for
         // checking it with other parsers.

@@ -52,33 +52,23 @@ struct Group {
     len: usize,
     count: usize,
 }
-/// Where translated packets for the TUN go: the one slot of a datagram (UDP
-/// loop) or a batch written after each TUN read (TUN loop).
-enum TunSink<'a> {
-    Slot(&'a mut Vec<u8>, bool),
-    Batch(&'a mut Vec<Vec<u8>>, &'a mut usize),
+/// Packets for the TUN, written as a batch after each read: `bufs[..*n]`,
+/// each at `TUN_HEADROOM` in its buffer.
+struct TunSink<'a> {
+    bufs: &'a mut Vec<Vec<u8>>,
+    n: &'a mut usize,
 }
 
 impl TunSink<'_> {
     /// Queues `p` (at `TUN_HEADROOM`); false when there is no room.
     fn push(&mut self, p: &[u8]) -> bool {
-        let b = match self {
-            TunSink::Slot(_, true) => return false,
-            TunSink::Slot(slot, used) => {
-                *used = true;
-                &mut **slot
-            }
-            TunSink::Batch(v, n) => {
-                if v.len() <= **n {
-                    v.push(Vec::with_capacity(2048));
-                }
-                let Some(b) = v.get_mut(**n) else {
-                    return false;
-                };
-                **n += 1;
-                b
-            }
+        if self.bufs.len() <= *self.n {
+            self.bufs.push(Vec::with_capacity(2048));
+        }
+        let Some(b) = self.bufs.get_mut(*self.n) else {
+            return false;
         };
+        *self.n += 1;
         b.clear();
         b.resize(TUN_HEADROOM, 0);
         b.extend_from_slice(p);
@@ -823,7 +813,10 @@ impl Inner {
                             Some(p) => pkt = p,
                             None => {
                                 self.flush_group(&mut group, &mut tx).await;
-                                let mut sink = TunSink::Batch(&mut to_tun, &mut ntun);
+                                let mut sink = TunSink {
+                                    bufs: &mut to_tun,
+                                    n: &mut ntun,
+                                };
                                 self.xlat_emit(&table, &o, &xout, &mut tx, &mut sink).await;
                                 continue;
                             }
@@ -892,6 +885,21 @@ impl Inner {
                 }
             }
             self.flush_group(&mut group, &mut tx).await;
+            if let Some(x) = &self.xlat {
+                let mut sink = TunSink {
+                    bufs: &mut to_tun,
+                    n: &mut ntun,
+                };
+                self.xlat_released(
+                    x,
+                    &table,
+                    &mut xout,
+                    &mut tx,
+                    &mut sink,
+                    self.now_ms() / 1000,
+                )
+                .await;
+            }
             if let Some(b) = to_tun.get_mut(..ntun) {
                 if !b.is_empty() {
                     self.write_tun(&mut gro, b).await;
@@ -976,6 +984,22 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the held NAT64 fragments that the last translation released, as
+    /// [`Self::xlat_emit`] sends an outcome.
+    async fn xlat_released(
+        &self,
+        x: &XlatPath,
+        table: &Table,
+        xout: &mut [u8],
+        tx: &mut [u8],
+        sink: &mut TunSink<'_>,
+        now: u64,
+    ) {
+        while let Some(o) = x.released(xout, now) {
+            self.xlat_emit(table, &o, xout, tx, sink).await;
         }
     }
 
@@ -1112,6 +1136,10 @@ impl Inner {
             // reference count touched per datagram.
             let table = self.table.load_full();
             let mut k = 0;
+            let mut sink = TunSink {
+                bufs: &mut batch,
+                n: &mut k,
+            };
             for (buf, m) in rx.iter().zip(meta.iter()).take(msgs) {
                 let Some(data) = buf.get(..m.len) else {
                     continue;
@@ -1122,18 +1150,10 @@ impl Inner {
                     m.stride
                 };
                 for datagram in data.chunks(stride) {
-                    if batch.len() <= k {
-                        batch.push(Vec::with_capacity(2048));
-                    }
-                    let Some(slot) = batch.get_mut(k) else { break };
-                    if self
-                        .handle_datagram(
-                            &table, &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, slot,
-                        )
-                        .await
-                    {
-                        k += 1;
-                    }
+                    self.handle_datagram(
+                        &table, &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, &mut sink,
+                    )
+                    .await;
                 }
             }
             if k > 0 {
@@ -1231,8 +1251,7 @@ impl Inner {
         peer.cloned()
     }
 
-    /// Handles one datagram. Returns true when it left a packet for the TUN in
-    /// `slot` (at `TUN_HEADROOM`).
+    /// Handles one datagram; packets it leaves for the TUN go to `sink`.
     #[allow(clippy::too_many_arguments)] // the loop's buffers, passed down
     async fn handle_datagram(
         &self,
@@ -1243,10 +1262,10 @@ impl Inner {
         out: &mut [u8],
         fwd: &mut [u8],
         xout: &mut [u8],
-        slot: &mut Vec<u8>,
-    ) -> bool {
+        sink: &mut TunSink<'_>,
+    ) {
         let Some(peer) = self.find_peer(sock, table, datagram, from, out) else {
-            return false;
+            return;
         };
         let result = {
             let mut t = peer.tunn.lock();
@@ -1297,28 +1316,27 @@ impl Inner {
                 if !owner.is_some_and(|o| Arc::ptr_eq(o, &peer)) {
                     self.drops.inc(DropReason::SourceNotAllowed);
                     peer.src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return;
                 }
                 let Some(pkt) = out.get_mut(a..b) else {
-                    return false;
+                    return;
                 };
                 if self.forward_to_peer(table, &peer, pkt, fwd).await {
-                    return false;
+                    return;
                 }
                 if let Some(x) = &self.xlat {
-                    if let Some(o) = x.on_peer(pkt, xout, self.now_ms() / 1000) {
-                        let mut sink = TunSink::Slot(slot, false);
-                        self.xlat_emit(table, &o, xout, fwd, &mut sink).await;
-                        return matches!(sink, TunSink::Slot(_, true));
+                    let now = self.now_ms() / 1000;
+                    if let Some(o) = x.on_peer(pkt, xout, now) {
+                        self.xlat_emit(table, &o, xout, fwd, sink).await;
+                        self.xlat_released(x, table, xout, fwd, sink, now).await;
+                        return;
                     }
                 }
-                slot.clear();
-                slot.resize(TUN_HEADROOM, 0);
-                slot.extend_from_slice(pkt);
-                return true;
+                if !sink.push(pkt) {
+                    self.drops.inc(DropReason::TunWrite);
+                }
             }
         }
-        false
     }
 
     /// Forwards a decrypted packet to another peer when the device forwards and
@@ -1586,13 +1604,7 @@ impl Inner {
             drops: self.drops.snapshot(),
             handshakes: self.handshakes.load(Ordering::Relaxed),
             xlat_drops: self.xlat.as_ref().map(|x| x.drops()),
-            nat64: self.xlat.as_ref().and_then(|x| x.nat64_counts()).map(
-                |(sessions, bindings, fragments)| ShowNat64 {
-                    sessions,
-                    bindings,
-                    fragments,
-                },
-            ),
+            nat64: self.xlat.as_ref().and_then(|x| x.nat64_counts()),
             peers: info
                 .peers
                 .into_iter()
@@ -1659,6 +1671,12 @@ pub struct ShowNat64 {
     /// Fragmented datagrams whose later fragments are expected.
     #[serde(default)]
     pub fragments: usize,
+    /// Later fragments held for a first fragment that has not come.
+    #[serde(default)]
+    pub held_fragments: usize,
+    /// Later fragments that came before their first, since start.
+    #[serde(default)]
+    pub held_fragments_total: u64,
 }
 
 /// One peer in `gatewire show --json`.

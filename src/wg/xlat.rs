@@ -19,7 +19,7 @@
 use crate::xlat::{self, nat64, DropReason, Outcome};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Scratch room at the end of the output buffer for a packet being rewritten.
@@ -36,6 +36,9 @@ pub struct XlatPath {
     /// Generated ICMP errors allowed per second; the ones over it are dropped.
     budget: Mutex<xlat::budget::ErrorBudget>,
     rate_limited: AtomicU64,
+    /// Held NAT64 fragments ready to go on (so the data path need not lock
+    /// the table to learn there are none).
+    released: AtomicUsize,
 }
 
 /// The drop counter name of generated ICMP errors over the rate limit.
@@ -56,6 +59,7 @@ impl XlatPath {
             nat: nat64.map(|n| Mutex::new(nat64::Table::new(n))),
             cfg,
             drops: Default::default(),
+            released: AtomicUsize::new(0),
         }
     }
 
@@ -104,12 +108,68 @@ impl XlatPath {
         m
     }
 
-    /// NAT64 sessions, bindings and tracked fragmented datagrams, if NAT64 is on.
-    pub fn nat64_counts(&self) -> Option<(usize, usize, usize)> {
+    /// NAT64 sessions, bindings, tracked fragmented datagrams and held
+    /// fragments, if NAT64 is on.
+    pub fn nat64_counts(&self) -> Option<crate::wg::device::ShowNat64> {
         self.nat.as_ref().map(|n| {
             let t = n.lock();
-            (t.sessions(), t.bindings(), t.fragment_flows())
+            crate::wg::device::ShowNat64 {
+                sessions: t.sessions(),
+                bindings: t.bindings(),
+                fragments: t.fragment_flows(),
+                held_fragments: t.held_fragments().0,
+                held_fragments_total: t.held_total(),
+            }
         })
+    }
+
+    /// After a NAT64 call: notes the held fragments now ready and counts the
+    /// held ones whose first never came.
+    fn after_nat(&self, nat: &mut nat64::Table) {
+        self.released.store(nat.released_len(), Ordering::Relaxed);
+        let n = nat.take_expired_held();
+        if n > 0 {
+            if let Some(c) = self.drops.get(DropReason::Fragment.index()) {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A held NAT64 fragment whose first has since been mapped, finished into
+    /// `out`: outbound ones translated to IPv4, inbound ones as they are (for
+    /// the node). The caller sends it as it sends [`Self::on_tun`]'s outcomes,
+    /// and calls again until `None`.
+    pub fn released(&self, out: &mut [u8], now: u64) -> Option<Outcome> {
+        if self.released.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let nat = self.nat.as_ref()?;
+        let r = {
+            let mut t = nat.lock();
+            let r = t.take_released();
+            self.after_nat(&mut t);
+            r?
+        };
+        let o = if r.outbound {
+            match xlat::translate_6to4(&self.cfg, &r.packet, out) {
+                // Its source is pool4 now, not the node's: no error can
+                // reach the node for it.
+                Outcome::Reply { cause, .. } => Outcome::Drop(cause),
+                o => o,
+            }
+        } else {
+            match (
+                out.get_mut(..r.packet.len()),
+                xlat::Packets::one(r.packet.len()),
+            ) {
+                (Some(dst), Ok(p)) => {
+                    dst.copy_from_slice(&r.packet);
+                    Outcome::Forward(p)
+                }
+                _ => Outcome::Drop(DropReason::OutputTooSmall),
+            }
+        };
+        self.done(o, now)
     }
 
     fn in_pool6(&self, dst: &[u8; 16]) -> bool {
@@ -243,8 +303,16 @@ impl XlatPath {
             return Outcome::Drop(DropReason::OutputTooSmall);
         };
         s.copy_from_slice(pkt);
-        if let Err(e) = nat.lock().outbound(s, pool6, now) {
-            return Outcome::Drop(e);
+        let step = {
+            let mut t = nat.lock();
+            let r = t.outbound(s, pool6, now);
+            self.after_nat(&mut t);
+            r
+        };
+        match step {
+            Ok(nat64::Step::Mapped) => {}
+            Ok(nat64::Step::Held) => return Outcome::Held,
+            Err(e) => return Outcome::Drop(e),
         }
         match xlat::translate_6to4(&self.cfg, s, head) {
             // An error about the packet must go to the node, not to the pool4
@@ -267,19 +335,36 @@ impl XlatPath {
         };
         // One IPv4 packet may have become several IPv6 fragments: the first
         // finds the session, the later ones the mapping it left.
+        // Pieces of one IPv4 packet share its identification: a later fragment
+        // with no first yet makes them all held.
         let mut nat = nat.lock();
         let mut start = 0usize;
+        let mut held = 0usize;
+        let mut result = Outcome::Forward(p);
         for &len in p.lens() {
             let end = start.saturating_add(len as usize);
             let Some(piece) = out.get_mut(start..end) else {
-                return Outcome::Drop(DropReason::OutputTooSmall);
+                result = Outcome::Drop(DropReason::OutputTooSmall);
+                break;
             };
-            if let Err(e) = nat.inbound(piece, pool6, now) {
-                return Outcome::Drop(e);
+            match nat.inbound(piece, pool6, now) {
+                Ok(nat64::Step::Mapped) => {}
+                Ok(nat64::Step::Held) => held += 1,
+                Err(e) => {
+                    result = Outcome::Drop(e);
+                    break;
+                }
             }
             start = end;
         }
-        Outcome::Forward(p)
+        self.after_nat(&mut nat);
+        match (result, held) {
+            (r, 0) => r,
+            (Outcome::Forward(p), n) if n == p.len() => Outcome::Held,
+            // Some pieces mapped and some held: not what one IPv4 packet makes.
+            (Outcome::Forward(_), _) => Outcome::Drop(DropReason::Fragment),
+            (r, _) => r,
+        }
     }
 }
 
@@ -344,6 +429,92 @@ mod tests {
             ..xlat::Config::default()
         };
         XlatPath::new(Arc::new(cfg), None, Vec::new(), rate)
+    }
+
+    /// A NAT64 hub's path: pool6 64:ff9b::/96, pool4 198.51.100.200.
+    fn nat_path() -> XlatPath {
+        let cfg = xlat::Config {
+            pool6: Some(xlat::Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap()),
+            ..xlat::Config::default()
+        };
+        let nat = nat64::Settings {
+            pool4: "198.51.100.200".parse().unwrap(),
+            ..nat64::Settings::default()
+        };
+        XlatPath::new(Arc::new(cfg), Some(nat), Vec::new(), 10)
+    }
+
+    /// A UDP datagram from a node to 64:ff9b::203.0.113.10, as two IPv6
+    /// fragments (the second carrying no ports).
+    fn node_fragments(id: u32) -> [Vec<u8>; 2] {
+        let src: Ipv6Addr = "fd77:6777::1:1".parse().unwrap();
+        let dst: Ipv6Addr = "64:ff9b::cb00:710a".parse().unwrap();
+        let payload = [0x5au8; 200];
+        let ulen = 8 + payload.len();
+        let mut l4 = vec![0x30, 0x39, 0x1b, 0x58, 0, ulen as u8, 0, 0];
+        l4.extend_from_slice(&payload);
+        let acc = xlat::csum::add(
+            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, ulen as u32),
+            xlat::csum::sum(&l4),
+        );
+        let c = xlat::csum::finish(acc).to_be_bytes();
+        l4[6] = c[0];
+        l4[7] = c[1];
+        let piece = |data: &[u8], offset: u16, more: bool| {
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+            p.extend_from_slice(&[44, 64]);
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            p.extend_from_slice(&[17, 0]);
+            p.extend_from_slice(&(offset | u16::from(more)).to_be_bytes());
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(data);
+            p
+        };
+        [piece(&l4[..104], 0, true), piece(&l4[104..], 104, false)]
+    }
+
+    #[test]
+    fn nat64_fragment_before_its_first_is_sent_after_it() {
+        let x = nat_path();
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let [first, later] = node_fragments(7);
+        assert_eq!(x.on_peer(&later, &mut out, 10), Some(Outcome::Held));
+        assert_eq!(x.released(&mut out, 10), None, "nothing before its first");
+        assert_eq!(x.nat64_counts().map(|n| n.held_fragments), Some(1));
+        let Some(Outcome::Forward(p)) = x.on_peer(&first, &mut out, 10) else {
+            panic!("the first is translated");
+        };
+        let v4 = p.iter(&out).next().unwrap().to_vec();
+        assert_eq!(&v4[12..16], &[198, 51, 100, 200]);
+        let Some(Outcome::Forward(p)) = x.released(&mut out, 10) else {
+            panic!("the held fragment follows");
+        };
+        let v4_later = p.iter(&out).next().unwrap().to_vec();
+        assert_eq!(&v4_later[12..16], &[198, 51, 100, 200], "from pool4");
+        assert_eq!(&v4_later[16..20], &[203, 0, 113, 10]);
+        assert_eq!(&v4_later[4..6], &v4[4..6], "same IPv4 identification");
+        assert_eq!(x.released(&mut out, 10), None);
+        assert_eq!(x.nat64_counts().map(|n| n.held_fragments), Some(0));
+        assert!(!x.drops().contains_key("fragment"));
+    }
+
+    #[test]
+    fn nat64_held_fragment_whose_first_never_comes_is_counted() {
+        let x = nat_path();
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let [_, later] = node_fragments(8);
+        assert_eq!(x.on_peer(&later, &mut out, 10), Some(Outcome::Held));
+        // Any NAT64 packet after the timeout sweeps the table.
+        let [other, _] = node_fragments(9);
+        let now = 10 + nat64::FRAG_TIMEOUT;
+        assert!(matches!(
+            x.on_peer(&other, &mut out, now),
+            Some(Outcome::Forward(_))
+        ));
+        assert_eq!(x.drops().get("fragment"), Some(&1));
+        assert_eq!(x.nat64_counts().map(|n| n.held_fragments), Some(0));
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl Packets {
         }
     }
 
-    fn one(len: usize) -> Result<Self, DropReason> {
+    pub(crate) fn one(len: usize) -> Result<Self, DropReason> {
         let mut p = Packets::new();
         p.push(len)?;
         Ok(p)
@@ -307,6 +307,9 @@ pub enum Outcome {
     Hairpin(Packets),
     /// Dropped without answer.
     Drop(DropReason),
+    /// Kept by the NAT64 table: a later fragment that came before its first.
+    /// Nothing to send now; it comes out once its first has been mapped.
+    Held,
 }
 
 impl Outcome {
@@ -315,7 +318,7 @@ impl Outcome {
         match self {
             Outcome::Forward(p) | Outcome::Hairpin(p) => Some(p),
             Outcome::Reply { packets, .. } => Some(packets),
-            Outcome::Drop(_) => None,
+            Outcome::Drop(_) | Outcome::Held => None,
         }
     }
 }

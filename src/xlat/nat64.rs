@@ -27,8 +27,15 @@
 //! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
 //! protocol and fragment identification, and the later fragments of that
 //! datagram get the same address (RFC 6146 §3.4 tracks fragments the same
-//! way). A later fragment that arrives before its first, or after the
-//! mapping expired, is dropped with [`DropReason::Fragment`]; at most
+//! way). A later fragment that arrives before its first is held (RFC 6146
+//! §3.5: a NAT64 MUST handle fragments arriving out of order, with bounded
+//! resources): the call answers [`Step::Held`], and once the first fragment
+//! has been mapped the held ones come out of [`Table::take_released`]
+//! rewritten. At most [`MAX_HELD_PER_DATAGRAM`] fragments per datagram and
+//! [`MAX_HELD_BYTES`] bytes in all are held, each for [`FRAG_TIMEOUT`]
+//! seconds; past those bounds, or after its first's mapping expired, a later
+//! fragment is dropped with [`DropReason::Fragment`], and held fragments that
+//! expire are counted ([`Table::take_expired_held`]). At most
 //! [`MAX_FRAG_FLOWS`] datagrams are tracked at once.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -51,6 +58,10 @@ pub const ICMP_TIMEOUT: u64 = 60;
 pub const FRAG_TIMEOUT: u64 = 5;
 /// Most fragmented datagrams tracked at once.
 pub const MAX_FRAG_FLOWS: usize = 4096;
+/// Most later fragments held for one datagram whose first has not come.
+pub const MAX_HELD_PER_DATAGRAM: usize = 64;
+/// Most bytes of later fragments held, all datagrams together.
+pub const MAX_HELD_BYTES: usize = 256 * 1024;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -142,6 +153,35 @@ struct FragFlow {
     expires: u64,
 }
 
+/// Later fragments waiting for their first.
+#[derive(Debug)]
+struct Held {
+    pkts: Vec<Vec<u8>>,
+    expires: u64,
+}
+
+/// What [`Table::outbound`] and [`Table::inbound`] did with a packet they did
+/// not drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Rewritten in place: translate and send it.
+    Mapped,
+    /// A later fragment whose first has not come: the table keeps a copy and
+    /// gives it back, rewritten, from [`Table::take_released`] once the first
+    /// is mapped. Send nothing now.
+    Held,
+}
+
+/// A held fragment whose first has been mapped: rewritten, ready to go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// True for the outbound direction (IPv6 node → IPv4: translate it to
+    /// IPv4 next); false for inbound (already IPv6, for the node).
+    pub outbound: bool,
+    /// The IPv6 packet.
+    pub packet: Vec<u8>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bib {
     v6: V6Key,
@@ -187,6 +227,11 @@ pub struct Table {
     bib4: HashMap<V4Key, Bib>,
     sessions: HashMap<SessKey, Session>,
     frags: HashMap<FragKey, FragFlow>,
+    held: HashMap<FragKey, Held>,
+    held_bytes: usize,
+    released: std::collections::VecDeque<Released>,
+    expired_held: u64,
+    held_total: u64,
     cursor: [u16; 3],
     next_sweep: u64,
 }
@@ -339,6 +384,11 @@ impl Table {
             bib4: HashMap::new(),
             sessions: HashMap::new(),
             frags: HashMap::new(),
+            held: HashMap::new(),
+            held_bytes: 0,
+            released: std::collections::VecDeque::new(),
+            expired_held: 0,
+            held_total: 0,
             cursor: [min; 3],
             next_sweep: 0,
         }
@@ -361,6 +411,36 @@ impl Table {
     /// Fragmented datagrams whose first fragment's mapping is kept.
     pub fn fragment_flows(&self) -> usize {
         self.frags.len()
+    }
+
+    /// Later fragments held for a first that has not come, and their bytes.
+    pub fn held_fragments(&self) -> (usize, usize) {
+        (
+            self.held.values().map(|h| h.pkts.len()).sum(),
+            self.held_bytes,
+        )
+    }
+
+    /// Later fragments held since the table was made (each came before its
+    /// first: the network reordered them).
+    pub fn held_total(&self) -> u64 {
+        self.held_total
+    }
+
+    /// The next held fragment whose first has been mapped, rewritten.
+    pub fn take_released(&mut self) -> Option<Released> {
+        self.released.pop_front()
+    }
+
+    /// Held fragments ready in [`Self::take_released`].
+    pub fn released_len(&self) -> usize {
+        self.released.len()
+    }
+
+    /// Held fragments dropped because their first never came in time, since
+    /// the last call (the caller counts them under [`DropReason::Fragment`]).
+    pub fn take_expired_held(&mut self) -> u64 {
+        std::mem::take(&mut self.expired_held)
     }
 
     /// When `l4` is a first fragment (from `src` to `dst` as it reached the
@@ -392,6 +472,18 @@ impl Table {
     /// fragments are then dropped as unknown); expired flows leave with the
     /// once-a-second sweep, never with a scan per packet.
     fn remember_fragment(&mut self, k: FragKey, addr: [u8; 16], now: u64) {
+        if let Some(h) = self.held.remove(&k) {
+            let at = if k.outbound { 8 } else { 24 };
+            for mut packet in h.pkts {
+                self.held_bytes = self.held_bytes.saturating_sub(packet.len());
+                if buf::put(&mut packet, at, &addr).is_ok() {
+                    self.released.push_back(Released {
+                        outbound: k.outbound,
+                        packet,
+                    });
+                }
+            }
+        }
         if self.frags.len() >= MAX_FRAG_FLOWS && !self.frags.contains_key(&k) {
             return;
         }
@@ -405,7 +497,8 @@ impl Table {
     }
 
     /// A later fragment: gets the address its first fragment got (the source
-    /// outbound, the destination inbound), or is dropped.
+    /// outbound, the destination inbound); or, when the first has not come,
+    /// is held for it within the bounds; or is dropped.
     fn later_fragment(
         &mut self,
         pkt: &mut [u8],
@@ -413,7 +506,7 @@ impl Table {
         proto: u8,
         id: u32,
         now: u64,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Step, DropReason> {
         let k = FragKey {
             outbound,
             proto,
@@ -421,12 +514,34 @@ impl Table {
             dst: buf::arr16(pkt, 24)?,
             id,
         };
-        let flow = self
-            .frags
-            .get(&k)
-            .filter(|f| f.expires > now)
-            .ok_or(DropReason::Fragment)?;
-        buf::put(pkt, if outbound { 8 } else { 24 }, &flow.addr)
+        match self.frags.get(&k) {
+            Some(flow) if flow.expires > now => {
+                buf::put(pkt, if outbound { 8 } else { 24 }, &flow.addr)?;
+                Ok(Step::Mapped)
+            }
+            // Its first came and its mapping has expired: too late.
+            Some(_) => Err(DropReason::Fragment),
+            None => self.hold(k, pkt, now),
+        }
+    }
+
+    /// Keeps a copy of a later fragment until its first comes, within
+    /// [`MAX_HELD_PER_DATAGRAM`] and [`MAX_HELD_BYTES`].
+    fn hold(&mut self, k: FragKey, pkt: &[u8], now: u64) -> Result<Step, DropReason> {
+        if self.held_bytes.saturating_add(pkt.len()) > MAX_HELD_BYTES {
+            return Err(DropReason::Fragment);
+        }
+        let h = self.held.entry(k).or_insert_with(|| Held {
+            pkts: Vec::new(),
+            expires: now.saturating_add(FRAG_TIMEOUT),
+        });
+        if h.pkts.len() >= MAX_HELD_PER_DATAGRAM {
+            return Err(DropReason::Fragment);
+        }
+        h.pkts.push(pkt.to_vec());
+        self.held_bytes = self.held_bytes.saturating_add(pkt.len());
+        self.held_total = self.held_total.saturating_add(1);
+        Ok(Step::Held)
     }
 
     /// Removes every session that expired at or before `now`, and the BIB
@@ -446,6 +561,17 @@ impl Table {
             false
         });
         self.frags.retain(|_, f| f.expires > now);
+        let (held_bytes, expired_held) = (&mut self.held_bytes, &mut self.expired_held);
+        self.held.retain(|_, h| {
+            if h.expires > now {
+                return true;
+            }
+            for p in &h.pkts {
+                *held_bytes = held_bytes.saturating_sub(p.len());
+            }
+            *expired_held = expired_held.saturating_add(h.pkts.len() as u64);
+            false
+        });
         let bib6 = &mut self.bib6;
         bib4.retain(|_, b| {
             if b.sessions == 0 {
@@ -622,7 +748,12 @@ impl Table {
     /// Maps an IPv6 packet from a node to `pool6 + remote` onto the pool4
     /// address: rewrites its source address and port (or echo identifier) in
     /// place. The caller then translates it with [`super::translate_6to4`].
-    pub fn outbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
+    pub fn outbound(
+        &mut self,
+        pkt: &mut [u8],
+        pool6: &Pool6,
+        now: u64,
+    ) -> Result<Step, DropReason> {
         self.maybe_sweep(now);
         let l4 = match classify(pkt)? {
             Parsed::L4(l4) => l4,
@@ -667,13 +798,13 @@ impl Table {
             l4.proto == Proto::Udp,
         )?;
         self.remember_first(&l4, true, src, dst, new_src, now);
-        Ok(())
+        Ok(Step::Mapped)
     }
 
     /// Maps an IPv6 packet translated from IPv4 (destination `pool6 + pool4`)
     /// back to the node: rewrites the destination address and port (or echo
     /// identifier); for an ICMPv6 error, the inner packet's source too.
-    pub fn inbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<(), DropReason> {
+    pub fn inbound(&mut self, pkt: &mut [u8], pool6: &Pool6, now: u64) -> Result<Step, DropReason> {
         self.maybe_sweep(now);
         let l4 = match classify(pkt)? {
             Parsed::L4(l4) => l4,
@@ -683,7 +814,11 @@ impl Table {
         let dst = buf::arr16(pkt, 24)?;
         let remote = pool6.extract(&src).ok_or(DropReason::Untranslatable)?;
         match (l4.proto, l4.icmp_type) {
-            (Proto::Icmp, 1..=4) => return self.inbound_error(pkt, l4.off, pool6),
+            (Proto::Icmp, 1..=4) => {
+                return self
+                    .inbound_error(pkt, l4.off, pool6)
+                    .map(|()| Step::Mapped)
+            }
             (Proto::Icmp, 129) => {}
             (Proto::Icmp, _) => return Err(DropReason::UnsupportedIcmp),
             _ => {}
@@ -737,7 +872,7 @@ impl Table {
             l4.proto == Proto::Udp,
         )?;
         self.remember_first(&l4, false, src, dst, bib.v6.addr, now);
-        Ok(())
+        Ok(Step::Mapped)
     }
 
     /// An ICMPv6 error (translated from ICMPv4) about a packet the node sent

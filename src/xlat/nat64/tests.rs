@@ -323,7 +323,7 @@ fn tcp_fin_and_rst_are_transitory() {
 }
 
 #[test]
-fn later_fragment_without_its_first_dropped() {
+fn later_fragment_without_its_first_held_then_counted_at_expiry() {
     let mut t = table(16);
     let mut p = v6_packet(
         NODE,
@@ -331,7 +331,16 @@ fn later_fragment_without_its_first_dropped() {
         44,
         &[17, 0, 0, 8, 0, 0, 0, 1, 0, 0],
     );
-    assert_eq!(t.outbound(&mut p, &pool6(), 0), Err(DropReason::Fragment));
+    assert_eq!(t.outbound(&mut p, &pool6(), 0), Ok(Step::Held));
+    assert_eq!(t.held_fragments(), (1, p.len()));
+    assert_eq!(t.take_expired_held(), 0);
+    t.expire(FRAG_TIMEOUT - 1);
+    assert_eq!(t.held_fragments().0, 1, "still waiting");
+    t.expire(FRAG_TIMEOUT);
+    assert_eq!(t.held_fragments(), (0, 0));
+    assert_eq!(t.take_expired_held(), 1);
+    assert_eq!(t.take_expired_held(), 0, "counted once");
+    assert_eq!(t.take_released(), None);
 }
 
 proptest! {
@@ -459,12 +468,6 @@ fn outbound_later_fragments_follow_their_first() {
     let data: Vec<u8> = (0..200u8).collect();
     let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &data));
     let [mut first, mut later] = v6_fragments(&whole, 0x1234_5678, 104);
-    // A later fragment before its first has nothing to follow.
-    let mut early = later.clone();
-    assert_eq!(
-        t.outbound(&mut early, &pool6(), 10),
-        Err(DropReason::Fragment)
-    );
     t.outbound(&mut first, &pool6(), 10).unwrap();
     assert_eq!(t.fragment_flows(), 1);
     t.outbound(&mut later, &pool6(), 11).unwrap();
@@ -484,20 +487,25 @@ fn outbound_later_fragments_follow_their_first() {
     ));
     let port4 = u16::from_be_bytes([l4[0], l4[1]]);
     assert!(t.lookup(Proto::Udp, port4, REMOTE.into(), 53).is_some());
-    // Another datagram's later fragment (other identification): dropped.
+    // Another datagram's later fragment (other identification): not this
+    // one's mapping; held for a first of its own.
     let [_, mut stray] = v6_fragments(&whole, 0x1234_5679, 104);
-    assert_eq!(
-        t.outbound(&mut stray, &pool6(), 11),
-        Err(DropReason::Fragment)
-    );
-    // The mapping does not outlive FRAG_TIMEOUT.
+    let before = stray.clone();
+    assert_eq!(t.outbound(&mut stray, &pool6(), 11), Ok(Step::Held));
+    assert_eq!(stray, before, "a held fragment is not rewritten");
+    // The mapping does not outlive FRAG_TIMEOUT: a fragment after it is not
+    // mapped (it waits for a first that will not come, and expires).
     let [_, mut late] = v6_fragments(&whole, 0x1234_5678, 104);
+    let before = late.clone();
     assert_eq!(
         t.outbound(&mut late, &pool6(), 10 + FRAG_TIMEOUT),
-        Err(DropReason::Fragment)
+        Ok(Step::Held)
     );
-    t.expire(10 + FRAG_TIMEOUT);
+    assert_eq!(late, before);
     assert_eq!(t.fragment_flows(), 0);
+    t.expire(11 + 2 * FRAG_TIMEOUT);
+    assert_eq!(t.held_fragments(), (0, 0));
+    assert_eq!(t.take_expired_held(), 2, "the stray and the late one");
 }
 
 #[test]
@@ -517,12 +525,6 @@ fn inbound_later_fragments_follow_their_first() {
     let big = v4_reply(&v4_reply(&big, None), None); // checksums recomputed
     let [f1, f2] = v4_fragments(&big, 0x4242, 160);
     let mut v6 = [translate_one_4to6(&f1), translate_one_4to6(&f2)];
-    // The later one first: nothing to follow yet.
-    let mut early = v6[1].clone();
-    assert_eq!(
-        t.inbound(&mut early, &pool6(), 11),
-        Err(DropReason::Fragment)
-    );
     for f in v6.iter_mut() {
         t.inbound(f, &pool6(), 11).unwrap();
         assert_eq!(&f[24..40], &NODE, "to the node");
@@ -552,4 +554,94 @@ fn fragment_flows_are_bounded() {
     t.outbound(&mut first, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
     t.outbound(&mut later, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
     assert_eq!(t.fragment_flows(), 1);
+}
+
+#[test]
+fn outbound_out_of_order_later_fragment_held_until_its_first() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let data: Vec<u8> = (0..200u8).collect();
+    let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &data));
+    let [mut first, mut later] = v6_fragments(&whole, 0x0bad_cafe, 104);
+    assert_eq!(t.outbound(&mut later, &pool6(), 10), Ok(Step::Held));
+    assert_eq!(t.released_len(), 0);
+    assert_eq!(t.outbound(&mut first, &pool6(), 11), Ok(Step::Mapped));
+    assert_eq!(t.held_fragments(), (0, 0));
+    let r = t.take_released().expect("released with its first");
+    assert!(r.outbound);
+    assert_eq!(t.take_released(), None);
+    assert_eq!(&r.packet[8..24], &first[8..24], "the first's new source");
+    let v4 = [translate_one_6to4(&first), translate_one_6to4(&r.packet)];
+    let l4 = v4_reassemble(&v4);
+    assert_eq!(&l4[8..], &data[..]);
+    assert!(csum::verify(
+        csum::pseudo_v4(&POOL4.octets(), &REMOTE, 17, l4.len() as u32),
+        &l4
+    ));
+    assert_eq!(t.take_expired_held(), 0);
+}
+
+#[test]
+fn inbound_out_of_order_later_fragment_held_until_its_first() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let mut q = v6_packet(NODE, dst, 17, &udp(5353, 53, b"query"));
+    let v4q = out_v4(&mut t, &mut q, 10).unwrap();
+    let mut big = v4_reply(&v4q, None);
+    let answer: Vec<u8> = (0..300u16).map(|i| (i * 7) as u8).collect();
+    big.truncate(28);
+    big.extend_from_slice(&answer);
+    let total = big.len() as u16;
+    big[2..4].copy_from_slice(&total.to_be_bytes());
+    big[24..26].copy_from_slice(&((8 + answer.len()) as u16).to_be_bytes());
+    let big = v4_reply(&v4_reply(&big, None), None);
+    let [f1, f2] = v4_fragments(&big, 0x4343, 160);
+    let mut later = translate_one_4to6(&f2);
+    let mut first = translate_one_4to6(&f1);
+    assert_eq!(t.inbound(&mut later, &pool6(), 11), Ok(Step::Held));
+    assert_eq!(t.inbound(&mut first, &pool6(), 11), Ok(Step::Mapped));
+    let r = t.take_released().expect("released with its first");
+    assert!(!r.outbound);
+    assert_eq!(&r.packet[24..40], &NODE, "to the node");
+    let l4 = v6_reassemble(&[first, r.packet]);
+    assert_eq!(&l4[8..], &answer[..]);
+    assert!(csum::verify(
+        csum::pseudo_v6(&dst, &NODE, 17, l4.len() as u32),
+        &l4
+    ));
+}
+
+#[test]
+fn held_fragments_are_bounded() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &[9u8; 1024]));
+    // One datagram: at most MAX_HELD_PER_DATAGRAM later fragments.
+    let [_, later] = v6_fragments(&whole, 1, 16);
+    for _ in 0..MAX_HELD_PER_DATAGRAM {
+        assert_eq!(t.outbound(&mut later.clone(), &pool6(), 0), Ok(Step::Held));
+    }
+    assert_eq!(
+        t.outbound(&mut later.clone(), &pool6(), 0),
+        Err(DropReason::Fragment)
+    );
+    // All datagrams: at most MAX_HELD_BYTES.
+    let mut id = 2u32;
+    loop {
+        let [_, mut l] = v6_fragments(&whole, id, 16);
+        match t.outbound(&mut l, &pool6(), 0) {
+            Ok(Step::Held) => id += 1,
+            Err(DropReason::Fragment) => break,
+            r => panic!("{r:?}"),
+        }
+        assert!(id < 10_000, "no byte bound");
+    }
+    let (n, bytes) = t.held_fragments();
+    assert!(bytes <= MAX_HELD_BYTES && bytes + later.len() > MAX_HELD_BYTES);
+    // Expiry frees the room and counts every held fragment once.
+    t.expire(FRAG_TIMEOUT);
+    assert_eq!(t.held_fragments(), (0, 0));
+    assert_eq!(t.take_expired_held(), n as u64);
+    let [_, mut l] = v6_fragments(&whole, 1, 16);
+    assert_eq!(t.outbound(&mut l, &pool6(), FRAG_TIMEOUT), Ok(Step::Held));
 }
