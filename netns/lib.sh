@@ -142,6 +142,8 @@ lab_ns_exists() { [ -e "/run/netns/$(lab_ns "$1")" ]; }
 # _lab_argv NS cmd... : set LAB_ARGV to the command line that runs cmd in NS.
 # ip netns exec already runs its command in a fresh mount namespace (slave of
 # the host's), so the bind mounts stay private to that command and its children.
+# A test may give a namespace its own /etc/hosts and /etc/resolv.conf by
+# writing them into $GW_TMP/ns/SHORT/ (names that resolve only there).
 _lab_argv() {
     local short full
     short=$(_lab_short "$1")
@@ -152,6 +154,9 @@ _lab_argv() {
         d=$1; shift
         for p in /run/wireguard /run/gatewire; do
             mount --bind "$d/${p##*/}" "$p" || exit 125
+        done
+        for f in hosts resolv.conf; do
+            if [ -e "$d/$f" ]; then mount --bind "$d/$f" "/etc/$f" || exit 125; fi
         done
         exec "$@"' lab-exec "$GW_TMP/ns/$short" "$@")
 }

@@ -219,8 +219,8 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
 /// Routes the `[[peer]]`s' allowed IPs into the TUN, as wg-quick does, except
 /// those the hub's own address prefixes already cover, default routes and
 /// prefixes holding a peer's configured endpoint (logged instead). Peers
-/// added later (UAPI, control plane) get addresses inside those prefixes or
-/// routes from the operator.
+/// added later through the control plane get theirs as they come
+/// (`control::runtime`); peers set over UAPI get none, as with `wg set`.
 fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
     let endpoints: Vec<_> = cfg
         .peers
@@ -234,6 +234,7 @@ fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
         &cfg.interface,
         "a peer's",
     )
+    .map(|_| ())
 }
 
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are

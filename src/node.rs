@@ -2,15 +2,20 @@
 //! tunnels up. A hub that has gone silent for `dead_after` seconds (its
 //! keepalives stopped: restarted, or the NAT mapping changed) gets a fresh
 //! handshake at once, its name re-resolved, rather than after WireGuard's
-//! default of up to two minutes. The node also runs its `[[service]]`
+//! default of up to two minutes. A hub address learnt after the node routed
+//! its hubs' allowed IPs (the name resolved late, or to a new address) takes
+//! out any of those routes that holds it, which would loop the tunnel's own
+//! packets. The node also runs its `[[service]]`
 //! forwarders and declares the services to hubs with `control`
 //! ([`crate::control::services`]).
 
 use crate::config::{NodeConfig, NodeHub};
 use crate::wg::api::ApiServer;
 use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
+use ipnet::IpNet;
+use parking_lot::Mutex;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -61,7 +66,37 @@ pub fn check(
     }
 }
 
-async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16) {
+/// The routes the node added into its TUN (for the endpoint guard).
+type Routed = Arc<Mutex<Vec<IpNet>>>;
+
+/// Removes the routes in `routed` that hold `endpoint`, a hub address learnt
+/// after they were added: routed into the tunnel, the tunnel's own packets to
+/// the hub would loop and the node could never reach it.
+async fn unroute_endpoint(routed: &Routed, endpoint: IpAddr, iface: &str, hub: &str) {
+    let nets = {
+        let mut r = routed.lock();
+        let nets = crate::wg::route::holding(&r, endpoint);
+        r.retain(|n| !nets.contains(n));
+        nets
+    };
+    for net in nets {
+        let i = iface.to_string();
+        match tokio::task::spawn_blocking(move || crate::wg::route::delete(&net, &i)).await {
+            Ok(Ok(())) => warn!(
+                hub,
+                route = %net,
+                interface = iface,
+                "route removed: it holds the hub endpoint {endpoint}: the tunnel's own packets would loop"
+            ),
+            Ok(Err(e)) => {
+                warn!(hub, route = %net, error = %e, "cannot remove the route holding the hub endpoint")
+            }
+            Err(e) => warn!(hub, route = %net, error = %e, "route removal did not run"),
+        }
+    }
+}
+
+async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16, routed: Routed, iface: String) {
     let name = hub
         .name
         .clone()
@@ -93,6 +128,7 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16) {
                 if let Some(addr) = resolve(&hub.endpoint).await {
                     if peer.endpoint() != Some(addr) {
                         info!(hub = %name, endpoint = %addr, "hub endpoint");
+                        unroute_endpoint(&routed, addr.ip(), &iface, &name).await;
                     }
                     peer.set_endpoint(addr);
                 }
@@ -146,7 +182,7 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
 /// Routes the hubs' allowed IPs into the TUN, as wg-quick does, except those
 /// the node's own address prefixes already cover and default routes (which
 /// would also capture the tunnel's packets to its hubs; logged instead).
-fn add_routes(cfg: &NodeConfig, endpoints: &[std::net::IpAddr]) -> anyhow::Result<()> {
+fn add_routes(cfg: &NodeConfig, endpoints: &[IpAddr]) -> anyhow::Result<Vec<IpNet>> {
     crate::wg::route::install(
         &cfg.addresses,
         endpoints,
@@ -224,14 +260,24 @@ async fn run_inner(
         xlat_icmp_rate: 0,
     })
     .await?;
-    if cfg.routes {
-        add_routes(&cfg, &endpoints)?;
-    }
+    let routed: Routed = Arc::new(Mutex::new(if cfg.routes {
+        add_routes(&cfg, &endpoints)?
+    } else {
+        Vec::new()
+    }));
     let api = ApiServer::start(dev.inner.clone()).await?;
     let sups: Vec<_> = cfg
         .hubs
         .iter()
-        .map(|h| tokio::spawn(supervise(dev.inner.clone(), h.clone(), cfg.dead_after)))
+        .map(|h| {
+            tokio::spawn(supervise(
+                dev.inner.clone(),
+                h.clone(),
+                cfg.dead_after,
+                routed.clone(),
+                cfg.interface.clone(),
+            ))
+        })
         .collect();
     // `[[service]]` forwarders and their declaration to hubs with `control`.
     let mut services = crate::control::services::Services::start(&cfg, dev.inner.clone());

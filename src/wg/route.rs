@@ -1,6 +1,7 @@
 //! Kernel routes into a device: which prefixes need one (a pure plan) and the
-//! iproute2 call that installs it. Routes through a TUN go away with it, so
-//! nothing here removes them.
+//! iproute2 call that installs it. Routes through a TUN go away with it; one
+//! is removed while the device runs only when a hub endpoint turns out to lie
+//! inside it ([`holding`]) or its peer leaves.
 
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -57,8 +58,9 @@ pub fn plan<'a>(
         } else {
             endpoints
                 .iter()
-                .find(|e| net.contains(*e))
-                .map(|e| Skip::Endpoint(*e))
+                .map(IpAddr::to_canonical)
+                .find(|e| net.contains(e))
+                .map(Skip::Endpoint)
         };
         if let Some(why) = skip {
             if !skipped.iter().any(|(n, _)| *n == net) {
@@ -81,16 +83,30 @@ pub fn plan<'a>(
     Plan { add, skipped }
 }
 
+/// The installed routes in `routed` that hold `endpoint`: a hub address
+/// learnt after the routes were planned (its name resolved late, or to a new
+/// address). Routed into the tunnel, the tunnel's own packets to it would
+/// loop, so these must go.
+pub fn holding(routed: &[IpNet], endpoint: IpAddr) -> Vec<IpNet> {
+    // A dual-stack socket names an IPv4 hub as ::ffff:a.b.c.d.
+    let endpoint = endpoint.to_canonical();
+    routed
+        .iter()
+        .filter(|n| n.contains(&endpoint))
+        .copied()
+        .collect()
+}
+
 /// Plans the routes for `allowed` (see [`plan`]) and installs them into
-/// `iface`, logging what is skipped and why. `whose` names the owners in the
-/// messages ("a hub's", "a peer's").
+/// `iface`, logging what is skipped and why, and returns the routes added.
+/// `whose` names the owners in the messages ("a hub's", "a peer's").
 pub fn install<'a>(
     addresses: &[IpNet],
     endpoints: &[IpAddr],
     allowed: impl IntoIterator<Item = &'a IpNet>,
     iface: &str,
     whose: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<IpNet>> {
     let plan = plan(addresses, endpoints, allowed);
     for (net, why) in &plan.skipped {
         tracing::warn!(route = %net, interface = %iface, "{whose} allowed_ips prefix gets no route: {why}");
@@ -103,7 +119,7 @@ pub fn install<'a>(
         let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
         tracing::info!(?routes, interface = %iface, "routes added");
     }
-    Ok(())
+    Ok(plan.add)
 }
 
 /// `ip route replace NET dev IFACE`.
@@ -201,5 +217,19 @@ mod tests {
         // The address's /24 does not cover the hub's /10.
         let p = plan(&nets(&["100.64.1.1/24"]), &[], &nets(&["100.64.0.0/10"]));
         assert_eq!(p.add, nets(&["100.64.0.0/10"]));
+    }
+
+    #[test]
+    fn holding_finds_the_routes_an_endpoint_lies_in() {
+        let routed = nets(&["203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32"]);
+        let ep: IpAddr = "203.0.113.1".parse().unwrap();
+        assert_eq!(holding(&routed, ep), nets(&["203.0.113.0/24"]));
+        let ep6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(holding(&routed, ep6), nets(&["2001:db8::/32"]));
+        let elsewhere: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(holding(&routed, elsewhere).is_empty());
+        // An IPv4 hub as a dual-stack socket names it.
+        let mapped: IpAddr = "::ffff:203.0.113.1".parse().unwrap();
+        assert_eq!(holding(&routed, mapped), nets(&["203.0.113.0/24"]));
     }
 }
