@@ -60,7 +60,8 @@ pub const FRAG_TIMEOUT: u64 = 5;
 pub const MAX_FRAG_FLOWS: usize = 4096;
 /// Most later fragments held for one datagram whose first has not come.
 pub const MAX_HELD_PER_DATAGRAM: usize = 64;
-/// Most bytes of later fragments held, all datagrams together.
+/// Most bytes of later fragments held, all datagrams together (counting the
+/// released ones not yet taken).
 pub const MAX_HELD_BYTES: usize = 256 * 1024;
 
 const TCP: u8 = 6;
@@ -230,6 +231,7 @@ pub struct Table {
     held: HashMap<FragKey, Held>,
     held_bytes: usize,
     released: std::collections::VecDeque<Released>,
+    released_bytes: usize,
     expired_held: u64,
     held_total: u64,
     cursor: [u16; 3],
@@ -387,6 +389,7 @@ impl Table {
             held: HashMap::new(),
             held_bytes: 0,
             released: std::collections::VecDeque::new(),
+            released_bytes: 0,
             expired_held: 0,
             held_total: 0,
             cursor: [min; 3],
@@ -429,7 +432,9 @@ impl Table {
 
     /// The next held fragment whose first has been mapped, rewritten.
     pub fn take_released(&mut self) -> Option<Released> {
-        self.released.pop_front()
+        let r = self.released.pop_front()?;
+        self.released_bytes = self.released_bytes.saturating_sub(r.packet.len());
+        Some(r)
     }
 
     /// Held fragments ready in [`Self::take_released`].
@@ -477,6 +482,7 @@ impl Table {
             for mut packet in h.pkts {
                 self.held_bytes = self.held_bytes.saturating_sub(packet.len());
                 if buf::put(&mut packet, at, &addr).is_ok() {
+                    self.released_bytes = self.released_bytes.saturating_add(packet.len());
                     self.released.push_back(Released {
                         outbound: k.outbound,
                         packet,
@@ -526,9 +532,12 @@ impl Table {
     }
 
     /// Keeps a copy of a later fragment until its first comes, within
-    /// [`MAX_HELD_PER_DATAGRAM`] and [`MAX_HELD_BYTES`].
+    /// [`MAX_HELD_PER_DATAGRAM`] and [`MAX_HELD_BYTES`] (released fragments
+    /// the caller has not taken yet count too, so the table stays bounded
+    /// whatever the caller does).
     fn hold(&mut self, k: FragKey, pkt: &[u8], now: u64) -> Result<Step, DropReason> {
-        if self.held_bytes.saturating_add(pkt.len()) > MAX_HELD_BYTES {
+        let in_use = self.held_bytes.saturating_add(self.released_bytes);
+        if in_use.saturating_add(pkt.len()) > MAX_HELD_BYTES {
             return Err(DropReason::Fragment);
         }
         let h = self.held.entry(k).or_insert_with(|| Held {

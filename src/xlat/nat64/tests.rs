@@ -390,23 +390,26 @@ proptest! {
 /// Splits a whole IPv6 packet (no extension headers) into two fragments at
 /// `at` bytes of its payload (a multiple of 8), with identification `id`.
 fn v6_fragments(whole: &[u8], id: u32, at: usize) -> [Vec<u8>; 2] {
-    let nh = whole[6];
-    let payload = &whole[40..];
-    let piece = |data: &[u8], offset: usize, more: bool| {
-        let mut p = whole[..40].to_vec();
-        p[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-        p[6] = 44;
-        p.push(nh);
-        p.push(0);
-        p.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
-        p.extend_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(data);
-        p
-    };
+    let len = whole.len() - 40;
     [
-        piece(&payload[..at], 0, true),
-        piece(&payload[at..], at, false),
+        v6_piece(whole, id, 0, at, true),
+        v6_piece(whole, id, at, len - at, false),
     ]
+}
+
+/// The fragment of a whole IPv6 packet (no extension headers) that carries
+/// `len` bytes of its payload from `offset`, with identification `id`.
+fn v6_piece(whole: &[u8], id: u32, offset: usize, len: usize, more: bool) -> Vec<u8> {
+    let data = &whole[40 + offset..40 + offset + len];
+    let mut p = whole[..40].to_vec();
+    p[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    p[6] = 44;
+    p.push(whole[6]);
+    p.push(0);
+    p.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(data);
+    p
 }
 
 /// Splits a whole IPv4 packet (20-byte header) into two fragments at `at`
@@ -653,25 +656,45 @@ fn held_fragments_are_bounded() {
 /// Splits a whole IPv6 packet (no extension headers) into fragments of
 /// `size` payload bytes (a multiple of 8; the last may be shorter).
 fn v6_fragments_n(whole: &[u8], id: u32, size: usize) -> Vec<Vec<u8>> {
-    let nh = whole[6];
-    let payload = &whole[40..];
-    payload
-        .chunks(size)
-        .enumerate()
-        .map(|(i, data)| {
-            let offset = i * size;
-            let more = offset + data.len() < payload.len();
-            let mut p = whole[..40].to_vec();
-            p[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-            p[6] = 44;
-            p.push(nh);
-            p.push(0);
-            p.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
-            p.extend_from_slice(&id.to_be_bytes());
-            p.extend_from_slice(data);
-            p
+    let len = whole.len() - 40;
+    (0..len)
+        .step_by(size)
+        .map(|offset| {
+            let n = size.min(len - offset);
+            v6_piece(whole, id, offset, n, offset + n < len)
         })
         .collect()
+}
+
+#[test]
+fn released_fragments_not_taken_count_against_the_bound() {
+    let mut t = table(16);
+    let dst = pool6().embed(REMOTE);
+    let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &[3u8; 1024]));
+    // Datagram after datagram, later fragment first, then its first; the
+    // released fragments are never taken.
+    let mut id = 0u32;
+    loop {
+        let [mut first, mut later] = v6_fragments(&whole, id, 16);
+        match t.outbound(&mut later, &pool6(), 0) {
+            Ok(Step::Held) => {}
+            Err(DropReason::Fragment) => break,
+            r => panic!("{r:?}"),
+        }
+        t.outbound(&mut first, &pool6(), 0).unwrap();
+        id += 1;
+        assert!(id < 10_000, "released fragments grow without bound");
+    }
+    assert_eq!(t.held_fragments(), (0, 0));
+    assert!(t.released_len() * later_len(&whole) <= MAX_HELD_BYTES);
+    // Taking them makes room again.
+    while t.take_released().is_some() {}
+    let [_, mut later] = v6_fragments(&whole, id, 16);
+    assert_eq!(t.outbound(&mut later, &pool6(), 0), Ok(Step::Held));
+}
+
+fn later_len(whole: &[u8]) -> usize {
+    v6_fragments(whole, 0, 16)[1].len()
 }
 
 proptest! {
