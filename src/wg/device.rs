@@ -24,12 +24,12 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Largest datagram or IP packet handled.
 pub const MAX_PACKET: usize = 65536;
@@ -102,11 +102,14 @@ pub enum DropReason {
     TtlExpired,
     TunWrite,
     UdpSend,
+    /// Not a dropped packet but a refused roam: an authenticated datagram
+    /// came from an address inside its peer's own allowed IPs.
+    EndpointLoop,
     Other,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
@@ -123,6 +126,7 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::TunWrite,
         DropReason::UdpSend,
+        DropReason::EndpointLoop,
         DropReason::Other,
     ];
 
@@ -144,6 +148,7 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::TunWrite => "tun_write",
             DropReason::UdpSend => "udp_send",
+            DropReason::EndpointLoop => "endpoint_loop",
             DropReason::Other => "other",
         }
     }
@@ -258,6 +263,8 @@ pub struct Peer {
     last_tx_ms: AtomicU64,
     /// Packets from this peer whose source was outside its allowed IPs.
     src_not_allowed: AtomicU64,
+    /// A refused roam into its own allowed IPs has been logged.
+    loop_warned: AtomicBool,
 }
 
 impl Peer {
@@ -654,6 +661,16 @@ fn locate(base: usize, p: &[u8]) -> (usize, usize) {
 
 /// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
 /// so the buffer's borrow (and the peer lock) can end before the I/O.
+/// Whether `endpoint`, made a peer's endpoint, would send the peer's packets
+/// back into this device for the same peer: it lies inside the peer's own
+/// allowed IPs, so wherever the kernel routes it into the tunnel, each
+/// encrypted datagram would be encrypted for the peer again, and again.
+/// (Kernel WireGuard notices this when sending; here the roam is refused.)
+fn loops_back<T>(routes: &AllowedIps<T>, endpoint: IpAddr, is_peer: impl Fn(&T) -> bool) -> bool {
+    // A dual-stack socket names an IPv4 sender as ::ffff:a.b.c.d.
+    routes.lookup(endpoint.to_canonical()).is_some_and(is_peer)
+}
+
 fn classify(base: usize, r: TunnResult<'_>) -> Out {
     match r {
         TunnResult::Done => Out::Nothing,
@@ -1275,7 +1292,17 @@ impl Inner {
         };
         let authenticated = !matches!(result, Out::Error(_));
         if authenticated {
-            peer.set_endpoint(from);
+            if peer.endpoint() != Some(from) {
+                if loops_back(&table.routes, from.ip(), |o| Arc::ptr_eq(o, &peer)) {
+                    // Keep the endpoint it had; the payload still goes in.
+                    self.drops.inc(DropReason::EndpointLoop);
+                    if !peer.loop_warned.swap(true, Ordering::Relaxed) {
+                        warn!(peer = %peer.public_key, from = %from, "not moving a peer's endpoint inside its own allowed IPs: its packets would loop through the tunnel");
+                    }
+                } else {
+                    peer.set_endpoint(from);
+                }
+            }
             peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
@@ -1513,6 +1540,7 @@ impl Inner {
                         last_rx_ms: AtomicU64::new(0),
                         last_tx_ms: AtomicU64::new(0),
                         src_not_allowed: AtomicU64::new(0),
+                        loop_warned: AtomicBool::new(false),
                     });
                     t.by_index.insert(index, Arc::clone(&peer));
                     t.by_key.insert(ps.public_key, Arc::clone(&peer));
@@ -1691,4 +1719,45 @@ pub struct ShowPeer {
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u16>,
     pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn routes() -> AllowedIps<u8> {
+        let mut r = AllowedIps::new();
+        r.insert("10.64.0.0/16".parse().unwrap(), 1); // peer 1: the overlay
+        r.insert("10.64.7.0/24".parse().unwrap(), 2); // peer 2: a subnet in it
+        r.insert("fd00:64::/48".parse().unwrap(), 1);
+        r
+    }
+
+    #[test]
+    fn a_roam_into_the_peers_own_allowed_ips_loops() {
+        let r = routes();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(loops_back(&r, ip("10.64.0.9"), |p| *p == 1));
+        assert!(loops_back(&r, ip("fd00:64::9"), |p| *p == 1));
+        // As a dual-stack socket reports an IPv4 sender.
+        assert!(loops_back(&r, ip("::ffff:10.64.0.9"), |p| *p == 1));
+        // Inside another peer's prefix (the longest match): WireGuard in
+        // WireGuard through that peer, not a loop.
+        assert!(!loops_back(&r, ip("10.64.7.1"), |p| *p == 1));
+        assert!(loops_back(&r, ip("10.64.7.1"), |p| *p == 2));
+        // Outside every allowed IP: an ordinary roam.
+        assert!(!loops_back(&r, ip("192.0.2.1"), |p| *p == 1));
+        assert!(!loops_back(&r, ip("::ffff:192.0.2.1"), |p| *p == 1));
+    }
+
+    #[test]
+    fn every_drop_reason_has_its_own_name() {
+        let names: std::collections::HashSet<&str> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{} out of place in ALL", r.as_str());
+        }
+    }
 }
