@@ -263,7 +263,8 @@ pub struct Peer {
     last_tx_ms: AtomicU64,
     /// Packets from this peer whose source was outside its allowed IPs.
     src_not_allowed: AtomicU64,
-    /// A refused roam into its own allowed IPs has been logged.
+    /// A refused roam into its own allowed IPs has been logged (since the
+    /// last roam that was not refused).
     loop_warned: AtomicBool,
 }
 
@@ -1301,6 +1302,8 @@ impl Inner {
                     }
                 } else {
                     peer.set_endpoint(from);
+                    // A later loop is news again.
+                    peer.loop_warned.store(false, Ordering::Relaxed);
                 }
             }
             peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
