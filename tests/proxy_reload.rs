@@ -1,6 +1,6 @@
 //! Loopback tests of the proxy's hot reload, balancing and health checks:
 //! a reload adds a route while a large download over another route runs to the
-//! end; removed listeners close; active health checks and tunnel liveness take
+//! end; removed listeners close; shutdown drains; active health checks and tunnel liveness take
 //! backends out and back; least-connections, stickiness, per-route limits and
 //! PROXY v1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -282,6 +282,36 @@ async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
     assert_eq!(r.listeners_removed.len(), 1, "{r:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(TcpStream::connect(tcp_at).await.is_err());
+}
+
+/// Graceful drain on shutdown: listeners close at once, a download in flight
+/// runs to its end within the grace period, and `shutdown` returns once the
+/// last connection is gone, not before.
+#[tokio::test]
+async fn shutdown_drains_a_download_in_flight() {
+    let (a, _ta) = backend("alpha").await;
+    let p = Proxy::start(settings(vec![route("a", vec![be(a)])]))
+        .await
+        .unwrap();
+    let at = p.http_addrs()[0];
+    // 32 MiB with pauses: about 1.3 s.
+    let dl = tokio::spawn(async move { get(at, "a.gw.test", "/big/32").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sd = tokio::spawn(p.shutdown(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(at).await.is_err(),
+        "a draining proxy accepts no new connection"
+    );
+    assert!(!dl.is_finished(), "the download should still be running");
+    assert!(!sd.is_finished(), "shutdown waits for the download");
+    let (st, len, _) = tokio::time::timeout(T, dl).await.unwrap().unwrap();
+    assert!(st.contains("200"), "{st}");
+    assert_eq!(len, 32 * 1024 * 1024, "the download ran to the end");
+    tokio::time::timeout(Duration::from_secs(2), sd)
+        .await
+        .expect("shutdown returns once the last connection is gone")
+        .unwrap();
 }
 
 fn health(interval_ms: u64) -> HealthCheck {
