@@ -724,3 +724,69 @@ async fn shutdown_stops_accepting() {
     p.shutdown(Duration::from_secs(1)).await;
     assert!(TcpStream::connect(at).await.is_err());
 }
+
+/// The overall connection limit: past `max_connections` a new client
+/// connection is closed at once and counted; once one closes, the next is
+/// served.
+#[tokio::test]
+async fn overall_connection_limit() {
+    let b = http_backend("lim").await;
+    let mut s = settings(vec![route("lim", TlsMode::Terminate, vec![be(b)])]);
+    s.limits.max_connections = 2;
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let c1 = TcpStream::connect(at).await.unwrap();
+    let _c2 = TcpStream::connect(at).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c3 = TcpStream::connect(at).await.unwrap();
+    let _ = c3
+        .write_all(b"GET / HTTP/1.1\r\nHost: lim.gw.test\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(T, c3.read_to_end(&mut out)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection is closed unanswered: {r:?} {}",
+        String::from_utf8_lossy(&out)
+    );
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("over_capacity"), Some(&1));
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = raw_http(at, "lim.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "served again: {r}");
+}
+
+/// A spliced connection (a TCP forward) idle for `idle_timeout` is closed;
+/// one that keeps talking is not.
+#[tokio::test]
+async fn idle_spliced_connections_are_closed() {
+    let (echo, _) = tcp_backend(false).await;
+    let mut s = settings(vec![]);
+    s.limits.idle_timeout = Duration::from_millis(600);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(echo)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.tcp_addrs()[0];
+    let mut c = TcpStream::connect(at).await.unwrap();
+    // Talking every 300 ms for 1.5 s keeps it open.
+    for i in 0..5u8 {
+        c.write_all(&[b'a' + i]).await.unwrap();
+        let mut back = [0u8; 1];
+        tokio::time::timeout(T, c.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back[0], b'a' + i);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Then silence: the proxy closes it (the default would wait 300 s).
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(T, c.read_to_end(&mut out)).await;
+    assert!(matches!(r, Ok(Ok(0))), "{r:?}");
+}
