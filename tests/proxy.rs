@@ -790,3 +790,35 @@ async fn idle_spliced_connections_are_closed() {
     let r = tokio::time::timeout(T, c.read_to_end(&mut out)).await;
     assert!(matches!(r, Ok(Ok(0))), "{r:?}");
 }
+
+/// `redirect_https` per route: plain HTTP to the route that asks for it gets
+/// a 308 to the same path over https, its HTTPS is served, and a route
+/// without it still serves plain HTTP.
+#[tokio::test]
+async fn redirect_to_https_per_route() {
+    let pki = pki(&["strict.gw.test"]);
+    let b = http_backend("be").await;
+    let mut strict = terminate_route("strict", &pki, b);
+    strict.redirect_https = true;
+    let plain = route("plain", TlsMode::Terminate, vec![be(b)]);
+    let p = Proxy::start(settings(vec![strict, plain])).await.unwrap();
+    let r = raw_http(p.http_addrs()[0], "Strict.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
+    assert!(
+        r.contains("location: https://strict.gw.test/hello?x=1"),
+        "{r}"
+    );
+    let r = tls_get(p.https_addrs()[0], "strict.gw.test", &pki.cert_der)
+        .await
+        .unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("be /tls"),
+        "{r}"
+    );
+    assert!(r.contains("xfp=https"), "{r}");
+    let r = raw_http(p.http_addrs()[0], "plain.gw.test", "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("xfp=http "),
+        "{r}"
+    );
+}

@@ -390,6 +390,75 @@ async fn active_health_checks_fail_over_and_back() {
     back.abort();
 }
 
+/// A backend whose `/health` answers 500 and every other path 200 `sick`.
+async fn sick_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let mut r =
+                        hyper::Response::new(http_body_util::Full::new(Bytes::from("sick")));
+                    if req.uri().path() == "/health" {
+                        *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Waits until backend 0 of `route` is `up` (with `check` as its check state).
+async fn wait_backend(p: &Proxy, route: &str, up: bool, check: &str) {
+    let t0 = Instant::now();
+    loop {
+        let st = p.stats();
+        let h = st.iter().find(|s| s.route == route).unwrap();
+        if h.backends[0].up == up && h.backends[0].check == Some(check) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{route}: {:?}",
+            h.backends
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The two kinds of active check on one backend that accepts connections
+/// but fails its HTTP health path: the HTTP check takes it out (503), the TCP
+/// connect check keeps it in (200) until the backend stops listening.
+#[tokio::test]
+async fn tcp_and_http_health_checks_differ() {
+    let (sick, task) = sick_backend().await;
+    let mut by_http = route("byhttp", vec![be(sick)]);
+    by_http.balance.health = Some(health(100));
+    let mut by_tcp = route("bytcp", vec![be(sick)]);
+    by_tcp.balance.health = Some(HealthCheck {
+        kind: HealthKind::Tcp,
+        ..health(100)
+    });
+    let p = Proxy::start(settings(vec![by_http, by_tcp])).await.unwrap();
+    let at = p.http_addrs()[0];
+    wait_backend(&p, "name:byhttp", false, "failing").await;
+    wait_backend(&p, "name:bytcp", true, "passing").await;
+    assert!(body_of(at, "byhttp.gw.test")
+        .await
+        .starts_with("HTTP/1.1 503"));
+    assert_eq!(body_of(at, "bytcp.gw.test").await, "HTTP/1.1 200 OK sick");
+    task.abort();
+    let _ = task.await;
+    wait_backend(&p, "name:bytcp", false, "failing").await;
+}
+
 struct Fake(AtomicBool, IpAddr);
 impl TunnelLiveness for Fake {
     fn tunnel_up(&self, ip: IpAddr) -> Option<bool> {
