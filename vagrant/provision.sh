@@ -68,7 +68,7 @@ EOF
     systemctl restart "$1.service"
 }
 
-apt_install wireguard-tools nftables conntrack iproute2 iputils-ping jq socat iperf3 curl ca-certificates
+apt_install wireguard-tools nftables conntrack iproute2 iputils-ping jq socat iperf3 curl ca-certificates python3
 
 case $role in
 hub)
@@ -93,6 +93,17 @@ allowed_ips = ["100.64.1.1/32", "fd77:6777::1:1/128"]
 name = "node2"
 public_key = "$(pubkey_of "$GW_KEY_NODE2")"
 allowed_ips = ["100.64.1.2/32", "fd77:6777::1:2/128"]
+
+# The reverse proxy: web.gw.lab is served by both nodes' web page (IPv6-only
+# backends, over their tunnels), balanced, with failover.
+[proxy]
+domains = ["gw.lab"]
+http_listen = ["0.0.0.0:80", "[::]:80"]
+
+[[route]]
+name = "web"
+backends = ["http://[fd77:6777::1:1]:8080", "http://[fd77:6777::1:2]:8080"]
+health_check = "http"
 EOF
     gatewire hub --config /etc/gatewire/hub.toml --check
     unit gatewire-hub "gatewire hub" "/usr/local/bin/gatewire hub --config /etc/gatewire/hub.toml"
@@ -178,6 +189,12 @@ EOF
     gatewire node --config /etc/gatewire/node.toml --check
     unit gatewire-node "gatewire node" "/usr/local/bin/gatewire node --config /etc/gatewire/node.toml" \
         gatewire-wan-route.service
+    # A web page on the overlay only: a backend of web.gw.lab on the hub.
+    install -d /var/www/gatewire
+    echo "hello from node$idx" >/var/www/gatewire/index.html
+    unit gatewire-web "web page for web.gw.lab" \
+        "/usr/bin/python3 -m http.server 8080 --bind fd77:6777::1:$idx --directory /var/www/gatewire" \
+        gatewire-node.service
     ok=0
     for _ in $(seq 30); do
         if ping -q -c 1 -W 1 100.64.0.1 >/dev/null 2>&1; then
