@@ -221,7 +221,7 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
 /// prefixes holding a peer's configured endpoint (logged instead). Peers
 /// added later through the control plane get theirs as they come
 /// (`control::runtime`); peers set over UAPI get none, as with `wg set`.
-fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
+fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<Vec<IpNet>> {
     let endpoints: Vec<_> = cfg
         .peers
         .iter()
@@ -234,7 +234,6 @@ fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<()> {
         &cfg.interface,
         "a peer's",
     )
-    .map(|_| ())
 }
 
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are
@@ -265,7 +264,7 @@ async fn run_inner(
 ) -> anyhow::Result<()> {
     let dev = Device::start(device_config(&cfg)).await?;
     if cfg.routes {
-        add_peer_routes(&cfg)?;
+        dev.inner.add_tun_routes(add_peer_routes(&cfg)?);
     }
     crate::wg::xlat::add_routes(&cfg.interface, cfg.xlat.as_ref())?;
     let api = ApiServer::start(dev.inner.clone()).await?;

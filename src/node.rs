@@ -72,7 +72,7 @@ type Routed = Arc<Mutex<Vec<IpNet>>>;
 /// Removes the routes in `routed` that hold `endpoint`, a hub address learnt
 /// after they were added: routed into the tunnel, the tunnel's own packets to
 /// the hub would loop and the node could never reach it.
-async fn unroute_endpoint(routed: &Routed, endpoint: IpAddr, iface: &str, hub: &str) {
+async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface: &str, hub: &str) {
     let nets = {
         let mut r = routed.lock();
         let nets = crate::wg::route::holding(&r, endpoint);
@@ -82,12 +82,15 @@ async fn unroute_endpoint(routed: &Routed, endpoint: IpAddr, iface: &str, hub: &
     for net in nets {
         let i = iface.to_string();
         match tokio::task::spawn_blocking(move || crate::wg::route::delete(&net, &i)).await {
-            Ok(Ok(())) => warn!(
+            Ok(Ok(())) => {
+                dev.remove_tun_route(&net);
+                warn!(
                 hub,
                 route = %net,
                 interface = iface,
                 "route removed: it holds the hub endpoint {endpoint}: the tunnel's own packets would loop"
-            ),
+                )
+            }
             Ok(Err(e)) => {
                 warn!(hub, route = %net, error = %e, "cannot remove the route holding the hub endpoint")
             }
@@ -128,7 +131,7 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16, routed: Route
                 if let Some(addr) = resolve(&hub.endpoint).await {
                     if peer.endpoint() != Some(addr) {
                         info!(hub = %name, endpoint = %addr, "hub endpoint");
-                        unroute_endpoint(&routed, addr.ip(), &iface, &name).await;
+                        unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
                     }
                     peer.set_endpoint(addr);
                 }
@@ -265,6 +268,7 @@ async fn run_inner(
     } else {
         Vec::new()
     }));
+    dev.inner.add_tun_routes(routed.lock().iter().copied());
     let api = ApiServer::start(dev.inner.clone()).await?;
     let sups: Vec<_> = cfg
         .hubs

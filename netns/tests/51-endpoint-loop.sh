@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A peer's endpoint never moves inside the peer's own allowed IPs. The hub
-# allows d1 (a direct node) 172.31.99.1/32 besides its overlay addresses, so
-# it routes that address into its tunnel. d1 first sends to the hub from a
-# second wan address (an ordinary roam: the hub follows), then from
+# A peer's endpoint never moves to an address inside the peer's own allowed
+# IPs that is routed into the hub's tunnel. The hub allows d1 (a direct node)
+# 172.31.99.1/32, which it routes into its tunnel, and 0.0.0.0/0, which it
+# does not (a default route is never added). d1 first sends to the hub from a
+# second wan address (inside 0.0.0.0/0 but not routed into the tunnel: an
+# ordinary roam, the hub follows), then from
 # 172.31.99.1 (a local address and a source route on d1). Taken as d1's
 # endpoint, that address would send the hub's datagrams for d1 into the
 # tunnel, to be encrypted for d1 again, round after round. The hub keeps the
@@ -22,8 +24,8 @@ HUB4=$(lab_wan4 hub)
 
 lab_up 0 1
 conf=$(gw_hub_conf hub d1)
-sed -i "s|^allowed_ips = \[\"$(lab_ov4 d1)/32\"|allowed_ips = [\"$INSIDE/32\", \"$(lab_ov4 d1)/32\"|" "$conf"
-must "the hub config allows d1 $INSIDE" grep -q "\"$INSIDE/32\"" "$conf"
+sed -i "s|^allowed_ips = \[\"$(lab_ov4 d1)/32\"|allowed_ips = [\"$INSIDE/32\", \"0.0.0.0/0\", \"$(lab_ov4 d1)/32\"|" "$conf"
+must "the hub config allows d1 $INSIDE and 0.0.0.0/0" grep -q "\"$INSIDE/32\", \"0.0.0.0/0\"" "$conf"
 GW_CONF=$conf gw_start_hub hub
 # Loose reverse-path filtering, as on a multi-homed gateway: a source the
 # hub routes into its tunnel is still accepted on wan0.
@@ -32,6 +34,8 @@ GW_PKA=1 gw_start_node d1 hub
 must "d1 reaches the hub" wait_for 15 lab_ping1 d1 "$(lab_ov4 hub)"
 must "the hub routes $INSIDE into its tunnel" \
     bash -c "ip -n '$(lab_ns hub)' route get $INSIDE | grep -q 'dev gw0'"
+must "the hub does not route $ROAM into its tunnel" \
+    bash -c "! ip -n '$(lab_ns hub)' route get $ROAM | grep -q 'dev gw0'"
 
 d1_json() { gw_show_json hub | jq -c '.interfaces[].peers[] | select(.name == "d1")'; }
 endpoint_is() { [ "$(d1_json | jq -r .endpoint)" = "$1" ]; }

@@ -405,8 +405,9 @@ impl Control {
                         .flat_map(|p| p.allowed_ips)
                         .collect();
                     let cfg = env.cfg.clone();
+                    let dev = self.dev.clone();
                     let r = tokio::task::spawn_blocking(move || {
-                        sync_routes(&cfg, &added, &removed, &held)
+                        sync_routes(&cfg, &dev, &added, &removed, &held)
                     });
                     if let Err(e) = r.await {
                         warn!(error = %e, "control-plane peer routes: task failed");
@@ -462,11 +463,12 @@ impl Control {
 
 /// Routes the off-link prefixes of added peers into the TUN, and takes
 /// away those of removed peers that no remaining peer (`held`) holds.
-fn sync_routes(cfg: &HubConfig, added: &[IpNet], removed: &[IpNet], held: &[IpNet]) {
+fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet], held: &[IpNet]) {
     use crate::wg::route;
     for net in route::plan(&cfg.addresses, &[], added).add {
         match route::replace(&net, &cfg.interface) {
             Ok(()) => {
+                dev.add_tun_routes([net]);
                 info!(route = %net, interface = %cfg.interface, "route added for a control-plane peer")
             }
             Err(e) => {
@@ -480,6 +482,7 @@ fn sync_routes(cfg: &HubConfig, added: &[IpNet], removed: &[IpNet], held: &[IpNe
         }
         match route::delete(&net, &cfg.interface) {
             Ok(()) => {
+                dev.remove_tun_route(&net);
                 info!(route = %net, interface = %cfg.interface, "route removed with its control-plane peer")
             }
             Err(e) => {

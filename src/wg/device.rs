@@ -413,6 +413,9 @@ pub struct Inner {
     start: Instant,
     /// The translator, when the device runs one.
     xlat: Option<XlatPath>,
+    /// Prefixes the kernel routes into this TUN, as far as the daemon knows
+    /// (its address prefixes, the routes it added); empty in `wg` mode.
+    tun_routes: RwLock<Vec<IpNet>>,
 }
 
 /// A running device. Dropping it stops its tasks and removes the TUN.
@@ -611,6 +614,7 @@ impl Device {
                     cfg.xlat_icmp_rate,
                 )
             }),
+            tun_routes: RwLock::new(Vec::new()),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {
@@ -631,6 +635,8 @@ impl Device {
                 peer.set_name(p.name.clone());
             }
         }
+        // The kernel routes the TUN's address prefixes into it.
+        inner.add_tun_routes(cfg.addresses.iter().copied());
         inner.spawn_receivers();
         let tasks = vec![
             tokio::spawn(Arc::clone(&inner).tun_loop()),
@@ -663,13 +669,22 @@ fn locate(base: usize, p: &[u8]) -> (usize, usize) {
 /// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
 /// so the buffer's borrow (and the peer lock) can end before the I/O.
 /// Whether `endpoint`, made a peer's endpoint, would send the peer's packets
-/// back into this device for the same peer: it lies inside the peer's own
-/// allowed IPs, so wherever the kernel routes it into the tunnel, each
-/// encrypted datagram would be encrypted for the peer again, and again.
-/// (Kernel WireGuard notices this when sending; here the roam is refused.)
-fn loops_back<T>(routes: &AllowedIps<T>, endpoint: IpAddr, is_peer: impl Fn(&T) -> bool) -> bool {
+/// back into this device for the same peer: the kernel routes it into the
+/// TUN (it lies in `into_tun`) and it lies inside the peer's own allowed IPs,
+/// so each encrypted datagram would be encrypted for the peer again, and
+/// again. (Kernel WireGuard notices this when sending; here the roam is
+/// refused.) Allowed IPs alone do not decide it: a peer allowed 0.0.0.0/0
+/// whose prefix is not routed into the TUN (a default route is never added;
+/// wg-quick puts it in a table of its own) roams freely.
+fn loops_back<T>(
+    into_tun: &[IpNet],
+    routes: &AllowedIps<T>,
+    endpoint: IpAddr,
+    is_peer: impl Fn(&T) -> bool,
+) -> bool {
     // A dual-stack socket names an IPv4 sender as ::ffff:a.b.c.d.
-    routes.lookup(endpoint.to_canonical()).is_some_and(is_peer)
+    let endpoint = endpoint.to_canonical();
+    into_tun.iter().any(|n| n.contains(&endpoint)) && routes.lookup(endpoint).is_some_and(is_peer)
 }
 
 fn classify(base: usize, r: TunnResult<'_>) -> Out {
@@ -692,6 +707,25 @@ fn classify(base: usize, r: TunnResult<'_>) -> Out {
 }
 
 impl Inner {
+    /// Records prefixes the kernel routes into this TUN (the daemon's own
+    /// address prefixes, the routes it adds): a peer's endpoint never roams
+    /// to an address in one of them that the peer's allowed IPs hold.
+    pub fn add_tun_routes(&self, nets: impl IntoIterator<Item = IpNet>) {
+        let mut r = self.tun_routes.write();
+        for n in nets {
+            let n = n.trunc();
+            if !r.contains(&n) {
+                r.push(n);
+            }
+        }
+    }
+
+    /// Forgets a prefix no longer routed into this TUN.
+    pub fn remove_tun_route(&self, net: &IpNet) {
+        let net = net.trunc();
+        self.tun_routes.write().retain(|n| *n != net);
+    }
+
     /// Milliseconds since the device started.
     pub fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
@@ -1294,7 +1328,12 @@ impl Inner {
         let authenticated = !matches!(result, Out::Error(_));
         if authenticated {
             if peer.endpoint() != Some(from) {
-                if loops_back(&table.routes, from.ip(), |o| Arc::ptr_eq(o, &peer)) {
+                let into_tun = self.tun_routes.read();
+                let loops = loops_back(&into_tun, &table.routes, from.ip(), |o| {
+                    Arc::ptr_eq(o, &peer)
+                });
+                drop(into_tun);
+                if loops {
                     // Keep the endpoint it had; the payload still goes in.
                     self.drops.inc(DropReason::EndpointLoop);
                     if !peer.loop_warned.swap(true, Ordering::Relaxed) {
@@ -1737,21 +1776,45 @@ mod tests {
         r
     }
 
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
     #[test]
-    fn a_roam_into_the_peers_own_allowed_ips_loops() {
+    fn a_roam_into_the_peers_own_routed_allowed_ips_loops() {
         let r = routes();
+        let tun = nets(&["10.64.0.0/16", "fd00:64::/48"]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(loops_back(&r, ip("10.64.0.9"), |p| *p == 1));
-        assert!(loops_back(&r, ip("fd00:64::9"), |p| *p == 1));
+        assert!(loops_back(&tun, &r, ip("10.64.0.9"), |p| *p == 1));
+        assert!(loops_back(&tun, &r, ip("fd00:64::9"), |p| *p == 1));
         // As a dual-stack socket reports an IPv4 sender.
-        assert!(loops_back(&r, ip("::ffff:10.64.0.9"), |p| *p == 1));
+        assert!(loops_back(&tun, &r, ip("::ffff:10.64.0.9"), |p| *p == 1));
         // Inside another peer's prefix (the longest match): WireGuard in
         // WireGuard through that peer, not a loop.
-        assert!(!loops_back(&r, ip("10.64.7.1"), |p| *p == 1));
-        assert!(loops_back(&r, ip("10.64.7.1"), |p| *p == 2));
+        assert!(!loops_back(&tun, &r, ip("10.64.7.1"), |p| *p == 1));
+        assert!(loops_back(&tun, &r, ip("10.64.7.1"), |p| *p == 2));
         // Outside every allowed IP: an ordinary roam.
-        assert!(!loops_back(&r, ip("192.0.2.1"), |p| *p == 1));
-        assert!(!loops_back(&r, ip("::ffff:192.0.2.1"), |p| *p == 1));
+        assert!(!loops_back(&tun, &r, ip("192.0.2.1"), |p| *p == 1));
+        assert!(!loops_back(&tun, &r, ip("::ffff:192.0.2.1"), |p| *p == 1));
+        // Allowed but not routed into the TUN (`wg` mode, a prefix holding a
+        // configured endpoint): the kernel sends it out the wan, no loop.
+        assert!(!loops_back(&[], &r, ip("10.64.0.9"), |p| *p == 1));
+        let only_v6 = nets(&["fd00:64::/48"]);
+        assert!(!loops_back(&only_v6, &r, ip("10.64.0.9"), |p| *p == 1));
+    }
+
+    #[test]
+    fn a_peer_allowed_everything_roams_where_nothing_routes_it_into_the_tun() {
+        let mut r = AllowedIps::new();
+        r.insert("0.0.0.0/0".parse().unwrap(), 1u8);
+        r.insert("::/0".parse().unwrap(), 1u8);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The device's own overlay prefix is routed into the TUN; the peer's
+        // new wan address is not.
+        let tun = nets(&["100.64.0.0/10"]);
+        assert!(!loops_back(&tun, &r, ip("198.51.100.7"), |p| *p == 1));
+        assert!(!loops_back(&tun, &r, ip("2001:db8::7"), |p| *p == 1));
+        assert!(loops_back(&tun, &r, ip("100.64.3.3"), |p| *p == 1));
     }
 
     #[test]
