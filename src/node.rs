@@ -85,10 +85,10 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
             Ok(Ok(())) => {
                 dev.remove_tun_route(&net);
                 warn!(
-                hub,
-                route = %net,
-                interface = iface,
-                "route removed: it holds the hub endpoint {endpoint}: the tunnel's own packets would loop"
+                    hub,
+                    route = %net,
+                    interface = iface,
+                    "route removed: it holds the hub endpoint {endpoint}: the tunnel's own packets would loop"
                 )
             }
             Ok(Err(e)) => {

@@ -357,21 +357,7 @@ async fn active_health_checks_fail_over_and_back() {
     }
     // alpha comes back on the same port.
     let l = TcpListener::bind(a).await.unwrap();
-    let back = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        Bytes::from("alpha2"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let back = serve_paths(l, |_| (hyper::StatusCode::OK, "alpha2"));
     let t0 = Instant::now();
     loop {
         let st = p.stats();
@@ -390,29 +376,30 @@ async fn active_health_checks_fail_over_and_back() {
     back.abort();
 }
 
-/// A backend whose `/health` answers 500 and every other path 200 `sick`.
-async fn sick_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
+/// Serves HTTP/1.1 on `l`: every request gets `answer(path)`.
+fn serve_paths(
+    l: TcpListener,
+    answer: fn(&str) -> (hyper::StatusCode, &'static str),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let mut r =
-                        hyper::Response::new(http_body_util::Full::new(Bytes::from("sick")));
-                    if req.uri().path() == "/health" {
-                        *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-                    }
-                    Ok::<_, Infallible>(r)
-                });
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let (status, body) = answer(req.uri().path());
+                        let mut r =
+                            hyper::Response::new(http_body_util::Full::new(Bytes::from(body)));
+                        *r.status_mut() = status;
+                        Ok::<_, Infallible>(r)
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });
         }
-    });
-    (addr, task)
+    })
 }
 
 /// Waits until backend 0 of `route` is `up` (with `check` as its check state).
@@ -438,7 +425,13 @@ async fn wait_backend(p: &Proxy, route: &str, up: bool, check: &str) {
 /// connect check keeps it in (200) until the backend stops listening.
 #[tokio::test]
 async fn tcp_and_http_health_checks_differ() {
-    let (sick, task) = sick_backend().await;
+    // A backend whose `/health` answers 500 and every other path 200 `sick`.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sick = l.local_addr().unwrap();
+    let task = serve_paths(l, |path| match path {
+        "/health" => (hyper::StatusCode::INTERNAL_SERVER_ERROR, "sick"),
+        _ => (hyper::StatusCode::OK, "sick"),
+    });
     let mut by_http = route("byhttp", vec![be(sick)]);
     by_http.balance.health = Some(health(100));
     let mut by_tcp = route("bytcp", vec![be(sick)]);

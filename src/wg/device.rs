@@ -666,8 +666,6 @@ fn locate(base: usize, p: &[u8]) -> (usize, usize) {
     (off, off + p.len())
 }
 
-/// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
-/// so the buffer's borrow (and the peer lock) can end before the I/O.
 /// Whether `endpoint`, made a peer's endpoint, would send the peer's packets
 /// back into this device for the same peer: the kernel routes it into the
 /// TUN (it lies in `into_tun`) and it lies inside the peer's own allowed IPs,
@@ -687,6 +685,8 @@ fn loops_back<T>(
     into_tun.iter().any(|n| n.contains(&endpoint)) && routes.lookup(endpoint).is_some_and(is_peer)
 }
 
+/// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
+/// so the buffer's borrow (and the peer lock) can end before the I/O.
 fn classify(base: usize, r: TunnResult<'_>) -> Out {
     match r {
         TunnResult::Done => Out::Nothing,
@@ -1337,7 +1337,7 @@ impl Inner {
                     // Keep the endpoint it had; the payload still goes in.
                     self.drops.inc(DropReason::EndpointLoop);
                     if !peer.loop_warned.swap(true, Ordering::Relaxed) {
-                        warn!(peer = %peer.public_key, from = %from, "not moving a peer's endpoint inside its own allowed IPs: its packets would loop through the tunnel");
+                        warn!(peer = %peer.public_key, from = %from, "not moving a peer's endpoint inside its own allowed IPs routed into this tunnel: its packets would loop");
                     }
                 } else {
                     peer.set_endpoint(from);
