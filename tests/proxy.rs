@@ -9,8 +9,9 @@ use bytes::Bytes;
 use gatewire::proxy::names::{DomainName, Label};
 use gatewire::proxy::proxy_protocol::{decode_v2, Command};
 use gatewire::proxy::settings::{
-    Backend, BackendTls, Balance, CertFiles, Limits, ProxyProtocol, ProxySettings, RouteHost,
-    RouteSettings, Scheme, TcpForwardSettings, TlsMode, UdpForwardSettings,
+    Backend, BackendProtocol, BackendTls, Balance, CertFiles, HealthCheck, HealthKind, Limits,
+    ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TlsMode,
+    UdpForwardSettings,
 };
 use gatewire::proxy::Proxy;
 use http_body_util::{BodyExt, Full};
@@ -20,6 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +49,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         redirect_https: false,
         proxy_protocol: ProxyProtocol::Off,
         backend_tls: BackendTls::default(),
+        backend_protocol: Default::default(),
         balance: Balance::default(),
         acme: false,
         paused: false,
@@ -450,20 +453,7 @@ async fn terminate_with_file_cert_http1_and_h2() {
     assert!(out.starts_with("HTTP/1.1 421"), "{out}");
 
     // HTTP/2 over ALPN.
-    let conn = tokio_rustls::TlsConnector::from(client_config(&pki_a.cert_der, &[b"h2"]));
-    let tcp = TcpStream::connect(at).await.unwrap();
-    let t = conn
-        .connect(ServerName::try_from("blog.gw.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, c) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(t),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(c);
+    let mut send = h2_client(at, "blog.gw.test", &pki_a.cert_der).await;
     let req = hyper::Request::builder()
         .uri("https://blog.gw.test/h2path")
         .body(Full::new(Bytes::new()))
@@ -473,6 +463,228 @@ async fn terminate_with_file_cert_http1_and_h2() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("tb /h2path host=blog.gw.test"), "{body}");
+}
+
+/// An HTTP/2 client connection over TLS (ALPN `h2`) to the proxy at `at`.
+async fn h2_client(
+    at: SocketAddr,
+    sni: &str,
+    trust: &CertificateDer<'static>,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let conn = tokio_rustls::TlsConnector::from(client_config(trust, &[b"h2"]));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let t = conn
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, c) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(t),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    send
+}
+
+/// An HTTP/2-only backend (prior knowledge, or TLS offering only ALPN `h2`
+/// with `tls`), like a gRPC server: it answers `h2 <uri> ver=.. te=.. xff=..
+/// len=<request body bytes>` followed by gRPC-style trailers, and counts the
+/// connections it accepted.
+async fn h2_backend(tls: Option<&Pki>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acc = tls.map(|pki| {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let n = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            n.fetch_add(1, SeqCst);
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let h = |n: &str| {
+                        req.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_string()
+                    };
+                    let head = format!(
+                        "h2 {} ver={:?} te={} xff={} host={}",
+                        req.uri(),
+                        req.version(),
+                        h("te"),
+                        h("x-forwarded-for"),
+                        h("host"),
+                    );
+                    let len = match req.into_body().collect().await {
+                        Ok(c) => c.to_bytes().len(),
+                        Err(_) => 0,
+                    };
+                    let mut tr = hyper::HeaderMap::new();
+                    tr.insert("grpc-status", "0".parse().unwrap());
+                    tr.insert("grpc-message", "ok".parse().unwrap());
+                    let body = Full::new(Bytes::from(format!("{head} len={len}")))
+                        .with_trailers(async move { Some(Ok(tr)) });
+                    Ok::<_, Infallible>(hyper::Response::new(body))
+                });
+                let b =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                match acc {
+                    Some(a) => {
+                        if let Ok(t) = a.accept(s).await {
+                            let _ = b.serve_connection(TokioIo::new(t), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn http2_backend_carries_trailers_on_one_connection() {
+    let pki = pki(&["grpc.gw.test"]);
+    let (b, conns) = h2_backend(None).await;
+    let mut r = terminate_route("grpc", &pki, b);
+    r.backend_protocol = BackendProtocol::Http2;
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let mut send = h2_client(p.https_addrs()[0], "grpc.gw.test", &pki.cert_der).await;
+    let call = |send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>| {
+        let req = hyper::Request::post("https://grpc.gw.test/pkg.Svc/Call")
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x05hello")))
+            .unwrap();
+        send.send_request(req)
+    };
+    let resp = call(&mut send).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap();
+    assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+    let body = String::from_utf8_lossy(&got.to_bytes()).into_owned();
+    assert!(
+        body.starts_with("h2 https://grpc.gw.test/pkg.Svc/Call ver=HTTP/2.0 te=trailers xff=127.0.0.1 host=- len=10"),
+        "{body}"
+    );
+    // Concurrent calls share the backend's one HTTP/2 connection.
+    let calls: Vec<_> = (0..20).map(|_| call(&mut send)).collect();
+    for c in calls {
+        let got = c.await.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["grpc-message"], "ok");
+    }
+    assert_eq!(conns.load(SeqCst), 1);
+    // HTTP/1.1 clients are served too (trailers only when they send TE).
+    let r = raw_http(p.http_addrs()[0], "grpc.gw.test", "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("h2 http://grpc.gw.test/hello?x=1"),
+        "{r}"
+    );
+    // An upgrade cannot cross to an HTTP/2 backend: a clear 501.
+    let r = raw_http(
+        p.http_addrs()[0],
+        "grpc.gw.test",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 501") && r.contains("backend_protocol"),
+        "{r}"
+    );
+    let st = p.stats();
+    let s = st.iter().find(|s| s.route == "name:grpc").unwrap();
+    assert_eq!(s.requests, 23);
+    assert_eq!(s.errors.get("backend_protocol"), Some(&1), "{s:?}");
+    assert_eq!(s.errors.values().sum::<u64>(), 1, "{s:?}");
+}
+
+#[tokio::test]
+async fn http2_backend_over_tls_needs_alpn_h2_and_is_health_checked() {
+    let pki_front = pki(&["a.gw.test", "b.gw.test"]);
+    let pki_back = pki(&["backend.internal"]);
+    let (h2tls, _) = h2_backend(Some(&pki_back)).await;
+    let h1tls = tls_backend(&pki_back).await;
+    let ca = tmpdir("h2ca").join("ca.pem");
+    std::fs::write(&ca, &pki_back.cert_pem).unwrap();
+    let https = |r: &mut RouteSettings, b: SocketAddr| {
+        r.backends = vec![Backend {
+            scheme: Scheme::Https,
+            addr: b,
+        }];
+        r.backend_protocol = BackendProtocol::Http2;
+        r.backend_tls = BackendTls {
+            ca: Some(ca.clone()),
+            server_name: Some("backend.internal".into()),
+            insecure_skip_verify: false,
+        };
+    };
+    let mut a = terminate_route("a", &pki_front, h2tls);
+    https(&mut a, h2tls);
+    let mut b = terminate_route("b", &pki_front, h1tls);
+    https(&mut b, h1tls);
+    // An HTTP health check over HTTP/2: an HTTP/1.1-only backend fails it.
+    let (h2c, _) = h2_backend(None).await;
+    let h1 = http_backend("old").await;
+    let mut c = route("c", TlsMode::Terminate, vec![be(h2c), be(h1)]);
+    c.backend_protocol = BackendProtocol::Http2;
+    c.balance.health = Some(HealthCheck {
+        kind: HealthKind::Http {
+            path: "/healthz".into(),
+        },
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(1),
+        fall: 1,
+        rise: 1,
+    });
+    let p = Proxy::start(settings(vec![a, b, c])).await.unwrap();
+    let r = raw_http(p.http_addrs()[0], "a.gw.test", "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("ver=HTTP/2.0"),
+        "{r}"
+    );
+    // The backend offers no ALPN `h2`: 502, counted as a backend TLS error.
+    let r = raw_http(p.http_addrs()[0], "b.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 502") && r.contains("HTTP/2"), "{r}");
+    let st = p.stats();
+    let sb = st.iter().find(|s| s.route == "name:b").unwrap();
+    assert_eq!(sb.errors.get("backend_tls"), Some(&1), "{sb:?}");
+    let mut health = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let st = p.stats();
+        let sc = st.iter().find(|s| s.route == "name:c").unwrap();
+        health = sc.backends.iter().map(|b| b.check).collect();
+        if health == [Some("passing"), Some("failing")] {
+            break;
+        }
+    }
+    assert_eq!(health, [Some("passing"), Some("failing")]);
+    for _ in 0..4 {
+        let r = raw_http(p.http_addrs()[0], "c.gw.test", "").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("ver=HTTP/2.0"),
+            "{r}"
+        );
+    }
 }
 
 /// The raw ClientHello a rustls client sends for `sni`.

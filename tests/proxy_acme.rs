@@ -244,6 +244,7 @@ fn settings(
             redirect_https: false,
             proxy_protocol: ProxyProtocol::Off,
             backend_tls: BackendTls::default(),
+            backend_protocol: Default::default(),
             balance: Balance::default(),
             acme: true,
             paused: false,

@@ -43,6 +43,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         redirect_https: false,
         proxy_protocol: ProxyProtocol::Off,
         backend_tls: BackendTls::default(),
+        backend_protocol: Default::default(),
         balance: Balance::default(),
         acme: false,
         paused: false,

@@ -186,6 +186,9 @@ pub struct RouteOpts {
     pub redirect_https: Option<bool>,
     #[arg(long, value_parser = ["round_robin", "least_conn"])]
     pub balance: Option<String>,
+    /// HTTP version to the backends (`http2` for gRPC).
+    #[arg(long, value_parser = ["http1", "http2"])]
+    pub backend_protocol: Option<String>,
     /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
     #[arg(long, value_name = "FILE.json")]
     pub spec_file: Option<PathBuf>,
@@ -201,6 +204,7 @@ impl RouteOpts {
             && self.proxy_protocol.is_none()
             && self.redirect_https.is_none()
             && self.balance.is_none()
+            && self.backend_protocol.is_none()
             && self.spec_file.is_none()
     }
 }
@@ -459,6 +463,9 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     }
     if let Some(b) = &o.balance {
         spec.insert("balance".into(), b.clone().into());
+    }
+    if let Some(p) = &o.backend_protocol {
+        spec.insert("backend_protocol".into(), p.clone().into());
     }
 }
 
@@ -1482,6 +1489,7 @@ mod tests {
             proxy_protocol: Some(crate::proxy::settings::RawPp::Bool(true)),
             backend_ca: Some("ca".into()),
             backend_server_name: Some("b".into()),
+            backend_protocol: Some("http2".into()),
             balance: Some("least_conn".into()),
             health_check: Some("tcp".into()),
             health_path: Some("/".into()),
@@ -1637,11 +1645,13 @@ mod tests {
                 "--backend",
                 "a:1,b:2",
                 "--acme",
-                "--redirect-https"
+                "--redirect-https",
+                "--backend-protocol",
+                "http2"
             ])
             .body,
             Some(
-                json!({"name": "blog", "backends": ["a:1", "b:2"], "acme": true, "redirect_https": true})
+                json!({"name": "blog", "backends": ["a:1", "b:2"], "acme": true, "redirect_https": true, "backend_protocol": "http2"})
             )
         );
         assert_eq!(

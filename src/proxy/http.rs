@@ -5,10 +5,9 @@
 use crate::proxy::io::splice;
 use crate::proxy::names::DomainName;
 use crate::proxy::server::{Route, Shared};
-use crate::proxy::settings::Backend;
-use crate::proxy::settings::TlsMode;
+use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::{Held, Lease, Pooled, UpstreamError};
+use crate::proxy::upstream::{H2Sender, Held, Lease, Pooled, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -154,6 +153,13 @@ fn counted(b: Incoming, counters: Arc<Counters>, inbound: bool, hold: Option<Hol
         _hold: hold,
     }
     .boxed()
+}
+
+/// An empty body (health probes).
+pub fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A small plain-text response.
@@ -325,14 +331,17 @@ where
     Ok(sender)
 }
 
-/// Sends `req` on `sender`. When the connection failed before the request went
-/// out (a pooled connection the backend had just closed), the request comes back.
+/// Awaits a backend's response to a request sent by `sending` (an HTTP/1.1 or
+/// HTTP/2 `try_send_request`). When the connection failed before the request
+/// went out (a kept connection the backend had just closed), the request
+/// comes back.
 async fn send(
-    sender: &mut Pooled,
-    req: Request<ProxyBody>,
+    sending: impl std::future::Future<
+        Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>,
+    >,
     shared: &Shared,
 ) -> Result<Response<Incoming>, (SendError, Option<Request<ProxyBody>>)> {
-    match tokio::time::timeout(shared.limits.response_timeout, sender.try_send_request(req)).await {
+    match tokio::time::timeout(shared.limits.response_timeout, sending).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(mut e)) => {
             let back = e.take_message();
@@ -348,6 +357,137 @@ async fn send(
             None,
         )),
     }
+}
+
+/// The answer to a failed backend connect.
+fn connect_error(route: &Route, e: UpstreamError) -> SendError {
+    debug!(route = %route.id, error = %e, "no backend connection");
+    match e {
+        UpstreamError::NoHealthy => (
+            ErrorKind::NoHealthyBackend,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: no healthy backend",
+        ),
+        UpstreamError::Refused(..) => (
+            ErrorKind::BackendRefused,
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: the backend refused the connection",
+        ),
+        UpstreamError::Timeout(_) => (
+            ErrorKind::BackendTimeout,
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 gateway timeout: the backend did not accept the connection in time",
+        ),
+    }
+}
+
+/// TLS to an `https://` backend, within the connect timeout.
+async fn backend_tls(
+    shared: &Shared,
+    route: &Route,
+    tcp: tokio::net::TcpStream,
+    backend: Backend,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, SendError> {
+    let Some(tlsc) = &route.backend_tls else {
+        return Err(BAD_EXCHANGE);
+    };
+    match tokio::time::timeout(
+        shared.limits.connect_timeout,
+        tlsc.connect(tcp, backend.addr),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => {
+            debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
+            Err((
+                ErrorKind::BackendTls,
+                StatusCode::BAD_GATEWAY,
+                "502 bad gateway: TLS to the backend failed",
+            ))
+        }
+        Err(_) => Err((
+            ErrorKind::BackendTimeout,
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 gateway timeout: TLS to the backend timed out",
+        )),
+    }
+}
+
+/// A new HTTP/2 connection to one backend of `plan` (tried in order), made
+/// the backend's shared one.
+async fn connect_h2(
+    shared: &Shared,
+    route: &Route,
+    plan: &[usize],
+) -> Result<(H2Sender, Backend, Lease), SendError> {
+    let (tcp, backend, lease) = route
+        .upstreams
+        .connect_plan(plan, shared.limits.connect_timeout)
+        .await
+        .map_err(|e| connect_error(route, e))?;
+    let hs = if crate::proxy::upstream::is_tls(&backend) {
+        let tls = backend_tls(shared, route, tcp, backend).await?;
+        if !crate::proxy::upstream::speaks_h2(&tls) {
+            debug!(route = %route.id, backend = %backend, "backend did not agree to HTTP/2");
+            return Err((
+                ErrorKind::BackendTls,
+                StatusCode::BAD_GATEWAY,
+                "502 bad gateway: the backend did not agree to HTTP/2 (ALPN h2)",
+            ));
+        }
+        crate::proxy::upstream::h2_handshake(tls).await
+    } else {
+        crate::proxy::upstream::h2_handshake(tcp).await
+    };
+    let sender = hs.map_err(|e| {
+        debug!(route = %route.id, backend = %backend, error = %e, "backend HTTP/2 handshake failed");
+        BAD_EXCHANGE
+    })?;
+    route.upstreams.set_h2(backend.addr, &sender);
+    Ok((sender, backend, lease))
+}
+
+/// Sends `req` to an HTTP/2 backend of `plan`: on the first backend's shared
+/// connection when it has a live one, else (or when that connection turns
+/// out closed before the request went out) on a new one.
+async fn send_h2(
+    shared: &Shared,
+    route: &Route,
+    plan: &[usize],
+    mut req: Request<ProxyBody>,
+) -> Result<(Response<Incoming>, Backend, Lease), SendError> {
+    if let Some((mut sender, backend, lease)) = route.upstreams.shared_h2(plan) {
+        match send(sender.try_send_request(req), shared).await {
+            Ok(r) => return Ok((r, backend, lease)),
+            Err((_, Some(back))) => {
+                route.upstreams.drop_h2(backend.addr);
+                req = back;
+            }
+            Err((e, None)) => return Err(e),
+        }
+    }
+    let (mut sender, backend, lease) = connect_h2(shared, route, plan).await?;
+    match send(sender.try_send_request(req), shared).await {
+        Ok(r) => Ok((r, backend, lease)),
+        Err((e, _)) => {
+            route.upstreams.drop_h2(backend.addr);
+            Err(e)
+        }
+    }
+}
+
+/// True when the client accepts trailers (`TE: trailers`).
+fn accepts_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 /// Handles one request: route, rewrite, forward, relay.
@@ -419,21 +559,61 @@ pub async fn handle(
         return Ok(r);
     }
     let upgrade = upgrade_of(&req);
+    let h2 = route.upstreams.protocol() == BackendProtocol::Http2;
+    if h2 && upgrade.is_some() {
+        return Ok(err(
+            &c,
+            ErrorKind::BackendProtocol,
+            StatusCode::NOT_IMPLEMENTED,
+            "501 not implemented: this route's backends speak HTTP/2; upgrades (WebSocket) need backend_protocol = \"http1\"",
+        ));
+    }
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let trailers = h2 && accepts_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
     add_forwarding(&mut parts.headers, conn.client.ip(), conn.tls, &authority);
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if h2 {
+        // HTTP/2 carries the host in `:authority` and the scheme the client
+        // asked for in `:scheme` (as `X-Forwarded-Proto` does); `te:
+        // trailers` is the one TE value HTTP/2 allows, and gRPC servers look
+        // for it.
+        let scheme = if conn.tls { "https" } else { "http" };
+        match http::Uri::builder()
+            .scheme(scheme)
+            .authority(authority.as_str())
+            .path_and_query(path)
+            .build()
+        {
+            Ok(u) => parts.uri = u,
+            Err(_) => {
+                return Ok(err(
+                    &c,
+                    ErrorKind::UnknownHost,
+                    StatusCode::BAD_REQUEST,
+                    "400 bad request: the host cannot be forwarded",
+                ))
+            }
+        }
+        parts.headers.remove(header::HOST);
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        parts.version = Version::HTTP_2;
+    } else {
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.uri = http::Uri::from(path);
+        parts.version = Version::HTTP_11;
     }
-    parts.uri = http::Uri::from(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    parts.version = Version::HTTP_11;
     let breq = Request::from_parts(parts, counted(body, c.clone(), true, None));
 
     let Ok(slot) = route.upstreams.admit() else {
@@ -445,6 +625,20 @@ pub async fn handle(
         ));
     };
     let plan = route.upstreams.plan(Some(conn.client.ip()));
+    if h2 {
+        let (resp, backend, lease) = match send_h2(&shared, &route, &plan, breq).await {
+            Ok(x) => x,
+            Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
+        };
+        route.upstreams.note_ok(backend.addr);
+        let (mut parts, body) = resp.into_parts();
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers, None);
+        return Ok(Response::from_parts(
+            parts,
+            counted(body, c, false, Some((lease, slot))),
+        ));
+    }
     let mut pooled = None;
     if upgrade.is_none() {
         pooled = conn
@@ -464,52 +658,17 @@ pub async fn handle(
                 let (tcp, backend, lease) = match connected {
                     Ok(x) => x,
                     Err(e) => {
-                        debug!(route = %route.id, error = %e, "no backend connection");
-                        let (kind, status, msg) = match e {
-                        UpstreamError::NoHealthy => (
-                            ErrorKind::NoHealthyBackend,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "503 service unavailable: no healthy backend",
-                        ),
-                        UpstreamError::Refused(..) => (
-                            ErrorKind::BackendRefused,
-                            StatusCode::BAD_GATEWAY,
-                            "502 bad gateway: the backend refused the connection",
-                        ),
-                        UpstreamError::Timeout(_) => (
-                            ErrorKind::BackendTimeout,
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "504 gateway timeout: the backend did not accept the connection in time",
-                        ),
-                    };
+                        let (kind, status, msg) = connect_error(&route, e);
                         return Ok(err(&c, kind, status, msg));
                     }
                 };
-                let hs = match (&route.backend_tls, crate::proxy::upstream::is_tls(&backend)) {
-                    (Some(tlsc), true) => {
-                        let hs = tokio::time::timeout(
-                            shared.limits.connect_timeout,
-                            tlsc.connect(tcp, backend.addr),
-                        )
-                        .await;
-                        match hs {
-                            Ok(Ok(tls)) => handshake(tls).await,
-                            Ok(Err(e)) => {
-                                debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
-                                Err((
-                                    ErrorKind::BackendTls,
-                                    StatusCode::BAD_GATEWAY,
-                                    "502 bad gateway: TLS to the backend failed",
-                                ))
-                            }
-                            Err(_) => Err((
-                                ErrorKind::BackendTimeout,
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "504 gateway timeout: TLS to the backend timed out",
-                            )),
-                        }
+                let hs = if crate::proxy::upstream::is_tls(&backend) {
+                    match backend_tls(&shared, &route, tcp, backend).await {
+                        Ok(tls) => handshake(tls).await,
+                        Err(e) => Err(e),
                     }
-                    _ => handshake(tcp).await,
+                } else {
+                    handshake(tcp).await
                 };
                 match hs {
                     Ok(s) => (s, backend, lease),
@@ -517,7 +676,7 @@ pub async fn handle(
                 }
             }
         };
-        match send(&mut sender, breq, &shared).await {
+        match send(sender.try_send_request(breq), &shared).await {
             Ok(r) => break (r, sender, backend, lease),
             Err((_, Some(back))) if from_pool => {
                 // The idle connection was gone: once more on a fresh one.

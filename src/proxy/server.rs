@@ -162,7 +162,7 @@ impl ReloadReport {
 fn backend_tls_for(id: &str, rs: &RouteSettings) -> anyhow::Result<Option<Arc<BackendTlsClient>>> {
     if rs.backends.iter().any(crate::proxy::upstream::is_tls) {
         Ok(Some(Arc::new(
-            BackendTlsClient::new(&rs.backend_tls)
+            BackendTlsClient::new(&rs.backend_tls, rs.backend_protocol)
                 .map_err(|e| anyhow::anyhow!("[[route]] {id}: {e}"))?,
         )))
     } else {
@@ -190,9 +190,10 @@ fn build(
         .unwrap_or_default();
     let reuse = |old: Option<&Arc<Upstreams>>,
                  backends: &[crate::proxy::settings::Backend],
-                 bal: &crate::proxy::settings::Balance|
+                 bal: &crate::proxy::settings::Balance,
+                 proto: crate::proxy::settings::BackendProtocol|
      -> Option<Arc<Upstreams>> {
-        old.filter(|u| u.backends() == backends && u.balance() == bal)
+        old.filter(|u| u.backends() == backends && u.balance() == bal && u.protocol() == proto)
             .cloned()
     };
     for rs in &settings.routes {
@@ -210,15 +211,18 @@ fn build(
         };
         let backend_tls = backend_tls_for(&id, rs)?;
         let old = old_routes.get(id.as_str());
-        let upstreams = match reuse(old.map(|r| &r.upstreams), &rs.backends, &rs.balance) {
+        let upstreams = match reuse(
+            old.map(|r| &r.upstreams),
+            &rs.backends,
+            &rs.balance,
+            rs.backend_protocol,
+        ) {
             Some(u) => u,
             None => {
-                let u = Arc::new(Upstreams::new(
-                    &rs.backends,
-                    &rs.balance,
-                    &limits,
-                    tunnels.clone(),
-                ));
+                let u = Arc::new(
+                    Upstreams::new(&rs.backends, &rs.balance, &limits, tunnels.clone())
+                        .speaking(rs.backend_protocol),
+                );
                 u.spawn_checks(backend_tls.clone(), id.clone());
                 u
             }
@@ -264,7 +268,12 @@ fn build(
                    pp: ProxyProtocol,
                    udp: Option<UdpForwardSettings>| {
         let old = old_fwds.get(id.as_str());
-        let upstreams = match reuse(old.map(|f| &f.upstreams), backends, bal) {
+        let upstreams = match reuse(
+            old.map(|f| &f.upstreams),
+            backends,
+            bal,
+            crate::proxy::settings::BackendProtocol::Http1,
+        ) {
             Some(u) => u,
             None => {
                 let u = Arc::new(Upstreams::new(backends, bal, &limits, tunnels.clone()));

@@ -93,6 +93,9 @@ pub struct RawRoute {
     pub backend_server_name: Option<String>,
     #[serde(default)]
     pub backend_insecure_skip_verify: bool,
+    /// `"http1"` (default) or `"http2"` (gRPC and other HTTP/2-only backends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_protocol: Option<String>,
     #[serde(default)]
     pub acme: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -280,6 +283,18 @@ pub enum Scheme {
     Https,
 }
 
+/// The HTTP version a terminated route speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// HTTP/1.1: keep-alive connections, one request at a time each.
+    #[default]
+    Http1,
+    /// HTTP/2: one multiplexed connection per backend (prior knowledge on
+    /// `http://` backends, ALPN `h2` on `https://` ones); carries trailers,
+    /// so gRPC works end to end.
+    Http2,
+}
+
 /// One backend: a scheme and an IP literal with a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backend {
@@ -353,6 +368,8 @@ pub struct RouteSettings {
     pub proxy_protocol: ProxyProtocol,
     /// TLS settings for `https://` backends.
     pub backend_tls: BackendTls,
+    /// HTTP/1.1 or HTTP/2 to the backends.
+    pub backend_protocol: BackendProtocol,
     /// Load balancing, health checks, connection limit.
     pub balance: Balance,
     /// The certificate comes from ACME (`[proxy.acme]`).
@@ -997,6 +1014,20 @@ pub(crate) fn validate(
             ));
         }
         let backends = backends(&who, &r.backends, !passthrough, &own)?;
+        let backend_protocol = match r.backend_protocol.as_deref() {
+            None | Some("http1") => BackendProtocol::Http1,
+            Some("http2") if passthrough => {
+                return Err(format!(
+                    "{who}: backend_protocol applies to terminated routes (passthrough splices TLS untouched)"
+                ))
+            }
+            Some("http2") => BackendProtocol::Http2,
+            Some(o) => {
+                return Err(format!(
+                    "{who}: backend_protocol = `{o}`: expected `http1` or `http2`"
+                ))
+            }
+        };
         let bal = balance(&who, raw_bal!(r), false)?;
         let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
         let backend_tls = BackendTls {
@@ -1030,6 +1061,7 @@ pub(crate) fn validate(
             redirect_https: r.redirect_https,
             proxy_protocol: pp,
             backend_tls,
+            backend_protocol,
             balance: bal,
             acme: r.acme,
             paused: r.paused,
@@ -1147,6 +1179,7 @@ mod tests {
             backend_ca: None,
             backend_server_name: None,
             backend_insecure_skip_verify: false,
+            backend_protocol: None,
             acme: false,
             balance: None,
             sticky: false,
@@ -1226,6 +1259,29 @@ mod tests {
         });
         let e = v(listen_self, vec![route("b", &["203.0.113.1:8080"])]).unwrap_err();
         assert!(e.contains("hub's own"), "{e}");
+    }
+
+    #[test]
+    fn backend_protocol_key() {
+        let s = v(px(), vec![route("a", &["100.64.1.1:80"])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.routes[0].backend_protocol, BackendProtocol::Http1);
+        let mut r = route("a", &["100.64.1.1:50051"]);
+        r.backend_protocol = Some("http2".into());
+        let s = v(px(), vec![r]).unwrap().unwrap();
+        assert_eq!(s.routes[0].backend_protocol, BackendProtocol::Http2);
+        let mut r = route("a", &["100.64.1.1:80"]);
+        r.backend_protocol = Some("h3".into());
+        let e = v(px(), vec![r]).unwrap_err();
+        assert!(e.contains("`h3`") && e.contains("http2"), "{e}");
+        let mut r = route("a", &["100.64.1.1:443"]);
+        r.tls = Some("passthrough".into());
+        r.cert = None;
+        r.key = None;
+        r.backend_protocol = Some("http2".into());
+        let e = v(px(), vec![r]).unwrap_err();
+        assert!(e.contains("terminated routes"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! tunnel is silent counts as down), a per-route connection limit, and TLS to
 //! `https://` backends.
 
-use crate::proxy::settings::{Backend, BackendTls, Balance, HealthKind, Limits, Policy, Scheme};
+use crate::proxy::settings::{
+    Backend, BackendProtocol, BackendTls, Balance, HealthKind, Limits, Policy, Scheme,
+};
 use crate::proxy::stats::BackendHealth;
 use parking_lot::Mutex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -56,6 +58,8 @@ struct State {
     active: AtomicUsize,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
+    /// The shared HTTP/2 connection (`backend_protocol = "http2"`).
+    h2: Mutex<Option<H2Sender>>,
     /// Connections held by client connections between their requests.
     held: AtomicUsize,
     /// When the backend last answered a request (ms since `Upstreams::epoch`).
@@ -64,6 +68,39 @@ struct State {
 
 /// An idle keep-alive connection to an HTTP backend.
 pub type Pooled = hyper::client::conn::http1::SendRequest<crate::proxy::http::ProxyBody>;
+
+/// A handle on a backend's multiplexed HTTP/2 connection (cloned per request).
+pub type H2Sender = hyper::client::conn::http2::SendRequest<crate::proxy::http::ProxyBody>;
+
+/// HTTP/2 PING interval on backend connections: a connection whose peer
+/// stopped answering (a node gone without a FIN) is closed after this plus
+/// `H2_PING_TIMEOUT`, even while idle.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An HTTP/2 client connection over `io` (prior knowledge, or after ALPN
+/// `h2`); the connection runs in its own task until every handle is dropped
+/// and its streams have ended.
+pub async fn h2_handshake<IO>(io: IO) -> Result<H2Sender, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake::<_, crate::proxy::http::ProxyBody>(hyper_util::rt::TokioIo::new(io))
+            .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "backend HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
+}
 
 /// Most idle connections kept per backend.
 const POOL_MAX: usize = 1024;
@@ -146,6 +183,7 @@ pub struct Upstreams {
     limit: Option<Arc<Semaphore>>,
     retired: AtomicBool,
     epoch: Instant,
+    protocol: BackendProtocol,
 }
 
 /// One open connection to a backend; counts for least-connections until dropped.
@@ -194,6 +232,7 @@ impl Upstreams {
                     checks_failed: AtomicU64::new(0),
                     active: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
+                    h2: Mutex::new(None),
                     held: AtomicUsize::new(0),
                     last_ok_ms: AtomicU64::new(0),
                 })
@@ -205,7 +244,20 @@ impl Upstreams {
             limit: balance.max_connections.map(|m| Arc::new(Semaphore::new(m))),
             retired: AtomicBool::new(false),
             epoch: Instant::now(),
+            protocol: BackendProtocol::Http1,
         }
+    }
+
+    /// The same, speaking `protocol` to HTTP backends (health checks and
+    /// connection sharing follow it).
+    pub fn speaking(mut self, protocol: BackendProtocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The HTTP version spoken to the backends.
+    pub fn protocol(&self) -> BackendProtocol {
+        self.protocol
     }
 
     fn now_ms(&self) -> u64 {
@@ -229,9 +281,13 @@ impl Upstreams {
         &self.balance
     }
 
-    /// Stops the active checks (the route left the config).
+    /// Stops the active checks (the route left the config) and lets go of
+    /// the shared HTTP/2 connections (each closes once its streams end).
     pub fn retire(&self) {
         self.retired.store(true, Relaxed);
+        for s in &self.states {
+            s.h2.lock().take();
+        }
     }
 
     /// A slot under the route's connection limit: `Err(())` when it is full,
@@ -311,6 +367,7 @@ impl Upstreams {
             *s.down_until.lock() = Some(Instant::now() + self.down_for);
             s.failures.fetch_add(1, Relaxed);
             s.idle.lock().clear();
+            s.h2.lock().take();
         }
     }
 
@@ -408,6 +465,39 @@ impl Upstreams {
             && fresh
             && !held.sender.is_closed()
             && held.sender.is_ready()
+    }
+
+    /// The shared HTTP/2 connection to the first backend of `plan`, when it
+    /// is open and the backend answered within `POOL_RECENT_MS` (as for idle
+    /// HTTP/1.1 connections: a request on a connection to a node that just
+    /// died would wait for the response timeout; a fresh connect fails over).
+    pub fn shared_h2(self: &Arc<Self>, plan: &[usize]) -> Option<(H2Sender, Backend, Lease)> {
+        let i = *plan.first()?;
+        let s = self.states.get(i)?;
+        let last = s.last_ok_ms.load(Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) > POOL_RECENT_MS {
+            return None;
+        }
+        let sender = s.h2.lock().as_ref().filter(|h| !h.is_closed())?.clone();
+        Some((sender, s.backend, self.lease(i)))
+    }
+
+    /// Makes `sender` the shared HTTP/2 connection to `addr` (the one it
+    /// replaces closes once its streams end).
+    pub fn set_h2(&self, addr: SocketAddr, sender: &H2Sender) {
+        if self.retired.load(Relaxed) {
+            return;
+        }
+        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
+            *s.h2.lock() = Some(sender.clone());
+        }
+    }
+
+    /// Forgets the shared HTTP/2 connection to `addr` (a request on it failed).
+    pub fn drop_h2(&self, addr: SocketAddr) {
+        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
+            s.h2.lock().take();
+        }
     }
 
     /// Keeps an idle keep-alive connection to `addr` for reuse.
@@ -510,11 +600,12 @@ impl Upstreams {
                 }
                 streak.resize(up.states.len(), 0);
                 let to = hc.timeout;
+                let proto = up.protocol;
                 let probes = up.states.iter().map(|s| {
                     let tls = tls.clone();
                     let kind = hc.kind.clone();
                     let b = s.backend;
-                    async move { probe(b, &kind, tls.as_deref(), to).await }
+                    async move { probe(b, &kind, proto, tls.as_deref(), to).await }
                 });
                 let results = futures_join_all(probes).await;
                 for ((s, ok), st) in up.states.iter().zip(results).zip(streak.iter_mut()) {
@@ -529,6 +620,7 @@ impl Upstreams {
                     if was && *st <= -i64::from(hc.fall) {
                         s.check_ok.store(false, Relaxed);
                         s.idle.lock().clear();
+                        s.h2.lock().take();
                         let e = ok.err().unwrap_or_default();
                         warn!(route = %who, backend = %s.backend, error = %e, "backend down (health check)");
                     } else if !was && *st >= i64::from(hc.rise) {
@@ -563,6 +655,7 @@ where
 async fn probe(
     b: Backend,
     kind: &HealthKind,
+    proto: BackendProtocol,
     tls: Option<&BackendTlsClient>,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -577,6 +670,9 @@ async fn probe(
             SocketAddr::V4(a) => a.to_string(),
             SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
         };
+        if proto == BackendProtocol::Http2 {
+            return probe_h2(b, tcp, &host, path, tls).await;
+        }
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gatewire-health\r\nConnection: close\r\n\r\n"
         );
@@ -613,6 +709,55 @@ async fn probe(
     tokio::time::timeout(timeout, work)
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// An HTTP/2 health GET (prior knowledge, or ALPN `h2` on `https://`).
+async fn probe_h2(
+    b: Backend,
+    tcp: TcpStream,
+    host: &str,
+    path: &str,
+    tls: Option<&BackendTlsClient>,
+) -> Result<(), String> {
+    let mut sender = match (tls, b.scheme) {
+        (Some(t), Scheme::Https) => {
+            let s = t
+                .connect(tcp, b.addr)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            if !speaks_h2(&s) {
+                return Err("tls: the backend did not agree to HTTP/2 (ALPN h2)".into());
+            }
+            h2_handshake(s).await
+        }
+        _ => h2_handshake(tcp).await,
+    }
+    .map_err(|e| format!("http/2: {e}"))?;
+    let scheme = if b.scheme == Scheme::Https {
+        "https"
+    } else {
+        "http"
+    };
+    let req = http::Request::get(format!("{scheme}://{host}{path}"))
+        .version(http::Version::HTTP_2)
+        .header(http::header::USER_AGENT, "gatewire-health")
+        .body(crate::proxy::http::empty_body())
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("http/2: {e}"))?;
+    let st = resp.status();
+    if st.is_success() || st.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("answered `{st}`"))
+    }
+}
+
+/// True when TLS to a backend negotiated HTTP/2 (ALPN `h2`).
+pub fn speaks_h2(s: &tokio_rustls::client::TlsStream<TcpStream>) -> bool {
+    s.get_ref().1.alpn_protocol() == Some(b"h2")
 }
 
 async fn read_head<S: tokio::io::AsyncRead + Unpin>(
@@ -702,7 +847,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 impl BackendTlsClient {
     /// Builds the client config; errors name the file.
-    pub fn new(tls: &BackendTls) -> Result<Self, String> {
+    /// `protocol` sets the ALPN offer: `http/1.1`, or `h2` alone.
+    pub fn new(tls: &BackendTls, protocol: BackendProtocol) -> Result<Self, String> {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -723,7 +869,10 @@ impl BackendTlsClient {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = match protocol {
+            BackendProtocol::Http1 => vec![b"http/1.1".to_vec()],
+            BackendProtocol::Http2 => vec![b"h2".to_vec()],
+        };
         let server_name = match &tls.server_name {
             Some(n) => Some(
                 ServerName::try_from(n.clone())
