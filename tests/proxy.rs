@@ -593,6 +593,14 @@ async fn http2_backend_carries_trailers_on_one_connection() {
         assert_eq!(got.trailers().unwrap()["grpc-message"], "ok");
     }
     assert_eq!(conns.load(SeqCst), 1);
+    // After an idle spell the connection is not trusted any more (the node
+    // may have gone): a burst of calls makes one new connection, not one each.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls: Vec<_> = (0..20).map(|_| call(&mut send)).collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().status(), 200);
+    }
+    assert_eq!(conns.load(SeqCst), 2);
     // HTTP/1.1 clients are served too (trailers only when they send TE).
     let r = raw_http(p.http_addrs()[0], "grpc.gw.test", "").await;
     assert!(
@@ -612,9 +620,23 @@ async fn http2_backend_carries_trailers_on_one_connection() {
     );
     let st = p.stats();
     let s = st.iter().find(|s| s.route == "name:grpc").unwrap();
-    assert_eq!(s.requests, 23);
+    assert_eq!(s.requests, 43);
     assert_eq!(s.errors.get("backend_protocol"), Some(&1), "{s:?}");
     assert_eq!(s.errors.values().sum::<u64>(), 1, "{s:?}");
+}
+
+#[tokio::test]
+async fn http2_backends_are_balanced() {
+    let (b1, c1) = h2_backend(None).await;
+    let (b2, c2) = h2_backend(None).await;
+    let mut r = route("rr", TlsMode::Terminate, vec![be(b1), be(b2)]);
+    r.backend_protocol = BackendProtocol::Http2;
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    for _ in 0..4 {
+        let r = raw_http(p.http_addrs()[0], "rr.gw.test", "").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert_eq!((c1.load(SeqCst), c2.load(SeqCst)), (1, 1));
 }
 
 #[tokio::test]

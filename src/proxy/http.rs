@@ -448,26 +448,37 @@ async fn connect_h2(
     Ok((sender, backend, lease))
 }
 
-/// Sends `req` to an HTTP/2 backend of `plan`: on the first backend's shared
-/// connection when it has a live one, else (or when that connection turns
-/// out closed before the request went out) on a new one.
+/// Sends `req` to an HTTP/2 backend: on the shared connection of the first
+/// backend of `plan`, when it has a live one, else (or when that connection
+/// turns out closed before the request went out) on a new one. Requests that
+/// find none wait while one of them connects, then share its connection.
 async fn send_h2(
     shared: &Shared,
     route: &Route,
-    plan: &[usize],
+    mut plan: Vec<usize>,
     mut req: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Backend, Lease), SendError> {
-    if let Some((mut sender, backend, lease)) = route.upstreams.shared_h2(plan) {
-        match send(sender.try_send_request(req), shared).await {
-            Ok(r) => return Ok((r, backend, lease)),
-            Err((_, Some(back))) => {
-                route.upstreams.drop_h2(backend.addr);
-                req = back;
+    let mut turn = None;
+    loop {
+        if let Some((mut sender, backend, lease)) = route.upstreams.shared_h2(&plan) {
+            match send(sender.try_send_request(req), shared).await {
+                Ok(r) => return Ok((r, backend, lease)),
+                Err((_, Some(back))) => {
+                    route.upstreams.drop_h2(backend.addr);
+                    req = back;
+                }
+                Err((e, None)) => return Err(e),
             }
-            Err((e, None)) => return Err(e),
         }
+        if turn.is_some() {
+            break;
+        }
+        turn = Some(route.upstreams.h2_connect_turn(&plan).await);
+        // A backend may have been marked down while this request waited.
+        route.upstreams.keep_usable(&mut plan);
     }
-    let (mut sender, backend, lease) = connect_h2(shared, route, plan).await?;
+    let (mut sender, backend, lease) = connect_h2(shared, route, &plan).await?;
+    drop(turn);
     match send(sender.try_send_request(req), shared).await {
         Ok(r) => Ok((r, backend, lease)),
         Err((e, _)) => {
@@ -626,7 +637,7 @@ pub async fn handle(
     };
     let plan = route.upstreams.plan(Some(conn.client.ip()));
     if h2 {
-        let (resp, backend, lease) = match send_h2(&shared, &route, &plan, breq).await {
+        let (resp, backend, lease) = match send_h2(&shared, &route, plan, breq).await {
             Ok(x) => x,
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };

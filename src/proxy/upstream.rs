@@ -58,8 +58,12 @@ struct State {
     active: AtomicUsize,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
-    /// The shared HTTP/2 connection (`backend_protocol = "http2"`).
-    h2: Mutex<Option<H2Sender>>,
+    /// The shared HTTP/2 connection (`backend_protocol = "http2"`) and when
+    /// it was made (ms since `Upstreams::epoch`).
+    h2: Mutex<Option<(u64, H2Sender)>>,
+    /// Held while a new HTTP/2 connection is being made, so that a burst of
+    /// requests after an idle spell makes one connection, not one each.
+    h2_connecting: tokio::sync::Mutex<()>,
     /// Connections held by client connections between their requests.
     held: AtomicUsize,
     /// When the backend last answered a request (ms since `Upstreams::epoch`).
@@ -233,6 +237,7 @@ impl Upstreams {
                     active: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
                     h2: Mutex::new(None),
+                    h2_connecting: tokio::sync::Mutex::new(()),
                     held: AtomicUsize::new(0),
                     last_ok_ms: AtomicU64::new(0),
                 })
@@ -377,6 +382,12 @@ impl Upstreams {
         }
     }
 
+    /// Drops from `plan` the backends that are down now.
+    pub fn keep_usable(&self, plan: &mut Vec<usize>) {
+        let now = Instant::now();
+        plan.retain(|&i| self.states.get(i).is_some_and(|s| self.usable(s, now)));
+    }
+
     /// The backends to try for one request, best first.
     pub fn plan(&self, client: Option<IpAddr>) -> Vec<usize> {
         self.candidates(client, Instant::now())
@@ -468,18 +479,30 @@ impl Upstreams {
     }
 
     /// The shared HTTP/2 connection to the first backend of `plan`, when it
-    /// is open and the backend answered within `POOL_RECENT_MS` (as for idle
-    /// HTTP/1.1 connections: a request on a connection to a node that just
-    /// died would wait for the response timeout; a fresh connect fails over).
+    /// is open and was made, or last answered, within `POOL_RECENT_MS` (as
+    /// for idle HTTP/1.1 connections: a request on a connection to a node
+    /// that just died would wait for the response timeout; a fresh connect
+    /// fails over).
     pub fn shared_h2(self: &Arc<Self>, plan: &[usize]) -> Option<(H2Sender, Backend, Lease)> {
         let i = *plan.first()?;
         let s = self.states.get(i)?;
         let last = s.last_ok_ms.load(Relaxed);
-        if last == 0 || self.now_ms().saturating_sub(last) > POOL_RECENT_MS {
-            return None;
-        }
-        let sender = s.h2.lock().as_ref().filter(|h| !h.is_closed())?.clone();
+        let sender = {
+            let h2 = s.h2.lock();
+            let (made, h) = h2.as_ref().filter(|(_, h)| !h.is_closed())?;
+            if self.now_ms().saturating_sub(last.max(*made)) > POOL_RECENT_MS {
+                return None;
+            }
+            h.clone()
+        };
         Some((sender, s.backend, self.lease(i)))
+    }
+
+    /// Waits for the turn to make a new HTTP/2 connection to the first
+    /// backend of `plan` (one at a time per backend).
+    pub async fn h2_connect_turn(&self, plan: &[usize]) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let s = self.states.get(*plan.first()?)?;
+        Some(s.h2_connecting.lock().await)
     }
 
     /// Makes `sender` the shared HTTP/2 connection to `addr` (the one it
@@ -489,7 +512,7 @@ impl Upstreams {
             return;
         }
         if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
-            *s.h2.lock() = Some(sender.clone());
+            *s.h2.lock() = Some((self.now_ms(), sender.clone()));
         }
     }
 
