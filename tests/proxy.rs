@@ -626,6 +626,73 @@ async fn http2_backend_carries_trailers_on_one_connection() {
 }
 
 #[tokio::test]
+async fn h2c_clients_on_the_plain_listener() {
+    // Prior-knowledge HTTP/2 on the plain port (gRPC without TLS), to an
+    // HTTP/2 backend (trailers arrive) and to an HTTP/1.1 one.
+    let (b2, _) = h2_backend(None).await;
+    let b1 = http_backend("one").await;
+    let mut g = route("g", TlsMode::Terminate, vec![be(b2)]);
+    g.backend_protocol = BackendProtocol::Http2;
+    let p = Proxy::start(settings(vec![
+        g,
+        route("w", TlsMode::Terminate, vec![be(b1)]),
+    ]))
+    .await
+    .unwrap();
+    let tcp = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    let (mut send, c) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    let req = hyper::Request::post("http://g.gw.test/pkg.Svc/Call")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .unwrap();
+    let got = send
+        .send_request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+    let body = String::from_utf8_lossy(&got.to_bytes()).into_owned();
+    assert!(
+        body.starts_with("h2 http://g.gw.test/pkg.Svc/Call ver=HTTP/2.0 te=trailers xff=127.0.0.1"),
+        "{body}"
+    );
+    let req = hyper::Request::get("http://w.gw.test/x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("one /x host=w.gw.test xff=127.0.0.1 xfp=http "),
+        "{body}"
+    );
+    // HTTP/1.1 on the same port, a request line starting like the preface too.
+    let r = raw_http(p.http_addrs()[0], "w.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let mut s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    s.write_all(b"PRI /x HTTP/1.1\r\nHost: w.gw.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 "), "{out}");
+}
+
+#[tokio::test]
 async fn http2_backends_are_balanced() {
     let (b1, c1) = h2_backend(None).await;
     let (b2, c2) = h2_backend(None).await;

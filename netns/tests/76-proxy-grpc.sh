@@ -5,7 +5,8 @@
 # (`backend_protocol = "http2"`, h2c). A real gRPC client in `pub` verifies the
 # hub's certificate and makes unary and server-streaming calls, and sees a
 # status the server sets (NOT_FOUND with its details, carried in HTTP/2
-# trailers). The backend sees the client address in X-Forwarded-For, the calls
+# trailers); a client without TLS (h2c) is served on the plain port. The
+# backend sees the client address in X-Forwarded-For, the calls
 # share one backend connection, the route's HTTP health check runs over
 # HTTP/2, and a WebSocket upgrade on the route gets a clear 501.
 # timeout: 240
@@ -93,6 +94,9 @@ hub, host, ca, what = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
 ch = grpc.secure_channel("ipv4:%s:443" % hub, creds, options=[
     ("grpc.ssl_target_name_override", host), ("grpc.default_authority", host)])
+if what == "say-plain":
+    ch = grpc.insecure_channel("ipv4:%s:80" % hub, options=[("grpc.default_authority", host)])
+    what = "say"
 try:
     if what == "say":
         for i in range(int(sys.argv[5])):
@@ -123,6 +127,8 @@ client() { lab_exec pub "$PY" "$GW_TMP/grpc_client.py" "$HUB4" "$HOST" "$CERT_DI
 
 out=$(client say 1 2>&1 || true)
 assert_eq "unary call through the hub to n1's IPv6-only gRPC server" "echo:hi0 xff=$PUB4" "$out"
+out=$(client say-plain 1 2>&1 || true)
+assert_eq "a client without TLS (h2c) on the plain port" "echo:hi0 xff=$PUB4" "$out"
 out=$(client count 2>&1 || true)
 assert_eq "server-streaming call: five messages" "n0 n1 n2 n3 n4" "$out"
 out=$(client missing 2>&1 || true)
@@ -142,7 +148,7 @@ sleep 2 # two more health probes
 js=$(route_json)
 check "the health check still passes" jq -e '.backends[0].check == "passing"' <<<"$js"
 assert_eq "no health probe failed since" "$failed0" "$(jq '.backends[0].checks_failed' <<<"$js")"
-check "show --json counts the calls" jq -e '.requests >= 23' <<<"$js"
+check "show --json counts the calls" jq -e '.requests >= 24' <<<"$js"
 check "show --json: no backend errors" \
     jq -e '[.errors | to_entries[] | select(.key != "backend_protocol") | .value] | add // 0 | . == 0' <<<"$js"
 check "show --json: the upgrade counted as backend_protocol" jq -e '.errors.backend_protocol == 1' <<<"$js"

@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -723,8 +723,10 @@ async fn accept_loop(
         let fut = async move {
             match kind {
                 Kind::Http => {
-                    let info = Arc::new(ConnInfo::new(peer, false, None, true));
-                    serve_http(shared, sock, info, false, retired).await;
+                    let mut sock = sock;
+                    let (first, h2c) = sniff_h2c(&mut sock, shared.limits.header_timeout).await;
+                    let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
+                    serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                 }
                 Kind::Https => serve_tls(shared, sock, peer, retired).await,
                 Kind::Tcp => {
@@ -744,6 +746,50 @@ async fn accept_loop(
         };
         tokio::spawn(fut.instrument(span));
     }
+}
+
+/// The HTTP/2 connection preface a client with prior knowledge (h2c) sends.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `first` (the first bytes of a plain connection) is the HTTP/2
+/// preface (`Some(true)`), cannot be (`Some(false)`), or may still become it.
+fn is_h2_preface(first: &[u8]) -> Option<bool> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first.get(..n) != H2_PREFACE.get(..n) {
+        Some(false)
+    } else if n == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Reads the first bytes of a plain HTTP connection until they show whether
+/// it is HTTP/2 with prior knowledge (h2c, as gRPC clients without TLS
+/// speak) or HTTP/1; returns them (to be replayed) and the verdict. An
+/// HTTP/1 request differs from the preface by its first or second byte; a
+/// client that stalls inside the preface is handed to HTTP/1 when
+/// `deadline` passes, whose header timeout then closes it.
+async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> (Vec<u8>, bool) {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let read = async {
+        loop {
+            let mut buf = [0u8; 24];
+            let want = H2_PREFACE.len().saturating_sub(first.len());
+            let Some(chunk) = buf.get_mut(..want) else {
+                return false;
+            };
+            match sock.read(chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => first.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            }
+            if let Some(v) = is_h2_preface(&first) {
+                return v;
+            }
+        }
+    };
+    let h2c = tokio::time::timeout(deadline, read).await.unwrap_or(false);
+    (first, h2c)
 }
 
 async fn serve_http<IO>(
@@ -979,6 +1025,31 @@ async fn serve_tls(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2));
             serve_http(shared, tls, info, h2, stop).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2_preface_is_told_from_http1() {
+        assert_eq!(is_h2_preface(H2_PREFACE), Some(true));
+        assert_eq!(
+            is_h2_preface(&[H2_PREFACE, b"\0\0\x12\x04"].concat()),
+            Some(true)
+        );
+        assert_eq!(is_h2_preface(b""), None);
+        assert_eq!(is_h2_preface(b"PRI * HTTP/2"), None);
+        for http1 in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /",
+            b"PUT /",
+            b"PATCH",
+            b"PRI * HTTP/1.1\r\n",
+        ] {
+            assert_eq!(is_h2_preface(http1), Some(false), "{http1:?}");
         }
     }
 }
