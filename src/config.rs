@@ -560,6 +560,7 @@ struct RawService {
     tls: Option<String>,
     public_port: Option<u16>,
     proxy_protocol: Option<bool>,
+    http2: Option<bool>,
 }
 
 /// The host a service is published under: one label under the hub's gateway
@@ -613,6 +614,9 @@ pub struct NodeService {
     pub public_port: Option<u16>,
     /// Passthrough HTTP and tcp only.
     pub proxy_protocol: bool,
+    /// The service speaks HTTP/2 only (gRPC): the hub speaks HTTP/2 to it.
+    /// Terminated HTTP only.
+    pub http2: bool,
 }
 
 /// `[[hub]] control`: `ip:port` inside the hub's `allowed_ips`, so requests
@@ -730,6 +734,12 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
                 "{what} proxy_protocol: only for tls = \"passthrough\" and protocol = \"tcp\""
             ));
         }
+        let http2 = r.http2.unwrap_or(false);
+        if r.http2.is_some() && tls != Some(ServiceTls::Terminate) {
+            return Err(format!(
+                "{what} http2: only for protocol = \"http\" with tls = \"terminate\""
+            ));
+        }
         // The hub knows an HTTP service by its host, tcp and udp by public port.
         let host_taken = match protocol {
             ServiceProtocol::Http => hosts.insert(host.clone(), what.clone()),
@@ -770,6 +780,7 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
             tls,
             public_port,
             proxy_protocol,
+            http2,
         });
     }
     Ok(out)
@@ -797,7 +808,8 @@ mod service_tests {
             "[[service]]\nname = \"Blog\"\nlocal = \"127.0.0.1:8080\"\n\
              [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
              [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n\
-             [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\n",
+             [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\n\
+             [[service]]\nname = \"api\"\nlocal = \"127.0.0.1:50051\"\nhttp2 = true\n",
         )
         .unwrap();
         assert_eq!(
@@ -805,7 +817,8 @@ mod service_tests {
             Some("[fd77:6777::1]:7001".parse().unwrap())
         );
         let s = &c.services;
-        assert_eq!(s.len(), 4);
+        assert_eq!(s.len(), 5);
+        assert!(s[4].http2 && !s[0].http2);
         assert_eq!(s[0].host.to_string(), "blog");
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].protocol, ServiceProtocol::Http);
@@ -848,6 +861,8 @@ mod service_tests {
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 5\ntls = \"terminate\"\n", "tls: only"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\npublic_port = 5\n", "public_port: only"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nproxy_protocol = true\n", "proxy_protocol"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\ntls = \"passthrough\"\nhttp2 = true\n", "http2: only"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 5\nhttp2 = true\n", "http2: only"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"udp\"\npublic_port = 5\nproxy_protocol = false\n", "proxy_protocol"),
             ("[[service]]\nname = \"a\"\nlocal = \"0.0.0.0:80\"\nport = 81\n", "drop `port`"),
             ("[[service]]\nname = \"a\"\nlocal = \"100.64.1.1:80\"\nport = 81\n", "drop `port`"),

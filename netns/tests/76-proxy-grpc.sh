@@ -8,7 +8,10 @@
 # trailers); a client without TLS (h2c) is served on the plain port. The
 # backend sees the client address in X-Forwarded-For, the calls
 # share one backend connection, the route's HTTP health check runs over
-# HTTP/2, and a WebSocket upgrade on the route gets a clear 501.
+# HTTP/2, and a WebSocket upgrade on the route gets a clear 501. Then n1
+# declares the same server itself (`[[service]] http2 = true` through the
+# node services API) under a name the operator granted it, and the client
+# reaches it by that name too.
 # timeout: 240
 set -euo pipefail
 export GW_TEST_NAME=76-proxy-grpc
@@ -43,6 +46,11 @@ domains = ["$DOMAIN"]
 http_listen = ["0.0.0.0:80"]
 https_listen = ["0.0.0.0:443"]
 
+[control]
+state_dir = "$GW_TMP/state"
+socket = "$GW_TMP/ctl.sock"
+node_port = 7001
+
 [[route]]
 name = "grpc"
 cert = "$CERT_DIR/fullchain.pem"
@@ -55,7 +63,9 @@ health_interval = 1
 health_fall = 1
 CONF
 GW_CONF=$conf gw_start_hub hub
-gw_start_node n1 hub
+nconf=$(gw_node_conf n1 hub)
+echo "control = \"[$HUBV6]:7001\"" >>"$nconf" # the last table is n1's [[hub]]
+GW_CONF=$nconf gw_start_node n1 hub
 must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$HUBV6"
 
 # A gRPC service without generated code: methods take and return raw bytes.
@@ -124,6 +134,7 @@ must "the route's HTTP/2 health check passes" wait_for 15 eval \
 failed0=$(route_json | jq '.backends[0].checks_failed')
 
 client() { lab_exec pub "$PY" "$GW_TMP/grpc_client.py" "$HUB4" "$HOST" "$CERT_DIR/fullchain.pem" "$@"; }
+ctl() { "$GATEWIRE" ctl --socket "$GW_TMP/ctl.sock" "$@"; }
 
 out=$(client say 1 2>&1 || true)
 assert_eq "unary call through the hub to n1's IPv6-only gRPC server" "echo:hi0 xff=$PUB4" "$out"
@@ -152,5 +163,22 @@ check "show --json counts the calls" jq -e '.requests >= 24' <<<"$js"
 check "show --json: no backend errors" \
     jq -e '[.errors | to_entries[] | select(.key != "backend_protocol") | .value] | add // 0 | . == 0' <<<"$js"
 check "show --json: the upgrade counted as backend_protocol" jq -e '.errors.backend_protocol == 1' <<<"$js"
+# --- the node declares the gRPC server itself
+must "the operator grants n1 the name rpc" ctl name set rpc --owner "$(lab_pub n1)"
+cat >>"$nconf" <<CONF
+
+[[service]]
+name = "rpc"
+local = "[$N1V6]:50051"
+http2 = true
+CONF
+must "the hub reports rpc active for n1" \
+    wait_for 15 grep -q 'service active.*service=name:rpc' "$(lab_logfile n1)"
+rpc_spec() { ctl --json route show rpc | jq -r '.spec.backend_protocol // "-"'; }
+out=$(rpc_spec 2>&1 || true)
+assert_eq "the declared service's route speaks HTTP/2 to n1" http2 "$out"
+out=$(lab_exec pub "$PY" "$GW_TMP/grpc_client.py" "$HUB4" "rpc.$DOMAIN" "$CERT_DIR/fullchain.pem" say-plain 1 2>&1 || true)
+assert_eq "a gRPC call reaches n1's declared service by name (h2c on :80)" "echo:hi0 xff=$PUB4" "$out"
+
 check "hub still running" lab_alive hub
 lab_finish

@@ -63,6 +63,8 @@ pub struct ServiceDecl {
     pub public_port: Option<u16>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub proxy_protocol: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub http2: bool,
 }
 
 impl From<&NodeService> for ServiceDecl {
@@ -79,6 +81,7 @@ impl From<&NodeService> for ServiceDecl {
             tls: s.tls,
             public_port: s.public_port,
             proxy_protocol: s.proxy_protocol,
+            http2: s.http2,
         }
     }
 }

@@ -163,6 +163,9 @@ pub struct ServiceDecl {
     pub public_port: Option<u16>,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The service speaks HTTP/2 only (gRPC); terminated HTTP only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http2: bool,
 }
 
 impl ServiceDecl {
@@ -844,11 +847,14 @@ impl State {
                         refuse(&mut ev, format!("`{host}` is taken by node {}", keys[0]));
                         continue;
                     }
-                    if first.tls != s.decl.tls || first.proxy_protocol != s.decl.proxy_protocol {
+                    if first.tls != s.decl.tls
+                        || first.proxy_protocol != s.decl.proxy_protocol
+                        || first.http2 != s.decl.http2
+                    {
                         refuse(
                             &mut ev,
                             format!(
-                                "`{host}` is served by node {} with other tls/proxy_protocol settings",
+                                "`{host}` is served by node {} with other tls/proxy_protocol/http2 settings",
                                 keys[0]
                             ),
                         );
@@ -880,6 +886,7 @@ impl State {
                         backends: list,
                         proxy_protocol: (passthrough && d.proxy_protocol)
                             .then_some(RawPp::Bool(true)),
+                        backend_protocol: d.http2.then(|| "http2".to_string()),
                         acme: acme && !passthrough,
                         ..RawRoute::default()
                     });
@@ -961,6 +968,11 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
                         .into(),
                 ));
             }
+            if d.http2 && d.tls.is_some() {
+                return Err(who(
+                    "http2 is for terminated services (passthrough splices TLS untouched)".into(),
+                ));
+            }
         }
         Protocol::Tcp | Protocol::Udp => {
             if d.tls.is_some() {
@@ -971,6 +983,9 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
             }
             if d.protocol == Protocol::Udp && d.proxy_protocol {
                 return Err(who("proxy_protocol is not available for udp".into()));
+            }
+            if d.http2 {
+                return Err(who("http2 is for http services".into()));
             }
         }
     }

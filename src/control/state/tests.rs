@@ -68,6 +68,7 @@ fn http(name: &str, port: u16) -> ServiceDecl {
         tls: None,
         public_port: None,
         proxy_protocol: false,
+        http2: false,
     }
 }
 
@@ -296,6 +297,39 @@ fn services_follow_ownership_and_replicas() {
     .unwrap();
     assert_eq!(s.evaluate(&ctx(&e, 109), &reg, false).routes.len(), 1);
     assert!(s.evaluate(&ctx(&e, 110), &reg, false).routes.is_empty());
+    // An HTTP/2 (gRPC) service: the route speaks HTTP/2 to it; replicas
+    // must agree.
+    let h2 = ServiceDecl {
+        http2: true,
+        ..http("blog", 80)
+    };
+    s.declare_services(7, K1, ip1, vec![h2.clone()]).unwrap();
+    s.declare_services(7, K2, ip2, vec![h2]).unwrap();
+    let ev = s.evaluate(&ctx(&e, 8), &reg, false);
+    assert_eq!(ev.routes[0].backend_protocol.as_deref(), Some("http2"));
+    assert_eq!(ev.routes[0].backends.len(), 2);
+    s.declare_services(9, K2, ip2, vec![http("blog", 80)])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 10), &reg, false);
+    assert_eq!(ev.routes[0].backends.len(), 1);
+    let refused: Vec<_> = ev
+        .statuses
+        .values()
+        .flatten()
+        .filter(|st| st.status == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0]
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("http2")));
+    let bad = ServiceDecl {
+        http2: true,
+        tls: Some("passthrough".into()),
+        ..http("blog", 80)
+    };
+    let err = s.declare_services(11, K1, ip1, vec![bad]).unwrap_err();
+    assert!(err.message.contains("http2"), "{err:?}");
     // Withdrawal: an empty declaration removes the node's services.
     assert!(s.declare_services(6, K1, ip1, vec![]).unwrap());
     assert!(!s.services.contains_key(K1));
@@ -327,6 +361,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
         tls: None,
         public_port: Some(p),
         proxy_protocol: false,
+        http2: false,
     };
     s.declare_services(2, K3, ip, vec![http("shop", 80), tcp(20022), tcp(20001)])
         .unwrap();
