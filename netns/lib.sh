@@ -121,6 +121,15 @@ need_cmd() {
     done
 }
 
+# lab_selfsigned HOST CERT KEY : a self-signed P-256 certificate for HOST
+# (valid two days) in CERT and its key in KEY.
+lab_selfsigned() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=$1" -addext "subjectAltName=DNS:$1" \
+        -keyout "$3" -out "$2" >/dev/null 2>&1 ||
+        lab_die "openssl could not make a test certificate for $1"
+}
+
 need_gatewire() {
     [ -x "$GATEWIRE" ] || lab_die "gatewire binary not found at $GATEWIRE (cargo build --release, or set GATEWIRE=)"
 }

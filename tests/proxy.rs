@@ -73,6 +73,15 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
     }
 }
 
+/// A request header's value, or `-`.
+fn header<B>(req: &hyper::Request<B>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
 /// An HTTP/1.1 backend answering `name <path> xff=<X-Forwarded-For> ...`; it
 /// echoes the upgraded stream for `Upgrade: echo` requests.
 async fn http_backend(name: &'static str) -> SocketAddr {
@@ -84,13 +93,7 @@ async fn http_backend(name: &'static str) -> SocketAddr {
             tokio::spawn(async move {
                 let svc = service_fn(
                     move |mut req: hyper::Request<hyper::body::Incoming>| async move {
-                        let h = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-")
-                                .to_string()
-                        };
+                        let h = |n: &str| header(&req, n);
                         if req.headers().contains_key("upgrade") {
                             let up = hyper::upgrade::on(&mut req);
                             tokio::spawn(async move {
@@ -136,17 +139,22 @@ async fn http_backend(name: &'static str) -> SocketAddr {
 }
 
 /// Sends a raw HTTP/1.1 request and returns the whole response (connection: close).
-async fn raw_http(addr: SocketAddr, host: &str, extra: &str) -> String {
+/// Sends `bytes` on a new connection to `addr` and reads until it closes.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req =
-        format!("GET /hello?x=1 HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))
         .await
         .unwrap()
         .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+async fn raw_http(addr: SocketAddr, host: &str, extra: &str) -> String {
+    let req =
+        format!("GET /hello?x=1 HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    String::from_utf8_lossy(&exchange(addr, req.as_bytes()).await).into_owned()
 }
 
 struct Pki {
@@ -315,9 +323,9 @@ async fn upgrade_is_relayed() {
     assert_eq!(&back, b"ping-through-the-proxy");
 }
 
-/// A TLS server on loopback that answers one HTTP request with `pt:<sni>`.
-async fn tls_backend(pki: &Pki) -> SocketAddr {
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+/// A TLS acceptor with `pki`'s certificate, offering `alpn`.
+fn tls_acceptor(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -326,7 +334,13 @@ async fn tls_backend(pki: &Pki) -> SocketAddr {
             PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
         )
         .unwrap();
-    let acc = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// A TLS server on loopback that answers one HTTP request with `pt:<sni>`.
+async fn tls_backend(pki: &Pki) -> SocketAddr {
+    let acc = tls_acceptor(pki, &[]);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -493,19 +507,7 @@ async fn h2_client(
 /// len=<request body bytes>` followed by gRPC-style trailers, and counts the
 /// connections it accepted.
 async fn h2_backend(tls: Option<&Pki>) -> (SocketAddr, Arc<AtomicUsize>) {
-    let acc = tls.map(|pki| {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.cert_der.clone()],
-                PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
-            )
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
-    });
+    let acc = tls.map(|pki| tls_acceptor(pki, &[b"h2"]));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -517,13 +519,7 @@ async fn h2_backend(tls: Option<&Pki>) -> (SocketAddr, Arc<AtomicUsize>) {
             let acc = acc.clone();
             tokio::spawn(async move {
                 let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let h = |n: &str| {
-                        req.headers()
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_string()
-                    };
+                    let h = |n: &str| header(&req, n);
                     let head = format!(
                         "h2 {} ver={:?} te={} xff={} host={}",
                         req.uri(),
@@ -679,15 +675,11 @@ async fn h2c_clients_on_the_plain_listener() {
     // HTTP/1.1 on the same port, a request line starting like the preface too.
     let r = raw_http(p.http_addrs()[0], "w.gw.test", "").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    let mut s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
-    s.write_all(b"PRI /x HTTP/1.1\r\nHost: w.gw.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = exchange(
+        p.http_addrs()[0],
+        b"PRI /x HTTP/1.1\r\nHost: w.gw.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 "), "{out}");
 }
@@ -813,15 +805,11 @@ async fn unknown_sni_gets_unrecognized_name_alert() {
         .unwrap();
     assert_eq!(out, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
     // Garbage gets a decode_error alert, not a crash.
-    let mut s = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
-    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0, 0, 1, 0])
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = exchange(
+        p.https_addrs()[0],
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0, 0, 1, 0],
+    )
+    .await;
     assert_eq!(out.first(), Some(&0x15));
     let st = p.stats();
     let l = st.iter().find(|s| s.route == "listener").unwrap();

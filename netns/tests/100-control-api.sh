@@ -155,9 +155,7 @@ threading.Event().wait()
 EOF
 CERT="$GW_TMP/tls"
 mkdir -p "$CERT"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=app.$DOMAIN" -addext "subjectAltName=DNS:app.$DOMAIN" \
-    -keyout "$CERT/key.pem" -out "$CERT/cert.pem" >/dev/null 2>&1 || lab_die "openssl (backend certificate)"
+lab_selfsigned "app.$DOMAIN" "$CERT/cert.pem" "$CERT/key.pem"
 www="$GW_TMP/www"
 mkdir -p "$www"
 big=$(make_file big.bin 64)

@@ -30,10 +30,7 @@ lab_up 1 0
 # --- certificate for the terminated route (self-signed; curl trusts it by --cacert)
 CERT_DIR="$GW_TMP/certs"
 mkdir -p "$CERT_DIR"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
-    -keyout "$CERT_DIR/key.pem" -out "$CERT_DIR/fullchain.pem" >/dev/null 2>&1 ||
-    lab_die "openssl could not make a test certificate"
+lab_selfsigned "$HOST" "$CERT_DIR/fullchain.pem" "$CERT_DIR/key.pem"
 
 # --- hub config: the lab's hub file plus the proxy sections
 conf=$(gw_hub_conf hub n1)

@@ -26,9 +26,7 @@ lab_up 1 0
 
 CERT="$GW_TMP/certs"
 mkdir -p "$CERT"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
-    -keyout "$CERT/key.pem" -out "$CERT/cert.pem" >/dev/null 2>&1 || lab_die "openssl"
+lab_selfsigned "$HOST" "$CERT/cert.pem" "$CERT/key.pem"
 
 conf=$(gw_hub_conf hub n1)
 cat >>"$conf" <<EOF

@@ -33,10 +33,7 @@ lab_up 1 0
 
 CERT_DIR="$GW_TMP/certs"
 mkdir -p "$CERT_DIR"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
-    -keyout "$CERT_DIR/key.pem" -out "$CERT_DIR/fullchain.pem" >/dev/null 2>&1 ||
-    lab_die "openssl could not make a test certificate"
+lab_selfsigned "$HOST" "$CERT_DIR/fullchain.pem" "$CERT_DIR/key.pem"
 
 conf=$(gw_hub_conf hub n1)
 cat >>"$conf" <<CONF
