@@ -685,6 +685,30 @@ async fn h2c_clients_on_the_plain_listener() {
 }
 
 #[tokio::test]
+async fn silent_and_stalled_plain_clients_are_closed() {
+    let b = http_backend("one").await;
+    let mut st = settings(vec![route("w", TlsMode::Terminate, vec![be(b)])]);
+    st.limits.header_timeout = Duration::from_millis(300);
+    let p = Proxy::start(st).await.unwrap();
+    // Nothing sent, a stall inside the HTTP/2 preface, a stall inside an
+    // HTTP/1 head: each closed at the header timeout (`exchange` gives up
+    // after 10 s).
+    for first in [
+        &b""[..],
+        b"PRI * HTTP/2",
+        b"GET / HTTP/1.1\r\nHost: w.gw.test\r\n",
+    ] {
+        let out = exchange(p.http_addrs()[0], first).await;
+        assert!(
+            out.is_empty() || out.starts_with(b"HTTP/1.1 408"),
+            "{first:?}: {out:?}"
+        );
+    }
+    let r = raw_http(p.http_addrs()[0], "w.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test]
 async fn http2_backends_are_balanced() {
     let (b1, c1) = h2_backend(None).await;
     let (b2, c2) = h2_backend(None).await;

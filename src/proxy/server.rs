@@ -724,9 +724,12 @@ async fn accept_loop(
             match kind {
                 Kind::Http => {
                     let mut sock = sock;
-                    let (first, h2c) = sniff_h2c(&mut sock, shared.limits.header_timeout).await;
-                    let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
-                    serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
+                    if let Some((first, h2c)) =
+                        sniff_h2c(&mut sock, shared.limits.header_timeout).await
+                    {
+                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
+                        serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
+                    }
                 }
                 Kind::Https => serve_tls(shared, sock, peer, retired).await,
                 Kind::Tcp => {
@@ -767,29 +770,27 @@ fn is_h2_preface(first: &[u8]) -> Option<bool> {
 /// Reads the first bytes of a plain HTTP connection until they show whether
 /// it is HTTP/2 with prior knowledge (h2c, as gRPC clients without TLS
 /// speak) or HTTP/1; returns them (to be replayed) and the verdict. An
-/// HTTP/1 request differs from the preface by its first or second byte; a
-/// client that stalls inside the preface is handed to HTTP/1 when
-/// `deadline` passes, whose header timeout then closes it.
-async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> (Vec<u8>, bool) {
+/// HTTP/1 request differs from the preface by its first or second byte.
+/// `None` (the connection is closed): the client closed, or sent too little
+/// to tell within `deadline` (the header timeout: a slowloris).
+async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>, bool)> {
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     let read = async {
+        let mut buf = [0u8; 24];
         loop {
-            let mut buf = [0u8; 24];
             let want = H2_PREFACE.len().saturating_sub(first.len());
-            let Some(chunk) = buf.get_mut(..want) else {
-                return false;
-            };
+            let chunk = buf.get_mut(..want)?;
             match sock.read(chunk).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => first.extend_from_slice(chunk.get(..n).unwrap_or_default()),
             }
             if let Some(v) = is_h2_preface(&first) {
-                return v;
+                return Some(v);
             }
         }
     };
-    let h2c = tokio::time::timeout(deadline, read).await.unwrap_or(false);
-    (first, h2c)
+    let h2c = tokio::time::timeout(deadline, read).await.ok().flatten()?;
+    Some((first, h2c))
 }
 
 async fn serve_http<IO>(
