@@ -2,8 +2,8 @@
 //! route's healthy backends, optional stickiness by client address, passive
 //! health (a failed connect skips the backend for a while), active health checks
 //! (TCP connect or HTTP GET), tunnel liveness (a backend behind a node whose
-//! tunnel is silent counts as down), a per-route connection limit, and TLS to
-//! `https://` backends.
+//! tunnel is silent counts as down), a per-route connection limit, TLS to
+//! `https://` backends, and for HTTP/2 backends one shared connection each.
 
 use crate::proxy::settings::{
     Backend, BackendProtocol, BackendTls, Balance, HealthKind, Limits, Policy, Scheme,
