@@ -897,12 +897,14 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             backends: vec![be(plain)],
             proxy_protocol: ProxyProtocol::Off,
             balance: Balance::default(),
+            tls: None,
         },
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             backends: vec![be(pp)],
             proxy_protocol: ProxyProtocol::V2,
             balance: Balance::default(),
+            tls: None,
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -927,6 +929,54 @@ async fn tcp_forward_with_and_without_proxy_v2() {
     let st = p.stats();
     let f = st.iter().find(|s| s.route.starts_with("tcp:")).unwrap();
     assert_eq!(f.connections, 1);
+}
+
+#[tokio::test]
+async fn tcp_forward_terminates_tls() {
+    let pki = pki(&["db.example.org"]);
+    let dir = tmpdir("tcp-tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let (pp, mut seen) = tcp_backend(true).await;
+    let mut s = settings(vec![]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(pp)],
+        proxy_protocol: ProxyProtocol::V2,
+        balance: Balance::default(),
+        tls: Some(CertFiles { cert, key }),
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.tcp_addrs()[0];
+    // A client that does not speak TLS: closed, counted, no backend connection.
+    let out = exchange(at, b"hello plain\r\n").await;
+    assert!(!out.starts_with(b"hello"), "{out:?}");
+    // A TLS client: verified certificate, the plain stream reaches the
+    // backend, which learns the client's address from the PROXY header.
+    let conn = tokio_rustls::TlsConnector::from(client_config(&pki.cert_der, &[]));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let me = tcp.local_addr().unwrap();
+    let mut t = conn
+        .connect(ServerName::try_from("db.example.org").unwrap(), tcp)
+        .await
+        .unwrap();
+    t.write_all(b"hello tls").await.unwrap();
+    let mut back = [0u8; 9];
+    tokio::time::timeout(T, t.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"hello tls");
+    let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
+    let Command::Proxy { src, .. } = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(src, me, "the first PROXY header is the TLS client's");
+    let st = p.stats();
+    let f = st.iter().find(|s| s.route.starts_with("tcp:")).unwrap();
+    assert_eq!(f.connections, 2);
+    assert_eq!(f.errors.get("tls_handshake"), Some(&1), "{f:?}");
 }
 
 #[tokio::test]
@@ -1083,6 +1133,7 @@ async fn idle_spliced_connections_are_closed() {
         backends: vec![be(echo)],
         proxy_protocol: ProxyProtocol::Off,
         balance: Balance::default(),
+        tls: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];

@@ -258,6 +258,7 @@ async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
         backends: vec![be(echo)],
         proxy_protocol: ProxyProtocol::Off,
         balance: Balance::default(),
+        tls: None,
     }];
     let r = p.reload(s1.clone()).await.unwrap();
     assert_eq!(r.added, vec![format!("tcp:{tcp_at}")]);
@@ -584,6 +585,7 @@ async fn tcp_forward_sends_proxy_v1() {
         backends: vec![be(b)],
         proxy_protocol: ProxyProtocol::V1,
         balance: Balance::default(),
+        tls: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];

@@ -7,7 +7,9 @@
 # HTTP/2) with a certificate file on the hub; the backend sees the client's real
 # address in X-Forwarded-For. An unknown Host gets 404, an unknown SNI a TLS
 # alert; the TCP and UDP forwards carry an IPv4 client to the IPv6-only
-# backends. A config whose backend is the hub's loopback is refused at load.
+# backends; a TCP forward with a certificate terminates TLS at the hub (socat
+# verifies it) and carries the plain stream to the same echo. A config whose
+# backend is the hub's loopback is refused at load.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=70-proxy
@@ -51,6 +53,12 @@ backends = ["http://[$N1V6]:8080"]
 [[tcp]]
 listen = "0.0.0.0:2222"
 backends = ["[$N1V6]:7000"]
+
+[[tcp]]
+listen = "0.0.0.0:2223"
+backends = ["[$N1V6]:7000"]
+cert = "$CERT_DIR/fullchain.pem"
+key = "$CERT_DIR/key.pem"
 
 [[udp]]
 listen = "0.0.0.0:5353"
@@ -138,6 +146,8 @@ check "unknown SNI gets a TLS alert (unrecognized name)" grep -qi "unrecognized 
 # --- TCP and UDP forwards: IPv4 client, IPv6-only backends
 tcp_out=$(lab_sh pub "printf 'tcp-$MARK' | timeout 10 socat -t 2 - TCP4:$HUB4:2222" || true)
 assert_eq "TCP forward: IPv4 client to the IPv6-only echo on n1" "tcp-$MARK" "$tcp_out"
+tls_out=$(lab_sh pub "printf 'tls-$MARK' | timeout 10 socat -t 2 - OPENSSL:$HUB4:2223,cafile=$CERT_DIR/fullchain.pem,commonname=$HOST,snihost=$HOST" || true)
+assert_eq "TCP forward with TLS terminated at the hub (certificate verified)" "tls-$MARK" "$tls_out"
 udp_out=$(lab_sh pub "printf 'udp-$MARK' | timeout 10 socat -t 2 - UDP4:$HUB4:5353" || true)
 assert_eq "UDP forward: IPv4 client to the IPv6-only echo on n1" "udp-$MARK" "$udp_out"
 

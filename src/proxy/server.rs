@@ -64,6 +64,8 @@ pub(crate) struct Forward {
     pub proxy_protocol: ProxyProtocol,
     /// UDP settings; `None` for TCP.
     pub udp: Option<UdpForwardSettings>,
+    /// TCP with `cert`/`key`: TLS is terminated here.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// One generation of routing state, shared by every connection accepted under it.
@@ -266,7 +268,8 @@ fn build(
                    backends: &[crate::proxy::settings::Backend],
                    bal: &crate::proxy::settings::Balance,
                    pp: ProxyProtocol,
-                   udp: Option<UdpForwardSettings>| {
+                   udp: Option<UdpForwardSettings>,
+                   tls: Option<tokio_rustls::TlsAcceptor>| {
         let old = old_fwds.get(id.as_str());
         let upstreams = match reuse(
             old.map(|f| &f.upstreams),
@@ -288,16 +291,28 @@ fn build(
             upstreams,
             proxy_protocol: pp,
             udp,
+            tls,
         }));
     };
     for t in &settings.tcp {
+        let id = format!("tcp:{}", t.listen);
+        let tls = match &t.tls {
+            Some(files) => {
+                let key = tls::load_certified_key(files)
+                    .and_then(|k| tls::single_cert_config(Arc::new(k)))
+                    .map_err(|e| anyhow::anyhow!("[[tcp]] {}: {e}", t.listen))?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(key)))
+            }
+            None => None,
+        };
         fwd(
-            format!("tcp:{}", t.listen),
+            id,
             t.listen,
             &t.backends,
             &t.balance,
             t.proxy_protocol,
             None,
+            tls,
         );
     }
     for u in &settings.udp {
@@ -308,6 +323,7 @@ fn build(
             &u.balance,
             ProxyProtocol::Off,
             Some(u.clone()),
+            None,
         );
     }
     Ok(Shared {
@@ -902,6 +918,32 @@ async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: So
         return;
     };
     let Ok(local) = sock.local_addr() else { return };
+    let Some(acceptor) = &fwd.tls else {
+        relay_tcp(shared, &fwd, sock, peer, local).await;
+        return;
+    };
+    // The client's handshake first: nothing reaches a backend before it.
+    match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(sock)).await {
+        Ok(Ok(tls)) => relay_tcp(shared, &fwd, tls, peer, local).await,
+        Ok(Err(e)) => {
+            c.error(ErrorKind::TlsHandshake);
+            debug!(forward = %fwd.id, error = %e, "tls handshake failed");
+        }
+        Err(_) => c.error(ErrorKind::HandshakeTimeout),
+    }
+}
+
+/// Connects a backend of `fwd` and splices `client` to it.
+async fn relay_tcp<S>(
+    shared: &Shared,
+    fwd: &Forward,
+    client: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let c = fwd.counters.clone();
     let Some((b, _lease)) = open_backend(
         &fwd.upstreams,
         &c,
@@ -915,7 +957,7 @@ async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: So
     else {
         return;
     };
-    let r = splice(sock, b, c, shared.limits.idle_timeout).await;
+    let r = splice(client, b, c, shared.limits.idle_timeout).await;
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
 

@@ -128,6 +128,11 @@ pub struct RawTcp {
     pub backends: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<RawPp>,
+    /// With `key`: the hub terminates TLS and forwards the plain stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balance: Option<String>,
     #[serde(default)]
@@ -389,6 +394,9 @@ pub struct TcpForwardSettings {
     pub proxy_protocol: ProxyProtocol,
     /// Load balancing, health checks, connection limit.
     pub balance: Balance,
+    /// The hub terminates TLS with this certificate and forwards the
+    /// decrypted stream; `None`: bytes are forwarded as they come.
+    pub tls: Option<CertFiles>,
 }
 
 /// A raw UDP port forward.
@@ -1068,14 +1076,23 @@ pub(crate) fn validate(
         });
     }
     let mut out_tcp = Vec::new();
-    for (t, (who, listen)) in tcp.into_iter().zip(tcp_listen) {
+    for (mut t, (who, listen)) in tcp.into_iter().zip(tcp_listen) {
         let backends = backends(&who, &t.backends, false, &own)?;
-        let proxy_protocol = proxy_protocol(&who, t.proxy_protocol)?;
+        let proxy_protocol = proxy_protocol(&who, t.proxy_protocol.take())?;
+        let tls = match (t.cert.take(), t.key.take()) {
+            (Some(c), Some(k)) => Some(CertFiles {
+                cert: resolve(base, &c),
+                key: resolve(base, &k),
+            }),
+            (None, None) => None,
+            _ => return Err(format!("{who}: set both `cert` and `key`, or neither")),
+        };
         out_tcp.push(TcpForwardSettings {
             listen,
             backends,
             proxy_protocol,
             balance: balance(&who, raw_bal!(t), false)?,
+            tls,
         });
     }
     let mut out_udp = Vec::new();
@@ -1369,6 +1386,19 @@ mod toml_tests {
         let e = parse("[[tcp]]\nlisten = \"0.0.0.0:22\"\nbackends = [\"100.64.0.9:22\"]\nproxy_protocol = \"v3\"\n")
             .unwrap_err();
         assert!(e.contains("v3"), "{e}");
+        let e = parse("[[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\ncert = \"c.pem\"\n")
+            .unwrap_err();
+        assert!(
+            e.contains("[[tcp]] #1") && e.contains("`cert` and `key`"),
+            "{e}"
+        );
+        let c = parse("[[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
+            .unwrap();
+        let tls = c.proxy.unwrap().tcp[0].tls.clone().unwrap();
+        assert!(
+            tls.cert.is_absolute() && tls.key.ends_with("k.pem"),
+            "{tls:?}"
+        );
     }
 
     #[test]

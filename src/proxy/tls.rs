@@ -171,15 +171,29 @@ pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, Stri
     Ok(cfg)
 }
 
+/// Presents one certificate whatever the client asks for.
+#[derive(Debug)]
+struct One(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for One {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A server config presenting `key` (TLS-terminated TCP forwards; no ALPN).
+pub fn single_cert_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
+    Ok(
+        rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(One(key))),
+    )
+}
+
 /// A server config that answers one TLS-ALPN-01 validation with `key`.
 pub fn acme_alpn_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
-    #[derive(Debug)]
-    struct One(Arc<CertifiedKey>);
-    impl ResolvesServerCert for One {
-        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-            Some(self.0.clone())
-        }
-    }
     let mut cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
