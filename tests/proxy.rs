@@ -314,12 +314,7 @@ async fn upgrade_is_relayed() {
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
-    s.write_all(b"ping-through-the-proxy").await.unwrap();
-    let mut back = [0u8; 22];
-    tokio::time::timeout(T, s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    let back = round_trip(&mut s, b"ping-through-the-proxy").await;
     assert_eq!(&back, b"ping-through-the-proxy");
 }
 
@@ -421,14 +416,33 @@ async fn sni_passthrough_reaches_tls_backend() {
     assert!(s.bytes_in > 200 && s.bytes_out > 200, "{s:?}");
 }
 
+/// `pki`'s certificate and key as PEM files in a fresh directory `tag`.
+fn cert_files(tag: &str, pki: &Pki) -> CertFiles {
+    let dir = tmpdir(tag);
+    let (cert, key) = (dir.join("fullchain.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    CertFiles { cert, key }
+}
+
 fn terminate_route(name: &str, pki: &Pki, backend: SocketAddr) -> RouteSettings {
-    let dir = tmpdir(name);
-    let (c, k) = (dir.join("fullchain.pem"), dir.join("key.pem"));
-    std::fs::write(&c, &pki.cert_pem).unwrap();
-    std::fs::write(&k, &pki.key_pem).unwrap();
     let mut r = route(name, TlsMode::Terminate, vec![be(backend)]);
-    r.cert = Some(CertFiles { cert: c, key: k });
+    r.cert = Some(cert_files(name, pki));
     r
+}
+
+/// Writes `msg` and reads back as many bytes (within `T`).
+async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(T, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    back
 }
 
 #[tokio::test]
@@ -910,12 +924,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
     let p = Proxy::start(s).await.unwrap();
     for (i, at) in p.tcp_addrs().iter().enumerate() {
         let mut c = TcpStream::connect(at).await.unwrap();
-        c.write_all(b"hello tcp").await.unwrap();
-        let mut back = [0u8; 9];
-        tokio::time::timeout(T, c.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
+        let back = round_trip(&mut c, b"hello tcp").await;
         assert_eq!(&back, b"hello tcp", "forward {i}");
         if i == 1 {
             let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
@@ -934,10 +943,6 @@ async fn tcp_forward_with_and_without_proxy_v2() {
 #[tokio::test]
 async fn tcp_forward_terminates_tls() {
     let pki = pki(&["db.example.org"]);
-    let dir = tmpdir("tcp-tls");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, &pki.cert_pem).unwrap();
-    std::fs::write(&key, &pki.key_pem).unwrap();
     let (pp, mut seen) = tcp_backend(true).await;
     let mut s = settings(vec![]);
     s.tcp = vec![TcpForwardSettings {
@@ -945,7 +950,7 @@ async fn tcp_forward_terminates_tls() {
         backends: vec![be(pp)],
         proxy_protocol: ProxyProtocol::V2,
         balance: Balance::default(),
-        tls: Some(CertFiles { cert, key }),
+        tls: Some(cert_files("tcp-tls", &pki)),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -961,12 +966,7 @@ async fn tcp_forward_terminates_tls() {
         .connect(ServerName::try_from("db.example.org").unwrap(), tcp)
         .await
         .unwrap();
-    t.write_all(b"hello tls").await.unwrap();
-    let mut back = [0u8; 9];
-    tokio::time::timeout(T, t.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    let back = round_trip(&mut t, b"hello tls").await;
     assert_eq!(&back, b"hello tls");
     let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
     let Command::Proxy { src, .. } = cmd else {

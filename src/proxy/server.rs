@@ -768,7 +768,7 @@ async fn accept_loop(
 }
 
 /// The HTTP/2 connection preface a client with prior knowledge (h2c) sends.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether `first` (the first bytes of a plain connection) is the HTTP/2
 /// preface (`Some(true)`), cannot be (`Some(false)`), or may still become it.
@@ -792,7 +792,7 @@ fn is_h2_preface(first: &[u8]) -> Option<bool> {
 async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>, bool)> {
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     let read = async {
-        let mut buf = [0u8; 24];
+        let mut buf = [0u8; H2_PREFACE.len()];
         loop {
             let want = H2_PREFACE.len().saturating_sub(first.len());
             let chunk = buf.get_mut(..want)?;
@@ -1078,9 +1078,9 @@ mod tests {
 
     #[test]
     fn h2_preface_is_told_from_http1() {
-        assert_eq!(is_h2_preface(H2_PREFACE), Some(true));
+        assert_eq!(is_h2_preface(&H2_PREFACE[..]), Some(true));
         assert_eq!(
-            is_h2_preface(&[H2_PREFACE, b"\0\0\x12\x04"].concat()),
+            is_h2_preface(&[&H2_PREFACE[..], b"\0\0\x12\x04"].concat()),
             Some(true)
         );
         assert_eq!(is_h2_preface(b""), None);
