@@ -53,6 +53,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         balance: Balance::default(),
         acme: false,
         paused: false,
+        access: Default::default(),
     }
 }
 
@@ -371,8 +372,16 @@ async fn tls_get(
     sni: &str,
     trust: &CertificateDer<'static>,
 ) -> std::io::Result<String> {
+    tls_get_over(TcpStream::connect(at).await?, sni, trust).await
+}
+
+/// `GET /tls` over TLS on the connection `tcp`; the response as text.
+async fn tls_get_over(
+    tcp: TcpStream,
+    sni: &str,
+    trust: &CertificateDer<'static>,
+) -> std::io::Result<String> {
     let conn = tokio_rustls::TlsConnector::from(client_config(trust, &[b"http/1.1"]));
-    let tcp = TcpStream::connect(at).await?;
     let mut t = conn
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await?;
@@ -912,6 +921,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             proxy_protocol: ProxyProtocol::Off,
             balance: Balance::default(),
             tls: None,
+            access: Default::default(),
         },
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -919,6 +929,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             proxy_protocol: ProxyProtocol::V2,
             balance: Balance::default(),
             tls: None,
+            access: Default::default(),
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -951,6 +962,7 @@ async fn tcp_forward_terminates_tls() {
         proxy_protocol: ProxyProtocol::V2,
         balance: Balance::default(),
         tls: Some(cert_files("tcp-tls", &pki)),
+        access: Default::default(),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1019,6 +1031,7 @@ async fn udp_forward_echo_and_flows() {
         max_flows: 2,
         flow_idle_timeout: Duration::from_secs(60),
         balance: Balance::default(),
+        access: Default::default(),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.udp_addrs()[0];
@@ -1134,6 +1147,7 @@ async fn idle_spliced_connections_are_closed() {
         proxy_protocol: ProxyProtocol::Off,
         balance: Balance::default(),
         tls: None,
+        access: Default::default(),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1185,4 +1199,167 @@ async fn redirect_to_https_per_route() {
         r.starts_with("HTTP/1.1 200") && r.contains("xfp=http "),
         "{r}"
     );
+}
+
+/// A TCP connection to `to` from the loopback address `src` (any of 127/8).
+async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// `GET /` for `host` from `src`; the whole response as text.
+async fn http_from(src: &str, to: SocketAddr, host: &str) -> String {
+    let mut s = connect_from(src, to).await;
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends `msg` from a UDP socket and returns the reply, or `None` after 300 ms.
+async fn udp_ask(c: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    c.send_to(msg, to).await.unwrap();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_millis(300), c.recv_from(&mut buf)).await {
+        Ok(r) => Some(buf[..r.unwrap().0].to_vec()),
+        Err(_) => None,
+    }
+}
+
+fn access(allow: &[&str], deny: &[&str]) -> gatewire::proxy::settings::Access {
+    let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    gatewire::proxy::settings::Access::parse(&s(allow), &s(deny)).unwrap()
+}
+
+fn denied(p: &Proxy, id: &str) -> u64 {
+    let st = p.stats();
+    let r = st.iter().find(|s| s.route == id).unwrap();
+    r.errors.get("denied").copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn client_address_rules_on_routes_and_forwards() {
+    let pki = pki(&["pt.gw.test"]);
+    let (adm_b, pub_b) = (http_backend("adm").await, http_backend("pub").await);
+    let tls_b = tls_backend(&pki).await;
+    let (tcp_b, _) = tcp_backend(false).await;
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut adm = route("adm", TlsMode::Terminate, vec![be(adm_b)]);
+    adm.access = access(&["127.0.0.2"], &[]);
+    let mut open = route("pub", TlsMode::Terminate, vec![be(pub_b)]);
+    open.access = access(&[], &["127.0.0.1/32"]);
+    let mut pt = route("pt", TlsMode::Passthrough, vec![be(tls_b)]);
+    pt.access = access(&["127.0.0.0/8"], &["127.0.0.1"]);
+    let mut s = settings(vec![adm.clone(), open, pt]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(tcp_b)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: access(&["127.0.0.2"], &[]),
+    }];
+    s.udp = vec![UdpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(echo_addr)],
+        max_flows: 16,
+        flow_idle_timeout: Duration::from_secs(60),
+        balance: Balance::default(),
+        access: access(&[], &["127.0.0.1"]),
+    }];
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let (http, https) = (p.http_addrs()[0], p.https_addrs()[0]);
+
+    // Terminated routes: 403 for a refused address, the backend for others.
+    let r = http_from("127.0.0.1", http, "adm.gw.test").await;
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("may not use"),
+        "{r}"
+    );
+    let r = http_from("127.0.0.2", http, "adm.gw.test").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("xff=127.0.0.2"),
+        "{r}"
+    );
+    let r = http_from("127.0.0.1", http, "pub.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let r = http_from("127.0.0.3", http, "pub.gw.test").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("xff=127.0.0.3"),
+        "{r}"
+    );
+    // An unknown host is still a 404 for everyone (rules belong to routes).
+    let r = http_from("127.0.0.1", http, "nope.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+
+    // Passthrough: a refused client gets the access_denied alert; the most
+    // specific rule (deny 127.0.0.1 inside allow 127/8) decides.
+    let mut c = connect_from("127.0.0.1", https).await;
+    c.write_all(&client_hello("pt.gw.test")).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, c.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31]);
+    let r = tls_get_over(
+        connect_from("127.0.0.2", https).await,
+        "pt.gw.test",
+        &pki.cert_der,
+    )
+    .await
+    .unwrap();
+    assert!(r.ends_with("pt:pt.gw.test"), "{r}");
+
+    // TCP forward: a refused client is closed before any backend is contacted.
+    let at = p.tcp_addrs()[0];
+    let mut c = connect_from("127.0.0.1", at).await;
+    let _ = c.write_all(b"hello").await;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(T, c.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "{r:?} {out:?}");
+    let mut c = connect_from("127.0.0.2", at).await;
+    assert_eq!(round_trip(&mut c, b"hello").await, b"hello");
+
+    // UDP forward: datagrams of a refused client are dropped and counted.
+    let u = p.udp_addrs()[0];
+    let one = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let two = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    assert_eq!(udp_ask(&one, u, b"q1").await, None);
+    assert_eq!(udp_ask(&two, u, b"q2").await.as_deref(), Some(&b"q2"[..]));
+
+    assert_eq!(denied(&p, "name:adm"), 1);
+    assert_eq!(denied(&p, "name:pub"), 1);
+    assert_eq!(denied(&p, "name:pt"), 1);
+    assert_eq!(denied(&p, &format!("tcp:{}", s.tcp[0].listen)), 1);
+    assert_eq!(denied(&p, &format!("udp:{}", s.udp[0].listen)), 1);
+
+    // A reload turns the rules around: the next request is judged by the new
+    // rules, and the open UDP flow of a newly refused client ends.
+    let mut s2 = s.clone();
+    s2.routes[0].access = access(&["127.0.0.1"], &[]);
+    s2.udp[0].access = access(&[], &["127.0.0.2"]);
+    p.reload(s2).await.unwrap();
+    let r = http_from("127.0.0.1", http, "adm.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = http_from("127.0.0.2", http, "adm.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert_eq!(udp_ask(&two, u, b"q3").await, None);
+    assert_eq!(udp_ask(&one, u, b"q4").await.as_deref(), Some(&b"q4"[..]));
+    assert_eq!(denied(&p, "name:adm"), 2);
+    assert_eq!(denied(&p, &format!("udp:{}", s.udp[0].listen)), 2);
 }

@@ -248,6 +248,7 @@ fn settings(
             balance: Balance::default(),
             acme: true,
             paused: false,
+            access: Default::default(),
         }],
         tcp: vec![],
         udp: vec![],

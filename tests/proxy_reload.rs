@@ -47,6 +47,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         balance: Balance::default(),
         acme: false,
         paused: false,
+        access: Default::default(),
     }
 }
 
@@ -259,6 +260,7 @@ async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
         proxy_protocol: ProxyProtocol::Off,
         balance: Balance::default(),
         tls: None,
+        access: Default::default(),
     }];
     let r = p.reload(s1.clone()).await.unwrap();
     assert_eq!(r.added, vec![format!("tcp:{tcp_at}")]);
@@ -586,6 +588,7 @@ async fn tcp_forward_sends_proxy_v1() {
         proxy_protocol: ProxyProtocol::V1,
         balance: Balance::default(),
         tls: None,
+        access: Default::default(),
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];

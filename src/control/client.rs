@@ -120,7 +120,7 @@ pub enum CtlCommand {
     /// One route: show, create, update, pause, resume, delete.
     Route {
         #[command(subcommand)]
-        cmd: RouteCmd,
+        cmd: Box<RouteCmd>,
     },
     /// List names and their owners.
     Names,
@@ -189,6 +189,13 @@ pub struct RouteOpts {
     /// HTTP version to the backends (`http2` for gRPC).
     #[arg(long, value_parser = ["http1", "http2"])]
     pub backend_protocol: Option<String>,
+    /// Client networks admitted (repeat, or comma-separated; `--allow ''`
+    /// clears the list); given ones replace the list.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub allow: Option<Vec<String>>,
+    /// Client networks refused, as `--allow`.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub deny: Option<Vec<String>>,
     /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
     #[arg(long, value_name = "FILE.json")]
     pub spec_file: Option<PathBuf>,
@@ -205,6 +212,8 @@ impl RouteOpts {
             && self.redirect_https.is_none()
             && self.balance.is_none()
             && self.backend_protocol.is_none()
+            && self.allow.is_none()
+            && self.deny.is_none()
             && self.spec_file.is_none()
     }
 }
@@ -467,6 +476,12 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     if let Some(p) = &o.backend_protocol {
         spec.insert("backend_protocol".into(), p.clone().into());
     }
+    for (key, list) in [("allow", &o.allow), ("deny", &o.deny)] {
+        if let Some(l) = list {
+            let nets: Vec<String> = l.iter().filter(|s| !s.is_empty()).cloned().collect();
+            spec.insert(key.into(), strings(&nets));
+        }
+    }
 }
 
 fn create_spec(o: &RouteOpts) -> Result<Value, CtlError> {
@@ -516,7 +531,7 @@ pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
             }
         },
         CtlCommand::Routes => Request::get("/v1/routes".into()),
-        CtlCommand::Route { cmd } => match cmd {
+        CtlCommand::Route { cmd } => match cmd.as_ref() {
             RouteCmd::Show { id } => Request::get(route_path(id)),
             RouteCmd::Create { opts } => {
                 Request::new("POST", "/v1/routes".into(), Some(create_spec(opts)?))
@@ -1260,7 +1275,7 @@ pub fn render(cmd: &CtlCommand, v: &Value, now: u64) -> String {
             PeerCmd::Remove { .. } => String::new(),
         },
         CtlCommand::Routes => routes_table(v),
-        CtlCommand::Route { cmd } => match cmd {
+        CtlCommand::Route { cmd } => match cmd.as_ref() {
             RouteCmd::Delete { .. } => String::new(),
             _ => route_text(v),
         },
@@ -1291,14 +1306,15 @@ async fn execute(target: &Target, cmd: &CtlCommand) -> Result<Bytes, CtlError> {
     let req = request_for(cmd)?;
     let body = target.send(&req).await?;
     match cmd {
-        CtlCommand::Route {
-            cmd: RouteCmd::Update { id, opts, version },
-        } => {
-            let current = parse_json(&body)?;
-            target
-                .send(&update_request(id, opts, *version, &current)?)
-                .await
-        }
+        CtlCommand::Route { cmd } => match cmd.as_ref() {
+            RouteCmd::Update { id, opts, version } => {
+                let current = parse_json(&body)?;
+                target
+                    .send(&update_request(id, opts, *version, &current)?)
+                    .await
+            }
+            _ => Ok(body),
+        },
         _ => Ok(body),
     }
 }
@@ -1498,6 +1514,8 @@ mod tests {
             health_fall: Some(1),
             health_rise: Some(1),
             max_connections: Some(1),
+            allow: vec!["192.0.2.0/24".into()],
+            deny: vec!["192.0.2.9".into()],
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -1659,6 +1677,39 @@ mod tests {
                 "route",
                 "create",
                 "--name",
+                "admin",
+                "--backend",
+                "a:1",
+                "--allow",
+                "192.0.2.0/24,2001:db8::/32",
+                "--allow",
+                "198.51.100.7",
+                "--deny",
+                "192.0.2.9"
+            ])
+            .body,
+            Some(json!({"name": "admin", "backends": ["a:1"],
+                "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"]}))
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--name",
+                "admin",
+                "--backend",
+                "a:1",
+                "--allow",
+                ""
+            ])
+            .body,
+            Some(json!({"name": "admin", "backends": ["a:1"], "allow": []}))
+        );
+        assert_eq!(
+            req(&[
+                "route",
+                "create",
+                "--name",
                 "blog",
                 "--backend",
                 "a:1",
@@ -1802,10 +1853,10 @@ mod tests {
             "--balance",
             "least_conn",
         ]);
-        let CtlCommand::Route {
-            cmd: RouteCmd::Update { id, opts, version },
-        } = &a.cmd
-        else {
+        let CtlCommand::Route { cmd } = &a.cmd else {
+            panic!("not a route command")
+        };
+        let RouteCmd::Update { id, opts, version } = cmd.as_ref() else {
             panic!("not an update")
         };
         let r = update_request(id, opts, *version, &current_route()).expect("request");
@@ -1827,10 +1878,10 @@ mod tests {
             "--version",
             "2",
         ]);
-        let CtlCommand::Route {
-            cmd: RouteCmd::Update { id, opts, version },
-        } = &a.cmd
-        else {
+        let CtlCommand::Route { cmd } = &a.cmd else {
+            panic!("not a route command")
+        };
+        let RouteCmd::Update { id, opts, version } = cmd.as_ref() else {
             panic!("not an update")
         };
         let r = update_request(id, opts, *version, &current_route()).expect("request");
@@ -1847,10 +1898,10 @@ mod tests {
         std::fs::write(&p, r#"{"name": "blog", "backends": ["d:4"]}"#).expect("write");
         let ps = p.to_string_lossy().to_string();
         let a = parse(&["route", "update", "blog", "--spec-file", &ps]);
-        let CtlCommand::Route {
-            cmd: RouteCmd::Update { id, opts, version },
-        } = &a.cmd
-        else {
+        let CtlCommand::Route { cmd } = &a.cmd else {
+            panic!("not a route command")
+        };
+        let RouteCmd::Update { id, opts, version } = cmd.as_ref() else {
             panic!("not an update")
         };
         let r = update_request(id, opts, *version, &current_route()).expect("request");

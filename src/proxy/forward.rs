@@ -110,6 +110,15 @@ pub(crate) async fn udp_loop(
                 let Some(data) = buf.get(..n) else { continue };
                 let Some(fwd) = lookup() else { continue };
                 let Some(cfg) = fwd.udp.clone() else { continue };
+                // Checked per datagram against the current rules, so a reload
+                // that denies a client also ends its open flow.
+                if !fwd.access.permits(client.ip()) {
+                    if flows.remove(&client).is_some() {
+                        debug!(client = %client, "udp flow ended: client address denied");
+                    }
+                    fwd.counters.error(crate::proxy::stats::ErrorKind::Denied);
+                    continue;
+                }
                 let live = flows.get(&client).is_some_and(|f| !f.task.is_finished());
                 if !live {
                     flows.remove(&client);

@@ -200,16 +200,6 @@ fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
     Some((auth, name))
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
-
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -280,7 +270,7 @@ fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
 /// Sets X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host and
 /// Forwarded (appended).
 fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str) {
-    let ip = canonical(client);
+    let ip = client.to_canonical();
     let proto = if tls { "https" } else { "http" };
     append(
         h,
@@ -539,6 +529,14 @@ pub async fn handle(
     };
     let c = route.counters.clone();
     c.request();
+    if !route.settings.access.permits(conn.client.ip()) {
+        return Ok(err(
+            &c,
+            ErrorKind::Denied,
+            StatusCode::FORBIDDEN,
+            "403 forbidden: this address may not use this route",
+        ));
+    }
     if route.settings.paused {
         return Ok(err(
             &c,

@@ -8,6 +8,7 @@
 //! [`Proxy::shutdown`] stops accepting and drains; dropping the [`Proxy`] stops
 //! accepting at once.
 
+use crate::proxy::access::Access;
 use crate::proxy::acme::AcmeState;
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
@@ -66,6 +67,8 @@ pub(crate) struct Forward {
     pub udp: Option<UdpForwardSettings>,
     /// TCP with `cert`/`key`: TLS is terminated here.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Which clients may connect or send.
+    pub access: Access,
 }
 
 /// One generation of routing state, shared by every connection accepted under it.
@@ -269,7 +272,8 @@ fn build(
                    bal: &crate::proxy::settings::Balance,
                    pp: ProxyProtocol,
                    udp: Option<UdpForwardSettings>,
-                   tls: Option<tokio_rustls::TlsAcceptor>| {
+                   tls: Option<tokio_rustls::TlsAcceptor>,
+                   access: &Access| {
         let old = old_fwds.get(id.as_str());
         let upstreams = match reuse(
             old.map(|f| &f.upstreams),
@@ -292,6 +296,7 @@ fn build(
             proxy_protocol: pp,
             udp,
             tls,
+            access: access.clone(),
         }));
     };
     for t in &settings.tcp {
@@ -313,6 +318,7 @@ fn build(
             t.proxy_protocol,
             None,
             tls,
+            &t.access,
         );
     }
     for u in &settings.udp {
@@ -324,6 +330,7 @@ fn build(
             ProxyProtocol::Off,
             Some(u.clone()),
             None,
+            &u.access,
         );
     }
     Ok(Shared {
@@ -913,6 +920,11 @@ async fn open_backend(
 async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: SocketAddr) {
     let c = fwd.counters.clone();
     c.connection();
+    if !fwd.access.permits(peer.ip()) {
+        c.error(ErrorKind::Denied);
+        debug!(forward = %fwd.id, client = %peer, "client address denied");
+        return;
+    }
     let Ok(_slot) = fwd.upstreams.admit() else {
         c.error(ErrorKind::OverCapacity);
         return;
@@ -1018,6 +1030,11 @@ async fn serve_tls(
     let c = route.counters.clone();
     c.connection();
     match route.settings.tls {
+        // Terminated routes answer 403 per request (the same on :80 and :443).
+        TlsMode::Passthrough if !route.settings.access.permits(peer.ip()) => {
+            c.error(ErrorKind::Denied);
+            tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
+        }
         TlsMode::Passthrough if route.settings.paused => {
             c.error(ErrorKind::Paused);
             tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;

@@ -6,6 +6,7 @@
 //! hub-own addresses) is enforced here, at load time, and against the host's live
 //! interface addresses by [`check_host_addresses`] when the hub starts.
 
+pub use crate::proxy::access::Access;
 use crate::proxy::names::{DomainName, Label};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -116,6 +117,12 @@ pub struct RawRoute {
     pub health_rise: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Client networks admitted (most specific rule wins; see `proxy::access`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Client networks refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
     /// A paused route answers 503 (HTTP) or closes (passthrough).
     #[serde(default)]
     pub paused: bool,
@@ -151,6 +158,12 @@ pub struct RawTcp {
     pub health_rise: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Client networks admitted (most specific rule wins; see `proxy::access`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Client networks refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -180,6 +193,12 @@ pub struct RawUdp {
     pub health_rise: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Client networks admitted (most specific rule wins; see `proxy::access`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Client networks refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// PROXY protocol header sent to backends of passthrough routes and TCP forwards.
@@ -381,6 +400,8 @@ pub struct RouteSettings {
     pub acme: bool,
     /// Answer 503 (HTTP) or close (passthrough) instead of proxying.
     pub paused: bool,
+    /// Which client addresses may use the route (403, or a TLS alert on passthrough).
+    pub access: Access,
 }
 
 /// A raw TCP port forward.
@@ -397,6 +418,8 @@ pub struct TcpForwardSettings {
     /// The hub terminates TLS with this certificate and forwards the
     /// decrypted stream; `None`: bytes are forwarded as they come.
     pub tls: Option<CertFiles>,
+    /// Which client addresses may connect (others are closed at once).
+    pub access: Access,
 }
 
 /// A raw UDP port forward.
@@ -412,6 +435,8 @@ pub struct UdpForwardSettings {
     pub flow_idle_timeout: Duration,
     /// Load balancing (no active health checks for UDP).
     pub balance: Balance,
+    /// Which client addresses may send (datagrams of others are dropped).
+    pub access: Access,
 }
 
 /// Timeouts and sizes.
@@ -506,9 +531,9 @@ impl ProxySettings {
     /// Refuses backends that are an address configured on this host (loops into
     /// the hub itself). `host` is the host's interface addresses.
     pub fn check_against(&self, host: &[IpAddr]) -> Result<(), String> {
-        let own: HashSet<IpAddr> = host.iter().map(|ip| canonical(*ip)).collect();
+        let own: HashSet<IpAddr> = host.iter().map(|ip| ip.to_canonical()).collect();
         for (who, b) in self.all_backends() {
-            if own.contains(&canonical(b.addr.ip())) {
+            if own.contains(&b.addr.ip().to_canonical()) {
                 return Err(format!(
                     "{who}: backend `{b}` is an address of this host (the hub itself)"
                 ));
@@ -527,19 +552,9 @@ pub fn check_host_addresses(settings: &ProxySettings) -> Result<(), String> {
     settings.check_against(&addrs)
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
-
 /// Why an address may never be a backend, if it may not.
 pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
-    match canonical(ip) {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => {
             if v4.is_loopback() {
                 Some("loopback")
@@ -661,7 +676,7 @@ fn backends(
     let mut out: Vec<Backend> = Vec::new();
     for s in v {
         let b = backend(who, s, schemes_ok)?;
-        if own.contains(&canonical(b.addr.ip())) {
+        if own.contains(&b.addr.ip().to_canonical()) {
             return Err(format!(
                 "{who}: backend `{s}` is one of the hub's own addresses"
             ));
@@ -804,6 +819,10 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
     })
 }
 
+fn access(who: &str, allow: &[String], deny: &[String]) -> Result<Access, String> {
+    Access::parse(allow, deny).map_err(|e| format!("{who}: {e}"))
+}
+
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_relative() {
         base.join(p)
@@ -899,7 +918,7 @@ pub(crate) fn validate(
     let https_listen = listen_addrs("https_listen", raw.https_listen, 443)?;
 
     // The hub's own addresses: overlay addresses and specific listen addresses.
-    let mut own: HashSet<IpAddr> = hub_addrs.iter().map(|n| canonical(n.addr())).collect();
+    let mut own: HashSet<IpAddr> = hub_addrs.iter().map(|n| n.addr().to_canonical()).collect();
     let tcp_listen: Vec<(String, SocketAddr)> = tcp
         .iter()
         .enumerate()
@@ -927,7 +946,7 @@ pub(crate) fn validate(
         .chain(udp_listen.iter().map(|(_, a)| a))
     {
         if !a.ip().is_unspecified() {
-            own.insert(canonical(a.ip()));
+            own.insert(a.ip().to_canonical());
         }
     }
     // TCP ports may not collide (HTTP, HTTPS and TCP forwards share the TCP space).
@@ -1073,6 +1092,7 @@ pub(crate) fn validate(
             balance: bal,
             acme: r.acme,
             paused: r.paused,
+            access: access(&who, &r.allow, &r.deny)?,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1093,6 +1113,7 @@ pub(crate) fn validate(
             proxy_protocol,
             balance: balance(&who, raw_bal!(t), false)?,
             tls,
+            access: access(&who, &t.allow, &t.deny)?,
         });
     }
     let mut out_udp = Vec::new();
@@ -1113,6 +1134,7 @@ pub(crate) fn validate(
                 Duration::from_secs(60),
             )
             .map_err(|e| format!("{who}: {e}"))?,
+            access: access(&who, &u.allow, &u.deny)?,
         });
     }
     Ok(Some(ProxySettings {
@@ -1207,6 +1229,8 @@ mod tests {
             health_fall: None,
             health_rise: None,
             max_connections: None,
+            allow: vec![],
+            deny: vec![],
             paused: false,
         }
     }
@@ -1398,6 +1422,44 @@ mod toml_tests {
         assert!(
             tls.cert.is_absolute() && tls.key.ends_with("k.pem"),
             "{tls:?}"
+        );
+    }
+
+    #[test]
+    fn allow_and_deny_keys() {
+        let c = parse(
+            "[[route]]\nfqdn = \"admin.example\"\nbackends = [\"100.64.0.9:80\"]\n\
+             allow = [\"192.0.2.0/24\", \"2001:db8::/32\"]\ndeny = [\"192.0.2.9\"]\n\
+             [[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\nallow = [\"198.51.100.0/24\"]\n\
+             [[udp]]\nlisten = \"0.0.0.0:5353\"\nbackends = [\"100.64.0.9:53\"]\ndeny = [\"203.0.113.0/24\"]\n",
+        )
+        .unwrap();
+        let p = c.proxy.unwrap();
+        let r = &p.routes[0].access;
+        assert!(r.permits("192.0.2.8".parse().unwrap()));
+        assert!(!r.permits("192.0.2.9".parse().unwrap()));
+        assert!(r.permits("2001:db8::1".parse().unwrap()));
+        assert!(!r.permits("198.51.100.1".parse().unwrap()));
+        assert!(p.tcp[0].access.permits("198.51.100.1".parse().unwrap()));
+        assert!(!p.tcp[0].access.permits("192.0.2.8".parse().unwrap()));
+        assert!(!p.udp[0].access.permits("203.0.113.1".parse().unwrap()));
+        assert!(p.udp[0].access.permits("192.0.2.8".parse().unwrap()));
+        // No keys: open.
+        let c = parse("[[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\n")
+            .unwrap();
+        assert!(c.proxy.unwrap().tcp[0].access.is_open());
+        // Errors name the route or forward and the entry.
+        let e = parse("[[route]]\nfqdn = \"admin.example\"\nbackends = [\"100.64.0.9:80\"]\nallow = [\"192.0.2.1/24\"]\n")
+            .unwrap_err();
+        assert!(
+            e.contains("admin.example") && e.contains("allow") && e.contains("192.0.2.0/24"),
+            "{e}"
+        );
+        let e = parse("[[udp]]\nlisten = \"0.0.0.0:5353\"\nbackends = [\"100.64.0.9:53\"]\ndeny = [\"nowhere\"]\n")
+            .unwrap_err();
+        assert!(
+            e.contains("[[udp]] #1") && e.contains("deny") && e.contains("nowhere"),
+            "{e}"
         );
     }
 

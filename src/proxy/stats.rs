@@ -34,11 +34,14 @@ pub enum ErrorKind {
     OverCapacity,
     /// The route is paused (503, or a closed passthrough connection).
     Paused,
+    /// The client's address is not admitted by the route's `allow`/`deny`
+    /// rules (403, a TLS alert, a closed connection or a dropped datagram).
+    Denied,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -52,6 +55,7 @@ impl ErrorKind {
         ErrorKind::BackendProtocol,
         ErrorKind::OverCapacity,
         ErrorKind::Paused,
+        ErrorKind::Denied,
     ];
 
     /// Stable metric label.
@@ -70,6 +74,7 @@ impl ErrorKind {
             ErrorKind::BackendProtocol => "backend_protocol",
             ErrorKind::OverCapacity => "over_capacity",
             ErrorKind::Paused => "paused",
+            ErrorKind::Denied => "denied",
         }
     }
 
