@@ -50,6 +50,12 @@ cert = "$CERT_DIR/fullchain.pem"
 key = "$CERT_DIR/key.pem"
 backends = ["http://[$N1V6]:8080"]
 
+# Only pub's IPv6 address may use this one.
+[[route]]
+name = "admin"
+backends = ["http://[$N1V6]:8080"]
+allow = ["$PUB6"]
+
 [[tcp]]
 listen = "0.0.0.0:2222"
 backends = ["[$N1V6]:7000"]
@@ -59,6 +65,11 @@ listen = "0.0.0.0:2223"
 backends = ["[$N1V6]:7000"]
 cert = "$CERT_DIR/fullchain.pem"
 key = "$CERT_DIR/key.pem"
+
+[[tcp]]
+listen = "0.0.0.0:2224"
+backends = ["[$N1V6]:7000"]
+deny = ["${PUB4%.*}.0/24"]
 
 [[udp]]
 listen = "0.0.0.0:5353"
@@ -150,6 +161,20 @@ tls_out=$(lab_sh pub "printf 'tls-$MARK' | timeout 10 socat -t 2 - OPENSSL:$HUB4
 assert_eq "TCP forward with TLS terminated at the hub (certificate verified)" "tls-$MARK" "$tls_out"
 udp_out=$(lab_sh pub "printf 'udp-$MARK' | timeout 10 socat -t 2 - UDP4:$HUB4:5353" || true)
 assert_eq "UDP forward: IPv4 client to the IPv6-only echo on n1" "udp-$MARK" "$udp_out"
+
+# --- client address rules: the admin route admits pub's IPv6 address only,
+# the TCP forward on 2224 refuses pub's IPv4 network
+ADMIN="admin.$DOMAIN"
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "$ADMIN:80:$HUB4" "http://$ADMIN/" || true)
+assert_eq "allow: pub over IPv4 gets 403 from the admin route" 403 "$code"
+body=$(pcurl --resolve "$ADMIN:80:[$HUB6]" "http://$ADMIN/admin" || true)
+check "allow: pub over IPv6 (the allowed address) reaches the backend" grep -q "$MARK path=/admin" <<<"$body"
+deny_out=$(lab_sh pub "printf 'deny-$MARK' | timeout 10 socat -t 2 - TCP4:$HUB4:2224" 2>/dev/null || true)
+assert_eq "deny: the TCP forward closes pub's IPv4 connection unanswered" "" "$deny_out"
+js=$(gw_show_json hub gw0 || true)
+denied() { jq -r --arg r "$1" '.interfaces[0].proxy.routes[] | select(.route == $r) | .errors.denied // 0' <<<"$js"; }
+assert_eq "the refusals are counted as denied (route)" 1 "$(denied name:admin)"
+assert_eq "the refusals are counted as denied (TCP forward)" 1 "$(denied tcp:0.0.0.0:2224)"
 
 # --- a burst of requests, then the hub is still fine
 ok=0
