@@ -71,6 +71,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
             ..Limits::default()
         },
         acme: None,
+        access_log: None,
     }
 }
 
@@ -1362,4 +1363,120 @@ async fn client_address_rules_on_routes_and_forwards() {
     assert_eq!(udp_ask(&one, u, b"q4").await.as_deref(), Some(&b"q4"[..]));
     assert_eq!(denied(&p, "name:adm"), 2);
     assert_eq!(denied(&p, &format!("udp:{}", s.udp[0].listen)), 2);
+}
+
+/// The access log's lines as JSON, once it has at least `n` (within `T`).
+async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n || tokio::time::Instant::now() > deadline {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn access_log_has_a_line_per_request_and_connection() {
+    let blog_b = http_backend("blog").await;
+    let (tcp_b, _) = tcp_backend(false).await;
+    let mut adm = route("adm", TlsMode::Terminate, vec![be(blog_b)]);
+    adm.access = access(&["127.0.0.2"], &[]);
+    let mut s = settings(vec![
+        route("blog", TlsMode::Terminate, vec![be(blog_b)]),
+        adm,
+    ]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(tcp_b)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+    }];
+    let dir = tmpdir("access-log");
+    let path = dir.join("access.log");
+    s.access_log = Some(path.clone());
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let http = p.http_addrs()[0];
+
+    let ok = raw_http(http, "blog.gw.test", "").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let body_len = ok.split_once("\r\n\r\n").unwrap().1.len() as u64;
+    let r = raw_http(http, "nope.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let r = raw_http(http, "adm.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let mut c = TcpStream::connect(p.tcp_addrs()[0]).await.unwrap();
+    assert_eq!(round_trip(&mut c, b"hello").await, b"hello");
+    drop(c);
+
+    let lines = log_lines(&path, 4).await;
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let find = |f: &dyn Fn(&serde_json::Value) -> bool| {
+        lines
+            .iter()
+            .find(|l| f(l))
+            .cloned()
+            .unwrap_or_else(|| panic!("{lines:?}"))
+    };
+    let l = find(&|l| l["route"] == "name:blog");
+    assert_eq!(l["kind"], "http");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["method"], "GET");
+    assert_eq!(l["path"], "/hello", "no query string");
+    assert_eq!(l["host"], "blog.gw.test");
+    assert_eq!(l["proto"], "HTTP/1.1");
+    assert_eq!(l["tls"], false);
+    assert_eq!(l["backend"], blog_b.to_string());
+    assert_eq!(l["bytes_out"], body_len);
+    assert!(
+        l["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{l}"
+    );
+    assert!(l["time"].as_str().unwrap().ends_with('Z'), "{l}");
+    assert!(l["duration_ms"].as_f64().unwrap() >= 0.0, "{l}");
+    assert!(l.get("error").is_none(), "{l}");
+    let l = find(&|l| l["status"] == 404);
+    assert_eq!(l["error"], "unknown_host");
+    assert!(l.get("route").is_none(), "{l}");
+    let l = find(&|l| l["route"] == "name:adm");
+    assert_eq!(
+        (l["status"].clone(), l["error"].clone()),
+        (403.into(), "denied".into())
+    );
+    let l = find(&|l| l["kind"] == "tcp");
+    assert_eq!(l["route"], format!("tcp:{}", s.tcp[0].listen));
+    assert_eq!(
+        (l["bytes_in"].clone(), l["bytes_out"].clone()),
+        (5.into(), 5.into())
+    );
+    assert_eq!(l["backend"], tcp_b.to_string());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains("x=1"),
+        "query strings are not logged: {text}"
+    );
+
+    // logrotate: the file is moved away; a reload reopens the path.
+    std::fs::rename(&path, dir.join("access.log.1")).unwrap();
+    p.reload(s.clone()).await.unwrap();
+    let r = raw_http(http, "blog.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let lines = log_lines(&path, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["route"], "name:blog");
+}
+
+#[tokio::test]
+async fn access_log_that_cannot_be_opened_is_an_error() {
+    let mut s = settings(vec![]);
+    s.access_log = Some(tmpdir("access-log-bad").join("no-such-dir/access.log"));
+    let e = Proxy::start(s).await.err().expect("refused");
+    let m = format!("{e:#}");
+    assert!(m.contains("access_log") && m.contains("no-such-dir"), "{m}");
 }

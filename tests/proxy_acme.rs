@@ -261,6 +261,7 @@ fn settings(
             challenge: ch,
             renew_before: Duration::from_secs(86_400),
         }),
+        access_log: None,
     }
 }
 

@@ -65,6 +65,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
             ..Limits::default()
         },
         acme: None,
+        access_log: None,
     }
 }
 

@@ -491,7 +491,10 @@ async fn tcp_forwarder(p: ForwardPlan) {
             };
             let _ = client.set_nodelay(true);
             let _ = backend.set_nodelay(true);
-            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE).await {
+            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE)
+                .await
+                .result
+            {
                 debug!(service, %from, error = %e, "forwarded connection ended");
             }
         });

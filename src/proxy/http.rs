@@ -2,9 +2,10 @@
 //! hop-by-hop stripping, streamed bodies with byte counting, WebSocket/Upgrade
 //! passthrough and clear 4xx/5xx answers.
 
+use crate::proxy::access_log::{clip_path, Kind as LogKind};
 use crate::proxy::io::splice;
 use crate::proxy::names::DomainName;
-use crate::proxy::server::{Route, Shared};
+use crate::proxy::server::{Record, Route, Shared};
 use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
 use crate::proxy::stats::{Counters, ErrorKind};
 use crate::proxy::upstream::{H2Sender, Held, Lease, Pooled, UpstreamError};
@@ -177,9 +178,94 @@ pub fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     r
 }
 
+/// An error answer, counted; the kind rides along as a response extension
+/// for the access log.
 fn err(counters: &Counters, kind: ErrorKind, status: StatusCode, msg: &str) -> Response<ProxyBody> {
     counters.error(kind);
-    text(status, msg)
+    let mut r = text(status, msg);
+    r.extensions_mut().insert(kind);
+    r
+}
+
+/// A response body that notes its size in the access-log record and writes
+/// the record when the body is done with (sent, or abandoned by the client).
+struct LoggedBody {
+    inner: ProxyBody,
+    rec: Option<Record>,
+    bytes: u64,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes += d.len() as u64;
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let n = self.bytes;
+        Record::note(&mut self.rec, |e| e.bytes_out = n);
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Handles one request: route, rewrite, forward, relay; with `[proxy]
+/// access_log`, one line per request when its response body is done.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let mut rec = Record::start(&shared, conn.client, LogKind::Http, conn.tls);
+    if rec.is_none() {
+        return proxy_request(shared, conn, req, &mut rec).await;
+    }
+    Record::note(&mut rec, |e| {
+        e.method = Some(req.method().as_str().to_string());
+        e.path = Some(clip_path(req.uri().path()));
+        e.proto = Some(version_str(req.version()));
+        e.host = request_host(&req).map(|(_, h)| h.as_str().to_string());
+    });
+    let Ok(resp) = proxy_request(shared, conn, req, &mut rec).await;
+    let status = resp.status().as_u16();
+    let error = resp.extensions().get::<ErrorKind>().map(|k| k.as_str());
+    Record::note(&mut rec, |e| {
+        e.status = Some(status);
+        e.error = error;
+    });
+    let (parts, body) = resp.into_parts();
+    let body = LoggedBody {
+        inner: body,
+        rec,
+        bytes: 0,
+    };
+    Ok(Response::from_parts(parts, BodyExt::boxed(body)))
 }
 
 /// The request's authority (`host[:port]` as sent) and its host name.
@@ -491,11 +577,13 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
         })
 }
 
-/// Handles one request: route, rewrite, forward, relay.
-pub async fn handle(
+/// Routes, rewrites and forwards one request; notes the route and backend in
+/// `rec`.
+async fn proxy_request(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
+    rec: &mut Option<Record>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if let Some(token) = req
         .uri()
@@ -529,6 +617,7 @@ pub async fn handle(
     };
     let c = route.counters.clone();
     c.request();
+    Record::note(rec, |e| e.route = Some(route.id.clone()));
     if !route.settings.access.permits(conn.client.ip()) {
         return Ok(err(
             &c,
@@ -640,6 +729,7 @@ pub async fn handle(
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
         route.upstreams.note_ok(backend.addr);
+        Record::note(rec, |e| e.backend = Some(backend.addr));
         let (mut parts, body) = resp.into_parts();
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, None);
@@ -697,6 +787,7 @@ pub async fn handle(
     };
     let mut resp = resp;
     route.upstreams.note_ok(backend.addr);
+    Record::note(rec, |e| e.backend = Some(backend.addr));
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
         // Reused once the response body has been read to its end: by this
         // client's next request, or from the pool.

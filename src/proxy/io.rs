@@ -147,6 +147,8 @@ pub struct Counted<S> {
     counters: Arc<Counters>,
     client_side: bool,
     activity: Activity,
+    /// Bytes read through this side.
+    read: u64,
 }
 
 impl<S> Counted<S> {
@@ -157,6 +159,7 @@ impl<S> Counted<S> {
             counters,
             client_side,
             activity,
+            read: 0,
         }
     }
 }
@@ -172,6 +175,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.activity.touch();
+            self.read += n;
             if self.client_side {
                 self.counters.add_in(n);
             } else {
@@ -202,14 +206,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// How a splice ended.
+#[derive(Debug)]
+pub struct Spliced {
+    /// Bytes read from the client (towards the backend).
+    pub bytes_in: u64,
+    /// Bytes read from the backend (towards the client).
+    pub bytes_out: u64,
+    /// `Ok` when both directions ended; the error (or the idle timeout) otherwise.
+    pub result: io::Result<()>,
+}
+
 /// Splices `client` and `backend` until both directions end, an error, or
 /// `idle` without a byte either way. Bytes are counted as they pass.
-pub async fn splice<C, B>(
-    client: C,
-    backend: B,
-    counters: Arc<Counters>,
-    idle: Duration,
-) -> io::Result<()>
+pub async fn splice<C, B>(client: C, backend: B, counters: Arc<Counters>, idle: Duration) -> Spliced
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -217,17 +227,24 @@ where
     let act = Activity::new();
     let mut c = Counted::new(client, counters.clone(), true, act.clone());
     let mut b = Counted::new(backend, counters, false, act.clone());
-    let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
-    tokio::pin!(copy);
-    let tick = (idle / 4).max(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            r = &mut copy => return r.map(|_| ()),
-            _ = tokio::time::sleep(tick) => {
-                if act.idle() >= idle {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+    let result = {
+        let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
+        tokio::pin!(copy);
+        let tick = (idle / 4).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = &mut copy => break r.map(|_| ()),
+                _ = tokio::time::sleep(tick) => {
+                    if act.idle() >= idle {
+                        break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                    }
                 }
             }
         }
+    };
+    Spliced {
+        bytes_in: c.read,
+        bytes_out: b.read,
+        result,
     }
 }

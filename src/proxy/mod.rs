@@ -1,12 +1,15 @@
 //! Reverse-proxy building blocks.
 //!
-//! Pure cores: [`access`] (client address rules), [`detect`] (ClientHello SNI, HTTP Host sniffing), [`names`]
-//! (host names, route table), [`proxy_protocol`] (PROXY v2 headers).
-//! Drivers: [`server`] (listeners and connection routing), [`http`] (hyper
-//! proxying), [`upstream`] (backend choice, passive health, backend TLS),
-//! [`forward`] (UDP flows), [`tls`] (ClientHello reading, SNI cert resolver),
-//! [`io`]. [`settings`] validates the hub config's proxy sections.
+//! Pure cores: [`access`] (client address rules), [`detect`] (ClientHello
+//! SNI, HTTP Host sniffing), [`names`] (host names, route table),
+//! [`proxy_protocol`] (PROXY v2 headers). Drivers: [`server`] (listeners and
+//! connection routing), [`http`] (hyper proxying), [`upstream`] (backend
+//! choice, passive health, backend TLS), [`forward`] (UDP flows), [`tls`]
+//! (ClientHello reading, SNI cert resolver), [`access_log`] (JSON lines; the
+//! formatting is pure), [`io`]. [`settings`] validates the hub config's proxy
+//! sections.
 pub mod access;
+pub mod access_log;
 pub mod acme;
 pub mod detect;
 pub mod forward;

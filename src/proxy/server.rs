@@ -9,6 +9,7 @@
 //! accepting at once.
 
 use crate::proxy::access::Access;
+use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::acme::AcmeState;
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
@@ -87,6 +88,52 @@ pub struct Shared {
     retired: watch::Sender<bool>,
     /// ACME challenges and certificates (shared by every generation).
     pub acme: Arc<AcmeState>,
+    /// The access log, if configured (kept across reloads while its path stays).
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+/// The access-log entry of one connection or request; written when dropped,
+/// so every way out of a handler logs it.
+pub(crate) struct Record {
+    log: Arc<AccessLog>,
+    entry: Option<Entry>,
+    start: std::time::Instant,
+}
+
+impl Record {
+    /// A record if `shared` logs, else `None`.
+    pub(crate) fn start(
+        shared: &Shared,
+        client: SocketAddr,
+        kind: LogKind,
+        tls: bool,
+    ) -> Option<Record> {
+        let log = shared.access_log.clone()?;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Some(Record {
+            log,
+            entry: Some(Entry::new(unix_ms, client, kind, tls)),
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// Changes the entry.
+    pub(crate) fn note(rec: &mut Option<Record>, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = rec.as_mut().and_then(|r| r.entry.as_mut()) {
+            f(e);
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.entry.take() {
+            e.duration_ms = (self.start.elapsed().as_micros() as f64) / 1000.0;
+            self.log.log(e);
+        }
+    }
 }
 
 /// Which listener.
@@ -333,7 +380,24 @@ fn build(
             &u.access,
         );
     }
+    let access_log = match &settings.access_log {
+        None => None,
+        Some(path) => match prev
+            .and_then(|p| p.access_log.as_ref())
+            .filter(|l| l.path() == path.as_path())
+        {
+            Some(l) => {
+                // A reload (or SIGHUP): reopen, for logrotate.
+                l.reopen();
+                Some(l.clone())
+            }
+            None => Some(Arc::new(AccessLog::open(path).map_err(|e| {
+                anyhow::anyhow!("[proxy] access_log {}: {e}", path.display())
+            })?)),
+        },
+    };
     Ok(Shared {
+        access_log,
         table,
         limits: limits.clone(),
         listener: prev.map(|p| p.listener.clone()).unwrap_or_default(),
@@ -872,12 +936,14 @@ async fn retired(rx: &mut watch::Receiver<bool>) {
     std::future::pending::<()>().await;
 }
 
-fn upstream_error(c: &Counters, e: &UpstreamError) {
-    c.error(match e {
+fn upstream_error(c: &Counters, e: &UpstreamError) -> ErrorKind {
+    let kind = match e {
         UpstreamError::NoHealthy => ErrorKind::NoHealthyBackend,
         UpstreamError::Refused(..) => ErrorKind::BackendRefused,
         UpstreamError::Timeout(_) => ErrorKind::BackendTimeout,
-    });
+    };
+    c.error(kind);
+    kind
 }
 
 /// Connects to a backend of `up`, sends the PROXY header if asked, then `first`.
@@ -889,14 +955,13 @@ async fn open_backend(
     client: SocketAddr,
     local: SocketAddr,
     first: &[u8],
-) -> Option<(TcpStream, Lease)> {
+) -> Result<(TcpStream, Lease, SocketAddr), ErrorKind> {
     let (mut b, backend, lease) = match up.connect(limits.connect_timeout, Some(client.ip())).await
     {
         Ok(x) => x,
         Err(e) => {
             debug!(error = %e, "no backend connection");
-            upstream_error(c, &e);
-            return None;
+            return Err(upstream_error(c, &e));
         }
     };
     let mut head = Vec::with_capacity(first.len() + 108);
@@ -910,39 +975,56 @@ async fn open_backend(
         if let Err(e) = b.write_all(&head).await {
             debug!(backend = %backend, error = %e, "backend write failed");
             c.error(ErrorKind::BackendRefused);
-            return None;
+            return Err(ErrorKind::BackendRefused);
         }
         c.add_in(first.len() as u64);
     }
-    Some((b, lease))
+    Ok((b, lease, backend.addr))
+}
+
+/// Counts `kind` on `c` and notes it in the access-log record.
+fn refuse(c: &Counters, rec: &mut Option<Record>, kind: ErrorKind) {
+    c.error(kind);
+    Record::note(rec, |e| e.error = Some(kind.as_str()));
 }
 
 async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: SocketAddr) {
     let c = fwd.counters.clone();
     c.connection();
+    let mut rec = Record::start(shared, peer, LogKind::Tcp, fwd.tls.is_some());
+    Record::note(&mut rec, |e| e.route = Some(fwd.id.clone()));
     if !fwd.access.permits(peer.ip()) {
-        c.error(ErrorKind::Denied);
+        refuse(&c, &mut rec, ErrorKind::Denied);
         debug!(forward = %fwd.id, client = %peer, "client address denied");
         return;
     }
     let Ok(_slot) = fwd.upstreams.admit() else {
-        c.error(ErrorKind::OverCapacity);
+        refuse(&c, &mut rec, ErrorKind::OverCapacity);
         return;
     };
     let Ok(local) = sock.local_addr() else { return };
     let Some(acceptor) = &fwd.tls else {
-        relay_tcp(shared, &fwd, sock, peer, local).await;
+        relay_tcp(shared, &fwd, sock, peer, local, &mut rec).await;
         return;
     };
     // The client's handshake first: nothing reaches a backend before it.
     match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(sock)).await {
-        Ok(Ok(tls)) => relay_tcp(shared, &fwd, tls, peer, local).await,
+        Ok(Ok(tls)) => relay_tcp(shared, &fwd, tls, peer, local, &mut rec).await,
         Ok(Err(e)) => {
-            c.error(ErrorKind::TlsHandshake);
+            refuse(&c, &mut rec, ErrorKind::TlsHandshake);
             debug!(forward = %fwd.id, error = %e, "tls handshake failed");
         }
-        Err(_) => c.error(ErrorKind::HandshakeTimeout),
+        Err(_) => refuse(&c, &mut rec, ErrorKind::HandshakeTimeout),
     }
+}
+
+/// Notes how a splice went in the access-log record.
+fn note_spliced(rec: &mut Option<Record>, backend: SocketAddr, s: &crate::proxy::io::Spliced) {
+    Record::note(rec, |e| {
+        e.backend = Some(backend);
+        e.bytes_in = Some(s.bytes_in);
+        e.bytes_out = s.bytes_out;
+    });
 }
 
 /// Connects a backend of `fwd` and splices `client` to it.
@@ -952,11 +1034,12 @@ async fn relay_tcp<S>(
     client: S,
     peer: SocketAddr,
     local: SocketAddr,
+    rec: &mut Option<Record>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let c = fwd.counters.clone();
-    let Some((b, _lease)) = open_backend(
+    let (b, _lease, backend) = match open_backend(
         &fwd.upstreams,
         &c,
         &shared.limits,
@@ -966,10 +1049,15 @@ async fn relay_tcp<S>(
         &[],
     )
     .await
-    else {
-        return;
+    {
+        Ok(x) => x,
+        Err(kind) => {
+            Record::note(rec, |e| e.error = Some(kind.as_str()));
+            return;
+        }
     };
     let r = splice(client, b, c, shared.limits.idle_timeout).await;
+    note_spliced(rec, backend, &r);
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
 
@@ -1029,24 +1117,33 @@ async fn serve_tls(
     };
     let c = route.counters.clone();
     c.connection();
+    // Terminated routes log per request (in `http`); passthrough per connection.
+    let mut rec = match route.settings.tls {
+        TlsMode::Passthrough => Record::start(&shared, peer, LogKind::Passthrough, true),
+        TlsMode::Terminate => None,
+    };
+    Record::note(&mut rec, |e| {
+        e.route = Some(route.id.clone());
+        e.host = sni.as_ref().map(|s| s.as_str().to_string());
+    });
     match route.settings.tls {
         // Terminated routes answer 403 per request (the same on :80 and :443).
         TlsMode::Passthrough if !route.settings.access.permits(peer.ip()) => {
-            c.error(ErrorKind::Denied);
+            refuse(&c, &mut rec, ErrorKind::Denied);
             tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
         }
         TlsMode::Passthrough if route.settings.paused => {
-            c.error(ErrorKind::Paused);
+            refuse(&c, &mut rec, ErrorKind::Paused);
             tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
         }
         TlsMode::Passthrough => {
             let Ok(_slot) = route.upstreams.admit() else {
-                c.error(ErrorKind::OverCapacity);
+                refuse(&c, &mut rec, ErrorKind::OverCapacity);
                 tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
                 return;
             };
             let Ok(local) = sock.local_addr() else { return };
-            let Some((b, _lease)) = open_backend(
+            let (b, _lease, backend) = match open_backend(
                 &route.upstreams,
                 &c,
                 &limits,
@@ -1056,11 +1153,20 @@ async fn serve_tls(
                 &bytes,
             )
             .await
-            else {
-                tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
-                return;
+            {
+                Ok(x) => x,
+                Err(kind) => {
+                    Record::note(&mut rec, |e| e.error = Some(kind.as_str()));
+                    tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+                    return;
+                }
             };
             let r = splice(sock, b, c, limits.idle_timeout).await;
+            // The ClientHello went to the backend before the splice.
+            note_spliced(&mut rec, backend, &r);
+            Record::note(&mut rec, |e| {
+                e.bytes_in = e.bytes_in.map(|n| n + bytes.len() as u64);
+            });
             debug!(route = %route.id, result = ?r, "passthrough ended");
         }
         TlsMode::Terminate => {

@@ -45,6 +45,9 @@ pub struct RawProxy {
     pub tunnel_down_after: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
+    /// JSON-lines access log file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -498,6 +501,8 @@ pub struct ProxySettings {
     pub limits: Limits,
     /// Automatic certificates, if configured.
     pub acme: Option<AcmeSettings>,
+    /// Access log file (one JSON object per request or connection).
+    pub access_log: Option<PathBuf>,
 }
 
 impl ProxySettings {
@@ -1146,6 +1151,7 @@ pub(crate) fn validate(
         udp: out_udp,
         limits,
         acme,
+        access_log: raw.access_log.map(|p| resolve(base, &p)),
     }))
 }
 
@@ -1423,6 +1429,17 @@ mod toml_tests {
             tls.cert.is_absolute() && tls.key.ends_with("k.pem"),
             "{tls:?}"
         );
+    }
+
+    #[test]
+    fn access_log_key_is_resolved() {
+        let c = parse("[proxy]\naccess_log = \"log/access.log\"\n").unwrap();
+        assert_eq!(
+            c.proxy.unwrap().access_log.unwrap(),
+            Path::new("/etc/gw/log/access.log")
+        );
+        let c = parse("[proxy]\n").unwrap();
+        assert_eq!(c.proxy.unwrap().access_log, None);
     }
 
     #[test]
