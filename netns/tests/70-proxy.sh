@@ -8,8 +8,11 @@
 # address in X-Forwarded-For. An unknown Host gets 404, an unknown SNI a TLS
 # alert; the TCP and UDP forwards carry an IPv4 client to the IPv6-only
 # backends; a TCP forward with a certificate terminates TLS at the hub (socat
-# verifies it) and carries the plain stream to the same echo. A config whose
-# backend is the hub's loopback is refused at load.
+# verifies it) and carries the plain stream to the same echo. Client address
+# rules: a route that admits only pub's IPv6 address answers its IPv4 403, a
+# forward that refuses pub's network closes it, both counted. The access log
+# has a JSON line per request and connection and is reopened on SIGHUP. A
+# config whose backend is the hub's loopback is refused at load.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=70-proxy
@@ -42,6 +45,7 @@ cat >>"$conf" <<EOF
 domains = ["$DOMAIN"]
 http_listen = ["0.0.0.0:80", "[::]:80"]
 https_listen = ["0.0.0.0:443", "[::]:443"]
+access_log = "$GW_TMP/access.log"
 
 [[route]]
 name = "blog"
@@ -175,6 +179,25 @@ js=$(gw_show_json hub gw0 || true)
 denied() { jq -r --arg r "$1" '.interfaces[0].proxy.routes[] | select(.route == $r) | .errors.denied // 0' <<<"$js"; }
 assert_eq "the refusals are counted as denied (route)" 1 "$(denied name:admin)"
 assert_eq "the refusals are counted as denied (TCP forward)" 1 "$(denied tcp:0.0.0.0:2224)"
+
+# --- the access log: a JSON line per request and per forwarded connection
+ALOG="$GW_TMP/access.log"
+logged() { jq -e -s "$1" "$ALOG" >/dev/null 2>&1; }
+check "access log: the IPv4 request with its client, status, path and backend" wait_for 5 logged \
+    "any(.[]; (.client | startswith(\"$PUB4:\")) and .path == \"/plain\" and .status == 200 and .route == \"name:blog\" and .backend == \"[$N1V6]:8080\")"
+check "access log: the HTTPS request over HTTP/2 is marked tls and HTTP/2" logged \
+    'any(.[]; .path == "/h2" and .tls == true and .proto == "HTTP/2")'
+check "access log: the refused connection on the TCP forward, error denied" logged \
+    'any(.[]; .kind == "tcp" and .route == "tcp:0.0.0.0:2224" and .error == "denied")'
+check "access log: the TCP forward's bytes both ways" logged \
+    "any(.[]; .kind == \"tcp\" and .route == \"tcp:0.0.0.0:2222\" and .bytes_in == ${#MARK} + 4 and .bytes_out == ${#MARK} + 4)"
+# logrotate: move the file away, SIGHUP, and the next request lands in a new file
+mv "$ALOG" "$ALOG.1"
+kill -HUP "$(lab_pid hub)"
+sleep 1
+pcurl -o /dev/null --resolve "$HOST:80:$HUB4" "http://$HOST/after-hup" || true
+check "access log: reopened after SIGHUP (logrotate)" wait_for 5 logged 'any(.[]; .path == "/after-hup")'
+check "access log: the moved file keeps the earlier lines" jq -e -s 'length > 5' "$ALOG.1"
 
 # --- a burst of requests, then the hub is still fine
 ok=0
