@@ -561,6 +561,10 @@ struct RawService {
     public_port: Option<u16>,
     proxy_protocol: Option<bool>,
     http2: Option<bool>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 /// The host a service is published under: one label under the hub's gateway
@@ -617,6 +621,10 @@ pub struct NodeService {
     /// The service speaks HTTP/2 only (gRPC): the hub speaks HTTP/2 to it.
     /// Terminated HTTP only.
     pub http2: bool,
+    /// Client networks the hub admits to this service (`proxy::access`).
+    pub allow: Vec<String>,
+    /// Client networks the hub refuses.
+    pub deny: Vec<String>,
 }
 
 /// `[[hub]] control`: `ip:port` inside the hub's `allowed_ips`, so requests
@@ -740,6 +748,9 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
                 "{what} http2: only for protocol = \"http\" with tls = \"terminate\""
             ));
         }
+        let rules = crate::proxy::access::Access::parse(&r.allow, &r.deny)
+            .map_err(|e| format!("{what} {e}"))?;
+        let (allow, deny) = rules.canonical();
         // The hub knows an HTTP service by its host, tcp and udp by public port.
         let host_taken = match protocol {
             ServiceProtocol::Http => hosts.insert(host.clone(), what.clone()),
@@ -781,6 +792,8 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
             public_port,
             proxy_protocol,
             http2,
+            allow,
+            deny,
         });
     }
     Ok(out)
@@ -809,7 +822,8 @@ mod service_tests {
              [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
              [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n\
              [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\n\
-             [[service]]\nname = \"api\"\nlocal = \"127.0.0.1:50051\"\nhttp2 = true\n",
+             [[service]]\nname = \"api\"\nlocal = \"127.0.0.1:50051\"\nhttp2 = true\n\
+             allow = [\"2001:DB8::/32\", \"192.0.2.0/24\"]\ndeny = [\"192.0.2.9\"]\n",
         )
         .unwrap();
         assert_eq!(
@@ -819,6 +833,9 @@ mod service_tests {
         let s = &c.services;
         assert_eq!(s.len(), 5);
         assert!(s[4].http2 && !s[0].http2);
+        assert_eq!(s[4].allow, ["192.0.2.0/24", "2001:db8::/32"]);
+        assert_eq!(s[4].deny, ["192.0.2.9/32"]);
+        assert!(s[0].allow.is_empty() && s[0].deny.is_empty());
         assert_eq!(s[0].host.to_string(), "blog");
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].protocol, ServiceProtocol::Http);
@@ -865,6 +882,8 @@ mod service_tests {
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 5\nhttp2 = true\n", "http2: only"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"udp\"\npublic_port = 5\nproxy_protocol = false\n", "proxy_protocol"),
             ("[[service]]\nname = \"a\"\nlocal = \"0.0.0.0:80\"\nport = 81\n", "drop `port`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nallow = [\"10.0.0.1/8\"]\n", "[[service]] #1 (a) allow: `10.0.0.1/8`"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.0.0.0/8\"]\n", "in both allow and deny"),
             ("[[service]]\nname = \"a\"\nlocal = \"100.64.1.1:80\"\nport = 81\n", "drop `port`"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\n[[service]]\nname = \"A\"\nlocal = \"127.0.0.1:2\"\n",
              "[[service]] #2 (A): name `a` is already declared by [[service]] #1 (a)"),

@@ -13,7 +13,9 @@
 #  2. n2 joins with a token for another name and declares blog too: the hub
 #     refuses it, the node logs "hub refused service" naming the owner, the
 #     node services API and `ctl peer show` report the refusal, and the blog
-#     route is unchanged (one backend, only n1 answers). After
+#     route is unchanged (one backend, only n1 answers). n2's `private`
+#     service declares `deny = [pub's address]`: the route carries the rule and
+#     pub gets 403. After
 #     `ctl name set blog --owner K1 --owner K2 --replicas`, n2 becomes a second
 #     backend and requests are balanced over both. Removing the service from
 #     n2's config withdraws n2 again; the route keeps n1 alone.
@@ -146,7 +148,7 @@ check "still one peer" eval '[ "$(ctl --json peers | jq length)" = 1 ]'
 check "state moved from the start (join and service)" eval '[ "$v_before" != "$state_before" ]'
 
 # --- 2. n2 claims blog without owning it
-TOKEN2=$(ctl token create --names other --ttl 10m 2>/dev/null)
+TOKEN2=$(ctl token create --names other,private --ttl 10m 2>/dev/null)
 d2="$GW_TMP/n2-etc"
 mkdir -p "$d2"
 check "a bad --interface is refused before the token is spent" \
@@ -158,6 +160,12 @@ cat >>"$d2/node.toml" <<EOF
 [[service]]
 name = "other"
 local = "127.0.0.1:8080"
+
+# The node's owner keeps this one from pub's IPv4 address.
+[[service]]
+name = "private"
+local = "127.0.0.1:8080"
+deny = ["$(lab_wan4 pub)"]
 
 [[service]]
 name = "blog"
@@ -178,6 +186,12 @@ check "the blog route still has one backend" eval '[ "$(backends | jq -r "length
 check "blog answers from n1 only (20 requests)" eval '[ "$(blog_seen 20)" = n1 ]'
 other() { pcurl --resolve "other.$DOMAIN:80:$HUB4" "http://other.$DOMAIN/"; }
 check "n2's own name serves n2" eval '[ "$(other)" = n2 ]'
+# Client address rules declared by the node reach the hub's route.
+must "n2's private service is active" wait_for 15 grep -q 'service active.*service=name:private' "$(lab_logfile n2)"
+check "the private route carries n2's deny rule (canonical form)" \
+    eval '[ "$(ctl --json route show private | jq -c .spec.deny)" = "[\"$(lab_wan4 pub)/32\"]" ]'
+private_code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "private.$DOMAIN:80:$HUB4" "http://private.$DOMAIN/" || true)
+assert_eq "pub's IPv4 address is refused by the node's rule (403)" 403 "$private_code"
 
 # The owner allows replicas and adds n2's key.
 must "ctl name set blog with both owners and replicas" \

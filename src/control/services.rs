@@ -65,6 +65,10 @@ pub struct ServiceDecl {
     pub proxy_protocol: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub http2: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 impl From<&NodeService> for ServiceDecl {
@@ -82,6 +86,8 @@ impl From<&NodeService> for ServiceDecl {
             public_port: s.public_port,
             proxy_protocol: s.proxy_protocol,
             http2: s.http2,
+            allow: s.allow.clone(),
+            deny: s.deny.clone(),
         }
     }
 }
@@ -741,14 +747,16 @@ mod tests {
     fn declaration_follows_the_contract() {
         let c = cfg("[[service]]\nname = \"blog\"\nlocal = \"127.0.0.1:8080\"\n\
              [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
-             [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n");
+             [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n\
+             allow = [\"198.51.100.0/24\"]\ndeny = [\"198.51.100.9\"]\n");
         let v: serde_json::Value = serde_json::from_slice(&declaration(&c.services)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"services": [
                 {"name": "blog", "protocol": "http", "port": 8080, "tls": "terminate"},
                 {"fqdn": "shop.example.com", "protocol": "http", "port": 8443, "tls": "passthrough", "proxy_protocol": true},
-                {"name": "ssh", "protocol": "tcp", "port": 2222, "public_port": 20022},
+                {"name": "ssh", "protocol": "tcp", "port": 2222, "public_port": 20022,
+                 "allow": ["198.51.100.0/24"], "deny": ["198.51.100.9/32"]},
             ]})
         );
         let empty: serde_json::Value = serde_json::from_slice(&declaration(&[])).unwrap();

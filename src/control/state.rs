@@ -166,6 +166,12 @@ pub struct ServiceDecl {
     /// The service speaks HTTP/2 only (gRPC); terminated HTTP only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub http2: bool,
+    /// Client networks admitted (`[[route]] allow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Client networks refused (`[[route]] deny`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 impl ServiceDecl {
@@ -850,11 +856,13 @@ impl State {
                     if first.tls != s.decl.tls
                         || first.proxy_protocol != s.decl.proxy_protocol
                         || first.http2 != s.decl.http2
+                        || first.allow != s.decl.allow
+                        || first.deny != s.decl.deny
                     {
                         refuse(
                             &mut ev,
                             format!(
-                                "`{host}` is served by node {} with other tls/proxy_protocol/http2 settings",
+                                "`{host}` is served by node {} with other tls/proxy_protocol/http2/allow/deny settings",
                                 keys[0]
                             ),
                         );
@@ -888,6 +896,8 @@ impl State {
                             .then_some(RawPp::Bool(true)),
                         backend_protocol: d.http2.then(|| "http2".to_string()),
                         acme: acme && !passthrough,
+                        allow: d.allow.clone(),
+                        deny: d.deny.clone(),
                         ..RawRoute::default()
                     });
                 }
@@ -895,11 +905,15 @@ impl State {
                     listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
                     backends: list,
                     proxy_protocol: d.proxy_protocol.then_some(RawPp::Bool(true)),
+                    allow: d.allow.clone(),
+                    deny: d.deny.clone(),
                     ..RawTcp::default()
                 }),
                 Protocol::Udp => ev.udp.push(RawUdp {
                     listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
                     backends: list,
+                    allow: d.allow.clone(),
+                    deny: d.deny.clone(),
                     ..RawUdp::default()
                 }),
             }
@@ -989,6 +1003,9 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
             }
         }
     }
+    // Canonical lists, so replicas that spell the same rules differently agree.
+    let rules = crate::proxy::access::Access::parse(&d.allow, &d.deny).map_err(who)?;
+    (d.allow, d.deny) = rules.canonical();
     Ok(d)
 }
 

@@ -122,6 +122,17 @@ impl Access {
         }
     }
 
+    /// The lists as sorted strings in canonical form (`192.0.2.7/32`), so
+    /// that two spellings of the same rules compare equal.
+    pub fn canonical(&self) -> (Vec<String>, Vec<String>) {
+        let s = |l: &[IpNet]| {
+            let mut v: Vec<IpNet> = l.to_vec();
+            v.sort_unstable();
+            v.iter().map(|n| n.to_string()).collect()
+        };
+        (s(&self.allow), s(&self.deny))
+    }
+
     /// The `allow` networks, as parsed.
     pub fn allow(&self) -> &[IpNet] {
         &self.allow
@@ -222,6 +233,19 @@ mod tests {
         assert!(m.contains("twice"), "{m}");
         let m = e(&["192.0.2.1"], &["::ffff:192.0.2.1"]);
         assert!(m.contains("both"), "{m}");
+    }
+
+    #[test]
+    fn canonical_lists_are_sorted_and_spelled_alike() {
+        let a = acc(
+            &["198.51.100.7", "::ffff:192.0.2.0/120", "2001:DB8::/32"],
+            &["192.0.2.9"],
+        );
+        let (allow, deny) = a.canonical();
+        assert_eq!(allow, ["192.0.2.0/24", "198.51.100.7/32", "2001:db8::/32"]);
+        assert_eq!(deny, ["192.0.2.9/32"]);
+        let b = Access::parse(&allow, &deny).unwrap();
+        assert_eq!(b.canonical(), (allow, deny));
     }
 
     #[test]

@@ -69,6 +69,8 @@ fn http(name: &str, port: u16) -> ServiceDecl {
         public_port: None,
         proxy_protocol: false,
         http2: false,
+        allow: vec![],
+        deny: vec![],
     }
 }
 
@@ -330,6 +332,50 @@ fn services_follow_ownership_and_replicas() {
     };
     let err = s.declare_services(11, K1, ip1, vec![bad]).unwrap_err();
     assert!(err.message.contains("http2"), "{err:?}");
+    // Client address rules travel to the route in canonical form, and
+    // replicas must declare the same ones (however spelled).
+    let ruled = |allow: &[&str]| ServiceDecl {
+        allow: allow.iter().map(|a| a.to_string()).collect(),
+        deny: vec!["192.0.2.9".into()],
+        ..http("blog", 80)
+    };
+    s.declare_services(12, K1, ip1, vec![ruled(&["192.0.2.0/24", "2001:db8::/32"])])
+        .unwrap();
+    s.declare_services(
+        12,
+        K2,
+        ip2,
+        vec![ruled(&["2001:DB8::/32", "::ffff:192.0.2.0/120"])],
+    )
+    .unwrap();
+    let ev = s.evaluate(&ctx(&e, 13), &reg, false);
+    assert_eq!(ev.routes[0].allow, ["192.0.2.0/24", "2001:db8::/32"]);
+    assert_eq!(ev.routes[0].deny, ["192.0.2.9/32"]);
+    assert_eq!(
+        ev.routes[0].backends.len(),
+        2,
+        "the same rules: both replicas serve"
+    );
+    s.declare_services(14, K2, ip2, vec![ruled(&["192.0.2.0/24"])])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 15), &reg, false);
+    assert_eq!(ev.routes[0].backends.len(), 1);
+    assert!(ev
+        .statuses
+        .values()
+        .flatten()
+        .any(|st| st.status == "refused"
+            && st
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("allow/deny"))));
+    let err = s
+        .declare_services(16, K1, ip1, vec![ruled(&["192.0.2.1/24"])])
+        .unwrap_err();
+    assert!(
+        err.message.contains("allow") && err.message.contains("192.0.2.0/24"),
+        "{err:?}"
+    );
     // Withdrawal: an empty declaration removes the node's services.
     assert!(s.declare_services(6, K1, ip1, vec![]).unwrap());
     assert!(!s.services.contains_key(K1));
@@ -362,6 +408,8 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
         public_port: Some(p),
         proxy_protocol: false,
         http2: false,
+        allow: vec![],
+        deny: vec![],
     };
     s.declare_services(2, K3, ip, vec![http("shop", 80), tcp(20022), tcp(20001)])
         .unwrap();
