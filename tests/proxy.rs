@@ -10,8 +10,8 @@ use gatewire::proxy::names::{DomainName, Label};
 use gatewire::proxy::proxy_protocol::{decode_v2, Command};
 use gatewire::proxy::settings::{
     Backend, BackendProtocol, BackendTls, Balance, CertFiles, HealthCheck, HealthKind, Limits,
-    ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TlsMode,
-    UdpForwardSettings,
+    ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TcpTls,
+    TlsMode, UdpForwardSettings,
 };
 use gatewire::proxy::Proxy;
 use http_body_util::{BodyExt, Full};
@@ -962,7 +962,7 @@ async fn tcp_forward_terminates_tls() {
         backends: vec![be(pp)],
         proxy_protocol: ProxyProtocol::V2,
         balance: Balance::default(),
-        tls: Some(cert_files("tcp-tls", &pki)),
+        tls: Some(TcpTls::Files(cert_files("tcp-tls", &pki))),
         access: Default::default(),
     }];
     let p = Proxy::start(s).await.unwrap();

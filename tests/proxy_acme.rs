@@ -3,13 +3,13 @@
 //! 127.0.0.1 for every name. The proxy obtains a certificate through HTTP-01 and
 //! through TLS-ALPN-01, serves it (verified against pebble's root), keeps it in
 //! the state directory and loads it from there after a restart without a new
-//! order.
+//! order. A TLS-terminating TCP forward gets its certificate the same way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use gatewire::proxy::names::{DomainName, Label};
 use gatewire::proxy::settings::{
     AcmeChallenge, AcmeSettings, Backend, BackendTls, Balance, Limits, ProxyProtocol,
-    ProxySettings, RouteHost, RouteSettings, Scheme, TlsMode,
+    ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TcpTls, TlsMode,
 };
 use gatewire::proxy::Proxy;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -266,7 +266,11 @@ fn settings(
 }
 
 async fn wait_cert(state: &Path) {
-    let f = state.join("certs/site.gw.test/fullchain.pem");
+    wait_cert_for(state, "site.gw.test").await;
+}
+
+async fn wait_cert_for(state: &Path, host: &str) {
+    let f = state.join("certs").join(host).join("fullchain.pem");
     let t0 = Instant::now();
     while !f.exists() {
         assert!(
@@ -366,4 +370,45 @@ async fn acme_http01_with_pebble() {
 #[tokio::test]
 async fn acme_tls_alpn01_with_pebble() {
     run(AcmeChallenge::TlsAlpn01, "alpn01").await;
+}
+
+#[tokio::test]
+async fn acme_certificate_on_a_tcp_forward() {
+    if !Path::new(PEBBLE).exists() || !Path::new(CHALLTESTSRV).exists() {
+        eprintln!("pebble not installed; skipping");
+        return;
+    }
+    let dir = tmpdir("tcp-acme");
+    let (http, tls) = (free_port(), free_port());
+    let p = start_pebble(&dir, http, tls).await;
+    let state = dir.join("state");
+    let b = backend().await;
+    let mut s = settings(http, tls, &p, &state, AcmeChallenge::Http01, b);
+    // No routes at all: the HTTP listener answers the challenge for the
+    // forward's name.
+    s.routes.clear();
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![Backend {
+            scheme: Scheme::Http,
+            addr: b,
+        }],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: Some(TcpTls::Acme(DomainName::parse("db.gw.test").unwrap())),
+        access: Default::default(),
+    }];
+    let proxy = Proxy::start(s).await.unwrap();
+    let at = proxy.tcp_addrs()[0];
+    wait_cert_for(&state, "db.gw.test").await;
+    let root = pebble_root(&p).await;
+    // The TLS client verifies the forward's certificate against pebble's
+    // root; the backend gets the plain stream and answers it.
+    let r = https_get(at, "db.gw.test", &root).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("acme-ok"),
+        "{r}"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,7 +17,8 @@ use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
 use crate::proxy::names::{DomainName, NameTable};
 use crate::proxy::proxy_protocol::{encode_v1, encode_v2, Transport};
 use crate::proxy::settings::{
-    Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TlsMode, UdpForwardSettings,
+    Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TcpTls, TlsMode,
+    UdpForwardSettings,
 };
 use crate::proxy::stats::{Counters, ErrorKind, RouteSnapshot};
 use crate::proxy::tls::{self, Hello, SniResolver};
@@ -348,12 +349,17 @@ fn build(
     };
     for t in &settings.tcp {
         let id = format!("tcp:{}", t.listen);
-        let tls = match &t.tls {
-            Some(files) => {
-                let key = tls::load_certified_key(files)
-                    .and_then(|k| tls::single_cert_config(Arc::new(k)))
-                    .map_err(|e| anyhow::anyhow!("[[tcp]] {}: {e}", t.listen))?;
-                Some(tokio_rustls::TlsAcceptor::from(Arc::new(key)))
+        let config = match &t.tls {
+            Some(TcpTls::Files(files)) => Some(
+                tls::load_certified_key(files).and_then(|k| tls::single_cert_config(Arc::new(k))),
+            ),
+            Some(TcpTls::Acme(name)) => Some(tls::acme_cert_config(acme.clone(), name)),
+            None => None,
+        };
+        let tls = match config {
+            Some(c) => {
+                let c = c.map_err(|e| anyhow::anyhow!("[[tcp]] {}: {e}", t.listen))?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(c)))
             }
             None => None,
         };
@@ -424,6 +430,13 @@ fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
             RouteHost::Fqdn(f) => v.push(f.to_string()),
         }
     }
+    for t in &settings.tcp {
+        if let Some(TcpTls::Acme(name)) = &t.tls {
+            v.push(name.to_string());
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
     v
 }
 

@@ -143,6 +143,9 @@ pub struct RawTcp {
     pub cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+    /// Terminate TLS with an ACME certificate for this name (`[proxy.acme]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balance: Option<String>,
     #[serde(default)]
@@ -407,6 +410,16 @@ pub struct RouteSettings {
     pub access: Access,
 }
 
+/// Where a TLS-terminating TCP forward gets its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpTls {
+    /// PEM files (`cert`, `key`).
+    Files(CertFiles),
+    /// An ACME certificate for this name (`acme = "db.example.org"`), obtained
+    /// and renewed like the routes' (`[proxy.acme]`).
+    Acme(DomainName),
+}
+
 /// A raw TCP port forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpForwardSettings {
@@ -420,7 +433,7 @@ pub struct TcpForwardSettings {
     pub balance: Balance,
     /// The hub terminates TLS with this certificate and forwards the
     /// decrypted stream; `None`: bytes are forwarded as they come.
-    pub tls: Option<CertFiles>,
+    pub tls: Option<TcpTls>,
     /// Which client addresses may connect (others are closed at once).
     pub access: Access,
 }
@@ -1104,12 +1117,21 @@ pub(crate) fn validate(
     for (mut t, (who, listen)) in tcp.into_iter().zip(tcp_listen) {
         let backends = backends(&who, &t.backends, false, &own)?;
         let proxy_protocol = proxy_protocol(&who, t.proxy_protocol.take())?;
-        let tls = match (t.cert.take(), t.key.take()) {
-            (Some(c), Some(k)) => Some(CertFiles {
+        let tls = match (t.cert.take(), t.key.take(), t.acme.take()) {
+            (Some(c), Some(k), None) => Some(TcpTls::Files(CertFiles {
                 cert: resolve(base, &c),
                 key: resolve(base, &k),
-            }),
-            (None, None) => None,
+            })),
+            (None, None, None) => None,
+            (None, None, Some(name)) => {
+                let dn =
+                    DomainName::parse(&name).map_err(|e| format!("{who}: acme `{name}`: {e}"))?;
+                if acme.is_none() {
+                    return Err(format!("{who}: acme needs a [proxy.acme] section"));
+                }
+                Some(TcpTls::Acme(dn))
+            }
+            (_, _, Some(_)) => return Err(format!("{who}: set `acme` or `cert`/`key`, not both")),
             _ => return Err(format!("{who}: set both `cert` and `key`, or neither")),
         };
         out_tcp.push(TcpForwardSettings {
@@ -1424,11 +1446,39 @@ mod toml_tests {
         );
         let c = parse("[[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
             .unwrap();
-        let tls = c.proxy.unwrap().tcp[0].tls.clone().unwrap();
+        let Some(super::TcpTls::Files(tls)) = c.proxy.unwrap().tcp[0].tls.clone() else {
+            panic!("files")
+        };
         assert!(
             tls.cert.is_absolute() && tls.key.ends_with("k.pem"),
             "{tls:?}"
         );
+        // An ACME certificate for a TCP forward.
+        const ACME: &str =
+            "[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n";
+        let tcp = |extra: &str| {
+            format!("[[tcp]]\nlisten = \"0.0.0.0:5432\"\nbackends = [\"100.64.0.9:5432\"]\n{extra}")
+        };
+        let c = parse(&format!("{ACME}{}", tcp("acme = \"DB.Example.org\"\n"))).unwrap();
+        assert_eq!(
+            c.proxy.unwrap().tcp[0].tls,
+            Some(super::TcpTls::Acme(
+                crate::proxy::names::DomainName::parse("db.example.org").unwrap()
+            ))
+        );
+        let e = parse(&tcp("acme = \"db.example.org\"\n")).unwrap_err();
+        assert!(
+            e.contains("[[tcp]] #1") && e.contains("[proxy.acme]"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{ACME}{}",
+            tcp("acme = \"db.example.org\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
+        ))
+        .unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = parse(&format!("{ACME}{}", tcp("acme = \"db..example\"\n"))).unwrap_err();
+        assert!(e.contains("acme `db..example`"), "{e}");
     }
 
     #[test]

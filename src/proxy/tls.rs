@@ -194,6 +194,43 @@ pub fn single_cert_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig
     )
 }
 
+/// Presents the ACME certificate of one name whatever the client asks for
+/// (the current one at each handshake, so renewals take effect at once).
+struct AcmeOne {
+    acme: Arc<crate::proxy::acme::AcmeState>,
+    name: String,
+}
+
+impl std::fmt::Debug for AcmeOne {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeOne").field("name", &self.name).finish()
+    }
+}
+
+impl ResolvesServerCert for AcmeOne {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.acme.cert(&self.name)
+    }
+}
+
+/// A server config presenting the ACME certificate of `name` (TLS-terminated
+/// TCP forwards with `acme`; until it is issued, handshakes fail).
+pub fn acme_cert_config(
+    acme: Arc<crate::proxy::acme::AcmeState>,
+    name: &DomainName,
+) -> Result<rustls::ServerConfig, String> {
+    Ok(
+        rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(AcmeOne {
+                acme,
+                name: name.as_str().to_string(),
+            })),
+    )
+}
+
 /// A server config that answers one TLS-ALPN-01 validation with `key`.
 pub fn acme_alpn_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
