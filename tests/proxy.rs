@@ -54,6 +54,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         acme: false,
         paused: false,
         access: Default::default(),
+        rate_limit: None,
     }
 }
 
@@ -923,6 +924,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             balance: Balance::default(),
             tls: None,
             access: Default::default(),
+            rate_limit: None,
         },
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -931,6 +933,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             balance: Balance::default(),
             tls: None,
             access: Default::default(),
+            rate_limit: None,
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -964,6 +967,7 @@ async fn tcp_forward_terminates_tls() {
         balance: Balance::default(),
         tls: Some(TcpTls::Files(cert_files("tcp-tls", &pki))),
         access: Default::default(),
+        rate_limit: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1149,6 +1153,7 @@ async fn idle_spliced_connections_are_closed() {
         balance: Balance::default(),
         tls: None,
         access: Default::default(),
+        rate_limit: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1271,6 +1276,7 @@ async fn client_address_rules_on_routes_and_forwards() {
         balance: Balance::default(),
         tls: None,
         access: access(&["127.0.0.2"], &[]),
+        rate_limit: None,
     }];
     s.udp = vec![UdpForwardSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1397,6 +1403,7 @@ async fn access_log_has_a_line_per_request_and_connection() {
         balance: Balance::default(),
         tls: None,
         access: Default::default(),
+        rate_limit: None,
     }];
     let dir = tmpdir("access-log");
     let path = dir.join("access.log");
@@ -1479,4 +1486,69 @@ async fn access_log_that_cannot_be_opened_is_an_error() {
     let e = Proxy::start(s).await.err().expect("refused");
     let m = format!("{e:#}");
     assert!(m.contains("access_log") && m.contains("no-such-dir"), "{m}");
+}
+
+#[tokio::test]
+async fn per_client_rate_limits() {
+    let b = http_backend("rl").await;
+    let (tcp_b, _) = tcp_backend(false).await;
+    let mut r = route("rl", TlsMode::Terminate, vec![be(b)]);
+    r.rate_limit = Some(gatewire::proxy::settings::RateLimit {
+        per_second: 1,
+        burst: 2,
+    });
+    let mut s = settings(vec![r]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(tcp_b)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+        rate_limit: Some(gatewire::proxy::settings::RateLimit {
+            per_second: 1,
+            burst: 1,
+        }),
+    }];
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let http = p.http_addrs()[0];
+    // A burst of two, then 429 with Retry-After; another client is unaffected.
+    for _ in 0..2 {
+        let r = http_from("127.0.0.1", http, "rl.gw.test").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    let r = http_from("127.0.0.1", http, "rl.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert!(r.to_lowercase().contains("retry-after: 1\r\n"), "{r}");
+    let r = http_from("127.0.0.2", http, "rl.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // A reload with the same limit keeps the buckets: still limited.
+    p.reload(s.clone()).await.unwrap();
+    let r = http_from("127.0.0.1", http, "rl.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    // After a second, one more token.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = http_from("127.0.0.1", http, "rl.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // TCP: the second connection within the second is closed unanswered.
+    let at = p.tcp_addrs()[0];
+    let mut c = connect_from("127.0.0.3", at).await;
+    assert_eq!(round_trip(&mut c, b"one").await, b"one");
+    let mut c2 = connect_from("127.0.0.3", at).await;
+    let _ = c2.write_all(b"two").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, c2.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    let st = p.stats();
+    let n = |id: &str| {
+        st.iter()
+            .find(|s| s.route == id)
+            .and_then(|s| s.errors.get("rate_limited").copied())
+            .unwrap_or(0)
+    };
+    assert_eq!(n("name:rl"), 2);
+    assert_eq!(n(&format!("tcp:{}", s.tcp[0].listen)), 1);
 }

@@ -249,6 +249,7 @@ fn settings(
             acme: true,
             paused: false,
             access: Default::default(),
+            rate_limit: None,
         }],
         tcp: vec![],
         udp: vec![],
@@ -397,6 +398,7 @@ async fn acme_certificate_on_a_tcp_forward() {
         balance: Balance::default(),
         tls: Some(TcpTls::Acme(DomainName::parse("db.gw.test").unwrap())),
         access: Default::default(),
+        rate_limit: None,
     }];
     let proxy = Proxy::start(s).await.unwrap();
     let at = proxy.tcp_addrs()[0];

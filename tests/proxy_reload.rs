@@ -48,6 +48,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         acme: false,
         paused: false,
         access: Default::default(),
+        rate_limit: None,
     }
 }
 
@@ -262,6 +263,7 @@ async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
         balance: Balance::default(),
         tls: None,
         access: Default::default(),
+        rate_limit: None,
     }];
     let r = p.reload(s1.clone()).await.unwrap();
     assert_eq!(r.added, vec![format!("tcp:{tcp_at}")]);
@@ -590,6 +592,7 @@ async fn tcp_forward_sends_proxy_v1() {
         balance: Balance::default(),
         tls: None,
         access: Default::default(),
+        rate_limit: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];

@@ -10,7 +10,8 @@
 # backends; a TCP forward with a certificate terminates TLS at the hub (socat
 # verifies it) and carries the plain stream to the same echo. Client address
 # rules: a route that admits only pub's IPv6 address answers its IPv4 403, a
-# forward that refuses pub's network closes it, both counted. The access log
+# forward that refuses pub's network closes it, both counted; a route with a
+# rate limit answers 429 after its burst. The access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -59,6 +60,13 @@ backends = ["http://[$N1V6]:8080"]
 name = "admin"
 backends = ["http://[$N1V6]:8080"]
 allow = ["$PUB6"]
+
+# Three requests at once per client, then one a second.
+[[route]]
+name = "limited"
+backends = ["http://[$N1V6]:8080"]
+rate_limit = 1
+rate_burst = 3
 
 [[tcp]]
 listen = "0.0.0.0:2222"
@@ -175,7 +183,16 @@ body=$(pcurl --resolve "$ADMIN:80:[$HUB6]" "http://$ADMIN/admin" || true)
 check "allow: pub over IPv6 (the allowed address) reaches the backend" grep -q "$MARK path=/admin" <<<"$body"
 deny_out=$(lab_sh pub "printf 'deny-$MARK' | timeout 10 socat -t 2 - TCP4:$HUB4:2224" 2>/dev/null || true)
 assert_eq "deny: the TCP forward closes pub's IPv4 connection unanswered" "" "$deny_out"
+LIMITED="limited.$DOMAIN"
+# Five requests well within a second (one token a second comes back).
+codes=$(for i in 1 2 3 4 5; do pcurl -D "$GW_TMP/limited-$i.head" -o /dev/null -w '%{http_code} ' \
+    --resolve "$LIMITED:80:$HUB4" "http://$LIMITED/"; done || true)
+assert_eq "rate limit: a burst of 3, then 429 (5 quick requests)" "200 200 200 429 429 " "$codes"
+retry=$(tr -d '\r' <"$GW_TMP/limited-5.head" | awk -F': ' 'tolower($1) == "retry-after" {print $2}' || true)
+assert_eq "rate limit: the 429 says when to retry" 1 "$retry"
 js=$(gw_show_json hub gw0 || true)
+assert_eq "rate limit: refusals counted as rate_limited" 2 \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:limited") | .errors.rate_limited' <<<"$js")"
 denied() { jq -r --arg r "$1" '.interfaces[0].proxy.routes[] | select(.route == $r) | .errors.denied // 0' <<<"$js"; }
 assert_eq "the refusals are counted as denied (route)" 1 "$(denied name:admin)"
 assert_eq "the refusals are counted as denied (TCP forward)" 1 "$(denied tcp:0.0.0.0:2224)"

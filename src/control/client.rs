@@ -196,6 +196,12 @@ pub struct RouteOpts {
     /// Client networks refused, as `--allow`.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     pub deny: Option<Vec<String>>,
+    /// Requests per second per client (passthrough: connections).
+    #[arg(long, value_name = "N")]
+    pub rate_limit: Option<u32>,
+    /// Most requests a client may send at once (default: the rate).
+    #[arg(long, value_name = "N")]
+    pub rate_burst: Option<u32>,
     /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
     #[arg(long, value_name = "FILE.json")]
     pub spec_file: Option<PathBuf>,
@@ -214,6 +220,8 @@ impl RouteOpts {
             && self.backend_protocol.is_none()
             && self.allow.is_none()
             && self.deny.is_none()
+            && self.rate_limit.is_none()
+            && self.rate_burst.is_none()
             && self.spec_file.is_none()
     }
 }
@@ -475,6 +483,11 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     }
     if let Some(p) = &o.backend_protocol {
         spec.insert("backend_protocol".into(), p.clone().into());
+    }
+    for (key, n) in [("rate_limit", o.rate_limit), ("rate_burst", o.rate_burst)] {
+        if let Some(n) = n {
+            spec.insert(key.into(), n.into());
+        }
     }
     for (key, list) in [("allow", &o.allow), ("deny", &o.deny)] {
         if let Some(l) = list {
@@ -1516,6 +1529,8 @@ mod tests {
             max_connections: Some(1),
             allow: vec!["192.0.2.0/24".into()],
             deny: vec!["192.0.2.9".into()],
+            rate_limit: Some(10),
+            rate_burst: Some(20),
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -1685,11 +1700,16 @@ mod tests {
                 "--allow",
                 "198.51.100.7",
                 "--deny",
-                "192.0.2.9"
+                "192.0.2.9",
+                "--rate-limit",
+                "10",
+                "--rate-burst",
+                "30"
             ])
             .body,
             Some(json!({"name": "admin", "backends": ["a:1"],
-                "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"]}))
+                "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"],
+                "rate_limit": 10, "rate_burst": 30}))
         );
         assert_eq!(
             req(&[

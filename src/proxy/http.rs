@@ -626,6 +626,19 @@ async fn proxy_request(
             "403 forbidden: this address may not use this route",
         ));
     }
+    if let Some(ms) = crate::proxy::server::over_limit(&route.limiter, conn.client.ip()) {
+        let mut r = err(
+            &c,
+            ErrorKind::RateLimited,
+            StatusCode::TOO_MANY_REQUESTS,
+            "429 too many requests: this address is over the route's rate limit",
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ms.div_ceil(1000).max(1)),
+        );
+        return Ok(r);
+    }
     if route.settings.paused {
         return Ok(err(
             &c,

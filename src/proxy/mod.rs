@@ -2,7 +2,8 @@
 //!
 //! Pure cores: [`access`] (client address rules), [`detect`] (ClientHello
 //! SNI, HTTP Host sniffing), [`names`] (host names, route table),
-//! [`proxy_protocol`] (PROXY v2 headers). Drivers: [`server`] (listeners and
+//! [`proxy_protocol`] (PROXY v2 headers), [`ratelimit`] (per-client token
+//! buckets). Drivers: [`server`] (listeners and
 //! connection routing), [`http`] (hyper proxying), [`upstream`] (backend
 //! choice, passive health, backend TLS), [`forward`] (UDP flows), [`tls`]
 //! (ClientHello reading, SNI cert resolver), [`access_log`] (JSON lines; the
@@ -17,6 +18,7 @@ pub mod http;
 pub mod io;
 pub mod names;
 pub mod proxy_protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod settings;
 pub mod stats;

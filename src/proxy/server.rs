@@ -16,6 +16,7 @@ use crate::proxy::http::{handle, ConnInfo};
 use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
 use crate::proxy::names::{DomainName, NameTable};
 use crate::proxy::proxy_protocol::{encode_v1, encode_v2, Transport};
+use crate::proxy::ratelimit::{Limiter, RateLimit};
 use crate::proxy::settings::{
     Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TcpTls, TlsMode,
     UdpForwardSettings,
@@ -55,6 +56,8 @@ pub struct Route {
     pub backend_tls: Option<Arc<BackendTlsClient>>,
     /// True if a certificate is loaded (terminated HTTPS works).
     pub has_cert: bool,
+    /// Per-client rate limit, if set.
+    pub limiter: Option<Arc<Mutex<Limiter>>>,
 }
 
 /// A TCP or UDP forward at run time.
@@ -71,6 +74,39 @@ pub(crate) struct Forward {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Which clients may connect or send.
     pub access: Access,
+    /// Per-client connection rate limit, if set.
+    pub limiter: Option<Arc<Mutex<Limiter>>>,
+}
+
+/// The limiter for `limit`: the old one (its buckets) while the limit stays.
+fn limiter_for(
+    old: Option<&Arc<Mutex<Limiter>>>,
+    limit: Option<RateLimit>,
+) -> Option<Arc<Mutex<Limiter>>> {
+    let limit = limit?;
+    match old {
+        Some(l) if l.lock().limit() == limit => Some(l.clone()),
+        _ => Some(Arc::new(Mutex::new(Limiter::new(limit)))),
+    }
+}
+
+/// Milliseconds on a monotonic clock (for the rate limiters).
+fn now_ms() -> u64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    T0.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Takes a token of `limiter` for `ip`: `None` if within the limit, else the
+/// milliseconds until the client's next token.
+pub(crate) fn over_limit(
+    limiter: &Option<Arc<Mutex<Limiter>>>,
+    ip: std::net::IpAddr,
+) -> Option<u64> {
+    let l = limiter.as_ref()?;
+    let r = l.lock().check(ip, now_ms());
+    r.err()
 }
 
 /// One generation of routing state, shared by every connection accepted under it.
@@ -288,6 +324,7 @@ fn build(
             counters: old.map(|r| r.counters.clone()).unwrap_or_default(),
             backend_tls,
             has_cert: key.is_some() || rs.acme,
+            limiter: limiter_for(old.and_then(|r| r.limiter.as_ref()), rs.rate_limit),
         });
         for h in &hosts {
             if let Some(k) = &key {
@@ -321,7 +358,8 @@ fn build(
                    pp: ProxyProtocol,
                    udp: Option<UdpForwardSettings>,
                    tls: Option<tokio_rustls::TlsAcceptor>,
-                   access: &Access| {
+                   access: &Access,
+                   rate: Option<RateLimit>| {
         let old = old_fwds.get(id.as_str());
         let upstreams = match reuse(
             old.map(|f| &f.upstreams),
@@ -345,6 +383,7 @@ fn build(
             udp,
             tls,
             access: access.clone(),
+            limiter: limiter_for(old.and_then(|f| f.limiter.as_ref()), rate),
         }));
     };
     for t in &settings.tcp {
@@ -372,6 +411,7 @@ fn build(
             None,
             tls,
             &t.access,
+            t.rate_limit,
         );
     }
     for u in &settings.udp {
@@ -384,6 +424,7 @@ fn build(
             Some(u.clone()),
             None,
             &u.access,
+            None,
         );
     }
     let access_log = match &settings.access_log {
@@ -1011,6 +1052,10 @@ async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: So
         debug!(forward = %fwd.id, client = %peer, "client address denied");
         return;
     }
+    if over_limit(&fwd.limiter, peer.ip()).is_some() {
+        refuse(&c, &mut rec, ErrorKind::RateLimited);
+        return;
+    }
     let Ok(_slot) = fwd.upstreams.admit() else {
         refuse(&c, &mut rec, ErrorKind::OverCapacity);
         return;
@@ -1144,6 +1189,10 @@ async fn serve_tls(
         TlsMode::Passthrough if !route.settings.access.permits(peer.ip()) => {
             refuse(&c, &mut rec, ErrorKind::Denied);
             tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
+        }
+        TlsMode::Passthrough if over_limit(&route.limiter, peer.ip()).is_some() => {
+            refuse(&c, &mut rec, ErrorKind::RateLimited);
+            tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
         }
         TlsMode::Passthrough if route.settings.paused => {
             refuse(&c, &mut rec, ErrorKind::Paused);

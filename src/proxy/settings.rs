@@ -8,6 +8,7 @@
 
 pub use crate::proxy::access::Access;
 use crate::proxy::names::{DomainName, Label};
+pub use crate::proxy::ratelimit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -126,6 +127,12 @@ pub struct RawRoute {
     /// Client networks refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Requests (TCP: connections) per second per client; with `rate_burst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Most requests a client may send at once (default: `rate_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
     /// A paused route answers 503 (HTTP) or closes (passthrough).
     #[serde(default)]
     pub paused: bool,
@@ -170,6 +177,12 @@ pub struct RawTcp {
     /// Client networks refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Requests (TCP: connections) per second per client; with `rate_burst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Most requests a client may send at once (default: `rate_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -408,6 +421,8 @@ pub struct RouteSettings {
     pub paused: bool,
     /// Which client addresses may use the route (403, or a TLS alert on passthrough).
     pub access: Access,
+    /// Requests (passthrough: connections) per second per client.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Where a TLS-terminating TCP forward gets its certificate.
@@ -436,6 +451,8 @@ pub struct TcpForwardSettings {
     pub tls: Option<TcpTls>,
     /// Which client addresses may connect (others are closed at once).
     pub access: Access,
+    /// Connections per second per client.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A raw UDP port forward.
@@ -837,6 +854,27 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
     })
 }
 
+fn rate_limit(
+    who: &str,
+    rate: Option<u32>,
+    burst: Option<u32>,
+) -> Result<Option<RateLimit>, String> {
+    match (rate, burst) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(format!("{who}: rate_burst needs rate_limit")),
+        (Some(r), b) => {
+            let burst = b.unwrap_or(r);
+            if !(1..=1_000_000).contains(&r) || !(1..=1_000_000).contains(&burst) {
+                return Err(format!("{who}: rate_limit and rate_burst: 1 to 1000000"));
+            }
+            Ok(Some(RateLimit {
+                per_second: r,
+                burst,
+            }))
+        }
+    }
+}
+
 fn access(who: &str, allow: &[String], deny: &[String]) -> Result<Access, String> {
     Access::parse(allow, deny).map_err(|e| format!("{who}: {e}"))
 }
@@ -1111,6 +1149,7 @@ pub(crate) fn validate(
             acme: r.acme,
             paused: r.paused,
             access: access(&who, &r.allow, &r.deny)?,
+            rate_limit: rate_limit(&who, r.rate_limit, r.rate_burst)?,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1141,6 +1180,7 @@ pub(crate) fn validate(
             balance: balance(&who, raw_bal!(t), false)?,
             tls,
             access: access(&who, &t.allow, &t.deny)?,
+            rate_limit: rate_limit(&who, t.rate_limit, t.rate_burst)?,
         });
     }
     let mut out_udp = Vec::new();
@@ -1259,6 +1299,8 @@ mod tests {
             max_connections: None,
             allow: vec![],
             deny: vec![],
+            rate_limit: None,
+            rate_burst: None,
             paused: false,
         }
     }
@@ -1479,6 +1521,38 @@ mod toml_tests {
         assert!(e.contains("not both"), "{e}");
         let e = parse(&format!("{ACME}{}", tcp("acme = \"db..example\"\n"))).unwrap_err();
         assert!(e.contains("acme `db..example`"), "{e}");
+    }
+
+    #[test]
+    fn rate_limit_keys() {
+        let r = "[[route]]\nfqdn = \"a.example\"\nbackends = [\"100.64.0.9:80\"]\n";
+        let c = parse(&format!("{r}rate_limit = 20\nrate_burst = 50\n")).unwrap();
+        assert_eq!(
+            c.proxy.unwrap().routes[0].rate_limit,
+            Some(super::RateLimit {
+                per_second: 20,
+                burst: 50
+            })
+        );
+        let c = parse(&format!("{r}rate_limit = 20\n")).unwrap();
+        assert_eq!(c.proxy.unwrap().routes[0].rate_limit.unwrap().burst, 20);
+        let c = parse(
+            "[[tcp]]\nlisten = \"0.0.0.0:22\"\nbackends = [\"100.64.0.9:22\"]\nrate_limit = 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().tcp[0].rate_limit.unwrap().per_second, 1);
+        let e = parse(&format!("{r}rate_burst = 5\n")).unwrap_err();
+        assert!(
+            e.contains("a.example") && e.contains("rate_burst needs rate_limit"),
+            "{e}"
+        );
+        let e = parse(&format!("{r}rate_limit = 0\n")).unwrap_err();
+        assert!(e.contains("1 to 1000000"), "{e}");
+        let e = parse(
+            "[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nrate_limit = 1\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("rate_limit"), "{e}");
     }
 
     #[test]

@@ -37,11 +37,14 @@ pub enum ErrorKind {
     /// The client's address is not admitted by the route's `allow`/`deny`
     /// rules (403, a TLS alert, a closed connection or a dropped datagram).
     Denied,
+    /// The client went over the route's `rate_limit` (429, or a closed
+    /// connection).
+    RateLimited,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -56,6 +59,7 @@ impl ErrorKind {
         ErrorKind::OverCapacity,
         ErrorKind::Paused,
         ErrorKind::Denied,
+        ErrorKind::RateLimited,
     ];
 
     /// Stable metric label.
@@ -75,6 +79,7 @@ impl ErrorKind {
             ErrorKind::OverCapacity => "over_capacity",
             ErrorKind::Paused => "paused",
             ErrorKind::Denied => "denied",
+            ErrorKind::RateLimited => "rate_limited",
         }
     }
 
