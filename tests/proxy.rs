@@ -1037,6 +1037,7 @@ async fn udp_forward_echo_and_flows() {
         flow_idle_timeout: Duration::from_secs(60),
         balance: Balance::default(),
         access: Default::default(),
+        rate_limit: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.udp_addrs()[0];
@@ -1285,6 +1286,7 @@ async fn client_address_rules_on_routes_and_forwards() {
         flow_idle_timeout: Duration::from_secs(60),
         balance: Balance::default(),
         access: access(&[], &["127.0.0.1"]),
+        rate_limit: None,
     }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let (http, https) = (p.http_addrs()[0], p.https_addrs()[0]);
@@ -1510,8 +1512,36 @@ async fn per_client_rate_limits() {
             burst: 1,
         }),
     }];
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    s.udp = vec![UdpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(echo_addr)],
+        max_flows: 16,
+        flow_idle_timeout: Duration::from_secs(60),
+        balance: Balance::default(),
+        access: Default::default(),
+        rate_limit: Some(gatewire::proxy::settings::RateLimit {
+            per_second: 1,
+            burst: 2,
+        }),
+    }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let http = p.http_addrs()[0];
+    // UDP: two datagrams at once, then drops (the flow stays for the next second).
+    let u = p.udp_addrs()[0];
+    let c = UdpSocket::bind("127.0.0.4:0").await.unwrap();
+    assert_eq!(udp_ask(&c, u, b"d1").await.as_deref(), Some(&b"d1"[..]));
+    assert_eq!(udp_ask(&c, u, b"d2").await.as_deref(), Some(&b"d2"[..]));
+    assert_eq!(udp_ask(&c, u, b"d3").await, None);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(udp_ask(&c, u, b"d4").await.as_deref(), Some(&b"d4"[..]));
     // A burst of two, then 429 with Retry-After; another client is unaffected.
     for _ in 0..2 {
         let r = http_from("127.0.0.1", http, "rl.gw.test").await;
@@ -1551,4 +1581,5 @@ async fn per_client_rate_limits() {
     };
     assert_eq!(n("name:rl"), 2);
     assert_eq!(n(&format!("tcp:{}", s.tcp[0].listen)), 1);
+    assert_eq!(n(&format!("udp:{}", s.udp[0].listen)), 1);
 }

@@ -119,6 +119,12 @@ pub(crate) async fn udp_loop(
                     fwd.counters.error(crate::proxy::stats::ErrorKind::Denied);
                     continue;
                 }
+                // A flood from one client (a reflection attempt through a
+                // DNS backend, say) is cut to its rate; the flow stays.
+                if crate::proxy::server::over_limit(&fwd.limiter, client.ip()).is_some() {
+                    fwd.counters.error(crate::proxy::stats::ErrorKind::RateLimited);
+                    continue;
+                }
                 let live = flows.get(&client).is_some_and(|f| !f.task.is_finished());
                 if !live {
                     flows.remove(&client);

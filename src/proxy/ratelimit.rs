@@ -1,7 +1,8 @@
 //! Per-client rate limits of a route or forward (`rate_limit`, `rate_burst`):
 //! a token bucket per client, refilled at `rate_limit` per second up to
-//! `rate_burst`; a request (HTTP) or connection (TCP, passthrough) takes one
-//! token, and a client with none left is refused until its next token.
+//! `rate_burst`; a request (HTTP), connection (TCP, passthrough) or datagram
+//! (UDP) takes one token, and a client with none left is refused until its
+//! next token.
 //!
 //! Pure: the caller passes the time in milliseconds. Clients are keyed by
 //! their IPv4 address, or by their IPv6 /64 (a client with a /64 of its own

@@ -424,7 +424,7 @@ fn build(
             Some(u.clone()),
             None,
             &u.access,
-            None,
+            u.rate_limit,
         );
     }
     let access_log = match &settings.access_log {

@@ -218,6 +218,12 @@ pub struct RawUdp {
     /// Client networks refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Datagrams per second per client; with `rate_burst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Most datagrams a client may send at once (default: `rate_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
 }
 
 /// PROXY protocol header sent to backends of passthrough routes and TCP forwards.
@@ -470,6 +476,8 @@ pub struct UdpForwardSettings {
     pub balance: Balance,
     /// Which client addresses may send (datagrams of others are dropped).
     pub access: Access,
+    /// Datagrams per second per client (beyond it they are dropped).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Timeouts and sizes.
@@ -1202,6 +1210,7 @@ pub(crate) fn validate(
             )
             .map_err(|e| format!("{who}: {e}"))?,
             access: access(&who, &u.allow, &u.deny)?,
+            rate_limit: rate_limit(&who, u.rate_limit, u.rate_burst)?,
         });
     }
     Ok(Some(ProxySettings {
@@ -1548,11 +1557,11 @@ mod toml_tests {
         );
         let e = parse(&format!("{r}rate_limit = 0\n")).unwrap_err();
         assert!(e.contains("1 to 1000000"), "{e}");
-        let e = parse(
-            "[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nrate_limit = 1\n",
+        let c = parse(
+            "[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nrate_limit = 100\nrate_burst = 200\n",
         )
-        .unwrap_err();
-        assert!(e.contains("rate_limit"), "{e}");
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().udp[0].rate_limit.unwrap().burst, 200);
     }
 
     #[test]
