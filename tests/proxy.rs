@@ -73,6 +73,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         },
         acme: None,
         access_log: None,
+        proxy_protocol_from: None,
     }
 }
 
@@ -1582,4 +1583,104 @@ async fn per_client_rate_limits() {
     assert_eq!(n("name:rl"), 2);
     assert_eq!(n(&format!("tcp:{}", s.tcp[0].listen)), 1);
     assert_eq!(n(&format!("udp:{}", s.udp[0].listen)), 1);
+}
+
+#[tokio::test]
+async fn proxy_headers_from_a_balancer_in_front() {
+    use gatewire::proxy::proxy_protocol::{encode_v1, encode_v2, encode_v2_local, Transport};
+    let b = http_backend("lb").await;
+    let (pp_b, mut seen) = tcp_backend(true).await;
+    let mut r = route("lb", TlsMode::Terminate, vec![be(b)]);
+    r.access = access(&[], &["198.51.100.66"]);
+    let mut s = settings(vec![r]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(pp_b)],
+        proxy_protocol: ProxyProtocol::V2,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+        rate_limit: None,
+    }];
+    // The balancer is 127.0.0.1; 127.0.0.2 is an ordinary client.
+    s.proxy_protocol_from = Some(access(&["127.0.0.1"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let http = p.http_addrs()[0];
+    let get = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let via = |head: Vec<u8>, host: &str| {
+        let mut bytes = head;
+        bytes.extend_from_slice(get(host).as_bytes());
+        async move {
+            let mut c = connect_from("127.0.0.1", http).await;
+            c.write_all(&bytes).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(T, c.read_to_end(&mut out))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, client, http);
+    let r = via(v1, "lb.gw.test").await;
+    assert!(
+        r.contains("xff=198.51.100.7 "),
+        "v1: the header's client: {r}"
+    );
+    let mut v2 = Vec::new();
+    encode_v2(
+        &mut v2,
+        Transport::Tcp,
+        "[2001:db8::7]:1".parse().unwrap(),
+        "[2001:db8::1]:80".parse().unwrap(),
+    );
+    let r = via(v2, "lb.gw.test").await;
+    assert!(r.contains("xff=2001:db8::7 "), "v2: {r}");
+    // LOCAL (the balancer's health check): the connection's own address.
+    let mut local = Vec::new();
+    encode_v2_local(&mut local);
+    let r = via(local, "lb.gw.test").await;
+    assert!(r.contains("xff=127.0.0.1 "), "{r}");
+    // Rules apply to the real client.
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, "198.51.100.66:5".parse().unwrap(), http);
+    let r = via(v1, "lb.gw.test").await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // A header split over two writes is waited for.
+    let mut c = connect_from("127.0.0.1", http).await;
+    c.write_all(b"PROXY TCP4 198.51.100.8 127.0.0.1 ")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    c.write_all(format!("4000 80\r\n{}", get("lb.gw.test")).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, c.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).contains("xff=198.51.100.8 "));
+    // The balancer without a header is closed and counted; others need none.
+    let r = via(Vec::new(), "lb.gw.test").await;
+    assert!(r.is_empty(), "{r}");
+    let r = via(b"PROXY TCP9 x\r\n".to_vec(), "lb.gw.test").await;
+    assert!(r.is_empty(), "{r}");
+    let r = http_from("127.0.0.2", http, "lb.gw.test").await;
+    assert!(r.contains("xff=127.0.0.2 "), "{r}");
+    // A TCP forward passes the header's client on in its own PROXY v2 header.
+    let at = p.tcp_addrs()[0];
+    let mut c = connect_from("127.0.0.1", at).await;
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, "203.0.113.9:7777".parse().unwrap(), at);
+    c.write_all(&v1).await.unwrap();
+    assert_eq!(round_trip(&mut c, b"hi").await, b"hi");
+    let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
+    let Command::Proxy { src, .. } = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(src, "203.0.113.9:7777".parse::<SocketAddr>().unwrap());
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("bad_proxy_header"), Some(&2));
 }

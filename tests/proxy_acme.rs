@@ -263,6 +263,7 @@ fn settings(
             renew_before: Duration::from_secs(86_400),
         }),
         access_log: None,
+        proxy_protocol_from: None,
     }
 }
 

@@ -67,6 +67,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         },
         acme: None,
         access_log: None,
+        proxy_protocol_from: None,
     }
 }
 

@@ -1,10 +1,12 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
-//! PROXY protocol version 2 headers (haproxy's `proxy-protocol.txt`, section 2.2).
+//! PROXY protocol headers (haproxy's `proxy-protocol.txt`: version 1, the text
+//! line, section 2.1; version 2, binary, section 2.2).
 //!
-//! Pure: [`encode_v2`] builds the binary header the proxy writes to a backend
-//! before any client byte on TCP forwards and TLS passthrough routes, so the backend
-//! learns the real client address. [`decode_v2`] is the matching parser, used by tests
-//! and by anyone who wants to check what a backend receives.
+//! Pure: [`encode_v2`] and [`encode_v1`] build the header the proxy writes to
+//! a backend before any client byte on TCP forwards and TLS passthrough
+//! routes, so the backend learns the real client address. [`decode`] (either
+//! version; [`decode_v1`], [`decode_v2`]) parses the header a load balancer
+//! in front of the hub sends (`[proxy] proxy_protocol_from`); it is fuzzed.
 //!
 //! Addresses are normalised first: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
 //! sent as IPv4. If the two ends then still differ in family, both are sent as IPv6
@@ -63,7 +65,7 @@ pub struct Decoded {
     pub len: usize,
 }
 
-/// Why [`decode_v2`] returned no header.
+/// Why [`decode`] returned no header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// A valid prefix so far: read more.
@@ -81,6 +83,85 @@ pub enum DecodeError {
     /// The announced length is too short for the family.
     #[error("PROXY address block too short for its family")]
     Short,
+    /// A version 1 line that breaks the grammar.
+    #[error("bad PROXY v1 header: {0}")]
+    Malformed(&'static str),
+}
+
+/// Longest version 1 header, `\r\n` included.
+pub const V1_MAX_LEN: usize = 107;
+
+/// Parses a version 1 header (`PROXY TCP4 src dst sport dport\r\n`, or
+/// `PROXY UNKNOWN ...\r\n`) at the start of `buf`.
+pub fn decode_v1(buf: &[u8]) -> Result<Decoded, DecodeError> {
+    const TAG: &[u8] = b"PROXY ";
+    let have = buf.len().min(TAG.len());
+    if buf.get(..have) != TAG.get(..have) {
+        return Err(DecodeError::NoSignature);
+    }
+    let window = buf.get(..buf.len().min(V1_MAX_LEN)).unwrap_or(buf);
+    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
+        return if buf.len() >= V1_MAX_LEN {
+            Err(DecodeError::Malformed("no CRLF within 107 bytes"))
+        } else {
+            Err(DecodeError::Incomplete)
+        };
+    };
+    let line = buf
+        .get(TAG.len()..end)
+        .and_then(|l| std::str::from_utf8(l).ok())
+        .ok_or(DecodeError::Malformed("not ASCII"))?;
+    let mut parts = line.split(' ');
+    let command = match parts.next() {
+        // The receiver uses the connection's own addresses; the rest of the
+        // line is to be ignored.
+        Some("UNKNOWN") => Command::ProxyUnspec,
+        Some(fam @ ("TCP4" | "TCP6")) => {
+            let mut next = || parts.next().ok_or(DecodeError::Malformed("missing field"));
+            let (s, d, sp, dp) = (next()?, next()?, next()?, next()?);
+            if parts.next().is_some() {
+                return Err(DecodeError::Malformed("extra field"));
+            }
+            let ip = |s: &str| -> Result<IpAddr, DecodeError> {
+                let ok = if fam == "TCP4" {
+                    s.parse::<Ipv4Addr>().map(IpAddr::V4).ok()
+                } else {
+                    s.parse::<Ipv6Addr>().map(IpAddr::V6).ok()
+                };
+                ok.ok_or(DecodeError::Malformed("address does not match the family"))
+            };
+            let port = |s: &str| -> Result<u16, DecodeError> {
+                if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(DecodeError::Malformed("bad port"));
+                }
+                s.parse().map_err(|_| DecodeError::Malformed("bad port"))
+            };
+            Command::Proxy {
+                transport: Transport::Tcp,
+                src: SocketAddr::new(ip(s)?, port(sp)?),
+                dst: SocketAddr::new(ip(d)?, port(dp)?),
+            }
+        }
+        _ => {
+            return Err(DecodeError::Malformed(
+                "protocol is not TCP4, TCP6 or UNKNOWN",
+            ))
+        }
+    };
+    Ok(Decoded {
+        command,
+        len: end + 2,
+    })
+}
+
+/// Parses a version 1 or version 2 header at the start of `buf`.
+pub fn decode(buf: &[u8]) -> Result<Decoded, DecodeError> {
+    match buf.first() {
+        None => Err(DecodeError::Incomplete),
+        Some(b'P') => decode_v1(buf),
+        Some(0x0D) => decode_v2(buf),
+        Some(_) => Err(DecodeError::NoSignature),
+    }
 }
 
 fn unmap(ip: IpAddr) -> IpAddr {
@@ -329,6 +410,76 @@ mod tests {
         assert_eq!(d.len, FIXED_LEN + V4_ADDR_LEN + 4);
     }
 
+    #[test]
+    fn v1_vectors() {
+        let d = decode(b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 443\r\nGET /").unwrap();
+        assert_eq!(d.len, 44);
+        assert_eq!(
+            d.command,
+            Command::Proxy {
+                transport: Transport::Tcp,
+                src: sa("192.0.2.7:56324"),
+                dst: sa("203.0.113.1:443"),
+            }
+        );
+        let d = decode(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 80\r\n").unwrap();
+        assert_eq!(
+            d.command,
+            Command::Proxy {
+                transport: Transport::Tcp,
+                src: sa("[2001:db8::7]:40000"),
+                dst: sa("[2001:db8::1]:80"),
+            }
+        );
+        let d = decode(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n").unwrap();
+        assert_eq!((d.command, d.len), (Command::ProxyUnspec, 35));
+        assert_eq!(decode(b"PROXY UNKNOWN\r\n").unwrap().len, 15);
+        assert_eq!(
+            decode(b"PROXY TCP4 192.0.2.7"),
+            Err(DecodeError::Incomplete)
+        );
+        assert_eq!(decode(b"PROX"), Err(DecodeError::Incomplete));
+        assert_eq!(decode(b""), Err(DecodeError::Incomplete));
+        let bad: &[&[u8]] = &[
+            b"PROXY TCP4 2001:db8::7 192.0.2.1 1 2\r\n",
+            b"PROXY TCP6 192.0.2.7 192.0.2.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 192.0.2.1 +1 2\r\n",
+            b"PROXY TCP4 192.0.2.7 192.0.2.1 65536 2\r\n",
+            b"PROXY TCP4 192.0.2.7 192.0.2.1 1 2 3\r\n",
+            b"PROXY TCP4 192.0.2.7 192.0.2.1 1\r\n",
+            b"PROXY UDP4 192.0.2.7 192.0.2.1 1 2\r\n",
+            b"PROXY TCP4  192.0.2.7 192.0.2.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.\xff 192.0.2.1 1 2\r\n",
+        ];
+        for b in bad {
+            assert!(
+                matches!(decode(b), Err(DecodeError::Malformed(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(b),
+                decode(b)
+            );
+        }
+        let long = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat();
+        assert_eq!(
+            decode(&long),
+            Err(DecodeError::Malformed("no CRLF within 107 bytes"))
+        );
+        assert_eq!(decode(b"GET / HTTP/1.1\r\n"), Err(DecodeError::NoSignature));
+        assert_eq!(decode(b"PRI * HTTP/2.0"), Err(DecodeError::NoSignature));
+        // Version 2 through the same entry point.
+        let mut v2 = Vec::new();
+        encode_v2(
+            &mut v2,
+            Transport::Tcp,
+            sa("192.0.2.7:1"),
+            sa("203.0.113.1:443"),
+        );
+        assert_eq!(decode(&v2).unwrap().len, v2.len());
+        let mut local = Vec::new();
+        encode_v2_local(&mut local);
+        assert_eq!(decode(&local).unwrap().command, Command::Local);
+    }
+
     proptest! {
         #[test]
         fn roundtrip(s in any::<SocketAddr>(), d in any::<SocketAddr>(), udp in any::<bool>()) {
@@ -349,7 +500,28 @@ mod tests {
         }
 
         #[test]
+        fn v1_roundtrip(s in any::<SocketAddr>(), d in any::<SocketAddr>(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut out = Vec::new();
+            encode_v1(&mut out, s, d);
+            prop_assert!(out.len() <= V1_MAX_LEN);
+            let n = out.len();
+            out.extend_from_slice(&tail);
+            let dec = decode(&out).unwrap();
+            prop_assert_eq!(dec.len, n);
+            let Command::Proxy { transport, src, dst } = dec.command else { panic!() };
+            prop_assert_eq!(transport, Transport::Tcp);
+            prop_assert_eq!(unmap(src.ip()), unmap(s.ip()));
+            prop_assert_eq!(unmap(dst.ip()), unmap(d.ip()));
+            prop_assert_eq!((src.port(), dst.port()), (s.port(), d.port()));
+            for cut in 0..n {
+                prop_assert_eq!(decode(&out[..cut]), Err(DecodeError::Incomplete));
+            }
+        }
+
+        #[test]
         fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = decode(&b);
+            let _ = decode_v1(&[b"PROXY ".as_slice(), &b].concat());
             let _ = decode_v2(&b);
             let mut s = SIGNATURE.to_vec();
             s.extend_from_slice(&b);

@@ -127,6 +127,8 @@ pub struct Shared {
     pub acme: Arc<AcmeState>,
     /// The access log, if configured (kept across reloads while its path stays).
     pub access_log: Option<Arc<AccessLog>>,
+    /// Load balancers whose connections start with a PROXY header.
+    proxy_protocol_from: Option<Access>,
 }
 
 /// The access-log entry of one connection or request; written when dropped,
@@ -445,6 +447,7 @@ fn build(
     };
     Ok(Shared {
         access_log,
+        proxy_protocol_from: settings.proxy_protocol_from.clone(),
         table,
         limits: limits.clone(),
         listener: prev.map(|p| p.listener.clone()).unwrap_or_default(),
@@ -862,9 +865,29 @@ async fn accept_loop(
         let retired = shared.retired.subscribe();
         let span = info_span!("conn", client = %peer);
         let fut = async move {
+            let mut sock = sock;
+            let mut peer = peer;
+            if shared
+                .proxy_protocol_from
+                .as_ref()
+                .is_some_and(|a| a.permits(peer.ip()))
+            {
+                match read_proxy_header(&mut sock, shared.limits.handshake_timeout).await {
+                    Ok(Some(client)) => {
+                        debug!(client = %client, "PROXY header");
+                        peer = client;
+                    }
+                    // LOCAL (the balancer's own health check) or UNKNOWN.
+                    Ok(None) => {}
+                    Err(e) => {
+                        debug!(error = %e, "no valid PROXY header from a proxy_protocol_from address");
+                        shared.listener.error(ErrorKind::BadProxyHeader);
+                        return;
+                    }
+                }
+            }
             match kind {
                 Kind::Http => {
-                    let mut sock = sock;
                     if let Some((first, h2c)) =
                         sniff_h2c(&mut sock, shared.limits.header_timeout).await
                     {
@@ -890,6 +913,51 @@ async fn accept_loop(
         };
         tokio::spawn(fut.instrument(span));
     }
+}
+
+/// Longest PROXY header accepted (v2 with TLVs, as cloud balancers send).
+const MAX_PROXY_HEADER: usize = 4096;
+
+/// Reads the PROXY header (v1 or v2) at the start of `sock`, consuming it and
+/// nothing after it: the client it names, or `None` for `LOCAL`/`UNKNOWN`
+/// (use the connection's own address). Peeks until the header is complete.
+async fn read_proxy_header(
+    sock: &mut TcpStream,
+    deadline: Duration,
+) -> Result<Option<SocketAddr>, String> {
+    use crate::proxy::proxy_protocol::{decode, Command, DecodeError};
+    let work = async {
+        let mut buf = vec![0u8; MAX_PROXY_HEADER];
+        let mut seen = 0;
+        loop {
+            let n = sock.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before a PROXY header".to_string());
+            }
+            match decode(buf.get(..n).unwrap_or_default()) {
+                Ok(d) => {
+                    let head = buf.get_mut(..d.len).ok_or("header longer than read")?;
+                    sock.read_exact(head).await.map_err(|e| e.to_string())?;
+                    return Ok(match d.command {
+                        Command::Proxy { src, .. } => Some(src),
+                        Command::Local | Command::ProxyUnspec => None,
+                    });
+                }
+                Err(DecodeError::Incomplete) if n < MAX_PROXY_HEADER => {
+                    // Readable but nothing new: wait a little for the rest.
+                    if n == seen {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen = n;
+                }
+                Err(DecodeError::Incomplete) => return Err("PROXY header too long".to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or_else(|_| Err("no complete PROXY header in time".to_string()))
 }
 
 /// The HTTP/2 connection preface a client with prior knowledge (h2c) sends.

@@ -49,6 +49,9 @@ pub struct RawProxy {
     /// JSON-lines access log file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_log: Option<PathBuf>,
+    /// Load balancers whose connections start with a PROXY header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -541,6 +544,10 @@ pub struct ProxySettings {
     pub acme: Option<AcmeSettings>,
     /// Access log file (one JSON object per request or connection).
     pub access_log: Option<PathBuf>,
+    /// Addresses of load balancers in front of the hub whose TCP connections
+    /// start with a PROXY header (v1 or v2) naming the real client; `None`:
+    /// no connection is read that way.
+    pub proxy_protocol_from: Option<Access>,
 }
 
 impl ProxySettings {
@@ -978,6 +985,16 @@ pub(crate) fn validate(
             })
         }
     };
+    let proxy_protocol_from = if raw.proxy_protocol_from.is_empty() {
+        None
+    } else {
+        Some(Access::parse(&raw.proxy_protocol_from, &[]).map_err(|e| {
+            format!(
+                "[proxy] proxy_protocol_from: {}",
+                e.trim_start_matches("allow: ")
+            )
+        })?)
+    };
     let http_listen = listen_addrs("http_listen", raw.http_listen, 80)?;
     let https_listen = listen_addrs("https_listen", raw.https_listen, 443)?;
 
@@ -1223,6 +1240,7 @@ pub(crate) fn validate(
         limits,
         acme,
         access_log: raw.access_log.map(|p| resolve(base, &p)),
+        proxy_protocol_from,
     }))
 }
 
@@ -1562,6 +1580,31 @@ mod toml_tests {
         )
         .unwrap();
         assert_eq!(c.proxy.unwrap().udp[0].rate_limit.unwrap().burst, 200);
+    }
+
+    #[test]
+    fn proxy_protocol_from_key() {
+        let c =
+            parse("[proxy]\nproxy_protocol_from = [\"10.0.0.0/8\", \"2001:db8::5\"]\n").unwrap();
+        let a = c.proxy.unwrap().proxy_protocol_from.unwrap();
+        assert!(a.permits("10.1.2.3".parse().unwrap()));
+        assert!(a.permits("2001:db8::5".parse().unwrap()));
+        assert!(!a.permits("192.0.2.1".parse().unwrap()));
+        assert!(parse("[proxy]\n")
+            .unwrap()
+            .proxy
+            .unwrap()
+            .proxy_protocol_from
+            .is_none());
+        let e = parse("[proxy]\nproxy_protocol_from = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(
+            e.starts_with("hub.toml") || e.contains("[proxy] proxy_protocol_from: `10.0.0.1/8`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("proxy_protocol_from") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -40,11 +40,14 @@ pub enum ErrorKind {
     /// The client went over the route's `rate_limit` (429, or a closed
     /// connection).
     RateLimited,
+    /// A connection from a `proxy_protocol_from` address without a valid
+    /// PROXY header in time (closed).
+    BadProxyHeader,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -60,6 +63,7 @@ impl ErrorKind {
         ErrorKind::Paused,
         ErrorKind::Denied,
         ErrorKind::RateLimited,
+        ErrorKind::BadProxyHeader,
     ];
 
     /// Stable metric label.
@@ -80,6 +84,7 @@ impl ErrorKind {
             ErrorKind::Paused => "paused",
             ErrorKind::Denied => "denied",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::BadProxyHeader => "bad_proxy_header",
         }
     }
 
