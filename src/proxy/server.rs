@@ -1258,6 +1258,8 @@ async fn serve_tls(
             refuse(&c, &mut rec, ErrorKind::Denied);
             tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
         }
+        // The guard takes a token (after the address rules: refused clients
+        // take none).
         TlsMode::Passthrough if over_limit(&route.limiter, peer.ip()).is_some() => {
             refuse(&c, &mut rec, ErrorKind::RateLimited);
             tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
