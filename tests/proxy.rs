@@ -1672,14 +1672,16 @@ async fn proxy_headers_from_a_balancer_in_front() {
     let at = p.tcp_addrs()[0];
     let mut c = connect_from("127.0.0.1", at).await;
     let mut v1 = Vec::new();
-    encode_v1(&mut v1, "203.0.113.9:7777".parse().unwrap(), at);
+    let balancer_front: SocketAddr = "192.0.2.80:5432".parse().unwrap();
+    encode_v1(&mut v1, "203.0.113.9:7777".parse().unwrap(), balancer_front);
     c.write_all(&v1).await.unwrap();
     assert_eq!(round_trip(&mut c, b"hi").await, b"hi");
     let cmd = tokio::time::timeout(T, seen.recv()).await.unwrap().unwrap();
-    let Command::Proxy { src, .. } = cmd else {
+    let Command::Proxy { src, dst, .. } = cmd else {
         panic!("{cmd:?}")
     };
     assert_eq!(src, "203.0.113.9:7777".parse::<SocketAddr>().unwrap());
+    assert_eq!(dst, balancer_front, "the address the client connected to");
     let st = p.stats();
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("bad_proxy_header"), Some(&2));

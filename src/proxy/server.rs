@@ -867,15 +867,18 @@ async fn accept_loop(
         let fut = async move {
             let mut sock = sock;
             let mut peer = peer;
+            // The address the client connected to, when a balancer names it.
+            let mut dest = None;
             if shared
                 .proxy_protocol_from
                 .as_ref()
                 .is_some_and(|a| a.permits(peer.ip()))
             {
                 match read_proxy_header(&mut sock, shared.limits.handshake_timeout).await {
-                    Ok(Some(client)) => {
+                    Ok(Some((client, to))) => {
                         debug!(client = %client, "PROXY header");
                         peer = client;
+                        dest = Some(to);
                     }
                     // LOCAL (the balancer's own health check) or UNKNOWN.
                     Ok(None) => {}
@@ -895,7 +898,7 @@ async fn accept_loop(
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
                 }
-                Kind::Https => serve_tls(shared, sock, peer, retired).await,
+                Kind::Https => serve_tls(shared, sock, peer, dest, retired).await,
                 Kind::Tcp => {
                     let fwd = shared
                         .forwards
@@ -904,7 +907,7 @@ async fn accept_loop(
                         .nth(nth)
                         .cloned();
                     if let Some(fwd) = fwd {
-                        serve_tcp(&shared, fwd, sock, peer).await;
+                        serve_tcp(&shared, fwd, sock, peer, dest).await;
                     }
                 }
                 Kind::Udp => {}
@@ -919,12 +922,13 @@ async fn accept_loop(
 const MAX_PROXY_HEADER: usize = 4096;
 
 /// Reads the PROXY header (v1 or v2) at the start of `sock`, consuming it and
-/// nothing after it: the client it names, or `None` for `LOCAL`/`UNKNOWN`
-/// (use the connection's own address). Peeks until the header is complete.
+/// nothing after it: the client it names and the address that client
+/// connected to, or `None` for `LOCAL`/`UNKNOWN` (use the connection's own
+/// addresses). Peeks until the header is complete.
 async fn read_proxy_header(
     sock: &mut TcpStream,
     deadline: Duration,
-) -> Result<Option<SocketAddr>, String> {
+) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
     use crate::proxy::proxy_protocol::{decode, Command, DecodeError};
     let work = async {
         let mut buf = vec![0u8; MAX_PROXY_HEADER];
@@ -939,7 +943,7 @@ async fn read_proxy_header(
                     let head = buf.get_mut(..d.len).ok_or("header longer than read")?;
                     sock.read_exact(head).await.map_err(|e| e.to_string())?;
                     return Ok(match d.command {
-                        Command::Proxy { src, .. } => Some(src),
+                        Command::Proxy { src, dst, .. } => Some((src, dst)),
                         Command::Local | Command::ProxyUnspec => None,
                     });
                 }
@@ -1110,7 +1114,15 @@ fn refuse(c: &Counters, rec: &mut Option<Record>, kind: ErrorKind) {
     Record::note(rec, |e| e.error = Some(kind.as_str()));
 }
 
-async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: SocketAddr) {
+/// `dest`: the address the client connected to, if a balancer's PROXY header
+/// named it (else the listener's), for the PROXY header to the backend.
+async fn serve_tcp(
+    shared: &Shared,
+    fwd: Arc<Forward>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    dest: Option<SocketAddr>,
+) {
     let c = fwd.counters.clone();
     c.connection();
     let mut rec = Record::start(shared, peer, LogKind::Tcp, fwd.tls.is_some());
@@ -1128,7 +1140,9 @@ async fn serve_tcp(shared: &Shared, fwd: Arc<Forward>, sock: TcpStream, peer: So
         refuse(&c, &mut rec, ErrorKind::OverCapacity);
         return;
     };
-    let Ok(local) = sock.local_addr() else { return };
+    let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
+        return;
+    };
     let Some(acceptor) = &fwd.tls else {
         relay_tcp(shared, &fwd, sock, peer, local, &mut rec).await;
         return;
@@ -1191,6 +1205,7 @@ async fn serve_tls(
     shared: Arc<Shared>,
     mut sock: TcpStream,
     peer: SocketAddr,
+    dest: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
 ) {
     let limits = shared.limits.clone();
@@ -1274,7 +1289,9 @@ async fn serve_tls(
                 tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
                 return;
             };
-            let Ok(local) = sock.local_addr() else { return };
+            let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
+                return;
+            };
             let (b, _lease, backend) = match open_backend(
                 &route.upstreams,
                 &c,
