@@ -736,10 +736,11 @@ fn node_services(raw: &[RawService], overlay: &[IpNet]) -> Result<Vec<NodeServic
             (_, Some(p)) => Some(p),
         };
         let proxy_protocol = r.proxy_protocol.unwrap_or(false);
-        let pp_ok = protocol == ServiceProtocol::Tcp || tls == Some(ServiceTls::Passthrough);
+        let pp_ok = matches!(protocol, ServiceProtocol::Tcp | ServiceProtocol::Udp)
+            || tls == Some(ServiceTls::Passthrough);
         if r.proxy_protocol.is_some() && !pp_ok {
             return Err(format!(
-                "{what} proxy_protocol: only for tls = \"passthrough\" and protocol = \"tcp\""
+                "{what} proxy_protocol: only for tls = \"passthrough\" and protocol = \"tcp\" or \"udp\""
             ));
         }
         let http2 = r.http2.unwrap_or(false);
@@ -821,7 +822,7 @@ mod service_tests {
             "[[service]]\nname = \"Blog\"\nlocal = \"127.0.0.1:8080\"\n\
              [[service]]\nfqdn = \"shop.example.com\"\nlocal = \"[::]:8443\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
              [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nport = 2222\nprotocol = \"tcp\"\npublic_port = 20022\n\
-             [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\n\
+             [[service]]\nname = \"dns\"\nlocal = \"100.64.1.1:53\"\nprotocol = \"udp\"\npublic_port = 20053\nproxy_protocol = true\n\
              [[service]]\nname = \"api\"\nlocal = \"127.0.0.1:50051\"\nhttp2 = true\n\
              allow = [\"2001:DB8::/32\", \"192.0.2.0/24\"]\ndeny = [\"192.0.2.9\"]\n",
         )
@@ -844,6 +845,7 @@ mod service_tests {
         assert!(matches!(s[1].host, ServiceHost::Fqdn(_)));
         assert_eq!(s[1].tls, Some(ServiceTls::Passthrough));
         assert!(s[1].proxy_protocol);
+        assert!(s[3].proxy_protocol && !s[2].proxy_protocol);
         assert_eq!(
             (s[2].port, s[2].public_port, s[2].tls),
             (2222, Some(20022), None)
@@ -880,7 +882,7 @@ mod service_tests {
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nproxy_protocol = true\n", "proxy_protocol"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\ntls = \"passthrough\"\nhttp2 = true\n", "http2: only"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npublic_port = 5\nhttp2 = true\n", "http2: only"),
-            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nprotocol = \"udp\"\npublic_port = 5\nproxy_protocol = false\n", "proxy_protocol"),
+            ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\ntls = \"terminate\"\nproxy_protocol = false\n", "proxy_protocol"),
             ("[[service]]\nname = \"a\"\nlocal = \"0.0.0.0:80\"\nport = 81\n", "drop `port`"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nallow = [\"10.0.0.1/8\"]\n", "[[service]] #1 (a) allow: `10.0.0.1/8`"),
             ("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.0.0.0/8\"]\n", "in both allow and deny"),

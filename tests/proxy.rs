@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use gatewire::proxy::names::{DomainName, Label};
-use gatewire::proxy::proxy_protocol::{decode_v2, Command};
+use gatewire::proxy::proxy_protocol::{decode_v2, Command, Transport};
 use gatewire::proxy::settings::{
     Backend, BackendProtocol, BackendTls, Balance, CertFiles, HealthCheck, HealthKind, Limits,
     ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TcpTls,
@@ -1022,14 +1022,7 @@ async fn passthrough_sends_proxy_v2_before_the_hello() {
 
 #[tokio::test]
 async fn udp_forward_echo_and_flows() {
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let echo_addr = udp_echo().await;
     let mut s = settings(vec![]);
     s.udp = vec![UdpForwardSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1039,6 +1032,7 @@ async fn udp_forward_echo_and_flows() {
         balance: Balance::default(),
         access: Default::default(),
         rate_limit: None,
+        proxy_protocol: ProxyProtocol::Off,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.udp_addrs()[0];
@@ -1256,14 +1250,7 @@ async fn client_address_rules_on_routes_and_forwards() {
     let (adm_b, pub_b) = (http_backend("adm").await, http_backend("pub").await);
     let tls_b = tls_backend(&pki).await;
     let (tcp_b, _) = tcp_backend(false).await;
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let echo_addr = udp_echo().await;
     let mut adm = route("adm", TlsMode::Terminate, vec![be(adm_b)]);
     adm.access = access(&["127.0.0.2"], &[]);
     let mut open = route("pub", TlsMode::Terminate, vec![be(pub_b)]);
@@ -1288,6 +1275,7 @@ async fn client_address_rules_on_routes_and_forwards() {
         balance: Balance::default(),
         access: access(&[], &["127.0.0.1"]),
         rate_limit: None,
+        proxy_protocol: ProxyProtocol::Off,
     }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let (http, https) = (p.http_addrs()[0], p.https_addrs()[0]);
@@ -1482,6 +1470,81 @@ async fn access_log_has_a_line_per_request_and_connection() {
     assert_eq!(lines[0]["route"], "name:blog");
 }
 
+/// A UDP server that returns every datagram to its sender.
+async fn udp_echo() -> SocketAddr {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn udp_forward_proxy_header_reply_address_and_log_line() {
+    let echo_addr = udp_echo().await;
+    let mut s = settings(vec![]);
+    // A wildcard listener: the hub learns which of its addresses each
+    // datagram was sent to.
+    s.udp = vec![UdpForwardSettings {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        backends: vec![be(echo_addr)],
+        max_flows: 16,
+        flow_idle_timeout: Duration::from_secs(1),
+        balance: Balance::default(),
+        access: Default::default(),
+        rate_limit: None,
+        proxy_protocol: ProxyProtocol::V2,
+    }];
+    let path = tmpdir("udp-log").join("access.log");
+    let _ = std::fs::remove_file(&path);
+    s.access_log = Some(path.clone());
+    let p = Proxy::start(s).await.unwrap();
+    let port = p.udp_addrs()[0].port();
+    // Sent to 127.0.0.2: the reply must come from 127.0.0.2 (a connected
+    // socket drops anything else), and the header names it.
+    let to: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.connect(to).await.unwrap();
+    for (i, msg) in [&b"first"[..], b"second"].into_iter().enumerate() {
+        c.send(msg).await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(T, c.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no reply {i} from {to}"))
+            .unwrap();
+        // The echo returns the header the backend got, then the datagram.
+        let d = decode_v2(&buf[..n]).unwrap();
+        assert_eq!(
+            d.command,
+            Command::Proxy {
+                transport: Transport::Udp,
+                src: c.local_addr().unwrap(),
+                dst: to,
+            }
+        );
+        assert_eq!(&buf[d.len..n], msg, "datagram {i} after the header");
+    }
+    // The flow goes idle (1 s) and writes its line.
+    let lines = log_lines(&path, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let l = &lines[0];
+    assert_eq!(l["kind"], "udp");
+    assert_eq!(l["route"], "udp:0.0.0.0:0");
+    assert_eq!(l["client"], c.local_addr().unwrap().to_string());
+    assert_eq!(l["backend"], echo_addr.to_string());
+    assert_eq!(l["bytes_in"], 11);
+    assert_eq!(
+        l["bytes_out"],
+        11 + 2 * 28,
+        "the echo sent the headers back"
+    );
+    assert!(l["duration_ms"].as_f64().unwrap() < 1000.0, "{l}");
+}
+
 #[tokio::test]
 async fn access_log_that_cannot_be_opened_is_an_error() {
     let mut s = settings(vec![]);
@@ -1513,14 +1576,7 @@ async fn per_client_rate_limits() {
             burst: 1,
         }),
     }];
-    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+    let echo_addr = udp_echo().await;
     s.udp = vec![UdpForwardSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         backends: vec![be(echo_addr)],
@@ -1532,6 +1588,7 @@ async fn per_client_rate_limits() {
             per_second: 1,
             burst: 2,
         }),
+        proxy_protocol: ProxyProtocol::Off,
     }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let http = p.http_addrs()[0];

@@ -912,6 +912,7 @@ impl State {
                 Protocol::Udp => ev.udp.push(RawUdp {
                     listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
                     backends: list,
+                    proxy_protocol: d.proxy_protocol.then_some(RawPp::Bool(true)),
                     allow: d.allow.clone(),
                     deny: d.deny.clone(),
                     ..RawUdp::default()
@@ -994,9 +995,6 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
             }
             if d.public_port.is_none() {
                 return Err(who("a tcp or udp service needs public_port".into()));
-            }
-            if d.protocol == Protocol::Udp && d.proxy_protocol {
-                return Err(who("proxy_protocol is not available for udp".into()));
             }
             if d.http2 {
                 return Err(who("http2 is for http services".into()));

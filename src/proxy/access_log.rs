@@ -1,5 +1,6 @@
 //! The proxy's access log (`[proxy] access_log`): one JSON object per line for
-//! every HTTP request and every spliced connection (passthrough, TCP forward).
+//! every HTTP request, every spliced connection (passthrough, TCP forward) and
+//! every UDP flow, when it ends.
 //!
 //! Formatting ([`Entry::write_line`], [`rfc3339_ms`]) is pure. The driver is a
 //! writer thread fed through a bounded queue: the request path never waits for
@@ -39,6 +40,8 @@ pub enum Kind {
     Passthrough,
     /// One TCP forward connection.
     Tcp,
+    /// One UDP flow (a client's datagrams until it goes idle).
+    Udp,
 }
 
 /// One line of the access log.

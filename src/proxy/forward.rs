@@ -1,11 +1,20 @@
-//! UDP forwards: a flow table keyed by client address, bounded in size (the
-//! least recently active flow is evicted), with idle expiry. Each flow has its
-//! own connected socket to a backend; replies leave from the listening socket.
+//! UDP forwards: a flow table keyed by client address and the public address
+//! it sent to, bounded in size (the least recently active flow is evicted),
+//! with idle expiry. Each flow has its own connected socket to a backend;
+//! replies leave from the listening socket, from the address the client sent
+//! to. With `proxy_protocol`, every datagram to the backend starts with a
+//! PROXY v2 header (`DGRAM`) naming the client and that address. A flow that
+//! ends writes one access-log line.
 
-use crate::proxy::io::Activity;
+use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
+use crate::proxy::io::{Activity, UdpListener, UDP_BATCH};
+use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::server::Forward;
+use crate::proxy::settings::ProxyProtocol;
+use crate::proxy::stats::ErrorKind;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -16,23 +25,60 @@ use tracing::debug;
 /// Finds the forward currently configured on this listener (it changes on reload).
 pub(crate) type Lookup = Arc<dyn Fn() -> Option<Arc<Forward>> + Send + Sync>;
 
+/// A flow: the client's address and the hub address it sent to (`None` when
+/// the kernel did not say; then the listener's own).
+type FlowKey = (SocketAddr, Option<IpAddr>);
+
+/// What the reply task counts for the flow's log line.
+#[derive(Default)]
+struct FlowTally {
+    bytes_out: AtomicU64,
+    refused: AtomicBool,
+}
+
 struct Flow {
     sock: Arc<UdpSocket>,
     activity: Activity,
     task: JoinHandle<()>,
     fwd: Arc<Forward>,
+    /// The PROXY v2 header that starts every datagram to the backend (empty
+    /// without `proxy_protocol`), then room for the datagram.
+    out: Vec<u8>,
+    header_len: usize,
+    bytes_in: u64,
+    tally: Arc<FlowTally>,
+    /// The log line's fixed part, when the access log is on.
+    log: Option<(Arc<AccessLog>, Entry)>,
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some((log, mut e)) = self.log.take() {
+            e.bytes_in = Some(self.bytes_in);
+            e.bytes_out = self.tally.bytes_out.load(Relaxed);
+            e.duration_ms = self.activity.active_for().as_micros() as f64 / 1000.0;
+            if self.tally.refused.load(Relaxed) {
+                e.error = Some(ErrorKind::BackendRefused.as_str());
+            }
+            log.log(e);
+        }
     }
 }
 
-async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr) -> Option<Flow> {
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn new_flow(
+    listen: Arc<UdpListener>,
+    fwd: &Arc<Forward>,
+    (client, local_ip): FlowKey,
+) -> Option<Flow> {
     let Some((backend, lease)) = fwd.upstreams.pick(Some(client.ip())) else {
-        fwd.counters
-            .error(crate::proxy::stats::ErrorKind::NoHealthyBackend);
+        fwd.counters.error(ErrorKind::NoHealthyBackend);
         return None;
     };
     let any: IpAddr = if backend.addr.is_ipv4() {
@@ -50,13 +96,20 @@ async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr
     if let Err(e) = sock.connect(backend.addr).await {
         debug!(backend = %backend, error = %e, "udp connect");
         fwd.upstreams.mark_down(backend.addr);
-        fwd.counters
-            .error(crate::proxy::stats::ErrorKind::BackendRefused);
+        fwd.counters.error(ErrorKind::BackendRefused);
         return None;
     }
+    let mut out = Vec::new();
+    if fwd.proxy_protocol != ProxyProtocol::Off {
+        let bound = listen.local_addr().unwrap_or(fwd.listen);
+        let dst = SocketAddr::new(local_ip.unwrap_or(bound.ip()), bound.port());
+        encode_v2(&mut out, Transport::Udp, client, dst);
+    }
+    let header_len = out.len();
     let sock = Arc::new(sock);
     let activity = Activity::new();
-    let (s2, a2, f2) = (sock.clone(), activity.clone(), fwd.clone());
+    let tally = Arc::new(FlowTally::default());
+    let (s2, a2, f2, t2) = (sock.clone(), activity.clone(), fwd.clone(), tally.clone());
     let task = tokio::spawn(async move {
         let _lease = lease;
         let mut buf = vec![0u8; 65535];
@@ -66,89 +119,139 @@ async fn new_flow(listen: Arc<UdpSocket>, fwd: &Arc<Forward>, client: SocketAddr
                     let Some(d) = buf.get(..n) else { continue };
                     a2.touch();
                     f2.counters.add_out(n as u64);
-                    let _ = listen.send_to(d, client).await;
+                    t2.bytes_out.fetch_add(n as u64, Relaxed);
+                    if let Err(e) = listen.send(client, local_ip, d).await {
+                        debug!(client = %client, error = %e, "udp send to client");
+                    }
                 }
                 Err(e) => {
                     // ECONNREFUSED from an ICMP port unreachable: the backend is down.
                     debug!(backend = %backend, error = %e, "udp flow ended");
                     f2.upstreams.mark_down(backend.addr);
-                    f2.counters
-                        .error(crate::proxy::stats::ErrorKind::BackendRefused);
+                    f2.counters.error(ErrorKind::BackendRefused);
+                    t2.refused.store(true, Relaxed);
                     return;
                 }
             }
         }
     });
     fwd.counters.request();
+    let log = fwd.access_log.as_ref().map(|l| {
+        let mut e = Entry::new(unix_ms(), client, LogKind::Udp, false);
+        e.route = Some(fwd.id.clone());
+        e.backend = Some(backend.addr);
+        (l.clone(), e)
+    });
     Some(Flow {
         sock,
         activity,
         task,
         fwd: fwd.clone(),
+        out,
+        header_len,
+        bytes_in: 0,
+        tally,
+        log,
     })
+}
+
+/// Handles one datagram from `key.0`.
+async fn on_datagram(
+    listen: &Arc<UdpListener>,
+    lookup: &Lookup,
+    flows: &mut HashMap<FlowKey, Flow>,
+    key: FlowKey,
+    data: &[u8],
+) {
+    let client = key.0;
+    let Some(fwd) = lookup() else { return };
+    let Some(cfg) = fwd.udp.as_ref() else { return };
+    // Checked per datagram against the current rules, so a reload that
+    // denies a client also ends its open flow.
+    if !fwd.access.permits(client.ip()) {
+        if flows.remove(&key).is_some() {
+            debug!(client = %client, "udp flow ended: client address denied");
+        }
+        fwd.counters.error(ErrorKind::Denied);
+        return;
+    }
+    // A flood from one client (a reflection attempt through a DNS backend,
+    // say) is cut to its rate; the flow stays.
+    if crate::proxy::server::over_limit(&fwd.limiter, client.ip()).is_some() {
+        fwd.counters.error(ErrorKind::RateLimited);
+        return;
+    }
+    let live = flows.get(&key).is_some_and(|f| !f.task.is_finished());
+    if !live {
+        flows.remove(&key);
+        if flows.len() >= cfg.max_flows {
+            let oldest = flows
+                .iter()
+                .max_by_key(|(_, f)| f.activity.idle())
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                flows.remove(&k);
+            }
+        }
+        match new_flow(listen.clone(), &fwd, key).await {
+            Some(f) => {
+                flows.insert(key, f);
+            }
+            None => return,
+        }
+    }
+    let Some(f) = flows.get_mut(&key) else { return };
+    f.activity.touch();
+    f.fwd.counters.add_in(data.len() as u64);
+    f.bytes_in += data.len() as u64;
+    let sent = if f.header_len == 0 {
+        f.sock.send(data).await
+    } else {
+        f.out.truncate(f.header_len);
+        f.out.extend_from_slice(data);
+        f.sock.send(&f.out).await
+    };
+    if let Err(e) = sent {
+        debug!(error = %e, "udp send to backend");
+    }
 }
 
 /// Runs one UDP forward until `stop`.
 pub(crate) async fn udp_loop(
-    listen: Arc<UdpSocket>,
+    listen: Arc<UdpListener>,
     lookup: Lookup,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let mut buf = vec![0u8; 65535];
+    let mut flows: HashMap<FlowKey, Flow> = HashMap::new();
+    let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; 65535]).collect();
+    let mut meta = [quinn_udp::RecvMeta::default(); UDP_BATCH];
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
-            r = listen.recv_from(&mut buf) => {
-                let (n, client) = match r {
-                    Ok(x) => x,
+            r = async {
+                let mut iovs: Vec<std::io::IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                listen.recv(&mut iovs, &mut meta).await
+            } => {
+                let n = match r {
+                    Ok(n) => n,
                     Err(e) => {
                         debug!(error = %e, "udp recv");
                         continue;
                     }
                 };
-                let Some(data) = buf.get(..n) else { continue };
-                let Some(fwd) = lookup() else { continue };
-                let Some(cfg) = fwd.udp.clone() else { continue };
-                // Checked per datagram against the current rules, so a reload
-                // that denies a client also ends its open flow.
-                if !fwd.access.permits(client.ip()) {
-                    if flows.remove(&client).is_some() {
-                        debug!(client = %client, "udp flow ended: client address denied");
+                for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
+                    let Some(data) = buf.get(..m.len) else { continue };
+                    // UDP GRO hands over a train of datagrams of `stride`
+                    // bytes each (the last may be shorter).
+                    let key = (m.addr, m.dst_ip);
+                    if data.is_empty() {
+                        on_datagram(&listen, &lookup, &mut flows, key, data).await;
+                        continue;
                     }
-                    fwd.counters.error(crate::proxy::stats::ErrorKind::Denied);
-                    continue;
-                }
-                // A flood from one client (a reflection attempt through a
-                // DNS backend, say) is cut to its rate; the flow stays.
-                if crate::proxy::server::over_limit(&fwd.limiter, client.ip()).is_some() {
-                    fwd.counters.error(crate::proxy::stats::ErrorKind::RateLimited);
-                    continue;
-                }
-                let live = flows.get(&client).is_some_and(|f| !f.task.is_finished());
-                if !live {
-                    flows.remove(&client);
-                    if flows.len() >= cfg.max_flows {
-                        let oldest = flows
-                            .iter()
-                            .max_by_key(|(_, f)| f.activity.idle())
-                            .map(|(k, _)| *k);
-                        if let Some(k) = oldest {
-                            flows.remove(&k);
-                        }
-                    }
-                    match new_flow(listen.clone(), &fwd, client).await {
-                        Some(f) => {
-                            flows.insert(client, f);
-                        }
-                        None => continue,
-                    }
-                }
-                if let Some(f) = flows.get(&client) {
-                    f.activity.touch();
-                    f.fwd.counters.add_in(n as u64);
-                    if let Err(e) = f.sock.send(data).await {
-                        debug!(error = %e, "udp send to backend");
+                    let stride = if m.stride == 0 { m.len } else { m.stride };
+                    for d in data.chunks(stride) {
+                        on_datagram(&listen, &lookup, &mut flows, key, d).await;
                     }
                 }
             }

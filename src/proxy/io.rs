@@ -4,7 +4,7 @@
 
 use crate::proxy::stats::Counters;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -38,6 +38,100 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = socket_for(addr, socket2::Type::DGRAM)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// Datagrams received in one call at most (each buffer holds a GRO train).
+pub const UDP_BATCH: usize = 4;
+
+/// A UDP forward's public socket. It learns the address each datagram was
+/// sent to (`IP_PKTINFO`/`IPV6_RECVPKTINFO`, through quinn-udp), so that on a
+/// wildcard listener of a hub with several public addresses a reply leaves
+/// from the address the client sent to (a client drops replies from any
+/// other), and PROXY headers can name it. Receives are batched (`recvmmsg`,
+/// UDP GRO: a buffer may hold several datagrams of `stride` bytes each).
+pub struct UdpListener {
+    sock: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+}
+
+impl UdpListener {
+    /// Wraps a bound socket.
+    pub fn new(sock: UdpSocket) -> io::Result<UdpListener> {
+        let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        let v6 = sock.local_addr()?.is_ipv6();
+        allow_fragments(&sock, v6)?;
+        Ok(UdpListener { sock, state })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Receives a batch: returns how many of `meta` were filled.
+    pub async fn recv(
+        &self,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [quinn_udp::RecvMeta],
+    ) -> io::Result<usize> {
+        self.sock
+            .async_io(tokio::io::Interest::READABLE, || {
+                self.state.recv((&self.sock).into(), bufs, meta)
+            })
+            .await
+    }
+
+    /// Sends `data` to `to`, from `from` when given (the address the client
+    /// sent to).
+    pub async fn send(&self, to: SocketAddr, from: Option<IpAddr>, data: &[u8]) -> io::Result<()> {
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: from,
+        };
+        self.sock
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
+            .await
+    }
+}
+
+/// quinn-udp forbids fragmentation (it probes the path MTU itself); a UDP
+/// forward carries whatever its clients and backends send (a 4 KiB DNS
+/// answer, say), so the kernel may fragment again, as on a plain socket.
+fn allow_fragments(sock: &UdpSocket, v6: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, value) = if v6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+    };
+    // SAFETY: a valid descriptor, a c_int option value and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A stream that first yields `prefix`, then reads from `inner`.
@@ -126,6 +220,10 @@ impl Activity {
     pub fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Relaxed);
+    }
+    /// Time from the start to the last activity.
+    pub fn active_for(&self) -> Duration {
+        Duration::from_millis(self.last_ms.load(Relaxed))
     }
     /// Time since the last activity.
     pub fn idle(&self) -> Duration {

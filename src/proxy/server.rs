@@ -76,6 +76,8 @@ pub(crate) struct Forward {
     pub access: Access,
     /// Per-client connection rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
+    /// The access log (UDP flows write their own lines).
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// The limiter for `limit`: the old one (its buckets) while the limit stays.
@@ -352,6 +354,22 @@ fn build(
     } else {
         None
     };
+    let access_log = match &settings.access_log {
+        None => None,
+        Some(path) => match prev
+            .and_then(|p| p.access_log.as_ref())
+            .filter(|l| l.path() == path.as_path())
+        {
+            Some(l) => {
+                // A reload (or SIGHUP): reopen, for logrotate.
+                l.reopen();
+                Some(l.clone())
+            }
+            None => Some(Arc::new(AccessLog::open(path).map_err(|e| {
+                anyhow::anyhow!("[proxy] access_log {}: {e}", path.display())
+            })?)),
+        },
+    };
     let mut forwards = Vec::new();
     let mut fwd = |id: String,
                    listen: SocketAddr,
@@ -386,6 +404,7 @@ fn build(
             tls,
             access: access.clone(),
             limiter: limiter_for(old.and_then(|f| f.limiter.as_ref()), rate),
+            access_log: access_log.clone(),
         }));
     };
     for t in &settings.tcp {
@@ -422,29 +441,13 @@ fn build(
             u.listen,
             &u.backends,
             &u.balance,
-            ProxyProtocol::Off,
+            u.proxy_protocol,
             Some(u.clone()),
             None,
             &u.access,
             u.rate_limit,
         );
     }
-    let access_log = match &settings.access_log {
-        None => None,
-        Some(path) => match prev
-            .and_then(|p| p.access_log.as_ref())
-            .filter(|l| l.path() == path.as_path())
-        {
-            Some(l) => {
-                // A reload (or SIGHUP): reopen, for logrotate.
-                l.reopen();
-                Some(l.clone())
-            }
-            None => Some(Arc::new(AccessLog::open(path).map_err(|e| {
-                anyhow::anyhow!("[proxy] access_log {}: {e}", path.display())
-            })?)),
-        },
-    };
     Ok(Shared {
         access_log,
         proxy_protocol_from: settings.proxy_protocol_from.clone(),
@@ -512,13 +515,15 @@ fn what(kind: Kind) -> &'static str {
 
 enum Bound {
     Tcp(TcpListener),
-    Udp(tokio::net::UdpSocket),
+    Udp(crate::proxy::io::UdpListener),
 }
 
 fn bind(kind: Kind, addr: SocketAddr) -> anyhow::Result<(Bound, SocketAddr)> {
     let ctx = || format!("proxy: cannot listen on {} {addr}", what(kind));
     if kind == Kind::Udp {
-        let s = bind_udp(addr).with_context(ctx)?;
+        let s = bind_udp(addr)
+            .and_then(crate::proxy::io::UdpListener::new)
+            .with_context(ctx)?;
         let a = s.local_addr()?;
         Ok((Bound::Udp(s), a))
     } else {

@@ -193,6 +193,10 @@ pub struct RawTcp {
 pub struct RawUdp {
     pub listen: String,
     pub backends: Vec<String>,
+    /// A PROXY v2 header before every datagram to the backend (v1 has no
+    /// UDP form).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<RawPp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -481,6 +485,9 @@ pub struct UdpForwardSettings {
     pub access: Access,
     /// Datagrams per second per client (beyond it they are dropped).
     pub rate_limit: Option<RateLimit>,
+    /// `Off` or `V2`: each datagram to the backend starts with a PROXY v2
+    /// header naming the client.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// Timeouts and sizes.
@@ -1209,7 +1216,13 @@ pub(crate) fn validate(
         });
     }
     let mut out_udp = Vec::new();
-    for (u, (who, listen)) in udp.into_iter().zip(udp_listen) {
+    for (mut u, (who, listen)) in udp.into_iter().zip(udp_listen) {
+        let proxy_protocol = proxy_protocol(&who, u.proxy_protocol.take())?;
+        if proxy_protocol == ProxyProtocol::V1 {
+            return Err(format!(
+                "{who}: proxy_protocol = \"v1\": PROXY v1 has no UDP form; use true or \"v2\""
+            ));
+        }
         let max_flows = u.max_flows.unwrap_or(4096);
         if !(1..=1_000_000).contains(&max_flows) {
             return Err(format!("{who}: max_flows: must be 1 to 1000000"));
@@ -1228,6 +1241,7 @@ pub(crate) fn validate(
             .map_err(|e| format!("{who}: {e}"))?,
             access: access(&who, &u.allow, &u.deny)?,
             rate_limit: rate_limit(&who, u.rate_limit, u.rate_burst)?,
+            proxy_protocol,
         });
     }
     Ok(Some(ProxySettings {
@@ -1460,7 +1474,8 @@ mod toml_tests {
              [[route]]\nfqdn = \"WWW.Example.com\"\ntls = \"passthrough\"\nproxy_protocol = true\n\
              backends = [\"100.64.0.4:443\"]\n\
              [[tcp]]\nlisten = \"0.0.0.0:2222\"\nbackends = [\"100.64.0.2:22\"]\nproxy_protocol = true\n\
-             [[udp]]\nlisten = \"0.0.0.0:5353\"\nbackends = [\"100.64.0.2:53\"]\n",
+             [[udp]]\nlisten = \"0.0.0.0:5353\"\nbackends = [\"100.64.0.2:53\"]\n\
+             [[udp]]\nlisten = \"0.0.0.0:5354\"\nbackends = [\"100.64.0.2:53\"]\nproxy_protocol = \"v2\"\n",
         )
         .unwrap();
         let p = c.proxy.unwrap();
@@ -1468,6 +1483,11 @@ mod toml_tests {
         assert_eq!(p.routes[1].host.to_string(), "fqdn:www.example.com");
         assert_eq!(p.tcp.len(), 1);
         assert_eq!(p.udp[0].max_flows, 4096);
+        assert_eq!(p.udp[0].proxy_protocol, super::ProxyProtocol::Off);
+        assert_eq!(p.udp[1].proxy_protocol, super::ProxyProtocol::V2);
+        let e = parse("[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nproxy_protocol = \"v1\"\n")
+            .unwrap_err();
+        assert!(e.contains("[[udp]] #1") && e.contains("no UDP form"), "{e}");
         assert!(parse("").unwrap().proxy.is_none());
     }
 

@@ -421,6 +421,21 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     assert_eq!(ev.tcp.len(), 1);
     assert_eq!(ev.tcp[0].listen, "0.0.0.0:20022");
     assert!(st[2].error.as_deref().unwrap().contains("used by the hub"));
+    // A UDP service may ask for PROXY v2 headers; the forward carries it.
+    let dns = ServiceDecl {
+        protocol: Protocol::Udp,
+        port: 53,
+        proxy_protocol: true,
+        ..tcp(20053)
+    };
+    s.declare_services(3, K3, ip, vec![tcp(20022), dns])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 3), &reg, false);
+    assert_eq!(ev.udp.len(), 1);
+    assert_eq!(ev.udp[0].listen, "0.0.0.0:20053");
+    assert_eq!(ev.udp[0].backends, ["100.64.1.2:53"]);
+    assert_eq!(ev.udp[0].proxy_protocol, Some(RawPp::Bool(true)));
+    assert_eq!(ev.tcp[0].proxy_protocol, None);
     // Invalid declarations fail the call and change nothing.
     let v = s.version;
     let err = s
