@@ -55,6 +55,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         paused: false,
         access: Default::default(),
         rate_limit: None,
+        basic_auth_file: None,
     }
 }
 
@@ -118,7 +119,7 @@ async fn http_backend(name: &'static str) -> SocketAddr {
                             return Ok::<_, Infallible>(r);
                         }
                         let text = format!(
-                            "{name} {} host={} xff={} xfp={} xfh={} fwd={} conn={}",
+                            "{name} {} host={} xff={} xfp={} xfh={} fwd={} conn={} auth={}",
                             req.uri(),
                             h("host"),
                             h("x-forwarded-for"),
@@ -126,6 +127,7 @@ async fn http_backend(name: &'static str) -> SocketAddr {
                             h("x-forwarded-host"),
                             h("forwarded"),
                             h("x-hop"),
+                            h("authorization"),
                         );
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let text = format!("{text} body={}", body.len());
@@ -1543,6 +1545,95 @@ async fn udp_forward_proxy_header_reply_address_and_log_line() {
         "the echo sent the headers back"
     );
     assert!(l["duration_ms"].as_f64().unwrap() < 1000.0, "{l}");
+}
+
+#[tokio::test]
+async fn basic_auth_asks_checks_and_keeps_the_credentials_from_the_backend() {
+    use base64::Engine as _;
+    let b = http_backend("sec").await;
+    let dir = tmpdir("basic-auth");
+    let users = dir.join("users");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(&users, format!("# the team\nalice:{hash}\n")).unwrap();
+    let mut sec = route("sec", TlsMode::Terminate, vec![be(b)]);
+    sec.basic_auth_file = Some(users.clone());
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let mut s = settings(vec![sec, route("open", TlsMode::Terminate, vec![be(b)])]);
+    s.access_log = Some(log.clone());
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let http = p.http_addrs()[0];
+    let basic = |u: &str, pw: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{pw}"))
+        )
+    };
+
+    let r = raw_http(http, "sec.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("www-authenticate: basic realm=\"sec.gw.test\", charset=\"utf-8\""),
+        "{r}"
+    );
+    assert!(!r.contains("sec /hello"), "no backend reached: {r}");
+    let r = raw_http(http, "sec.gw.test", &basic("alice", "wrong")).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    let r = raw_http(http, "sec.gw.test", &basic("bob", "s3cret")).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "unknown user: {r}");
+    let r = raw_http(http, "sec.gw.test", "Authorization: Bearer abc\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    for _ in 0..2 {
+        let r = raw_http(http, "sec.gw.test", &basic("alice", "s3cret")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            r.contains("auth=-"),
+            "the backend never sees the credentials: {r}"
+        );
+    }
+    // Another route on the same hub asks for nothing and passes the header on.
+    let r = raw_http(http, "open.gw.test", "Authorization: Bearer abc\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("auth=Bearer abc"),
+        "{r}"
+    );
+    let st = p.stats();
+    let c = st.iter().find(|s| s.route == "name:sec").unwrap();
+    assert_eq!(c.errors.get("unauthorized"), Some(&4), "{:?}", c.errors);
+    let lines = log_lines(&log, 7).await;
+    let ok: Vec<_> = lines
+        .iter()
+        .filter(|l| l["status"] == 200 && l["route"] == "name:sec")
+        .collect();
+    assert_eq!(ok.len(), 2, "{lines:?}");
+    assert!(ok.iter().all(|l| l["user"] == "alice"), "{ok:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["status"] == 401 && l["error"] == "unauthorized" && l.get("user").is_none()),
+        "{lines:?}"
+    );
+
+    // The file is read again on reload: a new password works, the old one not.
+    let hash = bcrypt::hash("n3w", 4).unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    p.reload(s.clone()).await.unwrap();
+    let r = raw_http(http, "sec.gw.test", &basic("alice", "s3cret")).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    let r = raw_http(http, "sec.gw.test", &basic("alice", "n3w")).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // A broken file fails the reload, names the file and line, and keeps the
+    // running routes.
+    std::fs::write(&users, "alice:{SHA}abc\n").unwrap();
+    let e = p.reload(s.clone()).await.unwrap_err().to_string();
+    assert!(
+        e.contains("name:sec") && e.contains("users") && e.contains("line 1"),
+        "{e}"
+    );
+    let r = raw_http(http, "sec.gw.test", &basic("alice", "n3w")).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
 #[tokio::test]

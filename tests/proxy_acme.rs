@@ -250,6 +250,7 @@ fn settings(
             paused: false,
             access: Default::default(),
             rate_limit: None,
+            basic_auth_file: None,
         }],
         tcp: vec![],
         udp: vec![],

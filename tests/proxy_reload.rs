@@ -49,6 +49,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         paused: false,
         access: Default::default(),
         rate_limit: None,
+        basic_auth_file: None,
     }
 }
 

@@ -347,6 +347,8 @@ bad "backend on the hub's IPv6 overlay address" unix 400 "hub's own" POST /v1/ro
     "{\"name\": \"x1\", \"backends\": [\"http://[$(lab_ov6 hub)]:8080\"]}"
 bad "loopback backend" unix 400 "loopback" POST /v1/routes '{"name": "x1", "backends": ["http://127.0.0.1:8080"]}'
 bad "IPv6 loopback backend" unix 400 "loopback" POST /v1/routes '{"name": "x1", "backends": ["[::1]:8080"]}'
+bad "an htpasswd file the hub cannot read" unix 400 "basic_auth_file" POST /v1/routes \
+    "{\"name\": \"x1\", $okb, \"basic_auth_file\": \"$GW_TMP/no-such.htpasswd\"}"
 bad "update with a stale version" unix 409 "version" PUT /v1/routes/name:app \
     "{\"spec\": {\"name\": \"app\", \"backends\": [\"$N2:8443\"], \"tls\": \"passthrough\"}, \"version\": 1}"
 bad "no bearer token on TCP" tcp-none 401 "Bearer" POST /v1/routes "{\"name\": \"x1\", $okb}"

@@ -11,7 +11,9 @@
 # verifies it) and carries the plain stream to the same echo. Client address
 # rules: a route that admits only pub's IPv6 address answers its IPv4 403, a
 # forward that refuses pub's network closes it, both counted; a route with a
-# rate limit answers 429 after its burst. The access log
+# rate limit answers 429 after its burst; a route with HTTP Basic
+# authentication (an htpasswd file made by htpasswd -B) answers 401 without
+# the right password and keeps the credentials from the backend. The access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -19,7 +21,7 @@ set -euo pipefail
 export GW_TEST_NAME=70-proxy
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd curl socat python3 openssl ss
+need_cmd curl socat python3 openssl ss htpasswd
 need_gatewire
 
 DOMAIN=gw.example.org
@@ -37,6 +39,9 @@ lab_up 1 0
 CERT_DIR="$GW_TMP/certs"
 mkdir -p "$CERT_DIR"
 lab_selfsigned "$HOST" "$CERT_DIR/fullchain.pem" "$CERT_DIR/key.pem"
+
+# --- users of the route with HTTP Basic authentication (bcrypt, as htpasswd makes them)
+htpasswd -cbB "$GW_TMP/team.htpasswd" alice "s3cret-$$" 2>/dev/null
 
 # --- hub config: the lab's hub file plus the proxy sections
 conf=$(gw_hub_conf hub n1)
@@ -60,6 +65,12 @@ backends = ["http://[$N1V6]:8080"]
 name = "admin"
 backends = ["http://[$N1V6]:8080"]
 allow = ["$PUB6"]
+
+# Only alice, with her password.
+[[route]]
+name = "team"
+backends = ["http://[$N1V6]:8080"]
+basic_auth_file = "$GW_TMP/team.htpasswd"
 
 # Three requests at once per client, then one a second.
 [[route]]
@@ -112,9 +123,9 @@ class H(BaseHTTPRequestHandler):
 
     def do_GET(self):
         h = self.headers
-        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s\n" % (
+        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s auth=%s\n" % (
             MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"),
-            h.get("X-Forwarded-Host"), h.get("Forwarded"))).encode()
+            h.get("X-Forwarded-Host"), h.get("Forwarded"), h.get("Authorization"))).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -190,7 +201,21 @@ codes=$(for i in 1 2 3 4 5; do pcurl -D "$GW_TMP/limited-$i.head" -o /dev/null -
 assert_eq "rate limit: a burst of 3, then 429 (5 quick requests)" "200 200 200 429 429 " "$codes"
 retry=$(tr -d '\r' <"$GW_TMP/limited-5.head" | awk -F': ' 'tolower($1) == "retry-after" {print $2}' || true)
 assert_eq "rate limit: the 429 says when to retry" 1 "$retry"
+# --- HTTP Basic authentication at the edge
+TEAM="team.$DOMAIN"
+code=$(pcurl -D "$GW_TMP/team.head" -o /dev/null -w '%{http_code}' --resolve "$TEAM:80:$HUB4" "http://$TEAM/" || true)
+assert_eq "basic auth: no credentials, 401" 401 "$code"
+check "basic auth: the 401 asks for Basic credentials for the route's host" \
+    grep -qi "^www-authenticate: Basic realm=\"$TEAM\"" "$GW_TMP/team.head"
+code=$(pcurl -o /dev/null -w '%{http_code}' -u "alice:wrong" --resolve "$TEAM:80:$HUB4" "http://$TEAM/" || true)
+assert_eq "basic auth: a wrong password, 401" 401 "$code"
+body=$(pcurl -u "alice:s3cret-$$" --resolve "$TEAM:80:[$HUB6]" "http://$TEAM/team" || true)
+check "basic auth: alice reaches the backend" grep -q "$MARK path=/team" <<<"$body"
+check "basic auth: the backend does not see her credentials" grep -q "auth=None" <<<"$body"
+
 js=$(gw_show_json hub gw0 || true)
+assert_eq "basic auth: refusals counted as unauthorized" 2 \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:team") | .errors.unauthorized' <<<"$js")"
 assert_eq "rate limit: refusals counted as rate_limited" 2 \
     "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:limited") | .errors.rate_limited' <<<"$js")"
 denied() { jq -r --arg r "$1" '.interfaces[0].proxy.routes[] | select(.route == $r) | .errors.denied // 0' <<<"$js"; }
@@ -202,6 +227,8 @@ ALOG="$GW_TMP/access.log"
 logged() { jq -e -s "$1" "$ALOG" >/dev/null 2>&1; }
 check "access log: the IPv4 request with its client, status, path and backend" wait_for 5 logged \
     "any(.[]; (.client | startswith(\"$PUB4:\")) and .path == \"/plain\" and .status == 200 and .route == \"name:blog\" and .backend == \"[$N1V6]:8080\")"
+check "access log: alice's request names her" logged \
+    'any(.[]; .path == "/team" and .status == 200 and .user == "alice")'
 check "access log: the HTTPS request over HTTP/2 is marked tls and HTTP/2" logged \
     'any(.[]; .path == "/h2" and .tls == true and .proto == "HTTP/2")'
 check "access log: the refused connection on the TCP forward, error denied" logged \

@@ -202,6 +202,10 @@ pub struct RouteOpts {
     /// Most requests a client may send at once (default: the rate).
     #[arg(long, value_name = "N")]
     pub rate_burst: Option<u32>,
+    /// An htpasswd file (bcrypt) on the hub: requests need one of its users
+    /// (`--basic-auth-file ''` removes it).
+    #[arg(long, value_name = "PATH")]
+    pub basic_auth_file: Option<String>,
     /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
     #[arg(long, value_name = "FILE.json")]
     pub spec_file: Option<PathBuf>,
@@ -222,6 +226,7 @@ impl RouteOpts {
             && self.deny.is_none()
             && self.rate_limit.is_none()
             && self.rate_burst.is_none()
+            && self.basic_auth_file.is_none()
             && self.spec_file.is_none()
     }
 }
@@ -483,6 +488,15 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     }
     if let Some(p) = &o.backend_protocol {
         spec.insert("backend_protocol".into(), p.clone().into());
+    }
+    match o.basic_auth_file.as_deref() {
+        Some("") => {
+            spec.remove("basic_auth_file");
+        }
+        Some(p) => {
+            spec.insert("basic_auth_file".into(), p.into());
+        }
+        None => {}
     }
     for (key, n) in [("rate_limit", o.rate_limit), ("rate_burst", o.rate_burst)] {
         if let Some(n) = n {
@@ -1531,6 +1545,7 @@ mod tests {
             deny: vec!["192.0.2.9".into()],
             rate_limit: Some(10),
             rate_burst: Some(20),
+            basic_auth_file: Some("users.htpasswd".into()),
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -1704,12 +1719,15 @@ mod tests {
                 "--rate-limit",
                 "10",
                 "--rate-burst",
-                "30"
+                "30",
+                "--basic-auth-file",
+                "/etc/gatewire/admin.htpasswd"
             ])
             .body,
             Some(json!({"name": "admin", "backends": ["a:1"],
                 "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"],
-                "rate_limit": 10, "rate_burst": 30}))
+                "rate_limit": 10, "rate_burst": 30,
+                "basic_auth_file": "/etc/gatewire/admin.htpasswd"}))
         );
         assert_eq!(
             req(&[

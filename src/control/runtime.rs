@@ -86,6 +86,12 @@ impl FileEnv {
         let s = raw.validate_with(&ProxyRaw::default(), &self.cfg.addresses, &self.cfg.base)?;
         if let Some(s) = s {
             crate::proxy::settings::check_host_addresses(&s)?;
+            // A file the proxy could not read would fail the hub's next reload.
+            for r in &s.routes {
+                if let Some(p) = &r.basic_auth_file {
+                    crate::proxy::basic_auth::load(p).map_err(|e| format!("route: {e}"))?;
+                }
+            }
         }
         Ok(())
     }

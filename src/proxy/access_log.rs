@@ -65,6 +65,9 @@ pub struct Entry {
     /// HTTP method.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// The user of a route with `basic_auth_file` who passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Request path, without the query string.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -109,6 +112,7 @@ impl Entry {
             route: None,
             host: None,
             method: None,
+            user: None,
             path: None,
             proto: None,
             tls,

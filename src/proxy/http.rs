@@ -669,6 +669,28 @@ async fn proxy_request(
         }
         return Ok(r);
     }
+    if let Some(auth) = &route.auth {
+        let given = req.headers().get(header::AUTHORIZATION);
+        match auth.check(given.map(HeaderValue::as_bytes)).await {
+            Some(user) => Record::note(rec, |e| e.user = Some(user)),
+            None => {
+                let mut r = err(
+                    &c,
+                    ErrorKind::Unauthorized,
+                    StatusCode::UNAUTHORIZED,
+                    "401 unauthorized: this route needs a user name and password",
+                );
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("Basic realm=\"{host}\", charset=\"UTF-8\""))
+                {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                return Ok(r);
+            }
+        }
+        // The credentials are the hub's, not the backend's.
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
     let upgrade = upgrade_of(&req);
     let h2 = route.upstreams.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {

@@ -1,6 +1,7 @@
 //! Reverse-proxy building blocks.
 //!
-//! Pure cores: [`access`] (client address rules), [`detect`] (ClientHello
+//! Pure cores: [`access`] (client address rules), [`basic_auth`] (htpasswd
+//! files and `Authorization` values; the bcrypt check is a driver), [`detect`] (ClientHello
 //! SNI, HTTP Host sniffing), [`names`] (host names, route table),
 //! [`proxy_protocol`] (PROXY v2 headers), [`ratelimit`] (per-client token
 //! buckets). Drivers: [`server`] (listeners and
@@ -12,6 +13,7 @@
 pub mod access;
 pub mod access_log;
 pub mod acme;
+pub mod basic_auth;
 pub mod detect;
 pub mod forward;
 pub mod http;

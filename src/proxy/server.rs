@@ -11,6 +11,7 @@
 use crate::proxy::access::Access;
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::acme::AcmeState;
+use crate::proxy::basic_auth::BasicAuth;
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
 use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
@@ -58,6 +59,8 @@ pub struct Route {
     pub has_cert: bool,
     /// Per-client rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
+    /// Users of `basic_auth_file`, if set.
+    pub auth: Option<Arc<BasicAuth>>,
 }
 
 /// A TCP or UDP forward at run time.
@@ -303,6 +306,14 @@ fn build(
             None => None,
         };
         let backend_tls = backend_tls_for(&id, rs)?;
+        let auth = match &rs.basic_auth_file {
+            Some(path) => {
+                let users = crate::proxy::basic_auth::load(path)
+                    .map_err(|e| anyhow::anyhow!("[[route]] {id}: {e}"))?;
+                Some(Arc::new(BasicAuth::new(users)))
+            }
+            None => None,
+        };
         let old = old_routes.get(id.as_str());
         let upstreams = match reuse(
             old.map(|r| &r.upstreams),
@@ -329,6 +340,7 @@ fn build(
             backend_tls,
             has_cert: key.is_some() || rs.acme,
             limiter: limiter_for(old.and_then(|r| r.limiter.as_ref()), rs.rate_limit),
+            auth,
         });
         for h in &hosts {
             if let Some(k) = &key {

@@ -139,6 +139,9 @@ pub struct RawRoute {
     /// A paused route answers 503 (HTTP) or closes (passthrough).
     #[serde(default)]
     pub paused: bool,
+    /// An htpasswd file (bcrypt entries): requests need one of its users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basic_auth_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -436,6 +439,9 @@ pub struct RouteSettings {
     pub access: Access,
     /// Requests (passthrough: connections) per second per client.
     pub rate_limit: Option<RateLimit>,
+    /// An htpasswd file: terminated requests need one of its users (401
+    /// otherwise). Read when the proxy starts or reloads.
+    pub basic_auth_file: Option<PathBuf>,
 }
 
 /// Where a TLS-terminating TCP forward gets its certificate.
@@ -1143,6 +1149,11 @@ pub(crate) fn validate(
                 ))
             }
         };
+        if passthrough && r.basic_auth_file.is_some() {
+            return Err(format!(
+                "{who}: basic_auth_file needs tls = \"terminate\" (a passthrough route never sees the request)"
+            ));
+        }
         let bal = balance(&who, raw_bal!(r), false)?;
         let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
         let backend_tls = BackendTls {
@@ -1182,6 +1193,7 @@ pub(crate) fn validate(
             paused: r.paused,
             access: access(&who, &r.allow, &r.deny)?,
             rate_limit: rate_limit(&who, r.rate_limit, r.rate_burst)?,
+            basic_auth_file: r.basic_auth_file.map(|p| resolve(base, &p)),
         });
     }
     let mut out_tcp = Vec::new();
@@ -1343,6 +1355,7 @@ mod tests {
             rate_limit: None,
             rate_burst: None,
             paused: false,
+            basic_auth_file: None,
         }
     }
 
@@ -1489,6 +1502,27 @@ mod toml_tests {
             .unwrap_err();
         assert!(e.contains("[[udp]] #1") && e.contains("no UDP form"), "{e}");
         assert!(parse("").unwrap().proxy.is_none());
+    }
+
+    #[test]
+    fn basic_auth_file_is_resolved_and_only_for_terminated_routes() {
+        let c = parse(
+            "[proxy]\ndomains = [\"gw.example.org\"]\n\
+             [[route]]\nname = \"team\"\nbasic_auth_file = \"team.htpasswd\"\nbackends = [\"100.64.0.3:80\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.unwrap().routes[0].basic_auth_file.as_deref(),
+            Some(Path::new("/etc/gw/team.htpasswd"))
+        );
+        let e = parse(
+            "[[route]]\nfqdn = \"a.example\"\ntls = \"passthrough\"\nbasic_auth_file = \"/x\"\nbackends = [\"100.64.0.9:443\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("basic_auth_file needs tls = \"terminate\""),
+            "{e}"
+        );
     }
 
     #[test]

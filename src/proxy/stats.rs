@@ -43,11 +43,13 @@ pub enum ErrorKind {
     /// A connection from a `proxy_protocol_from` address without a valid
     /// PROXY header in time (closed).
     BadProxyHeader,
+    /// No or wrong credentials on a route with `basic_auth_file` (401).
+    Unauthorized,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -64,6 +66,7 @@ impl ErrorKind {
         ErrorKind::Denied,
         ErrorKind::RateLimited,
         ErrorKind::BadProxyHeader,
+        ErrorKind::Unauthorized,
     ];
 
     /// Stable metric label.
@@ -85,6 +88,7 @@ impl ErrorKind {
             ErrorKind::Denied => "denied",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::BadProxyHeader => "bad_proxy_header",
+            ErrorKind::Unauthorized => "unauthorized",
         }
     }
 
