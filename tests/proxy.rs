@@ -650,6 +650,88 @@ async fn http2_backend_carries_trailers_on_one_connection() {
 }
 
 #[tokio::test]
+async fn http2_backend_full_of_long_streams_gets_another_connection() {
+    // A backend that allows 2 streams per connection, as a gRPC server with
+    // `max_concurrent_streams` does; `/hold` answers only when released
+    // (a long server-streaming call), other paths at once.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (n, h) = (conns.clone(), held.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            n.fetch_add(1, SeqCst);
+            let (h, released) = (h.clone(), released.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (h, mut released) = (h.clone(), released.clone());
+                    async move {
+                        if req.uri().path() == "/hold" {
+                            h.fetch_add(1, SeqCst);
+                            let _ = released.wait_for(|r| *r).await;
+                        }
+                        let body = Full::new(Bytes::from(format!("done {}", req.uri().path())));
+                        Ok::<_, Infallible>(hyper::Response::new(body))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(2)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    let mut r = route("grpc", TlsMode::Terminate, vec![be(b)]);
+    r.backend_protocol = BackendProtocol::Http2;
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let http = p.http_addrs()[0];
+    let get = move |path: &'static str| async move {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: grpc.gw.test\r\nConnection: close\r\n\r\n");
+        String::from_utf8_lossy(&exchange(http, req.as_bytes()).await).into_owned()
+    };
+    // A first call, so the hub has read the backend's SETTINGS (a
+    // connection's first moments go by the default of 100 streams).
+    assert!(get("/first").await.ends_with("done /first"));
+    let holds: Vec<_> = (0..2).map(|_| tokio::spawn(get("/hold"))).collect();
+    let deadline = tokio::time::Instant::now() + T;
+    while held.load(SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held calls never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(conns.load(SeqCst), 1, "two streams fit on one connection");
+    // The first connection is full: this call goes on a second one instead
+    // of waiting behind the held ones.
+    let r = tokio::time::timeout(T, get("/quick"))
+        .await
+        .expect("a call behind two long streams was not served");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("done /quick"),
+        "{r}"
+    );
+    assert_eq!(conns.load(SeqCst), 2);
+    release.send(true).unwrap();
+    for h in holds {
+        let r = tokio::time::timeout(T, h).await.unwrap().unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("done /hold"),
+            "{r}"
+        );
+    }
+    // With the streams ended, calls go on the first connection again.
+    for _ in 0..3 {
+        assert!(get("/again").await.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(conns.load(SeqCst), 2);
+}
+
+#[tokio::test]
 async fn h2c_clients_on_the_plain_listener() {
     // Prior-knowledge HTTP/2 on the plain port (gRPC without TLS), to an
     // HTTP/2 backend (trailers arrive) and to an HTTP/1.1 one.

@@ -516,12 +516,12 @@ async fn connect_h2(
     } else {
         crate::proxy::upstream::h2_handshake(tcp).await
     };
-    let sender = hs.map_err(|e| {
+    let link = hs.map_err(|e| {
         debug!(route = %route.id, backend = %backend, error = %e, "backend HTTP/2 handshake failed");
         BAD_EXCHANGE
     })?;
-    route.upstreams.set_h2(backend.addr, &sender);
-    Ok((sender, backend, lease))
+    let lease = route.upstreams.add_h2(&link, lease);
+    Ok((link.sender, backend, lease))
 }
 
 /// Sends `req` to an HTTP/2 backend: on the shared connection of the first
@@ -540,7 +540,7 @@ async fn send_h2(
             match send(sender.try_send_request(req), shared).await {
                 Ok(r) => return Ok((r, backend, lease)),
                 Err((_, Some(back))) => {
-                    route.upstreams.drop_h2(backend.addr);
+                    route.upstreams.drop_h2(&lease);
                     req = back;
                 }
                 Err((e, None)) => return Err(e),
@@ -558,7 +558,7 @@ async fn send_h2(
     match send(sender.try_send_request(req), shared).await {
         Ok(r) => Ok((r, backend, lease)),
         Err((e, _)) => {
-            route.upstreams.drop_h2(backend.addr);
+            route.upstreams.drop_h2(&lease);
             Err(e)
         }
     }

@@ -58,9 +58,10 @@ struct State {
     active: AtomicUsize,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
-    /// The shared HTTP/2 connection (`backend_protocol = "http2"`) and when
-    /// it was made (ms since `Upstreams::epoch`).
-    h2: Mutex<Option<(u64, H2Sender)>>,
+    /// The shared HTTP/2 connections (`backend_protocol = "http2"`), oldest
+    /// first: a new one is made only when every one is at the streams its
+    /// peer allows (long gRPC streams hold theirs), up to [`H2_CONNS`].
+    h2: Mutex<Vec<H2Conn>>,
     /// Held while a new HTTP/2 connection is being made, so that a burst of
     /// requests after an idle spell makes one connection, not one each.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -76,6 +77,35 @@ pub type Pooled = hyper::client::conn::http1::SendRequest<crate::proxy::http::Pr
 /// A handle on a backend's multiplexed HTTP/2 connection (cloned per request).
 pub type H2Sender = hyper::client::conn::http2::SendRequest<crate::proxy::http::ProxyBody>;
 
+/// Most HTTP/2 connections kept per backend; beyond them requests wait for a
+/// stream on the least busy one.
+pub const H2_CONNS: usize = 8;
+
+/// A new HTTP/2 connection to a backend.
+pub struct H2Link {
+    /// Sends requests on it.
+    pub sender: H2Sender,
+    /// Streams the peer allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`,
+    /// kept current by the connection's task; 100 until it says).
+    pub max_streams: Arc<AtomicUsize>,
+}
+
+/// One of a backend's shared HTTP/2 connections.
+struct H2Conn {
+    /// When it was made (ms since `Upstreams::epoch`).
+    made_ms: u64,
+    sender: H2Sender,
+    max_streams: Arc<AtomicUsize>,
+    /// Requests whose response has not ended (held by their leases).
+    streams: Arc<AtomicUsize>,
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        self.streams.load(Relaxed) < self.max_streams.load(Relaxed).max(1)
+    }
+}
+
 /// HTTP/2 PING interval on backend connections: a connection whose peer
 /// stopped answering (a node gone without a FIN) is closed after this plus
 /// `H2_PING_TIMEOUT`, even while idle.
@@ -85,7 +115,7 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// An HTTP/2 client connection over `io` (prior knowledge, or after ALPN
 /// `h2`); the connection runs in its own task until every handle is dropped
 /// and its streams have ended.
-pub async fn h2_handshake<IO>(io: IO) -> Result<H2Sender, hyper::Error>
+pub async fn h2_handshake<IO>(io: IO) -> Result<H2Link, hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -98,12 +128,24 @@ where
             .keep_alive_while_idle(true)
             .handshake::<_, crate::proxy::http::ProxyBody>(hyper_util::rt::TokioIo::new(io))
             .await?;
+    let max_streams = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+    let max = max_streams.clone();
+    let mut conn = Box::pin(conn);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let done = std::future::poll_fn(|cx| {
+            let p = std::future::Future::poll(conn.as_mut(), cx);
+            // The peer's SETTINGS are read while the connection is polled.
+            max.store(conn.current_max_send_streams(), Relaxed);
+            p
+        });
+        if let Err(e) = done.await {
             debug!(error = %e, "backend HTTP/2 connection ended");
         }
     });
-    Ok(sender)
+    Ok(H2Link {
+        sender,
+        max_streams,
+    })
 }
 
 /// Most idle connections kept per backend.
@@ -194,12 +236,26 @@ pub struct Upstreams {
 pub struct Lease {
     up: Arc<Upstreams>,
     index: usize,
+    /// The stream count of the HTTP/2 connection the request went on.
+    stream: Option<Arc<AtomicUsize>>,
+}
+
+impl Lease {
+    /// Counts a stream on `conn` until the lease is dropped.
+    fn on_stream(mut self, streams: &Arc<AtomicUsize>) -> Lease {
+        streams.fetch_add(1, Relaxed);
+        self.stream = Some(streams.clone());
+        self
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(s) = self.up.states.get(self.index) {
             s.active.fetch_sub(1, Relaxed);
+        }
+        if let Some(n) = &self.stream {
+            n.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -236,7 +292,7 @@ impl Upstreams {
                     checks_failed: AtomicU64::new(0),
                     active: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
-                    h2: Mutex::new(None),
+                    h2: Mutex::new(Vec::new()),
                     h2_connecting: tokio::sync::Mutex::new(()),
                     held: AtomicUsize::new(0),
                     last_ok_ms: AtomicU64::new(0),
@@ -291,7 +347,7 @@ impl Upstreams {
     pub fn retire(&self) {
         self.retired.store(true, Relaxed);
         for s in &self.states {
-            s.h2.lock().take();
+            s.h2.lock().clear();
         }
     }
 
@@ -355,6 +411,7 @@ impl Upstreams {
         Lease {
             up: self.clone(),
             index,
+            stream: None,
         }
     }
 
@@ -372,7 +429,7 @@ impl Upstreams {
             *s.down_until.lock() = Some(Instant::now() + self.down_for);
             s.failures.fetch_add(1, Relaxed);
             s.idle.lock().clear();
-            s.h2.lock().take();
+            s.h2.lock().clear();
         }
     }
 
@@ -478,24 +535,33 @@ impl Upstreams {
             && held.sender.is_ready()
     }
 
-    /// The shared HTTP/2 connection to the first backend of `plan`, when it
-    /// is open and was made, or last answered, within `POOL_RECENT_MS` (as
-    /// for idle HTTP/1.1 connections: a request on a connection to a node
-    /// that just died would wait for the response timeout; a fresh connect
-    /// fails over).
+    /// A shared HTTP/2 connection to the first backend of `plan` with a free
+    /// stream (the oldest such), when it has one that is live and the backend
+    /// answered within the last second; `None` when a new connection should be
+    /// made. When every connection is full and there are [`H2_CONNS`], the
+    /// least busy one (the request waits there for a stream). As for idle
+    /// HTTP/1.1 connections, a request on a connection to a node that just
+    /// died would wait for the response timeout; a fresh connect fails over.
     pub fn shared_h2(self: &Arc<Self>, plan: &[usize]) -> Option<(H2Sender, Backend, Lease)> {
         let i = *plan.first()?;
         let s = self.states.get(i)?;
         let last = s.last_ok_ms.load(Relaxed);
-        let sender = {
-            let h2 = s.h2.lock();
-            let (made, h) = h2.as_ref().filter(|(_, h)| !h.is_closed())?;
-            if self.now_ms().saturating_sub(last.max(*made)) > POOL_RECENT_MS {
-                return None;
-            }
-            h.clone()
+        let now = self.now_ms();
+        let (sender, streams) = {
+            let mut h2 = s.h2.lock();
+            h2.retain(|c| !c.sender.is_closed());
+            let recent = |c: &&H2Conn| now.saturating_sub(last.max(c.made_ms)) <= POOL_RECENT_MS;
+            let pick = match h2.iter().filter(recent).find(|c| c.has_room()) {
+                Some(c) => c,
+                None if h2.len() < H2_CONNS => return None,
+                None => h2
+                    .iter()
+                    .filter(recent)
+                    .min_by_key(|c| c.streams.load(Relaxed))?,
+            };
+            (pick.sender.clone(), pick.streams.clone())
         };
-        Some((sender, s.backend, self.lease(i)))
+        Some((sender, s.backend, self.lease(i).on_stream(&streams)))
     }
 
     /// Waits for the turn to make a new HTTP/2 connection to the first
@@ -505,22 +571,37 @@ impl Upstreams {
         Some(s.h2_connecting.lock().await)
     }
 
-    /// Makes `sender` the shared HTTP/2 connection to `addr` (the one it
-    /// replaces closes once its streams end).
-    pub fn set_h2(&self, addr: SocketAddr, sender: &H2Sender) {
+    /// Adds `link` to the shared HTTP/2 connections of the backend `lease`
+    /// is on, and counts the lease's request on it. With [`H2_CONNS`]
+    /// already, the oldest is let go (it closes once its streams end).
+    pub fn add_h2(&self, link: &H2Link, lease: Lease) -> Lease {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let lease = lease.on_stream(&streams);
         if self.retired.load(Relaxed) {
-            return;
+            return lease;
         }
-        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
-            *s.h2.lock() = Some((self.now_ms(), sender.clone()));
+        if let Some(s) = self.states.get(lease.index) {
+            let mut h2 = s.h2.lock();
+            if h2.len() >= H2_CONNS {
+                h2.remove(0);
+            }
+            h2.push(H2Conn {
+                made_ms: self.now_ms(),
+                sender: link.sender.clone(),
+                max_streams: link.max_streams.clone(),
+                streams,
+            });
         }
+        lease
     }
 
-    /// Forgets the shared HTTP/2 connection to `addr` (a request on it failed).
-    pub fn drop_h2(&self, addr: SocketAddr) {
-        if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
-            s.h2.lock().take();
-        }
+    /// Forgets the shared HTTP/2 connection `lease`'s request went on (a
+    /// request on it failed).
+    pub fn drop_h2(&self, lease: &Lease) {
+        let (Some(s), Some(n)) = (self.states.get(lease.index), &lease.stream) else {
+            return;
+        };
+        s.h2.lock().retain(|c| !Arc::ptr_eq(&c.streams, n));
     }
 
     /// Keeps an idle keep-alive connection to `addr` for reuse.
@@ -643,7 +724,7 @@ impl Upstreams {
                     if was && *st <= -i64::from(hc.fall) {
                         s.check_ok.store(false, Relaxed);
                         s.idle.lock().clear();
-                        s.h2.lock().take();
+                        s.h2.lock().clear();
                         let e = ok.err().unwrap_or_default();
                         warn!(route = %who, backend = %s.backend, error = %e, "backend down (health check)");
                     } else if !was && *st >= i64::from(hc.rise) {
@@ -742,7 +823,7 @@ async fn probe_h2(
     path: &str,
     tls: Option<&BackendTlsClient>,
 ) -> Result<(), String> {
-    let mut sender = match (tls, b.scheme) {
+    let mut link = match (tls, b.scheme) {
         (Some(t), Scheme::Https) => {
             let s = t
                 .connect(tcp, b.addr)
@@ -756,6 +837,7 @@ async fn probe_h2(
         _ => h2_handshake(tcp).await,
     }
     .map_err(|e| format!("http/2: {e}"))?;
+    let sender = &mut link.sender;
     let scheme = if b.scheme == Scheme::Https {
         "https"
     } else {
