@@ -5,7 +5,9 @@
 # (`backend_protocol = "http2"`, h2c). A real gRPC client in `pub` verifies the
 # hub's certificate and makes unary and server-streaming calls, and sees a
 # status the server sets (NOT_FOUND with its details, carried in HTTP/2
-# trailers); a client without TLS (h2c) is served on the plain port. The
+# trailers); a client without TLS (h2c) is served on the plain port. A server
+# that allows two streams per connection, held by two long streaming calls,
+# still answers a third call: the hub opens a second connection to it. The
 # backend sees the client address in X-Forwarded-For, the calls
 # share one backend connection, the route's HTTP health check runs over
 # HTTP/2, and a WebSocket upgrade on the route gets a clear 501. Then n1
@@ -58,6 +60,12 @@ health_check = "http"
 health_path = "/"
 health_interval = 1
 health_fall = 1
+
+# A server that allows two streams per connection.
+[[route]]
+name = "watch"
+backend_protocol = "http2"
+backends = ["[$N1V6]:50052"]
 CONF
 GW_CONF=$conf gw_start_hub hub
 nconf=$(gw_node_conf n1 hub)
@@ -67,7 +75,7 @@ must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$HUBV6"
 
 # A gRPC service without generated code: methods take and return raw bytes.
 cat >"$GW_TMP/grpc_server.py" <<'PYEOF'
-import sys
+import sys, time
 from concurrent import futures
 import grpc
 
@@ -82,11 +90,22 @@ def count(req, ctx):
 def missing(req, ctx):
     ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + req.decode())
 
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+def watch(req, ctx):
+    # A long server-streaming call: one message, then silence until the
+    # client goes away.
+    yield b"watching"
+    while ctx.is_active():
+        time.sleep(0.1)
+
+opts = []
+if len(sys.argv) > 3:
+    opts.append(("grpc.max_concurrent_streams", int(sys.argv[3])))
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=opts)
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lab.Echo", {
     "Say": grpc.unary_unary_rpc_method_handler(say),
     "Count": grpc.unary_stream_rpc_method_handler(count),
     "Missing": grpc.unary_unary_rpc_method_handler(missing),
+    "Watch": grpc.unary_stream_rpc_method_handler(watch),
 }),))
 server.add_insecure_port("[%s]:%s" % (sys.argv[1], sys.argv[2]))
 server.start()
@@ -176,6 +195,43 @@ out=$(rpc_spec 2>&1 || true)
 assert_eq "the declared service's route speaks HTTP/2 to n1" http2 "$out"
 out=$(lab_exec pub "$PY" "$GW_TMP/grpc_client.py" "$HUB4" "rpc.$DOMAIN" "$CERT_DIR/fullchain.pem" say-plain 1 2>&1 || true)
 assert_eq "a gRPC call reaches n1's declared service by name (h2c on :80)" "echo:hi0 xff=$PUB4" "$out"
+
+# --- long streams fill a backend connection: the hub opens another
+lab_bg n1 grpcd2 "$PY" "$GW_TMP/grpc_server.py" "$N1V6" 50052 2
+must "the two-stream gRPC server listening on n1" \
+    wait_for 15 lab_sh n1 "ss -Hltn 'sport = :50052' | grep -q '$N1V6'"
+cat >"$GW_TMP/grpc_watch.py" <<'PYEOF'
+import sys, threading, time
+import grpc
+
+hub, host = sys.argv[1], sys.argv[2]
+opts = [("grpc.default_authority", host)]
+# Separate client connections to the hub: the hub alone decides how the calls
+# share its backend connections.
+chans = [grpc.insecure_channel("ipv4:%s:80" % hub, options=opts) for _ in range(3)]
+calls = [c.unary_stream("/lab.Echo/Watch")(b"", timeout=30) for c in chans[:2]]
+print(" ".join(next(c).decode() for c in calls))
+# The hub learns the server's limit from its SETTINGS within a fraction of a
+# second of connecting.
+time.sleep(0.5)
+print(chans[2].unary_unary("/lab.Echo/Say")(b"past", timeout=5).decode().split(" ")[0])
+sys.stdout.flush()
+open(sys.argv[3], "w").write("ready")
+threading.Event().wait(3)
+for c in calls:
+    c.cancel()
+PYEOF
+lab_exec pub "$PY" "$GW_TMP/grpc_watch.py" "$HUB4" "watch.$DOMAIN" "$GW_TMP/watch.ready" \
+    >"$GW_TMP/watch.out" 2>&1 &
+watcher=$!
+check "two long streams open, then a unary call is answered beside them" \
+    wait_for 15 test -s "$GW_TMP/watch.ready"
+lab_log "watch client: $(paste -sd'|' "$GW_TMP/watch.out" | cut -c1-300)"
+assert_eq "the streams' first messages and the unary call's answer" \
+    "watching watching|echo:past" "$(paste -sd'|' "$GW_TMP/watch.out")"
+conns=$(lab_sh n1 "ss -Htn state established 'sport = :50052' | grep -c '$HUBV6'" || true)
+assert_eq "the hub opened a second backend connection for it" 2 "$conns"
+wait "$watcher" || true
 
 check "hub still running" lab_alive hub
 lab_finish

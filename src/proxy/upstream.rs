@@ -132,9 +132,19 @@ where
     let max = max_streams.clone();
     let mut conn = Box::pin(conn);
     tokio::spawn(async move {
+        // The peer's SETTINGS are read by a task of hyper's own; the limit
+        // is copied out whenever this task runs (as requests go out) and on
+        // a timer: every 25 ms at first (the SETTINGS arrive within the first
+        // round trip), backing off to once a second.
+        let mut period = Duration::from_millis(25);
+        let mut tick = Box::pin(tokio::time::sleep(period));
         let done = std::future::poll_fn(|cx| {
+            while std::future::Future::poll(tick.as_mut(), cx).is_ready() {
+                period = (period * 2).min(Duration::from_secs(1));
+                let at = tokio::time::Instant::now() + period;
+                tick.as_mut().reset(at);
+            }
             let p = std::future::Future::poll(conn.as_mut(), cx);
-            // The peer's SETTINGS are read while the connection is polled.
             max.store(conn.current_max_send_streams(), Relaxed);
             p
         });
