@@ -56,6 +56,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         access: Default::default(),
         rate_limit: None,
         basic_auth_file: None,
+        forward_auth: None,
     }
 }
 
@@ -119,7 +120,7 @@ async fn http_backend(name: &'static str) -> SocketAddr {
                             return Ok::<_, Infallible>(r);
                         }
                         let text = format!(
-                            "{name} {} host={} xff={} xfp={} xfh={} fwd={} conn={} auth={}",
+                            "{name} {} host={} xff={} xfp={} xfh={} fwd={} conn={} auth={} user={}",
                             req.uri(),
                             h("host"),
                             h("x-forwarded-for"),
@@ -128,6 +129,7 @@ async fn http_backend(name: &'static str) -> SocketAddr {
                             h("forwarded"),
                             h("x-hop"),
                             h("authorization"),
+                            h("x-auth-request-user"),
                         );
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let text = format!("{text} body={}", body.len());
@@ -1716,6 +1718,125 @@ async fn basic_auth_asks_checks_and_keeps_the_credentials_from_the_backend() {
     );
     let r = raw_http(http, "sec.gw.test", &basic("alice", "n3w")).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+/// An authentication service in the manner of oauth2-proxy's `/oauth2/auth`:
+/// `Bearer good` passes as alice, anything else is sent to a login page.
+/// Returns its address and the X-Forwarded-* headers of the checks it got.
+async fn auth_service() -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let h = |n: &str| header(&req, n);
+                        seen.lock().push(format!(
+                            "{} {} method={} uri={} host={} proto={} for={} cl={}",
+                            req.method(),
+                            req.uri(),
+                            h("x-forwarded-method"),
+                            h("x-forwarded-uri"),
+                            h("x-forwarded-host"),
+                            h("x-forwarded-proto"),
+                            h("x-forwarded-for"),
+                            h("content-length"),
+                        ));
+                        let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                        if h("authorization") == "Bearer good" {
+                            r.headers_mut()
+                                .insert("x-auth-request-user", "alice".parse().unwrap());
+                            r.headers_mut().insert("x-other", "no".parse().unwrap());
+                        } else {
+                            *r.status_mut() = hyper::StatusCode::FOUND;
+                            let to = format!("https://sso.test/login?rd={}", h("x-forwarded-uri"));
+                            r.headers_mut().insert("location", to.parse().unwrap());
+                            *r.body_mut() = Full::new(Bytes::from_static(b"log in first"));
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn forward_auth_asks_the_service_first() {
+    use gatewire::proxy::forward_auth::AuthUrl;
+    let b = http_backend("app").await;
+    let (auth, seen) = auth_service().await;
+    let user = http::HeaderName::from_static("x-auth-request-user");
+    let mut app = route("app", TlsMode::Terminate, vec![be(b)]);
+    app.forward_auth = Some((
+        AuthUrl::parse(&format!("http://{auth}/oauth2/auth")).unwrap(),
+        vec![user.clone()],
+    ));
+    // A service nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut gone = route("gone", TlsMode::Terminate, vec![be(b)]);
+    gone.forward_auth = Some((
+        AuthUrl::parse(&format!("http://{closed}/auth")).unwrap(),
+        vec![],
+    ));
+    let p = Proxy::start(settings(vec![app, gone])).await.unwrap();
+    let http = p.http_addrs()[0];
+
+    // No credentials: the service's redirect to its login page, as it is.
+    let r = raw_http(http, "app.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 302"), "{r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("location: https://sso.test/login?rd=/hello?x=1"),
+        "{r}"
+    );
+    assert!(
+        r.ends_with("log in first") && !r.contains("app /hello"),
+        "{r}"
+    );
+    // Credentials the service accepts: the backend gets the user it named,
+    // not the one the client claimed, and nothing else from the answer.
+    for _ in 0..2 {
+        let r = raw_http(
+            http,
+            "app.gw.test",
+            "Authorization: Bearer good\r\nX-Auth-Request-User: mallory\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("user=alice"), "{r}");
+        assert!(!r.contains("mallory") && !r.contains("x-other"), "{r}");
+    }
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        seen[0],
+        "GET /oauth2/auth method=GET uri=/hello?x=1 host=app.gw.test proto=http for=127.0.0.1 cl=-"
+    );
+    // A service that does not answer: 503, the backend is not reached.
+    let r = raw_http(http, "gone.gw.test", "Authorization: Bearer good\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 503") && !r.contains("app /hello"),
+        "{r}"
+    );
+    let st = p.stats();
+    let get = |id: &str| st.iter().find(|s| s.route == id).unwrap().errors.clone();
+    assert_eq!(get("name:app").get("unauthorized"), Some(&1));
+    assert_eq!(get("name:gone").get("auth_unavailable"), Some(&1));
 }
 
 #[tokio::test]

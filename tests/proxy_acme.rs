@@ -251,6 +251,7 @@ fn settings(
             access: Default::default(),
             rate_limit: None,
             basic_auth_file: None,
+            forward_auth: None,
         }],
         tcp: vec![],
         udp: vec![],

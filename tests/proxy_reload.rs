@@ -50,6 +50,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         access: Default::default(),
         rate_limit: None,
         basic_auth_file: None,
+        forward_auth: None,
     }
 }
 

@@ -13,7 +13,10 @@
 # forward that refuses pub's network closes it, both counted; a route with a
 # rate limit answers 429 after its burst; a route with HTTP Basic
 # authentication (an htpasswd file made by htpasswd -B) answers 401 without
-# the right password and keeps the credentials from the backend. The access log
+# the right password and keeps the credentials from the backend; a route with
+# forward authentication asks nginx on n1 first (its redirect to a login page
+# reaches the client, a good token passes with the user nginx names). The
+# access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -21,7 +24,7 @@ set -euo pipefail
 export GW_TEST_NAME=70-proxy
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd curl socat python3 openssl ss htpasswd
+need_cmd curl socat python3 openssl ss htpasswd nginx
 need_gatewire
 
 DOMAIN=gw.example.org
@@ -71,6 +74,13 @@ allow = ["$PUB6"]
 name = "team"
 backends = ["http://[$N1V6]:8080"]
 basic_auth_file = "$GW_TMP/team.htpasswd"
+
+# Asks nginx on n1 (an authentication service) first.
+[[route]]
+name = "sso"
+backends = ["http://[$N1V6]:8080"]
+forward_auth = "http://[$N1V6]:4180/auth"
+forward_auth_headers = ["X-Auth-Request-User"]
 
 # Three requests at once per client, then one a second.
 [[route]]
@@ -123,9 +133,10 @@ class H(BaseHTTPRequestHandler):
 
     def do_GET(self):
         h = self.headers
-        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s auth=%s\n" % (
+        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s auth=%s user=%s\n" % (
             MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"),
-            h.get("X-Forwarded-Host"), h.get("Forwarded"), h.get("Authorization"))).encode()
+            h.get("X-Forwarded-Host"), h.get("Forwarded"), h.get("Authorization"),
+            h.get("X-Auth-Request-User"))).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -213,7 +224,45 @@ body=$(pcurl -u "alice:s3cret-$$" --resolve "$TEAM:80:[$HUB6]" "http://$TEAM/tea
 check "basic auth: alice reaches the backend" grep -q "$MARK path=/team" <<<"$body"
 check "basic auth: the backend does not see her credentials" grep -q "auth=None" <<<"$body"
 
+# --- forward authentication: nginx on n1 stands in for an SSO service
+NG="$GW_TMP/nginx"
+mkdir -p "$NG/tmp"
+cat >"$NG/nginx.conf" <<NGX
+daemon off;
+pid $NG/nginx.pid;
+error_log $NG/error.log;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $NG/tmp; proxy_temp_path $NG/tmp; fastcgi_temp_path $NG/tmp;
+    uwsgi_temp_path $NG/tmp; scgi_temp_path $NG/tmp;
+    server {
+        listen [$N1V6]:4180;
+        location = /auth {
+            if (\$http_authorization = "Bearer good-$$") {
+                add_header X-Auth-Request-User alice;
+                return 200;
+            }
+            return 302 "https://sso.example.org/login?rd=\$http_x_forwarded_host\$http_x_forwarded_uri";
+        }
+    }
+}
+NGX
+lab_bg n1 nginx nginx -c "$NG/nginx.conf" -e "$NG/error.log"
+must "nginx (the authentication service) on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :4180' | grep -q ."
+SSO="sso.$DOMAIN"
+loc=$(pcurl -o /dev/null -w '%{http_code} %{redirect_url}' --resolve "$SSO:80:$HUB4" "http://$SSO/inbox?page=2" || true)
+assert_eq "forward auth: no token, the service's redirect to its login page" \
+    "302 https://sso.example.org/login?rd=$SSO/inbox?page=2" "$loc"
+body=$(pcurl -H "Authorization: Bearer good-$$" -H "X-Auth-Request-User: mallory" \
+    --resolve "$SSO:80:$HUB4" "http://$SSO/inbox" || true)
+check "forward auth: a good token reaches the backend" grep -q "$MARK path=/inbox" <<<"$body"
+check "forward auth: the backend gets the user the service named, not the client's claim" \
+    grep -q "user=alice" <<<"$body"
+
 js=$(gw_show_json hub gw0 || true)
+assert_eq "forward auth: the refusal counted as unauthorized" 1 \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:sso") | .errors.unauthorized' <<<"$js")"
 assert_eq "basic auth: refusals counted as unauthorized" 2 \
     "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:team") | .errors.unauthorized' <<<"$js")"
 assert_eq "rate limit: refusals counted as rate_limited" 2 \

@@ -206,6 +206,14 @@ pub struct RouteOpts {
     /// (`--basic-auth-file ''` removes it).
     #[arg(long, value_name = "PATH")]
     pub basic_auth_file: Option<String>,
+    /// An authentication service asked before each request,
+    /// `http://<ip>:<port>/<path>` (`--forward-auth ''` removes it).
+    #[arg(long, value_name = "URL")]
+    pub forward_auth: Option<String>,
+    /// Headers of the service's 2xx answer put on the request (repeat, or
+    /// comma-separated; given ones replace the list).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub forward_auth_header: Option<Vec<String>>,
     /// A RouteSpec as JSON (the `[[route]]` keys); the options above override it.
     #[arg(long, value_name = "FILE.json")]
     pub spec_file: Option<PathBuf>,
@@ -227,6 +235,8 @@ impl RouteOpts {
             && self.rate_limit.is_none()
             && self.rate_burst.is_none()
             && self.basic_auth_file.is_none()
+            && self.forward_auth.is_none()
+            && self.forward_auth_header.is_none()
             && self.spec_file.is_none()
     }
 }
@@ -489,14 +499,23 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     if let Some(p) = &o.backend_protocol {
         spec.insert("backend_protocol".into(), p.clone().into());
     }
-    match o.basic_auth_file.as_deref() {
-        Some("") => {
-            spec.remove("basic_auth_file");
+    for (key, v) in [
+        ("basic_auth_file", &o.basic_auth_file),
+        ("forward_auth", &o.forward_auth),
+    ] {
+        match v.as_deref() {
+            Some("") => {
+                spec.remove(key);
+            }
+            Some(p) => {
+                spec.insert(key.into(), p.into());
+            }
+            None => {}
         }
-        Some(p) => {
-            spec.insert("basic_auth_file".into(), p.into());
-        }
-        None => {}
+    }
+    if let Some(l) = &o.forward_auth_header {
+        let names: Vec<String> = l.iter().filter(|s| !s.is_empty()).cloned().collect();
+        spec.insert("forward_auth_headers".into(), strings(&names));
     }
     for (key, n) in [("rate_limit", o.rate_limit), ("rate_burst", o.rate_burst)] {
         if let Some(n) = n {
@@ -1546,6 +1565,8 @@ mod tests {
             rate_limit: Some(10),
             rate_burst: Some(20),
             basic_auth_file: Some("users.htpasswd".into()),
+            forward_auth: Some("http://100.64.1.9:4180/auth".into()),
+            forward_auth_headers: vec!["x-auth-request-user".into()],
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -1721,13 +1742,19 @@ mod tests {
                 "--rate-burst",
                 "30",
                 "--basic-auth-file",
-                "/etc/gatewire/admin.htpasswd"
+                "/etc/gatewire/admin.htpasswd",
+                "--forward-auth",
+                "http://100.64.1.9:4180/auth",
+                "--forward-auth-header",
+                "x-auth-request-user,x-auth-request-email"
             ])
             .body,
             Some(json!({"name": "admin", "backends": ["a:1"],
                 "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"],
                 "rate_limit": 10, "rate_burst": 30,
-                "basic_auth_file": "/etc/gatewire/admin.htpasswd"}))
+                "basic_auth_file": "/etc/gatewire/admin.htpasswd",
+                "forward_auth": "http://100.64.1.9:4180/auth",
+                "forward_auth_headers": ["x-auth-request-user", "x-auth-request-email"]}))
         );
         assert_eq!(
             req(&[

@@ -691,6 +691,48 @@ async fn proxy_request(
         // The credentials are the hub's, not the backend's.
         req.headers_mut().remove(header::AUTHORIZATION);
     }
+    if let Some(fa) = &route.forward_auth {
+        use crate::proxy::forward_auth::{auth_request_headers, Verdict};
+        let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let asked = auth_request_headers(
+            req.headers(),
+            req.method().as_str(),
+            uri,
+            &authority,
+            conn.client.ip(),
+            conn.tls,
+        );
+        let limits = &shared.limits;
+        match fa
+            .check(asked, limits.connect_timeout, limits.response_timeout)
+            .await
+        {
+            Verdict::Allow(add) => {
+                // Only the service may set these.
+                for n in fa.copied() {
+                    req.headers_mut().remove(n);
+                }
+                for (n, v) in add {
+                    req.headers_mut().append(n, v);
+                }
+            }
+            Verdict::Deny(answer) => {
+                c.error(ErrorKind::Unauthorized);
+                let mut r = answer.map(|b| Full::new(b).map_err(|n| match n {}).boxed());
+                r.extensions_mut().insert(ErrorKind::Unauthorized);
+                return Ok(r);
+            }
+            Verdict::Failed(e) => {
+                debug!(route = %route.id, error = %e, "forward_auth service failed");
+                return Ok(err(
+                    &c,
+                    ErrorKind::AuthUnavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 service unavailable: the authentication service did not answer",
+                ));
+            }
+        }
+    }
     let upgrade = upgrade_of(&req);
     let h2 = route.upstreams.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {

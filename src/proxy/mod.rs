@@ -1,7 +1,8 @@
 //! Reverse-proxy building blocks.
 //!
 //! Pure cores: [`access`] (client address rules), [`basic_auth`] (htpasswd
-//! files and `Authorization` values; the bcrypt check is a driver), [`detect`] (ClientHello
+//! files and `Authorization` values; the bcrypt check is a driver),
+//! [`forward_auth`] (check URLs and headers; its client is a driver), [`detect`] (ClientHello
 //! SNI, HTTP Host sniffing), [`names`] (host names, route table),
 //! [`proxy_protocol`] (PROXY v2 headers), [`ratelimit`] (per-client token
 //! buckets). Drivers: [`server`] (listeners and
@@ -16,6 +17,7 @@ pub mod acme;
 pub mod basic_auth;
 pub mod detect;
 pub mod forward;
+pub mod forward_auth;
 pub mod http;
 pub mod io;
 pub mod names;

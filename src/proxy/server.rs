@@ -61,6 +61,8 @@ pub struct Route {
     pub limiter: Option<Arc<Mutex<Limiter>>>,
     /// Users of `basic_auth_file`, if set.
     pub auth: Option<Arc<BasicAuth>>,
+    /// The `forward_auth` service, if set.
+    pub forward_auth: Option<Arc<crate::proxy::forward_auth::ForwardAuth>>,
 }
 
 /// A TCP or UDP forward at run time.
@@ -341,6 +343,12 @@ fn build(
             has_cert: key.is_some() || rs.acme,
             limiter: limiter_for(old.and_then(|r| r.limiter.as_ref()), rs.rate_limit),
             auth,
+            forward_auth: rs.forward_auth.as_ref().map(|(url, copy)| {
+                Arc::new(crate::proxy::forward_auth::ForwardAuth::new(
+                    url.clone(),
+                    copy.clone(),
+                ))
+            }),
         });
         for h in &hosts {
             if let Some(k) = &key {

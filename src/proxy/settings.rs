@@ -142,6 +142,13 @@ pub struct RawRoute {
     /// An htpasswd file (bcrypt entries): requests need one of its users.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub basic_auth_file: Option<PathBuf>,
+    /// An authentication service asked before each request
+    /// (`http://<ip>:<port>/<path>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_auth: Option<String>,
+    /// Headers of the service's 2xx answer put on the request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_auth_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -442,6 +449,9 @@ pub struct RouteSettings {
     /// An htpasswd file: terminated requests need one of its users (401
     /// otherwise). Read when the proxy starts or reloads.
     pub basic_auth_file: Option<PathBuf>,
+    /// An authentication service asked before each terminated request, and
+    /// the headers of its 2xx answers put on the request.
+    pub forward_auth: Option<(crate::proxy::forward_auth::AuthUrl, Vec<http::HeaderName>)>,
 }
 
 /// Where a TLS-terminating TCP forward gets its certificate.
@@ -1149,11 +1159,32 @@ pub(crate) fn validate(
                 ))
             }
         };
-        if passthrough && r.basic_auth_file.is_some() {
+        if passthrough && (r.basic_auth_file.is_some() || r.forward_auth.is_some()) {
             return Err(format!(
-                "{who}: basic_auth_file needs tls = \"terminate\" (a passthrough route never sees the request)"
+                "{who}: basic_auth_file and forward_auth need tls = \"terminate\" (a passthrough route never sees the request)"
             ));
         }
+        let forward_auth = match r.forward_auth.as_deref() {
+            None if !r.forward_auth_headers.is_empty() => {
+                return Err(format!("{who}: forward_auth_headers needs forward_auth"))
+            }
+            None => None,
+            Some(u) => {
+                let url = crate::proxy::forward_auth::AuthUrl::parse(u)
+                    .map_err(|e| format!("{who}: forward_auth {e}"))?;
+                let mut names = Vec::new();
+                for h in &r.forward_auth_headers {
+                    let n = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                        format!("{who}: forward_auth_headers: `{h}` is not a header name")
+                    })?;
+                    if names.contains(&n) {
+                        return Err(format!("{who}: forward_auth_headers: `{h}` twice"));
+                    }
+                    names.push(n);
+                }
+                Some((url, names))
+            }
+        };
         let bal = balance(&who, raw_bal!(r), false)?;
         let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
         let backend_tls = BackendTls {
@@ -1194,6 +1225,7 @@ pub(crate) fn validate(
             access: access(&who, &r.allow, &r.deny)?,
             rate_limit: rate_limit(&who, r.rate_limit, r.rate_burst)?,
             basic_auth_file: r.basic_auth_file.map(|p| resolve(base, &p)),
+            forward_auth,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1356,6 +1388,8 @@ mod tests {
             rate_burst: None,
             paused: false,
             basic_auth_file: None,
+            forward_auth: None,
+            forward_auth_headers: vec![],
         }
     }
 
@@ -1519,10 +1553,36 @@ mod toml_tests {
             "[[route]]\nfqdn = \"a.example\"\ntls = \"passthrough\"\nbasic_auth_file = \"/x\"\nbackends = [\"100.64.0.9:443\"]\n",
         )
         .unwrap_err();
-        assert!(
-            e.contains("basic_auth_file needs tls = \"terminate\""),
-            "{e}"
-        );
+        assert!(e.contains("forward_auth need tls = \"terminate\""), "{e}");
+        let c = parse(
+            "[proxy]\ndomains = [\"gw.example.org\"]\n\
+             [[route]]\nname = \"app\"\nforward_auth = \"http://127.0.0.1:4180/oauth2/auth\"\n\
+             forward_auth_headers = [\"X-Auth-Request-User\"]\nbackends = [\"100.64.0.3:80\"]\n",
+        )
+        .unwrap();
+        let (url, names) = c.proxy.unwrap().routes[0].forward_auth.clone().unwrap();
+        assert_eq!(url.to_string(), "http://127.0.0.1:4180/oauth2/auth");
+        assert_eq!(names, ["x-auth-request-user"]);
+        for (bad, want) in [
+            (
+                "forward_auth_headers = [\"x-user\"]\n",
+                "forward_auth_headers needs forward_auth",
+            ),
+            (
+                "forward_auth = \"http://sso.example/auth\"\n",
+                "forward_auth `http://sso.example/auth`",
+            ),
+            (
+                "forward_auth = \"http://10.0.0.1:1/\"\nforward_auth_headers = [\"bad header\"]\n",
+                "`bad header` is not a header name",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[[route]]\nfqdn = \"a.example\"\n{bad}backends = [\"100.64.0.9:80\"]\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

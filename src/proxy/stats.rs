@@ -43,13 +43,16 @@ pub enum ErrorKind {
     /// A connection from a `proxy_protocol_from` address without a valid
     /// PROXY header in time (closed).
     BadProxyHeader,
-    /// No or wrong credentials on a route with `basic_auth_file` (401).
+    /// No or wrong credentials on a route with `basic_auth_file` (401), or
+    /// a refusal from its `forward_auth` service (its answer).
     Unauthorized,
+    /// The `forward_auth` service could not be reached or did not answer (503).
+    AuthUnavailable,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 18] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -67,6 +70,7 @@ impl ErrorKind {
         ErrorKind::RateLimited,
         ErrorKind::BadProxyHeader,
         ErrorKind::Unauthorized,
+        ErrorKind::AuthUnavailable,
     ];
 
     /// Stable metric label.
@@ -89,6 +93,7 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::BadProxyHeader => "bad_proxy_header",
             ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::AuthUnavailable => "auth_unavailable",
         }
     }
 

@@ -1,0 +1,359 @@
+//! Forward authentication (`forward_auth` on terminated routes): before a
+//! request goes to a backend, the hub asks an authentication service (an
+//! oauth2-proxy, an SSO gateway, any HTTP service) with a `GET` that carries
+//! the request's headers and where it was going (`X-Forwarded-Method`,
+//! `-Proto`, `-Host`, `-Uri`, `-For`). A 2xx answer lets the request through,
+//! with the headers `forward_auth_headers` names copied from the answer (the
+//! user's name or groups, say; the client's own copies of them are removed
+//! first, so a client cannot claim them). Any other answer goes to the client
+//! as it is: a 401, a 403, or a 302 to a login page. A service that cannot be
+//! reached or does not answer in time gets the client a 503.
+//!
+//! [`AuthUrl::parse`] and [`auth_request_headers`] are pure; [`ForwardAuth`]
+//! is the driver (keep-alive connections to the service, a few kept idle).
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Limited};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Most bytes of an authentication service's answer passed to the client.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Idle connections to the service kept per route.
+const IDLE: usize = 16;
+
+/// Where the authentication service listens: `http://<ip>:<port><path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUrl {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Path and query asked for.
+    pub path: String,
+}
+
+impl AuthUrl {
+    /// Parses `http://192.0.2.1:4180/auth` or `http://[2001:db8::1]:4180/`.
+    /// The address is an IP literal with a port (as backends are); the
+    /// hub's own loopback is allowed (an authentication service next to it),
+    /// unspecified and multicast addresses are not.
+    pub fn parse(s: &str) -> Result<AuthUrl, String> {
+        let rest = s
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("`{s}`: expected http://<ip>:<port>/<path>"))?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        let addr: SocketAddr = hostport
+            .parse()
+            .map_err(|_| format!("`{s}`: `{hostport}` is not ip:port"))?;
+        if addr.port() == 0 {
+            return Err(format!("`{s}`: port 0"));
+        }
+        let ip = addr.ip().to_canonical();
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("`{s}`: {ip} is not an address to connect to"));
+        }
+        if path.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'#') {
+            return Err(format!(
+                "`{s}`: the path holds spaces, controls or a fragment"
+            ));
+        }
+        http::uri::PathAndQuery::try_from(path).map_err(|_| format!("`{s}`: bad path"))?;
+        Ok(AuthUrl {
+            addr,
+            path: path.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for AuthUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.addr, self.path)
+    }
+}
+
+/// Headers never passed to the authentication service: hop-by-hop ones and
+/// those of the request body (the check has none).
+const DROPPED: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::EXPECT,
+];
+
+/// The headers of the check for a request with `headers`, `method` and `uri`
+/// (path and query) to `host`, from `client`, over TLS or not.
+pub fn auth_request_headers(
+    headers: &HeaderMap,
+    method: &str,
+    uri: &str,
+    host: &str,
+    client: IpAddr,
+    tls: bool,
+) -> HeaderMap {
+    let mut h = headers.clone();
+    for n in DROPPED {
+        h.remove(n);
+    }
+    let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(&mut h, "x-forwarded-method", method);
+    set(
+        &mut h,
+        "x-forwarded-proto",
+        if tls { "https" } else { "http" },
+    );
+    set(&mut h, "x-forwarded-host", host);
+    set(&mut h, "x-forwarded-uri", uri);
+    set(
+        &mut h,
+        "x-forwarded-for",
+        &client.to_canonical().to_string(),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        h.insert(header::HOST, v);
+    }
+    h
+}
+
+/// What the service said.
+#[derive(Debug)]
+pub enum Verdict {
+    /// 2xx: these headers (the configured names) go on the request.
+    Allow(Vec<(HeaderName, HeaderValue)>),
+    /// Anything else: this answer goes to the client.
+    Deny(Response<Bytes>),
+    /// The service failed (unreachable, timed out, a broken answer).
+    Failed(String),
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// A route's authentication service and the connections kept to it.
+pub struct ForwardAuth {
+    url: AuthUrl,
+    copy: Vec<HeaderName>,
+    idle: parking_lot::Mutex<Vec<Sender>>,
+}
+
+impl std::fmt::Debug for ForwardAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardAuth")
+            .field("url", &self.url.to_string())
+            .field("copy", &self.copy)
+            .finish()
+    }
+}
+
+impl ForwardAuth {
+    /// Asks `url`, copying the `copy` headers of a 2xx answer.
+    pub fn new(url: AuthUrl, copy: Vec<HeaderName>) -> ForwardAuth {
+        ForwardAuth {
+            url,
+            copy,
+            idle: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The headers a client may not send on this route (they come from the
+    /// service).
+    pub fn copied(&self) -> &[HeaderName] {
+        &self.copy
+    }
+
+    async fn sender(&self, connect_timeout: Duration) -> Result<Sender, String> {
+        loop {
+            let Some(s) = self.idle.lock().pop() else {
+                break;
+            };
+            if s.is_ready() {
+                return Ok(s);
+            }
+        }
+        let tcp = tokio::time::timeout(
+            connect_timeout,
+            tokio::net::TcpStream::connect(self.url.addr),
+        )
+        .await
+        .map_err(|_| "connect: timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Asks the service about a request with `headers` (already prepared by
+    /// [`auth_request_headers`]), within the timeouts.
+    pub async fn check(
+        &self,
+        headers: HeaderMap,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Verdict {
+        let mut sender = match self.sender(connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => return Verdict::Failed(e),
+        };
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = match self.url.path.parse() {
+            Ok(u) => u,
+            Err(_) => return Verdict::Failed("bad path".into()),
+        };
+        *req.headers_mut() = headers;
+        let asked = async {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("answer body: {e}"))?
+                .to_bytes();
+            Ok::<_, String>(Response::from_parts(parts, body))
+        };
+        let resp = match tokio::time::timeout(response_timeout, asked).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Verdict::Failed(e),
+            Err(_) => return Verdict::Failed("no answer in time".into()),
+        };
+        if sender.is_ready() {
+            let mut idle = self.idle.lock();
+            if idle.len() < IDLE {
+                idle.push(sender);
+            }
+        }
+        verdict(resp, &self.copy)
+    }
+}
+
+/// The verdict on the service's answer `resp`.
+pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
+    if resp.status().is_success() {
+        let mut out = Vec::new();
+        for n in copy {
+            for v in resp.headers().get_all(n) {
+                out.push((n.clone(), v.clone()));
+            }
+        }
+        return Verdict::Allow(out);
+    }
+    if resp.status().is_informational() {
+        return Verdict::Failed(format!("status {}", resp.status()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    for n in DROPPED {
+        parts.headers.remove(n);
+    }
+    Verdict::Deny(Response::from_parts(parts, body))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn urls() {
+        let u = AuthUrl::parse("http://100.64.1.2:4180/oauth2/auth?x=1").unwrap();
+        assert_eq!(u.addr, "100.64.1.2:4180".parse().unwrap());
+        assert_eq!(u.path, "/oauth2/auth?x=1");
+        assert_eq!(u.to_string(), "http://100.64.1.2:4180/oauth2/auth?x=1");
+        let u = AuthUrl::parse("http://[fd77:6777::1:2]:9091").unwrap();
+        assert_eq!(u.path, "/");
+        assert!(
+            AuthUrl::parse("http://127.0.0.1:4180/auth").is_ok(),
+            "loopback is allowed"
+        );
+        for (bad, why) in [
+            ("https://10.0.0.1:1/", "expected http://"),
+            ("http://auth.example:4180/", "not ip:port"),
+            ("http://10.0.0.1/", "not ip:port"),
+            ("http://10.0.0.1:0/", "port 0"),
+            ("http://0.0.0.0:80/", "not an address"),
+            ("http://[ff02::1]:80/", "not an address"),
+            ("http://10.0.0.1:80/a b", "spaces"),
+            ("http://10.0.0.1:80/a#b", "fragment"),
+        ] {
+            let e = AuthUrl::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn check_headers_carry_the_request_and_not_its_body() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "_oauth2_proxy=abc".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.insert("x-forwarded-uri", "/spoofed".parse().unwrap());
+        let out = auth_request_headers(
+            &h,
+            "POST",
+            "/app?q=1",
+            "app.gw.example.org",
+            "::ffff:203.0.113.9".parse().unwrap(),
+            true,
+        );
+        assert_eq!(out[header::COOKIE], "_oauth2_proxy=abc");
+        assert_eq!(out["x-forwarded-method"], "POST");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "app.gw.example.org");
+        assert_eq!(out["x-forwarded-uri"], "/app?q=1");
+        assert_eq!(out["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(out[header::HOST], "app.gw.example.org");
+        assert!(out.get(header::CONTENT_LENGTH).is_none());
+        assert!(out.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn verdicts() {
+        let user = HeaderName::from_static("x-auth-request-user");
+        let mut ok = Response::new(Bytes::new());
+        ok.headers_mut().insert(&user, "alice".parse().unwrap());
+        ok.headers_mut().insert("x-other", "1".parse().unwrap());
+        match verdict(ok, std::slice::from_ref(&user)) {
+            Verdict::Allow(h) => assert_eq!(h, vec![(user.clone(), "alice".parse().unwrap())]),
+            v => panic!("{v:?}"),
+        }
+        let mut login = Response::new(Bytes::from_static(b"go log in"));
+        *login.status_mut() = StatusCode::FOUND;
+        login
+            .headers_mut()
+            .insert(header::LOCATION, "https://sso.example/".parse().unwrap());
+        login
+            .headers_mut()
+            .insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        match verdict(login, &[user]) {
+            Verdict::Deny(r) => {
+                assert_eq!(r.status(), StatusCode::FOUND);
+                assert_eq!(r.headers()[header::LOCATION], "https://sso.example/");
+                assert!(r.headers().get(header::TRANSFER_ENCODING).is_none());
+                assert_eq!(r.body(), "go log in");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+}
