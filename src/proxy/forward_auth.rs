@@ -263,8 +263,12 @@ pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
         return Verdict::Failed(format!("status {}", resp.status()));
     }
     let (mut parts, body) = resp.into_parts();
+    // Hop-by-hop headers are the service's connection's; the length is
+    // set again for the body as passed on. The content type stays.
     for n in DROPPED {
-        parts.headers.remove(n);
+        if n != header::CONTENT_TYPE {
+            parts.headers.remove(n);
+        }
     }
     Verdict::Deny(Response::from_parts(parts, body))
 }
@@ -346,11 +350,15 @@ mod tests {
         login
             .headers_mut()
             .insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        login
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, "text/html".parse().unwrap());
         match verdict(login, &[user]) {
             Verdict::Deny(r) => {
                 assert_eq!(r.status(), StatusCode::FOUND);
                 assert_eq!(r.headers()[header::LOCATION], "https://sso.example/");
                 assert!(r.headers().get(header::TRANSFER_ENCODING).is_none());
+                assert_eq!(r.headers()[header::CONTENT_TYPE], "text/html");
                 assert_eq!(r.body(), "go log in");
             }
             v => panic!("{v:?}"),
