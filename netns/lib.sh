@@ -466,6 +466,29 @@ lab_bg() {
 }
 
 lab_pid() { cat "$GW_TMP/pids/$1.pid" 2>/dev/null; }
+
+# lab_nginx NS NAME HTTP_BODY [CONNECTIONS] : runs nginx (one worker) in NS as
+# the lab process NAME, with HTTP_BODY (server blocks and http directives) in
+# its http block; its files are under $GW_TMP/NAME.
+lab_nginx() {
+    local ns=$1 name=$2 body=$3 conns=${4:-256}
+    local d="$GW_TMP/$name"
+    mkdir -p "$d/tmp"
+    cat >"$d/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log;
+events { worker_connections $conns; }
+http {
+    access_log off;
+    client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp;
+    uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
+$body
+}
+EOF
+    lab_bg "$ns" "$name" nginx -c "$d/nginx.conf" -e "$d/error.log"
+}
 lab_logfile() { echo "$GW_TMP/logs/$1.log"; }
 lab_alive() {
     local pid

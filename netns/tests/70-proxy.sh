@@ -225,30 +225,17 @@ check "basic auth: alice reaches the backend" grep -q "$MARK path=/team" <<<"$bo
 check "basic auth: the backend does not see her credentials" grep -q "auth=None" <<<"$body"
 
 # --- forward authentication: nginx on n1 stands in for an SSO service
-NG="$GW_TMP/nginx"
-mkdir -p "$NG/tmp"
-cat >"$NG/nginx.conf" <<NGX
-daemon off;
-pid $NG/nginx.pid;
-error_log $NG/error.log;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $NG/tmp; proxy_temp_path $NG/tmp; fastcgi_temp_path $NG/tmp;
-    uwsgi_temp_path $NG/tmp; scgi_temp_path $NG/tmp;
+lab_nginx n1 nginx "
     server {
         listen [$N1V6]:4180;
         location = /auth {
-            if (\$http_authorization = "Bearer good-$$") {
+            if (\$http_authorization = \"Bearer good-$$\") {
                 add_header X-Auth-Request-User alice;
                 return 200;
             }
-            return 302 "https://sso.example.org/login?rd=\$http_x_forwarded_host\$http_x_forwarded_uri";
+            return 302 \"https://sso.example.org/login?rd=\$http_x_forwarded_host\$http_x_forwarded_uri\";
         }
-    }
-}
-NGX
-lab_bg n1 nginx nginx -c "$NG/nginx.conf" -e "$NG/error.log"
+    }"
 must "nginx (the authentication service) on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :4180' | grep -q ."
 SSO="sso.$DOMAIN"
 loc=$(pcurl -o /dev/null -w '%{http_code} %{redirect_url}' --resolve "$SSO:80:$HUB4" "http://$SSO/inbox?page=2" || true)

@@ -153,29 +153,16 @@ s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 EOF
-NG="$GW_TMP/nginx"
-mkdir -p "$NG/tmp"
-cat >"$NG/nginx.conf" <<EOF
-daemon off;
-pid $NG/nginx.pid;
-error_log $NG/error.log;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path $NG/tmp; proxy_temp_path $NG/tmp; fastcgi_temp_path $NG/tmp;
-    uwsgi_temp_path $NG/tmp; scgi_temp_path $NG/tmp;
+lab_bg n1 web python3 "$GW_TMP/web.py" "$N1V6" 8080 "$MARK"
+lab_bg n1 ppv2 python3 "$GW_TMP/ppv2.py" "$N1V6" 7003
+lab_nginx n1 nginx "
     server {
         listen [$N1V6]:8443 ssl proxy_protocol;
         server_name $SECURE;
         ssl_certificate $CA/nginx.pem;
         ssl_certificate_key $CA/nginx.key;
-        location / { default_type text/plain; return 200 "nginx-$MARK pp=\$proxy_protocol_addr\n"; }
-    }
-}
-EOF
-lab_bg n1 web python3 "$GW_TMP/web.py" "$N1V6" 8080 "$MARK"
-lab_bg n1 ppv2 python3 "$GW_TMP/ppv2.py" "$N1V6" 7003
-lab_bg n1 nginx nginx -c "$NG/nginx.conf" -e "$NG/error.log"
+        location / { default_type text/plain; return 200 \"nginx-$MARK pp=\$proxy_protocol_addr\n\"; }
+    }"
 lab_bg n1 dnsmasq dnsmasq -k --port=5353 --listen-address="$N1V6" --bind-interfaces \
     --no-resolv --no-hosts --pid-file="$GW_TMP/dnsmasq.pid" --address="/svc.test/192.0.2.77"
 must "web on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."

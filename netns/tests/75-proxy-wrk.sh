@@ -42,26 +42,12 @@ GW_CONF=$conf RUST_LOG=warn gw_start_hub hub
 gw_start_node n1 hub
 must "n1 reaches the hub" wait_for 15 lab_ping1 n1 "$(lab_ov4 hub)"
 
-NG="$GW_TMP/nginx"
-mkdir -p "$NG/tmp"
-cat >"$NG/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $NG/nginx.pid;
-error_log $NG/error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $NG/tmp; proxy_temp_path $NG/tmp; fastcgi_temp_path $NG/tmp;
-    uwsgi_temp_path $NG/tmp; scgi_temp_path $NG/tmp;
+lab_nginx n1 nginx "
     keepalive_requests 100000;
     server {
         listen $N1:8080;
-        location / { default_type text/plain; return 200 "small-response-from-n1\n"; }
-    }
-}
-EOF
-lab_bg n1 nginx nginx -c "$NG/nginx.conf" -e "$NG/error.log"
+        location / { default_type text/plain; return 200 \"small-response-from-n1\n\"; }
+    }" 1024
 must "nginx on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
 must "hub :443" wait_for 10 lab_sh hub "ss -Hltn 'sport = :443' | grep -q ."
 

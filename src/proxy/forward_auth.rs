@@ -14,6 +14,7 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+use crate::proxy::http::HOP_BY_HOP;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
@@ -77,20 +78,10 @@ impl std::fmt::Display for AuthUrl {
     }
 }
 
-/// Headers never passed to the authentication service: hop-by-hop ones and
-/// those of the request body (the check has none).
-const DROPPED: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-    header::CONTENT_TYPE,
-    header::EXPECT,
-];
+/// Headers of the request body, not passed to the authentication service
+/// (the check has none), besides the hop-by-hop ones.
+const BODY_HEADERS: [HeaderName; 3] =
+    [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::EXPECT];
 
 /// The headers of the check for a request with `headers`, `method` and `uri`
 /// (path and query) to `host`, from `client`, over TLS or not.
@@ -103,7 +94,7 @@ pub fn auth_request_headers(
     tls: bool,
 ) -> HeaderMap {
     let mut h = headers.clone();
-    for n in DROPPED {
+    for n in HOP_BY_HOP.into_iter().chain(BODY_HEADERS) {
         h.remove(n);
     }
     let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
@@ -265,10 +256,8 @@ pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
     let (mut parts, body) = resp.into_parts();
     // Hop-by-hop headers are the service's connection's; the length is
     // set again for the body as passed on. The content type stays.
-    for n in DROPPED {
-        if n != header::CONTENT_TYPE {
-            parts.headers.remove(n);
-        }
+    for n in HOP_BY_HOP.into_iter().chain([header::CONTENT_LENGTH]) {
+        parts.headers.remove(n);
     }
     Verdict::Deny(Response::from_parts(parts, body))
 }

@@ -286,7 +286,8 @@ fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
     Some((auth, name))
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers of one connection, never passed on.
+pub(crate) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
