@@ -96,7 +96,15 @@ impl ApiCert {
     /// subject alternative names) when neither exists. A key without a
     /// certificate (an interrupted creation) is replaced; a certificate
     /// without its key is an error, since tokens may carry its fingerprint.
+    /// Callers in one process take turns: at a hub's start the admin API's
+    /// TCP listener and a first `status` or `token create` on the control
+    /// socket may both find no certificate, and two creations would leave
+    /// the listener serving one certificate while tokens carry the other.
     pub fn load_or_create(state_dir: &Path, names: &[String]) -> anyhow::Result<ApiCert> {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = TURN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let cert_path = state_dir.join(CERT_FILE);
         let key_path = state_dir.join(KEY_FILE);
         match (cert_path.exists(), key_path.exists()) {
@@ -360,6 +368,19 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn concurrent_callers_get_one_certificate() {
+        let d = tmpdir("concurrent");
+        let fps: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ApiCert::load_or_create(&d, &[]).unwrap().fingerprint()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = ApiCert::load_or_create(&d, &[]).unwrap().fingerprint();
+        assert!(fps.iter().all(|f| *f == on_disk), "one certificate for all");
     }
 
     #[test]
