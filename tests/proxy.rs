@@ -1111,14 +1111,8 @@ async fn udp_forward_echo_and_flows() {
     let echo_addr = udp_echo().await;
     let mut s = settings(vec![]);
     s.udp = vec![UdpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(echo_addr)],
         max_flows: 2,
-        flow_idle_timeout: Duration::from_secs(60),
-        balance: Balance::default(),
-        access: Default::default(),
-        rate_limit: None,
-        proxy_protocol: ProxyProtocol::Off,
+        ..udp_forward(echo_addr)
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.udp_addrs()[0];
@@ -1354,14 +1348,8 @@ async fn client_address_rules_on_routes_and_forwards() {
         rate_limit: None,
     }];
     s.udp = vec![UdpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(echo_addr)],
-        max_flows: 16,
-        flow_idle_timeout: Duration::from_secs(60),
-        balance: Balance::default(),
         access: access(&[], &["127.0.0.1"]),
-        rate_limit: None,
-        proxy_protocol: ProxyProtocol::Off,
+        ..udp_forward(echo_addr)
     }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let (http, https) = (p.http_addrs()[0], p.https_addrs()[0]);
@@ -1556,6 +1544,20 @@ async fn access_log_has_a_line_per_request_and_connection() {
     assert_eq!(lines[0]["route"], "name:blog");
 }
 
+/// A UDP forward on loopback to `backend`: 16 flows, 60 s idle, no rules.
+fn udp_forward(backend: SocketAddr) -> UdpForwardSettings {
+    UdpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(backend)],
+        max_flows: 16,
+        flow_idle_timeout: Duration::from_secs(60),
+        balance: Balance::default(),
+        access: Default::default(),
+        rate_limit: None,
+        proxy_protocol: ProxyProtocol::Off,
+    }
+}
+
 /// A UDP server that returns every datagram to its sender.
 async fn udp_echo() -> SocketAddr {
     let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -1577,13 +1579,9 @@ async fn udp_forward_proxy_header_reply_address_and_log_line() {
     // datagram was sent to.
     s.udp = vec![UdpForwardSettings {
         listen: "0.0.0.0:0".parse().unwrap(),
-        backends: vec![be(echo_addr)],
-        max_flows: 16,
         flow_idle_timeout: Duration::from_secs(1),
-        balance: Balance::default(),
-        access: Default::default(),
-        rate_limit: None,
         proxy_protocol: ProxyProtocol::V2,
+        ..udp_forward(echo_addr)
     }];
     let path = tmpdir("udp-log").join("access.log");
     let _ = std::fs::remove_file(&path);
@@ -1872,17 +1870,11 @@ async fn per_client_rate_limits() {
     }];
     let echo_addr = udp_echo().await;
     s.udp = vec![UdpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(echo_addr)],
-        max_flows: 16,
-        flow_idle_timeout: Duration::from_secs(60),
-        balance: Balance::default(),
-        access: Default::default(),
         rate_limit: Some(gatewire::proxy::settings::RateLimit {
             per_second: 1,
             burst: 2,
         }),
-        proxy_protocol: ProxyProtocol::Off,
+        ..udp_forward(echo_addr)
     }];
     let p = Proxy::start(s.clone()).await.unwrap();
     let http = p.http_addrs()[0];

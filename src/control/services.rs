@@ -574,15 +574,7 @@ async fn udp_forwarder(p: ForwardPlan) {
                 let Some(data) = buf.get(..n) else { continue };
                 if flows.get(&client).is_none_or(|f| f.task.is_finished()) {
                     flows.remove(&client);
-                    if flows.len() >= MAX_UDP_FLOWS {
-                        let oldest = flows
-                            .iter()
-                            .max_by_key(|(_, f)| f.activity.idle())
-                            .map(|(k, _)| *k);
-                        if let Some(k) = oldest {
-                            flows.remove(&k);
-                        }
-                    }
+                    crate::proxy::io::make_room(&mut flows, MAX_UDP_FLOWS, |f| &f.activity);
                     match new_flow(listen.clone(), p.target, client).await {
                         Ok(f) => {
                             flows.insert(client, f);

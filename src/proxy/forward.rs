@@ -7,7 +7,7 @@
 //! ends writes one access-log line.
 
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
-use crate::proxy::io::{Activity, UdpListener, UDP_BATCH};
+use crate::proxy::io::{make_room, Activity, UdpListener, UDP_BATCH};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::server::Forward;
 use crate::proxy::settings::ProxyProtocol;
@@ -155,16 +155,15 @@ async fn new_flow(
     })
 }
 
-/// Handles one datagram from `key.0`.
+/// Handles one datagram from `key.0` for the forward `fwd`.
 async fn on_datagram(
     listen: &Arc<UdpListener>,
-    lookup: &Lookup,
+    fwd: &Arc<Forward>,
     flows: &mut HashMap<FlowKey, Flow>,
     key: FlowKey,
     data: &[u8],
 ) {
     let client = key.0;
-    let Some(fwd) = lookup() else { return };
     let Some(cfg) = fwd.udp.as_ref() else { return };
     // Checked per datagram against the current rules, so a reload that
     // denies a client also ends its open flow.
@@ -184,16 +183,8 @@ async fn on_datagram(
     let live = flows.get(&key).is_some_and(|f| !f.task.is_finished());
     if !live {
         flows.remove(&key);
-        if flows.len() >= cfg.max_flows {
-            let oldest = flows
-                .iter()
-                .max_by_key(|(_, f)| f.activity.idle())
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                flows.remove(&k);
-            }
-        }
-        match new_flow(listen.clone(), &fwd, key).await {
+        make_room(flows, cfg.max_flows, |f| &f.activity);
+        match new_flow(listen.clone(), fwd, key).await {
             Some(f) => {
                 flows.insert(key, f);
             }
@@ -223,14 +214,13 @@ pub(crate) async fn udp_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut flows: HashMap<FlowKey, Flow> = HashMap::new();
-    let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; 65535]).collect();
+    let mut bufs: [Vec<u8>; UDP_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = [quinn_udp::RecvMeta::default(); UDP_BATCH];
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             r = async {
-                let mut iovs: Vec<std::io::IoSliceMut<'_>> =
-                    bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                let mut iovs = bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
                 listen.recv(&mut iovs, &mut meta).await
             } => {
                 let n = match r {
@@ -240,18 +230,20 @@ pub(crate) async fn udp_loop(
                         continue;
                     }
                 };
+                // One look at the current config per batch.
+                let Some(fwd) = lookup() else { continue };
                 for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
                     let Some(data) = buf.get(..m.len) else { continue };
                     // UDP GRO hands over a train of datagrams of `stride`
                     // bytes each (the last may be shorter).
                     let key = (m.addr, m.dst_ip);
                     if data.is_empty() {
-                        on_datagram(&listen, &lookup, &mut flows, key, data).await;
+                        on_datagram(&listen, &fwd, &mut flows, key, data).await;
                         continue;
                     }
                     let stride = if m.stride == 0 { m.len } else { m.stride };
                     for d in data.chunks(stride) {
-                        on_datagram(&listen, &lookup, &mut flows, key, d).await;
+                        on_datagram(&listen, &fwd, &mut flows, key, d).await;
                     }
                 }
             }

@@ -232,6 +232,27 @@ impl Activity {
     }
 }
 
+/// Makes room for one more flow in `flows`: at `max` or more, the one idle
+/// longest (by `activity`) is dropped.
+pub fn make_room<K, V>(
+    flows: &mut std::collections::HashMap<K, V>,
+    max: usize,
+    activity: impl Fn(&V) -> &Activity,
+) where
+    K: Copy + Eq + std::hash::Hash,
+{
+    if flows.len() < max {
+        return;
+    }
+    let oldest = flows
+        .iter()
+        .max_by_key(|(_, f)| activity(f).idle())
+        .map(|(k, _)| *k);
+    if let Some(k) = oldest {
+        flows.remove(&k);
+    }
+}
+
 impl Default for Activity {
     fn default() -> Self {
         Self::new()
