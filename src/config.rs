@@ -73,6 +73,7 @@ struct RawHub {
     mtu: Option<u16>,
     keepalive: Option<u16>,
     routes: Option<bool>,
+    tls_tunnels: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +122,8 @@ struct RawNodeHub {
     preshared_key: Option<String>,
     persistent_keepalive: Option<u16>,
     control: Option<String>,
+    transport: Option<crate::carrier::path::Transport>,
+    tls_endpoint: Option<String>,
 }
 
 /// A peer of the hub.
@@ -146,6 +149,9 @@ pub struct HubConfig {
     /// Install kernel routes into the TUN for the `[[peer]]`s' allowed IPs
     /// that the addresses' prefixes do not cover.
     pub routes: bool,
+    /// Take nodes' tunnels carried over TLS on the proxy's HTTPS listeners
+    /// (ALPN `gatewire-wg`), for nodes whose network blocks UDP.
+    pub tls_tunnels: bool,
     pub peers: Vec<HubPeer>,
     /// The reverse proxy, if the file has a `[proxy]` section or any route/forward.
     pub proxy: Option<crate::proxy::settings::ProxySettings>,
@@ -205,6 +211,12 @@ pub struct NodeHub {
     /// The hub's node services API (`ip:port` on its overlay address), where
     /// the node declares its `[[service]]`s.
     pub control: Option<std::net::SocketAddr>,
+    /// UDP, WireGuard carried over TLS, or UDP first and TLS when UDP gets
+    /// no answer (the default).
+    pub transport: crate::carrier::path::Transport,
+    /// `host:port` of the hub's HTTPS listener for the TLS carrier; by
+    /// default the endpoint's host, port 443.
+    pub tls_endpoint: String,
 }
 
 /// Validated node settings.
@@ -454,6 +466,7 @@ impl HubConfig {
             mtu,
             keepalive: raw.hub.keepalive.unwrap_or(DEFAULT_HUB_KEEPALIVE),
             routes: raw.hub.routes.unwrap_or(true),
+            tls_tunnels: raw.hub.tls_tunnels.unwrap_or(true),
             private_key,
             addresses,
             peers,
@@ -505,6 +518,18 @@ impl NodeConfig {
             if !port_ok {
                 return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")));
             }
+            let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
+                Some(t) if crate::carrier::split_host_port(t).is_some() => t.to_string(),
+                Some(t) => {
+                    return Err(ctx.err(format!("{what} tls_endpoint `{t}`: expected host:port")))
+                }
+                None => match ep.rsplit_once(':') {
+                    Some((h, _)) => format!("{h}:443"),
+                    None => {
+                        return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")))
+                    }
+                },
+            };
             let allowed_ips = ctx.nets(&format!("{what} allowed_ips"), &rh.allowed_ips, false)?;
             let control = rh
                 .control
@@ -519,6 +544,8 @@ impl NodeConfig {
                 preshared_key: ctx.psk(&what, &rh.preshared_key)?,
                 persistent_keepalive: rh.persistent_keepalive.unwrap_or(DEFAULT_NODE_KEEPALIVE),
                 control,
+                transport: rh.transport.unwrap_or_default(),
+                tls_endpoint,
             });
         }
         check_unique_keys(&ctx, hubs.iter().map(|h| &h.public_key))?;

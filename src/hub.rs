@@ -35,15 +35,22 @@ pub struct NodeTunnels {
     /// The device clock (`Inner::now_ms`) at `base`.
     base_ms: u64,
     base: std::time::Instant,
+    /// Nodes' tunnels carried over TLS, when `[hub] tls_tunnels` is on.
+    carrier: Option<Arc<crate::carrier::Hub>>,
 }
 
 impl NodeTunnels {
-    fn new(down_after: Duration, dev: &Inner) -> Arc<Self> {
+    fn new(
+        down_after: Duration,
+        dev: &Inner,
+        carrier: Option<Arc<crate::carrier::Hub>>,
+    ) -> Arc<Self> {
         let t = Arc::new(NodeTunnels {
             nets: ArcSwap::from_pointee(Vec::new()),
             down_after_ms: AtomicU64::new(down_after.as_millis() as u64),
             base_ms: dev.now_ms(),
             base: std::time::Instant::now(),
+            carrier,
         });
         t.refresh(dev);
         t
@@ -79,6 +86,10 @@ impl TunnelLiveness for NodeTunnels {
         let now = self.base_ms + self.base.elapsed().as_millis() as u64;
         let last = peer.last_rx_ms();
         Some(last > 0 && now.saturating_sub(last) < self.down_after_ms.load(Relaxed))
+    }
+
+    fn carrier(&self) -> Option<Arc<crate::carrier::Hub>> {
+        self.carrier.clone()
     }
 }
 
@@ -277,7 +288,13 @@ async fn run_inner(
         .proxy
         .as_ref()
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
-    let tunnels = NodeTunnels::new(down_after, &dev.inner);
+    let carrier = if cfg.tls_tunnels {
+        let d = dev.inner.clone();
+        Some(Arc::new(crate::carrier::Hub::new(move || d.loopback())?))
+    } else {
+        None
+    };
+    let tunnels = NodeTunnels::new(down_after, &dev.inner, carrier.clone());
     let control = match &cfg.control {
         Some(_) => Some(Control::start(cfg.clone(), dev.inner.clone()).await?),
         None => None,
@@ -312,6 +329,12 @@ async fn run_inner(
             None => serde_json::Value::Null,
         }),
     );
+    if let Some(c) = carrier.clone() {
+        api.set_show_section(
+            "tls_tunnels",
+            Arc::new(move || serde_json::json!(c.counters.snapshot())),
+        );
+    }
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),
@@ -367,6 +390,9 @@ async fn run_inner(
         }
     }
     info!("hub stopping");
+    if let Some(c) = &carrier {
+        c.close_all();
+    }
     if let Some(y) = ygg {
         y.shutdown().await;
     }

@@ -6,6 +6,7 @@
 //! [`wg::device`] and [`wg::api`] drive them with tokio, a TUN and UDP sockets.
 //! [`hub`] and [`node`] are the two daemon modes; [`cli`] is the command line.
 
+pub mod carrier;
 pub mod cli;
 pub mod config;
 pub mod control;

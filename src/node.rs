@@ -5,10 +5,14 @@
 //! default of up to two minutes. A hub address learnt after the node routed
 //! its hubs' allowed IPs (the name resolved late, or to a new address) takes
 //! out any of those routes that holds it, which would loop the tunnel's own
-//! packets. The node also runs its `[[service]]`
+//! packets. A hub that UDP does not reach is reached over TLS on its HTTPS
+//! port ([`crate::carrier`], `transport` in `[[hub]]`). The node also runs
+//! its `[[service]]`
 //! forwarders and declares the services to hubs with `control`
 //! ([`crate::control::services`]).
 
+use crate::carrier::path::{Path, Step, Transport, Via};
+use crate::carrier::{self, Counters};
 use crate::config::{NodeConfig, NodeHub};
 use crate::wg::api::ApiServer;
 use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
@@ -99,13 +103,107 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
     }
 }
 
-async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16, routed: Routed, iface: String) {
-    let name = hub
-        .name
+/// How one hub is reached, for `gatewire show`.
+pub struct HubPath {
+    name: String,
+    transport: Transport,
+    tls_endpoint: String,
+    via: Mutex<Via>,
+    counters: Arc<Counters>,
+}
+
+impl HubPath {
+    fn new(hub: &NodeHub) -> Arc<HubPath> {
+        Arc::new(HubPath {
+            name: hub_name(hub),
+            transport: hub.transport,
+            tls_endpoint: hub.tls_endpoint.clone(),
+            via: Mutex::new(if hub.transport == Transport::Tls {
+                Via::Tls
+            } else {
+                Via::Udp
+            }),
+            counters: Arc::default(),
+        })
+    }
+
+    fn show(&self) -> serde_json::Value {
+        serde_json::json!({
+            "hub": self.name,
+            "transport": self.transport,
+            "via": *self.via.lock(),
+            "tls_endpoint": self.tls_endpoint,
+            "tls": self.counters.snapshot(),
+        })
+    }
+}
+
+fn hub_name(hub: &NodeHub) -> String {
+    hub.name
         .clone()
-        .unwrap_or_else(|| hub.public_key.to_base64());
+        .unwrap_or_else(|| hub.public_key.to_base64())
+}
+
+/// A carried tunnel's relay task (aborted when dropped).
+struct Relay(tokio::task::JoinHandle<carrier::End>);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connects the TLS carrier to `hub` and starts relaying it to the device;
+/// returns the relay and its loopback address (the hub's endpoint from now).
+async fn open_carrier(
+    dev: &Inner,
+    hub: &NodeHub,
+    tls: Arc<rustls::ClientConfig>,
+    counters: Arc<Counters>,
+    routed: &Routed,
+    iface: &str,
+) -> anyhow::Result<(Relay, SocketAddr)> {
+    let (host, _) = carrier::split_host_port(&hub.tls_endpoint).ok_or_else(|| {
+        anyhow::anyhow!("tls_endpoint `{}`: expected host:port", hub.tls_endpoint)
+    })?;
+    let addr = resolve(&hub.tls_endpoint)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", hub.tls_endpoint))?;
+    unroute_endpoint(dev, routed, addr.ip(), iface, &hub_name(hub)).await;
+    let stream = carrier::connect(tls, addr, host, Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    let udp = carrier::local_socket(dev.loopback()).await?;
+    let local = udp.local_addr()?;
+    let task =
+        tokio::spawn(async move { carrier::relay(stream, &udp, carrier::IDLE, &counters).await });
+    Ok((Relay(task), local))
+}
+
+async fn supervise(
+    dev: Arc<Inner>,
+    hub: NodeHub,
+    dead_after: u16,
+    routed: Routed,
+    iface: String,
+    status: Arc<HubPath>,
+) {
+    let name = hub_name(&hub);
+    let dead_after_ms = u64::from(dead_after) * 1000;
     let mut last_attempt: Option<u64> = None;
     let mut down_logged = false;
+    let mut path = Path::new(hub.transport, dev.now_ms());
+    let mut relay: Option<Relay> = None;
+    let tls = match hub.transport {
+        Transport::Udp => None,
+        _ => match carrier::client_config() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(hub = %name, error = %e, "no TLS client: the hub is reached over UDP only");
+                None
+            }
+        },
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
@@ -115,7 +213,63 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16, routed: Route
         };
         let now = dev.now_ms();
         let rx = peer.last_rx_ms();
-        match check(now, rx, last_attempt, u64::from(dead_after) * 1000) {
+        let up = relay.as_ref().is_some_and(|r| !r.0.is_finished());
+        let step = match &tls {
+            Some(_) => path.step(now, rx, up, dead_after_ms),
+            None => Step::Stay,
+        };
+        if let Some(r) = relay.as_mut().filter(|_| step != Step::Stay) {
+            if r.0.is_finished() {
+                if let Ok(end) = (&mut r.0).await {
+                    info!(hub = %name, end = ?end, "TLS carrier closed");
+                }
+            }
+            relay = None;
+        }
+        match (step, &tls) {
+            (Step::Stay, _) | (_, None) => {}
+            (Step::UseUdp, _) => {
+                info!(hub = %name, endpoint = %hub.endpoint, "reaching the hub over UDP");
+                *status.via.lock() = Via::Udp;
+                if let Some(addr) = resolve(&hub.endpoint).await {
+                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                    peer.set_endpoint(addr);
+                }
+                dev.force_handshake(&peer).await;
+                last_attempt = Some(dev.now_ms());
+                continue;
+            }
+            (Step::UseTls, Some(cfg)) => {
+                *status.via.lock() = Via::Tls;
+                match open_carrier(
+                    &dev,
+                    &hub,
+                    cfg.clone(),
+                    status.counters.clone(),
+                    &routed,
+                    &iface,
+                )
+                .await
+                {
+                    Ok((r, local)) => {
+                        info!(hub = %name, tls_endpoint = %hub.tls_endpoint, relay = %local, "reaching the hub over TLS");
+                        relay = Some(r);
+                        peer.set_endpoint(local);
+                        dev.force_handshake(&peer).await;
+                    }
+                    Err(e) => {
+                        status
+                            .counters
+                            .failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        warn!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");
+                    }
+                }
+                last_attempt = Some(dev.now_ms());
+                continue;
+            }
+        }
+        match check(now, rx, last_attempt, dead_after_ms) {
             Check::Fine => {
                 if down_logged {
                     info!(hub = %name, "hub reachable again");
@@ -128,12 +282,15 @@ async fn supervise(dev: Arc<Inner>, hub: NodeHub, dead_after: u16, routed: Route
                     info!(hub = %name, silent_s = (now - rx) / 1000, "hub silent, handshaking again");
                     down_logged = true;
                 }
-                if let Some(addr) = resolve(&hub.endpoint).await {
-                    if peer.endpoint() != Some(addr) {
-                        info!(hub = %name, endpoint = %addr, "hub endpoint");
-                        unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                // Through the TLS carrier the endpoint is the relay's, fixed.
+                if path.via() == Via::Udp {
+                    if let Some(addr) = resolve(&hub.endpoint).await {
+                        if peer.endpoint() != Some(addr) {
+                            info!(hub = %name, endpoint = %addr, "hub endpoint");
+                            unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                        }
+                        peer.set_endpoint(addr);
                     }
-                    peer.set_endpoint(addr);
                 }
                 dev.force_handshake(&peer).await;
                 last_attempt = Some(dev.now_ms());
@@ -238,7 +395,11 @@ async fn run_inner(
             name: h.name.clone(),
             public_key: h.public_key,
             preshared_key: h.preshared_key.clone(),
-            endpoint: resolve(&h.endpoint).await,
+            // Over TLS only, the supervisor sets the relay as the endpoint.
+            endpoint: match h.transport {
+                Transport::Tls => None,
+                _ => resolve(&h.endpoint).await,
+            },
             persistent_keepalive: Some(h.persistent_keepalive),
             allowed_ips: h.allowed_ips.clone(),
         });
@@ -270,16 +431,24 @@ async fn run_inner(
     }));
     dev.inner.add_tun_routes(routed.lock().iter().copied());
     let api = ApiServer::start(dev.inner.clone()).await?;
+    let paths: Vec<Arc<HubPath>> = cfg.hubs.iter().map(HubPath::new).collect();
+    let shown = paths.clone();
+    api.set_show_section(
+        "hub_paths",
+        Arc::new(move || serde_json::Value::Array(shown.iter().map(|p| p.show()).collect())),
+    );
     let sups: Vec<_> = cfg
         .hubs
         .iter()
-        .map(|h| {
+        .zip(&paths)
+        .map(|(h, p)| {
             tokio::spawn(supervise(
                 dev.inner.clone(),
                 h.clone(),
                 cfg.dead_after,
                 routed.clone(),
                 cfg.interface.clone(),
+                p.clone(),
             ))
         })
         .collect();

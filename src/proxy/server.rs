@@ -136,6 +136,8 @@ pub struct Shared {
     pub access_log: Option<Arc<AccessLog>>,
     /// Load balancers whose connections start with a PROXY header.
     proxy_protocol_from: Option<Access>,
+    /// Nodes' tunnels carried over TLS (ALPN [`crate::carrier::ALPN`]).
+    carrier: Option<Arc<crate::carrier::Hub>>,
 }
 
 /// The access-log entry of one connection or request; written when dropped,
@@ -479,6 +481,7 @@ fn build(
         forwards,
         retired: watch::channel(false).0,
         acme: acme.clone(),
+        carrier: tunnels.as_ref().and_then(|t| t.carrier()),
     })
 }
 
@@ -1239,6 +1242,7 @@ async fn serve_tls(
             bytes,
             sni,
             acme_alpn: true,
+            ..
         } => {
             // A TLS-ALPN-01 validation: answer with the challenge certificate.
             let key = sni.as_ref().and_then(|s| shared.acme.alpn01(s.as_str()));
@@ -1256,6 +1260,20 @@ async fn serve_tls(
                     shared.listener.error(ErrorKind::UnknownSni);
                     tls::send_alert(&mut sock, &tls::ALERT_UNRECOGNIZED_NAME).await;
                 }
+            }
+            return;
+        }
+        Hello::Ok {
+            bytes,
+            carrier: true,
+            ..
+        } if shared.carrier.is_some() => {
+            // Long-lived: hold no generation of the routes meanwhile.
+            let hub = shared.carrier.clone();
+            drop(shared);
+            if let Some(hub) = hub {
+                hub.serve(Prefixed::new(bytes, sock), peer, limits.handshake_timeout)
+                    .await;
             }
             return;
         }

@@ -35,6 +35,9 @@ pub enum Hello {
         sni: Option<DomainName>,
         /// The client offers ALPN `acme-tls/1` (a TLS-ALPN-01 validation).
         acme_alpn: bool,
+        /// The client offers ALPN [`crate::carrier::ALPN`]: a node carrying
+        /// its tunnel over TLS.
+        carrier: bool,
     },
     /// Not a ClientHello (or a broken one).
     Bad(SniError),
@@ -60,10 +63,12 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Durati
                 Ok(info) => {
                     let sni = info.server_name().cloned();
                     let acme_alpn = info.offers_alpn(crate::proxy::acme::ACME_TLS_ALPN);
+                    let carrier = info.offers_alpn(crate::carrier::ALPN);
                     return Hello::Ok {
                         bytes: std::mem::take(&mut buf),
                         sni,
                         acme_alpn,
+                        carrier,
                     };
                 }
                 Err(SniError::Incomplete { .. }) if buf.len() <= MAX_CLIENT_HELLO_LEN + 5 => {}
@@ -175,7 +180,7 @@ pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, Stri
 
 /// Presents one certificate whatever the client asks for.
 #[derive(Debug)]
-struct One(Arc<CertifiedKey>);
+pub(crate) struct One(pub(crate) Arc<CertifiedKey>);
 
 impl ResolvesServerCert for One {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

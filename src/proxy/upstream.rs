@@ -45,6 +45,11 @@ pub trait TunnelLiveness: Send + Sync {
     /// `Some(false)` when `ip` is behind a node whose tunnel is down, `Some(true)`
     /// when it is up, `None` when no node carries `ip`.
     fn tunnel_up(&self, ip: IpAddr) -> Option<bool>;
+    /// Where the HTTPS listeners hand nodes' tunnels carried over TLS, if the
+    /// hub takes them.
+    fn carrier(&self) -> Option<Arc<crate::carrier::Hub>> {
+        None
+    }
 }
 
 struct State {
@@ -898,7 +903,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Accepts any server certificate: `backend_insecure_skip_verify = true`.
 #[derive(Debug)]
-struct DangerNoVerify(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct DangerNoVerify(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for DangerNoVerify {
     fn verify_server_cert(

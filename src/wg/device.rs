@@ -741,6 +741,18 @@ impl Inner {
         self.table.load().by_key.values().cloned().collect()
     }
 
+    /// The device's WireGuard port on loopback (IPv4 when it has an IPv4
+    /// socket): where a carried tunnel's relay sends.
+    pub fn loopback(&self) -> SocketAddr {
+        let s = self.sockets.load();
+        let ip = if s.v4.is_some() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        };
+        SocketAddr::new(ip, s.port)
+    }
+
     pub fn listen_port(&self) -> u16 {
         self.sockets.load().port
     }

@@ -1,0 +1,522 @@
+//! WireGuard over TLS, for nodes whose network lets no UDP out: the node
+//! opens a TLS connection to the hub's HTTPS port offering ALPN
+//! [`ALPN`], and both ends carry their WireGuard datagrams on it, framed by
+//! [`frame`]. The hub's :443 listener tells these connections from web
+//! clients by that ALPN (before any SNI routing), so one public port serves
+//! both.
+//!
+//! Neither WireGuard device knows: each end relays between the stream and a
+//! UDP socket on loopback connected to its own device's port, so the device
+//! sees its peer at that socket's address (its endpoint roams there and back
+//! like any other). WireGuard inside authenticates and encrypts end to end as
+//! over UDP; the TLS layer is only a carrier through firewalls that pass
+//! HTTPS, so the node accepts the hub's (self-signed) certificate as it is.
+//!
+//! [`path`] decides when a node uses it; this module holds the drivers.
+
+pub mod frame;
+pub mod path;
+
+use bytes::BytesMut;
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use serde::Serialize;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tracing::{debug, info};
+
+/// The ALPN protocol name a node offers for a carried tunnel.
+pub const ALPN: &[u8] = b"gatewire-wg";
+/// A stream that carried nothing either way for this long is closed (nodes
+/// send keepalives far more often).
+pub const IDLE: Duration = Duration::from_secs(180);
+/// Most bytes of datagrams gathered into one write to the stream.
+const BATCH: usize = 64 * 1024;
+
+/// Counters of carried tunnels, at one end.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Streams set up (TLS done).
+    pub streams: AtomicU64,
+    /// Streams open now.
+    pub open: AtomicU64,
+    /// Connections that offered the ALPN but failed the TLS handshake, or
+    /// (on a node) attempts that did not connect.
+    pub failed: AtomicU64,
+    /// Streams closed for a broken frame.
+    pub bad_frames: AtomicU64,
+    /// Datagram bytes received from the stream and sent to the stream.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub streams: u64,
+    pub open: u64,
+    pub failed: u64,
+    pub bad_frames: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            streams: self.streams.load(Relaxed),
+            open: self.open.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            bad_frames: self.bad_frames.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+        }
+    }
+}
+
+/// Counts one open stream while alive.
+struct OpenGuard<'a>(&'a Counters);
+
+impl<'a> OpenGuard<'a> {
+    fn new(c: &'a Counters) -> Self {
+        c.streams.fetch_add(1, Relaxed);
+        c.open.fetch_add(1, Relaxed);
+        OpenGuard(c)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The stream closed or failed.
+    Closed,
+    /// A broken frame arrived.
+    BadFrame(frame::FrameError),
+    /// Nothing either way for [`IDLE`] (or the given idle time).
+    Idle,
+    /// The loopback socket failed.
+    Local(io::ErrorKind),
+    /// Its end is stopping.
+    Stopped,
+}
+
+/// A UDP socket on loopback connected to `device` (a device's port on
+/// loopback): the carried side of a relay.
+pub async fn local_socket(device: SocketAddr) -> io::Result<UdpSocket> {
+    let any = match device {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+    };
+    let s = UdpSocket::bind(any).await?;
+    s.connect(device).await?;
+    Ok(s)
+}
+
+/// Relays between `stream` and `udp` (connected) until either ends or
+/// nothing moves for `idle`. Reading and writing the stream run apart, so a
+/// slow stream only holds back its own direction; datagrams the stream
+/// cannot take in time wait in the socket's buffer and past that are dropped
+/// by the kernel, as on any UDP path (WireGuard and what it carries recover).
+pub async fn relay<S>(stream: S, udp: &UdpSocket, idle: Duration, c: &Counters) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _open = OpenGuard::new(c);
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let down = async {
+        let mut buf = BytesMut::with_capacity(BATCH);
+        loop {
+            match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => touch(),
+            }
+            loop {
+                match frame::decode(&mut buf) {
+                    Ok(Some(d)) => {
+                        c.bytes_in.fetch_add(d.len() as u64, Relaxed);
+                        if let Err(e) = udp.send(&d).await {
+                            return End::Local(e.kind());
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        c.bad_frames.fetch_add(1, Relaxed);
+                        return End::BadFrame(e);
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(BATCH);
+            }
+        }
+    };
+    let up = async {
+        let mut dgram = vec![0u8; frame::MAX_DATAGRAM];
+        let mut out = BytesMut::with_capacity(BATCH + frame::MAX_DATAGRAM);
+        loop {
+            let n = match udp.recv(&mut dgram).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return End::Local(e.kind()),
+            };
+            push(dgram.get(..n).unwrap_or_default(), &mut out, c);
+            // Whatever else is queued goes in the same write.
+            while out.len() < BATCH {
+                match udp.try_recv(&mut dgram) {
+                    Ok(n) => push(dgram.get(..n).unwrap_or_default(), &mut out, c),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                return End::Closed;
+            }
+            out.clear();
+            touch();
+        }
+    };
+    let watch = async {
+        let step = (idle / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(step).await;
+            let quiet = (start.elapsed().as_millis() as u64).saturating_sub(last.load(Relaxed));
+            if quiet >= idle.as_millis() as u64 {
+                return End::Idle;
+            }
+        }
+    };
+    tokio::select! {
+        e = down => e,
+        e = up => e,
+        e = watch => e,
+    }
+}
+
+/// Frames one datagram from the device into `out` (an empty one, which no
+/// WireGuard message is, is left out).
+fn push(d: &[u8], out: &mut BytesMut, c: &Counters) {
+    if frame::encode(d, out).is_ok() {
+        c.bytes_out.fetch_add(d.len() as u64, Relaxed);
+    }
+}
+
+/// The hub's side: a TLS acceptor for carried tunnels and the device port
+/// their datagrams go to.
+pub struct Hub {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// The device's WireGuard port on loopback, asked at each stream (the
+    /// port may be changed over UAPI).
+    device: Box<dyn Fn() -> SocketAddr + Send + Sync>,
+    pub counters: Counters,
+    /// Set when the hub stops: every carried tunnel closes.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("carrier::Hub")
+            .field("device", &(self.device)())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// `device`: the hub's WireGuard port on loopback. The certificate is
+    /// made anew at every start (nodes do not check it; see the module).
+    pub fn new(device: impl Fn() -> SocketAddr + Send + Sync + 'static) -> anyhow::Result<Hub> {
+        let provider = crate::proxy::upstream::provider();
+        let kp = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["gatewire-hub".to_string()])?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = params.self_signed(&kp)?;
+        let key = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(kp.serialize_der().into()))?;
+        let ck = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], key);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(crate::proxy::tls::One(Arc::new(ck))));
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Hub {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            device: Box::new(device),
+            counters: Counters::default(),
+            stop: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Closes every carried tunnel (the hub is stopping).
+    pub fn close_all(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Serves one connection whose ClientHello offered [`ALPN`] (`io` replays
+    /// the bytes already read) until it ends.
+    pub async fn serve<IO>(&self, io: IO, client: SocketAddr, handshake: Duration)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let tls = match tokio::time::timeout(handshake, self.acceptor.accept(io)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.counters.failed.fetch_add(1, Relaxed);
+                debug!(client = %client, error = %e, "carried tunnel: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.counters.failed.fetch_add(1, Relaxed);
+                debug!(client = %client, "carried tunnel: TLS handshake timed out");
+                return;
+            }
+        };
+        let udp = match local_socket((self.device)()).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Relaxed);
+                info!(client = %client, error = %e, "carried tunnel: no loopback socket");
+                return;
+            }
+        };
+        let local = udp.local_addr().ok();
+        info!(client = %client, relay = ?local, "carried tunnel open");
+        let mut stop = self.stop.subscribe();
+        let end = tokio::select! {
+            e = relay(tls, &udp, IDLE, &self.counters) => e,
+            _ = stop.wait_for(|s| *s) => End::Stopped,
+        };
+        info!(client = %client, relay = ?local, end = ?end, "carried tunnel closed");
+    }
+}
+
+/// The node's side: TLS client settings for carried tunnels.
+pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = crate::proxy::upstream::provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::proxy::upstream::DangerNoVerify(
+            provider,
+        )))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Splits a `host:port` endpoint (host a name, an IPv4 or a bracketed IPv6
+/// literal) into the host and the port.
+pub fn split_host_port(ep: &str) -> Option<(&str, u16)> {
+    let (h, p) = ep.rsplit_once(':')?;
+    let port = p.parse::<u16>().ok().filter(|p| *p > 0)?;
+    let h = h
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h);
+    (!h.is_empty()).then_some((h, port))
+}
+
+/// Opens a carried tunnel to `addr` (TCP, then TLS naming `host`), within
+/// `timeout`.
+pub async fn connect(
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = match host.parse::<IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+    };
+    let work = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the hub does not carry tunnels over TLS (no ALPN agreed)",
+            ));
+        }
+        Ok(tls)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn device() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    /// Datagrams cross a relay both ways, batched writes split back into
+    /// the same datagrams; a broken frame ends it, counted.
+    #[tokio::test]
+    async fn relay_carries_datagrams_both_ways_and_stops_on_a_bad_frame() {
+        let dev = device().await;
+        let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
+        let relay_addr = udp.local_addr().unwrap();
+        let (near, mut far) = tokio::io::duplex(4096);
+        let c = Arc::new(Counters::default());
+        let c2 = c.clone();
+        let task = tokio::spawn(async move { relay(near, &udp, IDLE, &c2).await });
+        // Device to stream: three datagrams, maybe in one write.
+        for d in [&b"one"[..], b"two", &[9u8; 1400]] {
+            dev.send_to(d, relay_addr).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = BytesMut::new();
+        while got.len() < 3 {
+            far.read_buf(&mut buf).await.unwrap();
+            while let Some(d) = frame::decode(&mut buf).unwrap() {
+                got.push(d.to_vec());
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec(), vec![9u8; 1400]]);
+        // Stream to device: two frames in one write, then one split in two.
+        let mut out = BytesMut::new();
+        frame::encode(b"alpha", &mut out).unwrap();
+        frame::encode(b"beta", &mut out).unwrap();
+        frame::encode(b"gamma", &mut out).unwrap();
+        far.write_all(&out[..out.len() - 3]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        far.write_all(&out[out.len() - 3..]).await.unwrap();
+        let mut d = [0u8; 64];
+        for want in [&b"alpha"[..], b"beta", b"gamma"] {
+            let (n, from) = dev.recv_from(&mut d).await.unwrap();
+            assert_eq!((&d[..n], from), (want, relay_addr));
+        }
+        assert_eq!(c.open.load(Relaxed), 1);
+        far.write_all(b"\x00\x00").await.unwrap();
+        assert_eq!(task.await.unwrap(), End::BadFrame(frame::FrameError::Empty));
+        let s = c.snapshot();
+        assert_eq!((s.streams, s.open, s.bad_frames), (1, 0, 1));
+        assert_eq!((s.bytes_out, s.bytes_in), (1406, 14));
+    }
+
+    #[tokio::test]
+    async fn relay_ends_when_idle_or_closed() {
+        let dev = device().await;
+        let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
+        let (near, _far) = tokio::io::duplex(64);
+        let c = Counters::default();
+        let t = Instant::now();
+        assert_eq!(
+            relay(near, &udp, Duration::from_millis(200), &c).await,
+            End::Idle
+        );
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        let (near, far) = tokio::io::duplex(64);
+        drop(far);
+        assert_eq!(relay(near, &udp, IDLE, &c).await, End::Closed);
+    }
+
+    /// The hub's acceptor and the node's connector agree on TLS and the ALPN,
+    /// and the two relays join the two "devices".
+    #[tokio::test]
+    async fn hub_and_node_carry_a_tunnel_over_tls() {
+        let hub_dev = device().await;
+        let hub_addr = hub_dev.local_addr().unwrap();
+        let hub = Arc::new(Hub::new(move || hub_addr).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let h = hub.clone();
+        tokio::spawn(async move {
+            let (s, peer) = l.accept().await.unwrap();
+            h.serve(s, peer, Duration::from_secs(5)).await;
+        });
+        let tls = connect(
+            client_config().unwrap(),
+            at,
+            "hub.example",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let node_dev = device().await;
+        let udp = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
+        let node_relay = udp.local_addr().unwrap();
+        let c = Arc::new(Counters::default());
+        let c2 = c.clone();
+        tokio::spawn(async move { relay(tls, &udp, IDLE, &c2).await });
+        node_dev.send_to(b"initiation", node_relay).await.unwrap();
+        let mut d = [0u8; 64];
+        let (n, hub_relay) = hub_dev.recv_from(&mut d).await.unwrap();
+        assert_eq!(&d[..n], b"initiation");
+        assert!(hub_relay.ip().is_loopback());
+        hub_dev.send_to(b"response", hub_relay).await.unwrap();
+        let (n, from) = node_dev.recv_from(&mut d).await.unwrap();
+        assert_eq!((&d[..n], from), (&b"response"[..], node_relay));
+        assert_eq!(hub.counters.open.load(Relaxed), 1);
+        hub.close_all();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while hub.counters.open.load(Relaxed) != 0 || c.open.load(Relaxed) != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both ends close when the hub stops");
+    }
+
+    /// A TLS server without the ALPN is not taken for a hub.
+    #[tokio::test]
+    async fn a_server_without_the_alpn_is_refused() {
+        let hub = Hub::new(|| "127.0.0.1:9".parse().unwrap()).unwrap();
+        let mut cfg = (*hub.acceptor.config().clone()).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = acceptor.accept(s).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let e = connect(
+            client_config().unwrap(),
+            at,
+            "127.0.0.1",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ALPN") || e.kind() == io::ErrorKind::InvalidData,
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            split_host_port("hub.example:443"),
+            Some(("hub.example", 443))
+        );
+        assert_eq!(
+            split_host_port("[2001:db8::1]:8443"),
+            Some(("2001:db8::1", 8443))
+        );
+        assert_eq!(split_host_port("192.0.2.1:443"), Some(("192.0.2.1", 443)));
+        assert_eq!(split_host_port("hub.example"), None);
+        assert_eq!(split_host_port(":443"), None);
+        assert_eq!(split_host_port("h:0"), None);
+        assert_eq!(split_host_port("h:70000"), None);
+    }
+}

@@ -1,0 +1,247 @@
+//! Which way a node reaches one hub: plain UDP, or WireGuard carried over a
+//! TLS stream to the hub's HTTPS port when UDP does not get through (pure:
+//! the supervisor passes `now` and what it observed, and gets a step back).
+
+use serde::{Deserialize, Serialize};
+
+/// The configured choice (`transport` in a node's `[[hub]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// UDP first; TLS when nothing comes back over UDP.
+    #[default]
+    Auto,
+    /// UDP only (plain WireGuard).
+    Udp,
+    /// TLS only.
+    Tls,
+}
+
+/// The way in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Udp,
+    Tls,
+}
+
+/// What the supervisor should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Stay,
+    /// Close any TLS stream and send to the hub's UDP endpoint.
+    UseUdp,
+    /// (Re)connect the TLS stream and send through it.
+    UseTls,
+}
+
+/// How long a way is tried, once it is known dead (or from its first
+/// attempt), before the other is: two handshake attempts.
+pub const FALLBACK_MS: u64 = 10_000;
+/// Between two connection attempts when TLS is the only way.
+pub const RECONNECT_MS: u64 = 5_000;
+
+#[derive(Debug, Clone)]
+pub struct Path {
+    transport: Transport,
+    via: Via,
+    /// When the current way was taken (or last reconnected).
+    since_ms: u64,
+    /// Whether `Step::UseTls` was asked for and not yet answered.
+    started: bool,
+}
+
+impl Path {
+    /// The way to start on at `now_ms`: the first step is `UseTls` when TLS
+    /// is the only way.
+    pub fn new(transport: Transport, now_ms: u64) -> Path {
+        Path {
+            transport,
+            via: if transport == Transport::Tls {
+                Via::Tls
+            } else {
+                Via::Udp
+            },
+            since_ms: now_ms,
+            started: false,
+        }
+    }
+
+    pub fn via(&self) -> Via {
+        self.via
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The next step at `now_ms`. `last_rx_ms` is when the hub was last heard
+    /// from (0: never); `carrier_up` whether the TLS stream is open (ignored
+    /// on UDP); `dead_after_ms` the node's silence limit.
+    pub fn step(
+        &mut self,
+        now_ms: u64,
+        last_rx_ms: u64,
+        carrier_up: bool,
+        dead_after_ms: u64,
+    ) -> Step {
+        let alive = last_rx_ms > 0 && now_ms.saturating_sub(last_rx_ms) < dead_after_ms;
+        // The moment this way was known not to work: when it was taken if
+        // nothing was heard on it since, else when the hub fell silent.
+        let dead_from = if last_rx_ms <= self.since_ms {
+            self.since_ms
+        } else {
+            self.since_ms.max(last_rx_ms.saturating_add(dead_after_ms))
+        };
+        let given_up = !alive && now_ms >= dead_from.saturating_add(FALLBACK_MS);
+        match (self.transport, self.via) {
+            (Transport::Udp, _) => Step::Stay,
+            (Transport::Auto, Via::Udp) if given_up => self.take(Via::Tls, now_ms),
+            (Transport::Auto, Via::Udp) => Step::Stay,
+            (_, Via::Tls) if !self.started => self.take(Via::Tls, now_ms),
+            // The stream could not be opened, or ended, or carries nothing.
+            (Transport::Auto, Via::Tls) if !carrier_up || given_up => self.take(Via::Udp, now_ms),
+            (Transport::Auto, Via::Tls) => Step::Stay,
+            (Transport::Tls, Via::Tls) => {
+                let retry = now_ms.saturating_sub(self.since_ms) >= RECONNECT_MS;
+                if (!carrier_up && retry) || given_up {
+                    self.take(Via::Tls, now_ms)
+                } else {
+                    Step::Stay
+                }
+            }
+            (Transport::Tls, Via::Udp) => self.take(Via::Tls, now_ms),
+        }
+    }
+
+    fn take(&mut self, via: Via, now_ms: u64) -> Step {
+        self.via = via;
+        self.since_ms = now_ms;
+        self.started = via == Via::Tls;
+        match via {
+            Via::Udp => Step::UseUdp,
+            Via::Tls => Step::UseTls,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEAD: u64 = 8_000;
+
+    #[test]
+    fn udp_only_never_moves() {
+        let mut p = Path::new(Transport::Udp, 0);
+        for t in (0..100_000).step_by(500) {
+            assert_eq!(p.step(t, 0, false, DEAD), Step::Stay);
+        }
+        assert_eq!(p.via(), Via::Udp);
+    }
+
+    #[test]
+    fn auto_falls_back_when_udp_never_answers() {
+        let mut p = Path::new(Transport::Auto, 1_000);
+        assert_eq!(p.step(1_000, 0, false, DEAD), Step::Stay);
+        assert_eq!(p.step(10_999, 0, false, DEAD), Step::Stay);
+        assert_eq!(p.step(11_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.via(), Via::Tls);
+        // The stream opened and the hub answers through it: stay.
+        assert_eq!(p.step(11_500, 0, true, DEAD), Step::Stay);
+        assert_eq!(p.step(12_000, 11_800, true, DEAD), Step::Stay);
+        assert_eq!(p.step(600_000, 599_000, true, DEAD), Step::Stay);
+    }
+
+    #[test]
+    fn auto_stays_on_udp_while_the_hub_answers() {
+        let mut p = Path::new(Transport::Auto, 0);
+        for t in (500..200_000).step_by(500) {
+            assert_eq!(p.step(t, t - 400, false, DEAD), Step::Stay);
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_when_udp_stops_midway() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(50_000, 49_000, false, DEAD), Step::Stay);
+        // Last heard at 50 s: dead at 58 s, given up at 68 s.
+        assert_eq!(p.step(67_999, 50_000, false, DEAD), Step::Stay);
+        assert_eq!(p.step(68_000, 50_000, false, DEAD), Step::UseTls);
+    }
+
+    #[test]
+    fn auto_returns_to_udp_when_the_stream_fails() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        // The connection was refused (the hub takes no TLS): back to UDP at once,
+        // and TLS again only after another full try of UDP.
+        assert_eq!(p.step(10_500, 0, false, DEAD), Step::UseUdp);
+        assert_eq!(p.via(), Via::Udp);
+        assert_eq!(p.step(20_000, 0, false, DEAD), Step::Stay);
+        assert_eq!(p.step(20_500, 0, false, DEAD), Step::UseTls);
+        // Up, then the stream ends: UDP again.
+        assert_eq!(p.step(21_000, 20_800, true, DEAD), Step::Stay);
+        assert_eq!(p.step(40_000, 39_900, false, DEAD), Step::UseUdp);
+        // UDP works now: it stays.
+        assert_eq!(p.step(40_500, 40_400, false, DEAD), Step::Stay);
+        assert_eq!(p.step(90_000, 89_900, false, DEAD), Step::Stay);
+    }
+
+    #[test]
+    fn auto_leaves_a_stream_that_carries_nothing() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        // Open but silent since it was taken: given up after FALLBACK_MS.
+        assert_eq!(p.step(19_999, 0, true, DEAD), Step::Stay);
+        assert_eq!(p.step(20_000, 0, true, DEAD), Step::UseUdp);
+    }
+
+    #[test]
+    fn tls_only_connects_first_and_retries_paced() {
+        let mut p = Path::new(Transport::Tls, 0);
+        assert_eq!(p.via(), Via::Tls);
+        assert_eq!(p.step(0, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(500, 0, false, DEAD), Step::Stay);
+        assert_eq!(p.step(4_999, 0, false, DEAD), Step::Stay);
+        assert_eq!(p.step(5_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(6_000, 5_900, true, DEAD), Step::Stay);
+        // Open but the hub went silent: reconnect, never UDP.
+        assert_eq!(p.step(23_899, 5_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(23_900, 5_900, true, DEAD), Step::UseTls);
+        assert_eq!(p.via(), Via::Tls);
+    }
+
+    proptest::proptest! {
+        /// Whatever is observed, the way stays within what is configured, and
+        /// a step that moves always says where to.
+        #[test]
+        fn steps_respect_the_transport(
+            t in 0usize..3,
+            obs in proptest::collection::vec((0u64..5_000, 0u64..3, proptest::bool::ANY), 1..200),
+        ) {
+            let transport = [Transport::Auto, Transport::Udp, Transport::Tls][t];
+            let mut p = Path::new(transport, 0);
+            let mut now = 0u64;
+            let mut rx = 0u64;
+            for (dt, heard, up) in obs {
+                now += dt;
+                if heard == 0 {
+                    rx = now;
+                }
+                let before = p.via();
+                let s = p.step(now, rx, up, DEAD);
+                match transport {
+                    Transport::Udp => proptest::prop_assert_eq!(s, Step::Stay),
+                    Transport::Tls => proptest::prop_assert!(s != Step::UseUdp && p.via() == Via::Tls),
+                    Transport::Auto => {}
+                }
+                match s {
+                    Step::Stay => proptest::prop_assert_eq!(p.via(), before),
+                    Step::UseUdp => proptest::prop_assert_eq!(p.via(), Via::Udp),
+                    Step::UseTls => proptest::prop_assert_eq!(p.via(), Via::Tls),
+                }
+            }
+        }
+    }
+}
