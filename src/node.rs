@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Between two handshake attempts (WireGuard's REKEY_TIMEOUT).
 const RETRY_MS: u64 = 5_000;
@@ -175,8 +175,9 @@ async fn open_carrier(
         .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
     let udp = carrier::local_socket(dev.loopback()).await?;
     let local = udp.local_addr()?;
-    let task =
-        tokio::spawn(async move { carrier::relay(stream, &udp, carrier::IDLE, &counters).await });
+    let task = tokio::spawn(async move {
+        carrier::relay(stream, &udp, carrier::IDLE, carrier::IDLE, &counters).await
+    });
     Ok((Relay(task), local))
 }
 
@@ -194,6 +195,7 @@ async fn supervise(
     let mut down_logged = false;
     let mut path = Path::new(hub.transport, dev.now_ms());
     let mut relay: Option<Relay> = None;
+    let mut tls_failing = false;
     let tls = match hub.transport {
         Transport::Udp => None,
         _ => match carrier::client_config() {
@@ -218,18 +220,27 @@ async fn supervise(
             Some(_) => path.step(now, rx, up, dead_after_ms),
             None => Step::Stay,
         };
+        let had_relay = relay.is_some();
         if let Some(r) = relay.as_mut().filter(|_| step != Step::Stay) {
             if r.0.is_finished() {
                 if let Ok(end) = (&mut r.0).await {
                     info!(hub = %name, end = ?end, "TLS carrier closed");
                 }
+            } else {
+                info!(hub = %name, "TLS carrier carries nothing; closing it");
             }
             relay = None;
         }
         match (step, &tls) {
             (Step::Stay, _) | (_, None) => {}
             (Step::UseUdp, _) => {
-                info!(hub = %name, endpoint = %hub.endpoint, "reaching the hub over UDP");
+                // Quiet while the hub is unreachable either way (every
+                // FALLBACK_MS); said when leaving a stream that worked.
+                if had_relay {
+                    info!(hub = %name, endpoint = %hub.endpoint, "reaching the hub over UDP");
+                } else {
+                    debug!(hub = %name, endpoint = %hub.endpoint, "trying the hub over UDP again");
+                }
                 *status.via.lock() = Via::Udp;
                 if let Some(addr) = resolve(&hub.endpoint).await {
                     unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
@@ -253,6 +264,7 @@ async fn supervise(
                 {
                     Ok((r, local)) => {
                         info!(hub = %name, tls_endpoint = %hub.tls_endpoint, relay = %local, "reaching the hub over TLS");
+                        tls_failing = false;
                         relay = Some(r);
                         peer.set_endpoint(local);
                         dev.force_handshake(&peer).await;
@@ -262,7 +274,12 @@ async fn supervise(
                             .counters
                             .failed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        warn!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");
+                        if tls_failing {
+                            debug!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");
+                        } else {
+                            warn!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");
+                            tls_failing = true;
+                        }
                     }
                 }
                 last_attempt = Some(dev.now_ms());

@@ -34,6 +34,9 @@ pub const ALPN: &[u8] = b"gatewire-wg";
 /// A stream that carried nothing either way for this long is closed (nodes
 /// send keepalives far more often).
 pub const IDLE: Duration = Duration::from_secs(180);
+/// A hub closes a stream that brought no datagram this long after its TLS
+/// handshake (a node sends its handshake initiation at once).
+pub const FIRST: Duration = Duration::from_secs(15);
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
 
@@ -121,18 +124,27 @@ pub async fn local_socket(device: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s)
 }
 
-/// Relays between `stream` and `udp` (connected) until either ends or
-/// nothing moves for `idle`. Reading and writing the stream run apart, so a
+/// Relays between `stream` and `udp` (connected) until either ends, nothing
+/// moves for `idle`, or nothing came from the stream within `first` of the
+/// start (a connection that sends no WireGuard message holds no slot long).
+/// Reading and writing the stream run apart, so a
 /// slow stream only holds back its own direction; datagrams the stream
 /// cannot take in time wait in the socket's buffer and past that are dropped
 /// by the kernel, as on any UDP path (WireGuard and what it carries recover).
-pub async fn relay<S>(stream: S, udp: &UdpSocket, idle: Duration, c: &Counters) -> End
+pub async fn relay<S>(
+    stream: S,
+    udp: &UdpSocket,
+    idle: Duration,
+    first: Duration,
+    c: &Counters,
+) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _open = OpenGuard::new(c);
     let start = Instant::now();
     let last = AtomicU64::new(0);
+    let heard = std::sync::atomic::AtomicBool::new(false);
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let down = async {
@@ -140,7 +152,10 @@ where
         loop {
             match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => touch(),
+                Ok(_) => {
+                    heard.store(true, Relaxed);
+                    touch();
+                }
             }
             loop {
                 match frame::decode(&mut buf) {
@@ -187,9 +202,12 @@ where
         }
     };
     let watch = async {
-        let step = (idle / 4).max(Duration::from_millis(50));
+        let step = (idle.min(first) / 4).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(step).await;
+            if !heard.load(Relaxed) && start.elapsed() >= first {
+                return End::Idle;
+            }
             let quiet = (start.elapsed().as_millis() as u64).saturating_sub(last.load(Relaxed));
             if quiet >= idle.as_millis() as u64 {
                 return End::Idle;
@@ -293,7 +311,7 @@ impl Hub {
         info!(client = %client, relay = ?local, "carried tunnel open");
         let mut stop = self.stop.subscribe();
         let end = tokio::select! {
-            e = relay(tls, &udp, IDLE, &self.counters) => e,
+            e = relay(tls, &udp, IDLE, FIRST, &self.counters) => e,
             _ = stop.wait_for(|s| *s) => End::Stopped,
         };
         info!(client = %client, relay = ?local, end = ?end, "carried tunnel closed");
@@ -376,7 +394,7 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(4096);
         let c = Arc::new(Counters::default());
         let c2 = c.clone();
-        let task = tokio::spawn(async move { relay(near, &udp, IDLE, &c2).await });
+        let task = tokio::spawn(async move { relay(near, &udp, IDLE, IDLE, &c2).await });
         // Device to stream: three datagrams, maybe in one write.
         for d in [&b"one"[..], b"two", &[9u8; 1400]] {
             dev.send_to(d, relay_addr).await.unwrap();
@@ -417,15 +435,30 @@ mod tests {
         let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
         let (near, _far) = tokio::io::duplex(64);
         let c = Counters::default();
+        let short = Duration::from_millis(200);
         let t = Instant::now();
-        assert_eq!(
-            relay(near, &udp, Duration::from_millis(200), &c).await,
-            End::Idle
-        );
-        assert!(t.elapsed() >= Duration::from_millis(200));
+        assert_eq!(relay(near, &udp, short, IDLE, &c).await, End::Idle);
+        assert!(t.elapsed() >= short);
+        // Nothing from the stream within `first`, though the device sends.
+        let (near, mut far) = tokio::io::duplex(4096);
+        let relay_addr = udp.local_addr().unwrap();
+        let chatter = async {
+            loop {
+                dev.send_to(b"keepalive", relay_addr).await.unwrap();
+                let mut b = [0u8; 64];
+                let _ = far.read(&mut b).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let t = Instant::now();
+        tokio::select! {
+            e = relay(near, &udp, IDLE, short, &c) => assert_eq!(e, End::Idle),
+            _ = chatter => unreachable!(),
+        }
+        assert!(t.elapsed() >= short && t.elapsed() < IDLE);
         let (near, far) = tokio::io::duplex(64);
         drop(far);
-        assert_eq!(relay(near, &udp, IDLE, &c).await, End::Closed);
+        assert_eq!(relay(near, &udp, IDLE, IDLE, &c).await, End::Closed);
     }
 
     /// The hub's acceptor and the node's connector agree on TLS and the ALPN,
@@ -455,7 +488,7 @@ mod tests {
         let node_relay = udp.local_addr().unwrap();
         let c = Arc::new(Counters::default());
         let c2 = c.clone();
-        tokio::spawn(async move { relay(tls, &udp, IDLE, &c2).await });
+        tokio::spawn(async move { relay(tls, &udp, IDLE, IDLE, &c2).await });
         node_dev.send_to(b"initiation", node_relay).await.unwrap();
         let mut d = [0u8; 64];
         let (n, hub_relay) = hub_dev.recv_from(&mut d).await.unwrap();

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A network that lets no UDP out: the NAT in front of n1 and n2 drops every
+# forwarded UDP packet. n1 (transport "auto", the default) gets no answer over
+# UDP, falls back to WireGuard carried over TLS on the hub's :443 and serves
+# a route through it; n2 (transport "udp") stays cut off. The same :443 still
+# serves a terminated HTTPS route to web clients. When the hub restarts, n1's
+# stream ends and n1 comes back over TLS by itself.
+# timeout: 300
+set -euo pipefail
+export GW_TEST_NAME=45-tls-carrier
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+need_cmd curl python3 ss jq openssl socat sha256sum
+need_gatewire
+
+DOMAIN=gw.example.org
+HOST=app.$DOMAIN
+HUB4=$(lab_wan4 hub)
+N1=$(lab_ov4 n1)
+
+lab_up 2 0
+
+# --- the NAT drops every UDP packet from the LAN (TCP still passes)
+lab_exec nat nft -f - <<EOF
+table inet noudp {
+    chain forward_udp {
+        type filter hook forward priority filter; policy accept;
+        iifname "lan0" meta l4proto udp counter drop
+    }
+}
+EOF
+
+CERT_DIR="$GW_TMP/certs"
+mkdir -p "$CERT_DIR"
+lab_selfsigned "$HOST" "$CERT_DIR/fullchain.pem" "$CERT_DIR/key.pem"
+
+conf=$(gw_hub_conf hub n1 n2)
+cat >>"$conf" <<EOF
+
+[proxy]
+domains = ["$DOMAIN"]
+http_listen = ["0.0.0.0:80"]
+https_listen = ["0.0.0.0:443"]
+
+[[route]]
+name = "app"
+tls = "terminate"
+cert = "$CERT_DIR/fullchain.pem"
+key = "$CERT_DIR/key.pem"
+backends = ["http://$N1:8080"]
+EOF
+GW_CONF=$conf gw_start_hub hub
+
+n2conf=$(gw_node_conf n2 hub)
+sed -i 's/^persistent_keepalive = .*/&\ntransport = "udp"/' "$n2conf"
+gw_start_node n1 hub
+GW_CONF=$n2conf gw_start_node n2 hub
+
+mkdir -p "$GW_TMP/www"
+echo "served-by-n1" >"$GW_TMP/www/index.html"
+lab_bg n1 web-n1 python3 -m http.server --bind "$N1" --directory "$GW_TMP/www" 8080
+must "web server on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
+
+path_json() { gw_show_json "$1" gwn0 | jq -c '.interfaces[0].hub_paths[0]'; }
+
+# --- n1: UDP gets nothing back, TLS does (10 s of UDP first, then the stream)
+t0=$(now_ms)
+must "n1 reaches the hub's overlay address through the TLS carrier" wait_for 40 lab_ping1 n1 "$(lab_ov4 hub)"
+lab_log "n1 reached the hub after $(($(now_ms) - t0)) ms (UDP blocked)"
+check "the NAT dropped n1's UDP" lab_sh nat "nft list table inet noudp | grep -Eq 'packets [1-9]'"
+check "n1 shows its hub reached over tls" eval "path_json n1 | jq -e '.via == \"tls\" and .transport == \"auto\" and .tls.open == 1 and .tls.bytes_in > 0' >/dev/null"
+check "the hub counts one open carried tunnel" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 1 and .interfaces[0].tls_tunnels.bytes_out > 0' >/dev/null"
+check "the hub reaches n1 (v6 overlay) through it" lab_ping hub "$(lab_ov6 n1)"
+
+# --- n2: UDP only, so it stays cut off
+check "n2 (transport udp) does not reach the hub" lab_ping_fails n2 "$(lab_ov4 hub)"
+check "n2 shows udp and no stream" eval "path_json n2 | jq -e '.via == \"udp\" and .tls.streams == 0' >/dev/null"
+
+# --- public traffic to n1's service crosses the carried tunnel; :443 still
+# serves web clients beside the carriers
+pcurl() { lab_exec pub curl -sS --max-time 10 "$@" 2>/dev/null; }
+body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
+check "HTTPS on the hub's :443 reaches n1's service through the TLS carrier" grep -q served-by-n1 <<<"$body"
+body=$(pcurl --resolve "$HOST:80:$HUB4" "http://$HOST/" || true)
+check "HTTP too" grep -q served-by-n1 <<<"$body"
+f=$(make_file carrier.bin 16)
+check "16 MiB from n1 to the hub through the carrier arrive intact" tcp_transfer n1 hub "$(lab_ov4 hub)" "$f" 60
+
+# --- the hub restarts: the stream ends, n1 comes back over TLS by itself
+lab_stop hub
+gw_restart_hub hub
+t0=$(now_ms)
+check "n1 reaches the restarted hub again (over TLS)" wait_for 45 lab_ping1 n1 "$(lab_ov4 hub)"
+lab_log "n1 back $(($(now_ms) - t0)) ms after the hub's restart"
+check "n1 opened a second stream" eval "path_json n1 | jq -e '.via == \"tls\" and .tls.streams >= 2' >/dev/null"
+body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
+check "the route serves again" grep -q served-by-n1 <<<"$body"
+
+lab_finish
