@@ -299,6 +299,9 @@ async fn run_inner(
         Some(_) => Some(Control::start(cfg.clone(), dev.inner.clone()).await?),
         None => None,
     };
+    if let Some(c) = &control {
+        *c.tls_tunnels.lock() = carrier.clone();
+    }
     let _control_api = match &control {
         Some(c) => Some((
             crate::control::api::ApiServer::start(c.clone()).await?,

@@ -329,6 +329,7 @@ async fn route(
                     services_active: active,
                     services_refused: refused,
                 },
+                tls_tunnels: c.tls_tunnels.lock().as_ref().map(|t| t.counters.snapshot()),
             });
             Ok(Answer {
                 status: StatusCode::OK,

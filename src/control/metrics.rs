@@ -37,6 +37,9 @@
 //! | `gatewire_backend_failures_total`, `gatewire_backend_checks_failed_total` | counter | `route`, `backend` |
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
+//! | `gatewire_tls_tunnels_open` | gauge | |
+//! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total` | counter | |
+//! | `gatewire_tls_tunnels_receive_bytes_total`, `gatewire_tls_tunnels_transmit_bytes_total` | counter | |
 //!
 //! A peer is up when its latest handshake is at most [`UP_WINDOW`] seconds old.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -61,6 +64,8 @@ pub struct MetricsInput<'a> {
     pub routes: &'a [RouteSnapshot],
     /// The control plane's counters.
     pub control: ControlCounters,
+    /// Nodes' tunnels carried over TLS, when the hub takes them.
+    pub tls_tunnels: Option<crate::carrier::CountersSnapshot>,
 }
 
 /// Counters the control plane keeps.
@@ -96,7 +101,54 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
     }
     routes(&mut w, input.routes);
     control(&mut w, &input.control);
+    if let Some(t) = &input.tls_tunnels {
+        tls_tunnels(&mut w, t);
+    }
     w.out
+}
+
+fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
+    let families: [(&'static str, &'static str, Kind, u64); 6] = [
+        (
+            "gatewire_tls_tunnels_open",
+            "Nodes' tunnels carried over TLS open now.",
+            Kind::Gauge,
+            t.open,
+        ),
+        (
+            "gatewire_tls_tunnels_total",
+            "Tunnels carried over TLS set up (TLS handshake done).",
+            Kind::Counter,
+            t.streams,
+        ),
+        (
+            "gatewire_tls_tunnels_failed_total",
+            "Connections offering the tunnel ALPN that failed the TLS handshake.",
+            Kind::Counter,
+            t.failed,
+        ),
+        (
+            "gatewire_tls_tunnels_bad_frames_total",
+            "Carried tunnels closed for a broken frame.",
+            Kind::Counter,
+            t.bad_frames,
+        ),
+        (
+            "gatewire_tls_tunnels_receive_bytes_total",
+            "WireGuard datagram bytes received from carried tunnels.",
+            Kind::Counter,
+            t.bytes_in,
+        ),
+        (
+            "gatewire_tls_tunnels_transmit_bytes_total",
+            "WireGuard datagram bytes sent into carried tunnels.",
+            Kind::Counter,
+            t.bytes_out,
+        ),
+    ];
+    for (name, help, kind, v) in families {
+        w.family(name, help, kind, |f| f.sample(&[], v));
+    }
 }
 
 /// A peer is up when it completed a handshake within [`UP_WINDOW`] of `now`.
@@ -764,6 +816,7 @@ mod tests {
                 device: Some(dev),
                 routes,
                 control: c,
+                tls_tunnels: None,
             },
             NOW,
         )
@@ -970,6 +1023,7 @@ mod tests {
                     device: Some(&dev),
                     routes: &[],
                     control: ControlCounters::default(),
+                    tls_tunnels: None,
                 },
                 now,
             ))
@@ -1027,12 +1081,47 @@ mod tests {
             device: None,
             routes: &[],
             control: ControlCounters::default(),
+            tls_tunnels: None,
         });
         let p = parse(&text);
         assert!(p.types.keys().all(|n| !n.starts_with("gatewire_peer")));
         assert!(p.types.keys().all(|n| !n.starts_with("gatewire_route")));
+        assert!(p.types.keys().all(|n| !n.starts_with("gatewire_tls")));
         assert_eq!(p.get("gatewire_state_version", &[]), Some(0));
         assert_eq!(p.get("gatewire_joins_total", &[]), Some(0));
         assert_eq!(p.types.len(), 6);
+    }
+
+    #[test]
+    fn tls_tunnel_counters() {
+        let text = render(&MetricsInput {
+            device: None,
+            routes: &[],
+            control: ControlCounters::default(),
+            tls_tunnels: Some(crate::carrier::CountersSnapshot {
+                streams: 5,
+                open: 2,
+                failed: 3,
+                bad_frames: 1,
+                bytes_in: 1000,
+                bytes_out: 2000,
+            }),
+        });
+        let p = parse(&text);
+        assert_eq!(p.types["gatewire_tls_tunnels_open"], "gauge");
+        assert_eq!(p.types["gatewire_tls_tunnels_total"], "counter");
+        assert_eq!(p.get("gatewire_tls_tunnels_open", &[]), Some(2));
+        assert_eq!(p.get("gatewire_tls_tunnels_total", &[]), Some(5));
+        assert_eq!(p.get("gatewire_tls_tunnels_failed_total", &[]), Some(3));
+        assert_eq!(p.get("gatewire_tls_tunnels_bad_frames_total", &[]), Some(1));
+        assert_eq!(
+            p.get("gatewire_tls_tunnels_receive_bytes_total", &[]),
+            Some(1000)
+        );
+        assert_eq!(
+            p.get("gatewire_tls_tunnels_transmit_bytes_total", &[]),
+            Some(2000)
+        );
+        assert_eq!(p.types.len(), 12);
     }
 }

@@ -121,6 +121,8 @@ pub struct Control {
     pub counters: Counters,
     /// The running proxy's counters, for route health and `/metrics`.
     pub proxy_stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
+    /// Nodes' tunnels carried over TLS, for `/metrics` (set by the hub).
+    pub tls_tunnels: parking_lot::Mutex<Option<Arc<crate::carrier::Hub>>>,
 }
 
 pub fn now() -> u64 {
@@ -159,6 +161,7 @@ impl Control {
             apply: tokio::sync::Notify::new(),
             counters: Counters::default(),
             proxy_stats: Arc::default(),
+            tls_tunnels: parking_lot::Mutex::new(None),
         });
         c.sync_peers().await;
         c.reevaluate();
