@@ -1751,6 +1751,11 @@ async fn auth_service() -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
                             r.headers_mut()
                                 .insert("x-auth-request-user", "alice".parse().unwrap());
                             r.headers_mut().insert("x-other", "no".parse().unwrap());
+                            // A refreshed session, for the client.
+                            r.headers_mut()
+                                .append("set-cookie", "_sso=fresh; Path=/".parse().unwrap());
+                            r.headers_mut()
+                                .append("set-cookie", "_csrf=x; Path=/".parse().unwrap());
                         } else {
                             *r.status_mut() = hyper::StatusCode::FOUND;
                             let to = format!("https://sso.test/login?rd={}", h("x-forwarded-uri"));
@@ -1818,6 +1823,13 @@ async fn forward_auth_asks_the_service_first() {
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.contains("user=alice"), "{r}");
         assert!(!r.contains("mallory") && !r.contains("x-other"), "{r}");
+        // The service's cookies reach the client with the backend's answer.
+        let lower = r.to_ascii_lowercase();
+        assert!(
+            lower.contains("set-cookie: _sso=fresh; path=/\r\n")
+                && lower.contains("set-cookie: _csrf=x; path=/\r\n"),
+            "{r}"
+        );
     }
     let seen = seen.lock().clone();
     assert_eq!(seen.len(), 3, "{seen:?}");

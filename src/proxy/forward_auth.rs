@@ -124,8 +124,13 @@ pub fn auth_request_headers(
 /// What the service said.
 #[derive(Debug)]
 pub enum Verdict {
-    /// 2xx: these headers (the configured names) go on the request.
-    Allow(Vec<(HeaderName, HeaderValue)>),
+    /// 2xx: `headers` (the configured names) go on the request, `cookies`
+    /// (the answer's `Set-Cookie`s: a refreshed session) on the response to
+    /// the client.
+    Allow {
+        headers: Vec<(HeaderName, HeaderValue)>,
+        cookies: Vec<HeaderValue>,
+    },
     /// Anything else: this answer goes to the client.
     Deny(Response<Bytes>),
     /// The service failed (unreachable, timed out, a broken answer).
@@ -248,7 +253,16 @@ pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
                 out.push((n.clone(), v.clone()));
             }
         }
-        return Verdict::Allow(out);
+        let cookies = resp
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        return Verdict::Allow {
+            headers: out,
+            cookies,
+        };
     }
     if resp.status().is_informational() {
         return Verdict::Failed(format!("status {}", resp.status()));
@@ -327,8 +341,15 @@ mod tests {
         let mut ok = Response::new(Bytes::new());
         ok.headers_mut().insert(&user, "alice".parse().unwrap());
         ok.headers_mut().insert("x-other", "1".parse().unwrap());
+        ok.headers_mut()
+            .append(header::SET_COOKIE, "_sso=a; Secure".parse().unwrap());
+        ok.headers_mut()
+            .append(header::SET_COOKIE, "_csrf=b".parse().unwrap());
         match verdict(ok, std::slice::from_ref(&user)) {
-            Verdict::Allow(h) => assert_eq!(h, vec![(user.clone(), "alice".parse().unwrap())]),
+            Verdict::Allow { headers, cookies } => {
+                assert_eq!(headers, vec![(user.clone(), "alice".parse().unwrap())]);
+                assert_eq!(cookies, vec!["_sso=a; Secure", "_csrf=b"]);
+            }
             v => panic!("{v:?}"),
         }
         let mut login = Response::new(Bytes::from_static(b"go log in"));

@@ -708,13 +708,21 @@ async fn proxy_request(
             .check(asked, limits.connect_timeout, limits.response_timeout)
             .await
         {
-            Verdict::Allow(add) => {
+            Verdict::Allow { headers, cookies } => {
                 // Only the service may set these.
                 for n in fa.copied() {
                     req.headers_mut().remove(n);
                 }
-                for (n, v) in add {
+                for (n, v) in headers {
                     req.headers_mut().append(n, v);
+                }
+                if !cookies.is_empty() {
+                    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority).await;
+                    let h = resp.headers_mut();
+                    for v in cookies {
+                        h.append(header::SET_COOKIE, v);
+                    }
+                    return Ok(resp);
                 }
             }
             Verdict::Deny(answer) => {
@@ -734,6 +742,20 @@ async fn proxy_request(
             }
         }
     }
+    forward(shared, conn, req, rec, route, c, authority).await
+}
+
+/// Sends the admitted request `req` of `route` to one of its backends and
+/// returns the backend's response (or the error answer).
+async fn forward(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    rec: &mut Option<Record>,
+    route: Arc<Route>,
+    c: Arc<Counters>,
+    authority: String,
+) -> Result<Response<ProxyBody>, Infallible> {
     let upgrade = upgrade_of(&req);
     let h2 = route.upstreams.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {
