@@ -39,6 +39,12 @@ pub const IDLE: Duration = Duration::from_secs(180);
 pub const FIRST: Duration = Duration::from_secs(15);
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
+/// The largest datagram read from a device: a WireGuard message of a
+/// packet up to the largest MTU a device takes (9000) and then some. The
+/// relay's socket does not coalesce (no GRO), so each read is one message.
+const MAX_MESSAGE: usize = 16 * 1024;
+/// What a stream's buffers start at; they grow with bursts.
+const START: usize = 4 * 1024;
 
 /// Counters of carried tunnels, at one end.
 #[derive(Debug, Default)]
@@ -106,6 +112,8 @@ pub enum End {
     BadFrame(frame::FrameError),
     /// Nothing either way for [`IDLE`] (or the given idle time).
     Idle,
+    /// Nothing came from the stream in its first moments.
+    Silent,
     /// The loopback socket failed.
     Local(io::ErrorKind),
     /// Its end is stopping.
@@ -148,7 +156,7 @@ where
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let down = async {
-        let mut buf = BytesMut::with_capacity(BATCH);
+        let mut buf = BytesMut::with_capacity(START);
         loop {
             match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return End::Closed,
@@ -173,13 +181,13 @@ where
                 }
             }
             if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(BATCH);
+                buf.reserve(START.max(buf.len()).min(BATCH));
             }
         }
     };
     let up = async {
-        let mut dgram = vec![0u8; frame::MAX_DATAGRAM];
-        let mut out = BytesMut::with_capacity(BATCH + frame::MAX_DATAGRAM);
+        let mut dgram = vec![0u8; MAX_MESSAGE];
+        let mut out = BytesMut::with_capacity(START);
         loop {
             let n = match udp.recv(&mut dgram).await {
                 Ok(n) => n,
@@ -206,7 +214,7 @@ where
         loop {
             tokio::time::sleep(step).await;
             if !heard.load(Relaxed) && start.elapsed() >= first {
-                return End::Idle;
+                return End::Silent;
             }
             let quiet = (start.elapsed().as_millis() as u64).saturating_sub(last.load(Relaxed));
             if quiet >= idle.as_millis() as u64 {
@@ -308,13 +316,20 @@ impl Hub {
             }
         };
         let local = udp.local_addr().ok();
-        info!(client = %client, relay = ?local, "carried tunnel open");
+        debug!(client = %client, relay = ?local, "carried tunnel open");
         let mut stop = self.stop.subscribe();
+        let t = Instant::now();
         let end = tokio::select! {
             e = relay(tls, &udp, IDLE, FIRST, &self.counters) => e,
             _ = stop.wait_for(|s| *s) => End::Stopped,
         };
-        info!(client = %client, relay = ?local, end = ?end, "carried tunnel closed");
+        let secs = t.elapsed().as_secs();
+        // Connections that never carried a message are not worth a line each.
+        if end == End::Silent {
+            debug!(client = %client, relay = ?local, end = ?end, secs, "carried tunnel closed");
+        } else {
+            info!(client = %client, relay = ?local, end = ?end, secs, "carried tunnel closed");
+        }
     }
 }
 
@@ -452,7 +467,7 @@ mod tests {
         };
         let t = Instant::now();
         tokio::select! {
-            e = relay(near, &udp, IDLE, short, &c) => assert_eq!(e, End::Idle),
+            e = relay(near, &udp, IDLE, short, &c) => assert_eq!(e, End::Silent),
             _ = chatter => unreachable!(),
         }
         assert!(t.elapsed() >= short && t.elapsed() < IDLE);
