@@ -124,6 +124,7 @@ struct RawNodeHub {
     control: Option<String>,
     transport: Option<crate::carrier::path::Transport>,
     tls_endpoint: Option<String>,
+    tls_proxy: Option<String>,
 }
 
 /// A peer of the hub.
@@ -217,6 +218,9 @@ pub struct NodeHub {
     /// `host:port` of the hub's HTTPS listener for the TLS carrier; by
     /// default the endpoint's host, port 443.
     pub tls_endpoint: String,
+    /// `host:port` of a web proxy the TLS carrier goes through (HTTP
+    /// `CONNECT`), for networks that let nothing else out.
+    pub tls_proxy: Option<String>,
 }
 
 /// Validated node settings.
@@ -546,6 +550,13 @@ impl NodeConfig {
                 control,
                 transport: rh.transport.unwrap_or_default(),
                 tls_endpoint,
+                tls_proxy: rh
+                    .tls_proxy
+                    .as_deref()
+                    .map(|p| {
+                        tls_proxy(p).map_err(|m| ctx.err(format!("{what} tls_proxy `{p}`: {m}")))
+                    })
+                    .transpose()?,
             });
         }
         check_unique_keys(&ctx, hubs.iter().map(|h| &h.public_key))?;
@@ -572,6 +583,21 @@ impl NodeConfig {
             services,
         })
     }
+}
+
+/// `http://host:port` (a trailing `/` allowed) as `host:port`.
+fn tls_proxy(p: &str) -> Result<String, String> {
+    let Some(rest) = p.trim().strip_prefix("http://") else {
+        return Err("expected http://host:port".into());
+    };
+    let hp = rest.strip_suffix('/').unwrap_or(rest);
+    if hp.contains('@') {
+        return Err("proxy credentials are not supported".into());
+    }
+    if hp.contains('/') || crate::carrier::split_host_port(hp).is_none() {
+        return Err("expected http://host:port".into());
+    }
+    Ok(hp.to_string())
 }
 
 // ------------------------------------------------------------ node services
@@ -834,7 +860,7 @@ mod service_tests {
     const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const P2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 
-    fn node(extra: &str) -> Result<NodeConfig, String> {
+    pub(super) fn node(extra: &str) -> Result<NodeConfig, String> {
         let text = format!(
             "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\", \"fd77:6777::1:1/48\"]\n\
              [[hub]]\nname = \"hub1\"\npublic_key = \"{P2}\"\nendpoint = \"hub.example:51820\"\n\
@@ -1028,6 +1054,50 @@ mod tests {
         ))
         .unwrap();
         assert!(!format!("{c:?}").contains(K1));
+    }
+
+    #[test]
+    fn tls_carrier_keys() {
+        use super::service_tests::node;
+        use crate::carrier::path::Transport;
+        let c = node("").unwrap();
+        assert_eq!(c.hubs[0].transport, Transport::Auto);
+        assert_eq!(c.hubs[0].tls_endpoint, "hub.example:443");
+        assert_eq!(c.hubs[0].tls_proxy, None);
+        let c = node(
+            "transport = \"tls\"\ntls_endpoint = \"[2001:db8::1]:8443\"\ntls_proxy = \"http://proxy.corp:3128/\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.hubs[0].transport, Transport::Tls);
+        assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::1]:8443");
+        assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
+        assert_eq!(
+            node("transport = \"udp\"\n").unwrap().hubs[0].transport,
+            Transport::Udp
+        );
+        for (extra, says) in [
+            ("transport = \"quic\"\n", "transport"),
+            (
+                "tls_endpoint = \"hub.example\"\n",
+                "tls_endpoint `hub.example`: expected host:port",
+            ),
+            ("tls_proxy = \"proxy:3128\"\n", "expected http://host:port"),
+            (
+                "tls_proxy = \"https://proxy:3128\"\n",
+                "expected http://host:port",
+            ),
+            (
+                "tls_proxy = \"http://u:secret@proxy:3128\"\n",
+                "credentials are not supported",
+            ),
+            (
+                "tls_proxy = \"http://proxy:3128/x\"\n",
+                "expected http://host:port",
+            ),
+        ] {
+            let e = node(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
     }
 
     #[test]

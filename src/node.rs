@@ -108,6 +108,7 @@ pub struct HubPath {
     name: String,
     transport: Transport,
     tls_endpoint: String,
+    tls_proxy: Option<String>,
     via: Mutex<Via>,
     counters: Arc<Counters>,
 }
@@ -118,6 +119,7 @@ impl HubPath {
             name: hub_name(hub),
             transport: hub.transport,
             tls_endpoint: hub.tls_endpoint.clone(),
+            tls_proxy: hub.tls_proxy.clone(),
             via: Mutex::new(if hub.transport == Transport::Tls {
                 Via::Tls
             } else {
@@ -133,6 +135,7 @@ impl HubPath {
             "transport": self.transport,
             "via": *self.via.lock(),
             "tls_endpoint": self.tls_endpoint,
+            "tls_proxy": self.tls_proxy,
             "tls": self.counters.snapshot(),
         })
     }
@@ -166,13 +169,22 @@ async fn open_carrier(
     let (host, _) = carrier::split_host_port(&hub.tls_endpoint).ok_or_else(|| {
         anyhow::anyhow!("tls_endpoint `{}`: expected host:port", hub.tls_endpoint)
     })?;
-    let addr = resolve(&hub.tls_endpoint)
+    // The first hop (the hub, or the proxy) must not be routed into the tunnel.
+    let first = hub.tls_proxy.as_deref().unwrap_or(&hub.tls_endpoint);
+    let addr = resolve(first)
         .await
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", hub.tls_endpoint))?;
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {first}"))?;
     unroute_endpoint(dev, routed, addr.ip(), iface, &hub_name(hub)).await;
-    let stream = carrier::connect(tls, addr, host, Duration::from_secs(5))
+    let dial = match &hub.tls_proxy {
+        None => carrier::Dial::Direct(addr),
+        Some(_) => carrier::Dial::Proxy {
+            proxy: addr,
+            authority: hub.tls_endpoint.clone(),
+        },
+    };
+    let stream = carrier::connect(tls, &dial, host, Duration::from_secs(5))
         .await
-        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{first}: {e}"))?;
     let udp = carrier::local_socket(dev.loopback()).await?;
     let local = udp.local_addr()?;
     let task = tokio::spawn(async move {

@@ -3,14 +3,16 @@
 # forwarded UDP packet. n1 (transport "auto", the default) gets no answer over
 # UDP, falls back to WireGuard carried over TLS on the hub's :443 and serves
 # a route through it; n2 (transport "udp") stays cut off. The same :443 still
-# serves a terminated HTTPS route to web clients. When the hub restarts, n1's
-# stream ends and n1 comes back over TLS by itself.
+# serves a terminated HTTPS route to web clients. n3's network lets nothing
+# out but a web proxy (tinyproxy on the NAT box): with `tls_proxy` its
+# carrier goes through the proxy's CONNECT. When the hub restarts, the
+# streams end and n1 and n3 come back over TLS by themselves.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=45-tls-carrier
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd curl python3 ss jq openssl socat sha256sum
+need_cmd curl python3 ss jq openssl socat sha256sum tinyproxy
 need_gatewire
 
 DOMAIN=gw.example.org
@@ -18,23 +20,38 @@ HOST=app.$DOMAIN
 HUB4=$(lab_wan4 hub)
 N1=$(lab_ov4 n1)
 
-lab_up 2 0
+lab_up 3 0
 
-# --- the NAT drops every UDP packet from the LAN (TCP still passes)
+# --- the NAT drops every UDP packet from the LAN (TCP still passes), and
+# everything n3 sends: n3 has only the web proxy
 lab_exec nat nft -f - <<EOF
 table inet noudp {
     chain forward_udp {
         type filter hook forward priority filter; policy accept;
         iifname "lan0" meta l4proto udp counter drop
+        iifname "lan0" ip saddr $(lab_lan4 n3) counter drop
     }
 }
 EOF
+PROXY=$(lab_lan4 nat):8888
+cat >"$GW_TMP/conf/tinyproxy.conf" <<EOF
+Port 8888
+Listen $(lab_lan4 nat)
+Timeout 600
+Allow 192.168.77.0/24
+ConnectPort 443
+LogLevel Info
+LogFile "$GW_TMP/logs/tinyproxy-requests.log"
+PidFile "$GW_TMP/tinyproxy.pid"
+EOF
+lab_bg nat tinyproxy tinyproxy -d -c "$GW_TMP/conf/tinyproxy.conf"
+must "tinyproxy listens on the NAT box" wait_for 10 lab_sh nat "ss -Hltn 'sport = :8888' | grep -q ."
 
 CERT_DIR="$GW_TMP/certs"
 mkdir -p "$CERT_DIR"
 lab_selfsigned "$HOST" "$CERT_DIR/fullchain.pem" "$CERT_DIR/key.pem"
 
-conf=$(gw_hub_conf hub n1 n2)
+conf=$(gw_hub_conf hub n1 n2 n3)
 cat >>"$conf" <<EOF
 
 [proxy]
@@ -53,8 +70,11 @@ GW_CONF=$conf gw_start_hub hub
 
 n2conf=$(gw_node_conf n2 hub)
 sed -i 's/^persistent_keepalive = .*/&\ntransport = "udp"/' "$n2conf"
+n3conf=$(gw_node_conf n3 hub)
+sed -i "s|^persistent_keepalive = .*|&\ntransport = \"tls\"\ntls_proxy = \"http://$PROXY\"|" "$n3conf"
 gw_start_node n1 hub
 GW_CONF=$n2conf gw_start_node n2 hub
+GW_CONF=$n3conf gw_start_node n3 hub
 
 mkdir -p "$GW_TMP/www"
 echo "served-by-n1" >"$GW_TMP/www/index.html"
@@ -69,13 +89,23 @@ must "n1 reaches the hub's overlay address through the TLS carrier" wait_for 40 
 lab_log "n1 reached the hub after $(($(now_ms) - t0)) ms (UDP blocked)"
 check "the NAT dropped n1's UDP" lab_sh nat "nft list table inet noudp | grep -Eq 'packets [1-9]'"
 check "n1 shows its hub reached over tls" eval "path_json n1 | jq -e '.via == \"tls\" and .transport == \"auto\" and .tls.open == 1 and .tls.bytes_in > 0' >/dev/null"
-check "the hub counts one open carried tunnel" eval \
-    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 1 and .interfaces[0].tls_tunnels.bytes_out > 0' >/dev/null"
+check "the hub counts open carried tunnels" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open >= 1 and .interfaces[0].tls_tunnels.bytes_out > 0' >/dev/null"
 check "the hub reaches n1 (v6 overlay) through it" lab_ping hub "$(lab_ov6 n1)"
 
 # --- n2: UDP only, so it stays cut off
 check "n2 (transport udp) does not reach the hub" lab_ping_fails n2 "$(lab_ov4 hub)"
 check "n2 shows udp and no stream" eval "path_json n2 | jq -e '.via == \"udp\" and .tls.streams == 0' >/dev/null"
+
+# --- n3: only the web proxy gets out; the carrier goes through its CONNECT
+check "n3 (tls through the web proxy) reaches the hub" wait_for 20 lab_ping1 n3 "$(lab_ov4 hub)"
+check "n3 shows tls through the proxy" eval \
+    "path_json n3 | jq -e --arg p '$PROXY' '.via == \"tls\" and .tls_proxy == \$p and .tls.open == 1' >/dev/null"
+check "the proxy carried n3's CONNECT to the hub's :443" \
+    grep -q "CONNECT.*$HUB4:443" "$GW_TMP/logs/tinyproxy-requests.log"
+check "the hub reaches n3 through it" lab_ping hub "$(lab_ov4 n3)"
+check "the hub counts two open carried tunnels" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 2' >/dev/null"
 
 # --- public traffic to n1's service crosses the carried tunnel; :443 still
 # serves web clients beside the carriers
@@ -94,6 +124,7 @@ t0=$(now_ms)
 check "n1 reaches the restarted hub again (over TLS)" wait_for 45 lab_ping1 n1 "$(lab_ov4 hub)"
 lab_log "n1 back $(($(now_ms) - t0)) ms after the hub's restart"
 check "n1 opened a second stream" eval "path_json n1 | jq -e '.via == \"tls\" and .tls.streams >= 2' >/dev/null"
+check "n3 is back through the proxy too" wait_for 20 lab_ping1 n3 "$(lab_ov4 hub)"
 body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
 check "the route serves again" grep -q served-by-n1 <<<"$body"
 

@@ -14,6 +14,7 @@
 //!
 //! [`path`] decides when a node uses it; this module holds the drivers.
 
+pub mod connect;
 pub mod frame;
 pub mod path;
 
@@ -359,11 +360,55 @@ pub fn split_host_port(ep: &str) -> Option<(&str, u16)> {
     (!h.is_empty()).then_some((h, port))
 }
 
-/// Opens a carried tunnel to `addr` (TCP, then TLS naming `host`), within
-/// `timeout`.
+/// How a node's connection for the carrier leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dial {
+    /// Straight to the hub's listener.
+    Direct(SocketAddr),
+    /// Through a web proxy at `proxy`, asked for a tunnel to `authority`
+    /// (`host:port` of the hub's listener, resolved by the proxy).
+    Proxy {
+        proxy: SocketAddr,
+        authority: String,
+    },
+}
+
+/// Connects `dial`, asking the proxy for its tunnel first if it names one.
+async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
+    let (to, authority) = match dial {
+        Dial::Direct(a) => (*a, None),
+        Dial::Proxy { proxy, authority } => (*proxy, Some(authority)),
+    };
+    let mut tcp = TcpStream::connect(to).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(authority) = authority else {
+        return Ok(tcp);
+    };
+    tcp.write_all(&connect::request(authority)).await?;
+    let mut reply = Vec::new();
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the proxy closed the connection",
+            ));
+        }
+        reply.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        match connect::parse_reply(&reply) {
+            Ok(Some(())) => return Ok(tcp),
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// Opens a carried tunnel (TCP as `dial` says, then TLS naming `host`),
+/// within `timeout`.
 pub async fn connect(
     cfg: Arc<rustls::ClientConfig>,
-    addr: SocketAddr,
+    dial: &Dial,
     host: &str,
     timeout: Duration,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -373,8 +418,7 @@ pub async fn connect(
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
     };
     let work = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = dial_tcp(dial).await?;
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await?;
@@ -492,7 +536,7 @@ mod tests {
         });
         let tls = connect(
             client_config().unwrap(),
-            at,
+            &Dial::Direct(at),
             "hub.example",
             Duration::from_secs(5),
         )
@@ -539,7 +583,7 @@ mod tests {
         });
         let e = connect(
             client_config().unwrap(),
-            at,
+            &Dial::Direct(at),
             "127.0.0.1",
             Duration::from_secs(5),
         )
