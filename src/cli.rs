@@ -407,6 +407,53 @@ fn ago(secs: u64) -> String {
     }
 }
 
+/// Lines for the TLS carrier sections of a daemon's `show` object: a node's
+/// `hub_paths` (hubs it may reach over TLS) and a hub's `tls_tunnels`.
+fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string()
+    };
+    let mut out = Vec::new();
+    for p in v
+        .get("hub_paths")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if s(p, "transport") == "udp" {
+            continue;
+        }
+        let t = p.get("tls").cloned().unwrap_or_default();
+        let proxy = match p.get("tls_proxy").and_then(|x| x.as_str()) {
+            Some(x) => format!(" through proxy {x}"),
+            None => String::new(),
+        };
+        out.push(format!(
+            "hub {}: over {} (transport {}); TLS to {}{proxy}: {} streams, {} failed, {} received, {} sent",
+            s(p, "hub"),
+            s(p, "via"),
+            s(p, "transport"),
+            s(p, "tls_endpoint"),
+            n(&t, "streams"),
+            n(&t, "failed"),
+            human_bytes(n(&t, "bytes_in")),
+            human_bytes(n(&t, "bytes_out")),
+        ));
+    }
+    if let Some(t) = v.get("tls_tunnels") {
+        out.push(format!(
+            "tunnels over TLS: {} open, {} set up, {} failed, {} received, {} sent",
+            n(t, "open"),
+            n(t, "streams"),
+            n(t, "failed"),
+            human_bytes(n(t, "bytes_in")),
+            human_bytes(n(t, "bytes_out")),
+        ));
+    }
+    out
+}
+
 fn print_text(i: &ShowInterface) {
     println!(
         "interface: {} ({})",
@@ -544,6 +591,13 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
                 println!();
             }
             print_text(i);
+            let lines = raw.get(k).map(carrier_lines).unwrap_or_default();
+            if !lines.is_empty() {
+                println!();
+                for l in lines {
+                    println!("{l}");
+                }
+            }
         }
         if let Some(o) = &overlay {
             if !out.is_empty() {
@@ -556,5 +610,37 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carrier_lines_for_node_and_hub() {
+        let node = serde_json::json!({"hub_paths": [
+            {"hub": "h1", "transport": "auto", "via": "tls", "tls_endpoint": "h1.example:443",
+             "tls_proxy": null, "tls": {"streams": 2, "open": 1, "failed": 0, "bad_frames": 0,
+             "bytes_in": 2048, "bytes_out": 10}},
+            {"hub": "h2", "transport": "udp", "via": "udp", "tls_endpoint": "h2.example:443",
+             "tls_proxy": null, "tls": {"streams": 0}},
+            {"hub": "h3", "transport": "tls", "via": "tls", "tls_endpoint": "h3.example:443",
+             "tls_proxy": "proxy.corp:3128", "tls": {"streams": 1, "failed": 3}}
+        ]});
+        assert_eq!(
+            carrier_lines(&node),
+            vec![
+                "hub h1: over tls (transport auto); TLS to h1.example:443: 2 streams, 0 failed, 2.00 KiB received, 10 B sent",
+                "hub h3: over tls (transport tls); TLS to h3.example:443 through proxy proxy.corp:3128: 1 streams, 3 failed, 0 B received, 0 B sent",
+            ]
+        );
+        let hub = serde_json::json!({"tls_tunnels": {"streams": 5, "open": 2, "failed": 1,
+            "bad_frames": 0, "bytes_in": 0, "bytes_out": 0}});
+        assert_eq!(
+            carrier_lines(&hub),
+            vec!["tunnels over TLS: 2 open, 5 set up, 1 failed, 0 B received, 0 B sent"]
+        );
+        assert!(carrier_lines(&serde_json::json!({})).is_empty());
     }
 }

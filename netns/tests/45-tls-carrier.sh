@@ -89,6 +89,8 @@ must "n1 reaches the hub's overlay address through the TLS carrier" wait_for 40 
 lab_log "n1 reached the hub after $(($(now_ms) - t0)) ms (UDP blocked)"
 check "the NAT dropped n1's UDP" lab_sh nat "nft list table inet noudp | grep -Eq 'packets [1-9]'"
 check "n1 shows its hub reached over tls" eval "path_json n1 | jq -e '.via == \"tls\" and .transport == \"auto\" and .tls.open == 1 and .tls.bytes_in > 0' >/dev/null"
+check "and says so in plain gatewire show" eval \
+    "lab_exec n1 '$GATEWIRE' show gwn0 | grep -q 'hub hub: over tls (transport auto); TLS to $HUB4:443'"
 check "the hub counts open carried tunnels" eval \
     "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open >= 1 and .interfaces[0].tls_tunnels.bytes_out > 0' >/dev/null"
 check "the hub reaches n1 (v6 overlay) through it" lab_ping hub "$(lab_ov6 n1)"
