@@ -516,10 +516,7 @@ impl NodeConfig {
             );
             let public_key = ctx.public_key(&what, &rh.public_key)?;
             let ep = rh.endpoint.trim();
-            let port_ok = ep
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !port_ok {
+            if crate::carrier::split_host_port(ep).is_none() {
                 return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")));
             }
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
@@ -527,12 +524,8 @@ impl NodeConfig {
                 Some(t) => {
                     return Err(ctx.err(format!("{what} tls_endpoint `{t}`: expected host:port")))
                 }
-                None => match ep.rsplit_once(':') {
-                    Some((h, _)) => format!("{h}:443"),
-                    None => {
-                        return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")))
-                    }
-                },
+                // The endpoint's host as written (an IPv6 one keeps its brackets).
+                None => format!("{}:443", ep.rsplit_once(':').map_or(ep, |(h, _)| h)),
             };
             let allowed_ips = ctx.nets(&format!("{what} allowed_ips"), &rh.allowed_ips, false)?;
             let control = rh

@@ -120,11 +120,7 @@ impl HubPath {
             transport: hub.transport,
             tls_endpoint: hub.tls_endpoint.clone(),
             tls_proxy: hub.tls_proxy.clone(),
-            via: Mutex::new(if hub.transport == Transport::Tls {
-                Via::Tls
-            } else {
-                Via::Udp
-            }),
+            via: Mutex::new(Path::new(hub.transport, 0).via()),
             counters: Arc::default(),
         })
     }

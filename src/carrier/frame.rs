@@ -49,10 +49,10 @@ pub fn encode(datagram: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
 /// datagram; `Ok(None)` when `buf` holds only part of a frame (read more and
 /// call again). On error `buf` is left as it was.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-    let Some(head) = buf.get(..HEADER) else {
+    let Some(&[hi, lo]) = buf.get(..HEADER) else {
         return Ok(None);
     };
-    let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
     if len == 0 {
         return Err(FrameError::Empty);
     }

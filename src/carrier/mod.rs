@@ -19,7 +19,7 @@ pub mod frame;
 pub mod path;
 
 use bytes::BytesMut;
-use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -262,20 +262,10 @@ impl Hub {
     /// `device`: the hub's WireGuard port on loopback. The certificate is
     /// made anew at every start (nodes do not check it; see the module).
     pub fn new(device: impl Fn() -> SocketAddr + Send + Sync + 'static) -> anyhow::Result<Hub> {
-        let provider = crate::proxy::upstream::provider();
-        let kp = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec!["gatewire-hub".to_string()])?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        let cert = params.self_signed(&kp)?;
-        let key = provider
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(kp.serialize_der().into()))?;
-        let ck = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], key);
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(crate::proxy::tls::One(Arc::new(ck))));
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        use crate::proxy::tls::{one_cert_config, self_signed};
+        let cfg = self_signed("gatewire-hub", Vec::new())
+            .and_then(|key| one_cert_config(key, ALPN))
+            .map_err(|e| anyhow::anyhow!("tunnels over TLS: {e}"))?;
         Ok(Hub {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             device: Box::new(device),

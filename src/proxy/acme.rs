@@ -18,7 +18,7 @@ use instant_acme::{
     Identifier, NewAccount, NewOrder, OrderStatus,
 };
 use parking_lot::RwLock;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::future::Future;
@@ -323,15 +323,10 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
 }
 
 fn alpn_cert(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
-    let mut p = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
-    p.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = p.self_signed(&kp).map_err(|e| e.to_string())?;
-    let key = crate::proxy::upstream::provider()
-        .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(kp.serialize_der().into()))
-        .map_err(|e| e.to_string())?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], key)))
+    crate::proxy::tls::self_signed(
+        host,
+        vec![rcgen::CustomExtension::new_acme_identifier(digest)],
+    )
 }
 
 /// Orders, validates and stores a certificate for `host`.

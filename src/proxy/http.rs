@@ -692,6 +692,8 @@ async fn proxy_request(
         // The credentials are the hub's, not the backend's.
         req.headers_mut().remove(header::AUTHORIZATION);
     }
+    // A refreshed session from the authentication service, for the client.
+    let mut auth_cookies = Vec::new();
     if let Some(fa) = &route.forward_auth {
         use crate::proxy::forward_auth::{auth_request_headers, Verdict};
         let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -716,14 +718,7 @@ async fn proxy_request(
                 for (n, v) in headers {
                     req.headers_mut().append(n, v);
                 }
-                if !cookies.is_empty() {
-                    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority).await;
-                    let h = resp.headers_mut();
-                    for v in cookies {
-                        h.append(header::SET_COOKIE, v);
-                    }
-                    return Ok(resp);
-                }
+                auth_cookies = cookies;
             }
             Verdict::Deny(answer) => {
                 c.error(ErrorKind::Unauthorized);
@@ -742,7 +737,11 @@ async fn proxy_request(
             }
         }
     }
-    forward(shared, conn, req, rec, route, c, authority).await
+    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority).await;
+    for v in auth_cookies {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(resp)
 }
 
 /// Sends the admitted request `req` of `route` to one of its backends and

@@ -180,7 +180,7 @@ pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, Stri
 
 /// Presents one certificate whatever the client asks for.
 #[derive(Debug)]
-pub(crate) struct One(pub(crate) Arc<CertifiedKey>);
+struct One(Arc<CertifiedKey>);
 
 impl ResolvesServerCert for One {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -238,11 +238,36 @@ pub fn acme_cert_config(
 
 /// A server config that answers one TLS-ALPN-01 validation with `key`.
 pub fn acme_alpn_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
+    one_cert_config(key, crate::proxy::acme::ACME_TLS_ALPN)
+}
+
+/// TLS 1.3 with `key` for every name, agreeing only on ALPN `alpn`.
+pub fn one_cert_config(
+    key: Arc<CertifiedKey>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, String> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(One(key)));
-    cfg.alpn_protocols = vec![crate::proxy::acme::ACME_TLS_ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
+}
+
+/// A fresh key and a self-signed certificate for `host`, with `extensions`.
+pub fn self_signed(
+    host: &str,
+    extensions: Vec<rcgen::CustomExtension>,
+) -> Result<Arc<CertifiedKey>, String> {
+    let mut p = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.custom_extensions = extensions;
+    let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = p.self_signed(&kp).map_err(|e| e.to_string())?;
+    let key = crate::proxy::upstream::provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(kp.serialize_der().into()))
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], key)))
 }
