@@ -451,6 +451,30 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             human_bytes(n(t, "bytes_out")),
         ));
     }
+    if let Some(m) = v.get("mesh") {
+        let etcd = match m.get("etcd_connected").and_then(|x| x.as_bool()) {
+            Some(true) => "connected to etcd".to_string(),
+            _ => match m.get("last_error").and_then(|x| x.as_str()) {
+                Some(e) => format!("etcd unreachable ({e}), serving the last table"),
+                None => "etcd unreachable, serving the last table".to_string(),
+            },
+        };
+        out.push(format!(
+            "mesh {}: {etcd}; {} hosts published, {} connections sent to other hubs, {} received",
+            s(m, "name"),
+            n(m, "published_hosts"),
+            n(m, "forwarded"),
+            n(m, "received"),
+        ));
+        for h in m
+            .get("hubs")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+        {
+            out.push(format!("  hub {}: {} hosts", s(h, "name"), n(h, "hosts")));
+        }
+    }
     out
 }
 
@@ -642,5 +666,18 @@ mod tests {
             vec!["tunnels over TLS: 2 open, 5 set up, 1 failed, 0 B received, 0 B sent"]
         );
         assert!(carrier_lines(&serde_json::json!({})).is_empty());
+        let mesh = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
+            "last_error": null, "published_hosts": 2, "forwarded": 7, "received": 1,
+            "bad_records": 0, "hubs": [{"name": "hub-b", "hosts": 3}]}});
+        assert_eq!(
+            carrier_lines(&mesh),
+            vec![
+                "mesh hub-a: connected to etcd; 2 hosts published, 7 connections sent to other hubs, 1 received",
+                "  hub hub-b: 3 hosts",
+            ]
+        );
+        let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
+            "last_error": "connection refused", "hubs": []}});
+        assert!(carrier_lines(&down)[0].contains("etcd unreachable (connection refused)"));
     }
 }

@@ -60,6 +60,8 @@ struct RawHubFile {
     xlat: Option<crate::xlat::settings::RawXlat>,
     // The control plane (src/control/settings.rs validates it).
     control: Option<crate::control::settings::RawControl>,
+    // The hub mesh (src/mesh/settings.rs validates it).
+    mesh: Option<crate::mesh::settings::RawMesh>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +164,8 @@ pub struct HubConfig {
     pub xlat: Option<crate::xlat::settings::XlatSettings>,
     /// The control plane, if the file has a `[control]` section.
     pub control: Option<crate::control::settings::ControlSettings>,
+    /// The hub mesh, if the file has a `[mesh]` section.
+    pub mesh: Option<crate::mesh::settings::MeshSettings>,
     /// The proxy sections as written, for merging routes from the control plane.
     pub proxy_raw: ProxyRaw,
     /// The directory relative file names resolve against.
@@ -464,6 +468,14 @@ impl HubConfig {
             .map(|c| crate::control::settings::validate(c, &interface, &addresses, base))
             .transpose()
             .map_err(|m| ctx.err(m))?;
+        let has_listener = proxy
+            .as_ref()
+            .is_some_and(|p| !p.http_listen.is_empty() || !p.https_listen.is_empty());
+        let mesh = raw
+            .mesh
+            .map(|m| crate::mesh::settings::validate(m, base, has_listener))
+            .transpose()
+            .map_err(|m| ctx.err(m))?;
         Ok(HubConfig {
             interface,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),
@@ -478,6 +490,7 @@ impl HubConfig {
             yggdrasil,
             xlat,
             control,
+            mesh,
             proxy_raw,
             base: base.to_path_buf(),
         })
@@ -1139,6 +1152,27 @@ mod tests {
         let y = c.yggdrasil.as_ref().unwrap();
         assert_eq!(y.peers.len(), 1);
         assert!(!format!("{c:?}").contains(YGG_KEY));
+    }
+
+    #[test]
+    fn mesh_needs_a_proxy_listener() {
+        let base = format!("[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n");
+        let mesh = "[mesh]\nname = \"hub-a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\n";
+        let e = hub(&format!("{base}{mesh}")).unwrap_err().to_string();
+        assert!(
+            e.contains("[mesh] needs a [proxy]") && e.contains("hub.toml"),
+            "{e}"
+        );
+        let c = hub(&format!(
+            "{base}[proxy]\ndomains = [\"gw.test\"]\nhttp_listen = [\"0.0.0.0:80\"]\n{mesh}"
+        ))
+        .unwrap();
+        let m = c.mesh.unwrap();
+        assert_eq!(m.name, "hub-a");
+        assert_eq!(
+            m.advertise,
+            vec!["198.51.100.1".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
 
     #[test]

@@ -116,10 +116,14 @@ struct ProxySlot {
     proxy: Option<Proxy>,
     stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
     tunnels: Arc<NodeTunnels>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl ProxySlot {
     fn set(&mut self, p: Option<Proxy>) {
+        if let Some(p) = &p {
+            p.set_mesh(self.mesh.clone());
+        }
         *self.stats.lock() = p.as_ref().map(|p| p.stats_handle());
         self.proxy = p;
     }
@@ -172,6 +176,11 @@ impl ProxySlot {
                 return;
             }
         };
+        if cfg.mesh.as_ref() != self.mesh.as_ref().map(|m| &m.settings) {
+            warn!(
+                "[mesh] changed in the config file; the change takes effect when the hub restarts"
+            );
+        }
         match control {
             // The control plane merges its routes and asks for an apply.
             Some(c) => c.set_config(cfg).await,
@@ -316,6 +325,7 @@ async fn run_inner(
             .map(|c| c.proxy_stats.clone())
             .unwrap_or_default(),
         tunnels: tunnels.clone(),
+        mesh: cfg.mesh.clone().map(crate::mesh::Mesh::new),
     };
     slot.set(
         start_proxy_with(
@@ -332,6 +342,22 @@ async fn run_inner(
             None => serde_json::Value::Null,
         }),
     );
+    let mesh_driver = slot.mesh.clone().map(|m| {
+        let stats = slot.stats.clone();
+        let me = m.clone();
+        let local: crate::mesh::etcd::Local = Arc::new(move || {
+            let (hosts, http, https) = stats
+                .lock()
+                .as_ref()
+                .map(|h| h.mesh_local())
+                .unwrap_or_default();
+            let s = &me.settings;
+            crate::mesh::table::HubRecord::local(&s.name, &s.advertise, http, https, hosts)
+        });
+        let view = m.clone();
+        api.set_show_section("mesh", Arc::new(move || serde_json::json!(view.view())));
+        crate::mesh::etcd::Driver::start(m, local)
+    });
     if let Some(c) = carrier.clone() {
         api.set_show_section(
             "tls_tunnels",
@@ -393,6 +419,10 @@ async fn run_inner(
         }
     }
     info!("hub stopping");
+    // Withdrawn first, so the other hubs stop sending connections here.
+    if let Some(d) = mesh_driver {
+        d.stop().await;
+    }
     if let Some(c) = &carrier {
         c.close_all();
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod hub;
 pub mod keys;
+pub mod mesh;
 pub mod node;
 pub mod proxy;
 pub mod wg;

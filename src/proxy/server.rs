@@ -215,6 +215,23 @@ struct Runtime {
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     listeners: Mutex<Vec<Listening>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The hub mesh, when `[mesh]` is on: hosts other hubs serve.
+    mesh: arc_swap::ArcSwapOption<crate::mesh::Mesh>,
+}
+
+impl Runtime {
+    fn stats(&self) -> Vec<RouteSnapshot> {
+        let mut v = snapshot(&self.current.load());
+        if let Some(m) = self.mesh.load().as_ref() {
+            v.push(RouteSnapshot::new(
+                "mesh".into(),
+                Vec::new(),
+                &m.counters,
+                Vec::new(),
+            ));
+        }
+        v
+    }
 }
 
 /// A running proxy.
@@ -229,7 +246,21 @@ pub struct StatsHandle(Arc<Runtime>);
 impl StatsHandle {
     /// Same as [`Proxy::stats`].
     pub fn stats(&self) -> Vec<RouteSnapshot> {
-        snapshot(&self.0.current.load())
+        self.0.stats()
+    }
+
+    /// What the mesh publishes: the hosts of every route, and the ports of
+    /// the first plain HTTP and TLS listeners.
+    pub fn mesh_local(&self) -> (Vec<String>, Option<u16>, Option<u16>) {
+        let cur = self.0.current.load();
+        let hosts = cur
+            .routes
+            .iter()
+            .flat_map(|r| r.hosts.iter().map(|h| h.as_str().to_string()))
+            .collect();
+        let ls = self.0.listeners.lock();
+        let port = |k: Kind| ls.iter().find(|l| l.kind == k).map(|l| l.bound.port());
+        (hosts, port(Kind::Http), port(Kind::Https))
     }
 }
 
@@ -645,6 +676,7 @@ impl Proxy {
             tunnels,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            mesh: arc_swap::ArcSwapOption::empty(),
         });
         let ls: Vec<Listening> = bound
             .into_iter()
@@ -693,7 +725,13 @@ impl Proxy {
     /// Per-route counters and backend health; the entry `listener` counts
     /// traffic that matched no route.
     pub fn stats(&self) -> Vec<RouteSnapshot> {
-        snapshot(&self.rt.current.load())
+        self.rt.stats()
+    }
+
+    /// Sends connections for hosts without a route here to the hubs of
+    /// `mesh` that serve them; takes PROXY headers from those hubs.
+    pub fn set_mesh(&self, mesh: Option<Arc<crate::mesh::Mesh>>) {
+        self.rt.mesh.store(mesh);
     }
 
     /// A handle for reading the stats from elsewhere (the API socket).
@@ -891,16 +929,27 @@ async fn accept_loop(
         };
         let _ = sock.set_nodelay(true);
         let retired = shared.retired.subscribe();
+        let mesh = rt.mesh.load_full();
         let span = info_span!("conn", client = %peer);
         let fut = async move {
             let mut sock = sock;
             let mut peer = peer;
             // The address the client connected to, when a balancer names it.
             let mut dest = None;
-            if shared
-                .proxy_protocol_from
-                .as_ref()
-                .is_some_and(|a| a.permits(peer.ip()))
+            // Another hub of the mesh sent it: its PROXY header names the
+            // client, and it is never sent on to another hub.
+            let from_hub = mesh.as_ref().is_some_and(|m| m.trusts(peer.ip()));
+            if from_hub {
+                if let Some(m) = &mesh {
+                    m.note_received();
+                }
+            }
+            let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
+            if from_hub
+                || shared
+                    .proxy_protocol_from
+                    .as_ref()
+                    .is_some_and(|a| a.permits(peer.ip()))
             {
                 match read_proxy_header(&mut sock, shared.limits.handshake_timeout).await {
                     Ok(Some((client, to))) => {
@@ -922,11 +971,21 @@ async fn accept_loop(
                     if let Some((first, h2c)) =
                         sniff_h2c(&mut sock, shared.limits.header_timeout).await
                     {
+                        let first = match &mesh {
+                            Some(m) if !h2c => {
+                                match http_via_mesh(&shared, m, sock, first, peer, dest).await {
+                                    Some(x) => x,
+                                    None => return,
+                                }
+                            }
+                            _ => (sock, first),
+                        };
+                        let (sock, first) = first;
                         let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
                 }
-                Kind::Https => serve_tls(shared, sock, peer, dest, retired).await,
+                Kind::Https => serve_tls(shared, sock, peer, dest, retired, mesh).await,
                 Kind::Tcp => {
                     let fwd = shared
                         .forwards
@@ -1032,6 +1091,68 @@ async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>,
     };
     let h2c = tokio::time::timeout(deadline, read).await.ok().flatten()?;
     Some((first, h2c))
+}
+
+/// On a plain HTTP listener with a mesh: reads the first request's head
+/// (after `first`, what the h2c sniff read) until its `Host` shows; a host
+/// with no route here that another hub serves has the connection sent to that
+/// hub (`None`: done, answered 502 when no hub took it). Otherwise the socket
+/// and everything read, to be served here (`None` too when the client closed
+/// or stalled past the header timeout, as hyper would have closed it).
+async fn http_via_mesh(
+    shared: &Arc<Shared>,
+    mesh: &crate::mesh::Mesh,
+    mut sock: TcpStream,
+    mut first: Vec<u8>,
+    peer: SocketAddr,
+    dest: Option<SocketAddr>,
+) -> Option<(TcpStream, Vec<u8>)> {
+    use crate::proxy::detect::{sniff_http_host_capped, SniffError};
+    let limits = &shared.limits;
+    let cap = limits.max_header_bytes.max(1024);
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match sniff_http_host_capped(&first, cap) {
+                Err(SniffError::Incomplete) => {}
+                Ok(h) => return Some(h.host_name().cloned()),
+                // Hyper answers what it cannot parse.
+                Err(_) => return Some(None),
+            }
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => first.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            }
+        }
+    };
+    let host = tokio::time::timeout(limits.header_timeout, read)
+        .await
+        .ok()
+        .flatten()?;
+    let hubs = match &host {
+        Some(h) if shared.table.lookup(h).is_none() => mesh.candidates(h),
+        _ => Vec::new(),
+    };
+    if hubs.is_empty() {
+        return Some((sock, first));
+    }
+    let local = dest.or_else(|| sock.local_addr().ok())?;
+    let c = crate::mesh::forward::Client {
+        sock,
+        peer,
+        dest: local,
+        first: &first,
+    };
+    let r = crate::mesh::forward::forward(mesh, &hubs, false, c, limits).await;
+    match r {
+        Ok((hub, s)) => debug!(host = ?host, hub = %hub, result = ?s, "sent to another hub"),
+        Err((mut sock, kind)) => {
+            debug!(host = ?host, error = kind.as_str(), "no hub that serves this host answered");
+            let _ = sock.write_all(crate::mesh::forward::HTTP_502).await;
+            let _ = sock.shutdown().await;
+        }
+    }
+    None
 }
 
 async fn serve_http<IO>(
@@ -1235,6 +1356,7 @@ async fn serve_tls(
     peer: SocketAddr,
     dest: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 ) {
     let limits = shared.limits.clone();
     let (bytes, sni) = match tls::read_client_hello(&mut sock, limits.handshake_timeout).await {
@@ -1293,6 +1415,30 @@ async fn serve_tls(
         Hello::Closed => return,
     };
     let route = sni.as_ref().and_then(|s| shared.table.lookup(s).cloned());
+    if let (None, Some(m), Some(host)) = (&route, &mesh, &sni) {
+        let hubs = m.candidates(host);
+        if !hubs.is_empty() {
+            let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
+                return;
+            };
+            drop(shared);
+            let c = crate::mesh::forward::Client {
+                sock,
+                peer,
+                dest: local,
+                first: &bytes,
+            };
+            let r = crate::mesh::forward::forward(m, &hubs, true, c, &limits).await;
+            match r {
+                Ok((hub, s)) => debug!(sni = %host, hub = %hub, result = ?s, "sent to another hub"),
+                Err((mut sock, kind)) => {
+                    debug!(sni = %host, error = kind.as_str(), "no hub that serves this name answered");
+                    tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+                }
+            }
+            return;
+        }
+    }
     let Some(route) = route.filter(|r| r.settings.tls == TlsMode::Passthrough || r.has_cert) else {
         debug!(sni = ?sni.as_ref().map(|s| s.as_str()), "unknown SNI");
         shared.listener.error(ErrorKind::UnknownSni);

@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Two hubs meshed through etcd: any hub serves any name. Hub A (namespace hub,
+# mesh name hub-a) has hidden node n1 behind the NAT and the route `alpha`;
+# hub B (hub2, hub-b) has hidden node n2 and the routes `beta` (HTTP, and HTTPS
+# terminated at hub B with a certificate only hub B holds). etcd (Debian's
+# etcd-server) runs on hub A's wan address. From the public namespace, curl
+# reaches beta through hub A and alpha through hub B, over plain HTTP, over
+# HTTPS (curl verifies hub B's certificate through hub A: TLS goes end to
+# end) and over IPv6; the backend sees the real client address in
+# X-Forwarded-For. A PROXY header from a client is not believed. A route added
+# to hub B's config is served through hub A within seconds. Hub B stopping
+# withdraws its names from hub A at once; killed, they go after the lease
+# (ttl 3 s) and meanwhile hub A answers 502 quickly; restarted, they come
+# back. With etcd down, hub A keeps serving beta from its last table, and
+# reconnects when etcd is back. Unknown names still get 404 and a TLS alert.
+# timeout: 300
+set -euo pipefail
+export GW_TEST_NAME=79-hub-mesh
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+need_cmd curl socat python3 openssl ss jq etcd
+need_gatewire
+
+DOMAIN=gw.test
+HUB4=$(lab_wan4 hub)
+HUB6=$(lab_wan6 hub)
+HUB2_4=$(lab_wan4 hub2)
+HUB2_6=$(lab_wan6 hub2)
+PUB4=$(lab_wan4 pub)
+PUB6=$(lab_wan6 pub)
+MARK1="from-n1-$$"
+MARK2="from-n2-$$"
+
+lab_up 2 0
+lab_add_hub2
+
+# --- etcd on hub A's wan address
+ETCD="http://$HUB4:2379"
+start_etcd() {
+    lab_bg hub etcd etcd --name e1 --data-dir "$GW_TMP/etcd" \
+        --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster e1=http://127.0.0.1:2380 --log-level warn
+}
+start_etcd
+must "etcd listening on hub A's wan address" \
+    wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q ."
+
+# --- hub B's certificate for beta (hub A has none)
+CERT_DIR="$GW_TMP/certs"
+mkdir -p "$CERT_DIR"
+lab_selfsigned "beta.$DOMAIN" "$CERT_DIR/beta.pem" "$CERT_DIR/beta.key"
+
+# mesh_hub NS NAME V4 V6 NODE ROUTES : the hub config with the proxy and [mesh]
+mesh_hub() {
+    local ns=$1 name=$2 v4=$3 v6=$4 node=$5 routes=$6 conf
+    conf=$(gw_hub_conf "$ns" "$node")
+    cat >>"$conf" <<EOF
+
+[proxy]
+domains = ["$DOMAIN"]
+http_listen = ["0.0.0.0:80", "[::]:80"]
+https_listen = ["0.0.0.0:443", "[::]:443"]
+$routes
+
+[mesh]
+name = "$name"
+etcd = ["$ETCD"]
+advertise = ["$v4", "$v6"]
+ttl = 3
+EOF
+    echo "$conf"
+}
+
+confA=$(mesh_hub hub hub-a "$HUB4" "$HUB6" n1 "
+[[route]]
+name = \"alpha\"
+backends = [\"http://[$(lab_ov6 n1)]:8080\"]")
+confB=$(mesh_hub hub2 hub-b "$HUB2_4" "$HUB2_6" n2 "
+[[route]]
+name = \"beta\"
+tls = \"terminate\"
+cert = \"$CERT_DIR/beta.pem\"
+key = \"$CERT_DIR/beta.key\"
+backends = [\"http://[$(lab_ov6 n2)]:8080\"]")
+
+GW_CONF=$confA gw_start_hub hub
+GW_CONF=$confB gw_start_hub hub2
+gw_start_node n1 hub
+gw_start_node n2 hub2
+must "n1 reaches hub A" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
+must "n2 reaches hub B" wait_for 15 lab_ping1 n2 "$(lab_ov6 hub2)"
+
+# --- backends on the nodes' IPv6 overlay addresses: echo the forwarding headers
+cat >"$GW_TMP/backend.py" <<'EOF'
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MARK = sys.argv[3]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        h = self.headers
+        body = ("%s path=%s xff=%s xfp=%s\n" % (
+            MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("backend: " + (fmt % args) + "\n")
+
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+EOF
+lab_bg n1 web1 python3 "$GW_TMP/backend.py" "$(lab_ov6 n1)" 8080 "$MARK1"
+lab_bg n2 web2 python3 "$GW_TMP/backend.py" "$(lab_ov6 n2)" 8080 "$MARK2"
+must "backend on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
+must "backend on n2" wait_for 10 lab_sh n2 "ss -Hltn 'sport = :8080' | grep -q ."
+
+mesh_json() { gw_show_json "$1" gw0 | jq -c '.interfaces[0].mesh'; }
+# etcd_is NS BOOL : NS's mesh reports etcd_connected BOOL
+etcd_is() { [ "$(mesh_json "$1" | jq -r .etcd_connected)" = "$2" ]; }
+# knows NS HUB N : NS's mesh table lists hub HUB with N hosts
+knows() { [ "$(mesh_json "$1" | jq -r --arg h "$2" '.hubs[] | select(.name == $h) | .hosts')" = "$3" ]; }
+forgot() { mesh_json "$1" | jq -e --arg h "$2" '[.hubs[] | select(.name == $h)] | length == 0' >/dev/null; }
+must "hub A learns hub B's one host" wait_for 15 knows hub hub-b 1
+must "hub B learns hub A's one host" wait_for 15 knows hub2 hub-a 1
+js=$(mesh_json hub)
+assert_eq "hub A is connected to etcd" true "$(jq -r .etcd_connected <<<"$js")"
+assert_eq "hub A publishes its one host" 1 "$(jq -r .published_hosts <<<"$js")"
+assert_eq "hub A sends hub B's TLS connections to its advertised addresses" \
+    "[\"$HUB2_4:443\",\"[$HUB2_6]:443\"]" "$(jq -c '.hubs[0].https' <<<"$js")"
+
+pcurl() { lab_exec pub curl -sS --max-time 10 "$@"; }
+BETA="beta.$DOMAIN"
+ALPHA="alpha.$DOMAIN"
+
+# --- any hub serves any name
+body=$(pcurl --resolve "$BETA:80:$HUB4" "http://$BETA/via-a" || true)
+check "HTTP: beta (hub B's route) through hub A reaches n2" grep -q "$MARK2 path=/via-a" <<<"$body"
+check "HTTP: n2 sees the real client address through both hubs" grep -q "xff=$PUB4 " <<<"$body"
+body=$(pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/via-b" || true)
+check "HTTP: alpha (hub A's route) through hub B reaches n1" grep -q "$MARK1 path=/via-b xff=$PUB4 " <<<"$body"
+body=$(pcurl --cacert "$CERT_DIR/beta.pem" --resolve "$BETA:443:$HUB4" "https://$BETA/tls" || true)
+check "HTTPS: hub B's certificate, verified by curl, through hub A" grep -q "$MARK2 path=/tls xff=$PUB4 xfp=https" <<<"$body"
+ver=$(pcurl --http2 -o /dev/null -w '%{http_version}' --cacert "$CERT_DIR/beta.pem" \
+    --resolve "$BETA:443:$HUB4" "https://$BETA/h2" || true)
+assert_eq "HTTPS through hub A: HTTP/2 negotiated end to end with hub B" 2 "$ver"
+body=$(pcurl --resolve "$BETA:80:[$HUB6]" "http://$BETA/v6" || true)
+check "HTTP over IPv6 through hub A, the IPv6 client address arrives" grep -q "$MARK2 path=/v6 xff=$PUB6 " <<<"$body"
+body=$(pcurl --resolve "$ALPHA:80:$HUB4" "http://$ALPHA/local" || true)
+check "hub A still serves its own route itself" grep -q "$MARK1 path=/local xff=$PUB4 " <<<"$body"
+
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "nope.$DOMAIN:80:$HUB4" "http://nope.$DOMAIN/" || true)
+assert_eq "a name no hub serves: 404" 404 "$code"
+err=$(lab_exec pub curl -sS --max-time 10 -k --resolve "nope.$DOMAIN:443:$HUB4" "https://nope.$DOMAIN/" 2>&1 >/dev/null || true)
+check "a name no hub serves: TLS alert" grep -qi "unrecognized name\|alert" <<<"$err"
+
+# --- a client cannot claim another address with a PROXY header
+spoof() {
+    lab_sh pub "printf 'PROXY TCP4 198.51.100.99 $1 5555 80\r\nGET /spoof HTTP/1.1\r\nHost: $BETA\r\nConnection: close\r\n\r\n' | timeout 10 socat -t 3 - TCP4:$1:80" 2>/dev/null || true
+}
+out=$(spoof "$HUB2_4")
+check "a client's PROXY header at hub B is refused (400)" grep -q "^HTTP/1.1 400" <<<"$out"
+out=$(spoof "$HUB4")
+check "a client's PROXY header at hub A is refused (400)" grep -q "^HTTP/1.1 400" <<<"$out"
+check "no backend ever saw the claimed address" not grep -q "198.51.100.99" "$(lab_logfile web2)"
+
+js=$(gw_show_json hub gw0)
+check "hub A counts connections sent to other hubs" \
+    test "$(jq -r '.interfaces[0].mesh.forwarded' <<<"$js")" -ge 4
+check "hub A's proxy stats have a mesh entry with bytes both ways" \
+    jq -e '.interfaces[0].proxy.routes[] | select(.route == "mesh") | .bytes_in > 0 and .bytes_out > 0' <<<"$js"
+check "hub B counts connections other hubs sent" \
+    test "$(mesh_json hub2 | jq -r .received)" -ge 4
+
+# --- a route added to hub B's config is served through hub A
+cat >>"$confB" <<EOF
+
+[[route]]
+name = "delta"
+backends = ["http://[$(lab_ov6 n2)]:8080"]
+EOF
+must "hub A learns hub B's new host" wait_for 15 knows hub hub-b 2
+body=$(pcurl --resolve "delta.$DOMAIN:80:$HUB4" "http://delta.$DOMAIN/new" || true)
+check "the new route is served through hub A" grep -q "$MARK2 path=/new" <<<"$body"
+
+# --- hub B stops: its names leave hub A at once
+lab_stop hub2
+check "hub B stopping withdraws its record at once" wait_for 3 forgot hub hub-b
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "$BETA:80:$HUB4" "http://$BETA/" || true)
+assert_eq "beta through hub A while hub B is down: 404" 404 "$code"
+GW_CONF=$confB gw_start_hub hub2
+must "hub B back in hub A's table" wait_for 20 knows hub hub-b 2
+# beta_via_a PATH : beta answers through hub A (n2 first has to find the
+# restarted hub B's tunnel: up to its dead_after)
+beta_via_a() { pcurl --resolve "$BETA:80:$HUB4" "http://$BETA/$1" 2>/dev/null | grep -q "$MARK2 path=/$1"; }
+check "beta through hub A again after hub B's restart" wait_for 20 beta_via_a back
+
+# --- hub B killed: hub A answers 502 at once until the lease runs out
+lab_stop hub2 KILL
+t0=$(now_ms)
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "$BETA:80:$HUB4" "http://$BETA/" || true)
+t1=$(now_ms)
+check "beta through hub A with hub B killed: 502 or, once the lease ran out, 404 (got $code)" \
+    grep -qx "502\|404" <<<"$code"
+check "and within 4 s (took $((t1 - t0)) ms)" test $((t1 - t0)) -lt 4000
+check "hub B's record goes when its lease runs out (ttl 3 s)" wait_for 10 forgot hub hub-b
+GW_CONF=$confB gw_start_hub hub2
+must "hub B back after the kill" wait_for 20 knows hub hub-b 2
+check "beta through hub A again after the kill" wait_for 20 beta_via_a again
+
+# --- etcd down: the last table keeps serving
+lab_stop etcd
+check "hub A reports etcd as disconnected" \
+    wait_for 20 etcd_is hub false
+body=$(pcurl --resolve "$BETA:80:$HUB4" "http://$BETA/no-etcd" || true)
+check "beta through hub A while etcd is down (last table kept)" grep -q "$MARK2 path=/no-etcd" <<<"$body"
+start_etcd
+check "hub A reconnects to etcd" \
+    wait_for 30 etcd_is hub true
+check "hub A still knows hub B after etcd's restart" wait_for 15 knows hub hub-b 2
+body=$(pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/after" || true)
+check "alpha through hub B after etcd's restart" grep -q "$MARK1 path=/after" <<<"$body"
+
+check "hub A ran throughout" lab_alive hub
+lab_finish

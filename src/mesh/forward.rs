@@ -1,0 +1,115 @@
+//! Moves one client connection to another hub of the mesh.
+
+use super::table::PeerHub;
+use super::Mesh;
+use crate::proxy::io::{splice, Spliced};
+use crate::proxy::proxy_protocol::{encode_v2, Transport};
+use crate::proxy::settings::Limits;
+use crate::proxy::stats::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::debug;
+
+/// Longest wait for another hub to accept a connection.
+pub const MAX_CONNECT: Duration = Duration::from_secs(3);
+
+/// The answer a plain HTTP client gets when no hub that serves its host answered.
+pub const HTTP_502: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: 38\r\nconnection: close\r\n\r\nno hub that serves this host answered\n";
+
+/// Opens a connection to `to` from this hub's advertised address of the same
+/// family (so the other hub knows it as a hub); from any address when that one
+/// cannot be bound here (a hub behind 1:1 NAT advertises its public address).
+async fn connect(mesh: &Mesh, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let sock = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = mesh
+        .settings
+        .advertise
+        .iter()
+        .find(|ip| ip.is_ipv4() == to.is_ipv4())
+    {
+        if let Err(e) = sock.bind(SocketAddr::new(*ip, 0)) {
+            debug!(source = %ip, error = %e, "advertised address not bindable here");
+        }
+    }
+    match tokio::time::timeout(timeout, sock.connect(to)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
+
+/// A client connection on its way to another hub.
+pub struct Client<'a> {
+    pub sock: TcpStream,
+    /// Where it came from (from the PROXY header of a balancer, if any).
+    pub peer: SocketAddr,
+    /// The address it connected to.
+    pub dest: SocketAddr,
+    /// What was read of it already (the ClientHello, or the request head).
+    pub first: &'a [u8],
+}
+
+/// Sends `c` to the first of `hubs` that accepts, over their TLS listeners
+/// when `tls`: a PROXY v2 header, `c.first`, then both directions spliced
+/// until they end or the idle timeout passes without a byte. Returns the hub
+/// that took it and what the splice moved, or the error to count when none
+/// accepted (the client is then still open, for the caller to answer).
+pub async fn forward(
+    mesh: &Mesh,
+    hubs: &[Arc<PeerHub>],
+    tls: bool,
+    c: Client<'_>,
+    limits: &Limits,
+) -> Result<(String, Spliced), (TcpStream, ErrorKind)> {
+    let Client {
+        sock: client,
+        peer,
+        dest,
+        first,
+    } = c;
+    let timeout = limits.connect_timeout.min(MAX_CONNECT);
+    let idle = limits.idle_timeout;
+    let mut kind = ErrorKind::NoHealthyBackend;
+    for hub in hubs {
+        for &to in hub.addrs(tls) {
+            let mut up = match connect(mesh, to, timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(hub = %hub.name, to = %to, error = %e, "hub did not answer");
+                    kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                        ErrorKind::BackendTimeout
+                    } else {
+                        ErrorKind::BackendRefused
+                    };
+                    continue;
+                }
+            };
+            let _ = up.set_nodelay(true);
+            let mut head = Vec::with_capacity(64 + first.len());
+            encode_v2(&mut head, Transport::Tcp, peer, dest);
+            head.extend_from_slice(first);
+            if let Err(e) = up.write_all(&head).await {
+                debug!(hub = %hub.name, to = %to, error = %e, "hub closed at once");
+                kind = ErrorKind::BackendRefused;
+                continue;
+            }
+            mesh.note_success(&hub.name);
+            mesh.counters.connection();
+            mesh.counters.add_in(first.len() as u64);
+            let s = splice(client, up, mesh.counters.clone(), idle).await;
+            return Ok((hub.name.clone(), s));
+        }
+        mesh.note_failure(&hub.name);
+    }
+    mesh.counters.error(kind);
+    Err((client, kind))
+}

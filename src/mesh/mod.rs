@@ -1,0 +1,261 @@
+//! Hub mesh: any hub serves any name.
+//!
+//! Each hub with a `[mesh]` section publishes a [`table::HubRecord`] in etcd
+//! (its name, its public HTTP and TLS listener addresses, the hosts of its own
+//! routes) under a lease that it renews, and watches every other hub's record.
+//! A connection for a host this hub has no route for, but another hub has,
+//! is sent to that hub as it came: the proxy reads the SNI (TLS) or the
+//! `Host` of the first request (plain HTTP), opens a TCP connection to the
+//! other hub's listener from this hub's advertised address, writes a PROXY v2
+//! header naming the client and the address it connected to, then the bytes
+//! read so far, and splices. TLS stays end to end between the client and the
+//! hub that holds the route (and its certificate, ACME challenges included).
+//!
+//! The receiving hub takes the PROXY header only from addresses that other
+//! hubs' records advertise, and never sends such a connection on again, so a
+//! stale record cannot make a loop. When etcd is unreachable each hub keeps
+//! the last table it had; a hub that stops revokes its lease (its record goes
+//! at once), one that dies loses it after `ttl`. Forwarding tries the hubs that
+//! serve a host in turn, starting at a rotating point, and skips for a few
+//! seconds a hub that did not answer.
+//!
+//! [`table`] is the pure core; [`etcd`] publishes and watches; [`forward`]
+//! moves a connection.
+
+pub mod etcd;
+pub mod forward;
+pub mod settings;
+pub mod table;
+
+use crate::proxy::names::DomainName;
+use crate::proxy::stats::Counters;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::Serialize;
+use settings::MeshSettings;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use table::{PeerHub, Table};
+
+/// How long a hub that did not answer is tried only after the others.
+pub const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// The mesh as the proxy sees it: the current table, counters, status.
+pub struct Mesh {
+    pub settings: MeshSettings,
+    table: ArcSwap<Table>,
+    /// Bytes and errors of the connections sent to other hubs (the proxy's
+    /// stats entry `mesh`).
+    pub counters: Arc<Counters>,
+    next: AtomicUsize,
+    failed_at: Mutex<HashMap<String, Instant>>,
+    status: Mutex<Status>,
+    forwarded: AtomicU64,
+    received: AtomicU64,
+    bad_records: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct Status {
+    etcd_connected: bool,
+    last_error: Option<String>,
+    published_hosts: usize,
+}
+
+/// One other hub in `gatewire show`.
+#[derive(Debug, Serialize)]
+pub struct HubView {
+    pub name: String,
+    pub hosts: usize,
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+}
+
+/// The mesh section of `gatewire show --json`.
+#[derive(Debug, Serialize)]
+pub struct MeshView {
+    pub name: String,
+    pub etcd_connected: bool,
+    pub last_error: Option<String>,
+    pub published_hosts: usize,
+    pub hubs: Vec<HubView>,
+    /// Connections sent to another hub.
+    pub forwarded: u64,
+    /// Connections another hub sent here.
+    pub received: u64,
+    /// Records of other hubs that were not used (malformed).
+    pub bad_records: u64,
+}
+
+impl Mesh {
+    pub fn new(settings: MeshSettings) -> Arc<Mesh> {
+        Arc::new(Mesh {
+            settings,
+            table: ArcSwap::from_pointee(Table::default()),
+            counters: Arc::new(Counters::default()),
+            next: AtomicUsize::new(0),
+            failed_at: Mutex::new(HashMap::new()),
+            status: Mutex::new(Status::default()),
+            forwarded: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            bad_records: AtomicU64::new(0),
+        })
+    }
+
+    /// Replaces the table.
+    pub fn set_table(&self, t: Table) {
+        self.table.store(Arc::new(t));
+    }
+
+    /// Whether `ip` is another hub's (its connections carry a PROXY header).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.table.load().trusts(ip)
+    }
+
+    /// True when no other hub serves anything (nothing to look up).
+    pub fn is_empty(&self) -> bool {
+        self.table.load().is_empty()
+    }
+
+    /// The hubs to try for `host`, in order: from a rotating start, those
+    /// that failed within [`SKIP_AFTER_FAILURE`] last.
+    pub fn candidates(&self, host: &DomainName) -> Vec<Arc<PeerHub>> {
+        let t = self.table.load();
+        let hubs = t.lookup(host);
+        if hubs.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Relaxed) % hubs.len();
+        let mut v: Vec<Arc<PeerHub>> = hubs
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(hubs.len())
+            .cloned()
+            .collect();
+        let failed = self.failed_at.lock();
+        if !failed.is_empty() {
+            let recent = |h: &Arc<PeerHub>| {
+                failed
+                    .get(&h.name)
+                    .is_some_and(|t| t.elapsed() < SKIP_AFTER_FAILURE)
+            };
+            v.sort_by_key(recent);
+        }
+        v
+    }
+
+    pub(crate) fn note_failure(&self, hub: &str) {
+        self.failed_at
+            .lock()
+            .insert(hub.to_string(), Instant::now());
+    }
+
+    pub(crate) fn note_success(&self, hub: &str) {
+        let mut f = self.failed_at.lock();
+        if !f.is_empty() {
+            f.remove(hub);
+        }
+        self.forwarded.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn note_received(&self) {
+        self.received.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn note_bad_record(&self) {
+        self.bad_records.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn set_connected(&self, up: bool, error: Option<String>) {
+        let mut s = self.status.lock();
+        s.etcd_connected = up;
+        if error.is_some() || up {
+            s.last_error = error;
+        }
+    }
+
+    pub(crate) fn set_published(&self, hosts: usize) {
+        self.status.lock().published_hosts = hosts;
+    }
+
+    /// For `gatewire show`.
+    pub fn view(&self) -> MeshView {
+        let s = self.status.lock().clone();
+        let t = self.table.load();
+        MeshView {
+            name: self.settings.name.clone(),
+            etcd_connected: s.etcd_connected,
+            last_error: s.last_error,
+            published_hosts: s.published_hosts,
+            hubs: t
+                .hubs()
+                .iter()
+                .map(|h| HubView {
+                    name: h.name.clone(),
+                    hosts: h.hosts,
+                    http: h.http.clone(),
+                    https: h.https.clone(),
+                })
+                .collect(),
+            forwarded: self.forwarded.load(Relaxed),
+            received: self.received.load(Relaxed),
+            bad_records: self.bad_records.load(Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table::HubRecord;
+    use super::*;
+
+    fn mesh() -> Arc<Mesh> {
+        let raw: settings::RawMesh = toml::from_str(
+            "name = \"a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\n",
+        )
+        .unwrap();
+        Mesh::new(settings::validate(raw, std::path::Path::new("/"), true).unwrap())
+    }
+
+    #[test]
+    fn candidates_rotate_and_recent_failures_go_last() {
+        let m = mesh();
+        let rec = |n: &str, ip: &str| {
+            HubRecord::local(
+                n,
+                &[ip.parse().unwrap()],
+                Some(80),
+                None,
+                ["x.gw.test".into()],
+            )
+        };
+        let (b, c) = (rec("b", "198.51.100.2"), rec("c", "198.51.100.3"));
+        m.set_table(Table::build("a", [&b, &c]));
+        let host = DomainName::parse("x.gw.test").unwrap();
+        let first: Vec<String> = (0..4)
+            .map(|_| m.candidates(&host)[0].name.clone())
+            .collect();
+        assert_eq!(first, vec!["b", "c", "b", "c"]);
+        m.note_failure("b");
+        for _ in 0..3 {
+            let v = m.candidates(&host);
+            assert_eq!(v.len(), 2);
+            assert_eq!(v[0].name, "c");
+        }
+        m.note_success("b");
+        let names: Vec<String> = (0..2)
+            .map(|_| m.candidates(&host)[0].name.clone())
+            .collect();
+        assert!(names.contains(&"b".to_string()));
+        assert!(m
+            .candidates(&DomainName::parse("y.gw.test").unwrap())
+            .is_empty());
+        assert!(m.trusts("198.51.100.3".parse().unwrap()));
+        assert_eq!(m.view().hubs.len(), 2);
+        assert_eq!(m.view().forwarded, 1);
+    }
+}

@@ -1,0 +1,371 @@
+//! The mesh's pure core: what one hub publishes about itself (a [`HubRecord`]),
+//! how a record read back from the store is checked ([`decode_record`]), and the
+//! [`Table`] a hub builds from every other hub's record: which hubs serve a
+//! host, and which addresses may send this hub connections that start with a
+//! PROXY header. No I/O, no clock.
+
+use crate::proxy::names::DomainName;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// The record format this code writes and reads.
+pub const RECORD_VERSION: u32 = 1;
+/// Longest record accepted (etcd's default request limit is 1.5 MiB).
+pub const MAX_RECORD_BYTES: usize = 2 * 1024 * 1024;
+/// Most addresses a record may list per listener kind.
+pub const MAX_ADDRS: usize = 16;
+/// Most hosts a record may list.
+pub const MAX_HOSTS: usize = 65_536;
+
+/// What a hub tells the others: its name, where to send it the connections of
+/// the hosts it serves (its plain HTTP and its TLS listeners), and those hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubRecord {
+    /// Always [`RECORD_VERSION`].
+    pub v: u32,
+    /// The hub's mesh name (`[mesh] name`), unique in the mesh.
+    pub name: String,
+    /// Its plain HTTP listeners, reachable by the other hubs.
+    #[serde(default)]
+    pub http: Vec<SocketAddr>,
+    /// Its TLS listeners (terminated and passthrough routes alike).
+    #[serde(default)]
+    pub https: Vec<SocketAddr>,
+    /// The hosts of its own routes (never the ones it reaches through the mesh).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+impl HubRecord {
+    /// The record of this hub: every advertised address with each listener's
+    /// port, and the hosts sorted and without repeats.
+    pub fn local(
+        name: &str,
+        advertise: &[IpAddr],
+        http_port: Option<u16>,
+        https_port: Option<u16>,
+        hosts: impl IntoIterator<Item = String>,
+    ) -> HubRecord {
+        let with = |port: Option<u16>| -> Vec<SocketAddr> {
+            port.map(|p| advertise.iter().map(|ip| SocketAddr::new(*ip, p)).collect())
+                .unwrap_or_default()
+        };
+        let mut hosts: Vec<String> = hosts.into_iter().collect();
+        hosts.sort();
+        hosts.dedup();
+        HubRecord {
+            v: RECORD_VERSION,
+            name: name.to_string(),
+            http: with(http_port),
+            https: with(https_port),
+            hosts,
+        }
+    }
+
+    /// The record as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Why a stored record was not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record of {0} bytes is larger than {MAX_RECORD_BYTES}")]
+    TooLarge(usize),
+    #[error("not a hub record: {0}")]
+    Json(String),
+    #[error("record version {0} is not {RECORD_VERSION}")]
+    Version(u32),
+    #[error("hub name `{0}` is not 1-63 of a-z, 0-9, `-`, `_`, `.`")]
+    Name(String),
+    #[error("record of `{name}` is stored under another key (`{key}`)")]
+    KeyMismatch { name: String, key: String },
+    #[error("too many addresses or hosts")]
+    TooMany,
+    #[error("address {0} cannot be connected to")]
+    Address(SocketAddr),
+    #[error("host `{0}` is not a DNS name")]
+    Host(String),
+}
+
+/// Whether `s` may name a hub (it is also the last part of its store key).
+pub fn valid_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && s != "."
+        && s != ".."
+}
+
+/// Checks a record read from the store under the key whose last part is
+/// `key_name`. Every address must be a unicast address with a port, every
+/// host a DNS name (normalised here).
+pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge(bytes.len()));
+    }
+    let mut r: HubRecord =
+        serde_json::from_slice(bytes).map_err(|e| RecordError::Json(e.to_string()))?;
+    if r.v != RECORD_VERSION {
+        return Err(RecordError::Version(r.v));
+    }
+    if !valid_name(&r.name) {
+        return Err(RecordError::Name(r.name));
+    }
+    if r.name != key_name {
+        return Err(RecordError::KeyMismatch {
+            name: r.name,
+            key: key_name.to_string(),
+        });
+    }
+    if r.http.len() > MAX_ADDRS || r.https.len() > MAX_ADDRS || r.hosts.len() > MAX_HOSTS {
+        return Err(RecordError::TooMany);
+    }
+    for a in r.http.iter().chain(&r.https) {
+        let ip = a.ip();
+        if a.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+            return Err(RecordError::Address(*a));
+        }
+    }
+    let mut hosts = Vec::with_capacity(r.hosts.len());
+    for h in &r.hosts {
+        let n = DomainName::parse(h).map_err(|_| RecordError::Host(h.clone()))?;
+        hosts.push(n.as_str().to_string());
+    }
+    hosts.sort();
+    hosts.dedup();
+    r.hosts = hosts;
+    Ok(r)
+}
+
+/// Another hub, as this one sends it connections.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PeerHub {
+    pub name: String,
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+    /// How many hosts it serves.
+    pub hosts: usize,
+}
+
+impl PeerHub {
+    /// Where to send a connection: its TLS or its plain HTTP listeners.
+    pub fn addrs(&self, tls: bool) -> &[SocketAddr] {
+        if tls {
+            &self.https
+        } else {
+            &self.http
+        }
+    }
+}
+
+/// Who serves what, built from the other hubs' records.
+#[derive(Debug, Default)]
+pub struct Table {
+    hosts: HashMap<String, Vec<Arc<PeerHub>>>,
+    hubs: Vec<Arc<PeerHub>>,
+    trusted: Vec<IpAddr>,
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+impl Table {
+    /// The table from `records`, leaving out the one named `own` (this hub).
+    /// A host served by several hubs lists them by name, so every hub tries
+    /// them in the same order after its own starting point.
+    pub fn build<'a>(own: &str, records: impl IntoIterator<Item = &'a HubRecord>) -> Table {
+        let mut recs: Vec<&HubRecord> = records.into_iter().filter(|r| r.name != own).collect();
+        recs.sort_by(|a, b| a.name.cmp(&b.name));
+        recs.dedup_by(|a, b| a.name == b.name);
+        let mut t = Table::default();
+        for r in recs {
+            let hub = Arc::new(PeerHub {
+                name: r.name.clone(),
+                http: r.http.clone(),
+                https: r.https.clone(),
+                hosts: r.hosts.len(),
+            });
+            for a in r.http.iter().chain(&r.https) {
+                let ip = unmap(a.ip());
+                if !t.trusted.contains(&ip) {
+                    t.trusted.push(ip);
+                }
+            }
+            for h in &r.hosts {
+                t.hosts.entry(h.clone()).or_default().push(hub.clone());
+            }
+            t.hubs.push(hub);
+        }
+        t
+    }
+
+    /// The hubs that serve `host`, by name; empty when none does.
+    pub fn lookup(&self, host: &DomainName) -> &[Arc<PeerHub>] {
+        self.hosts.get(host.as_str()).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Whether a connection from `ip` comes from another hub of the mesh
+    /// (and so starts with a PROXY header naming the real client).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.contains(&unmap(ip))
+    }
+
+    /// The other hubs, by name.
+    pub fn hubs(&self) -> &[Arc<PeerHub>] {
+        &self.hubs
+    }
+
+    /// True when no other hub serves anything.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec(name: &str, ip: &str, hosts: &[&str]) -> HubRecord {
+        HubRecord::local(
+            name,
+            &[ip.parse().unwrap()],
+            Some(80),
+            Some(443),
+            hosts.iter().map(|s| s.to_string()),
+        )
+    }
+
+    #[test]
+    fn a_record_survives_encoding() {
+        let r = rec(
+            "hub-a",
+            "198.51.100.1",
+            &["b.gw.test", "a.gw.test", "a.gw.test"],
+        );
+        assert_eq!(r.hosts, vec!["a.gw.test", "b.gw.test"]);
+        let back = decode_record("hub-a", &r.encode()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.https, vec!["198.51.100.1:443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn hosts_are_normalised_and_bad_ones_refuse_the_record() {
+        let raw = br#"{"v":1,"name":"h","hosts":["Blog.GW.test.","blog.gw.test"]}"#;
+        assert_eq!(decode_record("h", raw).unwrap().hosts, vec!["blog.gw.test"]);
+        let raw = br#"{"v":1,"name":"h","hosts":["bad host"]}"#;
+        assert_eq!(
+            decode_record("h", raw),
+            Err(RecordError::Host("bad host".into()))
+        );
+    }
+
+    #[test]
+    fn bad_records_are_refused_with_the_reason() {
+        assert!(matches!(
+            decode_record("h", b"{"),
+            Err(RecordError::Json(_))
+        ));
+        assert_eq!(
+            decode_record("h", br#"{"v":2,"name":"h"}"#),
+            Err(RecordError::Version(2))
+        );
+        assert_eq!(
+            decode_record("h", br#"{"v":1,"name":"H"}"#),
+            Err(RecordError::Name("H".into()))
+        );
+        assert!(matches!(
+            decode_record("other", br#"{"v":1,"name":"h"}"#),
+            Err(RecordError::KeyMismatch { .. })
+        ));
+        assert_eq!(
+            decode_record("h", br#"{"v":1,"name":"h","http":["0.0.0.0:80"]}"#),
+            Err(RecordError::Address("0.0.0.0:80".parse().unwrap()))
+        );
+        assert_eq!(
+            decode_record("h", br#"{"v":1,"name":"h","https":["192.0.2.1:0"]}"#),
+            Err(RecordError::Address("192.0.2.1:0".parse().unwrap()))
+        );
+        assert!(matches!(
+            decode_record("h", br#"{"v":1,"name":"h","extra":1}"#),
+            Err(RecordError::Json(_))
+        ));
+        let big = vec![b' '; MAX_RECORD_BYTES + 1];
+        assert_eq!(
+            decode_record("h", &big),
+            Err(RecordError::TooLarge(MAX_RECORD_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["hub-a", "a", "eu1.gw_2"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "Hub", "a/b", "..", ".", "a b", &"x".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_table_leaves_out_this_hub_and_orders_by_name() {
+        let a = rec("hub-a", "198.51.100.1", &["a.gw.test", "shared.gw.test"]);
+        let c = rec("hub-c", "198.51.100.3", &["shared.gw.test"]);
+        let b = rec("hub-b", "198.51.100.2", &["shared.gw.test", "b.gw.test"]);
+        let t = Table::build("hub-a", [&a, &c, &b]);
+        let names = |h: &str| -> Vec<String> {
+            t.lookup(&DomainName::parse(h).unwrap())
+                .iter()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        assert_eq!(names("shared.gw.test"), vec!["hub-b", "hub-c"]);
+        assert_eq!(names("b.gw.test"), vec!["hub-b"]);
+        // Its own hosts are not reached through the mesh.
+        assert!(names("a.gw.test").is_empty());
+        assert!(names("nowhere.gw.test").is_empty());
+        assert!(t.trusts("198.51.100.2".parse().unwrap()));
+        assert!(t.trusts("::ffff:198.51.100.3".parse().unwrap()));
+        assert!(!t.trusts("198.51.100.1".parse().unwrap()));
+        assert_eq!(t.hubs().len(), 2);
+        assert!(!t.is_empty());
+        assert!(Table::build("hub-a", [&a]).is_empty());
+    }
+
+    #[test]
+    fn a_hub_without_http_listener_has_no_http_addresses() {
+        let r = HubRecord::local("h", &["2001:db8::1".parse().unwrap()], None, Some(8443), []);
+        let t = Table::build("x", [&r]);
+        let hub = &t.hubs()[0];
+        assert!(hub.addrs(false).is_empty());
+        assert_eq!(hub.addrs(true), &["[2001:db8::1]:8443".parse().unwrap()]);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(name in "[a-z]{1,8}", bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_record(&name, &bytes);
+        }
+
+        #[test]
+        fn every_listed_host_is_found(hosts in proptest::collection::vec("[a-z]{1,10}\\.gw\\.test", 0..20)) {
+            let r = rec("hub-b", "192.0.2.2", &hosts.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let back = decode_record("hub-b", &r.encode()).unwrap();
+            let t = Table::build("hub-a", [&back]);
+            for h in &hosts {
+                let found = t.lookup(&DomainName::parse(h).unwrap());
+                prop_assert_eq!(found.len(), 1);
+                prop_assert_eq!(&found[0].name, "hub-b");
+            }
+        }
+    }
+}
