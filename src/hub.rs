@@ -327,6 +327,9 @@ async fn run_inner(
         tunnels: tunnels.clone(),
         mesh: cfg.mesh.clone().map(crate::mesh::Mesh::new),
     };
+    if let Some(c) = &control {
+        *c.mesh.lock() = slot.mesh.clone();
+    }
     slot.set(
         start_proxy_with(
             wanted_proxy(&cfg, control.as_deref()),

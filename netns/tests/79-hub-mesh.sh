@@ -76,6 +76,14 @@ confA=$(mesh_hub hub hub-a "$HUB4" "$HUB6" n1 "
 [[route]]
 name = \"alpha\"
 backends = [\"http://[$(lab_ov6 n1)]:8080\"]")
+# hub A also runs the control plane, for /metrics
+SOCK_A="$GW_TMP/hub-a.ctl.sock"
+cat >>"$confA" <<EOF
+
+[control]
+state_dir = "$GW_TMP/state-a"
+socket = "$SOCK_A"
+EOF
 confB=$(mesh_hub hub2 hub-b "$HUB2_4" "$HUB2_6" n2 "
 [[route]]
 name = \"beta\"
@@ -180,6 +188,11 @@ check "hub A's proxy stats have a mesh entry with bytes both ways" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "mesh") | .bytes_in > 0 and .bytes_out > 0' <<<"$js"
 check "hub B counts connections other hubs sent" \
     test "$(mesh_json hub2 | jq -r .received)" -ge 4
+metrics=$(curl -sS --max-time 5 --unix-socket "$SOCK_A" http://gw/metrics || true)
+check "/metrics: hub A's etcd session is up" grep -qx "gatewire_mesh_etcd_connected 1" <<<"$metrics"
+check "/metrics: one other hub" grep -qx "gatewire_mesh_hubs 1" <<<"$metrics"
+check "/metrics: the connections sent to hub B" grep -qE "^gatewire_mesh_forwarded_total ([4-9]|[1-9][0-9]+)$" <<<"$metrics"
+check "/metrics: the mesh's bytes as a route" grep -qE '^gatewire_route_out_bytes_total\{route="mesh"\} [1-9]' <<<"$metrics"
 
 # --- a route added to hub B's config is served through hub A
 cat >>"$confB" <<EOF

@@ -330,6 +330,7 @@ async fn route(
                     services_refused: refused,
                 },
                 tls_tunnels: c.tls_tunnels.lock().as_ref().map(|t| t.counters.snapshot()),
+                mesh: c.mesh.lock().as_ref().map(|m| m.view()),
             });
             Ok(Answer {
                 status: StatusCode::OK,

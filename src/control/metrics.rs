@@ -40,6 +40,12 @@
 //! | `gatewire_tls_tunnels_open` | gauge | |
 //! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total` | counter | |
 //! | `gatewire_tls_tunnels_receive_bytes_total`, `gatewire_tls_tunnels_transmit_bytes_total` | counter | |
+//! | `gatewire_mesh_etcd_connected` | gauge (1/0) | |
+//! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
+//! | `gatewire_mesh_forwarded_total`, `gatewire_mesh_received_total`, `gatewire_mesh_bad_records_total` | counter | |
+//!
+//! The bytes and errors of connections sent to other hubs are the route
+//! families' samples with `route="mesh"`.
 //!
 //! A peer is up when its latest handshake is at most [`UP_WINDOW`] seconds old.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -66,6 +72,8 @@ pub struct MetricsInput<'a> {
     pub control: ControlCounters,
     /// Nodes' tunnels carried over TLS, when the hub takes them.
     pub tls_tunnels: Option<crate::carrier::CountersSnapshot>,
+    /// The hub mesh, when `[mesh]` is on.
+    pub mesh: Option<crate::mesh::MeshView>,
 }
 
 /// Counters the control plane keeps.
@@ -104,7 +112,54 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
     if let Some(t) = &input.tls_tunnels {
         tls_tunnels(&mut w, t);
     }
+    if let Some(m) = &input.mesh {
+        mesh(&mut w, m);
+    }
     w.out
+}
+
+fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
+    let families: [(&'static str, &'static str, Kind, u64); 6] = [
+        (
+            "gatewire_mesh_etcd_connected",
+            "1 while the mesh's etcd session is up (else the last table serves).",
+            Kind::Gauge,
+            u64::from(m.etcd_connected),
+        ),
+        (
+            "gatewire_mesh_hubs",
+            "Other hubs in the mesh table.",
+            Kind::Gauge,
+            m.hubs.len() as u64,
+        ),
+        (
+            "gatewire_mesh_published_hosts",
+            "Hosts this hub publishes to the mesh.",
+            Kind::Gauge,
+            m.published_hosts as u64,
+        ),
+        (
+            "gatewire_mesh_forwarded_total",
+            "Connections sent to another hub that serves their host.",
+            Kind::Counter,
+            m.forwarded,
+        ),
+        (
+            "gatewire_mesh_received_total",
+            "Connections other hubs sent here.",
+            Kind::Counter,
+            m.received,
+        ),
+        (
+            "gatewire_mesh_bad_records_total",
+            "Records of other hubs left out as malformed.",
+            Kind::Counter,
+            m.bad_records,
+        ),
+    ];
+    for (name, help, kind, v) in families {
+        w.family(name, help, kind, |f| f.sample(&[], v));
+    }
 }
 
 fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
@@ -817,6 +872,7 @@ mod tests {
                 routes,
                 control: c,
                 tls_tunnels: None,
+                mesh: None,
             },
             NOW,
         )
@@ -1024,6 +1080,7 @@ mod tests {
                     routes: &[],
                     control: ControlCounters::default(),
                     tls_tunnels: None,
+                    mesh: None,
                 },
                 now,
             ))
@@ -1082,6 +1139,7 @@ mod tests {
             routes: &[],
             control: ControlCounters::default(),
             tls_tunnels: None,
+            mesh: None,
         });
         let p = parse(&text);
         assert!(p.types.keys().all(|n| !n.starts_with("gatewire_peer")));
@@ -1106,6 +1164,7 @@ mod tests {
                 bytes_in: 1000,
                 bytes_out: 2000,
             }),
+            mesh: None,
         });
         let p = parse(&text);
         assert_eq!(p.types["gatewire_tls_tunnels_open"], "gauge");
@@ -1122,6 +1181,41 @@ mod tests {
             p.get("gatewire_tls_tunnels_transmit_bytes_total", &[]),
             Some(2000)
         );
+        assert_eq!(p.types.len(), 12);
+    }
+
+    #[test]
+    fn mesh_families() {
+        let text = render(&MetricsInput {
+            device: None,
+            routes: &[],
+            control: ControlCounters::default(),
+            tls_tunnels: None,
+            mesh: Some(crate::mesh::MeshView {
+                name: "hub-a".into(),
+                etcd_connected: true,
+                last_error: None,
+                published_hosts: 3,
+                hubs: vec![crate::mesh::HubView {
+                    name: "hub-b".into(),
+                    hosts: 2,
+                    http: vec![],
+                    https: vec![],
+                }],
+                forwarded: 7,
+                received: 5,
+                bad_records: 1,
+            }),
+        });
+        let p = parse(&text);
+        assert_eq!(p.types["gatewire_mesh_etcd_connected"], "gauge");
+        assert_eq!(p.types["gatewire_mesh_forwarded_total"], "counter");
+        assert_eq!(p.get("gatewire_mesh_etcd_connected", &[]), Some(1));
+        assert_eq!(p.get("gatewire_mesh_hubs", &[]), Some(1));
+        assert_eq!(p.get("gatewire_mesh_published_hosts", &[]), Some(3));
+        assert_eq!(p.get("gatewire_mesh_forwarded_total", &[]), Some(7));
+        assert_eq!(p.get("gatewire_mesh_received_total", &[]), Some(5));
+        assert_eq!(p.get("gatewire_mesh_bad_records_total", &[]), Some(1));
         assert_eq!(p.types.len(), 12);
     }
 }

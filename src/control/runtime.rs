@@ -123,6 +123,8 @@ pub struct Control {
     pub proxy_stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
     /// Nodes' tunnels carried over TLS, for `/metrics` (set by the hub).
     pub tls_tunnels: parking_lot::Mutex<Option<Arc<crate::carrier::Hub>>>,
+    /// The hub mesh, for `/metrics` (set by the hub).
+    pub mesh: parking_lot::Mutex<Option<Arc<crate::mesh::Mesh>>>,
 }
 
 pub fn now() -> u64 {
@@ -162,6 +164,7 @@ impl Control {
             counters: Counters::default(),
             proxy_stats: Arc::default(),
             tls_tunnels: parking_lot::Mutex::new(None),
+            mesh: parking_lot::Mutex::new(None),
         });
         c.sync_peers().await;
         c.reevaluate();
