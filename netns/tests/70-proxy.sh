@@ -122,36 +122,7 @@ gw_start_node n1 hub
 must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
 
 # --- backends on n1, bound to its IPv6 overlay address only
-cat >"$GW_TMP/backend.py" <<'EOF'
-import socket, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-MARK = sys.argv[3]
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        h = self.headers
-        body = ("%s path=%s xff=%s xfp=%s xfh=%s fwd=%s auth=%s user=%s\n" % (
-            MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"),
-            h.get("X-Forwarded-Host"), h.get("Forwarded"), h.get("Authorization"),
-            h.get("X-Auth-Request-User"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        sys.stderr.write("backend: " + (fmt % args) + "\n")
-
-class S(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-EOF
-lab_bg n1 web python3 "$GW_TMP/backend.py" "$N1V6" 8080 "$MARK"
+lab_bg n1 web python3 "$GW_LIB_DIR/tools/echo-headers.py" "$N1V6" 8080 "$MARK"
 lab_bg n1 tcpecho socat "TCP6-LISTEN:7000,bind=[$N1V6],fork,reuseaddr" PIPE
 lab_bg n1 udpecho socat "UDP6-LISTEN:5300,bind=[$N1V6],fork,reuseaddr" PIPE
 must "HTTP backend listening on n1's overlay address" \

@@ -100,35 +100,8 @@ must "n1 reaches hub A" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
 must "n2 reaches hub B" wait_for 15 lab_ping1 n2 "$(lab_ov6 hub2)"
 
 # --- backends on the nodes' IPv6 overlay addresses: echo the forwarding headers
-cat >"$GW_TMP/backend.py" <<'EOF'
-import socket, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-MARK = sys.argv[3]
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        h = self.headers
-        body = ("%s path=%s xff=%s xfp=%s\n" % (
-            MARK, self.path, h.get("X-Forwarded-For"), h.get("X-Forwarded-Proto"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        sys.stderr.write("backend: " + (fmt % args) + "\n")
-
-class S(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-EOF
-lab_bg n1 web1 python3 "$GW_TMP/backend.py" "$(lab_ov6 n1)" 8080 "$MARK1"
-lab_bg n2 web2 python3 "$GW_TMP/backend.py" "$(lab_ov6 n2)" 8080 "$MARK2"
+lab_bg n1 web1 python3 "$GW_LIB_DIR/tools/echo-headers.py" "$(lab_ov6 n1)" 8080 "$MARK1"
+lab_bg n2 web2 python3 "$GW_LIB_DIR/tools/echo-headers.py" "$(lab_ov6 n2)" 8080 "$MARK2"
 must "backend on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
 must "backend on n2" wait_for 10 lab_sh n2 "ss -Hltn 'sport = :8080' | grep -q ."
 
