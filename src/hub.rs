@@ -355,7 +355,7 @@ async fn run_inner(
                 .map(|h| h.mesh_local())
                 .unwrap_or_default();
             let s = &me.settings;
-            crate::mesh::table::HubRecord::local(&s.name, &s.advertise, http, https, hosts)
+            crate::mesh::table::HubRecord::local(&s.name, &s.advertise, &http, &https, hosts)
         });
         let view = m.clone();
         api.set_show_section("mesh", Arc::new(move || serde_json::json!(view.view())));

@@ -4,8 +4,8 @@
 //! state is durable, and a crash at any moment leaves either the old state or
 //! the new one, never a mix. [`FileStore`] keeps `state.json` in the hub's state
 //! directory: it writes a temporary file, syncs it, renames it over the old one
-//! and syncs the directory. An etcd store implements the same trait with a
-//! transaction on one key (or one key per object, compared by revision).
+//! and syncs the directory. The trait leaves room for other stores (the hub
+//! mesh shares only which hub serves which host, in etcd: `crate::mesh`).
 
 use crate::control::state::State;
 use std::future::Future;

@@ -53,12 +53,18 @@ impl Driver {
 async fn run(mesh: Arc<Mesh>, local: Local, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_secs(1);
     let mut last_error = String::new();
+    // The other hubs' records, kept across sessions (the table serves on).
+    let mut records = BTreeMap::new();
     loop {
-        let r = session(&mesh, &local, &mut stop).await;
+        let r = session(&mesh, &local, &mut stop, &mut records).await;
         let e = match r {
             Ok(()) => return,
             Err(e) => format!("{e:#}"),
         };
+        // A session that got going starts the next one's wait afresh.
+        if mesh.etcd_connected() {
+            backoff = Duration::from_secs(1);
+        }
         mesh.set_connected(false, Some(e.clone()));
         if e != last_error {
             warn!(error = %e, etcd = ?mesh.settings.etcd, "mesh: etcd session ended; keeping the last table, retrying");
@@ -87,16 +93,27 @@ fn options(mesh: &Mesh) -> ConnectOptions {
     o
 }
 
-/// The records under the prefix, by hub name; bad ones are counted, logged
-/// and left out.
+/// What one key-value of the store says.
+struct Kv<'a> {
+    key: &'a [u8],
+    /// `None`: deleted.
+    value: Option<&'a [u8]>,
+    /// The lease it was written with.
+    lease: i64,
+}
+
+/// Applies `kv` to the records by hub name (bad ones are counted, logged and
+/// left out; `quiet`: no log of hubs joining and leaving). True when it
+/// deleted this hub's own record (to be written again).
 fn apply(
     mesh: &Mesh,
     records: &mut BTreeMap<String, HubRecord>,
     prefix: &str,
-    key: &[u8],
-    value: Option<&[u8]>,
-    published: &Option<Vec<u8>>,
-) {
+    kv: Kv<'_>,
+    own_lease: i64,
+    quiet: bool,
+) -> bool {
+    let Kv { key, value, lease } = kv;
     let Some(name) = std::str::from_utf8(key)
         .ok()
         .and_then(|k| k.strip_prefix(prefix))
@@ -104,24 +121,29 @@ fn apply(
     else {
         mesh.note_bad_record();
         warn!(key = %String::from_utf8_lossy(key), "mesh: a key under the prefix that names no hub; ignored");
-        return;
+        return false;
     };
+    let own = name == mesh.settings.name;
     let Some(value) = value else {
-        if records.remove(name).is_some() {
+        if own {
+            warn!(hub = %name, "mesh: this hub's record was deleted; writing it again");
+            return true;
+        }
+        if records.remove(name).is_some() && !quiet {
             info!(hub = %name, "mesh: hub left");
         }
-        return;
+        return false;
     };
-    if name == mesh.settings.name {
-        if published.as_deref().is_some_and(|p| p != value) {
+    if own {
+        if lease != own_lease {
             warn!(hub = %name, "mesh: another hub publishes under this hub's name; give each hub its own [mesh] name");
         }
-        return;
+        return false;
     }
     match decode_record(name, value) {
         Ok(r) => {
             let old = records.insert(name.to_string(), r);
-            if old.is_none() {
+            if old.is_none() && !quiet {
                 info!(hub = %name, "mesh: hub joined");
             }
         }
@@ -130,6 +152,27 @@ fn apply(
             records.remove(name);
             warn!(hub = %name, error = %e, "mesh: record not used");
         }
+    }
+    false
+}
+
+/// Longest record this hub writes (etcd refuses requests over 1.5 MiB by
+/// default): beyond it, hosts are left out, and that is logged.
+pub const MAX_PUBLISH: usize = 1024 * 1024;
+
+/// `rec` cut down to at most [`MAX_PUBLISH`] bytes by leaving out hosts
+/// from the end: its encoding, the record, and the number left out.
+fn fit(mut rec: HubRecord) -> (Vec<u8>, HubRecord, usize) {
+    let all = rec.hosts.len();
+    loop {
+        let bytes = rec.encode();
+        if bytes.len() <= MAX_PUBLISH || rec.hosts.is_empty() {
+            let left_out = all - rec.hosts.len();
+            return (bytes, rec, left_out);
+        }
+        // Keep the share that fits, a little less.
+        let keep = rec.hosts.len() * MAX_PUBLISH / bytes.len();
+        rec.hosts.truncate(keep.saturating_sub(1));
     }
 }
 
@@ -142,9 +185,16 @@ async fn publish(
     rec: HubRecord,
     published: &mut Option<Vec<u8>>,
 ) -> anyhow::Result<()> {
-    let bytes = rec.encode();
+    let (bytes, rec, left_out) = fit(rec);
     if published.as_deref() == Some(bytes.as_slice()) {
         return Ok(());
+    }
+    if left_out > 0 {
+        warn!(
+            published = rec.hosts.len(),
+            left_out,
+            "mesh: too many hosts for one record; the rest are not served through other hubs"
+        );
     }
     client
         .put(
@@ -162,6 +212,7 @@ async fn session(
     mesh: &Mesh,
     local: &Local,
     stop: &mut watch::Receiver<bool>,
+    records: &mut BTreeMap<String, HubRecord>,
 ) -> anyhow::Result<()> {
     let s = &mesh.settings;
     let prefix = s.hubs_prefix();
@@ -178,17 +229,22 @@ async fn session(
         .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
         .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
-    let mut records = BTreeMap::new();
+    let mut fresh = BTreeMap::new();
     for kv in resp.kvs() {
-        apply(
-            mesh,
-            &mut records,
-            &prefix,
-            kv.key(),
-            Some(kv.value()),
-            &published,
-        );
+        let kv = Kv {
+            key: kv.key(),
+            value: Some(kv.value()),
+            lease: kv.lease(),
+        };
+        apply(mesh, &mut fresh, &prefix, kv, lease, true);
     }
+    for name in records.keys().filter(|n| !fresh.contains_key(*n)) {
+        info!(hub = %name, "mesh: hub left");
+    }
+    for name in fresh.keys().filter(|n| !records.contains_key(*n)) {
+        info!(hub = %name, "mesh: hub joined");
+    }
+    *records = fresh;
     mesh.set_table(Table::build(&s.name, records.values()));
     let mut stream = client
         .watch(
@@ -225,14 +281,143 @@ async fn session(
                 }
                 for ev in r.events() {
                     let Some(kv) = ev.kv() else { continue };
-                    let value = match ev.event_type() {
-                        EventType::Put => Some(kv.value()),
-                        EventType::Delete => None,
+                    let kv = Kv {
+                        key: kv.key(),
+                        value: match ev.event_type() {
+                            EventType::Put => Some(kv.value()),
+                            EventType::Delete => None,
+                        },
+                        lease: kv.lease(),
                     };
-                    apply(mesh, &mut records, &prefix, kv.key(), value, &published);
+                    if apply(mesh, records, &prefix, kv, lease, false) {
+                        published = None;
+                    }
                 }
                 mesh.set_table(Table::build(&s.name, records.values()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh() -> Arc<Mesh> {
+        let raw: crate::mesh::settings::RawMesh = toml::from_str(
+            "name = \"a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\n",
+        )
+        .unwrap();
+        Mesh::new(crate::mesh::settings::validate(raw, std::path::Path::new("/"), true).unwrap())
+    }
+
+    fn rec(name: &str, hosts: usize) -> HubRecord {
+        HubRecord::local(
+            name,
+            &["198.51.100.2".parse().unwrap()],
+            &["0.0.0.0:80".parse().unwrap()],
+            &[],
+            (0..hosts).map(|i| format!("host-{i:08}.example.org")),
+        )
+    }
+
+    #[test]
+    fn a_record_too_large_for_etcd_leaves_hosts_out() {
+        let (bytes, small, left_out) = fit(rec("a", 10));
+        assert_eq!((small.hosts.len(), left_out), (10, 0));
+        assert_eq!(bytes, rec("a", 10).encode());
+        let (bytes, big, left_out) = fit(rec("a", 60_000));
+        assert!(bytes.len() <= MAX_PUBLISH, "{}", bytes.len());
+        assert!(left_out > 0 && big.hosts.len() > 30_000);
+        assert_eq!(big.hosts.len() + left_out, 60_000);
+        assert_eq!(decode_record("a", &bytes).unwrap(), big);
+    }
+
+    #[test]
+    fn records_come_and_go_and_this_hubs_own_is_written_again_when_deleted() {
+        let m = mesh();
+        let p = "/gatewire/mesh/hubs/";
+        let mut recs = BTreeMap::new();
+        let b = rec("b", 2).encode();
+        let kv = |key: &'static str, value: Option<&'static [u8]>, lease| Kv {
+            key: key.as_bytes(),
+            value,
+            lease,
+        };
+        let b: &'static [u8] = Box::leak(b.into_boxed_slice());
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/b", Some(b), 9),
+            1,
+            false
+        ));
+        assert_eq!(recs["b"].hosts.len(), 2);
+        // A malformed record is counted and drops the hub's old one.
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/b", Some(b"{"), 9),
+            1,
+            false
+        ));
+        assert!(recs.is_empty());
+        assert_eq!(m.view().bad_records, 1);
+        // A key that names no hub.
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/B/x", Some(b), 9),
+            1,
+            false
+        ));
+        assert_eq!(m.view().bad_records, 2);
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/b", Some(b), 9),
+            1,
+            false
+        ));
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/b", None, 0),
+            1,
+            false
+        ));
+        assert!(recs.is_empty());
+        // This hub's own record: not in the table; deleted, written again.
+        let a: &'static [u8] = Box::leak(rec("a", 1).encode().into_boxed_slice());
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/a", Some(a), 1),
+            1,
+            false
+        ));
+        assert!(!apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/a", Some(a), 7),
+            1,
+            false
+        ));
+        assert!(recs.is_empty());
+        assert!(apply(
+            &m,
+            &mut recs,
+            p,
+            kv("/gatewire/mesh/hubs/a", None, 0),
+            1,
+            false
+        ));
     }
 }

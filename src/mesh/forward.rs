@@ -80,7 +80,8 @@ pub async fn forward(
     let idle = limits.idle_timeout;
     let mut kind = ErrorKind::NoHealthyBackend;
     for hub in hubs {
-        for &to in hub.addrs(tls) {
+        let addrs = hub.addrs(tls);
+        for &to in addrs {
             let mut up = match connect(mesh, to, timeout).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -108,7 +109,10 @@ pub async fn forward(
             let s = splice(client, up, mesh.counters.clone(), idle).await;
             return Ok((hub.name.clone(), s));
         }
-        mesh.note_failure(&hub.name);
+        // (A hub with no listener of this kind did not fail.)
+        if !addrs.is_empty() {
+            mesh.note_failure(&hub.name);
+        }
     }
     mesh.counters.error(kind);
     Err((client, kind))

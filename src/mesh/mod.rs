@@ -178,6 +178,10 @@ impl Mesh {
         }
     }
 
+    pub(crate) fn etcd_connected(&self) -> bool {
+        self.status.lock().etcd_connected
+    }
+
     pub(crate) fn set_published(&self, hosts: usize) {
         self.status.lock().published_hosts = hosts;
     }
@@ -228,8 +232,8 @@ mod tests {
             HubRecord::local(
                 n,
                 &[ip.parse().unwrap()],
-                Some(80),
-                None,
+                &["0.0.0.0:80".parse().unwrap()],
+                &[],
                 ["x.gw.test".into()],
             )
         };

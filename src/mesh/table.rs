@@ -3,6 +3,7 @@
 //! [`Table`] a hub builds from every other hub's record: which hubs serve a
 //! host, and which addresses may send this hub connections that start with a
 //! PROXY header. No I/O, no clock.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::proxy::names::DomainName;
 use serde::{Deserialize, Serialize};
@@ -40,18 +41,31 @@ pub struct HubRecord {
 }
 
 impl HubRecord {
-    /// The record of this hub: every advertised address with each listener's
-    /// port, and the hosts sorted and without repeats.
+    /// The record of this hub: each advertised address with the port of a
+    /// listener (of `http` or `https`, the bound addresses) that takes
+    /// connections to it, one bound to that address or to the unspecified
+    /// address of its family (IPv6 listeners are IPv6-only); an address no
+    /// listener takes is left out. The hosts are sorted and without repeats.
     pub fn local(
         name: &str,
         advertise: &[IpAddr],
-        http_port: Option<u16>,
-        https_port: Option<u16>,
+        http: &[SocketAddr],
+        https: &[SocketAddr],
         hosts: impl IntoIterator<Item = String>,
     ) -> HubRecord {
-        let with = |port: Option<u16>| -> Vec<SocketAddr> {
-            port.map(|p| advertise.iter().map(|ip| SocketAddr::new(*ip, p)).collect())
-                .unwrap_or_default()
+        let with = |listeners: &[SocketAddr]| -> Vec<SocketAddr> {
+            advertise
+                .iter()
+                .filter_map(|ip| {
+                    listeners
+                        .iter()
+                        .find(|l| {
+                            l.ip() == *ip
+                                || (l.ip().is_unspecified() && l.is_ipv4() == ip.is_ipv4())
+                        })
+                        .map(|l| SocketAddr::new(*ip, l.port()))
+                })
+                .collect()
         };
         let mut hosts: Vec<String> = hosts.into_iter().collect();
         hosts.sort();
@@ -59,8 +73,8 @@ impl HubRecord {
         HubRecord {
             v: RECORD_VERSION,
             name: name.to_string(),
-            http: with(http_port),
-            https: with(https_port),
+            http: with(http),
+            https: with(https),
             hosts,
         }
     }
@@ -86,7 +100,7 @@ pub enum RecordError {
     KeyMismatch { name: String, key: String },
     #[error("too many addresses or hosts")]
     TooMany,
-    #[error("address {0} cannot be connected to")]
+    #[error("address {0} is not a unicast address with a port")]
     Address(SocketAddr),
     #[error("host `{0}` is not a DNS name")]
     Host(String),
@@ -126,8 +140,14 @@ pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordEr
         return Err(RecordError::TooMany);
     }
     for a in r.http.iter().chain(&r.https) {
-        let ip = a.ip();
-        if a.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+        let ip = unmap(a.ip());
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if a.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip.is_loopback()
+            || broadcast
+        {
             return Err(RecordError::Address(*a));
         }
     }
@@ -231,18 +251,51 @@ impl Table {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn wildcard(port: u16) -> Vec<SocketAddr> {
+        vec![
+            SocketAddr::new("0.0.0.0".parse().unwrap(), port),
+            SocketAddr::new("::".parse().unwrap(), port),
+        ]
+    }
 
     fn rec(name: &str, ip: &str, hosts: &[&str]) -> HubRecord {
         HubRecord::local(
             name,
             &[ip.parse().unwrap()],
-            Some(80),
-            Some(443),
+            &wildcard(80),
+            &wildcard(443),
             hosts.iter().map(|s| s.to_string()),
         )
+    }
+
+    #[test]
+    fn advertised_addresses_take_the_port_of_a_listener_that_accepts_them() {
+        let adv: Vec<IpAddr> = vec![
+            "198.51.100.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            "198.51.100.2".parse().unwrap(),
+        ];
+        // IPv4 only, one on a specific address; TLS on both families.
+        let http = vec![
+            "198.51.100.2:8080".parse().unwrap(),
+            "0.0.0.0:80".parse().unwrap(),
+        ];
+        let https = wildcard(443);
+        let r = HubRecord::local("h", &adv, &http, &https, []);
+        let want: Vec<SocketAddr> = vec![
+            "198.51.100.1:80".parse().unwrap(),
+            "198.51.100.2:8080".parse().unwrap(),
+        ];
+        assert_eq!(r.http, want);
+        assert_eq!(r.https.len(), 3);
+        assert!(r.https.contains(&"[2001:db8::1]:443".parse().unwrap()));
+        // No listener: no address.
+        assert!(HubRecord::local("h", &adv, &[], &https, []).http.is_empty());
     }
 
     #[test]
@@ -295,6 +348,23 @@ mod tests {
             decode_record("h", br#"{"v":1,"name":"h","https":["192.0.2.1:0"]}"#),
             Err(RecordError::Address("192.0.2.1:0".parse().unwrap()))
         );
+        for bad in [
+            "[::ffff:0.0.0.0]:80",
+            "127.0.0.1:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "255.255.255.255:80",
+            "224.0.0.1:80",
+        ] {
+            let raw = format!(r#"{{"v":1,"name":"h","http":["{bad}"]}}"#);
+            assert!(
+                matches!(
+                    decode_record("h", raw.as_bytes()),
+                    Err(RecordError::Address(_))
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             decode_record("h", br#"{"v":1,"name":"h","extra":1}"#),
             Err(RecordError::Json(_))
@@ -343,7 +413,13 @@ mod tests {
 
     #[test]
     fn a_hub_without_http_listener_has_no_http_addresses() {
-        let r = HubRecord::local("h", &["2001:db8::1".parse().unwrap()], None, Some(8443), []);
+        let r = HubRecord::local(
+            "h",
+            &["2001:db8::1".parse().unwrap()],
+            &[],
+            &["[::]:8443".parse().unwrap()],
+            [],
+        );
         let t = Table::build("x", [&r]);
         let hub = &t.hubs()[0];
         assert!(hub.addrs(false).is_empty());

@@ -249,9 +249,9 @@ impl StatsHandle {
         self.0.stats()
     }
 
-    /// What the mesh publishes: the hosts of every route, and the ports of
-    /// the first plain HTTP and TLS listeners.
-    pub fn mesh_local(&self) -> (Vec<String>, Option<u16>, Option<u16>) {
+    /// What the mesh publishes: the hosts of every route, and the bound
+    /// addresses of the plain HTTP and of the TLS listeners.
+    pub fn mesh_local(&self) -> (Vec<String>, Vec<SocketAddr>, Vec<SocketAddr>) {
         let cur = self.0.current.load();
         let hosts = cur
             .routes
@@ -259,8 +259,8 @@ impl StatsHandle {
             .flat_map(|r| r.hosts.iter().map(|h| h.as_str().to_string()))
             .collect();
         let ls = self.0.listeners.lock();
-        let port = |k: Kind| ls.iter().find(|l| l.kind == k).map(|l| l.bound.port());
-        (hosts, port(Kind::Http), port(Kind::Https))
+        let bound = |k: Kind| ls.iter().filter(|l| l.kind == k).map(|l| l.bound).collect();
+        (hosts, bound(Kind::Http), bound(Kind::Https))
     }
 }
 
@@ -938,12 +938,10 @@ async fn accept_loop(
             let mut dest = None;
             // Another hub of the mesh sent it: its PROXY header names the
             // client, and it is never sent on to another hub.
-            let from_hub = mesh.as_ref().is_some_and(|m| m.trusts(peer.ip()));
-            if from_hub {
-                if let Some(m) = &mesh {
-                    m.note_received();
-                }
-            }
+            // (Only on the HTTP and TLS listeners: TCP forwards are per hub.)
+            let from_hub = matches!(kind, Kind::Http | Kind::Https)
+                && mesh.as_ref().is_some_and(|m| m.trusts(peer.ip()));
+            let received = mesh.clone().filter(|_| from_hub);
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             if from_hub
                 || shared
@@ -956,6 +954,9 @@ async fn accept_loop(
                         debug!(client = %client, "PROXY header");
                         peer = client;
                         dest = Some(to);
+                        if let Some(m) = &received {
+                            m.note_received();
+                        }
                     }
                     // LOCAL (the balancer's own health check) or UNKNOWN.
                     Ok(None) => {}
@@ -1350,6 +1351,38 @@ async fn relay_tcp<S>(
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
 
+/// Sends a TLS connection (its ClientHello `hello` already read) for `host`
+/// to the first of `hubs` that takes it; when none does, answers with an
+/// `internal_error` alert.
+#[allow(clippy::too_many_arguments)]
+async fn tls_via_mesh(
+    mesh: &crate::mesh::Mesh,
+    hubs: &[Arc<crate::mesh::table::PeerHub>],
+    host: &DomainName,
+    sock: TcpStream,
+    peer: SocketAddr,
+    dest: Option<SocketAddr>,
+    hello: &[u8],
+    limits: &Limits,
+) {
+    let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
+        return;
+    };
+    let c = crate::mesh::forward::Client {
+        sock,
+        peer,
+        dest: local,
+        first: hello,
+    };
+    match crate::mesh::forward::forward(mesh, hubs, true, c, limits).await {
+        Ok((hub, s)) => debug!(sni = %host, hub = %hub, result = ?s, "sent to another hub"),
+        Err((mut sock, kind)) => {
+            debug!(sni = %host, error = kind.as_str(), "no hub that serves this name answered");
+            tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+        }
+    }
+}
+
 async fn serve_tls(
     shared: Arc<Shared>,
     mut sock: TcpStream,
@@ -1379,6 +1412,17 @@ async fn serve_tls(
                     }
                 }
                 _ => {
+                    // Not this hub's challenge: another hub's, for a name
+                    // it serves and this one does not?
+                    let hubs = match (&mesh, &sni) {
+                        (Some(m), Some(h)) if shared.table.lookup(h).is_none() => m.candidates(h),
+                        _ => Vec::new(),
+                    };
+                    if let (Some(m), Some(h), false) = (&mesh, &sni, hubs.is_empty()) {
+                        drop(shared);
+                        tls_via_mesh(m, &hubs, h, sock, peer, dest, &bytes, &limits).await;
+                        return;
+                    }
                     shared.listener.error(ErrorKind::UnknownSni);
                     tls::send_alert(&mut sock, &tls::ALERT_UNRECOGNIZED_NAME).await;
                 }
@@ -1418,24 +1462,8 @@ async fn serve_tls(
     if let (None, Some(m), Some(host)) = (&route, &mesh, &sni) {
         let hubs = m.candidates(host);
         if !hubs.is_empty() {
-            let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
-                return;
-            };
             drop(shared);
-            let c = crate::mesh::forward::Client {
-                sock,
-                peer,
-                dest: local,
-                first: &bytes,
-            };
-            let r = crate::mesh::forward::forward(m, &hubs, true, c, &limits).await;
-            match r {
-                Ok((hub, s)) => debug!(sni = %host, hub = %hub, result = ?s, "sent to another hub"),
-                Err((mut sock, kind)) => {
-                    debug!(sni = %host, error = kind.as_str(), "no hub that serves this name answered");
-                    tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
-                }
-            }
+            tls_via_mesh(m, &hubs, host, sock, peer, dest, &bytes, &limits).await;
             return;
         }
     }
