@@ -459,11 +459,13 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
                 None => "etcd unreachable, serving the last table".to_string(),
             },
         };
+        let count =
+            |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
         out.push(format!(
-            "mesh {}: {etcd}; {} hosts published, {} connections sent to other hubs, {} received",
+            "mesh {}: {etcd}; {} published, {} sent to other hubs, {} received",
             s(m, "name"),
-            n(m, "published_hosts"),
-            n(m, "forwarded"),
+            count(n(m, "published_hosts"), "host", "hosts"),
+            count(n(m, "forwarded"), "connection", "connections"),
             n(m, "received"),
         ));
         for h in m
@@ -472,7 +474,8 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             .into_iter()
             .flatten()
         {
-            out.push(format!("  hub {}: {} hosts", s(h, "name"), n(h, "hosts")));
+            let hosts = count(n(h, "hosts"), "host", "hosts");
+            out.push(format!("  hub {}: {hosts}", s(h, "name")));
         }
     }
     out
@@ -668,12 +671,12 @@ mod tests {
         assert!(carrier_lines(&serde_json::json!({})).is_empty());
         let mesh = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
             "last_error": null, "published_hosts": 2, "forwarded": 7, "received": 1,
-            "bad_records": 0, "hubs": [{"name": "hub-b", "hosts": 3}]}});
+            "bad_records": 0, "hubs": [{"name": "hub-b", "hosts": 1}]}});
         assert_eq!(
             carrier_lines(&mesh),
             vec![
                 "mesh hub-a: connected to etcd; 2 hosts published, 7 connections sent to other hubs, 1 received",
-                "  hub hub-b: 3 hosts",
+                "  hub hub-b: 1 host",
             ]
         );
         let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
