@@ -8,7 +8,10 @@
 # HTTPS (curl verifies hub B's certificate through hub A: TLS goes end to
 # end) and over IPv6; the backend sees the real client address in
 # X-Forwarded-For. A PROXY header from a client is not believed. A route added
-# to hub B's config is served through hub A within seconds. Hub B stopping
+# to hub B's config is served through hub A within seconds. Records written
+# by etcdctl: one with a loopback address is counted and left out, one that
+# claims hub A's own host does not take it from hub A, and hub B writes its
+# own again when it is deleted. Hub B stopping
 # withdraws its names from hub A at once; killed, they go after the lease
 # (ttl 3 s) and meanwhile hub A answers 502 quickly; restarted, they come
 # back. With etcd down, hub A keeps serving beta from its last table, and
@@ -18,7 +21,7 @@ set -euo pipefail
 export GW_TEST_NAME=79-hub-mesh
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd curl socat python3 openssl ss jq etcd
+need_cmd curl socat python3 openssl ss jq etcd etcdctl
 need_gatewire
 
 DOMAIN=gw.test
@@ -177,6 +180,23 @@ EOF
 must "hub A learns hub B's new host" wait_for 15 knows hub hub-b 2
 body=$(pcurl --resolve "delta.$DOMAIN:80:$HUB4" "http://delta.$DOMAIN/new" || true)
 check "the new route is served through hub A" grep -q "$MARK2 path=/new" <<<"$body"
+
+# --- what others write into etcd
+ectl() { lab_exec hub etcdctl --endpoints "$ETCD" "$@"; }
+bad() { [ "$(mesh_json "$1" | jq -r .bad_records)" -ge "$2" ]; }
+ectl put /gatewire/mesh/hubs/evil '{"v":1,"name":"evil","http":["127.0.0.1:80"],"hosts":["alpha.gw.test"]}' >/dev/null
+check "a record with a loopback address is not used, and counted (hub A)" wait_for 5 bad hub 1
+check "... and at hub B" wait_for 5 bad hub2 1
+check "... and the hub it names is in no table" forgot hub2 evil
+# (the NAT box's wan address: in the lab, nothing listens on its port 80)
+ectl put /gatewire/mesh/hubs/thief "{\"v\":1,\"name\":\"thief\",\"http\":[\"$(lab_wan4 nat):80\"],\"hosts\":[\"$ALPHA\"]}" >/dev/null
+must "a record that claims alpha too is taken" wait_for 5 knows hub thief 1
+body=$(pcurl --resolve "$ALPHA:80:$HUB4" "http://$ALPHA/own" || true)
+check "hub A still serves its own alpha itself (own routes win)" grep -q "$MARK1 path=/own xff=$PUB4 " <<<"$body"
+ectl del /gatewire/mesh/hubs/thief >/dev/null
+ectl del /gatewire/mesh/hubs/evil >/dev/null
+ectl del /gatewire/mesh/hubs/hub-b >/dev/null
+check "hub B writes its deleted record again" wait_for 5 knows hub hub-b 2
 
 # --- hub B stops: its names leave hub A at once
 lab_stop hub2
