@@ -64,6 +64,7 @@ mesh_hub() {
 domains = ["$DOMAIN"]
 http_listen = ["0.0.0.0:80", "[::]:80"]
 https_listen = ["0.0.0.0:443", "[::]:443"]
+access_log = "$GW_TMP/access-$ns.log"
 $routes
 
 [mesh]
@@ -164,6 +165,18 @@ check "hub A's proxy stats have a mesh entry with bytes both ways" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "mesh") | .bytes_in > 0 and .bytes_out > 0' <<<"$js"
 check "hub B counts connections other hubs sent" \
     test "$(mesh_json hub2 | jq -r .received)" -ge 4
+# access_line FILE FILTER : the first line of the access log FILE that jq's FILTER selects
+access_line() { jq -c "select($2)" "$1" 2>/dev/null | head -n 1; }
+line=$(access_line "$GW_TMP/access-hub.log" '.kind == "mesh" and .host == "beta.gw.test" and .tls == false')
+check "hub A logs the connection it sent on: its client, host, hub and bytes" \
+    jq -e --arg c "$PUB4" --arg b "$HUB2_4:80" \
+    '(.client | startswith($c + ":")) and .route == "mesh:hub-b" and .backend == $b and .bytes_in > 0 and .bytes_out > 0' <<<"$line"
+line=$(access_line "$GW_TMP/access-hub.log" '.kind == "mesh" and .tls == true')
+check "... and the TLS ones (tls true, to hub B's :443)" \
+    jq -e --arg b "$HUB2_4:443" '.route == "mesh:hub-b" and .backend == $b' <<<"$line"
+line=$(access_line "$GW_TMP/access-hub2.log" '.kind == "http" and .path == "/via-a"')
+check "hub B logs the request with the real client" \
+    jq -e --arg c "$PUB4" '(.client | startswith($c + ":")) and .route == "name:beta" and .status == 200' <<<"$line"
 metrics=$(curl -sS --max-time 5 --unix-socket "$SOCK_A" http://gw/metrics || true)
 check "/metrics: hub A's etcd session is up" grep -qx "gatewire_mesh_etcd_connected 1" <<<"$metrics"
 check "/metrics: one other hub" grep -qx "gatewire_mesh_hubs 1" <<<"$metrics"
@@ -218,6 +231,12 @@ t1=$(now_ms)
 check "beta through hub A with hub B killed: 502 or, once the lease ran out, 404 (got $code)" \
     grep -qx "502\|404" <<<"$code"
 check "and within 4 s (took $((t1 - t0)) ms)" test $((t1 - t0)) -lt 4000
+if [ "$code" = 502 ]; then
+    sleep 0.5 # (the access log is written by a task of its own)
+    check "the 502 is in hub A's access log with its cause" \
+        jq -e -s 'map(select(.kind == "mesh" and .status == 502 and .error == "backend_refused")) | length == 1' \
+        "$GW_TMP/access-hub.log"
+fi
 check "hub B's record goes when its lease runs out (ttl 3 s)" wait_for 10 forgot hub hub-b
 GW_CONF=$confB gw_start_hub hub2
 must "hub B back after the kill" wait_for 20 knows hub hub-b 2

@@ -47,6 +47,14 @@ async fn connect(mesh: &Mesh, to: SocketAddr, timeout: Duration) -> std::io::Res
     }
 }
 
+/// Where a connection went, and what the splice moved.
+#[derive(Debug)]
+pub struct Sent {
+    pub hub: String,
+    pub to: SocketAddr,
+    pub spliced: Spliced,
+}
+
 /// A client connection on its way to another hub.
 pub struct Client<'a> {
     pub sock: TcpStream,
@@ -69,7 +77,7 @@ pub async fn forward(
     tls: bool,
     c: Client<'_>,
     limits: &Limits,
-) -> Result<(String, Spliced), (TcpStream, ErrorKind)> {
+) -> Result<Sent, (TcpStream, ErrorKind)> {
     let Client {
         sock: client,
         peer,
@@ -106,8 +114,12 @@ pub async fn forward(
             mesh.note_success(&hub.name);
             mesh.counters.connection();
             mesh.counters.add_in(first.len() as u64);
-            let s = splice(client, up, mesh.counters.clone(), idle).await;
-            return Ok((hub.name.clone(), s));
+            let spliced = splice(client, up, mesh.counters.clone(), idle).await;
+            return Ok(Sent {
+                hub: hub.name.clone(),
+                to,
+                spliced,
+            });
         }
         // (A hub with no listener of this kind did not fail.)
         if !addrs.is_empty() {

@@ -42,6 +42,9 @@ pub enum Kind {
     Tcp,
     /// One UDP flow (a client's datagrams until it goes idle).
     Udp,
+    /// One connection sent to another hub of the mesh (`route`:
+    /// `mesh:<hub>`, `backend`: the address of that hub it went to).
+    Mesh,
 }
 
 /// One line of the access log.

@@ -1137,23 +1137,60 @@ async fn http_via_mesh(
     if hubs.is_empty() {
         return Some((sock, first));
     }
-    let local = dest.or_else(|| sock.local_addr().ok())?;
+    let host = host?;
+    let rec = Record::start(shared, peer, LogKind::Mesh, false);
+    let conn = (sock, peer, dest, first.as_slice());
+    via_mesh(mesh, &hubs, &host, false, conn, limits, rec).await;
+    None
+}
+
+/// Sends a connection for `host` (`conn`: the socket, the client, the
+/// address it connected to when a balancer named it, and the bytes already
+/// read) to the first of `hubs`
+/// that takes it, over their TLS listeners when `tls`; when none does,
+/// answers a plain HTTP client 502 and a TLS client an `internal_error`
+/// alert. `rec`: its access-log entry.
+async fn via_mesh(
+    mesh: &crate::mesh::Mesh,
+    hubs: &[Arc<crate::mesh::table::PeerHub>],
+    host: &DomainName,
+    tls: bool,
+    conn: (TcpStream, SocketAddr, Option<SocketAddr>, &[u8]),
+    limits: &Limits,
+    mut rec: Option<Record>,
+) {
+    let (sock, peer, dest, first) = conn;
+    let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
+        return;
+    };
+    Record::note(&mut rec, |e| e.host = Some(host.as_str().to_string()));
     let c = crate::mesh::forward::Client {
         sock,
         peer,
         dest: local,
-        first: &first,
+        first,
     };
-    let r = crate::mesh::forward::forward(mesh, &hubs, false, c, limits).await;
-    match r {
-        Ok((hub, s)) => debug!(host = ?host, hub = %hub, result = ?s, "sent to another hub"),
+    match crate::mesh::forward::forward(mesh, hubs, tls, c, limits).await {
+        Ok(sent) => {
+            debug!(host = %host, hub = %sent.hub, result = ?sent.spliced, "sent to another hub");
+            Record::note(&mut rec, |e| e.route = Some(format!("mesh:{}", sent.hub)));
+            note_spliced(&mut rec, sent.to, &sent.spliced);
+            Record::note(&mut rec, |e| {
+                e.bytes_in = e.bytes_in.map(|n| n + first.len() as u64);
+            });
+        }
         Err((mut sock, kind)) => {
-            debug!(host = ?host, error = kind.as_str(), "no hub that serves this host answered");
-            let _ = sock.write_all(crate::mesh::forward::HTTP_502).await;
-            let _ = sock.shutdown().await;
+            debug!(host = %host, error = kind.as_str(), "no hub that serves this host answered");
+            Record::note(&mut rec, |e| e.error = Some(kind.as_str()));
+            if tls {
+                tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+            } else {
+                Record::note(&mut rec, |e| e.status = Some(502));
+                let _ = sock.write_all(crate::mesh::forward::HTTP_502).await;
+                let _ = sock.shutdown().await;
+            }
         }
     }
-    None
 }
 
 async fn serve_http<IO>(
@@ -1351,38 +1388,6 @@ async fn relay_tcp<S>(
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
 
-/// Sends a TLS connection (its ClientHello `hello` already read) for `host`
-/// to the first of `hubs` that takes it; when none does, answers with an
-/// `internal_error` alert.
-#[allow(clippy::too_many_arguments)]
-async fn tls_via_mesh(
-    mesh: &crate::mesh::Mesh,
-    hubs: &[Arc<crate::mesh::table::PeerHub>],
-    host: &DomainName,
-    sock: TcpStream,
-    peer: SocketAddr,
-    dest: Option<SocketAddr>,
-    hello: &[u8],
-    limits: &Limits,
-) {
-    let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
-        return;
-    };
-    let c = crate::mesh::forward::Client {
-        sock,
-        peer,
-        dest: local,
-        first: hello,
-    };
-    match crate::mesh::forward::forward(mesh, hubs, true, c, limits).await {
-        Ok((hub, s)) => debug!(sni = %host, hub = %hub, result = ?s, "sent to another hub"),
-        Err((mut sock, kind)) => {
-            debug!(sni = %host, error = kind.as_str(), "no hub that serves this name answered");
-            tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
-        }
-    }
-}
-
 async fn serve_tls(
     shared: Arc<Shared>,
     mut sock: TcpStream,
@@ -1419,8 +1424,10 @@ async fn serve_tls(
                         _ => Vec::new(),
                     };
                     if let (Some(m), Some(h), false) = (&mesh, &sni, hubs.is_empty()) {
+                        let rec = Record::start(&shared, peer, LogKind::Mesh, true);
                         drop(shared);
-                        tls_via_mesh(m, &hubs, h, sock, peer, dest, &bytes, &limits).await;
+                        let conn = (sock, peer, dest, bytes.as_slice());
+                        via_mesh(m, &hubs, h, true, conn, &limits, rec).await;
                         return;
                     }
                     shared.listener.error(ErrorKind::UnknownSni);
@@ -1462,8 +1469,10 @@ async fn serve_tls(
     if let (None, Some(m), Some(host)) = (&route, &mesh, &sni) {
         let hubs = m.candidates(host);
         if !hubs.is_empty() {
+            let rec = Record::start(&shared, peer, LogKind::Mesh, true);
             drop(shared);
-            tls_via_mesh(m, &hubs, host, sock, peer, dest, &bytes, &limits).await;
+            let conn = (sock, peer, dest, bytes.as_slice());
+            via_mesh(m, &hubs, host, true, conn, &limits, rec).await;
             return;
         }
     }
