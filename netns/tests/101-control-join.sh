@@ -55,6 +55,7 @@ listen = ["$HUB4:$API_PORT"]
 admin_token_file = "$TOKEN_FILE"
 api_endpoint = "$HUB4:$API_PORT"
 wg_endpoint = "$(lab_hub_endpoint hub)"
+tls_endpoint = "$HUB4:8443"
 node_port = $NODE_PORT
 pools = ["100.64.5.0/24", "fd77:6777:0:5::/64"]
 
@@ -106,6 +107,7 @@ lab_bg n1 n1 env NO_COLOR=1 RUST_LOG=info "$GATEWIRE" node join "$TOKEN1" \
 must "n1 joined and brought up gwn0" wait_for 20 iface_up n1 gwn0
 check "the key file is private (0600)" eval '[ "$(stat -c %a "$d1/node.key")" = 600 ]'
 check "the config names the hub's node API" grep -q "^control = \"$HUBOV:$NODE_PORT\"" "$d1/node.toml"
+check "the config carries the hub's tls_endpoint" grep -q "^tls_endpoint = \"$HUB4:8443\"" "$d1/node.toml"
 check "the config lists blog for the owner to uncomment" grep -q '^# name = "blog"' "$d1/node.toml"
 check "the private key is not in the config" not grep -q "$(cat "$d1/node.key")" "$d1/node.toml"
 # The hub runs NAT64: its pool6 is among what the node routes to it.

@@ -556,14 +556,18 @@ async fn route(
                 .collect();
             info!(node = %key, addresses = ?addrs, names = ?names, "node joined");
             let _ = t;
-            Ok(Answer::ok(json!({
+            let mut answer = json!({
                 "hub_public_key": cfg.private_key.public_key().to_base64(),
                 "wg_endpoint": settings.wg_endpoint,
                 "addresses": addrs,
                 "allowed_ips": hub_v,
                 "node_api": node_api,
                 "names": names,
-            })))
+            });
+            if let (Some(t), Some(o)) = (&settings.tls_endpoint, answer.as_object_mut()) {
+                o.insert("tls_endpoint".into(), json!(t));
+            }
+            Ok(Answer::ok(answer))
         }
         _ => Err(nf()),
     }

@@ -75,6 +75,10 @@ pub enum JoinError {
 pub struct Joined {
     pub hub_public_key: String,
     pub wg_endpoint: String,
+    /// Where the hub takes tunnels over TLS, when not the endpoint's host on
+    /// port 443.
+    #[serde(default)]
+    pub tls_endpoint: Option<String>,
     pub addresses: Vec<String>,
     pub allowed_ips: Vec<String>,
     #[serde(default)]
@@ -95,6 +99,8 @@ pub enum Granted {
 pub struct Enrolment {
     pub hub_public_key: PublicKey,
     pub wg_endpoint: String,
+    /// `tls_endpoint` of the `[[hub]]`, when the hub named one.
+    pub tls_endpoint: Option<String>,
     /// The node's addresses, each with the prefix of the hub network that
     /// holds it, so the kernel routes the overlay into the tunnel.
     pub addresses: Vec<IpNet>,
@@ -123,6 +129,10 @@ pub fn check(j: &Joined) -> Result<Enrolment, String> {
     let wg_endpoint = j.wg_endpoint.trim().to_string();
     if !endpoint_ok(&wg_endpoint) {
         return Err(format!("wg_endpoint `{wg_endpoint}`: expected host:port"));
+    }
+    let tls_endpoint = j.tls_endpoint.as_deref().map(str::trim).map(str::to_string);
+    if let Some(t) = tls_endpoint.as_deref().filter(|t| !endpoint_ok(t)) {
+        return Err(format!("tls_endpoint `{t}`: expected host:port"));
     }
     let allowed_ips = j
         .allowed_ips
@@ -202,6 +212,7 @@ pub fn check(j: &Joined) -> Result<Enrolment, String> {
     Ok(Enrolment {
         hub_public_key,
         wg_endpoint,
+        tls_endpoint,
         addresses,
         allowed_ips,
         node_api,
@@ -244,6 +255,9 @@ pub fn render_config(
     let _ = writeln!(s, "name = {}", q(hub_name));
     let _ = writeln!(s, "public_key = {}", q(&e.hub_public_key.to_base64()));
     let _ = writeln!(s, "endpoint = {}", q(&e.wg_endpoint));
+    if let Some(t) = &e.tls_endpoint {
+        let _ = writeln!(s, "tls_endpoint = {}", q(t));
+    }
     let _ = writeln!(s, "allowed_ips = {}", list(&e.allowed_ips));
     let _ = writeln!(
         s,
@@ -548,6 +562,7 @@ mod tests {
         Joined {
             hub_public_key: "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
             wg_endpoint: "203.0.113.1:51820".into(),
+            tls_endpoint: None,
             addresses: vec!["100.64.1.2/32".into(), "fd77:6777:1::2/48".into()],
             allowed_ips: vec!["100.64.0.0/10".into(), "fd77:6777::/32".into()],
             node_api: Some("100.64.0.1:7001".into()),
@@ -595,6 +610,8 @@ mod tests {
             crate::config::DEFAULT_NODE_KEEPALIVE
         );
         assert!(c.services.is_empty());
+        assert_eq!(h.tls_endpoint, "203.0.113.1:443");
+        assert!(!text.contains("tls_endpoint"), "{text}");
         assert!(text.contains("# name = \"blog\""), "{text}");
         assert!(text.contains("# fqdn = \"shop.example.com\""), "{text}");
         // Uncommenting an example gives a valid service.
@@ -607,6 +624,28 @@ mod tests {
         assert_eq!(c.services.len(), 1);
         assert_eq!(c.services[0].host.to_string(), "blog");
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_tls_endpoint_from_the_hub_goes_into_the_config() {
+        let mut j = joined();
+        j.tls_endpoint = Some("gw.example.org:8443".into());
+        let e = check(&j).unwrap();
+        let text = render_config(&e, "node.key", "hub", "0123456789abcdef", None);
+        assert!(
+            text.contains("tls_endpoint = \"gw.example.org:8443\""),
+            "{text}"
+        );
+        let d = tmpdir("tls");
+        std::fs::write(d.join("node.key"), PrivateKey::generate().expose_base64()).unwrap();
+        std::fs::write(d.join("node.toml"), &text).unwrap();
+        let c = NodeConfig::load(&d.join("node.toml")).unwrap();
+        assert_eq!(c.hubs[0].tls_endpoint, "gw.example.org:8443");
+        let _ = std::fs::remove_dir_all(&d);
+        j.tls_endpoint = Some("x\"y:1".into());
+        assert!(check(&j).unwrap_err().contains("tls_endpoint"));
+        j.tls_endpoint = Some("gw.example.org".into());
+        assert!(check(&j).unwrap_err().contains("tls_endpoint"));
     }
 
     #[test]

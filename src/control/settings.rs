@@ -18,6 +18,7 @@ pub struct RawControl {
     admin_token_file: Option<PathBuf>,
     api_endpoint: Option<String>,
     wg_endpoint: Option<String>,
+    tls_endpoint: Option<String>,
     node_port: Option<u16>,
     pools: Option<Vec<String>>,
     ports: Option<String>,
@@ -52,6 +53,9 @@ pub struct ControlSettings {
     pub admin_token: Option<AdminToken>,
     pub api_endpoint: Option<String>,
     pub wg_endpoint: Option<String>,
+    /// host:port where joined nodes reach the hub's tunnels over TLS, when
+    /// not the `wg_endpoint` host on port 443 (the nodes' default).
+    pub tls_endpoint: Option<String>,
     pub node_port: u16,
     pub pools: Vec<IpNet>,
     pub ports: RangeInclusive<u16>,
@@ -182,6 +186,11 @@ pub fn validate(
             .wg_endpoint
             .as_deref()
             .map(|s| host_port("wg_endpoint", s))
+            .transpose()?,
+        tls_endpoint: raw
+            .tls_endpoint
+            .as_deref()
+            .map(|s| host_port("tls_endpoint", s))
             .transpose()?,
         node_port,
         pools,
