@@ -423,8 +423,8 @@ async fn run_inner(
     }
     info!("hub stopping");
     // Withdrawn first, so the other hubs stop sending connections here.
-    if let Some(d) = mesh_driver {
-        d.stop().await;
+    if let (Some(d), Some(m)) = (mesh_driver, slot.mesh.as_ref()) {
+        d.stop(m).await;
     }
     if let Some(c) = &carrier {
         c.close_all();

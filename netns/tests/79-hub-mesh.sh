@@ -7,7 +7,9 @@
 # reaches beta through hub A and alpha through hub B, over plain HTTP, over
 # HTTPS (curl verifies hub B's certificate through hub A: TLS goes end to
 # end) and over IPv6; the backend sees the real client address in
-# X-Forwarded-For. A PROXY header from a client is not believed. A route added
+# X-Forwarded-For. A PROXY header from a client is not believed; behind a
+# balancer (pub's IPv6 address is hub B's proxy_protocol_from), hub A's
+# connection carries the balancer's header and then hub A's. A route added
 # to hub B's config is served through hub A within seconds. Records written
 # by etcdctl: one with a loopback address is counted and left out, one that
 # claims hub A's own host does not take it from hub A, and hub B writes its
@@ -96,6 +98,8 @@ cert = \"$CERT_DIR/beta.pem\"
 key = \"$CERT_DIR/beta.key\"
 backends = [\"http://[$(lab_ov6 n2)]:8080\"]")
 
+# pub's IPv6 address stands for a balancer in front of hub B
+sed -i "s|^\[proxy\]\$|[proxy]\nproxy_protocol_from = [\"$PUB6\"]|" "$confB"
 GW_CONF=$confA gw_start_hub hub
 GW_CONF=$confB gw_start_hub hub2
 gw_start_node n1 hub
@@ -157,6 +161,19 @@ check "a client's PROXY header at hub B is refused (400)" grep -q "^HTTP/1.1 400
 out=$(spoof "$HUB4")
 check "a client's PROXY header at hub A is refused (400)" grep -q "^HTTP/1.1 400" <<<"$out"
 check "no backend ever saw the claimed address" not grep -q "198.51.100.99" "$(lab_logfile web2)"
+
+# --- a balancer in front of hub B (pub over IPv6, proxy_protocol_from)
+via_lb() {
+    # (stdin stays open until the answer is in: the HTTP server closes on a
+    # half-closed connection)
+    lab_sh pub "(printf '$1GET /$2 HTTP/1.1\r\nHost: $BETA\r\nConnection: close\r\n\r\n'; sleep 2) | timeout 10 socat -t 3 - TCP6:[$HUB2_6]:80" 2>/dev/null || true
+}
+out=$(via_lb "PROXY TCP4 203.0.113.77 $HUB2_4 5555 80\r\n" lb-client)
+check "through a balancer, a client's connection: one header, the client it names" \
+    grep -q "$MARK2 path=/lb-client xff=203.0.113.77 " <<<"$out"
+out=$(via_lb "PROXY TCP4 $HUB4 $HUB2_4 40000 80\r\nPROXY TCP4 203.0.113.78 $HUB2_4 5556 80\r\n" lb-hub)
+check "through a balancer, hub A's connection: the balancer's header, then hub A's" \
+    grep -q "$MARK2 path=/lb-hub xff=203.0.113.78 " <<<"$out"
 
 js=$(gw_show_json hub gw0)
 check "hub A counts connections sent to other hubs" \

@@ -37,8 +37,10 @@ impl Driver {
         Driver { stop, task }
     }
 
-    /// Revokes the lease (waits at most 2 s for etcd) and ends the driver.
-    pub async fn stop(self) {
+    /// Stops sending connections to other hubs, revokes the lease (waits at
+    /// most 2 s for etcd) and ends the driver.
+    pub async fn stop(self, mesh: &Mesh) {
+        mesh.set_table(Table::default());
         let _ = self.stop.send(true);
         let mut task = self.task;
         if tokio::time::timeout(Duration::from_secs(3), &mut task)
@@ -104,7 +106,7 @@ struct Kv<'a> {
 
 /// Applies `kv` to the records by hub name (bad ones are counted, logged and
 /// left out; `quiet`: no log of hubs joining and leaving). True when it
-/// deleted this hub's own record (to be written again).
+/// deleted or overwrote this hub's own record (to be written again).
 fn apply(
     mesh: &Mesh,
     records: &mut BTreeMap<String, HubRecord>,
@@ -137,6 +139,7 @@ fn apply(
     if own {
         if lease != own_lease {
             warn!(hub = %name, "mesh: another hub publishes under this hub's name; give each hub its own [mesh] name");
+            return true;
         }
         return false;
     }
@@ -160,10 +163,19 @@ fn apply(
 /// default): beyond it, hosts are left out, and that is logged.
 pub const MAX_PUBLISH: usize = 1024 * 1024;
 
-/// `rec` cut down to at most [`MAX_PUBLISH`] bytes by leaving out hosts
-/// from the end: its encoding, the record, and the number left out.
+/// Largest answer read from etcd (the records of every hub at once).
+pub const MAX_READ: usize = 256 * 1024 * 1024;
+
+/// Least time between two rewrites of this hub's record after someone else
+/// wrote or deleted it.
+pub const REWRITE_EVERY: Duration = Duration::from_secs(10);
+
+/// `rec` cut down to at most [`MAX_PUBLISH`] bytes and
+/// [`crate::mesh::table::MAX_HOSTS`] hosts by leaving out hosts from the end:
+/// its encoding, the record, and the number left out.
 fn fit(mut rec: HubRecord) -> (Vec<u8>, HubRecord, usize) {
     let all = rec.hosts.len();
+    rec.hosts.truncate(crate::mesh::table::MAX_HOSTS);
     loop {
         let bytes = rec.encode();
         if bytes.len() <= MAX_PUBLISH || rec.hosts.is_empty() {
@@ -223,9 +235,13 @@ async fn session(
     let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;
 
     let mut published: Option<Vec<u8>> = None;
+    let mut last_rewrite: Option<std::time::Instant> = None;
     publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
 
+    // Every record may be up to MAX_PUBLISH: room for many hubs' at once.
     let resp = client
+        .kv_client()
+        .max_decoding_message_size(MAX_READ)
         .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
         .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
@@ -247,6 +263,8 @@ async fn session(
     *records = fresh;
     mesh.set_table(Table::build(&s.name, records.values()));
     let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(MAX_READ)
         .watch(
             prefix.clone(),
             Some(
@@ -289,8 +307,13 @@ async fn session(
                         },
                         lease: kv.lease(),
                     };
-                    if apply(mesh, records, &prefix, kv, lease, false) {
+                    // Written again at the next check; when two hubs share
+                    // a name, at most every REWRITE_EVERY.
+                    if apply(mesh, records, &prefix, kv, lease, false)
+                        && last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY)
+                    {
                         published = None;
+                        last_rewrite = Some(std::time::Instant::now());
                     }
                 }
                 mesh.set_table(Table::build(&s.name, records.values()));
@@ -402,7 +425,8 @@ mod tests {
             1,
             false
         ));
-        assert!(!apply(
+        // Written by someone else (another lease): to be written again.
+        assert!(apply(
             &m,
             &mut recs,
             p,

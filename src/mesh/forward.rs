@@ -56,14 +56,15 @@ pub struct Sent {
 }
 
 /// A client connection on its way to another hub.
-pub struct Client<'a> {
+pub struct Client {
     pub sock: TcpStream,
     /// Where it came from (from the PROXY header of a balancer, if any).
     pub peer: SocketAddr,
     /// The address it connected to.
     pub dest: SocketAddr,
-    /// What was read of it already (the ClientHello, or the request head).
-    pub first: &'a [u8],
+    /// What was read of it already (the ClientHello, or the request head);
+    /// freed once it is written.
+    pub first: Vec<u8>,
 }
 
 /// Sends `c` to the first of `hubs` that accepts, over their TLS listeners
@@ -75,7 +76,7 @@ pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
     tls: bool,
-    c: Client<'_>,
+    c: Client,
     limits: &Limits,
 ) -> Result<Sent, (TcpStream, ErrorKind)> {
     let Client {
@@ -105,15 +106,18 @@ pub async fn forward(
             let _ = up.set_nodelay(true);
             let mut head = Vec::with_capacity(64 + first.len());
             encode_v2(&mut head, Transport::Tcp, peer, dest);
-            head.extend_from_slice(first);
+            head.extend_from_slice(&first);
             if let Err(e) = up.write_all(&head).await {
                 debug!(hub = %hub.name, to = %to, error = %e, "hub closed at once");
                 kind = ErrorKind::BackendRefused;
                 continue;
             }
+            // Not held for the life of the connection.
+            drop(head);
             mesh.note_success(&hub.name);
             mesh.counters.connection();
             mesh.counters.add_in(first.len() as u64);
+            drop(first);
             let spliced = splice(client, up, mesh.counters.clone(), idle).await;
             return Ok(Sent {
                 hub: hub.name.clone(),

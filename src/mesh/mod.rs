@@ -105,8 +105,11 @@ impl Mesh {
         })
     }
 
-    /// Replaces the table.
+    /// Replaces the table (and forgets failures of hubs no longer in it).
     pub fn set_table(&self, t: Table) {
+        self.failed_at
+            .lock()
+            .retain(|name, _| t.hubs().iter().any(|h| &h.name == name));
         self.table.store(Arc::new(t));
     }
 

@@ -939,34 +939,43 @@ async fn accept_loop(
             // Another hub of the mesh sent it: its PROXY header names the
             // client, and it is never sent on to another hub.
             // (Only on the HTTP and TLS listeners: TCP forwards are per hub.)
-            let from_hub = matches!(kind, Kind::Http | Kind::Https)
-                && mesh.as_ref().is_some_and(|m| m.trusts(peer.ip()));
-            let received = mesh.clone().filter(|_| from_hub);
-            let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
-            if from_hub
+            let web = matches!(kind, Kind::Http | Kind::Https);
+            let trusts = |ip| web && mesh.as_ref().is_some_and(|m| m.trusts(ip));
+            let mut from_hub = trusts(peer.ip());
+            let mut expect = from_hub
                 || shared
                     .proxy_protocol_from
                     .as_ref()
-                    .is_some_and(|a| a.permits(peer.ip()))
-            {
+                    .is_some_and(|a| a.permits(peer.ip()));
+            while expect {
+                expect = false;
                 match read_proxy_header(&mut sock, shared.limits.handshake_timeout).await {
                     Ok(Some((client, to))) => {
                         debug!(client = %client, "PROXY header");
                         peer = client;
                         dest = Some(to);
-                        if let Some(m) = &received {
-                            m.note_received();
+                        if from_hub {
+                            if let Some(m) = &mesh {
+                                m.note_received();
+                            }
+                        } else if trusts(client.ip()) {
+                            // A balancer in front of this hub passed on
+                            // another hub's connection: that hub's own
+                            // header follows.
+                            from_hub = true;
+                            expect = true;
                         }
                     }
                     // LOCAL (the balancer's own health check) or UNKNOWN.
                     Ok(None) => {}
                     Err(e) => {
-                        debug!(error = %e, "no valid PROXY header from a proxy_protocol_from address");
+                        debug!(error = %e, "no valid PROXY header from a proxy_protocol_from address or another hub");
                         shared.listener.error(ErrorKind::BadProxyHeader);
                         return;
                     }
                 }
             }
+            let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             match kind {
                 Kind::Http => {
                     if let Some((first, h2c)) =
@@ -1113,16 +1122,25 @@ async fn http_via_mesh(
     let cap = limits.max_header_bytes.max(1024);
     let read = async {
         let mut buf = [0u8; 4096];
+        // Parsed again only when a line may have ended (a client sending a
+        // byte at a time costs no more than one sending it all).
+        let mut scan = true;
         loop {
-            match sniff_http_host_capped(&first, cap) {
-                Err(SniffError::Incomplete) => {}
-                Ok(h) => return Some(h.host_name().cloned()),
-                // Hyper answers what it cannot parse.
-                Err(_) => return Some(None),
+            if scan {
+                match sniff_http_host_capped(&first, cap) {
+                    Err(SniffError::Incomplete) => {}
+                    Ok(h) => return Some(h.host_name().cloned()),
+                    // Hyper answers what it cannot parse.
+                    Err(_) => return Some(None),
+                }
             }
             match sock.read(&mut buf).await {
                 Ok(0) | Err(_) => return None,
-                Ok(n) => first.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                Ok(n) => {
+                    let chunk = buf.get(..n).unwrap_or_default();
+                    first.extend_from_slice(chunk);
+                    scan = chunk.contains(&b'\n') || first.len() > cap;
+                }
             }
         }
     };
@@ -1139,7 +1157,7 @@ async fn http_via_mesh(
     }
     let host = host?;
     let rec = Record::start(shared, peer, LogKind::Mesh, false);
-    let conn = (sock, peer, dest, first.as_slice());
+    let conn = (sock, peer, dest, first);
     via_mesh(mesh, &hubs, &host, false, conn, limits, rec).await;
     None
 }
@@ -1155,7 +1173,7 @@ async fn via_mesh(
     hubs: &[Arc<crate::mesh::table::PeerHub>],
     host: &DomainName,
     tls: bool,
-    conn: (TcpStream, SocketAddr, Option<SocketAddr>, &[u8]),
+    conn: (TcpStream, SocketAddr, Option<SocketAddr>, Vec<u8>),
     limits: &Limits,
     mut rec: Option<Record>,
 ) {
@@ -1164,6 +1182,7 @@ async fn via_mesh(
         return;
     };
     Record::note(&mut rec, |e| e.host = Some(host.as_str().to_string()));
+    let first_len = first.len() as u64;
     let c = crate::mesh::forward::Client {
         sock,
         peer,
@@ -1176,7 +1195,7 @@ async fn via_mesh(
             Record::note(&mut rec, |e| e.route = Some(format!("mesh:{}", sent.hub)));
             note_spliced(&mut rec, sent.to, &sent.spliced);
             Record::note(&mut rec, |e| {
-                e.bytes_in = e.bytes_in.map(|n| n + first.len() as u64);
+                e.bytes_in = e.bytes_in.map(|n| n + first_len);
             });
         }
         Err((mut sock, kind)) => {
@@ -1426,7 +1445,7 @@ async fn serve_tls(
                     if let (Some(m), Some(h), false) = (&mesh, &sni, hubs.is_empty()) {
                         let rec = Record::start(&shared, peer, LogKind::Mesh, true);
                         drop(shared);
-                        let conn = (sock, peer, dest, bytes.as_slice());
+                        let conn = (sock, peer, dest, bytes);
                         via_mesh(m, &hubs, h, true, conn, &limits, rec).await;
                         return;
                     }
@@ -1471,7 +1490,7 @@ async fn serve_tls(
         if !hubs.is_empty() {
             let rec = Record::start(&shared, peer, LogKind::Mesh, true);
             drop(shared);
-            let conn = (sock, peer, dest, bytes.as_slice());
+            let conn = (sock, peer, dest, bytes);
             via_mesh(m, &hubs, host, true, conn, &limits, rec).await;
             return;
         }
