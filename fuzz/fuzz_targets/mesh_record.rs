@@ -25,13 +25,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 const KEYS: [&str; 5] = ["hub-a", "hub-b", "hub-x", "a", "eu1.gw_2"];
 const OWN: &str = "hub-x";
 
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 /// Addresses no record can make trusted by themselves, or ones a record may list.
 fn probes(rec: &HubRecord) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = vec![
@@ -56,7 +49,7 @@ fn check_table(rec: &HubRecord) {
         .http
         .iter()
         .chain(&rec.https)
-        .map(|a| unmap(a.ip()))
+        .map(|a| a.ip().to_canonical())
         .collect();
     if rec.name == OWN {
         assert!(t.hubs().is_empty(), "own record in the table");
@@ -101,7 +94,7 @@ fn check_table(rec: &HubRecord) {
     for a in rec.http.iter().chain(&rec.https) {
         let ip = a.ip();
         assert!(t.trusts(ip), "listed address {a} not trusted");
-        let plain = unmap(ip);
+        let plain = ip.to_canonical();
         assert!(t.trusts(plain), "listed address {a} not trusted as {plain}");
         if let IpAddr::V4(v4) = plain {
             let mapped = IpAddr::V6(v4.to_ipv6_mapped());
@@ -112,7 +105,7 @@ fn check_table(rec: &HubRecord) {
         }
     }
     for p in probes(rec) {
-        assert_eq!(t.trusts(p), listed.contains(&unmap(p)), "probe {p}");
+        assert_eq!(t.trusts(p), listed.contains(&p.to_canonical()), "probe {p}");
     }
 }
 
@@ -141,13 +134,7 @@ fuzz_target!(|data: &[u8]| {
         assert_ne!(a.port(), 0, "{a}");
         // Unicast, also behind an IPv4-mapped form: no address a hub could
         // not be, so none the table would wrongly trust.
-        let ip = match a.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(a.ip()),
-            v4 => v4,
-        };
+        let ip = a.ip().to_canonical();
         assert!(
             !ip.is_unspecified() && !ip.is_multicast() && !ip.is_loopback(),
             "{a}"

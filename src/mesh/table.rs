@@ -140,7 +140,7 @@ pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordEr
         return Err(RecordError::TooMany);
     }
     for a in r.http.iter().chain(&r.https) {
-        let ip = unmap(a.ip());
+        let ip = a.ip().to_canonical();
         let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
         if a.port() == 0
             || ip.is_unspecified()
@@ -191,13 +191,6 @@ pub struct Table {
     trusted: Vec<IpAddr>,
 }
 
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 impl Table {
     /// The table from `records`, leaving out the one named `own` (this hub).
     /// A host served by several hubs lists them by name, so every hub tries
@@ -215,7 +208,7 @@ impl Table {
                 hosts: r.hosts.len(),
             });
             for a in r.http.iter().chain(&r.https) {
-                let ip = unmap(a.ip());
+                let ip = a.ip().to_canonical();
                 if !t.trusted.contains(&ip) {
                     t.trusted.push(ip);
                 }
@@ -236,7 +229,7 @@ impl Table {
     /// Whether a connection from `ip` comes from another hub of the mesh
     /// (and so starts with a PROXY header naming the real client).
     pub fn trusts(&self, ip: IpAddr) -> bool {
-        self.trusted.contains(&unmap(ip))
+        self.trusted.contains(&ip.to_canonical())
     }
 
     /// The other hubs, by name.

@@ -981,7 +981,7 @@ async fn accept_loop(
                     if let Some((first, h2c)) =
                         sniff_h2c(&mut sock, shared.limits.header_timeout).await
                     {
-                        let first = match &mesh {
+                        let (sock, first) = match &mesh {
                             Some(m) if !h2c => {
                                 match http_via_mesh(&shared, m, sock, first, peer, dest).await {
                                     Some(x) => x,
@@ -990,7 +990,6 @@ async fn accept_loop(
                             }
                             _ => (sock, first),
                         };
-                        let (sock, first) = first;
                         let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
@@ -1148,18 +1147,28 @@ async fn http_via_mesh(
         .await
         .ok()
         .flatten()?;
-    let hubs = match &host {
-        Some(h) if shared.table.lookup(h).is_none() => mesh.candidates(h),
-        _ => Vec::new(),
-    };
-    if hubs.is_empty() {
+    let hubs = host
+        .as_ref()
+        .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h));
+    let (Some(host), false) = (host, hubs.is_empty()) else {
         return Some((sock, first));
-    }
-    let host = host?;
-    let rec = Record::start(shared, peer, LogKind::Mesh, false);
+    };
     let conn = (sock, peer, dest, first);
-    via_mesh(mesh, &hubs, &host, false, conn, limits, rec).await;
+    via_mesh(shared.clone(), mesh, &hubs, &host, false, conn).await;
     None
+}
+
+/// The hubs to send a connection for `host` to, in order: none when this
+/// hub has a route for it (its own routes win) or no other hub serves it.
+fn mesh_hubs(
+    shared: &Shared,
+    mesh: &crate::mesh::Mesh,
+    host: &DomainName,
+) -> Vec<Arc<crate::mesh::table::PeerHub>> {
+    if shared.table.lookup(host).is_some() {
+        return Vec::new();
+    }
+    mesh.candidates(host)
 }
 
 /// Sends a connection for `host` (`conn`: the socket, the client, the
@@ -1167,17 +1176,20 @@ async fn http_via_mesh(
 /// read) to the first of `hubs`
 /// that takes it, over their TLS listeners when `tls`; when none does,
 /// answers a plain HTTP client 502 and a TLS client an `internal_error`
-/// alert. `rec`: its access-log entry.
+/// alert. Holds no generation of the routes meanwhile; logs one `mesh`
+/// access-log line.
 async fn via_mesh(
+    shared: Arc<Shared>,
     mesh: &crate::mesh::Mesh,
     hubs: &[Arc<crate::mesh::table::PeerHub>],
     host: &DomainName,
     tls: bool,
     conn: (TcpStream, SocketAddr, Option<SocketAddr>, Vec<u8>),
-    limits: &Limits,
-    mut rec: Option<Record>,
 ) {
     let (sock, peer, dest, first) = conn;
+    let mut rec = Record::start(&shared, peer, LogKind::Mesh, tls);
+    let limits = shared.limits.clone();
+    drop(shared);
     let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
         return;
     };
@@ -1189,7 +1201,7 @@ async fn via_mesh(
         dest: local,
         first,
     };
-    match crate::mesh::forward::forward(mesh, hubs, tls, c, limits).await {
+    match crate::mesh::forward::forward(mesh, hubs, tls, c, &limits).await {
         Ok(sent) => {
             debug!(host = %host, hub = %sent.hub, result = ?sent.spliced, "sent to another hub");
             Record::note(&mut rec, |e| e.route = Some(format!("mesh:{}", sent.hub)));
@@ -1438,16 +1450,13 @@ async fn serve_tls(
                 _ => {
                     // Not this hub's challenge: another hub's, for a name
                     // it serves and this one does not?
-                    let hubs = match (&mesh, &sni) {
-                        (Some(m), Some(h)) if shared.table.lookup(h).is_none() => m.candidates(h),
-                        _ => Vec::new(),
-                    };
-                    if let (Some(m), Some(h), false) = (&mesh, &sni, hubs.is_empty()) {
-                        let rec = Record::start(&shared, peer, LogKind::Mesh, true);
-                        drop(shared);
-                        let conn = (sock, peer, dest, bytes);
-                        via_mesh(m, &hubs, h, true, conn, &limits, rec).await;
-                        return;
+                    if let (Some(m), Some(h)) = (&mesh, &sni) {
+                        let hubs = mesh_hubs(&shared, m, h);
+                        if !hubs.is_empty() {
+                            let conn = (sock, peer, dest, bytes);
+                            via_mesh(shared, m, &hubs, h, true, conn).await;
+                            return;
+                        }
                     }
                     shared.listener.error(ErrorKind::UnknownSni);
                     tls::send_alert(&mut sock, &tls::ALERT_UNRECOGNIZED_NAME).await;
@@ -1486,12 +1495,10 @@ async fn serve_tls(
     };
     let route = sni.as_ref().and_then(|s| shared.table.lookup(s).cloned());
     if let (None, Some(m), Some(host)) = (&route, &mesh, &sni) {
-        let hubs = m.candidates(host);
+        let hubs = mesh_hubs(&shared, m, host);
         if !hubs.is_empty() {
-            let rec = Record::start(&shared, peer, LogKind::Mesh, true);
-            drop(shared);
             let conn = (sock, peer, dest, bytes);
-            via_mesh(m, &hubs, host, true, conn, &limits, rec).await;
+            via_mesh(shared, m, &hubs, host, true, conn).await;
             return;
         }
     }
