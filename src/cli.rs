@@ -477,6 +477,26 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             let hosts = count(n(h, "hosts"), "host", "hosts");
             out.push(format!("  hub {}: {hosts}", s(h, "name")));
         }
+        let orders: Vec<String> = m
+            .get("acme_orders")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+            .map(|o| format!("{} by {}", s(o, "host"), s(o, "hub")))
+            .collect();
+        let (certs, answered) = (n(m, "acme_certificates"), n(m, "acme_answered"));
+        if certs > 0 || answered > 0 || !orders.is_empty() {
+            let ordering = if orders.is_empty() {
+                String::new()
+            } else {
+                format!("; ordering {}", orders.join(", "))
+            };
+            out.push(format!(
+                "  acme: {} shared, {} answered for other hubs{ordering}",
+                count(certs, "certificate", "certificates"),
+                count(answered, "validation", "validations"),
+            ));
+        }
     }
     out
 }
@@ -678,6 +698,13 @@ mod tests {
                 "mesh hub-a: connected to etcd; 2 hosts published, 7 connections sent to other hubs, 1 received",
                 "  hub hub-b: 1 host",
             ]
+        );
+        let acme = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
+            "hubs": [], "acme_certificates": 2, "acme_answered": 1,
+            "acme_orders": [{"host": "blog.gw.test", "hub": "hub-b"}]}});
+        assert_eq!(
+            carrier_lines(&acme)[1],
+            "  acme: 2 certificates shared, 1 validation answered for other hubs; ordering blog.gw.test by hub-b"
         );
         let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
             "last_error": "connection refused", "hubs": []}});

@@ -96,19 +96,20 @@ impl TunnelLiveness for NodeTunnels {
 /// Starts the reverse proxy if the config has one. Call after the TUN is up, so
 /// the check against the host's addresses sees the overlay addresses too.
 pub async fn start_proxy(cfg: &HubConfig) -> anyhow::Result<Option<Proxy>> {
-    start_proxy_with(cfg.proxy.clone(), None).await
+    start_proxy_with(cfg.proxy.clone(), None, None).await
 }
 
 async fn start_proxy_with(
     settings: Option<ProxySettings>,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 ) -> anyhow::Result<Option<Proxy>> {
     let Some(settings) = settings else {
         return Ok(None);
     };
     crate::proxy::settings::check_host_addresses(&settings)
         .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
-    Ok(Some(Proxy::start_with(settings, tunnels).await?))
+    Ok(Some(Proxy::start_meshed(settings, tunnels, mesh).await?))
 }
 
 /// The proxy of a running hub, swapped on reload.
@@ -148,6 +149,7 @@ impl ProxySlot {
                 match start_proxy_with(
                     Some(s),
                     Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>),
+                    self.mesh.clone(),
                 )
                 .await
                 {
@@ -334,6 +336,7 @@ async fn run_inner(
         start_proxy_with(
             wanted_proxy(&cfg, control.as_deref()),
             Some(tunnels.clone() as Arc<dyn TunnelLiveness>),
+            slot.mesh.clone(),
         )
         .await?,
     );

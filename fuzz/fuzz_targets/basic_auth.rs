@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some((user, _pass)) = credentials(data) {
         assert!(!user.contains(':'));
         let text = String::from_utf8_lossy(data);
-        assert!(text.trim_start().get(..5).is_some_and(|s| s.eq_ignore_ascii_case("basic")));
+        assert!(text
+            .trim_start()
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("basic")));
     }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(h) = Htpasswd::parse(text) {

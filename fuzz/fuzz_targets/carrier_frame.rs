@@ -29,7 +29,9 @@ fn run(pieces: &[&[u8]]) -> (Vec<Vec<u8>>, Option<FrameError>, usize) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cut, rest)) = data.split_first() else { return };
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(cut).min(rest.len());
     let whole = run(&[rest]);
     let split = run(&[&rest[..at], &rest[at..]]);

@@ -61,7 +61,9 @@ fuzz_target!(|data: &[u8]| {
         file_ports: &file_ports,
     };
     let mut s = State::default();
-    let n1 = s.add_node(&ctx, K1, Some("n1".into()), None).expect("first node");
+    let n1 = s
+        .add_node(&ctx, K1, Some("n1".into()), None)
+        .expect("first node");
     s.add_node(&ctx, K2, None, None).expect("second node");
     s.set_name(
         "blog",
@@ -88,7 +90,10 @@ fuzz_target!(|data: &[u8]| {
                     let got = ev.statuses.get(K1).map_or(0, Vec::len);
                     assert!(n == 0 || got > 0, "{n} declared, {got} statuses");
                     assert!(ev.routes.iter().all(|r| !r.backends.is_empty()));
-                    assert_eq!(ev.hosts.len(), ev.routes.len() + ev.tcp.len() + ev.udp.len());
+                    assert_eq!(
+                        ev.hosts.len(),
+                        ev.routes.len() + ev.tcp.len() + ev.udp.len()
+                    );
                 }
                 r
             }

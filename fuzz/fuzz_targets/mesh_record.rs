@@ -139,7 +139,11 @@ fuzz_target!(|data: &[u8]| {
             !ip.is_unspecified() && !ip.is_multicast() && !ip.is_loopback(),
             "{a}"
         );
-        assert_ne!(ip, std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST), "{a}");
+        assert_ne!(
+            ip,
+            std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST),
+            "{a}"
+        );
     }
     for h in &rec.hosts {
         let n = DomainName::parse(h).expect("decoded host parses");

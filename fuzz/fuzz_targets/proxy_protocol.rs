@@ -18,9 +18,19 @@ fuzz_target!(|data: &[u8]| {
     assert!(d.len > 0 && d.len <= data.len());
     for cut in [0, d.len / 2, d.len - 1] {
         let prefix = data.get(..cut).unwrap_or_default();
-        assert_eq!(decode(prefix), Err(DecodeError::Incomplete), "prefix {cut} of {}", d.len);
+        assert_eq!(
+            decode(prefix),
+            Err(DecodeError::Incomplete),
+            "prefix {cut} of {}",
+            d.len
+        );
     }
-    if let Command::Proxy { transport, src, dst } = d.command {
+    if let Command::Proxy {
+        transport,
+        src,
+        dst,
+    } = d.command
+    {
         let mut again = Vec::new();
         if transport == Transport::Tcp && data.first() == Some(&b'P') {
             encode_v1(&mut again, src, dst);
@@ -30,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(d2) = decode(&again) else {
             panic!("re-encoded header does not decode")
         };
-        let Command::Proxy { src: s2, dst: d2a, .. } = d2.command else {
+        let Command::Proxy {
+            src: s2, dst: d2a, ..
+        } = d2.command
+        else {
             panic!("re-encoded header is not PROXY")
         };
         assert_eq!(s2.port(), src.port());

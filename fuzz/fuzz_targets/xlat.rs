@@ -9,7 +9,9 @@ use std::cell::RefCell;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
-use gatewire::xlat::{translate, translate_4to6, translate_6to4, Config, Eam, Outcome, OUT_BUF_LEN};
+use gatewire::xlat::{
+    translate, translate_4to6, translate_6to4, Config, Eam, Outcome, OUT_BUF_LEN,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn config() -> &'static Config {
@@ -17,8 +19,18 @@ fn config() -> &'static Config {
     CFG.get_or_init(|| {
         let mut cfg = Config::default();
         let eams = [
-            (Ipv4Addr::new(192, 0, 2, 0), 24, Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0), 120),
-            (Ipv4Addr::new(198, 51, 100, 0), 24, Ipv6Addr::new(0x2001, 0xdb8, 0x1c6, 0x3364, 0, 0, 0, 0), 72),
+            (
+                Ipv4Addr::new(192, 0, 2, 0),
+                24,
+                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0),
+                120,
+            ),
+            (
+                Ipv4Addr::new(198, 51, 100, 0),
+                24,
+                Ipv6Addr::new(0x2001, 0xdb8, 0x1c6, 0x3364, 0, 0, 0, 0),
+                72,
+            ),
         ];
         for (a4, l4, a6, l6) in eams {
             if let Ok(e) = Eam::new(a4, l4, a6, l6) {

@@ -59,7 +59,10 @@ fn run(cfg: &Config, frame: &[u8]) -> Option<Vec<u8>> {
         6 => {
             assert_eq!(v.gso_type & !GSO_ECN, GSO_TCPV6);
             assert_eq!(v.csum_start, 40);
-            assert_eq!(usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) + 40, pkt.len());
+            assert_eq!(
+                usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) + 40,
+                pkt.len()
+            );
             assert!(40 + thl + usize::from(v.gso_size) <= usize::from(cfg.ipv6_mtu));
         }
         4 => {
@@ -76,11 +79,15 @@ fn run(cfg: &Config, frame: &[u8]) -> Option<Vec<u8>> {
 
 /// Makes an IPv4 frame's total length and header checksum consistent.
 fn fix_v4(frame: &mut [u8]) {
-    let Some(pkt) = frame.get_mut(VNET_HDR_LEN..) else { return };
+    let Some(pkt) = frame.get_mut(VNET_HDR_LEN..) else {
+        return;
+    };
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return;
     }
-    let Ok(total) = u16::try_from(pkt.len()) else { return };
+    let Ok(total) = u16::try_from(pkt.len()) else {
+        return;
+    };
     pkt[2..4].copy_from_slice(&total.to_be_bytes());
     let ihl = (usize::from(pkt[0] & 0x0f) * 4).clamp(20, pkt.len().min(60));
     pkt[10..12].fill(0);

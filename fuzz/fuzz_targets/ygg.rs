@@ -42,7 +42,10 @@ fuzz_target!(|data: &[u8]| {
                     let again = LinkUri::parse(uri.as_str(), version, role);
                     assert_eq!(again.as_ref().ok(), Some(&uri));
                     if role == UriRole::Peer {
-                        let req = AdminRequest::AddPeer { uri, interface: None };
+                        let req = AdminRequest::AddPeer {
+                            uri,
+                            interface: None,
+                        };
                         assert!(req.encode(version, true).is_ok());
                     }
                 }

@@ -43,6 +43,8 @@
 //! | `gatewire_mesh_etcd_connected` | gauge (1/0) | |
 //! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
 //! | `gatewire_mesh_forwarded_total`, `gatewire_mesh_received_total`, `gatewire_mesh_bad_records_total` | counter | |
+//! | `gatewire_mesh_acme_certificates`, `gatewire_mesh_acme_orders` | gauge | |
+//! | `gatewire_mesh_acme_answered_total` | counter | |
 //!
 //! The bytes and errors of connections sent to other hubs are the route
 //! families' samples with `route="mesh"`.
@@ -119,7 +121,7 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
 }
 
 fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
-    let families: [(&'static str, &'static str, Kind, u64); 6] = [
+    let families: [(&'static str, &'static str, Kind, u64); 9] = [
         (
             "gatewire_mesh_etcd_connected",
             "1 while the mesh's etcd session is up (else the last table serves).",
@@ -152,9 +154,27 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
         ),
         (
             "gatewire_mesh_bad_records_total",
-            "Records of other hubs left out as malformed.",
+            "Records of other hubs and shared ACME keys left out as malformed.",
             Kind::Counter,
             m.bad_records,
+        ),
+        (
+            "gatewire_mesh_acme_certificates",
+            "ACME certificates stored in the mesh.",
+            Kind::Gauge,
+            m.acme_certificates as u64,
+        ),
+        (
+            "gatewire_mesh_acme_orders",
+            "ACME orders running in the mesh now (one hub per host).",
+            Kind::Gauge,
+            m.acme_orders.len() as u64,
+        ),
+        (
+            "gatewire_mesh_acme_answered_total",
+            "ACME validations this hub answered for another hub's order.",
+            Kind::Counter,
+            m.acme_answered,
         ),
     ];
     for (name, help, kind, v) in families {
@@ -1205,6 +1225,12 @@ mod tests {
                 forwarded: 7,
                 received: 5,
                 bad_records: 1,
+                acme_certificates: 2,
+                acme_orders: vec![crate::mesh::AcmeOrder {
+                    host: "blog.gw.test".into(),
+                    hub: "hub-b".into(),
+                }],
+                acme_answered: 4,
             }),
         });
         let p = parse(&text);
@@ -1216,6 +1242,10 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_forwarded_total", &[]), Some(7));
         assert_eq!(p.get("gatewire_mesh_received_total", &[]), Some(5));
         assert_eq!(p.get("gatewire_mesh_bad_records_total", &[]), Some(1));
-        assert_eq!(p.types.len(), 12);
+        assert_eq!(p.get("gatewire_mesh_acme_certificates", &[]), Some(2));
+        assert_eq!(p.get("gatewire_mesh_acme_orders", &[]), Some(1));
+        assert_eq!(p.get("gatewire_mesh_acme_answered_total", &[]), Some(4));
+        assert_eq!(p.types["gatewire_mesh_acme_answered_total"], "counter");
+        assert_eq!(p.types.len(), 15);
     }
 }

@@ -59,6 +59,7 @@ async fn run(mesh: Arc<Mesh>, local: Local, mut stop: watch::Receiver<bool>) {
     let mut records = BTreeMap::new();
     loop {
         let r = session(&mesh, &local, &mut stop, &mut records).await;
+        mesh.set_session(None);
         let e = match r {
             Ok(()) => return,
             Err(e) => format!("{e:#}"),
@@ -262,6 +263,32 @@ async fn session(
     }
     *records = fresh;
     mesh.set_table(Table::build(&s.name, records.values()));
+
+    // The shared ACME keys: challenge answers, certificates, locks.
+    let acme_prefix = s.acme_prefix();
+    let resp = client
+        .kv_client()
+        .max_decoding_message_size(MAX_READ)
+        .get(acme_prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let acme_rev = resp.header().map_or(0, |h| h.revision());
+    mesh.clear_acme();
+    for kv in resp.kvs() {
+        mesh.apply_acme(kv.key(), Some(kv.value()));
+    }
+    let mut acme_stream = client
+        .watch_client()
+        .max_decoding_message_size(MAX_READ)
+        .watch(
+            acme_prefix,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(acme_rev + 1),
+            ),
+        )
+        .await?;
+
     let mut stream = client
         .watch_client()
         .max_decoding_message_size(MAX_READ)
@@ -274,6 +301,7 @@ async fn session(
             ),
         )
         .await?;
+    mesh.set_session(Some((client.clone(), lease)));
     mesh.set_connected(true, None);
     info!(hubs = records.len(), etcd = ?s.etcd, "mesh: connected to etcd");
 
@@ -317,6 +345,20 @@ async fn session(
                     }
                 }
                 mesh.set_table(Table::build(&s.name, records.values()));
+            }
+            m = acme_stream.message() => {
+                let Some(r) = m? else { anyhow::bail!("ACME watch ended") };
+                if r.canceled() {
+                    anyhow::bail!("ACME watch canceled: {}", r.cancel_reason());
+                }
+                for ev in r.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let value = match ev.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    mesh.apply_acme(kv.key(), value);
+                }
             }
         }
     }

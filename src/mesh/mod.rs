@@ -19,12 +19,20 @@
 //! serve a host in turn, starting at a rotating point, and skips for a few
 //! seconds a hub that did not answer.
 //!
-//! [`table`] is the pure core; [`etcd`] publishes and watches; [`forward`]
-//! moves a connection.
+//! ACME is coordinated through the same etcd ([`acme`], [`share`]): one hub
+//! at a time orders a host's certificate, its challenge answers are
+//! published so that any hub answers the validation, and (unless
+//! `share_certificates = false`) the issued certificate is stored for the
+//! other hubs that serve the host.
+//!
+//! [`table`] and [`acme`] are the pure cores; [`etcd`] publishes and watches;
+//! [`forward`] moves a connection; [`share`] is the ACME side of the store.
 
+pub mod acme;
 pub mod etcd;
 pub mod forward;
 pub mod settings;
+pub mod share;
 pub mod table;
 
 use crate::proxy::names::DomainName;
@@ -56,6 +64,14 @@ pub struct Mesh {
     forwarded: AtomicU64,
     received: AtomicU64,
     bad_records: AtomicU64,
+    /// The etcd client and lease of the running session (for the ACME side).
+    session: Mutex<Option<(etcd_client::Client, i64)>>,
+    /// The shared ACME keys as last seen.
+    acme: parking_lot::RwLock<acme::Shared>,
+    /// Woken when a shared certificate or a lock changes.
+    acme_kick: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// Validations answered with another hub's challenge answer.
+    acme_answered: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -88,6 +104,19 @@ pub struct MeshView {
     pub received: u64,
     /// Records of other hubs that were not used (malformed).
     pub bad_records: u64,
+    /// ACME certificates stored in the mesh.
+    pub acme_certificates: usize,
+    /// Hosts whose certificate a hub is ordering now, and that hub.
+    pub acme_orders: Vec<AcmeOrder>,
+    /// ACME validations this hub answered for another hub's order.
+    pub acme_answered: u64,
+}
+
+/// A certificate being ordered in the mesh.
+#[derive(Debug, Serialize)]
+pub struct AcmeOrder {
+    pub host: String,
+    pub hub: String,
 }
 
 impl Mesh {
@@ -102,6 +131,10 @@ impl Mesh {
             forwarded: AtomicU64::new(0),
             received: AtomicU64::new(0),
             bad_records: AtomicU64::new(0),
+            session: Mutex::new(None),
+            acme: parking_lot::RwLock::new(acme::Shared::default()),
+            acme_kick: Mutex::new(None),
+            acme_answered: AtomicU64::new(0),
         })
     }
 
@@ -193,6 +226,15 @@ impl Mesh {
     pub fn view(&self) -> MeshView {
         let s = self.status.lock().clone();
         let t = self.table.load();
+        let (acme_certificates, acme_orders) = {
+            let a = self.acme.read();
+            let orders = a
+                .locks()
+                .into_iter()
+                .map(|(host, hub)| AcmeOrder { host, hub })
+                .collect();
+            (a.certs(), orders)
+        };
         MeshView {
             name: self.settings.name.clone(),
             etcd_connected: s.etcd_connected,
@@ -211,6 +253,9 @@ impl Mesh {
             forwarded: self.forwarded.load(Relaxed),
             received: self.received.load(Relaxed),
             bad_records: self.bad_records.load(Relaxed),
+            acme_certificates,
+            acme_orders,
+            acme_answered: self.acme_answered.load(Relaxed),
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct RawMesh {
     username: Option<String>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    share_certificates: Option<bool>,
 }
 
 /// Validated `[mesh]` settings. `Debug` leaves the password out.
@@ -46,6 +47,10 @@ pub struct MeshSettings {
     pub user: Option<(String, String)>,
     /// CA certificate (PEM) for `https://` endpoints.
     pub ca_pem: Option<Vec<u8>>,
+    /// ACME certificates (with their keys) are stored in etcd and used by
+    /// every hub that serves the name; off: each hub orders its own (one hub
+    /// at a time still, and challenges are still shared).
+    pub share_certificates: bool,
 }
 
 impl std::fmt::Debug for MeshSettings {
@@ -57,6 +62,7 @@ impl std::fmt::Debug for MeshSettings {
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("share_certificates", &self.share_certificates)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +76,11 @@ impl MeshSettings {
     /// The key of this hub's record.
     pub fn own_key(&self) -> String {
         format!("{}{}", self.hubs_prefix(), self.name)
+    }
+
+    /// The key prefix of the shared ACME keys (see [`crate::mesh::acme`]).
+    pub fn acme_prefix(&self) -> String {
+        format!("{}acme/", self.prefix)
     }
 }
 
@@ -170,6 +181,7 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
         ttl: Duration::from_secs(ttl),
         user,
         ca_pem,
+        share_certificates: raw.share_certificates.unwrap_or(true),
     })
 }
 
@@ -191,7 +203,12 @@ mod tests {
         assert_eq!(s.prefix, DEFAULT_PREFIX);
         assert_eq!(s.ttl, Duration::from_secs(DEFAULT_TTL));
         assert_eq!(s.own_key(), "/gatewire/mesh/hubs/hub-a");
+        assert_eq!(s.acme_prefix(), "/gatewire/mesh/acme/");
         assert!(s.user.is_none());
+        assert!(s.share_certificates);
+        let off = parse(&format!("{OK}share_certificates = false\n")).unwrap();
+        assert!(!off.share_certificates);
+        assert!(parse(&format!("{OK}share_certificates = \"no\"\n")).is_err());
     }
 
     #[test]

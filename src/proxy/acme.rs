@@ -7,7 +7,14 @@
 //! The [`AcmeState`] is shared by every proxy generation: the HTTP and TLS
 //! paths read its challenge tables and certificates, the manager task
 //! ([`spawn_manager`]) fills them.
+//!
+//! Hubs in a mesh coordinate through an [`AcmeShare`] (the mesh's etcd): one
+//! hub at a time orders a host's certificate (it holds the host's lock), its
+//! challenge answers are published so that whichever hub the ACME server
+//! reaches answers the validation, and with shared certificates the result
+//! is stored for the other hubs, which take it instead of ordering their own.
 
+use crate::mesh::acme::CertPem;
 use crate::proxy::settings::{AcmeChallenge, AcmeSettings};
 use bytes::Bytes;
 use http::Request;
@@ -36,24 +43,111 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// Path prefix of HTTP-01 challenges.
 pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 
+/// A boxed future of an [`AcmeShare`] call.
+pub type ShareFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A challenge answer published for the other hubs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    /// HTTP-01: the key authorization served for `token`.
+    Http01 {
+        token: String,
+        key_authorization: String,
+    },
+    /// TLS-ALPN-01: the digest the validation certificate for `host` carries.
+    Alpn01 { host: String, digest: [u8; 32] },
+}
+
+/// What hubs share to order certificates together (the mesh's etcd).
+pub trait AcmeShare: Send + Sync {
+    /// Orders can be coordinated now (the store is reachable).
+    fn ready(&self) -> bool;
+    /// Issued certificates are shared (stored and taken from the store).
+    fn shares_certificates(&self) -> bool;
+    /// Another hub's HTTP-01 key authorization for `token`.
+    fn http01(&self, token: &str) -> Option<String>;
+    /// Another hub's TLS-ALPN-01 digest for `host`.
+    fn alpn01(&self, host: &str) -> Option<[u8; 32]>;
+    /// The shared certificate of `host`, as last seen.
+    fn cert(&self, host: &str) -> Option<CertPem>;
+    /// Its `notAfter` (Unix seconds).
+    fn cert_not_after(&self, host: &str) -> Option<u64>;
+    /// `kick` is notified when a shared certificate or a lock changes.
+    fn on_change(&self, kick: Arc<Notify>);
+    /// Takes the lock on ordering for `host`: true when this hub holds it.
+    fn lock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<bool, String>>;
+    /// Lets go of the lock on `host` (if this hub holds it).
+    fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, ()>;
+    /// Publishes a challenge answer (it goes when this hub's session ends).
+    fn publish<'a>(&'a self, c: &'a Challenge) -> ShareFuture<'a, Result<(), String>>;
+    /// Withdraws a published challenge answer.
+    fn withdraw<'a>(&'a self, c: &'a Challenge) -> ShareFuture<'a, ()>;
+    /// Reads the shared certificate of `host` from the store itself.
+    fn fetch_cert<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<Option<CertPem>, String>>;
+    /// Stores the certificate of `host` for the other hubs.
+    fn store_cert<'a>(
+        &'a self,
+        host: &'a str,
+        pem: &'a CertPem,
+    ) -> ShareFuture<'a, Result<(), String>>;
+}
+
+/// A validation certificate made for a published digest.
+type MadeAlpnCert = ([u8; 32], Arc<CertifiedKey>);
+
 /// Challenge answers and issued certificates, shared with the listeners.
 #[derive(Default)]
 pub struct AcmeState {
     http01: RwLock<HashMap<String, String>>,
     alpn01: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// Validation certificates made for other hubs' TLS-ALPN-01 digests.
+    alpn01_shared: RwLock<HashMap<String, MadeAlpnCert>>,
     certs: RwLock<HashMap<String, (Arc<CertifiedKey>, u64)>>,
     wanted: RwLock<(Option<AcmeSettings>, Vec<String>)>,
+    share: RwLock<Option<Arc<dyn AcmeShare>>>,
     kick: Arc<Notify>,
 }
 
 impl AcmeState {
-    /// The key authorization for an HTTP-01 `token`.
+    /// The key authorization for an HTTP-01 `token` (this hub's, or one
+    /// another hub published).
     pub fn http01(&self, token: &str) -> Option<String> {
-        self.http01.read().get(token).cloned()
+        if let Some(ka) = self.http01.read().get(token) {
+            return Some(ka.clone());
+        }
+        self.share.read().as_ref()?.http01(token)
     }
-    /// The TLS-ALPN-01 validation certificate for `host`.
+    /// The TLS-ALPN-01 validation certificate for `host` (this hub's, or one
+    /// made for the digest another hub published).
     pub fn alpn01(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        self.alpn01.read().get(host).cloned()
+        if let Some(k) = self.alpn01.read().get(host) {
+            return Some(k.clone());
+        }
+        let digest = self.share.read().as_ref()?.alpn01(host)?;
+        if let Some((d, k)) = self.alpn01_shared.read().get(host) {
+            if *d == digest {
+                return Some(k.clone());
+            }
+        }
+        let k = alpn_cert(host, &digest).ok()?;
+        let mut made = self.alpn01_shared.write();
+        // Only hosts with a published digest stay (a bounded set).
+        if made.len() > 1024 {
+            made.clear();
+        }
+        made.insert(host.to_string(), (digest, k.clone()));
+        Some(k)
+    }
+    /// Coordinates orders with other hubs through `share` (`None`: alone).
+    pub fn set_share(&self, share: Option<Arc<dyn AcmeShare>>) {
+        if let Some(s) = &share {
+            s.on_change(self.kick.clone());
+        }
+        *self.share.write() = share;
+        self.kick.notify_one();
+    }
+    fn share(&self) -> Option<Arc<dyn AcmeShare>> {
+        self.share.read().clone()
     }
     /// The issued certificate for `host`.
     pub fn cert(&self, host: &str) -> Option<Arc<CertifiedKey>> {
@@ -329,8 +423,36 @@ fn alpn_cert(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
     )
 }
 
-/// Orders, validates and stores a certificate for `host`.
-async fn issue(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Result<(), String> {
+/// How long a hub waits after publishing challenge answers for the other
+/// hubs before it asks for validation (they learn of them through a watch).
+pub const SHARE_SETTLE: Duration = Duration::from_millis(1000);
+
+/// Orders, validates and stores a certificate for `host`; the issued chain
+/// and key. With `share`, the challenge answers are published for the other
+/// hubs while the order runs.
+async fn issue(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    host: &str,
+    share: Option<&dyn AcmeShare>,
+) -> Result<CertPem, String> {
+    let mut published = Vec::new();
+    let r = issue_inner(state, cfg, host, share, &mut published).await;
+    if let Some(sh) = share {
+        for c in &published {
+            sh.withdraw(c).await;
+        }
+    }
+    r
+}
+
+async fn issue_inner(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    host: &str,
+    share: Option<&dyn AcmeShare>,
+    published: &mut Vec<Challenge>,
+) -> Result<CertPem, String> {
     let acct = account(cfg).await?;
     let ids = [Identifier::Dns(host.to_string())];
     let mut order = acct
@@ -356,18 +478,40 @@ async fn issue(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Result<(), 
             .find(|c| c.r#type == want)
             .ok_or_else(|| format!("the ACME server offers no {:?} challenge", want))?;
         let ka = order.key_authorization(ch);
-        match cfg.challenge {
+        let answer = match cfg.challenge {
             AcmeChallenge::Http01 => {
                 state
                     .http01
                     .write()
                     .insert(ch.token.clone(), ka.as_str().to_string());
                 tokens.push(ch.token.clone());
+                Challenge::Http01 {
+                    token: ch.token.clone(),
+                    key_authorization: ka.as_str().to_string(),
+                }
             }
             AcmeChallenge::TlsAlpn01 => {
-                let c = alpn_cert(host, ka.digest().as_ref())?;
+                let mut digest = [0u8; 32];
+                let d = ka.digest();
+                if d.as_ref().len() != digest.len() {
+                    return Err("TLS-ALPN-01 digest is not SHA-256".into());
+                }
+                digest.copy_from_slice(d.as_ref());
+                let c = alpn_cert(host, &digest)?;
                 state.alpn01.write().insert(host.to_string(), c);
+                Challenge::Alpn01 {
+                    host: host.to_string(),
+                    digest,
+                }
             }
+        };
+        if let Some(sh) = share {
+            // Whichever hub the ACME server reaches answers.
+            sh.publish(&answer)
+                .await
+                .map_err(|e| format!("publishing the challenge in the mesh: {e}"))?;
+            published.push(answer);
+            tokio::time::sleep(SHARE_SETTLE).await;
         }
         order
             .set_challenge_ready(&ch.url)
@@ -449,7 +593,203 @@ async fn issue(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Result<(), 
     let (k, na) = load_stored(cfg, host).ok_or("the issued certificate does not load")?;
     state.certs.write().insert(host.to_string(), (k, na));
     info!(host, not_after = na, "ACME certificate issued");
-    Ok(())
+    Ok(CertPem {
+        chain,
+        key: kp.serialize_pem(),
+    })
+}
+
+/// The stored certificate of `host` as PEM, if both files read.
+fn stored_pem(cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
+    let dir = host_dir(cfg, host);
+    Some(CertPem {
+        chain: std::fs::read_to_string(dir.join("fullchain.pem")).ok()?,
+        key: std::fs::read_to_string(dir.join("key.pem")).ok()?,
+    })
+}
+
+/// Takes a certificate from the mesh for `host` when it is newer than this
+/// hub's (in memory and on disk, so a restart without etcd keeps it). True
+/// when it did.
+fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bool {
+    let (key, na) =
+        match crate::proxy::tls::certified_key_from_pem(pem.chain.as_bytes(), pem.key.as_bytes())
+            .and_then(|k| {
+                let na = k
+                    .cert
+                    .first()
+                    .and_then(|c| cert_not_after(c))
+                    .ok_or("no notAfter in the certificate")?;
+                Ok((k, na))
+            }) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(host, error = %e, "mesh: shared ACME certificate unusable; ignored");
+                return false;
+            }
+        };
+    if state.not_after(host).is_some_and(|cur| cur >= na) {
+        return false;
+    }
+    let dir = host_dir(cfg, host);
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| write_private(&dir.join("key.pem"), pem.key.as_bytes()))
+        .and_then(|()| write_private(&dir.join("fullchain.pem"), pem.chain.as_bytes()));
+    if let Err(e) = written {
+        warn!(host, error = %e, dir = %dir.display(), "shared ACME certificate not written to disk");
+    }
+    state
+        .certs
+        .write()
+        .insert(host.to_string(), (Arc::new(key), na));
+    info!(host, not_after = na, "ACME certificate taken from the mesh");
+    true
+}
+
+/// With shared certificates: takes the mesh's certificate for `host` when it
+/// is newer than this hub's, or offers this hub's when it is the newer one.
+async fn sync_shared(state: &AcmeState, cfg: &AcmeSettings, sh: &dyn AcmeShare, host: &str) {
+    let theirs = sh.cert_not_after(host);
+    let mine = state.not_after(host);
+    match (theirs, mine) {
+        (Some(t), m) if m.is_none_or(|m| t > m) => {
+            if let Some(pem) = sh.cert(host) {
+                adopt(state, cfg, host, &pem);
+            }
+        }
+        (t, Some(m)) if t.is_none_or(|t| t < m) && sh.ready() => {
+            if let Some(pem) = stored_pem(cfg, host) {
+                match sh.store_cert(host, &pem).await {
+                    Ok(()) => info!(host, not_after = m, "ACME certificate offered to the mesh"),
+                    Err(e) => warn!(host, error = %e, "mesh: ACME certificate not stored"),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// How long a hub waits before looking again when another hub orders a
+/// certificate it also wants (a lock that goes wakes it sooner).
+pub const LOCKED_RETRY: Duration = Duration::from_secs(10);
+/// How long a hub in a mesh waits for etcd before it looks again.
+pub const MESH_WAIT: Duration = Duration::from_secs(2);
+/// An order waiting this long for etcd is logged.
+pub const MESH_WAIT_LOGGED: Duration = Duration::from_secs(30);
+
+type Retries = HashMap<String, (tokio::time::Instant, Duration)>;
+
+/// What the manager remembers between rounds.
+#[derive(Default)]
+struct Rounds {
+    /// When each failed host is tried again, and the last wait.
+    retry_at: Retries,
+    /// Hosts whose order waits for the mesh's etcd: since when, and whether
+    /// that was logged (once it lasts [`MESH_WAIT_LOGGED`]).
+    waiting: HashMap<String, (tokio::time::Instant, bool)>,
+}
+
+/// Notes a failure for `host`: the next try waits twice as long as the last
+/// (5 s to an hour). The wait.
+fn failed(retry_at: &mut Retries, host: &str, e: &str) -> Duration {
+    let back = retry_at.get(host).map_or(Duration::from_secs(5), |(_, b)| {
+        (*b * 2).min(Duration::from_secs(3600))
+    });
+    warn!(host = %host, error = %e, retry_in = ?back, "ACME order failed");
+    retry_at.insert(host.to_string(), (tokio::time::Instant::now() + back, back));
+    back
+}
+
+/// Keeps the certificate of one host: loads it from disk or from the mesh,
+/// orders it when missing or due. `Some(wait)`: look again within `wait`.
+async fn keep(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    share: Option<&dyn AcmeShare>,
+    host: &str,
+    rounds: &mut Rounds,
+) -> Option<Duration> {
+    let Rounds { retry_at, waiting } = rounds;
+    let renew_at = |na: u64| na.saturating_sub(cfg.renew_before.as_secs());
+    let due = |state: &AcmeState| {
+        state
+            .not_after(host)
+            .is_none_or(|na| now_unix() >= renew_at(na))
+    };
+    if state.cert(host).is_none() {
+        if let Some((k, na)) = load_stored(cfg, host) {
+            debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
+            state.certs.write().insert(host.to_string(), (k, na));
+        }
+    }
+    let sharing = share.filter(|s| s.shares_certificates());
+    if let Some(sh) = sharing {
+        sync_shared(state, cfg, sh, host).await;
+    }
+    if !due(state) {
+        return None;
+    }
+    let now = tokio::time::Instant::now();
+    if let Some((at, _)) = retry_at.get(host) {
+        if *at > now {
+            return Some(*at - now);
+        }
+    }
+    if let Some(sh) = share {
+        if !sh.ready() {
+            let (since, logged) = waiting
+                .entry(host.to_string())
+                .or_insert((tokio::time::Instant::now(), false));
+            if !*logged && since.elapsed() >= MESH_WAIT_LOGGED {
+                *logged = true;
+                warn!(host = %host, "ACME order waits until the mesh's etcd is reachable (orders are coordinated there)");
+            }
+            return Some(MESH_WAIT);
+        }
+        waiting.remove(host);
+        match sh.lock(host).await {
+            Ok(true) => {}
+            Ok(false) => {
+                debug!(host = %host, "another hub orders this certificate; waiting");
+                return Some(LOCKED_RETRY);
+            }
+            Err(e) => return Some(failed(retry_at, host, &format!("mesh lock: {e}"))),
+        }
+        // Another hub may have finished just before this one took the lock.
+        if let Some(sh) = sharing {
+            match sh.fetch_cert(host).await {
+                Ok(Some(pem)) => {
+                    adopt(state, cfg, host, &pem);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(host = %host, error = %e, "mesh: shared certificate not read"),
+            }
+            if !due(state) {
+                sh.unlock(host).await;
+                retry_at.remove(host);
+                return None;
+            }
+        }
+    }
+    let renewing = state.cert(host).is_some();
+    info!(host = %host, renewing, "ordering an ACME certificate");
+    let r = issue(state, cfg, host, share).await;
+    if let (Ok(pem), Some(sh)) = (&r, sharing) {
+        match sh.store_cert(host, pem).await {
+            Ok(()) => info!(host = %host, "ACME certificate stored in the mesh"),
+            Err(e) => warn!(host = %host, error = %e, "mesh: ACME certificate not stored"),
+        }
+    }
+    if let Some(sh) = share {
+        sh.unlock(host).await;
+    }
+    match r {
+        Ok(_) => {
+            retry_at.remove(host);
+            None
+        }
+        Err(e) => Some(failed(retry_at, host, &e)),
+    }
 }
 
 /// Keeps certificates for the wanted hosts: loads stored ones, orders missing
@@ -457,50 +797,18 @@ async fn issue(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Result<(), 
 pub fn spawn_manager(state: &Arc<AcmeState>) {
     let weak = Arc::downgrade(state);
     tokio::spawn(async move {
-        let mut retry_at: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+        let mut rounds = Rounds::default();
         loop {
             let Some(state) = weak.upgrade() else { return };
             let (cfg, hosts) = state.wanted.read().clone();
+            let share = state.share();
             let mut next = Duration::from_secs(60);
             if let Some(cfg) = cfg {
                 for host in hosts {
-                    let renew_at = |na: u64| na.saturating_sub(cfg.renew_before.as_secs());
-                    if state.cert(&host).is_none() {
-                        if let Some((k, na)) = load_stored(&cfg, &host) {
-                            debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
-                            state.certs.write().insert(host.clone(), (k, na));
-                        }
-                    }
-                    let due = state
-                        .not_after(&host)
-                        .is_none_or(|na| now_unix() >= renew_at(na));
-                    if !due {
-                        continue;
-                    }
-                    let now = tokio::time::Instant::now();
-                    if let Some((at, _)) = retry_at.get(&host) {
-                        if *at > now {
-                            next = next.min(*at - now);
-                            continue;
-                        }
-                    }
-                    let renewing = state.cert(&host).is_some();
-                    info!(host = %host, renewing, "ordering an ACME certificate");
-                    match issue(&state, &cfg, &host).await {
-                        Ok(()) => {
-                            retry_at.remove(&host);
-                        }
-                        Err(e) => {
-                            let back = retry_at
-                                .get(&host)
-                                .map_or(Duration::from_secs(5), |(_, b)| {
-                                    (*b * 2).min(Duration::from_secs(3600))
-                                });
-                            warn!(host = %host, error = %e, retry_in = ?back, "ACME order failed");
-                            retry_at
-                                .insert(host.clone(), (tokio::time::Instant::now() + back, back));
-                            next = next.min(back);
-                        }
+                    if let Some(wait) =
+                        keep(&state, &cfg, share.as_deref(), &host, &mut rounds).await
+                    {
+                        next = next.min(wait);
                     }
                 }
             }

@@ -658,7 +658,22 @@ impl Proxy {
         settings: ProxySettings,
         tunnels: Option<Arc<dyn TunnelLiveness>>,
     ) -> anyhow::Result<Proxy> {
+        Self::start_meshed(settings, tunnels, None).await
+    }
+
+    /// Like [`Proxy::start_with`], in `mesh`: connections for hosts other hubs
+    /// serve go there, and ACME orders are coordinated with those hubs from
+    /// the start.
+    pub async fn start_meshed(
+        settings: ProxySettings,
+        tunnels: Option<Arc<dyn TunnelLiveness>>,
+        mesh: Option<Arc<crate::mesh::Mesh>>,
+    ) -> anyhow::Result<Proxy> {
         let acme = Arc::new(AcmeState::default());
+        acme.set_share(
+            mesh.clone()
+                .map(|m| m as Arc<dyn crate::proxy::acme::AcmeShare>),
+        );
         let shared = build(&settings, None, &tunnels, &acme)?;
         let mut bound = Vec::new();
         for key in wanted(&settings) {
@@ -676,7 +691,7 @@ impl Proxy {
             tunnels,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
-            mesh: arc_swap::ArcSwapOption::empty(),
+            mesh: arc_swap::ArcSwapOption::new(mesh),
         });
         let ls: Vec<Listening> = bound
             .into_iter()
@@ -731,6 +746,17 @@ impl Proxy {
     /// Sends connections for hosts without a route here to the hubs of
     /// `mesh` that serve them; takes PROXY headers from those hubs.
     pub fn set_mesh(&self, mesh: Option<Arc<crate::mesh::Mesh>>) {
+        let same = match (self.rt.mesh.load().as_ref(), mesh.as_ref()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.rt.acme.set_share(
+                mesh.clone()
+                    .map(|m| m as Arc<dyn crate::proxy::acme::AcmeShare>),
+            );
+        }
         self.rt.mesh.store(mesh);
     }
 

@@ -125,6 +125,27 @@ pub fn load_certified_key(files: &CertFiles) -> Result<CertifiedKey, String> {
     Ok(ck)
 }
 
+/// Loads a PEM chain and key given as bytes (a certificate shared through the
+/// mesh). Errors never show the key.
+pub fn certified_key_from_pem(chain: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate chain: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("no usable private key ({e})"))?;
+    let signing = crate::proxy::upstream::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unsupported private key: {e}"))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(ck)
+}
+
 /// Picks the certificate by SNI among the terminated routes' hosts.
 #[derive(Default)]
 pub struct SniResolver {
