@@ -144,11 +144,19 @@ impl AcmeShare for Mesh {
                 return;
             };
             let me = self.settings.name.as_bytes().to_vec();
-            let txn = Txn::new()
-                .when([Compare::value(key.clone(), CompareOp::Equal, me)])
-                .and_then([TxnOp::delete(key, None)]);
-            if let Err(e) = c.txn(txn).await {
-                warn!(host, error = %e, "mesh: ACME lock not released; it goes with the lease");
+            // A few tries: a lock left behind holds the other hubs back
+            // until this hub's session ends.
+            for attempt in 1..=3 {
+                let txn = Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, me.clone())])
+                    .and_then([TxnOp::delete(key.clone(), None)]);
+                match c.txn(txn).await {
+                    Ok(_) => return,
+                    Err(e) if attempt == 3 => {
+                        warn!(host, error = %e, "mesh: ACME lock not released; it goes when this hub's etcd session ends");
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                }
             }
         })
     }

@@ -608,6 +608,20 @@ fn stored_pem(cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
     })
 }
 
+/// Whether the leaf certificate of `key` is valid for the name `host`.
+fn covers(key: &CertifiedKey, host: &str) -> bool {
+    let Some(leaf) = key.cert.first() else {
+        return false;
+    };
+    let (Ok(parsed), Ok(name)) = (
+        rustls::server::ParsedCertificate::try_from(leaf),
+        ServerName::try_from(host.to_string()),
+    ) else {
+        return false;
+    };
+    rustls::client::verify_server_name(&parsed, &name).is_ok()
+}
+
 /// Takes a certificate from the mesh for `host` when it is newer than this
 /// hub's (in memory and on disk, so a restart without etcd keeps it). True
 /// when it did.
@@ -629,6 +643,13 @@ fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bo
             }
         };
     if state.not_after(host).is_some_and(|cur| cur >= na) {
+        return false;
+    }
+    if !covers(&key, host) {
+        warn!(
+            host,
+            "mesh: shared ACME certificate is not for this host; ignored"
+        );
         return false;
     }
     let dir = host_dir(cfg, host);
@@ -826,6 +847,30 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_covers_its_names_only() {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertificateParams::new(vec!["blog.gw.test".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let key = crate::proxy::tls::certified_key_from_pem(
+            c.pem().as_bytes(),
+            kp.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        assert!(covers(&key, "blog.gw.test"));
+        assert!(!covers(&key, "shop.gw.test"));
+        assert!(!covers(&key, "gw.test"));
+        // A key that is not the certificate's does not load.
+        let other = rcgen::KeyPair::generate().unwrap();
+        assert!(crate::proxy::tls::certified_key_from_pem(
+            c.pem().as_bytes(),
+            other.serialize_pem().as_bytes()
+        )
+        .is_err());
+    }
 
     #[test]
     fn not_after_of_a_generated_cert() {
