@@ -127,6 +127,7 @@ struct RawNodeHub {
     transport: Option<crate::carrier::path::Transport>,
     tls_endpoint: Option<String>,
     tls_proxy: Option<String>,
+    udp_retry: Option<u64>,
 }
 
 /// A peer of the hub.
@@ -225,6 +226,10 @@ pub struct NodeHub {
     /// `host:port` of a web proxy the TLS carrier goes through (HTTP
     /// `CONNECT`), for networks that let nothing else out.
     pub tls_proxy: Option<String>,
+    /// With `transport = "auto"`, while on TLS: the longest wait, in
+    /// seconds, between two tries of UDP (which go on in the background);
+    /// 0: stay on TLS while it works.
+    pub udp_retry: u64,
 }
 
 /// Validated node settings.
@@ -563,6 +568,15 @@ impl NodeConfig {
                         tls_proxy(p).map_err(|m| ctx.err(format!("{what} tls_proxy `{p}`: {m}")))
                     })
                     .transpose()?,
+                udp_retry: match rh.udp_retry {
+                    None => crate::carrier::path::DEFAULT_UDP_RETRY_MS / 1000,
+                    Some(n) if n == 0 || (5..=86_400).contains(&n) => n,
+                    Some(n) => {
+                        return Err(ctx.err(format!(
+                            "{what} udp_retry {n}: expected 0 (never) or 5 to 86400 seconds"
+                        )))
+                    }
+                },
             });
         }
         check_unique_keys(&ctx, hubs.iter().map(|h| &h.public_key))?;
@@ -1070,6 +1084,14 @@ mod tests {
         assert_eq!(c.hubs[0].transport, Transport::Auto);
         assert_eq!(c.hubs[0].tls_endpoint, "hub.example:443");
         assert_eq!(c.hubs[0].tls_proxy, None);
+        assert_eq!(c.hubs[0].udp_retry, 300);
+        assert_eq!(node("udp_retry = 0\n").unwrap().hubs[0].udp_retry, 0);
+        assert_eq!(node("udp_retry = 5\n").unwrap().hubs[0].udp_retry, 5);
+        let e = node("udp_retry = 2\n").unwrap_err().to_string();
+        assert!(
+            e.contains("udp_retry 2: expected 0 (never) or 5 to 86400"),
+            "{e}"
+        );
         let c = node(
             "transport = \"tls\"\ntls_endpoint = \"[2001:db8::1]:8443\"\ntls_proxy = \"http://proxy.corp:3128/\"\n",
         )

@@ -201,8 +201,10 @@ async fn supervise(
     let dead_after_ms = u64::from(dead_after) * 1000;
     let mut last_attempt: Option<u64> = None;
     let mut down_logged = false;
-    let mut path = Path::new(hub.transport, dev.now_ms());
+    let mut path = Path::new(hub.transport, dev.now_ms()).with_udp_retry(hub.udp_retry * 1000);
     let mut relay: Option<Relay> = None;
+    // The relay's local address: the peer's endpoint while on TLS.
+    let mut relay_local: Option<SocketAddr> = None;
     let mut tls_failing = false;
     let tls = match hub.transport {
         Transport::Udp => None,
@@ -223,13 +225,30 @@ async fn supervise(
         };
         let now = dev.now_ms();
         let rx = peer.last_rx_ms();
+        // On TLS, the hub answered a UDP probe: the peer's endpoint moved off
+        // the relay (only an authenticated datagram moves it). UDP it is.
+        if path.via() == Via::Tls
+            && relay.is_some()
+            && peer.endpoint().is_some_and(|e| Some(e) != relay_local)
+            && path.udp_answered(now)
+        {
+            info!(hub = %name, endpoint = ?peer.endpoint(), "the hub answers over UDP again; leaving TLS");
+            *status.via.lock() = Via::Udp;
+            // (Dropping the relay closes the stream.)
+            relay = None;
+            relay_local = None;
+            continue;
+        }
         let up = relay.as_ref().is_some_and(|r| !r.0.is_finished());
         let step = match &tls {
             Some(_) => path.step(now, rx, up, dead_after_ms),
             None => Step::Stay,
         };
         let had_relay = relay.is_some();
-        if let Some(r) = relay.as_mut().filter(|_| step != Step::Stay) {
+        if let Some(r) = relay
+            .as_mut()
+            .filter(|_| !matches!(step, Step::Stay | Step::ProbeUdp))
+        {
             if r.0.is_finished() {
                 if let Ok(end) = (&mut r.0).await {
                     info!(hub = %name, end = ?end, "TLS carrier closed");
@@ -238,9 +257,18 @@ async fn supervise(
                 info!(hub = %name, "TLS carrier carries nothing; closing it");
             }
             relay = None;
+            relay_local = None;
         }
         match (step, &tls) {
             (Step::Stay, _) | (_, None) => {}
+            (Step::ProbeUdp, _) => {
+                // In the background: the stream keeps carrying the tunnel.
+                if let Some(addr) = resolve(&hub.endpoint).await {
+                    debug!(hub = %name, endpoint = %addr, "trying UDP to the hub while on TLS");
+                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                    dev.probe_handshake(&peer, addr).await;
+                }
+            }
             (Step::UseUdp, _) => {
                 // Quiet while the hub is unreachable either way (every
                 // FALLBACK_MS); said when leaving a stream that worked.
@@ -274,6 +302,7 @@ async fn supervise(
                         info!(hub = %name, tls_endpoint = %hub.tls_endpoint, relay = %local, "reaching the hub over TLS");
                         tls_failing = false;
                         relay = Some(r);
+                        relay_local = Some(local);
                         peer.set_endpoint(local);
                         dev.force_handshake(&peer).await;
                     }

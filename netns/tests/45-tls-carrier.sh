@@ -6,7 +6,9 @@
 # serves a terminated HTTPS route to web clients. n3's network lets nothing
 # out but a web proxy (tinyproxy on the NAT box): with `tls_proxy` its
 # carrier goes through the proxy's CONNECT. When the hub restarts, the
-# streams end and n1 and n3 come back over TLS by themselves.
+# streams end and n1 and n3 come back over TLS by themselves. n1 tries UDP in
+# the background every 5 s (`udp_retry = 5`) while the stream carries its
+# tunnel; when the NAT lets UDP out again, n1 leaves TLS for UDP by itself.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=45-tls-carrier
@@ -72,7 +74,9 @@ n2conf=$(gw_node_conf n2 hub)
 sed -i 's/^persistent_keepalive = .*/&\ntransport = "udp"/' "$n2conf"
 n3conf=$(gw_node_conf n3 hub)
 sed -i "s|^persistent_keepalive = .*|&\ntransport = \"tls\"\ntls_proxy = \"http://$PROXY\"|" "$n3conf"
-gw_start_node n1 hub
+n1conf=$(gw_node_conf n1 hub)
+sed -i 's/^persistent_keepalive = .*/&\nudp_retry = 5/' "$n1conf"
+GW_CONF=$n1conf gw_start_node n1 hub
 GW_CONF=$n2conf gw_start_node n2 hub
 GW_CONF=$n3conf gw_start_node n3 hub
 
@@ -129,5 +133,27 @@ check "n1 opened a second stream" eval "path_json n1 | jq -e '.via == \"tls\" an
 check "n3 is back through the proxy too" wait_for 20 lab_ping1 n3 "$(lab_ov4 hub)"
 body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
 check "the route serves again" grep -q served-by-n1 <<<"$body"
+check "n1 stayed on TLS while UDP was blocked (its UDP tries went nowhere)" eval \
+    "path_json n1 | jq -e '.via == \"tls\"' >/dev/null"
+
+# --- the NAT lets UDP out again (n3 still gets nothing but the proxy): n1's
+# next UDP try is answered and it leaves TLS
+lab_exec nat nft flush chain inet noudp forward_udp
+lab_exec nat nft add rule inet noudp forward_udp iifname "lan0" ip saddr "$(lab_lan4 n3)" counter drop
+t0=$(now_ms)
+check "n1 is back on UDP within seconds of UDP getting through" wait_for 20 eval \
+    "path_json n1 | jq -e '.via == \"udp\" and .tls.open == 0' >/dev/null"
+lab_log "n1 left TLS $(($(now_ms) - t0)) ms after UDP got through"
+check "n1's log says why" grep -q "the hub answers over UDP again; leaving TLS" "$(lab_logfile n1)"
+check "n1 reaches the hub over UDP" lab_ping1 n1 "$(lab_ov4 hub)"
+check "the hub reaches n1 over UDP" lab_ping hub "$(lab_ov6 n1)"
+check "the hub has one carried tunnel left (n3's)" wait_for 10 eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 1' >/dev/null"
+check "the hub sends to n1's public UDP address" eval \
+    "gw_show_json hub gw0 | jq -e --arg ip '$(lab_wan4 nat)' '[.interfaces[0].peers[] | select(.endpoint != null and (.endpoint | startswith(\$ip + \":\")))] | length >= 1' >/dev/null"
+body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" || true)
+check "the route serves over UDP" grep -q served-by-n1 <<<"$body"
+check "n3 still goes through the proxy" eval \
+    "path_json n3 | jq -e '.via == \"tls\" and .tls.open == 1' >/dev/null"
 
 lab_finish

@@ -33,6 +33,10 @@ pub enum Step {
     UseUdp,
     /// (Re)connect the TLS stream and send through it.
     UseTls,
+    /// On TLS: send a handshake initiation to the hub's UDP endpoint as well,
+    /// leaving the stream in use. If the hub's answer comes back over UDP,
+    /// the peer's endpoint moves there and [`Path::udp_answered`] is called.
+    ProbeUdp,
 }
 
 /// How long a way is tried, once it is known dead (or from its first
@@ -40,6 +44,12 @@ pub enum Step {
 pub const FALLBACK_MS: u64 = 10_000;
 /// Between two connection attempts when TLS is the only way.
 pub const RECONNECT_MS: u64 = 5_000;
+/// On TLS in `auto`, the first UDP probe comes this long after the stream
+/// was taken; each next one waits twice as long, up to the hub's
+/// `udp_retry` (by default [`DEFAULT_UDP_RETRY_MS`]).
+pub const FIRST_PROBE_MS: u64 = 30_000;
+/// Longest wait between two UDP probes unless configured.
+pub const DEFAULT_UDP_RETRY_MS: u64 = 300_000;
 
 #[derive(Debug, Clone)]
 pub struct Path {
@@ -49,6 +59,11 @@ pub struct Path {
     since_ms: u64,
     /// Whether `Step::UseTls` was asked for and not yet answered.
     started: bool,
+    /// Longest wait between UDP probes while on TLS in `auto` (0: none).
+    udp_retry_ms: u64,
+    /// The next UDP probe, and the wait before it.
+    probe_at_ms: u64,
+    probe_wait_ms: u64,
 }
 
 impl Path {
@@ -64,7 +79,30 @@ impl Path {
             },
             since_ms: now_ms,
             started: false,
+            udp_retry_ms: DEFAULT_UDP_RETRY_MS,
+            probe_at_ms: 0,
+            probe_wait_ms: 0,
         }
+    }
+
+    /// Sets the longest wait between UDP probes on TLS (`auto` only; 0:
+    /// never probe, stay on TLS while it works).
+    pub fn with_udp_retry(mut self, ms: u64) -> Path {
+        self.udp_retry_ms = ms;
+        self
+    }
+
+    /// The hub answered over UDP while this node was on TLS (after a
+    /// [`Step::ProbeUdp`]): UDP is the way from `now_ms`. False when this
+    /// changes nothing (not `auto`, or already on UDP).
+    pub fn udp_answered(&mut self, now_ms: u64) -> bool {
+        if self.transport != Transport::Auto || self.via != Via::Tls {
+            return false;
+        }
+        self.via = Via::Udp;
+        self.since_ms = now_ms;
+        self.started = false;
+        true
     }
 
     pub fn via(&self) -> Via {
@@ -101,6 +139,11 @@ impl Path {
             (_, Via::Tls) if !self.started => self.take(Via::Tls, now_ms),
             // The stream could not be opened, or ended, or carries nothing.
             (Transport::Auto, Via::Tls) if !carrier_up || given_up => self.take(Via::Udp, now_ms),
+            (Transport::Auto, Via::Tls) if self.udp_retry_ms > 0 && now_ms >= self.probe_at_ms => {
+                self.probe_wait_ms = (self.probe_wait_ms * 2).min(self.udp_retry_ms);
+                self.probe_at_ms = now_ms.saturating_add(self.probe_wait_ms);
+                Step::ProbeUdp
+            }
             (Transport::Auto, Via::Tls) => Step::Stay,
             (Transport::Tls, Via::Tls) => {
                 let retry = now_ms.saturating_sub(self.since_ms) >= RECONNECT_MS;
@@ -118,6 +161,8 @@ impl Path {
         self.via = via;
         self.since_ms = now_ms;
         self.started = via == Via::Tls;
+        self.probe_wait_ms = FIRST_PROBE_MS.min(self.udp_retry_ms);
+        self.probe_at_ms = now_ms.saturating_add(self.probe_wait_ms);
         match via {
             Via::Udp => Step::UseUdp,
             Via::Tls => Step::UseTls,
@@ -147,10 +192,13 @@ mod tests {
         assert_eq!(p.step(10_999, 0, false, DEAD), Step::Stay);
         assert_eq!(p.step(11_000, 0, false, DEAD), Step::UseTls);
         assert_eq!(p.via(), Via::Tls);
-        // The stream opened and the hub answers through it: stay.
+        // The stream opened and the hub answers through it: stay (trying
+        // UDP on the side now and then).
         assert_eq!(p.step(11_500, 0, true, DEAD), Step::Stay);
         assert_eq!(p.step(12_000, 11_800, true, DEAD), Step::Stay);
-        assert_eq!(p.step(600_000, 599_000, true, DEAD), Step::Stay);
+        assert_eq!(p.step(600_000, 599_000, true, DEAD), Step::ProbeUdp);
+        assert_eq!(p.step(600_500, 600_400, true, DEAD), Step::Stay);
+        assert_eq!(p.via(), Via::Tls);
     }
 
     #[test]
@@ -198,6 +246,58 @@ mod tests {
     }
 
     #[test]
+    fn auto_on_tls_probes_udp_less_and_less_often_and_leaves_tls_when_it_answers() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        // The stream works: probes at 30 s, then 60, 120, 240, 300, 300 s apart.
+        let mut probes = Vec::new();
+        for t in (10_500..1_500_000).step_by(500) {
+            match p.step(t, t - 300, true, DEAD) {
+                Step::Stay => {}
+                Step::ProbeUdp => probes.push(t),
+                s => panic!("{s:?} at {t}"),
+            }
+        }
+        let gaps: Vec<u64> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(probes[0], 40_000);
+        assert_eq!(gaps[..5], [60_000, 120_000, 240_000, 300_000, 300_000]);
+        assert_eq!(p.via(), Via::Tls);
+        // The hub answers over UDP: UDP from now on, and it stays.
+        assert!(p.udp_answered(1_500_000));
+        assert_eq!(p.via(), Via::Udp);
+        assert!(!p.udp_answered(1_500_100));
+        assert_eq!(p.step(1_500_500, 1_500_400, false, DEAD), Step::Stay);
+        assert_eq!(p.step(1_600_000, 1_599_900, false, DEAD), Step::Stay);
+        // Back on TLS later: probes start again from 30 s.
+        assert_eq!(p.step(1_700_000, 1_600_000, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(1_700_500, 1_700_400, true, DEAD), Step::Stay);
+        assert_eq!(p.step(1_730_000, 1_729_900, true, DEAD), Step::ProbeUdp);
+    }
+
+    #[test]
+    fn udp_retry_caps_the_probe_wait_and_zero_turns_probes_off() {
+        let mut p = Path::new(Transport::Auto, 0).with_udp_retry(5_000);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(14_999, 14_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(15_000, 14_900, true, DEAD), Step::ProbeUdp);
+        assert_eq!(p.step(19_999, 19_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(20_000, 19_900, true, DEAD), Step::ProbeUdp);
+        let mut off = Path::new(Transport::Auto, 0).with_udp_retry(0);
+        assert_eq!(off.step(10_000, 0, false, DEAD), Step::UseTls);
+        for t in (10_500..2_000_000).step_by(500) {
+            assert_eq!(off.step(t, t - 100, true, DEAD), Step::Stay);
+        }
+        // Only `auto` probes, and only on TLS.
+        let mut tls = Path::new(Transport::Tls, 0);
+        assert_eq!(tls.step(0, 0, false, DEAD), Step::UseTls);
+        for t in (500..2_000_000).step_by(500) {
+            assert_eq!(tls.step(t, t - 100, true, DEAD), Step::Stay);
+        }
+        assert!(!tls.udp_answered(2_000_000));
+        assert_eq!(tls.via(), Via::Tls);
+    }
+
+    #[test]
     fn tls_only_connects_first_and_retries_paced() {
         let mut p = Path::new(Transport::Tls, 0);
         assert_eq!(p.via(), Via::Tls);
@@ -233,11 +333,14 @@ mod tests {
                 let s = p.step(now, rx, up, DEAD);
                 match transport {
                     Transport::Udp => proptest::prop_assert_eq!(s, Step::Stay),
-                    Transport::Tls => proptest::prop_assert!(s != Step::UseUdp && p.via() == Via::Tls),
+                    Transport::Tls => proptest::prop_assert!(
+                        s != Step::UseUdp && s != Step::ProbeUdp && p.via() == Via::Tls
+                    ),
                     Transport::Auto => {}
                 }
                 match s {
                     Step::Stay => proptest::prop_assert_eq!(p.via(), before),
+                    Step::ProbeUdp => proptest::prop_assert!(before == Via::Tls && p.via() == Via::Tls),
                     Step::UseUdp => proptest::prop_assert_eq!(p.via(), Via::Udp),
                     Step::UseTls => proptest::prop_assert_eq!(p.via(), Via::Tls),
                 }

@@ -1507,6 +1507,35 @@ impl Inner {
         }
     }
 
+    /// Sends a new handshake initiation for `peer` to `to` instead of its
+    /// endpoint (a node on TLS trying UDP): if an answer comes back from
+    /// there, the endpoint moves there as for any authenticated datagram.
+    pub async fn probe_handshake(&self, peer: &Peer, to: SocketAddr) {
+        let mut buf = vec![0u8; 256];
+        let out = {
+            let mut t = peer.tunn.lock();
+            let base = buf.as_ptr() as usize;
+            let r = t.format_handshake_initiation(&mut buf, true);
+            classify(base, r)
+        };
+        let Out::Network(a, b) = out else { return };
+        let Some(d) = buf.get(a..b) else { return };
+        let socks = self.sockets.load();
+        let Some(sock) = socks.for_addr(&to) else {
+            self.drops.inc(DropReason::NoEndpoint);
+            return;
+        };
+        match sock.send(to, d, None).await {
+            Ok(()) => {
+                peer.tx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.drops.inc(DropReason::UdpSend);
+                debug!(error = %e, endpoint = %to, "UDP send failed");
+            }
+        }
+    }
+
     /// Forces a new handshake with `peer` now (used when a hub went silent).
     pub async fn force_handshake(&self, peer: &Peer) {
         let mut buf = vec![0u8; 256];
