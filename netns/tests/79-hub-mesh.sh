@@ -18,6 +18,11 @@
 # (ttl 3 s) and meanwhile hub A answers 502 quickly; restarted, they come
 # back. With etcd down, hub A keeps serving beta from its last table, and
 # reconnects when etcd is back. Unknown names still get 404 and a TLS alert.
+# Then both hubs restart with a shared secret (`secret_file`): their PROXY
+# headers are sealed; a sealed header made with the secret is taken from any
+# address, one made with another secret is refused and counted; cut off from
+# etcd (nftables in hub2), hub B's record goes from hub A's table, and hub A
+# still takes hub B's sealed connections for alpha.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=79-hub-mesh
@@ -273,4 +278,64 @@ body=$(pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/after" || true)
 check "alpha through hub B after etcd's restart" grep -q "$MARK1 path=/after" <<<"$body"
 
 check "hub A ran throughout" lab_alive hub
+
+# --- a shared secret: sealed headers
+head -c 48 /dev/urandom | base64 -w0 >"$GW_TMP/mesh.key"
+sed -i "s|^ttl = 3\$|&\nsecret_file = \"$GW_TMP/mesh.key\"|" "$confA" "$confB"
+check "both configs name the secret" eval "grep -q secret_file '$confA' && grep -q secret_file '$confB'"
+lab_stop hub2
+lab_stop hub
+GW_CONF=$confA gw_start_hub hub
+GW_CONF=$confB gw_start_hub hub2
+must "hub A and hub B know each other again" wait_for 20 eval "knows hub hub-b 2 && knows hub2 hub-a 1"
+check "hub A seals its headers" eval "mesh_json hub | jq -e '.sealed == true' >/dev/null"
+alpha_via_b() { pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/$1" 2>/dev/null | grep -q "$MARK1 path=/$1 xff=$PUB4 "; }
+check "alpha through hub B, sealed, with the real client" wait_for 20 alpha_via_b sealed
+# sealed_get KEYFILE CLIENT : a request to hub A from pub with a header sealed
+# with KEYFILE's secret, naming CLIENT: what hub A answers
+cat >"$GW_TMP/sealed.py" <<'EOF'
+import hashlib, hmac, os, socket, struct, sys, time
+key, client, hub, host = open(sys.argv[1], "rb").read().strip(), sys.argv[2], sys.argv[3], sys.argv[4]
+h = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12 + 52)
+     + socket.inet_aton(client) + socket.inet_aton(hub) + struct.pack("!HH", 5555, 80)
+     + bytes([0xE7]) + struct.pack("!H", 49) + bytes([1]) + struct.pack("!Q", int(time.time()))
+     + os.urandom(8))
+h += hmac.new(key, h, hashlib.sha256).digest()
+s = socket.create_connection((hub, 80), timeout=10)
+s.sendall(h + b"GET /sealed-by-hand HTTP/1.1\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n")
+out = b""
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    out += d
+sys.stdout.write(out.decode(errors="replace"))
+EOF
+head -c 48 /dev/urandom | base64 -w0 >"$GW_TMP/other.key"
+out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$GW_TMP/mesh.key" 198.51.100.42 "$HUB4" "$ALPHA" || true)
+check "a header sealed with the secret is taken from any address (pub is no hub)" \
+    grep -q "$MARK1 path=/sealed-by-hand xff=198.51.100.42 " <<<"$out"
+out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$GW_TMP/other.key" 198.51.100.43 "$HUB4" "$ALPHA" || true)
+check "one sealed with another secret gets nothing" test -z "$out"
+check "... and is counted" eval "mesh_json hub | jq -e '.bad_seals >= 1' >/dev/null"
+check "no backend saw the address it claimed" not grep -q "198.51.100.43" "$(lab_logfile web1)"
+
+# --- hub B cut off from etcd: hub A forgets it, yet takes its sealed connections
+lab_exec hub2 nft -f - <<EOF
+table inet cut_etcd {
+    chain out {
+        type filter hook output priority filter; policy accept;
+        ip daddr $HUB4 tcp dport 2379 drop
+    }
+}
+EOF
+check "hub B loses etcd" wait_for 30 etcd_is hub2 false
+check "hub A forgets hub B (its lease ran out)" wait_for 20 forgot hub hub-b
+check "alpha through hub B, cut off from etcd: hub A takes its sealed header" alpha_via_b cut-off
+code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "$BETA:80:$HUB4" "http://$BETA/" || true)
+assert_eq "beta through hub A meanwhile: 404 (hub A no longer knows hub B)" 404 "$code"
+lab_exec hub2 nft delete table inet cut_etcd
+check "hub B reconnects to etcd" wait_for 30 etcd_is hub2 true
+check "hub A knows hub B again" wait_for 15 knows hub hub-b 2
+check "beta through hub A again" wait_for 20 beta_via_a healed
 lab_finish

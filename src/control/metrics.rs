@@ -44,7 +44,7 @@
 //! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
 //! | `gatewire_mesh_forwarded_total`, `gatewire_mesh_received_total`, `gatewire_mesh_bad_records_total` | counter | |
 //! | `gatewire_mesh_acme_certificates`, `gatewire_mesh_acme_orders` | gauge | |
-//! | `gatewire_mesh_acme_answered_total` | counter | |
+//! | `gatewire_mesh_acme_answered_total`, `gatewire_mesh_bad_seals_total` | counter | |
 //!
 //! The bytes and errors of connections sent to other hubs are the route
 //! families' samples with `route="mesh"`.
@@ -121,7 +121,7 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
 }
 
 fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
-    let families: [(&'static str, &'static str, Kind, u64); 9] = [
+    let families: [(&'static str, &'static str, Kind, u64); 10] = [
         (
             "gatewire_mesh_etcd_connected",
             "1 while the mesh's etcd session is up (else the last table serves).",
@@ -175,6 +175,12 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
             "ACME validations this hub answered for another hub's order.",
             Kind::Counter,
             m.acme_answered,
+        ),
+        (
+            "gatewire_mesh_bad_seals_total",
+            "Sealed PROXY headers refused (another secret, changed, or too old).",
+            Kind::Counter,
+            m.bad_seals,
         ),
     ];
     for (name, help, kind, v) in families {
@@ -1231,6 +1237,8 @@ mod tests {
                     hub: "hub-b".into(),
                 }],
                 acme_answered: 4,
+                sealed: true,
+                bad_seals: 6,
             }),
         });
         let p = parse(&text);
@@ -1246,6 +1254,7 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_acme_orders", &[]), Some(1));
         assert_eq!(p.get("gatewire_mesh_acme_answered_total", &[]), Some(4));
         assert_eq!(p.types["gatewire_mesh_acme_answered_total"], "counter");
-        assert_eq!(p.types.len(), 15);
+        assert_eq!(p.get("gatewire_mesh_bad_seals_total", &[]), Some(6));
+        assert_eq!(p.types.len(), 16);
     }
 }

@@ -13,6 +13,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Longest wait for another hub to accept a connection.
 pub const MAX_CONNECT: Duration = Duration::from_secs(3);
 
@@ -104,8 +110,17 @@ pub async fn forward(
                 }
             };
             let _ = up.set_nodelay(true);
-            let mut head = Vec::with_capacity(64 + first.len());
-            encode_v2(&mut head, Transport::Tcp, peer, dest);
+            let mut head = Vec::with_capacity(128 + first.len());
+            match mesh.seal_key() {
+                Some(k) => head.extend_from_slice(&super::seal::seal(
+                    k,
+                    peer,
+                    dest,
+                    unix_now(),
+                    rand_core::RngCore::next_u64(&mut rand_core::OsRng).to_be_bytes(),
+                )),
+                None => encode_v2(&mut head, Transport::Tcp, peer, dest),
+            }
             head.extend_from_slice(&first);
             if let Err(e) = up.write_all(&head).await {
                 debug!(hub = %hub.name, to = %to, error = %e, "hub closed at once");

@@ -31,6 +31,7 @@
 pub mod acme;
 pub mod etcd;
 pub mod forward;
+pub mod seal;
 pub mod settings;
 pub mod share;
 pub mod table;
@@ -72,6 +73,10 @@ pub struct Mesh {
     acme_kick: Mutex<Option<Arc<tokio::sync::Notify>>>,
     /// Validations answered with another hub's challenge answer.
     acme_answered: AtomicU64,
+    /// The mesh secrets as keys (`[mesh] secret_file`), the sealing one first.
+    seal: Vec<seal::SealKey>,
+    /// Sealed headers refused (bad MAC, too old, another secret).
+    bad_seals: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -110,6 +115,10 @@ pub struct MeshView {
     pub acme_orders: Vec<AcmeOrder>,
     /// ACME validations this hub answered for another hub's order.
     pub acme_answered: u64,
+    /// The hubs share a secret and seal their PROXY headers.
+    pub sealed: bool,
+    /// Sealed PROXY headers refused (another secret, changed, too old).
+    pub bad_seals: u64,
 }
 
 /// A certificate being ordered in the mesh.
@@ -122,7 +131,6 @@ pub struct AcmeOrder {
 impl Mesh {
     pub fn new(settings: MeshSettings) -> Arc<Mesh> {
         Arc::new(Mesh {
-            settings,
             table: ArcSwap::from_pointee(Table::default()),
             counters: Arc::new(Counters::default()),
             next: AtomicUsize::new(0),
@@ -135,6 +143,14 @@ impl Mesh {
             acme: parking_lot::RwLock::new(acme::Shared::default()),
             acme_kick: Mutex::new(None),
             acme_answered: AtomicU64::new(0),
+            seal: settings
+                .secret
+                .iter()
+                .flat_map(|s| &s.0)
+                .filter_map(|k| seal::SealKey::new(k).ok())
+                .collect(),
+            bad_seals: AtomicU64::new(0),
+            settings,
         })
     }
 
@@ -149,6 +165,28 @@ impl Mesh {
     /// Whether `ip` is another hub's (its connections carry a PROXY header).
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.table.load().trusts(ip)
+    }
+
+    /// The key this hub seals with, when the hubs share a secret.
+    pub fn seal_key(&self) -> Option<&seal::SealKey> {
+        self.seal.first()
+    }
+
+    /// Checks a hub's sealed PROXY header against each secret (counted when
+    /// none holds).
+    pub fn check_seal(&self, header: &[u8]) -> Result<(), String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut last = String::from("no mesh secret here");
+        for k in &self.seal {
+            match seal::verify(k, header, now) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        self.bad_seals.fetch_add(1, Relaxed);
+        Err(last)
     }
 
     /// True when no other hub serves anything (nothing to look up).
@@ -256,6 +294,8 @@ impl Mesh {
             acme_certificates,
             acme_orders,
             acme_answered: self.acme_answered.load(Relaxed),
+            sealed: !self.seal.is_empty(),
+            bad_seals: self.bad_seals.load(Relaxed),
         }
     }
 }

@@ -26,6 +26,7 @@ pub struct RawMesh {
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
     share_certificates: Option<bool>,
+    secret_file: Option<PathBuf>,
 }
 
 /// Validated `[mesh]` settings. `Debug` leaves the password out.
@@ -51,6 +52,21 @@ pub struct MeshSettings {
     /// every hub that serves the name; off: each hub orders its own (one hub
     /// at a time still, and challenges are still shared).
     pub share_certificates: bool,
+    /// The secrets every hub of the mesh shares (`secret_file`, one per
+    /// line): the PROXY headers hubs send each other are sealed with the
+    /// first, a header sealed with any of them is taken from any address.
+    pub secret: Option<MeshSecret>,
+}
+
+/// The mesh secrets' bytes, the sealing one first. `Debug` shows nothing of
+/// them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MeshSecret(pub Vec<Vec<u8>>);
+
+impl std::fmt::Debug for MeshSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshSecret(..)")
+    }
 }
 
 impl std::fmt::Debug for MeshSettings {
@@ -63,6 +79,7 @@ impl std::fmt::Debug for MeshSettings {
             .field("ttl", &self.ttl)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
             .field("share_certificates", &self.share_certificates)
+            .field("secret", &self.secret.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +199,30 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
         user,
         ca_pem,
         share_certificates: raw.share_certificates.unwrap_or(true),
+        secret: raw
+            .secret_file
+            .map(|p| -> Result<MeshSecret, String> {
+                let b = read_file("secret_file", &p, base)?;
+                let mut keys = Vec::new();
+                for (i, line) in b.split(|&c| c == b'\n').enumerate() {
+                    let line = line.trim_ascii();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    crate::mesh::seal::SealKey::new(line).map_err(|e| {
+                        format!("[mesh] secret_file {} line {}: {e}", p.display(), i + 1)
+                    })?;
+                    keys.push(line.to_vec());
+                }
+                if keys.is_empty() {
+                    return Err(format!(
+                        "[mesh] secret_file {}: no secret in it",
+                        p.display()
+                    ));
+                }
+                Ok(MeshSecret(keys))
+            })
+            .transpose()?,
     })
 }
 
@@ -209,6 +250,42 @@ mod tests {
         let off = parse(&format!("{OK}share_certificates = false\n")).unwrap();
         assert!(!off.share_certificates);
         assert!(parse(&format!("{OK}share_certificates = \"no\"\n")).is_err());
+    }
+
+    #[test]
+    fn a_secret_file_holds_at_least_32_bytes_and_never_shows() {
+        let dir = std::env::temp_dir().join(format!("gw-mesh-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ok.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::write(dir.join("short.key"), "too-short\n").unwrap();
+        std::fs::write(
+            dir.join("two.key"),
+            "\n0123456789abcdef0123456789abcdeX\r\n  0123456789abcdef0123456789abcdef \n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("empty.key"), "\n \n").unwrap();
+        let with = |f: &str| {
+            let raw: RawMesh = toml::from_str(&format!("{OK}secret_file = \"{f}\"\n")).unwrap();
+            validate(raw, &dir, true)
+        };
+        let s = with("ok.key").unwrap();
+        assert_eq!(
+            s.secret.as_ref().map(|k| k.0.clone()),
+            Some(vec![b"0123456789abcdef0123456789abcdef".to_vec()])
+        );
+        let two = with("two.key").unwrap().secret.unwrap().0;
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[0], b"0123456789abcdef0123456789abcdeX");
+        assert!(with("empty.key").unwrap_err().contains("no secret"));
+        assert!(!format!("{s:?}").contains("0123456789"));
+        let e = with("short.key").unwrap_err();
+        assert!(
+            e.contains("secret_file") && e.contains("line 1") && e.contains("at least 32"),
+            "{e}"
+        );
+        assert!(with("missing.key").unwrap_err().contains("secret_file"));
+        assert!(parse(OK).unwrap().secret.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -967,38 +967,66 @@ async fn accept_loop(
             // (Only on the HTTP and TLS listeners: TCP forwards are per hub.)
             let web = matches!(kind, Kind::Http | Kind::Https);
             let trusts = |ip| web && mesh.as_ref().is_some_and(|m| m.trusts(ip));
-            let mut from_hub = trusts(peer.ip());
-            let mut expect = from_hub
+            // With a mesh secret, a hub this one does not know (its record
+            // gone with its etcd session, or not here yet) is known by the
+            // sealed PROXY header it starts with.
+            let sealed = web && mesh.as_ref().is_some_and(|m| m.seal_key().is_some());
+            let limit = shared.limits.handshake_timeout;
+            let mut from_hub = false;
+            // The next header is a hub's.
+            let mut hub_next = trusts(peer.ip());
+            let mut expect = hub_next
                 || shared
                     .proxy_protocol_from
                     .as_ref()
                     .is_some_and(|a| a.permits(peer.ip()));
+            if sealed && !expect && starts_with_proxy_v2(&sock, limit).await {
+                (hub_next, expect) = (true, true);
+            }
             while expect {
                 expect = false;
-                match read_proxy_header(&mut sock, shared.limits.handshake_timeout).await {
-                    Ok(Some((client, to))) => {
-                        debug!(client = %client, "PROXY header");
-                        peer = client;
-                        dest = Some(to);
-                        if from_hub {
-                            if let Some(m) = &mesh {
-                                m.note_received();
-                            }
-                        } else if trusts(client.ip()) {
-                            // A balancer in front of this hub passed on
-                            // another hub's connection: that hub's own
-                            // header follows.
-                            from_hub = true;
-                            expect = true;
-                        }
-                    }
-                    // LOCAL (the balancer's own health check) or UNKNOWN.
-                    Ok(None) => {}
+                let (addrs, raw) = match read_proxy_header(&mut sock, limit).await {
+                    Ok(x) => x,
                     Err(e) => {
                         debug!(error = %e, "no valid PROXY header from a proxy_protocol_from address or another hub");
                         shared.listener.error(ErrorKind::BadProxyHeader);
                         return;
                     }
+                };
+                if hub_next {
+                    // A sealed header must hold; an address-trusted hub's
+                    // may come without a seal.
+                    let known = trusts(peer.ip());
+                    if let Some(m) = mesh.as_ref().filter(|_| sealed) {
+                        if !known || crate::mesh::seal::carries_seal(&raw) {
+                            if let Err(e) = m.check_seal(&raw) {
+                                if known {
+                                    warn!(from = %peer, error = %e, "mesh: a hub's sealed PROXY header refused (is its secret_file the same?)");
+                                } else {
+                                    debug!(from = %peer, error = %e, "mesh: sealed PROXY header refused");
+                                }
+                                shared.listener.error(ErrorKind::BadProxyHeader);
+                                return;
+                            }
+                        }
+                    }
+                    from_hub = true;
+                    if let Some(m) = &mesh {
+                        m.note_received();
+                    }
+                }
+                // LOCAL (the balancer's own health check) or UNKNOWN: the
+                // connection's own addresses stand.
+                let Some((client, to)) = addrs else { continue };
+                debug!(client = %client, "PROXY header");
+                peer = client;
+                dest = Some(to);
+                if !hub_next
+                    && (trusts(client.ip()) || (sealed && starts_with_proxy_v2(&sock, limit).await))
+                {
+                    // A balancer in front of this hub passed on another
+                    // hub's connection: that hub's own header follows.
+                    (hub_next, expect) = (true, true);
                 }
             }
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
@@ -1043,6 +1071,20 @@ async fn accept_loop(
 /// Longest PROXY header accepted (v2 with TLVs, as cloud balancers send).
 const MAX_PROXY_HEADER: usize = 4096;
 
+/// What a PROXY header says (`None`: `LOCAL`/`UNKNOWN`), and its bytes.
+type ProxyHeader = (Option<(SocketAddr, SocketAddr)>, Vec<u8>);
+
+/// Whether the connection starts with what may be a PROXY v2 header (its
+/// first byte, `\r`: no HTTP request or TLS record starts so), waiting for a
+/// first byte at most `deadline`.
+async fn starts_with_proxy_v2(sock: &TcpStream, deadline: Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(deadline, sock.peek(&mut b)).await,
+        Ok(Ok(1)) if b[0] == 0x0D
+    )
+}
+
 /// Reads the PROXY header (v1 or v2) at the start of `sock`, consuming it and
 /// nothing after it: the client it names and the address that client
 /// connected to, or `None` for `LOCAL`/`UNKNOWN` (use the connection's own
@@ -1050,7 +1092,7 @@ const MAX_PROXY_HEADER: usize = 4096;
 async fn read_proxy_header(
     sock: &mut TcpStream,
     deadline: Duration,
-) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+) -> Result<ProxyHeader, String> {
     use crate::proxy::proxy_protocol::{decode, Command, DecodeError};
     let work = async {
         let mut buf = vec![0u8; MAX_PROXY_HEADER];
@@ -1064,10 +1106,12 @@ async fn read_proxy_header(
                 Ok(d) => {
                     let head = buf.get_mut(..d.len).ok_or("header longer than read")?;
                     sock.read_exact(head).await.map_err(|e| e.to_string())?;
-                    return Ok(match d.command {
+                    let addrs = match d.command {
                         Command::Proxy { src, dst, .. } => Some((src, dst)),
                         Command::Local | Command::ProxyUnspec => None,
-                    });
+                    };
+                    buf.truncate(d.len);
+                    return Ok((addrs, buf));
                 }
                 Err(DecodeError::Incomplete) if n < MAX_PROXY_HEADER => {
                     // Readable but nothing new: wait a little for the rest.

@@ -1,0 +1,236 @@
+//! Sealed PROXY headers between hubs (pure): with a mesh secret
+//! (`[mesh] secret_file`), the PROXY v2 header a hub writes before a
+//! connection it sends to another hub ends in a TLV that carries the time, a
+//! nonce and an HMAC-SHA256 of everything before the MAC under the secret.
+//! A hub that has the secret takes such a header from any address, so hubs
+//! go on serving each other's connections when one of them has lost etcd and
+//! its record has gone from the others' tables. No I/O, no clock: the
+//! caller passes `now` (Unix seconds) and the nonce.
+//!
+//! Layout of the TLV (type [`TLV_TYPE`], in the PROXY v2 range for custom
+//! use), always the last 52 bytes of the header and its only TLV:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 1 | type `0xE7` |
+//! | 2 | length 49, big-endian |
+//! | 1 | version 1 |
+//! | 8 | Unix time in seconds, big-endian |
+//! | 8 | nonce |
+//! | 32 | HMAC-SHA256 of all the header's bytes before it |
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use crate::proxy::proxy_protocol::{decode_v2, encode_v2, Command, Transport};
+use ring::hmac;
+use std::net::SocketAddr;
+
+/// The TLV type of a seal.
+pub const TLV_TYPE: u8 = 0xE7;
+/// The seal format.
+pub const SEAL_VERSION: u8 = 1;
+/// The TLV's value length.
+const TLV_VALUE_LEN: usize = 1 + 8 + 8 + 32;
+/// The whole TLV.
+pub const TLV_LEN: usize = 3 + TLV_VALUE_LEN;
+/// How far a seal's time may be from the receiver's clock.
+pub const MAX_SKEW_SECS: u64 = 60;
+/// Shortest secret accepted.
+pub const MIN_SECRET: usize = 32;
+
+/// The mesh secret as an HMAC key. `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct SealKey(hmac::Key);
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey(..)")
+    }
+}
+
+impl SealKey {
+    /// The key for `secret` (at least [`MIN_SECRET`] bytes).
+    pub fn new(secret: &[u8]) -> Result<SealKey, String> {
+        if secret.len() < MIN_SECRET {
+            return Err(format!(
+                "the mesh secret has {} bytes; at least {MIN_SECRET} are needed",
+                secret.len()
+            ));
+        }
+        Ok(SealKey(hmac::Key::new(hmac::HMAC_SHA256, secret)))
+    }
+}
+
+/// Why a header's seal does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("not a PROXY v2 header with addresses")]
+    NotProxy,
+    #[error("no seal")]
+    Missing,
+    #[error("seal version {0} is not {SEAL_VERSION}")]
+    Version(u8),
+    #[error("seal made at {at}, {skew} s from this hub's clock (at most {MAX_SKEW_SECS})")]
+    Time { at: u64, skew: u64 },
+    #[error("seal does not match (another secret, or changed on the way)")]
+    Mac,
+}
+
+/// A PROXY v2 header for a TCP connection from `src` to `dst`, sealed with
+/// `key` at `now` (Unix seconds) with `nonce`.
+pub fn seal(key: &SealKey, src: SocketAddr, dst: SocketAddr, now: u64, nonce: [u8; 8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16 + 36 + TLV_LEN);
+    encode_v2(&mut h, Transport::Tcp, src, dst);
+    // The header's length (bytes 14 and 15) takes the TLV in.
+    let body = h.len().saturating_sub(16) + TLV_LEN;
+    let len = u16::try_from(body).unwrap_or(u16::MAX).to_be_bytes();
+    if let Some(l) = h.get_mut(14..16) {
+        l.copy_from_slice(&len);
+    }
+    h.push(TLV_TYPE);
+    h.extend_from_slice(&(TLV_VALUE_LEN as u16).to_be_bytes());
+    h.push(SEAL_VERSION);
+    h.extend_from_slice(&now.to_be_bytes());
+    h.extend_from_slice(&nonce);
+    let tag = hmac::sign(&key.0, &h);
+    h.extend_from_slice(tag.as_ref());
+    h
+}
+
+/// Whether `header` (one whole PROXY v2 header) ends in a seal TLV, sound
+/// or not.
+pub fn carries_seal(header: &[u8]) -> bool {
+    header.len() >= 16 + 12 + TLV_LEN && header.get(header.len() - TLV_LEN) == Some(&TLV_TYPE)
+}
+
+/// Checks the seal of `header` (one whole PROXY v2 header, as long as its
+/// length field says) at `now`; the client and destination it names.
+pub fn verify(
+    key: &SealKey,
+    header: &[u8],
+    now: u64,
+) -> Result<(SocketAddr, SocketAddr), SealError> {
+    let d = decode_v2(header).map_err(|_| SealError::NotProxy)?;
+    let Command::Proxy { src, dst, .. } = d.command else {
+        return Err(SealError::NotProxy);
+    };
+    if d.len != header.len() {
+        return Err(SealError::NotProxy);
+    }
+    // The addresses, then exactly one TLV: the seal.
+    let addr_len = if src.is_ipv4() && dst.is_ipv4() {
+        12
+    } else {
+        36
+    };
+    if header.len() != 16 + addr_len + TLV_LEN {
+        return Err(SealError::Missing);
+    }
+    let tlv = header.get(16 + addr_len..).ok_or(SealError::Missing)?;
+    let (head, mac) = header.split_at(header.len() - 32);
+    match tlv {
+        [TLV_TYPE, 0, l, version, rest @ ..] if usize::from(*l) == TLV_VALUE_LEN => {
+            if *version != SEAL_VERSION {
+                return Err(SealError::Version(*version));
+            }
+            let at = rest
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or(SealError::Missing)?;
+            let skew = now.abs_diff(at);
+            // The MAC first: a time is only news when the seal is genuine.
+            hmac::verify(&key.0, head, mac).map_err(|_| SealError::Mac)?;
+            if skew > MAX_SKEW_SECS {
+                return Err(SealError::Time { at, skew });
+            }
+            Ok((src, dst))
+        }
+        _ => Err(SealError::Missing),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(b: u8) -> SealKey {
+        SealKey::new(&[b; 32]).unwrap()
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_sealed_header_is_a_proxy_header_and_verifies() {
+        let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
+        let h = seal(&key(1), src, dst, 1_000_000, [9; 8]);
+        assert_eq!(h.len(), 16 + 12 + TLV_LEN);
+        // Any PROXY v2 reader sees the addresses (and skips the TLV).
+        let d = decode_v2(&h).unwrap();
+        assert_eq!(d.len, h.len());
+        assert!(matches!(d.command, Command::Proxy { src: s, dst: t, .. } if s == src && t == dst));
+        assert_eq!(verify(&key(1), &h, 1_000_000), Ok((src, dst)));
+        assert_eq!(verify(&key(1), &h, 1_000_060), Ok((src, dst)));
+        assert_eq!(verify(&key(1), &h, 999_940), Ok((src, dst)));
+        let v6 = seal(&key(1), sa("[2001:db8::7]:1"), dst, 5, [0; 8]);
+        assert_eq!(v6.len(), 16 + 36 + TLV_LEN);
+        assert!(verify(&key(1), &v6, 5).is_ok());
+    }
+
+    #[test]
+    fn every_fault_is_named() {
+        let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
+        let h = seal(&key(1), src, dst, 1_000_000, [9; 8]);
+        assert_eq!(verify(&key(2), &h, 1_000_000), Err(SealError::Mac));
+        assert_eq!(
+            verify(&key(1), &h, 1_000_061),
+            Err(SealError::Time {
+                at: 1_000_000,
+                skew: 61
+            })
+        );
+        // A forged seal is refused for its MAC, whatever its time.
+        assert_eq!(verify(&key(2), &h, 5), Err(SealError::Mac));
+        // Another client address in the same seal.
+        let mut other = h.clone();
+        other[16] ^= 1;
+        assert_eq!(verify(&key(1), &other, 1_000_000), Err(SealError::Mac));
+        let mut plain = Vec::new();
+        encode_v2(&mut plain, Transport::Tcp, src, dst);
+        assert_eq!(verify(&key(1), &plain, 0), Err(SealError::Missing));
+        assert!(!carries_seal(&plain) && carries_seal(&h));
+        let mut v = h.clone();
+        v[16 + 12 + 3] = 2;
+        assert_eq!(verify(&key(1), &v, 1_000_000), Err(SealError::Version(2)));
+        assert_eq!(
+            verify(&key(1), b"GET / HTTP/1.1\r\n", 0),
+            Err(SealError::NotProxy)
+        );
+        assert_eq!(
+            verify(&key(1), &h[..h.len() - 1], 0),
+            Err(SealError::NotProxy)
+        );
+        assert!(SealKey::new(b"short").is_err());
+        assert_eq!(format!("{:?}", key(1)), "SealKey(..)");
+    }
+
+    proptest! {
+        #[test]
+        fn any_change_to_a_sealed_header_is_caught(
+            v6 in any::<bool>(),
+            at in any::<usize>(),
+            bit in 0u8..8,
+            now in 0u64..u64::MAX / 2,
+        ) {
+            let src = if v6 { sa("[2001:db8::1]:5") } else { sa("192.0.2.1:5") };
+            let h = seal(&key(3), src, sa("192.0.2.2:80"), now, [1; 8]);
+            prop_assert!(verify(&key(3), &h, now).is_ok());
+            let mut bad = h.clone();
+            let i = at % bad.len();
+            bad[i] ^= 1 << bit;
+            prop_assert!(verify(&key(3), &bad, now).is_err());
+        }
+    }
+}
