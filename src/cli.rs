@@ -461,8 +461,13 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
         };
         let count =
             |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
+        let sealed = match (m.get("sealed").and_then(|x| x.as_bool()), n(m, "bad_seals")) {
+            (Some(true), 0) => "; headers sealed".to_string(),
+            (Some(true), b) => format!("; headers sealed, {b} refused"),
+            _ => String::new(),
+        };
         out.push(format!(
-            "mesh {}: {etcd}; {} published, {} sent to other hubs, {} received",
+            "mesh {}: {etcd}; {} published, {} sent to other hubs, {} received{sealed}",
             s(m, "name"),
             count(n(m, "published_hosts"), "host", "hosts"),
             count(n(m, "forwarded"), "connection", "connections"),
@@ -699,6 +704,9 @@ mod tests {
                 "  hub hub-b: 1 host",
             ]
         );
+        let sealed = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
+            "hubs": [], "sealed": true, "bad_seals": 2}});
+        assert!(carrier_lines(&sealed)[0].ends_with("0 received; headers sealed, 2 refused"));
         let acme = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
             "hubs": [], "acme_certificates": 2, "acme_answered": 1,
             "acme_orders": [{"host": "blog.gw.test", "hub": "hub-b"}]}});

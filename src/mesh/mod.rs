@@ -11,9 +11,10 @@
 //! read so far, and splices. TLS stays end to end between the client and the
 //! hub that holds the route (and its certificate, ACME challenges included).
 //!
-//! The receiving hub takes the PROXY header only from addresses that other
-//! hubs' records advertise, and never sends such a connection on again, so a
-//! stale record cannot make a loop. When etcd is unreachable each hub keeps
+//! The receiving hub takes the PROXY header from addresses that other hubs'
+//! records advertise, and, when the hubs share a secret (`secret_file`),
+//! from any address if the header is sealed with it ([`seal`]); it never
+//! sends such a connection on again, so a stale record cannot make a loop. When etcd is unreachable each hub keeps
 //! the last table it had; a hub that stops revokes its lease (its record goes
 //! at once), one that dies loses it after `ttl`. Forwarding tries the hubs that
 //! serve a host in turn, starting at a rotating point, and skips for a few

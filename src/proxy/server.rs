@@ -980,8 +980,19 @@ async fn accept_loop(
                     .proxy_protocol_from
                     .as_ref()
                     .is_some_and(|a| a.permits(peer.ip()));
-            if sealed && !expect && starts_with_proxy_v2(&sock, limit).await {
-                (hub_next, expect) = (true, true);
+            // (The first byte is waited for as long as the listener waits
+            // for a request or a ClientHello; a client that sends nothing
+            // in that time is closed, as it would have been.)
+            let first_wait = match kind {
+                Kind::Http => shared.limits.header_timeout,
+                _ => limit,
+            };
+            if sealed && !expect {
+                match starts_with_proxy_v2(&sock, first_wait).await {
+                    Some(true) => (hub_next, expect) = (true, true),
+                    Some(false) => {}
+                    None => return,
+                }
             }
             while expect {
                 expect = false;
@@ -1021,9 +1032,16 @@ async fn accept_loop(
                 debug!(client = %client, "PROXY header");
                 peer = client;
                 dest = Some(to);
-                if !hub_next
-                    && (trusts(client.ip()) || (sealed && starts_with_proxy_v2(&sock, limit).await))
-                {
+                if hub_next {
+                    continue;
+                }
+                let another = trusts(client.ip())
+                    || (sealed
+                        && match starts_with_proxy_v2(&sock, first_wait).await {
+                            Some(b) => b,
+                            None => return,
+                        });
+                if another {
                     // A balancer in front of this hub passed on another
                     // hub's connection: that hub's own header follows.
                     (hub_next, expect) = (true, true);
@@ -1076,13 +1094,13 @@ type ProxyHeader = (Option<(SocketAddr, SocketAddr)>, Vec<u8>);
 
 /// Whether the connection starts with what may be a PROXY v2 header (its
 /// first byte, `\r`: no HTTP request or TLS record starts so), waiting for a
-/// first byte at most `deadline`.
-async fn starts_with_proxy_v2(sock: &TcpStream, deadline: Duration) -> bool {
+/// first byte at most `deadline`; `None` when none came (closed, or silent).
+async fn starts_with_proxy_v2(sock: &TcpStream, deadline: Duration) -> Option<bool> {
     let mut b = [0u8; 1];
-    matches!(
-        tokio::time::timeout(deadline, sock.peek(&mut b)).await,
-        Ok(Ok(1)) if b[0] == 0x0D
-    )
+    match tokio::time::timeout(deadline, sock.peek(&mut b)).await {
+        Ok(Ok(1)) => Some(b[0] == 0x0D),
+        _ => None,
+    }
 }
 
 /// Reads the PROXY header (v1 or v2) at the start of `sock`, consuming it and
