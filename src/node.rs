@@ -189,6 +189,10 @@ async fn open_carrier(
     Ok((Relay(task), local))
 }
 
+/// How long a UDP try waits for the hub's answer before a keepalive through
+/// the stream claims the hub's endpoint for this node back.
+const PROBE_ANSWER_MS: u64 = 500;
+
 async fn supervise(
     dev: Arc<Inner>,
     hub: NodeHub,
@@ -205,6 +209,8 @@ async fn supervise(
     let mut relay: Option<Relay> = None;
     // The relay's local address: the peer's endpoint while on TLS.
     let mut relay_local: Option<SocketAddr> = None;
+    // A UDP try not answered yet: when it was sent.
+    let mut probe_sent: Option<u64> = None;
     let mut tls_failing = false;
     let tls = match hub.transport {
         Transport::Udp => None,
@@ -237,7 +243,18 @@ async fn supervise(
             // (Dropping the relay closes the stream.)
             relay = None;
             relay_local = None;
+            probe_sent = None;
             continue;
+        }
+        // A UDP try that got no answer in PROBE_ANSWER_MS: the try itself
+        // may have moved the hub's endpoint for this node to UDP (it moves on
+        // any authenticated packet), where its answers may not come back. A
+        // keepalive through the stream moves it back.
+        if probe_sent.is_some_and(|t| now.saturating_sub(t) >= PROBE_ANSWER_MS) {
+            probe_sent = None;
+            if path.via() == Via::Tls && relay.is_some() {
+                dev.send_keepalive(&peer).await;
+            }
         }
         let up = relay.as_ref().is_some_and(|r| !r.0.is_finished());
         let step = match &tls {
@@ -267,6 +284,7 @@ async fn supervise(
                     debug!(hub = %name, endpoint = %addr, "trying UDP to the hub while on TLS");
                     unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
                     dev.probe_handshake(&peer, addr).await;
+                    probe_sent = Some(dev.now_ms());
                 }
             }
             (Step::UseUdp, _) => {

@@ -50,6 +50,11 @@ pub const RECONNECT_MS: u64 = 5_000;
 pub const FIRST_PROBE_MS: u64 = 30_000;
 /// Longest wait between two UDP probes unless configured.
 pub const DEFAULT_UDP_RETRY_MS: u64 = 300_000;
+/// Back on TLS within this long of leaving it for an answered probe (UDP
+/// passed the handshake but not the traffic): the probes keep their longer
+/// wait instead of starting again from [`FIRST_PROBE_MS`], so a path like
+/// that costs an outage at most every `udp_retry`.
+pub const BOUNCE_MS: u64 = 120_000;
 
 #[derive(Debug, Clone)]
 pub struct Path {
@@ -64,6 +69,8 @@ pub struct Path {
     /// The next UDP probe, and the wait before it.
     probe_at_ms: u64,
     probe_wait_ms: u64,
+    /// When an answered probe took this node off TLS, and the wait then.
+    left_tls: Option<(u64, u64)>,
 }
 
 impl Path {
@@ -82,6 +89,7 @@ impl Path {
             udp_retry_ms: DEFAULT_UDP_RETRY_MS,
             probe_at_ms: 0,
             probe_wait_ms: 0,
+            left_tls: None,
         }
     }
 
@@ -102,6 +110,7 @@ impl Path {
         self.via = Via::Udp;
         self.since_ms = now_ms;
         self.started = false;
+        self.left_tls = Some((now_ms, self.probe_wait_ms));
         true
     }
 
@@ -161,7 +170,12 @@ impl Path {
         self.via = via;
         self.since_ms = now_ms;
         self.started = via == Via::Tls;
-        self.probe_wait_ms = FIRST_PROBE_MS.min(self.udp_retry_ms);
+        self.probe_wait_ms = match self.left_tls {
+            Some((t, wait)) if via == Via::Tls && now_ms.saturating_sub(t) < BOUNCE_MS => {
+                wait.saturating_mul(2).min(self.udp_retry_ms)
+            }
+            _ => FIRST_PROBE_MS.min(self.udp_retry_ms),
+        };
         self.probe_at_ms = now_ms.saturating_add(self.probe_wait_ms);
         match via {
             Via::Udp => Step::UseUdp,
@@ -272,6 +286,21 @@ mod tests {
         assert_eq!(p.step(1_700_000, 1_600_000, false, DEAD), Step::UseTls);
         assert_eq!(p.step(1_700_500, 1_700_400, true, DEAD), Step::Stay);
         assert_eq!(p.step(1_730_000, 1_729_900, true, DEAD), Step::ProbeUdp);
+    }
+
+    #[test]
+    fn a_quick_bounce_back_to_tls_keeps_the_longer_probe_wait() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(40_000, 39_900, true, DEAD), Step::ProbeUdp);
+        // Answered: UDP. But UDP carries nothing, so TLS again 10 s later.
+        assert!(p.udp_answered(40_500));
+        assert_eq!(p.step(50_499, 40_500, false, DEAD), Step::Stay);
+        assert_eq!(p.step(50_500, 40_500, false, DEAD), Step::UseTls);
+        // The next probe waits 2 x 60 s, not 30 s.
+        assert_eq!(p.step(51_000, 50_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(170_499, 170_400, true, DEAD), Step::Stay);
+        assert_eq!(p.step(170_500, 170_400, true, DEAD), Step::ProbeUdp);
     }
 
     #[test]

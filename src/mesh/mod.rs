@@ -76,9 +76,18 @@ pub struct Mesh {
     acme_answered: AtomicU64,
     /// The mesh secrets as keys (`[mesh] secret_file`), the sealing one first.
     seal: Vec<seal::SealKey>,
-    /// Sealed headers refused (bad MAC, too old, another secret).
+    /// Sealed headers refused: replayed, or from another hub's address
+    /// with a bad MAC or time (strangers' bad seals are not news).
     bad_seals: AtomicU64,
+    /// Seals taken lately (replays are refused).
+    replay: Mutex<seal::ReplayGuard>,
+    /// The replay guard filled up (logged once).
+    replay_full: std::sync::atomic::AtomicBool,
 }
+
+/// Most seals remembered per generation of the replay guard (about 2,000
+/// sealed connections a second between hubs).
+pub const REPLAY_CAP: usize = 262_144;
 
 #[derive(Debug, Default, Clone, Serialize)]
 struct Status {
@@ -151,6 +160,8 @@ impl Mesh {
                 .filter_map(|k| seal::SealKey::new(k).ok())
                 .collect(),
             bad_seals: AtomicU64::new(0),
+            replay: Mutex::new(seal::ReplayGuard::new(REPLAY_CAP)),
+            replay_full: std::sync::atomic::AtomicBool::new(false),
             settings,
         })
     }
@@ -173,21 +184,48 @@ impl Mesh {
         self.seal.first()
     }
 
-    /// Checks a hub's sealed PROXY header against each secret (counted when
-    /// none holds).
-    pub fn check_seal(&self, header: &[u8]) -> Result<(), String> {
+    /// Checks a hub's sealed PROXY header against each secret, and that it
+    /// was not taken before. `known`: it came from another hub's advertised
+    /// address. Counted in `bad_seals` when it was replayed, or came from a
+    /// known address and does not hold.
+    pub fn check_seal(&self, header: &[u8], known: bool) -> Result<(), String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut last = String::from("no mesh secret here");
+        let mut last = seal::SealError::Missing;
+        let mut ok = false;
         for k in &self.seal {
             match seal::verify(k, header, now) {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
+                Ok(_) => {
+                    ok = true;
+                    break;
+                }
+                Err(e) => last = e,
             }
         }
-        self.bad_seals.fetch_add(1, Relaxed);
-        Err(last)
+        if !ok {
+            if known {
+                self.bad_seals.fetch_add(1, Relaxed);
+            }
+            return Err(last.to_string());
+        }
+        let id = seal::seal_id(header).ok_or("no seal")?;
+        match self.replay.lock().admit(id, now) {
+            seal::Admit::New => Ok(()),
+            seal::Admit::Full => {
+                if !self.replay_full.swap(true, Relaxed) {
+                    tracing::warn!(
+                        cap = REPLAY_CAP,
+                        "mesh: more sealed connections than the replay guard holds; some are taken without being remembered"
+                    );
+                }
+                Ok(())
+            }
+            seal::Admit::Replayed => {
+                self.bad_seals.fetch_add(1, Relaxed);
+                Err(seal::SealError::Replayed.to_string())
+            }
+        }
     }
 
     /// True when no other hub serves anything (nothing to look up).

@@ -22,6 +22,7 @@
 
 use crate::proxy::proxy_protocol::{decode_v2, encode_v2, Command, Transport};
 use ring::hmac;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 
 /// The TLV type of a seal.
@@ -73,6 +74,78 @@ pub enum SealError {
     Time { at: u64, skew: u64 },
     #[error("seal does not match (another secret, or changed on the way)")]
     Mac,
+    #[error("seal seen before (a replayed header)")]
+    Replayed,
+}
+
+/// Remembers the seals taken in the last [`REMEMBER_SECS`] (at least), so a
+/// header copied off the wire cannot be used again while its time is still
+/// within [`MAX_SKEW_SECS`]. Two generations of seals, each at most `cap`.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    cap: usize,
+    started: u64,
+    current: HashSet<u128>,
+    previous: HashSet<u128>,
+}
+
+/// How long a generation of remembered seals lasts: a seal is refused when
+/// its time is more than [`MAX_SKEW_SECS`] away, so it need not be
+/// remembered longer than twice that after it arrived.
+pub const REMEMBER_SECS: u64 = 2 * MAX_SKEW_SECS;
+
+/// What [`ReplayGuard::admit`] says about a seal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Not seen before; remembered now.
+    New,
+    /// Seen before.
+    Replayed,
+    /// Not seen before, but the guard is full: taken without being
+    /// remembered (the hubs send more than it holds).
+    Full,
+}
+
+impl ReplayGuard {
+    /// A guard that remembers at most `cap` seals per generation.
+    pub fn new(cap: usize) -> ReplayGuard {
+        ReplayGuard {
+            cap,
+            started: 0,
+            current: HashSet::new(),
+            previous: HashSet::new(),
+        }
+    }
+
+    /// Whether the seal `id` ([`seal_id`]) arriving at `now` is new.
+    pub fn admit(&mut self, id: u128, now: u64) -> Admit {
+        if now >= self.started.saturating_add(REMEMBER_SECS) || now < self.started {
+            // A generation is over (or the clock went back): the older one
+            // goes, unless the gap is so long that both are stale.
+            let stale = now >= self.started.saturating_add(2 * REMEMBER_SECS) || now < self.started;
+            self.previous = if stale {
+                HashSet::new()
+            } else {
+                std::mem::take(&mut self.current)
+            };
+            self.current.clear();
+            self.started = now;
+        }
+        if self.current.contains(&id) || self.previous.contains(&id) {
+            return Admit::Replayed;
+        }
+        if self.current.len() >= self.cap {
+            return Admit::Full;
+        }
+        self.current.insert(id);
+        Admit::New
+    }
+}
+
+/// What tells one seal from another: the first 16 bytes of its MAC.
+pub fn seal_id(header: &[u8]) -> Option<u128> {
+    let mac = header.get(header.len().checked_sub(32)?..)?;
+    Some(u128::from_be_bytes(mac.get(..16)?.try_into().ok()?))
 }
 
 /// A PROXY v2 header for a TCP connection from `src` to `dst`, sealed with
@@ -216,7 +289,61 @@ mod tests {
         assert_eq!(format!("{:?}", key(1)), "SealKey(..)");
     }
 
+    #[test]
+    fn a_seal_is_taken_once() {
+        let mut g = ReplayGuard::new(3);
+        let h = seal(
+            &key(1),
+            sa("192.0.2.1:5"),
+            sa("192.0.2.2:80"),
+            1_000,
+            [1; 8],
+        );
+        let id = seal_id(&h).unwrap();
+        assert_eq!(g.admit(id, 1_000), Admit::New);
+        assert_eq!(g.admit(id, 1_001), Admit::Replayed);
+        // Still refused in the next generation, while its time is valid.
+        assert_eq!(g.admit(id, 1_000 + REMEMBER_SECS + 1), Admit::Replayed);
+        // Forgotten two generations on (its time is long out of the window).
+        assert_eq!(g.admit(id, 1_000 + 3 * REMEMBER_SECS), Admit::New);
+        // Full: taken, not remembered.
+        let mut g = ReplayGuard::new(2);
+        assert_eq!(g.admit(1, 500), Admit::New);
+        assert_eq!(g.admit(2, 500), Admit::New);
+        assert_eq!(g.admit(3, 500), Admit::Full);
+        assert_eq!(g.admit(3, 501), Admit::Full);
+        assert_eq!(g.admit(1, 501), Admit::Replayed);
+        // The clock going back starts afresh.
+        assert_eq!(g.admit(4, 100), Admit::New);
+        assert_eq!(seal_id(b"short"), None);
+    }
+
     proptest! {
+        /// A seal accepted at some time is refused at every later time its
+        /// own time is still within the window.
+        #[test]
+        fn no_replay_within_the_window(
+            arrivals in proptest::collection::vec(0u64..400, 1..50),
+            at in 0u64..400,
+        ) {
+            let mut g = ReplayGuard::new(1_000);
+            let mut now = 0;
+            let mut taken_at = None;
+            for dt in arrivals {
+                now += dt;
+                let in_window = now.abs_diff(at + 1_000) <= MAX_SKEW_SECS;
+                let r = g.admit(7, now + 1_000);
+                if let Some(t) = taken_at {
+                    let t: u64 = t;
+                    if in_window && now + 1_000 >= t {
+                        prop_assert_eq!(r, Admit::Replayed);
+                    }
+                } else if r == Admit::New && in_window {
+                    taken_at = Some(now + 1_000);
+                }
+            }
+        }
+
         #[test]
         fn any_change_to_a_sealed_header_is_caught(
             v6 in any::<bool>(),

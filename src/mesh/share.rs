@@ -192,17 +192,30 @@ impl AcmeShare for Mesh {
 
     fn withdraw<'a>(&'a self, ch: &'a Challenge) -> ShareFuture<'a, ()> {
         Box::pin(async move {
-            let key = match ch {
-                Challenge::Http01 { token, .. } => AcmeKey::Http01(token.clone()),
-                Challenge::Alpn01 { host, .. } => match host_key(host) {
-                    Ok(h) => AcmeKey::Alpn01(h),
+            let (key, value) = match ch {
+                Challenge::Http01 {
+                    token,
+                    key_authorization,
+                } => (
+                    AcmeKey::Http01(token.clone()),
+                    key_authorization.clone().into_bytes(),
+                ),
+                Challenge::Alpn01 { host, digest } => match host_key(host) {
+                    Ok(h) => (AcmeKey::Alpn01(h), encode_digest(digest).into_bytes()),
                     Err(_) => return,
                 },
             };
-            if let Ok((mut c, _)) = self.client() {
-                if let Err(e) = c.delete(self.acme_key(&key), None).await {
-                    warn!(error = %e, "mesh: ACME challenge not withdrawn; it goes with the lease");
-                }
+            let Ok((mut c, _)) = self.client() else {
+                return;
+            };
+            // Only this hub's answer: after a lost session another hub may
+            // have taken the lock and published its own under the same key.
+            let key = self.acme_key(&key);
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, value)])
+                .and_then([TxnOp::delete(key, None)]);
+            if let Err(e) = c.txn(txn).await {
+                warn!(error = %e, "mesh: ACME challenge not withdrawn; it goes with the lease");
             }
         })
     }

@@ -436,14 +436,35 @@ async fn issue(
     host: &str,
     share: Option<&dyn AcmeShare>,
 ) -> Result<CertPem, String> {
-    let mut published = Vec::new();
-    let r = issue_inner(state, cfg, host, share, &mut published).await;
+    // Every answer given (here, and published for the other hubs) goes
+    // when the order ends, whichever way it ends.
+    let mut answers = Answers::default();
+    let r = issue_inner(state, cfg, host, share, &mut answers).await;
+    for c in &answers.local {
+        match c {
+            Challenge::Http01 { token, .. } => {
+                state.http01.write().remove(token);
+            }
+            Challenge::Alpn01 { host, .. } => {
+                state.alpn01.write().remove(host);
+            }
+        }
+    }
     if let Some(sh) = share {
-        for c in &published {
+        for c in &answers.published {
             sh.withdraw(c).await;
         }
     }
     r
+}
+
+/// The challenge answers an order gave.
+#[derive(Default)]
+struct Answers {
+    /// Served by this hub.
+    local: Vec<Challenge>,
+    /// Published for the other hubs.
+    published: Vec<Challenge>,
 }
 
 async fn issue_inner(
@@ -451,7 +472,7 @@ async fn issue_inner(
     cfg: &AcmeSettings,
     host: &str,
     share: Option<&dyn AcmeShare>,
-    published: &mut Vec<Challenge>,
+    answers: &mut Answers,
 ) -> Result<CertPem, String> {
     let acct = account(cfg).await?;
     let ids = [Identifier::Dns(host.to_string())];
@@ -467,7 +488,6 @@ async fn issue_inner(
         .authorizations()
         .await
         .map_err(|e| format!("authorizations: {e}"))?;
-    let mut tokens = Vec::new();
     for a in &authz {
         if a.status == AuthorizationStatus::Valid {
             continue;
@@ -484,7 +504,6 @@ async fn issue_inner(
                     .http01
                     .write()
                     .insert(ch.token.clone(), ka.as_str().to_string());
-                tokens.push(ch.token.clone());
                 Challenge::Http01 {
                     token: ch.token.clone(),
                     key_authorization: ka.as_str().to_string(),
@@ -505,12 +524,13 @@ async fn issue_inner(
                 }
             }
         };
+        answers.local.push(answer.clone());
         if let Some(sh) = share {
             // Whichever hub the ACME server reaches answers.
             sh.publish(&answer)
                 .await
                 .map_err(|e| format!("publishing the challenge in the mesh: {e}"))?;
-            published.push(answer);
+            answers.published.push(answer);
             tokio::time::sleep(SHARE_SETTLE).await;
         }
         order
@@ -550,10 +570,6 @@ async fn issue_inner(
         Ok(())
     }
     .await;
-    for t in &tokens {
-        state.http01.write().remove(t);
-    }
-    state.alpn01.write().remove(host);
     result?;
 
     let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
@@ -697,6 +713,9 @@ pub const LOCKED_RETRY: Duration = Duration::from_secs(10);
 pub const MESH_WAIT: Duration = Duration::from_secs(2);
 /// An order waiting this long for etcd is logged.
 pub const MESH_WAIT_LOGGED: Duration = Duration::from_secs(30);
+/// A hub in a mesh that cannot reach etcd renews alone a certificate that
+/// expires within this long.
+pub const ALONE_BEFORE: Duration = Duration::from_secs(7 * 86_400);
 
 type Retries = HashMap<String, (tokio::time::Instant, Duration)>;
 
@@ -757,7 +776,13 @@ async fn keep(
         }
     }
     if let Some(sh) = share {
-        if !sh.ready() {
+        let expiring = state
+            .not_after(host)
+            .is_some_and(|na| na <= now_unix().saturating_add(ALONE_BEFORE.as_secs()));
+        if !sh.ready() && expiring {
+            // Better a second order in the mesh than an expired certificate.
+            warn!(host = %host, "etcd unreachable and the certificate expires soon: ordering without the mesh");
+        } else if !sh.ready() {
             let (since, logged) = waiting
                 .entry(host.to_string())
                 .or_insert((tokio::time::Instant::now(), false));
@@ -768,16 +793,25 @@ async fn keep(
             return Some(MESH_WAIT);
         }
         waiting.remove(host);
+    }
+    // Coordinated through the mesh, unless renewing alone (etcd away).
+    let coord = share.filter(|s| s.ready());
+    if let Some(sh) = coord {
         match sh.lock(host).await {
             Ok(true) => {}
             Ok(false) => {
                 debug!(host = %host, "another hub orders this certificate; waiting");
                 return Some(LOCKED_RETRY);
             }
-            Err(e) => return Some(failed(retry_at, host, &format!("mesh lock: {e}"))),
+            Err(e) => {
+                // etcd is there but the lock failed: a blip; look again soon
+                // (no backoff that would grow to an hour).
+                warn!(host = %host, error = %e, "ACME order: the mesh lock could not be taken");
+                return Some(MESH_WAIT);
+            }
         }
         // Another hub may have finished just before this one took the lock.
-        if let Some(sh) = sharing {
+        if let Some(sh) = sharing.filter(|_| coord.is_some()) {
             match sh.fetch_cert(host).await {
                 Ok(Some(pem)) => {
                     adopt(state, cfg, host, &pem);
@@ -794,14 +828,14 @@ async fn keep(
     }
     let renewing = state.cert(host).is_some();
     info!(host = %host, renewing, "ordering an ACME certificate");
-    let r = issue(state, cfg, host, share).await;
-    if let (Ok(pem), Some(sh)) = (&r, sharing) {
+    let r = issue(state, cfg, host, coord).await;
+    if let (Ok(pem), Some(sh)) = (&r, sharing.filter(|_| coord.is_some())) {
         match sh.store_cert(host, pem).await {
             Ok(()) => info!(host = %host, "ACME certificate stored in the mesh"),
             Err(e) => warn!(host = %host, error = %e, "mesh: ACME certificate not stored"),
         }
     }
-    if let Some(sh) = share {
+    if let Some(sh) = coord {
         sh.unlock(host).await;
     }
     match r {

@@ -1010,7 +1010,7 @@ async fn accept_loop(
                     let known = trusts(peer.ip());
                     if let Some(m) = mesh.as_ref().filter(|_| sealed) {
                         if !known || crate::mesh::seal::carries_seal(&raw) {
-                            if let Err(e) = m.check_seal(&raw) {
+                            if let Err(e) = m.check_seal(&raw, known) {
                                 if known {
                                     warn!(from = %peer, error = %e, "mesh: a hub's sealed PROXY header refused (is its secret_file the same?)");
                                 } else {

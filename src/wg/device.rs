@@ -1536,6 +1536,14 @@ impl Inner {
         }
     }
 
+    /// Sends `peer` a keepalive (an empty data packet of the current
+    /// session) at its endpoint: the peer moves its endpoint for this side
+    /// back to where it comes from.
+    pub async fn send_keepalive(&self, peer: &Peer) {
+        let mut buf = vec![0u8; 256];
+        self.send_to_peer(peer, &[], &mut buf).await;
+    }
+
     /// Forces a new handshake with `peer` now (used when a hub went silent).
     pub async fn force_handshake(&self, peer: &Peer) {
         let mut buf = vec![0u8; 256];
