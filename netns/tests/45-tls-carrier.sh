@@ -8,7 +8,9 @@
 # carrier goes through the proxy's CONNECT. When the hub restarts, the
 # streams end and n1 and n3 come back over TLS by themselves. n1 tries UDP in
 # the background every 5 s (`udp_retry = 5`) while the stream carries its
-# tunnel; when the NAT lets UDP out again, n1 leaves TLS for UDP by itself.
+# tunnel. With UDP out but no answers back, those tries cost the tunnel
+# little (a keepalive through the stream claims the hub back); when the NAT
+# lets UDP through again, n1 leaves TLS for UDP by itself.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=45-tls-carrier
@@ -136,8 +138,23 @@ check "the route serves again" grep -q served-by-n1 <<<"$body"
 check "n1 stayed on TLS while UDP was blocked (its UDP tries went nowhere)" eval \
     "path_json n1 | jq -e '.via == \"tls\"' >/dev/null"
 
-# --- the NAT lets UDP out again (n3 still gets nothing but the proxy): n1's
-# next UDP try is answered and it leaves TLS
+# --- UDP gets out but nothing comes back: n1's tries reach the hub, whose
+# answers are dropped; a keepalive through the stream moves the hub back
+# after each try, so the tunnel keeps working
+lab_exec nat nft flush chain inet noudp forward_udp
+lab_exec nat nft add rule inet noudp forward_udp iifname "lan0" ip saddr "$(lab_lan4 n3)" counter drop
+lab_exec nat nft add rule inet noudp forward_udp oifname "lan0" meta l4proto udp counter drop
+recv=$(lab_exec hub ping -c 50 -i 0.2 -W 1 -q "$(lab_ov4 n1)" 2>/dev/null |
+    sed -n 's/.* \([0-9]*\) received.*/\1/p')
+lab_log "hub -> n1 with UDP one way: ${recv:-0}/50 pings answered"
+check "hub -> n1 keeps working while n1's UDP tries go unanswered (${recv:-0}/50, at least 30)" \
+    test "${recv:-0}" -ge 30
+check "the NAT dropped the hub's UDP answers" \
+    lab_sh nat "nft list chain inet noudp forward_udp | grep 'oifname' | grep -Eq 'packets [1-9]'"
+check "n1 stays on TLS" eval "path_json n1 | jq -e '.via == \"tls\" and .tls.open == 1' >/dev/null"
+
+# --- the NAT lets UDP through again (n3 still gets nothing but the proxy):
+# n1's next UDP try is answered and it leaves TLS
 lab_exec nat nft flush chain inet noudp forward_udp
 lab_exec nat nft add rule inet noudp forward_udp iifname "lan0" ip saddr "$(lab_lan4 n3)" counter drop
 t0=$(now_ms)
