@@ -980,15 +980,17 @@ async fn accept_loop(
                     .proxy_protocol_from
                     .as_ref()
                     .is_some_and(|a| a.permits(peer.ip()));
-            // (The first byte is waited for as long as the listener waits
-            // for a request or a ClientHello; a client that sends nothing
-            // in that time is closed, as it would have been.)
+            // One wait for everything before the request or the ClientHello
+            // (PROXY headers, the first bytes): as long as the listener waits
+            // for those, so no stage starts a fresh wait for a slow client.
             let first_wait = match kind {
                 Kind::Http => shared.limits.header_timeout,
                 _ => limit,
             };
+            let until = tokio::time::Instant::now() + first_wait;
+            let left = move || until.saturating_duration_since(tokio::time::Instant::now());
             if sealed && !expect {
-                match starts_with_proxy_v2(&sock, first_wait).await {
+                match starts_with_proxy_v2(&sock, left()).await {
                     Some(true) => (hub_next, expect) = (true, true),
                     Some(false) => {}
                     None => return,
@@ -996,7 +998,7 @@ async fn accept_loop(
             }
             while expect {
                 expect = false;
-                let (addrs, raw) = match read_proxy_header(&mut sock, limit).await {
+                let (addrs, raw) = match read_proxy_header(&mut sock, left()).await {
                     Ok(x) => x,
                     Err(e) => {
                         debug!(error = %e, "no valid PROXY header from a proxy_protocol_from address or another hub");
@@ -1037,7 +1039,7 @@ async fn accept_loop(
                 }
                 let another = trusts(client.ip())
                     || (sealed
-                        && match starts_with_proxy_v2(&sock, first_wait).await {
+                        && match starts_with_proxy_v2(&sock, left()).await {
                             Some(b) => b,
                             None => return,
                         });
@@ -1050,9 +1052,7 @@ async fn accept_loop(
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             match kind {
                 Kind::Http => {
-                    if let Some((first, h2c)) =
-                        sniff_h2c(&mut sock, shared.limits.header_timeout).await
-                    {
+                    if let Some((first, h2c)) = sniff_h2c(&mut sock, left()).await {
                         let (sock, first) = match &mesh {
                             Some(m) if !h2c => {
                                 match http_via_mesh(&shared, m, sock, first, peer, dest).await {
@@ -1066,7 +1066,7 @@ async fn accept_loop(
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
                 }
-                Kind::Https => serve_tls(shared, sock, peer, dest, retired, mesh).await,
+                Kind::Https => serve_tls(shared, sock, peer, dest, retired, mesh, left()).await,
                 Kind::Tcp => {
                     let fwd = shared
                         .forwards
@@ -1514,9 +1514,10 @@ async fn serve_tls(
     dest: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
     mesh: Option<Arc<crate::mesh::Mesh>>,
+    hello_wait: Duration,
 ) {
     let limits = shared.limits.clone();
-    let (bytes, sni) = match tls::read_client_hello(&mut sock, limits.handshake_timeout).await {
+    let (bytes, sni) = match tls::read_client_hello(&mut sock, hello_wait).await {
         Hello::Ok {
             bytes,
             sni,
