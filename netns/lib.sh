@@ -130,6 +130,58 @@ lab_selfsigned() {
         lab_die "openssl could not make a test certificate for $1"
 }
 
+# lab_pebble NS DEFAULT4 : Debian's pebble (the ACME test CA) in NS on its wan
+# address (directory https://<wan4>:14000/dir, management :15000), validating
+# over ports 80 and 443, with pebble-challtestsrv as its DNS answering
+# DEFAULT4 for every name (lab_pebble_a changes one). Its HTTPS certificate is
+# signed by a test CA, $GW_TMP/ca/ca.pem (made here unless the test made it).
+lab_pebble() {
+    local ns=$1 default4=$2 ip ca="$GW_TMP/ca" p="$GW_TMP/pebble"
+    ip=$(lab_wan4 "$ns")
+    mkdir -p "$ca" "$p"
+    if [ ! -s "$ca/ca.pem" ]; then
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -subj "/CN=gatewire test CA" -keyout "$ca/ca.key" -out "$ca/ca.pem" >/dev/null 2>&1 ||
+            lab_die "openssl (test CA)"
+    fi
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=pebble" \
+        -keyout "$p/pebble.key" -out "$p/pebble.csr" >/dev/null 2>&1 || lab_die "openssl (pebble key)"
+    printf 'subjectAltName=IP:%s,DNS:localhost\nbasicConstraints=CA:FALSE\n' "$ip" >"$p/pebble.ext"
+    openssl x509 -req -in "$p/pebble.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" -CAcreateserial \
+        -days 2 -extfile "$p/pebble.ext" -out "$p/pebble.pem" >/dev/null 2>&1 ||
+        lab_die "openssl (pebble certificate)"
+    cat >"$p/pebble.json" <<EOF
+{"pebble": {"listenAddress": "$ip:14000", "managementListenAddress": "$ip:15000",
+  "certificate": "$p/pebble.pem", "privateKey": "$p/pebble.key",
+  "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": false}}
+EOF
+    lab_bg "$ns" challtestsrv pebble-challtestsrv -dns01 "127.0.0.1:8053" -http01 "" -https01 "" \
+        -tlsalpn01 "" -management "127.0.0.1:8055" -defaultIPv4 "$default4" -defaultIPv6 ""
+    wait_for 15 lab_sh "$ns" "ss -Hltn 'sport = :8055' | grep -q ." || lab_die "challtestsrv did not start"
+    lab_bg "$ns" pebble env PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 \
+        pebble -config "$p/pebble.json" -dnsserver 127.0.0.1:8053
+    wait_for 15 lab_sh "$ns" "ss -Hltn 'sport = :14000' | grep -q ." || lab_die "pebble did not start"
+}
+
+# lab_pebble_a NS HOST IPV4 : pebble's DNS (started by lab_pebble in NS)
+# answers IPV4 for HOST
+lab_pebble_a() {
+    lab_exec "$1" curl -sS --max-time 5 -X POST -d "{\"host\":\"$2\",\"addresses\":[\"$3\"]}" \
+        http://127.0.0.1:8055/add-a >/dev/null || lab_die "challtestsrv: add-a $2"
+}
+
+# lab_etcd NS : a one-member etcd (Debian's etcd-server) on NS's wan address,
+# port 2379; `lab_etcd_url NS` is its client URL
+lab_etcd_url() { echo "http://$(lab_wan4 "$1"):2379"; }
+lab_etcd() {
+    local url
+    url=$(lab_etcd_url "$1")
+    lab_bg "$1" etcd etcd --name e1 --data-dir "$GW_TMP/etcd" \
+        --listen-client-urls "$url" --advertise-client-urls "$url" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster e1=http://127.0.0.1:2380 --log-level warn
+}
+
 need_gatewire() {
     [ -x "$GATEWIRE" ] || lab_die "gatewire binary not found at $GATEWIRE (cargo build --release, or set GATEWIRE=)"
 }

@@ -41,22 +41,10 @@ sign() {
     openssl x509 -req -in "$CA/$1.csr" -CA "$CA/ca.pem" -CAkey "$CA/ca.key" -CAcreateserial \
         -days 2 -extfile "$CA/$1.ext" -out "$CA/$1.pem" >/dev/null 2>&1 || lab_die "openssl (sign $1)"
 }
-sign pebble "IP:$PUB4,DNS:localhost"
 sign nginx "DNS:$SECURE"
 
-# --- pebble in pub
-P="$GW_TMP/pebble"
-mkdir -p "$P"
-cat >"$P/pebble.json" <<EOF
-{"pebble": {"listenAddress": "$PUB4:14000", "managementListenAddress": "$PUB4:15000",
-  "certificate": "$CA/pebble.pem", "privateKey": "$CA/pebble.key",
-  "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": false}}
-EOF
-lab_bg pub challtestsrv pebble-challtestsrv -dns01 "127.0.0.1:8053" -http01 "" -https01 "" \
-    -tlsalpn01 "" -management "127.0.0.1:8055" -defaultIPv4 "$HUB4" -defaultIPv6 ""
-lab_bg pub pebble env PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 \
-    pebble -config "$P/pebble.json" -dnsserver 127.0.0.1:8053
-must "pebble listening" wait_for 15 lab_sh pub "ss -Hltn 'sport = :14000' | grep -q ."
+# --- pebble in pub, its DNS answering the hub's address for every name
+lab_pebble pub "$HUB4"
 
 # --- hub config
 STATE="$GW_TMP/acme-state"

@@ -37,39 +37,15 @@ lab_up 2 0
 lab_add_hub2
 
 # --- etcd on hub A's wan address
-ETCD="http://$HUB4:2379"
-lab_bg hub etcd etcd --name e1 --data-dir "$GW_TMP/etcd" \
-    --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster e1=http://127.0.0.1:2380 --log-level warn
+ETCD=$(lab_etcd_url hub)
+lab_etcd hub
 must "etcd listening" wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q ."
 ectl() { lab_exec hub etcdctl --endpoints "$ETCD" "$@"; }
 
 # --- pebble in pub; its DNS answers hub B's address, shop hub A's
 CA="$GW_TMP/ca"
-mkdir -p "$CA"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=gatewire test CA" -keyout "$CA/ca.key" -out "$CA/ca.pem" >/dev/null 2>&1
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=pebble" \
-    -keyout "$CA/pebble.key" -out "$CA/pebble.csr" >/dev/null 2>&1
-printf 'subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\n' "$PUB4" >"$CA/pebble.ext"
-openssl x509 -req -in "$CA/pebble.csr" -CA "$CA/ca.pem" -CAkey "$CA/ca.key" -CAcreateserial \
-    -days 2 -extfile "$CA/pebble.ext" -out "$CA/pebble.pem" >/dev/null 2>&1 || lab_die "openssl"
-P="$GW_TMP/pebble"
-mkdir -p "$P"
-cat >"$P/pebble.json" <<EOF
-{"pebble": {"listenAddress": "$PUB4:14000", "managementListenAddress": "$PUB4:15000",
-  "certificate": "$CA/pebble.pem", "privateKey": "$CA/pebble.key",
-  "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": false}}
-EOF
-lab_bg pub challtestsrv pebble-challtestsrv -dns01 "127.0.0.1:8053" -http01 "" -https01 "" \
-    -tlsalpn01 "" -management "127.0.0.1:8055" -defaultIPv4 "$HUB2_4" -defaultIPv6 ""
-must "challtestsrv listening" wait_for 15 lab_sh pub "ss -Hltn 'sport = :8055' | grep -q ."
-lab_exec pub curl -sS --max-time 5 -X POST -d "{\"host\":\"$SHOP\",\"addresses\":[\"$HUB4\"]}" \
-    http://127.0.0.1:8055/add-a >/dev/null
-lab_bg pub pebble env PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 \
-    pebble -config "$P/pebble.json" -dnsserver 127.0.0.1:8053
-must "pebble listening" wait_for 15 lab_sh pub "ss -Hltn 'sport = :14000' | grep -q ."
+lab_pebble pub "$HUB2_4"
+lab_pebble_a pub "$SHOP" "$HUB4"
 
 # mesh_hub NS NAME V4 NODE CHALLENGE ROUTES : the hub config
 mesh_hub() {

@@ -45,13 +45,8 @@ lab_up 2 0
 lab_add_hub2
 
 # --- etcd on hub A's wan address
-ETCD="http://$HUB4:2379"
-start_etcd() {
-    lab_bg hub etcd etcd --name e1 --data-dir "$GW_TMP/etcd" \
-        --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
-        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-        --initial-cluster e1=http://127.0.0.1:2380 --log-level warn
-}
+ETCD=$(lab_etcd_url hub)
+start_etcd() { lab_etcd hub; }
 start_etcd
 must "etcd listening on hub A's wan address" \
     wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q ."

@@ -65,6 +65,23 @@ fn host_key(host: &str) -> Result<DomainName, String> {
     DomainName::parse(host).map_err(|e| format!("host `{host}`: {e}"))
 }
 
+/// The key and value a challenge answer is published under.
+fn challenge_kv(ch: &Challenge) -> Result<(AcmeKey, Vec<u8>), String> {
+    Ok(match ch {
+        Challenge::Http01 {
+            token,
+            key_authorization,
+        } => (
+            AcmeKey::Http01(token.clone()),
+            key_authorization.clone().into_bytes(),
+        ),
+        Challenge::Alpn01 { host, digest } => (
+            AcmeKey::Alpn01(host_key(host)?),
+            encode_digest(digest).into_bytes(),
+        ),
+    })
+}
+
 impl AcmeShare for Mesh {
     fn ready(&self) -> bool {
         self.etcd_connected() && self.session.lock().is_some()
@@ -163,19 +180,7 @@ impl AcmeShare for Mesh {
 
     fn publish<'a>(&'a self, ch: &'a Challenge) -> ShareFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let (key, value) = match ch {
-                Challenge::Http01 {
-                    token,
-                    key_authorization,
-                } => (
-                    AcmeKey::Http01(token.clone()),
-                    key_authorization.clone().into_bytes(),
-                ),
-                Challenge::Alpn01 { host, digest } => (
-                    AcmeKey::Alpn01(host_key(host)?),
-                    encode_digest(digest).into_bytes(),
-                ),
-            };
+            let (key, value) = challenge_kv(ch)?;
             // What is published must read back.
             super::acme::decode(&key, &value).map_err(|e| e.to_string())?;
             let (mut c, lease) = self.client()?;
@@ -192,18 +197,8 @@ impl AcmeShare for Mesh {
 
     fn withdraw<'a>(&'a self, ch: &'a Challenge) -> ShareFuture<'a, ()> {
         Box::pin(async move {
-            let (key, value) = match ch {
-                Challenge::Http01 {
-                    token,
-                    key_authorization,
-                } => (
-                    AcmeKey::Http01(token.clone()),
-                    key_authorization.clone().into_bytes(),
-                ),
-                Challenge::Alpn01 { host, digest } => match host_key(host) {
-                    Ok(h) => (AcmeKey::Alpn01(h), encode_digest(digest).into_bytes()),
-                    Err(_) => return,
-                },
+            let Ok((key, value)) = challenge_kv(ch) else {
+                return;
             };
             let Ok((mut c, _)) = self.client() else {
                 return;

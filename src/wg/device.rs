@@ -687,6 +687,21 @@ fn loops_back<T>(
 
 /// Turns a `TunnResult` into offsets into the buffer whose address is `base`,
 /// so the buffer's borrow (and the peer lock) can end before the I/O.
+/// A new handshake initiation of `peer` (sent even while one is pending).
+fn initiation(peer: &Peer) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let out = {
+        let mut t = peer.tunn.lock();
+        let base = buf.as_ptr() as usize;
+        let r = t.format_handshake_initiation(&mut buf, true);
+        classify(base, r)
+    };
+    let Out::Network(a, b) = out else {
+        return None;
+    };
+    buf.get(a..b).map(<[u8]>::to_vec)
+}
+
 fn classify(base: usize, r: TunnResult<'_>) -> Out {
     match r {
         TunnResult::Done => Out::Nothing,
@@ -1142,6 +1157,11 @@ impl Inner {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
+        self.send_to(peer, ep, data).await;
+    }
+
+    /// Sends `data` of `peer` to `ep` (its endpoint, or where a UDP try goes).
+    async fn send_to(&self, peer: &Peer, ep: SocketAddr, data: &[u8]) {
         let socks = self.sockets.load();
         let Some(sock) = socks.for_addr(&ep) else {
             self.drops.inc(DropReason::NoEndpoint);
@@ -1511,28 +1531,8 @@ impl Inner {
     /// endpoint (a node on TLS trying UDP): if an answer comes back from
     /// there, the endpoint moves there as for any authenticated datagram.
     pub async fn probe_handshake(&self, peer: &Peer, to: SocketAddr) {
-        let mut buf = vec![0u8; 256];
-        let out = {
-            let mut t = peer.tunn.lock();
-            let base = buf.as_ptr() as usize;
-            let r = t.format_handshake_initiation(&mut buf, true);
-            classify(base, r)
-        };
-        let Out::Network(a, b) = out else { return };
-        let Some(d) = buf.get(a..b) else { return };
-        let socks = self.sockets.load();
-        let Some(sock) = socks.for_addr(&to) else {
-            self.drops.inc(DropReason::NoEndpoint);
-            return;
-        };
-        match sock.send(to, d, None).await {
-            Ok(()) => {
-                peer.tx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.drops.inc(DropReason::UdpSend);
-                debug!(error = %e, endpoint = %to, "UDP send failed");
-            }
+        if let Some(d) = initiation(peer) {
+            self.send_to(peer, to, &d).await;
         }
     }
 
@@ -1546,17 +1546,8 @@ impl Inner {
 
     /// Forces a new handshake with `peer` now (used when a hub went silent).
     pub async fn force_handshake(&self, peer: &Peer) {
-        let mut buf = vec![0u8; 256];
-        let out = {
-            let mut t = peer.tunn.lock();
-            let base = buf.as_ptr() as usize;
-            let r = t.format_handshake_initiation(&mut buf, true);
-            classify(base, r)
-        };
-        if let Out::Network(a, b) = out {
-            if let Some(d) = buf.get(a..b) {
-                self.send_net(peer, d).await;
-            }
+        if let Some(d) = initiation(peer) {
+            self.send_net(peer, &d).await;
         }
     }
 
