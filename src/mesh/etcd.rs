@@ -239,21 +239,29 @@ async fn session(
     let mut last_rewrite: Option<std::time::Instant> = None;
     publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
 
-    // Every record may be up to MAX_PUBLISH: room for many hubs' at once.
+    // One read and one watch of the whole prefix: the hubs' records
+    // (`hubs/`) and the shared ACME keys (`acme/`). Every record may be up
+    // to MAX_PUBLISH: room for many hubs' at once.
+    let acme_prefix = s.acme_prefix();
     let resp = client
         .kv_client()
         .max_decoding_message_size(MAX_READ)
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .get(s.prefix.clone(), Some(GetOptions::new().with_prefix()))
         .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
     let mut fresh = BTreeMap::new();
+    mesh.clear_acme();
     for kv in resp.kvs() {
-        let kv = Kv {
-            key: kv.key(),
-            value: Some(kv.value()),
-            lease: kv.lease(),
-        };
-        apply(mesh, &mut fresh, &prefix, kv, lease, true);
+        if kv.key().starts_with(prefix.as_bytes()) {
+            let kv = Kv {
+                key: kv.key(),
+                value: Some(kv.value()),
+                lease: kv.lease(),
+            };
+            apply(mesh, &mut fresh, &prefix, kv, lease, true);
+        } else if kv.key().starts_with(acme_prefix.as_bytes()) {
+            mesh.apply_acme(kv.key(), Some(kv.value()));
+        }
     }
     for name in records.keys().filter(|n| !fresh.contains_key(*n)) {
         info!(hub = %name, "mesh: hub left");
@@ -263,37 +271,11 @@ async fn session(
     }
     *records = fresh;
     mesh.set_table(Table::build(&s.name, records.values()));
-
-    // The shared ACME keys: challenge answers, certificates, locks.
-    let acme_prefix = s.acme_prefix();
-    let resp = client
-        .kv_client()
-        .max_decoding_message_size(MAX_READ)
-        .get(acme_prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let acme_rev = resp.header().map_or(0, |h| h.revision());
-    mesh.clear_acme();
-    for kv in resp.kvs() {
-        mesh.apply_acme(kv.key(), Some(kv.value()));
-    }
-    let mut acme_stream = client
-        .watch_client()
-        .max_decoding_message_size(MAX_READ)
-        .watch(
-            acme_prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(acme_rev + 1),
-            ),
-        )
-        .await?;
-
     let mut stream = client
         .watch_client()
         .max_decoding_message_size(MAX_READ)
         .watch(
-            prefix.clone(),
+            s.prefix.clone(),
             Some(
                 WatchOptions::new()
                     .with_prefix()
@@ -325,14 +307,24 @@ async fn session(
                 if r.canceled() {
                     anyhow::bail!("watch canceled: {}", r.cancel_reason());
                 }
+                let mut hubs_changed = false;
                 for ev in r.events() {
                     let Some(kv) = ev.kv() else { continue };
+                    let value = match ev.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    if kv.key().starts_with(acme_prefix.as_bytes()) {
+                        mesh.apply_acme(kv.key(), value);
+                        continue;
+                    }
+                    if !kv.key().starts_with(prefix.as_bytes()) {
+                        continue;
+                    }
+                    hubs_changed = true;
                     let kv = Kv {
                         key: kv.key(),
-                        value: match ev.event_type() {
-                            EventType::Put => Some(kv.value()),
-                            EventType::Delete => None,
-                        },
+                        value,
                         lease: kv.lease(),
                     };
                     // Written again at the next check; when two hubs share
@@ -344,20 +336,8 @@ async fn session(
                         last_rewrite = Some(std::time::Instant::now());
                     }
                 }
-                mesh.set_table(Table::build(&s.name, records.values()));
-            }
-            m = acme_stream.message() => {
-                let Some(r) = m? else { anyhow::bail!("ACME watch ended") };
-                if r.canceled() {
-                    anyhow::bail!("ACME watch canceled: {}", r.cancel_reason());
-                }
-                for ev in r.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let value = match ev.event_type() {
-                        EventType::Put => Some(kv.value()),
-                        EventType::Delete => None,
-                    };
-                    mesh.apply_acme(kv.key(), value);
+                if hubs_changed {
+                    mesh.set_table(Table::build(&s.name, records.values()));
                 }
             }
         }
