@@ -502,6 +502,33 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
                 count(answered, "validation", "validations"),
             ));
         }
+        let conflicts: Vec<String> = m
+            .get("name_conflicts")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "{} (held for {} through {})",
+                    s(c, "host"),
+                    s(c, "held_by"),
+                    s(c, "hub")
+                )
+            })
+            .collect();
+        let claims = n(m, "own_name_claims");
+        if claims > 0 || !conflicts.is_empty() {
+            let refused = if conflicts.is_empty() {
+                String::new()
+            } else {
+                format!("; refused here: {}", conflicts.join(", "))
+            };
+            out.push(format!(
+                "  names: {} claimed by this hub, {} in the mesh{refused}",
+                count(claims, "host", "hosts"),
+                n(m, "name_claims"),
+            ));
+        }
     }
     out
 }
@@ -713,6 +740,13 @@ mod tests {
         assert_eq!(
             carrier_lines(&acme)[1],
             "  acme: 2 certificates shared, 1 validation answered for other hubs; ordering blog.gw.test by hub-b"
+        );
+        let names = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
+            "hubs": [], "own_name_claims": 1, "name_claims": 3,
+            "name_conflicts": [{"host": "shop.gw.test", "granted_to": "K1", "held_by": "K2", "hub": "hub-b"}]}});
+        assert_eq!(
+            carrier_lines(&names)[1],
+            "  names: 1 host claimed by this hub, 3 in the mesh; refused here: shop.gw.test (held for K2 through hub-b)"
         );
         let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
             "last_error": "connection refused", "hubs": []}});

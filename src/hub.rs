@@ -332,6 +332,12 @@ async fn run_inner(
     if let Some(c) = &control {
         *c.mesh.lock() = slot.mesh.clone();
     }
+    // The names the control plane grants are claimed across the mesh.
+    if let (Some(c), Some(m)) = (&control, &slot.mesh) {
+        let c = Arc::downgrade(c);
+        m.set_claim_source(Arc::new(move || c.upgrade().map(|c| c.claim_wants())));
+    }
+    let names_changed = slot.mesh.as_ref().map(|m| m.names_changed());
     slot.set(
         start_proxy_with(
             wanted_proxy(&cfg, control.as_deref()),
@@ -394,6 +400,14 @@ async fn run_inner(
             _ = apply.notified() => {
                 if let Some(c) = &control {
                     slot.apply(wanted_proxy(&c.hub_config(), Some(c))).await;
+                }
+            }
+            _ = async { match &names_changed { Some(n) => n.notified().await, None => std::future::pending().await } }, if control.is_some() => {
+                if let Some(c) = &control {
+                    if c.reevaluate() {
+                        info!("name claims in the mesh changed; re-applying routes");
+                        c.apply.notify_one();
+                    }
                 }
             }
             _ = revalidate.tick(), if control.is_some() => {

@@ -443,7 +443,7 @@ async fn route(
             match *m {
                 Method::PUT => {
                     let rec: NameRecord = parse(body)?;
-                    c.mutate(|s, _| s.set_name(&name, rec)).await?;
+                    c.mutate(|s, ctx| s.set_name(ctx, &name, rec)).await?;
                     let st = c.state();
                     let r = st.names.get(&name);
                     Ok(Answer::ok(json!({"name": name, "owners": r.map(|r| &r.owners), "replicas": r.map(|r| r.replicas), "expires": r.and_then(|r| r.expires)})))

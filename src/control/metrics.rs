@@ -45,6 +45,7 @@
 //! | `gatewire_mesh_forwarded_total`, `gatewire_mesh_received_total`, `gatewire_mesh_bad_records_total` | counter | |
 //! | `gatewire_mesh_acme_certificates`, `gatewire_mesh_acme_orders` | gauge | |
 //! | `gatewire_mesh_acme_answered_total`, `gatewire_mesh_bad_seals_total` | counter | |
+//! | `gatewire_mesh_name_claims`, `gatewire_mesh_name_conflicts` | gauge | |
 //!
 //! The bytes and errors of connections sent to other hubs are the route
 //! families' samples with `route="mesh"`.
@@ -121,7 +122,7 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
 }
 
 fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
-    let families: [(&'static str, &'static str, Kind, u64); 10] = [
+    let families: [(&'static str, &'static str, Kind, u64); 12] = [
         (
             "gatewire_mesh_etcd_connected",
             "1 while the mesh's etcd session is up (else the last table serves).",
@@ -181,6 +182,18 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
             "Sealed PROXY headers refused (another secret, changed, or too old).",
             Kind::Counter,
             m.bad_seals,
+        ),
+        (
+            "gatewire_mesh_name_claims",
+            "Name claims this hub holds in the mesh (hosts of the names it grants).",
+            Kind::Gauge,
+            m.own_name_claims as u64,
+        ),
+        (
+            "gatewire_mesh_name_conflicts",
+            "Hosts granted here that the mesh holds for another node (their routes are off).",
+            Kind::Gauge,
+            m.name_conflicts.len() as u64,
         ),
     ];
     for (name, help, kind, v) in families {
@@ -1239,6 +1252,14 @@ mod tests {
                 acme_answered: 4,
                 sealed: true,
                 bad_seals: 6,
+                name_claims: 5,
+                own_name_claims: 3,
+                name_conflicts: vec![crate::mesh::NameConflict {
+                    host: "shop.gw.test".into(),
+                    granted_to: "K1".into(),
+                    held_by: "K2".into(),
+                    hub: "hub-b".into(),
+                }],
             }),
         });
         let p = parse(&text);
@@ -1255,6 +1276,8 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_acme_answered_total", &[]), Some(4));
         assert_eq!(p.types["gatewire_mesh_acme_answered_total"], "counter");
         assert_eq!(p.get("gatewire_mesh_bad_seals_total", &[]), Some(6));
-        assert_eq!(p.types.len(), 16);
+        assert_eq!(p.get("gatewire_mesh_name_claims", &[]), Some(3));
+        assert_eq!(p.get("gatewire_mesh_name_conflicts", &[]), Some(1));
+        assert_eq!(p.types.len(), 18);
     }
 }

@@ -8,7 +8,7 @@
 //! locks.
 
 use crate::config::{HubConfig, ProxyRaw};
-use crate::control::registry::{LocalRegistry, NameRegistry};
+use crate::control::registry::{LocalRegistry, NameRegistry, Verdict};
 use crate::control::settings::ControlSettings;
 use crate::control::state::{Context, Evaluation, Protocol, ServiceStatus, State};
 use crate::control::store::{FileStore, Store};
@@ -36,7 +36,41 @@ struct FileEnv {
     file_ports: BTreeSet<(Protocol, u16)>,
 }
 
+/// The registry with the hub mesh's word on top: a name the mesh holds for
+/// another node is refused even when this hub's own state grants it.
+struct MeshAware<'a> {
+    local: &'a dyn NameRegistry,
+    held: &'a (dyn Fn(&str, &str) -> Option<String> + Sync),
+}
+
+impl NameRegistry for MeshAware<'_> {
+    fn verdict(&self, state: &State, name: &str, key: &str, now: u64) -> Verdict {
+        let v = self.local.verdict(state, name, key, now);
+        if v != Verdict::Allowed {
+            return v;
+        }
+        let owner = state
+            .names
+            .get(name)
+            .and_then(|r| r.owners.first())
+            .map_or(key, |o| o.as_str());
+        match (self.held)(name, owner) {
+            Some(why) => Verdict::Refused(format!("name `{name}`: {why}")),
+            None => Verdict::Allowed,
+        }
+    }
+}
+
 impl FileEnv {
+    /// The gateway domains of the config file's `[proxy]`.
+    fn domains(&self) -> Vec<crate::proxy::names::DomainName> {
+        self.cfg
+            .proxy
+            .as_ref()
+            .map(|p| p.domains.clone())
+            .unwrap_or_default()
+    }
+
     fn new(cfg: HubConfig, running: &ControlSettings) -> Self {
         let mut file_hosts = BTreeSet::new();
         let mut file_ports = BTreeSet::new();
@@ -223,8 +257,10 @@ impl Control {
             let env = self.env.load_full();
             let st = env.settings();
             let check = |r: &RawRoute| env.check_route(r);
+            let now = now();
+            let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
             let ctx = Context {
-                now: now(),
+                now,
                 check_route: &check,
                 file_hosts: &env.file_hosts,
                 file_keys: &env.file_keys,
@@ -232,6 +268,7 @@ impl Control {
                 pools: &st.pools,
                 ports: st.ports.clone(),
                 file_ports: &env.file_ports,
+                held_elsewhere: &held,
             };
             op(&mut next, &ctx)?
         };
@@ -252,14 +289,39 @@ impl Control {
         Ok(out)
     }
 
+    /// Why `owner` may not hold the registry name `name` here: the hub mesh
+    /// holds one of its hosts for another node.
+    fn held_elsewhere(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Option<String> {
+        let mesh = self.mesh.lock().clone()?;
+        mesh.name_refusal(name, owner, &env.domains(), now, env.settings().grace)
+    }
+
+    /// What this hub's grants ask the mesh to claim: every host of every
+    /// granted name for its first owner, and the grace period.
+    pub fn claim_wants(&self) -> (crate::mesh::claims::Wants, u64) {
+        let env = self.env.load_full();
+        let state = self.state.load_full();
+        let grants = state.names.iter().filter_map(|(n, r)| {
+            r.owners
+                .first()
+                .map(|o| (n.as_str(), o.as_str(), r.expires))
+        });
+        (
+            crate::mesh::claims::wants(grants, &env.domains()),
+            env.settings().grace,
+        )
+    }
+
     /// Re-checks declared services against the registry; tells the hub when
     /// the outcome changed. Returns whether it did.
     pub fn reevaluate(&self) -> bool {
         let env = self.env.load_full();
         let st = env.settings();
         let check = |r: &RawRoute| env.check_route(r);
+        let now = now();
+        let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
         let ctx = Context {
-            now: now(),
+            now,
             check_route: &check,
             file_hosts: &env.file_hosts,
             file_keys: &env.file_keys,
@@ -267,12 +329,14 @@ impl Control {
             pools: &st.pools,
             ports: st.ports.clone(),
             file_ports: &env.file_ports,
+            held_elsewhere: &held,
         };
         let acme = env.cfg.proxy.as_ref().is_some_and(|p| p.acme.is_some());
-        let ev = self
-            .state
-            .load()
-            .evaluate(&ctx, self.registry.as_ref(), acme);
+        let registry = MeshAware {
+            local: self.registry.as_ref(),
+            held: &held,
+        };
+        let ev = self.state.load().evaluate(&ctx, &registry, acme);
         let changed = *self.evaluation.load_full() != ev;
         if changed {
             for (key, sts) in &ev.statuses {

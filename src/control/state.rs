@@ -252,6 +252,10 @@ pub struct Context<'a> {
     pub ports: std::ops::RangeInclusive<u16>,
     /// Ports the config file already listens on (TCP and UDP).
     pub file_ports: &'a BTreeSet<(Protocol, u16)>,
+    /// Why a name (registry name, owner key) may not be granted here: the
+    /// hub mesh holds one of its hosts for another node. Always `None`
+    /// without a mesh.
+    pub held_elsewhere: &'a dyn Fn(&str, &str) -> Option<String>,
 }
 
 /// A DNS label as the API accepts it: already lowercase.
@@ -543,7 +547,7 @@ impl State {
     }
 
     /// `PUT /v1/names/{name}`.
-    pub fn set_name(&mut self, name: &str, rec: NameRecord) -> Result<()> {
+    pub fn set_name(&mut self, ctx: &Context, name: &str, rec: NameRecord) -> Result<()> {
         let name = api_name(name)?;
         if rec.owners.is_empty() {
             return Err(Error::bad("owners: at least one public key"));
@@ -562,6 +566,9 @@ impl State {
         let rec = NameRecord { owners, ..rec };
         if self.names.get(&name) == Some(&rec) {
             return Ok(());
+        }
+        if let Some(why) = (ctx.held_elsewhere)(&name, &rec.owners[0]) {
+            return Err(Error::conflict(format!("name `{name}`: {why}")));
         }
         self.names.insert(name, rec);
         self.bump();
@@ -665,12 +672,19 @@ impl State {
         let names = t.names.clone();
         let replicas = t.replicas;
         for n in &names {
-            if let Some(r) = self.names.get(n) {
-                if !r.replicas {
+            match self.names.get(n) {
+                Some(r) if !r.replicas => {
                     return Err(Error::conflict(format!(
                         "name `{n}` has been taken by {} since the token was made",
                         r.owners.first().map_or("?", |s| s.as_str())
                     )));
+                }
+                Some(_) => {}
+                // A new grant: this node would own it.
+                None => {
+                    if let Some(why) = (ctx.held_elsewhere)(n, &key) {
+                        return Err(Error::conflict(format!("name `{n}`: {why}")));
+                    }
                 }
             }
         }

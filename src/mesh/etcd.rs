@@ -4,8 +4,8 @@
 use super::table::{decode_record, valid_name, HubRecord, Table};
 use super::Mesh;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, PutOptions, TlsOptions,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -243,6 +243,7 @@ async fn session(
     // (`hubs/`) and the shared ACME keys (`acme/`). Every record may be up
     // to MAX_PUBLISH: room for many hubs' at once.
     let acme_prefix = s.acme_prefix();
+    let names_prefix = s.names_prefix();
     let resp = client
         .kv_client()
         .max_decoding_message_size(MAX_READ)
@@ -251,6 +252,7 @@ async fn session(
     let rev = resp.header().map_or(0, |h| h.revision());
     let mut fresh = BTreeMap::new();
     mesh.clear_acme();
+    mesh.clear_names();
     for kv in resp.kvs() {
         if kv.key().starts_with(prefix.as_bytes()) {
             let kv = Kv {
@@ -261,8 +263,11 @@ async fn session(
             apply(mesh, &mut fresh, &prefix, kv, lease, true);
         } else if kv.key().starts_with(acme_prefix.as_bytes()) {
             mesh.apply_acme(kv.key(), Some(kv.value()));
+        } else if kv.key().starts_with(names_prefix.as_bytes()) {
+            mesh.apply_name(kv.key(), Some(kv.value()));
         }
     }
+    mesh.names_changed().notify_one();
     for name in records.keys().filter(|n| !fresh.contains_key(*n)) {
         info!(hub = %name, "mesh: hub left");
     }
@@ -301,7 +306,10 @@ async fn session(
                 Some(r) if r.ttl() > 0 => {}
                 _ => anyhow::bail!("lease {lease:x} expired"),
             },
-            _ = check.tick() => publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?,
+            _ = check.tick() => {
+                publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
+                claim_names(mesh, &mut client).await?;
+            }
             m = stream.message() => {
                 let Some(r) = m? else { anyhow::bail!("watch ended") };
                 if r.canceled() {
@@ -316,6 +324,10 @@ async fn session(
                     };
                     if kv.key().starts_with(acme_prefix.as_bytes()) {
                         mesh.apply_acme(kv.key(), value);
+                        continue;
+                    }
+                    if kv.key().starts_with(names_prefix.as_bytes()) {
+                        mesh.apply_name(kv.key(), value);
                         continue;
                     }
                     if !kv.key().starts_with(prefix.as_bytes()) {
@@ -342,6 +354,51 @@ async fn session(
             }
         }
     }
+}
+
+/// Makes the name claims match this hub's grants ([`super::claims::plan`]):
+/// each write is a transaction that holds only if the key is as last seen,
+/// so two hubs writing at once cannot both win; the loser sees the winner's
+/// claim through the watch and plans again at the next check.
+async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
+    use super::claims::{plan, Action};
+    let Some(source) = mesh.claim_source() else {
+        return Ok(());
+    };
+    let Some((wants, grace)) = source() else {
+        return Ok(());
+    };
+    let now = crate::control::runtime::now();
+    let (actions, conflicts) = plan(&mesh.settings.name, &wants, &mesh.claims(), now, grace);
+    mesh.set_conflicts(conflicts);
+    let prefix = mesh.settings.names_prefix();
+    for (host, action) in actions {
+        let key = format!("{prefix}{host}");
+        let (txn, what) = match action {
+            Action::Create(c) => (
+                Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), c.encode(), None)]),
+                "claimed",
+            ),
+            Action::Replace { old, claim } => (
+                Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, old)])
+                    .and_then([TxnOp::put(key.clone(), claim.encode(), None)]),
+                "claim renewed",
+            ),
+            Action::Release { old } => (
+                Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, old)])
+                    .and_then([TxnOp::delete(key.clone(), None)]),
+                "claim released",
+            ),
+        };
+        if client.txn(txn).await?.succeeded() {
+            info!(host = %host, "mesh: name {what}");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,10 +26,16 @@
 //! `share_certificates = false`) the issued certificate is stored for the
 //! other hubs that serve the host.
 //!
-//! [`table`] and [`acme`] are the pure cores; [`etcd`] publishes and watches;
-//! [`forward`] moves a connection; [`share`] is the ACME side of the store.
+//! Names granted by the hubs' control planes are claimed in the same etcd
+//! ([`claims`]): the first hub to grant a host holds it for its node, so two
+//! hubs cannot give one name to two nodes.
+//!
+//! [`table`], [`acme`] and [`claims`] are the pure cores; [`etcd`] publishes
+//! and watches; [`forward`] moves a connection; [`share`] is the ACME side of
+//! the store.
 
 pub mod acme;
+pub mod claims;
 pub mod etcd;
 pub mod forward;
 pub mod seal;
@@ -49,6 +55,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use table::{PeerHub, Table};
+use tracing::warn;
 
 /// How long a hub that did not answer is tried only after the others.
 pub const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(5);
@@ -83,7 +90,21 @@ pub struct Mesh {
     replay: Mutex<seal::ReplayGuard>,
     /// The replay guard filled up (logged once).
     replay_full: std::sync::atomic::AtomicBool,
+    /// The name claims as last seen.
+    names: parking_lot::RwLock<claims::Claims>,
+    /// Woken when a name claim changes (the control plane re-checks).
+    names_kick: Arc<tokio::sync::Notify>,
+    /// What this hub's grants ask for, and the grace period (set by the
+    /// control plane; none: this hub grants no names).
+    claim_source: Mutex<Option<ClaimSource>>,
+    /// Hosts this hub grants that another hub's claim holds for another node.
+    conflicts: Mutex<Vec<claims::Conflict>>,
 }
+
+/// What this hub's control plane grants: the wanted claims and its grace
+/// period after a name's expiry.
+/// `None`: the control plane is gone (nothing is written then).
+pub type ClaimSource = Arc<dyn Fn() -> Option<(claims::Wants, u64)> + Send + Sync>;
 
 /// Most seals remembered per generation of the replay guard (about 2,000
 /// sealed connections a second between hubs).
@@ -129,6 +150,22 @@ pub struct MeshView {
     pub sealed: bool,
     /// Sealed PROXY headers refused (another secret, changed, too old).
     pub bad_seals: u64,
+    /// Name claims in the mesh, and how many this hub wrote.
+    pub name_claims: usize,
+    pub own_name_claims: usize,
+    /// Hosts this hub grants that another hub's claim holds for another node.
+    pub name_conflicts: Vec<NameConflict>,
+}
+
+/// A host granted here that the mesh holds for another node.
+#[derive(Debug, Serialize)]
+pub struct NameConflict {
+    pub host: String,
+    /// The node this hub grants it to.
+    pub granted_to: String,
+    /// The node the claim names, and the hub that wrote it.
+    pub held_by: String,
+    pub hub: String,
 }
 
 /// A certificate being ordered in the mesh.
@@ -162,6 +199,10 @@ impl Mesh {
             bad_seals: AtomicU64::new(0),
             replay: Mutex::new(seal::ReplayGuard::new(REPLAY_CAP)),
             replay_full: std::sync::atomic::AtomicBool::new(false),
+            names: parking_lot::RwLock::new(claims::Claims::new()),
+            names_kick: Arc::new(tokio::sync::Notify::new()),
+            claim_source: Mutex::new(None),
+            conflicts: Mutex::new(Vec::new()),
             settings,
         })
     }
@@ -299,6 +340,122 @@ impl Mesh {
         self.status.lock().published_hosts = hosts;
     }
 
+    /// Claims this hub wrote.
+    pub fn own_name_claims(&self) -> usize {
+        let me = &self.settings.name;
+        self.names
+            .read()
+            .values()
+            .filter(|(c, _)| &c.hub == me)
+            .count()
+    }
+
+    /// Hosts this hub grants that another hub's claim holds for another node.
+    pub fn name_conflicts(&self) -> usize {
+        self.conflicts.lock().len()
+    }
+
+    /// The control plane tells the driver what its grants ask for.
+    pub fn set_claim_source(&self, f: ClaimSource) {
+        *self.claim_source.lock() = Some(f);
+    }
+
+    pub(crate) fn claim_source(&self) -> Option<ClaimSource> {
+        self.claim_source.lock().clone()
+    }
+
+    /// Notified when a claim changes or a conflict comes or goes.
+    pub fn names_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.names_kick.clone()
+    }
+
+    /// Why `owner` may not serve the registry name `name` on this hub (with
+    /// gateway `domains`), if another hub's claim holds one of its hosts for
+    /// another node. See [`claims::refusal`].
+    pub fn name_refusal(
+        &self,
+        name: &str,
+        owner: &str,
+        domains: &[DomainName],
+        now: u64,
+        grace: u64,
+    ) -> Option<String> {
+        let c = self.names.read();
+        if c.is_empty() {
+            return None;
+        }
+        claims::refusal(&self.settings.name, name, owner, domains, &c, now, grace)
+    }
+
+    /// Applies a put or delete under `<prefix>names/`; bad keys and values
+    /// are counted and logged (never the value).
+    pub(crate) fn apply_name(&self, key: &[u8], value: Option<&[u8]>) {
+        let prefix = self.settings.names_prefix();
+        let host = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix.as_str()))
+            .ok_or(claims::ClaimError::Key)
+            .and_then(claims::decode_key);
+        let r = host.and_then(|h| match value {
+            None => Ok(self.names.write().remove(&h).is_some()),
+            Some(v) => {
+                let c = claims::decode(v);
+                let mut names = self.names.write();
+                match c {
+                    Ok(c) => {
+                        let new = (c, v.to_vec());
+                        let changed = names.get(&h) != Some(&new);
+                        names.insert(h, new);
+                        Ok(changed)
+                    }
+                    Err(e) => {
+                        // A broken claim holds nothing.
+                        names.remove(&h);
+                        Err(e)
+                    }
+                }
+            }
+        });
+        match r {
+            Ok(true) => self.names_kick.notify_one(),
+            Ok(false) => {}
+            Err(e) => {
+                self.note_bad_record();
+                warn!(key = %String::from_utf8_lossy(key), error = %e, "mesh: name claim not used");
+            }
+        }
+    }
+
+    /// Forgets the claims (before a fresh read of all of them).
+    pub(crate) fn clear_names(&self) {
+        self.names.write().clear();
+    }
+
+    /// The claims as last seen.
+    pub(crate) fn claims(&self) -> claims::Claims {
+        self.names.read().clone()
+    }
+
+    /// Keeps the conflicts of the last plan; logs new ones, notifies on change.
+    pub(crate) fn set_conflicts(&self, now: Vec<claims::Conflict>) {
+        let mut cur = self.conflicts.lock();
+        if *cur == now {
+            return;
+        }
+        for c in now.iter().filter(|c| !cur.contains(c)) {
+            warn!(
+                host = %c.host,
+                granted_to = %c.want,
+                held_by = %c.held.owner,
+                hub = %c.held.hub,
+                "mesh: a host granted here is held in the mesh for another node; its routes stay off on this hub"
+            );
+        }
+        *cur = now;
+        drop(cur);
+        self.names_kick.notify_one();
+    }
+
     /// For `gatewire show`.
     pub fn view(&self) -> MeshView {
         let s = self.status.lock().clone();
@@ -335,6 +492,19 @@ impl Mesh {
             acme_answered: self.acme_answered.load(Relaxed),
             sealed: !self.seal.is_empty(),
             bad_seals: self.bad_seals.load(Relaxed),
+            name_claims: self.names.read().len(),
+            own_name_claims: self.own_name_claims(),
+            name_conflicts: self
+                .conflicts
+                .lock()
+                .iter()
+                .map(|c| NameConflict {
+                    host: c.host.to_string(),
+                    granted_to: c.want.clone(),
+                    held_by: c.held.owner.clone(),
+                    hub: c.held.hub.clone(),
+                })
+                .collect(),
         }
     }
 }

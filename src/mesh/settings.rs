@@ -99,6 +99,11 @@ impl MeshSettings {
     pub fn acme_prefix(&self) -> String {
         format!("{}acme/", self.prefix)
     }
+
+    /// The key prefix of the name claims (see [`crate::mesh::claims`]).
+    pub fn names_prefix(&self) -> String {
+        format!("{}names/", self.prefix)
+    }
 }
 
 fn read_file(what: &str, p: &Path, base: &Path) -> Result<Vec<u8>, String> {

@@ -48,6 +48,7 @@ fn ctx(e: &Env, now: u64) -> Context<'_> {
         pools: &e.pools,
         ports: 20000..=20999,
         file_ports: &e.file_ports,
+        held_elsewhere: &|_, _| None,
     }
 }
 
@@ -230,6 +231,45 @@ fn join_spends_the_token_once() {
 }
 
 #[test]
+fn a_name_the_mesh_holds_for_another_node_is_not_granted() {
+    let e = env();
+    let mut s = State::default();
+    // The mesh holds `blog` for K2.
+    let held = |name: &str, owner: &str| {
+        (name == "blog" && owner != K2).then(|| "held in the hub mesh by node K2".to_string())
+    };
+    let c = |now| Context {
+        held_elsewhere: &held,
+        ..ctx(&e, now)
+    };
+    let rec = |owner: &str| NameRecord {
+        owners: vec![owner.into()],
+        replicas: false,
+        expires: None,
+    };
+    let err = s.set_name(&c(1), "blog", rec(K1)).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(
+        err.message.contains("name `blog`: held in the hub mesh"),
+        "{err}"
+    );
+    assert!(s.names.is_empty());
+    s.set_name(&c(1), "blog", rec(K2)).unwrap();
+    s.set_name(&c(1), "shop", rec(K1)).unwrap();
+    // A join that would make K1 the owner of `news`... fine; of `blog`: refused.
+    s.delete_name("blog").unwrap();
+    let h = token(&mut s, "a1", &["news", "blog"], false, 2);
+    let err = s.join(&c(3), "a1", h, K1, None).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("name `blog`"), "{err}");
+    assert!(!s.names.contains_key("news"));
+    assert!(s.tokens["a1"].used_by.is_none());
+    // K2 may join with it.
+    s.join(&c(3), "a1", h, K2, None).unwrap();
+    assert_eq!(s.names["blog"].owners, vec![K2.to_string()]);
+}
+
+#[test]
 fn pools_run_out_cleanly() {
     let e = env();
     let mut s = State::default();
@@ -276,6 +316,7 @@ fn services_follow_ownership_and_replicas() {
     );
     // The owner allows replicas and lists K2: two backends.
     s.set_name(
+        &ctx(&e, 5),
         "blog",
         NameRecord {
             owners: vec![K1.into(), K2.into()],
@@ -289,6 +330,7 @@ fn services_follow_ownership_and_replicas() {
     assert!(ev.statuses[K2].iter().all(|s| s.status == "active"));
     // Expiry with grace.
     s.set_name(
+        &ctx(&e, 5),
         "blog",
         NameRecord {
             owners: vec![K1.into(), K2.into()],
@@ -388,6 +430,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     let reg = LocalRegistry { grace: 0 };
     s.add_node(&ctx(&e, 1), K3, None, None).unwrap();
     s.set_name(
+        &ctx(&e, 1),
         "shop",
         NameRecord {
             owners: vec![K3.into()],
