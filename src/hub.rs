@@ -335,7 +335,7 @@ async fn run_inner(
     // The names the control plane grants are claimed across the mesh.
     if let (Some(c), Some(m)) = (&control, &slot.mesh) {
         let c = Arc::downgrade(c);
-        m.set_claim_source(Arc::new(move || c.upgrade().map(|c| c.claim_wants())));
+        m.set_claim_source(Arc::new(move |now| c.upgrade().map(|c| c.claim_wants(now))));
     }
     let names_changed = slot.mesh.as_ref().map(|m| m.names_changed());
     slot.set(

@@ -36,17 +36,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(decode(&c.encode()).as_ref(), Ok(&c), "claim round trip");
-    let claims: Claims = [(host.clone(), (c.clone(), value.to_vec()))].into();
+    let claims: Claims = [(host.clone(), (Some(c.clone()), value.to_vec()))].into();
     let now = 1_000;
-    let grace = 60;
     let fqdn = host.as_str().contains('.');
-    if c.hub == "me" || c.lapsed(now, grace) || c.owner == OTHER || !fqdn {
+    if c.hub == "me" || c.lapsed(now) || c.owner == OTHER || !fqdn {
         return;
     }
     let wants = [(host.clone(), (OTHER.to_string(), None))].into();
-    let (actions, conflicts) = plan("me", &wants, &claims, now, grace);
+    let (actions, conflicts) = plan("me", &wants, &claims, now);
     assert!(actions.is_empty(), "a live claim of another hub rewritten");
     assert_eq!(conflicts.len(), 1);
-    assert!(refusal("me", host.as_str(), OTHER, &[], &claims, now, grace).is_some());
-    assert!(refusal("me", host.as_str(), &c.owner, &[], &claims, now, grace).is_none());
+    assert!(refusal("me", host.as_str(), OTHER, &[], &claims, now).is_some());
+    assert!(refusal("me", host.as_str(), &c.owner, &[], &claims, now).is_none());
 });

@@ -15,7 +15,10 @@
 #     n2's shop route off (404), shows the conflict (`show`, `/metrics`) and
 #     logs it; once that claim is deleted hub B claims shop again and serves it.
 #  4. A lapsed claim (expired, grace period over) is taken over; a malformed
-#     claim is counted and logged without its value.
+#     claim is counted and logged without its value, and holds its host
+#     against every grant until it is deleted.
+#  0. Before the hubs have read the claims from etcd (etcd not started yet),
+#     a grant is refused with 503.
 # timeout: 240
 # Variables read only inside eval'd checks look unused to shellcheck.
 # shellcheck disable=SC2034
@@ -35,9 +38,6 @@ lab_up 2 0
 lab_add_hub2
 
 ETCD=$(lab_etcd_url hub)
-lab_etcd hub
-must "etcd listening on hub A's wan address" \
-    wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q ."
 ectl() { lab_exec hub etcdctl --endpoints "$ETCD" "$@"; }
 
 # names_hub NS NAME NODE : a hub config with the proxy, the control plane and [mesh]
@@ -72,6 +72,18 @@ ctlB() { "$GATEWIRE" ctl --socket "$GW_TMP/hub2.ctl.sock" "$@"; }
 must "hub A's control socket answers" wait_for 10 eval 'ctlA status >/dev/null 2>&1'
 must "hub B's control socket answers" wait_for 10 eval 'ctlB status >/dev/null 2>&1'
 
+# --- 0. before the claims were ever read, nothing is granted
+set +e
+out=$(ctlA name set early --owner "$(lab_pub n1)" 2>&1)
+rc=$?
+set -e
+check "a grant before etcd was reached is refused" test "$rc" -ne 0
+check "with 503, saying the claims are not read yet" eval \
+    'grep -q 503 <<<"$out" && grep -q "not been read from etcd yet" <<<"$out"'
+lab_etcd hub
+must "etcd listening on hub A's wan address" \
+    wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q ."
+
 # Each node declares its services to its own hub.
 conf1=$(gw_node_conf n1 hub)
 echo "control = \"[$(lab_ov6 hub)]:7001\"" >>"$conf1"
@@ -105,7 +117,7 @@ local = "[$3]:8080"
 EOF
 }
 mesh_json() { gw_show_json "$1" gw0 | jq -c '.interfaces[0].mesh'; }
-must "both hubs connected to etcd" wait_for 15 eval \
+must "both hubs connected to etcd" wait_for 20 eval \
     '[ "$(mesh_json hub | jq -r .etcd_connected)$(mesh_json hub2 | jq -r .etcd_connected)" = truetrue ]'
 
 # --- 1. the first grant claims the name for its node
@@ -171,6 +183,16 @@ check "hub A counts the malformed claim" wait_for 5 eval \
     '[ "$(mesh_json hub | jq -r .bad_records)" -gt "$bad_before" ]'
 check "hub A logged it" grep -q "name claim not used.*bad.$DOMAIN" "$(lab_logfile hub)"
 check "without its value" not grep -q "SECRET-$$" "$(lab_logfile hub)"
+set +e
+out=$(ctlA name set bad --owner "$K1" 2>&1)
+rc=$?
+set -e
+check "a name whose claim cannot be read is not granted (409)" eval \
+    '[ "$rc" -ne 0 ] && grep -q 409 <<<"$out" && grep -q "cannot be read" <<<"$out"'
+check "the unreadable claim is left as it was" eval '[ "$(claim "bad.$DOMAIN")" = "not-a-claim-SECRET-$$" ]'
+ectl del "${PREFIX}bad.$DOMAIN" >/dev/null
+must "once it is deleted, the grant goes through" wait_for 5 ctlA name set bad --owner "$K1"
+check "and hub A claims it" wait_for 5 claim_is "bad.$DOMAIN" hub-a "$K1"
 check "hub A is still up and connected" eval '[ "$(mesh_json hub | jq -r .etcd_connected)" = true ]'
 
 lab_finish

@@ -10,7 +10,7 @@
 use crate::config::{HubConfig, ProxyRaw};
 use crate::control::registry::{LocalRegistry, NameRegistry, Verdict};
 use crate::control::settings::ControlSettings;
-use crate::control::state::{Context, Evaluation, Protocol, ServiceStatus, State};
+use crate::control::state::{Context, Error, Evaluation, Protocol, ServiceStatus, State};
 use crate::control::store::{FileStore, Store};
 use crate::proxy::server::StatsHandle;
 use crate::proxy::settings::{ProxySettings, RawRoute};
@@ -258,7 +258,7 @@ impl Control {
             let st = env.settings();
             let check = |r: &RawRoute| env.check_route(r);
             let now = now();
-            let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
+            let held = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
             let ctx = Context {
                 now,
                 check_route: &check,
@@ -289,16 +289,39 @@ impl Control {
         Ok(out)
     }
 
-    /// Why `owner` may not hold the registry name `name` here: the hub mesh
-    /// holds one of its hosts for another node.
-    fn held_elsewhere(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Option<String> {
-        let mesh = self.mesh.lock().clone()?;
-        mesh.name_refusal(name, owner, &env.domains(), now, env.settings().grace)
+    /// Whether `owner` may be granted the registry name `name` here: not
+    /// when the hub mesh holds one of its hosts for another node (409), nor
+    /// before the mesh's claims were first read (503: nothing to check
+    /// against yet).
+    fn may_grant(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Result<(), Error> {
+        let Some(mesh) = self.mesh.lock().clone() else {
+            return Ok(());
+        };
+        if !mesh.names_read() {
+            return Err(Error {
+                status: 503,
+                message: format!(
+                    "name `{name}`: the hub mesh's name claims have not been read from etcd yet; try again when the mesh is connected"
+                ),
+            });
+        }
+        match mesh.name_refusal(name, owner, &env.domains(), now) {
+            Some(why) => Err(Error::conflict(format!("name `{name}`: {why}"))),
+            None => Ok(()),
+        }
     }
 
-    /// What this hub's grants ask the mesh to claim: every host of every
-    /// granted name for its first owner, and the grace period.
-    pub fn claim_wants(&self) -> (crate::mesh::claims::Wants, u64) {
+    /// Why `owner` may not serve the registry name `name` here: the hub
+    /// mesh holds one of its hosts for another node (nothing before the
+    /// claims were first read).
+    fn held_elsewhere(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Option<String> {
+        let mesh = self.mesh.lock().clone()?;
+        mesh.name_refusal(name, owner, &env.domains(), now)
+    }
+
+    /// What this hub's grants ask the mesh to claim at `now`: every host of
+    /// every granted name that has not lapsed, for its first owner.
+    pub fn claim_wants(&self, now: u64) -> crate::mesh::claims::Wants {
         let env = self.env.load_full();
         let state = self.state.load_full();
         let grants = state.names.iter().filter_map(|(n, r)| {
@@ -306,10 +329,7 @@ impl Control {
                 .first()
                 .map(|o| (n.as_str(), o.as_str(), r.expires))
         });
-        (
-            crate::mesh::claims::wants(grants, &env.domains()),
-            env.settings().grace,
-        )
+        crate::mesh::claims::wants(grants, &env.domains(), now, env.settings().grace)
     }
 
     /// Re-checks declared services against the registry; tells the hub when
@@ -319,6 +339,7 @@ impl Control {
         let st = env.settings();
         let check = |r: &RawRoute| env.check_route(r);
         let now = now();
+        let grant = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
         let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
         let ctx = Context {
             now,
@@ -329,7 +350,7 @@ impl Control {
             pools: &st.pools,
             ports: st.ports.clone(),
             file_ports: &env.file_ports,
-            held_elsewhere: &held,
+            held_elsewhere: &grant,
         };
         let acme = env.cfg.proxy.as_ref().is_some_and(|p| p.acme.is_some());
         let registry = MeshAware {

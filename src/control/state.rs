@@ -252,10 +252,10 @@ pub struct Context<'a> {
     pub ports: std::ops::RangeInclusive<u16>,
     /// Ports the config file already listens on (TCP and UDP).
     pub file_ports: &'a BTreeSet<(Protocol, u16)>,
-    /// Why a name (registry name, owner key) may not be granted here: the
-    /// hub mesh holds one of its hosts for another node. Always `None`
-    /// without a mesh.
-    pub held_elsewhere: &'a dyn Fn(&str, &str) -> Option<String>,
+    /// Whether a name (registry name, owner key) may be granted here: not
+    /// when the hub mesh holds one of its hosts for another node. Always
+    /// `Ok` without a mesh.
+    pub held_elsewhere: &'a dyn Fn(&str, &str) -> Result<()>,
 }
 
 /// A DNS label as the API accepts it: already lowercase.
@@ -567,9 +567,7 @@ impl State {
         if self.names.get(&name) == Some(&rec) {
             return Ok(());
         }
-        if let Some(why) = (ctx.held_elsewhere)(&name, &rec.owners[0]) {
-            return Err(Error::conflict(format!("name `{name}`: {why}")));
-        }
+        (ctx.held_elsewhere)(&name, &rec.owners[0])?;
         self.names.insert(name, rec);
         self.bump();
         Ok(())
@@ -681,11 +679,7 @@ impl State {
                 }
                 Some(_) => {}
                 // A new grant: this node would own it.
-                None => {
-                    if let Some(why) = (ctx.held_elsewhere)(n, &key) {
-                        return Err(Error::conflict(format!("name `{n}`: {why}")));
-                    }
-                }
+                None => (ctx.held_elsewhere)(n, &key)?,
             }
         }
         let allowed_ips = self.allocate(ctx)?;

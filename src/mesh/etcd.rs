@@ -252,7 +252,6 @@ async fn session(
     let rev = resp.header().map_or(0, |h| h.revision());
     let mut fresh = BTreeMap::new();
     mesh.clear_acme();
-    mesh.clear_names();
     for kv in resp.kvs() {
         if kv.key().starts_with(prefix.as_bytes()) {
             let kv = Kv {
@@ -263,11 +262,14 @@ async fn session(
             apply(mesh, &mut fresh, &prefix, kv, lease, true);
         } else if kv.key().starts_with(acme_prefix.as_bytes()) {
             mesh.apply_acme(kv.key(), Some(kv.value()));
-        } else if kv.key().starts_with(names_prefix.as_bytes()) {
-            mesh.apply_name(kv.key(), Some(kv.value()));
         }
     }
-    mesh.names_changed().notify_one();
+    mesh.load_names(
+        resp.kvs()
+            .iter()
+            .filter(|kv| kv.key().starts_with(names_prefix.as_bytes()))
+            .map(|kv| (kv.key(), kv.value())),
+    );
     for name in records.keys().filter(|n| !fresh.contains_key(*n)) {
         info!(hub = %name, "mesh: hub left");
     }
@@ -356,6 +358,11 @@ async fn session(
     }
 }
 
+/// Most claim writes per check: the session's loop (lease renewal, watch)
+/// waits for them, so a hub granting thousands of names claims them over
+/// a few checks.
+pub const CLAIMS_PER_CHECK: usize = 64;
+
 /// Makes the name claims match this hub's grants ([`super::claims::plan`]):
 /// each write is a transaction that holds only if the key is as last seen,
 /// so two hubs writing at once cannot both win; the loser sees the winner's
@@ -365,14 +372,14 @@ async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
     let Some(source) = mesh.claim_source() else {
         return Ok(());
     };
-    let Some((wants, grace)) = source() else {
+    let now = crate::control::runtime::now();
+    let Some(wants) = source(now) else {
         return Ok(());
     };
-    let now = crate::control::runtime::now();
-    let (actions, conflicts) = plan(&mesh.settings.name, &wants, &mesh.claims(), now, grace);
+    let (actions, conflicts) = plan(&mesh.settings.name, &wants, &mesh.claims(), now);
     mesh.set_conflicts(conflicts);
     let prefix = mesh.settings.names_prefix();
-    for (host, action) in actions {
+    for (host, action) in actions.into_iter().take(CLAIMS_PER_CHECK) {
         let key = format!("{prefix}{host}");
         let (txn, what) = match action {
             Action::Create(c) => (
@@ -396,6 +403,9 @@ async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
         };
         if client.txn(txn).await?.succeeded() {
             info!(host = %host, "mesh: name {what}");
+        } else {
+            // Someone else wrote it first; the watch brings what they wrote.
+            tracing::debug!(host = %host, "mesh: name claim changed meanwhile; planning again");
         }
     }
     Ok(())

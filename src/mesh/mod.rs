@@ -94,17 +94,18 @@ pub struct Mesh {
     names: parking_lot::RwLock<claims::Claims>,
     /// Woken when a name claim changes (the control plane re-checks).
     names_kick: Arc<tokio::sync::Notify>,
-    /// What this hub's grants ask for, and the grace period (set by the
-    /// control plane; none: this hub grants no names).
+    /// What this hub's grants ask for (set by the control plane; none: this
+    /// hub grants no names).
     claim_source: Mutex<Option<ClaimSource>>,
+    /// The claims have been read from etcd since the hub started.
+    names_read: std::sync::atomic::AtomicBool,
     /// Hosts this hub grants that another hub's claim holds for another node.
     conflicts: Mutex<Vec<claims::Conflict>>,
 }
 
-/// What this hub's control plane grants: the wanted claims and its grace
-/// period after a name's expiry.
-/// `None`: the control plane is gone (nothing is written then).
-pub type ClaimSource = Arc<dyn Fn() -> Option<(claims::Wants, u64)> + Send + Sync>;
+/// What this hub's control plane grants, as wanted claims at the given
+/// time. `None`: the control plane is gone (nothing is written then).
+pub type ClaimSource = Arc<dyn Fn(u64) -> Option<claims::Wants> + Send + Sync>;
 
 /// Most seals remembered per generation of the replay guard (about 2,000
 /// sealed connections a second between hubs).
@@ -202,6 +203,7 @@ impl Mesh {
             names: parking_lot::RwLock::new(claims::Claims::new()),
             names_kick: Arc::new(tokio::sync::Notify::new()),
             claim_source: Mutex::new(None),
+            names_read: std::sync::atomic::AtomicBool::new(false),
             conflicts: Mutex::new(Vec::new()),
             settings,
         })
@@ -346,7 +348,7 @@ impl Mesh {
         self.names
             .read()
             .values()
-            .filter(|(c, _)| &c.hub == me)
+            .filter(|(c, _)| c.as_ref().is_some_and(|c| &c.hub == me))
             .count()
     }
 
@@ -378,57 +380,87 @@ impl Mesh {
         owner: &str,
         domains: &[DomainName],
         now: u64,
-        grace: u64,
     ) -> Option<String> {
         let c = self.names.read();
         if c.is_empty() {
             return None;
         }
-        claims::refusal(&self.settings.name, name, owner, domains, &c, now, grace)
+        claims::refusal(&self.settings.name, name, owner, domains, &c, now)
     }
 
-    /// Applies a put or delete under `<prefix>names/`; bad keys and values
-    /// are counted and logged (never the value).
-    pub(crate) fn apply_name(&self, key: &[u8], value: Option<&[u8]>) {
+    /// Whether the claims have been read from etcd since the hub started
+    /// (before that, nothing is known to refuse).
+    pub fn names_read(&self) -> bool {
+        self.names_read.load(Relaxed)
+    }
+
+    /// One key and value under `<prefix>names/`: the host and its entry (a
+    /// value that does not decode holds the host as unreadable).
+    fn name_entry(
+        &self,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(DomainName, claims::Entry), claims::ClaimError> {
         let prefix = self.settings.names_prefix();
         let host = std::str::from_utf8(key)
             .ok()
             .and_then(|k| k.strip_prefix(prefix.as_str()))
             .ok_or(claims::ClaimError::Key)
-            .and_then(claims::decode_key);
-        let r = host.and_then(|h| match value {
-            None => Ok(self.names.write().remove(&h).is_some()),
-            Some(v) => {
-                let c = claims::decode(v);
-                let mut names = self.names.write();
-                match c {
-                    Ok(c) => {
-                        let new = (c, v.to_vec());
-                        let changed = names.get(&h) != Some(&new);
-                        names.insert(h, new);
-                        Ok(changed)
-                    }
-                    Err(e) => {
-                        // A broken claim holds nothing.
-                        names.remove(&h);
-                        Err(e)
-                    }
-                }
-            }
-        });
-        match r {
-            Ok(true) => self.names_kick.notify_one(),
-            Ok(false) => {}
+            .and_then(claims::decode_key)?;
+        match claims::decode(value) {
+            Ok(c) => Ok((host, (Some(c), value.to_vec()))),
             Err(e) => {
-                self.note_bad_record();
-                warn!(key = %String::from_utf8_lossy(key), error = %e, "mesh: name claim not used");
+                self.bad_name(key, &e);
+                Ok((host, (None, value.to_vec())))
             }
         }
     }
 
-    /// Forgets the claims (before a fresh read of all of them).
-    pub(crate) fn clear_names(&self) {
-        self.names.write().clear();
+    fn bad_name(&self, key: &[u8], e: &claims::ClaimError) {
+        self.note_bad_record();
+        warn!(key = %String::from_utf8_lossy(key), error = %e, "mesh: name claim not used");
+    }
+
+    /// Applies a put or delete under `<prefix>names/` read from the watch.
+    /// Bad keys are counted and logged and left out; a bad value is counted
+    /// and logged (never the value) and holds its host as unreadable.
+    pub(crate) fn apply_name(&self, key: &[u8], value: Option<&[u8]>) {
+        let changed = match value {
+            Some(v) => match self.name_entry(key, v) {
+                Ok((h, e)) => self.names.write().insert(h, e.clone()) != Some(e),
+                Err(e) => {
+                    self.bad_name(key, &e);
+                    false
+                }
+            },
+            None => {
+                let prefix = self.settings.names_prefix();
+                let host = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| k.strip_prefix(prefix.as_str()))
+                    .and_then(|p| claims::decode_key(p).ok());
+                host.is_some_and(|h| self.names.write().remove(&h).is_some())
+            }
+        };
+        if changed {
+            self.names_kick.notify_one();
+        }
+    }
+
+    /// Replaces the claims with those of a fresh read of the prefix.
+    pub(crate) fn load_names<'a>(&self, kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+        let mut fresh = claims::Claims::new();
+        for (k, v) in kvs {
+            match self.name_entry(k, v) {
+                Ok((h, e)) => {
+                    fresh.insert(h, e);
+                }
+                Err(e) => self.bad_name(k, &e),
+            }
+        }
+        *self.names.write() = fresh;
+        self.names_read.store(true, Relaxed);
+        self.names_kick.notify_one();
     }
 
     /// The claims as last seen.
@@ -443,13 +475,20 @@ impl Mesh {
             return;
         }
         for c in now.iter().filter(|c| !cur.contains(c)) {
-            warn!(
-                host = %c.host,
-                granted_to = %c.want,
-                held_by = %c.held.owner,
-                hub = %c.held.hub,
-                "mesh: a host granted here is held in the mesh for another node; its routes stay off on this hub"
-            );
+            match &c.held {
+                Some(h) => warn!(
+                    host = %c.host,
+                    granted_to = %c.want,
+                    held_by = %h.owner,
+                    hub = %h.hub,
+                    "mesh: a host granted here is held in the mesh for another node; its routes stay off on this hub"
+                ),
+                None => warn!(
+                    host = %c.host,
+                    granted_to = %c.want,
+                    "mesh: a host granted here has a claim in the mesh that cannot be read; its routes stay off on this hub until it is deleted"
+                ),
+            }
         }
         *cur = now;
         drop(cur);
@@ -501,8 +540,8 @@ impl Mesh {
                 .map(|c| NameConflict {
                     host: c.host.to_string(),
                     granted_to: c.want.clone(),
-                    held_by: c.held.owner.clone(),
-                    hub: c.held.hub.clone(),
+                    held_by: c.held.as_ref().map_or("?", |h| &h.owner).to_string(),
+                    hub: c.held.as_ref().map_or("?", |h| &h.hub).to_string(),
                 })
                 .collect(),
         }

@@ -48,7 +48,7 @@ fn ctx(e: &Env, now: u64) -> Context<'_> {
         pools: &e.pools,
         ports: 20000..=20999,
         file_ports: &e.file_ports,
-        held_elsewhere: &|_, _| None,
+        held_elsewhere: &|_, _| Ok(()),
     }
 }
 
@@ -235,8 +235,11 @@ fn a_name_the_mesh_holds_for_another_node_is_not_granted() {
     let e = env();
     let mut s = State::default();
     // The mesh holds `blog` for K2.
-    let held = |name: &str, owner: &str| {
-        (name == "blog" && owner != K2).then(|| "held in the hub mesh by node K2".to_string())
+    let held = |name: &str, owner: &str| match name == "blog" && owner != K2 {
+        true => Err(Error::conflict(format!(
+            "name `{name}`: held in the hub mesh by node K2"
+        ))),
+        false => Ok(()),
     };
     let c = |now| Context {
         held_elsewhere: &held,
