@@ -13,7 +13,9 @@
 # route gets acme = true, hub B takes hub A's certificate from etcd (no new
 # order, written to its state directory). A lock held by another hub (written
 # with etcdctl) holds an order back; deleting it lets the order run at once.
-# A malformed shared key is counted and left out.
+# A malformed shared key is counted and left out. The hubs share a secret
+# (`secret_file`): the private keys in etcd are sealed with it, and a sealed
+# record copied under another host does not open.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=79-hub-mesh-acme
@@ -47,6 +49,8 @@ CA="$GW_TMP/ca"
 lab_pebble pub "$HUB2_4"
 lab_pebble_a pub "$SHOP" "$HUB4"
 
+SECRET="$GW_TMP/mesh.key"
+(umask 077 && head -c 48 /dev/urandom | base64 -w0 >"$SECRET" && echo >>"$SECRET")
 # mesh_hub NS NAME V4 NODE CHALLENGE ROUTES : the hub config
 mesh_hub() {
     local ns=$1 name=$2 v4=$3 node=$4 challenge=$5 routes=$6 conf
@@ -70,6 +74,7 @@ name = "$name"
 etcd = ["$ETCD"]
 advertise = ["$v4"]
 ttl = 3
+secret_file = "$SECRET"
 EOF
     echo "$conf"
 }
@@ -127,6 +132,9 @@ check "hub A's log: a certificate issued for $BLOG" grep -q "ACME certificate is
 check "hub B's log: a certificate issued for $SHOP" grep -q "ACME certificate issued.*$SHOP\|$SHOP.*ACME certificate issued" "$(lab_logfile hub2)"
 assert_eq "etcd holds the three certificates" 3 \
     "$(ectl get --prefix --keys-only /gatewire/mesh/acme/certs/ | grep -c .)"
+certs_json() { ectl get --prefix --print-value-only /gatewire/mesh/acme/certs/; }
+assert_eq "every private key in etcd is sealed with the mesh secret" 3 "$(certs_json | grep -c '"key_sealed":"v1\.' || true)"
+check "no private key in clear in etcd" not grep -q "PRIVATE KEY" <<<"$(certs_json)"
 must "both hubs see three shared certificates" wait_for 10 eval \
     "[ \"\$(mesh_json hub | jq -r .acme_certificates)\" = 3 ] && [ \"\$(mesh_json hub2 | jq -r .acme_certificates)\" = 3 ]"
 assert_eq "no challenge answers or locks are left in etcd" "" \
@@ -168,6 +176,16 @@ must "the lock gone, hub A orders $LATE" wait_for 30 test -s "$STATE_A/certs/$LA
 assert_eq "one more order" 4 "$(orders)"
 body=$(pcurl --resolve "$LATE:443:$HUB4" "https://$LATE/f" || true)
 check "HTTPS $LATE at hub A, verified" grep -q "$MARK1 path=/f" <<<"$body"
+
+# --- a sealed record copied under another host does not open
+bad_before=$(mesh_json hub | jq -r .bad_records)
+ectl get --print-value-only "/gatewire/mesh/acme/certs/$BOTH" >"$GW_TMP/both.json"
+lab_exec hub etcdctl --endpoints "$ETCD" put "/gatewire/mesh/acme/certs/copy.$DOMAIN" <"$GW_TMP/both.json" >/dev/null
+must "the copied record is counted" wait_for 10 eval \
+    "[ \"\$(mesh_json hub | jq -r .bad_records)\" -gt $bad_before ]"
+check "hub A logs that it does not open" grep -q "does not open with this hub's mesh secrets" "$(lab_logfile hub)"
+assert_eq "and does not count it as a shared certificate" 4 "$(mesh_json hub | jq -r .acme_certificates)"
+ectl del "/gatewire/mesh/acme/certs/copy.$DOMAIN" >/dev/null
 
 # --- a malformed shared key
 bad_before=$(mesh_json hub | jq -r .bad_records)

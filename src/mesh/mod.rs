@@ -42,6 +42,7 @@ pub mod seal;
 pub mod settings;
 pub mod share;
 pub mod table;
+pub mod vault;
 
 use crate::proxy::names::DomainName;
 use crate::proxy::stats::Counters;
@@ -83,6 +84,8 @@ pub struct Mesh {
     acme_answered: AtomicU64,
     /// The mesh secrets as keys (`[mesh] secret_file`), the sealing one first.
     seal: Vec<seal::SealKey>,
+    /// The same secrets as keys for shared certificates' private keys.
+    vault: Vec<vault::VaultKey>,
     /// Sealed headers refused: replayed, or from another hub's address
     /// with a bad MAC or time (strangers' bad seals are not news).
     bad_seals: AtomicU64,
@@ -196,6 +199,12 @@ impl Mesh {
                 .iter()
                 .flat_map(|s| &s.0)
                 .filter_map(|k| seal::SealKey::new(k).ok())
+                .collect(),
+            vault: settings
+                .secret
+                .iter()
+                .flat_map(|s| &s.0)
+                .map(|k| vault::VaultKey::new(k))
                 .collect(),
             bad_seals: AtomicU64::new(0),
             replay: Mutex::new(seal::ReplayGuard::new(REPLAY_CAP)),

@@ -4,10 +4,12 @@
 //! lease; the calls here read and write etcd with them.
 
 use super::acme::{encode_digest, AcmeKey, AcmeValue, CertPem, Change};
+use super::vault::VaultError;
 use super::Mesh;
 use crate::proxy::acme::{AcmeShare, Challenge, ShareFuture};
 use crate::proxy::names::DomainName;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use std::borrow::Cow;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -30,6 +32,12 @@ impl Mesh {
         format!("{}{}", self.settings.acme_prefix(), k.path())
     }
 
+    /// A certificate record as read from etcd, its key opened when sealed
+    /// with the mesh secret.
+    fn open_cert<'v>(&self, host: &str, value: &'v [u8]) -> Result<Cow<'v, [u8]>, VaultError> {
+        super::vault::open_record(&self.vault, host, value)
+    }
+
     /// Applies a put or delete under `<prefix>acme/` read from etcd; bad keys
     /// and values are counted and logged (never their contents).
     pub(crate) fn apply_acme(&self, key: &[u8], value: Option<&[u8]>) {
@@ -38,7 +46,20 @@ impl Mesh {
             .ok()
             .and_then(|k| k.strip_prefix(prefix.as_str()));
         let r = match path {
-            Some(p) => self.acme.write().apply(p, value),
+            Some(p) => {
+                let cert_host = p.strip_prefix("certs/");
+                match (cert_host, value) {
+                    (Some(h), Some(v)) => match self.open_cert(h, v) {
+                        Ok(plain) => self.acme.write().apply(p, Some(&plain)),
+                        Err(e) => {
+                            // Not usable here: it holds nothing for this hub.
+                            let _ = self.acme.write().apply(p, None);
+                            Err(super::acme::AcmeRecordError::Cert(e.to_string()))
+                        }
+                    },
+                    _ => self.acme.write().apply(p, value),
+                }
+            }
             None => Err(super::acme::AcmeRecordError::Key(String::new())),
         };
         match r {
@@ -226,7 +247,10 @@ impl AcmeShare for Mesh {
             let Some(kv) = r.kvs().first() else {
                 return Ok(None);
             };
-            match super::acme::decode(&key, kv.value()) {
+            let plain = self
+                .open_cert(host, kv.value())
+                .map_err(|e| e.to_string())?;
+            match super::acme::decode(&key, &plain) {
                 Ok(AcmeValue::Cert(p, _)) => Ok(Some(p)),
                 Ok(_) => Ok(None),
                 Err(e) => Err(e.to_string()),
@@ -241,8 +265,11 @@ impl AcmeShare for Mesh {
     ) -> ShareFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let key = AcmeKey::Cert(host_key(host)?);
-            let value = pem.encode();
-            super::acme::decode(&key, &value).map_err(|e| e.to_string())?;
+            super::acme::decode(&key, &pem.encode()).map_err(|e| e.to_string())?;
+            // With a mesh secret, the private key goes to etcd sealed.
+            let mut nonce = [0u8; 12];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+            let value = super::vault::seal_record(self.vault.first(), host, nonce, pem);
             let (mut c, _) = self.client()?;
             c.put(self.acme_key(&key), value, None)
                 .await
