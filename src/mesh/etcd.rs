@@ -140,6 +140,7 @@ fn apply(
     if own {
         if lease != own_lease {
             warn!(hub = %name, "mesh: another hub publishes under this hub's name; give each hub its own [mesh] name");
+            mesh.note_name_clash();
             return true;
         }
         return false;
@@ -372,6 +373,11 @@ async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
     let Some(source) = mesh.claim_source() else {
         return Ok(());
     };
+    // Two hubs under one name would each take the other's claims for its
+    // own and rewrite them in turn: no claim is written meanwhile.
+    if mesh.name_clash_recent() {
+        return Ok(());
+    }
     let now = crate::control::runtime::now();
     let Some(wants) = source(now) else {
         return Ok(());
@@ -514,7 +520,9 @@ mod tests {
             1,
             false
         ));
-        // Written by someone else (another lease): to be written again.
+        assert!(!m.name_clash_recent());
+        // Written by someone else (another lease): to be written again, and
+        // no name claim is written for a while.
         assert!(apply(
             &m,
             &mut recs,
@@ -523,6 +531,7 @@ mod tests {
             1,
             false
         ));
+        assert!(m.name_clash_recent());
         assert!(recs.is_empty());
         assert!(apply(
             &m,

@@ -104,7 +104,13 @@ pub struct Mesh {
     names_read: std::sync::atomic::AtomicBool,
     /// Hosts this hub grants that another hub's claim holds for another node.
     conflicts: Mutex<Vec<claims::Conflict>>,
+    /// When another hub was last seen publishing under this hub's name.
+    name_clash_at: Mutex<Option<Instant>>,
 }
+
+/// How long after another hub was seen under this hub's name no claim is
+/// written (the two would rewrite each other's claims).
+pub const NAME_CLASH_HOLD: Duration = Duration::from_secs(60);
 
 /// What this hub's control plane grants, as wanted claims at the given
 /// time. `None`: the control plane is gone (nothing is written then).
@@ -214,6 +220,7 @@ impl Mesh {
             claim_source: Mutex::new(None),
             names_read: std::sync::atomic::AtomicBool::new(false),
             conflicts: Mutex::new(Vec::new()),
+            name_clash_at: Mutex::new(None),
             settings,
         })
     }
@@ -349,6 +356,17 @@ impl Mesh {
 
     pub(crate) fn set_published(&self, hosts: usize) {
         self.status.lock().published_hosts = hosts;
+    }
+
+    pub(crate) fn note_name_clash(&self) {
+        *self.name_clash_at.lock() = Some(Instant::now());
+    }
+
+    /// Another hub published under this hub's name within [`NAME_CLASH_HOLD`].
+    pub(crate) fn name_clash_recent(&self) -> bool {
+        self.name_clash_at
+            .lock()
+            .is_some_and(|t| t.elapsed() < NAME_CLASH_HOLD)
     }
 
     /// Claims this hub wrote.
