@@ -6,8 +6,7 @@
 //!
 //! Invariants checked beyond "no panic":
 //! * a value that is not a sealed record comes back unchanged;
-//! * a sealed record that does not come from the key does not open (its
-//!   error is named, never the value);
+//! * a sealed record that does not come from the key does not open;
 //! * what is sealed for a host opens for that host to the same bytes, and
 //!   not for another host.
 #![no_main]
@@ -28,11 +27,9 @@ fuzz_target!(|data: &[u8]| {
     let keys = [VaultKey::new(SECRET)];
     match open_record(&keys, host, value) {
         Ok(plain) if !is_sealed(value) => assert_eq!(plain.as_ref(), value),
-        Ok(_) => {}
-        Err(e) => {
-            assert!(is_sealed(value), "only sealed records fail to open");
-            assert!(!e.to_string().contains("key_sealed\":"));
-        }
+        // Forging a ChaCha20-Poly1305 tag is out of a fuzzer's reach.
+        Ok(_) => panic!("a sealed record not made with the key opened"),
+        Err(_) => assert!(is_sealed(value), "only sealed records fail to open"),
     }
     let Ok(key) = std::str::from_utf8(value) else {
         return;

@@ -197,4 +197,25 @@ body=$(pcurl --resolve "$SHOP:443:$HUB2_4" "https://$SHOP/g" || true)
 check "hub B keeps serving $SHOP with its certificate" grep -q "$MARK2 path=/g" <<<"$body"
 check "no private key in any hub's log" not grep -q "PRIVATE KEY" "$(lab_logfile hub)" "$(lab_logfile hub2)"
 
+# --- hub B restarted without the secret: it cannot open the sealed keys, and
+# neither takes them nor stores its own (older or equal) ones over them
+sealed_count() { certs_json | grep -c '"key_sealed":"v1\.' || true; }
+ectl del "/gatewire/mesh/acme/certs/$SHOP" >/dev/null
+must "with the malformed record deleted, hub B stores $SHOP again, sealed" \
+    wait_for 10 eval '[ "$(sealed_count)" = 4 ]'
+lab_stop hub2
+sed -i '/^secret_file = /d' "$confB"
+GW_CONF=$confB gw_start_hub hub2
+must "hub B (no secret) is back in etcd" wait_for 20 eval '[ "$(mesh_json hub2 | jq -r .etcd_connected)" = true ]'
+must "hub B logs that the sealed keys do not open" \
+    wait_for 10 grep -q "does not open with this hub's mesh secrets" "$(lab_logfile hub2)"
+sleep 5
+assert_eq "hub B (no secret) can use no shared certificate" 0 "$(mesh_json hub2 | jq -r .acme_certificates)"
+assert_eq "the sealed records are still there, sealed" 4 "$(sealed_count)"
+check "hub B stored no key in clear over them" not grep -q "PRIVATE KEY" <<<"$(certs_json)"
+assert_eq "and ordered nothing" 4 "$(orders)"
+# (n2's tunnel comes back within its dead_after)
+blog_at_b() { pcurl --resolve "$BLOG:443:$HUB2_4" "https://$BLOG/h" 2>/dev/null | grep -q "$MARK2 path=/h"; }
+check "hub B still serves $BLOG with the certificate it has (verified)" wait_for 20 blog_at_b
+
 lab_finish

@@ -214,6 +214,11 @@ pub struct Shared {
     http01: HashMap<String, String>,
     alpn01: HashMap<String, [u8; 32]>,
     certs: HashMap<String, (CertPem, u64)>,
+    /// Certificates whose key this hub cannot use (sealed with a mesh
+    /// secret it does not have): only their `notAfter`, from the chain.
+    unopened: HashMap<String, u64>,
+    /// Hosts whose stored certificate has its key in clear.
+    clear: std::collections::HashSet<String>,
     locks: HashMap<String, String>,
 }
 
@@ -252,6 +257,7 @@ impl Shared {
                 self.alpn01.insert(h.as_str().to_string(), d);
             }
             (AcmeKey::Cert(h), Some(AcmeValue::Cert(c, not_after))) => {
+                self.unopened.remove(h.as_str());
                 self.certs.insert(h.as_str().to_string(), (c, not_after));
             }
             (AcmeKey::Lock(h), Some(AcmeValue::Lock(by))) => {
@@ -272,11 +278,45 @@ impl Shared {
             }
             AcmeKey::Cert(h) => {
                 self.certs.remove(h.as_str());
+                self.unopened.remove(h.as_str());
+                self.clear.remove(h.as_str());
             }
             AcmeKey::Lock(h) => {
                 self.locks.remove(h.as_str());
             }
         }
+    }
+
+    /// A stored certificate for `host` whose key this hub cannot open: it
+    /// keeps only the chain's `notAfter`, so that it neither takes the
+    /// certificate nor offers an older one of its own in its place. False
+    /// (and the host forgotten) when the chain has no readable leaf.
+    pub fn hold_unopened(&mut self, host: &str, chain: &str) -> bool {
+        let Ok(key) = parse_key(&format!("certs/{host}")) else {
+            return false;
+        };
+        self.remove(&key);
+        match first_not_after(chain) {
+            Some(na) if chain.len() <= MAX_CERT_RECORD => {
+                self.unopened.insert(host.to_string(), na);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the stored certificate of `host` as held in clear (or sealed).
+    pub fn set_clear(&mut self, host: &str, clear: bool) {
+        if clear {
+            self.clear.insert(host.to_string());
+        } else {
+            self.clear.remove(host);
+        }
+    }
+
+    /// Whether the stored certificate of `host` has its key in clear.
+    pub fn in_clear(&self, host: &str) -> bool {
+        self.clear.contains(host)
     }
 
     /// The key authorization published for an HTTP-01 `token`.
@@ -294,9 +334,13 @@ impl Shared {
         self.certs.get(host).map(|(c, _)| c)
     }
 
-    /// The `notAfter` (Unix seconds) of the shared certificate of `host`.
+    /// The `notAfter` (Unix seconds) of the shared certificate of `host`,
+    /// also when its key cannot be opened here.
     pub fn cert_not_after(&self, host: &str) -> Option<u64> {
-        self.certs.get(host).map(|(_, t)| *t)
+        self.certs
+            .get(host)
+            .map(|(_, t)| *t)
+            .or_else(|| self.unopened.get(host).copied())
     }
 
     /// The hub ordering for `host`, if any.
@@ -347,6 +391,38 @@ mod tests {
         .clone()
     }
     const NOT_AFTER: u64 = 1_941_840_000;
+
+    #[test]
+    fn a_certificate_whose_key_does_not_open_keeps_only_its_not_after() {
+        let mut sh = Shared::default();
+        let p = pem();
+        let host = "www.example.net";
+        assert!(sh
+            .apply(&format!("certs/{host}"), Some(&p.encode()))
+            .is_ok());
+        let na = sh.cert_not_after(host).unwrap();
+        sh.set_clear(host, true);
+        assert!(sh.in_clear(host));
+        // Replaced by a record this hub cannot open: no certificate to
+        // take, but its notAfter stays known.
+        assert!(sh.hold_unopened(host, &p.chain));
+        assert_eq!(sh.cert(host), None);
+        assert_eq!(sh.cert_not_after(host), Some(na));
+        assert!(!sh.in_clear(host));
+        assert_eq!(sh.certs(), 0);
+        // A readable record, or a delete, replaces it.
+        assert!(sh
+            .apply(&format!("certs/{host}"), Some(&p.encode()))
+            .is_ok());
+        assert!(sh.cert(host).is_some());
+        assert!(sh.hold_unopened(host, &p.chain));
+        assert!(sh.apply(&format!("certs/{host}"), None).is_ok());
+        assert_eq!(sh.cert_not_after(host), None);
+        // A chain without a readable leaf holds nothing.
+        assert!(!sh.hold_unopened(host, "garbage"));
+        assert_eq!(sh.cert_not_after(host), None);
+        assert!(!sh.hold_unopened("Not A Host", &p.chain));
+    }
 
     #[test]
     fn keys_round_trip_and_bad_ones_are_named() {

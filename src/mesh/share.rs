@@ -50,10 +50,22 @@ impl Mesh {
                 let cert_host = p.strip_prefix("certs/");
                 match (cert_host, value) {
                     (Some(h), Some(v)) => match self.open_cert(h, v) {
-                        Ok(plain) => self.acme.write().apply(p, Some(&plain)),
+                        Ok(plain) => {
+                            let mut a = self.acme.write();
+                            let r = a.apply(p, Some(&plain));
+                            if r.is_ok() {
+                                a.set_clear(h, !super::vault::is_sealed(v));
+                            }
+                            r
+                        }
                         Err(e) => {
-                            // Not usable here: it holds nothing for this hub.
-                            let _ = self.acme.write().apply(p, None);
+                            // Not usable here; its notAfter still keeps this
+                            // hub from offering an older certificate instead.
+                            let chain = super::vault::sealed_chain(v).unwrap_or_default();
+                            self.acme.write().hold_unopened(h, &chain);
+                            if let Some(k) = self.acme_kick.lock().as_ref() {
+                                k.notify_one();
+                            }
                             Err(super::acme::AcmeRecordError::Cert(e.to_string()))
                         }
                     },
@@ -130,6 +142,10 @@ impl AcmeShare for Mesh {
 
     fn cert_not_after(&self, host: &str) -> Option<u64> {
         self.acme.read().cert_not_after(host)
+    }
+
+    fn wants_sealing(&self, host: &str) -> bool {
+        !self.vault.is_empty() && self.acme.read().in_clear(host)
     }
 
     fn on_change(&self, kick: Arc<Notify>) {
@@ -247,8 +263,9 @@ impl AcmeShare for Mesh {
             let Some(kv) = r.kvs().first() else {
                 return Ok(None);
             };
+            let h = host_key(host)?;
             let plain = self
-                .open_cert(host, kv.value())
+                .open_cert(h.as_str(), kv.value())
                 .map_err(|e| e.to_string())?;
             match super::acme::decode(&key, &plain) {
                 Ok(AcmeValue::Cert(p, _)) => Ok(Some(p)),
@@ -269,7 +286,8 @@ impl AcmeShare for Mesh {
             // With a mesh secret, the private key goes to etcd sealed.
             let mut nonce = [0u8; 12];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-            let value = super::vault::seal_record(self.vault.first(), host, nonce, pem);
+            let h = host_key(host)?;
+            let value = super::vault::seal_record(self.vault.first(), h.as_str(), nonce, pem);
             let (mut c, _) = self.client()?;
             c.put(self.acme_key(&key), value, None)
                 .await

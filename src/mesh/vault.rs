@@ -10,8 +10,9 @@
 //!
 //! `<base64>` is a 12-byte random nonce followed by the PEM key encrypted
 //! with ChaCha20-Poly1305 (and its 16-byte tag), under a key derived from
-//! the secret with HKDF-SHA256; the host is the associated data, so a record
-//! copied under another host's key does not open. Hubs seal with the first
+//! the secret with HKDF-SHA256; the associated data is the host and the
+//! SHA-256 of the chain, so a sealed key copied under another host, or next
+//! to another chain, does not open. Hubs seal with the first
 //! secret and open with any (rotation without downtime). Records with the
 //! key in clear (written before the secret, or by a hub without one) are
 //! still read.
@@ -73,15 +74,30 @@ struct SealedRecord {
     key_sealed: String,
 }
 
-/// Seals `plain` (a PEM key) for `host`.
-pub fn seal(key: &VaultKey, host: &str, nonce: [u8; NONCE_LEN], plain: &str) -> String {
+/// The associated data of the key sealed for `host` beside `chain`.
+fn aad(host: &str, chain: &str) -> Vec<u8> {
+    let mut a = host.as_bytes().to_vec();
+    a.push(0);
+    a.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, chain.as_bytes()).as_ref());
+    a
+}
+
+/// Seals `plain` (a PEM key) for `host` beside `chain`.
+pub fn seal(
+    key: &VaultKey,
+    host: &str,
+    chain: &str,
+    nonce: [u8; NONCE_LEN],
+    plain: &str,
+) -> String {
+    let aad = aad(host, chain);
     let mut buf = plain.as_bytes().to_vec();
     // Sealing fails only for inputs beyond ChaCha20's 256 GiB.
     if key
         .0
         .seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(host.as_bytes()),
+            Aad::from(aad.as_slice()),
             &mut buf,
         )
         .is_err()
@@ -93,8 +109,13 @@ pub fn seal(key: &VaultKey, host: &str, nonce: [u8; NONCE_LEN], plain: &str) -> 
     format!("{V1}{}", B64.encode(out))
 }
 
-/// Opens a sealed key for `host` with any of `keys`.
-pub fn open(keys: &[VaultKey], host: &str, sealed: &str) -> Result<String, VaultError> {
+/// Opens a key sealed for `host` beside `chain` with any of `keys`.
+pub fn open(
+    keys: &[VaultKey],
+    host: &str,
+    chain: &str,
+    sealed: &str,
+) -> Result<String, VaultError> {
     let b64 = sealed.strip_prefix(V1).ok_or(VaultError::Malformed)?;
     if b64.len() > MAX_SEALED {
         return Err(VaultError::Malformed);
@@ -103,6 +124,7 @@ pub fn open(keys: &[VaultKey], host: &str, sealed: &str) -> Result<String, Vault
     if raw.len() < NONCE_LEN + CHACHA20_POLY1305.tag_len() {
         return Err(VaultError::Malformed);
     }
+    let aad = aad(host, chain);
     let (n, ct) = raw.split_at(NONCE_LEN);
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(n);
@@ -110,7 +132,7 @@ pub fn open(keys: &[VaultKey], host: &str, sealed: &str) -> Result<String, Vault
         let mut buf = ct.to_vec();
         if let Ok(p) = k.0.open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(host.as_bytes()),
+            Aad::from(aad.as_slice()),
             &mut buf,
         ) {
             return String::from_utf8(p.to_vec()).map_err(|_| VaultError::Malformed);
@@ -132,7 +154,7 @@ pub fn seal_record(
     };
     let r = SealedRecord {
         chain: pem.chain.clone(),
-        key_sealed: seal(k, host, nonce, &pem.key),
+        key_sealed: seal(k, host, &pem.chain, nonce, &pem.key),
     };
     serde_json::to_vec(&r).unwrap_or_default()
 }
@@ -147,7 +169,7 @@ pub fn open_record<'a>(
     let Ok(r) = serde_json::from_slice::<SealedRecord>(value) else {
         return Ok(Cow::Borrowed(value));
     };
-    let key = open(keys, host, &r.key_sealed)?;
+    let key = open(keys, host, &r.chain, &r.key_sealed)?;
     let pem = CertPem {
         chain: r.chain,
         key,
@@ -158,6 +180,13 @@ pub fn open_record<'a>(
 /// Whether a stored record carries a sealed key.
 pub fn is_sealed(value: &[u8]) -> bool {
     serde_json::from_slice::<SealedRecord>(value).is_ok()
+}
+
+/// The chain (in clear) of a stored record with a sealed key.
+pub fn sealed_chain(value: &[u8]) -> Option<String> {
+    serde_json::from_slice::<SealedRecord>(value)
+        .ok()
+        .map(|r| r.chain)
 }
 
 #[cfg(test)]
@@ -191,7 +220,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plain.as_ref(), pem().encode().as_slice());
-        // Without the secret, or under another host: not opened.
+        assert_eq!(sealed_chain(&stored).as_deref(), Some(pem().chain.as_str()));
+        // Without the secret, under another host or beside another chain:
+        // not opened.
+        let mut other_chain: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+        other_chain["chain"] = "-----BEGIN CERTIFICATE-----\nMIIC\n".into();
+        let other_chain = serde_json::to_vec(&other_chain).unwrap();
+        assert_eq!(
+            open_record(&[VaultKey::new(S1)], "blog.gw.test", &other_chain),
+            Err(VaultError::NoKey)
+        );
         assert_eq!(
             open_record(&[VaultKey::new(S2)], "blog.gw.test", &stored),
             Err(VaultError::NoKey)
@@ -212,30 +250,53 @@ mod tests {
         );
         assert_eq!(seal_record(None, "x", [0; 12], &pem()), plain);
         assert!(!is_sealed(&plain));
+        assert_eq!(sealed_chain(&plain), None);
         assert!(format!("{:?}", VaultKey::new(S1)) == "VaultKey(..)");
+    }
+
+    #[test]
+    fn rotation_seals_with_the_first_secret_and_opens_with_any() {
+        // Mid-rotation a hub has [new, old]: it seals with the new one.
+        let mid = [VaultKey::new(S2), VaultKey::new(S1)];
+        let stored = seal_record(mid.first(), "blog.gw.test", [1; 12], &pem());
+        assert!(open_record(&mid, "blog.gw.test", &stored).is_ok());
+        // A hub that has only the old secret cannot open it (which is why
+        // the new secret goes second on every hub first), nor one without.
+        assert_eq!(
+            open_record(&[VaultKey::new(S1)], "blog.gw.test", &stored),
+            Err(VaultError::NoKey)
+        );
+        assert_eq!(
+            open_record(&[], "blog.gw.test", &stored),
+            Err(VaultError::NoKey)
+        );
+        // A hub with [old, new] opens it.
+        let both = [VaultKey::new(S1), VaultKey::new(S2)];
+        let plain = open_record(&both, "blog.gw.test", &stored).unwrap();
+        assert_eq!(plain.as_ref(), pem().encode().as_slice());
     }
 
     #[test]
     fn malformed_sealed_keys_are_named() {
         let k = [VaultKey::new(S1)];
         for bad in ["", "v2.AAAA", "v1.***", "v1.AAAA"] {
-            assert_eq!(open(&k, "h", bad), Err(VaultError::Malformed), "{bad}");
+            assert_eq!(open(&k, "h", "c", bad), Err(VaultError::Malformed), "{bad}");
         }
         let long = format!("v1.{}", "A".repeat(MAX_SEALED + 4));
-        assert_eq!(open(&k, "h", &long), Err(VaultError::Malformed));
+        assert_eq!(open(&k, "h", "c", &long), Err(VaultError::Malformed));
     }
 
     proptest! {
         #[test]
         fn any_changed_byte_fails_to_open(key in "[ -~]{1,200}", nonce in any::<[u8; 12]>(), at in any::<usize>(), bit in 0u8..8) {
             let k = VaultKey::new(S1);
-            let sealed = seal(&k, "h.gw.test", nonce, &key);
-            prop_assert_eq!(open(std::slice::from_ref(&k), "h.gw.test", &sealed), Ok(key.clone()));
+            let sealed = seal(&k, "h.gw.test", "chain", nonce, &key);
+            prop_assert_eq!(open(std::slice::from_ref(&k), "h.gw.test", "chain", &sealed), Ok(key.clone()));
             let mut raw = B64.decode(&sealed[3..]).unwrap();
             let i = at % raw.len();
             raw[i] ^= 1 << bit;
             let changed = format!("v1.{}", B64.encode(raw));
-            prop_assert!(open(&[k], "h.gw.test", &changed).is_err());
+            prop_assert!(open(&[k], "h.gw.test", "chain", &changed).is_err());
         }
     }
 }

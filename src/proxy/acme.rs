@@ -70,8 +70,11 @@ pub trait AcmeShare: Send + Sync {
     fn alpn01(&self, host: &str) -> Option<[u8; 32]>;
     /// The shared certificate of `host`, as last seen.
     fn cert(&self, host: &str) -> Option<CertPem>;
-    /// Its `notAfter` (Unix seconds).
+    /// Its `notAfter` (Unix seconds), also when this hub cannot use it.
     fn cert_not_after(&self, host: &str) -> Option<u64>;
+    /// The stored certificate of `host` has its key in clear and this hub
+    /// would store it sealed.
+    fn wants_sealing(&self, host: &str) -> bool;
     /// `kick` is notified when a shared certificate or a lock changes.
     fn on_change(&self, kick: Arc<Notify>);
     /// Takes the lock on ordering for `host`: true when this hub holds it.
@@ -694,7 +697,12 @@ async fn sync_shared(state: &AcmeState, cfg: &AcmeSettings, sh: &dyn AcmeShare, 
                 adopt(state, cfg, host, &pem);
             }
         }
-        (t, Some(m)) if t.is_none_or(|t| t < m) && sh.ready() => {
+        // Ours is newer, or the same one stored in clear that this hub
+        // would seal.
+        (t, Some(m))
+            if (t.is_none_or(|t| t < m) || (t == Some(m) && sh.wants_sealing(host)))
+                && sh.ready() =>
+        {
             if let Some(pem) = stored_pem(cfg, host) {
                 match sh.store_cert(host, &pem).await {
                     Ok(()) => info!(host, not_after = m, "ACME certificate offered to the mesh"),
