@@ -334,6 +334,7 @@ async fn run_inner(
     }
     // The names the control plane grants are claimed across the mesh.
     if let (Some(c), Some(m)) = (&control, &slot.mesh) {
+        m.use_claims_cache(c.settings().state_dir.join("mesh-claims.json"));
         let c = Arc::downgrade(c);
         m.set_claim_source(Arc::new(move |now| c.upgrade().map(|c| c.claim_wants(now))));
     }

@@ -19,6 +19,9 @@
 #     against every grant until it is deleted.
 #  0. Before the hubs have read the claims from etcd (etcd not started yet),
 #     a grant is refused with 503.
+#  5. Hub B keeps the claims in its state directory: restarted while etcd is
+#     down, it still refuses shop (held by hub-z's claim) while serving n2's
+#     other name, and answers grants with 503 until etcd is back.
 # timeout: 240
 # Variables read only inside eval'd checks look unused to shellcheck.
 # shellcheck disable=SC2034
@@ -65,7 +68,8 @@ EOF
     echo "$conf"
 }
 GW_CONF=$(names_hub hub hub-a n1) gw_start_hub hub
-GW_CONF=$(names_hub hub2 hub-b n2) gw_start_hub hub2
+CONF_B=$(names_hub hub2 hub-b n2)
+GW_CONF=$CONF_B gw_start_hub hub2
 
 ctlA() { "$GATEWIRE" ctl --socket "$GW_TMP/hub.ctl.sock" "$@"; }
 ctlB() { "$GATEWIRE" ctl --socket "$GW_TMP/hub2.ctl.sock" "$@"; }
@@ -194,5 +198,34 @@ ectl del "${PREFIX}bad.$DOMAIN" >/dev/null
 must "once it is deleted, the grant goes through" wait_for 5 ctlA name set bad --owner "$K1"
 check "and hub A claims it" wait_for 5 claim_is "bad.$DOMAIN" hub-a "$K1"
 check "hub A is still up and connected" eval '[ "$(mesh_json hub | jq -r .etcd_connected)" = true ]'
+
+# --- 5. a hub restarted while etcd is down still knows the claims it saw
+declare_service "$conf2" news "$(lab_ov6 n2)"
+must "news through hub B answers n2" wait_for 15 eval '[ "$(get "$HUB2_4" news)" = n2 ]'
+ectl put "${PREFIX}shop.$DOMAIN" "{\"owner\":\"$K1\",\"hub\":\"hub-z\"}" >/dev/null
+must "hub B turns shop off again" wait_for 8 eval '[ "$(code "$HUB2_4" shop)" = 404 ]'
+cached_hub_z() {
+    jq -r --arg h "shop.$DOMAIN" '.claims[$h]' "$GW_TMP/state-hub2/mesh-claims.json" | base64 -d | grep -q hub-z
+}
+check "hub B keeps the claims in its state directory" wait_for 5 cached_hub_z
+lab_stop etcd
+lab_stop hub2
+GW_CONF=$CONF_B gw_start_hub hub2
+must "hub B is back (etcd still down)" wait_for 10 eval 'ctlB status >/dev/null 2>&1'
+check "hub B loaded the claims of its last session" \
+    wait_for 5 grep -q "name claims of the last session loaded" "$(lab_logfile hub2)"
+# n2's tunnel comes back within its dead_after; news proves it is back.
+check "after the restart, news through hub B answers n2" wait_for 20 eval '[ "$(get "$HUB2_4" news)" = n2 ]'
+assert_eq "and shop stays off without etcd" 404 "$(code "$HUB2_4" shop)"
+set +e
+out=$(ctlB name set later --owner "$K2" 2>&1)
+rc=$?
+set -e
+check "grants wait for etcd after the restart (503)" eval '[ "$rc" -ne 0 ] && grep -q 503 <<<"$out"'
+lab_etcd hub
+must "hub B reconnects to etcd" wait_for 20 eval '[ "$(mesh_json hub2 | jq -r .etcd_connected)" = true ]'
+assert_eq "shop is still off" 404 "$(code "$HUB2_4" shop)"
+ectl del "${PREFIX}shop.$DOMAIN" >/dev/null
+check "once hub-z's claim goes, shop through hub B answers n2 again" wait_for 10 eval '[ "$(get "$HUB2_4" shop)" = n2 ]'
 
 lab_finish

@@ -150,6 +150,64 @@ pub fn wants<'a>(
     w
 }
 
+/// The file a hub keeps the claims in across restarts: JSON, host to the
+/// claim's stored bytes in base64 (unreadable ones included).
+#[derive(Serialize, Deserialize)]
+struct Cache {
+    v: u32,
+    claims: BTreeMap<String, String>,
+}
+
+/// Longest cache file read.
+pub const MAX_CACHE: usize = 64 * 1024 * 1024;
+
+pub fn encode_cache(claims: &Claims) -> Vec<u8> {
+    use base64::Engine as _;
+    let c = Cache {
+        v: 1,
+        claims: claims
+            .iter()
+            .map(|(h, (_, raw))| {
+                (
+                    h.to_string(),
+                    base64::engine::general_purpose::STANDARD.encode(raw),
+                )
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&c).unwrap_or_default()
+}
+
+/// The claims of a cache file: each key and value checked as if read from
+/// etcd (bad keys left out, bad values kept as unreadable).
+pub fn decode_cache(bytes: &[u8]) -> Result<Claims, String> {
+    use base64::Engine as _;
+    if bytes.len() > MAX_CACHE {
+        return Err(format!("{} bytes, more than {MAX_CACHE}", bytes.len()));
+    }
+    let c: Cache = serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "not a claims file (line {} column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
+    if c.v != 1 {
+        return Err(format!("version {} (this hub reads 1)", c.v));
+    }
+    let mut out = Claims::new();
+    for (h, b64) in c.claims {
+        let (Ok(host), Ok(raw)) = (
+            decode_key(&h),
+            base64::engine::general_purpose::STANDARD.decode(b64),
+        ) else {
+            continue;
+        };
+        out.insert(host, (decode(&raw).ok(), raw));
+    }
+    Ok(out)
+}
+
 /// One write the plan asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -323,6 +381,24 @@ mod tests {
         assert_eq!(decode_key("blog.gw.test"), Ok(d("blog.gw.test")));
         assert_eq!(decode_key("Blog.gw.test"), Err(ClaimError::Key));
         assert_eq!(decode_key(""), Err(ClaimError::Key));
+    }
+
+    #[test]
+    fn the_cache_file_keeps_the_claims_as_read() {
+        let mut c = claims(&[
+            ("blog.gw.test", claim(K1, "hub-a", Some(9))),
+            ("shop.gw.test", claim(K2, "hub-b", None)),
+        ]);
+        c.insert(d("bad.gw.test"), (None, b"\xffnot a claim".to_vec()));
+        let bytes = encode_cache(&c);
+        assert_eq!(decode_cache(&bytes).unwrap(), c);
+        assert!(decode_cache(b"{}").is_err());
+        assert!(decode_cache(b"{\"v\":2,\"claims\":{}}")
+            .unwrap_err()
+            .contains("version 2"));
+        // A bad host is left out.
+        let odd = br#"{"v":1,"claims":{"Not A Host":"e30="}}"#;
+        assert!(decode_cache(odd).unwrap().is_empty());
     }
 
     #[test]

@@ -60,6 +60,8 @@ async fn run(mesh: Arc<Mesh>, local: Local, mut stop: watch::Receiver<bool>) {
     loop {
         let r = session(&mesh, &local, &mut stop, &mut records).await;
         mesh.set_session(None);
+        // What the session read is kept for a restart without etcd.
+        mesh.save_claims();
         let e = match r {
             Ok(()) => return,
             Err(e) => format!("{e:#}"),
@@ -312,6 +314,7 @@ async fn session(
             _ = check.tick() => {
                 publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
                 claim_names(mesh, &mut client).await?;
+                mesh.save_claims();
             }
             m = stream.message() => {
                 let Some(r) = m? else { anyhow::bail!("watch ended") };

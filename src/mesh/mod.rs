@@ -106,6 +106,10 @@ pub struct Mesh {
     conflicts: Mutex<Vec<claims::Conflict>>,
     /// When another hub was last seen publishing under this hub's name.
     name_clash_at: Mutex<Option<Instant>>,
+    /// Where the claims last seen are kept across restarts (the control
+    /// plane's state directory), and whether they changed since written.
+    claims_cache: Mutex<Option<std::path::PathBuf>>,
+    names_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// How long after another hub was seen under this hub's name no claim is
@@ -221,6 +225,8 @@ impl Mesh {
             names_read: std::sync::atomic::AtomicBool::new(false),
             conflicts: Mutex::new(Vec::new()),
             name_clash_at: Mutex::new(None),
+            claims_cache: Mutex::new(None),
+            names_dirty: std::sync::atomic::AtomicBool::new(false),
             settings,
         })
     }
@@ -470,7 +476,52 @@ impl Mesh {
             }
         };
         if changed {
+            self.names_dirty.store(true, Relaxed);
             self.names_kick.notify_one();
+        }
+    }
+
+    /// Keeps the claims in `path` across restarts, and loads the ones kept
+    /// there now: until the claims are read from etcd again, the control
+    /// plane's verdicts go by them (grants still wait for etcd). A missing
+    /// or unreadable file loads nothing (logged when unreadable).
+    pub fn use_claims_cache(&self, path: std::path::PathBuf) {
+        match std::fs::read(&path) {
+            Ok(bytes) => match claims::decode_cache(&bytes) {
+                Ok(kvs) => {
+                    let mut names = self.names.write();
+                    if names.is_empty() {
+                        let n = kvs.len();
+                        *names = kvs;
+                        tracing::info!(claims = n, file = %path.display(), "mesh: name claims of the last session loaded (until etcd is read)");
+                    }
+                }
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "mesh: saved name claims not used")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %path.display(), error = %e, "mesh: saved name claims not read"),
+        }
+        *self.claims_cache.lock() = Some(path);
+        self.names_kick.notify_one();
+    }
+
+    /// Writes the claims to the cache file when they changed since the
+    /// last write (a temporary file renamed over it).
+    pub(crate) fn save_claims(&self) {
+        let Some(path) = self.claims_cache.lock().clone() else {
+            return;
+        };
+        if !self.names_dirty.swap(false, Relaxed) {
+            return;
+        }
+        let bytes = claims::encode_cache(&self.names.read());
+        let tmp = path.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            self.names_dirty.store(true, Relaxed);
+            warn!(file = %path.display(), error = %e, "mesh: name claims not saved");
         }
     }
 
@@ -487,6 +538,7 @@ impl Mesh {
         }
         *self.names.write() = fresh;
         self.names_read.store(true, Relaxed);
+        self.names_dirty.store(true, Relaxed);
         self.names_kick.notify_one();
     }
 
