@@ -59,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
         pools: &pools,
         ports: 20000..=20999,
         file_ports: &file_ports,
+        held_elsewhere: &|_, _| Ok(()),
     };
     let mut s = State::default();
     let n1 = s
@@ -66,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
         .expect("first node");
     s.add_node(&ctx, K2, None, None).expect("second node");
     s.set_name(
+        &ctx,
         "blog",
         NameRecord {
             owners: vec![K1.into()],
@@ -108,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             match serde_json::from_slice::<NameRecord>(rest) {
-                Ok(rec) => s.set_name(name, rec).is_ok(),
+                Ok(rec) => s.set_name(&ctx, name, rec).is_ok(),
                 Err(_) => false,
             }
         }
