@@ -405,18 +405,12 @@ async fn run_inner(
             }
             _ = async { match &names_changed { Some(n) => n.notified().await, None => std::future::pending().await } }, if control.is_some() => {
                 if let Some(c) = &control {
-                    if c.reevaluate() {
-                        info!("name claims in the mesh changed; re-applying routes");
-                        c.apply.notify_one();
-                    }
+                    c.recheck("name claims in the mesh changed; re-applying routes");
                 }
             }
             _ = revalidate.tick(), if control.is_some() => {
                 if let Some(c) = &control {
-                    if c.reevaluate() {
-                        info!("name ownership changed; re-applying routes");
-                        c.apply.notify_one();
-                    }
+                    c.recheck("name ownership changed; re-applying routes");
                     let _ = c.mutate(|s, ctx| { s.prune_tokens(ctx.now); Ok(()) }).await;
                 }
             }

@@ -71,16 +71,20 @@ GW_CONF=$(names_hub hub hub-a n1) gw_start_hub hub
 CONF_B=$(names_hub hub2 hub-b n2)
 GW_CONF=$CONF_B gw_start_hub hub2
 
+# run_out CMD... : runs CMD (which may fail); its output in $out, status in $rc
+run_out() {
+    set +e
+    out=$("$@" 2>&1)
+    rc=$?
+    set -e
+}
 ctlA() { "$GATEWIRE" ctl --socket "$GW_TMP/hub.ctl.sock" "$@"; }
 ctlB() { "$GATEWIRE" ctl --socket "$GW_TMP/hub2.ctl.sock" "$@"; }
 must "hub A's control socket answers" wait_for 10 eval 'ctlA status >/dev/null 2>&1'
 must "hub B's control socket answers" wait_for 10 eval 'ctlB status >/dev/null 2>&1'
 
 # --- 0. before the claims were ever read, nothing is granted
-set +e
-out=$(ctlA name set early --owner "$(lab_pub n1)" 2>&1)
-rc=$?
-set -e
+run_out ctlA name set early --owner "$(lab_pub n1)"
 check "a grant before etcd was reached is refused" test "$rc" -ne 0
 check "with 503, saying the claims are not read yet" eval \
     'grep -q 503 <<<"$out" && grep -q "not been read from etcd yet" <<<"$out"'
@@ -127,10 +131,7 @@ must "both hubs connected to etcd" wait_for 20 eval \
 # --- 1. the first grant claims the name for its node
 must "hub A grants blog to n1" ctlA name set blog --owner "$K1"
 check "blog.gw.test is claimed in etcd for n1 by hub-a" wait_for 5 claim_is "blog.$DOMAIN" hub-a "$K1"
-set +e
-out=$(ctlB name set blog --owner "$K2" 2>&1)
-rc=$?
-set -e
+run_out ctlB name set blog --owner "$K2"
 check "hub B refuses blog for n2 (ctl fails)" test "$rc" -ne 0
 check "the refusal is a 409 naming hub-a and n1" eval \
     'grep -q 409 <<<"$out" && grep -q "hub-a" <<<"$out" && grep -qF "$K1" <<<"$out" && grep -q "held in the hub mesh" <<<"$out"'
@@ -187,10 +188,7 @@ check "hub A counts the malformed claim" wait_for 5 eval \
     '[ "$(mesh_json hub | jq -r .bad_records)" -gt "$bad_before" ]'
 check "hub A logged it" grep -q "name claim not used.*bad.$DOMAIN" "$(lab_logfile hub)"
 check "without its value" not grep -q "SECRET-$$" "$(lab_logfile hub)"
-set +e
-out=$(ctlA name set bad --owner "$K1" 2>&1)
-rc=$?
-set -e
+run_out ctlA name set bad --owner "$K1"
 check "a name whose claim cannot be read is not granted (409)" eval \
     '[ "$rc" -ne 0 ] && grep -q 409 <<<"$out" && grep -q "cannot be read" <<<"$out"'
 check "the unreadable claim is left as it was" eval '[ "$(claim "bad.$DOMAIN")" = "not-a-claim-SECRET-$$" ]'
@@ -217,10 +215,7 @@ check "hub B loaded the claims of its last session" \
 # n2's tunnel comes back within its dead_after; news proves it is back.
 check "after the restart, news through hub B answers n2" wait_for 20 eval '[ "$(get "$HUB2_4" news)" = n2 ]'
 assert_eq "and shop stays off without etcd" 404 "$(code "$HUB2_4" shop)"
-set +e
-out=$(ctlB name set later --owner "$K2" 2>&1)
-rc=$?
-set -e
+run_out ctlB name set later --owner "$K2"
 check "grants wait for etcd after the restart (503)" eval '[ "$rc" -ne 0 ] && grep -q 503 <<<"$out"'
 lab_etcd hub
 must "hub B reconnects to etcd" wait_for 20 eval '[ "$(mesh_json hub2 | jq -r .etcd_connected)" = true ]'

@@ -305,7 +305,7 @@ impl Control {
                 ),
             });
         }
-        match mesh.name_refusal(name, owner, &env.domains(), now) {
+        match self.held_elsewhere(env, name, owner, now) {
             Some(why) => Err(Error::conflict(format!("name `{name}`: {why}"))),
             None => Ok(()),
         }
@@ -330,6 +330,15 @@ impl Control {
                 .map(|o| (n.as_str(), o.as_str(), r.expires))
         });
         crate::mesh::claims::wants(grants, &env.domains(), now, env.settings().grace)
+    }
+
+    /// [`Control::reevaluate`], and when the outcome changed, logs `why` and
+    /// asks the hub to re-apply the routes.
+    pub fn recheck(&self, why: &str) {
+        if self.reevaluate() {
+            info!("{why}");
+            self.apply.notify_one();
+        }
     }
 
     /// Re-checks declared services against the registry; tells the hub when

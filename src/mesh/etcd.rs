@@ -372,7 +372,7 @@ pub const CLAIMS_PER_CHECK: usize = 64;
 /// so two hubs writing at once cannot both win; the loser sees the winner's
 /// claim through the watch and plans again at the next check.
 async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
-    use super::claims::{plan, Action};
+    use super::claims::Action;
     let Some(source) = mesh.claim_source() else {
         return Ok(());
     };
@@ -385,7 +385,7 @@ async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
     let Some(wants) = source(now) else {
         return Ok(());
     };
-    let (actions, conflicts) = plan(&mesh.settings.name, &wants, &mesh.claims(), now);
+    let (actions, conflicts) = mesh.plan_claims(&wants, now);
     mesh.set_conflicts(conflicts);
     let prefix = mesh.settings.names_prefix();
     for (host, action) in actions.into_iter().take(CLAIMS_PER_CHECK) {

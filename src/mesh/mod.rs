@@ -385,11 +385,6 @@ impl Mesh {
             .count()
     }
 
-    /// Hosts this hub grants that another hub's claim holds for another node.
-    pub fn name_conflicts(&self) -> usize {
-        self.conflicts.lock().len()
-    }
-
     /// The control plane tells the driver what its grants ask for.
     pub fn set_claim_source(&self, f: ClaimSource) {
         *self.claim_source.lock() = Some(f);
@@ -427,6 +422,16 @@ impl Mesh {
         self.names_read.load(Relaxed)
     }
 
+    /// The host of a key under `<prefix>names/`.
+    fn name_host(&self, key: &[u8]) -> Result<DomainName, claims::ClaimError> {
+        let prefix = self.settings.names_prefix();
+        std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix.as_str()))
+            .ok_or(claims::ClaimError::Key)
+            .and_then(claims::decode_key)
+    }
+
     /// One key and value under `<prefix>names/`: the host and its entry (a
     /// value that does not decode holds the host as unreadable).
     fn name_entry(
@@ -434,12 +439,7 @@ impl Mesh {
         key: &[u8],
         value: &[u8],
     ) -> Result<(DomainName, claims::Entry), claims::ClaimError> {
-        let prefix = self.settings.names_prefix();
-        let host = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| k.strip_prefix(prefix.as_str()))
-            .ok_or(claims::ClaimError::Key)
-            .and_then(claims::decode_key)?;
+        let host = self.name_host(key)?;
         match claims::decode(value) {
             Ok(c) => Ok((host, (Some(c), value.to_vec()))),
             Err(e) => {
@@ -466,14 +466,9 @@ impl Mesh {
                     false
                 }
             },
-            None => {
-                let prefix = self.settings.names_prefix();
-                let host = std::str::from_utf8(key)
-                    .ok()
-                    .and_then(|k| k.strip_prefix(prefix.as_str()))
-                    .and_then(|p| claims::decode_key(p).ok());
-                host.is_some_and(|h| self.names.write().remove(&h).is_some())
-            }
+            None => self
+                .name_host(key)
+                .is_ok_and(|h| self.names.write().remove(&h).is_some()),
         };
         if changed {
             self.names_dirty.store(true, Relaxed);
@@ -542,9 +537,14 @@ impl Mesh {
         self.names_kick.notify_one();
     }
 
-    /// The claims as last seen.
-    pub(crate) fn claims(&self) -> claims::Claims {
-        self.names.read().clone()
+    /// [`claims::plan`] for this hub's `wants` against the claims as last
+    /// seen (read in place, not copied).
+    pub(crate) fn plan_claims(
+        &self,
+        wants: &claims::Wants,
+        now: u64,
+    ) -> (Vec<(DomainName, claims::Action)>, Vec<claims::Conflict>) {
+        claims::plan(&self.settings.name, wants, &self.names.read(), now)
     }
 
     /// Keeps the conflicts of the last plan; logs new ones, notifies on change.

@@ -254,7 +254,8 @@ impl AcmeShare for Mesh {
 
     fn fetch_cert<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<Option<CertPem>, String>> {
         Box::pin(async move {
-            let key = AcmeKey::Cert(host_key(host)?);
+            let key_host = host_key(host)?;
+            let key = AcmeKey::Cert(key_host.clone());
             let (mut c, _) = self.client()?;
             let r = c
                 .get(self.acme_key(&key), None)
@@ -263,9 +264,8 @@ impl AcmeShare for Mesh {
             let Some(kv) = r.kvs().first() else {
                 return Ok(None);
             };
-            let h = host_key(host)?;
             let plain = self
-                .open_cert(h.as_str(), kv.value())
+                .open_cert(key_host.as_str(), kv.value())
                 .map_err(|e| e.to_string())?;
             match super::acme::decode(&key, &plain) {
                 Ok(AcmeValue::Cert(p, _)) => Ok(Some(p)),
@@ -281,12 +281,12 @@ impl AcmeShare for Mesh {
         pem: &'a CertPem,
     ) -> ShareFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let key = AcmeKey::Cert(host_key(host)?);
+            let h = host_key(host)?;
+            let key = AcmeKey::Cert(h.clone());
             super::acme::decode(&key, &pem.encode()).map_err(|e| e.to_string())?;
             // With a mesh secret, the private key goes to etcd sealed.
             let mut nonce = [0u8; 12];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-            let h = host_key(host)?;
             let value = super::vault::seal_record(self.vault.first(), h.as_str(), nonce, pem);
             let (mut c, _) = self.client()?;
             c.put(self.acme_key(&key), value, None)
