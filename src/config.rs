@@ -127,6 +127,7 @@ struct RawNodeHub {
     transport: Option<crate::carrier::path::Transport>,
     tls_endpoint: Option<String>,
     tls_proxy: Option<String>,
+    tls_proxy_auth_file: Option<PathBuf>,
     udp_retry: Option<u64>,
 }
 
@@ -226,6 +227,8 @@ pub struct NodeHub {
     /// `host:port` of a web proxy the TLS carrier goes through (HTTP
     /// `CONNECT`), for networks that let nothing else out.
     pub tls_proxy: Option<String>,
+    /// The user and password for that proxy, when it asks for them.
+    pub tls_proxy_auth: Option<crate::carrier::connect::Credentials>,
     /// With `transport = "auto"`, while on TLS: the longest wait, in
     /// seconds, between two tries of UDP (which go on in the background);
     /// 0: stay on TLS while it works.
@@ -551,6 +554,13 @@ impl NodeConfig {
                 .as_deref()
                 .map(|c| node_control(&what, c, &allowed_ips).map_err(|m| ctx.err(m)))
                 .transpose()?;
+            let (tls_proxy, tls_proxy_auth) = node_tls_proxy(
+                &ctx,
+                &what,
+                rh.tls_proxy.as_deref(),
+                &rh.tls_proxy_auth_file,
+                base,
+            )?;
             hubs.push(NodeHub {
                 name: rh.name.clone(),
                 public_key,
@@ -561,13 +571,8 @@ impl NodeConfig {
                 control,
                 transport: rh.transport.unwrap_or_default(),
                 tls_endpoint,
-                tls_proxy: rh
-                    .tls_proxy
-                    .as_deref()
-                    .map(|p| {
-                        tls_proxy(p).map_err(|m| ctx.err(format!("{what} tls_proxy `{p}`: {m}")))
-                    })
-                    .transpose()?,
+                tls_proxy,
+                tls_proxy_auth,
                 udp_retry: match rh.udp_retry {
                     None => crate::carrier::path::DEFAULT_UDP_RETRY_MS / 1000,
                     Some(n) if n == 0 || (5..=86_400).contains(&n) => n,
@@ -605,19 +610,74 @@ impl NodeConfig {
     }
 }
 
-/// `http://host:port` (a trailing `/` allowed) as `host:port`.
-fn tls_proxy(p: &str) -> Result<String, String> {
+/// A node's `tls_proxy` and `tls_proxy_auth_file`: the proxy's `host:port`
+/// and its credentials, from the URL or the file (not both). Messages never
+/// carry a password.
+fn node_tls_proxy(
+    ctx: &Ctx,
+    what: &str,
+    url: Option<&str>,
+    auth_file: &Option<PathBuf>,
+    base: &Path,
+) -> Result<(Option<String>, Option<crate::carrier::connect::Credentials>), ConfigError> {
+    let Some(url) = url else {
+        return match auth_file {
+            Some(_) => Err(ctx.err(format!("{what} tls_proxy_auth_file needs tls_proxy"))),
+            None => Ok((None, None)),
+        };
+    };
+    let (hp, in_url) = tls_proxy(url)
+        .map_err(|m| ctx.err(format!("{what} tls_proxy `{}`: {m}", redact_userinfo(url))))?;
+    let from_file = match auth_file {
+        None => None,
+        Some(_) if in_url.is_some() => {
+            return Err(ctx.err(format!(
+                "{what}: credentials in both tls_proxy and tls_proxy_auth_file"
+            )))
+        }
+        Some(f) => {
+            let f = if f.is_relative() {
+                base.join(f)
+            } else {
+                f.clone()
+            };
+            let s = std::fs::read_to_string(&f)
+                .map_err(|e| ctx.err(format!("{what} tls_proxy_auth_file {}: {e}", f.display())))?;
+            let line = s.lines().next().unwrap_or("");
+            let c = crate::carrier::connect::Credentials::parse(line)
+                .map_err(|m| ctx.err(format!("{what} tls_proxy_auth_file {}: {m}", f.display())))?;
+            Some(c)
+        }
+    };
+    Ok((Some(hp), in_url.or(from_file)))
+}
+
+/// `http://[user:password@]host:port` (a trailing `/` allowed) as
+/// `host:port` and the credentials.
+fn tls_proxy(p: &str) -> Result<(String, Option<crate::carrier::connect::Credentials>), String> {
     let Some(rest) = p.trim().strip_prefix("http://") else {
         return Err("expected http://host:port".into());
     };
-    let hp = rest.strip_suffix('/').unwrap_or(rest);
-    if hp.contains('@') {
-        return Err("proxy credentials are not supported".into());
-    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (auth, hp) = match rest.rsplit_once('@') {
+        Some((userinfo, hp)) => (
+            Some(crate::carrier::connect::Credentials::parse(userinfo)?),
+            hp,
+        ),
+        None => (None, rest),
+    };
     if hp.contains('/') || crate::carrier::split_host_port(hp).is_none() {
         return Err("expected http://host:port".into());
     }
-    Ok(hp.to_string())
+    Ok((hp.to_string(), auth))
+}
+
+/// `p` with what is between `://` and the last `@` masked (for messages).
+fn redact_userinfo(p: &str) -> String {
+    match (p.find("://"), p.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}<redacted>{}", &p[..s + 3], &p[at..]),
+        _ => p.to_string(),
+    }
 }
 
 // ------------------------------------------------------------ node services
@@ -1099,6 +1159,35 @@ mod tests {
         assert_eq!(c.hubs[0].transport, Transport::Tls);
         assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::1]:8443");
         assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
+        assert_eq!(c.hubs[0].tls_proxy_auth, None);
+        let c = node("tls_proxy = \"http://gw:s%40cret@proxy.corp:3128\"\n").unwrap();
+        assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
+        let auth = c.hubs[0].tls_proxy_auth.as_ref().unwrap();
+        assert_eq!(
+            auth,
+            &crate::carrier::connect::Credentials::parse("gw:s@cret").unwrap()
+        );
+        assert!(!format!("{c:?}").contains("cret"), "{c:?}");
+        let dir = std::env::temp_dir().join(format!("gw-proxy-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("proxy.auth"), "gw:from file\n").unwrap();
+        let c = node(&format!(
+            "tls_proxy = \"http://proxy.corp:3128\"\ntls_proxy_auth_file = \"{}\"\n",
+            dir.join("proxy.auth").display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.hubs[0].tls_proxy_auth,
+            Some(crate::carrier::connect::Credentials::parse("gw:from file").unwrap())
+        );
+        std::fs::write(dir.join("bad.auth"), "gw\n").unwrap();
+        let e = node(&format!(
+            "tls_proxy = \"http://proxy.corp:3128\"\ntls_proxy_auth_file = \"{}\"\n",
+            dir.join("bad.auth").display()
+        ))
+        .unwrap_err();
+        assert!(e.contains("bad.auth: expected user:password"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(
             node("transport = \"udp\"\n").unwrap().hubs[0].transport,
             Transport::Udp
@@ -1115,8 +1204,20 @@ mod tests {
                 "expected http://host:port",
             ),
             (
-                "tls_proxy = \"http://u:secret@proxy:3128\"\n",
-                "credentials are not supported",
+                "tls_proxy = \"http://u@proxy:3128\"\n",
+                "tls_proxy `http://<redacted>@proxy:3128`: expected user:password",
+            ),
+            (
+                "tls_proxy = \"http://:secret@proxy:3128/x\"\n",
+                "tls_proxy `http://<redacted>@proxy:3128/x`: the user is empty",
+            ),
+            (
+                "tls_proxy_auth_file = \"/nonexistent\"\n",
+                "tls_proxy_auth_file needs tls_proxy",
+            ),
+            (
+                "tls_proxy = \"http://u:secret@proxy:3128\"\ntls_proxy_auth_file = \"/x\"\n",
+                "credentials in both tls_proxy and tls_proxy_auth_file",
             ),
             (
                 "tls_proxy = \"http://proxy:3128/x\"\n",

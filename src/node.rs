@@ -176,6 +176,7 @@ async fn open_carrier(
         Some(_) => carrier::Dial::Proxy {
             proxy: addr,
             authority: hub.tls_endpoint.clone(),
+            auth: hub.tls_proxy_auth.clone(),
         },
     };
     let stream = carrier::connect(tls, &dial, host, Duration::from_secs(5))

@@ -4,8 +4,9 @@
 # UDP, falls back to WireGuard carried over TLS on the hub's :443 and serves
 # a route through it; n2 (transport "udp") stays cut off. The same :443 still
 # serves a terminated HTTPS route to web clients. n3's network lets nothing
-# out but a web proxy (tinyproxy on the NAT box): with `tls_proxy` its
-# carrier goes through the proxy's CONNECT. When the hub restarts, the
+# out but a web proxy (tinyproxy on the NAT box) that asks for a user and
+# password: with `tls_proxy` and `tls_proxy_auth_file` its carrier goes
+# through the proxy's CONNECT, authenticated. When the hub restarts, the
 # streams end and n1 and n3 come back over TLS by themselves. n1 tries UDP in
 # the background every 5 s (`udp_retry = 5`) while the stream carries its
 # tunnel. With UDP out but no answers back, those tries cost the tunnel
@@ -38,7 +39,9 @@ table inet noudp {
 }
 EOF
 PROXY=$(lab_lan4 nat):8888
+PROXY_PASSWORD=Pr0xy-$RANDOM-s3cret
 cat >"$GW_TMP/conf/tinyproxy.conf" <<EOF
+BasicAuth gw $PROXY_PASSWORD
 Port 8888
 Listen $(lab_lan4 nat)
 Timeout 600
@@ -75,7 +78,9 @@ GW_CONF=$conf gw_start_hub hub
 n2conf=$(gw_node_conf n2 hub)
 sed -i 's/^persistent_keepalive = .*/&\ntransport = "udp"/' "$n2conf"
 n3conf=$(gw_node_conf n3 hub)
-sed -i "s|^persistent_keepalive = .*|&\ntransport = \"tls\"\ntls_proxy = \"http://$PROXY\"|" "$n3conf"
+printf 'gw:%s\n' "$PROXY_PASSWORD" >"$GW_TMP/conf/n3-proxy.auth"
+chmod 600 "$GW_TMP/conf/n3-proxy.auth"
+sed -i "s|^persistent_keepalive = .*|&\ntransport = \"tls\"\ntls_proxy = \"http://$PROXY\"\ntls_proxy_auth_file = \"$GW_TMP/conf/n3-proxy.auth\"|" "$n3conf"
 n1conf=$(gw_node_conf n1 hub)
 sed -i 's/^persistent_keepalive = .*/&\nudp_retry = 5/' "$n1conf"
 GW_CONF=$n1conf gw_start_node n1 hub
@@ -111,6 +116,17 @@ check "n3 shows tls through the proxy" eval \
     "path_json n3 | jq -e --arg p '$PROXY' '.via == \"tls\" and .tls_proxy == \$p and .tls.open == 1' >/dev/null"
 check "the proxy carried n3's CONNECT to the hub's :443" \
     grep -q "CONNECT.*$HUB4:443" "$GW_TMP/logs/tinyproxy-requests.log"
+connect_code() {
+    lab_exec n3 curl -sS -o /dev/null -w '%{http_connect}' --max-time 5 --proxytunnel \
+        -x "$1" "https://$HUB4/" 2>/dev/null || true
+}
+check "the proxy asks for credentials (a CONNECT without them gets 407)" \
+    test "$(connect_code "http://$PROXY")" = 407
+# (tinyproxy answers wrong ones with 401)
+check "and refuses wrong ones" eval "connect_code 'http://gw:wrong@$PROXY' | grep -Eqx '40[17]'"
+check "and lets the right ones through" test "$(connect_code "http://gw:$PROXY_PASSWORD@$PROXY")" = 200
+check "n3's log never shows the proxy's password" eval "! grep -q -- '$PROXY_PASSWORD' '$GW_TMP/logs/n3.log'"
+check "nor its gatewire show" eval "! gw_show_json n3 gwn0 | grep -q -- '$PROXY_PASSWORD'"
 check "the hub reaches n3 through it" lab_ping hub "$(lab_ov4 n3)"
 check "the hub counts two open carried tunnels" eval \
     "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 2' >/dev/null"

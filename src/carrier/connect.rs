@@ -22,11 +22,74 @@ pub enum ConnectError {
     Trailing(usize),
 }
 
+/// A user name and password for a proxy that asks for them (HTTP Basic,
+/// `Proxy-Authorization`). `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}:<redacted>)", self.user)
+    }
+}
+
+impl Credentials {
+    /// `user:password` as in a URL's user information: percent-encoded
+    /// bytes decoded, the user before the first `:` (a password may hold
+    /// more). The user must not be empty; neither may hold control
+    /// characters (they would end the header line).
+    pub fn parse(userinfo: &str) -> Result<Credentials, String> {
+        let (user, password) = userinfo.split_once(':').ok_or("expected user:password")?;
+        let decode = |s: &str, what: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| format!("the {what} is not UTF-8 once decoded"))
+        };
+        let user = decode(user, "user")?;
+        let password = decode(password, "password")?;
+        if user.is_empty() {
+            return Err("the user is empty".into());
+        }
+        if user.contains(':') {
+            return Err("the user holds a `:`".into());
+        }
+        if user.chars().chain(password.chars()).any(char::is_control) {
+            return Err("control characters in the user or password".into());
+        }
+        Ok(Credentials { user, password })
+    }
+
+    /// The user name (not secret; for messages).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn header(&self) -> String {
+        use base64::Engine as _;
+        let pair = format!("{}:{}", self.user, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    }
+}
+
 /// The request that asks the proxy for a tunnel to `authority` (`host:port`,
-/// an IPv6 host in brackets).
-pub fn request(authority: &str) -> Vec<u8> {
-    format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: gatewire\r\n\r\n")
-        .into_bytes()
+/// an IPv6 host in brackets), with `Proxy-Authorization` when there are
+/// credentials.
+pub fn request(authority: &str, auth: Option<&Credentials>) -> Vec<u8> {
+    let mut r = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(a) = auth {
+        r.push_str("Proxy-Authorization: ");
+        r.push_str(&a.header());
+        r.push_str("\r\n");
+    }
+    r.push_str("User-Agent: gatewire\r\n\r\n");
+    r.into_bytes()
 }
 
 /// Reads the proxy's reply at the start of `buf`: `Ok(None)` while it is
@@ -64,12 +127,40 @@ mod tests {
     #[test]
     fn the_request() {
         assert_eq!(
-            request("hub.example:443"),
+            request("hub.example:443", None),
             b"CONNECT hub.example:443 HTTP/1.1\r\nHost: hub.example:443\r\nUser-Agent: gatewire\r\n\r\n"
         );
-        assert!(std::str::from_utf8(&request("[2001:db8::1]:443"))
+        assert!(std::str::from_utf8(&request("[2001:db8::1]:443", None))
             .unwrap()
             .starts_with("CONNECT [2001:db8::1]:443 HTTP/1.1\r\n"));
+        // RFC 7617's example pair.
+        let a = Credentials::parse("Aladdin:open%20sesame").unwrap();
+        assert_eq!(
+            request("hub.example:443", Some(&a)),
+            b"CONNECT hub.example:443 HTTP/1.1\r\nHost: hub.example:443\r\n\
+              Proxy-Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\
+              User-Agent: gatewire\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn credentials() {
+        let a = Credentials::parse("gw:p%40ss:w%3Ard").unwrap();
+        assert_eq!(a.user(), "gw");
+        assert_eq!(a.password, "p@ss:w:rd");
+        assert_eq!(format!("{a:?}"), "Credentials(gw:<redacted>)");
+        assert!(!format!("{a:?}").contains("ss"));
+        assert_eq!(Credentials::parse("gw:").unwrap().password, "");
+        for (bad, says) in [
+            ("gw", "expected user:password"),
+            (":pw", "the user is empty"),
+            ("g%3Aw:pw", "holds a `:`"),
+            ("gw:p%0D%0AX: y", "control characters"),
+            ("gw:%FF", "not UTF-8"),
+        ] {
+            let e = Credentials::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

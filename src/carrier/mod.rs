@@ -360,21 +360,27 @@ pub enum Dial {
     Proxy {
         proxy: SocketAddr,
         authority: String,
+        /// For a proxy that asks for them.
+        auth: Option<connect::Credentials>,
     },
 }
 
 /// Connects `dial`, asking the proxy for its tunnel first if it names one.
 async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
-    let (to, authority) = match dial {
-        Dial::Direct(a) => (*a, None),
-        Dial::Proxy { proxy, authority } => (*proxy, Some(authority)),
+    let (to, authority, auth) = match dial {
+        Dial::Direct(a) => (*a, None, None),
+        Dial::Proxy {
+            proxy,
+            authority,
+            auth,
+        } => (*proxy, Some(authority), auth.as_ref()),
     };
     let mut tcp = TcpStream::connect(to).await?;
     let _ = tcp.set_nodelay(true);
     let Some(authority) = authority else {
         return Ok(tcp);
     };
-    tcp.write_all(&connect::request(authority)).await?;
+    tcp.write_all(&connect::request(authority, auth)).await?;
     let mut reply = Vec::new();
     loop {
         let mut chunk = [0u8; 1024];
@@ -389,6 +395,20 @@ async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
         match connect::parse_reply(&reply) {
             Ok(Some(())) => return Ok(tcp),
             Ok(None) => {}
+            // Some proxies (tinyproxy) answer wrong credentials with 401.
+            Err(connect::ConnectError::Refused(code @ (401 | 407), _))
+                if code == 407 || auth.is_some() =>
+            {
+                return Err(io::Error::other(match auth {
+                    None => "the proxy asks for credentials (407): set them in tls_proxy \
+                             (http://user:password@host:port) or tls_proxy_auth_file"
+                        .to_string(),
+                    Some(a) => format!(
+                        "the proxy refused the credentials of user `{}` ({code})",
+                        a.user()
+                    ),
+                }))
+            }
             Err(e) => return Err(io::Error::other(e)),
         }
     }
