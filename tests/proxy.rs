@@ -55,6 +55,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         paused: false,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
         basic_auth_file: None,
         forward_auth: None,
     }
@@ -1012,6 +1013,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             tls: None,
             access: Default::default(),
             rate_limit: None,
+            bandwidth: None,
         },
         TcpForwardSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -1021,6 +1023,7 @@ async fn tcp_forward_with_and_without_proxy_v2() {
             tls: None,
             access: Default::default(),
             rate_limit: None,
+            bandwidth: None,
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -1055,6 +1058,7 @@ async fn tcp_forward_terminates_tls() {
         tls: Some(TcpTls::Files(cert_files("tcp-tls", &pki))),
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1230,6 +1234,7 @@ async fn idle_spliced_connections_are_closed() {
         tls: None,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1346,6 +1351,7 @@ async fn client_address_rules_on_routes_and_forwards() {
         tls: None,
         access: access(&["127.0.0.2"], &[]),
         rate_limit: None,
+        bandwidth: None,
     }];
     s.udp = vec![UdpForwardSettings {
         access: access(&[], &["127.0.0.1"]),
@@ -1469,6 +1475,7 @@ async fn access_log_has_a_line_per_request_and_connection() {
         tls: None,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let dir = tmpdir("access-log");
     let path = dir.join("access.log");
@@ -1554,6 +1561,7 @@ fn udp_forward(backend: SocketAddr) -> UdpForwardSettings {
         balance: Balance::default(),
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
         proxy_protocol: ProxyProtocol::Off,
     }
 }
@@ -1879,6 +1887,7 @@ async fn per_client_rate_limits() {
             per_second: 1,
             burst: 1,
         }),
+        bandwidth: None,
     }];
     let echo_addr = udp_echo().await;
     s.udp = vec![UdpForwardSettings {
@@ -1956,6 +1965,7 @@ async fn proxy_headers_from_a_balancer_in_front() {
         tls: None,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     // The balancer is 127.0.0.1; 127.0.0.2 is an ordinary client.
     s.proxy_protocol_from = Some(access(&["127.0.0.1"], &[]));
@@ -2040,4 +2050,110 @@ async fn proxy_headers_from_a_balancer_in_front() {
     let st = p.stats();
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("bad_proxy_header"), Some(&2));
+}
+
+/// POSTs `len` bytes to `host` on `at` and returns the time until the
+/// answer (which names the body size the backend saw) has arrived.
+async fn timed_post(at: SocketAddr, host: &str, len: usize) -> Duration {
+    let t0 = std::time::Instant::now();
+    let mut s = TcpStream::connect(at).await.unwrap();
+    s.write_all(
+        format!("POST /u HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&vec![b'z'; len]).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(T, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.contains(&format!("body={len}")), "{out}");
+    t0.elapsed()
+}
+
+#[tokio::test]
+async fn bandwidth_paces_a_route_and_forwards() {
+    let b = http_backend("bw").await;
+    let (tcp_b, _) = tcp_backend(false).await;
+    let echo_addr = udp_echo().await;
+    let mut slow = route("slow", TlsMode::Terminate, vec![be(b)]);
+    // 200 kB/s each way; a burst of 20 kB.
+    slow.bandwidth = Some(200_000);
+    let mut s = settings(vec![slow, route("fast", TlsMode::Terminate, vec![be(b)])]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(tcp_b)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+        rate_limit: None,
+        // 100 kB/s each way; a burst of 16 KiB.
+        bandwidth: Some(100_000),
+    }];
+    s.udp = vec![UdpForwardSettings {
+        // 8 kB/s; a burst of 16 KiB.
+        bandwidth: Some(8_000),
+        ..udp_forward(echo_addr)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+
+    // 300 kB up through the limited route: at least (300 - 20) / 200 s.
+    let slow = timed_post(at, "slow.gw.test", 300_000).await;
+    assert!(slow >= Duration::from_millis(1_350), "{slow:?}");
+    // The other route is not held back by it.
+    let fast = timed_post(at, "fast.gw.test", 300_000).await;
+    assert!(fast < slow, "fast {fast:?}, slow {slow:?}");
+
+    // 150 kB echoed through the TCP forward: both directions paced at
+    // 100 kB/s (at the same time), so at least (150 - 16 - 8) / 100 s (the
+    // last 8 KiB read may pass before its pause).
+    let t0 = std::time::Instant::now();
+    let mut c = TcpStream::connect(p.tcp_addrs()[0]).await.unwrap();
+    let data: Vec<u8> = (0..150_000u32).map(|i| i as u8).collect();
+    let (mut r, mut w) = c.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+    };
+    let mut back = vec![0u8; data.len()];
+    let recv = async {
+        tokio::time::timeout(T, r.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+    };
+    tokio::join!(send, recv);
+    let took = t0.elapsed();
+    assert_eq!(back, data);
+    assert!(took >= Duration::from_millis(1_200), "{took:?}");
+
+    // 40 datagrams of 1000 bytes at once through the UDP forward: about
+    // the burst (16) pass, the rest are dropped and counted.
+    let u = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..40 {
+        u.send_to(&[7u8; 1000], p.udp_addrs()[0]).await.unwrap();
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), u.recv_from(&mut buf)).await
+    {
+        got += 1;
+    }
+    assert!((10..=20).contains(&got), "{got} echoed");
+
+    let st = p.stats();
+    let find = |r: &str| st.iter().find(|s| s.route.starts_with(r)).unwrap();
+    assert_eq!(find("name:slow").bandwidth, Some(200_000));
+    assert_eq!(find("name:fast").bandwidth, None);
+    assert_eq!(find("name:slow").bytes_in, 300_000);
+    assert_eq!(find("tcp:").bytes_out, 150_000);
+    let udp = find("udp:");
+    assert_eq!(udp.bandwidth, Some(8_000));
+    let dropped = udp.errors.get("over_bandwidth").copied().unwrap_or(0);
+    assert!(dropped >= 20, "{dropped} dropped; {udp:?}");
+    assert_eq!(udp.bytes_out, got * 1000);
 }

@@ -250,6 +250,7 @@ fn settings(
             paused: false,
             access: Default::default(),
             rate_limit: None,
+            bandwidth: None,
             basic_auth_file: None,
             forward_auth: None,
         }],
@@ -402,6 +403,7 @@ async fn acme_certificate_on_a_tcp_forward() {
         tls: Some(TcpTls::Acme(DomainName::parse("db.gw.test").unwrap())),
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let proxy = Proxy::start(s).await.unwrap();
     let at = proxy.tcp_addrs()[0];

@@ -49,6 +49,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         paused: false,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
         basic_auth_file: None,
         forward_auth: None,
     }
@@ -267,6 +268,7 @@ async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
         tls: None,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let r = p.reload(s1.clone()).await.unwrap();
     assert_eq!(r.added, vec![format!("tcp:{tcp_at}")]);
@@ -596,6 +598,7 @@ async fn tcp_forward_sends_proxy_v1() {
         tls: None,
         access: Default::default(),
         rate_limit: None,
+        bandwidth: None,
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];

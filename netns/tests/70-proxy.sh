@@ -11,7 +11,8 @@
 # verifies it) and carries the plain stream to the same echo. Client address
 # rules: a route that admits only pub's IPv6 address answers its IPv4 403, a
 # forward that refuses pub's network closes it, both counted; a route with a
-# rate limit answers 429 after its burst; a route with HTTP Basic
+# rate limit answers 429 after its burst; a TCP forward with `bandwidth`
+# paces a 1 MiB echo to its rate (and the other forwards not); a route with HTTP Basic
 # authentication (an htpasswd file made by htpasswd -B) answers 401 without
 # the right password and keeps the credentials from the backend; a route with
 # forward authentication asks nginx on n1 first (its redirect to a login page
@@ -104,6 +105,12 @@ listen = "0.0.0.0:2224"
 backends = ["[$N1V6]:7000"]
 deny = ["${PUB4%.*}.0/24"]
 
+# All its clients together: 2 Mbit/s each way.
+[[tcp]]
+listen = "0.0.0.0:2225"
+backends = ["[$N1V6]:7000"]
+bandwidth = "2 Mbit/s"
+
 [[udp]]
 listen = "0.0.0.0:5353"
 backends = ["[$N1V6]:5300"]
@@ -166,6 +173,24 @@ tls_out=$(lab_sh pub "printf 'tls-$MARK' | timeout 10 socat -t 2 - OPENSSL:$HUB4
 assert_eq "TCP forward with TLS terminated at the hub (certificate verified)" "tls-$MARK" "$tls_out"
 udp_out=$(lab_sh pub "printf 'udp-$MARK' | timeout 10 socat -t 2 - UDP4:$HUB4:5353" || true)
 assert_eq "UDP forward: IPv4 client to the IPv6-only echo on n1" "udp-$MARK" "$udp_out"
+
+# --- bandwidth: 1 MiB echoed through the forward limited to 2 Mbit/s
+# (250 kB/s each way, both ways at once) takes about 4.2 s, less a burst of
+# 25 kB; the unlimited forward on 2222 is not held back by it
+bw_file=$(make_file bw.bin 1)
+bw_sum=$(sha256sum <"$bw_file" | cut -d' ' -f1)
+t0=$(now_ms)
+got=$(lab_sh pub "timeout 30 socat -t 30 -T 30 - TCP4:$HUB4:2225 <'$bw_file' | sha256sum | cut -d' ' -f1" || true)
+bw_ms=$(($(now_ms) - t0))
+assert_eq "1 MiB echoed through the 2 Mbit/s TCP forward arrives intact" "$bw_sum" "$got"
+check "and takes at least 3.8 s ($bw_ms ms)" test "$bw_ms" -ge 3800
+t0=$(now_ms)
+got=$(lab_sh pub "timeout 30 socat -t 30 -T 30 - TCP4:$HUB4:2222 <'$bw_file' | sha256sum | cut -d' ' -f1" || true)
+free_ms=$(($(now_ms) - t0))
+assert_eq "the same through the unlimited forward arrives intact" "$bw_sum" "$got"
+check "and is not held back ($free_ms ms)" test "$free_ms" -lt "$bw_ms"
+check "gatewire show has the forward's limit in bytes per second" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].proxy.routes[] | select(.route == \"tcp:0.0.0.0:2225\") | .bandwidth == 250000 and .bytes_out == 1048576' >/dev/null"
 
 # --- client address rules: the admin route admits pub's IPv6 address only,
 # the TCP forward on 2224 refuses pub's IPv4 network

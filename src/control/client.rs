@@ -202,6 +202,10 @@ pub struct RouteOpts {
     /// Most requests a client may send at once (default: the rate).
     #[arg(long, value_name = "N")]
     pub rate_burst: Option<u32>,
+    /// The route's limit in each direction, all clients together
+    /// (`"20 Mbit/s"`, `"5 MB/s"`; `--bandwidth ''` removes it).
+    #[arg(long, value_name = "RATE")]
+    pub bandwidth: Option<String>,
     /// An htpasswd file (bcrypt) on the hub: requests need one of its users
     /// (`--basic-auth-file ''` removes it).
     #[arg(long, value_name = "PATH")]
@@ -235,6 +239,7 @@ impl RouteOpts {
             && self.rate_limit.is_none()
             && self.rate_burst.is_none()
             && self.basic_auth_file.is_none()
+            && self.bandwidth.is_none()
             && self.forward_auth.is_none()
             && self.forward_auth_header.is_none()
             && self.spec_file.is_none()
@@ -502,6 +507,7 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
     for (key, v) in [
         ("basic_auth_file", &o.basic_auth_file),
         ("forward_auth", &o.forward_auth),
+        ("bandwidth", &o.bandwidth),
     ] {
         match v.as_deref() {
             Some("") => {
@@ -1564,6 +1570,7 @@ mod tests {
             deny: vec!["192.0.2.9".into()],
             rate_limit: Some(10),
             rate_burst: Some(20),
+            bandwidth: Some("20 Mbit/s".into()),
             basic_auth_file: Some("users.htpasswd".into()),
             forward_auth: Some("http://100.64.1.9:4180/auth".into()),
             forward_auth_headers: vec!["x-auth-request-user".into()],

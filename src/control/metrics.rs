@@ -720,6 +720,7 @@ mod tests {
             bytes_in: 1234,
             bytes_out: 5678,
             errors: [("backend_timeout", 2)].into_iter().collect(),
+            bandwidth: None,
             backends: vec![
                 BackendHealth {
                     backend: "[fd77:6777::1:1]:8080".to_string(),

@@ -497,7 +497,7 @@ async fn tcp_forwarder(p: ForwardPlan) {
             };
             let _ = client.set_nodelay(true);
             let _ = backend.set_nodelay(true);
-            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE)
+            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE, None)
                 .await
                 .result
             {

@@ -133,7 +133,8 @@ pub async fn forward(
             mesh.counters.connection();
             mesh.counters.add_in(first.len() as u64);
             drop(first);
-            let spliced = splice(client, up, mesh.counters.clone(), idle).await;
+            // The hub that has the route applies its `bandwidth`.
+            let spliced = splice(client, up, mesh.counters.clone(), idle, None).await;
             return Ok(Sent {
                 hub: hub.name.clone(),
                 to,

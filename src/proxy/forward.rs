@@ -118,6 +118,14 @@ async fn new_flow(
                 Ok(n) => {
                     let Some(d) = buf.get(..n) else { continue };
                     a2.touch();
+                    if f2
+                        .bandwidth
+                        .as_ref()
+                        .is_some_and(|t| !t.admit(false, n as u64))
+                    {
+                        f2.counters.error(ErrorKind::OverBandwidth);
+                        continue;
+                    }
                     f2.counters.add_out(n as u64);
                     t2.bytes_out.fetch_add(n as u64, Relaxed);
                     if let Err(e) = listen.send(client, local_ip, d).await {
@@ -178,6 +186,16 @@ async fn on_datagram(
     // say) is cut to its rate; the flow stays.
     if crate::proxy::server::over_limit(&fwd.limiter, client.ip()).is_some() {
         fwd.counters.error(ErrorKind::RateLimited);
+        return;
+    }
+    // Beyond the forward's `bandwidth` (all clients together): dropped, as
+    // a full link would.
+    if fwd
+        .bandwidth
+        .as_ref()
+        .is_some_and(|t| !t.admit(true, data.len() as u64))
+    {
+        fwd.counters.error(ErrorKind::OverBandwidth);
         return;
     }
     let live = flows.get(&key).is_some_and(|f| !f.task.is_finished());

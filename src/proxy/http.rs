@@ -3,7 +3,7 @@
 //! passthrough and clear 4xx/5xx answers.
 
 use crate::proxy::access_log::{clip_path, Kind as LogKind};
-use crate::proxy::io::splice;
+use crate::proxy::io::{pause_after, poll_pause, splice, Pause, Throttle};
 use crate::proxy::names::DomainName;
 use crate::proxy::server::{Record, Route, Shared};
 use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
@@ -101,11 +101,18 @@ impl Drop for ConnInfo {
     }
 }
 
-/// Counts DATA bytes of a streamed body into `bytes_in` or `bytes_out`.
+/// Counts DATA bytes of a streamed body into `bytes_in` or `bytes_out`, and
+/// paces them to the route's `bandwidth`.
 struct CountedBody<B> {
     inner: B,
     counters: Arc<Counters>,
     inbound: bool,
+    throttle: Option<Arc<Throttle>>,
+    pause: Pause,
+    /// A frame that waits for its pause: a body frame can be large (hyper
+    /// reads what the socket has), so it is held until the route's rate has
+    /// paid for it rather than passed at once.
+    held: Option<Frame<Bytes>>,
     /// Kept until the body is dropped: the backend lease (least-connections)
     /// and the route's connection slot.
     _hold: Option<Hold>,
@@ -125,6 +132,10 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        std::task::ready!(poll_pause(&mut self.pause, cx));
+        if let Some(f) = self.held.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -134,23 +145,55 @@ where
                 } else {
                     self.counters.add_out(n);
                 }
+                let up = self.inbound;
+                self.pause = pause_after(self.throttle.as_deref(), up, n);
+                if self.pause.is_some() {
+                    if let Poll::Ready(Some(Ok(f))) = r {
+                        self.held = Some(f);
+                    }
+                    std::task::ready!(poll_pause(&mut self.pause, cx));
+                    return Poll::Ready(self.held.take().map(Ok));
+                }
             }
         }
         r
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let h = self.inner.size_hint();
+        let held = self
+            .held
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        if held == 0 {
+            return h;
+        }
+        let mut out = SizeHint::new();
+        out.set_lower(h.lower().saturating_add(held));
+        if let Some(u) = h.upper() {
+            out.set_upper(u.saturating_add(held));
+        }
+        out
     }
 }
 
-fn counted(b: Incoming, counters: Arc<Counters>, inbound: bool, hold: Option<Hold>) -> ProxyBody {
+fn counted(
+    b: Incoming,
+    counters: Arc<Counters>,
+    inbound: bool,
+    hold: Option<Hold>,
+    throttle: Option<Arc<Throttle>>,
+) -> ProxyBody {
     CountedBody {
         inner: b,
         counters,
         inbound,
+        throttle,
+        pause: None,
+        held: None,
         _hold: hold,
     }
     .boxed()
@@ -811,7 +854,10 @@ async fn forward(
         parts.uri = http::Uri::from(path);
         parts.version = Version::HTTP_11;
     }
-    let breq = Request::from_parts(parts, counted(body, c.clone(), true, None));
+    let breq = Request::from_parts(
+        parts,
+        counted(body, c.clone(), true, None, route.bandwidth.clone()),
+    );
 
     let Ok(slot) = route.upstreams.admit() else {
         return Ok(err(
@@ -834,7 +880,7 @@ async fn forward(
         strip_hop_by_hop(&mut parts.headers, None);
         return Ok(Response::from_parts(
             parts,
-            counted(body, c, false, Some((lease, slot))),
+            counted(body, c, false, Some((lease, slot)), route.bandwidth.clone()),
         ));
     }
     let mut pooled = None;
@@ -899,12 +945,13 @@ async fn forward(
             let bu = hyper::upgrade::on(&mut resp);
             let idle = shared.limits.idle_timeout;
             let c2 = c.clone();
+            let bw = route.bandwidth.clone();
             let h = hold.take();
             tokio::spawn(async move {
                 let _h = h;
                 match tokio::try_join!(cu, bu) {
                     Ok((cio, bio)) => {
-                        let r = splice(TokioIo::new(cio), TokioIo::new(bio), c2, idle).await;
+                        let r = splice(TokioIo::new(cio), TokioIo::new(bio), c2, idle, bw).await;
                         debug!(result = ?r, "upgraded connection ended");
                     }
                     Err(e) => debug!(error = %e, "upgrade failed"),
@@ -919,7 +966,11 @@ async fn forward(
         None
     };
     strip_hop_by_hop(&mut parts.headers, keep);
-    Ok(Response::from_parts(parts, counted(body, c, false, hold)))
+    let bw = route.bandwidth.clone();
+    Ok(Response::from_parts(
+        parts,
+        counted(body, c, false, hold, bw),
+    ))
 }
 
 #[cfg(test)]

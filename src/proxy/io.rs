@@ -2,6 +2,7 @@
 //! replays bytes already read (the peeked ClientHello), and a counted splice with
 //! an idle timeout.
 
+use crate::proxy::bandwidth::Pacer;
 use crate::proxy::stats::Counters;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -259,8 +260,91 @@ impl Default for Activity {
     }
 }
 
+/// Nanoseconds on a monotonic clock (for the bandwidth pacers).
+fn mono_ns() -> u64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(T0.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A route's or forward's `bandwidth`: a pacer for each direction, shared by
+/// all its connections (see [`crate::proxy::bandwidth`]).
+#[derive(Debug)]
+pub struct Throttle {
+    rate: u64,
+    /// Client to backend.
+    up: parking_lot::Mutex<Pacer>,
+    /// Backend to client.
+    down: parking_lot::Mutex<Pacer>,
+}
+
+impl Throttle {
+    /// Pacers for `rate` bytes per second each way.
+    pub fn new(rate: u64) -> Throttle {
+        let now = mono_ns();
+        Throttle {
+            rate,
+            up: parking_lot::Mutex::new(Pacer::new(rate, now)),
+            down: parking_lot::Mutex::new(Pacer::new(rate, now)),
+        }
+    }
+
+    /// The rate each way, in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    fn pacer(&self, up: bool) -> &parking_lot::Mutex<Pacer> {
+        if up {
+            &self.up
+        } else {
+            &self.down
+        }
+    }
+
+    /// A stream passed `n` bytes (`up`: from the client): how long it waits
+    /// before passing more.
+    pub fn take(&self, up: bool, n: u64) -> Duration {
+        self.pacer(up).lock().take(n, mono_ns())
+    }
+
+    /// A datagram of `n` bytes: `false` if it must be dropped.
+    pub fn admit(&self, up: bool, n: u64) -> bool {
+        self.pacer(up).lock().admit(n, mono_ns())
+    }
+
+    /// The throttle for `rate`: the old one (its pacers' state) while the
+    /// rate stays.
+    pub fn keep_or_new(old: Option<&Arc<Throttle>>, rate: Option<u64>) -> Option<Arc<Throttle>> {
+        let rate = rate?;
+        match old {
+            Some(t) if t.rate == rate => Some(t.clone()),
+            _ => Some(Arc::new(Throttle::new(rate))),
+        }
+    }
+}
+
+/// A pending pause of a throttled stream.
+pub type Pause = Option<Pin<Box<tokio::time::Sleep>>>;
+
+/// Polls `pause` (a throttled stream's wait before its next bytes):
+/// `Pending` while it runs.
+pub fn poll_pause(pause: &mut Pause, cx: &mut Context<'_>) -> Poll<()> {
+    if let Some(p) = pause.as_mut() {
+        std::task::ready!(std::future::Future::poll(p.as_mut(), cx));
+        *pause = None;
+    }
+    Poll::Ready(())
+}
+
+/// After `n` bytes passed: the pause `throttle` asks for, if any.
+pub fn pause_after(throttle: Option<&Throttle>, up: bool, n: u64) -> Pause {
+    let w = throttle?.take(up, n);
+    (!w.is_zero()).then(|| Box::pin(tokio::time::sleep(w)))
+}
+
 /// Counts bytes read from the client side into `bytes_in` (or `bytes_out` when
-/// wrapping the backend side), and records activity.
+/// wrapping the backend side), records activity, and paces reads to the
+/// route's `bandwidth`.
 pub struct Counted<S> {
     inner: S,
     counters: Arc<Counters>,
@@ -268,6 +352,8 @@ pub struct Counted<S> {
     activity: Activity,
     /// Bytes read through this side.
     read: u64,
+    throttle: Option<Arc<Throttle>>,
+    pause: Pause,
 }
 
 impl<S> Counted<S> {
@@ -279,7 +365,15 @@ impl<S> Counted<S> {
             client_side,
             activity,
             read: 0,
+            throttle: None,
+            pause: None,
         }
+    }
+
+    /// Paces this side's reads to `throttle`.
+    pub fn throttled(mut self, throttle: Option<Arc<Throttle>>) -> Self {
+        self.throttle = throttle;
+        self
     }
 }
 
@@ -289,6 +383,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        std::task::ready!(poll_pause(&mut self.pause, cx));
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
@@ -300,6 +395,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             } else {
                 self.counters.add_out(n);
             }
+            let up = self.client_side;
+            self.pause = pause_after(self.throttle.as_deref(), up, n);
         }
         r
     }
@@ -337,15 +434,23 @@ pub struct Spliced {
 }
 
 /// Splices `client` and `backend` until both directions end, an error, or
-/// `idle` without a byte either way. Bytes are counted as they pass.
-pub async fn splice<C, B>(client: C, backend: B, counters: Arc<Counters>, idle: Duration) -> Spliced
+/// `idle` without a byte either way. Bytes are counted as they pass, and
+/// paced to `throttle` (the route's `bandwidth`) when there is one.
+pub async fn splice<C, B>(
+    client: C,
+    backend: B,
+    counters: Arc<Counters>,
+    idle: Duration,
+    throttle: Option<Arc<Throttle>>,
+) -> Spliced
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let act = Activity::new();
-    let mut c = Counted::new(client, counters.clone(), true, act.clone());
-    let mut b = Counted::new(backend, counters, false, act.clone());
+    let mut c =
+        Counted::new(client, counters.clone(), true, act.clone()).throttled(throttle.clone());
+    let mut b = Counted::new(backend, counters, false, act.clone()).throttled(throttle);
     let result = {
         let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
         tokio::pin!(copy);

@@ -5,7 +5,7 @@
 //! [`forward_auth`] (check URLs and headers; its client is a driver), [`detect`] (ClientHello
 //! SNI, HTTP Host sniffing), [`names`] (host names, route table),
 //! [`proxy_protocol`] (PROXY v2 headers), [`ratelimit`] (per-client token
-//! buckets). Drivers: [`server`] (listeners and
+//! buckets), [`bandwidth`] (per-route byte pacing). Drivers: [`server`] (listeners and
 //! connection routing), [`http`] (hyper proxying), [`upstream`] (backend
 //! choice, passive health, backend TLS), [`forward`] (UDP flows), [`tls`]
 //! (ClientHello reading, SNI cert resolver), [`access_log`] (JSON lines; the
@@ -14,6 +14,7 @@
 pub mod access;
 pub mod access_log;
 pub mod acme;
+pub mod bandwidth;
 pub mod basic_auth;
 pub mod detect;
 pub mod forward;

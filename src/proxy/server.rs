@@ -14,7 +14,7 @@ use crate::proxy::acme::AcmeState;
 use crate::proxy::basic_auth::BasicAuth;
 use crate::proxy::forward;
 use crate::proxy::http::{handle, ConnInfo};
-use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed};
+use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed, Throttle};
 use crate::proxy::names::{DomainName, NameTable};
 use crate::proxy::proxy_protocol::{encode_v1, encode_v2, Transport};
 use crate::proxy::ratelimit::{Limiter, RateLimit};
@@ -59,6 +59,8 @@ pub struct Route {
     pub has_cert: bool,
     /// Per-client rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
+    /// The route's `bandwidth`, if set.
+    pub bandwidth: Option<Arc<Throttle>>,
     /// Users of `basic_auth_file`, if set.
     pub auth: Option<Arc<BasicAuth>>,
     /// The `forward_auth` service, if set.
@@ -81,6 +83,8 @@ pub(crate) struct Forward {
     pub access: Access,
     /// Per-client connection rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
+    /// The forward's `bandwidth`, if set.
+    pub bandwidth: Option<Arc<Throttle>>,
     /// The access log (UDP flows write their own lines).
     pub access_log: Option<Arc<AccessLog>>,
 }
@@ -375,6 +379,7 @@ fn build(
             backend_tls,
             has_cert: key.is_some() || rs.acme,
             limiter: limiter_for(old.and_then(|r| r.limiter.as_ref()), rs.rate_limit),
+            bandwidth: Throttle::keep_or_new(old.and_then(|r| r.bandwidth.as_ref()), rs.bandwidth),
             auth,
             forward_auth: rs.forward_auth.as_ref().map(|(url, copy)| {
                 Arc::new(crate::proxy::forward_auth::ForwardAuth::new(
@@ -432,7 +437,8 @@ fn build(
                    udp: Option<UdpForwardSettings>,
                    tls: Option<tokio_rustls::TlsAcceptor>,
                    access: &Access,
-                   rate: Option<RateLimit>| {
+                   rate: Option<RateLimit>,
+                   bandwidth: Option<u64>| {
         let old = old_fwds.get(id.as_str());
         let upstreams = match reuse(
             old.map(|f| &f.upstreams),
@@ -457,6 +463,7 @@ fn build(
             tls,
             access: access.clone(),
             limiter: limiter_for(old.and_then(|f| f.limiter.as_ref()), rate),
+            bandwidth: Throttle::keep_or_new(old.and_then(|f| f.bandwidth.as_ref()), bandwidth),
             access_log: access_log.clone(),
         }));
     };
@@ -486,6 +493,7 @@ fn build(
             tls,
             &t.access,
             t.rate_limit,
+            t.bandwidth,
         );
     }
     for u in &settings.udp {
@@ -499,6 +507,7 @@ fn build(
             None,
             &u.access,
             u.rate_limit,
+            u.bandwidth,
         );
     }
     Ok(Shared {
@@ -628,13 +637,13 @@ fn snapshot(s: &Shared) -> Vec<RouteSnapshot> {
                 &r.counters,
                 r.upstreams.health(),
             )
+            .with_bandwidth(r.bandwidth.as_deref())
         })
         .collect();
-    v.extend(
-        s.forwards.iter().map(|f| {
-            RouteSnapshot::new(f.id.clone(), Vec::new(), &f.counters, f.upstreams.health())
-        }),
-    );
+    v.extend(s.forwards.iter().map(|f| {
+        RouteSnapshot::new(f.id.clone(), Vec::new(), &f.counters, f.upstreams.health())
+            .with_bandwidth(f.bandwidth.as_deref())
+    }));
     v.push(RouteSnapshot::new(
         "listener".into(),
         Vec::new(),
@@ -1502,7 +1511,14 @@ async fn relay_tcp<S>(
             return;
         }
     };
-    let r = splice(client, b, c, shared.limits.idle_timeout).await;
+    let r = splice(
+        client,
+        b,
+        c,
+        shared.limits.idle_timeout,
+        fwd.bandwidth.clone(),
+    )
+    .await;
     note_spliced(rec, backend, &r);
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
@@ -1651,7 +1667,7 @@ async fn serve_tls(
                     return;
                 }
             };
-            let r = splice(sock, b, c, limits.idle_timeout).await;
+            let r = splice(sock, b, c, limits.idle_timeout, route.bandwidth.clone()).await;
             // The ClientHello went to the backend before the splice.
             note_spliced(&mut rec, backend, &r);
             Record::note(&mut rec, |e| {

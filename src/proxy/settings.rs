@@ -136,6 +136,10 @@ pub struct RawRoute {
     /// Most requests a client may send at once (default: `rate_limit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
+    /// The route's (forward's) limit in each direction, all clients together
+    /// (`"20 Mbit/s"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
     /// A paused route answers 503 (HTTP) or closes (passthrough).
     #[serde(default)]
     pub paused: bool,
@@ -196,6 +200,10 @@ pub struct RawTcp {
     /// Most requests a client may send at once (default: `rate_limit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
+    /// The route's (forward's) limit in each direction, all clients together
+    /// (`"20 Mbit/s"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -241,6 +249,9 @@ pub struct RawUdp {
     /// Most datagrams a client may send at once (default: `rate_limit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
+    /// The forward's limit in each direction, all clients together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
 }
 
 /// PROXY protocol header sent to backends of passthrough routes and TCP forwards.
@@ -446,6 +457,8 @@ pub struct RouteSettings {
     pub access: Access,
     /// Requests (passthrough: connections) per second per client.
     pub rate_limit: Option<RateLimit>,
+    /// Bytes per second in each direction, all the route's clients together.
+    pub bandwidth: Option<u64>,
     /// An htpasswd file: terminated requests need one of its users (401
     /// otherwise). Read when the proxy starts or reloads.
     pub basic_auth_file: Option<PathBuf>,
@@ -482,6 +495,8 @@ pub struct TcpForwardSettings {
     pub access: Access,
     /// Connections per second per client.
     pub rate_limit: Option<RateLimit>,
+    /// Bytes per second in each direction, all clients together.
+    pub bandwidth: Option<u64>,
 }
 
 /// A raw UDP port forward.
@@ -501,6 +516,9 @@ pub struct UdpForwardSettings {
     pub access: Access,
     /// Datagrams per second per client (beyond it they are dropped).
     pub rate_limit: Option<RateLimit>,
+    /// Bytes per second in each direction, all clients together (datagrams
+    /// beyond it are dropped).
+    pub bandwidth: Option<u64>,
     /// `Off` or `V2`: each datagram to the backend starts with a PROXY v2
     /// header naming the client.
     pub proxy_protocol: ProxyProtocol,
@@ -892,6 +910,11 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
     })
 }
 
+fn bandwidth(who: &str, b: Option<&str>) -> Result<Option<u64>, String> {
+    b.map(|b| crate::proxy::bandwidth::parse_rate(b).map_err(|e| format!("{who}: bandwidth {e}")))
+        .transpose()
+}
+
 fn rate_limit(
     who: &str,
     rate: Option<u32>,
@@ -1224,6 +1247,7 @@ pub(crate) fn validate(
             paused: r.paused,
             access: access(&who, &r.allow, &r.deny)?,
             rate_limit: rate_limit(&who, r.rate_limit, r.rate_burst)?,
+            bandwidth: bandwidth(&who, r.bandwidth.as_deref())?,
             basic_auth_file: r.basic_auth_file.map(|p| resolve(base, &p)),
             forward_auth,
         });
@@ -1257,6 +1281,7 @@ pub(crate) fn validate(
             tls,
             access: access(&who, &t.allow, &t.deny)?,
             rate_limit: rate_limit(&who, t.rate_limit, t.rate_burst)?,
+            bandwidth: bandwidth(&who, t.bandwidth.as_deref())?,
         });
     }
     let mut out_udp = Vec::new();
@@ -1285,6 +1310,7 @@ pub(crate) fn validate(
             .map_err(|e| format!("{who}: {e}"))?,
             access: access(&who, &u.allow, &u.deny)?,
             rate_limit: rate_limit(&who, u.rate_limit, u.rate_burst)?,
+            bandwidth: bandwidth(&who, u.bandwidth.as_deref())?,
             proxy_protocol,
         });
     }
@@ -1385,6 +1411,7 @@ mod tests {
             allow: vec![],
             deny: vec![],
             rate_limit: None,
+            bandwidth: None,
             rate_burst: None,
             paused: false,
             basic_auth_file: None,

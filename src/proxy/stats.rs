@@ -48,11 +48,13 @@ pub enum ErrorKind {
     Unauthorized,
     /// The `forward_auth` service could not be reached or did not answer (503).
     AuthUnavailable,
+    /// A UDP datagram beyond the forward's `bandwidth` (dropped).
+    OverBandwidth,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -71,6 +73,7 @@ impl ErrorKind {
         ErrorKind::BadProxyHeader,
         ErrorKind::Unauthorized,
         ErrorKind::AuthUnavailable,
+        ErrorKind::OverBandwidth,
     ];
 
     /// Stable metric label.
@@ -94,6 +97,7 @@ impl ErrorKind {
             ErrorKind::BadProxyHeader => "bad_proxy_header",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::AuthUnavailable => "auth_unavailable",
+            ErrorKind::OverBandwidth => "over_bandwidth",
         }
     }
 
@@ -200,9 +204,18 @@ pub struct RouteSnapshot {
     pub errors: BTreeMap<&'static str, u64>,
     /// Backends and their health.
     pub backends: Vec<BackendHealth>,
+    /// The route's `bandwidth` in bytes per second each way, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
 }
 
 impl RouteSnapshot {
+    /// Notes the route's `bandwidth` limit.
+    pub(crate) fn with_bandwidth(mut self, t: Option<&crate::proxy::io::Throttle>) -> Self {
+        self.bandwidth = t.map(|t| t.rate());
+        self
+    }
+
     pub(crate) fn new(
         route: String,
         hosts: Vec<String>,
@@ -218,6 +231,7 @@ impl RouteSnapshot {
             bytes_in,
             bytes_out,
             errors,
+            bandwidth: None,
             backends,
         }
     }
