@@ -672,12 +672,18 @@ fn tls_proxy(p: &str) -> Result<(String, Option<crate::carrier::connect::Credent
     Ok((hp.to_string(), auth))
 }
 
-/// `p` with what is between `://` and the last `@` masked (for messages).
+/// `p` with what comes before its last `@` (after `://`, if any) masked,
+/// for messages: a password written without the scheme is masked too.
 fn redact_userinfo(p: &str) -> String {
-    match (p.find("://"), p.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}<redacted>{}", &p[..s + 3], &p[at..]),
-        _ => p.to_string(),
-    }
+    let Some(at) = p.rfind('@') else {
+        return p.to_string();
+    };
+    let start = p.find("://").map_or(0, |s| s + 3).min(at);
+    format!(
+        "{}<redacted>{}",
+        p.get(..start).unwrap_or(""),
+        p.get(at..).unwrap_or("")
+    )
 }
 
 // ------------------------------------------------------------ node services
@@ -1202,6 +1208,10 @@ mod tests {
             (
                 "tls_proxy = \"https://proxy:3128\"\n",
                 "expected http://host:port",
+            ),
+            (
+                "tls_proxy = \"gw:s3cret@proxy:3128\"\n",
+                "tls_proxy `<redacted>@proxy:3128`: expected http://host:port",
             ),
             (
                 "tls_proxy = \"http://u@proxy:3128\"\n",

@@ -111,6 +111,15 @@ impl Pacer {
         self.rate
     }
 
+    /// A new rate from now on (a reload); what was taken stays taken.
+    pub fn set_rate(&mut self, rate: u64, now_ns: u64) {
+        self.refill(now_ns);
+        let rate = rate.clamp(MIN_RATE, MAX_RATE);
+        self.rate = rate;
+        self.burst = i128::from((rate / 10).max(MIN_BURST)) * NANOS as i128;
+        self.level = self.level.min(self.burst);
+    }
+
     fn refill(&mut self, now_ns: u64) {
         let dt = now_ns.saturating_sub(self.last_ns);
         self.last_ns = self.last_ns.max(now_ns);
@@ -131,19 +140,21 @@ impl Pacer {
         if self.level >= 0 {
             return Duration::ZERO;
         }
-        let ns = (-self.level).unsigned_abs().div_ceil(u128::from(self.rate));
+        let ns = self.level.unsigned_abs().div_ceil(u128::from(self.rate));
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// A datagram of `n` bytes: `true` (and taken) if it fits in what has
-    /// refilled; `false` (nothing taken) if it must be dropped.
+    /// refilled, or the bucket is full (so a datagram larger than the burst
+    /// still passes now and then, into debt); `false` (nothing taken) if it
+    /// must be dropped.
     pub fn admit(&mut self, n: u64, now_ns: u64) -> bool {
         self.refill(now_ns);
         let need = i128::from(n) * NANOS as i128;
-        if self.level < need {
+        if self.level < need && self.level < self.burst {
             return false;
         }
-        self.level -= need;
+        self.level = self.level.saturating_sub(need);
         true
     }
 }
@@ -234,6 +245,23 @@ mod tests {
         assert!(!p.admit(1_000, S / 10));
         // A dropped datagram took nothing.
         assert!(p.admit(384, S / 10));
+        // One larger than the burst passes when the bucket is full, into
+        // debt, and the next waits for the debt to be paid.
+        let mut p = Pacer::new(10_000, 0);
+        assert!(p.admit(30_000, 0));
+        assert!(!p.admit(100, S));
+        assert!(p.admit(30_000, 5 * S));
+    }
+
+    #[test]
+    fn a_new_rate_applies_from_now() {
+        let mut p = Pacer::new(1_000_000, 0);
+        assert_eq!(p.take(100_000, 0), Duration::ZERO);
+        assert_eq!(p.take(10_000, 0), Duration::from_millis(10));
+        p.set_rate(100_000, 0);
+        assert_eq!(p.rate(), 100_000);
+        // The debt is paid at the new rate: 10 kB more at 100 kB/s.
+        assert_eq!(p.take(0, 0), Duration::from_millis(100));
     }
 
     proptest::proptest! {

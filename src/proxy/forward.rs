@@ -188,16 +188,6 @@ async fn on_datagram(
         fwd.counters.error(ErrorKind::RateLimited);
         return;
     }
-    // Beyond the forward's `bandwidth` (all clients together): dropped, as
-    // a full link would.
-    if fwd
-        .bandwidth
-        .as_ref()
-        .is_some_and(|t| !t.admit(true, data.len() as u64))
-    {
-        fwd.counters.error(ErrorKind::OverBandwidth);
-        return;
-    }
     let live = flows.get(&key).is_some_and(|f| !f.task.is_finished());
     if !live {
         flows.remove(&key);
@@ -210,6 +200,16 @@ async fn on_datagram(
         }
     }
     let Some(f) = flows.get_mut(&key) else { return };
+    // Beyond the forward's `bandwidth` (all clients together): dropped, as
+    // a full link would.
+    if fwd
+        .bandwidth
+        .as_ref()
+        .is_some_and(|t| !t.admit(true, data.len() as u64))
+    {
+        fwd.counters.error(ErrorKind::OverBandwidth);
+        return;
+    }
     f.activity.touch();
     f.fwd.counters.add_in(data.len() as u64);
     f.bytes_in += data.len() as u64;

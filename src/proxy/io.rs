@@ -219,7 +219,12 @@ impl Activity {
     }
     /// Marks activity now.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.touch_until(Duration::ZERO);
+    }
+    /// Marks activity until `ahead` from now (a stream that waits for its
+    /// route's `bandwidth` is not idle).
+    pub fn touch_until(&self, ahead: Duration) {
+        let ms = u64::try_from((self.start.elapsed() + ahead).as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Relaxed);
     }
     /// Time from the start to the last activity.
@@ -267,10 +272,12 @@ fn mono_ns() -> u64 {
 }
 
 /// A route's or forward's `bandwidth`: a pacer for each direction, shared by
-/// all its connections (see [`crate::proxy::bandwidth`]).
+/// all its connections (see [`crate::proxy::bandwidth`]). A reload changes
+/// its rate in place, so connections already open follow the new limit; a
+/// rate of 0 (the limit removed) lets everything through.
 #[derive(Debug)]
 pub struct Throttle {
-    rate: u64,
+    rate: AtomicU64,
     /// Client to backend.
     up: parking_lot::Mutex<Pacer>,
     /// Backend to client.
@@ -278,19 +285,28 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    /// Pacers for `rate` bytes per second each way.
+    /// Pacers for `rate` bytes per second each way (0: no limit).
     pub fn new(rate: u64) -> Throttle {
         let now = mono_ns();
         Throttle {
-            rate,
+            rate: AtomicU64::new(rate),
             up: parking_lot::Mutex::new(Pacer::new(rate, now)),
             down: parking_lot::Mutex::new(Pacer::new(rate, now)),
         }
     }
 
-    /// The rate each way, in bytes per second.
+    /// The rate each way, in bytes per second; 0: no limit (removed by a
+    /// reload).
     pub fn rate(&self) -> u64 {
-        self.rate
+        self.rate.load(Relaxed)
+    }
+
+    fn set_rate(&self, rate: u64) {
+        if self.rate.swap(rate, Relaxed) != rate && rate > 0 {
+            let now = mono_ns();
+            self.up.lock().set_rate(rate, now);
+            self.down.lock().set_rate(rate, now);
+        }
     }
 
     fn pacer(&self, up: bool) -> &parking_lot::Mutex<Pacer> {
@@ -304,21 +320,29 @@ impl Throttle {
     /// A stream passed `n` bytes (`up`: from the client): how long it waits
     /// before passing more.
     pub fn take(&self, up: bool, n: u64) -> Duration {
+        if self.rate() == 0 {
+            return Duration::ZERO;
+        }
         self.pacer(up).lock().take(n, mono_ns())
     }
 
     /// A datagram of `n` bytes: `false` if it must be dropped.
     pub fn admit(&self, up: bool, n: u64) -> bool {
-        self.pacer(up).lock().admit(n, mono_ns())
+        self.rate() == 0 || self.pacer(up).lock().admit(n, mono_ns())
     }
 
-    /// The throttle for `rate`: the old one (its pacers' state) while the
-    /// rate stays.
+    /// The throttle of a route or forward after a (re)load: the old one,
+    /// set to the new rate (0: no limit), so that its open connections and
+    /// UDP flows follow; a new one for a new route. Every route has one, so
+    /// a limit added by a reload reaches connections already open.
     pub fn keep_or_new(old: Option<&Arc<Throttle>>, rate: Option<u64>) -> Option<Arc<Throttle>> {
-        let rate = rate?;
+        let rate = rate.unwrap_or(0);
         match old {
-            Some(t) if t.rate == rate => Some(t.clone()),
-            _ => Some(Arc::new(Throttle::new(rate))),
+            Some(t) => {
+                t.set_rate(rate);
+                Some(t.clone())
+            }
+            None => Some(Arc::new(Throttle::new(rate))),
         }
     }
 }
@@ -396,7 +420,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                 self.counters.add_out(n);
             }
             let up = self.client_side;
-            self.pause = pause_after(self.throttle.as_deref(), up, n);
+            let wait = self
+                .throttle
+                .as_deref()
+                .map_or(Duration::ZERO, |t| t.take(up, n));
+            if !wait.is_zero() {
+                self.activity.touch_until(wait);
+                self.pause = Some(Box::pin(tokio::time::sleep(wait)));
+            }
         }
         r
     }
@@ -470,5 +501,35 @@ where
         bytes_in: c.read,
         bytes_out: b.read,
         result,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_changes_the_rate_of_the_same_throttle() {
+        // No limit: one throttle all the same, which lets everything by.
+        let t = Throttle::keep_or_new(None, None).unwrap();
+        assert_eq!(t.rate(), 0);
+        assert_eq!(t.take(true, 10_000_000), Duration::ZERO);
+        assert!(t.admit(false, 60_000));
+        // A limit added by a reload reaches whoever holds it.
+        let held = t.clone();
+        let t2 = Throttle::keep_or_new(Some(&t), Some(1_000)).unwrap();
+        assert!(Arc::ptr_eq(&t2, &held));
+        assert_eq!(held.rate(), 1_000);
+        assert_eq!(held.take(true, 16_384), Duration::ZERO);
+        // (less what refilled since, on the real clock)
+        let w = held.take(true, 1_000).as_millis();
+        assert!((900..=1_000).contains(&w), "{w}");
+        // The other direction has its own bucket.
+        assert_eq!(held.take(false, 1_000), Duration::ZERO);
+        // Removed again: no waits.
+        Throttle::keep_or_new(Some(&t2), None);
+        assert_eq!(held.rate(), 0);
+        assert_eq!(held.take(true, 1_000_000), Duration::ZERO);
     }
 }

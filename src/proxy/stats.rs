@@ -212,7 +212,7 @@ pub struct RouteSnapshot {
 impl RouteSnapshot {
     /// Notes the route's `bandwidth` limit.
     pub(crate) fn with_bandwidth(mut self, t: Option<&crate::proxy::io::Throttle>) -> Self {
-        self.bandwidth = t.map(|t| t.rate());
+        self.bandwidth = t.map(|t| t.rate()).filter(|r| *r > 0);
         self
     }
 
