@@ -429,12 +429,15 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             Some(x) => format!(" through proxy {x}"),
             None => String::new(),
         };
+        let to = match p.get("websocket").and_then(|x| x.as_str()) {
+            Some(u) => format!("WebSocket to {u}"),
+            None => format!("TLS to {}", s(p, "tls_endpoint")),
+        };
         out.push(format!(
-            "hub {}: over {} (transport {}); TLS to {}{proxy}: {} streams, {} failed, {} received, {} sent",
+            "hub {}: over {} (transport {}); {to}{proxy}: {} streams, {} failed, {} received, {} sent",
             s(p, "hub"),
             s(p, "via"),
             s(p, "transport"),
-            s(p, "tls_endpoint"),
             n(&t, "streams"),
             n(&t, "failed"),
             human_bytes(n(&t, "bytes_in")),

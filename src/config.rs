@@ -128,6 +128,7 @@ struct RawNodeHub {
     tls_endpoint: Option<String>,
     tls_proxy: Option<String>,
     tls_proxy_auth_file: Option<PathBuf>,
+    websocket: Option<String>,
     udp_retry: Option<u64>,
 }
 
@@ -229,6 +230,10 @@ pub struct NodeHub {
     pub tls_proxy: Option<String>,
     /// The user and password for that proxy, when it asks for them.
     pub tls_proxy_auth: Option<crate::carrier::connect::Credentials>,
+    /// Carry the tunnel as WebSocket messages to this URL (through HTTP
+    /// intermediaries) instead of the TLS carrier's own protocol;
+    /// `tls_endpoint` is then the URL's host and port.
+    pub websocket: Option<crate::carrier::WsTarget>,
     /// With `transport = "auto"`, while on TLS: the longest wait, in
     /// seconds, between two tries of UDP (which go on in the background);
     /// 0: stay on TLS while it works.
@@ -540,7 +545,19 @@ impl NodeConfig {
             if crate::carrier::split_host_port(ep).is_none() {
                 return Err(ctx.err(format!("{what} endpoint `{ep}`: expected host:port")));
             }
+            let websocket = rh
+                .websocket
+                .as_deref()
+                .map(|u| ws_url(u).map_err(|m| ctx.err(format!("{what} websocket `{u}`: {m}"))))
+                .transpose()?;
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
+                Some(_) if websocket.is_some() => return Err(ctx.err(format!(
+                    "{what}: set websocket or tls_endpoint, not both (the URL names the endpoint)"
+                ))),
+                None if websocket.is_some() => websocket
+                    .as_ref()
+                    .map(|(_, ep)| ep.clone())
+                    .unwrap_or_default(),
                 Some(t) if crate::carrier::split_host_port(t).is_some() => t.to_string(),
                 Some(t) => {
                     return Err(ctx.err(format!("{what} tls_endpoint `{t}`: expected host:port")))
@@ -554,6 +571,11 @@ impl NodeConfig {
                 .as_deref()
                 .map(|c| node_control(&what, c, &allowed_ips).map_err(|m| ctx.err(m)))
                 .transpose()?;
+            if websocket.is_some() && rh.transport == Some(crate::carrier::path::Transport::Udp) {
+                return Err(ctx.err(format!(
+                    "{what}: websocket needs transport \"tls\" or \"auto\", not \"udp\""
+                )));
+            }
             let (tls_proxy, tls_proxy_auth) = node_tls_proxy(
                 &ctx,
                 &what,
@@ -573,6 +595,7 @@ impl NodeConfig {
                 tls_endpoint,
                 tls_proxy,
                 tls_proxy_auth,
+                websocket: websocket.map(|(w, _)| w),
                 udp_retry: match rh.udp_retry {
                     None => crate::carrier::path::DEFAULT_UDP_RETRY_MS / 1000,
                     Some(n) if n == 0 || (5..=86_400).contains(&n) => n,
@@ -650,6 +673,48 @@ fn node_tls_proxy(
         }
     };
     Ok((Some(hp), in_url.or(from_file)))
+}
+
+/// A node's `websocket` URL, `ws://host[:port][/path]` or `wss://...`
+/// (default port 80 or 443, default path the hub's tunnel path): the target
+/// and the `host:port` to dial.
+fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
+    let u = u.trim();
+    let (tls, rest) = if let Some(r) = u.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = u.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        return Err("expected ws://host[:port][/path] or wss://...".into());
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
+        None => (rest, crate::carrier::ws::PATH),
+    };
+    if authority.contains('@') {
+        return Err("no user information in the URL".into());
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) || path.contains('#') {
+        return Err("the path holds spaces, control characters or a fragment".into());
+    }
+    let default = if tls { 443 } else { 80 };
+    let endpoint = if crate::carrier::split_host_port(authority).is_some() {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default}")
+    };
+    if crate::carrier::split_host_port(&endpoint).is_none() || authority.is_empty() {
+        return Err("expected a host, and a port if not the default".into());
+    }
+    Ok((
+        crate::carrier::WsTarget {
+            tls,
+            host_header: authority.to_string(),
+            path: path.to_string(),
+            url: u.to_string(),
+        },
+        endpoint,
+    ))
 }
 
 /// `http://[user:password@]host:port` (a trailing `/` allowed) as
@@ -1166,6 +1231,40 @@ mod tests {
         assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::1]:8443");
         assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
         assert_eq!(c.hubs[0].tls_proxy_auth, None);
+        assert_eq!(c.hubs[0].websocket, None);
+        let c = node("transport = \"tls\"\nwebsocket = \"wss://edge.example.org\"\n").unwrap();
+        let w = c.hubs[0].websocket.as_ref().unwrap();
+        assert!(w.tls);
+        assert_eq!(w.host_header, "edge.example.org");
+        assert_eq!(w.path, crate::carrier::ws::PATH);
+        assert_eq!(c.hubs[0].tls_endpoint, "edge.example.org:443");
+        let c = node("websocket = \"ws://[2001:db8::7]:8080/tunnel/wg\"\n").unwrap();
+        let w = c.hubs[0].websocket.as_ref().unwrap();
+        assert!(!w.tls);
+        assert_eq!(w.host_header, "[2001:db8::7]:8080");
+        assert_eq!(w.path, "/tunnel/wg");
+        assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::7]:8080");
+        assert_eq!(
+            node("websocket = \"ws://10.0.0.1\"\n").unwrap().hubs[0].tls_endpoint,
+            "10.0.0.1:80"
+        );
+        for (extra, says) in [
+            ("websocket = \"https://edge\"\n", "expected ws://host"),
+            ("websocket = \"wss://u:p@edge\"\n", "no user information"),
+            ("websocket = \"wss://edge/a b\"\n", "spaces"),
+            ("websocket = \"wss:///x\"\n", "expected a host"),
+            (
+                "websocket = \"wss://edge\"\ntls_endpoint = \"edge:443\"\n",
+                "not both",
+            ),
+            (
+                "websocket = \"wss://edge\"\ntransport = \"udp\"\n",
+                "websocket needs transport",
+            ),
+        ] {
+            let e = node(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
         let c = node("tls_proxy = \"http://gw:s%40cret@proxy.corp:3128\"\n").unwrap();
         assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
         let auth = c.hubs[0].tls_proxy_auth.as_ref().unwrap();

@@ -109,6 +109,7 @@ pub struct HubPath {
     transport: Transport,
     tls_endpoint: String,
     tls_proxy: Option<String>,
+    websocket: Option<String>,
     via: Mutex<Via>,
     counters: Arc<Counters>,
 }
@@ -120,6 +121,7 @@ impl HubPath {
             transport: hub.transport,
             tls_endpoint: hub.tls_endpoint.clone(),
             tls_proxy: hub.tls_proxy.clone(),
+            websocket: hub.websocket.as_ref().map(|w| w.url.clone()),
             via: Mutex::new(Path::new(hub.transport, 0).via()),
             counters: Arc::default(),
         })
@@ -132,6 +134,7 @@ impl HubPath {
             "via": *self.via.lock(),
             "tls_endpoint": self.tls_endpoint,
             "tls_proxy": self.tls_proxy,
+            "websocket": self.websocket,
             "tls": self.counters.snapshot(),
         })
     }
@@ -179,14 +182,34 @@ async fn open_carrier(
             auth: hub.tls_proxy_auth.clone(),
         },
     };
-    let stream = carrier::connect(tls, &dial, host, Duration::from_secs(5))
-        .await
-        .map_err(|e| anyhow::anyhow!("{first}: {e}"))?;
     let udp = carrier::local_socket(dev.loopback()).await?;
     let local = udp.local_addr()?;
-    let task = tokio::spawn(async move {
-        carrier::relay(stream, &udp, carrier::IDLE, carrier::IDLE, &counters).await
-    });
+    let task = match &hub.websocket {
+        None => {
+            let stream = carrier::connect(tls, &dial, host, Duration::from_secs(5))
+                .await
+                .map_err(|e| anyhow::anyhow!("{first}: {e}"))?;
+            tokio::spawn(async move {
+                carrier::relay(stream, &udp, carrier::IDLE, carrier::IDLE, &counters).await
+            })
+        }
+        Some(target) => {
+            let stream = carrier::connect_ws(tls, &dial, host, target, Duration::from_secs(5))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", target.url))?;
+            tokio::spawn(async move {
+                carrier::relay_framed(
+                    stream,
+                    &udp,
+                    carrier::IDLE,
+                    carrier::IDLE,
+                    &counters,
+                    carrier::Framing::WsNode,
+                )
+                .await
+            })
+        }
+    };
     Ok((Relay(task), local))
 }
 
@@ -215,6 +238,13 @@ async fn supervise(
     let mut tls_failing = false;
     let tls = match hub.transport {
         Transport::Udp => None,
+        _ if hub.websocket.is_some() => match carrier::ws_client_config() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(hub = %name, error = %e, "no TLS client: the hub is reached over UDP only");
+                None
+            }
+        },
         _ => match carrier::client_config() {
             Ok(c) => Some(c),
             Err(e) => {

@@ -17,6 +17,7 @@
 pub mod connect;
 pub mod frame;
 pub mod path;
+pub mod ws;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
@@ -104,6 +105,17 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
+/// How datagrams are framed on a carried stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// A two-byte length before each ([`frame`]): the TLS carrier.
+    Length,
+    /// WebSocket binary messages ([`ws`]), as the node sends them (masked).
+    WsNode,
+    /// WebSocket binary messages, as the hub sends them.
+    WsHub,
+}
+
 /// Why a relay ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
@@ -111,6 +123,8 @@ pub enum End {
     Closed,
     /// A broken frame arrived.
     BadFrame(frame::FrameError),
+    /// A broken WebSocket frame arrived.
+    BadWsFrame(ws::WsError),
     /// Nothing either way for [`IDLE`] (or the given idle time).
     Idle,
     /// Nothing came from the stream in its first moments.
@@ -150,14 +164,32 @@ pub async fn relay<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_framed(stream, udp, idle, first, c, Framing::Length).await
+}
+
+/// [`relay`] with the given framing.
+pub async fn relay_framed<S>(
+    stream: S,
+    udp: &UdpSocket,
+    idle: Duration,
+    first: Duration,
+    c: &Counters,
+    framing: Framing,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _open = OpenGuard::new(c);
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let heard = std::sync::atomic::AtomicBool::new(false);
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
+    // Pings from the other end (or an intermediary), answered by the writer.
+    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let down = async {
         let mut buf = BytesMut::with_capacity(START);
+        let mut wsd = ws::Decoder::new(framing == Framing::WsHub);
         loop {
             match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return End::Closed,
@@ -167,18 +199,33 @@ where
                 }
             }
             loop {
-                match frame::decode(&mut buf) {
-                    Ok(Some(d)) => {
-                        c.bytes_in.fetch_add(d.len() as u64, Relaxed);
-                        if let Err(e) = udp.send(&d).await {
-                            return End::Local(e.kind());
+                let d = match framing {
+                    Framing::Length => match frame::decode(&mut buf) {
+                        Ok(Some(d)) => d.freeze(),
+                        Ok(None) => break,
+                        Err(e) => {
+                            c.bad_frames.fetch_add(1, Relaxed);
+                            return End::BadFrame(e);
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        c.bad_frames.fetch_add(1, Relaxed);
-                        return End::BadFrame(e);
-                    }
+                    },
+                    Framing::WsNode | Framing::WsHub => match wsd.decode(&mut buf) {
+                        Ok(Some(ws::Msg::Data(d))) => d,
+                        Ok(Some(ws::Msg::Ping(p))) => {
+                            // A full queue of pongs: this one is not needed.
+                            let _ = pong_tx.try_send(p);
+                            continue;
+                        }
+                        Ok(Some(ws::Msg::Close)) => return End::Closed,
+                        Ok(None) => break,
+                        Err(e) => {
+                            c.bad_frames.fetch_add(1, Relaxed);
+                            return End::BadWsFrame(e);
+                        }
+                    },
+                };
+                c.bytes_in.fetch_add(d.len() as u64, Relaxed);
+                if let Err(e) = udp.send(&d).await {
+                    return End::Local(e.kind());
                 }
             }
             if buf.capacity() - buf.len() < 2048 {
@@ -189,17 +236,38 @@ where
     let up = async {
         let mut dgram = vec![0u8; MAX_MESSAGE];
         let mut out = BytesMut::with_capacity(START);
+        let mut masks = Masks::new(framing == Framing::WsNode);
         loop {
-            let n = match udp.recv(&mut dgram).await {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return End::Local(e.kind()),
+            let n = tokio::select! {
+                r = udp.recv(&mut dgram) => match r {
+                    Ok(n) => Some(n),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return End::Local(e.kind()),
+                },
+                Some(p) = pong_rx.recv() => {
+                    ws::pong(&p, masks.next(), &mut out);
+                    None
+                }
             };
-            push(dgram.get(..n).unwrap_or_default(), &mut out, c);
+            if let Some(n) = n {
+                push(
+                    dgram.get(..n).unwrap_or_default(),
+                    &mut out,
+                    c,
+                    framing,
+                    &mut masks,
+                );
+            }
             // Whatever else is queued goes in the same write.
             while out.len() < BATCH {
                 match udp.try_recv(&mut dgram) {
-                    Ok(n) => push(dgram.get(..n).unwrap_or_default(), &mut out, c),
+                    Ok(n) => push(
+                        dgram.get(..n).unwrap_or_default(),
+                        &mut out,
+                        c,
+                        framing,
+                        &mut masks,
+                    ),
                     Err(_) => break,
                 }
             }
@@ -232,9 +300,52 @@ where
 
 /// Frames one datagram from the device into `out` (an empty one, which no
 /// WireGuard message is, is left out).
-fn push(d: &[u8], out: &mut BytesMut, c: &Counters) {
-    if frame::encode(d, out).is_ok() {
+fn push(d: &[u8], out: &mut BytesMut, c: &Counters, framing: Framing, masks: &mut Masks) {
+    let ok = match framing {
+        Framing::Length => frame::encode(d, out).is_ok(),
+        Framing::WsNode | Framing::WsHub => ws::encode(d, masks.next(), out),
+    };
+    if ok {
         c.bytes_out.fetch_add(d.len() as u64, Relaxed);
+    }
+}
+
+/// WebSocket masking keys for a node's frames: unpredictable (RFC 6455
+/// 5.3), drawn from the system's random source 64 at a time. Off at the
+/// hub, which does not mask.
+struct Masks {
+    on: bool,
+    pool: [u8; 256],
+    at: usize,
+}
+
+impl Masks {
+    fn new(on: bool) -> Masks {
+        Masks {
+            on,
+            pool: [0; 256],
+            at: 256,
+        }
+    }
+
+    fn next(&mut self) -> Option<[u8; 4]> {
+        use ring::rand::SecureRandom as _;
+        if !self.on {
+            return None;
+        }
+        if self.at + 4 > self.pool.len() {
+            // The system's source does not fail on Linux; were it to, the
+            // old pool is used again (masking is no secret, only a guard
+            // against caches in intermediaries).
+            let _ = ring::rand::SystemRandom::new().fill(&mut self.pool);
+            self.at = 0;
+        }
+        let k = self
+            .pool
+            .get(self.at..self.at + 4)
+            .and_then(|s| <[u8; 4]>::try_from(s).ok());
+        self.at += 4;
+        k.or(Some([0x5a, 0xa5, 0x3c, 0xc3]))
     }
 }
 
@@ -298,6 +409,22 @@ impl Hub {
                 return;
             }
         };
+        self.carry(tls, client, Framing::Length).await;
+    }
+
+    /// Serves one WebSocket carried tunnel (the hub's HTTP listener
+    /// answered the opening request with 101) until it ends.
+    pub async fn serve_ws<IO>(&self, io: IO, client: SocketAddr)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.carry(io, client, Framing::WsHub).await;
+    }
+
+    async fn carry<IO>(&self, stream: IO, client: SocketAddr, framing: Framing)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let udp = match local_socket((self.device)()).await {
             Ok(u) => u,
             Err(e) => {
@@ -307,11 +434,11 @@ impl Hub {
             }
         };
         let local = udp.local_addr().ok();
-        debug!(client = %client, relay = ?local, "carried tunnel open");
+        debug!(client = %client, relay = ?local, ?framing, "carried tunnel open");
         let mut stop = self.stop.subscribe();
         let t = Instant::now();
         let end = tokio::select! {
-            e = relay(tls, &udp, IDLE, FIRST, &self.counters) => e,
+            e = relay_framed(stream, &udp, IDLE, FIRST, &self.counters, framing) => e,
             _ = stop.wait_for(|s| *s) => End::Stopped,
         };
         let secs = t.elapsed().as_secs();
@@ -319,7 +446,7 @@ impl Hub {
         if end == End::Silent {
             debug!(client = %client, relay = ?local, end = ?end, secs, "carried tunnel closed");
         } else {
-            info!(client = %client, relay = ?local, end = ?end, secs, "carried tunnel closed");
+            info!(client = %client, relay = ?local, ?framing, end = ?end, secs, "carried tunnel closed");
         }
     }
 }
@@ -445,6 +572,102 @@ pub async fn connect(
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
 }
 
+/// A byte stream of any kind (plain TCP or TLS), for a WebSocket carrier.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where a WebSocket carrier goes: `ws://` or `wss://`, the `Host` header
+/// and the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsTarget {
+    /// `wss://`: TLS first (the certificate is not checked: WireGuard
+    /// inside authenticates the hub).
+    pub tls: bool,
+    /// The URL's authority, sent as `Host`.
+    pub host_header: String,
+    /// The URL's path.
+    pub path: String,
+    /// The URL as written, for `gatewire show`.
+    pub url: String,
+}
+
+/// The node's side: TLS client settings for WebSocket carriers (ALPN
+/// `http/1.1`, which TLS-terminating intermediaries speak).
+pub fn ws_client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = crate::proxy::upstream::provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::proxy::upstream::DangerNoVerify(
+            provider,
+        )))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Opens a WebSocket carried tunnel: TCP as `dial` says, TLS naming `host`
+/// for `wss://`, then the opening handshake for `target`; within
+/// `timeout`. Frames the hub sent right after its answer are kept.
+pub async fn connect_ws(
+    cfg: Arc<rustls::ClientConfig>,
+    dial: &Dial,
+    host: &str,
+    target: &WsTarget,
+    timeout: Duration,
+) -> io::Result<crate::proxy::io::Prefixed<Box<dyn Io>>> {
+    use ring::rand::SecureRandom as _;
+    let work = async {
+        let tcp = dial_tcp(dial).await?;
+        let mut stream: Box<dyn Io> = if target.tls {
+            let name = match host.parse::<IpAddr>() {
+                Ok(ip) => ServerName::IpAddress(ip.into()),
+                Err(_) => ServerName::try_from(host.to_string())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            };
+            Box::new(
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?,
+            )
+        } else {
+            Box::new(tcp)
+        };
+        let mut random = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut random)
+            .map_err(|_| io::Error::other("no random bytes for the WebSocket key"))?;
+        let key = ws::client_key(random);
+        stream
+            .write_all(&ws::request(&target.host_header, &target.path, &key))
+            .await?;
+        stream.flush().await?;
+        let mut reply = Vec::new();
+        loop {
+            let mut chunk = [0u8; 2048];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before answering the WebSocket request",
+                ));
+            }
+            reply.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            match ws::parse_response(&reply, &key) {
+                Ok(Some(len)) => {
+                    let rest = reply.split_off(len.min(reply.len()));
+                    return Ok(crate::proxy::io::Prefixed::new(rest, stream));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +678,70 @@ mod tests {
 
     /// Datagrams cross a relay both ways, batched writes split back into
     /// the same datagrams; a broken frame ends it, counted.
+    /// A node's and a hub's WebSocket relays joined by a stream carry
+    /// datagrams both ways; a ping from an intermediary is answered with a
+    /// pong; an unmasked frame towards the hub ends its relay.
+    #[tokio::test]
+    async fn websocket_relays_carry_datagrams_and_answer_pings() {
+        let node_dev = device().await;
+        let hub_dev = device().await;
+        let nu = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
+        let hu = local_socket(hub_dev.local_addr().unwrap()).await.unwrap();
+        let (n_addr, h_addr) = (nu.local_addr().unwrap(), hu.local_addr().unwrap());
+        let (a, b) = tokio::io::duplex(4096);
+        let c = Arc::new(Counters::default());
+        let (c1, c2) = (c.clone(), c.clone());
+        let node =
+            tokio::spawn(
+                async move { relay_framed(a, &nu, IDLE, IDLE, &c1, Framing::WsNode).await },
+            );
+        let hub =
+            tokio::spawn(
+                async move { relay_framed(b, &hu, IDLE, IDLE, &c2, Framing::WsHub).await },
+            );
+        let mut d = [0u8; 2048];
+        for (from, from_addr, to, to_addr) in [
+            (&node_dev, n_addr, &hub_dev, h_addr),
+            (&hub_dev, h_addr, &node_dev, n_addr),
+        ] {
+            for msg in [&b"handshake"[..], &[7u8; 1400]] {
+                from.send_to(msg, from_addr).await.unwrap();
+                let (n, src) = to.recv_from(&mut d).await.unwrap();
+                assert_eq!((&d[..n], src), (msg, to_addr));
+            }
+        }
+        node.abort();
+        hub.abort();
+
+        // A hub relay and a raw client: ping, then an unmasked frame.
+        let dev = device().await;
+        let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
+        let (near, mut far) = tokio::io::duplex(4096);
+        let c = Arc::new(Counters::default());
+        let c3 = c.clone();
+        let task =
+            tokio::spawn(
+                async move { relay_framed(near, &udp, IDLE, IDLE, &c3, Framing::WsHub).await },
+            );
+        // A masked ping "hi" (mask 0).
+        far.write_all(&[0x89, 0x82, 0, 0, 0, 0, b'h', b'i'])
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4];
+        far.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            buf,
+            [0x8A, 0x02, b'h', b'i'],
+            "an unmasked pong from the hub"
+        );
+        far.write_all(&[0x82, 0x01, 1]).await.unwrap();
+        assert_eq!(
+            task.await.unwrap(),
+            End::BadWsFrame(ws::WsError::Frame("an unmasked frame from a node"))
+        );
+        assert_eq!(c.snapshot().bad_frames, 1);
+    }
+
     #[tokio::test]
     async fn relay_carries_datagrams_both_ways_and_stops_on_a_bad_frame() {
         let dev = device().await;

@@ -621,6 +621,48 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
         })
 }
 
+/// Answers a node's WebSocket opening request for a carried tunnel (`101`,
+/// then the tunnel runs on the upgraded connection), or refuses it (`400`,
+/// counted as a failed carried tunnel).
+fn ws_tunnel(
+    hub: Arc<crate::carrier::Hub>,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    use crate::carrier::ws;
+    let accept = match ws::check_request(req.method(), req.uri().path(), req.headers()) {
+        Ok(a) => a,
+        Err(why) => {
+            hub.counters
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(%client, why, "WebSocket tunnel refused");
+            return text(StatusCode::BAD_REQUEST, &format!("400 bad request: {why}"));
+        }
+    };
+    let Ok(accept) = HeaderValue::from_str(&accept) else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal error");
+    };
+    let upgraded = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(io) => hub.serve_ws(TokioIo::new(io), client).await,
+            Err(e) => debug!(%client, error = %e, "WebSocket tunnel: upgrade failed"),
+        }
+    });
+    let mut r = Response::new(empty_body());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(ws::PROTOCOL),
+    );
+    r
+}
+
 /// Routes, rewrites and forwards one request; notes the route and backend in
 /// `rec`.
 async fn proxy_request(
@@ -641,6 +683,13 @@ async fn proxy_request(
                 HeaderValue::from_static("application/octet-stream"),
             );
             return Ok(r);
+        }
+    }
+    // A node's tunnel carried over WebSocket, on any host (like ACME
+    // challenges): the hub's own, not a route's.
+    if req.uri().path() == crate::carrier::ws::PATH && req.headers().contains_key(header::UPGRADE) {
+        if let Some(hub) = shared.carrier.clone() {
+            return Ok(ws_tunnel(hub, conn.client, req));
         }
     }
     let Some((authority, host)) = request_host(&req) else {

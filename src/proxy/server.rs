@@ -141,7 +141,7 @@ pub struct Shared {
     /// Load balancers whose connections start with a PROXY header.
     proxy_protocol_from: Option<Access>,
     /// Nodes' tunnels carried over TLS (ALPN [`crate::carrier::ALPN`]).
-    carrier: Option<Arc<crate::carrier::Hub>>,
+    pub(crate) carrier: Option<Arc<crate::carrier::Hub>>,
 }
 
 /// The access-log entry of one connection or request; written when dropped,
