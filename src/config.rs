@@ -551,9 +551,11 @@ impl NodeConfig {
                 .map(|u| ws_url(u).map_err(|m| ctx.err(format!("{what} websocket `{u}`: {m}"))))
                 .transpose()?;
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
-                Some(_) if websocket.is_some() => return Err(ctx.err(format!(
+                Some(_) if websocket.is_some() => {
+                    return Err(ctx.err(format!(
                     "{what}: set websocket or tls_endpoint, not both (the URL names the endpoint)"
-                ))),
+                )))
+                }
                 None if websocket.is_some() => websocket
                     .as_ref()
                     .map(|(_, ep)| ep.clone())
@@ -687,25 +689,63 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
     } else {
         return Err("expected ws://host[:port][/path] or wss://...".into());
     };
-    let (authority, path) = match rest.find('/') {
+    let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
         None => (rest, crate::carrier::ws::PATH),
     };
     if authority.contains('@') {
         return Err("no user information in the URL".into());
     }
+    if !path.starts_with('/') {
+        return Err("a query or fragment without a path".into());
+    }
     if path.chars().any(|c| c.is_whitespace() || c.is_control()) || path.contains('#') {
         return Err("the path holds spaces, control characters or a fragment".into());
     }
-    let default = if tls { 443 } else { 80 };
-    let endpoint = if crate::carrier::split_host_port(authority).is_some() {
-        authority.to_string()
-    } else {
-        format!("{authority}:{default}")
+    // host, [v6], host:port or [v6]:port; the port 1 to 65535.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(r) => match r.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err("expected [address]:port".into()),
+            },
+            None => return Err("an IPv6 address without its `]`".into()),
+        },
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
     };
-    if crate::carrier::split_host_port(&endpoint).is_none() || authority.is_empty() {
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '[' | ']' | ':' | '/'))
+            && !authority.starts_with('[')
+    {
         return Err("expected a host, and a port if not the default".into());
     }
+    if authority.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err("not an IPv6 address between the brackets".into());
+    }
+    let port = match port {
+        None => {
+            if tls {
+                443
+            } else {
+                80
+            }
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("port `{p}`: expected 1 to 65535")),
+        },
+    };
+    let endpoint = if authority.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     Ok((
         crate::carrier::WsTarget {
             tls,
@@ -1248,11 +1288,25 @@ mod tests {
             node("websocket = \"ws://10.0.0.1\"\n").unwrap().hubs[0].tls_endpoint,
             "10.0.0.1:80"
         );
+        let c = node("websocket = \"wss://[2001:db8::7]/wg?t=1\"\n").unwrap();
+        assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::7]:443");
+        assert_eq!(c.hubs[0].websocket.as_ref().unwrap().path, "/wg?t=1");
         for (extra, says) in [
             ("websocket = \"https://edge\"\n", "expected ws://host"),
             ("websocket = \"wss://u:p@edge\"\n", "no user information"),
             ("websocket = \"wss://edge/a b\"\n", "spaces"),
             ("websocket = \"wss:///x\"\n", "expected a host"),
+            ("websocket = \"wss://:443\"\n", "expected a host"),
+            ("websocket = \"wss://edge:0\"\n", "port `0`"),
+            ("websocket = \"wss://edge:99999\"\n", "port `99999`"),
+            ("websocket = \"wss://edge:\"\n", "port ``"),
+            (
+                "websocket = \"wss://edge?t=x\"\n",
+                "a query or fragment without a path",
+            ),
+            ("websocket = \"wss://[::1\"\n", "without its `]`"),
+            ("websocket = \"wss://[edge]:443\"\n", "not an IPv6 address"),
+            ("websocket = \"wss://a:b:c\"\n", "port `b:c`"),
             (
                 "websocket = \"wss://edge\"\ntls_endpoint = \"edge:443\"\n",
                 "not both",

@@ -97,8 +97,12 @@ check "a WebSocket request for another subprotocol gets 400" \
     test "$(code -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
         -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Sec-WebSocket-Protocol: chat' \
         "http://$HUB4$WSPATH")" = 400
-check "and is counted as a failed carried tunnel" eval \
-    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.failed == $failed0 + 1' >/dev/null"
+check "one for another WebSocket version gets 426" \
+    test "$(code -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 8' \
+        -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Sec-WebSocket-Protocol: gatewire-wg' \
+        "http://$HUB4$WSPATH")" = 426
+check "both are counted as failed carried tunnels" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.failed == $failed0 + 2' >/dev/null"
 
 # --- the hub restarts: the stream ends, n1 comes back by itself
 lab_stop hub

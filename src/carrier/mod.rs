@@ -39,6 +39,11 @@ pub const IDLE: Duration = Duration::from_secs(180);
 /// A hub closes a stream that brought no datagram this long after its TLS
 /// handshake (a node sends its handshake initiation at once).
 pub const FIRST: Duration = Duration::from_secs(15);
+/// Most carried tunnels a hub holds at once (over TLS and WebSocket
+/// together); beyond, new ones are refused (counted as failed). Each holds a
+/// task, a loopback socket and its buffers for as long as it lives, which
+/// a WebSocket one does after its HTTP connection has ended.
+pub const MAX_CARRIED: usize = 8192;
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
 /// The largest datagram read from a device: a WireGuard message of a
@@ -185,8 +190,9 @@ where
     let heard = std::sync::atomic::AtomicBool::new(false);
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    // Pings from the other end (or an intermediary), answered by the writer.
-    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    // Pings from the other end (or an intermediary), answered by the
+    // writer; a close, answered by the writer before the relay ends.
+    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(4);
     let down = async {
         let mut buf = BytesMut::with_capacity(START);
         let mut wsd = ws::Decoder::new(framing == Framing::WsHub);
@@ -212,10 +218,17 @@ where
                         Ok(Some(ws::Msg::Data(d))) => d,
                         Ok(Some(ws::Msg::Ping(p))) => {
                             // A full queue of pongs: this one is not needed.
-                            let _ = pong_tx.try_send(p);
+                            let _ = pong_tx.try_send(Some(p));
                             continue;
                         }
-                        Ok(Some(ws::Msg::Close)) => return End::Closed,
+                        Ok(Some(ws::Msg::Close)) => {
+                            // The writer answers and ends the relay; if it
+                            // cannot within a second, the relay ends anyway.
+                            if pong_tx.send(None).await.is_ok() {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            return End::Closed;
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             c.bad_frames.fetch_add(1, Relaxed);
@@ -244,8 +257,16 @@ where
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                     Err(e) => return End::Local(e.kind()),
                 },
-                Some(p) = pong_rx.recv() => {
-                    ws::pong(&p, masks.next(), &mut out);
+                Some(ctrl) = pong_rx.recv() => {
+                    match ctrl {
+                        Some(p) => ws::pong(&p, masks.next(), &mut out),
+                        None => {
+                            ws::close(masks.next(), &mut out);
+                            let _ = wr.write_all(&out).await;
+                            let _ = wr.flush().await;
+                            return End::Closed;
+                        }
+                    }
                     None
                 }
             };
@@ -359,6 +380,8 @@ pub struct Hub {
     pub counters: Counters,
     /// Set when the hub stops: every carried tunnel closes.
     stop: tokio::sync::watch::Sender<bool>,
+    /// One permit per carried tunnel ([`MAX_CARRIED`]).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -382,7 +405,18 @@ impl Hub {
             device: Box::new(device),
             counters: Counters::default(),
             stop: tokio::sync::watch::channel(false).0,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CARRIED)),
         })
+    }
+
+    /// A slot for one more carried tunnel, or `None` (counted as failed)
+    /// when [`MAX_CARRIED`] are open.
+    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let s = self.slots.clone().try_acquire_owned().ok();
+        if s.is_none() {
+            self.counters.failed.fetch_add(1, Relaxed);
+        }
+        s
     }
 
     /// Closes every carried tunnel (the hub is stopping).
@@ -396,6 +430,10 @@ impl Hub {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        let Some(_slot) = self.try_slot() else {
+            debug!(client = %client, "carried tunnel refused: {MAX_CARRIED} open");
+            return;
+        };
         let tls = match tokio::time::timeout(handshake, self.acceptor.accept(io)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -413,12 +451,18 @@ impl Hub {
     }
 
     /// Serves one WebSocket carried tunnel (the hub's HTTP listener
-    /// answered the opening request with 101) until it ends.
-    pub async fn serve_ws<IO>(&self, io: IO, client: SocketAddr)
-    where
+    /// answered the opening request with 101, holding `slot` from
+    /// [`Hub::try_slot`]) until it ends.
+    pub async fn serve_ws<IO>(
+        &self,
+        io: IO,
+        client: SocketAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         self.carry(io, client, Framing::WsHub).await;
+        drop(slot);
     }
 
     async fn carry<IO>(&self, stream: IO, client: SocketAddr, framing: Framing)

@@ -46,6 +46,11 @@ impl WsError {
     }
 }
 
+/// True if a request target (`/path?query`) is the tunnel path.
+pub fn is_tunnel_target(target: &str) -> bool {
+    target.split('?').next() == Some(PATH)
+}
+
 /// `Sec-WebSocket-Key` from 16 random bytes.
 pub fn client_key(random: [u8; 16]) -> String {
     use base64::Engine as _;
@@ -83,7 +88,8 @@ fn has_token(v: &str, token: &str) -> bool {
 /// follows is already frames).
 pub fn parse_response(buf: &[u8], key: &str) -> Result<Option<usize>, WsError> {
     let bad = |m: String| Err(WsError::Handshake(m));
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    // Intermediaries add headers of their own.
+    let mut headers = [httparse::EMPTY_HEADER; 96];
     let mut r = httparse::Response::new(&mut headers);
     let len = match r.parse(buf) {
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER => {
@@ -130,7 +136,7 @@ pub fn check_request(
     if method != http::Method::GET {
         return Err("not a GET");
     }
-    if path != PATH {
+    if !is_tunnel_target(path) {
         return Err("not the tunnel path");
     }
     let get = |n: http::header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
@@ -146,7 +152,7 @@ pub fn check_request(
         return Err("no Connection: Upgrade");
     }
     if get(http::header::SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
-        return Err("not WebSocket version 13");
+        return Err(VERSION_REFUSED);
     }
     if !headers
         .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
@@ -165,6 +171,10 @@ pub fn check_request(
         _ => Err("a Sec-WebSocket-Key that is not 16 bytes in base64"),
     }
 }
+
+/// [`check_request`]'s refusal of another WebSocket version (answered with
+/// `426` and `Sec-WebSocket-Version: 13`, as RFC 6455 4.4 asks).
+pub const VERSION_REFUSED: &str = "not WebSocket version 13";
 
 const OP_CONT: u8 = 0x0;
 const OP_BINARY: u8 = 0x2;
@@ -212,6 +222,12 @@ pub fn pong(payload: &[u8], mask: Option<[u8; 4]>, out: &mut BytesMut) {
     put_frame(OP_PONG, payload.get(..125).unwrap_or(payload), mask, out);
 }
 
+/// Appends a close frame (status 1000, normal closure), answering the
+/// other end's or closing first.
+pub fn close(mask: Option<[u8; 4]>, out: &mut BytesMut) {
+    put_frame(OP_CLOSE, &1000u16.to_be_bytes(), mask, out);
+}
+
 /// What [`Decoder::decode`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -256,6 +272,8 @@ impl Decoder {
                 OP_BINARY if self.partial.is_some() => {
                     return Err(WsError::Frame("a new message inside a fragmented one"))
                 }
+                // No WireGuard message is empty; RFC 6455 allows them.
+                OP_BINARY if fin && payload.is_empty() => continue,
                 OP_BINARY if fin => return Ok(Some(Msg::Data(payload))),
                 OP_BINARY => self.partial = Some(BytesMut::from(payload.as_ref())),
                 OP_CONT => {
@@ -268,6 +286,9 @@ impl Decoder {
                     p.extend_from_slice(&payload);
                     if fin {
                         let whole = self.partial.take().unwrap_or_default();
+                        if whole.is_empty() {
+                            continue;
+                        }
                         return Ok(Some(Msg::Data(whole.freeze())));
                     }
                 }
@@ -505,6 +526,17 @@ mod tests {
         // A close.
         let mut b = BytesMut::from(&[0x88u8, 0x00][..]);
         assert_eq!(Decoder::new(false).decode(&mut b), Ok(Some(Msg::Close)));
+        // Empty messages (whole or in fragments) are skipped.
+        let mut b = BytesMut::from(&[0x82u8, 0x00, 0x02, 0x00, 0x80, 0x00, 0x82, 0x01, 5][..]);
+        assert_eq!(
+            Decoder::new(false).decode(&mut b),
+            Ok(Some(Msg::Data(Bytes::from_static(&[5]))))
+        );
+        let mut out = BytesMut::new();
+        close(None, &mut out);
+        assert_eq!(&out[..], &[0x88, 0x02, 0x03, 0xE8]);
+        assert!(is_tunnel_target("/.well-known/gatewire/wg?x=1"));
+        assert!(!is_tunnel_target("/.well-known/gatewire/wgx"));
     }
 
     #[test]

@@ -630,23 +630,42 @@ fn ws_tunnel(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     use crate::carrier::ws;
-    let accept = match ws::check_request(req.method(), req.uri().path(), req.headers()) {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let accept = match ws::check_request(req.method(), target, req.headers()) {
         Ok(a) => a,
         Err(why) => {
             hub.counters
                 .failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             debug!(%client, why, "WebSocket tunnel refused");
+            if why == ws::VERSION_REFUSED {
+                let mut r = text(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "426 upgrade required: WebSocket version 13",
+                );
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                return r;
+            }
             return text(StatusCode::BAD_REQUEST, &format!("400 bad request: {why}"));
         }
     };
     let Ok(accept) = HeaderValue::from_str(&accept) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal error");
     };
+    let Some(slot) = hub.try_slot() else {
+        debug!(%client, "WebSocket tunnel refused: the hub's carried tunnels are at their limit");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: too many carried tunnels",
+        );
+    };
     let upgraded = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgraded.await {
-            Ok(io) => hub.serve_ws(TokioIo::new(io), client).await,
+            Ok(io) => hub.serve_ws(TokioIo::new(io), client, slot).await,
             Err(e) => debug!(%client, error = %e, "WebSocket tunnel: upgrade failed"),
         }
     });

@@ -1225,6 +1225,9 @@ async fn http_via_mesh(
             if scan {
                 match sniff_http_host_capped(&first, cap) {
                     Err(SniffError::Incomplete) => {}
+                    // A node's WebSocket tunnel is this hub's, whatever
+                    // the host.
+                    Ok(h) if crate::carrier::ws::is_tunnel_target(h.target) => return Some(None),
                     Ok(h) => return Some(h.host_name().cloned()),
                     // Hyper answers what it cannot parse.
                     Err(_) => return Some(None),
