@@ -1753,12 +1753,14 @@ mod tests {
                 "--forward-auth",
                 "http://100.64.1.9:4180/auth",
                 "--forward-auth-header",
-                "x-auth-request-user,x-auth-request-email"
+                "x-auth-request-user,x-auth-request-email",
+                "--bandwidth",
+                "20 Mbit/s"
             ])
             .body,
             Some(json!({"name": "admin", "backends": ["a:1"],
                 "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"],
-                "rate_limit": 10, "rate_burst": 30,
+                "rate_limit": 10, "rate_burst": 30, "bandwidth": "20 Mbit/s",
                 "basic_auth_file": "/etc/gatewire/admin.htpasswd",
                 "forward_auth": "http://100.64.1.9:4180/auth",
                 "forward_auth_headers": ["x-auth-request-user", "x-auth-request-email"]}))
