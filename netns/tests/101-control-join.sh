@@ -16,7 +16,8 @@
 #     route is unchanged (one backend, only n1 answers). n2's `private`
 #     service declares `deny = [pub's address]`: the route carries the rule and
 #     pub gets 403. After
-#     `ctl name set blog --owner K1 --owner K2 --replicas`, n2 becomes a second
+#     `ctl name set blog --owner K1 --owner K2 --replicas --bandwidth "2 Mbit/s"`,
+#     the route gets that limit, and n2 becomes a second
 #     backend and requests are balanced over both. Removing the service from
 #     n2's config withdraws n2 again; the route keeps n1 alone.
 # timeout: 240
@@ -196,9 +197,14 @@ private_code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "private.$DOMAIN:8
 assert_eq "pub's IPv4 address is refused by the node's rule (403)" 403 "$private_code"
 
 # The owner allows replicas and adds n2's key.
-must "ctl name set blog with both owners and replicas" \
-    ctl name set blog --owner "$K1" --owner "$K2" --replicas
+must "ctl name set blog with both owners, replicas and a bandwidth" \
+    ctl name set blog --owner "$K1" --owner "$K2" --replicas --bandwidth "2 Mbit/s"
 must "blog gets n2 as a second backend" wait_for 35 eval '[ "$(backends | jq -r length)" = 2 ]'
+check "the name's bandwidth reaches its route's spec" \
+    eval '[ "$(ctl --json route show blog | jq -r .spec.bandwidth)" = "2 Mbit/s" ]'
+check "and the running route (250000 bytes/s in gatewire show)" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].proxy.routes[] | select(.route == \"name:blog\") | .bandwidth == 250000' >/dev/null"
+check "an unreadable bandwidth is refused" not ctl name set blog --owner "$K1" --bandwidth fast
 check "the second backend is n2's overlay address" eval 'backends | grep -q "$N2OV"'
 must "blog is balanced over n1 and n2" wait_for 10 eval '[ "$(blog_seen 10)" = "n1 n2" ]'
 must "n2 logs blog active" wait_for 35 grep -q 'service active.*service=name:blog' "$(lab_logfile n2)"
@@ -223,6 +229,7 @@ gw_restart_hub hub
 must "control socket answers after the restart" wait_for 10 api_up
 check "both peers kept" eval '[ "$(ctl --json peers | jq length)" = 2 ]'
 check "blog owners kept" eval '[ "$(ctl --json names | jq -r ".[] | select(.name == \"blog\") | .owners | length")" = 2 ]'
+check "and its bandwidth" eval '[ "$(ctl --json names | jq -r ".[] | select(.name == \"blog\") | .bandwidth")" = "2 Mbit/s" ]'
 must "blog still served by n1 after the restart" wait_for 20 eval '[ "$(blog)" = n1 ]'
 check "the used token is still refused after the restart" \
     not lab_exec n2 "$GATEWIRE" node join "$TOKEN1" --config "$GW_TMP/reuse2/node.toml"

@@ -432,7 +432,7 @@ async fn route(
                     .names
                     .iter()
                     .map(|(n, r)| {
-                        json!({"name": n, "owners": r.owners, "replicas": r.replicas, "expires": r.expires})
+                        json!({"name": n, "owners": r.owners, "replicas": r.replicas, "expires": r.expires, "bandwidth": r.bandwidth})
                     })
                     .collect(),
             )),
@@ -446,7 +446,7 @@ async fn route(
                     c.mutate(|s, ctx| s.set_name(ctx, &name, rec)).await?;
                     let st = c.state();
                     let r = st.names.get(&name);
-                    Ok(Answer::ok(json!({"name": name, "owners": r.map(|r| &r.owners), "replicas": r.map(|r| r.replicas), "expires": r.and_then(|r| r.expires)})))
+                    Ok(Answer::ok(json!({"name": name, "owners": r.map(|r| &r.owners), "replicas": r.map(|r| r.replicas), "expires": r.and_then(|r| r.expires), "bandwidth": r.and_then(|r| r.bandwidth.as_ref())})))
                 }
                 Method::DELETE => {
                     c.mutate(|s, _| s.delete_name(&name)).await?;

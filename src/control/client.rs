@@ -291,6 +291,9 @@ pub enum NameCmd {
         /// Expiry, Unix seconds.
         #[arg(long, value_name = "UNIX")]
         expires: Option<u64>,
+        /// The bandwidth limit of the name's services (`"20 Mbit/s"`).
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
     },
     /// Delete a name.
     Delete { name: String },
@@ -607,9 +610,13 @@ pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
                 owners,
                 replicas,
                 expires,
+                bandwidth,
             } => {
                 let mut body = Map::new();
                 body.insert("owners".into(), strings(owners));
+                if let Some(b) = bandwidth {
+                    body.insert("bandwidth".into(), b.clone().into());
+                }
                 if let Some(r) = replicas {
                     body.insert("replicas".into(), (*r).into());
                 }
@@ -1172,10 +1179,14 @@ pub fn names_table(v: &Value, now: u64) -> String {
                 text(n.get("owners")),
                 text(n.get("replicas")),
                 time_field(n.get("expires"), now, "never"),
+                text(n.get("bandwidth")),
             ]
         })
         .collect();
-    table(&["NAME", "OWNERS", "REPLICAS", "EXPIRES"], &rows)
+    table(
+        &["NAME", "OWNERS", "REPLICAS", "EXPIRES", "BANDWIDTH"],
+        &rows,
+    )
 }
 
 /// Tokens: id, names, replicas, expiry.
@@ -2029,6 +2040,22 @@ mod tests {
                 Some(json!({"owners": [KEY]}))
             )
         );
+        assert_eq!(
+            req(&[
+                "name",
+                "set",
+                "blog",
+                "--owner",
+                KEY,
+                "--bandwidth",
+                "5 MB/s"
+            ]),
+            Request::new(
+                "PUT",
+                "/v1/names/blog".into(),
+                Some(json!({"owners": [KEY], "bandwidth": "5 MB/s"}))
+            )
+        );
         assert!(
             TestCli::try_parse_from(["ctl", "name", "set", "blog"]).is_err(),
             "--owner required"
@@ -2250,19 +2277,20 @@ mod tests {
 
     #[test]
     fn names_tokens_status_render() {
-        let v = json!([{"name": "blog", "owners": [KEY, KEY2], "replicas": true, "expires": NOW + 3600},
+        let v = json!([{"name": "blog", "owners": [KEY, KEY2], "replicas": true, "expires": NOW + 3600,
+                        "bandwidth": "20 Mbit/s"},
                        {"name": "shop.example.com", "owners": [KEY], "replicas": false}]);
         let t = names_table(&v, NOW);
         assert!(
             t.contains(&format!(
-                "blog              {KEY},{KEY2}  yes       in 1h0m"
+                "blog              {KEY},{KEY2}  yes       in 1h0m  20 Mbit/s"
             )),
             "{t}"
         );
         assert!(
             t.lines()
                 .nth(2)
-                .is_some_and(|l| l.ends_with("no        never")),
+                .is_some_and(|l| l.ends_with("no        never    -")),
             "{t}"
         );
         let v = json!([{"id": "0123456789abcdef", "names": ["blog"], "replicas": false, "created": NOW - 10, "expires": NOW - 5}]);

@@ -112,6 +112,10 @@ pub struct NameRecord {
     /// Unix seconds; routes outlive it by the registry's grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
+    /// The `bandwidth` of the routes and forwards the name's services get
+    /// (`"20 Mbit/s"`): what the name's plan allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
 }
 
 /// A join token as the hub keeps it: the secret only as a hash.
@@ -563,6 +567,10 @@ impl State {
         if owners.len() > 1 && !rec.replicas {
             return Err(Error::bad("owners: several owners need `replicas: true`"));
         }
+        if let Some(b) = &rec.bandwidth {
+            crate::proxy::bandwidth::parse_rate(b)
+                .map_err(|e| Error::bad(format!("bandwidth {e}")))?;
+        }
         let rec = NameRecord { owners, ..rec };
         if self.names.get(&name) == Some(&rec) {
             return Ok(());
@@ -699,6 +707,7 @@ impl State {
                             owners: vec![key.clone()],
                             replicas,
                             expires: None,
+                            bandwidth: None,
                         },
                     );
                 }
@@ -892,6 +901,11 @@ impl State {
         }
         for (host, (d, backends, _keys)) in groups {
             let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+            // The grant's limit, for every service under the name.
+            let bandwidth = d
+                .registry_name()
+                .and_then(|n| self.names.get(n))
+                .and_then(|r| r.bandwidth.clone());
             match d.protocol {
                 Protocol::Http => {
                     let passthrough = d.tls.as_deref() == Some("passthrough");
@@ -906,6 +920,7 @@ impl State {
                         acme: acme && !passthrough,
                         allow: d.allow.clone(),
                         deny: d.deny.clone(),
+                        bandwidth,
                         ..RawRoute::default()
                     });
                 }
@@ -915,6 +930,7 @@ impl State {
                     proxy_protocol: d.proxy_protocol.then_some(RawPp::Bool(true)),
                     allow: d.allow.clone(),
                     deny: d.deny.clone(),
+                    bandwidth,
                     ..RawTcp::default()
                 }),
                 Protocol::Udp => ev.udp.push(RawUdp {
@@ -923,6 +939,7 @@ impl State {
                     proxy_protocol: d.proxy_protocol.then_some(RawPp::Bool(true)),
                     allow: d.allow.clone(),
                     deny: d.deny.clone(),
+                    bandwidth,
                     ..RawUdp::default()
                 }),
             }

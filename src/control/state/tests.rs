@@ -249,6 +249,7 @@ fn a_name_the_mesh_holds_for_another_node_is_not_granted() {
         owners: vec![owner.into()],
         replicas: false,
         expires: None,
+        bandwidth: None,
     };
     let err = s.set_name(&c(1), "blog", rec(K1)).unwrap_err();
     assert_eq!(err.status, 409);
@@ -325,11 +326,27 @@ fn services_follow_ownership_and_replicas() {
             owners: vec![K1.into(), K2.into()],
             replicas: true,
             expires: None,
+            bandwidth: Some("20 Mbit/s".into()),
         },
     )
     .unwrap();
     let ev = s.evaluate(&ctx(&e, 5), &reg, false);
     assert_eq!(ev.routes[0].backends.len(), 2);
+    // The grant's bandwidth goes to the route of its services.
+    assert_eq!(ev.routes[0].bandwidth.as_deref(), Some("20 Mbit/s"));
+    let bad = s.set_name(
+        &ctx(&e, 5),
+        "blog",
+        NameRecord {
+            owners: vec![K1.into()],
+            replicas: false,
+            expires: None,
+            bandwidth: Some("fast".into()),
+        },
+    );
+    let bad = bad.unwrap_err();
+    assert_eq!(bad.status, 400);
+    assert!(bad.message.contains("bandwidth `fast`"), "{bad}");
     assert!(ev.statuses[K2].iter().all(|s| s.status == "active"));
     // Expiry with grace.
     s.set_name(
@@ -339,6 +356,7 @@ fn services_follow_ownership_and_replicas() {
             owners: vec![K1.into(), K2.into()],
             replicas: true,
             expires: Some(10),
+            bandwidth: None,
         },
     )
     .unwrap();
@@ -439,6 +457,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
             owners: vec![K3.into()],
             replicas: false,
             expires: None,
+            bandwidth: None,
         },
     )
     .unwrap();
