@@ -130,7 +130,8 @@ must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov
 
 # --- backends on n1, bound to its IPv6 overlay address only
 lab_bg n1 web python3 "$GW_LIB_DIR/tools/echo-headers.py" "$N1V6" 8080 "$MARK"
-lab_bg n1 tcpecho socat "TCP6-LISTEN:7000,bind=[$N1V6],fork,reuseaddr" PIPE
+# (socat's PIPE echo can deadlock on the 1 MiB echoes below)
+lab_bg n1 tcpecho python3 "$GW_LIB_DIR/tools/tcpecho.py" "$N1V6" 7000
 lab_bg n1 udpecho socat "UDP6-LISTEN:5300,bind=[$N1V6],fork,reuseaddr" PIPE
 must "HTTP backend listening on n1's overlay address" \
     wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q '$N1V6'"
