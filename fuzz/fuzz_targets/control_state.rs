@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
             owners: vec![K1.into()],
             replicas: false,
             expires: None,
-            bandwidth: None,
+            bandwidth: Some("20 Mbit/s".into()),
         },
     )
     .expect("name");

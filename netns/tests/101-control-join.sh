@@ -202,7 +202,7 @@ must "ctl name set blog with both owners, replicas and a bandwidth" \
 must "blog gets n2 as a second backend" wait_for 35 eval '[ "$(backends | jq -r length)" = 2 ]'
 check "the name's bandwidth reaches its route's spec" \
     eval '[ "$(ctl --json route show blog | jq -r .spec.bandwidth)" = "2 Mbit/s" ]'
-check "and the running route (250000 bytes/s in gatewire show)" eval \
+check "and the running route (250000 bytes/s in gatewire show)" wait_for 5 eval \
     "gw_show_json hub gw0 | jq -e '.interfaces[0].proxy.routes[] | select(.route == \"name:blog\") | .bandwidth == 250000' >/dev/null"
 check "an unreadable bandwidth is refused" not ctl name set blog --owner "$K1" --bandwidth fast
 check "the second backend is n2's overlay address" eval 'backends | grep -q "$N2OV"'
