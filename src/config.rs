@@ -703,6 +703,7 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
         return Err("the path holds spaces, control characters or a fragment".into());
     }
     // host, [v6], host:port or [v6]:port; the port 1 to 65535.
+    let bracketed = authority.starts_with('[');
     let (host, port) = match authority.strip_prefix('[') {
         Some(r) => match r.split_once(']') {
             Some((h, "")) => (h, None),
@@ -717,16 +718,13 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
             None => (authority, None),
         },
     };
-    if host.is_empty()
-        || host
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '[' | ']' | ':' | '/'))
-            && !authority.starts_with('[')
-    {
+    let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '[' | ']' | '/');
+    if bracketed {
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("not an IPv6 address between the brackets".into());
+        }
+    } else if host.is_empty() || host.chars().any(bad) {
         return Err("expected a host, and a port if not the default".into());
-    }
-    if authority.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
-        return Err("not an IPv6 address between the brackets".into());
     }
     let port = match port {
         None => {
@@ -741,7 +739,7 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
             _ => return Err(format!("port `{p}`: expected 1 to 65535")),
         },
     };
-    let endpoint = if authority.starts_with('[') {
+    let endpoint = if bracketed {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
@@ -1291,34 +1289,6 @@ mod tests {
         let c = node("websocket = \"wss://[2001:db8::7]/wg?t=1\"\n").unwrap();
         assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::7]:443");
         assert_eq!(c.hubs[0].websocket.as_ref().unwrap().path, "/wg?t=1");
-        for (extra, says) in [
-            ("websocket = \"https://edge\"\n", "expected ws://host"),
-            ("websocket = \"wss://u:p@edge\"\n", "no user information"),
-            ("websocket = \"wss://edge/a b\"\n", "spaces"),
-            ("websocket = \"wss:///x\"\n", "expected a host"),
-            ("websocket = \"wss://:443\"\n", "expected a host"),
-            ("websocket = \"wss://edge:0\"\n", "port `0`"),
-            ("websocket = \"wss://edge:99999\"\n", "port `99999`"),
-            ("websocket = \"wss://edge:\"\n", "port ``"),
-            (
-                "websocket = \"wss://edge?t=x\"\n",
-                "a query or fragment without a path",
-            ),
-            ("websocket = \"wss://[::1\"\n", "without its `]`"),
-            ("websocket = \"wss://[edge]:443\"\n", "not an IPv6 address"),
-            ("websocket = \"wss://a:b:c\"\n", "port `b:c`"),
-            (
-                "websocket = \"wss://edge\"\ntls_endpoint = \"edge:443\"\n",
-                "not both",
-            ),
-            (
-                "websocket = \"wss://edge\"\ntransport = \"udp\"\n",
-                "websocket needs transport",
-            ),
-        ] {
-            let e = node(extra).unwrap_err();
-            assert!(e.contains(says), "{extra}: {e}");
-        }
         let c = node("tls_proxy = \"http://gw:s%40cret@proxy.corp:3128\"\n").unwrap();
         assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
         let auth = c.hubs[0].tls_proxy_auth.as_ref().unwrap();
@@ -1385,6 +1355,29 @@ mod tests {
             (
                 "tls_proxy = \"http://proxy:3128/x\"\n",
                 "expected http://host:port",
+            ),
+            ("websocket = \"https://edge\"\n", "expected ws://host"),
+            ("websocket = \"wss://u:p@edge\"\n", "no user information"),
+            ("websocket = \"wss://edge/a b\"\n", "spaces"),
+            ("websocket = \"wss:///x\"\n", "expected a host"),
+            ("websocket = \"wss://:443\"\n", "expected a host"),
+            ("websocket = \"wss://edge:0\"\n", "port `0`"),
+            ("websocket = \"wss://edge:99999\"\n", "port `99999`"),
+            ("websocket = \"wss://edge:\"\n", "port ``"),
+            (
+                "websocket = \"wss://edge?t=x\"\n",
+                "a query or fragment without a path",
+            ),
+            ("websocket = \"wss://[::1\"\n", "without its `]`"),
+            ("websocket = \"wss://[edge]:443\"\n", "not an IPv6 address"),
+            ("websocket = \"wss://a:b:c\"\n", "port `b:c`"),
+            (
+                "websocket = \"wss://edge\"\ntls_endpoint = \"edge:443\"\n",
+                "not both",
+            ),
+            (
+                "websocket = \"wss://edge\"\ntransport = \"udp\"\n",
+                "websocket needs transport",
             ),
         ] {
             let e = node(extra).unwrap_err();

@@ -1005,25 +1005,10 @@ async fn tcp_forward_with_and_without_proxy_v2() {
     let (pp, mut seen) = tcp_backend(true).await;
     let mut s = settings(vec![]);
     s.tcp = vec![
+        tcp_forward(plain),
         TcpForwardSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            backends: vec![be(plain)],
-            proxy_protocol: ProxyProtocol::Off,
-            balance: Balance::default(),
-            tls: None,
-            access: Default::default(),
-            rate_limit: None,
-            bandwidth: None,
-        },
-        TcpForwardSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            backends: vec![be(pp)],
             proxy_protocol: ProxyProtocol::V2,
-            balance: Balance::default(),
-            tls: None,
-            access: Default::default(),
-            rate_limit: None,
-            bandwidth: None,
+            ..tcp_forward(pp)
         },
     ];
     let p = Proxy::start(s).await.unwrap();
@@ -1051,14 +1036,9 @@ async fn tcp_forward_terminates_tls() {
     let (pp, mut seen) = tcp_backend(true).await;
     let mut s = settings(vec![]);
     s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(pp)],
         proxy_protocol: ProxyProtocol::V2,
-        balance: Balance::default(),
         tls: Some(TcpTls::Files(cert_files("tcp-tls", &pki))),
-        access: Default::default(),
-        rate_limit: None,
-        bandwidth: None,
+        ..tcp_forward(pp)
     }];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
@@ -1226,16 +1206,7 @@ async fn idle_spliced_connections_are_closed() {
     let (echo, _) = tcp_backend(false).await;
     let mut s = settings(vec![]);
     s.limits.idle_timeout = Duration::from_millis(600);
-    s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(echo)],
-        proxy_protocol: ProxyProtocol::Off,
-        balance: Balance::default(),
-        tls: None,
-        access: Default::default(),
-        rate_limit: None,
-        bandwidth: None,
-    }];
+    s.tcp = vec![tcp_forward(echo)];
     let p = Proxy::start(s).await.unwrap();
     let at = p.tcp_addrs()[0];
     let mut c = TcpStream::connect(at).await.unwrap();
@@ -1344,14 +1315,8 @@ async fn client_address_rules_on_routes_and_forwards() {
     pt.access = access(&["127.0.0.0/8"], &["127.0.0.1"]);
     let mut s = settings(vec![adm.clone(), open, pt]);
     s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(tcp_b)],
-        proxy_protocol: ProxyProtocol::Off,
-        balance: Balance::default(),
-        tls: None,
         access: access(&["127.0.0.2"], &[]),
-        rate_limit: None,
-        bandwidth: None,
+        ..tcp_forward(tcp_b)
     }];
     s.udp = vec![UdpForwardSettings {
         access: access(&[], &["127.0.0.1"]),
@@ -1467,16 +1432,7 @@ async fn access_log_has_a_line_per_request_and_connection() {
         route("blog", TlsMode::Terminate, vec![be(blog_b)]),
         adm,
     ]);
-    s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(tcp_b)],
-        proxy_protocol: ProxyProtocol::Off,
-        balance: Balance::default(),
-        tls: None,
-        access: Default::default(),
-        rate_limit: None,
-        bandwidth: None,
-    }];
+    s.tcp = vec![tcp_forward(tcp_b)];
     let dir = tmpdir("access-log");
     let path = dir.join("access.log");
     s.access_log = Some(path.clone());
@@ -1552,6 +1508,19 @@ async fn access_log_has_a_line_per_request_and_connection() {
 }
 
 /// A UDP forward on loopback to `backend`: 16 flows, 60 s idle, no rules.
+fn tcp_forward(backend: SocketAddr) -> TcpForwardSettings {
+    TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(backend)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+        rate_limit: None,
+        bandwidth: None,
+    }
+}
+
 fn udp_forward(backend: SocketAddr) -> UdpForwardSettings {
     UdpForwardSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1877,17 +1846,11 @@ async fn per_client_rate_limits() {
     });
     let mut s = settings(vec![r]);
     s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(tcp_b)],
-        proxy_protocol: ProxyProtocol::Off,
-        balance: Balance::default(),
-        tls: None,
-        access: Default::default(),
         rate_limit: Some(gatewire::proxy::settings::RateLimit {
             per_second: 1,
             burst: 1,
         }),
-        bandwidth: None,
+        ..tcp_forward(tcp_b)
     }];
     let echo_addr = udp_echo().await;
     s.udp = vec![UdpForwardSettings {
@@ -1958,14 +1921,8 @@ async fn proxy_headers_from_a_balancer_in_front() {
     r.access = access(&[], &["198.51.100.66"]);
     let mut s = settings(vec![r]);
     s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(pp_b)],
         proxy_protocol: ProxyProtocol::V2,
-        balance: Balance::default(),
-        tls: None,
-        access: Default::default(),
-        rate_limit: None,
-        bandwidth: None,
+        ..tcp_forward(pp_b)
     }];
     // The balancer is 127.0.0.1; 127.0.0.2 is an ordinary client.
     s.proxy_protocol_from = Some(access(&["127.0.0.1"], &[]));
@@ -2083,15 +2040,9 @@ async fn bandwidth_paces_a_route_and_forwards() {
     slow.bandwidth = Some(200_000);
     let mut s = settings(vec![slow, route("fast", TlsMode::Terminate, vec![be(b)])]);
     s.tcp = vec![TcpForwardSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        backends: vec![be(tcp_b)],
-        proxy_protocol: ProxyProtocol::Off,
-        balance: Balance::default(),
-        tls: None,
-        access: Default::default(),
-        rate_limit: None,
         // 100 kB/s each way; a burst of 16 KiB.
         bandwidth: Some(100_000),
+        ..tcp_forward(tcp_b)
     }];
     s.udp = vec![UdpForwardSettings {
         // 8 kB/s; a burst of 16 KiB.

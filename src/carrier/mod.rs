@@ -495,18 +495,73 @@ impl Hub {
     }
 }
 
-/// The node's side: TLS client settings for carried tunnels.
+/// The node's side: TLS client settings for carried tunnels (TLS 1.3,
+/// ALPN [`ALPN`]).
 pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    unverified_client(&[&rustls::version::TLS13], ALPN)
+}
+
+/// The node's side: TLS client settings for WebSocket carriers (ALPN
+/// `http/1.1`, which TLS-terminating intermediaries speak; TLS 1.2 too).
+pub fn ws_client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    unverified_client(rustls::DEFAULT_VERSIONS, b"http/1.1")
+}
+
+/// A TLS client that does not check the server's certificate (WireGuard
+/// inside authenticates the hub) offering `alpn`.
+fn unverified_client(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[u8],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = crate::proxy::upstream::provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(crate::proxy::upstream::DangerNoVerify(
             provider,
         )))
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The TLS server name for `host` (a DNS name or an IP literal).
+fn server_name(host: &str) -> io::Result<ServerName<'static>> {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
+        Err(_) => ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)),
+    }
+}
+
+/// Reads a reply header from `stream` (a proxy's to `CONNECT`, the hub's
+/// to the WebSocket request) until `parse` decides: its value and the
+/// bytes read after the header (`parse` returns the header's length). The
+/// parsers bound the header's size.
+async fn read_reply<S, T>(
+    stream: &mut S,
+    closed: &str,
+    mut parse: impl FnMut(&[u8]) -> io::Result<Option<(T, usize)>>,
+) -> io::Result<(T, Vec<u8>)>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let mut reply = Vec::new();
+    loop {
+        let mut chunk = [0u8; 2048];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                closed.to_string(),
+            ));
+        }
+        reply.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        if let Some((v, len)) = parse(&reply)? {
+            let rest = reply.split_off(len.min(reply.len()));
+            return Ok((v, rest));
+        }
+    }
 }
 
 /// Splits a `host:port` endpoint (host a name, an IPv4 or a bracketed IPv6
@@ -552,25 +607,16 @@ async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
         return Ok(tcp);
     };
     tcp.write_all(&connect::request(authority, auth)).await?;
-    let mut reply = Vec::new();
-    loop {
-        let mut chunk = [0u8; 1024];
-        let n = tcp.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the proxy closed the connection",
-            ));
-        }
-        reply.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        match connect::parse_reply(&reply) {
-            Ok(Some(())) => return Ok(tcp),
-            Ok(None) => {}
+    // `parse_reply` accepts a reply with nothing after it: all of it is
+    // the header.
+    read_reply(&mut tcp, "the proxy closed the connection", |r| {
+        match connect::parse_reply(r) {
+            Ok(done) => Ok(done.map(|()| ((), r.len()))),
             // Some proxies (tinyproxy) answer wrong credentials with 401.
             Err(connect::ConnectError::Refused(code @ (401 | 407), _))
                 if code == 407 || auth.is_some() =>
             {
-                return Err(io::Error::other(match auth {
+                Err(io::Error::other(match auth {
                     None => "the proxy asks for credentials (407): set them in tls_proxy \
                              (http://user:password@host:port) or tls_proxy_auth_file"
                         .to_string(),
@@ -580,9 +626,11 @@ async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
                     ),
                 }))
             }
-            Err(e) => return Err(io::Error::other(e)),
+            Err(e) => Err(io::Error::other(e)),
         }
-    }
+    })
+    .await?;
+    Ok(tcp)
 }
 
 /// Opens a carried tunnel (TCP as `dial` says, then TLS naming `host`),
@@ -593,11 +641,7 @@ pub async fn connect(
     host: &str,
     timeout: Duration,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let name = match host.parse::<IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(host.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-    };
+    let name = server_name(host)?;
     let work = async {
         let tcp = dial_tcp(dial).await?;
         let tls = tokio_rustls::TlsConnector::from(cfg)
@@ -635,21 +679,6 @@ pub struct WsTarget {
     pub url: String,
 }
 
-/// The node's side: TLS client settings for WebSocket carriers (ALPN
-/// `http/1.1`, which TLS-terminating intermediaries speak).
-pub fn ws_client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = crate::proxy::upstream::provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(crate::proxy::upstream::DangerNoVerify(
-            provider,
-        )))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
 /// Opens a WebSocket carried tunnel: TCP as `dial` says, TLS naming `host`
 /// for `wss://`, then the opening handshake for `target`; within
 /// `timeout`. Frames the hub sent right after its answer are kept.
@@ -664,14 +693,9 @@ pub async fn connect_ws(
     let work = async {
         let tcp = dial_tcp(dial).await?;
         let mut stream: Box<dyn Io> = if target.tls {
-            let name = match host.parse::<IpAddr>() {
-                Ok(ip) => ServerName::IpAddress(ip.into()),
-                Err(_) => ServerName::try_from(host.to_string())
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-            };
             Box::new(
                 tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
+                    .connect(server_name(host)?, tcp)
                     .await?,
             )
         } else {
@@ -686,26 +710,17 @@ pub async fn connect_ws(
             .write_all(&ws::request(&target.host_header, &target.path, &key))
             .await?;
         stream.flush().await?;
-        let mut reply = Vec::new();
-        loop {
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before answering the WebSocket request",
-                ));
-            }
-            reply.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            match ws::parse_response(&reply, &key) {
-                Ok(Some(len)) => {
-                    let rest = reply.split_off(len.min(reply.len()));
-                    return Ok(crate::proxy::io::Prefixed::new(rest, stream));
-                }
-                Ok(None) => {}
-                Err(e) => return Err(io::Error::other(e)),
-            }
-        }
+        let ((), rest) = read_reply(
+            &mut stream,
+            "closed before answering the WebSocket request",
+            |r| match ws::parse_response(r, &key) {
+                Ok(len) => Ok(len.map(|len| ((), len))),
+                Err(e) => Err(io::Error::other(e)),
+            },
+        )
+        .await?;
+        // Frames the hub sent right after its answer come first.
+        Ok(crate::proxy::io::Prefixed::new(rest, stream))
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -720,8 +735,6 @@ mod tests {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
     }
 
-    /// Datagrams cross a relay both ways, batched writes split back into
-    /// the same datagrams; a broken frame ends it, counted.
     /// A node's and a hub's WebSocket relays joined by a stream carry
     /// datagrams both ways; a ping from an intermediary is answered with a
     /// pong; an unmasked frame towards the hub ends its relay.
@@ -786,6 +799,8 @@ mod tests {
         assert_eq!(c.snapshot().bad_frames, 1);
     }
 
+    /// Datagrams cross a relay both ways, batched writes split back into
+    /// the same datagrams; a broken frame ends it, counted.
     #[tokio::test]
     async fn relay_carries_datagrams_both_ways_and_stops_on_a_bad_frame() {
         let dev = device().await;

@@ -118,11 +118,7 @@ async fn new_flow(
                 Ok(n) => {
                     let Some(d) = buf.get(..n) else { continue };
                     a2.touch();
-                    if f2
-                        .bandwidth
-                        .as_ref()
-                        .is_some_and(|t| !t.admit(false, n as u64))
-                    {
+                    if !f2.bandwidth.admit(false, n as u64) {
                         f2.counters.error(ErrorKind::OverBandwidth);
                         continue;
                     }
@@ -202,11 +198,7 @@ async fn on_datagram(
     let Some(f) = flows.get_mut(&key) else { return };
     // Beyond the forward's `bandwidth` (all clients together): dropped, as
     // a full link would.
-    if fwd
-        .bandwidth
-        .as_ref()
-        .is_some_and(|t| !t.admit(true, data.len() as u64))
-    {
+    if !fwd.bandwidth.admit(true, data.len() as u64) {
         fwd.counters.error(ErrorKind::OverBandwidth);
         return;
     }

@@ -107,7 +107,7 @@ struct CountedBody<B> {
     inner: B,
     counters: Arc<Counters>,
     inbound: bool,
-    throttle: Option<Arc<Throttle>>,
+    throttle: Arc<Throttle>,
     pause: Pause,
     /// A frame that waits for its pause: a body frame can be large (hyper
     /// reads what the socket has), so it is held until the route's rate has
@@ -146,7 +146,7 @@ where
                     self.counters.add_out(n);
                 }
                 let up = self.inbound;
-                self.pause = pause_after(self.throttle.as_deref(), up, n);
+                self.pause = pause_after(&self.throttle, up, n);
                 if self.pause.is_some() {
                     if let Poll::Ready(Some(Ok(f))) = r {
                         self.held = Some(f);
@@ -185,7 +185,7 @@ fn counted(
     counters: Arc<Counters>,
     inbound: bool,
     hold: Option<Hold>,
-    throttle: Option<Arc<Throttle>>,
+    throttle: Arc<Throttle>,
 ) -> ProxyBody {
     CountedBody {
         inner: b,
@@ -1013,7 +1013,7 @@ async fn forward(
             let bu = hyper::upgrade::on(&mut resp);
             let idle = shared.limits.idle_timeout;
             let c2 = c.clone();
-            let bw = route.bandwidth.clone();
+            let bw = Some(route.bandwidth.clone());
             let h = hold.take();
             tokio::spawn(async move {
                 let _h = h;

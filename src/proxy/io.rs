@@ -265,8 +265,9 @@ impl Default for Activity {
     }
 }
 
-/// Nanoseconds on a monotonic clock (for the bandwidth pacers).
-fn mono_ns() -> u64 {
+/// Nanoseconds on the proxy's monotonic clock (the bandwidth pacers and
+/// rate limiters).
+pub(crate) fn mono_ns() -> u64 {
     static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     u64::try_from(T0.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
@@ -335,14 +336,14 @@ impl Throttle {
     /// set to the new rate (0: no limit), so that its open connections and
     /// UDP flows follow; a new one for a new route. Every route has one, so
     /// a limit added by a reload reaches connections already open.
-    pub fn keep_or_new(old: Option<&Arc<Throttle>>, rate: Option<u64>) -> Option<Arc<Throttle>> {
+    pub fn keep_or_new(old: Option<&Arc<Throttle>>, rate: Option<u64>) -> Arc<Throttle> {
         let rate = rate.unwrap_or(0);
         match old {
             Some(t) => {
                 t.set_rate(rate);
-                Some(t.clone())
+                t.clone()
             }
-            None => Some(Arc::new(Throttle::new(rate))),
+            None => Arc::new(Throttle::new(rate)),
         }
     }
 }
@@ -361,8 +362,8 @@ pub fn poll_pause(pause: &mut Pause, cx: &mut Context<'_>) -> Poll<()> {
 }
 
 /// After `n` bytes passed: the pause `throttle` asks for, if any.
-pub fn pause_after(throttle: Option<&Throttle>, up: bool, n: u64) -> Pause {
-    let w = throttle?.take(up, n);
+pub fn pause_after(throttle: &Throttle, up: bool, n: u64) -> Pause {
+    let w = throttle.take(up, n);
     (!w.is_zero()).then(|| Box::pin(tokio::time::sleep(w)))
 }
 
@@ -512,13 +513,13 @@ mod tests {
     #[test]
     fn a_reload_changes_the_rate_of_the_same_throttle() {
         // No limit: one throttle all the same, which lets everything by.
-        let t = Throttle::keep_or_new(None, None).unwrap();
+        let t = Throttle::keep_or_new(None, None);
         assert_eq!(t.rate(), 0);
         assert_eq!(t.take(true, 10_000_000), Duration::ZERO);
         assert!(t.admit(false, 60_000));
         // A limit added by a reload reaches whoever holds it.
         let held = t.clone();
-        let t2 = Throttle::keep_or_new(Some(&t), Some(1_000)).unwrap();
+        let t2 = Throttle::keep_or_new(Some(&t), Some(1_000));
         assert!(Arc::ptr_eq(&t2, &held));
         assert_eq!(held.rate(), 1_000);
         assert_eq!(held.take(true, 16_384), Duration::ZERO);

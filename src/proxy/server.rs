@@ -59,8 +59,8 @@ pub struct Route {
     pub has_cert: bool,
     /// Per-client rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
-    /// The route's `bandwidth`, if set.
-    pub bandwidth: Option<Arc<Throttle>>,
+    /// The route's `bandwidth` (a rate of 0 when it has none).
+    pub bandwidth: Arc<Throttle>,
     /// Users of `basic_auth_file`, if set.
     pub auth: Option<Arc<BasicAuth>>,
     /// The `forward_auth` service, if set.
@@ -83,8 +83,8 @@ pub(crate) struct Forward {
     pub access: Access,
     /// Per-client connection rate limit, if set.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
-    /// The forward's `bandwidth`, if set.
-    pub bandwidth: Option<Arc<Throttle>>,
+    /// The forward's `bandwidth` (a rate of 0 when it has none).
+    pub bandwidth: Arc<Throttle>,
     /// The access log (UDP flows write their own lines).
     pub access_log: Option<Arc<AccessLog>>,
 }
@@ -101,12 +101,9 @@ fn limiter_for(
     }
 }
 
-/// Milliseconds on a monotonic clock (for the rate limiters).
+/// Milliseconds on the proxy's monotonic clock (for the rate limiters).
 fn now_ms() -> u64 {
-    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    T0.get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
+    crate::proxy::io::mono_ns() / 1_000_000
 }
 
 /// Takes a token of `limiter` for `ip`: `None` if within the limit, else the
@@ -379,7 +376,7 @@ fn build(
             backend_tls,
             has_cert: key.is_some() || rs.acme,
             limiter: limiter_for(old.and_then(|r| r.limiter.as_ref()), rs.rate_limit),
-            bandwidth: Throttle::keep_or_new(old.and_then(|r| r.bandwidth.as_ref()), rs.bandwidth),
+            bandwidth: Throttle::keep_or_new(old.map(|r| &r.bandwidth), rs.bandwidth),
             auth,
             forward_auth: rs.forward_auth.as_ref().map(|(url, copy)| {
                 Arc::new(crate::proxy::forward_auth::ForwardAuth::new(
@@ -463,7 +460,7 @@ fn build(
             tls,
             access: access.clone(),
             limiter: limiter_for(old.and_then(|f| f.limiter.as_ref()), rate),
-            bandwidth: Throttle::keep_or_new(old.and_then(|f| f.bandwidth.as_ref()), bandwidth),
+            bandwidth: Throttle::keep_or_new(old.map(|f| &f.bandwidth), bandwidth),
             access_log: access_log.clone(),
         }));
     };
@@ -637,12 +634,12 @@ fn snapshot(s: &Shared) -> Vec<RouteSnapshot> {
                 &r.counters,
                 r.upstreams.health(),
             )
-            .with_bandwidth(r.bandwidth.as_deref())
+            .with_bandwidth(&r.bandwidth)
         })
         .collect();
     v.extend(s.forwards.iter().map(|f| {
         RouteSnapshot::new(f.id.clone(), Vec::new(), &f.counters, f.upstreams.health())
-            .with_bandwidth(f.bandwidth.as_deref())
+            .with_bandwidth(&f.bandwidth)
     }));
     v.push(RouteSnapshot::new(
         "listener".into(),
@@ -1519,7 +1516,7 @@ async fn relay_tcp<S>(
         b,
         c,
         shared.limits.idle_timeout,
-        fwd.bandwidth.clone(),
+        Some(fwd.bandwidth.clone()),
     )
     .await;
     note_spliced(rec, backend, &r);
@@ -1670,7 +1667,14 @@ async fn serve_tls(
                     return;
                 }
             };
-            let r = splice(sock, b, c, limits.idle_timeout, route.bandwidth.clone()).await;
+            let r = splice(
+                sock,
+                b,
+                c,
+                limits.idle_timeout,
+                Some(route.bandwidth.clone()),
+            )
+            .await;
             // The ClientHello went to the backend before the splice.
             note_spliced(&mut rec, backend, &r);
             Record::note(&mut rec, |e| {

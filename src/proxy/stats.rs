@@ -211,8 +211,8 @@ pub struct RouteSnapshot {
 
 impl RouteSnapshot {
     /// Notes the route's `bandwidth` limit.
-    pub(crate) fn with_bandwidth(mut self, t: Option<&crate::proxy::io::Throttle>) -> Self {
-        self.bandwidth = t.map(|t| t.rate()).filter(|r| *r > 0);
+    pub(crate) fn with_bandwidth(mut self, t: &crate::proxy::io::Throttle) -> Self {
+        self.bandwidth = Some(t.rate()).filter(|r| *r > 0);
         self
     }
 
