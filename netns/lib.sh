@@ -130,13 +130,15 @@ lab_selfsigned() {
         lab_die "openssl could not make a test certificate for $1"
 }
 
-# lab_pebble NS DEFAULT4 : Debian's pebble (the ACME test CA) in NS on its wan
-# address (directory https://<wan4>:14000/dir, management :15000), validating
-# over ports 80 and 443, with pebble-challtestsrv as its DNS answering
-# DEFAULT4 for every name (lab_pebble_a changes one). Its HTTPS certificate is
-# signed by a test CA, $GW_TMP/ca/ca.pem (made here unless the test made it).
+# lab_pebble NS DEFAULT4 [DNS] : Debian's pebble (the ACME test CA) in NS on
+# its wan address (directory https://<wan4>:14000/dir, management :15000),
+# validating over ports 80 and 443, with pebble-challtestsrv as its DNS
+# answering DEFAULT4 for every name (lab_pebble_a changes one); DNS (ip:port)
+# is another DNS server pebble asks instead (one that forwards to
+# challtestsrv on 127.0.0.1:8053). Its HTTPS certificate is signed by a test
+# CA, $GW_TMP/ca/ca.pem (made here unless the test made it).
 lab_pebble() {
-    local ns=$1 default4=$2 ip ca="$GW_TMP/ca" p="$GW_TMP/pebble"
+    local ns=$1 default4=$2 dns=${3:-127.0.0.1:8053} ip ca="$GW_TMP/ca" p="$GW_TMP/pebble"
     ip=$(lab_wan4 "$ns")
     mkdir -p "$ca" "$p"
     if [ ! -s "$ca/ca.pem" ]; then
@@ -159,7 +161,7 @@ EOF
         -tlsalpn01 "" -management "127.0.0.1:8055" -defaultIPv4 "$default4" -defaultIPv6 ""
     wait_for 15 lab_sh "$ns" "ss -Hltn 'sport = :8055' | grep -q ." || lab_die "challtestsrv did not start"
     lab_bg "$ns" pebble env PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 \
-        pebble -config "$p/pebble.json" -dnsserver 127.0.0.1:8053
+        pebble -config "$p/pebble.json" -dnsserver "$dns"
     wait_for 15 lab_sh "$ns" "ss -Hltn 'sport = :14000' | grep -q ." || lab_die "pebble did not start"
 }
 

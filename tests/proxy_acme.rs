@@ -75,14 +75,33 @@ async fn wait_port(port: u16) {
     }
 }
 
+/// A port free for both UDP and TCP on 127.0.0.1 (a DNS listener's).
+fn free_dns_port() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Pebble asking pebble-challtestsrv for every name (127.0.0.1).
 async fn start_pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
+    start_pebble_dns(dir, http_port, tls_port, None).await
+}
+
+/// Pebble asking the DNS server on `dns` (a port on 127.0.0.1) instead of
+/// pebble-challtestsrv, when given.
+async fn start_pebble_dns(dir: &Path, http_port: u16, tls_port: u16, dns: Option<u16>) -> Pebble {
     // Pebble's own HTTPS certificate, for 127.0.0.1 and localhost.
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let ca = dir.join("pebble-tls.pem");
     std::fs::write(&ca, ck.cert.pem()).unwrap();
     std::fs::write(dir.join("pebble-key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    let (acme, mgmt, dns) = (free_port(), free_port(), free_udp_port());
+    let (acme, mgmt, testsrv) = (free_port(), free_port(), free_udp_port());
+    let dns = dns.unwrap_or(testsrv);
     let cfg = serde_json::json!({ "pebble": {
         "listenAddress": format!("127.0.0.1:{acme}"),
         "managementListenAddress": format!("127.0.0.1:{mgmt}"),
@@ -99,7 +118,7 @@ async fn start_pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
         Command::new(CHALLTESTSRV)
             .args([
                 "-dns01",
-                &format!("127.0.0.1:{dns}"),
+                &format!("127.0.0.1:{testsrv}"),
                 "-http01",
                 "",
                 "-https01",
@@ -264,6 +283,8 @@ fn settings(
             directory_ca: Some(p.ca.clone()),
             challenge: ch,
             renew_before: Duration::from_secs(86_400),
+            wildcard: false,
+            dns_listen: Vec::new(),
         }),
         access_log: None,
         proxy_protocol_from: None,
@@ -416,6 +437,64 @@ async fn acme_certificate_on_a_tcp_forward() {
         r.starts_with("HTTP/1.1 200") && r.ends_with("acme-ok"),
         "{r}"
     );
+    proxy.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// DNS-01: two name routes under the gateway domain share one `*.gw.test`
+/// certificate. Pebble asks the proxy's own DNS listener for
+/// `_acme-challenge.gw.test` (as a resolver would after the NS delegation);
+/// one order serves both names, and a restart loads it from disk.
+#[tokio::test]
+async fn acme_dns01_wildcard_with_pebble() {
+    if !Path::new(PEBBLE).exists() || !Path::new(CHALLTESTSRV).exists() {
+        eprintln!("pebble not installed; skipping");
+        return;
+    }
+    let dir = tmpdir("dns01");
+    let (http, tls, dns) = (free_port(), free_port(), free_dns_port());
+    let p = start_pebble_dns(&dir, http, tls, Some(dns)).await;
+    let state = dir.join("state");
+    let b = backend().await;
+    let settings = || {
+        let mut s = settings(http, tls, &p, &state, AcmeChallenge::Http01, b);
+        let mut shop = s.routes[0].clone();
+        shop.host = RouteHost::Name(Label::parse("shop").unwrap());
+        s.routes.push(shop);
+        if let Some(a) = s.acme.as_mut() {
+            a.wildcard = true;
+            a.dns_listen = vec![format!("127.0.0.1:{dns}").parse().unwrap()];
+        }
+        s
+    };
+    let proxy = Proxy::start(settings()).await.unwrap();
+    assert_eq!(proxy.dns_addrs().len(), 1);
+    wait_cert_for(&state, "*.gw.test").await;
+    let root = pebble_root(&p).await;
+    let at: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    for host in ["site.gw.test", "shop.gw.test"] {
+        let r = https_get(at, host, &root).await;
+        assert!(r.ends_with("acme-ok"), "{host}: {r}");
+    }
+    assert!(!state.join("certs/site.gw.test").exists());
+    assert!(!state.join("certs/shop.gw.test").exists());
+    let log = std::fs::read_to_string(dir.join("pebble.log")).unwrap();
+    assert_eq!(log.matches("POST /order-plz").count(), 1, "{log}");
+    // The order's answer is gone; the name is still the hub's.
+    let dns_stats = proxy
+        .stats()
+        .into_iter()
+        .find(|r| r.route == "dns")
+        .expect("a dns entry in the counters");
+    assert!(dns_stats.requests >= 1, "{dns_stats:?}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    let proxy = Proxy::start(settings()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = https_get(at, "shop.gw.test", &root).await;
+    assert!(r.ends_with("acme-ok"), "{r}");
+    let log = std::fs::read_to_string(dir.join("pebble.log")).unwrap();
+    assert_eq!(log.matches("POST /order-plz").count(), 1, "no new order");
     proxy.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

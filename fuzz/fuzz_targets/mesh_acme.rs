@@ -21,6 +21,10 @@ fn held(s: &Shared, k: &AcmeKey) -> Option<AcmeValue> {
     match k {
         AcmeKey::Http01(t) => s.http01(t).map(|v| AcmeValue::Http01(v.to_string())),
         AcmeKey::Alpn01(h) => s.alpn01(h.as_str()).map(AcmeValue::Alpn01),
+        AcmeKey::Dns01(d, v) => s
+            .dns01(d.as_str())
+            .contains(v)
+            .then(|| AcmeValue::Dns01(v.clone())),
         AcmeKey::Cert(h) => s
             .cert(h.as_str())
             .cloned()

@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | `http01/<token>` | the HTTP-01 key authorization | the ordering hub's |
 //! | `alpn01/<host>` | SHA-256 of the TLS-ALPN-01 key authorization, hex | the ordering hub's |
-//! | `certs/<host>` | [`CertPem`] as JSON: the issued chain and its key | none |
+//! | `dns01/<domain>/<value>` | the DNS-01 TXT value of `_acme-challenge.<domain>` (again) | the ordering hub's |
+//! | `certs/<host>` (`<host>` may be `*.<domain>`) | [`CertPem`] as JSON: the issued chain and its key | none |
 //! | `locks/<host>` | the name of the hub ordering for `host` | the ordering hub's |
 //!
 //! One hub at a time orders a certificate for a host (it holds the lock); it
@@ -34,10 +35,31 @@ pub enum AcmeKey {
     Http01(String),
     /// A TLS-ALPN-01 challenge for a host.
     Alpn01(DomainName),
+    /// A DNS-01 TXT value of `_acme-challenge.<domain>`.
+    Dns01(DomainName, String),
     /// The shared certificate of a host.
-    Cert(DomainName),
+    Cert(CertHost),
     /// The lock on ordering for a host.
-    Lock(DomainName),
+    Lock(CertHost),
+}
+
+/// The host of a certificate: a domain name, or `*.<domain>` for a
+/// wildcard certificate. Normalised (lowercase, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertHost(String);
+
+impl CertHost {
+    /// Parses and normalises `s`; `None` if it is not a host name.
+    pub fn parse(s: &str) -> Option<CertHost> {
+        Some(match s.strip_prefix("*.") {
+            Some(d) => CertHost(format!("*.{}", DomainName::parse(d).ok()?.as_str())),
+            None => CertHost(DomainName::parse(s).ok()?.as_str().to_string()),
+        })
+    }
+    /// The host as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl AcmeKey {
@@ -46,6 +68,7 @@ impl AcmeKey {
         match self {
             AcmeKey::Http01(t) => format!("http01/{t}"),
             AcmeKey::Alpn01(h) => format!("alpn01/{}", h.as_str()),
+            AcmeKey::Dns01(d, v) => format!("dns01/{}/{v}", d.as_str()),
             AcmeKey::Cert(h) => format!("certs/{}", h.as_str()),
             AcmeKey::Lock(h) => format!("locks/{}", h.as_str()),
         }
@@ -85,6 +108,8 @@ pub enum AcmeValue {
     Http01(String),
     /// The digest a TLS-ALPN-01 validation certificate must carry.
     Alpn01([u8; 32]),
+    /// A DNS-01 TXT value.
+    Dns01(String),
     /// A certificate and its key, and the leaf's `notAfter` (Unix seconds).
     Cert(CertPem, u64),
     /// The hub holding a lock.
@@ -94,7 +119,7 @@ pub enum AcmeValue {
 /// Why a key or value under `<prefix>acme/` was not used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcmeRecordError {
-    #[error("key `{0}` is not http01/, alpn01/, certs/ or locks/ with a token or host")]
+    #[error("key `{0}` is not http01/, alpn01/, dns01/, certs/ or locks/ with a token or host")]
     Key(String),
     #[error("value of {0} bytes is too large")]
     TooLarge(usize),
@@ -102,6 +127,8 @@ pub enum AcmeRecordError {
     KeyAuthorization,
     #[error("TLS-ALPN-01 digest is not 64 hex digits")]
     Digest,
+    #[error("DNS-01 value is not the one its key names")]
+    Dns01Value,
     #[error("certificate record: {0}")]
     Cert(String),
     #[error("lock holder is not a hub name")]
@@ -122,20 +149,27 @@ pub fn valid_token(t: &str) -> bool {
 pub fn parse_key(path: &str) -> Result<AcmeKey, AcmeRecordError> {
     let bad = || AcmeRecordError::Key(path.chars().take(300).collect());
     let (kind, rest) = path.split_once('/').ok_or_else(bad)?;
-    let host = || {
-        let h = DomainName::parse(rest).map_err(|_| bad())?;
-        // Stored names are normalised: one key per host.
-        if h.as_str() == rest {
-            Ok(h)
-        } else {
-            Err(bad())
-        }
+    // Stored names are normalised: one key per host.
+    let domain = |s: &str| match DomainName::parse(s) {
+        Ok(h) if h.as_str() == s => Ok(h),
+        _ => Err(bad()),
+    };
+    let cert_host = || match CertHost::parse(rest) {
+        Some(h) if h.as_str() == rest => Ok(h),
+        _ => Err(bad()),
     };
     match kind {
         "http01" if valid_token(rest) => Ok(AcmeKey::Http01(rest.to_string())),
-        "alpn01" => Ok(AcmeKey::Alpn01(host()?)),
-        "certs" => Ok(AcmeKey::Cert(host()?)),
-        "locks" => Ok(AcmeKey::Lock(host()?)),
+        "alpn01" => Ok(AcmeKey::Alpn01(domain(rest)?)),
+        "dns01" => {
+            let (d, v) = rest.rsplit_once('/').ok_or_else(bad)?;
+            if !valid_token(v) {
+                return Err(bad());
+            }
+            Ok(AcmeKey::Dns01(domain(d)?, v.to_string()))
+        }
+        "certs" => Ok(AcmeKey::Cert(cert_host()?)),
+        "locks" => Ok(AcmeKey::Lock(cert_host()?)),
         _ => Err(bad()),
     }
 }
@@ -175,6 +209,12 @@ pub fn decode(key: &AcmeKey, value: &[u8]) -> Result<AcmeValue, AcmeRecordError>
             }
             Ok(AcmeValue::Http01(s.to_string()))
         }
+        AcmeKey::Dns01(_, v) => {
+            if value != v.as_bytes() {
+                return Err(AcmeRecordError::Dns01Value);
+            }
+            Ok(AcmeValue::Dns01(v.clone()))
+        }
         AcmeKey::Alpn01(_) => {
             let mut d = [0u8; 32];
             if value.len() != 64 || !value.iter().all(u8::is_ascii_hexdigit) {
@@ -213,6 +253,8 @@ pub fn decode(key: &AcmeKey, value: &[u8]) -> Result<AcmeValue, AcmeRecordError>
 pub struct Shared {
     http01: HashMap<String, String>,
     alpn01: HashMap<String, [u8; 32]>,
+    /// DNS-01 TXT values by domain.
+    dns01: HashMap<String, std::collections::BTreeSet<String>>,
     certs: HashMap<String, (CertPem, u64)>,
     /// Certificates whose key this hub cannot use (sealed with a mesh
     /// secret it does not have): only their `notAfter`, from the chain.
@@ -239,7 +281,7 @@ impl Shared {
         let key = parse_key(path)?;
         let decoded = value.map(|v| decode(&key, v)).transpose();
         let change = match key {
-            AcmeKey::Http01(_) | AcmeKey::Alpn01(_) => Change::Challenge,
+            AcmeKey::Http01(_) | AcmeKey::Alpn01(_) | AcmeKey::Dns01(..) => Change::Challenge,
             AcmeKey::Cert(_) | AcmeKey::Lock(_) => Change::CertOrLock,
         };
         let v = match decoded {
@@ -255,6 +297,12 @@ impl Shared {
             }
             (AcmeKey::Alpn01(h), Some(AcmeValue::Alpn01(d))) => {
                 self.alpn01.insert(h.as_str().to_string(), d);
+            }
+            (AcmeKey::Dns01(d, _), Some(AcmeValue::Dns01(v))) => {
+                self.dns01
+                    .entry(d.as_str().to_string())
+                    .or_default()
+                    .insert(v);
             }
             (AcmeKey::Cert(h), Some(AcmeValue::Cert(c, not_after))) => {
                 self.unopened.remove(h.as_str());
@@ -275,6 +323,14 @@ impl Shared {
             }
             AcmeKey::Alpn01(h) => {
                 self.alpn01.remove(h.as_str());
+            }
+            AcmeKey::Dns01(d, v) => {
+                if let Some(set) = self.dns01.get_mut(d.as_str()) {
+                    set.remove(v);
+                    if set.is_empty() {
+                        self.dns01.remove(d.as_str());
+                    }
+                }
             }
             AcmeKey::Cert(h) => {
                 self.certs.remove(h.as_str());
@@ -327,6 +383,14 @@ impl Shared {
     /// The TLS-ALPN-01 digest published for `host`.
     pub fn alpn01(&self, host: &str) -> Option<[u8; 32]> {
         self.alpn01.get(host).copied()
+    }
+
+    /// The DNS-01 TXT values published for `_acme-challenge.<domain>`.
+    pub fn dns01(&self, domain: &str) -> Vec<String> {
+        self.dns01
+            .get(domain)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The shared certificate of `host`.
@@ -429,8 +493,11 @@ mod tests {
         for k in [
             AcmeKey::Http01(TOKEN.into()),
             AcmeKey::Alpn01(DomainName::parse("blog.gw.test").unwrap()),
-            AcmeKey::Cert(DomainName::parse("www.example.net").unwrap()),
-            AcmeKey::Lock(DomainName::parse("a.b").unwrap()),
+            AcmeKey::Cert(CertHost::parse("www.example.net").unwrap()),
+            AcmeKey::Cert(CertHost::parse("*.gw.test").unwrap()),
+            AcmeKey::Lock(CertHost::parse("a.b").unwrap()),
+            AcmeKey::Lock(CertHost::parse("*.Gw.Test").unwrap()),
+            AcmeKey::Dns01(DomainName::parse("gw.test").unwrap(), TOKEN.into()),
         ] {
             assert_eq!(parse_key(&k.path()), Ok(k));
         }
@@ -447,6 +514,16 @@ mod tests {
             "locks/a_b!",
             "other/blog.gw.test",
             "alpn01/blog.gw.test/x",
+            "alpn01/*.gw.test",
+            "certs/*.Gw.test",
+            "certs/**.gw.test",
+            "certs/*",
+            "certs/a.*.b",
+            "dns01/gw.test",
+            "dns01/gw.test/",
+            "dns01/gw.test/a b",
+            "dns01/*.gw.test/abc",
+            "dns01/Gw.test/abc",
         ] {
             assert!(
                 matches!(parse_key(bad), Err(AcmeRecordError::Key(_))),
@@ -486,6 +563,13 @@ mod tests {
         );
         assert_eq!(decode(&a, b"ab"), Err(AcmeRecordError::Digest));
         assert_eq!(decode(&a, &[b'g'; 64]), Err(AcmeRecordError::Digest));
+        let dk = AcmeKey::Dns01(h.clone(), TOKEN.into());
+        assert_eq!(
+            decode(&dk, TOKEN.as_bytes()),
+            Ok(AcmeValue::Dns01(TOKEN.into()))
+        );
+        assert_eq!(decode(&dk, b"other"), Err(AcmeRecordError::Dns01Value));
+        let h = CertHost::parse(h.as_str()).unwrap();
         let c = AcmeKey::Cert(h.clone());
         assert_eq!(
             decode(&c, &pem().encode()),
@@ -531,6 +615,17 @@ mod tests {
             Ok(Change::Challenge)
         );
         assert_eq!(s.http01(TOKEN), Some(KA));
+        for v in ["v1", "v2"] {
+            assert_eq!(
+                s.apply(&format!("dns01/gw.test/{v}"), Some(v.as_bytes())),
+                Ok(Change::Challenge)
+            );
+        }
+        assert_eq!(s.dns01("gw.test"), vec!["v1".to_string(), "v2".into()]);
+        s.apply("dns01/gw.test/v1", None).unwrap();
+        assert_eq!(s.dns01("gw.test"), vec!["v2".to_string()]);
+        s.apply("dns01/gw.test/v2", None).unwrap();
+        assert!(s.dns01("gw.test").is_empty());
         let d = [7u8; 32];
         s.apply("alpn01/a.b", Some(encode_digest(&d).as_bytes()))
             .unwrap();
@@ -564,8 +659,8 @@ mod tests {
     proptest! {
         #[test]
         fn apply_never_panics_and_keeps_only_checked_values(
-            kind in prop::sample::select(vec!["http01", "alpn01", "certs", "locks", "x"]),
-            rest in "[a-zA-Z0-9._/-]{0,20}",
+            kind in prop::sample::select(vec!["http01", "alpn01", "dns01", "certs", "locks", "x"]),
+            rest in "[a-zA-Z0-9._/*-]{0,20}",
             value in prop::collection::vec(any::<u8>(), 0..200),
             delete in any::<bool>(),
         ) {
@@ -591,6 +686,9 @@ mod tests {
             prop_assert_eq!(s.http01(&token), Some(ka.as_str()));
             prop_assert!(s.apply("alpn01/x.y", Some(encode_digest(&d).as_bytes())).is_ok());
             prop_assert_eq!(s.alpn01("x.y"), Some(d));
+            let dns = format!("dns01/x.y/{}", thumb);
+            prop_assert!(s.apply(&dns, Some(thumb.as_bytes())).is_ok());
+            prop_assert_eq!(s.dns01("x.y"), vec![thumb.clone()]);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! date from a watch ([`apply_acme`]) and lends it the session's client and
 //! lease; the calls here read and write etcd with them.
 
-use super::acme::{encode_digest, AcmeKey, AcmeValue, CertPem, Change};
+use super::acme::{encode_digest, AcmeKey, AcmeValue, CertHost, CertPem, Change};
 use super::vault::VaultError;
 use super::Mesh;
 use crate::proxy::acme::{AcmeShare, Challenge, ShareFuture};
@@ -98,6 +98,10 @@ fn host_key(host: &str) -> Result<DomainName, String> {
     DomainName::parse(host).map_err(|e| format!("host `{host}`: {e}"))
 }
 
+fn cert_host(host: &str) -> Result<CertHost, String> {
+    CertHost::parse(host).ok_or_else(|| format!("host `{host}` is not a host name"))
+}
+
 /// The key and value a challenge answer is published under.
 fn challenge_kv(ch: &Challenge) -> Result<(AcmeKey, Vec<u8>), String> {
     Ok(match ch {
@@ -111,6 +115,10 @@ fn challenge_kv(ch: &Challenge) -> Result<(AcmeKey, Vec<u8>), String> {
         Challenge::Alpn01 { host, digest } => (
             AcmeKey::Alpn01(host_key(host)?),
             encode_digest(digest).into_bytes(),
+        ),
+        Challenge::Dns01 { domain, value } => (
+            AcmeKey::Dns01(host_key(domain)?, value.clone()),
+            value.clone().into_bytes(),
         ),
     })
 }
@@ -136,6 +144,14 @@ impl AcmeShare for Mesh {
         Some(d)
     }
 
+    fn dns01(&self, domain: &str) -> Vec<String> {
+        let v = self.acme.read().dns01(domain);
+        if !v.is_empty() {
+            self.acme_answered.fetch_add(1, Relaxed);
+        }
+        v
+    }
+
     fn cert(&self, host: &str) -> Option<CertPem> {
         self.acme.read().cert(host).cloned()
     }
@@ -154,7 +170,7 @@ impl AcmeShare for Mesh {
 
     fn lock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<bool, String>> {
         Box::pin(async move {
-            let key = self.acme_key(&AcmeKey::Lock(host_key(host)?));
+            let key = self.acme_key(&AcmeKey::Lock(cert_host(host)?));
             let (mut c, lease) = self.client()?;
             let me = self.settings.name.as_bytes().to_vec();
             let put = || {
@@ -191,7 +207,7 @@ impl AcmeShare for Mesh {
 
     fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, ()> {
         Box::pin(async move {
-            let Ok(h) = host_key(host) else { return };
+            let Ok(h) = cert_host(host) else { return };
             let key = self.acme_key(&AcmeKey::Lock(h));
             let Ok((mut c, _)) = self.client() else {
                 // The lease takes the lock away.
@@ -254,7 +270,7 @@ impl AcmeShare for Mesh {
 
     fn fetch_cert<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<Option<CertPem>, String>> {
         Box::pin(async move {
-            let key_host = host_key(host)?;
+            let key_host = cert_host(host)?;
             let key = AcmeKey::Cert(key_host.clone());
             let (mut c, _) = self.client()?;
             let r = c
@@ -281,7 +297,7 @@ impl AcmeShare for Mesh {
         pem: &'a CertPem,
     ) -> ShareFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let h = host_key(host)?;
+            let h = cert_host(host)?;
             let key = AcmeKey::Cert(h.clone());
             super::acme::decode(&key, &pem.encode()).map_err(|e| e.to_string())?;
             // With a mesh secret, the private key goes to etcd sealed.

@@ -1,8 +1,11 @@
 //! Automatic certificates with ACME (RFC 8555) through `instant-acme`: HTTP-01
-//! (answered on the HTTP listeners under `/.well-known/acme-challenge/`) and
+//! (answered on the HTTP listeners under `/.well-known/acme-challenge/`),
 //! TLS-ALPN-01 (RFC 8737, answered on the TLS listeners to `acme-tls/1`
-//! ClientHellos). Certificates and the account live in a state directory and
-//! survive restarts; a certificate is renewed `renew_before` ahead of expiry.
+//! ClientHellos) and, for the wildcard certificates of gateway domains
+//! (`*.<domain>`), DNS-01 (answered by the hub's DNS listeners for
+//! `_acme-challenge.<domain>`, see [`crate::proxy::dns`]). Certificates and
+//! the account live in a state directory and survive restarts; a certificate
+//! is renewed `renew_before` ahead of expiry.
 //!
 //! The [`AcmeState`] is shared by every proxy generation: the HTTP and TLS
 //! paths read its challenge tables and certificates, the manager task
@@ -56,6 +59,8 @@ pub enum Challenge {
     },
     /// TLS-ALPN-01: the digest the validation certificate for `host` carries.
     Alpn01 { host: String, digest: [u8; 32] },
+    /// DNS-01: a TXT value of `_acme-challenge.<domain>`.
+    Dns01 { domain: String, value: String },
 }
 
 /// What hubs share to order certificates together (the mesh's etcd).
@@ -68,6 +73,8 @@ pub trait AcmeShare: Send + Sync {
     fn http01(&self, token: &str) -> Option<String>;
     /// Another hub's TLS-ALPN-01 digest for `host`.
     fn alpn01(&self, host: &str) -> Option<[u8; 32]>;
+    /// The DNS-01 TXT values other hubs published for `domain`.
+    fn dns01(&self, domain: &str) -> Vec<String>;
     /// The shared certificate of `host`, as last seen.
     fn cert(&self, host: &str) -> Option<CertPem>;
     /// Its `notAfter` (Unix seconds), also when this hub cannot use it.
@@ -105,8 +112,12 @@ pub struct AcmeState {
     alpn01: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// Validation certificates made for other hubs' TLS-ALPN-01 digests.
     alpn01_shared: RwLock<HashMap<String, MadeAlpnCert>>,
+    /// DNS-01 TXT values by domain (answered for `_acme-challenge.<domain>`).
+    dns01: RwLock<HashMap<String, Vec<String>>>,
     certs: RwLock<HashMap<String, (Arc<CertifiedKey>, u64)>>,
     wanted: RwLock<(Option<AcmeSettings>, Vec<String>)>,
+    /// Domains whose `_acme-challenge` name the DNS listeners answer.
+    dns_zones: RwLock<Vec<String>>,
     share: RwLock<Option<Arc<dyn AcmeShare>>>,
     kick: Arc<Notify>,
 }
@@ -152,17 +163,67 @@ impl AcmeState {
     fn share(&self) -> Option<Arc<dyn AcmeShare>> {
         self.share.read().clone()
     }
-    /// The issued certificate for `host`.
+    /// The issued certificate for `host`: its own, or the wildcard
+    /// certificate of its parent domain.
     pub fn cert(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        self.certs.read().get(host).map(|(k, _)| k.clone())
+        let certs = self.certs.read();
+        if let Some((k, _)) = certs.get(host) {
+            return Some(k.clone());
+        }
+        let (_, parent) = host.split_once('.')?;
+        certs.get(&format!("*.{parent}")).map(|(k, _)| k.clone())
+    }
+    /// What the DNS listeners answer for `qname` (lowercase, no trailing
+    /// dot): the TXT values of `_acme-challenge.<domain>` for the domains
+    /// whose wildcard certificate this hub keeps (its own order's and the
+    /// ones other hubs of a mesh published).
+    pub fn dns_lookup(&self, qname: &str) -> crate::proxy::dns::Lookup {
+        use crate::proxy::dns::Lookup;
+        let zones = self.dns_zones.read();
+        for d in zones.iter() {
+            let Some(head) = qname.strip_suffix(d.as_str()) else {
+                continue;
+            };
+            if head == "_acme-challenge." {
+                let mut txt = self.dns01.read().get(d).cloned().unwrap_or_default();
+                if let Some(sh) = self.share.read().as_ref() {
+                    for v in sh.dns01(d) {
+                        if !txt.contains(&v) {
+                            txt.push(v);
+                        }
+                    }
+                }
+                return Lookup::Apex {
+                    zone: format!("_acme-challenge.{d}"),
+                    txt,
+                };
+            }
+            if head.ends_with("._acme-challenge.") {
+                return Lookup::Below {
+                    zone: format!("_acme-challenge.{d}"),
+                };
+            }
+        }
+        Lookup::Outside
     }
     /// Expiry (Unix seconds) of the certificate for `host`.
     pub fn not_after(&self, host: &str) -> Option<u64> {
         self.certs.read().get(host).map(|(_, t)| *t)
     }
-    /// Sets what the manager should keep certificates for, and wakes it.
-    pub fn set_wanted(&self, settings: Option<AcmeSettings>, hosts: Vec<String>) {
+    /// Sets what the manager should keep certificates for (`*.<domain>` for
+    /// a wildcard certificate), and wakes it. Certificates of other hosts
+    /// are no longer served. `dns_zones`: the domains whose
+    /// `_acme-challenge` name the DNS listeners answer.
+    pub fn set_wanted(
+        &self,
+        settings: Option<AcmeSettings>,
+        hosts: Vec<String>,
+        dns_zones: Vec<String>,
+    ) {
+        let keep: std::collections::HashSet<&String> = hosts.iter().collect();
+        self.certs.write().retain(|h, _| keep.contains(h));
         *self.wanted.write() = (settings, hosts);
+        *self.dns_zones.write() = dns_zones;
         self.kick.notify_one();
     }
 }
@@ -451,6 +512,15 @@ async fn issue(
             Challenge::Alpn01 { host, .. } => {
                 state.alpn01.write().remove(host);
             }
+            Challenge::Dns01 { domain, value } => {
+                let mut m = state.dns01.write();
+                if let Some(v) = m.get_mut(domain) {
+                    v.retain(|x| x != value);
+                    if v.is_empty() {
+                        m.remove(domain);
+                    }
+                }
+            }
         }
     }
     if let Some(sh) = share {
@@ -483,9 +553,12 @@ async fn issue_inner(
         .new_order(&NewOrder { identifiers: &ids })
         .await
         .map_err(|e| format!("new order: {e}"))?;
-    let want = match cfg.challenge {
-        AcmeChallenge::Http01 => ChallengeType::Http01,
-        AcmeChallenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+    // A wildcard can only be validated through DNS.
+    let wildcard = host.strip_prefix("*.");
+    let want = match (wildcard, cfg.challenge) {
+        (Some(_), _) => ChallengeType::Dns01,
+        (None, AcmeChallenge::Http01) => ChallengeType::Http01,
+        (None, AcmeChallenge::TlsAlpn01) => ChallengeType::TlsAlpn01,
     };
     let authz = order
         .authorizations()
@@ -501,8 +574,21 @@ async fn issue_inner(
             .find(|c| c.r#type == want)
             .ok_or_else(|| format!("the ACME server offers no {:?} challenge", want))?;
         let ka = order.key_authorization(ch);
-        let answer = match cfg.challenge {
-            AcmeChallenge::Http01 => {
+        let answer = match (wildcard, cfg.challenge) {
+            (Some(domain), _) => {
+                let value = ka.dns_value();
+                state
+                    .dns01
+                    .write()
+                    .entry(domain.to_string())
+                    .or_default()
+                    .push(value.clone());
+                Challenge::Dns01 {
+                    domain: domain.to_string(),
+                    value,
+                }
+            }
+            (None, AcmeChallenge::Http01) => {
                 state
                     .http01
                     .write()
@@ -512,7 +598,7 @@ async fn issue_inner(
                     key_authorization: ka.as_str().to_string(),
                 }
             }
-            AcmeChallenge::TlsAlpn01 => {
+            (None, AcmeChallenge::TlsAlpn01) => {
                 let mut digest = [0u8; 32];
                 let d = ka.digest();
                 if d.as_ref().len() != digest.len() {
@@ -627,10 +713,20 @@ fn stored_pem(cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
     })
 }
 
-/// Whether the leaf certificate of `key` is valid for the name `host`.
+/// Whether the leaf certificate of `key` is valid for the name `host` (for
+/// `*.<domain>`: for a name under `<domain>` no certificate names but a
+/// wildcard one).
 fn covers(key: &CertifiedKey, host: &str) -> bool {
     let Some(leaf) = key.cert.first() else {
         return false;
+    };
+    let probe;
+    let host = match host.strip_prefix("*.") {
+        Some(d) => {
+            probe = format!("gatewire-wildcard-probe.{d}");
+            probe.as_str()
+        }
+        None => host,
     };
     let (Ok(parsed), Ok(name)) = (
         rustls::server::ParsedCertificate::try_from(leaf),
@@ -912,6 +1008,90 @@ mod tests {
             other.serialize_pem().as_bytes()
         )
         .is_err());
+    }
+
+    fn key_for(names: &[&str]) -> Arc<CertifiedKey> {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let c =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&kp)
+                .unwrap();
+        Arc::new(
+            crate::proxy::tls::certified_key_from_pem(
+                c.pem().as_bytes(),
+                kp.serialize_pem().as_bytes(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_wildcard_certificate_serves_one_label_below_its_domain() {
+        let st = AcmeState::default();
+        let wild = key_for(&["*.gw.test"]);
+        let own = key_for(&["own.gw.test"]);
+        st.certs
+            .write()
+            .insert("*.gw.test".into(), (wild.clone(), 1));
+        st.certs
+            .write()
+            .insert("own.gw.test".into(), (own.clone(), 1));
+        assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &wild));
+        // A host's own certificate comes first.
+        assert!(Arc::ptr_eq(&st.cert("own.gw.test").unwrap(), &own));
+        assert!(st.cert("a.blog.gw.test").is_none());
+        assert!(st.cert("gw.test").is_none());
+        assert!(st.cert("test").is_none());
+        assert!(covers(&wild, "*.gw.test"));
+        assert!(covers(&wild, "blog.gw.test"));
+        assert!(!covers(&own, "*.gw.test"));
+        assert!(!covers(&wild, "*.other.test"));
+        // Hosts no longer wanted are no longer served.
+        st.set_wanted(None, vec!["own.gw.test".into()], Vec::new());
+        assert!(st.cert("blog.gw.test").is_none());
+        assert!(st.cert("own.gw.test").is_some());
+    }
+
+    #[test]
+    fn dns_lookup_answers_the_challenge_names_of_its_zones() {
+        use crate::proxy::dns::Lookup;
+        let st = AcmeState::default();
+        assert!(matches!(
+            st.dns_lookup("_acme-challenge.gw.test"),
+            Lookup::Outside
+        ));
+        st.set_wanted(None, Vec::new(), vec!["gw.test".into(), "b.gw.test".into()]);
+        match st.dns_lookup("_acme-challenge.gw.test") {
+            Lookup::Apex { zone, txt } => {
+                assert_eq!(zone, "_acme-challenge.gw.test");
+                assert!(txt.is_empty());
+            }
+            _ => panic!("apex"),
+        }
+        st.dns01
+            .write()
+            .insert("b.gw.test".into(), vec!["v1".into(), "v2".into()]);
+        match st.dns_lookup("_acme-challenge.b.gw.test") {
+            Lookup::Apex { zone, txt } => {
+                assert_eq!(zone, "_acme-challenge.b.gw.test");
+                assert_eq!(txt, vec!["v1".to_string(), "v2".into()]);
+            }
+            _ => panic!("apex of the second zone"),
+        }
+        assert!(matches!(
+            st.dns_lookup("x._acme-challenge.gw.test"),
+            Lookup::Below { zone } if zone == "_acme-challenge.gw.test"
+        ));
+        for out in [
+            "gw.test",
+            "blog.gw.test",
+            "_acme-challenge.other.test",
+            "x_acme-challenge.gw.test",
+            "_acme-challenge.xgw.test",
+        ] {
+            assert!(matches!(st.dns_lookup(out), Lookup::Outside), "{out}");
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub mod acme;
 pub mod bandwidth;
 pub mod basic_auth;
 pub mod detect;
+pub mod dns;
+pub mod dns_server;
 pub mod forward;
 pub mod forward_auth;
 pub mod http;

@@ -192,6 +192,10 @@ enum Kind {
     Https,
     Tcp,
     Udp,
+    /// `[proxy.acme] dns_listen`, UDP.
+    DnsUdp,
+    /// `[proxy.acme] dns_listen`, TCP.
+    DnsTcp,
 }
 
 /// A listener's identity across reloads: its kind, configured address, and
@@ -210,6 +214,8 @@ struct Listening {
 
 struct Runtime {
     acme: Arc<AcmeState>,
+    /// Counters of the DNS listeners (`[proxy.acme] dns_listen`).
+    dns: Arc<Counters>,
     current: ArcSwap<Shared>,
     conns: Arc<Semaphore>,
     max_connections: AtomicUsize,
@@ -223,6 +229,14 @@ struct Runtime {
 impl Runtime {
     fn stats(&self) -> Vec<RouteSnapshot> {
         let mut v = snapshot(&self.current.load());
+        if self.listeners.lock().iter().any(|l| l.kind == Kind::DnsUdp) {
+            v.push(RouteSnapshot::new(
+                "dns".into(),
+                Vec::new(),
+                &self.dns,
+                Vec::new(),
+            ));
+        }
         if let Some(m) = self.mesh.load().as_ref() {
             v.push(RouteSnapshot::new(
                 "mesh".into(),
@@ -522,29 +536,50 @@ fn build(
     })
 }
 
-/// Host names whose certificates ACME should keep.
+/// Host names whose certificates ACME should keep (with `wildcard`, one
+/// `*.<domain>` for the names under each gateway domain).
 fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
+    let wildcard = settings.acme.as_ref().is_some_and(|a| a.wildcard);
+    // A name one label under a gateway domain, and that domain.
+    let gateway_domain = |h: &str| {
+        let (_, parent) = h.split_once('.')?;
+        settings.domains.iter().find(|d| d.as_str() == parent)
+    };
     let mut v = Vec::new();
+    let mut push = |h: String| match gateway_domain(&h).filter(|_| wildcard) {
+        Some(d) => v.push(format!("*.{}", d.as_str())),
+        None => v.push(h),
+    };
     for r in settings.routes.iter().filter(|r| r.acme) {
         match &r.host {
-            RouteHost::Name(l) => v.extend(
-                settings
-                    .domains
-                    .iter()
-                    .filter_map(|d| l.under(d))
-                    .map(|h| h.to_string()),
-            ),
-            RouteHost::Fqdn(f) => v.push(f.to_string()),
+            RouteHost::Name(l) => settings
+                .domains
+                .iter()
+                .filter_map(|d| l.under(d))
+                .for_each(|h| push(h.to_string())),
+            RouteHost::Fqdn(f) => push(f.to_string()),
         }
     }
     for t in &settings.tcp {
         if let Some(TcpTls::Acme(name)) = &t.tls {
-            v.push(name.to_string());
+            push(name.to_string());
         }
     }
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// The gateway domains whose `_acme-challenge` name the DNS listeners answer.
+fn dns_zones(settings: &ProxySettings) -> Vec<String> {
+    match &settings.acme {
+        Some(a) if a.wildcard => settings
+            .domains
+            .iter()
+            .map(|d| d.as_str().to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn wanted(settings: &ProxySettings) -> Vec<Key> {
@@ -553,6 +588,10 @@ fn wanted(settings: &ProxySettings) -> Vec<Key> {
     v.extend(settings.https_listen.iter().map(|a| (Kind::Https, *a)));
     v.extend(settings.tcp.iter().map(|t| (Kind::Tcp, t.listen)));
     v.extend(settings.udp.iter().map(|u| (Kind::Udp, u.listen)));
+    for a in settings.acme.iter().flat_map(|a| &a.dns_listen) {
+        v.push((Kind::DnsUdp, *a));
+        v.push((Kind::DnsTcp, *a));
+    }
     let mut out: Vec<Key> = Vec::new();
     for (k, a) in v {
         let nth = out
@@ -570,6 +609,8 @@ fn what(kind: Kind) -> &'static str {
         Kind::Https => "https_listen",
         Kind::Tcp => "[[tcp]] listen",
         Kind::Udp => "[[udp]] listen",
+        Kind::DnsUdp => "[proxy.acme] dns_listen (UDP)",
+        Kind::DnsTcp => "[proxy.acme] dns_listen (TCP)",
     }
 }
 
@@ -580,7 +621,7 @@ enum Bound {
 
 fn bind(kind: Kind, addr: SocketAddr) -> anyhow::Result<(Bound, SocketAddr)> {
     let ctx = || format!("proxy: cannot listen on {} {addr}", what(kind));
-    if kind == Kind::Udp {
+    if matches!(kind, Kind::Udp | Kind::DnsUdp) {
         let s = bind_udp(addr)
             .and_then(crate::proxy::io::UdpListener::new)
             .with_context(ctx)?;
@@ -597,6 +638,19 @@ fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> L
     let (kind, conf, nth) = key;
     let (stop, stop_rx) = watch::channel(false);
     let task = match b {
+        Bound::Tcp(l) if kind == Kind::DnsTcp => tokio::spawn(
+            crate::proxy::dns_server::tcp_loop(l, rt.acme.clone(), rt.dns.clone(), stop_rx)
+                .instrument(info_span!("dns", listen = %conf)),
+        ),
+        Bound::Udp(s) if kind == Kind::DnsUdp => tokio::spawn(
+            crate::proxy::dns_server::udp_loop(
+                Arc::new(s),
+                rt.acme.clone(),
+                rt.dns.clone(),
+                stop_rx,
+            )
+            .instrument(info_span!("dns", listen = %conf)),
+        ),
         Bound::Tcp(l) => tokio::spawn(accept_loop(l, key, rt.clone(), stop_rx)),
         Bound::Udp(s) => {
             let rt2 = rt.clone();
@@ -687,10 +741,15 @@ impl Proxy {
             bound.push((key, b, a));
         }
         let max = settings.limits.max_connections;
-        acme.set_wanted(settings.acme.clone(), acme_hosts(&settings));
+        acme.set_wanted(
+            settings.acme.clone(),
+            acme_hosts(&settings),
+            dns_zones(&settings),
+        );
         crate::proxy::acme::spawn_manager(&acme);
         let rt = Arc::new(Runtime {
             acme,
+            dns: Arc::default(),
             current: ArcSwap::from_pointee(shared),
             conns: Arc::new(Semaphore::new(max)),
             max_connections: AtomicUsize::new(max),
@@ -741,6 +800,11 @@ impl Proxy {
     /// Bound UDP forward addresses, in `[[udp]]` order.
     pub fn udp_addrs(&self) -> Vec<SocketAddr> {
         self.addrs(Kind::Udp)
+    }
+    /// Bound DNS listener addresses (UDP; TCP is on the same port when
+    /// the configured one was not 0).
+    pub fn dns_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::DnsUdp)
     }
 
     /// Per-route counters and backend health; the entry `listener` counts
@@ -859,8 +923,11 @@ impl Proxy {
 
         rt.current.store(Arc::new(new));
         let _ = old.retired.send(true);
-        rt.acme
-            .set_wanted(settings.acme.clone(), acme_hosts(&settings));
+        rt.acme.set_wanted(
+            settings.acme.clone(),
+            acme_hosts(&settings),
+            dns_zones(&settings),
+        );
 
         let mut ls = rt.listeners.lock();
         let mut keep = Vec::new();
@@ -1084,7 +1151,7 @@ async fn accept_loop(
                         serve_tcp(&shared, fwd, sock, peer, dest).await;
                     }
                 }
-                Kind::Udp => {}
+                Kind::Udp | Kind::DnsUdp | Kind::DnsTcp => {}
             }
             drop::<OwnedSemaphorePermit>(permit);
         };

@@ -67,6 +67,10 @@ pub struct RawAcme {
     pub challenge: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub renew_before_days: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wildcard: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_listen: Vec<String>,
 }
 
 /// `proxy_protocol = true | false | "v1" | "v2"` (true is v2).
@@ -340,6 +344,13 @@ pub struct AcmeSettings {
     pub challenge: AcmeChallenge,
     /// Renew this long before expiry.
     pub renew_before: Duration,
+    /// Name routes share one certificate per gateway domain, for
+    /// `*.<domain>`, ordered with DNS-01.
+    pub wildcard: bool,
+    /// Where the hub answers DNS queries for `_acme-challenge.<domain>` of
+    /// its gateway domains (UDP and TCP), the name the operator delegates to
+    /// it with an NS record.
+    pub dns_listen: Vec<SocketAddr>,
 }
 
 /// How a route treats TLS on :443.
@@ -1021,6 +1032,25 @@ pub(crate) fn validate(
             if !(1..=365).contains(&days) {
                 return Err("[proxy.acme] renew_before_days: 1 to 365".into());
             }
+            let mut dns_listen: Vec<SocketAddr> = Vec::new();
+            for s in &a.dns_listen {
+                let addr: SocketAddr = s.parse().map_err(|_| {
+                    format!("[proxy.acme] dns_listen: `{s}` is not ip:port (IPv6 in brackets)")
+                })?;
+                if dns_listen.contains(&addr) {
+                    return Err(format!("[proxy.acme] dns_listen: `{s}` is listed twice"));
+                }
+                dns_listen.push(addr);
+            }
+            if a.wildcard && dns_listen.is_empty() {
+                return Err("[proxy.acme] wildcard = true needs dns_listen: the addresses where this hub answers `_acme-challenge.<domain>` (delegated to it with an NS record) for DNS-01".into());
+            }
+            if a.wildcard && domains.is_empty() {
+                return Err(
+                    "[proxy.acme] wildcard = true needs at least one gateway domain in [proxy] domains"
+                        .into(),
+                );
+            }
             Some(AcmeSettings {
                 directory: a.directory,
                 contact: a.contact,
@@ -1028,6 +1058,8 @@ pub(crate) fn validate(
                 directory_ca: a.directory_ca.map(|p| resolve(base, &p)),
                 challenge,
                 renew_before: Duration::from_secs(days * 86_400),
+                wildcard: a.wildcard,
+                dns_listen,
             })
         }
     };
@@ -1094,6 +1126,17 @@ pub(crate) fn validate(
             ));
         }
         udp_seen.push(*a);
+    }
+    // The DNS listeners take their address on both.
+    for a in acme.iter().flat_map(|a| &a.dns_listen) {
+        if tcp_seen.contains(a) || udp_seen.contains(a) {
+            return Err(format!(
+                "[proxy.acme] dns_listen `{a}` is already used by another listener"
+            ));
+        }
+        if !a.ip().is_unspecified() {
+            own.insert(a.ip().to_canonical());
+        }
     }
 
     let mut out_routes = Vec::new();
@@ -1610,6 +1653,49 @@ mod toml_tests {
             .unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn acme_wildcard_keys() {
+        let acme = "[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n";
+        let c = parse(&format!(
+            "[proxy]\ndomains = [\"gw.example.org\"]\n{acme}wildcard = true\n\
+             dns_listen = [\"203.0.113.1:53\", \"[2001:db8::1]:53\"]\n"
+        ))
+        .unwrap();
+        let a = c.proxy.unwrap().acme.unwrap();
+        assert!(a.wildcard);
+        assert_eq!(a.dns_listen.len(), 2);
+        for (extra, want) in [
+            ("wildcard = true\n", "wildcard = true needs dns_listen"),
+            (
+                "dns_listen = [\"203.0.113.1\"]\n",
+                "dns_listen: `203.0.113.1` is not ip:port",
+            ),
+            (
+                "dns_listen = [\"203.0.113.1:53\", \"203.0.113.1:53\"]\n",
+                "listed twice",
+            ),
+            (
+                "dns_listen = [\"0.0.0.0:53\"]\n[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\n",
+                "dns_listen `0.0.0.0:53` is already used",
+            ),
+            (
+                "dns_listen = [\"0.0.0.0:80\"]\n",
+                "dns_listen `0.0.0.0:80` is already used",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[proxy]\ndomains = [\"gw.example.org\"]\nhttp_listen = [\"0.0.0.0:80\"]\n{acme}{extra}"
+            ))
+            .unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let e = parse(&format!(
+            "{acme}wildcard = true\ndns_listen = [\"203.0.113.1:53\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("needs at least one gateway domain"), "{e}");
     }
 
     #[test]

@@ -50,11 +50,14 @@ pub enum ErrorKind {
     AuthUnavailable,
     /// A UDP datagram beyond the forward's `bandwidth` (dropped).
     OverBandwidth,
+    /// A message to the DNS listeners that is not a readable DNS query
+    /// (dropped, or the TCP connection closed).
+    BadDnsQuery,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -74,6 +77,7 @@ impl ErrorKind {
         ErrorKind::Unauthorized,
         ErrorKind::AuthUnavailable,
         ErrorKind::OverBandwidth,
+        ErrorKind::BadDnsQuery,
     ];
 
     /// Stable metric label.
@@ -98,6 +102,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::OverBandwidth => "over_bandwidth",
+            ErrorKind::BadDnsQuery => "bad_dns_query",
         }
     }
 
@@ -187,8 +192,9 @@ pub struct BackendHealth {
 /// A point-in-time copy of one route's counters.
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteSnapshot {
-    /// `name:blog`, `fqdn:www.example.com`, `tcp:0.0.0.0:2222`, `udp:...`, or
-    /// `listener` for traffic that matched no route.
+    /// `name:blog`, `fqdn:www.example.com`, `tcp:0.0.0.0:2222`, `udp:...`,
+    /// `listener` for traffic that matched no route, `mesh` for traffic
+    /// sent to other hubs, or `dns` for the DNS listeners.
     pub route: String,
     /// Hosts served (`blog.gw.example.org`, ...), empty for forwards.
     pub hosts: Vec<String>,

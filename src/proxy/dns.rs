@@ -1,0 +1,797 @@
+//! Authoritative DNS answers for ACME DNS-01 challenges (RFC 8555,
+//! section 8.4). Operators delegate `_acme-challenge.<gateway domain>` to the
+//! hub with an NS record; the hub then answers TXT queries for that name with
+//! the current challenge values.
+//!
+//! Pure: [`respond`] takes the bytes of one received DNS message and returns
+//! the bytes to send back, or why nothing is sent. The caller (the UDP and TCP
+//! listeners) knows the zones and the challenge values and tells them through
+//! a [`Lookup`] for the question's name. No sockets, no clock; it is fuzzed.
+//!
+//! What is answered (RFC 1035, RFC 2308, RFC 6891):
+//! * responses are never answered (no reflection loops), nor unparseable bytes;
+//! * an opcode other than QUERY gets NOTIMP, a question count other than one
+//!   FORMERR, a class other than IN or ANY REFUSED, an EDNS version above 0
+//!   BADVERS;
+//! * a name in no zone gets REFUSED; a name below a zone's apex NXDOMAIN; at
+//!   an apex, TXT (or ANY) gets the challenge values, SOA the zone's SOA, and
+//!   every other type (or TXT with no value) NODATA, the SOA in the authority
+//!   section; zone transfers (AXFR, IXFR) are REFUSED;
+//! * a reply too large for the transport is replaced by its header and
+//!   question with TC set, so the client retries over TCP.
+//!
+//! The reply echoes the question as sent, case included (resolvers that
+//! randomise the case of the name check it); [`Lookup`] gets it lowercased.
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{SOA, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+/// The largest UDP reply to a query without EDNS (RFC 1035, section 4.2.1),
+/// and the least a query's EDNS payload size is raised to.
+pub const UDP_PLAIN_MAX: usize = 512;
+/// The EDNS payload size the hub announces, and the most it sends over UDP
+/// whatever the query announces (no IP fragmentation on common paths).
+pub const UDP_EDNS_MAX: u16 = 1232;
+/// The largest reply over TCP (the two-byte length prefix).
+pub const TCP_MAX: usize = 65_535;
+/// TTL of every record served: challenge values change at any time.
+pub const TTL: u32 = 0;
+/// The longest character-string in a TXT record; longer values are split.
+pub const TXT_STRING_MAX: usize = 255;
+
+/// SOA serial (the zone has no versions worth counting).
+const SOA_SERIAL: u32 = 1;
+/// SOA refresh, seconds.
+const SOA_REFRESH: i32 = 3600;
+/// SOA retry, seconds.
+const SOA_RETRY: i32 = 600;
+/// SOA expire, seconds.
+const SOA_EXPIRE: i32 = 86_400;
+/// SOA minimum: the negative-caching TTL (RFC 2308), 0 so that a value just
+/// published is seen at once.
+const SOA_MINIMUM: u32 = 0;
+
+/// What the hub serves for a name (the caller knows its zones).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// In no zone this hub serves: REFUSED.
+    Outside,
+    /// The apex of a zone, with the TXT values to give (possibly none:
+    /// NOERROR with no answer).
+    Apex {
+        /// The zone's name, lowercase, without the trailing dot.
+        zone: String,
+        /// The TXT values, one record each.
+        txt: Vec<String>,
+    },
+    /// A name below a zone's apex: NXDOMAIN.
+    Below {
+        /// The zone's name, lowercase, without the trailing dot.
+        zone: String,
+    },
+}
+
+/// Why a message got no reply (counted by the driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The bytes are not a DNS message.
+    Malformed,
+    /// The message is a response (QR=1): answering it could start a loop
+    /// between two servers, or reflect a forged one at a victim.
+    NotAQuery,
+}
+
+/// The reply and its response code (for the driver's counters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The message to send back, whole (the TCP driver adds the length prefix).
+    pub bytes: Vec<u8>,
+    /// Its response code, extended (BADVERS) included.
+    pub rcode: ResponseCode,
+}
+
+/// Answers one DNS message.
+///
+/// `lookup` gets the question's name in lowercase ASCII without the trailing
+/// dot (the root is the empty string); a byte of a label other than a letter,
+/// digit, `-` or `_` is written `\DDD` (decimal), so no odd label reads as a
+/// served name. `udp` selects the size limit of the reply: over UDP 512
+/// bytes, or the query's EDNS payload size clamped to 512..=1232; over TCP
+/// 65535. A reply over the limit is sent truncated (TC=1, header and question
+/// only).
+pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Result<Reply, Dropped> {
+    let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
+    if msg.metadata.message_type != MessageType::Query {
+        return Err(Dropped::NotAQuery);
+    }
+    let limit = if udp {
+        msg.edns.as_ref().map_or(UDP_PLAIN_MAX, |e| {
+            usize::from(e.max_payload()).clamp(UDP_PLAIN_MAX, usize::from(UDP_EDNS_MAX))
+        })
+    } else {
+        TCP_MAX
+    };
+    let reply = answer(&msg, lookup);
+    let rcode = reply.metadata.response_code;
+    let bytes = encode(&reply, limit).ok_or(Dropped::Malformed)?;
+    Ok(Reply { bytes, rcode })
+}
+
+/// The name as given to [`Lookup`]: lowercase ASCII, no trailing dot, odd
+/// bytes escaped as `\DDD`.
+fn lookup_name(name: &Name) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for &b in label {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                out.push(char::from(b.to_ascii_lowercase()));
+            } else {
+                out.push_str(&format!("\\{b:03}"));
+            }
+        }
+    }
+    out
+}
+
+/// Builds the reply message (before the size rule).
+fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
+    let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
+    // Id, opcode, RD and CD from the query; AA, TC, RA, AD clear.
+    reply.metadata = Metadata::response_from_request(&msg.metadata);
+    if let Some(edns) = &msg.edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(UDP_EDNS_MAX)
+            .set_version(0)
+            .set_dnssec_ok(edns.flags().dnssec_ok);
+        reply.edns = Some(ours);
+    }
+    // The question is echoed only when there is exactly one.
+    let question = match msg.queries.as_slice() {
+        [q] => Some(q),
+        _ => None,
+    };
+    if let Some(q) = question {
+        reply.add_query(q.clone());
+    }
+    let rcode = |reply: &mut Message, rcode| reply.metadata.response_code = rcode;
+
+    if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        rcode(&mut reply, ResponseCode::BADVERS);
+        return reply;
+    }
+    if msg.metadata.op_code != OpCode::Query {
+        rcode(&mut reply, ResponseCode::NotImp);
+        return reply;
+    }
+    let Some(q) = question else {
+        rcode(&mut reply, ResponseCode::FormErr);
+        return reply;
+    };
+    if !matches!(q.query_class(), DNSClass::IN | DNSClass::ANY) {
+        rcode(&mut reply, ResponseCode::Refused);
+        return reply;
+    }
+    match lookup(&lookup_name(q.name())) {
+        Lookup::Outside => rcode(&mut reply, ResponseCode::Refused),
+        Lookup::Below { zone } => {
+            let Some(soa) = soa_record(&zone) else {
+                rcode(&mut reply, ResponseCode::ServFail);
+                return reply;
+            };
+            reply.metadata.authoritative = true;
+            rcode(&mut reply, ResponseCode::NXDomain);
+            reply.add_authority(soa);
+        }
+        Lookup::Apex { zone, txt } => {
+            let Some(soa) = soa_record(&zone) else {
+                rcode(&mut reply, ResponseCode::ServFail);
+                return reply;
+            };
+            reply.metadata.authoritative = true;
+            match q.query_type() {
+                RecordType::TXT | RecordType::ANY if !txt.is_empty() => {
+                    for value in &txt {
+                        reply.add_answer(txt_record(q.name(), value));
+                    }
+                }
+                RecordType::SOA => {
+                    // Owned by the name as asked (the apex), in its case.
+                    let mut soa = soa;
+                    soa.name = q.name().clone();
+                    reply.add_answer(soa);
+                }
+                RecordType::AXFR | RecordType::IXFR => {
+                    reply.metadata.authoritative = false;
+                    rcode(&mut reply, ResponseCode::Refused);
+                }
+                _ => {
+                    reply.add_authority(soa);
+                }
+            }
+        }
+    }
+    reply
+}
+
+/// One TXT record: the value as one character-string, or several of at most
+/// [`TXT_STRING_MAX`] bytes when longer (an empty value is one empty string).
+fn txt_record(owner: &Name, value: &str) -> Record {
+    let bytes = value.as_bytes();
+    let strings: Vec<&[u8]> = if bytes.is_empty() {
+        vec![bytes]
+    } else {
+        bytes.chunks(TXT_STRING_MAX).collect()
+    };
+    let mut record = Record::from_rdata(owner.clone(), TTL, RData::TXT(TXT::from_bytes(strings)));
+    record.dns_class = DNSClass::IN;
+    record
+}
+
+/// The zone's SOA record: mname the zone, rname `hostmaster.<zone>`. `None`
+/// when `zone` is not a usable name (a caller's mistake: SERVFAIL).
+fn soa_record(zone: &str) -> Option<Record> {
+    let zone = zone.strip_suffix('.').unwrap_or(zone);
+    if zone.is_empty() {
+        return None;
+    }
+    let apex = Name::from_labels(zone.split('.').map(str::as_bytes)).ok()?;
+    let rname = Name::from_labels(
+        std::iter::once("hostmaster")
+            .chain(zone.split('.'))
+            .map(str::as_bytes),
+    )
+    .ok()?;
+    let soa = SOA::new(
+        apex.clone(),
+        rname,
+        SOA_SERIAL,
+        SOA_REFRESH,
+        SOA_RETRY,
+        SOA_EXPIRE,
+        SOA_MINIMUM,
+    );
+    let mut record = Record::from_rdata(apex, TTL, RData::SOA(soa));
+    record.dns_class = DNSClass::IN;
+    Some(record)
+}
+
+/// The reply's bytes within `limit`: whole if it fits, else header, question
+/// and OPT with TC=1. `None` only if even that does not fit, which a question
+/// read from a message (at most 255 bytes of name) cannot cause.
+fn encode(reply: &Message, limit: usize) -> Option<Vec<u8>> {
+    if let Ok(bytes) = reply.to_vec() {
+        if bytes.len() <= limit {
+            return Some(bytes);
+        }
+    }
+    let short = reply.truncate();
+    short.to_vec().ok().filter(|b| b.len() <= limit)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use proptest::prelude::*;
+
+    const ZONE: &str = "_acme-challenge.gw.test";
+
+    /// `dig TXT _acme-challenge.gw.test` as sent: RD and AD set, EDNS with
+    /// a 1232-byte payload and a client cookie.
+    #[rustfmt::skip]
+    const DIG_TXT: [u8; 64] = [
+        0xbe, 0xef,             // id
+        0x01, 0x20,             // flags: QR=0, opcode QUERY, RD=1, AD=1
+        0x00, 0x01,             // QDCOUNT 1
+        0x00, 0x00,             // ANCOUNT 0
+        0x00, 0x00,             // NSCOUNT 0
+        0x00, 0x01,             // ARCOUNT 1 (the OPT record)
+        // QNAME _acme-challenge.gw.test.
+        15, b'_', b'a', b'c', b'm', b'e', b'-', b'c', b'h', b'a', b'l', b'l', b'e', b'n', b'g', b'e',
+        2, b'g', b'w',
+        4, b't', b'e', b's', b't',
+        0,                      // root
+        0x00, 0x10,             // QTYPE TXT (16)
+        0x00, 0x01,             // QCLASS IN
+        // OPT pseudo-record
+        0,                      // owner: root
+        0x00, 0x29,             // TYPE OPT (41)
+        0x04, 0xd0,             // CLASS: UDP payload size 1232
+        0x00,                   // TTL: extended RCODE 0
+        0x00,                   //      EDNS version 0
+        0x00, 0x00,             //      flags (DO=0)
+        0x00, 0x0c,             // RDLENGTH 12
+        0x00, 0x0a,             // option COOKIE (10)
+        0x00, 0x08,             // option length 8
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, // client cookie
+    ];
+
+    fn apex<'a>(txt: &'a [&'a str]) -> impl Fn(&str) -> Lookup + 'a {
+        move |name: &str| {
+            if name == ZONE {
+                Lookup::Apex {
+                    zone: ZONE.to_string(),
+                    txt: txt.iter().map(|s| s.to_string()).collect(),
+                }
+            } else if name.ends_with(&format!(".{ZONE}")) {
+                Lookup::Below {
+                    zone: ZONE.to_string(),
+                }
+            } else {
+                Lookup::Outside
+            }
+        }
+    }
+
+    fn query(name: &str, qtype: RecordType) -> Message {
+        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        m
+    }
+
+    fn ask(m: &Message, udp: bool, lookup: impl Fn(&str) -> Lookup) -> (Reply, Message) {
+        let reply = respond(&m.to_vec().unwrap(), udp, lookup).unwrap();
+        let parsed = Message::from_vec(&reply.bytes).unwrap();
+        (reply, parsed)
+    }
+
+    fn txt_strings(r: &Record) -> Vec<Vec<u8>> {
+        match &r.data {
+            RData::TXT(t) => t.txt_data.iter().map(|s| s.to_vec()).collect(),
+            other => panic!("not TXT: {other:?}"),
+        }
+    }
+
+    fn soa_of(r: &Record) -> &SOA {
+        match &r.data {
+            RData::SOA(s) => s,
+            other => panic!("not SOA: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dig_vector() {
+        let reply = respond(&DIG_TXT, true, apex(&["token-1", "token-2"])).unwrap();
+        assert_eq!(reply.rcode, ResponseCode::NoError);
+        let b = &reply.bytes;
+        assert_eq!(&b[0..2], &[0xbe, 0xef], "id");
+        // QR=1, opcode 0, AA=1, TC=0, RD=1 | RA=0, Z=0, AD=0, CD=0, rcode 0.
+        assert_eq!(&b[2..4], &[0x85, 0x00], "flags");
+        assert_eq!(&b[4..6], &[0, 1], "QDCOUNT");
+        assert_eq!(&b[6..8], &[0, 2], "ANCOUNT");
+        assert_eq!(&b[8..10], &[0, 0], "NSCOUNT");
+        assert_eq!(&b[10..12], &[0, 1], "ARCOUNT");
+        // The question, byte for byte.
+        assert_eq!(&b[12..41], &DIG_TXT[12..41]);
+
+        let m = Message::from_vec(b).unwrap();
+        let values: Vec<_> = m.answers.iter().map(txt_strings).collect();
+        assert_eq!(
+            values,
+            vec![vec![b"token-1".to_vec()], vec![b"token-2".to_vec()]]
+        );
+        for r in &m.answers {
+            assert_eq!(r.ttl, 0);
+            assert_eq!(r.dns_class, DNSClass::IN);
+            assert_eq!(lookup_name(&r.name), ZONE);
+        }
+        let edns = m.edns.as_ref().unwrap();
+        assert_eq!(edns.max_payload(), 1232);
+        assert_eq!(edns.version(), 0);
+        assert!(edns.options().as_ref().is_empty(), "no option echoed");
+    }
+
+    #[test]
+    fn apex_txt_none_is_nodata() {
+        let (r, m) = ask(&query(ZONE, RecordType::TXT), true, apex(&[]));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities.len(), 1);
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+    }
+
+    #[test]
+    fn apex_txt_one_and_two() {
+        let (_, m) = ask(&query(ZONE, RecordType::TXT), true, apex(&["a"]));
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(txt_strings(&m.answers[0]), vec![b"a".to_vec()]);
+        assert!(m.authorities.is_empty());
+
+        let (_, m) = ask(&query(ZONE, RecordType::TXT), false, apex(&["a", "b"]));
+        assert_eq!(m.answers.len(), 2);
+        assert_eq!(txt_strings(&m.answers[1]), vec![b"b".to_vec()]);
+    }
+
+    #[test]
+    fn any_gives_txt() {
+        let (_, m) = ask(&query(ZONE, RecordType::ANY), true, apex(&["v"]));
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].record_type(), RecordType::TXT);
+    }
+
+    #[test]
+    fn long_and_empty_values() {
+        let long = "x".repeat(300);
+        let (_, m) = ask(&query(ZONE, RecordType::TXT), false, apex(&[&long, ""]));
+        let first = txt_strings(&m.answers[0]);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].len(), 255);
+        assert_eq!(first[1].len(), 45);
+        assert_eq!(txt_strings(&m.answers[1]), vec![Vec::<u8>::new()]);
+    }
+
+    #[test]
+    fn soa_query() {
+        let (r, m) = ask(&query(ZONE, RecordType::SOA), true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(m.answers.len(), 1);
+        assert!(m.authorities.is_empty());
+        let soa = soa_of(&m.answers[0]);
+        assert_eq!(lookup_name(&soa.mname), ZONE);
+        assert_eq!(lookup_name(&soa.rname), format!("hostmaster.{ZONE}"));
+        assert_eq!(
+            (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum),
+            (1, 3600, 600, 86400, 0)
+        );
+        assert_eq!(m.answers[0].ttl, 0);
+    }
+
+    #[test]
+    fn a_query_is_nodata_with_soa() {
+        for qtype in [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::NS,
+            RecordType::MX,
+        ] {
+            let (r, m) = ask(&query(ZONE, qtype), true, apex(&["v"]));
+            assert_eq!(r.rcode, ResponseCode::NoError, "{qtype}");
+            assert!(m.metadata.authoritative);
+            assert!(m.answers.is_empty());
+            assert_eq!(m.authorities.len(), 1);
+            assert_eq!(lookup_name(&m.authorities[0].name), ZONE);
+            assert_eq!(soa_of(&m.authorities[0]).serial, 1);
+        }
+    }
+
+    #[test]
+    fn zone_transfer_refused() {
+        let (r, m) = ask(&query(ZONE, RecordType::AXFR), false, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+    }
+
+    #[test]
+    fn below_is_nxdomain() {
+        let name = format!("x.{ZONE}");
+        let (r, m) = ask(&query(&name, RecordType::TXT), true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(m.metadata.authoritative);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities.len(), 1);
+        assert_eq!(soa_of(&m.authorities[0]).minimum, 0);
+    }
+
+    #[test]
+    fn outside_is_refused() {
+        let (r, m) = ask(&query("example.com", RecordType::TXT), true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        assert!(!m.metadata.authoritative);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.metadata.id, 0x1234);
+        assert!(m.metadata.recursion_desired);
+        assert!(!m.metadata.recursion_available);
+    }
+
+    #[test]
+    fn bad_zone_from_caller_is_servfail() {
+        let lookup = |_: &str| Lookup::Apex {
+            zone: "a..b".to_string(),
+            txt: vec!["v".to_string()],
+        };
+        let (r, _) = ask(&query(ZONE, RecordType::TXT), true, lookup);
+        assert_eq!(r.rcode, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn class_rules() {
+        let mut m = query(ZONE, RecordType::TXT);
+        m.queries[0].set_query_class(DNSClass::CH);
+        let (r, _) = ask(&m, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        m.queries[0].set_query_class(DNSClass::ANY);
+        let (r, reply) = ask(&m, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert_eq!(reply.answers.len(), 1);
+    }
+
+    #[test]
+    fn response_dropped() {
+        let mut m = query(ZONE, RecordType::TXT);
+        m.metadata.message_type = MessageType::Response;
+        assert_eq!(
+            respond(&m.to_vec().unwrap(), true, apex(&["v"])),
+            Err(Dropped::NotAQuery)
+        );
+    }
+
+    #[test]
+    fn garbage_dropped() {
+        for bytes in [
+            &[][..],
+            &[0x12][..],
+            &[0x12, 0x34, 0x01, 0x00, 0x00][..],
+            // Header announcing one question that is not there.
+            &[0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0][..],
+            // A name whose compression pointer points at itself.
+            &[
+                0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 16, 0, 1,
+            ][..],
+        ] {
+            assert_eq!(
+                respond(bytes, true, apex(&["v"])),
+                Err(Dropped::Malformed),
+                "{bytes:?}"
+            );
+        }
+        let mut truncated = DIG_TXT.to_vec();
+        truncated.truncate(50);
+        assert_eq!(
+            respond(&truncated, true, apex(&["v"])),
+            Err(Dropped::Malformed)
+        );
+    }
+
+    #[test]
+    fn two_questions_formerr() {
+        let mut m = query(ZONE, RecordType::TXT);
+        m.add_query(Query::query(Name::from_ascii(ZONE).unwrap(), RecordType::A));
+        let (r, reply) = ask(&m, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::FormErr);
+        assert!(reply.queries.is_empty());
+        assert!(reply.answers.is_empty());
+
+        let mut none = Message::new(7, MessageType::Query, OpCode::Query);
+        none.metadata.recursion_desired = false;
+        let (r, _) = ask(&none, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::FormErr);
+    }
+
+    #[test]
+    fn other_opcodes_notimp() {
+        for op in [
+            OpCode::Notify,
+            OpCode::Update,
+            OpCode::Status,
+            OpCode::Unknown(9),
+        ] {
+            let mut m = query(ZONE, RecordType::SOA);
+            m.metadata.op_code = op;
+            let (r, reply) = ask(&m, true, apex(&["v"]));
+            assert_eq!(r.rcode, ResponseCode::NotImp, "{op}");
+            assert_eq!(reply.metadata.op_code, op);
+            assert!(!reply.metadata.authoritative);
+            assert!(reply.answers.is_empty());
+        }
+    }
+
+    #[test]
+    fn edns_version_1_badvers() {
+        let mut q = DIG_TXT;
+        q[47] = 1; // EDNS version
+        let reply = respond(&q, true, apex(&["v"])).unwrap();
+        assert_eq!(reply.rcode, ResponseCode::BADVERS);
+        assert_eq!(reply.bytes[3] & 0x0f, 0, "low bits of 16 in the header");
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        // 16 reads back as BADSIG, which shares the code.
+        assert_eq!(u16::from(m.metadata.response_code), 16);
+        let edns = m.edns.unwrap();
+        assert_eq!(edns.version(), 0);
+        assert_eq!(edns.rcode_high(), 1);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn no_edns_no_opt() {
+        let (_, m) = ask(&query(ZONE, RecordType::TXT), true, apex(&["v"]));
+        assert!(m.edns.is_none());
+    }
+
+    #[test]
+    fn dnssec_ok_copied() {
+        let mut q = DIG_TXT;
+        q[48] = 0x80; // DO
+        let reply = respond(&q, true, apex(&["v"])).unwrap();
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        assert!(m.edns.unwrap().flags().dnssec_ok);
+    }
+
+    #[test]
+    fn case_lowered_for_lookup_and_kept_in_echo() {
+        let asked = "_ACME-Challenge.GW.tEsT";
+        let seen = std::cell::RefCell::new(String::new());
+        let lookup = |name: &str| {
+            *seen.borrow_mut() = name.to_string();
+            apex(&["v"])(name)
+        };
+        let (r, m) = ask(&query(asked, RecordType::TXT), true, lookup);
+        assert_eq!(seen.borrow().as_str(), ZONE);
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        let sent = Name::from_ascii(format!("{asked}.")).unwrap();
+        assert!(m.queries[0].name().eq_case(&sent));
+        assert!(m.answers[0].name.eq_case(&sent));
+        let wire = b"\x0f_ACME-Challenge\x02GW\x04tEsT\x00";
+        assert_eq!(&r.bytes[12..12 + wire.len()], wire);
+    }
+
+    #[test]
+    fn binary_labels_escaped() {
+        let name = Name::from_labels([&b"a.b"[..], &[0xff, b' ', b'Z'][..], b"test"]).unwrap();
+        assert_eq!(lookup_name(&name), "a\\046b.\\255\\032z.test");
+        assert_eq!(lookup_name(&Name::root()), "");
+        let mut m = Message::new(1, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(name, RecordType::TXT));
+        let (r, reply) = ask(&m, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        assert_eq!(reply.queries.len(), 1);
+    }
+
+    fn twenty_values() -> Vec<String> {
+        (0..20).map(|i| format!("{i:02}").repeat(100)).collect()
+    }
+
+    #[test]
+    fn truncation_udp_then_tcp() {
+        let values = twenty_values();
+        let lookup = |_: &str| Lookup::Apex {
+            zone: ZONE.to_string(),
+            txt: values.clone(),
+        };
+        let q = query(ZONE, RecordType::TXT);
+        let (r, m) = ask(&q, true, lookup);
+        assert!(r.bytes.len() <= UDP_PLAIN_MAX);
+        assert!(m.metadata.truncation);
+        assert!(m.metadata.authoritative);
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.queries.len(), 1);
+
+        let (r, m) = ask(&q, false, lookup);
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 20);
+        assert!(r.bytes.len() > usize::from(UDP_EDNS_MAX));
+        let got: Vec<Vec<u8>> = m.answers.iter().flat_map(txt_strings).collect();
+        let want: Vec<Vec<u8>> = values.iter().map(|v| v.as_bytes().to_vec()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn edns_payload_sets_udp_limit() {
+        // Four 200-byte values: about 900 bytes, over 512 and under 1232.
+        let values: Vec<String> = (0..4).map(|i| format!("{i}").repeat(200)).collect();
+        let lookup = |_: &str| Lookup::Apex {
+            zone: ZONE.to_string(),
+            txt: values.clone(),
+        };
+        let with_payload = |payload: u16| {
+            let mut m = query(ZONE, RecordType::TXT);
+            let mut e = Edns::new();
+            e.set_max_payload(payload);
+            m.set_edns(e);
+            m
+        };
+        let (_, m) = ask(&query(ZONE, RecordType::TXT), true, lookup);
+        assert!(m.metadata.truncation, "no EDNS: 512");
+        let (r, m) = ask(&with_payload(1232), true, lookup);
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 4);
+        assert!(r.bytes.len() > UDP_PLAIN_MAX);
+        let (_, m) = ask(&with_payload(100), true, lookup);
+        assert!(m.metadata.truncation, "raised to 512");
+        assert!(m.edns.is_some(), "OPT kept when truncated");
+        let big: Vec<String> = twenty_values();
+        let lookup = |_: &str| Lookup::Apex {
+            zone: ZONE.to_string(),
+            txt: big.clone(),
+        };
+        let (r, m) = ask(&with_payload(65_000), true, lookup);
+        assert!(m.metadata.truncation, "capped at 1232");
+        assert!(r.bytes.len() <= usize::from(UDP_EDNS_MAX));
+    }
+
+    #[test]
+    fn too_large_even_for_tcp_is_truncated() {
+        let values: Vec<String> = (0..300).map(|_| "v".repeat(255)).collect();
+        let lookup = |_: &str| Lookup::Apex {
+            zone: ZONE.to_string(),
+            txt: values.clone(),
+        };
+        let (r, m) = ask(&query(ZONE, RecordType::TXT), false, lookup);
+        assert!(m.metadata.truncation);
+        assert!(r.bytes.len() <= TCP_MAX);
+    }
+
+    fn any_lookup(name: &str) -> Lookup {
+        match name.len() % 3 {
+            0 => Lookup::Outside,
+            1 => Lookup::Apex {
+                zone: "gw.test".to_string(),
+                txt: vec![name.to_string(); name.len() % 4],
+            },
+            _ => Lookup::Below {
+                zone: "gw.test".to_string(),
+            },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = respond(&bytes, true, any_lookup);
+            let _ = respond(&bytes, false, any_lookup);
+        }
+
+        #[test]
+        fn mutated_vector_never_panics(
+            edits in proptest::collection::vec((0usize..64, any::<u8>()), 1..8),
+            udp in any::<bool>(),
+        ) {
+            let mut q = DIG_TXT;
+            for (i, b) in edits {
+                q[i] = b;
+            }
+            if let Ok(r) = respond(&q, udp, apex(&["v"])) {
+                prop_assert_eq!(&r.bytes[0..2], &q[0..2]);
+                prop_assert!(Message::from_vec(&r.bytes).is_ok());
+            }
+        }
+
+        #[test]
+        fn valid_queries_get_parseable_replies(
+            id in any::<u16>(),
+            labels in proptest::collection::vec("[a-zA-Z0-9_-]{1,20}", 0..5),
+            qtype in any::<u16>(),
+            class in prop_oneof![Just(1u16), Just(3), Just(255), any::<u16>()],
+            edns in proptest::option::of((any::<u16>(), 0u8..2, any::<bool>())),
+            rd in any::<bool>(),
+            udp in any::<bool>(),
+        ) {
+            let name = Name::from_labels(labels.iter().map(|l| l.as_bytes())).unwrap();
+            let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = rd;
+            let mut q = Query::query(name, RecordType::from(qtype));
+            q.set_query_class(DNSClass::from(class));
+            m.add_query(q.clone());
+            if let Some((payload, version, dnssec_ok)) = edns {
+                let mut e = Edns::new();
+                e.set_max_payload(payload).set_version(version).set_dnssec_ok(dnssec_ok);
+                m.set_edns(e);
+            }
+            let Ok(bytes) = m.to_vec() else { return Ok(()) };
+            let reply = respond(&bytes, udp, any_lookup).unwrap();
+            let parsed = Message::from_vec(&reply.bytes).unwrap();
+            prop_assert_eq!(parsed.metadata.id, id);
+            prop_assert_eq!(parsed.metadata.message_type, MessageType::Response);
+            prop_assert_eq!(parsed.metadata.recursion_desired, rd);
+            prop_assert!(!parsed.metadata.recursion_available);
+            prop_assert_eq!(u16::from(parsed.metadata.response_code), u16::from(reply.rcode));
+            prop_assert_eq!(parsed.edns.is_some(), edns.is_some());
+            prop_assert_eq!(parsed.queries.len(), 1);
+            prop_assert!(parsed.queries[0].name().eq_case(q.name()));
+            if udp {
+                prop_assert!(reply.bytes.len() <= usize::from(UDP_EDNS_MAX));
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The hub's DNS listeners (`[proxy.acme] dns_listen`), the driver of the
+//! pure responder [`crate::proxy::dns`]: they answer the TXT queries of ACME
+//! DNS-01 validations for `_acme-challenge.<domain>` of the gateway domains,
+//! which the operator delegates to the hub with an NS record. UDP replies
+//! leave from the address the query was sent to; TCP carries one
+//! length-prefixed message after another (RFC 7766).
+//!
+//! Queries answered count as requests of the `dns` entry in the proxy's
+//! counters; unreadable messages as `bad_dns_query`, names outside the
+//! hub's zones (REFUSED) as `unknown_host`.
+
+use crate::proxy::acme::AcmeState;
+use crate::proxy::dns;
+use crate::proxy::io::UdpListener;
+use crate::proxy::stats::{Counters, ErrorKind};
+use hickory_proto::op::ResponseCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn};
+
+/// Open DNS-over-TCP connections per listener at most (more are closed).
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP connection idle this long (no complete query) is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries answered on one TCP connection at most.
+pub const MAX_TCP_QUERIES: usize = 100;
+
+fn answer(acme: &AcmeState, counters: &Counters, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    counters.add_in(query.len() as u64);
+    match dns::respond(query, udp, |q| acme.dns_lookup(q)) {
+        Ok(reply) => {
+            counters.request();
+            if reply.rcode == ResponseCode::Refused {
+                counters.error(ErrorKind::UnknownHost);
+            }
+            counters.add_out(reply.bytes.len() as u64);
+            Some(reply.bytes)
+        }
+        Err(e) => {
+            counters.error(ErrorKind::BadDnsQuery);
+            debug!(error = ?e, "DNS message dropped");
+            None
+        }
+    }
+}
+
+/// Answers queries on a UDP DNS listener until `stop`.
+pub async fn udp_loop(
+    sock: Arc<UdpListener>,
+    acme: Arc<AcmeState>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 65535];
+    let mut meta = [quinn_udp::RecvMeta::default(); 1];
+    loop {
+        let n = tokio::select! {
+            r = async {
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                sock.recv(&mut iov, &mut meta).await
+            } => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "DNS listener: receive failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        for m in meta.iter().take(n) {
+            let data = buf.get(..m.len).unwrap_or_default();
+            // A GRO train holds datagrams of `stride` bytes each.
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for q in data.chunks(stride.max(1)) {
+                if let Some(reply) = answer(&acme, &counters, q, true) {
+                    if let Err(e) = sock.send(m.addr, m.dst_ip, &reply).await {
+                        debug!(client = %m.addr, error = %e, "DNS reply not sent");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers queries on a TCP DNS listener until `stop`.
+pub async fn tcp_loop(
+    l: TcpListener,
+    acme: Arc<AcmeState>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "DNS listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            counters.error(ErrorKind::OverCapacity);
+            continue;
+        };
+        counters.connection();
+        let (acme, counters, stop) = (acme.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = serve_tcp(sock, &acme, &counters, stop).await {
+                debug!(client = %peer, error = %e, "DNS over TCP ended");
+            }
+        });
+    }
+}
+
+async fn serve_tcp(
+    mut sock: TcpStream,
+    acme: &AcmeState,
+    counters: &Counters,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut msg = Vec::new();
+    for _ in 0..MAX_TCP_QUERIES {
+        let read = async {
+            let len = sock.read_u16().await?;
+            msg.resize(usize::from(len), 0);
+            sock.read_exact(&mut msg).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::select! {
+            r = tokio::time::timeout(TCP_IDLE, read) => match r {
+                Ok(r) => r?,
+                Err(_) => return Ok(()),
+            },
+            _ = stop.changed() => return Ok(()),
+        }
+        let Some(reply) = answer(acme, counters, &msg, false) else {
+            return Err(std::io::Error::other("not a DNS query"));
+        };
+        let len = u16::try_from(reply.len()).map_err(std::io::Error::other)?;
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&reply);
+        tokio::time::timeout(TCP_IDLE, sock.write_all(&out))
+            .await
+            .map_err(|_| std::io::Error::other("write timed out"))??;
+    }
+    Ok(())
+}
