@@ -24,7 +24,7 @@ HUB4=$(lab_wan4 hub)
 PUB4=$(lab_wan4 pub)
 N1V6=$(lab_ov6 n1)
 MARK="n1-$$"
-DNSQ="$(dirname "$0")/../tools/dnsq.py"
+DNSQ="$GW_LIB_DIR/tools/dnsq.py"
 
 lab_up 1 0
 
