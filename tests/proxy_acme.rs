@@ -480,7 +480,7 @@ async fn acme_dns01_wildcard_with_pebble() {
     assert!(!state.join("certs/shop.gw.test").exists());
     let log = std::fs::read_to_string(dir.join("pebble.log")).unwrap();
     assert_eq!(log.matches("POST /order-plz").count(), 1, "{log}");
-    // The order's answer is gone; the name is still the hub's.
+    // The CA's query was answered by the proxy's DNS listener.
     let dns_stats = proxy
         .stats()
         .into_iter()

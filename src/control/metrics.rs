@@ -48,7 +48,9 @@
 //! | `gatewire_mesh_name_claims`, `gatewire_mesh_name_conflicts` | gauge | |
 //!
 //! The bytes and errors of connections sent to other hubs are the route
-//! families' samples with `route="mesh"`.
+//! families' samples with `route="mesh"`; the queries to the DNS listeners
+//! (`[proxy.acme] dns_listen`) are the samples with `route="dns"`
+//! (`requests_total` counts the queries answered).
 //!
 //! A peer is up when its latest handshake is at most [`UP_WINDOW`] seconds old.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]

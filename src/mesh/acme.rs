@@ -27,6 +27,8 @@ pub const MAX_TOKEN: usize = 256;
 pub const MAX_KEY_AUTHORIZATION: usize = 512;
 /// Longest certificate record accepted (a chain and a key are a few KiB).
 pub const MAX_CERT_RECORD: usize = 64 * 1024;
+/// DNS-01 values kept per domain (an order publishes one or two).
+pub const MAX_DNS01_VALUES: usize = 8;
 
 /// What a key under `<prefix>acme/` names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -129,6 +131,8 @@ pub enum AcmeRecordError {
     Digest,
     #[error("DNS-01 value is not the one its key names")]
     Dns01Value,
+    #[error("more than 8 DNS-01 values for one domain")]
+    Dns01Full,
     #[error("certificate record: {0}")]
     Cert(String),
     #[error("lock holder is not a hub name")]
@@ -299,10 +303,11 @@ impl Shared {
                 self.alpn01.insert(h.as_str().to_string(), d);
             }
             (AcmeKey::Dns01(d, _), Some(AcmeValue::Dns01(v))) => {
-                self.dns01
-                    .entry(d.as_str().to_string())
-                    .or_default()
-                    .insert(v);
+                let set = self.dns01.entry(d.as_str().to_string()).or_default();
+                if set.len() >= MAX_DNS01_VALUES && !set.contains(&v) {
+                    return Err(AcmeRecordError::Dns01Full);
+                }
+                set.insert(v);
             }
             (AcmeKey::Cert(h), Some(AcmeValue::Cert(c, not_after))) => {
                 self.unopened.remove(h.as_str());
@@ -626,6 +631,21 @@ mod tests {
         assert_eq!(s.dns01("gw.test"), vec!["v2".to_string()]);
         s.apply("dns01/gw.test/v2", None).unwrap();
         assert!(s.dns01("gw.test").is_empty());
+        for i in 0..MAX_DNS01_VALUES {
+            s.apply(
+                &format!("dns01/gw.test/v{i}"),
+                Some(format!("v{i}").as_bytes()),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            s.apply("dns01/gw.test/more", Some(b"more")),
+            Err(AcmeRecordError::Dns01Full)
+        );
+        assert_eq!(s.dns01("gw.test").len(), MAX_DNS01_VALUES);
+        for i in 0..MAX_DNS01_VALUES {
+            s.apply(&format!("dns01/gw.test/v{i}"), None).unwrap();
+        }
         let d = [7u8; 32];
         s.apply("alpn01/a.b", Some(encode_digest(&d).as_bytes()))
             .unwrap();

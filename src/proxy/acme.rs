@@ -185,12 +185,12 @@ impl AcmeState {
                 continue;
             };
             if head == "_acme-challenge." {
+                // This hub's own order, or else another hub's (one hub
+                // orders a host at a time).
                 let mut txt = self.dns01.read().get(d).cloned().unwrap_or_default();
-                if let Some(sh) = self.share.read().as_ref() {
-                    for v in sh.dns01(d) {
-                        if !txt.contains(&v) {
-                            txt.push(v);
-                        }
+                if txt.is_empty() {
+                    if let Some(sh) = self.share.read().as_ref() {
+                        txt = sh.dns01(d);
                     }
                 }
                 return Lookup::Apex {
@@ -220,11 +220,36 @@ impl AcmeState {
         hosts: Vec<String>,
         dns_zones: Vec<String>,
     ) {
-        let keep: std::collections::HashSet<&String> = hosts.iter().collect();
-        self.certs.write().retain(|h, _| keep.contains(h));
         *self.wanted.write() = (settings, hosts);
         *self.dns_zones.write() = dns_zones;
+        self.prune();
         self.kick.notify_one();
+    }
+
+    /// Stops serving the certificates of hosts no longer wanted, except one
+    /// whose host a wanted wildcard covers while that wildcard is not there
+    /// yet (switching `wildcard` on does not cut TLS off until the wildcard
+    /// certificate is issued).
+    fn prune(&self) {
+        let wanted = self.wanted.read();
+        let keep: std::collections::HashSet<&str> = wanted.1.iter().map(String::as_str).collect();
+        let mut certs = self.certs.write();
+        let waiting: std::collections::HashSet<String> = keep
+            .iter()
+            .filter(|h| h.starts_with("*.") && !certs.contains_key(**h))
+            .map(|h| h.to_string())
+            .collect();
+        certs.retain(|h, _| {
+            keep.contains(h.as_str())
+                || h.split_once('.')
+                    .is_some_and(|(_, parent)| waiting.contains(&format!("*.{parent}")))
+        });
+    }
+
+    /// Whether this hub holds a certificate of `host` itself (not through a
+    /// wildcard).
+    fn has_own(&self, host: &str) -> bool {
+        self.certs.read().contains_key(host)
     }
 }
 
@@ -860,7 +885,7 @@ async fn keep(
             .not_after(host)
             .is_none_or(|na| now_unix() >= renew_at(na))
     };
-    if state.cert(host).is_none() {
+    if !state.has_own(host) {
         if let Some((k, na)) = load_stored(cfg, host) {
             debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
             state.certs.write().insert(host.to_string(), (k, na));
@@ -930,7 +955,7 @@ async fn keep(
             }
         }
     }
-    let renewing = state.cert(host).is_some();
+    let renewing = state.has_own(host);
     info!(host = %host, renewing, "ordering an ACME certificate");
     let r = issue(state, cfg, host, coord).await;
     if let (Ok(pem), Some(sh)) = (&r, sharing.filter(|_| coord.is_some())) {
@@ -971,6 +996,9 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
                     }
                 }
             }
+            // A reload during the round may have dropped a host it kept, and
+            // a wildcard it obtained replaces the names it covers.
+            state.prune();
             let kick = state.kick.clone();
             drop(state);
             tokio::select! {
@@ -1051,6 +1079,23 @@ mod tests {
         st.set_wanted(None, vec!["own.gw.test".into()], Vec::new());
         assert!(st.cert("blog.gw.test").is_none());
         assert!(st.cert("own.gw.test").is_some());
+        // Switching to a wildcard: the names it covers keep their own
+        // certificates until the wildcard is there.
+        let blog = key_for(&["blog.gw.test"]);
+        st.certs
+            .write()
+            .insert("blog.gw.test".into(), (blog.clone(), 1));
+        st.set_wanted(None, vec!["*.gw.test".into()], Vec::new());
+        assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &blog));
+        assert!(Arc::ptr_eq(&st.cert("own.gw.test").unwrap(), &own));
+        assert!(!st.has_own("shop.gw.test"));
+        st.certs
+            .write()
+            .insert("*.gw.test".into(), (wild.clone(), 1));
+        st.prune();
+        assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &wild));
+        assert!(Arc::ptr_eq(&st.cert("own.gw.test").unwrap(), &wild));
+        assert!(!st.has_own("blog.gw.test"));
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! leave from the address the query was sent to; TCP carries one
 //! length-prefixed message after another (RFC 7766).
 //!
+//! A TCP connection is closed after [`TCP_IDLE`] without a complete query,
+//! after [`MAX_TCP_QUERIES`] queries or [`TCP_LIFETIME`], whichever comes
+//! first; at most [`MAX_TCP_CONNECTIONS`] are open per listener.
+//!
 //! Queries answered count as requests of the `dns` entry in the proxy's
 //! counters; unreadable messages as `bad_dns_query`, names outside the
 //! hub's zones (REFUSED) as `unknown_host`.
@@ -27,6 +31,9 @@ pub const MAX_TCP_CONNECTIONS: usize = 64;
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries answered on one TCP connection at most.
 pub const MAX_TCP_QUERIES: usize = 100;
+/// A TCP connection is closed this long after it was accepted, however
+/// busy (a client cannot hold the connection slots).
+pub const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
 fn answer(acme: &AcmeState, counters: &Counters, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     counters.add_in(query.len() as u64);
@@ -114,8 +121,11 @@ pub async fn tcp_loop(
         let (acme, counters, stop) = (acme.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = serve_tcp(sock, &acme, &counters, stop).await {
-                debug!(client = %peer, error = %e, "DNS over TCP ended");
+            match tokio::time::timeout(TCP_LIFETIME, serve_tcp(sock, &acme, &counters, stop)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(client = %peer, error = %e, "DNS over TCP ended"),
+                Err(_) => debug!(client = %peer, "DNS over TCP closed after its lifetime"),
             }
         });
     }
