@@ -151,7 +151,8 @@ check "still one peer" eval '[ "$(ctl --json peers | jq length)" = 1 ]'
 check "state moved from the start (join and service)" eval '[ "$v_before" != "$state_before" ]'
 
 # --- 2. n2 claims blog without owning it
-TOKEN2=$(ctl token create --names other,private --ttl 10m 2>/dev/null)
+TOKEN2=$(ctl token create --names other,private --ttl 10m --bandwidth "1 Mbit/s" 2>/dev/null)
+check "the token lists its bandwidth" eval '[ "$(ctl --json tokens | jq -r ".[] | select(.used_by == null) | .bandwidth")" = "1 Mbit/s" ]'
 d2="$GW_TMP/n2-etc"
 mkdir -p "$d2"
 check "a bad --interface is refused before the token is spent" \
@@ -230,6 +231,8 @@ must "control socket answers after the restart" wait_for 10 api_up
 check "both peers kept" eval '[ "$(ctl --json peers | jq length)" = 2 ]'
 check "blog owners kept" eval '[ "$(ctl --json names | jq -r ".[] | select(.name == \"blog\") | .owners | length")" = 2 ]'
 check "and its bandwidth" eval '[ "$(ctl --json names | jq -r ".[] | select(.name == \"blog\") | .bandwidth")" = "2 Mbit/s" ]'
+check "the names n2's token made have the token's bandwidth" \
+    eval '[ "$(ctl --json names | jq -r ".[] | select(.name == \"other\") | .bandwidth")" = "1 Mbit/s" ]'
 must "blog still served by n1 after the restart" wait_for 20 eval '[ "$(blog)" = n1 ]'
 check "the used token is still refused after the restart" \
     not lab_exec n2 "$GATEWIRE" node join "$TOKEN1" --config "$GW_TMP/reuse2/node.toml"

@@ -146,6 +146,7 @@ struct NewToken {
     ttl: Option<u64>,
     #[serde(default)]
     replicas: bool,
+    bandwidth: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -462,7 +463,8 @@ async fn route(
                     .iter()
                     .map(|(id, t)| {
                         json!({"id": id, "names": t.names, "replicas": t.replicas, "created": t.created,
-                               "expires": t.expires, "used_by": t.used_by, "used_at": t.used_at})
+                               "expires": t.expires, "used_by": t.used_by, "used_at": t.used_at,
+                               "bandwidth": t.bandwidth})
                     })
                     .collect(),
             )),
@@ -492,7 +494,15 @@ async fn route(
                 let id = tok.id.clone();
                 let h = tok.secret_hash();
                 let rec = c
-                    .mutate(|s, ctx| s.create_token(ctx.now, &id, h, req.names, ttl, req.replicas))
+                    .mutate(|s, ctx| {
+                        let grant = state::TokenGrant {
+                            names: req.names,
+                            ttl,
+                            replicas: req.replicas,
+                            bandwidth: req.bandwidth,
+                        };
+                        s.create_token(ctx.now, &id, h, grant)
+                    })
                     .await?;
                 Ok(Answer::json(
                     StatusCode::CREATED,

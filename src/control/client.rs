@@ -312,6 +312,9 @@ pub enum TokenCmd {
         /// The names may already have an owner that allows replicas.
         #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
         replicas: Option<bool>,
+        /// The bandwidth limit of the names the token creates (`"20 Mbit/s"`).
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
     },
     /// Revoke a join token.
     Revoke { id: String },
@@ -639,6 +642,7 @@ pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
                 names,
                 ttl,
                 replicas,
+                bandwidth,
             } => {
                 let mut body = Map::new();
                 body.insert("names".into(), strings(names));
@@ -647,6 +651,9 @@ pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
                 }
                 if let Some(r) = replicas {
                     body.insert("replicas".into(), (*r).into());
+                }
+                if let Some(b) = bandwidth {
+                    body.insert("bandwidth".into(), b.clone().into());
                 }
                 Request::new("POST", "/v1/tokens".into(), Some(Value::Object(body)))
             }
@@ -1189,7 +1196,7 @@ pub fn names_table(v: &Value, now: u64) -> String {
     )
 }
 
-/// Tokens: id, names, replicas, expiry.
+/// Tokens: id, names, replicas, bandwidth, expiry.
 pub fn tokens_table(v: &Value, now: u64) -> String {
     let rows: Vec<Vec<String>> = items(v)
         .into_iter()
@@ -1198,11 +1205,12 @@ pub fn tokens_table(v: &Value, now: u64) -> String {
                 text(t.get("id")),
                 text(t.get("names")),
                 text(t.get("replicas")),
+                text(t.get("bandwidth")),
                 time_field(t.get("expires"), now, "-"),
             ]
         })
         .collect();
-    table(&["ID", "NAMES", "REPLICAS", "EXPIRES"], &rows)
+    table(&["ID", "NAMES", "REPLICAS", "BANDWIDTH", "EXPIRES"], &rows)
 }
 
 /// `key: value` lines, the named keys first in their order, then the rest;
@@ -2073,12 +2081,17 @@ mod tests {
                 "blog,shop.example.com",
                 "--ttl",
                 "30m",
-                "--replicas"
+                "--replicas",
+                "--bandwidth",
+                "10 Mbit/s"
             ]),
             Request::new(
                 "POST",
                 "/v1/tokens".into(),
-                Some(json!({"names": ["blog", "shop.example.com"], "ttl": 1800, "replicas": true}))
+                Some(
+                    json!({"names": ["blog", "shop.example.com"], "ttl": 1800, "replicas": true,
+                           "bandwidth": "10 Mbit/s"})
+                )
             )
         );
         assert_eq!(
@@ -2296,7 +2309,7 @@ mod tests {
         let v = json!([{"id": "0123456789abcdef", "names": ["blog"], "replicas": false, "created": NOW - 10, "expires": NOW - 5}]);
         assert_eq!(
             tokens_table(&v, NOW),
-            "ID                NAMES  REPLICAS  EXPIRES\n0123456789abcdef  blog   no        5s ago\n"
+            "ID                NAMES  REPLICAS  BANDWIDTH  EXPIRES\n0123456789abcdef  blog   no        -          5s ago\n"
         );
         let v = json!({"interface": "gw0", "public_key": KEY, "state_version": 7, "peers": 2, "routes": [1, 2, 3]});
         assert_eq!(

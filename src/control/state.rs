@@ -133,6 +133,22 @@ pub struct TokenRecord {
     pub used_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_at: Option<u64>,
+    /// The `bandwidth` a name the token creates gets (`"20 Mbit/s"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+}
+
+/// What a join token grants (`POST /v1/tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenGrant {
+    /// The names the joining node will own (or serve as a replica).
+    pub names: Vec<String>,
+    /// Lifetime, seconds (60 s to 30 days).
+    pub ttl: u64,
+    /// The names may already have an owner that allows replicas.
+    pub replicas: bool,
+    /// The `bandwidth` the names the join creates get.
+    pub bandwidth: Option<String>,
 }
 
 /// The protocol of a declared service.
@@ -595,12 +611,20 @@ impl State {
         now: u64,
         id: &str,
         secret_sha256: [u8; 32],
-        names: Vec<String>,
-        ttl: u64,
-        replicas: bool,
+        grant: TokenGrant,
     ) -> Result<TokenRecord> {
+        let TokenGrant {
+            names,
+            ttl,
+            replicas,
+            bandwidth,
+        } = grant;
         if !(60..=30 * 86_400).contains(&ttl) {
             return Err(Error::bad("ttl: 60 seconds to 30 days"));
+        }
+        if let Some(b) = &bandwidth {
+            crate::proxy::bandwidth::parse_rate(b)
+                .map_err(|e| Error::bad(format!("bandwidth {e}")))?;
         }
         let mut checked = Vec::new();
         for n in &names {
@@ -629,6 +653,7 @@ impl State {
             expires: now + ttl,
             used_by: None,
             used_at: None,
+            bandwidth,
         };
         self.tokens.insert(id.to_string(), rec.clone());
         self.bump();
@@ -677,6 +702,7 @@ impl State {
         }
         let names = t.names.clone();
         let replicas = t.replicas;
+        let bandwidth = t.bandwidth.clone();
         for n in &names {
             match self.names.get(n) {
                 Some(r) if !r.replicas => {
@@ -707,7 +733,8 @@ impl State {
                             owners: vec![key.clone()],
                             replicas,
                             expires: None,
-                            bandwidth: None,
+                            // A name that exists keeps its own.
+                            bandwidth: bandwidth.clone(),
                         },
                     );
                 }

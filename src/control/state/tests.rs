@@ -178,18 +178,45 @@ fn bad_names_and_backends_are_400_and_change_nothing() {
     assert_eq!(s, State::default());
 }
 
+fn grant(names: &[&str], replicas: bool, bandwidth: Option<&str>) -> TokenGrant {
+    TokenGrant {
+        names: names.iter().map(|s| s.to_string()).collect(),
+        ttl: 3600,
+        replicas,
+        bandwidth: bandwidth.map(str::to_string),
+    }
+}
+
 fn token(s: &mut State, id: &str, names: &[&str], replicas: bool, now: u64) -> [u8; 32] {
     let h = [id.as_bytes()[0]; 32];
-    s.create_token(
-        now,
-        id,
-        h,
-        names.iter().map(|s| s.to_string()).collect(),
-        3600,
-        replicas,
-    )
-    .unwrap();
+    s.create_token(now, id, h, grant(names, replicas, None))
+        .unwrap();
     h
+}
+
+#[test]
+fn a_token_gives_its_new_names_its_bandwidth() {
+    let e = env();
+    let mut s = State::default();
+    let err = s
+        .create_token(10, "t0", [7; 32], grant(&["blog"], true, Some("fast")))
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains("bandwidth"), "{err}");
+    assert!(s.tokens.is_empty());
+    let h = [8; 32];
+    s.create_token(10, "t1", h, grant(&["blog"], true, Some("2 Mbit/s")))
+        .unwrap();
+    assert_eq!(s.tokens["t1"].bandwidth.as_deref(), Some("2 Mbit/s"));
+    s.join(&ctx(&e, 11), "t1", h, K1, None).unwrap();
+    assert_eq!(s.names["blog"].bandwidth.as_deref(), Some("2 Mbit/s"));
+    // A replica's token does not change the bandwidth of a name that exists.
+    let h2 = [9; 32];
+    s.create_token(12, "t2", h2, grant(&["blog"], true, Some("50 Mbit/s")))
+        .unwrap();
+    s.join(&ctx(&e, 13), "t2", h2, K2, None).unwrap();
+    assert_eq!(s.names["blog"].owners.len(), 2);
+    assert_eq!(s.names["blog"].bandwidth.as_deref(), Some("2 Mbit/s"));
 }
 
 #[test]
@@ -225,7 +252,7 @@ fn join_spends_the_token_once() {
     assert!(err.message.contains("expired"), "{err}");
     // A token for a name owned without replicas cannot be made.
     let err = s
-        .create_token(30, "c3", [9; 32], vec!["blog".into()], 3600, false)
+        .create_token(30, "c3", [9; 32], grant(&["blog"], false, None))
         .unwrap_err();
     assert_eq!(err.status, 409);
 }
@@ -552,7 +579,7 @@ proptest! {
                 Op::Update(i, b, v) => s.update_route(&c, &format!("name:{}", name(i)), spec(&name(i), &format!("100.64.0.{}:80", b + 2)), v).map(|_| ()),
                 Op::Pause(i, p) => s.set_paused(now, &format!("name:{}", name(i)), p).map(|_| ()),
                 Op::Delete(i) => s.delete_route(&format!("name:{}", name(i))),
-                Op::Token(i) => s.create_token(now, &format!("t{i}"), [i; 32], vec![name(i)], 3600, true).map(|_| ()),
+                Op::Token(i) => s.create_token(now, &format!("t{i}"), [i; 32], TokenGrant { names: vec![name(i)], ttl: 3600, replicas: true, bandwidth: None }).map(|_| ()),
                 Op::Join(i, k) => s.join(&c, &format!("t{i}"), [i; 32], keys[k as usize], None).map(|_| ()),
                 Op::Declare(k, i) => s.declare_services(now, keys[k as usize], "100.64.1.2".parse().unwrap(), vec![http(&name(i), 80)]).map(|_| ()),
             };
