@@ -351,7 +351,7 @@ async fn run_inner(
     api.set_show_section(
         "proxy",
         Arc::new(move || match stats.lock().as_ref() {
-            Some(h) => serde_json::json!({ "routes": h.stats() }),
+            Some(h) => serde_json::json!({ "routes": h.stats(), "certificates": h.certificates() }),
             None => serde_json::Value::Null,
         }),
     );

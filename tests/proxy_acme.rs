@@ -487,6 +487,18 @@ async fn acme_dns01_wildcard_with_pebble() {
         .find(|r| r.route == "dns")
         .expect("a dns entry in the counters");
     assert!(dns_stats.requests >= 1, "{dns_stats:?}");
+    let certs = proxy.certificates();
+    let wild = certs
+        .iter()
+        .find(|c| c.host == "*.gw.test")
+        .expect("the wildcard in the certificates");
+    assert_eq!(wild.source, "acme");
+    assert!(
+        wild.not_after.is_some_and(|na| na > 1_700_000_000),
+        "{wild:?}"
+    );
+    assert!(wild.error.is_none(), "{wild:?}");
+    assert_eq!(certs.len(), 1, "{certs:?}");
     proxy.shutdown(Duration::from_secs(1)).await;
 
     let proxy = Proxy::start(settings()).await.unwrap();

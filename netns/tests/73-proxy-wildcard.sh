@@ -154,6 +154,11 @@ echo "dns counters: $dns"
 check "show --json counts the DNS queries (pebble's and these five)" jq -e '.requests >= 6' <<<"$dns"
 check "show --json counts the bad one" jq -e '.errors.bad_dns_query == 1' <<<"$dns"
 check "show --json counts the refused one" jq -e '.errors.unknown_host == 1' <<<"$dns"
+certs=$(jq -c '.interfaces[0].proxy.certificates' <<<"$js" 2>/dev/null || true)
+echo "certificates: $certs"
+check "show --json lists the one certificate, from ACME, with its expiry and renewal" \
+    jq -e --arg h "*.$DOMAIN" 'length == 1 and .[0].host == $h and .[0].source == "acme"
+        and .[0].not_after > now and .[0].renew_at < .[0].not_after and (.[0] | has("error") | not)' <<<"$certs"
 
 # --- a reload adds a route: same certificate at once, no order
 write_conf wiki

@@ -322,6 +322,7 @@ async fn route(
             let text = crate::control::metrics::render(&crate::control::metrics::MetricsInput {
                 device: Some(&show),
                 routes: &routes,
+                certificates: &c.certificates(),
                 control: crate::control::metrics::ControlCounters {
                     state_version: c.state().version,
                     api_requests: c.counters.api_requests.load(Relaxed),

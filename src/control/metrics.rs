@@ -35,6 +35,8 @@
 //! | `gatewire_backend_up` | gauge (1/0) | `route`, `backend` |
 //! | `gatewire_backend_active_connections` | gauge | `route`, `backend` |
 //! | `gatewire_backend_failures_total`, `gatewire_backend_checks_failed_total` | counter | `route`, `backend` |
+//! | `gatewire_certificate_not_after_seconds` | gauge (unix time) | `host`, `source` (`file`, `acme`) |
+//! | `gatewire_acme_order_failing` | gauge (1/0) | `host` |
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
 //! | `gatewire_tls_tunnels_open` | gauge | |
@@ -55,7 +57,7 @@
 //! A peer is up when its latest handshake is at most [`UP_WINDOW`] seconds old.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use crate::proxy::stats::{ErrorKind, RouteSnapshot};
+use crate::proxy::stats::{CertStatus, ErrorKind, RouteSnapshot};
 use crate::wg::device::{Mode, ShowInterface, ShowPeer};
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,6 +75,8 @@ pub struct MetricsInput<'a> {
     pub device: Option<&'a ShowInterface>,
     /// The proxy's routes and forwards.
     pub routes: &'a [RouteSnapshot],
+    /// The certificates the proxy serves or keeps.
+    pub certificates: &'a [CertStatus],
     /// The control plane's counters.
     pub control: ControlCounters,
     /// Nodes' tunnels carried over TLS, when the hub takes them.
@@ -113,6 +117,7 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
         device(&mut w, dev, now);
     }
     routes(&mut w, input.routes);
+    certificates(&mut w, input.certificates);
     control(&mut w, &input.control);
     if let Some(t) = &input.tls_tunnels {
         tls_tunnels(&mut w, t);
@@ -419,6 +424,31 @@ fn peer_family(
             f.sample(&peer_labels(p, None), value(p));
         }
     });
+}
+
+fn certificates(w: &mut Writer, certs: &[CertStatus]) {
+    w.family(
+        "gatewire_certificate_not_after_seconds",
+        "Expiry (notAfter, unix time) of each certificate served; an ACME one not obtained yet has no sample.",
+        Kind::Gauge,
+        |f| {
+            for c in certs {
+                if let Some(na) = c.not_after {
+                    f.sample(&[("host", &c.host), ("source", c.source)], na);
+                }
+            }
+        },
+    );
+    w.family(
+        "gatewire_acme_order_failing",
+        "1 while the last ACME order for the host failed (it is retried with backoff).",
+        Kind::Gauge,
+        |f| {
+            for c in certs.iter().filter(|c| c.source == "acme") {
+                f.sample(&[("host", &c.host)], u64::from(c.error.is_some()));
+            }
+        },
+    );
 }
 
 fn routes(w: &mut Writer, routes: &[RouteSnapshot]) {
@@ -746,6 +776,27 @@ mod tests {
         }
     }
 
+    fn certs() -> Vec<CertStatus> {
+        vec![
+            CertStatus {
+                host: "www.example.com".into(),
+                source: "file",
+                not_after: Some(NOW + 86_400),
+                renew_at: None,
+                error: None,
+                retry_at: None,
+            },
+            CertStatus {
+                host: "*.gw.example.org".into(),
+                source: "acme",
+                not_after: None,
+                renew_at: None,
+                error: Some("validation failed".into()),
+                retry_at: Some(NOW + 5),
+            },
+        ]
+    }
+
     fn control() -> ControlCounters {
         ControlCounters {
             state_version: 42,
@@ -912,6 +963,7 @@ mod tests {
             &MetricsInput {
                 device: Some(dev),
                 routes,
+                certificates: &certs(),
                 control: c,
                 tls_tunnels: None,
                 mesh: None,
@@ -929,6 +981,35 @@ mod tests {
 
         assert_eq!(p.types["gatewire_peers"], "gauge");
         assert_eq!(p.types["gatewire_handshakes_total"], "counter");
+        assert_eq!(
+            p.get(
+                "gatewire_certificate_not_after_seconds",
+                &[("host", "www.example.com"), ("source", "file")]
+            ),
+            Some(NOW + 86_400)
+        );
+        // Not obtained yet: no expiry sample, and its order is failing.
+        assert_eq!(
+            p.get(
+                "gatewire_certificate_not_after_seconds",
+                &[("host", "*.gw.example.org"), ("source", "acme")]
+            ),
+            None
+        );
+        assert_eq!(
+            p.get(
+                "gatewire_acme_order_failing",
+                &[("host", "*.gw.example.org")]
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            p.get(
+                "gatewire_acme_order_failing",
+                &[("host", "www.example.com")]
+            ),
+            None
+        );
         assert_eq!(p.get("gatewire_peers", &[]), Some(3));
         assert_eq!(p.get("gatewire_peers_up", &[]), Some(1));
         assert_eq!(
@@ -1028,7 +1109,7 @@ mod tests {
         for s in &p.samples {
             assert!(p.types.contains_key(&s.name));
         }
-        assert_eq!(p.types.len(), 31);
+        assert_eq!(p.types.len(), 33);
 
         // GATEWIRE_METRICS_SAMPLE=<path> writes this sample there, for
         // checking it with other parsers.
@@ -1120,6 +1201,7 @@ mod tests {
                 &MetricsInput {
                     device: Some(&dev),
                     routes: &[],
+                    certificates: &[],
                     control: ControlCounters::default(),
                     tls_tunnels: None,
                     mesh: None,
@@ -1179,6 +1261,7 @@ mod tests {
         let text = render(&MetricsInput {
             device: None,
             routes: &[],
+            certificates: &[],
             control: ControlCounters::default(),
             tls_tunnels: None,
             mesh: None,
@@ -1197,6 +1280,7 @@ mod tests {
         let text = render(&MetricsInput {
             device: None,
             routes: &[],
+            certificates: &[],
             control: ControlCounters::default(),
             tls_tunnels: Some(crate::carrier::CountersSnapshot {
                 streams: 5,
@@ -1231,6 +1315,7 @@ mod tests {
         let text = render(&MetricsInput {
             device: None,
             routes: &[],
+            certificates: &[],
             control: ControlCounters::default(),
             tls_tunnels: None,
             mesh: Some(crate::mesh::MeshView {

@@ -555,6 +555,15 @@ impl Control {
             .map(|(_, k)| k)
     }
 
+    /// The certificates the running proxy serves or keeps.
+    pub fn certificates(&self) -> Vec<crate::proxy::stats::CertStatus> {
+        self.proxy_stats
+            .lock()
+            .as_ref()
+            .map(|h| h.certificates())
+            .unwrap_or_default()
+    }
+
     /// The running proxy's counters and backend health, by route id.
     pub fn health(&self) -> BTreeMap<String, crate::proxy::stats::RouteSnapshot> {
         let mut out = BTreeMap::new();

@@ -118,6 +118,9 @@ pub struct AcmeState {
     wanted: RwLock<(Option<AcmeSettings>, Vec<String>)>,
     /// Domains whose `_acme-challenge` name the DNS listeners answer.
     dns_zones: RwLock<Vec<String>>,
+    /// Hosts whose last order failed: the error and when it is tried
+    /// again (Unix seconds).
+    failures: RwLock<HashMap<String, (String, u64)>>,
     share: RwLock<Option<Arc<dyn AcmeShare>>>,
     kick: Arc<Notify>,
 }
@@ -244,6 +247,34 @@ impl AcmeState {
                 || h.split_once('.')
                     .is_some_and(|(_, parent)| waiting.contains(&format!("*.{parent}")))
         });
+        self.failures
+            .write()
+            .retain(|h, _| keep.contains(h.as_str()));
+    }
+
+    /// The certificates ACME keeps, one per wanted host: expiry, renewal
+    /// time, and the last order's error while it keeps failing.
+    pub fn status(&self) -> Vec<crate::proxy::stats::CertStatus> {
+        let wanted = self.wanted.read();
+        let renew_before = wanted.0.as_ref().map_or(0, |c| c.renew_before.as_secs());
+        let certs = self.certs.read();
+        let failures = self.failures.read();
+        wanted
+            .1
+            .iter()
+            .map(|h| {
+                let not_after = certs.get(h).map(|(_, na)| *na);
+                let failure = failures.get(h);
+                crate::proxy::stats::CertStatus {
+                    host: h.clone(),
+                    source: "acme",
+                    not_after,
+                    renew_at: not_after.map(|na| na.saturating_sub(renew_before)),
+                    error: failure.map(|(e, _)| e.clone()),
+                    retry_at: failure.map(|(_, at)| *at),
+                }
+            })
+            .collect()
     }
 
     /// Whether this hub holds a certificate of `host` itself (not through a
@@ -896,6 +927,8 @@ async fn keep(
         sync_shared(state, cfg, sh, host).await;
     }
     if !due(state) {
+        // (A certificate loaded or taken from the mesh ends a failure too.)
+        state.failures.write().remove(host);
         return None;
     }
     let now = tokio::time::Instant::now();
@@ -951,6 +984,7 @@ async fn keep(
             if !due(state) {
                 sh.unlock(host).await;
                 retry_at.remove(host);
+                state.failures.write().remove(host);
                 return None;
             }
         }
@@ -970,9 +1004,15 @@ async fn keep(
     match r {
         Ok(_) => {
             retry_at.remove(host);
+            state.failures.write().remove(host);
             None
         }
-        Err(e) => Some(failed(retry_at, host, &e)),
+        Err(e) => {
+            let back = failed(retry_at, host, &e);
+            let at = now_unix().saturating_add(back.as_secs());
+            state.failures.write().insert(host.to_string(), (e, at));
+            Some(back)
+        }
     }
 }
 
@@ -1079,6 +1119,16 @@ mod tests {
         st.set_wanted(None, vec!["own.gw.test".into()], Vec::new());
         assert!(st.cert("blog.gw.test").is_none());
         assert!(st.cert("own.gw.test").is_some());
+        // The status lists the wanted hosts, with a failing order's error.
+        st.failures
+            .write()
+            .insert("own.gw.test".into(), ("validation failed".into(), 99));
+        let s = st.status();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].host, "own.gw.test");
+        assert_eq!(s[0].not_after, Some(1));
+        assert_eq!(s[0].error.as_deref(), Some("validation failed"));
+        assert_eq!(s[0].retry_at, Some(99));
         // Switching to a wildcard: the names it covers keep their own
         // certificates until the wildcard is there.
         let blog = key_for(&["blog.gw.test"]);
@@ -1096,6 +1146,9 @@ mod tests {
         assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &wild));
         assert!(Arc::ptr_eq(&st.cert("own.gw.test").unwrap(), &wild));
         assert!(!st.has_own("blog.gw.test"));
+        // A failure of a host no longer wanted goes too.
+        assert!(st.failures.read().is_empty());
+        assert_eq!(st.status()[0].host, "*.gw.test");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::proxy::settings::{
     Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TcpTls, TlsMode,
     UdpForwardSettings,
 };
-use crate::proxy::stats::{Counters, ErrorKind, RouteSnapshot};
+use crate::proxy::stats::{CertStatus, Counters, ErrorKind, RouteSnapshot};
 use crate::proxy::tls::{self, Hello, SniResolver};
 use crate::proxy::upstream::{BackendTlsClient, Lease, TunnelLiveness, UpstreamError, Upstreams};
 use anyhow::Context as _;
@@ -139,6 +139,8 @@ pub struct Shared {
     proxy_protocol_from: Option<Access>,
     /// Nodes' tunnels carried over TLS (ALPN [`crate::carrier::ALPN`]).
     pub(crate) carrier: Option<Arc<crate::carrier::Hub>>,
+    /// The certificates from files this generation serves.
+    file_certs: Vec<CertStatus>,
 }
 
 /// The access-log entry of one connection or request; written when dropped,
@@ -264,6 +266,14 @@ impl StatsHandle {
         self.0.stats()
     }
 
+    /// Every certificate the proxy serves or keeps: from files, and from
+    /// ACME (with its renewal time and a failing order's error).
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        let mut v = self.0.current.load().file_certs.clone();
+        v.extend(self.0.acme.status());
+        v
+    }
+
     /// What the mesh publishes: the hosts of every route, and the bound
     /// addresses of the plain HTTP and of the TLS listeners.
     pub fn mesh_local(&self) -> (Vec<String>, Vec<SocketAddr>, Vec<SocketAddr>) {
@@ -327,6 +337,7 @@ fn build(
     let limits = settings.limits.clone();
     let mut table = NameTable::new();
     let mut resolver = SniResolver::default().with_acme(acme.clone());
+    let mut file_certs = Vec::new();
     let mut routes = Vec::new();
     let old_routes: HashMap<&str, &Arc<Route>> = prev
         .map(|p| p.routes.iter().map(|r| (r.id.as_str(), r)).collect())
@@ -402,6 +413,7 @@ fn build(
         for h in &hosts {
             if let Some(k) = &key {
                 resolver.insert(h, k.clone());
+                file_certs.push(file_cert(h.as_str(), k));
             }
         }
         match &rs.host {
@@ -481,9 +493,10 @@ fn build(
     for t in &settings.tcp {
         let id = format!("tcp:{}", t.listen);
         let config = match &t.tls {
-            Some(TcpTls::Files(files)) => Some(
-                tls::load_certified_key(files).and_then(|k| tls::single_cert_config(Arc::new(k))),
-            ),
+            Some(TcpTls::Files(files)) => Some(tls::load_certified_key(files).and_then(|k| {
+                file_certs.push(file_cert(&id, &k));
+                tls::single_cert_config(Arc::new(k))
+            })),
             Some(TcpTls::Acme(name)) => Some(tls::acme_cert_config(acme.clone(), name)),
             None => None,
         };
@@ -533,7 +546,23 @@ fn build(
         retired: watch::channel(false).0,
         acme: acme.clone(),
         carrier: tunnels.as_ref().and_then(|t| t.carrier()),
+        file_certs,
     })
+}
+
+/// The status of a certificate from files, served for `host`.
+fn file_cert(host: &str, key: &rustls::sign::CertifiedKey) -> CertStatus {
+    CertStatus {
+        host: host.to_string(),
+        source: "file",
+        not_after: key
+            .cert
+            .first()
+            .and_then(|c| crate::proxy::acme::cert_not_after(c)),
+        renew_at: None,
+        error: None,
+        retry_at: None,
+    }
 }
 
 /// Host names whose certificates ACME should keep (with `wildcard`, one
@@ -811,6 +840,11 @@ impl Proxy {
     /// traffic that matched no route.
     pub fn stats(&self) -> Vec<RouteSnapshot> {
         self.rt.stats()
+    }
+
+    /// Same as [`StatsHandle::certificates`].
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        StatsHandle(self.rt.clone()).certificates()
     }
 
     /// Sends connections for hosts without a route here to the hubs of

@@ -111,6 +111,27 @@ impl ErrorKind {
     }
 }
 
+/// A certificate the hub serves, for `gatewire show --json` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertStatus {
+    /// The host it is for (`*.<domain>` for a wildcard).
+    pub host: String,
+    /// `file` (a route's or forward's `cert`/`key`) or `acme`.
+    pub source: &'static str,
+    /// The leaf's `notAfter`, Unix seconds (`None`: an ACME certificate
+    /// not obtained yet).
+    pub not_after: Option<u64>,
+    /// ACME: when it is due for renewal, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<u64>,
+    /// ACME: why the last order failed, while it has not succeeded since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// ACME: when the failed order is tried again, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
+}
+
 /// Counters of one route or forward (or of the listeners, for traffic no route took).
 #[derive(Debug, Default)]
 pub struct Counters {
