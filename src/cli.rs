@@ -407,8 +407,9 @@ fn ago(secs: u64) -> String {
     }
 }
 
-/// Lines for the TLS carrier sections of a daemon's `show` object: a node's
-/// `hub_paths` (hubs it may reach over TLS) and a hub's `tls_tunnels`.
+/// Lines for the extra sections of a daemon's `show` object: a node's
+/// `hub_paths` (hubs it may reach over TLS), a hub's `tls_tunnels`, `mesh`
+/// and the proxy's certificates.
 fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let s = |v: &serde_json::Value, k: &str| {
@@ -533,7 +534,55 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             ));
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    out.extend(certificate_line(v, now));
     out
+}
+
+/// `certificates: …` for a hub's proxy: how many, the next to expire, and
+/// the ACME orders that fail.
+fn certificate_line(v: &serde_json::Value, now: u64) -> Option<String> {
+    let certs = v.get("proxy")?.get("certificates")?.as_array()?;
+    if certs.is_empty() {
+        return None;
+    }
+    fn host(c: &serde_json::Value) -> &str {
+        c.get("host").and_then(|x| x.as_str()).unwrap_or("?")
+    }
+    let mut line = format!("certificates: {}", certs.len());
+    let next = certs
+        .iter()
+        .filter_map(|c| Some((c.get("not_after")?.as_u64()?, host(c))))
+        .min();
+    if let Some((na, h)) = next {
+        let left = if na <= now {
+            "EXPIRED".to_string()
+        } else {
+            let d = na - now;
+            match d {
+                0..=86_399 => format!("in {} hours", d / 3600),
+                _ => format!("in {} days", d / 86_400),
+            }
+        };
+        line.push_str(&format!("; next to expire {h} {left}"));
+    }
+    let missing = certs
+        .iter()
+        .filter(|c| c.get("not_after").is_some_and(|x| x.is_null()));
+    let missing: Vec<&str> = missing.map(host).collect();
+    if !missing.is_empty() {
+        line.push_str(&format!("; not issued yet: {}", missing.join(", ")));
+    }
+    let failing: Vec<String> = certs
+        .iter()
+        .filter_map(|c| Some(format!("{} ({})", host(c), c.get("error")?.as_str()?)))
+        .collect();
+    if !failing.is_empty() {
+        line.push_str(&format!("; ACME failing: {}", failing.join(", ")));
+    }
+    Some(line)
 }
 
 fn print_text(i: &ShowInterface) {
@@ -754,5 +803,37 @@ mod tests {
         let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
             "last_error": "connection refused", "hubs": []}});
         assert!(carrier_lines(&down)[0].contains("etcd unreachable (connection refused)"));
+    }
+
+    #[test]
+    fn certificate_line_names_the_next_expiry_and_failures() {
+        let now = 1_800_000_000;
+        let v = serde_json::json!({"proxy": {"routes": [], "certificates": [
+            {"host": "www.example.net", "source": "file", "not_after": now + 90 * 86_400},
+            {"host": "*.gw.test", "source": "acme", "not_after": now + 20 * 86_400 + 5,
+             "renew_at": now - 10 * 86_400},
+            {"host": "shop.example.com", "source": "acme", "not_after": null,
+             "error": "validation failed", "retry_at": now + 60}
+        ]}});
+        assert_eq!(
+            certificate_line(&v, now).unwrap(),
+            "certificates: 3; next to expire *.gw.test in 20 days; not issued yet: shop.example.com; ACME failing: shop.example.com (validation failed)"
+        );
+        let v = serde_json::json!({"proxy": {"certificates": [
+            {"host": "a.test", "source": "file", "not_after": now - 1}]}});
+        assert_eq!(
+            certificate_line(&v, now).unwrap(),
+            "certificates: 1; next to expire a.test EXPIRED"
+        );
+        let v = serde_json::json!({"proxy": {"certificates": [
+            {"host": "a.test", "source": "file", "not_after": now + 7200}]}});
+        assert!(certificate_line(&v, now)
+            .unwrap()
+            .ends_with("a.test in 2 hours"));
+        assert_eq!(
+            certificate_line(&serde_json::json!({"proxy": {"certificates": []}}), now),
+            None
+        );
+        assert_eq!(certificate_line(&serde_json::json!({}), now), None);
     }
 }
