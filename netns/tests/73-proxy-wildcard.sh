@@ -158,7 +158,10 @@ certs=$(jq -c '.interfaces[0].proxy.certificates' <<<"$js" 2>/dev/null || true)
 echo "certificates: $certs"
 check "show --json lists the one certificate, from ACME, with its expiry and renewal" \
     jq -e --arg h "*.$DOMAIN" 'length == 1 and .[0].host == $h and .[0].source == "acme"
-        and .[0].not_after > now and .[0].renew_at < .[0].not_after and (.[0] | has("error") | not)' <<<"$certs"
+        and .[0].not_after > now and (.[0].renew_at | type) == "number" and .[0].renew_at < .[0].not_after
+        and (.[0] | has("error") | not)' <<<"$certs"
+show=$(lab_exec hub "$GATEWIRE" show gw0 2>/dev/null || true)
+check "gatewire show sums the certificates up" grep -q "^certificates: 1; next to expire \*\.$DOMAIN in [0-9]* days$" <<<"$show"
 
 # --- a reload adds a route: same certificate at once, no order
 write_conf wiki

@@ -785,6 +785,7 @@ mod tests {
                 renew_at: None,
                 error: None,
                 retry_at: None,
+                superseded: false,
             },
             CertStatus {
                 host: "*.gw.example.org".into(),
@@ -793,6 +794,7 @@ mod tests {
                 renew_at: None,
                 error: Some("validation failed".into()),
                 retry_at: Some(NOW + 5),
+                superseded: false,
             },
         ]
     }

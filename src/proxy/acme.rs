@@ -237,13 +237,21 @@ impl AcmeState {
         let wanted = self.wanted.read();
         let keep: std::collections::HashSet<&str> = wanted.1.iter().map(String::as_str).collect();
         let mut certs = self.certs.write();
+        // Wanted wildcards not there yet, and the parents of wanted names
+        // without their own certificate yet (switching back from a wildcard).
         let waiting: std::collections::HashSet<String> = keep
             .iter()
             .filter(|h| h.starts_with("*.") && !certs.contains_key(**h))
             .map(|h| h.to_string())
             .collect();
+        let uncovered: std::collections::HashSet<String> = keep
+            .iter()
+            .filter(|h| !h.starts_with("*.") && !certs.contains_key(**h))
+            .filter_map(|h| Some(format!("*.{}", h.split_once('.')?.1)))
+            .collect();
         certs.retain(|h, _| {
             keep.contains(h.as_str())
+                || uncovered.contains(h.as_str())
                 || h.split_once('.')
                     .is_some_and(|(_, parent)| waiting.contains(&format!("*.{parent}")))
         });
@@ -259,7 +267,7 @@ impl AcmeState {
         let renew_before = wanted.0.as_ref().map_or(0, |c| c.renew_before.as_secs());
         let certs = self.certs.read();
         let failures = self.failures.read();
-        wanted
+        let mut v: Vec<_> = wanted
             .1
             .iter()
             .map(|h| {
@@ -272,9 +280,27 @@ impl AcmeState {
                     renew_at: not_after.map(|na| na.saturating_sub(renew_before)),
                     error: failure.map(|(e, _)| e.clone()),
                     retry_at: failure.map(|(_, at)| *at),
+                    superseded: false,
                 }
             })
-            .collect()
+            .collect();
+        // Still served while what replaces them is not there (see `prune`).
+        let mut kept: Vec<_> = certs
+            .iter()
+            .filter(|(h, _)| !wanted.1.contains(h))
+            .map(|(h, (_, na))| crate::proxy::stats::CertStatus {
+                host: h.clone(),
+                source: "acme",
+                not_after: Some(*na),
+                renew_at: None,
+                error: None,
+                retry_at: None,
+                superseded: true,
+            })
+            .collect();
+        kept.sort_by(|a, b| a.host.cmp(&b.host));
+        v.extend(kept);
+        v
     }
 
     /// Whether this hub holds a certificate of `host` itself (not through a
@@ -1039,6 +1065,12 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
             // A reload during the round may have dropped a host it kept, and
             // a wildcard it obtained replaces the names it covers.
             state.prune();
+            {
+                let wanted = state.wanted.read();
+                let wanted: std::collections::HashSet<&String> = wanted.1.iter().collect();
+                rounds.retry_at.retain(|h, _| wanted.contains(h));
+                rounds.waiting.retain(|h, _| wanted.contains(h));
+            }
             let kick = state.kick.clone();
             drop(state);
             tokio::select! {
@@ -1139,6 +1171,18 @@ mod tests {
         assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &blog));
         assert!(Arc::ptr_eq(&st.cert("own.gw.test").unwrap(), &own));
         assert!(!st.has_own("shop.gw.test"));
+        // They are listed, as superseded, so that their expiry shows.
+        let s = st.status();
+        assert_eq!(
+            s.iter()
+                .map(|c| (c.host.as_str(), c.superseded))
+                .collect::<Vec<_>>(),
+            vec![
+                ("*.gw.test", false),
+                ("blog.gw.test", true),
+                ("own.gw.test", true)
+            ]
+        );
         st.certs
             .write()
             .insert("*.gw.test".into(), (wild.clone(), 1));
@@ -1148,7 +1192,27 @@ mod tests {
         assert!(!st.has_own("blog.gw.test"));
         // A failure of a host no longer wanted goes too.
         assert!(st.failures.read().is_empty());
+        assert_eq!(st.status().len(), 1);
         assert_eq!(st.status()[0].host, "*.gw.test");
+        // Switching back: the wildcard serves the names until each has its
+        // own certificate.
+        st.set_wanted(
+            None,
+            vec!["blog.gw.test".into(), "shop.gw.test".into()],
+            Vec::new(),
+        );
+        assert!(Arc::ptr_eq(&st.cert("shop.gw.test").unwrap(), &wild));
+        st.certs
+            .write()
+            .insert("blog.gw.test".into(), (blog.clone(), 1));
+        st.prune();
+        assert!(st.cert("shop.gw.test").is_some(), "shop still waits");
+        st.certs
+            .write()
+            .insert("shop.gw.test".into(), (own.clone(), 1));
+        st.prune();
+        assert!(!st.has_own("*.gw.test"));
+        assert!(Arc::ptr_eq(&st.cert("blog.gw.test").unwrap(), &blog));
     }
 
     #[test]

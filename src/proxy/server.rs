@@ -494,8 +494,10 @@ fn build(
         let id = format!("tcp:{}", t.listen);
         let config = match &t.tls {
             Some(TcpTls::Files(files)) => Some(tls::load_certified_key(files).and_then(|k| {
-                file_certs.push(file_cert(&id, &k));
-                tls::single_cert_config(Arc::new(k))
+                let status = file_cert(&id, &k);
+                let c = tls::single_cert_config(Arc::new(k))?;
+                file_certs.push(status);
+                Ok(c)
             })),
             Some(TcpTls::Acme(name)) => Some(tls::acme_cert_config(acme.clone(), name)),
             None => None,
@@ -562,6 +564,7 @@ fn file_cert(host: &str, key: &rustls::sign::CertifiedKey) -> CertStatus {
         renew_at: None,
         error: None,
         retry_at: None,
+        superseded: false,
     }
 }
 

@@ -130,6 +130,11 @@ pub struct CertStatus {
     /// ACME: when the failed order is tried again, Unix seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<u64>,
+    /// ACME: a certificate no longer wanted for itself, still served while
+    /// the wildcard that replaces it (or the per-name certificate that
+    /// replaces a wildcard) is not there yet; not renewed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
 }
 
 /// Counters of one route or forward (or of the listeners, for traffic no route took).
