@@ -233,5 +233,13 @@ conns=$(lab_sh n1 "ss -Htn state established 'sport = :50052' | grep -c '$HUBV6'
 assert_eq "the hub opened a second backend connection for it" 2 "$conns"
 wait "$watcher" || true
 
+# --- the route's certificate from files, as the admin API lists it
+na=$(date -d "$(openssl x509 -in "$CERT_DIR/fullchain.pem" -noout -enddate | cut -d= -f2)" +%s)
+certs=$(ctl --json certs || true)
+check "ctl certs lists the route's file certificate with its expiry" \
+    jq -e --arg h "$HOST" --argjson na "$na" \
+    'length == 1 and .[0].host == $h and .[0].source == "file" and .[0].not_after == $na' <<<"$certs"
+check "and prints it as a table" eval "ctl certs | grep -q '^$HOST  *file  *in .* ok\$'"
+
 check "hub still running" lab_alive hub
 lab_finish

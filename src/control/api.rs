@@ -268,6 +268,7 @@ pub fn endpoint(segs: &[&str]) -> Option<(&'static str, &'static [&'static str])
         ["v1", "tokens"] => ("/v1/tokens", &["GET", "POST"]),
         ["v1", "tokens", _] => ("/v1/tokens/{id}", &["DELETE"]),
         ["v1", "join"] => ("/v1/join", &["POST"]),
+        ["v1", "certificates"] => ("/v1/certificates", &["GET"]),
         _ => return None,
     })
 }
@@ -340,6 +341,7 @@ async fn route(
                 text: Some((text, crate::control::metrics::CONTENT_TYPE)),
             })
         }
+        ["v1", "certificates"] => Ok(Answer::ok(json!(c.certificates()))),
         ["v1", "status"] => {
             if m != Method::GET {
                 return Err(method_err());

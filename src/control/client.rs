@@ -54,6 +54,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{id}"),
     ("POST", "/v1/join"),
+    ("GET", "/v1/certificates"),
     ("GET", "/metrics"),
 ];
 
@@ -136,6 +137,9 @@ pub enum CtlCommand {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// List the certificates the hub serves: expiry, renewal, failing ACME
+    /// orders.
+    Certs,
     /// Print the Prometheus metrics.
     Metrics,
 }
@@ -661,6 +665,7 @@ pub fn request_for(cmd: &CtlCommand) -> Result<Request, CtlError> {
                 Request::new("DELETE", format!("/v1/tokens/{}", segment(id)), None)
             }
         },
+        CtlCommand::Certs => Request::get("/v1/certificates".into()),
         CtlCommand::Metrics => Request::get("/metrics".into()),
     })
 }
@@ -1360,8 +1365,34 @@ pub fn render(cmd: &CtlCommand, v: &Value, now: u64) -> String {
             TokenCmd::Create { .. } => format!("{}\n", text(v.get("token"))),
             TokenCmd::Revoke { .. } => String::new(),
         },
+        CtlCommand::Certs => certs_table(v, now),
         CtlCommand::Metrics => String::new(),
     }
+}
+
+/// Certificates: host, source, expiry, renewal, and a failing order.
+pub fn certs_table(v: &Value, now: u64) -> String {
+    let rows: Vec<Vec<String>> = items(v)
+        .into_iter()
+        .map(|c| {
+            let mut state = match (c.get("error").and_then(Value::as_str), c.get("superseded")) {
+                (Some(e), _) => format!("failing: {e}"),
+                (None, Some(Value::Bool(true))) => "superseded".to_string(),
+                _ => "ok".to_string(),
+            };
+            if c.get("not_after").is_some_and(Value::is_null) && c.get("error").is_none() {
+                state = "not issued yet".to_string();
+            }
+            vec![
+                text(c.get("host")),
+                text(c.get("source")),
+                time_field(c.get("not_after"), now, "-"),
+                time_field(c.get("renew_at"), now, "-"),
+                state,
+            ]
+        })
+        .collect();
+    table(&["HOST", "SOURCE", "EXPIRES", "RENEWS", "STATE"], &rows)
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, CtlError> {
@@ -1636,6 +1667,7 @@ mod tests {
             &["tokens"],
             &["token", "create", "--names", "blog"],
             &["token", "revoke", "0123456789abcdef"],
+            &["certs"],
             &["metrics"],
         ];
         for l in lines {
@@ -2306,6 +2338,27 @@ mod tests {
                 .is_some_and(|l| l.ends_with("no        never    -")),
             "{t}"
         );
+        let v = json!([
+            {"host": "www.example.net", "source": "file", "not_after": NOW + 3600},
+            {"host": "*.gw.test", "source": "acme", "not_after": NOW + 7200, "renew_at": NOW - 10},
+            {"host": "shop.example.com", "source": "acme", "not_after": null, "error": "validation failed", "retry_at": NOW + 5},
+            {"host": "new.example.com", "source": "acme", "not_after": null},
+            {"host": "blog.gw.test", "source": "acme", "not_after": NOW + 60, "superseded": true}
+        ]);
+        let t = certs_table(&v, NOW);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("HOST") && lines[0].ends_with("STATE"),
+            "{t}"
+        );
+        assert!(
+            lines[1].starts_with("www.example.net") && lines[1].ends_with("ok"),
+            "{t}"
+        );
+        assert!(lines[2].contains("acme") && lines[2].ends_with("ok"), "{t}");
+        assert!(lines[3].ends_with("failing: validation failed"), "{t}");
+        assert!(lines[4].ends_with("not issued yet"), "{t}");
+        assert!(lines[5].ends_with("superseded"), "{t}");
         let v = json!([{"id": "0123456789abcdef", "names": ["blog"], "replicas": false, "created": NOW - 10, "expires": NOW - 5}]);
         assert_eq!(
             tokens_table(&v, NOW),
