@@ -10,13 +10,16 @@
 //!
 //! What is answered (RFC 1035, RFC 2308, RFC 6891):
 //! * responses are never answered (no reflection loops), nor unparseable bytes;
-//! * an opcode other than QUERY gets NOTIMP, a question count other than one
-//!   FORMERR, a class other than IN or ANY REFUSED, an EDNS version above 0
+//! * an opcode other than QUERY gets NOTIMP, and section counts no query has
+//!   (not one question, answer or authority records, more than a few
+//!   additional ones) FORMERR, both from the header alone, before parsing;
+//!   a class other than IN or ANY gets REFUSED, an EDNS version above 0
 //!   BADVERS;
 //! * a name in no zone gets REFUSED; a name below a zone's apex NXDOMAIN; at
-//!   an apex, TXT (or ANY) gets the challenge values, SOA the zone's SOA, and
-//!   every other type (or TXT with no value) NODATA, the SOA in the authority
-//!   section; zone transfers (AXFR, IXFR) are REFUSED;
+//!   an apex, TXT (or ANY) gets the challenge values, SOA (or ANY without
+//!   values) the zone's SOA, and every other type (or TXT with no value)
+//!   NODATA, the SOA in the authority section; zone transfers (AXFR, IXFR)
+//!   are REFUSED;
 //! * a reply too large for the transport is replaced by its header and
 //!   question with TC set, so the client retries over TCP.
 //!
@@ -102,6 +105,9 @@ pub struct Reply {
 /// 65535. A reply over the limit is sent truncated (TC=1, header and question
 /// only).
 pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Result<Reply, Dropped> {
+    if let Some(reply) = refuse_by_header(query)? {
+        return Ok(reply);
+    }
     let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
     if msg.metadata.message_type != MessageType::Query {
         return Err(Dropped::NotAQuery);
@@ -117,6 +123,43 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
     let rcode = reply.metadata.response_code;
     let bytes = encode(&reply, limit).ok_or(Dropped::Malformed)?;
     Ok(Reply { bytes, rcode })
+}
+
+/// Additional records a query may carry (its OPT record, a signature).
+pub const MAX_ADDITIONAL: u16 = 4;
+
+/// Answers from the header alone what the parser need not see: another
+/// opcode than QUERY (NOTIMP), and section counts no query has (FORMERR:
+/// not one question, answer or authority records, more than
+/// [`MAX_ADDITIONAL`] additional ones), since the parser sizes its tables
+/// from those counts. The reply is the header: id, opcode, RD and CD of the
+/// query, no records. `None`: parse the message.
+fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
+    let Some(&[id0, id1, f0, f1, qd0, qd1, an0, an1, ns0, ns1, ar0, ar1]) = query.get(..12) else {
+        return Err(Dropped::Malformed);
+    };
+    if f0 & 0x80 != 0 {
+        return Err(Dropped::NotAQuery);
+    }
+    let count = |hi: u8, lo: u8| u16::from_be_bytes([hi, lo]);
+    let opcode = (f0 >> 3) & 0x0f;
+    let rcode = if opcode != 0 {
+        ResponseCode::NotImp
+    } else if count(qd0, qd1) != 1
+        || count(an0, an1) != 0
+        || count(ns0, ns1) != 0
+        || count(ar0, ar1) > MAX_ADDITIONAL
+    {
+        ResponseCode::FormErr
+    } else {
+        return Ok(None);
+    };
+    // QR, the opcode and RD; CD; the rcode's low four bits.
+    let flags0 = 0x80 | (f0 & 0x78) | (f0 & 0x01);
+    let flags1 = (f1 & 0x10) | (u16::from(rcode) & 0x0f) as u8;
+    let mut bytes = vec![id0, id1, flags0, flags1];
+    bytes.extend_from_slice(&[0; 8]);
+    Ok(Some(Reply { bytes, rcode }))
 }
 
 /// The name as given to [`Lookup`]: lowercase ASCII, no trailing dot, odd
@@ -199,7 +242,9 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
                         reply.add_answer(txt_record(q.name(), value));
                     }
                 }
-                RecordType::SOA => {
+                // (ANY without TXT values: the SOA, one non-empty RRset as
+                // RFC 8482 has it.)
+                RecordType::SOA | RecordType::ANY => {
                     // Owned by the name as asked (the apex), in its case.
                     let mut soa = soa;
                     soa.name = q.name().clone();
@@ -551,6 +596,46 @@ mod tests {
             respond(&truncated, true, apex(&["v"])),
             Err(Dropped::Malformed)
         );
+    }
+
+    #[test]
+    fn section_counts_no_query_has_get_formerr_from_the_header() {
+        // One question, then 0xffff answer records announced: FORMERR at
+        // once, id and RD kept, nothing echoed.
+        let mut q = query(ZONE, RecordType::TXT).to_vec().unwrap();
+        for (at, v) in [(6usize, [0xffu8, 0xff]), (8, [0, 1]), (10, [0, 5])] {
+            let mut bad = q.clone();
+            bad[at..at + 2].copy_from_slice(&v);
+            let r = respond(&bad, true, apex(&["v"])).unwrap();
+            assert_eq!(r.rcode, ResponseCode::FormErr, "offset {at}");
+            assert_eq!(r.bytes.len(), 12);
+            assert_eq!(&r.bytes[0..2], &bad[0..2]);
+            let m = Message::from_vec(&r.bytes).unwrap();
+            assert_eq!(m.metadata.message_type, MessageType::Response);
+            assert!(m.metadata.recursion_desired);
+            assert!(m.queries.is_empty() && m.answers.is_empty());
+        }
+        // 65535 questions announced, 12 bytes sent.
+        q.truncate(12);
+        q[4..6].copy_from_slice(&[0xff, 0xff]);
+        assert_eq!(
+            respond(&q, true, apex(&["v"])).unwrap().rcode,
+            ResponseCode::FormErr
+        );
+        // A response is still dropped, whatever its counts.
+        q[2] |= 0x80;
+        assert_eq!(respond(&q, true, apex(&["v"])), Err(Dropped::NotAQuery));
+        assert_eq!(
+            respond(&q[..11], true, apex(&["v"])),
+            Err(Dropped::Malformed)
+        );
+    }
+
+    #[test]
+    fn any_without_values_gives_the_soa() {
+        let (_, m) = ask(&query(ZONE, RecordType::ANY), true, apex(&[]));
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].record_type(), RecordType::SOA);
     }
 
     #[test]
