@@ -3,8 +3,11 @@
 
     dnsq.py SERVER PORT NAME TYPE [tcp]   ask one question, print the reply as
         rcode=N aa=0|1 tc=0|1 an=N ns=N txt=v1,v2 soa=<mname>
-    dnsq.py SERVER PORT --garbage         send 20 random bytes over UDP and
-        print "reply" or "no-reply" (a server should drop them)
+    dnsq.py SERVER PORT --response        send 20 random bytes with the QR bit
+        set (a "response") over UDP and print "reply" or "no-reply" (a server
+        must drop them)
+    dnsq.py SERVER PORT --counts          send a bare query header announcing
+        65535 questions and print the reply as above
 
 TYPE is A, NS, SOA, TXT or a number. Exit status 2 on a timeout.
 """
@@ -71,15 +74,28 @@ def parse(msg):
 def main():
     server, port = sys.argv[1], int(sys.argv[2])
     fam = socket.AF_INET6 if ":" in server else socket.AF_INET
-    if sys.argv[3] == "--garbage":
+    if sys.argv[3] == "--response":
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.settimeout(1)
-        s.sendto(os.urandom(20), (server, port))
+        b = bytearray(os.urandom(20))
+        b[2] |= 0x80
+        s.sendto(bytes(b), (server, port))
         try:
             s.recvfrom(4096)
             print("reply")
         except socket.timeout:
             print("no-reply")
+        return
+    if sys.argv[3] == "--counts":
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(struct.pack("!HHHHHH", 0x5151, 0x0100, 0xFFFF, 0, 0, 0), (server, port))
+        try:
+            r, _ = s.recvfrom(4096)
+        except socket.timeout:
+            print("timeout")
+            sys.exit(2)
+        print(parse(r))
         return
     name, qtype = sys.argv[3], sys.argv[4]
     tcp = len(sys.argv) > 5 and sys.argv[5] == "tcp"
