@@ -172,6 +172,18 @@ lab_pebble_a() {
         http://127.0.0.1:8055/add-a >/dev/null || lab_die "challtestsrv: add-a $2"
 }
 
+# lab_acme_delegation NS DOMAIN TARGET4 : dnsmasq in NS on 127.0.0.1:5300
+# (log `resolver`, queries logged) standing for the operator's NS delegation
+# of _acme-challenge.DOMAIN to TARGET4 port 53; every other name goes to
+# pebble-challtestsrv (127.0.0.1:8053). Give 127.0.0.1:5300 to lab_pebble as
+# its DNS.
+lab_acme_delegation() {
+    lab_bg "$1" resolver dnsmasq -k --port=5300 --listen-address=127.0.0.1 --bind-interfaces \
+        --no-resolv --no-hosts --cache-size=0 --log-queries --log-facility=- \
+        --pid-file="$GW_TMP/resolver.pid" \
+        --server="/_acme-challenge.$2/$3#53" --server="127.0.0.1#8053"
+}
+
 # lab_etcd NS : a one-member etcd (Debian's etcd-server) on NS's wan address,
 # port 2379; `lab_etcd_url NS` is its client URL
 lab_etcd_url() { echo "http://$(lab_wan4 "$1"):2379"; }

@@ -30,10 +30,7 @@ DNSQ="$GW_LIB_DIR/tools/dnsq.py"
 lab_up 1 0
 
 # --- dnsmasq in pub: the delegation of _acme-challenge.gw.test to the hub
-lab_bg pub resolver dnsmasq -k --port=5300 --listen-address=127.0.0.1 --bind-interfaces \
-    --no-resolv --no-hosts --cache-size=0 --log-queries --log-facility=- \
-    --pid-file="$GW_TMP/resolver.pid" \
-    --server="/_acme-challenge.$DOMAIN/$HUB4#53" --server="127.0.0.1#8053"
+lab_acme_delegation pub "$DOMAIN" "$HUB4"
 must "dnsmasq in pub" wait_for 10 lab_sh pub "ss -Hlun 'sport = :5300' | grep -q ."
 lab_pebble pub "$HUB4" 127.0.0.1:5300
 CA="$GW_TMP/ca"
@@ -85,23 +82,7 @@ GW_CONF=$conf gw_start_hub hub
 gw_start_node n1 hub
 must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
 
-cat >"$GW_TMP/web.py" <<'EOF'
-import socket, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        b = ("%s host=%s\n" % (sys.argv[3], self.headers.get("Host"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a): pass
-class S(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-EOF
-lab_bg n1 web python3 "$GW_TMP/web.py" "$N1V6" 8080 "$MARK"
+lab_bg n1 web python3 "$GW_LIB_DIR/tools/echo-headers.py" "$N1V6" 8080 "$MARK"
 must "web on n1" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q ."
 
 # --- one order, one certificate for *.gw.test
@@ -120,7 +101,7 @@ check "pebble root fetched" grep -q "BEGIN CERTIFICATE" "$GW_TMP/pebble-root.pem
 pcurl() { lab_exec pub curl -sS --max-time 10 --cacert "$GW_TMP/pebble-root.pem" "$@"; }
 for n in blog shop; do
     body=$(pcurl --resolve "$n.$DOMAIN:443:$HUB4" "https://$n.$DOMAIN/" || true)
-    check "https://$n.$DOMAIN verified by curl against pebble's root" grep -q "$MARK host=$n.$DOMAIN" <<<"$body"
+    check "https://$n.$DOMAIN verified by curl against pebble's root" grep -q "$MARK path=/ .* xfh=$n.$DOMAIN " <<<"$body"
 done
 ver=$(pcurl --http2 -o /dev/null -w '%{http_version}' --resolve "blog.$DOMAIN:443:$HUB4" \
     "https://blog.$DOMAIN/" || true)
@@ -170,7 +151,7 @@ check "gatewire show sums the certificates up" grep -q "^certificates: 1; next t
 write_conf wiki
 kill -HUP "$(lab_pid hub)"
 check "a route added by a reload is served with the wildcard certificate" wait_for 15 eval \
-    "pcurl --resolve 'wiki.$DOMAIN:443:$HUB4' 'https://wiki.$DOMAIN/' | grep -q '$MARK host=wiki'"
+    "pcurl --resolve 'wiki.$DOMAIN:443:$HUB4' 'https://wiki.$DOMAIN/' | grep -q '$MARK path=/ .* xfh=wiki.$DOMAIN '"
 orders=$(grep -c "POST /order-plz" "$(lab_logfile pebble)" || true)
 assert_eq "no order for the new name" 1 "$orders"
 

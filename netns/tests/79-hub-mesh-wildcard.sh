@@ -31,10 +31,7 @@ must "etcd listening" wait_for 20 lab_sh hub "ss -Hltn 'sport = :2379' | grep -q
 ectl() { lab_exec hub etcdctl --endpoints "$ETCD" "$@"; }
 
 # --- the delegation: _acme-challenge.gw.test to hub B, the rest to challtestsrv
-lab_bg pub resolver dnsmasq -k --port=5300 --listen-address=127.0.0.1 --bind-interfaces \
-    --no-resolv --no-hosts --cache-size=0 --log-queries --log-facility=- \
-    --pid-file="$GW_TMP/resolver.pid" \
-    --server="/_acme-challenge.$DOMAIN/$HUB2_4#53" --server="127.0.0.1#8053"
+lab_acme_delegation pub "$DOMAIN" "$HUB2_4"
 must "dnsmasq in pub" wait_for 10 lab_sh pub "ss -Hlun 'sport = :5300' | grep -q ."
 lab_pebble pub "$HUB4" 127.0.0.1:5300
 CA="$GW_TMP/ca"

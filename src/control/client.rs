@@ -1375,14 +1375,16 @@ pub fn certs_table(v: &Value, now: u64) -> String {
     let rows: Vec<Vec<String>> = items(v)
         .into_iter()
         .map(|c| {
-            let mut state = match (c.get("error").and_then(Value::as_str), c.get("superseded")) {
-                (Some(e), _) => format!("failing: {e}"),
-                (None, Some(Value::Bool(true))) => "superseded".to_string(),
+            let state = match (
+                c.get("error").and_then(Value::as_str),
+                c.get("not_after").is_some_and(Value::is_null),
+                c.get("superseded"),
+            ) {
+                (Some(e), _, _) => format!("failing: {e}"),
+                (None, true, _) => "not issued yet".to_string(),
+                (None, false, Some(Value::Bool(true))) => "superseded".to_string(),
                 _ => "ok".to_string(),
             };
-            if c.get("not_after").is_some_and(Value::is_null) && c.get("error").is_none() {
-                state = "not issued yet".to_string();
-            }
             vec![
                 text(c.get("host")),
                 text(c.get("source")),

@@ -131,7 +131,7 @@ pub enum AcmeRecordError {
     Digest,
     #[error("DNS-01 value is not the one its key names")]
     Dns01Value,
-    #[error("more than 8 DNS-01 values for one domain")]
+    #[error("more than {} DNS-01 values for one domain", MAX_DNS01_VALUES)]
     Dns01Full,
     #[error("certificate record: {0}")]
     Cert(String),

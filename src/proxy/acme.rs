@@ -237,24 +237,29 @@ impl AcmeState {
         let wanted = self.wanted.read();
         let keep: std::collections::HashSet<&str> = wanted.1.iter().map(String::as_str).collect();
         let mut certs = self.certs.write();
-        // Wanted wildcards not there yet, and the parents of wanted names
-        // without their own certificate yet (switching back from a wildcard).
-        let waiting: std::collections::HashSet<String> = keep
+        // By domain: wanted wildcards not there yet (their names keep their
+        // own certificates), and the parents of wanted names without their
+        // own certificate yet (their wildcard stays: switching back).
+        let missing = |h: &&str| !certs.contains_key(*h);
+        let waiting: std::collections::HashSet<&str> = keep
             .iter()
-            .filter(|h| h.starts_with("*.") && !certs.contains_key(**h))
-            .map(|h| h.to_string())
+            .copied()
+            .filter(missing)
+            .filter_map(|h| h.strip_prefix("*."))
             .collect();
-        let uncovered: std::collections::HashSet<String> = keep
+        let uncovered: std::collections::HashSet<&str> = keep
             .iter()
-            .filter(|h| !h.starts_with("*.") && !certs.contains_key(**h))
-            .filter_map(|h| Some(format!("*.{}", h.split_once('.')?.1)))
+            .copied()
+            .filter(missing)
+            .filter(|h| !h.starts_with("*."))
+            .filter_map(|h| Some(h.split_once('.')?.1))
             .collect();
-        certs.retain(|h, _| {
-            keep.contains(h.as_str())
-                || uncovered.contains(h.as_str())
-                || h.split_once('.')
-                    .is_some_and(|(_, parent)| waiting.contains(&format!("*.{parent}")))
-        });
+        let keep_it = |h: &str| {
+            keep.contains(h)
+                || h.strip_prefix("*.").is_some_and(|d| uncovered.contains(d))
+                || h.split_once('.').is_some_and(|(_, p)| waiting.contains(p))
+        };
+        certs.retain(|h, _| keep_it(h));
         self.failures
             .write()
             .retain(|h, _| keep.contains(h.as_str()));
@@ -285,9 +290,10 @@ impl AcmeState {
             })
             .collect();
         // Still served while what replaces them is not there (see `prune`).
+        let wanted_set: std::collections::HashSet<&String> = wanted.1.iter().collect();
         let mut kept: Vec<_> = certs
             .iter()
-            .filter(|(h, _)| !wanted.1.contains(h))
+            .filter(|(h, _)| !wanted_set.contains(h))
             .map(|(h, (_, na))| crate::proxy::stats::CertStatus {
                 host: h.clone(),
                 source: "acme",

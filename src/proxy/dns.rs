@@ -27,7 +27,7 @@
 //! randomise the case of the name check it); [`Lookup`] gets it lowercased.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, ResponseCode};
 use hickory_proto::rr::rdata::{SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
@@ -108,10 +108,8 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
     if let Some(reply) = refuse_by_header(query)? {
         return Ok(reply);
     }
+    // (The header check answered other opcodes and dropped responses.)
     let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
-    if msg.metadata.message_type != MessageType::Query {
-        return Err(Dropped::NotAQuery);
-    }
     let limit = if udp {
         msg.edns.as_ref().map_or(UDP_PLAIN_MAX, |e| {
             usize::from(e.max_payload()).clamp(UDP_PLAIN_MAX, usize::from(UDP_EDNS_MAX))
@@ -155,7 +153,7 @@ fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
         return Ok(None);
     };
     // QR, the opcode and RD; CD; the rcode's low four bits.
-    let flags0 = 0x80 | (f0 & 0x78) | (f0 & 0x01);
+    let flags0 = 0x80 | (f0 & 0x79);
     let flags1 = (f1 & 0x10) | (u16::from(rcode) & 0x0f) as u8;
     let mut bytes = vec![id0, id1, flags0, flags1];
     bytes.extend_from_slice(&[0; 8]);
@@ -193,28 +191,18 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
             .set_dnssec_ok(edns.flags().dnssec_ok);
         reply.edns = Some(ours);
     }
-    // The question is echoed only when there is exactly one.
-    let question = match msg.queries.as_slice() {
-        [q] => Some(q),
-        _ => None,
-    };
-    if let Some(q) = question {
-        reply.add_query(q.clone());
-    }
     let rcode = |reply: &mut Message, rcode| reply.metadata.response_code = rcode;
+    // One question (the header check answered every other count).
+    let [q] = msg.queries.as_slice() else {
+        rcode(&mut reply, ResponseCode::FormErr);
+        return reply;
+    };
+    reply.add_query(q.clone());
 
     if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
         rcode(&mut reply, ResponseCode::BADVERS);
         return reply;
     }
-    if msg.metadata.op_code != OpCode::Query {
-        rcode(&mut reply, ResponseCode::NotImp);
-        return reply;
-    }
-    let Some(q) = question else {
-        rcode(&mut reply, ResponseCode::FormErr);
-        return reply;
-    };
     if !matches!(q.query_class(), DNSClass::IN | DNSClass::ANY) {
         rcode(&mut reply, ResponseCode::Refused);
         return reply;
@@ -322,7 +310,7 @@ fn encode(reply: &Message, limit: usize) -> Option<Vec<u8>> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use hickory_proto::op::Query;
+    use hickory_proto::op::{OpCode, Query};
     use proptest::prelude::*;
 
     const ZONE: &str = "_acme-challenge.gw.test";

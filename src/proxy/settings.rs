@@ -699,13 +699,18 @@ fn secs(what: &str, v: Option<u64>, default: Duration) -> Result<Duration, Strin
 
 fn listen_addrs(what: &str, v: Option<Vec<String>>, port: u16) -> Result<Vec<SocketAddr>, String> {
     let v = v.unwrap_or_else(|| vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
+    parse_addrs(&format!("[proxy] {what}"), v)
+}
+
+/// `ip:port` addresses, each once; errors name `what` (`[section] key`).
+fn parse_addrs(what: &str, v: Vec<String>) -> Result<Vec<SocketAddr>, String> {
     let mut out = Vec::new();
     for s in v {
         let a: SocketAddr = s
             .parse()
-            .map_err(|_| format!("[proxy] {what}: `{s}` is not ip:port (IPv6 in brackets)"))?;
+            .map_err(|_| format!("{what}: `{s}` is not ip:port (IPv6 in brackets)"))?;
         if out.contains(&a) {
-            return Err(format!("[proxy] {what}: `{s}` is listed twice"));
+            return Err(format!("{what}: `{s}` is listed twice"));
         }
         out.push(a);
     }
@@ -1032,16 +1037,7 @@ pub(crate) fn validate(
             if !(1..=365).contains(&days) {
                 return Err("[proxy.acme] renew_before_days: 1 to 365".into());
             }
-            let mut dns_listen: Vec<SocketAddr> = Vec::new();
-            for s in &a.dns_listen {
-                let addr: SocketAddr = s.parse().map_err(|_| {
-                    format!("[proxy.acme] dns_listen: `{s}` is not ip:port (IPv6 in brackets)")
-                })?;
-                if dns_listen.contains(&addr) {
-                    return Err(format!("[proxy.acme] dns_listen: `{s}` is listed twice"));
-                }
-                dns_listen.push(addr);
-            }
+            let dns_listen = parse_addrs("[proxy.acme] dns_listen", a.dns_listen)?;
             if a.wildcard && dns_listen.is_empty() {
                 return Err("[proxy.acme] wildcard = true needs dns_listen: the addresses where this hub answers `_acme-challenge.<domain>` (delegated to it with an NS record) for DNS-01".into());
             }
