@@ -7,11 +7,12 @@
 
 use bytes::Bytes;
 use gatewire::proxy::names::{DomainName, Label};
+use gatewire::proxy::paths::PathPrefix;
 use gatewire::proxy::proxy_protocol::{decode_v2, Command, Transport};
 use gatewire::proxy::settings::{
     Backend, BackendProtocol, BackendTls, Balance, CertFiles, HealthCheck, HealthKind, Limits,
-    ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings, TcpTls,
-    TlsMode, UdpForwardSettings,
+    PathRoute, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, Scheme, TcpForwardSettings,
+    TcpTls, TlsMode, UdpForwardSettings,
 };
 use gatewire::proxy::Proxy;
 use http_body_util::{BodyExt, Full};
@@ -58,6 +59,7 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         bandwidth: None,
         basic_auth_file: None,
         forward_auth: None,
+        paths: vec![],
     }
 }
 
@@ -300,6 +302,137 @@ async fn bad_backends_502_then_503_and_failover() {
     assert_eq!(d.errors.get("no_healthy_backend"), Some(&1));
     let m = st.iter().find(|s| s.route == "name:mixed").unwrap();
     assert!(!m.backends[0].up && m.backends[1].up, "{:?}", m.backends);
+}
+
+#[tokio::test]
+async fn path_prefixes_choose_backends() {
+    let web = http_backend("web").await;
+    let api = http_backend("api").await;
+    let v2 = http_backend("v2").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let path = |prefix: &str, b: SocketAddr, strip_prefix: bool| PathRoute {
+        prefix: PathPrefix::parse(prefix).unwrap(),
+        backends: vec![be(b)],
+        strip_prefix,
+    };
+    let mut r = route("app", TlsMode::Terminate, vec![be(web)]);
+    r.paths = vec![
+        path("/api", api, true),
+        path("/api/v2/", v2, false),
+        path("/down", dead, false),
+    ];
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let at = p.http_addrs()[0];
+    let get = |target: &'static str| async move {
+        let req =
+            format!("GET {target} HTTP/1.1\r\nHost: app.gw.test\r\nConnection: close\r\n\r\n");
+        String::from_utf8_lossy(&exchange(at, req.as_bytes()).await).into_owned()
+    };
+    for (target, want) in [
+        ("/", "web / "),
+        ("/apix", "web /apix "),
+        ("/api", "api / "),
+        ("/api?q=1", "api /?q=1 "),
+        ("/api/users/7?x=y", "api /users/7?x=y "),
+        ("/api/v2", "v2 /api/v2 "),
+        ("/api/v2/items", "v2 /api/v2/items "),
+        ("/api/v20", "api /v20 "),
+        ("/API/x", "web /API/x "),
+    ] {
+        let r = get(target).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{target}: {r}");
+        assert!(r.contains(want), "{target}: want `{want}` in {r}");
+    }
+    // Dot-segments could lead a backend out of the prefix it was chosen for.
+    for target in [
+        "/api/../admin",
+        "/x/%2e%2e/api",
+        "/api%2f..%2fadmin",
+        "/static/.",
+        "/api/..;/admin",
+    ] {
+        let r = get(target).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{target}: {r}");
+    }
+    // A prefix with a dead backend fails alone.
+    assert!(get("/down/x").await.starts_with("HTTP/1.1 502"));
+    assert!(get("/").await.starts_with("HTTP/1.1 200"));
+
+    // One keep-alive client connection across prefixes: each request goes
+    // to its own prefix's backend (a held backend connection is not reused
+    // for another prefix).
+    let s = TcpStream::connect(at).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (target, want) in [
+        ("/api/a", "api /a "),
+        ("/b", "web /b "),
+        ("/api/v2/c", "v2 /api/v2/c "),
+        ("/api/d", "api /d "),
+        ("/e", "web /e "),
+    ] {
+        let req = hyper::Request::get(target)
+            .header("host", "app.gw.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.starts_with(want), "{target}: {body}");
+    }
+
+    let st = p.stats();
+    let app = st.iter().find(|s| s.route == "name:app").unwrap();
+    assert_eq!(app.errors.get("bad_path"), Some(&5));
+    assert_eq!(app.errors.get("backend_refused"), Some(&1));
+    let paths: Vec<Option<&str>> = app.backends.iter().map(|b| b.path.as_deref()).collect();
+    assert_eq!(
+        paths,
+        vec![None, Some("/api"), Some("/api/v2"), Some("/down")]
+    );
+    assert!(
+        app.backends[0].up && !app.backends[3].up,
+        "{:?}",
+        app.backends
+    );
+}
+
+/// A prefix whose backend speaks TLS on a route whose own backends do not:
+/// the route still gets a backend TLS client (requests and checks use it).
+#[tokio::test]
+async fn https_backend_under_a_prefix_only() {
+    let web = http_backend("web").await;
+    let pki_back = pki(&["backend.internal"]);
+    let secure = tls_backend(&pki_back).await;
+    let ca = tmpdir("pathca").join("ca.pem");
+    std::fs::write(&ca, &pki_back.cert_pem).unwrap();
+    let mut r = route("mix", TlsMode::Terminate, vec![be(web)]);
+    r.backend_tls = BackendTls {
+        ca: Some(ca),
+        server_name: Some("backend.internal".into()),
+        insecure_skip_verify: false,
+    };
+    r.paths = vec![PathRoute {
+        prefix: PathPrefix::parse("/secure").unwrap(),
+        backends: vec![Backend {
+            scheme: Scheme::Https,
+            addr: secure,
+        }],
+        strip_prefix: false,
+    }];
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let at = p.http_addrs()[0];
+    let req = b"GET /secure/x HTTP/1.1\r\nHost: mix.gw.test\r\nConnection: close\r\n\r\n";
+    let r = String::from_utf8_lossy(&exchange(at, req).await).into_owned();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("pt:backend.internal"), "{r}");
+    let r = raw_http(at, "mix.gw.test", "").await;
+    assert!(r.contains("web /hello"), "{r}");
 }
 
 #[tokio::test]

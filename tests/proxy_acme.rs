@@ -272,6 +272,7 @@ fn settings(
             bandwidth: None,
             basic_auth_file: None,
             forward_auth: None,
+            paths: vec![],
         }],
         tcp: vec![],
         udp: vec![],

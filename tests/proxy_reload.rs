@@ -52,6 +52,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         bandwidth: None,
         basic_auth_file: None,
         forward_auth: None,
+        paths: vec![],
     }
 }
 

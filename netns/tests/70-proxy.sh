@@ -16,8 +16,9 @@
 # authentication (an htpasswd file made by htpasswd -B) answers 401 without
 # the right password and keeps the credentials from the backend; a route with
 # forward authentication asks nginx on n1 first (its redirect to a login page
-# reaches the client, a good token passes with the user nginx names). The
-# access log
+# reaches the client, a good token passes with the user nginx names). A route
+# with a path prefix sends /api (stripped) to a second backend on n1 and the
+# rest to the first; a dot-segment gets 400. The access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -63,6 +64,16 @@ tls = "terminate"
 cert = "$CERT_DIR/fullchain.pem"
 key = "$CERT_DIR/key.pem"
 backends = ["http://[$N1V6]:8080"]
+
+# One host, two services on n1: /api (prefix stripped) and the rest.
+[[route]]
+name = "shop"
+backends = ["http://[$N1V6]:8080"]
+
+[[route.paths]]
+prefix = "/api"
+backends = ["http://[$N1V6]:8081"]
+strip_prefix = true
 
 # Only pub's IPv6 address may use this one.
 [[route]]
@@ -130,11 +141,14 @@ must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov
 
 # --- backends on n1, bound to its IPv6 overlay address only
 lab_bg n1 web python3 "$GW_LIB_DIR/tools/echo-headers.py" "$N1V6" 8080 "$MARK"
+lab_bg n1 api python3 "$GW_LIB_DIR/tools/echo-headers.py" "$N1V6" 8081 "api-$MARK"
 # (socat's PIPE echo can deadlock on the 1 MiB echoes below)
 lab_bg n1 tcpecho python3 "$GW_LIB_DIR/tools/tcpecho.py" "$N1V6" 7000
 lab_bg n1 udpecho socat "UDP6-LISTEN:5300,bind=[$N1V6],fork,reuseaddr" PIPE
 must "HTTP backend listening on n1's overlay address" \
     wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8080' | grep -q '$N1V6'"
+must "second HTTP backend (the shop's API) listening" \
+    wait_for 10 lab_sh n1 "ss -Hltn 'sport = :8081' | grep -q '$N1V6'"
 must "TCP echo listening" wait_for 10 lab_sh n1 "ss -Hltn 'sport = :7000' | grep -q ."
 must "hub proxy listening on :80 and :443" \
     wait_for 10 lab_sh hub "ss -Hltn 'sport = :80' | grep -q . && ss -Hltn 'sport = :443' | grep -q ."
@@ -156,6 +170,27 @@ check "X-Forwarded-For carries the IPv6 client" grep -q "xff=$PUB6 " <<<"$body"
 
 code=$(pcurl -o /dev/null -w '%{http_code}' --resolve "nope.$DOMAIN:80:$HUB4" "http://nope.$DOMAIN/" || true)
 assert_eq "unknown Host gets 404" 404 "$code"
+
+# --- path prefixes: /api to the second backend, prefix stripped; the rest to the first
+SHOP="shop.$DOMAIN"
+body=$(pcurl --resolve "$SHOP:80:$HUB4" "http://$SHOP/api/orders?id=7" || true)
+check "/api/orders goes to the API backend as /orders, query kept" \
+    grep -q "^api-$MARK path=/orders?id=7 xff=$PUB4 " <<<"$body"
+body=$(pcurl --resolve "$SHOP:80:$HUB4" "http://$SHOP/api" || true)
+check "/api itself goes to the API backend as /" grep -q "^api-$MARK path=/ " <<<"$body"
+body=$(pcurl --resolve "$SHOP:80:$HUB4" "http://$SHOP/apix/a" || true)
+check "/apix is not under /api: the route's own backend, path as sent" \
+    grep -q "^$MARK path=/apix/a " <<<"$body"
+body=$(pcurl --resolve "$SHOP:80:[$HUB6]" "http://$SHOP/cart" || true)
+check "the rest goes to the route's own backend" grep -q "^$MARK path=/cart " <<<"$body"
+code=$(pcurl --path-as-is -o /dev/null -w '%{http_code}' --resolve "$SHOP:80:$HUB4" \
+    "http://$SHOP/api/../admin" || true)
+assert_eq "a dot-segment on a route with paths gets 400" 400 "$code"
+js=$(gw_show_json hub gw0 || true)
+assert_eq "show --json: the prefix's backend listed with its path, up" "/api true" \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .backends[] | select(.path) | "\(.path) \(.up)"' <<<"$js")"
+assert_eq "show --json: the dot-segment counted as bad_path" 1 \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .errors.bad_path' <<<"$js")"
 
 # --- HTTPS terminated at the hub (certificate file), HTTP/1.1 and HTTP/2
 body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/tls" || true)

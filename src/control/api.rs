@@ -208,10 +208,26 @@ fn route_json(c: &Control, id: &str) -> Option<Value> {
     let cfg = c.hub_config();
     let p = cfg.proxy.as_ref()?;
     let r = p.routes.iter().find(|r| r.host.to_string() == id)?;
+    let mut spec = json!({
+        "backends": r.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        "tls": match r.tls { crate::proxy::settings::TlsMode::Terminate => "terminate", crate::proxy::settings::TlsMode::Passthrough => "passthrough" },
+    });
+    if !r.paths.is_empty() {
+        spec["paths"] = r
+            .paths
+            .iter()
+            .map(|p| {
+                json!({
+                    "prefix": p.prefix.as_str(),
+                    "backends": p.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                    "strip_prefix": p.strip_prefix,
+                })
+            })
+            .collect();
+    }
     Some(json!({
         "id": id, "version": 0, "paused": r.paused, "origin": "config",
-        "spec": { "backends": r.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
-                  "tls": match r.tls { crate::proxy::settings::TlsMode::Terminate => "terminate", crate::proxy::settings::TlsMode::Passthrough => "passthrough" } },
+        "spec": spec,
         "backends": backends(id),
     }))
 }

@@ -1152,9 +1152,14 @@ fn backends_text(r: &Value) -> String {
                     Some(false) => " DOWN",
                     None => "",
                 };
+                // A path prefix's backends carry their prefix.
+                let path = match b.get("path").and_then(Value::as_str) {
+                    Some(p) => format!("{p}: "),
+                    None => String::new(),
+                };
                 // `addr` per the contract; `backend` as the proxy's health names it.
                 format!(
-                    "{}{state}",
+                    "{path}{}{state}",
                     text(b.get("addr").or_else(|| b.get("backend")))
                 )
             })
@@ -1626,6 +1631,11 @@ mod tests {
             basic_auth_file: Some("users.htpasswd".into()),
             forward_auth: Some("http://100.64.1.9:4180/auth".into()),
             forward_auth_headers: vec!["x-auth-request-user".into()],
+            paths: vec![crate::proxy::settings::RawPath {
+                prefix: "/api".into(),
+                backends: vec!["100.64.1.3:80".into()],
+                strip_prefix: true,
+            }],
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -2305,9 +2315,10 @@ mod tests {
         );
         // Backend health as the proxy names it (`backend`) renders the same.
         let v2 = json!([{"id": "name:a", "version": 1, "paused": false, "origin": "config",
-                        "backends": [{"backend": "100.64.1.2:80", "up": false, "failures": 3}]}]);
+                        "backends": [{"backend": "100.64.1.2:80", "up": false, "failures": 3},
+                                     {"backend": "100.64.1.3:80", "up": true, "path": "/api"}]}]);
         assert!(
-            routes_table(&v2).ends_with("config  100.64.1.2:80 DOWN\n"),
+            routes_table(&v2).ends_with("config  100.64.1.2:80 DOWN, /api: 100.64.1.3:80 up\n"),
             "{}",
             routes_table(&v2)
         );

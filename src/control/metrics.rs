@@ -32,9 +32,9 @@
 //! | `gatewire_route_requests_total`, `gatewire_route_connections_total` | counter | `route` |
 //! | `gatewire_route_in_bytes_total`, `gatewire_route_out_bytes_total` | counter | `route` |
 //! | `gatewire_route_errors_total` | counter | `route`, `kind` |
-//! | `gatewire_backend_up` | gauge (1/0) | `route`, `backend` |
-//! | `gatewire_backend_active_connections` | gauge | `route`, `backend` |
-//! | `gatewire_backend_failures_total`, `gatewire_backend_checks_failed_total` | counter | `route`, `backend` |
+//! | `gatewire_backend_up` | gauge (1/0) | `route`, `backend`; `path` for a path prefix's backends |
+//! | `gatewire_backend_active_connections` | gauge | `route`, `backend`; `path` |
+//! | `gatewire_backend_failures_total`, `gatewire_backend_checks_failed_total` | counter | `route`, `backend`; `path` |
 //! | `gatewire_certificate_not_after_seconds` | gauge (unix time) | `host`, `source` (`file`, `acme`) |
 //! | `gatewire_acme_order_failing` | gauge (1/0) | `host` |
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
@@ -515,7 +515,17 @@ fn routes(w: &mut Writer, routes: &[RouteSnapshot]) {
             w.family(name, help, kind, |f| {
                 for r in routes {
                     for b in &r.backends {
-                        f.sample(&[("route", &r.route), ("backend", &b.backend)], value(b));
+                        match &b.path {
+                            // A path prefix's backends (the same address may
+                            // also be one of the route's own).
+                            Some(p) => f.sample(
+                                &[("route", &r.route), ("path", p), ("backend", &b.backend)],
+                                value(b),
+                            ),
+                            None => {
+                                f.sample(&[("route", &r.route), ("backend", &b.backend)], value(b))
+                            }
+                        }
                     }
                 }
             });
@@ -762,6 +772,7 @@ mod tests {
                     check: None,
                     checks_failed: 0,
                     tunnel: Some("up"),
+                    path: None,
                 },
                 BackendHealth {
                     backend: "https://100.64.1.2:443".to_string(),
@@ -771,6 +782,17 @@ mod tests {
                     check: Some("failing"),
                     checks_failed: 4,
                     tunnel: Some("down"),
+                    path: None,
+                },
+                BackendHealth {
+                    backend: "[fd77:6777::1:1]:8080".to_string(),
+                    up: false,
+                    failures: 9,
+                    active_connections: 0,
+                    check: None,
+                    checks_failed: 0,
+                    tunnel: Some("down"),
+                    path: Some("/api".to_string()),
                 },
             ],
         }
@@ -1095,6 +1117,14 @@ mod tests {
         ];
         assert_eq!(p.get("gatewire_backend_up", &b1), Some(1));
         assert_eq!(p.get("gatewire_backend_up", &b2), Some(0));
+        // The same address as a path prefix's backend: a series of its own.
+        let b3 = [
+            ("route", "name:blog"),
+            ("path", "/api"),
+            ("backend", "[fd77:6777::1:1]:8080"),
+        ];
+        assert_eq!(p.get("gatewire_backend_up", &b3), Some(0));
+        assert_eq!(p.get("gatewire_backend_failures_total", &b3), Some(9));
         assert_eq!(p.get("gatewire_backend_active_connections", &b1), Some(3));
         assert_eq!(p.get("gatewire_backend_failures_total", &b2), Some(6));
         assert_eq!(p.get("gatewire_backend_checks_failed_total", &b2), Some(4));

@@ -8,7 +8,7 @@ use crate::proxy::names::DomainName;
 use crate::proxy::server::{Record, Route, Shared};
 use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::{H2Sender, Held, Lease, Pooled, UpstreamError};
+use crate::proxy::upstream::{H2Sender, Held, Lease, Pooled, UpstreamError, Upstreams};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -64,13 +64,13 @@ impl ConnInfo {
     }
 
     /// A kept backend connection that can carry a request planned as `plan`
-    /// on `route` (newest first).
-    fn reuse(&self, route: &Route, plan: &[usize]) -> Option<(Pooled, Backend, Lease)> {
+    /// on the backends `up` (newest first).
+    fn reuse(&self, up: &Arc<Upstreams>, plan: &[usize]) -> Option<(Pooled, Backend, Lease)> {
         let mut held = self.held.lock();
-        let i = held.iter().rposition(|h| route.upstreams.fits(plan, h))?;
+        let i = held.iter().rposition(|h| up.fits(plan, h))?;
         let h = held.swap_remove(i);
         drop(held);
-        route.upstreams.reuse_held(plan, h).ok()
+        up.reuse_held(plan, h).ok()
     }
 
     /// Keeps `h` for a later request, or gives it to the pool.
@@ -539,10 +539,10 @@ async fn backend_tls(
 async fn connect_h2(
     shared: &Shared,
     route: &Route,
+    up: &Arc<Upstreams>,
     plan: &[usize],
 ) -> Result<(H2Sender, Backend, Lease), SendError> {
-    let (tcp, backend, lease) = route
-        .upstreams
+    let (tcp, backend, lease) = up
         .connect_plan(plan, shared.limits.connect_timeout)
         .await
         .map_err(|e| connect_error(route, e))?;
@@ -564,7 +564,7 @@ async fn connect_h2(
         debug!(route = %route.id, backend = %backend, error = %e, "backend HTTP/2 handshake failed");
         BAD_EXCHANGE
     })?;
-    let lease = route.upstreams.add_h2(&link, lease);
+    let lease = up.add_h2(&link, lease);
     Ok((link.sender, backend, lease))
 }
 
@@ -575,16 +575,17 @@ async fn connect_h2(
 async fn send_h2(
     shared: &Shared,
     route: &Route,
+    up: &Arc<Upstreams>,
     mut plan: Vec<usize>,
     mut req: Request<ProxyBody>,
 ) -> Result<(Response<Incoming>, Backend, Lease), SendError> {
     let mut turn = None;
     loop {
-        if let Some((mut sender, backend, lease)) = route.upstreams.shared_h2(&plan) {
+        if let Some((mut sender, backend, lease)) = up.shared_h2(&plan) {
             match send(sender.try_send_request(req), shared).await {
                 Ok(r) => return Ok((r, backend, lease)),
                 Err((_, Some(back))) => {
-                    route.upstreams.drop_h2(&lease);
+                    up.drop_h2(&lease);
                     req = back;
                 }
                 Err((e, None)) => return Err(e),
@@ -593,16 +594,16 @@ async fn send_h2(
         if turn.is_some() {
             break;
         }
-        turn = Some(route.upstreams.h2_connect_turn(&plan).await);
+        turn = Some(up.h2_connect_turn(&plan).await);
         // A backend may have been marked down while this request waited.
-        route.upstreams.keep_usable(&mut plan);
+        up.keep_usable(&mut plan);
     }
-    let (mut sender, backend, lease) = connect_h2(shared, route, &plan).await?;
+    let (mut sender, backend, lease) = connect_h2(shared, route, up, &plan).await?;
     drop(turn);
     match send(sender.try_send_request(req), shared).await {
         Ok(r) => Ok((r, backend, lease)),
         Err((e, _)) => {
-            route.upstreams.drop_h2(&lease);
+            up.drop_h2(&lease);
             Err(e)
         }
     }
@@ -866,8 +867,18 @@ async fn forward(
     c: Arc<Counters>,
     authority: String,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // The backends of the longest matching path prefix, or the route's own.
+    let (up, under) = route.backends_for(req.uri().path());
+    if !route.paths.is_empty() && crate::proxy::paths::has_dot_segment(req.uri().path()) {
+        return Ok(err(
+            &c,
+            ErrorKind::BadPath,
+            StatusCode::BAD_REQUEST,
+            "400 bad request: `.` or `..` segments in the path",
+        ));
+    }
     let upgrade = upgrade_of(&req);
-    let h2 = route.upstreams.protocol() == BackendProtocol::Http2;
+    let h2 = up.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {
         return Ok(err(
             &c,
@@ -881,11 +892,24 @@ async fn forward(
     let trailers = h2 && accepts_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
     add_forwarding(&mut parts.headers, conn.client.ip(), conn.tls, &authority);
-    let path = parts
+    let mut path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some(p) = under.filter(|p| p.strip_prefix) {
+        match http::uri::PathAndQuery::try_from(p.prefix.strip(path.path(), path.query())) {
+            Ok(stripped) => path = stripped,
+            Err(_) => {
+                return Ok(err(
+                    &c,
+                    ErrorKind::BadPath,
+                    StatusCode::BAD_REQUEST,
+                    "400 bad request: the path cannot be forwarded",
+                ))
+            }
+        }
+    }
     if h2 {
         // HTTP/2 carries the host in `:authority` and the scheme the client
         // asked for in `:scheme` (as `X-Forwarded-Proto` does); `te:
@@ -927,7 +951,7 @@ async fn forward(
         counted(body, c.clone(), true, None, route.bandwidth.clone()),
     );
 
-    let Ok(slot) = route.upstreams.admit() else {
+    let Ok(slot) = up.admit() else {
         return Ok(err(
             &c,
             ErrorKind::OverCapacity,
@@ -935,13 +959,13 @@ async fn forward(
             "503 service unavailable: the route is at its connection limit",
         ));
     };
-    let plan = route.upstreams.plan(Some(conn.client.ip()));
+    let plan = up.plan(Some(conn.client.ip()));
     if h2 {
-        let (resp, backend, lease) = match send_h2(&shared, &route, plan, breq).await {
+        let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq).await {
             Ok(x) => x,
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
-        route.upstreams.note_ok(backend.addr);
+        up.note_ok(backend.addr);
         Record::note(rec, |e| e.backend = Some(backend.addr));
         let (mut parts, body) = resp.into_parts();
         parts.version = Version::HTTP_11;
@@ -953,9 +977,7 @@ async fn forward(
     }
     let mut pooled = None;
     if upgrade.is_none() {
-        pooled = conn
-            .reuse(&route, &plan)
-            .or_else(|| route.upstreams.take_idle(&plan));
+        pooled = conn.reuse(up, &plan).or_else(|| up.take_idle(&plan));
     }
     let mut breq = breq;
     let (resp, sender, backend, lease) = loop {
@@ -963,10 +985,7 @@ async fn forward(
         let (mut sender, backend, lease) = match pooled.take() {
             Some(x) => x,
             None => {
-                let connected = route
-                    .upstreams
-                    .connect_plan(&plan, shared.limits.connect_timeout)
-                    .await;
+                let connected = up.connect_plan(&plan, shared.limits.connect_timeout).await;
                 let (tcp, backend, lease) = match connected {
                     Ok(x) => x,
                     Err(e) => {
@@ -999,12 +1018,12 @@ async fn forward(
         }
     };
     let mut resp = resp;
-    route.upstreams.note_ok(backend.addr);
+    up.note_ok(backend.addr);
     Record::note(rec, |e| e.backend = Some(backend.addr));
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
         // Reused once the response body has been read to its end: by this
         // client's next request, or from the pool.
-        conn.keep(route.upstreams.hold(backend.addr, sender));
+        conn.keep(up.hold(backend.addr, sender));
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut hold = Some((lease, slot));

@@ -3,7 +3,8 @@
 //! Pure cores: [`access`] (client address rules), [`basic_auth`] (htpasswd
 //! files and `Authorization` values; the bcrypt check is a driver),
 //! [`forward_auth`] (check URLs and headers; its client is a driver), [`detect`] (ClientHello
-//! SNI, HTTP Host sniffing), [`names`] (host names, route table),
+//! SNI, HTTP Host sniffing), [`names`] (host names, route table), [`paths`]
+//! (path prefixes of a route),
 //! [`proxy_protocol`] (PROXY v2 headers), [`ratelimit`] (per-client token
 //! buckets), [`bandwidth`] (per-route byte pacing). Drivers: [`server`] (listeners and
 //! connection routing), [`http`] (hyper proxying), [`upstream`] (backend
@@ -24,6 +25,7 @@ pub mod forward_auth;
 pub mod http;
 pub mod io;
 pub mod names;
+pub mod paths;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod server;

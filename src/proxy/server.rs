@@ -65,6 +65,36 @@ pub struct Route {
     pub auth: Option<Arc<BasicAuth>>,
     /// The `forward_auth` service, if set.
     pub forward_auth: Option<Arc<crate::proxy::forward_auth::ForwardAuth>>,
+    /// Path prefixes with backends of their own (`settings.paths`, in order).
+    pub paths: Vec<PathUpstreams>,
+}
+
+/// The backends of one path prefix of a route at run time.
+pub struct PathUpstreams {
+    pub prefix: crate::proxy::paths::PathPrefix,
+    pub strip_prefix: bool,
+    pub upstreams: Arc<Upstreams>,
+}
+
+impl Route {
+    /// The backends for a request to `path` and the prefix to strip from it:
+    /// the longest matching prefix's, or the route's own.
+    pub fn backends_for(&self, path: &str) -> (&Arc<Upstreams>, Option<&PathUpstreams>) {
+        if self.paths.is_empty() {
+            return (&self.upstreams, None);
+        }
+        match crate::proxy::paths::longest_match(self.paths.iter().map(|p| &p.prefix), path)
+            .and_then(|i| self.paths.get(i))
+        {
+            Some(p) => (&p.upstreams, Some(p)),
+            None => (&self.upstreams, None),
+        }
+    }
+
+    /// Every backend set of the route: its own, then its paths'.
+    pub fn all_upstreams(&self) -> impl Iterator<Item = &Arc<Upstreams>> + '_ {
+        std::iter::once(&self.upstreams).chain(self.paths.iter().map(|p| &p.upstreams))
+    }
 }
 
 /// A TCP or UDP forward at run time.
@@ -316,7 +346,12 @@ impl ReloadReport {
 }
 
 fn backend_tls_for(id: &str, rs: &RouteSettings) -> anyhow::Result<Option<Arc<BackendTlsClient>>> {
-    if rs.backends.iter().any(crate::proxy::upstream::is_tls) {
+    if rs
+        .backends
+        .iter()
+        .chain(rs.paths.iter().flat_map(|p| &p.backends))
+        .any(crate::proxy::upstream::is_tls)
+    {
         Ok(Some(Arc::new(
             BackendTlsClient::new(&rs.backend_tls, rs.backend_protocol)
                 .map_err(|e| anyhow::anyhow!("[[route]] {id}: {e}"))?,
@@ -376,8 +411,11 @@ fn build(
             None => None,
         };
         let old = old_routes.get(id.as_str());
+        // Health checks keep the TLS client they started with: new backend
+        // sets when the backend TLS settings change.
+        let same_tls = old.filter(|r| r.settings.backend_tls == rs.backend_tls);
         let upstreams = match reuse(
-            old.map(|r| &r.upstreams),
+            same_tls.map(|r| &r.upstreams),
             &rs.backends,
             &rs.balance,
             rs.backend_protocol,
@@ -392,6 +430,31 @@ fn build(
                 u
             }
         };
+        let mut paths = Vec::with_capacity(rs.paths.len());
+        for p in &rs.paths {
+            // Kept only while it still shares the route's connection limit.
+            let old_up = same_tls
+                .and_then(|r| r.paths.iter().find(|o| o.prefix == p.prefix))
+                .map(|o| &o.upstreams)
+                .filter(|u| u.shares_limit(&upstreams));
+            let path_up = match reuse(old_up, &p.backends, &rs.balance, rs.backend_protocol) {
+                Some(u) => u,
+                None => {
+                    let u = Arc::new(
+                        Upstreams::new(&p.backends, &rs.balance, &limits, tunnels.clone())
+                            .speaking(rs.backend_protocol)
+                            .sharing_limit(&upstreams),
+                    );
+                    u.spawn_checks(backend_tls.clone(), format!("{id} path {}", p.prefix));
+                    u
+                }
+            };
+            paths.push(PathUpstreams {
+                prefix: p.prefix.clone(),
+                strip_prefix: p.strip_prefix,
+                upstreams: path_up,
+            });
+        }
         let route = Arc::new(Route {
             id: id.clone(),
             hosts: hosts.clone(),
@@ -409,6 +472,7 @@ fn build(
                     copy.clone(),
                 ))
             }),
+            paths,
         });
         for h in &hosts {
             if let Some(k) = &key {
@@ -714,11 +778,18 @@ fn snapshot(s: &Shared) -> Vec<RouteSnapshot> {
         .routes
         .iter()
         .map(|r| {
+            let mut health = r.upstreams.health();
+            for p in &r.paths {
+                health.extend(p.upstreams.health().into_iter().map(|mut h| {
+                    h.path = Some(p.prefix.to_string());
+                    h
+                }));
+            }
             RouteSnapshot::new(
                 r.id.clone(),
                 r.hosts.iter().map(|h| h.to_string()).collect(),
                 &r.counters,
-                r.upstreams.health(),
+                health,
             )
             .with_bandwidth(&r.bandwidth)
         })
@@ -935,13 +1006,14 @@ impl Proxy {
         let kept: Vec<*const Upstreams> = new
             .routes
             .iter()
-            .map(|r| Arc::as_ptr(&r.upstreams))
-            .chain(new.forwards.iter().map(|f| Arc::as_ptr(&f.upstreams)))
+            .flat_map(|r| r.all_upstreams())
+            .chain(new.forwards.iter().map(|f| &f.upstreams))
+            .map(Arc::as_ptr)
             .collect();
         for u in old
             .routes
             .iter()
-            .map(|r| &r.upstreams)
+            .flat_map(|r| r.all_upstreams())
             .chain(old.forwards.iter().map(|f| &f.upstreams))
         {
             if !kept.contains(&Arc::as_ptr(u)) {
@@ -1030,7 +1102,7 @@ impl Drop for Proxy {
         for u in cur
             .routes
             .iter()
-            .map(|r| &r.upstreams)
+            .flat_map(|r| r.all_upstreams())
             .chain(cur.forwards.iter().map(|f| &f.upstreams))
         {
             u.retire();

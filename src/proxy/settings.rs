@@ -157,6 +157,19 @@ pub struct RawRoute {
     /// Headers of the service's 2xx answer put on the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward_auth_headers: Vec<String>,
+    /// Path prefixes with backends of their own (`[[route.paths]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<RawPath>,
+}
+
+/// A `[[route.paths]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPath {
+    pub prefix: String,
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -476,6 +489,21 @@ pub struct RouteSettings {
     /// An authentication service asked before each terminated request, and
     /// the headers of its 2xx answers put on the request.
     pub forward_auth: Option<(crate::proxy::forward_auth::AuthUrl, Vec<http::HeaderName>)>,
+    /// Terminated routes: path prefixes whose requests go to backends of
+    /// their own (the longest matching prefix wins; `backends` takes the
+    /// rest).
+    pub paths: Vec<PathRoute>,
+}
+
+/// Requests of a terminated route under one path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRoute {
+    /// Which paths.
+    pub prefix: crate::proxy::paths::PathPrefix,
+    /// Non-empty; balanced, checked and limited as the route's own.
+    pub backends: Vec<Backend>,
+    /// Send the path without the prefix (`/api/v1` → `/v1`).
+    pub strip_prefix: bool,
 }
 
 /// Where a TLS-terminating TCP forward gets its certificate.
@@ -612,6 +640,13 @@ impl ProxySettings {
                     .iter()
                     .map(|b| (format!("[[route]] {}", r.host), *b)),
             );
+            for p in &r.paths {
+                v.extend(
+                    p.backends
+                        .iter()
+                        .map(|b| (format!("[[route]] {} path {}", r.host, p.prefix), *b)),
+                );
+            }
         }
         for t in &self.tcp {
             v.extend(
@@ -792,6 +827,44 @@ fn backends(
             return Err(format!("{who}: backend `{s}` is listed twice"));
         }
         out.push(b);
+    }
+    Ok(out)
+}
+
+/// Validates a route's `[[route.paths]]`.
+fn route_paths(
+    who: &str,
+    raw: Vec<RawPath>,
+    passthrough: bool,
+    own: &HashSet<IpAddr>,
+) -> Result<Vec<PathRoute>, String> {
+    use crate::proxy::paths::{PathPrefix, MAX_PATHS};
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    if passthrough {
+        return Err(format!(
+            "{who}: `paths` need tls = \"terminate\" (a passthrough route never sees the request)"
+        ));
+    }
+    if raw.len() > MAX_PATHS {
+        return Err(format!("{who}: more than {MAX_PATHS} `paths`"));
+    }
+    let mut out: Vec<PathRoute> = Vec::with_capacity(raw.len());
+    for p in raw {
+        let prefix = PathPrefix::parse(&p.prefix).map_err(|e| format!("{who}: paths: {e}"))?;
+        if out.iter().any(|o| o.prefix == prefix) {
+            return Err(format!(
+                "{who}: paths: prefix `{}` is listed twice",
+                p.prefix
+            ));
+        }
+        let backends = backends(&format!("{who} path {prefix}"), &p.backends, true, own)?;
+        out.push(PathRoute {
+            prefix,
+            backends,
+            strip_prefix: p.strip_prefix,
+        });
     }
     Ok(out)
 }
@@ -1248,7 +1321,11 @@ pub(crate) fn validate(
             }
         };
         let bal = balance(&who, raw_bal!(r), false)?;
-        let has_https = backends.iter().any(|b| b.scheme == Scheme::Https);
+        let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own)?;
+        let has_https = backends
+            .iter()
+            .chain(paths.iter().flat_map(|p| &p.backends))
+            .any(|b| b.scheme == Scheme::Https);
         let backend_tls = BackendTls {
             ca: r.backend_ca.map(|p| resolve(base, &p)),
             server_name: r.backend_server_name,
@@ -1289,6 +1366,7 @@ pub(crate) fn validate(
             bandwidth: bandwidth(&who, r.bandwidth.as_deref())?,
             basic_auth_file: r.basic_auth_file.map(|p| resolve(base, &p)),
             forward_auth,
+            paths,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1456,6 +1534,7 @@ mod tests {
             basic_auth_file: None,
             forward_auth: None,
             forward_auth_headers: vec![],
+            paths: vec![],
         }
     }
 
@@ -1602,6 +1681,93 @@ mod toml_tests {
             .unwrap_err();
         assert!(e.contains("[[udp]] #1") && e.contains("no UDP form"), "{e}");
         assert!(parse("").unwrap().proxy.is_none());
+    }
+
+    #[test]
+    fn route_paths() {
+        let r = |paths: &str| {
+            parse(&format!(
+                "[proxy]\ndomains = [\"gw.example.org\"]\n\
+                 [[route]]\nname = \"app\"\nbackends = [\"100.64.0.3:80\"]\n{paths}"
+            ))
+        };
+        let c = r("[[route.paths]]\nprefix = \"/api/\"\nbackends = [\"http://[fd77:6777::4]:9000\"]\nstrip_prefix = true\n\
+                   [[route.paths]]\nprefix = \"/static\"\nbackends = [\"100.64.0.5:80\", \"100.64.0.6:80\"]\n")
+            .unwrap();
+        let p = c.proxy.unwrap();
+        let paths = &p.routes[0].paths;
+        assert_eq!(paths.len(), 2);
+        assert_eq!(paths[0].prefix.as_str(), "/api");
+        assert!(paths[0].strip_prefix);
+        assert_eq!(paths[0].backends[0].addr.to_string(), "[fd77:6777::4]:9000");
+        assert!(!paths[1].strip_prefix);
+        assert_eq!(paths[1].backends.len(), 2);
+        // Every path backend is checked as the route's are.
+        let all = p.all_backends();
+        assert!(all
+            .iter()
+            .any(|(who, b)| who == "[[route]] name:app path /static"
+                && b.addr.to_string() == "100.64.0.6:80"));
+        for (paths, want) in [
+            (
+                "[[route.paths]]\nprefix = \"api\"\nbackends = [\"100.64.0.4:80\"]\n",
+                "must start with `/`",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/\"\nbackends = [\"100.64.0.4:80\"]\n",
+                "route's own",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a?b\"\nbackends = [\"100.64.0.4:80\"]\n",
+                "no query",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a/../b\"\nbackends = [\"100.64.0.4:80\"]\n",
+                "`..`",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = []\n",
+                "at least one backend",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = [\"127.0.0.1:80\"]\n",
+                "127.0.0.1",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = [\"100.64.0.1:80\"]\n",
+                "hub's own",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = [\"100.64.0.4:80\"]\n\
+              [[route.paths]]\nprefix = \"/a/\"\nbackends = [\"100.64.0.5:80\"]\n",
+                "listed twice",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = [\"https://100.64.0.4:443\"]\n",
+                "backend_ca",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackend = [\"100.64.0.4:80\"]\n",
+                "unknown field",
+            ),
+        ] {
+            let e = r(paths).unwrap_err();
+            // serde's own errors name the line instead of the route.
+            let named = e.contains("[[route]] #1 (app)") || want == "unknown field";
+            assert!(e.contains(want) && named, "{paths}: {e}");
+        }
+        let e = parse(
+            "[[route]]\nfqdn = \"a.example\"\ntls = \"passthrough\"\nbackends = [\"100.64.0.9:443\"]\n\
+             [[route.paths]]\nprefix = \"/a\"\nbackends = [\"100.64.0.4:443\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("need tls = \"terminate\""), "{e}");
+        let many: String = (0..65)
+            .map(|i| {
+                format!("[[route.paths]]\nprefix = \"/p{i}\"\nbackends = [\"100.64.0.4:80\"]\n")
+            })
+            .collect();
+        assert!(r(&many).unwrap_err().contains("more than 64"));
     }
 
     #[test]

@@ -53,11 +53,13 @@ pub enum ErrorKind {
     /// A message to the DNS listeners that is not a readable DNS query
     /// (dropped, or the TCP connection closed).
     BadDnsQuery,
+    /// A request path with a dot-segment on a route with `paths` (400).
+    BadPath,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 20] = [
+    pub const ALL: [ErrorKind; 21] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -78,6 +80,7 @@ impl ErrorKind {
         ErrorKind::AuthUnavailable,
         ErrorKind::OverBandwidth,
         ErrorKind::BadDnsQuery,
+        ErrorKind::BadPath,
     ];
 
     /// Stable metric label.
@@ -103,6 +106,7 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::OverBandwidth => "over_bandwidth",
             ErrorKind::BadDnsQuery => "bad_dns_query",
+            ErrorKind::BadPath => "bad_path",
         }
     }
 
@@ -213,6 +217,10 @@ pub struct BackendHealth {
     /// Its node's tunnel: `up`, `down`; absent when no node carries it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<&'static str>,
+    /// The route's path prefix it serves (`[[route.paths]]`); absent for
+    /// the route's own backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// A point-in-time copy of one route's counters.

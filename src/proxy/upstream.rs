@@ -331,6 +331,22 @@ impl Upstreams {
         self
     }
 
+    /// The same, counting its connections against `other`'s limit (a
+    /// route's path prefixes share the route's `max_connections`).
+    pub fn sharing_limit(mut self, other: &Upstreams) -> Self {
+        self.limit = other.limit.clone();
+        self
+    }
+
+    /// Whether this counts against the same connection limit as `other`.
+    pub fn shares_limit(&self, other: &Upstreams) -> bool {
+        match (&self.limit, &other.limit) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The HTTP version spoken to the backends.
     pub fn protocol(&self) -> BackendProtocol {
         self.protocol
@@ -696,6 +712,7 @@ impl Upstreams {
                 }),
                 checks_failed: s.checks_failed.load(Relaxed),
                 tunnel: self.tunnel_ok(s).map(|up| if up { "up" } else { "down" }),
+                path: None,
             })
             .collect()
     }
@@ -1047,6 +1064,34 @@ mod tests {
             &Limits::default(),
             None,
         ))
+    }
+
+    #[test]
+    fn path_prefixes_share_the_route_limit() {
+        let b = |p: u16| Backend {
+            scheme: Scheme::Http,
+            addr: SocketAddr::from(([192, 0, 2, 1], p)),
+        };
+        let bal = Balance {
+            max_connections: Some(2),
+            ..Balance::default()
+        };
+        let l = Limits::default();
+        let route = Upstreams::new(&[b(1)], &bal, &l, None);
+        let path = Upstreams::new(&[b(2)], &bal, &l, None).sharing_limit(&route);
+        let alone = Upstreams::new(&[b(3)], &bal, &l, None);
+        assert!(path.shares_limit(&route) && !alone.shares_limit(&route));
+        let one = route.admit().unwrap();
+        let two = path.admit().unwrap();
+        assert!(route.admit().is_err() && path.admit().is_err());
+        // Another route's limit is its own.
+        assert!(alone.admit().is_ok());
+        drop(one);
+        assert!(path.admit().is_ok());
+        drop(two);
+        let none = Upstreams::new(&[b(4)], &Balance::default(), &l, None);
+        let none_path = Upstreams::new(&[b(5)], &Balance::default(), &l, None).sharing_limit(&none);
+        assert!(none_path.shares_limit(&none) && none_path.admit().unwrap().is_none());
     }
 
     /// An HTTP/1.1 client connection over an in-memory pipe (the far end
