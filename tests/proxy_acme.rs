@@ -273,6 +273,7 @@ fn settings(
             basic_auth_file: None,
             forward_auth: None,
             paths: vec![],
+            max_body_size: None,
         }],
         tcp: vec![],
         udp: vec![],

@@ -53,6 +53,7 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         basic_auth_file: None,
         forward_auth: None,
         paths: vec![],
+        max_body_size: None,
     }
 }
 

@@ -18,7 +18,8 @@
 # forward authentication asks nginx on n1 first (its redirect to a login page
 # reaches the client, a good token passes with the user nginx names). A route
 # with a path prefix sends /api (stripped) to a second backend on n1 and the
-# rest to the first; a dot-segment gets 400. The access log
+# rest to the first; a dot-segment gets 400; an upload over its
+# max_body_size gets 413. The access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -69,6 +70,7 @@ backends = ["http://[$N1V6]:8080"]
 [[route]]
 name = "shop"
 backends = ["http://[$N1V6]:8080"]
+max_body_size = "1 MB"
 
 [[route.paths]]
 prefix = "/api"
@@ -186,7 +188,13 @@ check "the rest goes to the route's own backend" grep -q "^$MARK path=/cart " <<
 code=$(pcurl --path-as-is -o /dev/null -w '%{http_code}' --resolve "$SHOP:80:$HUB4" \
     "http://$SHOP/api/../admin" || true)
 assert_eq "a dot-segment on a route with paths gets 400" 400 "$code"
+big=$(make_file upload.bin 2)
+code=$(pcurl -o /dev/null -w '%{http_code}' --data-binary "@$big" --resolve "$SHOP:80:$HUB4" \
+    "http://$SHOP/api/upload" || true)
+assert_eq "a 2 MiB upload to a route with max_body_size 1 MB gets 413" 413 "$code"
 js=$(gw_show_json hub gw0 || true)
+assert_eq "show --json: counted as body_too_large" 1 \
+    "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .errors.body_too_large' <<<"$js")"
 assert_eq "show --json: the prefix's backend listed with its path, up" "/api true" \
     "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .backends[] | select(.path) | "\(.path) \(.up)"' <<<"$js")"
 assert_eq "show --json: the dot-segment counted as bad_path" 1 \

@@ -210,6 +210,10 @@ pub struct RouteOpts {
     /// (`"20 Mbit/s"`, `"5 MB/s"`; `--bandwidth ''` removes it).
     #[arg(long, value_name = "RATE")]
     pub bandwidth: Option<String>,
+    /// The largest request body (`"10 MB"`, `"512 KiB"`; 413 beyond;
+    /// `--max-body-size ''` removes it).
+    #[arg(long, value_name = "SIZE")]
+    pub max_body_size: Option<String>,
     /// An htpasswd file (bcrypt) on the hub: requests need one of its users
     /// (`--basic-auth-file ''` removes it).
     #[arg(long, value_name = "PATH")]
@@ -244,6 +248,7 @@ impl RouteOpts {
             && self.rate_burst.is_none()
             && self.basic_auth_file.is_none()
             && self.bandwidth.is_none()
+            && self.max_body_size.is_none()
             && self.forward_auth.is_none()
             && self.forward_auth_header.is_none()
             && self.spec_file.is_none()
@@ -518,6 +523,7 @@ pub fn apply_route_opts(spec: &mut Map<String, Value>, o: &RouteOpts) {
         ("basic_auth_file", &o.basic_auth_file),
         ("forward_auth", &o.forward_auth),
         ("bandwidth", &o.bandwidth),
+        ("max_body_size", &o.max_body_size),
     ] {
         match v.as_deref() {
             Some("") => {
@@ -1636,6 +1642,7 @@ mod tests {
                 backends: vec!["100.64.1.3:80".into()],
                 strip_prefix: true,
             }],
+            max_body_size: Some("10 MB".into()),
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");
@@ -1818,12 +1825,14 @@ mod tests {
                 "--forward-auth-header",
                 "x-auth-request-user,x-auth-request-email",
                 "--bandwidth",
-                "20 Mbit/s"
+                "20 Mbit/s",
+                "--max-body-size",
+                "10 MB"
             ])
             .body,
             Some(json!({"name": "admin", "backends": ["a:1"],
                 "allow": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"], "deny": ["192.0.2.9"],
-                "rate_limit": 10, "rate_burst": 30, "bandwidth": "20 Mbit/s",
+                "rate_limit": 10, "rate_burst": 30, "bandwidth": "20 Mbit/s", "max_body_size": "10 MB",
                 "basic_auth_file": "/etc/gatewire/admin.htpasswd",
                 "forward_auth": "http://100.64.1.9:4180/auth",
                 "forward_auth_headers": ["x-auth-request-user", "x-auth-request-email"]}))

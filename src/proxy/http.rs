@@ -25,7 +25,30 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 /// The body type of every response (and of requests sent to backends).
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// A body's error: hyper's, or the proxy's own (a request body over the
+/// route's `max_body_size`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body went over the route's `max_body_size`.
+#[derive(Debug)]
+struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body over the route's max_body_size")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// What is left of a request body's allowance, and the flag set when it is
+/// exceeded (so the failed exchange is answered 413, not 502).
+struct BodyLimit {
+    left: u64,
+    tripped: Arc<std::sync::atomic::AtomicBool>,
+}
 
 /// What the HTTP handler knows about the client connection.
 pub struct ConnInfo {
@@ -116,6 +139,8 @@ struct CountedBody<B> {
     /// Kept until the body is dropped: the backend lease (least-connections)
     /// and the route's connection slot.
     _hold: Option<Hold>,
+    /// Request bodies of routes with `max_body_size`.
+    limit: Option<BodyLimit>,
 }
 
 /// A backend lease and a route slot, released together.
@@ -124,9 +149,10 @@ type Hold = (Lease, Option<OwnedSemaphorePermit>);
 impl<B> Body for CountedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -136,10 +162,22 @@ where
         if let Some(f) = self.held.take() {
             return Poll::Ready(Some(Ok(f)));
         }
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let r = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        };
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
                 let n = d.len() as u64;
+                if let Some(l) = &mut self.limit {
+                    if n > l.left {
+                        l.tripped.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    l.left -= n;
+                }
                 if self.inbound {
                     self.counters.add_in(n);
                 } else {
@@ -187,6 +225,17 @@ fn counted(
     hold: Option<Hold>,
     throttle: Arc<Throttle>,
 ) -> ProxyBody {
+    limited(b, counters, inbound, hold, throttle, None)
+}
+
+fn limited(
+    b: Incoming,
+    counters: Arc<Counters>,
+    inbound: bool,
+    hold: Option<Hold>,
+    throttle: Arc<Throttle>,
+    limit: Option<BodyLimit>,
+) -> ProxyBody {
     CountedBody {
         inner: b,
         counters,
@@ -195,6 +244,7 @@ fn counted(
         pause: None,
         held: None,
         _hold: hold,
+        limit,
     }
     .boxed()
 }
@@ -230,6 +280,21 @@ fn err(counters: &Counters, kind: ErrorKind, status: StatusCode, msg: &str) -> R
     r
 }
 
+/// The answer to a request body over the route's `max_body_size`.
+fn too_large(c: &Counters) -> Response<ProxyBody> {
+    let mut r = err(
+        c,
+        ErrorKind::BodyTooLarge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "413 content too large: the request body is over this route's limit",
+    );
+    // The rest of the body is not read: the connection cannot carry another
+    // request.
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// A response body that notes its size in the access-log record and writes
 /// the record when the body is done with (sent, or abandoned by the client).
 struct LoggedBody {
@@ -240,7 +305,7 @@ struct LoggedBody {
 
 impl Body for LoggedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -877,6 +942,29 @@ async fn forward(
             "400 bad request: `.` or `..` segments in the path",
         ));
     }
+    // A body announced over the route's limit is refused before a backend
+    // is contacted (and before a client waiting on `Expect: 100-continue`
+    // sends it); one that turns out larger is cut off at the limit.
+    let limit = route.settings.max_body_size.map(|max| BodyLimit {
+        left: max,
+        tripped: Default::default(),
+    });
+    let tripped = limit.as_ref().map(|l| l.tripped.clone());
+    if let Some(max) = route.settings.max_body_size {
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max) {
+            return Ok(too_large(&c));
+        }
+    }
+    let too_big = || {
+        tripped
+            .as_ref()
+            .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+    };
     let upgrade = upgrade_of(&req);
     let h2 = up.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {
@@ -948,7 +1036,7 @@ async fn forward(
     }
     let breq = Request::from_parts(
         parts,
-        counted(body, c.clone(), true, None, route.bandwidth.clone()),
+        limited(body, c.clone(), true, None, route.bandwidth.clone(), limit),
     );
 
     let Ok(slot) = up.admit() else {
@@ -963,6 +1051,7 @@ async fn forward(
     if h2 {
         let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq).await {
             Ok(x) => x,
+            Err(_) if too_big() => return Ok(too_large(&c)),
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
         up.note_ok(backend.addr);
@@ -1009,6 +1098,8 @@ async fn forward(
         };
         match send(sender.try_send_request(breq), &shared).await {
             Ok(r) => break (r, sender, backend, lease),
+            // The body went over the limit (part of it is gone: no retry).
+            Err(_) if too_big() => return Ok(too_large(&c)),
             Err((_, Some(back))) if from_pool => {
                 // The idle connection was gone: once more on a fresh one.
                 breq = back;

@@ -160,6 +160,9 @@ pub struct RawRoute {
     /// Path prefixes with backends of their own (`[[route.paths]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<RawPath>,
+    /// Largest request body (`"10 MB"`); beyond it 413.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_size: Option<String>,
 }
 
 /// A `[[route.paths]]` entry.
@@ -493,6 +496,8 @@ pub struct RouteSettings {
     /// their own (the longest matching prefix wins; `backends` takes the
     /// rest).
     pub paths: Vec<PathRoute>,
+    /// Terminated routes: the largest request body in bytes (413 beyond).
+    pub max_body_size: Option<u64>,
 }
 
 /// Requests of a terminated route under one path prefix.
@@ -999,6 +1004,45 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
     })
 }
 
+/// Largest `max_body_size`: 1 TiB.
+const MAX_BODY_SIZE: u64 = 1 << 40;
+
+/// A size in bytes with a unit: `"10 MB"`, `"512 KiB"`, `"1 GiB"`, `"0 B"`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit, such as \"10 MB\""))?;
+    let per_unit = match unit.trim() {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "" => {
+            return Err(format!(
+                "`{s}`: a unit is needed, such as \"MB\" or \"MiB\""
+            ))
+        }
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (B, kB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = (value * per_unit).round();
+    if !bytes.is_finite() || bytes > MAX_BODY_SIZE as f64 {
+        return Err(format!("`{s}`: at most 1 TiB"));
+    }
+    Ok(bytes as u64)
+}
+
 fn bandwidth(who: &str, b: Option<&str>) -> Result<Option<u64>, String> {
     b.map(|b| crate::proxy::bandwidth::parse_rate(b).map_err(|e| format!("{who}: bandwidth {e}")))
         .transpose()
@@ -1322,6 +1366,15 @@ pub(crate) fn validate(
         };
         let bal = balance(&who, raw_bal!(r), false)?;
         let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own)?;
+        let max_body_size = match r.max_body_size.as_deref() {
+            None => None,
+            Some(_) if passthrough => {
+                return Err(format!(
+                    "{who}: max_body_size needs tls = \"terminate\" (a passthrough route never sees the request)"
+                ))
+            }
+            Some(v) => Some(parse_size(v).map_err(|e| format!("{who}: max_body_size {e}"))?),
+        };
         let has_https = backends
             .iter()
             .chain(paths.iter().flat_map(|p| &p.backends))
@@ -1367,6 +1420,7 @@ pub(crate) fn validate(
             basic_auth_file: r.basic_auth_file.map(|p| resolve(base, &p)),
             forward_auth,
             paths,
+            max_body_size,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1535,6 +1589,7 @@ mod tests {
             forward_auth: None,
             forward_auth_headers: vec![],
             paths: vec![],
+            max_body_size: None,
         }
     }
 
@@ -1681,6 +1736,35 @@ mod toml_tests {
             .unwrap_err();
         assert!(e.contains("[[udp]] #1") && e.contains("no UDP form"), "{e}");
         assert!(parse("").unwrap().proxy.is_none());
+    }
+
+    #[test]
+    fn max_body_size() {
+        assert_eq!(super::parse_size("10 MB"), Ok(10_000_000));
+        assert_eq!(super::parse_size("512KiB"), Ok(524_288));
+        assert_eq!(super::parse_size("1.5 GiB"), Ok(1_610_612_736));
+        assert_eq!(super::parse_size("0 B"), Ok(0));
+        for bad in ["10", "ten MB", "10 Mb", "2 TiB", "1e9 B", "-1 B", ""] {
+            assert!(super::parse_size(bad).is_err(), "{bad}");
+        }
+        let c = parse(
+            "[[route]]\nfqdn = \"a.example\"\nmax_body_size = \"1 MiB\"\nbackends = [\"100.64.0.9:80\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().routes[0].max_body_size, Some(1 << 20));
+        let e = parse(
+            "[[route]]\nfqdn = \"a.example\"\nmax_body_size = \"1 Mbit\"\nbackends = [\"100.64.0.9:80\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("[[route]] #1") && e.contains("unknown unit `Mbit`"),
+            "{e}"
+        );
+        let e = parse(
+            "[[route]]\nfqdn = \"a.example\"\ntls = \"passthrough\"\nmax_body_size = \"1 MB\"\nbackends = [\"100.64.0.9:443\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("needs tls = \"terminate\""), "{e}");
     }
 
     #[test]

@@ -55,11 +55,13 @@ pub enum ErrorKind {
     BadDnsQuery,
     /// A request path with a dot-segment on a route with `paths` (400).
     BadPath,
+    /// A request body over the route's `max_body_size` (413).
+    BodyTooLarge,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 21] = [
+    pub const ALL: [ErrorKind; 22] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -81,6 +83,7 @@ impl ErrorKind {
         ErrorKind::OverBandwidth,
         ErrorKind::BadDnsQuery,
         ErrorKind::BadPath,
+        ErrorKind::BodyTooLarge,
     ];
 
     /// Stable metric label.
@@ -107,6 +110,7 @@ impl ErrorKind {
             ErrorKind::OverBandwidth => "over_bandwidth",
             ErrorKind::BadDnsQuery => "bad_dns_query",
             ErrorKind::BadPath => "bad_path",
+            ErrorKind::BodyTooLarge => "body_too_large",
         }
     }
 
