@@ -61,6 +61,8 @@ fn route(name: &str, tls: TlsMode, backends: Vec<Backend>) -> RouteSettings {
         forward_auth: None,
         paths: vec![],
         max_body_size: None,
+        request_headers: vec![],
+        response_headers: vec![],
     }
 }
 
@@ -464,6 +466,42 @@ async fn request_bodies_over_max_body_size_get_413() {
     let up = st.iter().find(|s| s.route == "name:up").unwrap();
     assert_eq!(up.errors.get("body_too_large"), Some(&3));
     assert_eq!(up.requests, 5);
+}
+
+#[tokio::test]
+async fn route_headers_are_set_and_removed() {
+    let b = http_backend("up").await;
+    let mut r = route("up", TlsMode::Terminate, vec![be(b)]);
+    let h = |n: &str, v: Option<&str>| {
+        (
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.map(|v| http::HeaderValue::from_str(v).unwrap()),
+        )
+    };
+    r.request_headers = vec![
+        h("authorization", None),
+        h("x-auth-request-user", Some("svc")),
+    ];
+    r.response_headers = vec![
+        h("strict-transport-security", Some("max-age=31536000")),
+        h("x-frame-options", Some("DENY")),
+    ];
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let out = raw_http(
+        p.http_addrs()[0],
+        "up.gw.test",
+        "Authorization: Bearer client-secret\r\nX-Auth-Request-User: mallory\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Removed, and replaced whatever the client sent.
+    assert!(out.contains("auth=- user=svc "), "{out}");
+    let head = out.to_ascii_lowercase();
+    assert!(
+        head.contains("\r\nstrict-transport-security: max-age=31536000\r\n"),
+        "{out}"
+    );
+    assert!(head.contains("\r\nx-frame-options: deny\r\n"), "{out}");
 }
 
 /// A prefix whose backend speaks TLS on a route whose own backends do not:

@@ -274,6 +274,8 @@ fn settings(
             forward_auth: None,
             paths: vec![],
             max_body_size: None,
+            request_headers: vec![],
+            response_headers: vec![],
         }],
         tcp: vec![],
         udp: vec![],

@@ -54,6 +54,8 @@ fn route(name: &str, backends: Vec<Backend>) -> RouteSettings {
         forward_auth: None,
         paths: vec![],
         max_body_size: None,
+        request_headers: vec![],
+        response_headers: vec![],
     }
 }
 

@@ -19,7 +19,8 @@
 # reaches the client, a good token passes with the user nginx names). A route
 # with a path prefix sends /api (stripped) to a second backend on n1 and the
 # rest to the first; a dot-segment gets 400; an upload over its
-# max_body_size gets 413. The access log
+# max_body_size gets 413; its header rules set HSTS and remove the
+# backend's Content-Type. The access log
 # has a JSON line per request and connection and is reopened on SIGHUP. A
 # config whose backend is the hub's loopback is refused at load.
 # timeout: 300
@@ -71,6 +72,8 @@ backends = ["http://[$N1V6]:8080"]
 name = "shop"
 backends = ["http://[$N1V6]:8080"]
 max_body_size = "1 MB"
+response_headers = { "Strict-Transport-Security" = "max-age=31536000", "Content-Type" = "" }
+request_headers = { "X-Auth-Request-User" = "shop-hub" }
 
 [[route.paths]]
 prefix = "/api"
@@ -185,6 +188,12 @@ check "/apix is not under /api: the route's own backend, path as sent" \
     grep -q "^$MARK path=/apix/a " <<<"$body"
 body=$(pcurl --resolve "$SHOP:80:[$HUB6]" "http://$SHOP/cart" || true)
 check "the rest goes to the route's own backend" grep -q "^$MARK path=/cart " <<<"$body"
+check "request_headers: the backend gets the route's header" grep -q "user=shop-hub" <<<"$body"
+head=$(pcurl -D - -o /dev/null --resolve "$SHOP:80:$HUB4" "http://$SHOP/cart" | tr -d '\r' || true)
+check "response_headers: HSTS set on the backend's response" \
+    grep -qi "^strict-transport-security: max-age=31536000$" <<<"$head"
+check "response_headers: the backend's Content-Type removed" \
+    test -z "$(grep -i '^content-type:' <<<"$head")"
 code=$(pcurl --path-as-is -o /dev/null -w '%{http_code}' --resolve "$SHOP:80:$HUB4" \
     "http://$SHOP/api/../admin" || true)
 assert_eq "a dot-segment on a route with paths gets 400" 400 "$code"

@@ -1643,6 +1643,8 @@ mod tests {
                 strip_prefix: true,
             }],
             max_body_size: Some("10 MB".into()),
+            request_headers: [("X-Env".to_string(), "prod".to_string())].into(),
+            response_headers: [("Server".to_string(), String::new())].into(),
             ..Default::default()
         };
         let v = serde_json::to_value(&spec).expect("serialize");

@@ -428,6 +428,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
 }
 
 /// The `Upgrade` value if this is an HTTP/1.1 upgrade request.
+/// Sets (replacing every value of the name) or removes a route's headers.
+fn edit_headers(h: &mut HeaderMap, edits: &crate::proxy::settings::HeaderEdits) {
+    for (name, value) in edits {
+        match value {
+            Some(v) => {
+                h.insert(name.clone(), v.clone());
+            }
+            None => {
+                h.remove(name);
+            }
+        }
+    }
+}
+
 fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -980,6 +994,7 @@ async fn forward(
     let trailers = h2 && accepts_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
     add_forwarding(&mut parts.headers, conn.client.ip(), conn.tls, &authority);
+    edit_headers(&mut parts.headers, &route.settings.request_headers);
     let mut path = parts
         .uri
         .path_and_query()
@@ -1059,6 +1074,7 @@ async fn forward(
         let (mut parts, body) = resp.into_parts();
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, None);
+        edit_headers(&mut parts.headers, &route.settings.response_headers);
         return Ok(Response::from_parts(
             parts,
             counted(body, c, false, Some((lease, slot)), route.bandwidth.clone()),
@@ -1144,6 +1160,7 @@ async fn forward(
         None
     };
     strip_hop_by_hop(&mut parts.headers, keep);
+    edit_headers(&mut parts.headers, &route.settings.response_headers);
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,

@@ -11,7 +11,7 @@ use crate::proxy::names::{DomainName, Label};
 pub use crate::proxy::ratelimit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -163,6 +163,12 @@ pub struct RawRoute {
     /// Largest request body (`"10 MB"`); beyond it 413.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_size: Option<String>,
+    /// Headers set on requests to the backends (`""` removes one).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub request_headers: BTreeMap<String, String>,
+    /// Headers set on responses to clients (`""` removes one).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub response_headers: BTreeMap<String, String>,
 }
 
 /// A `[[route.paths]]` entry.
@@ -498,6 +504,78 @@ pub struct RouteSettings {
     pub paths: Vec<PathRoute>,
     /// Terminated routes: the largest request body in bytes (413 beyond).
     pub max_body_size: Option<u64>,
+    /// Terminated routes: headers set (`Some`) or removed (`None`) on each
+    /// request to a backend.
+    pub request_headers: HeaderEdits,
+    /// Terminated routes: headers set or removed on each backend response.
+    pub response_headers: HeaderEdits,
+}
+
+/// Headers a route sets (a value) or removes (`None`), in name order.
+pub type HeaderEdits = Vec<(http::HeaderName, Option<http::HeaderValue>)>;
+
+/// Most headers one `request_headers` or `response_headers` table may name.
+pub const MAX_HEADER_EDITS: usize = 32;
+
+/// Validates a `request_headers`/`response_headers` table: names that would
+/// break the message's framing or the hop's own headers are refused, and on
+/// requests the headers that carry the client (the hub sets them).
+fn header_edits(
+    who: &str,
+    key: &str,
+    raw: BTreeMap<String, String>,
+    request: bool,
+) -> Result<HeaderEdits, String> {
+    if raw.len() > MAX_HEADER_EDITS {
+        return Err(format!(
+            "{who}: {key}: more than {MAX_HEADER_EDITS} headers"
+        ));
+    }
+    let mut out: HeaderEdits = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        let n = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            format!(
+                "{who}: {key}: `{}` is not a header name",
+                name.escape_default()
+            )
+        })?;
+        let framing = [
+            "connection",
+            "content-length",
+            "transfer-encoding",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+        ];
+        let client = [
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ];
+        if framing.contains(&n.as_str()) || (request && client.contains(&n.as_str())) {
+            return Err(format!(
+                "{who}: {key}: `{n}` is the hub's to set (it frames the message or names the client)"
+            ));
+        }
+        if out.iter().any(|(o, _)| *o == n) {
+            return Err(format!(
+                "{who}: {key}: `{n}` is given twice (names are case-insensitive)"
+            ));
+        }
+        let v = if value.is_empty() {
+            None
+        } else {
+            Some(http::HeaderValue::from_str(&value).map_err(|_| {
+                format!("{who}: {key}: the value of `{n}` holds a character a header may not have")
+            })?)
+        };
+        out.push((n, v));
+    }
+    Ok(out)
 }
 
 /// Requests of a terminated route under one path prefix.
@@ -1375,6 +1453,23 @@ pub(crate) fn validate(
             }
             Some(v) => Some(parse_size(v).map_err(|e| format!("{who}: max_body_size {e}"))?),
         };
+        if passthrough && !(r.request_headers.is_empty() && r.response_headers.is_empty()) {
+            return Err(format!(
+                "{who}: request_headers and response_headers need tls = \"terminate\" (a passthrough route never sees the request)"
+            ));
+        }
+        let request_headers = header_edits(
+            &who,
+            "request_headers",
+            std::mem::take(&mut r.request_headers),
+            true,
+        )?;
+        let response_headers = header_edits(
+            &who,
+            "response_headers",
+            std::mem::take(&mut r.response_headers),
+            false,
+        )?;
         let has_https = backends
             .iter()
             .chain(paths.iter().flat_map(|p| &p.backends))
@@ -1421,6 +1516,8 @@ pub(crate) fn validate(
             forward_auth,
             paths,
             max_body_size,
+            request_headers,
+            response_headers,
         });
     }
     let mut out_tcp = Vec::new();
@@ -1590,6 +1687,8 @@ mod tests {
             forward_auth_headers: vec![],
             paths: vec![],
             max_body_size: None,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         }
     }
 
@@ -1765,6 +1864,64 @@ mod toml_tests {
         )
         .unwrap_err();
         assert!(e.contains("needs tls = \"terminate\""), "{e}");
+    }
+
+    #[test]
+    fn route_headers() {
+        let r = |t: &str| {
+            parse(&format!(
+                "[[route]]\nfqdn = \"a.example\"\nbackends = [\"100.64.0.9:80\"]\n{t}"
+            ))
+        };
+        let c = r("response_headers = { \"Strict-Transport-Security\" = \"max-age=63072000\", Server = \"\" }\n\
+                   request_headers = { \"X-Env\" = \"prod\" }\n")
+        .unwrap();
+        let p = c.proxy.unwrap();
+        let rh = &p.routes[0].response_headers;
+        assert_eq!(rh.len(), 2);
+        assert_eq!(rh[0].0.as_str(), "server");
+        assert!(rh[0].1.is_none());
+        assert_eq!(rh[1].0.as_str(), "strict-transport-security");
+        assert_eq!(rh[1].1.as_ref().unwrap(), "max-age=63072000");
+        assert_eq!(p.routes[0].request_headers[0].0.as_str(), "x-env");
+        for (t, want) in [
+            (
+                "request_headers = { Host = \"x\" }\n",
+                "`host` is the hub's",
+            ),
+            (
+                "request_headers = { \"X-Forwarded-For\" = \"1.2.3.4\" }\n",
+                "names the client",
+            ),
+            (
+                "response_headers = { \"Content-Length\" = \"1\" }\n",
+                "frames the message",
+            ),
+            (
+                "response_headers = { \"Transfer-Encoding\" = \"\" }\n",
+                "frames the message",
+            ),
+            (
+                "response_headers = { \"bad name\" = \"1\" }\n",
+                "not a header name",
+            ),
+            ("response_headers = { X = \"a\\nb\" }\n", "may not have"),
+            (
+                "response_headers = { X = \"1\", x = \"2\" }\n",
+                "given twice",
+            ),
+        ] {
+            let e = r(t).unwrap_err();
+            assert!(e.contains(want) && e.contains("[[route]] #1"), "{t}: {e}");
+        }
+        // A response header names the client only on requests: allowed.
+        assert!(r("response_headers = { Forwarded = \"x\" }\n").is_ok());
+        let e = parse(
+            "[[route]]\nfqdn = \"a.example\"\ntls = \"passthrough\"\nbackends = [\"100.64.0.9:443\"]\n\
+             response_headers = { X = \"1\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("need tls = \"terminate\""), "{e}");
     }
 
     #[test]
