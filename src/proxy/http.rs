@@ -173,7 +173,10 @@ where
                 let n = d.len() as u64;
                 if let Some(l) = &mut self.limit {
                     if n > l.left {
+                        // Counted here: the backend may have answered already,
+                        // and then its answer is what gets cut off.
                         l.tripped.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.counters.error(ErrorKind::BodyTooLarge);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     l.left -= n;
@@ -280,14 +283,38 @@ fn err(counters: &Counters, kind: ErrorKind, status: StatusCode, msg: &str) -> R
     r
 }
 
+/// The body length a request announces: its `Content-Length`, read as hyper
+/// reads it (a comma-separated list, or several fields, of one same value).
+fn announced_length(h: &HeaderMap) -> Option<u64> {
+    let mut len = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().ok()?.split(',') {
+            let n: u64 = part.trim().parse().ok()?;
+            if len.is_some_and(|l| l != n) {
+                return None;
+            }
+            len = Some(n);
+        }
+    }
+    len
+}
+
 /// The answer to a request body over the route's `max_body_size`.
-fn too_large(c: &Counters) -> Response<ProxyBody> {
-    let mut r = err(
-        c,
-        ErrorKind::BodyTooLarge,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "413 content too large: the request body is over this route's limit",
-    );
+/// `counted`: false when the body counted itself as it went over.
+fn too_large(c: &Counters, counted: bool) -> Response<ProxyBody> {
+    let msg = "413 content too large: the request body is over this route's limit";
+    let mut r = if counted {
+        err(
+            c,
+            ErrorKind::BodyTooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            msg,
+        )
+    } else {
+        let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, msg);
+        r.extensions_mut().insert(ErrorKind::BodyTooLarge);
+        r
+    };
     // The rest of the body is not read: the connection cannot carry another
     // request.
     r.headers_mut()
@@ -427,7 +454,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     }
 }
 
-/// The `Upgrade` value if this is an HTTP/1.1 upgrade request.
 /// Sets (replacing every value of the name) or removes a route's headers.
 fn edit_headers(h: &mut HeaderMap, edits: &crate::proxy::settings::HeaderEdits) {
     for (name, value) in edits {
@@ -442,6 +468,7 @@ fn edit_headers(h: &mut HeaderMap, edits: &crate::proxy::settings::HeaderEdits) 
     }
 }
 
+/// The `Upgrade` value if this is an HTTP/1.1 upgrade request.
 fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -657,6 +684,7 @@ async fn send_h2(
     up: &Arc<Upstreams>,
     mut plan: Vec<usize>,
     mut req: Request<ProxyBody>,
+    client_fault: &(dyn Fn() -> bool + Sync),
 ) -> Result<(Response<Incoming>, Backend, Lease), SendError> {
     let mut turn = None;
     loop {
@@ -682,7 +710,11 @@ async fn send_h2(
     match send(sender.try_send_request(req), shared).await {
         Ok(r) => Ok((r, backend, lease)),
         Err((e, _)) => {
-            up.drop_h2(&lease);
+            // A request body over the limit is the client's doing, not the
+            // connection's.
+            if !client_fault() {
+                up.drop_h2(&lease);
+            }
             Err(e)
         }
     }
@@ -965,13 +997,8 @@ async fn forward(
     });
     let tripped = limit.as_ref().map(|l| l.tripped.clone());
     if let Some(max) = route.settings.max_body_size {
-        let announced = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > max) {
-            return Ok(too_large(&c));
+        if announced_length(req.headers()).is_some_and(|n| n > max) {
+            return Ok(too_large(&c, true));
         }
     }
     let too_big = || {
@@ -1064,9 +1091,10 @@ async fn forward(
     };
     let plan = up.plan(Some(conn.client.ip()));
     if h2 {
-        let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq).await {
+        let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq, &too_big).await
+        {
             Ok(x) => x,
-            Err(_) if too_big() => return Ok(too_large(&c)),
+            Err(_) if too_big() => return Ok(too_large(&c, false)),
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
         up.note_ok(backend.addr);
@@ -1115,7 +1143,7 @@ async fn forward(
         match send(sender.try_send_request(breq), &shared).await {
             Ok(r) => break (r, sender, backend, lease),
             // The body went over the limit (part of it is gone: no retry).
-            Err(_) if too_big() => return Ok(too_large(&c)),
+            Err(_) if too_big() => return Ok(too_large(&c, false)),
             Err((_, Some(back))) if from_pool => {
                 // The idle connection was gone: once more on a fresh one.
                 breq = back;
@@ -1172,6 +1200,24 @@ async fn forward(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announced_length_reads_lists_as_hyper_does() {
+        let h = |vals: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in vals {
+                m.append(header::CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        assert_eq!(announced_length(&h(&[])), None);
+        assert_eq!(announced_length(&h(&["42"])), Some(42));
+        assert_eq!(announced_length(&h(&["5000000, 5000000"])), Some(5_000_000));
+        assert_eq!(announced_length(&h(&["7", "7"])), Some(7));
+        assert_eq!(announced_length(&h(&["7", "8"])), None);
+        assert_eq!(announced_length(&h(&["7,8"])), None);
+        assert_eq!(announced_length(&h(&["x"])), None);
+    }
 
     #[test]
     fn hosts() {

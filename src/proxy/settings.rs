@@ -566,10 +566,12 @@ fn header_edits(
                 "{who}: {key}: `{n}` is given twice (names are case-insensitive)"
             ));
         }
+        // HTTP/2 refuses values with surrounding whitespace.
+        let value = value.trim_matches([' ', '\t']);
         let v = if value.is_empty() {
             None
         } else {
-            Some(http::HeaderValue::from_str(&value).map_err(|_| {
+            Some(http::HeaderValue::from_str(value).map_err(|_| {
                 format!("{who}: {key}: the value of `{n}` holds a character a header may not have")
             })?)
         };
@@ -1884,6 +1886,11 @@ mod toml_tests {
         assert_eq!(rh[1].0.as_str(), "strict-transport-security");
         assert_eq!(rh[1].1.as_ref().unwrap(), "max-age=63072000");
         assert_eq!(p.routes[0].request_headers[0].0.as_str(), "x-env");
+        // Surrounding blanks are not part of a value; blanks alone remove.
+        let c = r("response_headers = { A = \" max-age=1 \", B = \"  \" }\n").unwrap();
+        let rh = &c.proxy.unwrap().routes[0].response_headers;
+        assert_eq!(rh[0].1.as_ref().unwrap(), "max-age=1");
+        assert!(rh[1].1.is_none());
         for (t, want) in [
             (
                 "request_headers = { Host = \"x\" }\n",
