@@ -320,6 +320,7 @@ async fn path_prefixes_choose_backends() {
         prefix: PathPrefix::parse(prefix).unwrap(),
         backends: vec![be(b)],
         strip_prefix,
+        balance: Balance::default(),
     };
     let mut r = route("app", TlsMode::Terminate, vec![be(web)]);
     r.paths = vec![
@@ -536,6 +537,7 @@ async fn https_backend_under_a_prefix_only() {
             addr: secure,
         }],
         strip_prefix: false,
+        balance: Balance::default(),
     }];
     let p = Proxy::start(settings(vec![r])).await.unwrap();
     let at = p.http_addrs()[0];

@@ -74,11 +74,15 @@ backends = ["http://[$N1V6]:8080"]
 max_body_size = "1 MB"
 response_headers = { "Strict-Transport-Security" = "max-age=31536000", "Content-Type" = "" }
 request_headers = { "X-Auth-Request-User" = "shop-hub" }
+health_check = "http"
+health_path = "/web-health"
+health_interval = 1
 
 [[route.paths]]
 prefix = "/api"
 backends = ["http://[$N1V6]:8081"]
 strip_prefix = true
+health_path = "/api-health"
 
 # Only pub's IPv6 address may use this one.
 [[route]]
@@ -178,6 +182,12 @@ assert_eq "unknown Host gets 404" 404 "$code"
 
 # --- path prefixes: /api to the second backend, prefix stripped; the rest to the first
 SHOP="shop.$DOMAIN"
+# (its active checks marked both down while they were not listening yet)
+shop_up() {
+    gw_show_json hub gw0 2>/dev/null |
+        jq -e '[.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .backends[] | .up] == [true, true]' >/dev/null
+}
+must "the shop's backends pass their health checks" wait_for 10 shop_up
 body=$(pcurl --resolve "$SHOP:80:$HUB4" "http://$SHOP/api/orders?id=7" || true)
 check "/api/orders goes to the API backend as /orders, query kept" \
     grep -q "^api-$MARK path=/orders?id=7 xff=$PUB4 " <<<"$body"
@@ -201,6 +211,11 @@ big=$(make_file upload.bin 2)
 code=$(pcurl -o /dev/null -w '%{http_code}' --data-binary "@$big" --resolve "$SHOP:80:$HUB4" \
     "http://$SHOP/api/upload" || true)
 assert_eq "a 2 MiB upload to a route with max_body_size 1 MB gets 413" 413 "$code"
+check "health checks: the route's path on its own backend" \
+    wait_for 5 grep -q '"GET /web-health HTTP' "$GW_TMP/logs/web.log"
+check "health checks: the prefix's own health_path on its backend" \
+    wait_for 5 grep -q '"GET /api-health HTTP' "$GW_TMP/logs/api.log"
+check "and not the route's path there" test -z "$(grep -F '/web-health' "$GW_TMP/logs/api.log")"
 js=$(gw_show_json hub gw0 || true)
 assert_eq "show --json: counted as body_too_large" 1 \
     "$(jq -r '.interfaces[0].proxy.routes[] | select(.route == "name:shop") | .errors.body_too_large' <<<"$js")"

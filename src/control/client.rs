@@ -1641,6 +1641,7 @@ mod tests {
                 prefix: "/api".into(),
                 backends: vec!["100.64.1.3:80".into()],
                 strip_prefix: true,
+                health_path: Some("/status".into()),
             }],
             max_body_size: Some("10 MB".into()),
             request_headers: [("X-Env".to_string(), "prod".to_string())].into(),

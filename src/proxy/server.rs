@@ -437,11 +437,11 @@ fn build(
                 .and_then(|r| r.paths.iter().find(|o| o.prefix == p.prefix))
                 .map(|o| &o.upstreams)
                 .filter(|u| u.shares_limit(&upstreams));
-            let path_up = match reuse(old_up, &p.backends, &rs.balance, rs.backend_protocol) {
+            let path_up = match reuse(old_up, &p.backends, &p.balance, rs.backend_protocol) {
                 Some(u) => u,
                 None => {
                     let u = Arc::new(
-                        Upstreams::new(&p.backends, &rs.balance, &limits, tunnels.clone())
+                        Upstreams::new(&p.backends, &p.balance, &limits, tunnels.clone())
                             .speaking(rs.backend_protocol)
                             .sharing_limit(&upstreams),
                     );

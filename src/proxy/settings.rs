@@ -179,6 +179,9 @@ pub struct RawPath {
     pub backends: Vec<String>,
     #[serde(default)]
     pub strip_prefix: bool,
+    /// The path of the route's `http` health checks for these backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -589,6 +592,8 @@ pub struct PathRoute {
     pub backends: Vec<Backend>,
     /// Send the path without the prefix (`/api/v1` → `/v1`).
     pub strip_prefix: bool,
+    /// The route's balancing, with the prefix's own `health_path` if given.
+    pub balance: Balance,
 }
 
 /// Where a TLS-terminating TCP forward gets its certificate.
@@ -916,12 +921,26 @@ fn backends(
     Ok(out)
 }
 
-/// Validates a route's `[[route.paths]]`.
+/// Checks a `health_path`.
+fn health_path(who: &str, path: String) -> Result<String, String> {
+    if !path.starts_with('/')
+        || path.len() > 1024
+        || path.bytes().any(|b| !(0x21..0x7f).contains(&b))
+    {
+        return Err(format!(
+            "{who}: health_path `{path}`: expected a path starting with `/`, printable ASCII without spaces"
+        ));
+    }
+    Ok(path)
+}
+
+/// Validates a route's `[[route.paths]]`; `bal` is the route's balancing.
 fn route_paths(
     who: &str,
     raw: Vec<RawPath>,
     passthrough: bool,
     own: &HashSet<IpAddr>,
+    bal: &Balance,
 ) -> Result<Vec<PathRoute>, String> {
     use crate::proxy::paths::{PathPrefix, MAX_PATHS};
     if raw.is_empty() {
@@ -944,11 +963,24 @@ fn route_paths(
                 p.prefix
             ));
         }
-        let backends = backends(&format!("{who} path {prefix}"), &p.backends, true, own)?;
+        let at = format!("{who} path {prefix}");
+        let backends = backends(&at, &p.backends, true, own)?;
+        let mut balance = bal.clone();
+        if let Some(hp) = p.health_path {
+            match balance.health.as_mut().map(|h| &mut h.kind) {
+                Some(HealthKind::Http { path }) => *path = health_path(&at, hp)?,
+                _ => {
+                    return Err(format!(
+                        "{at}: health_path needs the route's health_check = \"http\""
+                    ))
+                }
+            }
+        }
         out.push(PathRoute {
             prefix,
             backends,
             strip_prefix: p.strip_prefix,
+            balance,
         });
     }
     Ok(out)
@@ -1039,18 +1071,9 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
                     }
                     HealthKind::Tcp
                 }
-                "http" => {
-                    let path = r.health_path.unwrap_or_else(|| "/".into());
-                    if !path.starts_with('/')
-                        || path.len() > 1024
-                        || path.bytes().any(|b| !(0x21..0x7f).contains(&b))
-                    {
-                        return Err(format!(
-                            "{who}: health_path `{path}`: expected a path starting with `/`, printable ASCII without spaces"
-                        ));
-                    }
-                    HealthKind::Http { path }
-                }
+                "http" => HealthKind::Http {
+                    path: health_path(who, r.health_path.unwrap_or_else(|| "/".into()))?,
+                },
                 o => {
                     return Err(format!(
                         "{who}: health_check = `{o}`: expected `tcp`, `http` or `none`"
@@ -1445,7 +1468,7 @@ pub(crate) fn validate(
             }
         };
         let bal = balance(&who, raw_bal!(r), false)?;
-        let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own)?;
+        let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own, &bal)?;
         let max_body_size = match r.max_body_size.as_deref() {
             None => None,
             Some(_) if passthrough => {
@@ -1939,7 +1962,9 @@ mod toml_tests {
                  [[route]]\nname = \"app\"\nbackends = [\"100.64.0.3:80\"]\n{paths}"
             ))
         };
-        let c = r("[[route.paths]]\nprefix = \"/api/\"\nbackends = [\"http://[fd77:6777::4]:9000\"]\nstrip_prefix = true\n\
+        let c = r("health_check = \"http\"\nhealth_path = \"/healthz\"\n\
+                   [[route.paths]]\nprefix = \"/api/\"\nbackends = [\"http://[fd77:6777::4]:9000\"]\nstrip_prefix = true\n\
+                   health_path = \"/status\"\n\
                    [[route.paths]]\nprefix = \"/static\"\nbackends = [\"100.64.0.5:80\", \"100.64.0.6:80\"]\n")
             .unwrap();
         let p = c.proxy.unwrap();
@@ -1950,6 +1975,14 @@ mod toml_tests {
         assert_eq!(paths[0].backends[0].addr.to_string(), "[fd77:6777::4]:9000");
         assert!(!paths[1].strip_prefix);
         assert_eq!(paths[1].backends.len(), 2);
+        // The route's checks, with the prefix's own path where given.
+        let hp = |b: &super::Balance| match &b.health.as_ref().unwrap().kind {
+            super::HealthKind::Http { path } => path.clone(),
+            super::HealthKind::Tcp => "tcp".into(),
+        };
+        assert_eq!(hp(&paths[0].balance), "/status");
+        assert_eq!(hp(&paths[1].balance), "/healthz");
+        assert_eq!(paths[0].balance.policy, p.routes[0].balance.policy);
         // Every path backend is checked as the route's are.
         let all = p.all_backends();
         assert!(all
@@ -1997,6 +2030,14 @@ mod toml_tests {
             (
                 "[[route.paths]]\nprefix = \"/a\"\nbackend = [\"100.64.0.4:80\"]\n",
                 "unknown field",
+            ),
+            (
+                "[[route.paths]]\nprefix = \"/a\"\nbackends = [\"100.64.0.4:80\"]\nhealth_path = \"/h\"\n",
+                "needs the route's health_check",
+            ),
+            (
+                "health_check = \"http\"\n[[route.paths]]\nprefix = \"/a\"\nbackends = [\"100.64.0.4:80\"]\nhealth_path = \"h z\"\n",
+                "expected a path",
             ),
         ] {
             let e = r(paths).unwrap_err();
