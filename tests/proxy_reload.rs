@@ -247,6 +247,58 @@ async fn reload_adds_a_route_while_a_download_runs() {
     p.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Path prefixes come and go on reload; a prefix whose backends did not
+/// change keeps its backend state (here a failed backend's count).
+#[tokio::test]
+async fn reload_adds_and_removes_path_prefixes() {
+    let (a, _ta) = backend("alpha").await;
+    let (b, _tb) = backend("beta").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let path = |prefix: &str, to: SocketAddr| gatewire::proxy::settings::PathRoute {
+        prefix: gatewire::proxy::paths::PathPrefix::parse(prefix).unwrap(),
+        backends: vec![be(to)],
+        strip_prefix: false,
+        balance: Default::default(),
+    };
+    let with = |paths: Vec<gatewire::proxy::settings::PathRoute>| {
+        let mut r = route("a", vec![be(a)]);
+        r.paths = paths;
+        settings(vec![r])
+    };
+    let p = Proxy::start(with(vec![path("/down", dead)])).await.unwrap();
+    let at = p.http_addrs()[0];
+    let (st, _, _) = get(at, "a.gw.test", "/down/x").await;
+    assert!(st.contains("502"), "{st}");
+    let failures = |p: &Proxy, prefix: &str| {
+        let s = p.stats();
+        let r = s.iter().find(|r| r.route == "name:a").unwrap();
+        r.backends
+            .iter()
+            .find(|b| b.path.as_deref() == Some(prefix))
+            .map(|b| b.failures)
+    };
+    assert_eq!(failures(&p, "/down"), Some(1));
+
+    let report = p
+        .reload(with(vec![path("/down", dead), path("/beta", b)]))
+        .await
+        .unwrap();
+    assert_eq!(report.changed, vec!["name:a".to_string()]);
+    let (st, _, body) = get(at, "a.gw.test", "/beta/x").await;
+    assert!(st.contains("200") && body == "beta", "{st} {body}");
+    assert_eq!(failures(&p, "/down"), Some(1), "kept across the reload");
+    assert_eq!(failures(&p, "/beta"), Some(0));
+
+    p.reload(with(vec![path("/beta", b)])).await.unwrap();
+    let (st, _, body) = get(at, "a.gw.test", "/down/x").await;
+    assert!(st.contains("200") && body == "alpha", "{st} {body}");
+    assert_eq!(failures(&p, "/down"), None);
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn reload_binds_and_closes_listeners_and_drains_keepalive() {
     let (a, _ta) = backend("alpha").await;
