@@ -23,38 +23,54 @@ pub const MIN_BURST: u64 = 16 * 1024;
 
 const NANOS: u128 = 1_000_000_000;
 
-/// Parses a rate: a number and a unit, bits (`kbit/s`, `Mbit/s`, `Gbit/s`,
-/// `bit/s`) or bytes (`B/s`, `kB/s`, `MB/s`, `GB/s`, `KiB/s`, `MiB/s`,
-/// `GiB/s`), with or without a space and the `/s`. Returns bytes per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
+/// Splits `s` into its number and its unit (trimmed); `example` is a
+/// well-formed value for the error.
+fn number_and_unit<'a>(s: &'a str, example: &str) -> Result<(f64, &'a str), String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let unit = unit.trim();
-    let unit = unit.strip_suffix("/s").unwrap_or(unit);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}`: expected a number and a unit, such as \"20 Mbit/s\""))?;
+        .map_err(|_| format!("`{s}`: expected a number and a unit, such as \"{example}\""))?;
+    Ok((value, unit.trim()))
+}
+
+/// Bytes in one of a byte unit (`B`, `kB`, `MB`, `GB`, `KiB`, `MiB`, `GiB`).
+fn byte_unit(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    })
+}
+
+/// Parses a rate: a number and a unit, bits (`kbit/s`, `Mbit/s`, `Gbit/s`,
+/// `bit/s`) or bytes (`B/s`, `kB/s`, `MB/s`, `GB/s`, `KiB/s`, `MiB/s`,
+/// `GiB/s`), with or without a space and the `/s`. Returns bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let (value, unit) = number_and_unit(s, "20 Mbit/s")?;
+    let unit = unit.strip_suffix("/s").unwrap_or(unit);
     let (per_unit, bits) = match unit {
         "bit" | "bps" => (1.0, true),
         "kbit" | "Kbit" | "kbps" => (1e3, true),
         "Mbit" | "mbit" | "Mbps" => (1e6, true),
         "Gbit" | "gbit" | "Gbps" => (1e9, true),
-        "B" => (1.0, false),
-        "kB" | "KB" => (1e3, false),
-        "MB" => (1e6, false),
-        "GB" => (1e9, false),
-        "KiB" => (1024.0, false),
-        "MiB" => (1024.0 * 1024.0, false),
-        "GiB" => (1024.0 * 1024.0 * 1024.0, false),
         "" => return Err(format!("`{s}`: a unit is needed, such as \"Mbit/s\" or \"MB/s\"")),
-        u => {
-            return Err(format!(
-                "`{s}`: unknown unit `{u}` (bit/s, kbit/s, Mbit/s, Gbit/s, B/s, kB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s)"
-            ))
-        }
+        u => match byte_unit(u) {
+            Some(b) => (b, false),
+            None => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{u}` (bit/s, kbit/s, Mbit/s, Gbit/s, B/s, kB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s)"
+                ))
+            }
+        },
     };
     let bytes = value * per_unit / if bits { 8.0 } else { 1.0 };
     if !bytes.is_finite() || bytes < MIN_RATE as f64 || bytes > MAX_RATE as f64 {
@@ -63,6 +79,29 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(bytes.round() as u64)
+}
+
+/// The largest size [`parse_size`] accepts: 1 TiB.
+pub const MAX_SIZE: u64 = 1 << 40;
+
+/// Parses a size (`max_body_size`): a number and a byte unit (`"10 MB"`,
+/// `"512 KiB"`, `"1 GiB"`, `"0 B"`), at most [`MAX_SIZE`]. Returns bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (value, unit) = number_and_unit(s, "10 MB")?;
+    let per_unit = match unit {
+        "" => {
+            return Err(format!(
+                "`{s}`: a unit is needed, such as \"MB\" or \"MiB\""
+            ))
+        }
+        u => byte_unit(u)
+            .ok_or_else(|| format!("`{s}`: unknown unit `{u}` (B, kB, MB, GB, KiB, MiB, GiB)"))?,
+    };
+    let bytes = (value * per_unit).round();
+    if !bytes.is_finite() || bytes > MAX_SIZE as f64 {
+        return Err(format!("`{s}`: at most 1 TiB"));
+    }
+    Ok(bytes as u64)
 }
 
 /// A rate as people write it (`20 Mbit/s`), for messages and `show`.

@@ -299,22 +299,14 @@ fn announced_length(h: &HeaderMap) -> Option<u64> {
     len
 }
 
-/// The answer to a request body over the route's `max_body_size`.
-/// `counted`: false when the body counted itself as it went over.
-fn too_large(c: &Counters, counted: bool) -> Response<ProxyBody> {
-    let msg = "413 content too large: the request body is over this route's limit";
-    let mut r = if counted {
-        err(
-            c,
-            ErrorKind::BodyTooLarge,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            msg,
-        )
-    } else {
-        let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, msg);
-        r.extensions_mut().insert(ErrorKind::BodyTooLarge);
-        r
-    };
+/// The answer to a request body over the route's `max_body_size` (counted
+/// by the caller, or by the body as it went over).
+fn too_large() -> Response<ProxyBody> {
+    let mut r = text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "413 content too large: the request body is over this route's limit",
+    );
+    r.extensions_mut().insert(ErrorKind::BodyTooLarge);
     // The rest of the body is not read: the connection cannot carry another
     // request.
     r.headers_mut()
@@ -998,7 +990,8 @@ async fn forward(
     let tripped = limit.as_ref().map(|l| l.tripped.clone());
     if let Some(max) = route.settings.max_body_size {
         if announced_length(req.headers()).is_some_and(|n| n > max) {
-            return Ok(too_large(&c, true));
+            c.error(ErrorKind::BodyTooLarge);
+            return Ok(too_large());
         }
     }
     let too_big = || {
@@ -1094,7 +1087,7 @@ async fn forward(
         let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq, &too_big).await
         {
             Ok(x) => x,
-            Err(_) if too_big() => return Ok(too_large(&c, false)),
+            Err(_) if too_big() => return Ok(too_large()),
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
         up.note_ok(backend.addr);
@@ -1143,7 +1136,7 @@ async fn forward(
         match send(sender.try_send_request(breq), &shared).await {
             Ok(r) => break (r, sender, backend, lease),
             // The body went over the limit (part of it is gone: no retry).
-            Err(_) if too_big() => return Ok(too_large(&c, false)),
+            Err(_) if too_big() => return Ok(too_large()),
             Err((_, Some(back))) if from_pool => {
                 // The idle connection was gone: once more on a fresh one.
                 breq = back;

@@ -7,6 +7,7 @@
 //! interface addresses by [`check_host_addresses`] when the hub starts.
 
 pub use crate::proxy::access::Access;
+use crate::proxy::bandwidth::parse_size;
 use crate::proxy::names::{DomainName, Label};
 pub use crate::proxy::ratelimit::RateLimit;
 use ipnet::IpNet;
@@ -574,9 +575,13 @@ fn header_edits(
         let v = if value.is_empty() {
             None
         } else {
-            Some(http::HeaderValue::from_str(value).map_err(|_| {
+            let mut v = http::HeaderValue::from_str(value).map_err(|_| {
                 format!("{who}: {key}: the value of `{n}` holds a character a header may not have")
-            })?)
+            })?;
+            // It may be a credential for the backend: kept out of `Debug`
+            // output (and out of HTTP/2 header compression tables).
+            v.set_sensitive(true);
+            Some(v)
         };
         out.push((n, v));
     }
@@ -1105,45 +1110,6 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
         health,
         max_connections: r.max_connections,
     })
-}
-
-/// Largest `max_body_size`: 1 TiB.
-const MAX_BODY_SIZE: u64 = 1 << 40;
-
-/// A size in bytes with a unit: `"10 MB"`, `"512 KiB"`, `"1 GiB"`, `"0 B"`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: expected a number and a unit, such as \"10 MB\""))?;
-    let per_unit = match unit.trim() {
-        "B" => 1.0,
-        "kB" | "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "" => {
-            return Err(format!(
-                "`{s}`: a unit is needed, such as \"MB\" or \"MiB\""
-            ))
-        }
-        u => {
-            return Err(format!(
-                "`{s}`: unknown unit `{u}` (B, kB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    let bytes = (value * per_unit).round();
-    if !bytes.is_finite() || bytes > MAX_BODY_SIZE as f64 {
-        return Err(format!("`{s}`: at most 1 TiB"));
-    }
-    Ok(bytes as u64)
 }
 
 fn bandwidth(who: &str, b: Option<&str>) -> Result<Option<u64>, String> {
@@ -1909,6 +1875,7 @@ mod toml_tests {
         assert_eq!(rh[1].0.as_str(), "strict-transport-security");
         assert_eq!(rh[1].1.as_ref().unwrap(), "max-age=63072000");
         assert_eq!(p.routes[0].request_headers[0].0.as_str(), "x-env");
+        assert!(!format!("{:?}", p.routes[0]).contains("prod"));
         // Surrounding blanks are not part of a value; blanks alone remove.
         let c = r("response_headers = { A = \" max-age=1 \", B = \"  \" }\n").unwrap();
         let rh = &c.proxy.unwrap().routes[0].response_headers;
