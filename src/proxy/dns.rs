@@ -1,7 +1,13 @@
-//! Authoritative DNS answers for ACME DNS-01 challenges (RFC 8555,
-//! section 8.4). Operators delegate `_acme-challenge.<gateway domain>` to the
-//! hub with an NS record; the hub then answers TXT queries for that name with
-//! the current challenge values.
+//! Authoritative DNS answers for the hub's gateway domains. Two uses:
+//! * ACME DNS-01 challenges (RFC 8555, section 8.4): operators delegate
+//!   `_acme-challenge.<gateway domain>` to the hub with an NS record; the hub
+//!   then answers TXT queries for that name with the current challenge values;
+//! * the whole gateway zone (`[proxy.dns]`): operators delegate
+//!   `<gateway domain>` to their hubs; each hub answers A and AAAA queries for
+//!   the names it serves (its own routes, and those of the mesh) with its own
+//!   public addresses, NXDOMAIN for every other name, and SOA and NS at the
+//!   apex. A hub that is down does not answer, so resolvers ask the zone's
+//!   other name servers, which name their own hubs ([`zone_lookup`]).
 //!
 //! Pure: [`respond`] takes the bytes of one received DNS message and returns
 //! the bytes to send back, or why nothing is sent. The caller (the UDP and TCP
@@ -15,11 +21,12 @@
 //!   additional ones) FORMERR, both from the header alone, before parsing;
 //!   a class other than IN or ANY gets REFUSED, an EDNS version above 0
 //!   BADVERS;
-//! * a name in no zone gets REFUSED; a name below a zone's apex NXDOMAIN; at
-//!   an apex, TXT (or ANY) gets the challenge values, SOA (or ANY without
-//!   values) the zone's SOA, and every other type (or TXT with no value)
-//!   NODATA, the SOA in the authority section; zone transfers (AXFR, IXFR)
-//!   are REFUSED;
+//! * a name in no zone gets REFUSED; a name of a zone that does not exist
+//!   NXDOMAIN; a name that exists gets the records it has of the type asked
+//!   (TXT: the challenge values; A, AAAA: the hub's addresses; NS and SOA at
+//!   the apex; ANY: the first of TXT, the addresses, SOA that it has), and
+//!   otherwise NODATA, the SOA in the authority section; zone transfers
+//!   (AXFR, IXFR) are REFUSED;
 //! * a reply too large for the transport is replaced by its header and
 //!   question with TC set, so the client retries over TCP.
 //!
@@ -28,8 +35,9 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, ResponseCode};
-use hickory_proto::rr::rdata::{SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use std::net::IpAddr;
 
 /// The largest UDP reply to a query without EDNS (RFC 1035, section 4.2.1),
 /// and the least a query's EDNS payload size is raised to.
@@ -39,7 +47,8 @@ pub const UDP_PLAIN_MAX: usize = 512;
 pub const UDP_EDNS_MAX: u16 = 1232;
 /// The largest reply over TCP (the two-byte length prefix).
 pub const TCP_MAX: usize = 65_535;
-/// TTL of every record served: challenge values change at any time.
+/// TTL of TXT and SOA records: challenge values change at any time, and a
+/// name just declared must not stay negatively cached.
 pub const TTL: u32 = 0;
 /// The longest character-string in a TXT record; longer values are split.
 pub const TXT_STRING_MAX: usize = 255;
@@ -62,18 +71,122 @@ pub enum Lookup {
     /// In no zone this hub serves: REFUSED.
     Outside,
     /// The apex of a zone, with the TXT values to give (possibly none:
-    /// NOERROR with no answer).
+    /// NOERROR with no answer): the same as [`Lookup::Name`] with
+    /// [`Records::apex`] set and only `txt`.
     Apex {
         /// The zone's name, lowercase, without the trailing dot.
         zone: String,
         /// The TXT values, one record each.
         txt: Vec<String>,
     },
+    /// A name that exists in `zone`, with its records (none of the type asked:
+    /// NODATA).
+    Name {
+        /// The zone's name, lowercase, without the trailing dot.
+        zone: String,
+        /// What the name holds.
+        records: Records,
+    },
     /// A name below a zone's apex: NXDOMAIN.
     Below {
         /// The zone's name, lowercase, without the trailing dot.
         zone: String,
     },
+}
+
+/// The records of a name that exists.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Records {
+    /// The name is the zone's apex: it holds the SOA and the NS records.
+    pub apex: bool,
+    /// TXT values, one record each (TTL [`TTL`]).
+    pub txt: Vec<String>,
+    /// A and AAAA records.
+    pub addrs: Vec<IpAddr>,
+    /// NS records (apex only): name servers, lowercase, no trailing dot.
+    pub ns: Vec<String>,
+    /// TTL of the A, AAAA and NS records.
+    pub ttl: u32,
+}
+
+/// What a gateway zone (`[proxy.dns]`) holds, apart from which names are
+/// served (asked of the caller per query).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ZoneData {
+    /// The gateway domains, lowercase, no trailing dot.
+    pub domains: Vec<String>,
+    /// The hub's public addresses: the A and AAAA records of every served name.
+    pub addrs: Vec<IpAddr>,
+    /// The zones' name servers (the NS records at every apex; those inside
+    /// a zone also get `addrs`).
+    pub ns: Vec<String>,
+    /// TTL of the A, AAAA and NS records.
+    pub ttl: u32,
+}
+
+/// What the hub holds for `qname` (lowercase, no trailing dot, as
+/// [`respond`] gives it) in the zones of `zone`: the most specific domain
+/// that holds `qname` decides.
+/// * the apex: SOA, NS, and the addresses when `served(apex)`;
+/// * `_acme-challenge.<domain>`: TXT, the values `challenge(domain)` gives;
+/// * one label under the domain, when `served(qname)` or it is one of the
+///   name servers: the addresses;
+/// * every other name of the zone does not exist (NXDOMAIN), nor does a
+///   name more than one label down (name routes are one label);
+/// * names in no zone: [`Lookup::Outside`].
+pub fn zone_lookup(
+    qname: &str,
+    zone: &ZoneData,
+    served: impl Fn(&str) -> bool,
+    challenge: impl Fn(&str) -> Vec<String>,
+) -> Lookup {
+    let within = |d: &&String| {
+        qname == d.as_str()
+            || qname
+                .strip_suffix(d.as_str())
+                .is_some_and(|head| head.ends_with('.'))
+    };
+    let Some(domain) = zone.domains.iter().filter(within).max_by_key(|d| d.len()) else {
+        return Lookup::Outside;
+    };
+    let host = |records: Records| Lookup::Name {
+        zone: domain.clone(),
+        records,
+    };
+    let addrs = Records {
+        addrs: zone.addrs.clone(),
+        ttl: zone.ttl,
+        ..Records::default()
+    };
+    if qname == domain {
+        let mut r = if served(qname) {
+            addrs
+        } else {
+            Records {
+                ttl: zone.ttl,
+                ..Records::default()
+            }
+        };
+        r.apex = true;
+        r.ns = zone.ns.clone();
+        return host(r);
+    }
+    // (`within` left a head ending in '.'.)
+    let head = qname
+        .get(..qname.len() - domain.len() - 1)
+        .unwrap_or_default();
+    if head == "_acme-challenge" {
+        return host(Records {
+            txt: challenge(domain),
+            ..Records::default()
+        });
+    }
+    if !head.contains('.') && (served(qname) || zone.ns.iter().any(|n| n == qname)) {
+        return host(addrs);
+    }
+    Lookup::Below {
+        zone: domain.clone(),
+    }
 }
 
 /// Why a message got no reply (counted by the driver).
@@ -207,8 +320,11 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
         rcode(&mut reply, ResponseCode::Refused);
         return reply;
     }
-    match lookup(&lookup_name(q.name())) {
-        Lookup::Outside => rcode(&mut reply, ResponseCode::Refused),
+    let (zone, records) = match lookup(&lookup_name(q.name())) {
+        Lookup::Outside => {
+            rcode(&mut reply, ResponseCode::Refused);
+            return reply;
+        }
         Lookup::Below { zone } => {
             let Some(soa) = soa_record(&zone) else {
                 rcode(&mut reply, ResponseCode::ServFail);
@@ -217,38 +333,91 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
             reply.metadata.authoritative = true;
             rcode(&mut reply, ResponseCode::NXDomain);
             reply.add_authority(soa);
+            return reply;
         }
-        Lookup::Apex { zone, txt } => {
-            let Some(soa) = soa_record(&zone) else {
-                rcode(&mut reply, ResponseCode::ServFail);
-                return reply;
-            };
-            reply.metadata.authoritative = true;
-            match q.query_type() {
-                RecordType::TXT | RecordType::ANY if !txt.is_empty() => {
-                    for value in &txt {
-                        reply.add_answer(txt_record(q.name(), value));
-                    }
-                }
-                // (ANY without TXT values: the SOA, one non-empty RRset as
-                // RFC 8482 has it.)
-                RecordType::SOA | RecordType::ANY => {
-                    // Owned by the name as asked (the apex), in its case.
-                    let mut soa = soa;
-                    soa.name = q.name().clone();
-                    reply.add_answer(soa);
-                }
-                RecordType::AXFR | RecordType::IXFR => {
-                    reply.metadata.authoritative = false;
-                    rcode(&mut reply, ResponseCode::Refused);
-                }
-                _ => {
-                    reply.add_authority(soa);
-                }
-            }
+        Lookup::Apex { zone, txt } => (
+            zone,
+            Records {
+                apex: true,
+                txt,
+                ..Records::default()
+            },
+        ),
+        Lookup::Name { zone, records } => (zone, records),
+    };
+    let Some(soa) = soa_record(&zone) else {
+        rcode(&mut reply, ResponseCode::ServFail);
+        return reply;
+    };
+    reply.metadata.authoritative = true;
+    let owner = q.name();
+    let v4 = || {
+        records.addrs.iter().filter_map(|a| match a {
+            IpAddr::V4(a) => Some(record(owner, records.ttl, RData::A(A(*a)))),
+            IpAddr::V6(_) => None,
+        })
+    };
+    let v6 = || {
+        records.addrs.iter().filter_map(|a| match a {
+            IpAddr::V6(a) => Some(record(owner, records.ttl, RData::AAAA(AAAA(*a)))),
+            IpAddr::V4(_) => None,
+        })
+    };
+    let ns = || {
+        records
+            .ns
+            .iter()
+            .filter(|_| records.apex)
+            .filter_map(|n| name_of(n))
+            .map(|n| record(owner, records.ttl, RData::NS(NS(n))))
+    };
+    // The SOA owned by the name as asked (the apex), in its case.
+    let own_soa = || {
+        let mut soa = soa.clone();
+        soa.name = owner.clone();
+        soa
+    };
+    let answers: Vec<Record> = match q.query_type() {
+        RecordType::TXT => records.txt.iter().map(|v| txt_record(owner, v)).collect(),
+        RecordType::A => v4().collect(),
+        RecordType::AAAA => v6().collect(),
+        RecordType::NS => ns().collect(),
+        RecordType::SOA if records.apex => vec![own_soa()],
+        // One non-empty RRset (or the address pair), as RFC 8482 has it.
+        RecordType::ANY if !records.txt.is_empty() => {
+            records.txt.iter().map(|v| txt_record(owner, v)).collect()
         }
+        RecordType::ANY if !records.addrs.is_empty() => v4().chain(v6()).collect(),
+        RecordType::ANY if records.apex => vec![own_soa()],
+        RecordType::AXFR | RecordType::IXFR => {
+            reply.metadata.authoritative = false;
+            rcode(&mut reply, ResponseCode::Refused);
+            return reply;
+        }
+        _ => Vec::new(),
+    };
+    if answers.is_empty() {
+        // NODATA.
+        reply.add_authority(soa);
+    }
+    for a in answers {
+        reply.add_answer(a);
     }
     reply
+}
+
+/// A record of class IN.
+fn record(owner: &Name, ttl: u32, data: RData) -> Record {
+    let mut record = Record::from_rdata(owner.clone(), ttl, data);
+    record.dns_class = DNSClass::IN;
+    record
+}
+
+/// `name` (lowercase, no trailing dot) as a fully qualified [`Name`].
+fn name_of(name: &str) -> Option<Name> {
+    let mut n = Name::from_labels(name.split('.').map(str::as_bytes)).ok()?;
+    n.set_fqdn(true);
+    Some(n)
 }
 
 /// One TXT record: the value as one character-string, or several of at most
@@ -795,12 +964,208 @@ mod tests {
         assert!(r.bytes.len() <= TCP_MAX);
     }
 
+    fn zone() -> ZoneData {
+        ZoneData {
+            domains: vec!["gw.test".into(), "eu.gw.test".into()],
+            addrs: vec![
+                "203.0.113.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
+            ns: vec!["ns1.gw.test".into(), "ns.other.test".into()],
+            ttl: 60,
+        }
+    }
+
+    fn served(name: &str) -> bool {
+        matches!(name, "blog.gw.test" | "shop.eu.gw.test")
+    }
+
+    fn zl(name: &str) -> Lookup {
+        zone_lookup(name, &zone(), served, |d| vec![format!("token-{d}")])
+    }
+
+    #[test]
+    fn zone_lookup_names() {
+        let z = zone();
+        let host = |zone: &str| Lookup::Name {
+            zone: zone.into(),
+            records: Records {
+                addrs: z.addrs.clone(),
+                ttl: 60,
+                ..Records::default()
+            },
+        };
+        assert_eq!(zl("blog.gw.test"), host("gw.test"));
+        // The most specific domain decides.
+        assert_eq!(zl("shop.eu.gw.test"), host("eu.gw.test"));
+        // A name server inside the zone has the addresses too.
+        assert_eq!(zl("ns1.gw.test"), host("gw.test"));
+        for missing in [
+            "nope.gw.test",
+            "a.blog.gw.test",
+            "x._acme-challenge.gw.test",
+            "blog.eu.gw.test",
+        ] {
+            assert!(matches!(zl(missing), Lookup::Below { .. }), "{missing}");
+        }
+        assert_eq!(
+            zl("a.blog.gw.test"),
+            Lookup::Below {
+                zone: "gw.test".into()
+            }
+        );
+        assert_eq!(
+            zl("blog.eu.gw.test"),
+            Lookup::Below {
+                zone: "eu.gw.test".into()
+            }
+        );
+        for outside in ["gw.test.evil", "xgw.test", "test", "", "other.test"] {
+            assert_eq!(zl(outside), Lookup::Outside, "{outside:?}");
+        }
+        match zl("gw.test") {
+            Lookup::Name { zone, records } => {
+                assert_eq!(zone, "gw.test");
+                assert!(records.apex);
+                assert!(records.addrs.is_empty(), "the apex is not served");
+                assert_eq!(records.ns, z.ns);
+            }
+            other => panic!("{other:?}"),
+        }
+        match zl("_acme-challenge.eu.gw.test") {
+            Lookup::Name { zone, records } => {
+                assert_eq!(zone, "eu.gw.test");
+                assert_eq!(records.txt, vec!["token-eu.gw.test".to_string()]);
+                assert!(!records.apex && records.addrs.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn addrs_of(m: &Message) -> Vec<IpAddr> {
+        m.answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(a) => IpAddr::V6(a.0),
+                other => panic!("not an address: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zone_answers_addresses_by_family() {
+        let (r, m) = ask(&query("Blog.GW.test.", RecordType::A), true, zl);
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(
+            addrs_of(&m),
+            vec!["203.0.113.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(m.answers[0].ttl, 60);
+        // The owner is the name as asked.
+        assert_eq!(m.answers[0].name.to_ascii(), "Blog.GW.test.");
+        let (_, m) = ask(&query("blog.gw.test.", RecordType::AAAA), false, zl);
+        assert_eq!(
+            addrs_of(&m),
+            vec!["2001:db8::10".parse::<IpAddr>().unwrap()]
+        );
+        let (_, m) = ask(&query("blog.gw.test.", RecordType::ANY), true, zl);
+        assert_eq!(addrs_of(&m).len(), 2);
+        // NODATA for the types a host does not hold.
+        for t in [
+            RecordType::TXT,
+            RecordType::MX,
+            RecordType::NS,
+            RecordType::SOA,
+        ] {
+            let (r, m) = ask(&query("blog.gw.test.", t), true, zl);
+            assert_eq!(r.rcode, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+            assert_eq!(m.authorities.len(), 1, "{t}");
+            assert_eq!(soa_of(&m.authorities[0]).mname.to_ascii(), "gw.test.");
+        }
+        // A family the hub has no address of: NODATA too.
+        let v4only = |n: &str| {
+            let mut z = zone();
+            z.addrs.truncate(1);
+            zone_lookup(n, &z, served, |_| Vec::new())
+        };
+        let (r, m) = ask(&query("blog.gw.test.", RecordType::AAAA), true, v4only);
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn zone_apex_has_soa_and_ns() {
+        let (r, m) = ask(&query("gw.test.", RecordType::NS), true, zl);
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        let ns: Vec<String> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::NS(n) => n.0.to_ascii(),
+                other => panic!("not NS: {other:?}"),
+            })
+            .collect();
+        assert_eq!(ns, vec!["ns1.gw.test.", "ns.other.test."]);
+        assert_eq!(m.answers[0].ttl, 60);
+        let (_, m) = ask(&query("gw.test.", RecordType::SOA), true, zl);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(soa_of(&m.answers[0]).mname.to_ascii(), "gw.test.");
+        // The apex is no host unless served.
+        let (_, m) = ask(&query("gw.test.", RecordType::A), true, zl);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities.len(), 1);
+        let (_, m) = ask(&query("gw.test.", RecordType::ANY), true, zl);
+        assert_eq!(m.answers.len(), 1, "ANY at the apex: the SOA");
+        // NS below the apex: NODATA.
+        let (_, m) = ask(&query("ns1.gw.test.", RecordType::NS), true, zl);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn zone_unknown_name_is_nxdomain_and_challenge_is_txt() {
+        let (r, m) = ask(&query("nope.gw.test.", RecordType::A), true, zl);
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        assert!(m.metadata.authoritative);
+        assert_eq!(soa_of(&m.authorities[0]).mname.to_ascii(), "gw.test.");
+        let (r, m) = ask(
+            &query("_acme-challenge.gw.test.", RecordType::TXT),
+            true,
+            zl,
+        );
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        assert_eq!(txt_strings(&m.answers[0]), vec![b"token-gw.test".to_vec()]);
+        let (r, _) = ask(&query("blog.gw.test.", RecordType::AXFR), false, zl);
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        let (r, _) = ask(&query("example.org.", RecordType::A), true, zl);
+        assert_eq!(r.rcode, ResponseCode::Refused);
+    }
+
     fn any_lookup(name: &str) -> Lookup {
-        match name.len() % 3 {
+        match name.len() % 4 {
             0 => Lookup::Outside,
             1 => Lookup::Apex {
                 zone: "gw.test".to_string(),
                 txt: vec![name.to_string(); name.len() % 4],
+            },
+            2 => Lookup::Name {
+                zone: "gw.test".to_string(),
+                records: Records {
+                    apex: name.len() % 5 == 0,
+                    txt: Vec::new(),
+                    addrs: (0..name.len() % 40)
+                        .map(|i| IpAddr::from([10, 0, 0, i as u8]))
+                        .chain(
+                            (0..name.len() % 30)
+                                .map(|i| IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16])),
+                        )
+                        .collect(),
+                    ns: vec![name.to_string(), "ns.gw.test".to_string()],
+                    ttl: 60,
+                },
             },
             _ => Lookup::Below {
                 zone: "gw.test".to_string(),
@@ -827,6 +1192,31 @@ mod tests {
             if let Ok(r) = respond(&q, udp, apex(&["v"])) {
                 prop_assert_eq!(&r.bytes[0..2], &q[0..2]);
                 prop_assert!(Message::from_vec(&r.bytes).is_ok());
+            }
+        }
+
+        #[test]
+        fn zone_lookup_keeps_to_its_zones(
+            labels in proptest::collection::vec(prop_oneof![
+                Just("gw".to_string()), Just("test".to_string()), Just("eu".to_string()),
+                Just("_acme-challenge".to_string()), Just("blog".to_string()),
+                Just("ns1".to_string()), "[a-z0-9.-]{0,6}",
+            ], 0..5),
+        ) {
+            let name = labels.join(".");
+            let in_zone = name == "gw.test" || name.ends_with(".gw.test");
+            match zl(&name) {
+                Lookup::Outside => prop_assert!(!in_zone, "{}", name),
+                Lookup::Below { zone } | Lookup::Name { zone, .. } => {
+                    prop_assert!(in_zone, "{}", name);
+                    prop_assert!(name == zone || name.ends_with(&format!(".{zone}")), "{} in {}", name, zone);
+                }
+                Lookup::Apex { .. } => prop_assert!(false, "zones give Name"),
+            }
+            if let Lookup::Name { records, .. } = zl(&name) {
+                if !records.addrs.is_empty() {
+                    prop_assert!(served(&name) || name == "ns1.gw.test", "{}", name);
+                }
             }
         }
 
