@@ -82,6 +82,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         acme: None,
         access_log: None,
         proxy_protocol_from: None,
+        dns: None,
     }
 }
 

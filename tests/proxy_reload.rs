@@ -75,6 +75,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         acme: None,
         access_log: None,
         proxy_protocol_from: None,
+        dns: None,
     }
 }
 
@@ -703,4 +704,100 @@ async fn backend_connections_are_pooled() {
     }
     let n = accepted.load(Ordering::Relaxed);
     assert!(n <= 2, "{n} backend connections for 20 sequential requests");
+}
+
+/// Asks the proxy's DNS listener at `at` one question over UDP: the reply's
+/// response code and the addresses it answers.
+async fn dns_ask(
+    at: SocketAddr,
+    name: &str,
+    qtype: hickory_proto::rr::RecordType,
+) -> (hickory_proto::op::ResponseCode, Vec<IpAddr>, bool) {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData};
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&m.to_vec().unwrap(), at).await.unwrap();
+    let mut buf = vec![0u8; 1500];
+    let n = tokio::time::timeout(T, sock.recv(&mut buf))
+        .await
+        .expect("a DNS reply")
+        .unwrap();
+    let r = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(r.metadata.id, 0x4242);
+    let addrs = r
+        .answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::A(x) => Some(IpAddr::V4(x.0)),
+            RData::AAAA(x) => Some(IpAddr::V6(x.0)),
+            _ => None,
+        })
+        .collect();
+    (r.metadata.response_code, addrs, r.metadata.authoritative)
+}
+
+/// `[proxy.dns]`: the hub answers its gateway zone, and the names in it
+/// follow the routes across reloads (a route added is named at once, one
+/// removed is NXDOMAIN); names outside are refused.
+#[tokio::test]
+async fn dns_zone_names_follow_routes_across_reloads() {
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::RecordType;
+    let (a, _ta) = backend("alpha").await;
+    let public: Vec<IpAddr> = vec![
+        "192.0.2.10".parse().unwrap(),
+        "2001:db8::10".parse().unwrap(),
+    ];
+    let with = |names: &[&str]| {
+        let mut s = settings(names.iter().map(|n| route(n, vec![be(a)])).collect());
+        s.dns = Some(gatewire::proxy::settings::DnsSettings {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            addresses: public.clone(),
+            nameservers: vec![(
+                DomainName::parse("ns1.gw.test").unwrap(),
+                vec!["192.0.2.53".parse().unwrap()],
+            )],
+            ttl: 30,
+        });
+        s
+    };
+    let p = Proxy::start(with(&["blog"])).await.unwrap();
+    let at = p.dns_addrs()[0];
+    let (rc, addrs, aa) = dns_ask(at, "blog.gw.test.", RecordType::A).await;
+    assert_eq!((rc, aa), (ResponseCode::NoError, true));
+    assert_eq!(addrs, vec![public[0]]);
+    let (_, addrs, _) = dns_ask(at, "BLOG.gw.test.", RecordType::AAAA).await;
+    assert_eq!(addrs, vec![public[1]]);
+    let (rc, addrs, _) = dns_ask(at, "shop.gw.test.", RecordType::A).await;
+    assert_eq!(rc, ResponseCode::NXDomain);
+    assert!(addrs.is_empty());
+    let (_, addrs, _) = dns_ask(at, "ns1.gw.test.", RecordType::A).await;
+    assert_eq!(
+        addrs,
+        vec!["192.0.2.53".parse::<IpAddr>().unwrap()],
+        "the in-zone name server"
+    );
+    let (rc, _, aa) = dns_ask(at, "example.org.", RecordType::A).await;
+    assert_eq!((rc, aa), (ResponseCode::Refused, false));
+
+    // The route is served over HTTP as the zone says.
+    let (st, _, body) = get(p.http_addrs()[0], "blog.gw.test", "/").await;
+    assert!(st.contains("200") && body.contains("alpha"), "{st} {body}");
+
+    p.reload(with(&["shop"])).await.unwrap();
+    assert_eq!(p.dns_addrs(), vec![at], "the DNS listener stays");
+    let (rc, addrs, _) = dns_ask(at, "shop.gw.test.", RecordType::A).await;
+    assert_eq!((rc, addrs), (ResponseCode::NoError, vec![public[0]]));
+    let (rc, _, _) = dns_ask(at, "blog.gw.test.", RecordType::A).await;
+    assert_eq!(rc, ResponseCode::NXDomain);
+
+    // Without [proxy.dns] the listener goes.
+    let mut plain = with(&["shop"]);
+    plain.dns = None;
+    p.reload(plain).await.unwrap();
+    assert!(p.dns_addrs().is_empty());
+    let served = p.stats().into_iter().any(|r| r.route == "dns");
+    assert!(!served, "no dns entry without a DNS listener");
 }

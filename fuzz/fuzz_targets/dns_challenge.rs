@@ -1,7 +1,9 @@
-//! Fuzz target: the hub's DNS responder for ACME DNS-01 challenges
-//! (`proxy::dns::respond`), fed any bytes as a UDP and as a TCP message, for
-//! the zone `_acme-challenge.gw.test` (its apex holds two TXT values, one of
-//! them longer than a character-string; names below it do not exist).
+//! Fuzz target: the hub's DNS responder (`proxy::dns::respond`), fed any
+//! bytes as a UDP and as a TCP message, twice: for the zone
+//! `_acme-challenge.gw.test` of ACME DNS-01 challenges (its apex holds two
+//! TXT values, one of them longer than a character-string; names below it do
+//! not exist), and for the whole gateway zone `gw.test` (`zone_lookup`:
+//! `blog.gw.test` served, with many addresses, so replies get truncated).
 //!
 //! Invariants checked beyond "no panic":
 //! * `lookup` only ever sees lowercase names without a trailing dot;
@@ -12,9 +14,10 @@
 //! * a UDP reply that is not truncated is the TCP reply, byte for byte.
 #![no_main]
 
-use gatewire::proxy::dns::{respond, Dropped, Lookup, Reply};
+use gatewire::proxy::dns::{respond, zone_lookup, Dropped, Lookup, Reply, ZoneData};
 use hickory_proto::op::{Message, MessageType};
 use libfuzzer_sys::fuzz_target;
+use std::net::IpAddr;
 
 const ZONE: &str = "_acme-challenge.gw.test";
 
@@ -36,6 +39,28 @@ fn lookup(name: &str) -> Lookup {
     } else {
         Lookup::Outside
     }
+}
+
+fn zone(name: &str) -> Lookup {
+    assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name:?}");
+    let data = ZoneData {
+        domains: vec!["gw.test".into(), "eu.gw.test".into()],
+        addrs: (0..40u8)
+            .map(|i| IpAddr::from([192, 0, 2, i]))
+            .chain((0..40u16).map(|i| IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, i])))
+            .collect(),
+        ns: vec![
+            ("ns1.gw.test".into(), vec![IpAddr::from([192, 0, 2, 1])]),
+            ("ns.example.net".into(), Vec::new()),
+        ],
+        ttl: 60,
+    };
+    zone_lookup(
+        name,
+        &data,
+        |h| h == "blog.gw.test",
+        |_| vec!["challenge-value".into()],
+    )
 }
 
 fn check(data: &[u8], udp: bool, r: &Result<Reply, Dropped>) -> Option<Message> {
@@ -67,7 +92,7 @@ fn check(data: &[u8], udp: bool, r: &Result<Reply, Dropped>) -> Option<Message> 
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+fn run(data: &[u8], lookup: fn(&str) -> Lookup) {
     let over_udp = respond(data, true, lookup);
     let over_tcp = respond(data, false, lookup);
     let m = check(data, true, &over_udp);
@@ -78,4 +103,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(u.bytes, t.bytes);
         }
     }
+}
+
+fuzz_target!(|data: &[u8]| {
+    run(data, lookup);
+    run(data, zone);
 });

@@ -188,17 +188,9 @@ impl AcmeState {
                 continue;
             };
             if head == "_acme-challenge." {
-                // This hub's own order, or else another hub's (one hub
-                // orders a host at a time).
-                let mut txt = self.dns01.read().get(d).cloned().unwrap_or_default();
-                if txt.is_empty() {
-                    if let Some(sh) = self.share.read().as_ref() {
-                        txt = sh.dns01(d);
-                    }
-                }
                 return Lookup::Apex {
                     zone: format!("_acme-challenge.{d}"),
-                    txt,
+                    txt: self.challenge_values(d),
                 };
             }
             if head.ends_with("._acme-challenge.") {
@@ -208,6 +200,20 @@ impl AcmeState {
             }
         }
         Lookup::Outside
+    }
+    /// The TXT values of `_acme-challenge.<domain>` now: this hub's own
+    /// order's, or else another hub's of the mesh (one hub orders a host at
+    /// a time); none between orders.
+    pub fn challenge_values(&self, domain: &str) -> Vec<String> {
+        let txt = self.dns01.read().get(domain).cloned().unwrap_or_default();
+        if !txt.is_empty() {
+            return txt;
+        }
+        self.share
+            .read()
+            .as_ref()
+            .map(|sh| sh.dns01(domain))
+            .unwrap_or_default()
     }
     /// Expiry (Unix seconds) of the certificate for `host`.
     pub fn not_after(&self, host: &str) -> Option<u64> {

@@ -117,9 +117,9 @@ pub struct ZoneData {
     pub domains: Vec<String>,
     /// The hub's public addresses: the A and AAAA records of every served name.
     pub addrs: Vec<IpAddr>,
-    /// The zones' name servers (the NS records at every apex; those inside
-    /// a zone also get `addrs`).
-    pub ns: Vec<String>,
+    /// The zones' name servers (the NS records at every apex), each with its
+    /// addresses (the A and AAAA records of a name server inside a zone).
+    pub ns: Vec<(String, Vec<IpAddr>)>,
     /// TTL of the A, AAAA and NS records.
     pub ttl: u32,
 }
@@ -129,8 +129,9 @@ pub struct ZoneData {
 /// that holds `qname` decides.
 /// * the apex: SOA, NS, and the addresses when `served(apex)`;
 /// * `_acme-challenge.<domain>`: TXT, the values `challenge(domain)` gives;
-/// * one label under the domain, when `served(qname)` or it is one of the
-///   name servers: the addresses;
+/// * a name server's name: its own addresses (another hub's, for the name
+///   servers of the others);
+/// * one label under the domain, when `served(qname)`: the addresses;
 /// * every other name of the zone does not exist (NXDOMAIN), nor does a
 ///   name more than one label down (name routes are one label);
 /// * names in no zone: [`Lookup::Outside`].
@@ -168,7 +169,7 @@ pub fn zone_lookup(
             }
         };
         r.apex = true;
-        r.ns = zone.ns.clone();
+        r.ns = zone.ns.iter().map(|(n, _)| n.clone()).collect();
         return host(r);
     }
     // (`within` left a head ending in '.'.)
@@ -181,7 +182,14 @@ pub fn zone_lookup(
             ..Records::default()
         });
     }
-    if !head.contains('.') && (served(qname) || zone.ns.iter().any(|n| n == qname)) {
+    if let Some((_, ns_addrs)) = zone.ns.iter().find(|(n, _)| n == qname) {
+        return host(Records {
+            addrs: ns_addrs.clone(),
+            ttl: zone.ttl,
+            ..Records::default()
+        });
+    }
+    if !head.contains('.') && served(qname) {
         return host(addrs);
     }
     Lookup::Below {
@@ -971,7 +979,14 @@ mod tests {
                 "203.0.113.10".parse().unwrap(),
                 "2001:db8::10".parse().unwrap(),
             ],
-            ns: vec!["ns1.gw.test".into(), "ns.other.test".into()],
+            ns: vec![
+                ("ns1.gw.test".into(), vec!["203.0.113.10".parse().unwrap()]),
+                ("ns.other.test".into(), Vec::new()),
+                (
+                    "ns2.hubs.gw.test".into(),
+                    vec!["198.51.100.20".parse().unwrap()],
+                ),
+            ],
             ttl: 60,
         }
     }
@@ -998,8 +1013,18 @@ mod tests {
         assert_eq!(zl("blog.gw.test"), host("gw.test"));
         // The most specific domain decides.
         assert_eq!(zl("shop.eu.gw.test"), host("eu.gw.test"));
-        // A name server inside the zone has the addresses too.
-        assert_eq!(zl("ns1.gw.test"), host("gw.test"));
+        // A name server inside the zone has its own addresses, even two
+        // labels down.
+        let ns = |a: &str| Lookup::Name {
+            zone: "gw.test".into(),
+            records: Records {
+                addrs: vec![a.parse().unwrap()],
+                ttl: 60,
+                ..Records::default()
+            },
+        };
+        assert_eq!(zl("ns1.gw.test"), ns("203.0.113.10"));
+        assert_eq!(zl("ns2.hubs.gw.test"), ns("198.51.100.20"));
         for missing in [
             "nope.gw.test",
             "a.blog.gw.test",
@@ -1028,7 +1053,10 @@ mod tests {
                 assert_eq!(zone, "gw.test");
                 assert!(records.apex);
                 assert!(records.addrs.is_empty(), "the apex is not served");
-                assert_eq!(records.ns, z.ns);
+                assert_eq!(
+                    records.ns,
+                    ["ns1.gw.test", "ns.other.test", "ns2.hubs.gw.test"]
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1109,7 +1137,10 @@ mod tests {
                 other => panic!("not NS: {other:?}"),
             })
             .collect();
-        assert_eq!(ns, vec!["ns1.gw.test.", "ns.other.test."]);
+        assert_eq!(
+            ns,
+            vec!["ns1.gw.test.", "ns.other.test.", "ns2.hubs.gw.test."]
+        );
         assert_eq!(m.answers[0].ttl, 60);
         let (_, m) = ask(&query("gw.test.", RecordType::SOA), true, zl);
         assert_eq!(m.answers.len(), 1);
@@ -1154,7 +1185,7 @@ mod tests {
             2 => Lookup::Name {
                 zone: "gw.test".to_string(),
                 records: Records {
-                    apex: name.len() % 5 == 0,
+                    apex: name.len().is_multiple_of(5),
                     txt: Vec::new(),
                     addrs: (0..name.len() % 40)
                         .map(|i| IpAddr::from([10, 0, 0, i as u8]))
@@ -1215,7 +1246,7 @@ mod tests {
             }
             if let Lookup::Name { records, .. } = zl(&name) {
                 if !records.addrs.is_empty() {
-                    prop_assert!(served(&name) || name == "ns1.gw.test", "{}", name);
+                    prop_assert!(served(&name) || name == "ns1.gw.test" || name == "ns2.hubs.gw.test", "{}", name);
                 }
             }
         }

@@ -1,9 +1,11 @@
-//! The hub's DNS listeners (`[proxy.acme] dns_listen`), the driver of the
-//! pure responder [`crate::proxy::dns`]: they answer the TXT queries of ACME
-//! DNS-01 validations for `_acme-challenge.<domain>` of the gateway domains,
-//! which the operator delegates to the hub with an NS record. UDP replies
-//! leave from the address the query was sent to; TCP carries one
-//! length-prefixed message after another (RFC 7766).
+//! The hub's DNS listeners (`[proxy.dns] listen`, `[proxy.acme]
+//! dns_listen`), the driver of the pure responder [`crate::proxy::dns`]:
+//! they answer for the gateway domains the operator delegates to the hub
+//! with NS records (the whole zone with `[proxy.dns]`, else the TXT queries
+//! of ACME DNS-01 validations for `_acme-challenge.<domain>`). What a name
+//! holds comes from a [`DnsLookup`] the proxy gives. UDP replies leave from
+//! the address the query was sent to; TCP carries one length-prefixed
+//! message after another (RFC 7766).
 //!
 //! A TCP connection is closed after [`TCP_IDLE`] without a complete query,
 //! after [`MAX_TCP_QUERIES`] queries or [`TCP_LIFETIME`], whichever comes
@@ -13,7 +15,6 @@
 //! counters; unreadable messages as `bad_dns_query`, names outside the
 //! hub's zones (REFUSED) as `unknown_host`.
 
-use crate::proxy::acme::AcmeState;
 use crate::proxy::dns;
 use crate::proxy::io::UdpListener;
 use crate::proxy::stats::{Counters, ErrorKind};
@@ -35,9 +36,12 @@ pub const MAX_TCP_QUERIES: usize = 100;
 /// busy (a client cannot hold the connection slots).
 pub const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
-fn answer(acme: &AcmeState, counters: &Counters, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+/// What a name holds (lowercase, no trailing dot), asked once per query.
+pub type DnsLookup = Arc<dyn Fn(&str) -> dns::Lookup + Send + Sync>;
+
+fn answer(lookup: &DnsLookup, counters: &Counters, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     counters.add_in(query.len() as u64);
-    match dns::respond(query, udp, |q| acme.dns_lookup(q)) {
+    match dns::respond(query, udp, |q| lookup(q)) {
         Ok(reply) => {
             counters.request();
             if reply.rcode == ResponseCode::Refused {
@@ -57,7 +61,7 @@ fn answer(acme: &AcmeState, counters: &Counters, query: &[u8], udp: bool) -> Opt
 /// Answers queries on a UDP DNS listener until `stop`.
 pub async fn udp_loop(
     sock: Arc<UdpListener>,
-    acme: Arc<AcmeState>,
+    lookup: DnsLookup,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -83,7 +87,7 @@ pub async fn udp_loop(
             // A GRO train holds datagrams of `stride` bytes each.
             let stride = if m.stride == 0 { m.len } else { m.stride };
             for q in data.chunks(stride.max(1)) {
-                if let Some(reply) = answer(&acme, &counters, q, true) {
+                if let Some(reply) = answer(&lookup, &counters, q, true) {
                     if let Err(e) = sock.send(m.addr, m.dst_ip, &reply).await {
                         debug!(client = %m.addr, error = %e, "DNS reply not sent");
                     }
@@ -96,7 +100,7 @@ pub async fn udp_loop(
 /// Answers queries on a TCP DNS listener until `stop`.
 pub async fn tcp_loop(
     l: TcpListener,
-    acme: Arc<AcmeState>,
+    lookup: DnsLookup,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -118,10 +122,11 @@ pub async fn tcp_loop(
             continue;
         };
         counters.connection();
-        let (acme, counters, stop) = (acme.clone(), counters.clone(), stop.clone());
+        let (lookup, counters, stop) = (lookup.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            match tokio::time::timeout(TCP_LIFETIME, serve_tcp(sock, &acme, &counters, stop)).await
+            match tokio::time::timeout(TCP_LIFETIME, serve_tcp(sock, &lookup, &counters, stop))
+                .await
             {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(client = %peer, error = %e, "DNS over TCP ended"),
@@ -133,7 +138,7 @@ pub async fn tcp_loop(
 
 async fn serve_tcp(
     mut sock: TcpStream,
-    acme: &AcmeState,
+    lookup: &DnsLookup,
     counters: &Counters,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -152,7 +157,7 @@ async fn serve_tcp(
             },
             _ = stop.changed() => return Ok(()),
         }
-        let Some(reply) = answer(acme, counters, &msg, false) else {
+        let Some(reply) = answer(lookup, counters, &msg, false) else {
             return Err(std::io::Error::other("not a DNS query"));
         };
         let len = u16::try_from(reply.len()).map_err(std::io::Error::other)?;

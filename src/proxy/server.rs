@@ -224,9 +224,9 @@ enum Kind {
     Https,
     Tcp,
     Udp,
-    /// `[proxy.acme] dns_listen`, UDP.
+    /// `[proxy.dns] listen` and `[proxy.acme] dns_listen`, UDP.
     DnsUdp,
-    /// `[proxy.acme] dns_listen`, TCP.
+    /// `[proxy.dns] listen` and `[proxy.acme] dns_listen`, TCP.
     DnsTcp,
 }
 
@@ -246,8 +246,10 @@ struct Listening {
 
 struct Runtime {
     acme: Arc<AcmeState>,
-    /// Counters of the DNS listeners (`[proxy.acme] dns_listen`).
+    /// Counters of the DNS listeners.
     dns: Arc<Counters>,
+    /// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
+    zone: arc_swap::ArcSwapOption<crate::proxy::dns::ZoneData>,
     current: ArcSwap<Shared>,
     conns: Arc<Semaphore>,
     max_connections: AtomicUsize,
@@ -259,6 +261,36 @@ struct Runtime {
 }
 
 impl Runtime {
+    /// Whether a connection for `host` (lowercase, no trailing dot) would
+    /// be served: a route of this hub's, or one another hub of the mesh
+    /// serves.
+    fn serves(&self, host: &str) -> bool {
+        let Ok(host) = DomainName::parse(host) else {
+            return false;
+        };
+        if self.current.load().table.lookup(&host).is_some() {
+            return true;
+        }
+        self.mesh
+            .load()
+            .as_ref()
+            .is_some_and(|m| !m.candidates(&host).is_empty())
+    }
+
+    /// What the DNS listeners answer for `qname`: the gateway zones whole
+    /// with `[proxy.dns]`, else the ACME challenge names alone.
+    fn dns_lookup(&self, qname: &str) -> crate::proxy::dns::Lookup {
+        match self.zone.load().as_ref() {
+            Some(zone) => crate::proxy::dns::zone_lookup(
+                qname,
+                zone,
+                |h| self.serves(h),
+                |d| self.acme.challenge_values(d),
+            ),
+            None => self.acme.dns_lookup(qname),
+        }
+    }
+
     fn stats(&self) -> Vec<RouteSnapshot> {
         let mut v = snapshot(&self.current.load());
         if self.listeners.lock().iter().any(|l| l.kind == Kind::DnsUdp) {
@@ -666,6 +698,22 @@ fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
     v
 }
 
+/// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
+fn zone_data(settings: &ProxySettings) -> Option<crate::proxy::dns::ZoneData> {
+    let dns = settings.dns.as_ref()?;
+    let names = |v: &[DomainName]| v.iter().map(|d| d.as_str().to_string()).collect();
+    Some(crate::proxy::dns::ZoneData {
+        domains: names(&settings.domains),
+        addrs: dns.addresses.clone(),
+        ns: dns
+            .nameservers
+            .iter()
+            .map(|(n, a)| (n.as_str().to_string(), a.clone()))
+            .collect(),
+        ttl: dns.ttl,
+    })
+}
+
 /// The gateway domains whose `_acme-challenge` name the DNS listeners answer.
 fn dns_zones(settings: &ProxySettings) -> Vec<String> {
     match &settings.acme {
@@ -684,9 +732,9 @@ fn wanted(settings: &ProxySettings) -> Vec<Key> {
     v.extend(settings.https_listen.iter().map(|a| (Kind::Https, *a)));
     v.extend(settings.tcp.iter().map(|t| (Kind::Tcp, t.listen)));
     v.extend(settings.udp.iter().map(|u| (Kind::Udp, u.listen)));
-    for a in settings.acme.iter().flat_map(|a| &a.dns_listen) {
-        v.push((Kind::DnsUdp, *a));
-        v.push((Kind::DnsTcp, *a));
+    for a in crate::proxy::settings::DnsSettings::listeners(settings) {
+        v.push((Kind::DnsUdp, a));
+        v.push((Kind::DnsTcp, a));
     }
     let mut out: Vec<Key> = Vec::new();
     for (k, a) in v {
@@ -705,8 +753,8 @@ fn what(kind: Kind) -> &'static str {
         Kind::Https => "https_listen",
         Kind::Tcp => "[[tcp]] listen",
         Kind::Udp => "[[udp]] listen",
-        Kind::DnsUdp => "[proxy.acme] dns_listen (UDP)",
-        Kind::DnsTcp => "[proxy.acme] dns_listen (TCP)",
+        Kind::DnsUdp => "DNS listener (UDP)",
+        Kind::DnsTcp => "DNS listener (TCP)",
     }
 }
 
@@ -733,19 +781,20 @@ fn bind(kind: Kind, addr: SocketAddr) -> anyhow::Result<(Bound, SocketAddr)> {
 fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> Listening {
     let (kind, conf, nth) = key;
     let (stop, stop_rx) = watch::channel(false);
+    // (Weak: the listener's task must not keep the runtime alive.)
+    let weak = Arc::downgrade(rt);
+    let dns_lookup: crate::proxy::dns_server::DnsLookup = Arc::new(move |q| {
+        weak.upgrade()
+            .map_or(crate::proxy::dns::Lookup::Outside, |rt| rt.dns_lookup(q))
+    });
     let task = match b {
         Bound::Tcp(l) if kind == Kind::DnsTcp => tokio::spawn(
-            crate::proxy::dns_server::tcp_loop(l, rt.acme.clone(), rt.dns.clone(), stop_rx)
+            crate::proxy::dns_server::tcp_loop(l, dns_lookup, rt.dns.clone(), stop_rx)
                 .instrument(info_span!("dns", listen = %conf)),
         ),
         Bound::Udp(s) if kind == Kind::DnsUdp => tokio::spawn(
-            crate::proxy::dns_server::udp_loop(
-                Arc::new(s),
-                rt.acme.clone(),
-                rt.dns.clone(),
-                stop_rx,
-            )
-            .instrument(info_span!("dns", listen = %conf)),
+            crate::proxy::dns_server::udp_loop(Arc::new(s), dns_lookup, rt.dns.clone(), stop_rx)
+                .instrument(info_span!("dns", listen = %conf)),
         ),
         Bound::Tcp(l) => tokio::spawn(accept_loop(l, key, rt.clone(), stop_rx)),
         Bound::Udp(s) => {
@@ -853,6 +902,7 @@ impl Proxy {
         let rt = Arc::new(Runtime {
             acme,
             dns: Arc::default(),
+            zone: arc_swap::ArcSwapOption::from(zone_data(&settings).map(Arc::new)),
             current: ArcSwap::from_pointee(shared),
             conns: Arc::new(Semaphore::new(max)),
             max_connections: AtomicUsize::new(max),
@@ -1032,6 +1082,7 @@ impl Proxy {
 
         rt.current.store(Arc::new(new));
         let _ = old.retired.send(true);
+        rt.zone.store(zone_data(&settings).map(Arc::new));
         rt.acme.set_wanted(
             settings.acme.clone(),
             acme_hosts(&settings),

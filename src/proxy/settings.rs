@@ -53,6 +53,25 @@ pub struct RawProxy {
     /// Load balancers whose connections start with a PROXY header.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_protocol_from: Vec<String>,
+    /// The gateway zones' authoritative DNS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<RawDns>,
+}
+
+/// `[proxy.dns]`: the hub answers DNS for its gateway domains.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Name server name -> its addresses (none for one outside the gateway
+    /// domains).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nameservers: BTreeMap<String, Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -723,6 +742,122 @@ pub struct ProxySettings {
     /// start with a PROXY header (v1 or v2) naming the real client; `None`:
     /// no connection is read that way.
     pub proxy_protocol_from: Option<Access>,
+    /// The gateway zones' authoritative DNS (`[proxy.dns]`), if configured.
+    pub dns: Option<DnsSettings>,
+}
+
+/// `[proxy.dns]`: the hub is a name server of its gateway domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Where it answers (UDP and TCP), besides `[proxy.acme] dns_listen`.
+    pub listen: Vec<SocketAddr>,
+    /// The hub's public addresses: the A and AAAA records of the names it serves.
+    pub addresses: Vec<IpAddr>,
+    /// The zones' name servers (NS records at each gateway domain), with
+    /// the addresses of those inside a gateway domain.
+    pub nameservers: Vec<(DomainName, Vec<IpAddr>)>,
+    /// TTL of the A, AAAA and NS records, seconds.
+    pub ttl: u32,
+}
+
+/// Default TTL of the records `[proxy.dns]` serves, seconds: a minute, so a
+/// hub taken out of a zone's name servers stops being named soon.
+pub const DNS_TTL_DEFAULT: u64 = 60;
+
+impl DnsSettings {
+    /// Every DNS listener of `proxy`: `[proxy.dns] listen`, then
+    /// `[proxy.acme] dns_listen`.
+    pub fn listeners(proxy: &ProxySettings) -> Vec<SocketAddr> {
+        proxy
+            .dns
+            .iter()
+            .flat_map(|d| d.listen.iter().copied())
+            .chain(proxy.acme.iter().flat_map(|a| a.dns_listen.iter().copied()))
+            .collect()
+    }
+}
+
+/// Addresses to publish in DNS: IP literals that can be reached from the
+/// internet (no unspecified, loopback, multicast or link-local address), each
+/// once.
+fn public_addrs(who: &str, v: &[String]) -> Result<Vec<IpAddr>, String> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for s in v {
+        let a: IpAddr = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
+        let a = a.to_canonical();
+        let link_local = match a {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local {
+            return Err(format!(
+                "{who}: `{s}` cannot be reached from the internet (unspecified, loopback, multicast or link-local)"
+            ));
+        }
+        if out.contains(&a) {
+            return Err(format!("{who}: `{s}` is listed twice"));
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+fn dns_settings(
+    raw: RawDns,
+    domains: &[DomainName],
+    acme: Option<&AcmeSettings>,
+) -> Result<DnsSettings, String> {
+    if domains.is_empty() {
+        return Err("[proxy.dns] needs at least one gateway domain in [proxy] domains".into());
+    }
+    let listen = parse_addrs("[proxy.dns] listen", raw.listen)?;
+    let acme_listen = acme.map(|a| a.dns_listen.as_slice()).unwrap_or_default();
+    if let Some(a) = listen.iter().find(|a| acme_listen.contains(a)) {
+        return Err(format!(
+            "[proxy.dns] listen `{a}` is also in [proxy.acme] dns_listen: list it once"
+        ));
+    }
+    if listen.is_empty() && acme_listen.is_empty() {
+        return Err(
+            "[proxy.dns] needs listen: the addresses (ip:port, usually port 53) where this hub answers DNS queries"
+                .into(),
+        );
+    }
+    if raw.addresses.is_empty() {
+        return Err("[proxy.dns] needs addresses: this hub's public IP addresses, the A and AAAA records of the names it serves".into());
+    }
+    let addresses = public_addrs("[proxy.dns] addresses", &raw.addresses)?;
+    let mut nameservers = Vec::new();
+    for (name, addrs) in &raw.nameservers {
+        let who = format!("[proxy.dns] nameservers `{name}`");
+        let n = DomainName::parse(name).map_err(|e| format!("{who}: {}", e.as_str()))?;
+        if nameservers.iter().any(|(m, _)| *m == n) {
+            return Err(format!("{who}: listed twice"));
+        }
+        let addrs = public_addrs(&who, addrs)?;
+        let inside = domains.iter().any(|d| n.is_within(d));
+        if inside && addrs.is_empty() {
+            return Err(format!("{who}: inside a gateway domain, so this hub answers for it: give its addresses (`\"{name}\" = [\"203.0.113.10\"]`)"));
+        }
+        if !inside && !addrs.is_empty() {
+            return Err(format!("{who}: outside the gateway domains, its addresses are not this hub's to answer: give none (`\"{name}\" = []`)"));
+        }
+        nameservers.push((n, addrs));
+    }
+    let ttl = raw.ttl.unwrap_or(DNS_TTL_DEFAULT);
+    if ttl > 86_400 {
+        return Err("[proxy.dns] ttl: 0 to 86400 seconds".into());
+    }
+    Ok(DnsSettings {
+        listen,
+        addresses,
+        nameservers,
+        // (At most 86400.)
+        ttl: u32::try_from(ttl).unwrap_or(u32::MAX),
+    })
 }
 
 impl ProxySettings {
@@ -1255,6 +1390,10 @@ pub(crate) fn validate(
             )
         })?)
     };
+    let dns = raw
+        .dns
+        .map(|d| dns_settings(d, &domains, acme.as_ref()))
+        .transpose()?;
     let http_listen = listen_addrs("http_listen", raw.http_listen, 80)?;
     let https_listen = listen_addrs("https_listen", raw.https_listen, 443)?;
 
@@ -1310,16 +1449,23 @@ pub(crate) fn validate(
         udp_seen.push(*a);
     }
     // The DNS listeners take their address on both.
-    for a in acme.iter().flat_map(|a| &a.dns_listen) {
+    let dns_listen = dns
+        .iter()
+        .flat_map(|d| d.listen.iter().map(|a| ("[proxy.dns] listen", a)))
+        .chain(
+            acme.iter()
+                .flat_map(|a| a.dns_listen.iter().map(|l| ("[proxy.acme] dns_listen", l))),
+        );
+    for (who, a) in dns_listen {
         if tcp_seen.contains(a) || udp_seen.contains(a) {
-            return Err(format!(
-                "[proxy.acme] dns_listen `{a}` is already used by another listener"
-            ));
+            return Err(format!("{who} `{a}` is already used by another listener"));
         }
         if !a.ip().is_unspecified() {
             own.insert(a.ip().to_canonical());
         }
     }
+    // The public addresses the zone names are the hub's own too.
+    own.extend(dns.iter().flat_map(|d| d.addresses.iter().copied()));
 
     let mut out_routes = Vec::new();
     let mut hosts = HashSet::new();
@@ -1584,6 +1730,7 @@ pub(crate) fn validate(
         acme,
         access_log: raw.access_log.map(|p| resolve(base, &p)),
         proxy_protocol_from,
+        dns,
     }))
 }
 
@@ -2114,6 +2261,116 @@ mod toml_tests {
         ))
         .unwrap_err();
         assert!(e.contains("needs at least one gateway domain"), "{e}");
+    }
+
+    #[test]
+    fn dns_zone_keys() {
+        let head = "[proxy]\ndomains = [\"gw.example.org\"]\nhttp_listen = [\"0.0.0.0:80\"]\n";
+        let c = parse(&format!(
+            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\n\
+             addresses = [\"203.0.113.1\", \"2001:DB8::1\"]\n\
+             ttl = 300\n[proxy.dns.nameservers]\n\"NS1.gw.example.org.\" = [\"203.0.113.1\"]\n\"ns2.example.net\" = []\n"
+        ))
+        .unwrap();
+        let p = c.proxy.unwrap();
+        let d = p.dns.as_ref().unwrap();
+        assert_eq!(
+            d.listen,
+            vec!["203.0.113.1:53".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            d.addresses[1],
+            "2001:db8::1".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(d.nameservers[0].0.as_str(), "ns1.gw.example.org");
+        assert_eq!(d.nameservers[0].1.len(), 1);
+        assert!(d.nameservers[1].1.is_empty());
+        assert_eq!(d.ttl, 300);
+        assert_eq!(super::DnsSettings::listeners(&p).len(), 1);
+        let c = parse(&format!(
+            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.unwrap().dns.unwrap().ttl, 60);
+        let ok = "listen = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n";
+        for (body, want) in [
+            (
+                "addresses = [\"203.0.113.1\"]\n",
+                "[proxy.dns] needs listen",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\n",
+                "[proxy.dns] needs addresses",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\naddresses = [\"127.0.0.1\"]\n",
+                "`127.0.0.1` cannot be reached",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\naddresses = [\"fe80::1\"]\n",
+                "`fe80::1` cannot be reached",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\naddresses = [\"0.0.0.0\"]\n",
+                "cannot be reached",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\naddresses = [\"hub.example\"]\n",
+                "`hub.example` is not an IP address",
+            ),
+            (
+                "listen = [\"203.0.113.1:53\"]\naddresses = [\"192.0.2.1\", \"192.0.2.1\"]\n",
+                "listed twice",
+            ),
+            (
+                "listen = [\"0.0.0.0:80\"]\naddresses = [\"192.0.2.1\"]\n",
+                "[proxy.dns] listen `0.0.0.0:80` is already used",
+            ),
+            (
+                &format!("{ok}nameservers = {{ \"bad_name.example\" = [] }}\n"),
+                "nameservers `bad_name.example`",
+            ),
+            (
+                &format!("{ok}nameservers = {{ \"ns1.gw.example.org\" = [] }}\n"),
+                "inside a gateway domain, so this hub answers for it",
+            ),
+            (
+                &format!("{ok}nameservers = {{ \"ns.example.net\" = [\"192.0.2.1\"] }}\n"),
+                "outside the gateway domains",
+            ),
+            (
+                &format!("{ok}nameservers = {{ \"ns1.gw.example.org\" = [\"::1\"] }}\n"),
+                "`::1` cannot be reached",
+            ),
+            (&format!("{ok}ttl = 86401\n"), "ttl: 0 to 86400"),
+            (&format!("{ok}zone = \"x\"\n"), "unknown field"),
+        ] {
+            let e = parse(&format!("{head}[proxy.dns]\n{body}")).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        let e = parse(&format!("[proxy.dns]\n{ok}")).unwrap_err();
+        assert!(e.contains("needs at least one gateway domain"), "{e}");
+        // The same listener in both places.
+        let e = parse(&format!(
+            "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
+             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\n{ok}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("also in [proxy.acme] dns_listen"), "{e}");
+        // The acme listener alone serves the zone too.
+        let c = parse(&format!(
+            "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
+             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\naddresses = [\"203.0.113.1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(super::DnsSettings::listeners(&c.proxy.unwrap()).len(), 1);
+        // The zone's addresses are the hub's own: no backend there.
+        let e = parse(&format!(
+            "{head}[proxy.dns]\nlisten = [\"0.0.0.0:53\"]\naddresses = [\"198.51.100.7\"]\n\
+             [[route]]\nname = \"x\"\nbackends = [\"198.51.100.7:80\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("198.51.100.7"), "{e}");
     }
 
     #[test]
