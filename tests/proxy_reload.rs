@@ -760,6 +760,7 @@ async fn dns_zone_names_follow_routes_across_reloads() {
                 vec!["192.0.2.53".parse().unwrap()],
             )],
             ttl: 30,
+            rate_limit: None,
         });
         s
     };
@@ -800,4 +801,103 @@ async fn dns_zone_names_follow_routes_across_reloads() {
     assert!(p.dns_addrs().is_empty());
     let served = p.stats().into_iter().any(|r| r.route == "dns");
     assert!(!served, "no dns entry without a DNS listener");
+}
+
+/// `[proxy.dns] rate_limit`: over UDP a client over its rate gets truncated
+/// replies (no larger than its query) or none, counted as `rate_limited`;
+/// over TCP it is answered in full; the limit goes with a reload.
+#[tokio::test]
+async fn dns_rate_limit_truncates_then_drops_over_udp() {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    let (a, _ta) = backend("alpha").await;
+    // One port for UDP and TCP, as a real listener has (port 0 would give
+    // each its own).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let with = |limit: Option<u32>| {
+        let mut s = settings(vec![route("blog", vec![be(a)])]);
+        s.dns = Some(gatewire::proxy::settings::DnsSettings {
+            listen: vec![listen],
+            addresses: vec!["192.0.2.10".parse().unwrap()],
+            nameservers: vec![],
+            ttl: 30,
+            rate_limit: limit.map(|n| gatewire::proxy::settings::RateLimit {
+                per_second: n,
+                burst: n,
+            }),
+        });
+        s
+    };
+    let p = Proxy::start(with(Some(1))).await.unwrap();
+    let at = p.dns_addrs()[0];
+    assert_eq!(at, listen);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut q = Message::new(7, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("blog.gw.test.").unwrap(),
+        RecordType::A,
+    ));
+    let query = q.to_vec().unwrap();
+    let (mut full, mut truncated) = (0, 0);
+    let mut buf = vec![0u8; 1500];
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        sock.send_to(&query, at).await.unwrap();
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf)).await
+        else {
+            continue;
+        };
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        if r.metadata.truncation {
+            assert!(r.answers.is_empty());
+            assert!(
+                n <= query.len(),
+                "a truncated reply is no larger than the query"
+            );
+            truncated += 1;
+        } else {
+            assert_eq!(r.answers.len(), 1);
+            full += 1;
+        }
+    }
+    // One token, and one more per second meanwhile; of the rest, every
+    // other one truncated, the others dropped.
+    let refills = t0.elapsed().as_secs() + 1;
+    assert!(full >= 1 && full <= 1 + refills, "full {full}");
+    assert!(truncated >= 2, "truncated {truncated}");
+    assert!(full + truncated < 10, "some dropped");
+    let dns = p.stats().into_iter().find(|r| r.route == "dns").unwrap();
+    let limited = dns.errors.get("rate_limited").copied().unwrap_or(0);
+    assert_eq!(limited, 10 - full, "{dns:?}");
+
+    // TCP is not limited.
+    let mut s = TcpStream::connect(at).await.unwrap();
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    s.write_all(&framed).await.unwrap();
+    let len = s.read_u16().await.unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    s.read_exact(&mut reply).await.unwrap();
+    let r = Message::from_vec(&reply).unwrap();
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 1);
+
+    // Without the limit every query is answered.
+    p.reload(with(None)).await.unwrap();
+    for _ in 0..5 {
+        sock.send_to(&query, at).await.unwrap();
+        let n = tokio::time::timeout(T, sock.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 1);
+    }
 }

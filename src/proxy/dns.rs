@@ -244,6 +244,28 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
     Ok(Reply { bytes, rcode })
 }
 
+/// The reply to a query the hub will not answer in full now (a client over
+/// its rate over UDP): header and question with TC set and no records, so a
+/// real resolver asks again over TCP, and a forged source gets back no more
+/// bytes than were sent (RFC 5452's "slip" of response rate limiting).
+/// Other opcodes and odd section counts get their header-only reply as in
+/// [`respond`]; what is dropped there is dropped here.
+pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
+    if let Some(reply) = refuse_by_header(query)? {
+        return Ok(reply);
+    }
+    let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
+    let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
+    reply.metadata = Metadata::response_from_request(&msg.metadata);
+    reply.metadata.truncation = true;
+    for q in msg.queries.iter().take(1) {
+        reply.add_query(q.clone());
+    }
+    let rcode = reply.metadata.response_code;
+    let bytes = reply.to_vec().map_err(|_| Dropped::Malformed)?;
+    Ok(Reply { bytes, rcode })
+}
+
 /// Additional records a query may carry (its OPT record, a signature).
 pub const MAX_ADDITIONAL: u16 = 4;
 
@@ -972,6 +994,25 @@ mod tests {
         assert!(r.bytes.len() <= TCP_MAX);
     }
 
+    #[test]
+    fn truncated_reply_is_header_and_question() {
+        let r = respond_truncated(&DIG_TXT).unwrap();
+        assert_eq!(r.rcode, ResponseCode::NoError);
+        let m = Message::from_vec(&r.bytes).unwrap();
+        assert_eq!(m.metadata.id, 0xbeef);
+        assert!(m.metadata.truncation);
+        assert!(!m.metadata.authoritative);
+        assert_eq!(m.queries.len(), 1);
+        assert!(m.answers.is_empty() && m.authorities.is_empty() && m.edns.is_none());
+        // Never larger than the query: nothing to amplify.
+        assert!(r.bytes.len() <= DIG_TXT.len());
+        // The same rules as respond for what is dropped.
+        let mut resp = DIG_TXT;
+        resp[2] |= 0x80;
+        assert_eq!(respond_truncated(&resp), Err(Dropped::NotAQuery));
+        assert_eq!(respond_truncated(&DIG_TXT[..20]), Err(Dropped::Malformed));
+    }
+
     fn zone() -> ZoneData {
         ZoneData {
             domains: vec!["gw.test".into(), "eu.gw.test".into()],
@@ -1209,6 +1250,10 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = respond(&bytes, true, any_lookup);
             let _ = respond(&bytes, false, any_lookup);
+            if let Ok(r) = respond_truncated(&bytes) {
+                // Header-only replies are 12 bytes; the rest echo the question.
+                prop_assert!(r.bytes.len() <= bytes.len().max(12) + 11);
+            }
         }
 
         #[test]

@@ -11,14 +11,22 @@
 //! after [`MAX_TCP_QUERIES`] queries or [`TCP_LIFETIME`], whichever comes
 //! first; at most [`MAX_TCP_CONNECTIONS`] are open per listener.
 //!
+//! Over UDP, a client over `[proxy.dns] rate_limit` gets every other reply
+//! truncated (header and question, TC set: a real resolver asks again over
+//! TCP, which is not limited) and the rest dropped, so a forged source cannot
+//! use the hub as an amplifier.
+//!
 //! Queries answered count as requests of the `dns` entry in the proxy's
 //! counters; unreadable messages as `bad_dns_query`, names outside the
-//! hub's zones (REFUSED) as `unknown_host`.
+//! hub's zones (REFUSED) as `unknown_host`, queries over the rate as
+//! `rate_limited`.
 
 use crate::proxy::dns;
 use crate::proxy::io::UdpListener;
 use crate::proxy::stats::{Counters, ErrorKind};
 use hickory_proto::op::ResponseCode;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +46,25 @@ pub const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What a name holds (lowercase, no trailing dot), asked once per query.
 pub type DnsLookup = Arc<dyn Fn(&str) -> dns::Lookup + Send + Sync>;
+/// Whether a UDP query from this client is over its rate (takes a token).
+pub type DnsLimit = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// Queries refused for their rate so far: every other one gets a truncated
+/// reply.
+static OVER_RATE: AtomicU64 = AtomicU64::new(0);
+
+/// The reply to a UDP query over its client's rate: a truncated one every
+/// other time, else none.
+fn over_rate(counters: &Counters, query: &[u8]) -> Option<Vec<u8>> {
+    counters.add_in(query.len() as u64);
+    counters.error(ErrorKind::RateLimited);
+    if OVER_RATE.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+        return None;
+    }
+    let reply = dns::respond_truncated(query).ok()?.bytes;
+    counters.add_out(reply.len() as u64);
+    Some(reply)
+}
 
 fn answer(lookup: &DnsLookup, counters: &Counters, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     counters.add_in(query.len() as u64);
@@ -62,6 +89,7 @@ fn answer(lookup: &DnsLookup, counters: &Counters, query: &[u8], udp: bool) -> O
 pub async fn udp_loop(
     sock: Arc<UdpListener>,
     lookup: DnsLookup,
+    limit: DnsLimit,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -87,7 +115,12 @@ pub async fn udp_loop(
             // A GRO train holds datagrams of `stride` bytes each.
             let stride = if m.stride == 0 { m.len } else { m.stride };
             for q in data.chunks(stride.max(1)) {
-                if let Some(reply) = answer(&lookup, &counters, q, true) {
+                let reply = if limit(m.addr.ip()) {
+                    over_rate(&counters, q)
+                } else {
+                    answer(&lookup, &counters, q, true)
+                };
+                if let Some(reply) = reply {
                     if let Err(e) = sock.send(m.addr, m.dst_ip, &reply).await {
                         debug!(client = %m.addr, error = %e, "DNS reply not sent");
                     }

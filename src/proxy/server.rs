@@ -250,6 +250,8 @@ struct Runtime {
     dns: Arc<Counters>,
     /// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
     zone: arc_swap::ArcSwapOption<crate::proxy::dns::ZoneData>,
+    /// `[proxy.dns] rate_limit` over UDP, for all DNS listeners.
+    dns_limiter: arc_swap::ArcSwapOption<Mutex<Limiter>>,
     current: ArcSwap<Shared>,
     conns: Arc<Semaphore>,
     max_connections: AtomicUsize,
@@ -698,6 +700,11 @@ fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
     v
 }
 
+/// `[proxy.dns] rate_limit`.
+fn dns_rate(settings: &ProxySettings) -> Option<RateLimit> {
+    settings.dns.as_ref().and_then(|d| d.rate_limit)
+}
+
 /// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
 fn zone_data(settings: &ProxySettings) -> Option<crate::proxy::dns::ZoneData> {
     let dns = settings.dns.as_ref()?;
@@ -787,14 +794,25 @@ fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> L
         weak.upgrade()
             .map_or(crate::proxy::dns::Lookup::Outside, |rt| rt.dns_lookup(q))
     });
+    let weak = Arc::downgrade(rt);
+    let dns_limit: crate::proxy::dns_server::DnsLimit = Arc::new(move |ip| {
+        weak.upgrade()
+            .is_some_and(|rt| over_limit(&rt.dns_limiter.load_full(), ip).is_some())
+    });
     let task = match b {
         Bound::Tcp(l) if kind == Kind::DnsTcp => tokio::spawn(
             crate::proxy::dns_server::tcp_loop(l, dns_lookup, rt.dns.clone(), stop_rx)
                 .instrument(info_span!("dns", listen = %conf)),
         ),
         Bound::Udp(s) if kind == Kind::DnsUdp => tokio::spawn(
-            crate::proxy::dns_server::udp_loop(Arc::new(s), dns_lookup, rt.dns.clone(), stop_rx)
-                .instrument(info_span!("dns", listen = %conf)),
+            crate::proxy::dns_server::udp_loop(
+                Arc::new(s),
+                dns_lookup,
+                dns_limit,
+                rt.dns.clone(),
+                stop_rx,
+            )
+            .instrument(info_span!("dns", listen = %conf)),
         ),
         Bound::Tcp(l) => tokio::spawn(accept_loop(l, key, rt.clone(), stop_rx)),
         Bound::Udp(s) => {
@@ -903,6 +921,7 @@ impl Proxy {
             acme,
             dns: Arc::default(),
             zone: arc_swap::ArcSwapOption::from(zone_data(&settings).map(Arc::new)),
+            dns_limiter: arc_swap::ArcSwapOption::from(limiter_for(None, dns_rate(&settings))),
             current: ArcSwap::from_pointee(shared),
             conns: Arc::new(Semaphore::new(max)),
             max_connections: AtomicUsize::new(max),
@@ -1083,6 +1102,9 @@ impl Proxy {
         rt.current.store(Arc::new(new));
         let _ = old.retired.send(true);
         rt.zone.store(zone_data(&settings).map(Arc::new));
+        let old = rt.dns_limiter.load_full();
+        rt.dns_limiter
+            .store(limiter_for(old.as_ref(), dns_rate(&settings)));
         rt.acme.set_wanted(
             settings.acme.clone(),
             acme_hosts(&settings),

@@ -72,6 +72,10 @@ pub struct RawDns {
     pub nameservers: BTreeMap<String, Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -758,6 +762,9 @@ pub struct DnsSettings {
     pub nameservers: Vec<(DomainName, Vec<IpAddr>)>,
     /// TTL of the A, AAAA and NS records, seconds.
     pub ttl: u32,
+    /// UDP queries per second per client (IPv4 address, IPv6 /64) answered
+    /// in full; over it every other reply is truncated, the rest dropped.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Default TTL of the records `[proxy.dns]` serves, seconds: a minute, so a
@@ -852,6 +859,7 @@ fn dns_settings(
         return Err("[proxy.dns] ttl: 0 to 86400 seconds".into());
     }
     Ok(DnsSettings {
+        rate_limit: rate_limit("[proxy.dns]", raw.rate_limit, raw.rate_burst)?,
         listen,
         addresses,
         nameservers,
@@ -2291,7 +2299,15 @@ mod toml_tests {
             "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n"
         ))
         .unwrap();
-        assert_eq!(c.proxy.unwrap().dns.unwrap().ttl, 60);
+        let d = c.proxy.unwrap().dns.unwrap();
+        assert_eq!(d.ttl, 60);
+        assert_eq!(d.rate_limit, None);
+        let c = parse(&format!(
+            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\nrate_limit = 20\n"
+        ))
+        .unwrap();
+        let limit = c.proxy.unwrap().dns.unwrap().rate_limit.unwrap();
+        assert_eq!((limit.per_second, limit.burst), (20, 20));
         let ok = "listen = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n";
         for (body, want) in [
             (
@@ -2343,6 +2359,14 @@ mod toml_tests {
                 "`::1` cannot be reached",
             ),
             (&format!("{ok}ttl = 86401\n"), "ttl: 0 to 86400"),
+            (
+                &format!("{ok}rate_burst = 5\n"),
+                "[proxy.dns]: rate_burst needs rate_limit",
+            ),
+            (
+                &format!("{ok}rate_limit = 0\n"),
+                "rate_limit and rate_burst: 1 to 1000000",
+            ),
             (&format!("{ok}zone = \"x\"\n"), "unknown field"),
         ] {
             let e = parse(&format!("{head}[proxy.dns]\n{body}")).unwrap_err();
