@@ -801,6 +801,30 @@ async fn dns_zone_names_follow_routes_across_reloads() {
     assert!(p.dns_addrs().is_empty());
     let served = p.stats().into_iter().any(|r| r.route == "dns");
     assert!(!served, "no dns entry without a DNS listener");
+    // The socket is closed: no answer.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut m = hickory_proto::op::Message::new(
+        9,
+        hickory_proto::op::MessageType::Query,
+        hickory_proto::op::OpCode::Query,
+    );
+    m.add_query(hickory_proto::op::Query::query(
+        hickory_proto::rr::Name::from_ascii("shop.gw.test.").unwrap(),
+        RecordType::A,
+    ));
+    sock.send_to(&m.to_vec().unwrap(), at).await.unwrap();
+    let mut buf = [0u8; 512];
+    let r = tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "the removed listener still answers"
+    );
+
+    // [proxy.dns] coming back with a reload opens a listener that answers.
+    p.reload(with(&["shop"])).await.unwrap();
+    let at = p.dns_addrs()[0];
+    let (rc, addrs, _) = dns_ask(at, "shop.gw.test.", RecordType::A).await;
+    assert_eq!((rc, addrs), (ResponseCode::NoError, vec![public[0]]));
 }
 
 /// `[proxy.dns] rate_limit`: over UDP a client over its rate gets truncated

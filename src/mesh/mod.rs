@@ -300,6 +300,12 @@ impl Mesh {
 
     /// The hubs to try for `host`, in order: from a rotating start, those
     /// that failed within [`SKIP_AFTER_FAILURE`] last.
+    /// Whether another hub serves `host` (no side effects: the forwarding
+    /// rotation stays where it is).
+    pub fn serves(&self, host: &DomainName) -> bool {
+        !self.table.load().lookup(host).is_empty()
+    }
+
     pub fn candidates(&self, host: &DomainName) -> Vec<Arc<PeerHub>> {
         let t = self.table.load();
         let hubs = t.lookup(host);

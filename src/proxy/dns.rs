@@ -131,9 +131,13 @@ pub struct ZoneData {
 /// * `_acme-challenge.<domain>`: TXT, the values `challenge(domain)` gives;
 /// * a name server's name: its own addresses (another hub's, for the name
 ///   servers of the others);
-/// * one label under the domain, when `served(qname)`: the addresses;
-/// * every other name of the zone does not exist (NXDOMAIN), nor does a
-///   name more than one label down (name routes are one label);
+/// * a name `served(qname)`: the addresses (a name route is one label down;
+///   a name served by another hub of the mesh, or an fqdn route, may be
+///   deeper);
+/// * a name above a name server or a nested gateway domain (`hubs.gw.test`
+///   above `ns2.hubs.gw.test`): exists, with no records (NODATA, RFC 8020:
+///   an NXDOMAIN there would deny every name below);
+/// * every other name of the zone does not exist (NXDOMAIN);
 /// * names in no zone: [`Lookup::Outside`].
 pub fn zone_lookup(
     qname: &str,
@@ -189,8 +193,15 @@ pub fn zone_lookup(
             ..Records::default()
         });
     }
-    if !head.contains('.') && served(qname) {
+    if served(qname) {
         return host(addrs);
+    }
+    let above = |name: &str| {
+        name.strip_suffix(qname)
+            .is_some_and(|h| h.len() > 1 && h.ends_with('.'))
+    };
+    if zone.ns.iter().any(|(n, _)| above(n)) || zone.domains.iter().any(|d| above(d)) {
+        return host(Records::default());
     }
     Lookup::Below {
         zone: domain.clone(),
@@ -1066,11 +1077,29 @@ mod tests {
         };
         assert_eq!(zl("ns1.gw.test"), ns("203.0.113.10"));
         assert_eq!(zl("ns2.hubs.gw.test"), ns("198.51.100.20"));
+        // Above a name server or a nested domain: there, with nothing (NODATA).
+        let empty = Lookup::Name {
+            zone: "gw.test".into(),
+            records: Records::default(),
+        };
+        assert_eq!(zl("hubs.gw.test"), empty);
+        let nested = |n: &str| {
+            let mut z = zone();
+            z.domains.push("a.b.gw.test".into());
+            zone_lookup(n, &z, served, |_| Vec::new())
+        };
+        assert_eq!(nested("b.gw.test"), empty);
+        // A deeper name another hub serves is named too.
+        let deep = |n: &str| zone_lookup(n, &zone(), |h| h == "api.v2.gw.test", |_| Vec::new());
+        assert_eq!(deep("api.v2.gw.test"), host("gw.test"));
+        assert!(matches!(deep("v2.gw.test"), Lookup::Below { .. }));
         for missing in [
             "nope.gw.test",
             "a.blog.gw.test",
             "x._acme-challenge.gw.test",
             "blog.eu.gw.test",
+            "x.hubs.gw.test",
+            "ubs.gw.test",
         ] {
             assert!(matches!(zl(missing), Lookup::Below { .. }), "{missing}");
         }

@@ -273,10 +273,7 @@ impl Runtime {
         if self.current.load().table.lookup(&host).is_some() {
             return true;
         }
-        self.mesh
-            .load()
-            .as_ref()
-            .is_some_and(|m| !m.candidates(&host).is_empty())
+        self.mesh.load().as_ref().is_some_and(|m| m.serves(&host))
     }
 
     /// What the DNS listeners answer for `qname`: the gateway zones whole

@@ -784,10 +784,18 @@ impl DnsSettings {
     }
 }
 
+/// Addresses per name `[proxy.dns]` publishes at most (replies stay small).
+pub const DNS_MAX_ADDRESSES: usize = 8;
+/// Name servers `[proxy.dns]` lists at most.
+pub const DNS_MAX_NAMESERVERS: usize = 13;
+
 /// Addresses to publish in DNS: IP literals that can be reached from the
-/// internet (no unspecified, loopback, multicast or link-local address), each
-/// once.
+/// internet (no unspecified, loopback, multicast, broadcast or link-local
+/// address), each once, at most [`DNS_MAX_ADDRESSES`].
 fn public_addrs(who: &str, v: &[String]) -> Result<Vec<IpAddr>, String> {
+    if v.len() > DNS_MAX_ADDRESSES {
+        return Err(format!("{who}: at most {DNS_MAX_ADDRESSES} addresses"));
+    }
     let mut out: Vec<IpAddr> = Vec::new();
     for s in v {
         let a: IpAddr = s
@@ -795,13 +803,9 @@ fn public_addrs(who: &str, v: &[String]) -> Result<Vec<IpAddr>, String> {
             .parse()
             .map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
         let a = a.to_canonical();
-        let link_local = match a {
-            IpAddr::V4(v4) => v4.is_link_local(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        };
-        if a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local {
+        if let Some(why) = forbidden_reason(a) {
             return Err(format!(
-                "{who}: `{s}` cannot be reached from the internet (unspecified, loopback, multicast or link-local)"
+                "{who}: `{s}` cannot be reached from the internet ({why})"
             ));
         }
         if out.contains(&a) {
@@ -837,12 +841,28 @@ fn dns_settings(
         return Err("[proxy.dns] needs addresses: this hub's public IP addresses, the A and AAAA records of the names it serves".into());
     }
     let addresses = public_addrs("[proxy.dns] addresses", &raw.addresses)?;
+    if raw.nameservers.is_empty() {
+        return Err("[proxy.dns] needs nameservers: the zone's name servers (the NS records at each gateway domain), e.g. `[proxy.dns.nameservers]` with `\"ns1.gw.example.org\" = [\"203.0.113.10\"]`".into());
+    }
+    if raw.nameservers.len() > DNS_MAX_NAMESERVERS {
+        return Err(format!(
+            "[proxy.dns] nameservers: at most {DNS_MAX_NAMESERVERS}"
+        ));
+    }
     let mut nameservers = Vec::new();
     for (name, addrs) in &raw.nameservers {
         let who = format!("[proxy.dns] nameservers `{name}`");
         let n = DomainName::parse(name).map_err(|e| format!("{who}: {}", e.as_str()))?;
         if nameservers.iter().any(|(m, _)| *m == n) {
             return Err(format!("{who}: listed twice"));
+        }
+        if !n.as_str().contains('.') {
+            return Err(format!("{who}: a name server needs a full domain name"));
+        }
+        if domains.contains(&n) {
+            return Err(format!(
+                "{who}: a gateway domain itself cannot be a name server's name (use `ns1.{name}`)"
+            ));
         }
         let addrs = public_addrs(&who, addrs)?;
         let inside = domains.iter().any(|d| n.is_within(d));
@@ -1367,7 +1387,8 @@ pub(crate) fn validate(
                 return Err("[proxy.acme] renew_before_days: 1 to 365".into());
             }
             let dns_listen = parse_addrs("[proxy.acme] dns_listen", a.dns_listen)?;
-            if a.wildcard && dns_listen.is_empty() {
+            let zone_listen = raw.dns.as_ref().is_some_and(|d| !d.listen.is_empty());
+            if a.wildcard && dns_listen.is_empty() && !zone_listen {
                 return Err("[proxy.acme] wildcard = true needs dns_listen: the addresses where this hub answers `_acme-challenge.<domain>` (delegated to it with an NS record) for DNS-01".into());
             }
             if a.wildcard && domains.is_empty() {
@@ -1464,10 +1485,24 @@ pub(crate) fn validate(
             acme.iter()
                 .flat_map(|a| a.dns_listen.iter().map(|l| ("[proxy.acme] dns_listen", l))),
         );
+    // (An unspecified address takes its port on every address of its family.)
+    let overlaps = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() == b.port()
+            && (a.ip() == b.ip()
+                || (a.is_ipv4() == b.is_ipv4()
+                    && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+    };
+    let mut dns_seen: Vec<SocketAddr> = Vec::new();
     for (who, a) in dns_listen {
-        if tcp_seen.contains(a) || udp_seen.contains(a) {
+        if tcp_seen
+            .iter()
+            .chain(&udp_seen)
+            .chain(&dns_seen)
+            .any(|b| overlaps(a, b))
+        {
             return Err(format!("{who} `{a}` is already used by another listener"));
         }
+        dns_seen.push(*a);
         if !a.ip().is_unspecified() {
             own.insert(a.ip().to_canonical());
         }
@@ -2295,20 +2330,22 @@ mod toml_tests {
         assert!(d.nameservers[1].1.is_empty());
         assert_eq!(d.ttl, 300);
         assert_eq!(super::DnsSettings::listeners(&p).len(), 1);
+        let ns = "nameservers = { \"ns.example.net\" = [] }\n";
         let c = parse(&format!(
-            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n"
+            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n{ns}"
         ))
         .unwrap();
         let d = c.proxy.unwrap().dns.unwrap();
         assert_eq!(d.ttl, 60);
         assert_eq!(d.rate_limit, None);
         let c = parse(&format!(
-            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\nrate_limit = 20\n"
+            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\nrate_limit = 20\n{ns}"
         ))
         .unwrap();
         let limit = c.proxy.unwrap().dns.unwrap().rate_limit.unwrap();
         assert_eq!((limit.per_second, limit.burst), (20, 20));
         let ok = "listen = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n";
+        let okn = format!("{ok}{ns}");
         for (body, want) in [
             (
                 "addresses = [\"203.0.113.1\"]\n",
@@ -2339,7 +2376,7 @@ mod toml_tests {
                 "listed twice",
             ),
             (
-                "listen = [\"0.0.0.0:80\"]\naddresses = [\"192.0.2.1\"]\n",
+                &format!("listen = [\"0.0.0.0:80\"]\naddresses = [\"192.0.2.1\"]\n{ns}"),
                 "[proxy.dns] listen `0.0.0.0:80` is already used",
             ),
             (
@@ -2358,39 +2395,63 @@ mod toml_tests {
                 &format!("{ok}nameservers = {{ \"ns1.gw.example.org\" = [\"::1\"] }}\n"),
                 "`::1` cannot be reached",
             ),
-            (&format!("{ok}ttl = 86401\n"), "ttl: 0 to 86400"),
+            (&format!("{okn}ttl = 86401\n"), "ttl: 0 to 86400"),
             (
-                &format!("{ok}rate_burst = 5\n"),
+                &format!("{okn}rate_burst = 5\n"),
                 "[proxy.dns]: rate_burst needs rate_limit",
             ),
             (
-                &format!("{ok}rate_limit = 0\n"),
+                &format!("{okn}rate_limit = 0\n"),
                 "rate_limit and rate_burst: 1 to 1000000",
             ),
-            (&format!("{ok}zone = \"x\"\n"), "unknown field"),
+            (&format!("{okn}zone = \"x\"\n"), "unknown field"),
+            (ok, "[proxy.dns] needs nameservers"),
+            (
+                &format!("{ok}nameservers = {{ \"gw.example.org\" = [\"192.0.2.1\"] }}\n"),
+                "a gateway domain itself cannot be a name server",
+            ),
+            (
+                &format!("{ok}nameservers = {{ \"ns1\" = [] }}\n"),
+                "needs a full domain name",
+            ),
+            (
+                &format!("listen = [\"203.0.113.1:53\"]\naddresses = [{}]\n{ns}", (1..=9).map(|i| format!("\"192.0.2.{i}\"")).collect::<Vec<_>>().join(", ")),
+                "at most 8 addresses",
+            ),
+            (
+                &format!("listen = [\"203.0.113.1:53\", \"0.0.0.0:53\"]\naddresses = [\"192.0.2.1\"]\n{ns}"),
+                "`0.0.0.0:53` is already used",
+            ),
         ] {
             let e = parse(&format!("{head}[proxy.dns]\n{body}")).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
         }
-        let e = parse(&format!("[proxy.dns]\n{ok}")).unwrap_err();
+        let e = parse(&format!("[proxy.dns]\n{okn}")).unwrap_err();
         assert!(e.contains("needs at least one gateway domain"), "{e}");
         // The same listener in both places.
         let e = parse(&format!(
             "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
-             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\n{ok}"
+             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\n{okn}"
         ))
         .unwrap_err();
         assert!(e.contains("also in [proxy.acme] dns_listen"), "{e}");
         // The acme listener alone serves the zone too.
         let c = parse(&format!(
             "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
-             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\naddresses = [\"203.0.113.1\"]\n"
+             dns_listen = [\"203.0.113.1:53\"]\n[proxy.dns]\naddresses = [\"203.0.113.1\"]\n{ns}"
         ))
         .unwrap();
         assert_eq!(super::DnsSettings::listeners(&c.proxy.unwrap()).len(), 1);
+        // A wildcard certificate's challenge answered on [proxy.dns] listen alone.
+        let c = parse(&format!(
+            "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
+             wildcard = true\n[proxy.dns]\n{okn}"
+        ))
+        .unwrap();
+        assert!(c.proxy.unwrap().acme.unwrap().wildcard);
         // The zone's addresses are the hub's own: no backend there.
         let e = parse(&format!(
-            "{head}[proxy.dns]\nlisten = [\"0.0.0.0:53\"]\naddresses = [\"198.51.100.7\"]\n\
+            "{head}[proxy.dns]\nlisten = [\"0.0.0.0:53\"]\naddresses = [\"198.51.100.7\"]\n{ns}\
              [[route]]\nname = \"x\"\nbackends = [\"198.51.100.7:80\"]\n"
         ))
         .unwrap_err();
