@@ -359,13 +359,14 @@ async fn run_inner(
         let stats = slot.stats.clone();
         let me = m.clone();
         let local: crate::mesh::etcd::Local = Arc::new(move || {
-            let (hosts, http, https) = stats
+            let ((hosts, http, https), dns) = stats
                 .lock()
                 .as_ref()
-                .map(|h| h.mesh_local())
+                .map(|h| (h.mesh_local(), h.dns_addrs()))
                 .unwrap_or_default();
             let s = &me.settings;
             crate::mesh::table::HubRecord::local(&s.name, &s.advertise, &http, &https, hosts)
+                .with_dns(&dns)
         });
         let view = m.clone();
         api.set_show_section("mesh", Arc::new(move || serde_json::json!(view.view())));

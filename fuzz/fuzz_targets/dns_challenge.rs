@@ -58,7 +58,7 @@ fn zone(name: &str) -> Lookup {
     zone_lookup(
         name,
         &data,
-        |h| h == "blog.gw.test",
+        |h| (h == "blog.gw.test").then(|| vec![IpAddr::from([198, 51, 100, 7])]),
         |_| vec!["challenge-value".into()],
     )
 }

@@ -6,7 +6,10 @@
 //! Invariants checked beyond "no panic":
 //! * a decoded record carries the key's name and the record version, at most
 //!   `MAX_ADDRS` addresses per listener kind, no port 0, and its hosts are
-//!   normalised DNS names, sorted and without repeats;
+//!   normalised DNS names, sorted and without repeats; its public (`dns`)
+//!   addresses are at most `MAX_ADDRS`, unicast, reachable from the
+//!   internet, in their plain form and without repeats, and the table
+//!   names each of them;
 //! * it encodes to bytes that decode to the same record, and the same bytes
 //!   under another key are refused as `KeyMismatch`;
 //! * the table (the record given twice) holds one hub, which serves every host
@@ -130,6 +133,21 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(rec.name, key);
     assert!(rec.http.len() <= MAX_ADDRS && rec.https.len() <= MAX_ADDRS);
     assert!(rec.hosts.len() <= MAX_HOSTS);
+    assert!(rec.dns.len() <= MAX_ADDRS);
+    for (i, a) in rec.dns.iter().enumerate() {
+        assert_eq!(*a, a.to_canonical());
+        assert!(
+            gatewire::proxy::settings::forbidden_reason(*a).is_none(),
+            "{a}"
+        );
+        assert!(
+            !rec.dns.get(..i).unwrap_or_default().contains(a),
+            "{a} twice"
+        );
+    }
+    if key != OWN {
+        assert_eq!(Table::build(OWN, [&rec]).dns_addrs(), rec.dns);
+    }
     for a in rec.http.iter().chain(&rec.https) {
         assert_ne!(a.port(), 0, "{a}");
         // Unicast, also behind an IPv4-mapped form: no address a hub could

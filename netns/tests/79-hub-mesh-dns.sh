@@ -4,7 +4,8 @@
 # the hidden node n1 dials both hubs and both route `alpha` to it; n2 dials
 # hub B only, which routes `beta` to it (hub A learns beta from the mesh).
 # dig (bind9-dnsutils) in the public namespace asks each hub directly: every
-# hub names itself for every name it or the mesh serves (A and AAAA, the
+# hub names itself first, then the other hub (its public addresses, from its
+# mesh record), for every name it or the mesh serves (A and AAAA, the
 # answer authoritative, over UDP and TCP), NXDOMAIN with the zone's SOA for
 # other names and for names two labels down, the two name servers at the
 # apex with each one's own address, REFUSED outside the zone and for a zone
@@ -15,7 +16,8 @@
 # reaches alpha and beta by name alone. Hub A is stopped: its name server no
 # longer answers, glibc asks again after a second, dnsmasq sends the query
 # to hub B, which names itself, and curl reaches alpha by name through
-# hub B. `gatewire show` counts the queries.
+# hub B; once hub A's mesh record is gone, hub B names itself alone.
+# `gatewire show` counts the queries.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=79-hub-mesh-dns
@@ -101,16 +103,20 @@ must "hub B's DNS listener" wait_for 10 lab_sh hub2 "ss -Hlun 'sport = :53' | gr
 d() { lab_exec pub dig +time=2 +tries=1 +short "@$1" "${@:2}" 2>/dev/null || true; }
 # dfull SERVER ARGS... : dig's full answer
 dfull() { lab_exec pub dig +time=2 +tries=1 "@$1" "${@:2}" 2>/dev/null || true; }
-names() { [ "$(d "$1" "$2" A)" = "$3" ]; }
+# da SERVER ARGS... : the addresses of dig's answer, in order, on one line
+da() { d "$@" | tr '\n' ' ' | sed 's/ $//'; }
+names() { [ "$(da "$1" "$2" A)" = "$3" ]; }
 
-# --- each hub names itself
-must "hub A learns beta from the mesh" wait_for 15 names "$HUB4" "beta.$DOMAIN" "$HUB4"
-assert_eq "hub A: alpha (its own route) is hub A" "$HUB4" "$(d "$HUB4" "alpha.$DOMAIN" A)"
-assert_eq "hub A: AAAA of alpha is hub A's IPv6 address" "$HUB6" "$(d "$HUB4" "alpha.$DOMAIN" AAAA)"
-assert_eq "hub B: alpha is hub B" "$HUB2_4" "$(d "$HUB2_4" "alpha.$DOMAIN" A)"
-assert_eq "hub B: beta is hub B" "$HUB2_4" "$(d "$HUB2_4" "beta.$DOMAIN" A)"
-assert_eq "hub B over IPv6 and TCP, any case: AAAA of beta" "$HUB2_6" \
-    "$(d "$HUB2_6" +tcp "BeTa.GW.test" AAAA)"
+# --- each hub names itself first, then the other hub of the mesh
+must "hub A learns beta and hub B's public addresses from the mesh" \
+    wait_for 15 names "$HUB4" "beta.$DOMAIN" "$HUB4 $HUB2_4"
+assert_eq "hub A: alpha (its own route) is hub A, then hub B" "$HUB4 $HUB2_4" "$(da "$HUB4" "alpha.$DOMAIN" A)"
+assert_eq "hub A: AAAA of alpha, the IPv6 addresses in the same order" "$HUB6 $HUB2_6" \
+    "$(da "$HUB4" "alpha.$DOMAIN" AAAA)"
+must "hub B learns hub A's public addresses" wait_for 15 names "$HUB2_4" "alpha.$DOMAIN" "$HUB2_4 $HUB4"
+assert_eq "hub B: beta is hub B, then hub A" "$HUB2_4 $HUB4" "$(da "$HUB2_4" "beta.$DOMAIN" A)"
+assert_eq "hub B over IPv6 and TCP, any case: AAAA of beta" "$HUB2_6 $HUB6" \
+    "$(da "$HUB2_6" +tcp "BeTa.GW.test" AAAA)"
 out=$(dfull "$HUB4" "alpha.$DOMAIN" A)
 check "an authoritative answer (aa), no recursion offered" grep -qE "flags: qr aa rd;" <<<"$out"
 check "with the configured TTL" grep -qE "^alpha\.$DOMAIN\.[[:space:]]+5[[:space:]]+IN[[:space:]]+A[[:space:]]+$HUB4" <<<"$out"
@@ -133,8 +139,8 @@ check "a zone transfer is refused" grep -q "Transfer failed\|status: REFUSED" <<
 # --- a route added to hub B's config (the hub reloads an edited file) is
 # named by both hubs
 sed -i "s|^\[proxy.dns\]\$|[[route]]\nname = \"gamma\"\nbackends = [\"http://[$(lab_ov6 n2)]:8080\"]\n\n[proxy.dns]|" "$confB"
-check "hub B names gamma after the reload" wait_for 10 names "$HUB2_4" "gamma.$DOMAIN" "$HUB2_4"
-check "hub A names gamma through the mesh" wait_for 15 names "$HUB4" "gamma.$DOMAIN" "$HUB4"
+check "hub B names gamma after the reload" wait_for 10 names "$HUB2_4" "gamma.$DOMAIN" "$HUB2_4 $HUB4"
+check "hub A names gamma through the mesh" wait_for 15 names "$HUB4" "gamma.$DOMAIN" "$HUB4 $HUB2_4"
 
 # --- a user's machine: glibc -> dnsmasq in pub -> the zone's two name servers
 lab_bg pub resolver dnsmasq -k --port=53 --listen-address=127.0.0.1 --bind-interfaces \
@@ -165,6 +171,7 @@ check "with hub A stopped, curl reaches alpha by name through hub B" wait_for 20
 lab_log "alpha by name again after $((($(date +%s%N) - t0) / 1000000)) ms"
 assert_eq "the resolver now names hub B" "$HUB2_4" \
     "$(lab_exec pub getent ahostsv4 "alpha.$DOMAIN" | awk 'NR == 1 { print $1 }')"
+check "hub B no longer names the stopped hub A" wait_for 10 names "$HUB2_4" "alpha.$DOMAIN" "$HUB2_4"
 check "dnsmasq forwarded to hub B" grep -q "forwarded alpha.$DOMAIN to $HUB2_4" "$(lab_logfile resolver)"
 
 js=$(gw_show_json hub2 gw0 || true)

@@ -300,6 +300,12 @@ impl Mesh {
 
     /// The hubs to try for `host`, in order: from a rotating start, those
     /// that failed within [`SKIP_AFTER_FAILURE`] last.
+    /// The public addresses of the other hubs that answer the gateway zones
+    /// (`[proxy.dns]`), as their records last said.
+    pub fn dns_addrs(&self) -> Vec<IpAddr> {
+        self.table.load().dns_addrs()
+    }
+
     /// Whether another hub serves `host` (no side effects: the forwarding
     /// rotation stays where it is).
     pub fn serves(&self, host: &DomainName) -> bool {

@@ -38,6 +38,11 @@ pub struct HubRecord {
     /// The hosts of its own routes (never the ones it reaches through the mesh).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Its public addresses, when it is a name server of the gateway zones
+    /// (`[proxy.dns] addresses`): the other hubs name it too. Left out when
+    /// empty, so a hub without `[proxy.dns]` writes what older hubs read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<IpAddr>,
 }
 
 impl HubRecord {
@@ -76,7 +81,15 @@ impl HubRecord {
             http: with(http),
             https: with(https),
             hosts,
+            dns: Vec::new(),
         }
+    }
+
+    /// The record with `dns`, the hub's public addresses in the zones it
+    /// answers (`[proxy.dns] addresses`).
+    pub fn with_dns(mut self, dns: &[IpAddr]) -> HubRecord {
+        self.dns = dns.to_vec();
+        self
     }
 
     /// The record as stored.
@@ -102,6 +115,8 @@ pub enum RecordError {
     TooMany,
     #[error("address {0} is not a unicast address with a port")]
     Address(SocketAddr),
+    #[error("public address {0} is not one the internet reaches")]
+    DnsAddress(IpAddr),
     #[error("host `{0}` is not a DNS name")]
     Host(String),
 }
@@ -136,9 +151,25 @@ pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordEr
             key: key_name.to_string(),
         });
     }
-    if r.http.len() > MAX_ADDRS || r.https.len() > MAX_ADDRS || r.hosts.len() > MAX_HOSTS {
+    if r.http.len() > MAX_ADDRS
+        || r.https.len() > MAX_ADDRS
+        || r.dns.len() > MAX_ADDRS
+        || r.hosts.len() > MAX_HOSTS
+    {
         return Err(RecordError::TooMany);
     }
+    for a in &mut r.dns {
+        *a = a.to_canonical();
+        if crate::proxy::settings::forbidden_reason(*a).is_some() {
+            return Err(RecordError::DnsAddress(*a));
+        }
+    }
+    let mut seen = Vec::with_capacity(r.dns.len());
+    r.dns.retain(|a| {
+        let new = !seen.contains(a);
+        seen.push(*a);
+        new
+    });
     for a in r.http.iter().chain(&r.https) {
         let ip = a.ip().to_canonical();
         let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
@@ -170,6 +201,9 @@ pub struct PeerHub {
     pub https: Vec<SocketAddr>,
     /// How many hosts it serves.
     pub hosts: usize,
+    /// Its public addresses as a name server of the gateway zones (none when
+    /// it is not one).
+    pub dns: Vec<IpAddr>,
 }
 
 impl PeerHub {
@@ -206,6 +240,7 @@ impl Table {
                 http: r.http.clone(),
                 https: r.https.clone(),
                 hosts: r.hosts.len(),
+                dns: r.dns.clone(),
             });
             for a in r.http.iter().chain(&r.https) {
                 let ip = a.ip().to_canonical();
@@ -230,6 +265,18 @@ impl Table {
     /// (and so starts with a PROXY header naming the real client).
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted.contains(&ip.to_canonical())
+    }
+
+    /// The public addresses of the other hubs that are name servers of the
+    /// gateway zones, by hub name, each once.
+    pub fn dns_addrs(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = Vec::new();
+        for a in self.hubs.iter().flat_map(|h| &h.dns) {
+            if !v.contains(a) {
+                v.push(*a);
+            }
+        }
+        v
     }
 
     /// The other hubs, by name.
@@ -264,6 +311,65 @@ mod tests {
             &wildcard(443),
             hosts.iter().map(|s| s.to_string()),
         )
+    }
+
+    #[test]
+    fn public_dns_addresses_travel_in_the_record() {
+        let http: Vec<SocketAddr> = vec!["0.0.0.0:80".parse().unwrap()];
+        let adv: Vec<IpAddr> = vec!["198.51.100.1".parse().unwrap()];
+        // Without [proxy.dns] the record is what older hubs read.
+        let plain = HubRecord::local("a", &adv, &http, &[], ["x.gw.test".into()]);
+        assert!(!String::from_utf8(plain.encode()).unwrap().contains("dns"));
+        let pubs: Vec<IpAddr> = vec![
+            "203.0.113.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ];
+        let r = plain.clone().with_dns(&pubs);
+        let back = decode_record("a", &r.encode()).unwrap();
+        assert_eq!(back.dns, pubs);
+        let other = HubRecord::local("b", &["198.51.100.2".parse().unwrap()], &http, &[], [])
+            .with_dns(&[
+                "192.0.2.20".parse().unwrap(),
+                "203.0.113.10".parse().unwrap(),
+            ]);
+        let t = Table::build("me", [&back, &other, &plain]);
+        // By hub name, each once; hubs without [proxy.dns] add nothing.
+        assert_eq!(
+            t.dns_addrs(),
+            ["203.0.113.10", "2001:db8::10", "192.0.2.20"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        assert!(Table::build("me", [&plain]).dns_addrs().is_empty());
+        // Addresses the internet does not reach are refused; mapped ones and
+        // repeats normalised.
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "fe80::1",
+            "ff02::1",
+            "255.255.255.255",
+        ] {
+            let json = format!(r#"{{"v":1,"name":"a","dns":["{bad}"]}}"#);
+            assert!(
+                matches!(
+                    decode_record("a", json.as_bytes()),
+                    Err(RecordError::DnsAddress(_))
+                ),
+                "{bad}"
+            );
+        }
+        let json = r#"{"v":1,"name":"a","dns":["::ffff:192.0.2.1","192.0.2.1"]}"#;
+        assert_eq!(
+            decode_record("a", json.as_bytes()).unwrap().dns,
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+        let many: Vec<String> = (1..=MAX_ADDRS + 1)
+            .map(|i| format!("\"192.0.2.{i}\""))
+            .collect();
+        let json = format!(r#"{{"v":1,"name":"a","dns":[{}]}}"#, many.join(","));
+        assert_eq!(
+            decode_record("a", json.as_bytes()),
+            Err(RecordError::TooMany)
+        );
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub enum Lookup {
     },
 }
 
+/// Addresses a served name gets at most (this hub's first, then the other
+/// hubs'), so a reply stays small.
+pub const MAX_NAME_ADDRS: usize = 16;
+
 /// The records of a name that exists.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Records {
@@ -127,11 +131,14 @@ pub struct ZoneData {
 /// What the hub holds for `qname` (lowercase, no trailing dot, as
 /// [`respond`] gives it) in the zones of `zone`: the most specific domain
 /// that holds `qname` decides.
-/// * the apex: SOA, NS, and the addresses when `served(apex)`;
+/// `served(name)` says whether a name is served (`None`: no) and, if so,
+/// the addresses of the other hubs that serve it too (a mesh): they follow
+/// this hub's own, so a client whose first address fails tries the next.
+/// * the apex: SOA, NS, and the addresses when served;
 /// * `_acme-challenge.<domain>`: TXT, the values `challenge(domain)` gives;
 /// * a name server's name: its own addresses (another hub's, for the name
 ///   servers of the others);
-/// * a name `served(qname)`: the addresses (a name route is one label down;
+/// * a name served: the addresses (a name route is one label down;
 ///   a name served by another hub of the mesh, or an fqdn route, may be
 ///   deeper);
 /// * a name above a name server or a nested gateway domain (`hubs.gw.test`
@@ -142,7 +149,7 @@ pub struct ZoneData {
 pub fn zone_lookup(
     qname: &str,
     zone: &ZoneData,
-    served: impl Fn(&str) -> bool,
+    served: impl Fn(&str) -> Option<Vec<IpAddr>>,
     challenge: impl Fn(&str) -> Vec<String>,
 ) -> Lookup {
     let within = |d: &&String| {
@@ -158,19 +165,30 @@ pub fn zone_lookup(
         zone: domain.clone(),
         records,
     };
-    let addrs = Records {
-        addrs: zone.addrs.clone(),
-        ttl: zone.ttl,
-        ..Records::default()
+    // This hub's addresses, then the others'.
+    let addrs = |others: Vec<IpAddr>| {
+        let mut addrs = zone.addrs.clone();
+        for a in others {
+            if addrs.len() >= MAX_NAME_ADDRS {
+                break;
+            }
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        Records {
+            addrs,
+            ttl: zone.ttl,
+            ..Records::default()
+        }
     };
     if qname == domain {
-        let mut r = if served(qname) {
-            addrs
-        } else {
-            Records {
+        let mut r = match served(qname) {
+            Some(others) => addrs(others),
+            None => Records {
                 ttl: zone.ttl,
                 ..Records::default()
-            }
+            },
         };
         r.apex = true;
         r.ns = zone.ns.iter().map(|(n, _)| n.clone()).collect();
@@ -193,8 +211,8 @@ pub fn zone_lookup(
             ..Records::default()
         });
     }
-    if served(qname) {
-        return host(addrs);
+    if let Some(others) = served(qname) {
+        return host(addrs(others));
     }
     let above = |name: &str| {
         name.strip_suffix(qname)
@@ -1043,8 +1061,8 @@ mod tests {
         }
     }
 
-    fn served(name: &str) -> bool {
-        matches!(name, "blog.gw.test" | "shop.eu.gw.test")
+    fn served(name: &str) -> Option<Vec<IpAddr>> {
+        matches!(name, "blog.gw.test" | "shop.eu.gw.test").then(Vec::new)
     }
 
     fn zl(name: &str) -> Lookup {
@@ -1089,8 +1107,50 @@ mod tests {
             zone_lookup(n, &z, served, |_| Vec::new())
         };
         assert_eq!(nested("b.gw.test"), empty);
+        // The other hubs' addresses follow this hub's, each once.
+        let meshed = |n: &str| {
+            zone_lookup(
+                n,
+                &zone(),
+                |_| {
+                    Some(vec![
+                        "198.51.100.20".parse().unwrap(),
+                        "2001:db8::10".parse().unwrap(),
+                    ])
+                },
+                |_| Vec::new(),
+            )
+        };
+        match meshed("blog.gw.test") {
+            Lookup::Name { records, .. } => assert_eq!(
+                records.addrs,
+                ["203.0.113.10", "2001:db8::10", "198.51.100.20"]
+                    .map(|a| a.parse::<IpAddr>().unwrap())
+            ),
+            other => panic!("{other:?}"),
+        }
+        let crowd = zone_lookup(
+            "blog.gw.test",
+            &zone(),
+            |_| Some((0..40u8).map(|i| IpAddr::from([192, 0, 2, i])).collect()),
+            |_| Vec::new(),
+        );
+        match crowd {
+            Lookup::Name { records, .. } => {
+                assert_eq!(records.addrs.len(), MAX_NAME_ADDRS);
+                assert_eq!(records.addrs[..2], zone().addrs[..]);
+            }
+            other => panic!("{other:?}"),
+        }
         // A deeper name another hub serves is named too.
-        let deep = |n: &str| zone_lookup(n, &zone(), |h| h == "api.v2.gw.test", |_| Vec::new());
+        let deep = |n: &str| {
+            zone_lookup(
+                n,
+                &zone(),
+                |h| (h == "api.v2.gw.test").then(Vec::new),
+                |_| Vec::new(),
+            )
+        };
         assert_eq!(deep("api.v2.gw.test"), host("gw.test"));
         assert!(matches!(deep("v2.gw.test"), Lookup::Below { .. }));
         for missing in [
@@ -1320,7 +1380,7 @@ mod tests {
             }
             if let Lookup::Name { records, .. } = zl(&name) {
                 if !records.addrs.is_empty() {
-                    prop_assert!(served(&name) || name == "ns1.gw.test" || name == "ns2.hubs.gw.test", "{}", name);
+                    prop_assert!(served(&name).is_some() || name == "ns1.gw.test" || name == "ns2.hubs.gw.test", "{}", name);
                 }
             }
         }

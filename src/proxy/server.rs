@@ -283,7 +283,15 @@ impl Runtime {
             Some(zone) => crate::proxy::dns::zone_lookup(
                 qname,
                 zone,
-                |h| self.serves(h),
+                |h| {
+                    self.serves(h).then(|| {
+                        self.mesh
+                            .load()
+                            .as_ref()
+                            .map(|m| m.dns_addrs())
+                            .unwrap_or_default()
+                    })
+                },
                 |d| self.acme.challenge_values(d),
             ),
             None => self.acme.dns_lookup(qname),
@@ -333,6 +341,18 @@ impl StatsHandle {
         let mut v = self.0.current.load().file_certs.clone();
         v.extend(self.0.acme.status());
         v
+    }
+
+    /// The public addresses the hub names in its gateway zones
+    /// (`[proxy.dns] addresses`), published to the mesh; none without
+    /// `[proxy.dns]`.
+    pub fn dns_addrs(&self) -> Vec<std::net::IpAddr> {
+        self.0
+            .zone
+            .load()
+            .as_ref()
+            .map(|z| z.addrs.clone())
+            .unwrap_or_default()
     }
 
     /// What the mesh publishes: the hosts of every route, and the bound
