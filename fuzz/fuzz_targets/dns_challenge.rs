@@ -54,6 +54,7 @@ fn zone(name: &str) -> Lookup {
             ("ns.example.net".into(), Vec::new()),
         ],
         ttl: 60,
+        local: vec!["db.gw.test".into()],
     };
     zone_lookup(
         name,

@@ -298,8 +298,6 @@ impl Mesh {
         self.table.load().is_empty()
     }
 
-    /// The hubs to try for `host`, in order: from a rotating start, those
-    /// that failed within [`SKIP_AFTER_FAILURE`] last.
     /// The public addresses of the other hubs that answer the gateway zones
     /// (`[proxy.dns]`), as their records last said.
     pub fn dns_addrs(&self) -> Vec<IpAddr> {
@@ -312,6 +310,8 @@ impl Mesh {
         !self.table.load().lookup(host).is_empty()
     }
 
+    /// The hubs to try for `host`, in order: from a rotating start, those
+    /// that failed within [`SKIP_AFTER_FAILURE`] last.
     pub fn candidates(&self, host: &DomainName) -> Vec<Arc<PeerHub>> {
         let t = self.table.load();
         let hubs = t.lookup(host);

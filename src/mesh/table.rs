@@ -22,8 +22,10 @@ pub const MAX_HOSTS: usize = 65_536;
 
 /// What a hub tells the others: its name, where to send it the connections of
 /// the hosts it serves (its plain HTTP and its TLS listeners), and those hosts.
+///
+/// Fields this version does not know are ignored (a newer hub's record
+/// still routes here); those it knows are checked ([`decode_record`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HubRecord {
     /// Always [`RECORD_VERSION`].
     pub v: u32,
@@ -223,6 +225,7 @@ pub struct Table {
     hosts: HashMap<String, Vec<Arc<PeerHub>>>,
     hubs: Vec<Arc<PeerHub>>,
     trusted: Vec<IpAddr>,
+    dns: Vec<IpAddr>,
 }
 
 impl Table {
@@ -251,6 +254,11 @@ impl Table {
             for h in &r.hosts {
                 t.hosts.entry(h.clone()).or_default().push(hub.clone());
             }
+            for a in &r.dns {
+                if !t.dns.contains(a) {
+                    t.dns.push(*a);
+                }
+            }
             t.hubs.push(hub);
         }
         t
@@ -270,13 +278,7 @@ impl Table {
     /// The public addresses of the other hubs that are name servers of the
     /// gateway zones, by hub name, each once.
     pub fn dns_addrs(&self) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = Vec::new();
-        for a in self.hubs.iter().flat_map(|h| &h.dns) {
-            if !v.contains(a) {
-                v.push(*a);
-            }
-        }
-        v
+        self.dns.clone()
     }
 
     /// The other hubs, by name.
@@ -464,8 +466,16 @@ mod tests {
                 "{bad}"
             );
         }
+        // A field a later version adds is ignored, not a reason to drop
+        // the hub.
+        let r = decode_record(
+            "h",
+            br#"{"v":1,"name":"h","hosts":["a.gw.test"],"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.hosts, ["a.gw.test"]);
         assert!(matches!(
-            decode_record("h", br#"{"v":1,"name":"h","extra":1}"#),
+            decode_record("h", br#"{"v":1,"name":"h","hosts":"a.gw.test"}"#),
             Err(RecordError::Json(_))
         ));
         let big = vec![b' '; MAX_RECORD_BYTES + 1];

@@ -126,6 +126,9 @@ pub struct ZoneData {
     pub ns: Vec<(String, Vec<IpAddr>)>,
     /// TTL of the A, AAAA and NS records.
     pub ttl: u32,
+    /// Names only this hub serves (TLS forwards' names): its own addresses,
+    /// not the other hubs'.
+    pub local: Vec<String>,
 }
 
 /// What the hub holds for `qname` (lowercase, no trailing dot, as
@@ -214,6 +217,9 @@ pub fn zone_lookup(
     if let Some(others) = served(qname) {
         return host(addrs(others));
     }
+    if zone.local.iter().any(|n| n == qname) {
+        return host(addrs(Vec::new()));
+    }
     let above = |name: &str| {
         name.strip_suffix(qname)
             .is_some_and(|h| h.len() > 1 && h.ends_with('.'))
@@ -291,7 +297,15 @@ pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
         reply.add_query(q.clone());
     }
     let rcode = reply.metadata.response_code;
-    let bytes = reply.to_vec().map_err(|_| Dropped::Malformed)?;
+    let mut bytes = reply.to_vec().map_err(|_| Dropped::Malformed)?;
+    if bytes.len() > query.len() {
+        // A question written compressed (pointing into the header) comes
+        // out longer: the header alone, with no question.
+        bytes.truncate(12);
+        if let Some(qd) = bytes.get_mut(4..6) {
+            qd.copy_from_slice(&[0, 0]);
+        }
+    }
     Ok(Reply { bytes, rcode })
 }
 
@@ -1040,6 +1054,19 @@ mod tests {
         resp[2] |= 0x80;
         assert_eq!(respond_truncated(&resp), Err(Dropped::NotAQuery));
         assert_eq!(respond_truncated(&DIG_TXT[..20]), Err(Dropped::Malformed));
+        // A question whose name points back into the header (id 10: a
+        // ten-byte label, then the zero of ARCOUNT) would come out longer
+        // than the query: the header alone goes back.
+        let q = [
+            10, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x00, 0, 1, 0, 1,
+        ];
+        match respond_truncated(&q) {
+            Ok(r) => {
+                assert!(r.bytes.len() <= q.len(), "{} bytes", r.bytes.len());
+                assert_eq!(r.bytes[2] & 0x82, 0x82, "QR and TC");
+            }
+            Err(e) => assert_eq!(e, Dropped::Malformed),
+        }
     }
 
     fn zone() -> ZoneData {
@@ -1058,6 +1085,7 @@ mod tests {
                 ),
             ],
             ttl: 60,
+            local: vec!["db.gw.test".into()],
         }
     }
 
@@ -1107,6 +1135,9 @@ mod tests {
             zone_lookup(n, &z, served, |_| Vec::new())
         };
         assert_eq!(nested("b.gw.test"), empty);
+        // A TLS forward's name: this hub's addresses alone.
+        let forward = zone_lookup("db.gw.test", &zone(), |_| None, |_| Vec::new());
+        assert_eq!(forward, host("gw.test"));
         // The other hubs' addresses follow this hub's, each once.
         let meshed = |n: &str| {
             zone_lookup(
@@ -1340,8 +1371,8 @@ mod tests {
             let _ = respond(&bytes, true, any_lookup);
             let _ = respond(&bytes, false, any_lookup);
             if let Ok(r) = respond_truncated(&bytes) {
-                // Header-only replies are 12 bytes; the rest echo the question.
-                prop_assert!(r.bytes.len() <= bytes.len().max(12) + 11);
+                // Never more than was sent: nothing to amplify.
+                prop_assert!(r.bytes.len() <= bytes.len());
             }
         }
 

@@ -26,7 +26,6 @@ use crate::proxy::io::UdpListener;
 use crate::proxy::stats::{Counters, ErrorKind};
 use hickory_proto::op::ResponseCode;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,19 +45,26 @@ pub const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What a name holds (lowercase, no trailing dot), asked once per query.
 pub type DnsLookup = Arc<dyn Fn(&str) -> dns::Lookup + Send + Sync>;
-/// Whether a UDP query from this client is over its rate (takes a token).
-pub type DnsLimit = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+/// What to do with a UDP query from this client (takes a token).
+pub type DnsLimit = Arc<dyn Fn(IpAddr) -> Rate + Send + Sync>;
 
-/// Queries refused for their rate so far: every other one gets a truncated
-/// reply.
-static OVER_RATE: AtomicU64 = AtomicU64::new(0);
+/// A UDP query against its client's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    /// Within it: answered.
+    Within,
+    /// Over it, an odd refusal of this client: a truncated reply.
+    Slip,
+    /// Over it, an even refusal: no reply.
+    Drop,
+}
 
-/// The reply to a UDP query over its client's rate: a truncated one every
-/// other time, else none.
-fn over_rate(counters: &Counters, query: &[u8]) -> Option<Vec<u8>> {
+/// The reply to a UDP query over its client's rate: a truncated one for a
+/// slip, else none.
+fn over_rate(counters: &Counters, query: &[u8], rate: Rate) -> Option<Vec<u8>> {
     counters.add_in(query.len() as u64);
     counters.error(ErrorKind::RateLimited);
-    if OVER_RATE.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+    if rate != Rate::Slip {
         return None;
     }
     let reply = dns::respond_truncated(query).ok()?.bytes;
@@ -97,6 +103,9 @@ pub async fn udp_loop(
     let mut meta = [quinn_udp::RecvMeta::default(); 1];
     loop {
         let n = tokio::select! {
+            // (A stop first: a listener removed by a reload answers no more.)
+            biased;
+            _ = stop.changed() => return,
             r = async {
                 let mut iov = [std::io::IoSliceMut::new(&mut buf)];
                 sock.recv(&mut iov, &mut meta).await
@@ -108,17 +117,15 @@ pub async fn udp_loop(
                     continue;
                 }
             },
-            _ = stop.changed() => return,
         };
         for m in meta.iter().take(n) {
             let data = buf.get(..m.len).unwrap_or_default();
             // A GRO train holds datagrams of `stride` bytes each.
             let stride = if m.stride == 0 { m.len } else { m.stride };
             for q in data.chunks(stride.max(1)) {
-                let reply = if limit(m.addr.ip()) {
-                    over_rate(&counters, q)
-                } else {
-                    answer(&lookup, &counters, q, true)
+                let reply = match limit(m.addr.ip()) {
+                    Rate::Within => answer(&lookup, &counters, q, true),
+                    rate => over_rate(&counters, q, rate),
                 };
                 if let Some(reply) = reply {
                     if let Err(e) = sock.send(m.addr, m.dst_ip, &reply).await {

@@ -32,6 +32,8 @@ struct Bucket {
     /// Tokens, in thousandths (integer arithmetic, no drift).
     milli: u64,
     last_ms: u64,
+    /// Refusals of this client so far, odd or even ([`Limiter::refusals`]).
+    odd: bool,
 }
 
 /// The buckets of one route or forward.
@@ -92,6 +94,7 @@ impl Limiter {
         Bucket {
             milli: b.milli.saturating_add(add).min(self.full()),
             last_ms: b.last_ms.max(now_ms),
+            odd: b.odd,
         }
     }
 
@@ -106,6 +109,7 @@ impl Limiter {
                 Bucket {
                     milli: self.full(),
                     last_ms: now_ms,
+                    odd: false,
                 }
             }
         };
@@ -120,10 +124,18 @@ impl Limiter {
         } else {
             let per = u64::from(self.limit.per_second).max(1);
             // Milliseconds until the bucket holds a whole token again.
+            let b = Bucket { odd: !b.odd, ..b };
             (b, Err((1000 - b.milli).div_ceil(per)))
         };
         self.buckets.insert(k, b);
         r
+    }
+
+    /// Whether the last refusal of `ip` was its first, third, fifth... (so a
+    /// caller can treat every other refusal of one client alike, whatever
+    /// other clients do). False for a client never refused or not tracked.
+    pub fn refusals_odd(&self, ip: IpAddr) -> bool {
+        self.buckets.get(&key(ip)).is_some_and(|b| b.odd)
     }
 
     /// Frees a slot when the table is full: first every bucket that has
@@ -163,6 +175,30 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn refusals_alternate_per_client() {
+        let mut l = Limiter::new(RateLimit {
+            per_second: 1,
+            burst: 1,
+        });
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(l.check(a, 0).is_ok());
+        assert!(l.check(b, 0).is_ok());
+        assert!(!l.refusals_odd(a));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            // b's refusals in between do not shift a's.
+            assert!(l.check(b, 10).is_err());
+            assert!(l.check(a, 10).is_err());
+            seen.push(l.refusals_odd(a));
+        }
+        assert_eq!(seen, [true, false, true, false]);
+        // A token taken keeps the parity where it was.
+        assert!(l.check(a, 2000).is_ok());
+        assert!(!l.refusals_odd(a));
+        assert!(!l.refusals_odd("192.0.2.9".parse().unwrap()));
     }
 
     #[test]

@@ -735,6 +735,16 @@ fn zone_data(settings: &ProxySettings) -> Option<crate::proxy::dns::ZoneData> {
             .map(|(n, a)| (n.as_str().to_string(), a.clone()))
             .collect(),
         ttl: dns.ttl,
+        // TLS forwards' names (clients and ACME validations must reach this
+        // hub: other hubs do not forward raw TCP).
+        local: settings
+            .tcp
+            .iter()
+            .filter_map(|t| match &t.tls {
+                Some(TcpTls::Acme(name)) => Some(name.as_str().to_string()),
+                _ => None,
+            })
+            .collect(),
     })
 }
 
@@ -813,8 +823,16 @@ fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> L
     });
     let weak = Arc::downgrade(rt);
     let dns_limit: crate::proxy::dns_server::DnsLimit = Arc::new(move |ip| {
-        weak.upgrade()
-            .is_some_and(|rt| over_limit(&rt.dns_limiter.load_full(), ip).is_some())
+        use crate::proxy::dns_server::Rate;
+        let Some(limiter) = weak.upgrade().and_then(|rt| rt.dns_limiter.load_full()) else {
+            return Rate::Within;
+        };
+        let mut l = limiter.lock();
+        match l.check(ip, now_ms()) {
+            Ok(()) => Rate::Within,
+            Err(_) if l.refusals_odd(ip) => Rate::Slip,
+            Err(_) => Rate::Drop,
+        }
     });
     let task = match b {
         Bound::Tcp(l) if kind == Kind::DnsTcp => tokio::spawn(
