@@ -301,7 +301,7 @@ impl Mesh {
     /// The public addresses of the other hubs that answer the gateway zones
     /// (`[proxy.dns]`), as their records last said.
     pub fn dns_addrs(&self) -> Vec<IpAddr> {
-        self.table.load().dns_addrs()
+        self.table.load().dns_addrs().to_vec()
     }
 
     /// Whether another hub serves `host` (no side effects: the forwarding

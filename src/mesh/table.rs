@@ -203,9 +203,6 @@ pub struct PeerHub {
     pub https: Vec<SocketAddr>,
     /// How many hosts it serves.
     pub hosts: usize,
-    /// Its public addresses as a name server of the gateway zones (none when
-    /// it is not one).
-    pub dns: Vec<IpAddr>,
 }
 
 impl PeerHub {
@@ -243,7 +240,6 @@ impl Table {
                 http: r.http.clone(),
                 https: r.https.clone(),
                 hosts: r.hosts.len(),
-                dns: r.dns.clone(),
             });
             for a in r.http.iter().chain(&r.https) {
                 let ip = a.ip().to_canonical();
@@ -277,8 +273,8 @@ impl Table {
 
     /// The public addresses of the other hubs that are name servers of the
     /// gateway zones, by hub name, each once.
-    pub fn dns_addrs(&self) -> Vec<IpAddr> {
-        self.dns.clone()
+    pub fn dns_addrs(&self) -> &[IpAddr] {
+        &self.dns
     }
 
     /// The other hubs, by name.

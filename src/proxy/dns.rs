@@ -5,9 +5,10 @@
 //! * the whole gateway zone (`[proxy.dns]`): operators delegate
 //!   `<gateway domain>` to their hubs; each hub answers A and AAAA queries for
 //!   the names it serves (its own routes, and those of the mesh) with its own
-//!   public addresses, NXDOMAIN for every other name, and SOA and NS at the
-//!   apex. A hub that is down does not answer, so resolvers ask the zone's
-//!   other name servers, which name their own hubs ([`zone_lookup`]).
+//!   public addresses (then those of the other hubs of its mesh), NXDOMAIN
+//!   for every other name, and SOA and NS at the apex. A hub that is down
+//!   does not answer, so resolvers ask the zone's other name servers, which
+//!   name their own hubs first ([`zone_lookup`]).
 //!
 //! Pure: [`respond`] takes the bytes of one received DNS message and returns
 //! the bytes to send back, or why nothing is sent. The caller (the UDP and TCP
@@ -199,7 +200,8 @@ pub fn zone_lookup(
     }
     // (`within` left a head ending in '.'.)
     let head = qname
-        .get(..qname.len() - domain.len() - 1)
+        .strip_suffix(domain.as_str())
+        .and_then(|h| h.strip_suffix('.'))
         .unwrap_or_default();
     if head == "_acme-challenge" {
         return host(Records {
@@ -502,9 +504,7 @@ fn txt_record(owner: &Name, value: &str) -> Record {
     } else {
         bytes.chunks(TXT_STRING_MAX).collect()
     };
-    let mut record = Record::from_rdata(owner.clone(), TTL, RData::TXT(TXT::from_bytes(strings)));
-    record.dns_class = DNSClass::IN;
-    record
+    record(owner, TTL, RData::TXT(TXT::from_bytes(strings)))
 }
 
 /// The zone's SOA record: mname the zone, rname `hostmaster.<zone>`. `None`
@@ -514,7 +514,7 @@ fn soa_record(zone: &str) -> Option<Record> {
     if zone.is_empty() {
         return None;
     }
-    let apex = Name::from_labels(zone.split('.').map(str::as_bytes)).ok()?;
+    let apex = name_of(zone)?;
     let rname = Name::from_labels(
         std::iter::once("hostmaster")
             .chain(zone.split('.'))
@@ -530,9 +530,7 @@ fn soa_record(zone: &str) -> Option<Record> {
         SOA_EXPIRE,
         SOA_MINIMUM,
     );
-    let mut record = Record::from_rdata(apex, TTL, RData::SOA(soa));
-    record.dns_class = DNSClass::IN;
-    Some(record)
+    Some(record(&apex, TTL, RData::SOA(soa)))
 }
 
 /// The reply's bytes within `limit`: whole if it fits, else header, question

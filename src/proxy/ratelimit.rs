@@ -32,7 +32,7 @@ struct Bucket {
     /// Tokens, in thousandths (integer arithmetic, no drift).
     milli: u64,
     last_ms: u64,
-    /// Refusals of this client so far, odd or even ([`Limiter::refusals`]).
+    /// Refusals of this client so far, odd or even ([`Limiter::refusals_odd`]).
     odd: bool,
 }
 

@@ -264,16 +264,18 @@ struct Runtime {
 
 impl Runtime {
     /// Whether a connection for `host` (lowercase, no trailing dot) would
-    /// be served: a route of this hub's, or one another hub of the mesh
-    /// serves.
-    fn serves(&self, host: &str) -> bool {
-        let Ok(host) = DomainName::parse(host) else {
-            return false;
-        };
-        if self.current.load().table.lookup(&host).is_some() {
-            return true;
+    /// be served (a route of this hub's, or one another hub of the mesh
+    /// serves), and if so the public addresses of the mesh's other hubs
+    /// that answer the gateway zones.
+    fn served(&self, host: &str) -> Option<Vec<std::net::IpAddr>> {
+        let host = DomainName::parse(host).ok()?;
+        let mesh = self.mesh.load();
+        let mesh = mesh.as_ref();
+        let ours = self.current.load().table.lookup(&host).is_some();
+        if !ours && !mesh.is_some_and(|m| m.serves(&host)) {
+            return None;
         }
-        self.mesh.load().as_ref().is_some_and(|m| m.serves(&host))
+        Some(mesh.map(|m| m.dns_addrs()).unwrap_or_default())
     }
 
     /// What the DNS listeners answer for `qname`: the gateway zones whole
@@ -283,15 +285,7 @@ impl Runtime {
             Some(zone) => crate::proxy::dns::zone_lookup(
                 qname,
                 zone,
-                |h| {
-                    self.serves(h).then(|| {
-                        self.mesh
-                            .load()
-                            .as_ref()
-                            .map(|m| m.dns_addrs())
-                            .unwrap_or_default()
-                    })
-                },
+                |h| self.served(h),
                 |d| self.acme.challenge_values(d),
             ),
             None => self.acme.dns_lookup(qname),
@@ -812,18 +806,22 @@ fn bind(kind: Kind, addr: SocketAddr) -> anyhow::Result<(Bound, SocketAddr)> {
     }
 }
 
-fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> Listening {
-    let (kind, conf, nth) = key;
-    let (stop, stop_rx) = watch::channel(false);
-    // (Weak: the listener's task must not keep the runtime alive.)
+/// What the DNS listeners answer (through a `Weak`: a listener's task must
+/// not keep the runtime alive).
+fn dns_lookup(rt: &Arc<Runtime>) -> crate::proxy::dns_server::DnsLookup {
     let weak = Arc::downgrade(rt);
-    let dns_lookup: crate::proxy::dns_server::DnsLookup = Arc::new(move |q| {
+    Arc::new(move |q| {
         weak.upgrade()
             .map_or(crate::proxy::dns::Lookup::Outside, |rt| rt.dns_lookup(q))
-    });
+    })
+}
+
+/// `[proxy.dns] rate_limit` for the UDP DNS listeners: every other refusal
+/// of a client slips (a truncated reply), the others drop.
+fn dns_limit(rt: &Arc<Runtime>) -> crate::proxy::dns_server::DnsLimit {
+    use crate::proxy::dns_server::Rate;
     let weak = Arc::downgrade(rt);
-    let dns_limit: crate::proxy::dns_server::DnsLimit = Arc::new(move |ip| {
-        use crate::proxy::dns_server::Rate;
+    Arc::new(move |ip| {
         let Some(limiter) = weak.upgrade().and_then(|rt| rt.dns_limiter.load_full()) else {
             return Rate::Within;
         };
@@ -833,17 +831,22 @@ fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> L
             Err(_) if l.refusals_odd(ip) => Rate::Slip,
             Err(_) => Rate::Drop,
         }
-    });
+    })
+}
+
+fn spawn_listener(rt: &Arc<Runtime>, key: Key, b: Bound, bound: SocketAddr) -> Listening {
+    let (kind, conf, nth) = key;
+    let (stop, stop_rx) = watch::channel(false);
     let task = match b {
         Bound::Tcp(l) if kind == Kind::DnsTcp => tokio::spawn(
-            crate::proxy::dns_server::tcp_loop(l, dns_lookup, rt.dns.clone(), stop_rx)
+            crate::proxy::dns_server::tcp_loop(l, dns_lookup(rt), rt.dns.clone(), stop_rx)
                 .instrument(info_span!("dns", listen = %conf)),
         ),
         Bound::Udp(s) if kind == Kind::DnsUdp => tokio::spawn(
             crate::proxy::dns_server::udp_loop(
                 Arc::new(s),
-                dns_lookup,
-                dns_limit,
+                dns_lookup(rt),
+                dns_limit(rt),
                 rt.dns.clone(),
                 stop_rx,
             )
