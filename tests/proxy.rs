@@ -1120,6 +1120,7 @@ async fn http2_backend_over_tls_needs_alpn_h2_and_is_health_checked() {
         timeout: Duration::from_secs(1),
         fall: 1,
         rise: 1,
+        send: Default::default(),
     });
     let p = Proxy::start(settings(vec![a, b, c])).await.unwrap();
     let r = raw_http(p.http_addrs()[0], "a.gw.test", "").await;

@@ -392,6 +392,7 @@ fn health(interval_ms: u64) -> HealthCheck {
         timeout: Duration::from_millis(500),
         fall: 2,
         rise: 1,
+        send: Default::default(),
     }
 }
 

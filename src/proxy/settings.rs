@@ -354,6 +354,28 @@ pub struct HealthCheck {
     pub fall: u32,
     /// Consecutive successes that mark it up again.
     pub rise: u32,
+    /// What a probe sends besides the check itself, so that a backend sees
+    /// it as it sees the route's own traffic.
+    pub send: ProbeSend,
+}
+
+/// How a health probe speaks to a backend: as the route or forward does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProbeSend {
+    /// `Host` of HTTP checks: the route's public name (a backend with
+    /// virtual hosts answers the probe as it answers the route); `None`
+    /// (forwards): the backend's address.
+    pub host: Option<String>,
+    /// The headers the route sets on its requests (`request_headers`, the
+    /// values marked sensitive), sent with HTTP checks.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// A PROXY header goes first (`LOCAL` in v2, `UNKNOWN` in v1: the
+    /// connection is the hub's own) where the route sends one.
+    pub proxy_protocol: ProxyProtocol,
+    /// HTTP checks in TLS with `host` as the server name and no
+    /// verification (passthrough routes: the certificate is the node's
+    /// business, the check is whether the service answers).
+    pub tls_unverified: bool,
 }
 
 /// Load balancing, health checks and the connection limit of a route or forward.
@@ -1259,6 +1281,7 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
                 timeout: per("health_timeout", r.health_timeout, 1)?,
                 fall,
                 rise,
+                send: ProbeSend::default(),
             })
         }
     };
@@ -1622,17 +1645,6 @@ pub(crate) fn validate(
                 Some((url, names))
             }
         };
-        let bal = balance(&who, raw_bal!(r), false)?;
-        let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own, &bal)?;
-        let max_body_size = match r.max_body_size.as_deref() {
-            None => None,
-            Some(_) if passthrough => {
-                return Err(format!(
-                    "{who}: max_body_size needs tls = \"terminate\" (a passthrough route never sees the request)"
-                ))
-            }
-            Some(v) => Some(parse_size(v).map_err(|e| format!("{who}: max_body_size {e}"))?),
-        };
         if passthrough && !(r.request_headers.is_empty() && r.response_headers.is_empty()) {
             return Err(format!(
                 "{who}: request_headers and response_headers need tls = \"terminate\" (a passthrough route never sees the request)"
@@ -1650,6 +1662,32 @@ pub(crate) fn validate(
             std::mem::take(&mut r.response_headers),
             false,
         )?;
+        let mut bal = balance(&who, raw_bal!(r), false)?;
+        if let Some(h) = bal.health.as_mut() {
+            h.send = ProbeSend {
+                host: match &host {
+                    RouteHost::Name(l) => domains.first().and_then(|d| l.under(d)),
+                    RouteHost::Fqdn(f) => Some(f.clone()),
+                }
+                .map(|d| d.to_string()),
+                headers: request_headers
+                    .iter()
+                    .filter_map(|(n, v)| Some((n.clone(), v.clone()?)))
+                    .collect(),
+                proxy_protocol: pp,
+                tls_unverified: passthrough,
+            };
+        }
+        let paths = route_paths(&who, std::mem::take(&mut r.paths), passthrough, &own, &bal)?;
+        let max_body_size = match r.max_body_size.as_deref() {
+            None => None,
+            Some(_) if passthrough => {
+                return Err(format!(
+                    "{who}: max_body_size needs tls = \"terminate\" (a passthrough route never sees the request)"
+                ))
+            }
+            Some(v) => Some(parse_size(v).map_err(|e| format!("{who}: max_body_size {e}"))?),
+        };
         let has_https = backends
             .iter()
             .chain(paths.iter().flat_map(|p| &p.backends))
@@ -1721,11 +1759,15 @@ pub(crate) fn validate(
             (_, _, Some(_)) => return Err(format!("{who}: set `acme` or `cert`/`key`, not both")),
             _ => return Err(format!("{who}: set both `cert` and `key`, or neither")),
         };
+        let mut balance = balance(&who, raw_bal!(t), false)?;
+        if let Some(h) = balance.health.as_mut() {
+            h.send.proxy_protocol = proxy_protocol;
+        }
         out_tcp.push(TcpForwardSettings {
             listen,
             backends,
             proxy_protocol,
-            balance: balance(&who, raw_bal!(t), false)?,
+            balance,
             tls,
             access: access(&who, &t.allow, &t.deny)?,
             rate_limit: rate_limit(&who, t.rate_limit, t.rate_burst)?,
@@ -2109,6 +2151,45 @@ mod toml_tests {
         )
         .unwrap_err();
         assert!(e.contains("need tls = \"terminate\""), "{e}");
+    }
+
+    #[test]
+    fn health_probes_speak_as_the_route() {
+        let c = parse(
+            "[proxy]\ndomains = [\"gw.example.org\", \"gw2.example.org\"]\n\
+             [[route]]\nname = \"App\"\nbackends = [\"100.64.0.3:80\"]\nhealth_check = \"http\"\n\
+             request_headers = { \"X-Key\" = \"s3cret\", Cookie = \"\" }\n\
+             [[route.paths]]\nprefix = \"/api\"\nbackends = [\"100.64.0.4:80\"]\n\
+             [[route]]\nfqdn = \"shop.example\"\ntls = \"passthrough\"\nproxy_protocol = \"v1\"\n\
+             backends = [\"100.64.0.5:443\"]\nhealth_check = \"http\"\n\
+             [[route]]\nname = \"plain\"\nbackends = [\"100.64.0.6:80\"]\n\
+             [[tcp]]\nlisten = \"0.0.0.0:2222\"\nbackends = [\"100.64.0.7:22\"]\nproxy_protocol = true\n\
+             health_check = \"tcp\"\n",
+        )
+        .unwrap();
+        let p = c.proxy.unwrap();
+        let app = p.routes[0].balance.health.as_ref().unwrap();
+        assert_eq!(app.send.host.as_deref(), Some("app.gw.example.org"));
+        // Set headers go along (a removal has nothing to send), their values
+        // still kept out of `Debug`.
+        assert_eq!(app.send.headers.len(), 1);
+        assert_eq!(app.send.headers[0].0, "x-key");
+        assert_eq!(app.send.headers[0].1, "s3cret");
+        assert!(!format!("{app:?}").contains("s3cret"));
+        assert_eq!(app.send.proxy_protocol, super::ProxyProtocol::Off);
+        assert!(!app.send.tls_unverified);
+        // A path prefix checks its backends the same way.
+        let api = p.routes[0].paths[0].balance.health.as_ref().unwrap();
+        assert_eq!(api.send, app.send);
+        let shop = p.routes[1].balance.health.as_ref().unwrap();
+        assert_eq!(shop.send.host.as_deref(), Some("shop.example"));
+        assert_eq!(shop.send.proxy_protocol, super::ProxyProtocol::V1);
+        assert!(shop.send.tls_unverified);
+        assert!(p.routes[2].balance.health.is_none());
+        let ssh = p.tcp[0].balance.health.as_ref().unwrap();
+        assert_eq!(ssh.send.host, None);
+        assert_eq!(ssh.send.proxy_protocol, super::ProxyProtocol::V2);
+        assert!(!ssh.send.tls_unverified);
     }
 
     #[test]

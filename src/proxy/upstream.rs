@@ -6,7 +6,8 @@
 //! `https://` backends, and for HTTP/2 backends one shared connection each.
 
 use crate::proxy::settings::{
-    Backend, BackendProtocol, BackendTls, Balance, HealthKind, Limits, Policy, Scheme,
+    Backend, BackendProtocol, BackendTls, Balance, HealthCheck, HealthKind, Limits, Policy,
+    ProxyProtocol, Scheme,
 };
 use crate::proxy::stats::BackendHealth;
 use parking_lot::Mutex;
@@ -724,6 +725,24 @@ impl Upstreams {
             return;
         };
         let weak: Weak<Upstreams> = Arc::downgrade(self);
+        // Passthrough routes: the probe's own TLS, named as the route.
+        let tls = match (&hc.kind, hc.send.tls_unverified) {
+            (HealthKind::Http { .. }, true) => {
+                let own = BackendTls {
+                    ca: None,
+                    server_name: hc.send.host.clone(),
+                    insecure_skip_verify: true,
+                };
+                match BackendTlsClient::new(&own, BackendProtocol::Http1) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        warn!(route = %who, error = %e, "health checks not started");
+                        return;
+                    }
+                }
+            }
+            _ => tls,
+        };
         tokio::spawn(async move {
             let mut streak: Vec<i64> = Vec::new();
             let mut tick = tokio::time::interval(hc.interval);
@@ -739,9 +758,9 @@ impl Upstreams {
                 let proto = up.protocol;
                 let probes = up.states.iter().map(|s| {
                     let tls = tls.clone();
-                    let kind = hc.kind.clone();
+                    let hc = hc.clone();
                     let b = s.backend;
-                    async move { probe(b, &kind, proto, tls.as_deref(), to).await }
+                    async move { probe(b, &hc, proto, tls.as_deref(), to).await }
                 });
                 let results = futures_join_all(probes).await;
                 for ((s, ok), st) in up.states.iter().zip(results).zip(streak.iter_mut()) {
@@ -787,48 +806,83 @@ where
     out
 }
 
+/// The bytes an HTTP/1.1 health probe sends: `GET path`, the `Host`, the
+/// route's own request headers.
+fn probe_request(
+    path: &str,
+    host: &str,
+    headers: &[(http::HeaderName, http::HeaderValue)],
+) -> Vec<u8> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
+    for (n, v) in headers {
+        req.extend_from_slice(n.as_str().as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    if !headers.iter().any(|(n, _)| n == http::header::USER_AGENT) {
+        req.extend_from_slice(b"User-Agent: gatewire-health\r\n");
+    }
+    req.extend_from_slice(b"Connection: close\r\n\r\n");
+    req
+}
+
+/// The PROXY header a probe starts with, if the route sends them: the
+/// connection is the hub's own, so it names no client.
+fn probe_proxy_header(pp: ProxyProtocol) -> Option<Vec<u8>> {
+    match pp {
+        ProxyProtocol::Off => None,
+        ProxyProtocol::V1 => Some(b"PROXY UNKNOWN\r\n".to_vec()),
+        ProxyProtocol::V2 => {
+            let mut out = Vec::with_capacity(16);
+            crate::proxy::proxy_protocol::encode_v2_local(&mut out);
+            Some(out)
+        }
+    }
+}
+
 /// One health probe.
 async fn probe(
     b: Backend,
-    kind: &HealthKind,
+    hc: &HealthCheck,
     proto: BackendProtocol,
     tls: Option<&BackendTlsClient>,
     timeout: Duration,
 ) -> Result<(), String> {
     let work = async {
-        let tcp = TcpStream::connect(b.addr)
+        let mut tcp = TcpStream::connect(b.addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let HealthKind::Http { path } = kind else {
+        if let Some(h) = probe_proxy_header(hc.send.proxy_protocol) {
+            tcp.write_all(&h)
+                .await
+                .map_err(|e| format!("proxy header: {e}"))?;
+        }
+        let HealthKind::Http { path } = &hc.kind else {
             return Ok(());
         };
-        let host = match b.addr {
-            SocketAddr::V4(a) => a.to_string(),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        let host = match (&hc.send.host, b.addr) {
+            (Some(h), _) => h.clone(),
+            (None, SocketAddr::V4(a)) => a.to_string(),
+            (None, SocketAddr::V6(a)) => format!("[{}]:{}", a.ip(), a.port()),
         };
         if proto == BackendProtocol::Http2 {
-            return probe_h2(b, tcp, &host, path, tls).await;
+            return probe_h2(b, tcp, &host, path, &hc.send.headers, tls).await;
         }
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gatewire-health\r\nConnection: close\r\n\r\n"
-        );
+        let req = probe_request(path, &host, &hc.send.headers);
         let mut head = [0u8; 16];
-        let n = match (tls, b.scheme) {
-            (Some(t), Scheme::Https) => {
+        let n = match (tls, b.scheme == Scheme::Https || hc.send.tls_unverified) {
+            (Some(t), true) => {
                 let mut s = t
                     .connect(tcp, b.addr)
                     .await
                     .map_err(|e| format!("tls: {e}"))?;
-                s.write_all(req.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                s.write_all(&req).await.map_err(|e| e.to_string())?;
                 read_head(&mut s, &mut head).await?
             }
             _ => {
                 let mut s = tcp;
-                s.write_all(req.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                s.write_all(&req).await.map_err(|e| e.to_string())?;
                 read_head(&mut s, &mut head).await?
             }
         };
@@ -853,6 +907,7 @@ async fn probe_h2(
     tcp: TcpStream,
     host: &str,
     path: &str,
+    headers: &[(http::HeaderName, http::HeaderValue)],
     tls: Option<&BackendTlsClient>,
 ) -> Result<(), String> {
     let mut link = match (tls, b.scheme) {
@@ -875,11 +930,14 @@ async fn probe_h2(
     } else {
         "http"
     };
-    let req = http::Request::get(format!("{scheme}://{host}{path}"))
+    let mut req = http::Request::get(format!("{scheme}://{host}{path}"))
         .version(http::Version::HTTP_2)
         .header(http::header::USER_AGENT, "gatewire-health")
         .body(crate::proxy::http::empty_body())
         .map_err(|e| e.to_string())?;
+    for (n, v) in headers {
+        req.headers_mut().insert(n.clone(), v.clone());
+    }
     let resp = sender
         .send_request(req)
         .await
@@ -1168,5 +1226,120 @@ mod tests {
         assert!(!h.may_keep());
         drop(h);
         assert_eq!(up.states[0].held.load(Relaxed), POOL_MAX);
+    }
+
+    /// A backend that reads one probe, records its bytes and answers with
+    /// `status` when it carries `needle`, 404 otherwise.
+    async fn probe_target(
+        needle: &'static str,
+        status: &'static str,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).to_string();
+            let line = if text.contains(needle) {
+                status
+            } else {
+                "404 Not Found"
+            };
+            let _ = s
+                .write_all(format!("HTTP/1.1 {line}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await;
+            got
+        });
+        (at, task)
+    }
+
+    fn http_check(send: crate::proxy::settings::ProbeSend) -> HealthCheck {
+        HealthCheck {
+            kind: HealthKind::Http { path: "/hz".into() },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            fall: 1,
+            rise: 1,
+            send,
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_carry_the_routes_host_headers_and_proxy_header() {
+        let mut v = http::HeaderValue::from_static("s3cret");
+        v.set_sensitive(true);
+        let send = crate::proxy::settings::ProbeSend {
+            host: Some("app.gw.example".into()),
+            headers: vec![(http::HeaderName::from_static("x-key"), v)],
+            proxy_protocol: ProxyProtocol::V2,
+            tls_unverified: false,
+        };
+        let hc = http_check(send);
+        let (at, task) = probe_target("Host: app.gw.example\r\n", "200 OK").await;
+        let b = Backend {
+            scheme: Scheme::Http,
+            addr: at,
+        };
+        let r = probe(b, &hc, BackendProtocol::Http1, None, hc.timeout).await;
+        assert_eq!(r, Ok(()));
+        let got = task.await.unwrap();
+        let mut local = Vec::new();
+        crate::proxy::proxy_protocol::encode_v2_local(&mut local);
+        assert!(got.starts_with(&local), "{got:?}");
+        let text = String::from_utf8_lossy(&got[local.len()..]).to_string();
+        assert!(text.starts_with("GET /hz HTTP/1.1\r\n"), "{text}");
+        assert!(text.contains("\r\nx-key: s3cret\r\n"), "{text}");
+        assert!(text.contains("User-Agent: gatewire-health"), "{text}");
+
+        // A virtual host that is not the route's answers 404: the probe fails
+        // and says what it heard.
+        let (at, task) = probe_target("Host: other.example\r\n", "200 OK").await;
+        let b = Backend {
+            scheme: Scheme::Http,
+            addr: at,
+        };
+        let r = probe(b, &hc, BackendProtocol::Http1, None, hc.timeout).await;
+        let e = r.unwrap_err();
+        assert!(e.starts_with("answered `HTTP/1.1 404"), "{e}");
+        drop(task);
+
+        // Forwards: no name, the backend's address is the host; v1 says UNKNOWN.
+        let hc = http_check(crate::proxy::settings::ProbeSend {
+            proxy_protocol: ProxyProtocol::V1,
+            ..Default::default()
+        });
+        let (at, task) = probe_target("\r\nHost: 127.0.0.1:", "204 No Content").await;
+        let b = Backend {
+            scheme: Scheme::Http,
+            addr: at,
+        };
+        let r = probe(b, &hc, BackendProtocol::Http1, None, hc.timeout).await;
+        assert_eq!(r, Ok(()));
+        let got = task.await.unwrap();
+        assert!(
+            got.starts_with(b"PROXY UNKNOWN\r\nGET /hz HTTP/1.1\r\n"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_route_user_agent_replaces_the_probes() {
+        let ua = (
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("monitor/1"),
+        );
+        let req = String::from_utf8(probe_request("/", "a.example", &[ua])).unwrap();
+        assert_eq!(
+            req,
+            "GET / HTTP/1.1\r\nHost: a.example\r\nuser-agent: monitor/1\r\nConnection: close\r\n\r\n"
+        );
     }
 }
