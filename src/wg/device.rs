@@ -35,8 +35,11 @@ use tracing::{debug, info, warn};
 pub const MAX_PACKET: usize = 65536;
 /// WireGuard adds at most this much to a packet.
 const OVERHEAD: usize = 32;
-/// Handshakes per second before the device answers with cookies (as boringtun's device).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake checks per second before the device answers with cookies. An
+/// initiation is checked twice (here, before the Diffie-Hellman that finds its
+/// peer, and again inside boringtun's `Tunn`), so this is 100 initiations a
+/// second, boringtun's own device's limit.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// Receive buffers per recvmmsg call (each may hold several GRO-coalesced datagrams).
 const RECV_BUFS: usize = 8;
 /// Most bytes in one GSO send (the UDP length field's limit, less headers).
@@ -702,6 +705,22 @@ fn initiation(peer: &Peer) -> Option<Vec<u8>> {
     buf.get(a..b).map(<[u8]>::to_vec)
 }
 
+/// Whether a datagram's outcome proves that its sender holds the peer's keys,
+/// so that it may move the peer's endpoint and counts as a sign of life: an
+/// initiation answered with a response, a response accepted (a keepalive or
+/// queued data follow, or nothing), a data packet decrypted. A cookie reply
+/// (type 3) proves nothing: anyone who saw a handshake go by can make one. Nor
+/// does a handshake answered with a cookie (the device under load): only its
+/// mac1 was checked, and mac1 takes nothing but this device's public key.
+fn authenticates(datagram: &[u8], result: &Out, out: &[u8]) -> bool {
+    match (datagram.first(), result) {
+        (_, Out::Error(_)) => false,
+        (Some(3), _) => false,
+        (_, Out::Network(a, _)) => out.get(*a) != Some(&3),
+        (_, Out::Nothing | Out::Tunnel(..)) => true,
+    }
+}
+
 fn classify(base: usize, r: TunnResult<'_>) -> Out {
     match r {
         TunnResult::Done => Out::Nothing,
@@ -1357,7 +1376,16 @@ impl Inner {
             let r = t.decapsulate(Some(from.ip()), datagram, out);
             classify(base, r)
         };
-        let authenticated = !matches!(result, Out::Error(_));
+        let authenticated = authenticates(datagram, &result, out);
+        if let (false, Out::Network(a, b)) = (authenticated, &result) {
+            // A cookie for an unproven handshake goes back where it came
+            // from; the peer's endpoint stays.
+            if let Some(d) = out.get(*a..*b) {
+                let _ = sock.try_send_to(d, from);
+            }
+            self.drops.inc(DropReason::CookieSent);
+            return;
+        }
         if authenticated {
             if peer.endpoint() != Some(from) {
                 let into_tun = self.tun_routes.read();
@@ -1818,6 +1846,78 @@ mod tests {
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_proven_packets_move_an_endpoint() {
+        let kind = |t: u8| [t, 0, 0, 0];
+        let mut out = [0u8; 8];
+        out[4] = 2; // a response at 4..8
+                    // An initiation answered with a response; a response answered with a
+                    // keepalive; data that decrypted; a keepalive.
+        assert!(authenticates(&kind(1), &Out::Network(4, 8), &out));
+        out[4] = 4;
+        assert!(authenticates(&kind(2), &Out::Network(4, 8), &out));
+        assert!(authenticates(
+            &kind(4),
+            &Out::Tunnel(0, 4, [10, 0, 0, 1].into()),
+            &out
+        ));
+        assert!(authenticates(&kind(4), &Out::Nothing, &out));
+        // Handshakes answered with a cookie (only mac1 checked), cookie
+        // replies however they end, anything that failed.
+        out[4] = 3;
+        assert!(!authenticates(&kind(1), &Out::Network(4, 8), &out));
+        assert!(!authenticates(&kind(2), &Out::Network(4, 8), &out));
+        assert!(!authenticates(&kind(3), &Out::Nothing, &out));
+        assert!(!authenticates(
+            &kind(4),
+            &Out::Error(WireGuardError::InvalidAeadTag),
+            &out
+        ));
+    }
+
+    /// Through boringtun itself: a genuine handshake response replayed from
+    /// another address while the device is under load is answered with a
+    /// cookie, and does not count as proof; the same response without load
+    /// does.
+    #[test]
+    fn a_replayed_response_under_load_is_not_proof() {
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let hub_pub = hub.public_key();
+        let run = |limit: u64| {
+            let rl = Arc::new(RateLimiter::new(&hub_pub.as_x25519(), limit));
+            let mut h = Tunn::new(
+                hub.secret(),
+                node.public_key().as_x25519(),
+                None,
+                None,
+                1 << 8,
+                Some(rl),
+            );
+            let mut n = Tunn::new(node.secret(), hub_pub.as_x25519(), None, None, 2 << 8, None);
+            let mut init = vec![0u8; 256];
+            let init = match h.format_handshake_initiation(&mut init, false) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            };
+            let mut resp = vec![0u8; 256];
+            let resp = match n.decapsulate(Some([192, 0, 2, 1].into()), &init, &mut resp) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no response"),
+            };
+            assert_eq!(resp[0], 2);
+            let mut out = vec![0u8; 256];
+            let base = out.as_ptr() as usize;
+            let r = classify(
+                base,
+                h.decapsulate(Some([203, 0, 113, 9].into()), &resp, &mut out),
+            );
+            authenticates(&resp, &r, &out)
+        };
+        assert!(!run(0), "under load: a cookie, not proof");
+        assert!(run(1000));
     }
 
     #[test]
