@@ -900,11 +900,18 @@ async fn http2_backend_carries_trailers_on_one_connection() {
     assert_eq!(s.errors.values().sum::<u64>(), 1, "{s:?}");
 }
 
-#[tokio::test]
-async fn http2_backend_full_of_long_streams_gets_another_connection() {
-    // A backend that allows 2 streams per connection, as a gRPC server with
-    // `max_concurrent_streams` does; `/hold` answers only when released
-    // (a long server-streaming call), other paths at once.
+/// An HTTP/2 backend allowing `streams` streams per connection, as a gRPC
+/// server with `max_concurrent_streams` does; `/hold` answers only when
+/// released (a long server-streaming call), other paths at once. Returns its
+/// address, its connection count, the count of held calls and the release.
+async fn holding_h2_backend(
+    streams: u32,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::sync::watch::Sender<bool>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -930,12 +937,18 @@ async fn http2_backend_full_of_long_streams_gets_another_connection() {
                 });
                 let _ =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .max_concurrent_streams(2)
+                        .max_concurrent_streams(streams)
                         .serve_connection(TokioIo::new(s), svc)
                         .await;
             });
         }
     });
+    (b, conns, held, release)
+}
+
+#[tokio::test]
+async fn http2_backend_full_of_long_streams_gets_another_connection() {
+    let (b, conns, held, release) = holding_h2_backend(2).await;
     let mut r = route("grpc", TlsMode::Terminate, vec![be(b)]);
     r.backend_protocol = BackendProtocol::Http2;
     let p = Proxy::start(settings(vec![r])).await.unwrap();
@@ -980,6 +993,40 @@ async fn http2_backend_full_of_long_streams_gets_another_connection() {
         assert!(get("/again").await.starts_with("HTTP/1.1 200"));
     }
     assert_eq!(conns.load(SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_burst_of_long_calls_shares_a_new_http2_connection_at_once() {
+    // No connection yet: one call connects, the others wait for it, then all
+    // go out on it together; none waits for another's answer.
+    let (b, conns, held, release) = holding_h2_backend(100).await;
+    let mut r = route("grpc", TlsMode::Terminate, vec![be(b)]);
+    r.backend_protocol = BackendProtocol::Http2;
+    let p = Proxy::start(settings(vec![r])).await.unwrap();
+    let http = p.http_addrs()[0];
+    let get = move |path: &'static str| async move {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: grpc.gw.test\r\nConnection: close\r\n\r\n");
+        String::from_utf8_lossy(&exchange(http, req.as_bytes()).await).into_owned()
+    };
+    let holds: Vec<_> = (0..6).map(|_| tokio::spawn(get("/hold"))).collect();
+    let deadline = tokio::time::Instant::now() + T;
+    while held.load(SeqCst) < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 6 calls reached the backend while the first were unanswered",
+            held.load(SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(conns.load(SeqCst), 1);
+    release.send(true).unwrap();
+    for h in holds {
+        let r = tokio::time::timeout(T, h).await.unwrap().unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("done /hold"),
+            "{r}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -681,6 +681,9 @@ async fn send_h2(
     let mut turn = None;
     loop {
         if let Some((mut sender, backend, lease)) = up.shared_h2(&plan) {
+            // The turn is for connecting: the next waiter may share this
+            // connection too while this request waits for its answer.
+            drop(turn.take());
             match send(sender.try_send_request(req), shared).await {
                 Ok(r) => return Ok((r, backend, lease)),
                 Err((_, Some(back))) => {
