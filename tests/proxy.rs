@@ -1117,6 +1117,49 @@ async fn silent_and_stalled_plain_clients_are_closed() {
 }
 
 #[tokio::test]
+async fn idle_http2_clients_are_closed_but_not_their_open_calls() {
+    let (b, _, held, release) = holding_h2_backend(100).await;
+    let mut r = route("g", TlsMode::Terminate, vec![be(b)]);
+    r.backend_protocol = BackendProtocol::Http2;
+    let mut st = settings(vec![r]);
+    st.limits.header_timeout = Duration::from_millis(300);
+    let p = Proxy::start(st).await.unwrap();
+    let tcp = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    let (mut send, c) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(c);
+    // A call held for three times the idle limit keeps the connection.
+    let req = hyper::Request::get("http://g.gw.test/hold")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let call = tokio::spawn(send.send_request(req));
+    let deadline = tokio::time::Instant::now() + T;
+    while held.load(SeqCst) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!conn.is_finished(), "closed under an open call");
+    release.send(true).unwrap();
+    let resp = call.await.unwrap().unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"done /hold");
+    // Then nothing more: the hub closes the connection.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("an idle HTTP/2 connection stayed open")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn http2_backends_are_balanced() {
     let (b1, c1) = h2_backend(None).await;
     let (b2, c2) = h2_backend(None).await;

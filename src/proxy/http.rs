@@ -18,8 +18,10 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
@@ -121,6 +123,87 @@ impl Drop for ConnInfo {
         for h in std::mem::take(self.held.get_mut()) {
             h.release();
         }
+    }
+}
+
+/// The requests of one HTTP/2 client connection: how many are open (until
+/// their response body ends or is dropped) and when the last one ended, so
+/// that a connection with none open is closed once idle as long as an
+/// HTTP/1.1 connection between requests.
+pub struct Streams {
+    open: AtomicUsize,
+    start: std::time::Instant,
+    /// Milliseconds after `start` the last request ended (0: none yet).
+    idle_since: AtomicU64,
+}
+
+impl Streams {
+    /// A connection's, starting now.
+    pub fn new() -> Arc<Streams> {
+        Arc::new(Streams {
+            open: AtomicUsize::new(0),
+            start: std::time::Instant::now(),
+            idle_since: AtomicU64::new(0),
+        })
+    }
+
+    /// Marks a request open until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(Arc::clone(self))
+    }
+
+    /// How long no request has been open, `None` while one is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        Some(self.start.elapsed().saturating_sub(since))
+    }
+}
+
+/// One open request of [`Streams`].
+pub struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.idle_since.store(ms, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request open in [`Streams`] until it ends.
+pub struct TrackedBody {
+    inner: ProxyBody,
+    _open: StreamGuard,
+}
+
+impl TrackedBody {
+    /// Wraps `inner`.
+    pub fn new(inner: ProxyBody, open: StreamGuard) -> TrackedBody {
+        TrackedBody { inner, _open: open }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

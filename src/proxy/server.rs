@@ -13,7 +13,7 @@ use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::acme::AcmeState;
 use crate::proxy::basic_auth::BasicAuth;
 use crate::proxy::forward;
-use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::http::{handle, ConnInfo, Streams, TrackedBody};
 use crate::proxy::io::{bind_tcp, bind_udp, splice, Prefixed, Throttle};
 use crate::proxy::names::{DomainName, NameTable};
 use crate::proxy::proxy_protocol::{encode_v1, encode_v2, Transport};
@@ -1618,12 +1618,27 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.limits.clone();
-    let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
     let io = TokioIo::new(io);
     if h2 {
+        let streams = Streams::new();
+        let open = Arc::clone(&streams);
+        let svc = service_fn(move |req| {
+            let open = open.open();
+            let r = handle(shared.clone(), info.clone(), req);
+            async move {
+                let resp = r.await?;
+                Ok::<_, std::convert::Infallible>(
+                    resp.map(|b| http_body_util::BodyExt::boxed(TrackedBody::new(b, open))),
+                )
+            }
+        });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // A client gone without a word (its streams open, nothing
+            // moving) is noticed by the PINGs it leaves unanswered.
+            .keep_alive_interval(H2_PING_EVERY)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
             .serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
@@ -1632,8 +1647,14 @@ async fn serve_http<IO>(
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
+            _ = idle(&streams, limits.header_timeout) => {
+                // GOAWAY: a request that crosses it still gets its answer.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+            }
         }
     } else {
+        let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
@@ -1648,6 +1669,24 @@ async fn serve_http<IO>(
                 let _ = conn.await;
             }
         }
+    }
+}
+
+/// PINGs on an HTTP/2 client connection, and how long one may go unanswered.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Completes once an HTTP/2 connection has had no request open for `limit`
+/// (from its start, or since its last request ended): the keep-alive idle
+/// time of HTTP/1.1 connections, `header_timeout`.
+async fn idle(streams: &Streams, limit: Duration) {
+    loop {
+        let wait = match streams.idle_for() {
+            Some(d) if d >= limit => return,
+            Some(d) => limit - d,
+            None => limit,
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
