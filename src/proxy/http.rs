@@ -529,6 +529,48 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     }
 }
 
+/// HTTP/2 clients send each cookie as a header of its own (RFC 9113
+/// §8.2.3); an HTTP/1.1 backend gets them as one `Cookie` header, joined
+/// with `; `, as the RFC asks of a hop to HTTP/1.1.
+fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in h.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(mut v) = HeaderValue::from_bytes(&joined) {
+        v.set_sensitive(true);
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// Takes `names` out of the `Connection` header's list (which names the
+/// headers to drop at the next hop), keeping its other tokens.
+fn unlist_hop_by_hop(h: &mut HeaderMap, names: &[HeaderName]) {
+    if names.is_empty() || !h.contains_key(header::CONNECTION) {
+        return;
+    }
+    let tokens: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !names.iter().any(|n| n.as_str().eq_ignore_ascii_case(t)))
+        .map(str::to_string)
+        .collect();
+    h.remove(header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&tokens.join(", ")) {
+        if !tokens.is_empty() {
+            h.insert(header::CONNECTION, v);
+        }
+    }
+}
+
 /// Sets (replacing every value of the name) or removes a route's headers.
 fn edit_headers(h: &mut HeaderMap, edits: &crate::proxy::settings::HeaderEdits) {
     for (name, value) in edits {
@@ -1012,7 +1054,9 @@ async fn proxy_request(
             .await
         {
             Verdict::Allow { headers, cookies } => {
-                // Only the service may set these.
+                // Only the service may set these, and the client may not
+                // have them removed on the way as hop-by-hop either.
+                unlist_hop_by_hop(req.headers_mut(), fa.copied());
                 for n in fa.copied() {
                     req.headers_mut().remove(n);
                 }
@@ -1152,6 +1196,7 @@ async fn forward(
         if let Ok(v) = HeaderValue::from_str(&authority) {
             parts.headers.insert(header::HOST, v);
         }
+        join_cookies(&mut parts.headers);
         parts.uri = http::Uri::from(path);
         parts.version = Version::HTTP_11;
     }
@@ -1279,6 +1324,47 @@ async fn forward(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookies_of_http2_clients_are_joined_for_http1() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        assert!(all[0].is_sensitive());
+    }
+
+    #[test]
+    fn a_client_cannot_list_the_auth_services_headers_as_hop_by_hop() {
+        let names = [HeaderName::from_static("x-auth-request-user")];
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Auth-Request-User"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        unlist_hop_by_hop(&mut h, &names);
+        let all: Vec<_> = h.get_all(header::CONNECTION).iter().collect();
+        assert_eq!(all, ["keep-alive, x-other"]);
+        h.insert("x-auth-request-user", HeaderValue::from_static("alice"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, None);
+        assert_eq!(h["x-auth-request-user"], "alice");
+        assert!(!h.contains_key("x-other"));
+        // Only the listed name: the header goes away altogether.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-auth-request-user"),
+        );
+        unlist_hop_by_hop(&mut h, &names);
+        assert!(!h.contains_key(header::CONNECTION));
+    }
 
     #[test]
     fn announced_length_reads_lists_as_hyper_does() {
