@@ -104,6 +104,8 @@ pub enum DropReason {
     MalformedIp,
     TtlExpired,
     TunWrite,
+    /// A failed TUN read (the interface gone or broken), not a packet.
+    TunRead,
     UdpSend,
     /// Not a dropped packet but a refused roam: an authenticated datagram
     /// came from an address inside its peer's own allowed IPs.
@@ -112,7 +114,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
@@ -128,6 +130,7 @@ impl DropReason {
         DropReason::MalformedIp,
         DropReason::TtlExpired,
         DropReason::TunWrite,
+        DropReason::TunRead,
         DropReason::UdpSend,
         DropReason::EndpointLoop,
         DropReason::Other,
@@ -150,6 +153,7 @@ impl DropReason {
             DropReason::MalformedIp => "malformed_ip",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::TunWrite => "tun_write",
+            DropReason::TunRead => "tun_read",
             DropReason::UdpSend => "udp_send",
             DropReason::EndpointLoop => "endpoint_loop",
             DropReason::Other => "other",
@@ -183,8 +187,12 @@ pub struct DropCounters([AtomicU64; DropReason::ALL.len()]);
 impl DropCounters {
     #[inline]
     pub fn inc(&self, r: DropReason) {
+        self.add(r, 1);
+    }
+    #[inline]
+    pub fn add(&self, r: DropReason, n: u64) {
         if let Some(c) = self.0.get(r as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.fetch_add(n, Ordering::Relaxed);
         }
     }
     pub fn get(&self, r: DropReason) -> u64 {
@@ -887,7 +895,7 @@ impl Inner {
                 Ok(n) => n,
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        self.drops.inc(DropReason::MalformedIp);
+                        self.drops.inc(DropReason::TunRead);
                         debug!(error = %e, "TUN read failed");
                         // A TUN that is gone fails every read: do not spin.
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1112,13 +1120,15 @@ impl Inner {
         let Some(contents) = tx.get(..len) else {
             return;
         };
+        // Counted per datagram, as the group's packets would have been.
+        let datagrams = count.max(1) as u64;
         let Some(ep) = peer.endpoint() else {
-            self.drops.inc(DropReason::NoEndpoint);
+            self.drops.add(DropReason::NoEndpoint, datagrams);
             return;
         };
         let socks = self.sockets.load();
         let Some(udp) = socks.for_addr(&ep) else {
-            self.drops.inc(DropReason::NoEndpoint);
+            self.drops.add(DropReason::NoEndpoint, datagrams);
             return;
         };
         // One system call for the group when the socket can segment it,
@@ -1129,26 +1139,33 @@ impl Inner {
         } else {
             Err(io::Error::new(io::ErrorKind::Unsupported, "no GSO"))
         };
+        let (mut sent, mut failed) = match r {
+            Ok(()) => (len, 0),
+            Err(_) => (0, datagrams),
+        };
         if let Err(e) = &r {
             if count > 1 {
                 debug!(error = %e, "sending the group one datagram at a time");
                 r = Ok(());
+                failed = 0;
                 for c in contents.chunks(seg) {
-                    if let Err(e) = udp.send(ep, c, None).await {
-                        r = Err(e);
+                    match udp.send(ep, c, None).await {
+                        Ok(()) => sent += c.len(),
+                        Err(e) => {
+                            r = Err(e);
+                            failed += 1;
+                        }
                     }
                 }
             }
         }
-        match r {
-            Ok(()) => {
-                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.drops.inc(DropReason::UdpSend);
-                debug!(error = %e, endpoint = %ep, "UDP send failed");
-            }
+        if sent > 0 {
+            peer.tx_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+            peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        if let Err(e) = r {
+            self.drops.add(DropReason::UdpSend, failed);
+            debug!(error = %e, endpoint = %ep, "UDP send failed");
         }
     }
 
