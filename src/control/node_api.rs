@@ -24,6 +24,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 const MAX_BODY: usize = 256 * 1024;
+/// Time a node has to send a request's body once its head arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,12 +86,21 @@ async fn serve(
     match *req.method() {
         Method::GET => Ok(answer(StatusCode::OK, services_json(&c.statuses_of(&key)))),
         Method::PUT => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
+            // The head had its timeout; the body gets one too, or a node
+            // gone mid-request would hold a connection slot for good.
+            let body = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => {
                     return Ok(error(state::Error {
                         status: 413,
                         message: format!("body: {e}"),
+                    }))
+                }
+                Err(_) => {
+                    return Ok(error(state::Error {
+                        status: 408,
+                        message: format!("body: not received within {BODY_TIMEOUT:?}"),
                     }))
                 }
             };

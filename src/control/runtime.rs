@@ -539,20 +539,9 @@ impl Control {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.dev
-            .info()
-            .peers
-            .into_iter()
-            .filter_map(|p| {
-                p.allowed_ips
-                    .iter()
-                    .filter(|n| n.contains(&ip))
-                    .map(IpNet::prefix_len)
-                    .max()
-                    .map(|l| (l, p.public_key.to_base64()))
-            })
-            .max_by_key(|(l, _)| *l)
-            .map(|(_, k)| k)
+        // One lookup in the routing table, not a walk over every peer: the
+        // node API asks this on every request.
+        self.dev.peer_for_ip(ip).map(|p| p.public_key.to_base64())
     }
 
     /// The certificates the running proxy serves or keeps.

@@ -778,6 +778,12 @@ impl Inner {
         self.table.load().by_key.get(key).cloned()
     }
 
+    /// The peer whose allowed IPs hold `ip` (longest prefix: cryptokey
+    /// routing's own lookup).
+    pub fn peer_for_ip(&self, ip: IpAddr) -> Option<Arc<Peer>> {
+        self.table.load().routes.lookup(ip).cloned()
+    }
+
     /// All peers.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         self.table.load().by_key.values().cloned().collect()
