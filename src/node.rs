@@ -85,7 +85,19 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
     };
     for net in nets {
         let i = iface.to_string();
-        match tokio::task::spawn_blocking(move || crate::wg::route::delete(&net, &i)).await {
+        // A failed delete of a route that is gone anyway (removed by hand)
+        // is a removal; one that is still there stays listed, to be tried
+        // again at the next resolution.
+        let r = tokio::task::spawn_blocking(move || {
+            crate::wg::route::delete(&net, &i).or_else(|e| {
+                match crate::wg::route::exists(&net, &i) {
+                    Ok(false) => Ok(()),
+                    _ => Err(e),
+                }
+            })
+        })
+        .await;
+        match r {
             Ok(Ok(())) => {
                 dev.remove_tun_route(&net);
                 warn!(
@@ -96,9 +108,13 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
                 )
             }
             Ok(Err(e)) => {
+                routed.lock().push(net);
                 warn!(hub, route = %net, error = %e, "cannot remove the route holding the hub endpoint")
             }
-            Err(e) => warn!(hub, route = %net, error = %e, "route removal did not run"),
+            Err(e) => {
+                routed.lock().push(net);
+                warn!(hub, route = %net, error = %e, "route removal did not run")
+            }
         }
     }
 }

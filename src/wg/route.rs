@@ -132,6 +132,22 @@ pub fn delete(net: &IpNet, iface: &str) -> anyhow::Result<()> {
     ip_route("del", net, iface)
 }
 
+/// Whether the kernel holds the route `net dev iface` (as the node added it).
+pub fn exists(net: &IpNet, iface: &str) -> anyhow::Result<bool> {
+    let n = net.to_string();
+    let out = std::process::Command::new("ip")
+        .args(["route", "show", "exact", &n, "dev", iface])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running `ip route show exact {n} dev {iface}`: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`ip route show exact {n} dev {iface}` failed ({})",
+            out.status
+        );
+    }
+    Ok(!out.stdout.iter().all(u8::is_ascii_whitespace))
+}
+
 fn ip_route(verb: &str, net: &IpNet, iface: &str) -> anyhow::Result<()> {
     let net = net.to_string();
     let st = std::process::Command::new("ip")
