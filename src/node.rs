@@ -27,12 +27,24 @@ use tracing::{debug, info, warn};
 /// Between two handshake attempts (WireGuard's REKEY_TIMEOUT).
 const RETRY_MS: u64 = 5_000;
 
-async fn resolve(endpoint: &str) -> Option<SocketAddr> {
+/// Resolves a hub's `host:port`. A name with several addresses gives the
+/// one at `turn` (modulo their number): callers count their failed
+/// attempts, so a dead first address (IPv6 routed but broken, a hub's
+/// retired address) does not stop the node from trying the others.
+async fn resolve(endpoint: &str, turn: usize) -> Option<SocketAddr> {
     if let Ok(a) = endpoint.parse() {
         return Some(a);
     }
     match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(endpoint)).await {
-        Ok(Ok(mut addrs)) => addrs.next(),
+        Ok(Ok(addrs)) => {
+            let mut all: Vec<SocketAddr> = Vec::new();
+            for a in addrs {
+                if !all.contains(&a) {
+                    all.push(a);
+                }
+            }
+            all.get(turn.checked_rem(all.len())?).copied()
+        }
         Ok(Err(e)) => {
             warn!(endpoint, error = %e, "cannot resolve hub");
             None
@@ -180,13 +192,14 @@ async fn open_carrier(
     counters: Arc<Counters>,
     routed: &Routed,
     iface: &str,
+    turn: usize,
 ) -> anyhow::Result<(Relay, SocketAddr)> {
     let (host, _) = carrier::split_host_port(&hub.tls_endpoint).ok_or_else(|| {
         anyhow::anyhow!("tls_endpoint `{}`: expected host:port", hub.tls_endpoint)
     })?;
     // The first hop (the hub, or the proxy) must not be routed into the tunnel.
     let first = hub.tls_proxy.as_deref().unwrap_or(&hub.tls_endpoint);
-    let addr = resolve(first)
+    let addr = resolve(first, turn)
         .await
         .ok_or_else(|| anyhow::anyhow!("cannot resolve {first}"))?;
     unroute_endpoint(dev, routed, addr.ip(), iface, &hub_name(hub)).await;
@@ -252,6 +265,9 @@ async fn supervise(
     // A UDP try not answered yet: when it was sent.
     let mut probe_sent: Option<u64> = None;
     let mut tls_failing = false;
+    // Failed attempts so far, to go through a name's addresses in turn.
+    let mut udp_turn = 0usize;
+    let mut tls_turn = 0usize;
     let tls = match hub.transport {
         Transport::Udp => None,
         _ if hub.websocket.is_some() => match carrier::ws_client_config() {
@@ -327,7 +343,8 @@ async fn supervise(
             (Step::Stay, _) | (_, None) => {}
             (Step::ProbeUdp, _) => {
                 // In the background: the stream keeps carrying the tunnel.
-                if let Some(addr) = resolve(&hub.endpoint).await {
+                if let Some(addr) = resolve(&hub.endpoint, udp_turn).await {
+                    udp_turn = udp_turn.wrapping_add(1);
                     debug!(hub = %name, endpoint = %addr, "trying UDP to the hub while on TLS");
                     unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
                     dev.probe_handshake(&peer, addr).await;
@@ -343,7 +360,7 @@ async fn supervise(
                     debug!(hub = %name, endpoint = %hub.endpoint, "trying the hub over UDP again");
                 }
                 *status.via.lock() = Via::Udp;
-                if let Some(addr) = resolve(&hub.endpoint).await {
+                if let Some(addr) = resolve(&hub.endpoint, udp_turn).await {
                     unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
                     peer.set_endpoint(addr);
                 }
@@ -360,6 +377,7 @@ async fn supervise(
                     status.counters.clone(),
                     &routed,
                     &iface,
+                    tls_turn,
                 )
                 .await
                 {
@@ -372,6 +390,7 @@ async fn supervise(
                         dev.force_handshake(&peer).await;
                     }
                     Err(e) => {
+                        tls_turn = tls_turn.wrapping_add(1);
                         status
                             .counters
                             .failed
@@ -403,7 +422,11 @@ async fn supervise(
                 }
                 // Through the TLS carrier the endpoint is the relay's, fixed.
                 if path.via() == Via::Udp {
-                    if let Some(addr) = resolve(&hub.endpoint).await {
+                    // Each attempt takes the name's next address (a name
+                    // with one address: always it, re-resolved).
+                    let turn = udp_turn;
+                    udp_turn = udp_turn.wrapping_add(1);
+                    if let Some(addr) = resolve(&hub.endpoint, turn).await {
                         if peer.endpoint() != Some(addr) {
                             info!(hub = %name, endpoint = %addr, "hub endpoint");
                             unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
@@ -517,7 +540,7 @@ async fn run_inner(
             // Over TLS only, the supervisor sets the relay as the endpoint.
             endpoint: match h.transport {
                 Transport::Tls => None,
-                _ => resolve(&h.endpoint).await,
+                _ => resolve(&h.endpoint, 0).await,
             },
             persistent_keepalive: Some(h.persistent_keepalive),
             allowed_ips: h.allowed_ips.clone(),
@@ -637,6 +660,25 @@ async fn run_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_hub_name_is_tried_address_after_address() {
+        let mut all: Vec<SocketAddr> = Vec::new();
+        for a in tokio::net::lookup_host("localhost:51820").await.unwrap() {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+        }
+        assert!(!all.is_empty());
+        for turn in 0..2 * all.len() {
+            assert_eq!(
+                resolve("localhost:51820", turn).await,
+                Some(all[turn % all.len()])
+            );
+        }
+        let lit: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+        assert_eq!(resolve("192.0.2.7:51820", 5).await, Some(lit));
+    }
 
     #[test]
     fn only_services_reload_live() {
