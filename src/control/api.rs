@@ -547,10 +547,12 @@ async fn route(
                 .map_err(|e| state::Error::bad(format!("token: {e}")))?;
             let key = api_key(&j.public_key)?;
             let h = tok.secret_hash();
-            let (rec, names) = c
+            let (rec, names, repeat) = c
                 .mutate(|s, ctx| s.join(ctx, &tok.id, h, &key, j.name))
                 .await?;
-            c.counters.joins.fetch_add(1, Relaxed);
+            if !repeat {
+                c.counters.joins.fetch_add(1, Relaxed);
+            }
             let settings = c.settings();
             let cfg = c.hub_config();
             let mut hub_v = cfg.addresses.iter().map(|n| n.trunc().to_string()).collect::<Vec<_>>();
@@ -583,7 +585,11 @@ async fn route(
                     format!("{}/{pl}", n.addr())
                 })
                 .collect();
-            info!(node = %key, addresses = ?addrs, names = ?names, "node joined");
+            if repeat {
+                info!(node = %key, "node asked for its join answer again");
+            } else {
+                info!(node = %key, addresses = ?addrs, names = ?names, "node joined");
+            }
             let _ = t;
             let mut answer = json!({
                 "hub_public_key": cfg.private_key.public_key().to_base64(),

@@ -64,6 +64,9 @@ pub enum JoinError {
     Local(String),
     #[error("cannot reach the hub's API at {api}: {message}")]
     Connect { api: String, message: String },
+    /// The request went out; whether the hub took it is not known.
+    #[error("no answer from the hub's API at {api}: {message}")]
+    Lost { api: String, message: String },
     #[error("the hub refused the join ({status}{}): {message}", reason(*status))]
     Refused { status: u16, message: String },
     #[error("the hub's answer: {0}")]
@@ -333,6 +336,11 @@ pub async fn request(
         api: tok.api.clone(),
         message: m,
     };
+    let lost = |m: String| JoinError::Lost {
+        api: tok.api.clone(),
+        message: m,
+    };
+    let sent = std::cell::Cell::new(false);
     let work = async {
         let tls = crate::control::pin::connect(&tok.api, tok.fp, TIMEOUT)
             .await
@@ -351,10 +359,11 @@ pub async fn request(
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::copy_from_slice(&body)))
             .map_err(|e| local(format!("request: {e}")))?;
+        sent.set(true);
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| connect(format!("request: {e}")))?;
+            .map_err(|e| lost(format!("request: {e}")))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
@@ -382,9 +391,11 @@ pub async fn request(
             message,
         })
     };
-    tokio::time::timeout(TIMEOUT * 2, work)
-        .await
-        .unwrap_or_else(|_| Err(connect("no answer in time".into())))
+    match tokio::time::timeout(TIMEOUT * 2, work).await {
+        Ok(r) => r,
+        Err(_) if sent.get() => Err(lost("no answer in time".into())),
+        Err(_) => Err(connect("no answer in time".into())),
+    }
 }
 
 /// What a successful join wrote.
@@ -430,6 +441,18 @@ pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
     if key_file == config {
         return Err(local("the key file and the config are the same file"));
     }
+    // The key is written before the hub is asked, to a file of its own
+    // (`<key file>.pending`, so that a --force join that fails leaves the
+    // node's key alone), and takes the key file's place once the hub has
+    // answered: a lost answer does not lose a key the hub may now know. A
+    // pending key left by a join that did not finish is used again; the hub
+    // answers a token's own key again.
+    let pending = {
+        let mut p = key_file.clone().into_os_string();
+        p.push(".pending");
+        PathBuf::from(p)
+    };
+    let resume = pending.exists();
     for (p, what) in [(&config, "config"), (&key_file, "key file")] {
         if p.exists() && !args.force {
             return Err(local(format!(
@@ -442,10 +465,52 @@ pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
     if let Some(d) = key_file.parent() {
         check_writable(d)?;
     }
-    let key = PrivateKey::generate();
+    let key = if resume {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&pending)
+                .map_err(|e| local(format!("reading {}: {e}", pending.display())))?,
+        );
+        let key = PrivateKey::from_base64(text.trim()).map_err(|e| {
+            local(format!(
+                "{} (left by an earlier join) does not hold a key: {e}; remove it",
+                pending.display()
+            ))
+        })?;
+        eprintln!(
+            "gatewire: using the key in {} (an earlier join did not finish; remove it to start over)",
+            pending.display()
+        );
+        key
+    } else {
+        let key = PrivateKey::generate();
+        let mut key_text = zeroize::Zeroizing::new(key.expose_base64());
+        key_text.push('\n');
+        crate::control::pin::write_atomic(&pending, key_text.as_bytes(), 0o600)
+            .map_err(|e| local(format!("writing {}: {e}", pending.display())))?;
+        key
+    };
     let public_key = key.public_key();
-    let joined = request(&tok, token.trim(), &public_key, args.name.as_deref()).await?;
-    let enrolment = check(&joined).map_err(JoinError::Answer)?;
+    let kept = |e: JoinError| match e {
+        // Refused, or never asked: the hub holds nothing of this key, and a
+        // key made for this join goes.
+        JoinError::Refused { .. }
+        | JoinError::Token(_)
+        | JoinError::Local(_)
+        | JoinError::Connect { .. } => {
+            if !resume {
+                let _ = std::fs::remove_file(&pending);
+            }
+            e
+        }
+        other => JoinError::Local(format!(
+            "{other}\nthe key is kept in {}: run the same command again to finish the join",
+            pending.display()
+        )),
+    };
+    let joined = request(&tok, token.trim(), &public_key, args.name.as_deref())
+        .await
+        .map_err(kept)?;
+    let enrolment = check(&joined).map_err(|e| kept(JoinError::Answer(e)))?;
     // Next to the config: a relative name, so the pair can move together.
     let key_ref = if key_file.parent() == Some(config_dir.as_path()) {
         key_file
@@ -469,14 +534,17 @@ pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
         &tok.id,
         args.interface.as_deref(),
     );
-    let mut key_text = zeroize::Zeroizing::new(key.expose_base64());
-    key_text.push('\n');
-    crate::control::pin::write_atomic(&key_file, key_text.as_bytes(), 0o600)
-        .map_err(|e| local(format!("writing {}: {e}", key_file.display())))?;
+    std::fs::rename(&pending, &key_file).map_err(|e| {
+        local(format!(
+            "moving {} to {}: {e}",
+            pending.display(),
+            key_file.display()
+        ))
+    })?;
     if let Err(e) = NodeConfig::parse(&config.display().to_string(), &text, &config_dir) {
-        let _ = std::fs::remove_file(&key_file);
         return Err(JoinError::Answer(format!(
-            "the config made from it does not load: {e}"
+            "the config made from it does not load: {e} (the key is in {})",
+            key_file.display()
         )));
     }
     crate::control::pin::write_atomic(&config, text.as_bytes(), 0o644)
@@ -683,6 +751,92 @@ mod tests {
         assert!(text.contains("\ninterface = \"gwn1\"\n"), "{text}");
     }
 
+    /// The hub takes the join but its answer is lost: the key stays
+    /// pending, and the same command again sends the same key and finishes.
+    #[tokio::test]
+    async fn a_lost_answer_keeps_the_key_for_the_next_try() {
+        use hyper::service::service_fn;
+        let d = tmpdir("lost");
+        let cert = crate::control::pin::ApiCert::load_or_create(&d.join("state"), &[]).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = l.local_addr().unwrap().to_string();
+        let tok = JoinToken::generate(api.clone(), cert.fingerprint());
+        let token = tok.encode();
+        let server_cfg = cert.server_config();
+        let server = tokio::spawn(async move {
+            let mut keys = Vec::new();
+            for round in 0..2 {
+                let (s, _) = l.accept().await.unwrap();
+                let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg.clone())
+                    .accept(s)
+                    .await
+                    .unwrap();
+                if round == 0 {
+                    // Read the request, then go away without a word.
+                    let mut buf = vec![0u8; 4096];
+                    let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf)
+                        .await
+                        .unwrap();
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let v: serde_json::Value =
+                        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+                    keys.push(v["public_key"].as_str().unwrap().to_string());
+                    drop(tls);
+                    continue;
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        tx.send(v["public_key"].as_str().unwrap().to_string())
+                            .unwrap();
+                        let answer = serde_json::json!({
+                            "hub_public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+                            "wg_endpoint": "203.0.113.1:51820",
+                            "addresses": ["100.64.1.2/10"],
+                            "allowed_ips": ["100.64.0.0/10"],
+                        });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(answer.to_string()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+                keys.push(rx.recv().unwrap());
+            }
+            keys
+        });
+        let args = JoinArgs {
+            token: token.clone(),
+            config: d.join("etc/node.toml"),
+            key_file: None,
+            name: None,
+            interface: None,
+            run: false,
+            force: false,
+        };
+        let e = join(&args, &token).await.unwrap_err().to_string();
+        assert!(
+            e.contains("no answer") && e.contains("node.key.pending") && e.contains("again"),
+            "{e}"
+        );
+        assert!(d.join("etc/node.key.pending").exists());
+        assert!(!d.join("etc/node.key").exists());
+        let w = join(&args, &token).await.unwrap();
+        let keys = server.await.unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], keys[1], "the second try sends the same key");
+        assert_eq!(w.public_key.to_base64(), keys[0]);
+        assert!(!d.join("etc/node.key.pending").exists());
+        let c = NodeConfig::load(&w.config).unwrap();
+        assert_eq!(c.private_key.public_key(), w.public_key);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[tokio::test]
     async fn join_against_a_fake_hub() {
         use hyper::service::service_fn;
@@ -762,8 +916,12 @@ mod tests {
             force: true,
             ..args
         };
+        let before = std::fs::read(&w.key_file).unwrap();
         let e = join(&args, &token).await.unwrap_err();
         assert!(matches!(e, JoinError::Refused { status: 410, .. }), "{e}");
+        // The node's key is untouched, no pending key left.
+        assert_eq!(std::fs::read(&w.key_file).unwrap(), before);
+        assert!(!d.join("etc/node.key.pending").exists());
         assert_eq!(
             e.to_string(),
             "the hub refused the join (410 Gone): token already used"
@@ -786,6 +944,7 @@ mod tests {
         let e = join(&args, &other).await.unwrap_err().to_string();
         assert!(e.contains("cannot reach") && e.contains("pinned"), "{e}");
         assert!(!d.join("etc2/node.key").exists());
+        assert!(!d.join("etc2/node.key.pending").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

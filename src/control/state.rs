@@ -669,7 +669,10 @@ impl State {
     }
 
     /// `POST /v1/join`: spends the token, adds the node with fresh addresses
-    /// and gives it the token's names.
+    /// and gives it the token's names. The same token with the key that
+    /// spent it gets the same answer again, changing nothing (a node whose
+    /// first answer was lost on the way asks again); the third value says
+    /// so.
     pub fn join(
         &mut self,
         ctx: &Context,
@@ -677,11 +680,18 @@ impl State {
         secret_sha256: [u8; 32],
         key: &str,
         name: Option<String>,
-    ) -> Result<(NodeRecord, Vec<String>)> {
+    ) -> Result<(NodeRecord, Vec<String>, bool)> {
         let invalid = || Error::unauthorized("the join token is not valid");
         let t = self.tokens.get(id).ok_or_else(invalid)?;
         if !ct_eq(t.secret_sha256.as_bytes(), hex(&secret_sha256).as_bytes()) {
             return Err(invalid());
+        }
+        if let (Some(by), Ok(k)) = (&t.used_by, api_key(key)) {
+            if *by == k {
+                if let Some(rec) = self.nodes.get(&k) {
+                    return Ok((rec.clone(), t.names.clone(), true));
+                }
+            }
         }
         if let Some(by) = &t.used_by {
             let at = t.used_at.map_or_else(|| "an unknown time".to_string(), utc);
@@ -746,7 +756,7 @@ impl State {
         }
         self.nodes.insert(key, rec.clone());
         self.bump();
-        Ok((rec, names))
+        Ok((rec, names, false))
     }
 
     /// `PUT /v1/services` from `key`, calling from `from`: replaces the node's

@@ -226,9 +226,10 @@ fn join_spends_the_token_once() {
     let h = token(&mut s, "a1", &["blog"], false, 10);
     let err = s.join(&ctx(&e, 11), "a1", [0; 32], K1, None).unwrap_err();
     assert_eq!(err.status, 401);
-    let (rec, names) = s
+    let (rec, names, repeat) = s
         .join(&ctx(&e, 11), "a1", h, K1, Some("n1".into()))
         .unwrap();
+    assert!(!repeat);
     assert_eq!(names, vec!["blog".to_string()]);
     assert_eq!(
         rec.allowed_ips,
@@ -238,6 +239,16 @@ fn join_spends_the_token_once() {
         ]
     );
     assert_eq!(s.names["blog"].owners, vec![K1.to_string()]);
+    // The key that spent it asks again (its answer was lost): the same
+    // answer, nothing changed, even after the token's expiry.
+    let before = s.clone();
+    let again = s.join(&ctx(&e, 12 + 3600), "a1", h, K1, None).unwrap();
+    assert_eq!(again, (rec.clone(), names.clone(), true));
+    assert_eq!(s, before);
+    assert_eq!(s.names["blog"].owners, vec![K1.to_string()]);
+    // Not with a wrong secret.
+    let err = s.join(&ctx(&e, 12), "a1", [0; 32], K1, None).unwrap_err();
+    assert_eq!(err.status, 401);
     let err = s.join(&ctx(&e, 12), "a1", h, K2, None).unwrap_err();
     assert_eq!(err.status, 410);
     assert!(err.message.contains("already used"), "{err}");
