@@ -1159,6 +1159,132 @@ async fn idle_http2_clients_are_closed_but_not_their_open_calls() {
         .unwrap();
 }
 
+/// A body that announces 100 bytes, gives 5, then nothing ever.
+struct Stall(bool);
+
+impl hyper::body::Body for Stall {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"12345",
+        )))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(100)
+    }
+}
+
+/// A backend: `/stall` answers with a [`Stall`] body, any other path with
+/// the length of the request body it read.
+async fn stalling_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/stall" {
+                        return Ok::<_, Infallible>(hyper::Response::new(
+                            http_body_util::Either::Left(Stall(false)),
+                        ));
+                    }
+                    let n = match req.into_body().collect().await {
+                        Ok(b) => b.to_bytes().len(),
+                        Err(_) => 0,
+                    };
+                    Ok(hyper::Response::new(http_body_util::Either::Right(
+                        Full::new(Bytes::from(format!("len={n}"))),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn stalled_bodies_fail_and_slow_uploads_are_answered() {
+    let b = stalling_backend().await;
+    let mut st = settings(vec![route("s", TlsMode::Terminate, vec![be(b)])]);
+    st.limits.idle_timeout = Duration::from_millis(500);
+    st.limits.response_timeout = Duration::from_millis(300);
+    let p = Proxy::start(st).await.unwrap();
+    let at = p.http_addrs()[0];
+    // A backend that stops mid-body: the answer is cut off at idle_timeout
+    // (`exchange` waits for the end, 10 s at most).
+    let out = exchange(at, b"GET /stall HTTP/1.1\r\nHost: s.gw.test\r\n\r\n").await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("12345"),
+        "{out}"
+    );
+    // An upload four times as long as response_timeout, never idle: the
+    // backend's answer comes.
+    let mut s = TcpStream::connect(at).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: s.gw.test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        s.write_all(b"x").await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("len=10"),
+        "{out}"
+    );
+    // An upload that stops: 408, the client's doing.
+    let out = exchange(
+        at,
+        b"POST /echo HTTP/1.1\r\nHost: s.gw.test\r\nContent-Length: 10\r\n\r\nxx",
+    )
+    .await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    // An upload whose client goes away: not the backend's fault.
+    let mut s = TcpStream::connect(at).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: s.gw.test\r\nContent-Length: 10\r\n\r\nxx")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let st = p.stats();
+        let s = st.iter().find(|s| s.route == "name:s").unwrap();
+        if s.errors.get("client_aborted").is_some() {
+            assert_eq!(s.errors.get("backend_timeout"), Some(&1), "{s:?}");
+            assert_eq!(s.errors.get("client_timeout"), Some(&1), "{s:?}");
+            assert_eq!(s.errors.get("client_aborted"), Some(&1), "{s:?}");
+            assert_eq!(s.errors.get("backend_protocol"), None, "{s:?}");
+            assert!(
+                s.backends.iter().all(|b| b.active_connections == 0),
+                "{s:?}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn http2_backends_are_balanced() {
     let (b1, c1) = h2_backend(None).await;

@@ -45,11 +45,103 @@ impl std::fmt::Display for BodyTooLarge {
 
 impl std::error::Error for BodyTooLarge {}
 
-/// What is left of a request body's allowance, and the flag set when it is
-/// exceeded (so the failed exchange is answered 413, not 502).
+/// A body that gave nothing for `idle_timeout`.
+#[derive(Debug)]
+struct BodyStalled;
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("body stalled: nothing for idle_timeout")
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+/// What is left of a request body's allowance.
 struct BodyLimit {
     left: u64,
-    tripped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A client's request body as it goes to the backend: why it failed, when
+/// it did (the exchange is then the client's failure, 413, 408 or 400, not
+/// the backend's 502, and a shared HTTP/2 backend connection is kept), and
+/// when it ended (the backend's `response_timeout` runs from then: an
+/// upload takes the time it takes, its stalls are `idle_timeout`'s).
+#[derive(Clone)]
+struct ClientBody(Arc<ClientBodyState>);
+
+struct ClientBodyState {
+    fault: std::sync::atomic::AtomicU8,
+    start: std::time::Instant,
+    /// Milliseconds after `start` + 1 when the body ended (0: not yet).
+    ended: AtomicU64,
+}
+
+impl ClientBody {
+    const TOO_LARGE: u8 = 1;
+    const STALLED: u8 = 2;
+    const BROKE_OFF: u8 = 3;
+
+    fn new() -> ClientBody {
+        ClientBody(Arc::new(ClientBodyState {
+            fault: std::sync::atomic::AtomicU8::new(0),
+            start: std::time::Instant::now(),
+            ended: AtomicU64::new(0),
+        }))
+    }
+
+    fn set(&self, why: u8) {
+        let _ = self
+            .0
+            .fault
+            .compare_exchange(0, why, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn failed(&self) -> bool {
+        self.0.fault.load(Ordering::Relaxed) != 0
+    }
+
+    /// Notes that the body has ended (the first time counts).
+    fn end(&self) {
+        if self.0.ended.load(Ordering::Relaxed) == 0 {
+            let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.0.ended.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// When the body ended, if it has.
+    fn ended_at(&self) -> Option<tokio::time::Instant> {
+        match self.0.ended.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(tokio::time::Instant::from_std(
+                self.0.start + Duration::from_millis(ms - 1),
+            )),
+        }
+    }
+
+    /// The answer for the client, when its body failed (counted already,
+    /// by the body as it failed).
+    fn answer(&self) -> Option<Response<ProxyBody>> {
+        let (kind, status, msg) = match self.0.fault.load(Ordering::Relaxed) {
+            0 => return None,
+            Self::TOO_LARGE => return Some(too_large()),
+            Self::STALLED => (
+                ErrorKind::ClientTimeout,
+                StatusCode::REQUEST_TIMEOUT,
+                "408 request timeout: the request body stalled",
+            ),
+            _ => (
+                ErrorKind::ClientAborted,
+                StatusCode::BAD_REQUEST,
+                "400 bad request: the request body broke off",
+            ),
+        };
+        let mut r = text(status, msg);
+        r.extensions_mut().insert(kind);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        Some(r)
+    }
 }
 
 /// What the HTTP handler knows about the client connection.
@@ -224,6 +316,33 @@ struct CountedBody<B> {
     _hold: Option<Hold>,
     /// Request bodies of routes with `max_body_size`.
     limit: Option<BodyLimit>,
+    /// Request bodies: set when the client's body fails.
+    fault: Option<ClientBody>,
+    /// A body with nothing to give for this long fails (zero: never), so a
+    /// backend or client gone silent mid-body does not hold the exchange
+    /// (its backend connection, the route's slot) for good.
+    idle: Duration,
+    /// When the body last gave a frame or ended a pause.
+    last: std::time::Instant,
+    /// Armed while the body waits for its peer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> CountedBody<B> {
+    /// Whether the body has waited `idle` since it last moved.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.idle.is_zero() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::from_std(self.last + self.idle);
+        let t = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if t.deadline() != deadline {
+            t.as_mut().reset(deadline);
+        }
+        std::future::Future::poll(t.as_mut(), cx).is_ready()
+    }
 }
 
 /// A backend lease and a route slot, released together.
@@ -241,15 +360,48 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        std::task::ready!(poll_pause(&mut self.pause, cx));
+        if self.pause.is_some() {
+            std::task::ready!(poll_pause(&mut self.pause, cx));
+            // A pause is the route's doing, not the peer's silence.
+            if !self.idle.is_zero() {
+                self.last = std::time::Instant::now();
+            }
+        }
         if let Some(f) = self.held.take() {
             return Poll::Ready(Some(Ok(f)));
         }
         let r = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = &self.fault {
+                    f.set(ClientBody::BROKE_OFF);
+                    self.counters.error(ErrorKind::ClientAborted);
+                }
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            Poll::Ready(r) => {
+                if !self.idle.is_zero() {
+                    self.last = std::time::Instant::now();
+                }
+                if r.is_none() {
+                    if let Some(b) = &self.fault {
+                        b.end();
+                    }
+                }
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !self.stalled(cx) {
+                    return Poll::Pending;
+                }
+                // Counted here: the exchange may have its answer already.
+                if let Some(f) = &self.fault {
+                    f.set(ClientBody::STALLED);
+                    self.counters.error(ErrorKind::ClientTimeout);
+                } else {
+                    self.counters.error(ErrorKind::BackendTimeout);
+                }
+                return Poll::Ready(Some(Err(Box::new(BodyStalled))));
+            }
         };
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -258,7 +410,9 @@ where
                     if n > l.left {
                         // Counted here: the backend may have answered already,
                         // and then its answer is what gets cut off.
-                        l.tripped.store(true, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(f) = &self.fault {
+                            f.set(ClientBody::TOO_LARGE);
+                        }
                         self.counters.error(ErrorKind::BodyTooLarge);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
@@ -283,7 +437,13 @@ where
         r
     }
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.inner.is_end_stream()
+        let end = self.held.is_none() && self.inner.is_end_stream();
+        if end {
+            if let Some(b) = &self.fault {
+                b.end();
+            }
+        }
+        end
     }
     fn size_hint(&self) -> SizeHint {
         let h = self.inner.size_hint();
@@ -304,33 +464,53 @@ where
     }
 }
 
+/// A response body from a backend.
 fn counted(
     b: Incoming,
     counters: Arc<Counters>,
-    inbound: bool,
     hold: Option<Hold>,
     throttle: Arc<Throttle>,
-) -> ProxyBody {
-    limited(b, counters, inbound, hold, throttle, None)
-}
-
-fn limited(
-    b: Incoming,
-    counters: Arc<Counters>,
-    inbound: bool,
-    hold: Option<Hold>,
-    throttle: Arc<Throttle>,
-    limit: Option<BodyLimit>,
+    idle: Duration,
 ) -> ProxyBody {
     CountedBody {
         inner: b,
         counters,
-        inbound,
+        inbound: false,
         throttle,
         pause: None,
         held: None,
         _hold: hold,
+        limit: None,
+        fault: None,
+        idle,
+        last: std::time::Instant::now(),
+        timer: None,
+    }
+    .boxed()
+}
+
+/// A request body from a client.
+fn limited(
+    b: Incoming,
+    counters: Arc<Counters>,
+    throttle: Arc<Throttle>,
+    limit: Option<BodyLimit>,
+    fault: ClientBody,
+    idle: Duration,
+) -> ProxyBody {
+    CountedBody {
+        inner: b,
+        counters,
+        inbound: true,
+        throttle,
+        pause: None,
+        held: None,
+        _hold: None,
         limit,
+        fault: Some(fault),
+        idle,
+        last: std::time::Instant::now(),
+        timer: None,
     }
     .boxed()
 }
@@ -683,15 +863,32 @@ async fn send(
         Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>,
     >,
     shared: &Shared,
+    body: &ClientBody,
 ) -> Result<Response<Incoming>, (SendError, Option<Request<ProxyBody>>)> {
-    match tokio::time::timeout(shared.limits.response_timeout, sending).await {
+    // `response_timeout` from the end of the request body: a long upload is
+    // not the backend's slowness (a stalled one fails on its own, at
+    // `idle_timeout`).
+    let limit = shared.limits.response_timeout;
+    tokio::pin!(sending);
+    let mut deadline = tokio::time::Instant::now() + limit;
+    let r = loop {
+        match tokio::time::timeout_at(deadline, &mut sending).await {
+            Ok(r) => break Ok(r),
+            Err(_) => match body.ended_at() {
+                Some(end) if end + limit <= tokio::time::Instant::now() => break Err(()),
+                Some(end) => deadline = end + limit,
+                None => deadline = tokio::time::Instant::now() + limit,
+            },
+        }
+    };
+    match r {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(mut e)) => {
             let back = e.take_message();
             debug!(error = %e.into_error(), "backend request failed");
             Err((BAD_EXCHANGE, back))
         }
-        Err(_) => Err((
+        Err(()) => Err((
             (
                 ErrorKind::BackendTimeout,
                 StatusCode::GATEWAY_TIMEOUT,
@@ -801,7 +998,7 @@ async fn send_h2(
     up: &Arc<Upstreams>,
     mut plan: Vec<usize>,
     mut req: Request<ProxyBody>,
-    client_fault: &(dyn Fn() -> bool + Sync),
+    body: &ClientBody,
 ) -> Result<(Response<Incoming>, Backend, Lease), SendError> {
     let mut turn = None;
     loop {
@@ -809,7 +1006,7 @@ async fn send_h2(
             // The turn is for connecting: the next waiter may share this
             // connection too while this request waits for its answer.
             drop(turn.take());
-            match send(sender.try_send_request(req), shared).await {
+            match send(sender.try_send_request(req), shared, body).await {
                 Ok(r) => return Ok((r, backend, lease)),
                 Err((_, Some(back))) => {
                     up.drop_h2(&lease);
@@ -827,12 +1024,12 @@ async fn send_h2(
     }
     let (mut sender, backend, lease) = connect_h2(shared, route, up, &plan).await?;
     drop(turn);
-    match send(sender.try_send_request(req), shared).await {
+    match send(sender.try_send_request(req), shared, body).await {
         Ok(r) => Ok((r, backend, lease)),
         Err((e, _)) => {
             // A request body over the limit is the client's doing, not the
             // connection's.
-            if !client_fault() {
+            if !body.failed() {
                 up.drop_h2(&lease);
             }
             Err(e)
@@ -1113,22 +1310,17 @@ async fn forward(
     // A body announced over the route's limit is refused before a backend
     // is contacted (and before a client waiting on `Expect: 100-continue`
     // sends it); one that turns out larger is cut off at the limit.
-    let limit = route.settings.max_body_size.map(|max| BodyLimit {
-        left: max,
-        tripped: Default::default(),
-    });
-    let tripped = limit.as_ref().map(|l| l.tripped.clone());
+    let limit = route
+        .settings
+        .max_body_size
+        .map(|max| BodyLimit { left: max });
+    let fault = ClientBody::new();
     if let Some(max) = route.settings.max_body_size {
         if announced_length(req.headers()).is_some_and(|n| n > max) {
             c.error(ErrorKind::BodyTooLarge);
             return Ok(too_large());
         }
     }
-    let too_big = || {
-        tripped
-            .as_ref()
-            .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed))
-    };
     let upgrade = upgrade_of(&req);
     let h2 = up.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {
@@ -1202,7 +1394,14 @@ async fn forward(
     }
     let breq = Request::from_parts(
         parts,
-        limited(body, c.clone(), true, None, route.bandwidth.clone(), limit),
+        limited(
+            body,
+            c.clone(),
+            route.bandwidth.clone(),
+            limit,
+            fault.clone(),
+            shared.limits.idle_timeout,
+        ),
     );
 
     let Ok(slot) = up.admit() else {
@@ -1215,10 +1414,9 @@ async fn forward(
     };
     let plan = up.plan(Some(conn.client.ip()));
     if h2 {
-        let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq, &too_big).await
-        {
+        let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq, &fault).await {
             Ok(x) => x,
-            Err(_) if too_big() => return Ok(too_large()),
+            Err(_) if fault.failed() => return Ok(fault.answer().unwrap_or_else(too_large)),
             Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
         };
         up.note_ok(backend.addr);
@@ -1229,7 +1427,13 @@ async fn forward(
         edit_headers(&mut parts.headers, &route.settings.response_headers);
         return Ok(Response::from_parts(
             parts,
-            counted(body, c, false, Some((lease, slot)), route.bandwidth.clone()),
+            counted(
+                body,
+                c,
+                Some((lease, slot)),
+                route.bandwidth.clone(),
+                shared.limits.idle_timeout,
+            ),
         ));
     }
     let mut pooled = None;
@@ -1264,10 +1468,10 @@ async fn forward(
                 }
             }
         };
-        match send(sender.try_send_request(breq), &shared).await {
+        match send(sender.try_send_request(breq), &shared, &fault).await {
             Ok(r) => break (r, sender, backend, lease),
-            // The body went over the limit (part of it is gone: no retry).
-            Err(_) if too_big() => return Ok(too_large()),
+            // The client's body failed (part of it is gone: no retry).
+            Err(_) if fault.failed() => return Ok(fault.answer().unwrap_or_else(too_large)),
             Err((_, Some(back))) if from_pool => {
                 // The idle connection was gone: once more on a fresh one.
                 breq = back;
@@ -1316,7 +1520,7 @@ async fn forward(
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,
-        counted(body, c, false, hold, bw),
+        counted(body, c, hold, bw, shared.limits.idle_timeout),
     ))
 }
 

@@ -57,11 +57,15 @@ pub enum ErrorKind {
     BadPath,
     /// A request body over the route's `max_body_size` (413).
     BodyTooLarge,
+    /// A client's request body that gave nothing for `idle_timeout` (408).
+    ClientTimeout,
+    /// A client's request body that broke off (the client went away).
+    ClientAborted,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 22] = [
+    pub const ALL: [ErrorKind; 24] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -84,6 +88,8 @@ impl ErrorKind {
         ErrorKind::BadDnsQuery,
         ErrorKind::BadPath,
         ErrorKind::BodyTooLarge,
+        ErrorKind::ClientTimeout,
+        ErrorKind::ClientAborted,
     ];
 
     /// Stable metric label.
@@ -111,6 +117,8 @@ impl ErrorKind {
             ErrorKind::BadDnsQuery => "bad_dns_query",
             ErrorKind::BadPath => "bad_path",
             ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::ClientTimeout => "client_timeout",
+            ErrorKind::ClientAborted => "client_aborted",
         }
     }
 
