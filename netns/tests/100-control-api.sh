@@ -18,7 +18,8 @@
 #  5. Bad input gets a 4xx naming the problem and changes nothing
 #     (state_version before = after): malformed JSON, unknown fields, invalid
 #     names, backends on the hub's own overlay addresses or loopback, a used,
-#     a garbage, a forged and an expired join token, the TCP listener without
+#     a garbage, a forged and an expired join token, a join whose body stops
+#     (408 after 10 s), the TCP listener without
 #     or with a wrong bearer token. The served certificate's SHA-256 is the
 #     api_fingerprint of GET /v1/status, and `gatewire ctl --url --pin` works.
 #  6. /metrics parses with prometheus_client's text parser, and the route's
@@ -380,6 +381,30 @@ EOF
 )
 bad "join with a forged secret" tcp-none 401 "not valid" POST /v1/join \
     "{\"token\": \"$forged\", \"public_key\": \"$(lab_pub x2)\"}"
+# a join whose body stops after its head (no token needed to get this far):
+# answered 408 once the body timeout (10 s) runs out, the slot let go
+stalled=$(lab_exec pub "$PY" - "$HUB4" "$API_PORT" <<'EOF'
+import socket, ssl, sys, time
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30))
+s.sendall(b"POST /v1/join HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+          b"Content-Length: 100\r\n\r\n{\"t")
+t0 = time.monotonic()
+out = b""
+try:
+    while b"\r\n\r\n" not in out:
+        d = s.recv(4096)
+        if not d:
+            break
+        out += d
+except OSError:
+    pass
+print(out.split(b"\r\n")[0].decode(errors="replace"), "after", round(time.monotonic() - t0), "s")
+EOF
+) || true
+check "a join whose body stops is answered 408 ($stalled)" grep -q "^HTTP/1.1 408 " <<<"$stalled"
 
 # the certificate on the TCP listener is the one GET /v1/status pins
 req unix GET /v1/status

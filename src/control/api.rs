@@ -27,6 +27,8 @@ use tracing::{debug, info};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 1 << 20;
+/// Time a client has to send a request's body once its head arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to read a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once per listener.
@@ -655,9 +657,20 @@ async fn serve_req(
             return Ok(r);
         }
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    // The head had its timeout (hyper's header_read_timeout); the body gets
+    // one too, or a client that stops mid-body (`POST /v1/join` needs no
+    // token) would hold a connection slot for good.
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Err(_) => {
+            c.counters.api_errors.fetch_add(1, Relaxed);
+            return Ok(respond(Answer::json(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())}),
+            )));
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             c.counters.api_errors.fetch_add(1, Relaxed);
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()

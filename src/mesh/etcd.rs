@@ -90,7 +90,12 @@ fn options(mesh: &Mesh) -> ConnectOptions {
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
     if let Some((u, p)) = &s.user {
-        o = o.with_user(u.clone(), p.clone());
+        // etcd's auth tokens expire (5 minutes by default) and are checked
+        // on each request, not on the lease's keep-alives or an open watch:
+        // a quiet hub would find its next lock or publish refused for good.
+        o = o
+            .with_user(u.clone(), p.clone())
+            .with_auto_token_refresh(true);
     }
     if let Some(ca) = &s.ca_pem {
         o = o.with_tls(TlsOptions::new().ca_certificate(Certificate::from_pem(ca.clone())));
