@@ -83,6 +83,11 @@ impl FileEnv {
             }
             file_ports.extend(p.tcp.iter().map(|t| (Protocol::Tcp, t.listen.port())));
             file_ports.extend(p.udp.iter().map(|u| (Protocol::Udp, u.listen.port())));
+            // DNS listeners take their port on both.
+            for a in crate::proxy::settings::DnsSettings::listeners(p) {
+                file_ports.insert((Protocol::Tcp, a.port()));
+                file_ports.insert((Protocol::Udp, a.port()));
+            }
         }
         let mut file_keys: BTreeSet<String> =
             cfg.peers.iter().map(|p| p.public_key.to_base64()).collect();
@@ -420,8 +425,32 @@ impl Control {
                 warn!(name = ?r.name.as_ref().or(r.fqdn.as_ref()), "declared service does not fit the current config; left out");
             }
         }
-        extra.tcp = ev.tcp.clone();
-        extra.udp = ev.udp.clone();
+        // Forwards one at a time too: one that does not fit is left out, not
+        // every route with it.
+        for t in &ev.tcp {
+            let one = ProxyRaw {
+                proxy: extra.proxy.clone(),
+                tcp: vec![t.clone()],
+                ..Default::default()
+            };
+            if fits(&one) {
+                extra.tcp.push(t.clone());
+            } else {
+                warn!(listen = %t.listen, "declared TCP forward does not fit the current config; left out");
+            }
+        }
+        for u in &ev.udp {
+            let one = ProxyRaw {
+                proxy: extra.proxy.clone(),
+                udp: vec![u.clone()],
+                ..Default::default()
+            };
+            if fits(&one) {
+                extra.udp.push(u.clone());
+            } else {
+                warn!(listen = %u.listen, "declared UDP forward does not fit the current config; left out");
+            }
+        }
         if extra.route.is_empty() && extra.tcp.is_empty() && extra.udp.is_empty() {
             return file.validate_with(&ProxyRaw::default(), &cfg.addresses, &cfg.base);
         }
@@ -593,5 +622,27 @@ fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet],
                 warn!(route = %net, error = %e, "cannot remove a control-plane peer's route")
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_listeners_hold_their_port_on_both_protocols() {
+        let text = "[hub]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n\
+                    addresses = [\"100.64.0.1/10\"]\n\
+                    [proxy]\ndomains = [\"gw.example.org\"]\n\
+                    [proxy.dns]\nlisten = [\"0.0.0.0:53\"]\naddresses = [\"203.0.113.1\"]\n\
+                    [proxy.dns.nameservers]\n\"ns1.gw.example.org\" = [\"203.0.113.1\"]\n\
+                    [control]\nstate_dir = \"/var/lib/gw\"\n";
+        let cfg = HubConfig::parse("hub.toml", text, std::path::Path::new("/etc/gw")).unwrap();
+        let running = cfg.control.clone().unwrap();
+        let env = FileEnv::new(cfg, &running);
+        assert!(env.file_ports.contains(&(Protocol::Udp, 53)));
+        assert!(env.file_ports.contains(&(Protocol::Tcp, 53)));
+        assert!(env.file_ports.contains(&(Protocol::Tcp, 80)));
     }
 }
