@@ -188,18 +188,23 @@ fn route_json(c: &Control, id: &str) -> Option<Value> {
             .find(|r| state::route_id(r).ok().as_deref() == Some(id))
         {
             serde_json::to_value(r).unwrap_or(Value::Null)
-        } else if id.starts_with("tcp:") {
-            ev.tcp
-                .iter()
-                .find(|t| t.listen.ends_with(&id[4..]))
-                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
-                .unwrap_or(Value::Null)
         } else {
-            ev.udp
-                .iter()
-                .find(|t| t.listen.ends_with(&id[4..]))
-                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
-                .unwrap_or(Value::Null)
+            // `tcp:2002` is the forward listening on port 2002, not 12002.
+            let port = id.get(4..).map(|p| format!(":{p}")).unwrap_or_default();
+            let on = |listen: &str| !port.is_empty() && listen.ends_with(&port);
+            if id.starts_with("tcp:") {
+                ev.tcp
+                    .iter()
+                    .find(|t| on(&t.listen))
+                    .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null)
+            } else {
+                ev.udp
+                    .iter()
+                    .find(|t| on(&t.listen))
+                    .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null)
+            }
         };
         let _ = i;
         return Some(json!({

@@ -361,10 +361,20 @@ impl State {
         Ok(id)
     }
 
+    /// The node that serves `id` by a declared service whose name is granted
+    /// to it (a declaration of a name it was never given takes nothing from
+    /// the operator).
     fn node_serves(&self, id: &str) -> Option<&str> {
         self.services.iter().find_map(|(k, v)| {
             v.iter()
-                .any(|s| s.decl.protocol == Protocol::Http && s.decl.host() == id)
+                .any(|s| {
+                    s.decl.protocol == Protocol::Http
+                        && s.decl.host() == id
+                        && s.decl
+                            .registry_name()
+                            .and_then(|n| self.names.get(n))
+                            .is_some_and(|r| r.owners.iter().any(|o| o == k))
+                })
                 .then_some(k.as_str())
         })
     }

@@ -331,6 +331,32 @@ fn pools_run_out_cleanly() {
 }
 
 #[test]
+fn only_a_granted_declaration_holds_a_name_against_the_operator() {
+    let e = env();
+    let mut s = State::default();
+    let h = token(&mut s, "a1", &["blog"], false, 1);
+    s.join(&ctx(&e, 1), "a1", h, K1, None).unwrap();
+    s.add_node(&ctx(&e, 1), K2, None, None).unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    let ip2: IpAddr = "100.64.1.3".parse().unwrap();
+    s.declare_services(2, K1, ip1, vec![http("blog", 80)])
+        .unwrap();
+    // K2 declares a name nobody gave it: refused at evaluation, and it
+    // does not stand in the operator's way.
+    s.declare_services(2, K2, ip2, vec![http("shop", 80)])
+        .unwrap();
+    let err = s
+        .create_route(&ctx(&e, 3), spec("blog", "100.64.0.2:80"))
+        .unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("served by node"), "{err}");
+    let (id, created) = s
+        .create_route(&ctx(&e, 3), spec("shop", "100.64.0.2:80"))
+        .unwrap();
+    assert!(created, "{id}");
+}
+
+#[test]
 fn services_follow_ownership_and_replicas() {
     let e = env();
     let mut s = State::default();
