@@ -32,7 +32,7 @@ struct FileEnv {
     settings: ControlSettings,
     file_hosts: BTreeSet<String>,
     file_keys: BTreeSet<String>,
-    used_ips: BTreeSet<IpAddr>,
+    used_ips: Vec<IpNet>,
     file_ports: BTreeSet<(Protocol, u16)>,
 }
 
@@ -92,9 +92,13 @@ impl FileEnv {
         let mut file_keys: BTreeSet<String> =
             cfg.peers.iter().map(|p| p.public_key.to_base64()).collect();
         file_keys.insert(cfg.private_key.public_key().to_base64());
-        let mut used_ips: BTreeSet<IpAddr> = cfg.addresses.iter().map(|n| n.addr()).collect();
+        let mut used_ips: Vec<IpNet> = cfg
+            .addresses
+            .iter()
+            .map(|n| IpNet::from(n.addr()))
+            .collect();
         for p in &cfg.peers {
-            used_ips.extend(p.allowed_ips.iter().map(|n| n.addr()));
+            used_ips.extend(p.allowed_ips.iter().copied());
         }
         if let Some(c) = &cfg.control {
             file_ports.insert((Protocol::Tcp, c.node_port));

@@ -264,8 +264,9 @@ pub struct Context<'a> {
     pub file_hosts: &'a BTreeSet<String>,
     /// Public keys of config-file peers and the hub's own key.
     pub file_keys: &'a BTreeSet<String>,
-    /// Addresses in use outside the state (hub addresses, config-file peers).
-    pub used_ips: &'a BTreeSet<IpAddr>,
+    /// Prefixes in use outside the state: the hub's addresses (host
+    /// prefixes), the config-file peers' allowed IPs.
+    pub used_ips: &'a [IpNet],
     /// Address pools for joined nodes.
     pub pools: &'a [IpNet],
     /// Public ports nodes may claim for TCP/UDP services.
@@ -342,6 +343,38 @@ fn strip_who(e: String) -> String {
     match e.split_once("): ") {
         Some((head, rest)) if head.starts_with("[[route]]") => rest.to_string(),
         _ => e,
+    }
+}
+
+/// Addresses taken: single ones (the usual /32 and /128 of a node) in an
+/// ordered set, wider prefixes (a peer routing a subnet) in a list, so that
+/// an address inside a peer's /26 is as taken as its first.
+#[derive(Default)]
+struct Taken {
+    hosts: BTreeSet<IpAddr>,
+    wide: Vec<IpNet>,
+}
+
+impl Taken {
+    fn add(&mut self, n: &IpNet) {
+        if n.prefix_len() == n.max_prefix_len() {
+            self.hosts.insert(n.addr());
+        } else {
+            self.wide.push(n.trunc());
+        }
+    }
+
+    fn holds(&self, ip: &IpAddr) -> bool {
+        self.hosts.contains(ip) || self.wide.iter().any(|w| w.contains(ip))
+    }
+
+    /// Whether any taken address lies in `n`, or `n` in a taken prefix.
+    fn overlaps(&self, n: &IpNet) -> bool {
+        self.hosts
+            .range(n.network()..=n.broadcast())
+            .next()
+            .is_some()
+            || self.wide.iter().any(|w| w.contains(n) || n.contains(w))
     }
 }
 
@@ -470,12 +503,17 @@ impl State {
         Ok(())
     }
 
-    fn used_ips(&self, ctx: &Context) -> BTreeSet<IpAddr> {
-        let mut used = ctx.used_ips.clone();
-        for n in self.nodes.values() {
-            used.extend(n.allowed_ips.iter().map(|n| n.addr()));
+    /// Everything taken: outside the state and by the state's nodes.
+    fn used_ips(&self, ctx: &Context) -> Taken {
+        let mut t = Taken::default();
+        for n in ctx
+            .used_ips
+            .iter()
+            .chain(self.nodes.values().flat_map(|r| &r.allowed_ips))
+        {
+            t.add(n);
         }
-        used
+        t
     }
 
     /// One free host address from each pool (a /32 or /128).
@@ -486,7 +524,7 @@ impl State {
             let found = pool
                 .hosts()
                 .take(1 << 20)
-                .find(|ip| !used.contains(ip) && !is_subnet_anycast(pool, *ip));
+                .find(|ip| !used.holds(ip) && !is_subnet_anycast(pool, *ip));
             match found {
                 Some(ip) => out.push(IpNet::from(ip)),
                 None => return Err(Error::conflict(format!("address pool {pool} is full"))),
@@ -534,7 +572,7 @@ impl State {
                     if n.trunc() != *n {
                         return Err(Error::bad(format!("allowed_ips: `{n}` has host bits set")));
                     }
-                    if used.iter().any(|ip| n.contains(ip)) {
+                    if used.overlaps(n) {
                         return Err(Error::conflict(format!(
                             "allowed_ips: `{n}` overlaps an address in use"
                         )));

@@ -9,7 +9,7 @@ const K3: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
 struct Env {
     file_hosts: BTreeSet<String>,
     file_keys: BTreeSet<String>,
-    used: BTreeSet<IpAddr>,
+    used: Vec<IpNet>,
     pools: Vec<IpNet>,
     file_ports: BTreeSet<(Protocol, u16)>,
 }
@@ -18,11 +18,10 @@ fn env() -> Env {
     Env {
         file_hosts: ["name:static".to_string()].into(),
         file_keys: BTreeSet::new(),
-        used: [
-            "100.64.1.1".parse().unwrap(),
-            "fd77:6777:1::1".parse().unwrap(),
-        ]
-        .into(),
+        used: vec![
+            "100.64.1.1/32".parse().unwrap(),
+            "fd77:6777:1::1/128".parse().unwrap(),
+        ],
         pools: vec![
             "100.64.1.0/29".parse().unwrap(),
             "fd77:6777:1::/64".parse().unwrap(),
@@ -328,6 +327,51 @@ fn pools_run_out_cleanly() {
     let err = s.add_node(&ctx(&e, 1), &k, None, None).unwrap_err();
     assert_eq!(err.status, 409);
     assert!(err.message.contains("full"), "{err}");
+}
+
+#[test]
+fn a_peers_whole_prefix_is_taken_not_just_its_first_address() {
+    let e = env();
+    let mut s = State::default();
+    // 100.64.1.4/30 holds .4 to .7; the pool (a /29, .1 the hub's) has
+    // .2 and .3 left, then nothing.
+    s.add_node(
+        &ctx(&e, 1),
+        K1,
+        None,
+        Some(vec![
+            "100.64.1.4/30".parse().unwrap(),
+            "fd77:6777:1::100/120".parse().unwrap(),
+        ]),
+    )
+    .unwrap();
+    let a = s.add_node(&ctx(&e, 2), K2, None, None).unwrap();
+    assert_eq!(a.allowed_ips[0], "100.64.1.2/32".parse::<IpNet>().unwrap());
+    let b = s.add_node(&ctx(&e, 3), K3, None, None).unwrap();
+    assert_eq!(b.allowed_ips[0], "100.64.1.3/32".parse::<IpNet>().unwrap());
+    let k4 = crate::keys::PrivateKey::from_bytes([7; 32])
+        .public_key()
+        .to_base64();
+    let err = s.add_node(&ctx(&e, 4), &k4, None, None).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("full"), "{err}");
+    // A prefix around a taken address, or inside a taken prefix: refused.
+    for n in ["100.64.1.0/29", "100.64.1.6/31", "fd77:6777:1::180/121"] {
+        let err = s
+            .add_node(&ctx(&e, 5), &k4, None, Some(vec![n.parse().unwrap()]))
+            .unwrap_err();
+        assert_eq!(err.status, 409, "{n}: {err}");
+    }
+    let mut t = Taken::default();
+    t.add(&"10.0.0.0/26".parse().unwrap());
+    t.add(&"10.0.1.9/32".parse().unwrap());
+    assert!(t.holds(&"10.0.0.63".parse().unwrap()));
+    assert!(!t.holds(&"10.0.0.64".parse().unwrap()));
+    assert!(t.overlaps(&"10.0.0.0/25".parse().unwrap()));
+    assert!(t.overlaps(&"10.0.0.8/29".parse().unwrap()));
+    assert!(t.overlaps(&"10.0.1.8/30".parse().unwrap()));
+    assert!(!t.overlaps(&"10.0.1.0/29".parse().unwrap()));
+    assert!(!t.overlaps(&"10.0.0.64/26".parse().unwrap()));
 }
 
 #[test]
