@@ -369,10 +369,13 @@ async fn run(ch: AcmeChallenge, tag: &str) {
     assert_eq!(before, after, "no new order after a restart");
     proxy.shutdown(Duration::from_secs(1)).await;
 
-    // Renewal: a certificate inside the renewal window is replaced.
+    // Renewal: a certificate inside the renewal window is replaced (the
+    // window: all of its lifetime but its first second).
+    let pem = std::fs::read(state.join("certs/site.gw.test/fullchain.pem")).unwrap();
+    let (nb, na) = gatewire::proxy::acme::cert_validity(&pem_certs(&pem)[0]).unwrap();
     let mut s = settings(http, tls, &p, &state, ch, b);
     if let Some(a) = s.acme.as_mut() {
-        a.renew_before = Duration::from_secs(200 * 365 * 86_400);
+        a.renew_before = Duration::from_secs(na - nb - 1);
     }
     let proxy = Proxy::start(s).await.unwrap();
     let t0 = Instant::now();
@@ -386,6 +389,40 @@ async fn run(ch: AcmeChallenge, tag: &str) {
         assert!(t0.elapsed() < Duration::from_secs(60), "no renewal");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = https_get(at, "site.gw.test", &root).await;
+    assert!(r.ends_with("acme-ok"), "{r}");
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    // Another directory (here the same CA under another name, as staging
+    // to production would be): an account of its own, the old one kept
+    // aside, and the stored certificate ordered again from it.
+    let before = std::fs::metadata(state.join("certs/site.gw.test/fullchain.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let mut s = settings(http, tls, &p, &state, ch, b);
+    if let Some(a) = s.acme.as_mut() {
+        a.directory = a.directory.replace("127.0.0.1", "localhost");
+    }
+    let proxy = Proxy::start(s).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let m = std::fs::metadata(state.join("certs/site.gw.test/fullchain.pem"))
+            .and_then(|m| m.modified())
+            .unwrap_or(before);
+        if m != before {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no new order after the directory changed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(state.join("account.previous.json").exists());
+    let made_at = std::fs::read_to_string(state.join("certs/site.gw.test/directory")).unwrap();
+    assert!(made_at.contains("localhost"), "{made_at}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = https_get(at, "site.gw.test", &root).await;
     assert!(r.ends_with("acme-ok"), "{r}");

@@ -219,6 +219,18 @@ impl AcmeState {
     pub fn not_after(&self, host: &str) -> Option<u64> {
         self.certs.read().get(host).map(|(_, t)| *t)
     }
+
+    /// When the certificate kept for `host` is due for renewal.
+    fn renew_time(&self, host: &str, renew_before: u64) -> Option<u64> {
+        let certs = self.certs.read();
+        let (k, na) = certs.get(host)?;
+        let nb = k
+            .cert
+            .first()
+            .and_then(|c| cert_validity(c))
+            .map(|(nb, _)| nb);
+        Some(renew_at(nb, *na, renew_before))
+    }
     /// Sets what the manager should keep certificates for (`*.<domain>` for
     /// a wildcard certificate), and wakes it. Certificates of other hosts
     /// are no longer served. `dns_zones`: the domains whose
@@ -283,12 +295,17 @@ impl AcmeState {
             .iter()
             .map(|h| {
                 let not_after = certs.get(h).map(|(_, na)| *na);
+                let not_before = certs
+                    .get(h)
+                    .and_then(|(k, _)| k.cert.first())
+                    .and_then(|c| cert_validity(c))
+                    .map(|(nb, _)| nb);
                 let failure = failures.get(h);
                 crate::proxy::stats::CertStatus {
                     host: h.clone(),
                     source: "acme",
                     not_after,
-                    renew_at: not_after.map(|na| na.saturating_sub(renew_before)),
+                    renew_at: not_after.map(|na| renew_at(not_before, na, renew_before)),
                     error: failure.map(|(e, _)| e.clone()),
                     retry_at: failure.map(|(_, at)| *at),
                     superseded: false,
@@ -389,6 +406,11 @@ fn der_time(tag: u8, v: &[u8]) -> Option<u64> {
 
 /// The `notAfter` of an X.509 certificate, in Unix seconds.
 pub fn cert_not_after(der: &[u8]) -> Option<u64> {
+    cert_validity(der).map(|(_, na)| na)
+}
+
+/// The `notBefore` and `notAfter` of an X.509 certificate, in Unix seconds.
+pub fn cert_validity(der: &[u8]) -> Option<(u64, u64)> {
     let (_, cert, _) = der_tlv(der)?;
     let (_, tbs, _) = der_tlv(cert)?;
     let mut rest = tbs;
@@ -401,9 +423,22 @@ pub fn cert_not_after(der: &[u8]) -> Option<u64> {
         rest = der_tlv(rest)?.2;
     }
     let (_, validity, _) = der_tlv(rest)?;
-    let (_, _, after) = der_tlv(validity)?;
+    let (tag, v, after) = der_tlv(validity)?;
+    let before = der_time(tag, v)?;
     let (tag, v, _) = der_tlv(after)?;
-    der_time(tag, v)
+    Some((before, der_time(tag, v)?))
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// `renew_before` ahead of its expiry; when that is as long as its whole
+/// lifetime (a CA's short-lived certificates, a day, where `renew_before`
+/// is 30 days), once two thirds of it have passed, rather than at once and
+/// again after every order.
+pub fn renew_at(not_before: Option<u64>, not_after: u64, renew_before: u64) -> u64 {
+    match not_before.filter(|nb| *nb < not_after) {
+        Some(nb) if renew_before >= not_after - nb => nb + (not_after - nb) / 3 * 2,
+        _ => not_after.saturating_sub(renew_before),
+    }
 }
 
 // ------------------------------------------------------------ HTTP client
@@ -500,6 +535,18 @@ impl HttpClient for AcmeHttp {
 
 // ------------------------------------------------------------ files
 
+/// Beside a host's `fullchain.pem`: the directory URL of the CA that issued it.
+const DIRECTORY_FILE: &str = "directory";
+
+/// Whether the stored certificate of `host` was issued by another CA than
+/// the configured one (`directory` changed since): it is served until the
+/// new CA's replaces it, ordered at once. One without the note (taken from
+/// the mesh, or older) is not.
+fn from_another_directory(cfg: &AcmeSettings, host: &str) -> bool {
+    std::fs::read_to_string(host_dir(cfg, host).join(DIRECTORY_FILE))
+        .is_ok_and(|d| d.trim() != cfg.directory)
+}
+
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -546,12 +593,34 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
         Ok(Box::new(AcmeHttp::new(cfg.directory_ca.as_deref())?))
     };
     if let Ok(text) = std::fs::read(&path) {
-        if let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&text) {
-            match Account::from_credentials_and_http(creds, http()?).await {
-                Ok(a) => return Ok(a),
-                Err(e) => warn!(error = %e, "stored ACME account unusable; creating a new one"),
+        // The account belongs to the directory it was made at (its URLs are
+        // that CA's): a `directory` changed since (staging to production)
+        // gets an account of its own, the old file kept beside.
+        let made_at = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("directory")?.as_str().map(str::to_string));
+        let aside = match serde_json::from_slice::<AccountCredentials>(&text) {
+            Ok(creds) if made_at.as_deref().is_none_or(|d| d == cfg.directory) => {
+                // A failure here is the CA's directory not answering: the
+                // order fails and is tried again later; the account is kept.
+                return Account::from_credentials_and_http(creds, http()?)
+                    .await
+                    .map_err(|e| format!("ACME account at {}: {e}", cfg.directory));
             }
-        }
+            Ok(_) => {
+                info!(
+                    previous = made_at.as_deref().unwrap_or("?"),
+                    directory = %cfg.directory,
+                    "the stored ACME account is another directory's; creating one"
+                );
+                "account.previous.json"
+            }
+            Err(e) => {
+                warn!(error = %e, "stored ACME account unreadable; creating a new one");
+                "account.unreadable.json"
+            }
+        };
+        let _ = std::fs::rename(&path, cfg.state_dir.join(aside));
     }
     let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
     let (acct, creds) = Account::create_with_http(
@@ -789,6 +858,8 @@ async fn issue_inner(
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     write_private(&dir.join("fullchain.pem"), chain.as_bytes())
         .map_err(|e| format!("{}: {e}", dir.display()))?;
+    write_private(&dir.join(DIRECTORY_FILE), cfg.directory.as_bytes())
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let (k, na) = load_stored(cfg, host).ok_or("the issued certificate does not load")?;
     state.certs.write().insert(host.to_string(), (k, na));
     info!(host, not_after = na, "ACME certificate issued");
@@ -865,6 +936,8 @@ fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bo
     let written = std::fs::create_dir_all(&dir)
         .and_then(|()| write_private(&dir.join("key.pem"), pem.key.as_bytes()))
         .and_then(|()| write_private(&dir.join("fullchain.pem"), pem.chain.as_bytes()));
+    // Which CA issued it is the other hub's business.
+    let _ = std::fs::remove_file(dir.join(DIRECTORY_FILE));
     if let Err(e) = written {
         warn!(host, error = %e, dir = %dir.display(), "shared ACME certificate not written to disk");
     }
@@ -948,11 +1021,11 @@ async fn keep(
     rounds: &mut Rounds,
 ) -> Option<Duration> {
     let Rounds { retry_at, waiting } = rounds;
-    let renew_at = |na: u64| na.saturating_sub(cfg.renew_before.as_secs());
     let due = |state: &AcmeState| {
         state
-            .not_after(host)
-            .is_none_or(|na| now_unix() >= renew_at(na))
+            .renew_time(host, cfg.renew_before.as_secs())
+            .is_none_or(|at| now_unix() >= at)
+            || from_another_directory(cfg, host)
     };
     if !state.has_own(host) {
         if let Some((k, na)) = load_stored(cfg, host) {
@@ -1040,6 +1113,17 @@ async fn keep(
         sh.unlock(host).await;
     }
     match r {
+        Ok(_) if due(state) => {
+            // Only a clock far ahead of the CA's makes a new certificate due:
+            // ordering again would get the same, as often as it is asked.
+            let e = "the new certificate is already due for renewal: is this hub's clock right?"
+                .to_string();
+            warn!(host = %host, "{e}");
+            let back = failed(retry_at, host, &e);
+            let at = now_unix().saturating_add(back.as_secs());
+            state.failures.write().insert(host.to_string(), (e, at));
+            Some(back)
+        }
         Ok(_) => {
             retry_at.remove(host);
             state.failures.write().remove(host);
@@ -1266,6 +1350,33 @@ mod tests {
         ] {
             assert!(matches!(st.dns_lookup(out), Lookup::Outside), "{out}");
         }
+    }
+
+    #[test]
+    fn renewal_waits_for_two_thirds_of_a_short_lifetime() {
+        let day = 86_400;
+        // 90 days, 30 before expiry: day 60.
+        assert_eq!(renew_at(Some(0), 90 * day, 30 * day), 60 * day);
+        // 90 days, 10 or 80 before expiry: day 80, day 10.
+        assert_eq!(renew_at(Some(0), 90 * day, 10 * day), 80 * day);
+        assert_eq!(renew_at(Some(0), 90 * day, 80 * day), 10 * day);
+        // A one-day certificate with 30 days' margin: after 16 hours, not at once.
+        assert_eq!(
+            renew_at(Some(1000), 1000 + day, 30 * day),
+            1000 + day / 3 * 2
+        );
+        // No notBefore (or a broken one): the margin alone.
+        assert_eq!(renew_at(None, 90 * day, 30 * day), 60 * day);
+        assert_eq!(renew_at(Some(91 * day), 90 * day, 30 * day), 60 * day);
+        let mut p = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2031, 7, 14);
+        p.not_after = rcgen::date_time_ymd(2031, 7, 15);
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let c = p.self_signed(&kp).unwrap();
+        assert_eq!(
+            cert_validity(c.der()),
+            Some((1_941_840_000 - day, 1_941_840_000))
+        );
     }
 
     #[test]
