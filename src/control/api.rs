@@ -377,10 +377,10 @@ async fn route(
                 "state_version": st.version,
                 "peers": show.peers.len(),
                 "routes": route_ids(c).len(),
+                // The served certificate's, not one read again from disk.
                 "api_fingerprint": (!c.settings().listen.is_empty())
-                    .then(|| crate::control::pin::ApiCert::load_or_create(&c.settings().state_dir, &[]).ok())
-                    .flatten()
-                    .map(|a| a.fingerprint_hex()),
+                    .then(|| c.api_fingerprint.lock().map(hex::encode))
+                    .flatten(),
             })))
         }
         ["v1", "peers"] => match *m {
@@ -510,12 +510,14 @@ async fn route(
                         "the hub has no [control] listen address; nodes join over the TCP API",
                     ));
                 }
-                let cert = crate::control::pin::ApiCert::load_or_create(&settings.state_dir, &[])
-                    .map_err(|e| state::Error {
-                        status: 500,
-                        message: format!("API certificate: {e:#}"),
-                    })?;
-                let tok = crate::control::token::JoinToken::generate(api, cert.fingerprint());
+                // The certificate the listener serves: a token pinning one
+                // read again from disk would fail every join if the files
+                // changed under the running listener.
+                let fp = (*c.api_fingerprint.lock()).ok_or_else(|| state::Error {
+                    status: 503,
+                    message: "the TCP API listener is not running; join tokens pin its certificate".into(),
+                })?;
+                let tok = crate::control::token::JoinToken::generate(api, fp);
                 let ttl = req.ttl.unwrap_or(3600);
                 let id = tok.id.clone();
                 let h = tok.secret_hash();
@@ -744,6 +746,16 @@ impl ApiServer {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
+                    // The socket needs no token: only root and this process's
+                    // own user, whatever the file's mode (a umask that left it
+                    // open for a moment, a directory made by someone else).
+                    let uid = s.peer_cred().map(|p| p.uid());
+                    // SAFETY: geteuid has no preconditions and cannot fail.
+                    let own = unsafe { libc::geteuid() };
+                    if !matches!(uid, Ok(u) if u == 0 || u == own) {
+                        debug!(uid = ?uid.ok(), "control socket connection from another user refused");
+                        continue;
+                    }
                     let Ok(permit) = sem.clone().try_acquire_owned() else {
                         continue;
                     };
@@ -760,6 +772,7 @@ impl ApiServer {
         if !settings.listen.is_empty() {
             let cert = crate::control::pin::ApiCert::load_or_create(&settings.state_dir, &[])?;
             fingerprint = Some(cert.fingerprint_hex());
+            *c.api_fingerprint.lock() = Some(cert.fingerprint());
             let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
             for a in &settings.listen {
                 let l = TcpListener::bind(a)

@@ -168,6 +168,9 @@ pub struct Control {
     pub tls_tunnels: parking_lot::Mutex<Option<Arc<crate::carrier::Hub>>>,
     /// The hub mesh, for `/metrics` (set by the hub).
     pub mesh: parking_lot::Mutex<Option<Arc<crate::mesh::Mesh>>>,
+    /// SHA-256 of the certificate the TCP API listener serves (set when it
+    /// starts): what join tokens pin and `GET /v1/status` shows.
+    pub api_fingerprint: parking_lot::Mutex<Option<[u8; 32]>>,
 }
 
 pub fn now() -> u64 {
@@ -208,6 +211,7 @@ impl Control {
             proxy_stats: Arc::default(),
             tls_tunnels: parking_lot::Mutex::new(None),
             mesh: parking_lot::Mutex::new(None),
+            api_fingerprint: parking_lot::Mutex::new(None),
         });
         c.sync_peers().await;
         c.reevaluate();
