@@ -245,6 +245,8 @@ async fn session(
 
     let mut published: Option<Vec<u8>> = None;
     let mut last_rewrite: Option<std::time::Instant> = None;
+    // A rewrite asked for inside the REWRITE_EVERY window, made once it ends.
+    let mut rewrite_pending = false;
     publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
 
     // One read and one watch of the whole prefix: the hubs' records
@@ -317,6 +319,11 @@ async fn session(
                 _ => anyhow::bail!("lease {lease:x} expired"),
             },
             _ = check.tick() => {
+                if rewrite_pending && last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY) {
+                    rewrite_pending = false;
+                    published = None;
+                    last_rewrite = Some(std::time::Instant::now());
+                }
                 publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
                 claim_names(mesh, &mut client).await?;
                 mesh.save_claims();
@@ -352,11 +359,14 @@ async fn session(
                     };
                     // Written again at the next check; when two hubs share
                     // a name, at most every REWRITE_EVERY.
-                    if apply(mesh, records, &prefix, kv, lease, false)
-                        && last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY)
-                    {
-                        published = None;
-                        last_rewrite = Some(std::time::Instant::now());
+                    if apply(mesh, records, &prefix, kv, lease, false) {
+                        if last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY) {
+                            published = None;
+                            last_rewrite = Some(std::time::Instant::now());
+                        } else {
+                            // Not dropped: made when the window ends.
+                            rewrite_pending = true;
+                        }
                     }
                 }
                 if hubs_changed {
