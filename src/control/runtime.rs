@@ -171,6 +171,10 @@ pub struct Control {
     /// SHA-256 of the certificate the TCP API listener serves (set when it
     /// starts): what join tokens pin and `GET /v1/status` shows.
     pub api_fingerprint: parking_lot::Mutex<Option<[u8; 32]>>,
+    /// Serialises `sync_peers`.
+    sync_lock: tokio::sync::Mutex<()>,
+    /// Serialises `reevaluate`.
+    eval_lock: parking_lot::Mutex<()>,
 }
 
 pub fn now() -> u64 {
@@ -212,6 +216,8 @@ impl Control {
             tls_tunnels: parking_lot::Mutex::new(None),
             mesh: parking_lot::Mutex::new(None),
             api_fingerprint: parking_lot::Mutex::new(None),
+            sync_lock: tokio::sync::Mutex::new(()),
+            eval_lock: parking_lot::Mutex::new(()),
         });
         c.sync_peers().await;
         c.reevaluate();
@@ -357,6 +363,10 @@ impl Control {
     /// Re-checks declared services against the registry; tells the hub when
     /// the outcome changed. Returns whether it did.
     pub fn reevaluate(&self) -> bool {
+        // One at a time, each from the state as it is then: the evaluation
+        // stored last is of the newest state, never an older one that lost
+        // a race.
+        let _one = self.eval_lock.lock();
         let env = self.env.load_full();
         let st = env.settings();
         let check = |r: &RawRoute| env.check_route(r);
@@ -473,6 +483,9 @@ impl Control {
 
     /// Makes the device's control-plane peers match the state.
     async fn sync_peers(&self) {
+        // One at a time: two syncs reading `managed` before either wrote it
+        // back could leave a deleted peer on the device.
+        let _one = self.sync_lock.lock().await;
         let state = self.state.load_full();
         let env = self.env.load_full();
         let mut set = DeviceSet::default();
