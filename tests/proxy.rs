@@ -1269,7 +1269,7 @@ async fn stalled_bodies_fail_and_slow_uploads_are_answered() {
     loop {
         let st = p.stats();
         let s = st.iter().find(|s| s.route == "name:s").unwrap();
-        if s.errors.get("client_aborted").is_some() {
+        if s.errors.contains_key("client_aborted") {
             assert_eq!(s.errors.get("backend_timeout"), Some(&1), "{s:?}");
             assert_eq!(s.errors.get("client_timeout"), Some(&1), "{s:?}");
             assert_eq!(s.errors.get("client_aborted"), Some(&1), "{s:?}");
