@@ -15,7 +15,6 @@ use gatewire::proxy::settings::RawRoute;
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 
 const K1: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
 const K2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
@@ -44,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let file_hosts: BTreeSet<String> = ["name:static".to_string()].into();
     let file_keys = BTreeSet::new();
-    let used: BTreeSet<IpAddr> = ["100.64.1.1".parse().unwrap()].into();
+    let used: Vec<IpNet> = vec!["100.64.1.1/32".parse().unwrap()];
     let pools: Vec<IpNet> = vec![
         "100.64.1.0/29".parse().unwrap(),
         "fd77:6777:1::/64".parse().unwrap(),
