@@ -33,29 +33,18 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// route's `max_body_size`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request body went over the route's `max_body_size`.
+/// Why the proxy itself failed a body (over `max_body_size`, or nothing
+/// for `idle_timeout`).
 #[derive(Debug)]
-struct BodyTooLarge;
+struct BodyFailed(&'static str);
 
-impl std::fmt::Display for BodyTooLarge {
+impl std::fmt::Display for BodyFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("request body over the route's max_body_size")
+        f.write_str(self.0)
     }
 }
 
-impl std::error::Error for BodyTooLarge {}
-
-/// A body that gave nothing for `idle_timeout`.
-#[derive(Debug)]
-struct BodyStalled;
-
-impl std::fmt::Display for BodyStalled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("body stalled: nothing for idle_timeout")
-    }
-}
-
-impl std::error::Error for BodyStalled {}
+impl std::error::Error for BodyFailed {}
 
 /// What is left of a request body's allowance.
 struct BodyLimit {
@@ -400,7 +389,9 @@ where
                 } else {
                     self.counters.error(ErrorKind::BackendTimeout);
                 }
-                return Poll::Ready(Some(Err(Box::new(BodyStalled))));
+                return Poll::Ready(Some(Err(Box::new(BodyFailed(
+                    "body stalled: nothing for idle_timeout",
+                )))));
             }
         };
         if let Poll::Ready(Some(Ok(f))) = &r {
@@ -414,7 +405,9 @@ where
                             f.set(ClientBody::TOO_LARGE);
                         }
                         self.counters.error(ErrorKind::BodyTooLarge);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        return Poll::Ready(Some(Err(Box::new(BodyFailed(
+                            "request body over the route's max_body_size",
+                        )))));
                     }
                     l.left -= n;
                 }
