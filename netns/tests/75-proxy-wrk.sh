@@ -3,7 +3,7 @@
 # route through the tunnel (nginx on the hidden node n1 behind the NAT serves a
 # small page): zero socket errors, zero non-2xx answers, and the hub's counters
 # agree. `pub` gets a private /etc/hosts so wrk sends the route's name as SNI.
-# Use a release build (GATEWIRE=target/release/gatewire, the default).
+# Use an optimised build (target/release/gatewire, the default, or the ci profile CI runs).
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=75-proxy-wrk
