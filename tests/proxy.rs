@@ -82,6 +82,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         acme: None,
         access_log: None,
         proxy_protocol_from: None,
+        trusted_proxies: None,
         dns: None,
     }
 }
@@ -228,7 +229,8 @@ async fn http_by_host_forwarding_headers_and_404() {
     .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.contains("blog /hello?x=1 host=Blog.GW.test"), "{r}");
-    assert!(r.contains("xff=192.0.2.9, 127.0.0.1 "), "{r}");
+    // The client is no trusted proxy: its own X-Forwarded-For is replaced.
+    assert!(r.contains("xff=127.0.0.1 "), "{r}");
     assert!(r.contains("xfp=http xfh=Blog.GW.test"), "{r}");
     assert!(
         r.contains("fwd=for=127.0.0.1;host=\"Blog.GW.test\";proto=http"),
@@ -249,6 +251,41 @@ async fn http_by_host_forwarding_headers_and_404() {
     assert_eq!(blog.hosts, vec!["blog.gw.test".to_string()]);
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("unknown_host"), Some(&2));
+}
+
+#[tokio::test]
+async fn trusted_proxies_keep_their_forwarding_headers() {
+    let b = http_backend("blog").await;
+    let mut s = settings(vec![route("blog", TlsMode::Terminate, vec![be(b)])]);
+    s.trusted_proxies = Some(access(&["127.0.0.0/8"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let r = raw_http(
+        at,
+        "blog.gw.test",
+        "X-Forwarded-For: 192.0.2.9\r\nX-Forwarded-Proto: https\r\nForwarded: for=192.0.2.9\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("xff=192.0.2.9, 127.0.0.1 "), "{r}");
+    assert!(r.contains("xfp=https xfh=blog.gw.test"), "{r}");
+    assert!(
+        r.contains("fwd=for=192.0.2.9, for=127.0.0.1;host=\"blog.gw.test\";proto=http"),
+        "{r}"
+    );
+
+    // A proxy list that does not hold the client: replaced as from anyone.
+    let mut s = settings(vec![route("blog", TlsMode::Terminate, vec![be(b)])]);
+    s.trusted_proxies = Some(access(&["10.0.0.0/8"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let r = raw_http(
+        p.http_addrs()[0],
+        "blog.gw.test",
+        "X-Forwarded-For: 192.0.2.9\r\nX-Forwarded-Proto: https\r\n",
+    )
+    .await;
+    assert!(r.contains("xff=127.0.0.1 "), "{r}");
+    assert!(r.contains("xfp=http "), "{r}");
 }
 
 #[tokio::test]

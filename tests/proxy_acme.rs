@@ -292,6 +292,7 @@ fn settings(
         }),
         access_log: None,
         proxy_protocol_from: None,
+        trusted_proxies: None,
         dns: None,
     }
 }

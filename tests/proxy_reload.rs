@@ -75,6 +75,7 @@ fn settings(routes: Vec<RouteSettings>) -> ProxySettings {
         acme: None,
         access_log: None,
         proxy_protocol_from: None,
+        trusted_proxies: None,
         dns: None,
     }
 }

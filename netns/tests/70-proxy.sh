@@ -172,6 +172,10 @@ check "backend sees the client's IPv4 address in X-Forwarded-For" grep -q "xff=$
 check "X-Forwarded-Proto is http" grep -q "xfp=http " <<<"$body"
 check "X-Forwarded-Host is the requested host" grep -q "xfh=$HOST " <<<"$body"
 check "Forwarded names the client" grep -q "fwd=for=$PUB4;" <<<"$body"
+body=$(pcurl --resolve "$HOST:80:$HUB4" -H "X-Forwarded-For: 203.0.113.66" \
+    -H "X-Forwarded-Host: evil.example" "http://$HOST/spoof" || true)
+check "a client's own X-Forwarded-For and -Host are replaced (no trusted_proxies)" \
+    grep -q "path=/spoof xff=$PUB4 xfp=http xfh=$HOST " <<<"$body"
 
 body=$(pcurl --resolve "$HOST:80:[$HUB6]" "http://$HOST/v6" || true)
 check "HTTP by name over IPv6" grep -q "$MARK path=/v6" <<<"$body"

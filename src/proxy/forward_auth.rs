@@ -97,6 +97,8 @@ pub fn auth_request_headers(
     for n in HOP_BY_HOP.into_iter().chain(BODY_HEADERS) {
         h.remove(n);
     }
+    // The service hears the client from the hub alone.
+    crate::proxy::http::remove_forwarding(&mut h);
     let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
         if let Ok(v) = HeaderValue::from_str(v) {
             h.insert(HeaderName::from_static(name), v);
@@ -316,6 +318,8 @@ mod tests {
         h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
         h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
         h.insert("x-forwarded-uri", "/spoofed".parse().unwrap());
+        h.insert("x-real-ip", "192.0.2.1".parse().unwrap());
+        h.insert("forwarded", "for=192.0.2.1".parse().unwrap());
         let out = auth_request_headers(
             &h,
             "POST",
@@ -333,6 +337,7 @@ mod tests {
         assert_eq!(out[header::HOST], "app.gw.example.org");
         assert!(out.get(header::CONTENT_LENGTH).is_none());
         assert!(out.get(header::CONNECTION).is_none());
+        assert!(out.get("x-real-ip").is_none() && out.get("forwarded").is_none());
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The route chosen by SNI on TLS connections.
     pub sni_route: Option<Arc<Route>>,
+    /// The client is a trusted proxy (`[proxy] trusted_proxies`): its
+    /// forwarding headers are kept and appended to, not replaced.
+    pub trusted: bool,
     /// Backend connections of this client connection's finished requests,
     /// kept for its next ones (newest last, at most `held_max`).
     held: parking_lot::Mutex<Vec<Held>>,
@@ -154,16 +157,19 @@ const H2_HELD: usize = 32;
 impl ConnInfo {
     /// `sequential`: the client connection is HTTP/1.1 (one request at a time,
     /// so one backend connection kept); HTTP/2 keeps up to `H2_HELD`.
+    /// `trusted`: see [`ConnInfo::trusted`].
     pub fn new(
         client: SocketAddr,
         tls: bool,
         sni_route: Option<Arc<Route>>,
         sequential: bool,
+        trusted: bool,
     ) -> Self {
         ConnInfo {
             client,
             tls,
             sni_route,
+            trusted,
             held: parking_lot::Mutex::new(Vec::new()),
             held_max: if sequential { 1 } else { H2_HELD },
         }
@@ -793,9 +799,34 @@ fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Sets X-Forwarded-For (appended), X-Forwarded-Proto, X-Forwarded-Host and
-/// Forwarded (appended).
-fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str) {
+/// A header that names the client, its scheme or host to a backend:
+/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`.
+fn is_forwarding(name: &HeaderName) -> bool {
+    // Header names are held in lowercase.
+    let n = name.as_str();
+    n == "forwarded" || n == "x-real-ip" || n.starts_with("x-forwarded-")
+}
+
+/// Removes every forwarding header (see [`is_forwarding`]).
+pub(crate) fn remove_forwarding(h: &mut HeaderMap) {
+    if h.keys().any(is_forwarding) {
+        let names: Vec<HeaderName> = h.keys().filter(|n| is_forwarding(n)).cloned().collect();
+        for n in names {
+            h.remove(n);
+        }
+    }
+}
+
+/// Sets X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded.
+/// From a client that is not a trusted proxy, every forwarding header it
+/// sent is removed first (a backend that believes the first address of
+/// `X-Forwarded-For` must not get one the client chose); a trusted proxy's
+/// `X-Forwarded-For` and `Forwarded` are appended to, and its
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` kept.
+fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str, trusted: bool) {
+    if !trusted {
+        remove_forwarding(h);
+    }
     let ip = client.to_canonical();
     let proto = if tls { "https" } else { "http" };
     append(
@@ -803,12 +834,16 @@ fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str)
         HeaderName::from_static("x-forwarded-for"),
         &ip.to_string(),
     );
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        h.insert(HeaderName::from_static("x-forwarded-host"), v);
+    if !h.contains_key("x-forwarded-proto") {
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static(proto),
+        );
+    }
+    if !h.contains_key("x-forwarded-host") {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            h.insert(HeaderName::from_static("x-forwarded-host"), v);
+        }
     }
     let for_ = match ip {
         IpAddr::V4(v4) => v4.to_string(),
@@ -1328,7 +1363,13 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let trailers = h2 && accepts_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
-    add_forwarding(&mut parts.headers, conn.client.ip(), conn.tls, &authority);
+    add_forwarding(
+        &mut parts.headers,
+        conn.client.ip(),
+        conn.tls,
+        &authority,
+        conn.trusted,
+    );
     edit_headers(&mut parts.headers, &route.settings.request_headers);
     let mut path = parts
         .uri
@@ -1617,21 +1658,51 @@ mod tests {
         strip_hop_by_hop(&mut h, None);
         assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
         assert!(h.get("connection").is_none() && h.get("transfer-encoding").is_none());
+        // A trusted proxy's headers are appended to (For) or kept (Proto, Host).
+        let mut t = h.clone();
+        t.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        t.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("front.example"),
+        );
+        add_forwarding(
+            &mut t,
+            "::ffff:198.51.100.7".parse().unwrap(),
+            false,
+            "a.b:80",
+            true,
+        );
+        assert_eq!(t["x-forwarded-for"], "192.0.2.9, 198.51.100.7");
+        assert_eq!(t["x-forwarded-proto"], "https");
+        assert_eq!(t["x-forwarded-host"], "front.example");
+        // Anyone else's are replaced, whatever their spelling.
+        h.insert("X-Forwarded-Port", HeaderValue::from_static("1"));
+        h.insert("x-forwarded-prefix", HeaderValue::from_static("/admin"));
+        h.insert("x-real-ip", HeaderValue::from_static("192.0.2.10"));
+        h.insert("forwarded", HeaderValue::from_static("for=192.0.2.11"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwardedness", HeaderValue::from_static("stays"));
         add_forwarding(
             &mut h,
             "::ffff:198.51.100.7".parse().unwrap(),
             true,
             "a.b:443",
+            false,
         );
-        assert_eq!(h["x-forwarded-for"], "192.0.2.9, 198.51.100.7");
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.b:443");
         assert_eq!(
             h["forwarded"],
             "for=198.51.100.7;host=\"a.b:443\";proto=https"
         );
+        for gone in ["x-forwarded-port", "x-forwarded-prefix", "x-real-ip"] {
+            assert!(h.get(gone).is_none(), "{gone} kept");
+        }
+        assert_eq!(h["x-forwardedness"], "stays");
+        assert_eq!(h["accept"], "*/*");
         let mut h6 = HeaderMap::new();
-        add_forwarding(&mut h6, "2001:db8::1".parse().unwrap(), false, "x");
+        add_forwarding(&mut h6, "2001:db8::1".parse().unwrap(), false, "x", false);
         assert_eq!(
             h6["forwarded"],
             "for=\"[2001:db8::1]\";host=\"x\";proto=http"

@@ -167,10 +167,21 @@ pub struct Shared {
     pub access_log: Option<Arc<AccessLog>>,
     /// Load balancers whose connections start with a PROXY header.
     proxy_protocol_from: Option<Access>,
+    /// Clients whose forwarding headers are kept (`[proxy] trusted_proxies`).
+    trusted_proxies: Option<Access>,
     /// Nodes' tunnels carried over TLS (ALPN [`crate::carrier::ALPN`]).
     pub(crate) carrier: Option<Arc<crate::carrier::Hub>>,
     /// The certificates from files this generation serves.
     file_certs: Vec<CertStatus>,
+}
+
+impl Shared {
+    /// Whether `client` is a trusted proxy whose forwarding headers are kept.
+    pub(crate) fn trusts_forwarding(&self, client: std::net::IpAddr) -> bool {
+        self.trusted_proxies
+            .as_ref()
+            .is_some_and(|a| a.permits(client))
+    }
 }
 
 /// The access-log entry of one connection or request; written when dropped,
@@ -648,6 +659,7 @@ fn build(
     Ok(Shared {
         access_log,
         proxy_protocol_from: settings.proxy_protocol_from.clone(),
+        trusted_proxies: settings.trusted_proxies.clone(),
         table,
         limits: limits.clone(),
         listener: prev.map(|p| p.listener.clone()).unwrap_or_default(),
@@ -1355,7 +1367,8 @@ async fn accept_loop(
                             }
                             _ => (sock, first),
                         };
-                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c));
+                        let trusted = shared.trusts_forwarding(peer.ip());
+                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted));
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
                 }
@@ -2028,7 +2041,8 @@ async fn serve_tls(
                     }
                 };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2));
+            let trusted = shared.trusts_forwarding(peer.ip());
+            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted));
             serve_http(shared, tls, info, h2, stop).await;
         }
     }

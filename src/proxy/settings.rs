@@ -53,6 +53,10 @@ pub struct RawProxy {
     /// Load balancers whose connections start with a PROXY header.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_protocol_from: Vec<String>,
+    /// Proxies in front of the hub whose `X-Forwarded-*` and `Forwarded`
+    /// headers are kept (appended to); from anyone else they are replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
     /// The gateway zones' authoritative DNS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<RawDns>,
@@ -768,6 +772,9 @@ pub struct ProxySettings {
     /// start with a PROXY header (v1 or v2) naming the real client; `None`:
     /// no connection is read that way.
     pub proxy_protocol_from: Option<Access>,
+    /// Clients (proxies in front of the hub) whose `X-Forwarded-*` and
+    /// `Forwarded` headers the hub keeps and appends to; `None`: no one's.
+    pub trusted_proxies: Option<Access>,
     /// The gateway zones' authoritative DNS (`[proxy.dns]`), if configured.
     pub dns: Option<DnsSettings>,
 }
@@ -1442,6 +1449,16 @@ pub(crate) fn validate(
             )
         })?)
     };
+    let trusted_proxies = if raw.trusted_proxies.is_empty() {
+        None
+    } else {
+        Some(Access::parse(&raw.trusted_proxies, &[]).map_err(|e| {
+            format!(
+                "[proxy] trusted_proxies: {}",
+                e.trim_start_matches("allow: ")
+            )
+        })?)
+    };
     let dns = raw
         .dns
         .map(|d| dns_settings(d, &domains, acme.as_ref()))
@@ -1815,6 +1832,7 @@ pub(crate) fn validate(
         acme,
         access_log: raw.access_log.map(|p| resolve(base, &p)),
         proxy_protocol_from,
+        trusted_proxies,
         dns,
     }))
 }
@@ -2673,6 +2691,22 @@ mod toml_tests {
             e.contains("proxy_protocol_from") && e.contains("10.0.0.0/8"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn trusted_proxies_key() {
+        let c = parse("[proxy]\ntrusted_proxies = [\"192.0.2.0/24\"]\n").unwrap();
+        let a = c.proxy.unwrap().trusted_proxies.unwrap();
+        assert!(a.permits("192.0.2.7".parse().unwrap()));
+        assert!(!a.permits("198.51.100.1".parse().unwrap()));
+        assert!(parse("[proxy]\n")
+            .unwrap()
+            .proxy
+            .unwrap()
+            .trusted_proxies
+            .is_none());
+        let e = parse("[proxy]\ntrusted_proxies = [\"proxy.example\"]\n").unwrap_err();
+        assert!(e.contains("trusted_proxies"), "{e}");
     }
 
     #[test]
