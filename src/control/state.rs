@@ -252,6 +252,12 @@ pub struct State {
     /// Declared services by node key.
     #[serde(default)]
     pub services: BTreeMap<String, Vec<ServiceRecord>>,
+    /// The address last handed out from each pool (by the pool's CIDR):
+    /// the next node gets the first free one after it, so the address of a
+    /// node just removed goes to no one until the pool has been gone round
+    /// once (a route or firewall rule still naming it reaches no newcomer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_allocated: BTreeMap<String, IpAddr>,
 }
 
 /// Facts from outside the state that operations check against.
@@ -516,13 +522,22 @@ impl State {
         t
     }
 
-    /// One free host address from each pool (a /32 or /128).
+    /// One free host address from each pool (a /32 or /128): the first
+    /// after the pool's last handed out, going round to the pool's start.
+    /// Record the result with [`State::note_allocated`].
     fn allocate(&self, ctx: &Context) -> Result<Vec<IpNet>> {
         let used = self.used_ips(ctx);
         let mut out = Vec::new();
         for pool in ctx.pools {
-            let found = pool
-                .hosts()
+            let after = self
+                .last_allocated
+                .get(&pool.to_string())
+                .filter(|ip| pool.contains(*ip))
+                .and_then(|ip| hosts_after(pool, *ip));
+            let found = after
+                .into_iter()
+                .flatten()
+                .chain(pool.hosts())
                 .take(1 << 20)
                 .find(|ip| !used.holds(ip) && !is_subnet_anycast(pool, *ip));
             match found {
@@ -536,6 +551,16 @@ impl State {
             ));
         }
         Ok(out)
+    }
+
+    /// Records addresses [`State::allocate`] chose, as their pools' last.
+    fn note_allocated(&mut self, ctx: &Context, addrs: &[IpNet]) {
+        // Pools no longer configured are forgotten.
+        self.last_allocated
+            .retain(|k, _| ctx.pools.iter().any(|p| p.to_string() == *k));
+        for (pool, a) in ctx.pools.iter().zip(addrs) {
+            self.last_allocated.insert(pool.to_string(), a.addr());
+        }
     }
 
     fn check_new_key(&self, ctx: &Context, key: &str) -> Result<()> {
@@ -590,7 +615,11 @@ impl State {
                 }
                 v
             }
-            None => self.allocate(ctx)?,
+            None => {
+                let a = self.allocate(ctx)?;
+                self.note_allocated(ctx, &a);
+                a
+            }
         };
         let rec = NodeRecord {
             name,
@@ -775,6 +804,7 @@ impl State {
             }
         }
         let allowed_ips = self.allocate(ctx)?;
+        self.note_allocated(ctx, &allowed_ips);
         let rec = NodeRecord {
             name,
             allowed_ips,
@@ -1119,6 +1149,20 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
 
 /// Whether `ip` is the all-zeros host of an IPv6 pool (the subnet-router
 /// anycast address), which `hosts()` includes for IPv6.
+/// The host addresses of `pool` after `ip` (`None` when `ip` is its last).
+fn hosts_after(pool: &IpNet, ip: IpAddr) -> Option<ipnet::IpAddrRange> {
+    let last = pool.hosts().last()?;
+    let next = match ip {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).checked_add(1)?.into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).checked_add(1)?.into()),
+    };
+    match (next, last) {
+        (IpAddr::V4(n), IpAddr::V4(l)) if n <= l => Some(ipnet::Ipv4AddrRange::new(n, l).into()),
+        (IpAddr::V6(n), IpAddr::V6(l)) if n <= l => Some(ipnet::Ipv6AddrRange::new(n, l).into()),
+        _ => None,
+    }
+}
+
 fn is_subnet_anycast(pool: &IpNet, ip: IpAddr) -> bool {
     matches!(pool, IpNet::V6(_)) && ip == pool.network()
 }

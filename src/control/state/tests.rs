@@ -330,6 +330,59 @@ fn pools_run_out_cleanly() {
 }
 
 #[test]
+fn a_removed_nodes_address_goes_to_no_one_until_the_pool_comes_round() {
+    let e = env();
+    let mut s = State::default();
+    let key = |i: u8| {
+        crate::keys::PrivateKey::from_bytes([i; 32])
+            .public_key()
+            .to_base64()
+    };
+    let v4 = |r: &NodeRecord| r.allowed_ips[0].to_string();
+    // 100.64.1.0/29: hosts .1-.6, .1 the hub's.
+    let a = s.add_node(&ctx(&e, 1), &key(1), None, None).unwrap();
+    assert_eq!(v4(&a), "100.64.1.2/32");
+    s.remove_node(&key(1)).unwrap();
+    let b = s.add_node(&ctx(&e, 2), &key(2), None, None).unwrap();
+    assert_eq!(
+        v4(&b),
+        "100.64.1.3/32",
+        "the removed node's .2 was handed out again"
+    );
+    assert_eq!(b.allowed_ips[1].to_string(), "fd77:6777:1::3/128");
+    // Kept across a restart (the state file).
+    let mut s: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    for (i, want) in [(3, ".4"), (4, ".5"), (5, ".6"), (6, ".2")] {
+        let r = s.add_node(&ctx(&e, 3), &key(i), None, None).unwrap();
+        assert_eq!(v4(&r), format!("100.64.1{want}/32"), "node {i}");
+    }
+    // Full now; a pool that is no longer configured is forgotten.
+    assert_eq!(
+        s.add_node(&ctx(&e, 4), &key(7), None, None)
+            .unwrap_err()
+            .status,
+        409
+    );
+    let mut e2 = env();
+    e2.pools = vec!["100.64.2.0/29".parse().unwrap()];
+    let r = s.add_node(&ctx(&e2, 5), &key(8), None, None).unwrap();
+    assert_eq!(v4(&r), "100.64.2.1/32");
+    assert_eq!(
+        s.last_allocated.keys().collect::<Vec<_>>(),
+        vec!["100.64.2.0/29"]
+    );
+    // The last address of a pool: the next search starts at its beginning.
+    let pool: IpNet = "100.64.3.0/30".parse().unwrap();
+    assert!(hosts_after(&pool, "100.64.3.2".parse().unwrap()).is_none());
+    assert_eq!(
+        hosts_after(&pool, "100.64.3.1".parse().unwrap())
+            .unwrap()
+            .collect::<Vec<_>>(),
+        vec!["100.64.3.2".parse::<IpAddr>().unwrap()]
+    );
+}
+
+#[test]
 fn a_peers_whole_prefix_is_taken_not_just_its_first_address() {
     let e = env();
     let mut s = State::default();
