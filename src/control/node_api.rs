@@ -24,6 +24,49 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 const MAX_BODY: usize = 256 * 1024;
+/// Connections open at once: in all, and from one node (by source address),
+/// so that one node cannot hold every slot and shut the others out.
+const MAX_CONNS: usize = 256;
+const MAX_CONNS_PER_NODE: usize = 8;
+
+/// Open connections per source address, within a per-address cap.
+#[derive(Default)]
+struct PerSource {
+    open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`PerSource`], given back when dropped.
+struct SourceSlot {
+    of: Arc<PerSource>,
+    ip: std::net::IpAddr,
+}
+
+impl PerSource {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<SourceSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 /// Time a node has to send a request's body once its head arrived.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -159,11 +202,16 @@ impl NodeApi {
                 .map_err(|e| anyhow::anyhow!("node services API on {sa}: {e}"))?;
             addrs.push(sa);
             let c = c.clone();
-            let sem = Arc::new(tokio::sync::Semaphore::new(256));
+            let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+            let per_node = Arc::new(PerSource::default());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((s, from)) = l.accept().await else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Some(slot) = per_node.take(from.ip(), MAX_CONNS_PER_NODE) else {
+                        debug!(%from, "node API: the node has {MAX_CONNS_PER_NODE} connections open already");
                         continue;
                     };
                     let Ok(permit) = sem.clone().try_acquire_owned() else {
@@ -180,12 +228,35 @@ impl NodeApi {
                         if let Err(e) = conn.await {
                             debug!(%from, error = %e, "node API connection ended");
                         }
-                        drop(permit);
+                        drop((permit, slot));
                     });
                 }
             }));
         }
         info!(listen = ?addrs, "node services API");
         Ok(NodeApi { tasks, addrs })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_node_cannot_take_every_connection() {
+        let p = Arc::new(PerSource::default());
+        let a: std::net::IpAddr = "100.64.0.2".parse().unwrap();
+        let b: std::net::IpAddr = "100.64.0.3".parse().unwrap();
+        let mut held: Vec<SourceSlot> = (0..3).map(|_| p.take(a, 3).unwrap()).collect();
+        assert!(p.take(a, 3).is_none(), "a fourth connection from one node");
+        let other = p.take(b, 3).unwrap();
+        drop(held.pop());
+        let again = p.take(a, 3);
+        assert!(again.is_some(), "a closed connection's place is given back");
+        assert!(p.take(a, 3).is_none());
+        drop((again, other, held));
+        // Addresses with nothing open are forgotten.
+        assert_eq!(p.open.lock().get(&b), None);
     }
 }
