@@ -16,11 +16,17 @@ source "$(dirname "$0")/../lib.sh"
 need_cmd ip cargo jq
 need_gatewire
 
-# the test binary: the release profile, which `cargo test --release` (CI) has
-# built already; picked by its target name, not by output order
+# the test binary, of the cargo profile the gatewire binary comes from
+# (target/PROFILE/gatewire; CI's `ci`, whose tests `cargo test --profile ci`
+# has built already); picked by its target name, not by output order
+profile=release
+case $GATEWIRE in
+*/target/debug/gatewire) profile=dev ;;
+*/target/*/gatewire) profile=$(basename "$(dirname "$GATEWIRE")") ;;
+esac
 test_bin=${XLAT_TUN_TEST:-}
 if [ -z "$test_bin" ]; then
-    test_bin=$(cd "$GW_ROOT" && cargo test --release --test xlat_tun_vectors --no-run --message-format=json 2>/dev/null |
+    test_bin=$(cd "$GW_ROOT" && cargo test --profile "$profile" --test xlat_tun_vectors --no-run --message-format=json 2>/dev/null |
         jq -r 'select(.reason == "compiler-artifact" and .target.name == "xlat_tun_vectors" and .executable != null) | .executable' |
         tail -n 1)
 fi
