@@ -80,9 +80,13 @@ impl FileStore {
         drop(f);
         std::fs::rename(&tmp, self.path())
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.path().display()))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.display()))?;
+        // Renamed: the new state is the one a restart reads, so the change
+        // is made. A directory that cannot be synced only leaves the rename
+        // less durable against a power cut; reporting the change as not
+        // made would part the running state from the file's.
+        if let Err(e) = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "state saved, but its directory could not be synced");
+        }
         Ok(())
     }
 }
