@@ -73,11 +73,26 @@ pub struct Client {
     pub first: Vec<u8>,
 }
 
+/// Where a client from `ip` starts in a list of `n` hubs: spread over them
+/// by the client's address (so the load on a name several other hubs serve
+/// is shared, and one client keeps going to the same hub while it is up).
+fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
+    use std::hash::{Hash, Hasher};
+    if n < 2 {
+        return 0;
+    }
+    // Fixed keys: the same client starts at the same hub after a restart.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ip.to_canonical().hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
 /// Sends `c` to the first of `hubs` that accepts, over their TLS listeners
 /// when `tls`: a PROXY v2 header, `c.first`, then both directions spliced
 /// until they end or the idle timeout passes without a byte. Returns the hub
 /// that took it and what the splice moved, or the error to count when none
 /// accepted (the client is then still open, for the caller to answer).
+/// "First" in an order that starts at the client's own hub ([`first_hub`]).
 pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
@@ -94,7 +109,8 @@ pub async fn forward(
     let timeout = limits.connect_timeout.min(MAX_CONNECT);
     let idle = limits.idle_timeout;
     let mut kind = ErrorKind::NoHealthyBackend;
-    for hub in hubs {
+    let start = first_hub(hubs.len(), peer.ip());
+    for hub in hubs.iter().cycle().skip(start).take(hubs.len()) {
         let addrs = hub.addrs(tls);
         for &to in addrs {
             let mut up = match connect(mesh, to, timeout).await {
@@ -148,4 +164,31 @@ pub async fn forward(
     }
     mesh.counters.error(kind);
     Err((client, kind))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_spread_over_the_hubs_and_each_keeps_its_own() {
+        assert_eq!(first_hub(0, "192.0.2.1".parse().unwrap()), 0);
+        assert_eq!(first_hub(1, "192.0.2.1".parse().unwrap()), 0);
+        let mut seen = [0usize; 3];
+        for i in 0..=255u8 {
+            let ip = std::net::IpAddr::from([198, 51, 100, i]);
+            let k = first_hub(3, ip);
+            assert!(k < 3);
+            assert_eq!(k, first_hub(3, ip), "one client, one hub");
+            seen[k] += 1;
+        }
+        // 256 clients over 3 hubs: each gets a fair share, not all of them.
+        assert!(seen.iter().all(|&n| (40..=130).contains(&n)), "{seen:?}");
+        // An IPv4 client over IPv6 (mapped) is the same client.
+        assert_eq!(
+            first_hub(3, "::ffff:198.51.100.7".parse().unwrap()),
+            first_hub(3, "198.51.100.7".parse().unwrap())
+        );
+    }
 }
