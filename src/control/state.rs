@@ -1147,8 +1147,6 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
     Ok(d)
 }
 
-/// Whether `ip` is the all-zeros host of an IPv6 pool (the subnet-router
-/// anycast address), which `hosts()` includes for IPv6.
 /// The host addresses of `pool` after `ip` (`None` when `ip` is its last).
 fn hosts_after(pool: &IpNet, ip: IpAddr) -> Option<ipnet::IpAddrRange> {
     let last = pool.hosts().last()?;
@@ -1163,6 +1161,8 @@ fn hosts_after(pool: &IpNet, ip: IpAddr) -> Option<ipnet::IpAddrRange> {
     }
 }
 
+/// Whether `ip` is the all-zeros host of an IPv6 pool (the subnet-router
+/// anycast address), which `hosts()` includes for IPv6.
 fn is_subnet_anycast(pool: &IpNet, ip: IpAddr) -> bool {
     matches!(pool, IpNet::V6(_)) && ip == pool.network()
 }

@@ -1439,26 +1439,17 @@ pub(crate) fn validate(
             })
         }
     };
-    let proxy_protocol_from = if raw.proxy_protocol_from.is_empty() {
-        None
-    } else {
-        Some(Access::parse(&raw.proxy_protocol_from, &[]).map_err(|e| {
-            format!(
-                "[proxy] proxy_protocol_from: {}",
-                e.trim_start_matches("allow: ")
-            )
-        })?)
+    // A `[proxy]` list of networks; empty: `None`.
+    let networks = |key: &str, list: &[String]| -> Result<Option<Access>, String> {
+        if list.is_empty() {
+            return Ok(None);
+        }
+        Access::parse(list, &[])
+            .map(Some)
+            .map_err(|e| format!("[proxy] {key}: {}", e.trim_start_matches("allow: ")))
     };
-    let trusted_proxies = if raw.trusted_proxies.is_empty() {
-        None
-    } else {
-        Some(Access::parse(&raw.trusted_proxies, &[]).map_err(|e| {
-            format!(
-                "[proxy] trusted_proxies: {}",
-                e.trim_start_matches("allow: ")
-            )
-        })?)
-    };
+    let proxy_protocol_from = networks("proxy_protocol_from", &raw.proxy_protocol_from)?;
+    let trusted_proxies = networks("trusted_proxies", &raw.trusted_proxies)?;
     let dns = raw
         .dns
         .map(|d| dns_settings(d, &domains, acme.as_ref()))
