@@ -59,7 +59,11 @@ fn zone(name: &str) -> Lookup {
     zone_lookup(
         name,
         &data,
-        |h| (h == "blog.gw.test").then(|| vec![IpAddr::from([198, 51, 100, 7])]),
+        |h| {
+            matches!(h, "blog.gw.test" | "api.v2.gw.test")
+                .then(|| vec![IpAddr::from([198, 51, 100, 7])])
+        },
+        |n| n == "v2.gw.test",
         |_| vec!["challenge-value".into()],
     )
 }

@@ -310,6 +310,12 @@ impl Mesh {
         !self.table.load().lookup(host).is_empty()
     }
 
+    /// Whether another hub serves a name strictly below `name` (lowercase,
+    /// no trailing dot).
+    pub fn serves_below(&self, name: &str) -> bool {
+        self.table.load().has_below(name)
+    }
+
     /// The hubs to try for `host`, in order: from a rotating start, those
     /// that failed within [`SKIP_AFTER_FAILURE`] last.
     pub fn candidates(&self, host: &DomainName) -> Vec<Arc<PeerHub>> {

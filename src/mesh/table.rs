@@ -220,6 +220,8 @@ impl PeerHub {
 #[derive(Debug, Default)]
 pub struct Table {
     hosts: HashMap<String, Vec<Arc<PeerHub>>>,
+    /// Every proper ancestor of a host in `hosts` (but the root).
+    parents: std::collections::HashSet<String>,
     hubs: Vec<Arc<PeerHub>>,
     trusted: Vec<IpAddr>,
     dns: Vec<IpAddr>,
@@ -249,6 +251,13 @@ impl Table {
             }
             for h in &r.hosts {
                 t.hosts.entry(h.clone()).or_default().push(hub.clone());
+                let mut rest = h.as_str();
+                while let Some((_, tail)) = rest.split_once('.') {
+                    if !t.parents.insert(tail.to_owned()) {
+                        break;
+                    }
+                    rest = tail;
+                }
             }
             for a in &r.dns {
                 if !t.dns.contains(a) {
@@ -263,6 +272,13 @@ impl Table {
     /// The hubs that serve `host`, by name; empty when none does.
     pub fn lookup(&self, host: &DomainName) -> &[Arc<PeerHub>] {
         self.hosts.get(host.as_str()).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Whether another hub serves a name strictly below `name` (lowercase,
+    /// no trailing dot): `name` then exists in DNS terms (an empty
+    /// non-terminal) even when no hub serves it.
+    pub fn has_below(&self, name: &str) -> bool {
+        self.parents.contains(name)
     }
 
     /// Whether a connection from `ip` comes from another hub of the mesh
@@ -309,6 +325,33 @@ mod tests {
             &wildcard(443),
             hosts.iter().map(|s| s.to_string()),
         )
+    }
+
+    #[test]
+    fn names_above_served_hosts_exist() {
+        let a = rec("a", "198.51.100.1", &["x.y.shop.example", "blog.gw.test"]);
+        let b = rec("b", "198.51.100.2", &["z.y.shop.example"]);
+        let me = rec("me", "198.51.100.3", &["deep.own.example"]);
+        let t = Table::build("me", [&a, &b, &me]);
+        for name in [
+            "y.shop.example",
+            "shop.example",
+            "example",
+            "gw.test",
+            "test",
+        ] {
+            assert!(t.has_below(name), "{name}");
+        }
+        // Not the hosts themselves, not siblings, not this hub's own names.
+        for name in [
+            "x.y.shop.example",
+            "q.shop.example",
+            "blog.gw.test",
+            "own.example",
+            "",
+        ] {
+            assert!(!t.has_below(name), "{name}");
+        }
     }
 
     #[test]

@@ -138,6 +138,7 @@ pub struct ZoneData {
 /// `served(name)` says whether a name is served (`None`: no) and, if so,
 /// the addresses of the other hubs that serve it too (a mesh): they follow
 /// this hub's own, so a client whose first address fails tries the next.
+/// `served_below(name)` says whether a name strictly below it is served.
 /// * the apex: SOA, NS, and the addresses when served;
 /// * `_acme-challenge.<domain>`: TXT, the values `challenge(domain)` gives;
 /// * a name server's name: its own addresses (another hub's, for the name
@@ -145,15 +146,18 @@ pub struct ZoneData {
 /// * a name served: the addresses (a name route is one label down;
 ///   a name served by another hub of the mesh, or an fqdn route, may be
 ///   deeper);
-/// * a name above a name server or a nested gateway domain (`hubs.gw.test`
-///   above `ns2.hubs.gw.test`): exists, with no records (NODATA, RFC 8020:
-///   an NXDOMAIN there would deny every name below);
+/// * a name above a served name, a name server or a nested gateway domain
+///   (`b.gw.test` above a served `a.b.gw.test`, `hubs.gw.test` above
+///   `ns2.hubs.gw.test`): exists, with no records (NODATA). An NXDOMAIN
+///   there would deny every name below (RFC 8020), and a resolver that
+///   minimises query names (RFC 9156) asks it first;
 /// * every other name of the zone does not exist (NXDOMAIN);
 /// * names in no zone: [`Lookup::Outside`].
 pub fn zone_lookup(
     qname: &str,
     zone: &ZoneData,
     served: impl Fn(&str) -> Option<Vec<IpAddr>>,
+    served_below: impl Fn(&str) -> bool,
     challenge: impl Fn(&str) -> Vec<String>,
 ) -> Lookup {
     let within = |d: &&String| {
@@ -226,7 +230,11 @@ pub fn zone_lookup(
         name.strip_suffix(qname)
             .is_some_and(|h| h.len() > 1 && h.ends_with('.'))
     };
-    if zone.ns.iter().any(|(n, _)| above(n)) || zone.domains.iter().any(|d| above(d)) {
+    if served_below(qname)
+        || zone.local.iter().any(|n| above(n))
+        || zone.ns.iter().any(|(n, _)| above(n))
+        || zone.domains.iter().any(|d| above(d))
+    {
         return host(Records::default());
     }
     Lookup::Below {
@@ -1092,7 +1100,13 @@ mod tests {
     }
 
     fn zl(name: &str) -> Lookup {
-        zone_lookup(name, &zone(), served, |d| vec![format!("token-{d}")])
+        zone_lookup(
+            name,
+            &zone(),
+            served,
+            |_| false,
+            |d| vec![format!("token-{d}")],
+        )
     }
 
     #[test]
@@ -1130,12 +1144,19 @@ mod tests {
         let nested = |n: &str| {
             let mut z = zone();
             z.domains.push("a.b.gw.test".into());
-            zone_lookup(n, &z, served, |_| Vec::new())
+            zone_lookup(n, &z, served, |_| false, |_| Vec::new())
         };
         assert_eq!(nested("b.gw.test"), empty);
-        // A TLS forward's name: this hub's addresses alone.
-        let forward = zone_lookup("db.gw.test", &zone(), |_| None, |_| Vec::new());
-        assert_eq!(forward, host("gw.test"));
+        // A TLS forward's name: this hub's addresses alone; above it, NODATA.
+        let forward = |n: &str| {
+            let mut z = zone();
+            z.local.push("pg.data.gw.test".into());
+            zone_lookup(n, &z, |_| None, |_| false, |_| Vec::new())
+        };
+        assert_eq!(forward("db.gw.test"), host("gw.test"));
+        assert_eq!(forward("pg.data.gw.test"), host("gw.test"));
+        assert_eq!(forward("data.gw.test"), empty);
+        assert!(matches!(forward("x.data.gw.test"), Lookup::Below { .. }));
         // The other hubs' addresses follow this hub's, each once.
         let meshed = |n: &str| {
             zone_lookup(
@@ -1147,6 +1168,7 @@ mod tests {
                         "2001:db8::10".parse().unwrap(),
                     ])
                 },
+                |_| false,
                 |_| Vec::new(),
             )
         };
@@ -1162,6 +1184,7 @@ mod tests {
             "blog.gw.test",
             &zone(),
             |_| Some((0..40u8).map(|i| IpAddr::from([192, 0, 2, i])).collect()),
+            |_| false,
             |_| Vec::new(),
         );
         match crowd {
@@ -1171,17 +1194,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // A deeper name another hub serves is named too.
+        // A deeper name another hub serves (or an fqdn route) is named too,
+        // and the name between it and the apex exists, empty: a resolver
+        // minimising query names asks `v2.gw.test` first, and an NXDOMAIN
+        // there would end its search.
         let deep = |n: &str| {
             zone_lookup(
                 n,
                 &zone(),
                 |h| (h == "api.v2.gw.test").then(Vec::new),
+                |n| {
+                    "api.v2.gw.test"
+                        .strip_suffix(n)
+                        .is_some_and(|h| h.len() > 1 && h.ends_with('.'))
+                },
                 |_| Vec::new(),
             )
         };
         assert_eq!(deep("api.v2.gw.test"), host("gw.test"));
-        assert!(matches!(deep("v2.gw.test"), Lookup::Below { .. }));
+        assert_eq!(deep("v2.gw.test"), empty);
+        assert!(matches!(deep("x.v2.gw.test"), Lookup::Below { .. }));
+        assert!(matches!(deep("w2.gw.test"), Lookup::Below { .. }));
         for missing in [
             "nope.gw.test",
             "a.blog.gw.test",
@@ -1276,7 +1309,7 @@ mod tests {
         let v4only = |n: &str| {
             let mut z = zone();
             z.addrs.truncate(1);
-            zone_lookup(n, &z, served, |_| Vec::new())
+            zone_lookup(n, &z, served, |_| false, |_| Vec::new())
         };
         let (r, m) = ask(&query("blog.gw.test.", RecordType::AAAA), true, v4only);
         assert_eq!(r.rcode, ResponseCode::NoError);

@@ -289,6 +289,17 @@ impl Runtime {
         Some(mesh.map(|m| m.dns_addrs()).unwrap_or_default())
     }
 
+    /// Whether a name strictly below `name` is served (by a route of this
+    /// hub's or by another hub of the mesh).
+    fn served_below(&self, name: &str) -> bool {
+        self.current.load().table.has_below(name)
+            || self
+                .mesh
+                .load()
+                .as_ref()
+                .is_some_and(|m| m.serves_below(name))
+    }
+
     /// What the DNS listeners answer for `qname`: the gateway zones whole
     /// with `[proxy.dns]`, else the ACME challenge names alone.
     fn dns_lookup(&self, qname: &str) -> crate::proxy::dns::Lookup {
@@ -297,6 +308,7 @@ impl Runtime {
                 qname,
                 zone,
                 |h| self.served(h),
+                |n| self.served_below(n),
                 |d| self.acme.challenge_values(d),
             ),
             None => self.acme.dns_lookup(qname),
