@@ -4,8 +4,8 @@
 use super::table::{decode_record, valid_name, HubRecord, Table};
 use super::Mesh;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,8 +57,12 @@ async fn run(mesh: Arc<Mesh>, local: Local, mut stop: watch::Receiver<bool>) {
     let mut last_error = String::new();
     // The other hubs' records, kept across sessions (the table serves on).
     let mut records = BTreeMap::new();
+    // The last session's lease: the next session takes it on while etcd
+    // still holds it, so this hub's record, ACME lock and challenge answers
+    // outlive a dropped connection or watch.
+    let mut lease = None;
     loop {
-        let r = session(&mesh, &local, &mut stop, &mut records).await;
+        let r = session(&mesh, &local, &mut stop, &mut records, &mut lease).await;
         mesh.set_session(None);
         // What the session read is kept for a restart without etcd.
         mesh.save_claims();
@@ -229,19 +233,103 @@ async fn publish(
     Ok(())
 }
 
+/// A task aborted when this is dropped: it lives no longer than the session
+/// that started it (a keep-alive outliving its session would hold the old
+/// lease, and the keys under it, for ever).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps `lease` alive every `every` until a keep-alive fails or etcd says
+/// the lease is gone; returns why. A task of its own, so that nothing else
+/// the session waits for (a slow read or write) delays a keep-alive.
+async fn keep_lease(
+    mut keeper: LeaseKeeper,
+    mut alive: LeaseKeepAliveStream,
+    lease: i64,
+    every: Duration,
+) -> anyhow::Error {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = keeper.keep_alive().await {
+                    return e.into();
+                }
+            }
+            m = alive.message() => match m {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(_) => return anyhow::anyhow!("lease {lease:x} expired"),
+                Err(e) => return e.into(),
+            },
+        }
+    }
+}
+
+/// Writes the name claims every [`PUBLISH_EVERY`] and saves them to the
+/// cache file, for as long as the session runs. A failed write (a slow or
+/// throttled etcd, a role without write access to `names/`) is logged, once
+/// per distinct error, and tried again; it does not end the session.
+async fn keep_claims(mesh: Arc<Mesh>, mut client: Client) {
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error = String::new();
+    loop {
+        tick.tick().await;
+        match claim_names(&mesh, &mut client).await {
+            Ok(()) => last_error.clear(),
+            Err(e) => {
+                let e = format!("{e:#}");
+                if e != last_error {
+                    warn!(error = %e, "mesh: name claims not written; trying again");
+                    last_error = e;
+                }
+            }
+        }
+        let m = Arc::clone(&mesh);
+        let _ = tokio::task::spawn_blocking(move || m.save_claims()).await;
+    }
+}
+
+/// A lease for a new session: `last` while etcd still holds it, else a new
+/// one (stored in `last`).
+async fn take_lease(client: &mut Client, last: &mut Option<i64>, ttl: i64) -> anyhow::Result<i64> {
+    if let Some(old) = *last {
+        match client.lease_time_to_live(old, None).await {
+            Ok(r) if r.ttl() > 0 => {
+                info!(lease = %format_args!("{old:x}"), "mesh: lease still held; carrying on with it");
+                return Ok(old);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let lease = client.lease_grant(ttl, None).await?.id();
+    *last = Some(lease);
+    Ok(lease)
+}
+
 async fn session(
-    mesh: &Mesh,
+    mesh: &Arc<Mesh>,
     local: &Local,
     stop: &mut watch::Receiver<bool>,
     records: &mut BTreeMap<String, HubRecord>,
+    last_lease: &mut Option<i64>,
 ) -> anyhow::Result<()> {
     let s = &mesh.settings;
     let prefix = s.hubs_prefix();
     let own_key = s.own_key();
     let mut client = Client::connect(&s.etcd, Some(options(mesh))).await?;
     let ttl = s.ttl.as_secs() as i64;
-    let lease = client.lease_grant(ttl, None).await?.id();
-    let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;
+    let lease = take_lease(&mut client, last_lease, ttl).await?;
+    let (keeper, alive) = client.lease_keep_alive(lease).await?;
+    let every = (s.ttl / 3).max(Duration::from_secs(1));
+    let mut keep = AbortOnDrop(tokio::spawn(keep_lease(keeper, alive, lease, every)));
 
     let mut published: Option<Vec<u8>> = None;
     let mut last_rewrite: Option<std::time::Instant> = None;
@@ -304,20 +392,22 @@ async fn session(
     mesh.set_connected(true, None);
     info!(hubs = records.len(), etcd = ?s.etcd, "mesh: connected to etcd");
 
-    let mut renew = tokio::time::interval((s.ttl / 3).max(Duration::from_secs(1)));
+    let _claims = AbortOnDrop(tokio::spawn(keep_claims(Arc::clone(mesh), client.clone())));
     let mut check = tokio::time::interval(PUBLISH_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                *last_lease = None;
                 info!("mesh: record withdrawn");
                 return Ok(());
             }
-            _ = renew.tick() => keeper.keep_alive().await?,
-            m = alive.message() => match m? {
-                Some(r) if r.ttl() > 0 => {}
-                _ => anyhow::bail!("lease {lease:x} expired"),
-            },
+            // (`last_lease` stays: the next session asks etcd whether the
+            // lease is still there.)
+            r = &mut keep.0 => {
+                return Err(r.unwrap_or_else(|e| anyhow::anyhow!("lease keep-alive: {e}")));
+            }
             _ = check.tick() => {
                 if rewrite_pending && last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY) {
                     rewrite_pending = false;
@@ -325,8 +415,6 @@ async fn session(
                     last_rewrite = Some(std::time::Instant::now());
                 }
                 publish(mesh, &mut client, &own_key, lease, local(), &mut published).await?;
-                claim_names(mesh, &mut client).await?;
-                mesh.save_claims();
             }
             m = stream.message() => {
                 let Some(r) = m? else { anyhow::bail!("watch ended") };
@@ -377,9 +465,8 @@ async fn session(
     }
 }
 
-/// Most claim writes per check: the session's loop (lease renewal, watch)
-/// waits for them, so a hub granting thousands of names claims them over
-/// a few checks.
+/// Most claim writes per check (one a second), so a hub granting thousands
+/// of names claims them over a few checks and each check's plan is fresh.
 pub const CLAIMS_PER_CHECK: usize = 64;
 
 /// Makes the name claims match this hub's grants ([`super::claims::plan`]):

@@ -168,6 +168,10 @@ impl AcmeShare for Mesh {
         *self.acme_kick.lock() = Some(kick);
     }
 
+    fn session(&self) -> Option<i64> {
+        self.session.lock().as_ref().map(|(_, lease)| *lease)
+    }
+
     fn lock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<bool, String>> {
         Box::pin(async move {
             let key = self.acme_key(&AcmeKey::Lock(cert_host(host)?));

@@ -84,6 +84,9 @@ pub trait AcmeShare: Send + Sync {
     fn wants_sealing(&self, host: &str) -> bool;
     /// `kick` is notified when a shared certificate or a lock changes.
     fn on_change(&self, kick: Arc<Notify>);
+    /// The current session with the store (its etcd lease), if any: the
+    /// lock and the published answers live as long as it does.
+    fn session(&self) -> Option<i64>;
     /// Takes the lock on ordering for `host`: true when this hub holds it.
     fn lock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<bool, String>>;
     /// Lets go of the lock on `host` (if this hub holds it).
@@ -661,12 +664,13 @@ async fn issue(
     state: &AcmeState,
     cfg: &AcmeSettings,
     host: &str,
-    share: Option<&dyn AcmeShare>,
+    share: Option<(&dyn AcmeShare, Option<i64>)>,
 ) -> Result<CertPem, String> {
     // Every answer given (here, and published for the other hubs) goes
     // when the order ends, whichever way it ends.
     let mut answers = Answers::default();
     let r = issue_inner(state, cfg, host, share, &mut answers).await;
+    let share = share.map(|(sh, _)| sh);
     for c in &answers.local {
         match c {
             Challenge::Http01 { token, .. } => {
@@ -703,13 +707,48 @@ struct Answers {
     published: Vec<Challenge>,
 }
 
+/// After the mesh's store session changed (the lease the order's lock and
+/// published answers were written under expired, etcd out of reach for
+/// longer than the mesh `ttl`), takes the lock again and publishes the
+/// answers again under the new one; gives up the order when another hub
+/// took the lock meanwhile. `held`: the session they were last written in.
+async fn keep_shared(
+    sh: &dyn AcmeShare,
+    host: &str,
+    held: &mut Option<i64>,
+    published: &[Challenge],
+) -> Result<(), String> {
+    let now = sh.session();
+    if now.is_none() || now == *held {
+        // Unchanged, or no session to write in yet: looked at again later.
+        return Ok(());
+    }
+    if !sh.lock(host).await? {
+        return Err(
+            "another hub took the mesh lock while this hub's etcd session was renewed".into(),
+        );
+    }
+    for c in published {
+        sh.publish(c)
+            .await
+            .map_err(|e| format!("publishing the challenge in the mesh again: {e}"))?;
+    }
+    info!(host = %host, answers = published.len(), "ACME order: lock and answers written again under the new mesh session");
+    *held = now;
+    Ok(())
+}
+
 async fn issue_inner(
     state: &AcmeState,
     cfg: &AcmeSettings,
     host: &str,
-    share: Option<&dyn AcmeShare>,
+    share: Option<(&dyn AcmeShare, Option<i64>)>,
     answers: &mut Answers,
 ) -> Result<CertPem, String> {
+    let (share, mut held) = match share {
+        Some((sh, held)) => (Some(sh), held),
+        None => (None, None),
+    };
     let acct = account(cfg).await?;
     let ids = [Identifier::Dns(host.to_string())];
     let mut order = acct
@@ -784,6 +823,7 @@ async fn issue_inner(
                 .map_err(|e| format!("publishing the challenge in the mesh: {e}"))?;
             answers.published.push(answer);
             tokio::time::sleep(SHARE_SETTLE).await;
+            keep_shared(sh, host, &mut held, &answers.published).await?;
         }
         order
             .set_challenge_ready(&ch.url)
@@ -794,6 +834,9 @@ async fn issue_inner(
         let mut delay = Duration::from_millis(250);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
+            if let Some(sh) = share {
+                keep_shared(sh, host, &mut held, &answers.published).await?;
+            }
             let st = order.refresh().await.map_err(|e| format!("order: {e}"))?;
             match st.status {
                 OrderStatus::Ready => break,
@@ -1069,6 +1112,9 @@ async fn keep(
     }
     // Coordinated through the mesh, unless renewing alone (etcd away).
     let coord = share.filter(|s| s.ready());
+    // The session the lock is taken in (read first: a change in between
+    // only makes the order take it once more).
+    let session = coord.and_then(|s| s.session());
     if let Some(sh) = coord {
         match sh.lock(host).await {
             Ok(true) => {}
@@ -1102,7 +1148,7 @@ async fn keep(
     }
     let renewing = state.has_own(host);
     info!(host = %host, renewing, "ordering an ACME certificate");
-    let r = issue(state, cfg, host, coord).await;
+    let r = issue(state, cfg, host, coord.map(|sh| (sh, session))).await;
     if let (Ok(pem), Some(sh)) = (&r, sharing.filter(|_| coord.is_some())) {
         match sh.store_cert(host, pem).await {
             Ok(()) => info!(host = %host, "ACME certificate stored in the mesh"),
@@ -1181,6 +1227,128 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A store whose session, lock holder and published keys the test sets
+    /// and reads.
+    #[derive(Default)]
+    struct FakeShare {
+        session: parking_lot::Mutex<Option<i64>>,
+        /// The lock's holder: `true` this hub, `false` another.
+        ours: parking_lot::Mutex<bool>,
+        locks: std::sync::atomic::AtomicUsize,
+        published: parking_lot::Mutex<Vec<(i64, String)>>,
+    }
+
+    impl AcmeShare for FakeShare {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn shares_certificates(&self) -> bool {
+            false
+        }
+        fn http01(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn alpn01(&self, _: &str) -> Option<[u8; 32]> {
+            None
+        }
+        fn dns01(&self, _: &str) -> Vec<String> {
+            Vec::new()
+        }
+        fn cert(&self, _: &str) -> Option<CertPem> {
+            None
+        }
+        fn cert_not_after(&self, _: &str) -> Option<u64> {
+            None
+        }
+        fn wants_sealing(&self, _: &str) -> bool {
+            false
+        }
+        fn on_change(&self, _: Arc<Notify>) {}
+        fn session(&self) -> Option<i64> {
+            *self.session.lock()
+        }
+        fn lock<'a>(&'a self, _: &'a str) -> ShareFuture<'a, Result<bool, String>> {
+            self.locks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ours = *self.ours.lock();
+            Box::pin(async move { Ok(ours) })
+        }
+        fn unlock<'a>(&'a self, _: &'a str) -> ShareFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn publish<'a>(&'a self, c: &'a Challenge) -> ShareFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                let lease = self.session().ok_or("not connected")?;
+                let Challenge::Http01 { token, .. } = c else {
+                    return Err("unexpected".into());
+                };
+                self.published.lock().push((lease, token.clone()));
+                Ok(())
+            })
+        }
+        fn withdraw<'a>(&'a self, _: &'a Challenge) -> ShareFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn fetch_cert<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> ShareFuture<'a, Result<Option<CertPem>, String>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn store_cert<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a CertPem,
+        ) -> ShareFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_writes_its_lock_and_answers_again_in_a_new_session() {
+        let sh = FakeShare::default();
+        *sh.ours.lock() = true;
+        *sh.session.lock() = Some(1);
+        let answers = vec![Challenge::Http01 {
+            token: "tok".into(),
+            key_authorization: "tok.thumb".into(),
+        }];
+        let mut held = Some(1);
+        // Same session: nothing written.
+        keep_shared(&sh, "blog.gw.test", &mut held, &answers)
+            .await
+            .unwrap();
+        assert_eq!(sh.locks.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(sh.published.lock().is_empty());
+        // No session for now: nothing to write in; looked at again later.
+        *sh.session.lock() = None;
+        keep_shared(&sh, "blog.gw.test", &mut held, &answers)
+            .await
+            .unwrap();
+        assert_eq!(held, Some(1));
+        assert!(sh.published.lock().is_empty());
+        // A new lease: the lock and the answer are written under it, once.
+        *sh.session.lock() = Some(2);
+        keep_shared(&sh, "blog.gw.test", &mut held, &answers)
+            .await
+            .unwrap();
+        keep_shared(&sh, "blog.gw.test", &mut held, &answers)
+            .await
+            .unwrap();
+        assert_eq!(held, Some(2));
+        assert_eq!(sh.locks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(*sh.published.lock(), vec![(2, "tok".to_string())]);
+        // Another hub took the lock meanwhile: the order gives up.
+        *sh.session.lock() = Some(3);
+        *sh.ours.lock() = false;
+        let e = keep_shared(&sh, "blog.gw.test", &mut held, &answers)
+            .await
+            .unwrap_err();
+        assert!(e.contains("another hub took the mesh lock"), "{e}");
+        assert_eq!(held, Some(2));
+        assert_eq!(sh.published.lock().len(), 1);
+    }
 
     #[test]
     fn a_certificate_covers_its_names_only() {
