@@ -548,7 +548,7 @@ impl NodeConfig {
             let websocket = rh
                 .websocket
                 .as_deref()
-                .map(|u| ws_url(u).map_err(|m| ctx.err(format!("{what} websocket `{u}`: {m}"))))
+                .map(|u| ws_url(u).map_err(|m| ctx.err(format!("{what} websocket `{}`: {m}", redact_query(u)))))
                 .transpose()?;
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
                 Some(_) if websocket.is_some() => {
@@ -677,6 +677,15 @@ fn node_tls_proxy(
     Ok((Some(hp), in_url.or(from_file)))
 }
 
+/// `url` without its query (which may carry an access token), for logs,
+/// errors and `gatewire show`: `wss://h/wg?…`.
+fn redact_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((head, _)) => format!("{head}?…"),
+        None => url.to_string(),
+    }
+}
+
 /// A node's `websocket` URL, `ws://host[:port][/path]` or `wss://...`
 /// (default port 80 or 443, default path the hub's tunnel path): the target
 /// and the `host:port` to dial.
@@ -749,7 +758,7 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
             tls,
             host_header: authority.to_string(),
             path: path.to_string(),
-            url: u.to_string(),
+            url: redact_query(u),
         },
         endpoint,
     ))
@@ -1286,9 +1295,15 @@ mod tests {
             node("websocket = \"ws://10.0.0.1\"\n").unwrap().hubs[0].tls_endpoint,
             "10.0.0.1:80"
         );
-        let c = node("websocket = \"wss://[2001:db8::7]/wg?t=1\"\n").unwrap();
+        let c = node("websocket = \"wss://[2001:db8::7]/wg?t=s3cret\"\n").unwrap();
         assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::7]:443");
-        assert_eq!(c.hubs[0].websocket.as_ref().unwrap().path, "/wg?t=1");
+        let w = c.hubs[0].websocket.as_ref().unwrap();
+        assert_eq!(w.path, "/wg?t=s3cret");
+        // The query (a token, maybe) stays out of what is shown and logged.
+        assert_eq!(w.url, "wss://[2001:db8::7]/wg?…");
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        let e = node("websocket = \"wss://[2001:db8::7]wg?t=s3cret\"\n").unwrap_err();
+        assert!(e.contains("websocket") && !e.contains("s3cret"), "{e}");
         let c = node("tls_proxy = \"http://gw:s%40cret@proxy.corp:3128\"\n").unwrap();
         assert_eq!(c.hubs[0].tls_proxy.as_deref(), Some("proxy.corp:3128"));
         let auth = c.hubs[0].tls_proxy_auth.as_ref().unwrap();

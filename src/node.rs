@@ -286,12 +286,30 @@ async fn supervise(
         },
     };
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // The peer was removed at runtime (`wg set ... remove`): supervised
+    // afresh if it comes back.
+    let mut gone = false;
     loop {
         tick.tick().await;
         let Some(peer) = dev.peer(&hub.public_key) else {
-            // Removed at runtime through the API: nothing to supervise.
-            return;
+            if !gone {
+                info!(hub = %name, "the hub's peer was removed; supervising it again if it comes back");
+                gone = true;
+                // (Dropping the relay closes the stream.)
+                relay = None;
+                relay_local = None;
+                probe_sent = None;
+            }
+            continue;
         };
+        if std::mem::take(&mut gone) {
+            info!(hub = %name, "the hub's peer is back");
+            path = Path::new(hub.transport, dev.now_ms()).with_udp_retry(hub.udp_retry * 1000);
+            *status.via.lock() = path.via();
+            last_attempt = None;
+            down_logged = false;
+            tls_failing = false;
+        }
         let now = dev.now_ms();
         let rx = peer.last_rx_ms();
         // On TLS, the hub answered a UDP probe: the peer's endpoint moved off

@@ -665,8 +665,8 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Where a WebSocket carrier goes: `ws://` or `wss://`, the `Host` header
-/// and the path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// and the path. `Debug` shows the URL without its query.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WsTarget {
     /// `wss://`: TLS first (the certificate is not checked: WireGuard
     /// inside authenticates the hub).
@@ -675,8 +675,15 @@ pub struct WsTarget {
     pub host_header: String,
     /// The URL's path.
     pub path: String,
-    /// The URL as written, for `gatewire show`.
+    /// The URL as written, for `gatewire show` and logs, its query (which
+    /// may hold a token) left out.
     pub url: String,
+}
+
+impl std::fmt::Debug for WsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsTarget").field("url", &self.url).finish()
+    }
 }
 
 /// Opens a WebSocket carried tunnel: TCP as `dial` says, TLS naming `host`

@@ -534,21 +534,59 @@ pub async fn join(args: &JoinArgs, token: &str) -> Result<Written, JoinError> {
         &tok.id,
         args.interface.as_deref(),
     );
-    std::fs::rename(&pending, &key_file).map_err(|e| {
-        local(format!(
+    // A key this join replaces (--force) is set aside until the config is
+    // written, and put back if it is not.
+    let replaced = {
+        let mut p = key_file.clone().into_os_string();
+        p.push(".replaced");
+        PathBuf::from(p)
+    };
+    let had_key = key_file.exists();
+    if had_key {
+        std::fs::rename(&key_file, &replaced).map_err(|e| {
+            local(format!(
+                "moving {} aside to {}: {e}",
+                key_file.display(),
+                replaced.display()
+            ))
+        })?;
+    }
+    // Undoes the moves: the new key back to pending (the same command then
+    // finishes the join: the hub answers the token's own key again), the
+    // replaced one back in place.
+    let undo = |e: JoinError| {
+        let back = std::fs::rename(&key_file, &pending);
+        if had_key {
+            let _ = std::fs::rename(&replaced, &key_file);
+        }
+        match back {
+            Ok(()) => JoinError::Local(format!(
+                "{e}\nthe key is kept in {}: run the same command again to finish the join",
+                pending.display()
+            )),
+            Err(_) => e,
+        }
+    };
+    if let Err(e) = std::fs::rename(&pending, &key_file) {
+        if had_key {
+            let _ = std::fs::rename(&replaced, &key_file);
+        }
+        return Err(local(format!(
             "moving {} to {}: {e}",
             pending.display(),
             key_file.display()
-        ))
-    })?;
-    if let Err(e) = NodeConfig::parse(&config.display().to_string(), &text, &config_dir) {
-        return Err(JoinError::Answer(format!(
-            "the config made from it does not load: {e} (the key is in {})",
-            key_file.display()
         )));
     }
+    if let Err(e) = NodeConfig::parse(&config.display().to_string(), &text, &config_dir) {
+        return Err(undo(JoinError::Answer(format!(
+            "the config made from it does not load: {e}"
+        ))));
+    }
     crate::control::pin::write_atomic(&config, text.as_bytes(), 0o644)
-        .map_err(|e| local(format!("writing {}: {e}", config.display())))?;
+        .map_err(|e| undo(local(format!("writing {}: {e}", config.display()))))?;
+    if had_key {
+        let _ = std::fs::remove_file(&replaced);
+    }
     Ok(Written {
         config,
         key_file,
@@ -832,6 +870,93 @@ mod tests {
         assert_eq!(keys[0], keys[1], "the second try sends the same key");
         assert_eq!(w.public_key.to_base64(), keys[0]);
         assert!(!d.join("etc/node.key.pending").exists());
+        let c = NodeConfig::load(&w.config).unwrap();
+        assert_eq!(c.private_key.public_key(), w.public_key);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The hub answers but the config cannot be written: the new key goes
+    /// back to pending, the key it was to replace (--force) back in place,
+    /// and the same command finishes the join once the config can be
+    /// written.
+    #[tokio::test]
+    async fn a_config_not_written_keeps_both_keys() {
+        use hyper::service::service_fn;
+        let d = tmpdir("unwritten");
+        let cert = crate::control::pin::ApiCert::load_or_create(&d.join("state"), &[]).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = l.local_addr().unwrap().to_string();
+        let token = JoinToken::generate(api, cert.fingerprint()).encode();
+        let server_cfg = cert.server_config();
+        let server = tokio::spawn(async move {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for _ in 0..2 {
+                let (s, _) = l.accept().await.unwrap();
+                let tls = tokio_rustls::TlsAcceptor::from(server_cfg.clone())
+                    .accept(s)
+                    .await
+                    .unwrap();
+                let tx = tx.clone();
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        tx.send(v["public_key"].as_str().unwrap().to_string())
+                            .unwrap();
+                        let answer = serde_json::json!({
+                            "hub_public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+                            "wg_endpoint": "203.0.113.1:51820",
+                            "addresses": ["100.64.1.2/10"],
+                            "allowed_ips": ["100.64.0.0/10"],
+                        });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(answer.to_string()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            }
+            rx.try_iter().collect::<Vec<String>>()
+        });
+        // The config's path is a directory with something in it: the
+        // config cannot take its place.
+        std::fs::create_dir_all(d.join("etc/node.toml")).unwrap();
+        std::fs::write(d.join("etc/node.toml/x"), "x").unwrap();
+        let old = PrivateKey::generate();
+        std::fs::write(d.join("etc/node.key"), format!("{}\n", old.expose_base64())).unwrap();
+        let args = JoinArgs {
+            token: token.clone(),
+            config: d.join("etc/node.toml"),
+            key_file: None,
+            name: None,
+            interface: None,
+            run: false,
+            force: true,
+        };
+        let e = join(&args, &token).await.unwrap_err().to_string();
+        assert!(
+            e.contains("writing") && e.contains("node.key.pending") && e.contains("again"),
+            "{e}"
+        );
+        assert!(d.join("etc/node.key.pending").exists());
+        assert!(!d.join("etc/node.key.replaced").exists());
+        let kept = std::fs::read_to_string(d.join("etc/node.key")).unwrap();
+        assert_eq!(
+            kept.trim(),
+            old.expose_base64().as_str(),
+            "the old key is back"
+        );
+        std::fs::remove_dir_all(d.join("etc/node.toml")).unwrap();
+        let w = join(&args, &token).await.unwrap();
+        let keys = server.await.unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], keys[1], "the second try sends the same key");
+        assert_eq!(w.public_key.to_base64(), keys[0]);
+        assert!(!d.join("etc/node.key.pending").exists());
+        assert!(!d.join("etc/node.key.replaced").exists());
         let c = NodeConfig::load(&w.config).unwrap();
         assert_eq!(c.private_key.public_key(), w.public_key);
         let _ = std::fs::remove_dir_all(&d);
