@@ -548,7 +548,11 @@ impl NodeConfig {
             let websocket = rh
                 .websocket
                 .as_deref()
-                .map(|u| ws_url(u).map_err(|m| ctx.err(format!("{what} websocket `{}`: {m}", redact_query(u)))))
+                .map(|u| {
+                    ws_url(u).map_err(|m| {
+                        ctx.err(format!("{what} websocket `{}`: {m}", redact_query(u)))
+                    })
+                })
                 .transpose()?;
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
                 Some(_) if websocket.is_some() => {

@@ -10,7 +10,9 @@
 # other names and for names two labels down, the two name servers at the
 # apex with each one's own address, REFUSED outside the zone and for a zone
 # transfer; a route added to hub B's config is named within seconds, by
-# hub B and, through the mesh, by hub A. Then the client resolves names as a
+# hub B and, through the mesh, by hub A; a gateway domain hub B adds two
+# labels down is named through the mesh by hub A, and the name between
+# (v2.gw.test) is NODATA on both hubs. Then the client resolves names as a
 # user's machine does: glibc's resolver asks dnsmasq in pub, which forwards
 # gw.test to both hubs (the zone's two name servers, hub A first), and curl
 # reaches alpha and beta by name alone. Hub A is stopped: its name server no
@@ -141,6 +143,22 @@ check "a zone transfer is refused" grep -q "Transfer failed\|status: REFUSED" <<
 sed -i "s|^\[proxy.dns\]\$|[[route]]\nname = \"gamma\"\nbackends = [\"http://[$(lab_ov6 n2)]:8080\"]\n\n[proxy.dns]|" "$confB"
 check "hub B names gamma after the reload" wait_for 10 names "$HUB2_4" "gamma.$DOMAIN" "$HUB2_4 $HUB4"
 check "hub A names gamma through the mesh" wait_for 15 names "$HUB4" "gamma.$DOMAIN" "$HUB4 $HUB2_4"
+# --- hub B gets a second gateway domain, v2 under the first: hub A, which
+# does not have it, names beta.v2 (two labels down) through the mesh, and
+# the name between it and the apex exists, empty, on both hubs (a resolver
+# minimising query names asks it first; NXDOMAIN there would deny the names
+# below)
+sed -i "s|^domains = \[\"$DOMAIN\"\]\$|domains = [\"$DOMAIN\", \"v2.$DOMAIN\"]|" "$confB"
+check "hub A names beta.v2 (hub B's) through the mesh" \
+    wait_for 15 names "$HUB4" "beta.v2.$DOMAIN" "$HUB4 $HUB2_4"
+for hub_ip in "$HUB4" "$HUB2_4"; do
+    out=$(dfull "$hub_ip" "v2.$DOMAIN" A)
+    check "$hub_ip: v2, above a served name: NOERROR with no answer (NODATA)" \
+        eval "grep -q 'status: NOERROR' <<<\"\$out\" && grep -q 'ANSWER: 0,' <<<\"\$out\""
+    check "$hub_ip: ... with the SOA of its zone" grep -qE "^(v2\.)?$DOMAIN\.[[:space:]].*SOA" <<<"$out"
+    out=$(dfull "$hub_ip" "x.v2.$DOMAIN" A)
+    check "$hub_ip: a name beside beta.v2: NXDOMAIN" grep -q "status: NXDOMAIN" <<<"$out"
+done
 
 # --- a user's machine: glibc -> dnsmasq in pub -> the zone's two name servers
 lab_bg pub resolver dnsmasq -k --port=53 --listen-address=127.0.0.1 --bind-interfaces \

@@ -380,22 +380,7 @@ impl<'a, T> RouteMatch<'a, T> {
 pub struct NameTable<T> {
     fqdns: HashMap<DomainName, T>,
     names: HashMap<DomainName, HashMap<Label, T>>,
-    /// The proper ancestors of the fqdn routes (`b.example.com`,
-    /// `example.com` and `com` for `a.b.example.com`), each with the number
-    /// of fqdn routes below it.
-    fqdn_parents: HashMap<String, usize>,
     len: usize,
-}
-
-/// The proper ancestors of `name` but the root: `b.example.com`,
-/// `example.com` and `com` for `a.b.example.com`.
-fn ancestors(name: &str) -> impl Iterator<Item = &str> + '_ {
-    let mut rest = name;
-    std::iter::from_fn(move || {
-        let (_, tail) = rest.split_once('.')?;
-        rest = tail;
-        Some(tail)
-    })
 }
 
 impl<T> Default for NameTable<T> {
@@ -410,7 +395,6 @@ impl<T> NameTable<T> {
         NameTable {
             fqdns: HashMap::new(),
             names: HashMap::new(),
-            fqdn_parents: HashMap::new(),
             len: 0,
         }
     }
@@ -427,11 +411,6 @@ impl<T> NameTable<T> {
 
     /// Adds or replaces an fqdn route; returns the previous value.
     pub fn insert_fqdn(&mut self, fqdn: DomainName, value: T) -> Option<T> {
-        if !self.fqdns.contains_key(fqdn.as_str()) {
-            for a in ancestors(fqdn.as_str()) {
-                *self.fqdn_parents.entry(a.to_owned()).or_default() += 1;
-            }
-        }
         let old = self.fqdns.insert(fqdn, value);
         if old.is_none() {
             self.len += 1;
@@ -453,14 +432,6 @@ impl<T> NameTable<T> {
         let old = self.fqdns.remove(fqdn.as_str());
         if old.is_some() {
             self.len -= 1;
-            for a in ancestors(fqdn.as_str()) {
-                if let Some(n) = self.fqdn_parents.get_mut(a) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.fqdn_parents.remove(a);
-                    }
-                }
-            }
         }
         old
     }
@@ -498,20 +469,6 @@ impl<T> NameTable<T> {
             label,
             value,
         })
-    }
-
-    /// True if a route's name lies strictly below `name` (lowercase, no
-    /// trailing dot): `b.example.com` and `example.com` when
-    /// `a.b.example.com` is routed. Such a name exists in DNS terms (an
-    /// empty non-terminal, RFC 8020), even with no route of its own.
-    pub fn has_below(&self, name: &str) -> bool {
-        self.fqdn_parents.contains_key(name)
-            || self.names.keys().any(|d| {
-                d.as_str() == name
-                    || d.as_str()
-                        .strip_suffix(name)
-                        .is_some_and(|h| h.ends_with('.'))
-            })
     }
 
     /// True if at least one name route exists under `domain`.
@@ -789,65 +746,5 @@ mod tests {
             }).collect();
             prop_assert_eq!(table.len(), distinct.len());
         }
-
-        #[test]
-        fn has_below_equals_linear_scan(
-            entries in prop::collection::vec(entry(), 0..16),
-            removed in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
-            names in prop::collection::vec(small_domain(), 1..20),
-        ) {
-            let mut table = NameTable::new();
-            // (is an fqdn route, host)
-            let mut live: Vec<(bool, String)> = Vec::new();
-            for e in &entries {
-                match e {
-                    Entry::Fqdn(f) => { table.insert_fqdn(dn(f), ()); live.push((true, f.clone())); }
-                    Entry::Name(d, l) => {
-                        table.insert_name(dn(d), Label::parse(l).unwrap(), ());
-                        live.push((false, format!("{l}.{d}")));
-                    }
-                }
-            }
-            for i in &removed {
-                if entries.is_empty() {
-                    break;
-                }
-                match &entries[i.index(entries.len())] {
-                    Entry::Fqdn(f) => { table.remove_fqdn(&dn(f)); live.retain(|(k, h)| !(*k && h == f)); }
-                    Entry::Name(d, l) => {
-                        table.remove_name(&dn(d), &Label::parse(l).unwrap());
-                        let h = format!("{l}.{d}");
-                        live.retain(|(k, x)| *k || *x != h);
-                    }
-                }
-            }
-            for n in &names {
-                let below = live.iter().any(|(_, h)| {
-                    h.strip_suffix(n.as_str()).is_some_and(|p| p.len() > 1 && p.ends_with('.'))
-                });
-                prop_assert_eq!(table.has_below(n), below, "name {}", n);
-            }
-        }
-    }
-
-    #[test]
-    fn has_below_counts_fqdns_sharing_parents() {
-        let mut t = NameTable::new();
-        t.insert_fqdn(dn("a.b.example.com"), 1);
-        t.insert_fqdn(dn("c.b.example.com"), 2);
-        t.insert_fqdn(dn("a.b.example.com"), 3);
-        assert!(t.has_below("b.example.com"));
-        assert!(t.has_below("example.com"));
-        assert!(!t.has_below("a.b.example.com"));
-        assert!(!t.has_below("x.example.com"));
-        t.remove_fqdn(&dn("a.b.example.com"));
-        assert!(t.has_below("b.example.com"));
-        t.remove_fqdn(&dn("c.b.example.com"));
-        assert!(!t.has_below("b.example.com"));
-        assert!(!t.has_below("com"));
-        t.insert_name(dn("gw.example.com"), Label::parse("blog").unwrap(), 4);
-        assert!(t.has_below("gw.example.com"));
-        assert!(t.has_below("example.com"));
-        assert!(!t.has_below("blog.gw.example.com"));
     }
 }

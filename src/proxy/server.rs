@@ -289,15 +289,14 @@ impl Runtime {
         Some(mesh.map(|m| m.dns_addrs()).unwrap_or_default())
     }
 
-    /// Whether a name strictly below `name` is served (by a route of this
-    /// hub's or by another hub of the mesh).
+    /// Whether another hub of the mesh serves a name strictly below `name`
+    /// (this hub's own routes are one label under a gateway domain, and its
+    /// fqdn routes lie outside them).
     fn served_below(&self, name: &str) -> bool {
-        self.current.load().table.has_below(name)
-            || self
-                .mesh
-                .load()
-                .as_ref()
-                .is_some_and(|m| m.serves_below(name))
+        self.mesh
+            .load()
+            .as_ref()
+            .is_some_and(|m| m.serves_below(name))
     }
 
     /// What the DNS listeners answer for `qname`: the gateway zones whole
