@@ -256,6 +256,7 @@ fn add_peer_routes(cfg: &HubConfig) -> anyhow::Result<Vec<IpNet>> {
         &cfg.interface,
         "a peer's",
     )
+    .map(|plan| plan.add)
 }
 
 /// Runs the hub until `shutdown` completes. The TUN and the API socket are

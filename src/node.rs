@@ -18,6 +18,7 @@ use crate::wg::api::ApiServer;
 use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
 use ipnet::IpNet;
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -82,19 +83,64 @@ pub fn check(
     }
 }
 
-/// The routes the node added into its TUN (for the endpoint guard).
-type Routed = Arc<Mutex<Vec<IpNet>>>;
+/// The routes of the hubs' allowed IPs (for the endpoint guard).
+#[derive(Default)]
+struct Routes {
+    /// In the TUN now.
+    routed: Vec<IpNet>,
+    /// Taken out, or never added, because they held a hub's first hop:
+    /// routed again once none does.
+    displaced: Vec<IpNet>,
+    /// Each hub's first hops as last resolved, by hub and way (`udp`: its
+    /// endpoint; `tls`: its TLS endpoint or proxy).
+    hops: BTreeMap<(String, &'static str), IpAddr>,
+}
 
-/// Removes the routes in `routed` that hold `endpoint`, a hub address learnt
-/// after they were added: routed into the tunnel, the tunnel's own packets to
-/// the hub would loop and the node could never reach it.
-async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface: &str, hub: &str) {
-    let nets = {
+type Routed = Arc<Mutex<Routes>>;
+
+/// Notes `endpoint` as `hub`'s first hop by way of `way` and removes the
+/// routes that hold it, an address learnt after they were added: routed into
+/// the tunnel, the tunnel's own packets to the hub would loop and the node
+/// could never reach it. Routes removed so, which hold no hub's first hop
+/// any more (the name resolved elsewhere: a captive portal's DNS answered
+/// inside a routed prefix, then the real network came back), go back in.
+async fn unroute_endpoint(
+    dev: &Inner,
+    routed: &Routed,
+    endpoint: IpAddr,
+    iface: &str,
+    hub: &str,
+    way: &'static str,
+) {
+    let (nets, back) = {
         let mut r = routed.lock();
-        let nets = crate::wg::route::holding(&r, endpoint);
-        r.retain(|n| !nets.contains(n));
-        nets
+        r.hops.insert((hub.to_string(), way), endpoint);
+        let nets = crate::wg::route::holding(&r.routed, endpoint);
+        r.routed.retain(|n| !nets.contains(n));
+        let hops: Vec<IpAddr> = r.hops.values().copied().collect();
+        let back = crate::wg::route::restorable(&r.displaced, &hops);
+        r.displaced.retain(|n| !back.contains(n));
+        (nets, back)
     };
+    for net in back {
+        let i = iface.to_string();
+        let r = tokio::task::spawn_blocking(move || crate::wg::route::replace(&net, &i)).await;
+        match r {
+            Ok(Ok(())) => {
+                dev.add_tun_routes([net]);
+                routed.lock().routed.push(net);
+                info!(hub, route = %net, interface = iface, "route restored: it holds no hub address any more");
+            }
+            Ok(Err(e)) => {
+                routed.lock().displaced.push(net);
+                warn!(hub, route = %net, error = %e, "cannot restore the route; trying again at the next resolution");
+            }
+            Err(e) => {
+                routed.lock().displaced.push(net);
+                warn!(hub, route = %net, error = %e, "route restoration did not run");
+            }
+        }
+    }
     for net in nets {
         let i = iface.to_string();
         // A failed delete of a route that is gone anyway (removed by hand)
@@ -112,6 +158,7 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
         match r {
             Ok(Ok(())) => {
                 dev.remove_tun_route(&net);
+                routed.lock().displaced.push(net);
                 warn!(
                     hub,
                     route = %net,
@@ -120,11 +167,11 @@ async fn unroute_endpoint(dev: &Inner, routed: &Routed, endpoint: IpAddr, iface:
                 )
             }
             Ok(Err(e)) => {
-                routed.lock().push(net);
+                routed.lock().routed.push(net);
                 warn!(hub, route = %net, error = %e, "cannot remove the route holding the hub endpoint")
             }
             Err(e) => {
-                routed.lock().push(net);
+                routed.lock().routed.push(net);
                 warn!(hub, route = %net, error = %e, "route removal did not run")
             }
         }
@@ -202,7 +249,7 @@ async fn open_carrier(
     let addr = resolve(first, turn)
         .await
         .ok_or_else(|| anyhow::anyhow!("cannot resolve {first}"))?;
-    unroute_endpoint(dev, routed, addr.ip(), iface, &hub_name(hub)).await;
+    unroute_endpoint(dev, routed, addr.ip(), iface, &hub_name(hub), "tls").await;
     let dial = match &hub.tls_proxy {
         None => carrier::Dial::Direct(addr),
         Some(_) => carrier::Dial::Proxy {
@@ -364,7 +411,7 @@ async fn supervise(
                 if let Some(addr) = resolve(&hub.endpoint, udp_turn).await {
                     udp_turn = udp_turn.wrapping_add(1);
                     debug!(hub = %name, endpoint = %addr, "trying UDP to the hub while on TLS");
-                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name, "udp").await;
                     dev.probe_handshake(&peer, addr).await;
                     probe_sent = Some(dev.now_ms());
                 }
@@ -379,7 +426,7 @@ async fn supervise(
                 }
                 *status.via.lock() = Via::Udp;
                 if let Some(addr) = resolve(&hub.endpoint, udp_turn).await {
-                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
+                    unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name, "udp").await;
                     peer.set_endpoint(addr);
                 }
                 dev.force_handshake(&peer).await;
@@ -447,8 +494,8 @@ async fn supervise(
                     if let Some(addr) = resolve(&hub.endpoint, turn).await {
                         if peer.endpoint() != Some(addr) {
                             info!(hub = %name, endpoint = %addr, "hub endpoint");
-                            unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name).await;
                         }
+                        unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name, "udp").await;
                         peer.set_endpoint(addr);
                     }
                 }
@@ -502,7 +549,7 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
 /// Routes the hubs' allowed IPs into the TUN, as wg-quick does, except those
 /// the node's own address prefixes already cover and default routes (which
 /// would also capture the tunnel's packets to its hubs; logged instead).
-fn add_routes(cfg: &NodeConfig, endpoints: &[IpAddr]) -> anyhow::Result<Vec<IpNet>> {
+fn add_routes(cfg: &NodeConfig, endpoints: &[IpAddr]) -> anyhow::Result<crate::wg::route::Plan> {
     crate::wg::route::install(
         &cfg.addresses,
         endpoints,
@@ -564,10 +611,9 @@ async fn run_inner(
             allowed_ips: h.allowed_ips.clone(),
         });
     }
-    let endpoints: Vec<_> = peers
-        .iter()
-        .filter_map(|p| p.endpoint.map(|e| e.ip()))
-        .collect();
+    let peers_endpoints: Vec<Option<IpAddr>> =
+        peers.iter().map(|p| p.endpoint.map(|e| e.ip())).collect();
+    let endpoints: Vec<IpAddr> = peers_endpoints.iter().flatten().copied().collect();
     let dev = Device::start(DeviceConfig {
         name: cfg.interface.clone(),
         mode: Mode::Node,
@@ -584,12 +630,30 @@ async fn run_inner(
         xlat_icmp_rate: 0,
     })
     .await?;
-    let routed: Routed = Arc::new(Mutex::new(if cfg.routes {
-        add_routes(&cfg, &endpoints)?
+    let routes = if cfg.routes {
+        let plan = add_routes(&cfg, &endpoints)?;
+        Routes {
+            routed: plan.add,
+            displaced: plan
+                .skipped
+                .into_iter()
+                .filter(|(_, why)| matches!(why, crate::wg::route::Skip::Endpoint(_)))
+                .map(|(net, _)| net)
+                .collect(),
+            // The hubs' endpoints the plan was made with: a route they
+            // kept out stays out while one holds it.
+            hops: cfg
+                .hubs
+                .iter()
+                .zip(&peers_endpoints)
+                .filter_map(|(h, e)| Some(((hub_name(h), "udp"), (*e)?)))
+                .collect(),
+        }
     } else {
-        Vec::new()
-    }));
-    dev.inner.add_tun_routes(routed.lock().iter().copied());
+        Routes::default()
+    };
+    dev.inner.add_tun_routes(routes.routed.iter().copied());
+    let routed: Routed = Arc::new(Mutex::new(routes));
     let api = ApiServer::start(dev.inner.clone()).await?;
     let paths: Vec<Arc<HubPath>> = cfg.hubs.iter().map(HubPath::new).collect();
     let shown = paths.clone();

@@ -97,8 +97,20 @@ pub fn holding(routed: &[IpNet], endpoint: IpAddr) -> Vec<IpNet> {
         .collect()
 }
 
+/// The prefixes of `displaced` (routes taken out, or never added, because
+/// they held a hub's address) that hold none of the hubs' addresses now
+/// (`hops`): they can be routed into the tunnel again.
+pub fn restorable(displaced: &[IpNet], hops: &[IpAddr]) -> Vec<IpNet> {
+    displaced
+        .iter()
+        .filter(|n| !hops.iter().any(|h| n.contains(&h.to_canonical())))
+        .copied()
+        .collect()
+}
+
 /// Plans the routes for `allowed` (see [`plan`]) and installs them into
-/// `iface`, logging what is skipped and why, and returns the routes added.
+/// `iface`, logging what is skipped and why, and returns the plan (what
+/// was added, what was skipped).
 /// `whose` names the owners in the messages ("a hub's", "a peer's").
 pub fn install<'a>(
     addresses: &[IpNet],
@@ -106,7 +118,7 @@ pub fn install<'a>(
     allowed: impl IntoIterator<Item = &'a IpNet>,
     iface: &str,
     whose: &str,
-) -> anyhow::Result<Vec<IpNet>> {
+) -> anyhow::Result<Plan> {
     let plan = plan(addresses, endpoints, allowed);
     for (net, why) in &plan.skipped {
         tracing::warn!(route = %net, interface = %iface, "{whose} allowed_ips prefix gets no route: {why}");
@@ -119,7 +131,7 @@ pub fn install<'a>(
         let routes: Vec<String> = plan.add.iter().map(|r| r.to_string()).collect();
         tracing::info!(?routes, interface = %iface, "routes added");
     }
-    Ok(plan.add)
+    Ok(plan)
 }
 
 /// `ip route replace NET dev IFACE`.
@@ -167,6 +179,28 @@ mod tests {
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_displaced_prefix_comes_back_once_no_hub_address_is_in_it() {
+        let displaced = nets(&["10.0.0.0/8", "192.168.0.0/16", "fd00::/8"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A captive portal's DNS answered 10.0.0.1 for a hub's name.
+        assert_eq!(
+            restorable(&displaced, &[ip("10.0.0.1"), ip("fd00::5")]),
+            nets(&["192.168.0.0/16"])
+        );
+        // Back on a normal network: every prefix comes back.
+        assert_eq!(
+            restorable(&displaced, &[ip("203.0.113.1"), ip("::ffff:198.51.100.1")]),
+            displaced
+        );
+        // A mapped address counts as its IPv4 one.
+        assert_eq!(
+            restorable(&displaced, &[ip("::ffff:192.168.1.1")]),
+            nets(&["10.0.0.0/8", "fd00::/8"])
+        );
+        assert!(restorable(&[], &[ip("10.0.0.1")]).is_empty());
     }
 
     #[test]
