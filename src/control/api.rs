@@ -695,7 +695,21 @@ async fn serve_req(
             }));
         }
     };
-    let a = handle(&c, t, &method, &path, &body).await;
+    // A task of its own, run to the end even when the client goes away
+    // (hyper drops a request's future when its connection closes): a change
+    // cut off half made (saved but not published, published but not
+    // applied) would part the running state from the file's.
+    let a = {
+        let (c, method, path) = (c.clone(), method.clone(), path.clone());
+        tokio::spawn(async move { handle(&c, t, &method, &path, &body).await })
+            .await
+            .unwrap_or_else(|e| {
+                Answer::json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": format!("the request's task failed: {e}")}),
+                )
+            })
+    };
     if a.status.is_client_error() || a.status.is_server_error() {
         c.counters.api_errors.fetch_add(1, Relaxed);
         debug!(%method, %path, status = a.status.as_u16(), "API error");

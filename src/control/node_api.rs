@@ -152,10 +152,22 @@ async fn serve(
                 Err(e) => return Ok(error(state::Error::bad(format!("body: {e}")))),
             };
             let n = d.services.len();
-            match c
-                .mutate(|s, ctx| s.declare_services(ctx.now, &key, ip, d.services))
-                .await
-            {
+            // Run to the end even when the node goes away (see the admin
+            // API's `serve_req`).
+            let commit = {
+                let (c, key) = (c.clone(), key.clone());
+                tokio::spawn(async move {
+                    c.mutate(|s, ctx| s.declare_services(ctx.now, &key, ip, d.services))
+                        .await
+                })
+            };
+            let r = commit.await.unwrap_or_else(|e| {
+                Err(state::Error {
+                    status: 500,
+                    message: format!("the declaration's task failed: {e}"),
+                })
+            });
+            match r {
                 Ok(changed) => {
                     if changed {
                         info!(node = %key, from = %ip, services = n, "node declared its services");

@@ -65,21 +65,32 @@ impl FileStore {
     fn save_sync(&self, state: &State) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let body = serde_json::to_vec_pretty(state)?;
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        // A name of this save's own: two saves never write one file (the
+        // writer lock orders saves, but a save outlives a cancelled caller).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{STATE_FILE}.{}.{n}.tmp", std::process::id()));
         let ctx = |e: std::io::Error| anyhow::anyhow!("{}: {e}", tmp.display());
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(ctx)?;
-        f.write_all(&body).map_err(ctx)?;
-        f.write_all(b"\n").map_err(ctx)?;
-        f.sync_all().map_err(ctx)?;
-        drop(f);
-        std::fs::rename(&tmp, self.path())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path().display()))?;
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(ctx)?;
+            f.write_all(&body).map_err(ctx)?;
+            f.write_all(b"\n").map_err(ctx)?;
+            f.sync_all().map_err(ctx)?;
+            drop(f);
+            std::fs::rename(&tmp, self.path())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", self.path().display()))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         // Renamed: the new state is the one a restart reads, so the change
         // is made. A directory that cannot be synced only leaves the rename
         // less durable against a power cut; reporting the change as not
@@ -164,6 +175,47 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0);
+    }
+
+    /// Saves running at once (a save outlives a cancelled caller, so the
+    /// writer lock does not always order them) each write a file of their
+    /// own: every one succeeds, the file read back is one of them whole, and
+    /// no temp file is left.
+    #[tokio::test]
+    async fn saves_at_once_do_not_mix() {
+        let d = tempdir();
+        let s = FileStore::open(&d.path().join("st")).unwrap();
+        let saves: Vec<_> = (1..=16u64)
+            .map(|v| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut st = State {
+                        version: v,
+                        ..State::default()
+                    };
+                    for i in 0..50 {
+                        st.last_allocated
+                            .insert(format!("10.{v}.{i}.0/24"), "10.0.0.1".parse().unwrap());
+                    }
+                    s.save(&st).await
+                })
+            })
+            .collect();
+        for t in saves {
+            t.await.unwrap().unwrap();
+        }
+        let got = s.load().await.unwrap().unwrap();
+        assert!((1..=16).contains(&got.version));
+        assert_eq!(got.last_allocated.len(), 50);
+        assert!(got
+            .last_allocated
+            .keys()
+            .all(|k| k.starts_with(&format!("10.{}.", got.version))));
+        let names: Vec<String> = std::fs::read_dir(d.path().join("st"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["state.json".to_string()], "{names:?}");
     }
 
     #[tokio::test]
