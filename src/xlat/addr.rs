@@ -282,6 +282,13 @@ pub fn is_illegal_v4(a: [u8; 4]) -> bool {
     first == 0 || first == 127 || first >= 224
 }
 
+/// Destinations an IPv6 packet must not be translated to, on top of
+/// [`is_illegal_v4`]: 169.254/16 (link-local, RFC 3927: never forwarded;
+/// a cloud's metadata service lives there).
+pub fn is_illegal_v4_dst(a: [u8; 4]) -> bool {
+    is_illegal_v4(a) || a[..2] == [169, 254]
+}
+
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {

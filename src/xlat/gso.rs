@@ -39,7 +39,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use super::addr::{eam_lookup_v4, is_illegal_v4, map_4to6, map_6to4};
+use super::addr::{eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_4to6, map_6to4};
 use super::buf::{arr16, arr4, get, ident, u16at, u8at};
 use super::{csum, Config};
 
@@ -287,6 +287,10 @@ fn plan_6to4(cfg: &Config, v: VnetHdr, pkt: &[u8]) -> Option<Plan> {
     let pool6 = cfg.pool6.as_ref();
     let dst4 = map_6to4(&cfg.eamt, pool6, &dst)?;
     let src4 = map_6to4(&cfg.eamt, pool6, &src)?;
+    // The per-packet path drops these (and counts them).
+    if is_illegal_v4_dst(dst4) || is_illegal_v4(src4) {
+        return None;
+    }
     // Hairpinning goes back out as IPv6: the per-packet path's business.
     if eam_lookup_v4(&cfg.eamt, dst4).is_some() {
         return None;

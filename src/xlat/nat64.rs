@@ -63,6 +63,10 @@ pub const MAX_HELD_PER_DATAGRAM: usize = 64;
 /// Most bytes of later fragments held, all datagrams together (counting the
 /// released ones not yet taken).
 pub const MAX_HELD_BYTES: usize = 256 * 1024;
+/// Sessions an IPv4 host's packets may open on one mapping by themselves
+/// (endpoint-independent filtering: a node's UDP mapping takes datagrams
+/// from anyone), beyond which only the node's own packets open more.
+pub const MAX_INBOUND_PER_MAPPING: u32 = 1024;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -717,7 +721,9 @@ impl Table {
 
     fn room(&mut self, now: u64) -> Result<(), DropReason> {
         if self.sessions.len() >= self.settings.max_sessions {
-            self.expire(now);
+            // At most one sweep a second: a full table under a flood of new
+            // flows would otherwise walk every entry for every packet.
+            self.maybe_sweep(now);
             if self.sessions.len() >= self.settings.max_sessions {
                 return Err(DropReason::Nat64TableFull);
             }
@@ -858,7 +864,27 @@ impl Table {
             if l4.proto != Proto::Udp {
                 return Err(DropReason::Nat64NoSession);
             }
+            // Strangers' datagrams (any source port, any host, to a mapping
+            // port they guessed) must not fill the table the nodes' own
+            // flows need: they open sessions only while it is under three
+            // quarters full, and at most MAX_INBOUND_PER_MAPPING a mapping.
+            if self.sessions.len() >= self.settings.max_sessions / 4 * 3
+                || bib.sessions >= MAX_INBOUND_PER_MAPPING
+            {
+                self.maybe_sweep(now);
+                let b = self.bib4.get(&v4k).map_or(0, |b| b.sessions);
+                if self.sessions.len() >= self.settings.max_sessions / 4 * 3
+                    || b >= MAX_INBOUND_PER_MAPPING
+                {
+                    return Err(DropReason::Nat64TableFull);
+                }
+            }
             self.room(now)?;
+            // A sweep just now may have ended the mapping (its last session
+            // expired): then there is nothing to open a session on.
+            if !self.bib4.contains_key(&v4k) {
+                return Err(DropReason::Nat64NoSession);
+            }
             self.sessions.insert(
                 k,
                 Session {

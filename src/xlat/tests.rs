@@ -574,6 +574,68 @@ fn routing_header_with_segments_left_is_rejected() {
 }
 
 #[test]
+fn six_to_four_refuses_what_four_to_six_refuses() {
+    let c = cfg();
+    // UDP, 8 bytes, to pool6-embedded IPv4 destinations no node may reach
+    // through the translator: broadcast, multicast (mDNS), loopback, 0/8,
+    // link-local (a cloud's metadata service).
+    for dst in [
+        "64:ff9b::ffff:ffff",
+        "64:ff9b::e000:fb",
+        "64:ff9b::7f00:1",
+        "64:ff9b::1:2",
+        "64:ff9b::a9fe:a9fe",
+    ] {
+        let p = ipv6(
+            "2001:db8:e::5".parse().unwrap(),
+            dst.parse().unwrap(),
+            17,
+            64,
+            &[0, 1, 0, 2, 0, 8, 0, 0],
+        );
+        let mut out = vec![0; OUT];
+        assert_eq!(
+            translate_6to4(&c, &p, &mut out),
+            Outcome::Drop(DropReason::IllegalAddress),
+            "{dst}"
+        );
+    }
+    // Nor from a multicast source (an EAM into 224/4 would be one).
+    let mut c2 = cfg();
+    c2.eamt.push(
+        Eam::new(
+            Ipv4Addr::new(224, 0, 0, 0),
+            24,
+            "2001:db8:f::".parse().unwrap(),
+            120,
+        )
+        .unwrap(),
+    );
+    let p = ipv6(
+        "2001:db8:f::5".parse().unwrap(),
+        "64:ff9b::cb00:7105".parse().unwrap(),
+        17,
+        64,
+        &[0, 1, 0, 2, 0, 8, 0, 0],
+    );
+    let mut out = vec![0; OUT];
+    assert_eq!(
+        translate_6to4(&c2, &p, &mut out),
+        Outcome::Drop(DropReason::IllegalAddress)
+    );
+    // An ordinary destination still goes.
+    let p = ipv6(
+        "2001:db8:e::5".parse().unwrap(),
+        "64:ff9b::cb00:7105".parse().unwrap(),
+        17,
+        64,
+        &[0, 1, 0, 2, 0, 8, 0, 0],
+    );
+    let mut out = vec![0; OUT];
+    assert_eq!(single(translate_6to4(&c, &p, &mut out), &out).len(), 28);
+}
+
+#[test]
 fn df_follows_the_1260_rule() {
     let c = cfg();
     for (len, df) in [(1240usize, false), (1241, true)] {
@@ -763,6 +825,37 @@ fn syn_mss_is_clamped_to_the_ipv4_mtu() {
     let q = single(translate_6to4(&c, &p, &mut out), &out);
     assert_eq!(mss_of(&q[20..]), Some(1360), "1400 - 20 - 20");
     assert!(tcp4_ok(&q));
+}
+
+/// An MSS option after one NOP has its value at an odd offset: the checksum
+/// edit takes the value's bytes as they fall in the 16-bit words.
+#[test]
+fn syn_mss_at_an_odd_offset_keeps_the_checksum_right() {
+    let c = Config {
+        ipv6_mtu: 1420,
+        ..cfg()
+    };
+    let opts = [1, 2, 4, 0x05, 0xb4, 1, 1, 1];
+    let mut p = ipv4(
+        [203, 0, 113, 5],
+        [192, 0, 2, 9],
+        6,
+        64,
+        1,
+        0x4000,
+        0,
+        &tcp_with_options(SYN, &opts),
+    );
+    fix_l4_v4(&mut p);
+    assert_eq!(
+        super::v4_to_v6::tcp_syn_mss(&p[20..]),
+        Some((23, 1460)),
+        "the value at an odd offset"
+    );
+    let mut out = vec![0u8; OUT];
+    let q = single(translate_4to6(&c, &p, &mut out), &out);
+    assert_eq!(mss_of(&q[40..]), Some(1360));
+    assert!(tcp6_ok(&q), "checksum follows the MSS change");
 }
 
 #[test]

@@ -172,7 +172,13 @@ pub(super) fn clamp_mss(patch: &mut Patch, tcp: &[u8], max: u16) {
     let Some(c) = patch.edit_mut(16) else {
         return;
     };
-    *c = csum::update(*c, u32::from(mss), u32::from(max));
+    // A value at an odd offset (the option after a single NOP) straddles
+    // two of the checksum's 16-bit words: its bytes count swapped.
+    *c = if off % 2 == 0 {
+        csum::update(*c, u32::from(mss), u32::from(max))
+    } else {
+        csum::update(*c, u32::from(mss.swap_bytes()), u32::from(max.swap_bytes()))
+    };
     patch.add_edit(off, max);
 }
 

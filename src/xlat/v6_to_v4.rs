@@ -1,7 +1,7 @@
 //! IPv6 → IPv4 (RFC 7915 §5), including RFC 7757 hairpinning.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use super::addr::{eam_lookup_v4, map_6to4};
+use super::addr::{eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_6to4};
 use super::buf::{arr16, get, ident, len16, put, put16, put8, tail, u16at, u32at, u8at};
 use super::v4_to_v6::Patch;
 use super::{csum, icmp, v4_to_v6, Config, DropReason, Packets, Res};
@@ -287,6 +287,12 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
         None if is_err => icmp::rfc6791_v4(cfg, payload).ok_or(DropReason::Untranslatable)?,
         None => return Err(DropReason::Untranslatable),
     };
+    // As the other way (RFC 7915 §4.1): no packet to 0/8, loopback,
+    // multicast, broadcast or link-local, nor from them unless an error
+    // (whose source is the RFC 6791 pool's).
+    if is_illegal_v4_dst(dst4) || (!is_err && is_illegal_v4(src4)) {
+        return Err(DropReason::IllegalAddress);
+    }
     let hairpin = eam_lookup_v4(&cfg.eamt, dst4).is_some();
     let total = 20 + payload.len();
     if !hairpin && total > usize::from(cfg.ipv4_mtu) && !is_err {

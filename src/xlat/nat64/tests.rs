@@ -226,6 +226,38 @@ fn udp_endpoint_independent() {
     assert_eq!(t.bindings(), 1);
 }
 
+/// Strangers' datagrams to a node's UDP mapping open sessions only while
+/// the table is under three quarters full: the rest stays for the nodes' own
+/// flows, and a full table is swept at most once a second.
+#[test]
+fn strangers_cannot_fill_the_table() {
+    let mut t = table(8);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    let mut opened = 0;
+    for i in 0..20u8 {
+        let mut other = v4_reply(&v4, None);
+        other[12..16].copy_from_slice(&[192, 0, 2, 100 + i]);
+        let other = v4_reply(&v4_reply(&other, None), None);
+        match in_v6(&mut t, &other, 1) {
+            Ok(_) => opened += 1,
+            Err(e) => assert_eq!(e, DropReason::Nat64TableFull),
+        }
+    }
+    // 1 of the node's own + 5 strangers' = 6 = 8 * 3/4.
+    assert_eq!(opened, 5);
+    assert_eq!(t.sessions(), 6);
+    // The node's own flows still get the last quarter.
+    for port in [5354u16, 5355] {
+        let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(port, 53, b"x"));
+        assert!(out_v4(&mut t, &mut p, 2).is_ok(), "{port}");
+    }
+    assert_eq!(t.sessions(), 8);
+    // A stranger's datagram on an existing session still passes.
+    let back = in_v6(&mut t, &v4_reply(&v4, None), 3).unwrap();
+    assert_eq!(&back[24..40], &NODE);
+}
+
 #[test]
 fn icmp_echo_round_trip() {
     let mut t = table(16);
