@@ -33,6 +33,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once per listener.
 const MAX_CONNS: usize = 256;
+/// Connections open at once from one address on a TCP listener.
+const MAX_CONNS_PER_SOURCE: usize = 16;
 
 /// The listening sockets; the Unix socket file is removed on drop.
 pub struct ApiServer {
@@ -796,10 +798,19 @@ impl ApiServer {
                 let c = c.clone();
                 let acceptor = acceptor.clone();
                 let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+                let per_source = Arc::new(crate::control::node_api::PerSource::default());
                 tasks.push(tokio::spawn(async move {
                     loop {
                         let Ok((s, peer)) = l.accept().await else {
                             tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        // One address cannot hold every slot (the listener
+                        // takes joins, which need no token).
+                        let Some(slot) =
+                            per_source.take(peer.ip().to_canonical(), MAX_CONNS_PER_SOURCE)
+                        else {
+                            debug!(%peer, "API connection refused: too many from this address");
                             continue;
                         };
                         let Ok(permit) = sem.clone().try_acquire_owned() else {
@@ -814,6 +825,7 @@ impl ApiServer {
                                 Err(_) => debug!(%peer, "API TLS handshake timed out"),
                             }
                             drop(permit);
+                            drop(slot);
                         });
                     }
                 }));

@@ -31,18 +31,18 @@ const MAX_CONNS_PER_NODE: usize = 8;
 
 /// Open connections per source address, within a per-address cap.
 #[derive(Default)]
-struct PerSource {
+pub(crate) struct PerSource {
     open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// One connection's place in [`PerSource`], given back when dropped.
-struct SourceSlot {
+pub(crate) struct SourceSlot {
     of: Arc<PerSource>,
     ip: std::net::IpAddr,
 }
 
 impl PerSource {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<SourceSlot> {
+    pub(crate) fn take(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<SourceSlot> {
         let mut open = self.open.lock();
         let n = open.entry(ip).or_insert(0);
         if *n >= cap {
