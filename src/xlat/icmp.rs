@@ -90,12 +90,13 @@ pub(super) fn reply_v4(
 ) -> Result<Res, DropReason> {
     let src = cfg.self_v4.ok_or(cause)?.octets();
     let dst = arr4(orig, 12)?;
-    // Never answer illegal sources, and never answer an ICMP error (RFC 1812 §4.3.2.7).
+    // Never answer illegal sources, an ICMP error, or a fragment other than
+    // the first (RFC 1812 §4.3.2.7).
     let ihl = usize::from(u8at(orig, 0)? & 0x0f) * 4;
     let first = u16at(orig, 6)? & 0x1fff == 0;
     let about_error =
         u8at(orig, 9)? == 1 && first && orig.get(ihl).is_some_and(|&t| is_v4_error(t));
-    if is_illegal_v4(dst) || about_error {
+    if is_illegal_v4(dst) || about_error || !first {
         return Err(cause);
     }
     let n = orig.len().min(MAX_ICMP4_ERR - 28);

@@ -122,6 +122,28 @@ fn ttl_expired_gets_time_exceeded() {
     }
 }
 
+/// No ICMP error about a fragment other than the first (RFC 1812
+/// §4.3.2.7): the first fragment's error is enough.
+#[test]
+fn a_later_fragment_gets_no_error() {
+    let c = cfg();
+    let p = ipv4(
+        [203, 0, 113, 5],
+        [198, 51, 100, 7],
+        17,
+        1,
+        7,
+        0x0010,
+        0,
+        &[0u8; 16],
+    );
+    let mut out = vec![0; OUT];
+    assert_eq!(
+        translate_4to6(&c, &p, &mut out),
+        Outcome::Drop(DropReason::TtlExpired)
+    );
+}
+
 #[test]
 fn no_self_address_means_silent_drop() {
     let c = Config {
@@ -633,6 +655,56 @@ fn six_to_four_refuses_what_four_to_six_refuses() {
     );
     let mut out = vec![0; OUT];
     assert_eq!(single(translate_6to4(&c, &p, &mut out), &out).len(), 28);
+}
+
+/// On an IPv4 link narrower than 1260 bytes, a packet that goes out with
+/// DF clear is sent on (to be fragmented) instead of asking the sender for
+/// less than IPv6's minimum MTU, which would never end; a larger one still
+/// gets a Packet Too Big of 1280.
+#[test]
+fn a_narrow_ipv4_link_takes_small_packets_with_df_clear() {
+    let c = Config {
+        ipv4_mtu: 1000,
+        ..cfg()
+    };
+    let p = ipv6(
+        "2001:db8:e::5".parse().unwrap(),
+        "64:ff9b::cb00:7105".parse().unwrap(),
+        17,
+        64,
+        &udp_payload(1232),
+    );
+    let mut out = vec![0; OUT];
+    let v4 = single(translate_6to4(&c, &p, &mut out), &out);
+    assert_eq!(v4.len(), 20 + 1232);
+    assert_eq!(v4[6] & 0x40, 0, "DF clear");
+    let p = ipv6(
+        "2001:db8:e::5".parse().unwrap(),
+        "64:ff9b::cb00:7105".parse().unwrap(),
+        17,
+        64,
+        &udp_payload(1300),
+    );
+    let mut out = vec![0; OUT];
+    match translate_6to4(&c, &p, &mut out) {
+        Outcome::Reply { packets, cause } => {
+            assert_eq!(cause, DropReason::PacketTooBig);
+            let r = packets.iter(&out).next().unwrap();
+            assert_eq!((r[40], r[41]), (2, 0));
+            assert_eq!(u32::from_be_bytes([r[44], r[45], r[46], r[47]]), 1280);
+        }
+        o => panic!("{o:?}"),
+    }
+}
+
+/// A UDP header and `len - 8` zero bytes (checksum left 0: not checked
+/// on the way to IPv4).
+fn udp_payload(len: usize) -> Vec<u8> {
+    let mut u = vec![0u8; len];
+    u[0..2].copy_from_slice(&1000u16.to_be_bytes());
+    u[2..4].copy_from_slice(&53u16.to_be_bytes());
+    u[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    u
 }
 
 #[test]
