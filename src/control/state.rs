@@ -285,6 +285,29 @@ pub struct Context<'a> {
     pub held_elsewhere: &'a dyn Fn(&str, &str) -> Result<()>,
 }
 
+/// The route of an http service declaration `d` with `backends`.
+fn http_route(
+    d: &ServiceDecl,
+    backends: Vec<String>,
+    bandwidth: Option<String>,
+    acme: bool,
+) -> RawRoute {
+    let passthrough = d.tls.as_deref() == Some("passthrough");
+    RawRoute {
+        name: d.name.clone(),
+        fqdn: d.fqdn.clone(),
+        tls: d.tls.clone(),
+        backends,
+        proxy_protocol: (passthrough && d.proxy_protocol).then_some(RawPp::Bool(true)),
+        backend_protocol: d.http2.then(|| "http2".to_string()),
+        acme: acme && !passthrough,
+        allow: d.allow.clone(),
+        deny: d.deny.clone(),
+        bandwidth,
+        ..RawRoute::default()
+    }
+}
+
 /// A DNS label as the API accepts it: already lowercase.
 pub fn api_label(s: &str) -> Result<Label> {
     let l = Label::parse(s).map_err(|e| Error::bad(format!("name `{s}`: {e}")))?;
@@ -900,7 +923,8 @@ impl State {
     }
 
     /// Turns declared services into routes and forwards. Older declarations
-    /// win conflicts; each declaration gets a status.
+    /// win conflicts; each declaration gets a status. An http service the
+    /// proxy would not take (`ctx.check_route`) is refused with its reason.
     pub fn evaluate(&self, ctx: &Context, registry: &dyn NameRegistry, acme: bool) -> Evaluation {
         let mut all: Vec<(&String, &ServiceRecord)> = self
             .services
@@ -945,6 +969,14 @@ impl State {
                 Protocol::Http => {
                     if ctx.file_hosts.contains(&host) || self.routes.contains_key(&host) {
                         refuse(&mut ev, format!("`{host}` is routed by the hub operator"));
+                        continue;
+                    }
+                    // What the proxy would refuse (a name too long under
+                    // one of its domains, an fqdn inside one, a backend it
+                    // takes for none) is refused here, not reported active.
+                    let alone = http_route(&s.decl, vec![s.backend.to_string()], None, acme);
+                    if let Err(why) = (ctx.check_route)(&alone) {
+                        refuse(&mut ev, why);
                         continue;
                     }
                 }
@@ -1022,23 +1054,7 @@ impl State {
                 .and_then(|n| self.names.get(n))
                 .and_then(|r| r.bandwidth.clone());
             match d.protocol {
-                Protocol::Http => {
-                    let passthrough = d.tls.as_deref() == Some("passthrough");
-                    ev.routes.push(RawRoute {
-                        name: d.name.clone(),
-                        fqdn: d.fqdn.clone(),
-                        tls: d.tls.clone(),
-                        backends: list,
-                        proxy_protocol: (passthrough && d.proxy_protocol)
-                            .then_some(RawPp::Bool(true)),
-                        backend_protocol: d.http2.then(|| "http2".to_string()),
-                        acme: acme && !passthrough,
-                        allow: d.allow.clone(),
-                        deny: d.deny.clone(),
-                        bandwidth,
-                        ..RawRoute::default()
-                    });
-                }
+                Protocol::Http => ev.routes.push(http_route(&d, list, bandwidth, acme)),
                 Protocol::Tcp => ev.tcp.push(RawTcp {
                     listen: format!("0.0.0.0:{}", d.public_port.unwrap_or(0)),
                     backends: list,

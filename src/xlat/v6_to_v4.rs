@@ -295,13 +295,11 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
     }
     let hairpin = eam_lookup_v4(&cfg.eamt, dst4).is_some();
     let total = 20 + payload.len();
-    // Only a packet that goes out with DF (unfragmented and over 1260
-    // bytes, `id_flags`) gets a Packet Too Big: one with DF clear (a
-    // fragment, or 1260 bytes or less on a link narrower than that, where
-    // asking for less than IPv6's minimum of 1280 would get nothing
-    // smaller) is fragmented on the way out.
-    let df = h.frag.is_none() && total > 1260;
-    if !hairpin && total > usize::from(cfg.ipv4_mtu) && df && !is_err {
+    // A packet of 1260 bytes or less (DF clear, `id_flags`) gets no Packet
+    // Too Big on a link narrower than that: asking for less than IPv6's
+    // minimum of 1280 would get nothing smaller, again and again. It is
+    // sent on, to be fragmented on the way out.
+    if !hairpin && total > usize::from(cfg.ipv4_mtu) && total > 1260 && !is_err {
         let mtu = u32::from(cfg.ipv4_mtu).saturating_add(20).max(1280);
         return icmp::reply_v6(cfg, pkt, 2, 0, mtu, DropReason::PacketTooBig, out);
     }

@@ -31,6 +31,9 @@ fn env() -> Env {
 }
 
 fn check(r: &RawRoute) -> std::result::Result<(), String> {
+    if r.name.as_deref() == Some("unfit") {
+        return Err("[[route]] #1 (unfit): `unfit.<domain>` is longer than 253 characters".into());
+    }
     if r.backends.iter().any(|b| b.contains("127.0.0.1")) {
         return Err("[[route]] #1 (x): backend `127.0.0.1:80`: loopback addresses are not allowed as backends".into());
     }
@@ -451,6 +454,32 @@ fn only_a_granted_declaration_holds_a_name_against_the_operator() {
         .create_route(&ctx(&e, 3), spec("shop", "100.64.0.2:80"))
         .unwrap();
     assert!(created, "{id}");
+}
+
+/// A service the proxy would not take is refused with the proxy's reason,
+/// not reported active; the node's other services are not affected.
+#[test]
+fn a_service_the_proxy_refuses_is_not_active() {
+    let e = env();
+    let mut s = State::default();
+    let reg = LocalRegistry { grace: 100 };
+    let h = token(&mut s, "a1", &["unfit", "blog"], false, 1);
+    s.join(&ctx(&e, 1), "a1", h, K1, None).unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    s.declare_services(2, K1, ip1, vec![http("unfit", 80), http("blog", 80)])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 3), &reg, false);
+    assert_eq!(ev.routes.len(), 1);
+    assert_eq!(ev.routes[0].name.as_deref(), Some("blog"));
+    let st = &ev.statuses[K1];
+    let unfit = st.iter().find(|x| x.host == "name:unfit").unwrap();
+    assert_eq!(unfit.status, "refused");
+    assert!(
+        unfit.error.as_deref().unwrap().contains("longer than 253"),
+        "{unfit:?}"
+    );
+    let blog = st.iter().find(|x| x.host == "name:blog").unwrap();
+    assert_eq!(blog.status, "active");
 }
 
 #[test]
