@@ -789,11 +789,39 @@ mod tests {
         assert!(text.contains("\ninterface = \"gwn1\"\n"), "{text}");
     }
 
+    /// Serves one join request on `tls` with a fixed answer; the public key
+    /// it asked for.
+    async fn answer_join(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> String {
+        use hyper::service::service_fn;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                tx.send(v["public_key"].as_str().unwrap().to_string())
+                    .unwrap();
+                let answer = serde_json::json!({
+                    "hub_public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+                    "wg_endpoint": "203.0.113.1:51820",
+                    "addresses": ["100.64.1.2/10"],
+                    "allowed_ips": ["100.64.0.0/10"],
+                });
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                    answer.to_string(),
+                ))))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+        rx.recv().unwrap()
+    }
+
     /// The hub takes the join but its answer is lost: the key stays
     /// pending, and the same command again sends the same key and finishes.
     #[tokio::test]
     async fn a_lost_answer_keeps_the_key_for_the_next_try() {
-        use hyper::service::service_fn;
         let d = tmpdir("lost");
         let cert = crate::control::pin::ApiCert::load_or_create(&d.join("state"), &[]).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -822,29 +850,7 @@ mod tests {
                     drop(tls);
                     continue;
                 }
-                let (tx, rx) = std::sync::mpsc::channel();
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                        tx.send(v["public_key"].as_str().unwrap().to_string())
-                            .unwrap();
-                        let answer = serde_json::json!({
-                            "hub_public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
-                            "wg_endpoint": "203.0.113.1:51820",
-                            "addresses": ["100.64.1.2/10"],
-                            "allowed_ips": ["100.64.0.0/10"],
-                        });
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(answer.to_string()),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-                keys.push(rx.recv().unwrap());
+                keys.push(answer_join(tls).await);
             }
             keys
         });
@@ -881,7 +887,6 @@ mod tests {
     /// written.
     #[tokio::test]
     async fn a_config_not_written_keeps_both_keys() {
-        use hyper::service::service_fn;
         let d = tmpdir("unwritten");
         let cert = crate::control::pin::ApiCert::load_or_create(&d.join("state"), &[]).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -889,37 +894,16 @@ mod tests {
         let token = JoinToken::generate(api, cert.fingerprint()).encode();
         let server_cfg = cert.server_config();
         let server = tokio::spawn(async move {
-            let (tx, rx) = std::sync::mpsc::channel();
+            let mut keys = Vec::new();
             for _ in 0..2 {
                 let (s, _) = l.accept().await.unwrap();
                 let tls = tokio_rustls::TlsAcceptor::from(server_cfg.clone())
                     .accept(s)
                     .await
                     .unwrap();
-                let tx = tx.clone();
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                        tx.send(v["public_key"].as_str().unwrap().to_string())
-                            .unwrap();
-                        let answer = serde_json::json!({
-                            "hub_public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
-                            "wg_endpoint": "203.0.113.1:51820",
-                            "addresses": ["100.64.1.2/10"],
-                            "allowed_ips": ["100.64.0.0/10"],
-                        });
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(answer.to_string()),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+                keys.push(answer_join(tls).await);
             }
-            rx.try_iter().collect::<Vec<String>>()
+            keys
         });
         // The config's path is a directory with something in it: the
         // config cannot take its place.
