@@ -373,12 +373,15 @@ fn pool6_strategy() -> impl Strategy<Value = Pool6> {
         })
 }
 
-/// Unicast IPv4 addresses that are translatable in normal packets, not in the
-/// test EAM prefix.
+/// Unicast IPv4 addresses that are translatable in normal packets both
+/// ways (not link-local: no IPv6 packet goes there), not in the test EAM
+/// prefix.
 fn v4_strategy() -> impl Strategy<Value = [u8; 4]> {
     (1u8..=222, any::<[u8; 3]>())
         .prop_filter("legal", |(a, rest)| {
-            *a != 127 && !(*a == 192 && rest[0] == 0 && rest[1] == 2)
+            *a != 127
+                && !(*a == 169 && rest[0] == 254)
+                && !(*a == 192 && rest[0] == 0 && rest[1] == 2)
         })
         .prop_map(|(a, [b, c, d])| [a, b, c, d])
 }
