@@ -719,6 +719,18 @@ impl Table {
         Ok((port4, k))
     }
 
+    /// Whether a datagram from the IPv4 side may not open a session on the
+    /// mapping `v4k` by itself: the table is three quarters full, or the
+    /// mapping has [`MAX_INBOUND_PER_MAPPING`] sessions.
+    fn inbound_crowded(&self, v4k: &V4Key) -> bool {
+        let max = self.settings.max_sessions;
+        self.sessions.len() >= max - max / 4
+            || self
+                .bib4
+                .get(v4k)
+                .is_some_and(|b| b.sessions >= MAX_INBOUND_PER_MAPPING)
+    }
+
     fn room(&mut self, now: u64) -> Result<(), DropReason> {
         if self.sessions.len() >= self.settings.max_sessions {
             // At most one sweep a second: a full table under a flood of new
@@ -868,14 +880,9 @@ impl Table {
             // port they guessed) must not fill the table the nodes' own
             // flows need: they open sessions only while it is under three
             // quarters full, and at most MAX_INBOUND_PER_MAPPING a mapping.
-            if self.sessions.len() >= self.settings.max_sessions / 4 * 3
-                || bib.sessions >= MAX_INBOUND_PER_MAPPING
-            {
+            if self.inbound_crowded(&v4k) {
                 self.maybe_sweep(now);
-                let b = self.bib4.get(&v4k).map_or(0, |b| b.sessions);
-                if self.sessions.len() >= self.settings.max_sessions / 4 * 3
-                    || b >= MAX_INBOUND_PER_MAPPING
-                {
+                if self.inbound_crowded(&v4k) {
                     return Err(DropReason::Nat64TableFull);
                 }
             }
