@@ -237,4 +237,14 @@ must "blog still served by n1 after the restart" wait_for 20 eval '[ "$(blog)" =
 check "the used token is still refused after the restart" \
     not lab_exec n2 "$GATEWIRE" node join "$TOKEN1" --config "$GW_TMP/reuse2/node.toml"
 
+# Removing n2 withdraws its services and frees the names it alone held;
+# blog keeps n1 as its one owner.
+check "ctl peer remove n2" ctl peer remove "$K2"
+other_code() { pcurl -o /dev/null -w '%{http_code}' --resolve "other.$DOMAIN:80:$HUB4" "http://other.$DOMAIN/" || true; }
+must "other is no longer served" wait_for 10 eval '[ "$(other_code)" = 404 ]'
+check "other and private are freed" eval '[ "$(ctl --json names | jq -r "[.[] | select(.name == \"other\" or .name == \"private\")] | length")" = 0 ]'
+check "blog is n1's alone" eval '[ "$(ctl --json names | jq -c ".[] | select(.name == \"blog\") | .owners")" = "[\"$K1\"]" ]'
+check "the hub logs the names freed" grep -q "names freed with their peer" "$(lab_logfile hub)"
+check "blog still served by n1" eval '[ "$(blog)" = n1 ]'
+
 lab_finish

@@ -406,7 +406,10 @@ async fn route(
                     .map(Answer::ok)
                     .ok_or_else(|| state::Error::not_found(format!("no peer {key}"))),
                 Method::DELETE => {
-                    c.mutate(|s, _| s.remove_node(&key)).await?;
+                    let freed = c.mutate(|s, _| s.remove_node(&key)).await?;
+                    if !freed.is_empty() {
+                        info!(peer = %key, names = ?freed, "names freed with their peer");
+                    }
                     Ok(Answer::no_content())
                 }
                 _ => Err(method_err()),

@@ -67,6 +67,59 @@ impl Drop for SourceSlot {
         }
     }
 }
+/// Declarations that change a node's services: each one saves the state and
+/// reloads the proxy's routes, so one node may make [`CHANGES_BURST`] at once
+/// and one more every [`CHANGE_EVERY`] after (a node sends its set when it
+/// starts, when its config changes and every 30 s unchanged, which costs
+/// nothing). More get 429 and the node retries with backoff.
+const CHANGES_BURST: u32 = 10;
+const CHANGE_EVERY: Duration = Duration::from_secs(6);
+
+/// Per node: how many changing declarations it may make now (a token
+/// bucket). Pure: the caller gives the time.
+pub(crate) struct ChangeBudget {
+    burst: u32,
+    every: Duration,
+    nodes: std::collections::HashMap<String, (u32, std::time::Instant)>,
+}
+
+impl ChangeBudget {
+    pub(crate) fn new(burst: u32, every: Duration) -> Self {
+        ChangeBudget {
+            burst,
+            every,
+            nodes: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Spends one change of `key`'s; when none is left, how long until one
+    /// is.
+    pub(crate) fn take(&mut self, key: &str, now: std::time::Instant) -> Result<(), Duration> {
+        let (burst, every) = (self.burst, self.every);
+        let refilled = |(left, since): (u32, std::time::Instant)| {
+            let gained = now.saturating_duration_since(since).as_nanos() / every.as_nanos().max(1);
+            let gained = u32::try_from(gained).unwrap_or(u32::MAX);
+            if left.saturating_add(gained) >= burst {
+                (burst, now)
+            } else {
+                (left + gained, since + every * gained)
+            }
+        };
+        if !self.nodes.contains_key(key) && self.nodes.len() >= 4096 {
+            // Keys are peers, so this is many peers: forget the full ones.
+            self.nodes.retain(|_, b| refilled(*b).0 < burst);
+        }
+        let b = self.nodes.entry(key.to_string()).or_insert((burst, now));
+        let (left, since) = refilled(*b);
+        if left == 0 {
+            *b = (0, since);
+            return Err((since + every).saturating_duration_since(now));
+        }
+        *b = (left - 1, since);
+        Ok(())
+    }
+}
+
 /// Time a node has to send a request's body once its head arrived.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -110,6 +163,7 @@ fn error(e: state::Error) -> Response<Full<Bytes>> {
 
 async fn serve(
     c: Arc<Control>,
+    budget: Arc<parking_lot::Mutex<ChangeBudget>>,
     from: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -157,8 +211,24 @@ async fn serve(
             let commit = {
                 let (c, key) = (c.clone(), key.clone());
                 tokio::spawn(async move {
-                    c.mutate(|s, ctx| s.declare_services(ctx.now, &key, ip, d.services))
-                        .await
+                    c.mutate(|s, ctx| {
+                        let changed = s.declare_services(ctx, &key, ip, d.services)?;
+                        if changed {
+                            budget
+                                .lock()
+                                .take(&key, std::time::Instant::now())
+                                .map_err(|wait| state::Error {
+                                    status: 429,
+                                    message: format!(
+                                        "too many changes of this node's services; \
+                                         the next is possible in {} s",
+                                        wait.as_secs() + 1
+                                    ),
+                                })?;
+                        }
+                        Ok(changed)
+                    })
+                    .await
                 })
             };
             let r = commit.await.unwrap_or_else(|e| {
@@ -208,12 +278,16 @@ impl NodeApi {
         let port = c.settings().node_port;
         let mut tasks = Vec::new();
         let mut addrs = Vec::new();
+        let budget = Arc::new(parking_lot::Mutex::new(ChangeBudget::new(
+            CHANGES_BURST,
+            CHANGE_EVERY,
+        )));
         for a in &cfg.addresses {
             let sa = SocketAddr::new(a.addr(), port);
             let l = bind(sa, &cfg.interface)
                 .map_err(|e| anyhow::anyhow!("node services API on {sa}: {e}"))?;
             addrs.push(sa);
-            let c = c.clone();
+            let (c, budget) = (c.clone(), budget.clone());
             let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
             let per_node = Arc::new(PerSource::default());
             tasks.push(tokio::spawn(async move {
@@ -229,10 +303,11 @@ impl NodeApi {
                     let Ok(permit) = sem.clone().try_acquire_owned() else {
                         continue;
                     };
-                    let c = c.clone();
+                    let (c, budget) = (c.clone(), budget.clone());
                     tokio::spawn(async move {
-                        let svc =
-                            hyper::service::service_fn(move |req| serve(c.clone(), from, req));
+                        let svc = hyper::service::service_fn(move |req| {
+                            serve(c.clone(), budget.clone(), from, req)
+                        });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .timer(hyper_util::rt::TokioTimer::new())
                             .header_read_timeout(Duration::from_secs(10))
@@ -270,5 +345,30 @@ mod tests {
         drop((again, other, held));
         // Addresses with nothing open are forgotten.
         assert_eq!(p.open.lock().get(&b), None);
+    }
+
+    #[test]
+    fn a_node_changing_its_services_too_often_waits() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let mut b = ChangeBudget::new(3, Duration::from_secs(6));
+        for _ in 0..3 {
+            b.take("k1", t0).unwrap();
+        }
+        assert_eq!(b.take("k1", t0), Err(6 * s));
+        assert_eq!(b.take("k1", t0 + 4 * s), Err(2 * s));
+        // Another node has its own budget.
+        b.take("k2", t0).unwrap();
+        // One change back every 6 s; the time in between is not lost.
+        b.take("k1", t0 + 7 * s).unwrap();
+        assert_eq!(b.take("k1", t0 + 7 * s), Err(5 * s));
+        b.take("k1", t0 + 12 * s).unwrap();
+        // A long quiet spell refills to the burst, no further.
+        for _ in 0..3 {
+            b.take("k1", t0 + 600 * s).unwrap();
+        }
+        assert!(b.take("k1", t0 + 600 * s).is_err());
+        // A clock that goes backwards gains nothing and breaks nothing.
+        assert!(b.take("k1", t0).is_err());
     }
 }

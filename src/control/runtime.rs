@@ -155,8 +155,9 @@ pub struct Control {
     writer: tokio::sync::Mutex<()>,
     state: ArcSwap<State>,
     env: ArcSwap<FileEnv>,
-    /// Peers this control plane added to the device.
-    managed: parking_lot::Mutex<BTreeSet<String>>,
+    /// Peers this control plane added to the device, with the allowed IPs
+    /// it gave them.
+    managed: parking_lot::Mutex<Managed>,
     /// The last evaluation of declared services.
     evaluation: ArcSwap<Evaluation>,
     /// Tells the hub to re-apply the proxy's routes.
@@ -208,7 +209,7 @@ impl Control {
             writer: tokio::sync::Mutex::new(()),
             state: ArcSwap::from_pointee(state),
             env: ArcSwap::from_pointee(FileEnv::new(cfg, &settings)),
-            managed: parking_lot::Mutex::new(BTreeSet::new()),
+            managed: parking_lot::Mutex::new(Managed::new()),
             evaluation: ArcSwap::from_pointee(Evaluation::default()),
             apply: tokio::sync::Notify::new(),
             counters: Counters::default(),
@@ -488,41 +489,10 @@ impl Control {
         let _one = self.sync_lock.lock().await;
         let state = self.state.load_full();
         let env = self.env.load_full();
-        let mut set = DeviceSet::default();
         let mut managed = self.managed.lock().clone();
-        for (k, n) in &state.nodes {
-            if env.file_keys.contains(k) {
-                continue;
-            }
-            let Ok(key) = crate::keys::PublicKey::from_base64(k) else {
-                continue;
-            };
-            let have = self.dev.peer(&key).is_some();
-            if have && managed.contains(k) {
-                continue;
-            }
-            let mut p = PeerSet::new(key);
-            p.replace_allowed_ips = true;
-            p.allowed_ips = n.allowed_ips.clone();
-            set.peers.push(p);
-            managed.insert(k.clone());
-        }
-        let gone: Vec<String> = managed
-            .iter()
-            .filter(|k| !state.nodes.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            managed.remove(&k);
-            if env.file_keys.contains(&k) {
-                continue;
-            }
-            if let Ok(key) = crate::keys::PublicKey::from_base64(&k) {
-                let mut p = PeerSet::new(key);
-                p.remove = true;
-                set.peers.push(p);
-            }
-        }
+        let set = peer_changes(&state, &env.file_keys, &mut managed, |k| {
+            self.dev.peer(k).is_some()
+        });
         if set.peers.is_empty() {
             return;
         }
@@ -537,12 +507,21 @@ impl Control {
                 .filter(|p| !p.remove)
                 .flat_map(|p| p.allowed_ips.iter().copied())
                 .collect();
+            // What a removed peer held, and what a re-added one held and
+            // holds no more.
             let removed = set
                 .peers
                 .iter()
-                .filter(|p| p.remove)
-                .filter_map(|p| info.peers.iter().find(|i| i.public_key == p.public_key))
-                .flat_map(|i| i.allowed_ips.iter().copied())
+                .filter_map(|p| {
+                    let i = info.peers.iter().find(|i| i.public_key == p.public_key)?;
+                    Some(
+                        i.allowed_ips
+                            .iter()
+                            .filter(|n| p.remove || !p.allowed_ips.contains(n)),
+                    )
+                })
+                .flatten()
+                .copied()
                 .collect();
             (added, removed)
         } else {
@@ -646,6 +625,57 @@ fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet],
     }
 }
 
+/// Peers the control plane put on the device: key → the allowed IPs it gave.
+type Managed = BTreeMap<String, Vec<IpNet>>;
+
+/// What to tell the device so that its control-plane peers are `state`'s
+/// nodes: a node the device lacks, or holds with other allowed IPs than the
+/// ones given (removed and added again between two syncs), is set whole; a
+/// managed peer that is no node any more is removed. Config-file peers are
+/// left alone. `managed` becomes what the device will hold once `set` is
+/// applied.
+fn peer_changes(
+    state: &State,
+    file_keys: &BTreeSet<String>,
+    managed: &mut Managed,
+    on_device: impl Fn(&crate::keys::PublicKey) -> bool,
+) -> DeviceSet {
+    let mut set = DeviceSet::default();
+    for (k, n) in &state.nodes {
+        if file_keys.contains(k) {
+            continue;
+        }
+        let Ok(key) = crate::keys::PublicKey::from_base64(k) else {
+            continue;
+        };
+        if managed.get(k) == Some(&n.allowed_ips) && on_device(&key) {
+            continue;
+        }
+        let mut p = PeerSet::new(key);
+        p.replace_allowed_ips = true;
+        p.allowed_ips = n.allowed_ips.clone();
+        set.peers.push(p);
+        managed.insert(k.clone(), n.allowed_ips.clone());
+    }
+    let gone: Vec<String> = managed
+        .keys()
+        .filter(|k| !state.nodes.contains_key(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        managed.remove(&k);
+        if file_keys.contains(&k) {
+            continue;
+        }
+        if let Ok(key) = crate::keys::PublicKey::from_base64(&k) {
+            let mut p = PeerSet::new(key);
+            p.remove = true;
+            set.peers.push(p);
+        }
+    }
+    set
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -665,5 +695,45 @@ mod tests {
         assert!(env.file_ports.contains(&(Protocol::Udp, 53)));
         assert!(env.file_ports.contains(&(Protocol::Tcp, 53)));
         assert!(env.file_ports.contains(&(Protocol::Tcp, 80)));
+    }
+
+    #[test]
+    fn a_peer_removed_and_added_again_gets_its_new_addresses() {
+        use crate::control::state::{NodeOrigin, NodeRecord};
+        const K1: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        const K2: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let node = |ip: &str| NodeRecord {
+            name: None,
+            allowed_ips: vec![ip.parse().unwrap()],
+            origin: NodeOrigin::Api,
+            created: 1,
+        };
+        let files = BTreeSet::from([K2.to_string()]);
+        let mut s = State::default();
+        s.nodes.insert(K1.into(), node("100.64.1.2/32"));
+        s.nodes.insert(K2.into(), node("100.64.1.9/32"));
+        let mut managed = Managed::new();
+        let set = peer_changes(&s, &files, &mut managed, |_| false);
+        assert_eq!(set.peers.len(), 1, "the config file's peer is left alone");
+        assert_eq!(set.peers[0].allowed_ips, s.nodes[K1].allowed_ips);
+        assert!(set.peers[0].replace_allowed_ips);
+        // On the device now: nothing more to do.
+        assert!(peer_changes(&s, &files, &mut managed, |_| true)
+            .peers
+            .is_empty());
+        // Removed and added again with another address before the next
+        // sync: the device is told the new one.
+        s.nodes.insert(K1.into(), node("100.64.1.3/32"));
+        let set = peer_changes(&s, &files, &mut managed, |_| true);
+        assert_eq!(set.peers.len(), 1);
+        assert!(!set.peers[0].remove);
+        assert_eq!(set.peers[0].allowed_ips, s.nodes[K1].allowed_ips);
+        assert_eq!(managed[K1], s.nodes[K1].allowed_ips);
+        // Gone from the state: removed from the device.
+        s.nodes.remove(K1);
+        let set = peer_changes(&s, &files, &mut managed, |_| true);
+        assert_eq!(set.peers.len(), 1);
+        assert!(set.peers[0].remove);
+        assert!(managed.is_empty());
     }
 }

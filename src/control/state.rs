@@ -655,15 +655,26 @@ impl State {
         Ok(rec)
     }
 
-    /// `DELETE /v1/peers/{key}`: the node and its declared services go.
-    pub fn remove_node(&mut self, key: &str) -> Result<()> {
+    /// `DELETE /v1/peers/{key}`: the node and its declared services go, and
+    /// its names with them: the key leaves every name's owners, and a name
+    /// left with no owner is free again (for a token or `PUT /v1/names`).
+    /// Returns the names freed.
+    pub fn remove_node(&mut self, key: &str) -> Result<Vec<String>> {
         let key = api_key(key)?;
         self.nodes
             .remove(&key)
             .ok_or_else(|| Error::not_found(format!("no peer {key} in the control plane's state (config-file peers are edited in the file)")))?;
         self.services.remove(&key);
+        let mut freed = Vec::new();
+        self.names.retain(|name, r| {
+            r.owners.retain(|o| *o != key);
+            if r.owners.is_empty() {
+                freed.push(name.clone());
+            }
+            !r.owners.is_empty()
+        });
         self.bump();
-        Ok(())
+        Ok(freed)
     }
 
     /// `PUT /v1/names/{name}`.
@@ -815,6 +826,8 @@ impl State {
         let bandwidth = t.bandwidth.clone();
         for n in &names {
             match self.names.get(n) {
+                // Given to this key before it joined (`PUT /v1/names`).
+                Some(r) if r.owners.contains(&key) => {}
                 Some(r) if !r.replicas => {
                     return Err(Error::conflict(format!(
                         "name `{n}` has been taken by {} since the token was made",
@@ -836,6 +849,7 @@ impl State {
         };
         for n in &names {
             match self.names.get_mut(n) {
+                Some(r) if r.owners.contains(&key) => {}
                 Some(r) => r.owners.push(key.clone()),
                 None => {
                     self.names.insert(
@@ -862,14 +876,22 @@ impl State {
 
     /// `PUT /v1/services` from `key`, calling from `from`: replaces the node's
     /// declarations (validated one by one; an invalid one fails the call).
-    /// Returns whether anything changed.
+    /// Returns whether anything changed. A key that is no peer (removed
+    /// while its request was on the way) stores nothing.
     pub fn declare_services(
         &mut self,
-        now: u64,
+        ctx: &Context,
         key: &str,
         from: IpAddr,
         decls: Vec<ServiceDecl>,
     ) -> Result<bool> {
+        let now = ctx.now;
+        if !self.nodes.contains_key(key) && !ctx.file_keys.contains(key) {
+            return Err(Error {
+                status: 403,
+                message: format!("{key} is not a peer of this hub"),
+            });
+        }
         if decls.len() > 256 {
             return Err(Error::bad("at most 256 services per node"));
         }

@@ -271,6 +271,62 @@ fn join_spends_the_token_once() {
 }
 
 #[test]
+fn a_removed_peer_frees_its_names_and_declares_nothing_more() {
+    let e = env();
+    let mut s = State::default();
+    let h1 = token(&mut s, "a1", &["blog", "shop"], true, 1);
+    s.join(&ctx(&e, 1), "a1", h1, K1, None).unwrap();
+    let h2 = token(&mut s, "b2", &["shop"], true, 1);
+    s.join(&ctx(&e, 1), "b2", h2, K2, None).unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    s.declare_services(&ctx(&e, 2), K1, ip1, vec![http("blog", 80)])
+        .unwrap();
+    let freed = s.remove_node(K1).unwrap();
+    assert_eq!(freed, vec!["blog".to_string()]);
+    assert!(!s.names.contains_key("blog"));
+    assert_eq!(s.names["shop"].owners, vec![K2.to_string()]);
+    assert!(!s.services.contains_key(K1));
+    // A token for the freed name can be made again, even without replicas.
+    s.create_token(3, "c3", [3; 32], grant(&["blog"], false, None))
+        .unwrap();
+    // A declaration that arrives after the removal stores nothing.
+    let before = s.clone();
+    let err = s
+        .declare_services(&ctx(&e, 4), K1, ip1, vec![http("blog", 80)])
+        .unwrap_err();
+    assert_eq!(err.status, 403);
+    assert_eq!(s, before);
+}
+
+#[test]
+fn a_name_given_to_a_key_before_it_joins_is_its_own() {
+    let e = env();
+    let mut s = State::default();
+    let own = |replicas| NameRecord {
+        owners: vec![K1.into()],
+        replicas,
+        expires: None,
+        bandwidth: None,
+    };
+    s.set_name(&ctx(&e, 1), "blog", own(false)).unwrap();
+    s.set_name(&ctx(&e, 1), "shop", own(true)).unwrap();
+    // The token is made for a name that allows replicas, then the operator
+    // gives both to K1 alone: K1 joins and is an owner once.
+    let h = token(&mut s, "a1", &["shop"], true, 1);
+    s.set_name(&ctx(&e, 2), "shop", own(false)).unwrap();
+    s.join(&ctx(&e, 3), "a1", h, K1, None).unwrap();
+    assert_eq!(s.names["shop"].owners, vec![K1.to_string()]);
+    assert_eq!(s.names["blog"].owners, vec![K1.to_string()]);
+    // Another key with a token made before is still refused.
+    s.set_name(&ctx(&e, 4), "shop", own(true)).unwrap();
+    let h2 = token(&mut s, "b2", &["shop"], true, 4);
+    s.set_name(&ctx(&e, 5), "shop", own(false)).unwrap();
+    let err = s.join(&ctx(&e, 6), "b2", h2, K2, None).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("has been taken"), "{err}");
+}
+
+#[test]
 fn a_name_the_mesh_holds_for_another_node_is_not_granted() {
     let e = env();
     let mut s = State::default();
@@ -439,11 +495,11 @@ fn only_a_granted_declaration_holds_a_name_against_the_operator() {
     s.add_node(&ctx(&e, 1), K2, None, None).unwrap();
     let ip1: IpAddr = "100.64.1.2".parse().unwrap();
     let ip2: IpAddr = "100.64.1.3".parse().unwrap();
-    s.declare_services(2, K1, ip1, vec![http("blog", 80)])
+    s.declare_services(&ctx(&e, 2), K1, ip1, vec![http("blog", 80)])
         .unwrap();
     // K2 declares a name nobody gave it: refused at evaluation, and it
     // does not stand in the operator's way.
-    s.declare_services(2, K2, ip2, vec![http("shop", 80)])
+    s.declare_services(&ctx(&e, 2), K2, ip2, vec![http("shop", 80)])
         .unwrap();
     let err = s
         .create_route(&ctx(&e, 3), spec("blog", "100.64.0.2:80"))
@@ -466,8 +522,13 @@ fn a_service_the_proxy_refuses_is_not_active() {
     let h = token(&mut s, "a1", &["unfit", "blog"], false, 1);
     s.join(&ctx(&e, 1), "a1", h, K1, None).unwrap();
     let ip1: IpAddr = "100.64.1.2".parse().unwrap();
-    s.declare_services(2, K1, ip1, vec![http("unfit", 80), http("blog", 80)])
-        .unwrap();
+    s.declare_services(
+        &ctx(&e, 2),
+        K1,
+        ip1,
+        vec![http("unfit", 80), http("blog", 80)],
+    )
+    .unwrap();
     let ev = s.evaluate(&ctx(&e, 3), &reg, false);
     assert_eq!(ev.routes.len(), 1);
     assert_eq!(ev.routes[0].name.as_deref(), Some("blog"));
@@ -492,9 +553,9 @@ fn services_follow_ownership_and_replicas() {
     s.add_node(&ctx(&e, 1), K2, None, None).unwrap();
     let ip1: IpAddr = "100.64.1.2".parse().unwrap();
     let ip2: IpAddr = "100.64.1.3".parse().unwrap();
-    s.declare_services(2, K1, ip1, vec![http("blog", 80)])
+    s.declare_services(&ctx(&e, 2), K1, ip1, vec![http("blog", 80)])
         .unwrap();
-    s.declare_services(3, K2, ip2, vec![http("blog", 80)])
+    s.declare_services(&ctx(&e, 3), K2, ip2, vec![http("blog", 80)])
         .unwrap();
     let ev = s.evaluate(&ctx(&e, 4), &reg, false);
     assert_eq!(ev.routes.len(), 1);
@@ -558,12 +619,13 @@ fn services_follow_ownership_and_replicas() {
         http2: true,
         ..http("blog", 80)
     };
-    s.declare_services(7, K1, ip1, vec![h2.clone()]).unwrap();
-    s.declare_services(7, K2, ip2, vec![h2]).unwrap();
+    s.declare_services(&ctx(&e, 7), K1, ip1, vec![h2.clone()])
+        .unwrap();
+    s.declare_services(&ctx(&e, 7), K2, ip2, vec![h2]).unwrap();
     let ev = s.evaluate(&ctx(&e, 8), &reg, false);
     assert_eq!(ev.routes[0].backend_protocol.as_deref(), Some("http2"));
     assert_eq!(ev.routes[0].backends.len(), 2);
-    s.declare_services(9, K2, ip2, vec![http("blog", 80)])
+    s.declare_services(&ctx(&e, 9), K2, ip2, vec![http("blog", 80)])
         .unwrap();
     let ev = s.evaluate(&ctx(&e, 10), &reg, false);
     assert_eq!(ev.routes[0].backends.len(), 1);
@@ -583,7 +645,9 @@ fn services_follow_ownership_and_replicas() {
         tls: Some("passthrough".into()),
         ..http("blog", 80)
     };
-    let err = s.declare_services(11, K1, ip1, vec![bad]).unwrap_err();
+    let err = s
+        .declare_services(&ctx(&e, 11), K1, ip1, vec![bad])
+        .unwrap_err();
     assert!(err.message.contains("http2"), "{err:?}");
     // Client address rules travel to the route in canonical form, and
     // replicas must declare the same ones (however spelled).
@@ -592,10 +656,15 @@ fn services_follow_ownership_and_replicas() {
         deny: vec!["192.0.2.9".into()],
         ..http("blog", 80)
     };
-    s.declare_services(12, K1, ip1, vec![ruled(&["192.0.2.0/24", "2001:db8::/32"])])
-        .unwrap();
     s.declare_services(
-        12,
+        &ctx(&e, 12),
+        K1,
+        ip1,
+        vec![ruled(&["192.0.2.0/24", "2001:db8::/32"])],
+    )
+    .unwrap();
+    s.declare_services(
+        &ctx(&e, 12),
         K2,
         ip2,
         vec![ruled(&["2001:DB8::/32", "::ffff:192.0.2.0/120"])],
@@ -609,7 +678,7 @@ fn services_follow_ownership_and_replicas() {
         2,
         "the same rules: both replicas serve"
     );
-    s.declare_services(14, K2, ip2, vec![ruled(&["192.0.2.0/24"])])
+    s.declare_services(&ctx(&e, 14), K2, ip2, vec![ruled(&["192.0.2.0/24"])])
         .unwrap();
     let ev = s.evaluate(&ctx(&e, 15), &reg, false);
     assert_eq!(ev.routes[0].backends.len(), 1);
@@ -623,14 +692,14 @@ fn services_follow_ownership_and_replicas() {
                 .as_deref()
                 .is_some_and(|e| e.contains("allow/deny"))));
     let err = s
-        .declare_services(16, K1, ip1, vec![ruled(&["192.0.2.1/24"])])
+        .declare_services(&ctx(&e, 16), K1, ip1, vec![ruled(&["192.0.2.1/24"])])
         .unwrap_err();
     assert!(
         err.message.contains("allow") && err.message.contains("192.0.2.0/24"),
         "{err:?}"
     );
     // Withdrawal: an empty declaration removes the node's services.
-    assert!(s.declare_services(6, K1, ip1, vec![]).unwrap());
+    assert!(s.declare_services(&ctx(&e, 6), K1, ip1, vec![]).unwrap());
     assert!(!s.services.contains_key(K1));
 }
 
@@ -666,8 +735,13 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
         allow: vec![],
         deny: vec![],
     };
-    s.declare_services(2, K3, ip, vec![http("shop", 80), tcp(20022), tcp(20001)])
-        .unwrap();
+    s.declare_services(
+        &ctx(&e, 2),
+        K3,
+        ip,
+        vec![http("shop", 80), tcp(20022), tcp(20001)],
+    )
+    .unwrap();
     let ev = s.evaluate(&ctx(&e, 3), &reg, false);
     let st = &ev.statuses[K3];
     assert_eq!(st[0].status, "refused");
@@ -683,7 +757,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
         proxy_protocol: true,
         ..tcp(20053)
     };
-    s.declare_services(3, K3, ip, vec![tcp(20022), dns])
+    s.declare_services(&ctx(&e, 3), K3, ip, vec![tcp(20022), dns])
         .unwrap();
     let ev = s.evaluate(&ctx(&e, 3), &reg, false);
     assert_eq!(ev.udp.len(), 1);
@@ -694,7 +768,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     // Invalid declarations fail the call and change nothing.
     let v = s.version;
     let err = s
-        .declare_services(4, K3, ip, vec![http("Shop", 80)])
+        .declare_services(&ctx(&e, 4), K3, ip, vec![http("Shop", 80)])
         .unwrap_err();
     assert_eq!(err.status, 400);
     assert!(err.message.contains("services #1"), "{err}");
@@ -710,6 +784,7 @@ enum Op {
     Token(u8),
     Join(u8, u8),
     Declare(u8, u8),
+    Remove(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -721,6 +796,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..4u8).prop_map(Op::Token),
         (0..4u8, 0..3u8).prop_map(|(a, b)| Op::Join(a, b)),
         (0..3u8, 0..4u8).prop_map(|(a, b)| Op::Declare(a, b)),
+        (0..3u8).prop_map(Op::Remove),
     ]
 }
 
@@ -744,7 +820,8 @@ proptest! {
                 Op::Delete(i) => s.delete_route(&format!("name:{}", name(i))),
                 Op::Token(i) => s.create_token(now, &format!("t{i}"), [i; 32], TokenGrant { names: vec![name(i)], ttl: 3600, replicas: true, bandwidth: None }).map(|_| ()),
                 Op::Join(i, k) => s.join(&c, &format!("t{i}"), [i; 32], keys[k as usize], None).map(|_| ()),
-                Op::Declare(k, i) => s.declare_services(now, keys[k as usize], "100.64.1.2".parse().unwrap(), vec![http(&name(i), 80)]).map(|_| ()),
+                Op::Declare(k, i) => s.declare_services(&c, keys[k as usize], "100.64.1.2".parse().unwrap(), vec![http(&name(i), 80)]).map(|_| ()),
+                Op::Remove(k) => s.remove_node(keys[k as usize]).map(|_| ()),
             };
             match r {
                 Err(_) => prop_assert_eq!(&s, &before),
@@ -759,6 +836,15 @@ proptest! {
             hosts.dedup();
             prop_assert_eq!(hosts.len(), ev.hosts.len());
             for h in &ev.hosts { prop_assert!(!s.routes.contains_key(h)); }
+            // Only peers have declarations; every name has owners, each once.
+            for k in s.services.keys() { prop_assert!(s.nodes.contains_key(k)); }
+            for r in s.names.values() {
+                prop_assert!(!r.owners.is_empty());
+                let mut o = r.owners.clone();
+                o.sort();
+                o.dedup();
+                prop_assert_eq!(o.len(), r.owners.len());
+            }
         }
     }
 }
