@@ -36,7 +36,9 @@ async fn resolve(endpoint: &str, turn: usize) -> Option<SocketAddr> {
     if let Ok(a) = endpoint.parse() {
         return Some(a);
     }
-    match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(endpoint)).await {
+    let r = match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(endpoint))
+        .await
+    {
         Ok(Ok(addrs)) => {
             let mut all: Vec<SocketAddr> = Vec::new();
             for a in addrs {
@@ -44,15 +46,74 @@ async fn resolve(endpoint: &str, turn: usize) -> Option<SocketAddr> {
                     all.push(a);
                 }
             }
-            all.get(turn.checked_rem(all.len())?).copied()
+            if all.is_empty() {
+                Err("no address".to_string())
+            } else {
+                Ok(all)
+            }
         }
-        Ok(Err(e)) => {
-            warn!(endpoint, error = %e, "cannot resolve hub");
-            None
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out after 5 s".to_string()),
+    };
+    let said = {
+        let mut f = RESOLVE_FAILURES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        note_resolution(
+            &mut f,
+            endpoint,
+            r.as_ref().map(|_| ()).map_err(String::as_str),
+        )
+    };
+    match (&r, said) {
+        (Err(e), Said::Warn) => {
+            warn!(endpoint, error = %e, "cannot resolve hub (said again only when the error changes)")
         }
-        Err(_) => {
-            warn!(endpoint, "resolving hub timed out");
-            None
+        (Err(e), _) => debug!(endpoint, error = %e, "cannot resolve hub"),
+        (Ok(_), Said::Recovered) => info!(endpoint, "hub resolves again"),
+        (Ok(_), _) => {}
+    }
+    let all = r.ok()?;
+    all.get(turn.checked_rem(all.len())?).copied()
+}
+
+/// Hub names whose last resolution failed, with its error: a hub whose name
+/// does not resolve is tried every few seconds, and the log says so once
+/// per distinct error, not every time.
+static RESOLVE_FAILURES: std::sync::Mutex<BTreeMap<String, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+#[derive(Debug, PartialEq, Eq)]
+enum Said {
+    /// A failure not said before: warn.
+    Warn,
+    /// The same failure as the last time, or a success after a success.
+    Quiet,
+    /// A success after failures: say so once.
+    Recovered,
+}
+
+/// Records how resolving `endpoint` went and says what to log.
+fn note_resolution(
+    failures: &mut BTreeMap<String, String>,
+    endpoint: &str,
+    outcome: Result<(), &str>,
+) -> Said {
+    match outcome {
+        Ok(()) => match failures.remove(endpoint) {
+            Some(_) => Said::Recovered,
+            None => Said::Quiet,
+        },
+        Err(e) => {
+            if failures.get(endpoint).is_some_and(|last| last == e) {
+                return Said::Quiet;
+            }
+            // Hub names come from the config: a handful, but bounded anyway.
+            if failures.len() >= 256 && !failures.contains_key(endpoint) {
+                failures.clear();
+            }
+            failures.insert(endpoint.to_string(), e.to_string());
+            Said::Warn
         }
     }
 }
@@ -760,6 +821,33 @@ mod tests {
         }
         let lit: SocketAddr = "192.0.2.7:51820".parse().unwrap();
         assert_eq!(resolve("192.0.2.7:51820", 5).await, Some(lit));
+    }
+
+    #[test]
+    fn a_failing_hub_name_is_said_once_per_error() {
+        let mut f = BTreeMap::new();
+        assert_eq!(note_resolution(&mut f, "h:1", Ok(())), Said::Quiet);
+        assert_eq!(
+            note_resolution(&mut f, "h:1", Err("no such host")),
+            Said::Warn
+        );
+        assert_eq!(
+            note_resolution(&mut f, "h:1", Err("no such host")),
+            Said::Quiet
+        );
+        assert_eq!(
+            note_resolution(&mut f, "g:1", Err("no such host")),
+            Said::Warn
+        );
+        assert_eq!(note_resolution(&mut f, "h:1", Err("timed out")), Said::Warn);
+        assert_eq!(note_resolution(&mut f, "h:1", Ok(())), Said::Recovered);
+        assert_eq!(note_resolution(&mut f, "h:1", Ok(())), Said::Quiet);
+        assert_eq!(note_resolution(&mut f, "h:1", Err("timed out")), Said::Warn);
+        // Bounded: many names never grow the record past its cap.
+        for i in 0..1000 {
+            note_resolution(&mut f, &format!("n{i}:1"), Err("x"));
+        }
+        assert!(f.len() <= 256);
     }
 
     #[test]

@@ -27,17 +27,20 @@ check "the hub's name does not resolve in n1 yet" \
 nconf=$(GW_ENDPOINT="$NAME:$GW_HUB_PORT" gw_node_conf n1 hub)
 sed -i 's|"fd77:6777::/48"\]|"fd77:6777::/48", "203.0.113.0/24"]|' "$nconf"
 grep -q '203.0.113.0/24' "$nconf" || lab_die "could not add the wan prefix to n1's allowed_ips"
-GW_CONF=$nconf gw_start_node n1 hub
+RUST_LOG=info,gatewire::node=debug GW_CONF=$nconf gw_start_node n1 hub
 log=$(lab_logfile n1)
 wan_routed() { lab_sh n1 "ip route show 203.0.113.0/24 | grep -q 'dev gwn0'"; }
 must "with no endpoint known, n1 routes 203.0.113.0/24 into the tunnel" wait_for 10 wan_routed
-check "n1 says it cannot resolve the hub" wait_for 10 grep -q "cannot resolve hub" "$log"
+check "n1 says it cannot resolve the hub" wait_for 10 grep -q "WARN.*cannot resolve hub" "$log"
+must "n1 tries the name again" wait_for 15 grep -q "DEBUG.*cannot resolve hub" "$log"
+check "and warns once for the same error" eval '[ "$(grep -c "WARN.*cannot resolve hub" "$log")" = 1 ]'
 check "n1 cannot reach the hub yet" not lab_ping1 n1 "$(lab_ov4 hub)"
 
 # The name starts to resolve (appended in place: the bind mount follows).
 echo "$(lab_wan4 hub) $NAME" >>"$d/hosts"
 must "n1 reaches the hub once its name resolves" wait_for 20 lab_ping1 n1 "$(lab_ov4 hub)"
 check "the route holding the hub's address is gone" not wan_routed
+check "n1 says the name resolves again" grep -q "hub resolves again" "$log"
 says_why() {
     grep "route removed: it holds the hub endpoint $(lab_wan4 hub)" "$log" | grep -q "route=203.0.113.0/24"
 }
