@@ -13,7 +13,8 @@
 //!   first (its destination becomes `pool6 + pool4`), then [`Table::inbound`]
 //!   finds the session and rewrites the destination back to the node's address
 //!   and port. ICMP errors about a NAT64 session get their inner packet mapped
-//!   back too.
+//!   back too; so do ICMPv6 errors a node sends about a packet it received
+//!   through NAT64 ([`Table::outbound`]), from the session's node only.
 //!
 //! Mappings are endpoint-independent (one IPv4 port per IPv6 transport address,
 //! whatever the remote); filtering is address-and-port-dependent for TCP and
@@ -797,9 +798,14 @@ impl Table {
             ),
             Proto::Udp => (l4.off, buf::u16at(pkt, l4.off + 2)?, 0),
             Proto::Icmp => {
+                if (1..=4).contains(&l4.icmp_type) {
+                    return self
+                        .outbound_error(pkt, l4.off, pool6)
+                        .map(|()| Step::Mapped);
+                }
                 if l4.icmp_type != 128 {
-                    // Echo replies and errors from nodes towards IPv4 have no session to
-                    // start; echo request is the only query RFC 7915 translates.
+                    // Echo replies towards IPv4 have no session to start;
+                    // echo request is the only query RFC 7915 translates.
                     return Err(DropReason::UnsupportedIcmp);
                 }
                 (l4.off + 4, 0, 0)
@@ -971,21 +977,98 @@ impl Table {
             proto == Proto::Udp,
         )?;
         buf::put(pkt, 24, &bib.v6.addr)?;
-        // Outer ICMPv6 checksum from scratch.
-        let plen = usize::from(buf::u16at(pkt, 4)?);
-        let end = 40usize.checked_add(plen).ok_or(DropReason::Truncated)?;
-        let src = buf::arr16(pkt, 8)?;
-        let dst = buf::arr16(pkt, 24)?;
-        let icmp_len = end.checked_sub(icmp_off).ok_or(DropReason::BadHeader)?;
-        buf::put16(pkt, icmp_off + 2, 0)?;
-        let body = buf::get(pkt, icmp_off, icmp_len)?;
-        let len32 = u32::try_from(icmp_len).map_err(|_| DropReason::BadHeader)?;
-        let c = csum::finish(csum::add(
-            csum::pseudo_v6(&src, &dst, ICMP6, len32),
-            csum::sum(body),
-        ));
-        buf::put16(pkt, icmp_off + 2, c)
+        icmp6_checksum(pkt, icmp_off)
     }
+
+    /// An ICMPv6 error from a node about a packet it received through NAT64
+    /// (RFC 6146 §3.5.1: errors about a session are translated): the inner
+    /// packet went from `pool6 + remote` to the node's address and port.
+    /// Maps the inner destination and the outer source to `pool6 + pool4`
+    /// and the session's IPv4 port, so that the translator makes of it the
+    /// ICMPv4 error the remote expects (a Packet Too Big becomes a
+    /// Fragmentation Needed: path MTU discovery works across NAT64). Only the
+    /// node the session belongs to may send one (outer source = inner
+    /// destination): a node cannot reset or throttle another's flows. Errors
+    /// never refresh a session.
+    fn outbound_error(
+        &mut self,
+        pkt: &mut [u8],
+        icmp_off: usize,
+        pool6: &Pool6,
+    ) -> Result<(), DropReason> {
+        let inner = icmp_off + 8;
+        let inner_pkt = buf::tail(pkt, inner)?;
+        if buf::u8at(inner_pkt, 0)? >> 4 != 6 {
+            return Err(DropReason::BadHeader);
+        }
+        let nh = buf::u8at(inner_pkt, 6)?;
+        let inner_src = buf::arr16(inner_pkt, 8)?;
+        let inner_dst = buf::arr16(inner_pkt, 24)?;
+        let remote = pool6
+            .extract(&inner_src)
+            .ok_or(DropReason::Untranslatable)?;
+        if buf::arr16(pkt, 8)? != inner_dst {
+            return Err(DropReason::Nat64NoSession);
+        }
+        let l4 = inner + 40;
+        let (proto, dport_off, rport, csum_at) = match nh {
+            TCP => (Proto::Tcp, l4 + 2, buf::u16at(pkt, l4)?, l4 + 16),
+            UDP => (Proto::Udp, l4 + 2, buf::u16at(pkt, l4)?, l4 + 6),
+            ICMP6 => {
+                // Only echo replies reach a node through NAT64.
+                if buf::u8at(pkt, l4)? != 129 {
+                    return Err(DropReason::NestedIcmpError);
+                }
+                (Proto::Icmp, l4 + 4, 0, l4 + 2)
+            }
+            _ => return Err(DropReason::UnsupportedProtocol),
+        };
+        let v6 = V6Key {
+            proto,
+            addr: inner_dst,
+            port: buf::u16at(pkt, dport_off)?,
+        };
+        let port4 = *self.bib6.get(&v6).ok_or(DropReason::Nat64NoSession)?;
+        let k = SessKey {
+            proto,
+            port4,
+            remote,
+            rport,
+        };
+        if !self.sessions.contains_key(&k) {
+            return Err(DropReason::Nat64NoSession);
+        }
+        let mapped = pool6.embed(self.settings.pool4.octets());
+        rewrite(
+            pkt,
+            inner + 24,
+            &mapped,
+            dport_off,
+            port4,
+            Some(csum_at),
+            proto == Proto::Udp,
+        )?;
+        buf::put(pkt, 8, &mapped)?;
+        icmp6_checksum(pkt, icmp_off)
+    }
+}
+
+/// Computes the ICMPv6 checksum of `pkt` (its message at `icmp_off`) from
+/// scratch.
+fn icmp6_checksum(pkt: &mut [u8], icmp_off: usize) -> Result<(), DropReason> {
+    let plen = usize::from(buf::u16at(pkt, 4)?);
+    let end = 40usize.checked_add(plen).ok_or(DropReason::Truncated)?;
+    let src = buf::arr16(pkt, 8)?;
+    let dst = buf::arr16(pkt, 24)?;
+    let icmp_len = end.checked_sub(icmp_off).ok_or(DropReason::BadHeader)?;
+    buf::put16(pkt, icmp_off + 2, 0)?;
+    let body = buf::get(pkt, icmp_off, icmp_len)?;
+    let len32 = u32::try_from(icmp_len).map_err(|_| DropReason::BadHeader)?;
+    let c = csum::finish(csum::add(
+        csum::pseudo_v6(&src, &dst, ICMP6, len32),
+        csum::sum(body),
+    ));
+    buf::put16(pkt, icmp_off + 2, c)
 }
 
 fn next_tcp(s: TcpState, from_v6: bool, flags: u8) -> TcpState {

@@ -312,6 +312,57 @@ fn icmp_error_maps_inner_packet() {
 }
 
 #[test]
+fn a_nodes_icmp_error_about_an_inbound_packet_reaches_the_remote() {
+    let mut t = table(16);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(7000, 53, b"query"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    // What the node received: the remote's answer.
+    let inbound = in_v6(&mut t, &v4_reply(&v4, None), 1).unwrap();
+    let error = |typ: u8, code: u8, mtu: u32, src: [u8; 16]| {
+        let mut m = vec![typ, code, 0, 0];
+        m.extend_from_slice(&mtu.to_be_bytes());
+        m.extend_from_slice(&inbound);
+        v6_packet(src, pool6().embed(REMOTE), 58, &m)
+    };
+    // Port unreachable, quoting it: an ICMPv4 error from pool4 to the remote,
+    // quoting the packet as the remote sent it.
+    let mut e = error(1, 4, 0, NODE);
+    let v4e = out_v4(&mut t, &mut e, 2).unwrap();
+    assert_eq!(&v4e[12..16], &POOL4.octets());
+    assert_eq!(&v4e[16..20], &REMOTE);
+    assert_eq!((v4e[20], v4e[21]), (3, 3));
+    assert_eq!(&v4e[28 + 12..28 + 16], &REMOTE);
+    assert_eq!(&v4e[28 + 16..28 + 20], &POOL4.octets());
+    assert_eq!(u16::from_be_bytes([v4e[48], v4e[49]]), 53);
+    assert_eq!(u16::from_be_bytes([v4e[50], v4e[51]]), port4);
+    assert!(v4_csum_ok(&v4e));
+    // Packet Too Big: Fragmentation Needed with the MTU less the 20 bytes
+    // IPv4's header is shorter.
+    let mut e = error(2, 0, 1280, NODE);
+    let v4e = out_v4(&mut t, &mut e, 2).unwrap();
+    assert_eq!((v4e[20], v4e[21]), (3, 4));
+    assert_eq!(u16::from_be_bytes([v4e[26], v4e[27]]), 1260);
+    assert!(v4_csum_ok(&v4e));
+    // Another node cannot send one about this node's flow.
+    let mut other = NODE;
+    other[15] = 9;
+    let mut e = error(1, 4, 0, other);
+    assert_eq!(
+        t.outbound(&mut e, &pool6(), 3),
+        Err(DropReason::Nat64NoSession)
+    );
+    // Errors start no session, and one about a flow that has none is dropped.
+    assert_eq!(t.sessions(), 1);
+    t.expire(2 + UDP_TIMEOUT);
+    let mut e = error(1, 4, 0, NODE);
+    assert_eq!(
+        t.outbound(&mut e, &pool6(), 3 + UDP_TIMEOUT),
+        Err(DropReason::Nat64NoSession)
+    );
+}
+
+#[test]
 fn bounded_and_ports_exhausted() {
     let mut t = table(3);
     for i in 0..3u16 {
