@@ -33,11 +33,14 @@ use tracing::{debug, info};
 
 /// The ALPN protocol name a node offers for a carried tunnel.
 pub const ALPN: &[u8] = b"gatewire-wg";
-/// A stream that carried nothing either way for this long is closed (nodes
-/// send keepalives far more often).
+/// A stream that carried no datagram either way for this long is closed
+/// (nodes send keepalives far more often). Pings, pongs and the bytes of an
+/// unfinished frame do not count: a stranger cannot hold a stream open with
+/// them.
 pub const IDLE: Duration = Duration::from_secs(180);
-/// A hub closes a stream that brought no datagram this long after its TLS
-/// handshake (a node sends its handshake initiation at once).
+/// A hub closes a stream that has not carried a datagram each way this long
+/// after its TLS handshake: a node's handshake initiation is answered at
+/// once, while the WireGuard device answers no stranger, whatever it sends.
 pub const FIRST: Duration = Duration::from_secs(15);
 /// Most carried tunnels a hub holds at once (over TLS and WebSocket
 /// together); beyond, new ones are refused (counted as failed). Each holds a
@@ -187,7 +190,9 @@ where
     let _open = OpenGuard::new(c);
     let start = Instant::now();
     let last = AtomicU64::new(0);
+    // A datagram from the stream, and one from the device.
     let heard = std::sync::atomic::AtomicBool::new(false);
+    let answered = std::sync::atomic::AtomicBool::new(false);
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Pings from the other end (or an intermediary), answered by the
@@ -199,10 +204,7 @@ where
         loop {
             match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => {
-                    heard.store(true, Relaxed);
-                    touch();
-                }
+                Ok(_) => {}
             }
             loop {
                 let d = match framing {
@@ -236,6 +238,8 @@ where
                         }
                     },
                 };
+                heard.store(true, Relaxed);
+                touch();
                 c.bytes_in.fetch_add(d.len() as u64, Relaxed);
                 if let Err(e) = udp.send(&d).await {
                     return End::Local(e.kind());
@@ -270,6 +274,7 @@ where
                     None
                 }
             };
+            let mut datagrams = n.is_some();
             if let Some(n) = n {
                 push(
                     dgram.get(..n).unwrap_or_default(),
@@ -282,13 +287,16 @@ where
             // Whatever else is queued goes in the same write.
             while out.len() < BATCH {
                 match udp.try_recv(&mut dgram) {
-                    Ok(n) => push(
-                        dgram.get(..n).unwrap_or_default(),
-                        &mut out,
-                        c,
-                        framing,
-                        &mut masks,
-                    ),
+                    Ok(n) => {
+                        datagrams = true;
+                        push(
+                            dgram.get(..n).unwrap_or_default(),
+                            &mut out,
+                            c,
+                            framing,
+                            &mut masks,
+                        )
+                    }
                     Err(_) => break,
                 }
             }
@@ -296,14 +304,19 @@ where
                 return End::Closed;
             }
             out.clear();
-            touch();
+            // A pong alone is no sign of life.
+            if datagrams {
+                answered.store(true, Relaxed);
+                touch();
+            }
         }
     };
     let watch = async {
         let step = (idle.min(first) / 4).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(step).await;
-            if !heard.load(Relaxed) && start.elapsed() >= first {
+            let both = heard.load(Relaxed) && answered.load(Relaxed);
+            if !both && start.elapsed() >= first {
                 return End::Silent;
             }
             let quiet = (start.elapsed().as_millis() as u64).saturating_sub(last.load(Relaxed));
@@ -878,6 +891,49 @@ mod tests {
             _ = chatter => unreachable!(),
         }
         assert!(t.elapsed() >= short && t.elapsed() < IDLE);
+        // A stranger's datagrams the device never answers, an unfinished
+        // frame trickling in, or pings: none of them keeps a stream open.
+        let (near, mut far) = tokio::io::duplex(4096);
+        let junk = async {
+            let mut out = BytesMut::new();
+            frame::encode(&[1u8; 148], &mut out).unwrap();
+            loop {
+                far.write_all(&out).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let t = Instant::now();
+        tokio::select! {
+            e = relay(near, &udp, IDLE, short, &c) => assert_eq!(e, End::Silent),
+            _ = junk => unreachable!(),
+        }
+        assert!(t.elapsed() >= short && t.elapsed() < IDLE);
+        let (near, mut far) = tokio::io::duplex(4096);
+        let trickle = async {
+            far.write_all(&[0xff, 0xff]).await.unwrap();
+            loop {
+                far.write_all(&[7]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            e = relay(near, &udp, short, IDLE, &c) => assert_eq!(e, End::Idle),
+            _ = trickle => unreachable!(),
+        }
+        let (near, mut far) = tokio::io::duplex(4096);
+        let pings = async {
+            loop {
+                // A masked ping, as a node would send it.
+                far.write_all(&[0x89, 0x80, 1, 2, 3, 4]).await.unwrap();
+                let mut b = [0u8; 64];
+                let _ = far.read(&mut b).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            e = relay_framed(near, &udp, short, IDLE, &c, Framing::WsHub) => assert_eq!(e, End::Idle),
+            _ = pings => unreachable!(),
+        }
         let (near, far) = tokio::io::duplex(64);
         drop(far);
         assert_eq!(relay(near, &udp, IDLE, IDLE, &c).await, End::Closed);
