@@ -385,6 +385,12 @@ pub struct LinkUri {
     sni: Option<String>,
 }
 
+/// Hides the password of a `user:password@host...` part of a URI.
+fn hide_userinfo(s: &str) -> String {
+    let r = redact_uri(&format!("x://{s}"));
+    r.strip_prefix("x://").map_or(r.clone(), str::to_owned)
+}
+
 /// Hides passwords (`password=` values, SOCKS `user:pass@`) in a URI string.
 pub fn redact_uri(s: &str) -> String {
     let (head, query) = match s.split_once('?') {
@@ -495,7 +501,13 @@ impl LinkUri {
     pub fn parse(s: &str, version: Version, role: UriRole) -> Result<Self, UriError> {
         Self::parse_inner(s, version, role).map_err(|kind| UriError {
             uri: redact_uri(s),
-            kind,
+            // The part it quotes may hold a `user:password@` too.
+            kind: match kind {
+                UriErrorKind::BadAuthority(t) => UriErrorKind::BadAuthority(hide_userinfo(&t)),
+                UriErrorKind::BadPath(t) => UriErrorKind::BadPath(hide_userinfo(&t)),
+                UriErrorKind::BadPort(t) => UriErrorKind::BadPort(hide_userinfo(&t)),
+                k => k,
+            },
         })
     }
 
@@ -1035,6 +1047,16 @@ mod tests {
             LinkUri::parse_peer("quic://a:1?password=secret&prio=1", Version::V0_5).unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(e.to_string().contains("password=***"), "{e}");
+        // Nor in the part of the URI an error quotes.
+        for s in [
+            "socks://alice:s3cret@proxy:1080",
+            "socks://:s3cret@p:1080/t:1",
+            "tls://u:s3cret@h:1",
+            "sockstls://bob:s3cret@[2001:db8::zz]:1080/t:1",
+        ] {
+            let e = LinkUri::parse_peer(s, Version::V0_4).unwrap_err();
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
         let long = format!("quic://a:1?password={}", "x".repeat(65));
         assert_eq!(
             LinkUri::parse_peer(&long, Version::V0_5).unwrap_err().kind,
