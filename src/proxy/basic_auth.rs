@@ -9,7 +9,10 @@
 //! success (a SHA-256 of user, password and hash, in a bounded set) so a
 //! client's following requests cost one hash. A user the file does not know
 //! is checked against a real hash all the same, so response times do not tell
-//! which users exist. Failures are never remembered.
+//! which users exist. Failures are never remembered. At most
+//! [`MAX_WAITING`] checks wait for a slot at once; more are answered
+//! [`Checked::Busy`] at once (a flood of wrong passwords would otherwise
+//! queue every user behind it, on every route).
 //!
 //! The hashes never appear in `Debug` output or logs.
 
@@ -29,7 +32,45 @@ pub const MAX_COST: u32 = 14;
 /// Longest header value looked at.
 const MAX_HEADER: usize = 4096;
 
+/// bcrypt checks waiting for a slot at most, over every route: at cost 10,
+/// about a second of work for the four slots.
+pub const MAX_WAITING: usize = 64;
+
 static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(VERIFY_SLOTS);
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What [`BasicAuth::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// The user, with the right password.
+    User(String),
+    /// No credentials, an unknown user or a wrong password.
+    Denied,
+    /// Too many checks wait already: try again shortly.
+    Busy,
+}
+
+/// A place among the checks waiting or running, given back when dropped
+/// (also when the request is cancelled).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Waiting<'_> {
+    fn take(count: &std::sync::atomic::AtomicUsize) -> Option<Waiting<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        count
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < MAX_WAITING + VERIFY_SLOTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiting(count))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// The users of an htpasswd file: name → bcrypt hash.
 #[derive(Clone, PartialEq, Eq)]
@@ -159,19 +200,36 @@ impl BasicAuth {
         }
     }
 
-    /// The user, when `header` (the request's `Authorization` value) names
-    /// a user of the file with the right password.
-    pub async fn check(&self, header: Option<&[u8]>) -> Option<String> {
-        let (user, pass) = header.and_then(credentials)?;
+    /// Whether `header` (the request's `Authorization` value) names a user
+    /// of the file with the right password.
+    pub async fn check(&self, header: Option<&[u8]>) -> Checked {
+        self.check_counted(header, &WAITING).await
+    }
+
+    /// [`BasicAuth::check`], counting the checks waiting or running in
+    /// `waiting`.
+    async fn check_counted(
+        &self,
+        header: Option<&[u8]>,
+        waiting: &std::sync::atomic::AtomicUsize,
+    ) -> Checked {
+        let Some((user, pass)) = header.and_then(credentials) else {
+            return Checked::Denied;
+        };
         let (hash, known) = match self.file.users.get(&user) {
             Some(h) => (h.clone(), true),
             None => (self.file.decoy.clone(), false),
         };
         let fp = fingerprint(&user, &pass, &hash);
         if known && self.seen.lock().contains(&fp) {
-            return Some(user);
+            return Checked::User(user);
         }
-        let _slot = SLOTS.acquire().await.ok()?;
+        let Some(_waiting) = Waiting::take(waiting) else {
+            return Checked::Busy;
+        };
+        let Ok(_slot) = SLOTS.acquire().await else {
+            return Checked::Busy;
+        };
         let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
             .await
             .unwrap_or(false);
@@ -182,7 +240,11 @@ impl BasicAuth {
             }
             seen.insert(fp);
         }
-        (ok && known).then_some(user)
+        if ok && known {
+            Checked::User(user)
+        } else {
+            Checked::Denied
+        }
     }
 }
 
@@ -264,6 +326,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flood_of_checks_is_told_to_wait_not_queued() {
+        let a = BasicAuth::new(Htpasswd::parse(&file("")).unwrap());
+        let hdr = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("alice:wonderland")
+        );
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let held: Vec<_> = (0..MAX_WAITING + VERIFY_SLOTS)
+            .map(|_| Waiting::take(&count).unwrap())
+            .collect();
+        assert!(Waiting::take(&count).is_none());
+        assert_eq!(
+            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            Checked::Busy
+        );
+        drop(held);
+        assert_eq!(
+            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            Checked::User("alice".into())
+        );
+        // Remembered: no bcrypt, no place needed.
+        let held: Vec<_> = (0..MAX_WAITING + VERIFY_SLOTS)
+            .map(|_| Waiting::take(&count).unwrap())
+            .collect();
+        assert_eq!(
+            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            Checked::User("alice".into())
+        );
+        drop(held);
+        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
     async fn checks_and_remembers_only_successes() {
         let a = BasicAuth::new(Htpasswd::parse(&file("")).unwrap());
         let hdr = |u: &str, p: &str| {
@@ -272,7 +367,7 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
             )
         };
-        let alice = Some("alice".to_string());
+        let alice = Checked::User("alice".to_string());
         assert_eq!(
             a.check(Some(hdr("alice", "wonderland").as_bytes())).await,
             alice
@@ -284,15 +379,15 @@ mod tests {
         );
         assert_eq!(
             a.check(Some(hdr("alice", "wonderlanD").as_bytes())).await,
-            None
+            Checked::Denied
         );
         // Alice's password under another name: the decoy hash matches, the
         // user is unknown, so no.
         assert_eq!(
             a.check(Some(hdr("mallory", "wonderland").as_bytes())).await,
-            None
+            Checked::Denied
         );
-        assert_eq!(a.check(None).await, None);
+        assert_eq!(a.check(None).await, Checked::Denied);
         assert_eq!(a.seen.lock().len(), 1, "failures are not remembered");
     }
 

@@ -148,6 +148,9 @@ pub struct ConnInfo {
     /// kept for its next ones (newest last, at most `held_max`).
     held: parking_lot::Mutex<Vec<Held>>,
     held_max: usize,
+    /// The connection's place under `[limits] max_connections`, also held
+    /// by an upgraded connection's splice.
+    slot: Arc<crate::proxy::server::ConnSlot>,
 }
 
 /// Backend connections an HTTP/2 client connection keeps between its
@@ -164,6 +167,7 @@ impl ConnInfo {
         sni_route: Option<Arc<Route>>,
         sequential: bool,
         trusted: bool,
+        slot: Arc<crate::proxy::server::ConnSlot>,
     ) -> Self {
         ConnInfo {
             client,
@@ -172,6 +176,7 @@ impl ConnInfo {
             trusted,
             held: parking_lot::Mutex::new(Vec::new()),
             held_max: if sequential { 1 } else { H2_HELD },
+            slot,
         }
     }
 
@@ -342,6 +347,18 @@ impl<B> CountedBody<B> {
 
 /// A backend lease and a route slot, released together.
 type Hold = (Lease, Option<OwnedSemaphorePermit>);
+
+impl<B> Drop for CountedBody<B> {
+    /// A request body is done with once dropped: hyper drops one after its
+    /// end or its trailers, and unread the streamed body of a GET or HEAD
+    /// (which it sends without): `response_timeout` runs from here then,
+    /// not never.
+    fn drop(&mut self) {
+        if let Some(f) = &self.fault {
+            f.end();
+        }
+    }
+}
 
 impl<B> Body for CountedBody<B>
 where
@@ -1240,9 +1257,21 @@ async fn proxy_request(
     }
     if let Some(auth) = &route.auth {
         let given = req.headers().get(header::AUTHORIZATION);
+        use crate::proxy::basic_auth::Checked;
         match auth.check(given.map(HeaderValue::as_bytes)).await {
-            Some(user) => Record::note(rec, |e| e.user = Some(user)),
-            None => {
+            Checked::User(user) => Record::note(rec, |e| e.user = Some(user)),
+            Checked::Busy => {
+                let mut r = err(
+                    &c,
+                    ErrorKind::AuthUnavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 service unavailable: too many password checks at once; try again",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Ok(r);
+            }
+            Checked::Denied => {
                 let mut r = err(
                     &c,
                     ErrorKind::Unauthorized,
@@ -1530,7 +1559,7 @@ async fn forward(
             let idle = shared.limits.idle_timeout;
             let c2 = c.clone();
             let bw = Some(route.bandwidth.clone());
-            let h = hold.take();
+            let h = (hold.take(), conn.slot.clone());
             tokio::spawn(async move {
                 let _h = h;
                 match tokio::try_join!(cu, bu) {
@@ -1562,6 +1591,28 @@ async fn forward(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_body_dropped_unread_has_ended() {
+        let fault = ClientBody::new();
+        let body = CountedBody {
+            inner: http_body_util::Empty::<Bytes>::new(),
+            counters: Arc::default(),
+            inbound: true,
+            throttle: Throttle::keep_or_new(None, None),
+            pause: None,
+            held: None,
+            _hold: None,
+            limit: None,
+            fault: Some(ClientBody(fault.0.clone())),
+            idle: Duration::ZERO,
+            last: std::time::Instant::now(),
+            timer: None,
+        };
+        assert!(fault.ended_at().is_none());
+        drop(body);
+        assert!(fault.ended_at().is_some());
+    }
 
     #[test]
     fn cookies_of_http2_clients_are_joined_for_http1() {

@@ -279,6 +279,10 @@ pub(crate) fn mono_ns() -> u64 {
 #[derive(Debug)]
 pub struct Throttle {
     rate: AtomicU64,
+    /// The rate a reload being built wants; applied by [`Throttle::commit`]
+    /// once the reload is in place, so that a reload that fails changes
+    /// nothing.
+    staged: AtomicU64,
     /// Client to backend.
     up: parking_lot::Mutex<Pacer>,
     /// Backend to client.
@@ -291,6 +295,7 @@ impl Throttle {
         let now = mono_ns();
         Throttle {
             rate: AtomicU64::new(rate),
+            staged: AtomicU64::new(rate),
             up: parking_lot::Mutex::new(Pacer::new(rate, now)),
             down: parking_lot::Mutex::new(Pacer::new(rate, now)),
         }
@@ -333,18 +338,24 @@ impl Throttle {
     }
 
     /// The throttle of a route or forward after a (re)load: the old one,
-    /// set to the new rate (0: no limit), so that its open connections and
-    /// UDP flows follow; a new one for a new route. Every route has one, so
-    /// a limit added by a reload reaches connections already open.
+    /// to be set to the new rate (0: no limit) by [`Throttle::commit`] once
+    /// the reload is in place, so that its open connections and UDP flows
+    /// follow; a new one for a new route. Every route has one, so a limit
+    /// added by a reload reaches connections already open.
     pub fn keep_or_new(old: Option<&Arc<Throttle>>, rate: Option<u64>) -> Arc<Throttle> {
         let rate = rate.unwrap_or(0);
         match old {
             Some(t) => {
-                t.set_rate(rate);
+                t.staged.store(rate, Relaxed);
                 t.clone()
             }
             None => Arc::new(Throttle::new(rate)),
         }
+    }
+
+    /// Applies the rate the last [`Throttle::keep_or_new`] staged.
+    pub fn commit(&self) {
+        self.set_rate(self.staged.load(Relaxed));
     }
 }
 
@@ -521,6 +532,9 @@ mod tests {
         let held = t.clone();
         let t2 = Throttle::keep_or_new(Some(&t), Some(1_000));
         assert!(Arc::ptr_eq(&t2, &held));
+        // Not before the reload is in place (one that fails changes nothing).
+        assert_eq!(held.rate(), 0);
+        t2.commit();
         assert_eq!(held.rate(), 1_000);
         assert_eq!(held.take(true, 16_384), Duration::ZERO);
         // (less what refilled since, on the real clock)
@@ -529,7 +543,7 @@ mod tests {
         // The other direction has its own bucket.
         assert_eq!(held.take(false, 1_000), Duration::ZERO);
         // Removed again: no waits.
-        Throttle::keep_or_new(Some(&t2), None);
+        Throttle::keep_or_new(Some(&t2), None).commit();
         assert_eq!(held.rate(), 0);
         assert_eq!(held.take(true, 1_000_000), Duration::ZERO);
     }

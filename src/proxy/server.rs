@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -264,8 +264,7 @@ struct Runtime {
     /// `[proxy.dns] rate_limit` over UDP, for all DNS listeners.
     dns_limiter: arc_swap::ArcSwapOption<Mutex<Limiter>>,
     current: ArcSwap<Shared>,
-    conns: Arc<Semaphore>,
-    max_connections: AtomicUsize,
+    conns: Arc<ConnCount>,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     listeners: Mutex<Vec<Listening>>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -984,8 +983,7 @@ impl Proxy {
             zone: arc_swap::ArcSwapOption::from(zone_data(&settings).map(Arc::new)),
             dns_limiter: arc_swap::ArcSwapOption::from(limiter_for(None, dns_rate(&settings))),
             current: ArcSwap::from_pointee(shared),
-            conns: Arc::new(Semaphore::new(max)),
-            max_connections: AtomicUsize::new(max),
+            conns: Arc::new(ConnCount::new(max)),
             tunnels,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -1151,17 +1149,21 @@ impl Proxy {
             }
         }
 
-        // Global connection limit.
-        let max = settings.limits.max_connections;
-        let prev_max = rt.max_connections.swap(max, Relaxed);
-        if max > prev_max {
-            rt.conns.add_permits(max - prev_max);
-        } else if max < prev_max {
-            rt.conns.forget_permits(prev_max - max);
-        }
+        // Global connection limit: a lower one refuses new connections
+        // until the open ones are under it; none is cut.
+        rt.conns.set_max(settings.limits.max_connections);
 
+        // Rates staged by `build` on throttles the old routes share.
+        for t in new
+            .routes
+            .iter()
+            .map(|r| &r.bandwidth)
+            .chain(new.forwards.iter().map(|f| &f.bandwidth))
+        {
+            t.commit();
+        }
         rt.current.store(Arc::new(new));
-        let _ = old.retired.send(true);
+        old.retired.send_replace(true);
         rt.zone.store(zone_data(&settings).map(Arc::new));
         let old = rt.dns_limiter.load_full();
         rt.dns_limiter
@@ -1214,10 +1216,9 @@ impl Proxy {
         for l in ls {
             let _ = l.task.await;
         }
-        let _ = rt.current.load().retired.send(true);
-        let max = rt.max_connections.load(Relaxed);
+        rt.current.load().retired.send_replace(true);
         let _ = tokio::time::timeout(grace, async {
-            while rt.conns.available_permits() < max {
+            while rt.conns.open() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -1231,7 +1232,7 @@ impl Drop for Proxy {
             let _ = l.stop.send(true);
             l.task.abort();
         }
-        let _ = self.rt.current.load().retired.send(true);
+        self.rt.current.load().retired.send_replace(true);
         let cur = self.rt.current.load();
         for u in cur
             .routes
@@ -1264,7 +1265,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let shared = rt.current.load_full();
-        let Ok(permit) = rt.conns.clone().try_acquire_owned() else {
+        let Some(slot) = rt.conns.try_take() else {
             shared.listener.error(ErrorKind::OverCapacity);
             drop(sock);
             continue;
@@ -1379,11 +1380,13 @@ async fn accept_loop(
                             _ => (sock, first),
                         };
                         let trusted = shared.trusts_forwarding(peer.ip());
-                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted));
+                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted, slot));
                         serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
                     }
                 }
-                Kind::Https => serve_tls(shared, sock, peer, dest, retired, mesh, left()).await,
+                Kind::Https => {
+                    serve_tls(shared, sock, peer, dest, retired, mesh, left(), slot).await
+                }
                 Kind::Tcp => {
                     let fwd = shared
                         .forwards
@@ -1397,9 +1400,53 @@ async fn accept_loop(
                 }
                 Kind::Udp | Kind::DnsUdp | Kind::DnsTcp => {}
             }
-            drop::<OwnedSemaphorePermit>(permit);
         };
         tokio::spawn(fut.instrument(span));
+    }
+}
+
+/// Open client connections against `[limits] max_connections`. A count, not
+/// a semaphore: a reload that lowers the limit takes effect at once (new
+/// connections are refused until the open ones are under it, none is cut),
+/// and the drain on shutdown waits for the connections really open.
+pub(crate) struct ConnCount {
+    open: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// One open client connection's place in [`ConnCount`], given back when the
+/// last holder drops it: the connection's task, and an upgraded connection's
+/// splice (a WebSocket outlives the HTTP connection that started it).
+pub struct ConnSlot(Arc<ConnCount>);
+
+impl ConnCount {
+    fn new(max: usize) -> Self {
+        ConnCount {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        }
+    }
+
+    fn set_max(&self, max: usize) {
+        self.max.store(max, Relaxed);
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<Arc<ConnSlot>> {
+        let max = self.max.load(Relaxed);
+        self.open
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Arc::new(ConnSlot(self.clone())))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
     }
 }
 
@@ -1873,6 +1920,7 @@ async fn relay_tcp<S>(
     debug!(forward = %fwd.id, result = ?r, "tcp forward ended");
 }
 
+#[allow(clippy::too_many_arguments)] // what the accept loop learnt of the connection
 async fn serve_tls(
     shared: Arc<Shared>,
     mut sock: TcpStream,
@@ -1881,6 +1929,7 @@ async fn serve_tls(
     stop: watch::Receiver<bool>,
     mesh: Option<Arc<crate::mesh::Mesh>>,
     hello_wait: Duration,
+    slot: Arc<ConnSlot>,
 ) {
     let limits = shared.limits.clone();
     let (bytes, sni) = match tls::read_client_hello(&mut sock, hello_wait).await {
@@ -2053,7 +2102,7 @@ async fn serve_tls(
                 };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let trusted = shared.trusts_forwarding(peer.ip());
-            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted));
+            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted, slot));
             serve_http(shared, tls, info, h2, stop).await;
         }
     }
@@ -2062,6 +2111,32 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lower_connection_limit_holds_at_once_and_slots_come_back() {
+        let c = Arc::new(ConnCount::new(3));
+        let mut open: Vec<_> = (0..3).map(|_| c.try_take().unwrap()).collect();
+        assert!(c.try_take().is_none());
+        // Shared by an upgraded connection's splice: given back by the last.
+        let splice = open[0].clone();
+        drop(open.remove(0));
+        assert_eq!(c.open(), 3);
+        drop(splice);
+        assert_eq!(c.open(), 2);
+        // A reload lowers the limit under what is open: nothing is cut, and
+        // nothing new comes in until the open ones are under it.
+        c.set_max(1);
+        assert!(c.try_take().is_none());
+        open.pop();
+        assert!(c.try_take().is_none());
+        open.pop();
+        assert_eq!(c.open(), 0);
+        let one = c.try_take().unwrap();
+        assert!(c.try_take().is_none());
+        c.set_max(2);
+        assert!(c.try_take().is_some());
+        drop(one);
+    }
 
     #[test]
     fn h2_preface_is_told_from_http1() {
