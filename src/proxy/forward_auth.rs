@@ -26,6 +26,10 @@ use std::time::Duration;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Idle connections to the service kept per route.
 const IDLE: usize = 16;
+/// A kept connection idle longer than this is closed rather than used: a
+/// service (or a server in front of it) closes its idle keep-alive
+/// connections on timers of its own, as short as 5 s (Node.js).
+const IDLE_AGE: Duration = Duration::from_secs(4);
 
 /// Where the authentication service listens: `http://<ip>:<port><path>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +149,7 @@ type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 pub struct ForwardAuth {
     url: AuthUrl,
     copy: Vec<HeaderName>,
-    idle: parking_lot::Mutex<Vec<Sender>>,
+    idle: parking_lot::Mutex<Vec<(Sender, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for ForwardAuth {
@@ -173,13 +177,18 @@ impl ForwardAuth {
         &self.copy
     }
 
-    async fn sender(&self, connect_timeout: Duration) -> Result<Sender, String> {
-        loop {
-            let Some(s) = self.idle.lock().pop() else {
-                break;
-            };
-            if s.is_ready() {
-                return Ok(s);
+    /// A connection to the service: a kept one (unless `fresh`), and whether
+    /// it was.
+    async fn sender(
+        &self,
+        connect_timeout: Duration,
+        fresh: bool,
+    ) -> Result<(Sender, bool), String> {
+        if !fresh {
+            while let Some((s, since)) = self.idle.lock().pop() {
+                if s.is_ready() && since.elapsed() < IDLE_AGE {
+                    return Ok((s, true));
+                }
             }
         }
         let tcp = tokio::time::timeout(
@@ -197,7 +206,7 @@ impl ForwardAuth {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(sender)
+        Ok((sender, false))
     }
 
     /// Asks the service about a request with `headers` (already prepared by
@@ -208,21 +217,34 @@ impl ForwardAuth {
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Verdict {
-        let mut sender = match self.sender(connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => return Verdict::Failed(e),
-        };
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = match self.url.path.parse() {
             Ok(u) => u,
             Err(_) => return Verdict::Failed("bad path".into()),
         };
         *req.headers_mut() = headers;
+        let deadline = tokio::time::Instant::now() + response_timeout;
+        // A kept connection the service closed just before the request went
+        // out gives the request back: once more on a fresh one.
+        let mut fresh = false;
+        let (resp, sender) = loop {
+            let (mut sender, kept) = match self.sender(connect_timeout, fresh).await {
+                Ok(s) => s,
+                Err(e) => return Verdict::Failed(e),
+            };
+            match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+                Err(_) => return Verdict::Failed("no answer in time".into()),
+                Ok(Ok(resp)) => break (resp, sender),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) if kept => {
+                        req = back;
+                        fresh = true;
+                    }
+                    _ => return Verdict::Failed(format!("request: {}", e.into_error())),
+                },
+            }
+        };
         let asked = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("request: {e}"))?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
@@ -231,7 +253,7 @@ impl ForwardAuth {
                 .to_bytes();
             Ok::<_, String>(Response::from_parts(parts, body))
         };
-        let resp = match tokio::time::timeout(response_timeout, asked).await {
+        let resp = match tokio::time::timeout_at(deadline, asked).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Verdict::Failed(e),
             Err(_) => return Verdict::Failed("no answer in time".into()),
@@ -239,7 +261,7 @@ impl ForwardAuth {
         if sender.is_ready() {
             let mut idle = self.idle.lock();
             if idle.len() < IDLE {
-                idle.push(sender);
+                idle.push((sender, std::time::Instant::now()));
             }
         }
         verdict(resp, &self.copy)
