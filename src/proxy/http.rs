@@ -796,7 +796,24 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if !wants {
         return None;
     }
-    req.headers().get(header::UPGRADE).cloned()
+    // Never h2c: after it the client would speak HTTP/2 straight to the
+    // backend, past the hub's per-request rules (paths, authentication,
+    // headers) for every request after the first ("h2c smuggling").
+    let v = req.headers().get(header::UPGRADE)?;
+    let kept: Vec<&str> = v
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|t| {
+            let proto = t.split('/').next().unwrap_or_default();
+            !t.is_empty() && !proto.eq_ignore_ascii_case("h2c")
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
@@ -1591,6 +1608,36 @@ async fn forward(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_h2c_upgrade_is_never_passed_on() {
+        let req = |upgrade: &str, connection: &str| {
+            Request::builder()
+                .header(header::UPGRADE, upgrade)
+                .header(header::CONNECTION, connection)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            upgrade_of(&req("websocket", "keep-alive, Upgrade")).unwrap(),
+            "websocket"
+        );
+        assert_eq!(upgrade_of(&req("h2c", "Upgrade, HTTP2-Settings")), None);
+        assert_eq!(upgrade_of(&req("H2C", "upgrade")), None);
+        assert_eq!(
+            upgrade_of(&req("h2c, websocket/13", "upgrade")).unwrap(),
+            "websocket/13"
+        );
+        assert_eq!(upgrade_of(&req("websocket", "keep-alive")), None);
+        // Not an upgrade: the Upgrade header goes with the hop-by-hop ones.
+        let mut h = req("h2c", "Upgrade, HTTP2-Settings").headers().clone();
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        strip_hop_by_hop(&mut h, None);
+        assert!(h.is_empty(), "{h:?}");
+    }
 
     #[test]
     fn a_request_body_dropped_unread_has_ended() {
