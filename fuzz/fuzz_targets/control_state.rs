@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(d) => {
                 let from = n1.allowed_ips.first().map(|n| n.addr()).expect("address");
                 let n = d.services.len();
-                let r = s.declare_services(ctx.now, K1, from, d.services).is_ok();
+                let r = s.declare_services(&ctx, K1, from, d.services).is_ok();
                 if r {
                     let ev = s.evaluate(&ctx, &LocalRegistry { grace: 100 }, false);
                     let got = ev.statuses.get(K1).map_or(0, Vec::len);
