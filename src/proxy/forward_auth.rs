@@ -84,8 +84,12 @@ impl std::fmt::Display for AuthUrl {
 
 /// Headers of the request body, not passed to the authentication service
 /// (the check has none), besides the hop-by-hop ones.
-const BODY_HEADERS: [HeaderName; 3] =
-    [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::EXPECT];
+const BODY_HEADERS: [HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::EXPECT,
+    header::TRAILER,
+];
 
 /// The headers of the check for a request with `headers`, `method` and `uri`
 /// (path and query) to `host`, from `client`, over TLS or not.
@@ -294,7 +298,10 @@ pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
     let (mut parts, body) = resp.into_parts();
     // Hop-by-hop headers are the service's connection's; the length is
     // set again for the body as passed on. The content type stays.
-    for n in HOP_BY_HOP.into_iter().chain([header::CONTENT_LENGTH]) {
+    for n in HOP_BY_HOP
+        .into_iter()
+        .chain([header::CONTENT_LENGTH, header::TRAILER])
+    {
         parts.headers.remove(n);
     }
     Verdict::Deny(Response::from_parts(parts, body))

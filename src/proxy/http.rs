@@ -692,13 +692,14 @@ fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
     Some((auth, name))
 }
 
-/// Headers of one connection, never passed on.
-pub(crate) const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers of one connection, never passed on. `Trailer` is not one of
+/// them (RFC 9110 §6.6.2): it names the trailer fields a chunked message
+/// ends with, and hyper sends on only the trailers it names.
+pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -1469,6 +1470,15 @@ async fn forward(
             parts.headers.insert(header::HOST, v);
         }
         join_cookies(&mut parts.headers);
+        // hyper sends a GET, HEAD or CONNECT whose body length it does not
+        // know (chunked from the client, or from an HTTP/2 client without
+        // `content-length`) with no body at all; saying `chunked` sends it.
+        if !body.is_end_stream() && body.size_hint().exact().is_none() {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         parts.uri = http::Uri::from(path);
         parts.version = Version::HTTP_11;
     }
