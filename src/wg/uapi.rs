@@ -33,7 +33,8 @@ pub enum Op {
 pub enum UapiError {
     #[error("unknown operation `{0}`")]
     UnknownOp(String),
-    #[error("line without `=`: `{0}`")]
+    /// Only the line's leading name is kept: the rest may be a key.
+    #[error("line without `=` (starting `{0}`)")]
     NoEquals(String),
     #[error("invalid value for `{key}`: `{value}`")]
     BadValue { key: String, value: String },
@@ -119,6 +120,15 @@ fn bad(key: &str, value: &str) -> UapiError {
     }
 }
 
+/// A bad value of a secret's key: the error (which is logged and sent back)
+/// never repeats it, even mistyped.
+fn bad_secret(key: &str, value: &str) -> UapiError {
+    UapiError::BadValue {
+        key: key.to_string(),
+        value: format!("(hidden, {} bytes)", value.len()),
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool, UapiError> {
     match value {
         "true" => Ok(true),
@@ -141,12 +151,17 @@ impl SetParser {
 
     /// Feeds one non-empty line.
     pub fn feed(&mut self, line: &str) -> Result<(), UapiError> {
-        let (key, value) = line
-            .split_once('=')
-            .ok_or_else(|| UapiError::NoEquals(line.chars().take(64).collect()))?;
+        let (key, value) = line.split_once('=').ok_or_else(|| {
+            UapiError::NoEquals(
+                line.chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .take(32)
+                    .collect(),
+            )
+        })?;
         match key {
             "private_key" => {
-                let k = PrivateKey::from_hex(value).map_err(|_| bad(key, value))?;
+                let k = PrivateKey::from_hex(value).map_err(|_| bad_secret(key, value))?;
                 self.set.private_key = Some(if k.is_zero() { None } else { Some(k) });
             }
             "listen_port" => {
@@ -173,7 +188,7 @@ impl SetParser {
                 self.peer(key)?.update_only = v;
             }
             "preshared_key" => {
-                let k = PresharedKey::from_hex(value).map_err(|_| bad(key, value))?;
+                let k = PresharedKey::from_hex(value).map_err(|_| bad_secret(key, value))?;
                 self.peer(key)?.preshared_key = Some(if k.is_zero() { None } else { Some(k) });
             }
             "endpoint" => {
@@ -328,6 +343,34 @@ mod tests {
         ));
         assert!(matches!(p.feed("noequals"), Err(UapiError::NoEquals(_))));
         assert_eq!(parse_op("get=2").unwrap_err().errno(), EIO);
+    }
+
+    /// A mistyped key is never repeated in the error (logged, sent back).
+    #[test]
+    fn errors_never_repeat_a_key() {
+        let secret = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0";
+        let mut p = SetParser::new();
+        for line in [
+            format!("private_key={secret}"),
+            format!("private_key={secret}zz"),
+            format!("private_key:{secret}"),
+            format!("public_key={}", hex::encode([7u8; 32])),
+            format!("preshared_key={secret}"),
+            format!("preshared_key {secret}"),
+        ] {
+            match p.feed(&line) {
+                Ok(()) => continue,
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(!text.contains(&secret[..16]), "{text}");
+                    assert!(!format!("{e:?}").contains(&secret[..16]), "{e:?}");
+                }
+            }
+        }
+        assert_eq!(
+            p.feed(&format!("private_key:{secret}")),
+            Err(UapiError::NoEquals("private_key".into()))
+        );
         assert_eq!(parse_op("set=1"), Ok(Op::Set));
     }
 
