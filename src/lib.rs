@@ -15,6 +15,7 @@ pub mod keys;
 pub mod mesh;
 pub mod node;
 pub mod proxy;
+pub mod sockopt;
 pub mod wg;
 pub mod xlat;
 pub mod ygg;

@@ -39,6 +39,33 @@ check "wg show gw0 listen-port" test "$(lab_exec hub wg show gw0 listen-port)" =
 showconf_ok() { lab_exec hub wg showconf gw0 | grep -q '^\[Peer\]'; }
 check "wg showconf gw0 works" showconf_ok
 
+# ---------------------------------------------------------------- wg set: fwmark
+# wg-quick's full tunnel routes everything but the device's own marked
+# packets into it: the mark must be on what the UDP sockets send.
+lab_exec hub nft -f - <<EOF
+table inet gwmark {
+    chain out {
+        type filter hook output priority 0;
+        meta mark 0xca6c udp sport $GW_HUB_PORT counter
+    }
+}
+EOF
+marked() {
+    lab_exec hub nft -j list table inet gwmark |
+        jq '[.nftables[] | .rule? // empty | .expr[] | .counter? // empty | .packets] | add // 0'
+}
+check "wg set fwmark" lab_exec hub wg set gw0 fwmark 0xca6c
+check "wg show reports the fwmark" test "$(lab_exec hub wg show gw0 fwmark)" = "0xca6c"
+lab_ping n1 "$(lab_ov4 hub)" 3 || true
+m1=$(marked)
+check "the hub's own UDP packets carry the mark ($m1 counted)" test "${m1:-0}" -gt 0
+check "wg set fwmark 0 removes it" lab_exec hub wg set gw0 fwmark 0
+check "wg show reports no fwmark" test "$(lab_exec hub wg show gw0 fwmark)" = "off"
+lab_ping n1 "$(lab_ov4 hub)" 3 || true
+m2=$(marked)
+check "unmarked again: no more marked packets ($m1 then $m2)" test "${m2:-0}" -eq "${m1:-0}"
+lab_exec hub nft delete table inet gwmark || true
+
 # ---------------------------------------------------------------- wg set: add
 lab_log "adding d1 (gatewire node) and n2 (wireguard-go node) at runtime"
 check "wg set adds d1" lab_exec hub wg set gw0 peer "$(lab_pub d1)" \

@@ -60,7 +60,9 @@ impl UdpListener {
     pub fn new(sock: UdpSocket) -> io::Result<UdpListener> {
         let state = quinn_udp::UdpSocketState::new((&sock).into())?;
         let v6 = sock.local_addr()?.is_ipv6();
-        allow_fragments(&sock, v6)?;
+        // A UDP forward carries whatever its clients and backends send (a
+        // 4 KiB DNS answer, say): the kernel may fragment it again.
+        crate::sockopt::allow_fragments(&sock, v6)?;
         Ok(UdpListener { sock, state })
     }
 
@@ -97,41 +99,6 @@ impl UdpListener {
                 self.state.try_send((&self.sock).into(), &t)
             })
             .await
-    }
-}
-
-/// quinn-udp forbids fragmentation (it probes the path MTU itself); a UDP
-/// forward carries whatever its clients and backends send (a 4 KiB DNS
-/// answer, say), so the kernel may fragment again, as on a plain socket.
-fn allow_fragments(sock: &UdpSocket, v6: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (level, name, value) = if v6 {
-        (
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MTU_DISCOVER,
-            libc::IPV6_PMTUDISC_DONT,
-        )
-    } else {
-        (
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DONT,
-        )
-    };
-    // SAFETY: a valid descriptor, a c_int option value and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

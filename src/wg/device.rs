@@ -351,6 +351,9 @@ pub(crate) struct Udp {
 impl Udp {
     fn new(sock: UdpSocket) -> io::Result<Udp> {
         let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        // As kernel WireGuard does: a full-size datagram on a path with a
+        // smaller MTU (PPPoE, 1460-byte clouds) is fragmented, not lost.
+        crate::sockopt::allow_fragments(&sock, sock.local_addr()?.is_ipv6())?;
         Ok(Udp { sock, state })
     }
 
@@ -392,6 +395,14 @@ struct Sockets {
 }
 
 impl Sockets {
+    /// Marks what both sockets send with `mark` (0: no mark).
+    fn set_mark(&self, mark: u32) -> io::Result<()> {
+        for u in [&self.v4, &self.v6].into_iter().flatten() {
+            crate::sockopt::set_mark(&u.sock, mark)?;
+        }
+        Ok(())
+    }
+
     fn for_addr(&self, a: &SocketAddr) -> Option<&Arc<Udp>> {
         match a {
             SocketAddr::V4(_) => self.v4.as_ref(),
@@ -900,11 +911,22 @@ impl Inner {
             let n = match r {
                 Ok(n) => n,
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        self.drops.inc(DropReason::TunRead);
-                        debug!(error = %e, "TUN read failed");
-                        // A TUN that is gone fails every read: do not spin.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => {}
+                        // One packet the read returned could not be split
+                        // (a super-packet of more segments than the batch
+                        // holds, a bad virtio-net header): it is dropped,
+                        // the loop goes on at once.
+                        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => {
+                            self.drops.inc(DropReason::MalformedIp);
+                            debug!(error = %e, "TUN packet dropped: cannot be split");
+                        }
+                        _ => {
+                            self.drops.inc(DropReason::TunRead);
+                            debug!(error = %e, "TUN read failed");
+                            // A TUN that is gone fails every read: do not spin.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                     }
                     continue;
                 }
@@ -1294,7 +1316,9 @@ impl Inner {
     async fn write_tun(&self, gro: &mut tun_rs::GROTable, bufs: &mut [Vec<u8>]) {
         if self.offload {
             if let Err(e) = self.tun.send_multiple(gro, bufs, TUN_HEADROOM).await {
-                self.drops.inc(DropReason::TunWrite);
+                // The batch is lost (coalescing refused it, or a write
+                // failed part way): each packet counts.
+                self.drops.add(DropReason::TunWrite, bufs.len() as u64);
                 debug!(error = %e, "TUN write failed");
             }
             return;
@@ -1609,9 +1633,26 @@ impl Inner {
         if let Some(port) = set.listen_port {
             if port != self.sockets.load().port || port == 0 {
                 let s = bind_pair(port)?;
+                let mark = set
+                    .fwmark
+                    .unwrap_or_else(|| self.fwmark.load(Ordering::Relaxed));
+                if mark != 0 {
+                    s.set_mark(mark)
+                        .map_err(|e| anyhow::anyhow!("setting fwmark {mark}: {e}"))?;
+                }
                 self.sockets.store(Arc::new(s));
                 self.spawn_receivers();
             }
+        }
+        if let Some(m) = set.fwmark {
+            // Applied to the sockets before it is reported, so `errno=0`
+            // means the device's own packets carry it (wg-quick's policy
+            // routing of a full tunnel relies on it).
+            self.sockets
+                .load()
+                .set_mark(m)
+                .map_err(|e| anyhow::anyhow!("setting fwmark {m}: {e}"))?;
+            self.fwmark.store(m, Ordering::Relaxed);
         }
         let mut t = (**self.table.load()).clone();
         if let Some(pk) = set.private_key {
@@ -1641,9 +1682,6 @@ impl Inner {
                 }
                 self.key.store(Arc::new(ks));
             }
-        }
-        if let Some(m) = set.fwmark {
-            self.fwmark.store(m, Ordering::Relaxed);
         }
         if set.replace_peers {
             t = Table::default();
