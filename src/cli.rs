@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tracing::error;
+use tracing::{debug, error, warn};
 
 #[derive(Parser)]
 #[command(
@@ -273,9 +273,39 @@ fn ygg_cmd(cmd: YggCmd) -> ExitCode {
 
 /// Runs a daemon on a fresh runtime; the signal handlers are installed before
 /// `daemon` starts anything.
+/// Raises the soft limit on open files to the hard one, as Go programs and
+/// nginx's `worker_rlimit_nofile` do: a hub holds a descriptor per tunnel
+/// carried over TLS, per proxied connection (two) and per UDP flow, and the
+/// usual soft limit of 1024 would run out long before its own limits do.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid resource and a pointer to an rlimit we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above; only the soft limit changes, within the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        debug!(from = before, to = lim.rlim_cur, "open files limit raised");
+    } else {
+        warn!(
+            limit = before,
+            error = %std::io::Error::last_os_error(),
+            "cannot raise the open files limit"
+        );
+    }
+}
+
 fn run_daemon<F: std::future::Future<Output = anyhow::Result<()>>>(
     daemon: impl FnOnce(Shutdown) -> F,
 ) -> ExitCode {
+    raise_open_files();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {

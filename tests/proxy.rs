@@ -2082,6 +2082,46 @@ async fn udp_echo() -> SocketAddr {
     addr
 }
 
+/// A UDP server that answers every datagram with `tag` and the datagram.
+async fn udp_tagged_echo(tag: &'static [u8]) -> SocketAddr {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let reply = [tag, &buf[..n]].concat();
+            let _ = echo.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// A client that keeps sending (well within the idle timeout) still leaves
+/// a backend that a reload took out of the forward.
+#[tokio::test]
+async fn udp_flows_leave_a_backend_taken_out_of_the_forward() {
+    let a = udp_tagged_echo(b"a:").await;
+    let b = udp_tagged_echo(b"b:").await;
+    let mut s = settings(vec![]);
+    s.udp = vec![udp_forward(a)];
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(udp_ask(&c, at, b"1").await.as_deref(), Some(&b"a:1"[..]));
+    s.udp[0].backends = vec![be(b)];
+    p.reload(s).await.unwrap();
+    assert_eq!(p.udp_addrs(), vec![at], "listener kept");
+    let mut last = None;
+    for _ in 0..20 {
+        last = udp_ask(&c, at, b"2").await;
+        if last.as_deref() == Some(&b"b:2"[..]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.as_deref(), Some(&b"b:2"[..]), "the flow moved to b");
+}
+
 #[tokio::test]
 async fn udp_forward_proxy_header_reply_address_and_log_line() {
     let echo_addr = udp_echo().await;

@@ -41,6 +41,7 @@ struct Flow {
     activity: Activity,
     task: JoinHandle<()>,
     fwd: Arc<Forward>,
+    backend: SocketAddr,
     /// The PROXY v2 header that starts every datagram to the backend (empty
     /// without `proxy_protocol`), then room for the datagram.
     out: Vec<u8>,
@@ -89,7 +90,9 @@ async fn new_flow(
     let sock = match UdpSocket::bind(SocketAddr::new(any, 0)).await {
         Ok(s) => s,
         Err(e) => {
+            // The hub's own limit (open files, memory), not the backend's.
             debug!(error = %e, "udp flow socket");
+            fwd.counters.error(ErrorKind::OverCapacity);
             return None;
         }
     };
@@ -151,6 +154,7 @@ async fn new_flow(
         activity,
         task,
         fwd: fwd.clone(),
+        backend: backend.addr,
         out,
         header_len,
         bytes_in: 0,
@@ -258,9 +262,18 @@ pub(crate) async fn udp_loop(
                 }
             }
             _ = sweep.tick() => {
+                // A flow whose backend went down (its check, its node's
+                // tunnel) or left the forward in a reload ends, though its
+                // client keeps sending: the client's next datagram starts a
+                // flow to a backend that is up.
+                let current = lookup();
                 flows.retain(|_, f| {
                     let idle = f.fwd.udp.as_ref().map_or(Duration::ZERO, |u| u.flow_idle_timeout);
-                    !f.task.is_finished() && f.activity.idle() < idle
+                    let served = current.as_ref().is_none_or(|c| c.upstreams.serves(f.backend));
+                    if !served {
+                        debug!(backend = %f.backend, "udp flow moved off its backend");
+                    }
+                    served && !f.task.is_finished() && f.activity.idle() < idle
                 });
             }
             _ = stop.changed() => break,

@@ -981,6 +981,11 @@ fn connect_error(route: &Route, e: UpstreamError) -> SendError {
             StatusCode::GATEWAY_TIMEOUT,
             "504 gateway timeout: the backend did not accept the connection in time",
         ),
+        UpstreamError::Local(..) => (
+            ErrorKind::OverCapacity,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the gateway is out of connections",
+        ),
     }
 }
 

@@ -1779,6 +1779,7 @@ fn upstream_error(c: &Counters, e: &UpstreamError) -> ErrorKind {
         UpstreamError::NoHealthy => ErrorKind::NoHealthyBackend,
         UpstreamError::Refused(..) => ErrorKind::BackendRefused,
         UpstreamError::Timeout(_) => ErrorKind::BackendTimeout,
+        UpstreamError::Local(..) => ErrorKind::OverCapacity,
     };
     c.error(kind);
     kind

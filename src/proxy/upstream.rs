@@ -39,6 +39,18 @@ pub enum UpstreamError {
     /// The last backend tried did not answer in time (504).
     #[error("backend {0} timed out")]
     Timeout(SocketAddr),
+    /// The hub could not open a connection of its own (out of file
+    /// descriptors, memory or local ports): no backend is blamed (503).
+    #[error("no connection to backend {0}: {1}")]
+    Local(SocketAddr, io::Error),
+}
+
+/// Errors of a connect that are the hub's own (its limits), not the backend's.
+fn hub_side(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Which nodes' tunnels are alive; the hub implements it from its WireGuard peers.
@@ -465,6 +477,15 @@ impl Upstreams {
         }
     }
 
+    /// Whether `addr` is one of these backends and usable now (not marked
+    /// down, its check passing, its node's tunnel not down).
+    pub fn serves(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.states
+            .iter()
+            .any(|s| s.backend.addr == addr && self.usable(s, now))
+    }
+
     fn mark_up(&self, i: usize) {
         if let Some(s) = self.states.get(i) {
             *s.down_until.lock() = None;
@@ -678,6 +699,12 @@ impl Upstreams {
                     let _ = stream.set_nodelay(true);
                     self.mark_up(i);
                     return Ok((stream, s.backend, lease));
+                }
+                Ok(Err(e)) if hub_side(&e) => {
+                    // Another backend would fail alike: none is marked down
+                    // for the hub's own shortage.
+                    debug!(backend = %addr, error = %e, "no connection to the backend: the hub is out of resources");
+                    return Err(UpstreamError::Local(addr, e));
                 }
                 Ok(Err(e)) => {
                     debug!(backend = %addr, error = %e, "backend connect failed");
