@@ -76,7 +76,7 @@ pub struct Client {
 /// Where a client from `ip` starts in a list of `n` hubs: spread over them
 /// by the client's address (so the load on a name several other hubs serve
 /// is shared, and one client keeps going to the same hub while it is up).
-fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
+pub(crate) fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
     use std::hash::{Hash, Hasher};
     if n < 2 {
         return 0;
@@ -92,7 +92,6 @@ fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
 /// until they end or the idle timeout passes without a byte. Returns the hub
 /// that took it and what the splice moved, or the error to count when none
 /// accepted (the client is then still open, for the caller to answer).
-/// "First" in an order that starts at the client's own hub ([`first_hub`]).
 pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
@@ -109,8 +108,7 @@ pub async fn forward(
     let timeout = limits.connect_timeout.min(MAX_CONNECT);
     let idle = limits.idle_timeout;
     let mut kind = ErrorKind::NoHealthyBackend;
-    let start = first_hub(hubs.len(), peer.ip());
-    for hub in hubs.iter().cycle().skip(start).take(hubs.len()) {
+    for hub in hubs {
         let addrs = hub.addrs(tls);
         for &to in addrs {
             let mut up = match connect(mesh, to, timeout).await {

@@ -52,7 +52,7 @@ use serde::Serialize;
 use settings::MeshSettings;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use table::{PeerHub, Table};
@@ -68,7 +68,6 @@ pub struct Mesh {
     /// Bytes and errors of the connections sent to other hubs (the proxy's
     /// stats entry `mesh`).
     pub counters: Arc<Counters>,
-    next: AtomicUsize,
     failed_at: Mutex<HashMap<String, Instant>>,
     status: Mutex<Status>,
     forwarded: AtomicU64,
@@ -194,7 +193,6 @@ impl Mesh {
         Arc::new(Mesh {
             table: ArcSwap::from_pointee(Table::default()),
             counters: Arc::new(Counters::default()),
-            next: AtomicUsize::new(0),
             failed_at: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::default()),
             forwarded: AtomicU64::new(0),
@@ -316,15 +314,17 @@ impl Mesh {
         self.table.load().has_below(name)
     }
 
-    /// The hubs to try for `host`, in order: from a rotating start, those
-    /// that failed within [`SKIP_AFTER_FAILURE`] last.
-    pub fn candidates(&self, host: &DomainName) -> Vec<Arc<PeerHub>> {
+    /// The hubs to try for `client`'s connection to `host`, in order: from
+    /// the client's own hub ([`forward::first_hub`]: one client keeps going
+    /// to one hub, clients spread over all), those that failed within
+    /// [`SKIP_AFTER_FAILURE`] last.
+    pub fn candidates(&self, host: &DomainName, client: IpAddr) -> Vec<Arc<PeerHub>> {
         let t = self.table.load();
         let hubs = t.lookup(host);
         if hubs.is_empty() {
             return Vec::new();
         }
-        let start = self.next.fetch_add(1, Relaxed) % hubs.len();
+        let start = forward::first_hub(hubs.len(), client);
         let mut v: Vec<Arc<PeerHub>> = hubs
             .iter()
             .cycle()
@@ -659,7 +659,7 @@ mod tests {
     }
 
     #[test]
-    fn candidates_rotate_and_recent_failures_go_last() {
+    fn candidates_keep_a_client_on_its_hub_and_recent_failures_go_last() {
         let m = mesh();
         let rec = |n: &str, ip: &str| {
             HubRecord::local(
@@ -673,23 +673,29 @@ mod tests {
         let (b, c) = (rec("b", "198.51.100.2"), rec("c", "198.51.100.3"));
         m.set_table(Table::build("a", [&b, &c]));
         let host = DomainName::parse("x.gw.test").unwrap();
-        let first: Vec<String> = (0..4)
-            .map(|_| m.candidates(&host)[0].name.clone())
-            .collect();
-        assert_eq!(first, vec!["b", "c", "b", "c"]);
+        let client = |i: u8| IpAddr::from([192, 0, 2, i]);
+        // One client, one hub, every time; clients spread over both.
+        let first = |i: u8| m.candidates(&host, client(i))[0].name.clone();
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..32 {
+            let f = first(i);
+            assert!((0..3).all(|_| first(i) == f), "client {i} moved");
+            seen.insert(f);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // A hub that just failed comes last for every client, those that
+        // started at it included.
         m.note_failure("b");
-        for _ in 0..3 {
-            let v = m.candidates(&host);
+        for i in 0..32 {
+            let v = m.candidates(&host, client(i));
             assert_eq!(v.len(), 2);
-            assert_eq!(v[0].name, "c");
+            assert_eq!(v[0].name, "c", "client {i}");
+            assert_eq!(v[1].name, "b");
         }
         m.note_success("b");
-        let names: Vec<String> = (0..2)
-            .map(|_| m.candidates(&host)[0].name.clone())
-            .collect();
-        assert!(names.contains(&"b".to_string()));
+        assert_eq!(seen, (0..32).map(first).collect());
         assert!(m
-            .candidates(&DomainName::parse("y.gw.test").unwrap())
+            .candidates(&DomainName::parse("y.gw.test").unwrap(), client(1))
             .is_empty());
         assert!(m.trusts("198.51.100.3".parse().unwrap()));
         assert_eq!(m.view().hubs.len(), 2);

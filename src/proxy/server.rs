@@ -1604,7 +1604,7 @@ async fn http_via_mesh(
         .flatten()?;
     let hubs = host
         .as_ref()
-        .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h));
+        .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h, peer.ip()));
     let (Some(host), false) = (host, hubs.is_empty()) else {
         return Some((sock, first));
     };
@@ -1613,17 +1613,19 @@ async fn http_via_mesh(
     None
 }
 
-/// The hubs to send a connection for `host` to, in order: none when this
-/// hub has a route for it (its own routes win) or no other hub serves it.
+/// The hubs to send `client`'s connection for `host` to, in order: none
+/// when this hub has a route for it (its own routes win) or no other hub
+/// serves it.
 fn mesh_hubs(
     shared: &Shared,
     mesh: &crate::mesh::Mesh,
     host: &DomainName,
+    client: std::net::IpAddr,
 ) -> Vec<Arc<crate::mesh::table::PeerHub>> {
     if shared.table.lookup(host).is_some() {
         return Vec::new();
     }
-    mesh.candidates(host)
+    mesh.candidates(host, client)
 }
 
 /// Sends a connection for `host` (`conn`: the socket, the client, the
@@ -1956,7 +1958,7 @@ async fn serve_tls(
                     // Not this hub's challenge: another hub's, for a name
                     // it serves and this one does not?
                     if let (Some(m), Some(h)) = (&mesh, &sni) {
-                        let hubs = mesh_hubs(&shared, m, h);
+                        let hubs = mesh_hubs(&shared, m, h, peer.ip());
                         if !hubs.is_empty() {
                             let conn = (sock, peer, dest, bytes);
                             via_mesh(shared, m, &hubs, h, true, conn).await;
@@ -2000,7 +2002,7 @@ async fn serve_tls(
     };
     let route = sni.as_ref().and_then(|s| shared.table.lookup(s).cloned());
     if let (None, Some(m), Some(host)) = (&route, &mesh, &sni) {
-        let hubs = mesh_hubs(&shared, m, host);
+        let hubs = mesh_hubs(&shared, m, host, peer.ip());
         if !hubs.is_empty() {
             let conn = (sock, peer, dest, bytes);
             via_mesh(shared, m, &hubs, host, true, conn).await;
