@@ -257,13 +257,25 @@ pub struct DeviceConfig {
     pub xlat_icmp_rate: u32,
 }
 
+/// Where a peer is, and which of this side's addresses it last reached
+/// (`local`, kept on a hub only): replies leave from that address, as kernel
+/// WireGuard's do, so
+/// that a peer behind a NAT or a stateful firewall that reached a hub's
+/// second address gets its answers from that address, not the one the
+/// kernel would pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Endpoint {
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+}
+
 /// One peer: its `Tunn`, endpoint and counters.
 pub struct Peer {
     name: Mutex<Option<String>>,
     pub public_key: PublicKey,
     index: u32,
     tunn: Mutex<Tunn>,
-    endpoint: RwLock<Option<SocketAddr>>,
+    endpoint: RwLock<Option<Endpoint>>,
     preshared_key: Mutex<Option<PresharedKey>>,
     persistent_keepalive: AtomicU32,
     rx_bytes: AtomicU64,
@@ -281,12 +293,35 @@ pub struct Peer {
 
 impl Peer {
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        *self.endpoint.read()
+        self.endpoint.read().map(|e| e.addr)
     }
+    /// Sets a configured endpoint: the local address is the kernel's
+    /// choice until the peer is heard.
     pub fn set_endpoint(&self, e: SocketAddr) {
         if self.endpoint() != Some(e) {
+            *self.endpoint.write() = Some(Endpoint {
+                addr: e,
+                local: None,
+            });
+        }
+    }
+    /// Where an authenticated datagram came from and the address it was
+    /// sent to.
+    fn heard_at(&self, from: SocketAddr, local: Option<IpAddr>) {
+        let e = Endpoint { addr: from, local };
+        if *self.endpoint.read() != Some(e) {
             *self.endpoint.write() = Some(e);
         }
+    }
+    /// The local address is no longer this side's (it was removed): the
+    /// kernel chooses again.
+    fn forget_local(&self) {
+        if let Some(e) = self.endpoint.write().as_mut() {
+            e.local = None;
+        }
+    }
+    fn route(&self) -> Option<Endpoint> {
+        *self.endpoint.read()
     }
     pub fn name(&self) -> Option<String> {
         self.name.lock().clone()
@@ -359,18 +394,13 @@ impl Udp {
 
     /// Sends `contents` to `to`, as datagrams of `segment` bytes each (the last
     /// may be shorter) when `segment` is given.
-    async fn send(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-    ) -> io::Result<()> {
+    async fn send(&self, to: Endpoint, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
         let t = quinn_udp::Transmit {
-            destination: to,
+            destination: to.addr,
             ecn: None,
             contents,
             segment_size: segment.filter(|s| *s < contents.len()),
-            src_ip: None,
+            src_ip: to.local,
         };
         loop {
             let r = self.sock.try_io(tokio::io::Interest::WRITABLE, || {
@@ -385,6 +415,30 @@ impl Udp {
 
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
         self.sock.try_send_to(buf, to)
+    }
+}
+
+/// Sends on `udp` to `ep`. When the local address `ep` names is no longer
+/// this side's (the send fails with EINVAL or EADDRNOTAVAIL), `peer` forgets
+/// it and the datagrams go once more, from the kernel's choice.
+async fn send_from(
+    peer: &Peer,
+    udp: &Udp,
+    ep: Endpoint,
+    contents: &[u8],
+    segment: Option<usize>,
+) -> io::Result<()> {
+    match udp.send(ep, contents, segment).await {
+        Err(e)
+            if ep.local.is_some()
+                && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EADDRNOTAVAIL)) =>
+        {
+            debug!(local = ?ep.local, error = %e, "sending from the peer's local address failed: the kernel chooses");
+            peer.forget_local();
+            let ep = Endpoint { local: None, ..ep };
+            udp.send(ep, contents, segment).await
+        }
+        r => r,
     }
 }
 
@@ -1150,12 +1204,12 @@ impl Inner {
         };
         // Counted per datagram, as the group's packets would have been.
         let datagrams = count.max(1) as u64;
-        let Some(ep) = peer.endpoint() else {
+        let Some(ep) = peer.route() else {
             self.drops.add(DropReason::NoEndpoint, datagrams);
             return;
         };
         let socks = self.sockets.load();
-        let Some(udp) = socks.for_addr(&ep) else {
+        let Some(udp) = socks.for_addr(&ep.addr) else {
             self.drops.add(DropReason::NoEndpoint, datagrams);
             return;
         };
@@ -1163,7 +1217,7 @@ impl Inner {
         // otherwise one datagram at a time.
         let gso = count > 1 && count <= udp.state.max_gso_segments();
         let mut r = if gso || count <= 1 {
-            udp.send(ep, contents, gso.then_some(seg)).await
+            send_from(&peer, udp, ep, contents, gso.then_some(seg)).await
         } else {
             Err(io::Error::new(io::ErrorKind::Unsupported, "no GSO"))
         };
@@ -1177,7 +1231,7 @@ impl Inner {
                 r = Ok(());
                 failed = 0;
                 for c in contents.chunks(seg) {
-                    match udp.send(ep, c, None).await {
+                    match send_from(&peer, udp, ep, c, None).await {
                         Ok(()) => sent += c.len(),
                         Err(e) => {
                             r = Err(e);
@@ -1193,7 +1247,7 @@ impl Inner {
         }
         if let Err(e) = r {
             self.drops.add(DropReason::UdpSend, failed);
-            debug!(error = %e, endpoint = %ep, "UDP send failed");
+            debug!(error = %e, endpoint = %ep.addr, "UDP send failed");
         }
     }
 
@@ -1217,7 +1271,7 @@ impl Inner {
     }
 
     async fn send_net(&self, peer: &Peer, data: &[u8]) {
-        let Some(ep) = peer.endpoint() else {
+        let Some(ep) = peer.route() else {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
@@ -1225,13 +1279,13 @@ impl Inner {
     }
 
     /// Sends `data` of `peer` to `ep` (its endpoint, or where a UDP try goes).
-    async fn send_to(&self, peer: &Peer, ep: SocketAddr, data: &[u8]) {
+    async fn send_to(&self, peer: &Peer, ep: Endpoint, data: &[u8]) {
         let socks = self.sockets.load();
-        let Some(sock) = socks.for_addr(&ep) else {
+        let Some(sock) = socks.for_addr(&ep.addr) else {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
-        match sock.send(ep, data, None).await {
+        match send_from(peer, sock, ep, data, None).await {
             Ok(()) => {
                 peer.tx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -1239,7 +1293,7 @@ impl Inner {
             }
             Err(e) => {
                 self.drops.inc(DropReason::UdpSend);
-                debug!(error = %e, endpoint = %ep, "UDP send failed");
+                debug!(error = %e, endpoint = %ep.addr, "UDP send failed");
             }
         }
     }
@@ -1297,9 +1351,23 @@ impl Inner {
                 } else {
                     m.stride
                 };
+                // A hub answers from the address each peer sent to (it may
+                // have several). A node or a `wg` device leaves the source
+                // to the kernel, so that it follows its own routes when it
+                // roams (kernel WireGuard drops its cached source when the
+                // route leaves by another interface; this is simpler).
+                let local = if self.mode == Mode::Hub {
+                    m.dst_ip
+                } else {
+                    None
+                };
                 for datagram in data.chunks(stride) {
+                    let from = Endpoint {
+                        addr: m.addr,
+                        local,
+                    };
                     self.handle_datagram(
-                        &table, &udp, datagram, m.addr, &mut out, &mut fwd, &mut xout, &mut sink,
+                        &table, &udp, datagram, from, &mut out, &mut fwd, &mut xout, &mut sink,
                     )
                     .await;
                 }
@@ -1408,12 +1476,13 @@ impl Inner {
         table: &Table,
         sock: &Udp,
         datagram: &[u8],
-        from: SocketAddr,
+        at: Endpoint,
         out: &mut [u8],
         fwd: &mut [u8],
         xout: &mut [u8],
         sink: &mut TunSink<'_>,
     ) {
+        let from = at.addr;
         let Some(peer) = self.find_peer(sock, table, datagram, from, out) else {
             return;
         };
@@ -1447,10 +1516,13 @@ impl Inner {
                         warn!(peer = %peer.public_key, from = %from, "not moving a peer's endpoint inside its own allowed IPs routed into this tunnel: its packets would loop");
                     }
                 } else {
-                    peer.set_endpoint(from);
+                    peer.heard_at(from, at.local);
                     // A later loop is news again.
                     peer.loop_warned.store(false, Ordering::Relaxed);
                 }
+            } else {
+                // Same peer address, perhaps another of this side's.
+                peer.heard_at(from, at.local);
             }
             peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
             peer.rx_bytes
@@ -1607,6 +1679,10 @@ impl Inner {
     /// there, the endpoint moves there as for any authenticated datagram.
     pub async fn probe_handshake(&self, peer: &Peer, to: SocketAddr) {
         if let Some(d) = initiation(peer) {
+            let to = Endpoint {
+                addr: to,
+                local: None,
+            };
             self.send_to(peer, to, &d).await;
         }
     }
