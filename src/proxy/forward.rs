@@ -125,10 +125,15 @@ async fn new_flow(
                         f2.counters.error(ErrorKind::OverBandwidth);
                         continue;
                     }
-                    f2.counters.add_out(n as u64);
-                    t2.bytes_out.fetch_add(n as u64, Relaxed);
-                    if let Err(e) = listen.send(client, local_ip, d).await {
-                        debug!(client = %client, error = %e, "udp send to client");
+                    match listen.send(client, local_ip, d).await {
+                        Ok(()) => {
+                            f2.counters.add_out(n as u64);
+                            t2.bytes_out.fetch_add(n as u64, Relaxed);
+                        }
+                        Err(e) => {
+                            debug!(client = %client, error = %e, "udp send to client");
+                            f2.counters.error(ErrorKind::ClientAborted);
+                        }
                     }
                 }
                 Err(e) => {
@@ -207,8 +212,6 @@ async fn on_datagram(
         return;
     }
     f.activity.touch();
-    f.fwd.counters.add_in(data.len() as u64);
-    f.bytes_in += data.len() as u64;
     let sent = if f.header_len == 0 {
         f.sock.send(data).await
     } else {
@@ -216,8 +219,24 @@ async fn on_datagram(
         f.out.extend_from_slice(data);
         f.sock.send(&f.out).await
     };
-    if let Err(e) = sent {
-        debug!(error = %e, "udp send to backend");
+    match sent {
+        Ok(_) => {
+            f.fwd.counters.add_in(data.len() as u64);
+            f.bytes_in += data.len() as u64;
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            // An ICMP refusal, reported on this send: the backend is down;
+            // the client's next datagram starts a flow to another.
+            debug!(backend = %f.backend, error = %e, "udp send to backend refused");
+            f.fwd.upstreams.mark_down(f.backend);
+            f.fwd.counters.error(ErrorKind::BackendRefused);
+            f.tally.refused.store(true, Relaxed);
+            flows.remove(&key);
+        }
+        Err(e) => {
+            debug!(backend = %f.backend, error = %e, "udp send to backend");
+            f.fwd.counters.error(ErrorKind::OverCapacity);
+        }
     }
 }
 
@@ -240,7 +259,9 @@ pub(crate) async fn udp_loop(
                 let n = match r {
                     Ok(n) => n,
                     Err(e) => {
+                        // Never a spin on a socket that keeps failing.
                         debug!(error = %e, "udp recv");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
