@@ -249,6 +249,52 @@ async fn reload_adds_a_route_while_a_download_runs() {
     p.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A reload that changes a route's backends (here: adds one) keeps what is
+/// known of those it keeps: a backend marked down stays down, its failures
+/// stay counted, and requests do not go to it again.
+#[tokio::test]
+async fn reload_keeps_the_state_of_kept_backends() {
+    let (a, _ta) = backend("alpha").await;
+    let (b, _tb) = backend("beta").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let p = Proxy::start(settings(vec![route("a", vec![be(dead), be(a)])]))
+        .await
+        .unwrap();
+    let at = p.http_addrs()[0];
+    // Round-robin: one of the first two requests tries `dead` first, is
+    // refused and goes on to alpha.
+    for _ in 0..2 {
+        let (st, _, body) = get(at, "a.gw.test", "/").await;
+        assert!(st.contains("200") && body == "alpha", "{st} {body}");
+    }
+    let health = |p: &Proxy, addr: SocketAddr| {
+        let s = p.stats();
+        let r = s.iter().find(|r| r.route == "name:a").unwrap();
+        let h = r
+            .backends
+            .iter()
+            .find(|h| h.backend == addr.to_string())
+            .unwrap();
+        (h.up, h.failures)
+    };
+    assert_eq!(health(&p, dead), (false, 1));
+    let report = p
+        .reload(settings(vec![route("a", vec![be(dead), be(a), be(b)])]))
+        .await
+        .unwrap();
+    assert_eq!(report.changed, vec!["name:a".to_string()]);
+    assert_eq!(health(&p, dead), (false, 1), "still down after the reload");
+    for _ in 0..4 {
+        let (st, _, body) = get(at, "a.gw.test", "/").await;
+        assert!(st.contains("200"), "{st} {body}");
+    }
+    assert_eq!(health(&p, dead), (false, 1), "not tried again");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
 /// Path prefixes come and go on reload; a prefix whose backends did not
 /// change keeps its backend state (here a failed backend's count).
 #[tokio::test]

@@ -490,7 +490,8 @@ fn build(
             None => {
                 let u = Arc::new(
                     Upstreams::new(&rs.backends, &rs.balance, &limits, tunnels.clone())
-                        .speaking(rs.backend_protocol),
+                        .speaking(rs.backend_protocol)
+                        .inheriting(old.map(|r| &*r.upstreams)),
                 );
                 u.spawn_checks(backend_tls.clone(), id.clone());
                 u
@@ -506,9 +507,13 @@ fn build(
             let path_up = match reuse(old_up, &p.backends, &p.balance, rs.backend_protocol) {
                 Some(u) => u,
                 None => {
+                    let before = old
+                        .and_then(|r| r.paths.iter().find(|o| o.prefix == p.prefix))
+                        .map(|o| &*o.upstreams);
                     let u = Arc::new(
                         Upstreams::new(&p.backends, &p.balance, &limits, tunnels.clone())
                             .speaking(rs.backend_protocol)
+                            .inheriting(before)
                             .sharing_limit(&upstreams),
                     );
                     u.spawn_checks(backend_tls.clone(), format!("{id} path {}", p.prefix));
@@ -601,7 +606,10 @@ fn build(
         ) {
             Some(u) => u,
             None => {
-                let u = Arc::new(Upstreams::new(backends, bal, &limits, tunnels.clone()));
+                let u = Arc::new(
+                    Upstreams::new(backends, bal, &limits, tunnels.clone())
+                        .inheriting(old.map(|f| &*f.upstreams)),
+                );
                 u.spawn_checks(None, id.clone());
                 u
             }

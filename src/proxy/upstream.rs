@@ -72,8 +72,9 @@ struct State {
     /// Result of the active checks (true until a check says otherwise).
     check_ok: AtomicBool,
     checks_failed: AtomicU64,
-    /// Open connections (HTTP: requests in flight).
-    active: AtomicUsize,
+    /// Open connections (HTTP: requests in flight); shared with the
+    /// backend's state in the generations before and after a reload.
+    active: Arc<AtomicUsize>,
     /// Idle HTTP/1.1 connections (keep-alive), newest last.
     idle: Mutex<Vec<(Instant, Pooled)>>,
     /// The shared HTTP/2 connections (`backend_protocol = "http2"`), oldest
@@ -318,7 +319,7 @@ impl Upstreams {
                     failures: AtomicU64::new(0),
                     check_ok: AtomicBool::new(true),
                     checks_failed: AtomicU64::new(0),
-                    active: AtomicUsize::new(0),
+                    active: Arc::new(AtomicUsize::new(0)),
                     idle: Mutex::new(Vec::new()),
                     h2: Mutex::new(Vec::new()),
                     h2_connecting: tokio::sync::Mutex::new(()),
@@ -341,6 +342,37 @@ impl Upstreams {
     /// connection sharing follow it).
     pub fn speaking(mut self, protocol: BackendProtocol) -> Self {
         self.protocol = protocol;
+        self
+    }
+
+    /// The same, carrying over from `old` (these backends before a reload
+    /// changed their list or balancing) what is known of each backend it
+    /// keeps, by address: marked down until when, failures, the active
+    /// checks' verdict (when checks still run), and its open connections,
+    /// counted together from now on so that least-connections and the limit
+    /// see those opened before. The connection limit itself is kept when
+    /// its size did not change. A reload that adds a backend thus does not
+    /// send traffic again to one known to be down.
+    pub fn inheriting(mut self, old: Option<&Upstreams>) -> Self {
+        let Some(old) = old else {
+            return self;
+        };
+        let checked = self.balance.health.is_some();
+        for s in &mut self.states {
+            let Some(o) = old.states.iter().find(|o| o.backend.addr == s.backend.addr) else {
+                continue;
+            };
+            *s.down_until.get_mut() = *o.down_until.lock();
+            *s.failures.get_mut() = o.failures.load(Relaxed);
+            if checked {
+                *s.check_ok.get_mut() = o.check_ok.load(Relaxed);
+            }
+            *s.checks_failed.get_mut() = o.checks_failed.load(Relaxed);
+            s.active = Arc::clone(&o.active);
+        }
+        if old.balance.max_connections == self.balance.max_connections {
+            self.limit = old.limit.clone();
+        }
         self
     }
 
