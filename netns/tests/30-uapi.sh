@@ -112,5 +112,13 @@ check "wg set narrows n1's allowed-ips to v6 only" lab_exec hub wg set gw0 peer 
 check "n1 over v4 is now refused" lab_ping_fails n1 "$(lab_ov4 hub)"
 check "n1 over v6 still works" lab_ping n1 "$(lab_ov6 hub)"
 
+# A new persistent keepalive for a live peer rebuilds its WireGuard state:
+# the hub handshakes at once, so n1's traffic goes on without a gap.
+check "wg set changes n1's persistent keepalive" lab_exec hub wg set gw0 peer "$(lab_pub n1)" \
+    persistent-keepalive 7
+check "n1 still reaches the hub right after" wait_for 2 lab_ping1 n1 "$(lab_ov6 hub)"
+ka_of_n1() { lab_exec hub wg show gw0 persistent-keepalive | awk -v k="$(lab_pub n1)" '$1 == k {print $2}'; }
+check "wg show reports it ($(ka_of_n1))" test "$(ka_of_n1)" = 7
+
 for p in hub n1 d1; do check "$p still running" lab_alive "$p"; done
 lab_finish

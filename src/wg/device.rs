@@ -1762,6 +1762,7 @@ impl Inner {
         if set.replace_peers {
             t = Table::default();
         }
+        let mut renew = Vec::new();
         let own = self.public_key();
         for ps in set.peers {
             if Some(ps.public_key) == own || ps.remove {
@@ -1769,6 +1770,7 @@ impl Inner {
                 t.remove(&ps.public_key);
                 continue;
             }
+            let existed = t.by_key.contains_key(&ps.public_key);
             let peer = match t.by_key.get(&ps.public_key) {
                 Some(p) => Arc::clone(p),
                 None if ps.update_only => continue,
@@ -1816,6 +1818,12 @@ impl Inner {
                 let psk = peer.preshared_key.lock().clone();
                 *peer.tunn.lock() =
                     self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
+                if existed {
+                    // Its sessions went with the old `Tunn`: a handshake
+                    // now, not when the next packet finds none (the peer
+                    // would send on its old session for up to two minutes).
+                    renew.push(Arc::clone(&peer));
+                }
             }
             if ps.replace_allowed_ips {
                 t.routes.retain(|p| p.public_key != ps.public_key);
@@ -1826,6 +1834,11 @@ impl Inner {
             }
         }
         self.table.store(Arc::new(t));
+        for peer in renew {
+            if peer.endpoint().is_some() {
+                self.force_handshake(&peer).await;
+            }
+        }
         Ok(())
     }
 
