@@ -157,7 +157,23 @@ struct Routes {
     hops: BTreeMap<(String, &'static str), IpAddr>,
 }
 
-type Routed = Arc<Mutex<Routes>>;
+/// The routes, and a lock that one hub's supervisor holds over a whole
+/// change (deciding, then running `ip route`): two supervisors resolving at
+/// once would otherwise interleave, one restoring a route while the other,
+/// not seeing it listed yet, finds its hub's address inside it.
+#[derive(Default)]
+struct RouteState {
+    routes: Mutex<Routes>,
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl RouteState {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Routes> {
+        self.routes.lock()
+    }
+}
+
+type Routed = Arc<RouteState>;
 
 /// Notes `endpoint` as `hub`'s first hop by way of `way` and removes the
 /// routes that hold it, an address learnt after they were added: routed into
@@ -173,6 +189,7 @@ async fn unroute_endpoint(
     hub: &str,
     way: &'static str,
 ) {
+    let _changing = routed.changing.lock().await;
     let (nets, back) = {
         let mut r = routed.lock();
         r.hops.insert((hub.to_string(), way), endpoint);
@@ -714,7 +731,10 @@ async fn run_inner(
         Routes::default()
     };
     dev.inner.add_tun_routes(routes.routed.iter().copied());
-    let routed: Routed = Arc::new(Mutex::new(routes));
+    let routed: Routed = Arc::new(RouteState {
+        routes: Mutex::new(routes),
+        changing: tokio::sync::Mutex::new(()),
+    });
     let api = ApiServer::start(dev.inner.clone()).await?;
     let paths: Vec<Arc<HubPath>> = cfg.hubs.iter().map(HubPath::new).collect();
     let shown = paths.clone();
