@@ -198,6 +198,10 @@ impl Activity {
     pub fn active_for(&self) -> Duration {
         Duration::from_millis(self.last_ms.load(Relaxed))
     }
+    /// When the last activity was (no clock read).
+    pub fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
     /// Time since the last activity.
     pub fn idle(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Relaxed));
@@ -205,8 +209,10 @@ impl Activity {
     }
 }
 
-/// Makes room for one more flow in `flows`: at `max` or more, the one idle
-/// longest (by `activity`) is dropped.
+/// Makes room for one more flow in `flows`: at `max` or more, the flows idle
+/// longest (by `activity`) are dropped, a sixteenth of `max` at once (at
+/// least one, and enough to get under `max`), so that a spray of new flows
+/// at a full table costs one scan per sixteenth of the table, not one each.
 pub fn make_room<K, V>(
     flows: &mut std::collections::HashMap<K, V>,
     max: usize,
@@ -217,11 +223,16 @@ pub fn make_room<K, V>(
     if flows.len() < max {
         return;
     }
-    let oldest = flows
+    let n = (flows.len() + 1 - max).max(max / 16).max(1);
+    let mut ages: Vec<(Instant, K)> = flows
         .iter()
-        .max_by_key(|(_, f)| activity(f).idle())
-        .map(|(k, _)| *k);
-    if let Some(k) = oldest {
+        .map(|(k, f)| (activity(f).last(), *k))
+        .collect();
+    if n < ages.len() {
+        ages.select_nth_unstable_by_key(n - 1, |(t, _)| *t);
+        ages.truncate(n);
+    }
+    for (_, k) in ages {
         flows.remove(&k);
     }
 }
@@ -487,6 +498,33 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_flow_table_drops_its_oldest_sixteenth() {
+        let start = Instant::now();
+        let at = |ms: u64| Activity {
+            start,
+            last_ms: Arc::new(AtomicU64::new(ms)),
+        };
+        // Keys in an order the ages do not follow.
+        let mut flows: std::collections::HashMap<u32, Activity> = (0..64u32)
+            .map(|k| (k, at(u64::from((k * 37) % 64) * 10)))
+            .collect();
+        make_room(&mut flows, 65, |a| a);
+        assert_eq!(flows.len(), 64, "room left: nothing dropped");
+        make_room(&mut flows, 64, |a| a);
+        assert_eq!(flows.len(), 60, "a sixteenth of 64");
+        let oldest_left = flows.values().map(|a| a.last()).min().unwrap();
+        assert_eq!(oldest_left, start + Duration::from_millis(40));
+        // A small table drops one; a table over its limit (lowered by a
+        // reload) gets under it at once.
+        let mut small: std::collections::HashMap<u32, Activity> =
+            (0..2u32).map(|k| (k, at(u64::from(k)))).collect();
+        make_room(&mut small, 2, |a| a);
+        assert_eq!(small.keys().copied().collect::<Vec<_>>(), vec![1]);
+        make_room(&mut flows, 10, |a| a);
+        assert_eq!(flows.len(), 9);
+    }
 
     #[test]
     fn a_reload_changes_the_rate_of_the_same_throttle() {
