@@ -826,7 +826,12 @@ impl Upstreams {
                     let was = s.check_ok.load(Relaxed);
                     match &ok {
                         Ok(()) => *st = if *st > 0 { *st + 1 } else { 1 },
-                        Err(_) => {
+                        Err(ProbeError::Hub(e)) => {
+                            // Neither a success nor a failure of the backend.
+                            debug!(route = %who, backend = %s.backend, error = %e, "health probe not made");
+                            continue;
+                        }
+                        Err(ProbeError::Backend(_)) => {
                             *st = if *st < 0 { *st - 1 } else { -1 };
                             s.checks_failed.fetch_add(1, Relaxed);
                         }
@@ -835,7 +840,7 @@ impl Upstreams {
                         s.check_ok.store(false, Relaxed);
                         s.idle.lock().clear();
                         s.h2.lock().clear();
-                        let e = ok.err().unwrap_or_default();
+                        let e = ok.err().map(|e| e.to_string()).unwrap_or_default();
                         warn!(route = %who, backend = %s.backend, error = %e, "backend down (health check)");
                     } else if !was && *st >= i64::from(hc.rise) {
                         s.check_ok.store(true, Relaxed);
@@ -907,11 +912,50 @@ async fn probe(
     proto: BackendProtocol,
     tls: Option<&BackendTlsClient>,
     timeout: Duration,
+) -> Result<(), ProbeError> {
+    let work = async {
+        let tcp = match TcpStream::connect(b.addr).await {
+            Ok(t) => t,
+            Err(e) if hub_side(&e) => return Err(ProbeError::Hub(format!("connect: {e}"))),
+            Err(e) => return Err(ProbeError::Backend(format!("connect: {e}"))),
+        };
+        converse(b, hc, proto, tls, tcp)
+            .await
+            .map_err(ProbeError::Backend)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(ProbeError::Backend("timed out".into())))
+}
+
+/// Why a probe failed.
+#[derive(Debug, PartialEq, Eq)]
+enum ProbeError {
+    /// The backend did not answer as it should.
+    Backend(String),
+    /// The hub could not open a connection of its own (out of file
+    /// descriptors, ports or memory): nothing is learnt of the backend.
+    Hub(String),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Backend(e) => f.write_str(e),
+            ProbeError::Hub(e) => write!(f, "{e} (the hub's own limit)"),
+        }
+    }
+}
+
+/// A probe's exchange on its connection.
+async fn converse(
+    b: Backend,
+    hc: &HealthCheck,
+    proto: BackendProtocol,
+    tls: Option<&BackendTlsClient>,
+    mut tcp: TcpStream,
 ) -> Result<(), String> {
     let work = async {
-        let mut tcp = TcpStream::connect(b.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
         if let Some(h) = probe_proxy_header(hc.send.proxy_protocol) {
             tcp.write_all(&h)
                 .await
@@ -955,9 +999,7 @@ async fn probe(
             )),
         }
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()))
+    work.await
 }
 
 /// An HTTP/2 health GET (prior knowledge, or ALPN `h2` on `https://`).
@@ -1366,7 +1408,9 @@ mod tests {
             addr: at,
         };
         let r = probe(b, &hc, BackendProtocol::Http1, None, hc.timeout).await;
-        let e = r.unwrap_err();
+        let Err(ProbeError::Backend(e)) = r else {
+            panic!("{r:?}")
+        };
         assert!(e.starts_with("answered `HTTP/1.1 404"), "{e}");
         drop(task);
 
