@@ -955,51 +955,48 @@ async fn converse(
     tls: Option<&BackendTlsClient>,
     mut tcp: TcpStream,
 ) -> Result<(), String> {
-    let work = async {
-        if let Some(h) = probe_proxy_header(hc.send.proxy_protocol) {
-            tcp.write_all(&h)
+    if let Some(h) = probe_proxy_header(hc.send.proxy_protocol) {
+        tcp.write_all(&h)
+            .await
+            .map_err(|e| format!("proxy header: {e}"))?;
+    }
+    let HealthKind::Http { path } = &hc.kind else {
+        return Ok(());
+    };
+    let host = match (&hc.send.host, b.addr) {
+        (Some(h), _) => h.clone(),
+        (None, SocketAddr::V4(a)) => a.to_string(),
+        (None, SocketAddr::V6(a)) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    if proto == BackendProtocol::Http2 {
+        return probe_h2(b, tcp, &host, path, &hc.send.headers, tls).await;
+    }
+    let req = probe_request(path, &host, &hc.send.headers);
+    let mut head = [0u8; 16];
+    let n = match (tls, b.scheme == Scheme::Https || hc.send.tls_unverified) {
+        (Some(t), true) => {
+            let mut s = t
+                .connect(tcp, b.addr)
                 .await
-                .map_err(|e| format!("proxy header: {e}"))?;
+                .map_err(|e| format!("tls: {e}"))?;
+            s.write_all(&req).await.map_err(|e| e.to_string())?;
+            read_head(&mut s, &mut head).await?
         }
-        let HealthKind::Http { path } = &hc.kind else {
-            return Ok(());
-        };
-        let host = match (&hc.send.host, b.addr) {
-            (Some(h), _) => h.clone(),
-            (None, SocketAddr::V4(a)) => a.to_string(),
-            (None, SocketAddr::V6(a)) => format!("[{}]:{}", a.ip(), a.port()),
-        };
-        if proto == BackendProtocol::Http2 {
-            return probe_h2(b, tcp, &host, path, &hc.send.headers, tls).await;
-        }
-        let req = probe_request(path, &host, &hc.send.headers);
-        let mut head = [0u8; 16];
-        let n = match (tls, b.scheme == Scheme::Https || hc.send.tls_unverified) {
-            (Some(t), true) => {
-                let mut s = t
-                    .connect(tcp, b.addr)
-                    .await
-                    .map_err(|e| format!("tls: {e}"))?;
-                s.write_all(&req).await.map_err(|e| e.to_string())?;
-                read_head(&mut s, &mut head).await?
-            }
-            _ => {
-                let mut s = tcp;
-                s.write_all(&req).await.map_err(|e| e.to_string())?;
-                read_head(&mut s, &mut head).await?
-            }
-        };
-        let line = head.get(..n).unwrap_or_default();
-        // "HTTP/1.x NNN"
-        match line.get(9) {
-            Some(b'2') | Some(b'3') if line.starts_with(b"HTTP/1.") => Ok(()),
-            _ => Err(format!(
-                "answered `{}`",
-                String::from_utf8_lossy(line).trim()
-            )),
+        _ => {
+            let mut s = tcp;
+            s.write_all(&req).await.map_err(|e| e.to_string())?;
+            read_head(&mut s, &mut head).await?
         }
     };
-    work.await
+    let line = head.get(..n).unwrap_or_default();
+    // "HTTP/1.x NNN"
+    match line.get(9) {
+        Some(b'2') | Some(b'3') if line.starts_with(b"HTTP/1.") => Ok(()),
+        _ => Err(format!(
+            "answered `{}`",
+            String::from_utf8_lossy(line).trim()
+        )),
+    }
 }
 
 /// An HTTP/2 health GET (prior knowledge, or ALPN `h2` on `https://`).

@@ -259,8 +259,7 @@ pub struct DeviceConfig {
 
 /// Where a peer is, and which of this side's addresses it last reached
 /// (`local`, kept on a hub only): replies leave from that address, as kernel
-/// WireGuard's do, so
-/// that a peer behind a NAT or a stateful firewall that reached a hub's
+/// WireGuard's do, so that a peer behind a NAT or a stateful firewall that reached a hub's
 /// second address gets its answers from that address, not the one the
 /// kernel would pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,12 +305,9 @@ impl Peer {
         }
     }
     /// Where an authenticated datagram came from and the address it was
-    /// sent to.
-    fn heard_at(&self, from: SocketAddr, local: Option<IpAddr>) {
-        let e = Endpoint { addr: from, local };
-        if *self.endpoint.read() != Some(e) {
-            *self.endpoint.write() = Some(e);
-        }
+    /// sent to (the caller has seen that they changed).
+    fn set_route(&self, e: Endpoint) {
+        *self.endpoint.write() = Some(e);
     }
     /// The local address is no longer this side's (it was removed): the
     /// kernel chooses again.
@@ -1230,6 +1226,8 @@ impl Inner {
                 debug!(error = %e, "sending the group one datagram at a time");
                 r = Ok(());
                 failed = 0;
+                // The local address the group failed from may be forgotten.
+                let ep = peer.route().unwrap_or(ep);
                 for c in contents.chunks(seg) {
                     match send_from(&peer, udp, ep, c, None).await {
                         Ok(()) => sent += c.len(),
@@ -1503,7 +1501,9 @@ impl Inner {
             return;
         }
         if authenticated {
-            if peer.endpoint() != Some(from) {
+            // One look at the endpoint per datagram; a write only on a change.
+            let seen = peer.route();
+            if seen.map(|e| e.addr) != Some(from) {
                 let into_tun = self.tun_routes.read();
                 let loops = loops_back(&into_tun, &table.routes, from.ip(), |o| {
                     Arc::ptr_eq(o, &peer)
@@ -1516,13 +1516,13 @@ impl Inner {
                         warn!(peer = %peer.public_key, from = %from, "not moving a peer's endpoint inside its own allowed IPs routed into this tunnel: its packets would loop");
                     }
                 } else {
-                    peer.heard_at(from, at.local);
+                    peer.set_route(at);
                     // A later loop is news again.
                     peer.loop_warned.store(false, Ordering::Relaxed);
                 }
-            } else {
-                // Same peer address, perhaps another of this side's.
-                peer.heard_at(from, at.local);
+            } else if seen != Some(at) {
+                // Same peer address, another of this side's.
+                peer.set_route(at);
             }
             peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
             peer.rx_bytes
