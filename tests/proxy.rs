@@ -750,6 +750,48 @@ async fn sni_passthrough_reaches_tls_backend() {
     assert!(s.bytes_in > 200 && s.bytes_out > 200, "{s:?}");
 }
 
+/// A backend behind a passthrough route gets its own certificates by
+/// TLS-ALPN-01: a ClientHello offering only `acme-tls/1` reaches it, not an
+/// `unrecognized_name` alert from the hub (which has no challenge for it).
+#[tokio::test]
+async fn passthrough_carries_the_backends_own_alpn01_validation() {
+    let pki = pki(&["self.gw.test"]);
+    let acc = tls_acceptor(&pki, &[b"acme-tls/1"]);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                if let Ok(mut t) = acc.accept(s).await {
+                    let _ = t.write_all(b"validated").await;
+                    let _ = t.shutdown().await;
+                }
+            });
+        }
+    });
+    let p = Proxy::start(settings(vec![route(
+        "self",
+        TlsMode::Passthrough,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let conn = tokio_rustls::TlsConnector::from(client_config(&pki.cert_der, &[b"acme-tls/1"]));
+    let tcp = TcpStream::connect(p.https_addrs()[0]).await.unwrap();
+    let mut t = tokio::time::timeout(
+        T,
+        conn.connect(ServerName::try_from("self.gw.test").unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, t.read_to_end(&mut out)).await;
+    assert_eq!(out, b"validated");
+}
+
 /// `pki`'s certificate and key as PEM files in a fresh directory `tag`.
 fn cert_files(tag: &str, pki: &Pki) -> CertFiles {
     let dir = tmpdir(tag);

@@ -1784,6 +1784,21 @@ async fn retired(rx: &mut watch::Receiver<bool>) {
     std::future::pending::<()>().await;
 }
 
+/// A TLS-ALPN-01 validation for a name this hub passes through, with no
+/// challenge of the hub's own for it: the backend holds the name's
+/// certificate and answers its own challenges, so the ClientHello goes to it
+/// like any other.
+fn backend_alpn01(shared: &Shared, sni: Option<&DomainName>) -> bool {
+    let Some(name) = sni else {
+        return false;
+    };
+    shared.acme.alpn01(name.as_str()).is_none()
+        && shared
+            .table
+            .lookup(name)
+            .is_some_and(|r| r.settings.tls == TlsMode::Passthrough)
+}
+
 fn upstream_error(c: &Counters, e: &UpstreamError) -> ErrorKind {
     let kind = match e {
         UpstreamError::NoHealthy => ErrorKind::NoHealthyBackend,
@@ -1949,7 +1964,7 @@ async fn serve_tls(
             sni,
             acme_alpn: true,
             ..
-        } => {
+        } if !backend_alpn01(&shared, sni.as_ref()) => {
             // A TLS-ALPN-01 validation: answer with the challenge certificate.
             let key = sni.as_ref().and_then(|s| shared.acme.alpn01(s.as_str()));
             match key.map(tls::acme_alpn_config) {
