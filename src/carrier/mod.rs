@@ -47,6 +47,30 @@ pub const FIRST: Duration = Duration::from_secs(15);
 /// task, a loopback socket and its buffers for as long as it lives, which
 /// a WebSocket one does after its HTTP connection has ended.
 pub const MAX_CARRIED: usize = 8192;
+/// Carried tunnels open at once from one client address (an IPv6 client's
+/// /64): a stranger cannot take every slot and shut out the nodes whose
+/// networks let only TLS out, while a few hundred nodes behind one NAT still
+/// fit.
+pub const MAX_CARRIED_PER_SOURCE: usize = 256;
+
+/// The key a client's carried tunnels are counted under: its address, or an
+/// IPv6 client's /64 (one host usually holds a whole one).
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+        }
+        v4 => v4,
+    }
+}
+
+/// One carried tunnel's place: a slot of [`MAX_CARRIED`] and one of its
+/// source's [`MAX_CARRIED_PER_SOURCE`], both given back when dropped.
+pub struct CarrySlot {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _source: crate::control::node_api::SourceSlot,
+}
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
 /// The largest datagram read from a device: a WireGuard message of a
@@ -395,6 +419,8 @@ pub struct Hub {
     stop: tokio::sync::watch::Sender<bool>,
     /// One permit per carried tunnel ([`MAX_CARRIED`]).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Open tunnels per source ([`MAX_CARRIED_PER_SOURCE`]).
+    per_source: Arc<crate::control::node_api::PerSource>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -419,13 +445,24 @@ impl Hub {
             counters: Counters::default(),
             stop: tokio::sync::watch::channel(false).0,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CARRIED)),
+            per_source: Arc::default(),
         })
     }
 
-    /// A slot for one more carried tunnel, or `None` (counted as failed)
-    /// when [`MAX_CARRIED`] are open.
-    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let s = self.slots.clone().try_acquire_owned().ok();
+    /// A slot for one more carried tunnel from `client`, or `None` (counted
+    /// as failed) when [`MAX_CARRIED`] are open, or
+    /// [`MAX_CARRIED_PER_SOURCE`] from its address.
+    pub fn try_slot(&self, client: std::net::IpAddr) -> Option<CarrySlot> {
+        let s = self
+            .per_source
+            .take(source_key(client), MAX_CARRIED_PER_SOURCE)
+            .and_then(|source| {
+                let all = self.slots.clone().try_acquire_owned().ok()?;
+                Some(CarrySlot {
+                    _all: all,
+                    _source: source,
+                })
+            });
         if s.is_none() {
             self.counters.failed.fetch_add(1, Relaxed);
         }
@@ -443,8 +480,8 @@ impl Hub {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let Some(_slot) = self.try_slot() else {
-            debug!(client = %client, "carried tunnel refused: {MAX_CARRIED} open");
+        let Some(_slot) = self.try_slot(client.ip()) else {
+            debug!(client = %client, "carried tunnel refused: the hub's or this address's limit is reached");
             return;
         };
         let tls = match tokio::time::timeout(handshake, self.acceptor.accept(io)).await {
@@ -466,12 +503,8 @@ impl Hub {
     /// Serves one WebSocket carried tunnel (the hub's HTTP listener
     /// answered the opening request with 101, holding `slot` from
     /// [`Hub::try_slot`]) until it ends.
-    pub async fn serve_ws<IO>(
-        &self,
-        io: IO,
-        client: SocketAddr,
-        slot: tokio::sync::OwnedSemaphorePermit,
-    ) where
+    pub async fn serve_ws<IO>(&self, io: IO, client: SocketAddr, slot: CarrySlot)
+    where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         self.carry(io, client, Framing::WsHub).await;
@@ -984,6 +1017,27 @@ mod tests {
         })
         .await
         .expect("both ends close when the hub stops");
+    }
+
+    /// One address (an IPv6 client's /64) holds at most
+    /// `MAX_CARRIED_PER_SOURCE` slots; others still get theirs, and a
+    /// dropped slot is given back.
+    #[tokio::test]
+    async fn one_source_cannot_take_every_slot() {
+        let hub = Hub::new(|| "127.0.0.1:9".parse().unwrap()).unwrap();
+        let a: std::net::IpAddr = "2001:db8:1:2::9".parse().unwrap();
+        let mut held: Vec<CarrySlot> = (0..MAX_CARRIED_PER_SOURCE)
+            .map(|_| hub.try_slot(a).unwrap())
+            .collect();
+        assert!(hub.try_slot(a).is_none());
+        // Another address in the same /64 is the same source.
+        assert!(hub.try_slot("2001:db8:1:2::77".parse().unwrap()).is_none());
+        assert_eq!(hub.counters.failed.load(Relaxed), 2);
+        let other = hub.try_slot("2001:db8:1:3::9".parse().unwrap());
+        assert!(other.is_some());
+        assert!(hub.try_slot("198.51.100.7".parse().unwrap()).is_some());
+        held.pop();
+        assert!(hub.try_slot(a).is_some());
     }
 
     /// A TLS server without the ALPN is not taken for a hub.

@@ -1152,8 +1152,8 @@ fn ws_tunnel(
     let Ok(accept) = HeaderValue::from_str(&accept) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal error");
     };
-    let Some(slot) = hub.try_slot() else {
-        debug!(%client, "WebSocket tunnel refused: the hub's carried tunnels are at their limit");
+    let Some(slot) = hub.try_slot(client.ip()) else {
+        debug!(%client, "WebSocket tunnel refused: the hub's or this address's carried tunnels are at their limit");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: too many carried tunnels",
