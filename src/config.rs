@@ -124,6 +124,7 @@ struct RawNodeHub {
     preshared_key: Option<String>,
     persistent_keepalive: Option<u16>,
     control: Option<String>,
+    addresses: Option<Vec<String>>,
     transport: Option<crate::carrier::path::Transport>,
     tls_endpoint: Option<String>,
     tls_proxy: Option<String>,
@@ -219,6 +220,10 @@ pub struct NodeHub {
     /// The hub's node services API (`ip:port` on its overlay address), where
     /// the node declares its `[[service]]`s.
     pub control: Option<std::net::SocketAddr>,
+    /// The hub's own overlay addresses, from which its proxy connects to the
+    /// node's services: a service forwarder takes overlay sources only from
+    /// these (not from the other nodes the hub routes to this one).
+    pub addresses: Vec<std::net::IpAddr>,
     /// UDP, WireGuard carried over TLS, or UDP first and TLS when UDP gets
     /// no answer (the default).
     pub transport: crate::carrier::path::Transport,
@@ -381,10 +386,38 @@ fn read(path: &Path) -> Result<(String, String), ConfigError> {
     Ok((p, text))
 }
 
-fn parse_err(path: &str, e: toml::de::Error) -> ConfigError {
+/// A TOML error as a line and column, the key the line sets and what is
+/// wrong, without the quoted source line toml's own message carries: that
+/// line may be a mistyped or unterminated `private_key`, and the message
+/// reaches the logs.
+fn parse_err(path: &str, text: &str, e: toml::de::Error) -> ConfigError {
+    let message = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before.get(start..).map_or(0, |l| l.chars().count()) + 1;
+            let key = text
+                .get(start..)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.len() <= 64
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"".contains(&b))
+                })
+                .map_or(String::new(), |k| format!(" (`{k}`)"));
+            format!(
+                "line {line}, column {column}{key}: {}",
+                e.message().trim_end()
+            )
+        }
+        None => e.message().trim_end().to_string(),
+    };
     ConfigError::Parse {
         path: path.to_string(),
-        message: e.to_string().trim_end().to_string(),
+        message,
     }
 }
 
@@ -410,7 +443,7 @@ impl HubConfig {
     /// Parses and validates `text`; `path` names it in errors, `base` resolves
     /// relative key files.
     pub fn parse(path: &str, text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: RawHubFile = toml::from_str(text).map_err(|e| parse_err(path, e))?;
+        let raw: RawHubFile = toml::from_str(text).map_err(|e| parse_err(path, text, e))?;
         let ctx = Ctx { path };
         let private_key = ctx.private_key(
             "hub",
@@ -517,7 +550,7 @@ impl NodeConfig {
     }
 
     pub fn parse(path: &str, text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: RawNodeFile = toml::from_str(text).map_err(|e| parse_err(path, e))?;
+        let raw: RawNodeFile = toml::from_str(text).map_err(|e| parse_err(path, text, e))?;
         let ctx = Ctx { path };
         let private_key = ctx.private_key(
             "node",
@@ -577,6 +610,16 @@ impl NodeConfig {
                 .as_deref()
                 .map(|c| node_control(&what, c, &allowed_ips).map_err(|m| ctx.err(m)))
                 .transpose()?;
+            let hub_addrs = rh
+                .addresses
+                .iter()
+                .flatten()
+                .map(|a| {
+                    a.trim().parse::<std::net::IpAddr>().map_err(|_| {
+                        ctx.err(format!("{what} addresses: `{a}` is not an IP address"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             if websocket.is_some() && rh.transport == Some(crate::carrier::path::Transport::Udp) {
                 return Err(ctx.err(format!(
                     "{what}: websocket needs transport \"tls\" or \"auto\", not \"udp\""
@@ -597,6 +640,7 @@ impl NodeConfig {
                 preshared_key: ctx.psk(&what, &rh.preshared_key)?,
                 persistent_keepalive: rh.persistent_keepalive.unwrap_or(DEFAULT_NODE_KEEPALIVE),
                 control,
+                addresses: hub_addrs,
                 transport: rh.transport.unwrap_or_default(),
                 tls_endpoint,
                 tls_proxy,
@@ -1224,6 +1268,19 @@ mod tests {
         .to_string();
         assert!(e.contains("listen_prot"), "{e}");
         assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_a_key() {
+        for text in [
+            format!("[hub]\nprivat_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n"),
+            format!("[hub]\nprivate_key = \"{K1}\naddresses = [\"100.64.0.1/10\"]\n"),
+            format!("[hub]\nprivate_key = {K1}\n"),
+        ] {
+            let e = hub(&text).unwrap_err().to_string();
+            assert!(!e.contains(&K1[..12]), "{e}");
+            assert!(e.contains("line 2"), "{e}");
+        }
     }
 
     #[test]

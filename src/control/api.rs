@@ -35,6 +35,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNS: usize = 256;
 /// Connections open at once from one address on a TCP listener.
 const MAX_CONNS_PER_SOURCE: usize = 16;
+/// Longest life of an API connection, and the time it then has to finish
+/// the request in flight (see [`serve_bounded`]).
+pub(crate) const CONN_LIFE: Duration = Duration::from_secs(120);
+pub(crate) const CONN_GRACE: Duration = Duration::from_secs(10);
 
 /// The listening sockets; the Unix socket file is removed on drop.
 pub struct ApiServer {
@@ -561,6 +565,12 @@ async fn route(
                 .map_err(|e| state::Error::bad(format!("token: {e}")))?;
             let key = api_key(&j.public_key)?;
             let h = tok.secret_hash();
+            // A made-up token is refused before the writer's lock (held
+            // through a save) and the state's copy: a flood of them holds
+            // up no real change.
+            if !c.state().token_matches(&tok.id, h) {
+                return Err(state::Error::unauthorized("the join token is not valid"));
+            }
             let (rec, names, repeat) = c
                 .mutate(|s, ctx| s.join(ctx, &tok.id, h, &key, j.name))
                 .await?;
@@ -612,6 +622,7 @@ async fn route(
                 "allowed_ips": hub_v,
                 "node_api": node_api,
                 "names": names,
+                "hub_addresses": cfg.addresses.iter().map(|n| n.addr().to_string()).collect::<Vec<_>>(),
             });
             if let (Some(t), Some(o)) = (&settings.tls_endpoint, answer.as_object_mut()) {
                 o.insert("tls_endpoint".into(), json!(t));
@@ -727,13 +738,41 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| serve_req(c.clone(), t, req));
+    let bounds = (CONN_LIFE, CONN_GRACE);
+    if let Err(e) = serve_bounded(TokioIo::new(io), svc, 64 * 1024, bounds).await {
+        debug!(error = %e, "API connection ended");
+    }
+}
+
+/// Serves one HTTP/1.1 connection for at most `life`; then asks it to close
+/// after the request in flight and drops it `grace` later. hyper has
+/// no write timeout: without this a client that sends requests and never
+/// reads the answers would hold its connection slot for good.
+pub(crate) async fn serve_bounded<I, S, B>(
+    io: I,
+    svc: S,
+    max_buf: usize,
+    (life, grace): (Duration, Duration),
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(io), svc);
-    if let Err(e) = conn.await {
-        debug!(error = %e, "API connection ended");
+        .max_buf_size(max_buf)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = tokio::time::sleep(life) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(grace, conn).await.unwrap_or(Ok(()))
+        }
     }
 }
 
@@ -855,6 +894,36 @@ pub fn services_json(v: &[ServiceStatus]) -> Value {
 mod tests {
     use super::*;
     use crate::control::client::ENDPOINTS;
+
+    /// A client that sends requests and reads none of the answers (their
+    /// bytes fill the connection) loses the connection after its life.
+    #[tokio::test]
+    async fn a_connection_that_never_reads_is_dropped() {
+        use tokio::io::AsyncWriteExt;
+        let (server, mut client) = tokio::io::duplex(4096);
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(vec![
+                b'x';
+                65536
+            ]))))
+        });
+        let serving = tokio::spawn(serve_bounded(
+            TokioIo::new(server),
+            svc,
+            64 * 1024,
+            (Duration::from_millis(300), Duration::from_millis(300)),
+        ));
+        for _ in 0..4 {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(10),
+                client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            )
+            .await;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(ended.is_ok(), "the connection outlived its life");
+        drop(client);
+    }
 
     fn segs(template: &str) -> Vec<String> {
         template

@@ -88,6 +88,9 @@ pub struct Joined {
     pub node_api: Option<String>,
     #[serde(default)]
     pub names: Vec<String>,
+    /// The hub's own overlay addresses (see [`crate::config::NodeHub`]).
+    #[serde(default)]
+    pub hub_addresses: Vec<String>,
 }
 
 /// A granted name: a label or a custom domain.
@@ -111,6 +114,8 @@ pub struct Enrolment {
     /// `None` when the hub gave none, or one outside `allowed_ips`.
     pub node_api: Option<SocketAddr>,
     pub names: Vec<Granted>,
+    /// The hub's overlay addresses, those inside `allowed_ips`.
+    pub hub_addresses: Vec<std::net::IpAddr>,
     /// Problems that did not stop the join (printed).
     pub warnings: Vec<String>,
 }
@@ -212,6 +217,15 @@ pub fn check(j: &Joined) -> Result<Enrolment, String> {
             warnings.push(format!("granted name {n:?} is not a host name: left out"));
         }
     }
+    let mut hub_addresses = Vec::new();
+    for s in &j.hub_addresses {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(a) if allowed_ips.iter().any(|n| n.contains(&a)) => hub_addresses.push(a),
+            _ => warnings.push(format!(
+                "hub address {s:?} is not an address in the hub's networks: left out"
+            )),
+        }
+    }
     Ok(Enrolment {
         hub_public_key,
         wg_endpoint,
@@ -220,6 +234,7 @@ pub fn check(j: &Joined) -> Result<Enrolment, String> {
         allowed_ips,
         node_api,
         names,
+        hub_addresses,
         warnings,
     })
 }
@@ -269,6 +284,10 @@ pub fn render_config(
     );
     if let Some(c) = e.node_api {
         let _ = writeln!(s, "control = {}", q(&c.to_string()));
+    }
+    if !e.hub_addresses.is_empty() {
+        let items: Vec<String> = e.hub_addresses.iter().map(|a| q(&a.to_string())).collect();
+        let _ = writeln!(s, "addresses = [{}]", items.join(", "));
     }
     if !e.names.is_empty() {
         let _ = writeln!(s);
@@ -673,6 +692,7 @@ mod tests {
             allowed_ips: vec!["100.64.0.0/10".into(), "fd77:6777::/32".into()],
             node_api: Some("100.64.0.1:7001".into()),
             names: vec!["blog".into(), "shop.example.com".into()],
+            hub_addresses: vec!["100.64.0.1".into(), "fd77:6777::1".into()],
         }
     }
 
@@ -711,6 +731,8 @@ mod tests {
         assert_eq!(h.endpoint, "203.0.113.1:51820");
         assert_eq!(h.allowed_ips, e.allowed_ips);
         assert_eq!(h.control, Some("100.64.0.1:7001".parse().unwrap()));
+        assert_eq!(h.addresses, e.hub_addresses);
+        assert_eq!(h.addresses.len(), 2);
         assert_eq!(
             h.persistent_keepalive,
             crate::config::DEFAULT_NODE_KEEPALIVE

@@ -308,10 +308,12 @@ impl NodeApi {
                         let svc = hyper::service::service_fn(move |req| {
                             serve(c.clone(), budget.clone(), from, req)
                         });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(10))
-                            .serve_connection(TokioIo::new(s), svc);
+                        let conn = crate::control::api::serve_bounded(
+                            TokioIo::new(s),
+                            svc,
+                            64 * 1024,
+                            (crate::control::api::CONN_LIFE, crate::control::api::CONN_GRACE),
+                        );
                         if let Err(e) = conn.await {
                             debug!(%from, error = %e, "node API connection ended");
                         }

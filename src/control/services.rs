@@ -376,6 +376,51 @@ pub struct ForwardPlan {
     pub udp: bool,
     /// The service's name, for logs.
     pub service: String,
+    /// Which sources it takes (`None`: every one).
+    pub admit: Option<Arc<Admit>>,
+}
+
+/// Which sources a forwarder takes. A forwarded service listens where only
+/// the node reaches it (loopback, say): on the overlay it answers its hubs,
+/// whose proxies connect to it, and not the other nodes a hub routes to this
+/// one, which would reach a service its owner kept local. Sources outside
+/// the overlay (IPv4 clients translated on the hub, say) are taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admit {
+    /// The node's overlay networks.
+    overlay: Vec<IpNet>,
+    /// The hubs' addresses in them.
+    hubs: Vec<IpAddr>,
+}
+
+impl Admit {
+    /// `None` (every source) while a `[[hub]]` lists no `addresses`: its
+    /// proxy's source address is then unknown.
+    pub fn of(cfg: &NodeConfig) -> Option<Arc<Admit>> {
+        if cfg.hubs.is_empty() || cfg.hubs.iter().any(|h| h.addresses.is_empty()) {
+            return None;
+        }
+        let hubs = cfg
+            .hubs
+            .iter()
+            .flat_map(|h| h.addresses.iter().copied().chain(h.control.map(|c| c.ip())))
+            .collect();
+        let overlay = cfg.addresses.iter().map(IpNet::trunc).collect();
+        Some(Arc::new(Admit { overlay, hubs }))
+    }
+
+    pub fn admits(&self, from: IpAddr) -> bool {
+        let from = from.to_canonical();
+        self.hubs.contains(&from) || !self.overlay.iter().any(|n| n.contains(&from))
+    }
+}
+
+fn admitted(p: &ForwardPlan, from: SocketAddr) -> bool {
+    let ok = p.admit.as_ref().is_none_or(|a| a.admits(from.ip()));
+    if !ok {
+        debug!(service = %p.service, %from, "forwarder refuses a source that is not a hub");
+    }
+    ok
 }
 
 /// Whether `s` needs a forwarder: its `local` address is neither unspecified
@@ -387,7 +432,11 @@ pub fn needs_forwarder(s: &NodeService, overlay: &[IpNet]) -> bool {
 
 /// The forwarders for `services` on the overlay addresses `overlay`, one per
 /// (address, port, transport).
-pub fn plan(services: &[NodeService], overlay: &[IpNet]) -> Vec<ForwardPlan> {
+pub fn plan(
+    services: &[NodeService],
+    overlay: &[IpNet],
+    admit: Option<&Arc<Admit>>,
+) -> Vec<ForwardPlan> {
     let mut out: Vec<ForwardPlan> = Vec::new();
     for s in services.iter().filter(|s| needs_forwarder(s, overlay)) {
         let udp = s.protocol == ServiceProtocol::Udp;
@@ -401,6 +450,7 @@ pub fn plan(services: &[NodeService], overlay: &[IpNet]) -> Vec<ForwardPlan> {
                 target: s.local,
                 udp,
                 service: s.host.to_string(),
+                admit: admit.cloned(),
             });
         }
     }
@@ -475,6 +525,9 @@ async fn tcp_forwarder(p: ForwardPlan) {
                 continue;
             }
         };
+        if !admitted(&p, from) {
+            continue;
+        }
         let Ok(permit) = sem.clone().try_acquire_owned() else {
             debug!(listen = %p.listen, "forwarder at its connection limit");
             continue;
@@ -572,6 +625,9 @@ async fn udp_forwarder(p: ForwardPlan) {
             r = listen.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { continue };
                 let Some(data) = buf.get(..n) else { continue };
+                if !flows.contains_key(&client) && !admitted(&p, client) {
+                    continue;
+                }
                 if flows.get(&client).is_none_or(|f| f.task.is_finished()) {
                     flows.remove(&client);
                     crate::proxy::io::make_room(&mut flows, MAX_UDP_FLOWS, |f| &f.activity);
@@ -606,6 +662,7 @@ pub struct Services {
     /// Running forwarders by plan; [`Services::replace`] diffs against it.
     forwarders: Vec<(ForwardPlan, JoinHandle<()>)>,
     overlay: Vec<IpNet>,
+    admit: Option<Arc<Admit>>,
     /// Replacing the list re-declares it to every hub at once.
     list: watch::Sender<Vec<NodeService>>,
 }
@@ -644,7 +701,8 @@ impl Services {
     /// Starts the forwarders for `cfg.services` and one registration task
     /// per hub with `control`.
     pub fn start(cfg: &NodeConfig, dev: Arc<Inner>) -> Services {
-        let forwarders = plan(&cfg.services, &cfg.addresses)
+        let admit = Admit::of(cfg);
+        let forwarders: Vec<_> = plan(&cfg.services, &cfg.addresses, admit.as_ref())
             .into_iter()
             .map(|p| (p.clone(), spawn_forwarder(p)))
             .collect();
@@ -663,6 +721,12 @@ impl Services {
                 )));
             }
         }
+        if admit.is_none() && !forwarders.is_empty() {
+            warn!(
+                "service forwarders take connections from every overlay address, other nodes' \
+                 included: list each [[hub]]'s own `addresses` to take only the hubs'"
+            );
+        }
         if !cfg.services.is_empty() && cfg.hubs.iter().all(|h| h.control.is_none()) {
             info!(
                 services = cfg.services.len(),
@@ -673,6 +737,7 @@ impl Services {
             tasks,
             forwarders,
             overlay: cfg.addresses.clone(),
+            admit,
             list,
         }
     }
@@ -689,7 +754,7 @@ impl Services {
         if *self.list.borrow() == services {
             return;
         }
-        let new_plan = plan(&services, &self.overlay);
+        let new_plan = plan(&services, &self.overlay, self.admit.as_ref());
         let old: Vec<ForwardPlan> = self.forwarders.iter().map(|(p, _)| p.clone()).collect();
         let (stop, start) = forwarder_diff(&old, &new_plan);
         let mut kept = Vec::new();
@@ -756,13 +821,36 @@ mod tests {
     }
 
     #[test]
+    fn forwarders_take_overlay_sources_only_from_hubs() {
+        // No hub addresses known: every source, as before.
+        assert!(Admit::of(&cfg("")).is_none());
+        let mut c = cfg("");
+        c.hubs[0].addresses = vec!["fd77:6777::1".parse().unwrap()];
+        let a = Admit::of(&c).unwrap();
+        // The hub: its listed address and its control address.
+        assert!(a.admits("fd77:6777::1".parse().unwrap()));
+        assert!(a.admits("100.64.0.1".parse().unwrap()));
+        assert!(a.admits("::ffff:100.64.0.1".parse().unwrap()));
+        // Other nodes on the overlay: refused.
+        assert!(!a.admits("100.64.1.9".parse().unwrap()));
+        assert!(!a.admits("fd77:6777::1:9".parse().unwrap()));
+        // Outside the overlay (a client translated on the hub): taken.
+        assert!(a.admits("64:ff9b::c633:640a".parse().unwrap()));
+        assert!(a.admits("198.51.100.10".parse().unwrap()));
+        // Every plan carries it.
+        let c2 = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n");
+        let p = plan(&c2.services, &c2.addresses, Some(&a));
+        assert!(p.iter().all(|p| p.admit.as_ref() == Some(&a)));
+    }
+
+    #[test]
     fn a_changed_set_restarts_only_changed_forwarders() {
         let a = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n\
              [[service]]\nname = \"b\"\nlocal = \"127.0.0.1:8081\"\n");
         let b = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n\
              [[service]]\nname = \"c\"\nlocal = \"127.0.0.1:9000\"\nport = 8081\n");
-        let old = plan(&a.services, &a.addresses);
-        let new = plan(&b.services, &b.addresses);
+        let old = plan(&a.services, &a.addresses, None);
+        let new = plan(&b.services, &b.addresses, None);
         assert_eq!(old.len(), 4, "two services on two overlay addresses");
         let (stop, start) = forwarder_diff(&old, &new);
         // `a` is untouched; `b`'s two listeners stop, `c` starts two on the same port.
@@ -785,7 +873,7 @@ mod tests {
              [[service]]\nname = \"c\"\nlocal = \"100.64.1.1:8082\"\n\
              [[service]]\nname = \"d\"\nlocal = \"192.168.1.5:53\"\nport = 5353\nprotocol = \"udp\"\npublic_port = 53\n\
              [[service]]\nname = \"e\"\nlocal = \"127.0.0.1:8080\"\n");
-        let p = plan(&c.services, &c.addresses);
+        let p = plan(&c.services, &c.addresses, None);
         let got: Vec<(String, bool, String)> = p
             .iter()
             .map(|p| (p.listen.to_string(), p.udp, p.target.to_string()))
@@ -984,12 +1072,33 @@ mod tests {
         let probe = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
         let listen = probe.local_addr().unwrap();
         drop(probe);
+        // The "hub" is 127.0.0.1; 127.0.0.5 is another node on the overlay.
+        let admit = Some(Arc::new(Admit {
+            overlay: vec!["127.0.0.0/8".parse().unwrap()],
+            hubs: vec!["127.0.0.1".parse().unwrap()],
+        }));
         let t = tokio::spawn(tcp_forwarder(ForwardPlan {
             listen,
             target,
             udp: false,
             service: "t".into(),
+            admit: admit.clone(),
         }));
+        // Another node is accepted and closed at once, never forwarded.
+        let mut other = loop {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+            if let Ok(c) = s.connect(listen).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let _ = other.write_all(b"hello").await;
+        let mut b = [0u8; 5];
+        let r = tokio::time::timeout(Duration::from_secs(5), other.read(&mut b))
+            .await
+            .unwrap();
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
         let mut c = loop {
             if let Ok(c) = TcpStream::connect(listen).await {
                 break c;
@@ -1019,9 +1128,19 @@ mod tests {
             target: utarget,
             udp: true,
             service: "u".into(),
+            admit,
         }));
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other = UdpSocket::bind("127.0.0.5:0").await.unwrap();
         let mut got = [0u8; 100];
+        for _ in 0..5 {
+            other.send_to(b"ping", ulisten).await.unwrap();
+        }
+        let r = tokio::time::timeout(Duration::from_millis(500), other.recv_from(&mut got)).await;
+        assert!(
+            r.is_err(),
+            "another node got an answer through the forwarder"
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut ok = false;
         for _ in 0..50 {
             client.send_to(b"ping", ulisten).await.unwrap();

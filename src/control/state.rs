@@ -784,6 +784,15 @@ impl State {
     /// spent it gets the same answer again, changing nothing (a node whose
     /// first answer was lost on the way asks again); the third value says
     /// so.
+    /// Whether `id` names a token whose secret hashes to `secret_sha256`
+    /// (used or not): the check [`State::join`] begins with, which an API
+    /// makes before it takes the writer's lock for a join.
+    pub fn token_matches(&self, id: &str, secret_sha256: [u8; 32]) -> bool {
+        self.tokens
+            .get(id)
+            .is_some_and(|t| ct_eq(t.secret_sha256.as_bytes(), hex(&secret_sha256).as_bytes()))
+    }
+
     pub fn join(
         &mut self,
         ctx: &Context,

@@ -228,6 +228,10 @@ fn join_spends_the_token_once() {
     let h = token(&mut s, "a1", &["blog"], false, 10);
     let err = s.join(&ctx(&e, 11), "a1", [0; 32], K1, None).unwrap_err();
     assert_eq!(err.status, 401);
+    // The check made before the writer's lock agrees with join's own.
+    assert!(s.token_matches("a1", h));
+    assert!(!s.token_matches("a1", [0; 32]));
+    assert!(!s.token_matches("a2", h));
     let (rec, names, repeat) = s
         .join(&ctx(&e, 11), "a1", h, K1, Some("n1".into()))
         .unwrap();
