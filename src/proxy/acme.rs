@@ -5,7 +5,8 @@
 //! (`*.<domain>`), DNS-01 (answered by the hub's DNS listeners for
 //! `_acme-challenge.<domain>`, see [`crate::proxy::dns`]). Certificates and
 //! the account live in a state directory and survive restarts; a certificate
-//! is renewed `renew_before` ahead of expiry.
+//! is renewed `renew_before` ahead of expiry (up to a tenth of that earlier,
+//! spread by host name).
 //!
 //! The [`AcmeState`] is shared by every proxy generation: the HTTP and TLS
 //! paths read its challenge tables and certificates, the manager task
@@ -35,6 +36,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
@@ -126,6 +128,9 @@ pub struct AcmeState {
     failures: RwLock<HashMap<String, (String, u64)>>,
     share: RwLock<Option<Arc<dyn AcmeShare>>>,
     kick: Arc<Notify>,
+    /// Counts [`AcmeState::set_wanted`] calls: the first is the start, each
+    /// later one a reload (which lets failed orders run again at once).
+    reloads: AtomicU64,
 }
 
 impl AcmeState {
@@ -232,7 +237,7 @@ impl AcmeState {
             .first()
             .and_then(|c| cert_validity(c))
             .map(|(nb, _)| nb);
-        Some(renew_at(nb, *na, renew_before))
+        Some(renew_at(nb, *na, renew_before, host))
     }
     /// Sets what the manager should keep certificates for (`*.<domain>` for
     /// a wildcard certificate), and wakes it. Certificates of other hosts
@@ -246,8 +251,16 @@ impl AcmeState {
     ) {
         *self.wanted.write() = (settings, hosts);
         *self.dns_zones.write() = dns_zones;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         self.prune();
         self.kick.notify_one();
+    }
+
+    /// Whether the manager still keeps a certificate for `host` (a reload
+    /// may drop it while a round runs).
+    fn wants(&self, host: &str) -> bool {
+        let wanted = self.wanted.read();
+        wanted.0.is_some() && wanted.1.iter().any(|h| h == host)
     }
 
     /// Stops serving the certificates of hosts no longer wanted, except one
@@ -308,7 +321,7 @@ impl AcmeState {
                     host: h.clone(),
                     source: "acme",
                     not_after,
-                    renew_at: not_after.map(|na| renew_at(not_before, na, renew_before)),
+                    renew_at: not_after.map(|na| renew_at(not_before, na, renew_before, h)),
                     error: failure.map(|(e, _)| e.clone()),
                     retry_at: failure.map(|(_, at)| *at),
                     superseded: false,
@@ -432,16 +445,30 @@ pub fn cert_validity(der: &[u8]) -> Option<(u64, u64)> {
     Some((before, der_time(tag, v)?))
 }
 
-/// When a certificate valid from `not_before` to `not_after` is renewed:
-/// `renew_before` ahead of its expiry; when that is as long as its whole
-/// lifetime (a CA's short-lived certificates, a day, where `renew_before`
-/// is 30 days), once two thirds of it have passed, rather than at once and
-/// again after every order.
-pub fn renew_at(not_before: Option<u64>, not_after: u64, renew_before: u64) -> u64 {
-    match not_before.filter(|nb| *nb < not_after) {
+/// When the certificate of `host` valid from `not_before` to `not_after` is
+/// renewed: `renew_before` ahead of its expiry; when that is as long as its
+/// whole lifetime (a CA's short-lived certificates, a day, where
+/// `renew_before` is 30 days), once two thirds of it have passed, rather
+/// than at once and again after every order. Either is moved earlier by up
+/// to a tenth of that margin (and of the time from `not_before`), by an
+/// amount taken from the host name: certificates issued together are not
+/// all renewed in the same round, and a host keeps its time across restarts.
+pub fn renew_at(not_before: Option<u64>, not_after: u64, renew_before: u64, host: &str) -> u64 {
+    let nb = not_before.filter(|nb| *nb < not_after);
+    let at = match nb {
         Some(nb) if renew_before >= not_after - nb => nb + (not_after - nb) / 3 * 2,
         _ => not_after.saturating_sub(renew_before),
+    };
+    let mut spread = not_after - at;
+    if let Some(nb) = nb {
+        spread = spread.min(at.saturating_sub(nb));
     }
+    let h = ring::digest::digest(&ring::digest::SHA256, host.as_bytes())
+        .as_ref()
+        .iter()
+        .take(8)
+        .fold(0u64, |a, b| a << 8 | u64::from(*b));
+    at.saturating_sub(h % (spread / 10 + 1))
 }
 
 // ------------------------------------------------------------ HTTP client
@@ -540,6 +567,16 @@ impl HttpClient for AcmeHttp {
 
 /// Beside a host's `fullchain.pem`: the directory URL of the CA that issued it.
 const DIRECTORY_FILE: &str = "directory";
+/// In a host's directory: its private key and then its chain, written in one
+/// step, so that a crash never leaves a key without its certificate. Loaded
+/// first; `key.pem` and `fullchain.pem` are written after it for other
+/// programs (and read when there is no bundle, from older versions).
+const BUNDLE_FILE: &str = "bundle.pem";
+const KEY_FILE: &str = "key.pem";
+const CHAIN_FILE: &str = "fullchain.pem";
+/// In a host's directory while its orders fail: when the next one may run
+/// (Unix seconds) and the last wait (seconds), then the last error.
+const RETRY_FILE: &str = "retry";
 
 /// Whether the stored certificate of `host` was issued by another CA than
 /// the configured one (`directory` changed since): it is served until the
@@ -550,44 +587,148 @@ fn from_another_directory(cfg: &AcmeSettings, host: &str) -> bool {
         .is_ok_and(|d| d.trim() != cfg.directory)
 }
 
+/// Replaces `path` with `data` (mode 0600) in one step: after a crash it
+/// holds the old data or the new, and the new is on disk once this returns.
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn host_dir(cfg: &AcmeSettings, host: &str) -> PathBuf {
     cfg.state_dir.join("certs").join(host)
 }
 
-/// Loads a stored certificate for `host`; `None` if missing or unreadable.
-fn load_stored(cfg: &AcmeSettings, host: &str) -> Option<(Arc<CertifiedKey>, u64)> {
+/// A chain and key that load and match, and the leaf's `notAfter`.
+fn load_pair(pem: &CertPem) -> Result<(CertifiedKey, u64), String> {
+    let k = crate::proxy::tls::certified_key_from_pem(pem.chain.as_bytes(), pem.key.as_bytes())?;
+    let na = k
+        .cert
+        .first()
+        .and_then(|c| cert_not_after(c))
+        .ok_or("no notAfter in the certificate")?;
+    Ok((k, na))
+}
+
+/// A bundle's key and chain (the key comes first).
+fn split_bundle(text: &str) -> Result<CertPem, String> {
+    let at = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .ok_or("no certificate")?;
+    let (key, chain) = text.split_at(at);
+    Ok(CertPem {
+        chain: chain.to_string(),
+        key: key.to_string(),
+    })
+}
+
+/// Reads a file of a host's directory; `None` when it is not there.
+fn read_host_file(path: &Path) -> Option<Result<String, String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Some(Ok(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The stored certificate of `host`, checked: the bundle's or the one of
+/// `key.pem` and `fullchain.pem`, whichever loads and expires later (the
+/// bundle on a tie). A crash while they were written leaves one of them
+/// good. `None` if neither loads.
+fn read_stored(cfg: &AcmeSettings, host: &str) -> Option<(CertPem, CertifiedKey, u64)> {
     let dir = host_dir(cfg, host);
-    let files = crate::proxy::settings::CertFiles {
-        cert: dir.join("fullchain.pem"),
-        key: dir.join("key.pem"),
+    let bundle = read_host_file(&dir.join(BUNDLE_FILE)).map(|t| split_bundle(&t?));
+    let files = match (
+        read_host_file(&dir.join(CHAIN_FILE)),
+        read_host_file(&dir.join(KEY_FILE)),
+    ) {
+        (None, None) => None,
+        (chain, key) => Some((|| -> Result<CertPem, String> {
+            Ok(CertPem {
+                chain: chain.ok_or("fullchain.pem missing")??,
+                key: key.ok_or("key.pem missing")??,
+            })
+        })()),
     };
-    if !files.cert.exists() {
-        return None;
-    }
-    match crate::proxy::tls::load_certified_key(&files) {
-        Ok(k) => {
-            let na = k.cert.first().and_then(|c| cert_not_after(c))?;
-            Some((Arc::new(k), na))
+    let mut best: Option<(CertPem, CertifiedKey, u64)> = None;
+    for (what, pem) in [(BUNDLE_FILE, bundle), ("key.pem and fullchain.pem", files)] {
+        let Some(pem) = pem else { continue };
+        match pem.and_then(|p| load_pair(&p).map(|(k, na)| (p, k, na))) {
+            Ok(x) => {
+                if best.as_ref().is_none_or(|b| x.2 > b.2) {
+                    best = Some(x);
+                }
+            }
+            Err(e) => warn!(host, file = what, error = %e, "stored ACME certificate unusable"),
         }
-        Err(e) => {
-            warn!(host, error = %e, "stored ACME certificate unusable; ordering a new one");
-            None
+    }
+    best
+}
+
+/// Loads the stored certificate for `host`; `None` if missing or unusable.
+/// Files that do not hold it (a crash while they were written) are written
+/// again.
+fn load_stored(cfg: &AcmeSettings, host: &str) -> Option<(Arc<CertifiedKey>, u64)> {
+    let (pem, k, na) = read_stored(cfg, host)?;
+    let dir = host_dir(cfg, host);
+    let same = |f: &str, want: &str| std::fs::read_to_string(dir.join(f)).is_ok_and(|t| t == want);
+    if !same(BUNDLE_FILE, &bundle_text(&pem))
+        || !same(KEY_FILE, &pem.key)
+        || !same(CHAIN_FILE, &pem.chain)
+    {
+        match store_pair(&dir, &pem) {
+            Ok(()) => info!(host, "stored ACME certificate files written again"),
+            Err(e) => warn!(host, error = %e, "stored ACME certificate files not written again"),
         }
     }
+    Some((Arc::new(k), na))
+}
+
+/// The content of a bundle: the key, then the chain.
+fn bundle_text(pem: &CertPem) -> zeroize::Zeroizing<String> {
+    let mut t = zeroize::Zeroizing::new(String::with_capacity(pem.key.len() + pem.chain.len() + 1));
+    t.push_str(&pem.key);
+    if !t.ends_with('\n') {
+        t.push('\n');
+    }
+    t.push_str(&pem.chain);
+    t
+}
+
+/// Writes a checked certificate to `dir`: the bundle first, then `key.pem`
+/// and `fullchain.pem`. Whenever it stops (a crash, a full disk), the bundle
+/// or those two hold a matching pair, the newest that did. An error: the
+/// bundle is not written (those two failing only log, the bundle holds it).
+fn store_pair(dir: &Path, pem: &CertPem) -> Result<(), String> {
+    let bundle = dir.join(BUNDLE_FILE);
+    std::fs::create_dir_all(dir)
+        .and_then(|()| write_private(&bundle, bundle_text(pem).as_bytes()))
+        .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let files = write_private(&dir.join(KEY_FILE), pem.key.as_bytes())
+        .and_then(|()| write_private(&dir.join(CHAIN_FILE), pem.chain.as_bytes()));
+    if let Err(e) = files {
+        warn!(dir = %dir.display(), error = %e, "ACME key.pem and fullchain.pem not written; bundle.pem holds the certificate");
+    }
+    Ok(())
 }
 
 async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
@@ -595,7 +736,18 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
     let http = || -> Result<Box<dyn HttpClient>, String> {
         Ok(Box::new(AcmeHttp::new(cfg.directory_ca.as_deref())?))
     };
-    if let Ok(text) = std::fs::read(&path) {
+    let stored = match std::fs::read(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // Another account would be made over the one that is there.
+        Err(e) => {
+            return Err(format!(
+                "ACME account {}: {e} (fix or remove it; no new account is made)",
+                path.display()
+            ))
+        }
+    };
+    if let Some(text) = stored {
         // The account belongs to the directory it was made at (its URLs are
         // that CA's): a `directory` changed since (staging to production)
         // gets an account of its own, the old file kept beside.
@@ -625,6 +777,8 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
         };
         let _ = std::fs::rename(&path, cfg.state_dir.join(aside));
     }
+    // The new account's key must be kept: the directory is checked first.
+    writable_dir(&cfg.state_dir).map_err(|e| format!("ACME state_dir {e}"))?;
     let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
     let (acct, creds) = Account::create_with_http(
         &NewAccount {
@@ -638,12 +792,19 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
     )
     .await
     .map_err(|e| format!("ACME account at {}: {e}", cfg.directory))?;
-    let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(&creds).map_err(|e| e.to_string())?);
     write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
     info!(directory = %cfg.directory, "ACME account created");
     Ok(acct)
+}
+
+/// Creates `dir` if missing and checks that a file can be written in it.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(".write-test");
+    std::fs::create_dir_all(dir)
+        .and_then(|()| write_private(&probe, b""))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 fn alpn_cert(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
@@ -825,6 +986,9 @@ async fn issue_inner(
             tokio::time::sleep(SHARE_SETTLE).await;
             keep_shared(sh, host, &mut held, &answers.published).await?;
         }
+        if !state.wants(host) {
+            return Err(NOT_WANTED.into());
+        }
         order
             .set_challenge_ready(&ch.url)
             .await
@@ -866,18 +1030,17 @@ async fn issue_inner(
     }
     .await;
     result?;
+    finalizable(order.state().status)?;
 
     let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params =
         rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&kp).map_err(|e| e.to_string())?;
-    if order.state().status == OrderStatus::Ready {
-        order
-            .finalize(csr.der())
-            .await
-            .map_err(|e| format!("finalize: {e}"))?;
-    }
+    order
+        .finalize(csr.der())
+        .await
+        .map_err(|e| format!("finalize: {e}"))?;
     let mut delay = Duration::from_millis(250);
     let chain = loop {
         match order
@@ -895,30 +1058,58 @@ async fn issue_inner(
             }
         }
     };
-    let dir = host_dir(cfg, host);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    write_private(&dir.join("key.pem"), kp.serialize_pem().as_bytes())
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    write_private(&dir.join("fullchain.pem"), chain.as_bytes())
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    write_private(&dir.join(DIRECTORY_FILE), cfg.directory.as_bytes())
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (k, na) = load_stored(cfg, host).ok_or("the issued certificate does not load")?;
-    state.certs.write().insert(host.to_string(), (k, na));
-    info!(host, not_after = na, "ACME certificate issued");
-    Ok(CertPem {
+    let pem = CertPem {
         chain,
         key: kp.serialize_pem(),
-    })
+    };
+    install(state, cfg, host, &pem)?;
+    Ok(pem)
 }
 
-/// The stored certificate of `host` as PEM, if both files read.
-fn stored_pem(cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
+/// An order's error when its host was dropped from the config meanwhile.
+const NOT_WANTED: &str = "the host is no longer wanted";
+
+/// Whether an order whose validation ended in `status` can be finalized
+/// with a key made now. One already valid was finalized before (the CA
+/// handed back an earlier order): its certificate is for a key this hub
+/// does not hold.
+fn finalizable(status: OrderStatus) -> Result<(), String> {
+    match status {
+        OrderStatus::Ready => Ok(()),
+        s => Err(format!(
+            "the ACME server's order is {s:?}, finalized with a key this hub does not hold; not used"
+        )),
+    }
+}
+
+/// Checks an issued certificate with its key (they load, match, and the
+/// leaf is valid for `host`), then stores and serves it; nothing changes on
+/// disk or in memory when it does not check.
+fn install(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> Result<(), String> {
+    let (k, na) = load_pair(pem)
+        .and_then(|(k, na)| {
+            if covers(&k, host) {
+                Ok((k, na))
+            } else {
+                Err(format!("not valid for {host}"))
+            }
+        })
+        .map_err(|e| format!("the issued certificate: {e}"))?;
     let dir = host_dir(cfg, host);
-    Some(CertPem {
-        chain: std::fs::read_to_string(dir.join("fullchain.pem")).ok()?,
-        key: std::fs::read_to_string(dir.join("key.pem")).ok()?,
-    })
+    store_pair(&dir, pem)?;
+    write_private(&dir.join(DIRECTORY_FILE), cfg.directory.as_bytes())
+        .map_err(|e| format!("{}: {e}", dir.join(DIRECTORY_FILE).display()))?;
+    state
+        .certs
+        .write()
+        .insert(host.to_string(), (Arc::new(k), na));
+    info!(host, not_after = na, "ACME certificate issued");
+    Ok(())
+}
+
+/// The stored certificate of `host` as PEM, if one loads.
+fn stored_pem(cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
+    read_stored(cfg, host).map(|(pem, _, _)| pem)
 }
 
 /// Whether the leaf certificate of `key` is valid for the name `host` (for
@@ -976,9 +1167,7 @@ fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bo
         return false;
     }
     let dir = host_dir(cfg, host);
-    let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| write_private(&dir.join("key.pem"), pem.key.as_bytes()))
-        .and_then(|()| write_private(&dir.join("fullchain.pem"), pem.chain.as_bytes()));
+    let written = store_pair(&dir, pem);
     // Which CA issued it is the other hub's business.
     let _ = std::fs::remove_file(dir.join(DIRECTORY_FILE));
     if let Err(e) = written {
@@ -1031,27 +1220,147 @@ pub const MESH_WAIT_LOGGED: Duration = Duration::from_secs(30);
 /// expires within this long.
 pub const ALONE_BEFORE: Duration = Duration::from_secs(7 * 86_400);
 
-type Retries = HashMap<String, (tokio::time::Instant, Duration)>;
+/// The wait after a host's first failed order.
+pub const RETRY_FIRST: Duration = Duration::from_secs(120);
+/// The longest wait between failed orders.
+pub const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// The wait after a failed order, given the one before it: 2 min, doubling
+/// up to 6 h. Orders run 2, 6, 14 and 30 min after the first failure (with
+/// it, 5 in its hour, as many as Let's Encrypt allows failed validations of
+/// a name per hour), then at 1 h 2 min, 2 h 6 min, 4 h 14 min, 8 h 30 min,
+/// and every 6 h after.
+fn retry_wait(last: Option<Duration>) -> Duration {
+    last.map_or(RETRY_FIRST, |b| (b * 2).clamp(RETRY_FIRST, RETRY_MAX))
+}
+
+/// When a failed host is tried again.
+struct Retry {
+    at: tokio::time::Instant,
+    /// The last wait.
+    wait: Duration,
+    /// Written to the host's [`RETRY_FILE`] (deleting it lets the next order
+    /// run at once).
+    stored: bool,
+}
+
+type Retries = HashMap<String, Retry>;
 
 /// What the manager remembers between rounds.
 #[derive(Default)]
 struct Rounds {
-    /// When each failed host is tried again, and the last wait.
+    /// When each failed host is tried again.
     retry_at: Retries,
     /// Hosts whose order waits for the mesh's etcd: since when, and whether
     /// that was logged (once it lasts [`MESH_WAIT_LOGGED`]).
     waiting: HashMap<String, (tokio::time::Instant, bool)>,
+    /// [`AcmeState::reloads`] as last seen.
+    reloads: Option<u64>,
 }
 
-/// Notes a failure for `host`: the next try waits twice as long as the last
-/// (5 s to an hour). The wait.
-fn failed(retry_at: &mut Retries, host: &str, e: &str) -> Duration {
-    let back = retry_at.get(host).map_or(Duration::from_secs(5), |(_, b)| {
-        (*b * 2).min(Duration::from_secs(3600))
-    });
+/// Notes a failure for `host`, in memory and in its [`RETRY_FILE`] (a
+/// restart waits too): the next try waits as [`retry_wait`] says. The wait.
+fn failed(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    retry_at: &mut Retries,
+    host: &str,
+    e: &str,
+) -> Duration {
+    let back = retry_wait(retry_at.get(host).map(|r| r.wait));
     warn!(host = %host, error = %e, retry_in = ?back, "ACME order failed");
-    retry_at.insert(host.to_string(), (tokio::time::Instant::now() + back, back));
+    let at = now_unix().saturating_add(back.as_secs());
+    let dir = host_dir(cfg, host);
+    let stored = std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            let text = format!("{at} {}\n{e}\n", back.as_secs());
+            write_private(&dir.join(RETRY_FILE), text.as_bytes())
+        })
+        .inspect_err(|err| {
+            warn!(host = %host, error = %err, dir = %dir.display(), "ACME retry time not written; a restart orders at once");
+        })
+        .is_ok();
+    retry_at.insert(
+        host.to_string(),
+        Retry {
+            at: tokio::time::Instant::now() + back,
+            wait: back,
+            stored,
+        },
+    );
+    state
+        .failures
+        .write()
+        .insert(host.to_string(), (e.to_string(), at));
     back
+}
+
+/// Reads the [`RETRY_FILE`] of `host`: when the next order may run (Unix
+/// seconds), the last wait and the last error.
+fn read_retry(cfg: &AcmeSettings, host: &str) -> Option<(u64, Duration, String)> {
+    let text = std::fs::read_to_string(host_dir(cfg, host).join(RETRY_FILE)).ok()?;
+    let (head, error) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+    let (at, wait) = head.split_once(' ')?;
+    let wait = Duration::from_secs(wait.trim().parse().ok()?).clamp(RETRY_FIRST, RETRY_MAX);
+    Some((at.trim().parse().ok()?, wait, error.trim_end().to_string()))
+}
+
+/// Forgets the failures of `host`: in memory and its [`RETRY_FILE`].
+fn clear_retry(cfg: &AcmeSettings, retry_at: &mut Retries, host: &str) {
+    retry_at.remove(host);
+    let _ = std::fs::remove_file(host_dir(cfg, host).join(RETRY_FILE));
+}
+
+/// How long `host` still waits after failed orders, if it does: as noted
+/// in memory, or after a restart in its [`RETRY_FILE`]. A file the operator
+/// deleted ends the wait.
+fn retry_left(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    retry_at: &mut Retries,
+    host: &str,
+) -> Option<Duration> {
+    if !retry_at.contains_key(host) {
+        let (at, wait, e) = read_retry(cfg, host)?;
+        // No longer than the longest wait, whatever the clock did.
+        let left = Duration::from_secs(at.saturating_sub(now_unix())).min(RETRY_MAX);
+        if !left.is_zero() {
+            info!(host = %host, retry_in = ?left, "ACME order waits after failed orders before the restart");
+        }
+        retry_at.insert(
+            host.to_string(),
+            Retry {
+                at: tokio::time::Instant::now() + left,
+                wait,
+                stored: true,
+            },
+        );
+        state.failures.write().insert(
+            host.to_string(),
+            (e, now_unix().saturating_add(left.as_secs())),
+        );
+    }
+    let r = retry_at.get(host)?;
+    let now = tokio::time::Instant::now();
+    if r.at <= now {
+        return None;
+    }
+    if r.stored && !host_dir(cfg, host).join(RETRY_FILE).exists() {
+        info!(host = %host, "ACME retry file removed: ordering now");
+        retry_at.remove(host);
+        return None;
+    }
+    Some(r.at - now)
+}
+
+/// After a reload: failed orders of `hosts` run again at once.
+fn reset_retries(cfg: Option<&AcmeSettings>, hosts: &[String], retry_at: &mut Retries) {
+    retry_at.clear();
+    if let Some(cfg) = cfg {
+        for h in hosts {
+            let _ = std::fs::remove_file(host_dir(cfg, h).join(RETRY_FILE));
+        }
+    }
 }
 
 /// Keeps the certificate of one host: loads it from disk or from the mesh,
@@ -1063,7 +1372,12 @@ async fn keep(
     host: &str,
     rounds: &mut Rounds,
 ) -> Option<Duration> {
-    let Rounds { retry_at, waiting } = rounds;
+    if !state.wants(host) {
+        return None;
+    }
+    let Rounds {
+        retry_at, waiting, ..
+    } = rounds;
     let due = |state: &AcmeState| {
         state
             .renew_time(host, cfg.renew_before.as_secs())
@@ -1083,13 +1397,11 @@ async fn keep(
     if !due(state) {
         // (A certificate loaded or taken from the mesh ends a failure too.)
         state.failures.write().remove(host);
+        clear_retry(cfg, retry_at, host);
         return None;
     }
-    let now = tokio::time::Instant::now();
-    if let Some((at, _)) = retry_at.get(host) {
-        if *at > now {
-            return Some(*at - now);
-        }
+    if let Some(left) = retry_left(state, cfg, retry_at, host) {
+        return Some(left);
     }
     if let Some(sh) = share {
         let expiring = state
@@ -1140,7 +1452,7 @@ async fn keep(
             }
             if !due(state) {
                 sh.unlock(host).await;
-                retry_at.remove(host);
+                clear_retry(cfg, retry_at, host);
                 state.failures.write().remove(host);
                 return None;
             }
@@ -1162,25 +1474,20 @@ async fn keep(
         Ok(_) if due(state) => {
             // Only a clock far ahead of the CA's makes a new certificate due:
             // ordering again would get the same, as often as it is asked.
-            let e = "the new certificate is already due for renewal: is this hub's clock right?"
-                .to_string();
+            let e = "the new certificate is already due for renewal: is this hub's clock right?";
             warn!(host = %host, "{e}");
-            let back = failed(retry_at, host, &e);
-            let at = now_unix().saturating_add(back.as_secs());
-            state.failures.write().insert(host.to_string(), (e, at));
-            Some(back)
+            Some(failed(state, cfg, retry_at, host, e))
         }
         Ok(_) => {
-            retry_at.remove(host);
+            clear_retry(cfg, retry_at, host);
             state.failures.write().remove(host);
             None
         }
-        Err(e) => {
-            let back = failed(retry_at, host, &e);
-            let at = now_unix().saturating_add(back.as_secs());
-            state.failures.write().insert(host.to_string(), (e, at));
-            Some(back)
+        Err(_) if !state.wants(host) => {
+            info!(host = %host, "ACME order given up: the host is no longer wanted");
+            None
         }
+        Err(e) => Some(failed(state, cfg, retry_at, host, &e)),
     }
 }
 
@@ -1194,6 +1501,11 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
             let Some(state) = weak.upgrade() else { return };
             let (cfg, hosts) = state.wanted.read().clone();
             let share = state.share();
+            let reloads = state.reloads.load(Ordering::Relaxed);
+            if rounds.reloads.is_some_and(|r| r != reloads) {
+                reset_retries(cfg.as_ref(), &hosts, &mut rounds.retry_at);
+            }
+            rounds.reloads = Some(reloads);
             let mut next = Duration::from_secs(60);
             if let Some(cfg) = cfg {
                 for host in hosts {
@@ -1523,19 +1835,32 @@ mod tests {
     #[test]
     fn renewal_waits_for_two_thirds_of_a_short_lifetime() {
         let day = 86_400;
+        // At `at`, or up to a tenth of `spread` earlier.
+        let near = |r: u64, at: u64, spread: u64| {
+            assert!(
+                r <= at && r >= at - spread / 10,
+                "{r} not in {at} - {spread}/10"
+            );
+        };
+        let h = "blog.gw.test";
         // 90 days, 30 before expiry: day 60.
-        assert_eq!(renew_at(Some(0), 90 * day, 30 * day), 60 * day);
+        near(renew_at(Some(0), 90 * day, 30 * day, h), 60 * day, 30 * day);
         // 90 days, 10 or 80 before expiry: day 80, day 10.
-        assert_eq!(renew_at(Some(0), 90 * day, 10 * day), 80 * day);
-        assert_eq!(renew_at(Some(0), 90 * day, 80 * day), 10 * day);
+        near(renew_at(Some(0), 90 * day, 10 * day, h), 80 * day, 10 * day);
+        near(renew_at(Some(0), 90 * day, 80 * day, h), 10 * day, 10 * day);
         // A one-day certificate with 30 days' margin: after 16 hours, not at once.
-        assert_eq!(
-            renew_at(Some(1000), 1000 + day, 30 * day),
-            1000 + day / 3 * 2
+        near(
+            renew_at(Some(1000), 1000 + day, 30 * day, h),
+            1000 + day / 3 * 2,
+            day / 3,
         );
         // No notBefore (or a broken one): the margin alone.
-        assert_eq!(renew_at(None, 90 * day, 30 * day), 60 * day);
-        assert_eq!(renew_at(Some(91 * day), 90 * day, 30 * day), 60 * day);
+        near(renew_at(None, 90 * day, 30 * day, h), 60 * day, 30 * day);
+        near(
+            renew_at(Some(91 * day), 90 * day, 30 * day, h),
+            60 * day,
+            30 * day,
+        );
         let mut p = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
         p.not_before = rcgen::date_time_ymd(2031, 7, 14);
         p.not_after = rcgen::date_time_ymd(2031, 7, 15);
@@ -1545,6 +1870,303 @@ mod tests {
             cert_validity(c.der()),
             Some((1_941_840_000 - day, 1_941_840_000))
         );
+    }
+
+    #[test]
+    fn renewal_is_spread_by_host_name() {
+        let day = 86_400;
+        let (nb, na, rb) = (1_000_000, 1_000_000 + 90 * day, 30 * day);
+        let a = renew_at(Some(nb), na, rb, "a.gw.test");
+        let b = renew_at(Some(nb), na, rb, "b.gw.test");
+        assert_ne!(a, b);
+        for r in [a, b] {
+            assert!(r <= na - rb && r >= na - rb - rb / 10, "{r}");
+        }
+        // The same host, the same time (across restarts too).
+        assert_eq!(renew_at(Some(nb), na, rb, "a.gw.test"), a);
+        // A margin longer than what is known of the lifetime: at once.
+        assert_eq!(renew_at(None, 100, rb, "a.gw.test"), 0);
+        // A margin near the whole lifetime: still after notBefore, so a new
+        // certificate is not due at once.
+        for h in ["a.gw.test", "b.gw.test", "c.gw.test"] {
+            assert!(renew_at(Some(nb), na, 89 * day, h) > nb);
+            assert!(renew_at(Some(nb), nb + day, rb, h) > nb + day / 2);
+        }
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "gatewire-acme-{tag}-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Settings whose CA is never reached: nothing listens on its port and
+    /// its `directory_ca` is missing.
+    fn cfg_in(dir: &Path) -> AcmeSettings {
+        AcmeSettings {
+            directory: "https://127.0.0.1:1/dir".into(),
+            contact: Vec::new(),
+            state_dir: dir.to_path_buf(),
+            directory_ca: Some(dir.join("no-such-ca.pem")),
+            challenge: AcmeChallenge::Http01,
+            renew_before: Duration::from_secs(30 * 86_400),
+            wildcard: false,
+            dns_listen: Vec::new(),
+        }
+    }
+
+    /// A self-signed certificate for `host` expiring in `year`, as PEM.
+    fn pem_for(host: &str, year: i32) -> CertPem {
+        let mut p = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+        p.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let kp = rcgen::KeyPair::generate().unwrap();
+        CertPem {
+            chain: p.self_signed(&kp).unwrap().pem(),
+            key: kp.serialize_pem(),
+        }
+    }
+
+    fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_mismatched_pair_is_refused_before_any_file_changes() {
+        let dir = tmpdir("mismatch");
+        let cfg = cfg_in(&dir);
+        let st = AcmeState::default();
+        let host = "blog.gw.test";
+        let good = pem_for(host, 2031);
+        install(&st, &cfg, host, &good).unwrap();
+        let before = files_of(&host_dir(&cfg, host));
+        let served = st.cert(host).unwrap();
+        // A chain with another key (an order finalized before), a
+        // certificate for another name, a chain that is not one.
+        let newer = pem_for(host, 2032);
+        let other = pem_for(host, 2032);
+        let bad = [
+            (
+                CertPem {
+                    chain: newer.chain.clone(),
+                    key: other.key.clone(),
+                },
+                "do not match",
+            ),
+            (pem_for("shop.gw.test", 2032), "not valid for blog.gw.test"),
+            (
+                CertPem {
+                    chain: "garbage".into(),
+                    key: newer.key.clone(),
+                },
+                "no PEM certificate",
+            ),
+        ];
+        for (pem, why) in bad {
+            let e = install(&st, &cfg, host, &pem).unwrap_err();
+            assert!(e.contains(why), "{e}");
+            assert!(!e.contains("PRIVATE KEY"), "{e}");
+            assert_eq!(files_of(&host_dir(&cfg, host)), before);
+            assert!(Arc::ptr_eq(&st.cert(host).unwrap(), &served));
+        }
+        // An order found valid before this hub's finalize is not used.
+        assert!(finalizable(OrderStatus::Ready).is_ok());
+        for s in [OrderStatus::Valid, OrderStatus::Processing] {
+            let e = finalizable(s).unwrap_err();
+            assert!(e.contains("does not hold"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_stored_pair_survives_a_crash_between_its_files() {
+        let dir = tmpdir("crash");
+        let cfg = cfg_in(&dir);
+        let st = AcmeState::default();
+        let host = "*.gw.test";
+        let hd = host_dir(&cfg, host);
+        let old = pem_for(host, 2031);
+        let new = pem_for(host, 2032);
+        let na = |p: &CertPem| load_pair(p).unwrap().1;
+        // An install from before the bundle: loaded, and the bundle written.
+        std::fs::create_dir_all(&hd).unwrap();
+        std::fs::write(hd.join(KEY_FILE), &old.key).unwrap();
+        std::fs::write(hd.join(CHAIN_FILE), &old.chain).unwrap();
+        assert_eq!(load_stored(&cfg, host).unwrap().1, na(&old));
+        assert_eq!(
+            split_bundle(&std::fs::read_to_string(hd.join(BUNDLE_FILE)).unwrap()).unwrap(),
+            old
+        );
+        install(&st, &cfg, host, &new).unwrap();
+        // A crash after the bundle, between key.pem and fullchain.pem.
+        std::fs::write(hd.join(KEY_FILE), &new.key).unwrap();
+        std::fs::write(hd.join(CHAIN_FILE), &old.chain).unwrap();
+        let (k, t) = load_stored(&cfg, host).unwrap();
+        assert_eq!(t, na(&new));
+        k.keys_match().unwrap();
+        // The two files hold the pair again.
+        assert_eq!(
+            std::fs::read_to_string(hd.join(CHAIN_FILE)).unwrap(),
+            new.chain
+        );
+        assert_eq!(stored_pem(&cfg, host).unwrap(), new);
+        // A crash right after the bundle: the two files hold the old pair.
+        install(&st, &cfg, host, &old).unwrap();
+        std::fs::write(hd.join(BUNDLE_FILE), bundle_text(&new).as_bytes()).unwrap();
+        assert_eq!(load_stored(&cfg, host).unwrap().1, na(&new));
+        assert_eq!(std::fs::read_to_string(hd.join(KEY_FILE)).unwrap(), new.key);
+        // A bundle that does not load: the two files.
+        install(&st, &cfg, host, &new).unwrap();
+        std::fs::write(hd.join(BUNDLE_FILE), &new.key).unwrap();
+        assert_eq!(load_stored(&cfg, host).unwrap().1, na(&new));
+        assert_eq!(
+            split_bundle(&std::fs::read_to_string(hd.join(BUNDLE_FILE)).unwrap()).unwrap(),
+            new
+        );
+        // Nothing loads: none.
+        std::fs::write(hd.join(BUNDLE_FILE), "x").unwrap();
+        std::fs::write(hd.join(KEY_FILE), &old.key).unwrap();
+        assert!(load_stored(&cfg, host).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn failed_orders_back_off_from_two_minutes_to_six_hours() {
+        let mut t = 0;
+        let mut last = None;
+        // The failed order itself, then the retries within its hour.
+        let mut first_hour = 1;
+        for _ in 0..20 {
+            let w = retry_wait(last);
+            t += w.as_secs();
+            if t < 3600 {
+                first_hour += 1;
+            }
+            last = Some(w);
+        }
+        assert!(first_hour <= 5, "{first_hour}");
+        assert_eq!(retry_wait(None), Duration::from_secs(120));
+        assert_eq!(
+            retry_wait(Some(Duration::from_secs(120))),
+            Duration::from_secs(240)
+        );
+        assert_eq!(last, Some(RETRY_MAX));
+        assert_eq!(retry_wait(Some(RETRY_MAX)), RETRY_MAX);
+    }
+
+    #[test]
+    fn the_retry_time_survives_a_restart() {
+        let dir = tmpdir("retry");
+        let cfg = cfg_in(&dir);
+        let host = "shop.gw.test";
+        let file = host_dir(&cfg, host).join(RETRY_FILE);
+        let st = AcmeState::default();
+        let mut r = Retries::new();
+        assert_eq!(
+            failed(&st, &cfg, &mut r, host, "validation failed: x"),
+            RETRY_FIRST
+        );
+        assert!(file.exists());
+        // Another process: it waits, and the wait doubles from there.
+        let st = AcmeState::default();
+        let mut r = Retries::new();
+        let left = retry_left(&st, &cfg, &mut r, host).unwrap();
+        assert!(left > RETRY_FIRST - Duration::from_secs(10) && left <= RETRY_FIRST);
+        assert_eq!(
+            st.failures.read().get(host).map(|(e, _)| e.as_str()),
+            Some("validation failed: x")
+        );
+        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 2);
+        // The operator deletes the file: the next order runs at once, and
+        // its wait starts over.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
+        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
+        // A reload: the same.
+        reset_retries(Some(&cfg), &[host.to_string()], &mut r);
+        assert!(!file.exists());
+        assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
+        // A time that passed: no wait, the last one is kept.
+        std::fs::write(
+            &file,
+            format!("1000 {}\nold\n", (RETRY_FIRST * 4).as_secs()),
+        )
+        .unwrap();
+        let mut r = Retries::new();
+        assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
+        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 8);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_host_dropped_from_the_config_is_not_ordered() {
+        let dir = tmpdir("dropped");
+        let cfg = cfg_in(&dir);
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec!["kept.gw.test".into()], Vec::new());
+        let mut rounds = Rounds::default();
+        // Dropped by a reload during the round: not ordered.
+        assert_eq!(
+            keep(&st, &cfg, None, "gone.gw.test", &mut rounds).await,
+            None
+        );
+        assert!(st.failures.read().is_empty());
+        assert!(!host_dir(&cfg, "gone.gw.test").exists());
+        // A wanted one is (its CA is not reached: a failed order).
+        assert_eq!(
+            keep(&st, &cfg, None, "kept.gw.test", &mut rounds).await,
+            Some(RETRY_FIRST)
+        );
+        let e = st.failures.read().get("kept.gw.test").unwrap().0.clone();
+        assert!(e.contains("no-such-ca.pem"), "{e}");
+        assert!(host_dir(&cfg, "kept.gw.test").join(RETRY_FILE).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_account_file_is_kept() {
+        let dir = tmpdir("account");
+        let mut cfg = cfg_in(&dir);
+        // With the system bundle, an attempt would reach 127.0.0.1:1.
+        cfg.directory_ca = None;
+        let path = dir.join("account.json");
+        std::fs::create_dir(&path).unwrap();
+        let Err(e) = account(&cfg).await else {
+            panic!("an account from an unreadable file")
+        };
+        assert!(
+            e.contains("account.json") && e.contains("no new account"),
+            "{e}"
+        );
+        assert!(!e.contains("127.0.0.1"), "{e}");
+        assert!(path.is_dir());
+        // A state_dir where nothing can be written: no account is made.
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::create_dir(dir.join(".write-test.tmp")).unwrap();
+        let Err(e) = account(&cfg).await else {
+            panic!("an account that could not be kept")
+        };
+        assert!(e.contains("state_dir"), "{e}");
+        assert!(!e.contains("127.0.0.1"), "{e}");
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
