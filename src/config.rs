@@ -312,7 +312,7 @@ impl Ctx<'_> {
                 } else {
                     f.clone()
                 };
-                let s = std::fs::read_to_string(&f).map_err(|e| {
+                let s = crate::keys::read_secret_file(&f).map_err(|e| {
                     self.err(format!("[{section}] private_key_file {}: {e}", f.display()))
                 })?;
                 PrivateKey::from_base64(&s).map_err(|e| {
@@ -714,7 +714,7 @@ fn node_tls_proxy(
             } else {
                 f.clone()
             };
-            let s = std::fs::read_to_string(&f)
+            let s = crate::keys::read_secret_file(&f)
                 .map_err(|e| ctx.err(format!("{what} tls_proxy_auth_file {}: {e}", f.display())))?;
             let line = s.lines().next().unwrap_or("");
             let c = crate::carrier::connect::Credentials::parse(line)

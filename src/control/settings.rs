@@ -104,7 +104,7 @@ pub fn validate(
         None => None,
         Some(f) => {
             let f = resolve(f);
-            let t = std::fs::read_to_string(&f)
+            let t = crate::keys::read_secret_file(&f)
                 .map_err(|e| format!("[control] admin_token_file {}: {e}", f.display()))?;
             let t = t.trim().to_string();
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -198,4 +198,32 @@ pub fn validate(
         revalidate: Duration::from_secs(revalidate),
         grace: raw.grace.unwrap_or(86_400),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_file_is_read_as_a_secret() {
+        let dir = std::env::temp_dir().join(format!("gw-control-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ok"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(dir.join("big"), vec![b't'; 64 * 1024 + 1]).unwrap();
+        let with = |f: &str| {
+            let raw: RawControl =
+                toml::from_str(&format!("state_dir = \"s\"\nadmin_token_file = \"{f}\"\n"))
+                    .unwrap();
+            validate(raw, "wg0", &[], &dir)
+        };
+        let s = with("ok").unwrap();
+        assert!(s.admin_token.unwrap().matches("0123456789abcdef0123"));
+        let e = with("big").err().unwrap();
+        assert!(
+            e.contains("admin_token_file") && e.contains("larger than"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

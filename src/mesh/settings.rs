@@ -111,6 +111,12 @@ fn read_file(what: &str, p: &Path, base: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(&p).map_err(|e| format!("[mesh] {what} {}: {e}", p.display()))
 }
 
+/// [`read_file`] for the password and the secret (regular file, size cap).
+fn read_secret(what: &str, p: &Path, base: &Path) -> Result<Vec<u8>, String> {
+    let p = base.join(p);
+    crate::keys::read_secret_bytes(&p).map_err(|e| format!("[mesh] {what} {}: {e}", p.display()))
+}
+
 /// Validates `[mesh]`. `has_listener`: the proxy has an HTTP or HTTPS
 /// listener (the mesh forwards to and from those).
 pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSettings, String> {
@@ -180,7 +186,7 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
     }
     let user = match (raw.username, raw.password_file) {
         (Some(u), Some(p)) => {
-            let pw = read_file("password_file", &p, base)?;
+            let pw = read_secret("password_file", &p, base)?;
             let pw =
                 String::from_utf8(pw).map_err(|_| "[mesh] password_file: not UTF-8".to_string())?;
             Some((u, pw.trim_end_matches(['\r', '\n']).to_string()))
@@ -207,7 +213,7 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
         secret: raw
             .secret_file
             .map(|p| -> Result<MeshSecret, String> {
-                let b = read_file("secret_file", &p, base)?;
+                let b = read_secret("secret_file", &p, base)?;
                 let mut keys = Vec::new();
                 for (i, line) in b.split(|&c| c == b'\n').enumerate() {
                     let line = line.trim_ascii();
@@ -289,6 +295,12 @@ mod tests {
             "{e}"
         );
         assert!(with("missing.key").unwrap_err().contains("secret_file"));
+        std::fs::write(dir.join("big.key"), vec![b'k'; 64 * 1024 + 1]).unwrap();
+        let e = with("big.key").unwrap_err();
+        assert!(
+            e.contains("secret_file") && e.contains("larger than"),
+            "{e}"
+        );
         assert!(parse(OK).unwrap().secret.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -393,31 +393,30 @@ fn hide_userinfo(s: &str) -> String {
 
 /// Hides passwords (`password=` values, SOCKS `user:pass@`) in a URI string.
 pub fn redact_uri(s: &str) -> String {
-    let (head, query) = match s.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (s, None),
-    };
     let mut out = String::with_capacity(s.len());
-    // userinfo: between "://" and the first '@' before any '/'
-    match head.split_once("://") {
+    // userinfo: between "://" and the last '@', since a password may hold
+    // '/', '?' or '@'; an '@' further on only hides more.
+    let rest = match s.split_once("://") {
         Some((scheme, rest)) => {
             out.push_str(scheme);
             out.push_str("://");
-            let auth_end = rest.find('/').unwrap_or(rest.len());
-            let (auth, tail) = rest.split_at(auth_end);
-            match auth.rsplit_once('@') {
+            match rest.rsplit_once('@') {
                 Some((user, host)) => {
                     let user = user.split_once(':').map_or(user, |(u, _)| u);
                     out.push_str(user);
                     out.push_str(":***@");
-                    out.push_str(host);
+                    host
                 }
-                None => out.push_str(auth),
+                None => rest,
             }
-            out.push_str(tail);
         }
-        None => out.push_str(head),
-    }
+        None => s,
+    };
+    let (head, query) = match rest.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (rest, None),
+    };
+    out.push_str(head);
     if let Some(q) = query {
         out.push('?');
         let parts: Vec<String> = q
@@ -1063,6 +1062,28 @@ mod tests {
             UriErrorKind::PasswordTooLong
         );
         assert!(LinkUri::parse("socks://a:1/b:2", Version::V0_4, UriRole::Listen).is_err());
+    }
+
+    #[test]
+    fn redact_uri_hides_passwords_holding_separators() {
+        for s in [
+            "socks://u:pa/ss@proxy:1080/t:1",
+            "socks://u:pa?ss@proxy:1080/t:1",
+            "socks://u:pa@ss@proxy:1080/t:1",
+        ] {
+            let r = redact_uri(s);
+            assert_eq!(r, "socks://u:***@proxy:1080/t:1", "{s}");
+            assert!(!r.contains("ss"), "{r}");
+        }
+        assert_eq!(
+            redact_uri("quic://h:1?key=ab&password=secret"),
+            "quic://h:1?key=ab&password=***"
+        );
+        assert_eq!(
+            redact_uri("socks://u:p@h:1/t:2?password=x"),
+            "socks://u:***@h:1/t:2?password=***"
+        );
+        assert_eq!(redact_uri("tcp://h:1"), "tcp://h:1");
     }
 
     #[test]

@@ -159,23 +159,26 @@ fn report(st: Status) -> OverlayReport {
             r.address = me.address.to_string();
             r.subnet = me.subnet.to_string();
             r.public_key = me.key.to_hex();
-            r.peers = peers
-                .into_iter()
-                .map(|p| PeerReport {
-                    public_key: p.key.map(|k| k.to_hex()),
-                    address: p.address.map(|a| a.to_string()),
-                    remote: p.remote,
-                    up: p.up.unwrap_or(true),
-                    uptime: p.uptime,
-                    inbound: p.inbound,
-                    rx_bytes: p.bytes_recvd,
-                    tx_bytes: p.bytes_sent,
-                })
-                .collect();
+            r.peers = peers.into_iter().map(peer_report).collect();
         }
         Err(e) => r.daemon.admin_error = Some(e.to_string()),
     }
     r
+}
+
+/// One `getPeers` entry as shown; a SOCKS `user:pass@` or `password=` in
+/// its remote URI is hidden.
+fn peer_report(p: super::admin::PeerInfo) -> PeerReport {
+    PeerReport {
+        public_key: p.key.map(|k| k.to_hex()),
+        address: p.address.map(|a| a.to_string()),
+        remote: p.remote.as_deref().map(super::identity::redact_uri),
+        up: p.up.unwrap_or(true),
+        uptime: p.uptime,
+        inbound: p.inbound,
+        rx_bytes: p.bytes_recvd,
+        tx_bytes: p.bytes_sent,
+    }
 }
 
 /// Text form, in the style of `gatewire show`.
@@ -219,5 +222,28 @@ pub fn print_text(r: &OverlayReport) {
             "    transfer: {} B received, {} B sent",
             p.rx_bytes, p.tx_bytes
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_remote_hides_passwords() {
+        let p: super::super::admin::PeerInfo = serde_json::from_value(serde_json::json!({
+            "remote": "socks://alice:s3cret@proxy:1080/peer.example:443?password=pw2",
+            "bytes_recvd": 5,
+        }))
+        .unwrap();
+        let r = peer_report(p);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("s3cret") && !json.contains("pw2"), "{json}");
+        assert_eq!(
+            r.remote.as_deref(),
+            Some("socks://alice:***@proxy:1080/peer.example:443?password=***")
+        );
+        assert_eq!(r.rx_bytes, 5);
     }
 }

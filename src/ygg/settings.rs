@@ -158,7 +158,7 @@ pub fn validate(raw: RawYggdrasil, base: &Path) -> Result<YggSettings, String> {
         (None, Some(f)) => {
             let f = resolve(f);
             let what = format!("[yggdrasil] private_key_file {}", f.display());
-            let s = std::fs::read_to_string(&f).map_err(|e| format!("{what}: {e}"))?;
+            let s = crate::keys::read_secret_file(&f).map_err(|e| format!("{what}: {e}"))?;
             read_key(&s, &what)?
         }
     };
@@ -347,6 +347,35 @@ mod tests {
         let raw: RawYggdrasil = toml::from_str("private_key_file = \"missing\"\n").unwrap();
         let e = validate(raw, &dir).unwrap_err();
         assert!(e.contains("private_key_file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_fifo_key_file_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("gw-ygg-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("k.fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.clone();
+        std::thread::spawn(move || {
+            let raw: RawYggdrasil = toml::from_str("private_key_file = \"k.fifo\"\n").unwrap();
+            let _ = tx.send(validate(raw, &d).map(|_| ()));
+        });
+        // A timeout here: the FIFO blocked the config load.
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.contains("private_key_file") && e.contains("not a regular file"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

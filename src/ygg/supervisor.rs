@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -46,6 +46,8 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const TAIL_LINES: usize = 12;
 /// Of those, how many go into the failure message.
 const REPORT_LINES: usize = 4;
+/// Longest daemon output line read; the rest of a longer one is dropped.
+const LINE_MAX: usize = 4096;
 
 /// Restart delays [pure]: `base * 2^n` capped at `max`, with "equal jitter"
 /// (a uniformly drawn value in the upper half of that), `n` counting the
@@ -204,7 +206,8 @@ impl Shared {
 }
 
 /// A running supervisor. Dropping it aborts the task, which kills the daemon
-/// (`kill_on_drop`); [`Supervisor::shutdown`] stops it gracefully.
+/// (`kill_on_drop`) and removes its files; [`Supervisor::shutdown`] stops
+/// it gracefully.
 pub struct Supervisor {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -262,12 +265,15 @@ impl Supervisor {
     /// Stops the daemon (SIGTERM, SIGKILL after a grace period) and waits.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        if let Some(t) = self.task.take() {
-            if tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), t)
+        if let Some(mut t) = self.task.take() {
+            if tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), &mut t)
                 .await
                 .is_err()
             {
-                warn!("yggdrasil supervisor did not stop in time");
+                warn!("yggdrasil supervisor did not stop in time; aborting it");
+                // Dropping its state kills the daemon and removes its files.
+                t.abort();
+                let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
             }
         }
     }
@@ -276,6 +282,47 @@ impl Supervisor {
 /// Resolves once a stop was requested (or the sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
+}
+
+/// `f`'s output, or `None` if a stop was requested first.
+async fn unless_stopped<T>(
+    stop: &mut watch::Receiver<bool>,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        v = f => Some(v),
+        _ = stopped(stop) => None,
+    }
+}
+
+/// Removes the daemon's files however the supervisor ends (stop, abort,
+/// panic): the config holds the private key and the status is stale. The
+/// socket stays if another daemon answers on it.
+struct Cleanup {
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("yggdrasil.conf"));
+        let _ = std::fs::remove_file(status_path(&self.dir));
+        let _ = clear_stale_socket(&self.socket);
+    }
+}
+
+/// Removes a socket file left by a killed daemon. One that answers belongs
+/// to another live yggdrasil (a hub and a node on one host both default to
+/// `ygg0`) and is an error.
+fn clear_stale_socket(path: &Path) -> Result<(), String> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "admin socket {} is in use by another yggdrasil; set a different [yggdrasil] interface",
+            path.display()
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
 }
 
 enum Outcome {
@@ -294,6 +341,10 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     {
         error!(dir = %dir.display(), error = %e, "yggdrasil: cannot create the state directory");
     }
+    let cleanup = Cleanup {
+        dir: dir.clone(),
+        socket: s.admin_socket.clone(),
+    };
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX, BACKOFF_STABLE);
     let mut first = true;
     loop {
@@ -339,10 +390,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         st.since = unix_now();
         st.pid = None;
     });
-    // The config holds the private key; the status is stale from now on.
-    let _ = std::fs::remove_file(dir.join("yggdrasil.conf"));
-    let _ = std::fs::remove_file(status_path(&dir));
-    let _ = std::fs::remove_file(&s.admin_socket);
+    drop(cleanup);
     info!(interface = %s.interface, "yggdrasil stopped");
 }
 
@@ -471,13 +519,50 @@ fn spawn_daemon(binary: &Path, conf: &Path) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// The next line of `r` without its line end, at most `max` bytes of it
+/// (the rest up to the newline is read and dropped), invalid UTF-8
+/// replaced; `None` at the end of the stream.
+async fn next_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut any = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            break;
+        }
+        any = true;
+        let (part, used, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (buf.get(..i).unwrap_or_default(), i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(part.get(..room).unwrap_or(part));
+        r.consume(used);
+        if end {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&line).into_owned()))
+}
+
 fn forward_lines(
     shared: Arc<Shared>,
     r: impl AsyncRead + Unpin + Send + 'static,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut r = BufReader::new(r);
+        // Read to the end whatever comes: a closed pipe kills the daemon
+        // (SIGPIPE) on its next line.
+        while let Ok(Some(line)) = next_line_capped(&mut r, LINE_MAX).await {
             let line: String = line.chars().take(400).collect();
             // Kernel link-local chatter the daemon complains about.
             if line.contains("incorrect source address") {
@@ -561,9 +646,10 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
     }
     let version = match s.version {
         Some(v) => v,
-        None => match detect_version(&s.binary).await {
-            Ok(v) => v,
-            Err(e) => {
+        None => match unless_stopped(stop, detect_version(&s.binary)).await {
+            None => return Outcome::Stopped,
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
                 return Outcome::Failed(format!(
                     "cannot tell the daemon's version: {e} (or set [yggdrasil] version)"
                 ))
@@ -577,16 +663,17 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
             return Outcome::Failed(format!("bad daemon config for yggdrasil {version}: {e}"))
         }
     };
+    if let Some(parent) = s.admin_socket.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    // A file left by a killed daemon would only delay the new one.
+    if let Err(e) = clear_stale_socket(&s.admin_socket) {
+        return Outcome::Failed(e);
+    }
     let conf = s.dir().join("yggdrasil.conf");
     if let Err(e) = write_private(&conf, &text) {
         return Outcome::Failed(format!("cannot write {}: {e}", conf.display()));
     }
-    if let Some(parent) = s.admin_socket.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    // We are the only user of this socket: a file left by a killed daemon
-    // would only delay the new one.
-    let _ = std::fs::remove_file(&s.admin_socket);
     shared.tail.lock().clear();
     let t0 = Instant::now();
     let mut child = match spawn_daemon(&s.binary, &conf) {
@@ -628,9 +715,13 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        match admin_self(s.admin_socket.clone(), version).await {
-            Ok(me) => break Some(me),
-            Err(e) => last_err = e,
+        match unless_stopped(stop, admin_self(s.admin_socket.clone(), version)).await {
+            None => {
+                stop_child(&mut child).await;
+                return Outcome::Stopped;
+            }
+            Some(Ok(me)) => break Some(me),
+            Some(Err(e)) => last_err = e,
         }
         if tokio::time::Instant::now() >= deadline {
             break None;
@@ -654,7 +745,13 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
                     routed = true;
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                if unless_stopped(stop, tokio::time::sleep(Duration::from_millis(200)))
+                    .await
+                    .is_none()
+                {
+                    stop_child(&mut child).await;
+                    return Outcome::Stopped;
+                }
             }
             if routed {
                 info!(
@@ -887,6 +984,112 @@ mod tests {
         // SAFETY: probing a PID we started.
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         assert!(!alive, "daemon {pid} survived shutdown");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn output_lines_are_capped_lossy_and_read_to_the_end() {
+        let mut text = b"bad \xff byte\r\nnext line\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 10_000));
+        text.extend_from_slice(b"\nlast without newline");
+        // A small buffer: lines span several reads.
+        let mut r = BufReader::with_capacity(7, text.as_slice());
+        let mut got = Vec::new();
+        while let Some(l) = next_line_capped(&mut r, 4096).await.unwrap() {
+            got.push(l);
+        }
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0], "bad \u{fffd} byte");
+        assert_eq!(got[1], "next line");
+        assert_eq!(got[2], "x".repeat(4096));
+        assert_eq!(got[3], "last without newline");
+        let mut empty = BufReader::new(&b""[..]);
+        assert_eq!(next_line_capped(&mut empty, 4096).await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_socket_another_daemon_answers_on_is_left_alone() {
+        let d = tmp("sockcheck");
+        let p = d.join("a.sock");
+        let l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let e = clear_stale_socket(&p).unwrap_err();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("in use by another yggdrasil"),
+            "{e}"
+        );
+        assert!(p.exists());
+        // Nobody listens any more: a stale file is removed.
+        drop(l);
+        clear_stale_socket(&p).unwrap();
+        assert!(!p.exists());
+        clear_stale_socket(&p).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_socket_in_use_fails_the_start_and_survives_shutdown() {
+        let d = tmp("sockbusy");
+        let s = settings(&d, "/bin/false");
+        let _l = std::os::unix::net::UnixListener::bind(&s.admin_socket).unwrap();
+        let sock = s.admin_socket.clone();
+        let sup = Supervisor::start(s);
+        let t0 = Instant::now();
+        while sup.status().last_error.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let err = sup.status().last_error.unwrap_or_default();
+        assert!(err.contains("in use by another yggdrasil"), "{err}");
+        assert!(!d.join("ygg-ygg0").join("yggdrasil.conf").exists());
+        sup.shutdown().await;
+        assert!(sock.exists(), "the other daemon's socket was removed");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_during_version_detection_is_prompt_and_cleans_up() {
+        // `-version` never answers: the stop must not wait for its timeout.
+        let d = tmp("slowversion");
+        let script = d.join("fake-ygg");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut s = settings(&d, script.to_str().unwrap());
+        s.version = None;
+        let sup = Supervisor::start(s);
+        let status = status_path(&d.join("ygg-ygg0"));
+        let t0 = Instant::now();
+        while !status.exists() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        sup.shutdown().await;
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(!status.exists(), "the status file outlived shutdown");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_supervisor_removes_the_key_file() {
+        let d = tmp("drop");
+        let script = d.join("fake-ygg");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sup = Supervisor::start(settings(&d, script.to_str().unwrap()));
+        let t0 = Instant::now();
+        while sup.status().pid.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let conf = d.join("ygg-ygg0").join("yggdrasil.conf");
+        assert!(conf.exists());
+        drop(sup);
+        let t0 = Instant::now();
+        while conf.exists() && t0.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !conf.exists(),
+            "the config with the key outlived the supervisor"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }
