@@ -1398,7 +1398,11 @@ async fn keep(
         // (A certificate loaded or taken from the mesh ends a failure too.)
         state.failures.write().remove(host);
         clear_retry(cfg, retry_at, host);
-        return None;
+        // Due before the next round: the manager looks again then (a
+        // certificate due a second after it was loaded waited a whole round).
+        return state
+            .renew_time(host, cfg.renew_before.as_secs())
+            .map(|at| Duration::from_secs(at.saturating_sub(now_unix()).max(1)));
     }
     if let Some(left) = retry_left(state, cfg, retry_at, host) {
         return Some(left);
