@@ -190,6 +190,12 @@ check "the blog route still has one backend" eval '[ "$(backends | jq -r "length
 check "blog answers from n1 only (20 requests)" eval '[ "$(blog_seen 20)" = n1 ]'
 other() { pcurl --resolve "other.$DOMAIN:80:$HUB4" "http://other.$DOMAIN/"; }
 check "n2's own name serves n2" eval '[ "$(other)" = n2 ]'
+# n1's blog listens on its loopback: its forwarder on the overlay answers the
+# hub (whose addresses the join wrote into the config), never another node.
+check "the config lists the hub's own overlay addresses" grep -q "^addresses = \[\"$HUBOV\"" "$d1/node.toml"
+check "the hub reaches n1's forwarder" eval '[ "$(lab_exec hub curl -sS --max-time 5 "http://$N1OV:8080/")" = n1 ]'
+check "n2 does not reach n1's loopback service through the forwarder" \
+    not lab_exec n2 curl -sS --max-time 5 "http://$N1OV:8080/"
 # Client address rules declared by the node reach the hub's route.
 must "n2's private service is active" wait_for 15 grep -q 'service active.*service=name:private' "$(lab_logfile n2)"
 check "the private route carries n2's deny rule (canonical form)" \
