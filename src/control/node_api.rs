@@ -189,10 +189,16 @@ async fn serve(
             let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
                 Ok(Ok(b)) => b.to_bytes(),
                 Ok(Err(e)) => {
+                    // Too large, or the body broke off (a reset, a bad chunk).
+                    let status = if e.is::<http_body_util::LengthLimitError>() {
+                        413
+                    } else {
+                        400
+                    };
                     return Ok(error(state::Error {
-                        status: 413,
+                        status,
                         message: format!("body: {e}"),
-                    }))
+                    }));
                 }
                 Err(_) => {
                     return Ok(error(state::Error {

@@ -614,6 +614,12 @@ impl State {
             check_peer_name(n)?;
         }
         let allowed_ips = match allowed_ips {
+            // A peer that may send from no address could never be used.
+            Some(v) if v.is_empty() => {
+                return Err(Error::bad(
+                    "allowed_ips: empty (leave it out to get addresses from the pool)",
+                ))
+            }
             Some(v) => {
                 let used = self.used_ips(ctx);
                 for n in &v {

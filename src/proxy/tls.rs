@@ -51,6 +51,9 @@ pub enum Hello {
 /// `deadline` and [`MAX_CLIENT_HELLO_LEN`] (plus one read) bytes.
 pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Duration) -> Hello {
     let mut buf = Vec::with_capacity(2048);
+    // The parser's lower bound on the bytes still missing: no parse before
+    // they are here (a hello in many tiny segments is not parsed per byte).
+    let mut want = 0;
     let work = async {
         loop {
             let mut chunk = [0u8; 4096];
@@ -59,6 +62,9 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Durati
                 Ok(n) => n,
             };
             buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            if buf.len() < want {
+                continue;
+            }
             match parse_client_hello(&buf) {
                 Ok(info) => {
                     let sni = info.server_name().cloned();
@@ -71,7 +77,9 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(s: &mut S, deadline: Durati
                         carrier,
                     };
                 }
-                Err(SniError::Incomplete { .. }) if buf.len() <= MAX_CLIENT_HELLO_LEN + 5 => {}
+                Err(SniError::Incomplete { needed }) if buf.len() <= MAX_CLIENT_HELLO_LEN + 5 => {
+                    want = buf.len() + needed.unwrap_or(1);
+                }
                 Err(SniError::Incomplete { .. }) => {
                     return Hello::Bad(SniError::TooLarge {
                         limit: MAX_CLIENT_HELLO_LEN,

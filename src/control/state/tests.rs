@@ -402,6 +402,12 @@ fn a_removed_nodes_address_goes_to_no_one_until_the_pool_comes_round() {
             .to_base64()
     };
     let v4 = |r: &NodeRecord| r.allowed_ips[0].to_string();
+    // An empty list is refused, not a peer that can send from nothing.
+    let err = s
+        .add_node(&ctx(&e, 1), &key(1), None, Some(Vec::new()))
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains("empty"), "{err}");
     // 100.64.1.0/29: hosts .1-.6, .1 the hub's.
     let a = s.add_node(&ctx(&e, 1), &key(1), None, None).unwrap();
     assert_eq!(v4(&a), "100.64.1.2/32");
