@@ -12,7 +12,9 @@ use gatewire::xlat::Pool6;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(pool6) = Pool6::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96) else {
+    // A network-specific prefix: the Well-Known Prefix would refuse the
+    // documentation addresses below (RFC 6052 §3.1) before the table.
+    let Ok(pool6) = Pool6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0), 96) else {
         return;
     };
     let mut t = Table::new(Settings {

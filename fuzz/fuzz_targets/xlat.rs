@@ -10,14 +10,20 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
 use gatewire::xlat::{
-    translate, translate_4to6, translate_6to4, Config, Eam, Outcome, OUT_BUF_LEN,
+    translate, translate_4to6, translate_6to4, Config, Eam, Outcome, Pool6, OUT_BUF_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
 fn config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
     CFG.get_or_init(|| {
-        let mut cfg = Config::default();
+        // A network-specific prefix: behind the Well-Known Prefix the
+        // documentation addresses below would be refused (RFC 6052 §3.1),
+        // hairpinning included.
+        let mut cfg = Config {
+            pool6: Pool6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0), 96).ok(),
+            ..Config::default()
+        };
         let eams = [
             (
                 Ipv4Addr::new(192, 0, 2, 0),

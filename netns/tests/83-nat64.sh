@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stateful NAT64 (RFC 6146) on the hub: n1, a node that uses only its IPv6
 # overlay, reaches IPv4-only servers in `pub` (bound to 203.0.113.10 only)
-# through 64:ff9b::/96. Its sessions leave the hub from pool4 198.51.100.200.
+# through 64:ff9b::/96 (wkp_strict = false: 203.0.113.10 is a documentation
+# address). Its sessions leave the hub from pool4 198.51.100.200.
 # Checked: HTTP (curl to [64:ff9b::cb00:710a]), a UDP echo, fragmented UDP in
 # order and out of order, ping (ICMPv6 echo <-> ICMPv4 echo by identifier), a
 # 20 MiB download intact, and a closed UDP port whose ICMPv4 port unreachable
@@ -26,6 +27,9 @@ cat >>"$conf" <<CONF
 
 [xlat]
 pool6 = "64:ff9b::/96"
+# pub's 203.0.113.10 is a documentation address, which the Well-Known Prefix
+# may not carry (RFC 6052 §3.1): the check is off in this lab.
+wkp_strict = false
 
 [xlat.nat64]
 pool4 = "$POOL4"

@@ -1574,7 +1574,8 @@ impl Inner {
                 }
                 if let Some(x) = &self.xlat {
                     let now = self.now_ms() / 1000;
-                    if let Some(o) = x.on_peer(pkt, xout, now) {
+                    let owns = |a: Ipv6Addr| table.routes.lookup(IpAddr::V6(a)).is_some();
+                    if let Some(o) = x.on_peer(pkt, xout, now, owns) {
                         self.xlat_emit(table, &o, xout, fwd, sink).await;
                         self.xlat_released(x, table, xout, fwd, sink, now).await;
                         return;

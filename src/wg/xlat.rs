@@ -11,6 +11,9 @@
 //!   destination): an IPv6 packet to pool6 or to an EAM IPv6 range is
 //!   translated 6→4; when its source has no EAM mapping it goes through NAT64
 //!   first (if configured).
+//! * Either way, an IPv6 packet to an EAM IPv6 range that no peer owns is
+//!   dropped (`eam_no_peer`): the EAM IPv4 ranges are routed onto the TUN,
+//!   so its translation would come straight back, again and again.
 //!
 //! Nothing here allocates per packet: the caller owns the output buffer
 //! ([`crate::xlat::OUT_BUF_LEN`] bytes; its last [`SCRATCH`] bytes are used as
@@ -28,6 +31,10 @@ pub const SCRATCH: usize = 65_536;
 /// Translator state of a device.
 pub struct XlatPath {
     cfg: Arc<xlat::Config>,
+    /// `cfg` for the packets NAT64 rewrote: their `pool6 + pool4` address
+    /// is the hub's own and may be non-global behind the Well-Known Prefix
+    /// (the table checks the remote addresses itself).
+    nat_cfg: Arc<xlat::Config>,
     nat: Option<Mutex<nat64::Table>>,
     pool4: Option<[u8; 4]>,
     /// IPv4 destinations (besides EAM ranges) translated through pool6.
@@ -51,7 +58,15 @@ impl XlatPath {
         via_pool6: Vec<ipnet::Ipv4Net>,
         icmp_error_rate: u32,
     ) -> Self {
+        let nat_cfg = match (&nat64, cfg.pool6) {
+            (Some(_), Some(p)) => Arc::new(xlat::Config {
+                pool6: Some(p.with_wkp_strict(false)),
+                ..(*cfg).clone()
+            }),
+            _ => cfg.clone(),
+        };
         XlatPath {
+            nat_cfg,
             budget: Mutex::new(xlat::budget::ErrorBudget::new(icmp_error_rate)),
             rate_limited: AtomicU64::new(0),
             via_pool6,
@@ -151,7 +166,7 @@ impl XlatPath {
             r?
         };
         let o = if r.outbound {
-            match xlat::translate_6to4(&self.cfg, &r.packet, out) {
+            match xlat::translate_6to4(&self.nat_cfg, &r.packet, out) {
                 // Its source is pool4 now, not the node's: no error can
                 // reach the node for it.
                 Outcome::Reply { cause, .. } => Outcome::Drop(cause),
@@ -202,19 +217,23 @@ impl XlatPath {
                 {
                     return None;
                 }
-                let o = xlat::translate_4to6(&self.cfg, pkt, out);
                 if !to_pool4 {
-                    return self.done(o, now);
+                    return self.done(xlat::translate_4to6(&self.cfg, pkt, out), now);
                 }
+                let o = xlat::translate_4to6(&self.nat_cfg, pkt, out);
                 self.done(self.nat_inbound(o, out, now), now)
             }
             Some(6) => {
                 let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
-                let eam = || {
-                    xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
-                        && !peer_owns(dst.into())
-                };
-                if !self.in_pool6(&dst) && !eam() {
+                if xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some() {
+                    // A peer's address goes to the peer as it is; any other
+                    // has nowhere to go.
+                    if peer_owns(dst.into()) {
+                        return None;
+                    }
+                    return self.done(Outcome::Drop(DropReason::EamNoPeer), now);
+                }
+                if !self.in_pool6(&dst) {
                     return None;
                 }
                 self.done(self.six_to_four(pkt, out, now), now)
@@ -254,9 +273,9 @@ impl XlatPath {
             }
             Some(6) => {
                 let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
-                let eam = xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
-                    && !peer_owns(std::net::Ipv6Addr::from(dst).into());
-                if !self.in_pool6(&dst) && !eam {
+                // To an EAM IPv6 range: a peer's, or dropped by `on_tun`.
+                if !self.in_pool6(&dst) || xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
+                {
                     return None;
                 }
                 // A source without a stateless mapping (NAT64) is not planned:
@@ -272,13 +291,25 @@ impl XlatPath {
     }
 
     /// A decrypted IPv6 packet from a peer that no other peer takes. `None`: not
-    /// for the translator.
-    pub fn on_peer(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Option<Outcome> {
+    /// for the translator. `peer_owns` as for [`Self::on_tun`].
+    pub fn on_peer(
+        &self,
+        pkt: &[u8],
+        out: &mut [u8],
+        now: u64,
+        peer_owns: impl Fn(std::net::Ipv6Addr) -> bool,
+    ) -> Option<Outcome> {
         if pkt.first().map(|b| b >> 4) != Some(6) {
             return None;
         }
         let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
-        if !self.in_pool6(&dst) && xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_none() {
+        if xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some() {
+            // Translated, it would come back from the TUN as IPv6 to the
+            // same address (the EAM IPv4 ranges are routed there).
+            if !peer_owns(dst.into()) {
+                return self.done(Outcome::Drop(DropReason::EamNoPeer), now);
+            }
+        } else if !self.in_pool6(&dst) {
             return None;
         }
         self.done(self.six_to_four(pkt, out, now), now)
@@ -314,13 +345,19 @@ impl XlatPath {
             Ok(nat64::Step::Held) => return Outcome::Held,
             Err(e) => return Outcome::Drop(e),
         }
-        match xlat::translate_6to4(&self.cfg, s, head) {
-            // An error about the packet must go to the node, not to the pool4
-            // address it was rewritten to: answer for the original packet.
-            Outcome::Reply { .. } => match xlat::translate_6to4(&self.cfg, pkt, head) {
-                o @ Outcome::Reply { .. } => o,
-                _ => Outcome::Drop(DropReason::Untranslatable),
-            },
+        match xlat::translate_6to4(&self.nat_cfg, s, head) {
+            // The error is about the rewritten packet, to the pool4 address:
+            // readdress it to the node, quoting the original.
+            Outcome::Reply { packets, cause } => {
+                let requoted = head
+                    .get_mut(..packets.total_len())
+                    .is_some_and(|r| xlat::requote_v6_error(r, pkt).is_ok());
+                if requoted {
+                    Outcome::Reply { packets, cause }
+                } else {
+                    Outcome::Drop(cause)
+                }
+            }
             o => o,
         }
     }
@@ -400,20 +437,34 @@ mod tests {
     use super::*;
     use std::net::Ipv6Addr;
 
-    /// An IPv6 UDP packet from 64:ff9b::198.51.100.2 to 64:ff9b::192.0.2.1
-    /// with hop limit `hop`.
-    fn udp6(hop: u8) -> Vec<u8> {
-        let src: Ipv6Addr = "64:ff9b::c633:6402".parse().unwrap();
-        let dst: Ipv6Addr = "64:ff9b::c000:201".parse().unwrap();
-        let payload = b"ping";
-        let ulen = 8 + payload.len();
-        let mut p = vec![0x60, 0, 0, 0, 0, ulen as u8, 17, hop];
+    /// A network-specific pool6 (the documentation addresses the tests use
+    /// are not global: the Well-Known Prefix refuses them, RFC 6052 §3.1).
+    const POOL6: &str = "2001:db8:64::";
+
+    fn pool6() -> xlat::Pool6 {
+        xlat::Pool6::new(POOL6.parse().unwrap(), 96).unwrap()
+    }
+
+    /// `pool6` + `v4`.
+    fn embed(pool6: &xlat::Pool6, v4: [u8; 4]) -> Ipv6Addr {
+        pool6.embed(v4).into()
+    }
+
+    /// An IPv6 UDP packet from `src` to `dst` with hop limit `hop` and `len`
+    /// bytes of payload, checksum right.
+    fn udp6_between(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, len: usize) -> Vec<u8> {
+        let ulen = (8 + len) as u16;
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&ulen.to_be_bytes());
+        p.extend_from_slice(&[17, hop]);
         p.extend_from_slice(&src.octets());
         p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, ulen as u8, 0, 0]);
-        p.extend_from_slice(payload);
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35]);
+        p.extend_from_slice(&ulen.to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend(std::iter::repeat_n(0x5a, len));
         let acc = xlat::csum::add(
-            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, ulen as u32),
+            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, u32::from(ulen)),
             xlat::csum::sum(&p[40..]),
         );
         let c = xlat::csum::finish(acc).to_be_bytes();
@@ -422,8 +473,21 @@ mod tests {
         p
     }
 
+    /// An IPv6 UDP packet from pool6 + 198.51.100.2 to pool6 + 192.0.2.1
+    /// with hop limit `hop`.
+    fn udp6(hop: u8) -> Vec<u8> {
+        let p = pool6();
+        udp6_between(
+            embed(&p, [198, 51, 100, 2]),
+            embed(&p, [192, 0, 2, 1]),
+            hop,
+            4,
+        )
+    }
+
     fn path(rate: u32) -> XlatPath {
         let cfg = xlat::Config {
+            pool6: Some(pool6()),
             self_v4: Some("198.51.100.1".parse().unwrap()),
             self_v6: Some("fd77:6777::1".parse().unwrap()),
             ..xlat::Config::default()
@@ -431,12 +495,8 @@ mod tests {
         XlatPath::new(Arc::new(cfg), None, Vec::new(), rate)
     }
 
-    /// A NAT64 hub's path: pool6 64:ff9b::/96, pool4 198.51.100.200.
-    fn nat_path() -> XlatPath {
-        let cfg = xlat::Config {
-            pool6: Some(xlat::Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap()),
-            ..xlat::Config::default()
-        };
+    /// A NAT64 hub's path with `cfg`, pool4 198.51.100.200.
+    fn nat_path_with(cfg: xlat::Config) -> XlatPath {
         let nat = nat64::Settings {
             pool4: "198.51.100.200".parse().unwrap(),
             ..nat64::Settings::default()
@@ -444,11 +504,20 @@ mod tests {
         XlatPath::new(Arc::new(cfg), Some(nat), Vec::new(), 10)
     }
 
-    /// A UDP datagram from a node to 64:ff9b::203.0.113.10, as two IPv6
+    fn nat_path() -> XlatPath {
+        nat_path_with(xlat::Config {
+            pool6: Some(pool6()),
+            ..xlat::Config::default()
+        })
+    }
+
+    const NODE: &str = "fd77:6777::1:1";
+
+    /// A UDP datagram from a node to pool6 + 203.0.113.10, as two IPv6
     /// fragments (the second carrying no ports).
     fn node_fragments(id: u32) -> [Vec<u8>; 2] {
-        let src: Ipv6Addr = "fd77:6777::1:1".parse().unwrap();
-        let dst: Ipv6Addr = "64:ff9b::cb00:710a".parse().unwrap();
+        let src: Ipv6Addr = NODE.parse().unwrap();
+        let dst = embed(&pool6(), [203, 0, 113, 10]);
         let payload = [0x5au8; 200];
         let ulen = 8 + payload.len();
         let mut l4 = vec![0x30, 0x39, 0x1b, 0x58, 0, ulen as u8, 0, 0];
@@ -480,10 +549,13 @@ mod tests {
         let x = nat_path();
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let [first, later] = node_fragments(7);
-        assert_eq!(x.on_peer(&later, &mut out, 10), Some(Outcome::Held));
+        assert_eq!(
+            x.on_peer(&later, &mut out, 10, |_| false),
+            Some(Outcome::Held)
+        );
         assert_eq!(x.released(&mut out, 10), None, "nothing before its first");
         assert_eq!(x.nat64_counts().map(|n| n.held_fragments), Some(1));
-        let Some(Outcome::Forward(p)) = x.on_peer(&first, &mut out, 10) else {
+        let Some(Outcome::Forward(p)) = x.on_peer(&first, &mut out, 10, |_| false) else {
             panic!("the first is translated");
         };
         let v4 = p.iter(&out).next().unwrap().to_vec();
@@ -505,12 +577,15 @@ mod tests {
         let x = nat_path();
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let [_, later] = node_fragments(8);
-        assert_eq!(x.on_peer(&later, &mut out, 10), Some(Outcome::Held));
+        assert_eq!(
+            x.on_peer(&later, &mut out, 10, |_| false),
+            Some(Outcome::Held)
+        );
         // Any NAT64 packet after the timeout sweeps the table.
         let [other, _] = node_fragments(9);
         let now = 10 + nat64::FRAG_TIMEOUT;
         assert!(matches!(
-            x.on_peer(&other, &mut out, now),
+            x.on_peer(&other, &mut out, now, |_| false),
             Some(Outcome::Forward(_))
         ));
         assert_eq!(x.drops().get("fragment"), Some(&1));
@@ -524,7 +599,7 @@ mod tests {
         let expired = udp6(1);
         let kinds = |x: &XlatPath, now: u64, out: &mut [u8]| -> Vec<&'static str> {
             (0..5)
-                .map(|_| match x.on_peer(&expired, out, now) {
+                .map(|_| match x.on_peer(&expired, out, now, |_| false) {
                     Some(Outcome::Reply { .. }) => "reply",
                     Some(Outcome::Drop(_)) => "drop",
                     Some(_) => "other",
@@ -548,11 +623,142 @@ mod tests {
         // The next second sends again; forwarded packets are never limited.
         assert_eq!(kinds(&x, 101, &mut out)[..2], ["reply", "reply"]);
         assert!(matches!(
-            x.on_peer(&udp6(64), &mut out, 101),
+            x.on_peer(&udp6(64), &mut out, 101, |_| false),
             Some(Outcome::Forward(_))
         ));
         // 0: no generated errors at all.
         let off = path(0);
         assert_eq!(kinds(&off, 100, &mut out), ["drop"; 5]);
+    }
+
+    /// A node's datagram through NAT64 that is too big for the IPv4 side
+    /// gets a Packet Too Big from the hub, to the node (not to pool4),
+    /// quoting the packet as the node sent it.
+    #[test]
+    fn nat64_packet_too_big_reaches_the_node() {
+        let x = nat_path_with(xlat::Config {
+            pool6: Some(pool6()),
+            self_v6: Some("fd77:6777::1".parse().unwrap()),
+            ipv4_mtu: 1300,
+            ..xlat::Config::default()
+        });
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let node: Ipv6Addr = NODE.parse().unwrap();
+        let big = udp6_between(node, embed(&pool6(), [203, 0, 113, 10]), 64, 1352);
+        assert_eq!(big.len(), 1400);
+        let Some(Outcome::Reply { packets, cause }) = x.on_peer(&big, &mut out, 10, |_| false)
+        else {
+            panic!("a Packet Too Big");
+        };
+        assert_eq!(cause, DropReason::PacketTooBig);
+        let r = packets.iter(&out).next().unwrap();
+        assert_eq!(&r[24..40], &node.octets(), "to the node");
+        assert_eq!((r[40], r[41]), (2, 0));
+        assert_eq!(u32::from_be_bytes([r[44], r[45], r[46], r[47]]), 1320);
+        assert_eq!(&r[48..], &big[..r.len() - 48], "the packet as sent");
+        let src: [u8; 16] = r[8..24].try_into().unwrap();
+        assert!(xlat::csum::verify(
+            xlat::csum::pseudo_v6(&src, &node.octets(), 58, (r.len() - 40) as u32),
+            &r[40..]
+        ));
+        assert_eq!(x.drops().get("packet_too_big"), Some(&1));
+        // One that fits goes.
+        let fits = udp6_between(node, embed(&pool6(), [203, 0, 113, 10]), 64, 1252);
+        assert!(matches!(
+            x.on_peer(&fits, &mut out, 10, |_| false),
+            Some(Outcome::Forward(_))
+        ));
+    }
+
+    /// An EAM IPv6 address no peer owns has nowhere to go: translated, it
+    /// would come back from the TUN (the EAM IPv4 ranges are routed there)
+    /// and round again. Dropped and counted, from a peer and from the TUN.
+    #[test]
+    fn eam_address_no_peer_owns_is_dropped() {
+        let cfg = xlat::Config {
+            pool6: Some(pool6()),
+            eamt: vec![xlat::Eam::new(
+                "192.0.2.0".parse().unwrap(),
+                24,
+                "2001:db8:e::".parse().unwrap(),
+                120,
+            )
+            .unwrap()],
+            ..xlat::Config::default()
+        };
+        let x = XlatPath::new(Arc::new(cfg), None, Vec::new(), 10);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let eam_dst: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+        let p = udp6_between(embed(&pool6(), [198, 51, 100, 2]), eam_dst, 64, 4);
+        assert_eq!(
+            x.on_peer(&p, &mut out, 10, |_| false),
+            Some(Outcome::Drop(DropReason::EamNoPeer))
+        );
+        assert_eq!(
+            x.on_tun(&p, &mut out, 10, |_| false),
+            Some(Outcome::Drop(DropReason::EamNoPeer))
+        );
+        assert_eq!(x.drops().get("eam_no_peer"), Some(&2));
+        // A peer's: from the TUN it goes to the peer as it is.
+        assert_eq!(x.on_tun(&p, &mut out, 10, |a| a == eam_dst), None);
+    }
+
+    /// With the Well-Known Prefix, a NAT64 hub whose pool4 is not global
+    /// still works (pool6 + pool4 never leaves the hub), but refuses
+    /// non-global remotes before a session is made.
+    #[test]
+    fn nat64_with_the_well_known_prefix() {
+        let wkp = xlat::Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap();
+        let x = nat_path_with(xlat::Config {
+            pool6: Some(wkp),
+            ..xlat::Config::default()
+        });
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let node: Ipv6Addr = NODE.parse().unwrap();
+        let p = udp6_between(node, embed(&wkp, [8, 8, 8, 8]), 64, 4);
+        let Some(Outcome::Forward(pk)) = x.on_peer(&p, &mut out, 10, |_| false) else {
+            panic!("a global remote is reached");
+        };
+        let v4 = pk.iter(&out).next().unwrap().to_vec();
+        assert_eq!(&v4[12..16], &[198, 51, 100, 200], "from pool4");
+        assert_eq!(x.nat64_counts().map(|n| n.sessions), Some(1));
+        // The answer comes back to the node.
+        let mut answer = v4.clone();
+        answer[12..16].copy_from_slice(&v4[16..20]);
+        answer[16..20].copy_from_slice(&v4[12..16]);
+        answer[20..22].copy_from_slice(&v4[22..24]);
+        answer[22..24].copy_from_slice(&v4[20..22]);
+        answer[26..28].fill(0);
+        let udp = xlat::csum::finish(xlat::csum::add(
+            xlat::csum::pseudo_v4(
+                &answer[12..16].try_into().unwrap(),
+                &answer[16..20].try_into().unwrap(),
+                17,
+                (answer.len() - 20) as u32,
+            ),
+            xlat::csum::sum(&answer[20..]),
+        ));
+        answer[26..28].copy_from_slice(&udp.to_be_bytes());
+        answer[10..12].fill(0);
+        let c = xlat::csum::checksum(&answer[..20]);
+        answer[10..12].copy_from_slice(&c.to_be_bytes());
+        let Some(Outcome::Forward(pk)) = x.on_tun(&answer, &mut out, 10, |_| false) else {
+            panic!("the answer reaches the node");
+        };
+        assert_eq!(&pk.iter(&out).next().unwrap()[24..40], &node.octets());
+        for remote in [
+            [10, 0, 0, 1],
+            [192, 168, 1, 1],
+            [100, 64, 0, 1],
+            [203, 0, 113, 10],
+        ] {
+            let p = udp6_between(node, embed(&wkp, remote), 64, 4);
+            assert_eq!(
+                x.on_peer(&p, &mut out, 10, |_| false),
+                Some(Outcome::Drop(DropReason::IllegalAddress)),
+                "{remote:?}"
+            );
+        }
+        assert_eq!(x.nat64_counts().map(|n| n.sessions), Some(1), "no session");
     }
 }

@@ -44,7 +44,13 @@ impl std::error::Error for AddrError {}
 pub struct Pool6 {
     prefix: [u8; 16],
     len: u8,
+    /// RFC 6052 §3.1 enforced: the Well-Known Prefix carries global IPv4
+    /// addresses only (see [`Pool6::refuses`]).
+    wkp_strict: bool,
 }
+
+/// The Well-Known Prefix `64:ff9b::/96` (RFC 6052 §2.1).
+const WKP: [u8; 16] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 impl Pool6 {
     /// Validates and builds a prefix (`len` in 32, 40, 48, 56, 64, 96).
@@ -61,7 +67,35 @@ impl Pool6 {
         if len == 96 && p[8] != 0 {
             return Err(AddrError::NonZeroUOctet);
         }
-        Ok(Pool6 { prefix: p, len })
+        Ok(Pool6 {
+            prefix: p,
+            len,
+            wkp_strict: true,
+        })
+    }
+
+    /// The same prefix with RFC 6052 §3.1 enforced (`true`, what
+    /// [`Pool6::new`] gives) or not (labs numbered from documentation
+    /// ranges behind the Well-Known Prefix).
+    pub fn with_wkp_strict(self, on: bool) -> Self {
+        Pool6 {
+            wkp_strict: on,
+            ..self
+        }
+    }
+
+    /// True if this is the Well-Known Prefix `64:ff9b::/96`.
+    pub fn is_wkp(&self) -> bool {
+        self.len == 96 && self.prefix == WKP
+    }
+
+    /// RFC 6052 §3.1: the Well-Known Prefix must not represent non-global
+    /// IPv4 addresses, and translators must drop packets whose address is
+    /// made of it and one. True when this is the Well-Known Prefix (strict,
+    /// the default) and `v4` is not global. Network-specific prefixes
+    /// refuse nothing.
+    pub fn refuses(&self, v4: [u8; 4]) -> bool {
+        self.wkp_strict && self.is_wkp() && !is_global_v4(v4)
     }
 
     /// The prefix address.
@@ -258,20 +292,71 @@ pub fn map_4to6(
     a: [u8; 4],
     pool6_only: bool,
 ) -> Option<[u8; 16]> {
+    map_4to6_via(eamt, pool6, a, pool6_only).map(|(v6, _)| v6)
+}
+
+/// How an address was mapped between the families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// By an EAM entry.
+    Eam,
+    /// Through the RFC 6052 prefix.
+    Pool6,
+}
+
+/// IPv4 → IPv6 like [`map_4to6`], also telling how.
+pub fn map_4to6_via(
+    eamt: &[Eam],
+    pool6: Option<&Pool6>,
+    a: [u8; 4],
+    pool6_only: bool,
+) -> Option<([u8; 16], Via)> {
     if !pool6_only {
         if let Some(e) = eam_lookup_v4(eamt, a) {
-            return Some(e.to_v6(a));
+            return Some((e.to_v6(a), Via::Eam));
         }
     }
-    pool6.map(|p| p.embed(a))
+    pool6.map(|p| (p.embed(a), Via::Pool6))
 }
 
 /// IPv6 → IPv4: EAM first, then pool6.
 pub fn map_6to4(eamt: &[Eam], pool6: Option<&Pool6>, a: &[u8; 16]) -> Option<[u8; 4]> {
+    map_6to4_via(eamt, pool6, a).map(|(v4, _)| v4)
+}
+
+/// IPv6 → IPv4 like [`map_6to4`], also telling how.
+pub fn map_6to4_via(eamt: &[Eam], pool6: Option<&Pool6>, a: &[u8; 16]) -> Option<([u8; 4], Via)> {
     if let Some(e) = eam_lookup_v6(eamt, a) {
-        return Some(e.to_v4(a));
+        return Some((e.to_v4(a), Via::Eam));
     }
-    pool6.and_then(|p| p.extract(a))
+    pool6.and_then(|p| p.extract(a)).map(|v4| (v4, Via::Pool6))
+}
+
+/// True when `v4`, mapped `via`, is an address [`Pool6::refuses`] (a
+/// non-global one behind the Well-Known Prefix).
+pub fn wkp_refused(pool6: Option<&Pool6>, v4: [u8; 4], via: Via) -> bool {
+    via == Via::Pool6 && pool6.is_some_and(|p| p.refuses(v4))
+}
+
+/// Global IPv4 unicast, as far as RFC 6052 §3.1 is concerned: not in one of
+/// the IANA special-purpose ranges that are not global (RFC 6890 and its
+/// registry: 0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.0.0/24,
+/// 192.0.2/24, 192.168/16, 198.18/15, 198.51.100/24, 203.0.113/24, 240/4
+/// with 255.255.255.255) nor multicast (224/4, refused everywhere anyway).
+pub fn is_global_v4(a: [u8; 4]) -> bool {
+    let [x, y, z, _] = a;
+    !(x == 0
+        || x == 10
+        || (x == 100 && (64..128).contains(&y))
+        || x == 127
+        || (x == 169 && y == 254)
+        || (x == 172 && (16..32).contains(&y))
+        || (x == 192 && y == 0 && (z == 0 || z == 2))
+        || (x == 192 && y == 168)
+        || (x == 198 && (y == 18 || y == 19))
+        || (x == 198 && y == 51 && z == 100)
+        || (x == 203 && y == 0 && z == 113)
+        || x >= 224)
 }
 
 /// Addresses that must never be the source or destination of a translated
@@ -316,6 +401,59 @@ mod tests {
             assert_eq!(Ipv6Addr::from(got), v6(e), "/{l}");
             assert_eq!(pool.extract(&got), Some(a));
         }
+    }
+
+    /// RFC 6052 §3.1: the Well-Known Prefix refuses the non-global special
+    /// ranges, to their edges; other prefixes, or the check off, nothing.
+    #[test]
+    fn wkp_refuses_non_global_only() {
+        let wkp = Pool6::new(v6("64:ff9b::"), 96).unwrap();
+        assert!(wkp.is_wkp());
+        for a in [
+            [0, 1, 2, 3],
+            [10, 255, 0, 1],
+            [100, 64, 0, 0],
+            [100, 127, 255, 255],
+            [127, 0, 0, 1],
+            [169, 254, 0, 1],
+            [172, 16, 0, 0],
+            [172, 31, 255, 255],
+            [192, 0, 0, 9],
+            [192, 0, 2, 1],
+            [192, 168, 0, 1],
+            [198, 18, 0, 0],
+            [198, 19, 255, 255],
+            [198, 51, 100, 1],
+            [203, 0, 113, 1],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(wkp.refuses(a), "{a:?}");
+        }
+        for a in [
+            [8, 8, 8, 8],
+            [100, 63, 255, 255],
+            [100, 128, 0, 0],
+            [172, 15, 255, 255],
+            [172, 32, 0, 0],
+            [192, 0, 1, 1],
+            [192, 0, 3, 1],
+            [192, 169, 0, 1],
+            [198, 17, 0, 1],
+            [198, 20, 0, 1],
+            [198, 51, 101, 1],
+            [203, 0, 112, 1],
+        ] {
+            assert!(!wkp.refuses(a), "{a:?}");
+        }
+        assert!(!wkp.with_wkp_strict(false).refuses([10, 0, 0, 1]));
+        let nsp = Pool6::new(v6("2001:db8:64::"), 96).unwrap();
+        assert!(!nsp.is_wkp() && !nsp.refuses([10, 0, 0, 1]));
+        // Only the /96 is the Well-Known Prefix.
+        assert!(!Pool6::new(v6("64:ff9b::"), 64).unwrap().is_wkp());
+        // Only what came through pool6 counts.
+        assert!(wkp_refused(Some(&wkp), [10, 0, 0, 1], Via::Pool6));
+        assert!(!wkp_refused(Some(&wkp), [10, 0, 0, 1], Via::Eam));
     }
 
     #[test]

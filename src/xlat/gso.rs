@@ -39,7 +39,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use super::addr::{eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_4to6, map_6to4};
+use super::addr::{
+    eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_4to6_via, map_6to4_via, wkp_refused, Via,
+};
 use super::buf::{arr16, arr4, get, ident, u16at, u8at};
 use super::{csum, Config};
 
@@ -214,8 +216,13 @@ fn plan_4to6(cfg: &Config, v: VnetHdr, pkt: &[u8]) -> Option<Plan> {
         return None;
     }
     let pool6 = cfg.pool6.as_ref();
-    let dst6 = map_4to6(&cfg.eamt, pool6, dst, false)?;
-    let src6 = map_4to6(&cfg.eamt, pool6, src, false)?;
+    let (dst6, dst_via) = map_4to6_via(&cfg.eamt, pool6, dst, false)?;
+    let (src6, src_via) = map_4to6_via(&cfg.eamt, pool6, src, false)?;
+    // Non-global behind the Well-Known Prefix: dropped (and counted) by the
+    // per-packet path.
+    if wkp_refused(pool6, dst, dst_via) || wkp_refused(pool6, src, src_via) {
+        return None;
+    }
     let thl = tcp_header_len(pkt, 20, total)?;
 
     // Segments must fit where the per-packet path would not fragment them.
@@ -285,14 +292,19 @@ fn plan_6to4(cfg: &Config, v: VnetHdr, pkt: &[u8]) -> Option<Plan> {
     let src = arr16(pkt, 8).ok()?;
     let dst = arr16(pkt, 24).ok()?;
     let pool6 = cfg.pool6.as_ref();
-    let dst4 = map_6to4(&cfg.eamt, pool6, &dst)?;
-    let src4 = map_6to4(&cfg.eamt, pool6, &src)?;
+    let (dst4, dst_via) = map_6to4_via(&cfg.eamt, pool6, &dst)?;
+    let (src4, src_via) = map_6to4_via(&cfg.eamt, pool6, &src)?;
     // The per-packet path drops these (and counts them).
-    if is_illegal_v4_dst(dst4) || is_illegal_v4(src4) {
+    if is_illegal_v4_dst(dst4)
+        || is_illegal_v4(src4)
+        || wkp_refused(pool6, dst4, dst_via)
+        || wkp_refused(pool6, src4, src_via)
+    {
         return None;
     }
-    // Hairpinning goes back out as IPv6: the per-packet path's business.
-    if eam_lookup_v4(&cfg.eamt, dst4).is_some() {
+    // Hairpinning (RFC 7757 App. B: through pool6 onto an EAM address) goes
+    // back out as IPv6: the per-packet path's business.
+    if dst_via == Via::Pool6 && eam_lookup_v4(&cfg.eamt, dst4).is_some() {
         return None;
     }
     let thl = tcp_header_len(pkt, 40, end)?;

@@ -485,8 +485,9 @@ fn not_eligible() {
     assert!(with(v6, &good6, &|_, p| p[6] = 0).is_none());
     assert!(with(v6, &good6, &|_, p| p[7] = 1).is_none());
     assert!(with(v6, &good6, &|_, p| p[8] = 0x30).is_none());
+    let through_pool6 = cfg().pool6.unwrap().embed(S4);
     assert!(with(v6, &good6, &|_, p| {
-        p[24..40].copy_from_slice(&S6);
+        p[24..40].copy_from_slice(&through_pool6);
     })
     .is_none());
     assert!(with(v6, &good6, &|_, p| p[4] = 0xff).is_none());
@@ -560,4 +561,37 @@ proptest! {
         let _ = whole(&cfg(), &f);
         let _ = plan(&cfg(), &f);
     }
+}
+
+/// Behind the Well-Known Prefix a non-global address is the per-packet
+/// path's to drop and count (RFC 6052 §3.1): not planned, either way.
+#[test]
+fn well_known_prefix_non_global_is_not_planned() {
+    let wkp = Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap();
+    let c = Config {
+        pool6: Some(wkp),
+        ..cfg()
+    };
+    let tcp = tcp_header(20, 1, 0x10);
+    let data = vec![7u8; 3000];
+    let v4 = vnet(GSO_TCPV4, 20, 1000);
+    let v6 = vnet(GSO_TCPV6, 40, 1000);
+    // IPv4 client 10.0.0.2 (C4's place) to the EAM server, and back.
+    let private = [10, 0, 0, 2];
+    assert!(whole(
+        &c,
+        &frame(v4, &v4_super(private, S4, 0, 64, 1, true, &tcp, &data))
+    )
+    .is_none());
+    let to_private = v6_super(S6, wkp.embed(private), 0, 64, &tcp, &data);
+    assert!(whole(&c, &frame(v6, &to_private)).is_none());
+    // A global client goes.
+    let global = [8, 8, 8, 8];
+    assert!(whole(
+        &c,
+        &frame(v4, &v4_super(global, S4, 0, 64, 1, true, &tcp, &data))
+    )
+    .is_some());
+    let to_global = v6_super(S6, wkp.embed(global), 0, 64, &tcp, &data);
+    assert!(whole(&c, &frame(v6, &to_global)).is_some());
 }

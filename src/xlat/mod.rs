@@ -13,9 +13,10 @@
 //! * [`Outcome::Reply`]: an ICMP error the translator generated itself (Time
 //!   Exceeded, Fragmentation Needed / Packet Too Big, Destination Unreachable,
 //!   Parameter Problem), to be sent back out on the side the input came from.
-//! * [`Outcome::Hairpin`]: an IPv6 packet addressed to an IPv4 address that is
-//!   itself mapped back into IPv6 by an EAM entry (RFC 7757 hairpinning); it is
-//!   translated twice and goes back out on the IPv6 side.
+//! * [`Outcome::Hairpin`]: an IPv6 packet addressed through pool6 to an IPv4
+//!   address that is itself mapped back into IPv6 by an EAM entry (RFC 7757
+//!   hairpinning; for an ICMPv6 error, the source of the packet it carries);
+//!   it is translated twice and goes back out on the IPv6 side.
 //! * [`Outcome::Drop`]: the packet is discarded; [`DropReason::as_str`] gives a
 //!   stable metric label.
 //!
@@ -68,6 +69,8 @@ pub const OUT_BUF_LEN: usize = 2 * 65_536 + 8 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// RFC 6052 translation prefix ("pool6"). `None` disables it (EAM only).
+    /// The Well-Known Prefix refuses non-global IPv4 addresses (RFC 6052
+    /// §3.1) unless built with [`Pool6::with_wkp_strict`]`(false)`.
     pub pool6: Option<Pool6>,
     /// RFC 7757 explicit address mappings (longest match wins, EAM before pool6).
     pub eamt: Vec<Eam>,
@@ -134,7 +137,8 @@ pub enum DropReason {
     BadChecksum,
     /// An address has no mapping (no EAM, outside pool6).
     Untranslatable,
-    /// Source or destination that must not be translated (0/8, 127/8, multicast, ...).
+    /// Source or destination that must not be translated (0/8, 127/8,
+    /// multicast, ...; a non-global one behind the Well-Known Prefix).
     IllegalAddress,
     /// Protocol that cannot be translated (IPv6-only protocol numbers in IPv4, ...).
     UnsupportedProtocol,
@@ -165,6 +169,9 @@ pub enum DropReason {
     Nat64TableFull,
     /// NAT64: no free port (or ICMP identifier) left on the pool4 address.
     Nat64PortsExhausted,
+    /// Hub: to an address in an EAM IPv6 range that no peer owns. It has
+    /// nowhere to go (translated, it would come back to the TUN).
+    EamNoPeer,
 }
 
 impl DropReason {
@@ -190,11 +197,12 @@ impl DropReason {
             DropReason::Nat64NoSession => "nat64_no_session",
             DropReason::Nat64TableFull => "nat64_table_full",
             DropReason::Nat64PortsExhausted => "nat64_ports_exhausted",
+            DropReason::EamNoPeer => "eam_no_peer",
         }
     }
 
     /// Every reason, in a fixed order (see [`DropReason::index`]).
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Truncated,
         DropReason::BadHeader,
         DropReason::BadChecksum,
@@ -214,6 +222,7 @@ impl DropReason {
         DropReason::Nat64NoSession,
         DropReason::Nat64TableFull,
         DropReason::Nat64PortsExhausted,
+        DropReason::EamNoPeer,
     ];
 
     /// Position in [`DropReason::ALL`] (for counter arrays).
@@ -353,6 +362,29 @@ pub fn translate_4to6(cfg: &Config, input: &[u8], out: &mut [u8]) -> Outcome {
 /// Output packets are written back to back at the start of `out`.
 pub fn translate_6to4(cfg: &Config, input: &[u8], out: &mut [u8]) -> Outcome {
     v6_to_v4::translate(cfg, input, out).into()
+}
+
+/// Turns an ICMPv6 error the translator made about `rewritten` (`reply`,
+/// exactly that packet) into one about `orig`, the packet as its sender sent
+/// it: `rewritten` is `orig` with its source changed in place (NAT64), of
+/// the same length. The error goes to `orig`'s source and quotes `orig`.
+pub fn requote_v6_error(reply: &mut [u8], orig: &[u8]) -> Result<(), DropReason> {
+    use buf::{arr16, get, put, put16, u8at};
+    let quoted = reply.len().checked_sub(48).ok_or(DropReason::Truncated)?;
+    if reply.first().map(|b| b >> 4) != Some(6) || u8at(reply, 6)? != 58 {
+        return Err(DropReason::BadHeader);
+    }
+    let src = arr16(reply, 8)?;
+    let dst = arr16(orig, 8)?;
+    put(reply, 24, &dst)?;
+    put(reply, 48, get(orig, 0, quoted)?)?;
+    put16(reply, 42, 0)?;
+    let len = u32::try_from(8 + quoted).map_err(|_| DropReason::BadHeader)?;
+    let c = csum::finish(csum::add(
+        csum::pseudo_v6(&src, &dst, 58, len),
+        csum::sum(get(reply, 40, 8 + quoted)?),
+    ));
+    put16(reply, 42, c)
 }
 
 /// Translates a packet of either family, dispatching on the version nibble.

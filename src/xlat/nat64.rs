@@ -38,8 +38,16 @@
 //! fragment is dropped with [`DropReason::Fragment`], and held fragments that
 //! expire are counted ([`Table::take_expired_held`]). At most
 //! [`MAX_FRAG_FLOWS`] datagrams are tracked at once.
+//!
+//! Remote addresses the stateless translator refuses (0/8, loopback,
+//! multicast, ...; with the Well-Known Prefix, RFC 6052 §3.1, any non-global
+//! one, see [`Pool6::refuses`]) get no session either way. `pool6 + pool4`
+//! itself never leaves the hub as an address, so pool4 may be non-global:
+//! translate the table's packets with a [`super::Config`] whose pool6 has
+//! that check off ([`Pool6::with_wkp_strict`]).
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+use super::addr;
 use super::buf;
 use super::csum;
 use super::{DropReason, Pool6};
@@ -790,6 +798,12 @@ impl Table {
         let src = buf::arr16(pkt, 8)?;
         let dst = buf::arr16(pkt, 24)?;
         let remote = pool6.extract(&dst).ok_or(DropReason::Untranslatable)?;
+        // No session for a remote the translator would refuse: 0/8,
+        // loopback, link-local, multicast, broadcast, or (RFC 6052 §3.1) a
+        // non-global one behind the Well-Known Prefix.
+        if addr::is_illegal_v4_dst(remote) || pool6.refuses(remote) {
+            return Err(DropReason::IllegalAddress);
+        }
         let (sport_off, rport, flags) = match l4.proto {
             Proto::Tcp => (
                 l4.off,
@@ -847,6 +861,8 @@ impl Table {
         let dst = buf::arr16(pkt, 24)?;
         let remote = pool6.extract(&src).ok_or(DropReason::Untranslatable)?;
         match (l4.proto, l4.icmp_type) {
+            // An error's source may be any router's (RFC 7915 lets it
+            // through); its inner packet names the session.
             (Proto::Icmp, 1..=4) => {
                 return self
                     .inbound_error(pkt, l4.off, pool6)
@@ -855,6 +871,11 @@ impl Table {
             (Proto::Icmp, 129) => {}
             (Proto::Icmp, _) => return Err(DropReason::UnsupportedIcmp),
             _ => {}
+        }
+        // As outbound: nothing from a remote no node may talk to (a UDP
+        // mapping would otherwise open a session for it).
+        if addr::is_illegal_v4(remote) || pool6.refuses(remote) {
+            return Err(DropReason::IllegalAddress);
         }
         let (dport_off, rport, flags) = match l4.proto {
             Proto::Tcp => (

@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[serde(deny_unknown_fields)]
 pub struct RawXlat {
     pool6: Option<String>,
+    wkp_strict: Option<bool>,
     #[serde(default)]
     eam: Vec<RawEam>,
     rfc6791_ipv4: Option<String>,
@@ -107,6 +108,11 @@ pub fn validate(
         }
         None => {}
     }
+    // RFC 6052 §3.1 for 64:ff9b::/96 unless turned off (labs numbered from
+    // documentation ranges); no effect on other prefixes.
+    cfg.pool6 = cfg
+        .pool6
+        .map(|p| p.with_wkp_strict(raw.wkp_strict.unwrap_or(true)));
     if let Some(p) = &cfg.pool6 {
         if let Ok(n) = Ipv6Net::new(p.prefix(), p.prefix_len()) {
             routes.push(IpNet::V6(n));
@@ -274,6 +280,13 @@ mod tests {
         assert_eq!(x.routes, vec!["64:ff9b::/96".parse::<IpNet>().unwrap()]);
         assert!(x.nat64.is_none());
         assert_eq!(x.icmp_error_rate, 100);
+        assert!(x.config.pool6.unwrap().refuses([10, 0, 0, 1]));
+        let lab = parse("wkp_strict = false").unwrap();
+        assert!(!lab.config.pool6.unwrap().refuses([10, 0, 0, 1]));
+        assert_eq!(
+            lab.config.pool6.map(|p| p.prefix()),
+            x.config.pool6.map(|p| p.prefix())
+        );
         assert_eq!(parse("icmp_error_rate = 0").unwrap().icmp_error_rate, 0);
         assert!(parse("icmp_error_rate = 2000000")
             .unwrap_err()

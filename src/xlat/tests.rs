@@ -30,8 +30,10 @@ fn cfg_with(pool6: Pool6) -> Config {
     }
 }
 
+/// A network-specific prefix: the documentation addresses used here are
+/// not global, which the Well-Known Prefix refuses (RFC 6052 §3.1).
 fn cfg() -> Config {
-    cfg_with(Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap())
+    cfg_with(Pool6::new("2001:db8:64::".parse().unwrap(), 96).unwrap())
 }
 
 /// Builds an IPv4 packet with a correct header checksum.
@@ -581,7 +583,7 @@ fn routing_header_with_segments_left_is_rejected() {
     payload.extend_from_slice(&[0, 1, 0, 2, 0, 8, 0x12, 0x34]);
     let p = ipv6(
         "2001:db8:e::5".parse().unwrap(),
-        "64:ff9b::cb00:7105".parse().unwrap(),
+        "2001:db8:64::cb00:7105".parse().unwrap(),
         43,
         64,
         &payload,
@@ -605,11 +607,11 @@ fn six_to_four_refuses_what_four_to_six_refuses() {
     // through the translator: broadcast, multicast (mDNS), loopback, 0/8,
     // link-local (a cloud's metadata service).
     for dst in [
-        "64:ff9b::ffff:ffff",
-        "64:ff9b::e000:fb",
-        "64:ff9b::7f00:1",
-        "64:ff9b::1:2",
-        "64:ff9b::a9fe:a9fe",
+        "2001:db8:64::ffff:ffff",
+        "2001:db8:64::e000:fb",
+        "2001:db8:64::7f00:1",
+        "2001:db8:64::1:2",
+        "2001:db8:64::a9fe:a9fe",
     ] {
         let p = ipv6(
             "2001:db8:e::5".parse().unwrap(),
@@ -638,7 +640,7 @@ fn six_to_four_refuses_what_four_to_six_refuses() {
     );
     let p = ipv6(
         "2001:db8:f::5".parse().unwrap(),
-        "64:ff9b::cb00:7105".parse().unwrap(),
+        "2001:db8:64::cb00:7105".parse().unwrap(),
         17,
         64,
         &[0, 1, 0, 2, 0, 8, 0, 0],
@@ -651,7 +653,7 @@ fn six_to_four_refuses_what_four_to_six_refuses() {
     // An ordinary destination still goes.
     let p = ipv6(
         "2001:db8:e::5".parse().unwrap(),
-        "64:ff9b::cb00:7105".parse().unwrap(),
+        "2001:db8:64::cb00:7105".parse().unwrap(),
         17,
         64,
         &[0, 1, 0, 2, 0, 8, 0, 0],
@@ -672,7 +674,7 @@ fn a_narrow_ipv4_link_takes_small_packets_with_df_clear() {
     };
     let p = ipv6(
         "2001:db8:e::5".parse().unwrap(),
-        "64:ff9b::cb00:7105".parse().unwrap(),
+        "2001:db8:64::cb00:7105".parse().unwrap(),
         17,
         64,
         &udp_payload(1232),
@@ -683,7 +685,7 @@ fn a_narrow_ipv4_link_takes_small_packets_with_df_clear() {
     assert_eq!(v4[6] & 0x40, 0, "DF clear");
     let p = ipv6(
         "2001:db8:e::5".parse().unwrap(),
-        "64:ff9b::cb00:7105".parse().unwrap(),
+        "2001:db8:64::cb00:7105".parse().unwrap(),
         17,
         64,
         &udp_payload(1300),
@@ -716,7 +718,7 @@ fn df_follows_the_1260_rule() {
     for (len, df) in [(1240usize, false), (1241, true)] {
         let p = ipv6(
             "2001:db8:e::5".parse().unwrap(),
-            "64:ff9b::cb00:7105".parse().unwrap(),
+            "2001:db8:64::cb00:7105".parse().unwrap(),
             33,
             64,
             &vec![0u8; len],
@@ -741,7 +743,7 @@ fn hairpinning_translates_twice() {
     // EAM host 192.0.2.5 talks to 192.0.2.9 through pool6.
     let mut udp = vec![0, 1, 0, 2, 0, 12, 0, 0, 1, 2, 3, 4];
     let s: Ipv6Addr = "2001:db8:e::5".parse().unwrap();
-    let d: Ipv6Addr = "64:ff9b::c000:209".parse().unwrap();
+    let d: Ipv6Addr = "2001:db8:64::c000:209".parse().unwrap();
     let cs = csum::finish(csum::add(
         csum::pseudo_v6(&s.octets(), &d.octets(), 17, 12),
         csum::sum(&udp),
@@ -754,7 +756,7 @@ fn hairpinning_translates_twice() {
             let r = pk.iter(&out).next().unwrap();
             let rs: Ipv6Addr = <[u8; 16]>::try_from(&r[8..24]).unwrap().into();
             let rd: Ipv6Addr = <[u8; 16]>::try_from(&r[24..40]).unwrap().into();
-            assert_eq!(rs, "64:ff9b::c000:205".parse::<Ipv6Addr>().unwrap());
+            assert_eq!(rs, "2001:db8:64::c000:205".parse::<Ipv6Addr>().unwrap());
             assert_eq!(rd, "2001:db8:e::9".parse::<Ipv6Addr>().unwrap());
             assert_eq!(r[7], 63);
             assert!(csum::verify(
@@ -886,7 +888,7 @@ fn syn_mss_is_clamped_to_the_ipv4_mtu() {
         ..cfg()
     };
     let src: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
-    let dst: Ipv6Addr = "64:ff9b::cb00:7105".parse().unwrap();
+    let dst: Ipv6Addr = "2001:db8:64::cb00:7105".parse().unwrap();
     let mut opts = SYN_OPTS;
     opts[2..4].copy_from_slice(&1440u16.to_be_bytes());
     let mut tcp = tcp_with_options(SYN | 0x10, &opts);
@@ -971,4 +973,241 @@ proptest! {
             prop_assert!(off + 2 <= doff && off >= 22);
         }
     }
+}
+
+/// An IPv4 UDP datagram from `src` to `dst`, checksum right.
+fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut p = ipv4(
+        src,
+        dst,
+        17,
+        64,
+        1,
+        0,
+        0,
+        &[0, 1, 0, 2, 0, 12, 0, 0, 1, 2, 3, 4],
+    );
+    fix_l4_v4(&mut p);
+    p
+}
+
+/// RFC 6052 §3.1: behind the Well-Known Prefix only global IPv4 addresses,
+/// both ways; an ICMP error's source excepted (any router may send one).
+/// Not for a network-specific prefix, nor with the check turned off.
+#[test]
+fn well_known_prefix_carries_global_addresses_only() {
+    let wkp = Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap();
+    let c = cfg_with(wkp);
+    let node: Ipv6Addr = "2001:db8:e::5".parse().unwrap(); // EAM: 192.0.2.5
+    let wkp6 = |a: [u8; 4]| Ipv6Addr::from(wkp.embed(a));
+    let udp6 = [0, 1, 0, 2, 0, 8, 0, 0];
+    let mut out = vec![0; OUT];
+    for a in [
+        [10, 0, 0, 1],
+        [100, 64, 0, 1],
+        [172, 16, 0, 1],
+        [192, 168, 1, 1],
+        [192, 0, 0, 170],
+        [198, 18, 0, 1],
+        [198, 51, 100, 7],
+        [203, 0, 113, 5],
+    ] {
+        // To it, and from it.
+        let p = ipv6(node, wkp6(a), 17, 64, &udp6);
+        assert_eq!(
+            translate_6to4(&c, &p, &mut out),
+            Outcome::Drop(DropReason::IllegalAddress),
+            "to {a:?}"
+        );
+        let p = ipv6(wkp6(a), node, 17, 64, &udp6);
+        assert_eq!(
+            translate_6to4(&c, &p, &mut out),
+            Outcome::Drop(DropReason::IllegalAddress),
+            "from {a:?}"
+        );
+        assert_eq!(
+            translate_4to6(&c, &udp4(a, [192, 0, 2, 5]), &mut out),
+            Outcome::Drop(DropReason::IllegalAddress),
+            "IPv4 from {a:?}"
+        );
+        assert_eq!(
+            translate_4to6(&c, &udp4([192, 0, 2, 5], a), &mut out),
+            Outcome::Drop(DropReason::IllegalAddress),
+            "IPv4 to {a:?}"
+        );
+        // A network-specific prefix carries them; so does the Well-Known
+        // Prefix with the check off.
+        for lax in [cfg(), cfg_with(wkp.with_wkp_strict(false))] {
+            let pool = lax.pool6.unwrap();
+            let p = ipv6(node, pool.embed(a).into(), 17, 64, &udp6);
+            let v4 = single(translate_6to4(&lax, &p, &mut out), &out);
+            assert_eq!(&v4[16..20], &a);
+        }
+    }
+    // Global ones go.
+    let p = ipv6(node, wkp6([8, 8, 8, 8]), 17, 64, &udp6);
+    let v4 = single(translate_6to4(&c, &p, &mut out), &out);
+    assert_eq!(&v4[16..20], &[8, 8, 8, 8]);
+    let v6 = single(
+        translate_4to6(&c, &udp4([8, 8, 8, 8], [192, 0, 2, 5]), &mut out),
+        &out,
+    );
+    assert_eq!(&v6[8..24], &wkp6([8, 8, 8, 8]).octets());
+    // A Time Exceeded from a router numbered 10.0.0.1 still reaches the node.
+    let inner = udp4([192, 0, 2, 5], [8, 8, 8, 8]);
+    let mut icmp4 = vec![11, 0, 0, 0, 0, 0, 0, 0];
+    icmp4.extend_from_slice(&inner[..28]);
+    let cs = csum::checksum(&icmp4);
+    icmp4[2..4].copy_from_slice(&cs.to_be_bytes());
+    let err = ipv4([10, 0, 0, 1], [192, 0, 2, 5], 1, 64, 2, 0, 0, &icmp4);
+    let v6 = single(translate_4to6(&c, &err, &mut out), &out);
+    assert_eq!(&v6[8..24], &wkp6([10, 0, 0, 1]).octets());
+    assert_eq!(&v6[24..40], &node.octets());
+}
+
+/// An ICMPv6 error (type 1 code 4) from `src` to `dst` about `inner`.
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let mut m = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(inner);
+    let cs = csum::finish(csum::add(
+        csum::pseudo_v6(&src.octets(), &dst.octets(), 58, m.len() as u32),
+        csum::sum(&m),
+    ));
+    m[2..4].copy_from_slice(&cs.to_be_bytes());
+    ipv6(src, dst, 58, 64, &m)
+}
+
+/// RFC 7757 Appendix B: only a destination mapped through pool6 onto an
+/// EAM address hairpins. One inside an EAM IPv6 range is an IPv6 node: the
+/// packet goes out as IPv4 (hairpinning it would send it back to the same
+/// address, the source rewritten, round and round). For an ICMPv6 error
+/// the source of the packet it carries decides.
+#[test]
+fn only_a_destination_through_pool6_hairpins() {
+    let c = cfg();
+    let mut out = vec![0; OUT];
+    let pool6_client: Ipv6Addr = "2001:db8:64::c633:6402".parse().unwrap();
+    let eam_node: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+    let p = ipv6(pool6_client, eam_node, 17, 64, &[0, 1, 0, 2, 0, 8, 0, 0]);
+    let v4 = single(translate_6to4(&c, &p, &mut out), &out);
+    assert_eq!(&v4[12..16], &[198, 51, 100, 2]);
+    assert_eq!(&v4[16..20], &[192, 0, 2, 9]);
+
+    // EAM node 192.0.2.9 answers a hairpinned packet from EAM node
+    // 192.0.2.5 (seen as pool6 + 192.0.2.5) with an error: hairpinned.
+    let peer_via_pool6: Ipv6Addr = "2001:db8:64::c000:205".parse().unwrap();
+    let inner = ipv6(peer_via_pool6, eam_node, 17, 63, &[0, 1, 0, 2, 0, 8, 0, 0]);
+    let err = icmp6_error(eam_node, peer_via_pool6, &inner);
+    match translate_6to4(&c, &err, &mut out) {
+        Outcome::Hairpin(pk) => {
+            let r = pk.iter(&out).next().unwrap();
+            assert_eq!(
+                &r[24..40],
+                &"2001:db8:e::5".parse::<Ipv6Addr>().unwrap().octets()
+            );
+        }
+        o => panic!("{o:?}"),
+    }
+    // The same error about a packet from a pool6 client that is no EAM
+    // address goes out as IPv4.
+    let inner = ipv6(pool6_client, eam_node, 17, 63, &[0, 1, 0, 2, 0, 8, 0, 0]);
+    let err = icmp6_error(eam_node, peer_via_pool6, &inner);
+    assert!(matches!(
+        translate_6to4(&c, &err, &mut out),
+        Outcome::Forward(_)
+    ));
+}
+
+/// RFC 7915 §5.1: no extension header may follow the Fragment header, AH,
+/// Mobility, HIP and Shim6 included; answered like the others.
+#[test]
+fn ah_and_others_after_the_fragment_header_are_refused() {
+    let c = cfg();
+    let mut out = vec![0; OUT];
+    for nh in [51u8, 135, 139, 140] {
+        // Fragment header (offset 0, no more), then 16 bytes of that header.
+        let mut payload = vec![nh, 0, 0, 0, 0, 0, 0, 9];
+        payload.extend_from_slice(&[17, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0]);
+        let p = ipv6(
+            "2001:db8:e::5".parse().unwrap(),
+            "2001:db8:64::cb00:7105".parse().unwrap(),
+            44,
+            64,
+            &payload,
+        );
+        match translate_6to4(&c, &p, &mut out) {
+            Outcome::Reply { cause, .. } => {
+                assert_eq!(cause, DropReason::ExtensionAfterFragment, "{nh}")
+            }
+            o => panic!("{nh}: {o:?}"),
+        }
+    }
+}
+
+/// A UDP checksum computed for a zero one covers the datagram the UDP Length
+/// gives, not the padding an IPv4 payload may carry after it.
+#[test]
+fn amended_udp_checksum_ignores_ipv4_padding() {
+    let c = Config {
+        amend_udp_checksum_zero: true,
+        ..cfg()
+    };
+    let mut payload = vec![0, 1, 0, 2, 0, 12, 0, 0, 1, 2, 3, 4];
+    payload.extend_from_slice(&[0xaa; 8]);
+    let p = ipv4([203, 0, 113, 5], [192, 0, 2, 9], 17, 64, 1, 0, 0, &payload);
+    let mut out = vec![0; OUT];
+    let v6 = single(translate_4to6(&c, &p, &mut out), &out);
+    let s6: [u8; 16] = v6[8..24].try_into().unwrap();
+    let d6: [u8; 16] = v6[24..40].try_into().unwrap();
+    assert_ne!(&v6[46..48], &[0, 0]);
+    assert!(csum::verify(csum::pseudo_v6(&s6, &d6, 17, 12), &v6[40..52]));
+    // A UDP Length beyond the payload: not a datagram to checksum.
+    let mut long = payload.clone();
+    long[5] = 40;
+    let p = ipv4([203, 0, 113, 5], [192, 0, 2, 9], 17, 64, 1, 0, 0, &long);
+    assert_eq!(
+        translate_4to6(&c, &p, &mut out),
+        Outcome::Drop(DropReason::Truncated)
+    );
+}
+
+/// A fragment of an ICMP error is counted as a fragmented ICMP packet, not
+/// as a bad checksum (the checksum covers the whole message), both ways.
+#[test]
+fn a_fragmented_icmp_error_is_fragmented_icmp() {
+    let c = cfg();
+    let mut out = vec![0; OUT];
+    let inner = udp4([192, 0, 2, 9], [203, 0, 113, 5]);
+    let mut icmp4 = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp4.extend_from_slice(&inner);
+    let cs = csum::checksum(&icmp4);
+    icmp4[2..4].copy_from_slice(&cs.to_be_bytes());
+    // The first 24 bytes, MF set.
+    let p = ipv4(
+        [203, 0, 113, 5],
+        [192, 0, 2, 9],
+        1,
+        64,
+        5,
+        0x2000,
+        0,
+        &icmp4[..24],
+    );
+    assert_eq!(
+        translate_4to6(&c, &p, &mut out),
+        Outcome::Drop(DropReason::FragmentedIcmp)
+    );
+
+    let src: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+    let dst: Ipv6Addr = "2001:db8:64::cb00:7105".parse().unwrap();
+    let inner = ipv6(dst, src, 17, 63, &[0, 1, 0, 2, 0, 12, 0, 0, 1, 2, 3, 4]);
+    let whole = icmp6_error(src, dst, &inner);
+    // Fragment header (offset 0, more), then the first 24 bytes.
+    let mut payload = vec![58, 0, 0, 1, 0, 0, 0, 7];
+    payload.extend_from_slice(&whole[40..64]);
+    let p = ipv6(src, dst, 44, 64, &payload);
+    assert_eq!(
+        translate_6to4(&c, &p, &mut out),
+        Outcome::Drop(DropReason::FragmentedIcmp)
+    );
 }

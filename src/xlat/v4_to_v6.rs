@@ -1,7 +1,7 @@
 //! IPv4 → IPv6 (RFC 7915 §4).
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use super::addr::{is_illegal_v4, map_4to6};
+use super::addr::{is_illegal_v4, map_4to6, map_4to6_via, wkp_refused};
 use super::buf::{arr4, get, len16, put, put16, put32, put8, tail, u16at, u8at};
 use super::{csum, icmp, Config, DropReason, Packets, Res};
 
@@ -286,9 +286,11 @@ pub(super) fn translate(
     }
 
     let pool6 = cfg.pool6.as_ref();
-    let dst6 = map_4to6(&cfg.eamt, pool6, h.dst, false).ok_or(DropReason::Untranslatable)?;
-    let src6 = match map_4to6(&cfg.eamt, pool6, h.src, hairpin) {
-        Some(a) => a,
+    let (dst6, dst_via) =
+        map_4to6_via(&cfg.eamt, pool6, h.dst, false).ok_or(DropReason::Untranslatable)?;
+    let src = map_4to6_via(&cfg.eamt, pool6, h.src, hairpin);
+    let src6 = match src {
+        Some((a, _)) => a,
         None if is_err => cfg
             .rfc6791_v6
             .or(cfg.self_v6)
@@ -296,19 +298,26 @@ pub(super) fn translate(
             .ok_or(DropReason::Untranslatable)?,
         None => return Err(DropReason::Untranslatable),
     };
-    if is_illegal_v4(h.dst) || (!is_err && is_illegal_v4(h.src)) {
+    // RFC 6052 §3.1 as well: no non-global address behind the Well-Known
+    // Prefix, an error's source excepted.
+    if is_illegal_v4(h.dst)
+        || wkp_refused(pool6, h.dst, dst_via)
+        || (!is_err
+            && (is_illegal_v4(h.src) || src.is_some_and(|(_, via)| wkp_refused(pool6, h.src, via))))
+    {
         return Err(DropReason::IllegalAddress);
     }
     let hop = if hairpin { h.ttl } else { h.ttl - 1 };
     let nh = if h.proto == 1 { 58 } else { h.proto };
 
+    // Checked before an error's checksum, which a fragment cannot verify.
+    if h.proto == 1 && h.is_fragment() {
+        return Err(DropReason::FragmentedIcmp);
+    }
     if is_err {
         let icmp_len = icmp::err_4to6(cfg, payload, &src6, &dst6, out, 40)?;
         write_v6(out, 0, h.tos, len16(icmp_len)?, 58, hop, &src6, &dst6)?;
         return Ok(Res::Forward(Packets::one(40 + icmp_len)?));
-    }
-    if h.proto == 1 && h.is_fragment() {
-        return Err(DropReason::FragmentedIcmp);
     }
 
     // L4 edits (first fragment / unfragmented only).
@@ -318,10 +327,17 @@ pub(super) fn translate(
             if h.is_fragment() || !cfg.amend_udp_checksum_zero {
                 return icmp::reply_v4(cfg, pkt, 3, 13, 0, DropReason::UdpZeroChecksum, out);
             }
-            let len = u32::try_from(payload.len()).map_err(|_| DropReason::BadHeader)?;
+            // The datagram is what the UDP Length says, not the IPv4
+            // payload (which may carry padding after it).
+            let ulen = usize::from(u16at(payload, 4)?);
+            if ulen < 8 {
+                return Err(DropReason::BadHeader);
+            }
+            let udp = get(payload, 0, ulen)?;
+            let len = u32::try_from(ulen).map_err(|_| DropReason::BadHeader)?;
             let mut c = csum::finish(csum::add(
                 csum::pseudo_v6(&src6, &dst6, 17, len),
-                csum::sum(payload),
+                csum::sum(udp),
             ));
             if c == 0 {
                 c = 0xffff;

@@ -1,7 +1,9 @@
 //! IPv6 → IPv4 (RFC 7915 §5), including RFC 7757 hairpinning.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use super::addr::{eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_6to4};
+use super::addr::{
+    eam_lookup_v4, is_illegal_v4, is_illegal_v4_dst, map_6to4, map_6to4_via, wkp_refused, Via,
+};
 use super::buf::{arr16, get, ident, len16, put, put16, put8, tail, u16at, u32at, u8at};
 use super::v4_to_v6::Patch;
 use super::{csum, icmp, v4_to_v6, Config, DropReason, Packets, Res};
@@ -61,8 +63,11 @@ impl From<DropReason> for WalkError {
     }
 }
 
+/// Extension headers (IANA's list, but ESP and 253/254): after the Fragment
+/// header none may follow, AH, Mobility, HIP and Shim6 included (RFC 7915
+/// §5.1).
 fn is_ext(nh: u8) -> bool {
-    matches!(nh, 0 | 43 | 44 | 60)
+    matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// Parses the fixed header and walks Hop-by-Hop, Routing, Destination Options
@@ -281,19 +286,31 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
         return Err(DropReason::UnsupportedProtocol);
     }
     let pool6 = cfg.pool6.as_ref();
-    let dst4 = map_6to4(&cfg.eamt, pool6, &h.dst).ok_or(DropReason::Untranslatable)?;
-    let src4 = match map_6to4(&cfg.eamt, pool6, &h.src) {
-        Some(a) => a,
+    let (dst4, dst_via) =
+        map_6to4_via(&cfg.eamt, pool6, &h.dst).ok_or(DropReason::Untranslatable)?;
+    let src = map_6to4_via(&cfg.eamt, pool6, &h.src);
+    let src4 = match src {
+        Some((a, _)) => a,
         None if is_err => icmp::rfc6791_v4(cfg, payload).ok_or(DropReason::Untranslatable)?,
         None => return Err(DropReason::Untranslatable),
     };
     // As the other way (RFC 7915 §4.1): no packet to 0/8, loopback,
     // multicast, broadcast or link-local, nor from them unless an error
-    // (whose source is the RFC 6791 pool's).
-    if is_illegal_v4_dst(dst4) || (!is_err && is_illegal_v4(src4)) {
+    // (whose source is the RFC 6791 pool's). RFC 6052 §3.1: nor to or from
+    // a non-global address behind the Well-Known Prefix (an error's source
+    // excepted, as above).
+    if is_illegal_v4_dst(dst4)
+        || wkp_refused(pool6, dst4, dst_via)
+        || (!is_err
+            && (is_illegal_v4(src4) || src.is_some_and(|(a, via)| wkp_refused(pool6, a, via))))
+    {
         return Err(DropReason::IllegalAddress);
     }
-    let hairpin = eam_lookup_v4(&cfg.eamt, dst4).is_some();
+    // Checked before an error's checksum, which a fragment cannot verify.
+    if h.proto == 58 && h.is_fragment() {
+        return Err(DropReason::FragmentedIcmp);
+    }
+    let hairpin = hairpins(cfg, is_err, dst4, dst_via, payload);
     let total = 20 + payload.len();
     // A packet of 1260 bytes or less (DF clear, `id_flags`) gets no Packet
     // Too Big on a link narrower than that: asking for less than IPv6's
@@ -331,9 +348,6 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
         )?;
         total
     } else {
-        if h.proto == 58 && h.is_fragment() {
-            return Err(DropReason::FragmentedIcmp);
-        }
         let patch = if h.first() {
             let mut p = l4_patch(
                 h.proto,
@@ -380,6 +394,26 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
         Res::Reply(_, cause) => Err(cause),
         Res::Hairpin(_) => Err(DropReason::BadHeader),
     }
+}
+
+/// RFC 7757 Appendix B: a packet hairpins when its destination was mapped
+/// through pool6 onto an EAM IPv4 address; for an ICMPv6 error (`payload`:
+/// its whole message) the source of the packet it carries decides the same
+/// way instead. A destination inside an EAM IPv6 range is no hairpin: its
+/// translation goes out as IPv4.
+fn hairpins(cfg: &Config, is_err: bool, dst4: [u8; 4], dst_via: Via, payload: &[u8]) -> bool {
+    let (a, via) = if is_err {
+        let Ok(inner_src) = arr16(payload, 8 + 8) else {
+            return false;
+        };
+        match map_6to4_via(&cfg.eamt, cfg.pool6.as_ref(), &inner_src) {
+            Some(m) => m,
+            None => return false,
+        }
+    } else {
+        (dst4, dst_via)
+    };
+    via == Via::Pool6 && eam_lookup_v4(&cfg.eamt, a).is_some()
 }
 
 /// Translates the IPv6 packet inside an ICMPv6 error (`region` is what the

@@ -7,8 +7,10 @@ const NODE: [u8; 16] = [0xfd, 0x77, 0x67, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0,
 const REMOTE: [u8; 4] = [203, 0, 113, 10];
 const POOL4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 
+/// A network-specific prefix: the documentation addresses here are not
+/// global, which the Well-Known Prefix would refuse (RFC 6052 §3.1).
 fn pool6() -> Pool6 {
-    Pool6::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96).unwrap()
+    Pool6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0), 96).unwrap()
 }
 
 fn table(max: usize) -> Table {
@@ -93,7 +95,10 @@ fn v4_csum_ok(p: &[u8]) -> bool {
 }
 
 fn cfg() -> Config {
-    Config::default()
+    Config {
+        pool6: Some(pool6()),
+        ..Config::default()
+    }
 }
 
 /// Node → remote: NAT64 outbound then stateless 6→4; returns the IPv4 packet.
@@ -826,4 +831,47 @@ proptest! {
             &l4
         ));
     }
+}
+
+/// No session for a remote the translator would refuse: loopback, link-local
+/// and the like always, and (RFC 6052 §3.1) a non-global one behind the
+/// Well-Known Prefix; such a remote cannot open one from the IPv4 side on a
+/// UDP mapping either. A global one can, pool4 itself being non-global.
+#[test]
+fn no_session_for_refused_remotes() {
+    let mut t = table(16);
+    let wkp = Pool6::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96).unwrap();
+    for (pool, remote) in [
+        (pool6(), [127, 0, 0, 1]),
+        (pool6(), [169, 254, 169, 254]),
+        (wkp, [10, 0, 0, 1]),
+        (wkp, REMOTE),
+    ] {
+        let mut p = v6_packet(NODE, pool.embed(remote), 17, &udp(5353, 53, b"q"));
+        assert_eq!(
+            t.outbound(&mut p, &pool, 1),
+            Err(DropReason::IllegalAddress),
+            "{remote:?}"
+        );
+    }
+    assert_eq!(t.sessions(), 0);
+    let mut p = v6_packet(NODE, wkp.embed([8, 8, 8, 8]), 17, &udp(5353, 53, b"q"));
+    assert_eq!(t.outbound(&mut p, &wkp, 1), Ok(Step::Mapped));
+    assert_eq!(t.sessions(), 1);
+    let port4 = u16::from_be_bytes([p[40], p[41]]);
+    let to_pool4 = wkp.embed(POOL4.octets());
+    let mut stranger = v6_packet(
+        wkp.embed([10, 0, 0, 1]),
+        to_pool4,
+        17,
+        &udp(53, port4, b"a"),
+    );
+    assert_eq!(
+        t.inbound(&mut stranger, &wkp, 2),
+        Err(DropReason::IllegalAddress)
+    );
+    assert_eq!(t.sessions(), 1);
+    let mut global = v6_packet(wkp.embed([8, 8, 4, 4]), to_pool4, 17, &udp(53, port4, b"a"));
+    assert_eq!(t.inbound(&mut global, &wkp, 2), Ok(Step::Mapped));
+    assert_eq!(t.sessions(), 2);
 }
