@@ -1140,22 +1140,13 @@ fn covers(key: &CertifiedKey, host: &str) -> bool {
 /// hub's (in memory and on disk, so a restart without etcd keeps it). True
 /// when it did.
 fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bool {
-    let (key, na) =
-        match crate::proxy::tls::certified_key_from_pem(pem.chain.as_bytes(), pem.key.as_bytes())
-            .and_then(|k| {
-                let na = k
-                    .cert
-                    .first()
-                    .and_then(|c| cert_not_after(c))
-                    .ok_or("no notAfter in the certificate")?;
-                Ok((k, na))
-            }) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(host, error = %e, "mesh: shared ACME certificate unusable; ignored");
-                return false;
-            }
-        };
+    let (key, na) = match load_pair(pem) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(host, error = %e, "mesh: shared ACME certificate unusable; ignored");
+            return false;
+        }
+    };
     if state.not_after(host).is_some_and(|cur| cur >= na) {
         return false;
     }
