@@ -1264,7 +1264,9 @@ fn failed(
     let dir = host_dir(cfg, host);
     let stored = std::fs::create_dir_all(&dir)
         .and_then(|()| {
-            let text = format!("{at} {}\n{e}\n", back.as_secs());
+            // The directory too: another one (staging to production) is
+            // not held back by this one's failures.
+            let text = format!("{at} {} {}\n{e}\n", back.as_secs(), cfg.directory);
             write_private(&dir.join(RETRY_FILE), text.as_bytes())
         })
         .inspect_err(|err| {
@@ -1287,13 +1289,21 @@ fn failed(
 }
 
 /// Reads the [`RETRY_FILE`] of `host`: when the next order may run (Unix
-/// seconds), the last wait and the last error.
+/// seconds), the last wait and the last error. A file written for another
+/// directory is removed and read as none.
 fn read_retry(cfg: &AcmeSettings, host: &str) -> Option<(u64, Duration, String)> {
-    let text = std::fs::read_to_string(host_dir(cfg, host).join(RETRY_FILE)).ok()?;
+    let file = host_dir(cfg, host).join(RETRY_FILE);
+    let text = std::fs::read_to_string(&file).ok()?;
     let (head, error) = text.split_once('\n').unwrap_or((text.as_str(), ""));
-    let (at, wait) = head.split_once(' ')?;
-    let wait = Duration::from_secs(wait.trim().parse().ok()?).clamp(RETRY_FIRST, RETRY_MAX);
-    Some((at.trim().parse().ok()?, wait, error.trim_end().to_string()))
+    let mut fields = head.split_whitespace();
+    let at = fields.next()?.parse().ok()?;
+    let wait = Duration::from_secs(fields.next()?.parse().ok()?).clamp(RETRY_FIRST, RETRY_MAX);
+    if let Some(dir) = fields.next().filter(|d| *d != cfg.directory) {
+        info!(host = %host, failed_with = %dir, directory = %cfg.directory, "ACME directory changed since the failed orders: ordering now");
+        let _ = std::fs::remove_file(&file);
+        return None;
+    }
+    Some((at, wait, error.trim_end().to_string()))
 }
 
 /// Forgets the failures of `host`: in memory and its [`RETRY_FILE`].
@@ -2107,6 +2117,18 @@ mod tests {
         let mut r = Retries::new();
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
         assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 8);
+        // Another directory after a restart (staging to production): the
+        // failures with the old one do not hold the order back.
+        let mut other = cfg_in(&dir);
+        other.directory = "https://ca.example.test/directory".into();
+        assert_ne!(other.directory, cfg.directory);
+        let mut r = Retries::new();
+        assert_eq!(retry_left(&st, &other, &mut r, host), None);
+        assert!(!file.exists(), "the old directory's retry file removed");
+        // While the same directory still waits.
+        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
+        let mut r = Retries::new();
+        assert!(retry_left(&st, &cfg, &mut r, host).is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
