@@ -823,7 +823,19 @@ pub fn parse_url(s: &str) -> Result<(String, u16, String), CtlError> {
     if host.is_empty() {
         return Err(bad("no host"));
     }
-    let port = uri.port_u16().unwrap_or(443);
+    // `http::Uri` reads a port it cannot parse (`:99999`, a bare `:`) as
+    // none: that is a mistake to report, not 443.
+    let raw = auth.as_str();
+    let port_given = match raw.rsplit_once(']') {
+        Some((_, rest)) => rest.starts_with(':'),
+        None => raw.contains(':'),
+    };
+    let port = match uri.port_u16() {
+        Some(0) => return Err(bad("port 0")),
+        Some(p) => p,
+        None if port_given => return Err(bad("the port is not a number from 1 to 65535")),
+        None => 443,
+    };
     Ok((host.to_string(), port, auth.as_str().to_string()))
 }
 
@@ -1084,6 +1096,13 @@ fn bytes_field(v: Option<&Value>) -> String {
 
 /// Columns padded to their widest cell, two spaces apart.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    // Every cell, whatever built it: text from the hub (an ACME server's
+    // error, a name) never reaches the terminal as control characters.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut w: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -1160,7 +1179,7 @@ fn backends_text(r: &Value) -> String {
                 };
                 // A path prefix's backends carry their prefix.
                 let path = match b.get("path").and_then(Value::as_str) {
-                    Some(p) => format!("{p}: "),
+                    Some(p) => format!("{}: ", printable(p)),
                     None => String::new(),
                 };
                 // `addr` per the contract; `backend` as the proxy's health names it.
@@ -1241,7 +1260,7 @@ fn fields(v: &Value, first: &[&str], indent: &str) -> String {
         if let Some(x) = m.get(k).filter(|x| !x.is_null() && x.as_str() != Some("")) {
             out.push_str(&format!(
                 "{indent}{}: {}\n",
-                k.replace('_', " "),
+                printable(&k.replace('_', " ")),
                 text(Some(x))
             ));
         }
@@ -1346,7 +1365,11 @@ pub fn route_text(r: &Value) -> String {
     if let Some(Value::Object(spec)) = r.get("spec") {
         out.push_str("  spec:\n");
         for (k, x) in spec {
-            out.push_str(&format!("    {k} = {}\n", printable(&x.to_string())));
+            out.push_str(&format!(
+                "    {} = {}\n",
+                printable(k),
+                printable(&x.to_string())
+            ));
         }
     }
     out
@@ -2228,6 +2251,7 @@ mod tests {
             Ok(("2001:db8::1".into(), 7443, "[2001:db8::1]:7443".into()))
         );
         assert_eq!(parse_url("https://10.0.0.1").map(|u| u.1), Ok(443));
+        assert_eq!(parse_url("https://[2001:db8::1]").map(|u| u.1), Ok(443));
         for bad in [
             "http://h:1",
             "h:1",
@@ -2235,6 +2259,11 @@ mod tests {
             "https://h:1/v1",
             "https://h:1?x",
             "https://:1",
+            "https://h:74430",
+            "https://h:",
+            "https://h:0",
+            "https://[2001:db8::1]:99999",
+            "https://[2001:db8::1]:",
         ] {
             assert!(matches!(parse_url(bad), Err(CtlError::Usage(_))), "{bad}");
         }
@@ -2384,6 +2413,12 @@ mod tests {
         assert!(lines[3].ends_with("failing: validation failed"), "{t}");
         assert!(lines[4].ends_with("not issued yet"), "{t}");
         assert!(lines[5].ends_with("superseded"), "{t}");
+        // An ACME server's error with terminal escapes is printed tamed.
+        let v = json!([{"host": "x.gw.test", "source": "acme", "not_after": null,
+            "error": "bad\u{1b}]0;owned\u{7}\u{1b}[2J"}]);
+        let t = certs_table(&v, NOW);
+        assert!(!t.contains('\u{1b}') && !t.contains('\u{7}'), "{t:?}");
+        assert!(t.contains("failing: bad?]0;owned??[2J"), "{t:?}");
         let v = json!([{"id": "0123456789abcdef", "names": ["blog"], "replicas": false, "created": NOW - 10, "expires": NOW - 5}]);
         assert_eq!(
             tokens_table(&v, NOW),

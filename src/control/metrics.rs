@@ -28,7 +28,7 @@
 //! | `gatewire_handshakes_total` | counter | |
 //! | `gatewire_drops_total`, `gatewire_xlat_drops_total` | counter | `reason` |
 //! | `gatewire_nat64_sessions`, `gatewire_nat64_bindings`, `gatewire_nat64_fragment_flows`, `gatewire_nat64_held_fragments` | gauge | |
-//! | `gatewire_nat64_held_fragments_total` | counter | |
+//! | `gatewire_nat64_early_fragments_total` | counter | |
 //! | `gatewire_route_requests_total`, `gatewire_route_connections_total` | counter | `route` |
 //! | `gatewire_route_in_bytes_total`, `gatewire_route_out_bytes_total` | counter | `route` |
 //! | `gatewire_route_errors_total` | counter | `route`, `kind` |
@@ -390,7 +390,9 @@ fn device(w: &mut Writer, dev: &ShowInterface, now: u64) {
             |f| f.sample(&[], n.held_fragments as u64),
         );
         w.family(
-            "gatewire_nat64_held_fragments_total",
+            // Not `..._held_fragments_total`: readers that strip `_total`
+            // (OpenMetrics) would take it for the gauge above.
+            "gatewire_nat64_early_fragments_total",
             "Later fragments that came before their first fragment.",
             Kind::Counter,
             |f| f.sample(&[], n.held_fragments_total),
@@ -1088,7 +1090,7 @@ mod tests {
         assert_eq!(p.get("gatewire_nat64_bindings", &[]), Some(2));
         assert_eq!(p.get("gatewire_nat64_fragment_flows", &[]), Some(1));
         assert_eq!(p.get("gatewire_nat64_held_fragments", &[]), Some(3));
-        assert_eq!(p.get("gatewire_nat64_held_fragments_total", &[]), Some(11));
+        assert_eq!(p.get("gatewire_nat64_early_fragments_total", &[]), Some(11));
 
         let r = [("route", "name:blog")];
         assert_eq!(p.get("gatewire_route_requests_total", &r), Some(11));

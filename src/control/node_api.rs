@@ -118,6 +118,14 @@ impl ChangeBudget {
         *b = (left - 1, since);
         Ok(())
     }
+
+    /// Returns a change [`take`](Self::take) spent on one that was not
+    /// made (the state could not be saved).
+    pub(crate) fn give_back(&mut self, key: &str) {
+        if let Some(b) = self.nodes.get_mut(key) {
+            b.0 = b.0.saturating_add(1).min(self.burst);
+        }
+    }
 }
 
 /// Time a node has to send a request's body once its head arrived.
@@ -217,24 +225,32 @@ async fn serve(
             let commit = {
                 let (c, key) = (c.clone(), key.clone());
                 tokio::spawn(async move {
-                    c.mutate(|s, ctx| {
-                        let changed = s.declare_services(ctx, &key, ip, d.services)?;
-                        if changed {
-                            budget
-                                .lock()
-                                .take(&key, std::time::Instant::now())
-                                .map_err(|wait| state::Error {
-                                    status: 429,
-                                    message: format!(
-                                        "too many changes of this node's services; \
+                    let mut spent = false;
+                    let r = c
+                        .mutate(|s, ctx| {
+                            let changed = s.declare_services(ctx, &key, ip, d.services)?;
+                            if changed {
+                                budget
+                                    .lock()
+                                    .take(&key, std::time::Instant::now())
+                                    .map_err(|wait| state::Error {
+                                        status: 429,
+                                        message: format!(
+                                            "too many changes of this node's services; \
                                          the next is possible in {} s",
-                                        wait.as_secs() + 1
-                                    ),
-                                })?;
-                        }
-                        Ok(changed)
-                    })
-                    .await
+                                            wait.as_secs() + 1
+                                        ),
+                                    })?;
+                                spent = true;
+                            }
+                            Ok(changed)
+                        })
+                        .await;
+                    // A change that could not be saved was not made.
+                    if spent && r.is_err() {
+                        budget.lock().give_back(&key);
+                    }
+                    r
                 })
             };
             let r = commit.await.unwrap_or_else(|e| {
@@ -378,5 +394,17 @@ mod tests {
         assert!(b.take("k1", t0 + 600 * s).is_err());
         // A clock that goes backwards gains nothing and breaks nothing.
         assert!(b.take("k1", t0).is_err());
+        // A change that was not saved is given back, up to the burst.
+        b.give_back("k1");
+        b.take("k1", t0 + 600 * s).unwrap();
+        assert!(b.take("k1", t0 + 600 * s).is_err());
+        for _ in 0..5 {
+            b.give_back("k2");
+        }
+        for _ in 0..3 {
+            b.take("k2", t0).unwrap();
+        }
+        assert!(b.take("k2", t0).is_err(), "no more than the burst");
+        b.give_back("unknown");
     }
 }

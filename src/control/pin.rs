@@ -79,7 +79,14 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Resu
         let _ = std::fs::remove_file(&tmp);
     }
     r?;
-    std::fs::File::open(dir)?.sync_all()
+    // Renamed: the new file is the one in place, whatever follows. A
+    // directory that cannot be synced (some network and FUSE file systems)
+    // only makes the rename less durable against a power cut; an error now
+    // would have callers undo a write that was made.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "file written, but its directory could not be synced");
+    }
+    Ok(())
 }
 
 fn create_dir(dir: &Path) -> std::io::Result<()> {

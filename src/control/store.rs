@@ -41,6 +41,7 @@ impl FileStore {
             .mode(0o700)
             .create(dir)
             .map_err(|e| anyhow::anyhow!("state directory {}: {e}", dir.display()))?;
+        remove_stale_temps(dir);
         Ok(FileStore {
             dir: dir.to_path_buf(),
         })
@@ -99,6 +100,40 @@ impl FileStore {
             tracing::warn!(dir = %self.dir.display(), error = %e, "state saved, but its directory could not be synced");
         }
         Ok(())
+    }
+}
+
+/// Removes the temporary files of saves that a process which is gone
+/// (killed between writing and renaming) left behind: each is a whole copy
+/// of the state.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STATE_FILE)?.strip_prefix('.'))
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.split_once('.'))
+            .and_then(|(pid, seq)| seq.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        // A live process's save may be under way (and this one's never is
+        // yet).
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => {
+                tracing::info!(file = %e.path().display(), "removed a state file an interrupted save left")
+            }
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a state file an interrupted save left")
+            }
+        }
     }
 }
 
@@ -175,6 +210,19 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0);
+        // The next start removes what interrupted saves of processes that
+        // are gone left, and nothing else.
+        let st_dir = d.path().join("st");
+        let dead = st_dir.join("state.json.4294967295.3.tmp");
+        let own = st_dir.join(format!("state.json.{}.9.tmp", std::process::id()));
+        let other = st_dir.join("state.json.notes.tmp");
+        for f in [&dead, &own, &other] {
+            std::fs::write(f, b"{}").unwrap();
+        }
+        let s = FileStore::open(&st_dir).unwrap();
+        assert!(!dead.exists(), "a dead process's temp file is removed");
+        assert!(own.exists() && other.exists());
+        assert_eq!(s.load().await.unwrap().unwrap().version, 8);
     }
 
     /// Saves running at once (a save outlives a cancelled caller, so the
