@@ -2599,6 +2599,37 @@ async fn proxy_headers_from_a_balancer_in_front() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out).contains("xff=198.51.100.8 "));
+    // A v2 header in three pieces (inside the signature, inside the fixed
+    // part, then the addresses with the request), and a v1 one byte by byte.
+    let mut v2 = Vec::new();
+    encode_v2(
+        &mut v2,
+        Transport::Tcp,
+        "198.51.100.9:1".parse().unwrap(),
+        "127.0.0.1:80".parse().unwrap(),
+    );
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, "198.51.100.10:4000".parse().unwrap(), http);
+    for (pieces, who) in [
+        (
+            vec![v2[..5].to_vec(), v2[5..14].to_vec(), v2[14..].to_vec()],
+            "198.51.100.9",
+        ),
+        (v1.iter().map(|b| vec![*b]).collect(), "198.51.100.10"),
+    ] {
+        let mut c = connect_from("127.0.0.1", http).await;
+        for p in pieces {
+            c.write_all(&p).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        c.write_all(get("lb.gw.test").as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(T, c.read_to_end(&mut out))
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains(&format!("xff={who} ")), "{who}: {out}");
+    }
     // The balancer without a header is closed and counted; others need none.
     let r = via(Vec::new(), "lb.gw.test").await;
     assert!(r.is_empty(), "{r}");

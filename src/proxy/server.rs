@@ -1380,7 +1380,9 @@ async fn accept_loop(
                     if let Some((first, h2c)) = sniff_h2c(&mut sock, left()).await {
                         let (sock, first) = match &mesh {
                             Some(m) if !h2c => {
-                                match http_via_mesh(&shared, m, sock, first, peer, dest).await {
+                                match http_via_mesh(&shared, m, sock, first, peer, dest, left())
+                                    .await
+                                {
                                     Some(x) => x,
                                     None => return,
                                 }
@@ -1478,24 +1480,31 @@ async fn starts_with_proxy_v2(sock: &TcpStream, deadline: Duration) -> Option<bo
 /// Reads the PROXY header (v1 or v2) at the start of `sock`, consuming it and
 /// nothing after it: the client it names and the address that client
 /// connected to, or `None` for `LOCAL`/`UNKNOWN` (use the connection's own
-/// addresses). Peeks until the header is complete.
+/// addresses). Peeks at what arrived; a header that is not complete yet
+/// is all header so far, so that much is consumed and the next peek waits
+/// for new bytes (no polling).
 async fn read_proxy_header(
     sock: &mut TcpStream,
     deadline: Duration,
 ) -> Result<ProxyHeader, String> {
     use crate::proxy::proxy_protocol::{decode, Command, DecodeError};
     let work = async {
+        // `buf[..had]`: consumed; `buf[had..had + n]`: peeked.
         let mut buf = vec![0u8; MAX_PROXY_HEADER];
-        let mut seen = 0;
+        let mut had = 0;
         loop {
-            let n = sock.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            let room = buf.get_mut(had..).unwrap_or_default();
+            if room.is_empty() {
+                return Err("PROXY header too long".to_string());
+            }
+            let n = sock.peek(room).await.map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err("closed before a PROXY header".to_string());
             }
-            match decode(buf.get(..n).unwrap_or_default()) {
+            match decode(buf.get(..had + n).unwrap_or_default()) {
                 Ok(d) => {
-                    let head = buf.get_mut(..d.len).ok_or("header longer than read")?;
-                    sock.read_exact(head).await.map_err(|e| e.to_string())?;
+                    let rest = buf.get_mut(had..d.len).ok_or("header longer than read")?;
+                    sock.read_exact(rest).await.map_err(|e| e.to_string())?;
                     let addrs = match d.command {
                         Command::Proxy { src, dst, .. } => Some((src, dst)),
                         Command::Local | Command::ProxyUnspec => None,
@@ -1503,14 +1512,11 @@ async fn read_proxy_header(
                     buf.truncate(d.len);
                     return Ok((addrs, buf));
                 }
-                Err(DecodeError::Incomplete) if n < MAX_PROXY_HEADER => {
-                    // Readable but nothing new: wait a little for the rest.
-                    if n == seen {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    seen = n;
+                Err(DecodeError::Incomplete) => {
+                    let part = buf.get_mut(had..had + n).unwrap_or_default();
+                    sock.read_exact(part).await.map_err(|e| e.to_string())?;
+                    had += n;
                 }
-                Err(DecodeError::Incomplete) => return Err("PROXY header too long".to_string()),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -1567,7 +1573,8 @@ async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>,
 /// with no route here that another hub serves has the connection sent to that
 /// hub (`None`: done, answered 502 when no hub took it). Otherwise the socket
 /// and everything read, to be served here (`None` too when the client closed
-/// or stalled past the header timeout, as hyper would have closed it).
+/// or stalled past `wait`, what is left of the header timeout, as hyper would
+/// have closed it).
 async fn http_via_mesh(
     shared: &Arc<Shared>,
     mesh: &crate::mesh::Mesh,
@@ -1575,6 +1582,7 @@ async fn http_via_mesh(
     mut first: Vec<u8>,
     peer: SocketAddr,
     dest: Option<SocketAddr>,
+    wait: Duration,
 ) -> Option<(TcpStream, Vec<u8>)> {
     use crate::proxy::detect::{sniff_http_host_capped, SniffError};
     let limits = &shared.limits;
@@ -1606,10 +1614,7 @@ async fn http_via_mesh(
             }
         }
     };
-    let host = tokio::time::timeout(limits.header_timeout, read)
-        .await
-        .ok()
-        .flatten()?;
+    let host = tokio::time::timeout(wait, read).await.ok().flatten()?;
     let hubs = host
         .as_ref()
         .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h, peer.ip()));
@@ -1958,6 +1963,10 @@ async fn serve_tls(
     slot: Arc<ConnSlot>,
 ) {
     let limits = shared.limits.clone();
+    // One wait for the whole handshake, ClientHello included: no stage
+    // starts a fresh one for a slow client.
+    let until = tokio::time::Instant::now() + hello_wait;
+    let left = move || until.saturating_duration_since(tokio::time::Instant::now());
     let (bytes, sni) = match tls::read_client_hello(&mut sock, hello_wait).await {
         Hello::Ok {
             bytes,
@@ -1971,9 +1980,7 @@ async fn serve_tls(
                 Some(Ok(cfg)) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
                     let io = Prefixed::new(bytes, sock);
-                    if let Ok(Ok(mut t)) =
-                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)).await
-                    {
+                    if let Ok(Ok(mut t)) = tokio::time::timeout(left(), acceptor.accept(io)).await {
                         let _ = t.shutdown().await;
                     }
                 }
@@ -2003,8 +2010,7 @@ async fn serve_tls(
             let hub = shared.carrier.clone();
             drop(shared);
             if let Some(hub) = hub {
-                hub.serve(Prefixed::new(bytes, sock), peer, limits.handshake_timeout)
-                    .await;
+                hub.serve(Prefixed::new(bytes, sock), peer, left()).await;
             }
             return;
         }
@@ -2113,19 +2119,18 @@ async fn serve_tls(
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             let io = Prefixed::new(bytes, sock);
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "TLS handshake failed");
-                        c.error(ErrorKind::TlsHandshake);
-                        return;
-                    }
-                    Err(_) => {
-                        c.error(ErrorKind::HandshakeTimeout);
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(left(), acceptor.accept(io)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    c.error(ErrorKind::TlsHandshake);
+                    return;
+                }
+                Err(_) => {
+                    c.error(ErrorKind::HandshakeTimeout);
+                    return;
+                }
+            };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let trusted = shared.trusts_forwarding(peer.ip());
             let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted, slot));
