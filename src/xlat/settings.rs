@@ -236,8 +236,16 @@ pub fn validate(
         if n.trunc() != n {
             return Err(format!("[xlat] ipv4_via_pool6: `{s}` has host bits set"));
         }
-        if cfg.pool6.is_none() {
+        let Some(pool6) = &cfg.pool6 else {
             return Err("[xlat] ipv4_via_pool6 needs a pool6".into());
+        };
+        // Every packet to such a range would be dropped (RFC 6052 §3.1).
+        if pool6.refuses(n.network().octets()) && pool6.refuses(n.broadcast().octets()) {
+            return Err(format!(
+                "[xlat] ipv4_via_pool6: `{s}` is not global, and the well-known prefix \
+                 64:ff9b::/96 may not carry it (RFC 6052 §3.1): use a network-specific \
+                 pool6, or wkp_strict = false"
+            ));
         }
         via_pool6.push(n);
         routes.push(IpNet::V4(n));
@@ -288,6 +296,14 @@ mod tests {
             x.config.pool6.map(|p| p.prefix())
         );
         assert_eq!(parse("icmp_error_rate = 0").unwrap().icmp_error_rate, 0);
+        // A non-global range through the well-known prefix would be dropped
+        // whole: refused at load, unless strictness is off or the prefix is
+        // network-specific; a range with global addresses in it is taken.
+        let e = parse("ipv4_via_pool6 = [\"10.1.0.0/16\"]").unwrap_err();
+        assert!(e.contains("10.1.0.0/16") && e.contains("wkp_strict"), "{e}");
+        assert!(parse("ipv4_via_pool6 = [\"10.1.0.0/16\"]\nwkp_strict = false").is_ok());
+        assert!(parse("pool6 = \"2001:db8:100::/40\"\nipv4_via_pool6 = [\"10.1.0.0/16\"]").is_ok());
+        assert!(parse("ipv4_via_pool6 = [\"198.51.0.0/16\"]").is_ok());
         assert!(parse("icmp_error_rate = 2000000")
             .unwrap_err()
             .contains("icmp_error_rate"));

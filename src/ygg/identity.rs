@@ -385,12 +385,6 @@ pub struct LinkUri {
     sni: Option<String>,
 }
 
-/// Hides the password of a `user:password@host...` part of a URI.
-fn hide_userinfo(s: &str) -> String {
-    let r = redact_uri(&format!("x://{s}"));
-    r.strip_prefix("x://").map_or(r.clone(), str::to_owned)
-}
-
 /// Hides passwords (`password=` values, SOCKS `user:pass@`) in a URI string.
 pub fn redact_uri(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -498,15 +492,30 @@ impl LinkUri {
     /// `password=` (≤ 64 bytes) and `maxbackoff=`. Unknown options are
     /// rejected so typos do not silently disable key pinning.
     pub fn parse(s: &str, version: Version, role: UriRole) -> Result<Self, UriError> {
-        Self::parse_inner(s, version, role).map_err(|kind| UriError {
-            uri: redact_uri(s),
-            // The part it quotes may hold a `user:password@` too.
-            kind: match kind {
-                UriErrorKind::BadAuthority(t) => UriErrorKind::BadAuthority(hide_userinfo(&t)),
-                UriErrorKind::BadPath(t) => UriErrorKind::BadPath(hide_userinfo(&t)),
-                UriErrorKind::BadPort(t) => UriErrorKind::BadPort(hide_userinfo(&t)),
+        Self::parse_inner(s, version, role).map_err(|kind| {
+            let uri = redact_uri(s);
+            // The part an error quotes may hold a piece of a password (one
+            // holding '/', '?' or '@' is cut anywhere): a URI with one
+            // quotes none of itself.
+            let secret = uri != s;
+            let hide = |t: String| {
+                if secret {
+                    "(hidden: the URI holds a password)".to_owned()
+                } else {
+                    t
+                }
+            };
+            let kind = match kind {
+                UriErrorKind::BadAuthority(t) => UriErrorKind::BadAuthority(hide(t)),
+                UriErrorKind::BadPath(t) => UriErrorKind::BadPath(hide(t)),
+                UriErrorKind::BadPort(t) => UriErrorKind::BadPort(hide(t)),
+                UriErrorKind::BadQuery(t) => UriErrorKind::BadQuery(hide(t)),
+                UriErrorKind::UnknownOption(t) => UriErrorKind::UnknownOption(hide(t)),
+                UriErrorKind::BadPriority(t) => UriErrorKind::BadPriority(hide(t)),
+                UriErrorKind::UnknownScheme(t) => UriErrorKind::UnknownScheme(hide(t)),
                 k => k,
-            },
+            };
+            UriError { uri, kind }
         })
     }
 
@@ -1052,9 +1061,14 @@ mod tests {
             "socks://:s3cret@p:1080/t:1",
             "tls://u:s3cret@h:1",
             "sockstls://bob:s3cret@[2001:db8::zz]:1080/t:1",
+            // A password holding a separator, cut where it stands.
+            "socks://u:s3c/ret@proxy:1080/t:1",
+            "socks://u:s3c?ret@proxy:1080/t:1",
+            "socks://u:s3c@ret@proxy:x/t:1",
+            "socks://u:s3cret@proxy:1080/t:1?password=s3cret&priority=999",
         ] {
             let e = LinkUri::parse_peer(s, Version::V0_4).unwrap_err();
-            assert!(!e.to_string().contains("s3cret"), "{e}");
+            assert!(!e.to_string().contains("s3c"), "{e}");
         }
         let long = format!("quic://a:1?password={}", "x".repeat(65));
         assert_eq!(
