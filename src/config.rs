@@ -130,6 +130,8 @@ struct RawNodeHub {
     tls_proxy: Option<String>,
     tls_proxy_auth_file: Option<PathBuf>,
     websocket: Option<String>,
+    websocket_ca: Option<PathBuf>,
+    websocket_verify: Option<bool>,
     udp_retry: Option<u64>,
 }
 
@@ -237,7 +239,8 @@ pub struct NodeHub {
     pub tls_proxy_auth: Option<crate::carrier::connect::Credentials>,
     /// Carry the tunnel as WebSocket messages to this URL (through HTTP
     /// intermediaries) instead of the TLS carrier's own protocol;
-    /// `tls_endpoint` is then the URL's host and port.
+    /// `tls_endpoint` is then the URL's host and port. A `wss://` one checks
+    /// the server's certificate (`websocket_ca`, `websocket_verify`).
     pub websocket: Option<crate::carrier::WsTarget>,
     /// With `transport = "auto"`, while on TLS: the longest wait, in
     /// seconds, between two tries of UDP (which go on in the background);
@@ -586,7 +589,18 @@ impl NodeConfig {
                         ctx.err(format!("{what} websocket `{}`: {m}", redact_query(u)))
                     })
                 })
+                .transpose()?
+                .map(|(mut w, ep)| {
+                    w.trust = ws_trust(&w, &rh.websocket_ca, rh.websocket_verify, base)
+                        .map_err(|m| ctx.err(format!("{what}: {m}")))?;
+                    Ok::<_, ConfigError>((w, ep))
+                })
                 .transpose()?;
+            if websocket.is_none() && (rh.websocket_ca.is_some() || rh.websocket_verify.is_some()) {
+                return Err(ctx.err(format!(
+                    "{what}: websocket_ca and websocket_verify need a websocket URL"
+                )));
+            }
             let tls_endpoint = match rh.tls_endpoint.as_deref().map(str::trim) {
                 Some(_) if websocket.is_some() => {
                     return Err(ctx.err(format!(
@@ -734,6 +748,54 @@ fn redact_query(url: &str) -> String {
     }
 }
 
+/// How a node's `wss://` carrier checks the server's certificate:
+/// `websocket_ca` (relative to `base`), none with `websocket_verify =
+/// false`, else the system's CAs. Refused: either with `ws://`, both
+/// together, and no check with a query in the URL (a token it may hold would
+/// go to whoever answers).
+fn ws_trust(
+    target: &crate::carrier::WsTarget,
+    ca: &Option<PathBuf>,
+    verify: Option<bool>,
+    base: &Path,
+) -> Result<crate::carrier::WsTrust, String> {
+    use crate::carrier::WsTrust;
+    if !target.tls && (ca.is_some() || verify.is_some()) {
+        return Err(
+            "websocket_ca and websocket_verify are for wss:// URLs (ws:// has no TLS)".into(),
+        );
+    }
+    match (ca, verify) {
+        (Some(_), Some(false)) => {
+            Err("websocket_ca with websocket_verify = false: set one or the other".into())
+        }
+        (None, Some(false)) if target.path.contains('?') => Err(
+            "websocket_verify = false with a query in the websocket URL: whoever answers the \
+             connection would get the query (an access token); check the certificate \
+             (websocket_ca for a CA of your own) or take the query out of the URL"
+                .into(),
+        ),
+        (None, Some(false)) => Ok(WsTrust::Off),
+        (Some(f), _) => {
+            let f = if f.is_relative() {
+                base.join(f)
+            } else {
+                f.clone()
+            };
+            let certs =
+                crate::proxy::upstream::load_certs(&f).map_err(|e| format!("websocket_ca {e}"))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in &certs {
+                roots
+                    .add(c.clone())
+                    .map_err(|e| format!("websocket_ca {}: {e}", f.display()))?;
+            }
+            Ok(WsTrust::Ca(certs))
+        }
+        (None, _) => Ok(WsTrust::System),
+    }
+}
+
 /// A node's `websocket` URL, `ws://host[:port][/path]` or `wss://...`
 /// (default port 80 or 443, default path the hub's tunnel path): the target
 /// and the `host:port` to dial.
@@ -804,6 +866,7 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
     Ok((
         crate::carrier::WsTarget {
             tls,
+            trust: crate::carrier::WsTrust::System,
             host_header: authority.to_string(),
             path: path.to_string(),
             url: redact_query(u),
@@ -1458,6 +1521,86 @@ mod tests {
         ] {
             let e = node(extra).unwrap_err();
             assert!(e.contains(says), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn websocket_certificate_check() {
+        use super::service_tests::node;
+        use crate::carrier::WsTrust;
+        let trust = |extra: &str| {
+            node(extra)
+                .map(|c| c.hubs[0].websocket.as_ref().map(|w| w.trust.clone()))
+                .unwrap()
+        };
+        assert_eq!(
+            trust("websocket = \"wss://edge/wg?t=s3cret\"\n"),
+            Some(WsTrust::System)
+        );
+        assert_eq!(
+            trust("websocket = \"wss://edge/wg\"\nwebsocket_verify = true\n"),
+            Some(WsTrust::System)
+        );
+        assert_eq!(
+            trust("websocket = \"wss://edge/wg\"\nwebsocket_verify = false\n"),
+            Some(WsTrust::Off)
+        );
+        let dir = std::env::temp_dir().join(format!("gw-ws-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        let with_ca = |file: &str| {
+            // Relative to the config file's directory.
+            let text = format!(
+                "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\"]\n\
+                 [[hub]]\npublic_key = \"{P2}\"\nendpoint = \"hub.example:51820\"\n\
+                 allowed_ips = [\"100.64.0.0/10\"]\nwebsocket = \"wss://edge/wg?t=s3cret\"\n\
+                 websocket_ca = \"{file}\"\n"
+            );
+            NodeConfig::parse("n.toml", &text, &dir).map_err(|e| e.to_string())
+        };
+        let c = with_ca("ca.pem").unwrap();
+        let w = c.hubs[0].websocket.as_ref().unwrap();
+        assert_eq!(w.trust, WsTrust::Ca(vec![ca.der().clone()]));
+        assert!(format!("{c:?}").contains("Ca(1 certificates)"), "{c:?}");
+        let e = with_ca("empty.pem").unwrap_err();
+        assert!(
+            e.contains("websocket_ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let e = with_ca("missing.pem").unwrap_err();
+        assert!(
+            e.contains("websocket_ca") && e.contains("missing.pem"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (extra, says) in [
+            (
+                "websocket = \"wss://edge/wg?t=s3cret\"\nwebsocket_verify = false\n",
+                "websocket_verify = false with a query in the websocket URL",
+            ),
+            (
+                "websocket = \"wss://edge/wg\"\nwebsocket_verify = false\nwebsocket_ca = \"ca.pem\"\n",
+                "websocket_ca with websocket_verify = false",
+            ),
+            (
+                "websocket = \"ws://edge/wg\"\nwebsocket_verify = false\n",
+                "are for wss:// URLs",
+            ),
+            (
+                "websocket = \"ws://edge/wg\"\nwebsocket_ca = \"ca.pem\"\n",
+                "are for wss:// URLs",
+            ),
+            ("websocket_verify = false\n", "need a websocket URL"),
+            ("websocket_ca = \"ca.pem\"\n", "need a websocket URL"),
+        ] {
+            let e = node(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
         }
     }
 

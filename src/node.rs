@@ -371,9 +371,24 @@ async fn open_carrier(
 /// the stream claims the hub's endpoint for this node back.
 const PROBE_ANSWER_MS: u64 = 500;
 
+/// The TLS client settings of `hub`'s carrier (none on UDP only). A
+/// `wss://` one reads the system's CA bundle unless it has `websocket_ca`.
+fn carrier_client(hub: &NodeHub) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    let cfg = match (hub.transport, &hub.websocket) {
+        (Transport::Udp, _) => return Ok(None),
+        (_, Some(w)) if w.tls => carrier::ws_client_config(&w.trust),
+        // (Unused: `ws://` has no TLS.)
+        (_, Some(_)) => carrier::ws_client_config(&carrier::WsTrust::Off),
+        (_, None) => carrier::client_config(),
+    };
+    cfg.map(Some)
+        .map_err(|e| anyhow::anyhow!("hub {}: {e:#}", hub_name(hub)))
+}
+
 async fn supervise(
     dev: Arc<Inner>,
     hub: NodeHub,
+    tls: Option<Arc<rustls::ClientConfig>>,
     dead_after: u16,
     routed: Routed,
     iface: String,
@@ -393,23 +408,8 @@ async fn supervise(
     // Failed attempts so far, to go through a name's addresses in turn.
     let mut udp_turn = 0usize;
     let mut tls_turn = 0usize;
-    let tls = match hub.transport {
-        Transport::Udp => None,
-        _ if hub.websocket.is_some() => match carrier::ws_client_config() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(hub = %name, error = %e, "no TLS client: the hub is reached over UDP only");
-                None
-            }
-        },
-        _ => match carrier::client_config() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(hub = %name, error = %e, "no TLS client: the hub is reached over UDP only");
-                None
-            }
-        },
-    };
+    // A stream that carried the tunnel ended and the new one failed.
+    let mut reconnect_failed = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // The peer was removed at runtime (`wg set ... remove`): supervised
     // afresh if it comes back.
@@ -497,7 +497,7 @@ async fn supervise(
             (Step::UseUdp, _) => {
                 // Quiet while the hub is unreachable either way (every
                 // FALLBACK_MS); said when leaving a stream that worked.
-                if had_relay {
+                if had_relay || std::mem::take(&mut reconnect_failed) {
                     info!(hub = %name, endpoint = %hub.endpoint, "reaching the hub over UDP");
                 } else {
                     debug!(hub = %name, endpoint = %hub.endpoint, "trying the hub over UDP again");
@@ -534,6 +534,7 @@ async fn supervise(
                     }
                     Err(e) => {
                         tls_turn = tls_turn.wrapping_add(1);
+                        reconnect_failed = had_relay;
                         status
                             .counters
                             .failed
@@ -659,6 +660,11 @@ async fn run_inner(
     path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let clients = cfg
+        .hubs
+        .iter()
+        .map(carrier_client)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // The overlay sidecar never fails the node: it logs and retries on its own.
     let ygg = cfg
         .yggdrasil
@@ -746,10 +752,12 @@ async fn run_inner(
         .hubs
         .iter()
         .zip(&paths)
-        .map(|(h, p)| {
+        .zip(clients)
+        .map(|((h, p), tls)| {
             tokio::spawn(supervise(
                 dev.inner.clone(),
                 h.clone(),
+                tls,
                 cfg.dead_after,
                 routed.clone(),
                 cfg.interface.clone(),

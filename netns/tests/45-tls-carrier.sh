@@ -7,7 +7,9 @@
 # out but a web proxy (tinyproxy on the NAT box) that asks for a user and
 # password: with `tls_proxy` and `tls_proxy_auth_file` its carrier goes
 # through the proxy's CONNECT, authenticated. When the hub restarts, the
-# streams end and n1 and n3 come back over TLS by themselves. n1 tries UDP in
+# streams end and n1 and n3 come back over TLS by themselves. When n1's
+# stream breaks under it, n1 opens a new one at once (UDP was dead when it
+# took TLS) instead of trying UDP for 10 s first. n1 tries UDP in
 # the background every 5 s (`udp_retry = 5`) while the stream carries its
 # tunnel. With UDP out but no answers back, those tries cost the tunnel
 # little (a keepalive through the stream claims the hub back); when the NAT
@@ -153,6 +155,19 @@ body=$(pcurl --cacert "$CERT_DIR/fullchain.pem" --resolve "$HOST:443:$HUB4" "htt
 check "the route serves again" grep -q served-by-n1 <<<"$body"
 check "n1 stayed on TLS while UDP was blocked (its UDP tries went nowhere)" eval \
     "path_json n1 | jq -e '.via == \"tls\"' >/dev/null"
+
+# --- n1's stream breaks (its socket killed, as when an intermediary drops
+# it): a new one at once, not 10 s of UDP first
+streams=$(path_json n1 | jq '.tls.streams')
+udp_lines=$(grep -c "reaching the hub over UDP" "$(lab_logfile n1)" || true)
+t0=$(now_ms)
+lab_exec n1 ss -K -t dst "$HUB4" dport = :443 >/dev/null
+check "n1 has a new stream within 5 s" wait_for 5 eval \
+    "path_json n1 | jq -e '.via == \"tls\" and .tls.open == 1 and .tls.streams > $streams' >/dev/null"
+check "and reaches the hub through it" wait_for 5 lab_ping1 n1 "$(lab_ov4 hub)"
+lab_log "n1 back $(($(now_ms) - t0)) ms after its stream broke"
+check "without going to UDP in between" test \
+    "$(grep -c "reaching the hub over UDP" "$(lab_logfile n1)" || true)" = "$udp_lines"
 
 # --- UDP gets out but nothing comes back: n1's tries reach the hub, whose
 # answers are dropped; a keepalive through the stream moves the hub back

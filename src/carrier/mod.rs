@@ -11,6 +11,8 @@
 //! like any other). WireGuard inside authenticates and encrypts end to end as
 //! over UDP; the TLS layer is only a carrier through firewalls that pass
 //! HTTPS, so the node accepts the hub's (self-signed) certificate as it is.
+//! A `wss://` WebSocket carrier checks its server's certificate
+//! ([`WsTrust`]): its URL's query may hold an intermediary's access token.
 //!
 //! [`path`] decides when a node uses it; this module holds the drivers.
 
@@ -547,10 +549,68 @@ pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     unverified_client(&[&rustls::version::TLS13], ALPN)
 }
 
+/// The system's CA bundle: what checks a `wss://` carrier's certificate
+/// unless its hub has `websocket_ca`.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How a node checks the certificate of a `wss://` carrier's server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum WsTrust {
+    /// Against the system's CA bundle ([`SYSTEM_ROOTS`]), read at start.
+    System,
+    /// Against these CA certificates (`websocket_ca`).
+    Ca(Vec<rustls::pki_types::CertificateDer<'static>>),
+    /// Not at all (`websocket_verify = false`; never with a query in the
+    /// URL).
+    Off,
+}
+
+impl std::fmt::Debug for WsTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WsTrust::System => f.write_str("System"),
+            WsTrust::Ca(c) => write!(f, "Ca({} certificates)", c.len()),
+            WsTrust::Off => f.write_str("Off"),
+        }
+    }
+}
+
 /// The node's side: TLS client settings for WebSocket carriers (ALPN
-/// `http/1.1`, which TLS-terminating intermediaries speak; TLS 1.2 too).
-pub fn ws_client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    unverified_client(rustls::DEFAULT_VERSIONS, b"http/1.1")
+/// `http/1.1`, which TLS-terminating intermediaries speak; TLS 1.2 too),
+/// checking the server's certificate as `trust` says.
+pub fn ws_client_config(trust: &WsTrust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let alpn = b"http/1.1";
+    let certs = match trust {
+        WsTrust::Off => return unverified_client(rustls::DEFAULT_VERSIONS, alpn),
+        WsTrust::Ca(c) => c.clone(),
+        // A bundle may hold certificates this TLS library cannot use:
+        // those are skipped.
+        WsTrust::System => CertificateDer::pem_file_iter(SYSTEM_ROOTS)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the system's CA bundle {SYSTEM_ROOTS}, which checks the wss:// certificate: \
+                     {e} (install the CA certificates, or set websocket_ca)"
+                )
+            })?
+            .filter_map(Result::ok)
+            .collect(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(certs);
+    if roots.is_empty() {
+        anyhow::bail!(match trust {
+            WsTrust::System =>
+                format!("the system's CA bundle {SYSTEM_ROOTS}: no usable certificate"),
+            _ => "websocket_ca: no usable certificate".to_string(),
+        });
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crate::proxy::upstream::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// A TLS client that does not check the server's certificate (WireGuard
@@ -714,9 +774,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// and the path. `Debug` shows the URL without its query.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WsTarget {
-    /// `wss://`: TLS first (the certificate is not checked: WireGuard
-    /// inside authenticates the hub).
+    /// `wss://`: TLS first, its certificate checked as `trust` says.
     pub tls: bool,
+    pub trust: WsTrust,
     /// The URL's authority, sent as `Host`.
     pub host_header: String,
     /// The URL's path.
@@ -728,7 +788,25 @@ pub struct WsTarget {
 
 impl std::fmt::Debug for WsTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsTarget").field("url", &self.url).finish()
+        f.debug_struct("WsTarget")
+            .field("url", &self.url)
+            .field("trust", &self.trust)
+            .finish()
+    }
+}
+
+/// A TLS error that is the server's certificate failing its check, said
+/// so with what to set; others as they are.
+fn refused_certificate(e: io::Error) -> io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(c)) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the server's certificate is refused: {c} (websocket_ca names the CA that \
+                 signs it)"
+            ),
+        ),
+        _ => e,
     }
 }
 
@@ -749,7 +827,8 @@ pub async fn connect_ws(
             Box::new(
                 tokio_rustls::TlsConnector::from(cfg)
                     .connect(server_name(host)?, tcp)
-                    .await?,
+                    .await
+                    .map_err(refused_certificate)?,
             )
         } else {
             Box::new(tcp)
@@ -1017,6 +1096,123 @@ mod tests {
         })
         .await
         .expect("both ends close when the hub stops");
+    }
+
+    /// A `wss://` carrier takes a server whose certificate its CA signed
+    /// for the URL's host, or any with the check off; not one another CA
+    /// signed, nor one for another name.
+    #[tokio::test]
+    async fn wss_checks_the_server_certificate() {
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, name.to_string());
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let (ours, ours_key) = ca("ours");
+        let (theirs, _) = ca("theirs");
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["hub.example".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ours, &ours_key)
+            .unwrap();
+        let mut server =
+            rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![leaf.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+                )
+                .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        // Answers each opening request with 101.
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let a = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut t) = a.accept(s).await else { return };
+                    let mut req = Vec::new();
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut b = [0u8; 1024];
+                        match t.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let req = String::from_utf8(req).unwrap();
+                    let key = req
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                        .unwrap();
+                    let answer = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                         Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                        ws::accept_for(key)
+                    );
+                    t.write_all(answer.as_bytes()).await.unwrap();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                });
+            }
+        });
+        let target = WsTarget {
+            tls: true,
+            trust: WsTrust::System,
+            host_header: "hub.example".into(),
+            path: ws::PATH.into(),
+            url: "wss://hub.example".into(),
+        };
+        let open = |trust: WsTrust, host: &'static str| {
+            let target = target.clone();
+            async move {
+                let cfg = ws_client_config(&trust).unwrap();
+                connect_ws(
+                    cfg,
+                    &Dial::Direct(at),
+                    host,
+                    &target,
+                    Duration::from_secs(5),
+                )
+                .await
+            }
+        };
+        let signed = WsTrust::Ca(vec![ours.der().clone()]);
+        assert!(open(signed.clone(), "hub.example").await.is_ok());
+        assert!(open(WsTrust::Off, "hub.example").await.is_ok());
+        let e = open(WsTrust::Ca(vec![theirs.der().clone()]), "hub.example")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("certificate is refused") && e.contains("UnknownIssuer"),
+            "{e}"
+        );
+        let e = open(signed, "other.example")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("certificate is refused") && e.contains("other.example"),
+            "{e}"
+        );
+        // A CA of no one's in the system bundle either.
+        if std::path::Path::new(SYSTEM_ROOTS).exists() {
+            let e = open(WsTrust::System, "hub.example")
+                .await
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("UnknownIssuer"), "{e}");
+        }
     }
 
     /// One address (an IPv6 client's /64) holds at most

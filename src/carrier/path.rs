@@ -64,6 +64,9 @@ pub struct Path {
     since_ms: u64,
     /// Whether `Step::UseTls` was asked for and not yet answered.
     started: bool,
+    /// The stream in use was seen open after the hub was heard from on it:
+    /// when it ends, it is reconnected once before UDP is tried.
+    carried: bool,
     /// Longest wait between UDP probes while on TLS in `auto` (0: none).
     udp_retry_ms: u64,
     /// The next UDP probe, and the wait before it.
@@ -86,6 +89,7 @@ impl Path {
             },
             since_ms: now_ms,
             started: false,
+            carried: false,
             udp_retry_ms: DEFAULT_UDP_RETRY_MS,
             probe_at_ms: 0,
             probe_wait_ms: 0,
@@ -110,6 +114,7 @@ impl Path {
         self.via = Via::Udp;
         self.since_ms = now_ms;
         self.started = false;
+        self.carried = false;
         self.left_tls = Some((now_ms, self.probe_wait_ms));
         true
     }
@@ -141,12 +146,20 @@ impl Path {
             self.since_ms.max(last_rx_ms.saturating_add(dead_after_ms))
         };
         let given_up = !alive && now_ms >= dead_from.saturating_add(FALLBACK_MS);
+        if self.via == Via::Tls && carrier_up && last_rx_ms > self.since_ms {
+            self.carried = true;
+        }
         match (self.transport, self.via) {
             (Transport::Udp, _) => Step::Stay,
             (Transport::Auto, Via::Udp) if given_up => self.take(Via::Tls, now_ms),
             (Transport::Auto, Via::Udp) => Step::Stay,
             (_, Via::Tls) if !self.started => self.take(Via::Tls, now_ms),
-            // The stream could not be opened, or ended, or carries nothing.
+            // A stream that carried the tunnel ended (the hub restarted, an
+            // intermediary recycled the connection): UDP was dead when this
+            // way was taken, and the probes tell when it is not.
+            (_, Via::Tls) if !carrier_up && self.carried => self.reconnect(now_ms),
+            // The stream could not be opened (again), or ended before it
+            // carried anything, or carries nothing.
             (Transport::Auto, Via::Tls) if !carrier_up || given_up => self.take(Via::Udp, now_ms),
             (Transport::Auto, Via::Tls) if self.udp_retry_ms > 0 && now_ms >= self.probe_at_ms => {
                 self.probe_wait_ms = (self.probe_wait_ms * 2).min(self.udp_retry_ms);
@@ -166,10 +179,22 @@ impl Path {
         }
     }
 
+    /// A new stream in place of one that carried the tunnel: the UDP probes
+    /// keep their wait, the next one no sooner than a new stream's first.
+    fn reconnect(&mut self, now_ms: u64) -> Step {
+        self.since_ms = now_ms;
+        self.carried = false;
+        self.probe_at_ms = self
+            .probe_at_ms
+            .max(now_ms.saturating_add(FIRST_PROBE_MS.min(self.udp_retry_ms)));
+        Step::UseTls
+    }
+
     fn take(&mut self, via: Via, now_ms: u64) -> Step {
         self.via = via;
         self.since_ms = now_ms;
         self.started = via == Via::Tls;
+        self.carried = false;
         self.probe_wait_ms = match self.left_tls {
             Some((t, wait)) if via == Via::Tls && now_ms.saturating_sub(t) < BOUNCE_MS => {
                 wait.saturating_mul(2).min(self.udp_retry_ms)
@@ -242,12 +267,67 @@ mod tests {
         assert_eq!(p.via(), Via::Udp);
         assert_eq!(p.step(20_000, 0, false, DEAD), Step::Stay);
         assert_eq!(p.step(20_500, 0, false, DEAD), Step::UseTls);
-        // Up, then the stream ends: UDP again.
+        // Up and carrying, then the stream ends: one reconnect at once; it
+        // fails, so UDP again.
         assert_eq!(p.step(21_000, 20_800, true, DEAD), Step::Stay);
-        assert_eq!(p.step(40_000, 39_900, false, DEAD), Step::UseUdp);
+        assert_eq!(p.step(40_000, 39_900, false, DEAD), Step::UseTls);
+        assert_eq!(p.via(), Via::Tls);
+        assert_eq!(p.step(40_500, 39_900, false, DEAD), Step::UseUdp);
         // UDP works now: it stays.
-        assert_eq!(p.step(40_500, 40_400, false, DEAD), Step::Stay);
+        assert_eq!(p.step(41_000, 40_900, false, DEAD), Step::Stay);
         assert_eq!(p.step(90_000, 89_900, false, DEAD), Step::Stay);
+    }
+
+    #[test]
+    fn auto_reconnects_a_stream_that_carried_the_tunnel_at_once() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(10_500, 10_300, true, DEAD), Step::Stay);
+        // The stream ends (the hub restarts, an intermediary recycles it):
+        // a new one at once, not UDP first.
+        assert_eq!(p.step(25_000, 24_900, false, DEAD), Step::UseTls);
+        assert_eq!(p.via(), Via::Tls);
+        // It carries the tunnel too; it ends as well: again at once.
+        assert_eq!(p.step(25_500, 25_200, true, DEAD), Step::Stay);
+        assert_eq!(p.step(26_000, 25_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(26_500, 25_900, false, DEAD), Step::UseTls);
+        // This one opens but ends before the hub is heard on it: UDP.
+        assert_eq!(p.step(27_000, 25_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(27_500, 25_900, false, DEAD), Step::UseUdp);
+        assert_eq!(p.via(), Via::Udp);
+        // Heard while the stream was seen closed (a late UDP answer) is no
+        // stream that carried: UDP, not another reconnect.
+        let mut q = Path::new(Transport::Auto, 0);
+        assert_eq!(q.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(q.step(10_500, 10_400, false, DEAD), Step::UseUdp);
+        // Open but silent for FALLBACK_MS after the hub was heard on it:
+        // UDP, not a reconnect.
+        let mut r = Path::new(Transport::Auto, 0);
+        assert_eq!(r.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(r.step(10_500, 10_400, true, DEAD), Step::Stay);
+        assert_eq!(r.step(28_399, 10_400, true, DEAD), Step::Stay);
+        assert_eq!(r.step(28_400, 10_400, true, DEAD), Step::UseUdp);
+    }
+
+    #[test]
+    fn a_reconnect_keeps_the_probe_wait() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(40_000, 39_900, true, DEAD), Step::ProbeUdp);
+        // Next probe due at 100 s (60 s wait); the stream ends at 95 s and a
+        // new one carries: the probe waits for the new stream's first 30 s.
+        assert_eq!(p.step(95_000, 94_900, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(95_500, 95_400, true, DEAD), Step::Stay);
+        assert_eq!(p.step(124_999, 124_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(125_000, 124_900, true, DEAD), Step::ProbeUdp);
+        // And the wait after it goes on doubling: 120 s.
+        assert_eq!(p.step(244_999, 244_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(245_000, 244_900, true, DEAD), Step::ProbeUdp);
+        // A reconnect long before the next probe leaves it where it was.
+        assert_eq!(p.step(250_000, 249_900, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(250_500, 250_400, true, DEAD), Step::Stay);
+        assert_eq!(p.step(484_999, 484_900, true, DEAD), Step::Stay);
+        assert_eq!(p.step(485_000, 484_900, true, DEAD), Step::ProbeUdp);
     }
 
     #[test]
@@ -339,6 +419,13 @@ mod tests {
         assert_eq!(p.step(23_899, 5_900, true, DEAD), Step::Stay);
         assert_eq!(p.step(23_900, 5_900, true, DEAD), Step::UseTls);
         assert_eq!(p.via(), Via::Tls);
+        // A stream that carried and ends within 5 s of its start: a new one
+        // at once; one that fails waits the 5 s.
+        assert_eq!(p.step(24_000, 23_950, true, DEAD), Step::Stay);
+        assert_eq!(p.step(24_500, 23_950, false, DEAD), Step::UseTls);
+        assert_eq!(p.step(25_000, 23_950, false, DEAD), Step::Stay);
+        assert_eq!(p.step(29_499, 23_950, false, DEAD), Step::Stay);
+        assert_eq!(p.step(29_500, 23_950, false, DEAD), Step::UseTls);
     }
 
     proptest::proptest! {

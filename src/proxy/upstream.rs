@@ -1126,7 +1126,8 @@ pub struct BackendTlsClient {
     server_name: Option<ServerName<'static>>,
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates in `path` (at least one); errors name the file.
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
