@@ -380,6 +380,35 @@ impl Ctx<'_> {
     }
 }
 
+/// Warns when a config file that holds a secret itself (an inline
+/// `private_key` or `preshared_key`) is readable by group or others, as a
+/// key file would be warned about.
+fn warn_open_secrets(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let open = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0);
+    if !open {
+        return;
+    }
+    fn holds(v: &toml::Value) -> bool {
+        match v {
+            toml::Value::Table(t) => t
+                .iter()
+                .any(|(k, v)| matches!(k.as_str(), "private_key" | "preshared_key") || holds(v)),
+            toml::Value::Array(a) => a.iter().any(holds),
+            _ => false,
+        }
+    }
+    if text
+        .parse::<toml::Table>()
+        .is_ok_and(|t| holds(&toml::Value::Table(t)))
+    {
+        tracing::warn!(
+            path = %path.display(),
+            "the config file holds a private or preshared key and is readable by group or others; chmod 600 (or move the key to a private_key_file)"
+        );
+    }
+}
+
 fn read(path: &Path) -> Result<(String, String), ConfigError> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -440,7 +469,9 @@ fn check_unique_keys<'a>(
 impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (p, text) = read(path)?;
-        Self::parse(&p, &text, path.parent().unwrap_or(Path::new(".")))
+        let cfg = Self::parse(&p, &text, path.parent().unwrap_or(Path::new(".")))?;
+        warn_open_secrets(path, &text);
+        Ok(cfg)
     }
 
     /// Parses and validates `text`; `path` names it in errors, `base` resolves
@@ -549,7 +580,9 @@ impl HubConfig {
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (p, text) = read(path)?;
-        Self::parse(&p, &text, path.parent().unwrap_or(Path::new(".")))
+        let cfg = Self::parse(&p, &text, path.parent().unwrap_or(Path::new(".")))?;
+        warn_open_secrets(path, &text);
+        Ok(cfg)
     }
 
     pub fn parse(path: &str, text: &str, base: &Path) -> Result<Self, ConfigError> {

@@ -1,7 +1,7 @@
 //! Hub mode: a WireGuard concentrator that forwards between its nodes and its
 //! own network stack.
 
-use crate::config::HubConfig;
+use crate::config::{HubConfig, HubPeer};
 use crate::control::runtime::Control;
 use crate::proxy::server::StatsHandle;
 use crate::proxy::settings::ProxySettings;
@@ -9,6 +9,7 @@ use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
 use crate::wg::device::{Device, DeviceConfig, Inner, Mode, Peer, PeerConfig};
+use crate::wg::uapi::{DeviceSet, PeerSet};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use std::future::Future;
@@ -168,25 +169,218 @@ impl ProxySlot {
         }
     }
 
-    /// Re-reads `path` and applies it. A file that does not load is logged and
-    /// the running proxy is kept.
-    async fn reload(&mut self, path: &Path, control: Option<&Control>) {
-        let cfg = match HubConfig::load(path) {
+    /// Re-reads `path` and applies it: the proxy sections, the `[[peer]]`s
+    /// and the control plane's settings. What needs a restart is named in a
+    /// warning and kept as it runs (`running`), so nothing, a joining node's
+    /// answer included, sees a value the hub does not use. A file that does
+    /// not load is logged and the running proxy is kept.
+    async fn reload(
+        &mut self,
+        path: &Path,
+        running: &mut HubConfig,
+        dev: &Arc<Inner>,
+        control: Option<&Control>,
+    ) {
+        let mut cfg = match HubConfig::load(path) {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "config reload failed; keeping the running proxy");
                 return;
             }
         };
-        if cfg.mesh.as_ref() != self.mesh.as_ref().map(|m| &m.settings) {
+        let restart = needs_restart(running, &cfg);
+        if !restart.is_empty() {
             warn!(
-                "[mesh] changed in the config file; the change takes effect when the hub restarts"
+                changed = %restart.join(", "),
+                "changed in the config file; these take effect when the hub restarts (until then the running values are kept)"
             );
         }
+        keep_running(&mut cfg, running);
+        apply_peers(dev, running, &cfg).await;
+        *running = cfg.clone();
         match control {
             // The control plane merges its routes and asks for an apply.
             Some(c) => c.set_config(cfg).await,
             None => self.apply(cfg.proxy).await,
+        }
+    }
+}
+
+/// The settings a reload cannot change, by name, that differ between the
+/// running config `old` and the file's `new`.
+pub fn needs_restart(old: &HubConfig, new: &HubConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |changed: bool, name: &'static str| {
+        if changed {
+            out.push(name);
+        }
+    };
+    check(
+        old.private_key.public_key() != new.private_key.public_key(),
+        "private_key",
+    );
+    check(old.interface != new.interface, "interface");
+    check(old.listen_port != new.listen_port, "listen_port");
+    check(old.addresses != new.addresses, "addresses");
+    check(old.mtu != new.mtu, "mtu");
+    check(old.keepalive != new.keepalive, "keepalive");
+    check(old.routes != new.routes, "routes");
+    check(old.tls_tunnels != new.tls_tunnels, "tls_tunnels");
+    check(old.xlat != new.xlat, "[xlat]");
+    // `Debug` masks the private key: compare its public half as well.
+    let ygg = |c: &HubConfig| {
+        c.yggdrasil
+            .as_ref()
+            .map(|y| (y.private_key.public_key(), format!("{y:?}")))
+    };
+    check(ygg(old) != ygg(new), "[yggdrasil]");
+    check(old.mesh != new.mesh, "[mesh]");
+    match (&old.control, &new.control) {
+        (Some(a), Some(b)) => {
+            check(a.state_dir != b.state_dir, "[control] state_dir");
+            check(a.socket != b.socket, "[control] socket");
+            check(a.listen != b.listen, "[control] listen");
+            check(a.node_port != b.node_port, "[control] node_port");
+            check(a.revalidate != b.revalidate, "[control] revalidate");
+            check(a.grace != b.grace, "[control] grace");
+        }
+        (None, None) => {}
+        _ => check(true, "[control]"),
+    }
+    out
+}
+
+/// Puts the running values of what [`needs_restart`] names into `new`.
+fn keep_running(new: &mut HubConfig, old: &HubConfig) {
+    new.private_key = old.private_key.clone();
+    new.interface = old.interface.clone();
+    new.listen_port = old.listen_port;
+    new.addresses = old.addresses.clone();
+    new.mtu = old.mtu;
+    new.keepalive = old.keepalive;
+    new.routes = old.routes;
+    new.tls_tunnels = old.tls_tunnels;
+    new.xlat = old.xlat.clone();
+    new.yggdrasil = old.yggdrasil.clone();
+    new.mesh = old.mesh.clone();
+    match (&mut new.control, &old.control) {
+        (Some(n), Some(o)) => {
+            n.state_dir = o.state_dir.clone();
+            n.socket = o.socket.clone();
+            n.listen = o.listen.clone();
+            n.node_port = o.node_port;
+            n.revalidate = o.revalidate;
+            n.grace = o.grace;
+        }
+        // The control plane keeps its settings when the section goes (and
+        // does not start when it comes).
+        (n, o) => *n = o.clone(),
+    }
+}
+
+/// What the device must change for the `[[peer]]`s to go from `old` to
+/// `new`: peers gone are removed, new and changed ones set whole.
+pub fn peer_diff(old: &[HubPeer], new: &[HubPeer]) -> Vec<PeerSet> {
+    let mut out = Vec::new();
+    for o in old {
+        if !new.iter().any(|n| n.public_key == o.public_key) {
+            let mut s = PeerSet::new(o.public_key);
+            s.remove = true;
+            out.push(s);
+        }
+    }
+    for n in new {
+        let same = old
+            .iter()
+            .find(|o| o.public_key == n.public_key)
+            .is_some_and(|o| {
+                o.allowed_ips == n.allowed_ips
+                    && o.preshared_key == n.preshared_key
+                    && o.endpoint == n.endpoint
+                    && o.persistent_keepalive == n.persistent_keepalive
+            });
+        if same {
+            continue;
+        }
+        let mut s = PeerSet::new(n.public_key);
+        s.preshared_key = Some(n.preshared_key.clone());
+        s.endpoint = n.endpoint;
+        s.persistent_keepalive = Some(n.persistent_keepalive.unwrap_or(0));
+        s.replace_allowed_ips = true;
+        s.allowed_ips = n.allowed_ips.clone();
+        out.push(s);
+    }
+    out
+}
+
+/// Applies the `[[peer]]` changes of a reload to the device, with routes for
+/// the new allowed IPs when `[hub] routes` is on (those of removed peers
+/// stay until the hub restarts: their packets find no peer and are dropped).
+async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
+    let peers = peer_diff(&old.peers, &new.peers);
+    let named = |c: &HubConfig| -> Vec<_> {
+        c.peers
+            .iter()
+            .map(|p| (p.public_key, p.name.clone()))
+            .collect()
+    };
+    if peers.is_empty() {
+        if named(old) != named(new) {
+            set_peer_names(dev, new);
+        }
+        return;
+    }
+    let removed = peers.iter().filter(|p| p.remove).count();
+    let set = peers.len() - removed;
+    let fresh: Vec<&HubPeer> = new
+        .peers
+        .iter()
+        .filter(|n| {
+            peers
+                .iter()
+                .any(|p| !p.remove && p.public_key == n.public_key)
+        })
+        .collect();
+    let set_req = DeviceSet {
+        peers,
+        ..DeviceSet::default()
+    };
+    if let Err(e) = dev.apply(set_req).await {
+        warn!(error = %format!("{e:#}"), "[[peer]] changes not applied to the device; they take effect when the hub restarts");
+        return;
+    }
+    info!(removed, set, "[[peer]] changes applied");
+    set_peer_names(dev, new);
+    if new.routes {
+        let endpoints: Vec<_> = new
+            .peers
+            .iter()
+            .filter_map(|p| p.endpoint.map(|e| e.ip()))
+            .collect();
+        let (addresses, interface) = (new.addresses.clone(), new.interface.clone());
+        let nets: Vec<IpNet> = fresh
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        // iproute2 runs as a child process: off the async workers.
+        let r = tokio::task::spawn_blocking(move || {
+            crate::wg::route::install(&addresses, &endpoints, nets.iter(), &interface, "a peer's")
+        })
+        .await;
+        match r {
+            Ok(Ok(plan)) => dev.add_tun_routes(plan.add),
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "routes for changed [[peer]]s not added")
+            }
+            Err(e) => warn!(error = %e, "routes for changed [[peer]]s: task failed"),
+        }
+    }
+}
+
+fn set_peer_names(dev: &Inner, cfg: &HubConfig) {
+    for p in &cfg.peers {
+        if let Some(peer) = dev.peer(&p.public_key) {
+            peer.set_name(p.name.clone());
         }
     }
 }
@@ -285,6 +479,12 @@ async fn run_inner(
     path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Caught from now on (a SIGHUP's default is to end the process): one
+    // sent while the hub starts is a reload once it runs.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // The file as loaded: a change while the hub starts is noticed.
+    let mut stamp = path.as_deref().and_then(file_stamp);
+    let mut running = cfg.clone();
     let dev = Device::start(device_config(&cfg)).await?;
     if cfg.routes {
         dev.inner.add_tun_routes(add_peer_routes(&cfg)?);
@@ -384,9 +584,8 @@ async fn run_inner(
         public_key = %cfg.private_key.public_key(),
         "hub ready"
     );
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut stamp = path.as_deref().and_then(file_stamp);
     let mut poll = tokio::time::interval(CONFIG_POLL);
+    let mut seen = stamp.clone();
     let mut live = tokio::time::interval(Duration::from_secs(1));
     let mut revalidate = tokio::time::interval(
         control
@@ -418,19 +617,28 @@ async fn run_inner(
             }
             _ = poll.tick(), if path.is_some() => {
                 let now = path.as_deref().and_then(file_stamp);
-                if now.is_some() && now != stamp {
+                // Taken when two polls in a row read the same new bytes: a
+                // file being written in place is not applied half done.
+                let settled = now == seen;
+                seen.clone_from(&now);
+                if now.is_some() && now != stamp && settled {
                     stamp = now;
                     if let Some(p) = &path {
-                        info!(config = %p.display(), "config file changed; reloading the proxy");
-                        slot.reload(p, control.as_deref()).await;
+                        info!(config = %p.display(), "config file changed; reloading");
+                        slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
                     }
                 }
             }
             Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                // The access log first, whatever the file holds now: a
+                // rotation must not wait for a config that loads.
+                if let Some(p) = &slot.proxy {
+                    p.reopen_access_log();
+                }
                 if let Some(p) = &path {
-                    info!(config = %p.display(), "SIGHUP; reloading the proxy");
+                    info!(config = %p.display(), "SIGHUP; reloading");
                     stamp = file_stamp(p);
-                    slot.reload(p, control.as_deref()).await;
+                    slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
                 }
             }
         }
@@ -440,19 +648,115 @@ async fn run_inner(
     if let (Some(d), Some(m)) = (mesh_driver, slot.mesh.as_ref()) {
         d.stop(m).await;
     }
+    // Then the proxy's connections drain, while the tunnels and the overlay
+    // they go through are still up.
+    *slot.stats.lock() = None;
+    if let Some(p) = slot.proxy.take() {
+        p.shutdown(PROXY_DRAIN).await;
+    }
     if let Some(c) = &carrier {
         c.close_all();
     }
     if let Some(y) = ygg {
         y.shutdown().await;
     }
-    *slot.stats.lock() = None;
-    if let Some(p) = slot.proxy.take() {
-        p.shutdown(PROXY_DRAIN).await;
-    }
     drop(_control_api);
     drop(control);
     drop(api);
     drop(dev);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const K2: &str = "6NXwZlc6pFHq5HsFgUgy0kCDVVqAozyM6CN5HmBvqUU=";
+    const P1: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+    const P2: &str = "yHzGsE1l0NSB1N56nyPUwsfD4nGmGdKrXfH9QewlLwA=";
+    const P3: &str = "ORrDxCIfNZAREsI7WShoXYxP5gfTh1EqPUi0Tso/SyU=";
+
+    fn hub(key: &str, extra: &str) -> HubConfig {
+        let text =
+            format!("[hub]\nprivate_key = \"{key}\"\naddresses = [\"100.64.0.1/10\"]\n{extra}");
+        HubConfig::parse("h.toml", &text, Path::new(".")).unwrap()
+    }
+
+    fn peer(key: &str, ip: &str) -> String {
+        format!("[[peer]]\npublic_key = \"{key}\"\nallowed_ips = [\"{ip}\"]\n")
+    }
+
+    #[test]
+    fn a_reload_names_and_keeps_what_needs_a_restart() {
+        let old = hub(
+            K1,
+            "[control]\nstate_dir = \"/tmp/gw-hub-test\"\nnode_port = 7001\npools = [\"100.64.8.0/21\"]\n",
+        );
+        let mut new = hub(
+            K2,
+            "listen_port = 51999\n[control]\nstate_dir = \"/tmp/gw-hub-test\"\nnode_port = 7002\npools = [\"100.64.16.0/21\"]\n",
+        );
+        let changed = needs_restart(&old, &new);
+        assert_eq!(
+            changed,
+            ["private_key", "listen_port", "[control] node_port"],
+            "pools reload, so they are not named"
+        );
+        keep_running(&mut new, &old);
+        assert!(needs_restart(&old, &new).is_empty());
+        assert_eq!(new.private_key.public_key(), old.private_key.public_key());
+        let c = new.control.as_ref().unwrap();
+        assert_eq!(c.node_port, 7001, "the port the node API listens on");
+        assert_eq!(c.pools, ["100.64.16.0/21".parse::<IpNet>().unwrap()]);
+        // A section that comes or goes.
+        let bare = hub(K1, "");
+        assert_eq!(needs_restart(&old, &bare), ["[control]"]);
+        let mut gone = bare.clone();
+        keep_running(&mut gone, &old);
+        assert!(gone.control.is_some());
+        assert_eq!(needs_restart(&bare, &hub(K1, "[xlat]\n")), ["[xlat]"]);
+        assert!(needs_restart(
+            &old,
+            &hub(
+                K1,
+                "[control]\nstate_dir = \"/tmp/gw-hub-test\"\nnode_port = 7001\npools = [\"100.64.8.0/21\"]\n"
+            )
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn peer_changes_of_a_reload() {
+        let old = hub(
+            K1,
+            &format!("{}{}", peer(P1, "100.64.1.1/32"), peer(P2, "100.64.1.2/32")),
+        );
+        // Unchanged: nothing to do.
+        assert!(peer_diff(&old.peers, &old.peers).is_empty());
+        // P1 gone (a revoked node), P2 with another address, P3 new.
+        let new = hub(
+            K1,
+            &format!(
+                "{}{}",
+                peer(P2, "100.64.1.22/32"),
+                peer(P3, "100.64.1.3/32")
+            ),
+        );
+        let d = peer_diff(&old.peers, &new.peers);
+        assert_eq!(d.len(), 3);
+        let of = |k: &str| {
+            let k = crate::keys::PublicKey::from_base64(k).unwrap();
+            d.iter().find(|p| p.public_key == k).unwrap()
+        };
+        assert!(of(P1).remove);
+        for (k, ip) in [(P2, "100.64.1.22/32"), (P3, "100.64.1.3/32")] {
+            let p = of(k);
+            assert!(!p.remove && p.replace_allowed_ips);
+            assert_eq!(p.allowed_ips, [ip.parse::<IpNet>().unwrap()]);
+            assert_eq!(p.persistent_keepalive, Some(0));
+            assert_eq!(p.preshared_key, Some(None));
+        }
+    }
 }

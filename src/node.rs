@@ -660,6 +660,12 @@ async fn run_inner(
     path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Caught from now on (a SIGHUP's default is to end the process): one
+    // sent while the node starts is a reload once it runs.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let stamp_of = |p: &Option<std::path::PathBuf>| p.as_deref().and_then(crate::hub::file_stamp);
+    // The file as loaded: a change while the node starts is noticed.
+    let mut stamp = stamp_of(&path);
     let clients = cfg
         .hubs
         .iter()
@@ -774,17 +780,19 @@ async fn run_inner(
         services = cfg.services.len(),
         "node ready"
     );
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let stamp_of = |p: &Option<std::path::PathBuf>| p.as_deref().and_then(crate::hub::file_stamp);
-    let mut stamp = stamp_of(&path);
     let mut poll = tokio::time::interval(crate::hub::CONFIG_POLL);
+    let mut seen = stamp.clone();
     tokio::pin!(shutdown);
     loop {
         let why = tokio::select! {
             _ = &mut shutdown => break,
             _ = poll.tick(), if path.is_some() => {
                 let now = stamp_of(&path);
-                if now.is_none() || now == stamp {
+                // Taken when two polls in a row read the same new bytes: a
+                // file being written in place is not applied half done.
+                let settled = now == seen;
+                seen.clone_from(&now);
+                if now.is_none() || now == stamp || !settled {
                     continue;
                 }
                 stamp = now;

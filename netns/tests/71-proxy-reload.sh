@@ -126,5 +126,24 @@ check "show --json has the files route with the download's bytes" \
 check "show --json reports backend health" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:files") | .backends[0].up == true' <<<"$js" >/dev/null
 
+# --- [[peer]] changes apply on reload (n1's key swapped for another); what
+# needs a restart (listen_port) is named in a warning and kept as it runs
+cp "$conf" "$GW_TMP/conf/peers.toml"
+other=$(wg genkey | wg pubkey)
+sed -i -e "s|$(lab_pub n1)|$other|" -e "s|^listen_port = .*|listen_port = 51999|" "$conf"
+kill -HUP "$(lab_pid hub)"
+check "hub logs the [[peer]] change" wait_for 5 grep -q 'peer\]\] changes applied' "$(lab_logfile hub)"
+check "hub names listen_port as needing a restart" \
+    grep -q 'listen_port.*take effect when the hub restarts\|take effect when the hub restarts.*listen_port' "$(lab_logfile hub)"
+peer_on() { gw_show_json hub gw0 | jq -e --arg k "$1" '.interfaces[0].peers[] | select(.public_key == $k)' >/dev/null; }
+check "n1's peer is gone from the device" not peer_on "$(lab_pub n1)"
+check "the new peer is on the device" peer_on "$other"
+check "the hub keeps its running port" lab_sh hub "ss -Hlun 'sport = :$GW_HUB_PORT' | grep -q ."
+check "n1 no longer reaches the hub" wait_for 10 not lab_ping1 n1 "$(lab_ov6 hub)"
+cp "$GW_TMP/conf/peers.toml" "$conf"
+kill -HUP "$(lab_pid hub)"
+check "n1 reaches the hub again once its peer is back" wait_for 20 lab_ping1 n1 "$(lab_ov6 hub)"
+check "the swapped-in peer is gone again" not peer_on "$other"
+
 check "hub still running" lab_alive hub
 lab_finish

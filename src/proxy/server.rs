@@ -1082,6 +1082,13 @@ impl Proxy {
     /// Applies new settings without dropping open connections. On error (a
     /// certificate that does not load, a port that cannot be bound) nothing
     /// changes and the old settings keep running.
+    /// Reopens the access log (after logrotate moved it), with no reload.
+    pub fn reopen_access_log(&self) {
+        if let Some(l) = &self.rt.current.load().access_log {
+            l.reopen();
+        }
+    }
+
     pub async fn reload(&self, settings: ProxySettings) -> anyhow::Result<ReloadReport> {
         let rt = &self.rt;
         let _g = rt.reload_lock.lock().await;
