@@ -6,6 +6,7 @@
 //! [`wg::device`] and [`wg::api`] drive them with tokio, a TUN and UDP sockets.
 //! [`hub`] and [`node`] are the two daemon modes; [`cli`] is the command line.
 
+pub mod backoff;
 pub mod carrier;
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod hub;
 pub mod keys;
 pub mod mesh;
 pub mod node;
+pub mod per_source;
 pub mod proxy;
 pub mod sockopt;
 pub mod wg;

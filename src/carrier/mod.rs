@@ -55,23 +55,11 @@ pub const MAX_CARRIED: usize = 8192;
 /// fit.
 pub const MAX_CARRIED_PER_SOURCE: usize = 256;
 
-/// The key a client's carried tunnels are counted under: its address, or an
-/// IPv6 client's /64 (one host usually holds a whole one).
-fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
-        }
-        v4 => v4,
-    }
-}
-
 /// One carried tunnel's place: a slot of [`MAX_CARRIED`] and one of its
 /// source's [`MAX_CARRIED_PER_SOURCE`], both given back when dropped.
 pub struct CarrySlot {
     _all: tokio::sync::OwnedSemaphorePermit,
-    _source: crate::control::node_api::SourceSlot,
+    _source: crate::per_source::SourceSlot,
 }
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
@@ -422,7 +410,7 @@ pub struct Hub {
     /// One permit per carried tunnel ([`MAX_CARRIED`]).
     slots: Arc<tokio::sync::Semaphore>,
     /// Open tunnels per source ([`MAX_CARRIED_PER_SOURCE`]).
-    per_source: Arc<crate::control::node_api::PerSource>,
+    per_source: Arc<crate::per_source::PerSource>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -457,7 +445,10 @@ impl Hub {
     pub fn try_slot(&self, client: std::net::IpAddr) -> Option<CarrySlot> {
         let s = self
             .per_source
-            .take(source_key(client), MAX_CARRIED_PER_SOURCE)
+            .take(
+                crate::per_source::source_key(client),
+                MAX_CARRIED_PER_SOURCE,
+            )
             .and_then(|source| {
                 let all = self.slots.clone().try_acquire_owned().ok()?;
                 Some(CarrySlot {

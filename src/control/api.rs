@@ -840,7 +840,7 @@ impl ApiServer {
                 let c = c.clone();
                 let acceptor = acceptor.clone();
                 let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
-                let per_source = Arc::new(crate::control::node_api::PerSource::default());
+                let per_source = Arc::new(crate::per_source::PerSource::default());
                 tasks.push(tokio::spawn(async move {
                     loop {
                         let Ok((s, peer)) = l.accept().await else {

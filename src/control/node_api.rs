@@ -9,6 +9,7 @@
 use crate::control::api::services_json;
 use crate::control::runtime::Control;
 use crate::control::state::{self, ServiceDecl};
+use crate::per_source::PerSource;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -29,44 +30,6 @@ const MAX_BODY: usize = 256 * 1024;
 const MAX_CONNS: usize = 256;
 const MAX_CONNS_PER_NODE: usize = 8;
 
-/// Open connections per source address, within a per-address cap.
-#[derive(Default)]
-pub(crate) struct PerSource {
-    open: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One connection's place in [`PerSource`], given back when dropped.
-pub(crate) struct SourceSlot {
-    of: Arc<PerSource>,
-    ip: std::net::IpAddr,
-}
-
-impl PerSource {
-    pub(crate) fn take(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<SourceSlot> {
-        let mut open = self.open.lock();
-        let n = open.entry(ip).or_insert(0);
-        if *n >= cap {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            of: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.of.open.lock();
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
 /// Declarations that change a node's services: each one saves the state and
 /// reloads the proxy's routes, so one node may make [`CHANGES_BURST`] at once
 /// and one more every [`CHANGE_EVERY`] after (a node sends its set when it
@@ -353,23 +316,6 @@ impl NodeApi {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_node_cannot_take_every_connection() {
-        let p = Arc::new(PerSource::default());
-        let a: std::net::IpAddr = "100.64.0.2".parse().unwrap();
-        let b: std::net::IpAddr = "100.64.0.3".parse().unwrap();
-        let mut held: Vec<SourceSlot> = (0..3).map(|_| p.take(a, 3).unwrap()).collect();
-        assert!(p.take(a, 3).is_none(), "a fourth connection from one node");
-        let other = p.take(b, 3).unwrap();
-        drop(held.pop());
-        let again = p.take(a, 3);
-        assert!(again.is_some(), "a closed connection's place is given back");
-        assert!(p.take(a, 3).is_none());
-        drop((again, other, held));
-        // Addresses with nothing open are forgotten.
-        assert_eq!(p.open.lock().get(&b), None);
-    }
 
     #[test]
     fn a_node_changing_its_services_too_often_waits() {

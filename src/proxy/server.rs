@@ -261,7 +261,7 @@ struct Runtime {
     dns: Arc<Counters>,
     /// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
     zone: arc_swap::ArcSwapOption<crate::proxy::dns::ZoneData>,
-    /// `[proxy.dns] rate_limit` over UDP, for all DNS listeners.
+    /// The UDP rate of all DNS listeners (`[proxy.dns] rate_limit`).
     dns_limiter: arc_swap::ArcSwapOption<Mutex<Limiter>>,
     current: ArcSwap<Shared>,
     conns: Arc<ConnCount>,
@@ -741,9 +741,9 @@ fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
     v
 }
 
-/// `[proxy.dns] rate_limit`.
+/// The UDP rate of the DNS listeners (a default one unless turned off).
 fn dns_rate(settings: &ProxySettings) -> Option<RateLimit> {
-    settings.dns.as_ref().and_then(|d| d.rate_limit)
+    crate::proxy::settings::DnsSettings::rate(settings)
 }
 
 /// The gateway zones the DNS listeners answer whole (`[proxy.dns]`).
@@ -846,7 +846,7 @@ fn dns_lookup(rt: &Arc<Runtime>) -> crate::proxy::dns_server::DnsLookup {
     })
 }
 
-/// `[proxy.dns] rate_limit` for the UDP DNS listeners: every other refusal
+/// The UDP rate of the DNS listeners ([`dns_rate`]): every other refusal
 /// of a client slips (a truncated reply), the others drop.
 fn dns_limit(rt: &Arc<Runtime>) -> crate::proxy::dns_server::DnsLimit {
     use crate::proxy::dns_server::Rate;

@@ -792,9 +792,18 @@ pub struct DnsSettings {
     /// TTL of the A, AAAA and NS records, seconds.
     pub ttl: u32,
     /// UDP queries per second per client (IPv4 address, IPv6 /64) answered
-    /// in full; over it every other reply is truncated, the rest dropped.
+    /// in full on every DNS listener; over it every other reply is
+    /// truncated, the rest dropped. [`DNS_RATE_DEFAULT`] unless set; `None`:
+    /// off (`rate_limit = 0`).
     pub rate_limit: Option<RateLimit>,
 }
+
+/// The UDP rate of the DNS listeners unless `[proxy.dns] rate_limit` says
+/// otherwise: room for a busy resolver, little for a reflection.
+pub const DNS_RATE_DEFAULT: RateLimit = RateLimit {
+    per_second: 20,
+    burst: 50,
+};
 
 /// Default TTL of the records `[proxy.dns]` serves, seconds: a minute, so a
 /// hub taken out of a zone's name servers stops being named soon.
@@ -810,6 +819,30 @@ impl DnsSettings {
             .flat_map(|d| d.listen.iter().copied())
             .chain(proxy.acme.iter().flat_map(|a| a.dns_listen.iter().copied()))
             .collect()
+    }
+
+    /// The UDP rate of every DNS listener of `proxy`: `[proxy.dns]
+    /// rate_limit`, [`DNS_RATE_DEFAULT`] without `[proxy.dns]` (the
+    /// `[proxy.acme] dns_listen` ones alone); `None`: off.
+    pub fn rate(proxy: &ProxySettings) -> Option<RateLimit> {
+        proxy
+            .dns
+            .as_ref()
+            .map_or(Some(DNS_RATE_DEFAULT), |d| d.rate_limit)
+    }
+}
+
+/// `[proxy.dns] rate_limit` and `rate_burst`: [`DNS_RATE_DEFAULT`] (its
+/// burst with a `rate_burst` alone) unless set, off with `rate_limit = 0`.
+fn dns_rate_limit(rate: Option<u32>, burst: Option<u32>) -> Result<Option<RateLimit>, String> {
+    match (rate, burst) {
+        (Some(0), None) => Ok(None),
+        (Some(0), Some(_)) => {
+            Err("[proxy.dns]: rate_burst with rate_limit = 0 (no limit): leave one out".into())
+        }
+        (None, None) => Ok(Some(DNS_RATE_DEFAULT)),
+        (None, b) => rate_limit("[proxy.dns]", Some(DNS_RATE_DEFAULT.per_second), b),
+        (r, b) => rate_limit("[proxy.dns]", r, b),
     }
 }
 
@@ -908,7 +941,7 @@ fn dns_settings(
         return Err("[proxy.dns] ttl: 0 to 86400 seconds".into());
     }
     Ok(DnsSettings {
-        rate_limit: rate_limit("[proxy.dns]", raw.rate_limit, raw.rate_burst)?,
+        rate_limit: dns_rate_limit(raw.rate_limit, raw.rate_burst)?,
         listen,
         addresses,
         nameservers,
@@ -2425,15 +2458,31 @@ mod toml_tests {
             "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n{ns}"
         ))
         .unwrap();
-        let d = c.proxy.unwrap().dns.unwrap();
+        let p = c.proxy.unwrap();
+        let d = p.dns.as_ref().unwrap();
         assert_eq!(d.ttl, 60);
-        assert_eq!(d.rate_limit, None);
-        let c = parse(&format!(
-            "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\nrate_limit = 20\n{ns}"
-        ))
-        .unwrap();
-        let limit = c.proxy.unwrap().dns.unwrap().rate_limit.unwrap();
-        assert_eq!((limit.per_second, limit.burst), (20, 20));
+        // Rate limited unless told otherwise.
+        assert_eq!(d.rate_limit, Some(super::DNS_RATE_DEFAULT));
+        assert_eq!(super::DnsSettings::rate(&p), Some(super::DNS_RATE_DEFAULT));
+        let rate = |keys: &str| {
+            let c = parse(&format!(
+                "{head}[proxy.dns]\nlisten = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n{keys}{ns}"
+            ))
+            .unwrap();
+            let p = c.proxy.unwrap();
+            assert_eq!(
+                super::DnsSettings::rate(&p),
+                p.dns.as_ref().unwrap().rate_limit
+            );
+            super::DnsSettings::rate(&p).map(|l| (l.per_second, l.burst))
+        };
+        assert_eq!(rate("rate_limit = 300\n"), Some((300, 300)));
+        assert_eq!(
+            rate("rate_limit = 300\nrate_burst = 600\n"),
+            Some((300, 600))
+        );
+        assert_eq!(rate("rate_burst = 80\n"), Some((20, 80)));
+        assert_eq!(rate("rate_limit = 0\n"), None, "0 turns it off");
         let ok = "listen = [\"203.0.113.1:53\"]\naddresses = [\"203.0.113.1\"]\n";
         let okn = format!("{ok}{ns}");
         for (body, want) in [
@@ -2487,11 +2536,15 @@ mod toml_tests {
             ),
             (&format!("{okn}ttl = 86401\n"), "ttl: 0 to 86400"),
             (
-                &format!("{okn}rate_burst = 5\n"),
-                "[proxy.dns]: rate_burst needs rate_limit",
+                &format!("{okn}rate_limit = 0\nrate_burst = 5\n"),
+                "[proxy.dns]: rate_burst with rate_limit = 0",
             ),
             (
-                &format!("{okn}rate_limit = 0\n"),
+                &format!("{okn}rate_burst = 0\n"),
+                "rate_limit and rate_burst: 1 to 1000000",
+            ),
+            (
+                &format!("{okn}rate_limit = 1000001\n"),
                 "rate_limit and rate_burst: 1 to 1000000",
             ),
             (&format!("{okn}zone = \"x\"\n"), "unknown field"),
@@ -2532,6 +2585,15 @@ mod toml_tests {
         ))
         .unwrap();
         assert_eq!(super::DnsSettings::listeners(&c.proxy.unwrap()).len(), 1);
+        // The DNS-01 listener without [proxy.dns] is rate limited too.
+        let c = parse(&format!(
+            "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
+             dns_listen = [\"203.0.113.1:53\"]\n"
+        ))
+        .unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!(super::DnsSettings::listeners(&p).len(), 1);
+        assert_eq!(super::DnsSettings::rate(&p), Some(super::DNS_RATE_DEFAULT));
         // A wildcard certificate's challenge answered on [proxy.dns] listen alone.
         let c = parse(&format!(
             "{head}[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n\
