@@ -2343,6 +2343,8 @@ async fn auth_service() -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
                         if h("authorization") == "Bearer good" {
                             r.headers_mut()
                                 .insert("x-auth-request-user", "alice".parse().unwrap());
+                            r.headers_mut()
+                                .insert("x-forwarded-user", "alice".parse().unwrap());
                             r.headers_mut().insert("x-other", "no".parse().unwrap());
                             // A refreshed session, for the client.
                             r.headers_mut()
@@ -2440,6 +2442,29 @@ async fn forward_auth_asks_the_service_first() {
     let get = |id: &str| st.iter().find(|s| s.route == id).unwrap().errors.clone();
     assert_eq!(get("name:app").get("unauthorized"), Some(&1));
     assert_eq!(get("name:gone").get("auth_unavailable"), Some(&1));
+}
+
+#[tokio::test]
+async fn forward_auth_headers_named_x_forwarded_reach_the_backend() {
+    use gatewire::proxy::forward_auth::AuthUrl;
+    let (b, heads) = raw_backend(Some(b"HTTP/1.1 204 No Content\r\n\r\n")).await;
+    let (auth, _) = auth_service().await;
+    let mut app = route("app", TlsMode::Terminate, vec![be(b)]);
+    app.forward_auth = Some((
+        AuthUrl::parse(&format!("http://{auth}/oauth2/auth")).unwrap(),
+        vec![http::HeaderName::from_static("x-forwarded-user")],
+    ));
+    let p = Proxy::start(settings(vec![app])).await.unwrap();
+    let r = raw_http(
+        p.http_addrs()[0],
+        "app.gw.test",
+        "Authorization: Bearer good\r\nX-Forwarded-User: mallory\r\nX_Forwarded_User: mallory\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    let head = heads.lock()[0].to_ascii_lowercase();
+    assert!(head.contains("\r\nx-forwarded-user: alice\r\n"), "{head}");
+    assert!(!head.contains("mallory"), "{head}");
 }
 
 #[tokio::test]
@@ -2754,4 +2779,219 @@ async fn bandwidth_paces_a_route_and_forwards() {
     let dropped = udp.errors.get("over_bandwidth").copied().unwrap_or(0);
     assert!(dropped >= 20, "{dropped} dropped; {udp:?}");
     assert_eq!(udp.bytes_out, got * 1000);
+}
+
+/// A backend that reads a request head, keeps it for the test and sends
+/// `answer`, then closes; with `None` it reads nothing more and holds the
+/// connection (an upload it never takes).
+async fn raw_backend(
+    answer: Option<&'static [u8]>,
+) -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let kept = heads.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                kept.lock()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                match answer {
+                    Some(a) => {
+                        let _ = s.write_all(a).await;
+                    }
+                    None => tokio::time::sleep(T * 6).await,
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn framing_and_proxy_headers_stop_at_the_hub() {
+    let (b, heads) = raw_backend(Some(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\
+          Proxy-Authenticate: Basic realm=\"inner\"\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ))
+    .await;
+    let p = Proxy::start(settings(vec![route(
+        "raw",
+        TlsMode::Terminate,
+        vec![be(b)],
+    )]))
+    .await
+    .unwrap();
+    let r = raw_http(
+        p.http_addrs()[0],
+        "raw.gw.test",
+        "Proxy: http://192.0.2.66:8080\r\nProxy-Authorization: Basic eDp5\r\n\
+         X_Forwarded_For: 192.0.2.66\r\nX_Real_IP: 192.0.2.66\r\n",
+    )
+    .await;
+    // Chunked, as the backend sent it: not cut at its Content-Length.
+    let lower = r.to_ascii_lowercase();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        !lower.contains("content-length") && !lower.contains("proxy-authenticate"),
+        "{r}"
+    );
+    assert!(lower.contains("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{r}");
+    let head = heads.lock()[0].to_ascii_lowercase();
+    assert!(
+        head.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("\r\nproxy:")
+            && !head.contains("proxy-authorization")
+            && !head.contains("192.0.2.66"),
+        "{head}"
+    );
+}
+
+/// A response body that gives five bytes of the hundred it announces, then
+/// fails a moment later (hyper resets its HTTP/2 stream).
+struct Broken(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl hyper::body::Body for Broken {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        let Some(wait) = &mut self.0 else {
+            self.0 = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"12345",
+            )))));
+        };
+        std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+        std::task::Poll::Ready(Some(Err(std::io::Error::other("gone"))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(100)
+    }
+}
+
+/// An HTTP/2 backend answering every request with a [`Broken`] body.
+async fn broken_h2_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|_: hyper::Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Broken(None)))
+                });
+                let b =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = b.serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn responses_the_backend_breaks_off_are_counted_and_logged() {
+    // An HTTP/1.1 backend that closes its connection mid-body, an HTTP/2
+    // one that resets its stream.
+    let (b1, _) = raw_backend(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n12345")).await;
+    let one = route("one", TlsMode::Terminate, vec![be(b1)]);
+    let mut two = route(
+        "two",
+        TlsMode::Terminate,
+        vec![be(broken_h2_backend().await)],
+    );
+    two.backend_protocol = BackendProtocol::Http2;
+    let mut s = settings(vec![one, two]);
+    let path = tmpdir("aborted-log").join("access.log");
+    s.access_log = Some(path.clone());
+    let p = Proxy::start(s).await.unwrap();
+    for host in ["one.gw.test", "two.gw.test"] {
+        let r = raw_http(p.http_addrs()[0], host, "").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("12345"), "{r}");
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let st = p.stats();
+        let aborted = |id: &str| {
+            let s = st.iter().find(|s| s.route == id).unwrap();
+            s.errors.get("backend_aborted").copied()
+        };
+        if aborted("name:one") == Some(1) && aborted("name:two") == Some(1) {
+            let routes = st.iter().filter(|s| s.route.starts_with("name:"));
+            assert!(routes.clone().count() == 2, "{st:?}");
+            assert!(routes.into_iter().all(|s| s.errors.len() == 1), "{st:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines = log_lines(&path, 2).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert_eq!(
+            (
+                l["status"].clone(),
+                l["error"].clone(),
+                l["bytes_out"].clone()
+            ),
+            (200.into(), "backend_aborted".into(), 5.into()),
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_takes_no_upload_and_gives_no_answer_times_out() {
+    let (b, heads) = raw_backend(None).await;
+    let mut st = settings(vec![route("up", TlsMode::Terminate, vec![be(b)])]);
+    st.limits.idle_timeout = Duration::from_millis(500);
+    st.limits.response_timeout = Duration::from_millis(300);
+    let p = Proxy::start(st).await.unwrap();
+    // Far more than the socket buffers between client and backend hold.
+    let len: usize = 64 << 20;
+    let s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let head = format!("POST /up HTTP/1.1\r\nHost: up.gw.test\r\nContent-Length: {len}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..len / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let t = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    // The 504, or a reset that overtook it (the upload is cut off unread).
+    let _ = tokio::time::timeout(T, rd.read_to_end(&mut out))
+        .await
+        .expect("the exchange never ended");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 504"), "{out}");
+    writer.abort();
+    assert_eq!(heads.lock().len(), 1);
+    let st = p.stats();
+    let s = st.iter().find(|s| s.route == "name:up").unwrap();
+    assert_eq!(s.errors.get("backend_timeout"), Some(&1), "{s:?}");
+    assert_eq!(s.errors.len(), 1, "{s:?}");
 }

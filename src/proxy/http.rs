@@ -33,14 +33,15 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// route's `max_body_size`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why the proxy itself failed a body (over `max_body_size`, or nothing
-/// for `idle_timeout`).
+/// Why the proxy failed a body (over `max_body_size`, nothing for
+/// `idle_timeout`, a response the backend broke off): the error kind it
+/// was counted as, for the access log, and the message.
 #[derive(Debug)]
-struct BodyFailed(&'static str);
+struct BodyFailed(ErrorKind, &'static str);
 
 impl std::fmt::Display for BodyFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0)
+        f.write_str(self.1)
     }
 }
 
@@ -53,9 +54,12 @@ struct BodyLimit {
 
 /// A client's request body as it goes to the backend: why it failed, when
 /// it did (the exchange is then the client's failure, 413, 408 or 400, not
-/// the backend's 502, and a shared HTTP/2 backend connection is kept), and
-/// when it ended (the backend's `response_timeout` runs from then: an
-/// upload takes the time it takes, its stalls are `idle_timeout`'s).
+/// the backend's 502, and a shared HTTP/2 backend connection is kept), when
+/// it ended (the backend's `response_timeout` runs from then: an upload
+/// takes the time it takes, its stalls are `idle_timeout`'s), and, while it
+/// has not, when the backend last took a frame of it and since when it
+/// waits for the client (a backend that takes none and does not answer is
+/// failed by [`send`]).
 #[derive(Clone)]
 struct ClientBody(Arc<ClientBodyState>);
 
@@ -64,7 +68,30 @@ struct ClientBodyState {
     start: std::time::Instant,
     /// Milliseconds after `start` + 1 when the body ended (0: not yet).
     ended: AtomicU64,
+    /// Milliseconds after `start` + 1 when a frame was last taken, or when
+    /// the route's `bandwidth` pause of the next one ends (0: none yet).
+    moved: AtomicU64,
+    /// Milliseconds after `start` + 1 since the body has waited for the
+    /// client (0: it does not).
+    waiting: AtomicU64,
+    /// Cuts the HTTP/1.1 backend connection the body goes out on (learnt
+    /// as the connection first asks for the body; see [`BACKEND_CUT`]).
+    cut: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
 }
+
+tokio::task_local! {
+    /// Set while the task of an HTTP/1.1 backend connection runs it: the
+    /// connection is dropped once notified. hyper ends a connection whose
+    /// answer nobody waits for anymore only after flushing what it has
+    /// buffered, which a backend that stopped reading never lets it do; a
+    /// request body learns here how to cut its connection instead.
+    static BACKEND_CUT: Arc<tokio::sync::Notify>;
+}
+
+/// How long past `idle_timeout` a request body that waits for its client
+/// may go unfailed before it is taken as not asked for (the client's data
+/// came, the backend took none): its own stall comes first.
+const STALL_GRACE: Duration = Duration::from_secs(1);
 
 impl ClientBody {
     const TOO_LARGE: u8 = 1;
@@ -76,7 +103,42 @@ impl ClientBody {
             fault: std::sync::atomic::AtomicU8::new(0),
             start: std::time::Instant::now(),
             ended: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            cut: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Learns the cut of the HTTP/1.1 backend connection polling the body
+    /// (once; none on HTTP/2, which resets a stream given up).
+    fn link(&self) {
+        if self.0.cut.get().is_none() {
+            if let Ok(c) = BACKEND_CUT.try_with(Arc::clone) {
+                let _ = self.0.cut.set(c);
+            }
+        }
+    }
+
+    /// Drops the HTTP/1.1 backend connection the body went out on, if it
+    /// did: its request was given up.
+    fn cut(&self) {
+        if let Some(c) = self.0.cut.get() {
+            c.notify_one();
+        }
+    }
+
+    /// `t` as stored: milliseconds after `start` + 1.
+    fn stamp(&self, t: std::time::Instant) -> u64 {
+        let ms = t.saturating_duration_since(self.0.start).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// A stored time (`None` for 0).
+    fn at(&self, stamp: u64) -> Option<tokio::time::Instant> {
+        let ms = stamp.checked_sub(1)?;
+        Some(tokio::time::Instant::from_std(
+            self.0.start + Duration::from_millis(ms),
+        ))
     }
 
     fn set(&self, why: u8) {
@@ -93,28 +155,63 @@ impl ClientBody {
     /// Notes that the body has ended (the first time counts).
     fn end(&self) {
         if self.0.ended.load(Ordering::Relaxed) == 0 {
-            let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-            self.0.ended.store(ms + 1, Ordering::Relaxed);
+            let t = self.stamp(std::time::Instant::now());
+            self.0.ended.store(t, Ordering::Relaxed);
         }
     }
 
     /// When the body ended, if it has.
     fn ended_at(&self) -> Option<tokio::time::Instant> {
-        match self.0.ended.load(Ordering::Relaxed) {
+        self.at(self.0.ended.load(Ordering::Relaxed))
+    }
+
+    /// Notes that the backend took a frame (at `t`: now, or the end of the
+    /// pause it waits for), so the body no longer waits for the client.
+    fn moved(&self, t: std::time::Instant) {
+        self.0.moved.store(self.stamp(t), Ordering::Relaxed);
+        self.0.waiting.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes that the body waits for the client from now.
+    fn wait(&self) {
+        let t = self.stamp(std::time::Instant::now());
+        self.0.waiting.store(t, Ordering::Relaxed);
+    }
+
+    /// When the unfinished body is taken as held up by the backend: `quiet`
+    /// after a frame was last taken (or after `begun`, when the request
+    /// went out); while it waits for the client, not before its own stall
+    /// at `idle` has had its turn.
+    fn stuck_at(
+        &self,
+        begun: tokio::time::Instant,
+        quiet: Duration,
+        idle: Duration,
+    ) -> tokio::time::Instant {
+        let moved = self.at(self.0.moved.load(Ordering::Relaxed));
+        let at = moved.map_or(begun, |m| m.max(begun)) + quiet;
+        match self.at(self.0.waiting.load(Ordering::Relaxed)) {
+            Some(w) => at.max(w + idle + STALL_GRACE),
+            None => at,
+        }
+    }
+
+    /// What the body's failure is counted as, when it failed.
+    fn kind(&self) -> Option<ErrorKind> {
+        match self.0.fault.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(tokio::time::Instant::from_std(
-                self.0.start + Duration::from_millis(ms - 1),
-            )),
+            Self::TOO_LARGE => Some(ErrorKind::BodyTooLarge),
+            Self::STALLED => Some(ErrorKind::ClientTimeout),
+            _ => Some(ErrorKind::ClientAborted),
         }
     }
 
     /// The answer for the client, when its body failed (counted already,
     /// by the body as it failed).
     fn answer(&self) -> Option<Response<ProxyBody>> {
-        let (kind, status, msg) = match self.0.fault.load(Ordering::Relaxed) {
-            0 => return None,
-            Self::TOO_LARGE => return Some(too_large()),
-            Self::STALLED => (
+        let (kind, status, msg) = match self.kind()? {
+            ErrorKind::BodyTooLarge => return Some(too_large()),
+            ErrorKind::ClientTimeout => (
                 ErrorKind::ClientTimeout,
                 StatusCode::REQUEST_TIMEOUT,
                 "408 request timeout: the request body stalled",
@@ -318,30 +415,51 @@ struct CountedBody<B> {
     limit: Option<BodyLimit>,
     /// Request bodies: set when the client's body fails.
     fault: Option<ClientBody>,
-    /// A body with nothing to give for this long fails (zero: never), so a
+    /// Response bodies: the request's body, whose failure (counted as it
+    /// failed) cuts the response off too.
+    request: Option<ClientBody>,
+    /// A body that waits this long for its peer fails (zero: never), so a
     /// backend or client gone silent mid-body does not hold the exchange
     /// (its backend connection, the route's slot) for good.
     idle: Duration,
-    /// When the body last gave a frame or ended a pause.
-    last: std::time::Instant,
-    /// Armed while the body waits for its peer.
+    /// The body has waited for its peer since `timer` was set: from the
+    /// first `Pending` after it last gave a frame, not from the frame (the
+    /// time its reader did not ask is not the peer's silence).
+    waiting: bool,
+    /// Runs out `idle` after the body began waiting.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> CountedBody<B> {
-    /// Whether the body has waited `idle` since it last moved.
+    /// Whether the body, asked for a frame it does not have, has waited
+    /// `idle` for it.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.idle.is_zero() {
-            return false;
+        if !self.waiting {
+            self.waiting = true;
+            if let Some(f) = &self.fault {
+                f.wait();
+            }
+            if !self.idle.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                match &mut self.timer {
+                    Some(t) => t.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
         }
-        let deadline = tokio::time::Instant::from_std(self.last + self.idle);
-        let t = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if t.deadline() != deadline {
-            t.as_mut().reset(deadline);
+        match &mut self.timer {
+            Some(t) => std::future::Future::poll(t.as_mut(), cx).is_ready(),
+            None => false,
         }
-        std::future::Future::poll(t.as_mut(), cx).is_ready()
+    }
+
+    /// Notes a frame taken (when `until` is set: one held until then by
+    /// the route's `bandwidth`).
+    fn moved(&mut self, until: Option<std::time::Instant>) {
+        self.waiting = false;
+        if let Some(f) = &self.fault {
+            f.moved(until.unwrap_or_else(std::time::Instant::now));
+        }
     }
 }
 
@@ -372,28 +490,41 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(f) = &self.fault {
+            f.link();
+        }
         if self.pause.is_some() {
             std::task::ready!(poll_pause(&mut self.pause, cx));
-            // A pause is the route's doing, not the peer's silence.
-            if !self.idle.is_zero() {
-                self.last = std::time::Instant::now();
-            }
         }
         if let Some(f) = self.held.take() {
+            self.moved(None);
             return Poll::Ready(Some(Ok(f)));
         }
         let r = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
                 if let Some(f) = &self.fault {
                     f.set(ClientBody::BROKE_OFF);
                     self.counters.error(ErrorKind::ClientAborted);
+                    return Poll::Ready(Some(Err(e)));
                 }
-                return Poll::Ready(Some(Err(e.into())));
+                // A response cut off: by the backend (a reset, a close, an
+                // HTTP/2 RST_STREAM), or after the request's body failed.
+                debug!(error = %e, "response body broke off");
+                let failed = match self.request.as_ref().and_then(ClientBody::kind) {
+                    Some(k) => BodyFailed(k, "the request body failed"),
+                    None => {
+                        self.counters.error(ErrorKind::BackendAborted);
+                        BodyFailed(
+                            ErrorKind::BackendAborted,
+                            "the backend broke off its response",
+                        )
+                    }
+                };
+                return Poll::Ready(Some(Err(Box::new(failed))));
             }
             Poll::Ready(r) => {
-                if !self.idle.is_zero() {
-                    self.last = std::time::Instant::now();
-                }
+                self.moved(None);
                 if r.is_none() {
                     if let Some(b) = &self.fault {
                         b.end();
@@ -406,13 +537,15 @@ where
                     return Poll::Pending;
                 }
                 // Counted here: the exchange may have its answer already.
-                if let Some(f) = &self.fault {
+                let kind = if let Some(f) = &self.fault {
                     f.set(ClientBody::STALLED);
-                    self.counters.error(ErrorKind::ClientTimeout);
+                    ErrorKind::ClientTimeout
                 } else {
-                    self.counters.error(ErrorKind::BackendTimeout);
-                }
+                    ErrorKind::BackendTimeout
+                };
+                self.counters.error(kind);
                 return Poll::Ready(Some(Err(Box::new(BodyFailed(
+                    kind,
                     "body stalled: nothing for idle_timeout",
                 )))));
             }
@@ -429,6 +562,7 @@ where
                         }
                         self.counters.error(ErrorKind::BodyTooLarge);
                         return Poll::Ready(Some(Err(Box::new(BodyFailed(
+                            ErrorKind::BodyTooLarge,
                             "request body over the route's max_body_size",
                         )))));
                     }
@@ -441,11 +575,16 @@ where
                 }
                 let up = self.inbound;
                 self.pause = pause_after(&self.throttle, up, n);
-                if self.pause.is_some() {
+                if let Some(p) = &self.pause {
+                    // The route's doing, not the backend's: the frame is
+                    // as good as taken until the pause ends.
+                    let until = p.deadline().into_std();
+                    self.moved(Some(until));
                     if let Poll::Ready(Some(Ok(f))) = r {
                         self.held = Some(f);
                     }
                     std::task::ready!(poll_pause(&mut self.pause, cx));
+                    self.moved(None);
                     return Poll::Ready(self.held.take().map(Ok));
                 }
             }
@@ -480,13 +619,14 @@ where
     }
 }
 
-/// A response body from a backend.
+/// A response body from a backend, to the request whose body is `request`.
 fn counted(
     b: Incoming,
     counters: Arc<Counters>,
     hold: Option<Hold>,
     throttle: Arc<Throttle>,
     idle: Duration,
+    request: ClientBody,
 ) -> ProxyBody {
     CountedBody {
         inner: b,
@@ -498,8 +638,9 @@ fn counted(
         _hold: hold,
         limit: None,
         fault: None,
+        request: Some(request),
         idle,
-        last: std::time::Instant::now(),
+        waiting: false,
         timer: None,
     }
     .boxed()
@@ -524,8 +665,9 @@ fn limited(
         _hold: None,
         limit,
         fault: Some(fault),
+        request: None,
         idle,
-        last: std::time::Instant::now(),
+        waiting: false,
         timer: None,
     }
     .boxed()
@@ -610,10 +752,21 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.bytes += d.len() as u64;
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
             }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(BodyFailed(kind, _)) = e.downcast_ref() {
+                    let kind = kind.as_str();
+                    Record::note(&mut self.rec, |e| {
+                        e.error.get_or_insert(kind);
+                    });
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -694,19 +847,30 @@ fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
 
 /// Headers of one connection, never passed on. `Trailer` is not one of
 /// them (RFC 9110 §6.6.2): it names the trailer fields a chunked message
-/// ends with, and hyper sends on only the trailers it names.
-pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
+/// ends with, and hyper sends on only the trailers it names. The
+/// `Proxy-Authorization` and `Proxy-Authenticate` of a proxy in between
+/// are its own; `Proxy` is no standard header, but CGI hands it to the
+/// application as `HTTP_PROXY`, its outgoing proxy ("httpoxy").
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
     HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers (the fixed list and those named in `Connection`).
+/// Removes hop-by-hop headers (the fixed list and those named in `Connection`),
+/// and the `Content-Length` of a message framed by `Transfer-Encoding` (RFC
+/// 9112 §6.3: it is not the length of the body passed on).
 /// With `upgrade`, `Connection: upgrade` and the `Upgrade` value are kept.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -834,12 +998,47 @@ fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
+/// Whether header names `a` and `b` (lowercase) are the same with `_` read
+/// as `-`, as CGI, PHP, WSGI and Rails read them (`X_Real_IP` is their
+/// `HTTP_X_REAL_IP` as much as `X-Real-IP` is).
+fn same_dashed(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
+}
+
 /// A header that names the client, its scheme or host to a backend:
-/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`.
+/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`, also spelled with
+/// `_` for `-`.
 fn is_forwarding(name: &HeaderName) -> bool {
     // Header names are held in lowercase.
     let n = name.as_str();
-    n == "forwarded" || n == "x-real-ip" || n.starts_with("x-forwarded-")
+    const PREFIX: &str = "x-forwarded-";
+    n == "forwarded"
+        || same_dashed(n, "x-real-ip")
+        || n.get(..PREFIX.len())
+            .is_some_and(|p| same_dashed(p, PREFIX))
+}
+
+/// Puts the `forward_auth` service's headers (`values`, of the names
+/// `names`) on a request, after its forwarding headers: every header the
+/// request holds of those names (also spelled with `_` for `-`) goes first,
+/// so that only the service's values reach the backend.
+fn set_auth_headers(
+    h: &mut HeaderMap,
+    names: &[HeaderName],
+    values: Vec<(HeaderName, HeaderValue)>,
+) {
+    let gone: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| names.iter().any(|n| same_dashed(k.as_str(), n.as_str())))
+        .cloned()
+        .collect();
+    for n in gone {
+        h.remove(n);
+    }
+    for (n, v) in values {
+        h.append(n, v);
+    }
 }
 
 /// Removes every forwarding header (see [`is_forwarding`]).
@@ -909,9 +1108,16 @@ where
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
         .map_err(|_| BAD_EXCHANGE)?;
-    tokio::spawn(async move {
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let run = BACKEND_CUT.scope(cut.clone(), async move {
         if let Err(e) = conn.with_upgrades().await {
             debug!(error = %e, "backend connection ended");
+        }
+    });
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run => {}
+            () = cut.notified() => debug!("backend connection cut: its request was given up"),
         }
     });
     Ok(sender)
@@ -930,18 +1136,28 @@ async fn send(
 ) -> Result<Response<Incoming>, (SendError, Option<Request<ProxyBody>>)> {
     // `response_timeout` from the end of the request body: a long upload is
     // not the backend's slowness (a stalled one fails on its own, at
-    // `idle_timeout`).
+    // `idle_timeout`). Until the body ends, a backend that takes none of it
+    // and does not answer for the longer of the two fails: one that stops
+    // reading is never asked for more, so the body cannot stall.
     let limit = shared.limits.response_timeout;
+    let idle = shared.limits.idle_timeout;
     tokio::pin!(sending);
-    let mut deadline = tokio::time::Instant::now() + limit;
+    let begun = tokio::time::Instant::now();
+    let mut deadline = begun + limit;
     let r = loop {
         match tokio::time::timeout_at(deadline, &mut sending).await {
             Ok(r) => break Ok(r),
-            Err(_) => match body.ended_at() {
-                Some(end) if end + limit <= tokio::time::Instant::now() => break Err(()),
-                Some(end) => deadline = end + limit,
-                None => deadline = tokio::time::Instant::now() + limit,
-            },
+            Err(_) => {
+                deadline = match body.ended_at() {
+                    Some(end) => end + limit,
+                    None => body.stuck_at(begun, limit.max(idle), idle),
+                };
+                if deadline <= tokio::time::Instant::now() {
+                    // Nothing else can come of the connection.
+                    body.cut();
+                    break Err(());
+                }
+            }
         }
     };
     match r {
@@ -1312,7 +1528,9 @@ async fn proxy_request(
         // The credentials are the hub's, not the backend's.
         req.headers_mut().remove(header::AUTHORIZATION);
     }
-    // A refreshed session from the authentication service, for the client.
+    // The authentication service's headers, for the backend, and a
+    // refreshed session, for the client.
+    let mut auth_headers = Vec::new();
     let mut auth_cookies = Vec::new();
     if let Some(fa) = &route.forward_auth {
         use crate::proxy::forward_auth::{auth_request_headers, Verdict};
@@ -1331,15 +1549,11 @@ async fn proxy_request(
             .await
         {
             Verdict::Allow { headers, cookies } => {
-                // Only the service may set these, and the client may not
-                // have them removed on the way as hop-by-hop either.
+                // Only the service may set these (`forward` puts them on),
+                // and the client may not have them removed on the way as
+                // hop-by-hop either.
                 unlist_hop_by_hop(req.headers_mut(), fa.copied());
-                for n in fa.copied() {
-                    req.headers_mut().remove(n);
-                }
-                for (n, v) in headers {
-                    req.headers_mut().append(n, v);
-                }
+                auth_headers = headers;
                 auth_cookies = cookies;
             }
             Verdict::Deny(answer) => {
@@ -1359,15 +1573,17 @@ async fn proxy_request(
             }
         }
     }
-    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority).await;
+    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority, auth_headers).await;
     for v in auth_cookies {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     Ok(resp)
 }
 
-/// Sends the admitted request `req` of `route` to one of its backends and
-/// returns the backend's response (or the error answer).
+/// Sends the admitted request `req` of `route` to one of its backends, with
+/// the headers its `forward_auth` service gave (`auth`), and returns the
+/// backend's response (or the error answer).
+#[allow(clippy::too_many_arguments)] // the admitted request and what admitting it learnt
 async fn forward(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
@@ -1376,6 +1592,7 @@ async fn forward(
     route: Arc<Route>,
     c: Arc<Counters>,
     authority: String,
+    auth: Vec<(HeaderName, HeaderValue)>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // The backends of the longest matching path prefix, or the route's own.
     let (up, under) = route.backends_for(req.uri().path());
@@ -1422,6 +1639,9 @@ async fn forward(
         &authority,
         conn.trusted,
     );
+    if let Some(fa) = &route.forward_auth {
+        set_auth_headers(&mut parts.headers, fa.copied(), auth);
+    }
     edit_headers(&mut parts.headers, &route.settings.request_headers);
     let mut path = parts
         .uri
@@ -1528,6 +1748,7 @@ async fn forward(
                 Some((lease, slot)),
                 route.bandwidth.clone(),
                 shared.limits.idle_timeout,
+                fault,
             ),
         ));
     }
@@ -1615,7 +1836,7 @@ async fn forward(
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,
-        counted(body, c, hold, bw, shared.limits.idle_timeout),
+        counted(body, c, hold, bw, shared.limits.idle_timeout, fault),
     ))
 }
 
@@ -1654,26 +1875,150 @@ mod tests {
         assert!(h.is_empty(), "{h:?}");
     }
 
-    #[test]
-    fn a_request_body_dropped_unread_has_ended() {
-        let fault = ClientBody::new();
-        let body = CountedBody {
-            inner: http_body_util::Empty::<Bytes>::new(),
-            counters: Arc::default(),
-            inbound: true,
+    /// A request body (with `fault`) or a response body (to a request
+    /// whose body is `request`) over `inner`.
+    fn counted_body<B>(
+        inner: B,
+        counters: &Arc<Counters>,
+        fault: Option<ClientBody>,
+        request: Option<ClientBody>,
+        idle: Duration,
+    ) -> CountedBody<B> {
+        CountedBody {
+            inner,
+            counters: counters.clone(),
+            inbound: fault.is_some(),
             throttle: Throttle::keep_or_new(None, None),
             pause: None,
             held: None,
             _hold: None,
             limit: None,
-            fault: Some(ClientBody(fault.0.clone())),
-            idle: Duration::ZERO,
-            last: std::time::Instant::now(),
+            fault,
+            request,
+            idle,
+            waiting: false,
             timer: None,
-        };
+        }
+    }
+
+    /// A body that gives one frame, then `Pending` for good, or with `fail`
+    /// an error.
+    struct OneFrame {
+        given: bool,
+        fail: bool,
+    }
+
+    impl Body for OneFrame {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if !self.given {
+                self.given = true;
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))));
+            }
+            if self.fail {
+                return Poll::Ready(Some(Err("connection reset".into())));
+            }
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_request_body_dropped_unread_has_ended() {
+        let fault = ClientBody::new();
+        let body = counted_body(
+            http_body_util::Empty::<Bytes>::new(),
+            &Arc::default(),
+            Some(fault.clone()),
+            None,
+            Duration::ZERO,
+        );
         assert!(fault.ended_at().is_none());
         drop(body);
         assert!(fault.ended_at().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_stall_is_timed_from_the_wait_not_from_the_last_frame() {
+        let idle = Duration::from_millis(200);
+        let c = Arc::new(Counters::default());
+        let one = OneFrame {
+            given: false,
+            fail: false,
+        };
+        let mut b = counted_body(one, &c, None, None, idle);
+        assert!(b.frame().await.unwrap().is_ok());
+        // Its reader asks for nothing for longer than `idle` (the client
+        // reads slowly), then asks again: the backend gets `idle` from then.
+        tokio::time::sleep(idle * 2).await;
+        let t = tokio::time::Instant::now();
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert!(t.elapsed() >= idle * 3 / 4, "{:?}", t.elapsed());
+        assert!(matches!(
+            e.downcast_ref(),
+            Some(BodyFailed(ErrorKind::BackendTimeout, _))
+        ));
+        assert_eq!(c.errors_of(ErrorKind::BackendTimeout), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_broken_off_by_the_backend_is_counted() {
+        let c = Arc::new(Counters::default());
+        let failing = || OneFrame {
+            given: false,
+            fail: true,
+        };
+        let mut b = counted_body(failing(), &c, None, Some(ClientBody::new()), Duration::ZERO);
+        assert!(b.frame().await.unwrap().is_ok());
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert!(matches!(
+            e.downcast_ref(),
+            Some(BodyFailed(ErrorKind::BackendAborted, _))
+        ));
+        assert_eq!(c.errors_of(ErrorKind::BackendAborted), 1);
+        // Cut off after the request's body failed: that failure, counted
+        // already, is the reason.
+        let request = ClientBody::new();
+        request.set(ClientBody::TOO_LARGE);
+        let mut b = counted_body(failing(), &c, None, Some(request), Duration::ZERO);
+        assert!(b.frame().await.unwrap().is_ok());
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert!(matches!(
+            e.downcast_ref(),
+            Some(BodyFailed(ErrorKind::BodyTooLarge, _))
+        ));
+        assert_eq!(c.errors_of(ErrorKind::BackendAborted), 1);
+        assert_eq!(c.errors_of(ErrorKind::BodyTooLarge), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_notes_its_moves_and_waits_for_the_client() {
+        let fault = ClientBody::new();
+        let begun = tokio::time::Instant::now();
+        let (quiet, idle) = (Duration::from_secs(30), Duration::from_secs(30));
+        // Not taken from yet: `quiet` after the request went out.
+        assert_eq!(fault.stuck_at(begun, quiet, idle), begun + quiet);
+        let one = OneFrame {
+            given: false,
+            fail: false,
+        };
+        let mut b = counted_body(one, &Arc::default(), Some(fault.clone()), None, idle);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(b.frame().await.unwrap().is_ok());
+        let moved = fault.stuck_at(begun, quiet, idle);
+        assert!(
+            moved >= begun + quiet + Duration::from_millis(10),
+            "{moved:?}"
+        );
+        // Waiting for the client: its own stall has its turn first.
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut b).poll_frame(cx))).await;
+        assert!(polled.is_pending());
+        let waiting = fault.stuck_at(begun, quiet, idle);
+        assert!(waiting >= moved + STALL_GRACE, "{waiting:?} {moved:?}");
     }
 
     #[test]
@@ -1715,6 +2060,90 @@ mod tests {
         );
         unlist_hop_by_hop(&mut h, &names);
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn framing_and_proxy_headers_stop_here() {
+        let v = HeaderValue::from_static;
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, v("chunked"));
+        h.insert(header::CONTENT_LENGTH, v("3"));
+        h.insert("proxy", v("http://192.0.2.66:8080"));
+        h.insert(header::PROXY_AUTHORIZATION, v("Basic eDp5"));
+        h.insert(header::PROXY_AUTHENTICATE, v("Basic realm=\"inner\""));
+        h.insert(header::CONTENT_TYPE, v("text/plain"));
+        strip_hop_by_hop(&mut h, None);
+        let left: Vec<_> = h.keys().collect();
+        assert_eq!(left, [header::CONTENT_TYPE]);
+        // Without Transfer-Encoding the length frames the message.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, v("3"));
+        strip_hop_by_hop(&mut h, None);
+        assert_eq!(h[header::CONTENT_LENGTH], "3");
+    }
+
+    #[test]
+    fn forwarding_headers_spelled_with_underscores_are_replaced_too() {
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_forwarded_for",
+            "x_forwarded-host",
+            "x-forwarded_proto",
+            "x_real_ip",
+            "x_real-ip",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                HeaderValue::from_static("192.0.2.66"),
+            );
+        }
+        for n in ["x_forwardedness", "x_real_ips"] {
+            h.insert(
+                HeaderName::from_static(n),
+                HeaderValue::from_static("stays"),
+            );
+        }
+        // The authentication service hears none of them either.
+        let asked =
+            crate::proxy::forward_auth::auth_request_headers(&h, "GET", "/", "a.b", ip, false);
+        add_forwarding(&mut h, ip, false, "a.b", false);
+        for h in [&h, &asked] {
+            assert_eq!(h["x-forwarded-for"], "198.51.100.7");
+            assert!(!h.iter().any(|(_, v)| v == "192.0.2.66"), "{h:?}");
+            assert_eq!(h.iter().filter(|(_, v)| *v == "stays").count(), 2, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_auth_services_values_of_its_headers_go_on() {
+        let names = [
+            HeaderName::from_static("x-forwarded-user"),
+            HeaderName::from_static("x-auth-request-user"),
+        ];
+        let mut h = HeaderMap::new();
+        for n in [
+            "x-forwarded-user",
+            "x_forwarded_user",
+            "x-auth-request-user",
+            "x_auth_request-user",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                HeaderValue::from_static("mallory"),
+            );
+        }
+        // A trusted proxy's forwarding headers are kept, but not these.
+        add_forwarding(&mut h, "198.51.100.7".parse().unwrap(), false, "a.b", true);
+        let alice = HeaderValue::from_static("alice");
+        let values = names.iter().map(|n| (n.clone(), alice.clone())).collect();
+        set_auth_headers(&mut h, &names, values);
+        assert!(!h.iter().any(|(_, v)| v == "mallory"), "{h:?}");
+        for n in &names {
+            let all: Vec<_> = h.get_all(n).iter().collect();
+            assert_eq!(all, ["alice"]);
+        }
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7");
     }
 
     #[test]

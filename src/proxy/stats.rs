@@ -30,6 +30,9 @@ pub enum ErrorKind {
     BackendTls,
     /// The backend broke the HTTP exchange (502).
     BackendProtocol,
+    /// The backend broke off a response it had begun (a reset or close
+    /// mid-body, an HTTP/2 `RST_STREAM`): the client's answer is cut off.
+    BackendAborted,
     /// The connection limit was reached; the connection was closed at once.
     OverCapacity,
     /// The route is paused (503, or a closed passthrough connection).
@@ -65,7 +68,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 24] = [
+    pub const ALL: [ErrorKind; 25] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -77,6 +80,7 @@ impl ErrorKind {
         ErrorKind::BackendTimeout,
         ErrorKind::BackendTls,
         ErrorKind::BackendProtocol,
+        ErrorKind::BackendAborted,
         ErrorKind::OverCapacity,
         ErrorKind::Paused,
         ErrorKind::Denied,
@@ -106,6 +110,7 @@ impl ErrorKind {
             ErrorKind::BackendTimeout => "backend_timeout",
             ErrorKind::BackendTls => "backend_tls",
             ErrorKind::BackendProtocol => "backend_protocol",
+            ErrorKind::BackendAborted => "backend_aborted",
             ErrorKind::OverCapacity => "over_capacity",
             ErrorKind::Paused => "paused",
             ErrorKind::Denied => "denied",
