@@ -19,8 +19,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
 
@@ -189,8 +190,30 @@ enum Msg {
 /// A running access log.
 pub struct AccessLog {
     path: PathBuf,
-    tx: SyncSender<Msg>,
+    /// Taken in `drop`, so the writer sees the end before it is waited for.
+    tx: Option<SyncSender<Msg>>,
     dropped: AtomicU64,
+    /// A reopen asked for: a flag the writer checks after every batch, so
+    /// a full queue cannot lose it (the message only wakes the writer).
+    reopen: Arc<AtomicBool>,
+    /// Signalled when the writer has flushed its last line (in a mutex:
+    /// a receiver is not `Sync`).
+    done: std::sync::Mutex<Option<Receiver<()>>>,
+}
+
+impl Drop for AccessLog {
+    /// Writes out what is queued (for at most 2 s) before the log goes: the
+    /// last lines of a stopping hub are its connections' last records.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        let done = match self.done.get_mut() {
+            Ok(d) => d.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(done) = done {
+            let _ = done.recv_timeout(Duration::from_secs(2));
+        }
+    }
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -217,14 +240,21 @@ impl AccessLog {
     pub fn open(path: &Path) -> io::Result<AccessLog> {
         let file = open_append(path)?;
         let (tx, rx) = sync_channel(QUEUE);
-        let p = path.to_path_buf();
+        let (done_tx, done) = sync_channel(1);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (p, flag) = (path.to_path_buf(), reopen.clone());
         std::thread::Builder::new()
             .name("gatewire-access-log".into())
-            .spawn(move || writer(&p, file, &rx))?;
+            .spawn(move || {
+                writer(&p, file, &rx, &flag);
+                let _ = done_tx.send(());
+            })?;
         Ok(AccessLog {
             path: path.to_path_buf(),
-            tx,
+            tx: Some(tx),
             dropped: AtomicU64::new(0),
+            reopen,
+            done: std::sync::Mutex::new(Some(done)),
         })
     }
 
@@ -235,7 +265,11 @@ impl AccessLog {
 
     /// Queues `e`; drops and counts it when the queue is full.
     pub fn log(&self, e: Entry) {
-        if self.tx.try_send(Msg::Entry(Box::new(e))).is_err() {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Msg::Entry(Box::new(e))).is_ok());
+        if !sent {
             let n = self.dropped.fetch_add(1, Relaxed) + 1;
             if n.is_power_of_two() {
                 warn!(dropped = n, path = %self.path.display(), "access log queue full; entries dropped");
@@ -250,14 +284,28 @@ impl AccessLog {
 
     /// Reopens the file by its path (after logrotate moved it).
     pub fn reopen(&self) {
-        if self.tx.try_send(Msg::Reopen).is_err() {
-            warn!(path = %self.path.display(), "access log busy; not reopened");
+        self.reopen.store(true, Relaxed);
+        // A wake-up only: a full queue is drained and the flag seen after it.
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Msg::Reopen);
         }
     }
 }
 
-fn writer(path: &Path, file: File, rx: &Receiver<Msg>) {
+fn writer(path: &Path, file: File, rx: &Receiver<Msg>, reopen: &AtomicBool) {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
+    let reopened = |out: &mut BufWriter<File>| {
+        if !reopen.swap(false, Relaxed) {
+            return;
+        }
+        let _ = out.flush();
+        match open_append(path) {
+            Ok(f) => *out = BufWriter::with_capacity(64 * 1024, f),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "access log reopen failed; writing to the old file")
+            }
+        }
+    };
     let mut line = Vec::with_capacity(512);
     let mut failing = false;
     let mut handle = |m: Msg, out: &mut BufWriter<File>| match m {
@@ -273,20 +321,17 @@ fn writer(path: &Path, file: File, rx: &Receiver<Msg>) {
                 Err(_) => {}
             }
         }
-        Msg::Reopen => {
-            let _ = out.flush();
-            match open_append(path) {
-                Ok(f) => *out = BufWriter::with_capacity(64 * 1024, f),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "access log reopen failed; writing to the old file")
-                }
-            }
-        }
+        // In order when its message made it into the queue; else after
+        // the batch (below).
+        Msg::Reopen => reopened(out),
     };
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(m) => handle(m, &mut out),
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                reopened(&mut out);
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => break,
         }
         // Drain what is queued, then write the batch out.
@@ -301,6 +346,7 @@ fn writer(path: &Path, file: File, rx: &Receiver<Msg>) {
             }
         }
         let _ = out.flush();
+        reopened(&mut out);
     }
     let _ = out.flush();
 }
@@ -449,7 +495,25 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o007, 0, "not world-readable: {mode:o}");
+        // A reopen asked for while the queue is full is not lost: the flag
+        // is seen once the writer has drained it.
+        std::fs::rename(&path, &moved).unwrap();
+        log.reopen.store(true, Relaxed);
+        log.log(e.clone());
+        for _ in 0..200 {
+            if path.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(path.exists(), "reopened after the batch");
+        // The last lines are written when the log goes, not later.
+        for _ in 0..500 {
+            log.log(e.clone());
+        }
         drop(log);
+        let n = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(n, 500);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

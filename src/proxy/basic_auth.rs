@@ -121,9 +121,13 @@ impl Htpasswd {
             if users.insert(user.to_string(), hash.to_string()).is_some() {
                 return Err(format!("line {n}: user `{user}` appears twice"));
             }
-            decoy.get_or_insert_with(|| hash.to_string());
+            // The costliest hash: an unknown user's check takes as long as
+            // the slowest known one's, so timing does not tell them apart.
+            if decoy.as_ref().is_none_or(|(c, _)| parts.get_cost() > *c) {
+                decoy = Some((parts.get_cost(), hash.to_string()));
+            }
         }
-        let Some(decoy) = decoy else {
+        let Some((_, decoy)) = decoy else {
             return Err("no users".into());
         };
         Ok(Htpasswd { users, decoy })
@@ -211,7 +215,7 @@ impl BasicAuth {
     async fn check_counted(
         &self,
         header: Option<&[u8]>,
-        waiting: &std::sync::atomic::AtomicUsize,
+        waiting: &'static std::sync::atomic::AtomicUsize,
     ) -> Checked {
         let Some((user, pass)) = header.and_then(credentials) else {
             return Checked::Denied;
@@ -224,15 +228,20 @@ impl BasicAuth {
         if known && self.seen.lock().contains(&fp) {
             return Checked::User(user);
         }
-        let Some(_waiting) = Waiting::take(waiting) else {
+        let Some(waiting) = Waiting::take(waiting) else {
             return Checked::Busy;
         };
-        let Ok(_slot) = SLOTS.acquire().await else {
+        let Ok(slot) = SLOTS.acquire().await else {
             return Checked::Busy;
         };
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
+        // The places go with the check, not with the request: a client
+        // that hangs up does not free them while bcrypt still runs.
+        let ok = tokio::task::spawn_blocking(move || {
+            let _held = (waiting, slot);
+            bcrypt::verify(pass, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
         if ok && known {
             let mut seen = self.seen.lock();
             if seen.len() >= CACHE {
@@ -259,6 +268,16 @@ mod tests {
 
     fn file(extra: &str) -> String {
         format!("# users\n\n{ALICE}\n{extra}")
+    }
+
+    #[test]
+    fn the_decoy_is_the_costliest_hash() {
+        let cheap = bcrypt::hash("a", 4).unwrap();
+        let dear = bcrypt::hash("b", 6).unwrap();
+        let h = Htpasswd::parse(&format!("x:{cheap}\ny:{dear}\nz:{cheap}\n")).unwrap();
+        assert_eq!(h.decoy, dear);
+        let h = Htpasswd::parse(&format!("y:{dear}\nx:{cheap}\n")).unwrap();
+        assert_eq!(h.decoy, dear);
     }
 
     #[test]
@@ -332,26 +351,27 @@ mod tests {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode("alice:wonderland")
         );
-        let count = std::sync::atomic::AtomicUsize::new(0);
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let count = &COUNT;
         let held: Vec<_> = (0..MAX_WAITING + VERIFY_SLOTS)
-            .map(|_| Waiting::take(&count).unwrap())
+            .map(|_| Waiting::take(count).unwrap())
             .collect();
-        assert!(Waiting::take(&count).is_none());
+        assert!(Waiting::take(count).is_none());
         assert_eq!(
-            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            a.check_counted(Some(hdr.as_bytes()), count).await,
             Checked::Busy
         );
         drop(held);
         assert_eq!(
-            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            a.check_counted(Some(hdr.as_bytes()), count).await,
             Checked::User("alice".into())
         );
         // Remembered: no bcrypt, no place needed.
         let held: Vec<_> = (0..MAX_WAITING + VERIFY_SLOTS)
-            .map(|_| Waiting::take(&count).unwrap())
+            .map(|_| Waiting::take(count).unwrap())
             .collect();
         assert_eq!(
-            a.check_counted(Some(hdr.as_bytes()), &count).await,
+            a.check_counted(Some(hdr.as_bytes()), count).await,
             Checked::User("alice".into())
         );
         drop(held);

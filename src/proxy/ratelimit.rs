@@ -138,8 +138,11 @@ impl Limiter {
         self.buckets.get(&key(ip)).is_some_and(|b| b.odd)
     }
 
-    /// Frees a slot when the table is full: first every bucket that has
-    /// refilled completely, else the longest idle one.
+    /// Frees slots when the table is full: every bucket that has refilled
+    /// completely, and when that frees less than a sixteenth of the table,
+    /// the longest idle buckets up to a sixteenth. One pass over the table
+    /// makes room for many new clients, so a flood of new (or forged)
+    /// sources costs no full scan per packet.
     fn make_room(&mut self, now_ms: u64) {
         if self.buckets.len() < self.max_clients {
             return;
@@ -150,15 +153,22 @@ impl Limiter {
             let dt = now_ms.saturating_sub(b.last_ms);
             b.milli.saturating_add(dt.saturating_mul(per)) < full
         });
-        if self.buckets.len() >= self.max_clients {
-            let oldest = self
-                .buckets
-                .iter()
-                .min_by_key(|(_, b)| b.last_ms)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.buckets.remove(&k);
-            }
+        let batch = (self.max_clients / 16).max(1);
+        let want = self.max_clients.saturating_sub(batch);
+        if self.buckets.len() > want {
+            let mut idle: Vec<u64> = self.buckets.values().map(|b| b.last_ms).collect();
+            let cut = self.buckets.len() - want;
+            let (_, nth, _) = idle.select_nth_unstable(cut - 1);
+            let cut_at = *nth;
+            let mut left = cut;
+            self.buckets.retain(|_, b| {
+                if left > 0 && b.last_ms <= cut_at {
+                    left -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
         }
     }
 }
@@ -286,6 +296,26 @@ mod tests {
         assert_eq!(l.len(), 2);
         assert!(l.check(b, 20).is_err(), "b was kept");
         assert!(l.check(a, 20).is_ok(), "a was evicted (a fresh bucket)");
+        // A full table of busy clients: one pass frees a sixteenth, the
+        // longest idle, so the next new clients find room without one.
+        let mut l = Limiter::with_capacity(
+            RateLimit {
+                per_second: 1,
+                burst: 1,
+            },
+            32,
+        );
+        let nth = |i: u64| IpAddr::from([192, 0, 2, i as u8]);
+        for i in 0..32 {
+            l.check(nth(i), i).unwrap();
+        }
+        assert_eq!(l.len(), 32);
+        l.check(nth(100), 40).unwrap();
+        assert_eq!(l.len(), 31, "two went, one came");
+        l.check(nth(101), 41).unwrap();
+        assert_eq!(l.len(), 32);
+        assert!(l.check(nth(2), 42).is_err(), "the third oldest was kept");
+        assert!(l.check(nth(1), 42).is_ok(), "the second oldest went");
     }
 
     #[test]
