@@ -2468,6 +2468,33 @@ async fn forward_auth_headers_named_x_forwarded_reach_the_backend() {
 }
 
 #[tokio::test]
+async fn forward_auth_refuses_dot_segments_before_asking() {
+    use gatewire::proxy::forward_auth::AuthUrl;
+    let b = http_backend("app").await;
+    let (auth, seen) = auth_service().await;
+    // No `paths`: the service is asked about the path as the client wrote
+    // it, while a backend may resolve it to another.
+    let mut app = route("app", TlsMode::Terminate, vec![be(b)]);
+    app.forward_auth = Some((
+        AuthUrl::parse(&format!("http://{auth}/oauth2/auth")).unwrap(),
+        vec![],
+    ));
+    let p = Proxy::start(settings(vec![app])).await.unwrap();
+    let http = p.http_addrs()[0];
+    for target in ["/public/../admin", "/%2e%2e/admin", "/public/..;/admin"] {
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: app.gw.test\r\nAuthorization: Bearer good\r\nConnection: close\r\n\r\n"
+        );
+        let r = String::from_utf8_lossy(&exchange(http, req.as_bytes()).await).into_owned();
+        assert!(r.starts_with("HTTP/1.1 400"), "{target}: {r}");
+    }
+    assert!(seen.lock().is_empty(), "{:?}", seen.lock());
+    let st = p.stats();
+    let app = st.iter().find(|s| s.route == "name:app").unwrap();
+    assert_eq!(app.errors.get("bad_path"), Some(&3));
+}
+
+#[tokio::test]
 async fn access_log_that_cannot_be_opened_is_an_error() {
     let mut s = settings(vec![]);
     s.access_log = Some(tmpdir("access-log-bad").join("no-such-dir/access.log"));

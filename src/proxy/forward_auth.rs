@@ -92,7 +92,10 @@ const BODY_HEADERS: [HeaderName; 4] = [
 ];
 
 /// The headers of the check for a request with `headers`, `method` and `uri`
-/// (path and query) to `host`, from `client`, over TLS or not.
+/// (path and query) to `host`, from `client`, over TLS or not, from a
+/// trusted proxy or not: its hop-by-hop headers (also those its
+/// `Connection` names) go, an HTTP/2 client's cookies are joined, and the
+/// forwarding headers are the ones its backend gets.
 pub fn auth_request_headers(
     headers: &HeaderMap,
     method: &str,
@@ -100,31 +103,24 @@ pub fn auth_request_headers(
     host: &str,
     client: IpAddr,
     tls: bool,
+    trusted: bool,
 ) -> HeaderMap {
+    use crate::proxy::http::{add_forwarding, join_cookies, strip_hop_by_hop};
     let mut h = headers.clone();
-    for n in HOP_BY_HOP.into_iter().chain(BODY_HEADERS) {
+    strip_hop_by_hop(&mut h, None);
+    for n in BODY_HEADERS {
         h.remove(n);
     }
-    // The service hears the client from the hub alone.
-    crate::proxy::http::remove_forwarding(&mut h);
+    join_cookies(&mut h);
+    add_forwarding(&mut h, client, tls, host, trusted);
+    // Where the request goes is the hub's to say, also to a trusted proxy.
     let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
         if let Ok(v) = HeaderValue::from_str(v) {
             h.insert(HeaderName::from_static(name), v);
         }
     };
     set(&mut h, "x-forwarded-method", method);
-    set(
-        &mut h,
-        "x-forwarded-proto",
-        if tls { "https" } else { "http" },
-    );
-    set(&mut h, "x-forwarded-host", host);
     set(&mut h, "x-forwarded-uri", uri);
-    set(
-        &mut h,
-        "x-forwarded-for",
-        &client.to_canonical().to_string(),
-    );
     if let Ok(v) = HeaderValue::from_str(host) {
         h.insert(header::HOST, v);
     }
@@ -356,6 +352,7 @@ mod tests {
             "app.gw.example.org",
             "::ffff:203.0.113.9".parse().unwrap(),
             true,
+            false,
         );
         assert_eq!(out[header::COOKIE], "_oauth2_proxy=abc");
         assert_eq!(out["x-forwarded-method"], "POST");
@@ -366,7 +363,45 @@ mod tests {
         assert_eq!(out[header::HOST], "app.gw.example.org");
         assert!(out.get(header::CONTENT_LENGTH).is_none());
         assert!(out.get(header::CONNECTION).is_none());
-        assert!(out.get("x-real-ip").is_none() && out.get("forwarded").is_none());
+        assert!(out.get("x-real-ip").is_none());
+        assert_eq!(
+            out["forwarded"],
+            "for=203.0.113.9;host=\"app.gw.example.org\";proto=https"
+        );
+    }
+
+    #[test]
+    fn check_headers_drop_what_connection_names_and_join_cookies() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        h.append(header::COOKIE, "b=2".parse().unwrap());
+        h.insert(header::CONNECTION, "x-secret, close".parse().unwrap());
+        h.insert("x-secret", "s".parse().unwrap());
+        let ip = "203.0.113.9".parse().unwrap();
+        let out = auth_request_headers(&h, "GET", "/", "a.b", ip, false, false);
+        let cookies: Vec<_> = out.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        assert!(out.get("x-secret").is_none(), "{out:?}");
+    }
+
+    #[test]
+    fn check_headers_keep_a_trusted_proxys_forwarding() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "192.0.2.9".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-uri", "/spoofed".parse().unwrap());
+        h.insert("x-forwarded-method", "PUT".parse().unwrap());
+        let ip = "10.0.0.1".parse().unwrap();
+        let out = auth_request_headers(&h, "GET", "/app", "a.b", ip, false, true);
+        assert_eq!(out["x-forwarded-for"], "192.0.2.9, 10.0.0.1");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        // Where the request goes is still the hub's to say.
+        assert_eq!(out["x-forwarded-uri"], "/app");
+        assert_eq!(out["x-forwarded-method"], "GET");
+        // From anyone else, the hub's own.
+        let out = auth_request_headers(&h, "GET", "/app", "a.b", ip, false, false);
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(out["x-forwarded-proto"], "http");
     }
 
     #[test]

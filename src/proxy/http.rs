@@ -867,7 +867,7 @@ pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
 /// and the `Content-Length` of a message framed by `Transfer-Encoding` (RFC
 /// 9112 §6.3: it is not the length of the body passed on).
 /// With `upgrade`, `Connection: upgrade` and the `Upgrade` value are kept.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     if h.contains_key(header::TRANSFER_ENCODING) {
         h.remove(header::CONTENT_LENGTH);
     }
@@ -893,7 +893,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
 /// HTTP/2 clients send each cookie as a header of its own (RFC 9113
 /// §8.2.3); an HTTP/1.1 backend gets them as one `Cookie` header, joined
 /// with `; `, as the RFC asks of a hop to HTTP/1.1.
-fn join_cookies(h: &mut HeaderMap) {
+pub(crate) fn join_cookies(h: &mut HeaderMap) {
     let mut all = h.get_all(header::COOKIE).iter();
     let (Some(first), Some(_)) = (all.next(), all.next()) else {
         return;
@@ -1057,7 +1057,13 @@ pub(crate) fn remove_forwarding(h: &mut HeaderMap) {
 /// `X-Forwarded-For` must not get one the client chose); a trusted proxy's
 /// `X-Forwarded-For` and `Forwarded` are appended to, and its
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` kept.
-fn add_forwarding(h: &mut HeaderMap, client: IpAddr, tls: bool, authority: &str, trusted: bool) {
+pub(crate) fn add_forwarding(
+    h: &mut HeaderMap,
+    client: IpAddr,
+    tls: bool,
+    authority: &str,
+    trusted: bool,
+) {
     if !trusted {
         remove_forwarding(h);
     }
@@ -1528,6 +1534,19 @@ async fn proxy_request(
         // The credentials are the hub's, not the backend's.
         req.headers_mut().remove(header::AUTHORIZATION);
     }
+    // Dot segments could lead a backend out of the path prefix it was
+    // chosen for, or to another path than the authentication service was
+    // asked about.
+    if (!route.paths.is_empty() || route.forward_auth.is_some())
+        && crate::proxy::paths::has_dot_segment(req.uri().path())
+    {
+        return Ok(err(
+            &c,
+            ErrorKind::BadPath,
+            StatusCode::BAD_REQUEST,
+            "400 bad request: `.` or `..` segments in the path",
+        ));
+    }
     // The authentication service's headers, for the backend, and a
     // refreshed session, for the client.
     let mut auth_headers = Vec::new();
@@ -1542,6 +1561,7 @@ async fn proxy_request(
             &authority,
             conn.client.ip(),
             conn.tls,
+            conn.trusted,
         );
         let limits = &shared.limits;
         match fa
@@ -1596,14 +1616,6 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, Infallible> {
     // The backends of the longest matching path prefix, or the route's own.
     let (up, under) = route.backends_for(req.uri().path());
-    if !route.paths.is_empty() && crate::proxy::paths::has_dot_segment(req.uri().path()) {
-        return Ok(err(
-            &c,
-            ErrorKind::BadPath,
-            StatusCode::BAD_REQUEST,
-            "400 bad request: `.` or `..` segments in the path",
-        ));
-    }
     // A body announced over the route's limit is refused before a backend
     // is contacted (and before a client waiting on `Expect: 100-continue`
     // sends it); one that turns out larger is cut off at the limit.
@@ -2105,8 +2117,9 @@ mod tests {
             );
         }
         // The authentication service hears none of them either.
-        let asked =
-            crate::proxy::forward_auth::auth_request_headers(&h, "GET", "/", "a.b", ip, false);
+        let asked = crate::proxy::forward_auth::auth_request_headers(
+            &h, "GET", "/", "a.b", ip, false, false,
+        );
         add_forwarding(&mut h, ip, false, "a.b", false);
         for h in [&h, &asked] {
             assert_eq!(h["x-forwarded-for"], "198.51.100.7");
