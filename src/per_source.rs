@@ -22,6 +22,10 @@ impl PerSource {
     /// A place for one more connection under `key`, or `None` when `cap`
     /// are open under it.
     pub fn take(self: &Arc<Self>, key: IpAddr, cap: usize) -> Option<SourceSlot> {
+        // No entry for a cap of 0: none would ever be given back to remove it.
+        if cap == 0 {
+            return None;
+        }
         let mut open = self.open.lock();
         let n = open.entry(key).or_insert(0);
         if *n >= cap {

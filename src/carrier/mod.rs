@@ -541,7 +541,8 @@ pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
 }
 
 /// The system's CA bundle: what checks a `wss://` carrier's certificate
-/// unless its hub has `websocket_ca`.
+/// unless its hub has `websocket_ca`, and the ACME server's without
+/// `directory_ca`.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// How a node checks the certificate of a `wss://` carrier's server.

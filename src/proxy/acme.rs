@@ -483,7 +483,7 @@ impl AcmeHttp {
         let mut roots = rustls::RootCertStore::empty();
         let file = ca
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+            .unwrap_or_else(|| PathBuf::from(crate::carrier::SYSTEM_ROOTS));
         use rustls::pki_types::pem::PemObject;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&file)
             .map_err(|e| format!("acme directory_ca {}: {e}", file.display()))?

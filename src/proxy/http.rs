@@ -583,8 +583,9 @@ where
                     if let Poll::Ready(Some(Ok(f))) = r {
                         self.held = Some(f);
                     }
+                    // Noted as taken at the pause's end, which has passed
+                    // when the pause is over at once.
                     std::task::ready!(poll_pause(&mut self.pause, cx));
-                    self.moved(None);
                     return Poll::Ready(self.held.take().map(Ok));
                 }
             }
