@@ -1228,6 +1228,45 @@ async fn silent_and_stalled_plain_clients_are_closed() {
 }
 
 #[tokio::test]
+async fn a_dribbling_client_gets_one_header_timeout_from_its_accept() {
+    let b = http_backend("one").await;
+    let mut st = settings(vec![route("w", TlsMode::Terminate, vec![be(b)])]);
+    st.limits.header_timeout = Duration::from_millis(1000);
+    let p = Proxy::start(st).await.unwrap();
+    let begun = std::time::Instant::now();
+    let mut s = TcpStream::connect(p.http_addrs()[0]).await.unwrap();
+    // The first byte late, then one byte every 100 ms: the head never ends.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let head = b"GET / HTTP/1.1\r\nHost: w.gw.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = None;
+    for b in head {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = Some(begun.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = Some(begun.elapsed());
+                break;
+            }
+            Ok(Ok(n)) => panic!("an answer to half a head: {:?}", &buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let closed = closed.expect("the connection outlived its head");
+    // Closed once, at the header timeout from the accept; a fresh timer
+    // after the first byte would have closed it at about 1.8 s.
+    assert!(closed >= Duration::from_millis(950), "{closed:?}");
+    assert!(closed < Duration::from_millis(1600), "{closed:?}");
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("header_timeout"), Some(&1), "{l:?}");
+    let r = raw_http(p.http_addrs()[0], "w.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test]
 async fn idle_http2_clients_are_closed_but_not_their_open_calls() {
     let (b, _, held, release) = holding_h2_backend(100).await;
     let mut r = route("g", TlsMode::Terminate, vec![be(b)]);

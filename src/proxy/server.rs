@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -1398,7 +1398,10 @@ async fn accept_loop(
                         };
                         let trusted = shared.trusts_forwarding(peer.ip());
                         let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted, slot));
-                        serve_http(shared, Prefixed::new(first, sock), info, h2c, retired).await;
+                        // The first request's head is due when the first
+                        // bytes were: the client's time runs from the accept.
+                        let io = Prefixed::new(first, sock);
+                        serve_http(shared, io, info, h2c, retired, Some(until)).await;
                     }
                 }
                 Kind::Https => {
@@ -1707,15 +1710,35 @@ async fn serve_http<IO>(
     info: Arc<ConnInfo>,
     h2: bool,
     mut stop: watch::Receiver<bool>,
+    head_by: Option<tokio::time::Instant>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.limits.clone();
     let io = TokioIo::new(io);
+    // `head_by`: when the first request must have come (a plain HTTP
+    // connection's `header_timeout` from its accept, which the wait for its
+    // first bytes already used part of; hyper's own timer would start
+    // afresh, giving a slow client twice the time).
+    let asked = Arc::new(AtomicBool::new(false));
+    let first_late = {
+        let asked = Arc::clone(&asked);
+        async move {
+            if let Some(t) = head_by {
+                tokio::time::sleep_until(t).await;
+                if !asked.load(Relaxed) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        }
+    };
+    let listener = Arc::clone(&shared);
     if h2 {
         let streams = Streams::new();
         let open = Arc::clone(&streams);
         let svc = service_fn(move |req| {
+            asked.store(true, Relaxed);
             let open = open.open();
             let r = handle(shared.clone(), info.clone(), req);
             async move {
@@ -1745,9 +1768,13 @@ async fn serve_http<IO>(
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(limits.header_timeout, conn).await;
             }
+            () = first_late => head_late(&listener),
         }
     } else {
-        let svc = service_fn(move |req| handle(shared.clone(), info.clone(), req));
+        let svc = service_fn(move |req| {
+            asked.store(true, Relaxed);
+            handle(shared.clone(), info.clone(), req)
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
@@ -1761,8 +1788,17 @@ async fn serve_http<IO>(
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
+            () = first_late => head_late(&listener),
         }
     }
+}
+
+/// A plain HTTP connection that sent no complete request within
+/// `header_timeout` of its accept: closed without an answer (it may be
+/// halfway through a head), counted on the listener.
+fn head_late(shared: &Shared) {
+    debug!("no complete request head within header_timeout of the accept: closed");
+    shared.listener.error(ErrorKind::HeaderTimeout);
 }
 
 /// PINGs on an HTTP/2 client connection, and how long one may go unanswered.
@@ -2141,7 +2177,7 @@ async fn serve_tls(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let trusted = shared.trusts_forwarding(peer.ip());
             let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted, slot));
-            serve_http(shared, tls, info, h2, stop).await;
+            serve_http(shared, tls, info, h2, stop, None).await;
         }
     }
 }

@@ -64,11 +64,14 @@ pub enum ErrorKind {
     ClientTimeout,
     /// A client's request body that broke off (the client went away).
     ClientAborted,
+    /// A plain HTTP connection with no complete request head within
+    /// `header_timeout` of its accept (closed; a slowloris).
+    HeaderTimeout,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 25] = [
+    pub const ALL: [ErrorKind; 26] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -94,6 +97,7 @@ impl ErrorKind {
         ErrorKind::BodyTooLarge,
         ErrorKind::ClientTimeout,
         ErrorKind::ClientAborted,
+        ErrorKind::HeaderTimeout,
     ];
 
     /// Stable metric label.
@@ -124,6 +128,7 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::ClientTimeout => "client_timeout",
             ErrorKind::ClientAborted => "client_aborted",
+            ErrorKind::HeaderTimeout => "header_timeout",
         }
     }
 
