@@ -359,10 +359,14 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
         if let Some(mut f) = ready_fd.take() {
             let _ = f.write_all(b"1");
         }
-        shutdown.await;
+        crate::sd_notify::ready();
+        let ended = tokio::select! {
+            () = shutdown => Ok(()),
+            () = dev.inner.lost() => Err(anyhow::anyhow!("the TUN interface {name} is gone")),
+        };
         drop(api);
         drop(dev);
-        Ok(())
+        ended
     })
 }
 

@@ -314,8 +314,8 @@ pub fn peer_diff(old: &[HubPeer], new: &[HubPeer]) -> Vec<PeerSet> {
 }
 
 /// Applies the `[[peer]]` changes of a reload to the device, with routes for
-/// the new allowed IPs when `[hub] routes` is on (those of removed peers
-/// stay until the hub restarts: their packets find no peer and are dropped).
+/// the new allowed IPs when `[hub] routes` is on, and without those of
+/// prefixes the changed peers gave up (unless another peer still holds them).
 async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
     let peers = peer_diff(&old.peers, &new.peers);
     let named = |c: &HubConfig| -> Vec<_> {
@@ -341,6 +341,25 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
                 .any(|p| !p.remove && p.public_key == n.public_key)
         })
         .collect();
+    // What the changed peers held and hold no more (a removed peer all of
+    // it), read before the device forgets it.
+    let given_up: Vec<IpNet> = {
+        let info = dev.info();
+        peers
+            .iter()
+            .filter_map(|p| {
+                let i = info.peers.iter().find(|i| i.public_key == p.public_key)?;
+                Some(
+                    i.allowed_ips
+                        .iter()
+                        .filter(|n| p.remove || !p.allowed_ips.contains(n))
+                        .copied()
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .flatten()
+            .collect()
+    };
     let set_req = DeviceSet {
         peers,
         ..DeviceSet::default()
@@ -363,14 +382,43 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect();
         // iproute2 runs as a child process: off the async workers.
+        let held: Vec<IpNet> = dev
+            .info()
+            .peers
+            .into_iter()
+            .flat_map(|p| p.allowed_ips)
+            .collect();
         let r = tokio::task::spawn_blocking(move || {
-            crate::wg::route::install(&addresses, &endpoints, nets.iter(), &interface, "a peer's")
+            let withdrawn = crate::wg::route::withdraw(
+                &addresses,
+                &endpoints,
+                &given_up,
+                &held,
+                &interface,
+                "a [[peer]]",
+            );
+            let plan = crate::wg::route::install(
+                &addresses,
+                &endpoints,
+                nets.iter(),
+                &interface,
+                "a peer's",
+            );
+            (withdrawn, plan)
         })
         .await;
         match r {
-            Ok(Ok(plan)) => dev.add_tun_routes(plan.add),
-            Ok(Err(e)) => {
-                warn!(error = %format!("{e:#}"), "routes for changed [[peer]]s not added")
+            Ok(((gone, again), plan)) => {
+                for net in &gone {
+                    dev.remove_tun_route(net);
+                }
+                dev.add_tun_routes(again);
+                match plan {
+                    Ok(plan) => dev.add_tun_routes(plan.add),
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "routes for changed [[peer]]s not added")
+                    }
+                }
             }
             Err(e) => warn!(error = %e, "routes for changed [[peer]]s: task failed"),
         }
@@ -584,6 +632,8 @@ async fn run_inner(
         public_key = %cfg.private_key.public_key(),
         "hub ready"
     );
+    crate::sd_notify::ready();
+    let _watchdog = crate::sd_notify::spawn_watchdog();
     let mut poll = tokio::time::interval(CONFIG_POLL);
     let mut seen = stamp.clone();
     let mut live = tokio::time::interval(Duration::from_secs(1));
@@ -595,9 +645,14 @@ async fn run_inner(
     let no_control = tokio::sync::Notify::new();
     let apply = control.as_ref().map_or(&no_control, |c| &c.apply);
     tokio::pin!(shutdown);
+    let mut ended = Ok(());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            () = dev.inner.lost() => {
+                ended = Err(anyhow::anyhow!("the TUN interface {} is gone", cfg.interface));
+                break;
+            }
             _ = live.tick() => tunnels.refresh(&dev.inner),
             _ = apply.notified() => {
                 if let Some(c) = &control {
@@ -625,7 +680,9 @@ async fn run_inner(
                     stamp = now;
                     if let Some(p) = &path {
                         info!(config = %p.display(), "config file changed; reloading");
+                        crate::sd_notify::reloading();
                         slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
+                        crate::sd_notify::ready();
                     }
                 }
             }
@@ -638,12 +695,15 @@ async fn run_inner(
                 if let Some(p) = &path {
                     info!(config = %p.display(), "SIGHUP; reloading");
                     stamp = file_stamp(p);
+                    crate::sd_notify::reloading();
                     slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
+                    crate::sd_notify::ready();
                 }
             }
         }
     }
     info!("hub stopping");
+    crate::sd_notify::stopping();
     // Withdrawn first, so the other hubs stop sending connections here.
     if let (Some(d), Some(m)) = (mesh_driver, slot.mesh.as_ref()) {
         d.stop(m).await;
@@ -664,7 +724,7 @@ async fn run_inner(
     drop(control);
     drop(api);
     drop(dev);
-    Ok(())
+    ended
 }
 
 #[cfg(test)]

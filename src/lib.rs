@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod node;
 pub mod per_source;
 pub mod proxy;
+pub mod sd_notify;
 pub mod sockopt;
 pub mod wg;
 pub mod xlat;

@@ -780,12 +780,19 @@ async fn run_inner(
         services = cfg.services.len(),
         "node ready"
     );
+    crate::sd_notify::ready();
+    let _watchdog = crate::sd_notify::spawn_watchdog();
     let mut poll = tokio::time::interval(crate::hub::CONFIG_POLL);
     let mut seen = stamp.clone();
     tokio::pin!(shutdown);
+    let mut ended = Ok(());
     loop {
         let why = tokio::select! {
             _ = &mut shutdown => break,
+            () = dev.inner.lost() => {
+                ended = Err(anyhow::anyhow!("the TUN interface {} is gone", cfg.interface));
+                break;
+            }
             _ = poll.tick(), if path.is_some() => {
                 let now = stamp_of(&path);
                 // Taken when two polls in a row read the same new bytes: a
@@ -804,6 +811,7 @@ async fn run_inner(
             }
         };
         let Some(p) = &path else { continue };
+        crate::sd_notify::reloading();
         match NodeConfig::load(p) {
             Err(e) => {
                 warn!(config = %p.display(), error = %e, "{why}; reload refused, keeping the running services")
@@ -822,8 +830,10 @@ async fn run_inner(
                 }
             }
         }
+        crate::sd_notify::ready();
     }
     info!("node stopping");
+    crate::sd_notify::stopping();
     for s in sups {
         s.abort();
     }
@@ -833,7 +843,7 @@ async fn run_inner(
     }
     drop(api);
     drop(dev);
-    Ok(())
+    ended
 }
 
 #[cfg(test)]

@@ -48,6 +48,16 @@ write_key() {
 }
 
 unit() { # NAME DESCRIPTION EXEC [AFTER]
+    local kind="Type=simple"
+    # gatewire itself says when it is ready, reloads on SIGHUP and pings the
+    # watchdog (Type=notify-reload needs systemd 253; this works before it).
+    case $3 in
+    /usr/local/bin/gatewire\ *)
+        kind="Type=notify
+ExecReload=/bin/kill -HUP \$MAINPID
+WatchdogSec=30"
+        ;;
+    esac
     cat >"/etc/systemd/system/$1.service" <<EOF
 [Unit]
 Description=$2
@@ -55,6 +65,7 @@ Wants=network-online.target
 After=network-online.target ${4:-}
 
 [Service]
+$kind
 Environment=RUST_LOG=info
 ExecStart=$3
 Restart=always

@@ -87,4 +87,16 @@ lab_log "n1 endpoint port $old -> $new; hub reached n1 again $(fmt_s $((t1 - t0)
 check "after rebind: d1 -> n1 through the hub" wait_for 10 lab_ping1 d1 "$(lab_ov4 n1)"
 
 for p in hub "${nodes[@]}"; do check "$p still running" lab_alive "$p"; done
+
+# ------------------------------------------------- the TUN deleted under a node
+# Nothing more can pass: the node ends with an error (its supervisor starts it
+# again with a new interface) instead of failing every read for ever.
+gone_pid=$(lab_pid n2)
+lab_sh n2 "ip link del gwn0"
+check "n2 ends once its TUN is deleted" wait_for 5 not lab_alive n2
+rc=0
+wait "$gone_pid" 2>/dev/null || rc=$?
+check "n2 exits with an error status ($rc)" test "$rc" -ne 0
+check "n2 logs why" grep -q 'TUN interface is gone' "$(lab_logfile n2)"
+check "the hub still reaches n1" wait_for 10 lab_ping1 hub "$(lab_ov4 n1)"
 lab_finish

@@ -35,7 +35,23 @@ name = "files"
 backends = ["http://[$N1V6]:8080"]
 EOF
 
-GW_CONF=$conf gw_start_hub hub
+# The service manager's readiness protocol (Type=notify): a unix datagram
+# socket that writes each message it gets as one line.
+notes="$GW_TMP/notify.log"
+: >"$notes"
+cat >"$GW_TMP/notify.py" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a") as out:
+    while True:
+        out.write(s.recv(4096).decode().replace("\n", " ") + "\n")
+        out.flush()
+EOF
+lab_bg hub notify python3 "$GW_TMP/notify.py" "$GW_TMP/notify.sock" "$notes"
+wait_for 5 test -S "$GW_TMP/notify.sock" || lab_die "the notify socket did not come up"
+NOTIFY_SOCKET="$GW_TMP/notify.sock" GW_CONF=$conf gw_start_hub hub
+check "the hub tells the service manager it is ready" wait_for 10 grep -qx 'READY=1' "$notes"
 gw_start_node n1 hub
 must "n1 reaches the hub over the v6 overlay" wait_for 15 lab_ping1 n1 "$(lab_ov6 hub)"
 
@@ -126,17 +142,27 @@ check "show --json has the files route with the download's bytes" \
 check "show --json reports backend health" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:files") | .backends[0].up == true' <<<"$js" >/dev/null
 
-# --- [[peer]] changes apply on reload (n1's key swapped for another); what
-# needs a restart (listen_port) is named in a warning and kept as it runs
+# --- [[peer]] changes apply on reload (n1's key swapped for another, a peer
+# with an off-link prefix added, routed, and taken away again with its route);
+# what needs a restart (listen_port) is named in a warning and kept as it runs
 cp "$conf" "$GW_TMP/conf/peers.toml"
 other=$(wg genkey | wg pubkey)
 sed -i -e "s|$(lab_pub n1)|$other|" -e "s|^listen_port = .*|listen_port = 51999|" "$conf"
+cat >>"$conf" <<EOF
+
+[[peer]]
+name = "lan"
+public_key = "$(wg genkey | wg pubkey)"
+allowed_ips = ["10.250.7.0/24"]
+EOF
+lan_route() { [ -n "$(lab_sh hub "ip route show exact 10.250.7.0/24 dev gw0")" ]; }
 kill -HUP "$(lab_pid hub)"
 check "hub logs the [[peer]] change" wait_for 5 grep -q 'peer\]\] changes applied' "$(lab_logfile hub)"
 check "hub names listen_port as needing a restart" \
     grep -q 'listen_port.*take effect when the hub restarts\|take effect when the hub restarts.*listen_port' "$(lab_logfile hub)"
 peer_on() { gw_show_json hub gw0 | jq -e --arg k "$1" '.interfaces[0].peers[] | select(.public_key == $k)' >/dev/null; }
 check "n1's peer is gone from the device" not peer_on "$(lab_pub n1)"
+check "the added peer's off-link prefix is routed into the tunnel" wait_for 5 lan_route
 check "the new peer is on the device" peer_on "$other"
 check "the hub keeps its running port" lab_sh hub "ss -Hlun 'sport = :$GW_HUB_PORT' | grep -q ."
 check "n1 no longer reaches the hub" wait_for 10 not lab_ping1 n1 "$(lab_ov6 hub)"
@@ -144,6 +170,11 @@ cp "$GW_TMP/conf/peers.toml" "$conf"
 kill -HUP "$(lab_pid hub)"
 check "n1 reaches the hub again once its peer is back" wait_for 20 lab_ping1 n1 "$(lab_ov6 hub)"
 check "the swapped-in peer is gone again" not peer_on "$other"
+check "the removed peer's route is gone with it" wait_for 5 not lan_route
+check "a reload is announced to the service manager, then ready again" \
+    eval "grep -A1 '^RELOADING=1 MONOTONIC_USEC=[0-9]*\$' '$notes' | grep -qx 'READY=1'"
 
 check "hub still running" lab_alive hub
+lab_stop hub
+check "the hub tells the service manager it stops" grep -qx 'STOPPING=1' "$notes"
 lab_finish

@@ -609,20 +609,18 @@ fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet],
             }
         }
     }
-    for net in route::plan(&cfg.addresses, &[], removed).add {
-        if held.iter().any(|h| h.contains(&net)) {
-            continue;
-        }
-        match route::delete(&net, &cfg.interface) {
-            Ok(()) => {
-                dev.remove_tun_route(&net);
-                info!(route = %net, interface = %cfg.interface, "route removed with its control-plane peer")
-            }
-            Err(e) => {
-                warn!(route = %net, error = %e, "cannot remove a control-plane peer's route")
-            }
-        }
+    let (gone, added) = route::withdraw(
+        &cfg.addresses,
+        &[],
+        removed,
+        held,
+        &cfg.interface,
+        "a control-plane peer",
+    );
+    for net in &gone {
+        dev.remove_tun_route(net);
     }
+    dev.add_tun_routes(added);
 }
 
 /// Peers the control plane put on the device: key → the allowed IPs it gave.

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Largest datagram or IP packet handled.
 pub const MAX_PACKET: usize = 65536;
@@ -488,6 +488,9 @@ pub struct Inner {
     /// Prefixes the kernel routes into this TUN, as far as the daemon knows
     /// (its address prefixes, the routes it added); empty in `wg` mode.
     tun_routes: RwLock<Vec<IpNet>>,
+    /// Set when the TUN interface is gone (deleted under the daemon): the
+    /// device can do nothing more, and the daemon ends ([`Inner::lost`]).
+    tun_lost: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running device. Dropping it stops its tasks and removes the TUN.
@@ -687,6 +690,7 @@ impl Device {
                 )
             }),
             tun_routes: RwLock::new(Vec::new()),
+            tun_lost: tokio::sync::watch::channel(false).0,
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {
@@ -820,6 +824,16 @@ impl Inner {
             if !r.contains(&n) {
                 r.push(n);
             }
+        }
+    }
+
+    /// Completes once the TUN interface is gone (someone deleted it): every
+    /// read fails from then on, so the daemon should end (and its supervisor
+    /// start it again, with a new interface). Never completes otherwise.
+    pub async fn lost(&self) {
+        let mut rx = self.tun_lost.subscribe();
+        if rx.wait_for(|gone| *gone).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -970,6 +984,14 @@ impl Inner {
                         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => {
                             self.drops.inc(DropReason::MalformedIp);
                             debug!(error = %e, "TUN packet dropped: cannot be split");
+                        }
+                        // The interface was deleted: the queue is detached
+                        // for good.
+                        _ if e.raw_os_error() == Some(libc::EBADFD) => {
+                            self.drops.inc(DropReason::TunRead);
+                            error!(interface = %self.name, "the TUN interface is gone (deleted under the daemon)");
+                            self.tun_lost.send_replace(true);
+                            return;
                         }
                         _ => {
                             self.drops.inc(DropReason::TunRead);

@@ -1,7 +1,7 @@
 //! Kernel routes into a device: which prefixes need one (a pure plan) and the
 //! iproute2 call that installs it. Routes through a TUN go away with it; one
 //! is removed while the device runs only when a hub endpoint turns out to lie
-//! inside it ([`holding`]) or its peer leaves.
+//! inside it ([`holding`]) or its peer leaves or gives it up ([`stale`]).
 
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -108,6 +108,35 @@ pub fn restorable(displaced: &[IpNet], hops: &[IpAddr]) -> Vec<IpNet> {
         .collect()
 }
 
+/// The routes to take away once peers gave up the prefixes `removed` (the
+/// peers left, or hold other allowed IPs now): those of them [`plan`] routes
+/// that no prefix the device's peers hold now (`held`) covers, a route still
+/// in use staying.
+pub fn stale(addresses: &[IpNet], removed: &[IpNet], held: &[IpNet]) -> Vec<IpNet> {
+    plan(addresses, &[], removed)
+        .add
+        .into_iter()
+        .filter(|n| !held.iter().any(|h| h.contains(n)))
+        .collect()
+}
+
+/// Of the routes `plan` gives for the prefixes held now (`held`), those
+/// inside a route just taken away (`gone`): a plan leaves out a prefix
+/// another covers, so a peer's narrower prefix had no route of its own while
+/// a removed peer's wider one was routed, and needs one now.
+pub fn uncovered(
+    addresses: &[IpNet],
+    endpoints: &[IpAddr],
+    held: &[IpNet],
+    gone: &[IpNet],
+) -> Vec<IpNet> {
+    plan(addresses, endpoints, held)
+        .add
+        .into_iter()
+        .filter(|h| gone.iter().any(|g| g.contains(h)))
+        .collect()
+}
+
 /// Plans the routes for `allowed` (see [`plan`]) and installs them into
 /// `iface`, logging what is skipped and why, and returns the plan (what
 /// was added, what was skipped).
@@ -132,6 +161,50 @@ pub fn install<'a>(
         tracing::info!(?routes, interface = %iface, "routes added");
     }
     Ok(plan)
+}
+
+/// Takes away the [`stale`] routes of `iface` and routes the [`uncovered`]
+/// prefixes again; returns the prefixes no longer routed and those routed
+/// anew, for the device's record. `whose` names the peers that gave the
+/// prefixes up in the messages ("a [[peer]]", "a control-plane peer").
+pub fn withdraw(
+    addresses: &[IpNet],
+    endpoints: &[IpAddr],
+    removed: &[IpNet],
+    held: &[IpNet],
+    iface: &str,
+    whose: &str,
+) -> (Vec<IpNet>, Vec<IpNet>) {
+    let mut gone = Vec::new();
+    for net in stale(addresses, removed, held) {
+        // A prefix skipped when it was planned (it held an endpoint then)
+        // has no route to take away.
+        if !exists(&net, iface).unwrap_or(true) {
+            continue;
+        }
+        match delete(&net, iface) {
+            Ok(()) => {
+                tracing::info!(route = %net, interface = %iface, "route removed: {whose} gave it up");
+                gone.push(net);
+            }
+            Err(e) => {
+                tracing::warn!(route = %net, error = %e, "cannot remove the route {whose} gave up")
+            }
+        }
+    }
+    let mut added = Vec::new();
+    for net in uncovered(addresses, endpoints, held, &gone) {
+        match replace(&net, iface) {
+            Ok(()) => {
+                tracing::info!(route = %net, interface = %iface, "route added: a wider route around it was removed");
+                added.push(net);
+            }
+            Err(e) => {
+                tracing::warn!(route = %net, error = %e, "cannot route a prefix a removed route covered")
+            }
+        }
+    }
+    (gone, added)
 }
 
 /// `ip route replace NET dev IFACE`.
@@ -179,6 +252,34 @@ mod tests {
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn routes_given_up_go_unless_a_remaining_peer_holds_them() {
+        let addresses = nets(&["10.7.0.1/24", "fd07::1/64"]);
+        let removed = nets(&["10.7.0.2/32", "10.9.0.0/16", "172.16.0.0/12", "fd99::/64"]);
+        // 10.7.0.2 is on-link (never routed); 172.16.0.0/12 is covered by a
+        // prefix a remaining peer holds.
+        let held = nets(&["10.7.0.3/32", "172.16.0.0/12", "10.9.4.0/24"]);
+        assert_eq!(
+            stale(&addresses, &removed, &held),
+            nets(&["10.9.0.0/16", "fd99::/64"])
+        );
+        // Nothing held: every routed prefix goes.
+        assert_eq!(
+            stale(&addresses, &removed, &[]),
+            nets(&["10.9.0.0/16", "172.16.0.0/12", "fd99::/64"])
+        );
+        // The narrower 10.9.4.0/24 had no route of its own under 10.9.0.0/16:
+        // it needs one now; what was never under a removed route does not.
+        let gone = stale(&addresses, &removed, &held);
+        assert_eq!(
+            uncovered(&addresses, &[], &held, &gone),
+            nets(&["10.9.4.0/24"])
+        );
+        // Unless it holds a hub endpoint.
+        let ep: IpAddr = "10.9.4.9".parse().unwrap();
+        assert!(uncovered(&addresses, &[ep], &held, &gone).is_empty());
     }
 
     #[test]
