@@ -339,31 +339,55 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
     init_tracing();
     let name = interface.clone();
     run_daemon(|shutdown| async move {
-        let dev = Device::start(DeviceConfig {
-            name: name.clone(),
-            mode: Mode::Wg,
-            private_key: None,
-            listen_port: 0,
-            addresses: Vec::new(),
-            mtu: crate::config::DEFAULT_MTU,
-            forward: false,
-            keepalive: 0,
-            peers: Vec::new(),
-            xlat: None,
-            nat64: None,
-            xlat_via_pool6: Vec::new(),
-            xlat_icmp_rate: 0,
-        })
-        .await?;
-        let api = ApiServer::start(dev.inner.clone()).await?;
+        let started = async {
+            let dev = Device::start(DeviceConfig {
+                name: name.clone(),
+                mode: Mode::Wg,
+                private_key: None,
+                listen_port: 0,
+                addresses: Vec::new(),
+                mtu: crate::config::DEFAULT_MTU,
+                forward: false,
+                keepalive: 0,
+                peers: Vec::new(),
+                xlat: None,
+                nat64: None,
+                xlat_via_pool6: Vec::new(),
+                xlat_icmp_rate: 0,
+            })
+            .await?;
+            let api = ApiServer::start(dev.inner.clone()).await?;
+            anyhow::Ok((dev, api))
+        }
+        .await;
+        let (dev, api) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                // The parent prints it: this process's stderr is /dev/null.
+                if let Some(mut f) = ready_fd.take() {
+                    let _ = f.write_all(format!("0{e:#}").as_bytes());
+                }
+                return Err(e);
+            }
+        };
         if let Some(mut f) = ready_fd.take() {
             let _ = f.write_all(b"1");
         }
-        crate::sd_notify::ready();
+        // A forked daemon's parent has exited: the service manager would
+        // not take its child's word (the unit should run it in the foreground).
+        let _watchdog = if foreground {
+            crate::sd_notify::ready();
+            crate::sd_notify::spawn_watchdog()
+        } else {
+            None
+        };
         let ended = tokio::select! {
             () = shutdown => Ok(()),
             () = dev.inner.lost() => Err(anyhow::anyhow!("the TUN interface {name} is gone")),
         };
+        if foreground {
+            crate::sd_notify::stopping();
+        }
         drop(api);
         drop(dev);
         ended
@@ -376,14 +400,15 @@ fn unreachable_parent() -> ! {
 }
 
 /// Forks. In the parent: waits for the child's readiness byte and exits (0 if
-/// ready, 1 if not). In the child: returns the write end of the readiness pipe,
-/// with stdio on /dev/null and a new session.
+/// ready, 1 if not, printing the error the child sent after a `0`). In the
+/// child: returns the write end of the readiness pipe (not inherited by
+/// programs it runs), with stdio on /dev/null and a new session.
 fn daemonize() -> std::io::Result<Option<std::fs::File>> {
     use std::os::fd::FromRawFd;
     let mut fds = [0i32; 2];
     // SAFETY: plain libc calls on a fresh process with no other threads yet.
     unsafe {
-        if libc::pipe(fds.as_mut_ptr()) != 0 {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         match libc::fork() {
@@ -406,8 +431,18 @@ fn daemonize() -> std::io::Result<Option<std::fs::File>> {
                 libc::close(fds[1]);
                 let mut f = std::fs::File::from_raw_fd(fds[0]);
                 let mut b = [0u8; 1];
-                let ok = matches!(f.read(&mut b), Ok(1));
-                std::process::exit(if ok { 0 } else { 1 });
+                if matches!(f.read(&mut b), Ok(1)) && b[0] == b'1' {
+                    std::process::exit(0);
+                }
+                let mut why = Vec::new();
+                let _ = f.take(4096).read_to_end(&mut why);
+                let why = String::from_utf8_lossy(&why);
+                if why.is_empty() {
+                    eprintln!("gatewire: the daemon ended before it was ready");
+                } else {
+                    eprintln!("gatewire: {why}");
+                }
+                std::process::exit(1);
             }
         }
     }

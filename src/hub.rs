@@ -341,6 +341,7 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
                 .any(|p| !p.remove && p.public_key == n.public_key)
         })
         .collect();
+    let _routes = dev.route_lock.lock().await;
     // What the changed peers held and hold no more (a removed peer all of
     // it), read before the device forgets it.
     let given_up: Vec<IpNet> = {
@@ -382,11 +383,13 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect();
         // iproute2 runs as a child process: off the async workers.
+        // Still routed: what the peers hold, and the translator's prefixes.
         let held: Vec<IpNet> = dev
             .info()
             .peers
             .into_iter()
             .flat_map(|p| p.allowed_ips)
+            .chain(new.xlat.iter().flat_map(|x| x.routes.iter().copied()))
             .collect();
         let r = tokio::task::spawn_blocking(move || {
             let withdrawn = crate::wg::route::withdraw(

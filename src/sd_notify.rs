@@ -3,10 +3,15 @@
 //! ready (its interface, sockets and listeners up), when it reloads and when
 //! it stops, and pings the watchdog when the unit sets `WatchdogSec=`.
 //! Without `NOTIFY_SOCKET` in the environment every call does nothing.
+//! Programs the daemons start (the Yggdrasil daemon) do not get these
+//! variables ([`ENV`]): their own notifications would speak for gatewire's unit.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
+
+/// The protocol's environment variables.
+pub const ENV: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 /// Where `NOTIFY_SOCKET` points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +36,8 @@ pub fn target(value: &str) -> Option<Target> {
 /// Sends `state` (newline-separated `KEY=value` lines) to `to`.
 pub fn send_to(to: &Target, state: &str) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
+    // Called from async tasks: a full socket queue is an error, not a wait.
+    sock.set_nonblocking(true)?;
     match to {
         Target::Path(p) => sock.send_to(state.as_bytes(), p).map(drop),
         Target::Abstract(name) => {
@@ -100,7 +107,7 @@ pub fn watchdog_every(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<
         }
     }
     let usec: u64 = usec?.trim().parse().ok()?;
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    (usec > 0).then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }
 
 /// The watchdog's pinging task; stopped when dropped.
@@ -112,9 +119,9 @@ impl Drop for Watchdog {
     }
 }
 
-/// Pings the watchdog from the async runtime while it runs (a stuck runtime
-/// stops the pings, and the service manager restarts the daemon) and the
-/// returned guard lives. Nothing when the unit has no `WatchdogSec=`.
+/// Pings the watchdog from the async runtime while the returned guard lives:
+/// a runtime that stops running tasks stops the pings, and the service
+/// manager restarts the daemon. Nothing when the unit has no `WatchdogSec=`.
 pub fn spawn_watchdog() -> Option<Watchdog> {
     let every = watchdog_every(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
@@ -160,6 +167,11 @@ mod tests {
         );
         assert_eq!(watchdog_every(Some("20000000"), Some("8"), 7), None);
         assert_eq!(watchdog_every(Some("0"), None, 7), None);
+        // Never a zero period (a timer cannot tick that fast).
+        assert_eq!(
+            watchdog_every(Some("1"), None, 7),
+            Some(Duration::from_millis(1))
+        );
         assert_eq!(watchdog_every(Some("soon"), None, 7), None);
         assert_eq!(watchdog_every(None, None, 7), None);
         assert_eq!(watchdog_every(Some("20000000"), Some("x"), 7), None);

@@ -68,6 +68,11 @@ rc=0
 lab_exec d2 env -u WG_PROCESS_FOREGROUND NO_COLOR=1 timeout 20 "$GATEWIRE" wg wg0 \
     >"$(lab_logfile gatewire-wg-d2)" 2>&1 || rc=$?
 check "C: gatewire wg wg0 returns after daemonizing (status $rc)" test "$rc" -eq 0
+# A second daemon for the same interface cannot start: the parent says why.
+rc=0
+out=$(lab_exec d2 env -u WG_PROCESS_FOREGROUND NO_COLOR=1 timeout 20 "$GATEWIRE" wg wg0 2>&1) || rc=$?
+check "C: a second gatewire wg wg0 fails (status $rc)" test "$rc" -eq 1
+check "C: and prints the daemon's error ($out)" grep -q 'gatewire: .*wg0' <<<"$out"
 check "C: the UAPI socket exists" wait_for 5 uapi_ready d2 wg0
 check "C: the daemon lives on in d2" test -n "$(ip netns pids "$(lab_ns d2)")"
 wg_iface_setup d2 wg0 d2 0 "$(lab_ov4 d2)/10" "$(lab_ov6 d2)/48"

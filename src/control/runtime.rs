@@ -487,6 +487,7 @@ impl Control {
         // One at a time: two syncs reading `managed` before either wrote it
         // back could leave a deleted peer on the device.
         let _one = self.sync_lock.lock().await;
+        let _routes = self.dev.route_lock.lock().await;
         let state = self.state.load_full();
         let env = self.env.load_full();
         let mut managed = self.managed.lock().clone();
@@ -532,12 +533,15 @@ impl Control {
                 *self.managed.lock() = managed;
                 if routes {
                     // iproute2 runs as a child process: off the async workers.
+                    // Still routed: what the peers hold, and the
+                    // translator's prefixes.
                     let held: Vec<IpNet> = self
                         .dev
                         .info()
                         .peers
                         .into_iter()
                         .flat_map(|p| p.allowed_ips)
+                        .chain(env.cfg.xlat.iter().flat_map(|x| x.routes.iter().copied()))
                         .collect();
                     let cfg = env.cfg.clone();
                     let dev = self.dev.clone();

@@ -1384,7 +1384,7 @@ async fn accept_loop(
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             match kind {
                 Kind::Http => {
-                    if let Some((first, h2c)) = sniff_h2c(&mut sock, left()).await {
+                    if let Some((first, h2c)) = sniff_h2c(&shared, &mut sock, left()).await {
                         let (sock, first) = match &mesh {
                             Some(m) if !h2c => {
                                 match http_via_mesh(&shared, m, sock, first, peer, dest, left())
@@ -1400,8 +1400,10 @@ async fn accept_loop(
                         let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted, slot));
                         // The first request's head is due when the first
                         // bytes were: the client's time runs from the accept.
+                        // (HTTP/2 has its idle rule: a GOAWAY, not a cut.)
                         let io = Prefixed::new(first, sock);
-                        serve_http(shared, io, info, h2c, retired, Some(until)).await;
+                        let head_by = (!h2c).then_some(until);
+                        serve_http(shared, io, info, h2c, retired, head_by).await;
                     }
                 }
                 Kind::Https => {
@@ -1558,7 +1560,11 @@ fn is_h2_preface(first: &[u8]) -> Option<bool> {
 /// HTTP/1 request differs from the preface by its first or second byte.
 /// `None` (the connection is closed): the client closed, or sent too little
 /// to tell within `deadline` (the header timeout: a slowloris).
-async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>, bool)> {
+async fn sniff_h2c(
+    shared: &Shared,
+    sock: &mut TcpStream,
+    deadline: Duration,
+) -> Option<(Vec<u8>, bool)> {
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     let read = async {
         let mut buf = [0u8; H2_PREFACE.len()];
@@ -1574,7 +1580,15 @@ async fn sniff_h2c(sock: &mut TcpStream, deadline: Duration) -> Option<(Vec<u8>,
             }
         }
     };
-    let h2c = tokio::time::timeout(deadline, read).await.ok().flatten()?;
+    let h2c = match tokio::time::timeout(deadline, read).await {
+        Ok(r) => r?,
+        Err(_) => {
+            if !first.is_empty() {
+                head_late(shared);
+            }
+            return None;
+        }
+    };
     Some((first, h2c))
 }
 
@@ -1624,7 +1638,13 @@ async fn http_via_mesh(
             }
         }
     };
-    let host = tokio::time::timeout(wait, read).await.ok().flatten()?;
+    let host = match tokio::time::timeout(wait, read).await {
+        Ok(h) => h?,
+        Err(_) => {
+            head_late(shared);
+            return None;
+        }
+    };
     let hubs = host
         .as_ref()
         .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h, peer.ip()));
@@ -1716,29 +1736,10 @@ async fn serve_http<IO>(
 {
     let limits = shared.limits.clone();
     let io = TokioIo::new(io);
-    // `head_by`: when the first request must have come (a plain HTTP
-    // connection's `header_timeout` from its accept, which the wait for its
-    // first bytes already used part of; hyper's own timer would start
-    // afresh, giving a slow client twice the time).
-    let asked = Arc::new(AtomicBool::new(false));
-    let first_late = {
-        let asked = Arc::clone(&asked);
-        async move {
-            if let Some(t) = head_by {
-                tokio::time::sleep_until(t).await;
-                if !asked.load(Relaxed) {
-                    return;
-                }
-            }
-            std::future::pending::<()>().await
-        }
-    };
-    let listener = Arc::clone(&shared);
     if h2 {
         let streams = Streams::new();
         let open = Arc::clone(&streams);
         let svc = service_fn(move |req| {
-            asked.store(true, Relaxed);
             let open = open.open();
             let r = handle(shared.clone(), info.clone(), req);
             async move {
@@ -1768,9 +1769,26 @@ async fn serve_http<IO>(
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(limits.header_timeout, conn).await;
             }
-            () = first_late => head_late(&listener),
         }
     } else {
+        // `head_by`: when the first request must have come (a plain HTTP/1
+        // connection's `header_timeout` from its accept, which the wait for
+        // its first bytes already used part of; hyper's own timer would
+        // start afresh, giving a slow client twice the time).
+        let asked = Arc::new(AtomicBool::new(false));
+        let first_late = {
+            let asked = Arc::clone(&asked);
+            async move {
+                if let Some(t) = head_by {
+                    tokio::time::sleep_until(t).await;
+                    if !asked.load(Relaxed) {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            }
+        };
+        let listener = Arc::clone(&shared);
         let svc = service_fn(move |req| {
             asked.store(true, Relaxed);
             handle(shared.clone(), info.clone(), req)
@@ -1783,6 +1801,9 @@ async fn serve_http<IO>(
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
+            // The connection first: a head completed in the same wake-up
+            // as the deadline is served.
+            biased;
             r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http/1 connection ended") },
             _ = retired(&mut stop) => {
                 conn.as_mut().graceful_shutdown();
@@ -1793,9 +1814,10 @@ async fn serve_http<IO>(
     }
 }
 
-/// A plain HTTP connection that sent no complete request within
-/// `header_timeout` of its accept: closed without an answer (it may be
-/// halfway through a head), counted on the listener.
+/// A plain HTTP connection that sent part of a request head but no complete
+/// one within `header_timeout` of its accept: closed without an answer,
+/// counted on the listener. (One that sent nothing is closed uncounted:
+/// browsers open connections they may never use.)
 fn head_late(shared: &Shared) {
     debug!("no complete request head within header_timeout of the accept: closed");
     shared.listener.error(ErrorKind::HeaderTimeout);

@@ -491,6 +491,10 @@ pub struct Inner {
     /// Set when the TUN interface is gone (deleted under the daemon): the
     /// device can do nothing more, and the daemon ends ([`Inner::lost`]).
     tun_lost: tokio::sync::watch::Sender<bool>,
+    /// Held while a peer change and the kernel routes that follow it are
+    /// made (a config reload's, the control plane's): one's view of the
+    /// routed prefixes is not overtaken by the other's.
+    pub route_lock: tokio::sync::Mutex<()>,
 }
 
 /// A running device. Dropping it stops its tasks and removes the TUN.
@@ -691,6 +695,7 @@ impl Device {
             }),
             tun_routes: RwLock::new(Vec::new()),
             tun_lost: tokio::sync::watch::channel(false).0,
+            route_lock: tokio::sync::Mutex::new(()),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {

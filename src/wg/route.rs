@@ -109,19 +109,29 @@ pub fn restorable(displaced: &[IpNet], hops: &[IpAddr]) -> Vec<IpNet> {
 }
 
 /// The routes to take away once peers gave up the prefixes `removed` (the
-/// peers left, or hold other allowed IPs now): those of them [`plan`] routes
-/// that no prefix the device's peers hold now (`held`) covers, a route still
-/// in use staying.
+/// peers left, or hold other allowed IPs now): each of them, normalised,
+/// that could have a route (not a default route, not on-link through the
+/// device's own `addresses`) and that is not routed for another reason now:
+/// `held`, what the device's peers hold and what else is routed into it (the
+/// translator's prefixes). A wider prefix still routed carries what a removed
+/// narrower one did; one that was never installed is skipped where the
+/// kernel is asked.
 pub fn stale(addresses: &[IpNet], removed: &[IpNet], held: &[IpNet]) -> Vec<IpNet> {
-    plan(addresses, &[], removed)
-        .add
-        .into_iter()
-        .filter(|n| !held.iter().any(|h| h.contains(n)))
-        .collect()
+    let on_link: Vec<IpNet> = addresses.iter().map(IpNet::trunc).collect();
+    let mut out: Vec<IpNet> = removed
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|n| n.prefix_len() != 0)
+        .filter(|n| !on_link.iter().any(|l| l.contains(n)))
+        .filter(|n| !held.iter().any(|h| h.trunc() == *n))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Of the routes `plan` gives for the prefixes held now (`held`), those
-/// inside a route just taken away (`gone`): a plan leaves out a prefix
+/// inside a route about to be taken away (`gone`): a plan leaves out a prefix
 /// another covers, so a peer's narrower prefix had no route of its own while
 /// a removed peer's wider one was routed, and needs one now.
 pub fn uncovered(
@@ -175,13 +185,28 @@ pub fn withdraw(
     iface: &str,
     whose: &str,
 ) -> (Vec<IpNet>, Vec<IpNet>) {
-    let mut gone = Vec::new();
-    for net in stale(addresses, removed, held) {
-        // A prefix skipped when it was planned (it held an endpoint then)
-        // has no route to take away.
-        if !exists(&net, iface).unwrap_or(true) {
-            continue;
+    // A prefix skipped when it was planned (it held an endpoint then) has
+    // no route to take away.
+    let going: Vec<IpNet> = stale(addresses, removed, held)
+        .into_iter()
+        .filter(|n| exists(n, iface).unwrap_or(true))
+        .collect();
+    // The narrower routes first, so their traffic never falls through to
+    // the main table between the two changes.
+    let mut added = Vec::new();
+    for net in uncovered(addresses, endpoints, held, &going) {
+        match replace(&net, iface) {
+            Ok(()) => {
+                tracing::info!(route = %net, interface = %iface, "route added: a wider route around it goes");
+                added.push(net);
+            }
+            Err(e) => {
+                tracing::warn!(route = %net, error = %e, "cannot route a prefix a removed route covered")
+            }
         }
+    }
+    let mut gone = Vec::new();
+    for net in going {
         match delete(&net, iface) {
             Ok(()) => {
                 tracing::info!(route = %net, interface = %iface, "route removed: {whose} gave it up");
@@ -189,18 +214,6 @@ pub fn withdraw(
             }
             Err(e) => {
                 tracing::warn!(route = %net, error = %e, "cannot remove the route {whose} gave up")
-            }
-        }
-    }
-    let mut added = Vec::new();
-    for net in uncovered(addresses, endpoints, held, &gone) {
-        match replace(&net, iface) {
-            Ok(()) => {
-                tracing::info!(route = %net, interface = %iface, "route added: a wider route around it was removed");
-                added.push(net);
-            }
-            Err(e) => {
-                tracing::warn!(route = %net, error = %e, "cannot route a prefix a removed route covered")
             }
         }
     }
@@ -255,31 +268,49 @@ mod tests {
     }
 
     #[test]
-    fn routes_given_up_go_unless_a_remaining_peer_holds_them() {
+    fn routes_given_up_go_unless_still_routed_for_another() {
         let addresses = nets(&["10.7.0.1/24", "fd07::1/64"]);
-        let removed = nets(&["10.7.0.2/32", "10.9.0.0/16", "172.16.0.0/12", "fd99::/64"]);
-        // 10.7.0.2 is on-link (never routed); 172.16.0.0/12 is covered by a
-        // prefix a remaining peer holds.
-        let held = nets(&["10.7.0.3/32", "172.16.0.0/12", "10.9.4.0/24"]);
+        let removed = nets(&[
+            "10.7.0.2/32",
+            "10.9.0.0/16",
+            "172.16.0.0/12",
+            "fd99::1/64",
+            "0.0.0.0/0",
+            "192.0.2.0/24",
+        ]);
+        // 10.7.0.2 is on-link (never routed), a default route never is;
+        // 172.16.0.0/12 is held by a remaining peer, 192.0.2.0/24 routed for
+        // the translator.
+        let held = nets(&[
+            "10.7.0.3/32",
+            "172.16.0.0/12",
+            "10.9.4.0/24",
+            "192.0.2.0/24",
+        ]);
         assert_eq!(
             stale(&addresses, &removed, &held),
             nets(&["10.9.0.0/16", "fd99::/64"])
         );
-        // Nothing held: every routed prefix goes.
+        // A wider held prefix does not keep a narrower route: its own
+        // route carries the traffic.
+        let wider = nets(&["10.0.0.0/8"]);
         assert_eq!(
-            stale(&addresses, &removed, &[]),
-            nets(&["10.9.0.0/16", "172.16.0.0/12", "fd99::/64"])
+            stale(&addresses, &removed, &wider),
+            nets(&["10.9.0.0/16", "172.16.0.0/12", "192.0.2.0/24", "fd99::/64"])
         );
         // The narrower 10.9.4.0/24 had no route of its own under 10.9.0.0/16:
         // it needs one now; what was never under a removed route does not.
-        let gone = stale(&addresses, &removed, &held);
+        let going = stale(&addresses, &removed, &held);
         assert_eq!(
-            uncovered(&addresses, &[], &held, &gone),
+            uncovered(&addresses, &[], &held, &going),
             nets(&["10.9.4.0/24"])
         );
-        // Unless it holds a hub endpoint.
+        // Unless it holds a hub endpoint, or a wider held prefix routes it.
         let ep: IpAddr = "10.9.4.9".parse().unwrap();
-        assert!(uncovered(&addresses, &[ep], &held, &gone).is_empty());
+        assert!(uncovered(&addresses, &[ep], &held, &going).is_empty());
+        let mut both = held.clone();
+        both.extend(wider);
+        assert!(uncovered(&addresses, &[], &both, &going).is_empty());
     }
 
     #[test]

@@ -444,6 +444,9 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 fn spawn_daemon(binary: &Path, conf: &Path) -> std::io::Result<Child> {
     let mut cmd = Command::new(binary);
+    for v in crate::sd_notify::ENV {
+        cmd.env_remove(v);
+    }
     cmd.arg("-useconffile")
         .arg(conf)
         .stdin(Stdio::null())
