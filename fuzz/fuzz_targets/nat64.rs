@@ -1,8 +1,9 @@
 //! Fuzz target for the NAT64 session table: a sequence of packets, each fed
 //! outbound (IPv6 node → IPv4) or inbound (translated from IPv4), at advancing
-//! times, into a small table so that full-table, port exhaustion and expiry
-//! paths are reached. The table must never panic nor exceed its bounds
-//! (sessions, tracked datagrams, held fragment bytes).
+//! times, into a small table so that full-table, host-limit, port exhaustion
+//! and expiry paths are reached. The table must never panic nor exceed its
+//! bounds (sessions, sessions per IPv6 host, tracked datagrams, held fragment
+//! bytes).
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -22,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         port_min: 1000,
         port_max: 1015,
         max_sessions: 8,
+        max_sessions_per_host: 3,
     });
     let mut now = 0u64;
     let mut buf = [0u8; 2048];
@@ -54,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(t.sessions() <= 8);
         assert!(t.bindings() <= t.sessions());
+        // Every host with a session holds at most 3.
+        assert!(t.hosts() <= t.sessions() && t.sessions() <= t.hosts() * 3);
         assert!(t.fragment_flows() <= gatewire::xlat::nat64::MAX_FRAG_FLOWS);
         let (held, bytes) = t.held_fragments();
         assert!(bytes <= gatewire::xlat::nat64::MAX_HELD_BYTES);

@@ -169,6 +169,9 @@ pub enum DropReason {
     Nat64TableFull,
     /// NAT64: no free port (or ICMP identifier) left on the pool4 address.
     Nat64PortsExhausted,
+    /// NAT64: the IPv6 host the new session would belong to has its most
+    /// sessions (`max_sessions_per_host`).
+    Nat64HostLimit,
     /// Hub: to an address in an EAM IPv6 range that no peer owns. It has
     /// nowhere to go (translated, it would come back to the TUN).
     EamNoPeer,
@@ -197,12 +200,13 @@ impl DropReason {
             DropReason::Nat64NoSession => "nat64_no_session",
             DropReason::Nat64TableFull => "nat64_table_full",
             DropReason::Nat64PortsExhausted => "nat64_ports_exhausted",
+            DropReason::Nat64HostLimit => "nat64_host_limit",
             DropReason::EamNoPeer => "eam_no_peer",
         }
     }
 
     /// Every reason, in a fixed order (see [`DropReason::index`]).
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Truncated,
         DropReason::BadHeader,
         DropReason::BadChecksum,
@@ -222,6 +226,7 @@ impl DropReason {
         DropReason::Nat64NoSession,
         DropReason::Nat64TableFull,
         DropReason::Nat64PortsExhausted,
+        DropReason::Nat64HostLimit,
         DropReason::EamNoPeer,
     ];
 

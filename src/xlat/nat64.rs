@@ -23,7 +23,14 @@
 //! 4 min, ICMP query 60 s. The table never reads a clock: every call takes
 //! `now` in seconds from an arbitrary origin. Its size is bounded
 //! ([`Settings::max_sessions`]); when full, new sessions are refused with
-//! [`DropReason::Nat64TableFull`] after expired ones are swept.
+//! [`DropReason::Nat64TableFull`] after expired ones are swept. So that one
+//! node cannot take the whole table (and, each binding holding at least one
+//! session, every pool4 port), the sessions whose binding belongs to one IPv6
+//! address are bounded too, all protocols together
+//! ([`Settings::max_sessions_per_host`]): a new session for a host at its
+//! bound, whether the host's own packet or an IPv4 host's datagram on its UDP
+//! mapping would open it, is refused with [`DropReason::Nat64HostLimit`]
+//! after expired sessions are swept; its existing sessions go on.
 //! Fragments other than the first carry no port: the mapping a first
 //! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
 //! protocol and fragment identification, and the later fragments of that
@@ -95,6 +102,10 @@ pub struct Settings {
     pub port_max: u16,
     /// Most sessions (all protocols together).
     pub max_sessions: usize,
+    /// Most sessions whose binding belongs to one IPv6 address (all
+    /// protocols together, those IPv4 hosts opened on its UDP mappings
+    /// included).
+    pub max_sessions_per_host: usize,
 }
 
 impl Default for Settings {
@@ -104,6 +115,7 @@ impl Default for Settings {
             port_min: 1024,
             port_max: 65535,
             max_sessions: 65536,
+            max_sessions_per_host: 65536 / 4,
         }
     }
 }
@@ -240,6 +252,8 @@ pub struct Table {
     bib6: HashMap<V6Key, u16>,
     bib4: HashMap<V4Key, Bib>,
     sessions: HashMap<SessKey, Session>,
+    /// Sessions per IPv6 address of their binding (no entry for 0).
+    hosts: HashMap<[u8; 16], u32>,
     frags: HashMap<FragKey, FragFlow>,
     held: HashMap<FragKey, Held>,
     held_bytes: usize,
@@ -398,6 +412,7 @@ impl Table {
             bib6: HashMap::new(),
             bib4: HashMap::new(),
             sessions: HashMap::new(),
+            hosts: HashMap::new(),
             frags: HashMap::new(),
             held: HashMap::new(),
             held_bytes: 0,
@@ -422,6 +437,17 @@ impl Table {
     /// Number of BIB entries.
     pub fn bindings(&self) -> usize {
         self.bib4.len()
+    }
+
+    /// Sessions whose binding belongs to the IPv6 address `addr` (expired
+    /// ones count until swept).
+    pub fn host_sessions(&self, addr: [u8; 16]) -> usize {
+        self.hosts.get(&addr).map_or(0, |&n| n as usize)
+    }
+
+    /// IPv6 addresses with at least one session.
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
     }
 
     /// Fragmented datagrams whose first fragment's mapping is kept.
@@ -569,7 +595,7 @@ impl Table {
     /// Removes every session that expired at or before `now`, and the BIB
     /// entries left without a session.
     pub fn expire(&mut self, now: u64) {
-        let bib4 = &mut self.bib4;
+        let (bib4, hosts) = (&mut self.bib4, &mut self.hosts);
         self.sessions.retain(|k, s| {
             if s.expires > now {
                 return true;
@@ -579,6 +605,12 @@ impl Table {
                 port: k.port4,
             }) {
                 b.sessions = b.sessions.saturating_sub(1);
+                if let Some(n) = hosts.get_mut(&b.v6.addr) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        hosts.remove(&b.v6.addr);
+                    }
+                }
             }
             false
         });
@@ -689,8 +721,10 @@ impl Table {
         if !creates {
             return Err(DropReason::Nat64NoSession);
         }
-        // Room for the session first, so no binding is left without one.
+        // Room for the session first, in the table and within the host's
+        // bound, so no binding is left without one.
         self.room(now)?;
+        self.host_room(v6.addr, now)?;
         let port4 = match self.bib6.get(&v6) {
             Some(&p) => p,
             None => {
@@ -712,20 +746,35 @@ impl Table {
             remote,
             rport,
         };
-        self.sessions.insert(
+        self.insert_session(k, now)?;
+        Ok((port4, k))
+    }
+
+    /// Adds a new session on the binding its key names, counting it on the
+    /// binding and on the binding's IPv6 address. Every session is added
+    /// here, and [`Self::expire`] is the only place one leaves, so the counts
+    /// always match the sessions.
+    fn insert_session(&mut self, k: SessKey, now: u64) -> Result<(), DropReason> {
+        let b = self
+            .bib4
+            .get_mut(&V4Key {
+                proto: k.proto,
+                port: k.port4,
+            })
+            .ok_or(DropReason::Nat64NoSession)?;
+        let old = self.sessions.insert(
             k,
             Session {
                 expires: now,
                 tcp: TcpState::V6Init,
             },
         );
-        if let Some(b) = self.bib4.get_mut(&V4Key {
-            proto: v6.proto,
-            port: port4,
-        }) {
-            b.sessions += 1;
+        if old.is_none() {
+            b.sessions = b.sessions.saturating_add(1);
+            let n = self.hosts.entry(b.v6.addr).or_insert(0);
+            *n = n.saturating_add(1);
         }
-        Ok((port4, k))
+        Ok(())
     }
 
     /// Whether a datagram from the IPv4 side may not open a session on the
@@ -738,6 +787,24 @@ impl Table {
                 .bib4
                 .get(v4k)
                 .is_some_and(|b| b.sessions >= MAX_INBOUND_PER_MAPPING)
+    }
+
+    /// Whether the IPv6 address `addr` has [`Settings::max_sessions_per_host`]
+    /// sessions.
+    fn host_full(&self, addr: &[u8; 16]) -> bool {
+        self.host_sessions(*addr) >= self.settings.max_sessions_per_host
+    }
+
+    /// Refuses a new session for the IPv6 address `addr` at its bound (after
+    /// a sweep, at most one a second as for [`Self::room`]).
+    fn host_room(&mut self, addr: [u8; 16], now: u64) -> Result<(), DropReason> {
+        if self.host_full(&addr) {
+            self.maybe_sweep(now);
+            if self.host_full(&addr) {
+                return Err(DropReason::Nat64HostLimit);
+            }
+        }
+        Ok(())
     }
 
     fn room(&mut self, now: u64) -> Result<(), DropReason> {
@@ -914,21 +981,14 @@ impl Table {
                 }
             }
             self.room(now)?;
+            // The session counts against the node the mapping belongs to.
+            self.host_room(bib.v6.addr, now)?;
             // A sweep just now may have ended the mapping (its last session
             // expired): then there is nothing to open a session on.
             if !self.bib4.contains_key(&v4k) {
                 return Err(DropReason::Nat64NoSession);
             }
-            self.sessions.insert(
-                k,
-                Session {
-                    expires: now,
-                    tcp: TcpState::V6Init,
-                },
-            );
-            if let Some(b) = self.bib4.get_mut(&v4k) {
-                b.sessions += 1;
-            }
+            self.insert_session(k, now)?;
         }
         self.touch(&k, false, flags, now);
         rewrite(

@@ -48,6 +48,7 @@ pub struct RawNat64 {
     pool4: String,
     ports: Option<String>,
     max_sessions: Option<usize>,
+    max_sessions_per_host: Option<usize>,
 }
 
 /// Validated translation settings.
@@ -221,12 +222,23 @@ pub fn validate(
                     "[xlat.nat64] max_sessions {max_sessions}: must be 1 to 4000000"
                 ));
             }
+            // A quarter by default: one node cannot take the table (and the
+            // pool4 ports) from the others.
+            let max_sessions_per_host =
+                n.max_sessions_per_host.unwrap_or((max_sessions / 4).max(1));
+            if max_sessions_per_host == 0 || max_sessions_per_host > max_sessions {
+                return Err(format!(
+                    "[xlat.nat64] max_sessions_per_host {max_sessions_per_host}: must be 1 to \
+                     max_sessions ({max_sessions})"
+                ));
+            }
             routes.push(IpNet::V4(Ipv4Net::from(pool4)));
             Some(nat64::Settings {
                 pool4,
                 port_min,
                 port_max,
                 max_sessions,
+                max_sessions_per_host,
             })
         }
     };
@@ -332,7 +344,37 @@ max_sessions = 10
         );
         let n = x.nat64.unwrap();
         assert_eq!((n.port_min, n.port_max, n.max_sessions), (2000, 3000, 10));
+        assert_eq!(n.max_sessions_per_host, 2, "a quarter of max_sessions");
         assert_eq!(x.routes.len(), 4);
+    }
+
+    #[test]
+    fn nat64_max_sessions_per_host() {
+        let nat = |extra: &str| {
+            parse(&format!("[nat64]\npool4 = \"198.51.100.200\"\n{extra}"))
+                .map(|x| x.nat64.unwrap().max_sessions_per_host)
+        };
+        // Default: a quarter of max_sessions, at least 1.
+        assert_eq!(nat(""), Ok(16384));
+        assert_eq!(nat("max_sessions = 1000"), Ok(250));
+        assert_eq!(nat("max_sessions = 3"), Ok(1));
+        assert_eq!(nat("max_sessions = 1"), Ok(1));
+        // Explicit, up to max_sessions.
+        assert_eq!(nat("max_sessions_per_host = 100"), Ok(100));
+        assert_eq!(nat("max_sessions = 10\nmax_sessions_per_host = 10"), Ok(10));
+        assert_eq!(nat("max_sessions_per_host = 1"), Ok(1));
+        // Out of range: the error names the key and the bound.
+        for (text, bound) in [
+            ("max_sessions_per_host = 0", "65536"),
+            ("max_sessions = 10\nmax_sessions_per_host = 11", "10"),
+            ("max_sessions_per_host = 70000", "65536"),
+        ] {
+            let e = nat(text).unwrap_err();
+            assert!(
+                e.contains("max_sessions_per_host") && e.contains(&format!("({bound})")),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,44 @@ fn table(max: usize) -> Table {
         port_min: 2000,
         port_max: 2003,
         max_sessions: max,
+        max_sessions_per_host: max,
     })
+}
+
+/// A table of `max` sessions, at most `per_host` for one IPv6 address, and
+/// enough ports.
+fn table_per_host(max: usize, per_host: usize) -> Table {
+    Table::new(Settings {
+        pool4: POOL4,
+        port_min: 2000,
+        port_max: 2099,
+        max_sessions: max,
+        max_sessions_per_host: per_host,
+    })
+}
+
+/// Another node than [`NODE`].
+fn node(n: u8) -> [u8; 16] {
+    let mut a = NODE;
+    a[15] = n;
+    a
+}
+
+/// The sessions per IPv6 address, counted afresh from the sessions and their
+/// bindings (every session has one).
+fn recount_hosts(t: &Table) -> HashMap<[u8; 16], u32> {
+    let mut m = HashMap::new();
+    for k in t.sessions.keys() {
+        let b = t
+            .bib4
+            .get(&V4Key {
+                proto: k.proto,
+                port: k.port4,
+            })
+            .expect("a session without its binding");
+        *m.entry(b.v6.addr).or_insert(0) += 1;
+    }
+    m
 }
 
 /// An IPv6 packet with a correct transport checksum.
@@ -394,6 +431,124 @@ fn bounded_and_ports_exhausted() {
     );
 }
 
+/// One node at its bound gets no new session (whatever the protocol, and no
+/// binding is made for it), while another node still does and the first
+/// node's sessions go on; as its sessions expire it opens new ones again.
+#[test]
+fn a_host_at_its_bound_leaves_room_for_the_others() {
+    let mut t = table_per_host(16, 3);
+    let dst = pool6().embed(REMOTE);
+    let mut a = v6_packet(NODE, dst, 17, &udp(5353, 53, b"a"));
+    let v4a = out_v4(&mut t, &mut a, 0).unwrap();
+    let mut b = v6_packet(NODE, dst, 17, &udp(5353, 54, b"b"));
+    out_v4(&mut t, &mut b, 0).unwrap();
+    let mut c = v6_packet(NODE, dst, 6, &tcp(40000, 80, SYN, b""));
+    out_v4(&mut t, &mut c, 0).unwrap();
+    assert_eq!(t.host_sessions(NODE), 3);
+    assert_eq!((t.sessions(), t.bindings(), t.hosts()), (3, 2, 1));
+
+    let mut d = v6_packet(NODE, dst, 17, &udp(6000, 53, b"d"));
+    assert_eq!(
+        t.outbound(&mut d.clone(), &pool6(), 0),
+        Err(DropReason::Nat64HostLimit)
+    );
+    let mut echo = v6_packet(NODE, dst, 58, &[128, 0, 0, 0, 0x12, 0x34, 0, 1]);
+    assert_eq!(
+        t.outbound(&mut echo, &pool6(), 0),
+        Err(DropReason::Nat64HostLimit)
+    );
+    // On an existing binding too (another remote port).
+    let mut b2 = v6_packet(NODE, dst, 17, &udp(5353, 55, b"b"));
+    assert_eq!(
+        t.outbound(&mut b2, &pool6(), 0),
+        Err(DropReason::Nat64HostLimit)
+    );
+    assert_eq!((t.sessions(), t.bindings()), (3, 2), "no binding left over");
+
+    // Another node is not held back.
+    let other = node(2);
+    let mut o = v6_packet(other, dst, 17, &udp(5353, 53, b"o"));
+    assert!(out_v4(&mut t, &mut o, 0).is_ok());
+    assert_eq!(t.host_sessions(other), 1);
+    assert_eq!(t.host_sessions(NODE), 3);
+    assert_eq!(t.hosts(), 2);
+
+    // The first node's sessions still translate, both ways.
+    let mut a = v6_packet(NODE, dst, 17, &udp(5353, 53, b"again"));
+    let again = out_v4(&mut t, &mut a, 1).unwrap();
+    assert_eq!(&again[20..22], &v4a[20..22], "the same port");
+    let back = in_v6(&mut t, &v4_reply(&v4a, None), 1).unwrap();
+    assert_eq!(&back[24..40], &NODE);
+    assert_eq!(u16::from_be_bytes([back[42], back[43]]), 5353);
+
+    // The TCP session (transitory: never answered) expires first, and its
+    // room is the node's again.
+    assert!(out_v4(&mut t, &mut d, TCP_TRANS_TIMEOUT).is_ok());
+    assert_eq!(t.host_sessions(NODE), 3);
+    assert_eq!(
+        t.outbound(&mut b2.clone(), &pool6(), TCP_TRANS_TIMEOUT),
+        Err(DropReason::Nat64HostLimit)
+    );
+    // Once all of them have expired, the node has its whole bound again.
+    t.expire(TCP_TRANS_TIMEOUT + UDP_TIMEOUT);
+    assert_eq!((t.sessions(), t.hosts()), (0, 0));
+    assert_eq!(t.host_sessions(NODE), 0);
+    let now = TCP_TRANS_TIMEOUT + UDP_TIMEOUT + 1;
+    for port in [7000u16, 7001, 7002] {
+        let mut p = v6_packet(NODE, dst, 17, &udp(port, 53, b"x"));
+        assert!(out_v4(&mut t, &mut p, now).is_ok(), "{port}");
+    }
+    let mut p = v6_packet(NODE, dst, 17, &udp(7003, 53, b"x"));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), now),
+        Err(DropReason::Nat64HostLimit)
+    );
+    assert_eq!(t.host_sessions(NODE), 3);
+}
+
+/// Sessions IPv4 hosts open on a node's UDP mapping count against that
+/// node: a stranger's datagram that would take it over its bound is
+/// refused, while the sessions it has still pass.
+#[test]
+fn strangers_cannot_take_a_host_over_its_bound() {
+    let mut t = table_per_host(64, 2);
+    let dst = pool6().embed(REMOTE);
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    let stranger = |last: u8| {
+        let mut s = v4_reply(&v4, None);
+        s[12..16].copy_from_slice(&[192, 0, 2, last]);
+        v4_reply(&v4_reply(&s, None), None)
+    };
+    let back = in_v6(&mut t, &stranger(100), 1).unwrap();
+    assert_eq!(&back[24..40], &NODE);
+    assert_eq!(t.host_sessions(NODE), 2);
+    assert_eq!(
+        in_v6(&mut t, &stranger(101), 1),
+        Err(DropReason::Nat64HostLimit)
+    );
+    assert_eq!(t.sessions(), 2);
+    // The node itself is at its bound as well.
+    let mut q = v6_packet(NODE, dst, 17, &udp(5354, 53, b"x"));
+    assert_eq!(
+        t.outbound(&mut q, &pool6(), 1),
+        Err(DropReason::Nat64HostLimit)
+    );
+    // The sessions it has still pass.
+    assert!(in_v6(&mut t, &stranger(100), 2).is_ok());
+    assert!(in_v6(&mut t, &v4_reply(&v4, None), 2).is_ok());
+    assert_eq!(t.host_sessions(NODE), 2);
+    // Another node's mapping still takes a stranger's datagram.
+    let mut o = v6_packet(node(2), dst, 17, &udp(5353, 53, b"x"));
+    let v4o = out_v4(&mut t, &mut o, 2).unwrap();
+    let mut s = v4_reply(&v4o, None);
+    s[12..16].copy_from_slice(&[192, 0, 2, 101]);
+    let s = v4_reply(&v4_reply(&s, None), None);
+    let back = in_v6(&mut t, &s, 2).unwrap();
+    assert_eq!(&back[24..40], &node(2));
+    assert_eq!(t.host_sessions(node(2)), 2);
+}
+
 #[test]
 fn tcp_fin_and_rst_are_transitory() {
     let mut t = table(16);
@@ -445,32 +600,94 @@ proptest! {
         let _ = t.inbound(&mut b, &pool6(), now);
     }
 
+    /// Packets from three nodes, and strangers' datagrams to the pool4
+    /// ports, at advancing times (mostly close together, so that the bounds
+    /// are reached, sometimes far apart, so that sessions expire): the table
+    /// and every host stay within their bounds, refuse only at them, the
+    /// per-host counts always match the sessions, and the rewritten checksums
+    /// hold.
     #[test]
     fn bounded_and_checksums_stay_valid(
-        ops in proptest::collection::vec((0u8..3, any::<u16>(), any::<u16>(), 0u64..2000, proptest::collection::vec(any::<u8>(), 0..40)), 1..60)
+        ops in proptest::collection::vec(
+            (
+                0u8..4,
+                1u8..4,
+                any::<u16>(),
+                any::<u16>(),
+                prop_oneof![20 => 0u64..5, 1 => 0u64..2000],
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ),
+            1..100,
+        )
     ) {
-        let mut t = Table::new(Settings { pool4: POOL4, port_min: 1024, port_max: 1100, max_sessions: 20 });
+        let mut t = Table::new(Settings {
+            pool4: POOL4,
+            port_min: 1024,
+            port_max: 1100,
+            max_sessions: 12,
+            max_sessions_per_host: 5,
+        });
+        let nodes = [node(1), node(2), node(3)];
         let mut now = 0;
-        for (kind, sport, dport, dt, payload) in ops {
+        for (kind, host, sport, dport, dt, payload) in ops {
             now += dt;
+            let src = node(host);
             let dst = pool6().embed(REMOTE);
-            let mut p = match kind {
-                0 => v6_packet(NODE, dst, 17, &udp(sport, dport, &payload)),
-                1 => v6_packet(NODE, dst, 6, &tcp(sport, dport, SYN, &payload)),
-                _ => {
-                    let mut e = vec![128u8, 0, 0, 0];
-                    e.extend_from_slice(&sport.to_be_bytes());
-                    e.extend_from_slice(&[0, 1]);
-                    e.extend_from_slice(&payload);
-                    v6_packet(NODE, dst, 58, &e)
+            if kind == 3 {
+                // A stranger's datagram to a pool4 port (a UDP mapping's,
+                // often: they are allocated from the lowest up).
+                let from = pool6().embed([192, 0, 2, (sport % 200) as u8 + 1]);
+                let to = pool6().embed(POOL4.octets());
+                let port4 = 1024 + dport % 8;
+                let mut p = v6_packet(from, to, 17, &udp(sport, port4, &payload));
+                match t.inbound(&mut p, &pool6(), now) {
+                    Ok(_) => {
+                        prop_assert!(v6_csum_ok(&p));
+                        prop_assert!(nodes.iter().any(|n| p[24..40] == n[..]));
+                    }
+                    Err(DropReason::Nat64HostLimit) => {
+                        prop_assert!(nodes.iter().any(|&n| t.host_sessions(n) == 5));
+                    }
+                    // Strangers open sessions only under three quarters full.
+                    Err(DropReason::Nat64TableFull) => {
+                        prop_assert!(t.sessions() >= 9);
+                    }
+                    Err(_) => {}
                 }
-            };
-            if t.outbound(&mut p, &pool6(), now).is_ok() {
-                prop_assert!(v6_csum_ok(&p));
-                prop_assert_eq!(&p[8..24], &pool6().embed(POOL4.octets()));
+            } else {
+                let mut p = match kind {
+                    0 => v6_packet(src, dst, 17, &udp(sport, dport, &payload)),
+                    1 => v6_packet(src, dst, 6, &tcp(sport, dport, SYN, &payload)),
+                    _ => {
+                        let mut e = vec![128u8, 0, 0, 0];
+                        e.extend_from_slice(&sport.to_be_bytes());
+                        e.extend_from_slice(&[0, 1]);
+                        e.extend_from_slice(&payload);
+                        v6_packet(src, dst, 58, &e)
+                    }
+                };
+                match t.outbound(&mut p, &pool6(), now) {
+                    Ok(_) => {
+                        prop_assert!(v6_csum_ok(&p));
+                        prop_assert_eq!(&p[8..24], &pool6().embed(POOL4.octets()));
+                    }
+                    Err(DropReason::Nat64HostLimit) => {
+                        prop_assert_eq!(t.host_sessions(src), 5);
+                    }
+                    Err(DropReason::Nat64TableFull) => {
+                        prop_assert_eq!(t.sessions(), 12);
+                    }
+                    Err(_) => {}
+                }
             }
-            prop_assert!(t.sessions() <= 20);
+            prop_assert!(t.sessions() <= 12);
             prop_assert!(t.bindings() <= t.sessions());
+            // The per-host counts are the sessions, counted afresh.
+            prop_assert_eq!(&recount_hosts(&t), &t.hosts);
+            let per_host: Vec<usize> = nodes.iter().map(|&n| t.host_sessions(n)).collect();
+            prop_assert_eq!(per_host.iter().sum::<usize>(), t.sessions());
+            prop_assert!(per_host.iter().all(|&n| n <= 5), "{:?}", per_host);
+            prop_assert!(t.hosts.values().all(|&n| n > 0));
         }
     }
 }
