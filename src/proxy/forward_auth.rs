@@ -26,6 +26,10 @@ use std::time::Duration;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Idle connections to the service kept per route.
 const IDLE: usize = 16;
+/// Checks in flight to the service per route: past it a request waits for
+/// one to end (within `response_timeout`), so a flood of requests opens at
+/// most this many connections to the service instead of one each.
+pub const MAX_CHECKS: usize = 256;
 /// A kept connection idle longer than this is closed rather than used: a
 /// service (or a server in front of it) closes its idle keep-alive
 /// connections on timers of its own, as short as 5 s (Node.js).
@@ -150,6 +154,8 @@ pub struct ForwardAuth {
     url: AuthUrl,
     copy: Vec<HeaderName>,
     idle: parking_lot::Mutex<Vec<(Sender, std::time::Instant)>>,
+    checks: tokio::sync::Semaphore,
+    max_checks: usize,
 }
 
 impl std::fmt::Debug for ForwardAuth {
@@ -164,10 +170,17 @@ impl std::fmt::Debug for ForwardAuth {
 impl ForwardAuth {
     /// Asks `url`, copying the `copy` headers of a 2xx answer.
     pub fn new(url: AuthUrl, copy: Vec<HeaderName>) -> ForwardAuth {
+        Self::with_max_checks(url, copy, MAX_CHECKS)
+    }
+
+    /// Like [`Self::new`], with at most `max` checks in flight.
+    pub fn with_max_checks(url: AuthUrl, copy: Vec<HeaderName>, max: usize) -> ForwardAuth {
         ForwardAuth {
             url,
             copy,
             idle: parking_lot::Mutex::new(Vec::new()),
+            checks: tokio::sync::Semaphore::new(max),
+            max_checks: max,
         }
     }
 
@@ -224,6 +237,12 @@ impl ForwardAuth {
         };
         *req.headers_mut() = headers;
         let deadline = tokio::time::Instant::now() + response_timeout;
+        let Ok(Ok(_check)) = tokio::time::timeout_at(deadline, self.checks.acquire()).await else {
+            return Verdict::Failed(format!(
+                "{} checks already waiting for the service",
+                self.max_checks
+            ));
+        };
         // A kept connection the service closed just before the request went
         // out gives the request back: once more on a fresh one.
         let mut fresh = false;
@@ -334,6 +353,46 @@ mod tests {
             let e = AuthUrl::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn checks_in_flight_are_bounded() {
+        // A service that takes connections and never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = AuthUrl::parse(&format!("http://{}/auth", l.local_addr().unwrap())).unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        let fa = std::sync::Arc::new(ForwardAuth::with_max_checks(url, Vec::new(), 2));
+        let ask = |fa: std::sync::Arc<ForwardAuth>| async move {
+            fa.check(
+                HeaderMap::new(),
+                Duration::from_secs(2),
+                Duration::from_millis(600),
+            )
+            .await
+        };
+        let (a, b, c) = tokio::join!(ask(fa.clone()), ask(fa.clone()), ask(fa.clone()));
+        let failed = |v: &Verdict| match v {
+            Verdict::Failed(e) => e.clone(),
+            _ => panic!("an answer from a silent service"),
+        };
+        let mut why: Vec<String> = [a, b, c].iter().map(failed).collect();
+        why.sort();
+        // Two asked and timed out; the third never got to ask.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(why[0].contains("2 checks already waiting"), "{why:?}");
+        assert_eq!(&why[1..], ["no answer in time", "no answer in time"]);
+        // The places come back: the next check asks again.
+        let d = ask(fa.clone()).await;
+        assert_eq!(failed(&d), "no answer in time");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]
