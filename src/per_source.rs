@@ -3,54 +3,63 @@
 //! control API, the node services API, carried tunnels and DNS over TCP.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
-/// Open connections per key, within a per-key cap.
-#[derive(Default)]
-pub struct PerSource {
-    open: parking_lot::Mutex<HashMap<IpAddr, usize>>,
+/// Open connections per key (a client address, or a node), within a
+/// per-key cap.
+pub struct PerSource<K = IpAddr> {
+    open: parking_lot::Mutex<HashMap<K, usize>>,
+}
+
+impl<K> Default for PerSource<K> {
+    fn default() -> Self {
+        PerSource {
+            open: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// One connection's place in [`PerSource`], given back when dropped.
-pub struct SourceSlot {
-    of: Arc<PerSource>,
-    ip: IpAddr,
+pub struct SourceSlot<K: Eq + Hash = IpAddr> {
+    of: Arc<PerSource<K>>,
+    key: K,
 }
 
-impl PerSource {
+impl<K: Eq + Hash + Clone> PerSource<K> {
     /// A place for one more connection under `key`, or `None` when `cap`
     /// are open under it.
-    pub fn take(self: &Arc<Self>, key: IpAddr, cap: usize) -> Option<SourceSlot> {
+    pub fn take(self: &Arc<Self>, key: K, cap: usize) -> Option<SourceSlot<K>> {
         // No entry for a cap of 0: none would ever be given back to remove it.
         if cap == 0 {
             return None;
         }
         let mut open = self.open.lock();
-        let n = open.entry(key).or_insert(0);
+        let n = open.entry(key.clone()).or_insert(0);
         if *n >= cap {
             return None;
         }
         *n += 1;
         Some(SourceSlot {
             of: self.clone(),
-            ip: key,
+            key,
         })
     }
 
     /// Connections open under `key`.
-    pub fn open(&self, key: IpAddr) -> usize {
-        self.open.lock().get(&key).copied().unwrap_or(0)
+    pub fn open(&self, key: &K) -> usize {
+        self.open.lock().get(key).copied().unwrap_or(0)
     }
 }
 
-impl Drop for SourceSlot {
+impl<K: Eq + Hash> Drop for SourceSlot<K> {
     fn drop(&mut self) {
         let mut open = self.of.open.lock();
-        if let Some(n) = open.get_mut(&self.ip) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }
@@ -90,7 +99,7 @@ mod tests {
         assert!(p.take(a, 3).is_none());
         drop((again, other, held));
         // Keys with nothing open are forgotten.
-        assert_eq!(p.open(b), 0);
+        assert_eq!(p.open(&b), 0);
         assert!(p.open.lock().is_empty());
     }
 

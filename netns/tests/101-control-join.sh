@@ -145,6 +145,8 @@ set -e
 check "a second use of the token fails (exit $rc)" eval '[ $rc -ne 0 ]'
 check "the refusal says the token was already used (410) and when (UTC)" \
     eval 'grep -q "already used" "$GW_TMP/reuse.out" && grep -q 410 "$GW_TMP/reuse.out" && grep -Eq "at [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z" "$GW_TMP/reuse.out"'
+check "the refusal does not name the node that used the token" \
+    eval 'grep -q "by another node" "$GW_TMP/reuse.out" && ! grep -qF "$K1" "$GW_TMP/reuse.out"'
 check "no config was written on the refused join" not test -e "$GW_TMP/reuse/node.toml"
 check "the refused join changed nothing on the hub" eval '[ "$(ctl --json status | jq -r .state_version)" = "$v_before" ]'
 check "still one peer" eval '[ "$(ctl --json peers | jq length)" = 1 ]'
@@ -179,13 +181,14 @@ lab_bg n2 n2 env NO_COLOR=1 RUST_LOG=info "$GATEWIRE" node --config "$d2/node.to
 must "n2 brought up gwj0" wait_for 10 iface_up n2 gwj0
 K2=$(ctl --json peers | jq -r '.[] | select(.name == "n2") | .public_key')
 N2OV=$(ctl --json peers | jq -r '.[] | select(.name == "n2") | .allowed_ips[0]' | cut -d/ -f1)
-must "n2 logs the hub's refusal of blog, naming the owner" \
-    wait_for 20 grep -q "hub refused service.*service=name:blog.*owned by $K1" "$(lab_logfile n2)"
+must "n2 logs the hub's refusal of blog, naming no other node" \
+    wait_for 20 grep -q "hub refused service.*service=name:blog.*owned by another node" "$(lab_logfile n2)"
+check "n2's log has no other node's key" not grep -qF "$K1" "$(lab_logfile n2)"
 check "n2's own name is active" grep -q 'service active.*service=name:other' "$(lab_logfile n2)"
 svc=$(lab_exec n2 curl -sS --max-time 5 "http://$HUBOV:$NODE_PORT/v1/services")
 check "the node services API reports blog refused with the reason" \
     eval 'jq -e ".services[] | select(.host == \"name:blog\") | .status == \"refused\" and (.error | contains(\"owned by\"))" <<<"$svc" >/dev/null'
-check "ctl peer show n2 reports the refusal" eval 'ctl peer show "$K2" | grep -q "owned by"'
+check "ctl peer show n2 reports the refusal, naming the owner" eval 'ctl peer show "$K2" | grep -qF "owned by $K1"'
 check "the blog route still has one backend" eval '[ "$(backends | jq -r "length")" = 1 ] && backends | grep -q "$N1OV"'
 check "blog answers from n1 only (20 requests)" eval '[ "$(blog_seen 20)" = n1 ]'
 other() { pcurl --resolve "other.$DOMAIN:80:$HUB4" "http://other.$DOMAIN/"; }

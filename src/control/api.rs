@@ -7,6 +7,7 @@
 
 use crate::control::runtime::Control;
 use crate::control::state::{self, api_key, NameRecord, ServiceStatus};
+use crate::per_source::{source_key, PerSource, SourceSlot};
 use crate::proxy::settings::RawRoute;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,7 +34,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once per listener.
 const MAX_CONNS: usize = 256;
-/// Connections open at once from one address on a TCP listener.
+/// Connections open at once from one source (an IPv4 address, an IPv6 /64)
+/// on a TCP listener.
 const MAX_CONNS_PER_SOURCE: usize = 16;
 /// Longest life of an API connection, and the time it then has to finish
 /// the request in flight (see [`serve_bounded`]).
@@ -571,9 +573,13 @@ async fn route(
             if !c.state().token_matches(&tok.id, h) {
                 return Err(state::Error::unauthorized("the join token is not valid"));
             }
+            // The joining node is not told other nodes' keys (who spent the
+            // token, who holds a name); `GET /v1/tokens` and `/v1/names` show
+            // them to the operator.
             let (rec, names, repeat) = c
                 .mutate(|s, ctx| s.join(ctx, &tok.id, h, &key, j.name))
-                .await?;
+                .await
+                .map_err(|e| e.for_node(&key))?;
             if !repeat {
                 c.counters.joins.fetch_add(1, Relaxed);
             }
@@ -651,6 +657,33 @@ fn respond(a: Answer) -> Response<Full<Bytes>> {
     r
 }
 
+/// The answer to a request without the admin token. It closes the
+/// connection (hyper closes after writing an answer that says
+/// `Connection: close`), so a client without the token cannot keep a slot
+/// open with a refused request every few seconds.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = respond(Answer::json(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "this API needs `Authorization: Bearer <admin token>`"}),
+    ));
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// A slot for one more TCP connection from `peer`, or `None` when its
+/// source (an IPv4 address, an IPv6 /64) has [`MAX_CONNS_PER_SOURCE`] open.
+fn admit(per_source: &Arc<PerSource>, peer: SocketAddr) -> Option<SourceSlot> {
+    per_source.take(source_key(peer.ip()), MAX_CONNS_PER_SOURCE)
+}
+
 async fn serve_req(
     c: Arc<Control>,
     t: Transport,
@@ -669,15 +702,7 @@ async fn serve_req(
             .is_some_and(|(given, tok)| tok.matches(given.trim()));
         if !ok {
             c.counters.api_errors.fetch_add(1, Relaxed);
-            let mut r = respond(Answer::json(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "this API needs `Authorization: Bearer <admin token>`"}),
-            ));
-            r.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static("Bearer"),
-            );
-            return Ok(r);
+            return Ok(unauthorized());
         }
     }
     // The head had its timeout (hyper's header_read_timeout); the body gets
@@ -840,19 +865,17 @@ impl ApiServer {
                 let c = c.clone();
                 let acceptor = acceptor.clone();
                 let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
-                let per_source = Arc::new(crate::per_source::PerSource::default());
+                let per_source = Arc::new(PerSource::default());
                 tasks.push(tokio::spawn(async move {
                     loop {
                         let Ok((s, peer)) = l.accept().await else {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         };
-                        // One address cannot hold every slot (the listener
+                        // One source cannot hold every slot (the listener
                         // takes joins, which need no token).
-                        let Some(slot) =
-                            per_source.take(peer.ip().to_canonical(), MAX_CONNS_PER_SOURCE)
-                        else {
-                            debug!(%peer, "API connection refused: too many from this address");
+                        let Some(slot) = admit(&per_source, peer) else {
+                            debug!(%peer, "API connection refused: too many from this source");
                             continue;
                         };
                         let Ok(permit) = sem.clone().try_acquire_owned() else {
@@ -923,6 +946,63 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
         assert!(ended.is_ok(), "the connection outlived its life");
         drop(client);
+    }
+
+    /// Sends one keep-alive request to a connection served by `answer` and
+    /// reads until the server closes it (or `wait` passes): the bytes read
+    /// and whether it closed.
+    async fn one_request(answer: fn() -> Response<Full<Bytes>>, wait: Duration) -> (String, bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server, mut client) = tokio::io::duplex(64 * 1024);
+        let svc = hyper::service::service_fn(move |_req| async move {
+            Ok::<_, std::convert::Infallible>(answer())
+        });
+        let serving = tokio::spawn(serve_bounded(
+            TokioIo::new(server),
+            svc,
+            64 * 1024,
+            (Duration::from_secs(60), Duration::from_secs(1)),
+        ));
+        client
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(wait, client.read_to_end(&mut got))
+            .await
+            .is_ok();
+        serving.abort();
+        (String::from_utf8_lossy(&got).into_owned(), closed)
+    }
+
+    /// A request without the admin token gets 401 and loses its connection,
+    /// so it cannot hold a slot; an answered one keeps its connection.
+    #[tokio::test]
+    async fn a_request_without_the_token_closes_its_connection() {
+        let (text, closed) = one_request(unauthorized, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(text.to_lowercase().contains("connection: close"), "{text}");
+        assert!(text.contains("Bearer"), "{text}");
+        assert!(closed, "the connection stayed open after a 401");
+        let ok = || respond(Answer::ok(json!({})));
+        let (text, closed) = one_request(ok, Duration::from_millis(300)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(!closed, "a keep-alive connection was closed after a 200");
+    }
+
+    /// The per-source cap counts an IPv6 client's /64 as one source.
+    #[test]
+    fn addresses_in_one_ipv6_64_share_the_cap() {
+        let p = Arc::new(PerSource::default());
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 40000);
+        let held: Vec<_> = (0..MAX_CONNS_PER_SOURCE)
+            .map(|i| admit(&p, at(&format!("2001:db8:1:2::{:x}", i + 1))).unwrap())
+            .collect();
+        assert!(admit(&p, at("2001:db8:1:2:ffff::9")).is_none());
+        assert!(admit(&p, at("2001:db8:1:3::1")).is_some(), "another /64");
+        assert!(admit(&p, at("192.0.2.7")).is_some());
+        drop(held);
+        assert!(admit(&p, at("2001:db8:1:2::1")).is_some());
     }
 
     fn segs(template: &str) -> Vec<String> {

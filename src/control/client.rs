@@ -384,7 +384,7 @@ impl CtlError {
 }
 
 /// Text from the server or a file, safe to print on a terminal.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

@@ -8,8 +8,8 @@
 
 use crate::control::api::services_json;
 use crate::control::runtime::Control;
-use crate::control::state::{self, ServiceDecl};
-use crate::per_source::PerSource;
+use crate::control::state::{self, hide_other_keys, ServiceDecl};
+use crate::per_source::{PerSource, SourceSlot};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -17,7 +17,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -25,10 +26,84 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 const MAX_BODY: usize = 256 * 1024;
-/// Connections open at once: in all, and from one node (by source address),
-/// so that one node cannot hold every slot and shut the others out.
+/// Connections open at once over all the listeners: in all, and from one
+/// node (whatever its source addresses: a node that routes a subnet has
+/// many), so that one node cannot hold every slot and shut the others out.
 const MAX_CONNS: usize = 256;
 const MAX_CONNS_PER_NODE: usize = 8;
+/// A node's refused declaration is logged at warn at most once in this
+/// time (the others at debug), so a node cannot fill the hub's log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most characters of a node's text in the hub's log.
+const LOGGED_CHARS: usize = 200;
+
+/// Whom a connection is counted under.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Caller {
+    /// The peer whose allowed IPs hold the source (the node's public key).
+    Node(String),
+    /// A source of no peer (it gets 403).
+    Address(IpAddr),
+}
+
+impl Caller {
+    fn of(peer: Option<String>, ip: IpAddr) -> Self {
+        match peer {
+            Some(k) => Caller::Node(k),
+            None => Caller::Address(ip),
+        }
+    }
+}
+
+/// A slot for one more connection of `caller`, or `None` when it has
+/// [`MAX_CONNS_PER_NODE`] open.
+fn admit(per_node: &Arc<PerSource<Caller>>, caller: Caller) -> Option<SourceSlot<Caller>> {
+    per_node.take(caller, MAX_CONNS_PER_NODE)
+}
+
+/// Per node: whether a message may be logged at warn now (at most one every
+/// `every`). Pure: the caller gives the time.
+pub(crate) struct LogLimit {
+    every: Duration,
+    last: HashMap<String, std::time::Instant>,
+}
+
+impl LogLimit {
+    pub(crate) fn new(every: Duration) -> Self {
+        LogLimit {
+            every,
+            last: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn allow(&mut self, key: &str, now: std::time::Instant) -> bool {
+        let every = self.every;
+        let quiet = |t: &std::time::Instant| now.saturating_duration_since(*t) >= every;
+        if let Some(t) = self.last.get_mut(key) {
+            if !quiet(t) {
+                return false;
+            }
+            *t = now;
+            return true;
+        }
+        if self.last.len() >= 4096 {
+            // Keys are peers, so this is many peers: forget the quiet ones.
+            self.last.retain(|_, t| !quiet(t));
+        }
+        self.last.insert(key.to_string(), now);
+        true
+    }
+}
+
+/// Node-chosen text as the hub logs it: at most [`LOGGED_CHARS`]
+/// characters, control characters shown as `?`.
+fn loggable(s: &str) -> String {
+    let mut t: String = s.chars().take(LOGGED_CHARS).collect();
+    if t.len() < s.len() {
+        t.push_str("...");
+    }
+    crate::control::client::printable(&t)
+}
 
 /// Declarations that change a node's services: each one saves the state and
 /// reloads the proxy's routes, so one node may make [`CHANGES_BURST`] at once
@@ -132,9 +207,43 @@ fn error(e: state::Error) -> Response<Full<Bytes>> {
     )
 }
 
+/// An error for the node `key`: naming no other node.
+fn error_to(key: &str, e: state::Error) -> Response<Full<Bytes>> {
+    error(e.for_node(key))
+}
+
+/// The statuses of `key`'s services, as the node is told them: naming no
+/// other node (the admin API shows them as they are).
+fn statuses_to(c: &Control, key: &str) -> Response<Full<Bytes>> {
+    let mut v = c.statuses_of(key);
+    for s in &mut v {
+        if let Some(e) = &mut s.error {
+            *e = hide_other_keys(e, key);
+        }
+    }
+    answer(StatusCode::OK, services_json(&v))
+}
+
+/// What the node API's requests share across its listeners.
+struct Shared {
+    budget: parking_lot::Mutex<ChangeBudget>,
+    refusals: parking_lot::Mutex<LogLimit>,
+}
+
+/// Logs a refused declaration of `key`'s: at warn once in
+/// [`REFUSAL_LOG_EVERY`], at debug in between.
+fn log_refusal(shared: &Shared, key: &str, e: &state::Error) {
+    let why = loggable(&e.message);
+    if shared.refusals.lock().allow(key, std::time::Instant::now()) {
+        warn!(node = %key, status = e.status, error = %why, "node's service declaration refused");
+    } else {
+        debug!(node = %key, status = e.status, error = %why, "node's service declaration refused");
+    }
+}
+
 async fn serve(
     c: Arc<Control>,
-    budget: Arc<parking_lot::Mutex<ChangeBudget>>,
+    shared: Arc<Shared>,
     from: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -152,7 +261,7 @@ async fn serve(
         ))));
     }
     match *req.method() {
-        Method::GET => Ok(answer(StatusCode::OK, services_json(&c.statuses_of(&key)))),
+        Method::GET => Ok(statuses_to(&c, &key)),
         Method::PUT => {
             // The head had its timeout; the body gets one too, or a node
             // gone mid-request would hold a connection slot for good.
@@ -183,17 +292,29 @@ async fn serve(
                 Err(e) => return Ok(error(state::Error::bad(format!("body: {e}")))),
             };
             let n = d.services.len();
+            // The set the hub has (the node's refresh every 30 s) or an
+            // invalid one is answered from the published state, without the
+            // writer's lock; the lock's holder checks again.
+            match c.declaration_changes(&key, ip, d.services.clone()) {
+                Ok(true) => {}
+                Ok(false) => return Ok(statuses_to(&c, &key)),
+                Err(e) => {
+                    log_refusal(&shared, &key, &e);
+                    return Ok(error_to(&key, e));
+                }
+            }
             // Run to the end even when the node goes away (see the admin
             // API's `serve_req`).
             let commit = {
-                let (c, key) = (c.clone(), key.clone());
+                let (c, key, shared) = (c.clone(), key.clone(), shared.clone());
                 tokio::spawn(async move {
                     let mut spent = false;
                     let r = c
                         .mutate(|s, ctx| {
                             let changed = s.declare_services(ctx, &key, ip, d.services)?;
                             if changed {
-                                budget
+                                shared
+                                    .budget
                                     .lock()
                                     .take(&key, std::time::Instant::now())
                                     .map_err(|wait| state::Error {
@@ -211,7 +332,7 @@ async fn serve(
                         .await;
                     // A change that could not be saved was not made.
                     if spent && r.is_err() {
-                        budget.lock().give_back(&key);
+                        shared.budget.lock().give_back(&key);
                     }
                     r
                 })
@@ -227,11 +348,11 @@ async fn serve(
                     if changed {
                         info!(node = %key, from = %ip, services = n, "node declared its services");
                     }
-                    Ok(answer(StatusCode::OK, services_json(&c.statuses_of(&key))))
+                    Ok(statuses_to(&c, &key))
                 }
                 Err(e) => {
-                    warn!(node = %key, error = %e, "node's service declaration refused");
-                    Ok(error(e))
+                    log_refusal(&shared, &key, &e);
+                    Ok(error_to(&key, e))
                 }
             }
         }
@@ -257,41 +378,44 @@ fn bind(addr: SocketAddr, iface: &str) -> anyhow::Result<TcpListener> {
 }
 
 impl NodeApi {
-    /// Listens on every hub overlay address at `[control] node_port`.
+    /// Listens on every hub overlay address at `[control] node_port`; the
+    /// connection caps are over all these listeners together.
     pub fn start(c: Arc<Control>) -> anyhow::Result<NodeApi> {
         let cfg = c.hub_config();
         let port = c.settings().node_port;
         let mut tasks = Vec::new();
         let mut addrs = Vec::new();
-        let budget = Arc::new(parking_lot::Mutex::new(ChangeBudget::new(
-            CHANGES_BURST,
-            CHANGE_EVERY,
-        )));
+        let shared = Arc::new(Shared {
+            budget: parking_lot::Mutex::new(ChangeBudget::new(CHANGES_BURST, CHANGE_EVERY)),
+            refusals: parking_lot::Mutex::new(LogLimit::new(REFUSAL_LOG_EVERY)),
+        });
+        let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+        let per_node: Arc<PerSource<Caller>> = Arc::new(PerSource::default());
         for a in &cfg.addresses {
             let sa = SocketAddr::new(a.addr(), port);
             let l = bind(sa, &cfg.interface)
                 .map_err(|e| anyhow::anyhow!("node services API on {sa}: {e}"))?;
             addrs.push(sa);
-            let (c, budget) = (c.clone(), budget.clone());
-            let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
-            let per_node = Arc::new(PerSource::default());
+            let (c, shared, sem, per_node) =
+                (c.clone(), shared.clone(), sem.clone(), per_node.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((s, from)) = l.accept().await else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
-                    let Some(slot) = per_node.take(from.ip(), MAX_CONNS_PER_NODE) else {
+                    let caller = Caller::of(c.peer_of(from.ip()), from.ip());
+                    let Some(slot) = admit(&per_node, caller) else {
                         debug!(%from, "node API: the node has {MAX_CONNS_PER_NODE} connections open already");
                         continue;
                     };
                     let Ok(permit) = sem.clone().try_acquire_owned() else {
                         continue;
                     };
-                    let (c, budget) = (c.clone(), budget.clone());
+                    let (c, shared) = (c.clone(), shared.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
-                            serve(c.clone(), budget.clone(), from, req)
+                            serve(c.clone(), shared.clone(), from, req)
                         });
                         let conn = crate::control::api::serve_bounded(
                             TokioIo::new(s),
@@ -352,5 +476,56 @@ mod tests {
         }
         assert!(b.take("k2", t0).is_err(), "no more than the burst");
         b.give_back("unknown");
+    }
+
+    /// A node is counted as one caller whatever address it connects from
+    /// (a node that routes a subnet has many); sources of no peer by
+    /// address.
+    #[test]
+    fn connections_are_counted_per_node_not_per_address() {
+        let per_node: Arc<PerSource<Caller>> = Arc::new(PerSource::default());
+        let k1 = || Some("k1".to_string());
+        let ip = |i: u8| IpAddr::from([100, 64, 9, i]);
+        let held: Vec<_> = (0..MAX_CONNS_PER_NODE)
+            .map(|i| admit(&per_node, Caller::of(k1(), ip(i as u8))).unwrap())
+            .collect();
+        assert!(admit(&per_node, Caller::of(k1(), ip(200))).is_none());
+        assert!(admit(&per_node, Caller::of(Some("k2".into()), ip(201))).is_some());
+        assert!(admit(&per_node, Caller::of(None, ip(1))).is_some());
+        drop(held);
+        assert!(admit(&per_node, Caller::of(k1(), ip(200))).is_some());
+    }
+
+    #[test]
+    fn refusals_are_logged_at_warn_once_in_a_while_per_node() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = LogLimit::new(10 * s);
+        assert!(l.allow("k1", t0));
+        assert!(!l.allow("k1", t0 + 9 * s));
+        assert!(l.allow("k2", t0 + 9 * s), "another node has its own");
+        assert!(l.allow("k1", t0 + 10 * s));
+        assert!(!l.allow("k1", t0 + 19 * s));
+        // A clock that goes backwards logs nothing more.
+        assert!(!l.allow("k1", t0));
+        // Many nodes: the quiet ones are forgotten.
+        for i in 0..4096 {
+            assert!(l.allow(&format!("n{i}"), t0 + 100 * s));
+        }
+        assert_eq!(l.last.len(), 4096);
+        assert!(l.allow("k1", t0 + 200 * s));
+        assert_eq!(l.last.len(), 1);
+    }
+
+    #[test]
+    fn node_text_is_logged_short_and_printable() {
+        assert_eq!(loggable("a\nb\u{1b}[31m"), "a?b?[31m");
+        let long = "x".repeat(256 * 1024);
+        let l = loggable(&long);
+        assert_eq!(l, format!("{}...", "x".repeat(LOGGED_CHARS)));
+        assert_eq!(
+            loggable(&"é".repeat(LOGGED_CHARS)),
+            "é".repeat(LOGGED_CHARS)
+        );
     }
 }

@@ -252,6 +252,23 @@ impl Control {
             .unwrap_or_default()
     }
 
+    /// Whether `key`'s declaration `decls` from `from` would change the
+    /// published state, or the error [`Control::mutate`] would give it,
+    /// without the writer's lock: a node's refresh of an unchanged set, or
+    /// an invalid one, holds up no change.
+    pub fn declaration_changes(
+        &self,
+        key: &str,
+        from: IpAddr,
+        decls: Vec<crate::control::state::ServiceDecl>,
+    ) -> crate::control::state::Result<bool> {
+        let env = self.env.load();
+        self.state
+            .load()
+            .declared(now(), &env.file_keys, key, from, decls)
+            .map(|out| out.is_some())
+    }
+
     /// A new config file: new facts to check against; routes are re-applied.
     pub async fn set_config(&self, cfg: HubConfig) {
         if cfg.control.is_none() {

@@ -31,10 +31,12 @@ pub struct RawControl {
 pub struct AdminToken(String);
 
 impl AdminToken {
-    /// Constant-time comparison with what a client sent.
+    /// Constant-time comparison with what a client sent: of the SHA-256
+    /// digests, so that neither the time nor an early return tells the
+    /// token's length.
     pub fn matches(&self, given: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), given.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use crate::control::pin::sha256;
+        crate::control::state::ct_eq(&sha256(self.0.as_bytes()), &sha256(given.as_bytes()))
     }
 }
 
@@ -218,7 +220,16 @@ mod tests {
             validate(raw, "wg0", &[], &dir)
         };
         let s = with("ok").unwrap();
-        assert!(s.admin_token.unwrap().matches("0123456789abcdef0123"));
+        let t = s.admin_token.unwrap();
+        assert!(t.matches("0123456789abcdef0123"));
+        for wrong in [
+            "",
+            "0123456789abcdef012",
+            "0123456789abcdef01234",
+            "1123456789abcdef0123",
+        ] {
+            assert!(!t.matches(wrong), "{wrong:?}");
+        }
         let e = with("big").err().unwrap();
         assert!(
             e.contains("admin_token_file") && e.contains("larger than"),

@@ -58,6 +58,14 @@ impl Error {
             message: m.into(),
         }
     }
+    /// The error as the node `own` is told it: naming no other node (see
+    /// [`hide_other_keys`]).
+    pub fn for_node(self, own: &str) -> Self {
+        Error {
+            status: self.status,
+            message: hide_other_keys(&self.message, own),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -364,6 +372,45 @@ pub fn api_key(s: &str) -> Result<String> {
     crate::keys::PublicKey::from_base64(&std)
         .map(|k| k.to_base64())
         .map_err(|e| Error::bad(format!("public key `{s}`: {e}")))
+}
+
+/// `text` with every WireGuard public key in it but `own` (and a `node `
+/// before it) replaced by `another node`: what the hub tells a node (its
+/// services' statuses, a join's refusal) names no other node. The hub's log
+/// and the admin API keep the keys.
+pub fn hide_other_keys(text: &str, own: &str) -> String {
+    let b = text.as_bytes();
+    let b64 = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    let mut out = String::with_capacity(text.len());
+    // Copied up to `last`; looking at `i`.
+    let (mut last, mut i) = (0, 0);
+    while i < b.len() {
+        let run = b
+            .get(i..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|c| b64(c))
+            .count();
+        if run == 0 {
+            i += 1;
+            continue;
+        }
+        let end = i + run;
+        // A key is 43 base64 characters and `=`, not part of a longer word.
+        let after = b.get(end + 1);
+        if run == 43 && b.get(end) == Some(&b'=') && !after.is_some_and(|c| b64(c) || *c == b'=') {
+            let key = text.get(i..=end).unwrap_or_default();
+            if key != own {
+                let before = text.get(last..i).unwrap_or_default();
+                out.push_str(before.strip_suffix("node ").unwrap_or(before));
+                out.push_str("another node");
+                last = end + 1;
+            }
+        }
+        i = end;
+    }
+    out.push_str(text.get(last..).unwrap_or_default());
+    out
 }
 
 fn strip_who(e: String) -> String {
@@ -900,8 +947,31 @@ impl State {
         from: IpAddr,
         decls: Vec<ServiceDecl>,
     ) -> Result<bool> {
-        let now = ctx.now;
-        if !self.nodes.contains_key(key) && !ctx.file_keys.contains(key) {
+        let Some(out) = self.declared(ctx.now, ctx.file_keys, key, from, decls)? else {
+            return Ok(false);
+        };
+        if out.is_empty() {
+            self.services.remove(key);
+        } else {
+            self.services.insert(key.to_string(), out);
+        }
+        self.bump();
+        Ok(true)
+    }
+
+    /// What [`State::declare_services`] would store for `key`, or `None`
+    /// when that is what it has (the same error for an invalid call). The
+    /// node API asks this of the published state before it takes the
+    /// writer's lock.
+    pub fn declared(
+        &self,
+        now: u64,
+        file_keys: &BTreeSet<String>,
+        key: &str,
+        from: IpAddr,
+        decls: Vec<ServiceDecl>,
+    ) -> Result<Option<Vec<ServiceRecord>>> {
+        if !self.nodes.contains_key(key) && !file_keys.contains(key) {
             return Err(Error {
                 status: 403,
                 message: format!("{key} is not a peer of this hub"),
@@ -910,7 +980,7 @@ impl State {
         if decls.len() > 256 {
             return Err(Error::bad("at most 256 services per node"));
         }
-        let old = self.services.get(key).cloned().unwrap_or_default();
+        let old = self.services.get(key).map_or(&[][..], Vec::as_slice);
         let mut out: Vec<ServiceRecord> = Vec::new();
         for (i, d) in decls.into_iter().enumerate() {
             let d = check_decl(i, d)?;
@@ -935,16 +1005,7 @@ impl State {
                 since,
             });
         }
-        if out == old {
-            return Ok(false);
-        }
-        if out.is_empty() {
-            self.services.remove(key);
-        } else {
-            self.services.insert(key.to_string(), out);
-        }
-        self.bump();
-        Ok(true)
+        Ok((out != old).then_some(out))
     }
 
     /// Drops used and expired tokens older than a week. Returns whether any went.
@@ -1249,7 +1310,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// Constant-time equality of two byte strings of equal length.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

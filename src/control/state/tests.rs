@@ -263,6 +263,11 @@ fn join_spends_the_token_once() {
             .contains(&format!("by {K1} at 1970-01-01T00:00:11Z")),
         "{err}"
     );
+    // The joining node is not told who spent it.
+    assert_eq!(
+        hide_other_keys(&err.message, K2),
+        "the join token was already used (by another node at 1970-01-01T00:00:11Z)"
+    );
     let h2 = token(&mut s, "b2", &[], false, 20);
     let err = s.join(&ctx(&e, 20 + 3600), "b2", h2, K2, None).unwrap_err();
     assert_eq!(err.status, 410);
@@ -572,12 +577,13 @@ fn services_follow_ownership_and_replicas() {
     assert_eq!(ev.routes[0].backends, vec!["100.64.1.2:80".to_string()]);
     let st2 = &ev.statuses[K2][0];
     assert_eq!(st2.status, "refused");
-    assert!(
-        st2.error
-            .as_deref()
-            .unwrap()
-            .contains("does not allow replicas"),
-        "{st2:?}"
+    let why = st2.error.as_deref().unwrap();
+    assert!(why.contains("does not allow replicas"), "{st2:?}");
+    // The hub's text names the owner; the node is told no key but its own.
+    assert!(why.contains(K1), "{why}");
+    assert_eq!(
+        hide_other_keys(why, K2),
+        "name `blog` is owned by another node and does not allow replicas"
     );
     // The owner allows replicas and lists K2: two backends.
     s.set_name(
@@ -857,6 +863,79 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn texts_for_a_node_name_no_other_node() {
+    let h = |t: &str| hide_other_keys(t, K2);
+    assert_eq!(
+        h(&format!("`name:blog` is taken by node {K1}")),
+        "`name:blog` is taken by another node"
+    );
+    assert_eq!(
+        h(&format!(
+            "held in the hub mesh by node {K1} (granted through hub `a`)"
+        )),
+        "held in the hub mesh by another node (granted through hub `a`)"
+    );
+    assert_eq!(
+        h(&format!("{K1}, {K3}; {K2}")),
+        format!("another node, another node; {K2}"),
+        "several keys, the node's own kept"
+    );
+    // Not a key: longer or shorter words, a key's prefix, padding twice.
+    for t in [
+        format!("x{K1}"),
+        format!("{K1}x"),
+        format!("{K1}="),
+        K1[1..].to_string(),
+        "name `blog` is not granted to this node".to_string(),
+        String::new(),
+    ] {
+        assert_eq!(h(&t), t);
+    }
+    // Any text: no panic, and what is not a key is kept.
+    assert_eq!(h("é ünïcode `€` node "), "é ünïcode `€` node ");
+}
+
+#[test]
+fn a_declaration_is_checked_against_the_published_state_without_changing_it() {
+    let e = env();
+    let mut s = State::default();
+    s.add_node(&ctx(&e, 1), K1, None, None).unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    let set = vec![http("blog", 80)];
+    let before = s.clone();
+    // New: what would be stored; the state is as it was.
+    let out = s.declared(2, &e.file_keys, K1, ip1, set.clone()).unwrap();
+    assert_eq!(out.unwrap().len(), 1);
+    assert_eq!(s, before);
+    assert!(s
+        .declare_services(&ctx(&e, 2), K1, ip1, set.clone())
+        .unwrap());
+    // The same set again (later, and after a restart): unchanged.
+    assert_eq!(s.declared(50, &e.file_keys, K1, ip1, set.clone()), Ok(None));
+    // From another address: the backend changes.
+    let ip9: IpAddr = "100.64.1.9".parse().unwrap();
+    assert!(s
+        .declared(50, &e.file_keys, K1, ip9, set.clone())
+        .unwrap()
+        .is_some());
+    // Invalid: the error declare_services gives.
+    let bad = vec![http("Blog", 80)];
+    let err = s
+        .declared(50, &e.file_keys, K1, ip1, bad.clone())
+        .unwrap_err();
+    assert_eq!(
+        Err(err),
+        s.clone().declare_services(&ctx(&e, 50), K1, ip1, bad)
+    );
+    assert_eq!(
+        s.declared(50, &e.file_keys, K2, ip1, set)
+            .unwrap_err()
+            .status,
+        403
+    );
 }
 
 #[test]
