@@ -344,7 +344,14 @@ async fn open_carrier(
                 .await
                 .map_err(|e| anyhow::anyhow!("{first}: {e}"))?;
             tokio::spawn(async move {
-                carrier::relay(stream, &udp, carrier::IDLE, carrier::IDLE, &counters).await
+                carrier::relay_node(
+                    stream,
+                    &udp,
+                    carrier::IDLE,
+                    &counters,
+                    carrier::Framing::Length,
+                )
+                .await
             })
         }
         Some(target) => {
@@ -352,10 +359,9 @@ async fn open_carrier(
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", target.url))?;
             tokio::spawn(async move {
-                carrier::relay_framed(
+                carrier::relay_node(
                     stream,
                     &udp,
-                    carrier::IDLE,
                     carrier::IDLE,
                     &counters,
                     carrier::Framing::WsNode,
@@ -365,6 +371,11 @@ async fn open_carrier(
         }
     };
     Ok((Relay(task), local))
+}
+
+/// A draw in `[0, 1]` for the jitter of the waits between reconnects.
+fn jitter() -> f64 {
+    f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng)) / f64::from(u32::MAX)
 }
 
 /// How long a UDP try waits for the hub's answer before a keepalive through
@@ -398,7 +409,9 @@ async fn supervise(
     let dead_after_ms = u64::from(dead_after) * 1000;
     let mut last_attempt: Option<u64> = None;
     let mut down_logged = false;
-    let mut path = Path::new(hub.transport, dev.now_ms()).with_udp_retry(hub.udp_retry * 1000);
+    let mut path = Path::new(hub.transport, dev.now_ms())
+        .with_udp_retry(hub.udp_retry * 1000)
+        .with_jitter(jitter);
     let mut relay: Option<Relay> = None;
     // The relay's local address: the peer's endpoint while on TLS.
     let mut relay_local: Option<SocketAddr> = None;
@@ -410,6 +423,8 @@ async fn supervise(
     let mut tls_turn = 0usize;
     // A stream that carried the tunnel ended and the new one failed.
     let mut reconnect_failed = false;
+    // The waiting reconnect last logged (when due).
+    let mut reconnect_logged: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // The peer was removed at runtime (`wg set ... remove`): supervised
     // afresh if it comes back.
@@ -429,7 +444,9 @@ async fn supervise(
         };
         if std::mem::take(&mut gone) {
             info!(hub = %name, "the hub's peer is back");
-            path = Path::new(hub.transport, dev.now_ms()).with_udp_retry(hub.udp_retry * 1000);
+            path = Path::new(hub.transport, dev.now_ms())
+                .with_udp_retry(hub.udp_retry * 1000)
+                .with_jitter(jitter);
             *status.via.lock() = path.via();
             last_attempt = None;
             down_logged = false;
@@ -467,6 +484,13 @@ async fn supervise(
             Some(_) => path.step(now, rx, up, dead_after_ms),
             None => Step::Stay,
         };
+        if let Some(at) = path
+            .reconnect_at()
+            .filter(|at| reconnect_logged != Some(*at))
+        {
+            reconnect_logged = Some(at);
+            info!(hub = %name, wait_ms = at.saturating_sub(now), "the TLS carrier keeps ending soon after it opens; waiting before the next");
+        }
         let had_relay = relay.is_some();
         if let Some(r) = relay
             .as_mut()

@@ -35,19 +35,30 @@ use tracing::{debug, info};
 
 /// The ALPN protocol name a node offers for a carried tunnel.
 pub const ALPN: &[u8] = b"gatewire-wg";
-/// A stream that carried no datagram either way for this long is closed
-/// (nodes send keepalives far more often). Pings, pongs and the bytes of an
-/// unfinished frame do not count: a stranger cannot hold a stream open with
-/// them.
-pub const IDLE: Duration = Duration::from_secs(180);
-/// A hub closes a stream that has not carried a datagram each way this long
+/// A stream on which its end's device sent no session datagram
+/// ([`carries_session`]) for this long is closed. Only what the device sends
+/// counts: a stranger chooses what comes from the stream (junk frames,
+/// pings, the bytes of an unfinished frame), not what the device answers.
+/// A live tunnel has some well within it. From a hub: its keepalive (`[hub]
+/// keepalive`, every 4 s by default), a passive keepalive within 10 s of a
+/// node's data, and at the latest a new session's handshake response or
+/// confirming keepalive when the old one is rekeyed (120 s) or expires
+/// (180 s; a node that sends only keepalives handshakes again at its next
+/// one). From a node: its persistent keepalive. 300 s leaves room for that
+/// and a few handshake retries (5 s apart).
+pub const IDLE: Duration = Duration::from_secs(300);
+/// A hub closes a stream that has not carried a datagram from the stream
+/// and a session datagram ([`carries_session`]) from the device this long
 /// after its TLS handshake: a node's handshake initiation is answered at
-/// once, while the WireGuard device answers no stranger, whatever it sends.
+/// once with a response, while the WireGuard device answers no stranger so,
+/// whatever it sends (at most with a cookie reply, under load, which does not
+/// count).
 pub const FIRST: Duration = Duration::from_secs(15);
 /// Most carried tunnels a hub holds at once (over TLS and WebSocket
 /// together); beyond, new ones are refused (counted as failed). Each holds a
 /// task, a loopback socket and its buffers for as long as it lives, which
-/// a WebSocket one does after its HTTP connection has ended.
+/// a WebSocket one does after its HTTP connection has ended. (Neither holds
+/// a slot of the proxy's `max_connections` once the carrier has it.)
 pub const MAX_CARRIED: usize = 8192;
 /// Carried tunnels open at once from one client address (an IPv6 client's
 /// /64): a stranger cannot take every slot and shut out the nodes whose
@@ -127,6 +138,21 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
+/// Whether a datagram from a relay's device shows a WireGuard session with
+/// the peer at the stream's far end: a handshake response (message type 2,
+/// the answer to an initiation that came through the stream) or transport
+/// data (type 4, keepalives included; the device sends it only to a peer's
+/// endpoint, which an authenticated datagram put on this relay). Not a
+/// cookie reply (type 3): the device sends one under load to whoever sent
+/// an initiation with a valid mac1, which takes only its public key. Nor an
+/// initiation (type 1): the device sends them to a peer that is gone as
+/// well (retrying, and again whenever it has data for it), while a live
+/// peer's answer to one brings the session's confirming keepalive (type 4).
+/// A message's type is its first byte, the next three zero.
+pub fn carries_session(datagram: &[u8]) -> bool {
+    matches!(datagram.get(..4), Some([2 | 4, 0, 0, 0]))
+}
+
 /// How datagrams are framed on a carried stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -147,9 +173,11 @@ pub enum End {
     BadFrame(frame::FrameError),
     /// A broken WebSocket frame arrived.
     BadWsFrame(ws::WsError),
-    /// Nothing either way for [`IDLE`] (or the given idle time).
+    /// No session datagram from the device for [`IDLE`] (or the given idle
+    /// time).
     Idle,
-    /// Nothing came from the stream in its first moments.
+    /// Nothing came from the stream, or no session datagram from the
+    /// device, in its first moments.
     Silent,
     /// The loopback socket failed.
     Local(io::ErrorKind),
@@ -169,13 +197,16 @@ pub async fn local_socket(device: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s)
 }
 
-/// Relays between `stream` and `udp` (connected) until either ends, nothing
-/// moves for `idle`, or nothing came from the stream within `first` of the
-/// start (a connection that sends no WireGuard message holds no slot long).
-/// Reading and writing the stream run apart, so a
-/// slow stream only holds back its own direction; datagrams the stream
-/// cannot take in time wait in the socket's buffer and past that are dropped
-/// by the kernel, as on any UDP path (WireGuard and what it carries recover).
+/// Relays between `stream` and `udp` (connected) until either ends, the
+/// device sends no session datagram ([`carries_session`]) for `idle`, or
+/// within `first` of the start nothing came from the stream or no session
+/// datagram from the device (a connection that carries no WireGuard session
+/// holds no slot long). Every datagram is relayed either way; only what the
+/// device sends keeps a stream open. Reading and writing the stream run
+/// apart, so a slow stream only holds back its own direction; datagrams the
+/// stream cannot take in time wait in the socket's buffer and past that are
+/// dropped by the kernel, as on any UDP path (WireGuard and what it carries
+/// recover).
 pub async fn relay<S>(
     stream: S,
     udp: &UdpSocket,
@@ -201,10 +232,43 @@ pub async fn relay_framed<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_ends(stream, udp, idle, first, c, framing, false).await
+}
+
+/// [`relay_framed`] on a node's end, where the stream is the node's own
+/// connection to its hub: the hub's session datagrams through it keep it
+/// open as well as the node device's (a node with no persistent keepalive
+/// and no traffic still hears its hub's keepalives).
+pub async fn relay_node<S>(
+    stream: S,
+    udp: &UdpSocket,
+    idle: Duration,
+    c: &Counters,
+    framing: Framing,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    relay_ends(stream, udp, idle, idle, c, framing, true).await
+}
+
+async fn relay_ends<S>(
+    stream: S,
+    udp: &UdpSocket,
+    idle: Duration,
+    first: Duration,
+    c: &Counters,
+    framing: Framing,
+    stream_keeps: bool,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _open = OpenGuard::new(c);
     let start = Instant::now();
+    // When the device last sent a session datagram (ms after `start`).
     let last = AtomicU64::new(0);
-    // A datagram from the stream, and one from the device.
+    // A datagram from the stream, and a session datagram from the device.
     let heard = std::sync::atomic::AtomicBool::new(false);
     let answered = std::sync::atomic::AtomicBool::new(false);
     let touch = || last.store(start.elapsed().as_millis() as u64, Relaxed);
@@ -253,7 +317,9 @@ where
                     },
                 };
                 heard.store(true, Relaxed);
-                touch();
+                if stream_keeps && carries_session(&d) {
+                    touch();
+                }
                 c.bytes_in.fetch_add(d.len() as u64, Relaxed);
                 if let Err(e) = udp.send(&d).await {
                     return End::Local(e.kind());
@@ -288,28 +354,20 @@ where
                     None
                 }
             };
-            let mut datagrams = n.is_some();
+            // A pong, an initiation or a cookie reply is no sign of a session.
+            let mut session = false;
             if let Some(n) = n {
-                push(
-                    dgram.get(..n).unwrap_or_default(),
-                    &mut out,
-                    c,
-                    framing,
-                    &mut masks,
-                );
+                let d = dgram.get(..n).unwrap_or_default();
+                session |= carries_session(d);
+                push(d, &mut out, c, framing, &mut masks);
             }
             // Whatever else is queued goes in the same write.
             while out.len() < BATCH {
                 match udp.try_recv(&mut dgram) {
                     Ok(n) => {
-                        datagrams = true;
-                        push(
-                            dgram.get(..n).unwrap_or_default(),
-                            &mut out,
-                            c,
-                            framing,
-                            &mut masks,
-                        )
+                        let d = dgram.get(..n).unwrap_or_default();
+                        session |= carries_session(d);
+                        push(d, &mut out, c, framing, &mut masks)
                     }
                     Err(_) => break,
                 }
@@ -318,8 +376,7 @@ where
                 return End::Closed;
             }
             out.clear();
-            // A pong alone is no sign of life.
-            if datagrams {
+            if session {
                 answered.store(true, Relaxed);
                 touch();
             }
@@ -966,6 +1023,167 @@ mod tests {
         let s = c.snapshot();
         assert_eq!((s.streams, s.open, s.bad_frames), (1, 0, 1));
         assert_eq!((s.bytes_out, s.bytes_in), (1406, 14));
+    }
+
+    /// A WireGuard message of type `t`, `len` bytes long.
+    fn message(t: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![0u8; len];
+        m[0] = t;
+        m
+    }
+
+    #[test]
+    fn only_responses_and_transport_data_carry_a_session() {
+        assert!(carries_session(&message(2, 92)));
+        assert!(carries_session(&message(4, 32)));
+        let mut odd = message(4, 32);
+        odd[2] = 1;
+        for d in [
+            message(1, 148),
+            message(3, 64),
+            message(0, 32),
+            message(5, 32),
+            odd,
+            vec![4, 0, 0],
+            vec![],
+        ] {
+            assert!(!carries_session(&d), "{:?}", d.get(..4));
+        }
+    }
+
+    /// What a stranger can make the device send (cookie replies, to
+    /// initiations with a valid mac1 while it is under load) neither lets a
+    /// stream past `first` nor keeps one open, however much it sends; a
+    /// stream the device sends keepalives on stays open.
+    #[tokio::test]
+    async fn only_the_devices_session_datagrams_keep_a_stream_open() {
+        let dev = Arc::new(device().await);
+        let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
+        let c = Counters::default();
+        // The device: a handshake response to the first datagram when
+        // `respond`, then a cookie reply to each.
+        let answer = |respond: bool| {
+            let dev = dev.clone();
+            tokio::spawn(async move {
+                let mut d = [0u8; 256];
+                let mut first = respond;
+                loop {
+                    let (_, from) = dev.recv_from(&mut d).await.unwrap();
+                    let reply = if std::mem::take(&mut first) {
+                        message(2, 92)
+                    } else {
+                        message(3, 64)
+                    };
+                    dev.send_to(&reply, from).await.unwrap();
+                }
+            })
+        };
+        // A stranger: initiations, then junk, every 20 ms; what comes back
+        // is read and dropped.
+        let stranger = |far: tokio::io::DuplexStream| async move {
+            let (mut rd, mut wr) = tokio::io::split(far);
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while rd.read(&mut b).await.is_ok_and(|n| n > 0) {}
+            });
+            let mut out = BytesMut::new();
+            frame::encode(&message(1, 148), &mut out).unwrap();
+            frame::encode(&[0xee; 100], &mut out).unwrap();
+            loop {
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        // (A relay that would stay open fails the test instead of hanging it.)
+        async fn bounded<F: std::future::Future>(f: F) -> Option<F::Output> {
+            tokio::time::timeout(Duration::from_secs(10), f).await.ok()
+        }
+        let short = Duration::from_millis(300);
+        // Cookie replies only: silent after `first`.
+        let device_task = answer(false);
+        let (near, far) = tokio::io::duplex(4096);
+        let t = Instant::now();
+        tokio::select! {
+            e = bounded(relay(near, &udp, IDLE, short, &c)) => assert_eq!(e, Some(End::Silent)),
+            _ = stranger(far) => unreachable!(),
+        }
+        assert!(t.elapsed() >= short && t.elapsed() < IDLE);
+        device_task.abort();
+        // One response, then cookie replies: past `first`, but closed
+        // `idle` after the response, junk and cookies flowing all along.
+        let device_task = answer(true);
+        let (near, far) = tokio::io::duplex(4096);
+        let idle = Duration::from_millis(600);
+        let t = Instant::now();
+        tokio::select! {
+            e = bounded(relay(near, &udp, idle, short, &c)) => assert_eq!(e, Some(End::Idle)),
+            _ = stranger(far) => unreachable!(),
+        }
+        assert!(t.elapsed() >= idle && t.elapsed() < IDLE);
+        device_task.abort();
+        // A live peer: one datagram from the stream, the device's
+        // keepalives every 50 ms, nothing more from the stream.
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let mut out = BytesMut::new();
+        frame::encode(&message(4, 32), &mut out).unwrap();
+        far.write_all(&out).await.unwrap();
+        let at = udp.local_addr().unwrap();
+        let keepalives = async {
+            loop {
+                dev.send_to(&message(4, 32), at).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let live =
+            async { tokio::time::timeout(idle * 3, relay(near, &udp, idle, short, &c)).await };
+        tokio::select! {
+            r = live => assert!(r.is_err(), "closed while the device sent keepalives: {r:?}"),
+            _ = keepalives => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn on_a_nodes_end_the_hubs_keepalives_keep_the_stream_open() {
+        let dev = device().await;
+        let udp = local_socket(dev.local_addr().unwrap()).await.unwrap();
+        let c = Counters::default();
+        let idle = Duration::from_millis(400);
+        // The node's device says nothing after its first datagram; the hub
+        // sends keepalives through the stream every 50 ms.
+        let at = udp.local_addr().unwrap();
+        dev.send_to(&message(4, 32), at).await.unwrap();
+        let hub = |far: tokio::io::DuplexStream| async move {
+            let (mut rd, mut wr) = tokio::io::split(far);
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while rd.read(&mut b).await.is_ok_and(|n| n > 0) {}
+            });
+            let mut out = BytesMut::new();
+            frame::encode(&message(4, 32), &mut out).unwrap();
+            loop {
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let live = async {
+            tokio::time::timeout(idle * 3, relay_node(near, &udp, idle, &c, Framing::Length)).await
+        };
+        tokio::select! {
+            r = live => assert!(r.is_err(), "a node's stream closed under its hub's keepalives: {r:?}"),
+            _ = hub(far) => unreachable!(),
+        }
+        // The same on a hub's end closes it: a stream's datagrams are a
+        // stranger's to choose there.
+        let (near, far) = tokio::io::duplex(1 << 20);
+        tokio::select! {
+            e = relay_framed(near, &udp, idle, idle * 10, &c, Framing::Length) => assert_eq!(e, End::Idle),
+            _ = hub(far) => unreachable!(),
+        }
     }
 
     #[tokio::test]

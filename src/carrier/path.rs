@@ -2,7 +2,9 @@
 //! TLS stream to the hub's HTTPS port when UDP does not get through (pure:
 //! the supervisor passes `now` and what it observed, and gets a step back).
 
+use crate::backoff::Backoff;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// The configured choice (`transport` in a node's `[[hub]]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -55,6 +57,24 @@ pub const DEFAULT_UDP_RETRY_MS: u64 = 300_000;
 /// wait instead of starting again from [`FIRST_PROBE_MS`], so a path like
 /// that costs an outage at most every `udp_retry`.
 pub const BOUNCE_MS: u64 = 120_000;
+/// A stream that carried the tunnel and lasted less than this ended soon;
+/// one that lasted longer starts the reconnects' count and waits afresh.
+pub const QUICK_MS: u64 = 60_000;
+/// Reconnects made at once after streams that ended soon, within
+/// [`QUICK_MS`]: past them (an intermediary that cuts every connection
+/// once the hub has answered on it?), each next one waits
+/// ([`reconnect_backoff`]) until a stream lasts.
+pub const QUICK_RECONNECTS: usize = 3;
+
+/// The waits between reconnects once they come too fast: 1 s doubling up
+/// to 60 s, jittered.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        Duration::from_millis(QUICK_MS),
+    )
+}
 
 #[derive(Debug, Clone)]
 pub struct Path {
@@ -74,6 +94,15 @@ pub struct Path {
     probe_wait_ms: u64,
     /// When an answered probe took this node off TLS, and the wait then.
     left_tls: Option<(u64, u64)>,
+    /// When the last reconnects after streams that ended soon were made (at
+    /// most [`QUICK_RECONNECTS`], within [`QUICK_MS`]).
+    quick: Vec<u64>,
+    /// The waits once reconnects come too fast.
+    backoff: Backoff,
+    /// A reconnect that waits, due then.
+    reconnect_at: Option<u64>,
+    /// Draws the waits' jitter, in `[0, 1]`.
+    jitter: fn() -> f64,
 }
 
 impl Path {
@@ -94,7 +123,23 @@ impl Path {
             probe_at_ms: 0,
             probe_wait_ms: 0,
             left_tls: None,
+            quick: Vec::new(),
+            backoff: reconnect_backoff(),
+            reconnect_at: None,
+            jitter: || 1.0,
         }
+    }
+
+    /// Sets what draws the jitter of the waits between reconnects (without
+    /// it, each wait is the longest).
+    pub fn with_jitter(mut self, jitter: fn() -> f64) -> Path {
+        self.jitter = jitter;
+        self
+    }
+
+    /// When a reconnect that waits (streams kept ending soon) is due.
+    pub fn reconnect_at(&self) -> Option<u64> {
+        self.reconnect_at
     }
 
     /// Sets the longest wait between UDP probes on TLS (`auto` only; 0:
@@ -115,6 +160,7 @@ impl Path {
         self.since_ms = now_ms;
         self.started = false;
         self.carried = false;
+        self.reconnect_at = None;
         self.left_tls = Some((now_ms, self.probe_wait_ms));
         true
     }
@@ -157,7 +203,7 @@ impl Path {
             // A stream that carried the tunnel ended (the hub restarted, an
             // intermediary recycled the connection): UDP was dead when this
             // way was taken, and the probes tell when it is not.
-            (_, Via::Tls) if !carrier_up && self.carried => self.reconnect(now_ms),
+            (_, Via::Tls) if !carrier_up && self.carried => self.carried_ended(now_ms),
             // The stream could not be opened (again), or ended before it
             // carried anything, or carries nothing.
             (Transport::Auto, Via::Tls) if !carrier_up || given_up => self.take(Via::Udp, now_ms),
@@ -179,11 +225,41 @@ impl Path {
         }
     }
 
+    /// The stream that carried the tunnel has ended (seen at `now_ms`): a new
+    /// one at once, unless [`QUICK_RECONNECTS`] were made so within
+    /// [`QUICK_MS`] after streams that ended soon; then (and for each next
+    /// one, until a stream lasts [`QUICK_MS`]) after a wait, longer each time.
+    fn carried_ended(&mut self, now_ms: u64) -> Step {
+        if let Some(at) = self.reconnect_at {
+            if now_ms < at {
+                return Step::Stay;
+            }
+            return self.reconnect(now_ms);
+        }
+        let lasted = now_ms.saturating_sub(self.since_ms);
+        if lasted >= QUICK_MS {
+            self.quick.clear();
+            self.backoff = reconnect_backoff();
+        }
+        self.quick.retain(|t| now_ms.saturating_sub(*t) < QUICK_MS);
+        if self.backoff.failures() == 0 && self.quick.len() < QUICK_RECONNECTS {
+            self.quick.push(now_ms);
+            return self.reconnect(now_ms);
+        }
+        let wait = self
+            .backoff
+            .next_delay(Duration::from_millis(lasted), (self.jitter)());
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.reconnect_at = Some(now_ms.saturating_add(wait_ms));
+        Step::Stay
+    }
+
     /// A new stream in place of one that carried the tunnel: the UDP probes
     /// keep their wait, the next one no sooner than a new stream's first.
     fn reconnect(&mut self, now_ms: u64) -> Step {
         self.since_ms = now_ms;
         self.carried = false;
+        self.reconnect_at = None;
         self.probe_at_ms = self
             .probe_at_ms
             .max(now_ms.saturating_add(FIRST_PROBE_MS.min(self.udp_retry_ms)));
@@ -195,6 +271,7 @@ impl Path {
         self.since_ms = now_ms;
         self.started = via == Via::Tls;
         self.carried = false;
+        self.reconnect_at = None;
         self.probe_wait_ms = match self.left_tls {
             Some((t, wait)) if via == Via::Tls && now_ms.saturating_sub(t) < BOUNCE_MS => {
                 wait.saturating_mul(2).min(self.udp_retry_ms)
@@ -307,6 +384,76 @@ mod tests {
         assert_eq!(r.step(10_500, 10_400, true, DEAD), Step::Stay);
         assert_eq!(r.step(28_399, 10_400, true, DEAD), Step::Stay);
         assert_eq!(r.step(28_400, 10_400, true, DEAD), Step::UseUdp);
+    }
+
+    /// Streams cut soon after the hub answered on them (an intermediary that
+    /// does so to every connection): three reconnects at once, then each
+    /// next one after a wait twice as long as the last, until a stream
+    /// lasts a minute.
+    #[test]
+    fn streams_that_keep_ending_soon_are_reconnected_after_a_growing_wait() {
+        for transport in [Transport::Tls, Transport::Auto] {
+            let mut p = Path::new(transport, 0);
+            let mut now = 0;
+            if transport == Transport::Auto {
+                now = 10_000;
+            }
+            assert_eq!(p.step(now, 0, false, DEAD), Step::UseTls);
+            // The stream opened at `now` carries, and is cut after `lasts`:
+            // the steps from then until the next stream is asked for.
+            let cut = |p: &mut Path, now: &mut u64, lasts: u64| {
+                let opened = *now;
+                assert_eq!(p.step(opened + 500, opened + 300, true, DEAD), Step::Stay);
+                *now = opened + lasts;
+                let rx = *now - 100;
+                let mut waited = 0;
+                loop {
+                    match p.step(*now, rx, false, DEAD) {
+                        Step::UseTls => return waited,
+                        Step::Stay => {
+                            assert!(p.reconnect_at().is_some_and(|at| at > *now));
+                            *now += 500;
+                            waited += 500;
+                        }
+                        s => panic!("{s:?} at {now}"),
+                    }
+                }
+            };
+            let waits: Vec<u64> = (0..7).map(|_| cut(&mut p, &mut now, 1_000)).collect();
+            assert_eq!(
+                waits,
+                [0, 0, 0, 1_000, 2_000, 4_000, 8_000],
+                "{transport:?}"
+            );
+            assert_eq!(p.via(), Via::Tls);
+            // One that lasts a minute starts afresh.
+            let waits: Vec<u64> = [60_000, 1_000, 1_000, 1_000]
+                .map(|lasts| cut(&mut p, &mut now, lasts))
+                .to_vec();
+            assert_eq!(waits, [0, 0, 0, 1_000], "{transport:?}");
+            // Streams that end sooner than a minute but not three in a
+            // minute are all replaced at once.
+            let mut q = Path::new(transport, 0);
+            let mut now = 20_000;
+            assert_eq!(q.step(now, 0, false, DEAD), Step::UseTls);
+            for _ in 0..10 {
+                assert_eq!(cut(&mut q, &mut now, 30_000), 0, "{transport:?}");
+            }
+        }
+        // The waits are jittered (the upper half of each).
+        let mut p = Path::new(Transport::Tls, 0).with_jitter(|| 0.0);
+        assert_eq!(p.step(0, 0, false, DEAD), Step::UseTls);
+        let mut now = 0;
+        for i in 0..4 {
+            assert_eq!(p.step(now + 500, now + 300, true, DEAD), Step::Stay);
+            now += 1_000;
+            let s = p.step(now, now - 100, false, DEAD);
+            if i < 3 {
+                assert_eq!(s, Step::UseTls);
+            } else {
+                assert_eq!((s, p.reconnect_at()), (Step::Stay, Some(now + 500)));
+            }
+        }
     }
 
     #[test]

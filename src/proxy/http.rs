@@ -1341,12 +1341,43 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
         })
 }
 
+/// The client a request from a trusted proxy (`[proxy] trusted_proxies`)
+/// comes from, as its `X-Forwarded-For` says: the rightmost address that is
+/// not itself a trusted proxy (`trusts`), the proxies in front having
+/// appended the one each saw (the left part may be anything the client
+/// sent); the leftmost when all are trusted. `None` without the header, or
+/// when an address on the way is not one.
+fn forwarded_client(h: &HeaderMap, trusts: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
+    let values: Vec<&str> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<_>>()?;
+    let mut client = None;
+    for entry in values.iter().flat_map(|v| v.split(',')).rev() {
+        let e = entry.trim();
+        // Some proxies add the port (`192.0.2.7:1234`, `[2001:db8::7]:1234`).
+        let ip = e
+            .parse::<IpAddr>()
+            .or_else(|_| e.parse::<SocketAddr>().map(|a| a.ip()))
+            .ok()?
+            .to_canonical();
+        client = Some(ip);
+        if !trusts(ip) {
+            break;
+        }
+    }
+    client
+}
+
 /// Answers a node's WebSocket opening request for a carried tunnel (`101`,
 /// then the tunnel runs on the upgraded connection), or refuses it (`400`,
-/// counted as a failed carried tunnel).
+/// counted as a failed carried tunnel). `source`: the client's address its
+/// slot counts against (behind a trusted proxy, the forwarded one).
 fn ws_tunnel(
     hub: Arc<crate::carrier::Hub>,
     client: SocketAddr,
+    source: IpAddr,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     use crate::carrier::ws;
@@ -1375,8 +1406,8 @@ fn ws_tunnel(
     let Ok(accept) = HeaderValue::from_str(&accept) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal error");
     };
-    let Some(slot) = hub.try_slot(client.ip()) else {
-        debug!(%client, "WebSocket tunnel refused: the hub's or this address's carried tunnels are at their limit");
+    let Some(slot) = hub.try_slot(source) else {
+        debug!(%client, %source, "WebSocket tunnel refused: the hub's or this address's carried tunnels are at their limit");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: too many carried tunnels",
@@ -1428,7 +1459,14 @@ async fn proxy_request(
     // challenges): the hub's own, not a route's.
     if req.uri().path() == crate::carrier::ws::PATH && req.headers().contains_key(header::UPGRADE) {
         if let Some(hub) = shared.carrier.clone() {
-            return Ok(ws_tunnel(hub, conn.client, req));
+            // Behind a trusted proxy (nginx, a CDN), every node comes from
+            // its address: each counts as the client it forwards.
+            let source = conn
+                .trusted
+                .then(|| forwarded_client(req.headers(), |ip| shared.trusts_forwarding(ip)))
+                .flatten()
+                .unwrap_or(conn.client.ip());
+            return Ok(ws_tunnel(hub, conn.client, source, req));
         }
     }
     let Some((authority, host)) = request_host(&req) else {
@@ -2200,6 +2238,37 @@ mod tests {
             .body(())
             .unwrap();
         assert!(request_host(&r).is_none());
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_rightmost_untrusted_address() {
+        let proxies: [IpAddr; 2] = ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        let trusts = |ip: IpAddr| proxies.contains(&ip);
+        let of = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", HeaderValue::from_static(v));
+            }
+            forwarded_client(&h, trusts).map(|ip| ip.to_string())
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(of(&["198.51.100.7"]), some("198.51.100.7"));
+        // What the client sent itself is left of what the proxy appended.
+        assert_eq!(of(&["192.0.2.9, 198.51.100.7"]), some("198.51.100.7"));
+        // Trusted proxies in a chain are passed over, across header lines.
+        assert_eq!(
+            of(&["192.0.2.9, 198.51.100.7", "10.0.0.2 ,10.0.0.1"]),
+            some("198.51.100.7")
+        );
+        assert_eq!(of(&["10.0.0.2, 10.0.0.1"]), some("10.0.0.2"));
+        assert_eq!(of(&["[2001:db8::7]:1234"]), some("2001:db8::7"));
+        assert_eq!(of(&["::ffff:198.51.100.7"]), some("198.51.100.7"));
+        assert_eq!(of(&["198.51.100.7:443"]), some("198.51.100.7"));
+        // No header, or one the proxies did not fill with addresses: none.
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&["unknown"]), None);
+        assert_eq!(of(&["198.51.100.7, unknown, 10.0.0.1"]), None);
+        assert_eq!(of(&[""]), None);
     }
 
     #[test]

@@ -2071,9 +2071,13 @@ async fn serve_tls(
             carrier: true,
             ..
         } if shared.carrier.is_some() => {
-            // Long-lived: hold no generation of the routes meanwhile.
+            // Long-lived: hold no generation of the routes meanwhile, nor
+            // the listener's connection slot (as a WebSocket tunnel does
+            // not): the carrier's own limits bound these, and the hub
+            // closes them when it stops, so the drain need not wait.
             let hub = shared.carrier.clone();
             drop(shared);
+            drop(slot);
             if let Some(hub) = hub {
                 hub.serve(Prefixed::new(bytes, sock), peer, left()).await;
             }
@@ -2232,6 +2236,74 @@ mod tests {
         c.set_max(2);
         assert!(c.try_take().is_some());
         drop(one);
+    }
+
+    /// A carried TLS tunnel gives the listener's connection slot back once
+    /// the carrier has it: it counts not against `max_connections`, and the
+    /// shutdown drain does not wait for it.
+    #[tokio::test]
+    async fn a_carried_tls_tunnel_holds_no_connection_slot() {
+        use crate::carrier;
+        struct Carrier(Arc<carrier::Hub>);
+        impl TunnelLiveness for Carrier {
+            fn tunnel_up(&self, _: std::net::IpAddr) -> Option<bool> {
+                None
+            }
+            fn carrier(&self) -> Option<Arc<carrier::Hub>> {
+                Some(self.0.clone())
+            }
+        }
+        let dev = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dev_addr = dev.local_addr().unwrap();
+        let hub = Arc::new(carrier::Hub::new(move || dev_addr).unwrap());
+        let settings = crate::proxy::settings::ProxySettings {
+            domains: vec![],
+            http_listen: vec![],
+            https_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            routes: vec![],
+            tcp: vec![],
+            udp: vec![],
+            limits: crate::proxy::settings::Limits {
+                max_connections: 1,
+                ..Default::default()
+            },
+            acme: None,
+            access_log: None,
+            proxy_protocol_from: None,
+            trusted_proxies: None,
+            dns: None,
+        };
+        let p = Proxy::start_with(settings, Some(Arc::new(Carrier(hub.clone()))))
+            .await
+            .unwrap();
+        let at = carrier::Dial::Direct(p.https_addrs()[0]);
+        let open = |n: u64| {
+            let hub = hub.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while hub.counters.open.load(Relaxed) < n {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await
+                .expect("the carrier runs the tunnel");
+            }
+        };
+        let cfg = carrier::client_config().unwrap();
+        let t = Duration::from_secs(5);
+        let one = carrier::connect(cfg.clone(), &at, "hub.example", t)
+            .await
+            .unwrap();
+        open(1).await;
+        assert_eq!(p.rt.conns.open(), 0);
+        // A second one gets in too, though `max_connections` is 1.
+        let two = carrier::connect(cfg, &at, "hub.example", t).await.unwrap();
+        open(2).await;
+        assert_eq!(p.rt.conns.open(), 0);
+        let start = std::time::Instant::now();
+        p.shutdown(Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(2));
+        drop((one, two));
     }
 
     #[test]
