@@ -161,8 +161,15 @@ impl Path {
         self.started = false;
         self.carried = false;
         self.reconnect_at = None;
+        self.forget_quick_ends();
         self.left_tls = Some((now_ms, self.probe_wait_ms));
         true
+    }
+
+    /// A change of path starts the count of streams that ended soon afresh.
+    fn forget_quick_ends(&mut self) {
+        self.quick.clear();
+        self.backoff = reconnect_backoff();
     }
 
     pub fn via(&self) -> Via {
@@ -238,8 +245,7 @@ impl Path {
         }
         let lasted = now_ms.saturating_sub(self.since_ms);
         if lasted >= QUICK_MS {
-            self.quick.clear();
-            self.backoff = reconnect_backoff();
+            self.forget_quick_ends();
         }
         self.quick.retain(|t| now_ms.saturating_sub(*t) < QUICK_MS);
         if self.backoff.failures() == 0 && self.quick.len() < QUICK_RECONNECTS {
@@ -272,6 +278,7 @@ impl Path {
         self.started = via == Via::Tls;
         self.carried = false;
         self.reconnect_at = None;
+        self.forget_quick_ends();
         self.probe_wait_ms = match self.left_tls {
             Some((t, wait)) if via == Via::Tls && now_ms.saturating_sub(t) < BOUNCE_MS => {
                 wait.saturating_mul(2).min(self.udp_retry_ms)
@@ -454,6 +461,32 @@ mod tests {
                 assert_eq!((s, p.reconnect_at()), (Step::Stay, Some(now + 500)));
             }
         }
+    }
+
+    #[test]
+    fn a_new_path_forgets_the_streams_that_ended_soon() {
+        let mut p = Path::new(Transport::Auto, 0);
+        let mut now = 10_000;
+        assert_eq!(p.step(now, 0, false, DEAD), Step::UseTls);
+        // Four streams that end a second after they carried: the fourth
+        // replacement waits.
+        for i in 0..4 {
+            assert_eq!(p.step(now + 500, now + 300, true, DEAD), Step::Stay);
+            now += 1_000;
+            let s = p.step(now, now - 100, false, DEAD);
+            assert_eq!(s, if i < 3 { Step::UseTls } else { Step::Stay }, "{i}");
+        }
+        assert!(p.reconnect_at().is_some());
+        // Back on UDP, then on TLS again: the first stream that ends soon
+        // is replaced at once.
+        assert!(p.udp_answered(now));
+        assert_eq!(p.via(), Via::Udp);
+        assert!(p.reconnect_at().is_none());
+        assert_eq!(p.take(Via::Tls, now + 1_000), Step::UseTls);
+        now += 1_000;
+        assert_eq!(p.step(now + 500, now + 300, true, DEAD), Step::Stay);
+        now += 1_000;
+        assert_eq!(p.step(now, now - 100, false, DEAD), Step::UseTls);
     }
 
     #[test]

@@ -35,8 +35,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once per listener.
 const MAX_CONNS: usize = 256;
 /// Connections open at once from one source (an IPv4 address, an IPv6 /64)
-/// on a TCP listener.
-const MAX_CONNS_PER_SOURCE: usize = 16;
+/// on a TCP listener: room for a fleet of machines in one cloud /64 joining
+/// at boot, while a refused token closes its connection at once.
+const MAX_CONNS_PER_SOURCE: usize = 64;
 /// Longest life of an API connection, and the time it then has to finish
 /// the request in flight (see [`serve_bounded`]).
 pub(crate) const CONN_LIFE: Duration = Duration::from_secs(120);

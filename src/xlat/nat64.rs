@@ -25,12 +25,13 @@
 //! ([`Settings::max_sessions`]); when full, new sessions are refused with
 //! [`DropReason::Nat64TableFull`] after expired ones are swept. So that one
 //! node cannot take the whole table (and, each binding holding at least one
-//! session, every pool4 port), the sessions whose binding belongs to one IPv6
-//! address are bounded too, all protocols together
-//! ([`Settings::max_sessions_per_host`]): a new session for a host at its
-//! bound, whether the host's own packet or an IPv4 host's datagram on its UDP
-//! mapping would open it, is refused with [`DropReason::Nat64HostLimit`]
-//! after expired sessions are swept; its existing sessions go on.
+//! session, every pool4 port), the sessions one IPv6 address opens are
+//! bounded too, all protocols together ([`Settings::max_sessions_per_host`]):
+//! a new one for a host at its bound is refused with
+//! [`DropReason::Nat64HostLimit`] after expired sessions are swept; its
+//! existing sessions go on. Sessions IPv4 hosts open on a node's UDP mapping
+//! do not count against it (anyone can send those, and would use up the
+//! node's own room); their own bounds (below) keep them in check.
 //! Fragments other than the first carry no port: the mapping a first
 //! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
 //! protocol and fragment identification, and the later fragments of that
@@ -102,9 +103,8 @@ pub struct Settings {
     pub port_max: u16,
     /// Most sessions (all protocols together).
     pub max_sessions: usize,
-    /// Most sessions whose binding belongs to one IPv6 address (all
-    /// protocols together, those IPv4 hosts opened on its UDP mappings
-    /// included).
+    /// Most sessions one IPv6 address opens with its own packets (all
+    /// protocols together; not those IPv4 hosts open on its UDP mappings).
     pub max_sessions_per_host: usize,
 }
 
@@ -233,6 +233,9 @@ pub enum TcpState {
 struct Session {
     expires: u64,
     tcp: TcpState,
+    /// Opened by its node's own packet (counted against the node's
+    /// [`Settings::max_sessions_per_host`]), not by an IPv4 host's datagram.
+    own: bool,
 }
 
 /// What [`Table::lookup`] reports about a session (for tests and `show`).
@@ -252,7 +255,7 @@ pub struct Table {
     bib6: HashMap<V6Key, u16>,
     bib4: HashMap<V4Key, Bib>,
     sessions: HashMap<SessKey, Session>,
-    /// Sessions per IPv6 address of their binding (no entry for 0).
+    /// Sessions each IPv6 address opened itself (no entry for 0).
     hosts: HashMap<[u8; 16], u32>,
     frags: HashMap<FragKey, FragFlow>,
     held: HashMap<FragKey, Held>,
@@ -439,8 +442,8 @@ impl Table {
         self.bib4.len()
     }
 
-    /// Sessions whose binding belongs to the IPv6 address `addr` (expired
-    /// ones count until swept).
+    /// Sessions the IPv6 address `addr` opened itself (expired ones count
+    /// until swept).
     pub fn host_sessions(&self, addr: [u8; 16]) -> usize {
         self.hosts.get(&addr).map_or(0, |&n| n as usize)
     }
@@ -605,6 +608,9 @@ impl Table {
                 port: k.port4,
             }) {
                 b.sessions = b.sessions.saturating_sub(1);
+                if !s.own {
+                    return false;
+                }
                 if let Some(n) = hosts.get_mut(&b.v6.addr) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
@@ -746,7 +752,7 @@ impl Table {
             remote,
             rport,
         };
-        self.insert_session(k, now)?;
+        self.insert_session(k, now, true)?;
         Ok((port4, k))
     }
 
@@ -754,7 +760,7 @@ impl Table {
     /// binding and on the binding's IPv6 address. Every session is added
     /// here, and [`Self::expire`] is the only place one leaves, so the counts
     /// always match the sessions.
-    fn insert_session(&mut self, k: SessKey, now: u64) -> Result<(), DropReason> {
+    fn insert_session(&mut self, k: SessKey, now: u64, own: bool) -> Result<(), DropReason> {
         let b = self
             .bib4
             .get_mut(&V4Key {
@@ -767,12 +773,15 @@ impl Table {
             Session {
                 expires: now,
                 tcp: TcpState::V6Init,
+                own,
             },
         );
         if old.is_none() {
             b.sessions = b.sessions.saturating_add(1);
-            let n = self.hosts.entry(b.v6.addr).or_insert(0);
-            *n = n.saturating_add(1);
+            if own {
+                let n = self.hosts.entry(b.v6.addr).or_insert(0);
+                *n = n.saturating_add(1);
+            }
         }
         Ok(())
     }
@@ -981,14 +990,15 @@ impl Table {
                 }
             }
             self.room(now)?;
-            // The session counts against the node the mapping belongs to.
-            self.host_room(bib.v6.addr, now)?;
+            // Not counted against the node the mapping belongs to (anyone
+            // can send these, from any address and port): their own bounds
+            // above keep them from the room the nodes' own flows need.
             // A sweep just now may have ended the mapping (its last session
             // expired): then there is nothing to open a session on.
             if !self.bib4.contains_key(&v4k) {
                 return Err(DropReason::Nat64NoSession);
             }
-            self.insert_session(k, now)?;
+            self.insert_session(k, now, false)?;
         }
         self.touch(&k, false, flags, now);
         rewrite(
