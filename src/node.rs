@@ -480,6 +480,10 @@ async fn supervise(
             }
         }
         let up = relay.as_ref().is_some_and(|r| !r.0.is_finished());
+        // A stream killed moments after it carried, before a step saw it up.
+        if relay.is_some() {
+            path.stream_heard(rx);
+        }
         let step = match &tls {
             Some(_) => path.step(now, rx, up, dead_after_ms),
             None => Step::Stay,

@@ -183,6 +183,17 @@ impl Path {
     /// The next step at `now_ms`. `last_rx_ms` is when the hub was last heard
     /// from (0: never); `carrier_up` whether the TLS stream is open (ignored
     /// on UDP); `dead_after_ms` the node's silence limit.
+    /// A stream was open since this way was taken, whatever it is now: the
+    /// hub heard after `since` (`last_rx_ms`) was heard through it (a
+    /// datagram from elsewhere would have moved the peer off the relay). So
+    /// a stream that carried and ended between two steps counts as one that
+    /// carried.
+    pub fn stream_heard(&mut self, last_rx_ms: u64) {
+        if self.via == Via::Tls && last_rx_ms > self.since_ms {
+            self.carried = true;
+        }
+    }
+
     pub fn step(
         &mut self,
         now_ms: u64,
@@ -461,6 +472,21 @@ mod tests {
                 assert_eq!((s, p.reconnect_at()), (Step::Stay, Some(now + 500)));
             }
         }
+    }
+
+    #[test]
+    fn a_stream_that_carried_and_ended_between_two_steps_is_replaced_at_once() {
+        let mut p = Path::new(Transport::Auto, 0);
+        assert_eq!(p.step(10_000, 0, false, DEAD), Step::UseTls);
+        // The hub was heard through the stream at 10.2 s; the stream is
+        // gone by the next step at 10.5 s.
+        p.stream_heard(10_200);
+        assert_eq!(p.step(10_500, 10_200, false, DEAD), Step::UseTls);
+        // Unheard, a stream that ends is a way that does not work.
+        let mut q = Path::new(Transport::Auto, 0);
+        assert_eq!(q.step(10_000, 0, false, DEAD), Step::UseTls);
+        q.stream_heard(9_000);
+        assert_eq!(q.step(10_500, 9_000, false, DEAD), Step::UseUdp);
     }
 
     #[test]
