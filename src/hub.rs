@@ -344,23 +344,7 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
     let _routes = dev.route_lock.lock().await;
     // What the changed peers held and hold no more (a removed peer all of
     // it), read before the device forgets it.
-    let given_up: Vec<IpNet> = {
-        let info = dev.info();
-        peers
-            .iter()
-            .filter_map(|p| {
-                let i = info.peers.iter().find(|i| i.public_key == p.public_key)?;
-                Some(
-                    i.allowed_ips
-                        .iter()
-                        .filter(|n| p.remove || !p.allowed_ips.contains(n))
-                        .copied()
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .flatten()
-            .collect()
-    };
+    let given_up = dev.given_up(&peers);
     let set_req = DeviceSet {
         peers,
         ..DeviceSet::default()
@@ -385,10 +369,8 @@ async fn apply_peers(dev: &Arc<Inner>, old: &HubConfig, new: &HubConfig) {
         // iproute2 runs as a child process: off the async workers.
         // Still routed: what the peers hold, and the translator's prefixes.
         let held: Vec<IpNet> = dev
-            .info()
-            .peers
+            .peer_prefixes()
             .into_iter()
-            .flat_map(|p| p.allowed_ips)
             .chain(new.xlat.iter().flat_map(|x| x.routes.iter().copied()))
             .collect();
         let r = tokio::task::spawn_blocking(move || {

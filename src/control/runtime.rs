@@ -518,7 +518,6 @@ impl Control {
         // route while a peer owns them.
         let routes = env.cfg.routes;
         let (added, removed): (Vec<IpNet>, Vec<IpNet>) = if routes {
-            let info = self.dev.info();
             let added = set
                 .peers
                 .iter()
@@ -527,20 +526,7 @@ impl Control {
                 .collect();
             // What a removed peer held, and what a re-added one held and
             // holds no more.
-            let removed = set
-                .peers
-                .iter()
-                .filter_map(|p| {
-                    let i = info.peers.iter().find(|i| i.public_key == p.public_key)?;
-                    Some(
-                        i.allowed_ips
-                            .iter()
-                            .filter(|n| p.remove || !p.allowed_ips.contains(n)),
-                    )
-                })
-                .flatten()
-                .copied()
-                .collect();
+            let removed = self.dev.given_up(&set.peers);
             (added, removed)
         } else {
             (Vec::new(), Vec::new())
@@ -554,10 +540,8 @@ impl Control {
                     // translator's prefixes.
                     let held: Vec<IpNet> = self
                         .dev
-                        .info()
-                        .peers
+                        .peer_prefixes()
                         .into_iter()
-                        .flat_map(|p| p.allowed_ips)
                         .chain(env.cfg.xlat.iter().flat_map(|x| x.routes.iter().copied()))
                         .collect();
                     let cfg = env.cfg.clone();

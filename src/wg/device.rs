@@ -842,6 +842,34 @@ impl Inner {
         }
     }
 
+    /// What the peers `set` changes hold now and will not after it is
+    /// applied (a removed peer's all), read before the device forgets it.
+    pub fn given_up(&self, set: &[PeerSet]) -> Vec<IpNet> {
+        let info = self.info();
+        set.iter()
+            .filter_map(|p| {
+                let i = info.peers.iter().find(|i| i.public_key == p.public_key)?;
+                Some(
+                    i.allowed_ips
+                        .iter()
+                        .filter(|n| p.remove || !p.allowed_ips.contains(n))
+                        .copied()
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Every prefix the device's peers hold.
+    pub fn peer_prefixes(&self) -> Vec<IpNet> {
+        self.info()
+            .peers
+            .into_iter()
+            .flat_map(|p| p.allowed_ips)
+            .collect()
+    }
+
     /// Forgets a prefix no longer routed into this TUN.
     pub fn remove_tun_route(&self, net: &IpNet) {
         let net = net.trunc();
