@@ -181,7 +181,11 @@ pub fn main() -> ExitCode {
                 }
             };
             if check {
-                println!("{}: ok ({} peers)", config.display(), cfg.peers.len());
+                println!(
+                    "{}: ok ({})",
+                    config.display(),
+                    counted(cfg.peers.len(), "peer")
+                );
                 return ExitCode::SUCCESS;
             }
             init_tracing();
@@ -228,7 +232,11 @@ fn run_node(config: PathBuf, check: bool) -> ExitCode {
         }
     };
     if check {
-        println!("{}: ok ({} hubs)", config.display(), cfg.hubs.len());
+        println!(
+            "{}: ok ({})",
+            config.display(),
+            counted(cfg.hubs.len(), "hub")
+        );
         return ExitCode::SUCCESS;
     }
     init_tracing();
@@ -810,6 +818,15 @@ fn show(json: bool, interface: Option<String>) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `n` things, in words: "1 peer", "2 peers".
+fn counted(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
     }
 }
 
