@@ -1,7 +1,7 @@
 //! Moves one client connection to another hub of the mesh.
 
 use super::table::PeerHub;
-use super::Mesh;
+use super::{unix_now, Mesh};
 use crate::proxy::io::{splice, Spliced};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::settings::Limits;
@@ -12,12 +12,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// Longest wait for another hub to accept a connection.
 pub const MAX_CONNECT: Duration = Duration::from_secs(3);
@@ -92,6 +86,10 @@ pub(crate) fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
 /// until they end or the idle timeout passes without a byte. Returns the hub
 /// that took it and what the splice moved, or the error to count when none
 /// accepted (the client is then still open, for the caller to answer).
+///
+/// All the tries together take at most `connect_timeout` (each address at
+/// most [`MAX_CONNECT`] of it, for the connect and again for writing the
+/// header and `c.first`: a hub that accepts and does not read is left).
 pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
@@ -105,12 +103,18 @@ pub async fn forward(
         dest,
         first,
     } = c;
-    let timeout = limits.connect_timeout.min(MAX_CONNECT);
+    let deadline = tokio::time::Instant::now() + limits.connect_timeout;
     let idle = limits.idle_timeout;
     let mut kind = ErrorKind::NoHealthyBackend;
     for hub in hubs {
         let addrs = hub.addrs(tls);
         for &to in addrs {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                debug!(hub = %hub.name, "no time left to try more hubs");
+                return Err((client, ErrorKind::BackendTimeout));
+            }
+            let timeout = left.min(MAX_CONNECT);
             let mut up = match connect(mesh, to, timeout).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -136,10 +140,18 @@ pub async fn forward(
                 None => encode_v2(&mut head, Transport::Tcp, peer, dest),
             }
             head.extend_from_slice(&first);
-            if let Err(e) = up.write_all(&head).await {
-                debug!(hub = %hub.name, to = %to, error = %e, "hub closed at once");
-                kind = ErrorKind::BackendRefused;
-                continue;
+            match tokio::time::timeout(timeout, up.write_all(&head)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(hub = %hub.name, to = %to, error = %e, "hub closed at once");
+                    kind = ErrorKind::BackendRefused;
+                    continue;
+                }
+                Err(_) => {
+                    debug!(hub = %hub.name, to = %to, "hub took the connection but not its first bytes");
+                    kind = ErrorKind::BackendTimeout;
+                    continue;
+                }
             }
             // Not held for the life of the connection.
             drop(head);

@@ -55,6 +55,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Seconds since the Unix epoch (0 before it): the time seals carry.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 use table::{PeerHub, Table};
 use tracing::warn;
 
@@ -90,8 +97,9 @@ pub struct Mesh {
     bad_seals: AtomicU64,
     /// Seals taken lately (replays are refused).
     replay: Mutex<seal::ReplayGuard>,
-    /// The replay guard filled up (logged once).
-    replay_full: std::sync::atomic::AtomicBool,
+    /// When the replay guard was last found full (Unix seconds; logged at
+    /// most once a minute).
+    replay_full: AtomicU64,
     /// The name claims as last seen.
     names: parking_lot::RwLock<claims::Claims>,
     /// Woken when a name claim changes (the control plane re-checks).
@@ -216,7 +224,7 @@ impl Mesh {
                 .collect(),
             bad_seals: AtomicU64::new(0),
             replay: Mutex::new(seal::ReplayGuard::new(REPLAY_CAP)),
-            replay_full: std::sync::atomic::AtomicBool::new(false),
+            replay_full: AtomicU64::new(0),
             names: parking_lot::RwLock::new(claims::Claims::new()),
             names_kick: Arc::new(tokio::sync::Notify::new()),
             claim_source: Mutex::new(None),
@@ -250,11 +258,11 @@ impl Mesh {
     /// Checks a hub's sealed PROXY header against each secret, and that it
     /// was not taken before. `known`: it came from another hub's advertised
     /// address. Counted in `bad_seals` when it was replayed, or came from a
-    /// known address and does not hold.
+    /// known address and does not hold, or the replay guard is full and it
+    /// did not come from a known address (a seal that cannot be remembered
+    /// could be a copy: only the hubs' own addresses are taken on trust).
     pub fn check_seal(&self, header: &[u8], known: bool) -> Result<(), String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_now();
         let mut last = seal::SealError::Missing;
         let mut ok = false;
         for k in &self.seal {
@@ -273,16 +281,34 @@ impl Mesh {
             return Err(last.to_string());
         }
         let id = seal::seal_id(header).ok_or("no seal")?;
-        match self.replay.lock().admit(id, now) {
+        // The clock is read again under the lock, so the guard sees times
+        // in order (one read before it could predate a generation another
+        // connection has just started).
+        let admitted = {
+            let mut guard = self.replay.lock();
+            guard.admit(id, unix_now())
+        };
+        match admitted {
             seal::Admit::New => Ok(()),
             seal::Admit::Full => {
-                if !self.replay_full.swap(true, Relaxed) {
+                let last = self.replay_full.load(Relaxed);
+                if now >= last.saturating_add(60)
+                    && self
+                        .replay_full
+                        .compare_exchange(last, now, Relaxed, Relaxed)
+                        .is_ok()
+                {
                     tracing::warn!(
                         cap = REPLAY_CAP,
-                        "mesh: more sealed connections than the replay guard holds; some are taken without being remembered"
+                        "mesh: more sealed connections than the replay guard holds; until it empties, only those from other hubs' addresses are taken"
                     );
                 }
-                Ok(())
+                if known {
+                    Ok(())
+                } else {
+                    self.bad_seals.fetch_add(1, Relaxed);
+                    Err("the replay guard is full".to_string())
+                }
             }
             seal::Admit::Replayed => {
                 self.bad_seals.fetch_add(1, Relaxed);
@@ -656,6 +682,38 @@ mod tests {
         )
         .unwrap();
         Mesh::new(settings::validate(raw, std::path::Path::new("/"), true).unwrap())
+    }
+
+    #[test]
+    fn a_full_replay_guard_takes_seals_only_from_hubs() {
+        let dir = std::env::temp_dir().join(format!("gw-mesh-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("s.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let raw: settings::RawMesh = toml::from_str(
+            "name = \"a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\nsecret_file = \"s.key\"\n",
+        )
+        .unwrap();
+        let m = Mesh::new(settings::validate(raw, &dir, true).unwrap());
+        *m.replay.lock() = seal::ReplayGuard::new(1);
+        let header = |n: u8| {
+            seal::seal(
+                m.seal_key().unwrap(),
+                "192.0.2.1:5000".parse().unwrap(),
+                "198.51.100.1:80".parse().unwrap(),
+                unix_now(),
+                [n; 8],
+            )
+        };
+        let (h1, h2) = (header(1), header(2));
+        assert_eq!(m.check_seal(&h1, false), Ok(()));
+        assert!(m.check_seal(&h1, true).is_err(), "replayed");
+        assert_eq!(m.bad_seals.load(Relaxed), 1);
+        // Full: a stranger's seal could be a copy and is refused; a hub's
+        // own address is taken (unremembered).
+        assert!(m.check_seal(&h2, false).is_err());
+        assert_eq!(m.bad_seals.load(Relaxed), 2);
+        assert_eq!(m.check_seal(&h2, true), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -118,11 +118,20 @@ impl ReplayGuard {
     }
 
     /// Whether the seal `id` ([`seal_id`]) arriving at `now` is new.
+    ///
+    /// A `now` a little before the generation's start (two connections
+    /// checked at once across a second's edge, or the clock stepped back a
+    /// little) counts as the start: forgetting the remembered seals then
+    /// would let them be taken again while their times are still valid.
+    /// Only a clock stepped back by more than [`REMEMBER_SECS`], after which
+    /// every remembered seal's time is out of the window, starts afresh.
     pub fn admit(&mut self, id: u128, now: u64) -> Admit {
-        if now >= self.started.saturating_add(REMEMBER_SECS) || now < self.started {
-            // A generation is over (or the clock went back): the older one
-            // goes, unless the gap is so long that both are stale.
-            let stale = now >= self.started.saturating_add(2 * REMEMBER_SECS) || now < self.started;
+        let back = now.saturating_add(REMEMBER_SECS) < self.started;
+        let now = if back { now } else { now.max(self.started) };
+        if back || now >= self.started.saturating_add(REMEMBER_SECS) {
+            // A generation is over: the older one goes, unless the gap is
+            // so long (or the clock went so far back) that both are stale.
+            let stale = back || now >= self.started.saturating_add(2 * REMEMBER_SECS);
             self.previous = if stale {
                 HashSet::new()
             } else {
@@ -313,8 +322,25 @@ mod tests {
         assert_eq!(g.admit(3, 500), Admit::Full);
         assert_eq!(g.admit(3, 501), Admit::Full);
         assert_eq!(g.admit(1, 501), Admit::Replayed);
-        // The clock going back starts afresh.
+        // The clock going far back starts afresh (every remembered seal's
+        // time is then out of the window).
         assert_eq!(g.admit(4, 100), Admit::New);
+        assert_eq!(g.admit(1, 100), Admit::New);
+    }
+
+    #[test]
+    fn a_time_just_before_the_generation_forgets_nothing() {
+        let mut g = ReplayGuard::new(8);
+        assert_eq!(g.admit(1, 1_000), Admit::New);
+        // Another connection starts the next generation a second later ...
+        assert_eq!(g.admit(2, 1_000 + REMEMBER_SECS), Admit::New);
+        // ... and one checked with the second before still finds both.
+        assert_eq!(g.admit(1, 1_000 + REMEMBER_SECS - 1), Admit::Replayed);
+        assert_eq!(g.admit(2, 1_000 + REMEMBER_SECS - 1), Admit::Replayed);
+        // A clock stepped back by a minute forgets nothing either.
+        assert_eq!(g.admit(1, 1_000 + REMEMBER_SECS - 60), Admit::Replayed);
+        assert_eq!(g.admit(3, 1_000 + REMEMBER_SECS - 60), Admit::New);
+        assert_eq!(g.admit(3, 1_000 + REMEMBER_SECS + 1), Admit::Replayed);
         assert_eq!(seal_id(b"short"), None);
     }
 

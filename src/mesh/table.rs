@@ -45,6 +45,12 @@ pub struct HubRecord {
     /// empty, so a hub without `[proxy.dns]` writes what older hubs read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<IpAddr>,
+    /// The addresses it connects to the other hubs from (`[mesh]
+    /// advertise`, also those no listener takes): the other hubs take
+    /// PROXY headers from them as from its listeners' addresses. Left out
+    /// when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<IpAddr>,
 }
 
 impl HubRecord {
@@ -77,6 +83,12 @@ impl HubRecord {
         let mut hosts: Vec<String> = hosts.into_iter().collect();
         hosts.sort();
         hosts.dedup();
+        let mut from: Vec<IpAddr> = Vec::with_capacity(advertise.len());
+        for ip in advertise.iter().map(|ip| ip.to_canonical()) {
+            if !from.contains(&ip) && from.len() < MAX_ADDRS {
+                from.push(ip);
+            }
+        }
         HubRecord {
             v: RECORD_VERSION,
             name: name.to_string(),
@@ -84,6 +96,7 @@ impl HubRecord {
             https: with(https),
             hosts,
             dns: Vec::new(),
+            from,
         }
     }
 
@@ -119,8 +132,18 @@ pub enum RecordError {
     Address(SocketAddr),
     #[error("public address {0} is not one the internet reaches")]
     DnsAddress(IpAddr),
+    #[error("source address {0} is not a unicast address")]
+    Source(IpAddr),
     #[error("host `{0}` is not a DNS name")]
     Host(String),
+}
+
+/// Whether another hub may be reached at (or connect from) `ip`: not
+/// unspecified, multicast, loopback or broadcast.
+fn unicast(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || broadcast)
 }
 
 /// Whether `s` may name a hub (it is also the last part of its store key).
@@ -156,6 +179,7 @@ pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordEr
     if r.http.len() > MAX_ADDRS
         || r.https.len() > MAX_ADDRS
         || r.dns.len() > MAX_ADDRS
+        || r.from.len() > MAX_ADDRS
         || r.hosts.len() > MAX_HOSTS
     {
         return Err(RecordError::TooMany);
@@ -173,17 +197,17 @@ pub fn decode_record(key_name: &str, bytes: &[u8]) -> Result<HubRecord, RecordEr
         new
     });
     for a in r.http.iter().chain(&r.https) {
-        let ip = a.ip().to_canonical();
-        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-        if a.port() == 0
-            || ip.is_unspecified()
-            || ip.is_multicast()
-            || ip.is_loopback()
-            || broadcast
-        {
+        if a.port() == 0 || !unicast(a.ip()) {
             return Err(RecordError::Address(*a));
         }
     }
+    for a in &mut r.from {
+        *a = a.to_canonical();
+        if !unicast(*a) {
+            return Err(RecordError::Source(*a));
+        }
+    }
+    r.from.dedup();
     let mut hosts = Vec::with_capacity(r.hosts.len());
     for h in &r.hosts {
         let n = DomainName::parse(h).map_err(|_| RecordError::Host(h.clone()))?;
@@ -243,8 +267,9 @@ impl Table {
                 https: r.https.clone(),
                 hosts: r.hosts.len(),
             });
-            for a in r.http.iter().chain(&r.https) {
-                let ip = a.ip().to_canonical();
+            let listeners = r.http.iter().chain(&r.https).map(|a| a.ip());
+            for ip in listeners.chain(r.from.iter().copied()) {
+                let ip = ip.to_canonical();
                 if !t.trusted.contains(&ip) {
                     t.trusted.push(ip);
                 }
@@ -352,6 +377,45 @@ mod tests {
         ] {
             assert!(!t.has_below(name), "{name}");
         }
+    }
+
+    #[test]
+    fn a_hub_is_trusted_from_every_advertised_address() {
+        // IPv4 listeners only: the IPv6 address takes no connections, but
+        // the hub connects from it to the others' IPv6 listeners.
+        let http: Vec<SocketAddr> = vec!["0.0.0.0:80".parse().unwrap()];
+        let v4: IpAddr = "198.51.100.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let a = HubRecord::local("a", &[v4, v6], &http, &[], []);
+        assert_eq!(a.http, vec![SocketAddr::new(v4, 80)]);
+        assert_eq!(a.from, vec![v4, v6]);
+        let back = decode_record("a", &a.encode()).unwrap();
+        assert_eq!(back, a);
+        let t = Table::build("me", [&back]);
+        assert!(t.trusts(v4) && t.trusts(v6));
+        assert!(!t.trusts("2001:db8::2".parse().unwrap()));
+        // A record without the field (an older hub's) trusts its listeners.
+        let old = decode_record("a", br#"{"v":1,"name":"a","http":["198.51.100.1:80"]}"#).unwrap();
+        assert!(old.from.is_empty());
+        assert!(Table::build("me", [&old]).trusts(v4));
+        for bad in ["127.0.0.1", "::", "ff02::1", "255.255.255.255"] {
+            let json = format!(r#"{{"v":1,"name":"a","from":["{bad}"]}}"#);
+            assert!(
+                matches!(
+                    decode_record("a", json.as_bytes()),
+                    Err(RecordError::Source(_))
+                ),
+                "{bad}"
+            );
+        }
+        let many: Vec<String> = (1..=MAX_ADDRS + 1)
+            .map(|i| format!("\"198.51.100.{i}\""))
+            .collect();
+        let json = format!(r#"{{"v":1,"name":"a","from":[{}]}}"#, many.join(","));
+        assert_eq!(
+            decode_record("a", json.as_bytes()),
+            Err(RecordError::TooMany)
+        );
     }
 
     #[test]
