@@ -1,14 +1,15 @@
 //! Fuzz target for the NAT64 session table: a sequence of packets, each fed
 //! outbound (IPv6 node → IPv4) or inbound (translated from IPv4), at advancing
 //! times, into a small table so that full-table, host-limit, port exhaustion
-//! and expiry paths are reached. The table must never panic nor exceed its
-//! bounds (sessions, sessions per IPv6 host, tracked datagrams, held fragment
-//! bytes).
+//! and expiry paths are reached. Outbound packets come from one of four
+//! owners (nodes), whatever their source address. The table must never panic
+//! nor exceed its bounds (sessions, sessions per owner, tracked datagrams,
+//! held fragment bytes).
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use gatewire::xlat::nat64::{Settings, Table};
+use gatewire::xlat::nat64::{Owner, Settings, Table};
 use gatewire::xlat::Pool6;
 use libfuzzer_sys::fuzz_target;
 
@@ -27,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     });
     let mut now = 0u64;
     let mut buf = [0u8; 2048];
-    // Records: [control][len][bytes...]; control bit 0 = direction, bits 1..7 = time step.
+    let owners: [Owner; 4] = [[0; 16], [1; 16], [2; 16], [3; 16]];
+    // Records: [control][len][bytes...]; control bit 0 = direction, bits 1..7 = time step;
+    // the low two bits of len choose the owner of an outbound packet.
     let mut rest = data;
     while let [ctl, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());
@@ -49,15 +52,22 @@ fuzz_target!(|data: &[u8]| {
                 d.copy_from_slice(&p);
             }
         }
+        let owner = owners
+            .get(usize::from(*len & 3))
+            .copied()
+            .unwrap_or_default();
         let _ = if ctl & 1 == 0 {
-            t.outbound(b, &pool6, now)
+            t.outbound(b, &pool6, owner, now)
         } else {
             t.inbound(b, &pool6, now)
         };
         assert!(t.sessions() <= 8);
         assert!(t.bindings() <= t.sessions());
-        // Every host with a session holds at most 3.
-        assert!(t.hosts() <= t.sessions() && t.sessions() <= t.hosts() * 3);
+        // Every owner with a session holds at most 3 (strangers' sessions on
+        // a node's UDP mapping count against no one).
+        assert!(t.owners() <= t.sessions());
+        assert!(owners.iter().all(|&o| t.owner_sessions(o) <= 3));
+        assert!(owners.iter().map(|&o| t.owner_sessions(o)).sum::<usize>() <= t.sessions());
         assert!(t.fragment_flows() <= gatewire::xlat::nat64::MAX_FRAG_FLOWS);
         let (held, bytes) = t.held_fragments();
         assert!(bytes <= gatewire::xlat::nat64::MAX_HELD_BYTES);

@@ -11,7 +11,7 @@ use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::wg::allowed_ips::AllowedIps;
 use crate::wg::packet::{self, Hop};
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
-use crate::wg::xlat::XlatPath;
+use crate::wg::xlat::{peer_owner, XlatPath};
 use crate::xlat;
 use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
@@ -1045,6 +1045,7 @@ impl Inner {
                 };
                 if let Some(x) = &self.xlat {
                     let owns = |a: Ipv6Addr| table.routes.lookup(IpAddr::V6(a)).is_some();
+                    // No peer: NAT64 bounds the sessions per source address.
                     if let Some(o) = x.on_tun(pkt, &mut xout, self.now_ms() / 1000, owns) {
                         // One translated packet for a peer joins the group below;
                         // anything else is sent from here.
@@ -1630,7 +1631,10 @@ impl Inner {
                 if let Some(x) = &self.xlat {
                     let now = self.now_ms() / 1000;
                     let owns = |a: Ipv6Addr| table.routes.lookup(IpAddr::V6(a)).is_some();
-                    if let Some(o) = x.on_peer(pkt, xout, now, owns) {
+                    // NAT64 bounds the peer's sessions, from whatever
+                    // addresses its allowed IPs give it.
+                    let owner = peer_owner(&peer.public_key);
+                    if let Some(o) = x.on_peer(pkt, xout, now, owner, owns) {
                         self.xlat_emit(table, &o, xout, fwd, sink).await;
                         self.xlat_released(x, table, xout, fwd, sink, now).await;
                         return;

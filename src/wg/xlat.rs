@@ -11,6 +11,10 @@
 //!   destination): an IPv6 packet to pool6 or to an EAM IPv6 range is
 //!   translated 6→4; when its source has no EAM mapping it goes through NAT64
 //!   first (if configured).
+//! * NAT64 bounds the sessions of one node ([`nat64::Owner`]): for a packet
+//!   from a peer, the peer ([`peer_owner`]: all the addresses its allowed
+//!   IPs give it together); for one from the TUN (the hub's own host or its
+//!   LAN), its IPv6 source address.
 //! * Either way, an IPv6 packet to an EAM IPv6 range that no peer owns is
 //!   dropped (`eam_no_peer`): the EAM IPv4 ranges are routed onto the TUN,
 //!   so its translation would come straight back, again and again.
@@ -50,6 +54,17 @@ pub struct XlatPath {
 
 /// The drop counter name of generated ICMP errors over the rate limit.
 pub const RATE_LIMITED: &str = "icmp_error_rate_limited";
+
+/// The NAT64 owner of a peer's packets: the first 16 bytes of its public key.
+/// The key, not the addresses, names the peer: one that routes a prefix
+/// gets one bound for all the addresses in it, and the same key keeps its
+/// count across reloads (its sessions keep the owner they were opened
+/// under). Another key, or an IPv6 address (the owner of a packet from the
+/// TUN), with the same 16 bytes would take some 2^128 tries to find.
+pub fn peer_owner(public_key: &crate::keys::PublicKey) -> nat64::Owner {
+    // A key has 32 bytes: the default is never taken.
+    public_key.0.first_chunk().copied().unwrap_or_default()
+}
 
 impl XlatPath {
     pub fn new(
@@ -236,7 +251,8 @@ impl XlatPath {
                 if !self.in_pool6(&dst) {
                     return None;
                 }
-                self.done(self.six_to_four(pkt, out, now), now)
+                // NAT64 sessions count against the source address.
+                self.done(self.six_to_four(pkt, out, now, None), now)
             }
             _ => None,
         }
@@ -291,12 +307,15 @@ impl XlatPath {
     }
 
     /// A decrypted IPv6 packet from a peer that no other peer takes. `None`: not
-    /// for the translator. `peer_owns` as for [`Self::on_tun`].
+    /// for the translator. `owner` names the peer ([`peer_owner`]): the NAT64
+    /// sessions it opens count against it, whatever its source address.
+    /// `peer_owns` as for [`Self::on_tun`].
     pub fn on_peer(
         &self,
         pkt: &[u8],
         out: &mut [u8],
         now: u64,
+        owner: nat64::Owner,
         peer_owns: impl Fn(std::net::Ipv6Addr) -> bool,
     ) -> Option<Outcome> {
         if pkt.first().map(|b| b >> 4) != Some(6) {
@@ -312,19 +331,28 @@ impl XlatPath {
         } else if !self.in_pool6(&dst) {
             return None;
         }
-        self.done(self.six_to_four(pkt, out, now), now)
+        self.done(self.six_to_four(pkt, out, now, Some(owner)), now)
     }
 
     /// IPv6 → IPv4, through NAT64 when the source has no stateless mapping.
-    fn six_to_four(&self, pkt: &[u8], out: &mut [u8], now: u64) -> Outcome {
-        let stateless = pkt
-            .get(8..24)
-            .and_then(|s| <[u8; 16]>::try_from(s).ok())
-            .is_some_and(|src| {
-                xlat::addr::eam_lookup_v6(&self.cfg.eamt, &src).is_some() || self.in_pool6(&src)
-            });
+    /// NAT64 sessions count against `owner`, or the source address when
+    /// `None`.
+    fn six_to_four(
+        &self,
+        pkt: &[u8],
+        out: &mut [u8],
+        now: u64,
+        owner: Option<nat64::Owner>,
+    ) -> Outcome {
+        let src = pkt.get(8..24).and_then(|s| <[u8; 16]>::try_from(s).ok());
+        let stateless = src.is_some_and(|src| {
+            xlat::addr::eam_lookup_v6(&self.cfg.eamt, &src).is_some() || self.in_pool6(&src)
+        });
         let (Some(nat), Some(pool6), false) = (&self.nat, &self.cfg.pool6, stateless) else {
             return xlat::translate_6to4(&self.cfg, pkt, out);
+        };
+        let Some(owner) = owner.or(src) else {
+            return Outcome::Drop(DropReason::Truncated);
         };
         let Some(split) = out.len().checked_sub(SCRATCH) else {
             return Outcome::Drop(DropReason::OutputTooSmall);
@@ -336,7 +364,7 @@ impl XlatPath {
         s.copy_from_slice(pkt);
         let step = {
             let mut t = nat.lock();
-            let r = t.outbound(s, pool6, now);
+            let r = t.outbound(s, pool6, owner, now);
             self.after_nat(&mut t);
             r
         };
@@ -504,6 +532,21 @@ mod tests {
         XlatPath::new(Arc::new(cfg), Some(nat), Vec::new(), 10)
     }
 
+    /// A NAT64 hub's path whose nodes have at most `per_node` sessions each.
+    fn nat_path_per_node(per_node: usize) -> XlatPath {
+        let cfg = xlat::Config {
+            pool6: Some(pool6()),
+            ..xlat::Config::default()
+        };
+        let nat = nat64::Settings {
+            pool4: "198.51.100.200".parse().unwrap(),
+            max_sessions: 64,
+            max_sessions_per_host: per_node,
+            ..nat64::Settings::default()
+        };
+        XlatPath::new(Arc::new(cfg), Some(nat), Vec::new(), 10)
+    }
+
     fn nat_path() -> XlatPath {
         nat_path_with(xlat::Config {
             pool6: Some(pool6()),
@@ -512,6 +555,9 @@ mod tests {
     }
 
     const NODE: &str = "fd77:6777::1:1";
+
+    /// The NAT64 owner of the peer the tests' packets come from.
+    const PEER: nat64::Owner = [7; 16];
 
     /// A UDP datagram from a node to pool6 + 203.0.113.10, as two IPv6
     /// fragments (the second carrying no ports).
@@ -550,12 +596,12 @@ mod tests {
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let [first, later] = node_fragments(7);
         assert_eq!(
-            x.on_peer(&later, &mut out, 10, |_| false),
+            x.on_peer(&later, &mut out, 10, PEER, |_| false),
             Some(Outcome::Held)
         );
         assert_eq!(x.released(&mut out, 10), None, "nothing before its first");
         assert_eq!(x.nat64_counts().map(|n| n.held_fragments), Some(1));
-        let Some(Outcome::Forward(p)) = x.on_peer(&first, &mut out, 10, |_| false) else {
+        let Some(Outcome::Forward(p)) = x.on_peer(&first, &mut out, 10, PEER, |_| false) else {
             panic!("the first is translated");
         };
         let v4 = p.iter(&out).next().unwrap().to_vec();
@@ -578,14 +624,14 @@ mod tests {
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let [_, later] = node_fragments(8);
         assert_eq!(
-            x.on_peer(&later, &mut out, 10, |_| false),
+            x.on_peer(&later, &mut out, 10, PEER, |_| false),
             Some(Outcome::Held)
         );
         // Any NAT64 packet after the timeout sweeps the table.
         let [other, _] = node_fragments(9);
         let now = 10 + nat64::FRAG_TIMEOUT;
         assert!(matches!(
-            x.on_peer(&other, &mut out, now, |_| false),
+            x.on_peer(&other, &mut out, now, PEER, |_| false),
             Some(Outcome::Forward(_))
         ));
         assert_eq!(x.drops().get("fragment"), Some(&1));
@@ -599,7 +645,7 @@ mod tests {
         let expired = udp6(1);
         let kinds = |x: &XlatPath, now: u64, out: &mut [u8]| -> Vec<&'static str> {
             (0..5)
-                .map(|_| match x.on_peer(&expired, out, now, |_| false) {
+                .map(|_| match x.on_peer(&expired, out, now, PEER, |_| false) {
                     Some(Outcome::Reply { .. }) => "reply",
                     Some(Outcome::Drop(_)) => "drop",
                     Some(_) => "other",
@@ -623,7 +669,7 @@ mod tests {
         // The next second sends again; forwarded packets are never limited.
         assert_eq!(kinds(&x, 101, &mut out)[..2], ["reply", "reply"]);
         assert!(matches!(
-            x.on_peer(&udp6(64), &mut out, 101, |_| false),
+            x.on_peer(&udp6(64), &mut out, 101, PEER, |_| false),
             Some(Outcome::Forward(_))
         ));
         // 0: no generated errors at all.
@@ -646,7 +692,8 @@ mod tests {
         let node: Ipv6Addr = NODE.parse().unwrap();
         let big = udp6_between(node, embed(&pool6(), [203, 0, 113, 10]), 64, 1352);
         assert_eq!(big.len(), 1400);
-        let Some(Outcome::Reply { packets, cause }) = x.on_peer(&big, &mut out, 10, |_| false)
+        let Some(Outcome::Reply { packets, cause }) =
+            x.on_peer(&big, &mut out, 10, PEER, |_| false)
         else {
             panic!("a Packet Too Big");
         };
@@ -665,7 +712,7 @@ mod tests {
         // One that fits goes.
         let fits = udp6_between(node, embed(&pool6(), [203, 0, 113, 10]), 64, 1252);
         assert!(matches!(
-            x.on_peer(&fits, &mut out, 10, |_| false),
+            x.on_peer(&fits, &mut out, 10, PEER, |_| false),
             Some(Outcome::Forward(_))
         ));
     }
@@ -691,7 +738,7 @@ mod tests {
         let eam_dst: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
         let p = udp6_between(embed(&pool6(), [198, 51, 100, 2]), eam_dst, 64, 4);
         assert_eq!(
-            x.on_peer(&p, &mut out, 10, |_| false),
+            x.on_peer(&p, &mut out, 10, PEER, |_| false),
             Some(Outcome::Drop(DropReason::EamNoPeer))
         );
         assert_eq!(
@@ -716,7 +763,7 @@ mod tests {
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let node: Ipv6Addr = NODE.parse().unwrap();
         let p = udp6_between(node, embed(&wkp, [8, 8, 8, 8]), 64, 4);
-        let Some(Outcome::Forward(pk)) = x.on_peer(&p, &mut out, 10, |_| false) else {
+        let Some(Outcome::Forward(pk)) = x.on_peer(&p, &mut out, 10, PEER, |_| false) else {
             panic!("a global remote is reached");
         };
         let v4 = pk.iter(&out).next().unwrap().to_vec();
@@ -754,11 +801,69 @@ mod tests {
         ] {
             let p = udp6_between(node, embed(&wkp, remote), 64, 4);
             assert_eq!(
-                x.on_peer(&p, &mut out, 10, |_| false),
+                x.on_peer(&p, &mut out, 10, PEER, |_| false),
                 Some(Outcome::Drop(DropReason::IllegalAddress)),
                 "{remote:?}"
             );
         }
         assert_eq!(x.nat64_counts().map(|n| n.sessions), Some(1), "no session");
+    }
+
+    /// A peer's NAT64 sessions are bounded together, whatever addresses of
+    /// its prefix it sends from; another peer still opens its own. From the
+    /// TUN (no peer) the bound is per source address.
+    #[test]
+    fn nat64_bound_is_per_peer_not_per_address() {
+        let x = nat_path_per_node(3);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let remote = embed(&pool6(), [203, 0, 113, 10]);
+        let from = |last: u16| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, last);
+        let forwarded = |o: Option<Outcome>| matches!(o, Some(Outcome::Forward(_)));
+        for last in 1..=3 {
+            let p = udp6_between(from(last), remote, 64, 4);
+            assert!(
+                forwarded(x.on_peer(&p, &mut out, 10, PEER, |_| false)),
+                "{last}"
+            );
+        }
+        // A fourth address of the same peer: its bound is reached.
+        let p = udp6_between(from(4), remote, 64, 4);
+        assert_eq!(
+            x.on_peer(&p, &mut out, 10, PEER, |_| false),
+            Some(Outcome::Drop(DropReason::Nat64HostLimit))
+        );
+        assert_eq!(x.drops().get("nat64_host_limit"), Some(&1));
+        // Another peer, even from the same address, opens its own.
+        let other = [8; 16];
+        assert!(forwarded(x.on_peer(&p, &mut out, 10, other, |_| false)));
+        // A peer's owner is its key's, the same whatever the addresses.
+        let key = crate::keys::PublicKey([9; 32]);
+        assert_eq!(peer_owner(&key), [9; 16]);
+        // From the TUN each source address has its own bound.
+        for last in 10..=13 {
+            let p = udp6_between(from(last), remote, 64, 4);
+            assert!(forwarded(x.on_tun(&p, &mut out, 10, |_| false)), "{last}");
+        }
+        // One address's sessions (to three remotes) reach its bound.
+        for last in [11, 12, 13] {
+            let to = embed(&pool6(), [203, 0, 113, last]);
+            let p = udp6_between(from(20), to, 64, 4);
+            assert!(forwarded(x.on_tun(&p, &mut out, 10, |_| false)), "{last}");
+        }
+        let p = udp6_between(from(20), remote, 64, 4);
+        assert_eq!(
+            x.on_tun(&p, &mut out, 10, |_| false),
+            Some(Outcome::Drop(DropReason::Nat64HostLimit))
+        );
+        assert_eq!(x.nat64_counts().map(|n| n.sessions), Some(3 + 1 + 4 + 3));
+        // Once the peer's sessions expire, it has its room again.
+        let p = udp6_between(from(4), remote, 64, 4);
+        assert!(forwarded(x.on_peer(
+            &p,
+            &mut out,
+            10 + nat64::UDP_TIMEOUT,
+            PEER,
+            |_| false
+        )));
     }
 }

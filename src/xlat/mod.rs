@@ -169,8 +169,9 @@ pub enum DropReason {
     Nat64TableFull,
     /// NAT64: no free port (or ICMP identifier) left on the pool4 address.
     Nat64PortsExhausted,
-    /// NAT64: the IPv6 host the new session would belong to has its most
-    /// sessions (`max_sessions_per_host`).
+    /// NAT64: the node the new session would count against (a peer,
+    /// whatever addresses it sends from; from the hub's own side, a source
+    /// address) has its most sessions (`max_sessions_per_host`).
     Nat64HostLimit,
     /// Hub: to an address in an EAM IPv6 range that no peer owns. It has
     /// nowhere to go (translated, it would come back to the TUN).

@@ -25,13 +25,19 @@
 //! ([`Settings::max_sessions`]); when full, new sessions are refused with
 //! [`DropReason::Nat64TableFull`] after expired ones are swept. So that one
 //! node cannot take the whole table (and, each binding holding at least one
-//! session, every pool4 port), the sessions one IPv6 address opens are
-//! bounded too, all protocols together ([`Settings::max_sessions_per_host`]):
-//! a new one for a host at its bound is refused with
-//! [`DropReason::Nat64HostLimit`] after expired sessions are swept; its
-//! existing sessions go on. Sessions IPv4 hosts open on a node's UDP mapping
-//! do not count against it (anyone can send those, and would use up the
-//! node's own room); their own bounds (below) keep them in check.
+//! session, every pool4 port), the sessions one node opens are bounded too,
+//! all protocols together ([`Settings::max_sessions_per_host`]). A node is
+//! what the caller names with the [`Owner`] it passes to [`Table::outbound`]
+//! (on a hub: a peer, whatever source addresses its allowed IPs give it, so
+//! that a peer routing a prefix cannot open sessions from address after
+//! address in it; for packets from the hub's own side, one source address).
+//! Each session keeps the owner it was opened under and leaves that owner's
+//! count when it expires, whoever sends on it meanwhile. A new session for an
+//! owner at its bound is refused with [`DropReason::Nat64HostLimit`] after
+//! expired sessions are swept; its existing sessions go on. Sessions IPv4
+//! hosts open on a node's UDP mapping count against no one (anyone can send
+//! those, and would use up the node's own room); their own bounds (below)
+//! keep them in check.
 //! Fragments other than the first carry no port: the mapping a first
 //! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
 //! protocol and fragment identification, and the later fragments of that
@@ -92,6 +98,13 @@ const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 
+/// The node a session counts against ([`Settings::max_sessions_per_host`]),
+/// as the caller of [`Table::outbound`] names it. The table only compares
+/// owners; on a hub, a peer's is the first 16 bytes of its public key (the
+/// same across reloads, whatever addresses the peer sends from), and the
+/// owner of a packet from the hub's own TUN is its IPv6 source address.
+pub type Owner = [u8; 16];
+
 /// NAT64 settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -103,8 +116,10 @@ pub struct Settings {
     pub port_max: u16,
     /// Most sessions (all protocols together).
     pub max_sessions: usize,
-    /// Most sessions one IPv6 address opens with its own packets (all
-    /// protocols together; not those IPv4 hosts open on its UDP mappings).
+    /// Most sessions one node opens with its own packets, all protocols
+    /// together: the sessions of one [`Owner`] (on a hub, one peer, whatever
+    /// addresses it sends from; for packets from the hub's own TUN, one
+    /// source address), not those IPv4 hosts open on its UDP mappings.
     pub max_sessions_per_host: usize,
 }
 
@@ -233,9 +248,11 @@ pub enum TcpState {
 struct Session {
     expires: u64,
     tcp: TcpState,
-    /// Opened by its node's own packet (counted against the node's
-    /// [`Settings::max_sessions_per_host`]), not by an IPv4 host's datagram.
-    own: bool,
+    /// The node whose own packet opened it, and whose
+    /// [`Settings::max_sessions_per_host`] it counts against until it
+    /// expires; `None` for a session an IPv4 host's datagram opened on a
+    /// node's UDP mapping (it counts against no one).
+    owner: Option<Owner>,
 }
 
 /// What [`Table::lookup`] reports about a session (for tests and `show`).
@@ -246,6 +263,8 @@ pub struct SessionInfo {
     pub port4: u16,
     pub expires: u64,
     pub tcp: TcpState,
+    /// The owner it counts against (`None`: opened by an IPv4 host).
+    pub owner: Option<Owner>,
 }
 
 /// The BIB and session table.
@@ -255,8 +274,8 @@ pub struct Table {
     bib6: HashMap<V6Key, u16>,
     bib4: HashMap<V4Key, Bib>,
     sessions: HashMap<SessKey, Session>,
-    /// Sessions each IPv6 address opened itself (no entry for 0).
-    hosts: HashMap<[u8; 16], u32>,
+    /// Sessions each owner opened itself (no entry for 0).
+    owners: HashMap<Owner, u32>,
     frags: HashMap<FragKey, FragFlow>,
     held: HashMap<FragKey, Held>,
     held_bytes: usize,
@@ -415,7 +434,7 @@ impl Table {
             bib6: HashMap::new(),
             bib4: HashMap::new(),
             sessions: HashMap::new(),
-            hosts: HashMap::new(),
+            owners: HashMap::new(),
             frags: HashMap::new(),
             held: HashMap::new(),
             held_bytes: 0,
@@ -442,15 +461,15 @@ impl Table {
         self.bib4.len()
     }
 
-    /// Sessions the IPv6 address `addr` opened itself (expired ones count
-    /// until swept).
-    pub fn host_sessions(&self, addr: [u8; 16]) -> usize {
-        self.hosts.get(&addr).map_or(0, |&n| n as usize)
+    /// Sessions `owner` opened itself, from whatever addresses (expired
+    /// ones count until swept).
+    pub fn owner_sessions(&self, owner: Owner) -> usize {
+        self.owners.get(&owner).map_or(0, |&n| n as usize)
     }
 
-    /// IPv6 addresses with at least one session.
-    pub fn hosts(&self) -> usize {
-        self.hosts.len()
+    /// Owners with at least one session of their own.
+    pub fn owners(&self) -> usize {
+        self.owners.len()
     }
 
     /// Fragmented datagrams whose first fragment's mapping is kept.
@@ -598,7 +617,7 @@ impl Table {
     /// Removes every session that expired at or before `now`, and the BIB
     /// entries left without a session.
     pub fn expire(&mut self, now: u64) {
-        let (bib4, hosts) = (&mut self.bib4, &mut self.hosts);
+        let (bib4, owners) = (&mut self.bib4, &mut self.owners);
         self.sessions.retain(|k, s| {
             if s.expires > now {
                 return true;
@@ -608,13 +627,13 @@ impl Table {
                 port: k.port4,
             }) {
                 b.sessions = b.sessions.saturating_sub(1);
-                if !s.own {
-                    return false;
-                }
-                if let Some(n) = hosts.get_mut(&b.v6.addr) {
+            }
+            // The owner it was opened under, whoever sent on it since.
+            if let Some(o) = &s.owner {
+                if let Some(n) = owners.get_mut(o) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        hosts.remove(&b.v6.addr);
+                        owners.remove(o);
                     }
                 }
             }
@@ -672,6 +691,7 @@ impl Table {
             port4,
             expires: s.expires,
             tcp: s.tcp,
+            owner: s.owner,
         })
     }
 
@@ -704,10 +724,11 @@ impl Table {
     }
 
     /// Finds or creates the BIB entry and session for an outbound packet;
-    /// returns the IPv4 port.
+    /// returns the IPv4 port. A new session counts against `owner`.
     fn outbound_session(
         &mut self,
         v6: V6Key,
+        owner: Owner,
         remote: [u8; 4],
         rport: u16,
         creates: bool,
@@ -727,10 +748,10 @@ impl Table {
         if !creates {
             return Err(DropReason::Nat64NoSession);
         }
-        // Room for the session first, in the table and within the host's
+        // Room for the session first, in the table and within the owner's
         // bound, so no binding is left without one.
         self.room(now)?;
-        self.host_room(v6.addr, now)?;
+        self.owner_room(owner, now)?;
         let port4 = match self.bib6.get(&v6) {
             Some(&p) => p,
             None => {
@@ -752,15 +773,21 @@ impl Table {
             remote,
             rport,
         };
-        self.insert_session(k, now, true)?;
+        self.insert_session(k, now, Some(owner))?;
         Ok((port4, k))
     }
 
     /// Adds a new session on the binding its key names, counting it on the
-    /// binding and on the binding's IPv6 address. Every session is added
-    /// here, and [`Self::expire`] is the only place one leaves, so the counts
-    /// always match the sessions.
-    fn insert_session(&mut self, k: SessKey, now: u64, own: bool) -> Result<(), DropReason> {
+    /// binding and, when a node's own packet opens it, on its `owner` (kept
+    /// in the session, so that it leaves the same count). Every session is
+    /// added here, and [`Self::expire`] is the only place one leaves, so the
+    /// counts always match the sessions.
+    fn insert_session(
+        &mut self,
+        k: SessKey,
+        now: u64,
+        owner: Option<Owner>,
+    ) -> Result<(), DropReason> {
         let b = self
             .bib4
             .get_mut(&V4Key {
@@ -773,13 +800,13 @@ impl Table {
             Session {
                 expires: now,
                 tcp: TcpState::V6Init,
-                own,
+                owner,
             },
         );
         if old.is_none() {
             b.sessions = b.sessions.saturating_add(1);
-            if own {
-                let n = self.hosts.entry(b.v6.addr).or_insert(0);
+            if let Some(o) = owner {
+                let n = self.owners.entry(o).or_insert(0);
                 *n = n.saturating_add(1);
             }
         }
@@ -798,18 +825,17 @@ impl Table {
                 .is_some_and(|b| b.sessions >= MAX_INBOUND_PER_MAPPING)
     }
 
-    /// Whether the IPv6 address `addr` has [`Settings::max_sessions_per_host`]
-    /// sessions.
-    fn host_full(&self, addr: &[u8; 16]) -> bool {
-        self.host_sessions(*addr) >= self.settings.max_sessions_per_host
+    /// Whether `owner` has [`Settings::max_sessions_per_host`] sessions.
+    fn owner_full(&self, owner: Owner) -> bool {
+        self.owner_sessions(owner) >= self.settings.max_sessions_per_host
     }
 
-    /// Refuses a new session for the IPv6 address `addr` at its bound (after
-    /// a sweep, at most one a second as for [`Self::room`]).
-    fn host_room(&mut self, addr: [u8; 16], now: u64) -> Result<(), DropReason> {
-        if self.host_full(&addr) {
+    /// Refuses a new session for `owner` at its bound (after a sweep, at most
+    /// one a second as for [`Self::room`]).
+    fn owner_room(&mut self, owner: Owner, now: u64) -> Result<(), DropReason> {
+        if self.owner_full(owner) {
             self.maybe_sweep(now);
-            if self.host_full(&addr) {
+            if self.owner_full(owner) {
                 return Err(DropReason::Nat64HostLimit);
             }
         }
@@ -860,10 +886,14 @@ impl Table {
     /// Maps an IPv6 packet from a node to `pool6 + remote` onto the pool4
     /// address: rewrites its source address and port (or echo identifier) in
     /// place. The caller then translates it with [`super::translate_6to4`].
+    /// `owner` names the node that sent it: a session the packet opens
+    /// counts against that owner's [`Settings::max_sessions_per_host`] until
+    /// it expires (packets on existing sessions are not checked against it).
     pub fn outbound(
         &mut self,
         pkt: &mut [u8],
         pool6: &Pool6,
+        owner: Owner,
         now: u64,
     ) -> Result<Step, DropReason> {
         self.maybe_sweep(now);
@@ -908,7 +938,7 @@ impl Table {
         };
         // TCP sessions start with a SYN (RFC 6146 §3.5.2.1).
         let creates = l4.proto != Proto::Tcp || flags & SYN != 0;
-        let (port4, k) = self.outbound_session(v6, remote, rport, creates, now)?;
+        let (port4, k) = self.outbound_session(v6, owner, remote, rport, creates, now)?;
         self.touch(&k, true, flags, now);
         let new_src = pool6.embed(self.settings.pool4.octets());
         rewrite(
@@ -998,7 +1028,7 @@ impl Table {
             if !self.bib4.contains_key(&v4k) {
                 return Err(DropReason::Nat64NoSession);
             }
-            self.insert_session(k, now, false)?;
+            self.insert_session(k, now, None)?;
         }
         self.touch(&k, false, flags, now);
         rewrite(

@@ -42,22 +42,38 @@ fn node(n: u8) -> [u8; 16] {
     a
 }
 
-/// The sessions per IPv6 address, counted afresh from the sessions and their
-/// bindings (every session has one).
-fn recount_hosts(t: &Table) -> HashMap<[u8; 16], u32> {
+impl Table {
+    /// [`Table::outbound`] with the packet's source address as its owner (as
+    /// for a packet from the hub's own TUN).
+    fn outbound_by_source(
+        &mut self,
+        pkt: &mut [u8],
+        pool6: &Pool6,
+        now: u64,
+    ) -> Result<Step, DropReason> {
+        let owner = pkt
+            .get(8..24)
+            .and_then(|s| s.try_into().ok())
+            .unwrap_or([0; 16]);
+        self.outbound(pkt, pool6, owner, now)
+    }
+}
+
+/// The sessions per owner, counted afresh from the sessions (every one a
+/// node opened keeps its owner; every session has its binding).
+fn recount_owners(t: &Table) -> HashMap<Owner, u32> {
     let mut m = HashMap::new();
     for (k, s) in &t.sessions {
-        if !s.own {
-            continue;
-        }
-        let b = t
-            .bib4
-            .get(&V4Key {
+        assert!(
+            t.bib4.contains_key(&V4Key {
                 proto: k.proto,
                 port: k.port4,
-            })
-            .expect("a session without its binding");
-        *m.entry(b.v6.addr).or_insert(0) += 1;
+            }),
+            "a session without its binding"
+        );
+        if let Some(o) = s.owner {
+            *m.entry(o).or_insert(0) += 1;
+        }
     }
     m
 }
@@ -142,8 +158,23 @@ fn cfg() -> Config {
 }
 
 /// Node → remote: NAT64 outbound then stateless 6→4; returns the IPv4 packet.
+/// The owner is the packet's source address.
 fn out_v4(t: &mut Table, pkt: &mut [u8], now: u64) -> Result<Vec<u8>, DropReason> {
-    t.outbound(pkt, &pool6(), now)?;
+    let owner = pkt
+        .get(8..24)
+        .and_then(|s| s.try_into().ok())
+        .unwrap_or([0; 16]);
+    out_v4_owned(t, pkt, owner, now)
+}
+
+/// [`out_v4`] for the node `owner`.
+fn out_v4_owned(
+    t: &mut Table,
+    pkt: &mut [u8],
+    owner: Owner,
+    now: u64,
+) -> Result<Vec<u8>, DropReason> {
+    t.outbound(pkt, &pool6(), owner, now)?;
     let mut out = vec![0u8; OUT_BUF_LEN];
     match translate_6to4(&cfg(), pkt, &mut out) {
         Outcome::Forward(p) => Ok(p.iter(&out).next().unwrap().to_vec()),
@@ -230,7 +261,7 @@ fn tcp_needs_syn_to_start() {
     let mut t = table(16);
     let mut ack = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(40000, 80, 0x10, b"x"));
     assert_eq!(
-        t.outbound(&mut ack, &pool6(), 0),
+        t.outbound_by_source(&mut ack, &pool6(), 0),
         Err(DropReason::Nat64NoSession)
     );
 }
@@ -394,7 +425,7 @@ fn a_nodes_icmp_error_about_an_inbound_packet_reaches_the_remote() {
     other[15] = 9;
     let mut e = error(1, 4, 0, other);
     assert_eq!(
-        t.outbound(&mut e, &pool6(), 3),
+        t.outbound_by_source(&mut e, &pool6(), 3),
         Err(DropReason::Nat64NoSession)
     );
     // Errors start no session, and one about a flow that has none is dropped.
@@ -402,7 +433,7 @@ fn a_nodes_icmp_error_about_an_inbound_packet_reaches_the_remote() {
     t.expire(2 + UDP_TIMEOUT);
     let mut e = error(1, 4, 0, NODE);
     assert_eq!(
-        t.outbound(&mut e, &pool6(), 3 + UDP_TIMEOUT),
+        t.outbound_by_source(&mut e, &pool6(), 3 + UDP_TIMEOUT),
         Err(DropReason::Nat64NoSession)
     );
 }
@@ -412,24 +443,26 @@ fn bounded_and_ports_exhausted() {
     let mut t = table(3);
     for i in 0..3u16 {
         let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(100 + i, 53, b""));
-        t.outbound(&mut p, &pool6(), 0).unwrap();
+        t.outbound_by_source(&mut p, &pool6(), 0).unwrap();
     }
     let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(200, 53, b""));
     assert_eq!(
-        t.outbound(&mut p, &pool6(), 0),
+        t.outbound_by_source(&mut p, &pool6(), 0),
         Err(DropReason::Nat64TableFull)
     );
     // Once they expire there is room again.
-    assert!(t.outbound(&mut p, &pool6(), UDP_TIMEOUT + 1).is_ok());
+    assert!(t
+        .outbound_by_source(&mut p, &pool6(), UDP_TIMEOUT + 1)
+        .is_ok());
 
     let mut t = table(100);
     for i in 0..4u16 {
         let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(100 + i, 53, b""));
-        t.outbound(&mut p, &pool6(), 0).unwrap();
+        t.outbound_by_source(&mut p, &pool6(), 0).unwrap();
     }
     let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(200, 53, b""));
     assert_eq!(
-        t.outbound(&mut p, &pool6(), 0),
+        t.outbound_by_source(&mut p, &pool6(), 0),
         Err(DropReason::Nat64PortsExhausted)
     );
 }
@@ -447,23 +480,23 @@ fn a_host_at_its_bound_leaves_room_for_the_others() {
     out_v4(&mut t, &mut b, 0).unwrap();
     let mut c = v6_packet(NODE, dst, 6, &tcp(40000, 80, SYN, b""));
     out_v4(&mut t, &mut c, 0).unwrap();
-    assert_eq!(t.host_sessions(NODE), 3);
-    assert_eq!((t.sessions(), t.bindings(), t.hosts()), (3, 2, 1));
+    assert_eq!(t.owner_sessions(NODE), 3);
+    assert_eq!((t.sessions(), t.bindings(), t.owners()), (3, 2, 1));
 
     let mut d = v6_packet(NODE, dst, 17, &udp(6000, 53, b"d"));
     assert_eq!(
-        t.outbound(&mut d.clone(), &pool6(), 0),
+        t.outbound_by_source(&mut d.clone(), &pool6(), 0),
         Err(DropReason::Nat64HostLimit)
     );
     let mut echo = v6_packet(NODE, dst, 58, &[128, 0, 0, 0, 0x12, 0x34, 0, 1]);
     assert_eq!(
-        t.outbound(&mut echo, &pool6(), 0),
+        t.outbound_by_source(&mut echo, &pool6(), 0),
         Err(DropReason::Nat64HostLimit)
     );
     // On an existing binding too (another remote port).
     let mut b2 = v6_packet(NODE, dst, 17, &udp(5353, 55, b"b"));
     assert_eq!(
-        t.outbound(&mut b2, &pool6(), 0),
+        t.outbound_by_source(&mut b2, &pool6(), 0),
         Err(DropReason::Nat64HostLimit)
     );
     assert_eq!((t.sessions(), t.bindings()), (3, 2), "no binding left over");
@@ -472,9 +505,9 @@ fn a_host_at_its_bound_leaves_room_for_the_others() {
     let other = node(2);
     let mut o = v6_packet(other, dst, 17, &udp(5353, 53, b"o"));
     assert!(out_v4(&mut t, &mut o, 0).is_ok());
-    assert_eq!(t.host_sessions(other), 1);
-    assert_eq!(t.host_sessions(NODE), 3);
-    assert_eq!(t.hosts(), 2);
+    assert_eq!(t.owner_sessions(other), 1);
+    assert_eq!(t.owner_sessions(NODE), 3);
+    assert_eq!(t.owners(), 2);
 
     // The first node's sessions still translate, both ways.
     let mut a = v6_packet(NODE, dst, 17, &udp(5353, 53, b"again"));
@@ -487,15 +520,15 @@ fn a_host_at_its_bound_leaves_room_for_the_others() {
     // The TCP session (transitory: never answered) expires first, and its
     // room is the node's again.
     assert!(out_v4(&mut t, &mut d, TCP_TRANS_TIMEOUT).is_ok());
-    assert_eq!(t.host_sessions(NODE), 3);
+    assert_eq!(t.owner_sessions(NODE), 3);
     assert_eq!(
-        t.outbound(&mut b2.clone(), &pool6(), TCP_TRANS_TIMEOUT),
+        t.outbound_by_source(&mut b2.clone(), &pool6(), TCP_TRANS_TIMEOUT),
         Err(DropReason::Nat64HostLimit)
     );
     // Once all of them have expired, the node has its whole bound again.
     t.expire(TCP_TRANS_TIMEOUT + UDP_TIMEOUT);
-    assert_eq!((t.sessions(), t.hosts()), (0, 0));
-    assert_eq!(t.host_sessions(NODE), 0);
+    assert_eq!((t.sessions(), t.owners()), (0, 0));
+    assert_eq!(t.owner_sessions(NODE), 0);
     let now = TCP_TRANS_TIMEOUT + UDP_TIMEOUT + 1;
     for port in [7000u16, 7001, 7002] {
         let mut p = v6_packet(NODE, dst, 17, &udp(port, 53, b"x"));
@@ -503,15 +536,15 @@ fn a_host_at_its_bound_leaves_room_for_the_others() {
     }
     let mut p = v6_packet(NODE, dst, 17, &udp(7003, 53, b"x"));
     assert_eq!(
-        t.outbound(&mut p, &pool6(), now),
+        t.outbound_by_source(&mut p, &pool6(), now),
         Err(DropReason::Nat64HostLimit)
     );
-    assert_eq!(t.host_sessions(NODE), 3);
+    assert_eq!(t.owner_sessions(NODE), 3);
 }
 
-/// Sessions IPv4 hosts open on a node's UDP mapping count against that
-/// node: a stranger's datagram that would take it over its bound is
-/// refused, while the sessions it has still pass.
+/// Sessions IPv4 hosts open on a node's UDP mapping do not count against
+/// that node: it keeps its own room up to its bound, and the sessions it
+/// has still pass.
 #[test]
 fn strangers_sessions_leave_a_hosts_bound_alone() {
     let mut t = table_per_host(64, 2);
@@ -529,22 +562,131 @@ fn strangers_sessions_leave_a_hosts_bound_alone() {
         let back = in_v6(&mut t, &stranger(last), 1).unwrap();
         assert_eq!(&back[24..40], &NODE);
     }
-    assert_eq!((t.sessions(), t.host_sessions(NODE)), (11, 1));
+    assert_eq!((t.sessions(), t.owner_sessions(NODE)), (11, 1));
     // The node still has its own room: one more, then its bound.
     let mut q = v6_packet(NODE, dst, 17, &udp(5354, 53, b"x"));
-    assert!(t.outbound(&mut q, &pool6(), 1).is_ok());
+    assert!(t.outbound_by_source(&mut q, &pool6(), 1).is_ok());
     let mut r = v6_packet(NODE, dst, 17, &udp(5355, 53, b"x"));
     assert_eq!(
-        t.outbound(&mut r, &pool6(), 1),
+        t.outbound_by_source(&mut r, &pool6(), 1),
         Err(DropReason::Nat64HostLimit)
     );
     // The sessions it has still pass, the strangers' too.
     assert!(in_v6(&mut t, &stranger(100), 2).is_ok());
     assert!(in_v6(&mut t, &v4_reply(&v4, None), 2).is_ok());
-    assert_eq!(t.host_sessions(NODE), 2);
+    assert_eq!(t.owner_sessions(NODE), 2);
     // When they expire, the count stays right.
     t.expire(10_000);
-    assert_eq!((t.sessions(), t.host_sessions(NODE), t.hosts()), (0, 0, 0));
+    assert_eq!(
+        (t.sessions(), t.owner_sessions(NODE), t.owners()),
+        (0, 0, 0)
+    );
+}
+
+/// `2001:db8:1::n`: an address in a prefix one node routes.
+fn in_prefix(n: u16) -> [u8; 16] {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n).octets()
+}
+
+/// The bound is the owner's, not the address's: a node sending from one
+/// address after another of its prefix reaches it as it would from one,
+/// while another owner still opens sessions; as the first owner's sessions
+/// expire, it has its room again.
+#[test]
+fn an_owner_is_bounded_whatever_addresses_it_sends_from() {
+    let mut t = table_per_host(64, 4);
+    let (a, b): (Owner, Owner) = ([0xa; 16], [0xb; 16]);
+    let dst = pool6().embed(REMOTE);
+    for n in 1..=4 {
+        let mut p = v6_packet(in_prefix(n), dst, 17, &udp(5353, 53, b"x"));
+        assert_eq!(t.outbound(&mut p, &pool6(), a, 0), Ok(Step::Mapped), "{n}");
+    }
+    assert_eq!((t.owner_sessions(a), t.owners()), (4, 1));
+    for n in 5..=20 {
+        let mut p = v6_packet(in_prefix(n), dst, 17, &udp(5353, 53, b"x"));
+        assert_eq!(
+            t.outbound(&mut p, &pool6(), a, 1),
+            Err(DropReason::Nat64HostLimit),
+            "{n}"
+        );
+    }
+    // No binding was left for the refused addresses.
+    assert_eq!((t.sessions(), t.bindings()), (4, 4));
+    // Another owner is not held back, from new addresses or from one the
+    // first sent from (another remote: a new session on its binding).
+    let mut p = v6_packet(in_prefix(100), dst, 17, &udp(5353, 53, b"y"));
+    assert_eq!(t.outbound(&mut p, &pool6(), b, 1), Ok(Step::Mapped));
+    let other = pool6().embed([203, 0, 113, 11]);
+    let mut p = v6_packet(in_prefix(1), other, 17, &udp(5353, 53, b"y"));
+    assert_eq!(t.outbound(&mut p, &pool6(), b, 1), Ok(Step::Mapped));
+    assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (4, 2));
+    // The first owner's sessions still pass.
+    let mut p = v6_packet(in_prefix(2), dst, 17, &udp(5353, 53, b"z"));
+    assert_eq!(t.outbound(&mut p, &pool6(), a, 2), Ok(Step::Mapped));
+    // Once its sessions have expired it opens new ones again, from any of
+    // its addresses, up to its bound.
+    let later = 2 + UDP_TIMEOUT;
+    for n in 21..=24 {
+        let mut p = v6_packet(in_prefix(n), dst, 17, &udp(5353, 53, b"x"));
+        assert_eq!(
+            t.outbound(&mut p, &pool6(), a, later),
+            Ok(Step::Mapped),
+            "{n}"
+        );
+    }
+    let mut p = v6_packet(in_prefix(25), dst, 17, &udp(5353, 53, b"x"));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), a, later),
+        Err(DropReason::Nat64HostLimit)
+    );
+    assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (4, 0));
+    t.expire(later + UDP_TIMEOUT);
+    assert_eq!((t.sessions(), t.owners(), t.owner_sessions(a)), (0, 0, 0));
+}
+
+/// A session keeps the owner it was opened under: when its address later
+/// comes from another owner (a reload gave it to another peer), packets on
+/// it do not move it, new sessions count against the new owner, and each
+/// leaves its own owner's count when it expires.
+#[test]
+fn a_session_keeps_the_owner_it_was_opened_under() {
+    let mut t = table_per_host(64, 2);
+    let (a, b): (Owner, Owner) = ([0xa; 16], [0xb; 16]);
+    let dst = pool6().embed(REMOTE);
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4_owned(&mut t, &mut p, a, 0).unwrap();
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    // The same flow, now from `b`: still `a`'s session.
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    assert_eq!(t.outbound(&mut p, &pool6(), b, 100), Ok(Step::Mapped));
+    let s = t.lookup(Proto::Udp, port4, REMOTE.into(), 53).unwrap();
+    assert_eq!(s.owner, Some(a));
+    assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (1, 0));
+    // A new flow from that address counts against `b`.
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 54, b"x"));
+    assert_eq!(t.outbound(&mut p, &pool6(), b, 200), Ok(Step::Mapped));
+    assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (1, 1));
+    let s = t.lookup(Proto::Udp, port4, REMOTE.into(), 54).unwrap();
+    assert_eq!(s.owner, Some(b));
+    // `a`'s session (last refreshed at 100) expires first, from `a`'s count.
+    t.expire(100 + UDP_TIMEOUT);
+    assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (0, 1));
+    assert_eq!(t.owners(), 1);
+    t.expire(200 + UDP_TIMEOUT);
+    assert_eq!((t.sessions(), t.owners()), (0, 0));
+    // A stranger's session on a node's UDP mapping has no owner.
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4_owned(&mut t, &mut p, a, 1000).unwrap();
+    let mut s = v4_reply(&v4, None);
+    s[12..16].copy_from_slice(&[192, 0, 2, 99]);
+    let s = v4_reply(&v4_reply(&s, None), None);
+    assert!(in_v6(&mut t, &s, 1000).is_ok());
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    let info = t
+        .lookup(Proto::Udp, port4, [192, 0, 2, 99].into(), 53)
+        .unwrap();
+    assert_eq!(info.owner, None);
+    assert_eq!((t.sessions(), t.owner_sessions(a)), (2, 1));
 }
 
 #[test]
@@ -556,12 +698,12 @@ fn tcp_fin_and_rst_are_transitory() {
     in_v6(&mut t, &v4_reply(&v4, Some(SYN | 0x10)), 0).unwrap();
     in_v6(&mut t, &v4_reply(&v4, Some(FIN | 0x10)), 10).unwrap();
     let mut fin = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(1, 80, FIN | 0x10, b""));
-    t.outbound(&mut fin, &pool6(), 20).unwrap();
+    t.outbound_by_source(&mut fin, &pool6(), 20).unwrap();
     let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
     assert_eq!(s.tcp, TcpState::FinBoth);
     assert_eq!(s.expires, 20 + TCP_TRANS_TIMEOUT);
     let mut rst = v6_packet(NODE, pool6().embed(REMOTE), 6, &tcp(1, 80, RST, b""));
-    t.outbound(&mut rst, &pool6(), 30).unwrap();
+    t.outbound_by_source(&mut rst, &pool6(), 30).unwrap();
     let s = t.lookup(Proto::Tcp, port4, REMOTE.into(), 80).unwrap();
     assert_eq!(s.tcp, TcpState::Trans);
     assert!(s.expires <= 30 + TCP_TRANS_TIMEOUT);
@@ -576,7 +718,7 @@ fn later_fragment_without_its_first_held_then_counted_at_expiry() {
         44,
         &[17, 0, 0, 8, 0, 0, 0, 1, 0, 0],
     );
-    assert_eq!(t.outbound(&mut p, &pool6(), 0), Ok(Step::Held));
+    assert_eq!(t.outbound_by_source(&mut p, &pool6(), 0), Ok(Step::Held));
     assert_eq!(t.held_fragments(), (1, p.len()));
     assert_eq!(t.take_expired_held(), 0);
     t.expire(FRAG_TIMEOUT - 1);
@@ -593,23 +735,27 @@ proptest! {
     fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..200), now in 0u64..1000) {
         let mut t = table(8);
         let mut a = data.clone();
-        let _ = t.outbound(&mut a, &pool6(), now);
+        let _ = t.outbound_by_source(&mut a, &pool6(), now);
         let mut b = data;
         let _ = t.inbound(&mut b, &pool6(), now);
     }
 
-    /// Packets from three nodes, and strangers' datagrams to the pool4
-    /// ports, at advancing times (mostly close together, so that the bounds
-    /// are reached, sometimes far apart, so that sessions expire): the table
-    /// and every host stay within their bounds, refuse only at them, the
-    /// per-host counts always match the sessions, and the rewritten checksums
-    /// hold.
+    /// Packets from three nodes (owners) sending from five addresses (most
+    /// of the time each address its node's, as for peers routing prefixes;
+    /// sometimes another node's, as after a reload gives an address to
+    /// another peer), and strangers' datagrams to the pool4 ports, at
+    /// advancing times (mostly close together, so that the bounds are
+    /// reached, sometimes far apart, so that sessions expire): the table and
+    /// every owner stay within their bounds, whatever addresses they use,
+    /// refuse only at them, the per-owner counts always match the sessions,
+    /// and the rewritten checksums hold.
     #[test]
     fn bounded_and_checksums_stay_valid(
         ops in proptest::collection::vec(
             (
                 0u8..4,
-                1u8..4,
+                1u8..6,
+                0u8..4,
                 any::<u16>(),
                 any::<u16>(),
                 prop_oneof![20 => 0u64..5, 1 => 0u64..2000],
@@ -625,11 +771,16 @@ proptest! {
             max_sessions: 12,
             max_sessions_per_host: 5,
         });
-        let nodes = [node(1), node(2), node(3)];
+        let addrs = [node(1), node(2), node(3), node(4), node(5)];
+        let owners: [Owner; 3] = [[1; 16], [2; 16], [3; 16]];
         let mut now = 0;
-        for (kind, host, sport, dport, dt, payload) in ops {
+        for (kind, host, who, sport, dport, dt, payload) in ops {
             now += dt;
             let src = node(host);
+            // Addresses 1, 2-3 and 4-5 are the three nodes'; one time in
+            // four the next node sends from it instead.
+            let mine = usize::from(host / 2);
+            let owner = owners[if who < 3 { mine } else { (mine + 1) % 3 }];
             let dst = pool6().embed(REMOTE);
             if kind == 3 {
                 // A stranger's datagram to a pool4 port (a UDP mapping's,
@@ -641,10 +792,10 @@ proptest! {
                 match t.inbound(&mut p, &pool6(), now) {
                     Ok(_) => {
                         prop_assert!(v6_csum_ok(&p));
-                        prop_assert!(nodes.iter().any(|n| p[24..40] == n[..]));
+                        prop_assert!(addrs.iter().any(|n| p[24..40] == n[..]));
                     }
                     // Strangers' sessions never count against a node.
-                    Err(DropReason::Nat64HostLimit) => prop_assert!(false, "a stranger hit a host bound"),
+                    Err(DropReason::Nat64HostLimit) => prop_assert!(false, "a stranger hit a node's bound"),
                     // Strangers open sessions only under three quarters full.
                     Err(DropReason::Nat64TableFull) => {
                         prop_assert!(t.sessions() >= 9);
@@ -663,13 +814,13 @@ proptest! {
                         v6_packet(src, dst, 58, &e)
                     }
                 };
-                match t.outbound(&mut p, &pool6(), now) {
+                match t.outbound(&mut p, &pool6(), owner, now) {
                     Ok(_) => {
                         prop_assert!(v6_csum_ok(&p));
                         prop_assert_eq!(&p[8..24], &pool6().embed(POOL4.octets()));
                     }
                     Err(DropReason::Nat64HostLimit) => {
-                        prop_assert_eq!(t.host_sessions(src), 5);
+                        prop_assert_eq!(t.owner_sessions(owner), 5);
                     }
                     Err(DropReason::Nat64TableFull) => {
                         prop_assert_eq!(t.sessions(), 12);
@@ -679,13 +830,13 @@ proptest! {
             }
             prop_assert!(t.sessions() <= 12);
             prop_assert!(t.bindings() <= t.sessions());
-            // The per-host counts are the sessions, counted afresh.
-            prop_assert_eq!(&recount_hosts(&t), &t.hosts);
-            let per_host: Vec<usize> = nodes.iter().map(|&n| t.host_sessions(n)).collect();
-            let own = t.sessions.values().filter(|s| s.own).count();
-            prop_assert_eq!(per_host.iter().sum::<usize>(), own);
-            prop_assert!(per_host.iter().all(|&n| n <= 5), "{:?}", per_host);
-            prop_assert!(t.hosts.values().all(|&n| n > 0));
+            // The per-owner counts are the sessions, counted afresh.
+            prop_assert_eq!(&recount_owners(&t), &t.owners);
+            let per_owner: Vec<usize> = owners.iter().map(|&o| t.owner_sessions(o)).collect();
+            let own = t.sessions.values().filter(|s| s.owner.is_some()).count();
+            prop_assert_eq!(per_owner.iter().sum::<usize>(), own);
+            prop_assert!(per_owner.iter().all(|&n| n <= 5), "{:?}", per_owner);
+            prop_assert!(t.owners.values().all(|&n| n > 0));
         }
     }
 }
@@ -778,9 +929,9 @@ fn outbound_later_fragments_follow_their_first() {
     let data: Vec<u8> = (0..200u8).collect();
     let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &data));
     let [mut first, mut later] = v6_fragments(&whole, 0x1234_5678, 104);
-    t.outbound(&mut first, &pool6(), 10).unwrap();
+    t.outbound_by_source(&mut first, &pool6(), 10).unwrap();
     assert_eq!(t.fragment_flows(), 1);
-    t.outbound(&mut later, &pool6(), 11).unwrap();
+    t.outbound_by_source(&mut later, &pool6(), 11).unwrap();
     assert_eq!(&later[8..24], &first[8..24], "same source as the first");
     let v4 = [translate_one_6to4(&first), translate_one_6to4(&later)];
     for f in &v4 {
@@ -801,14 +952,17 @@ fn outbound_later_fragments_follow_their_first() {
     // one's mapping; held for a first of its own.
     let [_, mut stray] = v6_fragments(&whole, 0x1234_5679, 104);
     let before = stray.clone();
-    assert_eq!(t.outbound(&mut stray, &pool6(), 11), Ok(Step::Held));
+    assert_eq!(
+        t.outbound_by_source(&mut stray, &pool6(), 11),
+        Ok(Step::Held)
+    );
     assert_eq!(stray, before, "a held fragment is not rewritten");
     // The mapping does not outlive FRAG_TIMEOUT: a fragment after it is not
     // mapped (it waits for a first that will not come, and expires).
     let [_, mut late] = v6_fragments(&whole, 0x1234_5678, 104);
     let before = late.clone();
     assert_eq!(
-        t.outbound(&mut late, &pool6(), 10 + FRAG_TIMEOUT),
+        t.outbound_by_source(&mut late, &pool6(), 10 + FRAG_TIMEOUT),
         Ok(Step::Held)
     );
     assert_eq!(late, before);
@@ -856,13 +1010,15 @@ fn fragment_flows_are_bounded() {
     let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &[7u8; 64]));
     for id in 0..(MAX_FRAG_FLOWS as u32 + 10) {
         let [mut first, _] = v6_fragments(&whole, id, 32);
-        t.outbound(&mut first, &pool6(), 1).unwrap();
+        t.outbound_by_source(&mut first, &pool6(), 1).unwrap();
     }
     assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS);
     // Once the old ones expire, new datagrams are tracked again.
     let [mut first, mut later] = v6_fragments(&whole, u32::MAX, 32);
-    t.outbound(&mut first, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
-    t.outbound(&mut later, &pool6(), 1 + FRAG_TIMEOUT).unwrap();
+    t.outbound_by_source(&mut first, &pool6(), 1 + FRAG_TIMEOUT)
+        .unwrap();
+    t.outbound_by_source(&mut later, &pool6(), 1 + FRAG_TIMEOUT)
+        .unwrap();
     assert_eq!(t.fragment_flows(), 1);
 }
 
@@ -873,9 +1029,15 @@ fn outbound_out_of_order_later_fragment_held_until_its_first() {
     let data: Vec<u8> = (0..200u8).collect();
     let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &data));
     let [mut first, mut later] = v6_fragments(&whole, 0x0bad_cafe, 104);
-    assert_eq!(t.outbound(&mut later, &pool6(), 10), Ok(Step::Held));
+    assert_eq!(
+        t.outbound_by_source(&mut later, &pool6(), 10),
+        Ok(Step::Held)
+    );
     assert_eq!(t.released_len(), 0);
-    assert_eq!(t.outbound(&mut first, &pool6(), 11), Ok(Step::Mapped));
+    assert_eq!(
+        t.outbound_by_source(&mut first, &pool6(), 11),
+        Ok(Step::Mapped)
+    );
     assert_eq!(t.held_fragments(), (0, 0));
     let r = t.take_released().expect("released with its first");
     assert!(r.outbound);
@@ -929,17 +1091,20 @@ fn held_fragments_are_bounded() {
     // One datagram: at most MAX_HELD_PER_DATAGRAM later fragments.
     let [_, later] = v6_fragments(&whole, 1, 16);
     for _ in 0..MAX_HELD_PER_DATAGRAM {
-        assert_eq!(t.outbound(&mut later.clone(), &pool6(), 0), Ok(Step::Held));
+        assert_eq!(
+            t.outbound_by_source(&mut later.clone(), &pool6(), 0),
+            Ok(Step::Held)
+        );
     }
     assert_eq!(
-        t.outbound(&mut later.clone(), &pool6(), 0),
+        t.outbound_by_source(&mut later.clone(), &pool6(), 0),
         Err(DropReason::Fragment)
     );
     // All datagrams: at most MAX_HELD_BYTES.
     let mut id = 2u32;
     loop {
         let [_, mut l] = v6_fragments(&whole, id, 16);
-        match t.outbound(&mut l, &pool6(), 0) {
+        match t.outbound_by_source(&mut l, &pool6(), 0) {
             Ok(Step::Held) => id += 1,
             Err(DropReason::Fragment) => break,
             r => panic!("{r:?}"),
@@ -953,7 +1118,10 @@ fn held_fragments_are_bounded() {
     assert_eq!(t.held_fragments(), (0, 0));
     assert_eq!(t.take_expired_held(), n as u64);
     let [_, mut l] = v6_fragments(&whole, 1, 16);
-    assert_eq!(t.outbound(&mut l, &pool6(), FRAG_TIMEOUT), Ok(Step::Held));
+    assert_eq!(
+        t.outbound_by_source(&mut l, &pool6(), FRAG_TIMEOUT),
+        Ok(Step::Held)
+    );
 }
 
 /// Splits a whole IPv6 packet (no extension headers) into fragments of
@@ -979,12 +1147,12 @@ fn released_fragments_not_taken_count_against_the_bound() {
     let mut id = 0u32;
     loop {
         let [mut first, mut later] = v6_fragments(&whole, id, 16);
-        match t.outbound(&mut later, &pool6(), 0) {
+        match t.outbound_by_source(&mut later, &pool6(), 0) {
             Ok(Step::Held) => {}
             Err(DropReason::Fragment) => break,
             r => panic!("{r:?}"),
         }
-        t.outbound(&mut first, &pool6(), 0).unwrap();
+        t.outbound_by_source(&mut first, &pool6(), 0).unwrap();
         id += 1;
         assert!(id < 10_000, "released fragments grow without bound");
     }
@@ -993,7 +1161,10 @@ fn released_fragments_not_taken_count_against_the_bound() {
     // Taking them makes room again.
     while t.take_released().is_some() {}
     let [_, mut later] = v6_fragments(&whole, id, 16);
-    assert_eq!(t.outbound(&mut later, &pool6(), 0), Ok(Step::Held));
+    assert_eq!(
+        t.outbound_by_source(&mut later, &pool6(), 0),
+        Ok(Step::Held)
+    );
 }
 
 fn later_len(whole: &[u8]) -> usize {
@@ -1021,7 +1192,7 @@ proptest! {
         let mut out: Vec<Vec<u8>> = Vec::new();
         for &i in order.iter().filter(|&&i| i < frags.len()) {
             let mut f = frags[i].clone();
-            match t.outbound(&mut f, &pool6(), 7) {
+            match t.outbound_by_source(&mut f, &pool6(), 7) {
                 Ok(Step::Mapped) => out.push(f),
                 Ok(Step::Held) => {}
                 Err(e) => return Err(TestCaseError::fail(format!("fragment {i}: {e:?}"))),
@@ -1064,14 +1235,14 @@ fn no_session_for_refused_remotes() {
     ] {
         let mut p = v6_packet(NODE, pool.embed(remote), 17, &udp(5353, 53, b"q"));
         assert_eq!(
-            t.outbound(&mut p, &pool, 1),
+            t.outbound_by_source(&mut p, &pool, 1),
             Err(DropReason::IllegalAddress),
             "{remote:?}"
         );
     }
     assert_eq!(t.sessions(), 0);
     let mut p = v6_packet(NODE, wkp.embed([8, 8, 8, 8]), 17, &udp(5353, 53, b"q"));
-    assert_eq!(t.outbound(&mut p, &wkp, 1), Ok(Step::Mapped));
+    assert_eq!(t.outbound_by_source(&mut p, &wkp, 1), Ok(Step::Mapped));
     assert_eq!(t.sessions(), 1);
     let port4 = u16::from_be_bytes([p[40], p[41]]);
     let to_pool4 = wkp.embed(POOL4.octets());
