@@ -305,6 +305,7 @@ impl Control {
                 pools: &st.pools,
                 ports: st.ports.clone(),
                 file_ports: &env.file_ports,
+                max_ports_per_node: st.max_ports_per_node,
                 held_elsewhere: &held,
             };
             op(&mut next, &ctx)?
@@ -400,6 +401,7 @@ impl Control {
             pools: &st.pools,
             ports: st.ports.clone(),
             file_ports: &env.file_ports,
+            max_ports_per_node: st.max_ports_per_node,
             held_elsewhere: &grant,
         };
         let acme = env.cfg.proxy.as_ref().is_some_and(|p| p.acme.is_some());

@@ -22,6 +22,7 @@ pub struct RawControl {
     node_port: Option<u16>,
     pools: Option<Vec<String>>,
     ports: Option<String>,
+    max_ports_per_node: Option<usize>,
     revalidate: Option<u64>,
     grace: Option<u64>,
 }
@@ -61,11 +62,17 @@ pub struct ControlSettings {
     pub node_port: u16,
     pub pools: Vec<IpNet>,
     pub ports: RangeInclusive<u16>,
+    /// Most of `ports` one node holds with its `tcp` and `udp` services.
+    pub max_ports_per_node: usize,
     pub revalidate: Duration,
     pub grace: u64,
 }
 
 pub const DEFAULT_NODE_PORT: u16 = 7001;
+
+/// Default of `[control] max_ports_per_node`: enough for a node's few
+/// services, so that one node cannot take the whole `ports` range.
+pub const DEFAULT_MAX_PORTS_PER_NODE: usize = 16;
 
 /// `/run/gatewire/<interface>.ctl.sock`.
 pub fn default_socket(interface: &str) -> PathBuf {
@@ -162,6 +169,10 @@ pub fn validate(
             }
         }
     };
+    let max_ports_per_node = raw.max_ports_per_node.unwrap_or(DEFAULT_MAX_PORTS_PER_NODE);
+    if !(1..=65_535).contains(&max_ports_per_node) {
+        return Err("[control] max_ports_per_node: 1 to 65535".into());
+    }
     let revalidate = raw.revalidate.unwrap_or(60);
     if !(1..=86_400).contains(&revalidate) {
         return Err("[control] revalidate: 1 to 86400 seconds".into());
@@ -197,6 +208,7 @@ pub fn validate(
         node_port,
         pools,
         ports,
+        max_ports_per_node,
         revalidate: Duration::from_secs(revalidate),
         grace: raw.grace.unwrap_or(86_400),
     })
@@ -236,5 +248,24 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn max_ports_per_node_defaults_to_16_and_is_bounded() {
+        let with = |extra: &str| {
+            let raw: RawControl = toml::from_str(&format!("state_dir = \"s\"\n{extra}")).unwrap();
+            validate(raw, "wg0", &[], Path::new("/"))
+        };
+        assert_eq!(with("").unwrap().max_ports_per_node, 16);
+        assert_eq!(
+            with("max_ports_per_node = 100\n")
+                .unwrap()
+                .max_ports_per_node,
+            100
+        );
+        for bad in ["0", "65536"] {
+            let e = with(&format!("max_ports_per_node = {bad}\n")).unwrap_err();
+            assert!(e.contains("max_ports_per_node"), "{e}");
+        }
     }
 }

@@ -287,6 +287,8 @@ pub struct Context<'a> {
     pub ports: std::ops::RangeInclusive<u16>,
     /// Ports the config file already listens on (TCP and UDP).
     pub file_ports: &'a BTreeSet<(Protocol, u16)>,
+    /// Most public ports (`tcp` and `udp` services) one node holds.
+    pub max_ports_per_node: usize,
     /// Whether a name (registry name, owner key) may be granted here: not
     /// when the hub mesh holds one of its hosts for another node. Always
     /// `Ok` without a mesh.
@@ -1034,6 +1036,8 @@ impl State {
         // host -> (first decl, backends, node keys)
         let mut groups: BTreeMap<String, (ServiceDecl, Vec<SocketAddr>, Vec<String>)> =
             BTreeMap::new();
+        // Public ports each node holds so far (its oldest declarations first).
+        let mut ports_held: BTreeMap<&String, usize> = BTreeMap::new();
         for (key, s) in all {
             let host = s.decl.host();
             let refuse = |ev: &mut Evaluation, why: String| {
@@ -1095,6 +1099,16 @@ impl State {
                         refuse(&mut ev, format!("public_port {port} is used by the hub"));
                         continue;
                     }
+                    if ports_held.get(key).copied().unwrap_or(0) >= ctx.max_ports_per_node {
+                        refuse(
+                            &mut ev,
+                            format!(
+                                "the node holds {} public ports already (max_ports_per_node)",
+                                ctx.max_ports_per_node
+                            ),
+                        );
+                        continue;
+                    }
                 }
             }
             match groups.get_mut(&host) {
@@ -1133,6 +1147,9 @@ impl State {
                     backends.push(s.backend);
                     keys.push(key.clone());
                 }
+            }
+            if s.decl.protocol != Protocol::Http {
+                *ports_held.entry(key).or_default() += 1;
             }
             ev.statuses
                 .entry(key.clone())

@@ -50,6 +50,7 @@ fn ctx(e: &Env, now: u64) -> Context<'_> {
         pools: &e.pools,
         ports: 20000..=20999,
         file_ports: &e.file_ports,
+        max_ports_per_node: 4,
         held_elsewhere: &|_, _| Ok(()),
     }
 }
@@ -725,6 +726,7 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     let mut s = State::default();
     let reg = LocalRegistry { grace: 0 };
     s.add_node(&ctx(&e, 1), K3, None, None).unwrap();
+    s.add_node(&ctx(&e, 1), K2, None, None).unwrap();
     s.set_name(
         &ctx(&e, 1),
         "shop",
@@ -781,6 +783,36 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     assert_eq!(ev.udp[0].backends, ["100.64.1.2:53"]);
     assert_eq!(ev.udp[0].proxy_protocol, Some(RawPp::Bool(true)));
     assert_eq!(ev.tcp[0].proxy_protocol, None);
+    // A node holds at most `max_ports_per_node` public ports (4 here), its
+    // oldest declarations first; other nodes are not affected.
+    let ip2: IpAddr = "100.64.1.3".parse().unwrap();
+    s.declare_services(&ctx(&e, 4), K2, ip2, (20100..20106).map(tcp).collect())
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 4), &reg, false);
+    let st = &ev.statuses[K2];
+    let active = |st: &[ServiceStatus]| st.iter().filter(|x| x.status == "active").count();
+    assert_eq!(active(st), 4, "{st:?}");
+    assert!(st[4]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("max_ports_per_node"));
+    assert!(st[5]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("holds 4 public ports"));
+    assert_eq!(active(&ev.statuses[K3]), 2);
+    assert_eq!(ev.tcp.len() + ev.udp.len(), 6);
+    // UDP counts too; a refused port goes to the next node that asks.
+    s.declare_services(&ctx(&e, 5), K3, ip, vec![tcp(20022), tcp(20105)])
+        .unwrap();
+    let ev = s.evaluate(&ctx(&e, 5), &reg, false);
+    assert_eq!(ev.statuses[K3][1].status, "active");
+    assert!(ev
+        .tcp
+        .iter()
+        .any(|t| t.listen == "0.0.0.0:20105" && t.backends == ["100.64.1.2:22"]));
     // Invalid declarations fail the call and change nothing.
     let v = s.version;
     let err = s
