@@ -18,16 +18,17 @@
 //! What is answered (RFC 1035, RFC 2308, RFC 6891):
 //! * responses are never answered (no reflection loops), nor unparseable bytes;
 //! * an opcode other than QUERY gets NOTIMP, and section counts no query has
-//!   (not one question, answer or authority records, more than a few
-//!   additional ones) FORMERR, both from the header alone, before parsing;
-//!   a class other than IN or ANY gets REFUSED, an EDNS version above 0
-//!   BADVERS;
-//! * a name in no zone gets REFUSED; a name of a zone that does not exist
-//!   NXDOMAIN; a name that exists gets the records it has of the type asked
-//!   (TXT: the challenge values; A, AAAA: the hub's addresses; NS and SOA at
-//!   the apex; ANY: the first of TXT, the addresses, SOA that it has), and
-//!   otherwise NODATA, the SOA in the authority section; zone transfers
-//!   (AXFR, IXFR) are REFUSED;
+//!   (not one question, answer records, more than one authority record, more
+//!   than a few additional ones) FORMERR, both from the header alone, before
+//!   parsing; an authority record in anything but an IXFR query (which
+//!   carries the client's SOA there, RFC 1995) FORMERR too;
+//! * zone transfers (AXFR, IXFR) and a class other than IN or ANY get
+//!   REFUSED ([`Refusal::Query`]), an EDNS version above 0 BADVERS;
+//! * a name in no zone gets REFUSED ([`Refusal::Outside`]); a name of a zone
+//!   that does not exist NXDOMAIN; a name that exists gets the records it has
+//!   of the type asked (TXT: the challenge values; A, AAAA: the hub's
+//!   addresses; NS and SOA at the apex; ANY: the first of TXT, the addresses,
+//!   SOA that it has), and otherwise NODATA, the SOA in the authority section;
 //! * a reply too large for the transport is replaced by its header and
 //!   question with TC set, so the client retries over TCP.
 //!
@@ -252,6 +253,16 @@ pub enum Dropped {
     NotAQuery,
 }
 
+/// Why a query got REFUSED (the driver counts the two apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The question's name is in no zone this hub serves.
+    Outside,
+    /// What is asked is never answered, whatever the name: a zone transfer
+    /// (AXFR, IXFR) or a class other than IN or ANY (`version.bind CH TXT`).
+    Query,
+}
+
 /// The reply and its response code (for the driver's counters).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -259,6 +270,8 @@ pub struct Reply {
     pub bytes: Vec<u8>,
     /// Its response code, extended (BADVERS) included.
     pub rcode: ResponseCode,
+    /// Why, when the response code is REFUSED.
+    pub refused: Option<Refusal>,
 }
 
 /// Answers one DNS message.
@@ -283,10 +296,14 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
     } else {
         TCP_MAX
     };
-    let reply = answer(&msg, lookup);
+    let (reply, refused) = answer(&msg, lookup);
     let rcode = reply.metadata.response_code;
     let bytes = encode(&reply, limit).ok_or(Dropped::Malformed)?;
-    Ok(Reply { bytes, rcode })
+    Ok(Reply {
+        bytes,
+        rcode,
+        refused,
+    })
 }
 
 /// The reply to a query the hub will not answer in full now (a client over
@@ -294,7 +311,8 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
 /// real resolver asks again over TCP, and a forged source gets back no more
 /// bytes than were sent (RFC 5452's "slip" of response rate limiting).
 /// Other opcodes and odd section counts get their header-only reply as in
-/// [`respond`]; what is dropped there is dropped here.
+/// [`respond`], and an authority record outside an IXFR query its FORMERR
+/// (header and question, TC clear); what is dropped there is dropped here.
 pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
     if let Some(reply) = refuse_by_header(query)? {
         return Ok(reply);
@@ -302,7 +320,11 @@ pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
     let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
     let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     reply.metadata = Metadata::response_from_request(&msg.metadata);
-    reply.metadata.truncation = true;
+    if unexpected_authority(&msg) {
+        reply.metadata.response_code = ResponseCode::FormErr;
+    } else {
+        reply.metadata.truncation = true;
+    }
     for q in msg.queries.iter().take(1) {
         reply.add_query(q.clone());
     }
@@ -316,17 +338,34 @@ pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
             qd.copy_from_slice(&[0, 0]);
         }
     }
-    Ok(Reply { bytes, rcode })
+    Ok(Reply {
+        bytes,
+        rcode,
+        refused: None,
+    })
 }
 
 /// Additional records a query may carry (its OPT record, a signature).
 pub const MAX_ADDITIONAL: u16 = 4;
+/// Authority records a query may carry: an IXFR query's SOA (RFC 1995,
+/// section 3), so that it is parsed and REFUSED as a zone transfer.
+pub const MAX_AUTHORITY: u16 = 1;
+
+/// Whether `msg` carries authority records though it is no IXFR query (the
+/// only query that has one): FORMERR.
+fn unexpected_authority(msg: &Message) -> bool {
+    !msg.authorities.is_empty()
+        && !msg
+            .queries
+            .iter()
+            .all(|q| q.query_type() == RecordType::IXFR)
+}
 
 /// Answers from the header alone what the parser need not see: another
 /// opcode than QUERY (NOTIMP), and section counts no query has (FORMERR:
-/// not one question, answer or authority records, more than
-/// [`MAX_ADDITIONAL`] additional ones), since the parser sizes its tables
-/// from those counts. The reply is the header: id, opcode, RD and CD of the
+/// not one question, answer records, more than [`MAX_AUTHORITY`] authority
+/// ones or [`MAX_ADDITIONAL`] additional ones), since the parser sizes its
+/// tables from those counts. The reply is the header: id, opcode, RD and CD of the
 /// query, no records. `None`: parse the message.
 fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
     let Some(&[id0, id1, f0, f1, qd0, qd1, an0, an1, ns0, ns1, ar0, ar1]) = query.get(..12) else {
@@ -341,7 +380,7 @@ fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
         ResponseCode::NotImp
     } else if count(qd0, qd1) != 1
         || count(an0, an1) != 0
-        || count(ns0, ns1) != 0
+        || count(ns0, ns1) > MAX_AUTHORITY
         || count(ar0, ar1) > MAX_ADDITIONAL
     {
         ResponseCode::FormErr
@@ -353,7 +392,11 @@ fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
     let flags1 = (f1 & 0x10) | (u16::from(rcode) & 0x0f) as u8;
     let mut bytes = vec![id0, id1, flags0, flags1];
     bytes.extend_from_slice(&[0; 8]);
-    Ok(Some(Reply { bytes, rcode }))
+    Ok(Some(Reply {
+        bytes,
+        rcode,
+        refused: None,
+    }))
 }
 
 /// The name as given to [`Lookup`]: lowercase ASCII, no trailing dot, odd
@@ -375,8 +418,9 @@ fn lookup_name(name: &Name) -> String {
     out
 }
 
-/// Builds the reply message (before the size rule).
-fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
+/// Builds the reply message (before the size rule), and why it is REFUSED
+/// if it is.
+fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Refusal>) {
     let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     // Id, opcode, RD and CD from the query; AA, TC, RA, AD clear.
     reply.metadata = Metadata::response_from_request(&msg.metadata);
@@ -387,36 +431,42 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
             .set_dnssec_ok(edns.flags().dnssec_ok);
         reply.edns = Some(ours);
     }
-    let rcode = |reply: &mut Message, rcode| reply.metadata.response_code = rcode;
+    let rcode = |mut reply: Message, rcode| {
+        reply.metadata.response_code = rcode;
+        let refused = (rcode == ResponseCode::Refused).then_some(Refusal::Query);
+        (reply, refused)
+    };
     // One question (the header check answered every other count).
     let [q] = msg.queries.as_slice() else {
-        rcode(&mut reply, ResponseCode::FormErr);
-        return reply;
+        return rcode(reply, ResponseCode::FormErr);
     };
     reply.add_query(q.clone());
 
-    if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
-        rcode(&mut reply, ResponseCode::BADVERS);
-        return reply;
+    if unexpected_authority(msg) {
+        return rcode(reply, ResponseCode::FormErr);
     }
-    if !matches!(q.query_class(), DNSClass::IN | DNSClass::ANY) {
-        rcode(&mut reply, ResponseCode::Refused);
-        return reply;
+    if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return rcode(reply, ResponseCode::BADVERS);
+    }
+    // Refused whatever the name: a class the hub holds nothing of, and zone
+    // transfers (an IXFR query's SOA is in the authority section).
+    if !matches!(q.query_class(), DNSClass::IN | DNSClass::ANY)
+        || matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+    {
+        return rcode(reply, ResponseCode::Refused);
     }
     let (zone, records) = match lookup(&lookup_name(q.name())) {
         Lookup::Outside => {
-            rcode(&mut reply, ResponseCode::Refused);
-            return reply;
+            reply.metadata.response_code = ResponseCode::Refused;
+            return (reply, Some(Refusal::Outside));
         }
         Lookup::Below { zone } => {
             let Some(soa) = soa_record(&zone) else {
-                rcode(&mut reply, ResponseCode::ServFail);
-                return reply;
+                return rcode(reply, ResponseCode::ServFail);
             };
             reply.metadata.authoritative = true;
-            rcode(&mut reply, ResponseCode::NXDomain);
             reply.add_authority(soa);
-            return reply;
+            return rcode(reply, ResponseCode::NXDomain);
         }
         Lookup::Apex { zone, txt } => (
             zone,
@@ -429,8 +479,7 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
         Lookup::Name { zone, records } => (zone, records),
     };
     let Some(soa) = soa_record(&zone) else {
-        rcode(&mut reply, ResponseCode::ServFail);
-        return reply;
+        return rcode(reply, ResponseCode::ServFail);
     };
     reply.metadata.authoritative = true;
     let owner = q.name();
@@ -472,11 +521,6 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
         }
         RecordType::ANY if !records.addrs.is_empty() => v4().chain(v6()).collect(),
         RecordType::ANY if records.apex => vec![own_soa()],
-        RecordType::AXFR | RecordType::IXFR => {
-            reply.metadata.authoritative = false;
-            rcode(&mut reply, ResponseCode::Refused);
-            return reply;
-        }
         _ => Vec::new(),
     };
     if answers.is_empty() {
@@ -486,7 +530,7 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> Message {
     for a in answers {
         reply.add_answer(a);
     }
-    reply
+    (reply, None)
 }
 
 /// A record of class IN.
@@ -748,7 +792,81 @@ mod tests {
     fn zone_transfer_refused() {
         let (r, m) = ask(&query(ZONE, RecordType::AXFR), false, apex(&["v"]));
         assert_eq!(r.rcode, ResponseCode::Refused);
+        assert_eq!(r.refused, Some(Refusal::Query));
+        assert!(!m.metadata.authoritative);
         assert!(m.answers.is_empty() && m.authorities.is_empty());
+        // Whatever the name: one below the apex too (not NXDOMAIN).
+        let (r, _) = ask(
+            &query(&format!("x.{ZONE}"), RecordType::AXFR),
+            false,
+            apex(&["v"]),
+        );
+        assert_eq!(r.refused, Some(Refusal::Query));
+    }
+
+    /// An IXFR query as a secondary sends it: the question, and the SOA it
+    /// holds in the authority section (RFC 1995).
+    fn ixfr(name: &str) -> Message {
+        let mut m = query(name, RecordType::IXFR);
+        m.add_authority(soa_record(ZONE).unwrap());
+        m
+    }
+
+    #[test]
+    fn ixfr_with_its_soa_is_refused_not_formerr() {
+        let (r, m) = ask(&ixfr(ZONE), false, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::Refused);
+        assert_eq!(r.refused, Some(Refusal::Query));
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        // Over its rate too, it is parsed: a truncated reply, TC set.
+        let t = respond_truncated(&ixfr(ZONE).to_vec().unwrap()).unwrap();
+        let m = Message::from_vec(&t.bytes).unwrap();
+        assert!(m.metadata.truncation);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    }
+
+    #[test]
+    fn authority_records_outside_ixfr_are_formerr() {
+        let mut q = query(ZONE, RecordType::TXT);
+        q.add_authority(soa_record(ZONE).unwrap());
+        let (r, m) = ask(&q, true, apex(&["v"]));
+        assert_eq!(r.rcode, ResponseCode::FormErr);
+        assert_eq!(r.refused, None);
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        let t = respond_truncated(&q.to_vec().unwrap()).unwrap();
+        assert_eq!(t.rcode, ResponseCode::FormErr);
+        let m = Message::from_vec(&t.bytes).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // Two authority records: FORMERR from the header.
+        let mut two = ixfr(ZONE);
+        two.add_authority(soa_record(ZONE).unwrap());
+        let r = respond(&two.to_vec().unwrap(), false, apex(&["v"])).unwrap();
+        assert_eq!((r.rcode, r.bytes.len()), (ResponseCode::FormErr, 12));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let why = |m: &Message| respond(&m.to_vec().unwrap(), true, apex(&["v"])).unwrap();
+        let r = why(&query("example.com", RecordType::A));
+        assert_eq!(
+            (r.rcode, r.refused),
+            (ResponseCode::Refused, Some(Refusal::Outside))
+        );
+        let mut ch = query("version.bind", RecordType::TXT);
+        ch.queries[0].set_query_class(DNSClass::CH);
+        let r = why(&ch);
+        assert_eq!(
+            (r.rcode, r.refused),
+            (ResponseCode::Refused, Some(Refusal::Query))
+        );
+        for m in [
+            query(ZONE, RecordType::TXT),
+            query(&format!("x.{ZONE}"), RecordType::A),
+        ] {
+            assert_eq!(why(&m).refused, None);
+        }
     }
 
     #[test]
@@ -839,7 +957,7 @@ mod tests {
         // One question, then 0xffff answer records announced: FORMERR at
         // once, id and RD kept, nothing echoed.
         let mut q = query(ZONE, RecordType::TXT).to_vec().unwrap();
-        for (at, v) in [(6usize, [0xffu8, 0xff]), (8, [0, 1]), (10, [0, 5])] {
+        for (at, v) in [(6usize, [0xffu8, 0xff]), (8, [0, 2]), (10, [0, 5])] {
             let mut bad = q.clone();
             bad[at..at + 2].copy_from_slice(&v);
             let r = respond(&bad, true, apex(&["v"])).unwrap();

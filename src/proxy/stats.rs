@@ -54,7 +54,9 @@ pub enum ErrorKind {
     /// A UDP datagram beyond the forward's `bandwidth` (dropped).
     OverBandwidth,
     /// A message to the DNS listeners that is not a readable DNS query
-    /// (dropped, or the TCP connection closed).
+    /// (dropped, or the TCP connection closed), or a UDP one from the port
+    /// of a service that answers anything, such as chargen (dropped: its
+    /// reply would start a loop).
     BadDnsQuery,
     /// A request path with a dot-segment on a route with `paths` (400).
     BadPath,
