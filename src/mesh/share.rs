@@ -209,29 +209,31 @@ impl AcmeShare for Mesh {
         })
     }
 
-    fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, ()> {
+    fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, bool> {
         Box::pin(async move {
-            let Ok(h) = cert_host(host) else { return };
+            let Ok(h) = cert_host(host) else { return true };
             let key = self.acme_key(&AcmeKey::Lock(h));
             let Ok((mut c, _)) = self.client() else {
                 // The lease takes the lock away.
-                return;
+                return true;
             };
             let me = self.settings.name.as_bytes().to_vec();
             // A few tries: a lock left behind holds the other hubs back
-            // until this hub's session ends.
+            // until this hub's session ends (the manager tries again on its
+            // next rounds).
             for attempt in 1..=3 {
                 let txn = Txn::new()
                     .when([Compare::value(key.clone(), CompareOp::Equal, me.clone())])
                     .and_then([TxnOp::delete(key.clone(), None)]);
                 match c.txn(txn).await {
-                    Ok(_) => return,
+                    Ok(_) => return true,
                     Err(e) if attempt == 3 => {
-                        warn!(host, error = %e, "mesh: ACME lock not released; it goes when this hub's etcd session ends");
+                        warn!(host, error = %e, "mesh: ACME lock not released; tried again on the next rounds, and it goes when this hub's etcd session ends");
                     }
                     Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
                 }
             }
+            false
         })
     }
 

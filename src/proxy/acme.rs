@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
@@ -91,8 +91,9 @@ pub trait AcmeShare: Send + Sync {
     fn session(&self) -> Option<i64>;
     /// Takes the lock on ordering for `host`: true when this hub holds it.
     fn lock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, Result<bool, String>>;
-    /// Lets go of the lock on `host` (if this hub holds it).
-    fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, ()>;
+    /// Lets go of the lock on `host` (if this hub holds it). False when
+    /// the lock may still be there (the store did not take the delete).
+    fn unlock<'a>(&'a self, host: &'a str) -> ShareFuture<'a, bool>;
     /// Publishes a challenge answer (it goes when this hub's session ends).
     fn publish<'a>(&'a self, c: &'a Challenge) -> ShareFuture<'a, Result<(), String>>;
     /// Withdraws a published challenge answer.
@@ -128,9 +129,32 @@ pub struct AcmeState {
     failures: RwLock<HashMap<String, (String, u64)>>,
     share: RwLock<Option<Arc<dyn AcmeShare>>>,
     kick: Arc<Notify>,
-    /// Counts [`AcmeState::set_wanted`] calls: the first is the start, each
-    /// later one a reload (which lets failed orders run again at once).
-    reloads: AtomicU64,
+    /// Whether [`AcmeState::set_wanted`] was called (its first call is the
+    /// start, which keeps every wait after failed orders).
+    started: AtomicBool,
+    /// Hosts whose failed orders run again at once, taken by the manager's
+    /// next round (see [`AcmeState::set_wanted`]).
+    resets: RwLock<Resets>,
+    /// Issued certificates served but not written to `state_dir` yet (the
+    /// write failed): each round writes them again.
+    unsaved: RwLock<HashMap<String, CertPem>>,
+}
+
+/// Whose waits after failed orders end, since the manager last looked.
+#[derive(Default)]
+struct Resets {
+    /// Every host's: the ACME settings changed.
+    all: bool,
+}
+
+/// Whether orders made with `a` and with `b` may end differently: any
+/// setting but `renew_before` (which only says when to renew) differs.
+fn orders_differ(a: &AcmeSettings, b: &AcmeSettings) -> bool {
+    let a = AcmeSettings {
+        renew_before: b.renew_before,
+        ..a.clone()
+    };
+    a != *b
 }
 
 impl AcmeState {
@@ -243,15 +267,35 @@ impl AcmeState {
     /// a wildcard certificate), and wakes it. Certificates of other hosts
     /// are no longer served. `dns_zones`: the domains whose
     /// `_acme-challenge` name the DNS listeners answer.
+    ///
+    /// Every reload calls this, the control plane's changes too (a node
+    /// declaring its services, a join, a route made through the API), so
+    /// the waits after failed orders are kept across calls, also for a host
+    /// dropped and wanted again (a node's service that comes and goes must
+    /// not order again each time it comes): only a change of the ACME
+    /// settings (all hosts) has failed orders run again at once, or deleting
+    /// a host's `retry` file. The first call (the start) keeps them too: the
+    /// `retry` files say how long to wait.
     pub fn set_wanted(
         &self,
         settings: Option<AcmeSettings>,
         hosts: Vec<String>,
         dns_zones: Vec<String>,
     ) {
-        *self.wanted.write() = (settings, hosts);
+        {
+            let mut wanted = self.wanted.write();
+            if self.started.swap(true, Ordering::Relaxed) {
+                let mut resets = self.resets.write();
+                match (&wanted.0, &settings) {
+                    (Some(old), Some(new)) if !orders_differ(old, new) => {}
+                    // Other settings, or ACME turned on.
+                    (_, Some(_)) => resets.all = true,
+                    (_, None) => {}
+                }
+            }
+            *wanted = (settings, hosts);
+        }
         *self.dns_zones.write() = dns_zones;
-        self.reloads.fetch_add(1, Ordering::Relaxed);
         self.prune();
         self.kick.notify_one();
     }
@@ -295,6 +339,9 @@ impl AcmeState {
         };
         certs.retain(|h, _| keep_it(h));
         self.failures
+            .write()
+            .retain(|h, _| keep.contains(h.as_str()));
+        self.unsaved
             .write()
             .retain(|h, _| keep.contains(h.as_str()));
     }
@@ -473,9 +520,17 @@ pub fn renew_at(not_before: Option<u64>, not_after: u64, renew_before: u64, host
 
 // ------------------------------------------------------------ HTTP client
 
+/// How long one request to the ACME server may take, its whole body read.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest response body taken from the ACME server (a certificate
+/// chain is a few KiB).
+const BODY_LIMIT: usize = 1 << 20;
+
 /// HTTPS to the ACME server, trusting `directory_ca` (or the system bundle).
 struct AcmeHttp {
     tls: tokio_rustls::TlsConnector,
+    /// [`REQUEST_TIMEOUT`], shorter in tests.
+    timeout: Duration,
 }
 
 impl AcmeHttp {
@@ -505,6 +560,7 @@ impl AcmeHttp {
             .with_no_client_auth();
         Ok(AcmeHttp {
             tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            timeout: REQUEST_TIMEOUT,
         })
     }
 }
@@ -519,6 +575,7 @@ impl HttpClient for AcmeHttp {
         mut req: Request<Full<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let tls = self.tls.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
             let work = async {
                 let uri = req.uri().clone();
@@ -554,9 +611,22 @@ impl HttpClient for AcmeHttp {
                 let pq = uri.path_and_query().map_or("/", |p| p.as_str());
                 *req.uri_mut() = pq.parse().map_err(other)?;
                 let resp = sender.send_request(req).await.map_err(other)?;
-                Ok(BytesResponse::from(resp))
+                // The whole body, within the timeout: one read later by
+                // instant-acme would have none, and a server that stalls
+                // mid-body would hold the manager for good.
+                let (parts, body) = resp.into_parts();
+                let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                    body, BODY_LIMIT,
+                ))
+                .await
+                .map_err(|e| other(format!("ACME response body: {e}")))?
+                .to_bytes();
+                Ok(BytesResponse::from(http::Response::from_parts(
+                    parts,
+                    Full::new(body),
+                )))
             };
-            tokio::time::timeout(Duration::from_secs(30), work)
+            tokio::time::timeout(timeout, work)
                 .await
                 .unwrap_or_else(|_| Err(other("ACME request timed out")))
         })
@@ -818,6 +888,10 @@ fn alpn_cert(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
 /// hubs before it asks for validation (they learn of them through a watch).
 pub const SHARE_SETTLE: Duration = Duration::from_millis(1000);
 
+/// The longest one order may take, from the account to the stored
+/// certificate: whatever stalls, the manager goes on to its other hosts.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Orders, validates and stores a certificate for `host`; the issued chain
 /// and key. With `share`, the challenge answers are published for the other
 /// hubs while the order runs.
@@ -830,7 +904,12 @@ async fn issue(
     // Every answer given (here, and published for the other hubs) goes
     // when the order ends, whichever way it ends.
     let mut answers = Answers::default();
-    let r = issue_inner(state, cfg, host, share, &mut answers).await;
+    let r = tokio::time::timeout(
+        ORDER_TIMEOUT,
+        issue_inner(state, cfg, host, share, &mut answers),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("the order took longer than {ORDER_TIMEOUT:?}")));
     let share = share.map(|(sh, _)| sh);
     for c in &answers.local {
         match c {
@@ -1083,8 +1162,11 @@ fn finalizable(status: OrderStatus) -> Result<(), String> {
 }
 
 /// Checks an issued certificate with its key (they load, match, and the
-/// leaf is valid for `host`), then stores and serves it; nothing changes on
-/// disk or in memory when it does not check.
+/// leaf is valid for `host`), then serves and stores it; nothing changes on
+/// disk or in memory when it does not check. It is served first: one the CA
+/// issued is never dropped because `state_dir` could not be written (an
+/// order again would count against the CA's duplicate certificate limit);
+/// such a write is tried again each round ([`save_unsaved`]).
 fn install(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> Result<(), String> {
     let (k, na) = load_pair(pem)
         .and_then(|(k, na)| {
@@ -1095,16 +1177,52 @@ fn install(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> 
             }
         })
         .map_err(|e| format!("the issued certificate: {e}"))?;
-    let dir = host_dir(cfg, host);
-    store_pair(&dir, pem)?;
-    write_private(&dir.join(DIRECTORY_FILE), cfg.directory.as_bytes())
-        .map_err(|e| format!("{}: {e}", dir.join(DIRECTORY_FILE).display()))?;
     state
         .certs
         .write()
         .insert(host.to_string(), (Arc::new(k), na));
     info!(host, not_after = na, "ACME certificate issued");
+    match save_issued(cfg, host, pem) {
+        Ok(()) => {
+            state.unsaved.write().remove(host);
+        }
+        Err(e) => {
+            warn!(host, error = %e, "ACME certificate not written to state_dir; served, and written again on the next round");
+            state.unsaved.write().insert(host.to_string(), pem.clone());
+        }
+    }
     Ok(())
+}
+
+/// Writes a certificate issued by the configured CA to the directory of
+/// `host`, with the note of that CA.
+fn save_issued(cfg: &AcmeSettings, host: &str, pem: &CertPem) -> Result<(), String> {
+    let dir = host_dir(cfg, host);
+    store_pair(&dir, pem)?;
+    write_private(&dir.join(DIRECTORY_FILE), cfg.directory.as_bytes())
+        .map_err(|e| format!("{}: {e}", dir.join(DIRECTORY_FILE).display()))
+}
+
+/// Writes again the issued certificate of `host` that is served but could
+/// not be written to `state_dir`, if there is one.
+fn save_unsaved(state: &AcmeState, cfg: &AcmeSettings, host: &str) {
+    let Some(pem) = state.unsaved.read().get(host).cloned() else {
+        return;
+    };
+    match save_issued(cfg, host, &pem) {
+        Ok(()) => {
+            state.unsaved.write().remove(host);
+            info!(host, "ACME certificate written to state_dir");
+        }
+        Err(e) => debug!(host, error = %e, "ACME certificate still not written to state_dir"),
+    }
+}
+
+/// The certificate of `host` this hub serves, as PEM: one not written to
+/// `state_dir` yet, or the stored one.
+fn own_pem(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
+    let unsaved = state.unsaved.read().get(host).cloned();
+    unsaved.or_else(|| stored_pem(cfg, host))
 }
 
 /// The stored certificate of `host` as PEM, if one loads.
@@ -1168,6 +1286,8 @@ fn adopt(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> bo
         .certs
         .write()
         .insert(host.to_string(), (Arc::new(key), na));
+    // (One of this hub's not written yet is older: not written any more.)
+    state.unsaved.write().remove(host);
     info!(host, not_after = na, "ACME certificate taken from the mesh");
     true
 }
@@ -1189,7 +1309,7 @@ async fn sync_shared(state: &AcmeState, cfg: &AcmeSettings, sh: &dyn AcmeShare, 
             if (t.is_none_or(|t| t < m) || (t == Some(m) && sh.wants_sealing(host)))
                 && sh.ready() =>
         {
-            if let Some(pem) = stored_pem(cfg, host) {
+            if let Some(pem) = own_pem(state, cfg, host) {
                 match sh.store_cert(host, &pem).await {
                     Ok(()) => info!(host, not_after = m, "ACME certificate offered to the mesh"),
                     Err(e) => warn!(host, error = %e, "mesh: ACME certificate not stored"),
@@ -1225,10 +1345,22 @@ fn retry_wait(last: Option<Duration>) -> Duration {
     last.map_or(RETRY_FIRST, |b| (b * 2).clamp(RETRY_FIRST, RETRY_MAX))
 }
 
+/// How much later than [`retry_wait`] says a failed order may run: hosts
+/// that failed together (a DNS outage) are not all ordered again at once.
+const RETRY_JITTER: f64 = 0.3;
+
+/// The wait after a failed order: `wait` ([`retry_wait`]) made up to
+/// [`RETRY_JITTER`] longer by `draw` (uniform over `u32`), that is 1.15
+/// times `wait`, give or take 15%. Never shorter than `wait`: the orders
+/// of the first hour stay five at most.
+fn jittered(wait: Duration, draw: u32) -> Duration {
+    wait + wait.mul_f64(RETRY_JITTER * f64::from(draw) / f64::from(u32::MAX))
+}
+
 /// When a failed host is tried again.
 struct Retry {
     at: tokio::time::Instant,
-    /// The last wait.
+    /// The last wait, as [`retry_wait`] gave it (without its jitter).
     wait: Duration,
     /// Written to the host's [`RETRY_FILE`] (deleting it lets the next order
     /// run at once).
@@ -1245,12 +1377,25 @@ struct Rounds {
     /// Hosts whose order waits for the mesh's etcd: since when, and whether
     /// that was logged (once it lasts [`MESH_WAIT_LOGGED`]).
     waiting: HashMap<String, (tokio::time::Instant, bool)>,
-    /// [`AcmeState::reloads`] as last seen.
-    reloads: Option<u64>,
+    /// Hosts whose mesh lock this hub could not let go of: each round tries
+    /// again, before any order (the lock would hold the other hubs back
+    /// until this hub's etcd session ends).
+    unlocks: std::collections::HashSet<String>,
+}
+
+/// Lets go of this hub's mesh lock on `host`; one that stays is tried again
+/// on the next rounds.
+async fn unlock(sh: &dyn AcmeShare, host: &str, unlocks: &mut std::collections::HashSet<String>) {
+    if sh.unlock(host).await {
+        unlocks.remove(host);
+    } else {
+        unlocks.insert(host.to_string());
+    }
 }
 
 /// Notes a failure for `host`, in memory and in its [`RETRY_FILE`] (a
-/// restart waits too): the next try waits as [`retry_wait`] says. The wait.
+/// restart waits too): the next try waits as [`retry_wait`] says, with
+/// [`jittered`]'s spread. The wait.
 fn failed(
     state: &AcmeState,
     cfg: &AcmeSettings,
@@ -1258,7 +1403,10 @@ fn failed(
     host: &str,
     e: &str,
 ) -> Duration {
-    let back = retry_wait(retry_at.get(host).map(|r| r.wait));
+    let wait = retry_wait(retry_at.get(host).map(|r| r.wait));
+    let back = jittered(wait, rand_core::RngCore::next_u32(&mut rand_core::OsRng));
+    // Whole seconds, as the file keeps it.
+    let back = Duration::from_secs(back.as_secs());
     warn!(host = %host, error = %e, retry_in = ?back, "ACME order failed");
     let at = now_unix().saturating_add(back.as_secs());
     let dir = host_dir(cfg, host);
@@ -1266,7 +1414,7 @@ fn failed(
         .and_then(|()| {
             // The directory too: another one (staging to production) is
             // not held back by this one's failures.
-            let text = format!("{at} {} {}\n{e}\n", back.as_secs(), cfg.directory);
+            let text = format!("{at} {} {}\n{e}\n", wait.as_secs(), cfg.directory);
             write_private(&dir.join(RETRY_FILE), text.as_bytes())
         })
         .inspect_err(|err| {
@@ -1277,7 +1425,7 @@ fn failed(
         host.to_string(),
         Retry {
             at: tokio::time::Instant::now() + back,
-            wait: back,
+            wait,
             stored,
         },
     );
@@ -1324,7 +1472,8 @@ fn retry_left(
     if !retry_at.contains_key(host) {
         let (at, wait, e) = read_retry(cfg, host)?;
         // No longer than the longest wait, whatever the clock did.
-        let left = Duration::from_secs(at.saturating_sub(now_unix())).min(RETRY_MAX);
+        let longest = jittered(RETRY_MAX, u32::MAX);
+        let left = Duration::from_secs(at.saturating_sub(now_unix())).min(longest);
         if !left.is_zero() {
             info!(host = %host, retry_in = ?left, "ACME order waits after failed orders before the restart");
         }
@@ -1354,12 +1503,46 @@ fn retry_left(
     Some(r.at - now)
 }
 
-/// After a reload: failed orders of `hosts` run again at once.
-fn reset_retries(cfg: Option<&AcmeSettings>, hosts: &[String], retry_at: &mut Retries) {
-    retry_at.clear();
-    if let Some(cfg) = cfg {
-        for h in hosts {
-            let _ = std::fs::remove_file(host_dir(cfg, h).join(RETRY_FILE));
+/// After [`AcmeState::set_wanted`] changed what an order depends on: the
+/// failed orders of `hosts` run again at once when `resets` says so (their
+/// waits go, in memory and in their [`RETRY_FILE`]s).
+fn reset_retries(cfg: &AcmeSettings, hosts: &[String], resets: &Resets, retry_at: &mut Retries) {
+    for h in hosts {
+        if resets.all {
+            if retry_at.contains_key(h) || host_dir(cfg, h).join(RETRY_FILE).exists() {
+                info!(host = %h, "ACME settings changed: a failed order runs again now");
+            }
+            clear_retry(cfg, retry_at, h);
+        }
+    }
+}
+
+/// What a round does before any order, for a host it keeps: serves its
+/// stored certificate (from `state_dir`, or with shared certificates the
+/// mesh's as last seen, when newer), and writes again one issued but not
+/// written. Nothing here waits on the network, so an order that blocks
+/// (validation, a slow CA) does not keep the other hosts' certificates
+/// from being served after a restart.
+fn load_local(state: &AcmeState, cfg: &AcmeSettings, share: Option<&dyn AcmeShare>, host: &str) {
+    if !state.wants(host) {
+        return;
+    }
+    save_unsaved(state, cfg, host);
+    if !state.has_own(host) {
+        if let Some((k, na)) = load_stored(cfg, host) {
+            debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
+            state.certs.write().insert(host.to_string(), (k, na));
+        }
+    }
+    if let Some(sh) = share.filter(|s| s.shares_certificates()) {
+        let mine = state.not_after(host);
+        if sh
+            .cert_not_after(host)
+            .is_some_and(|t| mine.is_none_or(|m| t > m))
+        {
+            if let Some(pem) = sh.cert(host) {
+                adopt(state, cfg, host, &pem);
+            }
         }
     }
 }
@@ -1377,20 +1560,18 @@ async fn keep(
         return None;
     }
     let Rounds {
-        retry_at, waiting, ..
+        retry_at,
+        waiting,
+        unlocks,
     } = rounds;
     let due = |state: &AcmeState| {
         state
             .renew_time(host, cfg.renew_before.as_secs())
             .is_none_or(|at| now_unix() >= at)
-            || from_another_directory(cfg, host)
+            // (One not written yet is this CA's, whatever the old note says.)
+            || (from_another_directory(cfg, host) && !state.unsaved.read().contains_key(host))
     };
-    if !state.has_own(host) {
-        if let Some((k, na)) = load_stored(cfg, host) {
-            debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
-            state.certs.write().insert(host.to_string(), (k, na));
-        }
-    }
+    load_local(state, cfg, None, host);
     let sharing = share.filter(|s| s.shares_certificates());
     if let Some(sh) = sharing {
         sync_shared(state, cfg, sh, host).await;
@@ -1456,7 +1637,7 @@ async fn keep(
                 Err(e) => warn!(host = %host, error = %e, "mesh: shared certificate not read"),
             }
             if !due(state) {
-                sh.unlock(host).await;
+                unlock(sh, host, unlocks).await;
                 clear_retry(cfg, retry_at, host);
                 state.failures.write().remove(host);
                 return None;
@@ -1473,7 +1654,7 @@ async fn keep(
         }
     }
     if let Some(sh) = coord {
-        sh.unlock(host).await;
+        unlock(sh, host, unlocks).await;
     }
     match r {
         Ok(_) if due(state) => {
@@ -1496,6 +1677,53 @@ async fn keep(
     }
 }
 
+/// One round of the manager: loads what is stored for every wanted host
+/// first, then keeps each one's certificate (ordering it when missing or
+/// due). How long until the next round at the latest.
+async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
+    let (cfg, hosts, resets) = {
+        let wanted = state.wanted.read();
+        let resets = std::mem::take(&mut *state.resets.write());
+        (wanted.0.clone(), wanted.1.clone(), resets)
+    };
+    let share = state.share();
+    let mut next = Duration::from_secs(60);
+    // No order of this hub runs now: a lock it still holds is a stale one.
+    match share.as_deref() {
+        Some(sh) => {
+            for h in std::mem::take(&mut rounds.unlocks) {
+                unlock(sh, &h, &mut rounds.unlocks).await;
+            }
+            if !rounds.unlocks.is_empty() {
+                next = next.min(MESH_WAIT * 5);
+            }
+        }
+        // Without a mesh, no lock is there to let go of.
+        None => rounds.unlocks.clear(),
+    }
+    if let Some(cfg) = cfg {
+        reset_retries(&cfg, &hosts, &resets, &mut rounds.retry_at);
+        for host in &hosts {
+            load_local(state, &cfg, share.as_deref(), host);
+        }
+        for host in &hosts {
+            if let Some(wait) = keep(state, &cfg, share.as_deref(), host, rounds).await {
+                next = next.min(wait);
+            }
+        }
+    }
+    // A reload during the round may have dropped a host it kept, and
+    // a wildcard it obtained replaces the names it covers.
+    state.prune();
+    {
+        let wanted = state.wanted.read();
+        let wanted: std::collections::HashSet<&String> = wanted.1.iter().collect();
+        rounds.retry_at.retain(|h, _| wanted.contains(h));
+        rounds.waiting.retain(|h, _| wanted.contains(h));
+    }
+    next
+}
+
 /// Keeps certificates for the wanted hosts: loads stored ones, orders missing
 /// or expiring ones, retries failures with backoff. Ends with the state.
 pub fn spawn_manager(state: &Arc<AcmeState>) {
@@ -1504,32 +1732,7 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
         let mut rounds = Rounds::default();
         loop {
             let Some(state) = weak.upgrade() else { return };
-            let (cfg, hosts) = state.wanted.read().clone();
-            let share = state.share();
-            let reloads = state.reloads.load(Ordering::Relaxed);
-            if rounds.reloads.is_some_and(|r| r != reloads) {
-                reset_retries(cfg.as_ref(), &hosts, &mut rounds.retry_at);
-            }
-            rounds.reloads = Some(reloads);
-            let mut next = Duration::from_secs(60);
-            if let Some(cfg) = cfg {
-                for host in hosts {
-                    if let Some(wait) =
-                        keep(&state, &cfg, share.as_deref(), &host, &mut rounds).await
-                    {
-                        next = next.min(wait);
-                    }
-                }
-            }
-            // A reload during the round may have dropped a host it kept, and
-            // a wildcard it obtained replaces the names it covers.
-            state.prune();
-            {
-                let wanted = state.wanted.read();
-                let wanted: std::collections::HashSet<&String> = wanted.1.iter().collect();
-                rounds.retry_at.retain(|h, _| wanted.contains(h));
-                rounds.waiting.retain(|h, _| wanted.contains(h));
-            }
+            let next = round(&state, &mut rounds).await;
             let kick = state.kick.clone();
             drop(state);
             tokio::select! {
@@ -1554,6 +1757,9 @@ mod tests {
         ours: parking_lot::Mutex<bool>,
         locks: std::sync::atomic::AtomicUsize,
         published: parking_lot::Mutex<Vec<(i64, String)>>,
+        /// Unlock calls, and whether they fail.
+        unlocks: std::sync::atomic::AtomicUsize,
+        unlock_fails: parking_lot::Mutex<bool>,
     }
 
     impl AcmeShare for FakeShare {
@@ -1591,8 +1797,11 @@ mod tests {
             let ours = *self.ours.lock();
             Box::pin(async move { Ok(ours) })
         }
-        fn unlock<'a>(&'a self, _: &'a str) -> ShareFuture<'a, ()> {
-            Box::pin(async {})
+        fn unlock<'a>(&'a self, _: &'a str) -> ShareFuture<'a, bool> {
+            self.unlocks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let released = !*self.unlock_fails.lock();
+            Box::pin(async move { released })
         }
         fn publish<'a>(&'a self, c: &'a Challenge) -> ShareFuture<'a, Result<(), String>> {
             Box::pin(async move {
@@ -1665,6 +1874,38 @@ mod tests {
         assert!(e.contains("another hub took the mesh lock"), "{e}");
         assert_eq!(held, Some(2));
         assert_eq!(sh.published.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lock_not_released_is_released_on_a_later_round() {
+        let dir = tmpdir("unlock");
+        let cfg = cfg_in(&dir);
+        let sh = Arc::new(FakeShare::default());
+        *sh.ours.lock() = true;
+        *sh.unlock_fails.lock() = true;
+        let unlocks = || sh.unlocks.load(std::sync::atomic::Ordering::Relaxed);
+        let st = AcmeState::default();
+        st.set_share(Some(sh.clone()));
+        st.set_wanted(Some(cfg), vec!["blog.gw.test".into()], Vec::new());
+        let mut rounds = Rounds::default();
+        // The order fails (its CA is not reached) and the lock stays.
+        round(&st, &mut rounds).await;
+        assert_eq!(sh.locks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(unlocks(), 1);
+        assert!(rounds.unlocks.contains("blog.gw.test"));
+        // Still failing: tried again, and the round comes back soon.
+        let next = round(&st, &mut rounds).await;
+        assert_eq!(unlocks(), 2);
+        assert!(next <= MESH_WAIT * 5, "{next:?}");
+        // Released on the next one, then no more tries (the order waits).
+        *sh.unlock_fails.lock() = false;
+        round(&st, &mut rounds).await;
+        assert_eq!(unlocks(), 3);
+        assert!(rounds.unlocks.is_empty());
+        round(&st, &mut rounds).await;
+        assert_eq!(unlocks(), 3);
+        assert_eq!(sh.locks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -2076,6 +2317,305 @@ mod tests {
         assert_eq!(retry_wait(Some(RETRY_MAX)), RETRY_MAX);
     }
 
+    /// `got` is the wait `nominal` with its jitter (whole seconds).
+    fn assert_jittered(got: Duration, nominal: Duration) {
+        let most = jittered(nominal, u32::MAX);
+        assert!(
+            got >= nominal && got <= most,
+            "{got:?} not in {nominal:?}..={most:?}"
+        );
+    }
+
+    #[test]
+    fn retry_waits_are_jittered_up_to_thirty_percent_longer() {
+        let w = RETRY_FIRST;
+        assert_eq!(jittered(w, 0), w);
+        let most = jittered(w, u32::MAX);
+        assert!(
+            most.abs_diff(w.mul_f64(1.3)) < Duration::from_millis(1),
+            "{most:?}"
+        );
+        let mid = jittered(w, u32::MAX / 2);
+        assert!(
+            mid.abs_diff(w.mul_f64(1.15)) < Duration::from_millis(1),
+            "{mid:?}"
+        );
+        for d in [1, 1 << 20, 1 << 31, u32::MAX - 1] {
+            let j = jittered(RETRY_MAX, d);
+            assert!(
+                j >= RETRY_MAX && j <= jittered(RETRY_MAX, u32::MAX),
+                "{j:?}"
+            );
+        }
+        // With the shortest waits (no jitter) the first hour still holds
+        // five orders at most; failures spread over the jitter's range.
+        let dir = tmpdir("jitter");
+        let cfg = cfg_in(&dir);
+        let st = AcmeState::default();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20 {
+            let host = format!("h{i}.gw.test");
+            let mut r = Retries::new();
+            let w = failed(&st, &cfg, &mut r, &host, "x");
+            assert_jittered(w, RETRY_FIRST);
+            assert_eq!(r[&host].wait, RETRY_FIRST, "the nominal wait doubles");
+            seen.insert(w);
+        }
+        assert!(seen.len() > 1, "{seen:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A CA reached at `127.0.0.1:port` whose certificate is trusted but
+    /// not the one it would show: settings for it, in `dir`.
+    fn cfg_at(dir: &Path, port: u16) -> AcmeSettings {
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pem_for("ca.gw.test", 2031).chain).unwrap();
+        AcmeSettings {
+            directory: format!("https://127.0.0.1:{port}/dir"),
+            directory_ca: Some(ca),
+            ..cfg_in(dir)
+        }
+    }
+
+    /// A CA that counts the connections made to it and closes each at once:
+    /// every order fails at its first request. Its port and the count.
+    async fn counting_ca() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(c);
+            }
+        });
+        (port, n)
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_wait_of_a_failed_order() {
+        let dir = tmpdir("reload");
+        let (port, orders) = counting_ca().await;
+        let orders = move || orders.load(std::sync::atomic::Ordering::SeqCst);
+        let cfg = cfg_at(&dir, port);
+        let host = "shop.gw.test";
+        let hosts = || vec![host.to_string()];
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), hosts(), Vec::new());
+        let mut rounds = Rounds::default();
+        round(&st, &mut rounds).await;
+        assert_eq!(orders(), 1);
+        assert!(st.failures.read().contains_key(host));
+        let file = host_dir(&cfg, host).join(RETRY_FILE);
+        assert!(file.exists());
+        // Reloads that change nothing the order depends on (the control
+        // plane's, another route's, `renew_before`): the wait holds.
+        st.set_wanted(Some(cfg.clone()), hosts(), Vec::new());
+        round(&st, &mut rounds).await;
+        let mut later = cfg.clone();
+        later.renew_before = Duration::from_secs(10 * 86_400);
+        st.set_wanted(Some(later), hosts(), vec!["gw.test".into()]);
+        round(&st, &mut rounds).await;
+        assert_eq!(orders(), 1, "no order during the wait");
+        assert!(file.exists());
+        // Other ACME settings: ordered at once.
+        let mut other = cfg.clone();
+        other.contact = vec!["mailto:ops@gw.test".into()];
+        st.set_wanted(Some(other.clone()), hosts(), Vec::new());
+        round(&st, &mut rounds).await;
+        assert_eq!(orders(), 2);
+        round(&st, &mut rounds).await;
+        assert_eq!(orders(), 2);
+        // The host dropped and wanted again (a node's service that comes
+        // and goes): still waits.
+        st.set_wanted(Some(other.clone()), Vec::new(), Vec::new());
+        st.set_wanted(Some(other.clone()), hosts(), Vec::new());
+        round(&st, &mut rounds).await;
+        assert_eq!(orders(), 2);
+        // A restart waits (the retry file).
+        let st = AcmeState::default();
+        st.set_wanted(Some(other.clone()), hosts(), Vec::new());
+        round(&st, &mut Rounds::default()).await;
+        assert_eq!(orders(), 2);
+        // Deleting the retry file ends the wait.
+        std::fs::remove_file(&file).unwrap();
+        round(&st, &mut Rounds::default()).await;
+        assert_eq!(orders(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn stored_certificates_are_served_while_an_order_blocks() {
+        let dir = tmpdir("blocked");
+        // A CA that takes connections and never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept().await {
+                held.push(c);
+            }
+        });
+        let cfg = cfg_at(&dir, port);
+        store_pair(&host_dir(&cfg, "b.test"), &pem_for("b.test", 2031)).unwrap();
+        let st = Arc::new(AcmeState::default());
+        // a.test (no certificate: ordered) comes first.
+        st.set_wanted(
+            Some(cfg.clone()),
+            vec!["a.test".into(), "b.test".into()],
+            Vec::new(),
+        );
+        spawn_manager(&st);
+        let start = tokio::time::Instant::now();
+        while st.cert("b.test").is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "b.test not served while a.test's order waits"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(st.cert("a.test").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A TLS server for `127.0.0.1` answering each request with `head` and
+    /// then `body`, then holding the connection; its port and its
+    /// certificate's PEM.
+    async fn answering_server(head: String, body: Vec<u8>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(kp.serialize_der().into());
+        let cfg = rustls::ServerConfig::builder_with_provider(crate::proxy::upstream::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                let (head, body) = (head.clone(), body.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(c).await else {
+                        return;
+                    };
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let _ = tls.write_all(head.as_bytes()).await;
+                    let _ = tls.write_all(&body).await;
+                    let _ = tls.flush().await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        (port, cert.pem())
+    }
+
+    /// A request to the server at `port` trusting `ca`, with `timeout`.
+    async fn ask(
+        dir: &Path,
+        port: u16,
+        ca: &str,
+        timeout: Duration,
+    ) -> Result<BytesResponse, instant_acme::Error> {
+        let file = dir.join("server-ca.pem");
+        std::fs::write(&file, ca).unwrap();
+        let mut http = AcmeHttp::new(Some(&file)).unwrap();
+        http.timeout = timeout;
+        let req = Request::get(format!("https://127.0.0.1:{port}/dir"))
+            .body(Full::default())
+            .unwrap();
+        http.request(req).await
+    }
+
+    #[tokio::test]
+    async fn a_ca_response_body_is_read_whole_within_the_timeout() {
+        let dir = tmpdir("body");
+        let t = Duration::from_millis(500);
+        // Headers, part of the body, then nothing.
+        let (port, ca) = answering_server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".into(),
+            b"{\"partial\":".to_vec(),
+        )
+        .await;
+        let start = tokio::time::Instant::now();
+        let Err(e) = ask(&dir, port, &ca, t).await else {
+            panic!("a stalled body read as a response")
+        };
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // A body over the limit.
+        let big = BODY_LIMIT + 1;
+        let (port, ca) = answering_server(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n"),
+            vec![b'x'; big],
+        )
+        .await;
+        let Err(e) = ask(&dir, port, &ca, Duration::from_secs(10)).await else {
+            panic!("a body over the limit read")
+        };
+        assert!(e.to_string().contains("ACME response body"), "{e}");
+        // A whole body: handed over complete.
+        let (port, ca) = answering_server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n".into(),
+            b"{}".to_vec(),
+        )
+        .await;
+        let mut r = ask(&dir, port, &ca, t).await.unwrap();
+        assert_eq!(r.parts.status, http::StatusCode::OK);
+        let body = tokio::time::timeout(t, r.body.into_bytes()).await.unwrap();
+        assert_eq!(body.unwrap().as_ref(), b"{}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_issued_certificate_is_served_when_it_cannot_be_stored() {
+        let dir = tmpdir("unwritable");
+        let (port, orders) = counting_ca().await;
+        let cfg = cfg_at(&dir, port);
+        let host = "blog.gw.test";
+        // A file where the host's directory goes.
+        let hd = host_dir(&cfg, host);
+        std::fs::create_dir_all(hd.parent().unwrap()).unwrap();
+        std::fs::write(&hd, "").unwrap();
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.into()], Vec::new());
+        let pem = pem_for(host, 2031);
+        install(&st, &cfg, host, &pem).unwrap();
+        assert!(st.cert(host).is_some());
+        // The next rounds order nothing: the certificate is served.
+        let mut rounds = Rounds::default();
+        round(&st, &mut rounds).await;
+        assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(st.cert(host).is_some());
+        assert!(st.failures.read().is_empty());
+        // Once the directory can be written, a round writes it.
+        std::fs::remove_file(&hd).unwrap();
+        round(&st, &mut rounds).await;
+        assert_eq!(stored_pem(&cfg, host).unwrap(), pem);
+        assert_eq!(
+            std::fs::read_to_string(hd.join(DIRECTORY_FILE)).unwrap(),
+            cfg.directory
+        );
+        assert!(st.unsaved.read().is_empty());
+        assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_retry_time_survives_a_restart() {
         let dir = tmpdir("retry");
@@ -2084,28 +2624,30 @@ mod tests {
         let file = host_dir(&cfg, host).join(RETRY_FILE);
         let st = AcmeState::default();
         let mut r = Retries::new();
-        assert_eq!(
-            failed(&st, &cfg, &mut r, host, "validation failed: x"),
-            RETRY_FIRST
-        );
+        let first = failed(&st, &cfg, &mut r, host, "validation failed: x");
+        assert_jittered(first, RETRY_FIRST);
         assert!(file.exists());
         // Another process: it waits, and the wait doubles from there.
         let st = AcmeState::default();
         let mut r = Retries::new();
         let left = retry_left(&st, &cfg, &mut r, host).unwrap();
-        assert!(left > RETRY_FIRST - Duration::from_secs(10) && left <= RETRY_FIRST);
+        assert!(left > first - Duration::from_secs(10) && left <= first);
         assert_eq!(
             st.failures.read().get(host).map(|(e, _)| e.as_str()),
             Some("validation failed: x")
         );
-        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 2);
+        assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 2);
         // The operator deletes the file: the next order runs at once, and
         // its wait starts over.
         std::fs::remove_file(&file).unwrap();
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
-        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
-        // A reload: the same.
-        reset_retries(Some(&cfg), &[host.to_string()], &mut r);
+        assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
+        // A change of the ACME settings: the same.
+        let all = Resets {
+            all: true,
+            ..Resets::default()
+        };
+        reset_retries(&cfg, &[host.to_string()], &all, &mut r);
         assert!(!file.exists());
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
         // A time that passed: no wait, the last one is kept.
@@ -2116,7 +2658,7 @@ mod tests {
         .unwrap();
         let mut r = Retries::new();
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
-        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 8);
+        assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST * 8);
         // Another directory after a restart (staging to production): the
         // failures with the old one do not hold the order back.
         let mut other = cfg_in(&dir);
@@ -2126,7 +2668,7 @@ mod tests {
         assert_eq!(retry_left(&st, &other, &mut r, host), None);
         assert!(!file.exists(), "the old directory's retry file removed");
         // While the same directory still waits.
-        assert_eq!(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
+        assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
         let mut r = Retries::new();
         assert!(retry_left(&st, &cfg, &mut r, host).is_some());
         let _ = std::fs::remove_dir_all(&dir);
@@ -2147,10 +2689,8 @@ mod tests {
         assert!(st.failures.read().is_empty());
         assert!(!host_dir(&cfg, "gone.gw.test").exists());
         // A wanted one is (its CA is not reached: a failed order).
-        assert_eq!(
-            keep(&st, &cfg, None, "kept.gw.test", &mut rounds).await,
-            Some(RETRY_FIRST)
-        );
+        let wait = keep(&st, &cfg, None, "kept.gw.test", &mut rounds).await;
+        assert_jittered(wait.unwrap(), RETRY_FIRST);
         let e = st.failures.read().get("kept.gw.test").unwrap().0.clone();
         assert!(e.contains("no-such-ca.pem"), "{e}");
         assert!(host_dir(&cfg, "kept.gw.test").join(RETRY_FILE).exists());
