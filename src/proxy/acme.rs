@@ -2643,10 +2643,7 @@ mod tests {
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
         assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
         // A change of the ACME settings: the same.
-        let all = Resets {
-            all: true,
-            ..Resets::default()
-        };
+        let all = Resets { all: true };
         reset_retries(&cfg, &[host.to_string()], &all, &mut r);
         assert!(!file.exists());
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
