@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         pools: &pools,
         ports: 20000..=20999,
         file_ports: &file_ports,
+        max_ports_per_node: 4,
         held_elsewhere: &|_, _| Ok(()),
     };
     let mut s = State::default();
