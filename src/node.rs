@@ -641,13 +641,9 @@ pub fn needs_restart(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
     if old.hubs != new.hubs {
         out.push("[[hub]]");
     }
-    // `Debug` masks the private key: compare its public half as well.
-    let ygg = |c: &NodeConfig| {
-        c.yggdrasil
-            .as_ref()
-            .map(|y| (y.private_key.public_key(), format!("{y:?}")))
-    };
-    if ygg(old) != ygg(new) {
+    // The settings themselves, not their `Debug` text, which masks keys
+    // and passwords.
+    if old.yggdrasil != new.yggdrasil {
         out.push("[yggdrasil]");
     }
     out
@@ -944,6 +940,19 @@ mod tests {
         // A key change is seen although `Debug` masks keys.
         let psk = format!("{hub}preshared_key = \"{k}\"\n");
         assert_eq!(needs_restart(&base, &parse("", &psk)), ["[[hub]]"]);
+        // So is a changed Yggdrasil peer password, although `Debug` masks it.
+        let ygg = |pass: &str| {
+            format!(
+                "{hub}[yggdrasil]\nprivate_key = \"2fb6bcc83c6976e63c76f3286278c441af929b4902a0544cd6e1e401b2a5d3328988ec86fd70a116524ef24b11d0aed0ef374a69b1014ae93a82716a7fadca54\"\n\
+                 peers = [\"socks://u:{pass}@127.0.0.1:1080/peer.example:1\"]\n"
+            )
+        };
+        let with = parse("", &ygg("one"));
+        assert!(needs_restart(&with, &parse("", &ygg("one"))).is_empty());
+        assert_eq!(
+            needs_restart(&with, &parse("", &ygg("two"))),
+            ["[yggdrasil]"]
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //!
 //! Derivation (`AddrForKey` upstream): invert the key, count its leading one
 //! bits `N`, skip them and the zero bit after them, and take the next 112
-//! bits. Address = `0x02`, `N`, those 14 bytes. The subnet is the first 8
-//! bytes of the address with the first byte changed to `0x03`, as a /64.
+//! bits in whole bytes (a last partial byte is dropped). Address = `0x02`,
+//! `N`, those 14 bytes. The subnet is the first 8 bytes of the address with
+//! the first byte changed to `0x03`, as a /64.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::fmt;
@@ -38,7 +39,9 @@ fn set_bit(buf: &mut [u8], idx: usize) {
 /// The 200::/7 node address of a public key.
 ///
 /// Matches yggdrasil-go's `AddrForKey` bit for bit, including its 8-bit
-/// counter of leading zero bits (which wraps only for the all-zero key).
+/// counter of leading zero bits (which wraps only for the all-zero key) and
+/// its packing of whole bytes only (a key with 144 or more leading zero bits
+/// has fewer than 112 bits left; a last partial byte is left zero).
 pub fn addr_for_key(key: &[u8; KEY_LEN]) -> Ipv6Addr {
     let mut out = [0u8; 16];
     out[0] = ADDR_PREFIX;
@@ -63,6 +66,13 @@ pub fn addr_for_key(key: &[u8; KEY_LEN]) -> Ipv6Addr {
             set_bit(&mut out, out_bit);
         }
         out_bit += 1;
+    }
+    // Upstream appends whole bytes only: the bits of a last, partial byte
+    // (keys with 144 or more leading zero bits) are dropped.
+    if !out_bit.is_multiple_of(8) {
+        if let Some(b) = out.get_mut(out_bit / 8) {
+            *b = 0;
+        }
     }
     out[1] = ones;
     Ipv6Addr::from(out)
@@ -376,6 +386,31 @@ mod tests {
         let a = addr_for_key(&[0xff; 32]);
         assert_eq!(a.octets()[1], 0);
         assert!(partial_key(&a).unwrap().matches(&[0xff; 32]));
+    }
+
+    #[test]
+    fn a_last_partial_byte_is_dropped_as_upstream_does() {
+        // 150 zero bits, a one, then zeros: 105 inverted bits follow the
+        // counted ones and their zero, 13 whole bytes and one bit. Go's
+        // `AddrForKey` appends whole bytes only, so byte 15 stays zero.
+        let mut k = [0u8; 32];
+        k[150 / 8] = 0x80 >> (150 % 8);
+        let a = addr_for_key(&k).octets();
+        assert_eq!(a[1], 150);
+        assert!(a[2..15].iter().all(|b| *b == 0xff), "{a:02x?}");
+        assert_eq!(a[15], 0, "{a:02x?}");
+        // 144 zero bits: 111 bits follow, the same 13 bytes and a zero.
+        let mut k = [0u8; 32];
+        k[144 / 8] = 0x80;
+        let a = addr_for_key(&k).octets();
+        assert_eq!(a[1], 144);
+        assert_eq!(a[15], 0, "{a:02x?}");
+        // 143 zero bits: exactly 112 bits follow, all kept.
+        let mut k = [0u8; 32];
+        k[143 / 8] = 0x80 >> (143 % 8);
+        let a = addr_for_key(&k).octets();
+        assert_eq!(a[1], 143);
+        assert_eq!(a[15], 0xff, "{a:02x?}");
     }
 
     proptest! {

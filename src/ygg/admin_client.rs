@@ -5,14 +5,19 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::admin::{
     detect_version, next_message, parse_reply, AdminError, AdminRequest, AdminResponse, PeerInfo,
-    SelfInfo, SessionInfo,
+    SelfInfo, SessionInfo, MAX_MESSAGE,
 };
 use super::identity::LinkUri;
 use super::Version;
+
+/// How long one request may take in all, sending it and reading its whole
+/// reply. The per-read timeout alone would let a socket that trickles a
+/// byte now and then hold a caller (`gatewire show`) until the reply cap.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Errors from the blocking client.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +43,13 @@ pub struct AdminClient {
     stream: UnixStream,
     buf: Vec<u8>,
     version: Version,
+    timeout: Duration,
+    deadline: Duration,
 }
 
 impl AdminClient {
     /// Connects to `path`, speaking `version`'s dialect; `timeout` bounds
-    /// every read and write.
+    /// every read and write, and [`REQUEST_DEADLINE`] each request.
     pub fn connect(
         path: impl AsRef<Path>,
         version: Version,
@@ -55,7 +62,16 @@ impl AdminClient {
             stream,
             buf: Vec::new(),
             version,
+            timeout,
+            deadline: REQUEST_DEADLINE,
         })
+    }
+
+    /// Sets how long each request may take in all (default
+    /// [`REQUEST_DEADLINE`]).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// The dialect in use.
@@ -64,21 +80,50 @@ impl AdminClient {
     }
 
     /// Sends `req` with `keepalive` set and waits for its reply.
+    ///
+    /// The whole exchange ends within the deadline (see
+    /// [`AdminClient::with_deadline`]), failing with a timed-out I/O error.
     pub fn request(&mut self, req: &AdminRequest) -> Result<AdminResponse, ClientError> {
         let bytes = req.encode(self.version, true)?;
+        let end = Instant::now() + self.deadline;
+        // The time left, at most the per-read timeout; an error once none is.
+        let left = |end: Instant, timeout: Duration| {
+            let left = end.saturating_duration_since(Instant::now()).min(timeout);
+            if left.is_zero() {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "admin request took longer than its deadline",
+                ))
+            } else {
+                Ok(left)
+            }
+        };
+        self.stream
+            .set_write_timeout(Some(left(end, self.timeout)?))?;
         self.stream.write_all(&bytes)?;
+        // A reply is a JSON object: it can only be complete once a `}`
+        // arrived, so the buffer is parsed again only then (and at first,
+        // where bytes left from before or garbage show at once).
+        let mut parse = true;
         let reply = loop {
-            if let Some((v, used)) = next_message(&self.buf)? {
-                self.buf.drain(..used);
-                break v;
+            if parse {
+                if let Some((v, used)) = next_message(&self.buf)? {
+                    self.buf.drain(..used);
+                    break v;
+                }
+            } else if self.buf.len() > MAX_MESSAGE {
+                return Err(AdminError::TooLarge.into());
             }
             let mut chunk = [0u8; 8192];
+            self.stream
+                .set_read_timeout(Some(left(end, self.timeout)?))?;
             let n = self.stream.read(&mut chunk)?;
             if n == 0 {
                 return Err(ClientError::Closed);
             }
-            self.buf
-                .extend_from_slice(chunk.get(..n).unwrap_or_default());
+            let new = chunk.get(..n).unwrap_or_default();
+            parse = new.contains(&b'}');
+            self.buf.extend_from_slice(new);
         };
         Ok(parse_reply(req, reply)?)
     }
@@ -141,5 +186,54 @@ impl AdminClient {
             interface: interface.map(str::to_owned),
         })
         .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_trickling_socket_ends_the_request_at_its_deadline() {
+        let dir = std::env::temp_dir().join(format!("gw-ygg-trickle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("admin.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        // A `{` and then a space every 50 ms, for 3 s at most: each read
+        // gets a byte well within the per-read timeout.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let start = Instant::now();
+            let mut out: &[u8] = b"{";
+            while start.elapsed() < Duration::from_secs(3) {
+                if s.write_all(out).is_err() {
+                    break;
+                }
+                out = b" ";
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut c = AdminClient::connect(&sock, Version::V0_4, Duration::from_secs(2))
+            .unwrap()
+            .with_deadline(Duration::from_millis(400));
+        let start = Instant::now();
+        let e = c.request(&AdminRequest::GetSelf).unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "took {took:?}, ended with {e}"
+        );
+        assert!(
+            matches!(&e, ClientError::Io(io) if matches!(io.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{e}"
+        );
+        drop(c);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

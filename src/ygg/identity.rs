@@ -425,6 +425,22 @@ pub fn redact_uri(s: &str) -> String {
     out
 }
 
+/// Longest Unix socket path in bytes (`sun_path` holds 108 with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Whether `p` is a Unix socket path both Go's `net/url` (in a `unix://`
+/// URI) and the kernel take as written: absolute, at most
+/// [`MAX_SOCKET_PATH`] bytes, without whitespace, control characters, `%`,
+/// `?` or `#`.
+pub fn valid_socket_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() >= 2
+        && p.len() <= MAX_SOCKET_PATH
+        && !p
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '%' | '?' | '#'))
+}
+
 fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
@@ -446,13 +462,20 @@ fn split_authority(auth: &str) -> Result<(String, &str), UriErrorKind> {
     if let Some(rest) = auth.strip_prefix('[') {
         let (inner, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = after.strip_prefix(':').ok_or_else(bad)?;
+        // A zone is written `%25<zone>` (RFC 6874), as Go's `net/url`
+        // requires; a bare `%eth0` is an invalid escape there, and the
+        // daemon would drop the link.
         let (ip, zone) = match inner.split_once('%') {
-            Some((ip, zone)) => (ip, Some(zone.strip_prefix("25").unwrap_or(zone))),
+            Some((ip, zone)) => (ip, Some(zone.strip_prefix("25").ok_or_else(bad)?)),
             None => (inner, None),
         };
         ip.parse::<Ipv6Addr>().map_err(|_| bad())?;
         if let Some(z) = zone {
-            if z.is_empty() || !z.bytes().all(|b| b.is_ascii_graphic() && b != b'%') {
+            if z.is_empty()
+                || !z
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
                 return Err(bad());
             }
         }
@@ -548,7 +571,10 @@ impl LinkUri {
         };
         let (host, port, path) = match scheme {
             Scheme::Unix => {
-                if !(body.starts_with('/') || body.starts_with('@')) || body.len() < 2 {
+                // `unix:///absolute/path` only: Go's `net/url` reads
+                // `unix://@name` as a host with an empty path, and decodes
+                // `%` escapes the daemon would then see differently.
+                if !valid_socket_path(body) {
                     return Err(UriErrorKind::BadPath(body.to_owned()));
                 }
                 (String::new(), 0, body.to_owned())
@@ -719,8 +745,8 @@ pub enum ConfigError {
     /// `IfMTU` outside 1280..=65535.
     #[error("IfMTU {0} outside 1280..=65535")]
     IfMtu(u64),
-    /// `AdminListen` unix path is not absolute UTF-8.
-    #[error("AdminListen path `{0}` must be absolute UTF-8 without whitespace")]
+    /// `AdminListen` unix path is not an absolute UTF-8 socket path.
+    #[error("AdminListen path `{0}` must be absolute UTF-8 of at most 107 bytes without whitespace, `%`, `?` or `#`")]
     AdminPath(String),
     /// `NodeInfo` too large (yggdrasil caps it at 16384 bytes).
     #[error("NodeInfo is {0} bytes, more than 16384")]
@@ -758,7 +784,7 @@ impl AdminListen {
             AdminListen::Unix(p) => {
                 let s = p
                     .to_str()
-                    .filter(|s| s.starts_with('/') && !s.chars().any(char::is_whitespace))
+                    .filter(|s| valid_socket_path(s))
                     .ok_or_else(|| ConfigError::AdminPath(p.display().to_string()))?;
                 format!("unix://{s}")
             }
@@ -1076,6 +1102,68 @@ mod tests {
             UriErrorKind::PasswordTooLong
         );
         assert!(LinkUri::parse("socks://a:1/b:2", Version::V0_4, UriRole::Listen).is_err());
+    }
+
+    #[test]
+    fn uris_go_reads_otherwise_are_refused() {
+        // A zone must be escaped as `%25`: Go's `net/url` refuses `%eth0`.
+        for s in [
+            "tcp://[fe80::1%eth0]:1",
+            "tls://[fe80::1%]:1",
+            "tcp://[fe80::1%25]:1",
+            "tcp://[fe80::1%25eth%0]:1",
+            "tcp://[fe80::1%25et/h0]:1",
+            "socks://127.0.0.1:1080/[fe80::1%eth0]:1",
+        ] {
+            assert!(LinkUri::parse_peer(s, Version::V0_4).is_err(), "{s}");
+        }
+        let u = LinkUri::parse_peer("tcp://[fe80::1%25eth0]:1", Version::V0_4).unwrap();
+        assert_eq!(u.host(), "fe80::1%25eth0");
+        LinkUri::parse(
+            "tcp://[fe80::1%25br-lan.2]:0",
+            Version::V0_4,
+            UriRole::Listen,
+        )
+        .unwrap();
+        // `unix://@x` is a host to Go, with an empty path; only
+        // `unix:///absolute/path` names a socket.
+        for s in [
+            "unix://@x",
+            "unix://x/y",
+            "unix:///",
+            "unix:///a%41",
+            &format!("unix:///{}", "s".repeat(MAX_SOCKET_PATH)),
+        ] {
+            assert!(
+                LinkUri::parse(s, Version::V0_4, UriRole::Listen).is_err(),
+                "{s}"
+            );
+        }
+        LinkUri::parse(
+            &format!("unix:///{}", "s".repeat(MAX_SOCKET_PATH - 1)),
+            Version::V0_4,
+            UriRole::Listen,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn admin_paths_are_socket_paths() {
+        let mut s = DaemonSettings::new(PrivateKey::from_config_hex(PRIV_A).unwrap());
+        for bad in [
+            format!("/{}", "a".repeat(119)),
+            "/run/a?b.sock".to_owned(),
+            "/run/a%41.sock".to_owned(),
+            "/run/a#b.sock".to_owned(),
+        ] {
+            s.admin_listen = AdminListen::Unix(bad.clone().into());
+            assert!(
+                matches!(s.render(Version::V0_4), Err(ConfigError::AdminPath(_))),
+                "{bad}"
+            );
+        }
+        s.admin_listen = AdminListen::Unix(format!("/{}", "a".repeat(106)).into());
+        s.render(Version::V0_4).unwrap();
     }
 
     #[test]

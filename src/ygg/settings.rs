@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::identity::{
-    private_key_from_config, valid_if_name, DaemonSettings, LinkUri, PrivateKey, PublicKey, UriRole,
+    private_key_from_config, valid_if_name, valid_socket_path, DaemonSettings, LinkUri, PrivateKey,
+    PublicKey, UriRole, MAX_SOCKET_PATH,
 };
 use super::Version;
 
@@ -78,6 +79,24 @@ pub struct YggSettings {
     /// (`<state_dir>/ygg-<interface>/`). Not a config key: `gatewire show`
     /// looks in [`DEFAULT_STATE_DIR`].
     pub state_dir: PathBuf,
+}
+
+/// Equal when every setting is, the exact URI text included (`Debug` hides
+/// passwords, so it cannot tell a changed one); the private keys compare by
+/// their public halves, which they determine.
+impl PartialEq for YggSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.private_key.public_key() == other.private_key.public_key()
+            && self.listen == other.listen
+            && self.peers == other.peers
+            && self.allowed_public_keys == other.allowed_public_keys
+            && self.admin_socket == other.admin_socket
+            && self.interface == other.interface
+            && self.mtu == other.mtu
+            && self.binary == other.binary
+            && self.version == other.version
+            && self.state_dir == other.state_dir
+    }
 }
 
 impl YggSettings {
@@ -204,12 +223,12 @@ pub fn validate(raw: RawYggdrasil, base: &Path) -> Result<YggSettings, String> {
     let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
     let admin_socket = match raw.admin_socket {
         Some(p) => {
-            let ok = p.is_absolute()
-                && p.to_str()
-                    .is_some_and(|s| !s.chars().any(|c| c.is_whitespace() || c.is_control()));
-            if !ok {
+            // The daemon reads it from a `unix://` URI (Go's `net/url`
+            // cuts at `?` and `#`, decodes `%`) and binds it (the kernel
+            // takes 107 bytes at most).
+            if !p.to_str().is_some_and(valid_socket_path) {
                 return Err(format!(
-                    "[yggdrasil] admin_socket `{}`: must be an absolute path without whitespace",
+                    "[yggdrasil] admin_socket `{}`: must be an absolute path of at most {MAX_SOCKET_PATH} bytes without whitespace, `%`, `?` or `#`",
                     p.display()
                 ));
             }
@@ -323,6 +342,40 @@ mod tests {
         assert!(e.contains("peer"), "{e}");
         let e = parse("").unwrap_err();
         assert!(e.contains("required"), "{e}");
+    }
+
+    #[test]
+    fn admin_socket_paths_the_daemon_would_misread_are_refused() {
+        let long = format!("/{}", "a".repeat(119));
+        assert_eq!(long.len(), 120);
+        for p in [
+            long.as_str(),
+            "/run/a?b.sock",
+            "/run/a%41.sock",
+            "/run/a#b.sock",
+        ] {
+            let e = parse(&format!(
+                "private_key = \"{PRIV}\"\nadmin_socket = \"{p}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("admin_socket") && e.contains(p), "{e}");
+        }
+        let ok = format!("/{}", "a".repeat(106));
+        let s = parse(&format!(
+            "private_key = \"{PRIV}\"\nadmin_socket = \"{ok}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.admin_socket, Path::new(&ok));
+        // A zone written as Go wants it, and one it refuses.
+        parse(&format!(
+            "private_key = \"{PRIV}\"\npeers = [\"tcp://[fe80::1%25eth0]:1\"]\n"
+        ))
+        .unwrap();
+        let e = parse(&format!(
+            "private_key = \"{PRIV}\"\npeers = [\"tcp://[fe80::1%eth0]:1\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("peers") && e.contains("fe80::1%eth0"), "{e}");
     }
 
     #[test]

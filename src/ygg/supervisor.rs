@@ -17,6 +17,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -117,6 +118,9 @@ struct Shared {
     settings: YggSettings,
     status: Mutex<Status>,
     tail: Mutex<VecDeque<String>>,
+    /// Whether this supervisor holds the lock of the daemon directory;
+    /// until then (and without it) the status is not written there.
+    owns_dir: AtomicBool,
 }
 
 impl Shared {
@@ -126,6 +130,9 @@ impl Shared {
             f(&mut s);
             s.clone()
         };
+        if !self.owns_dir.load(Ordering::Acquire) {
+            return;
+        }
         let dir = self.settings.dir();
         let write = || -> std::io::Result<()> {
             let tmp = dir.join("status.json.tmp");
@@ -200,6 +207,7 @@ impl Supervisor {
             settings,
             status: Mutex::new(status),
             tail: Mutex::new(VecDeque::new()),
+            owns_dir: AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(shared.clone(), stop_rx));
@@ -250,10 +258,43 @@ async fn unless_stopped<T>(
 
 /// Removes the daemon's files however the supervisor ends (stop, abort,
 /// panic): the config holds the private key and the status is stale. The
-/// socket stays if another daemon answers on it.
+/// socket stays if another daemon answers on it. The directory lock is
+/// released (its file closed) only after the files are gone.
 struct Cleanup {
     dir: PathBuf,
     socket: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// Takes the exclusive lock of a daemon directory (`<dir>/lock`), held
+/// while the returned file stays open. Two supervisors with the same
+/// `interface` (a hub and a node on one host both default to `ygg0`) would
+/// otherwise overwrite and remove each other's config and status.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor `f` owns; no memory is passed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            format!(
+                "another gatewire supervises Yggdrasil in {}; set a different [yggdrasil] interface",
+                dir.display()
+            )
+        } else {
+            format!("cannot lock {}: {e}", path.display())
+        });
+    }
+    Ok(f)
 }
 
 impl Drop for Cleanup {
@@ -290,13 +331,31 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
     {
         error!(dir = %dir.display(), error = %e, "yggdrasil: cannot create the state directory");
+    }
+    // Without the directory's lock nothing is started, written or removed:
+    // the files there belong to the supervisor that holds it.
+    let lock = match lock_dir(&dir) {
+        Ok(f) => f,
+        Err(e) => {
+            error!(interface = %s.interface, "yggdrasil not started: {e}");
+            shared.update(|st| {
+                st.state = State::Stopped;
+                st.since = unix_now();
+                st.last_error = Some(e);
+            });
+            return;
+        }
+    };
+    shared.owns_dir.store(true, Ordering::Release);
+    if let Err(e) = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)) {
+        error!(dir = %dir.display(), error = %e, "yggdrasil: cannot restrict the state directory");
     }
     let cleanup = Cleanup {
         dir: dir.clone(),
         socket: s.admin_socket.clone(),
+        _lock: lock,
     };
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX, BACKOFF_STABLE);
     let mut first = true;
@@ -998,6 +1057,64 @@ mod tests {
         assert!(!d.join("ygg-ygg0").join("yggdrasil.conf").exists());
         sup.shutdown().await;
         assert!(sock.exists(), "the other daemon's socket was removed");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_supervisor_of_one_directory_leaves_the_first_ones_files() {
+        let d = tmp("twice");
+        let script = d.join("fake-ygg");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let first = Supervisor::start(settings(&d, script.to_str().unwrap()));
+        let t0 = Instant::now();
+        while first.status().pid.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dir = d.join("ygg-ygg0");
+        let conf = dir.join("yggdrasil.conf");
+        let status = status_path(&dir);
+        assert!(conf.exists() && status.exists());
+        let written =
+            || -> Status { serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap() };
+        // The same interface, so the same directory (another admin socket).
+        let mut s = settings(&d, script.to_str().unwrap());
+        s.admin_socket = d.join("b.sock");
+        let second = Supervisor::start(s);
+        let t0 = Instant::now();
+        while second.status().last_error.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = second.status();
+        let err = st.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains("another gatewire supervises Yggdrasil in")
+                && err.contains(&dir.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(st.state, State::Stopped);
+        assert_eq!(st.pid, None, "the second one started a daemon");
+        assert_eq!(written().admin_socket, d.join("a.sock"));
+        second.shutdown().await;
+        assert!(
+            conf.exists(),
+            "the second one removed the first one's config"
+        );
+        assert!(
+            status.exists(),
+            "the second one removed the first one's status"
+        );
+        assert!(first.status().pid.is_some());
+        first.shutdown().await;
+        assert!(!conf.exists() && !status.exists());
+        // Free again: a new supervisor may take the directory.
+        let third = Supervisor::start(settings(&d, script.to_str().unwrap()));
+        let t0 = Instant::now();
+        while third.status().pid.is_none() && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(third.status().pid.is_some());
+        third.shutdown().await;
         let _ = std::fs::remove_dir_all(&d);
     }
 
