@@ -619,6 +619,63 @@ async fn https_backend_under_a_prefix_only() {
     assert!(r.contains("web /hello"), "{r}");
 }
 
+/// TLS to an `https://` backend is part of its connect: a backend that
+/// accepts but never finishes the handshake within `connect_timeout`, or
+/// that will not speak HTTP/2 to an `http2` route, is marked down and the
+/// next one is tried.
+#[tokio::test]
+async fn https_backends_fail_over_when_tls_times_out_or_fails() {
+    let pki_back = pki(&["backend.internal"]);
+    let ca = tmpdir("failoverca").join("ca.pem");
+    std::fs::write(&ca, &pki_back.cert_pem).unwrap();
+    let https = |addr| Backend {
+        scheme: Scheme::Https,
+        addr,
+    };
+    let backend_tls = BackendTls {
+        ca: Some(ca.clone()),
+        server_name: Some("backend.internal".into()),
+        insecure_skip_verify: false,
+    };
+    // Accepts connections (the kernel does) and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good = tls_backend(&pki_back).await;
+    let mut a = route(
+        "slow",
+        TlsMode::Terminate,
+        vec![https(silent.local_addr().unwrap()), https(good)],
+    );
+    a.backend_tls = backend_tls.clone();
+    // No ALPN `h2` on the first one.
+    let h1tls = tls_backend(&pki_back).await;
+    let (h2tls, _) = h2_backend(Some(&pki_back)).await;
+    let mut b = route("h2", TlsMode::Terminate, vec![https(h1tls), https(h2tls)]);
+    b.backend_tls = backend_tls;
+    b.backend_protocol = BackendProtocol::Http2;
+    let mut s = settings(vec![a, b]);
+    s.limits.connect_timeout = Duration::from_secs(1);
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let r = raw_http(at, "slow.gw.test", "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("pt:backend.internal"),
+        "{r}"
+    );
+    let r = raw_http(at, "h2.gw.test", "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("ver=HTTP/2.0"),
+        "{r}"
+    );
+    let st = p.stats();
+    for name in ["name:slow", "name:h2"] {
+        let s = st.iter().find(|s| s.route == name).unwrap();
+        assert!(!s.backends[0].up && s.backends[1].up, "{:?}", s.backends);
+        assert_eq!(s.backends[0].failures, 1, "{:?}", s.backends);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    }
+    drop(silent);
+}
+
 #[tokio::test]
 async fn upgrade_is_relayed() {
     let b = http_backend("ws").await;

@@ -8,7 +8,9 @@ use crate::proxy::names::DomainName;
 use crate::proxy::server::{Record, Route, Shared};
 use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
 use crate::proxy::stats::{Counters, ErrorKind};
-use crate::proxy::upstream::{H2Sender, Held, Lease, Pooled, UpstreamError, Upstreams};
+use crate::proxy::upstream::{
+    BackendTlsClient, H2Sender, Held, Lease, Pooled, TlsFailure, UpstreamError, Upstreams,
+};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -1209,40 +1211,69 @@ fn connect_error(route: &Route, e: UpstreamError) -> SendError {
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: the gateway is out of connections",
         ),
+        UpstreamError::Tls(_, TlsFailure::NoH2) => (
+            ErrorKind::BackendTls,
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: the backend did not agree to HTTP/2 (ALPN h2)",
+        ),
+        UpstreamError::Tls(_, TlsFailure::Handshake(_)) => (
+            ErrorKind::BackendTls,
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: TLS to the backend failed",
+        ),
     }
 }
 
-/// TLS to an `https://` backend, within the connect timeout.
-async fn backend_tls(
-    shared: &Shared,
-    route: &Route,
+/// A connection to a backend: plain, or TLS to an `https://` backend.
+enum BackendIo {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// The step after the TCP connect to `backend` (run within the connect
+/// timeout, see [`Upstreams::connect_plan_with`]): TLS to an `https://`
+/// backend, which must agree to HTTP/2 when `h2`.
+async fn backend_io(
+    tls: Option<&BackendTlsClient>,
     tcp: tokio::net::TcpStream,
     backend: Backend,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, SendError> {
-    let Some(tlsc) = &route.backend_tls else {
-        return Err(BAD_EXCHANGE);
-    };
-    match tokio::time::timeout(
-        shared.limits.connect_timeout,
-        tlsc.connect(tcp, backend.addr),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => {
-            debug!(route = %route.id, backend = %backend, error = %e, "backend TLS failed");
-            Err((
-                ErrorKind::BackendTls,
-                StatusCode::BAD_GATEWAY,
-                "502 bad gateway: TLS to the backend failed",
-            ))
-        }
-        Err(_) => Err((
-            ErrorKind::BackendTimeout,
-            StatusCode::GATEWAY_TIMEOUT,
-            "504 gateway timeout: TLS to the backend timed out",
-        )),
+    h2: bool,
+) -> Result<BackendIo, TlsFailure> {
+    if !crate::proxy::upstream::is_tls(&backend) {
+        return Ok(BackendIo::Plain(tcp));
     }
+    let Some(tlsc) = tls else {
+        // The route's TLS client is made whenever one of its backends is
+        // `https://`.
+        return Err(TlsFailure::Handshake(std::io::Error::other(
+            "no TLS settings for the backend",
+        )));
+    };
+    let tls = tlsc
+        .connect(tcp, backend.addr)
+        .await
+        .map_err(TlsFailure::Handshake)?;
+    if h2 && !crate::proxy::upstream::speaks_h2(&tls) {
+        return Err(TlsFailure::NoH2);
+    }
+    Ok(BackendIo::Tls(Box::new(tls)))
+}
+
+/// Connects to the backends of `plan` in order (TLS included) until one
+/// succeeds.
+async fn connect_backend(
+    shared: &Shared,
+    route: &Route,
+    up: &Arc<Upstreams>,
+    plan: &[usize],
+    h2: bool,
+) -> Result<(BackendIo, Backend, Lease), SendError> {
+    let tls = route.backend_tls.as_deref();
+    up.connect_plan_with(plan, shared.limits.connect_timeout, |tcp, backend| {
+        backend_io(tls, tcp, backend, h2)
+    })
+    .await
+    .map_err(|e| connect_error(route, e))
 }
 
 /// A new HTTP/2 connection to one backend of `plan` (tried in order), made
@@ -1253,23 +1284,10 @@ async fn connect_h2(
     up: &Arc<Upstreams>,
     plan: &[usize],
 ) -> Result<(H2Sender, Backend, Lease), SendError> {
-    let (tcp, backend, lease) = up
-        .connect_plan(plan, shared.limits.connect_timeout)
-        .await
-        .map_err(|e| connect_error(route, e))?;
-    let hs = if crate::proxy::upstream::is_tls(&backend) {
-        let tls = backend_tls(shared, route, tcp, backend).await?;
-        if !crate::proxy::upstream::speaks_h2(&tls) {
-            debug!(route = %route.id, backend = %backend, "backend did not agree to HTTP/2");
-            return Err((
-                ErrorKind::BackendTls,
-                StatusCode::BAD_GATEWAY,
-                "502 bad gateway: the backend did not agree to HTTP/2 (ALPN h2)",
-            ));
-        }
-        crate::proxy::upstream::h2_handshake(tls).await
-    } else {
-        crate::proxy::upstream::h2_handshake(tcp).await
+    let (io, backend, lease) = connect_backend(shared, route, up, plan, true).await?;
+    let hs = match io {
+        BackendIo::Tls(tls) => crate::proxy::upstream::h2_handshake(*tls).await,
+        BackendIo::Plain(tcp) => crate::proxy::upstream::h2_handshake(tcp).await,
     };
     let link = hs.map_err(|e| {
         debug!(route = %route.id, backend = %backend, error = %e, "backend HTTP/2 handshake failed");
@@ -1813,21 +1831,14 @@ async fn forward(
         let (mut sender, backend, lease) = match pooled.take() {
             Some(x) => x,
             None => {
-                let connected = up.connect_plan(&plan, shared.limits.connect_timeout).await;
-                let (tcp, backend, lease) = match connected {
+                let connected = connect_backend(&shared, &route, up, &plan, false).await;
+                let (io, backend, lease) = match connected {
                     Ok(x) => x,
-                    Err(e) => {
-                        let (kind, status, msg) = connect_error(&route, e);
-                        return Ok(err(&c, kind, status, msg));
-                    }
+                    Err((kind, status, msg)) => return Ok(err(&c, kind, status, msg)),
                 };
-                let hs = if crate::proxy::upstream::is_tls(&backend) {
-                    match backend_tls(&shared, &route, tcp, backend).await {
-                        Ok(tls) => handshake(tls).await,
-                        Err(e) => Err(e),
-                    }
-                } else {
-                    handshake(tcp).await
+                let hs = match io {
+                    BackendIo::Tls(tls) => handshake(*tls).await,
+                    BackendIo::Plain(tcp) => handshake(tcp).await,
                 };
                 match hs {
                     Ok(s) => (s, backend, lease),

@@ -674,6 +674,15 @@ fn build(
             u.bandwidth,
         );
     }
+    // Upstreams kept from `prev` take this generation's `backend_down_for`
+    // (set only now that the build can no longer fail).
+    let kept = routes
+        .iter()
+        .flat_map(|r| std::iter::once(&r.upstreams).chain(r.paths.iter().map(|p| &p.upstreams)))
+        .chain(forwards.iter().map(|f| &f.upstreams));
+    for u in kept {
+        u.set_down_for(limits.backend_down_for);
+    }
     Ok(Shared {
         access_log,
         proxy_protocol_from: settings.proxy_protocol_from.clone(),
@@ -1875,6 +1884,7 @@ fn upstream_error(c: &Counters, e: &UpstreamError) -> ErrorKind {
         UpstreamError::Refused(..) => ErrorKind::BackendRefused,
         UpstreamError::Timeout(_) => ErrorKind::BackendTimeout,
         UpstreamError::Local(..) => ErrorKind::OverCapacity,
+        UpstreamError::Tls(..) => ErrorKind::BackendTls,
     };
     c.error(kind);
     kind
@@ -2211,6 +2221,59 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload that keeps a route's upstreams still applies a new
+    /// `backend_down_for` to them.
+    #[tokio::test]
+    async fn kept_upstreams_take_a_reloaded_backend_down_for() {
+        use crate::proxy::settings::{Backend, RouteSettings, Scheme};
+        let route = RouteSettings {
+            host: RouteHost::Name(crate::proxy::names::Label::parse("app").unwrap()),
+            tls: TlsMode::Terminate,
+            cert: None,
+            backends: vec![Backend {
+                scheme: Scheme::Http,
+                addr: "192.0.2.1:80".parse().unwrap(),
+            }],
+            redirect_https: false,
+            proxy_protocol: ProxyProtocol::Off,
+            backend_tls: Default::default(),
+            backend_protocol: Default::default(),
+            balance: Default::default(),
+            acme: false,
+            paused: false,
+            access: Default::default(),
+            rate_limit: None,
+            bandwidth: None,
+            basic_auth_file: None,
+            forward_auth: None,
+            paths: vec![],
+            max_body_size: None,
+            request_headers: vec![],
+            response_headers: vec![],
+        };
+        let mut settings = crate::proxy::settings::ProxySettings {
+            domains: vec![DomainName::parse("gw.test").unwrap()],
+            http_listen: vec![],
+            https_listen: vec![],
+            routes: vec![route],
+            tcp: vec![],
+            udp: vec![],
+            limits: Default::default(),
+            acme: None,
+            access_log: None,
+            proxy_protocol_from: None,
+            trusted_proxies: None,
+            dns: None,
+        };
+        let acme = Arc::new(AcmeState::default());
+        let one = build(&settings, None, &None, &acme).unwrap();
+        settings.limits.backend_down_for = Duration::from_secs(42);
+        let two = build(&settings, Some(&one), &None, &acme).unwrap();
+        let (a, b) = (&one.routes[0].upstreams, &two.routes[0].upstreams);
+        assert!(Arc::ptr_eq(a, b));
+        assert_eq!(b.down_for(), Duration::from_secs(42));
+    }
 
     #[test]
     fn a_lower_connection_limit_holds_at_once_and_slots_come_back() {

@@ -43,6 +43,45 @@ pub enum UpstreamError {
     /// descriptors, memory or local ports): no backend is blamed (503).
     #[error("no connection to backend {0}: {1}")]
     Local(SocketAddr, io::Error),
+    /// TLS to the last backend tried failed after its TCP connect (502).
+    #[error("TLS to backend {0} failed: {1}")]
+    Tls(SocketAddr, TlsFailure),
+}
+
+/// Why the step after the TCP connect to a backend (TLS for `https://`
+/// backends) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFailure {
+    /// The handshake failed (the certificate did not verify, the backend
+    /// closed or spoke something else).
+    #[error("{0}")]
+    Handshake(io::Error),
+    /// The backend did not offer ALPN `h2` to an `http2` route.
+    #[error("the backend did not agree to HTTP/2 (ALPN h2)")]
+    NoH2,
+}
+
+/// How a failed TCP connect to one backend is taken.
+#[derive(Debug, PartialEq, Eq)]
+enum ConnectFailure {
+    /// The hub's own shortage (file descriptors, buffers, memory): another
+    /// backend would fail alike, so the plan stops and none is blamed.
+    Hub,
+    /// No local address to reach this backend from (`EADDRNOTAVAIL`: an
+    /// address family or route the hub lacks, or its ports for this
+    /// destination are all taken): the next backend may still be reached,
+    /// and this one is not blamed.
+    NoLocalAddress,
+    /// The backend's (refused, unreachable): it is marked down.
+    Backend,
+}
+
+fn connect_failure(e: &io::Error) -> ConnectFailure {
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => ConnectFailure::NoLocalAddress,
+        _ if hub_side(e) => ConnectFailure::Hub,
+        _ => ConnectFailure::Backend,
+    }
 }
 
 /// Errors of a connect that are the hub's own (its limits), not the backend's.
@@ -252,7 +291,9 @@ impl Held {
 pub struct Upstreams {
     states: Vec<State>,
     next: AtomicUsize,
-    down_for: Duration,
+    /// `backend_down_for` in milliseconds (a reload that keeps these
+    /// upstreams sets it anew).
+    down_for_ms: AtomicU64,
     balance: Balance,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     limit: Option<Arc<Semaphore>>,
@@ -328,7 +369,7 @@ impl Upstreams {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            down_for: limits.backend_down_for,
+            down_for_ms: AtomicU64::new(duration_ms(limits.backend_down_for)),
             balance: balance.clone(),
             tunnels,
             limit: balance.max_connections.map(|m| Arc::new(Semaphore::new(m))),
@@ -392,6 +433,17 @@ impl Upstreams {
         }
     }
 
+    /// How long a backend that failed a connect is skipped.
+    pub fn down_for(&self) -> Duration {
+        Duration::from_millis(self.down_for_ms.load(Relaxed))
+    }
+
+    /// Sets how long a backend that failed a connect is skipped from now on
+    /// (a reload kept these upstreams but changed `backend_down_for`).
+    pub fn set_down_for(&self, d: Duration) {
+        self.down_for_ms.store(duration_ms(d), Relaxed);
+    }
+
     /// The HTTP version spoken to the backends.
     pub fn protocol(&self) -> BackendProtocol {
         self.protocol
@@ -419,11 +471,14 @@ impl Upstreams {
     }
 
     /// Stops the active checks (the route left the config) and lets go of
-    /// the shared HTTP/2 connections (each closes once its streams end).
+    /// the shared HTTP/2 connections (each closes once its streams end) and
+    /// of the idle HTTP/1.1 ones (closed now; connections that are busy or
+    /// held by a client connection are not pooled again once done).
     pub fn retire(&self) {
         self.retired.store(true, Relaxed);
         for s in &self.states {
             s.h2.lock().clear();
+            s.idle.lock().clear();
         }
     }
 
@@ -449,17 +504,18 @@ impl Upstreams {
             && self.tunnel_ok(s) != Some(false)
     }
 
-    /// Healthy backends in the order to try them for one attempt.
+    /// Healthy backends in the order to try them for one attempt: the
+    /// healthy ones in turn, so that a backend that is down leaves its share
+    /// to the others evenly.
     fn candidates(&self, client: Option<IpAddr>, now: Instant) -> Vec<usize> {
-        let n = self.states.len();
-        if n == 0 {
-            return Vec::new();
-        }
-        let start = self.next.fetch_add(1, Relaxed) % n;
-        let mut v: Vec<usize> = (0..n)
-            .map(|i| (start + i) % n)
+        let mut v: Vec<usize> = (0..self.states.len())
             .filter(|&i| self.states.get(i).is_some_and(|s| self.usable(s, now)))
             .collect();
+        if v.is_empty() {
+            return v;
+        }
+        let start = self.next.fetch_add(1, Relaxed) % v.len();
+        v.rotate_left(start);
         match (self.balance.sticky, client) {
             (true, Some(ip)) => {
                 v.sort_by_key(|&i| {
@@ -502,7 +558,7 @@ impl Upstreams {
     /// Marks `addr` down (a failed connect or an ICMP refusal).
     pub fn mark_down(&self, addr: SocketAddr) {
         if let Some(s) = self.states.iter().find(|s| s.backend.addr == addr) {
-            *s.down_until.lock() = Some(Instant::now() + self.down_for);
+            *s.down_until.lock() = Some(Instant::now() + self.down_for());
             s.failures.fetch_add(1, Relaxed);
             s.idle.lock().clear();
             s.h2.lock().clear();
@@ -719,6 +775,30 @@ impl Upstreams {
         plan: &[usize],
         timeout: Duration,
     ) -> Result<(TcpStream, Backend, Lease), UpstreamError> {
+        self.connect_plan_with(plan, timeout, |tcp, _| std::future::ready(Ok(tcp)))
+            .await
+    }
+
+    /// Connects to the backends of `plan` in order, running `step` (TLS) on
+    /// each new connection, until one connects and passes `step`. Each
+    /// backend gets `timeout` for the connect and `step` together; one that
+    /// refuses, fails `step` or runs out of time is marked down and the next
+    /// is tried.
+    pub async fn connect_plan_with<T, F, Fut>(
+        self: &Arc<Self>,
+        plan: &[usize],
+        timeout: Duration,
+        mut step: F,
+    ) -> Result<(T, Backend, Lease), UpstreamError>
+    where
+        F: FnMut(TcpStream, Backend) -> Fut,
+        Fut: std::future::Future<Output = Result<T, TlsFailure>>,
+    {
+        /// Where one backend's attempt failed.
+        enum Failed {
+            Connect(io::Error),
+            Step(TlsFailure),
+        }
         let mut last = UpstreamError::NoHealthy;
         for &i in plan {
             let Some(s) = self.states.get(i) else {
@@ -726,22 +806,37 @@ impl Upstreams {
             };
             let addr = s.backend.addr;
             let lease = self.lease(i);
-            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
+            let attempt = async {
+                let tcp = TcpStream::connect(addr).await.map_err(Failed::Connect)?;
+                let _ = tcp.set_nodelay(true);
+                step(tcp, s.backend).await.map_err(Failed::Step)
+            };
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok(conn)) => {
                     self.mark_up(i);
-                    return Ok((stream, s.backend, lease));
+                    return Ok((conn, s.backend, lease));
                 }
-                Ok(Err(e)) if hub_side(&e) => {
-                    // Another backend would fail alike: none is marked down
-                    // for the hub's own shortage.
-                    debug!(backend = %addr, error = %e, "no connection to the backend: the hub is out of resources");
-                    return Err(UpstreamError::Local(addr, e));
-                }
-                Ok(Err(e)) => {
-                    debug!(backend = %addr, error = %e, "backend connect failed");
+                Ok(Err(Failed::Connect(e))) => match connect_failure(&e) {
+                    ConnectFailure::Hub => {
+                        // Another backend would fail alike: none is marked
+                        // down for the hub's own shortage.
+                        debug!(backend = %addr, error = %e, "no connection to the backend: the hub is out of resources");
+                        return Err(UpstreamError::Local(addr, e));
+                    }
+                    ConnectFailure::NoLocalAddress => {
+                        debug!(backend = %addr, error = %e, "no local address for the backend");
+                        last = UpstreamError::Local(addr, e);
+                    }
+                    ConnectFailure::Backend => {
+                        debug!(backend = %addr, error = %e, "backend connect failed");
+                        self.mark_down(addr);
+                        last = UpstreamError::Refused(addr, e);
+                    }
+                },
+                Ok(Err(Failed::Step(e))) => {
+                    debug!(backend = %addr, error = %e, "backend TLS failed");
                     self.mark_down(addr);
-                    last = UpstreamError::Refused(addr, e);
+                    last = UpstreamError::Tls(addr, e);
                 }
                 Err(_) => {
                     debug!(backend = %addr, "backend connect timed out");
@@ -851,6 +946,11 @@ impl Upstreams {
             }
         });
     }
+}
+
+/// `d` in whole milliseconds (saturating).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs futures concurrently and collects their outputs in order.
@@ -1428,6 +1528,141 @@ mod tests {
         assert!(
             got.starts_with(b"PROXY UNKNOWN\r\nGET /hz HTTP/1.1\r\n"),
             "{got:?}"
+        );
+    }
+
+    /// Upstreams over `addrs` (plain HTTP).
+    fn ups_at(addrs: &[SocketAddr]) -> Arc<Upstreams> {
+        let backends: Vec<Backend> = addrs
+            .iter()
+            .map(|a| Backend {
+                scheme: Scheme::Http,
+                addr: *a,
+            })
+            .collect();
+        Arc::new(Upstreams::new(
+            &backends,
+            &Balance::default(),
+            &Limits::default(),
+            None,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_backend_failing_or_stalling_its_tls_step_is_marked_down_and_the_next_tried() {
+        let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+        let t = Duration::from_millis(300);
+        // The step fails on the first backend.
+        let up = ups_at(&[a, b]);
+        let fails_on_a = |tcp: TcpStream, be: Backend| async move {
+            if be.addr == a {
+                Err(TlsFailure::Handshake(io::Error::other("bad certificate")))
+            } else {
+                Ok(tcp)
+            }
+        };
+        let (_, got, _lease) = up.connect_plan_with(&[0, 1], t, fails_on_a).await.unwrap();
+        assert_eq!(got.addr, b);
+        let h = up.health();
+        assert!(!h[0].up && h[1].up, "{h:?}");
+        assert_eq!((h[0].failures, h[1].failures), (1, 0));
+        // The step never ends on the first backend: its time runs out (the
+        // connect and the step share it), then the next one is tried.
+        let up = ups_at(&[a, b]);
+        let stalls_on_a = |tcp: TcpStream, be: Backend| async move {
+            if be.addr == a {
+                std::future::pending::<()>().await;
+            }
+            Ok(tcp)
+        };
+        let (_, got, _lease) = up.connect_plan_with(&[0, 1], t, stalls_on_a).await.unwrap();
+        assert_eq!(got.addr, b);
+        assert!(!up.health()[0].up);
+        // Every backend fails the step: the last failure is the answer.
+        let up = ups_at(&[a, b]);
+        let r = up
+            .connect_plan_with(&[0, 1], t, |_, _| async {
+                Err::<TcpStream, _>(TlsFailure::NoH2)
+            })
+            .await;
+        assert!(
+            matches!(r, Err(UpstreamError::Tls(at, TlsFailure::NoH2)) if at == b),
+            "{r:?}"
+        );
+        assert!(up.health().iter().all(|h| !h.up));
+    }
+
+    #[test]
+    fn round_robin_shares_a_down_backends_turn_evenly() {
+        for policy in [Policy::RoundRobin, Policy::LeastConn] {
+            let up = ups(&[80, 81, 82]);
+            let up = Arc::new(Upstreams::new(
+                &up.backends(),
+                &Balance {
+                    policy,
+                    ..Balance::default()
+                },
+                &Limits::default(),
+                None,
+            ));
+            up.mark_down(SocketAddr::from(([192, 0, 2, 1], 81)));
+            let mut firsts = [0; 3];
+            for _ in 0..300 {
+                let plan = up.plan(None);
+                assert_eq!(plan.len(), 2);
+                firsts[plan[0]] += 1;
+            }
+            assert_eq!(firsts, [150, 0, 150], "{policy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retiring_closes_the_idle_pool() {
+        let up = ups(&[80]);
+        let a0 = SocketAddr::from(([192, 0, 2, 1], 80));
+        let (s, mut far) = sender().await;
+        up.put_idle(a0, s);
+        assert_eq!(up.states[0].idle.lock().len(), 1);
+        up.retire();
+        assert!(up.states[0].idle.lock().is_empty());
+        // The connection is closed: its far end reads the end.
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), far.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn backend_down_for_can_change_on_kept_upstreams() {
+        let up = ups(&[80]);
+        assert_eq!(up.down_for(), Limits::default().backend_down_for);
+        up.set_down_for(Duration::from_secs(60));
+        let before = Instant::now();
+        up.mark_down(SocketAddr::from(([192, 0, 2, 1], 80)));
+        let until = up.states[0].down_until.lock().unwrap();
+        assert!(until >= before + Duration::from_secs(60), "{until:?}");
+    }
+
+    #[test]
+    fn only_the_hubs_own_shortage_stops_a_plan() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(connect_failure(&e(libc::EMFILE)), ConnectFailure::Hub);
+        assert_eq!(connect_failure(&e(libc::ENOBUFS)), ConnectFailure::Hub);
+        assert_eq!(
+            connect_failure(&e(libc::EADDRNOTAVAIL)),
+            ConnectFailure::NoLocalAddress
+        );
+        assert_eq!(
+            connect_failure(&e(libc::ECONNREFUSED)),
+            ConnectFailure::Backend
+        );
+        assert_eq!(
+            connect_failure(&e(libc::EHOSTUNREACH)),
+            ConnectFailure::Backend
         );
     }
 
