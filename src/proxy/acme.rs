@@ -132,19 +132,12 @@ pub struct AcmeState {
     /// Whether [`AcmeState::set_wanted`] was called (its first call is the
     /// start, which keeps every wait after failed orders).
     started: AtomicBool,
-    /// Hosts whose failed orders run again at once, taken by the manager's
-    /// next round (see [`AcmeState::set_wanted`]).
-    resets: RwLock<Resets>,
+    /// The ACME settings changed: every failed order runs again at once,
+    /// taken by the manager's next round (see [`AcmeState::set_wanted`]).
+    settings_changed: AtomicBool,
     /// Issued certificates served but not written to `state_dir` yet (the
     /// write failed): each round writes them again.
     unsaved: RwLock<HashMap<String, CertPem>>,
-}
-
-/// Whose waits after failed orders end, since the manager last looked.
-#[derive(Default)]
-struct Resets {
-    /// Every host's: the ACME settings changed.
-    all: bool,
 }
 
 /// Whether orders made with `a` and with `b` may end differently: any
@@ -284,14 +277,14 @@ impl AcmeState {
     ) {
         {
             let mut wanted = self.wanted.write();
-            if self.started.swap(true, Ordering::Relaxed) {
-                let mut resets = self.resets.write();
-                match (&wanted.0, &settings) {
-                    (Some(old), Some(new)) if !orders_differ(old, new) => {}
-                    // Other settings, or ACME turned on.
-                    (_, Some(_)) => resets.all = true,
-                    (_, None) => {}
-                }
+            let changed = match (&wanted.0, &settings) {
+                (Some(old), Some(new)) => orders_differ(old, new),
+                // ACME turned on.
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+            if self.started.swap(true, Ordering::Relaxed) && changed {
+                self.settings_changed.store(true, Ordering::Relaxed);
             }
             *wanted = (settings, hosts);
         }
@@ -1503,17 +1496,15 @@ fn retry_left(
     Some(r.at - now)
 }
 
-/// After [`AcmeState::set_wanted`] changed what an order depends on: the
-/// failed orders of `hosts` run again at once when `resets` says so (their
-/// waits go, in memory and in their [`RETRY_FILE`]s).
-fn reset_retries(cfg: &AcmeSettings, hosts: &[String], resets: &Resets, retry_at: &mut Retries) {
+/// After [`AcmeState::set_wanted`] changed the ACME settings: the failed
+/// orders of `hosts` run again at once (their waits go, in memory and in
+/// their [`RETRY_FILE`]s).
+fn reset_retries(cfg: &AcmeSettings, hosts: &[String], retry_at: &mut Retries) {
     for h in hosts {
-        if resets.all {
-            if retry_at.contains_key(h) || host_dir(cfg, h).join(RETRY_FILE).exists() {
-                info!(host = %h, "ACME settings changed: a failed order runs again now");
-            }
-            clear_retry(cfg, retry_at, h);
+        if retry_at.contains_key(h) || host_dir(cfg, h).join(RETRY_FILE).exists() {
+            info!(host = %h, "ACME settings changed: a failed order runs again now");
         }
+        clear_retry(cfg, retry_at, h);
     }
 }
 
@@ -1681,10 +1672,10 @@ async fn keep(
 /// first, then keeps each one's certificate (ordering it when missing or
 /// due). How long until the next round at the latest.
 async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
-    let (cfg, hosts, resets) = {
+    let (cfg, hosts, changed) = {
         let wanted = state.wanted.read();
-        let resets = std::mem::take(&mut *state.resets.write());
-        (wanted.0.clone(), wanted.1.clone(), resets)
+        let changed = state.settings_changed.swap(false, Ordering::Relaxed);
+        (wanted.0.clone(), wanted.1.clone(), changed)
     };
     let share = state.share();
     let mut next = Duration::from_secs(60);
@@ -1702,7 +1693,9 @@ async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
         None => rounds.unlocks.clear(),
     }
     if let Some(cfg) = cfg {
-        reset_retries(&cfg, &hosts, &resets, &mut rounds.retry_at);
+        if changed {
+            reset_retries(&cfg, &hosts, &mut rounds.retry_at);
+        }
         for host in &hosts {
             load_local(state, &cfg, share.as_deref(), host);
         }
@@ -2643,8 +2636,7 @@ mod tests {
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
         assert_jittered(failed(&st, &cfg, &mut r, host, "again"), RETRY_FIRST);
         // A change of the ACME settings: the same.
-        let all = Resets { all: true };
-        reset_retries(&cfg, &[host.to_string()], &all, &mut r);
+        reset_retries(&cfg, &[host.to_string()], &mut r);
         assert!(!file.exists());
         assert_eq!(retry_left(&st, &cfg, &mut r, host), None);
         // A time that passed: no wait, the last one is kept.

@@ -2226,46 +2226,25 @@ mod tests {
     /// `backend_down_for` to them.
     #[tokio::test]
     async fn kept_upstreams_take_a_reloaded_backend_down_for() {
-        use crate::proxy::settings::{Backend, RouteSettings, Scheme};
-        let route = RouteSettings {
-            host: RouteHost::Name(crate::proxy::names::Label::parse("app").unwrap()),
-            tls: TlsMode::Terminate,
-            cert: None,
-            backends: vec![Backend {
-                scheme: Scheme::Http,
-                addr: "192.0.2.1:80".parse().unwrap(),
-            }],
-            redirect_https: false,
-            proxy_protocol: ProxyProtocol::Off,
-            backend_tls: Default::default(),
-            backend_protocol: Default::default(),
-            balance: Default::default(),
-            acme: false,
-            paused: false,
-            access: Default::default(),
-            rate_limit: None,
-            bandwidth: None,
-            basic_auth_file: None,
-            forward_auth: None,
-            paths: vec![],
-            max_body_size: None,
-            request_headers: vec![],
-            response_headers: vec![],
+        use crate::proxy::settings::{RawProxy, RawRoute};
+        let proxy: RawProxy = toml::from_str("domains = [\"gw.test\"]\n").unwrap();
+        let route = RawRoute {
+            name: Some("app".into()),
+            tls: Some("passthrough".into()),
+            backends: vec!["192.0.2.1:443".into()],
+            ..RawRoute::default()
         };
-        let mut settings = crate::proxy::settings::ProxySettings {
-            domains: vec![DomainName::parse("gw.test").unwrap()],
-            http_listen: vec![],
-            https_listen: vec![],
-            routes: vec![route],
-            tcp: vec![],
-            udp: vec![],
-            limits: Default::default(),
-            acme: None,
-            access_log: None,
-            proxy_protocol_from: None,
-            trusted_proxies: None,
-            dns: None,
-        };
+        let hub: [ipnet::IpNet; 1] = ["100.64.0.1/10".parse().unwrap()];
+        let mut settings = crate::proxy::settings::validate(
+            Some(proxy),
+            vec![route],
+            vec![],
+            vec![],
+            &hub,
+            std::path::Path::new("/etc/gatewire"),
+        )
+        .unwrap()
+        .unwrap();
         let acme = Arc::new(AcmeState::default());
         let one = build(&settings, None, &None, &acme).unwrap();
         settings.limits.backend_down_for = Duration::from_secs(42);

@@ -1308,19 +1308,11 @@ mod tests {
     use hyper_util::rt::TokioIo;
 
     fn ups(ports: &[u16]) -> Arc<Upstreams> {
-        let backends: Vec<Backend> = ports
+        let addrs: Vec<SocketAddr> = ports
             .iter()
-            .map(|p| Backend {
-                scheme: Scheme::Http,
-                addr: SocketAddr::from(([192, 0, 2, 1], *p)),
-            })
+            .map(|p| SocketAddr::from(([192, 0, 2, 1], *p)))
             .collect();
-        Arc::new(Upstreams::new(
-            &backends,
-            &Balance::default(),
-            &Limits::default(),
-            None,
-        ))
+        ups_at(&addrs)
     }
 
     #[test]
