@@ -295,6 +295,101 @@ async fn trusted_proxies_keep_their_forwarding_headers() {
     assert!(r.contains("xfp=http "), "{r}");
 }
 
+/// `GET /` for `host` from `src` with `extra` header lines; the status line.
+async fn status_from(src: &str, to: SocketAddr, host: &str, extra: &str) -> String {
+    let mut s = connect_from(src, to).await;
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn behind_trusted_proxies_rules_count_the_forwarded_client() {
+    let b = http_backend("cdn").await;
+    let mut r = route("cdn", TlsMode::Terminate, vec![be(b)]);
+    r.access = access(&[], &["192.0.2.66"]);
+    r.rate_limit = Some(gatewire::proxy::settings::RateLimit {
+        per_second: 1,
+        burst: 1,
+    });
+    let mut s = settings(vec![r]);
+    s.trusted_proxies = Some(access(&["127.0.0.1"], &[]));
+    let dir = tmpdir("trusted-log");
+    let path = dir.join("access.log");
+    let _ = std::fs::remove_file(&path);
+    s.access_log = Some(path.clone());
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    let ok = "HTTP/1.1 200 OK";
+    // The proxy's clients are told apart: each has a rate of its own...
+    assert_eq!(
+        status_from("127.0.0.1", at, "cdn.gw.test", &xff("192.0.2.7")).await,
+        ok
+    );
+    assert_eq!(
+        status_from("127.0.0.1", at, "cdn.gw.test", &xff("192.0.2.8")).await,
+        ok
+    );
+    let again = status_from("127.0.0.1", at, "cdn.gw.test", &xff("192.0.2.7")).await;
+    assert!(again.starts_with("HTTP/1.1 429"), "{again}");
+    // ... and the route's `deny` reaches them.
+    let denied = status_from("127.0.0.1", at, "cdn.gw.test", &xff("192.0.2.66")).await;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    // What the client wrote itself, left of the address the proxy saw, is
+    // not believed.
+    let spoof = status_from(
+        "127.0.0.1",
+        at,
+        "cdn.gw.test",
+        &xff("192.0.2.66, 198.51.100.1"),
+    )
+    .await;
+    assert_eq!(spoof, ok);
+    // A client that is no trusted proxy counts as itself, whatever it sends.
+    assert_eq!(
+        status_from("127.0.0.2", at, "cdn.gw.test", &xff("192.0.2.9")).await,
+        ok
+    );
+    let own = status_from("127.0.0.2", at, "cdn.gw.test", &xff("192.0.2.10")).await;
+    assert!(own.starts_with("HTTP/1.1 429"), "{own}");
+
+    // The log names both: the proxy's connection and the client it forwarded.
+    let lines = log_lines(&path, 7).await;
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    let fwd: Vec<String> = lines
+        .iter()
+        .map(|l| l["forwarded_for"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(
+        fwd,
+        [
+            "192.0.2.7",
+            "192.0.2.8",
+            "192.0.2.7",
+            "192.0.2.66",
+            "198.51.100.1",
+            "-",
+            "-"
+        ],
+        "{lines:?}"
+    );
+    assert!(lines[0]["client"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let st = p.stats();
+    let c = st.iter().find(|s| s.route == "name:cdn").unwrap();
+    assert_eq!(c.errors.get("rate_limited"), Some(&2));
+    assert_eq!(c.errors.get("denied"), Some(&1));
+}
+
 #[tokio::test]
 async fn post_body_streams_and_counts() {
     let b = http_backend("up").await;

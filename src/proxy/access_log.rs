@@ -17,7 +17,7 @@
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
@@ -57,6 +57,10 @@ pub struct Entry {
     pub unix_ms: u64,
     /// Client address and port.
     pub client: SocketAddr,
+    /// The client a `trusted_proxies` proxy forwarded the request for (its
+    /// `X-Forwarded-For`), when that is not `client` itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<IpAddr>,
     /// Traffic kind.
     pub kind: Kind,
     /// Route or forward id (`name:blog`, `tcp:0.0.0.0:2222`); absent when no
@@ -112,6 +116,7 @@ impl Entry {
         Entry {
             unix_ms,
             client,
+            forwarded_for: None,
             kind,
             route: None,
             host: None,

@@ -1473,17 +1473,23 @@ async fn proxy_request(
             return Ok(r);
         }
     }
+    // The client the hub's rules count (`allow`/`deny`, rate limits,
+    // stickiness, carried tunnels per address): behind a trusted proxy
+    // (nginx, a CDN), every client comes from its address, and each counts
+    // as the client it forwards.
+    let source = if conn.trusted {
+        let fwd = forwarded_client(req.headers(), |ip| shared.trusts_forwarding(ip));
+        if let Some(ip) = fwd.filter(|ip| *ip != conn.client.ip().to_canonical()) {
+            Record::note(rec, |e| e.forwarded_for = Some(ip));
+        }
+        fwd.unwrap_or(conn.client.ip())
+    } else {
+        conn.client.ip()
+    };
     // A node's tunnel carried over WebSocket, on any host (like ACME
     // challenges): the hub's own, not a route's.
     if req.uri().path() == crate::carrier::ws::PATH && req.headers().contains_key(header::UPGRADE) {
         if let Some(hub) = shared.carrier.clone() {
-            // Behind a trusted proxy (nginx, a CDN), every node comes from
-            // its address: each counts as the client it forwards.
-            let source = conn
-                .trusted
-                .then(|| forwarded_client(req.headers(), |ip| shared.trusts_forwarding(ip)))
-                .flatten()
-                .unwrap_or(conn.client.ip());
             return Ok(ws_tunnel(hub, conn.client, source, req));
         }
     }
@@ -1506,7 +1512,7 @@ async fn proxy_request(
     let c = route.counters.clone();
     c.request();
     Record::note(rec, |e| e.route = Some(route.id.clone()));
-    if !route.settings.access.permits(conn.client.ip()) {
+    if !route.settings.access.permits(source) {
         return Ok(err(
             &c,
             ErrorKind::Denied,
@@ -1514,7 +1520,7 @@ async fn proxy_request(
             "403 forbidden: this address may not use this route",
         ));
     }
-    if let Some(ms) = crate::proxy::server::over_limit(&route.limiter, conn.client.ip()) {
+    if let Some(ms) = crate::proxy::server::over_limit(&route.limiter, source) {
         let mut r = err(
             &c,
             ErrorKind::RateLimited,
@@ -1650,7 +1656,18 @@ async fn proxy_request(
             }
         }
     }
-    let Ok(mut resp) = forward(shared, conn, req, rec, route, c, authority, auth_headers).await;
+    let Ok(mut resp) = forward(
+        shared,
+        conn,
+        req,
+        rec,
+        route,
+        c,
+        authority,
+        auth_headers,
+        source,
+    )
+    .await;
     for v in auth_cookies {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -1659,7 +1676,8 @@ async fn proxy_request(
 
 /// Sends the admitted request `req` of `route` to one of its backends, with
 /// the headers its `forward_auth` service gave (`auth`), and returns the
-/// backend's response (or the error answer).
+/// backend's response (or the error answer). `source`: the client that
+/// `sticky` balancing keeps on one backend.
 #[allow(clippy::too_many_arguments)] // the admitted request and what admitting it learnt
 async fn forward(
     shared: Arc<Shared>,
@@ -1670,6 +1688,7 @@ async fn forward(
     c: Arc<Counters>,
     authority: String,
     auth: Vec<(HeaderName, HeaderValue)>,
+    source: IpAddr,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // The backends of the longest matching path prefix, or the route's own.
     let (up, under) = route.backends_for(req.uri().path());
@@ -1796,7 +1815,7 @@ async fn forward(
             "503 service unavailable: the route is at its connection limit",
         ));
     };
-    let plan = up.plan(Some(conn.client.ip()));
+    let plan = up.plan(Some(source));
     if h2 {
         let (resp, backend, lease) = match send_h2(&shared, &route, up, plan, breq, &fault).await {
             Ok(x) => x,
