@@ -771,6 +771,84 @@ async fn https_backends_fail_over_when_tls_times_out_or_fails() {
     drop(silent);
 }
 
+/// Accepts connections and reads whatever comes, never answering.
+async fn hung_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    at
+}
+
+#[tokio::test]
+async fn a_backend_that_hangs_is_skipped_while_another_answers() {
+    let hung = hung_backend().await;
+    let good = http_backend("good").await;
+    let lone = hung_backend().await;
+    let (h2good, _) = h2_backend(None).await;
+    let h2hung = hung_backend().await;
+    let mut h2 = route("h2", TlsMode::Terminate, vec![be(h2hung), be(h2good)]);
+    h2.backend_protocol = BackendProtocol::Http2;
+    let mut s = settings(vec![
+        route("pair", TlsMode::Terminate, vec![be(hung), be(good)]),
+        route("lone", TlsMode::Terminate, vec![be(lone)]),
+        h2,
+    ]);
+    s.limits.response_timeout = Duration::from_millis(300);
+    s.limits.backend_down_for = Duration::from_secs(30);
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    for host in ["pair.gw.test", "h2.gw.test"] {
+        // Round-robin: one of the first two requests goes to the hung
+        // backend and times out; every later one goes to the other.
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            let r = raw_http(at, host, "").await;
+            answers.push(r.lines().next().unwrap_or_default().to_string());
+        }
+        let timeouts = answers
+            .iter()
+            .filter(|a| a.starts_with("HTTP/1.1 504"))
+            .count();
+        assert_eq!(timeouts, 1, "{host}: {answers:?}");
+        assert!(
+            answers[2..].iter().all(|a| a.starts_with("HTTP/1.1 200")),
+            "{host}: {answers:?}"
+        );
+    }
+    // A route's only backend is not taken out by a slow answer: the next
+    // request is tried on it again (504, not 503).
+    for _ in 0..2 {
+        let r = raw_http(at, "lone.gw.test", "").await;
+        assert!(r.starts_with("HTTP/1.1 504"), "{r}");
+    }
+    let st = p.stats();
+    for name in ["name:pair", "name:h2"] {
+        let s = st.iter().find(|s| s.route == name).unwrap();
+        assert!(
+            !s.backends[0].up && s.backends[1].up,
+            "{name}: {:?}",
+            s.backends
+        );
+        assert_eq!(s.backends[0].failures, 1, "{name}: {:?}", s.backends);
+        assert_eq!(
+            s.errors.get("backend_timeout"),
+            Some(&1),
+            "{name}: {:?}",
+            s.errors
+        );
+    }
+    let lone = st.iter().find(|s| s.route == "name:lone").unwrap();
+    assert!(lone.backends[0].up, "{:?}", lone.backends);
+    assert_eq!(lone.errors.get("backend_timeout"), Some(&2));
+}
+
 #[tokio::test]
 async fn upgrade_is_relayed() {
     let b = http_backend("ws").await;

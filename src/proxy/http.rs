@@ -1187,6 +1187,15 @@ async fn send(
     }
 }
 
+/// A backend that left a request unanswered past `response_timeout` (the
+/// client's body did not fail) is skipped for a while when the route has
+/// others.
+fn note_timeout(up: &Upstreams, addr: std::net::SocketAddr, e: &SendError, body: &ClientBody) {
+    if e.0 == ErrorKind::BackendTimeout && !body.failed() && up.note_timeout(addr) {
+        debug!(backend = %addr, "backend did not answer in time: marked down");
+    }
+}
+
 /// The answer to a failed backend connect.
 fn connect_error(route: &Route, e: UpstreamError) -> SendError {
     debug!(route = %route.id, error = %e, "no backend connection");
@@ -1321,7 +1330,10 @@ async fn send_h2(
                     up.drop_h2(&lease);
                     req = back;
                 }
-                Err((e, None)) => return Err(e),
+                Err((e, None)) => {
+                    note_timeout(up, backend.addr, &e, body);
+                    return Err(e);
+                }
             }
         }
         if turn.is_some() {
@@ -1341,6 +1353,7 @@ async fn send_h2(
             if !body.failed() {
                 up.drop_h2(&lease);
             }
+            note_timeout(up, backend.addr, &e, body);
             Err(e)
         }
     }
@@ -1874,7 +1887,11 @@ async fn forward(
                 breq = back;
                 continue;
             }
-            Err(((kind, status, msg), _)) => return Ok(err(&c, kind, status, msg)),
+            Err((e, _)) => {
+                note_timeout(up, backend.addr, &e, &fault);
+                let (kind, status, msg) = e;
+                return Ok(err(&c, kind, status, msg));
+            }
         }
     };
     let mut resp = resp;

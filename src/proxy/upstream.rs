@@ -565,6 +565,24 @@ impl Upstreams {
         }
     }
 
+    /// `addr` took a request and sent no response head within
+    /// `response_timeout` (a backend that hangs but still accepts
+    /// connections): skipped for `backend_down_for`, as after a failed
+    /// connect, when another backend is usable now. One slow answer never
+    /// takes out the last usable backend (a route with one backend keeps
+    /// trying it). True when it was marked down.
+    pub fn note_timeout(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        let others = self
+            .states
+            .iter()
+            .any(|s| s.backend.addr != addr && self.usable(s, now));
+        if others {
+            self.mark_down(addr);
+        }
+        others
+    }
+
     /// Whether `addr` is one of these backends and usable now (not marked
     /// down, its check passing, its node's tunnel not down).
     pub fn serves(&self, addr: SocketAddr) -> bool {
