@@ -472,11 +472,7 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn ago(secs: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let d = now.saturating_sub(secs);
+    let d = crate::clock::unix_secs().saturating_sub(secs);
     match d {
         0..=59 => format!("{d} seconds ago"),
         60..=3599 => format!("{} minutes, {} seconds ago", d / 60, d % 60),
@@ -611,10 +607,7 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             ));
         }
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    out.extend(certificate_line(v, now));
+    out.extend(certificate_line(v, crate::clock::unix_secs()));
     out
 }
 

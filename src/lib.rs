@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod carrier;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod hub;

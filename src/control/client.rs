@@ -1022,13 +1022,6 @@ where
 
 // ------------------------------------------------------------ output
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// `42s`, `5m3s`, `2h10m`, `3d4h`.
 pub fn duration(secs: u64) -> String {
     match secs {
@@ -1483,7 +1476,7 @@ async fn run(args: &CtlArgs) -> Result<(), CtlError> {
         };
     }
     let v = parse_json(&body)?;
-    let now = now_unix();
+    let now = crate::clock::unix_secs();
     if let CtlCommand::Token {
         cmd: TokenCmd::Create { .. },
     } = &args.cmd

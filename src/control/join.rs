@@ -700,10 +700,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "gatewire-join-{tag}-{}-{:?}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            crate::clock::unix_nanos()
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

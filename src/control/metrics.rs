@@ -60,7 +60,6 @@
 use crate::proxy::stats::{CertStatus, ErrorKind, RouteSnapshot};
 use crate::wg::device::{Mode, ShowInterface, ShowPeer};
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -104,10 +103,7 @@ pub struct ControlCounters {
 
 /// Renders every metric, judging peers up against the current time.
 pub fn render(input: &MetricsInput) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    render_at(input, now)
+    render_at(input, crate::clock::unix_secs())
 }
 
 /// Renders every metric, judging peers up against `now` (unix seconds).

@@ -7,6 +7,7 @@
 //! re-apply the proxy's routes. Readers load the published state without
 //! locks.
 
+use crate::clock::unix_secs;
 use crate::config::{HubConfig, ProxyRaw};
 use crate::control::registry::{LocalRegistry, NameRegistry, Verdict};
 use crate::control::settings::ControlSettings;
@@ -178,12 +179,6 @@ pub struct Control {
     eval_lock: parking_lot::Mutex<()>,
 }
 
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Control {
     /// Loads the state and adds its peers to the device.
     pub async fn start(cfg: HubConfig, dev: Arc<Inner>) -> anyhow::Result<Arc<Control>> {
@@ -265,7 +260,7 @@ impl Control {
         let env = self.env.load();
         self.state
             .load()
-            .declared(now(), &env.file_keys, key, from, decls)
+            .declared(unix_secs(), &env.file_keys, key, from, decls)
             .map(|out| out.is_some())
     }
 
@@ -294,7 +289,7 @@ impl Control {
             let env = self.env.load_full();
             let st = env.settings();
             let check = |r: &RawRoute| env.check_route(r);
-            let now = now();
+            let now = unix_secs();
             let held = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
             let ctx = Context {
                 now,
@@ -389,7 +384,7 @@ impl Control {
         let env = self.env.load_full();
         let st = env.settings();
         let check = |r: &RawRoute| env.check_route(r);
-        let now = now();
+        let now = unix_secs();
         let grant = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
         let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
         let ctx = Context {

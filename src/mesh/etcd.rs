@@ -693,7 +693,7 @@ async fn claim_names(mesh: &Mesh, client: &mut Client) -> anyhow::Result<()> {
     if mesh.name_clash_recent() {
         return Ok(());
     }
-    let now = crate::control::runtime::now();
+    let now = crate::clock::unix_secs();
     let Some(wants) = source(now) else {
         return Ok(());
     };

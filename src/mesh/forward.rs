@@ -1,7 +1,8 @@
 //! Moves one client connection to another hub of the mesh.
 
 use super::table::PeerHub;
-use super::{unix_now, Mesh};
+use super::Mesh;
+use crate::clock::unix_secs;
 use crate::proxy::io::{splice, Spliced};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::settings::Limits;
@@ -134,7 +135,7 @@ pub async fn forward(
                     k,
                     peer,
                     dest,
-                    unix_now(),
+                    unix_secs(),
                     rand_core::RngCore::next_u64(&mut rand_core::OsRng).to_be_bytes(),
                 )),
                 None => encode_v2(&mut head, Transport::Tcp, peer, dest),

@@ -44,6 +44,7 @@ pub mod share;
 pub mod table;
 pub mod vault;
 
+use crate::clock::unix_secs;
 use crate::proxy::names::DomainName;
 use crate::proxy::stats::Counters;
 use arc_swap::ArcSwap;
@@ -56,12 +57,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Seconds since the Unix epoch (0 before it): the time seals carry.
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 use table::{PeerHub, Table};
 use tracing::warn;
 
@@ -262,7 +257,7 @@ impl Mesh {
     /// did not come from a known address (a seal that cannot be remembered
     /// could be a copy: only the hubs' own addresses are taken on trust).
     pub fn check_seal(&self, header: &[u8], known: bool) -> Result<(), String> {
-        let now = unix_now();
+        let now = unix_secs();
         let mut last = seal::SealError::Missing;
         let mut ok = false;
         for k in &self.seal {
@@ -286,7 +281,7 @@ impl Mesh {
         // connection has just started).
         let admitted = {
             let mut guard = self.replay.lock();
-            guard.admit(id, unix_now())
+            guard.admit(id, unix_secs())
         };
         match admitted {
             seal::Admit::New => Ok(()),
@@ -700,7 +695,7 @@ mod tests {
                 m.seal_key().unwrap(),
                 "192.0.2.1:5000".parse().unwrap(),
                 "198.51.100.1:80".parse().unwrap(),
-                unix_now(),
+                unix_secs(),
                 [n; 8],
             )
         };

@@ -18,6 +18,7 @@
 //! reaches answers the validation, and with shared certificates the result
 //! is stored for the other hubs, which take it instead of ordering their own.
 
+use crate::clock::unix_secs;
 use crate::mesh::acme::CertPem;
 use crate::proxy::settings::{AcmeChallenge, AcmeSettings};
 use bytes::Bytes;
@@ -38,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -393,12 +394,6 @@ impl AcmeState {
     fn has_own(&self, host: &str) -> bool {
         self.certs.read().contains_key(host)
     }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 // ------------------------------------------------------------ DER: notAfter
@@ -1401,7 +1396,7 @@ fn failed(
     // Whole seconds, as the file keeps it.
     let back = Duration::from_secs(back.as_secs());
     warn!(host = %host, error = %e, retry_in = ?back, "ACME order failed");
-    let at = now_unix().saturating_add(back.as_secs());
+    let at = unix_secs().saturating_add(back.as_secs());
     let dir = host_dir(cfg, host);
     let stored = std::fs::create_dir_all(&dir)
         .and_then(|()| {
@@ -1466,7 +1461,7 @@ fn retry_left(
         let (at, wait, e) = read_retry(cfg, host)?;
         // No longer than the longest wait, whatever the clock did.
         let longest = jittered(RETRY_MAX, u32::MAX);
-        let left = Duration::from_secs(at.saturating_sub(now_unix())).min(longest);
+        let left = Duration::from_secs(at.saturating_sub(unix_secs())).min(longest);
         if !left.is_zero() {
             info!(host = %host, retry_in = ?left, "ACME order waits after failed orders before the restart");
         }
@@ -1480,7 +1475,7 @@ fn retry_left(
         );
         state.failures.write().insert(
             host.to_string(),
-            (e, now_unix().saturating_add(left.as_secs())),
+            (e, unix_secs().saturating_add(left.as_secs())),
         );
     }
     let r = retry_at.get(host)?;
@@ -1558,7 +1553,7 @@ async fn keep(
     let due = |state: &AcmeState| {
         state
             .renew_time(host, cfg.renew_before.as_secs())
-            .is_none_or(|at| now_unix() >= at)
+            .is_none_or(|at| unix_secs() >= at)
             // (One not written yet is this CA's, whatever the old note says.)
             || (from_another_directory(cfg, host) && !state.unsaved.read().contains_key(host))
     };
@@ -1575,7 +1570,7 @@ async fn keep(
         // certificate due a second after it was loaded waited a whole round).
         return state
             .renew_time(host, cfg.renew_before.as_secs())
-            .map(|at| Duration::from_secs(at.saturating_sub(now_unix()).max(1)));
+            .map(|at| Duration::from_secs(at.saturating_sub(unix_secs()).max(1)));
     }
     if let Some(left) = retry_left(state, cfg, retry_at, host) {
         return Some(left);
@@ -1583,7 +1578,7 @@ async fn keep(
     if let Some(sh) = share {
         let expiring = state
             .not_after(host)
-            .is_some_and(|na| na <= now_unix().saturating_add(ALONE_BEFORE.as_secs()));
+            .is_some_and(|na| na <= unix_secs().saturating_add(ALONE_BEFORE.as_secs()));
         if !sh.ready() && expiring {
             // Better a second order in the mesh than an expired certificate.
             warn!(host = %host, "etcd unreachable and the certificate expires soon: ordering without the mesh");
@@ -2137,10 +2132,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "gatewire-acme-{tag}-{}-{}",
             std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            crate::clock::unix_nanos()
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -67,12 +67,6 @@ impl Drop for Flow {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 async fn new_flow(
     listen: Arc<UdpListener>,
     fwd: &Arc<Forward>,
@@ -149,7 +143,7 @@ async fn new_flow(
     });
     fwd.counters.request();
     let log = fwd.access_log.as_ref().map(|l| {
-        let mut e = Entry::new(unix_ms(), client, LogKind::Udp, false);
+        let mut e = Entry::new(crate::clock::unix_ms(), client, LogKind::Udp, false);
         e.route = Some(fwd.id.clone());
         e.backend = Some(backend.addr);
         (l.clone(), e)

@@ -201,12 +201,9 @@ impl Record {
         tls: bool,
     ) -> Option<Record> {
         let log = shared.access_log.clone()?;
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         Some(Record {
             log,
-            entry: Some(Entry::new(unix_ms, client, kind, tls)),
+            entry: Some(Entry::new(crate::clock::unix_ms(), client, kind, tls)),
             start: std::time::Instant::now(),
         })
     }

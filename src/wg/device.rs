@@ -26,7 +26,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -336,10 +336,7 @@ impl Peer {
     fn last_handshake(&self) -> Option<Duration> {
         let (since, ..) = self.tunn.lock().stats();
         let since = since?;
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()?
-            .checked_sub(since)
+        crate::clock::since_epoch()?.checked_sub(since)
     }
 }
 

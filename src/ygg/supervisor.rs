@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::clock::unix_secs;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -102,13 +104,6 @@ pub struct Status {
     pub supervisor_pid: u32,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The status file of a daemon directory.
 pub fn status_path(dir: &Path) -> PathBuf {
     dir.join("status.json")
@@ -153,7 +148,7 @@ impl Shared {
     fn set_state(&self, state: State) {
         self.update(|s| {
             s.state = state;
-            s.since = unix_now();
+            s.since = unix_secs();
         });
     }
 
@@ -196,7 +191,7 @@ impl Supervisor {
             pid: None,
             restarts: 0,
             last_error: None,
-            since: unix_now(),
+            since: unix_secs(),
             retry_in_ms: None,
             public_key: pk.to_hex(),
             address: pk.address().to_string(),
@@ -342,7 +337,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             error!(interface = %s.interface, "yggdrasil not started: {e}");
             shared.update(|st| {
                 st.state = State::Stopped;
-                st.since = unix_now();
+                st.since = unix_secs();
                 st.last_error = Some(e);
             });
             return;
@@ -366,7 +361,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         first = false;
         shared.update(|st| {
             st.state = State::Starting;
-            st.since = unix_now();
+            st.since = unix_secs();
             st.retry_in_ms = None;
             st.pid = None;
         });
@@ -387,7 +382,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         );
         shared.update(|st| {
             st.state = State::Backoff;
-            st.since = unix_now();
+            st.since = unix_secs();
             st.pid = None;
             st.last_error = Some(reason);
             st.retry_in_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
@@ -399,7 +394,7 @@ async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
     shared.update(|st| {
         st.state = State::Stopped;
-        st.since = unix_now();
+        st.since = unix_secs();
         st.pid = None;
     });
     drop(cleanup);
