@@ -7,10 +7,13 @@
 # 200::/7 address; curl in `pub` reaches it by name through the hub's proxy
 # over IPv4 (an IPv4 client served by a Yggdrasil IPv6 backend).
 # kill -9 of the hub's daemon: gatewire restarts it and the route recovers by
-# itself; `gatewire show` reports the overlay address and the peers. kill -9
-# of a gatewire leaves no yggdrasil behind. Bad input: a malformed key or peer
-# URI is refused naming it; a daemon binary that will not start (/bin/false)
-# is reported and retried with backoff while WireGuard (n2) keeps working.
+# itself; `gatewire show` reports the overlay address and the peers. A hung
+# daemon (SIGSTOP: its process stays, its admin socket stops answering) is
+# reported unresponsive, then stopped and started again after three failed
+# probes (10 s apart), and the route recovers again. kill -9 of a gatewire
+# leaves no yggdrasil behind. Bad input: a malformed key or peer URI is
+# refused naming it; a daemon binary that will not start (/bin/false) is
+# reported and retried with backoff while WireGuard (n2) keeps working.
 # (Address vectors and `yggdrasil -address/-subnet` equality: tests/ygg_daemon.rs.)
 # timeout: 300
 set -euo pipefail
@@ -71,6 +74,7 @@ pcurl() { lab_exec pub curl -sS --max-time 5 --resolve "$SITE:80:$HUB4" "http://
 site_ok() { pcurl | grep -q "$MARK"; }
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
 restarted() { [ "$(ygg_field hub .daemon.restarts)" = "$1" ] && ygg_running hub; }
+ygg_status_is() { [ "$(ygg_field "$1" .daemon.status)" = "$2" ]; }
 restarts_at_least() { [ "$(ygg_field hub .daemon.restarts)" -ge "$1" ]; }
 tls_link() { show_json "$1" | jq -e '.yggdrasil.peers | any((.remote // "") | test("tls://"))' >/dev/null; }
 # delays_grow LOG : the last three retry delays logged are non-decreasing
@@ -175,6 +179,29 @@ lab_log "route back $(($(now_ms) - t0)) ms after kill -9"
 check "hub: 200::/7 routed through ygg0 again" lab_sh hub "ip -6 route show 200::/7 | grep -q 'dev ygg0'"
 check "the log reports the death" grep -q "killed by signal 9" "$(lab_logfile hub)"
 check "WireGuard untouched by the overlay restart" lab_ping n2 "$(lab_ov4 hub)"
+
+# ---------------------------------------------------------------- (c) a hung daemon
+ypid=$(ygg_field hub .daemon.pid)
+must "hub daemon pid known ($ypid)" test "$ypid" -gt 1
+lab_log "kill -STOP of the hub's yggdrasil (pid $ypid)"
+t0=$(now_ms)
+kill -STOP "$ypid"
+check "show: the hung daemon is reported unresponsive" wait_for 20 ygg_status_is hub unresponsive
+check "gatewire stops the hung daemon and starts a new one" wait_for 45 restarted 2
+lab_log "daemon restarted $(($(now_ms) - t0)) ms after kill -STOP"
+check "the hung daemon is gone" wait_for 5 pid_gone "$ypid"
+npid=$(ygg_field hub .daemon.pid)
+check "the new daemon has a new pid ($npid)" test "$npid" != "$ypid"
+check "show: last error names the failed probes" \
+    grep -q "admin socket .* did not answer 3 probes in a row" <<<"$(ygg_field hub .daemon.last_error)"
+sock=$(ygg_field hub .daemon.admin_socket)
+check "the log warns naming the socket ($sock)" \
+    bash -c 'grep "did not answer 3 probes in a row; restarting the daemon" "$1" | grep -qF "$2"' _ \
+    "$(lab_logfile hub)" "$sock"
+# n1's daemon redials a peer whose handshake timed out once a minute.
+check "the route recovers after the hang" wait_for 65 site_ok
+lab_log "route back $(($(now_ms) - t0)) ms after kill -STOP"
+check "WireGuard untouched by the hang" lab_ping n2 "$(lab_ov4 hub)"
 
 # ---------------------------------------------------------------- (b) TLS
 n1pid=$(ygg_field n1 .daemon.pid)

@@ -1,9 +1,11 @@
 //! The supervised `yggdrasil` sidecar (docs/yggdrasil.md 6.A): gatewire
 //! writes the daemon's config (mode 0600, in a private 0700 directory),
-//! starts `yggdrasil -useconffile`, waits for its admin socket, and restarts
-//! it with a bounded, jittered exponential backoff ([`Backoff`], pure) when
-//! it dies or will not start. The daemon's TUN carries 200::/7 (yggdrasil
-//! gives it `<address>/7`).
+//! starts `yggdrasil -useconffile`, waits for its admin socket, probes that
+//! socket every `PROBE_INTERVAL` (`Liveness`, pure), and restarts the
+//! daemon with a bounded, jittered exponential backoff ([`Backoff`], pure)
+//! when it dies, will not start or leaves `PROBE_FAILS` probes in a row
+//! unanswered (a hung process is stopped first). The daemon's TUN carries
+//! 200::/7 (yggdrasil gives it `<address>/7`).
 //!
 //! The daemon never outlives gatewire: it runs in its own process group with
 //! `PR_SET_PDEATHSIG` (SIGTERM) set before `exec`, the child handle is
@@ -43,6 +45,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub const BACKOFF_STABLE: Duration = Duration::from_secs(30);
 /// How long the admin socket gets to answer after a start.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Between two liveness probes (one `getSelf`) of a started daemon's admin
+/// socket.
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Failed probes in a row after which the daemon is restarted.
+const PROBE_FAILS: u32 = 3;
 /// Between SIGTERM and SIGKILL at shutdown.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Daemon output lines kept for the failure report.
@@ -54,6 +61,91 @@ const LINE_MAX: usize = 4096;
 
 pub use crate::backoff::Backoff;
 
+/// The supervisor's waits: [`Timing::default`] in service, shorter in tests.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    ready: Duration,
+    probe_interval: Duration,
+    probe_fails: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ready: READY_TIMEOUT,
+            probe_interval: PROBE_INTERVAL,
+            probe_fails: PROBE_FAILS,
+        }
+    }
+}
+
+/// What one liveness probe's result calls for ([`Liveness::on_probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeAction {
+    /// Nothing changes.
+    Keep,
+    /// The admin socket answers, first or again: the state is `running`.
+    Answering,
+    /// It stopped answering: the state is `unresponsive`.
+    Silent,
+    /// It did not answer the allowed number of probes in a row: the daemon
+    /// is restarted.
+    Restart,
+}
+
+/// Liveness of a started daemon's admin socket [pure]: counts the failed
+/// probes in a row and tells when the state changes and when to restart.
+/// The caller does the probing and the waiting.
+#[derive(Debug, Clone)]
+struct Liveness {
+    limit: u32,
+    fails: u32,
+    answering: bool,
+}
+
+impl Liveness {
+    /// `limit` failed probes in a row restart the daemon (at least one);
+    /// `answering`: whether the socket answered at the start.
+    fn new(limit: u32, answering: bool) -> Self {
+        Self {
+            limit: limit.max(1),
+            fails: 0,
+            answering,
+        }
+    }
+
+    /// Failed probes in a row so far.
+    fn fails(&self) -> u32 {
+        self.fails
+    }
+
+    /// The allowed failed probes in a row.
+    fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Takes the result of one probe.
+    fn on_probe(&mut self, ok: bool) -> ProbeAction {
+        if ok {
+            self.fails = 0;
+            if self.answering {
+                return ProbeAction::Keep;
+            }
+            self.answering = true;
+            return ProbeAction::Answering;
+        }
+        self.fails = self.fails.saturating_add(1);
+        if self.fails >= self.limit {
+            return ProbeAction::Restart;
+        }
+        if self.answering {
+            self.answering = false;
+            return ProbeAction::Silent;
+        }
+        ProbeAction::Keep
+    }
+}
+
 /// Where the supervisor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,7 +154,9 @@ pub enum State {
     Starting,
     /// The daemon runs and its admin socket answered.
     Running,
-    /// The daemon runs but its admin socket did not answer in time.
+    /// The daemon runs but its admin socket did not answer in time after
+    /// the start, or did not answer the last probe; it is restarted after
+    /// `PROBE_FAILS` failed probes in a row.
     Unresponsive,
     /// Waiting before the next start.
     Backoff,
@@ -111,6 +205,7 @@ pub fn status_path(dir: &Path) -> PathBuf {
 
 struct Shared {
     settings: YggSettings,
+    timing: Timing,
     status: Mutex<Status>,
     tail: Mutex<VecDeque<String>>,
     /// Whether this supervisor holds the lock of the daemon directory;
@@ -181,6 +276,10 @@ impl Supervisor {
     /// Starts supervising in the background. Never fails: problems are
     /// logged and retried.
     pub fn start(settings: YggSettings) -> Supervisor {
+        Self::start_with(settings, Timing::default())
+    }
+
+    fn start_with(settings: YggSettings, timing: Timing) -> Supervisor {
         let pk = settings.private_key.public_key();
         let status = Status {
             interface: settings.interface.clone(),
@@ -200,6 +299,7 @@ impl Supervisor {
         };
         let shared = Arc::new(Shared {
             settings,
+            timing,
             status: Mutex::new(status),
             tail: Mutex::new(VecDeque::new()),
             owns_dir: AtomicBool::new(false),
@@ -609,9 +709,11 @@ fn tun_has_address(iface: &str, addr: std::net::Ipv6Addr) -> bool {
 
 async fn stop_child(child: &mut Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // SAFETY: signalling our own child by PID.
+        // SAFETY: signalling our own child by PID. A stopped daemon
+        // (SIGSTOP) acts on the SIGTERM only once continued.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, libc::SIGCONT);
         }
         if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
             return;
@@ -706,47 +808,83 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
         config = %conf.display(),
         "yggdrasil started"
     );
+    let mut daemon = Daemon {
+        shared,
+        child,
+        fwd,
+        t0,
+    };
+    match supervise(&mut daemon, stop, version).await {
+        Err(outcome) => outcome,
+        Ok(never) => match never {},
+    }
+}
 
-    // Readiness: the admin socket answers getSelf.
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    let mut last_err = String::new();
-    let ready = loop {
+/// One started daemon and the readers of its output.
+struct Daemon<'a> {
+    shared: &'a Shared,
+    child: Child,
+    fwd: Vec<JoinHandle<()>>,
+    t0: Instant,
+}
+
+impl Daemon<'_> {
+    /// `f`'s output, unless the daemon exits first (then why) or a stop is
+    /// requested (then the daemon is stopped).
+    async fn watch<T>(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T, Outcome> {
         tokio::select! {
-            st = child.wait() => {
+            v = f => Ok(v),
+            st = self.child.wait() => {
                 // Let the output readers drain so the reason shows the daemon's words.
-                for f in fwd.drain(..) {
+                for f in self.fwd.drain(..) {
                     let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
                 }
-                return Outcome::Failed(exit_reason(shared, st, t0.elapsed()));
+                Err(Outcome::Failed(exit_reason(self.shared, st, self.t0.elapsed())))
             }
             _ = stopped(stop) => {
-                stop_child(&mut child).await;
-                return Outcome::Stopped;
+                stop_child(&mut self.child).await;
+                Err(Outcome::Stopped)
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        match unless_stopped(stop, admin_self(s.admin_socket.clone(), version)).await {
-            None => {
-                stop_child(&mut child).await;
-                return Outcome::Stopped;
-            }
-            Some(Ok(me)) => break Some(me),
-            Some(Err(e)) => last_err = e,
+    }
+}
+
+/// Waits for the admin socket, then probes it every `probe_interval` until
+/// the daemon exits, a stop is requested or too many probes in a row fail
+/// (then the daemon is stopped). Always ends in `Err`, with how the run
+/// ended.
+async fn supervise(
+    d: &mut Daemon<'_>,
+    stop: &mut watch::Receiver<bool>,
+    version: Version,
+) -> Result<std::convert::Infallible, Outcome> {
+    let shared = d.shared;
+    let s = &shared.settings;
+    let t = shared.timing;
+    let probe = || admin_self(s.admin_socket.clone(), version);
+
+    // Readiness: the admin socket answers getSelf.
+    let deadline = tokio::time::Instant::now() + t.ready;
+    let mut last_err = String::new();
+    let ready = loop {
+        d.watch(stop, tokio::time::sleep(Duration::from_millis(200)))
+            .await?;
+        match d.watch(stop, probe()).await? {
+            Ok(me) => break Some(me),
+            Err(e) => last_err = e,
         }
         if tokio::time::Instant::now() >= deadline {
             break None;
         }
     };
+    let mut live = Liveness::new(t.probe_fails, ready.is_some());
+    let mut announced = ready.is_some();
     match ready {
         Some(me) => {
-            if me.key != s.private_key.public_key() {
-                warn!(
-                    interface = %s.interface,
-                    "yggdrasil reports key {} but the config has {}",
-                    me.key,
-                    s.private_key.public_key()
-                );
-            }
             // yggdrasil gives its TUN <address>/7: the kernel then routes
             // 200::/7 (node addresses and 300::/8 subnets) through it.
             let mut routed = false;
@@ -755,32 +893,10 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
                     routed = true;
                     break;
                 }
-                if unless_stopped(stop, tokio::time::sleep(Duration::from_millis(200)))
-                    .await
-                    .is_none()
-                {
-                    stop_child(&mut child).await;
-                    return Outcome::Stopped;
-                }
+                d.watch(stop, tokio::time::sleep(Duration::from_millis(200)))
+                    .await?;
             }
-            if routed {
-                info!(
-                    interface = %s.interface,
-                    address = %me.address,
-                    subnet = %me.subnet,
-                    peers = s.peers.len(),
-                    "yggdrasil running; 200::/7 routed through {}",
-                    s.interface
-                );
-            } else {
-                warn!(
-                    interface = %s.interface,
-                    address = %me.address,
-                    "yggdrasil running but {} does not carry {}/7; 200::/7 is not routed (no CAP_NET_ADMIN or /dev/net/tun?)",
-                    s.interface,
-                    me.address
-                );
-            }
+            announce(s, &me, routed);
             shared.set_state(State::Running);
         }
         None => {
@@ -794,17 +910,87 @@ async fn run_once(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Out
         }
     }
 
-    tokio::select! {
-        st = child.wait() => {
-            for f in fwd.drain(..) {
-                let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+    // Liveness: a daemon that hangs keeps its process but stops answering.
+    loop {
+        d.watch(stop, tokio::time::sleep(t.probe_interval)).await?;
+        let res = d.watch(stop, probe()).await?;
+        match (live.on_probe(res.is_ok()), res) {
+            (ProbeAction::Answering, Ok(me)) => {
+                if announced {
+                    info!(
+                        interface = %s.interface,
+                        socket = %s.admin_socket.display(),
+                        "yggdrasil's admin socket answers again"
+                    );
+                } else {
+                    announce(s, &me, tun_has_address(&s.interface, me.address));
+                    announced = true;
+                }
+                shared.set_state(State::Running);
             }
-            Outcome::Failed(exit_reason(shared, st, t0.elapsed()))
+            (ProbeAction::Restart, Err(e)) => {
+                warn!(
+                    interface = %s.interface,
+                    socket = %s.admin_socket.display(),
+                    error = %e,
+                    "yggdrasil's admin socket did not answer {} probes in a row; restarting the daemon",
+                    live.fails()
+                );
+                stop_child(&mut d.child).await;
+                return Err(Outcome::Failed(format!(
+                    "admin socket {} did not answer {} probes in a row (last: {e}); daemon {} stopped after {:.1} s",
+                    s.admin_socket.display(),
+                    live.fails(),
+                    s.binary.display(),
+                    d.t0.elapsed().as_secs_f64()
+                )));
+            }
+            (action, Err(e)) => {
+                warn!(
+                    interface = %s.interface,
+                    socket = %s.admin_socket.display(),
+                    error = %e,
+                    "yggdrasil's admin socket did not answer a probe ({} of {} in a row before a restart)",
+                    live.fails(),
+                    live.limit()
+                );
+                if action == ProbeAction::Silent {
+                    shared.set_state(State::Unresponsive);
+                }
+            }
+            (_, Ok(_)) => {}
         }
-        _ = stopped(stop) => {
-            stop_child(&mut child).await;
-            Outcome::Stopped
-        }
+    }
+}
+
+/// Logs that the daemon answers: a key other than the configured one, and
+/// whether its TUN carries its address (then 200::/7 is routed there).
+fn announce(s: &YggSettings, me: &super::admin::SelfInfo, routed: bool) {
+    if me.key != s.private_key.public_key() {
+        warn!(
+            interface = %s.interface,
+            "yggdrasil reports key {} but the config has {}",
+            me.key,
+            s.private_key.public_key()
+        );
+    }
+    if routed {
+        info!(
+            interface = %s.interface,
+            address = %me.address,
+            subnet = %me.subnet,
+            peers = s.peers.len(),
+            "yggdrasil running; 200::/7 routed through {}",
+            s.interface
+        );
+    } else {
+        warn!(
+            interface = %s.interface,
+            address = %me.address,
+            "yggdrasil running but {} does not carry {}/7; 200::/7 is not routed (no CAP_NET_ADMIN or /dev/net/tun?)",
+            s.interface,
+            me.address
+        );
     }
 }
 
@@ -886,6 +1072,57 @@ mod tests {
             p.next_delay(Duration::from_secs(29), 1.0),
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn probes_that_fail_in_a_row_restart_and_one_answer_recovers() {
+        use ProbeAction::*;
+        let mut l = Liveness::new(3, true);
+        assert_eq!(l.on_probe(true), Keep);
+        assert_eq!(l.on_probe(false), Silent);
+        assert_eq!(l.fails(), 1);
+        assert_eq!(l.on_probe(false), Keep);
+        assert_eq!(l.fails(), 2);
+        // One answer sets `running` again and starts the count over.
+        assert_eq!(l.on_probe(true), Answering);
+        assert_eq!(l.fails(), 0);
+        assert_eq!(l.on_probe(true), Keep);
+        assert_eq!(l.on_probe(false), Silent);
+        assert_eq!(l.on_probe(false), Keep);
+        assert_eq!(l.on_probe(false), Restart);
+        assert_eq!(l.fails(), 3);
+        // Failures that never come three in a row never restart.
+        let mut l = Liveness::new(3, true);
+        for _ in 0..50 {
+            assert_ne!(l.on_probe(false), Restart);
+            assert_ne!(l.on_probe(false), Restart);
+            assert_ne!(l.on_probe(true), Restart);
+        }
+    }
+
+    #[test]
+    fn a_socket_that_never_answered_is_restarted_after_as_many_probes() {
+        use ProbeAction::*;
+        let mut l = Liveness::new(3, false);
+        assert_eq!(l.on_probe(false), Keep);
+        assert_eq!(l.on_probe(false), Keep);
+        assert_eq!(l.on_probe(false), Restart);
+        // A late first answer is `running`.
+        let mut l = Liveness::new(3, false);
+        assert_eq!(l.on_probe(false), Keep);
+        assert_eq!(l.on_probe(true), Answering);
+        assert_eq!(l.on_probe(true), Keep);
+        assert_eq!(l.fails(), 0);
+    }
+
+    #[test]
+    fn a_probe_limit_of_one_restarts_at_the_first_failure() {
+        let mut l = Liveness::new(0, true);
+        assert_eq!(l.limit(), 1);
+        assert_eq!(l.on_probe(false), ProbeAction::Restart);
+        let mut l = Liveness::new(1, true);
+        assert_eq!(l.on_probe(true), ProbeAction::Keep);
+        assert_eq!(l.on_probe(false), ProbeAction::Restart);
     }
 
     #[test]
@@ -994,6 +1231,115 @@ mod tests {
         // SAFETY: probing a PID we started.
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         assert!(!alive, "daemon {pid} survived shutdown");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Answers every request on `sock` with a 0.4.7-shaped `getSelf` reply
+    /// for the test key until `quit` is set; then the socket is gone.
+    fn fake_admin(
+        sock: PathBuf,
+        quit: Arc<AtomicBool>,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicU32>,
+    ) {
+        use std::io::{BufRead, BufReader as StdBufReader};
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = served.clone();
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let reply = r#"{"status":"success","request":null,"response":{
+            "build_name":"unknown","build_version":"unknown",
+            "key":"8988ec86fd70a116524ef24b11d0aed0ef374a69b1014ae93a82716a7fadca54",
+            "address":"200:ecee:26f2:51e:bdd3:5b62:1b69:dc5e","coords":[],
+            "subnet":"300:ecee:26f2:51e::/64"}}
+"#;
+        let t = std::thread::spawn(move || {
+            while !quit.load(Ordering::Acquire) {
+                let Ok((c, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut w = c.try_clone().unwrap();
+                let mut r = StdBufReader::new(c);
+                let mut line = String::new();
+                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                    if w.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                    count.fetch_add(1, Ordering::AcqRel);
+                    line.clear();
+                }
+            }
+            drop(l);
+            let _ = std::fs::remove_file(&sock);
+        });
+        (t, served)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_admin_socket_is_probed_recovers_and_is_restarted() {
+        // A stand-in daemon that never opens its admin socket; the test
+        // answers on it for a while instead.
+        let d = tmp("probe");
+        let script = d.join("fake-ygg");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = settings(&d, script.to_str().unwrap());
+        let sock = s.admin_socket.clone();
+        let timing = Timing {
+            ready: Duration::from_millis(300),
+            probe_interval: Duration::from_millis(100),
+            probe_fails: 3,
+        };
+        let sup = Supervisor::start_with(s, timing);
+        let wait = |what: &'static str, f: &dyn Fn(&Status) -> bool| {
+            let t0 = Instant::now();
+            loop {
+                let st = sup.status();
+                if f(&st) {
+                    return st;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(10), "{what}: {st:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let st = wait("unresponsive after the start", &|st| {
+            st.state == State::Unresponsive
+        });
+        let first = st.pid.unwrap();
+        assert_eq!(st.restarts, 0);
+        // A late answer: running, same daemon.
+        let quit = Arc::new(AtomicBool::new(false));
+        let (server, served) = fake_admin(sock.clone(), quit.clone());
+        let st = wait("running once the socket answers", &|st| {
+            st.state == State::Running
+        });
+        assert_eq!((st.pid, st.restarts), (Some(first), 0));
+        // It keeps being probed and stays running.
+        let n = served.load(Ordering::Acquire);
+        wait("probed again", &|_| served.load(Ordering::Acquire) >= n + 3);
+        assert_eq!(sup.status().state, State::Running);
+        // Silent: restarted after three probes.
+        quit.store(true, Ordering::Release);
+        server.join().unwrap();
+        let st = wait("restarted", &|st| st.restarts == 1);
+        let err = st.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains(&sock.display().to_string())
+                && err.contains("did not answer 3 probes in a row"),
+            "{err}"
+        );
+        // SAFETY: probing a PID we started.
+        let alive = unsafe { libc::kill(i32::try_from(first).unwrap(), 0) } == 0;
+        assert!(!alive, "the silent daemon {first} was not stopped");
+        // The new one never answers: restarted again rather than left.
+        let st = wait("a new daemon", &|st| st.pid.is_some_and(|p| p != first));
+        assert_eq!(st.restarts, 1);
+        wait("restarted again", &|st| st.restarts == 2);
+        sup.shutdown().await;
         let _ = std::fs::remove_dir_all(&d);
     }
 
