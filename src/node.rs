@@ -679,17 +679,93 @@ pub async fn run_watching(
     run_inner(cfg, Some(path), shutdown).await
 }
 
+/// When the node re-reads its configuration file: a change to it (seen by
+/// polling, taken once two polls in a row read the same new bytes, so a file
+/// being written in place is not applied half done) or SIGHUP.
+struct Reloads {
+    path: Option<std::path::PathBuf>,
+    hup: Option<tokio::signal::unix::Signal>,
+    /// The file as last loaded.
+    stamp: Option<Vec<u8>>,
+    /// The file at the last poll.
+    seen: Option<Vec<u8>>,
+    poll: tokio::time::Interval,
+}
+
+impl Reloads {
+    /// Catches SIGHUP from now on (its default is to end the process): one
+    /// sent while the node starts is a reload once it runs. A change of the
+    /// file from now on is noticed.
+    fn new(path: Option<std::path::PathBuf>) -> Reloads {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let stamp = path.as_deref().and_then(crate::hub::file_stamp);
+        Reloads {
+            path,
+            hup,
+            seen: stamp.clone(),
+            stamp,
+            poll: tokio::time::interval(crate::hub::CONFIG_POLL),
+        }
+    }
+
+    /// Waits for the next reload; why, and the file to read (none when the
+    /// node runs without one: a SIGHUP is then taken and ignored).
+    async fn next(&mut self) -> (&'static str, Option<&std::path::Path>) {
+        loop {
+            let why = tokio::select! {
+                _ = self.poll.tick(), if self.path.is_some() => {
+                    let now = self.path.as_deref().and_then(crate::hub::file_stamp);
+                    let settled = now == self.seen;
+                    self.seen.clone_from(&now);
+                    if now.is_none() || now == self.stamp || !settled {
+                        continue;
+                    }
+                    self.stamp = now;
+                    "config file changed"
+                }
+                Some(_) = async {
+                    match self.hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.stamp = self.path.as_deref().and_then(crate::hub::file_stamp);
+                    "SIGHUP"
+                }
+            };
+            if self.path.is_some() {
+                return (why, self.path.as_deref());
+            }
+        }
+    }
+}
+
+/// Reads `p` again for a reload (`why`); what changed but cannot be
+/// applied live is logged. `None` when the file does not load (the running
+/// configuration stays).
+fn reread(cfg: &NodeConfig, p: &std::path::Path, why: &str) -> Option<NodeConfig> {
+    match NodeConfig::load(p) {
+        Err(e) => {
+            warn!(config = %p.display(), error = %e, "{why}; reload refused, keeping the running services");
+            None
+        }
+        Ok(new) => {
+            let restart = needs_restart(cfg, &new);
+            if !restart.is_empty() {
+                warn!(config = %p.display(), changed = %restart.join(", "),
+                      "{why}; these changes take effect on restart");
+            }
+            Some(new)
+        }
+    }
+}
+
 async fn run_inner(
     cfg: NodeConfig,
     path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    // Caught from now on (a SIGHUP's default is to end the process): one
-    // sent while the node starts is a reload once it runs.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let stamp_of = |p: &Option<std::path::PathBuf>| p.as_deref().and_then(crate::hub::file_stamp);
-    // The file as loaded: a change while the node starts is noticed.
-    let mut stamp = stamp_of(&path);
+    let mut reloads = Reloads::new(path);
     let clients = cfg
         .hubs
         .iter()
@@ -701,10 +777,28 @@ async fn run_inner(
         .clone()
         .map(crate::ygg::supervisor::Supervisor::start);
     if cfg.hubs.is_empty() {
-        // Reachable only over Yggdrasil: no WireGuard device at all.
+        // Reachable only over Yggdrasil: no WireGuard device at all. Ready
+        // and reloads as below (every change but none needs a restart).
         info!("node ready (Yggdrasil only, no WireGuard hub)");
-        shutdown.await;
+        crate::sd_notify::ready();
+        let _watchdog = crate::sd_notify::spawn_watchdog();
+        tokio::pin!(shutdown);
+        loop {
+            let (why, p) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = reloads.next() => r,
+            };
+            let Some(p) = p else { continue };
+            crate::sd_notify::reloading();
+            if let Some(new) = reread(&cfg, p, why) {
+                if needs_restart(&cfg, &new).is_empty() {
+                    info!(config = %p.display(), "{why}; unchanged");
+                }
+            }
+            crate::sd_notify::ready();
+        }
         info!("node stopping");
+        crate::sd_notify::stopping();
         if let Some(y) = ygg {
             y.shutdown().await;
         }
@@ -806,52 +900,25 @@ async fn run_inner(
     );
     crate::sd_notify::ready();
     let _watchdog = crate::sd_notify::spawn_watchdog();
-    let mut poll = tokio::time::interval(crate::hub::CONFIG_POLL);
-    let mut seen = stamp.clone();
     tokio::pin!(shutdown);
     let mut ended = Ok(());
     loop {
-        let why = tokio::select! {
+        let (why, p) = tokio::select! {
             _ = &mut shutdown => break,
             () = dev.inner.lost() => {
                 ended = Err(anyhow::anyhow!("the TUN interface {} is gone", cfg.interface));
                 break;
             }
-            _ = poll.tick(), if path.is_some() => {
-                let now = stamp_of(&path);
-                // Taken when two polls in a row read the same new bytes: a
-                // file being written in place is not applied half done.
-                let settled = now == seen;
-                seen.clone_from(&now);
-                if now.is_none() || now == stamp || !settled {
-                    continue;
-                }
-                stamp = now;
-                "config file changed"
-            }
-            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                stamp = stamp_of(&path);
-                "SIGHUP"
-            }
+            r = reloads.next() => r,
         };
-        let Some(p) = &path else { continue };
+        let Some(p) = p else { continue };
         crate::sd_notify::reloading();
-        match NodeConfig::load(p) {
-            Err(e) => {
-                warn!(config = %p.display(), error = %e, "{why}; reload refused, keeping the running services")
-            }
-            Ok(new) => {
-                let restart = needs_restart(&cfg, &new);
-                if !restart.is_empty() {
-                    warn!(config = %p.display(), changed = %restart.join(", "),
-                          "{why}; these changes take effect on restart");
-                }
-                if services.current() == new.services {
-                    info!(config = %p.display(), "{why}; services unchanged");
-                } else {
-                    info!(config = %p.display(), services = new.services.len(), "{why}; applying [[service]]");
-                    services.replace(new.services);
-                }
+        if let Some(new) = reread(&cfg, p, why) {
+            if services.current() == new.services {
+                info!(config = %p.display(), "{why}; services unchanged");
+            } else {
+                info!(config = %p.display(), services = new.services.len(), "{why}; applying [[service]]");
+                services.replace(new.services);
             }
         }
         crate::sd_notify::ready();

@@ -142,8 +142,32 @@ must "hub: yggdrasil gives ygg0 its address" wait_for 20 has_addr hub ygg0 "$HUB
 check "hub: 200::/7 is routed through ygg0" \
     lab_sh hub "ip -6 route show 200::/7 | grep -q 'dev ygg0'"
 
-lab_bg n1 n1 env NO_COLOR=1 RUST_LOG=info "$GATEWIRE" node --config "$GW_TMP/conf/n1-ygg.toml"
+# The service manager's readiness protocol (Type=notify): a unix datagram
+# socket that writes each message it gets as one line.
+notes="$GW_TMP/notify.log"
+: >"$notes"
+cat >"$GW_TMP/notify.py" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a") as out:
+    while True:
+        out.write(s.recv(4096).decode().replace("\n", " ") + "\n")
+        out.flush()
+EOF
+lab_bg n1 notify python3 "$GW_TMP/notify.py" "$GW_TMP/notify.sock" "$notes"
+wait_for 5 test -S "$GW_TMP/notify.sock" || lab_die "the notify socket did not come up"
+lab_bg n1 n1 env NO_COLOR=1 RUST_LOG=info NOTIFY_SOCKET="$GW_TMP/notify.sock" \
+    "$GATEWIRE" node --config "$GW_TMP/conf/n1-ygg.toml"
 must "n1: yggdrasil up on ygg0 (no WireGuard interface)" wait_for 20 has_addr n1 ygg0 "$N1Y"
+check "n1 (Yggdrasil only) tells the service manager it is ready" \
+    wait_for 10 grep -qx 'READY=1' "$notes"
+kill -HUP "$(lab_pid n1)"
+check "n1 (Yggdrasil only) takes SIGHUP as a reload" \
+    wait_for 10 grep -q "SIGHUP; unchanged" "$(lab_logfile n1)"
+check "n1 said RELOADING=1 and READY=1 again" \
+    bash -c 'grep -q "^RELOADING=1" "$1" && [ "$(grep -cx READY=1 "$1")" -ge 2 ]' _ "$notes"
+check "n1 still runs after SIGHUP" lab_alive n1
 check "n1 has no WireGuard interface" not lab_sh n1 "ip link show gwn0 2>/dev/null"
 mkdir -p "$GW_TMP/site"
 echo "$MARK" >"$GW_TMP/site/index.html"
