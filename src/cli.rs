@@ -186,6 +186,9 @@ pub fn main() -> ExitCode {
                     config.display(),
                     counted(cfg.peers.len(), "peer")
                 );
+                if let Some(why) = crate::hub::keepalive_warning(cfg.keepalive) {
+                    println!("warning: {why}");
+                }
                 return ExitCode::SUCCESS;
             }
             init_tracing();

@@ -428,6 +428,26 @@ fn wanted_proxy(cfg: &HubConfig, control: Option<&Control>) -> Option<ProxySetti
     }
 }
 
+/// Why `[hub] keepalive` (seconds) is a poor choice, if it is: a node takes
+/// a hub silent for its `dead_after` (8 s unless set) as gone and
+/// handshakes again, so an idle node must hear the hub's keepalive at least
+/// twice within it.
+pub fn keepalive_warning(keepalive: u16) -> Option<String> {
+    let dead = crate::config::DEFAULT_DEAD_AFTER;
+    if keepalive == 0 {
+        Some(format!(
+            "[hub] keepalive = 0: idle nodes hear nothing from the hub, take it as gone after their dead_after ({dead} s unless set) and handshake again every time"
+        ))
+    } else if u32::from(keepalive) * 2 > u32::from(dead) {
+        Some(format!(
+            "[hub] keepalive = {keepalive}: nodes with the default dead_after ({dead} s) take the hub as gone between two keepalives and handshake again; set the nodes' dead_after to at least {} s",
+            u32::from(keepalive) * 2
+        ))
+    } else {
+        None
+    }
+}
+
 pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
     DeviceConfig {
         name: cfg.interface.clone(),
@@ -613,6 +633,9 @@ async fn run_inner(
         public_key = %cfg.private_key.public_key(),
         "hub ready"
     );
+    if let Some(why) = keepalive_warning(cfg.keepalive) {
+        warn!(keepalive = cfg.keepalive, "{why}");
+    }
     crate::sd_notify::ready();
     let _watchdog = crate::sd_notify::spawn_watchdog();
     let mut poll = tokio::time::interval(CONFIG_POLL);
@@ -729,6 +752,18 @@ mod tests {
 
     fn peer(key: &str, ip: &str) -> String {
         format!("[[peer]]\npublic_key = \"{key}\"\nallowed_ips = [\"{ip}\"]\n")
+    }
+
+    #[test]
+    fn a_keepalive_nodes_cannot_hear_in_time_is_warned_about() {
+        assert_eq!(
+            keepalive_warning(crate::config::DEFAULT_HUB_KEEPALIVE),
+            None
+        );
+        assert_eq!(keepalive_warning(1), None);
+        assert!(keepalive_warning(0).is_some_and(|w| w.contains("keepalive = 0")));
+        assert!(keepalive_warning(5).is_some_and(|w| w.contains("at least 10 s")));
+        assert!(keepalive_warning(25).is_some_and(|w| w.contains("at least 50 s")));
     }
 
     #[test]
