@@ -11,6 +11,7 @@
 //! forwarders and declares the services to hubs with `control`
 //! ([`crate::control::services`]).
 
+use crate::backoff::Backoff;
 use crate::carrier::path::{Path, Step, Transport, Via};
 use crate::carrier::{self, Counters};
 use crate::config::{NodeConfig, NodeHub};
@@ -342,7 +343,7 @@ async fn open_carrier(
         None => {
             let stream = carrier::connect(tls, &dial, host, Duration::from_secs(5))
                 .await
-                .map_err(|e| anyhow::anyhow!("{first}: {e}"))?;
+                .map_err(|e| anyhow::Error::new(e).context(first.to_string()))?;
             tokio::spawn(async move {
                 carrier::relay_node(
                     stream,
@@ -357,7 +358,7 @@ async fn open_carrier(
         Some(target) => {
             let stream = carrier::connect_ws(tls, &dial, host, target, Duration::from_secs(5))
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", target.url))?;
+                .map_err(|e| anyhow::Error::new(e).context(target.url.to_string()))?;
             tokio::spawn(async move {
                 carrier::relay_node(
                     stream,
@@ -396,6 +397,17 @@ fn carrier_client(hub: &NodeHub) -> anyhow::Result<Option<Arc<rustls::ClientConf
         .map_err(|e| anyhow::anyhow!("hub {}: {e:#}", hub_name(hub)))
 }
 
+/// Waits after a proxy refused the credentials: 1 min doubling up to 1 h,
+/// jittered (a proxy that checks them against a directory may lock the
+/// account after a few failures; the same credentials rarely pass later).
+fn proxy_auth_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+        Duration::MAX,
+    )
+}
+
 async fn supervise(
     dev: Arc<Inner>,
     hub: NodeHub,
@@ -425,6 +437,9 @@ async fn supervise(
     let mut reconnect_failed = false;
     // The waiting reconnect last logged (when due).
     let mut reconnect_logged: Option<u64> = None;
+    // The proxy in front refused the credentials: no TLS try before then.
+    let mut proxy_hold: Option<u64> = None;
+    let mut proxy_backoff = proxy_auth_backoff();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // The peer was removed at runtime (`wg set ... remove`): supervised
     // afresh if it comes back.
@@ -541,6 +556,10 @@ async fn supervise(
             }
             (Step::UseTls, Some(cfg)) => {
                 *status.via.lock() = Via::Tls;
+                if proxy_hold.is_some_and(|t| now < t) {
+                    last_attempt = Some(dev.now_ms());
+                    continue;
+                }
                 match open_carrier(
                     &dev,
                     &hub,
@@ -555,6 +574,8 @@ async fn supervise(
                     Ok((r, local)) => {
                         info!(hub = %name, tls_endpoint = %hub.tls_endpoint, relay = %local, "reaching the hub over TLS");
                         tls_failing = false;
+                        proxy_hold = None;
+                        proxy_backoff = proxy_auth_backoff();
                         relay = Some(r);
                         relay_local = Some(local);
                         peer.set_endpoint(local);
@@ -567,7 +588,14 @@ async fn supervise(
                             .counters
                             .failed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if tls_failing {
+                        if carrier::is_proxy_auth_refused(&e) {
+                            let wait = proxy_backoff.next_delay(Duration::ZERO, jitter());
+                            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                            proxy_hold = Some(dev.now_ms().saturating_add(wait_ms));
+                            warn!(hub = %name, error = %format!("{e:#}"), retry_in_s = wait.as_secs(),
+                                  "the proxy refused the credentials; trying again later (set tls_proxy or tls_proxy_auth_file right and restart the node)");
+                            tls_failing = true;
+                        } else if tls_failing {
                             debug!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");
                         } else {
                             warn!(hub = %name, error = %format!("{e:#}"), "cannot reach the hub over TLS");

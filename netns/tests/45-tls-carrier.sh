@@ -133,6 +133,29 @@ check "the hub reaches n3 through it" lab_ping hub "$(lab_ov4 n3)"
 check "the hub counts two open carried tunnels" eval \
     "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.open == 2' >/dev/null"
 
+# --- the proxy refuses n3's credentials (its password changed): n3 waits
+# before trying again instead of trying every 5 s (a directory behind the
+# proxy may lock the account after a few failures)
+lab_exec nat nft add table inet syns
+lab_exec nat nft add chain inet syns input '{ type filter hook input priority 0; }'
+lab_exec nat nft add rule inet syns input ip saddr "$(lab_lan4 n3)" tcp dport 8888 \
+    tcp flags syn counter
+lab_stop n3
+printf 'gw:wrong-%s\n' "$RANDOM" >"$GW_TMP/conf/n3-proxy.auth"
+GW_CONF=$n3conf gw_start_node n3 hub
+check "n3 says the proxy refused its credentials" wait_for 15 \
+    grep -q "the proxy refused the credentials; trying again later" "$(lab_logfile n3)"
+sleep 16
+syns=$(lab_exec nat nft list chain inet syns input | sed -n 's/.*packets \([0-9]*\).*/\1/p')
+check "and does not try again within 16 s (${syns:-0} connections to the proxy)" \
+    test "${syns:-0}" -eq 1
+lab_exec nat nft delete table inet syns
+lab_stop n3
+printf 'gw:%s\n' "$PROXY_PASSWORD" >"$GW_TMP/conf/n3-proxy.auth"
+GW_CONF=$n3conf gw_start_node n3 hub
+must "n3 is back through the proxy with its right password" \
+    wait_for 20 lab_ping1 n3 "$(lab_ov4 hub)"
+
 # --- public traffic to n1's service crosses the carried tunnel; :443 still
 # serves web clients beside the carriers
 pcurl() { lab_exec pub curl -sS --max-time 10 "$@" 2>/dev/null; }

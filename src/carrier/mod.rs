@@ -746,6 +746,31 @@ pub enum Dial {
     },
 }
 
+/// The proxy in front (`tls_proxy`) refused the node's credentials, or asks
+/// for some and the node has none: trying again with the same ones cannot
+/// help (and a proxy that checks them against a directory may lock the
+/// account after a few), so the node waits longer before the next try.
+#[derive(Debug)]
+pub struct ProxyAuthRefused(String);
+
+impl std::fmt::Display for ProxyAuthRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ProxyAuthRefused {}
+
+/// Whether `e`, or an error it wraps, is a [`ProxyAuthRefused`].
+pub fn is_proxy_auth_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ProxyAuthRefused>().is_some()
+            || c.downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<ProxyAuthRefused>().is_some())
+    })
+}
+
 /// Connects `dial`, asking the proxy for its tunnel first if it names one.
 async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
     let (to, authority, auth) = match dial {
@@ -771,7 +796,7 @@ async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
             Err(connect::ConnectError::Refused(code @ (401 | 407), _))
                 if code == 407 || auth.is_some() =>
             {
-                Err(io::Error::other(match auth {
+                Err(io::Error::other(ProxyAuthRefused(match auth {
                     None => "the proxy asks for credentials (407): set them in tls_proxy \
                              (http://user:password@host:port) or tls_proxy_auth_file"
                         .to_string(),
@@ -779,7 +804,7 @@ async fn dial_tcp(dial: &Dial) -> io::Result<TcpStream> {
                         "the proxy refused the credentials of user `{}` ({code})",
                         a.user()
                     ),
-                }))
+                })))
             }
             Err(e) => Err(io::Error::other(e)),
         }
@@ -911,6 +936,48 @@ pub async fn connect_ws(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proxy that answers every request with `status`.
+    async fn proxy_answering(status: &'static str) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        at
+    }
+
+    #[tokio::test]
+    async fn refused_proxy_credentials_are_told_from_other_failures() {
+        let dial = |proxy, auth: Option<&str>| Dial::Proxy {
+            proxy,
+            authority: "hub.example:443".into(),
+            auth: auth.map(|a| connect::Credentials::parse(a).unwrap()),
+        };
+        let wrapped = |e: io::Error| anyhow::Error::new(e).context("proxy.example:8080");
+        let p407 = proxy_answering("407 Proxy Authentication Required").await;
+        let p401 = proxy_answering("401 Unauthorized").await;
+        let p502 = proxy_answering("502 Bad Gateway").await;
+        for (at, auth) in [(p407, None), (p407, Some("gw:old")), (p401, Some("gw:old"))] {
+            let e = wrapped(dial_tcp(&dial(at, auth)).await.unwrap_err());
+            assert!(is_proxy_auth_refused(&e), "{e:#}");
+            let text = format!("{e:#}");
+            assert!(text.starts_with("proxy.example:8080: the proxy"), "{text}");
+            assert!(!text.contains("old"), "the password is not told: {text}");
+        }
+        // A 401 without credentials is the hub's business, not the proxy's
+        // refusal; a 502 is the proxy's failure to reach the hub.
+        for (at, auth) in [(p401, None), (p502, Some("gw:old"))] {
+            let e = wrapped(dial_tcp(&dial(at, auth)).await.unwrap_err());
+            assert!(!is_proxy_auth_refused(&e), "{e:#}");
+        }
+    }
 
     async fn device() -> UdpSocket {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
