@@ -34,8 +34,15 @@ const RETRY_MS: u64 = 5_000;
 /// attempts, so a dead first address (IPv6 routed but broken, a hub's
 /// retired address) does not stop the node from trying the others.
 async fn resolve(endpoint: &str, turn: usize) -> Option<SocketAddr> {
+    let all = resolve_all(endpoint).await?;
+    all.get(turn.checked_rem(all.len())?).copied()
+}
+
+/// Every address of a hub's `host:port` (at least one), in the resolver's
+/// order; a failure is logged once per error.
+async fn resolve_all(endpoint: &str) -> Option<Vec<SocketAddr>> {
     if let Ok(a) = endpoint.parse() {
-        return Some(a);
+        return Some(vec![a]);
     }
     let r = match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(endpoint))
         .await
@@ -74,8 +81,30 @@ async fn resolve(endpoint: &str, turn: usize) -> Option<SocketAddr> {
         (Ok(_), Said::Recovered) => info!(endpoint, "hub resolves again"),
         (Ok(_), _) => {}
     }
-    let all = r.ok()?;
-    all.get(turn.checked_rem(all.len())?).copied()
+    r.ok()
+}
+
+/// The address of a hub's name to try next, from `all` (as resolved): the
+/// one the peer has (`current`) on the first try after a silence, while the
+/// name still has it (one lost keepalive must not move a working endpoint
+/// to an address that may not work); else the one at `turn`, which then
+/// moves on. After keeping `current`, the next try takes the address after
+/// it.
+fn next_endpoint(
+    all: &[SocketAddr],
+    current: Option<SocketAddr>,
+    first_try: bool,
+    turn: &mut usize,
+) -> Option<SocketAddr> {
+    if first_try {
+        if let Some(i) = current.and_then(|c| all.iter().position(|a| *a == c)) {
+            *turn = i.wrapping_add(1);
+            return all.get(i).copied();
+        }
+    }
+    let t = *turn;
+    *turn = turn.wrapping_add(1);
+    all.get(t.checked_rem(all.len())?).copied()
 }
 
 /// Hub names whose last resolution failed, with its error: a hub whose name
@@ -432,6 +461,14 @@ async fn supervise(
     let mut tls_failing = false;
     // Failed attempts so far, to go through a name's addresses in turn.
     let mut udp_turn = 0usize;
+    // Handshakes forced since the hub fell silent.
+    let mut silent_tries = 0u32;
+    // The last UDP endpoint set (kept when leaving TLS while the name does
+    // not resolve, rather than the relay's address).
+    let mut last_udp: Option<SocketAddr> = dev
+        .peer(&hub.public_key)
+        .and_then(|p| p.endpoint())
+        .filter(|_| hub.transport != Transport::Tls);
     let mut tls_turn = 0usize;
     // A stream that carried the tunnel ended and the new one failed.
     let mut reconnect_failed = false;
@@ -546,9 +583,10 @@ async fn supervise(
                     debug!(hub = %name, endpoint = %hub.endpoint, "trying the hub over UDP again");
                 }
                 *status.via.lock() = Via::Udp;
-                if let Some(addr) = resolve(&hub.endpoint, udp_turn).await {
+                if let Some(addr) = resolve(&hub.endpoint, udp_turn).await.or(last_udp) {
                     unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name, "udp").await;
                     peer.set_endpoint(addr);
+                    last_udp = Some(addr);
                 }
                 dev.force_handshake(&peer).await;
                 last_attempt = Some(dev.now_ms());
@@ -609,6 +647,7 @@ async fn supervise(
         }
         match check(now, rx, last_attempt, dead_after_ms) {
             Check::Fine => {
+                silent_tries = 0;
                 if down_logged {
                     info!(hub = %name, "hub reachable again");
                     down_logged = false;
@@ -622,18 +661,24 @@ async fn supervise(
                 }
                 // Through the TLS carrier the endpoint is the relay's, fixed.
                 if path.via() == Via::Udp {
-                    // Each attempt takes the name's next address (a name
-                    // with one address: always it, re-resolved).
-                    let turn = udp_turn;
-                    udp_turn = udp_turn.wrapping_add(1);
-                    if let Some(addr) = resolve(&hub.endpoint, turn).await {
+                    // Each attempt after the first takes the name's next
+                    // address (a name with one address: always it,
+                    // re-resolved).
+                    let first_try = silent_tries == 0;
+                    let addr = match resolve_all(&hub.endpoint).await {
+                        Some(all) => next_endpoint(&all, peer.endpoint(), first_try, &mut udp_turn),
+                        None => None,
+                    };
+                    if let Some(addr) = addr {
                         if peer.endpoint() != Some(addr) {
                             info!(hub = %name, endpoint = %addr, "hub endpoint");
                         }
                         unroute_endpoint(&dev, &routed, addr.ip(), &iface, &name, "udp").await;
                         peer.set_endpoint(addr);
+                        last_udp = Some(addr);
                     }
                 }
+                silent_tries = silent_tries.saturating_add(1);
                 dev.force_handshake(&peer).await;
                 last_attempt = Some(dev.now_ms());
             }
@@ -986,6 +1031,27 @@ mod tests {
         }
         let lit: SocketAddr = "192.0.2.7:51820".parse().unwrap();
         assert_eq!(resolve("192.0.2.7:51820", 5).await, Some(lit));
+    }
+
+    #[test]
+    fn a_silence_keeps_the_working_address_for_its_first_try_only() {
+        let a: SocketAddr = "[2001:db8::1]:51820".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let c: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let all = [a, b, c];
+        // The peer works on b: the first try after a silence stays on it,
+        // the next ones go on from there.
+        let mut turn = 0;
+        assert_eq!(next_endpoint(&all, Some(b), true, &mut turn), Some(b));
+        assert_eq!(next_endpoint(&all, Some(b), false, &mut turn), Some(c));
+        assert_eq!(next_endpoint(&all, Some(c), false, &mut turn), Some(a));
+        assert_eq!(next_endpoint(&all, Some(a), false, &mut turn), Some(b));
+        // An address the name no longer has (or the TLS relay's): in turn.
+        let gone: SocketAddr = "198.51.100.9:51820".parse().unwrap();
+        let mut turn = 4;
+        assert_eq!(next_endpoint(&all, Some(gone), true, &mut turn), Some(b));
+        assert_eq!(next_endpoint(&all, None, true, &mut turn), Some(c));
+        assert_eq!(next_endpoint(&[], Some(b), true, &mut turn), None);
     }
 
     #[test]
