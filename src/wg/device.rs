@@ -10,6 +10,7 @@
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::wg::allowed_ips::AllowedIps;
 use crate::wg::packet::{self, Hop};
+use crate::wg::stamp;
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
 use crate::wg::xlat::{peer_owner, XlatPath};
 use crate::xlat;
@@ -95,6 +96,10 @@ pub enum DropReason {
     InvalidMac,
     DecryptFailed,
     Replay,
+    /// A handshake initiation whose timestamp is not later than the last
+    /// one accepted from its peer: the peer's clock is behind (or the
+    /// initiation is replayed).
+    StaleTimestamp,
     UnderLoad,
     CookieSent,
     SourceNotAllowed,
@@ -114,13 +119,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
         DropReason::InvalidMac,
         DropReason::DecryptFailed,
         DropReason::Replay,
+        DropReason::StaleTimestamp,
         DropReason::UnderLoad,
         DropReason::CookieSent,
         DropReason::SourceNotAllowed,
@@ -144,6 +150,7 @@ impl DropReason {
             DropReason::InvalidMac => "invalid_mac",
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::Replay => "replay",
+            DropReason::StaleTimestamp => "stale_timestamp",
             DropReason::UnderLoad => "under_load",
             DropReason::CookieSent => "cookie_sent",
             DropReason::SourceNotAllowed => "source_not_allowed",
@@ -169,9 +176,9 @@ impl DropReason {
                 DropReason::InvalidPacket
             }
             WireGuardError::WrongIndex | WireGuardError::WrongKey => DropReason::UnknownPeer,
+            WireGuardError::WrongTai64nTimestamp => DropReason::StaleTimestamp,
             WireGuardError::InvalidAeadTag
             | WireGuardError::InvalidTai64nTimestamp
-            | WireGuardError::WrongTai64nTimestamp
             | WireGuardError::NoCurrentSession
             | WireGuardError::UnexpectedPacket
             | WireGuardError::WrongPacketType => DropReason::DecryptFailed,
@@ -274,6 +281,13 @@ pub struct Peer {
     pub public_key: PublicKey,
     index: u32,
     tunn: Mutex<Tunn>,
+    /// The clocks when `tunn` was made: its handshake timestamps are the
+    /// wall clock then plus the monotonic time since (see `wg::stamp`).
+    /// Written with `tunn` locked.
+    stamp_base: Mutex<stamp::Base>,
+    /// Handshake initiations sent since the peer was last heard from (an
+    /// authenticated datagram) or `tunn` was made.
+    unanswered: AtomicU32,
     endpoint: RwLock<Option<Endpoint>>,
     preshared_key: Mutex<Option<PresharedKey>>,
     persistent_keepalive: AtomicU32,
@@ -288,6 +302,11 @@ pub struct Peer {
     /// A refused roam into its own allowed IPs has been logged (since the
     /// last roam that was not refused).
     loop_warned: AtomicBool,
+    /// Initiations from this peer refused as stale (`stale_timestamp`).
+    stale_timestamp: AtomicU64,
+    /// Milliseconds since device start of the last warning about a stale
+    /// initiation from this peer, plus one (0: never).
+    stale_warned_ms: AtomicU64,
 }
 
 impl Peer {
@@ -332,6 +351,20 @@ impl Peer {
     /// packet arrived (0: never).
     pub fn last_rx_ms(&self) -> u64 {
         self.last_rx_ms.load(Ordering::Relaxed)
+    }
+    /// Counts the handshake initiations among `datagrams`, just sent.
+    fn count_initiations<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>) {
+        let n = datagrams.filter(|d| stamp::is_initiation(d)).count();
+        if n > 0 {
+            self.unanswered.fetch_add(n as u32, Ordering::Relaxed);
+        }
+    }
+    /// Puts `tunn`, made when the clocks read `base`, in place of the
+    /// `Tunn` the caller holds locked as `slot`.
+    fn install(&self, slot: &mut Tunn, tunn: Tunn, base: stamp::Base) {
+        *slot = tunn;
+        *self.stamp_base.lock() = base;
+        self.unanswered.store(0, Ordering::Relaxed);
     }
     fn last_handshake(&self) -> Option<Duration> {
         let (since, ..) = self.tunn.lock().stats();
@@ -942,6 +975,67 @@ impl Inner {
         )
     }
 
+    /// The clocks now, as a `Tunn` made now reads them.
+    fn stamp_base(&self) -> stamp::Base {
+        stamp::Base {
+            wall_ms: crate::clock::unix_ms(),
+            mono_ms: self.now_ms(),
+        }
+    }
+
+    /// Gives `peer` a new `Tunn` (same index, keys, preshared key and
+    /// keepalive) when its handshake timestamps lag the wall clock `wall_ms`
+    /// and its initiations go unanswered while it has no session
+    /// ([`stamp::renew`]), and sends the new `Tunn`'s initiation. Left for a
+    /// later tick while a configuration change runs (it may be replacing
+    /// the `Tunn`, or the keys, itself).
+    async fn renew_if_stale(&self, peer: &Peer, wall_ms: u64) {
+        let unanswered = peer.unanswered.load(Ordering::Relaxed);
+        let lag = stamp::lag_ms(*peer.stamp_base.lock(), wall_ms, self.now_ms());
+        // The session is looked at under the `Tunn`'s lock, below.
+        if !stamp::renew(false, unanswered, lag) {
+            return;
+        }
+        {
+            let Ok(_config) = self.config_lock.try_lock() else {
+                return;
+            };
+            let psk = peer.preshared_key.lock().clone();
+            let tunn = self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
+            let base = self.stamp_base();
+            let mut slot = peer.tunn.lock();
+            // An answer may have come since.
+            let live = slot.time_since_last_handshake().is_some();
+            if !stamp::renew(live, peer.unanswered.load(Ordering::Relaxed), lag) {
+                return;
+            }
+            peer.install(&mut slot, tunn, base);
+        }
+        info!(peer = %peer.public_key, name = peer.name().as_deref().unwrap_or(""), lag_s = lag / 1000, unanswered,
+            "handshake timestamps behind the wall clock (it was set forward) and initiations unanswered: handshaking again with the clock's time");
+        if peer.endpoint().is_some() {
+            self.force_handshake(peer).await;
+        }
+    }
+
+    /// Counts an initiation from `peer` refused as stale, and says so now
+    /// and then.
+    fn stale_initiation(&self, peer: &Peer, from: SocketAddr) {
+        peer.stale_timestamp.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let stored = peer.stale_warned_ms.load(Ordering::Relaxed);
+        // Both receive loops (IPv4, IPv6) may get here at once: one logs.
+        if stamp::warn_due(stored.checked_sub(1), now)
+            && peer
+                .stale_warned_ms
+                .compare_exchange(stored, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(peer = %peer.public_key, name = peer.name().as_deref().unwrap_or(""), from = %from,
+                "handshake initiation older than the last one accepted: is the peer's clock behind?");
+        }
+    }
+
     fn spawn_receivers(self: &Arc<Self>) {
         let socks = self.sockets.load();
         let mut tasks = self.recv_tasks.lock();
@@ -1295,6 +1389,7 @@ impl Inner {
         if sent > 0 {
             peer.tx_bytes.fetch_add(sent as u64, Ordering::Relaxed);
             peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+            peer.count_initiations(contents.chunks(seg));
         }
         if let Err(e) = r {
             self.drops.add(DropReason::UdpSend, failed);
@@ -1341,6 +1436,7 @@ impl Inner {
                 peer.tx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+                peer.count_initiations(std::iter::once(data));
             }
             Err(e) => {
                 self.drops.inc(DropReason::UdpSend);
@@ -1578,12 +1674,19 @@ impl Inner {
                 peer.set_route(at);
             }
             peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
+            peer.unanswered.store(0, Ordering::Relaxed);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
         }
         match result {
             Out::Nothing => {}
-            Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
+            Out::Error(e) => {
+                let r = DropReason::from_wg(&e);
+                self.drops.inc(r);
+                if r == DropReason::StaleTimestamp {
+                    self.stale_initiation(&peer, from);
+                }
+            }
             Out::Network(a, b) => {
                 // An answered initiation or an accepted response (a cookie
                 // reply, message type 3, completes nothing).
@@ -1698,8 +1801,10 @@ impl Inner {
             }
             let table = self.table.load_full();
             let now = self.now_ms();
+            let wall = crate::clock::unix_ms();
             let keepalive_ms = u64::from(self.keepalive.load(Ordering::Relaxed)) * 1000;
             for peer in table.by_key.values() {
+                self.renew_if_stale(peer, wall).await;
                 let out = {
                     let mut t = peer.tunn.lock();
                     let base = buf.as_ptr() as usize;
@@ -1838,6 +1943,8 @@ impl Inner {
                         public_key: ps.public_key,
                         index,
                         tunn: Mutex::new(self.new_tunn(ps.public_key, None, 0, index)),
+                        stamp_base: Mutex::new(self.stamp_base()),
+                        unanswered: AtomicU32::new(0),
                         endpoint: RwLock::new(None),
                         preshared_key: Mutex::new(None),
                         persistent_keepalive: AtomicU32::new(0),
@@ -1847,6 +1954,8 @@ impl Inner {
                         last_tx_ms: AtomicU64::new(0),
                         src_not_allowed: AtomicU64::new(0),
                         loop_warned: AtomicBool::new(false),
+                        stale_timestamp: AtomicU64::new(0),
+                        stale_warned_ms: AtomicU64::new(0),
                     });
                     t.by_index.insert(index, Arc::clone(&peer));
                     t.by_key.insert(ps.public_key, Arc::clone(&peer));
@@ -1873,8 +1982,9 @@ impl Inner {
                         .store(u32::from(k), Ordering::Relaxed);
                 }
                 let psk = peer.preshared_key.lock().clone();
-                *peer.tunn.lock() =
-                    self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
+                let tunn = self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
+                let base = self.stamp_base();
+                peer.install(&mut peer.tunn.lock(), tunn, base);
                 if existed {
                     // Its sessions went with the old `Tunn`: a handshake
                     // now, not when the next packet finds none (the peer
@@ -1965,11 +2075,18 @@ impl Inner {
                         tx_bytes: p.tx_bytes,
                         persistent_keepalive: (p.persistent_keepalive > 0)
                             .then_some(p.persistent_keepalive),
-                        drops: [(
-                            "source_not_allowed".to_string(),
-                            peer.map(|x| x.src_not_allowed.load(Ordering::Relaxed))
-                                .unwrap_or(0),
-                        )]
+                        drops: [
+                            (
+                                "source_not_allowed".to_string(),
+                                peer.map(|x| x.src_not_allowed.load(Ordering::Relaxed))
+                                    .unwrap_or(0),
+                            ),
+                            (
+                                "stale_timestamp".to_string(),
+                                peer.map(|x| x.stale_timestamp.load(Ordering::Relaxed))
+                                    .unwrap_or(0),
+                            ),
+                        ]
                         .into_iter()
                         .collect(),
                     }
@@ -2162,6 +2279,54 @@ mod tests {
         assert!(!loops_back(&tun, &r, ip("198.51.100.7"), |p| *p == 1));
         assert!(!loops_back(&tun, &r, ip("2001:db8::7"), |p| *p == 1));
         assert!(loops_back(&tun, &r, ip("100.64.3.3"), |p| *p == 1));
+    }
+
+    /// Through boringtun: an initiation whose timestamp is older than one
+    /// the responder accepted from the same key is refused, and counted as
+    /// `stale_timestamp`, not as a decryption failure.
+    #[test]
+    fn an_older_initiation_is_a_stale_timestamp() {
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let hub_pub = hub.public_key().as_x25519();
+        let mut h = Tunn::new(
+            hub.secret(),
+            node.public_key().as_x25519(),
+            None,
+            None,
+            1 << 8,
+            None,
+        );
+        let init = |n: &mut Tunn| {
+            let mut b = vec![0u8; 256];
+            match n.format_handshake_initiation(&mut b, true) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        };
+        let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        let older = init(&mut n);
+        std::thread::sleep(Duration::from_millis(2));
+        let newer = init(&mut n);
+        assert!(stamp::is_initiation(&older));
+        let from = Some(IpAddr::from([192, 0, 2, 1]));
+        let mut out = vec![0u8; 256];
+        assert!(matches!(
+            h.decapsulate(from, &newer, &mut out),
+            TunnResult::WriteToNetwork(_)
+        ));
+        match h.decapsulate(from, &older, &mut out) {
+            TunnResult::Err(e) => assert_eq!(DropReason::from_wg(&e), DropReason::StaleTimestamp),
+            _ => panic!("an older initiation was accepted"),
+        }
+        // A new Tunn for the same key stamps the time now: accepted.
+        let mut renewed = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        std::thread::sleep(Duration::from_millis(2));
+        let fresh = init(&mut renewed);
+        assert!(matches!(
+            h.decapsulate(from, &fresh, &mut out),
+            TunnResult::WriteToNetwork(_)
+        ));
     }
 
     #[test]

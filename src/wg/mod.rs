@@ -6,5 +6,6 @@ pub mod api;
 pub mod device;
 pub mod packet;
 pub mod route;
+pub mod stamp;
 pub mod uapi;
 pub mod xlat;
