@@ -466,6 +466,40 @@ fn check_unique_keys<'a>(
     Ok(())
 }
 
+/// A prefix is one peer's: two `[[peer]]`s listing the same one would each
+/// take it from the other whenever a reload touched one of them, and the
+/// hub's traffic for it would go to whichever did last. (Nested prefixes
+/// are fine: the longest match decides.)
+fn check_unique_prefixes(ctx: &Ctx, peers: &[HubPeer]) -> Result<(), ConfigError> {
+    let mut owner: std::collections::HashMap<ipnet::IpNet, usize> = Default::default();
+    let label = |i: usize| {
+        let name = peers
+            .get(i)
+            .and_then(|p| p.name.as_deref())
+            .unwrap_or("unnamed");
+        format!("[[peer]] #{} ({name})", i + 1)
+    };
+    for (i, p) in peers.iter().enumerate() {
+        for net in &p.allowed_ips {
+            match owner.entry(net.trunc()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(o) if *o.get() != i => {
+                    return Err(ctx.err(format!(
+                        "{} allowed_ips {}: also {}'s; a prefix belongs to one peer",
+                        label(i),
+                        net.trunc(),
+                        label(*o.get())
+                    )));
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (p, text) = read(path)?;
@@ -518,6 +552,7 @@ impl HubConfig {
             });
         }
         check_unique_keys(&ctx, peers.iter().map(|p| &p.public_key))?;
+        check_unique_prefixes(&ctx, &peers)?;
         let own = private_key.public_key();
         if peers.iter().any(|p| p.public_key == own) {
             return Err(ctx.err("a [[peer]] has the hub's own public key"));
@@ -1353,6 +1388,31 @@ mod tests {
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.interface, "gw0");
         assert_eq!(c.private_key.public_key().to_base64(), P1);
+    }
+
+    #[test]
+    fn a_prefix_belongs_to_one_peer() {
+        const P3: &str = "DCUMhIEOU9pahhcGab2GIw4Ua7WvG8PyBFDvZNDPiQE=";
+        let two = |a: &str, b: &str| {
+            hub(&format!(
+                "[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n\
+                 [[peer]]\nname = \"a\"\npublic_key = \"{P2}\"\nallowed_ips = [{a}]\n\
+                 [[peer]]\nname = \"b\"\npublic_key = \"{P3}\"\nallowed_ips = [{b}]\n"
+            ))
+        };
+        // The same prefix: refused, naming both.
+        let e = two("\"10.77.0.0/24\"", "\"100.64.0.9/32\", \"10.77.0.0/24\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[[peer]] #2 (b) allowed_ips 10.77.0.0/24")
+                && e.contains("[[peer]] #1 (a)'s"),
+            "{e}"
+        );
+        // Nested prefixes are fine (the longest match decides), and so is
+        // one peer listing a prefix twice.
+        assert!(two("\"10.77.0.0/16\"", "\"10.77.0.0/24\"").is_ok());
+        assert!(two("\"10.77.0.0/24\", \"10.77.0.0/24\"", "\"10.78.0.0/24\"").is_ok());
     }
 
     #[test]
