@@ -55,3 +55,44 @@ pub fn allow_fragments(sock: &impl AsRawFd, v6: bool) -> io::Result<()> {
 pub fn set_mark(sock: &impl AsRawFd, mark: u32) -> io::Result<()> {
     set_int(sock, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }
+
+/// Asks for `bytes` of receive and send buffer on `sock`: past the system's
+/// cap (`net.core.rmem_max` / `wmem_max`, 208 KiB on most distributions)
+/// when the process may (CAP_NET_ADMIN: `SO_RCVBUFFORCE`), else up to the
+/// cap. Returns the buffers the kernel gave (each twice what was asked, its
+/// bookkeeping included), receive first.
+pub fn grow_buffers(sock: &socket2::Socket, bytes: usize) -> (usize, usize) {
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if set_int(sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+    if set_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want).is_err() {
+        let _ = sock.set_send_buffer_size(bytes);
+    }
+    (
+        sock.recv_buffer_size().unwrap_or(0),
+        sock.send_buffer_size().unwrap_or(0),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_grow_to_what_is_allowed() {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .unwrap_or_else(|e| panic!("socket: {e}"));
+        let before = s.recv_buffer_size().unwrap_or(0);
+        let (rx, tx) = grow_buffers(&s, 1 << 20);
+        // At least what an unprivileged process gets (the cap), never less
+        // than before; with CAP_NET_ADMIN, the whole of it (doubled).
+        assert!(rx >= before && rx > 0 && tx > 0, "{before} {rx} {tx}");
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        if let Some(cap) = cap {
+            assert!(rx >= (2 << 20).min(2 * cap), "{rx} {cap}");
+        }
+    }
+}

@@ -544,6 +544,9 @@ impl Drop for Device {
     }
 }
 
+/// Receive and send buffer asked for on the WireGuard UDP sockets.
+const UDP_BUFFER: usize = 4 << 20;
+
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let domain = match addr {
         SocketAddr::V4(_) => socket2::Domain::IPV4,
@@ -554,8 +557,19 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
         s.set_only_v6(true)?;
     }
     // Room for bursts: a full TCP window of datagrams in each direction.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
+    let (rx, tx) = crate::sockopt::grow_buffers(&s, UDP_BUFFER);
+    // The kernel reports twice what it granted.
+    if rx / 2 < UDP_BUFFER || tx / 2 < UDP_BUFFER {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            warn!(
+                receive = rx / 2,
+                send = tx / 2,
+                wanted = UDP_BUFFER,
+                "UDP socket buffers smaller than wanted: bursts may be dropped (without CAP_NET_ADMIN, raise net.core.rmem_max and wmem_max)"
+            );
+        });
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
