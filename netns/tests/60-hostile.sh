@@ -99,7 +99,7 @@ j=$(gw_show_json hub || echo '{}')
 lab_log "hub drop counters: $(jq -c '[.interfaces[]?.drops]' <<<"$j")"
 total=$(jq '[.interfaces[]?.drops // {} | to_entries[] | .value] | add // 0' <<<"$j")
 check "hub counted the hostile datagrams as drops ($total)" test "${total:-0}" -gt 10000
-for r in invalid_packet cookie_sent decrypt_failed unknown_peer; do
+for r in invalid_packet cookie_sent handshake_rate_limited decrypt_failed unknown_peer; do
     v=$(jq "[.interfaces[]?.drops.$r // 0] | add // 0" <<<"$j")
     lab_log "drops.$r = $v"
 done

@@ -44,8 +44,10 @@ pub struct Limiter {
     buckets: HashMap<u128, Bucket>,
 }
 
-/// The bucket key: an IPv4 address, or an IPv6 /64.
-fn key(ip: IpAddr) -> u128 {
+/// The bucket key: an IPv4 address (below 2^32), or an IPv6 /64 (the top
+/// bit set). Keys with the top bit clear and above 2^32 are free for
+/// callers of [`Limiter::check_key`].
+pub fn key(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         // The top bit set keeps IPv6 keys apart from IPv4 ones.
@@ -101,7 +103,11 @@ impl Limiter {
     /// Takes a token for `ip` at `now_ms`: `Ok(())`, or `Err(ms)` with the
     /// time until its next token.
     pub fn check(&mut self, ip: IpAddr, now_ms: u64) -> Result<(), u64> {
-        let k = key(ip);
+        self.check_key(key(ip), now_ms)
+    }
+
+    /// As [`Limiter::check`], for a key of the caller's (see [`key`]).
+    pub fn check_key(&mut self, k: u128, now_ms: u64) -> Result<(), u64> {
         let b = match self.buckets.get(&k) {
             Some(b) => self.refill(*b, now_ms),
             None => {

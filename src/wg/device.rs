@@ -9,6 +9,7 @@
 
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::wg::allowed_ips::AllowedIps;
+use crate::wg::handshake_limit::{self, HandshakeLimiter};
 use crate::wg::packet::{self, Hop};
 use crate::wg::stamp;
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
@@ -102,6 +103,9 @@ pub enum DropReason {
     StaleTimestamp,
     UnderLoad,
     CookieSent,
+    /// A handshake carrying a cookie from a source past its share
+    /// ([`handshake_limit`]): dropped before any Diffie-Hellman.
+    HandshakeRateLimited,
     SourceNotAllowed,
     NoRoute,
     NoEndpoint,
@@ -119,7 +123,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
@@ -129,6 +133,7 @@ impl DropReason {
         DropReason::StaleTimestamp,
         DropReason::UnderLoad,
         DropReason::CookieSent,
+        DropReason::HandshakeRateLimited,
         DropReason::SourceNotAllowed,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -153,6 +158,7 @@ impl DropReason {
             DropReason::StaleTimestamp => "stale_timestamp",
             DropReason::UnderLoad => "under_load",
             DropReason::CookieSent => "cookie_sent",
+            DropReason::HandshakeRateLimited => "handshake_rate_limited",
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
@@ -439,8 +445,32 @@ impl Udp {
         }
     }
 
-    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.sock.try_send_to(buf, to)
+    /// Sends one datagram to `to` now, or fails with `WouldBlock` when the
+    /// socket's buffer is full: for cookie replies, which must not hold up
+    /// the receive loop. When `to.local` is no longer this side's address,
+    /// it goes once more from the kernel's choice.
+    fn try_send(&self, to: Endpoint, contents: &[u8]) -> io::Result<()> {
+        let once = |to: Endpoint| {
+            let t = quinn_udp::Transmit {
+                destination: to.addr,
+                ecn: None,
+                contents,
+                segment_size: None,
+                src_ip: to.local,
+            };
+            self.sock.try_io(tokio::io::Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
+        };
+        match once(to) {
+            Err(e)
+                if to.local.is_some()
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EADDRNOTAVAIL)) =>
+            {
+                once(Endpoint { local: None, ..to })
+            }
+            r => r,
+        }
     }
 }
 
@@ -510,6 +540,8 @@ pub struct Inner {
     next_index: AtomicU32,
     fwmark: AtomicU32,
     pub drops: DropCounters,
+    /// Handshakes carrying a cookie, per source ([`handshake_limit`]).
+    handshake_limit: Mutex<HandshakeLimiter>,
     /// Handshakes completed: initiations answered and responses accepted.
     handshakes: AtomicU64,
     start: Instant,
@@ -727,6 +759,7 @@ impl Device {
             next_index: AtomicU32::new(rand_index()),
             fwmark: AtomicU32::new(0),
             drops: DropCounters::default(),
+            handshake_limit: Mutex::new(HandshakeLimiter::default()),
             handshakes: AtomicU64::new(0),
             start: Instant::now(),
             xlat: cfg.xlat.clone().map(|c| {
@@ -1570,7 +1603,7 @@ impl Inner {
         sock: &Udp,
         table: &Table,
         datagram: &[u8],
-        from: SocketAddr,
+        at: Endpoint,
         out: &mut [u8],
     ) -> Option<Arc<Peer>> {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
@@ -1585,28 +1618,37 @@ impl Inner {
             self.drops.inc(DropReason::NoKey);
             return None;
         };
+        // mac1, under load mac2, and for a handshake carrying a cookie its
+        // source's share, before any Diffie-Hellman. A response without a
+        // cookie is checked once, inside its Tunn (as it always was).
+        let checked = match &parsed {
+            Packet::HandshakeInit(_) => true,
+            Packet::HandshakeResponse(_) => handshake_limit::carries_cookie(datagram),
+            _ => false,
+        };
+        if checked {
+            let gate = gate_handshake(
+                &key.rate_limiter,
+                &self.handshake_limit,
+                datagram,
+                at.addr,
+                self.now_ms(),
+                out,
+            );
+            match gate {
+                Gate::Pass => {}
+                Gate::Cookie(cookie) => {
+                    self.send_cookie(sock, cookie, at);
+                    return None;
+                }
+                Gate::Drop(r) => {
+                    self.drops.inc(r);
+                    return None;
+                }
+            }
+        }
         let idx = match &parsed {
             Packet::HandshakeInit(init) => {
-                // mac1 and, under load, mac2 before any Diffie-Hellman.
-                match key
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, out)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        let _ = sock.try_send_to(cookie, from);
-                        self.drops.inc(DropReason::CookieSent);
-                        return None;
-                    }
-                    Err(TunnResult::Err(e)) => {
-                        self.drops.inc(DropReason::from_wg(&e));
-                        return None;
-                    }
-                    Err(_) => {
-                        self.drops.inc(DropReason::Other);
-                        return None;
-                    }
-                }
                 // Failing to decrypt the initiator's static key: not a real
                 // initiation for this device (forged, or for another key).
                 let Ok(half) = parse_handshake_anon(&key.secret, &key.public, init) else {
@@ -1630,6 +1672,19 @@ impl Inner {
         peer.cloned()
     }
 
+    /// Sends a cookie reply from the address the handshake it answers came
+    /// to (as every reply of a hub goes), without waiting for the socket:
+    /// counted as `cookie_sent` when it went, as `udp_send` when not.
+    fn send_cookie(&self, sock: &Udp, cookie: &[u8], at: Endpoint) {
+        match sock.try_send(at, cookie) {
+            Ok(()) => self.drops.inc(DropReason::CookieSent),
+            Err(e) => {
+                self.drops.inc(DropReason::UdpSend);
+                debug!(error = %e, endpoint = %at.addr, "cookie reply not sent");
+            }
+        }
+    }
+
     /// Handles one datagram; packets it leaves for the TUN go to `sink`.
     #[allow(clippy::too_many_arguments)] // the loop's buffers, passed down
     async fn handle_datagram(
@@ -1644,7 +1699,7 @@ impl Inner {
         sink: &mut TunSink<'_>,
     ) {
         let from = at.addr;
-        let Some(peer) = self.find_peer(sock, table, datagram, from, out) else {
+        let Some(peer) = self.find_peer(sock, table, datagram, at, out) else {
             return;
         };
         let result = {
@@ -1658,9 +1713,8 @@ impl Inner {
             // A cookie for an unproven handshake goes back where it came
             // from; the peer's endpoint stays.
             if let Some(d) = out.get(*a..*b) {
-                let _ = sock.try_send_to(d, from);
+                self.send_cookie(sock, d, at);
             }
-            self.drops.inc(DropReason::CookieSent);
             return;
         }
         if authenticated {
@@ -2169,6 +2223,40 @@ pub struct ShowPeer {
     pub drops: std::collections::BTreeMap<String, u64>,
 }
 
+/// What the checks before any Diffie-Hellman make of a handshake message.
+#[derive(Debug)]
+enum Gate<'a> {
+    /// On to the Diffie-Hellman.
+    Pass,
+    /// Under load without a valid cookie: answer with this cookie reply.
+    Cookie(&'a [u8]),
+    Drop(DropReason),
+}
+
+/// The checks of a handshake initiation or response, cheapest first, as
+/// kernel WireGuard makes them: mac1 and, under load, mac2 (`RateLimiter`,
+/// which counts it towards the load); then, if it carries a cookie, a token
+/// from its source's bucket. A cookie reply is written to `out`.
+fn gate_handshake<'o>(
+    rate_limiter: &RateLimiter,
+    per_source: &Mutex<HandshakeLimiter>,
+    datagram: &[u8],
+    from: SocketAddr,
+    now_ms: u64,
+    out: &'o mut [u8],
+) -> Gate<'o> {
+    match rate_limiter.verify_packet(Some(from.ip()), datagram, out) {
+        Ok(_) => {}
+        Err(TunnResult::WriteToNetwork(cookie)) => return Gate::Cookie(cookie),
+        Err(TunnResult::Err(e)) => return Gate::Drop(DropReason::from_wg(&e)),
+        Err(_) => return Gate::Drop(DropReason::Other),
+    }
+    if handshake_limit::carries_cookie(datagram) && !per_source.lock().allow(from, now_ms) {
+        return Gate::Drop(DropReason::HandshakeRateLimited);
+    }
+    Gate::Pass
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -2341,6 +2429,105 @@ mod tests {
             h.decapsulate(from, &fresh, &mut out),
             TunnResult::WriteToNetwork(_)
         ));
+    }
+
+    /// Through boringtun: under load, an initiation carrying a valid cookie
+    /// gets its source's share (5 at once, then 20 a second) and no more,
+    /// whatever the replays; one without a cookie gets a cookie reply; and
+    /// without load, initiations without a cookie are not limited per source.
+    #[test]
+    fn a_cookie_under_load_buys_a_share_not_a_flood() {
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let hub_pub = hub.public_key().as_x25519();
+        let loaded = RateLimiter::new(&hub_pub, 0);
+        let limits = Mutex::new(HandshakeLimiter::default());
+        let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        let init = |n: &mut Tunn| {
+            let mut b = vec![0u8; 256];
+            match n.format_handshake_initiation(&mut b, true) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        };
+        let from: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let mut out = vec![0u8; 256];
+        let plain = init(&mut n);
+        assert!(!handshake_limit::carries_cookie(&plain));
+        let cookie = match gate_handshake(&loaded, &limits, &plain, from, 0, &mut out) {
+            Gate::Cookie(c) => c.to_vec(),
+            g => panic!("under load without a cookie: {g:?}"),
+        };
+        let mut sink = vec![0u8; 256];
+        assert!(matches!(
+            n.decapsulate(Some(from.ip()), &cookie, &mut sink),
+            TunnResult::Done
+        ));
+        let with = init(&mut n);
+        assert!(handshake_limit::carries_cookie(&with));
+        // The cookie is bound to its address: from another, a cookie reply
+        // (and no token taken anywhere).
+        let elsewhere: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+        assert!(matches!(
+            gate_handshake(&loaded, &limits, &with, elsewhere, 0, &mut out),
+            Gate::Cookie(_)
+        ));
+        // Replayed from its own address: the burst, then dropped before
+        // any Diffie-Hellman.
+        // What the gate made of it: passed, or dropped for this reason (a
+        // cookie reply: none).
+        let mut gate = |now: u64| match gate_handshake(&loaded, &limits, &with, from, now, &mut out)
+        {
+            Gate::Pass => Ok(()),
+            Gate::Drop(r) => Err(Some(r)),
+            Gate::Cookie(_) => Err(None),
+        };
+        let passed = (0..100).filter(|_| gate(1000).is_ok()).count();
+        assert_eq!(passed, handshake_limit::BURST as usize);
+        let limited = Err(Some(DropReason::HandshakeRateLimited));
+        assert_eq!(gate(1000), limited);
+        assert_eq!(gate(1050), Ok(()), "a token every 50 ms");
+        assert_eq!(gate(1050), limited);
+        // A forged initiation (mac1 wrong) is refused before the limiter.
+        let mut forged = with.clone();
+        forged[20] ^= 1;
+        assert!(matches!(
+            gate_handshake(&loaded, &limits, &forged, from, 1050, &mut out),
+            Gate::Drop(DropReason::InvalidMac)
+        ));
+        // Not under load: initiations without a cookie pass, however many.
+        let idle = RateLimiter::new(&hub_pub, 1000);
+        for _ in 0..50 {
+            assert!(matches!(
+                gate_handshake(&idle, &limits, &plain, from, 1050, &mut out),
+                Gate::Pass
+            ));
+        }
+    }
+
+    /// A cookie reply leaves from the address the handshake came to, not
+    /// the kernel's choice.
+    #[tokio::test]
+    async fn a_cookie_reply_leaves_from_the_address_dialled() {
+        let any = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        any.set_nonblocking(true).unwrap();
+        let udp = Udp::new(UdpSocket::from_std(any).unwrap()).unwrap();
+        let node = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = Endpoint {
+            addr: node.local_addr().unwrap(),
+            local: Some([127, 0, 0, 2].into()),
+        };
+        // Readiness as the running device knows it (tokio learns it from
+        // the reactor: a socket never polled is not yet known writable).
+        udp.sock.writable().await.unwrap();
+        udp.try_send(to, b"cookie").unwrap();
+        let mut b = [0u8; 16];
+        let (n, src) = tokio::time::timeout(Duration::from_secs(5), node.recv_from(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b[..n], b"cookie");
+        assert_eq!(src.ip(), IpAddr::from([127, 0, 0, 2]));
     }
 
     #[test]
