@@ -8,9 +8,8 @@ use crate::proxy::settings::ProxySettings;
 use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
 use crate::wg::api::ApiServer;
-use crate::wg::device::{Device, DeviceConfig, Inner, Mode, Peer, PeerConfig};
+use crate::wg::device::{Device, DeviceConfig, Inner, Mode, PeerConfig};
 use crate::wg::uapi::{DeviceSet, PeerSet};
-use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use std::future::Future;
 use std::net::IpAddr;
@@ -28,14 +27,13 @@ pub const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Node liveness for the proxy: a backend inside a peer's allowed IPs counts as
 /// down when nothing was received from that peer for `down_after` (or ever).
-/// The allowed-IP map is refreshed periodically; the receive times are read
-/// live from the peers.
+/// The owner is the device's own cryptokey-routing lookup (longest prefix, a
+/// few hash probes whatever the number of peers), read live.
 pub struct NodeTunnels {
-    nets: ArcSwap<Vec<(IpNet, Arc<Peer>)>>,
+    /// Weak: the proxy (and its draining connections) does not keep the
+    /// device, and with it the TUN, alive.
+    dev: std::sync::Weak<Inner>,
     down_after_ms: AtomicU64,
-    /// The device clock (`Inner::now_ms`) at `base`.
-    base_ms: u64,
-    base: std::time::Instant,
     /// Nodes' tunnels carried over TLS, when `[hub] tls_tunnels` is on.
     carrier: Option<Arc<crate::carrier::Hub>>,
 }
@@ -43,50 +41,44 @@ pub struct NodeTunnels {
 impl NodeTunnels {
     fn new(
         down_after: Duration,
-        dev: &Inner,
+        dev: &Arc<Inner>,
         carrier: Option<Arc<crate::carrier::Hub>>,
     ) -> Arc<Self> {
-        let t = Arc::new(NodeTunnels {
-            nets: ArcSwap::from_pointee(Vec::new()),
+        Arc::new(NodeTunnels {
+            dev: Arc::downgrade(dev),
             down_after_ms: AtomicU64::new(down_after.as_millis() as u64),
-            base_ms: dev.now_ms(),
-            base: std::time::Instant::now(),
             carrier,
-        });
-        t.refresh(dev);
-        t
+        })
     }
 
     fn set_down_after(&self, d: Duration) {
         self.down_after_ms.store(d.as_millis() as u64, Relaxed);
     }
+}
 
-    /// Re-reads which peer carries which allowed IPs.
-    pub fn refresh(&self, dev: &Inner) {
-        let mut v = Vec::new();
-        for p in dev.info().peers {
-            if let Some(peer) = dev.peer(&p.public_key) {
-                v.extend(p.allowed_ips.into_iter().map(|n| (n, peer.clone())));
-            }
-        }
-        self.nets.store(Arc::new(v));
+/// The address a peer's allowed IPs would hold: an IPv4-mapped IPv6 address
+/// is its IPv4 address.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
+}
+
+/// Whether a peer last heard at `last_rx_ms` (0: never) is up at `now_ms`.
+fn heard_within(now_ms: u64, last_rx_ms: u64, down_after_ms: u64) -> bool {
+    last_rx_ms > 0 && now_ms.saturating_sub(last_rx_ms) < down_after_ms
 }
 
 impl TunnelLiveness for NodeTunnels {
     fn tunnel_up(&self, ip: IpAddr) -> Option<bool> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        let nets = self.nets.load();
-        let (_, peer) = nets
-            .iter()
-            .filter(|(n, _)| n.contains(&ip))
-            .max_by_key(|(n, _)| n.prefix_len())?;
-        let now = self.base_ms + self.base.elapsed().as_millis() as u64;
-        let last = peer.last_rx_ms();
-        Some(last > 0 && now.saturating_sub(last) < self.down_after_ms.load(Relaxed))
+        let dev = self.dev.upgrade()?;
+        let peer = dev.peer_for_ip(unmapped(ip))?;
+        Some(heard_within(
+            dev.now_ms(),
+            peer.last_rx_ms(),
+            self.down_after_ms.load(Relaxed),
+        ))
     }
 
     fn carrier(&self) -> Option<Arc<crate::carrier::Hub>> {
@@ -275,32 +267,40 @@ fn keep_running(new: &mut HubConfig, old: &HubConfig) {
 }
 
 /// What the device must change for the `[[peer]]`s to go from `old` to
-/// `new`: peers gone are removed, new and changed ones set whole.
+/// `new`: peers gone are removed, new and changed ones set whole, except for
+/// the endpoint: a changed peer's is set only when its configured endpoint
+/// changed, so a node that roamed (NAT rebinding) is not sent back to the
+/// stale configured address when another of its settings changes. Allowed
+/// IPs are compared as sets (reordering them changes nothing).
 pub fn peer_diff(old: &[HubPeer], new: &[HubPeer]) -> Vec<PeerSet> {
+    use std::collections::{HashMap, HashSet};
+    let old_by_key: HashMap<_, &HubPeer> = old.iter().map(|o| (o.public_key, o)).collect();
+    let new_keys: HashSet<_> = new.iter().map(|n| n.public_key).collect();
     let mut out = Vec::new();
     for o in old {
-        if !new.iter().any(|n| n.public_key == o.public_key) {
+        if !new_keys.contains(&o.public_key) {
             let mut s = PeerSet::new(o.public_key);
             s.remove = true;
             out.push(s);
         }
     }
+    let nets = |p: &HubPeer| p.allowed_ips.iter().copied().collect::<HashSet<IpNet>>();
     for n in new {
-        let same = old
-            .iter()
-            .find(|o| o.public_key == n.public_key)
-            .is_some_and(|o| {
-                o.allowed_ips == n.allowed_ips
-                    && o.preshared_key == n.preshared_key
-                    && o.endpoint == n.endpoint
-                    && o.persistent_keepalive == n.persistent_keepalive
-            });
+        let was = old_by_key.get(&n.public_key);
+        let same = was.is_some_and(|o| {
+            o.preshared_key == n.preshared_key
+                && o.endpoint == n.endpoint
+                && o.persistent_keepalive == n.persistent_keepalive
+                && (o.allowed_ips == n.allowed_ips || nets(o) == nets(n))
+        });
         if same {
             continue;
         }
         let mut s = PeerSet::new(n.public_key);
         s.preshared_key = Some(n.preshared_key.clone());
-        s.endpoint = n.endpoint;
+        if was.is_none_or(|o| o.endpoint != n.endpoint) {
+            s.endpoint = n.endpoint;
+        }
         s.persistent_keepalive = Some(n.persistent_keepalive.unwrap_or(0));
         s.replace_allowed_ips = true;
         s.allowed_ips = n.allowed_ips.clone();
@@ -640,7 +640,6 @@ async fn run_inner(
     let _watchdog = crate::sd_notify::spawn_watchdog();
     let mut poll = tokio::time::interval(CONFIG_POLL);
     let mut seen = stamp.clone();
-    let mut live = tokio::time::interval(Duration::from_secs(1));
     let mut revalidate = tokio::time::interval(
         control
             .as_ref()
@@ -657,7 +656,6 @@ async fn run_inner(
                 ended = Err(anyhow::anyhow!("the TUN interface {} is gone", cfg.interface));
                 break;
             }
-            _ = live.tick() => tunnels.refresh(&dev.inner),
             _ = apply.notified() => {
                 if let Some(c) = &control {
                     slot.apply(wanted_proxy(&c.hub_config(), Some(c))).await;
@@ -851,5 +849,54 @@ mod tests {
             assert_eq!(p.persistent_keepalive, Some(0));
             assert_eq!(p.preshared_key, Some(None));
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_a_roamed_endpoint_unless_the_configured_one_changed() {
+        let with = |ip: &str, ep: &str| hub(K1, &format!("{}endpoint = \"{ep}\"\n", peer(P1, ip)));
+        let old = with("100.64.1.1/32", "192.0.2.1:51820");
+        // Another setting changed: the peer is set, its endpoint left alone
+        // (it follows the node's packets).
+        let d = peer_diff(&old.peers, &with("100.64.1.11/32", "192.0.2.1:51820").peers);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].endpoint, None);
+        assert!(d[0].replace_allowed_ips);
+        // The configured endpoint itself changed: it is set.
+        let d = peer_diff(&old.peers, &with("100.64.1.1/32", "192.0.2.2:51820").peers);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        // A new peer gets its configured endpoint.
+        let d = peer_diff(&[], &old.peers);
+        assert_eq!(d[0].endpoint, Some("192.0.2.1:51820".parse().unwrap()));
+    }
+
+    #[test]
+    fn reordered_allowed_ips_change_nothing() {
+        let two = |a: &str, b: &str| {
+            hub(
+                K1,
+                &format!("[[peer]]\npublic_key = \"{P1}\"\nallowed_ips = [\"{a}\", \"{b}\"]\n"),
+            )
+        };
+        let old = two("100.64.1.1/32", "10.1.0.0/16");
+        assert!(peer_diff(&old.peers, &two("10.1.0.0/16", "100.64.1.1/32").peers).is_empty());
+        // A real change is still one, and keeps the configured order.
+        let new = two("10.2.0.0/16", "100.64.1.1/32");
+        let d = peer_diff(&old.peers, &new.peers);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].allowed_ips, new.peers[0].allowed_ips);
+    }
+
+    #[test]
+    fn mapped_addresses_are_looked_up_as_ipv4() {
+        let v4: IpAddr = "100.64.1.1".parse().unwrap();
+        assert_eq!(unmapped("::ffff:100.64.1.1".parse().unwrap()), v4);
+        assert_eq!(unmapped(v4), v4);
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(unmapped(v6), v6);
+        // Never heard is down; heard within `down_after` is up.
+        assert!(!heard_within(50_000, 0, 40_000));
+        assert!(heard_within(50_000, 10_001, 40_000));
+        assert!(!heard_within(50_000, 10_000, 40_000));
     }
 }

@@ -316,6 +316,34 @@ pub struct Peer {
 }
 
 impl Peer {
+    fn new(
+        public_key: PublicKey,
+        index: u32,
+        tunn: Tunn,
+        stamp_base: stamp::Base,
+        preshared_key: Option<PresharedKey>,
+        persistent_keepalive: u16,
+    ) -> Self {
+        Peer {
+            name: Mutex::new(None),
+            public_key,
+            index,
+            tunn: Mutex::new(tunn),
+            stamp_base: Mutex::new(stamp_base),
+            unanswered: AtomicU32::new(0),
+            endpoint: RwLock::new(None),
+            preshared_key: Mutex::new(preshared_key),
+            persistent_keepalive: AtomicU32::new(u32::from(persistent_keepalive)),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(0),
+            last_tx_ms: AtomicU64::new(0),
+            src_not_allowed: AtomicU64::new(0),
+            loop_warned: AtomicBool::new(false),
+            stale_timestamp: AtomicU64::new(0),
+            stale_warned_ms: AtomicU64::new(0),
+        }
+    }
     pub fn endpoint(&self) -> Option<SocketAddr> {
         self.endpoint.read().map(|e| e.addr)
     }
@@ -384,7 +412,12 @@ impl Peer {
 struct Table {
     by_key: HashMap<PublicKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
+    /// Written only through [`Table::claim`] and [`Table::clear_routes`],
+    /// which keep `owned` in step.
     routes: AllowedIps<Arc<Peer>>,
+    /// The prefixes of `routes` each peer holds, so that replacing or
+    /// removing one peer's touches only those (not the whole table).
+    owned: HashMap<PublicKey, Arc<[IpNet]>>,
 }
 
 /// The static key and what derives from it.
@@ -2005,26 +2038,20 @@ impl Inner {
                 Some(p) => Arc::clone(p),
                 None if ps.update_only => continue,
                 None => {
+                    // Made whole: its `Tunn` fixes the preshared key and
+                    // keepalive, so it is built once with them.
                     let index = self.next_free_index(&t);
-                    let peer = Arc::new(Peer {
-                        name: Mutex::new(None),
-                        public_key: ps.public_key,
+                    let psk = ps.preshared_key.clone().flatten();
+                    let keepalive = ps.persistent_keepalive.unwrap_or(0);
+                    let tunn = self.new_tunn(ps.public_key, psk.clone(), keepalive, index);
+                    let peer = Arc::new(Peer::new(
+                        ps.public_key,
                         index,
-                        tunn: Mutex::new(self.new_tunn(ps.public_key, None, 0, index)),
-                        stamp_base: Mutex::new(self.stamp_base()),
-                        unanswered: AtomicU32::new(0),
-                        endpoint: RwLock::new(None),
-                        preshared_key: Mutex::new(None),
-                        persistent_keepalive: AtomicU32::new(0),
-                        rx_bytes: AtomicU64::new(0),
-                        tx_bytes: AtomicU64::new(0),
-                        last_rx_ms: AtomicU64::new(0),
-                        last_tx_ms: AtomicU64::new(0),
-                        src_not_allowed: AtomicU64::new(0),
-                        loop_warned: AtomicBool::new(false),
-                        stale_timestamp: AtomicU64::new(0),
-                        stale_warned_ms: AtomicU64::new(0),
-                    });
+                        tunn,
+                        self.stamp_base(),
+                        psk,
+                        keepalive,
+                    ));
                     t.by_index.insert(index, Arc::clone(&peer));
                     t.by_key.insert(ps.public_key, Arc::clone(&peer));
                     peer
@@ -2040,8 +2067,9 @@ impl Inner {
             let ka_changed = ps
                 .persistent_keepalive
                 .is_some_and(|k| k != peer.keepalive());
-            if psk_changed || ka_changed {
-                // `Tunn` fixes both at creation: a new one, same index.
+            if existed && (psk_changed || ka_changed) {
+                // `Tunn` fixes both at creation: a new one, same index (a
+                // peer made above has them already).
                 if let Some(p) = ps.preshared_key {
                     *peer.preshared_key.lock() = p;
                 }
@@ -2053,20 +2081,15 @@ impl Inner {
                 let tunn = self.new_tunn(peer.public_key, psk, peer.keepalive(), peer.index);
                 let base = self.stamp_base();
                 peer.install(&mut peer.tunn.lock(), tunn, base);
-                if existed {
-                    // Its sessions went with the old `Tunn`: a handshake
-                    // now, not when the next packet finds none (the peer
-                    // would send on its old session for up to two minutes).
-                    renew.push(Arc::clone(&peer));
-                }
+                // Its sessions went with the old `Tunn`: a handshake now,
+                // not when the next packet finds none (the peer would send
+                // on its old session for up to two minutes).
+                renew.push(Arc::clone(&peer));
             }
             if ps.replace_allowed_ips {
-                t.routes.retain(|p| p.public_key != ps.public_key);
+                t.clear_routes(&ps.public_key);
             }
-            for n in &ps.allowed_ips {
-                // An allowed IP belongs to one peer: the newest claim wins, as in WireGuard.
-                t.routes.insert(n.trunc(), Arc::clone(&peer));
-            }
+            t.claim(&peer, &ps.allowed_ips);
         }
         self.table.store(Arc::new(t));
         for peer in renew {
@@ -2168,8 +2191,52 @@ impl Table {
     fn remove(&mut self, key: &PublicKey) {
         if let Some(old) = self.by_key.remove(key) {
             self.by_index.remove(&old.index);
-            self.routes.retain(|p| p.public_key != *key);
+            self.clear_routes(key);
         }
+    }
+
+    /// Removes the allowed IPs `key` holds (its own prefixes only: no scan
+    /// of the table).
+    fn clear_routes(&mut self, key: &PublicKey) {
+        if let Some(nets) = self.owned.remove(key) {
+            for n in nets.iter() {
+                self.routes.remove(n);
+            }
+        }
+    }
+
+    /// Gives `peer` the prefixes `nets` (host bits ignored). A prefix
+    /// belongs to one peer: the newest claim wins, as in WireGuard, and the
+    /// peer that held it loses it.
+    fn claim(&mut self, peer: &Arc<Peer>, nets: &[IpNet]) {
+        if nets.is_empty() {
+            return;
+        }
+        let key = peer.public_key;
+        let mut mine: Vec<IpNet> = self.owned.get(&key).map(|a| a.to_vec()).unwrap_or_default();
+        let mut lost: HashMap<PublicKey, std::collections::HashSet<IpNet>> = HashMap::new();
+        for n in nets {
+            let n = n.trunc();
+            match self.routes.insert(n, Arc::clone(peer)) {
+                Some(old) if old.public_key == key => {}
+                Some(old) => {
+                    lost.entry(old.public_key).or_default().insert(n);
+                    mine.push(n);
+                }
+                None => mine.push(n),
+            }
+        }
+        for (k, gone) in lost {
+            if let Some(held) = self.owned.get(&k) {
+                let left: Vec<IpNet> = held.iter().filter(|n| !gone.contains(n)).copied().collect();
+                if left.is_empty() {
+                    self.owned.remove(&k);
+                } else {
+                    self.owned.insert(k, left.into());
+                }
+            }
+        }
+        self.owned.insert(key, mine.into());
     }
 }
 
@@ -2538,5 +2605,87 @@ mod tests {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{} out of place in ALL", r.as_str());
         }
+    }
+
+    fn test_peer(n: u32) -> Arc<Peer> {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&n.to_be_bytes());
+        let public_key = PublicKey(k);
+        let tunn = Tunn::new(
+            PrivateKey::generate().secret(),
+            public_key.as_x25519(),
+            None,
+            None,
+            n,
+            None,
+        );
+        let base = stamp::Base {
+            wall_ms: 0,
+            mono_ms: 0,
+        };
+        Arc::new(Peer::new(public_key, n, tunn, base, None, 0))
+    }
+
+    fn add(t: &mut Table, p: &Arc<Peer>) {
+        t.by_key.insert(p.public_key, Arc::clone(p));
+        t.by_index.insert(p.index, Arc::clone(p));
+    }
+
+    /// `owned` holds exactly what `routes` gives each peer.
+    fn consistent(t: &Table) {
+        let mut from_routes: HashMap<PublicKey, std::collections::BTreeSet<IpNet>> = HashMap::new();
+        for (n, p) in t.routes.iter() {
+            from_routes.entry(p.public_key).or_default().insert(n);
+        }
+        let owned: HashMap<PublicKey, std::collections::BTreeSet<IpNet>> = t
+            .owned
+            .iter()
+            .map(|(k, v)| (*k, v.iter().copied().collect()))
+            .collect();
+        assert_eq!(from_routes, owned);
+        for v in t.owned.values() {
+            let set: std::collections::BTreeSet<_> = v.iter().collect();
+            assert_eq!(set.len(), v.len(), "a prefix listed twice");
+        }
+    }
+
+    #[test]
+    fn the_table_tracks_each_peers_prefixes() {
+        let (a, b) = (test_peer(1), test_peer(2));
+        let mut t = Table::default();
+        add(&mut t, &a);
+        add(&mut t, &b);
+        t.claim(&a, &nets(&["10.0.0.1/24", "10.1.0.0/16", "10.0.0.0/24"]));
+        consistent(&t);
+        assert_eq!(t.owned[&a.public_key].len(), 2);
+        // The newest claim wins; the loser keeps the rest.
+        t.claim(&b, &nets(&["10.0.0.0/24", "fd00::/64"]));
+        consistent(&t);
+        let owner = |ip: &str| t.routes.lookup(ip.parse().unwrap()).map(|p| p.index);
+        assert_eq!(owner("10.0.0.5"), Some(2));
+        assert_eq!(owner("10.1.2.3"), Some(1));
+        // Replacing: only the peer's own prefixes go.
+        t.clear_routes(&a.public_key);
+        consistent(&t);
+        assert_eq!(
+            t.routes
+                .lookup("10.1.2.3".parse().unwrap())
+                .map(|p| p.index),
+            None
+        );
+        assert_eq!(
+            t.routes
+                .lookup("10.0.0.5".parse().unwrap())
+                .map(|p| p.index),
+            Some(2)
+        );
+        // A peer that lost everything it held has no entry.
+        t.claim(&a, &nets(&["10.9.0.0/16"]));
+        t.claim(&b, &nets(&["10.9.0.0/16"]));
+        consistent(&t);
+        assert!(!t.owned.contains_key(&a.public_key));
+        t.remove(&b.public_key);
+        consistent(&t);
+        assert!(t.routes.is_empty() && t.owned.is_empty());
     }
 }
