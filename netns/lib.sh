@@ -533,6 +533,25 @@ lab_bg() {
 
 lab_pid() { cat "$GW_TMP/pids/$1.pid" 2>/dev/null; }
 
+# lab_notify NS : a service manager's readiness socket (Type=notify), run in
+# NS as the lab process "notify": give a daemon
+# NOTIFY_SOCKET="$GW_TMP/notify.sock"; each message it sends becomes one line
+# of "$GW_TMP/notify.log".
+lab_notify() {
+    : >"$GW_TMP/notify.log"
+    cat >"$GW_TMP/notify.py" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a") as out:
+    while True:
+        out.write(s.recv(4096).decode().replace("\n", " ") + "\n")
+        out.flush()
+EOF
+    lab_bg "$1" notify python3 "$GW_TMP/notify.py" "$GW_TMP/notify.sock" "$GW_TMP/notify.log"
+    wait_for 5 test -S "$GW_TMP/notify.sock" || lab_die "the notify socket did not come up"
+}
+
 # lab_nginx NS NAME HTTP_BODY [CONNECTIONS] : runs nginx (one worker) in NS as
 # the lab process NAME, with HTTP_BODY (server blocks and http directives) in
 # its http block; its files are under $GW_TMP/NAME.

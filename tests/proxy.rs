@@ -297,15 +297,7 @@ async fn trusted_proxies_keep_their_forwarding_headers() {
 
 /// `GET /` for `host` from `src` with `extra` header lines; the status line.
 async fn status_from(src: &str, to: SocketAddr, host: &str, extra: &str) -> String {
-    let mut s = connect_from(src, to).await;
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let text = http_from_with(src, to, host, extra).await;
     text.lines().next().unwrap_or_default().to_string()
 }
 
@@ -2113,8 +2105,14 @@ async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
 
 /// `GET /` for `host` from `src`; the whole response as text.
 async fn http_from(src: &str, to: SocketAddr, host: &str) -> String {
+    http_from_with(src, to, host, "").await
+}
+
+/// `GET /` for `host` from `src` with `extra` header lines; the whole
+/// response as text.
+async fn http_from_with(src: &str, to: SocketAddr, host: &str, extra: &str) -> String {
     let mut s = connect_from(src, to).await;
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))

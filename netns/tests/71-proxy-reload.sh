@@ -35,21 +35,9 @@ name = "files"
 backends = ["http://[$N1V6]:8080"]
 EOF
 
-# The service manager's readiness protocol (Type=notify): a unix datagram
-# socket that writes each message it gets as one line.
+# The service manager's readiness protocol (Type=notify).
 notes="$GW_TMP/notify.log"
-: >"$notes"
-cat >"$GW_TMP/notify.py" <<'EOF'
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-with open(sys.argv[2], "a") as out:
-    while True:
-        out.write(s.recv(4096).decode().replace("\n", " ") + "\n")
-        out.flush()
-EOF
-lab_bg hub notify python3 "$GW_TMP/notify.py" "$GW_TMP/notify.sock" "$notes"
-wait_for 5 test -S "$GW_TMP/notify.sock" || lab_die "the notify socket did not come up"
+lab_notify hub
 NOTIFY_SOCKET="$GW_TMP/notify.sock" GW_CONF=$conf gw_start_hub hub
 check "the hub tells the service manager it is ready" wait_for 10 grep -qx 'READY=1' "$notes"
 gw_start_node n1 hub

@@ -142,21 +142,9 @@ must "hub: yggdrasil gives ygg0 its address" wait_for 20 has_addr hub ygg0 "$HUB
 check "hub: 200::/7 is routed through ygg0" \
     lab_sh hub "ip -6 route show 200::/7 | grep -q 'dev ygg0'"
 
-# The service manager's readiness protocol (Type=notify): a unix datagram
-# socket that writes each message it gets as one line.
+# The service manager's readiness protocol (Type=notify).
 notes="$GW_TMP/notify.log"
-: >"$notes"
-cat >"$GW_TMP/notify.py" <<'EOF'
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-with open(sys.argv[2], "a") as out:
-    while True:
-        out.write(s.recv(4096).decode().replace("\n", " ") + "\n")
-        out.flush()
-EOF
-lab_bg n1 notify python3 "$GW_TMP/notify.py" "$GW_TMP/notify.sock" "$notes"
-wait_for 5 test -S "$GW_TMP/notify.sock" || lab_die "the notify socket did not come up"
+lab_notify n1
 lab_bg n1 n1 env NO_COLOR=1 RUST_LOG=info NOTIFY_SOCKET="$GW_TMP/notify.sock" \
     "$GATEWIRE" node --config "$GW_TMP/conf/n1-ygg.toml"
 must "n1: yggdrasil up on ygg0 (no WireGuard interface)" wait_for 20 has_addr n1 ygg0 "$N1Y"

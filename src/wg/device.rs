@@ -1071,6 +1071,10 @@ impl Inner {
     /// the `Tunn`, or the keys, itself).
     async fn renew_if_stale(&self, peer: &Peer, wall_ms: u64) {
         let unanswered = peer.unanswered.load(Ordering::Relaxed);
+        // Every peer, every tick: the lock only for the few unanswered.
+        if unanswered < stamp::UNANSWERED {
+            return;
+        }
         let lag = stamp::lag_ms(*peer.stamp_base.lock(), wall_ms, self.now_ms());
         // The session is looked at under the `Tunn`'s lock, below.
         if !stamp::renew(false, unanswered, lag) {
@@ -2450,6 +2454,15 @@ mod tests {
         assert!(loops_back(&tun, &r, ip("100.64.3.3"), |p| *p == 1));
     }
 
+    /// A fresh handshake initiation from `n`.
+    fn initiation(n: &mut Tunn) -> Vec<u8> {
+        let mut b = vec![0u8; 256];
+        match n.format_handshake_initiation(&mut b, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
     /// Through boringtun: an initiation whose timestamp is older than one
     /// the responder accepted from the same key is refused, and counted as
     /// `stale_timestamp`, not as a decryption failure.
@@ -2466,17 +2479,10 @@ mod tests {
             1 << 8,
             None,
         );
-        let init = |n: &mut Tunn| {
-            let mut b = vec![0u8; 256];
-            match n.format_handshake_initiation(&mut b, true) {
-                TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!("no initiation"),
-            }
-        };
         let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
-        let older = init(&mut n);
+        let older = initiation(&mut n);
         std::thread::sleep(Duration::from_millis(2));
-        let newer = init(&mut n);
+        let newer = initiation(&mut n);
         assert!(stamp::is_initiation(&older));
         let from = Some(IpAddr::from([192, 0, 2, 1]));
         let mut out = vec![0u8; 256];
@@ -2491,7 +2497,7 @@ mod tests {
         // A new Tunn for the same key stamps the time now: accepted.
         let mut renewed = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
         std::thread::sleep(Duration::from_millis(2));
-        let fresh = init(&mut renewed);
+        let fresh = initiation(&mut renewed);
         assert!(matches!(
             h.decapsulate(from, &fresh, &mut out),
             TunnResult::WriteToNetwork(_)
@@ -2510,16 +2516,9 @@ mod tests {
         let loaded = RateLimiter::new(&hub_pub, 0);
         let limits = Mutex::new(HandshakeLimiter::default());
         let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
-        let init = |n: &mut Tunn| {
-            let mut b = vec![0u8; 256];
-            match n.format_handshake_initiation(&mut b, true) {
-                TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!("no initiation"),
-            }
-        };
         let from: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let mut out = vec![0u8; 256];
-        let plain = init(&mut n);
+        let plain = initiation(&mut n);
         assert!(!handshake_limit::carries_cookie(&plain));
         let cookie = match gate_handshake(&loaded, &limits, &plain, from, 0, &mut out) {
             Gate::Cookie(c) => c.to_vec(),
@@ -2530,7 +2529,7 @@ mod tests {
             n.decapsulate(Some(from.ip()), &cookie, &mut sink),
             TunnResult::Done
         ));
-        let with = init(&mut n);
+        let with = initiation(&mut n);
         assert!(handshake_limit::carries_cookie(&with));
         // The cookie is bound to its address: from another, a cookie reply
         // (and no token taken anywhere).
