@@ -65,9 +65,10 @@ fn unmapped(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Whether a peer last heard at `last_rx_ms` (0: never) is up at `now_ms`.
-fn heard_within(now_ms: u64, last_rx_ms: u64, down_after_ms: u64) -> bool {
-    last_rx_ms > 0 && now_ms.saturating_sub(last_rx_ms) < down_after_ms
+/// Whether a peer last heard both ways at `last_ms` (0: never) is up at
+/// `now_ms`.
+fn heard_within(now_ms: u64, last_ms: u64, down_after_ms: u64) -> bool {
+    last_ms > 0 && now_ms.saturating_sub(last_ms) < down_after_ms
 }
 
 impl TunnelLiveness for NodeTunnels {
@@ -76,7 +77,9 @@ impl TunnelLiveness for NodeTunnels {
         let peer = dev.peer_for_ip(unmapped(ip))?;
         Some(heard_within(
             dev.now_ms(),
-            peer.last_rx_ms(),
+            // Not an initiation alone: a node whose return path is broken
+            // initiates every few seconds and carries nothing.
+            peer.last_two_way_ms(),
             self.down_after_ms.load(Relaxed),
         ))
     }

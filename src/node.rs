@@ -505,7 +505,9 @@ async fn supervise(
             tls_failing = false;
         }
         let now = dev.now_ms();
-        let rx = peer.last_rx_ms();
+        // Heard both ways: a hub's initiations alone (its answers to ours
+        // lost, or ours to it) leave the path dead.
+        let rx = peer.last_two_way_ms();
         // On TLS, the hub answered a UDP probe: the peer's endpoint moved off
         // the relay (only an authenticated datagram moves it). UDP it is.
         if path.via() == Via::Tls

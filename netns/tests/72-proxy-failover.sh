@@ -4,7 +4,10 @@
 # ones may wait for a connect timeout and fail over within the request, and
 # after at most a few seconds the active health check has taken n1's backend
 # out. `gatewire show --json` shows the backend down (check failing, and later
-# its tunnel down). When n1 comes back, its backend is used again.
+# its tunnel down). When n1 comes back, its backend is used again. Then n1
+# stops hearing the hub (nftables drops everything from it in n1's namespace)
+# while its own packets still arrive: its keepalives and handshake
+# initiations do not keep its tunnel up at the hub, whose answers are lost.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=72-proxy-failover
@@ -94,6 +97,29 @@ check "n1's backend comes back up" wait_for 30 backend_up "$N1" true
 seen=""
 for _ in $(seq 1 10); do seen+=$(pcurl || true); done
 check "n1 serves again" grep -q served-by-n1 <<<"$seen"
+
+# --- n1's return path breaks: it sends, but hears nothing from the hub
+tunnel_is() {
+    route_json | jq -e --arg b "$N1:8080" --arg t "$1" '.backends[] | select(.backend == $b) | .tunnel == $t' >/dev/null
+}
+check "n1's tunnel up before the break" tunnel_is up
+lab_exec n1 nft -f - <<EOF
+table inet deaf {
+    chain input {
+        type filter hook input priority 0;
+        ip saddr $HUB4 counter drop
+    }
+}
+EOF
+t0=$(now_ms)
+check "a tunnel heard one way only reads down (its initiations are answered, never used)" \
+    wait_for 40 tunnel_is down
+lab_log "n1's tunnel down $(($(now_ms) - t0)) ms after its return path broke"
+check "the hub kept answering n1 (dropped in n1)" \
+    lab_sh n1 "nft list table inet deaf | grep -Eq 'packets [1-9]'"
+lab_exec n1 nft delete table inet deaf
+check "n1's tunnel up again once the hub's answers arrive" wait_for 40 tunnel_is up
+check "n1's backend up again" wait_for 20 backend_up "$N1" true
 
 check "hub still running" lab_alive hub
 lab_finish

@@ -333,7 +333,7 @@ async fn register(
         let now = dev.now_ms();
         let up = dev
             .peer(&hub_key)
-            .is_some_and(|p| tunnel_up(now, p.last_rx_ms(), dead_after_ms));
+            .is_some_and(|p| tunnel_up(now, p.last_two_way_ms(), dead_after_ms));
         if up && !was_up {
             sched.now(now);
         }

@@ -10,6 +10,7 @@
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::wg::allowed_ips::AllowedIps;
 use crate::wg::handshake_limit::{self, HandshakeLimiter};
+use crate::wg::liveness;
 use crate::wg::packet::{self, Hop};
 use crate::wg::stamp;
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
@@ -301,6 +302,12 @@ pub struct Peer {
     tx_bytes: AtomicU64,
     /// Milliseconds since device start of the last authenticated packet received.
     last_rx_ms: AtomicU64,
+    /// Milliseconds since device start of the last authenticated packet
+    /// received that proves the path works both ways (see
+    /// [`Peer::last_two_way_ms`]).
+    last_two_way_ms: AtomicU64,
+    /// This side's answers to the peer's initiations, until it uses one.
+    answers: liveness::Answers,
     /// Milliseconds since device start of the last packet sent.
     last_tx_ms: AtomicU64,
     /// Packets from this peer whose source was outside its allowed IPs.
@@ -337,6 +344,8 @@ impl Peer {
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
+            last_two_way_ms: AtomicU64::new(0),
+            answers: liveness::Answers::default(),
             last_tx_ms: AtomicU64::new(0),
             src_not_allowed: AtomicU64::new(0),
             loop_warned: AtomicBool::new(false),
@@ -385,6 +394,17 @@ impl Peer {
     /// packet arrived (0: never).
     pub fn last_rx_ms(&self) -> u64 {
         self.last_rx_ms.load(Ordering::Relaxed)
+    }
+    /// Milliseconds since the device started at which the last authenticated
+    /// packet arrived that shows the path works both ways (0: never, or
+    /// while the peer leaves this side's answers to its initiations unused):
+    /// a handshake response or a session datagram, not an initiation (see
+    /// `wg::liveness`). What liveness checks read.
+    pub fn last_two_way_ms(&self) -> u64 {
+        if !self.answers.confirmed() {
+            return 0;
+        }
+        self.last_two_way_ms.load(Ordering::Relaxed)
     }
     /// Counts the handshake initiations among `datagrams`, just sent.
     fn count_initiations<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>) {
@@ -1778,7 +1798,12 @@ impl Inner {
                 // Same peer address, another of this side's.
                 peer.set_route(at);
             }
-            peer.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
+            let now = self.now_ms();
+            peer.last_rx_ms.store(now, Ordering::Relaxed);
+            if liveness::proves_two_way(datagram) {
+                peer.last_two_way_ms.store(now, Ordering::Relaxed);
+                peer.answers.received(datagram);
+            }
             peer.unanswered.store(0, Ordering::Relaxed);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
@@ -1799,6 +1824,7 @@ impl Inner {
                     self.handshakes.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(d) = out.get(a..b) {
+                    peer.answers.answered(d);
                     self.send_net(&peer, d).await;
                 }
                 // A completed handshake may release queued packets.

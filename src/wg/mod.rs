@@ -5,6 +5,7 @@ pub mod allowed_ips;
 pub mod api;
 pub mod device;
 pub mod handshake_limit;
+pub mod liveness;
 pub mod packet;
 pub mod route;
 pub mod stamp;
