@@ -191,6 +191,10 @@ impl ProxySlot {
             );
         }
         keep_running(&mut cfg, running);
+        if let Some(e) = control.and_then(|c| c.file_peer_conflict(&cfg).err()) {
+            warn!(error = %e, "config reload refused; keeping the running config");
+            return;
+        }
         apply_peers(dev, running, &cfg).await;
         *running = cfg.clone();
         match control {

@@ -187,7 +187,10 @@ impl Control {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no [control] section"))?;
         let store = FileStore::open(&settings.state_dir)?;
-        let state = store.load().await?.unwrap_or_default();
+        let state: State = store.load().await?.unwrap_or_default();
+        state
+            .file_peer_conflict(&file_peers(&cfg))
+            .map_err(|e| anyhow::anyhow!("config file against the control plane's state: {e}"))?;
         info!(
             state = %store.describe(),
             version = state.version,
@@ -222,6 +225,12 @@ impl Control {
 
     pub fn settings(&self) -> ControlSettings {
         self.env.load().settings().clone()
+    }
+
+    /// Why `cfg`'s `[[peer]]`s cannot be set next to the control plane's
+    /// nodes (see [`State::file_peer_conflict`]).
+    pub fn file_peer_conflict(&self, cfg: &HubConfig) -> Result<(), String> {
+        self.state.load().file_peer_conflict(&file_peers(cfg))
     }
 
     pub fn hub_config(&self) -> HubConfig {
@@ -623,6 +632,22 @@ fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet],
         dev.remove_tun_route(net);
     }
     dev.add_tun_routes(added);
+}
+
+/// A config's `[[peer]]`s as [`State::file_peer_conflict`] takes them.
+fn file_peers(cfg: &HubConfig) -> Vec<(String, String, Vec<IpNet>)> {
+    cfg.peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = p.name.as_deref().unwrap_or("unnamed");
+            (
+                format!("[[peer]] #{} ({name})", i + 1),
+                p.public_key.to_base64(),
+                p.allowed_ips.clone(),
+            )
+        })
+        .collect()
 }
 
 /// Peers the control plane put on the device: key → the allowed IPs it gave.

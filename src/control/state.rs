@@ -461,6 +461,39 @@ impl State {
         self.version += 1;
     }
 
+    /// Why config-file peers (`(label, public key, allowed IPs)`) cannot be
+    /// set next to this state's nodes: a prefix that a file peer and a
+    /// joined node both list (the one set last would take it, and the
+    /// other's traffic with it, silently). Nested prefixes are fine (the
+    /// longest match decides), and a node whose key is a file peer's is the
+    /// file's anyway.
+    pub fn file_peer_conflict(
+        &self,
+        file: &[(String, String, Vec<IpNet>)],
+    ) -> std::result::Result<(), String> {
+        let keys: BTreeSet<&str> = file.iter().map(|(_, k, _)| k.as_str()).collect();
+        let mut held: BTreeMap<IpNet, &str> = BTreeMap::new();
+        for (k, n) in &self.nodes {
+            if keys.contains(k.as_str()) {
+                continue;
+            }
+            for net in &n.allowed_ips {
+                held.insert(net.trunc(), k);
+            }
+        }
+        for (label, _, nets) in file {
+            for net in nets.iter() {
+                if let Some(node) = held.get(&net.trunc()) {
+                    return Err(format!(
+                        "{label} allowed_ips {}: node {node} holds it through the control plane (remove that node with `gatewire ctl peer remove`, or give the peer another prefix)",
+                        net.trunc()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_spec(&self, ctx: &Context, spec: &RawRoute) -> Result<String> {
         let id = route_id(spec)?;
         if ctx.file_hosts.contains(&id) {

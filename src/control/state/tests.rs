@@ -977,3 +977,32 @@ fn utc_times() {
     assert_eq!(utc(1_796_290_335), "2026-12-03T09:32:15Z");
     assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
 }
+
+/// A `[[peer]]` listing a prefix a joined node holds is refused, naming both;
+/// a nested prefix, or the node's own key in the file, is not a conflict.
+#[test]
+fn a_file_peer_cannot_take_a_joined_nodes_prefix() {
+    let e = env();
+    let mut s = State::default();
+    s.add_node(&ctx(&e, 1), K1, None, None).unwrap();
+    let held = s.nodes[K1].allowed_ips.clone();
+    let peer = |key: &str, nets: Vec<IpNet>| {
+        vec![("[[peer]] #1 (office)".to_string(), key.to_string(), nets)]
+    };
+    let err = s.file_peer_conflict(&peer(K2, held.clone())).unwrap_err();
+    assert!(err.contains("[[peer]] #1 (office)"), "{err}");
+    assert!(err.contains(K1), "{err}");
+    assert!(err.contains(&held[0].trunc().to_string()), "{err}");
+    // Not truncated in the file: the same prefix all the same.
+    let host = held[0].addr();
+    let loose: IpNet = format!("{host}/32").parse().unwrap();
+    assert!(s.file_peer_conflict(&peer(K2, vec![loose])).is_err());
+    // The node's pool around it: nested, the longest match decides.
+    let wide: IpNet = "100.64.0.0/16".parse().unwrap();
+    assert!(s.file_peer_conflict(&peer(K2, vec![wide])).is_ok());
+    // The node's own key in the file: the file's peer, no conflict.
+    assert!(s.file_peer_conflict(&peer(K1, held)).is_ok());
+    assert!(State::default()
+        .file_peer_conflict(&peer(K2, vec![loose]))
+        .is_ok());
+}
