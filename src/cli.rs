@@ -189,6 +189,10 @@ pub fn main() -> ExitCode {
                 if let Some(why) = crate::hub::keepalive_warning(cfg.keepalive) {
                     println!("warning: {why}");
                 }
+                let (v4, v6) = crate::hub::host_forwarding();
+                if let Some(why) = crate::hub::kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+                    println!("warning: {why}");
+                }
                 return ExitCode::SUCCESS;
             }
             init_tracing();
@@ -358,7 +362,7 @@ fn wg_mode(interface: String, foreground: bool) -> ExitCode {
                 listen_port: 0,
                 addresses: Vec::new(),
                 mtu: crate::config::DEFAULT_MTU,
-                forward: false,
+                forward: crate::wg::device::NodeToNode::Kernel,
                 keepalive: 0,
                 peers: Vec::new(),
                 xlat: None,

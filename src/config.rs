@@ -76,6 +76,7 @@ struct RawHub {
     keepalive: Option<u16>,
     routes: Option<bool>,
     tls_tunnels: Option<bool>,
+    node_to_node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +162,10 @@ pub struct HubConfig {
     /// Take nodes' tunnels carried over TLS on the proxy's HTTPS listeners
     /// (ALPN `gatewire-wg`), for nodes whose network blocks UDP.
     pub tls_tunnels: bool,
+    /// What becomes of packets from one node for another: forwarded inside
+    /// the hub's device, left to the host's kernel (and its firewall), or
+    /// dropped.
+    pub node_to_node: crate::wg::device::NodeToNode,
     pub peers: Vec<HubPeer>,
     /// The reverse proxy, if the file has a `[proxy]` section or any route/forward.
     pub proxy: Option<crate::proxy::settings::ProxySettings>,
@@ -466,6 +471,30 @@ fn check_unique_keys<'a>(
     Ok(())
 }
 
+/// The hub's own addresses are the hub's: a `[[peer]]` whose allowed IPs
+/// hold one would be sent what nodes send to the hub (its control API, its
+/// proxy) and could send as the hub.
+fn check_own_addresses(
+    ctx: &Ctx,
+    addresses: &[IpNet],
+    peers: &[HubPeer],
+) -> Result<(), ConfigError> {
+    for (i, p) in peers.iter().enumerate() {
+        for net in &p.allowed_ips {
+            if let Some(a) = addresses.iter().find(|a| net.contains(&a.addr())) {
+                return Err(ctx.err(format!(
+                    "[[peer]] #{} ({}) allowed_ips {}: holds the hub's own address {}; a peer's allowed IPs must leave out the hub's addresses",
+                    i + 1,
+                    p.name.as_deref().unwrap_or("unnamed"),
+                    net.trunc(),
+                    a.addr()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A prefix is one peer's: two `[[peer]]`s listing the same one would each
 /// take it from the other whenever a reload touched one of them, and the
 /// hub's traffic for it would go to whichever did last. (Nested prefixes
@@ -553,6 +582,18 @@ impl HubConfig {
         }
         check_unique_keys(&ctx, peers.iter().map(|p| &p.public_key))?;
         check_unique_prefixes(&ctx, &peers)?;
+        check_own_addresses(&ctx, &addresses, &peers)?;
+        let node_to_node = match raw.hub.node_to_node.as_deref() {
+            None => crate::wg::device::NodeToNode::default(),
+            Some(s) => crate::wg::device::NodeToNode::parse(s).ok_or_else(|| {
+                ctx.err(format!(
+                    "[hub] node_to_node `{s}`: expected one of {}",
+                    crate::wg::device::NodeToNode::NAMES
+                        .map(|n| format!("\"{n}\""))
+                        .join(", ")
+                ))
+            })?,
+        };
         let own = private_key.public_key();
         if peers.iter().any(|p| p.public_key == own) {
             return Err(ctx.err("a [[peer]] has the hub's own public key"));
@@ -598,6 +639,7 @@ impl HubConfig {
             keepalive: raw.hub.keepalive.unwrap_or(DEFAULT_HUB_KEEPALIVE),
             routes: raw.hub.routes.unwrap_or(true),
             tls_tunnels: raw.hub.tls_tunnels.unwrap_or(true),
+            node_to_node,
             private_key,
             addresses,
             peers,
@@ -1413,6 +1455,67 @@ mod tests {
         // one peer listing a prefix twice.
         assert!(two("\"10.77.0.0/16\"", "\"10.77.0.0/24\"").is_ok());
         assert!(two("\"10.77.0.0/24\", \"10.77.0.0/24\"", "\"10.78.0.0/24\"").is_ok());
+    }
+
+    #[test]
+    fn a_peer_holding_the_hubs_own_address_is_refused() {
+        let with = |allowed: &str| {
+            hub(&format!(
+                "[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\", \"fd77::1/48\"]\n\
+                 [[peer]]\nname = \"n1\"\npublic_key = \"{P2}\"\nallowed_ips = [\"100.64.0.2/32\"]\n\
+                 [[peer]]\nname = \"wide\"\npublic_key = \"DCUMhIEOU9pahhcGab2GIw4Ua7WvG8PyBFDvZNDPiQE=\"\n\
+                 allowed_ips = [{allowed}]\n"
+            ))
+        };
+        for (allowed, net, addr) in [
+            ("\"100.64.0.1/32\"", "100.64.0.1/32", "100.64.0.1"),
+            (
+                "\"10.9.0.0/16\", \"100.64.0.0/24\"",
+                "100.64.0.0/24",
+                "100.64.0.1",
+            ),
+            ("\"fd77::/64\"", "fd77::/64", "fd77::1"),
+            ("\"0.0.0.0/0\"", "0.0.0.0/0", "100.64.0.1"),
+        ] {
+            let e = with(allowed).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("[[peer]] #2 (wide) allowed_ips {net}"))
+                    && e.contains(&format!("hub's own address {addr}")),
+                "{allowed}: {e}"
+            );
+        }
+        // Beside the hub's address, in its network: fine.
+        assert!(with("\"100.64.0.4/30\", \"fd77::2/128\"").is_ok());
+    }
+
+    #[test]
+    fn node_to_node_takes_three_values() {
+        use crate::wg::device::NodeToNode;
+        let with = |extra: &str| {
+            hub(&format!(
+                "[hub]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.0.1/10\"]\n{extra}"
+            ))
+        };
+        assert_eq!(with("").unwrap().node_to_node, NodeToNode::Direct);
+        for (v, want) in [
+            ("direct", NodeToNode::Direct),
+            ("kernel", NodeToNode::Kernel),
+            ("off", NodeToNode::Off),
+        ] {
+            let c = with(&format!("node_to_node = \"{v}\"\n")).unwrap();
+            assert_eq!(c.node_to_node, want);
+        }
+        for bad in ["\"Off\"", "\"forward\"", "\"\""] {
+            let e = with(&format!("node_to_node = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("[hub] node_to_node") && e.contains("\"direct\", \"kernel\", \"off\""),
+                "{bad}: {e}"
+            );
+        }
+        let e = with("node_to_node = false\n").unwrap_err().to_string();
+        assert!(e.contains("node_to_node"), "{e}");
     }
 
     #[test]

@@ -223,6 +223,7 @@ pub fn needs_restart(old: &HubConfig, new: &HubConfig) -> Vec<&'static str> {
     check(old.addresses != new.addresses, "addresses");
     check(old.mtu != new.mtu, "mtu");
     check(old.keepalive != new.keepalive, "keepalive");
+    check(old.node_to_node != new.node_to_node, "node_to_node");
     check(old.routes != new.routes, "routes");
     check(old.tls_tunnels != new.tls_tunnels, "tls_tunnels");
     check(old.xlat != new.xlat, "[xlat]");
@@ -253,6 +254,7 @@ fn keep_running(new: &mut HubConfig, old: &HubConfig) {
     new.addresses = old.addresses.clone();
     new.mtu = old.mtu;
     new.keepalive = old.keepalive;
+    new.node_to_node = old.node_to_node;
     new.routes = old.routes;
     new.tls_tunnels = old.tls_tunnels;
     new.xlat = old.xlat.clone();
@@ -455,6 +457,49 @@ pub fn keepalive_warning(keepalive: u16) -> Option<String> {
     }
 }
 
+/// Why `[hub] node_to_node = "kernel"` will not carry nodes' traffic to
+/// each other, if it will not: the host's kernel must forward (what it reads
+/// from `/proc/sys`, `None` when unreadable) for the packets the hub leaves
+/// to it to come back into the TUN.
+pub fn kernel_forwarding_warning(
+    mode: crate::wg::device::NodeToNode,
+    ipv4: Option<bool>,
+    ipv6: Option<bool>,
+) -> Option<String> {
+    if mode != crate::wg::device::NodeToNode::Kernel {
+        return None;
+    }
+    let off: Vec<&str> = [
+        (ipv4, "net.ipv4.ip_forward"),
+        (ipv6, "net.ipv6.conf.all.forwarding"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on == Some(false))
+    .map(|(_, name)| name)
+    .collect();
+    if off.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "[hub] node_to_node = \"kernel\" but {} {} 0: nodes cannot reach each other until the host forwards (sysctl -w {}; its firewall's forward chain then decides)",
+        off.join(" and "),
+        if off.len() > 1 { "are" } else { "is" },
+        off.iter()
+            .map(|n| format!("{n}=1"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ))
+}
+
+/// Whether the host forwards IPv4 and IPv6 (`None`: unreadable).
+pub fn host_forwarding() -> (Option<bool>, Option<bool>) {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim() != "0");
+    (
+        read("/proc/sys/net/ipv4/ip_forward"),
+        read("/proc/sys/net/ipv6/conf/all/forwarding"),
+    )
+}
+
 pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
     DeviceConfig {
         name: cfg.interface.clone(),
@@ -463,7 +508,7 @@ pub fn device_config(cfg: &HubConfig) -> DeviceConfig {
         listen_port: cfg.listen_port,
         addresses: cfg.addresses.clone(),
         mtu: cfg.mtu,
-        forward: true,
+        forward: cfg.node_to_node,
         keepalive: cfg.keepalive,
         peers: cfg
             .peers
@@ -643,6 +688,10 @@ async fn run_inner(
     if let Some(why) = keepalive_warning(cfg.keepalive) {
         warn!(keepalive = cfg.keepalive, "{why}");
     }
+    let (v4, v6) = host_forwarding();
+    if let Some(why) = kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+        warn!("{why}");
+    }
     crate::sd_notify::ready();
     let _watchdog = crate::sd_notify::spawn_watchdog();
     let mut poll = tokio::time::interval(CONFIG_POLL);
@@ -769,6 +818,47 @@ mod tests {
         assert!(keepalive_warning(0).is_some_and(|w| w.contains("keepalive = 0")));
         assert!(keepalive_warning(5).is_some_and(|w| w.contains("at least 10 s")));
         assert!(keepalive_warning(25).is_some_and(|w| w.contains("at least 50 s")));
+    }
+
+    #[test]
+    fn kernel_node_to_node_warns_when_the_host_does_not_forward() {
+        use crate::wg::device::NodeToNode;
+        let w = |m, v4, v6| kernel_forwarding_warning(m, v4, v6);
+        assert_eq!(w(NodeToNode::Direct, Some(false), Some(false)), None);
+        assert_eq!(w(NodeToNode::Off, Some(false), Some(false)), None);
+        assert_eq!(w(NodeToNode::Kernel, Some(true), Some(true)), None);
+        assert_eq!(
+            w(NodeToNode::Kernel, None, None),
+            None,
+            "unreadable: no guess"
+        );
+        let v4 = w(NodeToNode::Kernel, Some(false), Some(true)).unwrap();
+        assert!(
+            v4.contains("net.ipv4.ip_forward is 0") && !v4.contains("ipv6"),
+            "{v4}"
+        );
+        let both = w(NodeToNode::Kernel, Some(false), Some(false)).unwrap();
+        assert!(
+            both.contains("net.ipv6.conf.all.forwarding are 0"),
+            "{both}"
+        );
+        assert!(
+            both.contains("sysctl -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"),
+            "{both}"
+        );
+    }
+
+    #[test]
+    fn node_to_node_needs_a_restart() {
+        let old = hub(K1, "");
+        let mut new = hub(K1, "node_to_node = \"off\"\n");
+        assert_eq!(needs_restart(&old, &new), ["node_to_node"]);
+        keep_running(&mut new, &old);
+        assert_eq!(new.node_to_node, old.node_to_node);
+        assert_eq!(
+            device_config(&hub(K1, "node_to_node = \"kernel\"\n")).forward,
+            crate::wg::device::NodeToNode::Kernel
+        );
     }
 
     #[test]

@@ -904,7 +904,7 @@ async fn run_inner(
         listen_port: cfg.listen_port,
         addresses: cfg.addresses.clone(),
         mtu: cfg.mtu,
-        forward: false,
+        forward: crate::wg::device::NodeToNode::Kernel,
         keepalive: 0,
         peers,
         xlat: None,

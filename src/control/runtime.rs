@@ -722,6 +722,59 @@ mod tests {
         assert!(env.file_ports.contains(&(Protocol::Tcp, 80)));
     }
 
+    /// The hub's own addresses are in use: never handed out from a pool,
+    /// never taken by a peer that asks for them.
+    #[test]
+    fn the_hubs_own_addresses_go_to_no_node() {
+        let text = "[hub]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n\
+                    addresses = [\"100.64.0.1/10\", \"fd77:6777::1/48\"]\n\
+                    [control]\nstate_dir = \"/var/lib/gw\"\n\
+                    pools = [\"100.64.0.0/29\", \"fd77:6777::/125\"]\n";
+        let cfg = HubConfig::parse("hub.toml", text, std::path::Path::new("/etc/gw")).unwrap();
+        let running = cfg.control.clone().unwrap();
+        let env = FileEnv::new(cfg, &running);
+        let check = |_: &RawRoute| Ok(());
+        let held = |_: &str, _: &str| Ok(());
+        let ctx = Context {
+            now: 1,
+            check_route: &check,
+            file_hosts: &env.file_hosts,
+            file_keys: &env.file_keys,
+            used_ips: &env.used_ips,
+            pools: &running.pools,
+            ports: running.ports.clone(),
+            file_ports: &env.file_ports,
+            max_ports_per_node: running.max_ports_per_node,
+            held_elsewhere: &held,
+        };
+        let key = |i: u8| {
+            crate::keys::PrivateKey::from_bytes([i; 32])
+                .public_key()
+                .to_base64()
+        };
+        let mut s = State::default();
+        for n in ["100.64.0.1/32", "100.64.0.0/30", "fd77:6777::1/128"] {
+            let e = s
+                .add_node(&ctx, &key(1), None, Some(vec![n.parse().unwrap()]))
+                .unwrap_err();
+            assert_eq!(e.status, 409, "{n}: {e}");
+        }
+        // Round the whole pool: .2 to .6 (and ::2 to ::6), never .1 or ::1.
+        let mut given = Vec::new();
+        for i in 1..=5u8 {
+            let r = s.add_node(&ctx, &key(i), None, None).unwrap();
+            given.extend(r.allowed_ips.iter().map(|n| n.addr()));
+        }
+        assert_eq!(given.len(), 10);
+        for own in ["100.64.0.1", "fd77:6777::1"] {
+            assert!(!given.contains(&own.parse().unwrap()), "{own} handed out");
+        }
+        assert_eq!(
+            s.add_node(&ctx, &key(9), None, None).unwrap_err().status,
+            409
+        );
+    }
+
     #[test]
     fn a_peer_removed_and_added_again_gets_its_new_addresses() {
         use crate::control::state::{NodeOrigin, NodeRecord};

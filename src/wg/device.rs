@@ -107,6 +107,8 @@ pub enum DropReason {
     /// A handshake carrying a cookie from a source past its share
     /// ([`handshake_limit`]): dropped before any Diffie-Hellman.
     HandshakeRateLimited,
+    /// A decrypted packet whose source is not one of its peer's allowed IPs,
+    /// or is one of the device's own addresses.
     SourceNotAllowed,
     NoRoute,
     NoEndpoint,
@@ -120,11 +122,14 @@ pub enum DropReason {
     /// Not a dropped packet but a refused roam: an authenticated datagram
     /// came from an address inside its peer's own allowed IPs.
     EndpointLoop,
+    /// A packet from one peer for another that the device does not forward
+    /// between peers (`[hub] node_to_node = "off"`).
+    NodeToNode,
     Other,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
@@ -145,6 +150,7 @@ impl DropReason {
         DropReason::TunRead,
         DropReason::UdpSend,
         DropReason::EndpointLoop,
+        DropReason::NodeToNode,
         DropReason::Other,
     ];
 
@@ -170,6 +176,7 @@ impl DropReason {
             DropReason::TunRead => "tun_read",
             DropReason::UdpSend => "udp_send",
             DropReason::EndpointLoop => "endpoint_loop",
+            DropReason::NodeToNode => "node_to_node",
             DropReason::Other => "other",
         }
     }
@@ -232,6 +239,106 @@ pub enum Mode {
     Wg,
 }
 
+/// What the device does with a decrypted packet from one peer whose
+/// destination belongs to another (`[hub] node_to_node`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeToNode {
+    /// Encrypted again and sent to that peer inside the device: the host's
+    /// kernel never sees it (a hub's default).
+    #[default]
+    Direct,
+    /// Written to the TUN like any other packet: the kernel routes it back
+    /// into the TUN (when it forwards) and its firewall decides. A node's
+    /// and a `wg` device's choice, as they do not forward between peers.
+    Kernel,
+    /// Dropped and counted (`node_to_node`).
+    Off,
+}
+
+impl NodeToNode {
+    /// The names `[hub] node_to_node` takes.
+    pub const NAMES: [&'static str; 3] = ["direct", "kernel", "off"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(NodeToNode::Direct),
+            "kernel" => Some(NodeToNode::Kernel),
+            "off" => Some(NodeToNode::Off),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeToNode::Direct => "direct",
+            NodeToNode::Kernel => "kernel",
+            NodeToNode::Off => "off",
+        }
+    }
+}
+
+/// The host parts of the device's own TUN addresses: packets for them are
+/// the host's, whatever a peer's allowed IPs say, and no peer may send from
+/// them. A handful at most, so a linear scan.
+#[derive(Debug, Default)]
+struct OwnAddrs(Vec<IpAddr>);
+
+impl OwnAddrs {
+    fn new(nets: &[IpNet]) -> Self {
+        let mut v: Vec<IpAddr> = nets.iter().map(|n| n.addr()).collect();
+        v.sort_unstable();
+        v.dedup();
+        OwnAddrs(v)
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip)
+    }
+}
+
+/// Where a decrypted packet from a peer goes ([`place`]).
+enum Place<'t> {
+    Tun,
+    Peer(&'t Arc<Peer>),
+    Drop(DropReason),
+}
+
+/// Decides where a decrypted packet from `from` with source `src` and
+/// destination `dst` (`None`: not an IP header the device reads) goes:
+/// cryptokey routing first (the source must be one of `from`'s allowed IPs
+/// and none of the device's own addresses), then the device's own
+/// addresses (always the TUN's), then another peer's as `forward` says.
+fn place<'t>(
+    table: &'t Table,
+    own: &OwnAddrs,
+    forward: NodeToNode,
+    from: &Arc<Peer>,
+    src: IpAddr,
+    dst: Option<IpAddr>,
+) -> Place<'t> {
+    let owner = table.routes.lookup(src);
+    if !owner.is_some_and(|o| Arc::ptr_eq(o, from)) || own.contains(src) {
+        return Place::Drop(DropReason::SourceNotAllowed);
+    }
+    if forward == NodeToNode::Kernel {
+        return Place::Tun;
+    }
+    let Some(dst) = dst else {
+        return Place::Tun;
+    };
+    if own.contains(dst) {
+        return Place::Tun;
+    }
+    match table.routes.lookup(dst) {
+        Some(to) if !Arc::ptr_eq(to, from) => match forward {
+            NodeToNode::Off => Place::Drop(DropReason::NodeToNode),
+            _ => Place::Peer(to),
+        },
+        _ => Place::Tun,
+    }
+}
+
 /// A peer as configured.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -253,8 +360,10 @@ pub struct DeviceConfig {
     /// Addresses (with their prefixes) put on the TUN; the prefixes become routes.
     pub addresses: Vec<IpNet>,
     pub mtu: u16,
-    /// Forward packets between peers inside the device, as a hub does.
-    pub forward: bool,
+    /// What becomes of packets between peers: a hub forwards them inside the
+    /// device (`Direct`) unless configured otherwise; a node leaves them to
+    /// the kernel (`Kernel`).
+    pub forward: NodeToNode,
     /// Keepalive the device sends to every peer it has heard from recently, in
     /// seconds (0: off). Unlike WireGuard's persistent keepalive it does not make
     /// the device initiate handshakes towards peers that are gone.
@@ -578,7 +687,9 @@ impl Sockets {
 pub struct Inner {
     pub name: String,
     pub mode: Mode,
-    forward: bool,
+    forward: NodeToNode,
+    /// The TUN's own addresses (they change only with a restart).
+    own: Arc<OwnAddrs>,
     keepalive: AtomicU32,
     tun: tun_rs::AsyncDevice,
     /// The TUN was opened with virtio-net headers: reads may be TSO super-packets
@@ -801,6 +912,7 @@ impl Device {
             name: cfg.name.clone(),
             mode: cfg.mode,
             forward: cfg.forward,
+            own: Arc::new(OwnAddrs::new(&cfg.addresses)),
             keepalive: AtomicU32::new(u32::from(cfg.keepalive)),
             tun,
             offload,
@@ -1588,6 +1700,7 @@ impl Inner {
             // One table snapshot per batch, as in the TUN loop: no shared
             // reference count touched per datagram.
             let table = self.table.load_full();
+            let own = &*self.own;
             let mut k = 0;
             let mut sink = TunSink {
                 bufs: &mut batch,
@@ -1618,7 +1731,7 @@ impl Inner {
                         local,
                     };
                     self.handle_datagram(
-                        &table, &udp, datagram, from, &mut out, &mut fwd, &mut xout, &mut sink,
+                        &table, own, &udp, datagram, from, &mut out, &mut fwd, &mut xout, &mut sink,
                     )
                     .await;
                 }
@@ -1747,6 +1860,7 @@ impl Inner {
     async fn handle_datagram(
         &self,
         table: &Table,
+        own: &OwnAddrs,
         sock: &Udp,
         datagram: &[u8],
         at: Endpoint,
@@ -1846,18 +1960,23 @@ impl Inner {
                 }
             }
             Out::Tunnel(a, b, src) => {
-                // Cryptokey routing: the source must be one of this peer's allowed IPs.
-                let owner = table.routes.lookup(src);
-                if !owner.is_some_and(|o| Arc::ptr_eq(o, &peer)) {
-                    self.drops.inc(DropReason::SourceNotAllowed);
-                    peer.src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
                 let Some(pkt) = out.get_mut(a..b) else {
                     return;
                 };
-                if self.forward_to_peer(table, &peer, pkt, fwd).await {
-                    return;
+                match place(table, own, self.forward, &peer, src, packet::dst(pkt)) {
+                    Place::Tun => {}
+                    Place::Peer(to) => {
+                        if self.forward_to_peer(to, pkt, fwd).await {
+                            return;
+                        }
+                    }
+                    Place::Drop(r) => {
+                        self.drops.inc(r);
+                        if r == DropReason::SourceNotAllowed {
+                            peer.src_not_allowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return;
+                    }
                 }
                 if let Some(x) = &self.xlat {
                     let now = self.now_ms() / 1000;
@@ -1878,27 +1997,10 @@ impl Inner {
         }
     }
 
-    /// Forwards a decrypted packet to another peer when the device forwards and
-    /// the destination belongs to one. Returns false when the packet is for the TUN.
-    async fn forward_to_peer(
-        &self,
-        table: &Table,
-        from: &Arc<Peer>,
-        pkt: &mut [u8],
-        fwd: &mut [u8],
-    ) -> bool {
-        if !self.forward {
-            return false;
-        }
-        let Some(dst) = packet::dst(pkt) else {
-            return false;
-        };
-        let Some(to) = table.routes.lookup(dst) else {
-            return false;
-        };
-        if Arc::ptr_eq(to, from) {
-            return false;
-        }
+    /// Forwards a decrypted packet to the peer `to` ([`place`] chose it).
+    /// Returns false when the packet is for the TUN after all (its hop
+    /// limit ran out: the kernel answers).
+    async fn forward_to_peer(&self, to: &Peer, pkt: &mut [u8], fwd: &mut [u8]) -> bool {
         match packet::decrement_hop_limit(pkt) {
             Hop::Forward => {
                 self.send_to_peer(to, pkt, fwd).await;
@@ -2672,6 +2774,127 @@ mod tests {
             let set: std::collections::BTreeSet<_> = v.iter().collect();
             assert_eq!(set.len(), v.len(), "a prefix listed twice");
         }
+    }
+
+    /// Where [`place`] sends a packet, by peer index.
+    fn placed(
+        t: &Table,
+        own: &OwnAddrs,
+        forward: NodeToNode,
+        from: &Arc<Peer>,
+        src: &str,
+        dst: &str,
+    ) -> Result<Option<u32>, DropReason> {
+        match place(
+            t,
+            own,
+            forward,
+            from,
+            src.parse().unwrap(),
+            Some(dst.parse().unwrap()),
+        ) {
+            Place::Tun => Ok(None),
+            Place::Peer(p) => Ok(Some(p.index)),
+            Place::Drop(r) => Err(r),
+        }
+    }
+
+    /// Node 1 at 100.64.0.2, node 2 at 100.64.0.3, and node 3 holding a
+    /// prefix around the hub's own 100.64.0.1 and fd77::1 (as a peer set
+    /// over UAPI or by an older state may).
+    fn hub_table() -> (Table, OwnAddrs, [Arc<Peer>; 3]) {
+        let peers = [test_peer(1), test_peer(2), test_peer(3)];
+        let mut t = Table::default();
+        for p in &peers {
+            add(&mut t, p);
+        }
+        t.claim(&peers[0], &nets(&["100.64.0.2/32"]));
+        t.claim(&peers[1], &nets(&["100.64.0.3/32"]));
+        t.claim(&peers[2], &nets(&["100.64.0.0/30", "fd77::/64"]));
+        let own = OwnAddrs::new(&nets(&["100.64.0.1/10", "fd77::1/48", "100.64.0.1/32"]));
+        (t, own, peers)
+    }
+
+    #[test]
+    fn the_hubs_own_addresses_are_never_a_peers() {
+        let (t, own, [a, _, c]) = hub_table();
+        assert_eq!(own.0.len(), 2, "host parts, once each");
+        for forward in [NodeToNode::Direct, NodeToNode::Off, NodeToNode::Kernel] {
+            // For the hub: the TUN, though node 3's prefix holds it.
+            assert_eq!(
+                placed(&t, &own, forward, &a, "100.64.0.2", "100.64.0.1"),
+                Ok(None)
+            );
+            // From the hub's address: dropped, though node 3 may send from
+            // its prefix.
+            assert_eq!(
+                placed(&t, &own, forward, &c, "100.64.0.1", "100.64.0.2"),
+                Err(DropReason::SourceNotAllowed)
+            );
+            assert_eq!(
+                placed(&t, &own, forward, &c, "fd77::1", "fd77::5"),
+                Err(DropReason::SourceNotAllowed)
+            );
+        }
+        // The rest of node 3's prefix is still its own.
+        assert_eq!(
+            placed(&t, &own, NodeToNode::Direct, &a, "100.64.0.2", "100.64.0.0"),
+            Ok(Some(3))
+        );
+        assert_eq!(
+            placed(&t, &own, NodeToNode::Direct, &c, "fd77::2", "100.64.0.2"),
+            Ok(Some(1))
+        );
+        // Cryptokey routing as before: a source that is another peer's.
+        assert_eq!(
+            placed(&t, &own, NodeToNode::Direct, &a, "100.64.0.3", "100.64.0.1"),
+            Err(DropReason::SourceNotAllowed)
+        );
+    }
+
+    #[test]
+    fn node_to_node_traffic_goes_where_the_setting_says() {
+        let (t, own, [a, b, _]) = hub_table();
+        let to_b = |f| placed(&t, &own, f, &a, "100.64.0.2", "100.64.0.3");
+        assert_eq!(to_b(NodeToNode::Direct), Ok(Some(2)));
+        assert_eq!(to_b(NodeToNode::Kernel), Ok(None));
+        assert_eq!(to_b(NodeToNode::Off), Err(DropReason::NodeToNode));
+        for f in [NodeToNode::Direct, NodeToNode::Kernel, NodeToNode::Off] {
+            // Elsewhere (no peer's) and back to the sender: the TUN's.
+            assert_eq!(placed(&t, &own, f, &a, "100.64.0.2", "192.0.2.1"), Ok(None));
+            assert_eq!(
+                placed(&t, &own, f, &b, "100.64.0.3", "100.64.0.3"),
+                Ok(None)
+            );
+        }
+        // Not an IP header the device reads: the TUN's, as before.
+        assert!(matches!(
+            place(
+                &t,
+                &own,
+                NodeToNode::Off,
+                &a,
+                "100.64.0.2".parse().unwrap(),
+                None
+            ),
+            Place::Tun
+        ));
+        for n in NodeToNode::NAMES {
+            assert_eq!(NodeToNode::parse(n).map(NodeToNode::as_str), Some(n));
+        }
+        assert_eq!(NodeToNode::parse("Direct"), None);
+    }
+
+    /// The drop a packet that [`place`] refuses is counted under.
+    #[test]
+    fn refused_node_to_node_packets_have_a_counter() {
+        let d = DropCounters::default();
+        let (t, own, [a, _, _]) = hub_table();
+        if let Err(r) = placed(&t, &own, NodeToNode::Off, &a, "100.64.0.2", "100.64.0.3") {
+            d.inc(r);
+        }
+        assert_eq!(d.get(DropReason::NodeToNode), 1);
+        assert_eq!(d.snapshot().get("node_to_node"), Some(&1));
     }
 
     #[test]
