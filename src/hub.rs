@@ -603,7 +603,14 @@ async fn run_inner(
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
     let carrier = if cfg.tls_tunnels {
         let d = dev.inner.clone();
-        Some(Arc::new(crate::carrier::Hub::new(move || d.loopback())?))
+        // Weak: the carrier does not keep the device alive.
+        let w = Arc::downgrade(&dev.inner);
+        let hub = crate::carrier::Hub::new(move || d.loopback())?.on_relay_closed(move |relay| {
+            if let Some(d) = w.upgrade() {
+                d.forget_endpoint(relay);
+            }
+        });
+        Some(Arc::new(hub))
     } else {
         None
     };

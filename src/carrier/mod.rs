@@ -19,6 +19,7 @@
 pub mod connect;
 pub mod frame;
 pub mod path;
+pub mod pool;
 pub mod ws;
 
 use bytes::BytesMut;
@@ -54,23 +55,73 @@ pub const IDLE: Duration = Duration::from_secs(300);
 /// whatever it sends (at most with a cookie reply, under load, which does not
 /// count).
 pub const FIRST: Duration = Duration::from_secs(15);
-/// Most carried tunnels a hub holds at once (over TLS and WebSocket
-/// together); beyond, new ones are refused (counted as failed). Each holds a
-/// task, a loopback socket and its buffers for as long as it lives, which
-/// a WebSocket one does after its HTTP connection has ended. (Neither holds
-/// a slot of the proxy's `max_connections` once the carrier has it.)
+/// Most proven carried tunnels (ones that carried a session,
+/// [`carries_session`]) a hub holds at once, over TLS and WebSocket
+/// together; a stream that proves itself when they are all taken is closed
+/// (counted as failed). Each holds a task, a loopback socket and its
+/// buffers for as long as it lives, which a WebSocket one does after its
+/// HTTP connection has ended. (Neither holds a slot of the proxy's
+/// `max_connections` once the carrier has it.) Streams not yet proven
+/// live apart, within [`MAX_UNPROVEN`], so strangers cannot take these.
 pub const MAX_CARRIED: usize = 8192;
-/// Carried tunnels open at once from one client address (an IPv6 client's
-/// /64): a stranger cannot take every slot and shut out the nodes whose
-/// networks let only TLS out, while a few hundred nodes behind one NAT still
-/// fit.
+/// Proven carried tunnels open at once from one client address (an IPv6
+/// client's /64): a few hundred nodes behind one NAT fit.
 pub const MAX_CARRIED_PER_SOURCE: usize = 256;
+/// Most carried streams a hub holds at once that have not yet carried a
+/// session (from their TLS handshake, or WebSocket upgrade, to the
+/// device's first session datagram through them; at most [`FIRST`]). When
+/// they are all taken, the oldest is closed to make room (counted as
+/// evicted): a real node proves itself within one round trip of its
+/// stream opening (its device starts a handshake at once, which the hub's
+/// answers), so whoever holds the pool with idle streams has to open new
+/// ones faster than that, hundreds a second and each a TLS handshake, to
+/// shut anyone out; holding them costs nothing. 512 lets that many nodes
+/// come back at once (after the hub restarts, say) with no eviction, and
+/// their handshakes, answered in a round trip, empty it again at once.
+pub const MAX_UNPROVEN: usize = 512;
+/// Unproven streams at once from one client address (an IPv6 client's
+/// /64); beyond, new ones are refused (counted as failed). Nodes behind one
+/// NAT that come back together take a round trip each; 16 is room for
+/// that, and takes a stranger 32 sources to fill [`MAX_UNPROVEN`] (which
+/// then evicts their own oldest streams first).
+pub const MAX_UNPROVEN_PER_SOURCE: usize = 16;
 
-/// One carried tunnel's place: a slot of [`MAX_CARRIED`] and one of its
-/// source's [`MAX_CARRIED_PER_SOURCE`], both given back when dropped.
+/// The limits of a hub's carried tunnels.
+const LIMITS: pool::Limits = pool::Limits {
+    unproven: MAX_UNPROVEN,
+    unproven_per_source: MAX_UNPROVEN_PER_SOURCE,
+    proven: MAX_CARRIED,
+    proven_per_source: MAX_CARRIED_PER_SOURCE,
+};
+
+/// A hub's places of carried tunnels, by client address key
+/// ([`crate::per_source::source_key`]), each unproven one holding what
+/// stops it when evicted.
+type Places = parking_lot::Mutex<pool::Pool<IpAddr, Arc<tokio::sync::Notify>>>;
+
+/// One carried tunnel's place in the hub's [`pool`]: unproven first (one
+/// of [`MAX_UNPROVEN`] and of its source's [`MAX_UNPROVEN_PER_SOURCE`]),
+/// then, proven, one of [`MAX_CARRIED`] and of its source's
+/// [`MAX_CARRIED_PER_SOURCE`]; given back when dropped.
 pub struct CarrySlot {
-    _all: tokio::sync::OwnedSemaphorePermit,
-    _source: crate::per_source::SourceSlot,
+    places: Arc<Places>,
+    id: u64,
+    /// Notified when the stream is evicted to make room.
+    evicted: Arc<tokio::sync::Notify>,
+}
+
+impl CarrySlot {
+    /// The stream carried a session: moves it to the proven pool, or
+    /// `false` when there is no room there (the stream is to be closed).
+    fn prove(&self) -> bool {
+        self.places.lock().promote(self.id).is_ok()
+    }
+}
+
+impl Drop for CarrySlot {
+    fn drop(&mut self) {
+        self.places.lock().release(self.id);
+    }
 }
 /// Most bytes of datagrams gathered into one write to the stream.
 const BATCH: usize = 64 * 1024;
@@ -93,6 +144,9 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Streams closed for a broken frame.
     pub bad_frames: AtomicU64,
+    /// Unproven streams closed to make room for a new one
+    /// ([`MAX_UNPROVEN`]).
+    pub evicted: AtomicU64,
     /// Datagram bytes received from the stream and sent to the stream.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -104,6 +158,8 @@ pub struct CountersSnapshot {
     pub open: u64,
     pub failed: u64,
     pub bad_frames: u64,
+    #[serde(default)]
+    pub evicted: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -115,6 +171,7 @@ impl Counters {
             open: self.open.load(Relaxed),
             failed: self.failed.load(Relaxed),
             bad_frames: self.bad_frames.load(Relaxed),
+            evicted: self.evicted.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
         }
@@ -183,6 +240,11 @@ pub enum End {
     Local(io::ErrorKind),
     /// Its end is stopping.
     Stopped,
+    /// Closed unproven to make room for a new stream ([`MAX_UNPROVEN`]).
+    Evicted,
+    /// It carried a session, but every proven slot ([`MAX_CARRIED`], or
+    /// its source's [`MAX_CARRIED_PER_SOURCE`]) was taken.
+    Full,
 }
 
 /// A UDP socket on loopback connected to `device` (a device's port on
@@ -232,7 +294,7 @@ pub async fn relay_framed<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    relay_ends(stream, udp, idle, first, c, framing, false).await
+    relay_ends(stream, udp, idle, first, c, framing, false, &|| true).await
 }
 
 /// [`relay_framed`] on a node's end, where the stream is the node's own
@@ -249,9 +311,12 @@ pub async fn relay_node<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    relay_ends(stream, udp, idle, idle, c, framing, true).await
+    relay_ends(stream, udp, idle, idle, c, framing, true, &|| true).await
 }
 
+/// `prove`: asked at the device's first session datagram, before it goes
+/// into the stream; `false` ends the relay ([`End::Full`]).
+#[allow(clippy::too_many_arguments)]
 async fn relay_ends<S>(
     stream: S,
     udp: &UdpSocket,
@@ -260,6 +325,7 @@ async fn relay_ends<S>(
     c: &Counters,
     framing: Framing,
     stream_keeps: bool,
+    prove: &(dyn Fn() -> bool + Sync),
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -372,6 +438,9 @@ where
                     Err(_) => break,
                 }
             }
+            if session && !answered.load(Relaxed) && !prove() {
+                return End::Full;
+            }
             if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
                 return End::Closed;
             }
@@ -464,10 +533,11 @@ pub struct Hub {
     pub counters: Counters,
     /// Set when the hub stops: every carried tunnel closes.
     stop: tokio::sync::watch::Sender<bool>,
-    /// One permit per carried tunnel ([`MAX_CARRIED`]).
-    slots: Arc<tokio::sync::Semaphore>,
-    /// Open tunnels per source ([`MAX_CARRIED_PER_SOURCE`]).
-    per_source: Arc<crate::per_source::PerSource>,
+    /// Carried tunnels, unproven and proven ([`pool`]).
+    places: Arc<Places>,
+    /// Told a relay's loopback address when the relay has ended (its
+    /// socket still open, so the address is not yet anyone else's).
+    on_relay_closed: Option<Box<dyn Fn(SocketAddr) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -491,32 +561,47 @@ impl Hub {
             device: Box::new(device),
             counters: Counters::default(),
             stop: tokio::sync::watch::channel(false).0,
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CARRIED)),
-            per_source: Arc::default(),
+            places: Arc::new(parking_lot::Mutex::new(pool::Pool::new(LIMITS))),
+            on_relay_closed: None,
         })
     }
 
-    /// A slot for one more carried tunnel from `client`, or `None` (counted
-    /// as failed) when [`MAX_CARRIED`] are open, or
-    /// [`MAX_CARRIED_PER_SOURCE`] from its address.
+    /// Calls `f` with a relay's loopback address when the relay has ended:
+    /// the device is to forget it as a peer's endpoint (the next stream
+    /// given the same port may be another node's).
+    pub fn on_relay_closed(mut self, f: impl Fn(SocketAddr) + Send + Sync + 'static) -> Hub {
+        self.on_relay_closed = Some(Box::new(f));
+        self
+    }
+
+    /// An unproven place for one more carried tunnel from `client`, or
+    /// `None` (counted as failed) when [`MAX_UNPROVEN_PER_SOURCE`] from its
+    /// address are unproven. When [`MAX_UNPROVEN`] are, the oldest of them
+    /// is closed to make room (counted as evicted).
     pub fn try_slot(&self, client: std::net::IpAddr) -> Option<CarrySlot> {
-        let s = self
-            .per_source
-            .take(
-                crate::per_source::source_key(client),
-                MAX_CARRIED_PER_SOURCE,
-            )
-            .and_then(|source| {
-                let all = self.slots.clone().try_acquire_owned().ok()?;
+        let evicted = Arc::new(tokio::sync::Notify::new());
+        let admitted = self
+            .places
+            .lock()
+            .admit(crate::per_source::source_key(client), evicted.clone());
+        match admitted {
+            Ok((id, old)) => {
+                if let Some(old) = old {
+                    self.counters.evicted.fetch_add(1, Relaxed);
+                    // Kept for the stream if it is not waiting yet.
+                    old.notify_one();
+                }
                 Some(CarrySlot {
-                    _all: all,
-                    _source: source,
+                    places: self.places.clone(),
+                    id,
+                    evicted,
                 })
-            });
-        if s.is_none() {
-            self.counters.failed.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.counters.failed.fetch_add(1, Relaxed);
+                None
+            }
         }
-        s
     }
 
     /// Closes every carried tunnel (the hub is stopping).
@@ -530,11 +615,19 @@ impl Hub {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let Some(_slot) = self.try_slot(client.ip()) else {
-            debug!(client = %client, "carried tunnel refused: the hub's or this address's limit is reached");
+        let Some(slot) = self.try_slot(client.ip()) else {
+            debug!(client = %client, "carried tunnel refused: this address's unproven streams are at their limit");
             return;
         };
-        let tls = match tokio::time::timeout(handshake, self.acceptor.accept(io)).await {
+        let accept = tokio::time::timeout(handshake, self.acceptor.accept(io));
+        let tls = tokio::select! {
+            r = accept => r,
+            _ = slot.evicted.notified() => {
+                debug!(client = %client, "carried tunnel closed in its TLS handshake to make room");
+                return;
+            }
+        };
+        let tls = match tls {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 self.counters.failed.fetch_add(1, Relaxed);
@@ -547,7 +640,7 @@ impl Hub {
                 return;
             }
         };
-        self.carry(tls, client, Framing::Length).await;
+        self.carry(tls, client, Framing::Length, &slot).await;
     }
 
     /// Serves one WebSocket carried tunnel (the hub's HTTP listener
@@ -557,11 +650,10 @@ impl Hub {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        self.carry(io, client, Framing::WsHub).await;
-        drop(slot);
+        self.carry(io, client, Framing::WsHub, &slot).await;
     }
 
-    async fn carry<IO>(&self, stream: IO, client: SocketAddr, framing: Framing)
+    async fn carry<IO>(&self, stream: IO, client: SocketAddr, framing: Framing, slot: &CarrySlot)
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -577,13 +669,35 @@ impl Hub {
         debug!(client = %client, relay = ?local, ?framing, "carried tunnel open");
         let mut stop = self.stop.subscribe();
         let t = Instant::now();
+        let prove = || slot.prove();
+        let relay = relay_ends(
+            stream,
+            &udp,
+            IDLE,
+            FIRST,
+            &self.counters,
+            framing,
+            false,
+            &prove,
+        );
         let end = tokio::select! {
-            e = relay_framed(stream, &udp, IDLE, FIRST, &self.counters, framing) => e,
+            e = relay => e,
             _ = stop.wait_for(|s| *s) => End::Stopped,
+            // Only an unproven stream is ever evicted.
+            _ = slot.evicted.notified() => End::Evicted,
         };
+        if end == End::Full {
+            self.counters.failed.fetch_add(1, Relaxed);
+        }
+        // The device forgets the address while the socket still holds it.
+        if let (Some(f), Some(a)) = (&self.on_relay_closed, local) {
+            f(a);
+        }
+        drop(udp);
         let secs = t.elapsed().as_secs();
-        // Connections that never carried a message are not worth a line each.
-        if end == End::Silent {
+        // Connections that never carried a message (or were made room of)
+        // are not worth a line each.
+        if matches!(end, End::Silent | End::Evicted) {
             debug!(client = %client, relay = ?local, end = ?end, secs, "carried tunnel closed");
         } else {
             info!(client = %client, relay = ?local, ?framing, end = ?end, secs, "carried tunnel closed");
@@ -1493,24 +1607,274 @@ mod tests {
     }
 
     /// One address (an IPv6 client's /64) holds at most
-    /// `MAX_CARRIED_PER_SOURCE` slots; others still get theirs, and a
-    /// dropped slot is given back.
+    /// `MAX_CARRIED_PER_SOURCE` proven slots and `MAX_UNPROVEN_PER_SOURCE`
+    /// unproven ones; others still get theirs, and a dropped slot is given
+    /// back.
     #[tokio::test]
     async fn one_source_cannot_take_every_slot() {
         let hub = Hub::new(|| "127.0.0.1:9".parse().unwrap()).unwrap();
         let a: std::net::IpAddr = "2001:db8:1:2::9".parse().unwrap();
         let mut held: Vec<CarrySlot> = (0..MAX_CARRIED_PER_SOURCE)
+            .map(|_| {
+                let s = hub.try_slot(a).unwrap();
+                assert!(s.prove());
+                s
+            })
+            .collect();
+        // Another address in the same /64 is the same source.
+        let more = hub.try_slot("2001:db8:1:2::77".parse().unwrap()).unwrap();
+        assert!(!more.prove());
+        drop(more);
+        let unproven: Vec<CarrySlot> = (0..MAX_UNPROVEN_PER_SOURCE)
             .map(|_| hub.try_slot(a).unwrap())
             .collect();
         assert!(hub.try_slot(a).is_none());
-        // Another address in the same /64 is the same source.
-        assert!(hub.try_slot("2001:db8:1:2::77".parse().unwrap()).is_none());
-        assert_eq!(hub.counters.failed.load(Relaxed), 2);
-        let other = hub.try_slot("2001:db8:1:3::9".parse().unwrap());
-        assert!(other.is_some());
+        assert_eq!(hub.counters.failed.load(Relaxed), 1);
+        let other = hub.try_slot("2001:db8:1:3::9".parse().unwrap()).unwrap();
+        assert!(other.prove());
         assert!(hub.try_slot("198.51.100.7".parse().unwrap()).is_some());
+        drop(unproven);
         held.pop();
-        assert!(hub.try_slot(a).is_some());
+        assert!(hub.try_slot(a).unwrap().prove());
+    }
+
+    /// A source's unproven streams are bounded; a full unproven pool makes
+    /// room by evicting its oldest (counted, the stream told); a proven
+    /// stream leaves it; a dropped slot gives its place back.
+    #[tokio::test]
+    async fn unproven_streams_make_room_oldest_first() {
+        let hub = Hub::new(|| "127.0.0.1:9".parse().unwrap()).unwrap();
+        let src = |i: usize| -> IpAddr { format!("2001:db8:{i:x}::9").parse().unwrap() };
+        let per = MAX_UNPROVEN_PER_SOURCE;
+        let mut held: Vec<CarrySlot> = (0..MAX_UNPROVEN)
+            .map(|i| hub.try_slot(src(i / per)).unwrap())
+            .collect();
+        // A source at its limit is refused; nothing is evicted for it.
+        assert!(hub.try_slot("2001:db8:0::77".parse().unwrap()).is_none());
+        assert_eq!(hub.counters.failed.load(Relaxed), 1);
+        assert_eq!(hub.counters.evicted.load(Relaxed), 0);
+        // A new source gets in: the oldest stream is told to stop, and its
+        // place is gone.
+        let new = hub.try_slot("198.51.100.7".parse().unwrap()).unwrap();
+        assert_eq!(hub.counters.evicted.load(Relaxed), 1);
+        let told = |s: &CarrySlot| {
+            let n = s.evicted.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), n.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(told(&held[0]).await);
+        assert!(!told(&held[1]).await);
+        assert!(!held[0].prove(), "an evicted stream has no place to prove");
+        assert_eq!(hub.places.lock().len(), (MAX_UNPROVEN, 0));
+        // Its source has room again.
+        held.push(hub.try_slot(src(0)).unwrap());
+        assert_eq!(hub.counters.evicted.load(Relaxed), 2);
+        // A proven stream leaves the unproven pool and is never evicted.
+        assert!(new.prove());
+        assert!(new.prove(), "twice: still proven");
+        assert_eq!(hub.places.lock().len(), (MAX_UNPROVEN - 1, 1));
+        held.push(hub.try_slot(src(99)).unwrap());
+        assert_eq!(hub.counters.evicted.load(Relaxed), 2, "room was made");
+        held.push(hub.try_slot(src(99)).unwrap());
+        assert_eq!(hub.counters.evicted.load(Relaxed), 3);
+        assert!(!told(&new).await);
+        drop(new);
+        drop(held);
+        assert!(hub.places.lock().is_empty(), "every place given back");
+    }
+
+    /// A stream that proves itself while every proven slot of its source,
+    /// or of the hub, is taken is closed, counted as failed.
+    #[tokio::test]
+    async fn a_proven_stream_needs_a_proven_slot() {
+        let dev = device().await;
+        let dev_addr = dev.local_addr().unwrap();
+        let hub = Hub::new(move || dev_addr).unwrap();
+        let src = |i: usize| -> IpAddr { format!("2001:db8:{i:x}::9").parse().unwrap() };
+        let prove = |ip: IpAddr| {
+            let s = hub.try_slot(ip).unwrap();
+            s.prove().then_some(s)
+        };
+        let mut held: Vec<CarrySlot> = (0..MAX_CARRIED_PER_SOURCE)
+            .map(|_| prove(src(0)).unwrap())
+            .collect();
+        assert!(
+            prove(src(0)).is_none(),
+            "its source's proven slots are taken"
+        );
+        for i in 1..MAX_CARRIED / MAX_CARRIED_PER_SOURCE {
+            held.extend((0..MAX_CARRIED_PER_SOURCE).map(|_| prove(src(i)).unwrap()));
+        }
+        assert!(prove(src(4000)).is_none(), "the hub's are");
+        // Through a relay: the device's first session datagram closes it.
+        let (near, mut far) = tokio::io::duplex(4096);
+        let slot = hub.try_slot(src(4000)).unwrap();
+        let relay = hub.carry(
+            near,
+            "[2001:db8:4000::9]:443".parse().unwrap(),
+            Framing::Length,
+            &slot,
+        );
+        let node = async {
+            let mut out = BytesMut::new();
+            frame::encode(&message(1, 148), &mut out).unwrap();
+            far.write_all(&out).await.unwrap();
+            let mut d = [0u8; 256];
+            let (_, from) = dev.recv_from(&mut d).await.unwrap();
+            dev.send_to(&message(2, 92), from).await.unwrap();
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = relay => {}
+            () = node => unreachable!(),
+        }
+        // The relay's (a slot that cannot prove is no failure by itself).
+        assert_eq!(hub.counters.failed.load(Relaxed), 1);
+        let mut b = [0u8; 16];
+        assert_eq!(
+            far.read(&mut b).await.unwrap(),
+            0,
+            "the response was not sent"
+        );
+        held.pop();
+        assert!(prove(src(4000)).is_some());
+    }
+
+    /// A node's tunnel over TLS comes up while idle streams from other
+    /// sources fill the unproven pool (one of them evicted for it, counted);
+    /// once proven it is not evicted by newer ones; a relay's end is told
+    /// with its loopback address.
+    #[tokio::test]
+    async fn a_node_comes_up_while_strangers_fill_the_unproven_pool() {
+        // The hub's device: a response to an initiation, a keepalive back
+        // for data.
+        let hub_dev = Arc::new(device().await);
+        let hub_addr = hub_dev.local_addr().unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let dev = hub_dev.clone();
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            let mut d = [0u8; 2048];
+            while let Ok((n, from)) = dev.recv_from(&mut d).await {
+                seen2.lock().push(from);
+                let reply = match d[..n].first() {
+                    Some(1) => message(2, 92),
+                    _ => message(4, 32),
+                };
+                let _ = dev.send_to(&reply, from).await;
+            }
+        });
+        let closed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let closed2 = closed.clone();
+        let hub = Arc::new(
+            Hub::new(move || hub_addr)
+                .unwrap()
+                .on_relay_closed(move |a| closed2.lock().push(a)),
+        );
+        // Strangers: idle WebSocket streams from 32 /64s, 16 each.
+        let mut strangers = Vec::new();
+        let stranger = |i: usize| {
+            let client: SocketAddr = format!("[2001:db8:{i:x}::9]:40000").parse().unwrap();
+            let slot = hub.try_slot(client.ip()).unwrap();
+            let (near, far) = tokio::io::duplex(64);
+            let h = hub.clone();
+            (
+                tokio::spawn(async move { h.serve_ws(near, client, slot).await }),
+                far,
+            )
+        };
+        for i in 0..MAX_UNPROVEN {
+            strangers.push(stranger(i / MAX_UNPROVEN_PER_SOURCE));
+        }
+        let open = |n: u64| {
+            let hub = hub.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while hub.counters.open.load(Relaxed) != n {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await
+                .is_ok()
+            }
+        };
+        assert!(open(MAX_UNPROVEN as u64).await);
+        // The node, over TLS.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let h = hub.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = l.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move { h.serve(s, peer, Duration::from_secs(5)).await });
+            }
+        });
+        let tls = connect(
+            client_config().unwrap(),
+            &Dial::Direct(at),
+            "hub.example",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let node_dev = device().await;
+        let udp = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
+        let node_relay = udp.local_addr().unwrap();
+        let c = Arc::new(Counters::default());
+        let c2 = c.clone();
+        tokio::spawn(async move { relay(tls, &udp, IDLE, IDLE, &c2).await });
+        let mut d = [0u8; 256];
+        node_dev
+            .send_to(&message(1, 148), node_relay)
+            .await
+            .unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), node_dev.recv_from(&mut d))
+            .await
+            .expect("the node's handshake is answered")
+            .unwrap();
+        assert_eq!(&d[..n], &message(2, 92)[..]);
+        assert_eq!(hub.counters.evicted.load(Relaxed), 1);
+        assert!(
+            open(MAX_UNPROVEN as u64).await,
+            "the oldest stranger is closed"
+        );
+        assert_eq!(hub.places.lock().len(), (MAX_UNPROVEN - 1, 1));
+        // Newer strangers evict other strangers, not the proven node.
+        for i in 0..MAX_UNPROVEN_PER_SOURCE {
+            strangers.push(stranger(1000 + i));
+        }
+        // The node's promotion left one place free.
+        assert_eq!(
+            hub.counters.evicted.load(Relaxed),
+            MAX_UNPROVEN_PER_SOURCE as u64
+        );
+        node_dev.send_to(&message(4, 32), node_relay).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), node_dev.recv_from(&mut d))
+            .await
+            .expect("the node's tunnel still carries")
+            .unwrap();
+        assert_eq!(&d[..n], &message(4, 32)[..]);
+        // Every evicted stranger's relay was told closed; then the node's.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while closed.lock().len() < MAX_UNPROVEN_PER_SOURCE {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("evicted relays end");
+        let hub_relay = seen.lock()[0];
+        assert!(!closed.lock().contains(&hub_relay));
+        hub.close_all();
+        assert!(open(0).await);
+        assert!(closed.lock().contains(&hub_relay));
+        assert_eq!(
+            closed.lock().len(),
+            MAX_UNPROVEN + MAX_UNPROVEN_PER_SOURCE + 1
+        );
+        drop(strangers);
     }
 
     /// A TLS server without the ALPN is not taken for a hub.

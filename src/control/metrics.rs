@@ -40,7 +40,7 @@
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
 //! | `gatewire_tls_tunnels_open` | gauge | |
-//! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total` | counter | |
+//! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total`, `gatewire_tls_tunnels_evicted_total` | counter | |
 //! | `gatewire_tls_tunnels_receive_bytes_total`, `gatewire_tls_tunnels_transmit_bytes_total` | counter | |
 //! | `gatewire_mesh_etcd_connected` | gauge (1/0) | |
 //! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
@@ -205,7 +205,7 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
 }
 
 fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
-    let families: [(&'static str, &'static str, Kind, u64); 6] = [
+    let families: [(&'static str, &'static str, Kind, u64); 7] = [
         (
             "gatewire_tls_tunnels_open",
             "Nodes' tunnels carried over TLS open now.",
@@ -229,6 +229,12 @@ fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
             "Carried tunnels closed for a broken frame.",
             Kind::Counter,
             t.bad_frames,
+        ),
+        (
+            "gatewire_tls_tunnels_evicted_total",
+            "Carried tunnels closed before carrying a session, to make room for a new one.",
+            Kind::Counter,
+            t.evicted,
         ),
         (
             "gatewire_tls_tunnels_receive_bytes_total",
@@ -1317,6 +1323,7 @@ mod tests {
                 open: 2,
                 failed: 3,
                 bad_frames: 1,
+                evicted: 4,
                 bytes_in: 1000,
                 bytes_out: 2000,
             }),
@@ -1329,6 +1336,7 @@ mod tests {
         assert_eq!(p.get("gatewire_tls_tunnels_total", &[]), Some(5));
         assert_eq!(p.get("gatewire_tls_tunnels_failed_total", &[]), Some(3));
         assert_eq!(p.get("gatewire_tls_tunnels_bad_frames_total", &[]), Some(1));
+        assert_eq!(p.get("gatewire_tls_tunnels_evicted_total", &[]), Some(4));
         assert_eq!(
             p.get("gatewire_tls_tunnels_receive_bytes_total", &[]),
             Some(1000)
@@ -1337,7 +1345,7 @@ mod tests {
             p.get("gatewire_tls_tunnels_transmit_bytes_total", &[]),
             Some(2000)
         );
-        assert_eq!(p.types.len(), 12);
+        assert_eq!(p.types.len(), 13);
     }
 
     #[test]

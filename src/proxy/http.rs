@@ -1438,7 +1438,7 @@ fn ws_tunnel(
         return text(StatusCode::INTERNAL_SERVER_ERROR, "500 internal error");
     };
     let Some(slot) = hub.try_slot(source) else {
-        debug!(%client, %source, "WebSocket tunnel refused: the hub's or this address's carried tunnels are at their limit");
+        debug!(%client, %source, "WebSocket tunnel refused: this address's unproven carried tunnels are at their limit");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: too many carried tunnels",

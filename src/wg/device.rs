@@ -490,6 +490,25 @@ impl Peer {
     fn route(&self) -> Option<Endpoint> {
         *self.endpoint.read()
     }
+    /// Forgets the endpoint if it is still `addr` (an IPv4-mapped address
+    /// is its IPv4 one): whether it was.
+    fn forget_endpoint_at(&self, addr: SocketAddr) -> bool {
+        let same = |e: &SocketAddr| {
+            e.port() == addr.port() && e.ip().to_canonical() == addr.ip().to_canonical()
+        };
+        // Every peer is asked when a relay closes: a write lock only for
+        // the one (if any) at that address.
+        if !self.endpoint.read().as_ref().is_some_and(|e| same(&e.addr)) {
+            return false;
+        }
+        let mut ep = self.endpoint.write();
+        if ep.as_ref().is_some_and(|e| same(&e.addr)) {
+            *ep = None;
+            true
+        } else {
+            false
+        }
+    }
     pub fn name(&self) -> Option<String> {
         self.name.lock().clone()
     }
@@ -1137,6 +1156,19 @@ impl Inner {
     /// All peers.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         self.table.load().by_key.values().cloned().collect()
+    }
+
+    /// A carried tunnel's relay at `addr` (on loopback) has closed: every
+    /// peer whose endpoint is still that address forgets it, so that the
+    /// device does not send into a closed socket, nor, once the port is
+    /// another relay's, down another node's stream. A peer that roamed
+    /// elsewhere meanwhile keeps its endpoint. How many forgot it.
+    pub fn forget_endpoint(&self, addr: SocketAddr) -> usize {
+        let n = self.table.load().forget_endpoint(addr);
+        if n > 0 {
+            debug!(relay = %addr, peers = n, "a closed relay's address is no peer's endpoint any more");
+        }
+        n
     }
 
     /// The device's WireGuard port on loopback (IPv4 when it has an IPv4
@@ -2320,6 +2352,14 @@ impl Inner {
 }
 
 impl Table {
+    /// Every peer whose endpoint is still `addr` forgets it: how many.
+    fn forget_endpoint(&self, addr: SocketAddr) -> usize {
+        self.by_key
+            .values()
+            .filter(|p| p.forget_endpoint_at(addr))
+            .count()
+    }
+
     fn remove(&mut self, key: &PublicKey) {
         if let Some(old) = self.by_key.remove(key) {
             self.by_index.remove(&old.index);
@@ -2756,6 +2796,35 @@ mod tests {
     fn add(t: &mut Table, p: &Arc<Peer>) {
         t.by_key.insert(p.public_key, Arc::clone(p));
         t.by_index.insert(p.index, Arc::clone(p));
+    }
+
+    /// A closed relay's address is forgotten by the peers still at it, and
+    /// only by them.
+    #[test]
+    fn a_closed_relays_address_is_no_endpoint() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut t = Table::default();
+        let (a, b, c, d) = (test_peer(1), test_peer(2), test_peer(3), test_peer(4));
+        for p in [&a, &b, &c, &d] {
+            add(&mut t, p);
+        }
+        a.set_endpoint(sa("127.0.0.1:40001"));
+        // Roamed back to UDP meanwhile; another relay; another loopback
+        // port; none.
+        b.set_endpoint(sa("192.0.2.7:51820"));
+        c.set_endpoint(sa("127.0.0.1:40002"));
+        d.set_route(Endpoint {
+            addr: sa("[::ffff:127.0.0.1]:40001"),
+            local: Some("127.0.0.1".parse().unwrap()),
+        });
+        assert_eq!(t.forget_endpoint(sa("127.0.0.1:40001")), 2);
+        assert_eq!(a.endpoint(), None);
+        assert_eq!(d.endpoint(), None, "as a dual-stack socket saw it");
+        assert_eq!(b.endpoint(), Some(sa("192.0.2.7:51820")));
+        assert_eq!(c.endpoint(), Some(sa("127.0.0.1:40002")));
+        assert_eq!(t.forget_endpoint(sa("127.0.0.1:40001")), 0);
+        assert_eq!(t.forget_endpoint(sa("127.0.0.2:40002")), 0);
+        assert_eq!(c.endpoint(), Some(sa("127.0.0.1:40002")));
     }
 
     /// `owned` holds exactly what `routes` gives each peer.
