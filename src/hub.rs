@@ -196,6 +196,17 @@ impl ProxySlot {
             return;
         }
         apply_peers(dev, running, &cfg).await;
+        if dev.node_to_node() != cfg.node_to_node {
+            dev.set_node_to_node(cfg.node_to_node);
+            info!(
+                node_to_node = cfg.node_to_node.as_str(),
+                "traffic between nodes: applied"
+            );
+            let (v4, v6) = host_forwarding();
+            if let Some(why) = kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+                warn!("{why}");
+            }
+        }
         *running = cfg.clone();
         match control {
             // The control plane merges its routes and asks for an apply.
@@ -223,7 +234,6 @@ pub fn needs_restart(old: &HubConfig, new: &HubConfig) -> Vec<&'static str> {
     check(old.addresses != new.addresses, "addresses");
     check(old.mtu != new.mtu, "mtu");
     check(old.keepalive != new.keepalive, "keepalive");
-    check(old.node_to_node != new.node_to_node, "node_to_node");
     check(old.routes != new.routes, "routes");
     check(old.tls_tunnels != new.tls_tunnels, "tls_tunnels");
     check(old.xlat != new.xlat, "[xlat]");
@@ -254,7 +264,6 @@ fn keep_running(new: &mut HubConfig, old: &HubConfig) {
     new.addresses = old.addresses.clone();
     new.mtu = old.mtu;
     new.keepalive = old.keepalive;
-    new.node_to_node = old.node_to_node;
     new.routes = old.routes;
     new.tls_tunnels = old.tls_tunnels;
     new.xlat = old.xlat.clone();
@@ -856,12 +865,12 @@ mod tests {
     }
 
     #[test]
-    fn node_to_node_needs_a_restart() {
+    fn node_to_node_is_taken_on_a_reload() {
         let old = hub(K1, "");
         let mut new = hub(K1, "node_to_node = \"off\"\n");
-        assert_eq!(needs_restart(&old, &new), ["node_to_node"]);
+        assert!(needs_restart(&old, &new).is_empty());
         keep_running(&mut new, &old);
-        assert_eq!(new.node_to_node, old.node_to_node);
+        assert_eq!(new.node_to_node, crate::wg::device::NodeToNode::Off);
         assert_eq!(
             device_config(&hub(K1, "node_to_node = \"kernel\"\n")).forward,
             crate::wg::device::NodeToNode::Kernel

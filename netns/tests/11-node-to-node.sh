@@ -4,7 +4,7 @@
 # reaches the hub's own address. "kernel": the hub hands node-to-node packets
 # to its kernel, which forwards them back into the TUN, so the hub's nftables
 # forward chain decides: n1 -> n2 passes until a rule drops it, then n2 -> d1
-# and n1 -> hub still pass. `hub --check` refuses an unknown value and a peer
+# and n1 -> hub still pass. The change from "off" to "kernel" is a reload. `hub --check` refuses an unknown value and a peer
 # whose allowed IPs hold the hub's own address, and warns when "kernel" meets
 # a host that does not forward.
 # timeout: 240
@@ -67,14 +67,15 @@ check "off: show --json counts drops.node_to_node ($before -> $after)" test "$af
 check "off: the hub still reaches n1" lab_ping hub "$(lab_ov4 n1)"
 check "off: n1 still reaches the hub after the drops" lab_ping n1 "$(lab_ov4 hub)"
 
-# ---- "kernel": the hub's kernel forwards, its firewall decides
-lab_stop hub
+# ---- "kernel": the hub's kernel forwards, its firewall decides. Taken on a
+# reload (SIGHUP): the tunnels stay up.
 set_mode kernel
 lab_exec hub sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
-GW_CONF=$conf gw_start_hub hub
-for n in "${nodes[@]}"; do
-    must "$n reaches the restarted hub" wait_for 30 lab_ping1 "$n" "$(lab_ov4 hub)"
-done
+hub_pid=$(lab_pid hub)
+kill -HUP "$hub_pid"
+must "kernel: the hub applied it on SIGHUP" \
+    wait_for 10 grep -q 'node_to_node="kernel".*traffic between nodes: applied\|traffic between nodes: applied.*kernel' "$(lab_logfile hub)"
+check "kernel: the same hub process (no restart)" test "$(lab_pid hub)" = "$hub_pid"
 check "kernel: the hub does not warn about forwarding" \
     not grep -q 'node_to_node = "kernel" but' "$(lab_logfile hub)"
 check "kernel: n1 -> n2 (v4) through the hub's kernel" wait_for 5 lab_ping1 n1 "$(lab_ov4 n2)"

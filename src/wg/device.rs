@@ -27,7 +27,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -242,6 +242,7 @@ pub enum Mode {
 /// What the device does with a decrypted packet from one peer whose
 /// destination belongs to another (`[hub] node_to_node`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum NodeToNode {
     /// Encrypted again and sent to that peer inside the device: the host's
     /// kernel never sees it (a hub's default).
@@ -273,6 +274,18 @@ impl NodeToNode {
             NodeToNode::Direct => "direct",
             NodeToNode::Kernel => "kernel",
             NodeToNode::Off => "off",
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => NodeToNode::Kernel,
+            2 => NodeToNode::Off,
+            _ => NodeToNode::Direct,
         }
     }
 }
@@ -706,7 +719,8 @@ impl Sockets {
 pub struct Inner {
     pub name: String,
     pub mode: Mode,
-    forward: NodeToNode,
+    /// [`NodeToNode`], changed on a reload.
+    forward: AtomicU8,
     /// The TUN's own addresses (they change only with a restart).
     own: Arc<OwnAddrs>,
     keepalive: AtomicU32,
@@ -930,7 +944,7 @@ impl Device {
         let inner = Arc::new(Inner {
             name: cfg.name.clone(),
             mode: cfg.mode,
-            forward: cfg.forward,
+            forward: AtomicU8::new(cfg.forward.to_u8()),
             own: Arc::new(OwnAddrs::new(&cfg.addresses)),
             keepalive: AtomicU32::new(u32::from(cfg.keepalive)),
             tun,
@@ -1156,6 +1170,16 @@ impl Inner {
     /// All peers.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         self.table.load().by_key.values().cloned().collect()
+    }
+
+    /// What becomes of packets between peers from now on.
+    pub fn set_node_to_node(&self, n: NodeToNode) {
+        self.forward.store(n.to_u8(), Ordering::Relaxed);
+    }
+
+    /// What becomes of packets between peers.
+    pub fn node_to_node(&self) -> NodeToNode {
+        NodeToNode::from_u8(self.forward.load(Ordering::Relaxed))
     }
 
     /// A carried tunnel's relay at `addr` (on loopback) has closed: every
@@ -1995,7 +2019,8 @@ impl Inner {
                 let Some(pkt) = out.get_mut(a..b) else {
                     return;
                 };
-                match place(table, own, self.forward, &peer, src, packet::dst(pkt)) {
+                let forward = NodeToNode::from_u8(self.forward.load(Ordering::Relaxed));
+                match place(table, own, forward, &peer, src, packet::dst(pkt)) {
                     Place::Tun => {}
                     Place::Peer(to) => {
                         if self.forward_to_peer(to, pkt, fwd).await {
@@ -2950,6 +2975,8 @@ mod tests {
         ));
         for n in NodeToNode::NAMES {
             assert_eq!(NodeToNode::parse(n).map(NodeToNode::as_str), Some(n));
+            let m = NodeToNode::parse(n).unwrap();
+            assert_eq!(NodeToNode::from_u8(m.to_u8()), m);
         }
         assert_eq!(NodeToNode::parse("Direct"), None);
     }
