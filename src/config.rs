@@ -471,9 +471,10 @@ fn check_unique_keys<'a>(
     Ok(())
 }
 
-/// The hub's own addresses are the hub's: a `[[peer]]` whose allowed IPs
-/// hold one would be sent what nodes send to the hub (its control API, its
-/// proxy) and could send as the hub.
+/// The hub's own addresses are the hub's: a `[[peer]]` whose allowed IPs,
+/// inside the hub's network, hold one is a mistake (the data path keeps the
+/// address the hub's anyway: packets for it go to the TUN, packets from it
+/// are dropped).
 fn check_own_addresses(
     ctx: &Ctx,
     addresses: &[IpNet],
@@ -481,9 +482,16 @@ fn check_own_addresses(
 ) -> Result<(), ConfigError> {
     for (i, p) in peers.iter().enumerate() {
         for net in &p.allowed_ips {
-            if let Some(a) = addresses.iter().find(|a| net.contains(&a.addr())) {
+            // Inside the hub's own network: a slip (a node given a range
+            // around the hub). A wider prefix (`0.0.0.0/0`, an exit through
+            // a peer) is fine: the hub's addresses stay its own whatever a
+            // peer's allowed IPs hold (`wg::device`).
+            if let Some(a) = addresses
+                .iter()
+                .find(|a| net.contains(&a.addr()) && net.prefix_len() >= a.prefix_len())
+            {
                 return Err(ctx.err(format!(
-                    "[[peer]] #{} ({}) allowed_ips {}: holds the hub's own address {}; a peer's allowed IPs must leave out the hub's addresses",
+                    "[[peer]] #{} ({}) allowed_ips {}: holds the hub's own address {}; a peer's allowed IPs inside the hub's network must leave out the hub's addresses",
                     i + 1,
                     p.name.as_deref().unwrap_or("unnamed"),
                     net.trunc(),
@@ -1475,7 +1483,7 @@ mod tests {
                 "100.64.0.1",
             ),
             ("\"fd77::/64\"", "fd77::/64", "fd77::1"),
-            ("\"0.0.0.0/0\"", "0.0.0.0/0", "100.64.0.1"),
+            ("\"100.64.0.0/10\"", "100.64.0.0/10", "100.64.0.1"),
         ] {
             let e = with(allowed).unwrap_err().to_string();
             assert!(
@@ -1486,6 +1494,9 @@ mod tests {
         }
         // Beside the hub's address, in its network: fine.
         assert!(with("\"100.64.0.4/30\", \"fd77::2/128\"").is_ok());
+        // Wider than the hub's network (an exit through the peer): fine.
+        assert!(with("\"0.0.0.0/0\", \"::/0\"").is_ok());
+        assert!(with("\"100.0.0.0/8\"").is_ok());
     }
 
     #[test]

@@ -612,7 +612,7 @@ async fn run_inner(
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
     let carrier = if cfg.tls_tunnels {
         let d = dev.inner.clone();
-        // Weak: the carrier does not keep the device alive.
+        // The hook holds the device weakly (the loopback closure, `d`, holds it already).
         let w = Arc::downgrade(&dev.inner);
         let hub = crate::carrier::Hub::new(move || d.loopback())?.on_relay_closed(move |relay| {
             if let Some(d) = w.upgrade() {

@@ -112,7 +112,7 @@ table inet deaf {
 }
 EOF
 t0=$(now_ms)
-check "a tunnel heard one way only reads down (its initiations are answered, never used)" \
+check "a tunnel heard one way only reads down (two answers to its initiations lost)" \
     wait_for 40 tunnel_is down
 lab_log "n1's tunnel down $(($(now_ms) - t0)) ms after its return path broke"
 check "the hub kept answering n1 (dropped in n1)" \

@@ -108,13 +108,24 @@ pub struct CarrySlot {
     id: u64,
     /// Notified when the stream is evicted to make room.
     evicted: Arc<tokio::sync::Notify>,
+    /// It was evicted before it could prove itself (it had no place left
+    /// when it carried a session).
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl CarrySlot {
     /// The stream carried a session: moves it to the proven pool, or
-    /// `false` when there is no room there (the stream is to be closed).
+    /// `false` when there is no room there, or it was evicted meanwhile
+    /// (the stream is to be closed).
     fn prove(&self) -> bool {
-        self.places.lock().promote(self.id).is_ok()
+        match self.places.lock().promote(self.id) {
+            Ok(()) => true,
+            Err(pool::Refused::Gone) => {
+                self.gone.store(true, Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -595,6 +606,7 @@ impl Hub {
                     places: self.places.clone(),
                     id,
                     evicted,
+                    gone: std::sync::atomic::AtomicBool::new(false),
                 })
             }
             Err(_) => {
@@ -680,14 +692,19 @@ impl Hub {
             false,
             &prove,
         );
-        let end = tokio::select! {
+        let mut end = tokio::select! {
             e = relay => e,
             _ = stop.wait_for(|s| *s) => End::Stopped,
             // Only an unproven stream is ever evicted.
             _ = slot.evicted.notified() => End::Evicted,
         };
         if end == End::Full {
-            self.counters.failed.fetch_add(1, Relaxed);
+            if slot.gone.load(Relaxed) {
+                // Evicted (and counted so) as its session came up.
+                end = End::Evicted;
+            } else {
+                self.counters.failed.fetch_add(1, Relaxed);
+            }
         }
         // The device forgets the address while the socket still holds it.
         if let (Some(f), Some(a)) = (&self.on_relay_closed, local) {
@@ -1668,6 +1685,8 @@ mod tests {
         assert!(told(&held[0]).await);
         assert!(!told(&held[1]).await);
         assert!(!held[0].prove(), "an evicted stream has no place to prove");
+        assert!(held[0].gone.load(Relaxed), "evicted, not full");
+        assert!(!held[1].gone.load(Relaxed));
         assert_eq!(hub.places.lock().len(), (MAX_UNPROVEN, 0));
         // Its source has room again.
         held.push(hub.try_slot(src(0)).unwrap());

@@ -313,6 +313,9 @@ impl OwnAddrs {
 /// Where a decrypted packet from a peer goes ([`place`]).
 enum Place<'t> {
     Tun,
+    /// Another peer's, written to the TUN for the kernel to route back
+    /// (`NodeToNode::Kernel`) as it is: not for the translator.
+    Kernel,
     Peer(&'t Arc<Peer>),
     Drop(DropReason),
 }
@@ -334,9 +337,6 @@ fn place<'t>(
     if !owner.is_some_and(|o| Arc::ptr_eq(o, from)) || own.contains(src) {
         return Place::Drop(DropReason::SourceNotAllowed);
     }
-    if forward == NodeToNode::Kernel {
-        return Place::Tun;
-    }
     let Some(dst) = dst else {
         return Place::Tun;
     };
@@ -346,7 +346,8 @@ fn place<'t>(
     match table.routes.lookup(dst) {
         Some(to) if !Arc::ptr_eq(to, from) => match forward {
             NodeToNode::Off => Place::Drop(DropReason::NodeToNode),
-            _ => Place::Peer(to),
+            NodeToNode::Kernel => Place::Kernel,
+            NodeToNode::Direct => Place::Peer(to),
         },
         _ => Place::Tun,
     }
@@ -2022,6 +2023,12 @@ impl Inner {
                 let forward = NodeToNode::from_u8(self.forward.load(Ordering::Relaxed));
                 match place(table, own, forward, &peer, src, packet::dst(pkt)) {
                     Place::Tun => {}
+                    Place::Kernel => {
+                        if !sink.push(pkt) {
+                            self.drops.inc(DropReason::TunWrite);
+                        }
+                        return;
+                    }
                     Place::Peer(to) => {
                         if self.forward_to_peer(to, pkt, fwd).await {
                             return;
@@ -2870,7 +2877,8 @@ mod tests {
         }
     }
 
-    /// Where [`place`] sends a packet, by peer index.
+    /// Where [`place`] sends a packet, by peer index (`Some(0)`: to the
+    /// TUN for the kernel, past the translator).
     fn placed(
         t: &Table,
         own: &OwnAddrs,
@@ -2888,6 +2896,7 @@ mod tests {
             Some(dst.parse().unwrap()),
         ) {
             Place::Tun => Ok(None),
+            Place::Kernel => Ok(Some(0)),
             Place::Peer(p) => Ok(Some(p.index)),
             Place::Drop(r) => Err(r),
         }
@@ -2951,7 +2960,8 @@ mod tests {
         let (t, own, [a, b, _]) = hub_table();
         let to_b = |f| placed(&t, &own, f, &a, "100.64.0.2", "100.64.0.3");
         assert_eq!(to_b(NodeToNode::Direct), Ok(Some(2)));
-        assert_eq!(to_b(NodeToNode::Kernel), Ok(None));
+        // To the kernel as it is: not through the translator.
+        assert_eq!(to_b(NodeToNode::Kernel), Ok(Some(0)));
         assert_eq!(to_b(NodeToNode::Off), Err(DropReason::NodeToNode));
         for f in [NodeToNode::Direct, NodeToNode::Kernel, NodeToNode::Off] {
             // Elsewhere (no peer's) and back to the sender: the TUN's.

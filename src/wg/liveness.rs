@@ -11,28 +11,29 @@
 //! Two things prove the way back: a handshake response (this side's
 //! initiation arrived and its answer came back), and a session datagram on
 //! the session a response of this side opened (the peer got the response).
-//! When a peer's initiations are answered but the answers' sessions are never
-//! used, [`UNCONFIRMED`] of them in a row, the answers are not getting there.
+//! An answer is lost when the peer initiates again while it is still unused;
+//! when [`UNCONFIRMED`] are lost in a row, the answers are not getting there.
+//! Either proof ends that.
 //!
 //! Pure: the driver (`wg::device`) passes in each datagram it authenticated
 //! and each response it sent; no clock, no socket.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// WireGuard message types (the first byte).
 const INITIATION: u8 = 1;
 const RESPONSE: u8 = 2;
 const DATA: u8 = 4;
 
-/// Answered initiations from one peer whose sessions it never used, in a
-/// row, after which its tunnel reads as down. A peer confirms a response at
-/// once (its first session datagram, a keepalive when it has nothing to
-/// send), within a round trip; it initiates again only after 5 s without an
-/// answer (WireGuard's REKEY_TIMEOUT). Two in a row leave room for one lost
-/// datagram.
-pub const UNCONFIRMED: u32 = 2;
+/// Answers to one peer's initiations lost in a row (the peer initiated again
+/// while the answer was unused) after which its tunnel reads as down. A peer
+/// confirms a response at once (its first session datagram, a keepalive
+/// when it has nothing to send), within a round trip; it initiates again
+/// only after 5 s without an answer (WireGuard's REKEY_TIMEOUT). One lost
+/// datagram loses one answer; two in a row, 10 s apart, are a broken path.
+pub const UNCONFIRMED: u64 = 2;
 
 /// Whether an authenticated `datagram` shows that the path to its peer works
 /// both ways on its own: anything but a handshake initiation, which a peer
@@ -51,39 +52,65 @@ fn index(message: &[u8], kind: u8) -> Option<u32> {
     Some(u32::from_le_bytes(b))
 }
 
+/// The state word of [`Answers`]: this side's index in the last response
+/// (bits 0..32), whether that response is still unused (bit 32), and the
+/// answers lost in a row before it (bits 33..).
+const INDEX: u64 = 0xffff_ffff;
+const PENDING: u64 = 1 << 32;
+const LOST_SHIFT: u32 = 33;
+
+fn lost(s: u64) -> u64 {
+    s >> LOST_SHIFT
+}
+
 /// One peer's answered initiations, until it uses a session one opened.
+/// One word, changed by compare-and-swap: the device's IPv4 and IPv6
+/// receive loops may both be at it.
 #[derive(Debug, Default)]
 pub struct Answers {
-    /// This side's index in the last response sent (0: none yet; boringtun's
-    /// indexes carry the peer's slot in their upper bits, never 0 for a peer).
-    last: AtomicU32,
-    /// Responses sent since the peer last used the session of one.
-    unconfirmed: AtomicU32,
+    state: AtomicU64,
 }
 
 impl Answers {
-    /// This side answered an initiation of the peer with `response`.
+    /// Applies `f` to the state word until it sticks.
+    fn update(&self, f: impl Fn(u64) -> u64) {
+        let _ = self
+            .state
+            .fetch_update(Relaxed, Relaxed, |s| Some(f(s)).filter(|n| *n != s));
+    }
+
+    /// This side answered an initiation of the peer with `response`: an
+    /// answer still unused before it is lost.
     pub fn answered(&self, response: &[u8]) {
         if let Some(i) = index(response, RESPONSE) {
-            self.last.store(i, Relaxed);
-            self.unconfirmed.fetch_add(1, Relaxed);
+            self.update(|s| {
+                let lost = lost(s).saturating_add((s & PENDING) >> 32).min(UNCONFIRMED);
+                (lost << LOST_SHIFT) | PENDING | u64::from(i)
+            });
         }
     }
 
-    /// An authenticated `datagram` arrived from the peer.
+    /// An authenticated `datagram` arrived from the peer: a session datagram
+    /// on the last answer's session, or a handshake response to this side's
+    /// initiation, proves the way back.
     pub fn received(&self, datagram: &[u8]) {
-        // One load per data datagram; a store only on the first of a session.
-        if let Some(i) = index(datagram, DATA) {
-            if i == self.last.load(Relaxed) && self.unconfirmed.load(Relaxed) != 0 {
-                self.unconfirmed.store(0, Relaxed);
-            }
+        // One load per data datagram; a swap only on the first of a session.
+        let s = self.state.load(Relaxed);
+        if s & !INDEX == 0 {
+            return;
+        }
+        let proves = match index(datagram, DATA) {
+            Some(i) => u64::from(i) == s & INDEX,
+            None => datagram.first() == Some(&RESPONSE),
+        };
+        if proves {
+            self.update(|s| s & INDEX);
         }
     }
 
-    /// Whether the peer used the session of one of this side's last
-    /// [`UNCONFIRMED`] answers (or was never answered).
+    /// Whether fewer than [`UNCONFIRMED`] answers in a row were lost.
     pub fn confirmed(&self) -> bool {
-        self.unconfirmed.load(Relaxed) < UNCONFIRMED
+        lost(self.state.load(Relaxed)) < UNCONFIRMED
     }
 }
 
@@ -154,19 +181,19 @@ mod tests {
         let resp = exchange(&mut h, &init);
         assert_eq!(resp[0], RESPONSE);
         a.answered(&resp);
-        assert!(a.confirmed(), "one answer may still be on its way");
+        assert!(a.confirmed(), "an answer may still be on its way");
         let keepalive = exchange(&mut n, &resp);
         assert_eq!(keepalive[0], DATA);
         assert!(proves_two_way(&keepalive));
         a.received(&keepalive);
         assert!(a.confirmed());
-        assert_eq!(a.unconfirmed.load(Relaxed), 0);
+        assert_eq!(a.state.load(Relaxed) & !INDEX, 0, "nothing pending");
     }
 
     /// Through boringtun: answers that never reach the node (it initiates
-    /// again and again) read as unconfirmed, even while the keepalives of
-    /// its old session keep coming; the first use of a new answer's session
-    /// ends it.
+    /// again and again) are lost, even while the keepalives of its old
+    /// session keep coming: two lost, the third answer out, it reads as
+    /// unconfirmed; the first use of an answer's session ends it.
     #[test]
     fn lost_answers_are_unconfirmed_whatever_the_old_session_carries() {
         let (mut h, mut n) = pair();
@@ -178,23 +205,59 @@ mod tests {
         a.received(&ka);
         let mut out = vec![0u8; 2048];
         let _ = h.decapsulate(None, &ka, &mut out);
-        // Now the hub's answers are lost: the node initiates twice more.
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let lost1 = exchange(&mut h, &initiation(&mut n));
-        a.answered(&lost1);
-        assert!(a.confirmed());
-        // An old-session keepalive from the node: not a confirmation.
+        // Now the hub's answers are lost: the node initiates three times.
         let old = network(n.encapsulate(&[], &mut out));
         assert_eq!(old[0], DATA);
-        a.received(&old);
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let lost2 = exchange(&mut h, &initiation(&mut n));
-        a.answered(&lost2);
-        a.received(&old);
-        assert!(!a.confirmed(), "two answers in a row unused");
+        let mut last = Vec::new();
+        for round in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            last = exchange(&mut h, &initiation(&mut n));
+            a.answered(&last);
+            // An old-session keepalive from the node: not a confirmation.
+            a.received(&old);
+            assert_eq!(a.confirmed(), round < 2, "after answer {}", round + 1);
+        }
         // The path heals: the node gets the last answer and uses it.
-        let confirm = exchange(&mut n, &lost2);
+        let confirm = exchange(&mut n, &last);
         a.received(&confirm);
+        assert!(a.confirmed());
+        assert_eq!(a.state.load(Relaxed) & !INDEX, 0);
+    }
+
+    /// One lost answer, then a used one: never unconfirmed.
+    #[test]
+    fn one_lost_answer_is_room_not_down() {
+        let (mut h, mut n) = pair();
+        let a = Answers::default();
+        let lost = exchange(&mut h, &initiation(&mut n));
+        a.answered(&lost);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let got = exchange(&mut h, &initiation(&mut n));
+        a.answered(&got);
+        assert!(a.confirmed(), "one lost, the next still on its way");
+        a.received(&exchange(&mut n, &got));
+        assert!(a.confirmed());
+        assert_eq!(a.state.load(Relaxed) & !INDEX, 0);
+    }
+
+    /// Through boringtun: after lost answers, the hub's own initiation
+    /// answered by the node proves the way back (from then on the hub may
+    /// stay the initiator, and the node never uses an answer of the hub's).
+    #[test]
+    fn a_response_to_this_sides_initiation_proves_the_way_back() {
+        let (mut h, mut n) = pair();
+        let a = Answers::default();
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            a.answered(&exchange(&mut h, &initiation(&mut n)));
+        }
+        assert!(!a.confirmed());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let hub_init = initiation(&mut h);
+        let node_resp = exchange(&mut n, &hub_init);
+        assert_eq!(node_resp[0], RESPONSE);
+        assert!(proves_two_way(&node_resp));
+        a.received(&node_resp);
         assert!(a.confirmed());
     }
 
@@ -203,14 +266,20 @@ mod tests {
         let a = Answers::default();
         a.answered(&[2, 0, 0]);
         a.answered(&[4, 1, 0, 0, 9, 0, 0, 0]);
-        assert_eq!(a.unconfirmed.load(Relaxed), 0);
-        a.answered(&[2, 0, 0, 0, 9, 0, 0, 0]);
-        a.answered(&[2, 0, 0, 0, 9, 0, 0, 0]);
+        assert_eq!(a.state.load(Relaxed), 0);
+        for _ in 0..3 {
+            a.answered(&[2, 0, 0, 0, 9, 0, 0, 0]);
+        }
         assert!(!a.confirmed());
         a.received(&[4, 0, 0]);
         a.received(&[1, 0, 0, 0, 9, 0, 0, 0]);
         a.received(&[4, 0, 0, 0, 8, 0, 0, 0]);
         assert!(!a.confirmed());
+        // Lost answers stop counting at the limit.
+        for _ in 0..100 {
+            a.answered(&[2, 0, 0, 0, 9, 0, 0, 0]);
+        }
+        assert_eq!(lost(a.state.load(Relaxed)), UNCONFIRMED);
         a.received(&[4, 0, 0, 0, 9, 0, 0, 0]);
         assert!(a.confirmed());
     }
