@@ -1114,6 +1114,26 @@ mod tests {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
     }
 
+    /// A node's side of a carried tunnel to the hub listening at `at`: its
+    /// device, the address of its relay's socket, the relay's counters.
+    async fn node_over_tls(at: SocketAddr) -> (UdpSocket, SocketAddr, Arc<Counters>) {
+        let tls = connect(
+            client_config().unwrap(),
+            &Dial::Direct(at),
+            "hub.example",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let node_dev = device().await;
+        let udp = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
+        let node_relay = udp.local_addr().unwrap();
+        let c = Arc::new(Counters::default());
+        let c2 = c.clone();
+        tokio::spawn(async move { relay(tls, &udp, IDLE, IDLE, &c2).await });
+        (node_dev, node_relay, c)
+    }
+
     /// A node's and a hub's WebSocket relays joined by a stream carry
     /// datagrams both ways; a ping from an intermediary is answered with a
     /// pong; an unmasked frame towards the hub ends its relay.
@@ -1473,20 +1493,7 @@ mod tests {
             let (s, peer) = l.accept().await.unwrap();
             h.serve(s, peer, Duration::from_secs(5)).await;
         });
-        let tls = connect(
-            client_config().unwrap(),
-            &Dial::Direct(at),
-            "hub.example",
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        let node_dev = device().await;
-        let udp = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
-        let node_relay = udp.local_addr().unwrap();
-        let c = Arc::new(Counters::default());
-        let c2 = c.clone();
-        tokio::spawn(async move { relay(tls, &udp, IDLE, IDLE, &c2).await });
+        let (node_dev, node_relay, c) = node_over_tls(at).await;
         node_dev.send_to(b"initiation", node_relay).await.unwrap();
         let mut d = [0u8; 64];
         let (n, hub_relay) = hub_dev.recv_from(&mut d).await.unwrap();
@@ -1831,20 +1838,7 @@ mod tests {
                 tokio::spawn(async move { h.serve(s, peer, Duration::from_secs(5)).await });
             }
         });
-        let tls = connect(
-            client_config().unwrap(),
-            &Dial::Direct(at),
-            "hub.example",
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        let node_dev = device().await;
-        let udp = local_socket(node_dev.local_addr().unwrap()).await.unwrap();
-        let node_relay = udp.local_addr().unwrap();
-        let c = Arc::new(Counters::default());
-        let c2 = c.clone();
-        tokio::spawn(async move { relay(tls, &udp, IDLE, IDLE, &c2).await });
+        let (node_dev, node_relay, _) = node_over_tls(at).await;
         let mut d = [0u8; 256];
         node_dev
             .send_to(&message(1, 148), node_relay)

@@ -2654,14 +2654,7 @@ mod tests {
         assert!(loops_back(&tun, &r, ip("100.64.3.3"), |p| *p == 1));
     }
 
-    /// A fresh handshake initiation from `n`.
-    fn initiation(n: &mut Tunn) -> Vec<u8> {
-        let mut b = vec![0u8; 256];
-        match n.format_handshake_initiation(&mut b, true) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!("no initiation"),
-        }
-    }
+    use crate::wg::liveness::tests::initiation;
 
     /// Through boringtun: an initiation whose timestamp is older than one
     /// the responder accepted from the same key is refused, and counted as

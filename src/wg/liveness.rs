@@ -116,7 +116,7 @@ impl Answers {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::keys::PrivateKey;
     use boringtun::noise::{Tunn, TunnResult};
@@ -156,7 +156,8 @@ mod tests {
         network(to.decapsulate(None, d, &mut out))
     }
 
-    fn initiation(n: &mut Tunn) -> Vec<u8> {
+    /// A fresh handshake initiation from `n`.
+    pub(crate) fn initiation(n: &mut Tunn) -> Vec<u8> {
         let mut out = vec![0u8; 2048];
         network(n.format_handshake_initiation(&mut out, true))
     }
