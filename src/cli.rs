@@ -189,8 +189,7 @@ pub fn main() -> ExitCode {
                 if let Some(why) = crate::hub::keepalive_warning(cfg.keepalive) {
                     println!("warning: {why}");
                 }
-                let (v4, v6) = crate::hub::host_forwarding();
-                if let Some(why) = crate::hub::kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+                if let Some(why) = crate::hub::forwarding_warning(cfg.node_to_node) {
                     println!("warning: {why}");
                 }
                 return ExitCode::SUCCESS;

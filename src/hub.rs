@@ -183,6 +183,10 @@ impl ProxySlot {
                 return;
             }
         };
+        if let Some(e) = control.and_then(|c| c.file_peer_conflict(&cfg).err()) {
+            warn!(error = %e, "config reload refused; keeping the running config");
+            return;
+        }
         let restart = needs_restart(running, &cfg);
         if !restart.is_empty() {
             warn!(
@@ -191,10 +195,6 @@ impl ProxySlot {
             );
         }
         keep_running(&mut cfg, running);
-        if let Some(e) = control.and_then(|c| c.file_peer_conflict(&cfg).err()) {
-            warn!(error = %e, "config reload refused; keeping the running config");
-            return;
-        }
         apply_peers(dev, running, &cfg).await;
         if dev.node_to_node() != cfg.node_to_node {
             dev.set_node_to_node(cfg.node_to_node);
@@ -202,8 +202,7 @@ impl ProxySlot {
                 node_to_node = cfg.node_to_node.as_str(),
                 "traffic between nodes: applied"
             );
-            let (v4, v6) = host_forwarding();
-            if let Some(why) = kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+            if let Some(why) = forwarding_warning(cfg.node_to_node) {
                 warn!("{why}");
             }
         }
@@ -500,10 +499,12 @@ pub fn kernel_forwarding_warning(
     ))
 }
 
-/// Whether the host forwards IPv4 and IPv6 (`None`: unreadable).
-pub fn host_forwarding() -> (Option<bool>, Option<bool>) {
+/// [`kernel_forwarding_warning`] for `mode` on this host, read from
+/// `/proc/sys` now.
+pub fn forwarding_warning(mode: crate::wg::device::NodeToNode) -> Option<String> {
     let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim() != "0");
-    (
+    kernel_forwarding_warning(
+        mode,
         read("/proc/sys/net/ipv4/ip_forward"),
         read("/proc/sys/net/ipv6/conf/all/forwarding"),
     )
@@ -704,8 +705,7 @@ async fn run_inner(
     if let Some(why) = keepalive_warning(cfg.keepalive) {
         warn!(keepalive = cfg.keepalive, "{why}");
     }
-    let (v4, v6) = host_forwarding();
-    if let Some(why) = kernel_forwarding_warning(cfg.node_to_node, v4, v6) {
+    if let Some(why) = forwarding_warning(cfg.node_to_node) {
         warn!("{why}");
     }
     crate::sd_notify::ready();
