@@ -183,18 +183,23 @@ impl ProxySlot {
                 return;
             }
         };
-        if let Some(e) = control.and_then(|c| c.file_peer_conflict(&cfg).err()) {
-            warn!(error = %e, "config reload refused; keeping the running config");
-            return;
-        }
         let restart = needs_restart(running, &cfg);
+        keep_running(&mut cfg, running);
+        // The control plane checks the file's peers against its nodes and
+        // takes the file in one step (a node added meanwhile cannot slip
+        // between the two); the file's peers go on the device after that.
+        if let Some(c) = control {
+            if let Err(e) = c.adopt_config(&cfg).await {
+                warn!(error = %e, "config reload refused; keeping the running config");
+                return;
+            }
+        }
         if !restart.is_empty() {
             warn!(
                 changed = %restart.join(", "),
                 "changed in the config file; these take effect when the hub restarts (until then the running values are kept)"
             );
         }
-        keep_running(&mut cfg, running);
         apply_peers(dev, running, &cfg).await;
         if dev.node_to_node() != cfg.node_to_node {
             dev.set_node_to_node(cfg.node_to_node);
@@ -209,7 +214,7 @@ impl ProxySlot {
         *running = cfg.clone();
         match control {
             // The control plane merges its routes and asks for an apply.
-            Some(c) => c.set_config(cfg).await,
+            Some(c) => c.config_applied().await,
             None => self.apply(cfg.proxy).await,
         }
     }

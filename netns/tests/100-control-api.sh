@@ -565,6 +565,26 @@ SITE=10.77.0.0/24
 site_routed() { lab_exec hub ip route show "$SITE" | grep -q "dev gw0"; }
 check "ctl peer add with an off-link prefix" ctl peer add "$(lab_pub x4)" --name site --allowed-ips "$SITE"
 check "the hub routes the peer's prefix into its TUN" wait_for 5 site_routed
+# A config file whose [[peer]] lists the same prefix is refused on reload,
+# naming the node, and the running config is kept: the node's route and
+# the other routes stay.
+cp "$conf" "$GW_TMP/hub.toml.good"
+cat >>"$conf" <<EOF
+
+[[peer]]
+public_key = "$(lab_pub x3)"
+allowed_ips = ["$SITE"]
+EOF
+kill -HUP "$(lab_pid hub)"
+check "a reload whose file peer takes a node's prefix is refused, naming the node" wait_for 5 \
+    grep -q "config reload refused.*node $(lab_pub x4) holds it" "$(lab_logfile hub)"
+check "the node keeps its prefix after the refused reload" site_routed
+check "the node's peer keeps its prefix after the refused reload" eval \
+    'ctl peer show "$(lab_pub x4)" | grep -qF "$SITE"'
+check "routes still served after the refused reload" eval \
+    '[ -n "$(pcurl --resolve "r0.$DOMAIN:80:$HUB4" "http://r0.$DOMAIN/")" ]'
+cp "$GW_TMP/hub.toml.good" "$conf"
+kill -HUP "$(lab_pid hub)"
 check "ctl peer remove" ctl peer remove "$(lab_pub x4)"
 check "the route goes with the peer" wait_for 5 not site_routed
 

@@ -227,12 +227,6 @@ impl Control {
         self.env.load().settings().clone()
     }
 
-    /// Why `cfg`'s `[[peer]]`s cannot be set next to the control plane's
-    /// nodes (see [`State::file_peer_conflict`]).
-    pub fn file_peer_conflict(&self, cfg: &HubConfig) -> Result<(), String> {
-        self.state.load().file_peer_conflict(&file_peers(cfg))
-    }
-
     pub fn hub_config(&self) -> HubConfig {
         self.env.load().cfg.clone()
     }
@@ -273,13 +267,29 @@ impl Control {
             .map(|out| out.is_some())
     }
 
-    /// A new config file: new facts to check against; routes are re-applied.
-    pub async fn set_config(&self, cfg: HubConfig) {
+    /// A new config file, step one: refused, with nothing changed, when its
+    /// `[[peer]]`s list a prefix a joined node holds (see
+    /// [`State::file_peer_conflict`]); otherwise its facts are what every
+    /// later change is checked against. The check and the switch happen
+    /// under the writer's lock, so a node added while the file is being
+    /// applied is checked against the new file's peers, never slips in
+    /// between. Step two, once the file's peers are on the device:
+    /// [`Control::config_applied`].
+    pub async fn adopt_config(&self, cfg: &HubConfig) -> Result<(), String> {
+        let _w = self.writer.lock().await;
+        self.state.load().file_peer_conflict(&file_peers(cfg))?;
         if cfg.control.is_none() {
             warn!("the config file lost its [control] section; the control plane keeps its settings until the hub restarts");
         }
         let running = self.settings();
-        self.env.store(Arc::new(FileEnv::new(cfg, &running)));
+        self.env
+            .store(Arc::new(FileEnv::new(cfg.clone(), &running)));
+        Ok(())
+    }
+
+    /// A new config file, step two: the control plane's peers are synced
+    /// with it and the routes re-applied.
+    pub async fn config_applied(&self) {
         self.sync_peers().await;
         self.reevaluate();
         self.apply.notify_one();
