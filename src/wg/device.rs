@@ -539,7 +539,8 @@ impl Peer {
     }
     /// Milliseconds since the device started at which the last authenticated
     /// packet arrived that shows the path works both ways (0: never, or
-    /// while the peer leaves this side's answers to its initiations unused):
+    /// while the peer leaves this side's answers to its initiations unused,
+    /// or this side's initiations unanswered):
     /// a handshake response or a session datagram, not an initiation (see
     /// `wg::liveness`). What liveness checks read.
     pub fn last_two_way_ms(&self) -> u64 {
@@ -548,12 +549,15 @@ impl Peer {
         }
         self.last_two_way_ms.load(Ordering::Relaxed)
     }
-    /// Counts the handshake initiations among `datagrams`, just sent.
-    fn count_initiations<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>) {
-        let n = datagrams.filter(|d| stamp::is_initiation(d)).count();
+    /// Counts the handshake initiations among `datagrams`, just sent; how
+    /// many there were.
+    fn count_initiations<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>) -> u32 {
+        let n = u32::try_from(datagrams.filter(|d| stamp::is_initiation(d)).count())
+            .unwrap_or(u32::MAX);
         if n > 0 {
-            self.unanswered.fetch_add(n as u32, Ordering::Relaxed);
+            self.unanswered.fetch_add(n, Ordering::Relaxed);
         }
+        n
     }
     /// Puts `tunn`, made when the clocks read `base`, in place of the
     /// `Tunn` the caller holds locked as `slot`.
@@ -1662,7 +1666,8 @@ impl Inner {
         if sent > 0 {
             peer.tx_bytes.fetch_add(sent as u64, Ordering::Relaxed);
             peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
-            peer.count_initiations(contents.chunks(seg));
+            let n = peer.count_initiations(contents.chunks(seg));
+            peer.answers.initiated(n);
         }
         if let Err(e) = r {
             self.drops.add(DropReason::UdpSend, failed);
@@ -1694,11 +1699,12 @@ impl Inner {
             self.drops.inc(DropReason::NoEndpoint);
             return;
         };
-        self.send_to(peer, ep, data).await;
+        self.send_to(peer, ep, data, false).await;
     }
 
-    /// Sends `data` of `peer` to `ep` (its endpoint, or where a UDP try goes).
-    async fn send_to(&self, peer: &Peer, ep: Endpoint, data: &[u8]) {
+    /// Sends `data` of `peer` to `ep`: its endpoint, or where a try of
+    /// another path goes (`probe`; not counted by the tunnel's liveness).
+    async fn send_to(&self, peer: &Peer, ep: Endpoint, data: &[u8], probe: bool) {
         let socks = self.sockets.load();
         let Some(sock) = socks.for_addr(&ep.addr) else {
             self.drops.inc(DropReason::NoEndpoint);
@@ -1709,7 +1715,10 @@ impl Inner {
                 peer.tx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
-                peer.count_initiations(std::iter::once(data));
+                let n = peer.count_initiations(std::iter::once(data));
+                if !probe {
+                    peer.answers.initiated(n);
+                }
             }
             Err(e) => {
                 self.drops.inc(DropReason::UdpSend);
@@ -2142,7 +2151,7 @@ impl Inner {
                 addr: to,
                 local: None,
             };
-            self.send_to(peer, to, &d).await;
+            self.send_to(peer, to, &d, true).await;
         }
     }
 

@@ -15,12 +15,18 @@
 //! when [`UNCONFIRMED`] are lost in a row, the answers are not getting there.
 //! Either proof ends that.
 //!
+//! The same holds the other way round: a side whose own initiations go
+//! unanswered, [`UNCONFIRMED`] in a row with one more out, does not reach
+//! the peer, whatever the peer still sends on a session it had (its
+//! keepalives, data of a request in flight). Only a handshake response
+//! ends that.
+//!
 //! Pure: the driver (`wg::device`) passes in each datagram it authenticated
 //! and each response it sent; no clock, no socket.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// WireGuard message types (the first byte).
 const INITIATION: u8 = 1;
@@ -69,6 +75,8 @@ fn lost(s: u64) -> u64 {
 #[derive(Debug, Default)]
 pub struct Answers {
     state: AtomicU64,
+    /// This side's initiations sent since the last handshake response.
+    initiations: AtomicU32,
 }
 
 impl Answers {
@@ -94,6 +102,9 @@ impl Answers {
     /// on the last answer's session, or a handshake response to this side's
     /// initiation, proves the way back.
     pub fn received(&self, datagram: &[u8]) {
+        if datagram.first() == Some(&RESPONSE) {
+            self.initiations.store(0, Relaxed);
+        }
         // One load per data datagram; a swap only on the first of a session.
         let s = self.state.load(Relaxed);
         if s & !INDEX == 0 {
@@ -108,9 +119,21 @@ impl Answers {
         }
     }
 
-    /// Whether fewer than [`UNCONFIRMED`] answers in a row were lost.
+    /// This side sent `n` handshake initiations to the peer's endpoint.
+    /// (Not for a try of another path, such as a node on TLS trying UDP:
+    /// an unanswered try says nothing of the path in use.)
+    pub fn initiated(&self, n: u32) {
+        if n > 0 {
+            self.initiations.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Whether fewer than [`UNCONFIRMED`] answers in a row were lost, and
+    /// fewer than [`UNCONFIRMED`] of this side's initiations went
+    /// unanswered before the one out now.
     pub fn confirmed(&self) -> bool {
         lost(self.state.load(Relaxed)) < UNCONFIRMED
+            && u64::from(self.initiations.load(Relaxed)) <= UNCONFIRMED
     }
 }
 
@@ -260,6 +283,55 @@ pub(crate) mod tests {
         assert!(proves_two_way(&node_resp));
         a.received(&node_resp);
         assert!(a.confirmed());
+    }
+
+    /// Through boringtun: the node's initiations never reach the hub while
+    /// the hub's datagrams of the session they had still reach the node.
+    /// Two lost, the third out: unconfirmed; the hub's response to the
+    /// next one ends it.
+    #[test]
+    fn unanswered_initiations_are_unconfirmed_whatever_the_peer_still_sends() {
+        let (mut h, mut n) = pair();
+        let a = Answers::default();
+        let init = initiation(&mut n);
+        a.initiated(1);
+        let resp = exchange(&mut h, &init);
+        a.received(&resp);
+        let ka = exchange(&mut n, &resp);
+        let mut out = vec![0u8; 2048];
+        let _ = h.decapsulate(None, &ka, &mut out);
+        assert!(a.confirmed());
+        // The hub's keepalives of the session still arrive.
+        let hub_ka = network(h.encapsulate(&[], &mut out));
+        assert_eq!(hub_ka[0], DATA);
+        for round in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let _lost = initiation(&mut n);
+            a.initiated(1);
+            a.received(&hub_ka);
+            assert_eq!(a.confirmed(), round < 2, "after initiation {}", round + 1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let init = initiation(&mut n);
+        a.initiated(1);
+        a.received(&exchange(&mut h, &init));
+        assert!(a.confirmed(), "a response ends it");
+    }
+
+    /// One initiation lost on the way, the next answered: never unconfirmed.
+    #[test]
+    fn one_unanswered_initiation_is_room_not_down() {
+        let (mut h, mut n) = pair();
+        let a = Answers::default();
+        let _lost = initiation(&mut n);
+        a.initiated(1);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let init = initiation(&mut n);
+        a.initiated(1);
+        assert!(a.confirmed(), "one lost, the next still on its way");
+        a.received(&exchange(&mut h, &init));
+        assert!(a.confirmed());
+        assert_eq!(a.initiations.load(Relaxed), 0);
     }
 
     #[test]
