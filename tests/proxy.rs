@@ -866,6 +866,32 @@ async fn upgrade_is_relayed() {
     assert_eq!(&back, b"ping-through-the-proxy");
 }
 
+/// A backend's `101` to another protocol than the client asked for is not
+/// passed on: the client gets a 502, counted as `backend_protocol`.
+#[tokio::test]
+async fn a_switch_to_another_protocol_is_a_bad_gateway() {
+    let b = http_backend("ws").await;
+    let p = Proxy::start(settings(vec![route("ws", TlsMode::Terminate, vec![be(b)])]))
+        .await
+        .unwrap();
+    // The backend always switches to `echo`.
+    let r = raw_http(
+        p.http_addrs()[0],
+        "ws.gw.test",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    let stats = p.stats();
+    let ws = stats.iter().find(|r| r.route == "name:ws").unwrap();
+    assert_eq!(
+        ws.errors.get("backend_protocol"),
+        Some(&1),
+        "{:?}",
+        ws.errors
+    );
+}
+
 /// A TLS acceptor with `pki`'s certificate, offering `alpn`.
 fn tls_acceptor(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -2094,6 +2120,39 @@ async fn redirect_to_https_per_route() {
         r.starts_with("HTTP/1.1 200") && r.contains("xfp=http "),
         "{r}"
     );
+    // A client claiming https itself is still redirected.
+    let r = raw_http(
+        p.http_addrs()[0],
+        "strict.gw.test",
+        "X-Forwarded-Proto: https\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
+}
+
+/// Behind a trusted proxy that took the client's TLS and talks plain HTTP
+/// to the hub, its `X-Forwarded-Proto: https` is served, not redirected
+/// (which would send the client round for good); its plain HTTP clients
+/// are still redirected.
+#[tokio::test]
+async fn redirect_to_https_behind_a_trusted_proxy_that_took_the_tls() {
+    let pki = pki(&["strict.gw.test"]);
+    let b = http_backend("be").await;
+    let mut strict = terminate_route("strict", &pki, b);
+    strict.redirect_https = true;
+    let mut s = settings(vec![strict]);
+    s.trusted_proxies = Some(access(&["127.0.0.0/8"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let r = raw_http(at, "strict.gw.test", "X-Forwarded-Proto: https\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("xfp=https "),
+        "{r}"
+    );
+    let r = raw_http(at, "strict.gw.test", "X-Forwarded-Proto: http\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
+    let r = raw_http(at, "strict.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
 }
 
 /// A TCP connection to `to` from the loopback address `src` (any of 127/8).

@@ -177,6 +177,14 @@ for bad in [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET / HTTP/1.1\r\nH
     if not (out.startswith(b"HTTP/1.1 400") or (out == b"" and done)): fails.append("malformed %r: %r" % (bad[:20], out[:60]))
 print("malformed requests: ok" if not any("malformed" in f for f in fails) else "malformed: FAIL")
 
+# 3b. requests the hub does not pass on: two Hosts (400), CONNECT (405)
+for bad, want in [(b"GET / HTTP/1.1\r\nHost: web.gw.example.org\r\nHost: other.gw.example.org\r\n\r\n", b"HTTP/1.1 400"),
+                  (b"CONNECT web.gw.example.org:443 HTTP/1.1\r\nHost: web.gw.example.org:443\r\n\r\n", b"HTTP/1.1 405")]:
+    s = conn(80); s.sendall(bad); out, done = read_all(s, 3.0)
+    if not out.startswith(want): fails.append("refused %r: %r" % (bad[:24], out[:60]))
+    s.close()
+print("two Hosts and CONNECT: ok" if not any("refused" in f for f in fails) else "two Hosts or CONNECT: FAIL")
+
 # 4. broken ClientHellos
 vecs = [open(os.path.join(vecdir, f), "rb").read() for f in sorted(os.listdir(vecdir)) if f.endswith(".bin")]
 cases = []
@@ -237,6 +245,8 @@ check "the well-behaved client made progress" eval '[ "$(sed -n "s/.*ok=\([0-9]*
 js=$(gw_show_json hub gw0 || true)
 check "listener counters show the broken ClientHellos" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "listener") | .errors.bad_client_hello > 10' <<<"$js" >/dev/null
+check "listener counters show the two-Host request and the CONNECT" \
+    jq -e '.interfaces[0].proxy.routes[] | select(.route == "listener") | .errors.bad_request == 2' <<<"$js" >/dev/null
 ws=$(lab_exec pub python3 "$GW_TMP/wsclient.py" "$HUB4" "$HOST" "after" 2>&1 || true)
 assert_eq "WebSocket echo still works after the attack" "echo-after" "$ws"
 check "hub still running" lab_alive hub

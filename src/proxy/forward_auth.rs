@@ -125,6 +125,9 @@ pub fn auth_request_headers(
     };
     set(&mut h, "x-forwarded-method", method);
     set(&mut h, "x-forwarded-uri", uri);
+    // The host the hub routes by, not a trusted proxy's `X-Forwarded-Host`:
+    // the service must judge the route the request goes to.
+    set(&mut h, "x-forwarded-host", host);
     if let Ok(v) = HeaderValue::from_str(host) {
         h.insert(header::HOST, v);
     }
@@ -450,13 +453,17 @@ mod tests {
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert("x-forwarded-uri", "/spoofed".parse().unwrap());
         h.insert("x-forwarded-method", "PUT".parse().unwrap());
+        h.insert("x-forwarded-host", "public.example".parse().unwrap());
         let ip = "10.0.0.1".parse().unwrap();
         let out = auth_request_headers(&h, "GET", "/app", "a.b", ip, false, true);
         assert_eq!(out["x-forwarded-for"], "192.0.2.9, 10.0.0.1");
         assert_eq!(out["x-forwarded-proto"], "https");
-        // Where the request goes is still the hub's to say.
+        // Where the request goes is still the hub's to say: the route's
+        // host, whatever host the proxy in front names.
         assert_eq!(out["x-forwarded-uri"], "/app");
         assert_eq!(out["x-forwarded-method"], "GET");
+        assert_eq!(out["x-forwarded-host"], "a.b");
+        assert_eq!(out.get_all("x-forwarded-host").iter().count(), 1);
         // From anyone else, the hub's own.
         let out = auth_request_headers(&h, "GET", "/app", "a.b", ip, false, false);
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");

@@ -830,6 +830,41 @@ pub async fn handle(
     Ok(Response::from_parts(parts, BodyExt::boxed(body)))
 }
 
+/// Why the hub refuses to pass `req` on, whatever its route: a `CONNECT`
+/// (the hub tunnels nothing for clients; sent on it would reach the backend
+/// as a broken request), more than one `Host` (RFC 9112 §3.2: a proxy in
+/// front that reads the other one would judge another host), or an HTTP/2
+/// request whose `host` disagrees with its authority (RFC 9113 §8.3.1).
+/// An HTTP/1.1 request in absolute form goes by its target, whatever its
+/// `Host` (RFC 9112 §3.2.2).
+fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    if req.method() == http::Method::CONNECT {
+        return Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 method not allowed: the hub does not tunnel CONNECT",
+        ));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "400 bad request: more than one Host header",
+        ));
+    }
+    if req.version() >= Version::HTTP_2 {
+        if let (Some(h), Some(a)) = (first, req.uri().authority()) {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Some((
+                    StatusCode::BAD_REQUEST,
+                    "400 bad request: the Host header disagrees with the request's authority",
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The request's authority (`host[:port]` as sent) and its host name.
 fn request_host<B>(req: &Request<B>) -> Option<(String, DomainName)> {
     let auth = match req.uri().authority() {
@@ -982,6 +1017,33 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
         return None;
     }
     HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// Whether a (trusted) proxy in front says the client came over https: the
+/// first value of `X-Forwarded-Proto`, the client's side.
+fn forwarded_https(h: &HeaderMap) -> bool {
+    h.get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split(',').next())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+}
+
+/// Whether a backend's `101` answers what the client asked for: an upgrade
+/// it requested (`asked`, the `Upgrade` tokens passed on), to one of those
+/// protocols. Anything else would switch a client that did not ask, or to
+/// another protocol than it speaks next.
+fn switch_answers(asked: Option<&HeaderValue>, answer: Option<&HeaderValue>) -> bool {
+    let (Some(asked), Some(answer)) = (asked, answer) else {
+        return false;
+    };
+    let (Ok(asked), Ok(answer)) = (asked.to_str(), answer.to_str()) else {
+        return false;
+    };
+    let answer = answer.trim();
+    !answer.is_empty()
+        && asked
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(answer))
 }
 
 fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
@@ -1486,6 +1548,9 @@ async fn proxy_request(
             return Ok(r);
         }
     }
+    if let Some((status, msg)) = malformed(&req) {
+        return Ok(err(&shared.listener, ErrorKind::BadRequest, status, msg));
+    }
     // The client the hub's rules count (`allow`/`deny`, rate limits,
     // stickiness, carried tunnels per address): behind a trusted proxy
     // (nginx, a CDN), every client comes from its address, and each counts
@@ -1564,7 +1629,12 @@ async fn proxy_request(
             ));
         }
     }
-    if !conn.tls && (route.settings.redirect_https || route.settings.tls == TlsMode::Passthrough) {
+    // Behind a trusted proxy that took the client's TLS (a CDN, a load
+    // balancer talking plain HTTP to the hub), its `X-Forwarded-Proto`
+    // says what the client used: a redirect would send it round for good.
+    let redirect =
+        route.settings.redirect_https && !(conn.trusted && forwarded_https(req.headers()));
+    if !conn.tls && (redirect || route.settings.tls == TlsMode::Passthrough) {
         let path = req
             .uri()
             .path_and_query()
@@ -1895,6 +1965,17 @@ async fn forward(
         }
     };
     let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && !switch_answers(upgrade.as_ref(), resp.headers().get(header::UPGRADE))
+    {
+        // (The backend connection goes: it has switched to something.)
+        return Ok(err(
+            &c,
+            ErrorKind::BackendProtocol,
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: the backend switched to a protocol the client did not ask for",
+        ));
+    }
     up.note_ok(backend.addr);
     Record::note(rec, |e| e.backend = Some(backend.addr));
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
@@ -2117,6 +2198,80 @@ mod tests {
         assert!(polled.is_pending());
         let waiting = fault.stuck_at(begun, quiet, idle);
         assert!(waiting >= moved + STALL_GRACE, "{waiting:?} {moved:?}");
+    }
+
+    #[test]
+    fn connect_and_ambiguous_hosts_are_refused() {
+        let req = |m: &str, v: Version, uri: &str, hosts: &[&str]| {
+            let mut b = Request::builder().method(m).version(v).uri(uri);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        let status = |r: &Request<()>| malformed(r).map(|(s, _)| s.as_u16());
+        let v11 = Version::HTTP_11;
+        let v2 = Version::HTTP_2;
+        assert_eq!(status(&req("GET", v11, "/", &["a.example"])), None);
+        assert_eq!(status(&req("GET", v11, "/", &[])), None);
+        assert_eq!(
+            status(&req("CONNECT", v11, "a.example:443", &["a.example:443"])),
+            Some(405)
+        );
+        assert_eq!(
+            status(&req("GET", v11, "/", &["a.example", "b.example"])),
+            Some(400)
+        );
+        assert_eq!(
+            status(&req("GET", v11, "/", &["a.example", "a.example"])),
+            Some(400)
+        );
+        // Absolute form over HTTP/1.1 goes by its target (RFC 9112 §3.2.2).
+        assert_eq!(
+            status(&req("GET", v11, "http://a.example/", &["b.example"])),
+            None
+        );
+        // HTTP/2: host must match the authority, in any case.
+        assert_eq!(
+            status(&req("GET", v2, "https://a.example/", &["A.Example"])),
+            None
+        );
+        assert_eq!(
+            status(&req("GET", v2, "https://a.example/", &["b.example"])),
+            Some(400)
+        );
+        assert_eq!(status(&req("GET", v2, "https://a.example/", &[])), None);
+    }
+
+    #[test]
+    fn forwarded_https_reads_the_clients_side() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("x-forwarded-proto", v.parse().unwrap());
+            m
+        };
+        assert!(forwarded_https(&h("https")));
+        assert!(forwarded_https(&h("HTTPS , http")));
+        assert!(!forwarded_https(&h("http, https")));
+        assert!(!forwarded_https(&h("")));
+        assert!(!forwarded_https(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_switch_must_answer_the_clients_upgrade() {
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        let ws = v("websocket");
+        assert!(switch_answers(Some(&ws), Some(&v("WebSocket"))));
+        assert!(switch_answers(
+            Some(&v("foo/1, websocket")),
+            Some(&v(" websocket "))
+        ));
+        // No upgrade asked (a plain request, an HTTP/2 client): never.
+        assert!(!switch_answers(None, Some(&ws)));
+        // Another protocol, or none named.
+        assert!(!switch_answers(Some(&ws), Some(&v("h2c"))));
+        assert!(!switch_answers(Some(&ws), Some(&v(""))));
+        assert!(!switch_answers(Some(&ws), None));
     }
 
     #[test]

@@ -69,11 +69,15 @@ pub enum ErrorKind {
     /// A plain HTTP connection with no complete request head within
     /// `header_timeout` of its accept (closed; a slowloris).
     HeaderTimeout,
+    /// A request the hub does not pass on: more than one `Host`, a `Host`
+    /// that disagrees with an HTTP/2 request's authority (400), a `CONNECT`
+    /// (405).
+    BadRequest,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 26] = [
+    pub const ALL: [ErrorKind; 27] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -100,6 +104,7 @@ impl ErrorKind {
         ErrorKind::ClientTimeout,
         ErrorKind::ClientAborted,
         ErrorKind::HeaderTimeout,
+        ErrorKind::BadRequest,
     ];
 
     /// Stable metric label.
@@ -131,6 +136,7 @@ impl ErrorKind {
             ErrorKind::ClientTimeout => "client_timeout",
             ErrorKind::ClientAborted => "client_aborted",
             ErrorKind::HeaderTimeout => "header_timeout",
+            ErrorKind::BadRequest => "bad_request",
         }
     }
 
