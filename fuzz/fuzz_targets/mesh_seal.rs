@@ -5,8 +5,8 @@
 //! * arbitrary bytes never verify under a key they were not sealed with
 //!   (whatever they are, the MAC decides);
 //! * a header sealed from the input's addresses and time verifies at that
-//!   time and gives those addresses back, and fails once any one byte of it
-//!   chosen by the input is changed.
+//!   time and gives those addresses back, fails at a hub of another name,
+//!   and fails once any one byte of it chosen by the input is changed.
 #![no_main]
 
 use gatewire::mesh::seal::{carries_seal, seal, verify, SealKey};
@@ -16,10 +16,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 fuzz_target!(|data: &[u8]| {
     let key = SealKey::new(&[7u8; 32]).expect("32 bytes");
     // Arbitrary input as a header: refused, unless it is a genuine seal.
-    if let Ok((src, dst)) = verify(&key, data, 1_700_000_000) {
+    if let Ok((src, dst)) = verify(&key, "hub-a", data, 1_700_000_000) {
         assert!(carries_seal(data));
         // Only a header made with this key verifies: make it again.
-        let again = seal(&key, src, dst, 1_700_000_000, [0; 8]);
+        let again = seal(&key, "hub-a", src, dst, 1_700_000_000, [0; 8]);
         assert_eq!(again.len(), data.len());
     }
     // A header made from the input verifies, and any one change breaks it.
@@ -41,19 +41,30 @@ fuzz_target!(|data: &[u8]| {
     let src = SocketAddr::new(ip(0), u16::from_be_bytes([b(18), b(19)]));
     let dst = SocketAddr::new(ip(20), u16::from_be_bytes([b(38), b(39)]));
     let now = u64::from(u32::from_be_bytes([b(1), b(2), b(3), b(4)]));
-    let h = seal(&key, src, dst, now, [b(5); 8]);
-    let (s, d) = verify(&key, &h, now).expect("a fresh seal verifies");
+    // The receiving hub's name, from the input too (up to 63 bytes after
+    // the addresses; names are ASCII in practice, any bytes here).
+    let to = String::from_utf8_lossy(data.get(40..data.len().min(103)).unwrap_or_default());
+    let h = seal(&key, &to, src, dst, now, [b(5); 8]);
+    let (s, d) = verify(&key, &to, &h, now).expect("a fresh seal verifies");
     assert_eq!(s.port(), src.port());
     assert_eq!(d.port(), dst.port());
     let other = SealKey::new(&[8u8; 32]).expect("32 bytes");
-    assert!(verify(&other, &h, now).is_err(), "another key verified");
+    assert!(
+        verify(&other, &to, &h, now).is_err(),
+        "another key verified"
+    );
+    let elsewhere = format!("{to}x");
+    assert!(
+        verify(&key, &elsewhere, &h, now).is_err(),
+        "verified at another hub"
+    );
     let at = usize::from(b(6)) % h.len();
     let mut bad = h.clone();
     if let Some(x) = bad.get_mut(at) {
         *x ^= b(7) | 1;
     }
     assert!(
-        verify(&key, &bad, now).is_err(),
+        verify(&key, &to, &bad, now).is_err(),
         "byte {at} changed, still verified"
     );
 });

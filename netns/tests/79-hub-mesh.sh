@@ -19,8 +19,9 @@
 # back. With etcd down, hub A keeps serving beta from its last table, and
 # reconnects when etcd is back. Unknown names still get 404 and a TLS alert.
 # Then both hubs restart with a shared secret (`secret_file`): their PROXY
-# headers are sealed; a sealed header made with the secret is taken from any
-# address, one made with another secret is refused and counted; cut off from
+# headers are sealed; a sealed header made with the secret for hub A is taken
+# from any address, one made with another secret, for another hub or as
+# older hubs sealed (version 1) is refused; cut off from
 # etcd (nftables in hub2), hub B's record goes from hub A's table, and hub A
 # still takes hub B's sealed connections for alpha.
 # timeout: 300
@@ -286,18 +287,23 @@ must "hub A and hub B know each other again" wait_for 20 eval "knows hub hub-b 2
 check "hub A seals its headers" eval "mesh_json hub | jq -e '.sealed == true' >/dev/null"
 alpha_via_b() { pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/$1" 2>/dev/null | grep -q "$MARK1 path=/$1 xff=$PUB4 "; }
 check "alpha through hub B, sealed, with the real client" wait_for 20 alpha_via_b sealed
-# sealed.py KEYFILE CLIENT HUB HOST N : N requests to HUB from pub, each on a
-# connection of its own that starts with one and the same header, sealed with
-# KEYFILE's secret and naming CLIENT; prints each answer, or <closed>, after
-# a line `=====`
+# sealed.py KEYFILE TO CLIENT HUB HOST N [VERSION] : N requests to HUB from
+# pub, each on a connection of its own that starts with one and the same
+# header, sealed with KEYFILE's secret for the hub named TO and naming
+# CLIENT (VERSION 1: sealed as older hubs did, bound to no hub); prints each
+# answer, or <closed>, after a line `=====`
 cat >"$GW_TMP/sealed.py" <<'EOF'
 import hashlib, hmac, os, socket, struct, sys, time
-key, client, hub, host, n = open(sys.argv[1], "rb").read().strip(), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+key, to, client, hub, host, n = open(sys.argv[1], "rb").read().strip(), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+version = int(sys.argv[7]) if len(sys.argv) > 7 else 2
 h = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12 + 52)
      + socket.inet_aton(client) + socket.inet_aton(hub) + struct.pack("!HH", 5555, 80)
-     + bytes([0xE7]) + struct.pack("!H", 49) + bytes([1]) + struct.pack("!Q", int(time.time()))
+     + bytes([0xE7]) + struct.pack("!H", 49) + bytes([version]) + struct.pack("!Q", int(time.time()))
      + os.urandom(8))
-h += hmac.new(key, h, hashlib.sha256).digest()
+# Version 2: the MAC also covers a label and the receiving hub's name (its
+# length first, 8 bytes), which are not sent.
+bound = b"gatewire mesh seal v2, for hub:" + struct.pack("!Q", len(to)) + to.encode() if version == 2 else b""
+h += hmac.new(key, h + bound, hashlib.sha256).digest()
 for i in range(n):
     s = socket.create_connection((hub, 80), timeout=10)
     s.sendall(h + b"GET /sealed-by-hand HTTP/1.1\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n")
@@ -314,7 +320,7 @@ for i in range(n):
     print(out.decode(errors="replace") if out else "<closed>")
 EOF
 head -c 48 /dev/urandom | base64 -w0 >"$GW_TMP/other.key"
-out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$GW_TMP/mesh.key" 198.51.100.42 "$HUB4" "$ALPHA" 2) ||
+out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$GW_TMP/mesh.key" hub-a 198.51.100.42 "$HUB4" "$ALPHA" 2) ||
     lab_die "sealed.py failed"
 first=$(awk '/^=====$/ {n++; next} n == 1' <<<"$out")
 second=$(awk '/^=====$/ {n++; next} n == 2' <<<"$out")
@@ -322,12 +328,23 @@ check "a header sealed with the secret is taken from any address (pub is no hub)
     grep -q "$MARK1 path=/sealed-by-hand xff=198.51.100.42 " <<<"$first"
 assert_eq "the same sealed header again (a replay) is refused: connection closed" "<closed>" "$second"
 check "... and counted" eval "mesh_json hub | jq -e '.bad_seals >= 1' >/dev/null"
-out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$GW_TMP/other.key" 198.51.100.43 "$HUB4" "$ALPHA" 1) ||
-    lab_die "sealed.py failed"
-assert_eq "one sealed with another secret: connection closed" "<closed>" "$(awk '/^=====$/ {n++; next} n == 1' <<<"$out")"
+# sealed1 KEYFILE TO CLIENT [VERSION] : the one answer to one such header
+# sent to hub A
+sealed1() {
+    local out
+    out=$(lab_exec pub python3 "$GW_TMP/sealed.py" "$1" "$2" "$3" "$HUB4" "$ALPHA" 1 "${4:-2}") ||
+        { echo "sealed.py failed"; return; }
+    awk '/^=====$/ {n++; next} n == 1' <<<"$out"
+}
+assert_eq "one sealed with another secret: connection closed" "<closed>" \
+    "$(sealed1 "$GW_TMP/other.key" hub-a 198.51.100.43)"
+assert_eq "one sealed for hub B, sent to hub A: connection closed" "<closed>" \
+    "$(sealed1 "$GW_TMP/mesh.key" hub-b 198.51.100.44)"
+assert_eq "one sealed with the secret as older hubs did (version 1): connection closed" "<closed>" \
+    "$(sealed1 "$GW_TMP/mesh.key" hub-a 198.51.100.45 1)"
 sleep 0.5 # (the access log is written by a task of its own)
-check "hub A's access log has the sealed client, never the one another secret claimed" \
-    jq -e -s 'any(.client == "198.51.100.42:5555") and all(.client | startswith("198.51.100.43:") | not)' \
+check "hub A's access log has the sealed client, never those the refused seals claimed" \
+    jq -e -s 'any(.client == "198.51.100.42:5555") and all(.client | test("^198\\.51\\.100\\.4[345]:") | not)' \
     "$GW_TMP/access-hub.log"
 
 # --- hub B cut off from etcd: hub A forgets it, yet takes its sealed connections

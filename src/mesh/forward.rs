@@ -133,6 +133,7 @@ pub async fn forward(
             match mesh.seal_key() {
                 Some(k) => head.extend_from_slice(&super::seal::seal(
                     k,
+                    &hub.name,
                     peer,
                     dest,
                     unix_secs(),

@@ -13,7 +13,8 @@
 //!
 //! The receiving hub takes the PROXY header from addresses that other hubs'
 //! records advertise, and, when the hubs share a secret (`secret_file`),
-//! from any address if the header is sealed with it ([`seal`]); it never
+//! from any address if the header is sealed with it for this hub's name
+//! ([`seal`]); it never
 //! sends such a connection on again, so a stale record cannot make a loop. When etcd is unreachable each hub keeps
 //! the last table it had; a hub that stops revokes its lease (its record goes
 //! at once), one that dies loses it after `ttl`. Forwarding tries the hubs that
@@ -250,8 +251,8 @@ impl Mesh {
         self.seal.first()
     }
 
-    /// Checks a hub's sealed PROXY header against each secret, and that it
-    /// was not taken before. `known`: it came from another hub's advertised
+    /// Checks a hub's sealed PROXY header against each secret, for this
+    /// hub's name, and that it was not taken before. `known`: it came from another hub's advertised
     /// address. Counted in `bad_seals` when it was replayed, or came from a
     /// known address and does not hold, or the replay guard is full and it
     /// did not come from a known address (a seal that cannot be remembered
@@ -261,7 +262,7 @@ impl Mesh {
         let mut last = seal::SealError::Missing;
         let mut ok = false;
         for k in &self.seal {
-            match seal::verify(k, header, now) {
+            match seal::verify(k, &self.settings.name, header, now) {
                 Ok(_) => {
                     ok = true;
                     break;
@@ -679,20 +680,26 @@ mod tests {
         Mesh::new(settings::validate(raw, std::path::Path::new("/"), true).unwrap())
     }
 
-    #[test]
-    fn a_full_replay_guard_takes_seals_only_from_hubs() {
-        let dir = std::env::temp_dir().join(format!("gw-mesh-full-{}", std::process::id()));
+    /// A mesh named "a" with a secret, and the directory of its secret file.
+    fn sealed_mesh(tag: &str) -> (Arc<Mesh>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("gw-mesh-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("s.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let raw: settings::RawMesh = toml::from_str(
             "name = \"a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\nsecret_file = \"s.key\"\n",
         )
         .unwrap();
-        let m = Mesh::new(settings::validate(raw, &dir, true).unwrap());
+        (Mesh::new(settings::validate(raw, &dir, true).unwrap()), dir)
+    }
+
+    #[test]
+    fn a_full_replay_guard_takes_seals_only_from_hubs() {
+        let (m, dir) = sealed_mesh("full");
         *m.replay.lock() = seal::ReplayGuard::new(1);
         let header = |n: u8| {
             seal::seal(
                 m.seal_key().unwrap(),
+                "a",
                 "192.0.2.1:5000".parse().unwrap(),
                 "198.51.100.1:80".parse().unwrap(),
                 unix_secs(),
@@ -708,6 +715,31 @@ mod tests {
         assert!(m.check_seal(&h2, false).is_err());
         assert_eq!(m.bad_seals.load(Relaxed), 2);
         assert_eq!(m.check_seal(&h2, true), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_seal_made_for_another_hub_is_refused() {
+        let (m, dir) = sealed_mesh("other-hub");
+        let header = |to: &str| {
+            seal::seal(
+                m.seal_key().unwrap(),
+                to,
+                "192.0.2.1:5000".parse().unwrap(),
+                "198.51.100.1:80".parse().unwrap(),
+                unix_secs(),
+                [1; 8],
+            )
+        };
+        // The same secret, the same time and nonce: only the name differs.
+        let (for_b, for_a) = (header("b"), header("a"));
+        let e = m.check_seal(&for_b, false).unwrap_err();
+        assert_eq!(e, seal::SealError::Mac.to_string());
+        // A stranger's is not news; one from a hub's address is counted.
+        assert_eq!(m.bad_seals.load(Relaxed), 0);
+        assert!(m.check_seal(&for_b, true).is_err());
+        assert_eq!(m.bad_seals.load(Relaxed), 1);
+        assert_eq!(m.check_seal(&for_a, false), Ok(()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

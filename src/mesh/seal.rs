@@ -1,11 +1,16 @@
 //! Sealed PROXY headers between hubs (pure): with a mesh secret
 //! (`[mesh] secret_file`), the PROXY v2 header a hub writes before a
 //! connection it sends to another hub ends in a TLV that carries the time, a
-//! nonce and an HMAC-SHA256 of everything before the MAC under the secret.
+//! nonce and an HMAC-SHA256 under the secret of everything before the MAC
+//! and of the receiving hub's mesh name (`[mesh] name`).
 //! A hub that has the secret takes such a header from any address, so hubs
 //! go on serving each other's connections when one of them has lost etcd and
-//! its record has gone from the others' tables. No I/O, no clock: the
-//! caller passes `now` (Unix seconds) and the nonce.
+//! its record has gone from the others' tables. The name binds a seal to the
+//! hub it was made for: a header copied on its way to one hub does not
+//! verify at another (each hub remembers only the seals it took itself). It
+//! is the name, not an address, because a hub behind 1:1 NAT does not see
+//! the address the sender connected to. No I/O, no clock: the caller passes
+//! `now` (Unix seconds) and the nonce.
 //!
 //! Layout of the TLV (type [`TLV_TYPE`], in the PROXY v2 range for custom
 //! use), always the last 52 bytes of the header and its only TLV:
@@ -14,10 +19,15 @@
 //! |---|---|
 //! | 1 | type `0xE7` |
 //! | 2 | length 49, big-endian |
-//! | 1 | version 1 |
+//! | 1 | version 2 |
 //! | 8 | Unix time in seconds, big-endian |
 //! | 8 | nonce |
-//! | 32 | HMAC-SHA256 of all the header's bytes before it |
+//! | 32 | HMAC-SHA256 of all the header's bytes before it, then [`TO_LABEL`], the receiving hub's name's length (8 bytes, big-endian) and the name |
+//!
+//! The name is not on the wire: the receiver puts its own in. Version 1
+//! (the MAC over the header's bytes alone, bound to no hub) is refused, so
+//! every hub of a mesh with a secret must run a gatewire that seals with
+//! version 2.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::proxy::proxy_protocol::{decode_v2, encode_v2, Command, Transport};
@@ -28,7 +38,10 @@ use std::net::SocketAddr;
 /// The TLV type of a seal.
 pub const TLV_TYPE: u8 = 0xE7;
 /// The seal format.
-pub const SEAL_VERSION: u8 = 1;
+pub const SEAL_VERSION: u8 = 2;
+/// What the MAC covers after the header's bytes, before the receiving hub's
+/// name: keeps the name apart from anything else the secret signs.
+pub const TO_LABEL: &[u8] = b"gatewire mesh seal v2, for hub:";
 /// The TLV's value length.
 const TLV_VALUE_LEN: usize = 1 + 8 + 8 + 32;
 /// The whole TLV.
@@ -68,14 +81,39 @@ pub enum SealError {
     NotProxy,
     #[error("no seal")]
     Missing,
-    #[error("seal version {0} is not {SEAL_VERSION}")]
+    #[error("seal version {v}; this hub takes version {SEAL_VERSION} only ({hint})", v = .0, hint = version_hint(.0))]
     Version(u8),
     #[error("seal made at {at}, {skew} s from this hub's clock (at most {MAX_SKEW_SECS})")]
     Time { at: u64, skew: u64 },
-    #[error("seal does not match (another secret, or changed on the way)")]
+    /// The MAC does not hold: a seal under another secret and one made
+    /// for another hub look the same to the receiver.
+    #[error(
+        "seal does not match (another secret, a seal made for another hub, or changed on the way)"
+    )]
     Mac,
     #[error("seal seen before (a replayed header)")]
     Replayed,
+}
+
+/// What a seal's version says about the hub that sent it.
+fn version_hint(v: &u8) -> String {
+    if *v < SEAL_VERSION {
+        format!("the sending hub runs an older gatewire: every hub of the mesh must run one that seals with version {SEAL_VERSION}")
+    } else {
+        "the sending hub runs a newer gatewire".to_string()
+    }
+}
+
+/// What the MAC of a seal covers: `head` (the header's bytes before the
+/// MAC), [`TO_LABEL`], the length of `to` (8 bytes, big-endian) and `to`,
+/// the mesh name of the hub the header is for.
+fn signed(head: &[u8], to: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(head.len() + TO_LABEL.len() + 8 + to.len());
+    m.extend_from_slice(head);
+    m.extend_from_slice(TO_LABEL);
+    m.extend_from_slice(&u64::try_from(to.len()).unwrap_or(u64::MAX).to_be_bytes());
+    m.extend_from_slice(to.as_bytes());
+    m
 }
 
 /// Remembers the seals taken in the last [`REMEMBER_SECS`] (at least), so a
@@ -158,8 +196,16 @@ pub fn seal_id(header: &[u8]) -> Option<u128> {
 }
 
 /// A PROXY v2 header for a TCP connection from `src` to `dst`, sealed with
-/// `key` at `now` (Unix seconds) with `nonce`.
-pub fn seal(key: &SealKey, src: SocketAddr, dst: SocketAddr, now: u64, nonce: [u8; 8]) -> Vec<u8> {
+/// `key` for the hub named `to` (its `[mesh] name`) at `now` (Unix seconds)
+/// with `nonce`.
+pub fn seal(
+    key: &SealKey,
+    to: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    now: u64,
+    nonce: [u8; 8],
+) -> Vec<u8> {
     let mut h = Vec::with_capacity(16 + 36 + TLV_LEN);
     encode_v2(&mut h, Transport::Tcp, src, dst);
     // The header's length (bytes 14 and 15) takes the TLV in.
@@ -173,7 +219,7 @@ pub fn seal(key: &SealKey, src: SocketAddr, dst: SocketAddr, now: u64, nonce: [u
     h.push(SEAL_VERSION);
     h.extend_from_slice(&now.to_be_bytes());
     h.extend_from_slice(&nonce);
-    let tag = hmac::sign(&key.0, &h);
+    let tag = hmac::sign(&key.0, &signed(&h, to));
     h.extend_from_slice(tag.as_ref());
     h
 }
@@ -185,9 +231,11 @@ pub fn carries_seal(header: &[u8]) -> bool {
 }
 
 /// Checks the seal of `header` (one whole PROXY v2 header, as long as its
-/// length field says) at `now`; the client and destination it names.
+/// length field says) at `now`, at the hub named `me` (its `[mesh] name`);
+/// the client and destination it names.
 pub fn verify(
     key: &SealKey,
+    me: &str,
     header: &[u8],
     now: u64,
 ) -> Result<(SocketAddr, SocketAddr), SealError> {
@@ -221,7 +269,7 @@ pub fn verify(
                 .ok_or(SealError::Missing)?;
             let skew = now.abs_diff(at);
             // The MAC first: a time is only news when the seal is genuine.
-            hmac::verify(&key.0, head, mac).map_err(|_| SealError::Mac)?;
+            hmac::verify(&key.0, &signed(head, me), mac).map_err(|_| SealError::Mac)?;
             if skew > MAX_SKEW_SECS {
                 return Err(SealError::Time { at, skew });
             }
@@ -244,54 +292,154 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A version 1 seal, as older hubs made it: the MAC over the header's
+    /// bytes alone.
+    fn seal_v1(key: &SealKey, src: SocketAddr, dst: SocketAddr, now: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        encode_v2(&mut h, Transport::Tcp, src, dst);
+        let body = (h.len() - 16 + TLV_LEN) as u16;
+        h[14..16].copy_from_slice(&body.to_be_bytes());
+        h.push(TLV_TYPE);
+        h.extend_from_slice(&49u16.to_be_bytes());
+        h.push(1);
+        h.extend_from_slice(&now.to_be_bytes());
+        h.extend_from_slice(&[4; 8]);
+        let tag = hmac::sign(&key.0, &h);
+        h.extend_from_slice(tag.as_ref());
+        h
+    }
+
     #[test]
     fn a_sealed_header_is_a_proxy_header_and_verifies() {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
-        let h = seal(&key(1), src, dst, 1_000_000, [9; 8]);
+        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8]);
         assert_eq!(h.len(), 16 + 12 + TLV_LEN);
+        assert_eq!(h[16 + 12 + 3], SEAL_VERSION);
         // Any PROXY v2 reader sees the addresses (and skips the TLV).
         let d = decode_v2(&h).unwrap();
         assert_eq!(d.len, h.len());
         assert!(matches!(d.command, Command::Proxy { src: s, dst: t, .. } if s == src && t == dst));
-        assert_eq!(verify(&key(1), &h, 1_000_000), Ok((src, dst)));
-        assert_eq!(verify(&key(1), &h, 1_000_060), Ok((src, dst)));
-        assert_eq!(verify(&key(1), &h, 999_940), Ok((src, dst)));
-        let v6 = seal(&key(1), sa("[2001:db8::7]:1"), dst, 5, [0; 8]);
+        assert_eq!(verify(&key(1), "a", &h, 1_000_000), Ok((src, dst)));
+        assert_eq!(verify(&key(1), "a", &h, 1_000_060), Ok((src, dst)));
+        assert_eq!(verify(&key(1), "a", &h, 999_940), Ok((src, dst)));
+        let v6 = seal(&key(1), "a", sa("[2001:db8::7]:1"), dst, 5, [0; 8]);
         assert_eq!(v6.len(), 16 + 36 + TLV_LEN);
-        assert!(verify(&key(1), &v6, 5).is_ok());
+        assert!(verify(&key(1), "a", &v6, 5).is_ok());
+    }
+
+    #[test]
+    fn the_wire_format_is_pinned() {
+        // Made independently (Python's hmac) from the layout in the module
+        // documentation: other hubs, and other tools, compute the same.
+        let h = seal(
+            &key(1),
+            "hub-a",
+            sa("198.51.100.7:40000"),
+            sa("203.0.113.1:443"),
+            1_000_000,
+            [9; 8],
+        );
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "0d0a0d0a000d0a515549540a21110040c6336407cb0071019c4001bb\
+             e700310200000000000f42400909090909090909\
+             6a6ae400cbe2c4d01d4995b7f411c3bc2a7f63d35a0bbf7b6ffb23775a183843"
+        );
+    }
+
+    #[test]
+    fn a_seal_holds_only_at_the_hub_it_was_made_for() {
+        let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
+        let h = seal(&key(1), "hub-a", src, dst, 1_000_000, [9; 8]);
+        assert_eq!(verify(&key(1), "hub-a", &h, 1_000_000), Ok((src, dst)));
+        // The same bytes at another hub: refused like another secret's.
+        for other in ["hub-b", "hub-ab", "hub-", "HUB-A", ""] {
+            assert_eq!(
+                verify(&key(1), other, &h, 1_000_000),
+                Err(SealError::Mac),
+                "{other}"
+            );
+        }
+        // The name is in the MAC only: the header is as long as ever, and
+        // one made for another hub differs in nothing but the MAC.
+        let b = seal(&key(1), "hub-b", src, dst, 1_000_000, [9; 8]);
+        assert_eq!(b.len(), h.len());
+        assert_eq!(b[..b.len() - 32], h[..h.len() - 32]);
+        assert_ne!(b[b.len() - 32..], h[h.len() - 32..]);
+        assert_eq!(verify(&key(1), "hub-b", &b, 1_000_000), Ok((src, dst)));
+        assert!(SealError::Mac.to_string().contains("made for another hub"));
+    }
+
+    #[test]
+    fn a_version_1_seal_is_refused_for_its_version() {
+        let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
+        let old = seal_v1(&key(1), src, dst, 1_000_000);
+        // A genuine seal of an older hub: its layout is the same ...
+        assert_eq!(old.len(), seal(&key(1), "a", src, dst, 1, [0; 8]).len());
+        assert!(carries_seal(&old));
+        // ... but it is bound to no hub, so it is not taken, whatever the
+        // name or the secret.
+        for me in ["a", "b"] {
+            assert_eq!(
+                verify(&key(1), me, &old, 1_000_000),
+                Err(SealError::Version(1))
+            );
+        }
+        assert_eq!(
+            verify(&key(2), "a", &old, 1_000_000),
+            Err(SealError::Version(1))
+        );
+        let e = SealError::Version(1).to_string();
+        assert!(
+            e.contains("version 1") && e.contains("older gatewire"),
+            "{e}"
+        );
+        let e = SealError::Version(3).to_string();
+        assert!(
+            e.contains("version 3") && e.contains("newer gatewire"),
+            "{e}"
+        );
     }
 
     #[test]
     fn every_fault_is_named() {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
-        let h = seal(&key(1), src, dst, 1_000_000, [9; 8]);
-        assert_eq!(verify(&key(2), &h, 1_000_000), Err(SealError::Mac));
+        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8]);
+        assert_eq!(verify(&key(2), "a", &h, 1_000_000), Err(SealError::Mac));
         assert_eq!(
-            verify(&key(1), &h, 1_000_061),
+            verify(&key(1), "a", &h, 1_000_061),
             Err(SealError::Time {
                 at: 1_000_000,
                 skew: 61
             })
         );
         // A forged seal is refused for its MAC, whatever its time.
-        assert_eq!(verify(&key(2), &h, 5), Err(SealError::Mac));
+        assert_eq!(verify(&key(2), "a", &h, 5), Err(SealError::Mac));
+        // So is one made for another hub.
+        assert_eq!(verify(&key(1), "b", &h, 5), Err(SealError::Mac));
         // Another client address in the same seal.
         let mut other = h.clone();
         other[16] ^= 1;
-        assert_eq!(verify(&key(1), &other, 1_000_000), Err(SealError::Mac));
+        assert_eq!(verify(&key(1), "a", &other, 1_000_000), Err(SealError::Mac));
         let mut plain = Vec::new();
         encode_v2(&mut plain, Transport::Tcp, src, dst);
-        assert_eq!(verify(&key(1), &plain, 0), Err(SealError::Missing));
+        assert_eq!(verify(&key(1), "a", &plain, 0), Err(SealError::Missing));
         assert!(!carries_seal(&plain) && carries_seal(&h));
-        let mut v = h.clone();
-        v[16 + 12 + 3] = 2;
-        assert_eq!(verify(&key(1), &v, 1_000_000), Err(SealError::Version(2)));
+        for version in [0, 1, 3] {
+            let mut v = h.clone();
+            v[16 + 12 + 3] = version;
+            assert_eq!(
+                verify(&key(1), "a", &v, 1_000_000),
+                Err(SealError::Version(version))
+            );
+        }
         assert_eq!(
-            verify(&key(1), b"GET / HTTP/1.1\r\n", 0),
+            verify(&key(1), "a", b"GET / HTTP/1.1\r\n", 0),
             Err(SealError::NotProxy)
         );
         assert_eq!(
-            verify(&key(1), &h[..h.len() - 1], 0),
+            verify(&key(1), "a", &h[..h.len() - 1], 0),
             Err(SealError::NotProxy)
         );
         assert!(SealKey::new(b"short").is_err());
@@ -303,6 +451,7 @@ mod tests {
         let mut g = ReplayGuard::new(3);
         let h = seal(
             &key(1),
+            "a",
             sa("192.0.2.1:5"),
             sa("192.0.2.2:80"),
             1_000,
@@ -376,14 +525,30 @@ mod tests {
             at in any::<usize>(),
             bit in 0u8..8,
             now in 0u64..u64::MAX / 2,
+            to in "[a-z0-9_.-]{1,63}",
         ) {
             let src = if v6 { sa("[2001:db8::1]:5") } else { sa("192.0.2.1:5") };
-            let h = seal(&key(3), src, sa("192.0.2.2:80"), now, [1; 8]);
-            prop_assert!(verify(&key(3), &h, now).is_ok());
+            let h = seal(&key(3), &to, src, sa("192.0.2.2:80"), now, [1; 8]);
+            prop_assert!(verify(&key(3), &to, &h, now).is_ok());
             let mut bad = h.clone();
             let i = at % bad.len();
             bad[i] ^= 1 << bit;
-            prop_assert!(verify(&key(3), &bad, now).is_err());
+            prop_assert!(verify(&key(3), &to, &bad, now).is_err());
+        }
+
+        /// A seal made for one hub holds at no hub of another name.
+        #[test]
+        fn a_seal_holds_at_no_other_hub(
+            to in "[a-z0-9_.-]{1,63}",
+            me in "[a-z0-9_.-]{1,63}",
+            now in 0u64..u64::MAX / 2,
+        ) {
+            let h = seal(&key(3), &to, sa("192.0.2.1:5"), sa("192.0.2.2:80"), now, [1; 8]);
+            if me == to {
+                prop_assert!(verify(&key(3), &me, &h, now).is_ok());
+            } else {
+                prop_assert_eq!(verify(&key(3), &me, &h, now), Err(SealError::Mac));
+            }
         }
     }
 }
