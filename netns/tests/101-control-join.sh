@@ -153,6 +153,10 @@ check "still one peer" eval '[ "$(ctl --json peers | jq length)" = 1 ]'
 check "state moved from the start (join and service)" eval '[ "$v_before" != "$state_before" ]'
 
 # --- 2. n2 claims blog without owning it
+# A port of the hub's [control] ports range that another program holds.
+HELD_PORT=20777
+lab_bg hub holder python3 -m http.server "$HELD_PORT" --bind 0.0.0.0 --directory "$GW_TMP"
+must "another program listens on the hub's port $HELD_PORT" wait_for 10 listening hub "$HELD_PORT"
 TOKEN2=$(ctl token create --names other,private --ttl 10m --bandwidth "1 Mbit/s" 2>/dev/null)
 check "the token lists its bandwidth" eval '[ "$(ctl --json tokens | jq -r ".[] | select(.used_by == null) | .bandwidth")" = "1 Mbit/s" ]'
 d2="$GW_TMP/n2-etc"
@@ -176,6 +180,14 @@ deny = ["$(lab_wan4 pub)"]
 [[service]]
 name = "blog"
 local = "127.0.0.1:8080"
+
+# Another program on the hub holds this port (below).
+[[service]]
+name = "other"
+protocol = "tcp"
+local = "127.0.0.1:8080"
+port = 8081
+public_port = $HELD_PORT
 EOF
 lab_bg n2 n2 env NO_COLOR=1 RUST_LOG=info "$GATEWIRE" node --config "$d2/node.toml"
 must "n2 brought up gwj0" wait_for 10 iface_up n2 gwj0
@@ -189,6 +201,9 @@ svc=$(lab_exec n2 curl -sS --max-time 5 "http://$HUBOV:$NODE_PORT/v1/services")
 check "the node services API reports blog refused with the reason" \
     eval 'jq -e ".services[] | select(.host == \"name:blog\") | .status == \"refused\" and (.error | contains(\"owned by\"))" <<<"$svc" >/dev/null'
 check "ctl peer show n2 reports the refusal, naming the owner" eval 'ctl peer show "$K2" | grep -qF "owned by $K1"'
+check "a tcp service on a port another program holds on the hub is refused, saying so" \
+    eval 'jq -e ".services[] | select(.host == \"tcp:$HELD_PORT\") | .status == \"refused\" and (.error | contains(\"cannot be listened on at the hub\"))" <<<"$svc" >/dev/null'
+check "the hub logged no failed proxy reload" not grep -q "proxy reload failed" "$(lab_logfile hub)"
 check "the blog route still has one backend" eval '[ "$(backends | jq -r "length")" = 1 ] && backends | grep -q "$N1OV"'
 check "blog answers from n1 only (20 requests)" eval '[ "$(blog_seen 20)" = n1 ]'
 other() { pcurl --resolve "other.$DOMAIN:80:$HUB4" "http://other.$DOMAIN/"; }

@@ -101,6 +101,8 @@ impl FileEnv {
         for p in &cfg.peers {
             used_ips.extend(p.allowed_ips.iter().copied());
         }
+        // The tunnel's own UDP port.
+        file_ports.insert((Protocol::Udp, cfg.listen_port));
         if let Some(c) = &cfg.control {
             file_ports.insert((Protocol::Tcp, c.node_port));
             file_ports.extend(c.listen.iter().map(|a| (Protocol::Tcp, a.port())));
@@ -320,6 +322,8 @@ impl Control {
                 ports: st.ports.clone(),
                 file_ports: &env.file_ports,
                 max_ports_per_node: st.max_ports_per_node,
+                // Ports are checked where declarations are evaluated.
+                port_busy: &|_, _| None,
                 held_elsewhere: &held,
             };
             op(&mut next, &ctx)?
@@ -406,6 +410,17 @@ impl Control {
         let now = unix_secs();
         let grant = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
         let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
+        // Only against a running proxy: one being started holds its ports
+        // before it is handed over here, and would find them busy.
+        let proxy = self.proxy_stats.lock().clone();
+        let busy = |p: Protocol, port: u16| -> Option<String> {
+            let udp = match p {
+                Protocol::Udp => true,
+                Protocol::Tcp => false,
+                Protocol::Http => return None,
+            };
+            proxy.as_ref()?.port_busy(udp, port)
+        };
         let ctx = Context {
             now,
             check_route: &check,
@@ -416,6 +431,7 @@ impl Control {
             ports: st.ports.clone(),
             file_ports: &env.file_ports,
             max_ports_per_node: st.max_ports_per_node,
+            port_busy: &busy,
             held_elsewhere: &grant,
         };
         let acme = env.cfg.proxy.as_ref().is_some_and(|p| p.acme.is_some());
@@ -755,6 +771,7 @@ mod tests {
             ports: running.ports.clone(),
             file_ports: &env.file_ports,
             max_ports_per_node: running.max_ports_per_node,
+            port_busy: &|_, _| None,
             held_elsewhere: &held,
         };
         let key = |i: u8| {

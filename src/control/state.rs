@@ -289,6 +289,11 @@ pub struct Context<'a> {
     pub file_ports: &'a BTreeSet<(Protocol, u16)>,
     /// Most public ports (`tcp` and `udp` services) one node holds.
     pub max_ports_per_node: usize,
+    /// Why a public port cannot be listened on by the hub's proxy (another
+    /// program holds it, the hub's own sockets, no permission): `None` when
+    /// it can, or already does. A forward whose port cannot be bound would
+    /// fail every reload of the proxy after it, for every route.
+    pub port_busy: &'a dyn Fn(Protocol, u16) -> Option<String>,
     /// Whether a name (registry name, owner key) may be granted here: not
     /// when the hub mesh holds one of its hosts for another node. Always
     /// `Ok` without a mesh.
@@ -1130,6 +1135,13 @@ impl State {
                     }
                     if ctx.file_ports.contains(&(p, port)) {
                         refuse(&mut ev, format!("public_port {port} is used by the hub"));
+                        continue;
+                    }
+                    if let Some(why) = (ctx.port_busy)(p, port) {
+                        refuse(
+                            &mut ev,
+                            format!("public_port {port} cannot be listened on at the hub: {why}"),
+                        );
                         continue;
                     }
                     if ports_held.get(key).copied().unwrap_or(0) >= ctx.max_ports_per_node {

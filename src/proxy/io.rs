@@ -34,6 +34,21 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Whether `addr` could be bound as [`bind_tcp`] or [`bind_udp`] would:
+/// a socket bound and let go at once (no runtime needed).
+pub fn try_bind(addr: SocketAddr, udp: bool) -> io::Result<()> {
+    let ty = if udp {
+        socket2::Type::DGRAM
+    } else {
+        socket2::Type::STREAM
+    };
+    let s = socket_for(addr, ty)?;
+    if !udp {
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&addr.into())
+}
+
 /// Binds a UDP socket (IPV6_V6ONLY on IPv6).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = socket_for(addr, socket2::Type::DGRAM)?;

@@ -367,6 +367,27 @@ impl StatsHandle {
             .unwrap_or_default()
     }
 
+    /// Why this proxy could not listen on `port` (UDP or TCP) for a forward
+    /// on all addresses: another program holds it, or the hub may not bind
+    /// it. `None` when it could, or already does (a forward of its own).
+    /// Tried with a bind that is let go at once.
+    pub fn port_busy(&self, udp: bool, port: u16) -> Option<String> {
+        let kind = if udp { Kind::Udp } else { Kind::Tcp };
+        let ours = self
+            .0
+            .listeners
+            .lock()
+            .iter()
+            .any(|l| l.kind == kind && l.conf.port() == port);
+        if ours {
+            return None;
+        }
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        crate::proxy::io::try_bind(addr, udp)
+            .err()
+            .map(|e| e.to_string())
+    }
+
     /// What the mesh publishes: the hosts of every route, and the bound
     /// addresses of the plain HTTP and of the TLS listeners.
     pub fn mesh_local(&self) -> (Vec<String>, Vec<SocketAddr>, Vec<SocketAddr>) {

@@ -51,6 +51,7 @@ fn ctx(e: &Env, now: u64) -> Context<'_> {
         ports: 20000..=20999,
         file_ports: &e.file_ports,
         max_ports_per_node: 4,
+        port_busy: &|_, _| None,
         held_elsewhere: &|_, _| Ok(()),
     }
 }
@@ -821,6 +822,34 @@ fn operator_routes_win_over_declared_services_and_ports_are_checked() {
     assert_eq!(err.status, 400);
     assert!(err.message.contains("services #1"), "{err}");
     assert_eq!(s.version, v);
+    // A port the hub's proxy cannot listen on (another program holds it)
+    // is refused, naming why; the same port over the other protocol, and
+    // the node's other ports, are not.
+    let busy = |p: Protocol, port: u16| {
+        (p == Protocol::Tcp && port == 20105).then(|| "Address already in use".to_string())
+    };
+    let c = Context {
+        port_busy: &busy,
+        ..ctx(&e, 6)
+    };
+    let udp = |p| ServiceDecl {
+        protocol: Protocol::Udp,
+        ..tcp(p)
+    };
+    s.declare_services(&c, K3, ip, vec![tcp(20022), tcp(20105), udp(20105)])
+        .unwrap();
+    let ev = s.evaluate(&c, &reg, false);
+    let st = &ev.statuses[K3];
+    assert_eq!(st[0].status, "active");
+    assert_eq!(st[1].status, "refused");
+    let why = st[1].error.as_deref().unwrap();
+    assert!(
+        why.contains("public_port 20105 cannot be listened on at the hub: Address already in use"),
+        "{why}"
+    );
+    assert_eq!(st[2].status, "active");
+    assert!(!ev.tcp.iter().any(|t| t.listen == "0.0.0.0:20105"));
+    assert!(ev.udp.iter().any(|u| u.listen == "0.0.0.0:20105"));
 }
 
 #[derive(Debug, Clone)]
