@@ -2062,6 +2062,51 @@ async fn overall_connection_limit() {
     assert!(r.starts_with("HTTP/1.1 200"), "served again: {r}");
 }
 
+/// One address holds at most `max_connections_per_source` connections: its
+/// next is closed at once and counted, while another address is served;
+/// a trusted proxy, which speaks for many clients, is not held to it.
+#[tokio::test]
+async fn per_source_connection_limit() {
+    let b = http_backend("lim").await;
+    let mut s = settings(vec![route("lim", TlsMode::Terminate, vec![be(b)])]);
+    s.limits.max_connections_per_source = 2;
+    s.trusted_proxies = Some(access(&["127.0.0.9"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.http_addrs()[0];
+    let c1 = connect_from("127.0.0.2", at).await;
+    let _c2 = connect_from("127.0.0.2", at).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c3 = connect_from("127.0.0.2", at).await;
+    let _ = c3
+        .write_all(b"GET / HTTP/1.1\r\nHost: lim.gw.test\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(T, c3.read_to_end(&mut out)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection from one address is closed unanswered: {r:?} {}",
+        String::from_utf8_lossy(&out)
+    );
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("over_capacity"), Some(&1));
+    // Another address, and the trusted proxy three times over.
+    assert!(http_from("127.0.0.3", at, "lim.gw.test")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let _t1 = connect_from("127.0.0.9", at).await;
+    let _t2 = connect_from("127.0.0.9", at).await;
+    assert!(http_from("127.0.0.9", at, "lim.gw.test")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // A place comes back when its connection closes.
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(http_from("127.0.0.2", at, "lim.gw.test")
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
 /// A spliced connection (a TCP forward) idle for `idle_timeout` is closed;
 /// one that keeps talking is not.
 #[tokio::test]

@@ -262,6 +262,8 @@ struct Runtime {
     dns_limiter: arc_swap::ArcSwapOption<Mutex<Limiter>>,
     current: ArcSwap<Shared>,
     conns: Arc<ConnCount>,
+    /// Open client connections per source address (IPv6: per /64).
+    per_source: Arc<crate::per_source::PerSource>,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     listeners: Mutex<Vec<Listening>>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -1019,6 +1021,7 @@ impl Proxy {
             dns_limiter: arc_swap::ArcSwapOption::from(limiter_for(None, dns_rate(&settings))),
             current: ArcSwap::from_pointee(shared),
             conns: Arc::new(ConnCount::new(max)),
+            per_source: Arc::default(),
             tunnels,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -1307,14 +1310,39 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let shared = rt.current.load_full();
-        let Some(slot) = rt.conns.try_take() else {
+        let mesh = rt.mesh.load_full();
+        // One address holds at most `max_connections_per_source` of the
+        // slots, so one client cannot shut all the others out; not a
+        // balancer, a trusted proxy or another hub, which speak for many.
+        let speaks_for_many = shared.trusts_forwarding(peer.ip())
+            || shared
+                .proxy_protocol_from
+                .as_ref()
+                .is_some_and(|a| a.permits(peer.ip()))
+            || mesh.as_ref().is_some_and(|m| m.trusts(peer.ip()));
+        let source = if speaks_for_many {
+            None
+        } else {
+            let key = crate::per_source::source_key(peer.ip());
+            match rt
+                .per_source
+                .take(key, shared.limits.max_connections_per_source)
+            {
+                Some(s) => Some(s),
+                None => {
+                    shared.listener.error(ErrorKind::OverCapacity);
+                    drop(sock);
+                    continue;
+                }
+            }
+        };
+        let Some(slot) = rt.conns.try_take(source) else {
             shared.listener.error(ErrorKind::OverCapacity);
             drop(sock);
             continue;
         };
         let _ = sock.set_nodelay(true);
         let retired = shared.retired.subscribe();
-        let mesh = rt.mesh.load_full();
         let span = info_span!("conn", client = %peer);
         let fut = async move {
             let mut sock = sock;
@@ -1466,7 +1494,7 @@ pub(crate) struct ConnCount {
 /// One open client connection's place in [`ConnCount`], given back when the
 /// last holder drops it: the connection's task, and an upgraded connection's
 /// splice (a WebSocket outlives the HTTP connection that started it).
-pub struct ConnSlot(Arc<ConnCount>);
+pub struct ConnSlot(Arc<ConnCount>, Option<crate::per_source::SourceSlot>);
 
 impl ConnCount {
     fn new(max: usize) -> Self {
@@ -1484,12 +1512,17 @@ impl ConnCount {
         self.open.load(Relaxed)
     }
 
-    fn try_take(self: &Arc<Self>) -> Option<Arc<ConnSlot>> {
+    /// A place for one more connection, holding its source's place
+    /// (`source`) as long as it holds its own.
+    fn try_take(
+        self: &Arc<Self>,
+        source: Option<crate::per_source::SourceSlot>,
+    ) -> Option<Arc<ConnSlot>> {
         let max = self.max.load(Relaxed);
         self.open
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .ok()?;
-        Some(Arc::new(ConnSlot(self.clone())))
+        Some(Arc::new(ConnSlot(self.clone(), source)))
     }
 }
 
@@ -2275,8 +2308,8 @@ mod tests {
     #[test]
     fn a_lower_connection_limit_holds_at_once_and_slots_come_back() {
         let c = Arc::new(ConnCount::new(3));
-        let mut open: Vec<_> = (0..3).map(|_| c.try_take().unwrap()).collect();
-        assert!(c.try_take().is_none());
+        let mut open: Vec<_> = (0..3).map(|_| c.try_take(None).unwrap()).collect();
+        assert!(c.try_take(None).is_none());
         // Shared by an upgraded connection's splice: given back by the last.
         let splice = open[0].clone();
         drop(open.remove(0));
@@ -2286,15 +2319,15 @@ mod tests {
         // A reload lowers the limit under what is open: nothing is cut, and
         // nothing new comes in until the open ones are under it.
         c.set_max(1);
-        assert!(c.try_take().is_none());
+        assert!(c.try_take(None).is_none());
         open.pop();
-        assert!(c.try_take().is_none());
+        assert!(c.try_take(None).is_none());
         open.pop();
         assert_eq!(c.open(), 0);
-        let one = c.try_take().unwrap();
-        assert!(c.try_take().is_none());
+        let one = c.try_take(None).unwrap();
+        assert!(c.try_take(None).is_none());
         c.set_max(2);
-        assert!(c.try_take().is_some());
+        assert!(c.try_take(None).is_some());
         drop(one);
     }
 

@@ -30,6 +30,8 @@ pub struct RawProxy {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_source: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header_timeout: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_timeout: Option<u64>,
@@ -712,6 +714,9 @@ pub struct UdpForwardSettings {
 pub struct Limits {
     /// Concurrent client connections over all listeners.
     pub max_connections: usize,
+    /// Concurrent client connections from one address (IPv6: one /64),
+    /// other than a trusted proxy's, a balancer's or another hub's.
+    pub max_connections_per_source: usize,
     /// Time to read a request head (slowloris guard), and idle keep-alive time.
     pub header_timeout: Duration,
     /// Time to receive a complete ClientHello and finish the TLS handshake.
@@ -735,6 +740,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 4096,
+            max_connections_per_source: 1024,
             header_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -1400,8 +1406,15 @@ pub(crate) fn validate(
     if !(1..=1_000_000).contains(&max_connections) {
         return Err("[proxy] max_connections: must be 1 to 1000000".into());
     }
+    let max_connections_per_source = raw
+        .max_connections_per_source
+        .unwrap_or(d.max_connections_per_source);
+    if !(1..=1_000_000).contains(&max_connections_per_source) {
+        return Err("[proxy] max_connections_per_source: must be 1 to 1000000".into());
+    }
     let limits = Limits {
         max_connections,
+        max_connections_per_source,
         header_timeout: secs("header_timeout", raw.header_timeout, d.header_timeout)?,
         handshake_timeout: secs(
             "handshake_timeout",
