@@ -59,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
         ports: 20000..=20999,
         file_ports: &file_ports,
         max_ports_per_node: 4,
+        port_busy: &|_, _| None,
         held_elsewhere: &|_, _| Ok(()),
     };
     let mut s = State::default();
