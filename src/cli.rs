@@ -526,11 +526,12 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
     }
     if let Some(t) = v.get("tls_tunnels") {
         out.push(format!(
-            "tunnels over TLS: {} open, {} set up, {} failed, {} evicted, {} received, {} sent",
+            "tunnels over TLS: {} open, {} set up, {} failed, {} evicted, {} superseded, {} received, {} sent",
             n(t, "open"),
             n(t, "streams"),
             n(t, "failed"),
             n(t, "evicted"),
+            n(t, "superseded"),
             human_bytes(n(t, "bytes_in")),
             human_bytes(n(t, "bytes_out")),
         ));
@@ -853,10 +854,10 @@ mod tests {
             ]
         );
         let hub = serde_json::json!({"tls_tunnels": {"streams": 5, "open": 2, "failed": 1,
-            "bad_frames": 0, "evicted": 3, "bytes_in": 0, "bytes_out": 0}});
+            "bad_frames": 0, "evicted": 3, "superseded": 4, "bytes_in": 0, "bytes_out": 0}});
         assert_eq!(
             carrier_lines(&hub),
-            vec!["tunnels over TLS: 2 open, 5 set up, 1 failed, 3 evicted, 0 B received, 0 B sent"]
+            vec!["tunnels over TLS: 2 open, 5 set up, 1 failed, 3 evicted, 4 superseded, 0 B received, 0 B sent"]
         );
         assert!(carrier_lines(&serde_json::json!({})).is_empty());
         let mesh = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,

@@ -625,6 +625,10 @@ async fn run_inner(
                 d.forget_endpoint(relay);
             }
         });
+        // Which peer each relay serves (the hook holds no device).
+        let moves = hub.moves();
+        dev.inner
+            .on_endpoint_moved(move |peer, to| moves.moved(peer.0, to));
         Some(Arc::new(hub))
     } else {
         None

@@ -6,13 +6,18 @@
 # forward chain decides: n1 -> n2 passes until a rule drops it, then n2 -> d1
 # and n1 -> hub still pass. The change from "off" to "kernel" is a reload. `hub --check` refuses an unknown value and a peer
 # whose allowed IPs hold the hub's own address, and warns when "kernel" meets
-# a host that does not forward.
-# timeout: 240
+# a host that does not forward. Through the translator (the hub restarted
+# with [xlat] and NAT64): n1 reaches n2's IPv4 address as pool6 + it, from
+# pool4, with "direct"; with "off" that is dropped and counted, and so is
+# n2's packet for pool4 (the hub's kernel would hand it back to the
+# translator); with "kernel" the translated packet goes through the hub's
+# forward chain, where a rule on pool4 stops it.
+# timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=11-node-to-node
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
-need_cmd ping jq nft
+need_cmd ping jq nft python3
 need_gatewire
 
 lab_up 2 1
@@ -104,6 +109,112 @@ check "kernel + nft rule: d1 -> n2 (v6) still passes" lab_ping d1 "$(lab_ov6 n2)
 check "kernel + nft rule: n1 -> hub still passes" lab_ping n1 "$(lab_ov4 hub)"
 lab_exec hub nft delete table inet gwtest
 check "kernel, rule gone: n1 -> n2 (v4) passes again" wait_for 5 lab_ping1 n1 "$(lab_ov4 n2)"
+
+# ---- through the translator: the hub with NAT64 behind a network-specific
+# pool6, so that n1 reaches n2's IPv4 overlay address from its IPv6 one as
+# pool6 + it. pool4 lies inside the overlay: n2 routes its answers into the
+# tunnel, and they take the hub's kernel back to the translator.
+POOL4=100.64.0.64
+POOL6=2001:db8:64::
+N2_64="$POOL6$(lab_ov4 n2)"
+# applied MODE : how many times the hub's log says it applied node_to_node = MODE
+applied() {
+    grep -c "traffic between nodes: applied.*node_to_node=\"$1\"\|node_to_node=\"$1\".*traffic between nodes: applied" \
+        "$(lab_logfile hub)" || true
+}
+applied_more() { [ "$(applied "$1")" -gt "$2" ]; }
+# reload_mode MODE : set it in the file and SIGHUP the hub; true once applied
+reload_mode() {
+    local n
+    n=$(applied "$1")
+    set_mode "$1"
+    kill -HUP "$(lab_pid hub)"
+    wait_for 10 applied_more "$1" "$n"
+}
+lab_stop hub
+cat >>"$conf" <<CONF
+
+[xlat]
+pool6 = "$POOL6/96"
+
+[xlat.nat64]
+pool4 = "$POOL4"
+ports = "20000-20999"
+CONF
+set_mode direct
+GW_CONF=$conf gw_start_hub hub
+# n1 routes pool6 into its tunnel
+nconf="$GW_TMP/conf/n1.toml"
+sed -i "s|\"$GW_OV6_PREFIX\"\]|\"$GW_OV6_PREFIX\", \"$POOL6/96\"]|" "$nconf"
+grep -q "$POOL6/96" "$nconf" || lab_die "could not add pool6 to n1's allowed_ips"
+lab_stop n1
+gw_restart_node n1
+must "xlat: n1 reaches the hub again" wait_for 15 lab_ping1 n1 "$(lab_ov4 hub)"
+must "xlat: n2 reaches the hub again" wait_for 15 lab_ping1 n2 "$(lab_ov4 hub)"
+# n2 answers each UDP datagram with the address it came from
+lab_bg n2 srcecho python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7000))
+while True:
+    _, a = s.recvfrom(100)
+    s.sendto(a[0].encode(), a)
+' "$(lab_ov4 n2)"
+# seen_from : the source n2 saw n1's datagram to pool6 + n2 come from
+# (empty: no answer)
+seen_from() {
+    lab_exec n1 python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(1)
+for _ in range(3):
+    s.sendto(b"hi", (sys.argv[1], 7000))
+    try:
+        print(s.recv(100).decode())
+        break
+    except socket.timeout:
+        pass
+' "$N2_64" 2>/dev/null || true
+}
+from_pool4() { [ "$(seen_from)" = "$POOL4" ]; }
+check "xlat, direct: n1 pings n2 as $N2_64 (NAT64)" wait_for 10 lab_ping1 n1 "$N2_64"
+check "xlat, direct: n2 sees n1's datagram from pool4 $POOL4" wait_for 5 from_pool4
+
+# "off": the translated packet is traffic between nodes too
+must "xlat, off: the hub applied it on SIGHUP" reload_mode off
+before=$(n2n_drops)
+check "xlat, off: n1 -> $N2_64 gets no answer" lab_ping_fails n1 "$N2_64"
+check "xlat, off: n2 sees no datagram from n1 through NAT64" test -z "$(seen_from)"
+after=$(n2n_drops)
+lab_log "drops.node_to_node: $before -> $after"
+check "xlat, off: show --json counts them as node_to_node ($before -> $after)" \
+    test "$after" -ge $((before + 6))
+# n2 -> pool4: the hub's kernel would route it back to the translator, and
+# the translator to a NAT64 session's node
+before=$after
+check "xlat, off: n2 -> pool4 gets no answer" lab_ping_fails n2 "$POOL4"
+after=$(n2n_drops)
+check "xlat, off: ... dropped as node_to_node ($before -> $after)" test "$after" -ge $((before + 3))
+check "xlat, off: n1 still reaches the hub" lab_ping n1 "$(lab_ov4 hub)"
+
+# "kernel": the translated packet (from pool4) goes through the forward chain
+must "xlat, kernel: the hub applied it on SIGHUP" reload_mode kernel
+check "xlat, kernel: n1 pings n2 as $N2_64 through the hub's kernel" wait_for 10 lab_ping1 n1 "$N2_64"
+check "xlat, kernel: n2 sees n1's datagram from pool4" wait_for 5 from_pool4
+lab_exec hub nft -f - <<EOF
+table inet gwtest {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        iifname "gw0" oifname "gw0" ip saddr $POOL4 ip daddr $(lab_ov4 n2) counter drop
+    }
+}
+EOF
+before=$(n2n_drops)
+check "xlat, kernel + nft rule on pool4: n1 -> $N2_64 gets no answer" lab_ping_fails n1 "$N2_64"
+check "xlat, kernel + nft rule: the hub's forward chain dropped them ($(fw_drops))" test "$(fw_drops)" -ge 3
+check "xlat, kernel + nft rule: the device dropped none itself" test "$(n2n_drops)" -eq "$before"
+lab_exec hub nft delete table inet gwtest
+lab_stop srcecho
 
 for p in hub "${nodes[@]}"; do
     check "$p still running" lab_alive "$p"

@@ -206,6 +206,8 @@ check "hub -> n1 keeps working while n1's UDP tries go unanswered (${recv:-0}/50
 check "the NAT dropped the hub's UDP answers" \
     lab_sh nat "nft list chain inet noudp forward_udp | grep 'oifname' | grep -Eq 'packets [1-9]'"
 check "n1 stays on TLS" eval "path_json n1 | jq -e '.via == \"tls\" and .tls.open == 1' >/dev/null"
+check "the hub closed no stream for its peer moving between UDP and its stream" eval \
+    "gw_show_json hub gw0 | jq -e '.interfaces[0].tls_tunnels.superseded == 0' >/dev/null"
 
 # --- the NAT lets UDP through again (n3 still gets nothing but the proxy):
 # n1's next UDP try is answered and it leaves TLS

@@ -19,6 +19,7 @@
 pub mod connect;
 pub mod frame;
 pub mod path;
+pub mod peers;
 pub mod pool;
 pub mod ws;
 
@@ -67,6 +68,14 @@ pub const MAX_CARRIED: usize = 8192;
 /// Proven carried tunnels open at once from one client address (an IPv6
 /// client's /64): a few hundred nodes behind one NAT fit.
 pub const MAX_CARRIED_PER_SOURCE: usize = 256;
+/// Carried tunnels at once that serve one WireGuard peer (whose endpoint
+/// an authenticated datagram through them moved there, [`peers`]): the one
+/// its endpoint is at, and the one it left while reconnecting, until the
+/// hub sees that end. When the peer's endpoint moves to one more, the one
+/// it moved to least recently is closed (counted as superseded), so one
+/// node's keys hold no more of [`MAX_CARRIED`] than that, from however
+/// many addresses.
+pub const MAX_CARRIED_PER_PEER: usize = 2;
 /// Most carried streams a hub holds at once that have not yet carried a
 /// session (from their TLS handshake, or WebSocket upgrade, to the
 /// device's first session datagram through them; at most [`FIRST`]). When
@@ -98,6 +107,68 @@ const LIMITS: pool::Limits = pool::Limits {
 /// ([`crate::per_source::source_key`]), each unproven one holding what
 /// stops it when evicted.
 type Places = parking_lot::Mutex<pool::Pool<IpAddr, Arc<tokio::sync::Notify>>>;
+
+/// A hub's open relays by loopback address ([`relay_key`]), and the peer
+/// (its public key) each serves, each holding what stops it when
+/// superseded.
+type Serving = parking_lot::Mutex<peers::Relays<SocketAddr, [u8; 32], Arc<tokio::sync::Notify>>>;
+
+/// A relay's address as [`Serving`] knows it (an IPv4-mapped address is
+/// its IPv4 one).
+fn relay_key(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Tells a hub's carrier where its device moved a peer's endpoint
+/// ([`Hub::moves`]).
+#[derive(Clone)]
+pub struct Moves(Arc<Serving>);
+
+impl std::fmt::Debug for Moves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("carrier::Moves")
+    }
+}
+
+impl Moves {
+    /// An authenticated datagram moved the endpoint of the peer with public
+    /// key `peer` to `to`. When `to` is a relay's, the relay serves that
+    /// peer, and the peer's relay it moved to least recently beyond
+    /// [`MAX_CARRIED_PER_PEER`] is closed. Called at moves only, never per
+    /// datagram.
+    pub fn moved(&self, peer: [u8; 32], to: SocketAddr) {
+        let to = relay_key(to);
+        // Every relay is on loopback: another address needs no look.
+        if !to.ip().is_loopback() {
+            return;
+        }
+        let stop = self.0.lock().moved(peer, &to);
+        if let Some(s) = stop {
+            // Kept for the relay if it is not waiting yet.
+            s.notify_one();
+        }
+    }
+}
+
+/// A relay's entry in [`Serving`], forgotten when dropped.
+struct ServingEntry<'a> {
+    serving: &'a Serving,
+    at: SocketAddr,
+}
+
+impl<'a> ServingEntry<'a> {
+    fn new(serving: &'a Serving, at: SocketAddr, stop: Arc<tokio::sync::Notify>) -> Self {
+        let at = relay_key(at);
+        serving.lock().open(at, stop);
+        ServingEntry { serving, at }
+    }
+}
+
+impl Drop for ServingEntry<'_> {
+    fn drop(&mut self) {
+        self.serving.lock().close(&self.at);
+    }
+}
 
 /// One carried tunnel's place in the hub's [`pool`]: unproven first (one
 /// of [`MAX_UNPROVEN`] and of its source's [`MAX_UNPROVEN_PER_SOURCE`]),
@@ -158,6 +229,9 @@ pub struct Counters {
     /// Unproven streams closed to make room for a new one
     /// ([`MAX_UNPROVEN`]).
     pub evicted: AtomicU64,
+    /// Streams closed because the peer they served moved on to newer ones
+    /// ([`MAX_CARRIED_PER_PEER`]).
+    pub superseded: AtomicU64,
     /// Datagram bytes received from the stream and sent to the stream.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -171,6 +245,8 @@ pub struct CountersSnapshot {
     pub bad_frames: u64,
     #[serde(default)]
     pub evicted: u64,
+    #[serde(default)]
+    pub superseded: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -183,6 +259,7 @@ impl Counters {
             failed: self.failed.load(Relaxed),
             bad_frames: self.bad_frames.load(Relaxed),
             evicted: self.evicted.load(Relaxed),
+            superseded: self.superseded.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
         }
@@ -253,6 +330,9 @@ pub enum End {
     Stopped,
     /// Closed unproven to make room for a new stream ([`MAX_UNPROVEN`]).
     Evicted,
+    /// Closed because the peer it served moved on to newer streams
+    /// ([`MAX_CARRIED_PER_PEER`]).
+    Superseded,
     /// It carried a session, but every proven slot ([`MAX_CARRIED`], or
     /// its source's [`MAX_CARRIED_PER_SOURCE`]) was taken.
     Full,
@@ -546,6 +626,8 @@ pub struct Hub {
     stop: tokio::sync::watch::Sender<bool>,
     /// Carried tunnels, unproven and proven ([`pool`]).
     places: Arc<Places>,
+    /// Open relays and the peers they serve ([`peers`]).
+    serving: Arc<Serving>,
     /// Told a relay's loopback address when the relay has ended (its
     /// socket still open, so the address is not yet anyone else's).
     on_relay_closed: Option<Box<dyn Fn(SocketAddr) + Send + Sync>>,
@@ -573,8 +655,18 @@ impl Hub {
             counters: Counters::default(),
             stop: tokio::sync::watch::channel(false).0,
             places: Arc::new(parking_lot::Mutex::new(pool::Pool::new(LIMITS))),
+            serving: Arc::new(parking_lot::Mutex::new(peers::Relays::new(
+                MAX_CARRIED_PER_PEER,
+            ))),
             on_relay_closed: None,
         })
+    }
+
+    /// What the device tells of each move of a peer's endpoint
+    /// ([`Moves::moved`]). It holds this hub's relays, not the hub (which
+    /// holds the device).
+    pub fn moves(&self) -> Moves {
+        Moves(self.serving.clone())
     }
 
     /// Calls `f` with a relay's loopback address when the relay has ended:
@@ -679,6 +771,9 @@ impl Hub {
         };
         let local = udp.local_addr().ok();
         debug!(client = %client, relay = ?local, ?framing, "carried tunnel open");
+        // Told when the peer it serves has moved on to newer relays.
+        let superseded = Arc::new(tokio::sync::Notify::new());
+        let serving = local.map(|a| ServingEntry::new(&self.serving, a, superseded.clone()));
         let mut stop = self.stop.subscribe();
         let t = Instant::now();
         let prove = || slot.prove();
@@ -697,6 +792,7 @@ impl Hub {
             _ = stop.wait_for(|s| *s) => End::Stopped,
             // Only an unproven stream is ever evicted.
             _ = slot.evicted.notified() => End::Evicted,
+            _ = superseded.notified() => End::Superseded,
         };
         if end == End::Full {
             if slot.gone.load(Relaxed) {
@@ -706,7 +802,12 @@ impl Hub {
                 self.counters.failed.fetch_add(1, Relaxed);
             }
         }
-        // The device forgets the address while the socket still holds it.
+        if end == End::Superseded {
+            self.counters.superseded.fetch_add(1, Relaxed);
+        }
+        // No peer's move makes it serve one any more; the device forgets
+        // the address while the socket still holds it.
+        drop(serving);
         if let (Some(f), Some(a)) = (&self.on_relay_closed, local) {
             f(a);
         }
@@ -1888,6 +1989,107 @@ mod tests {
             MAX_UNPROVEN + MAX_UNPROVEN_PER_SOURCE + 1
         );
         drop(strangers);
+    }
+
+    /// A peer whose endpoint moves to a third relay loses the one it
+    /// moved to least recently (closed, counted as superseded, its address
+    /// told); a move to an address that is no relay's closes nothing; other
+    /// peers' relays stay; every relay is forgotten once closed.
+    #[tokio::test]
+    async fn a_peer_keeps_at_most_its_limit_of_relays() {
+        // The hub's device: the peer a datagram's fifth byte names moves to
+        // where it came from (as an authenticated datagram moves a peer's
+        // endpoint, told once per move), and it is answered with transport
+        // data (which proves the stream).
+        let hub_dev = Arc::new(device().await);
+        let hub_addr = hub_dev.local_addr().unwrap();
+        let closed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let closed2 = closed.clone();
+        let hub = Arc::new(
+            Hub::new(move || hub_addr)
+                .unwrap()
+                .on_relay_closed(move |a| closed2.lock().push(a)),
+        );
+        let moves = hub.moves();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (dev, seen2, moves2) = (hub_dev.clone(), seen.clone(), moves.clone());
+        tokio::spawn(async move {
+            let mut at = std::collections::HashMap::new();
+            let mut d = [0u8; 2048];
+            while let Ok((n, from)) = dev.recv_from(&mut d).await {
+                let peer = d[..n].get(4).copied().unwrap_or(0);
+                if at.insert(peer, from) != Some(from) {
+                    seen2.lock().push((peer, from));
+                    moves2.moved([peer; 32], from);
+                }
+                let _ = dev.send_to(&message(4, 32), from).await;
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let h = hub.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = l.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move { h.serve(s, peer, Duration::from_secs(5)).await });
+            }
+        });
+        // A datagram of `peer` through a node's stream is answered.
+        async fn carries(node: &(UdpSocket, SocketAddr, Arc<Counters>), peer: u8) -> bool {
+            let mut m = message(4, 32);
+            m[4] = peer;
+            node.0.send_to(&m, node.1).await.unwrap();
+            let mut d = [0u8; 256];
+            tokio::time::timeout(Duration::from_secs(5), node.0.recv_from(&mut d))
+                .await
+                .is_ok()
+        }
+        async fn until(what: &str, f: impl Fn() -> bool) {
+            let done = tokio::time::timeout(Duration::from_secs(5), async {
+                while !f() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            assert!(done.await.is_ok(), "{what}");
+        }
+        let a1 = node_over_tls(at).await;
+        assert!(carries(&a1, 1).await);
+        let a2 = node_over_tls(at).await;
+        assert!(carries(&a2, 1).await);
+        let b1 = node_over_tls(at).await;
+        assert!(carries(&b1, 2).await);
+        assert_eq!(hub.places.lock().len(), (0, 3), "all proven");
+        assert_eq!(hub.serving.lock().serving(&[1; 32]), 2);
+        // Peer 1 on UDP, then back on its first stream: nothing closes.
+        moves.moved([1; 32], "192.0.2.7:51820".parse().unwrap());
+        assert!(carries(&a1, 1).await);
+        assert_eq!(hub.counters.superseded.load(Relaxed), 0);
+        // A third stream: the second, the one it was at least recently, is
+        // closed.
+        let a3 = node_over_tls(at).await;
+        assert!(carries(&a3, 1).await);
+        until("the second stream is closed", || {
+            a2.2.open.load(Relaxed) == 0 && hub.counters.open.load(Relaxed) == 3
+        })
+        .await;
+        assert_eq!(hub.counters.superseded.load(Relaxed), 1);
+        let a2_relay = seen.lock()[1];
+        assert_eq!(a2_relay.0, 1);
+        until("its address is told", || {
+            closed.lock().contains(&a2_relay.1)
+        })
+        .await;
+        assert_eq!(hub.serving.lock().serving(&[1; 32]), 2);
+        assert_eq!(hub.serving.lock().serving(&[2; 32]), 1);
+        for (node, peer) in [(&a1, 1), (&a3, 1), (&b1, 2)] {
+            assert_eq!(node.2.open.load(Relaxed), 1);
+            assert!(carries(node, peer).await, "the others still carry");
+        }
+        assert_eq!(hub.places.lock().len(), (0, 3));
+        hub.close_all();
+        until("every relay ends", || hub.counters.open.load(Relaxed) == 0).await;
+        assert!(hub.serving.lock().is_empty(), "every relay forgotten");
+        assert_eq!(hub.counters.superseded.load(Relaxed), 1);
     }
 
     /// A TLS server without the ALPN is not taken for a hub.

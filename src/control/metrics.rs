@@ -40,7 +40,7 @@
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
 //! | `gatewire_tls_tunnels_open` | gauge | |
-//! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total`, `gatewire_tls_tunnels_evicted_total` | counter | |
+//! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total`, `gatewire_tls_tunnels_evicted_total`, `gatewire_tls_tunnels_superseded_total` | counter | |
 //! | `gatewire_tls_tunnels_receive_bytes_total`, `gatewire_tls_tunnels_transmit_bytes_total` | counter | |
 //! | `gatewire_mesh_etcd_connected` | gauge (1/0) | |
 //! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
@@ -205,7 +205,7 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
 }
 
 fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
-    let families: [(&'static str, &'static str, Kind, u64); 7] = [
+    let families: [(&'static str, &'static str, Kind, u64); 8] = [
         (
             "gatewire_tls_tunnels_open",
             "Nodes' tunnels carried over TLS open now.",
@@ -235,6 +235,12 @@ fn tls_tunnels(w: &mut Writer, t: &crate::carrier::CountersSnapshot) {
             "Carried tunnels closed before carrying a session, to make room for a new one.",
             Kind::Counter,
             t.evicted,
+        ),
+        (
+            "gatewire_tls_tunnels_superseded_total",
+            "Carried tunnels closed because the peer they served moved on to newer ones.",
+            Kind::Counter,
+            t.superseded,
         ),
         (
             "gatewire_tls_tunnels_receive_bytes_total",
@@ -1324,6 +1330,7 @@ mod tests {
                 failed: 3,
                 bad_frames: 1,
                 evicted: 4,
+                superseded: 6,
                 bytes_in: 1000,
                 bytes_out: 2000,
             }),
@@ -1337,6 +1344,7 @@ mod tests {
         assert_eq!(p.get("gatewire_tls_tunnels_failed_total", &[]), Some(3));
         assert_eq!(p.get("gatewire_tls_tunnels_bad_frames_total", &[]), Some(1));
         assert_eq!(p.get("gatewire_tls_tunnels_evicted_total", &[]), Some(4));
+        assert_eq!(p.get("gatewire_tls_tunnels_superseded_total", &[]), Some(6));
         assert_eq!(
             p.get("gatewire_tls_tunnels_receive_bytes_total", &[]),
             Some(1000)
@@ -1345,7 +1353,7 @@ mod tests {
             p.get("gatewire_tls_tunnels_transmit_bytes_total", &[]),
             Some(2000)
         );
-        assert_eq!(p.types.len(), 13);
+        assert_eq!(p.types.len(), 14);
     }
 
     #[test]

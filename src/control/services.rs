@@ -384,7 +384,11 @@ pub struct ForwardPlan {
 /// the node reaches it (loopback, say): on the overlay it answers its hubs,
 /// whose proxies connect to it, and not the other nodes a hub routes to this
 /// one, which would reach a service its owner kept local. Sources outside
-/// the overlay (IPv4 clients translated on the hub, say) are taken.
+/// the overlay (IPv4 clients translated on the hub, say) are taken. So are
+/// other nodes' packets that a hub's translator carries (from its NAT64
+/// pool4, or an EAM IPv4 address), which the node is not told apart: the
+/// hub's `node_to_node` ("off", or "kernel" and its firewall) keeps those
+/// away, as it does untranslated ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admit {
     /// The node's overlay networks.

@@ -14,7 +14,7 @@ use crate::wg::liveness;
 use crate::wg::packet::{self, Hop};
 use crate::wg::stamp;
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
-use crate::wg::xlat::{peer_owner, XlatPath};
+use crate::wg::xlat::{peer_owner, Return, XlatPath};
 use crate::xlat;
 use arc_swap::ArcSwap;
 use boringtun::noise::errors::WireGuardError;
@@ -320,6 +320,15 @@ enum Place<'t> {
     Drop(DropReason),
 }
 
+/// Whose packet the translator made its output from ([`place_translated`]).
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    /// The peer's; `None`: one read from the TUN.
+    peer: Option<&'a Arc<Peer>>,
+    /// `[hub] node_to_node`, as read for that packet.
+    forward: NodeToNode,
+}
+
 /// Decides where a decrypted packet from `from` with source `src` and
 /// destination `dst` (`None`: not an IP header the device reads) goes:
 /// cryptokey routing first (the source must be one of `from`'s allowed IPs
@@ -344,12 +353,65 @@ fn place<'t>(
         return Place::Tun;
     }
     match table.routes.lookup(dst) {
-        Some(to) if !Arc::ptr_eq(to, from) => match forward {
-            NodeToNode::Off => Place::Drop(DropReason::NodeToNode),
-            NodeToNode::Kernel => Place::Kernel,
-            NodeToNode::Direct => Place::Peer(to),
-        },
+        Some(to) if !Arc::ptr_eq(to, from) => between_peers(forward, to),
         _ => Place::Tun,
+    }
+}
+
+/// A packet from one peer for another peer `to`, as `forward` says.
+#[inline]
+fn between_peers(forward: NodeToNode, to: &Arc<Peer>) -> Place<'_> {
+    match forward {
+        NodeToNode::Off => Place::Drop(DropReason::NodeToNode),
+        NodeToNode::Kernel => Place::Kernel,
+        NodeToNode::Direct => Place::Peer(to),
+    }
+}
+
+/// Decides where a packet the translator made, for `dst`, goes. `from`:
+/// the peer whose packet it was made from ([`place`] let that one through,
+/// to the translator), or `None` for one read from the TUN (the host's
+/// kernel routed it, and has decided). The TUN's own addresses are the
+/// TUN's; the peer it came from takes its own (an ICMP error back to it, a
+/// hairpin); for another peer, the translated packet goes where an
+/// untranslated one would ([`place`]), `Kernel` handing it to the TUN in
+/// its translated form. Anything else goes to the TUN.
+fn place_translated<'t>(
+    table: &'t Table,
+    own: &OwnAddrs,
+    forward: NodeToNode,
+    from: Option<&Arc<Peer>>,
+    dst: Option<IpAddr>,
+) -> Place<'t> {
+    let Some(dst) = dst else {
+        return Place::Tun;
+    };
+    if own.contains(dst) {
+        return Place::Tun;
+    }
+    match (table.routes.lookup(dst), from) {
+        (None, _) => Place::Tun,
+        (Some(to), Some(f)) if !Arc::ptr_eq(to, f) => between_peers(forward, to),
+        (Some(to), _) => Place::Peer(to),
+    }
+}
+
+/// Whether a packet from the peer `from` that goes to the TUN would come
+/// back out of it through the translator to another peer: the translated
+/// ranges are routed onto the TUN, so the host's kernel hands it straight
+/// back (`back`: where the translator then sends it, from
+/// [`XlatPath::returns`]). Pool4 counts as another peer's: its NAT64
+/// sessions are opened by nodes (or hosts on the hub's side, which reach
+/// nodes directly), and what a node sends there can only be for one of
+/// them. The device asks with `node_to_node = "off"` only.
+fn returns_to_another(table: &Table, from: &Arc<Peer>, back: Option<Return>) -> bool {
+    match back {
+        None => false,
+        Some(Return::Pool4) => true,
+        Some(Return::To(a)) => table
+            .routes
+            .lookup(IpAddr::V6(a))
+            .is_some_and(|to| !Arc::ptr_eq(to, from)),
     }
 }
 
@@ -759,7 +821,12 @@ pub struct Inner {
     /// made (a config reload's, the control plane's): one's view of the
     /// routed prefixes is not overtaken by the other's.
     pub route_lock: tokio::sync::Mutex<()>,
+    /// Told of each move of a peer's endpoint ([`Inner::on_endpoint_moved`]).
+    endpoint_moved: std::sync::OnceLock<EndpointMoved>,
 }
+
+/// What [`Inner::on_endpoint_moved`] calls.
+type EndpointMoved = Box<dyn Fn(&PublicKey, SocketAddr) + Send + Sync>;
 
 /// A running device. Dropping it stops its tasks and removes the TUN.
 pub struct Device {
@@ -976,6 +1043,7 @@ impl Device {
             tun_routes: RwLock::new(Vec::new()),
             tun_lost: tokio::sync::watch::channel(false).0,
             route_lock: tokio::sync::Mutex::new(()),
+            endpoint_moved: std::sync::OnceLock::new(),
         });
         let mut set = DeviceSet::default();
         for p in &cfg.peers {
@@ -1198,6 +1266,18 @@ impl Inner {
             debug!(relay = %addr, peers = n, "a closed relay's address is no peer's endpoint any more");
         }
         n
+    }
+
+    /// Calls `f` with a peer's public key and its new endpoint whenever an
+    /// authenticated datagram moves the peer's endpoint to another address
+    /// (not per datagram: `f` may take a lock), as the hub's carrier needs
+    /// to tell which peer each relay serves. The first `f` given holds;
+    /// whether this one did.
+    pub fn on_endpoint_moved(
+        &self,
+        f: impl Fn(&PublicKey, SocketAddr) + Send + Sync + 'static,
+    ) -> bool {
+        self.endpoint_moved.set(Box::new(f)).is_ok()
     }
 
     /// The device's WireGuard port on loopback (IPv4 when it has an IPv4
@@ -1425,7 +1505,13 @@ impl Inner {
                                     bufs: &mut to_tun,
                                     n: &mut ntun,
                                 };
-                                self.xlat_emit(&table, &o, &xout, &mut tx, &mut sink).await;
+                                // Read from the TUN: the kernel routed it.
+                                let origin = Origin {
+                                    peer: None,
+                                    forward: NodeToNode::Direct,
+                                };
+                                self.xlat_emit(&table, origin, &o, &xout, &mut tx, &mut sink)
+                                    .await;
                                 continue;
                             }
                         }
@@ -1493,14 +1579,15 @@ impl Inner {
                 }
             }
             self.flush_group(&mut group, &mut tx).await;
-            if let Some(x) = &self.xlat {
+            if self.xlat.is_some() {
                 let mut sink = TunSink {
                     bufs: &mut to_tun,
                     n: &mut ntun,
                 };
+                let forward = NodeToNode::from_u8(self.forward.load(Ordering::Relaxed));
                 self.xlat_released(
-                    x,
                     &table,
+                    forward,
                     &mut xout,
                     &mut tx,
                     &mut sink,
@@ -1570,11 +1657,13 @@ impl Inner {
         Some(pkt)
     }
 
-    /// Sends what the translator produced: each packet to the peer that owns
-    /// its destination, or else to the TUN through `sink`.
+    /// Sends what the translator made of `origin`'s packet: each packet where
+    /// [`place_translated`] puts it (to a peer, or to the TUN through
+    /// `sink`), or drops and counts it.
     async fn xlat_emit(
         &self,
         table: &Table,
+        origin: Origin<'_>,
         o: &xlat::Outcome,
         out: &[u8],
         tx: &mut [u8],
@@ -1584,9 +1673,14 @@ impl Inner {
             return;
         };
         for p in packets.iter(out) {
-            match packet::dst(p).and_then(|d| table.routes.lookup(d)) {
-                Some(peer) => self.send_to_peer(peer, p, tx).await,
-                None => {
+            let dst = packet::dst(p);
+            match place_translated(table, &self.own, origin.forward, origin.peer, dst) {
+                Place::Peer(to) => self.send_to_peer(to, p, tx).await,
+                Place::Drop(r) => self.drops.inc(r),
+                Place::Tun | Place::Kernel => {
+                    if self.refused_return(table, origin, dst) {
+                        continue;
+                    }
                     if !sink.push(p) {
                         self.drops.inc(DropReason::TunWrite);
                     }
@@ -1595,19 +1689,45 @@ impl Inner {
         }
     }
 
+    /// With `node_to_node = "off"`: whether a packet of `origin`'s peer for
+    /// `dst`, on its way to the TUN, is refused (and counted) because the
+    /// kernel would route it straight back to the translator, and the
+    /// translator on to another peer ([`returns_to_another`]). Only IPv4
+    /// destinations come back that way: the translator takes an IPv6 packet
+    /// from a peer itself, and another peer's IPv6 address is [`place`]'s.
+    fn refused_return(&self, table: &Table, origin: Origin<'_>, dst: Option<IpAddr>) -> bool {
+        let (NodeToNode::Off, Some(from), Some(x), Some(IpAddr::V4(d))) =
+            (origin.forward, origin.peer, &self.xlat, dst)
+        else {
+            return false;
+        };
+        let refused = returns_to_another(table, from, x.returns(d));
+        if refused {
+            self.drops.inc(DropReason::NodeToNode);
+        }
+        refused
+    }
+
     /// Sends the held NAT64 fragments that the last translation released, as
-    /// [`Self::xlat_emit`] sends an outcome.
+    /// [`Self::xlat_emit`] sends an outcome. One going out is placed as its
+    /// sender's packet (the peer that owns its datagram's source, if any),
+    /// whichever loop releases it; one coming in was read from the TUN.
     async fn xlat_released(
         &self,
-        x: &XlatPath,
         table: &Table,
+        forward: NodeToNode,
         xout: &mut [u8],
         tx: &mut [u8],
         sink: &mut TunSink<'_>,
         now: u64,
     ) {
-        while let Some(o) = x.released(xout, now) {
-            self.xlat_emit(table, &o, xout, tx, sink).await;
+        let Some(x) = &self.xlat else {
+            return;
+        };
+        while let Some((o, from)) = x.released(xout, now) {
+            let peer = from.and_then(|a| table.routes.lookup(IpAddr::V6(a)));
+            let origin = Origin { peer, forward };
+            self.xlat_emit(table, origin, &o, xout, tx, sink).await;
         }
     }
 
@@ -1973,6 +2093,9 @@ impl Inner {
                     peer.set_route(at);
                     // A later loop is news again.
                     peer.loop_warned.store(false, Ordering::Relaxed);
+                    if let Some(f) = self.endpoint_moved.get() {
+                        f(&peer.public_key, from);
+                    }
                 }
             } else if seen != Some(at) {
                 // Same peer address, another of this side's.
@@ -2030,7 +2153,8 @@ impl Inner {
                     return;
                 };
                 let forward = NodeToNode::from_u8(self.forward.load(Ordering::Relaxed));
-                match place(table, own, forward, &peer, src, packet::dst(pkt)) {
+                let dst = packet::dst(pkt);
+                match place(table, own, forward, &peer, src, dst) {
                     Place::Tun => {}
                     Place::Kernel => {
                         if !sink.push(pkt) {
@@ -2057,9 +2181,18 @@ impl Inner {
                     // NAT64 bounds the peer's sessions, from whatever
                     // addresses its allowed IPs give it.
                     let owner = peer_owner(&peer.public_key);
+                    // What it becomes is placed as this peer's packet.
+                    let origin = Origin {
+                        peer: Some(&peer),
+                        forward,
+                    };
                     if let Some(o) = x.on_peer(pkt, xout, now, owner, owns) {
-                        self.xlat_emit(table, &o, xout, fwd, sink).await;
-                        self.xlat_released(x, table, xout, fwd, sink, now).await;
+                        self.xlat_emit(table, origin, &o, xout, fwd, sink).await;
+                        self.xlat_released(table, forward, xout, fwd, sink, now)
+                            .await;
+                        return;
+                    }
+                    if self.refused_return(table, origin, dst) {
                         return;
                     }
                 }
@@ -3003,6 +3136,150 @@ mod tests {
         }
         assert_eq!(d.get(DropReason::NodeToNode), 1);
         assert_eq!(d.snapshot().get("node_to_node"), Some(&1));
+    }
+
+    /// Where [`place_translated`] sends a packet the translator made, as
+    /// [`placed`] says it.
+    fn translated(
+        t: &Table,
+        own: &OwnAddrs,
+        forward: NodeToNode,
+        from: Option<&Arc<Peer>>,
+        dst: &str,
+    ) -> Result<Option<u32>, DropReason> {
+        match place_translated(t, own, forward, from, Some(dst.parse().unwrap())) {
+            Place::Tun => Ok(None),
+            Place::Kernel => Ok(Some(0)),
+            Place::Peer(p) => Ok(Some(p.index)),
+            Place::Drop(r) => Err(r),
+        }
+    }
+
+    #[test]
+    fn translated_node_to_node_traffic_goes_where_the_setting_says() {
+        let (t, own, [a, b, c]) = hub_table();
+        let modes = [NodeToNode::Direct, NodeToNode::Kernel, NodeToNode::Off];
+        for f in modes {
+            // From node 1 to node 2 (node 1's IPv6 through pool6 to node
+            // 2's IPv4, say): as an untranslated packet would go, `Kernel`
+            // to the TUN in its translated form.
+            let to_b = translated(&t, &own, f, Some(&a), "100.64.0.3");
+            assert_eq!(
+                to_b,
+                placed(&t, &own, f, &a, "100.64.0.2", "100.64.0.3"),
+                "{f:?}"
+            );
+            assert_eq!(
+                translated(&t, &own, f, Some(&b), "fd77::9"),
+                placed(&t, &own, f, &b, "100.64.0.3", "fd77::9"),
+                "{f:?}: to node 3's prefix"
+            );
+            // Back to the sender (an ICMP error, a hairpin): its own.
+            assert_eq!(translated(&t, &own, f, Some(&a), "100.64.0.2"), Ok(Some(1)));
+            assert_eq!(translated(&t, &own, f, Some(&c), "fd77::9"), Ok(Some(3)));
+            // No peer's, or the hub's own (though node 3's prefix holds
+            // it): the TUN's.
+            assert_eq!(translated(&t, &own, f, Some(&a), "192.0.2.1"), Ok(None));
+            assert_eq!(translated(&t, &own, f, Some(&a), "100.64.0.1"), Ok(None));
+            assert_eq!(translated(&t, &own, f, Some(&a), "fd77::1"), Ok(None));
+            // Read from the TUN: the kernel has decided, the owner takes it.
+            assert_eq!(translated(&t, &own, f, None, "100.64.0.3"), Ok(Some(2)));
+            assert_eq!(translated(&t, &own, f, None, "192.0.2.1"), Ok(None));
+            assert!(matches!(
+                place_translated(&t, &own, f, Some(&a), None),
+                Place::Tun
+            ));
+        }
+        assert_eq!(
+            translated(&t, &own, NodeToNode::Direct, Some(&a), "100.64.0.3"),
+            Ok(Some(2))
+        );
+        assert_eq!(
+            translated(&t, &own, NodeToNode::Kernel, Some(&a), "100.64.0.3"),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            translated(&t, &own, NodeToNode::Off, Some(&a), "100.64.0.3"),
+            Err(DropReason::NodeToNode)
+        );
+    }
+
+    /// A UDP packet from `src` to `dst`, checksum right.
+    fn udp6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0, 0, 12, 17, 64];
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 12, 0, 0, 1, 2, 3, 4]);
+        let acc = xlat::csum::add(
+            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, 12),
+            xlat::csum::sum(&p[40..]),
+        );
+        let c = xlat::csum::finish(acc).to_be_bytes();
+        p[46] = c[0];
+        p[47] = c[1];
+        p
+    }
+
+    /// Node 1 (fd77:1::2) sends through a network-specific pool6 to node
+    /// 2's IPv4 address: NAT64 makes it a packet from pool4 that the hub
+    /// places as node 1's.
+    #[test]
+    fn nat64_to_another_node_is_node_to_node_traffic() {
+        let (mut t, own, [a, b, _]) = hub_table();
+        t.claim(&a, &nets(&["fd77:1::2/128"]));
+        let pool6 = xlat::Pool6::new("2001:db8:64::".parse().unwrap(), 96).unwrap();
+        let cfg = xlat::Config {
+            pool6: Some(pool6),
+            ..xlat::Config::default()
+        };
+        let nat = xlat::nat64::Settings {
+            pool4: "100.64.0.64".parse().unwrap(),
+            ..xlat::nat64::Settings::default()
+        };
+        let x = XlatPath::new(Arc::new(cfg), Some(nat), Vec::new(), 10);
+        let to_b: Ipv6Addr = pool6.embed([100, 64, 0, 3]).into();
+        let pkt = udp6("fd77:1::2".parse().unwrap(), to_b);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let o = x.on_peer(&pkt, &mut out, 10, peer_owner(&a.public_key), |_| false);
+        let Some(xlat::Outcome::Forward(p)) = o else {
+            panic!("translated: {o:?}");
+        };
+        let v4 = p.iter(&out).next().unwrap();
+        let (src, dst) = packet::addrs(v4).unwrap();
+        assert_eq!(src, "100.64.0.64".parse::<IpAddr>().unwrap(), "from pool4");
+        for f in [NodeToNode::Direct, NodeToNode::Kernel, NodeToNode::Off] {
+            let to = match place_translated(&t, &own, f, Some(&a), Some(dst)) {
+                Place::Tun => Ok(None),
+                Place::Kernel => Ok(Some(0)),
+                Place::Peer(p) => Ok(Some(p.index)),
+                Place::Drop(r) => Err(r),
+            };
+            assert_eq!(to, translated(&t, &own, f, Some(&a), "100.64.0.3"));
+        }
+        // What node 2 sends back to pool4 goes through the TUN (the
+        // kernel routes pool4 back to the translator) to its session's
+        // node: another node, refused when nodes do not reach each other.
+        assert_eq!(
+            x.returns("100.64.0.64".parse().unwrap()),
+            Some(Return::Pool4)
+        );
+        assert!(returns_to_another(&t, &b, Some(Return::Pool4)));
+    }
+
+    #[test]
+    fn what_comes_back_through_the_translator_to_another_node_is_refused() {
+        let (t, _, [a, b, c]) = hub_table();
+        let to = |s: &str| Some(Return::To(s.parse().unwrap()));
+        // Not the translator's, or for nobody: the kernel's routes decide.
+        assert!(!returns_to_another(&t, &a, None));
+        assert!(!returns_to_another(&t, &a, to("fd99::5")));
+        // Mapped onto node 3's IPv6 prefix: another node's, unless node 3
+        // sent it.
+        assert!(returns_to_another(&t, &a, to("fd77::5")));
+        assert!(returns_to_another(&t, &b, to("fd77::5")));
+        assert!(!returns_to_another(&t, &c, to("fd77::5")));
+        // Pool4: some NAT64 session's.
+        assert!(returns_to_another(&t, &c, Some(Return::Pool4)));
     }
 
     #[test]

@@ -55,6 +55,18 @@ pub struct XlatPath {
 /// The drop counter name of generated ICMP errors over the rate limit.
 pub const RATE_LIMITED: &str = "icmp_error_rate_limited";
 
+/// Where the translator sends an IPv4 packet that comes to it from the TUN
+/// ([`XlatPath::returns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Return {
+    /// To pool4: the NAT64 session it hits decides, whoever opened it (a
+    /// node, or a host on the hub's side).
+    Pool4,
+    /// To this IPv6 address (an EAM range's, or pool6's for an
+    /// `ipv4_via_pool6` range).
+    To(std::net::Ipv6Addr),
+}
+
 /// The NAT64 owner of a peer's packets: the first 16 bytes of its public key.
 /// The key, not the addresses, names the peer: one that routes a prefix
 /// gets one bound for all the addresses in it, and the same key keeps its
@@ -168,8 +180,14 @@ impl XlatPath {
     /// A held NAT64 fragment whose first has since been mapped, finished into
     /// `out`: outbound ones translated to IPv4, inbound ones as they are (for
     /// the node). The caller sends it as it sends [`Self::on_tun`]'s outcomes,
-    /// and calls again until `None`.
-    pub fn released(&self, out: &mut [u8], now: u64) -> Option<Outcome> {
+    /// and calls again until `None`. With an outbound one comes the address
+    /// its datagram was sent from (a node's, or one on the hub's side): the
+    /// caller places it as that sender's packet, whichever loop takes it.
+    pub fn released(
+        &self,
+        out: &mut [u8],
+        now: u64,
+    ) -> Option<(Outcome, Option<std::net::Ipv6Addr>)> {
         if self.released.load(Ordering::Relaxed) == 0 {
             return None;
         }
@@ -180,15 +198,16 @@ impl XlatPath {
             self.after_nat(&mut t);
             r?
         };
-        let o = if r.outbound {
-            match xlat::translate_6to4(&self.nat_cfg, &r.packet, out) {
+        let (o, from) = if r.outbound {
+            let o = match xlat::translate_6to4(&self.nat_cfg, &r.packet, out) {
                 // Its source is pool4 now, not the node's: no error can
                 // reach the node for it.
                 Outcome::Reply { cause, .. } => Outcome::Drop(cause),
                 o => o,
-            }
+            };
+            (o, Some(r.source.into()))
         } else {
-            match (
+            let o = match (
                 out.get_mut(..r.packet.len()),
                 xlat::Packets::one(r.packet.len()),
             ) {
@@ -197,9 +216,29 @@ impl XlatPath {
                     Outcome::Forward(p)
                 }
                 _ => Outcome::Drop(DropReason::OutputTooSmall),
-            }
+            };
+            (o, None)
         };
-        self.done(o, now)
+        self.done(o, now).map(|o| (o, from))
+    }
+
+    /// Where an IPv4 packet for `dst` that the host's kernel routes onto
+    /// the TUN goes once [`Self::on_tun`] has translated it: the translated
+    /// ranges are routed there, so a packet a peer sends to one of them
+    /// comes back through the translator. `None`: the translator does not
+    /// take it.
+    pub fn returns(&self, dst: std::net::Ipv4Addr) -> Option<Return> {
+        let d = dst.octets();
+        if self.pool4 == Some(d) {
+            return Some(Return::Pool4);
+        }
+        if xlat::addr::eam_lookup_v4(&self.cfg.eamt, d).is_none()
+            && !self.via_pool6.iter().any(|n| n.contains(&dst))
+        {
+            return None;
+        }
+        xlat::addr::map_4to6(&self.cfg.eamt, self.cfg.pool6.as_ref(), d, false)
+            .map(|a| Return::To(a.into()))
     }
 
     fn in_pool6(&self, dst: &[u8; 16]) -> bool {
@@ -606,9 +645,10 @@ mod tests {
         };
         let v4 = p.iter(&out).next().unwrap().to_vec();
         assert_eq!(&v4[12..16], &[198, 51, 100, 200]);
-        let Some(Outcome::Forward(p)) = x.released(&mut out, 10) else {
+        let Some((Outcome::Forward(p), from)) = x.released(&mut out, 10) else {
             panic!("the held fragment follows");
         };
+        assert_eq!(from, NODE.parse().ok(), "placed as the node's packet");
         let v4_later = p.iter(&out).next().unwrap().to_vec();
         assert_eq!(&v4_later[12..16], &[198, 51, 100, 200], "from pool4");
         assert_eq!(&v4_later[16..20], &[203, 0, 113, 10]);
@@ -865,5 +905,43 @@ mod tests {
             PEER,
             |_| false
         )));
+    }
+
+    #[test]
+    fn what_the_kernel_routes_back_comes_back_through_the_translator() {
+        let cfg = xlat::Config {
+            pool6: Some(pool6()),
+            eamt: vec![xlat::Eam::new(
+                "192.0.2.0".parse().unwrap(),
+                24,
+                "fd77:6777:e::".parse().unwrap(),
+                120,
+            )
+            .unwrap()],
+            ..xlat::Config::default()
+        };
+        let nat = nat64::Settings {
+            pool4: "198.51.100.200".parse().unwrap(),
+            ..nat64::Settings::default()
+        };
+        let via = vec!["10.9.0.0/16".parse().unwrap()];
+        let x = XlatPath::new(Arc::new(cfg), Some(nat), via, 10);
+        let r = |a: &str| x.returns(a.parse().unwrap());
+        assert_eq!(r("198.51.100.200"), Some(Return::Pool4));
+        assert_eq!(
+            r("192.0.2.5"),
+            Some(Return::To("fd77:6777:e::5".parse().unwrap())),
+            "the EAM IPv6 address"
+        );
+        assert_eq!(
+            r("10.9.1.2"),
+            Some(Return::To(embed(&pool6(), [10, 9, 1, 2]))),
+            "through pool6"
+        );
+        // Not the translator's: the kernel's routes alone decide.
+        assert_eq!(r("203.0.113.10"), None);
+        assert_eq!(r("198.51.100.201"), None);
+        // Without NAT64 there is no pool4.
+        assert_eq!(path(10).returns("198.51.100.200".parse().unwrap()), None);
     }
 }

@@ -219,6 +219,10 @@ pub struct Released {
     /// True for the outbound direction (IPv6 node → IPv4: translate it to
     /// IPv4 next); false for inbound (already IPv6, for the node).
     pub outbound: bool,
+    /// The source address its datagram reached the table with: outbound,
+    /// the node's (the packet's own source is `pool6 + pool4` by now);
+    /// inbound, `pool6 +` the IPv4 sender.
+    pub source: [u8; 16],
     /// The IPv6 packet.
     pub packet: Vec<u8>,
 }
@@ -546,6 +550,7 @@ impl Table {
                     self.released_bytes = self.released_bytes.saturating_add(packet.len());
                     self.released.push_back(Released {
                         outbound: k.outbound,
+                        source: k.src,
                         packet,
                     });
                 }

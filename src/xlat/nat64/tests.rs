@@ -1041,6 +1041,7 @@ fn outbound_out_of_order_later_fragment_held_until_its_first() {
     assert_eq!(t.held_fragments(), (0, 0));
     let r = t.take_released().expect("released with its first");
     assert!(r.outbound);
+    assert_eq!(r.source, NODE, "the node it came from");
     assert_eq!(t.take_released(), None);
     assert_eq!(&r.packet[8..24], &first[8..24], "the first's new source");
     let v4 = [translate_one_6to4(&first), translate_one_6to4(&r.packet)];
@@ -1074,6 +1075,7 @@ fn inbound_out_of_order_later_fragment_held_until_its_first() {
     assert_eq!(t.inbound(&mut first, &pool6(), 11), Ok(Step::Mapped));
     let r = t.take_released().expect("released with its first");
     assert!(!r.outbound);
+    assert_eq!(r.source, pool6().embed(REMOTE), "from the IPv4 sender");
     assert_eq!(&r.packet[24..40], &NODE, "to the node");
     let l4 = v6_reassemble(&[first, r.packet]);
     assert_eq!(&l4[8..], &answer[..]);
