@@ -1683,6 +1683,149 @@ async fn stalled_bodies_fail_and_slow_uploads_are_answered() {
     }
 }
 
+/// 64 KiB of a body that never ends.
+static ENDLESS: [u8; 65536] = [b'e'; 65536];
+
+/// A body that never ends: 64 KiB frames for as long as it is read.
+struct Endless;
+
+impl hyper::body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &ENDLESS,
+        )))))
+    }
+}
+
+/// A backend: `/endless` answers with an [`Endless`] body, `/empty` with
+/// an empty one, any other path with `small`.
+async fn endless_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = match req.uri().path() {
+                        "/endless" => http_body_util::Either::Left(Endless),
+                        "/empty" => http_body_util::Either::Right(Full::new(Bytes::new())),
+                        _ => http_body_util::Either::Right(Full::new(Bytes::from_static(b"small"))),
+                    };
+                    Ok::<_, Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn clients_that_take_nothing_are_cut_off_at_idle_timeout() {
+    let b = endless_backend().await;
+    let mut st = settings(vec![route("e", TlsMode::Terminate, vec![be(b)])]);
+    let idle = Duration::from_millis(800);
+    st.limits.idle_timeout = idle;
+    let p = Proxy::start(st).await.unwrap();
+    let at = p.http_addrs()[0];
+    let stats = || p.stats().into_iter().find(|s| s.route == "name:e").unwrap();
+    let not_reading = || stats().errors.get("client_not_reading").copied();
+    let released = || stats().backends.iter().all(|b| b.active_connections == 0);
+    async fn eventually(what: &str, ok: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + T;
+        while !ok() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // HTTP/1.1, a client that reads in bursts a quarter of idle_timeout
+    // apart: never cut off.
+    let mut s = TcpStream::connect(at).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: e.gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    let until = tokio::time::Instant::now() + idle * 4;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(idle / 4).await;
+        loop {
+            match s.try_read(&mut buf) {
+                Ok(0) => panic!("a client that reads was cut off after {got} bytes"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("a client that reads was cut off after {got} bytes: {e}"),
+            }
+        }
+    }
+    assert!(got > 1 << 20, "{got}");
+    drop(s);
+    eventually("the reader's exchange ended", released).await;
+    assert_eq!(not_reading(), None);
+
+    // A client that never reads: cut off at idle_timeout once the buffers
+    // on the way are full, its backend connection let go.
+    let mut s = TcpStream::connect(at).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: e.gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    let begun = tokio::time::Instant::now();
+    eventually("an HTTP/1.1 client that never reads was cut off", || {
+        not_reading() == Some(1)
+    })
+    .await;
+    assert!(begun.elapsed() >= idle, "{:?}", begun.elapsed());
+    eventually("its backend connection was let go", released).await;
+    // It gets what was sent, then the end.
+    let mut sink = Vec::new();
+    let end = tokio::time::timeout(T, s.read_to_end(&mut sink)).await;
+    assert!(end.is_ok(), "the connection stayed open");
+
+    // HTTP/2, a stream whose window the client never opens: that stream is
+    // reset at idle_timeout; the connection goes on.
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let (mut send, c) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(c);
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://e.gw.test{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let resp = send.send_request(get("/endless")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let begun = tokio::time::Instant::now();
+    let body = tokio::time::timeout(T, resp.into_body().collect())
+        .await
+        .expect("a stream the client takes nothing of stayed open");
+    assert!(body.is_err(), "the stream was reset");
+    assert!(begun.elapsed() >= idle * 3 / 4, "{:?}", begun.elapsed());
+    eventually("the stream's cut was counted", || not_reading() == Some(2)).await;
+    eventually("its backend connection was let go", released).await;
+    let resp = send.send_request(get("/empty")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
+    assert!(!conn.is_finished());
+
+    // Other clients are served meanwhile.
+    let r = raw_http(at, "e.gw.test", "").await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("small"), "{r}");
+}
+
 #[tokio::test]
 async fn http2_backends_are_balanced() {
     let (b1, c1) = h2_backend(None).await;

@@ -6,8 +6,12 @@
 # of broken ClientHellos (the real hellos of tests/vectors/tls truncated,
 # bit-flipped, with lying lengths, and garbage) against the hub. Each gets a
 # clear answer (408/431/400, a TLS alert, or a close) within the configured
-# deadlines; the hub stays up and counts them. A WebSocket echo through the hub
-# works before and after.
+# deadlines; the hub stays up and counts them. Before that, clients that ask
+# for a large answer and take nothing of it (an HTTP/1.1 one whose TCP window
+# stays shut, HTTP/2 streams whose window the client never opens while it
+# answers PINGs) are cut off at idle_timeout, counted as client_not_reading,
+# their backend connections let go, the HTTP/2 connection itself kept. A
+# WebSocket echo through the hub works before and after.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=74-proxy-hostile
@@ -21,6 +25,9 @@ HOST="web.$DOMAIN"
 HUB4=$(lab_wan4 hub)
 N1V6=$(lab_ov6 n1)
 VECTORS="$GW_ROOT/tests/vectors/tls"
+IDLE=4
+# HTTP/2 streams the stalled client opens.
+STREAMS=8
 
 lab_up 1 0
 
@@ -37,6 +44,7 @@ http_listen = ["0.0.0.0:80"]
 https_listen = ["0.0.0.0:443"]
 header_timeout = 3
 handshake_timeout = 3
+idle_timeout = $IDLE
 max_header_bytes = 8192
 
 [[route]]
@@ -63,6 +71,16 @@ def handle(c):
         head = data.split(b"\r\n\r\n", 1)[0].decode("latin1")
         hdr = {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip()
                for l in head.split("\r\n")[1:] if ":" in l}
+        if head.split(" ")[1:2] == ["/big"]:
+            # 1 GiB, sent for as long as the hub takes it.
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+            chunk = b"b" * 65536
+            try:
+                for _ in range((1 << 30) // len(chunk)):
+                    c.sendall(chunk)
+            except OSError:
+                pass  # the hub let the connection go
+            return
         if hdr.get("upgrade", "").lower() != "websocket":
             body = b"page-ok\n"
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
@@ -110,6 +128,92 @@ print(rest[2:2 + len(msg)].decode())
 EOF
 ws=$(lab_exec pub python3 "$GW_TMP/wsclient.py" "$HUB4" "$HOST" "$$" 2>&1 || true)
 assert_eq "WebSocket echo through the hub" "echo-$$" "$ws"
+
+# --- clients that take nothing of a large answer
+cat >"$GW_TMP/stall.py" <<'EOF'
+import socket, struct, sys, time
+hub, host, idle, streams = sys.argv[1], sys.argv[2].encode(), float(sys.argv[3]), int(sys.argv[4])
+fails = []
+
+def ended(s, limit):
+    """What the hub does within limit s: "eof" or "reset" (it gave up),
+    "open" (data kept coming) or "silent" (neither)."""
+    s.settimeout(limit)
+    t = time.time()
+    try:
+        while time.time() - t < limit:
+            if not s.recv(65536):
+                return "eof"
+        return "open"
+    except socket.timeout:
+        return "silent"
+    except OSError:
+        return "reset"
+
+# 1. HTTP/1.1 with a small receive window, never read
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect((hub, 80))
+s.sendall(b"GET /big HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+time.sleep(idle + 3)
+how = ended(s, 10)
+print("http/1.1 client that never reads: %s" % how)
+if how not in ("eof", "reset"): fails.append("http/1.1: the hub did not cut the connection (%s)" % how)
+s.close()
+
+# 2. HTTP/2 (prior knowledge): INITIAL_WINDOW_SIZE 0, never a WINDOW_UPDATE,
+# PINGs answered
+def frame(ty, flags, sid, payload=b""):
+    return struct.pack("!I", len(payload))[1:] + bytes([ty, flags]) + struct.pack("!I", sid) + payload
+def lit(idx, v):  # literal header field without indexing, indexed name
+    return bytes([idx, len(v)]) + v
+s = socket.create_connection((hub, 80), timeout=1)
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack("!HI", 4, 0)))
+block = b"\x82\x86" + lit(4, b"/big") + lit(1, host)  # GET, http
+ids = [1 + 2 * i for i in range(streams)]
+for sid in ids:
+    s.sendall(frame(1, 0x5, sid, block))  # END_STREAM | END_HEADERS
+t0 = time.time()
+buf = b""
+heads, resets, data, pong, goaway, pinged = set(), {}, 0, False, None, False
+while time.time() - t0 < idle + 10 and not pong:
+    if len(resets) == len(ids) and not pinged:
+        pinged = True
+        s.sendall(frame(6, 0, 0, b"still-up"))
+    try:
+        d = s.recv(65536)
+    except socket.timeout:
+        continue
+    except OSError as e:
+        fails.append("http/2: connection failed: %s" % e); break
+    if not d:
+        fails.append("http/2: connection closed"); break
+    buf += d
+    while len(buf) >= 9:
+        n = int.from_bytes(buf[:3], "big"); ty, fl = buf[3], buf[4]
+        sid = int.from_bytes(buf[5:9], "big") & 0x7fffffff
+        if len(buf) < 9 + n: break
+        p, buf = buf[9:9 + n], buf[9 + n:]
+        if ty == 4 and not fl & 1: s.sendall(frame(4, 1, 0))
+        elif ty == 6 and fl & 1: pong = p == b"still-up"
+        elif ty == 6: s.sendall(frame(6, 1, 0, p))
+        elif ty == 1: heads.add(sid)
+        elif ty == 0: data += n
+        elif ty == 3: resets.setdefault(sid, time.time() - t0)
+        elif ty == 7: goaway = p[4:8].hex()
+first = min(resets.values()) if resets else None
+print("http/2: %d answers, %d DATA bytes, %d/%d streams reset (first after %s s), goaway=%s, pong=%s"
+      % (len(heads), data, len(resets), len(ids), "%.1f" % first if first else "-", goaway, pong))
+if len(heads) != len(ids): fails.append("http/2: %d answers of %d" % (len(heads), len(ids)))
+if data: fails.append("http/2: DATA past a zero window")
+if len(resets) != len(ids): fails.append("http/2: streams left open: %s" % sorted(set(ids) - set(resets)))
+if first is not None and first < idle - 0.5: fails.append("http/2: reset before idle_timeout (%.1f s)" % first)
+if goaway is not None: fails.append("http/2: the connection got a GOAWAY (%s)" % goaway)
+if not pong: fails.append("http/2: no answer to a PING after the resets")
+s.close()
+for f in fails: print("FAIL", f)
+sys.exit(1 if fails else 0)
+EOF
 
 # --- the hostile client
 cat >"$GW_TMP/hostile.py" <<'EOF'
@@ -232,6 +336,14 @@ EOF
 chmod +x "$GW_TMP/good.sh"
 lab_bg pub good bash "$GW_TMP/good.sh" 30
 sleep 1
+stall_out=$(lab_exec pub timeout 60 python3 "$GW_TMP/stall.py" "$HUB4" "$HOST" "$IDLE" "$STREAMS" 2>&1) && src=0 || src=$?
+printf '%s\n' "$stall_out" | sed 's/^/    /' >&2
+check "clients that take nothing are cut off at idle_timeout, the HTTP/2 connection kept" [ "$src" = 0 ]
+js=$(gw_show_json hub gw0 || true)
+check "each cut exchange counted as client_not_reading" \
+    jq -e --argjson n $((1 + STREAMS)) '.interfaces[0].proxy.routes[] | select(.route == "name:web") | .errors.client_not_reading == $n' <<<"$js" >/dev/null
+check "their backend connections were let go" \
+    jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:web") | all(.backends[]; .active_connections == 0)' <<<"$js" >/dev/null
 hostile_out=$(lab_exec pub timeout 200 python3 "$GW_TMP/hostile.py" "$HUB4" "$VECTORS" 2>&1) && hrc=0 || hrc=$?
 printf '%s\n' "$hostile_out" | sed 's/^/    /' >&2
 check "every hostile case got a clear answer or a close in time" [ "$hrc" = 0 ]

@@ -7,6 +7,7 @@ use crate::proxy::io::{pause_after, poll_pause, splice, Pause, Throttle};
 use crate::proxy::names::DomainName;
 use crate::proxy::server::{Record, Route, Shared};
 use crate::proxy::settings::{Backend, BackendProtocol, TlsMode};
+use crate::proxy::stall::{self, Stall};
 use crate::proxy::stats::{Counters, ErrorKind};
 use crate::proxy::upstream::{
     BackendTlsClient, H2Sender, Held, Lease, Pooled, TlsFailure, UpstreamError, Upstreams,
@@ -250,6 +251,9 @@ pub struct ConnInfo {
     /// The connection's place under `[limits] max_connections`, also held
     /// by an upgraded connection's splice.
     slot: Arc<crate::proxy::server::ConnSlot>,
+    /// Whether the client was cut off for taking nothing of its responses
+    /// (see [`crate::proxy::stall`]).
+    stall: Arc<Stall>,
 }
 
 /// Backend connections an HTTP/2 client connection keeps between its
@@ -276,7 +280,20 @@ impl ConnInfo {
             held: parking_lot::Mutex::new(Vec::new()),
             held_max: if sequential { 1 } else { H2_HELD },
             slot,
+            stall: Stall::conn(),
         }
+    }
+
+    /// The connection's watch for a client that takes nothing of its
+    /// responses.
+    pub fn stall(&self) -> &Arc<Stall> {
+        &self.stall
+    }
+
+    /// The watch of the exchange running now: its HTTP/2 stream's, else
+    /// the connection's.
+    fn sending(&self) -> Arc<Stall> {
+        stall::current_stream().unwrap_or_else(|| Arc::clone(&self.stall))
     }
 
     /// A kept backend connection that can carry a request planned as `plan`
@@ -365,16 +382,40 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that keeps its request open in [`Streams`] until it ends.
+/// The largest DATA frame an HTTP/2 response body hands hyper (the
+/// protocol's default frame size, so the frames on the wire are the same):
+/// hyper asks for the next one only once the client's window has let most
+/// of the last one go, and a client that takes nothing of one for
+/// `idle_timeout` has its stream reset (see [`crate::proxy::stall`]). A
+/// large frame (an HTTP/1.1 backend's reads can be hundreds of KiB) would
+/// hold a slow client that does read to the same time for all of it.
+const H2_FRAME: usize = 16 * 1024;
+
+/// An HTTP/2 response body: keeps its request open in [`Streams`] until it
+/// ends, hands hyper its data in frames of at most [`H2_FRAME`], and notes
+/// what it does in its stream's watch.
 pub struct TrackedBody {
     inner: ProxyBody,
     _open: StreamGuard,
+    /// The stream's watch (none outside a stream run by
+    /// [`stall::StreamExec`]).
+    stall: Option<Arc<Stall>>,
+    /// Data frames handed out.
+    frames: u64,
+    /// What is left of a data frame over [`H2_FRAME`].
+    rest: Bytes,
 }
 
 impl TrackedBody {
     /// Wraps `inner`.
     pub fn new(inner: ProxyBody, open: StreamGuard) -> TrackedBody {
-        TrackedBody { inner, _open: open }
+        TrackedBody {
+            inner,
+            _open: open,
+            stall: stall::current_stream(),
+            frames: 0,
+            rest: Bytes::new(),
+        }
     }
 }
 
@@ -386,15 +427,53 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let r = if self.rest.is_empty() {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(mut d) => {
+                        if d.len() > H2_FRAME {
+                            self.rest = d.split_off(H2_FRAME);
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(d))))
+                    }
+                    Err(f) => Poll::Ready(Some(Ok(f))),
+                },
+                r => r,
+            }
+        } else {
+            let n = self.rest.len().min(H2_FRAME);
+            Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(n)))))
+        };
+        if let Some(s) = &self.stall {
+            match &r {
+                Poll::Ready(Some(Ok(f))) if f.is_data() => {
+                    let n = self.frames + 1;
+                    s.handed(n);
+                    self.frames = n;
+                }
+                Poll::Pending => s.asked(self.frames),
+                Poll::Ready(_) => s.done(self.frames),
+            }
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let h = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        if rest == 0 {
+            return h;
+        }
+        let mut out = SizeHint::new();
+        out.set_lower(h.lower().saturating_add(rest));
+        if let Some(u) = h.upper() {
+            out.set_upper(u.saturating_add(rest));
+        }
+        out
     }
 }
 
@@ -430,6 +509,10 @@ struct CountedBody<B> {
     waiting: bool,
     /// Runs out `idle` after the body began waiting.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Response bodies: the watch of the client connection (HTTP/2: of the
+    /// stream) the response goes out on. A body dropped with its client
+    /// cut off for taking nothing counts it.
+    sending: Option<Arc<Stall>>,
 }
 
 impl<B> CountedBody<B> {
@@ -476,6 +559,14 @@ impl<B> Drop for CountedBody<B> {
     fn drop(&mut self) {
         if let Some(f) = &self.fault {
             f.end();
+        }
+        if self.sending.as_ref().is_some_and(|s| s.take_cut()) {
+            self.counters.error(ErrorKind::ClientNotReading);
+            // An HTTP/1.1 backend connection still taking the request's
+            // body goes too (a response dropped unread closes its own).
+            if let Some(r) = &self.request {
+                r.cut();
+            }
         }
     }
 }
@@ -622,7 +713,8 @@ where
     }
 }
 
-/// A response body from a backend, to the request whose body is `request`.
+/// A response body from a backend, to the request whose body is `request`,
+/// going out on the connection or stream `sending` watches.
 fn counted(
     b: Incoming,
     counters: Arc<Counters>,
@@ -630,6 +722,7 @@ fn counted(
     throttle: Arc<Throttle>,
     idle: Duration,
     request: ClientBody,
+    sending: Arc<Stall>,
 ) -> ProxyBody {
     CountedBody {
         inner: b,
@@ -645,6 +738,7 @@ fn counted(
         idle,
         waiting: false,
         timer: None,
+        sending: Some(sending),
     }
     .boxed()
 }
@@ -672,6 +766,7 @@ fn limited(
         idle,
         waiting: false,
         timer: None,
+        sending: None,
     }
     .boxed()
 }
@@ -739,11 +834,13 @@ fn too_large() -> Response<ProxyBody> {
 }
 
 /// A response body that notes its size in the access-log record and writes
-/// the record when the body is done with (sent, or abandoned by the client).
+/// the record when the body is done with (sent, abandoned by the client, or
+/// cut off with a client that took nothing of it: `sending`).
 struct LoggedBody {
     inner: ProxyBody,
     rec: Option<Record>,
     bytes: u64,
+    sending: Arc<Stall>,
 }
 
 impl Body for LoggedBody {
@@ -784,7 +881,13 @@ impl Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         let n = self.bytes;
-        Record::note(&mut self.rec, |e| e.bytes_out = n);
+        let cut = self.sending.was_cut();
+        Record::note(&mut self.rec, |e| {
+            e.bytes_out = n;
+            if cut {
+                e.error.get_or_insert(ErrorKind::ClientNotReading.as_str());
+            }
+        });
     }
 }
 
@@ -814,6 +917,7 @@ pub async fn handle(
         e.proto = Some(version_str(req.version()));
         e.host = request_host(&req).map(|(_, h)| h.as_str().to_string());
     });
+    let sending = conn.sending();
     let Ok(resp) = proxy_request(shared, conn, req, &mut rec).await;
     let status = resp.status().as_u16();
     let error = resp.extensions().get::<ErrorKind>().map(|k| k.as_str());
@@ -826,6 +930,7 @@ pub async fn handle(
         inner: body,
         rec,
         bytes: 0,
+        sending,
     };
     Ok(Response::from_parts(parts, BodyExt::boxed(body)))
 }
@@ -1920,6 +2025,7 @@ async fn forward(
                 route.bandwidth.clone(),
                 shared.limits.idle_timeout,
                 fault,
+                conn.sending(),
             ),
         ));
     }
@@ -2015,7 +2121,15 @@ async fn forward(
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,
-        counted(body, c, hold, bw, shared.limits.idle_timeout, fault),
+        counted(
+            body,
+            c,
+            hold,
+            bw,
+            shared.limits.idle_timeout,
+            fault,
+            conn.sending(),
+        ),
     ))
 }
 
@@ -2077,6 +2191,7 @@ mod tests {
             idle,
             waiting: false,
             timer: None,
+            sending: None,
         }
     }
 
@@ -2172,6 +2287,61 @@ mod tests {
         ));
         assert_eq!(c.errors_of(ErrorKind::BackendAborted), 1);
         assert_eq!(c.errors_of(ErrorKind::BodyTooLarge), 0);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_with_its_client_cut_off_counts_it() {
+        let c = Arc::new(Counters::default());
+        let conn = Stall::conn();
+        let body = |sending: &Arc<Stall>| {
+            let one = OneFrame {
+                given: false,
+                fail: false,
+            };
+            let mut b = counted_body(one, &c, None, Some(ClientBody::new()), Duration::ZERO);
+            b.sending = Some(Arc::clone(sending));
+            b
+        };
+        // Dropped with the client still there (gone, or done): nothing.
+        let mut b = body(&conn);
+        assert!(b.frame().await.unwrap().is_ok());
+        drop(b);
+        assert_eq!(c.errors_of(ErrorKind::ClientNotReading), 0);
+        // Dropped with the client cut off: counted, and the cut with it.
+        let b = body(&conn);
+        conn.cut_off();
+        assert!(conn.uncounted_cut());
+        drop(b);
+        assert_eq!(c.errors_of(ErrorKind::ClientNotReading), 1);
+        assert!(!conn.uncounted_cut());
+    }
+
+    #[tokio::test]
+    async fn http2_responses_go_out_in_frames_of_at_most_16_kib() {
+        let data = Bytes::from(vec![5u8; 2 * H2_FRAME + 100]);
+        let inner = Full::new(data.clone()).map_err(|n| match n {}).boxed();
+        let streams = Streams::new();
+        let mut b = TrackedBody::new(inner, streams.open());
+        let stall = Stall::conn();
+        b.stall = Some(Arc::clone(&stall));
+        assert_eq!(b.size_hint().exact(), Some(data.len() as u64));
+        let mut got = Vec::new();
+        while let Some(f) = b.frame().await {
+            let d = f.unwrap().into_data().unwrap();
+            assert!(d.len() <= H2_FRAME);
+            got.push(d.len());
+            if got.len() == 1 {
+                assert_eq!(b.size_hint().exact(), Some(H2_FRAME as u64 + 100));
+                assert!(!b.is_end_stream());
+                assert_eq!(stall.body_state(), (1, true));
+            }
+        }
+        assert_eq!(got, vec![H2_FRAME, H2_FRAME, 100]);
+        assert!(b.is_end_stream());
+        assert_eq!(stall.body_state(), (3, false));
+        assert!(streams.idle_for().is_none());
+        drop(b);
+        assert!(streams.idle_for().is_some());
     }
 
     #[tokio::test]

@@ -9,7 +9,8 @@
 //! buckets), [`bandwidth`] (per-route byte pacing). Drivers: [`server`] (listeners and
 //! connection routing), [`http`] (hyper proxying), [`upstream`] (backend
 //! choice, passive health, backend TLS), [`forward`] (UDP flows), [`tls`]
-//! (ClientHello reading, SNI cert resolver), [`access_log`] (JSON lines; the
+//! (ClientHello reading, SNI cert resolver), [`stall`] (clients that stop
+//! reading their responses), [`access_log`] (JSON lines; the
 //! formatting is pure), [`io`]. [`settings`] validates the hub config's proxy
 //! sections.
 pub mod access;
@@ -30,6 +31,7 @@ pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod settings;
+pub mod stall;
 pub mod stats;
 pub mod tls;
 pub mod upstream;

@@ -22,13 +22,14 @@ use crate::proxy::settings::{
     Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TcpTls, TlsMode,
     UdpForwardSettings,
 };
+use crate::proxy::stall::{StreamExec, WatchedIo};
 use crate::proxy::stats::{CertStatus, Counters, ErrorKind, RouteSnapshot};
 use crate::proxy::tls::{self, Hello, SniResolver};
 use crate::proxy::upstream::{BackendTlsClient, Lease, TunnelLiveness, UpstreamError, Upstreams};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -1494,7 +1495,11 @@ pub(crate) struct ConnCount {
 /// One open client connection's place in [`ConnCount`], given back when the
 /// last holder drops it: the connection's task, and an upgraded connection's
 /// splice (a WebSocket outlives the HTTP connection that started it).
-pub struct ConnSlot(Arc<ConnCount>, Option<crate::per_source::SourceSlot>);
+pub struct ConnSlot {
+    count: Arc<ConnCount>,
+    /// Its source's place, given back with it.
+    _source: Option<crate::per_source::SourceSlot>,
+}
 
 impl ConnCount {
     fn new(max: usize) -> Self {
@@ -1522,13 +1527,16 @@ impl ConnCount {
         self.open
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .ok()?;
-        Some(Arc::new(ConnSlot(self.clone(), source)))
+        Some(Arc::new(ConnSlot {
+            count: self.clone(),
+            _source: source,
+        }))
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.count.open.fetch_sub(1, Relaxed);
     }
 }
 
@@ -1795,7 +1803,12 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.limits.clone();
-    let io = TokioIo::new(io);
+    // A client that takes nothing of what it is sent for `idle_timeout` is
+    // cut off: on the whole connection here, per HTTP/2 stream by the
+    // streams' executor.
+    let stall = Arc::clone(info.stall());
+    let io = TokioIo::new(WatchedIo::new(io, limits.idle_timeout, Arc::clone(&stall)));
+    let listener = Arc::clone(&shared);
     if h2 {
         let streams = Streams::new();
         let open = Arc::clone(&streams);
@@ -1809,26 +1822,35 @@ async fn serve_http<IO>(
                 )
             }
         });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            // A client gone without a word (its streams open, nothing
-            // moving) is noticed by the PINGs it leaves unanswered.
-            .keep_alive_interval(H2_PING_EVERY)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "h2 connection ended") },
-            _ = retired(&mut stop) => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        let exec = StreamExec::new(Arc::clone(&stall), limits.idle_timeout);
+        {
+            let conn = hyper::server::conn::http2::Builder::new(exec)
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_concurrent_streams(H2_MAX_STREAMS)
+                // A client gone without a word (its streams open, nothing
+                // moving) is noticed by the PINGs it leaves unanswered.
+                .keep_alive_interval(H2_PING_EVERY)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "h2 connection ended") },
+                _ = retired(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+                _ = idle(&streams, limits.header_timeout) => {
+                    // GOAWAY: a request that crosses it still gets its answer.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+                }
             }
-            _ = idle(&streams, limits.header_timeout) => {
-                // GOAWAY: a request that crosses it still gets its answer.
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(limits.header_timeout, conn).await;
-            }
+        }
+        // Streams open when the connection was cut count it as their
+        // bodies go; with none, the listener does.
+        if stall.uncounted_cut() && streams.idle_for().is_some() {
+            listener.listener.error(ErrorKind::ClientNotReading);
         }
     } else {
         // `head_by`: when the first request must have come (a plain HTTP/1
@@ -1848,28 +1870,35 @@ async fn serve_http<IO>(
                 std::future::pending::<()>().await
             }
         };
-        let listener = Arc::clone(&shared);
         let svc = service_fn(move |req| {
             asked.store(true, Relaxed);
             handle(shared.clone(), info.clone(), req)
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .serve_connection(io, svc)
-            .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            // The connection first: a head completed in the same wake-up
-            // as the deadline is served.
-            biased;
-            r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http/1 connection ended") },
-            _ = retired(&mut stop) => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                // The connection first: a head completed in the same wake-up
+                // as the deadline is served.
+                biased;
+                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http/1 connection ended") },
+                _ = retired(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+                () = first_late => head_late(&listener),
             }
-            () = first_late => head_late(&listener),
+        }
+        // Dropped with the connection, a response body that was going out
+        // has counted the cut on its route; a response all in hyper's
+        // buffers by then counts on the listener.
+        if stall.uncounted_cut() {
+            listener.listener.error(ErrorKind::ClientNotReading);
         }
     }
 }
@@ -1882,6 +1911,11 @@ fn head_late(shared: &Shared) {
     debug!("no complete request head within header_timeout of the accept: closed");
     shared.listener.error(ErrorKind::HeaderTimeout);
 }
+
+/// Streams an HTTP/2 client may have open at once on one connection (hyper's
+/// default is 200, nginx's 128): each open stream can hold a backend
+/// connection, a lease and a place under the route's `max_connections`.
+const H2_MAX_STREAMS: u32 = 100;
 
 /// PINGs on an HTTP/2 client connection, and how long one may go unanswered.
 const H2_PING_EVERY: Duration = Duration::from_secs(30);

@@ -721,7 +721,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Time to receive a complete ClientHello and finish the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Spliced connections (passthrough, tcp, upgrades) idle for this long are closed.
+    /// Spliced connections (passthrough, tcp, upgrades) idle for this long
+    /// are closed; also the longest silence inside an HTTP body, and the
+    /// longest an HTTP client may take nothing of what it is sent.
     pub idle_timeout: Duration,
     /// TCP (and TLS) connect to one backend.
     pub connect_timeout: Duration,

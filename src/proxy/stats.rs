@@ -73,11 +73,16 @@ pub enum ErrorKind {
     /// that disagrees with an HTTP/2 request's authority (400), a `CONNECT`
     /// (405).
     BadRequest,
+    /// A client that took nothing of its response for `idle_timeout` (its
+    /// TCP window, or its HTTP/2 stream's window, stayed shut): the
+    /// connection, or the HTTP/2 stream, was cut off with the backend's
+    /// answer.
+    ClientNotReading,
 }
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 27] = [
+    pub const ALL: [ErrorKind; 28] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -105,6 +110,7 @@ impl ErrorKind {
         ErrorKind::ClientAborted,
         ErrorKind::HeaderTimeout,
         ErrorKind::BadRequest,
+        ErrorKind::ClientNotReading,
     ];
 
     /// Stable metric label.
@@ -137,6 +143,7 @@ impl ErrorKind {
             ErrorKind::ClientAborted => "client_aborted",
             ErrorKind::HeaderTimeout => "header_timeout",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ClientNotReading => "client_not_reading",
         }
     }
 
