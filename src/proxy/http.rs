@@ -959,7 +959,7 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     }
     if req.version() >= Version::HTTP_2 {
         if let (Some(h), Some(a)) = (first, req.uri().authority()) {
-            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+            if !same_authority(h.to_str().unwrap_or_default(), a.as_str()) {
                 return Some((
                     StatusCode::BAD_REQUEST,
                     "400 bad request: the Host header disagrees with the request's authority",
@@ -968,6 +968,31 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
         }
     }
     None
+}
+
+/// Whether two authorities (`host[:port]`) name the same host, in any case,
+/// with the same port or one of them without (a client may leave the
+/// default port out of one and not the other).
+fn same_authority(a: &str, b: &str) -> bool {
+    fn split(s: &str) -> (&str, Option<&str>) {
+        match s.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((h, p)) => (h, p.strip_prefix(':')),
+                None => (s, None),
+            },
+            None => match s.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            },
+        }
+    }
+    let ((ha, pa), (hb, pb)) = (split(a), split(b));
+    !ha.is_empty()
+        && ha.eq_ignore_ascii_case(hb)
+        && match (pa, pb) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
 }
 
 /// The request's authority (`host[:port]` as sent) and its host name.
@@ -2411,6 +2436,23 @@ mod tests {
             Some(400)
         );
         assert_eq!(status(&req("GET", v2, "https://a.example/", &[])), None);
+        // A default port left out of one of them is the same authority.
+        assert_eq!(
+            status(&req("GET", v2, "https://a.example:443/", &["a.example"])),
+            None
+        );
+        assert_eq!(
+            status(&req(
+                "GET",
+                v2,
+                "https://a.example:443/",
+                &["a.example:8443"]
+            )),
+            Some(400)
+        );
+        assert!(same_authority("[2001:db8::1]:443", "[2001:DB8::1]"));
+        assert!(!same_authority("[2001:db8::1]", "[2001:db8::2]"));
+        assert!(!same_authority("", ""));
     }
 
     #[test]

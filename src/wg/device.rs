@@ -627,6 +627,7 @@ impl Peer {
         *slot = tunn;
         *self.stamp_base.lock() = base;
         self.unanswered.store(0, Ordering::Relaxed);
+        self.answers.reset();
     }
     fn last_handshake(&self) -> Option<Duration> {
         let (since, ..) = self.tunn.lock().stats();

@@ -116,7 +116,19 @@ impl Answers {
         };
         if proves {
             self.update(|s| s & INDEX);
+            // The peer used this side's answer: the way to it works, so
+            // this side's own initiations that went unanswered meanwhile
+            // (the peer away, its address changed) are history. From here
+            // this side may stay the responder for good and never see a
+            // response again.
+            self.initiations.store(0, Relaxed);
         }
+    }
+
+    /// Forgets everything: a new tunnel state for the peer.
+    pub fn reset(&self) {
+        self.state.store(0, Relaxed);
+        self.initiations.store(0, Relaxed);
     }
 
     /// This side sent `n` handshake initiations to the peer's endpoint.
@@ -316,6 +328,34 @@ pub(crate) mod tests {
         a.initiated(1);
         a.received(&exchange(&mut h, &init));
         assert!(a.confirmed(), "a response ends it");
+    }
+
+    /// Through boringtun: the hub's initiations went unanswered while the
+    /// node was away; the node comes back with a handshake of its own and
+    /// uses the hub's answer. That proves the way to the node, although no
+    /// initiation of the hub's is ever answered (the hub stays the
+    /// responder).
+    #[test]
+    fn a_peer_that_uses_this_sides_answer_ends_unanswered_initiations() {
+        let (mut h, mut n) = pair();
+        let a = Answers::default();
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let _lost = initiation(&mut h);
+            a.initiated(1);
+        }
+        assert!(!a.confirmed());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let resp = exchange(&mut h, &initiation(&mut n));
+        a.answered(&resp);
+        assert!(!a.confirmed(), "not until the node uses the answer");
+        a.received(&exchange(&mut n, &resp));
+        assert!(a.confirmed());
+        assert_eq!(a.initiations.load(Relaxed), 0);
+        // And a reset forgets both counts.
+        a.initiated(5);
+        a.reset();
+        assert!(a.confirmed());
     }
 
     /// One initiation lost on the way, the next answered: never unconfirmed.
