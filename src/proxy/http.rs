@@ -463,18 +463,21 @@ impl Body for TrackedBody {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        let h = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        if rest == 0 {
-            return h;
-        }
-        let mut out = SizeHint::new();
-        out.set_lower(h.lower().saturating_add(rest));
-        if let Some(u) = h.upper() {
-            out.set_upper(u.saturating_add(rest));
-        }
-        out
+        plus_held(self.inner.size_hint(), self.rest.len() as u64)
     }
+}
+
+/// A body's size hint with `held` bytes it holds back on top.
+fn plus_held(h: SizeHint, held: u64) -> SizeHint {
+    if held == 0 {
+        return h;
+    }
+    let mut out = SizeHint::new();
+    out.set_lower(h.lower().saturating_add(held));
+    if let Some(u) = h.upper() {
+        out.set_upper(u.saturating_add(held));
+    }
+    out
 }
 
 /// Counts DATA bytes of a streamed body into `bytes_in` or `bytes_out`, and
@@ -695,21 +698,12 @@ where
         end
     }
     fn size_hint(&self) -> SizeHint {
-        let h = self.inner.size_hint();
         let held = self
             .held
             .as_ref()
             .and_then(|f| f.data_ref())
             .map_or(0, |d| d.len() as u64);
-        if held == 0 {
-            return h;
-        }
-        let mut out = SizeHint::new();
-        out.set_lower(h.lower().saturating_add(held));
-        if let Some(u) = h.upper() {
-            out.set_upper(u.saturating_add(held));
-        }
-        out
+        plus_held(self.inner.size_hint(), held)
     }
 }
 

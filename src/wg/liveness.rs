@@ -102,7 +102,8 @@ impl Answers {
     /// on the last answer's session, or a handshake response to this side's
     /// initiation, proves the way back.
     pub fn received(&self, datagram: &[u8]) {
-        if datagram.first() == Some(&RESPONSE) {
+        let response = datagram.first() == Some(&RESPONSE);
+        if response {
             self.initiations.store(0, Relaxed);
         }
         // One load per data datagram; a swap only on the first of a session.
@@ -112,7 +113,7 @@ impl Answers {
         }
         let proves = match index(datagram, DATA) {
             Some(i) => u64::from(i) == s & INDEX,
-            None => datagram.first() == Some(&RESPONSE),
+            None => response,
         };
         if proves {
             self.update(|s| s & INDEX);
