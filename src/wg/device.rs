@@ -66,8 +66,13 @@ struct TunSink<'a> {
 }
 
 impl TunSink<'_> {
-    /// Queues `p` (at `TUN_HEADROOM`); false when there is no room.
+    /// Queues `p` (at `TUN_HEADROOM`); false when there is no room, or
+    /// nothing to write (an empty buffer fails the offload TUN's whole
+    /// batch).
     fn push(&mut self, p: &[u8]) -> bool {
+        if p.is_empty() {
+            return false;
+        }
         if self.bufs.len() <= *self.n {
             self.bufs.push(Vec::with_capacity(2048));
         }
@@ -330,10 +335,12 @@ struct Origin<'a> {
 }
 
 /// Decides where a decrypted packet from `from` with source `src` and
-/// destination `dst` (`None`: not an IP header the device reads) goes:
-/// cryptokey routing first (the source must be one of `from`'s allowed IPs
-/// and none of the device's own addresses), then the device's own
-/// addresses (always the TUN's), then another peer's as `forward` says.
+/// destination `dst` goes: cryptokey routing first (the source must be one
+/// of `from`'s allowed IPs and none of the device's own addresses), then
+/// the device's own addresses (always the TUN's), then another peer's as
+/// `forward` says. `dst` is `None` for an IPv4 packet whose total length
+/// leaves no whole header (the tunnel cuts a packet to that length, down
+/// to nothing): it is dropped.
 fn place<'t>(
     table: &'t Table,
     own: &OwnAddrs,
@@ -347,7 +354,7 @@ fn place<'t>(
         return Place::Drop(DropReason::SourceNotAllowed);
     }
     let Some(dst) = dst else {
-        return Place::Tun;
+        return Place::Drop(DropReason::MalformedIp);
     };
     if own.contains(dst) {
         return Place::Tun;
@@ -2799,6 +2806,55 @@ mod tests {
 
     use crate::wg::liveness::tests::initiation;
 
+    /// Through boringtun: an IPv4 packet whose total length says 0 (or
+    /// less than a header) comes out of the tunnel cut to that length, with
+    /// the sender's source; it is dropped as malformed, and never queued
+    /// for the TUN (whose offload batch an empty packet would fail whole).
+    #[test]
+    fn a_packet_cut_to_less_than_a_header_is_dropped() {
+        use crate::wg::liveness::tests::{exchange, pair};
+        let (mut h, mut n) = pair();
+        let init = initiation(&mut n);
+        let resp = exchange(&mut h, &init);
+        let mut out = vec![0u8; 2048];
+        // The node's first data packet confirms the session.
+        let _ = n.decapsulate(None, &resp, &mut out);
+        let (t, own, [a, ..]) = hub_table();
+        for total in [0u16, 12, 19] {
+            let mut ip = [0u8; 28];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[8] = 64;
+            ip[12..16].copy_from_slice(&[100, 64, 0, 2]);
+            ip[16..20].copy_from_slice(&[100, 64, 0, 1]);
+            let mut enc = vec![0u8; 2048];
+            let d = match n.encapsulate(&ip, &mut enc) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                other => panic!("{other:?}"),
+            };
+            let (pkt, src) = match h.decapsulate(None, &d, &mut out) {
+                TunnResult::WriteToTunnelV4(p, src) => (p.to_vec(), IpAddr::V4(src)),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(pkt.len(), usize::from(total));
+            assert_eq!(src, IpAddr::from([100, 64, 0, 2]));
+            for f in [NodeToNode::Direct, NodeToNode::Kernel, NodeToNode::Off] {
+                assert!(matches!(
+                    place(&t, &own, f, &a, src, packet::dst(&pkt)),
+                    Place::Drop(DropReason::MalformedIp)
+                ));
+            }
+        }
+        let (mut bufs, mut n) = (Vec::new(), 0);
+        let mut sink = TunSink {
+            bufs: &mut bufs,
+            n: &mut n,
+        };
+        assert!(!sink.push(&[]));
+        assert!(sink.push(&[0x45; 20]));
+        assert_eq!(n, 1);
+    }
+
     /// Through boringtun: an initiation whose timestamp is older than one
     /// the responder accepted from the same key is refused, and counted as
     /// `stale_timestamp`, not as a decryption failure.
@@ -3107,18 +3163,6 @@ mod tests {
                 Ok(None)
             );
         }
-        // Not an IP header the device reads: the TUN's, as before.
-        assert!(matches!(
-            place(
-                &t,
-                &own,
-                NodeToNode::Off,
-                &a,
-                "100.64.0.2".parse().unwrap(),
-                None
-            ),
-            Place::Tun
-        ));
         for n in NodeToNode::NAMES {
             assert_eq!(NodeToNode::parse(n).map(NodeToNode::as_str), Some(n));
             let m = NodeToNode::parse(n).unwrap();

@@ -157,7 +157,7 @@ pub(crate) mod tests {
     use crate::keys::PrivateKey;
     use boringtun::noise::{Tunn, TunnResult};
 
-    fn pair() -> (Tunn, Tunn) {
+    pub(crate) fn pair() -> (Tunn, Tunn) {
         let hub = PrivateKey::generate();
         let node = PrivateKey::generate();
         let h = Tunn::new(
@@ -187,7 +187,7 @@ pub(crate) mod tests {
     }
 
     /// `from` handles `d`; returns what it sends back.
-    fn exchange(to: &mut Tunn, d: &[u8]) -> Vec<u8> {
+    pub(crate) fn exchange(to: &mut Tunn, d: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; 2048];
         network(to.decapsulate(None, d, &mut out))
     }
