@@ -456,6 +456,9 @@ async fn supervise(
     let mut relay: Option<Relay> = None;
     // The relay's local address: the peer's endpoint while on TLS.
     let mut relay_local: Option<SocketAddr> = None;
+    // The hub's last two-way time when the relay opened: a relay closed
+    // with none later never reached a hub that knows this node.
+    let mut relay_rx = 0u64;
     // A UDP try not answered yet: when it was sent.
     let mut probe_sent: Option<u64> = None;
     let mut tls_failing = false;
@@ -561,8 +564,18 @@ async fn supervise(
             } else {
                 info!(hub = %name, "TLS carrier carries nothing; closing it");
             }
+            if rx <= relay_rx {
+                // Never heard through: the name's next address next time
+                // (the first may be a host that takes the stream but is not
+                // this node's hub).
+                tls_turn = tls_turn.wrapping_add(1);
+            }
             relay = None;
-            relay_local = None;
+            if let Some(l) = relay_local.take() {
+                // The port is free for another relay (another hub's): this
+                // hub's packets must not follow it there.
+                dev.forget_endpoint(l);
+            }
         }
         match (step, &tls) {
             (Step::Stay, _) | (_, None) => {}
@@ -618,6 +631,7 @@ async fn supervise(
                         proxy_backoff = proxy_auth_backoff();
                         relay = Some(r);
                         relay_local = Some(local);
+                        relay_rx = rx;
                         peer.set_endpoint(local);
                         dev.force_handshake(&peer).await;
                     }
