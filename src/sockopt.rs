@@ -75,9 +75,62 @@ pub fn grow_buffers(sock: &socket2::Socket, bytes: usize) -> (usize, usize) {
     )
 }
 
+/// Bytes a TCP socket still holds to send: written by the process but not
+/// yet acknowledged by the peer (`SIOCOUTQ`). `None` if the kernel does not
+/// say (not a TCP socket, or closed).
+pub fn send_queue(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer,
+    // which points at one; a descriptor that is not a socket fails.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, std::ptr::from_mut(&mut n)) };
+    if rc == 0 {
+        u32::try_from(n).ok()
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_queue_holds_what_the_peer_has_not_taken() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let mut a = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let (mut b, _) = l.accept().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(send_queue(a.as_raw_fd()), Some(0));
+        // A peer that reads nothing: its buffer fills, then ours.
+        a.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+        let chunk = [1u8; 65536];
+        let mut sent = 0usize;
+        loop {
+            match a.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let held = send_queue(a.as_raw_fd()).unwrap_or(0);
+        assert!(held > 0 && held as usize <= sent, "{held} of {sent}");
+        // The peer takes some: the queue shrinks.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while send_queue(a.as_raw_fd()).unwrap_or(u32::MAX) >= held {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never shrank"
+            );
+            got += b.read(&mut buf).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(got > 0);
+        // Not a socket.
+        let f = std::fs::File::open("/proc/self/status").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(send_queue(f.as_raw_fd()), None);
+    }
 
     #[test]
     fn buffers_grow_to_what_is_allowed() {

@@ -554,9 +554,11 @@ async fn tcp_forwarder(p: ForwardPlan) {
             };
             let _ = client.set_nodelay(true);
             let _ = backend.set_nodelay(true);
-            if let Err(e) = crate::proxy::io::splice(client, backend, counters, TCP_IDLE, None)
-                .await
-                .result
+            let queue = Some(crate::proxy::stall::SendQueue::of(&client));
+            if let Err(e) =
+                crate::proxy::io::splice(client, backend, counters, TCP_IDLE, None, queue)
+                    .await
+                    .result
             {
                 debug!(service, %from, error = %e, "forwarded connection ended");
             }

@@ -6,6 +6,7 @@ use crate::clock::unix_secs;
 use crate::proxy::io::{splice, Spliced};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::settings::Limits;
+use crate::proxy::stall::SendQueue;
 use crate::proxy::stats::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -162,7 +163,8 @@ pub async fn forward(
             mesh.counters.add_in(first.len() as u64);
             drop(first);
             // The hub that has the route applies its `bandwidth`.
-            let spliced = splice(client, up, mesh.counters.clone(), idle, None).await;
+            let queue = Some(SendQueue::of(&client));
+            let spliced = splice(client, up, mesh.counters.clone(), idle, None, queue).await;
             return Ok(Sent {
                 hub: hub.name.clone(),
                 to,

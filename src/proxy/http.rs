@@ -254,6 +254,9 @@ pub struct ConnInfo {
     /// Whether the client was cut off for taking nothing of its responses
     /// (see [`crate::proxy::stall`]).
     stall: Arc<Stall>,
+    /// The client's socket, asked by the watches of what own its IO (the
+    /// connection's, an upgraded connection's splice).
+    queue: Option<stall::SendQueue>,
 }
 
 /// Backend connections an HTTP/2 client connection keeps between its
@@ -263,7 +266,8 @@ const H2_HELD: usize = 32;
 impl ConnInfo {
     /// `sequential`: the client connection is HTTP/1.1 (one request at a time,
     /// so one backend connection kept); HTTP/2 keeps up to `H2_HELD`.
-    /// `trusted`: see [`ConnInfo::trusted`].
+    /// `trusted`: see [`ConnInfo::trusted`]. `queue`: the client's TCP
+    /// socket, when the connection is one.
     pub fn new(
         client: SocketAddr,
         tls: bool,
@@ -271,6 +275,7 @@ impl ConnInfo {
         sequential: bool,
         trusted: bool,
         slot: Arc<crate::proxy::server::ConnSlot>,
+        queue: Option<stall::SendQueue>,
     ) -> Self {
         ConnInfo {
             client,
@@ -281,7 +286,13 @@ impl ConnInfo {
             held_max: if sequential { 1 } else { H2_HELD },
             slot,
             stall: Stall::conn(),
+            queue,
         }
+    }
+
+    /// The client's socket (see [`stall::SendQueue`]).
+    pub fn queue(&self) -> Option<stall::SendQueue> {
+        self.queue
     }
 
     /// The connection's watch for a client that takes nothing of its
@@ -2117,11 +2128,20 @@ async fn forward(
             let c2 = c.clone();
             let bw = Some(route.bandwidth.clone());
             let h = (hold.take(), conn.slot.clone());
+            let queue = conn.queue;
+            // (An HTTP/1.1 connection's: no stream's.)
+            let stall = Arc::clone(&conn.stall);
             tokio::spawn(async move {
                 let _h = h;
                 match tokio::try_join!(cu, bu) {
                     Ok((cio, bio)) => {
-                        let r = splice(TokioIo::new(cio), TokioIo::new(bio), c2, idle, bw).await;
+                        let (cio, bio) = (TokioIo::new(cio), TokioIo::new(bio));
+                        let r = splice(cio, bio, c2.clone(), idle, bw, queue).await;
+                        // Its watch, still under it, cut a client that took
+                        // nothing: the route counts it.
+                        if stall.take_cut() {
+                            c2.error(ErrorKind::ClientNotReading);
+                        }
                         debug!(result = ?r, "upgraded connection ended");
                     }
                     Err(e) => debug!(error = %e, "upgrade failed"),

@@ -3,6 +3,7 @@
 //! an idle timeout.
 
 use crate::proxy::bandwidth::Pacer;
+use crate::proxy::stall::SendQueue;
 use crate::proxy::stats::Counters;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -471,13 +472,17 @@ pub struct Spliced {
 
 /// Splices `client` and `backend` until both directions end, an error, or
 /// `idle` without a byte either way. Bytes are counted as they pass, and
-/// paced to `throttle` (the route's `bandwidth`) when there is one.
+/// paced to `throttle` (the route's `bandwidth`) when there is one. A byte
+/// the client acknowledged counts too (`queue`, the client's socket, asked
+/// while the splice waits: a slow reader drains a large send buffer for
+/// longer than `idle` before its socket takes another write).
 pub async fn splice<C, B>(
     client: C,
     backend: B,
     counters: Arc<Counters>,
     idle: Duration,
     throttle: Option<Arc<Throttle>>,
+    queue: Option<SendQueue>,
 ) -> Spliced
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -491,10 +496,22 @@ where
         let copy = tokio::io::copy_bidirectional(&mut c, &mut b);
         tokio::pin!(copy);
         let tick = (idle / 4).max(Duration::from_millis(100));
+        let mut queued = None;
         loop {
             tokio::select! {
                 r = &mut copy => break r.map(|_| ()),
                 _ = tokio::time::sleep(tick) => {
+                    if act.idle() >= tick {
+                        // Quiet for a tick: what the client's socket still
+                        // holds; less than at the last tick is progress.
+                        let now = queue.and_then(SendQueue::bytes);
+                        if matches!((queued, now), (Some(a), Some(n)) if n < a) {
+                            act.touch();
+                        }
+                        queued = now;
+                    } else {
+                        queued = None;
+                    }
                     if act.idle() >= idle {
                         break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
                     }
@@ -513,6 +530,61 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A splice of an endless backend to a client that takes 256 KiB every
+    /// half `idle` from behind a large send buffer, for five `idle`s: how
+    /// it ended, if it did.
+    async fn splice_to_slow_reader(with_queue: bool, idle: Duration) -> Option<io::Result<()>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_mss(1400).unwrap();
+        s.set_recv_buffer_size(256 << 10).unwrap();
+        s.connect(&l.local_addr().unwrap().into()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut reader = tokio::net::TcpStream::from_std(s.into()).unwrap();
+        let (client, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&client)
+            .set_send_buffer_size(4 << 20)
+            .unwrap();
+        let queue = with_queue.then(|| SendQueue::of(&client));
+        let (backend, mut source) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let chunk = [5u8; 16384];
+            while source.write_all(&chunk).await.is_ok() {}
+        });
+        let mut spliced = tokio::spawn(async move {
+            let c = Arc::new(Counters::default());
+            splice(client, backend, c, idle, None, queue).await.result
+        });
+        let mut buf = vec![0u8; 256 << 10];
+        for _ in 0..10 {
+            tokio::select! {
+                r = &mut spliced => return Some(r.unwrap()),
+                _ = tokio::time::sleep(idle / 2) => {}
+            }
+            if reader.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::timeout(Duration::from_millis(10), spliced)
+            .await
+            .ok()
+            .map(Result::unwrap)
+    }
+
+    #[tokio::test]
+    async fn a_splice_to_a_slow_reader_lives_while_the_client_takes_bytes() {
+        let idle = Duration::from_millis(800);
+        // Without the socket's queue the splice sees no byte move (the
+        // socket takes no write until a third of its buffer drained).
+        let ended = splice_to_slow_reader(false, idle).await;
+        assert!(
+            matches!(&ended, Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{ended:?}"
+        );
+        assert!(splice_to_slow_reader(true, idle).await.is_none());
+    }
 
     #[test]
     fn a_full_flow_table_drops_its_oldest_sixteenth() {

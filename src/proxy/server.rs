@@ -22,7 +22,7 @@ use crate::proxy::settings::{
     Limits, ProxyProtocol, ProxySettings, RouteHost, RouteSettings, TcpTls, TlsMode,
     UdpForwardSettings,
 };
-use crate::proxy::stall::{StreamExec, WatchedIo};
+use crate::proxy::stall::{SendQueue, StreamExec, WatchedIo};
 use crate::proxy::stats::{CertStatus, Counters, ErrorKind, RouteSnapshot};
 use crate::proxy::tls::{self, Hello, SniResolver};
 use crate::proxy::upstream::{BackendTlsClient, Lease, TunnelLiveness, UpstreamError, Upstreams};
@@ -1453,7 +1453,9 @@ async fn accept_loop(
                             _ => (sock, first),
                         };
                         let trusted = shared.trusts_forwarding(peer.ip());
-                        let info = Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted, slot));
+                        let queue = Some(SendQueue::of(&sock));
+                        let info =
+                            Arc::new(ConnInfo::new(peer, false, None, !h2c, trusted, slot, queue));
                         // The first request's head is due when the first
                         // bytes were: the client's time runs from the accept.
                         // (HTTP/2 has its idle rule: a GOAWAY, not a cut.)
@@ -1807,7 +1809,12 @@ async fn serve_http<IO>(
     // cut off: on the whole connection here, per HTTP/2 stream by the
     // streams' executor.
     let stall = Arc::clone(info.stall());
-    let io = TokioIo::new(WatchedIo::new(io, limits.idle_timeout, Arc::clone(&stall)));
+    let io = TokioIo::new(WatchedIo::new(
+        io,
+        limits.idle_timeout,
+        Arc::clone(&stall),
+        info.queue(),
+    ));
     let listener = Arc::clone(&shared);
     if h2 {
         let streams = Streams::new();
@@ -2046,13 +2053,14 @@ async fn serve_tcp(
     let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
         return;
     };
+    let queue = Some(SendQueue::of(&sock));
     let Some(acceptor) = &fwd.tls else {
-        relay_tcp(shared, &fwd, sock, peer, local, &mut rec).await;
+        relay_tcp(shared, &fwd, sock, queue, peer, local, &mut rec).await;
         return;
     };
     // The client's handshake first: nothing reaches a backend before it.
     match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(sock)).await {
-        Ok(Ok(tls)) => relay_tcp(shared, &fwd, tls, peer, local, &mut rec).await,
+        Ok(Ok(tls)) => relay_tcp(shared, &fwd, tls, queue, peer, local, &mut rec).await,
         Ok(Err(e)) => {
             refuse(&c, &mut rec, ErrorKind::TlsHandshake);
             debug!(forward = %fwd.id, error = %e, "tls handshake failed");
@@ -2070,11 +2078,13 @@ fn note_spliced(rec: &mut Option<Record>, backend: SocketAddr, s: &crate::proxy:
     });
 }
 
-/// Connects a backend of `fwd` and splices `client` to it.
+/// Connects a backend of `fwd` and splices `client` (on the socket `queue`'s)
+/// to it.
 async fn relay_tcp<S>(
     shared: &Shared,
     fwd: &Forward,
     client: S,
+    queue: Option<SendQueue>,
     peer: SocketAddr,
     local: SocketAddr,
     rec: &mut Option<Record>,
@@ -2105,6 +2115,7 @@ async fn relay_tcp<S>(
         c,
         shared.limits.idle_timeout,
         Some(fwd.bandwidth.clone()),
+        queue,
     )
     .await;
     note_spliced(rec, backend, &r);
@@ -2262,12 +2273,14 @@ async fn serve_tls(
                     return;
                 }
             };
+            let queue = Some(SendQueue::of(&sock));
             let r = splice(
                 sock,
                 b,
                 c,
                 limits.idle_timeout,
                 Some(route.bandwidth.clone()),
+                queue,
             )
             .await;
             // The ClientHello went to the backend before the splice.
@@ -2282,6 +2295,7 @@ async fn serve_tls(
                 return;
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            let queue = Some(SendQueue::of(&sock));
             let io = Prefixed::new(bytes, sock);
             let tls = match tokio::time::timeout(left(), acceptor.accept(io)).await {
                 Ok(Ok(t)) => t,
@@ -2297,7 +2311,15 @@ async fn serve_tls(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let trusted = shared.trusts_forwarding(peer.ip());
-            let info = Arc::new(ConnInfo::new(peer, true, Some(route), !h2, trusted, slot));
+            let info = Arc::new(ConnInfo::new(
+                peer,
+                true,
+                Some(route),
+                !h2,
+                trusted,
+                slot,
+                queue,
+            ));
             serve_http(shared, tls, info, h2, stop, None).await;
         }
     }

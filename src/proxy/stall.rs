@@ -16,9 +16,20 @@
 //!
 //! A response body dropped with its exchange cut so counts it, on its route,
 //! as `client_not_reading` (see [`Stall::take_cut`]).
+//!
+//! "Taken" is what the client's TCP acknowledged, not only what the kernel
+//! let us write: a socket turns writable again only once about a third of
+//! its send buffer (up to a few MiB) has drained, which a client reading a
+//! few hundred bytes a second takes longer than `idle_timeout` to do. So
+//! while a write waits, the socket's send queue ([`SendQueue`]) is asked
+//! every quarter of `idle_timeout`: each time it holds less than the time
+//! before, the client took bytes, and its `idle_timeout` runs from then. A
+//! stream's wait begins again while its connection waits on the socket (the
+//! connection's own watch then judges the client).
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -42,6 +53,54 @@ pub struct Stall {
     /// A stream's response body: frames handed out × 4 + its phase
     /// (`HANDED`, `ASKED`, `DONE`; 0 before it began).
     body: AtomicU64,
+    /// A connection's: a write waits for the client's socket to take more.
+    blocked: AtomicBool,
+}
+
+/// A client connection's TCP socket, asked how much it still holds to send
+/// (see the module's notes). Holds the descriptor, not the socket: it is
+/// asked only by what owns the connection's IO, while that lives.
+#[derive(Clone, Copy, Debug)]
+pub struct SendQueue(RawFd);
+
+impl SendQueue {
+    /// `sock`'s; to be asked only while `sock` is open.
+    pub fn of(sock: &impl AsRawFd) -> SendQueue {
+        SendQueue(sock.as_raw_fd())
+    }
+
+    /// Bytes written to the socket that the client has not acknowledged.
+    pub fn bytes(self) -> Option<u32> {
+        crate::sockopt::send_queue(self.0)
+    }
+}
+
+/// When a waiting connection's client was last seen taking bytes: when the
+/// wait began, or when its socket was found holding less than when last
+/// asked.
+struct Taken {
+    held: Option<u32>,
+    at: Instant,
+}
+
+impl Taken {
+    fn begin(q: Option<SendQueue>) -> Taken {
+        Taken {
+            held: q.and_then(SendQueue::bytes),
+            at: Instant::now(),
+        }
+    }
+
+    /// How long ago the client last took bytes, asking the socket now.
+    fn since(&mut self, q: Option<SendQueue>) -> Duration {
+        let now = Instant::now();
+        let held = q.and_then(SendQueue::bytes);
+        if matches!((self.held, held), (Some(a), Some(n)) if n < a) {
+            self.at = now;
+        }
+        self.held = held;
+        now.saturating_duration_since(self.at)
+    }
 }
 
 /// The body's last frame went out to hyper, which has not asked for another
@@ -106,6 +165,11 @@ impl Stall {
         (b / 4, b & PHASE == HANDED)
     }
 
+    /// Whether the connection's writes wait for its socket.
+    fn connection_blocked(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.blocked.load(Relaxed))
+    }
+
     fn note(&self, frames: u64, phase: u64) {
         self.body.store(frames.wrapping_mul(4) | phase, Relaxed);
     }
@@ -155,6 +219,11 @@ impl Wait {
         self.due = None;
     }
 
+    /// Whether a wait is on.
+    fn waiting(&self) -> bool {
+        self.due.is_some()
+    }
+
     /// Whether the wait for `what` (a new one when it differs from the
     /// last) has lasted `idle`; otherwise `cx` is woken when it will have.
     fn over(&mut self, cx: &mut Context<'_>, what: u64, idle: Duration) -> bool {
@@ -194,17 +263,28 @@ pub struct WatchedIo<IO> {
     idle: Duration,
     stall: Arc<Stall>,
     wait: Wait,
+    /// The socket under `io`, when it is a TCP socket's.
+    queue: Option<SendQueue>,
+    taken: Taken,
     failed: bool,
 }
 
 impl<IO> WatchedIo<IO> {
-    /// Watches `io`; a cut is noted in `stall`.
-    pub fn new(io: IO, idle: Duration, stall: Arc<Stall>) -> WatchedIo<IO> {
+    /// Watches `io`, whose socket is `queue`'s (see [`SendQueue`]); a cut
+    /// is noted in `stall`.
+    pub fn new(
+        io: IO,
+        idle: Duration,
+        stall: Arc<Stall>,
+        queue: Option<SendQueue>,
+    ) -> WatchedIo<IO> {
         WatchedIo {
             io,
             idle,
             stall,
             wait: Wait::default(),
+            queue,
+            taken: Taken::begin(None),
             failed: false,
         }
     }
@@ -218,16 +298,35 @@ impl<IO> WatchedIo<IO> {
         moved: impl FnOnce(&T) -> bool,
     ) -> Poll<io::Result<T>> {
         match &r {
-            Poll::Pending => {
-                if !self.idle.is_zero() && self.wait.over(cx, 0, self.idle) {
+            Poll::Pending if !self.idle.is_zero() => {
+                if !self.wait.waiting() {
+                    self.taken = Taken::begin(self.queue);
+                    self.stall.blocked.store(true, Relaxed);
+                }
+                // The socket, when there is one to ask, is asked every
+                // quarter of idle_timeout: a client is cut at most that
+                // much later than idle_timeout after its last byte taken.
+                let step = if self.queue.is_some() {
+                    self.idle / 4
+                } else {
+                    self.idle
+                };
+                while self.wait.over(cx, 0, step) {
+                    if self.taken.since(self.queue) < self.idle {
+                        self.wait.clear();
+                        continue;
+                    }
                     debug!("the client took nothing for idle_timeout: cut off");
                     self.failed = true;
                     self.stall.cut_off();
                     return Poll::Ready(Err(not_reading()));
                 }
             }
-            Poll::Ready(Ok(v)) if moved(v) => self.wait.clear(),
-            Poll::Ready(_) => {}
+            Poll::Ready(Ok(v)) if moved(v) && self.wait.waiting() => {
+                self.wait.clear();
+                self.stall.blocked.store(false, Relaxed);
+            }
+            Poll::Pending | Poll::Ready(_) => {}
         }
         r
     }
@@ -339,12 +438,18 @@ async fn watch_stream<F: Future<Output = ()>>(fut: F, stall: Arc<Stall>, idle: D
             wait.clear();
             return Poll::Pending;
         }
-        if !wait.over(cx, body, idle) {
-            return Poll::Pending;
+        while wait.over(cx, body, idle) {
+            if stall.connection_blocked() {
+                // Its frames wait behind the connection's socket, which
+                // the connection's watch judges.
+                wait.clear();
+                continue;
+            }
+            debug!("the client took nothing of the stream's response for idle_timeout: reset");
+            stall.cut_off();
+            return Poll::Ready(());
         }
-        debug!("the client took nothing of the stream's response for idle_timeout: reset");
-        stall.cut_off();
-        Poll::Ready(())
+        Poll::Pending
     })
     .await;
 }
@@ -367,7 +472,7 @@ mod tests {
     async fn a_write_the_client_never_takes_fails_at_idle_timeout() {
         let (a, mut b) = tokio::io::duplex(1024);
         let stall = Stall::conn();
-        let mut w = WatchedIo::new(a, IDLE, Arc::clone(&stall));
+        let mut w = WatchedIo::new(a, IDLE, Arc::clone(&stall), None);
         let begun = Instant::now();
         let chunk = [7u8; 256];
         let err = loop {
@@ -391,7 +496,7 @@ mod tests {
     async fn a_slow_reader_is_never_cut() {
         let (a, mut b) = tokio::io::duplex(64);
         let stall = Stall::conn();
-        let mut w = WatchedIo::new(a, IDLE, Arc::clone(&stall));
+        let mut w = WatchedIo::new(a, IDLE, Arc::clone(&stall), None);
         // A byte taken every half idle_timeout, eight times: each write
         // waits that long, never longer; then the rest at once.
         let reader = tokio::spawn(async move {
@@ -413,10 +518,77 @@ mod tests {
         assert!(!stall.was_cut());
     }
 
+    /// A TCP connection whose writer has a large send buffer and whose
+    /// reader a small receive buffer, watched with (or without) its socket;
+    /// the reader takes 256 KiB every half idle_timeout. Returns whether the
+    /// writer was cut off, and the longest a write waited (the last one
+    /// until the reader's end).
+    async fn slow_tcp_reader(with_queue: bool) -> (bool, Duration) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Small segments, as on the internet (loopback's are 64 KiB): the
+        // reader's window opens a little at each read.
+        s.set_mss(1400).unwrap();
+        s.set_recv_buffer_size(256 << 10).unwrap();
+        s.connect(&addr.into()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut reader = tokio::net::TcpStream::from_std(s.into()).unwrap();
+        let (w, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&w)
+            .set_send_buffer_size(4 << 20)
+            .unwrap();
+        let queue = with_queue.then(|| SendQueue::of(&w));
+        let stall = Stall::conn();
+        let mut w = WatchedIo::new(w, IDLE, Arc::clone(&stall), queue);
+        let mut read = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 << 10];
+            for _ in 0..10 {
+                tokio::time::sleep(IDLE / 2).await;
+                if reader.read_exact(&mut buf).await.is_err() {
+                    break;
+                }
+            }
+            // Closed only once the writer is done with it.
+            reader
+        });
+        let chunk = [3u8; 16384];
+        let mut longest = Duration::ZERO;
+        // Until the writer is cut off, or the reader has taken its last.
+        loop {
+            let begun = Instant::now();
+            tokio::select! {
+                r = w.write(&chunk) => {
+                    longest = longest.max(begun.elapsed());
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                _ = &mut read => {
+                    longest = longest.max(begun.elapsed());
+                    break;
+                }
+            }
+        }
+        (stall.was_cut(), longest)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_behind_a_large_send_buffer_is_not_cut() {
+        // Without the socket's queue, writability is all the watch sees:
+        // the kernel's buffer takes more only once a third of it drained,
+        // far more than the reader takes in idle_timeout.
+        let (cut, _) = slow_tcp_reader(false).await;
+        assert!(cut, "the case the queue is for");
+        let (cut, longest) = slow_tcp_reader(true).await;
+        assert!(!cut);
+        assert!(longest > IDLE, "a write waited {longest:?}");
+    }
+
     #[tokio::test]
     async fn zero_idle_timeout_never_cuts() {
         let (a, _b) = tokio::io::duplex(16);
-        let mut w = WatchedIo::new(a, Duration::ZERO, Stall::conn());
+        let mut w = WatchedIo::new(a, Duration::ZERO, Stall::conn(), None);
         let write = w.write_all(&[1u8; 64]);
         assert!(tokio::time::timeout(IDLE * 2, write).await.is_err());
     }
@@ -463,7 +635,16 @@ mod tests {
     /// Runs a [`FakeStream`] for at most `run`, watched as [`StreamExec`]
     /// runs it; returns when it was cut, if it was.
     async fn watched(phase: u64, every: Option<Duration>, run: Duration) -> Option<Duration> {
-        let conn = Stall::conn();
+        watched_on(Stall::conn(), phase, every, run).await
+    }
+
+    /// [`watched`], on the connection `conn`.
+    async fn watched_on(
+        conn: Arc<Stall>,
+        phase: u64,
+        every: Option<Duration>,
+        run: Duration,
+    ) -> Option<Duration> {
         let stall = Stall::stream(&conn);
         let dropped = Arc::new(AtomicBool::new(false));
         let fake = FakeStream {
@@ -501,6 +682,13 @@ mod tests {
     async fn a_stream_whose_frame_is_never_taken_is_dropped_at_idle_timeout() {
         let cut = watched(HANDED, None, IDLE * 5).await;
         assert!(cut.is_some_and(about_idle), "{cut:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_behind_its_connections_blocked_socket_is_the_connections_business() {
+        let conn = Stall::conn();
+        conn.blocked.store(true, Relaxed);
+        assert_eq!(watched_on(conn, HANDED, None, IDLE * 3).await, None);
     }
 
     #[tokio::test]
