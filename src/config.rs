@@ -320,9 +320,11 @@ impl Ctx<'_> {
                 } else {
                     f.clone()
                 };
-                let s = crate::keys::read_secret_file(&f).map_err(|e| {
-                    self.err(format!("[{section}] private_key_file {}: {e}", f.display()))
-                })?;
+                let s = crate::keys::read_secret_file(&f)
+                    .map(zeroize::Zeroizing::new)
+                    .map_err(|e| {
+                        self.err(format!("[{section}] private_key_file {}: {e}", f.display()))
+                    })?;
                 PrivateKey::from_base64(&s).map_err(|e| {
                     self.err(format!("[{section}] private_key_file {}: {e}", f.display()))
                 })
@@ -506,25 +508,29 @@ fn check_own_addresses(
 /// A prefix is one peer's: two `[[peer]]`s listing the same one would each
 /// take it from the other whenever a reload touched one of them, and the
 /// hub's traffic for it would go to whichever did last. (Nested prefixes
-/// are fine: the longest match decides.)
-fn check_unique_prefixes(ctx: &Ctx, peers: &[HubPeer]) -> Result<(), ConfigError> {
+/// are fine: the longest match decides.) A node's `[[hub]]`s likewise: its
+/// device gives a shared prefix to the last hub listed, and the others'
+/// traffic for it is lost. `table` is `peer` or `hub`; `entries` the names
+/// and allowed IPs in file order.
+fn check_unique_prefixes(
+    ctx: &Ctx,
+    table: &str,
+    entries: &[(Option<&str>, &[IpNet])],
+) -> Result<(), ConfigError> {
     let mut owner: std::collections::HashMap<ipnet::IpNet, usize> = Default::default();
     let label = |i: usize| {
-        let name = peers
-            .get(i)
-            .and_then(|p| p.name.as_deref())
-            .unwrap_or("unnamed");
-        format!("[[peer]] #{} ({name})", i + 1)
+        let name = entries.get(i).and_then(|e| e.0).unwrap_or("unnamed");
+        format!("[[{table}]] #{} ({name})", i + 1)
     };
-    for (i, p) in peers.iter().enumerate() {
-        for net in &p.allowed_ips {
+    for (i, (_, nets)) in entries.iter().enumerate() {
+        for net in nets.iter() {
             match owner.entry(net.trunc()) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(i);
                 }
                 std::collections::hash_map::Entry::Occupied(o) if *o.get() != i => {
                     return Err(ctx.err(format!(
-                        "{} allowed_ips {}: also {}'s; a prefix belongs to one peer",
+                        "{} allowed_ips {}: also {}'s; a prefix belongs to one {table}",
                         label(i),
                         net.trunc(),
                         label(*o.get())
@@ -532,6 +538,25 @@ fn check_unique_prefixes(ctx: &Ctx, peers: &[HubPeer]) -> Result<(), ConfigError
                 }
                 std::collections::hash_map::Entry::Occupied(_) => {}
             }
+        }
+    }
+    Ok(())
+}
+
+/// A `[[hub]]`'s `name` is how logs, `gatewire show` and the service
+/// declarations tell it apart: two hubs by one name could not be.
+fn check_unique_names(ctx: &Ctx, hubs: &[NodeHub]) -> Result<(), ConfigError> {
+    let mut first: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, h) in hubs.iter().enumerate() {
+        let Some(name) = h.name.as_deref() else {
+            continue;
+        };
+        if let Some(j) = first.insert(name, i) {
+            return Err(ctx.err(format!(
+                "[[hub]] #{} name `{name}`: also [[hub]] #{}'s; each hub needs a name of its own",
+                i + 1,
+                j + 1
+            )));
         }
     }
     Ok(())
@@ -589,7 +614,11 @@ impl HubConfig {
             });
         }
         check_unique_keys(&ctx, peers.iter().map(|p| &p.public_key))?;
-        check_unique_prefixes(&ctx, &peers)?;
+        let prefixes: Vec<_> = peers
+            .iter()
+            .map(|p| (p.name.as_deref(), p.allowed_ips.as_slice()))
+            .collect();
+        check_unique_prefixes(&ctx, "peer", &prefixes)?;
         check_own_addresses(&ctx, &addresses, &peers)?;
         let node_to_node = match raw.hub.node_to_node.as_deref() {
             None => crate::wg::device::NodeToNode::default(),
@@ -682,6 +711,12 @@ impl NodeConfig {
             base,
         )?;
         let addresses = ctx.nets("[node] addresses", &raw.node.addresses, true)?;
+        // Only a node reachable over Yggdrasil alone (no `[[hub]]`) has no
+        // overlay address.
+        if addresses.is_empty() && !raw.hub.is_empty() {
+            return Err(ctx
+                .err("[node] addresses: at least one overlay address is required with a [[hub]]"));
+        }
         if raw.hub.is_empty() && raw.yggdrasil.is_none() {
             return Err(ctx.err(
                 "at least one [[hub]] is required (or a [yggdrasil] section, for a node reachable only over Yggdrasil)",
@@ -703,9 +738,8 @@ impl NodeConfig {
                 .websocket
                 .as_deref()
                 .map(|u| {
-                    ws_url(u).map_err(|m| {
-                        ctx.err(format!("{what} websocket `{}`: {m}", redact_query(u)))
-                    })
+                    ws_url(u)
+                        .map_err(|m| ctx.err(format!("{what} websocket `{}`: {m}", redact_url(u))))
                 })
                 .transpose()?
                 .map(|(mut w, ep)| {
@@ -790,6 +824,20 @@ impl NodeConfig {
             });
         }
         check_unique_keys(&ctx, hubs.iter().map(|h| &h.public_key))?;
+        check_unique_names(&ctx, &hubs)?;
+        let prefixes: Vec<_> = hubs
+            .iter()
+            .map(|h| (h.name.as_deref(), h.allowed_ips.as_slice()))
+            .collect();
+        check_unique_prefixes(&ctx, "hub", &prefixes)?;
+        let own = private_key.public_key();
+        if let Some((i, h)) = hubs.iter().enumerate().find(|(_, h)| h.public_key == own) {
+            return Err(ctx.err(format!(
+                "[[hub]] #{} ({}) has the node's own public key",
+                i + 1,
+                h.name.as_deref().unwrap_or("unnamed")
+            )));
+        }
         let dead_after = raw.node.dead_after.unwrap_or(DEFAULT_DEAD_AFTER);
         if dead_after < 2 {
             return Err(ctx.err("[node] dead_after: at least 2 seconds"));
@@ -832,7 +880,7 @@ fn node_tls_proxy(
         };
     };
     let (hp, in_url) = tls_proxy(url)
-        .map_err(|m| ctx.err(format!("{what} tls_proxy `{}`: {m}", redact_userinfo(url))))?;
+        .map_err(|m| ctx.err(format!("{what} tls_proxy `{}`: {m}", redact_url(url))))?;
     let from_file = match auth_file {
         None => None,
         Some(_) if in_url.is_some() => {
@@ -847,6 +895,7 @@ fn node_tls_proxy(
                 f.clone()
             };
             let s = crate::keys::read_secret_file(&f)
+                .map(zeroize::Zeroizing::new)
                 .map_err(|e| ctx.err(format!("{what} tls_proxy_auth_file {}: {e}", f.display())))?;
             let line = s.lines().next().unwrap_or("");
             let c = crate::carrier::connect::Credentials::parse(line)
@@ -864,6 +913,22 @@ fn redact_query(url: &str) -> String {
         Some((head, _)) => format!("{head}?…"),
         None => url.to_string(),
     }
+}
+
+/// A URL as written (maybe malformed), for messages: user information
+/// masked as [`redact_userinfo`] does and the query cut as
+/// [`redact_query`] does. A `?` before the last `@` leaves unsure which is
+/// which (a password may hold a `?`, a query a `@`): then all after the
+/// scheme is masked.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return redact_query(url);
+    };
+    let start = userinfo_start(url, at);
+    if url.get(start..at).is_some_and(|u| u.contains('?')) {
+        return format!("{}<redacted>", url.get(..start).unwrap_or(""));
+    }
+    redact_query(&redact_userinfo(url))
 }
 
 /// How a node's `wss://` carrier checks the server's certificate:
@@ -930,7 +995,9 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
         Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
         None => (rest, crate::carrier::ws::PATH),
     };
-    if authority.contains('@') {
+    // A `@` in the path too: a password holding a `/` ends the authority
+    // early, and its start would pass for a host and a port.
+    if rest.split(['?', '#']).next().unwrap_or("").contains('@') {
         return Err("no user information in the URL".into());
     }
     if !path.starts_with('/') {
@@ -973,7 +1040,8 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
         }
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 => n,
-            _ => return Err(format!("port `{p}`: expected 1 to 65535")),
+            // Not echoed: a malformed URL's "port" may be part of a password.
+            _ => return Err("the port is not a number from 1 to 65535".into()),
         },
     };
     let endpoint = if bracketed {
@@ -1019,12 +1087,18 @@ fn redact_userinfo(p: &str) -> String {
     let Some(at) = p.rfind('@') else {
         return p.to_string();
     };
-    let start = p.find("://").map_or(0, |s| s + 3).min(at);
+    let start = userinfo_start(p, at);
     format!(
         "{}<redacted>{}",
         p.get(..start).unwrap_or(""),
         p.get(at..).unwrap_or("")
     )
+}
+
+/// Where the user information ending at `at` (a `@`) starts: after the
+/// scheme's `://`, or at the start when none comes before `at`.
+fn userinfo_start(p: &str, at: usize) -> usize {
+    p.find("://").filter(|&s| s < at).map_or(0, |s| s + 3)
 }
 
 // ------------------------------------------------------------ node services
@@ -1707,16 +1781,22 @@ mod tests {
             ("websocket = \"wss://edge/a b\"\n", "spaces"),
             ("websocket = \"wss:///x\"\n", "expected a host"),
             ("websocket = \"wss://:443\"\n", "expected a host"),
-            ("websocket = \"wss://edge:0\"\n", "port `0`"),
-            ("websocket = \"wss://edge:99999\"\n", "port `99999`"),
-            ("websocket = \"wss://edge:\"\n", "port ``"),
+            (
+                "websocket = \"wss://edge:0\"\n",
+                "`wss://edge:0`: the port is not a number",
+            ),
+            (
+                "websocket = \"wss://edge:99999\"\n",
+                "`wss://edge:99999`: the port",
+            ),
+            ("websocket = \"wss://edge:\"\n", "`wss://edge:`: the port"),
             (
                 "websocket = \"wss://edge?t=x\"\n",
                 "a query or fragment without a path",
             ),
             ("websocket = \"wss://[::1\"\n", "without its `]`"),
             ("websocket = \"wss://[edge]:443\"\n", "not an IPv6 address"),
-            ("websocket = \"wss://a:b:c\"\n", "port `b:c`"),
+            ("websocket = \"wss://a:b:c\"\n", "`wss://a:b:c`: the port"),
             (
                 "websocket = \"wss://edge\"\ntls_endpoint = \"edge:443\"\n",
                 "not both",
@@ -1729,6 +1809,100 @@ mod tests {
             let e = node(extra).unwrap_err();
             assert!(e.contains(says), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn url_errors_keep_credentials_and_query_out() {
+        use super::service_tests::node;
+        for (extra, says) in [
+            (
+                "websocket = \"wss://gw:pa55w0rd@edge/wg\"\n",
+                "websocket `wss://<redacted>@edge/wg`: no user information",
+            ),
+            (
+                "websocket = \"wss://gw:pa55/w0rd@edge/wg?t=x\"\n",
+                "websocket `wss://<redacted>@edge/wg?…`: no user information",
+            ),
+            (
+                "websocket = \"wss://gw:pa55?w0rd@edge/wg\"\n",
+                "websocket `wss://<redacted>`: a query or fragment without a path",
+            ),
+            (
+                "websocket = \"wss://gw:pa55/x?w0rd@edge/wg\"\n",
+                "websocket `wss://<redacted>`: the port is not a number",
+            ),
+            (
+                "websocket = \"wss://edge:0/wg?t=pa55w0rd\"\n",
+                "websocket `wss://edge:0/wg?…`: the port",
+            ),
+            (
+                "tls_proxy = \"http://gw:pa55/w0rd@proxy\"\n",
+                "tls_proxy `http://<redacted>@proxy`: expected http://host:port",
+            ),
+            (
+                "tls_proxy = \"http://proxy:3128/?t=pa55w0rd\"\n",
+                "tls_proxy `http://proxy:3128/?…`: expected http://host:port",
+            ),
+        ] {
+            let e = node(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+            assert!(!e.contains("pa55") && !e.contains("w0rd"), "{extra}: {e}");
+        }
+        assert_eq!(
+            redact_url("http://u:p@h:1/?next=http://x"),
+            "http://<redacted>@h:1/?…"
+        );
+        assert_eq!(redact_url("u:p@h:1"), "<redacted>@h:1");
+        assert_eq!(redact_url("wss://edge/wg"), "wss://edge/wg");
+    }
+
+    #[test]
+    fn node_hubs_are_told_apart() {
+        use super::service_tests::node;
+        const P3: &str = "DCUMhIEOU9pahhcGab2GIw4Ua7WvG8PyBFDvZNDPiQE=";
+        let second = |name: &str, key: &str, ips: &str| {
+            format!(
+                "[[hub]]\n{name}public_key = \"{key}\"\nendpoint = \"hub2.example:51820\"\n\
+                 allowed_ips = [{ips}]\n"
+            )
+        };
+        // Nested prefixes, and two hubs without a name, are fine.
+        let c = node(&second("", P3, "\"100.64.0.2/32\", \"fd77:6777::2/128\"")).unwrap();
+        assert_eq!(c.hubs.len(), 2);
+        let text = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\"]\n{}{}",
+            second("", P2, "\"100.64.0.0/10\""),
+            second("", P3, "\"100.64.0.2/32\"")
+        );
+        assert!(NodeConfig::parse("n.toml", &text, Path::new(".")).is_ok());
+        for (extra, says) in [
+            (
+                second("name = \"hub2\"\n", P3, "\"fd77:6777::/48\""),
+                "[[hub]] #2 (hub2) allowed_ips fd77:6777::/48: also [[hub]] #1 (hub1)'s; a prefix belongs to one hub",
+            ),
+            (
+                second("name = \"hub1\"\n", P3, "\"100.64.0.2/32\""),
+                "[[hub]] #2 name `hub1`: also [[hub]] #1's",
+            ),
+            (
+                second("name = \"self\"\n", P1, "\"100.64.0.2/32\""),
+                "[[hub]] #2 (self) has the node's own public key",
+            ),
+        ] {
+            let e = node(&extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        let text = format!(
+            "[node]\nprivate_key = \"{K1}\"\naddresses = []\n{}",
+            second("", P2, "\"100.64.0.0/10\"")
+        );
+        let e = NodeConfig::parse("n.toml", &text, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[node] addresses: at least one overlay address"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::Read as _;
 use std::path::Path;
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Errors from parsing a key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,16 +23,20 @@ pub enum KeyError {
     Length(usize),
 }
 
+/// The decoded bytes are wiped once copied out: the same decoders read
+/// private and preshared keys.
 fn decode_b64(s: &str) -> Result<[u8; 32], KeyError> {
-    let v = B64.decode(s.trim()).map_err(|_| KeyError::Base64)?;
-    let len = v.len();
-    v.try_into().map_err(|_| KeyError::Length(len))
+    let v = Zeroizing::new(B64.decode(s.trim()).map_err(|_| KeyError::Base64)?);
+    key_bytes(&v)
 }
 
 fn decode_hex(s: &str) -> Result<[u8; 32], KeyError> {
-    let v = hex::decode(s.trim()).map_err(|_| KeyError::Hex)?;
-    let len = v.len();
-    v.try_into().map_err(|_| KeyError::Length(len))
+    let v = Zeroizing::new(hex::decode(s.trim()).map_err(|_| KeyError::Hex)?);
+    key_bytes(&v)
+}
+
+fn key_bytes(v: &[u8]) -> Result<[u8; 32], KeyError> {
+    v.try_into().map_err(|_| KeyError::Length(v.len()))
 }
 
 /// A Curve25519 public key.

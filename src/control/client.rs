@@ -804,8 +804,11 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], CtlError> {
 }
 
 /// `https://host[:port]` as (host for connecting and SNI, port, Host header).
+/// Errors show the URL without user information or query (a token someone
+/// put there).
 pub fn parse_url(s: &str) -> Result<(String, u16, String), CtlError> {
-    let bad = |why: &str| CtlError::Usage(format!("--url {}: {why}", printable(s)));
+    let shown = printable(&crate::config::redact_url(s));
+    let bad = |why: &str| CtlError::Usage(format!("--url {shown}: {why}"));
     let uri: http::Uri = s.parse().map_err(|_| bad("not a URL"))?;
     if uri.scheme_str() != Some("https") {
         return Err(bad(
@@ -2259,6 +2262,30 @@ mod tests {
             "https://[2001:db8::1]:",
         ] {
             assert!(matches!(parse_url(bad), Err(CtlError::Usage(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn url_errors_keep_credentials_and_query_out() {
+        for (bad, shown) in [
+            (
+                "https://admin:hunter2@hub:7443",
+                "https://<redacted>@hub:7443",
+            ),
+            (
+                "https://admin:hun/ter2@hub:7443",
+                "https://<redacted>@hub:7443",
+            ),
+            ("https://admin:hun?ter2@hub:7443", "https://<redacted>:"),
+            ("https://hub:7443/?t=hunter2", "https://hub:7443/?…"),
+            (
+                "http://admin:hunter2@hub:7443",
+                "http://<redacted>@hub:7443",
+            ),
+        ] {
+            let e = parse_url(bad).expect_err(bad).to_string();
+            assert!(!e.contains("hun") && !e.contains("ter2"), "{bad}: {e}");
+            assert!(e.contains(shown), "{bad}: {e}");
         }
     }
 
