@@ -137,8 +137,10 @@ pub struct AcmeState {
     /// taken by the manager's next round (see [`AcmeState::set_wanted`]).
     settings_changed: AtomicBool,
     /// Issued certificates served but not written to `state_dir` yet (the
-    /// write failed): each round writes them again.
-    unsaved: RwLock<HashMap<String, CertPem>>,
+    /// write failed), with their expiry: each round writes them again. They
+    /// stay until written or expired, also while a reload drops their host
+    /// (wanted again, it is served from here and not ordered again).
+    unsaved: RwLock<HashMap<String, (CertPem, u64)>>,
 }
 
 /// Whether orders made with `a` and with `b` may end differently: any
@@ -335,9 +337,10 @@ impl AcmeState {
         self.failures
             .write()
             .retain(|h, _| keep.contains(h.as_str()));
+        let now = unix_secs();
         self.unsaved
             .write()
-            .retain(|h, _| keep.contains(h.as_str()));
+            .retain(|h, (_, na)| keep.contains(h.as_str()) || *na > now);
     }
 
     /// The certificates ACME keeps, one per wanted host: expiry, renewal
@@ -1176,7 +1179,10 @@ fn install(state: &AcmeState, cfg: &AcmeSettings, host: &str, pem: &CertPem) -> 
         }
         Err(e) => {
             warn!(host, error = %e, "ACME certificate not written to state_dir; served, and written again on the next round");
-            state.unsaved.write().insert(host.to_string(), pem.clone());
+            state
+                .unsaved
+                .write()
+                .insert(host.to_string(), (pem.clone(), na));
         }
     }
     Ok(())
@@ -1194,7 +1200,7 @@ fn save_issued(cfg: &AcmeSettings, host: &str, pem: &CertPem) -> Result<(), Stri
 /// Writes again the issued certificate of `host` that is served but could
 /// not be written to `state_dir`, if there is one.
 fn save_unsaved(state: &AcmeState, cfg: &AcmeSettings, host: &str) {
-    let Some(pem) = state.unsaved.read().get(host).cloned() else {
+    let Some((pem, _)) = state.unsaved.read().get(host).cloned() else {
         return;
     };
     match save_issued(cfg, host, &pem) {
@@ -1209,7 +1215,7 @@ fn save_unsaved(state: &AcmeState, cfg: &AcmeSettings, host: &str) {
 /// The certificate of `host` this hub serves, as PEM: one not written to
 /// `state_dir` yet, or the stored one.
 fn own_pem(state: &AcmeState, cfg: &AcmeSettings, host: &str) -> Option<CertPem> {
-    let unsaved = state.unsaved.read().get(host).cloned();
+    let unsaved = state.unsaved.read().get(host).map(|(pem, _)| pem.clone());
     unsaved.or_else(|| stored_pem(cfg, host))
 }
 
@@ -1308,6 +1314,31 @@ async fn sync_shared(state: &AcmeState, cfg: &AcmeSettings, sh: &dyn AcmeShare, 
     }
 }
 
+/// Stores the certificate this hub just ordered in the mesh, before its
+/// lock goes: tried [`STORE_TRIES`] times, as the hub that takes the lock
+/// next would find only the old certificate and order again (the CA counts
+/// duplicate certificates).
+async fn store_issued(sh: &dyn AcmeShare, host: &str, pem: &CertPem) -> bool {
+    let mut wait = STORE_RETRY;
+    for attempt in 1..=STORE_TRIES {
+        match sh.store_cert(host, pem).await {
+            Ok(()) => {
+                info!(host = %host, "ACME certificate stored in the mesh");
+                return true;
+            }
+            Err(e) if attempt == STORE_TRIES => {
+                warn!(host = %host, error = %e, "mesh: ACME certificate not stored");
+            }
+            Err(e) => {
+                debug!(host = %host, error = %e, attempt, "mesh: ACME certificate not stored; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    false
+}
+
 /// How long a hub waits before looking again when another hub orders a
 /// certificate it also wants (a lock that goes wakes it sooner).
 pub const LOCKED_RETRY: Duration = Duration::from_secs(10);
@@ -1318,6 +1349,51 @@ pub const MESH_WAIT_LOGGED: Duration = Duration::from_secs(30);
 /// A hub in a mesh that cannot reach etcd renews alone a certificate that
 /// expires within this long.
 pub const ALONE_BEFORE: Duration = Duration::from_secs(7 * 86_400);
+/// A hub whose mesh lock a reachable etcd refused this many times in a row
+/// (its quota full, a user without write permission) renews alone too.
+pub const ALONE_AFTER_REFUSED: u32 = 5;
+/// The longest wait between tries of a lock that etcd keeps refusing.
+pub const REFUSED_WAIT_MAX: Duration = Duration::from_secs(300);
+/// A lock that etcd keeps refusing is logged at warn level at most this often.
+pub const REFUSED_LOGGED: Duration = Duration::from_secs(600);
+
+/// How an order that is due goes in a mesh.
+#[derive(Debug, PartialEq, Eq)]
+enum MeshOrder {
+    /// Through the mesh: the lock first.
+    Coordinated,
+    /// Without the mesh: better a second order in the mesh than an
+    /// expired certificate.
+    Alone,
+    /// Not yet: etcd is out of reach.
+    Wait,
+}
+
+/// How a due order goes: `ready`, etcd is reachable; `expiring`, the
+/// certificate expires within [`ALONE_BEFORE`]; `refused`, the lock
+/// attempts etcd refused in a row. A first certificate waits for the mesh.
+fn mesh_order(ready: bool, expiring: bool, refused: u32) -> MeshOrder {
+    match (ready, expiring) {
+        (false, true) => MeshOrder::Alone,
+        (false, false) => MeshOrder::Wait,
+        (true, true) if refused >= ALONE_AFTER_REFUSED => MeshOrder::Alone,
+        (true, _) => MeshOrder::Coordinated,
+    }
+}
+
+/// The wait after the `refused`-th lock attempt in a row that etcd refused:
+/// [`MESH_WAIT`] (a blip passes quickly), doubling up to
+/// [`REFUSED_WAIT_MAX`].
+fn refused_wait(refused: u32) -> Duration {
+    let doublings = refused.saturating_sub(1).min(16);
+    (MESH_WAIT * (1 << doublings)).min(REFUSED_WAIT_MAX)
+}
+
+/// How many times an issued certificate is offered to the mesh before its
+/// lock goes (the first retry after [`STORE_RETRY`], then twice as long).
+const STORE_TRIES: u32 = 3;
+/// The wait before the second try to store an issued certificate.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// The wait after a host's first failed order.
 pub const RETRY_FIRST: Duration = Duration::from_secs(120);
@@ -1369,6 +1445,42 @@ struct Rounds {
     /// again, before any order (the lock would hold the other hubs back
     /// until this hub's etcd session ends).
     unlocks: std::collections::HashSet<String>,
+    /// Hosts whose mesh lock a reachable etcd refused, since the last lock
+    /// it took.
+    refused: HashMap<String, Refused>,
+}
+
+/// The lock attempts on one host that a reachable etcd refused in a row.
+struct Refused {
+    count: u32,
+    /// When the lock is tried again ([`refused_wait`]).
+    at: tokio::time::Instant,
+    /// When a refusal was last logged at warn level ([`REFUSED_LOGGED`]).
+    warned: Option<tokio::time::Instant>,
+}
+
+/// Notes that etcd refused the mesh lock on `host`; the wait before it is
+/// tried again. The first refusal is logged at warn level, and then one
+/// each [`REFUSED_LOGGED`] (a full etcd would log every host every 2 s).
+fn note_refused(refused: &mut HashMap<String, Refused>, host: &str, e: &str) -> Duration {
+    let now = tokio::time::Instant::now();
+    let r = refused.entry(host.to_string()).or_insert(Refused {
+        count: 0,
+        at: now,
+        warned: None,
+    });
+    r.count = r.count.saturating_add(1);
+    let wait = refused_wait(r.count);
+    r.at = now + wait;
+    if r.warned
+        .is_none_or(|t| now.duration_since(t) >= REFUSED_LOGGED)
+    {
+        r.warned = Some(now);
+        warn!(host = %host, error = %e, refused = r.count, retry_in = ?wait, "ACME order: the mesh lock could not be taken");
+    } else {
+        debug!(host = %host, error = %e, refused = r.count, retry_in = ?wait, "ACME order: the mesh lock could not be taken");
+    }
+    wait
 }
 
 /// Lets go of this hub's mesh lock on `host`; one that stays is tried again
@@ -1515,7 +1627,16 @@ fn load_local(state: &AcmeState, cfg: &AcmeSettings, share: Option<&dyn AcmeShar
     }
     save_unsaved(state, cfg, host);
     if !state.has_own(host) {
-        if let Some((k, na)) = load_stored(cfg, host) {
+        // Still not written (kept while a reload dropped the host): newer
+        // than any on disk.
+        let unsaved = state.unsaved.read().get(host).cloned();
+        if let Some((k, na)) = unsaved.and_then(|(pem, _)| load_pair(&pem).ok()) {
+            debug!(host = %host, not_after = na, "ACME certificate not written to state_dir served again");
+            state
+                .certs
+                .write()
+                .insert(host.to_string(), (Arc::new(k), na));
+        } else if let Some((k, na)) = load_stored(cfg, host) {
             debug!(host = %host, not_after = na, "ACME certificate loaded from disk");
             state.certs.write().insert(host.to_string(), (k, na));
         }
@@ -1549,6 +1670,7 @@ async fn keep(
         retry_at,
         waiting,
         unlocks,
+        refused,
     } = rounds;
     let due = |state: &AcmeState| {
         state
@@ -1566,6 +1688,7 @@ async fn keep(
         // (A certificate loaded or taken from the mesh ends a failure too.)
         state.failures.write().remove(host);
         clear_retry(cfg, retry_at, host);
+        refused.remove(host);
         // Due before the next round: the manager looks again then (a
         // certificate due a second after it was loaded waited a whole round).
         return state
@@ -1575,42 +1698,65 @@ async fn keep(
     if let Some(left) = retry_left(state, cfg, retry_at, host) {
         return Some(left);
     }
+    // Without a mesh: alone.
+    let mut how = MeshOrder::Alone;
     if let Some(sh) = share {
         let expiring = state
             .not_after(host)
             .is_some_and(|na| na <= unix_secs().saturating_add(ALONE_BEFORE.as_secs()));
-        if !sh.ready() && expiring {
-            // Better a second order in the mesh than an expired certificate.
-            warn!(host = %host, "etcd unreachable and the certificate expires soon: ordering without the mesh");
-        } else if !sh.ready() {
-            let (since, logged) = waiting
-                .entry(host.to_string())
-                .or_insert((tokio::time::Instant::now(), false));
-            if !*logged && since.elapsed() >= MESH_WAIT_LOGGED {
-                *logged = true;
-                warn!(host = %host, "ACME order waits until the mesh's etcd is reachable (orders are coordinated there)");
+        let ready = sh.ready();
+        let refusals = refused.get(host).map_or(0, |r| r.count);
+        how = mesh_order(ready, expiring, refusals);
+        match how {
+            MeshOrder::Alone if ready => {
+                warn!(host = %host, refused = refusals, "etcd refuses the mesh lock and the certificate expires soon: ordering without the mesh");
             }
-            return Some(MESH_WAIT);
+            MeshOrder::Alone => {
+                warn!(host = %host, "etcd unreachable and the certificate expires soon: ordering without the mesh");
+            }
+            MeshOrder::Wait => {
+                let (since, logged) = waiting
+                    .entry(host.to_string())
+                    .or_insert((tokio::time::Instant::now(), false));
+                if !*logged && since.elapsed() >= MESH_WAIT_LOGGED {
+                    *logged = true;
+                    warn!(host = %host, "ACME order waits until the mesh's etcd is reachable (orders are coordinated there)");
+                }
+                return Some(MESH_WAIT);
+            }
+            MeshOrder::Coordinated => {
+                // After refusals, the next try waits its turn (a kick or
+                // another host's wait may run this round sooner).
+                let now = tokio::time::Instant::now();
+                if let Some(r) = refused.get(host).filter(|r| r.at > now) {
+                    return Some(r.at - now);
+                }
+            }
         }
         waiting.remove(host);
     }
-    // Coordinated through the mesh, unless renewing alone (etcd away).
-    let coord = share.filter(|s| s.ready());
+    // Coordinated through the mesh, unless renewing alone (etcd away, or
+    // refusing the lock).
+    let coord = share.filter(|_| how == MeshOrder::Coordinated);
     // The session the lock is taken in (read first: a change in between
     // only makes the order take it once more).
     let session = coord.and_then(|s| s.session());
     if let Some(sh) = coord {
         match sh.lock(host).await {
-            Ok(true) => {}
+            Ok(true) => {
+                refused.remove(host);
+            }
             Ok(false) => {
+                refused.remove(host);
                 debug!(host = %host, "another hub orders this certificate; waiting");
                 return Some(LOCKED_RETRY);
             }
             Err(e) => {
-                // etcd is there but the lock failed: a blip; look again soon
-                // (no backoff that would grow to an hour).
-                warn!(host = %host, error = %e, "ACME order: the mesh lock could not be taken");
-                return Some(MESH_WAIT);
+                // etcd is there but the lock failed: a blip, looked at again
+                // soon; or etcd refuses writes, looked at less and less often
+                // (no order backoff that would grow to hours), and ordered
+                // alone before the certificate expires (`mesh_order`).
+                return Some(note_refused(refused, host, &e));
             }
         }
         // Another hub may have finished just before this one took the lock.
@@ -1634,10 +1780,7 @@ async fn keep(
     info!(host = %host, renewing, "ordering an ACME certificate");
     let r = issue(state, cfg, host, coord.map(|sh| (sh, session))).await;
     if let (Ok(pem), Some(sh)) = (&r, sharing.filter(|_| coord.is_some())) {
-        match sh.store_cert(host, pem).await {
-            Ok(()) => info!(host = %host, "ACME certificate stored in the mesh"),
-            Err(e) => warn!(host = %host, error = %e, "mesh: ACME certificate not stored"),
-        }
+        store_issued(sh, host, pem).await;
     }
     if let Some(sh) = coord {
         unlock(sh, host, unlocks).await;
@@ -1708,6 +1851,7 @@ async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
         let wanted: std::collections::HashSet<&String> = wanted.1.iter().collect();
         rounds.retry_at.retain(|h, _| wanted.contains(h));
         rounds.waiting.retain(|h, _| wanted.contains(h));
+        rounds.refused.retain(|h, _| wanted.contains(h));
     }
     next
 }
@@ -1748,6 +1892,11 @@ mod tests {
         /// Unlock calls, and whether they fail.
         unlocks: std::sync::atomic::AtomicUsize,
         unlock_fails: parking_lot::Mutex<bool>,
+        /// etcd refuses the lock (reachable, but refusing writes).
+        lock_refused: parking_lot::Mutex<bool>,
+        /// Store calls, and how many of the next ones fail.
+        stores: std::sync::atomic::AtomicUsize,
+        store_fails: std::sync::atomic::AtomicUsize,
     }
 
     impl AcmeShare for FakeShare {
@@ -1783,7 +1932,13 @@ mod tests {
             self.locks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let ours = *self.ours.lock();
-            Box::pin(async move { Ok(ours) })
+            let refused = *self.lock_refused.lock();
+            Box::pin(async move {
+                if refused {
+                    return Err("etcdserver: mvcc: database space exceeded".into());
+                }
+                Ok(ours)
+            })
         }
         fn unlock<'a>(&'a self, _: &'a str) -> ShareFuture<'a, bool> {
             self.unlocks
@@ -1815,8 +1970,107 @@ mod tests {
             _: &'a str,
             _: &'a CertPem,
         ) -> ShareFuture<'a, Result<(), String>> {
-            Box::pin(async { Ok(()) })
+            use std::sync::atomic::Ordering::Relaxed;
+            self.stores.fetch_add(1, Relaxed);
+            let failed = self
+                .store_fails
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            Box::pin(async move {
+                if failed {
+                    return Err("etcdserver: request timed out".into());
+                }
+                Ok(())
+            })
         }
+    }
+
+    #[test]
+    fn a_due_order_goes_alone_when_etcd_is_away_or_refuses_the_lock() {
+        use MeshOrder::*;
+        // etcd out of reach: alone only when the certificate expires soon.
+        assert_eq!(mesh_order(false, true, 0), Alone);
+        assert_eq!(mesh_order(false, false, 0), Wait);
+        assert_eq!(mesh_order(false, false, 99), Wait);
+        // Reachable: through the mesh, until it refused the lock enough
+        // times in a row and the certificate expires soon.
+        assert_eq!(mesh_order(true, false, 0), Coordinated);
+        assert_eq!(mesh_order(true, true, ALONE_AFTER_REFUSED - 1), Coordinated);
+        assert_eq!(mesh_order(true, true, ALONE_AFTER_REFUSED), Alone);
+        assert_eq!(mesh_order(true, false, u32::MAX), Coordinated);
+        // The wait between refused locks: 2 s doubling, up to 5 min.
+        assert_eq!(refused_wait(1), MESH_WAIT);
+        assert_eq!(refused_wait(2), MESH_WAIT * 2);
+        assert_eq!(refused_wait(4), MESH_WAIT * 8);
+        assert_eq!(refused_wait(9), REFUSED_WAIT_MAX);
+        assert_eq!(refused_wait(u32::MAX), REFUSED_WAIT_MAX);
+        assert!((1..40).all(|n| refused_wait(n) <= refused_wait(n + 1)));
+    }
+
+    #[tokio::test]
+    async fn a_lock_etcd_refuses_backs_off_then_the_order_goes_alone() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tmpdir("refused");
+        let cfg = cfg_in(&dir);
+        let sh = FakeShare::default();
+        *sh.lock_refused.lock() = true;
+        let host = "blog.gw.test";
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.into()], Vec::new());
+        let key = key_for(&[host]);
+        let mut rounds = Rounds::default();
+        // Due, but 20 days left: through the mesh, however often refused.
+        let na = unix_secs() + 20 * 86_400;
+        st.certs.write().insert(host.into(), (key.clone(), na));
+        let mut waits = Vec::new();
+        for n in 1..=ALONE_AFTER_REFUSED + 1 {
+            waits.push(keep(&st, &cfg, Some(&sh), host, &mut rounds).await.unwrap());
+            assert_eq!(sh.locks.load(Relaxed), n as usize);
+            // Looked at again before its wait is over: no lock is tried.
+            let early = keep(&st, &cfg, Some(&sh), host, &mut rounds).await.unwrap();
+            assert!(early <= waits[waits.len() - 1], "{early:?}");
+            assert_eq!(sh.locks.load(Relaxed), n as usize);
+            rounds.refused.get_mut(host).unwrap().at = tokio::time::Instant::now();
+        }
+        assert_eq!(waits[0], MESH_WAIT);
+        assert!(waits.windows(2).all(|w| w[1] == w[0] * 2), "{waits:?}");
+        assert!(st.failures.read().is_empty());
+        // 6 days left: the order runs without the lock (its CA is not
+        // reached here: a failed order, with the usual wait).
+        let na = unix_secs() + 6 * 86_400;
+        st.certs.write().insert(host.into(), (key.clone(), na));
+        let wait = keep(&st, &cfg, Some(&sh), host, &mut rounds).await;
+        assert_jittered(wait.unwrap(), RETRY_FIRST);
+        assert_eq!(sh.locks.load(Relaxed), ALONE_AFTER_REFUSED as usize + 1);
+        assert!(st.failures.read().contains_key(host));
+        // A lock taken again starts the count over.
+        clear_retry(&cfg, &mut rounds.retry_at, host);
+        *sh.lock_refused.lock() = false;
+        *sh.ours.lock() = false;
+        rounds.refused.get_mut(host).unwrap().at = tokio::time::Instant::now();
+        let na = unix_secs() + 20 * 86_400;
+        st.certs.write().insert(host.into(), (key, na));
+        assert_eq!(
+            keep(&st, &cfg, Some(&sh), host, &mut rounds).await,
+            Some(LOCKED_RETRY)
+        );
+        assert!(rounds.refused.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_issued_certificate_is_stored_again_before_its_lock_goes() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sh = FakeShare::default();
+        let pem = pem_for("blog.gw.test", 2031);
+        // Two failed stores (an etcd timeout): the third takes it.
+        sh.store_fails.store(2, Relaxed);
+        assert!(store_issued(&sh, "blog.gw.test", &pem).await);
+        assert_eq!(sh.stores.load(Relaxed), 3);
+        // No more tries than that.
+        sh.store_fails.store(STORE_TRIES as usize, Relaxed);
+        assert!(!store_issued(&sh, "blog.gw.test", &pem).await);
+        assert_eq!(sh.stores.load(Relaxed), 3 + STORE_TRIES as usize);
     }
 
     #[tokio::test]
@@ -2598,6 +2852,46 @@ mod tests {
         );
         assert!(st.unsaved.read().is_empty());
         assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_not_written_yet_outlives_a_reload_that_drops_its_host() {
+        let dir = tmpdir("unwritten-drop");
+        let (port, orders) = counting_ca().await;
+        let cfg = cfg_at(&dir, port);
+        let host = "blog.gw.test";
+        let old = "old.gw.test";
+        // Files where the hosts' directories go.
+        for h in [host, old] {
+            let hd = host_dir(&cfg, h);
+            std::fs::create_dir_all(hd.parent().unwrap()).unwrap();
+            std::fs::write(&hd, "").unwrap();
+        }
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.into(), old.into()], Vec::new());
+        let pem = pem_for(host, 2031);
+        install(&st, &cfg, host, &pem).unwrap();
+        install(&st, &cfg, old, &pem_for(old, 2001)).unwrap();
+        // A reload drops both: not served; the expired one is forgotten.
+        st.set_wanted(Some(cfg.clone()), Vec::new(), Vec::new());
+        assert!(st.cert(host).is_none());
+        assert_eq!(
+            st.unsaved.read().keys().collect::<Vec<_>>(),
+            vec![&host.to_string()]
+        );
+        // Wanted again: served from memory, not ordered again.
+        st.set_wanted(Some(cfg.clone()), vec![host.into()], Vec::new());
+        let mut rounds = Rounds::default();
+        round(&st, &mut rounds).await;
+        assert!(st.cert(host).is_some());
+        assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(st.failures.read().is_empty());
+        // And written once it can be.
+        std::fs::remove_file(host_dir(&cfg, host)).unwrap();
+        round(&st, &mut rounds).await;
+        assert_eq!(stored_pem(&cfg, host).unwrap(), pem);
+        assert!(st.unsaved.read().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
