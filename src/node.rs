@@ -537,6 +537,11 @@ async fn supervise(
             }
         }
         let up = relay.as_ref().is_some_and(|r| !r.0.is_finished());
+        if let Some(l) = relay_local.filter(|_| relay.is_some() && !up) {
+            // The relay's port is free for another relay (another hub's):
+            // this hub's packets must not follow it there.
+            peer.forget_endpoint_at(l);
+        }
         // A stream killed moments after it carried, before a step saw it up.
         if relay.is_some() {
             path.stream_heard(rx);
@@ -571,11 +576,7 @@ async fn supervise(
                 tls_turn = tls_turn.wrapping_add(1);
             }
             relay = None;
-            if let Some(l) = relay_local.take() {
-                // The port is free for another relay (another hub's): this
-                // hub's packets must not follow it there.
-                dev.forget_endpoint(l);
-            }
+            relay_local = None;
         }
         match (step, &tls) {
             (Step::Stay, _) | (_, None) => {}

@@ -114,6 +114,7 @@ pub fn validate(
         Some(f) => {
             let f = resolve(f);
             let t = crate::keys::read_secret_file(&f)
+                .map(zeroize::Zeroizing::new)
                 .map_err(|e| format!("[control] admin_token_file {}: {e}", f.display()))?;
             let t = t.trim().to_string();
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {

@@ -1710,6 +1710,13 @@ async fn keep(
         match how {
             MeshOrder::Alone if ready => {
                 warn!(host = %host, refused = refusals, "etcd refuses the mesh lock and the certificate expires soon: ordering without the mesh");
+                // This once: should the order fail, the next try takes the
+                // lock first (etcd may take writes again by then, and an
+                // order alone cannot publish its challenge answers to the
+                // other hubs), and goes alone again only if it is refused.
+                if let Some(r) = refused.get_mut(host) {
+                    r.count = ALONE_AFTER_REFUSED - 1;
+                }
             }
             MeshOrder::Alone => {
                 warn!(host = %host, "etcd unreachable and the certificate expires soon: ordering without the mesh");

@@ -524,7 +524,20 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Re
         _ => Vec::new(),
     };
     if answers.is_empty() {
-        // NODATA.
+        // NODATA. A served name's other address family stays absent until
+        // the hub restarts: resolvers may cache that for the addresses'
+        // TTL (RFC 2308: the lesser of the SOA's TTL and its minimum),
+        // instead of asking again for every lookup. Anything else (a TXT
+        // value not published yet) is seen at once.
+        let mut soa = soa;
+        if matches!(q.query_type(), RecordType::A | RecordType::AAAA)
+            && !records.addrs.is_empty()
+        {
+            soa.ttl = records.ttl;
+            if let RData::SOA(s) = &mut soa.data {
+                s.minimum = records.ttl;
+            }
+        }
         reply.add_authority(soa);
     }
     for a in answers {
@@ -786,6 +799,28 @@ mod tests {
             assert_eq!(lookup_name(&m.authorities[0].name), ZONE);
             assert_eq!(soa_of(&m.authorities[0]).serial, 1);
         }
+    }
+
+    #[test]
+    fn a_served_names_missing_address_family_may_be_cached() {
+        let v4_only = Lookup::Name {
+            zone: ZONE.into(),
+            records: Records {
+                addrs: vec!["203.0.113.10".parse().unwrap()],
+                ttl: 60,
+                ..Records::default()
+            },
+        };
+        let name = format!("blog.{ZONE}");
+        let (_, m) = ask(&query(&name, RecordType::AAAA), true, |_: &str| v4_only.clone());
+        assert!(m.answers.is_empty());
+        let soa = &m.authorities[0];
+        assert_eq!((soa.ttl, soa_of(soa).minimum), (60, 60));
+        // A TXT value not there yet, or a name with no address: not cached.
+        let (_, m) = ask(&query(&name, RecordType::TXT), true, |_: &str| v4_only.clone());
+        assert_eq!((m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum), (0, 0));
+        let (_, m) = ask(&query(ZONE, RecordType::A), true, apex(&["v"]));
+        assert_eq!((m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum), (0, 0));
     }
 
     #[test]

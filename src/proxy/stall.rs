@@ -55,6 +55,8 @@ pub struct Stall {
     body: AtomicU64,
     /// A connection's: a write waits for the client's socket to take more.
     blocked: AtomicBool,
+    /// A connection's: waits for its socket that ended (it took more).
+    unblocked: AtomicU64,
 }
 
 /// A client connection's TCP socket, asked how much it still holds to send
@@ -165,9 +167,12 @@ impl Stall {
         (b / 4, b & PHASE == HANDED)
     }
 
-    /// Whether the connection's writes wait for its socket.
-    fn connection_blocked(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.blocked.load(Relaxed))
+    /// Whether the connection's writes wait for its socket, and how many
+    /// such waits ended before.
+    fn connection_blocked(&self) -> (bool, u64) {
+        self.conn.as_ref().map_or((false, 0), |c| {
+            (c.blocked.load(Relaxed), c.unblocked.load(Relaxed))
+        })
     }
 
     fn note(&self, frames: u64, phase: u64) {
@@ -325,6 +330,7 @@ impl<IO> WatchedIo<IO> {
             Poll::Ready(Ok(v)) if moved(v) && self.wait.waiting() => {
                 self.wait.clear();
                 self.stall.blocked.store(false, Relaxed);
+                self.stall.unblocked.fetch_add(1, Relaxed);
             }
             Poll::Pending | Poll::Ready(_) => {}
         }
@@ -429,6 +435,8 @@ where
 async fn watch_stream<F: Future<Output = ()>>(fut: F, stall: Arc<Stall>, idle: Duration) {
     let mut fut = std::pin::pin!(fut);
     let mut wait = Wait::default();
+    // The connection's ended socket waits when this stream's wait began.
+    let mut unblocked_then = 0;
     std::future::poll_fn(|cx| {
         if fut.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
@@ -438,10 +446,15 @@ async fn watch_stream<F: Future<Output = ()>>(fut: F, stall: Arc<Stall>, idle: D
             wait.clear();
             return Poll::Pending;
         }
+        if !(wait.waiting() && wait.what == body) {
+            unblocked_then = stall.connection_blocked().1;
+        }
         while wait.over(cx, body, idle) {
-            if stall.connection_blocked() {
-                // Its frames wait behind the connection's socket, which
-                // the connection's watch judges.
+            // Its frames wait behind the connection's socket, which the
+            // connection's watch judges, as long as that socket took
+            // nothing all along: once it took more, the stream's window
+            // (the client's) is what holds it.
+            if stall.connection_blocked() == (true, unblocked_then) {
                 wait.clear();
                 continue;
             }
@@ -688,7 +701,19 @@ mod tests {
     async fn a_stream_behind_its_connections_blocked_socket_is_the_connections_business() {
         let conn = Stall::conn();
         conn.blocked.store(true, Relaxed);
-        assert_eq!(watched_on(conn, HANDED, None, IDLE * 3).await, None);
+        assert_eq!(watched_on(Arc::clone(&conn), HANDED, None, IDLE * 3).await, None);
+        // A socket that takes more meanwhile (other streams' frames) while
+        // this stream's frame stays: its own window holds it.
+        let busy = Arc::clone(&conn);
+        let other_streams = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE / 4).await;
+                busy.unblocked.fetch_add(1, Relaxed);
+            }
+        });
+        let cut = watched_on(conn, HANDED, None, IDLE * 5).await;
+        other_streams.abort();
+        assert!(cut.is_some_and(about_idle), "{cut:?}");
     }
 
     #[tokio::test]

@@ -575,7 +575,7 @@ impl Peer {
     }
     /// Forgets the endpoint if it is still `addr` (an IPv4-mapped address
     /// is its IPv4 one): whether it was.
-    fn forget_endpoint_at(&self, addr: SocketAddr) -> bool {
+    pub fn forget_endpoint_at(&self, addr: SocketAddr) -> bool {
         let same = |e: &SocketAddr| {
             e.port() == addr.port() && e.ip().to_canonical() == addr.ip().to_canonical()
         };

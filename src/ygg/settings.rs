@@ -177,7 +177,9 @@ pub fn validate(raw: RawYggdrasil, base: &Path) -> Result<YggSettings, String> {
         (None, Some(f)) => {
             let f = resolve(f);
             let what = format!("[yggdrasil] private_key_file {}", f.display());
-            let s = crate::keys::read_secret_file(&f).map_err(|e| format!("{what}: {e}"))?;
+            let s = crate::keys::read_secret_file(&f)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|e| format!("{what}: {e}"))?;
             read_key(&s, &what)?
         }
     };
