@@ -51,7 +51,12 @@
 //! seconds; past those bounds, or after its first's mapping expired, a later
 //! fragment is dropped with [`DropReason::Fragment`], and held fragments that
 //! expire are counted ([`Table::take_expired_held`]). At most
-//! [`MAX_FRAG_FLOWS`] datagrams are tracked at once.
+//! [`MAX_FRAG_FLOWS`] datagrams are tracked at once, and at most
+//! [`MAX_FRAG_FLOWS_PER_SENDER`] of one sender's (a node's outbound, an IPv4
+//! host's inbound): a sender past its share makes room from its own oldest
+//! datagrams, and a new datagram in a full table from the oldest of all, so
+//! that first fragments from one sender (or a few) cannot stop the others'
+//! fragmented datagrams being tracked.
 //!
 //! Remote addresses the stateless translator refuses (0/8, loopback,
 //! multicast, ...; with the Well-Known Prefix, RFC 6052 §3.1, any non-global
@@ -65,7 +70,7 @@ use super::addr;
 use super::buf;
 use super::csum;
 use super::{DropReason, Pool6};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 /// RFC 6146 §4: UDP session lifetime (seconds).
@@ -81,6 +86,12 @@ pub const ICMP_TIMEOUT: u64 = 60;
 pub const FRAG_TIMEOUT: u64 = 5;
 /// Most fragmented datagrams tracked at once.
 pub const MAX_FRAG_FLOWS: usize = 4096;
+/// Most fragmented datagrams of one sender tracked at once (a node's
+/// outbound, an IPv4 host's inbound): a sixteenth of the table, so that it
+/// takes many senders to fill it. A sender past it loses its own oldest:
+/// each of its datagrams is still tracked until it has started 256 more,
+/// ample for fragments that travel together.
+pub const MAX_FRAG_FLOWS_PER_SENDER: usize = MAX_FRAG_FLOWS / 16;
 /// Most later fragments held for one datagram whose first has not come.
 pub const MAX_HELD_PER_DATAGRAM: usize = 64;
 /// Most bytes of later fragments held, all datagrams together (counting the
@@ -186,12 +197,25 @@ struct FragKey {
     id: u32,
 }
 
+/// Who a tracked datagram counts against ([`MAX_FRAG_FLOWS_PER_SENDER`]):
+/// outbound the node that sent it, inbound the IPv4 host (anyone can send
+/// first fragments to a node's UDP mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FragSender {
+    Node(Owner),
+    Host([u8; 4]),
+}
+
 /// The address the first fragment was rewritten to (source outbound,
 /// destination inbound).
 #[derive(Debug, Clone, Copy)]
 struct FragFlow {
     addr: [u8; 16],
     expires: u64,
+    sender: FragSender,
+    /// When its first came, in [`Table::frag_seq`]'s order (its key in
+    /// [`Table::frag_age`]).
+    seq: u64,
 }
 
 /// Later fragments waiting for their first.
@@ -281,6 +305,11 @@ pub struct Table {
     /// Sessions each owner opened itself (no entry for 0).
     owners: HashMap<Owner, u32>,
     frags: HashMap<FragKey, FragFlow>,
+    /// Every tracked datagram, oldest first (the one a full table gives up).
+    frag_age: BTreeMap<u64, FragKey>,
+    /// Each sender's tracked datagrams, by age (none empty).
+    frag_senders: HashMap<FragSender, BTreeSet<u64>>,
+    frag_seq: u64,
     held: HashMap<FragKey, Held>,
     held_bytes: usize,
     released: std::collections::VecDeque<Released>,
@@ -288,7 +317,13 @@ pub struct Table {
     expired_held: u64,
     held_total: u64,
     cursor: [u16; 3],
+    /// Bindings per protocol ([`Proto::idx`]): a range used up is known
+    /// without scanning it.
+    bound: [u32; 3],
     next_sweep: u64,
+    /// Ports [`Self::alloc_port`] has looked at, for the tests.
+    #[cfg(test)]
+    probes: u64,
 }
 
 /// Where the transport header is and what it is.
@@ -440,6 +475,9 @@ impl Table {
             sessions: HashMap::new(),
             owners: HashMap::new(),
             frags: HashMap::new(),
+            frag_age: BTreeMap::new(),
+            frag_senders: HashMap::new(),
+            frag_seq: 0,
             held: HashMap::new(),
             held_bytes: 0,
             released: std::collections::VecDeque::new(),
@@ -447,7 +485,10 @@ impl Table {
             expired_held: 0,
             held_total: 0,
             cursor: [min; 3],
+            bound: [0; 3],
             next_sweep: 0,
+            #[cfg(test)]
+            probes: 0,
         }
     }
 
@@ -514,34 +555,38 @@ impl Table {
     }
 
     /// When `l4` is a first fragment (from `src` to `dst` as it reached the
-    /// table), keeps the address it was given for the later fragments of its
+    /// table, sent by `sender`: a node's outbound, an IPv4 host's inbound),
+    /// keeps the address it was given for the later fragments of its
     /// datagram.
     fn remember_first(
         &mut self,
         l4: &L4,
-        outbound: bool,
         src: [u8; 16],
         dst: [u8; 16],
+        sender: FragSender,
         addr: [u8; 16],
         now: u64,
     ) {
         if let Some(id) = l4.frag_id {
             let k = FragKey {
-                outbound,
+                outbound: matches!(sender, FragSender::Node(_)),
                 proto: proto_number(l4.proto),
                 src,
                 dst,
                 id,
             };
-            self.remember_fragment(k, addr, now);
+            self.remember_fragment(k, sender, addr, now);
         }
     }
 
     /// Keeps the address a first fragment was given, for the later fragments
-    /// of its datagram. At the bound the datagram is not tracked (its later
-    /// fragments are then dropped as unknown); expired flows leave with the
-    /// once-a-second sweep, never with a scan per packet.
-    fn remember_fragment(&mut self, k: FragKey, addr: [u8; 16], now: u64) {
+    /// of its datagram. A sender at [`MAX_FRAG_FLOWS_PER_SENDER`] gives up its
+    /// own oldest datagram, and a full table its oldest of all (their later
+    /// fragments, if any still come, are then held for a first that does not
+    /// come, and counted when they expire): a new datagram is always tracked,
+    /// and one sender's cannot push out the others'. Expired flows leave with
+    /// the once-a-second sweep, never with a scan per packet.
+    fn remember_fragment(&mut self, k: FragKey, sender: FragSender, addr: [u8; 16], now: u64) {
         if let Some(h) = self.held.remove(&k) {
             let at = if k.outbound { 8 } else { 24 };
             for mut packet in h.pkts {
@@ -556,16 +601,42 @@ impl Table {
                 }
             }
         }
-        if self.frags.len() >= MAX_FRAG_FLOWS && !self.frags.contains_key(&k) {
-            return;
+        // A first seen again (a duplicate, or its identification reused)
+        // starts afresh, as the newest.
+        self.forget_fragment(&k);
+        let oldest_own = self
+            .frag_senders
+            .get(&sender)
+            .filter(|s| s.len() >= MAX_FRAG_FLOWS_PER_SENDER)
+            .and_then(|s| s.first());
+        let oldest = match oldest_own {
+            Some(seq) => Some(seq),
+            None if self.frags.len() >= MAX_FRAG_FLOWS => self.frag_age.keys().next(),
+            None => None,
+        };
+        if let Some(old) = oldest.and_then(|seq| self.frag_age.get(seq)).copied() {
+            self.forget_fragment(&old);
         }
+        let seq = self.frag_seq;
+        self.frag_seq = seq.wrapping_add(1);
         self.frags.insert(
             k,
             FragFlow {
                 addr,
                 expires: now.saturating_add(FRAG_TIMEOUT),
+                sender,
+                seq,
             },
         );
+        self.frag_age.insert(seq, k);
+        self.frag_senders.entry(sender).or_default().insert(seq);
+    }
+
+    /// Stops tracking a datagram, in the table and in both orders.
+    fn forget_fragment(&mut self, k: &FragKey) {
+        if let Some(f) = self.frags.remove(k) {
+            unlink_fragment(&mut self.frag_age, &mut self.frag_senders, &f);
+        }
     }
 
     /// A later fragment: gets the address its first fragment got (the source
@@ -644,7 +715,14 @@ impl Table {
             }
             false
         });
-        self.frags.retain(|_, f| f.expires > now);
+        let (frag_age, frag_senders) = (&mut self.frag_age, &mut self.frag_senders);
+        self.frags.retain(|_, f| {
+            if f.expires > now {
+                return true;
+            }
+            unlink_fragment(frag_age, frag_senders, f);
+            false
+        });
         let (held_bytes, expired_held) = (&mut self.held_bytes, &mut self.expired_held);
         self.held.retain(|_, h| {
             if h.expires > now {
@@ -656,10 +734,13 @@ impl Table {
             *expired_held = expired_held.saturating_add(h.pkts.len() as u64);
             false
         });
-        let bib6 = &mut self.bib6;
+        let (bib6, bound) = (&mut self.bib6, &mut self.bound);
         bib4.retain(|_, b| {
             if b.sessions == 0 {
                 bib6.remove(&b.v6);
+                if let Some(n) = bound.get_mut(b.v6.proto.idx()) {
+                    *n = n.saturating_sub(1);
+                }
                 false
             } else {
                 true
@@ -714,11 +795,21 @@ impl Table {
             return Ok(preferred);
         }
         let span = u32::from(max - min) + 1;
+        // Every port taken: say so at once rather than look at each of them
+        // (for every new flow, under the table's lock).
+        let bound = self.bound.get(proto.idx()).copied().unwrap_or(0);
+        if bound >= span {
+            return Err(DropReason::Nat64PortsExhausted);
+        }
         let cur = self
             .cursor
             .get_mut(proto.idx())
             .ok_or(DropReason::BadHeader)?;
         for _ in 0..span {
+            #[cfg(test)]
+            {
+                self.probes += 1;
+            }
             let p = *cur;
             *cur = if p >= max { min } else { p + 1 };
             if p >= min && p <= max && !self.bib4.contains_key(&V4Key { proto, port: p }) {
@@ -769,6 +860,9 @@ impl Table {
                     },
                     Bib { v6, sessions: 0 },
                 );
+                if let Some(n) = self.bound.get_mut(v6.proto.idx()) {
+                    *n = n.saturating_add(1);
+                }
                 p
             }
         };
@@ -924,6 +1018,11 @@ impl Table {
             Proto::Udp => (l4.off, buf::u16at(pkt, l4.off + 2)?, 0),
             Proto::Icmp => {
                 if (1..=4).contains(&l4.icmp_type) {
+                    // Before its checksum, which a fragment cannot verify
+                    // (the translator drops fragmented ICMP anyway).
+                    if l4.frag_id.is_some() {
+                        return Err(DropReason::FragmentedIcmp);
+                    }
                     return self
                         .outbound_error(pkt, l4.off, pool6)
                         .map(|()| Step::Mapped);
@@ -955,7 +1054,7 @@ impl Table {
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
         )?;
-        self.remember_first(&l4, true, src, dst, new_src, now);
+        self.remember_first(&l4, src, dst, FragSender::Node(owner), new_src, now);
         Ok(Step::Mapped)
     }
 
@@ -1045,7 +1144,7 @@ impl Table {
             Some(l4.off + csum_off(l4.proto)),
             l4.proto == Proto::Udp,
         )?;
-        self.remember_first(&l4, false, src, dst, bib.v6.addr, now);
+        self.remember_first(&l4, src, dst, FragSender::Host(remote), bib.v6.addr, now);
         Ok(Step::Mapped)
     }
 
@@ -1115,7 +1214,9 @@ impl Table {
     /// Fragmentation Needed: path MTU discovery works across NAT64). Only the
     /// node the session belongs to may send one (outer source = inner
     /// destination): a node cannot reset or throttle another's flows. Errors
-    /// never refresh a session.
+    /// never refresh a session. The checksum is recomputed after the
+    /// rewrite, so the node's is checked first: a damaged error is dropped
+    /// ([`DropReason::BadChecksum`]) rather than sent on as a valid one.
     fn outbound_error(
         &mut self,
         pkt: &mut [u8],
@@ -1164,6 +1265,9 @@ impl Table {
         if !self.sessions.contains_key(&k) {
             return Err(DropReason::Nat64NoSession);
         }
+        if !icmp6_checksum_ok(pkt, icmp_off)? {
+            return Err(DropReason::BadChecksum);
+        }
         let mapped = pool6.embed(self.settings.pool4.octets());
         rewrite(
             pkt,
@@ -1179,21 +1283,48 @@ impl Table {
     }
 }
 
-/// Computes the ICMPv6 checksum of `pkt` (its message at `icmp_off`) from
-/// scratch.
-fn icmp6_checksum(pkt: &mut [u8], icmp_off: usize) -> Result<(), DropReason> {
+/// Removes a tracked datagram `f` from the age orders (the caller removes it
+/// from the table).
+fn unlink_fragment(
+    age: &mut BTreeMap<u64, FragKey>,
+    senders: &mut HashMap<FragSender, BTreeSet<u64>>,
+    f: &FragFlow,
+) {
+    age.remove(&f.seq);
+    if let Some(s) = senders.get_mut(&f.sender) {
+        s.remove(&f.seq);
+        if s.is_empty() {
+            senders.remove(&f.sender);
+        }
+    }
+}
+
+/// The sum of `pkt`'s ICMPv6 message (at `icmp_off`, to the end the
+/// payload length gives) with its pseudo-header, checksum field included.
+fn icmp6_sum(pkt: &[u8], icmp_off: usize) -> Result<u32, DropReason> {
     let plen = usize::from(buf::u16at(pkt, 4)?);
     let end = 40usize.checked_add(plen).ok_or(DropReason::Truncated)?;
     let src = buf::arr16(pkt, 8)?;
     let dst = buf::arr16(pkt, 24)?;
     let icmp_len = end.checked_sub(icmp_off).ok_or(DropReason::BadHeader)?;
-    buf::put16(pkt, icmp_off + 2, 0)?;
     let body = buf::get(pkt, icmp_off, icmp_len)?;
     let len32 = u32::try_from(icmp_len).map_err(|_| DropReason::BadHeader)?;
-    let c = csum::finish(csum::add(
+    Ok(csum::add(
         csum::pseudo_v6(&src, &dst, ICMP6, len32),
         csum::sum(body),
-    ));
+    ))
+}
+
+/// Whether the ICMPv6 checksum of `pkt` (its message at `icmp_off`) holds.
+fn icmp6_checksum_ok(pkt: &[u8], icmp_off: usize) -> Result<bool, DropReason> {
+    Ok(csum::fold(icmp6_sum(pkt, icmp_off)?) == 0xffff)
+}
+
+/// Computes the ICMPv6 checksum of `pkt` (its message at `icmp_off`) from
+/// scratch.
+fn icmp6_checksum(pkt: &mut [u8], icmp_off: usize) -> Result<(), DropReason> {
+    buf::put16(pkt, icmp_off + 2, 0)?;
+    let c = csum::finish(icmp6_sum(pkt, icmp_off)?);
     buf::put16(pkt, icmp_off + 2, c)
 }
 

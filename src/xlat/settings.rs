@@ -9,6 +9,11 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// RFC 7600's IPv4 dummy address: the default source of the translator's
+/// own ICMPv4 errors without NAT64 (Linux uses it too, for ICMP errors from
+/// an interface without an IPv4 address).
+pub const IPV4_DUMMY: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
+
 /// `[xlat]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,13 +149,6 @@ pub fn validate(
     if let Some(s) = &raw.rfc6791_ipv6 {
         cfg.rfc6791_v6 = Some(v6addr("rfc6791_ipv6", s)?);
     }
-    cfg.self_v4 = match &raw.self_ipv4 {
-        Some(s) => Some(v4addr("self_ipv4", s)?),
-        None => hub_addresses.iter().find_map(|a| match a.addr() {
-            IpAddr::V4(v) => Some(v),
-            IpAddr::V6(_) => None,
-        }),
-    };
     cfg.self_v6 = match &raw.self_ipv6 {
         Some(s) => Some(v6addr("self_ipv6", s)?),
         None => hub_addresses.iter().find_map(|a| match a.addr() {
@@ -242,6 +240,31 @@ pub fn validate(
             })
         }
     };
+    // The translator's own ICMPv4 errors reach the hub's stack from the TUN,
+    // where Linux drops a packet whose source is one of its own addresses (a
+    // martian): the hub's addresses may not be their source. By default they
+    // come from pool4, which is routed onto the TUN, or else from RFC 7600's
+    // IPv4 dummy address.
+    let hub_v4 = |a: Ipv4Addr| hub_addresses.iter().any(|n| n.addr() == IpAddr::V4(a));
+    cfg.self_v4 = Some(match &raw.self_ipv4 {
+        Some(s) => {
+            let a = v4addr("self_ipv4", s)?;
+            if hub_v4(a) {
+                return Err(format!(
+                    "[xlat] self_ipv4: `{a}` is one of the hub's own addresses; the kernel \
+                     drops packets from the TUN with a local source, so the translator's \
+                     ICMP errors would never arrive: pick an address the host does not have \
+                     (or leave self_ipv4 out to use nat64.pool4, else {IPV4_DUMMY})"
+                ));
+            }
+            a
+        }
+        None => nat64
+            .as_ref()
+            .map(|n| n.pool4)
+            .filter(|&p| !hub_v4(p))
+            .unwrap_or(IPV4_DUMMY),
+    });
     let mut via_pool6 = Vec::new();
     for s in &raw.ipv4_via_pool6 {
         let n = v4net("ipv4_via_pool6", s)?;
@@ -295,7 +318,7 @@ mod tests {
     fn defaults() {
         let x = parse("").unwrap();
         assert_eq!(x.config.pool6, Config::default().pool6);
-        assert_eq!(x.config.self_v4, Some(Ipv4Addr::new(100, 64, 0, 1)));
+        assert_eq!(x.config.self_v4, Some(IPV4_DUMMY));
         assert_eq!(x.config.ipv6_mtu, 1420);
         assert_eq!(x.routes, vec!["64:ff9b::/96".parse::<IpNet>().unwrap()]);
         assert!(x.nat64.is_none());
@@ -375,6 +398,36 @@ max_sessions = 10
                 "{text}: {e}"
             );
         }
+    }
+
+    /// The translator's own ICMPv4 errors never come from one of the hub's
+    /// addresses (Linux would drop them as martians): by default from pool4,
+    /// else the dummy address; one of the hub's addresses is refused.
+    #[test]
+    fn self_ipv4_is_not_the_hubs_own() {
+        let self_v4 = |text: &str| parse(text).map(|x| x.config.self_v4);
+        assert_eq!(self_v4(""), Ok(Some(IPV4_DUMMY)));
+        assert_eq!(
+            self_v4("[nat64]\npool4 = \"198.51.100.200\""),
+            Ok(Some(Ipv4Addr::new(198, 51, 100, 200)))
+        );
+        assert_eq!(
+            self_v4("[nat64]\npool4 = \"100.64.0.1\""),
+            Ok(Some(IPV4_DUMMY))
+        );
+        assert_eq!(
+            self_v4("self_ipv4 = \"198.51.100.1\"\n[nat64]\npool4 = \"198.51.100.200\""),
+            Ok(Some(Ipv4Addr::new(198, 51, 100, 1)))
+        );
+        assert_eq!(
+            self_v4("self_ipv4 = \"100.64.0.2\""),
+            Ok(Some(Ipv4Addr::new(100, 64, 0, 2)))
+        );
+        let e = self_v4("self_ipv4 = \"100.64.0.1\"").unwrap_err();
+        assert!(
+            e.contains("self_ipv4") && e.contains("100.64.0.1") && e.contains("own addresses"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -438,6 +438,35 @@ fn a_nodes_icmp_error_about_an_inbound_packet_reaches_the_remote() {
     );
 }
 
+/// A node's ICMPv6 error whose checksum is wrong is dropped, not made into
+/// an ICMPv4 error with a right one (the table recomputes the checksum after
+/// its rewrite); nor is a fragmented one, whose checksum cannot be checked.
+#[test]
+fn a_nodes_damaged_icmp_error_stays_dropped() {
+    let mut t = table(16);
+    let mut p = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(7000, 53, b"query"));
+    let v4 = out_v4(&mut t, &mut p, 0).unwrap();
+    let inbound = in_v6(&mut t, &v4_reply(&v4, None), 1).unwrap();
+    let mut m = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&inbound);
+    let error = v6_packet(NODE, pool6().embed(REMOTE), 58, &m);
+    let mut damaged = error.clone();
+    *damaged.last_mut().unwrap() ^= 0x55;
+    assert_eq!(
+        t.outbound_by_source(&mut damaged, &pool6(), 2),
+        Err(DropReason::BadChecksum)
+    );
+    let [mut first, _] = v6_fragments(&error, 9, 48);
+    assert_eq!(
+        t.outbound_by_source(&mut first, &pool6(), 2),
+        Err(DropReason::FragmentedIcmp)
+    );
+    // The intact one goes on.
+    let v4e = out_v4(&mut t, &mut error.clone(), 2).unwrap();
+    assert_eq!((v4e[20], v4e[21]), (3, 3));
+    assert!(v4_csum_ok(&v4e));
+}
+
 #[test]
 fn bounded_and_ports_exhausted() {
     let mut t = table(3);
@@ -465,6 +494,42 @@ fn bounded_and_ports_exhausted() {
         t.outbound_by_source(&mut p, &pool6(), 0),
         Err(DropReason::Nat64PortsExhausted)
     );
+}
+
+/// A protocol whose ports are all bound fails new bindings at once, without
+/// looking at each port again; another protocol's ports are its own, and a
+/// binding that expires frees its port.
+#[test]
+fn used_up_ports_are_not_scanned() {
+    let mut t = table(100);
+    let dst = pool6().embed(REMOTE);
+    for i in 0..4u16 {
+        let mut p = v6_packet(NODE, dst, 17, &udp(100 + i, 53, b""));
+        t.outbound_by_source(&mut p, &pool6(), 0).unwrap();
+    }
+    let probes = t.probes;
+    for i in 0..100u16 {
+        let mut p = v6_packet(NODE, dst, 17, &udp(200 + i, 53, b""));
+        assert_eq!(
+            t.outbound_by_source(&mut p, &pool6(), 0),
+            Err(DropReason::Nat64PortsExhausted)
+        );
+    }
+    assert_eq!(t.probes, probes, "a used-up range scanned again");
+    let mut p = v6_packet(NODE, dst, 6, &tcp(100, 80, SYN, b""));
+    assert_eq!(
+        t.outbound_by_source(&mut p, &pool6(), UDP_TIMEOUT - 10),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(t.bound, [1, 4, 0]);
+    t.expire(UDP_TIMEOUT);
+    assert_eq!(t.bound, [1, 0, 0]);
+    let mut p = v6_packet(NODE, dst, 17, &udp(300, 53, b""));
+    assert_eq!(
+        t.outbound_by_source(&mut p, &pool6(), UDP_TIMEOUT),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(t.bound, [1, 1, 0]);
 }
 
 /// One node at its bound gets no new session (whatever the protocol, and no
@@ -1003,23 +1068,118 @@ fn inbound_later_fragments_follow_their_first() {
     assert_eq!(&l4[8..], &answer[..]);
 }
 
+/// The age orders of the tracked datagrams match the table.
+fn assert_frag_orders(t: &Table) {
+    assert_eq!(t.frag_age.len(), t.frags.len());
+    let per_sender: usize = t.frag_senders.values().map(|s| s.len()).sum();
+    assert_eq!(per_sender, t.frags.len());
+    for (k, f) in &t.frags {
+        assert_eq!(t.frag_age.get(&f.seq), Some(k));
+        assert!(t.frag_senders[&f.sender].contains(&f.seq));
+    }
+}
+
+/// One node sending first fragments of more datagrams than the table holds
+/// keeps only its share, its newest; another node's datagram is still
+/// tracked. Once they expire, the table is empty.
 #[test]
-fn fragment_flows_are_bounded() {
-    let mut t = table(16);
+fn a_node_past_its_share_of_fragment_flows_gives_up_its_own_oldest() {
+    let mut t = table_per_host(64, 64);
     let dst = pool6().embed(REMOTE);
     let whole = v6_packet(NODE, dst, 17, &udp(5353, 53, &[7u8; 64]));
-    for id in 0..(MAX_FRAG_FLOWS as u32 + 10) {
+    let n = MAX_FRAG_FLOWS as u32 + 10;
+    for id in 0..n {
         let [mut first, _] = v6_fragments(&whole, id, 32);
         t.outbound_by_source(&mut first, &pool6(), 1).unwrap();
     }
+    assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS_PER_SENDER);
+    assert_frag_orders(&t);
+    let [_, mut newest] = v6_fragments(&whole, n - 1, 32);
+    assert_eq!(
+        t.outbound_by_source(&mut newest, &pool6(), 1),
+        Ok(Step::Mapped)
+    );
+    let [_, mut oldest] = v6_fragments(&whole, 0, 32);
+    assert_eq!(
+        t.outbound_by_source(&mut oldest, &pool6(), 1),
+        Ok(Step::Held)
+    );
+    let other = v6_packet(node(2), dst, 17, &udp(5353, 53, &[8u8; 64]));
+    let [mut first, mut later] = v6_fragments(&other, 0, 32);
+    t.outbound_by_source(&mut first, &pool6(), 1).unwrap();
+    assert_eq!(
+        t.outbound_by_source(&mut later, &pool6(), 1),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(&later[8..24], &pool6().embed(POOL4.octets()));
+    // A first seen again is tracked once.
+    let [mut again, _] = v6_fragments(&other, 0, 32);
+    t.outbound_by_source(&mut again, &pool6(), 1).unwrap();
+    assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS_PER_SENDER + 1);
+    assert_frag_orders(&t);
+    t.expire(1 + FRAG_TIMEOUT);
+    assert_eq!(t.fragment_flows(), 0);
+    assert_frag_orders(&t);
+    assert!(t.frag_senders.is_empty());
+}
+
+/// An IPv4 host sending first fragments to a node's UDP mapping, datagram
+/// after datagram, keeps only its share: the server the node talks to still
+/// gets its fragmented answers through.
+#[test]
+fn an_ipv4_host_past_its_share_of_fragment_flows_leaves_the_others_room() {
+    let mut t = table_per_host(64, 64);
+    let mut q = v6_packet(NODE, pool6().embed(REMOTE), 17, &udp(5353, 53, b"q"));
+    let v4q = out_v4(&mut t, &mut q, 1).unwrap();
+    let port4 = u16::from_be_bytes([v4q[20], v4q[21]]);
+    let to = pool6().embed(POOL4.octets());
+    let answer =
+        |from: [u8; 4]| v6_packet(pool6().embed(from), to, 17, &udp(53, port4, &[5u8; 64]));
+    let stranger = answer([192, 0, 2, 66]);
+    for id in 0..(MAX_FRAG_FLOWS as u32 + 10) {
+        let [mut first, _] = v6_fragments(&stranger, id, 32);
+        t.inbound(&mut first, &pool6(), 1).unwrap();
+    }
+    assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS_PER_SENDER);
+    let [mut first, mut later] = v6_fragments(&answer(REMOTE), 7, 32);
+    t.inbound(&mut first, &pool6(), 1).unwrap();
+    assert_eq!(t.inbound(&mut later, &pool6(), 1), Ok(Step::Mapped));
+    assert_eq!(&later[24..40], &NODE);
+    assert_frag_orders(&t);
+}
+
+/// A table full of many senders' datagrams, each within its share, tracks a
+/// new one in place of the oldest of all.
+#[test]
+fn a_full_fragment_table_gives_up_its_oldest() {
+    let mut t = table_per_host(64, 64);
+    let dst = pool6().embed(REMOTE);
+    let whole = |n: u8| v6_packet(node(n), dst, 17, &udp(5353, 53, &[n; 64]));
+    let senders = (MAX_FRAG_FLOWS / MAX_FRAG_FLOWS_PER_SENDER) as u8;
+    for n in 1..=senders {
+        let w = whole(n);
+        for id in 0..MAX_FRAG_FLOWS_PER_SENDER as u32 {
+            let [mut first, _] = v6_fragments(&w, id, 32);
+            t.outbound_by_source(&mut first, &pool6(), 1).unwrap();
+        }
+    }
     assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS);
-    // Once the old ones expire, new datagrams are tracked again.
-    let [mut first, mut later] = v6_fragments(&whole, u32::MAX, 32);
-    t.outbound_by_source(&mut first, &pool6(), 1 + FRAG_TIMEOUT)
-        .unwrap();
-    t.outbound_by_source(&mut later, &pool6(), 1 + FRAG_TIMEOUT)
-        .unwrap();
-    assert_eq!(t.fragment_flows(), 1);
+    let [mut first, mut later] = v6_fragments(&whole(senders + 1), 0, 32);
+    t.outbound_by_source(&mut first, &pool6(), 2).unwrap();
+    assert_eq!(
+        t.outbound_by_source(&mut later, &pool6(), 2),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(t.fragment_flows(), MAX_FRAG_FLOWS);
+    assert_frag_orders(&t);
+    // The first node's first datagram made way; its second did not.
+    let [_, mut gone] = v6_fragments(&whole(1), 0, 32);
+    assert_eq!(t.outbound_by_source(&mut gone, &pool6(), 2), Ok(Step::Held));
+    let [_, mut kept] = v6_fragments(&whole(1), 1, 32);
+    assert_eq!(
+        t.outbound_by_source(&mut kept, &pool6(), 2),
+        Ok(Step::Mapped)
+    );
 }
 
 #[test]
