@@ -530,9 +530,7 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Re
         // instead of asking again for every lookup. Anything else (a TXT
         // value not published yet) is seen at once.
         let mut soa = soa;
-        if matches!(q.query_type(), RecordType::A | RecordType::AAAA)
-            && !records.addrs.is_empty()
-        {
+        if matches!(q.query_type(), RecordType::A | RecordType::AAAA) && !records.addrs.is_empty() {
             soa.ttl = records.ttl;
             if let RData::SOA(s) = &mut soa.data {
                 s.minimum = records.ttl;
@@ -812,15 +810,25 @@ mod tests {
             },
         };
         let name = format!("blog.{ZONE}");
-        let (_, m) = ask(&query(&name, RecordType::AAAA), true, |_: &str| v4_only.clone());
+        let (_, m) = ask(&query(&name, RecordType::AAAA), true, |_: &str| {
+            v4_only.clone()
+        });
         assert!(m.answers.is_empty());
         let soa = &m.authorities[0];
         assert_eq!((soa.ttl, soa_of(soa).minimum), (60, 60));
         // A TXT value not there yet, or a name with no address: not cached.
-        let (_, m) = ask(&query(&name, RecordType::TXT), true, |_: &str| v4_only.clone());
-        assert_eq!((m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum), (0, 0));
+        let (_, m) = ask(&query(&name, RecordType::TXT), true, |_: &str| {
+            v4_only.clone()
+        });
+        assert_eq!(
+            (m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum),
+            (0, 0)
+        );
         let (_, m) = ask(&query(ZONE, RecordType::A), true, apex(&["v"]));
-        assert_eq!((m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum), (0, 0));
+        assert_eq!(
+            (m.authorities[0].ttl, soa_of(&m.authorities[0]).minimum),
+            (0, 0)
+        );
     }
 
     #[test]

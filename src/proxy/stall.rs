@@ -701,7 +701,10 @@ mod tests {
     async fn a_stream_behind_its_connections_blocked_socket_is_the_connections_business() {
         let conn = Stall::conn();
         conn.blocked.store(true, Relaxed);
-        assert_eq!(watched_on(Arc::clone(&conn), HANDED, None, IDLE * 3).await, None);
+        assert_eq!(
+            watched_on(Arc::clone(&conn), HANDED, None, IDLE * 3).await,
+            None
+        );
         // A socket that takes more meanwhile (other streams' frames) while
         // this stream's frame stays: its own window holds it.
         let busy = Arc::clone(&conn);
