@@ -536,17 +536,7 @@ mod tests {
     /// it ended, if it did.
     async fn splice_to_slow_reader(with_queue: bool, idle: Duration) -> Option<io::Result<()>> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_mss(1400).unwrap();
-        s.set_recv_buffer_size(256 << 10).unwrap();
-        s.connect(&l.local_addr().unwrap().into()).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let mut reader = tokio::net::TcpStream::from_std(s.into()).unwrap();
-        let (client, _) = l.accept().await.unwrap();
-        socket2::SockRef::from(&client)
-            .set_send_buffer_size(4 << 20)
-            .unwrap();
+        let (mut reader, client) = crate::proxy::stall::slow_reader_pair().await;
         let queue = with_queue.then(|| SendQueue::of(&client));
         let (backend, mut source) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {

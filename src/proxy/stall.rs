@@ -467,6 +467,27 @@ async fn watch_stream<F: Future<Output = ()>>(fut: F, stall: Arc<Stall>, idle: D
     .await;
 }
 
+/// A loopback TCP connection, (reader, writer), whose writer has a large
+/// send buffer and whose reader takes small segments, as on the internet
+/// (loopback's are 64 KiB): the reader's window opens a little at each
+/// read, and the writer's socket takes a write only long after.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn slow_reader_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_mss(1400).unwrap();
+    s.set_recv_buffer_size(256 << 10).unwrap();
+    s.connect(&l.local_addr().unwrap().into()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let reader = tokio::net::TcpStream::from_std(s.into()).unwrap();
+    let (w, _) = l.accept().await.unwrap();
+    socket2::SockRef::from(&w)
+        .set_send_buffer_size(4 << 20)
+        .unwrap();
+    (reader, w)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -537,20 +558,7 @@ mod tests {
     /// writer was cut off, and the longest a write waited (the last one
     /// until the reader's end).
     async fn slow_tcp_reader(with_queue: bool) -> (bool, Duration) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        // Small segments, as on the internet (loopback's are 64 KiB): the
-        // reader's window opens a little at each read.
-        s.set_mss(1400).unwrap();
-        s.set_recv_buffer_size(256 << 10).unwrap();
-        s.connect(&addr.into()).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let mut reader = tokio::net::TcpStream::from_std(s.into()).unwrap();
-        let (w, _) = l.accept().await.unwrap();
-        socket2::SockRef::from(&w)
-            .set_send_buffer_size(4 << 20)
-            .unwrap();
+        let (mut reader, w) = slow_reader_pair().await;
         let queue = with_queue.then(|| SendQueue::of(&w));
         let stall = Stall::conn();
         let mut w = WatchedIo::new(w, IDLE, Arc::clone(&stall), queue);
