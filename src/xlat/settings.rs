@@ -265,6 +265,21 @@ pub fn validate(
             .filter(|&p| !hub_v4(p))
             .unwrap_or(IPV4_DUMMY),
     });
+    // The RFC 6791 pool is a source of the same ICMPv4 errors: none of it may
+    // be the hub's (a hashed pick from the pool would be lost as a martian).
+    if let Some((net, len)) = cfg.rfc6791_v4 {
+        let pool = Ipv4Net::new(net, len).map_err(|e| format!("[xlat] rfc6791_ipv4: {e}"))?;
+        if let Some(own) = hub_addresses.iter().find_map(|n| match n.addr() {
+            IpAddr::V4(a) if pool.contains(&a) => Some(a),
+            _ => None,
+        }) {
+            return Err(format!(
+                "[xlat] rfc6791_ipv4: `{pool}` holds `{own}`, one of the hub's own addresses; \
+                 the kernel drops packets from the TUN with a local source, so ICMP errors \
+                 sent from it would never arrive: pick addresses the host does not have"
+            ));
+        }
+    }
     let mut via_pool6 = Vec::new();
     for s in &raw.ipv4_via_pool6 {
         let n = v4net("ipv4_via_pool6", s)?;
@@ -426,6 +441,17 @@ max_sessions = 10
         let e = self_v4("self_ipv4 = \"100.64.0.1\"").unwrap_err();
         assert!(
             e.contains("self_ipv4") && e.contains("100.64.0.1") && e.contains("own addresses"),
+            "{e}"
+        );
+        // Nor from an RFC 6791 pool that holds one of them.
+        let pool = |text: &str| parse(text).map(|x| x.config.rfc6791_v4);
+        assert_eq!(
+            pool("rfc6791_ipv4 = \"100.64.1.0/24\""),
+            Ok(Some((Ipv4Addr::new(100, 64, 1, 0), 24)))
+        );
+        let e = pool("rfc6791_ipv4 = \"100.64.0.0/30\"").unwrap_err();
+        assert!(
+            e.contains("rfc6791_ipv4") && e.contains("100.64.0.1") && e.contains("own addresses"),
             "{e}"
         );
     }
