@@ -39,6 +39,10 @@ pub struct XlatPath {
     /// is the hub's own and may be non-global behind the Well-Known Prefix
     /// (the table checks the remote addresses itself).
     nat_cfg: Arc<xlat::Config>,
+    /// `nat_cfg` without EAM, for IPv4 packets to pool4: a NAT64 node knows
+    /// every remote by its `pool6` address (also one inside an EAM IPv4
+    /// range, reached by hairpinning), and its sessions are keyed by it.
+    nat_in_cfg: Arc<xlat::Config>,
     nat: Option<Mutex<nat64::Table>>,
     pool4: Option<[u8; 4]>,
     /// IPv4 destinations (besides EAM ranges) translated through pool6.
@@ -92,8 +96,13 @@ impl XlatPath {
             }),
             _ => cfg.clone(),
         };
+        let nat_in_cfg = Arc::new(xlat::Config {
+            eamt: Vec::new(),
+            ..(*nat_cfg).clone()
+        });
         XlatPath {
             nat_cfg,
+            nat_in_cfg,
             budget: Mutex::new(xlat::budget::ErrorBudget::new(icmp_error_rate)),
             rate_limited: AtomicU64::new(0),
             via_pool6,
@@ -274,7 +283,7 @@ impl XlatPath {
                 if !to_pool4 {
                     return self.done(xlat::translate_4to6(&self.cfg, pkt, out), now);
                 }
-                let o = xlat::translate_4to6(&self.nat_cfg, pkt, out);
+                let o = xlat::translate_4to6(&self.nat_in_cfg, pkt, out);
                 self.done(self.nat_inbound(o, out, now), now)
             }
             Some(6) => {
@@ -788,6 +797,65 @@ mod tests {
         assert_eq!(x.drops().get("eam_no_peer"), Some(&2));
         // A peer's: from the TUN it goes to the peer as it is.
         assert_eq!(x.on_tun(&p, &mut out, 10, |a| a == eam_dst), None);
+    }
+
+    /// A NAT64 node reaches an EAM node through pool6 + its EAM IPv4
+    /// address (RFC 6146 hairpinning by way of the host's routes): out from
+    /// pool4, back in from the TUN to the EAM node, whose answer goes to
+    /// pool4 and from the TUN back to the NAT64 node.
+    #[test]
+    fn nat64_node_reaches_an_eam_node_and_back() {
+        let eam_v6: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+        let x = nat_path_with(xlat::Config {
+            pool6: Some(pool6()),
+            eamt: vec![xlat::Eam::new(
+                "192.0.2.0".parse().unwrap(),
+                24,
+                "2001:db8:e::".parse().unwrap(),
+                120,
+            )
+            .unwrap()],
+            ..xlat::Config::default()
+        });
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let node: Ipv6Addr = NODE.parse().unwrap();
+        let owns = |a: Ipv6Addr| a == eam_v6 || a == node;
+        let p = udp6_between(node, embed(&pool6(), [192, 0, 2, 9]), 64, 4);
+        let o = x.on_peer(&p, &mut out, 10, PEER, owns);
+        let Some(Outcome::Hairpin(pk)) = o else {
+            panic!("through NAT64 and back: {o:?}");
+        };
+        let v6 = pk.iter(&out).next().unwrap().to_vec();
+        let pool4_v6 = embed(&pool6(), [198, 51, 100, 200]);
+        assert_eq!(&v6[8..24], &pool4_v6.octets());
+        assert_eq!(&v6[24..40], &eam_v6.octets());
+        // Its answer.
+        let mut answer = udp6_between(eam_v6, pool4_v6, 64, 4);
+        answer[40..42].copy_from_slice(&v6[42..44]);
+        answer[42..44].copy_from_slice(&v6[40..42]);
+        answer[46..48].fill(0);
+        let c = xlat::csum::finish(xlat::csum::add(
+            xlat::csum::pseudo_v6(&eam_v6.octets(), &pool4_v6.octets(), 17, 12),
+            xlat::csum::sum(&answer[40..]),
+        ));
+        answer[46..48].copy_from_slice(&c.to_be_bytes());
+        const EAM_NODE: nat64::Owner = [9; 16];
+        let Some(Outcome::Forward(pk)) = x.on_peer(&answer, &mut out, 11, EAM_NODE, owns) else {
+            panic!("the answer goes out to pool4");
+        };
+        let v4 = pk.iter(&out).next().unwrap().to_vec();
+        assert_eq!(
+            (&v4[12..16], &v4[16..20]),
+            (&[192, 0, 2, 9][..], &[198, 51, 100, 200][..])
+        );
+        let o = x.on_tun(&v4, &mut out, 11, owns);
+        let Some(Outcome::Forward(pk)) = o else {
+            panic!("the answer reaches the NAT64 node: {o:?} {:?}", x.drops());
+        };
+        let back = pk.iter(&out).next().unwrap().to_vec();
+        assert_eq!(&back[8..24], &embed(&pool6(), [192, 0, 2, 9]).octets());
+        assert_eq!(&back[24..40], &node.octets());
+        assert_eq!(&back[40..44], &[p[42], p[43], p[40], p[41]]);
     }
 
     /// With the Well-Known Prefix, a NAT64 hub whose pool4 is not global
