@@ -23,10 +23,25 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const VECTORS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/vectors/jool-graybox"
-);
+/// Where Jool's graybox SIIT vectors lie: `GATEWIRE_SIIT_VECTORS`, else
+/// `shared/vectors/jool-graybox/` beside the checkout (they are GPL-2.0 test
+/// data, kept out of this repository).
+fn vectors() -> String {
+    let dir = std::env::var("GATEWIRE_SIIT_VECTORS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/jool-graybox"
+        )
+        .to_string()
+    });
+    assert!(
+        std::path::Path::new(&dir).join("siit-cases.tsv").is_file(),
+        "no SIIT vectors at {dir} (Jool's graybox suite: put it at \
+         ../shared/vectors/jool-graybox beside the checkout, or set \
+         GATEWIRE_SIIT_VECTORS; docs/testing.md)"
+    );
+    dir
+}
 const IFACE: &str = "xv0";
 const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
 
@@ -278,7 +293,7 @@ impl Drop for PacketSock {
 }
 
 fn read(rel: &str) -> Vec<u8> {
-    let p: PathBuf = [VECTORS, rel].iter().collect();
+    let p: PathBuf = [vectors().as_str(), rel].iter().collect();
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -309,7 +324,8 @@ fn graybox_siit_vectors_through_tun() {
     let bin = std::env::var("GATEWIRE").expect("GATEWIRE: path to the gatewire binary");
     let dir = std::env::temp_dir().join(format!("gw-xlat-tun.{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let tsv = std::fs::read_to_string(format!("{VECTORS}/siit-cases.tsv")).expect("siit-cases.tsv");
+    let tsv =
+        std::fs::read_to_string(format!("{}/siit-cases.tsv", vectors())).expect("siit-cases.tsv");
     let mut buf = vec![0u8; 65536];
     let mut hub: Option<(String, Hub, PacketSock)> = None;
     let mut starts = 0;

@@ -6,10 +6,25 @@ use std::path::PathBuf;
 
 use gatewire::xlat::{translate_4to6, translate_6to4, Config, Eam, Outcome, Pool6, OUT_BUF_LEN};
 
-const VECTORS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/vectors/jool-graybox"
-);
+/// Where Jool's graybox SIIT vectors lie: `GATEWIRE_SIIT_VECTORS`, else
+/// `shared/vectors/jool-graybox/` beside the checkout (they are GPL-2.0 test
+/// data, kept out of this repository).
+fn vectors() -> String {
+    let dir = std::env::var("GATEWIRE_SIIT_VECTORS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/jool-graybox"
+        )
+        .to_string()
+    });
+    assert!(
+        std::path::Path::new(&dir).join("siit-cases.tsv").is_file(),
+        "no SIIT vectors at {dir} (Jool's graybox suite: put it at \
+         ../shared/vectors/jool-graybox beside the checkout, or set \
+         GATEWIRE_SIIT_VECTORS; docs/testing.md)"
+    );
+    dir
+}
 
 fn v4(s: &str) -> Ipv4Addr {
     s.parse().expect("ipv4")
@@ -108,7 +123,7 @@ fn apply_settings(cfg: &mut Config, settings: &str) {
 }
 
 fn read(rel: &str) -> Vec<u8> {
-    let p: PathBuf = [VECTORS, rel].iter().collect();
+    let p: PathBuf = [vectors().as_str(), rel].iter().collect();
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -139,7 +154,8 @@ fn diff(got: &[u8], want: &[u8], ignored: &[usize]) -> Option<String> {
 
 #[test]
 fn graybox_siit_vectors() {
-    let tsv = std::fs::read_to_string(format!("{VECTORS}/siit-cases.tsv")).expect("siit-cases.tsv");
+    let tsv =
+        std::fs::read_to_string(format!("{}/siit-cases.tsv", vectors())).expect("siit-cases.tsv");
     let mut out = vec![0u8; OUT_BUF_LEN];
     let mut total = 0;
     let mut failures: Vec<String> = Vec::new();
