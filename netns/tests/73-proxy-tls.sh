@@ -6,7 +6,9 @@
 #   fqdn route; curl verifies them against pebble's root, over HTTP/1.1 and
 #   HTTP/2; the certificates are on disk and are reused after a hub restart.
 # - HTTPS passthrough to nginx on n1, which holds the certificate (curl verifies
-#   it against the test CA) and sees the client's address through PROXY v2.
+#   it against the test CA) and sees the client's address through the PROXY
+#   header; nginx takes v1 as well, so a second passthrough route leads to
+#   the python backend that takes only a v2 header, which names the client.
 # - A TCP forward with PROXY v2 (a python backend decodes it) and a UDP forward
 #   answered by dnsmasq on n1.
 # timeout: 400
@@ -21,6 +23,7 @@ DOMAIN=gw.example.org
 BLOG="blog.$DOMAIN"
 WWW=www.example.net
 SECURE=secure.example.com
+PPV2=ppv2.example.com
 HUB4=$(lab_wan4 hub)
 PUB4=$(lab_wan4 pub)
 N1V6=$(lab_ov6 n1)
@@ -79,6 +82,13 @@ tls = "passthrough"
 proxy_protocol = true
 backends = ["[$N1V6]:8443"]
 
+# The same as the route above, to the backend that accepts only PROXY v2.
+[[route]]
+fqdn = "$PPV2"
+tls = "passthrough"
+proxy_protocol = true
+backends = ["[$N1V6]:7003"]
+
 [[tcp]]
 listen = "0.0.0.0:2223"
 proxy_protocol = true
@@ -112,7 +122,8 @@ class S(ThreadingHTTPServer):
 S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 EOF
 cat >"$GW_TMP/ppv2.py" <<'EOF'
-# TCP server: reads a PROXY v2 header, answers "src=<ip>:<port>" and echoes.
+# TCP server: reads a PROXY v2 header (version 2, command PROXY), answers
+# "src=<ip>" and echoes; anything else (a v1 header, none) gets an error line.
 import ipaddress, socket, struct, sys, threading
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 def serve(c):
@@ -122,7 +133,8 @@ def serve(c):
             d = c.recv(16 - len(h))
             if not d: return
             h += d
-        if h[:12] != SIG: c.sendall(b"no-proxy-header\n"); return
+        if h[:12] != SIG: c.sendall(b"no-proxy-v2-header\n"); return
+        if h[12] != 0x21: c.sendall(b"not-v2-proxy-command\n"); return
         n = struct.unpack("!H", h[14:16])[0]
         body = b""
         while len(body) < n: body += c.recv(n - len(body))
@@ -175,10 +187,27 @@ assert_eq "HTTP/2 on the ACME route" 2 "$ver"
 body=$(pcurl --resolve "$WWW:80:$HUB4" "http://$WWW/plain" || true)
 check "HTTP by fqdn" grep -q "$MARK host=$WWW" <<<"$body"
 
-# --- passthrough: nginx holds the certificate and sees PROXY v2
+# --- passthrough: nginx holds the certificate and sees the PROXY header; v2 is
+# checked by the strict backend
 body=$(pcurl --cacert "$CA/ca.pem" --resolve "$SECURE:443:$HUB4" "https://$SECURE/" || true)
 check "passthrough: curl verifies nginx's own certificate" grep -q "nginx-$MARK" <<<"$body"
-check "passthrough: nginx sees the client address through PROXY v2" grep -q "pp=$PUB4" <<<"$body"
+check "passthrough: nginx sees the client address through the PROXY header" grep -q "pp=$PUB4" <<<"$body"
+# A ClientHello for $PPV2 (made by python's ssl, sent on a plain socket): the
+# backend's first line is src=<client> only after a PROXY v2 header.
+cat >"$GW_TMP/hello.py" <<'EOF'
+import socket, ssl, sys
+out = ssl.MemoryBIO()
+tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname=sys.argv[2])
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s = socket.create_connection((sys.argv[1], 443), timeout=5)
+s.sendall(out.read())
+print(s.makefile("rb").readline().decode(errors="replace").strip())
+EOF
+out=$(lab_exec pub python3 "$GW_TMP/hello.py" "$HUB4" "$PPV2" || true)
+assert_eq "passthrough: the backend gets a PROXY v2 header naming the client" "src=$PUB4" "$out"
 
 # --- TCP forward with PROXY v2, UDP forward to dnsmasq
 out=$(lab_sh pub "printf 'hi' | timeout 10 socat -t 2 - TCP4:$HUB4:2223" || true)

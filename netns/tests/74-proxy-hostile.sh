@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Acceptance 7 (bad input) and the WebSocket part of acceptance 1, through the
 # tunnel: while a well-behaved client fetches a page every 0.2 s (every fetch
-# must succeed), a hostile client in `pub` runs slowloris (80 connections
-# dribbling a request head), oversized headers, malformed requests, and a corpus
-# of broken ClientHellos (the real hellos of tests/vectors/tls truncated,
-# bit-flipped, with lying lengths, and garbage) against the hub. Each gets a
-# clear answer (408/431/400, a TLS alert, or a close) within the configured
-# deadlines; the hub stays up and counts them. Before that, clients that ask
-# for a large answer and take nothing of it (an HTTP/1.1 one whose TCP window
-# stays shut, HTTP/2 streams whose window the client never opens while it
-# answers PINGs) are cut off at idle_timeout, counted as client_not_reading,
-# their backend connections let go, the HTTP/2 connection itself kept. A
-# WebSocket echo through the hub works before and after.
+# must succeed, from before the first attack until the last has returned, and
+# some while the hostile client runs), a hostile client in `pub` runs slowloris
+# (80 connections dribbling a request head), oversized headers, malformed
+# requests, and a corpus of broken ClientHellos (the real hellos of
+# tests/vectors/tls truncated, bit-flipped, with lying lengths, and garbage)
+# against the hub. Each gets a clear answer (408/431/400, a TLS alert, or a
+# close) within the configured deadlines; the hub stays up and counts them.
+# Before that, clients that ask for a large answer and take nothing of it (an
+# HTTP/1.1 one whose TCP window stays shut, HTTP/2 streams whose window the
+# client never opens while it answers PINGs) are cut off at idle_timeout,
+# counted as client_not_reading, their backend connections let go, the HTTP/2
+# connection itself kept. A WebSocket echo through the hub works before and
+# after.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=74-proxy-hostile
@@ -321,20 +323,33 @@ for f in fails: print("FAIL", f)
 sys.exit(1 if fails else 0)
 EOF
 
-# --- a well-behaved client keeps fetching during the attack
-cat >"$GW_TMP/good.sh" <<EOF
+# --- a well-behaved client keeps fetching during the attacks: from before the
+# first until the stop file appears, made once the last has returned (at most
+# 270 s). It counts apart the fetches it began while hostile.py ran.
+cat >"$GW_TMP/good.sh" <<'EOF'
 #!/bin/bash
-ok=0 bad=0
-end=\$((\$(date +%s) + \$1))
-while [ \$(date +%s) -lt \$end ]; do
-    if curl -sS --max-time 5 --cacert "$CERT/cert.pem" --resolve "$HOST:443:$HUB4" "https://$HOST/" | grep -q page-ok; then
-        ok=\$((ok + 1)); else bad=\$((bad + 1)); fi
+# good.sh CA HOST ADDR STOP_FILE DURING_FILE MAX_SECONDS
+ca=$1 host=$2 addr=$3 stop=$4 during=$5
+ok=0 bad=0 ok_during=0 stopped=0
+end=$(($(date +%s) + $6))
+while [ "$(date +%s)" -lt "$end" ]; do
+    if [ -e "$stop" ]; then stopped=1; break; fi
+    in_attack=0
+    if [ -e "$during" ]; then in_attack=1; fi
+    if curl -sS --max-time 5 --cacert "$ca" --resolve "$host:443:$addr" "https://$host/" | grep -q page-ok; then
+        ok=$((ok + 1)) ok_during=$((ok_during + in_attack))
+    else
+        bad=$((bad + 1))
+    fi
     sleep 0.2
 done
-echo "good-client ok=\$ok bad=\$bad"
+echo "good-client ok=$ok bad=$bad during=$ok_during stopped=$stopped"
 EOF
 chmod +x "$GW_TMP/good.sh"
-lab_bg pub good bash "$GW_TMP/good.sh" 30
+GOOD_STOP="$GW_TMP/good.stop"
+GOOD_DURING="$GW_TMP/good.during"
+rm -f "$GOOD_STOP" "$GOOD_DURING"
+lab_bg pub good bash "$GW_TMP/good.sh" "$CERT/cert.pem" "$HOST" "$HUB4" "$GOOD_STOP" "$GOOD_DURING" 270
 sleep 1
 stall_out=$(lab_exec pub timeout 60 python3 "$GW_TMP/stall.py" "$HUB4" "$HOST" "$IDLE" "$STREAMS" 2>&1) && src=0 || src=$?
 printf '%s\n' "$stall_out" | sed 's/^/    /' >&2
@@ -344,15 +359,20 @@ check "each cut exchange counted as client_not_reading" \
     jq -e --argjson n $((1 + STREAMS)) '.interfaces[0].proxy.routes[] | select(.route == "name:web") | .errors.client_not_reading == $n' <<<"$js" >/dev/null
 check "their backend connections were let go" \
     jq -e '.interfaces[0].proxy.routes[] | select(.route == "name:web") | all(.backends[]; .active_connections == 0)' <<<"$js" >/dev/null
+touch "$GOOD_DURING"
 hostile_out=$(lab_exec pub timeout 200 python3 "$GW_TMP/hostile.py" "$HUB4" "$VECTORS" 2>&1) && hrc=0 || hrc=$?
+touch "$GOOD_STOP"
 printf '%s\n' "$hostile_out" | sed 's/^/    /' >&2
 check "every hostile case got a clear answer or a close in time" [ "$hrc" = 0 ]
 check "hub survived the attack" lab_alive hub
 lab_wait good || true
 good=$(grep good-client "$(lab_logfile good)" | tail -n 1)
 lab_log "$good"
-check "the well-behaved client was never refused" grep -q "bad=0" <<<"$good"
-check "the well-behaved client made progress" eval '[ "$(sed -n "s/.*ok=\([0-9]*\).*/\1/p" <<<"$good")" -ge 20 ]'
+check "the well-behaved client was never refused" grep -q " bad=0 " <<<"$good"
+check "the well-behaved client ran until the attacks were over" grep -q " stopped=1$" <<<"$good"
+check "the well-behaved client made progress" eval '[ "$(sed -n "s/.* ok=\([0-9]*\) .*/\1/p" <<<"$good")" -ge 20 ]'
+check "the well-behaved client was served while hostile.py ran" \
+    eval '[ "$(sed -n "s/.* during=\([0-9]*\) .*/\1/p" <<<"$good")" -ge 10 ]'
 
 js=$(gw_show_json hub gw0 || true)
 check "listener counters show the broken ClientHellos" \

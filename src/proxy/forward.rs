@@ -4,7 +4,9 @@
 //! replies leave from the listening socket, from the address the client sent
 //! to. With `proxy_protocol`, every datagram to the backend starts with a
 //! PROXY v2 header (`DGRAM`) naming the client and that address. A flow that
-//! ends writes one access-log line.
+//! ends writes one access-log line. With `max_connections`, a forward holds
+//! at most that many flows at once: a datagram that would start one more is
+//! dropped and counted as `over_capacity`.
 
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::io::{make_room, Activity, UdpListener, UDP_BATCH};
@@ -18,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -50,6 +52,9 @@ struct Flow {
     tally: Arc<FlowTally>,
     /// The log line's fixed part, when the access log is on.
     log: Option<(Arc<AccessLog>, Entry)>,
+    /// The flow's place under the forward's `max_connections`, given back
+    /// when the flow ends.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Flow {
@@ -72,6 +77,12 @@ async fn new_flow(
     fwd: &Arc<Forward>,
     (client, local_ip): FlowKey,
 ) -> Option<Flow> {
+    // The forward's `max_connections` counts flows: beyond it a new one is
+    // not started (its datagram is dropped) until another ends.
+    let Ok(slot) = fwd.upstreams.admit() else {
+        fwd.counters.error(ErrorKind::OverCapacity);
+        return None;
+    };
     let Some((backend, lease)) = fwd.upstreams.pick(Some(client.ip())) else {
         fwd.counters.error(ErrorKind::NoHealthyBackend);
         return None;
@@ -159,6 +170,7 @@ async fn new_flow(
         bytes_in: 0,
         tally,
         log,
+        _slot: slot,
     })
 }
 
@@ -293,5 +305,104 @@ pub(crate) async fn udp_loop(
             }
             _ = stop.changed() => break,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use crate::proxy::settings::{
+        Backend, Balance, Limits, ProxyProtocol, ProxySettings, Scheme, UdpForwardSettings,
+    };
+    use crate::proxy::Proxy;
+    use std::time::Duration;
+    use tokio::net::UdpSocket;
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A UDP server that returns every datagram to its sender.
+    async fn udp_echo() -> std::net::SocketAddr {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    /// Sends `data` and waits `wait` for it to come back.
+    async fn echoed(c: &UdpSocket, at: std::net::SocketAddr, data: &[u8], wait: Duration) -> bool {
+        c.send_to(data, at).await.unwrap();
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(wait, c.recv_from(&mut buf)).await,
+            Ok(Ok((n, _))) if buf.get(..n) == Some(data)
+        )
+    }
+
+    /// `max_connections` on a UDP forward caps its flows: a new client
+    /// beyond it is dropped and counted while the open flows go on, and gets
+    /// in once a flow has ended (here, gone idle).
+    #[tokio::test]
+    async fn udp_max_connections_caps_flows() {
+        let echo = udp_echo().await;
+        let settings = ProxySettings {
+            domains: vec![],
+            http_listen: vec![],
+            https_listen: vec![],
+            routes: vec![],
+            tcp: vec![],
+            udp: vec![UdpForwardSettings {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                backends: vec![Backend {
+                    scheme: Scheme::Http,
+                    addr: echo,
+                }],
+                max_flows: 16,
+                flow_idle_timeout: Duration::from_millis(600),
+                balance: Balance {
+                    max_connections: Some(2),
+                    ..Balance::default()
+                },
+                access: Default::default(),
+                rate_limit: None,
+                bandwidth: None,
+                proxy_protocol: ProxyProtocol::Off,
+            }],
+            limits: Limits::default(),
+            acme: None,
+            access_log: None,
+            proxy_protocol_from: None,
+            trusted_proxies: None,
+            dns: None,
+        };
+        let p = Proxy::start(settings).await.unwrap();
+        let at = p.udp_addrs()[0];
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        assert!(echoed(&clients[0], at, b"one", T).await);
+        assert!(echoed(&clients[1], at, b"two", T).await);
+        let short = Duration::from_millis(300);
+        assert!(
+            !echoed(&clients[2], at, b"three", short).await,
+            "a third flow"
+        );
+        // The two open flows are not disturbed by the refusal.
+        assert!(echoed(&clients[0], at, b"one again", T).await);
+        let over = |p: &Proxy| {
+            let st = p.stats();
+            let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+            (u.requests, u.errors.get("over_capacity").copied())
+        };
+        assert_eq!(over(&p), (2, Some(1)));
+        // Once both flows have gone idle and ended, the third client gets in.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert!(echoed(&clients[2], at, b"three", T).await);
+        assert_eq!(over(&p), (3, Some(1)));
     }
 }

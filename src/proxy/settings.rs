@@ -393,7 +393,8 @@ pub struct Balance {
     pub sticky: bool,
     /// Active health check, if any (passive checks always apply).
     pub health: Option<HealthCheck>,
-    /// Most connections (HTTP: requests in flight) at once; `None`: no limit.
+    /// Most connections (HTTP: requests in flight; UDP: flows) at once;
+    /// `None`: no limit.
     pub max_connections: Option<usize>,
 }
 
@@ -1051,11 +1052,13 @@ pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// A time in whole seconds, 1 to 86400; errors name `what` (`[section] key`,
+/// or an entry's label and the key).
 fn secs(what: &str, v: Option<u64>, default: Duration) -> Result<Duration, String> {
     match v {
         None => Ok(default),
-        Some(0) => Err(format!("[proxy] {what}: must be at least 1 second")),
-        Some(s) if s > 86_400 => Err(format!("[proxy] {what}: at most 86400 seconds")),
+        Some(0) => Err(format!("{what}: must be at least 1 second")),
+        Some(s) if s > 86_400 => Err(format!("{what}: at most 86400 seconds")),
         Some(s) => Ok(Duration::from_secs(s)),
     }
 }
@@ -1279,8 +1282,7 @@ fn balance(who: &str, r: RawBal, udp: bool) -> Result<Balance, String> {
         }
     };
     let per = |what: &str, v: Option<u64>, d: u64| -> Result<Duration, String> {
-        secs(what, v, Duration::from_secs(d))
-            .map_err(|e| format!("{who}: {}", e.replace("[proxy] ", "")))
+        secs(&format!("{who}: {what}"), v, Duration::from_secs(d))
     };
     let health = match r.health_check.as_deref() {
         None | Some("none") => {
@@ -1417,19 +1419,35 @@ pub(crate) fn validate(
     let limits = Limits {
         max_connections,
         max_connections_per_source,
-        header_timeout: secs("header_timeout", raw.header_timeout, d.header_timeout)?,
+        header_timeout: secs(
+            "[proxy] header_timeout",
+            raw.header_timeout,
+            d.header_timeout,
+        )?,
         handshake_timeout: secs(
-            "handshake_timeout",
+            "[proxy] handshake_timeout",
             raw.handshake_timeout,
             d.handshake_timeout,
         )?,
-        idle_timeout: secs("idle_timeout", raw.idle_timeout, d.idle_timeout)?,
-        connect_timeout: secs("connect_timeout", raw.connect_timeout, d.connect_timeout)?,
-        response_timeout: secs("response_timeout", raw.response_timeout, d.response_timeout)?,
+        idle_timeout: secs("[proxy] idle_timeout", raw.idle_timeout, d.idle_timeout)?,
+        connect_timeout: secs(
+            "[proxy] connect_timeout",
+            raw.connect_timeout,
+            d.connect_timeout,
+        )?,
+        response_timeout: secs(
+            "[proxy] response_timeout",
+            raw.response_timeout,
+            d.response_timeout,
+        )?,
         max_header_bytes,
-        backend_down_for: secs("backend_down_for", raw.backend_down_for, d.backend_down_for)?,
+        backend_down_for: secs(
+            "[proxy] backend_down_for",
+            raw.backend_down_for,
+            d.backend_down_for,
+        )?,
         tunnel_down_after: secs(
-            "tunnel_down_after",
+            "[proxy] tunnel_down_after",
             raw.tunnel_down_after,
             d.tunnel_down_after,
         )?,
@@ -1849,11 +1867,10 @@ pub(crate) fn validate(
             backends: backends(&who, &u.backends, false, &own)?,
             max_flows,
             flow_idle_timeout: secs(
-                "flow_idle_timeout",
+                &format!("{who}: flow_idle_timeout"),
                 u.flow_idle_timeout,
                 Duration::from_secs(60),
-            )
-            .map_err(|e| format!("{who}: {e}"))?,
+            )?,
             access: access(&who, &u.allow, &u.deny)?,
             rate_limit: rate_limit(&who, u.rate_limit, u.rate_burst)?,
             bandwidth: bandwidth(&who, u.bandwidth.as_deref())?,
@@ -2658,6 +2675,26 @@ mod toml_tests {
         let e = parse("[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nhealth_check = \"tcp\"\n")
             .unwrap_err();
         assert!(e.contains("UDP"), "{e}");
+        // A time out of range names the entry it is in, not `[proxy]`.
+        let e = parse("[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nflow_idle_timeout = 0\n")
+            .unwrap_err();
+        assert!(
+            e.contains("[[udp]] #1: flow_idle_timeout: must be at least 1 second")
+                && !e.contains("[proxy]"),
+            "{e}"
+        );
+        let e = parse("[[tcp]]\nlisten = \"0.0.0.0:22\"\nbackends = [\"100.64.0.9:22\"]\nhealth_check = \"tcp\"\nhealth_interval = 90000\n")
+            .unwrap_err();
+        assert!(
+            e.contains("[[tcp]] #1: health_interval: at most 86400 seconds")
+                && !e.contains("[proxy]"),
+            "{e}"
+        );
+        let e = parse("[proxy]\nidle_timeout = 0\n").unwrap_err();
+        assert!(
+            e.contains("[proxy] idle_timeout: must be at least 1 second"),
+            "{e}"
+        );
         let e = parse("[[tcp]]\nlisten = \"0.0.0.0:22\"\nbackends = [\"100.64.0.9:22\"]\nproxy_protocol = \"v3\"\n")
             .unwrap_err();
         assert!(e.contains("v3"), "{e}");
