@@ -112,6 +112,9 @@ async fn start_proxy_with(
 struct ProxySlot {
     proxy: Option<Proxy>,
     stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
+    /// Held while a proxy is started (the control plane's
+    /// [`Control::proxy_starting`]).
+    starting: Arc<tokio::sync::Mutex<()>>,
     tunnels: Arc<NodeTunnels>,
     mesh: Option<Arc<crate::mesh::Mesh>>,
 }
@@ -123,6 +126,21 @@ impl ProxySlot {
         }
         *self.stats.lock() = p.as_ref().map(|p| p.stats_handle());
         self.proxy = p;
+    }
+
+    /// Starts a proxy with `settings` in the slot (none runs): its ports
+    /// are its own from the first bind until it is in the slot.
+    async fn start(&mut self, settings: Option<ProxySettings>) -> anyhow::Result<()> {
+        let starting = self.starting.clone();
+        let _starting = starting.lock().await;
+        let p = start_proxy_with(
+            settings,
+            Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>),
+            self.mesh.clone(),
+        )
+        .await?;
+        self.set(p);
+        Ok(())
     }
 
     /// Applies new proxy settings: reloads the running proxy, starts one, or
@@ -142,15 +160,8 @@ impl ProxySlot {
                 }
             }
             (Some(s), None) => {
-                match start_proxy_with(
-                    Some(s),
-                    Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>),
-                    self.mesh.clone(),
-                )
-                .await
-                {
-                    Ok(p) => self.set(p),
-                    Err(e) => warn!(error = %format!("{e:#}"), "proxy start on reload failed"),
+                if let Err(e) = self.start(Some(s)).await {
+                    warn!(error = %format!("{e:#}"), "proxy start on reload failed");
                 }
             }
             (None, Some(_)) => {
@@ -634,32 +645,27 @@ async fn run_inner(
         None
     };
     let tunnels = NodeTunnels::new(down_after, &dev.inner, carrier.clone());
+    let mesh = cfg.mesh.clone().map(crate::mesh::Mesh::new);
     let control = match &cfg.control {
-        Some(_) => Some(Control::start(cfg.clone(), dev.inner.clone()).await?),
+        Some(_) => Some(Control::start(cfg.clone(), dev.inner.clone(), mesh.clone()).await?),
         None => None,
     };
     if let Some(c) = &control {
         *c.tls_tunnels.lock() = carrier.clone();
     }
-    let _control_api = match &control {
-        Some(c) => Some((
-            crate::control::api::ApiServer::start(c.clone()).await?,
-            crate::control::node_api::NodeApi::start(c.clone())?,
-        )),
-        None => None,
-    };
     let mut slot = ProxySlot {
         proxy: None,
         stats: control
             .as_ref()
             .map(|c| c.proxy_stats.clone())
             .unwrap_or_default(),
+        starting: control
+            .as_ref()
+            .map(|c| c.proxy_starting.clone())
+            .unwrap_or_default(),
         tunnels: tunnels.clone(),
-        mesh: cfg.mesh.clone().map(crate::mesh::Mesh::new),
+        mesh,
     };
-    if let Some(c) = &control {
-        *c.mesh.lock() = slot.mesh.clone();
-    }
     // The names the control plane grants are claimed across the mesh.
     if let (Some(c), Some(m)) = (&control, &slot.mesh) {
         m.use_claims_cache(c.settings().state_dir.join("mesh-claims.json"));
@@ -667,14 +673,27 @@ async fn run_inner(
         m.set_claim_source(Arc::new(move |now| c.upgrade().map(|c| c.claim_wants(now))));
     }
     let names_changed = slot.mesh.as_ref().map(|m| m.names_changed());
-    slot.set(
-        start_proxy_with(
-            wanted_proxy(&cfg, control.as_deref()),
-            Some(tunnels.clone() as Arc<dyn TunnelLiveness>),
-            slot.mesh.clone(),
-        )
-        .await?,
-    );
+    if let Err(e) = slot.start(wanted_proxy(&cfg, control.as_deref())).await {
+        // A declared forward's port taken by another program since it was
+        // checked: checked again and left out. The config file's own
+        // listeners and forwards failing still fail the hub.
+        match &control {
+            Some(c) if c.reevaluate() => {
+                warn!(error = %format!("{e:#}"), "proxy start failed; trying again without the declared forwards whose ports are taken");
+                slot.start(wanted_proxy(&cfg, Some(c))).await?;
+            }
+            _ => return Err(e),
+        }
+    }
+    // The APIs last: every request they serve finds the control plane
+    // whole (its mesh, the running proxy's ports).
+    let _control_api = match &control {
+        Some(c) => Some((
+            crate::control::api::ApiServer::start(c.clone()).await?,
+            crate::control::node_api::NodeApi::start(c.clone())?,
+        )),
+        None => None,
+    };
     let stats = slot.stats.clone();
     api.set_show_section(
         "proxy",
@@ -739,7 +758,13 @@ async fn run_inner(
             }
             _ = apply.notified() => {
                 if let Some(c) = &control {
+                    let started = slot.proxy.is_none();
                     slot.apply(wanted_proxy(&c.hub_config(), Some(c))).await;
+                    // Declared forwards checked while the proxy was being
+                    // started were not tried against any port: checked now.
+                    if started {
+                        c.recheck("declared forwards checked against the hub's ports; re-applying routes");
+                    }
                 }
             }
             _ = async { match &names_changed { Some(n) => n.notified().await, None => std::future::pending().await } }, if control.is_some() => {

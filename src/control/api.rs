@@ -14,10 +14,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -365,7 +366,7 @@ async fn route(
                     services_refused: refused,
                 },
                 tls_tunnels: c.tls_tunnels.lock().as_ref().map(|t| t.counters.snapshot()),
-                mesh: c.mesh.lock().as_ref().map(|m| m.view()),
+                mesh: c.mesh.as_ref().map(|m| m.view()),
             });
             Ok(Answer {
                 status: StatusCode::OK,
@@ -598,10 +599,8 @@ async fn route(
             {
                 hub_v.push(format!("{}/{}", p.prefix(), p.prefix_len()));
             }
-            let node_api = cfg
-                .addresses
-                .first()
-                .map(|a| SocketAddr::new(a.addr(), settings.node_port).to_string());
+            let node_api = node_api_addr(&cfg.addresses, &rec.allowed_ips)
+                .map(|a| SocketAddr::new(a, settings.node_port).to_string());
             // The node's addresses carry the hub network's prefix length, so its
             // kernel routes the whole overlay into the tunnel.
             let addrs: Vec<String> = rec
@@ -638,6 +637,24 @@ async fn route(
         }
         _ => Err(nf()),
     }
+}
+
+/// The hub overlay address a node is told to reach the node services API
+/// at: one in a network that holds one of the node's addresses, else one
+/// of the same family as them, else none (the node could send from no
+/// address the hub takes from it, and it is told there is no API rather
+/// than one it cannot reach).
+fn node_api_addr(hub: &[IpNet], node: &[IpNet]) -> Option<IpAddr> {
+    let same_net = hub
+        .iter()
+        .find(|h| node.iter().any(|n| h.trunc().contains(&n.addr())));
+    let same_family = || {
+        hub.iter().find(|h| {
+            node.iter()
+                .any(|n| n.addr().is_ipv4() == h.addr().is_ipv4())
+        })
+    };
+    same_net.or_else(same_family).map(IpNet::addr)
 }
 
 fn respond(a: Answer) -> Response<Full<Bytes>> {
@@ -1047,6 +1064,43 @@ mod tests {
         assert_eq!(all, served);
         assert!(endpoint(&["v1", "nope"]).is_none());
         assert!(endpoint(&["v1", "routes", "a", "b"]).is_none());
+    }
+
+    /// A node is told a node API address it can reach: of the family of
+    /// its own addresses, in its own network when the hub has one there.
+    #[test]
+    fn a_node_is_told_a_node_api_of_its_own_family() {
+        let nets = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|n| n.parse().unwrap()).collect() };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let hub = nets(&["fd77:6777::1/48", "100.64.0.1/10", "10.77.0.1/16"]);
+        // IPv4 only: not the hub's first (IPv6) address.
+        assert_eq!(
+            node_api_addr(&hub, &nets(&["100.64.1.2/32"])),
+            Some(ip("100.64.0.1"))
+        );
+        // In the hub's second IPv4 network: the hub's address there.
+        assert_eq!(
+            node_api_addr(&hub, &nets(&["10.77.1.2/32"])),
+            Some(ip("10.77.0.1"))
+        );
+        assert_eq!(
+            node_api_addr(&hub, &nets(&["100.64.1.2/32", "fd77:6777::1:2/128"])),
+            Some(ip("fd77:6777::1"))
+        );
+        assert_eq!(
+            node_api_addr(&hub, &nets(&["fd77:6777::1:2/128"])),
+            Some(ip("fd77:6777::1"))
+        );
+        // Outside every hub network, of a family the hub has: that family.
+        assert_eq!(
+            node_api_addr(&hub, &nets(&["192.0.2.9/32"])),
+            Some(ip("100.64.0.1"))
+        );
+        // A family the hub has no address of: none the node could reach.
+        assert_eq!(
+            node_api_addr(&nets(&["fd77:6777::1/48"]), &nets(&["100.64.1.2/32"])),
+            None
+        );
     }
 
     #[test]

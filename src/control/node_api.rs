@@ -158,7 +158,8 @@ impl ChangeBudget {
     }
 
     /// Returns a change [`take`](Self::take) spent on one that was not
-    /// made (the state could not be saved).
+    /// made (it changed nothing after all, was refused, or the state could
+    /// not be saved).
     pub(crate) fn give_back(&mut self, key: &str) {
         if let Some(b) = self.nodes.get_mut(key) {
             b.0 = b.0.saturating_add(1).min(self.burst);
@@ -224,10 +225,72 @@ fn statuses_to(c: &Control, key: &str) -> Response<Full<Bytes>> {
     answer(StatusCode::OK, services_json(&v))
 }
 
+/// Changes of one node's services waiting for the writer's lock or being
+/// made at once: a node sends its set and waits for the answer, so a second
+/// one is a node that hung up and sent again (it gets 429 and retries
+/// later). Without a bound, a node hanging up on every request would queue
+/// changes that outlive it and hold up the operator's and other nodes'.
+const MAX_PENDING_CHANGES: usize = 1;
+
 /// What the node API's requests share across its listeners.
 struct Shared {
     budget: parking_lot::Mutex<ChangeBudget>,
     refusals: parking_lot::Mutex<LogLimit>,
+    /// Each node's changes in progress.
+    pending: Arc<PerSource<String>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            budget: parking_lot::Mutex::new(ChangeBudget::new(CHANGES_BURST, CHANGE_EVERY)),
+            refusals: parking_lot::Mutex::new(LogLimit::new(REFUSAL_LOG_EVERY)),
+            pending: Arc::new(PerSource::default()),
+        }
+    }
+
+    /// Lets one change of `key`'s services go on to the writer's lock: it
+    /// spends one of the node's changes and holds its place among its
+    /// changes in progress (given back when the slot is dropped). 429 when
+    /// the node has a change in progress or none left to spend; the lock
+    /// and the state are not touched for it.
+    fn begin_change(
+        &self,
+        key: &str,
+        now: std::time::Instant,
+    ) -> state::Result<SourceSlot<String>> {
+        let slot = self
+            .pending
+            .take(key.to_string(), MAX_PENDING_CHANGES)
+            .ok_or_else(|| state::Error {
+                status: 429,
+                message: "a change of this node's services is still being made; \
+                          send the set again once it is done"
+                    .into(),
+            })?;
+        self.budget
+            .lock()
+            .take(key, now)
+            .map_err(|wait| state::Error {
+                status: 429,
+                message: format!(
+                    "too many changes of this node's services; \
+                 the next is possible in {} s",
+                    wait.as_secs() + 1
+                ),
+            })?;
+        Ok(slot)
+    }
+
+    /// Ends a change [`Shared::begin_change`] let through: when it changed
+    /// nothing (the same set was saved meanwhile), was refused, or could not
+    /// be saved, the node gets its change back.
+    fn end_change(&self, key: &str, slot: SourceSlot<String>, outcome: &state::Result<bool>) {
+        if !matches!(outcome, Ok(true)) {
+            self.budget.lock().give_back(key);
+        }
+        drop(slot);
+    }
 }
 
 /// Logs a refused declaration of `key`'s: at warn once in
@@ -303,37 +366,24 @@ async fn serve(
                     return Ok(error_to(&key, e));
                 }
             }
+            // The node's budget is spent before the writer's lock is waited
+            // for: a node over it gets 429 having queued nothing.
+            let slot = match shared.begin_change(&key, std::time::Instant::now()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log_refusal(&shared, &key, &e);
+                    return Ok(error_to(&key, e));
+                }
+            };
             // Run to the end even when the node goes away (see the admin
             // API's `serve_req`).
             let commit = {
                 let (c, key, shared) = (c.clone(), key.clone(), shared.clone());
                 tokio::spawn(async move {
-                    let mut spent = false;
                     let r = c
-                        .mutate(|s, ctx| {
-                            let changed = s.declare_services(ctx, &key, ip, d.services)?;
-                            if changed {
-                                shared
-                                    .budget
-                                    .lock()
-                                    .take(&key, std::time::Instant::now())
-                                    .map_err(|wait| state::Error {
-                                        status: 429,
-                                        message: format!(
-                                            "too many changes of this node's services; \
-                                         the next is possible in {} s",
-                                            wait.as_secs() + 1
-                                        ),
-                                    })?;
-                                spent = true;
-                            }
-                            Ok(changed)
-                        })
+                        .mutate(|s, ctx| s.declare_services(ctx, &key, ip, d.services))
                         .await;
-                    // A change that could not be saved was not made.
-                    if spent && r.is_err() {
-                        shared.budget.lock().give_back(&key);
-                    }
+                    shared.end_change(&key, slot, &r);
                     r
                 })
             };
@@ -385,10 +435,7 @@ impl NodeApi {
         let port = c.settings().node_port;
         let mut tasks = Vec::new();
         let mut addrs = Vec::new();
-        let shared = Arc::new(Shared {
-            budget: parking_lot::Mutex::new(ChangeBudget::new(CHANGES_BURST, CHANGE_EVERY)),
-            refusals: parking_lot::Mutex::new(LogLimit::new(REFUSAL_LOG_EVERY)),
-        });
+        let shared = Arc::new(Shared::new());
         let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
         let per_node: Arc<PerSource<Caller>> = Arc::new(PerSource::default());
         for a in &cfg.addresses {
@@ -476,6 +523,54 @@ mod tests {
         }
         assert!(b.take("k2", t0).is_err(), "no more than the burst");
         b.give_back("unknown");
+    }
+
+    /// A changing declaration spends the node's budget before it waits for
+    /// the writer's lock, and a node has one change in progress at most:
+    /// one that hangs up and sends again queues nothing more, and one over
+    /// its budget gets 429 without a place in the queue.
+    #[test]
+    fn a_nodes_changes_are_counted_before_they_queue() {
+        let refused = |r: state::Result<SourceSlot<String>>| match r {
+            Ok(_) => panic!("let through"),
+            Err(e) => e,
+        };
+        let t0 = std::time::Instant::now();
+        let shared = Shared::new();
+        let first = shared.begin_change("k1", t0).unwrap();
+        // In progress: the next one waits for it, and spends nothing.
+        let e = refused(shared.begin_change("k1", t0));
+        assert_eq!(e.status, 429);
+        assert!(e.message.contains("still being made"), "{e}");
+        // Another node is not held up.
+        let other = shared.begin_change("k2", t0).unwrap();
+        shared.end_change("k2", other, &Ok(true));
+        // A change made: spent for good.
+        shared.end_change("k1", first, &Ok(true));
+        // One that changed nothing after all, was refused, or was not
+        // saved: given back.
+        for r in [
+            Ok(false),
+            Err(state::Error::bad("services #1: port 0")),
+            Err(state::Error {
+                status: 500,
+                message: "the state could not be saved".into(),
+            }),
+        ] {
+            let s = shared.begin_change("k1", t0).unwrap();
+            shared.end_change("k1", s, &r);
+        }
+        // So 9 of the burst of 10 are left.
+        for _ in 1..CHANGES_BURST {
+            let s = shared.begin_change("k1", t0).unwrap();
+            shared.end_change("k1", s, &Ok(true));
+        }
+        let e = refused(shared.begin_change("k1", t0));
+        assert_eq!(e.status, 429);
+        assert!(e.message.contains("too many changes"), "{e}");
+        // Refused for its budget: holds no place in progress.
+        assert_eq!(shared.pending.open(&"k1".to_string()), 0);
+        assert!(shared.begin_change("k1", t0 + CHANGE_EVERY).is_ok());
     }
 
     /// A node is counted as one caller whatever address it connects from

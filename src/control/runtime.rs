@@ -170,8 +170,14 @@ pub struct Control {
     pub proxy_stats: Arc<parking_lot::Mutex<Option<StatsHandle>>>,
     /// Nodes' tunnels carried over TLS, for `/metrics` (set by the hub).
     pub tls_tunnels: parking_lot::Mutex<Option<Arc<crate::carrier::Hub>>>,
-    /// The hub mesh, for `/metrics` (set by the hub).
-    pub mesh: parking_lot::Mutex<Option<Arc<crate::mesh::Mesh>>>,
+    /// The hub mesh: its claims are checked before a name is granted, and
+    /// it is shown in `/metrics`. Given at the start, so no request can be
+    /// served without it.
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Held by the hub while it starts a proxy (none running): the ports
+    /// the new proxy binds are not yet known as its own, so declared
+    /// forwards are not checked against them meanwhile.
+    pub proxy_starting: Arc<tokio::sync::Mutex<()>>,
     /// SHA-256 of the certificate the TCP API listener serves (set when it
     /// starts): what join tokens pin and `GET /v1/status` shows.
     pub api_fingerprint: parking_lot::Mutex<Option<[u8; 32]>>,
@@ -182,17 +188,37 @@ pub struct Control {
 }
 
 impl Control {
-    /// Loads the state and adds its peers to the device.
-    pub async fn start(cfg: HubConfig, dev: Arc<Inner>) -> anyhow::Result<Arc<Control>> {
+    /// Loads the state and adds its peers to the device. `mesh` is the hub
+    /// mesh, when the hub is in one.
+    pub async fn start(
+        cfg: HubConfig,
+        dev: Arc<Inner>,
+        mesh: Option<Arc<crate::mesh::Mesh>>,
+    ) -> anyhow::Result<Arc<Control>> {
         let settings = cfg
             .control
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no [control] section"))?;
         let store = FileStore::open(&settings.state_dir)?;
-        let state: State = store.load().await?.unwrap_or_default();
+        let mut state: State = store.load().await?.unwrap_or_default();
         state
             .file_peer_conflict(&file_peers(&cfg))
             .map_err(|e| anyhow::anyhow!("config file against the control plane's state: {e}"))?;
+        let env = FileEnv::new(cfg, &settings);
+        // Peers taken out of the file while the hub was down.
+        let mut next = state.clone();
+        let gone = next.drop_services_of_non_peers(&env.file_keys);
+        if !gone.is_empty() {
+            match store.save(&next).await {
+                Ok(()) => {
+                    info!(peers = ?gone, "declared services of peers no longer in the config file dropped");
+                    state = next;
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "saving the control plane state failed; the declared services of peers no longer in the config file are kept for now")
+                }
+            }
+        }
         info!(
             state = %store.describe(),
             version = state.version,
@@ -208,14 +234,15 @@ impl Control {
             }),
             writer: tokio::sync::Mutex::new(()),
             state: ArcSwap::from_pointee(state),
-            env: ArcSwap::from_pointee(FileEnv::new(cfg, &settings)),
+            env: ArcSwap::from_pointee(env),
             managed: parking_lot::Mutex::new(Managed::new()),
             evaluation: ArcSwap::from_pointee(Evaluation::default()),
             apply: tokio::sync::Notify::new(),
             counters: Counters::default(),
             proxy_stats: Arc::default(),
             tls_tunnels: parking_lot::Mutex::new(None),
-            mesh: parking_lot::Mutex::new(None),
+            mesh,
+            proxy_starting: Arc::default(),
             api_fingerprint: parking_lot::Mutex::new(None),
             sync_lock: tokio::sync::Mutex::new(()),
             eval_lock: parking_lot::Mutex::new(()),
@@ -272,10 +299,12 @@ impl Control {
     /// A new config file, step one: refused, with nothing changed, when its
     /// `[[peer]]`s list a prefix a joined node holds (see
     /// [`State::file_peer_conflict`]); otherwise its facts are what every
-    /// later change is checked against. The check and the switch happen
-    /// under the writer's lock, so a node added while the file is being
-    /// applied is checked against the new file's peers, never slips in
-    /// between. Step two, once the file's peers are on the device:
+    /// later change is checked against, and the declared services of a
+    /// peer the file no longer lists are dropped (saved first, as any
+    /// change). The check and the switch happen under the writer's lock, so
+    /// a node added while the file is being applied is checked against the
+    /// new file's peers, never slips in between. Step two, once the file's
+    /// peers are on the device:
     /// [`Control::config_applied`].
     pub async fn adopt_config(&self, cfg: &HubConfig) -> Result<(), String> {
         let _w = self.writer.lock().await;
@@ -284,8 +313,25 @@ impl Control {
             warn!("the config file lost its [control] section; the control plane keeps its settings until the hub restarts");
         }
         let running = self.settings();
-        self.env
-            .store(Arc::new(FileEnv::new(cfg.clone(), &running)));
+        let env = FileEnv::new(cfg.clone(), &running);
+        // A peer taken out of the file takes its declared services with
+        // it, as a removed node does; with the writer's lock still held, no
+        // declaration of its slips in between.
+        let cur = self.state.load_full();
+        let mut next = (*cur).clone();
+        let gone = next.drop_services_of_non_peers(&env.file_keys);
+        self.env.store(Arc::new(env));
+        if !gone.is_empty() {
+            match self.store.save(&next).await {
+                Ok(()) => {
+                    info!(peers = ?gone, "declared services of peers no longer in the config file dropped");
+                    self.state.store(Arc::new(next));
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "saving the control plane state failed; the declared services of peers no longer in the config file are kept until the next change of the file")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -350,7 +396,7 @@ impl Control {
     /// before the mesh's claims were first read (503: nothing to check
     /// against yet).
     fn may_grant(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Result<(), Error> {
-        let Some(mesh) = self.mesh.lock().clone() else {
+        let Some(mesh) = &self.mesh else {
             return Ok(());
         };
         if !mesh.names_read() {
@@ -371,7 +417,7 @@ impl Control {
     /// mesh holds one of its hosts for another node (nothing before the
     /// claims were first read).
     fn held_elsewhere(&self, env: &FileEnv, name: &str, owner: &str, now: u64) -> Option<String> {
-        let mesh = self.mesh.lock().clone()?;
+        let mesh = self.mesh.as_ref()?;
         mesh.name_refusal(name, owner, &env.domains(), now)
     }
 
@@ -410,8 +456,8 @@ impl Control {
         let now = unix_secs();
         let grant = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
         let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
-        // Only against a running proxy: one being started holds its ports
-        // before it is handed over here, and would find them busy.
+        // Held to the end: no proxy starts while ports are tried here.
+        let no_start = self.proxy_starting.try_lock().ok();
         let proxy = self.proxy_stats.lock().clone();
         let busy = |p: Protocol, port: u16| -> Option<String> {
             let udp = match p {
@@ -419,7 +465,7 @@ impl Control {
                 Protocol::Tcp => false,
                 Protocol::Http => return None,
             };
-            proxy.as_ref()?.port_busy(udp, port)
+            forward_port_busy(proxy.as_ref(), no_start.is_none(), udp, port)
         };
         let ctx = Context {
             now,
@@ -631,6 +677,25 @@ impl Control {
     }
 }
 
+/// Why a declared forward could not listen on `port` (UDP or TCP): asked of
+/// the running proxy, which knows its own forwards' ports; with none running
+/// (at the hub's start, say), a bind tried at once, so a port another
+/// program holds is refused instead of failing the proxy's start. Nothing
+/// while a proxy is being started (`starting`): it holds ports it has not
+/// handed over yet, and would be refused its own.
+fn forward_port_busy(
+    running: Option<&StatsHandle>,
+    starting: bool,
+    udp: bool,
+    port: u16,
+) -> Option<String> {
+    match running {
+        Some(p) => p.port_busy(udp, port),
+        None if starting => None,
+        None => crate::proxy::server::try_port(udp, port),
+    }
+}
+
 /// Routes the off-link prefixes of added peers into the TUN, and takes
 /// away those of removed peers that no remaining peer (`held`) holds.
 fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet], held: &[IpNet]) {
@@ -800,6 +865,114 @@ mod tests {
             s.add_node(&ctx, &key(9), None, None).unwrap_err().status,
             409
         );
+    }
+
+    /// With no proxy running (the hub's start), a declared forward's port
+    /// another program holds is found busy, so the forward is refused
+    /// instead of failing the proxy's start; while a proxy is being
+    /// started, its own ports are not held against it.
+    #[test]
+    fn a_taken_port_is_busy_with_no_proxy_running() {
+        let tcp = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let why = forward_port_busy(None, false, false, port).expect("busy");
+        assert!(!why.is_empty());
+        assert_eq!(forward_port_busy(None, true, false, port), None);
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        assert!(forward_port_busy(None, false, true, port).is_some());
+        assert_eq!(forward_port_busy(None, true, true, port), None);
+        drop(udp);
+        assert_eq!(
+            forward_port_busy(None, false, true, port),
+            None,
+            "free again"
+        );
+    }
+
+    /// The evaluation the hub starts its proxy with: a saved TCP forward on
+    /// a port another program took is refused, the others stay active.
+    #[test]
+    fn a_saved_forward_on_a_taken_port_is_refused_at_start() {
+        use crate::control::state::ServiceDecl;
+        const K1: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let check = |_: &RawRoute| Ok(());
+        let held = |_: &str, _: &str| Ok(());
+        let files = BTreeSet::new();
+        let busy =
+            |p: Protocol, port: u16| forward_port_busy(None, false, p == Protocol::Udp, port);
+        let mut s = State::default();
+        s.nodes.insert(
+            K1.into(),
+            crate::control::state::NodeRecord {
+                name: None,
+                allowed_ips: vec!["100.64.1.2/32".parse().unwrap()],
+                origin: crate::control::state::NodeOrigin::Api,
+                created: 1,
+            },
+        );
+        for n in ["ssh", "git"] {
+            s.names.insert(
+                n.into(),
+                crate::control::state::NameRecord {
+                    owners: vec![K1.into()],
+                    replicas: false,
+                    expires: None,
+                    bandwidth: None,
+                },
+            );
+        }
+        let fwd = |name: &str, public_port: u16| ServiceDecl {
+            name: Some(name.into()),
+            fqdn: None,
+            protocol: Protocol::Tcp,
+            port: 22,
+            tls: None,
+            public_port: Some(public_port),
+            proxy_protocol: false,
+            http2: false,
+            allow: vec![],
+            deny: vec![],
+        };
+        let free = {
+            let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let file_ports = BTreeSet::new();
+        let c = Context {
+            now: 1,
+            check_route: &check,
+            file_hosts: &files,
+            file_keys: &files,
+            used_ips: &[],
+            pools: &[],
+            ports: 1..=65535,
+            file_ports: &file_ports,
+            max_ports_per_node: 8,
+            port_busy: &busy,
+            held_elsewhere: &held,
+        };
+        s.declare_services(
+            &c,
+            K1,
+            "100.64.1.2".parse().unwrap(),
+            vec![fwd("ssh", port), fwd("git", free)],
+        )
+        .unwrap();
+        let ev = s.evaluate(&c, &LocalRegistry { grace: 0 }, false);
+        drop(taken);
+        let st = &ev.statuses[K1];
+        let of = |p: u16| st.iter().find(|x| x.host == format!("tcp:{p}")).unwrap();
+        assert_eq!(of(port).status, "refused", "{:?}", of(port));
+        assert!(of(port)
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot be listened on"));
+        assert_eq!(of(free).status, "active", "{:?}", of(free));
+        assert_eq!(ev.tcp.len(), 1);
     }
 
     #[test]

@@ -383,15 +383,19 @@ pub struct ForwardPlan {
 /// Which sources a forwarder takes. A forwarded service listens where only
 /// the node reaches it (loopback, say): on the overlay it answers its hubs,
 /// whose proxies connect to it, and not the other nodes a hub routes to this
-/// one, which would reach a service its owner kept local. Sources outside
-/// the overlay (IPv4 clients translated on the hub, say) are taken. So are
+/// one, which would reach a service its owner kept local. The overlay is
+/// the node's own networks and each hub's: the longest prefix of a hub's
+/// `allowed_ips` that holds one of its addresses (a hub with two overlay
+/// networks has both, also the one the node has no address in; a default
+/// route is no network). Sources outside it (IPv4 clients translated on the
+/// hub, from its NAT64 `pool6`, say) are taken. So are
 /// other nodes' packets that a hub's translator carries (from its NAT64
 /// pool4, or an EAM IPv4 address), which the node is not told apart: the
 /// hub's `node_to_node` ("off", or "kernel" and its firewall) keeps those
 /// away, as it does untranslated ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admit {
-    /// The node's overlay networks.
+    /// The overlay networks: the node's own and its hubs'.
     overlay: Vec<IpNet>,
     /// The hubs' addresses in them.
     hubs: Vec<IpAddr>,
@@ -404,12 +408,25 @@ impl Admit {
         if cfg.hubs.is_empty() || cfg.hubs.iter().any(|h| h.addresses.is_empty()) {
             return None;
         }
-        let hubs = cfg
-            .hubs
-            .iter()
-            .flat_map(|h| h.addresses.iter().copied().chain(h.control.map(|c| c.ip())))
-            .collect();
-        let overlay = cfg.addresses.iter().map(IpNet::trunc).collect();
+        let mut hubs: Vec<IpAddr> = Vec::new();
+        let mut overlay: Vec<IpNet> = cfg.addresses.iter().map(IpNet::trunc).collect();
+        for h in &cfg.hubs {
+            for a in h.addresses.iter().copied().chain(h.control.map(|c| c.ip())) {
+                let a = a.to_canonical();
+                hubs.push(a);
+                let net = h
+                    .allowed_ips
+                    .iter()
+                    .map(IpNet::trunc)
+                    .filter(|n| n.prefix_len() > 0 && n.contains(&a))
+                    .max_by_key(IpNet::prefix_len);
+                if let Some(n) = net {
+                    if !overlay.contains(&n) {
+                        overlay.push(n);
+                    }
+                }
+            }
+        }
         Some(Arc::new(Admit { overlay, hubs }))
     }
 
@@ -843,6 +860,40 @@ mod tests {
         // Outside the overlay (a client translated on the hub): taken.
         assert!(a.admits("64:ff9b::c633:640a".parse().unwrap()));
         assert!(a.admits("198.51.100.10".parse().unwrap()));
+        // A hub network the node has no address in is the overlay too:
+        // its peers (a site behind the hub) are refused like other nodes.
+        let mut c = cfg("");
+        c.hubs[0].allowed_ips = [
+            "100.64.0.0/10",
+            "fd77:6777::/48",
+            "10.77.0.0/16",
+            "64:ff9b::/96",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        c.hubs[0].addresses = vec![
+            "fd77:6777::1".parse().unwrap(),
+            "10.77.0.1".parse().unwrap(),
+        ];
+        let b = Admit::of(&c).unwrap();
+        assert!(b.admits("10.77.0.1".parse().unwrap()));
+        assert!(!b.admits("10.77.5.9".parse().unwrap()));
+        assert!(!b.admits("::ffff:10.77.5.9".parse().unwrap()));
+        assert!(!b.admits("100.64.1.9".parse().unwrap()));
+        // The NAT64 pool6 holds no hub address: translated clients are
+        // taken, as is what the hub does not route to the node.
+        assert!(b.admits("64:ff9b::c633:640a".parse().unwrap()));
+        assert!(b.admits("198.51.100.10".parse().unwrap()));
+        // A default route is no overlay network: a hub the node sends
+        // everything to still lets translated clients through.
+        c.hubs[0].allowed_ips = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        let d = Admit::of(&c).unwrap();
+        assert!(d.admits("198.51.100.10".parse().unwrap()));
+        assert!(
+            !d.admits("100.64.1.9".parse().unwrap()),
+            "the node's own network"
+        );
         // Every plan carries it.
         let c2 = cfg("[[service]]\nname = \"a\"\nlocal = \"127.0.0.1:8080\"\n");
         let p = plan(&c2.services, &c2.addresses, Some(&a));

@@ -770,6 +770,27 @@ impl State {
         Ok(freed)
     }
 
+    /// Drops the declared services of every key that is neither a node nor
+    /// one of `file_keys` (a config-file peer taken out of the file: its
+    /// declarations would otherwise hold their hosts against the operator
+    /// for good, with no peer to remove). Returns the keys whose services
+    /// went.
+    pub fn drop_services_of_non_peers(&mut self, file_keys: &BTreeSet<String>) -> Vec<String> {
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|k| !self.nodes.contains_key(*k) && !file_keys.contains(*k))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            for k in &gone {
+                self.services.remove(k);
+            }
+            self.bump();
+        }
+        gone
+    }
+
     /// `PUT /v1/names/{name}`.
     pub fn set_name(&mut self, ctx: &Context, name: &str, rec: NameRecord) -> Result<()> {
         let name = api_name(name)?;

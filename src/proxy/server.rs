@@ -335,6 +335,16 @@ impl Runtime {
     }
 }
 
+/// Why a forward could not listen on `port` (UDP or TCP) on all
+/// addresses: another program holds it, or the hub may not bind it. `None`
+/// when it could. Tried with a bind that is let go at once.
+pub fn try_port(udp: bool, port: u16) -> Option<String> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    crate::proxy::io::try_bind(addr, udp)
+        .err()
+        .map(|e| e.to_string())
+}
+
 /// A running proxy.
 pub struct Proxy {
     rt: Arc<Runtime>,
@@ -385,10 +395,7 @@ impl StatsHandle {
         if ours {
             return None;
         }
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        crate::proxy::io::try_bind(addr, udp)
-            .err()
-            .map(|e| e.to_string())
+        try_port(udp, port)
     }
 
     /// What the mesh publishes: the hosts of every route, and the bound

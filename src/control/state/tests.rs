@@ -1035,3 +1035,57 @@ fn a_file_peer_cannot_take_a_joined_nodes_prefix() {
         .file_peer_conflict(&peer(K2, vec![loose]))
         .is_ok());
 }
+
+/// A config-file peer taken out of the file leaves no declared services
+/// behind to hold their hosts against the operator; a joined node's and
+/// a remaining file peer's stay.
+#[test]
+fn a_file_peer_gone_from_the_file_leaves_no_services() {
+    let mut e = env();
+    e.file_keys.insert(K2.to_string());
+    let mut s = State::default();
+    s.add_node(&ctx(&e, 1), K1, None, None).unwrap();
+    s.set_name(
+        &ctx(&e, 1),
+        "shop",
+        NameRecord {
+            owners: vec![K2.to_string()],
+            replicas: false,
+            expires: None,
+            bandwidth: None,
+        },
+    )
+    .unwrap();
+    let ip1: IpAddr = "100.64.1.2".parse().unwrap();
+    let ip2: IpAddr = "100.64.7.2".parse().unwrap();
+    s.declare_services(&ctx(&e, 2), K1, ip1, vec![http("blog", 80)])
+        .unwrap();
+    s.declare_services(&ctx(&e, 2), K2, ip2, vec![http("shop", 80)])
+        .unwrap();
+    // Still in the file: nothing goes.
+    let before = s.clone();
+    assert!(s.drop_services_of_non_peers(&e.file_keys).is_empty());
+    assert_eq!(s, before);
+    let err = s
+        .create_route(&ctx(&e, 3), spec("shop", "100.64.0.2:80"))
+        .unwrap_err();
+    assert_eq!(err.status, 409, "{err}");
+    // Taken out of the file: its services go, the node's stay, and the
+    // operator may route the host.
+    e.file_keys.clear();
+    assert_eq!(
+        s.drop_services_of_non_peers(&e.file_keys),
+        vec![K2.to_string()]
+    );
+    assert!(!s.services.contains_key(K2));
+    assert!(s.services.contains_key(K1));
+    assert_eq!(s.version, before.version + 1);
+    let (_, created) = s
+        .create_route(&ctx(&e, 3), spec("shop", "100.64.0.2:80"))
+        .unwrap();
+    assert!(created);
+    // Nothing more to drop: no change, no bump.
+    let v = s.version;
+    assert!(s.drop_services_of_non_peers(&e.file_keys).is_empty());
+    assert_eq!(s.version, v);
+}
