@@ -14,7 +14,6 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use crate::proxy::http::HOP_BY_HOP;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
@@ -314,14 +313,15 @@ pub fn verdict(resp: Response<Bytes>, copy: &[HeaderName]) -> Verdict {
         return Verdict::Failed(format!("status {}", resp.status()));
     }
     let (mut parts, body) = resp.into_parts();
-    // Hop-by-hop headers are the service's connection's; the length is
-    // set again for the body as passed on. The content type stays.
-    for n in HOP_BY_HOP
-        .into_iter()
-        .chain([header::CONTENT_LENGTH, header::TRAILER])
-    {
+    // Hop-by-hop headers (also those its `Connection` names) are the
+    // service's connection's; the length is set again for the body as
+    // passed on. The content type stays. HTTP/1.1, as the hub speaks it: a
+    // service's HTTP/1.0 would cost the client its keep-alive.
+    crate::proxy::http::strip_hop_by_hop(&mut parts.headers, None);
+    for n in [header::CONTENT_LENGTH, header::TRAILER] {
         parts.headers.remove(n);
     }
+    parts.version = http::Version::HTTP_11;
     Verdict::Deny(Response::from_parts(parts, body))
 }
 
@@ -498,9 +498,18 @@ mod tests {
         login
             .headers_mut()
             .insert(header::CONTENT_TYPE, "text/html".parse().unwrap());
+        // What the service's `Connection` names is its connection's too.
+        login
+            .headers_mut()
+            .insert(header::CONNECTION, "x-hop".parse().unwrap());
+        login.headers_mut().insert("x-hop", "1".parse().unwrap());
+        *login.version_mut() = http::Version::HTTP_10;
         match verdict(login, &[user]) {
             Verdict::Deny(r) => {
                 assert_eq!(r.status(), StatusCode::FOUND);
+                assert_eq!(r.version(), http::Version::HTTP_11);
+                assert!(r.headers().get("x-hop").is_none());
+                assert!(r.headers().get(header::CONNECTION).is_none());
                 assert_eq!(r.headers()[header::LOCATION], "https://sso.example/");
                 assert!(r.headers().get(header::TRANSFER_ENCODING).is_none());
                 assert_eq!(r.headers()[header::CONTENT_TYPE], "text/html");

@@ -77,18 +77,52 @@ struct ClientBodyState {
     /// Milliseconds after `start` + 1 since the body has waited for the
     /// client (0: it does not).
     waiting: AtomicU64,
-    /// Cuts the HTTP/1.1 backend connection the body goes out on (learnt
-    /// as the connection first asks for the body; see [`BACKEND_CUT`]).
-    cut: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    /// The HTTP/1.1 backend connection the request went out on, and the
+    /// number of its exchange there (see [`BackendCut`]).
+    cut: parking_lot::Mutex<Option<(Arc<BackendCut>, u64)>>,
 }
 
-tokio::task_local! {
-    /// Set while the task of an HTTP/1.1 backend connection runs it: the
-    /// connection is dropped once notified. hyper ends a connection whose
-    /// answer nobody waits for anymore only after flushing what it has
-    /// buffered, which a backend that stopped reading never lets it do; a
-    /// request body learns here how to cut its connection instead.
-    static BACKEND_CUT: Arc<tokio::sync::Notify>;
+/// How the task of an HTTP/1.1 backend connection is told to drop it.
+/// hyper ends a connection whose answer nobody waits for anymore only after
+/// flushing what it has buffered, which a backend that stopped reading never
+/// lets it do; a request given up cuts its connection instead. A cut names
+/// the exchange it is meant for, and the connection's task drops the
+/// connection only while that exchange is the one it carries: hyper lets a
+/// connection go idle once it has read a response to its end, which can be
+/// before the proxy has handed that response on, and the connection may
+/// carry another client's request by the time the first one is given up.
+#[derive(Default)]
+pub struct BackendCut {
+    notify: tokio::sync::Notify,
+    /// The exchange the connection carries (counted from 1 as requests are
+    /// sent on it; 0: none yet).
+    exchange: AtomicU64,
+    /// The latest exchange a cut was asked for (0: none).
+    asked: AtomicU64,
+}
+
+impl BackendCut {
+    /// Numbers a request about to be sent on the connection: the number
+    /// of its exchange.
+    fn next(&self) -> u64 {
+        self.exchange.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Asks for the connection to be dropped if it still carries exchange
+    /// `n`.
+    fn cut(&self, n: u64) {
+        self.asked.fetch_max(n, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Whether a cut was asked for the exchange the connection carries.
+    /// Asked by the connection's own task: a request the next exchange sent
+    /// meanwhile is given back by hyper as the connection is dropped unsent
+    /// (and sent again on another connection), never cut off half-way.
+    fn stands(&self) -> bool {
+        let asked = self.asked.load(Ordering::SeqCst);
+        asked != 0 && asked == self.exchange.load(Ordering::SeqCst)
+    }
 }
 
 /// How long past `idle_timeout` a request body that waits for its client
@@ -108,25 +142,30 @@ impl ClientBody {
             ended: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
-            cut: std::sync::OnceLock::new(),
+            cut: parking_lot::Mutex::new(None),
         }))
     }
 
-    /// Learns the cut of the HTTP/1.1 backend connection polling the body
-    /// (once; none on HTTP/2, which resets a stream given up).
-    fn link(&self) {
-        if self.0.cut.get().is_none() {
-            if let Ok(c) = BACKEND_CUT.try_with(Arc::clone) {
-                let _ = self.0.cut.set(c);
-            }
-        }
+    /// Sends the request on the HTTP/1.1 backend connection `sender`, as a
+    /// new exchange of it that the request can cut. (None on HTTP/2, which
+    /// resets a stream given up.)
+    fn send_on(
+        &self,
+        sender: &mut Pooled,
+        req: Request<ProxyBody>,
+    ) -> impl std::future::Future<
+        Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>,
+    > {
+        let n = sender.cut.next();
+        *self.0.cut.lock() = Some((Arc::clone(&sender.cut), n));
+        sender.sender.try_send_request(req)
     }
 
-    /// Drops the HTTP/1.1 backend connection the body went out on, if it
-    /// did: its request was given up.
+    /// Drops the HTTP/1.1 backend connection the request went out on, if
+    /// it still carries the request's exchange: the request was given up.
     fn cut(&self) {
-        if let Some(c) = self.0.cut.get() {
-            c.notify_one();
+        if let Some((c, n)) = &*self.0.cut.lock() {
+            c.cut(*n);
         }
     }
 
@@ -510,6 +549,8 @@ struct CountedBody<B> {
     limit: Option<BodyLimit>,
     /// Request bodies: set when the client's body fails.
     fault: Option<ClientBody>,
+    /// Request bodies: what their trailers may not carry on.
+    trailers: Option<TrailerRules>,
     /// Response bodies: the request's body, whose failure (counted as it
     /// failed) cuts the response off too.
     request: Option<ClientBody>,
@@ -577,7 +618,9 @@ impl<B> Drop for CountedBody<B> {
         if self.sending.as_ref().is_some_and(|s| s.take_cut()) {
             self.counters.error(ErrorKind::ClientNotReading);
             // An HTTP/1.1 backend connection still taking the request's
-            // body goes too (a response dropped unread closes its own).
+            // body goes too (a response dropped unread closes its own, once
+            // it has flushed what it holds of the request); one that has
+            // gone on to another exchange stays.
             if let Some(r) = &self.request {
                 r.cut();
             }
@@ -597,9 +640,6 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if let Some(f) = &self.fault {
-            f.link();
-        }
         if self.pause.is_some() {
             std::task::ready!(poll_pause(&mut self.pause, cx));
         }
@@ -637,7 +677,13 @@ where
                         b.end();
                     }
                 }
-                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+                let mut r = r.map(|f| f.map_err(Into::into));
+                if let (Some(Ok(f)), Some(rules)) = (&mut r, &self.trailers) {
+                    if let Some(t) = f.trailers_mut() {
+                        rules.clean(t);
+                    }
+                }
+                Poll::Ready(r)
             }
             Poll::Pending => {
                 if !self.stalled(cx) {
@@ -739,6 +785,7 @@ fn counted(
         _hold: hold,
         limit: None,
         fault: None,
+        trailers: None,
         request: Some(request),
         idle,
         waiting: false,
@@ -748,13 +795,15 @@ fn counted(
     .boxed()
 }
 
-/// A request body from a client.
+/// A request body from a client, whose trailers go on as `trailers` lets
+/// them.
 fn limited(
     b: Incoming,
     counters: Arc<Counters>,
     throttle: Arc<Throttle>,
     limit: Option<BodyLimit>,
     fault: ClientBody,
+    trailers: TrailerRules,
     idle: Duration,
 ) -> ProxyBody {
     CountedBody {
@@ -767,6 +816,7 @@ fn limited(
         _hold: None,
         limit,
         fault: Some(fault),
+        trailers: Some(trailers),
         request: None,
         idle,
         waiting: false,
@@ -813,7 +863,12 @@ fn announced_length(h: &HeaderMap) -> Option<u64> {
     let mut len = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
         for part in v.to_str().ok()?.split(',') {
-            let n: u64 = part.trim().parse().ok()?;
+            // Digits only: hyper refuses a sign.
+            let part = part.trim();
+            if !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = part.parse().ok()?;
             if len.is_some_and(|l| l != n) {
                 return None;
             }
@@ -943,10 +998,13 @@ pub async fn handle(
 /// Why the hub refuses to pass `req` on, whatever its route: a `CONNECT`
 /// (the hub tunnels nothing for clients; sent on it would reach the backend
 /// as a broken request), more than one `Host` (RFC 9112 §3.2: a proxy in
-/// front that reads the other one would judge another host), or an HTTP/2
-/// request whose `host` disagrees with its authority (RFC 9113 §8.3.1).
-/// An HTTP/1.1 request in absolute form goes by its target, whatever its
-/// `Host` (RFC 9112 §3.2.2).
+/// front that reads the other one would judge another host), an HTTP/1.1
+/// request without one (RFC 9112 §3.2: 400; HTTP/1.0 needs none), a
+/// transfer coding other than `chunked` (RFC 9112 §6.1: 501; hyper takes
+/// off the chunked framing only, and the backend would get the body still
+/// coded with nothing to say so), or an HTTP/2 request whose `host`
+/// disagrees with its authority (RFC 9113 §8.3.1). An HTTP/1.1 request in
+/// absolute form goes by its target, whatever its `Host` (RFC 9112 §3.2.2).
 fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     if req.method() == http::Method::CONNECT {
         return Some((
@@ -962,6 +1020,18 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
             "400 bad request: more than one Host header",
         ));
     }
+    if first.is_none() && req.version() == Version::HTTP_11 {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "400 bad request: an HTTP/1.1 request needs a Host header",
+        ));
+    }
+    if !chunked_only(req.headers()) {
+        return Some((
+            StatusCode::NOT_IMPLEMENTED,
+            "501 not implemented: the hub decodes no transfer coding but chunked",
+        ));
+    }
     if req.version() >= Version::HTTP_2 {
         if let (Some(h), Some(a)) = (first, req.uri().authority()) {
             if !same_authority(h.to_str().unwrap_or_default(), a.as_str()) {
@@ -973,6 +1043,80 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
         }
     }
     None
+}
+
+/// Whether a message's `Transfer-Encoding`, when it has one, is `chunked`
+/// alone: the one transfer coding the hub takes off (hyper does), and that
+/// is not passed on (the header is hop-by-hop).
+fn chunked_only(h: &HeaderMap) -> bool {
+    let mut codings = Vec::new();
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let Ok(s) = v.to_str() else {
+            return false;
+        };
+        codings.extend(s.split(',').map(str::trim).filter(|c| !c.is_empty()));
+    }
+    match codings.as_slice() {
+        [] => !h.contains_key(header::TRANSFER_ENCODING),
+        [c] => c.eq_ignore_ascii_case("chunked"),
+        _ => false,
+    }
+}
+
+/// Whether a backend's response (`status`, `h`) to a request (a `HEAD`
+/// when `head`) frames its body with a transfer coding other than
+/// `chunked`: hyper would hand its body on still coded (or, without
+/// `chunked`, read to the connection's end), and the header that says so
+/// goes as hop-by-hop. Answers without a body are not framed by it.
+fn other_coding(head: bool, status: StatusCode, h: &HeaderMap) -> bool {
+    let bodiless = head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    !bodiless && !chunked_only(h)
+}
+
+/// Leaves a message one `Content-Length` field of one value where it came
+/// with a list of one same value (`12, 12`) or several such fields: hyper
+/// reads them as that length, but an HTTP/2 peer refuses them (and resets
+/// the stream). One that is no valid length (possible in an answer to a
+/// `HEAD`, whose length hyper does not read) goes.
+fn one_length(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+    let plain = |v: &HeaderValue| {
+        !v.is_empty()
+            && v.as_bytes().iter().all(u8::is_ascii_digit)
+            && v.to_str().is_ok_and(|s| s.parse::<u64>().is_ok())
+    };
+    match (all.next(), all.next()) {
+        (None, _) => return,
+        (Some(v), None) if plain(v) => return,
+        _ => {}
+    }
+    match announced_length(h) {
+        Some(n) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            h.remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
+/// Readies the head of a backend's response for the client: HTTP/1.1
+/// (hyper answers an HTTP/2 client in HTTP/2 whatever the version says; an
+/// HTTP/1.0 backend's would cost an HTTP/1.1 client its keep-alive),
+/// without hop-by-hop headers (`keep`: the `Upgrade` of a switch), with one
+/// `Content-Length`, and with the route's `response_headers`.
+fn response_head(
+    parts: &mut http::response::Parts,
+    keep: Option<HeaderValue>,
+    edits: &crate::proxy::settings::HeaderEdits,
+) {
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, keep);
+    one_length(&mut parts.headers);
+    edit_headers(&mut parts.headers, edits);
 }
 
 /// Whether two authorities (`host[:port]`) name the same host, in any case,
@@ -1044,14 +1188,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) 
     if h.contains_key(header::TRANSFER_ENCODING) {
         h.remove(header::CONTENT_LENGTH);
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
+    for n in connection_listed(h) {
         h.remove(n);
     }
     for n in HOP_BY_HOP {
@@ -1060,6 +1197,74 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Option<HeaderValue>) 
     if let Some(u) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, u);
+    }
+}
+
+/// The header names a message's `Connection` header lists.
+fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// What a client's request trailers may not carry on to the backend: the
+/// fields the rules for its headers take out or set. (hyper sends an
+/// HTTP/1.1 backend the trailers the request's `Trailer` header names, an
+/// HTTP/2 backend all of them; a backend that reads them as headers would
+/// otherwise take a client's `X-Forwarded-For` or `X-Forwarded-User` for
+/// the hub's.)
+struct TrailerRules {
+    /// The names the request's `Connection` header lists, the headers of
+    /// the route's `forward_auth` service and `request_headers`, and on a
+    /// route with `basic_auth_file` the credentials.
+    names: Vec<HeaderName>,
+}
+
+impl TrailerRules {
+    /// The rules for a request with the headers `head` (as the client sent
+    /// them), on a route whose `forward_auth` service sets `auth`, whose
+    /// `request_headers` are `edits`, and which takes the client's
+    /// credentials for itself when `basic_auth`.
+    fn new(
+        head: &HeaderMap,
+        auth: &[HeaderName],
+        edits: &crate::proxy::settings::HeaderEdits,
+        basic_auth: bool,
+    ) -> TrailerRules {
+        let mut names = connection_listed(head);
+        names.extend(auth.iter().cloned());
+        names.extend(edits.iter().map(|(n, _)| n.clone()));
+        if basic_auth {
+            names.push(header::AUTHORIZATION);
+        }
+        TrailerRules { names }
+    }
+
+    /// Takes out of the trailers `t` the hop-by-hop fields, the forwarding
+    /// ones (see [`is_forwarding`]), those that frame or address a message
+    /// (`Host`, `Content-Length`, `Trailer`), and those of the rules' names
+    /// (also spelled with `_` for `-`).
+    fn clean(&self, t: &mut HeaderMap) {
+        let framing = [header::HOST, header::CONTENT_LENGTH, header::TRAILER];
+        let gone: Vec<HeaderName> = t
+            .keys()
+            .filter(|k| {
+                HOP_BY_HOP.contains(k)
+                    || framing.contains(k)
+                    || is_forwarding(k)
+                    || self
+                        .names
+                        .iter()
+                        .any(|n| same_dashed(k.as_str(), n.as_str()))
+            })
+            .cloned()
+            .collect();
+        for n in gone {
+            t.remove(n);
+        }
     }
 }
 
@@ -1314,25 +1519,35 @@ where
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
         .map_err(|_| BAD_EXCHANGE)?;
-    let cut = Arc::new(tokio::sync::Notify::new());
-    let run = BACKEND_CUT.scope(cut.clone(), async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!(error = %e, "backend connection ended");
-        }
-    });
+    let cut = Arc::new(BackendCut::default());
+    let task = Arc::clone(&cut);
     tokio::spawn(async move {
-        tokio::select! {
-            () = run => {}
-            () = cut.notified() => debug!("backend connection cut: its request was given up"),
+        let run = conn.with_upgrades();
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "backend connection ended");
+                    }
+                    return;
+                }
+                () = task.notify.notified() => {
+                    if task.stands() {
+                        debug!("backend connection cut: its request was given up");
+                        return;
+                    }
+                }
+            }
         }
     });
-    Ok(sender)
+    Ok(Pooled { sender, cut })
 }
 
-/// Awaits a backend's response to a request sent by `sending` (an HTTP/1.1 or
-/// HTTP/2 `try_send_request`). When the connection failed before the request
-/// went out (a kept connection the backend had just closed), the request
-/// comes back.
+/// Awaits a backend's response to a request sent by `sending` (an HTTP/1.1
+/// [`ClientBody::send_on`] or an HTTP/2 `try_send_request`). When the
+/// connection failed before the request went out (a kept connection the
+/// backend had just closed), the request comes back.
 async fn send(
     sending: impl std::future::Future<
         Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ProxyBody>>>,
@@ -1935,9 +2150,17 @@ async fn forward(
         ));
     }
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let is_head = req.method() == http::Method::HEAD;
     let (mut parts, body) = req.into_parts();
     let trailers = h2 && accepts_trailers(&parts.headers);
+    let client_trailers = TrailerRules::new(
+        &parts.headers,
+        route.forward_auth.as_ref().map_or(&[], |fa| fa.copied()),
+        &route.settings.request_headers,
+        route.auth.is_some(),
+    );
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
+    one_length(&mut parts.headers);
     add_forwarding(
         &mut parts.headers,
         conn.client.ip(),
@@ -2021,6 +2244,7 @@ async fn forward(
             route.bandwidth.clone(),
             limit,
             fault.clone(),
+            client_trailers,
             shared.limits.idle_timeout,
         ),
     );
@@ -2043,9 +2267,7 @@ async fn forward(
         up.note_ok(backend.addr);
         Record::note(rec, |e| e.backend = Some(backend.addr));
         let (mut parts, body) = resp.into_parts();
-        parts.version = Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers, None);
-        edit_headers(&mut parts.headers, &route.settings.response_headers);
+        response_head(&mut parts, None, &route.settings.response_headers);
         return Ok(Response::from_parts(
             parts,
             counted(
@@ -2084,7 +2306,7 @@ async fn forward(
                 }
             }
         };
-        match send(sender.try_send_request(breq), &shared, &fault).await {
+        match send(fault.send_on(&mut sender, breq), &shared, &fault).await {
             Ok(r) => break (r, sender, backend, lease),
             // The client's body failed (part of it is gone: no retry).
             Err(_) if fault.failed() => return Ok(fault.answer().unwrap_or_else(too_large)),
@@ -2110,6 +2332,15 @@ async fn forward(
             ErrorKind::BackendProtocol,
             StatusCode::BAD_GATEWAY,
             "502 bad gateway: the backend switched to a protocol the client did not ask for",
+        ));
+    }
+    if other_coding(is_head, resp.status(), resp.headers()) {
+        // (The backend connection goes with the response, dropped unread.)
+        return Ok(err(
+            &c,
+            ErrorKind::BackendProtocol,
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: the backend used a transfer coding other than chunked",
         ));
     }
     up.note_ok(backend.addr);
@@ -2155,8 +2386,7 @@ async fn forward(
     } else {
         None
     };
-    strip_hop_by_hop(&mut parts.headers, keep);
-    edit_headers(&mut parts.headers, &route.settings.response_headers);
+    response_head(&mut parts, keep, &route.settings.response_headers);
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,
@@ -2226,6 +2456,7 @@ mod tests {
             _hold: None,
             limit: None,
             fault,
+            trailers: None,
             request,
             idle,
             waiting: false,
@@ -2355,6 +2586,88 @@ mod tests {
         assert!(!conn.uncounted_cut());
     }
 
+    /// An HTTP/1.1 backend connection on an in-memory pipe, to a backend
+    /// that reads each request's body and answers with its path; to
+    /// `/wait`, once it has said so on `got` and `go` is notified.
+    async fn backend_on_a_pipe(
+        got: Arc<tokio::sync::Notify>,
+        go: Arc<tokio::sync::Notify>,
+    ) -> Pooled {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (got, go) = (Arc::clone(&got), Arc::clone(&go));
+            async move {
+                let path = req.uri().path().to_string();
+                let _ = req.into_body().collect().await;
+                if path == "/wait" {
+                    got.notify_one();
+                    go.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(path))))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), svc),
+        );
+        handshake(near).await.unwrap()
+    }
+
+    /// A request to `path` with `body`, the body of `fault`.
+    fn request_to(path: &str, body: &'static [u8], fault: &ClientBody) -> Request<ProxyBody> {
+        let b = Full::new(Bytes::from_static(body));
+        let b = counted_body(
+            b,
+            &Arc::default(),
+            Some(fault.clone()),
+            None,
+            Duration::ZERO,
+        );
+        Request::builder()
+            .uri(path)
+            .header(header::HOST, "a.example")
+            .body(b.boxed())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_cut_spares_the_exchange_after_the_one_it_was_meant_for() {
+        let (got, go) = (Arc::default(), Arc::new(tokio::sync::Notify::new()));
+        let mut sender = backend_on_a_pipe(Arc::clone(&got), Arc::clone(&go)).await;
+        let c = Arc::new(Counters::default());
+        // hyper reads the first response to its end and lets the connection
+        // go idle, while the response still waits for its client.
+        let first = ClientBody::new();
+        let req = request_to("/first", b"abc", &first);
+        let resp = first.send_on(&mut sender, req).await.unwrap();
+        let mut body = counted_body(resp.into_body(), &c, None, Some(first), Duration::ZERO);
+        let client = Stall::conn();
+        body.sending = Some(Arc::clone(&client));
+        let idle = tokio::time::timeout(Duration::from_secs(5), sender.ready()).await;
+        assert!(matches!(idle, Ok(Ok(()))));
+        // The next exchange on the connection is at the backend when the
+        // first client is cut off for taking nothing.
+        let next = ClientBody::new();
+        let req = request_to("/wait", b"de", &next);
+        let answer = tokio::spawn(next.send_on(&mut sender, req));
+        got.notified().await;
+        client.cut_off();
+        drop(body);
+        assert_eq!(c.errors_of(ErrorKind::ClientNotReading), 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        go.notify_one();
+        let resp = answer.await.unwrap().unwrap();
+        let got_body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got_body, "/wait");
+        // A cut for the exchange the connection carries drops it.
+        let last = ClientBody::new();
+        let req = request_to("/wait", b"", &last);
+        let answer = tokio::spawn(last.send_on(&mut sender, req));
+        got.notified().await;
+        last.cut();
+        assert!(answer.await.unwrap().is_err());
+        assert!(sender.is_closed());
+    }
+
     #[tokio::test]
     async fn http2_responses_go_out_in_frames_of_at_most_16_kib() {
         let data = Bytes::from(vec![5u8; 2 * H2_FRAME + 100]);
@@ -2422,7 +2735,13 @@ mod tests {
         let v11 = Version::HTTP_11;
         let v2 = Version::HTTP_2;
         assert_eq!(status(&req("GET", v11, "/", &["a.example"])), None);
-        assert_eq!(status(&req("GET", v11, "/", &[])), None);
+        // HTTP/1.1 needs a Host (RFC 9112 §3.2), HTTP/1.0 does not.
+        assert_eq!(status(&req("GET", v11, "/", &[])), Some(400));
+        assert_eq!(
+            status(&req("GET", v11, "http://a.example/", &[])),
+            Some(400)
+        );
+        assert_eq!(status(&req("GET", Version::HTTP_10, "/", &[])), None);
         assert_eq!(
             status(&req("CONNECT", v11, "a.example:443", &["a.example:443"])),
             Some(405)
@@ -2467,6 +2786,126 @@ mod tests {
         assert!(same_authority("[2001:db8::1]:443", "[2001:DB8::1]"));
         assert!(!same_authority("[2001:db8::1]", "[2001:db8::2]"));
         assert!(!same_authority("", ""));
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_refused() {
+        let req = |codings: &[&str]| {
+            let mut b = Request::builder()
+                .uri("/")
+                .header(header::HOST, "a.example");
+            for c in codings {
+                b = b.header(header::TRANSFER_ENCODING, *c);
+            }
+            b.body(()).unwrap()
+        };
+        let status = |r: &Request<()>| malformed(r).map(|(s, _)| s.as_u16());
+        assert_eq!(status(&req(&[])), None);
+        assert_eq!(status(&req(&["chunked"])), None);
+        assert_eq!(status(&req(&["Chunked "])), None);
+        // hyper takes off the chunked framing and leaves gzip on the body.
+        assert_eq!(status(&req(&["gzip, chunked"])), Some(501));
+        assert_eq!(status(&req(&["gzip", "chunked"])), Some(501));
+        assert_eq!(status(&req(&["chunked, chunked"])), Some(501));
+        assert_eq!(status(&req(&[""])), Some(501));
+        // A backend's response: only where the coding frames a body.
+        let h = |c: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::TRANSFER_ENCODING, HeaderValue::from_static(c));
+            m
+        };
+        let ok = StatusCode::OK;
+        assert!(!other_coding(false, ok, &HeaderMap::new()));
+        assert!(!other_coding(false, ok, &h("chunked")));
+        assert!(other_coding(false, ok, &h("gzip, chunked")));
+        assert!(other_coding(false, ok, &h("gzip")));
+        assert!(!other_coding(true, ok, &h("gzip, chunked")));
+        assert!(!other_coding(false, StatusCode::NOT_MODIFIED, &h("gzip")));
+        assert!(!other_coding(false, StatusCode::NO_CONTENT, &h("gzip")));
+    }
+
+    #[test]
+    fn a_backends_response_head_goes_on_as_http_1_1_with_one_length() {
+        let head = |version: Version, lengths: &[&'static str]| {
+            let mut b = Response::builder().version(version);
+            for l in lengths {
+                b = b.header(header::CONTENT_LENGTH, *l);
+            }
+            let mut parts = b.body(()).unwrap().into_parts().0;
+            response_head(&mut parts, None, &Vec::new());
+            let all: Vec<String> = parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            (parts.version, all)
+        };
+        let v11 = Version::HTTP_11;
+        // An HTTP/1.0 backend's answer keeps the client's connection alive.
+        assert_eq!(head(Version::HTTP_10, &["12"]), (v11, vec!["12".into()]));
+        assert_eq!(head(Version::HTTP_2, &[]), (v11, vec![]));
+        // A list of one value, as hyper reads it, goes on as that value.
+        assert_eq!(head(v11, &["12, 12"]), (v11, vec!["12".into()]));
+        assert_eq!(head(v11, &["12", "12"]), (v11, vec!["12".into()]));
+        // No length at all (an answer to a HEAD, unread by hyper): none.
+        assert_eq!(head(v11, &["12, 13"]), (v11, vec![]));
+        assert_eq!(head(v11, &["+12"]), (v11, vec![]));
+        assert_eq!(head(v11, &["x"]), (v11, vec![]));
+        // A request's too.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        one_length(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+    }
+
+    #[tokio::test]
+    async fn a_clients_trailers_lose_what_its_headers_would() {
+        let mut head = HeaderMap::new();
+        head.insert(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        let auth = [HeaderName::from_static("x-forwarded-user")];
+        let edits = vec![(
+            HeaderName::from_static("x-env"),
+            Some(HeaderValue::from_static("prod")),
+        )];
+        let rules = TrailerRules::new(&head, &auth, &edits, true);
+        let mut t = HeaderMap::new();
+        for n in [
+            "x-forwarded-for",
+            "x_forwarded_user",
+            "x-real-ip",
+            "forwarded",
+            "x-secret",
+            "x-env",
+            "authorization",
+            "host",
+            "content-length",
+            "connection",
+            "te",
+            "x-sum",
+        ] {
+            t.insert(HeaderName::from_static(n), HeaderValue::from_static("1"));
+        }
+        let inner = http_body_util::Empty::<Bytes>::new()
+            .with_trailers(async move { Some(Ok::<_, Infallible>(t)) });
+        let fault = Some(ClientBody::new());
+        let mut b = counted_body(
+            Box::pin(inner),
+            &Arc::default(),
+            fault,
+            None,
+            Duration::ZERO,
+        );
+        b.trailers = Some(rules);
+        let t = b.frame().await.unwrap().unwrap().into_trailers().unwrap();
+        let left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-sum"]);
+        // Without basic_auth_file, the credentials are the backend's.
+        let rules = TrailerRules::new(&HeaderMap::new(), &[], &Vec::new(), false);
+        let mut t = HeaderMap::new();
+        t.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        rules.clean(&mut t);
+        assert!(t.contains_key(header::AUTHORIZATION));
     }
 
     #[test]
@@ -2642,6 +3081,7 @@ mod tests {
         assert_eq!(announced_length(&h(&["7", "8"])), None);
         assert_eq!(announced_length(&h(&["7,8"])), None);
         assert_eq!(announced_length(&h(&["x"])), None);
+        assert_eq!(announced_length(&h(&["+7"])), None);
     }
 
     #[test]

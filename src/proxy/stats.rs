@@ -69,9 +69,10 @@ pub enum ErrorKind {
     /// A plain HTTP connection with no complete request head within
     /// `header_timeout` of its accept (closed; a slowloris).
     HeaderTimeout,
-    /// A request the hub does not pass on: more than one `Host`, a `Host`
-    /// that disagrees with an HTTP/2 request's authority (400), a `CONNECT`
-    /// (405).
+    /// A request the hub does not pass on: more than one `Host`, none on
+    /// HTTP/1.1, a `Host` that disagrees with an HTTP/2 request's authority
+    /// (400), a `CONNECT` (405), a transfer coding other than `chunked`
+    /// (501).
     BadRequest,
     /// A client that took nothing of its response for `idle_timeout` (its
     /// TCP window, or its HTTP/2 stream's window, stayed shut): the

@@ -5,6 +5,7 @@
 //! tunnel is silent counts as down), a per-route connection limit, TLS to
 //! `https://` backends, and for HTTP/2 backends one shared connection each.
 
+use crate::proxy::http::BackendCut;
 use crate::proxy::settings::{
     Backend, BackendProtocol, BackendTls, Balance, HealthCheck, HealthKind, Limits, Policy,
     ProxyProtocol, Scheme,
@@ -129,8 +130,31 @@ struct State {
     last_ok_ms: AtomicU64,
 }
 
-/// An idle keep-alive connection to an HTTP backend.
-pub type Pooled = hyper::client::conn::http1::SendRequest<crate::proxy::http::ProxyBody>;
+/// A keep-alive HTTP/1.1 connection to a backend: its sender, and how its
+/// task is told to drop it (see [`BackendCut`]).
+pub struct Pooled {
+    /// Sends the connection's requests.
+    pub sender: hyper::client::conn::http1::SendRequest<crate::proxy::http::ProxyBody>,
+    /// Cuts the connection while it still carries a given exchange.
+    pub cut: Arc<BackendCut>,
+}
+
+impl Pooled {
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Whether the connection is idle: it can take a request now.
+    pub fn is_ready(&self) -> bool {
+        self.sender.is_ready()
+    }
+
+    /// Waits until the connection is idle (an error once it has closed).
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        self.sender.ready().await
+    }
+}
 
 /// A handle on a backend's multiplexed HTTP/2 connection (cloned per request).
 pub type H2Sender = hyper::client::conn::http2::SendRequest<crate::proxy::http::ProxyBody>;
@@ -1370,7 +1394,10 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(conn);
-        let mut s = s;
+        let mut s = Pooled {
+            sender: s,
+            cut: Arc::default(),
+        };
         s.ready().await.unwrap();
         (s, b)
     }
