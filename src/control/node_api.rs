@@ -388,6 +388,9 @@ async fn serve(
                 })
             };
             let r = commit.await.unwrap_or_else(|e| {
+                // The task ended before it could give the change back (its
+                // place in progress went with it): nothing was made.
+                shared.budget.lock().give_back(&key);
                 Err(state::Error {
                     status: 500,
                     message: format!("the declaration's task failed: {e}"),
