@@ -2652,6 +2652,60 @@ async fn udp_tagged_echo(tag: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// `max_connections` on a UDP forward caps its flows: a new client
+/// beyond it is dropped and counted while the open flows go on, and gets
+/// in once a flow has ended (here, gone idle).
+#[tokio::test]
+async fn udp_max_connections_caps_flows() {
+    let echo = udp_echo().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        flow_idle_timeout: Duration::from_millis(600),
+        balance: Balance {
+            max_connections: Some(2),
+            ..Balance::default()
+        },
+        ..udp_forward(echo)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    assert_eq!(
+        udp_ask(&clients[0], at, b"one").await.as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(
+        udp_ask(&clients[1], at, b"two").await.as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        udp_ask(&clients[2], at, b"three").await,
+        None,
+        "a third flow"
+    );
+    // The two open flows are not disturbed by the refusal.
+    assert_eq!(
+        udp_ask(&clients[0], at, b"one again").await.as_deref(),
+        Some(&b"one again"[..])
+    );
+    let over = |p: &Proxy| {
+        let st = p.stats();
+        let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+        (u.requests, u.errors.get("over_capacity").copied())
+    };
+    assert_eq!(over(&p), (2, Some(1)));
+    // Once both flows have gone idle and ended, the third client gets in.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(
+        udp_ask(&clients[2], at, b"three").await.as_deref(),
+        Some(&b"three"[..])
+    );
+    assert_eq!(over(&p), (3, Some(1)));
+}
+
 /// A client that keeps sending (well within the idle timeout) still leaves
 /// a backend that a reload took out of the forward.
 #[tokio::test]

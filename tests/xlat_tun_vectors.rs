@@ -18,30 +18,12 @@
 //! socket has seen it (`ip rule add iif xv0 blackhole`, same for `-6`), so the
 //! kernel never answers on its own.
 
+mod siit;
+
 use std::io;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where Jool's graybox SIIT vectors lie: `GATEWIRE_SIIT_VECTORS`, else
-/// `shared/vectors/jool-graybox/` beside the checkout (they are GPL-2.0 test
-/// data, kept out of this repository).
-fn vectors() -> String {
-    let dir = std::env::var("GATEWIRE_SIIT_VECTORS").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/jool-graybox"
-        )
-        .to_string()
-    });
-    assert!(
-        std::path::Path::new(&dir).join("siit-cases.tsv").is_file(),
-        "no SIIT vectors at {dir} (Jool's graybox suite: put it at \
-         ../shared/vectors/jool-graybox beside the checkout, or set \
-         GATEWIRE_SIIT_VECTORS; docs/testing.md)"
-    );
-    dir
-}
 const IFACE: &str = "xv0";
 const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
 
@@ -292,11 +274,6 @@ impl Drop for PacketSock {
     }
 }
 
-fn read(rel: &str) -> Vec<u8> {
-    let p: PathBuf = [vectors().as_str(), rel].iter().collect();
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 /// (source, destination) of an IP packet, as raw bytes.
 fn addrs(p: &[u8]) -> Option<(&[u8], &[u8])> {
     match p.first()? >> 4 {
@@ -324,8 +301,8 @@ fn graybox_siit_vectors_through_tun() {
     let bin = std::env::var("GATEWIRE").expect("GATEWIRE: path to the gatewire binary");
     let dir = std::env::temp_dir().join(format!("gw-xlat-tun.{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let tsv =
-        std::fs::read_to_string(format!("{}/siit-cases.tsv", vectors())).expect("siit-cases.tsv");
+    let tsv = std::fs::read_to_string(format!("{}/siit-cases.tsv", siit::vectors()))
+        .expect("siit-cases.tsv");
     let mut buf = vec![0u8; 65536];
     let mut hub: Option<(String, Hub, PacketSock)> = None;
     let mut starts = 0;
@@ -354,9 +331,9 @@ fn graybox_siit_vectors_through_tun() {
             .filter(|s| !s.is_empty())
             .map(|s| s.parse().expect("offset"))
             .collect();
-        let wants: Vec<Vec<u8>> = expected.split(',').map(read).collect();
+        let wants: Vec<Vec<u8>> = expected.split(',').map(siit::read).collect();
         sock.drain(&mut buf);
-        if let Err(e) = sock.send(&read(sent)) {
+        if let Err(e) = sock.send(&siit::read(sent)) {
             failures.push(format!("{id} ({sent}): send: {e}"));
             continue;
         }

@@ -1,30 +1,11 @@
 //! Replays Jool's graybox SIIT vectors (`shared/vectors/jool-graybox/`) through
 //! the pure translator: every listed case, with its settings and ignored offsets.
 
+mod siit;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 
 use gatewire::xlat::{translate_4to6, translate_6to4, Config, Eam, Outcome, Pool6, OUT_BUF_LEN};
-
-/// Where Jool's graybox SIIT vectors lie: `GATEWIRE_SIIT_VECTORS`, else
-/// `shared/vectors/jool-graybox/` beside the checkout (they are GPL-2.0 test
-/// data, kept out of this repository).
-fn vectors() -> String {
-    let dir = std::env::var("GATEWIRE_SIIT_VECTORS").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/jool-graybox"
-        )
-        .to_string()
-    });
-    assert!(
-        std::path::Path::new(&dir).join("siit-cases.tsv").is_file(),
-        "no SIIT vectors at {dir} (Jool's graybox suite: put it at \
-         ../shared/vectors/jool-graybox beside the checkout, or set \
-         GATEWIRE_SIIT_VECTORS; docs/testing.md)"
-    );
-    dir
-}
 
 fn v4(s: &str) -> Ipv4Addr {
     s.parse().expect("ipv4")
@@ -122,11 +103,6 @@ fn apply_settings(cfg: &mut Config, settings: &str) {
     }
 }
 
-fn read(rel: &str) -> Vec<u8> {
-    let p: PathBuf = [vectors().as_str(), rel].iter().collect();
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 /// Compares one emitted packet with one expected packet; `None` when equal.
 fn diff(got: &[u8], want: &[u8], ignored: &[usize]) -> Option<String> {
     if got.len() != want.len() {
@@ -154,8 +130,8 @@ fn diff(got: &[u8], want: &[u8], ignored: &[usize]) -> Option<String> {
 
 #[test]
 fn graybox_siit_vectors() {
-    let tsv =
-        std::fs::read_to_string(format!("{}/siit-cases.tsv", vectors())).expect("siit-cases.tsv");
+    let tsv = std::fs::read_to_string(format!("{}/siit-cases.tsv", siit::vectors()))
+        .expect("siit-cases.tsv");
     let mut out = vec![0u8; OUT_BUF_LEN];
     let mut total = 0;
     let mut failures: Vec<String> = Vec::new();
@@ -175,7 +151,7 @@ fn graybox_siit_vectors() {
             .filter(|s| !s.is_empty())
             .map(|s| s.parse().expect("offset"))
             .collect();
-        let input = read(sent);
+        let input = siit::read(sent);
         // Dirty buffer: the translator must not rely on zeroed output.
         out.fill(0xa5);
         let outcome = if dir.starts_with('4') {
@@ -188,7 +164,7 @@ fn graybox_siit_vectors() {
             ("46" | "64", Outcome::Forward(_))
                 | ("44" | "66", Outcome::Reply { .. } | Outcome::Hairpin(_))
         );
-        let wants: Vec<Vec<u8>> = expected.split(',').map(read).collect();
+        let wants: Vec<Vec<u8>> = expected.split(',').map(siit::read).collect();
         let Some(packets) = outcome.packets().filter(|_| kind_ok) else {
             failures.push(format!("{id} ({sent}): unexpected outcome {outcome:?}"));
             continue;
