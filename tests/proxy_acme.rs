@@ -64,17 +64,6 @@ struct Pebble {
     ca: PathBuf,
 }
 
-async fn wait_port(port: u16) {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "port {port} never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A port free for both UDP and TCP on 127.0.0.1 (a DNS listener's).
 fn free_dns_port() -> u16 {
     loop {
@@ -92,8 +81,43 @@ async fn start_pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
 }
 
 /// Pebble asking the DNS server on `dns` (a port on 127.0.0.1) instead of
-/// pebble-challtestsrv, when given.
+/// pebble-challtestsrv, when given. Started again on other ports when it
+/// exits before listening (a port found free was taken meanwhile, say as
+/// another connection's local port).
 async fn start_pebble_dns(dir: &Path, http_port: u16, tls_port: u16, dns: Option<u16>) -> Pebble {
+    for _ in 0..3 {
+        if let Some(p) = try_start_pebble(dir, http_port, tls_port, dns).await {
+            return p;
+        }
+    }
+    panic!(
+        "pebble exited before listening, three times (see pebble.err in {})",
+        dir.display()
+    );
+}
+
+/// Whether `port` opened before `child` exited (15 s at most).
+async fn opened(port: u16, child: &mut Child) -> bool {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "port {port} never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+async fn try_start_pebble(
+    dir: &Path,
+    http_port: u16,
+    tls_port: u16,
+    dns: Option<u16>,
+) -> Option<Pebble> {
     // Pebble's own HTTPS certificate, for 127.0.0.1 and localhost.
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -137,7 +161,7 @@ async fn start_pebble_dns(dir: &Path, http_port: u16, tls_port: u16, dns: Option
             .spawn()
             .expect("pebble-challtestsrv"),
     );
-    let pebble = Proc(
+    let mut pebble = Proc(
         Command::new(PEBBLE)
             .args(["-config"])
             .arg(dir.join("pebble.json"))
@@ -146,19 +170,20 @@ async fn start_pebble_dns(dir: &Path, http_port: u16, tls_port: u16, dns: Option
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .env("PEBBLE_AUTHZREUSE", "0")
             .stdout(log("pebble.log"))
-            .stderr(Stdio::null())
+            .stderr(log("pebble.err"))
             .spawn()
             .expect("pebble"),
     );
-    wait_port(acme).await;
-    wait_port(mgmt).await;
-    Pebble {
+    if !(opened(acme, &mut pebble.0).await && opened(mgmt, &mut pebble.0).await) {
+        return None;
+    }
+    Some(Pebble {
         _pebble: pebble,
         _dns: dns_proc,
         dir_url: format!("https://127.0.0.1:{acme}/dir"),
         mgmt,
         ca,
-    }
+    })
 }
 
 fn tls_client(roots: &[CertificateDer<'static>], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
