@@ -90,6 +90,18 @@ pub fn send_queue(fd: std::os::fd::RawFd) -> Option<u32> {
     }
 }
 
+/// Whether the process at the other end of a local socket may use what the
+/// socket serves: root, or this process's own user. The file's mode is not
+/// enough (a umask can leave it open between `bind` and `chmod`, a
+/// directory can belong to someone else); the kernel's credentials are.
+/// Returns the peer's uid as well, for the log line of a refusal.
+pub fn peer_is_owner(s: &tokio::net::UnixStream) -> (bool, Option<u32>) {
+    let uid = s.peer_cred().ok().map(|p| p.uid());
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    (matches!(uid, Some(u) if u == 0 || u == own), uid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,21 @@ check "wg show gw0 listen-port" test "$(lab_exec hub wg show gw0 listen-port)" =
 showconf_ok() { lab_exec hub wg showconf gw0 | grep -q '^\[Peer\]'; }
 check "wg showconf gw0 works" showconf_ok
 
+# The socket hands out the private key: another user is refused whatever the
+# file's mode (the kernel's credentials decide, not the mode).
+sock=/run/wireguard/gw0.sock
+lab_exec hub chmod 666 "$sock"
+as_nobody=$(printf 'get=1\n\n' | lab_exec hub setpriv --reuid 65534 --regid 65534 --clear-groups \
+    socat -t 2 - "UNIX-CONNECT:$sock" 2>&1 || true)
+printf '%s\n' "$as_nobody" | sed 's/^/    nobody | /' | grep -v private_key >&2
+# Connected (no "Permission denied" from socat) and closed unanswered (at
+# most socat's "Broken pipe" on writing the request).
+cut_off() { ! grep -qE 'private_key|errno=|Permission denied|No such file|refused' <<<"$as_nobody"; }
+check "another user gets nothing from the UAPI socket, even at mode 666" cut_off
+as_root=$(printf 'get=1\n\n' | lab_exec hub socat -t 2 - "UNIX-CONNECT:$sock" 2>&1 || true)
+check "root still gets its answer" grep -q '^errno=0' <<<"$as_root"
+lab_exec hub chmod 600 "$sock"
+
 # ---------------------------------------------------------------- wg set: fwmark
 # wg-quick's full tunnel routes everything but the device's own marked
 # packets into it: the mark must be on what the UDP sockets send.

@@ -357,6 +357,7 @@ async fn route(
                 device: Some(&show),
                 routes: &routes,
                 certificates: &c.certificates(),
+                access_log_dropped: c.access_log_dropped(),
                 control: crate::control::metrics::ControlCounters {
                     state_version: c.state().version,
                     api_requests: c.counters.api_requests.load(Relaxed),
@@ -848,13 +849,10 @@ impl ApiServer {
                         continue;
                     };
                     // The socket needs no token: only root and this process's
-                    // own user, whatever the file's mode (a umask that left it
-                    // open for a moment, a directory made by someone else).
-                    let uid = s.peer_cred().map(|p| p.uid());
-                    // SAFETY: geteuid has no preconditions and cannot fail.
-                    let own = unsafe { libc::geteuid() };
-                    if !matches!(uid, Ok(u) if u == 0 || u == own) {
-                        debug!(uid = ?uid.ok(), "control socket connection from another user refused");
+                    // own user, whatever the file's mode.
+                    let (owner, uid) = crate::sockopt::peer_is_owner(&s);
+                    if !owner {
+                        debug!(?uid, "control socket connection from another user refused");
                         continue;
                     }
                     let Ok(permit) = sem.clone().try_acquire_owned() else {

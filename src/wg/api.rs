@@ -72,6 +72,14 @@ impl ApiServer {
                         continue;
                     }
                 };
+                // The socket hands out the private key (`get=1`) and takes
+                // new ones: only root and this process's own user, whatever
+                // the file's mode was between `bind` and `chmod`.
+                let (owner, uid) = crate::sockopt::peer_is_owner(&stream);
+                if !owner {
+                    debug!(?uid, "UAPI connection from another user refused");
+                    continue;
+                }
                 let Ok(permit) = Arc::clone(&sem).acquire_owned().await else {
                     return;
                 };
