@@ -138,6 +138,14 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
     }
     let mut tls = false;
     for e in &raw.etcd {
+        if e.contains('@') {
+            // The etcd client ignores credentials in the URL (the mesh would
+            // run without authentication), and the URL is logged.
+            return Err(format!(
+                "[mesh] etcd `{}`: credentials do not go in the URL; use username and password_file",
+                crate::config::redact_url(e)
+            ));
+        }
         let rest = if let Some(r) = e.strip_prefix("https://") {
             tls = true;
             r
@@ -330,6 +338,16 @@ mod tests {
         let raw: RawMesh = toml::from_str(OK).unwrap();
         let e = validate(raw, Path::new("/"), false).unwrap_err();
         assert!(e.contains("needs a [proxy]"), "{e}");
+        // Credentials in an endpoint: refused, and not echoed.
+        let e = parse(
+            "name = \"a\"\netcd = [\"http://root:s3cret@192.0.2.9:2379\"]\nadvertise = [\"192.0.2.1\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("password_file") && e.contains("192.0.2.9:2379"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]
