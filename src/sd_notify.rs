@@ -33,11 +33,21 @@ pub fn target(value: &str) -> Option<Target> {
         .then(|| Target::Path(std::path::PathBuf::from(value)))
 }
 
-/// Sends `state` (newline-separated `KEY=value` lines) to `to`.
-pub fn send_to(to: &Target, state: &str) -> io::Result<()> {
+/// How long a change of state (ready, reloading, stopping) waits for room in
+/// the service manager's queue, as libsystemd's `sd_notify` does: a lost
+/// `READY=1` gets the daemon killed at the start timeout, a lost one after a
+/// reload leaves the unit "reloading".
+const STATE_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends `state` (newline-separated `KEY=value` lines) to `to`. With `wait`,
+/// a full socket queue is waited on for up to that long; without, it is an
+/// error at once (the watchdog's pings, sent again soon anyway).
+pub fn send_to(to: &Target, state: &str, wait: Option<Duration>) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
-    // Called from async tasks: a full socket queue is an error, not a wait.
-    sock.set_nonblocking(true)?;
+    match wait {
+        Some(w) => sock.set_write_timeout(Some(w))?,
+        None => sock.set_nonblocking(true)?,
+    }
     match to {
         Target::Path(p) => sock.send_to(state.as_bytes(), p).map(drop),
         Target::Abstract(name) => {
@@ -51,6 +61,10 @@ pub fn send_to(to: &Target, state: &str) -> io::Result<()> {
 /// Sends `state` to the service manager, if the process runs under one that
 /// asked; a failure is logged, never fatal.
 pub fn notify(state: &str) {
+    notify_with(state, Some(STATE_WAIT));
+}
+
+fn notify_with(state: &str, wait: Option<Duration>) {
     let Ok(value) = std::env::var("NOTIFY_SOCKET") else {
         return;
     };
@@ -61,7 +75,7 @@ pub fn notify(state: &str) {
         );
         return;
     };
-    if let Err(e) = send_to(&to, state) {
+    if let Err(e) = send_to(&to, state, wait) {
         tracing::warn!(error = %e, "cannot notify the service manager");
     }
 }
@@ -132,7 +146,7 @@ pub fn spawn_watchdog() -> Option<Watchdog> {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            notify("WATCHDOG=1");
+            notify_with("WATCHDOG=1", None);
         }
     })))
 }
@@ -184,7 +198,7 @@ mod tests {
         let path = dir.join("notify");
         let _ = std::fs::remove_file(&path);
         let rx = UnixDatagram::bind(&path).unwrap();
-        send_to(&Target::Path(path.clone()), "READY=1").unwrap();
+        send_to(&Target::Path(path.clone()), "READY=1", None).unwrap();
         let mut buf = [0u8; 128];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
@@ -193,13 +207,44 @@ mod tests {
         let name = format!("gw-sdn-{}", std::process::id());
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let rx2 = UnixDatagram::bind_addr(&addr).unwrap();
-        send_to(&Target::Abstract(name.into_bytes()), "STOPPING=1").unwrap();
+        send_to(&Target::Abstract(name.into_bytes()), "STOPPING=1", None).unwrap();
         let n = rx2.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
 
         // Nobody listening: an error, not a panic.
         drop(rx);
-        assert!(send_to(&Target::Path(path.clone()), "READY=1").is_err());
+        assert!(send_to(&Target::Path(path.clone()), "READY=1", None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_change_of_state_waits_for_room_in_a_full_queue() {
+        let dir = std::env::temp_dir().join(format!("gw-sdn-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let to = Target::Path(path.clone());
+        let mut queued = 0;
+        while send_to(&to, "STATUS=filler", None).is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        }
+        // Full: a ping without a wait fails; READY=1 waits until the
+        // manager reads.
+        assert!(send_to(&to, "WATCHDOG=1", None).is_err());
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut buf = [0u8; 64];
+            let mut last = Vec::new();
+            for _ in 0..=queued {
+                let n = rx.recv(&mut buf).unwrap();
+                last = buf[..n].to_vec();
+            }
+            last
+        });
+        send_to(&to, "READY=1", Some(STATE_WAIT)).unwrap();
+        assert_eq!(reader.join().unwrap(), b"READY=1");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
