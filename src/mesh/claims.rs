@@ -151,20 +151,25 @@ pub fn wants<'a>(
 }
 
 /// The file a hub keeps the claims in across restarts: JSON, host to the
-/// claim's stored bytes in base64 (unreadable ones included).
+/// claim's stored bytes in base64 (unreadable ones included), and the mesh
+/// (its etcd prefix) they were read from.
 #[derive(Serialize, Deserialize)]
 struct Cache {
     v: u32,
+    /// Absent in files of older releases: taken as this mesh's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
     claims: BTreeMap<String, String>,
 }
 
 /// Longest cache file read.
 pub const MAX_CACHE: usize = 64 * 1024 * 1024;
 
-pub fn encode_cache(claims: &Claims) -> Vec<u8> {
+pub fn encode_cache(claims: &Claims, prefix: &str) -> Vec<u8> {
     use base64::Engine as _;
     let c = Cache {
         v: 1,
+        prefix: Some(prefix.to_string()),
         claims: claims
             .iter()
             .map(|(h, (_, raw))| {
@@ -178,9 +183,10 @@ pub fn encode_cache(claims: &Claims) -> Vec<u8> {
     serde_json::to_vec(&c).unwrap_or_default()
 }
 
-/// The claims of a cache file: each key and value checked as if read from
-/// etcd (bad keys left out, bad values kept as unreadable).
-pub fn decode_cache(bytes: &[u8]) -> Result<Claims, String> {
+/// The claims of a cache file written for the mesh at `prefix`: each key
+/// and value checked as if read from etcd (bad keys left out, bad values
+/// kept as unreadable).
+pub fn decode_cache(bytes: &[u8], prefix: &str) -> Result<Claims, String> {
     use base64::Engine as _;
     if bytes.len() > MAX_CACHE {
         return Err(format!("{} bytes, more than {MAX_CACHE}", bytes.len()));
@@ -194,6 +200,11 @@ pub fn decode_cache(bytes: &[u8]) -> Result<Claims, String> {
     })?;
     if c.v != 1 {
         return Err(format!("version {} (this hub reads 1)", c.v));
+    }
+    if let Some(p) = c.prefix.as_deref().filter(|p| *p != prefix) {
+        return Err(format!(
+            "the claims of the mesh at prefix {p}, not of this one ({prefix})"
+        ));
     }
     let mut out = Claims::new();
     for (h, b64) in c.claims {
@@ -390,15 +401,23 @@ mod tests {
             ("shop.gw.test", claim(K2, "hub-b", None)),
         ]);
         c.insert(d("bad.gw.test"), (None, b"\xffnot a claim".to_vec()));
-        let bytes = encode_cache(&c);
-        assert_eq!(decode_cache(&bytes).unwrap(), c);
-        assert!(decode_cache(b"{}").is_err());
-        assert!(decode_cache(b"{\"v\":2,\"claims\":{}}")
+        let p = "/gatewire/mesh/";
+        let bytes = encode_cache(&c, p);
+        assert_eq!(decode_cache(&bytes, p).unwrap(), c);
+        assert!(decode_cache(b"{}", p).is_err());
+        assert!(decode_cache(b"{\"v\":2,\"claims\":{}}", p)
             .unwrap_err()
             .contains("version 2"));
-        // A bad host is left out.
+        // Another mesh's claims are not this one's.
+        let e = decode_cache(&bytes, "/other/").unwrap_err();
+        assert!(
+            e.contains("/gatewire/mesh/") && e.contains("/other/"),
+            "{e}"
+        );
+        // A bad host is left out; a file of an older release (no prefix)
+        // is taken.
         let odd = br#"{"v":1,"claims":{"Not A Host":"e30="}}"#;
-        assert!(decode_cache(odd).unwrap().is_empty());
+        assert!(decode_cache(odd, p).unwrap().is_empty());
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct Mesh {
     bad_seals: AtomicU64,
     /// Seals taken lately (replays are refused).
     replay: Mutex<seal::ReplayGuard>,
+    /// When this hub started remembering seals (Unix seconds): one made
+    /// before is refused, since the seals taken then are forgotten.
+    replay_since: u64,
     /// When the replay guard was last found full (Unix seconds; logged at
     /// most once a minute).
     replay_full: AtomicU64,
@@ -220,6 +223,7 @@ impl Mesh {
                 .collect(),
             bad_seals: AtomicU64::new(0),
             replay: Mutex::new(seal::ReplayGuard::new(REPLAY_CAP)),
+            replay_since: unix_secs(),
             replay_full: AtomicU64::new(0),
             names: parking_lot::RwLock::new(claims::Claims::new()),
             names_kick: Arc::new(tokio::sync::Notify::new()),
@@ -277,6 +281,13 @@ impl Mesh {
             return Err(last.to_string());
         }
         let id = seal::seal_id(header).ok_or("no seal")?;
+        // A seal of the second before the start passes: the time has a
+        // second's resolution, and a restart takes longer than that.
+        let at = seal::sealed_at(header).ok_or("no seal")?;
+        if at.saturating_add(1) < self.replay_since {
+            self.bad_seals.fetch_add(1, Relaxed);
+            return Err(seal::SealError::BeforeStart(at, self.replay_since).to_string());
+        }
         // The clock is read again under the lock, so the guard sees times
         // in order (one read before it could predate a generation another
         // connection has just started).
@@ -522,7 +533,7 @@ impl Mesh {
     /// or unreadable file loads nothing (logged when unreadable).
     pub fn use_claims_cache(&self, path: std::path::PathBuf) {
         match std::fs::read(&path) {
-            Ok(bytes) => match claims::decode_cache(&bytes) {
+            Ok(bytes) => match claims::decode_cache(&bytes, &self.settings.prefix) {
                 Ok(kvs) => {
                     let mut names = self.names.write();
                     if names.is_empty() {
@@ -543,7 +554,7 @@ impl Mesh {
     }
 
     /// Writes the claims to the cache file when they changed since the
-    /// last write (a temporary file renamed over it).
+    /// last write (a temporary file synced and renamed over it).
     pub(crate) fn save_claims(&self) {
         let Some(path) = self.claims_cache.lock().clone() else {
             return;
@@ -551,10 +562,8 @@ impl Mesh {
         if !self.names_dirty.swap(false, Relaxed) {
             return;
         }
-        let bytes = claims::encode_cache(&self.names.read());
-        let tmp = path.with_extension("json.tmp");
-        let r = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = r {
+        let bytes = claims::encode_cache(&self.names.read(), &self.settings.prefix);
+        if let Err(e) = crate::control::pin::write_atomic(&path, &bytes, 0o644) {
             self.names_dirty.store(true, Relaxed);
             warn!(file = %path.display(), error = %e, "mesh: name claims not saved");
         }
@@ -690,6 +699,34 @@ mod tests {
         )
         .unwrap();
         (Mesh::new(settings::validate(raw, &dir, true).unwrap()), dir)
+    }
+
+    #[test]
+    fn a_seal_made_before_a_restart_is_refused_after_it() {
+        let (m, dir) = sealed_mesh("restart");
+        let at = |secs_ago: u64| {
+            seal::seal(
+                m.seal_key().unwrap(),
+                "a",
+                "192.0.2.1:5000".parse().unwrap(),
+                "198.51.100.1:80".parse().unwrap(),
+                unix_secs() - secs_ago,
+                [7; 8],
+            )
+        };
+        let old = at(30);
+        // A hub that started before the seal was made takes it once.
+        let mut was = Mesh::new(m.settings.clone());
+        Arc::get_mut(&mut was).unwrap().replay_since -= 60;
+        assert_eq!(was.check_seal(&old, true), Ok(()));
+        assert!(was.check_seal(&old, true).is_err());
+        // The restarted hub has forgotten it, but refuses it by its time.
+        let e = m.check_seal(&old, true).unwrap_err();
+        assert!(e.contains("before this hub started"), "{e}");
+        assert_eq!(m.bad_seals.load(Relaxed), 1);
+        // A fresh one (or one of the second before the start) is taken.
+        assert_eq!(m.check_seal(&at(0), false), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub enum SealError {
     Mac,
     #[error("seal seen before (a replayed header)")]
     Replayed,
+    /// Made before this hub started: the seals taken before are forgotten
+    /// with the process, so one of them could be a copy.
+    #[error("seal made at {0}, before this hub started at {1} (a replayed header, or the sending hub's clock behind)")]
+    BeforeStart(u64, u64),
 }
 
 /// What a seal's version says about the hub that sent it.
@@ -187,6 +191,13 @@ impl ReplayGuard {
         self.current.insert(id);
         Admit::New
     }
+}
+
+/// The time a seal says it was made (Unix seconds); only worth reading once
+/// [`verify`] has taken it.
+pub fn sealed_at(header: &[u8]) -> Option<u64> {
+    let tlv = header.get(header.len().checked_sub(TLV_LEN)?..)?;
+    Some(u64::from_be_bytes(tlv.get(4..12)?.try_into().ok()?))
 }
 
 /// What tells one seal from another: the first 16 bytes of its MAC.
