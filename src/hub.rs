@@ -698,7 +698,11 @@ async fn run_inner(
     api.set_show_section(
         "proxy",
         Arc::new(move || match stats.lock().as_ref() {
-            Some(h) => serde_json::json!({ "routes": h.stats(), "certificates": h.certificates() }),
+            Some(h) => serde_json::json!({
+                "routes": h.stats(),
+                "certificates": h.certificates(),
+                "access_log_dropped": h.access_log_dropped(),
+            }),
             None => serde_json::Value::Null,
         }),
     );

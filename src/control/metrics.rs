@@ -37,6 +37,7 @@
 //! | `gatewire_backend_failures_total`, `gatewire_backend_checks_failed_total` | counter | `route`, `backend`; `path` |
 //! | `gatewire_certificate_not_after_seconds` | gauge (unix time) | `host`, `source` (`file`, `acme`) |
 //! | `gatewire_acme_order_failing` | gauge (1/0) | `host` |
+//! | `gatewire_access_log_dropped_total` | counter (with `[proxy] access_log`) | |
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
 //! | `gatewire_tls_tunnels_open` | gauge | |
@@ -76,6 +77,8 @@ pub struct MetricsInput<'a> {
     pub routes: &'a [RouteSnapshot],
     /// The certificates the proxy serves or keeps.
     pub certificates: &'a [CertStatus],
+    /// Entries the proxy's access log lost, when it has one.
+    pub access_log_dropped: Option<u64>,
     /// The control plane's counters.
     pub control: ControlCounters,
     /// Nodes' tunnels carried over TLS, when the hub takes them.
@@ -114,6 +117,14 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
     }
     routes(&mut w, input.routes);
     certificates(&mut w, input.certificates);
+    if let Some(n) = input.access_log_dropped {
+        w.family(
+            "gatewire_access_log_dropped_total",
+            "Access log entries lost: the writer fell behind, or the file refused them.",
+            Kind::Counter,
+            |f| f.sample(&[], n),
+        );
+    }
     control(&mut w, &input.control);
     if let Some(t) = &input.tls_tunnels {
         tls_tunnels(&mut w, t);
@@ -998,6 +1009,7 @@ mod tests {
                 device: Some(dev),
                 routes,
                 certificates: &certs(),
+                access_log_dropped: None,
                 control: c,
                 tls_tunnels: None,
                 mesh: None,
@@ -1244,6 +1256,7 @@ mod tests {
                     device: Some(&dev),
                     routes: &[],
                     certificates: &[],
+                    access_log_dropped: None,
                     control: ControlCounters::default(),
                     tls_tunnels: None,
                     mesh: None,
@@ -1304,6 +1317,7 @@ mod tests {
             device: None,
             routes: &[],
             certificates: &[],
+            access_log_dropped: None,
             control: ControlCounters::default(),
             tls_tunnels: None,
             mesh: None,
@@ -1315,6 +1329,20 @@ mod tests {
         assert_eq!(p.get("gatewire_state_version", &[]), Some(0));
         assert_eq!(p.get("gatewire_joins_total", &[]), Some(0));
         assert_eq!(p.types.len(), 6);
+        assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), None);
+        // With an access log, what it lost.
+        let text = render(&MetricsInput {
+            device: None,
+            routes: &[],
+            certificates: &[],
+            access_log_dropped: Some(7),
+            control: ControlCounters::default(),
+            tls_tunnels: None,
+            mesh: None,
+        });
+        let p = parse(&text);
+        assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), Some(7));
+        assert_eq!(p.types.len(), 7);
     }
 
     #[test]
@@ -1323,6 +1351,7 @@ mod tests {
             device: None,
             routes: &[],
             certificates: &[],
+            access_log_dropped: None,
             control: ControlCounters::default(),
             tls_tunnels: Some(crate::carrier::CountersSnapshot {
                 streams: 5,
@@ -1362,6 +1391,7 @@ mod tests {
             device: None,
             routes: &[],
             certificates: &[],
+            access_log_dropped: None,
             control: ControlCounters::default(),
             tls_tunnels: None,
             mesh: Some(crate::mesh::MeshView {

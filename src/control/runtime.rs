@@ -665,6 +665,14 @@ impl Control {
             .unwrap_or_default()
     }
 
+    /// Entries the running proxy's access log lost; `None` without one.
+    pub fn access_log_dropped(&self) -> Option<u64> {
+        self.proxy_stats
+            .lock()
+            .as_ref()
+            .and_then(|h| h.access_log_dropped())
+    }
+
     /// The running proxy's counters and backend health, by route id.
     pub fn health(&self) -> BTreeMap<String, crate::proxy::stats::RouteSnapshot> {
         let mut out = BTreeMap::new();

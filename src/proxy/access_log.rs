@@ -4,8 +4,8 @@
 //!
 //! Formatting ([`Entry::write_line`], [`rfc3339_ms`]) is pure. The driver is a
 //! writer thread fed through a bounded queue: the request path never waits for
-//! the disk; when the queue is full the entry is dropped and counted (and the
-//! count logged). Lines are buffered and written when the queue runs empty, so
+//! the disk; when the queue is full, or the disk refuses a line (full, gone),
+//! the entry is dropped and counted (and the count logged). Lines are buffered and written when the queue runs empty, so
 //! a busy proxy writes them in batches and an idle one at once.
 //! [`AccessLog::reopen`] reopens the file (on reload and SIGHUP, for
 //! logrotate).
@@ -197,7 +197,9 @@ pub struct AccessLog {
     path: PathBuf,
     /// Taken in `drop`, so the writer sees the end before it is waited for.
     tx: Option<SyncSender<Msg>>,
-    dropped: AtomicU64,
+    /// Entries lost: the queue full, or a failed write. Shared with the
+    /// writer thread.
+    dropped: Arc<AtomicU64>,
     /// A reopen asked for: a flag the writer checks after every batch, so
     /// a full queue cannot lose it (the message only wakes the writer).
     reopen: Arc<AtomicBool>,
@@ -247,17 +249,18 @@ impl AccessLog {
         let (tx, rx) = sync_channel(QUEUE);
         let (done_tx, done) = sync_channel(1);
         let reopen = Arc::new(AtomicBool::new(false));
-        let (p, flag) = (path.to_path_buf(), reopen.clone());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (p, flag, lost) = (path.to_path_buf(), reopen.clone(), dropped.clone());
         std::thread::Builder::new()
             .name("gatewire-access-log".into())
             .spawn(move || {
-                writer(&p, file, &rx, &flag);
+                writer(&p, file, &rx, &flag, &lost);
                 let _ = done_tx.send(());
             })?;
         Ok(AccessLog {
             path: path.to_path_buf(),
             tx: Some(tx),
-            dropped: AtomicU64::new(0),
+            dropped,
             reopen,
             done: std::sync::Mutex::new(Some(done)),
         })
@@ -282,7 +285,7 @@ impl AccessLog {
         }
     }
 
-    /// Entries dropped because the writer fell behind.
+    /// Entries dropped: the writer fell behind, or the file refused them.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Relaxed)
     }
@@ -297,7 +300,7 @@ impl AccessLog {
     }
 }
 
-fn writer(path: &Path, file: File, rx: &Receiver<Msg>, reopen: &AtomicBool) {
+fn writer(path: &Path, file: File, rx: &Receiver<Msg>, reopen: &AtomicBool, lost: &AtomicU64) {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
     let reopened = |out: &mut BufWriter<File>| {
         if !reopen.swap(false, Relaxed) {
@@ -317,13 +320,18 @@ fn writer(path: &Path, file: File, rx: &Receiver<Msg>, reopen: &AtomicBool) {
         Msg::Entry(e) => {
             line.clear();
             e.write_line(&mut line);
+            // A line that does not fit the buffer is written out with
+            // what the buffer holds: an error is this line lost (what is
+            // buffered stays for the next try).
             match out.write_all(&line) {
                 Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    warn!(path = %path.display(), error = %e, "access log write failed");
+                Err(e) => {
+                    lost.fetch_add(1, Relaxed);
+                    if !failing {
+                        failing = true;
+                        warn!(path = %path.display(), error = %e, "access log write failed; entries dropped until a write succeeds");
+                    }
                 }
-                Err(_) => {}
             }
         }
         // In order when its message made it into the queue; else after
@@ -466,6 +474,28 @@ mod tests {
         let c = clip_path(&long);
         assert!(c.len() <= MAX_PATH && c.ends_with("..."), "{}", c.len());
         assert!(c.starts_with("/éé"));
+    }
+
+    #[test]
+    fn lines_the_file_refuses_are_counted() {
+        // /dev/full takes the open and refuses every write (ENOSPC).
+        let log = AccessLog::open(Path::new("/dev/full")).unwrap();
+        let e = Entry::new(0, "192.0.2.1:1".parse().unwrap(), Kind::Tcp, false);
+        // Enough lines to fill the 64 KiB buffer several times over.
+        for _ in 0..2_000 {
+            log.log(e.clone());
+            if log.dropped() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for _ in 0..200 {
+            if log.dropped() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(log.dropped() > 0, "no line counted as dropped");
     }
 
     #[test]

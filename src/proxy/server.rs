@@ -360,6 +360,17 @@ impl StatsHandle {
         self.0.stats()
     }
 
+    /// Entries the access log lost (queue full, write failed); `None`
+    /// without `[proxy] access_log`.
+    pub fn access_log_dropped(&self) -> Option<u64> {
+        self.0
+            .current
+            .load()
+            .access_log
+            .as_ref()
+            .map(|l| l.dropped())
+    }
+
     /// Every certificate the proxy serves or keeps: from files, and from
     /// ACME (with its renewal time and a failing order's error).
     pub fn certificates(&self) -> Vec<CertStatus> {
