@@ -2625,12 +2625,13 @@ fn udp_forward(backend: SocketAddr) -> UdpForwardSettings {
     }
 }
 
-/// A UDP server that returns every datagram to its sender.
+/// A UDP server that returns every datagram to its sender (up to the
+/// largest a UDP datagram can be).
 async fn udp_echo() -> SocketAddr {
     let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = echo.local_addr().unwrap();
     tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = echo.recv_from(&mut buf).await {
             let _ = echo.send_to(&buf[..n], from).await;
         }
@@ -2650,6 +2651,164 @@ async fn udp_tagged_echo(tag: &'static [u8]) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A UDP server that answers every datagram with the source port it came
+/// from (in decimal): which of the hub's sockets carries the flow.
+async fn udp_port_echo() -> SocketAddr {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(from.port().to_string().as_bytes(), from).await;
+        }
+    });
+    addr
+}
+
+/// A UDP server that, once it heard from a client, sends it `tick` every
+/// 200 ms for good (through the hub: to the flow's socket).
+async fn udp_chatty_backend() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let mut heard = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                r = sock.recv_from(&mut buf) => {
+                    if let Ok((_, from)) = r {
+                        heard = Some(from);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(to) = heard {
+                        let _ = sock.send_to(b"tick", to).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// A full flow table makes way for a new flow with flows never confirmed
+/// (one datagram and its answer: what a forged source address gets) before
+/// one whose client came back after its backend answered: a spray of new
+/// sources does not move an established client to another hub-side port.
+#[tokio::test]
+async fn udp_spray_of_new_sources_keeps_confirmed_flows() {
+    let echo = udp_port_echo().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        max_flows: 4,
+        ..udp_forward(echo)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = udp_ask(&a, at, b"1").await.expect("an answer");
+    assert_eq!(udp_ask(&a, at, b"2").await, Some(port.clone()), "one flow");
+    // Three times the table's size of new sources, each answered.
+    let mut spray = Vec::new();
+    for i in 0..12 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert!(udp_ask(&c, at, b"x").await.is_some(), "source {i}");
+        spray.push(c);
+    }
+    assert_eq!(
+        udp_ask(&a, at, b"3").await,
+        Some(port),
+        "the confirmed flow kept its socket"
+    );
+    let flows = |p: &Proxy| {
+        let st = p.stats();
+        st.iter()
+            .find(|s| s.route.starts_with("udp:"))
+            .unwrap()
+            .requests
+    };
+    assert_eq!(flows(&p), 13);
+    // The sprayed flows made way for each other: the first one is gone.
+    assert!(udp_ask(&spray[0], at, b"y").await.is_some());
+    assert_eq!(flows(&p), 14, "a new flow for the first sprayed source");
+}
+
+/// Only the client's datagrams keep a flow: a backend that keeps sending
+/// (to a client that went away, or to a forged source address) stops
+/// reaching it `flow_idle_timeout` after the client's last datagram.
+#[tokio::test]
+async fn udp_flow_expires_when_only_the_backend_sends() {
+    let b = udp_chatty_backend().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        flow_idle_timeout: Duration::from_secs(1),
+        ..udp_forward(b)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.send_to(b"hello", at).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(T, c.recv(&mut buf))
+        .await
+        .expect("the backend's datagrams reach the client")
+        .unwrap();
+    assert_eq!(&buf[..n], b"tick");
+    // The flow ends 1 s (and at most a sweep) after the client's datagram.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while c.try_recv(&mut buf).is_ok() {}
+    let late = tokio::time::timeout(Duration::from_secs(1), c.recv(&mut buf)).await;
+    assert!(
+        late.is_err(),
+        "the backend still reaches the client: {late:?}"
+    );
+}
+
+/// Datagrams of the largest size UDP carries pass both ways.
+#[tokio::test]
+async fn udp_forward_carries_full_size_datagrams() {
+    let echo = udp_echo().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![udp_forward(echo)];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let big: Vec<u8> = (0..65_507u32).map(|i| (i % 251) as u8).collect();
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..2 {
+        c.send_to(&big, at).await.unwrap();
+        let n = tokio::time::timeout(T, c.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, big.len());
+        assert!(buf[..n] == big[..], "the datagram came back unchanged");
+    }
+    // With a PROXY v2 header in front it is over the UDP maximum: the
+    // client's datagram is too large, not the hub over capacity.
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        proxy_protocol: ProxyProtocol::V2,
+        ..udp_forward(echo)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    c.send_to(&big, p.udp_addrs()[0]).await.unwrap();
+    let mut counted = None;
+    for _ in 0..100 {
+        let st = p.stats();
+        let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+        if !u.errors.is_empty() {
+            counted = Some(u.errors.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = counted.expect("the refused send was counted");
+    assert_eq!(e.get("body_too_large"), Some(&1), "{e:?}");
+    assert_eq!(e.get("over_capacity"), None, "{e:?}");
 }
 
 /// `max_connections` on a UDP forward caps its flows: a new client

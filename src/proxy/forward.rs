@@ -1,6 +1,10 @@
 //! UDP forwards: a flow table keyed by client address and the public address
-//! it sent to, bounded in size (the least recently active flow is evicted),
-//! with idle expiry. Each flow has its own connected socket to a backend;
+//! it sent to, bounded in size (a full table lets a flow go for a new one:
+//! one its client never came back to after its backend answered, then the
+//! others; see [`FlowOrder`]), with expiry once the client has been quiet
+//! for a while (the backend's datagrams do not keep a flow: they may be
+//! going to a forged source address). Each flow has its own connected socket
+//! to a backend;
 //! replies leave from the listening socket, from the address the client sent
 //! to. With `proxy_protocol`, every datagram to the backend starts with a
 //! PROXY v2 header (`DGRAM`) naming the client and that address. A flow that
@@ -9,11 +13,12 @@
 //! dropped and counted as `over_capacity`.
 
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
-use crate::proxy::io::{make_room, Activity, UdpListener, UDP_BATCH};
+use crate::proxy::io::{Activity, FlowOrder, Standing, UdpListener, UDP_BATCH};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
 use crate::proxy::server::Forward;
 use crate::proxy::settings::ProxyProtocol;
 use crate::proxy::stats::ErrorKind;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -22,6 +27,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::debug;
 
 /// Finds the forward currently configured on this listener (it changes on reload).
@@ -31,23 +37,39 @@ pub(crate) type Lookup = Arc<dyn Fn() -> Option<Arc<Forward>> + Send + Sync>;
 /// the kernel did not say; then the listener's own).
 type FlowKey = (SocketAddr, Option<IpAddr>);
 
-/// What the reply task counts for the flow's log line.
+/// What the reply task counts for the flow's log line and standing.
 #[derive(Default)]
 struct FlowTally {
     bytes_out: AtomicU64,
     refused: AtomicBool,
+    /// A datagram from the backend reached the client.
+    answered: AtomicBool,
+}
+
+thread_local! {
+    /// Where a flow's reply task takes a datagram in: one buffer per
+    /// thread, not one per flow (a flow waiting for its backend holds
+    /// none); the datagram is copied out at its size.
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65535]);
 }
 
 struct Flow {
+    /// The flow's number, for the table's [`FlowOrder`].
+    id: u64,
     sock: Arc<UdpSocket>,
+    /// Datagrams passed either way (the log line's duration).
     activity: Activity,
+    /// The client's last datagram passed on: only the client keeps its
+    /// flow (idle expiry, the order in which a full table lets flows go).
+    seen: Instant,
+    /// The client sent again after its backend answered.
+    confirmed: bool,
     task: JoinHandle<()>,
     fwd: Arc<Forward>,
     backend: SocketAddr,
     /// The PROXY v2 header that starts every datagram to the backend (empty
-    /// without `proxy_protocol`), then room for the datagram.
-    out: Vec<u8>,
-    header_len: usize,
+    /// without `proxy_protocol`).
+    header: Vec<u8>,
     bytes_in: u64,
     tally: Arc<FlowTally>,
     /// The log line's fixed part, when the access log is on.
@@ -55,6 +77,16 @@ struct Flow {
     /// The flow's place under the forward's `max_connections`, given back
     /// when the flow ends.
     _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Flow {
+    fn standing(&self) -> Standing {
+        Standing {
+            id: self.id,
+            confirmed: self.confirmed,
+            last: self.seen,
+        }
+    }
 }
 
 impl Drop for Flow {
@@ -76,6 +108,7 @@ async fn new_flow(
     listen: Arc<UdpListener>,
     fwd: &Arc<Forward>,
     (client, local_ip): FlowKey,
+    id: u64,
 ) -> Option<Flow> {
     // The forward's `max_connections` counts flows: beyond it a new one is
     // not started (its datagram is dropped) until another ends.
@@ -107,40 +140,29 @@ async fn new_flow(
         fwd.counters.error(ErrorKind::BackendRefused);
         return None;
     }
-    let mut out = Vec::new();
+    let mut header = Vec::new();
     if fwd.proxy_protocol != ProxyProtocol::Off {
         let bound = listen.local_addr().unwrap_or(fwd.listen);
         let dst = SocketAddr::new(local_ip.unwrap_or(bound.ip()), bound.port());
-        encode_v2(&mut out, Transport::Udp, client, dst);
+        encode_v2(&mut header, Transport::Udp, client, dst);
     }
-    let header_len = out.len();
     let sock = Arc::new(sock);
     let activity = Activity::new();
     let tally = Arc::new(FlowTally::default());
     let (s2, a2, f2, t2) = (sock.clone(), activity.clone(), fwd.clone(), tally.clone());
     let task = tokio::spawn(async move {
         let _lease = lease;
-        let mut buf = vec![0u8; 65535];
         loop {
-            match s2.recv(&mut buf).await {
-                Ok(n) => {
-                    let Some(d) = buf.get(..n) else { continue };
-                    a2.touch();
-                    if !f2.bandwidth.admit(false, n as u64) {
-                        f2.counters.error(ErrorKind::OverBandwidth);
-                        continue;
-                    }
-                    match listen.send(client, local_ip, d).await {
-                        Ok(()) => {
-                            f2.counters.add_out(n as u64);
-                            t2.bytes_out.fetch_add(n as u64, Relaxed);
-                        }
-                        Err(e) => {
-                            debug!(client = %client, error = %e, "udp send to client");
-                            f2.counters.error(ErrorKind::ClientAborted);
-                        }
-                    }
-                }
+            let got = match s2.readable().await {
+                Ok(()) => REPLY_BUF.with_borrow_mut(|buf| {
+                    s2.try_recv(buf).map(|n| buf.get(..n).map(<[u8]>::to_vec))
+                }),
+                Err(e) => Err(e),
+            };
+            let d = match got {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     // ECONNREFUSED from an ICMP port unreachable: the backend is down.
                     debug!(backend = %backend, error = %e, "udp flow ended");
@@ -148,6 +170,24 @@ async fn new_flow(
                     f2.counters.error(ErrorKind::BackendRefused);
                     t2.refused.store(true, Relaxed);
                     return;
+                }
+            };
+            let n = d.len() as u64;
+            // Dropped for the forward's `bandwidth`: no activity either.
+            if !f2.bandwidth.admit(false, n) {
+                f2.counters.error(ErrorKind::OverBandwidth);
+                continue;
+            }
+            match listen.send(client, local_ip, &d).await {
+                Ok(()) => {
+                    a2.touch();
+                    t2.answered.store(true, Relaxed);
+                    f2.counters.add_out(n);
+                    t2.bytes_out.fetch_add(n, Relaxed);
+                }
+                Err(e) => {
+                    debug!(client = %client, error = %e, "udp send to client");
+                    f2.counters.error(ErrorKind::ClientAborted);
                 }
             }
         }
@@ -160,13 +200,15 @@ async fn new_flow(
         (l.clone(), e)
     });
     Some(Flow {
+        id,
         sock,
         activity,
+        seen: Instant::now(),
+        confirmed: false,
         task,
         fwd: fwd.clone(),
         backend: backend.addr,
-        out,
-        header_len,
+        header,
         bytes_in: 0,
         tally,
         log,
@@ -174,14 +216,26 @@ async fn new_flow(
     })
 }
 
+/// A listener's flows.
+#[derive(Default)]
+struct Table {
+    flows: HashMap<FlowKey, Flow>,
+    /// The order in which a full table lets flows go.
+    order: FlowOrder<FlowKey>,
+    /// A datagram to a backend behind its PROXY header (one buffer for all
+    /// flows).
+    out: Vec<u8>,
+}
+
 /// Handles one datagram from `key.0` for the forward `fwd`.
 async fn on_datagram(
     listen: &Arc<UdpListener>,
     fwd: &Arc<Forward>,
-    flows: &mut HashMap<FlowKey, Flow>,
+    table: &mut Table,
     key: FlowKey,
     data: &[u8],
 ) {
+    let flows = &mut table.flows;
     let client = key.0;
     let Some(cfg) = fwd.udp.as_ref() else { return };
     // Checked per datagram against the current rules, so a reload that
@@ -202,28 +256,36 @@ async fn on_datagram(
     let live = flows.get(&key).is_some_and(|f| !f.task.is_finished());
     if !live {
         flows.remove(&key);
-        make_room(flows, cfg.max_flows, |f| &f.activity);
-        match new_flow(listen.clone(), fwd, key).await {
-            Some(f) => {
-                flows.insert(key, f);
-            }
-            None => return,
-        }
     }
-    let Some(f) = flows.get_mut(&key) else { return };
     // Beyond the forward's `bandwidth` (all clients together): dropped, as
-    // a full link would.
+    // a full link would (before a flow is started for it).
     if !fwd.bandwidth.admit(true, data.len() as u64) {
         fwd.counters.error(ErrorKind::OverBandwidth);
         return;
     }
+    if !live {
+        let id = table.order.next_id();
+        let Some(f) = new_flow(listen.clone(), fwd, key, id).await else {
+            return;
+        };
+        // Only a datagram that does start a flow (let in, a backend
+        // picked, its socket set up) makes another flow go.
+        table
+            .order
+            .insert(flows, cfg.max_flows, key, f, Flow::standing);
+    }
+    let Some(f) = flows.get_mut(&key) else { return };
     f.activity.touch();
-    let sent = if f.header_len == 0 {
+    f.seen = Instant::now();
+    f.confirmed |= f.tally.answered.load(Relaxed);
+    let sent = if f.header.is_empty() {
         f.sock.send(data).await
     } else {
-        f.out.truncate(f.header_len);
-        f.out.extend_from_slice(data);
-        f.sock.send(&f.out).await
+        let out = &mut table.out;
+        out.clear();
+        out.extend_from_slice(&f.header);
+        out.extend_from_slice(data);
+        f.sock.send(out).await
     };
     match sent {
         Ok(_) => {
@@ -241,8 +303,22 @@ async fn on_datagram(
         }
         Err(e) => {
             debug!(backend = %f.backend, error = %e, "udp send to backend");
-            f.fwd.counters.error(ErrorKind::OverCapacity);
+            f.fwd.counters.error(send_error_kind(&e));
         }
+    }
+}
+
+/// How a failed send to a backend is counted: a datagram too large to go
+/// (with its PROXY header, over the UDP maximum) is the client's; a path to
+/// the backend gone is the backend's; only the hub's own lack of buffers is
+/// `over_capacity`.
+fn send_error_kind(e: &std::io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::EMSGSIZE) => ErrorKind::BodyTooLarge,
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+            ErrorKind::BackendRefused
+        }
+        _ => ErrorKind::OverCapacity,
     }
 }
 
@@ -252,7 +328,7 @@ pub(crate) async fn udp_loop(
     lookup: Lookup,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut flows: HashMap<FlowKey, Flow> = HashMap::new();
+    let mut table = Table::default();
     let mut bufs: [Vec<u8>; UDP_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = [quinn_udp::RecvMeta::default(); UDP_BATCH];
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
@@ -279,12 +355,12 @@ pub(crate) async fn udp_loop(
                     // bytes each (the last may be shorter).
                     let key = (m.addr, m.dst_ip);
                     if data.is_empty() {
-                        on_datagram(&listen, &fwd, &mut flows, key, data).await;
+                        on_datagram(&listen, &fwd, &mut table, key, data).await;
                         continue;
                     }
                     let stride = if m.stride == 0 { m.len } else { m.stride };
                     for d in data.chunks(stride) {
-                        on_datagram(&listen, &fwd, &mut flows, key, d).await;
+                        on_datagram(&listen, &fwd, &mut table, key, d).await;
                     }
                 }
             }
@@ -292,15 +368,17 @@ pub(crate) async fn udp_loop(
                 // A flow whose backend went down (its check, its node's
                 // tunnel) or left the forward in a reload ends, though its
                 // client keeps sending: the client's next datagram starts a
-                // flow to a backend that is up.
+                // flow to a backend that is up. The backend's datagrams do
+                // not keep a flow whose client went quiet: they may be going
+                // to a forged address, or to one that went away.
                 let current = lookup();
-                flows.retain(|_, f| {
+                table.flows.retain(|_, f| {
                     let idle = f.fwd.udp.as_ref().map_or(Duration::ZERO, |u| u.flow_idle_timeout);
                     let served = current.as_ref().is_none_or(|c| c.upstreams.serves(f.backend));
                     if !served {
                         debug!(backend = %f.backend, "udp flow moved off its backend");
                     }
-                    served && !f.task.is_finished() && f.activity.idle() < idle
+                    served && !f.task.is_finished() && f.seen.elapsed() < idle
                 });
             }
             _ = stop.changed() => break,

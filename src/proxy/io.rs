@@ -259,6 +259,130 @@ impl Default for Activity {
     }
 }
 
+/// What a flow table's eviction order ([`FlowOrder`]) reads of a flow.
+#[derive(Clone, Copy, Debug)]
+pub struct Standing {
+    /// The flow's number from [`FlowOrder::next_id`] (a later flow of the
+    /// same key has another).
+    pub id: u64,
+    /// The flow is confirmed: its client sent again after its backend
+    /// answered (a sender of forged source addresses never sees the
+    /// answers: one datagram per address never confirms a flow).
+    pub confirmed: bool,
+    /// The client's last datagram.
+    pub last: Instant,
+}
+
+/// A flow's place in a [`FlowOrder`] queue, and its last activity then.
+#[derive(Clone, Copy)]
+struct Queued<K> {
+    key: K,
+    id: u64,
+    last: Instant,
+}
+
+/// The order in which a full flow table lets flows go to make room for a
+/// new one: first flows not confirmed (see [`Standing::confirmed`]; a spray
+/// of datagrams from forged sources starts only such flows), and a confirmed
+/// flow only when none is left, as conntrack spares its "assured"
+/// connections. Each class is a queue in the order the flows came (for a
+/// confirmed flow: when it was found confirmed), and a queue's first flow
+/// whose client sent since it was queued goes to the back instead of going
+/// (a second chance, as the CLOCK cache algorithm gives): the flow that goes
+/// is about the least recently active of its class. Amortized, a new flow
+/// costs constant work (the table is never scanned), and exactly as many
+/// flows go as the table must lose.
+pub struct FlowOrder<K> {
+    /// Flows not confirmed (or not yet seen to be), and entries of flows
+    /// already gone (dropped as met).
+    fresh: std::collections::VecDeque<Queued<K>>,
+    /// Flows found confirmed.
+    confirmed: std::collections::VecDeque<Queued<K>>,
+    ids: u64,
+}
+
+impl<K> Default for FlowOrder<K> {
+    fn default() -> Self {
+        FlowOrder {
+            fresh: Default::default(),
+            confirmed: Default::default(),
+            ids: 0,
+        }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> FlowOrder<K> {
+    /// A number for a new flow (its [`Standing::id`]).
+    pub fn next_id(&mut self) -> u64 {
+        self.ids += 1;
+        self.ids
+    }
+
+    /// Inserts `flow` into `flows` under `key` (a key not there; every flow
+    /// of `flows` comes in through here), once flows have gone (in this
+    /// order) until fewer than `max` are left.
+    pub fn insert<V>(
+        &mut self,
+        flows: &mut std::collections::HashMap<K, V>,
+        max: usize,
+        key: K,
+        flow: V,
+        standing: impl Fn(&V) -> Standing,
+    ) {
+        while flows.len() >= max && self.evict_one(flows, &standing) {}
+        let s = standing(&flow);
+        flows.insert(key, flow);
+        self.fresh.push_back(Queued {
+            key,
+            id: s.id,
+            last: s.last,
+        });
+        // Entries of flows that went otherwise (idle, ended, replaced) are
+        // let go once they outnumber the flows: constant work per flow.
+        if self.fresh.len() + self.confirmed.len() > 2 * flows.len() + 64 {
+            let live = |q: &Queued<K>| flows.get(&q.key).is_some_and(|f| standing(f).id == q.id);
+            self.fresh.retain(live);
+            self.confirmed.retain(live);
+        }
+    }
+
+    /// Removes one flow from `flows`: `false` if none is queued.
+    fn evict_one<V>(
+        &mut self,
+        flows: &mut std::collections::HashMap<K, V>,
+        standing: &impl Fn(&V) -> Standing,
+    ) -> bool {
+        // A flow queued again has its last activity as its mark: met again
+        // in this pass, it goes. One found confirmed keeps its mark (its
+        // activity since counts in the other queue).
+        while let Some(q) = self.fresh.pop_front() {
+            let Some(s) = flows.get(&q.key).map(standing).filter(|s| s.id == q.id) else {
+                continue;
+            };
+            if s.confirmed {
+                self.confirmed.push_back(q);
+            } else if s.last > q.last {
+                self.fresh.push_back(Queued { last: s.last, ..q });
+            } else {
+                flows.remove(&q.key);
+                return true;
+            }
+        }
+        while let Some(q) = self.confirmed.pop_front() {
+            let Some(s) = flows.get(&q.key).map(standing).filter(|s| s.id == q.id) else {
+                continue;
+            };
+            if s.last > q.last {
+                self.confirmed.push_back(Queued { last: s.last, ..q });
+            } else {
+                flows.remove(&q.key);
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Nanoseconds on the proxy's monotonic clock (the bandwidth pacers and
 /// rate limiters).
 pub(crate) fn mono_ns() -> u64 {
@@ -601,6 +725,104 @@ mod tests {
         assert_eq!(small.keys().copied().collect::<Vec<_>>(), vec![1]);
         make_room(&mut flows, 10, |a| a);
         assert_eq!(flows.len(), 9);
+    }
+
+    /// A flow as [`FlowOrder`] sees it.
+    #[derive(Clone, Copy)]
+    struct F(Standing);
+
+    fn standing(f: &F) -> Standing {
+        f.0
+    }
+
+    /// Starts flow `k`, its client last seen at `last`, in a table of `max`.
+    fn start(
+        order: &mut FlowOrder<u32>,
+        flows: &mut std::collections::HashMap<u32, F>,
+        max: usize,
+        k: u32,
+        last: Instant,
+    ) {
+        let id = order.next_id();
+        let f = F(Standing {
+            id,
+            confirmed: false,
+            last,
+        });
+        order.insert(flows, max, k, f, standing);
+    }
+
+    fn keys(flows: &std::collections::HashMap<u32, F>) -> Vec<u32> {
+        let mut k: Vec<u32> = flows.keys().copied().collect();
+        k.sort_unstable();
+        k
+    }
+
+    #[test]
+    fn a_full_flow_table_lets_unconfirmed_flows_go_first() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut order = FlowOrder::default();
+        let mut flows = std::collections::HashMap::new();
+        for k in 1..=4 {
+            start(&mut order, &mut flows, 4, k, at(k.into()));
+        }
+        // 1 and 2 confirmed (1 active since), 3 active but not confirmed.
+        let touch = |flows: &mut std::collections::HashMap<u32, F>, k, confirmed, ms| {
+            let f = flows.get_mut(&k).unwrap();
+            f.0.confirmed |= confirmed;
+            f.0.last = at(ms);
+        };
+        touch(&mut flows, 1, true, 10);
+        touch(&mut flows, 2, true, 2);
+        touch(&mut flows, 3, false, 11);
+        start(&mut order, &mut flows, 4, 5, at(12));
+        assert_eq!(keys(&flows), [1, 2, 3, 5], "4, idle and unconfirmed");
+        start(&mut order, &mut flows, 4, 6, at(13));
+        assert_eq!(keys(&flows), [1, 2, 5, 6], "3, idle since 11");
+        // A spray of new flows only ever takes the place of its own kind.
+        for k in 7..40 {
+            start(&mut order, &mut flows, 4, k, at(k.into()));
+        }
+        assert_eq!(keys(&flows), [1, 2, 38, 39]);
+        // No unconfirmed flow left: the confirmed one idle longest goes (2;
+        // 1 was active after it came).
+        touch(&mut flows, 38, true, 50);
+        touch(&mut flows, 39, true, 51);
+        start(&mut order, &mut flows, 4, 40, at(52));
+        assert_eq!(keys(&flows), [1, 38, 39, 40]);
+        start(&mut order, &mut flows, 4, 41, at(53));
+        assert_eq!(keys(&flows), [1, 38, 39, 41], "the new unconfirmed one");
+        // A table over a lowered limit gets under it at once, confirmed
+        // flows least recently active first.
+        start(&mut order, &mut flows, 2, 42, at(54));
+        assert_eq!(keys(&flows), [39, 42]);
+    }
+
+    #[test]
+    fn a_flow_order_skips_and_forgets_flows_gone_otherwise() {
+        let t0 = Instant::now();
+        let mut order = FlowOrder::default();
+        let mut flows = std::collections::HashMap::new();
+        start(&mut order, &mut flows, 2, 1, t0);
+        start(&mut order, &mut flows, 2, 2, t0);
+        // 1 ends and comes back: its old entry does not stand for the new
+        // flow, which is the newest.
+        flows.remove(&1);
+        start(&mut order, &mut flows, 2, 1, t0);
+        start(&mut order, &mut flows, 2, 3, t0);
+        assert_eq!(keys(&flows), [1, 3]);
+        // Flows that end by themselves (idle) leave no growing queue.
+        for k in 10..10_000 {
+            start(&mut order, &mut flows, 100, k, t0);
+            flows.remove(&k);
+        }
+        // (at most as many as the last flow's insert left)
+        let queued = order.fresh.len() + order.confirmed.len();
+        assert!(queued <= 2 * (flows.len() + 1) + 64, "{queued}");
+        start(&mut order, &mut flows, 3, 4, t0);
+        start(&mut order, &mut flows, 3, 5, t0);
+        assert_eq!(keys(&flows), [3, 4, 5]);
     }
 
     #[test]
