@@ -20,15 +20,23 @@
 //! * an opcode other than QUERY gets NOTIMP, and section counts no query has
 //!   (not one question, answer records, more than one authority record, more
 //!   than a few additional ones) FORMERR, both from the header alone, before
-//!   parsing; an authority record in anything but an IXFR query (which
-//!   carries the client's SOA there, RFC 1995) FORMERR too;
+//!   parsing; over UDP only if the questions the header announces read as
+//!   questions, else the datagram is dropped as unparseable (bytes of
+//!   another protocol, such as memcached's error reply, must get no answer:
+//!   a service that answers anything would answer it, and so on without
+//!   end); an authority record in anything but an IXFR query (which carries
+//!   the client's SOA there, RFC 1995) FORMERR too;
 //! * zone transfers (AXFR, IXFR) and a class other than IN or ANY get
 //!   REFUSED ([`Refusal::Query`]), an EDNS version above 0 BADVERS;
 //! * a name in no zone gets REFUSED ([`Refusal::Outside`]); a name of a zone
 //!   that does not exist NXDOMAIN; a name that exists gets the records it has
 //!   of the type asked (TXT: the challenge values; A, AAAA: the hub's
 //!   addresses; NS and SOA at the apex; ANY: the first of TXT, the addresses,
-//!   SOA that it has), and otherwise NODATA, the SOA in the authority section;
+//!   SOA that it has), and otherwise NODATA, the SOA in the authority section
+//!   with the name's record TTL as its TTL and minimum, so resolvers cache
+//!   it (browsers ask HTTPS records on every navigation), except for TXT
+//!   queries and `_acme-challenge` names (a challenge value may appear at
+//!   any time): 0, as for NXDOMAIN (a name may be declared at any time);
 //! * a reply too large for the transport is replaced by its header and
 //!   question with TC set, so the client retries over TCP.
 //!
@@ -36,9 +44,10 @@
 //! randomise the case of the name check it); [`Lookup`] gets it lowercased.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use std::net::IpAddr;
 
 /// The largest UDP reply to a query without EDNS (RFC 1035, section 4.2.1),
@@ -64,7 +73,8 @@ const SOA_RETRY: i32 = 600;
 /// SOA expire, seconds.
 const SOA_EXPIRE: i32 = 86_400;
 /// SOA minimum: the negative-caching TTL (RFC 2308), 0 so that a value just
-/// published is seen at once.
+/// published is seen at once. NODATA for a name that exists gives its
+/// records' TTL instead (TXT and `_acme-challenge` names excepted).
 const SOA_MINIMUM: u32 = 0;
 
 /// What the hub serves for a name (the caller knows its zones).
@@ -111,7 +121,8 @@ pub struct Records {
     pub addrs: Vec<IpAddr>,
     /// NS records (apex only): name servers, lowercase, no trailing dot.
     pub ns: Vec<String>,
-    /// TTL of the A, AAAA and NS records.
+    /// TTL of the A, AAAA and NS records, and the negative-caching TTL of the
+    /// name's NODATA answers (not for TXT, nor at `_acme-challenge` names).
     pub ttl: u32,
 }
 
@@ -236,7 +247,10 @@ pub fn zone_lookup(
         || zone.ns.iter().any(|(n, _)| above(n))
         || zone.domains.iter().any(|d| above(d))
     {
-        return host(Records::default());
+        return host(Records {
+            ttl: zone.ttl,
+            ..Records::default()
+        });
     }
     Lookup::Below {
         zone: domain.clone(),
@@ -284,7 +298,7 @@ pub struct Reply {
 /// 65535. A reply over the limit is sent truncated (TC=1, header and question
 /// only).
 pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Result<Reply, Dropped> {
-    if let Some(reply) = refuse_by_header(query)? {
+    if let Some(reply) = refuse_by_header(query, udp)? {
         return Ok(reply);
     }
     // (The header check answered other opcodes and dropped responses.)
@@ -311,10 +325,11 @@ pub fn respond(query: &[u8], udp: bool, lookup: impl Fn(&str) -> Lookup) -> Resu
 /// real resolver asks again over TCP, and a forged source gets back no more
 /// bytes than were sent (RFC 5452's "slip" of response rate limiting).
 /// Other opcodes and odd section counts get their header-only reply as in
-/// [`respond`], and an authority record outside an IXFR query its FORMERR
-/// (header and question, TC clear); what is dropped there is dropped here.
+/// [`respond`] over UDP, and an authority record outside an IXFR query its
+/// FORMERR (header and question, TC clear); what is dropped there is dropped
+/// here.
 pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
-    if let Some(reply) = refuse_by_header(query)? {
+    if let Some(reply) = refuse_by_header(query, true)? {
         return Ok(reply);
     }
     let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
@@ -366,8 +381,15 @@ fn unexpected_authority(msg: &Message) -> bool {
 /// not one question, answer records, more than [`MAX_AUTHORITY`] authority
 /// ones or [`MAX_ADDITIONAL`] additional ones), since the parser sizes its
 /// tables from those counts. The reply is the header: id, opcode, RD and CD of the
-/// query, no records. `None`: parse the message.
-fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
+/// query, no records. `None`: parse the message. Over UDP (`udp`) a message
+/// whose announced questions do not read as questions is dropped instead
+/// ([`questions_parse`]): bytes of another protocol that happen to have QR
+/// clear (memcached's `SERVER_ERROR` reply reads as a header with one
+/// question and 0x5345 authority records) get no reply, so the hub and a
+/// service that answers anything do not answer each other without end.
+/// Over TCP the client is connected (no forged source, no loop): a header
+/// alone is enough.
+fn refuse_by_header(query: &[u8], udp: bool) -> Result<Option<Reply>, Dropped> {
     let Some(&[id0, id1, f0, f1, qd0, qd1, an0, an1, ns0, ns1, ar0, ar1]) = query.get(..12) else {
         return Err(Dropped::Malformed);
     };
@@ -387,6 +409,9 @@ fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
     } else {
         return Ok(None);
     };
+    if udp && !questions_parse(query, count(qd0, qd1)) {
+        return Err(Dropped::Malformed);
+    }
     // QR, the opcode and RD; CD; the rcode's low four bits.
     let flags0 = 0x80 | (f0 & 0x79);
     let flags1 = (f1 & 0x10) | (u16::from(rcode) & 0x0f) as u8;
@@ -397,6 +422,15 @@ fn refuse_by_header(query: &[u8]) -> Result<Option<Reply>, Dropped> {
         rcode,
         refused: None,
     }))
+}
+
+/// Whether the `count` questions after the header of `query` read as
+/// questions (a name, a type and a class each) within the message. Each
+/// takes at least five bytes, so a count the message cannot hold fails
+/// within a few of them.
+fn questions_parse(query: &[u8], count: u16) -> bool {
+    let mut d = BinDecoder::new(query);
+    d.read_slice(12).is_ok() && (0..count).all(|_| Query::read(&mut d).is_ok())
 }
 
 /// The name as given to [`Lookup`]: lowercase ASCII, no trailing dot, odd
@@ -524,13 +558,15 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Re
         _ => Vec::new(),
     };
     if answers.is_empty() {
-        // NODATA. A served name's other address family stays absent until
-        // the hub restarts: resolvers may cache that for the addresses'
-        // TTL (RFC 2308: the lesser of the SOA's TTL and its minimum),
-        // instead of asking again for every lookup. Anything else (a TXT
-        // value not published yet) is seen at once.
+        // NODATA. What a name holds besides TXT values (its addresses, NS
+        // and SOA at the apex; never HTTPS, SVCB, MX...) changes with a
+        // reload or restart at most: resolvers may cache its absence for the
+        // name's TTL (RFC 2308: the lesser of the SOA's TTL and its
+        // minimum), instead of asking again for every lookup (browsers ask
+        // HTTPS records on every navigation). A TXT value not published
+        // yet, or a challenge name's, is seen at once.
         let mut soa = soa;
-        if matches!(q.query_type(), RecordType::A | RecordType::AAAA) && !records.addrs.is_empty() {
+        if q.query_type() != RecordType::TXT && !challenge_name(owner) {
             soa.ttl = records.ttl;
             if let RData::SOA(s) = &mut soa.data {
                 s.minimum = records.ttl;
@@ -542,6 +578,13 @@ fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Re
         reply.add_answer(a);
     }
     (reply, None)
+}
+
+/// Whether `name` is an `_acme-challenge` name (its first label, any case).
+fn challenge_name(name: &Name) -> bool {
+    name.iter()
+        .next()
+        .is_some_and(|l| l.eq_ignore_ascii_case(b"_acme-challenge"))
 }
 
 /// A record of class IN.
@@ -613,7 +656,7 @@ fn encode(reply: &Message, limit: usize) -> Option<Vec<u8>> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{OpCode, Query};
+    use hickory_proto::op::OpCode;
     use proptest::prelude::*;
 
     const ZONE: &str = "_acme-challenge.gw.test";
@@ -832,6 +875,66 @@ mod tests {
     }
 
     #[test]
+    fn nodata_of_a_name_that_exists_is_cached_for_its_ttl() {
+        let host = |_: &str| Lookup::Name {
+            zone: "gw.test".into(),
+            records: Records {
+                addrs: vec!["203.0.113.10".parse().unwrap()],
+                ttl: 60,
+                ..Records::default()
+            },
+        };
+        // The HTTPS and SVCB records browsers ask on every navigation, and
+        // other types no name here holds.
+        for t in [
+            RecordType::HTTPS,
+            RecordType::SVCB,
+            RecordType::MX,
+            RecordType::CAA,
+        ] {
+            let (r, m) = ask(&query("blog.gw.test", t), true, host);
+            assert_eq!(r.rcode, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+            let soa = &m.authorities[0];
+            assert_eq!((soa.ttl, soa_of(soa).minimum), (60, 60), "{t}");
+        }
+        // The apex (not served: no address), and a name above a name
+        // server, with no records, too.
+        for name in ["gw.test", "hubs.gw.test"] {
+            for t in [RecordType::HTTPS, RecordType::A] {
+                let (r, m) = ask(&query(name, t), true, zl);
+                assert_eq!(r.rcode, ResponseCode::NoError, "{name} {t}");
+                assert!(m.answers.is_empty(), "{name} {t}");
+                let soa = &m.authorities[0];
+                assert_eq!((soa.ttl, soa_of(soa).minimum), (60, 60), "{name} {t}");
+            }
+        }
+        // TXT, and any type at a challenge name (any case): 0, a value may
+        // come at any time.
+        let (_, m) = ask(&query("blog.gw.test", RecordType::TXT), true, host);
+        let soa = &m.authorities[0];
+        assert_eq!((soa.ttl, soa_of(soa).minimum), (0, 0));
+        let challenge = |_: &str| Lookup::Name {
+            zone: "gw.test".into(),
+            records: Records {
+                ttl: 60,
+                ..Records::default()
+            },
+        };
+        for t in [RecordType::HTTPS, RecordType::A, RecordType::TXT] {
+            let (_, m) = ask(&query("_ACME-challenge.gw.test", t), true, challenge);
+            let soa = &m.authorities[0];
+            assert_eq!((soa.ttl, soa_of(soa).minimum), (0, 0), "{t}");
+        }
+        // A name that does not exist: not cached (it may be declared at any
+        // time).
+        let (r, m) = ask(&query("nope.gw.test", RecordType::HTTPS), true, zl);
+        assert_eq!(r.rcode, ResponseCode::NXDomain);
+        let soa = &m.authorities[0];
+        assert_eq!((soa.ttl, soa_of(soa).minimum), (0, 0));
+    }
+
+    #[test]
     fn zone_transfer_refused() {
         let (r, m) = ask(&query(ZONE, RecordType::AXFR), false, apex(&["v"]));
         assert_eq!(r.rcode, ResponseCode::Refused);
@@ -1012,9 +1115,17 @@ mod tests {
             assert!(m.metadata.recursion_desired);
             assert!(m.queries.is_empty() && m.answers.is_empty());
         }
-        // 65535 questions announced, 12 bytes sent.
+        // 65535 questions announced, 12 bytes sent: FORMERR over TCP; over
+        // UDP the questions are not there, dropped.
         q.truncate(12);
         q[4..6].copy_from_slice(&[0xff, 0xff]);
+        assert_eq!(
+            respond(&q, false, apex(&["v"])).unwrap().rcode,
+            ResponseCode::FormErr
+        );
+        assert_eq!(respond(&q, true, apex(&["v"])), Err(Dropped::Malformed));
+        // No question at all (a header alone): FORMERR over UDP too.
+        q[4..6].copy_from_slice(&[0, 0]);
         assert_eq!(
             respond(&q, true, apex(&["v"])).unwrap().rcode,
             ResponseCode::FormErr
@@ -1025,6 +1136,50 @@ mod tests {
         assert_eq!(
             respond(&q[..11], true, apex(&["v"])),
             Err(Dropped::Malformed)
+        );
+    }
+
+    /// memcached's reply to a datagram it cannot take: its 8-byte UDP frame
+    /// header (request id, sequence 0, one datagram, reserved), then text.
+    const MEMCACHED_ERROR: &[u8] =
+        b"\x12\x34\x00\x00\x00\x01\x00\x00SERVER_ERROR multi-packet request not supported\r\n";
+
+    #[test]
+    fn other_protocols_get_no_header_reply_over_udp() {
+        // It reads as a header (QR clear, one question, 0x5345 authority
+        // records): FORMERR from the header alone would go back, memcached
+        // would answer that with the same error, and so on. Its question
+        // does not read as one: dropped over UDP.
+        assert_eq!(
+            respond(MEMCACHED_ERROR, true, apex(&["v"])),
+            Err(Dropped::Malformed)
+        );
+        assert_eq!(respond_truncated(MEMCACHED_ERROR), Err(Dropped::Malformed));
+        // The same with another opcode (NOTIMP otherwise).
+        let mut op = MEMCACHED_ERROR.to_vec();
+        op[2] = 0x28; // UPDATE
+        assert_eq!(respond(&op, true, apex(&["v"])), Err(Dropped::Malformed));
+        // Over TCP the client is connected: a FORMERR, no loop to fear.
+        let r = respond(MEMCACHED_ERROR, false, apex(&["v"])).unwrap();
+        assert_eq!((r.rcode, r.bytes.len()), (ResponseCode::FormErr, 12));
+        // A real question with odd counts is still answered over UDP, from
+        // the header: FORMERR, and NOTIMP for another opcode.
+        let mut q = query(ZONE, RecordType::TXT).to_vec().unwrap();
+        q[8..10].copy_from_slice(b"SE");
+        let r = respond(&q, true, apex(&["v"])).unwrap();
+        assert_eq!((r.rcode, r.bytes.len()), (ResponseCode::FormErr, 12));
+        assert_eq!(respond_truncated(&q).unwrap().rcode, ResponseCode::FormErr);
+        q[2] = 0x28;
+        let r = respond(&q, true, apex(&["v"])).unwrap();
+        assert_eq!(r.rcode, ResponseCode::NotImp);
+        // A question cut short is not one.
+        let mut cut = query(ZONE, RecordType::TXT).to_vec().unwrap();
+        cut[6..8].copy_from_slice(&[0, 1]);
+        cut.truncate(cut.len() - 2);
+        assert_eq!(respond(&cut, true, apex(&["v"])), Err(Dropped::Malformed));
+        assert_eq!(
+            respond(&cut, false, apex(&["v"])).unwrap().rcode,
+            ResponseCode::FormErr
         );
     }
 
@@ -1299,7 +1454,10 @@ mod tests {
         // Above a name server or a nested domain: there, with nothing (NODATA).
         let empty = Lookup::Name {
             zone: "gw.test".into(),
-            records: Records::default(),
+            records: Records {
+                ttl: 60,
+                ..Records::default()
+            },
         };
         assert_eq!(zl("hubs.gw.test"), empty);
         let nested = |n: &str| {

@@ -13,18 +13,21 @@
 //! most [`MAX_TCP_PER_SOURCE`] are open from one client (an IPv4 address, an
 //! IPv6 /64), and at most [`MAX_TCP_CONNECTIONS`] per listener: when all of
 //! those are open, a new connection takes the place of the one idle longest
-//! (waiting for its next query, not reading one nor writing a reply; RFC
-//! 7766, section 6.2.3), which is closed; only when none is idle is the new
-//! one closed. So silent connections cannot lock out the resolvers that the
-//! UDP rate limit sends to TCP.
+//! (waiting for its next query or part-way through reading it, since its
+//! last reply or since it opened; not one answering a complete query: RFC
+//! 7766, section 6.2.3), which is closed; only when all are answering is the
+//! new one closed. So connections that stay silent, or send the first bytes
+//! of a query and stall, cannot lock out the resolvers that the UDP rate
+//! limit sends to TCP.
 //!
 //! Over UDP, a client over `[proxy.dns] rate_limit` (counted by its IPv4
 //! /24 or IPv6 /56, [`rate_key`]) gets every other reply truncated (header
 //! and question, TC set: a real resolver asks again over TCP, which is not
 //! rate limited) and the rest dropped, so a forged source cannot use the hub
 //! as an amplifier. Datagrams from the ports of UDP services that answer
-//! whatever they get (echo, daytime, chargen...: [`reply_loop_port`]) are
-//! dropped: a query forged from one would start a loop of replies.
+//! whatever they get (echo, daytime, chargen, memcached...:
+//! [`reply_loop_port`]) are dropped: a query forged from one would start a
+//! loop of replies.
 //!
 //! Queries answered count as requests of the `dns` entry in the proxy's
 //! counters; unreadable messages and datagrams from those ports as
@@ -71,9 +74,10 @@ pub type DnsLookup = Arc<dyn Fn(&str) -> dns::Lookup + Send + Sync>;
 pub type DnsLimit = Arc<dyn Fn(IpAddr) -> Rate + Send + Sync>;
 
 /// Source ports of UDP services that answer any datagram (echo, daytime,
-/// quote of the day, chargen, time) and port 0: a query forged from one of
-/// them would have the hub and that service answer each other without end.
-pub const REPLY_LOOP_PORTS: [u16; 6] = [0, 7, 13, 17, 19, 37];
+/// quote of the day, chargen, time; memcached, with an error for what it
+/// cannot read) and port 0: a query forged from one of them would have the
+/// hub and that service answer each other without end.
+pub const REPLY_LOOP_PORTS: [u16; 7] = [0, 7, 13, 17, 19, 37, 11211];
 
 /// Whether a UDP datagram from source port `port` is dropped unanswered
 /// ([`REPLY_LOOP_PORTS`]). Resolvers ask from any other port.
@@ -189,8 +193,9 @@ pub async fn udp_loop(
 
 /// The TCP connections of one listener, for choosing which one a new
 /// connection may take the place of when all are open [pure]: each has a
-/// last-activity stamp (a counter, no clock) and is idle (waiting for the
-/// first byte of its next query) or busy (reading a query, answering it).
+/// last-activity stamp (a counter, no clock) and is idle (waiting for its
+/// next query or reading it: stamped when its last reply went out, or when
+/// it opened) or busy (answering a complete query, writing the reply).
 /// `C` is what closes a connection (the driver's [`Notify`]).
 struct Slots<C> {
     cap: usize,
@@ -296,7 +301,7 @@ impl TcpSlot {
         })
     }
 
-    /// Marks the connection busy (reading a query, answering it) or idle;
+    /// Marks the connection busy (answering a complete query) or idle;
     /// false if it has been closed for a new one.
     fn set_busy(&self, busy: bool) -> bool {
         self.slots.lock().set_busy(self.id, busy)
@@ -369,8 +374,9 @@ async fn tcp_loop_within(
     }
 }
 
-/// Serves one TCP connection. It is idle, and may be closed for a new
-/// connection, only while waiting for the first byte of a query.
+/// Serves one TCP connection. It is busy, and never closed for a new
+/// connection, only from the moment a query is read whole until its reply
+/// is written: waiting for a query or part-way through one, it may be.
 async fn serve_tcp(
     mut sock: TcpStream,
     slot: &TcpSlot,
@@ -382,23 +388,9 @@ async fn serve_tcp(
     for i in 0..MAX_TCP_QUERIES {
         let wait = if i == 0 { TCP_FIRST_QUERY } else { TCP_IDLE };
         let by = tokio::time::Instant::now() + wait;
-        let hi = tokio::select! {
-            r = tokio::time::timeout_at(by, sock.read_u8()) => match r {
-                Ok(r) => r?,
-                Err(_) => return Ok(()),
-            },
-            _ = slot.evicted.notified() => {
-                debug!("DNS over TCP closed for a new connection");
-                return Ok(());
-            }
-            _ = stop.changed() => return Ok(()),
-        };
-        if !slot.set_busy(true) {
-            return Ok(());
-        }
         let read = async {
-            let lo = sock.read_u8().await?;
-            msg.resize(usize::from(u16::from_be_bytes([hi, lo])), 0);
+            let len = sock.read_u16().await?;
+            msg.resize(usize::from(len), 0);
             sock.read_exact(&mut msg).await?;
             Ok::<_, std::io::Error>(())
         };
@@ -407,7 +399,14 @@ async fn serve_tcp(
                 Ok(r) => r?,
                 Err(_) => return Ok(()),
             },
+            _ = slot.evicted.notified() => {
+                debug!("DNS over TCP closed for a new connection");
+                return Ok(());
+            }
             _ = stop.changed() => return Ok(()),
+        }
+        if !slot.set_busy(true) {
+            return Ok(());
         }
         let Some(reply) = answer(lookup, counters, &msg, false) else {
             return Err(std::io::Error::other("not a DNS query"));
@@ -431,6 +430,7 @@ async fn serve_tcp(
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
     use tokio::net::TcpSocket;
 
@@ -470,7 +470,7 @@ mod tests {
         assert!(none.is_none());
         let (b, _) = s.open("b").unwrap();
         let (c, _) = s.open("c").unwrap();
-        // `a` reads a query: busy, so `b` is the one idle longest.
+        // `a` answers a query: busy, so `b` is the one idle longest.
         assert!(s.set_busy(a, true));
         let (d, evicted) = s.open("d").unwrap();
         assert_eq!(evicted, Some("b"));
@@ -497,9 +497,16 @@ mod tests {
     /// A TCP listener with `cap` connections at most; its address and
     /// counters.
     async fn tcp_listener(cap: usize) -> (SocketAddr, Arc<Counters>, watch::Sender<bool>) {
+        tcp_listener_with(cap, Arc::new(|_| dns::Lookup::Outside)).await
+    }
+
+    /// [`tcp_listener`] asking `lookup`.
+    async fn tcp_listener_with(
+        cap: usize,
+        lookup: DnsLookup,
+    ) -> (SocketAddr, Arc<Counters>, watch::Sender<bool>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
-        let lookup: DnsLookup = Arc::new(|_| dns::Lookup::Outside);
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(tcp_loop_within(l, lookup, counters.clone(), stop_rx, cap));
@@ -509,60 +516,114 @@ mod tests {
     #[tokio::test]
     async fn silent_connections_cannot_lock_out_a_new_client() {
         let (at, counters, _stop) = tcp_listener(4).await;
-        // A client in the middle of a query (the length and half the
-        // message sent): busy, so never closed for another.
-        let mut busy = connect("127.0.0.10", at).await;
-        busy.write_all(&QUERY[..10]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // Every other slot held by silent connections of several clients.
+        // A client connected first, and every other slot held by silent
+        // connections of several clients.
+        let mut active = connect("127.0.0.10", at).await;
         let mut silent = Vec::new();
         for i in 11..14 {
             silent.push(connect(&format!("127.0.0.{i}"), at).await);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The first client asks: the silent ones are idle longer now.
+        assert!(ask(&mut active).await);
         // A new client is answered: the silent connection idle longest
         // made room.
         let mut newcomer = connect("127.0.0.20", at).await;
         assert!(ask(&mut newcomer).await, "the new client was not answered");
         assert!(closed(&mut silent[0]).await < Duration::from_secs(2));
-        // The busy one finishes its query.
-        busy.write_all(&QUERY[10..]).await.unwrap();
-        let len = busy.read_u16().await.unwrap();
-        let mut reply = vec![0u8; usize::from(len)];
-        busy.read_exact(&mut reply).await.unwrap();
-        assert_eq!(reply[..2], QUERY[2..4]);
         assert_eq!(counters.errors_of(ErrorKind::OverCapacity), 0);
         // The other silent ones are still open (one more newcomer closes
-        // the next in line, not the busy one nor the newcomer).
+        // the next in line, not the first client nor the newcomer).
         let mut second = connect("127.0.0.21", at).await;
         assert!(ask(&mut second).await);
         assert!(closed(&mut silent[1]).await < Duration::from_secs(2));
-        assert!(ask(&mut busy).await);
+        assert!(ask(&mut active).await);
         assert!(ask(&mut newcomer).await);
     }
 
     #[tokio::test]
-    async fn busy_connections_are_not_closed_for_a_newcomer() {
+    async fn connections_stalled_in_a_query_cannot_lock_out_a_new_client() {
         let (at, counters, _stop) = tcp_listener(2).await;
+        // Both slots held by clients that sent the first byte of a query
+        // (of its length), or ten, and stall.
+        let mut stalled = Vec::new();
+        for (i, sent) in [(11, 1), (12, 10)] {
+            let mut s = connect(&format!("127.0.0.{i}"), at).await;
+            s.write_all(&QUERY[..sent]).await.unwrap();
+            stalled.push((s, Instant::now()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A new client is answered: the one stalled longest made room.
+        let mut newcomer = connect("127.0.0.20", at).await;
+        assert!(ask(&mut newcomer).await, "the new client was not answered");
+        assert!(closed(&mut stalled[0].0).await < Duration::from_secs(2));
+        assert_eq!(counters.errors_of(ErrorKind::OverCapacity), 0);
+        // The other one is closed by its query's deadline, counted from
+        // when it connected.
+        let (s, connected) = &mut stalled[1];
+        closed(s).await;
+        let waited = connected.elapsed();
+        assert!(
+            waited >= TCP_FIRST_QUERY - Duration::from_millis(500)
+                && waited < TCP_FIRST_QUERY + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(ask(&mut newcomer).await);
+    }
+
+    /// A lookup that holds every query (up to 5 s) until the gate opens,
+    /// counting those it holds. (It blocks its thread, handing the
+    /// runtime's other tasks to another first.)
+    fn gated(gate: &Arc<(std::sync::Mutex<bool>, std::sync::Condvar, AtomicUsize)>) -> DnsLookup {
+        let gate = gate.clone();
+        Arc::new(move |_| {
+            let (open, cv, held) = &*gate;
+            held.fetch_add(1, Ordering::SeqCst);
+            tokio::task::block_in_place(|| {
+                let open = open.lock().unwrap();
+                drop(cv.wait_timeout_while(open, Duration::from_secs(5), |o| !*o));
+            });
+            dns::Lookup::Outside
+        })
+    }
+
+    // (The held queries block two threads of the runtime.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn busy_connections_are_not_closed_for_a_newcomer() {
+        let gate = Arc::new((
+            std::sync::Mutex::new(false),
+            std::sync::Condvar::new(),
+            AtomicUsize::new(0),
+        ));
+        let (at, counters, _stop) = tcp_listener_with(2, gated(&gate)).await;
+        // Both slots held by connections whose query is being answered.
         let mut held = Vec::new();
         for i in 11..13 {
             let mut s = connect(&format!("127.0.0.{i}"), at).await;
-            s.write_all(&QUERY[..5]).await.unwrap();
+            s.write_all(QUERY).await.unwrap();
             held.push(s);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..200 {
+            if gate.2.load(Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(gate.2.load(Ordering::SeqCst), 2, "queries held");
         let mut refused = connect("127.0.0.20", at).await;
         assert!(closed(&mut refused).await < Duration::from_secs(2));
         assert_eq!(counters.errors_of(ErrorKind::OverCapacity), 1);
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
         for s in &mut held {
-            s.write_all(&QUERY[5..]).await.unwrap();
             assert_eq!(s.read_u16().await.unwrap() as usize, QUERY.len() - 2);
         }
     }
 
     #[test]
     fn no_replies_to_the_ports_of_services_that_answer_anything() {
-        for port in [0, 7, 13, 17, 19, 37] {
+        for port in [0, 7, 13, 17, 19, 37, 11211] {
             assert!(reply_loop_port(port), "{port}");
         }
         for port in [53, 1024, 5353, 33_000, 65_535] {

@@ -800,10 +800,10 @@ pub struct DnsSettings {
     pub nameservers: Vec<(DomainName, Vec<IpAddr>)>,
     /// TTL of the A, AAAA and NS records, seconds.
     pub ttl: u32,
-    /// UDP queries per second per client (IPv4 address, IPv6 /64) answered
-    /// in full on every DNS listener; over it every other reply is
-    /// truncated, the rest dropped. [`DNS_RATE_DEFAULT`] unless set; `None`:
-    /// off (`rate_limit = 0`).
+    /// UDP queries per second per client network (an IPv4 /24, an IPv6 /56:
+    /// `dns_server::rate_key`) answered in full on every DNS listener; over
+    /// it every other reply is truncated, the rest dropped.
+    /// [`DNS_RATE_DEFAULT`] unless set; `None`: off (`rate_limit = 0`).
     pub rate_limit: Option<RateLimit>,
 }
 
