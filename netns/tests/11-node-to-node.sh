@@ -11,8 +11,12 @@
 # pool4, with "direct"; with "off" that is dropped and counted, and so is
 # n2's packet for pool4 (the hub's kernel would hand it back to the
 # translator); with "kernel" the translated packet goes through the hub's
-# forward chain, where a rule on pool4 stops it.
-# timeout: 300
+# forward chain, where a rule on pool4 stops it. With "direct", packets
+# for x1, a peer that never connected, are staged (8) or counted
+# drops.no_session at once, the staged ones too once 10 s have passed; and
+# a packet larger than the hub's MTU (n1's TUN given a larger one) is
+# dropped and counted drops.too_big.
+# timeout: 360
 set -euo pipefail
 export GW_TEST_NAME=11-node-to-node
 # shellcheck source=SCRIPTDIR/../lib.sh
@@ -22,7 +26,8 @@ need_gatewire
 
 lab_up 2 1
 nodes=(n1 n2 d1)
-conf=$(gw_hub_conf hub "${nodes[@]}")
+# x1: a peer of the hub that never connects
+conf=$(gw_hub_conf hub "${nodes[@]}" x1)
 # set_mode MODE : [hub] node_to_node = MODE in the hub's config
 set_mode() {
     sed -i -e '/^node_to_node = /d' -e "s|^keepalive = .*|&\nnode_to_node = \"$1\"|" "$conf"
@@ -179,6 +184,31 @@ for _ in range(3):
 from_pool4() { [ "$(seen_from)" = "$POOL4" ]; }
 check "xlat, direct: n1 pings n2 as $N2_64 (NAT64)" wait_for 10 lab_ping1 n1 "$N2_64"
 check "xlat, direct: n2 sees n1's datagram from pool4 $POOL4" wait_for 5 from_pool4
+
+# drops REASON : the hub's drops.REASON
+drops() {
+    gw_show_json hub | jq -r "[.interfaces[] | .drops.$1 // 0] | add"
+}
+# at_least REASON N : true when the hub's drops.REASON is N or more
+at_least() { [ "$(drops "$1")" -ge "$2" ]; }
+# n1 -> x1 (never connected, no session): 50 large pings, 8 staged, the
+# rest counted at once, the staged too after 10 s
+before=$(drops no_session)
+lab_exec n1 ping -q -n -c 50 -i 0.01 -s 1300 -W 1 "$(lab_ov4 x1)" >/dev/null 2>&1 || true
+check "direct: packets for x1 (no session) beyond the 8 staged count as no_session at once" \
+    wait_for 3 at_least no_session $((before + 42))
+check "... while 8 wait for a handshake" test "$(drops no_session)" -eq $((before + 42))
+check "... and the staged ones once held 10 s" wait_for 15 at_least no_session $((before + 50))
+lab_log "drops.no_session: $before -> $(drops no_session)"
+# n1 with a larger MTU than the hub's: a 3000-byte packet for n2 (DF) is too big
+before=$(drops too_big)
+lab_exec n1 ip link set dev "${GW_NODE_IFACE:-gwn0}" mtu 4000
+check "direct: n1 -> n2 larger than the hub's MTU gets no answer" \
+    not lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M do -s 3000 "$(lab_ov4 n2)"
+check "... counted as too_big" wait_for 3 at_least too_big $((before + 3))
+lab_exec n1 ip link set dev "${GW_NODE_IFACE:-gwn0}" mtu "${GW_MTU:-1420}"
+check "direct: n1 -> n2 at the hub's MTU still passes" \
+    lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M do -s $((${GW_MTU:-1420} - 28)) "$(lab_ov4 n2)"
 
 # "off": the translated packet is traffic between nodes too
 must "xlat, off: the hub applied it on SIGHUP" reload_mode off

@@ -12,6 +12,7 @@ use crate::wg::allowed_ips::AllowedIps;
 use crate::wg::handshake_limit::{self, HandshakeLimiter};
 use crate::wg::liveness;
 use crate::wg::packet::{self, Hop};
+use crate::wg::staged::{self, Staged};
 use crate::wg::stamp;
 use crate::wg::uapi::{DeviceInfo, DeviceSet, PeerInfo, PeerSet};
 use crate::wg::xlat::{peer_owner, Return, XlatPath};
@@ -102,6 +103,12 @@ pub enum DropReason {
     UnknownPeer,
     InvalidMac,
     DecryptFailed,
+    /// A data packet for a session this side does not have (expired, or
+    /// replaced by newer handshakes or a new `Tunn`: a peer still sending
+    /// on a session this side let go), or a handshake response or cookie
+    /// reply for a handshake this side is not waiting for (late or
+    /// repeated). Refused before any decryption.
+    StaleSession,
     Replay,
     /// A handshake initiation whose timestamp is not later than the last
     /// one accepted from its peer: the peer's clock is behind (or the
@@ -117,13 +124,20 @@ pub enum DropReason {
     SourceNotAllowed,
     NoRoute,
     NoEndpoint,
+    /// A packet for a peer without a session that could not be held until
+    /// a handshake gives it one ([`staged`]), or was held and given up.
+    NoSession,
     NoKey,
     MalformedIp,
     TtlExpired,
+    /// A packet from one peer for another, larger than the device's MTU.
+    TooBig,
     TunWrite,
     /// A failed TUN read (the interface gone or broken), not a packet.
     TunRead,
     UdpSend,
+    /// A failed receive on a UDP socket, not a packet.
+    UdpRecv,
     /// Not a dropped packet but a refused roam: an authenticated datagram
     /// came from an address inside its peer's own allowed IPs.
     EndpointLoop,
@@ -134,12 +148,13 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::InvalidPacket,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
         DropReason::InvalidMac,
         DropReason::DecryptFailed,
+        DropReason::StaleSession,
         DropReason::Replay,
         DropReason::StaleTimestamp,
         DropReason::UnderLoad,
@@ -148,12 +163,15 @@ impl DropReason {
         DropReason::SourceNotAllowed,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
+        DropReason::NoSession,
         DropReason::NoKey,
         DropReason::MalformedIp,
         DropReason::TtlExpired,
+        DropReason::TooBig,
         DropReason::TunWrite,
         DropReason::TunRead,
         DropReason::UdpSend,
+        DropReason::UdpRecv,
         DropReason::EndpointLoop,
         DropReason::NodeToNode,
         DropReason::Other,
@@ -166,6 +184,7 @@ impl DropReason {
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::InvalidMac => "invalid_mac",
             DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::StaleSession => "stale_session",
             DropReason::Replay => "replay",
             DropReason::StaleTimestamp => "stale_timestamp",
             DropReason::UnderLoad => "under_load",
@@ -174,12 +193,15 @@ impl DropReason {
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NoSession => "no_session",
             DropReason::NoKey => "no_key",
             DropReason::MalformedIp => "malformed_ip",
             DropReason::TtlExpired => "ttl_expired",
+            DropReason::TooBig => "too_big",
             DropReason::TunWrite => "tun_write",
             DropReason::TunRead => "tun_read",
             DropReason::UdpSend => "udp_send",
+            DropReason::UdpRecv => "udp_recv",
             DropReason::EndpointLoop => "endpoint_loop",
             DropReason::NodeToNode => "node_to_node",
             DropReason::Other => "other",
@@ -194,12 +216,17 @@ impl DropReason {
             WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
                 DropReason::InvalidPacket
             }
-            WireGuardError::WrongIndex | WireGuardError::WrongKey => DropReason::UnknownPeer,
+            // An initiation whose static key is not the peer's.
+            WireGuardError::WrongKey => DropReason::UnknownPeer,
             WireGuardError::WrongTai64nTimestamp => DropReason::StaleTimestamp,
+            // Data whose session's slot is empty, or holds a newer session;
+            // a response to no initiation in flight; a cookie reply for
+            // an earlier handshake.
+            WireGuardError::NoCurrentSession
+            | WireGuardError::WrongIndex
+            | WireGuardError::UnexpectedPacket => DropReason::StaleSession,
             WireGuardError::InvalidAeadTag
             | WireGuardError::InvalidTai64nTimestamp
-            | WireGuardError::NoCurrentSession
-            | WireGuardError::UnexpectedPacket
             | WireGuardError::WrongPacketType => DropReason::DecryptFailed,
             _ => DropReason::Other,
         }
@@ -502,6 +529,11 @@ pub struct Peer {
     answers: liveness::Answers,
     /// Milliseconds since device start of the last packet sent.
     last_tx_ms: AtomicU64,
+    /// Milliseconds since device start of the last device keepalive tried
+    /// (sent or not).
+    keepalive_tried_ms: AtomicU64,
+    /// Packets waiting for a session (see [`Peer::seal`]).
+    staged: Staged,
     /// Packets from this peer whose source was outside its allowed IPs.
     src_not_allowed: AtomicU64,
     /// A refused roam into its own allowed IPs has been logged (since the
@@ -522,6 +554,7 @@ impl Peer {
         stamp_base: stamp::Base,
         preshared_key: Option<PresharedKey>,
         persistent_keepalive: u16,
+        pool: Arc<staged::Pool>,
     ) -> Self {
         Peer {
             name: Mutex::new(None),
@@ -539,6 +572,8 @@ impl Peer {
             last_two_way_ms: AtomicU64::new(0),
             answers: liveness::Answers::default(),
             last_tx_ms: AtomicU64::new(0),
+            keepalive_tried_ms: AtomicU64::new(0),
+            staged: Staged::new(pool),
             src_not_allowed: AtomicU64::new(0),
             loop_warned: AtomicBool::new(false),
             stale_timestamp: AtomicU64::new(0),
@@ -635,6 +670,57 @@ impl Peer {
         *self.stamp_base.lock() = base;
         self.unanswered.store(0, Ordering::Relaxed);
         self.answers.reset();
+    }
+    /// Encrypts `pkt` into `dst` on the current session of `t`, the
+    /// peer's `Tunn` (locked by the caller). Without one, `Tunn::encapsulate`
+    /// would keep a copy of the packet itself, uncounted (up to 256 of
+    /// them, of any size, let go without a word 90 s later): instead the
+    /// packet is staged here, bounded, or counted as `no_session`
+    /// ([`staged`]), and a handshake starts (its initiation is what `dst`
+    /// then holds; nothing when one is under way, as `encapsulate` does). A
+    /// keepalive (empty) is not staged: the handshake stands for it.
+    fn seal<'a>(&self, t: &mut Tunn, pkt: &[u8], dst: &'a mut [u8], now_ms: u64) -> TunnResult<'a> {
+        // The test `encapsulate` makes: the current session's slot is filled.
+        if t.time_since_last_handshake().is_some() {
+            return t.encapsulate(pkt, dst);
+        }
+        if !pkt.is_empty() {
+            self.staged.push(pkt, now_ms);
+        }
+        t.format_handshake_initiation(dst, false)
+    }
+    /// The oldest staged packet, encrypted into `dst` on the current
+    /// session of `t` (the peer's `Tunn`, locked by the caller); `None`
+    /// without a session, or with nothing staged.
+    fn unstage<'a>(&self, t: &mut Tunn, dst: &'a mut [u8]) -> Option<TunnResult<'a>> {
+        if !self.staged.pending() || t.time_since_last_handshake().is_none() {
+            return None;
+        }
+        let p = self.staged.pop()?;
+        // Never the case (a staged packet came from a buffer no larger
+        // than the device's), but `encapsulate` would panic.
+        if p.len() + OVERHEAD > dst.len() {
+            return Some(TunnResult::Err(WireGuardError::DestinationBufferTooSmall));
+        }
+        Some(t.encapsulate(&p, dst))
+    }
+    /// Whether the device keepalive (one every `every_ms`) is due at
+    /// `now_ms`: the peer was heard from within the session lifetime (so
+    /// the device never chases peers that left), and nothing was sent to it,
+    /// nor a keepalive tried, for `every_ms`. A due keepalive counts as tried,
+    /// whether it goes out or not (the peer may have no endpoint).
+    fn keepalive_due(&self, now_ms: u64, every_ms: u64) -> bool {
+        let rx = self.last_rx_ms();
+        let since = |t: &AtomicU64| now_ms.saturating_sub(t.load(Ordering::Relaxed));
+        let due = every_ms > 0
+            && rx > 0
+            && now_ms.saturating_sub(rx) < 180_000
+            && since(&self.last_tx_ms) >= every_ms
+            && since(&self.keepalive_tried_ms) >= every_ms;
+        if due {
+            self.keepalive_tried_ms.store(now_ms, Ordering::Relaxed);
+        }
+        due
     }
     fn last_handshake(&self) -> Option<Duration> {
         let (since, ..) = self.tunn.lock().stats();
@@ -811,7 +897,11 @@ pub struct Inner {
     config_lock: tokio::sync::Mutex<()>,
     next_index: AtomicU32,
     fwmark: AtomicU32,
-    pub drops: DropCounters,
+    pub drops: Arc<DropCounters>,
+    /// The bytes the peers' staged packets may take, together.
+    staging: Arc<staged::Pool>,
+    /// The TUN's MTU: a packet from one peer for another is no larger.
+    mtu: usize,
     /// Handshakes carrying a cookie, per source ([`handshake_limit`]).
     handshake_limit: Mutex<HandshakeLimiter>,
     /// Handshakes completed: initiations answered and responses accepted.
@@ -1021,6 +1111,8 @@ impl Device {
         let sockets = bind_pair(cfg.listen_port)
             .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
         let key = cfg.private_key.clone().map(KeyState::new);
+        let drops = Arc::new(DropCounters::default());
+        let staging = Arc::new(staged::Pool::for_mtu(cfg.mtu, Arc::clone(&drops)));
         let inner = Arc::new(Inner {
             name: cfg.name.clone(),
             mode: cfg.mode,
@@ -1036,7 +1128,9 @@ impl Device {
             config_lock: tokio::sync::Mutex::new(()),
             next_index: AtomicU32::new(rand_index()),
             fwmark: AtomicU32::new(0),
-            drops: DropCounters::default(),
+            drops,
+            staging,
+            mtu: usize::from(cfg.mtu),
             handshake_limit: Mutex::new(HandshakeLimiter::default()),
             handshakes: AtomicU64::new(0),
             start: Instant::now(),
@@ -1493,6 +1587,7 @@ impl Inner {
                 }
             };
             let table = self.table.load_full();
+            let now = self.now_ms();
             let mut group = Group::default();
             let mut ntun = 0;
             for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
@@ -1548,7 +1643,7 @@ impl Inner {
                 let base = dst_buf.as_ptr() as usize;
                 let out = {
                     let mut t = peer.tunn.lock();
-                    let r = t.encapsulate(pkt, dst_buf);
+                    let r = peer.seal(&mut t, pkt, dst_buf, now);
                     classify(base, r)
                 };
                 match out {
@@ -1803,12 +1898,14 @@ impl Inner {
         }
     }
 
-    /// Encapsulates `pkt` for `peer` and sends it to the peer's endpoint.
+    /// Encapsulates `pkt` for `peer` and sends it to the peer's endpoint
+    /// (or stages it and starts a handshake: [`Peer::seal`]).
     async fn send_to_peer(&self, peer: &Peer, pkt: &[u8], tx: &mut [u8]) {
+        let now = self.now_ms();
         let out = {
             let mut t = peer.tunn.lock();
             let base = tx.as_ptr() as usize;
-            let r = t.encapsulate(pkt, tx);
+            let r = peer.seal(&mut t, pkt, tx, now);
             classify(base, r)
         };
         match out {
@@ -1819,6 +1916,31 @@ impl Inner {
             }
             Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
             _ => {}
+        }
+    }
+
+    /// Sends what was staged for `peer` while it had no session, once it
+    /// has one (an authenticated datagram came: the handshake may be
+    /// complete), through `buf`.
+    async fn release_staged(&self, peer: &Peer, buf: &mut [u8]) {
+        while peer.staged.pending() {
+            let out = {
+                let mut t = peer.tunn.lock();
+                let base = buf.as_ptr() as usize;
+                let Some(r) = peer.unstage(&mut t, buf) else {
+                    return;
+                };
+                classify(base, r)
+            };
+            match out {
+                Out::Network(a, b) => {
+                    if let Some(d) = buf.get(a..b) {
+                        self.send_net(peer, d).await;
+                    }
+                }
+                Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
+                _ => {}
+            }
         }
     }
 
@@ -1873,6 +1995,8 @@ impl Inner {
         ];
         let mut batch: Vec<Vec<u8>> = Vec::new();
         let mut gro = tun_rs::GROTable::new();
+        // The last receive failed.
+        let mut failed = false;
         loop {
             let r = {
                 let mut iovs: Vec<std::io::IoSliceMut<'_>> =
@@ -1884,10 +2008,19 @@ impl Inner {
                     .await
             };
             let msgs = match r {
-                Ok(n) => n,
+                Ok(n) => {
+                    failed = false;
+                    n
+                }
                 Err(e) => {
-                    // ICMP errors surface here on Linux; they are not fatal.
+                    // Not fatal, but the socket stays readable: a second
+                    // failure in a row waits a little, so one that
+                    // persists does not spin.
+                    self.drops.inc(DropReason::UdpRecv);
                     debug!(error = %e, "UDP receive error");
+                    if std::mem::replace(&mut failed, true) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     continue;
                 }
             };
@@ -1942,8 +2075,10 @@ impl Inner {
     async fn write_tun(&self, gro: &mut tun_rs::GROTable, bufs: &mut [Vec<u8>]) {
         if self.offload {
             if let Err(e) = self.tun.send_multiple(gro, bufs, TUN_HEADROOM).await {
-                // The batch is lost (coalescing refused it, or a write
-                // failed part way): each packet counts.
+                // Coalescing refused the batch, or a write failed: each
+                // packet counts. (tun-rs writes the rest after a failed
+                // write and returns only the last error, not what went,
+                // so a batch lost in part counts whole.)
                 self.drops.add(DropReason::TunWrite, bufs.len() as u64);
                 debug!(error = %e, "TUN write failed");
             }
@@ -2119,8 +2254,11 @@ impl Inner {
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
         }
+        // What was staged for the peer goes once a datagram brings it a
+        // session: after any answer of this side's, before what the
+        // datagram carries is forwarded (through `fwd`, free till then).
         match result {
-            Out::Nothing => {}
+            Out::Nothing => self.release_staged(&peer, fwd).await,
             Out::Error(e) => {
                 let r = DropReason::from_wg(&e);
                 self.drops.inc(r);
@@ -2138,7 +2276,9 @@ impl Inner {
                     peer.answers.answered(d);
                     self.send_net(&peer, d).await;
                 }
-                // A completed handshake may release queued packets.
+                // A completed handshake may release what boringtun queued:
+                // only keepalives its timers made without a session (the
+                // device stages packets itself, `Peer::seal`).
                 loop {
                     let r = {
                         let mut t = peer.tunn.lock();
@@ -2155,8 +2295,10 @@ impl Inner {
                         _ => break,
                     }
                 }
+                self.release_staged(&peer, fwd).await;
             }
             Out::Tunnel(a, b, src) => {
+                self.release_staged(&peer, fwd).await;
                 let Some(pkt) = out.get_mut(a..b) else {
                     return;
                 };
@@ -2215,6 +2357,12 @@ impl Inner {
     /// Returns false when the packet is for the TUN after all (its hop
     /// limit ran out: the kernel answers).
     async fn forward_to_peer(&self, to: &Peer, pkt: &mut [u8], fwd: &mut [u8]) -> bool {
+        // A peer's inner packets may be up to 64 KiB; no larger than the
+        // MTU goes on (nor would the kernel route one back into the TUN).
+        if pkt.len() > self.mtu {
+            self.drops.inc(DropReason::TooBig);
+            return true;
+        }
         match packet::decrement_hop_limit(pkt) {
             Hop::Forward => {
                 self.send_to_peer(to, pkt, fwd).await;
@@ -2251,6 +2399,13 @@ impl Inner {
             let wall = crate::clock::unix_ms();
             let keepalive_ms = u64::from(self.keepalive.load(Ordering::Relaxed)) * 1000;
             for peer in table.by_key.values() {
+                if peer.staged.pending() {
+                    // Sent if a session came (the datagram that brought
+                    // it released them already, as a rule), else given up
+                    // once held too long.
+                    self.release_staged(peer, &mut buf).await;
+                    peer.staged.expire(now);
+                }
                 self.renew_if_stale(peer, wall).await;
                 let out = {
                     let mut t = peer.tunn.lock();
@@ -2269,14 +2424,9 @@ impl Inner {
                     Out::Error(e) => debug!(error = ?e, "timer error"),
                     Out::Tunnel(..) => {}
                 }
-                // Device keepalive: only towards peers heard from within the
-                // session lifetime, so the device never chases peers that left.
-                let rx = peer.last_rx_ms();
-                if keepalive_ms > 0
-                    && rx > 0
-                    && now.saturating_sub(rx) < 180_000
-                    && now.saturating_sub(peer.last_tx_ms.load(Ordering::Relaxed)) >= keepalive_ms
-                {
+                // Device keepalive: once an interval, even when it cannot
+                // go (no endpoint yet, a failed send).
+                if peer.keepalive_due(now, keepalive_ms) {
                     self.send_to_peer(peer, &[], &mut buf).await;
                 }
             }
@@ -2397,6 +2547,7 @@ impl Inner {
                         self.stamp_base(),
                         psk,
                         keepalive,
+                        Arc::clone(&self.staging),
                     ));
                     t.by_index.insert(index, Arc::clone(&peer));
                     t.by_key.insert(ps.public_key, Arc::clone(&peer));
@@ -2988,6 +3139,163 @@ mod tests {
         assert_eq!(src.ip(), IpAddr::from([127, 0, 0, 2]));
     }
 
+    /// An IPv4 packet of `len` bytes (a valid total length), marked `id`.
+    fn ipv4(len: usize, id: u16) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[8] = 64;
+        p
+    }
+
+    /// Through boringtun: packets for a peer without a session never go
+    /// into its `Tunn` (whose `encapsulate` would copy each into a queue of
+    /// up to 256, uncounted). The first starts a handshake and the others
+    /// start none; each is staged, within the bound, or counted
+    /// `no_session`; once the handshake completes, the `Tunn` has nothing
+    /// old to release, and the staged packets, the newest, go on the new
+    /// session in order.
+    #[test]
+    fn packets_without_a_session_are_staged_within_bounds_or_counted() {
+        use crate::wg::liveness::tests::{exchange, pair};
+        let (h, mut n) = pair();
+        let drops = Arc::new(DropCounters::default());
+        let pool = Arc::new(staged::Pool::for_mtu(1420, Arc::clone(&drops)));
+        let base = stamp::Base {
+            wall_ms: 0,
+            mono_ms: 0,
+        };
+        let hub = Peer::new(PublicKey([7; 32]), 1, h, base, None, 0, Arc::clone(&pool));
+        const N: u16 = 1000;
+        let mut dst = vec![0u8; MAX_PACKET + OVERHEAD];
+        let mut inits = Vec::new();
+        for id in 0..N {
+            let mut t = hub.tunn.lock();
+            match hub.seal(&mut t, &ipv4(1400, id), &mut dst, 0) {
+                TunnResult::WriteToNetwork(d) => inits.push(d.to_vec()),
+                TunnResult::Done => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(inits.len(), 1, "one handshake, not one per packet");
+        assert!(stamp::is_initiation(&inits[0]));
+        assert_eq!(hub.staged.packets(), staged::PACKETS);
+        assert_eq!(pool.used(), staged::PACKETS * 1400);
+        assert_eq!(
+            drops.get(DropReason::NoSession),
+            u64::from(N) - staged::PACKETS as u64
+        );
+        // A keepalive without a session: no handshake more (one is under
+        // way), nothing staged, nothing counted.
+        {
+            let mut t = hub.tunn.lock();
+            assert!(matches!(
+                hub.seal(&mut t, &[], &mut dst, 0),
+                TunnResult::Done
+            ));
+            assert!(hub.unstage(&mut t, &mut dst).is_none(), "no session yet");
+        }
+        assert_eq!(hub.staged.packets(), staged::PACKETS);
+        let resp = exchange(&mut n, &inits[0]);
+        let mut t = hub.tunn.lock();
+        let keepalive = match t.decapsulate(None, &resp, &mut dst) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            n.decapsulate(None, &keepalive, &mut vec![0u8; 2048]),
+            TunnResult::Done
+        ));
+        assert!(
+            matches!(t.decapsulate(None, &[], &mut dst), TunnResult::Done),
+            "boringtun kept nothing"
+        );
+        let mut got = Vec::new();
+        while let Some(r) = hub.unstage(&mut t, &mut dst) {
+            let d = match r {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                other => panic!("{other:?}"),
+            };
+            let mut out = vec![0u8; 2048];
+            match n.decapsulate(None, &d, &mut out) {
+                TunnResult::WriteToTunnelV4(p, _) => {
+                    got.push(u16::from_be_bytes([p[4], p[5]]));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let newest: Vec<u16> = (N - staged::PACKETS as u16..N).collect();
+        assert_eq!(got, newest);
+        assert_eq!(pool.used(), 0);
+        assert_eq!(
+            drops.get(DropReason::NoSession),
+            u64::from(N) - staged::PACKETS as u64
+        );
+        // With the session, packets go at once.
+        assert!(matches!(
+            hub.seal(&mut t, &ipv4(100, 1), &mut dst, 0),
+            TunnResult::WriteToNetwork(_)
+        ));
+        assert!(!hub.staged.pending());
+    }
+
+    /// Through boringtun: a handshake response the receiver no longer
+    /// waits for, and data on a session it no longer has, are stale, not
+    /// forged.
+    #[test]
+    fn data_on_a_session_let_go_is_stale_not_forged() {
+        use crate::wg::liveness::tests::{exchange, pair};
+        let (mut h, mut n) = pair();
+        let init = initiation(&mut n);
+        let resp = exchange(&mut h, &init);
+        let keepalive = exchange(&mut n, &resp);
+        let mut out = vec![0u8; 2048];
+        assert!(matches!(
+            h.decapsulate(None, &keepalive, &mut out),
+            TunnResult::Done
+        ));
+        // The same response again: its handshake is complete.
+        match n.decapsulate(None, &resp, &mut out) {
+            TunnResult::Err(e) => assert_eq!(DropReason::from_wg(&e), DropReason::StaleSession),
+            other => panic!("{other:?}"),
+        }
+        let data = match n.encapsulate(&ipv4(60, 1), &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        // A `Tunn` made again (a preshared key changed, handshake
+        // timestamps renewed) has no session at that index.
+        let (mut fresh, _) = pair();
+        match fresh.decapsulate(None, &data, &mut out) {
+            TunnResult::Err(e) => assert_eq!(DropReason::from_wg(&e), DropReason::StaleSession),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A device keepalive that cannot go (no endpoint) is tried once an
+    /// interval, not at every tick until it goes; never towards a peer
+    /// not heard from, or heard from too long ago, or when off.
+    #[test]
+    fn a_keepalive_that_cannot_go_is_tried_once_an_interval() {
+        let p = test_peer(1);
+        let every = 4_000;
+        let ticks = |p: &Peer, from: u64, to: u64| -> Vec<u64> {
+            (from / 250..to / 250)
+                .map(|i| i * 250)
+                .filter(|&now| p.keepalive_due(now, every))
+                .collect()
+        };
+        assert!(ticks(&p, 0, 20_000).is_empty(), "never heard from");
+        p.last_rx_ms.store(1_000, Ordering::Relaxed);
+        assert_eq!(ticks(&p, 1_000, 12_000), [4_000, 8_000]);
+        // Something sent meanwhile puts the next one off.
+        p.last_tx_ms.store(13_000, Ordering::Relaxed);
+        assert_eq!(ticks(&p, 12_000, 20_000), [17_000]);
+        assert!(!p.keepalive_due(30_000, 0), "off");
+        assert!(ticks(&p, 181_000, 200_000).is_empty(), "heard too long ago");
+    }
+
     #[test]
     fn every_drop_reason_has_its_own_name() {
         let names: std::collections::HashSet<&str> =
@@ -3014,7 +3322,16 @@ mod tests {
             wall_ms: 0,
             mono_ms: 0,
         };
-        Arc::new(Peer::new(public_key, n, tunn, base, None, 0))
+        let pool = staged::Pool::for_mtu(1420, Arc::default());
+        Arc::new(Peer::new(
+            public_key,
+            n,
+            tunn,
+            base,
+            None,
+            0,
+            Arc::new(pool),
+        ))
     }
 
     fn add(t: &mut Table, p: &Arc<Peer>) {

@@ -8,6 +8,7 @@ pub mod handshake_limit;
 pub mod liveness;
 pub mod packet;
 pub mod route;
+pub mod staged;
 pub mod stamp;
 pub mod uapi;
 pub mod xlat;
