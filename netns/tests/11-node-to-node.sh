@@ -204,11 +204,11 @@ lab_log "drops.no_session: $before -> $(drops no_session)"
 before=$(drops too_big)
 lab_exec n1 ip link set dev "${GW_NODE_IFACE:-gwn0}" mtu 4000
 check "direct: n1 -> n2 larger than the hub's MTU gets no answer" \
-    not lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M do -s 3000 "$(lab_ov4 n2)"
+    not lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M "do" -s 3000 "$(lab_ov4 n2)"
 check "... counted as too_big" wait_for 3 at_least too_big $((before + 3))
 lab_exec n1 ip link set dev "${GW_NODE_IFACE:-gwn0}" mtu "${GW_MTU:-1420}"
 check "direct: n1 -> n2 at the hub's MTU still passes" \
-    lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M do -s $((${GW_MTU:-1420} - 28)) "$(lab_ov4 n2)"
+    lab_exec n1 ping -q -n -c 3 -i 0.2 -W 1 -M "do" -s $((${GW_MTU:-1420} - 28)) "$(lab_ov4 n2)"
 
 # "off": the translated packet is traffic between nodes too
 must "xlat, off: the hub applied it on SIGHUP" reload_mode off
