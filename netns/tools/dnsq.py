@@ -6,8 +6,8 @@
     dnsq.py SERVER PORT --response        send 20 random bytes with the QR bit
         set (a "response") over UDP and print "reply" or "no-reply" (a server
         must drop them)
-    dnsq.py SERVER PORT --counts          send a bare query header announcing
-        65535 questions and print the reply as above
+    dnsq.py SERVER PORT --counts [tcp]    send a bare query header announcing
+        65535 questions and print the reply as above ("timeout" when none)
 
 TYPE is A, NS, SOA, TXT or a number. Exit status 2 on a timeout.
 """
@@ -87,11 +87,23 @@ def main():
             print("no-reply")
         return
     if sys.argv[3] == "--counts":
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.settimeout(5)
-        s.sendto(struct.pack("!HHHHHH", 0x5151, 0x0100, 0xFFFF, 0, 0, 0), (server, port))
+        h = struct.pack("!HHHHHH", 0x5151, 0x0100, 0xFFFF, 0, 0, 0)
         try:
-            r, _ = s.recvfrom(4096)
+            if len(sys.argv) > 4 and sys.argv[4] == "tcp":
+                s = socket.create_connection((server, port), timeout=5)
+                s.sendall(struct.pack("!H", len(h)) + h)
+                buf = b""
+                while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+                    d = s.recv(4096)
+                    if not d:
+                        break
+                    buf += d
+                r = buf[2:]
+            else:
+                s = socket.socket(fam, socket.SOCK_DGRAM)
+                s.settimeout(3)
+                s.sendto(h, (server, port))
+                r, _ = s.recvfrom(4096)
         except socket.timeout:
             print("timeout")
             sys.exit(2)
