@@ -71,6 +71,24 @@ def parse(msg):
         flags & 0xF, (flags >> 10) & 1, (flags >> 9) & 1, an, ns, ",".join(txt), soa)
 
 
+def ask(server, port, fam, msg, tcp, timeout):
+    """Sends msg, over TCP (length-prefixed) or UDP; the reply's bytes."""
+    if tcp:
+        s = socket.create_connection((server, port), timeout=timeout)
+        s.sendall(struct.pack("!H", len(msg)) + msg)
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+            d = s.recv(4096)
+            if not d:
+                break
+            buf += d
+        return buf[2:]
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    s.sendto(msg, (server, port))
+    return s.recvfrom(65535)[0]
+
+
 def main():
     server, port = sys.argv[1], int(sys.argv[2])
     fam = socket.AF_INET6 if ":" in server else socket.AF_INET
@@ -88,22 +106,9 @@ def main():
         return
     if sys.argv[3] == "--counts":
         h = struct.pack("!HHHHHH", 0x5151, 0x0100, 0xFFFF, 0, 0, 0)
+        tcp = len(sys.argv) > 4 and sys.argv[4] == "tcp"
         try:
-            if len(sys.argv) > 4 and sys.argv[4] == "tcp":
-                s = socket.create_connection((server, port), timeout=5)
-                s.sendall(struct.pack("!H", len(h)) + h)
-                buf = b""
-                while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-                    d = s.recv(4096)
-                    if not d:
-                        break
-                    buf += d
-                r = buf[2:]
-            else:
-                s = socket.socket(fam, socket.SOCK_DGRAM)
-                s.settimeout(3)
-                s.sendto(h, (server, port))
-                r, _ = s.recvfrom(4096)
+            r = ask(server, port, fam, h, tcp, 5 if tcp else 3)
         except socket.timeout:
             print("timeout")
             sys.exit(2)
@@ -114,21 +119,7 @@ def main():
     q = struct.pack("!HHHHHH", 0x4a7e, 0x0100, 1, 0, 0, 0)
     q += name_bytes(name) + struct.pack("!HH", TYPES.get(qtype) or int(qtype), 1)
     try:
-        if tcp:
-            s = socket.create_connection((server, port), timeout=5)
-            s.sendall(struct.pack("!H", len(q)) + q)
-            buf = b""
-            while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-                d = s.recv(4096)
-                if not d:
-                    break
-                buf += d
-            r = buf[2:]
-        else:
-            s = socket.socket(fam, socket.SOCK_DGRAM)
-            s.settimeout(5)
-            s.sendto(q, (server, port))
-            r, _ = s.recvfrom(65535)
+        r = ask(server, port, fam, q, tcp, 5)
     except socket.timeout:
         print("timeout")
         sys.exit(2)

@@ -1908,9 +1908,15 @@ impl Inner {
             let r = peer.seal(&mut t, pkt, tx, now);
             classify(base, r)
         };
+        self.send_sealed(peer, out, tx).await;
+    }
+
+    /// Sends what sealing into `buf` gave for `peer` (a datagram), or
+    /// counts its error.
+    async fn send_sealed(&self, peer: &Peer, out: Out, buf: &[u8]) {
         match out {
             Out::Network(a, b) => {
-                if let Some(d) = tx.get(a..b) {
+                if let Some(d) = buf.get(a..b) {
                     self.send_net(peer, d).await;
                 }
             }
@@ -1932,15 +1938,7 @@ impl Inner {
                 };
                 classify(base, r)
             };
-            match out {
-                Out::Network(a, b) => {
-                    if let Some(d) = buf.get(a..b) {
-                        self.send_net(peer, d).await;
-                    }
-                }
-                Out::Error(e) => self.drops.inc(DropReason::from_wg(&e)),
-                _ => {}
-            }
+            self.send_sealed(peer, out, buf).await;
         }
     }
 
