@@ -478,7 +478,11 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn ago(secs: u64) -> String {
-    let d = crate::clock::unix_secs().saturating_sub(secs);
+    since(crate::clock::unix_secs().saturating_sub(secs))
+}
+
+/// `d` seconds, as `ago` words them.
+fn since(d: u64) -> String {
     match d {
         0..=59 => format!("{d} seconds ago"),
         60..=3599 => format!("{} minutes, {} seconds ago", d / 60, d % 60),
@@ -487,8 +491,8 @@ fn ago(secs: u64) -> String {
 }
 
 /// Lines for the extra sections of a daemon's `show` object: a node's
-/// `hub_paths` (hubs it may reach over TLS), a hub's `tls_tunnels`, `mesh`
-/// and the proxy's certificates.
+/// `hub_paths` (hubs it may reach over TLS), a hub's `tls_tunnels`, `mesh`,
+/// the proxy's certificates and a failed config reload.
 fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let s = |v: &serde_json::Value, k: &str| {
@@ -616,7 +620,29 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
         }
     }
     out.extend(certificate_line(v, crate::clock::unix_secs()));
+    out.extend(reload_line(v, crate::clock::unix_secs()));
     out
+}
+
+/// `config reload FAILED …` while a hub's last config reload failed (it
+/// applied nothing).
+fn reload_line(v: &serde_json::Value, now: u64) -> Option<String> {
+    let last = v.get("config_reload")?.get("last")?;
+    if last.get("ok")?.as_bool()? {
+        return None;
+    }
+    let at = last.get("at").and_then(|x| x.as_u64()).unwrap_or(now);
+    let why: String = last
+        .get("error")
+        .and_then(|x| x.as_str())
+        .unwrap_or("?")
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Some(format!(
+        "config reload FAILED {}, nothing applied: {why}",
+        since(now.saturating_sub(at))
+    ))
 }
 
 /// `certificates: …` for a hub's proxy: how many, the next to expire, and
@@ -890,6 +916,24 @@ mod tests {
         let down = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": false,
             "last_error": "connection refused", "hubs": []}});
         assert!(carrier_lines(&down)[0].contains("etcd unreachable (connection refused)"));
+    }
+
+    #[test]
+    fn a_failed_config_reload_is_named_until_one_works() {
+        let now = 1_800_000_000;
+        let last = |ok: bool, error: Option<&str>| {
+            serde_json::json!({"config_reload": {"reloads": 3, "failures": 1,
+                "last": {"at": now - 75, "ok": ok, "error": error}}})
+        };
+        assert_eq!(
+            reload_line(&last(false, Some("[[route]] name:x: cert\nline 2")), now).unwrap(),
+            "config reload FAILED 1 minutes, 15 seconds ago, nothing applied: [[route]] name:x: cert line 2"
+        );
+        assert_eq!(reload_line(&last(true, None), now), None);
+        let none =
+            serde_json::json!({"config_reload": {"reloads": 0, "failures": 0, "last": null}});
+        assert_eq!(reload_line(&none, now), None);
+        assert_eq!(reload_line(&serde_json::json!({}), now), None);
     }
 
     #[test]

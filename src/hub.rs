@@ -3,7 +3,7 @@
 
 use crate::config::{HubConfig, HubPeer};
 use crate::control::runtime::Control;
-use crate::proxy::server::StatsHandle;
+use crate::proxy::server::{PreparedProxy, PreparedReload, StatsHandle};
 use crate::proxy::settings::ProxySettings;
 use crate::proxy::upstream::TunnelLiveness;
 use crate::proxy::Proxy;
@@ -92,20 +92,33 @@ impl TunnelLiveness for NodeTunnels {
 /// Starts the reverse proxy if the config has one. Call after the TUN is up, so
 /// the check against the host's addresses sees the overlay addresses too.
 pub async fn start_proxy(cfg: &HubConfig) -> anyhow::Result<Option<Proxy>> {
-    start_proxy_with(cfg.proxy.clone(), None, None).await
-}
-
-async fn start_proxy_with(
-    settings: Option<ProxySettings>,
-    tunnels: Option<Arc<dyn TunnelLiveness>>,
-    mesh: Option<Arc<crate::mesh::Mesh>>,
-) -> anyhow::Result<Option<Proxy>> {
-    let Some(settings) = settings else {
+    let Some(settings) = cfg.proxy.clone() else {
         return Ok(None);
     };
     crate::proxy::settings::check_host_addresses(&settings)
         .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
-    Ok(Some(Proxy::start_meshed(settings, tunnels, mesh).await?))
+    Ok(Some(Proxy::start(settings).await?))
+}
+
+/// A change of the hub's proxy whose every step that can fail is done
+/// ([`ProxySlot::prepare`]): nothing runs differently until
+/// [`ProxySlot::commit`]; dropped, it changes nothing.
+struct StagedProxy {
+    /// The new `tunnel_down_after`, when the new settings have a proxy.
+    tunnel_down_after: Option<Duration>,
+    change: ProxyChange,
+}
+
+enum ProxyChange {
+    /// The running proxy takes new settings.
+    Reload(PreparedReload),
+    /// A proxy starts (none runs), with the lock that keeps the control
+    /// plane from checking ports against it until it is in the slot.
+    Start(PreparedProxy, tokio::sync::OwnedMutexGuard<()>),
+    /// The running proxy drains (`[proxy]` removed).
+    Stop,
+    /// No proxy before, none after.
+    None,
 }
 
 /// The proxy of a running hub, swapped on reload.
@@ -131,79 +144,113 @@ impl ProxySlot {
     /// Starts a proxy with `settings` in the slot (none runs): its ports
     /// are its own from the first bind until it is in the slot.
     async fn start(&mut self, settings: Option<ProxySettings>) -> anyhow::Result<()> {
-        let starting = self.starting.clone();
-        let _starting = starting.lock().await;
-        let p = start_proxy_with(
-            settings,
-            Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>),
-            self.mesh.clone(),
-        )
-        .await?;
-        self.set(p);
+        let staged = self.prepare(settings).await?;
+        self.commit(staged);
         Ok(())
     }
 
-    /// Applies new proxy settings: reloads the running proxy, starts one, or
-    /// drains it. Errors are logged and the running proxy is kept.
-    async fn apply(&mut self, settings: Option<ProxySettings>) {
-        if let Some(s) = &settings {
-            self.tunnels.set_down_after(s.limits.tunnel_down_after);
-            if let Err(e) = crate::proxy::settings::check_host_addresses(s) {
-                warn!(error = %e, "config reload refused; keeping the running proxy");
-                return;
+    /// Everything that can fail of going to the proxy `settings`: the
+    /// check against the host's addresses, the new generation built
+    /// (certificates, `basic_auth_file`s, the access log) and its new
+    /// listeners bound. Nothing changes for the running proxy.
+    async fn prepare(&self, settings: Option<ProxySettings>) -> anyhow::Result<StagedProxy> {
+        let Some(s) = settings else {
+            let change = match self.proxy {
+                Some(_) => ProxyChange::Stop,
+                None => ProxyChange::None,
+            };
+            return Ok(StagedProxy {
+                tunnel_down_after: None,
+                change,
+            });
+        };
+        crate::proxy::settings::check_host_addresses(&s)
+            .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
+        let tunnel_down_after = Some(s.limits.tunnel_down_after);
+        let change = match &self.proxy {
+            Some(p) => ProxyChange::Reload(p.prepare_reload(s).await?),
+            None => {
+                let starting = self.starting.clone().lock_owned().await;
+                let tunnels = Some(self.tunnels.clone() as Arc<dyn TunnelLiveness>);
+                let p = Proxy::prepare(s, tunnels, self.mesh.clone()).await?;
+                ProxyChange::Start(p, starting)
             }
+        };
+        Ok(StagedProxy {
+            tunnel_down_after,
+            change,
+        })
+    }
+
+    /// Puts a prepared change in place (nothing here fails).
+    fn commit(&mut self, staged: StagedProxy) {
+        if let Some(d) = staged.tunnel_down_after {
+            self.tunnels.set_down_after(d);
         }
-        match (settings, &self.proxy) {
-            (Some(s), Some(p)) => {
-                if let Err(e) = p.reload(s).await {
-                    warn!(error = %format!("{e:#}"), "proxy reload failed; keeping the running proxy");
-                }
+        match staged.change {
+            ProxyChange::Reload(r) => {
+                r.commit();
             }
-            (Some(s), None) => {
-                if let Err(e) = self.start(Some(s)).await {
-                    warn!(error = %format!("{e:#}"), "proxy start on reload failed");
-                }
-            }
-            (None, Some(_)) => {
+            ProxyChange::Start(p, _starting) => self.set(Some(p.start())),
+            ProxyChange::Stop => {
                 info!("proxy removed from the config; draining");
                 if let Some(p) = self.proxy.take() {
                     *self.stats.lock() = None;
                     tokio::spawn(p.shutdown(PROXY_DRAIN));
                 }
             }
-            (None, None) => {}
+            ProxyChange::None => {}
+        }
+    }
+
+    /// Applies new proxy settings (the control plane's routes changed):
+    /// reloads the running proxy, starts one, or drains it. Errors are
+    /// logged and the running proxy is kept.
+    async fn apply(&mut self, settings: Option<ProxySettings>) {
+        match self.prepare(settings).await {
+            Ok(staged) => self.commit(staged),
+            Err(e) if self.proxy.is_some() => {
+                warn!(error = %format!("{e:#}"), "proxy reload failed; keeping the running proxy")
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "proxy start on reload failed"),
         }
     }
 
     /// Re-reads `path` and applies it: the proxy sections, the `[[peer]]`s
     /// and the control plane's settings. What needs a restart is named in a
     /// warning and kept as it runs (`running`), so nothing, a joining node's
-    /// answer included, sees a value the hub does not use. A file that does
-    /// not load is logged and the running proxy is kept.
+    /// answer included, sees a value the hub does not use.
+    ///
+    /// Everything that can fail comes first, with nothing changed: the file
+    /// is loaded, the control plane checks it against its state (and makes
+    /// the proxy settings its routes give with it), and the proxy it asks
+    /// for is built and its new ports bound. Only then is any of it
+    /// applied; an error (returned) leaves the hub as it ran.
     async fn reload(
         &mut self,
         path: &Path,
         running: &mut HubConfig,
         dev: &Arc<Inner>,
         control: Option<&Control>,
-    ) {
-        let mut cfg = match HubConfig::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "config reload failed; keeping the running proxy");
-                return;
-            }
-        };
+    ) -> anyhow::Result<()> {
+        let mut cfg = HubConfig::load(path)?;
         let restart = needs_restart(running, &cfg);
         keep_running(&mut cfg, running);
-        // The control plane checks the file's peers against its nodes and
-        // takes the file in one step (a node added meanwhile cannot slip
-        // between the two); the file's peers go on the device after that.
-        if let Some(c) = control {
-            if let Err(e) = c.adopt_config(&cfg).await {
-                warn!(error = %e, "config reload refused; keeping the running config");
-                return;
-            }
+        // The control plane checks the file's peers against its nodes and,
+        // holding its writer's lock until it takes the file, gives the
+        // proxy settings: no node added meanwhile slips between the two.
+        let candidate = match control {
+            Some(c) => Some(c.prepare_config(&cfg).await.map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let settings = match &candidate {
+            Some(c) => c.proxy(),
+            None => cfg.proxy.clone(),
+        };
+        let staged = self.prepare(settings).await?;
+        // Nothing fails from here on.
+        if let (Some(c), Some(candidate)) = (control, candidate) {
+            c.adopt_config(candidate).await;
         }
         if !restart.is_empty() {
             warn!(
@@ -222,11 +269,96 @@ impl ProxySlot {
                 warn!("{why}");
             }
         }
-        *running = cfg.clone();
-        match control {
-            // The control plane merges its routes and asks for an apply.
-            Some(c) => c.config_applied().await,
-            None => self.apply(cfg.proxy).await,
+        *running = cfg;
+        if let Some(c) = control {
+            c.config_applied().await;
+        }
+        self.commit(staged);
+        // Declared services checked again with the new proxy in place (its
+        // ports are its own now); routes re-applied if that changed them.
+        if let Some(c) = control {
+            c.recheck("declared services changed with the reloaded config; re-applying routes");
+        }
+        Ok(())
+    }
+}
+
+/// The config reloads of a running hub (a changed file, SIGHUP): how many,
+/// how many failed, and the last one's outcome. In `gatewire show --json`
+/// (`config_reload`) and, with `[control]`, in `/metrics`.
+#[derive(Default)]
+pub struct ReloadOutcomes {
+    reloads: AtomicU64,
+    failures: AtomicU64,
+    last: parking_lot::Mutex<Option<LastReload>>,
+}
+
+/// The outcome of one config reload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LastReload {
+    /// When it ended (unix seconds).
+    pub at: u64,
+    /// Whether it was applied (a failed one applied nothing).
+    pub ok: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl ReloadOutcomes {
+    /// Counts a reload that ended at `at` (unix seconds): applied, or
+    /// failed for the reason given.
+    pub fn note(&self, at: u64, outcome: Result<(), &str>) {
+        self.reloads.fetch_add(1, Relaxed);
+        if outcome.is_err() {
+            self.failures.fetch_add(1, Relaxed);
+        }
+        *self.last.lock() = Some(LastReload {
+            at,
+            ok: outcome.is_ok(),
+            error: outcome.err().map(str::to_string),
+        });
+    }
+
+    /// Reloads so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Relaxed)
+    }
+
+    /// Reloads that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Relaxed)
+    }
+
+    /// The last reload, if any.
+    pub fn last(&self) -> Option<LastReload> {
+        self.last.lock().clone()
+    }
+
+    /// `{"reloads": n, "failures": n, "last": {"at", "ok", "error"} or null}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "reloads": self.reloads(),
+            "failures": self.failures(),
+            "last": self.last(),
+        })
+    }
+}
+
+/// Logs and counts the outcome of a config reload and tells the service
+/// manager the reload is over (with `STATUS=reload failed: …` when it
+/// failed).
+fn reloaded(outcomes: &ReloadOutcomes, r: anyhow::Result<()>) {
+    let now = crate::clock::unix_secs();
+    match r {
+        Ok(()) => {
+            outcomes.note(now, Ok(()));
+            crate::sd_notify::reloaded(None);
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            warn!(error = %why, "config reload failed; nothing applied");
+            outcomes.note(now, Err(&why));
+            crate::sd_notify::reloaded(Some(&why));
         }
     }
 }
@@ -694,6 +826,12 @@ async fn run_inner(
         )),
         None => None,
     };
+    let reloads = control
+        .as_ref()
+        .map(|c| c.config_reloads.clone())
+        .unwrap_or_default();
+    let shown = reloads.clone();
+    api.set_show_section("config_reload", Arc::new(move || shown.to_json()));
     let stats = slot.stats.clone();
     api.set_show_section(
         "proxy",
@@ -793,8 +931,8 @@ async fn run_inner(
                     if let Some(p) = &path {
                         info!(config = %p.display(), "config file changed; reloading");
                         crate::sd_notify::reloading();
-                        slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
-                        crate::sd_notify::ready();
+                        let r = slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
+                        reloaded(&reloads, r);
                     }
                 }
             }
@@ -808,8 +946,8 @@ async fn run_inner(
                     info!(config = %p.display(), "SIGHUP; reloading");
                     stamp = file_stamp(p);
                     crate::sd_notify::reloading();
-                    slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
-                    crate::sd_notify::ready();
+                    let r = slot.reload(p, &mut running, &dev.inner, control.as_deref()).await;
+                    reloaded(&reloads, r);
                 }
             }
         }

@@ -85,9 +85,31 @@ pub fn ready() {
     notify("READY=1");
 }
 
-/// The daemon starts a reload ([`ready`] again once it is done).
+/// The daemon starts a reload ([`reloaded`] once it is done).
 pub fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+}
+
+/// The reload [`reloading`] announced is over: ready again, with its
+/// outcome in the status text `systemctl status` shows.
+pub fn reloaded(error: Option<&str>) {
+    notify(&reloaded_message(error));
+}
+
+/// `READY=1` with `STATUS=reload failed: <why>` (on one line) after a
+/// failed reload, and an empty `STATUS=` (no status text) after one that
+/// worked.
+fn reloaded_message(error: Option<&str>) -> String {
+    match error {
+        None => "READY=1\nSTATUS=".to_string(),
+        Some(why) => {
+            let why: String = why
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            format!("READY=1\nSTATUS=reload failed: {why}")
+        }
+    }
 }
 
 /// The daemon is stopping.
@@ -246,6 +268,21 @@ mod tests {
         send_to(&to, "READY=1", Some(STATE_WAIT)).unwrap();
         assert_eq!(reader.join().unwrap(), b"READY=1");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_reload_says_why_on_one_status_line() {
+        assert_eq!(reloaded_message(None), "READY=1\nSTATUS=");
+        let m = reloaded_message(Some("[[route]] name:blog: cert\n  line 2"));
+        assert_eq!(
+            m,
+            "READY=1\nSTATUS=reload failed: [[route]] name:blog: cert   line 2"
+        );
+        assert_eq!(
+            m.lines().count(),
+            2,
+            "no variable of its own for the reason"
+        );
     }
 
     #[test]

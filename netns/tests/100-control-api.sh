@@ -577,7 +577,7 @@ allowed_ips = ["$SITE"]
 EOF
 kill -HUP "$(lab_pid hub)"
 check "a reload whose file peer takes a node's prefix is refused, naming the node" wait_for 5 \
-    grep -q "config reload refused.*node $(lab_pub x4) holds it" "$(lab_logfile hub)"
+    grep -q "config reload failed; nothing applied.*node $(lab_pub x4) holds it" "$(lab_logfile hub)"
 check "the node keeps its prefix after the refused reload" site_routed
 check "the node's peer keeps its prefix after the refused reload" eval \
     'ctl peer show "$(lab_pub x4)" | grep -qF "$SITE"'
@@ -587,6 +587,38 @@ cp "$GW_TMP/hub.toml.good" "$conf"
 kill -HUP "$(lab_pid hub)"
 check "ctl peer remove" ctl peer remove "$(lab_pub x4)"
 check "the route goes with the peer" wait_for 5 not site_routed
+
+# A file that loads but whose proxy cannot be built (a route's certificate
+# file is missing), with a new [[peer]]: the reload applies nothing, so the
+# peer is not added and the control plane keeps the running file; a route
+# created through the API afterwards is served, not refused by the proxy.
+fresh=$(wg genkey | wg pubkey)
+cat >>"$conf" <<EOF
+
+[[peer]]
+public_key = "$fresh"
+allowed_ips = ["100.64.9.9/32"]
+
+[[route]]
+name = "broken"
+backends = ["http://$N1:8080"]
+cert = "$GW_TMP/missing/broken.pem"
+key = "$GW_TMP/missing/broken.key"
+EOF
+mark=$(wc -l <"$(lab_logfile hub)")
+since_mark() { tail -n "+$((mark + 1))" "$(lab_logfile hub)"; }
+kill -HUP "$(lab_pid hub)"
+check "a reload whose route's certificate is missing applies nothing" wait_for 5 eval \
+    'since_mark | grep -q "config reload failed; nothing applied.*name:broken"'
+on_device() { lab_exec hub wg show gw0 peers | grep -qxF "$1"; }
+check "the file's new peer is not on the device" not on_device "$fresh"
+must "ctl route create mend -> n1" ctlq route create --name mend --backend "http://$N1:8080"
+check "the route created after the failed reload is served" wait_for 5 eval \
+    '[ "$(pcurl --resolve "mend.$DOMAIN:80:$HUB4" "http://mend.$DOMAIN/")" = "n1 8080" ]'
+check "the hub logged no failed proxy reload since" eval '! since_mark | grep -q "proxy reload failed"'
+check "ctl route delete mend" ctlq route delete mend
+cp "$GW_TMP/hub.toml.good" "$conf"
+kill -HUP "$(lab_pid hub)"
 
 lab_log "update latencies: $(tr '\n' ';' <"$GW_TMP/latencies")"
 check "hub still running" lab_alive hub

@@ -7,7 +7,9 @@
 # by itself (file watch), the new route answers within seconds, and the download
 # completes with the right checksum. A config edit that breaks the file is
 # refused and the running routes keep working; SIGHUP reloads too. Counters and
-# route health are in `gatewire show --json` under `proxy`.
+# route health are in `gatewire show --json` under `proxy`. A reload that
+# fails in the proxy stage (a certificate file missing) applies nothing of
+# the file, its new [[peer]] neither.
 # timeout: 300
 set -euo pipefail
 export GW_TEST_NAME=71-proxy-reload
@@ -160,7 +162,55 @@ check "n1 reaches the hub again once its peer is back" wait_for 20 lab_ping1 n1 
 check "the swapped-in peer is gone again" not peer_on "$other"
 check "the removed peer's route is gone with it" wait_for 5 not lan_route
 check "a reload is announced to the service manager, then ready again" \
-    eval "grep -A1 '^RELOADING=1 MONOTONIC_USEC=[0-9]*\$' '$notes' | grep -qx 'READY=1'"
+    eval "grep -A1 '^RELOADING=1 MONOTONIC_USEC=[0-9]*\$' '$notes' | grep -qx 'READY=1 STATUS='"
+
+# --- a reload that fails in the proxy stage applies nothing: one edit adds a
+# [[peer]] and a route whose certificate file is missing (the file loads; the
+# certificate is read when the proxy is built). Neither is taken, the log and
+# the service manager say so, and `gatewire show --json` counts it. With the
+# file mended (the broken route left out), the peer comes.
+cp "$conf" "$GW_TMP/conf/mended.toml"
+late=$(wg genkey | wg pubkey)
+late_peer() {
+    cat <<EOF
+
+[[peer]]
+name = "late"
+public_key = "$late"
+allowed_ips = ["100.64.9.9/32"]
+EOF
+}
+late_peer >>"$conf"
+cat >>"$conf" <<EOF
+
+[[route]]
+name = "broken"
+backends = ["http://[$N1V6]:8081"]
+cert = "$GW_TMP/missing/broken.pem"
+key = "$GW_TMP/missing/broken.key"
+EOF
+kill -HUP "$(lab_pid hub)"
+check "the hub logs that the reload applied nothing, naming the route" wait_for 5 \
+    grep -q 'config reload failed; nothing applied.*name:broken' "$(lab_logfile hub)"
+check "the new peer is not on the device" not peer_on "$late"
+check "the service manager is told the reload failed" wait_for 5 \
+    grep -q '^READY=1 STATUS=reload failed: .*name:broken' "$notes"
+check "the proxy runs its routes as before, without the broken one" eval \
+    "gw_show_json hub gw0 | jq -e '[.interfaces[0].proxy.routes[].route] | index(\"name:files\") != null and index(\"name:broken\") == null' >/dev/null"
+check "the running route still serves" eval \
+    "[ \"\$(pcurl -o /dev/null -w '%{http_code}' --resolve files.$DOMAIN:80:$HUB4 http://files.$DOMAIN/)\" = 200 ]"
+js=$(gw_show_json hub gw0 || true)
+check "show --json: the last reload failed, naming the route" \
+    jq -e '.interfaces[0].config_reload | .last.ok == false and (.last.error | test("name:broken")) and .failures >= 1' <<<"$js" >/dev/null
+cp "$GW_TMP/conf/mended.toml" "$conf"
+late_peer >>"$conf"
+kill -HUP "$(lab_pid hub)"
+check "with the file mended the new peer comes" wait_for 5 peer_on "$late"
+js=$(gw_show_json hub gw0 || true)
+check "show --json: the last reload worked" \
+    jq -e '.interfaces[0].config_reload.last | .ok == true and .error == null' <<<"$js" >/dev/null
+check "the service manager is told it is ready again" wait_for 5 eval \
+    "tail -n 1 '$notes' | grep -qx 'READY=1 STATUS='"
 
 check "hub still running" lab_alive hub
 lab_stop hub

@@ -365,6 +365,12 @@ async fn route(
                     joins: c.counters.joins.load(Relaxed),
                     services_active: active,
                     services_refused: refused,
+                    config_reloads: c.config_reloads.reloads(),
+                    config_reload_failures: c.config_reloads.failures(),
+                    config_last_reload_failed: c
+                        .config_reloads
+                        .last()
+                        .is_some_and(|l| !l.ok),
                 },
                 tls_tunnels: c.tls_tunnels.lock().as_ref().map(|t| t.counters.snapshot()),
                 mesh: c.mesh.as_ref().map(|m| m.view()),

@@ -40,6 +40,8 @@
 //! | `gatewire_access_log_dropped_total` | counter (with `[proxy] access_log`) | |
 //! | `gatewire_state_version`, `gatewire_services_active`, `gatewire_services_refused` | gauge | |
 //! | `gatewire_api_requests_total`, `gatewire_api_errors_total`, `gatewire_joins_total` | counter | |
+//! | `gatewire_config_reloads_total`, `gatewire_config_reload_failures_total` | counter | |
+//! | `gatewire_config_last_reload_successful` | gauge (1/0; 1 before any reload) | |
 //! | `gatewire_tls_tunnels_open` | gauge | |
 //! | `gatewire_tls_tunnels_total`, `gatewire_tls_tunnels_failed_total`, `gatewire_tls_tunnels_bad_frames_total`, `gatewire_tls_tunnels_evicted_total`, `gatewire_tls_tunnels_superseded_total` | counter | |
 //! | `gatewire_tls_tunnels_receive_bytes_total`, `gatewire_tls_tunnels_transmit_bytes_total` | counter | |
@@ -102,6 +104,12 @@ pub struct ControlCounters {
     pub services_active: u64,
     /// Node-declared services now refused.
     pub services_refused: u64,
+    /// Config reloads of the hub (a changed file, SIGHUP).
+    pub config_reloads: u64,
+    /// Config reloads that failed (and applied nothing).
+    pub config_reload_failures: u64,
+    /// Whether the last config reload failed (none yet: false).
+    pub config_last_reload_failed: bool,
 }
 
 /// Renders every metric, judging peers up against the current time.
@@ -627,6 +635,27 @@ fn control(w: &mut Writer, c: &ControlCounters) {
         Kind::Gauge,
         c.services_refused,
     );
+    one(
+        w,
+        "gatewire_config_reloads_total",
+        "Config reloads of the hub (a changed file, SIGHUP).",
+        Kind::Counter,
+        c.config_reloads,
+    );
+    one(
+        w,
+        "gatewire_config_reload_failures_total",
+        "Config reloads that failed and applied nothing.",
+        Kind::Counter,
+        c.config_reload_failures,
+    );
+    one(
+        w,
+        "gatewire_config_last_reload_successful",
+        "0 while the last config reload failed (the hub runs an older config than the file's), else 1.",
+        Kind::Gauge,
+        u64::from(!c.config_last_reload_failed),
+    );
 }
 
 #[derive(Clone, Copy)]
@@ -850,6 +879,9 @@ mod tests {
             joins: 2,
             services_active: 5,
             services_refused: 1,
+            config_reloads: 7,
+            config_reload_failures: 2,
+            config_last_reload_failed: true,
         }
     }
 
@@ -1157,13 +1189,20 @@ mod tests {
         assert_eq!(p.get("gatewire_joins_total", &[]), Some(2));
         assert_eq!(p.get("gatewire_services_active", &[]), Some(5));
         assert_eq!(p.get("gatewire_services_refused", &[]), Some(1));
+        assert_eq!(p.types["gatewire_config_reloads_total"], "counter");
+        assert_eq!(p.get("gatewire_config_reloads_total", &[]), Some(7));
+        assert_eq!(p.get("gatewire_config_reload_failures_total", &[]), Some(2));
+        assert_eq!(
+            p.get("gatewire_config_last_reload_successful", &[]),
+            Some(0)
+        );
 
         // Every sample belongs to a typed family (checked by `parse`), and
         // every family the module doc lists appears in this full sample.
         for s in &p.samples {
             assert!(p.types.contains_key(&s.name));
         }
-        assert_eq!(p.types.len(), 33);
+        assert_eq!(p.types.len(), 36);
 
         // GATEWIRE_METRICS_SAMPLE=<path> writes this sample there, for
         // checking it with other parsers.
@@ -1328,8 +1367,12 @@ mod tests {
         assert!(p.types.keys().all(|n| !n.starts_with("gatewire_tls")));
         assert_eq!(p.get("gatewire_state_version", &[]), Some(0));
         assert_eq!(p.get("gatewire_joins_total", &[]), Some(0));
-        assert_eq!(p.types.len(), 6);
-        assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), None);
+        assert_eq!(
+            p.get("gatewire_config_last_reload_successful", &[]),
+            Some(1)
+        );
+        assert_eq!(p.types.len(), 9);
+                assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), None);
         // With an access log, what it lost.
         let text = render(&MetricsInput {
             device: None,
@@ -1342,7 +1385,7 @@ mod tests {
         });
         let p = parse(&text);
         assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), Some(7));
-        assert_eq!(p.types.len(), 7);
+        assert_eq!(p.types.len(), 10);
     }
 
     #[test]
@@ -1382,7 +1425,7 @@ mod tests {
             p.get("gatewire_tls_tunnels_transmit_bytes_total", &[]),
             Some(2000)
         );
-        assert_eq!(p.types.len(), 14);
+        assert_eq!(p.types.len(), 17);
     }
 
     #[test]
@@ -1442,6 +1485,6 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_bad_seals_total", &[]), Some(6));
         assert_eq!(p.get("gatewire_mesh_name_claims", &[]), Some(3));
         assert_eq!(p.get("gatewire_mesh_name_conflicts", &[]), Some(1));
-        assert_eq!(p.types.len(), 18);
+        assert_eq!(p.types.len(), 21);
     }
 }

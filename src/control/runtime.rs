@@ -185,6 +185,29 @@ pub struct Control {
     sync_lock: tokio::sync::Mutex<()>,
     /// Serialises `reevaluate`.
     eval_lock: parking_lot::Mutex<()>,
+    /// The hub's config reloads, for `/metrics` (counted by the hub).
+    pub config_reloads: Arc<crate::hub::ReloadOutcomes>,
+}
+
+/// A config file checked against the control plane, not taken yet
+/// ([`Control::prepare_config`]). Holds the writer's lock.
+pub struct ConfigCandidate<'a> {
+    _writer: tokio::sync::MutexGuard<'a, ()>,
+    env: FileEnv,
+    /// The state without the declared services of peers the file no
+    /// longer lists, and those peers, when there are any.
+    next: Option<(State, Vec<String>)>,
+    /// The declared services checked against the file's facts.
+    evaluation: Evaluation,
+    proxy: Option<ProxySettings>,
+}
+
+impl ConfigCandidate<'_> {
+    /// The proxy settings the hub should run with the file: its sections,
+    /// the operator's routes and the active declared services.
+    pub fn proxy(&self) -> Option<ProxySettings> {
+        self.proxy.clone()
+    }
 }
 
 impl Control {
@@ -246,6 +269,7 @@ impl Control {
             api_fingerprint: parking_lot::Mutex::new(None),
             sync_lock: tokio::sync::Mutex::new(()),
             eval_lock: parking_lot::Mutex::new(()),
+            config_reloads: Arc::default(),
         });
         c.sync_peers().await;
         c.reevaluate();
@@ -298,49 +322,79 @@ impl Control {
 
     /// A new config file, step one: refused, with nothing changed, when its
     /// `[[peer]]`s list a prefix a joined node holds (see
-    /// [`State::file_peer_conflict`]); otherwise its facts are what every
-    /// later change is checked against, and the declared services of a
-    /// peer the file no longer lists are dropped (saved first, as any
-    /// change). The check and the switch happen under the writer's lock, so
-    /// a node added while the file is being applied is checked against the
-    /// new file's peers, never slips in between. Step two, once the file's
-    /// peers are on the device:
-    /// [`Control::config_applied`].
-    pub async fn adopt_config(&self, cfg: &HubConfig) -> Result<(), String> {
-        let _w = self.writer.lock().await;
+    /// [`State::file_peer_conflict`]); otherwise the proxy settings it
+    /// gives with the control plane's routes ([`ConfigCandidate::proxy`]),
+    /// made from the file's facts, the state without the declared services
+    /// of peers the file no longer lists, and the declared services checked
+    /// against both. Nothing is taken yet: the candidate holds the writer's
+    /// lock until [`Control::adopt_config`] takes it (or it is dropped, when
+    /// the hub cannot build that proxy), so a node added while the file is
+    /// being applied is checked against the new file's peers, never slips
+    /// in between.
+    pub async fn prepare_config(&self, cfg: &HubConfig) -> Result<ConfigCandidate<'_>, String> {
+        let w = self.writer.lock().await;
         self.state.load().file_peer_conflict(&file_peers(cfg))?;
-        if cfg.control.is_none() {
-            warn!("the config file lost its [control] section; the control plane keeps its settings until the hub restarts");
-        }
-        let running = self.settings();
-        let env = FileEnv::new(cfg.clone(), &running);
-        // A peer taken out of the file takes its declared services with
-        // it, as a removed node does; with the writer's lock still held, no
-        // declaration of its slips in between.
+        let env = FileEnv::new(cfg.clone(), &self.settings());
         let cur = self.state.load_full();
         let mut next = (*cur).clone();
         let gone = next.drop_services_of_non_peers(&env.file_keys);
-        self.env.store(Arc::new(env));
-        if !gone.is_empty() {
-            match self.store.save(&next).await {
+        let evaluation = self.evaluate(&env, &next);
+        let proxy = match Self::effective(&env, &next, &evaluation) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "control plane routes refused");
+                env.cfg.proxy.clone()
+            }
+        };
+        Ok(ConfigCandidate {
+            _writer: w,
+            env,
+            next: (!gone.is_empty()).then_some((next, gone)),
+            evaluation,
+            proxy,
+        })
+    }
+
+    /// A new config file, step two, once the proxy it asks for is ready:
+    /// its facts are what every later change is checked against, and the
+    /// declared services of peers it no longer lists are dropped (saved
+    /// first, as any change). Step three, once the file's peers are on the
+    /// device: [`Control::config_applied`].
+    pub async fn adopt_config(&self, c: ConfigCandidate<'_>) {
+        if c.env.cfg.control.is_none() {
+            warn!("the config file lost its [control] section; the control plane keeps its settings until the hub restarts");
+        }
+        self.env.store(Arc::new(c.env));
+        // A peer taken out of the file takes its declared services with
+        // it, as a removed node does; with the writer's lock still held, no
+        // declaration of its slips in between.
+        let published = match c.next {
+            None => true,
+            Some((next, gone)) => match self.store.save(&next).await {
                 Ok(()) => {
                     info!(peers = ?gone, "declared services of peers no longer in the config file dropped");
                     self.state.store(Arc::new(next));
+                    true
                 }
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "saving the control plane state failed; the declared services of peers no longer in the config file are kept until the next change of the file")
+                    warn!(error = %format!("{e:#}"), "saving the control plane state failed; the declared services of peers no longer in the config file are kept until the next change of the file");
+                    false
                 }
-            }
+            },
+        };
+        // The evaluation the proxy was built with, when it is of the
+        // published state.
+        if published {
+            let _one = self.eval_lock.lock();
+            self.publish_evaluation(c.evaluation);
         }
-        Ok(())
     }
 
-    /// A new config file, step two: the control plane's peers are synced
-    /// with it and the routes re-applied.
+    /// A new config file, step three: the control plane's peers are synced
+    /// with it. The hub then puts the proxy in place and asks for a
+    /// [`Control::recheck`].
     pub async fn config_applied(&self) {
         self.sync_peers().await;
-        self.reevaluate();
-        self.apply.notify_one();
     }
 
     /// Runs `op` on a copy of the state with the current facts; saves and
@@ -451,11 +505,18 @@ impl Control {
         // a race.
         let _one = self.eval_lock.lock();
         let env = self.env.load_full();
+        let ev = self.evaluate(&env, &self.state.load());
+        self.publish_evaluation(ev)
+    }
+
+    /// Checks the declared services of `state` against the registry, with
+    /// the facts of `env`.
+    fn evaluate(&self, env: &FileEnv, state: &State) -> Evaluation {
         let st = env.settings();
         let check = |r: &RawRoute| env.check_route(r);
         let now = unix_secs();
-        let grant = |name: &str, owner: &str| self.may_grant(&env, name, owner, now);
-        let held = |name: &str, owner: &str| self.held_elsewhere(&env, name, owner, now);
+        let grant = |name: &str, owner: &str| self.may_grant(env, name, owner, now);
+        let held = |name: &str, owner: &str| self.held_elsewhere(env, name, owner, now);
         // Held to the end: no proxy starts while ports are tried here.
         let no_start = self.proxy_starting.try_lock().ok();
         let proxy = self.proxy_stats.lock().clone();
@@ -485,7 +546,13 @@ impl Control {
             local: self.registry.as_ref(),
             held: &held,
         };
-        let ev = self.state.load().evaluate(&ctx, &registry, acme);
+        state.evaluate(&ctx, &registry, acme)
+    }
+
+    /// Stores `ev` as the evaluation of declared services (call with
+    /// `eval_lock` held), logging the refused ones when it changed.
+    /// Returns whether it did.
+    fn publish_evaluation(&self, ev: Evaluation) -> bool {
         let changed = *self.evaluation.load_full() != ev;
         if changed {
             for (key, sts) in &ev.statuses {
@@ -505,10 +572,21 @@ impl Control {
     /// example, a name route after the file lost its gateway domains) is left
     /// out and logged; it never takes the others down.
     pub fn effective_proxy(&self) -> Result<Option<ProxySettings>, String> {
-        let env = self.env.load_full();
+        Self::effective(
+            &self.env.load(),
+            &self.state.load(),
+            &self.evaluation.load(),
+        )
+    }
+
+    /// [`Control::effective_proxy`] from `env`, `state` and its evaluation
+    /// `ev`.
+    fn effective(
+        env: &FileEnv,
+        state: &State,
+        ev: &Evaluation,
+    ) -> Result<Option<ProxySettings>, String> {
         let cfg = &env.cfg;
-        let state = self.state.load_full();
-        let ev = self.evaluation.load_full();
         let file = &cfg.proxy_raw;
         let mut extra = ProxyRaw::default();
         if file.proxy.is_none() {

@@ -5,6 +5,10 @@
 //! forwards are rebuilt (counters and backend health of unchanged routes carry
 //! over), listeners are diffed (new ones bound, removed ones closed), and HTTP
 //! connections of the old generation finish their request in flight and close.
+//! Both come in two steps for a caller that has more to change at once (the
+//! hub's config reload): [`Proxy::prepare`] and [`Proxy::prepare_reload`] do
+//! everything that can fail, without effect on what runs, and
+//! [`PreparedProxy::start`] and [`PreparedReload::commit`] cannot fail.
 //! [`Proxy::shutdown`] stops accepting and drains; dropping the [`Proxy`] stops
 //! accepting at once.
 
@@ -267,7 +271,9 @@ struct Runtime {
     per_source: Arc<crate::per_source::PerSource>,
     tunnels: Option<Arc<dyn TunnelLiveness>>,
     listeners: Mutex<Vec<Listening>>,
-    reload_lock: tokio::sync::Mutex<()>,
+    /// Held from a reload's build to its commit: the generation it was
+    /// built from stays the running one.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
     /// The hub mesh, when `[mesh]` is on: hosts other hubs serve.
     mesh: arc_swap::ArcSwapOption<crate::mesh::Mesh>,
 }
@@ -467,7 +473,12 @@ fn backend_tls_for(id: &str, rs: &RouteSettings) -> anyhow::Result<Option<Arc<Ba
 }
 
 /// Builds a generation. Counters (by id) and upstreams (by id, when backends
-/// and balancing are unchanged) are taken over from `prev`.
+/// and balancing are unchanged) are taken over from `prev`, which serves on
+/// unchanged: what a reload changes of them (a kept throttle's staged rate,
+/// kept upstreams' `backend_down_for`, a kept access log's reopening) takes
+/// effect when it is committed ([`PreparedReload::commit`]). New backend sets
+/// start their health checks here; those end with them, if the build is
+/// dropped.
 fn build(
     settings: &ProxySettings,
     prev: Option<&Shared>,
@@ -615,11 +626,8 @@ fn build(
             .and_then(|p| p.access_log.as_ref())
             .filter(|l| l.path() == path.as_path())
         {
-            Some(l) => {
-                // A reload (or SIGHUP): reopen, for logrotate.
-                l.reopen();
-                Some(l.clone())
-            }
+            // Reopened when the reload is committed.
+            Some(l) => Some(l.clone()),
             None => Some(Arc::new(AccessLog::open(path).map_err(|e| {
                 anyhow::anyhow!("[proxy] access_log {}: {e}", path.display())
             })?)),
@@ -712,15 +720,6 @@ fn build(
             u.rate_limit,
             u.bandwidth,
         );
-    }
-    // Upstreams kept from `prev` take this generation's `backend_down_for`
-    // (set only now that the build can no longer fail).
-    let kept = routes
-        .iter()
-        .flat_map(|r| std::iter::once(&r.upstreams).chain(r.paths.iter().map(|p| &p.upstreams)))
-        .chain(forwards.iter().map(|f| &f.upstreams));
-    for u in kept {
-        u.set_down_for(limits.backend_down_for);
     }
     Ok(Shared {
         access_log,
@@ -1015,17 +1014,62 @@ impl Proxy {
         tunnels: Option<Arc<dyn TunnelLiveness>>,
         mesh: Option<Arc<crate::mesh::Mesh>>,
     ) -> anyhow::Result<Proxy> {
+        Ok(Self::prepare(settings, tunnels, mesh).await?.start())
+    }
+
+    /// What can fail of [`Proxy::start_meshed`]: loads certificates and
+    /// the other files the settings name, opens the access log and binds
+    /// every listener. Nothing accepts (connections wait in the listen
+    /// queues), and no ACME order runs nor is the mesh told of this proxy,
+    /// until [`PreparedProxy::start`]; dropping it closes the sockets.
+    pub async fn prepare(
+        settings: ProxySettings,
+        tunnels: Option<Arc<dyn TunnelLiveness>>,
+        mesh: Option<Arc<crate::mesh::Mesh>>,
+    ) -> anyhow::Result<PreparedProxy> {
         let acme = Arc::new(AcmeState::default());
-        acme.set_share(
-            mesh.clone()
-                .map(|m| m as Arc<dyn crate::proxy::acme::AcmeShare>),
-        );
         let shared = build(&settings, None, &tunnels, &acme)?;
         let mut bound = Vec::new();
         for key in wanted(&settings) {
             let (b, a) = bind(key.0, key.1)?;
             bound.push((key, b, a));
         }
+        Ok(PreparedProxy {
+            settings,
+            tunnels,
+            mesh,
+            acme,
+            shared,
+            bound,
+        })
+    }
+}
+
+/// A proxy ready to start ([`Proxy::prepare`]).
+pub struct PreparedProxy {
+    settings: ProxySettings,
+    tunnels: Option<Arc<dyn TunnelLiveness>>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
+    acme: Arc<AcmeState>,
+    shared: Shared,
+    bound: Vec<(Key, Bound, SocketAddr)>,
+}
+
+impl PreparedProxy {
+    /// Starts accepting on the bound listeners, and the ACME manager.
+    pub fn start(self) -> Proxy {
+        let PreparedProxy {
+            settings,
+            tunnels,
+            mesh,
+            acme,
+            shared,
+            bound,
+        } = self;
+        acme.set_share(
+            mesh.clone()
+                .map(|m| m as Arc<dyn crate::proxy::acme::AcmeShare>),
+        );
         let max = settings.limits.max_connections;
         acme.set_wanted(
             settings.acme.clone(),
@@ -1043,7 +1087,7 @@ impl Proxy {
             per_source: Arc::default(),
             tunnels,
             listeners: Mutex::new(Vec::new()),
-            reload_lock: tokio::sync::Mutex::new(()),
+            reload_lock: Arc::default(),
             mesh: arc_swap::ArcSwapOption::new(mesh),
         });
         let ls: Vec<Listening> = bound
@@ -1060,9 +1104,11 @@ impl Proxy {
             udp = ?p.udp_addrs(),
             "proxy listening"
         );
-        Ok(p)
+        p
     }
+}
 
+impl Proxy {
     fn addrs(&self, kind: Kind) -> Vec<SocketAddr> {
         self.rt
             .listeners
@@ -1128,9 +1174,6 @@ impl Proxy {
         StatsHandle(self.rt.clone())
     }
 
-    /// Applies new settings without dropping open connections. On error (a
-    /// certificate that does not load, a port that cannot be bound) nothing
-    /// changes and the old settings keep running.
     /// Reopens the access log (after logrotate moved it), with no reload.
     pub fn reopen_access_log(&self) {
         if let Some(l) = &self.rt.current.load().access_log {
@@ -1138,9 +1181,21 @@ impl Proxy {
         }
     }
 
+    /// Applies new settings without dropping open connections:
+    /// [`Proxy::prepare_reload`], then [`PreparedReload::commit`]. On error
+    /// (a certificate that does not load, a port that cannot be bound)
+    /// nothing changes and the old settings keep running.
     pub async fn reload(&self, settings: ProxySettings) -> anyhow::Result<ReloadReport> {
+        Ok(self.prepare_reload(settings).await?.commit())
+    }
+
+    /// What can fail of a reload, with no effect on the running proxy:
+    /// builds the new generation (certificates, `basic_auth_file`s and a
+    /// new access log loaded) and binds the listeners it adds. Until the
+    /// [`PreparedReload`] is committed or dropped, other reloads wait.
+    pub async fn prepare_reload(&self, settings: ProxySettings) -> anyhow::Result<PreparedReload> {
         let rt = &self.rt;
-        let _g = rt.reload_lock.lock().await;
+        let lock = rt.reload_lock.clone().lock_owned().await;
         let old = rt.current.load_full();
         let new = build(&settings, Some(&old), &rt.tunnels, &rt.acme)?;
 
@@ -1157,7 +1212,50 @@ impl Proxy {
             let (b, a) = bind(key.0, key.1)?;
             fresh.push((*key, b, a));
         }
+        Ok(PreparedReload {
+            rt: rt.clone(),
+            settings,
+            old,
+            new,
+            want,
+            fresh,
+            _lock: lock,
+        })
+    }
+}
 
+/// A reload whose every step that can fail is done ([`Proxy::prepare_reload`]):
+/// the running proxy is untouched until [`PreparedReload::commit`]. Dropped
+/// instead, it changes nothing: the listeners it bound close.
+pub struct PreparedReload {
+    rt: Arc<Runtime>,
+    settings: ProxySettings,
+    /// The running generation it was built from.
+    old: Arc<Shared>,
+    new: Shared,
+    /// Every listener of the new settings.
+    want: Vec<Key>,
+    /// The listeners it adds, bound.
+    fresh: Vec<(Key, Bound, SocketAddr)>,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl PreparedReload {
+    /// Puts the new generation in place (nothing here fails): new
+    /// connections see it, HTTP connections of the old one finish the
+    /// request in flight, the added listeners start accepting and the
+    /// removed ones close.
+    pub fn commit(self) -> ReloadReport {
+        let PreparedReload {
+            rt,
+            settings,
+            old,
+            new,
+            want,
+            fresh,
+            _lock,
+        } = self;
+        let rt = &rt;
         let mut report = ReloadReport::default();
         let ids = |s: &Shared| -> Vec<String> {
             s.routes
@@ -1217,6 +1315,23 @@ impl Proxy {
         // until the open ones are under it; none is cut.
         rt.conns.set_max(settings.limits.max_connections);
 
+        // Upstreams kept from the old generation take this one's
+        // `backend_down_for` (new ones were made with it).
+        for u in new
+            .routes
+            .iter()
+            .flat_map(|r| r.all_upstreams())
+            .chain(new.forwards.iter().map(|f| &f.upstreams))
+        {
+            u.set_down_for(new.limits.backend_down_for);
+        }
+        // A kept access log is reopened, for logrotate.
+        if let (Some(n), Some(o)) = (&new.access_log, &old.access_log) {
+            if Arc::ptr_eq(n, o) {
+                n.reopen();
+            }
+        }
+
         // Rates staged by `build` on throttles the old routes share.
         for t in new
             .routes
@@ -1266,9 +1381,11 @@ impl Proxy {
             listeners_removed = ?report.listeners_removed,
             "proxy reloaded"
         );
-        Ok(report)
+        report
     }
+}
 
+impl Proxy {
     /// Stops accepting, asks HTTP connections to finish, and waits up to `grace`
     /// for open connections to end.
     pub async fn shutdown(self, grace: Duration) {
@@ -2347,12 +2464,16 @@ async fn serve_tls(
 mod tests {
     use super::*;
 
-    /// A reload that keeps a route's upstreams still applies a new
-    /// `backend_down_for` to them.
+    /// A reload that keeps a route's upstreams applies a new
+    /// `backend_down_for` to them; one that fails (a port it cannot bind)
+    /// leaves it as it was, with the rest.
     #[tokio::test]
-    async fn kept_upstreams_take_a_reloaded_backend_down_for() {
+    async fn kept_upstreams_take_backend_down_for_only_from_a_reload_that_works() {
         use crate::proxy::settings::{RawProxy, RawRoute};
-        let proxy: RawProxy = toml::from_str("domains = [\"gw.test\"]\n").unwrap();
+        let proxy: RawProxy = toml::from_str(
+            "domains = [\"gw.test\"]\nhttp_listen = [\"127.0.0.1:0\"]\nhttps_listen = []\n",
+        )
+        .unwrap();
         let route = RawRoute {
             name: Some("app".into()),
             tls: Some("passthrough".into()),
@@ -2370,13 +2491,83 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let acme = Arc::new(AcmeState::default());
-        let one = build(&settings, None, &None, &acme).unwrap();
+        let p = Proxy::start(settings.clone()).await.unwrap();
+        let up = || p.rt.current.load().routes[0].upstreams.clone();
+        let first = up();
+        let was = first.down_for();
+        assert_ne!(was, Duration::from_secs(42));
         settings.limits.backend_down_for = Duration::from_secs(42);
-        let two = build(&settings, Some(&one), &None, &acme).unwrap();
-        let (a, b) = (&one.routes[0].upstreams, &two.routes[0].upstreams);
-        assert!(Arc::ptr_eq(a, b));
-        assert_eq!(b.down_for(), Duration::from_secs(42));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut bad = settings.clone();
+        bad.http_listen.push(taken.local_addr().unwrap());
+        assert!(p.reload(bad).await.is_err());
+        assert!(Arc::ptr_eq(&first, &up()));
+        assert_eq!(up().down_for(), was, "a failed reload changed it");
+        assert_eq!(p.http_addrs().len(), 1);
+        p.reload(settings).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &up()), "the upstreams are kept");
+        assert_eq!(up().down_for(), Duration::from_secs(42));
+    }
+
+    /// A prepared reload changes nothing until it is committed: dropped,
+    /// the listener it bound closes and the running routes stay; committed,
+    /// its route and listener are in place.
+    #[tokio::test]
+    async fn a_prepared_reload_takes_effect_only_when_committed() {
+        use crate::proxy::settings::{RawProxy, RawRoute};
+        let proxy: RawProxy = toml::from_str(
+            "domains = [\"gw.test\"]\nhttp_listen = [\"127.0.0.1:0\"]\nhttps_listen = []\n",
+        )
+        .unwrap();
+        let route = |name: &str| RawRoute {
+            name: Some(name.into()),
+            tls: Some("passthrough".into()),
+            backends: vec!["192.0.2.1:443".into()],
+            ..RawRoute::default()
+        };
+        let hub: [ipnet::IpNet; 1] = ["100.64.0.1/10".parse().unwrap()];
+        let settings = |routes: Vec<RawRoute>| {
+            crate::proxy::settings::validate(
+                Some(proxy.clone()),
+                routes,
+                vec![],
+                vec![],
+                &hub,
+                std::path::Path::new("/etc/gatewire"),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let p = Proxy::start(settings(vec![route("a")])).await.unwrap();
+        let ids = || -> Vec<String> {
+            p.rt.current
+                .load()
+                .routes
+                .iter()
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut more = settings(vec![route("a"), route("b")]);
+        more.http_listen.push(port);
+        let prepared = p.prepare_reload(more.clone()).await.unwrap();
+        assert!(
+            std::net::TcpListener::bind(port).is_err(),
+            "the new listener is bound when prepared"
+        );
+        assert_eq!(ids(), ["name:a"]);
+        assert_eq!(p.http_addrs().len(), 1);
+        drop(prepared);
+        assert_eq!(ids(), ["name:a"]);
+        assert_eq!(p.http_addrs().len(), 1);
+        drop(std::net::TcpListener::bind(port).expect("closed when dropped"));
+        let report = p.prepare_reload(more).await.unwrap().commit();
+        assert_eq!(report.added, ["name:b"]);
+        assert_eq!(ids(), ["name:a", "name:b"]);
+        assert_eq!(p.http_addrs().len(), 2);
     }
 
     #[test]
