@@ -761,13 +761,19 @@ async fn run_inner(
         .map_or(Duration::from_secs(40), |p| p.limits.tunnel_down_after);
     let carrier = if cfg.tls_tunnels {
         let d = dev.inner.clone();
-        // The hook holds the device weakly (the loopback closure, `d`, holds it already).
-        let w = Arc::downgrade(&dev.inner);
-        let hub = crate::carrier::Hub::new(move || d.loopback())?.on_relay_closed(move |relay| {
-            if let Some(d) = w.upgrade() {
-                d.forget_endpoint(relay);
-            }
-        });
+        // The hooks hold the device weakly (the loopback closure, `d`, holds it already).
+        let (w, w2) = (Arc::downgrade(&dev.inner), Arc::downgrade(&dev.inner));
+        let hub = crate::carrier::Hub::new(move || d.loopback())?
+            .on_relay_opened(move |relay, client| {
+                if let Some(d) = w2.upgrade() {
+                    d.relay_opened(relay, client);
+                }
+            })
+            .on_relay_closed(move |relay| {
+                if let Some(d) = w.upgrade() {
+                    d.relay_closed(relay);
+                }
+            });
         // Which peer each relay serves (the hook holds no device).
         let moves = hub.moves();
         dev.inner

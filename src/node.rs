@@ -26,8 +26,27 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
-/// Between two handshake attempts (WireGuard's REKEY_TIMEOUT).
+/// Between two handshake attempts to a silent hub at first (WireGuard's
+/// REKEY_TIMEOUT), each wait drawn within [`RETRY_JITTER_PCT`] of it.
 const RETRY_MS: u64 = 5_000;
+/// How far (in percent, either way) each wait is drawn from [`RETRY_MS`],
+/// so that nodes that lost their hub at the same moment (it restarted) do
+/// not come back in step.
+const RETRY_JITTER_PCT: u64 = 20;
+/// Attempts [`RETRY_MS`] apart (about two minutes of them) before the waits
+/// grow ([`slow_retries`]).
+const FAST_TRIES: u32 = 24;
+
+/// The waits after [`FAST_TRIES`] attempts went unanswered: 15 s doubling
+/// to 60 s, each drawn between half and all of that (7.5–15 s, 15–30 s,
+/// then 30–60 s), for as long as the hub stays silent.
+fn slow_retries() -> Backoff {
+    Backoff::new(
+        Duration::from_secs(15),
+        Duration::from_secs(60),
+        Duration::MAX,
+    )
+}
 
 /// Resolves a hub's `host:port`. A name with several addresses gives the
 /// one at `turn` (modulo their number): callers count their failed
@@ -152,25 +171,89 @@ fn note_resolution(
 #[derive(Debug, PartialEq, Eq)]
 pub enum Check {
     Fine,
-    /// Nothing heard for too long and no attempt in the last retry interval.
+    /// Nothing heard for too long and the wait after the last attempt over.
     Rehandshake,
     Waiting,
 }
 
-/// Pure decision: `last_rx_ms` is 0 when the hub was never heard from.
-pub fn check(
-    now_ms: u64,
-    last_rx_ms: u64,
-    last_attempt_ms: Option<u64>,
-    dead_after_ms: u64,
-) -> Check {
-    let silent = last_rx_ms == 0 || now_ms.saturating_sub(last_rx_ms) >= dead_after_ms;
-    if !silent {
-        return Check::Fine;
+/// When the supervisor handshakes again with a silent hub [pure]: at once,
+/// then [`RETRY_MS`] apart, ±[`RETRY_JITTER_PCT`]%, for [`FAST_TRIES`]
+/// attempts, then further apart ([`slow_retries`]); from the start again
+/// once the hub is heard. Every handshake the supervisor forces (a change
+/// of path too) is an attempt.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    /// Attempts since the hub was last heard from.
+    tries: u32,
+    slow: Backoff,
+    /// The last attempt, and the wait drawn after it.
+    last: Option<(u64, u64)>,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            tries: 0,
+            slow: slow_retries(),
+            last: None,
+        }
     }
-    match last_attempt_ms {
-        Some(t) if now_ms.saturating_sub(t) < RETRY_MS && t >= last_rx_ms => Check::Waiting,
-        _ => Check::Rehandshake,
+}
+
+impl Retries {
+    /// The decision at `now_ms`; `last_rx_ms` is 0 when the hub was never
+    /// heard from. A hub heard after the last attempt that falls silent
+    /// again gets an attempt at once.
+    pub fn check(&self, now_ms: u64, last_rx_ms: u64, dead_after_ms: u64) -> Check {
+        let silent = last_rx_ms == 0 || now_ms.saturating_sub(last_rx_ms) >= dead_after_ms;
+        if !silent {
+            return Check::Fine;
+        }
+        match self.last {
+            Some((t, wait)) if now_ms.saturating_sub(t) < wait && t >= last_rx_ms => Check::Waiting,
+            _ => Check::Rehandshake,
+        }
+    }
+
+    /// An attempt was made at `now_ms` (the hub last heard at
+    /// `last_rx_ms`); `jitter` in `[0, 1]` draws the wait before the next.
+    /// When the next is due.
+    pub fn attempted(&mut self, now_ms: u64, last_rx_ms: u64, jitter: f64) -> u64 {
+        if self.last.is_some_and(|(t, _)| last_rx_ms > t) {
+            // Heard since the last attempt: a new silence.
+            self.heard();
+        }
+        self.tries = self.tries.saturating_add(1);
+        let j = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let wait = if self.tries < FAST_TRIES {
+            let spread = RETRY_MS * RETRY_JITTER_PCT / 100;
+            // Within ±spread of RETRY_MS.
+            RETRY_MS - spread + (2.0 * spread as f64 * j) as u64
+        } else {
+            let d = self.slow.next_delay(Duration::ZERO, j);
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        };
+        self.last = Some((now_ms, wait));
+        now_ms.saturating_add(wait)
+    }
+
+    /// The hub was heard: the next silence starts with short waits again.
+    pub fn heard(&mut self) {
+        if self.tries > 0 {
+            *self = Retries {
+                last: self.last,
+                ..Retries::default()
+            };
+        }
+    }
+
+    /// Attempts since the hub was last heard from.
+    pub fn tries(&self) -> u32 {
+        self.tries
     }
 }
 
@@ -448,7 +531,8 @@ async fn supervise(
 ) {
     let name = hub_name(&hub);
     let dead_after_ms = u64::from(dead_after) * 1000;
-    let mut last_attempt: Option<u64> = None;
+    // When to handshake again while the hub is silent.
+    let mut retries = Retries::default();
     let mut down_logged = false;
     let mut path = Path::new(hub.transport, dev.now_ms())
         .with_udp_retry(hub.udp_retry * 1000)
@@ -503,7 +587,8 @@ async fn supervise(
                 .with_udp_retry(hub.udp_retry * 1000)
                 .with_jitter(jitter);
             *status.via.lock() = path.via();
-            last_attempt = None;
+            retries = Retries::default();
+            peer.hold_initiations(0);
             down_logged = false;
             tls_failing = false;
         }
@@ -605,13 +690,13 @@ async fn supervise(
                     last_udp = Some(addr);
                 }
                 dev.force_handshake(&peer).await;
-                last_attempt = Some(dev.now_ms());
+                attempted(&mut retries, &peer, dev.now_ms(), rx);
                 continue;
             }
             (Step::UseTls, Some(cfg)) => {
                 *status.via.lock() = Via::Tls;
                 if proxy_hold.is_some_and(|t| now < t) {
-                    last_attempt = Some(dev.now_ms());
+                    attempted(&mut retries, &peer, dev.now_ms(), rx);
                     continue;
                 }
                 match open_carrier(
@@ -658,13 +743,17 @@ async fn supervise(
                         }
                     }
                 }
-                last_attempt = Some(dev.now_ms());
+                attempted(&mut retries, &peer, dev.now_ms(), rx);
                 continue;
             }
         }
-        match check(now, rx, last_attempt, dead_after_ms) {
+        match retries.check(now, rx, dead_after_ms) {
             Check::Fine => {
                 silent_tries = 0;
+                if retries.tries() > 0 {
+                    retries.heard();
+                    peer.hold_initiations(0);
+                }
                 if down_logged {
                     info!(hub = %name, "hub reachable again");
                     down_logged = false;
@@ -697,10 +786,18 @@ async fn supervise(
                 }
                 silent_tries = silent_tries.saturating_add(1);
                 dev.force_handshake(&peer).await;
-                last_attempt = Some(dev.now_ms());
+                attempted(&mut retries, &peer, dev.now_ms(), rx);
             }
         }
     }
+}
+
+/// Notes a handshake attempt at `now_ms` (the hub last heard at `rx`):
+/// the peer's own timers send no initiation before the next is due, so
+/// that the supervisor's jittered, backing-off waits are the node's.
+fn attempted(retries: &mut Retries, peer: &crate::wg::device::Peer, now_ms: u64, rx: u64) {
+    let next = retries.attempted(now_ms, rx, jitter());
+    peer.hold_initiations(next);
 }
 
 /// What of a reloaded config the running node cannot take without a
@@ -1136,16 +1233,104 @@ mod tests {
     #[test]
     fn supervisor_decisions() {
         // Never heard from: handshake at once, then wait the retry interval.
-        assert_eq!(check(100, 0, None, 8000), Check::Rehandshake);
-        assert_eq!(check(2000, 0, Some(100), 8000), Check::Waiting);
-        assert_eq!(check(5200, 0, Some(100), 8000), Check::Rehandshake);
+        let mut r = Retries::default();
+        assert_eq!(r.check(100, 0, 8000), Check::Rehandshake);
+        assert_eq!(r.attempted(100, 0, 0.5), 5100);
+        assert_eq!(r.check(2000, 0, 8000), Check::Waiting);
+        assert_eq!(r.check(5099, 0, 8000), Check::Waiting);
+        assert_eq!(r.check(5100, 0, 8000), Check::Rehandshake);
         // Heard recently: fine.
-        assert_eq!(check(10_000, 9_000, None, 8000), Check::Fine);
-        // Silent past dead_after: handshake even if an attempt was made before the silence.
-        assert_eq!(
-            check(20_000, 11_000, Some(10_000), 8000),
-            Check::Rehandshake
+        assert_eq!(r.check(10_000, 9_000, 8000), Check::Fine);
+        // Silent past dead_after: handshake even if an attempt was made
+        // before the silence.
+        let mut r = Retries::default();
+        r.attempted(10_000, 0, 0.5);
+        assert_eq!(r.check(20_000, 11_000, 8000), Check::Rehandshake);
+        r.attempted(20_000, 11_000, 0.5);
+        assert_eq!(r.check(21_000, 11_000, 8000), Check::Waiting);
+    }
+
+    /// The supervisor's decisions for a hub that never answers, ticking
+    /// every 500 ms as it does, with `jitter` drawn per attempt: the times
+    /// of the first `n` handshakes.
+    fn attempts(n: usize, mut jitter: impl FnMut() -> f64) -> Vec<u64> {
+        let mut r = Retries::default();
+        let mut at = Vec::new();
+        let mut now = 1000;
+        while at.len() < n {
+            if r.check(now, 0, 8000) == Check::Rehandshake {
+                at.push(now);
+                r.attempted(now, 0, jitter());
+            }
+            now += 500;
+        }
+        at
+    }
+
+    /// A silent hub is retried about every 5 s, each wait drawn anew within
+    /// ±20% (nodes that lost it together do not come back in step); after
+    /// 24 attempts (about two minutes) the waits grow to 30–60 s.
+    #[test]
+    fn retries_to_a_silent_hub_are_jittered_and_back_off() {
+        let mut draws = [0.0, 0.3, 1.0, 0.7, 0.5, 0.1].into_iter().cycle();
+        let at = attempts(40, || draws.next().unwrap_or(0.5));
+        let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        // The first 24 attempts: 4–6 s apart (rounded up to the next tick).
+        let fast = &gaps[..FAST_TRIES as usize - 1];
+        assert!(fast.iter().all(|g| (4000..=6500).contains(g)), "{fast:?}");
+        assert!(
+            fast.iter().any(|g| *g != fast[0]),
+            "waits all alike: {fast:?}"
         );
-        assert_eq!(check(21_000, 11_000, Some(20_000), 8000), Check::Waiting);
+        let two_minutes = at[FAST_TRIES as usize - 1] - at[0];
+        assert!((90_000..=150_000).contains(&two_minutes), "{two_minutes}");
+        // Then further apart, whatever the draw.
+        let slow = &gaps[FAST_TRIES as usize - 1..];
+        assert!(slow.iter().all(|g| *g > RETRY_MS), "{slow:?}");
+        assert!(
+            slow[3..].iter().all(|g| (30_000..=60_500).contains(g)),
+            "{slow:?}"
+        );
+        // The lowest draw and the highest alike.
+        for j in [0.0, 1.0] {
+            let at = attempts(FAST_TRIES as usize + 1, || j);
+            let n = at.len();
+            assert!(at[n - 1] - at[n - 2] > RETRY_MS, "draw {j}: {at:?}");
+        }
+    }
+
+    /// Once the hub is heard, the next silence is retried at the short
+    /// waits again: a node back from a long outage, whose hub goes away
+    /// for a moment later, comes back within seconds.
+    #[test]
+    fn a_hub_heard_again_starts_the_retries_afresh() {
+        let mut r = Retries::default();
+        let mut now = 0;
+        for _ in 0..40 {
+            assert_eq!(r.check(now, 0, 8000), Check::Rehandshake);
+            now = r.attempted(now, 0, 0.5);
+        }
+        assert!(r.attempted(now, 0, 0.5) - now > 20_000);
+        // Answered: fine, and heard.
+        let rx = now + 100;
+        now += 200;
+        assert_eq!(r.check(now, rx, 8000), Check::Fine);
+        r.heard();
+        assert_eq!(r.tries(), 0);
+        // Silent again past dead_after: at once, then 4–6 s.
+        now = rx + 8000;
+        assert_eq!(r.check(now, rx, 8000), Check::Rehandshake);
+        let next = r.attempted(now, rx, 1.0);
+        assert_eq!(next - now, 6000);
+        assert_eq!(r.check(next - 1, rx, 8000), Check::Waiting);
+        assert_eq!(r.check(next, rx, 8000), Check::Rehandshake);
+        // Heard between two attempts, without a look at the check (the
+        // hub answered and fell silent again within a tick): afresh too.
+        let mut r = Retries::default();
+        for t in 0..30 {
+            r.attempted(t * 60_000, 0, 0.5);
+        }
+        assert_eq!(r.attempted(2_000_000, 1_999_000, 0.0) - 2_000_000, 4000);
+        assert_eq!(r.tries(), 1);
     }
 }

@@ -177,6 +177,9 @@ impl Drop for ServingEntry<'_> {
 pub struct CarrySlot {
     places: Arc<Places>,
     id: u64,
+    /// The client address it counts against (behind a trusted proxy, the
+    /// forwarded one): the device counts the tunnel's handshakes as its.
+    source: IpAddr,
     /// Notified when the stream is evicted to make room.
     evicted: Arc<tokio::sync::Notify>,
     /// It was evicted before it could prove itself (it had no place left
@@ -628,9 +631,36 @@ pub struct Hub {
     places: Arc<Places>,
     /// Open relays and the peers they serve ([`peers`]).
     serving: Arc<Serving>,
+    /// Told a relay's loopback address and its client's address when the
+    /// relay opens, before it carries anything.
+    on_relay_opened: Option<Box<dyn Fn(SocketAddr, IpAddr) + Send + Sync>>,
     /// Told a relay's loopback address when the relay has ended (its
     /// socket still open, so the address is not yet anyone else's).
     on_relay_closed: Option<Box<dyn Fn(SocketAddr) + Send + Sync>>,
+}
+
+/// Tells a hub's hooks that a relay opened, and when dropped that it
+/// ended (before its socket is closed, the caller making sure of that).
+struct Told<'a> {
+    hub: &'a Hub,
+    relay: SocketAddr,
+}
+
+impl<'a> Told<'a> {
+    fn new(hub: &'a Hub, relay: SocketAddr, client: IpAddr) -> Self {
+        if let Some(f) = &hub.on_relay_opened {
+            f(relay, client);
+        }
+        Told { hub, relay }
+    }
+}
+
+impl Drop for Told<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = &self.hub.on_relay_closed {
+            f(self.relay);
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -658,6 +688,7 @@ impl Hub {
             serving: Arc::new(parking_lot::Mutex::new(peers::Relays::new(
                 MAX_CARRIED_PER_PEER,
             ))),
+            on_relay_opened: None,
             on_relay_closed: None,
         })
     }
@@ -667,6 +698,18 @@ impl Hub {
     /// holds the device).
     pub fn moves(&self) -> Moves {
         Moves(self.serving.clone())
+    }
+
+    /// Calls `f` with a relay's loopback address and its client's address
+    /// (behind a trusted proxy, the forwarded one) when the relay opens,
+    /// before it relays anything: the device is to count the handshakes
+    /// from that address as the client's.
+    pub fn on_relay_opened(
+        mut self,
+        f: impl Fn(SocketAddr, IpAddr) + Send + Sync + 'static,
+    ) -> Hub {
+        self.on_relay_opened = Some(Box::new(f));
+        self
     }
 
     /// Calls `f` with a relay's loopback address when the relay has ended:
@@ -697,6 +740,7 @@ impl Hub {
                 Some(CarrySlot {
                     places: self.places.clone(),
                     id,
+                    source: client.to_canonical(),
                     evicted,
                     gone: std::sync::atomic::AtomicBool::new(false),
                 })
@@ -771,6 +815,9 @@ impl Hub {
         };
         let local = udp.local_addr().ok();
         debug!(client = %client, relay = ?local, ?framing, "carried tunnel open");
+        // Dropped before the socket (declared after it), however the
+        // relay ends.
+        let told = local.map(|a| Told::new(self, a, slot.source));
         // Told when the peer it serves has moved on to newer relays.
         let superseded = Arc::new(tokio::sync::Notify::new());
         let serving = local.map(|a| ServingEntry::new(&self.serving, a, superseded.clone()));
@@ -808,9 +855,7 @@ impl Hub {
         // No peer's move makes it serve one any more; the device forgets
         // the address while the socket still holds it.
         drop(serving);
-        if let (Some(f), Some(a)) = (&self.on_relay_closed, local) {
-            f(a);
-        }
+        drop(told);
         drop(udp);
         let secs = t.elapsed().as_secs();
         // Connections that never carried a message (or were made room of)
@@ -1989,6 +2034,68 @@ mod tests {
             MAX_UNPROVEN + MAX_UNPROVEN_PER_SOURCE + 1
         );
         drop(strangers);
+    }
+
+    /// Each relay is told when it opens, with its client's address (the one
+    /// its slot counts against: behind a trusted proxy, the forwarded
+    /// one), and told again when it ends, before its socket closes.
+    #[tokio::test]
+    async fn each_relay_is_told_with_its_client() {
+        let hub_dev = device().await;
+        let hub_addr = hub_dev.local_addr().unwrap();
+        let opened = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let closed = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (o2, c2) = (opened.clone(), closed.clone());
+        let hub = Arc::new(
+            Hub::new(move || hub_addr)
+                .unwrap()
+                .on_relay_opened(move |relay, client| o2.lock().push((relay, client)))
+                .on_relay_closed(move |relay| c2.lock().push(relay)),
+        );
+        // Straight from its client, and through a proxy on the host that
+        // forwarded its client's (IPv4-mapped) address.
+        let direct: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let forwarded: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        let proxy: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let mut ends = Vec::new();
+        for (client, source) in [(direct, direct.ip()), (proxy, forwarded)] {
+            let slot = hub.try_slot(source).unwrap();
+            let (near, far) = tokio::io::duplex(64);
+            let h = hub.clone();
+            tokio::spawn(async move { h.serve_ws(near, client, slot).await });
+            ends.push(far);
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while opened.lock().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both relays open");
+        let mut told = opened.lock().clone();
+        told.sort_by_key(|(_, c)| *c);
+        let clients: Vec<IpAddr> = told.iter().map(|(_, c)| *c).collect();
+        assert_eq!(
+            clients,
+            [direct.ip(), "203.0.113.9".parse::<IpAddr>().unwrap()]
+        );
+        assert!(told.iter().all(|(r, _)| r.ip().is_loopback()));
+        assert_ne!(told[0].0, told[1].0);
+        assert!(closed.lock().is_empty());
+        hub.close_all();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while closed.lock().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both relays end");
+        let mut ended = closed.lock().clone();
+        ended.sort();
+        let mut relays: Vec<SocketAddr> = told.iter().map(|(r, _)| *r).collect();
+        relays.sort();
+        assert_eq!(ended, relays);
+        drop(ends);
     }
 
     /// A peer whose endpoint moves to a third relay loses the one it

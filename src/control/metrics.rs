@@ -1372,7 +1372,7 @@ mod tests {
             Some(1)
         );
         assert_eq!(p.types.len(), 9);
-                assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), None);
+        assert_eq!(p.get("gatewire_access_log_dropped_total", &[]), None);
         // With an access log, what it lost.
         let text = render(&MetricsInput {
             device: None,

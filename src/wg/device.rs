@@ -342,6 +342,53 @@ impl OwnAddrs {
     }
 }
 
+/// Relays remembered at most in [`Carried`] (a hub's carrier holds far
+/// fewer open at once).
+const MAX_RELAYS: usize = 65_536;
+
+/// The clients of a hub's carried tunnels (TLS, WebSocket) by their relays'
+/// loopback addresses, as the carrier tells them ([`Inner::relay_opened`]):
+/// a handshake through a relay counts as its client's ([`Carried::source`]).
+#[derive(Debug, Default)]
+struct Carried(RwLock<HashMap<SocketAddr, IpAddr>>);
+
+/// A relay's address as [`Carried`] knows it (an IPv4-mapped address is its
+/// IPv4 one).
+fn relay_key(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl Carried {
+    fn opened(&self, relay: SocketAddr, client: IpAddr) {
+        let relay = relay_key(relay);
+        let mut m = self.0.write();
+        if m.len() < MAX_RELAYS || m.contains_key(&relay) {
+            m.insert(relay, client.to_canonical());
+        }
+    }
+
+    fn closed(&self, relay: SocketAddr) {
+        self.0.write().remove(&relay_key(relay));
+    }
+
+    /// The source a datagram from `from` counts as in the handshake checks
+    /// (its bucket, and the address its cookie binds to): for an initiation
+    /// or a response through a carried tunnel's relay, the tunnel's client
+    /// (with the relay's port), so that one client's carried connections
+    /// share one bucket and a cookie given through one relay proves that
+    /// client's address, not loopback's; else `from`. Other messages take
+    /// no look.
+    fn source(&self, datagram: &[u8], from: SocketAddr) -> SocketAddr {
+        if !matches!(datagram.first(), Some(1 | 2)) || !from.ip().to_canonical().is_loopback() {
+            return from;
+        }
+        match self.0.read().get(&relay_key(from)) {
+            Some(client) => SocketAddr::new(*client, from.port()),
+            None => from,
+        }
+    }
+}
+
 /// Where a decrypted packet from a peer goes ([`place`]).
 enum Place<'t> {
     Tun,
@@ -544,6 +591,9 @@ pub struct Peer {
     /// Milliseconds since device start of the last warning about a stale
     /// initiation from this peer, plus one (0: never).
     stale_warned_ms: AtomicU64,
+    /// Until then (milliseconds since device start) the initiations the
+    /// peer's timers make are not sent ([`Peer::hold_initiations`]).
+    initiations_held_until_ms: AtomicU64,
 }
 
 impl Peer {
@@ -578,6 +628,7 @@ impl Peer {
             loop_warned: AtomicBool::new(false),
             stale_timestamp: AtomicU64::new(0),
             stale_warned_ms: AtomicU64::new(0),
+            initiations_held_until_ms: AtomicU64::new(0),
         }
     }
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -653,6 +704,28 @@ impl Peer {
         }
         self.last_two_way_ms.load(Ordering::Relaxed)
     }
+    /// Holds back the handshake initiations the peer's timers make
+    /// (boringtun retries one 5 s after the last, for 90 s, and a
+    /// persistent keepalive starts a new handshake) until `until_ms`
+    /// (milliseconds since device start; 0: none held): a node's supervisor
+    /// paces its own retries to a silent hub, jittered and backing off,
+    /// sends them itself ([`Inner::force_handshake`], never held), and
+    /// holds the timers' until its next. An initiation the peer's data
+    /// starts (at most one per handshake boringtun starts) is not held; the
+    /// supervisor ends the hold when the hub is heard, so a live session's
+    /// rekeys go as ever.
+    pub fn hold_initiations(&self, until_ms: u64) {
+        self.initiations_held_until_ms
+            .store(until_ms, Ordering::Relaxed);
+    }
+
+    /// Whether `datagram`, which the peer's timers made at `now_ms`, is an
+    /// initiation held back ([`Peer::hold_initiations`]).
+    fn held(&self, datagram: &[u8], now_ms: u64) -> bool {
+        now_ms < self.initiations_held_until_ms.load(Ordering::Relaxed)
+            && stamp::is_initiation(datagram)
+    }
+
     /// Counts the handshake initiations among `datagrams`, just sent; how
     /// many there were.
     fn count_initiations<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>) -> u32 {
@@ -902,8 +975,14 @@ pub struct Inner {
     staging: Arc<staged::Pool>,
     /// The TUN's MTU: a packet from one peer for another is no larger.
     mtu: usize,
-    /// Handshakes carrying a cookie, per source ([`handshake_limit`]).
+    /// Handshakes carrying a cookie, per source and in all
+    /// ([`handshake_limit`]).
     handshake_limit: Mutex<HandshakeLimiter>,
+    /// Milliseconds since start of the last warning that the device's
+    /// handshake budget was spent, plus one (0: never).
+    budget_warned_ms: AtomicU64,
+    /// The clients of the carried tunnels' relays.
+    carried: Carried,
     /// Handshakes completed: initiations answered and responses accepted.
     handshakes: AtomicU64,
     start: Instant,
@@ -1132,6 +1211,8 @@ impl Device {
             staging,
             mtu: usize::from(cfg.mtu),
             handshake_limit: Mutex::new(HandshakeLimiter::default()),
+            budget_warned_ms: AtomicU64::new(0),
+            carried: Carried::default(),
             handshakes: AtomicU64::new(0),
             start: Instant::now(),
             xlat: cfg.xlat.clone().map(|c| {
@@ -1368,6 +1449,22 @@ impl Inner {
             debug!(relay = %addr, peers = n, "a closed relay's address is no peer's endpoint any more");
         }
         n
+    }
+
+    /// A carried tunnel's relay opened at `addr` (on loopback) for a client
+    /// at `client` (behind a trusted proxy, the forwarded address): the
+    /// relay's handshakes count as that client's, against its bucket and
+    /// with cookies bound to its address, as its UDP datagrams would.
+    pub fn relay_opened(&self, addr: SocketAddr, client: IpAddr) {
+        self.carried.opened(addr, client);
+    }
+
+    /// A carried tunnel's relay at `addr` has closed: its client is
+    /// forgotten, and so is the address as any peer's endpoint
+    /// ([`Inner::forget_endpoint`]). How many peers forgot it.
+    pub fn relay_closed(&self, addr: SocketAddr) -> usize {
+        self.carried.closed(addr);
+        self.forget_endpoint(addr)
     }
 
     /// Calls `f` with a peer's public key and its new endpoint whenever an
@@ -2094,13 +2191,15 @@ impl Inner {
     }
 
     /// Finds the peer a datagram belongs to, without doing any expensive work
-    /// for packets that fail cheap checks.
+    /// for packets that fail cheap checks. `source`: where a handshake
+    /// counts as coming from ([`Carried::source`]).
     fn find_peer(
         &self,
         sock: &Udp,
         table: &Table,
         datagram: &[u8],
         at: Endpoint,
+        source: SocketAddr,
         out: &mut [u8],
     ) -> Option<Arc<Peer>> {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
@@ -2116,8 +2215,9 @@ impl Inner {
             return None;
         };
         // mac1, under load mac2, and for a handshake carrying a cookie its
-        // source's share, before any Diffie-Hellman. A response without a
-        // cookie is checked once, inside its Tunn (as it always was).
+        // source's share and the device's, before any Diffie-Hellman. A
+        // response without a cookie is checked once, inside its Tunn (as it
+        // always was).
         let checked = match &parsed {
             Packet::HandshakeInit(_) => true,
             Packet::HandshakeResponse(_) => handshake_limit::carries_cookie(datagram),
@@ -2128,7 +2228,7 @@ impl Inner {
                 &key.rate_limiter,
                 &self.handshake_limit,
                 datagram,
-                at.addr,
+                source,
                 self.now_ms(),
                 out,
             );
@@ -2138,8 +2238,13 @@ impl Inner {
                     self.send_cookie(sock, cookie, at);
                     return None;
                 }
-                Gate::Drop(r) => {
-                    self.drops.inc(r);
+                g => {
+                    if let Some(r) = g.dropped() {
+                        self.drops.inc(r);
+                    }
+                    if matches!(g, Gate::Spent) {
+                        self.budget_spent();
+                    }
                     return None;
                 }
             }
@@ -2167,6 +2272,25 @@ impl Inner {
             self.drops.inc(DropReason::UnknownIndex);
         }
         peer.cloned()
+    }
+
+    /// Says, once a minute at most, that handshakes were dropped for the
+    /// device's budget.
+    fn budget_spent(&self) {
+        let now = self.now_ms();
+        let stored = self.budget_warned_ms.load(Ordering::Relaxed);
+        // Both receive loops (IPv4, IPv6) may get here at once: one logs.
+        if stamp::warn_due(stored.checked_sub(1), now)
+            && self
+                .budget_warned_ms
+                .compare_exchange(stored, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                per_second = handshake_limit::DEVICE_PER_SECOND,
+                "handshakes carrying a cookie past the device's budget: dropped (handshake_rate_limited) to keep the data of established sessions flowing; nodes retry"
+            );
+        }
     }
 
     /// Sends a cookie reply from the address the handshake it answers came
@@ -2197,13 +2321,16 @@ impl Inner {
         sink: &mut TunSink<'_>,
     ) {
         let from = at.addr;
-        let Some(peer) = self.find_peer(sock, table, datagram, at, out) else {
+        let source = self.carried.source(datagram, from);
+        let Some(peer) = self.find_peer(sock, table, datagram, at, source, out) else {
             return;
         };
         let result = {
             let mut t = peer.tunn.lock();
             let base = out.as_ptr() as usize;
-            let r = t.decapsulate(Some(from.ip()), datagram, out);
+            // The address a handshake's cookie binds to (for other messages
+            // it is not read).
+            let r = t.decapsulate(Some(source.ip()), datagram, out);
             classify(base, r)
         };
         let authenticated = authenticates(datagram, &result, out);
@@ -2413,7 +2540,7 @@ impl Inner {
                 };
                 match out {
                     Out::Network(a, b) => {
-                        if let Some(d) = buf.get(a..b) {
+                        if let Some(d) = buf.get(a..b).filter(|d| !peer.held(d, now)) {
                             self.send_net(peer, d).await;
                         }
                         continue;
@@ -2801,30 +2928,56 @@ enum Gate<'a> {
     /// Under load without a valid cookie: answer with this cookie reply.
     Cookie(&'a [u8]),
     Drop(DropReason),
+    /// A handshake carrying a cookie within its source's share, past the
+    /// device's ([`handshake_limit::DEVICE_PER_SECOND`]): dropped and
+    /// counted as `handshake_rate_limited`, and said now and then.
+    Spent,
+}
+
+impl Gate<'_> {
+    /// What a dropped handshake is counted as (`None`: not dropped).
+    fn dropped(&self) -> Option<DropReason> {
+        match self {
+            Gate::Pass | Gate::Cookie(_) => None,
+            Gate::Drop(r) => Some(*r),
+            Gate::Spent => Some(DropReason::HandshakeRateLimited),
+        }
+    }
 }
 
 /// The checks of a handshake initiation or response, cheapest first, as
 /// kernel WireGuard makes them: mac1 and, under load, mac2 (`RateLimiter`,
 /// which counts it towards the load); then, if it carries a cookie, a token
-/// from its source's bucket. A cookie reply is written to `out`.
+/// from its source's bucket and one from the device's. `from` is the
+/// source as the device counts it (a carried tunnel's client,
+/// [`Carried::source`]): mac2 proves a cookie for its address. A cookie
+/// reply is written to `out`.
 fn gate_handshake<'o>(
     rate_limiter: &RateLimiter,
-    per_source: &Mutex<HandshakeLimiter>,
+    limits: &Mutex<HandshakeLimiter>,
     datagram: &[u8],
     from: SocketAddr,
     now_ms: u64,
     out: &'o mut [u8],
 ) -> Gate<'o> {
+    // The load is counted per second: ended here as well as by the timer
+    // task, which a slow tick would otherwise leave "under load" for
+    // longer (`reset_count` does nothing within a second of the last).
+    rate_limiter.reset_count();
     match rate_limiter.verify_packet(Some(from.ip()), datagram, out) {
         Ok(_) => {}
         Err(TunnResult::WriteToNetwork(cookie)) => return Gate::Cookie(cookie),
         Err(TunnResult::Err(e)) => return Gate::Drop(DropReason::from_wg(&e)),
         Err(_) => return Gate::Drop(DropReason::Other),
     }
-    if handshake_limit::carries_cookie(datagram) && !per_source.lock().allow(from, now_ms) {
-        return Gate::Drop(DropReason::HandshakeRateLimited);
+    if !handshake_limit::carries_cookie(datagram) {
+        return Gate::Pass;
     }
-    Gate::Pass
+    match limits.lock().check(from, now_ms) {
+        Ok(()) => Gate::Pass,
+        Err(handshake_limit::Refused::Source) => Gate::Drop(DropReason::HandshakeRateLimited),
+        Err(handshake_limit::Refused::Device) => Gate::Spent,
+    }
 }
 
 #[cfg(test)]
@@ -3086,8 +3239,7 @@ mod tests {
         let mut gate = |now: u64| match gate_handshake(&loaded, &limits, &with, from, now, &mut out)
         {
             Gate::Pass => Ok(()),
-            Gate::Drop(r) => Err(Some(r)),
-            Gate::Cookie(_) => Err(None),
+            g => Err(g.dropped()),
         };
         let passed = (0..100).filter(|_| gate(1000).is_ok()).count();
         assert_eq!(passed, handshake_limit::BURST as usize);
@@ -3110,6 +3262,151 @@ mod tests {
                 Gate::Pass
             ));
         }
+    }
+
+    /// A node's initiation carrying a cookie for `from`, fetched through
+    /// the gate of a device under load (`loaded`).
+    fn with_cookie(
+        n: &mut Tunn,
+        loaded: &RateLimiter,
+        limits: &Mutex<HandshakeLimiter>,
+        from: SocketAddr,
+    ) -> Vec<u8> {
+        let mut out = vec![0u8; 256];
+        let plain = initiation(n);
+        let cookie = match gate_handshake(loaded, limits, &plain, from, 0, &mut out) {
+            Gate::Cookie(c) => c.to_vec(),
+            g => panic!("under load without a cookie: {g:?}"),
+        };
+        let mut sink = vec![0u8; 256];
+        assert!(matches!(
+            n.decapsulate(Some(from.ip()), &cookie, &mut sink),
+            TunnResult::Done
+        ));
+        let with = initiation(n);
+        assert!(handshake_limit::carries_cookie(&with));
+        with
+    }
+
+    /// Under load, handshakes with a valid cookie from many sources, each
+    /// well within its own share, get through only as far as the device's
+    /// budget: past it, fresh sources' are dropped (counted as
+    /// `handshake_rate_limited`) before any Diffie-Hellman, until the
+    /// budget refills.
+    #[test]
+    fn past_the_devices_budget_cookies_from_fresh_sources_are_refused() {
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let hub_pub = hub.public_key().as_x25519();
+        let loaded = RateLimiter::new(&hub_pub, 0);
+        let limits = Mutex::new(HandshakeLimiter::with_limits(
+            handshake_limit::MAX_SOURCES,
+            crate::proxy::ratelimit::RateLimit {
+                per_second: 10,
+                burst: 4,
+            },
+        ));
+        let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        let fresh = |i: u32| SocketAddr::from((Ipv4Addr::from(0xc633_6400 + i), 51820));
+        let mut out = vec![0u8; 256];
+        let mut seen = Vec::new();
+        for i in 0..8 {
+            let with = with_cookie(&mut n, &loaded, &limits, fresh(i));
+            let g = gate_handshake(&loaded, &limits, &with, fresh(i), 0, &mut out);
+            seen.push((matches!(g, Gate::Pass), g.dropped()));
+        }
+        let passed = (true, None);
+        let refused = (false, Some(DropReason::HandshakeRateLimited));
+        assert_eq!(seen, [[passed; 4], [refused; 4]].concat());
+        // A tenth of a second on: one more, one source's at a time.
+        let with = with_cookie(&mut n, &loaded, &limits, fresh(100));
+        let g = gate_handshake(&loaded, &limits, &with, fresh(100), 100, &mut out);
+        assert!(matches!(g, Gate::Pass), "{g:?}");
+        let g = gate_handshake(&loaded, &limits, &with, fresh(100), 100, &mut out);
+        assert!(matches!(g, Gate::Spent), "{g:?}");
+        assert_eq!(g.dropped(), Some(DropReason::HandshakeRateLimited));
+        // The default budget: a few thousand at most in any second.
+        const { assert!(handshake_limit::DEVICE_PER_SECOND <= 5000) };
+    }
+
+    /// A hub's carried tunnels: the handshakes through every relay of one
+    /// client share that client's bucket, and a cookie fetched through one
+    /// of them is bound to the client's address: valid through its other
+    /// relays, not through another client's, nor through a loopback
+    /// socket the device was not told of. Other messages keep their
+    /// source.
+    #[test]
+    fn carried_handshakes_count_as_their_clients() {
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let hub_pub = hub.public_key().as_x25519();
+        let loaded = RateLimiter::new(&hub_pub, 0);
+        let limits = Mutex::new(HandshakeLimiter::default());
+        let carried = Carried::default();
+        let relay = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let x: IpAddr = "198.51.100.7".parse().unwrap();
+        let y: IpAddr = "2001:db8:1:2::9".parse().unwrap();
+        for p in 40_000..40_016 {
+            carried.opened(relay(p), x);
+        }
+        carried.opened(relay(41_000), y);
+        let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        let first = relay(40_000);
+        let plain = initiation(&mut n);
+        assert_eq!(carried.source(&plain, first), SocketAddr::new(x, 40_000));
+        let with = with_cookie(&mut n, &loaded, &limits, carried.source(&plain, first));
+        let mut out = vec![0u8; 256];
+        let mut gate = |from: SocketAddr| {
+            let source = carried.source(&with, from);
+            match gate_handshake(&loaded, &limits, &with, source, 0, &mut out) {
+                Gate::Pass => "pass",
+                Gate::Cookie(_) => "cookie",
+                g => g.dropped().map_or("?", DropReason::as_str),
+            }
+        };
+        // Sixteen connections of one client: its burst, no more.
+        let through_x: Vec<&str> = (40_000..40_016).map(|p| gate(relay(p))).collect();
+        let burst = handshake_limit::BURST as usize;
+        assert!(through_x[..burst].iter().all(|g| *g == "pass"));
+        assert!(
+            through_x[burst..]
+                .iter()
+                .all(|g| *g == "handshake_rate_limited"),
+            "{through_x:?}"
+        );
+        // The cookie proves x's address, not y's nor loopback's.
+        assert_eq!(gate(relay(41_000)), "cookie");
+        assert_eq!(gate(relay(42_000)), "cookie");
+        // A closed relay's port is loopback's again.
+        carried.closed(relay(40_003));
+        assert_eq!(carried.source(&with, relay(40_003)), relay(40_003));
+        // Data keeps its source (and takes no look); so does an address
+        // off loopback.
+        let data = [4u8, 0, 0, 0, 1, 0, 0, 0];
+        assert_eq!(carried.source(&data, relay(40_001)), relay(40_001));
+        let off: SocketAddr = "192.0.2.1:40001".parse().unwrap();
+        assert_eq!(carried.source(&with, off), off);
+        // As a dual-stack socket names a relay.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40001".parse().unwrap();
+        assert_eq!(carried.source(&with, mapped), SocketAddr::new(x, 40_001));
+    }
+
+    /// A held peer's timers send no initiation until the hold's end; other
+    /// messages go, and so does everything once the hold is over.
+    #[test]
+    fn a_hold_keeps_back_the_timers_initiations_only() {
+        let p = test_peer(1);
+        let mut init = vec![0u8; 148];
+        init[0] = 1;
+        let keepalive = [4u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(!p.held(&init, 0), "nothing held at first");
+        p.hold_initiations(5000);
+        assert!(p.held(&init, 0));
+        assert!(p.held(&init, 4999));
+        assert!(!p.held(&init, 5000));
+        assert!(!p.held(&keepalive, 100));
+        p.hold_initiations(0);
+        assert!(!p.held(&init, 100));
     }
 
     /// A cookie reply leaves from the address the handshake came to, not

@@ -1,5 +1,6 @@
-//! Handshakes per source that carry a cookie [pure]: kernel WireGuard's
-//! `wg_ratelimiter_allow`, wireguard-go's `rate.limiter.Allow`.
+//! Handshakes that carry a cookie [pure]: a bucket per source, as kernel
+//! WireGuard's `wg_ratelimiter_allow` and wireguard-go's
+//! `rate.limiter.Allow` keep, and one for the whole device.
 //!
 //! Past its handshake limit the device answers handshakes with a cookie
 //! reply and lets through only those whose mac2 proves a cookie for their
@@ -7,6 +8,15 @@
 //! host holding it could have a Diffie-Hellman done per datagram. So a
 //! handshake that carries a cookie (a non-zero mac2) takes a token from its
 //! source's bucket first: 20 a second, 5 at once, the kernel's numbers.
+//!
+//! One source's bucket bounds one host; a host with many addresses (an IPv6
+//! /48 holds 65,536 /64s) fetches a cookie for each and gets each one's
+//! share. Every handshake that passes costs the receive task, which also
+//! decrypts every peer's data, about five X25519 operations, so a handshake
+//! that has its source's token then takes one from the device's bucket too
+//! ([`DEVICE_PER_SECOND`], [`DEVICE_BURST`]): the handshakes the device does
+//! under load stay a bounded share of a core, and the data of established
+//! sessions keeps flowing whatever the number of sources.
 //!
 //! A node sends a non-zero mac2 only for the two minutes after it was given a
 //! cookie, and the device gives cookies only under load; every handshake that
@@ -16,11 +26,13 @@
 //! node's one initiation per 5 seconds.
 //!
 //! Sources are keyed as the kernel keys them: an IPv4 address, an IPv6 /64.
-//! Loopback is the exception: tunnels carried over TLS or WebSocket reach the
-//! device from their relays' loopback sockets, one port per carried
-//! connection, so a loopback source is keyed by its port. One carried node
-//! then cannot use up another's bucket, and each carried connection holds one
-//! bucket (its carrier limits connections per client address).
+//! A tunnel carried over TLS or WebSocket reaches the device from its
+//! relay's loopback socket; the device passes the carried connection's
+//! client address instead (with the relay's port), so all of one client's
+//! carried connections share its bucket, as its UDP datagrams would. A
+//! loopback source left (a relay the device was not told of, a client on
+//! the host itself) is keyed by its port: one loopback socket cannot use up
+//! another's bucket.
 //!
 //! The table is bounded ([`MAX_SOURCES`], the kernel's largest table) as
 //! [`Limiter`] bounds it: refilled buckets go first, then the longest idle.
@@ -34,14 +46,35 @@ pub const PER_SECOND: u32 = 20;
 pub const BURST: u32 = 5;
 /// Sources tracked at most.
 pub const MAX_SOURCES: usize = 65_536;
+/// Handshakes carrying a cookie a second that the whole device lets
+/// through, from all sources together. An initiation costs the receive
+/// task four X25519 Diffie-Hellmans and a key generation (0.07 to 0.1 ms
+/// measured on a server core), so this is about a tenth of a core. 10,000
+/// nodes coming back at once (a hub restarted), each sending an initiation
+/// every 4 to 6 s, all with a cookie, get through within about 10 s of
+/// holding one.
+pub const DEVICE_PER_SECOND: u32 = 1000;
+/// Handshakes carrying a cookie the whole device lets through at once: a
+/// quarter of a second's worth, some 25 ms of work in one go at most.
+pub const DEVICE_BURST: u32 = 250;
 
 /// Length of mac2, the last field of an initiation and of a response.
 const MAC2_LEN: usize = 16;
 
-/// One token bucket per source.
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its source has no token left.
+    Source,
+    /// Its source had one, the device has none left.
+    Device,
+}
+
+/// One token bucket per source, and one for the device.
 #[derive(Debug)]
 pub struct HandshakeLimiter {
     buckets: Limiter,
+    device: Limiter,
 }
 
 impl Default for HandshakeLimiter {
@@ -53,6 +86,18 @@ impl Default for HandshakeLimiter {
 impl HandshakeLimiter {
     /// A limiter tracking at most `sources` sources (at least one).
     pub fn with_capacity(sources: usize) -> Self {
+        HandshakeLimiter::with_limits(
+            sources,
+            RateLimit {
+                per_second: DEVICE_PER_SECOND,
+                burst: DEVICE_BURST,
+            },
+        )
+    }
+
+    /// A limiter tracking at most `sources` sources, the device's bucket
+    /// filled as `device` says.
+    pub fn with_limits(sources: usize, device: RateLimit) -> Self {
         HandshakeLimiter {
             buckets: Limiter::with_capacity(
                 RateLimit {
@@ -61,13 +106,27 @@ impl HandshakeLimiter {
                 },
                 sources,
             ),
+            device: Limiter::with_capacity(device, 1),
         }
     }
 
-    /// Takes a token for a handshake from `from` at `now_ms`: false when
-    /// its source has none left.
+    /// Takes a token for a handshake from `from` at `now_ms` from its
+    /// source's bucket, then from the device's: refused when either has
+    /// none left. (The source's first: one source past its share takes
+    /// nothing from the others'.)
+    pub fn check(&mut self, from: SocketAddr, now_ms: u64) -> Result<(), Refused> {
+        if self.buckets.check_key(source(from), now_ms).is_err() {
+            return Err(Refused::Source);
+        }
+        // One key: the device's only bucket.
+        self.device
+            .check_key(0, now_ms)
+            .map_err(|_| Refused::Device)
+    }
+
+    /// [`HandshakeLimiter::check`]: whether the handshake may go on.
     pub fn allow(&mut self, from: SocketAddr, now_ms: u64) -> bool {
-        self.buckets.check_key(source(from), now_ms).is_ok()
+        self.check(from, now_ms).is_ok()
     }
 
     /// Sources tracked now.
@@ -163,6 +222,53 @@ mod tests {
         let k = source(at("127.0.0.1:40000"));
         assert_ne!(k, source(at("[::1]:40000")));
         assert!(k > u128::from(u32::MAX) && k < 1u128 << 127);
+    }
+
+    /// Past the device's bucket, handshakes from fresh sources, each well
+    /// within its own share, are refused; a second later the device lets
+    /// its rate through again. A source past its own share takes nothing
+    /// from the device's bucket.
+    #[test]
+    fn many_sources_share_the_devices_budget() {
+        let mut l = HandshakeLimiter::default();
+        let fresh = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1));
+        // One source past its share first: refused as the source's.
+        let a = at("192.0.2.1:51820");
+        let firsts = (0..BURST + 100).map(|_| l.check(a, 0)).collect::<Vec<_>>();
+        assert!(firsts[..BURST as usize].iter().all(Result::is_ok));
+        assert!(firsts[BURST as usize..]
+            .iter()
+            .all(|r| *r == Err(Refused::Source)));
+        let left = DEVICE_BURST - BURST;
+        for i in 0..left {
+            assert_eq!(l.check(fresh(i), 0), Ok(()), "source {i}");
+        }
+        // Fresh sources, each with its whole burst: the device has none.
+        for i in left..left + 50 {
+            assert_eq!(l.check(fresh(i), 0), Err(Refused::Device));
+        }
+        // A tenth of a second on: a tenth of the device's rate, no more.
+        let n = (0..DEVICE_PER_SECOND)
+            .filter(|i| l.allow(fresh(100_000 + i), 100))
+            .count();
+        assert_eq!(n, DEVICE_PER_SECOND as usize / 10);
+        // Idle for long: the burst, no more.
+        let n = (0..DEVICE_PER_SECOND)
+            .filter(|i| l.allow(fresh(200_000 + i), 60_000))
+            .count();
+        assert_eq!(n, DEVICE_BURST as usize);
+        // Another budget.
+        let mut small = HandshakeLimiter::with_limits(
+            MAX_SOURCES,
+            RateLimit {
+                per_second: 10,
+                burst: 3,
+            },
+        );
+        let n = (0..20).filter(|i| small.allow(fresh(*i), 0)).count();
+        assert_eq!(n, 3);
+        assert!(!small.allow(fresh(30), 99));
+        assert!(small.allow(fresh(31), 100), "a token every 100 ms");
     }
 
     #[test]
