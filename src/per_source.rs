@@ -1,6 +1,8 @@
 //! Open connections per source, within a per-source cap [pure]: one client
 //! cannot hold every slot of a listener and shut the others out. Used by the
-//! control API, the node services API, carried tunnels and DNS over TCP.
+//! control API, the node services API, carried tunnels, DNS over TCP and
+//! (counting an IPv6 client by its /56: [`subscriber_key`]) the proxy's
+//! listeners.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -77,6 +79,22 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key the proxy's listeners count a client under: its IPv4 address, or
+/// its IPv6 /56, what an ISP commonly delegates to one subscriber (a home or
+/// a site numbers its LAN segments from the /56's 256 /64s). A subscriber's
+/// /56 is what its one IPv4 address is behind a NAT: both hold one client's
+/// share, so one subscriber cannot take 256 shares by spreading its
+/// connections over its /64s.
+pub fn subscriber_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 72) - 1);
+            Ipv6Addr::from(bits).into()
+        }
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -112,5 +130,35 @@ mod tests {
         // An IPv4 client reached over a dual-stack socket is its IPv4 address.
         assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
         assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+    }
+
+    #[test]
+    fn per_source_64s_of_one_56_share_one_cap() {
+        let p = Arc::new(PerSource::default());
+        let take = |s: &str| p.take(subscriber_key(s.parse().unwrap()), 3);
+        // Four /64s of one subscriber's /56 (and one more): together no more
+        // than the per-source cap.
+        let mut held = Vec::new();
+        for sub in ["400", "401", "402", "4fe", "4ff"] {
+            while let Some(s) = take(&format!("2001:db8:0:{sub}::1")) {
+                held.push(s);
+            }
+        }
+        assert_eq!(held.len(), 3);
+        // Another /56, and IPv4 clients, have shares of their own.
+        let other: Vec<_> = (0..3).map(|_| take("2001:db8:0:500::1").unwrap()).collect();
+        let v4: Vec<_> = (0..3).map(|_| take("192.0.2.7").unwrap()).collect();
+        assert!(take("::ffff:192.0.2.7").is_none());
+        drop(held.pop());
+        assert!(take("2001:db8:0:4ab::9").is_some());
+        drop((held, other, v4));
+        assert!(p.open.lock().is_empty());
+        let k = |s: &str| subscriber_key(s.parse().unwrap());
+        assert_eq!(
+            k("2001:db8:0:4ab::1"),
+            "2001:db8:0:400::".parse::<IpAddr>().unwrap()
+        );
+        assert_ne!(k("2001:db8:0:4ab::1"), k("2001:db8:0:5ab::1"));
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
     }
 }

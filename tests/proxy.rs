@@ -2172,9 +2172,51 @@ async fn shutdown_stops_accepting() {
     assert!(TcpStream::connect(at).await.is_err());
 }
 
-/// The overall connection limit: past `max_connections` a new client
-/// connection is closed at once and counted; once one closes, the next is
-/// served.
+/// An upgraded (echo) connection from `src` to `at`, for `host`: busy for
+/// as long as it is open.
+async fn upgraded_from(src: &str, at: SocketAddr, host: &str) -> TcpStream {
+    let mut s = connect_from(src, at).await;
+    let req =
+        format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(T, s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    s
+}
+
+/// Whether the hub closed `s` within `wait` without sending anything.
+async fn closed_unanswered<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    matches!(r, Ok(Ok(0)) | Ok(Err(_))) && out.is_empty()
+}
+
+/// `GET /` for `host` on `s`, kept alive: whether it was answered 200.
+async fn get_kept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    host: &str,
+) -> bool {
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    buf[..n].starts_with(b"HTTP/1.1 200")
+}
+
+/// The overall connection limit: past `max_connections`, with every open
+/// connection busy (here upgraded), a new client connection is closed at
+/// once and counted; once one closes, the next is served.
 #[tokio::test]
 async fn overall_connection_limit() {
     let b = http_backend("lim").await;
@@ -2182,27 +2224,118 @@ async fn overall_connection_limit() {
     s.limits.max_connections = 2;
     let p = Proxy::start(s).await.unwrap();
     let at = p.http_addrs()[0];
-    let c1 = TcpStream::connect(at).await.unwrap();
-    let _c2 = TcpStream::connect(at).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut c3 = TcpStream::connect(at).await.unwrap();
+    let c1 = upgraded_from("127.0.0.2", at, "lim.gw.test").await;
+    let mut c2 = upgraded_from("127.0.0.3", at, "lim.gw.test").await;
+    let mut c3 = connect_from("127.0.0.4", at).await;
     let _ = c3
         .write_all(b"GET / HTTP/1.1\r\nHost: lim.gw.test\r\n\r\n")
         .await;
-    let mut out = Vec::new();
-    let r = tokio::time::timeout(T, c3.read_to_end(&mut out)).await;
     assert!(
-        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-        "the third connection is closed unanswered: {r:?} {}",
-        String::from_utf8_lossy(&out)
+        closed_unanswered(&mut c3, T).await,
+        "the third connection is closed unanswered"
     );
     let st = p.stats();
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("over_capacity"), Some(&1));
+    assert_eq!(l.errors.get("evicted"), None);
+    // The busy ones were not touched.
+    assert_eq!(round_trip(&mut c2, b"still here").await, b"still here");
     drop(c1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = raw_http(at, "lim.gw.test", "").await;
     assert!(r.starts_with("HTTP/1.1 200"), "served again: {r}");
+}
+
+/// Connections left idle (a keep-alive one after its request, silent ones
+/// that never sent one, a TLS one that never finished its ClientHello) from
+/// a few clients, each within its own share, cannot lock a new client out
+/// once `max_connections` are open: the one idle longest is closed to make
+/// room (counted as `evicted`), and only when every open connection is busy
+/// is a new one refused.
+#[tokio::test]
+async fn idle_connections_make_room_for_a_new_client() {
+    let pki = pki(&["lim.gw.test"]);
+    let b = http_backend("lim").await;
+    let mut s = settings(vec![terminate_route("lim", &pki, b)]);
+    s.limits.max_connections = 4;
+    s.limits.max_connections_per_source = 2;
+    let p = Proxy::start(s).await.unwrap();
+    let (at, tls_at) = (p.http_addrs()[0], p.https_addrs()[0]);
+    let host = "lim.gw.test";
+    let listener = |kind: &str| {
+        let st = p.stats();
+        let l = st.iter().find(|s| s.route == "listener").unwrap();
+        l.errors.get(kind).copied().unwrap_or(0)
+    };
+    // Well before `header_timeout` and `handshake_timeout` (10 s) would.
+    let soon = Duration::from_secs(3);
+    // A keep-alive connection that was served and is now idle, a silent
+    // one, one with half a request head, and a TLS one with half a
+    // ClientHello: every slot taken by two clients, each within its share.
+    let mut kept = connect_from("127.0.0.2", at).await;
+    assert!(get_kept(&mut kept, host).await);
+    let mut silent = connect_from("127.0.0.2", at).await;
+    let mut half = connect_from("127.0.0.3", at).await;
+    half.write_all(b"GET / HTTP/1.1\r\nHost: lim")
+        .await
+        .unwrap();
+    let mut hello = connect_from("127.0.0.3", tls_at).await;
+    hello.write_all(&client_hello(host)[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // New clients, over plain HTTP and over TLS, are served (and keep their
+    // connections); the ones idle longest make room, in turn.
+    let mut new = connect_from("127.0.0.4", at).await;
+    assert!(get_kept(&mut new, host).await, "a new client is served");
+    assert!(
+        closed_unanswered(&mut kept, soon).await,
+        "the keep-alive one went"
+    );
+    assert_eq!(listener("evicted"), 1);
+    let tls = tokio_rustls::TlsConnector::from(client_config(&pki.cert_der, &[b"http/1.1"]));
+    let name = ServerName::try_from(host.to_string()).unwrap();
+    let mut new_tls = tls
+        .connect(name.clone(), connect_from("127.0.0.5", tls_at).await)
+        .await
+        .unwrap();
+    assert!(get_kept(&mut new_tls, host).await);
+    assert!(
+        closed_unanswered(&mut silent, soon).await,
+        "then the silent one"
+    );
+    let mut new2 = connect_from("127.0.0.4", at).await;
+    assert!(get_kept(&mut new2, host).await);
+    assert!(
+        closed_unanswered(&mut half, soon).await,
+        "then the half head"
+    );
+    let mut new3 = connect_from("127.0.0.5", at).await;
+    assert!(get_kept(&mut new3, host).await);
+    assert!(
+        closed_unanswered(&mut hello, soon).await,
+        "then the half ClientHello"
+    );
+    assert_eq!(listener("evicted"), 4);
+    assert_eq!(listener("over_capacity"), 0);
+    drop((new, new_tls, new2, new3));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Busy connections are not closed to make room: with all four
+    // upgraded, a new client is refused.
+    let mut busy = Vec::new();
+    for src in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        busy.push(upgraded_from(src, at, host).await);
+    }
+    let mut late = connect_from("127.0.0.6", at).await;
+    let _ = late
+        .write_all(b"GET / HTTP/1.1\r\nHost: lim.gw.test\r\n\r\n")
+        .await;
+    assert!(closed_unanswered(&mut late, T).await);
+    for s in &mut busy {
+        assert_eq!(round_trip(s, b"ping").await, b"ping");
+    }
+    assert_eq!(listener("over_capacity"), 1);
+    assert_eq!(listener("evicted"), 4);
 }
 
 /// One address holds at most `max_connections_per_source` connections: its
@@ -3305,6 +3438,91 @@ async fn per_client_rate_limits() {
     assert_eq!(n("name:rl"), 2);
     assert_eq!(n(&format!("tcp:{}", s.tcp[0].listen)), 1);
     assert_eq!(n(&format!("udp:{}", s.udp[0].listen)), 1);
+}
+
+/// A terminated route refuses the TLS handshake itself to a client its
+/// `allow`/`deny` refuses or with no `rate_limit` token left (its bucket
+/// looked at, no token taken), counted as its requests would be: such a
+/// client gets no handshakes for the hub to compute. A trusted proxy, which
+/// speaks for many clients, gets its handshake; its clients are judged per
+/// request.
+#[tokio::test]
+async fn terminated_routes_refuse_the_handshake_first() {
+    let pki = pki(&["rl.gw.test"]);
+    let b = http_backend("rl").await;
+    let mut r = terminate_route("rl", &pki, b);
+    r.rate_limit = Some(gatewire::proxy::settings::RateLimit {
+        per_second: 1,
+        burst: 1,
+    });
+    r.access = access(&[], &["127.0.0.3", "127.0.0.9"]);
+    let mut s = settings(vec![r]);
+    s.trusted_proxies = Some(access(&["127.0.0.9"], &[]));
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.https_addrs()[0];
+    let errors = |kind: &str| {
+        let st = p.stats();
+        let r = st.iter().find(|s| s.route == "name:rl").unwrap();
+        r.errors.get(kind).copied().unwrap_or(0)
+    };
+    let tls = tokio_rustls::TlsConnector::from(client_config(&pki.cert_der, &[b"http/1.1"]));
+    let name = ServerName::try_from("rl.gw.test").unwrap();
+    let handshake = |src: &'static str| {
+        let (tls, name) = (tls.clone(), name.clone());
+        async move {
+            let tcp = connect_from(src, at).await;
+            tokio::time::timeout(T, tls.connect(name, tcp))
+                .await
+                .unwrap()
+        }
+    };
+    // One request takes the one token; a new connection at once gets no
+    // handshake (an internal_error alert).
+    let r = tls_get_over(
+        connect_from("127.0.0.2", at).await,
+        "rl.gw.test",
+        &pki.cert_der,
+    )
+    .await
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let e = handshake("127.0.0.2").await.expect_err("no handshake");
+    assert!(e.to_string().contains("InternalError"), "{e}");
+    assert_eq!(errors("rate_limited"), 1);
+    // Looking took no token: after a second the client is served again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = tls_get_over(
+        connect_from("127.0.0.2", at).await,
+        "rl.gw.test",
+        &pki.cert_der,
+    )
+    .await
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // A refused address gets the access_denied alert, not a handshake.
+    let e = handshake("127.0.0.3").await.expect_err("no handshake");
+    assert!(e.to_string().contains("AccessDenied"), "{e}");
+    assert_eq!(errors("denied"), 1);
+    // A trusted proxy gets its handshakes, whatever its own address's
+    // rules and bucket; the clients it forwards are judged per request.
+    for (xff, status) in [
+        ("192.0.2.7", "HTTP/1.1 200"),
+        ("192.0.2.7", "HTTP/1.1 429"),
+        ("127.0.0.3", "HTTP/1.1 403"),
+    ] {
+        let mut t = handshake("127.0.0.9").await.unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: rl.gw.test\r\nX-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n"
+        );
+        t.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(T, t.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with(status), "{xff}: {out}");
+    }
+    assert_eq!(errors("rate_limited"), 2);
+    assert_eq!(errors("denied"), 2);
+    assert_eq!(errors("tls_handshake"), 0);
 }
 
 #[tokio::test]

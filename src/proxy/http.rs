@@ -329,6 +329,11 @@ impl ConnInfo {
         }
     }
 
+    /// The connection's place under `[limits] max_connections`.
+    pub(crate) fn slot(&self) -> &Arc<crate::proxy::server::ConnSlot> {
+        &self.slot
+    }
+
     /// The client's socket (see [`stall::SendQueue`]).
     pub fn queue(&self) -> Option<stall::SendQueue> {
         self.queue
@@ -2358,7 +2363,9 @@ async fn forward(
             let idle = shared.limits.idle_timeout;
             let c2 = c.clone();
             let bw = Some(route.bandwidth.clone());
-            let h = (hold.take(), conn.slot.clone());
+            // The splice keeps the connection's place, busy: it is not
+            // closed to make room.
+            let h = (hold.take(), conn.slot.clone(), conn.slot.busy());
             let queue = conn.queue;
             // (An HTTP/1.1 connection's: no stream's.)
             let stall = Arc::clone(&conn.stall);

@@ -137,6 +137,15 @@ impl Limiter {
         r
     }
 
+    /// Whether `ip` has no whole token at `now_ms` (its next
+    /// [`Limiter::check`] would be refused), taking none and changing
+    /// nothing. A client not tracked has a full bucket.
+    pub fn is_limited(&self, ip: IpAddr, now_ms: u64) -> bool {
+        self.buckets
+            .get(&key(ip))
+            .is_some_and(|b| self.refill(*b, now_ms).milli < 1000)
+    }
+
     /// Whether the last refusal of `ip` was its first, third, fifth... (so a
     /// caller can treat every other refusal of one client alike, whatever
     /// other clients do). False for a client never refused or not tracked.
@@ -250,6 +259,28 @@ mod tests {
         assert_eq!(l.check(ip("2001:db8:0:2::1"), 0), Ok(()));
         // An IPv6 address whose low bits look like an IPv4 one is not it.
         assert_eq!(l.check(ip("::c000:201"), 0), Ok(()));
+    }
+
+    #[test]
+    fn a_look_at_a_bucket_takes_nothing() {
+        let mut l = lim(1, 2);
+        let a = ip("192.0.2.1");
+        assert!(!l.is_limited(a, 0), "an unknown client has a full bucket");
+        assert!(l.is_empty(), "and looking does not track it");
+        l.check(a, 0).unwrap();
+        for _ in 0..5 {
+            assert!(!l.is_limited(a, 0));
+        }
+        l.check(a, 0).unwrap();
+        assert!(l.is_limited(a, 0));
+        assert!(l.is_limited(a, 999));
+        assert!(!l.is_limited(a, 1000), "a token has come back");
+        assert!(!l.refusals_odd(a), "looks are no refusals");
+        l.check(a, 1000).unwrap();
+        assert!(l.check(a, 1000).is_err());
+        // A mapped IPv4 address is the same client; another is not.
+        assert!(l.is_limited(ip("::ffff:192.0.2.1"), 1000));
+        assert!(!l.is_limited(ip("192.0.2.2"), 1000));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -150,6 +150,14 @@ pub(crate) fn over_limit(
     let l = limiter.as_ref()?;
     let r = l.lock().check(ip, now_ms());
     r.err()
+}
+
+/// Whether `ip` has no token of `limiter` left (its next request would be
+/// refused), taking none.
+pub(crate) fn limited(limiter: &Option<Arc<Mutex<Limiter>>>, ip: std::net::IpAddr) -> bool {
+    limiter
+        .as_ref()
+        .is_some_and(|l| l.lock().is_limited(ip, now_ms()))
 }
 
 /// One generation of routing state, shared by every connection accepted under it.
@@ -1447,9 +1455,10 @@ async fn accept_loop(
         };
         let shared = rt.current.load_full();
         let mesh = rt.mesh.load_full();
-        // One address holds at most `max_connections_per_source` of the
-        // slots, so one client cannot shut all the others out; not a
-        // balancer, a trusted proxy or another hub, which speak for many.
+        // One client (an IPv4 address, an IPv6 /56) holds at most
+        // `max_connections_per_source` of the slots, so one client cannot
+        // shut all the others out; not a balancer, a trusted proxy or
+        // another hub, which speak for many.
         let speaks_for_many = shared.trusts_forwarding(peer.ip())
             || shared
                 .proxy_protocol_from
@@ -1459,7 +1468,7 @@ async fn accept_loop(
         let source = if speaks_for_many {
             None
         } else {
-            let key = crate::per_source::source_key(peer.ip());
+            let key = crate::per_source::subscriber_key(peer.ip());
             match rt
                 .per_source
                 .take(key, shared.limits.max_connections_per_source)
@@ -1472,11 +1481,15 @@ async fn accept_loop(
                 }
             }
         };
-        let Some(slot) = rt.conns.try_take(source) else {
+        let Some((slot, made_room)) = rt.conns.try_take(source) else {
             shared.listener.error(ErrorKind::OverCapacity);
             drop(sock);
             continue;
         };
+        if made_room {
+            shared.listener.error(ErrorKind::Evicted);
+        }
+        let eviction = Arc::clone(&slot.eviction);
         let _ = sock.set_nodelay(true);
         let retired = shared.retired.subscribe();
         let span = info_span!("conn", client = %peer);
@@ -1578,8 +1591,17 @@ async fn accept_loop(
                     if let Some((first, h2c)) = sniff_h2c(&shared, &mut sock, left()).await {
                         let (sock, first) = match &mesh {
                             Some(m) if !h2c => {
-                                match http_via_mesh(&shared, m, sock, first, peer, dest, left())
-                                    .await
+                                match http_via_mesh(
+                                    &shared,
+                                    m,
+                                    sock,
+                                    first,
+                                    peer,
+                                    dest,
+                                    left(),
+                                    &slot,
+                                )
+                                .await
                                 {
                                     Some(x) => x,
                                     None => return,
@@ -1610,23 +1632,162 @@ async fn accept_loop(
                         .nth(nth)
                         .cloned();
                     if let Some(fwd) = fwd {
+                        // Spliced as it is: never idle to the count.
+                        slot.hold();
                         serve_tcp(&shared, fwd, sock, peer, dest).await;
                     }
                 }
                 Kind::Udp | Kind::DnsUdp | Kind::DnsTcp => {}
             }
         };
+        let fut = async move {
+            tokio::select! {
+                () = fut => {}
+                () = eviction.cut() => debug!("closed to make room for a new connection"),
+            }
+        };
         tokio::spawn(fut.instrument(span));
     }
 }
 
-/// Open client connections against `[limits] max_connections`. A count, not
-/// a semaphore: a reload that lowers the limit takes effect at once (new
-/// connections are refused until the open ones are under it, none is cut),
-/// and the drain on shutdown waits for the connections really open.
+/// Open client connections against `[limits] max_connections`. When that
+/// many are open, a new connection takes the place of the one idle longest
+/// (an HTTP connection with no request in flight, between requests or
+/// before its first one, a TLS handshake included), which is closed (see
+/// [`Eviction`]); only when none is idle is the new one refused. So clients
+/// that open connections and leave them silent cannot lock others out. A
+/// count, not a semaphore: a reload that lowers the limit takes effect at
+/// once (until the open ones are under it, a new connection takes an idle
+/// one's place or is refused; no busy one is cut), and the drain on
+/// shutdown waits for the connections really open.
 pub(crate) struct ConnCount {
-    open: AtomicUsize,
     max: AtomicUsize,
+    table: Mutex<ConnTable>,
+}
+
+/// The open connections, and since when the idle ones are idle [pure].
+#[derive(Default)]
+struct ConnTable {
+    /// Ticks: the ids of new connections, and the order connections went
+    /// idle in.
+    clock: u64,
+    open: HashMap<u64, OpenConn>,
+    /// The idle connections by the tick they went idle at, longest idle
+    /// first: `tick -> id`.
+    idle: std::collections::BTreeMap<u64, u64>,
+}
+
+struct OpenConn {
+    /// Requests in flight and other work that must not be cut (0: idle).
+    busy: usize,
+    /// While idle, the tick it went idle at (its key in `idle`).
+    idle_at: u64,
+    eviction: Arc<Eviction>,
+}
+
+impl ConnTable {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Opens a connection (idle, the newest): its id, and the connection
+    /// idle longest when `max` were open and it had to make room (that one
+    /// is forgotten here). `None` when `max` are open and none is idle.
+    fn open(
+        &mut self,
+        max: usize,
+        eviction: Arc<Eviction>,
+    ) -> Option<(u64, Option<Arc<Eviction>>)> {
+        let mut evicted = None;
+        if self.open.len() >= max {
+            let (_, oldest) = self.idle.pop_first()?;
+            evicted = self.open.remove(&oldest).map(|c| c.eviction);
+        }
+        let id = self.tick();
+        self.idle.insert(id, id);
+        self.open.insert(
+            id,
+            OpenConn {
+                busy: 0,
+                idle_at: id,
+                eviction,
+            },
+        );
+        Some((id, evicted))
+    }
+
+    /// One more request (or other work) in flight on `id`.
+    fn busy(&mut self, id: u64) {
+        if let Some(c) = self.open.get_mut(&id) {
+            if c.busy == 0 {
+                self.idle.remove(&c.idle_at);
+            }
+            c.busy += 1;
+        }
+    }
+
+    /// One less in flight on `id`: idle, as of now, when none is left.
+    fn done(&mut self, id: u64) {
+        let now = self.tick();
+        if let Some(c) = self.open.get_mut(&id) {
+            c.busy = c.busy.saturating_sub(1);
+            if c.busy == 0 {
+                c.idle_at = now;
+                self.idle.insert(now, id);
+            }
+        }
+    }
+
+    /// Forgets `id` (its connection ended).
+    fn close(&mut self, id: u64) {
+        if let Some(c) = self.open.remove(&id) {
+            if c.busy == 0 {
+                self.idle.remove(&c.idle_at);
+            }
+        }
+    }
+}
+
+/// How a connection learns that it was closed to make room for a new one.
+#[derive(Default)]
+pub(crate) struct Eviction {
+    evicted: AtomicBool,
+    wake: tokio::sync::Notify,
+    /// Set once the connection is served as HTTP: from then on it closes
+    /// itself (hyper's graceful shutdown: a request that crosses the
+    /// eviction still gets its answer) instead of being cut.
+    http: AtomicBool,
+}
+
+impl Eviction {
+    fn evict(&self) {
+        self.evicted.store(true, SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// Completes once the connection has been closed to make room.
+    async fn evicted(&self) {
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.evicted.load(SeqCst) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// Completes when the connection is to be cut: closed to make room
+    /// before it was served as HTTP (reading PROXY headers, its first bytes,
+    /// its ClientHello, in its TLS handshake).
+    async fn cut(&self) {
+        self.evicted().await;
+        if self.http.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// One open client connection's place in [`ConnCount`], given back when the
@@ -1634,15 +1795,53 @@ pub(crate) struct ConnCount {
 /// splice (a WebSocket outlives the HTTP connection that started it).
 pub struct ConnSlot {
     count: Arc<ConnCount>,
+    id: u64,
+    eviction: Arc<Eviction>,
     /// Its source's place, given back with it.
     _source: Option<crate::per_source::SourceSlot>,
+}
+
+impl ConnSlot {
+    /// Marks the connection busy (a request in flight) until the guard is
+    /// dropped: it is not closed to make room meanwhile.
+    pub(crate) fn busy(&self) -> Busy {
+        self.count.table.lock().busy(self.id);
+        Busy {
+            count: Arc::clone(&self.count),
+            id: self.id,
+        }
+    }
+
+    /// Marks the connection busy for good (spliced to a backend or another
+    /// hub: nothing tells its idle times).
+    pub(crate) fn hold(&self) {
+        self.count.table.lock().busy(self.id);
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.count.table.lock().close(self.id);
+    }
+}
+
+/// A request in flight on a connection ([`ConnSlot::busy`]).
+pub(crate) struct Busy {
+    count: Arc<ConnCount>,
+    id: u64,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.count.table.lock().done(self.id);
+    }
 }
 
 impl ConnCount {
     fn new(max: usize) -> Self {
         ConnCount {
-            open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
+            table: Mutex::new(ConnTable::default()),
         }
     }
 
@@ -1651,29 +1850,30 @@ impl ConnCount {
     }
 
     fn open(&self) -> usize {
-        self.open.load(Relaxed)
+        self.table.lock().open.len()
     }
 
     /// A place for one more connection, holding its source's place
-    /// (`source`) as long as it holds its own.
+    /// (`source`) as long as it holds its own; and whether the connection
+    /// idle longest was closed to make room for it. `None` when all are
+    /// open and none is idle.
     fn try_take(
         self: &Arc<Self>,
         source: Option<crate::per_source::SourceSlot>,
-    ) -> Option<Arc<ConnSlot>> {
+    ) -> Option<(Arc<ConnSlot>, bool)> {
         let max = self.max.load(Relaxed);
-        self.open
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .ok()?;
-        Some(Arc::new(ConnSlot {
+        let eviction = Arc::new(Eviction::default());
+        let (id, evicted) = self.table.lock().open(max, Arc::clone(&eviction))?;
+        if let Some(old) = &evicted {
+            old.evict();
+        }
+        let slot = Arc::new(ConnSlot {
             count: self.clone(),
+            id,
+            eviction,
             _source: source,
-        }))
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.count.open.fetch_sub(1, Relaxed);
+        });
+        Some((slot, evicted.is_some()))
     }
 }
 
@@ -1804,6 +2004,7 @@ async fn sniff_h2c(
 /// and everything read, to be served here (`None` too when the client closed
 /// or stalled past `wait`, what is left of the header timeout, as hyper would
 /// have closed it).
+#[allow(clippy::too_many_arguments)] // what the accept loop learnt of the connection
 async fn http_via_mesh(
     shared: &Arc<Shared>,
     mesh: &crate::mesh::Mesh,
@@ -1812,6 +2013,7 @@ async fn http_via_mesh(
     peer: SocketAddr,
     dest: Option<SocketAddr>,
     wait: Duration,
+    slot: &ConnSlot,
 ) -> Option<(TcpStream, Vec<u8>)> {
     use crate::proxy::detect::{sniff_http_host_capped, SniffError};
     let limits = &shared.limits;
@@ -1857,7 +2059,7 @@ async fn http_via_mesh(
         return Some((sock, first));
     };
     let conn = (sock, peer, dest, first);
-    via_mesh(shared.clone(), mesh, &hubs, &host, false, conn).await;
+    via_mesh(shared.clone(), mesh, &hubs, &host, false, conn, slot).await;
     None
 }
 
@@ -1882,7 +2084,7 @@ fn mesh_hubs(
 /// that takes it, over their TLS listeners when `tls`; when none does,
 /// answers a plain HTTP client 502 and a TLS client an `internal_error`
 /// alert. Holds no generation of the routes meanwhile; logs one `mesh`
-/// access-log line.
+/// access-log line. The connection (its `slot`) is busy from here on.
 async fn via_mesh(
     shared: Arc<Shared>,
     mesh: &crate::mesh::Mesh,
@@ -1890,7 +2092,9 @@ async fn via_mesh(
     host: &DomainName,
     tls: bool,
     conn: (TcpStream, SocketAddr, Option<SocketAddr>, Vec<u8>),
+    slot: &ConnSlot,
 ) {
+    slot.hold();
     let (sock, peer, dest, first) = conn;
     let mut rec = Record::start(&shared, peer, LogKind::Mesh, tls);
     let limits = shared.limits.clone();
@@ -1951,16 +2155,22 @@ async fn serve_http<IO>(
         info.queue(),
     ));
     let listener = Arc::clone(&shared);
+    // Closed to make room for a new connection while no request is in
+    // flight (each request keeps it busy until its response has gone to
+    // hyper): from here on it closes itself.
+    let eviction = Arc::clone(&info.slot().eviction);
+    eviction.http.store(true, SeqCst);
     if h2 {
         let streams = Streams::new();
         let open = Arc::clone(&streams);
         let svc = service_fn(move |req| {
             let open = open.open();
+            let busy = info.slot().busy();
             let r = handle(shared.clone(), info.clone(), req);
             async move {
                 let resp = r.await?;
                 Ok::<_, std::convert::Infallible>(
-                    resp.map(|b| http_body_util::BodyExt::boxed(TrackedBody::new(b, open))),
+                    resp.map(|b| BusyBody::new(TrackedBody::new(b, open), busy)),
                 )
             }
         });
@@ -1987,6 +2197,11 @@ async fn serve_http<IO>(
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(limits.header_timeout, conn).await;
                 }
+                () = eviction.evicted() => {
+                    debug!("closed to make room for a new connection");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+                }
             }
         }
         // Streams open when the connection was cut count it as their
@@ -2000,6 +2215,7 @@ async fn serve_http<IO>(
         // its first bytes already used part of; hyper's own timer would
         // start afresh, giving a slow client twice the time).
         let asked = Arc::new(AtomicBool::new(false));
+        let served = Arc::clone(&asked);
         let first_late = {
             let asked = Arc::clone(&asked);
             async move {
@@ -2014,7 +2230,12 @@ async fn serve_http<IO>(
         };
         let svc = service_fn(move |req| {
             asked.store(true, Relaxed);
-            handle(shared.clone(), info.clone(), req)
+            let busy = info.slot().busy();
+            let r = handle(shared.clone(), info.clone(), req);
+            async move {
+                let resp = r.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| BusyBody::new(b, busy)))
+            }
         });
         {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -2034,6 +2255,17 @@ async fn serve_http<IO>(
                     let _ = conn.await;
                 }
                 () = first_late => head_late(&listener),
+                () = eviction.evicted() => {
+                    debug!("closed to make room for a new connection");
+                    // Before its first request it is cut (hyper's graceful
+                    // shutdown would wait for a head begun); between
+                    // requests hyper closes it at once, or after the one
+                    // that crossed the eviction.
+                    if served.load(Relaxed) {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
             }
         }
         // Dropped with the connection, a response body that was going out
@@ -2042,6 +2274,39 @@ async fn serve_http<IO>(
         if stall.uncounted_cut() {
             listener.listener.error(ErrorKind::ClientNotReading);
         }
+    }
+}
+
+/// A response body that keeps its connection busy ([`ConnSlot::busy`]) until
+/// it has gone to hyper (or is dropped).
+struct BusyBody<B> {
+    inner: B,
+    _busy: Busy,
+}
+
+impl<B> BusyBody<B> {
+    fn new(inner: B, busy: Busy) -> Self {
+        BusyBody { inner, _busy: busy }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -2297,7 +2562,7 @@ async fn serve_tls(
                         let hubs = mesh_hubs(&shared, m, h, peer.ip());
                         if !hubs.is_empty() {
                             let conn = (sock, peer, dest, bytes);
-                            via_mesh(shared, m, &hubs, h, true, conn).await;
+                            via_mesh(shared, m, &hubs, h, true, conn, &slot).await;
                             return;
                         }
                     }
@@ -2344,7 +2609,7 @@ async fn serve_tls(
         let hubs = mesh_hubs(&shared, m, host, peer.ip());
         if !hubs.is_empty() {
             let conn = (sock, peer, dest, bytes);
-            via_mesh(shared, m, &hubs, host, true, conn).await;
+            via_mesh(shared, m, &hubs, host, true, conn, &slot).await;
             return;
         }
     }
@@ -2366,7 +2631,8 @@ async fn serve_tls(
         e.host = sni.as_ref().map(|s| s.as_str().to_string());
     });
     match route.settings.tls {
-        // Terminated routes answer 403 per request (the same on :80 and :443).
+        // Terminated routes answer 403 per request (the same on :80 and
+        // :443); on :443 they refuse the handshake first (below).
         TlsMode::Passthrough if !route.settings.access.permits(peer.ip()) => {
             refuse(&c, &mut rec, ErrorKind::Denied);
             tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
@@ -2382,6 +2648,8 @@ async fn serve_tls(
             tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
         }
         TlsMode::Passthrough => {
+            // Spliced as it is: never idle to the count.
+            slot.hold();
             let Ok(_slot) = route.upstreams.admit() else {
                 refuse(&c, &mut rec, ErrorKind::OverCapacity);
                 tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
@@ -2426,6 +2694,25 @@ async fn serve_tls(
             debug!(route = %route.id, result = ?r, "passthrough ended");
         }
         TlsMode::Terminate => {
+            // The handshake costs the hub: a client the route refuses, or
+            // one with no token left, gets none (refused as its requests
+            // would be, and counted alike; its bucket is only looked at,
+            // the requests take the tokens). Not a trusted proxy: it
+            // speaks for many, each judged per request.
+            if !shared.trusts_forwarding(peer.ip()) {
+                if !route.settings.access.permits(peer.ip()) {
+                    c.error(ErrorKind::Denied);
+                    debug!(route = %route.id, "client address denied: no TLS handshake");
+                    tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
+                    return;
+                }
+                if limited(&route.limiter, peer.ip()) {
+                    c.error(ErrorKind::RateLimited);
+                    debug!(route = %route.id, "client over the rate limit: no TLS handshake");
+                    tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
+                    return;
+                }
+            }
             let Some(cfg) = shared.tls.clone() else {
                 return;
             };
@@ -2573,7 +2860,14 @@ mod tests {
     #[test]
     fn a_lower_connection_limit_holds_at_once_and_slots_come_back() {
         let c = Arc::new(ConnCount::new(3));
-        let mut open: Vec<_> = (0..3).map(|_| c.try_take(None).unwrap()).collect();
+        // Busy connections (spliced): none makes room for another.
+        let take = || {
+            let (slot, made_room) = c.try_take(None)?;
+            assert!(!made_room);
+            slot.hold();
+            Some(slot)
+        };
+        let mut open: Vec<_> = (0..3).map(|_| take().unwrap()).collect();
         assert!(c.try_take(None).is_none());
         // Shared by an upgraded connection's splice: given back by the last.
         let splice = open[0].clone();
@@ -2589,11 +2883,88 @@ mod tests {
         assert!(c.try_take(None).is_none());
         open.pop();
         assert_eq!(c.open(), 0);
-        let one = c.try_take(None).unwrap();
+        let one = take().unwrap();
         assert!(c.try_take(None).is_none());
         c.set_max(2);
-        assert!(c.try_take(None).is_some());
+        assert!(take().is_some());
         drop(one);
+        assert_eq!(c.open(), 0);
+        assert!(c.table.lock().idle.is_empty());
+    }
+
+    #[test]
+    fn full_connections_make_room_by_closing_the_one_idle_longest() {
+        let e = || Arc::new(Eviction::default());
+        let mut t = ConnTable::default();
+        let (a, none) = t.open(3, e()).unwrap();
+        assert!(none.is_none());
+        let (b, _) = t.open(3, e()).unwrap();
+        let (c, _) = t.open(3, e()).unwrap();
+        // a busy (a request in flight), then b busy and idle again: c is
+        // the one idle longest.
+        t.busy(a);
+        t.busy(b);
+        t.done(b);
+        let ce = t.open.get(&c).map(|o| Arc::clone(&o.eviction)).unwrap();
+        let (d, gone) = t.open(3, e()).unwrap();
+        assert!(Arc::ptr_eq(&gone.unwrap(), &ce));
+        assert!(!t.open.contains_key(&c));
+        // Then b, then (a done with its request) d, the newest's elder.
+        assert!(t.open.contains_key(&b));
+        let (_, gone) = t.open(3, e()).unwrap();
+        assert!(gone.is_some() && !t.open.contains_key(&b));
+        t.done(a);
+        let (_, gone) = t.open(3, e()).unwrap();
+        assert!(gone.is_some() && !t.open.contains_key(&d));
+        assert!(t.open.contains_key(&a));
+        // Two requests in flight on one (HTTP/2) connection: busy until both
+        // are done. With every connection busy, a new one is refused.
+        let ids: Vec<u64> = t.open.keys().copied().collect();
+        for &id in &ids {
+            t.busy(id);
+        }
+        t.busy(a);
+        assert!(t.open(3, e()).is_none());
+        t.done(a);
+        assert!(t.open(3, e()).is_none());
+        t.done(a);
+        let (_, gone) = t.open(3, e()).unwrap();
+        assert!(gone.is_some() && !t.open.contains_key(&a));
+        // Closed connections are forgotten, idle or busy; a request ending
+        // on one closed to make room changes nothing.
+        t.done(a);
+        for id in t.open.keys().copied().collect::<Vec<_>>() {
+            t.close(id);
+        }
+        assert!(t.open.is_empty() && t.idle.is_empty());
+    }
+
+    /// An evicted connection learns it whether or not it is waiting yet; a
+    /// connection served as HTTP is not cut from outside.
+    #[tokio::test]
+    async fn evicted_connections_are_told() {
+        let c = Arc::new(ConnCount::new(1));
+        let (old, _) = c.try_take(None).unwrap();
+        let early = Arc::clone(&old.eviction);
+        let waiting = tokio::spawn(async move { early.cut().await });
+        tokio::task::yield_now().await;
+        let (new, made_room) = c.try_take(None).unwrap();
+        assert!(made_room);
+        let t = Duration::from_secs(5);
+        tokio::time::timeout(t, waiting).await.unwrap().unwrap();
+        // Told after the fact too.
+        tokio::time::timeout(t, old.eviction.evicted())
+            .await
+            .unwrap();
+        assert_eq!(c.open(), 1);
+        drop(old);
+        assert_eq!(c.open(), 1, "the evicted slot was given up once");
+        new.eviction.http.store(true, SeqCst);
+        let (_, made_room) = c.try_take(None).unwrap();
+        assert!(made_room);
+        new.eviction.evicted().await;
+        let cut = tokio::time::timeout(Duration::from_millis(100), new.eviction.cut()).await;
+        assert!(cut.is_err(), "an HTTP connection closes itself");
     }
 
     /// A carried TLS tunnel gives the listener's connection slot back once

@@ -715,7 +715,7 @@ pub struct UdpForwardSettings {
 pub struct Limits {
     /// Concurrent client connections over all listeners.
     pub max_connections: usize,
-    /// Concurrent client connections from one address (IPv6: one /64),
+    /// Concurrent client connections from one address (IPv6: one /56),
     /// other than a trusted proxy's, a balancer's or another hub's.
     pub max_connections_per_source: usize,
     /// Time to read a request head (slowloris guard), and idle keep-alive time.
@@ -739,11 +739,20 @@ pub struct Limits {
     pub tunnel_down_after: Duration,
 }
 
+/// The default `max_connections_per_source` for `max_connections`: a
+/// sixteenth of it (256 of the default 4096), so that it takes sixteen
+/// clients to fill every slot, but at least 64 (or all of them, when fewer):
+/// a NAT of browsers opening six HTTP/1.1 connections a host each still gets
+/// in.
+pub fn default_per_source(max_connections: usize) -> usize {
+    (max_connections / 16).max(64).min(max_connections)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 4096,
-            max_connections_per_source: 1024,
+            max_connections_per_source: default_per_source(4096),
             header_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -1412,7 +1421,7 @@ pub(crate) fn validate(
     }
     let max_connections_per_source = raw
         .max_connections_per_source
-        .unwrap_or(d.max_connections_per_source);
+        .unwrap_or_else(|| default_per_source(max_connections));
     if !(1..=1_000_000).contains(&max_connections_per_source) {
         return Err("[proxy] max_connections_per_source: must be 1 to 1000000".into());
     }
@@ -2812,6 +2821,26 @@ mod toml_tests {
             .is_none());
         let e = parse("[proxy]\ntrusted_proxies = [\"proxy.example\"]\n").unwrap_err();
         assert!(e.contains("trusted_proxies"), "{e}");
+    }
+
+    #[test]
+    fn per_source_connections_default_to_a_sixteenth() {
+        let limits = |keys: &str| {
+            let l = parse(&format!("[proxy]\n{keys}\n"))
+                .unwrap()
+                .proxy
+                .unwrap()
+                .limits;
+            (l.max_connections, l.max_connections_per_source)
+        };
+        assert_eq!(limits(""), (4096, 256));
+        assert_eq!(super::Limits::default().max_connections_per_source, 256);
+        assert_eq!(limits("max_connections = 32000"), (32000, 2000));
+        // At least 64, at most all of them.
+        assert_eq!(limits("max_connections = 500"), (500, 64));
+        assert_eq!(limits("max_connections = 10"), (10, 10));
+        // A value of the operator's stands.
+        assert_eq!(limits("max_connections_per_source = 1000"), (4096, 1000));
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum ErrorKind {
     BackendAborted,
     /// The connection limit was reached; the connection was closed at once.
     OverCapacity,
+    /// An idle client connection (an HTTP one between requests or before
+    /// its first, a TLS handshake included) closed to make room for a new
+    /// one when `max_connections` were open.
+    Evicted,
     /// The route is paused (503, or a closed passthrough connection).
     Paused,
     /// The client's address is not admitted by the route's `allow`/`deny`
@@ -83,7 +87,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 29] = [
         ErrorKind::UnknownHost,
         ErrorKind::UnknownSni,
         ErrorKind::BadClientHello,
@@ -97,6 +101,7 @@ impl ErrorKind {
         ErrorKind::BackendProtocol,
         ErrorKind::BackendAborted,
         ErrorKind::OverCapacity,
+        ErrorKind::Evicted,
         ErrorKind::Paused,
         ErrorKind::Denied,
         ErrorKind::RateLimited,
@@ -130,6 +135,7 @@ impl ErrorKind {
             ErrorKind::BackendProtocol => "backend_protocol",
             ErrorKind::BackendAborted => "backend_aborted",
             ErrorKind::OverCapacity => "over_capacity",
+            ErrorKind::Evicted => "evicted",
             ErrorKind::Paused => "paused",
             ErrorKind::Denied => "denied",
             ErrorKind::RateLimited => "rate_limited",
