@@ -462,7 +462,15 @@ async fn run(ch: AcmeChallenge, tag: &str) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(state.join("account.previous.json").exists());
+    let aside = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("account.previous-") && name.ends_with(".json")
+        })
+        .count();
+    assert_eq!(aside, 1, "the old directory's account kept aside");
     let made_at = std::fs::read_to_string(state.join("certs/site.gw.test/directory")).unwrap();
     assert!(made_at.contains("localhost"), "{made_at}");
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,8 +1,8 @@
 //! Loopback tests of the proxy's hot reload, balancing and health checks:
 //! a reload adds a route while a large download over another route runs to the
-//! end; removed listeners close; shutdown drains; active health checks and tunnel liveness take
-//! backends out and back; least-connections, stickiness, per-route limits and
-//! PROXY v1.
+//! end; removed listeners close; shutdown drains, then cuts what is left;
+//! active health checks and tunnel liveness take backends out and back;
+//! least-connections, stickiness, per-route limits and PROXY v1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -972,4 +972,146 @@ async fn dns_rate_limit_truncates_then_drops_over_udp() {
         assert!(!r.metadata.truncation);
         assert_eq!(r.answers.len(), 1);
     }
+}
+
+/// A raw backend that echoes what each connection sends; a connection that
+/// starts with an HTTP request (`GET `) gets `101` to `echo` first, and its
+/// head is not echoed.
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut first = true;
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut data = &buf[..n];
+                    if std::mem::take(&mut first) && data.starts_with(b"GET ") {
+                        // The whole head, then the switch.
+                        let mut head = data.to_vec();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let k = match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => k,
+                            };
+                            head.extend_from_slice(&buf[..k]);
+                        }
+                        let resp = "HTTP/1.1 101 Switching Protocols\r\n\
+                                    Connection: upgrade\r\nUpgrade: echo\r\n\r\n";
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        data = &[];
+                    }
+                    if s.write_all(data).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `msg` on `s` and reads as many bytes back.
+async fn echoed(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(T, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    back
+}
+
+/// Whether `s` was closed by the proxy: a write then a read get an end
+/// (or a reset), not an answer.
+async fn closed(s: &mut TcpStream) -> bool {
+    let _ = s.write_all(b"ping").await;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(T, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("neither closed nor answering"),
+    }
+}
+
+/// Shutdown cuts what is still open when its grace period is over (as
+/// removing `[proxy]` from the config does): a TCP forward, an upgraded
+/// connection and a download, which a reload before it left running.
+#[tokio::test]
+async fn shutdown_cuts_what_outlives_its_grace() {
+    let echo = echo_backend().await;
+    let (a, _ta) = backend("alpha").await;
+    let mut s = settings(vec![route("a", vec![be(a)]), route("ws", vec![be(echo)])]);
+    s.tcp = vec![TcpForwardSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backends: vec![be(echo)],
+        proxy_protocol: ProxyProtocol::Off,
+        balance: Balance::default(),
+        tls: None,
+        access: Default::default(),
+        rate_limit: None,
+        bandwidth: None,
+    }];
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let (at, tcp_at) = (p.http_addrs()[0], p.tcp_addrs()[0]);
+    let mut tcp = TcpStream::connect(tcp_at).await.unwrap();
+    assert_eq!(echoed(&mut tcp, b"ping").await, b"ping");
+    let mut ws = TcpStream::connect(at).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: ws.gw.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(echoed(&mut ws, b"ping").await, b"ping");
+    // 64 MiB with pauses: about 2.6 s, read as it comes.
+    let dl = tokio::spawn(async move {
+        let mut c = TcpStream::connect(at).await.unwrap();
+        c.write_all(b"GET /big/64 HTTP/1.1\r\nHost: a.gw.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    // A reload cuts nothing.
+    p.reload(s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(echoed(&mut tcp, b"ping").await, b"ping");
+    assert_eq!(echoed(&mut ws, b"ping").await, b"ping");
+    assert!(!dl.is_finished(), "the download should still be running");
+    let start = Instant::now();
+    p.shutdown(Duration::from_millis(200)).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(closed(&mut tcp).await, "the TCP forward was cut");
+    assert!(closed(&mut ws).await, "the upgraded connection was cut");
+    let got = tokio::time::timeout(T, dl).await.unwrap().unwrap();
+    assert!(got < 64 * 1024 * 1024, "the download was cut ({got} bytes)");
 }

@@ -141,6 +141,9 @@ pub struct AcmeState {
     /// stay until written or expired, also while a reload drops their host
     /// (wanted again, it is served from here and not ordered again).
     unsaved: RwLock<HashMap<String, (CertPem, u64)>>,
+    /// The proxy stopped ([`AcmeState::stop`]): nothing is ordered any more
+    /// and the manager ends, though connections still open hold the state.
+    stopped: AtomicBool,
 }
 
 /// Whether orders made with `a` and with `b` may end differently: any
@@ -151,6 +154,55 @@ fn orders_differ(a: &AcmeSettings, b: &AcmeSettings) -> bool {
         ..a.clone()
     };
     a != *b
+}
+
+/// A digest of the settings [`orders_differ`] compares (all but
+/// `renew_before`), as 16 hex digits: kept in a host's [`RETRY_FILE`], so
+/// that a restart with other settings orders at once, as a reload does.
+fn settings_digest(cfg: &AcmeSettings) -> String {
+    // Every field named: a field added to the settings is not left out
+    // unseen.
+    let AcmeSettings {
+        directory,
+        contact,
+        state_dir,
+        directory_ca,
+        challenge,
+        renew_before: _,
+        wildcard,
+        dns_listen,
+    } = cfg;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    // Each part with its length first: no two lists of parts read the same.
+    let mut part = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_be_bytes());
+        ctx.update(b);
+    };
+    part(directory.as_bytes());
+    part(&(contact.len() as u64).to_be_bytes());
+    for c in contact {
+        part(c.as_bytes());
+    }
+    part(state_dir.as_os_str().as_encoded_bytes());
+    match directory_ca {
+        Some(ca) => part(ca.as_os_str().as_encoded_bytes()),
+        None => part(b"-"),
+    }
+    part(match challenge {
+        AcmeChallenge::Http01 => b"http-01",
+        AcmeChallenge::TlsAlpn01 => b"tls-alpn-01",
+    });
+    part(&[u8::from(*wildcard)]);
+    part(&(dns_listen.len() as u64).to_be_bytes());
+    for a in dns_listen {
+        part(a.to_string().as_bytes());
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl AcmeState {
@@ -297,10 +349,26 @@ impl AcmeState {
     }
 
     /// Whether the manager still keeps a certificate for `host` (a reload
-    /// may drop it while a round runs).
+    /// may drop it while a round runs; none once the proxy stopped).
     fn wants(&self, host: &str) -> bool {
+        if self.is_stopped() {
+            return false;
+        }
         let wanted = self.wanted.read();
         wanted.0.is_some() && wanted.1.iter().any(|h| h == host)
+    }
+
+    /// The proxy stopped (or was removed from the config): the manager
+    /// orders nothing more (an order in flight is given up before its
+    /// validation) and ends at once, though connections still open hold
+    /// the state; a proxy started later has a manager of its own.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.kick.notify_one();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// Stops serving the certificates of hosts no longer wanted, except one
@@ -636,7 +704,8 @@ const BUNDLE_FILE: &str = "bundle.pem";
 const KEY_FILE: &str = "key.pem";
 const CHAIN_FILE: &str = "fullchain.pem";
 /// In a host's directory while its orders fail: when the next one may run
-/// (Unix seconds) and the last wait (seconds), then the last error.
+/// (Unix seconds), the last wait (seconds), the directory URL and the
+/// [`settings_digest`] the orders failed with, then the last error.
 const RETRY_FILE: &str = "retry";
 
 /// Whether the stored certificate of `host` was issued by another CA than
@@ -650,20 +719,36 @@ fn from_another_directory(cfg: &AcmeSettings, host: &str) -> bool {
 
 /// Replaces `path` with `data` (mode 0600) in one step: after a crash it
 /// holds the old data or the new, and the new is on disk once this returns.
+/// The data goes through a file of its own first (`<name>.<random>.tmp`,
+/// made new): two writers of the same file never write into each other's.
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(data)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?
+        .to_string_lossy();
+    let mut tries = 0;
+    let (tmp, mut file) = loop {
+        let draw = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+        let tmp = path.with_file_name(format!("{name}.{draw:016x}.tmp"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file
+        .write_all(data)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            drop(file);
+            std::fs::rename(&tmp, path)
+        });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -815,7 +900,7 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
         let made_at = serde_json::from_slice::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("directory")?.as_str().map(str::to_string));
-        let aside = match serde_json::from_slice::<AccountCredentials>(&text) {
+        match serde_json::from_slice::<AccountCredentials>(&text) {
             Ok(creds) if made_at.as_deref().is_none_or(|d| d == cfg.directory) => {
                 // A failure here is the CA's directory not answering: the
                 // order fails and is tried again later; the account is kept.
@@ -824,19 +909,24 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
                     .map_err(|e| format!("ACME account at {}: {e}", cfg.directory));
             }
             Ok(_) => {
+                let aside = move_aside(&path)?;
                 info!(
                     previous = made_at.as_deref().unwrap_or("?"),
                     directory = %cfg.directory,
+                    kept_as = %aside.display(),
                     "the stored ACME account is another directory's; creating one"
                 );
-                "account.previous.json"
             }
+            // A file broken by hand, a disk or another program: it may
+            // still hold the only copy of the account's key, so no account
+            // is made over it.
             Err(e) => {
-                warn!(error = %e, "stored ACME account unreadable; creating a new one");
-                "account.unreadable.json"
+                let what = format!("{}: not an account: {e}", path.display());
+                return Err(format!(
+                    "ACME account {what} (fix or remove it; no new account is made)"
+                ));
             }
-        };
-        let _ = std::fs::rename(&path, cfg.state_dir.join(aside));
+        }
     }
     // The new account's key must be kept: the directory is checked first.
     writable_dir(&cfg.state_dir).map_err(|e| format!("ACME state_dir {e}"))?;
@@ -857,6 +947,37 @@ async fn account(cfg: &AcmeSettings) -> Result<Account, String> {
     write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
     info!(directory = %cfg.directory, "ACME account created");
     Ok(acct)
+}
+
+/// Moves the account at `path` (another directory's) aside, beside it as
+/// `account.previous-<Unix seconds>.json` (`-2`, `-3` … added while that
+/// name is taken): no earlier account is written over. Where it went.
+fn move_aside(path: &Path) -> Result<PathBuf, String> {
+    let now = unix_secs();
+    for n in 1..=100u32 {
+        let name = match n {
+            1 => format!("account.previous-{now}.json"),
+            n => format!("account.previous-{now}-{n}.json"),
+        };
+        let to = path.with_file_name(name);
+        match std::fs::symlink_metadata(&to) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("ACME account kept aside: {}: {e}", to.display())),
+        }
+        return match std::fs::rename(path, &to) {
+            Ok(()) => Ok(to),
+            Err(e) => Err(format!(
+                "ACME account {}: not moved aside to {}: {e} (no new account is made)",
+                path.display(),
+                to.display()
+            )),
+        };
+    }
+    Err(format!(
+        "ACME account {}: no free name to move it aside (no new account is made)",
+        path.display()
+    ))
 }
 
 /// Creates `dir` if missing and checks that a file can be written in it.
@@ -1512,9 +1633,15 @@ fn failed(
     let dir = host_dir(cfg, host);
     let stored = std::fs::create_dir_all(&dir)
         .and_then(|()| {
-            // The directory too: another one (staging to production) is
-            // not held back by this one's failures.
-            let text = format!("{at} {} {}\n{e}\n", wait.as_secs(), cfg.directory);
+            // The directory and the other settings too: another directory
+            // (staging to production), another challenge and so on are not
+            // held back by these failures after a restart.
+            let text = format!(
+                "{at} {} {} {}\n{e}\n",
+                wait.as_secs(),
+                cfg.directory,
+                settings_digest(cfg)
+            );
             write_private(&dir.join(RETRY_FILE), text.as_bytes())
         })
         .inspect_err(|err| {
@@ -1538,7 +1665,10 @@ fn failed(
 
 /// Reads the [`RETRY_FILE`] of `host`: when the next order may run (Unix
 /// seconds), the last wait and the last error. A file written for another
-/// directory is removed and read as none.
+/// directory, or with other settings (any [`orders_differ`] compares), is
+/// removed and read as none, as a reload with the same change would have
+/// it. (Files of older versions name no settings, or no directory either:
+/// those they do not name are taken as the same.)
 fn read_retry(cfg: &AcmeSettings, host: &str) -> Option<(u64, Duration, String)> {
     let file = host_dir(cfg, host).join(RETRY_FILE);
     let text = std::fs::read_to_string(&file).ok()?;
@@ -1548,6 +1678,11 @@ fn read_retry(cfg: &AcmeSettings, host: &str) -> Option<(u64, Duration, String)>
     let wait = Duration::from_secs(fields.next()?.parse().ok()?).clamp(RETRY_FIRST, RETRY_MAX);
     if let Some(dir) = fields.next().filter(|d| *d != cfg.directory) {
         info!(host = %host, failed_with = %dir, directory = %cfg.directory, "ACME directory changed since the failed orders: ordering now");
+        let _ = std::fs::remove_file(&file);
+        return None;
+    }
+    if fields.next().is_some_and(|d| d != settings_digest(cfg)) {
+        info!(host = %host, "ACME settings changed since the failed orders: ordering now");
         let _ = std::fs::remove_file(&file);
         return None;
     }
@@ -1783,6 +1918,13 @@ async fn keep(
             }
         }
     }
+    // The proxy may have stopped, or a reload dropped the host, meanwhile.
+    if !state.wants(host) {
+        if let Some(sh) = coord {
+            unlock(sh, host, unlocks).await;
+        }
+        return None;
+    }
     let renewing = state.has_own(host);
     info!(host = %host, renewing, "ordering an ACME certificate");
     let r = issue(state, cfg, host, coord.map(|sh| (sh, session))).await;
@@ -1803,6 +1945,10 @@ async fn keep(
         Ok(_) => {
             clear_retry(cfg, retry_at, host);
             state.failures.write().remove(host);
+            None
+        }
+        Err(_) if state.is_stopped() => {
+            info!(host = %host, "ACME order given up: the proxy stopped");
             None
         }
         Err(_) if !state.wants(host) => {
@@ -1845,6 +1991,9 @@ async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
             load_local(state, &cfg, share.as_deref(), host);
         }
         for host in &hosts {
+            if state.is_stopped() {
+                break;
+            }
             if let Some(wait) = keep(state, &cfg, share.as_deref(), host, rounds).await {
                 next = next.min(wait);
             }
@@ -1864,13 +2013,18 @@ async fn round(state: &AcmeState, rounds: &mut Rounds) -> Duration {
 }
 
 /// Keeps certificates for the wanted hosts: loads stored ones, orders missing
-/// or expiring ones, retries failures with backoff. Ends with the state.
-pub fn spawn_manager(state: &Arc<AcmeState>) {
+/// or expiring ones, retries failures with backoff. Ends with the state, or
+/// once it is stopped ([`AcmeState::stop`]).
+pub fn spawn_manager(state: &Arc<AcmeState>) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(state);
     tokio::spawn(async move {
         let mut rounds = Rounds::default();
         loop {
             let Some(state) = weak.upgrade() else { return };
+            if state.is_stopped() {
+                debug!("ACME manager stopped");
+                return;
+            }
             let next = round(&state, &mut rounds).await;
             let kick = state.kick.clone();
             drop(state);
@@ -1879,7 +2033,7 @@ pub fn spawn_manager(state: &Arc<AcmeState>) {
                 _ = kick.notified() => {}
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]
@@ -2998,13 +3152,187 @@ mod tests {
         assert!(path.is_dir());
         // A state_dir where nothing can be written: no account is made.
         std::fs::remove_dir(&path).unwrap();
-        std::fs::create_dir(dir.join(".write-test.tmp")).unwrap();
+        std::fs::create_dir(dir.join(".write-test")).unwrap();
         let Err(e) = account(&cfg).await else {
             panic!("an account that could not be kept")
         };
         assert!(e.contains("state_dir"), "{e}");
         assert!(!e.contains("127.0.0.1"), "{e}");
         assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_account_file_that_holds_no_account_is_kept() {
+        let dir = tmpdir("account-broken");
+        let mut cfg = cfg_in(&dir);
+        // With the system bundle, an attempt would reach 127.0.0.1:1.
+        cfg.directory_ca = None;
+        let path = dir.join("account.json");
+        for text in [&b"{"[..], b"", b"{\"id\": 7}"] {
+            std::fs::write(&path, text).unwrap();
+            let Err(e) = account(&cfg).await else {
+                panic!("an account from {text:?}")
+            };
+            assert!(
+                e.contains("account.json") && e.contains("no new account"),
+                "{e}"
+            );
+            assert!(!e.contains("127.0.0.1"), "{e}");
+            assert_eq!(std::fs::read(&path).unwrap(), text, "the file as it was");
+            let names: Vec<String> = files_of(&dir).into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names, ["account.json"], "nothing moved aside or made");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn accounts_moved_aside_never_replace_each_other() {
+        let dir = tmpdir("account-aside");
+        let path = dir.join("account.json");
+        std::fs::write(&path, "first").unwrap();
+        let one = move_aside(&path).unwrap();
+        std::fs::write(&path, "second").unwrap();
+        let two = move_aside(&path).unwrap();
+        assert_ne!(one, two);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read_to_string(&one).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(&two).unwrap(), "second");
+        for p in [&one, &two] {
+            let name = p.file_name().unwrap().to_string_lossy();
+            assert!(name.starts_with("account.previous-"), "{name}");
+        }
+        // A move that fails is an error naming the file.
+        let e = move_aside(&dir.join("gone").join("account.json")).unwrap_err();
+        assert!(
+            e.contains("account.json") && e.contains("no new account"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_same_file_written_at_once_by_two_writers_is_never_mixed() {
+        let dir = tmpdir("writers");
+        let path = dir.join("bundle.pem");
+        let (a, b) = (vec![b'a'; 1 << 20], vec![b'b'; 1 << 16]);
+        std::thread::scope(|s| {
+            for data in [&a, &b] {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        write_private(path, data).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        assert!(got == a || got == b, "{} bytes, mixed", got.len());
+        let names: Vec<String> = files_of(&dir).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["bundle.pem"], "no temporary file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The `retry` file names the settings the orders failed with: a
+    /// restart with others (any but `renew_before`) orders at once, as a
+    /// reload with the same change does.
+    #[test]
+    fn a_restart_with_other_acme_settings_ends_the_wait() {
+        let dir = tmpdir("retry-settings");
+        let cfg = cfg_in(&dir);
+        let host = "shop.gw.test";
+        let hosts = || vec![host.to_string()];
+        let file = host_dir(&cfg, host).join(RETRY_FILE);
+        let mut later = cfg.clone();
+        later.renew_before = Duration::from_secs(10 * 86_400);
+        let others = [
+            AcmeSettings {
+                challenge: AcmeChallenge::TlsAlpn01,
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                wildcard: true,
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                dns_listen: vec!["127.0.0.1:53".parse().unwrap()],
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                directory_ca: Some(dir.join("other-ca.pem")),
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                directory_ca: None,
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                contact: vec!["mailto:ops@gw.test".into()],
+                ..cfg.clone()
+            },
+        ];
+        for other in &others {
+            assert!(orders_differ(&cfg, other), "{other:?}");
+            failed(&AcmeState::default(), &cfg, &mut Retries::new(), host, "x");
+            assert!(file.exists());
+            // The restart: a fresh state, whose first `set_wanted` it is.
+            let st = AcmeState::default();
+            st.set_wanted(Some(other.clone()), hosts(), Vec::new());
+            let mut r = Retries::new();
+            assert_eq!(retry_left(&st, other, &mut r, host), None, "{other:?}");
+            assert!(!file.exists(), "{other:?}");
+            assert!(!r.contains_key(host));
+        }
+        // Only `renew_before` changed: the wait holds.
+        failed(&AcmeState::default(), &cfg, &mut Retries::new(), host, "x");
+        let st = AcmeState::default();
+        st.set_wanted(Some(later.clone()), hosts(), Vec::new());
+        assert!(retry_left(&st, &later, &mut Retries::new(), host).is_some());
+        assert!(file.exists());
+        // A file of an older version, which names no settings: read as
+        // before (its directory still counts).
+        let at = unix_secs() + 600;
+        std::fs::write(&file, format!("{at} 120 {}\nold\n", cfg.directory)).unwrap();
+        let st = AcmeState::default();
+        let mut r = Retries::new();
+        assert!(retry_left(&st, &others[0], &mut r, host).is_some());
+        assert_eq!(
+            st.failures.read().get(host).map(|(e, _)| e.as_str()),
+            Some("old")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stopped state's manager ends though the state lives on (the proxy's
+    /// connections still hold it), and orders nothing more.
+    #[tokio::test]
+    async fn a_stopped_manager_ends_and_orders_nothing_more() {
+        let dir = tmpdir("stopped");
+        let (port, orders) = counting_ca().await;
+        let orders = move || orders.load(std::sync::atomic::Ordering::SeqCst);
+        let cfg = cfg_at(&dir, port);
+        let host = "shop.gw.test";
+        let st = Arc::new(AcmeState::default());
+        st.set_wanted(Some(cfg.clone()), vec![host.to_string()], Vec::new());
+        let manager = spawn_manager(&st);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while orders() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first order");
+        st.stop();
+        tokio::time::timeout(Duration::from_secs(5), manager)
+            .await
+            .expect("the manager ends once stopped")
+            .unwrap();
+        // A change that would order at once (its wait gone) orders nothing.
+        let mut other = cfg.clone();
+        other.contact = vec!["mailto:ops@gw.test".into()];
+        st.set_wanted(Some(other), vec![host.to_string()], Vec::new());
+        round(&st, &mut Rounds::default()).await;
+        assert_eq!(orders(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -2366,11 +2366,13 @@ async fn forward(
             // The splice keeps the connection's place, busy: it is not
             // closed to make room.
             let h = (hold.take(), conn.slot.clone(), conn.slot.busy());
+            // Cut with the client connection's other holders when the
+            // proxy's drain is over.
+            let cut = conn.slot.cut();
             let queue = conn.queue;
             // (An HTTP/1.1 connection's: no stream's.)
             let stall = Arc::clone(&conn.stall);
-            tokio::spawn(async move {
-                let _h = h;
+            let relay = async move {
                 match tokio::try_join!(cu, bu) {
                     Ok((cio, bio)) => {
                         let (cio, bio) = (TokioIo::new(cio), TokioIo::new(bio));
@@ -2383,6 +2385,13 @@ async fn forward(
                         debug!(result = ?r, "upgraded connection ended");
                     }
                     Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            };
+            tokio::spawn(async move {
+                let _h = h;
+                tokio::select! {
+                    () = relay => {}
+                    () = cut => debug!("upgraded connection cut: the proxy's drain is over"),
                 }
             });
         }

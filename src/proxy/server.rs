@@ -9,8 +9,9 @@
 //! hub's config reload): [`Proxy::prepare`] and [`Proxy::prepare_reload`] do
 //! everything that can fail, without effect on what runs, and
 //! [`PreparedProxy::start`] and [`PreparedReload::commit`] cannot fail.
-//! [`Proxy::shutdown`] stops accepting and drains; dropping the [`Proxy`] stops
-//! accepting at once.
+//! [`Proxy::shutdown`] stops accepting, drains, and cuts the connections still
+//! open at the end of its grace period; dropping the [`Proxy`] stops accepting
+//! at once. Either stops the ACME manager.
 
 use crate::proxy::access::Access;
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
@@ -1394,10 +1395,14 @@ impl PreparedReload {
 }
 
 impl Proxy {
-    /// Stops accepting, asks HTTP connections to finish, and waits up to `grace`
-    /// for open connections to end.
+    /// Stops accepting and ordering certificates, asks HTTP connections to
+    /// finish, waits up to `grace` for open connections to end, then cuts
+    /// those still open (downloads, WebSockets and other upgraded
+    /// connections, TLS passthrough, TCP forwards, connections sent to
+    /// another hub). Tunnels carried over TLS are the hub's: not cut.
     pub async fn shutdown(self, grace: Duration) {
         let rt = self.rt.clone();
+        rt.acme.stop();
         let ls: Vec<Listening> = rt.listeners.lock().drain(..).collect();
         for l in &ls {
             let _ = l.stop.send(true);
@@ -1412,11 +1417,22 @@ impl Proxy {
             }
         })
         .await;
+        let left = rt.conns.open();
+        if left > 0 {
+            info!(
+                connections = left,
+                "proxy drain over; cutting the connections still open"
+            );
+        }
+        rt.conns.cut_all();
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // The connections still open hold the ACME state: its manager
+        // would go on ordering for a proxy that is gone.
+        self.rt.acme.stop();
         for l in self.rt.listeners.lock().drain(..) {
             let _ = l.stop.send(true);
             l.task.abort();
@@ -1491,6 +1507,7 @@ async fn accept_loop(
         }
         let eviction = Arc::clone(&slot.eviction);
         let _ = sock.set_nodelay(true);
+        let cut = slot.cut();
         let retired = shared.retired.subscribe();
         let span = info_span!("conn", client = %peer);
         let fut = async move {
@@ -1640,10 +1657,13 @@ async fn accept_loop(
                 Kind::Udp | Kind::DnsUdp | Kind::DnsTcp => {}
             }
         };
+        // Whatever the connection is doing when the proxy's drain is over
+        // (see `Proxy::shutdown`) ends there: its sockets are closed.
         let fut = async move {
             tokio::select! {
                 () = fut => {}
                 () = eviction.cut() => debug!("closed to make room for a new connection"),
+                () = cut => debug!("connection cut: the proxy's drain is over"),
             }
         };
         tokio::spawn(fut.instrument(span));
@@ -1659,10 +1679,13 @@ async fn accept_loop(
 /// count, not a semaphore: a reload that lowers the limit takes effect at
 /// once (until the open ones are under it, a new connection takes an idle
 /// one's place or is refused; no busy one is cut), and the drain on
-/// shutdown waits for the connections really open.
+/// shutdown waits for the connections really open, then cuts those left
+/// ([`ConnSlot::cut`]).
 pub(crate) struct ConnCount {
     max: AtomicUsize,
     table: Mutex<ConnTable>,
+    /// Set once the proxy's drain is over: whatever holds a slot ends.
+    cut: watch::Sender<bool>,
 }
 
 /// The open connections, and since when the idle ones are idle [pure].
@@ -1792,7 +1815,8 @@ impl Eviction {
 
 /// One open client connection's place in [`ConnCount`], given back when the
 /// last holder drops it: the connection's task, and an upgraded connection's
-/// splice (a WebSocket outlives the HTTP connection that started it).
+/// splice (a WebSocket outlives the HTTP connection that started it). Both
+/// end when the proxy's drain is over ([`ConnSlot::cut`]).
 pub struct ConnSlot {
     count: Arc<ConnCount>,
     id: u64,
@@ -1842,7 +1866,13 @@ impl ConnCount {
         ConnCount {
             max: AtomicUsize::new(max),
             table: Mutex::new(ConnTable::default()),
+            cut: watch::channel(false).0,
         }
+    }
+
+    /// Ends the drain: every holder of a slot, now and later, is cut.
+    fn cut_all(&self) {
+        self.cut.send_replace(true);
     }
 
     fn set_max(&self, max: usize) {
@@ -1874,6 +1904,20 @@ impl ConnCount {
             _source: source,
         });
         Some((slot, evicted.is_some()))
+    }
+}
+
+impl ConnSlot {
+    /// Completes once the proxy's drain is over (at once if it is): the
+    /// holder of the slot stops what it does and lets its sockets go.
+    pub(crate) fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.count.cut.subscribe();
+        async move {
+            if rx.wait_for(|cut| *cut).await.is_err() {
+                // The count goes with its last slot: no drain to end.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -2580,12 +2624,16 @@ async fn serve_tls(
             // Long-lived: hold no generation of the routes meanwhile, nor
             // the listener's connection slot (as a WebSocket tunnel does
             // not): the carrier's own limits bound these, and the hub
-            // closes them when it stops, so the drain need not wait.
+            // closes them when it stops, so the drain need not wait, nor
+            // cut them (a task of its own, which the connection's cut does
+            // not reach).
             let hub = shared.carrier.clone();
             drop(shared);
             drop(slot);
             if let Some(hub) = hub {
-                hub.serve(Prefixed::new(bytes, sock), peer, left()).await;
+                let wait = left();
+                let io = Prefixed::new(bytes, sock);
+                tokio::spawn(async move { hub.serve(io, peer, wait).await }.in_current_span());
             }
             return;
         }
