@@ -1078,6 +1078,7 @@ async fn run_inner(
         .collect();
     // `[[service]]` forwarders and their declaration to hubs with `control`.
     let mut services = crate::control::services::Services::start(&cfg, dev.inner.clone());
+    api.set_show_section("service_forwarders", Arc::new(services.show()));
     info!(
         interface = %cfg.interface,
         public_key = %cfg.private_key.public_key(),

@@ -214,6 +214,10 @@ check "the config lists the hub's own overlay addresses" grep -q "^addresses = \
 check "the hub reaches n1's forwarder" eval '[ "$(lab_exec hub curl -sS --max-time 5 "http://$N1OV:8080/")" = n1 ]'
 check "n2 does not reach n1's loopback service through the forwarder" \
     not lab_exec n2 curl -sS --max-time 5 "http://$N1OV:8080/"
+fwd=$(gw_show_json n1 gwn0 | jq -c ".interfaces[0].service_forwarders[] | select(.listen == \"$N1OV:8080\")")
+echo "n1's forwarder: $fwd"
+check "n1's show counts the forwarder's connections and n2's refused one" \
+    eval 'jq -e ".service == \"blog\" and .protocol == \"tcp\" and .local == \"127.0.0.1:8080\" and .connections >= 1 and .errors.denied >= 1 and .bytes_out > 0" <<<"$fwd" >/dev/null'
 # Client address rules declared by the node reach the hub's route.
 must "n2's private service is active" wait_for 15 grep -q 'service active.*service=name:private' "$(lab_logfile n2)"
 check "the private route carries n2's deny rule (canonical form)" \

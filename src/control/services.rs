@@ -15,6 +15,7 @@
 use crate::config::{NodeConfig, NodeHub, NodeService, ServiceHost, ServiceProtocol, ServiceTls};
 use crate::keys::PublicKey;
 use crate::proxy::io::Activity;
+use crate::proxy::stats::{Counters, ErrorKind};
 use crate::wg::device::Inner;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -436,9 +437,12 @@ impl Admit {
     }
 }
 
-fn admitted(p: &ForwardPlan, from: SocketAddr) -> bool {
+/// Whether the forwarder takes `from`; a refused source is counted
+/// (`denied`).
+fn admitted(p: &ForwardPlan, from: SocketAddr, counters: &Counters) -> bool {
     let ok = p.admit.as_ref().is_none_or(|a| a.admits(from.ip()));
     if !ok {
+        counters.error(ErrorKind::Denied);
         debug!(service = %p.service, %from, "forwarder refuses a source that is not a hub");
     }
     ok
@@ -526,7 +530,7 @@ async fn bind_retrying(p: &ForwardPlan) -> socket2::Socket {
     }
 }
 
-async fn tcp_forwarder(p: ForwardPlan) {
+async fn tcp_forwarder(p: ForwardPlan, counters: Arc<Counters>) {
     let s = bind_retrying(&p).await;
     let l = match TcpListener::from_std(s.into()) {
         Ok(l) => l,
@@ -536,7 +540,6 @@ async fn tcp_forwarder(p: ForwardPlan) {
         }
     };
     let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let counters = Arc::new(crate::proxy::stats::Counters::default());
     loop {
         let (client, from) = match l.accept().await {
             Ok(x) => x,
@@ -546,13 +549,15 @@ async fn tcp_forwarder(p: ForwardPlan) {
                 continue;
             }
         };
-        if !admitted(&p, from) {
+        if !admitted(&p, from, &counters) {
             continue;
         }
         let Ok(permit) = sem.clone().try_acquire_owned() else {
+            counters.error(ErrorKind::OverCapacity);
             debug!(listen = %p.listen, "forwarder at its connection limit");
             continue;
         };
+        counters.connection();
         let (target, service, counters) = (p.target, p.service.clone(), counters.clone());
         tokio::spawn(async move {
             let _permit = permit;
@@ -561,10 +566,12 @@ async fn tcp_forwarder(p: ForwardPlan) {
             {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
+                    counters.error(ErrorKind::BackendRefused);
                     debug!(service, %from, %target, error = %e, "forwarder cannot reach the service");
                     return;
                 }
                 Err(_) => {
+                    counters.error(ErrorKind::BackendTimeout);
                     debug!(service, %from, %target, "forwarder connect timed out");
                     return;
                 }
@@ -599,6 +606,7 @@ async fn new_flow(
     listen: Arc<UdpSocket>,
     target: SocketAddr,
     client: SocketAddr,
+    counters: Arc<Counters>,
 ) -> std::io::Result<Flow> {
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
@@ -617,7 +625,10 @@ async fn new_flow(
                 Ok(n) => {
                     let Some(d) = buf.get(..n) else { continue };
                     a2.touch();
-                    let _ = listen.send_to(d, client).await;
+                    counters.add_out(n as u64);
+                    if listen.send_to(d, client).await.is_err() {
+                        counters.error(ErrorKind::ClientAborted);
+                    }
                 }
                 // ECONNREFUSED (nothing listens on `local`) ends the flow.
                 Err(_) => return,
@@ -631,7 +642,7 @@ async fn new_flow(
     })
 }
 
-async fn udp_forwarder(p: ForwardPlan) {
+async fn udp_forwarder(p: ForwardPlan, counters: Arc<Counters>) {
     let s = bind_retrying(&p).await;
     let listen = match UdpSocket::from_std(s.into()) {
         Ok(l) => Arc::new(l),
@@ -648,17 +659,23 @@ async fn udp_forwarder(p: ForwardPlan) {
             r = listen.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { continue };
                 let Some(data) = buf.get(..n) else { continue };
-                if !flows.contains_key(&client) && !admitted(&p, client) {
+                if !flows.contains_key(&client) && !admitted(&p, client, &counters) {
                     continue;
                 }
                 if flows.get(&client).is_none_or(|f| f.task.is_finished()) {
                     flows.remove(&client);
+                    let before = flows.len();
                     crate::proxy::io::make_room(&mut flows, MAX_UDP_FLOWS, |f| &f.activity);
-                    match new_flow(listen.clone(), p.target, client).await {
+                    for _ in flows.len()..before {
+                        counters.error(ErrorKind::Evicted);
+                    }
+                    match new_flow(listen.clone(), p.target, client, counters.clone()).await {
                         Ok(f) => {
+                            counters.request();
                             flows.insert(client, f);
                         }
                         Err(e) => {
+                            counters.error(ErrorKind::BackendRefused);
                             debug!(service = %p.service, target = %p.target, error = %e, "udp flow");
                             continue;
                         }
@@ -666,7 +683,12 @@ async fn udp_forwarder(p: ForwardPlan) {
                 }
                 if let Some(f) = flows.get(&client) {
                     f.activity.touch();
-                    let _ = f.sock.send(data).await;
+                    counters.add_in(n as u64);
+                    if f.sock.send(data).await.is_err() {
+                        // (The service refused it: the flow ends, and the
+                        // next datagram opens a new one.)
+                        counters.error(ErrorKind::BackendRefused);
+                    }
                 }
             }
             _ = sweep.tick() => {
@@ -682,8 +704,9 @@ async fn udp_forwarder(p: ForwardPlan) {
 pub struct Services {
     /// Registration tasks, one per hub with `control`.
     tasks: Vec<JoinHandle<()>>,
-    /// Running forwarders by plan; [`Services::replace`] diffs against it.
-    forwarders: Vec<(ForwardPlan, JoinHandle<()>)>,
+    /// Running forwarders; [`Services::replace`] diffs against their plans.
+    /// Shared with `gatewire show` ([`Services::show`]).
+    forwarders: Arc<parking_lot::Mutex<Vec<Forwarder>>>,
     overlay: Vec<IpNet>,
     admit: Option<Arc<Admit>>,
     /// Replacing the list re-declares it to every hub at once.
@@ -695,17 +718,56 @@ impl Drop for Services {
         for t in &self.tasks {
             t.abort();
         }
-        for (_, t) in &self.forwarders {
-            t.abort();
-        }
+        self.forwarders.lock().clear();
     }
 }
 
-fn spawn_forwarder(p: ForwardPlan) -> JoinHandle<()> {
-    if p.udp {
-        tokio::spawn(udp_forwarder(p))
-    } else {
-        tokio::spawn(tcp_forwarder(p))
+/// A running forwarder: its plan, its task (aborted when dropped) and what
+/// it counted.
+struct Forwarder {
+    plan: ForwardPlan,
+    task: JoinHandle<()>,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Forwarder {
+    fn spawn(p: ForwardPlan) -> Forwarder {
+        let counters = Arc::new(Counters::default());
+        let task = if p.udp {
+            tokio::spawn(udp_forwarder(p.clone(), counters.clone()))
+        } else {
+            tokio::spawn(tcp_forwarder(p.clone(), counters.clone()))
+        };
+        Forwarder {
+            plan: p,
+            task,
+            counters,
+        }
+    }
+
+    /// As `gatewire show` prints it: where it listens, where it forwards to,
+    /// and its counters (TCP connections, UDP flows as `requests`, bytes,
+    /// errors: `denied` sources that are not hubs, `over_capacity`,
+    /// `backend_refused` and `backend_timeout` for a service that does not
+    /// answer, `evicted` UDP flows).
+    fn show(&self) -> serde_json::Value {
+        let mut v = self.counters.show();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("service".into(), self.plan.service.clone().into());
+            o.insert(
+                "protocol".into(),
+                if self.plan.udp { "udp" } else { "tcp" }.into(),
+            );
+            o.insert("listen".into(), self.plan.listen.to_string().into());
+            o.insert("local".into(), self.plan.target.to_string().into());
+        }
+        v
     }
 }
 
@@ -725,9 +787,9 @@ impl Services {
     /// per hub with `control`.
     pub fn start(cfg: &NodeConfig, dev: Arc<Inner>) -> Services {
         let admit = Admit::of(cfg);
-        let forwarders: Vec<_> = plan(&cfg.services, &cfg.addresses, admit.as_ref())
+        let forwarders: Vec<Forwarder> = plan(&cfg.services, &cfg.addresses, admit.as_ref())
             .into_iter()
-            .map(|p| (p.clone(), spawn_forwarder(p)))
+            .map(Forwarder::spawn)
             .collect();
         let (list, rx) = watch::channel(cfg.services.clone());
         let dead_after_ms = u64::from(cfg.dead_after) * 1000;
@@ -758,11 +820,18 @@ impl Services {
         }
         Services {
             tasks,
-            forwarders,
+            forwarders: Arc::new(parking_lot::Mutex::new(forwarders)),
             overlay: cfg.addresses.clone(),
             admit,
             list,
         }
+    }
+
+    /// The forwarders and their counters, for `gatewire show`
+    /// (`service_forwarders`); follows [`Services::replace`].
+    pub fn show(&self) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
+        let f = Arc::clone(&self.forwarders);
+        move || serde_json::Value::Array(f.lock().iter().map(Forwarder::show).collect())
     }
 
     /// The declared set now.
@@ -778,21 +847,20 @@ impl Services {
             return;
         }
         let new_plan = plan(&services, &self.overlay, self.admit.as_ref());
-        let old: Vec<ForwardPlan> = self.forwarders.iter().map(|(p, _)| p.clone()).collect();
+        let mut running = self.forwarders.lock();
+        let old: Vec<ForwardPlan> = running.iter().map(|f| f.plan.clone()).collect();
         let (stop, start) = forwarder_diff(&old, &new_plan);
         let mut kept = Vec::new();
-        for (i, (p, t)) in std::mem::take(&mut self.forwarders).into_iter().enumerate() {
+        for (i, f) in std::mem::take(&mut *running).into_iter().enumerate() {
             if stop.contains(&i) {
-                info!(service = %p.service, listen = %p.listen, "service forwarder stopped");
-                t.abort();
+                info!(service = %f.plan.service, listen = %f.plan.listen, "service forwarder stopped");
             } else {
-                kept.push((p, t));
+                kept.push(f);
             }
         }
-        for p in start {
-            kept.push((p.clone(), spawn_forwarder(p)));
-        }
-        self.forwarders = kept;
+        kept.extend(start.into_iter().map(Forwarder::spawn));
+        *running = kept;
+        drop(running);
         info!(
             services = services.len(),
             "service set changed; declaring it again"
@@ -1134,13 +1202,17 @@ mod tests {
             overlay: vec!["127.0.0.0/8".parse().unwrap()],
             hubs: vec!["127.0.0.1".parse().unwrap()],
         }));
-        let t = tokio::spawn(tcp_forwarder(ForwardPlan {
-            listen,
-            target,
-            udp: false,
-            service: "t".into(),
-            admit: admit.clone(),
-        }));
+        let tc = Arc::new(Counters::default());
+        let t = tokio::spawn(tcp_forwarder(
+            ForwardPlan {
+                listen,
+                target,
+                udp: false,
+                service: "t".into(),
+                admit: admit.clone(),
+            },
+            tc.clone(),
+        ));
         // Another node is accepted and closed at once, never forwarded.
         let mut other = loop {
             let s = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1166,6 +1238,18 @@ mod tests {
         let mut b = [0u8; 5];
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"hello");
+        // The other node's connection was counted as refused, this one as
+        // taken; the echo server is gone, so the next one finds nothing.
+        assert_eq!(tc.errors_of(ErrorKind::Denied), 1);
+        let mut c2 = TcpStream::connect(listen).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), c2.read(&mut b))
+            .await
+            .unwrap();
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        assert_eq!(tc.errors_of(ErrorKind::BackendRefused), 1);
+        let shown = tc.show();
+        assert_eq!(shown["connections"], 2, "{shown}");
+        assert_eq!(shown["errors"]["denied"], 1, "{shown}");
         t.abort();
 
         let uecho = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -1180,13 +1264,17 @@ mod tests {
         let probe = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
         let ulisten = probe.local_addr().unwrap();
         drop(probe);
-        let u = tokio::spawn(udp_forwarder(ForwardPlan {
-            listen: ulisten,
-            target: utarget,
-            udp: true,
-            service: "u".into(),
-            admit,
-        }));
+        let uc = Arc::new(Counters::default());
+        let u = tokio::spawn(udp_forwarder(
+            ForwardPlan {
+                listen: ulisten,
+                target: utarget,
+                udp: true,
+                service: "u".into(),
+                admit,
+            },
+            uc.clone(),
+        ));
         let other = UdpSocket::bind("127.0.0.5:0").await.unwrap();
         let mut got = [0u8; 100];
         for _ in 0..5 {
@@ -1211,6 +1299,11 @@ mod tests {
             }
         }
         assert!(ok, "no UDP echo through the forwarder");
+        // Five datagrams of the other node refused, one flow for the hub's.
+        assert_eq!(uc.errors_of(ErrorKind::Denied), 5);
+        let shown = uc.show();
+        assert_eq!(shown["requests"], 1, "{shown}");
+        assert!(shown["bytes_out"].as_u64().unwrap() >= 4, "{shown}");
         u.abort();
     }
 }

@@ -194,11 +194,45 @@ pub struct RawRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_size: Option<String>,
     /// Headers set on requests to the backends (`""` removes one).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub request_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "HeaderTable::is_empty")]
+    pub request_headers: HeaderTable,
     /// Headers set on responses to clients (`""` removes one).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub response_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "HeaderTable::is_empty")]
+    pub response_headers: HeaderTable,
+}
+
+/// A `request_headers` or `response_headers` table as written: header names
+/// and values. The values may be credentials for a backend (an
+/// `Authorization` the route adds), so `Debug` shows the names only.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct HeaderTable(pub BTreeMap<String, String>);
+
+impl HeaderTable {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for HeaderTable {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for HeaderTable {
+    fn from(a: [(String, String); N]) -> Self {
+        HeaderTable(a.into())
+    }
+}
+
+impl fmt::Debug for HeaderTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<value hidden>")))
+            .finish()
+    }
 }
 
 /// A `[[route.paths]]` entry.
@@ -1736,13 +1770,13 @@ pub(crate) fn validate(
         let request_headers = header_edits(
             &who,
             "request_headers",
-            std::mem::take(&mut r.request_headers),
+            std::mem::take(&mut r.request_headers).0,
             true,
         )?;
         let response_headers = header_edits(
             &who,
             "response_headers",
-            std::mem::take(&mut r.response_headers),
+            std::mem::take(&mut r.response_headers).0,
             false,
         )?;
         let mut bal = balance(&who, raw_bal!(r), false)?;
@@ -2190,6 +2224,20 @@ mod toml_tests {
         assert_eq!(rh[1].0.as_str(), "strict-transport-security");
         assert_eq!(rh[1].1.as_ref().unwrap(), "max-age=63072000");
         assert_eq!(p.routes[0].request_headers[0].0.as_str(), "x-env");
+        // The values may be credentials: not in `Debug`, raw or parsed.
+        let raw =
+            super::HeaderTable::from([("Authorization".to_string(), "Bearer s3cret".to_string())]);
+        let shown = format!("{raw:?}");
+        assert!(
+            shown.contains("Authorization") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        let c = r("request_headers = { Authorization = \"Bearer s3cret\" }\n").unwrap();
+        let shown = format!("{:?}", c.proxy.unwrap().routes[0]);
+        assert!(
+            shown.contains("authorization") && !shown.contains("s3cret"),
+            "{shown}"
+        );
         assert!(!format!("{:?}", p.routes[0]).contains("prod"));
         // Surrounding blanks are not part of a value; blanks alone remove.
         let c = r("response_headers = { A = \" max-age=1 \", B = \"  \" }\n").unwrap();

@@ -223,6 +223,20 @@ impl Counters {
         self.errors.get(kind.index()).map_or(0, |c| c.load(Relaxed))
     }
 
+    /// The counters as `gatewire show` prints them: `requests` (UDP:
+    /// flows), `connections`, `bytes_in`, `bytes_out`, and `errors` by kind
+    /// (only non-zero kinds).
+    pub fn show(&self) -> serde_json::Value {
+        let (requests, connections, bytes_in, bytes_out, errors) = self.snapshot();
+        serde_json::json!({
+            "requests": requests,
+            "connections": connections,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "errors": errors,
+        })
+    }
+
     fn snapshot(&self) -> (u64, u64, u64, u64, BTreeMap<&'static str, u64>) {
         let errors = ErrorKind::ALL
             .iter()
