@@ -285,6 +285,10 @@ GW_CONF=$confA gw_start_hub hub
 GW_CONF=$confB gw_start_hub hub2
 must "hub A and hub B know each other again" wait_for 20 eval "knows hub hub-b 2 && knows hub2 hub-a 1"
 check "hub A seals its headers" eval "mesh_json hub | jq -e '.sealed == true' >/dev/null"
+# A client that connects to hub A's :443 and says nothing: with a secret the
+# hub first waits for a sealed header, and the silence is still counted as
+# any TLS listener counts it (handshake_timeout, 10 s); checked below.
+lab_bg pub silent python3 -c "import socket, time; s = socket.create_connection(('$HUB4', 443)); time.sleep(14)"
 alpha_via_b() { pcurl --resolve "$ALPHA:80:$HUB2_4" "http://$ALPHA/$1" 2>/dev/null | grep -q "$MARK1 path=/$1 xff=$PUB4 "; }
 check "alpha through hub B, sealed, with the real client" wait_for 20 alpha_via_b sealed
 # sealed.py KEYFILE TO CLIENT HUB HOST N [VERSION] : N requests to HUB from
@@ -346,6 +350,12 @@ sleep 0.5 # (the access log is written by a task of its own)
 check "hub A's access log has the sealed client, never those the refused seals claimed" \
     jq -e -s 'any(.client == "198.51.100.42:5555") and all(.client | test("^198\\.51\\.100\\.4[345]:") | not)' \
     "$GW_TMP/access-hub.log"
+
+listener_timeouts() {
+    gw_show_json hub gw0 | jq -r '.interfaces[0].proxy.routes[] | select(.route == "listener") | .errors.handshake_timeout // 0'
+}
+check "the silent client on hub A's :443 is counted (handshake_timeout)" \
+    wait_for 15 eval '[ "$(listener_timeouts)" -ge 1 ]'
 
 # --- hub B cut off from etcd: hub A forgets it, yet takes its sealed connections
 lab_exec hub2 nft -f - <<EOF

@@ -1542,8 +1542,9 @@ async fn accept_loop(
             };
             let until = tokio::time::Instant::now() + first_wait;
             let left = move || until.saturating_duration_since(tokio::time::Instant::now());
+            let silent = matches!(kind, Kind::Https).then_some(&*shared.listener);
             if sealed && !expect {
-                match starts_with_proxy_v2(&sock, left()).await {
+                match starts_with_proxy_v2(&sock, left(), silent).await {
                     Some(true) => (hub_next, expect) = (true, true),
                     Some(false) => {}
                     None => return,
@@ -1592,7 +1593,7 @@ async fn accept_loop(
                 }
                 let another = trusts(client.ip())
                     || (sealed
-                        && match starts_with_proxy_v2(&sock, left()).await {
+                        && match starts_with_proxy_v2(&sock, left(), silent).await {
                             Some(b) => b,
                             None => return,
                         });
@@ -1930,11 +1931,24 @@ type ProxyHeader = (Option<(SocketAddr, SocketAddr)>, Vec<u8>);
 /// Whether the connection starts with what may be a PROXY v2 header (its
 /// first byte, `\r`: no HTTP request or TLS record starts so), waiting for a
 /// first byte at most `deadline`; `None` when none came (closed, or silent).
-async fn starts_with_proxy_v2(sock: &TcpStream, deadline: Duration) -> Option<bool> {
+/// A silent client is counted on `silent` as a TLS listener counts one that
+/// sends no ClientHello (`handshake_timeout`); the HTTP listener counts none
+/// (`None`), as it counts no connection that never sent a byte.
+async fn starts_with_proxy_v2(
+    sock: &TcpStream,
+    deadline: Duration,
+    silent: Option<&Counters>,
+) -> Option<bool> {
     let mut b = [0u8; 1];
     match tokio::time::timeout(deadline, sock.peek(&mut b)).await {
         Ok(Ok(1)) => Some(b[0] == 0x0D),
-        _ => None,
+        Ok(_) => None,
+        Err(_) => {
+            if let Some(c) = silent {
+                c.error(ErrorKind::HandshakeTimeout);
+            }
+            None
+        }
     }
 }
 
