@@ -1711,6 +1711,11 @@ mod tests {
         assert_eq!(c.hubs[0].tls_endpoint, "[2001:db8::7]:443");
         let w = c.hubs[0].websocket.as_ref().unwrap();
         assert_eq!(w.path, "/wg?t=s3cret");
+        assert!(!w.query_in_clear(), "wss:// encrypts the query");
+        let clear = node("websocket = \"ws://edge/wg?t=s3cret\"\n").unwrap();
+        assert!(clear.hubs[0].websocket.as_ref().unwrap().query_in_clear());
+        let plain = node("websocket = \"ws://edge/wg\"\n").unwrap();
+        assert!(!plain.hubs[0].websocket.as_ref().unwrap().query_in_clear());
         // The query (a token, maybe) stays out of what is shown and logged.
         assert_eq!(w.url, "wss://[2001:db8::7]/wg?…");
         assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");

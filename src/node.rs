@@ -1054,6 +1054,16 @@ async fn run_inner(
     });
     let api = ApiServer::start(dev.inner.clone()).await?;
     let paths: Vec<Arc<HubPath>> = cfg.hubs.iter().map(HubPath::new).collect();
+    for h in cfg.hubs.iter().filter(|h| {
+        h.websocket
+            .as_ref()
+            .is_some_and(carrier::WsTarget::query_in_clear)
+    }) {
+        warn!(
+            hub = %hub_name(h),
+            "the websocket URL's query (an intermediary's token?) goes in clear over ws://: use wss://"
+        );
+    }
     let shown = paths.clone();
     api.set_show_section(
         "hub_paths",

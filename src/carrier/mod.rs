@@ -1137,6 +1137,15 @@ pub struct WsTarget {
     pub url: String,
 }
 
+impl WsTarget {
+    /// A `ws://` URL with a query: what the query holds (an intermediary's
+    /// token, as a rule) crosses the network unencrypted, in the WebSocket
+    /// upgrade request.
+    pub fn query_in_clear(&self) -> bool {
+        !self.tls && self.path.contains('?')
+    }
+}
+
 impl std::fmt::Debug for WsTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WsTarget")
