@@ -1578,15 +1578,7 @@ impl Inner {
     /// and then.
     fn stale_initiation(&self, peer: &Peer, from: SocketAddr) {
         peer.stale_timestamp.fetch_add(1, Ordering::Relaxed);
-        let now = self.now_ms();
-        let stored = peer.stale_warned_ms.load(Ordering::Relaxed);
-        // Both receive loops (IPv4, IPv6) may get here at once: one logs.
-        if stamp::warn_due(stored.checked_sub(1), now)
-            && peer
-                .stale_warned_ms
-                .compare_exchange(stored, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if stamp::claim_warning(&peer.stale_warned_ms, self.now_ms()) {
             warn!(peer = %peer.public_key, name = peer.name().as_deref().unwrap_or(""), from = %from,
                 "handshake initiation older than the last one accepted: is the peer's clock behind?");
         }
@@ -2277,15 +2269,7 @@ impl Inner {
     /// Says, once a minute at most, that handshakes were dropped for the
     /// device's budget.
     fn budget_spent(&self) {
-        let now = self.now_ms();
-        let stored = self.budget_warned_ms.load(Ordering::Relaxed);
-        // Both receive loops (IPv4, IPv6) may get here at once: one logs.
-        if stamp::warn_due(stored.checked_sub(1), now)
-            && self
-                .budget_warned_ms
-                .compare_exchange(stored, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if stamp::claim_warning(&self.budget_warned_ms, self.now_ms()) {
             warn!(
                 per_second = handshake_limit::DEVICE_PER_SECOND,
                 "handshakes carrying a cookie past the device's budget: dropped (handshake_rate_limited) to keep the data of established sessions flowing; nodes retry"

@@ -79,6 +79,18 @@ pub fn warn_due(last_ms: Option<u64>, now_ms: u64) -> bool {
     last_ms.is_none_or(|l| now_ms.saturating_sub(l) >= WARN_EVERY_MS)
 }
 
+/// Whether the caller logs now ([`warn_due`]), `cell` holding the time of
+/// the last warning plus one (0: never); a `true` stores `now_ms` there.
+/// Of callers racing (both receive loops, IPv4 and IPv6), one gets `true`.
+pub fn claim_warning(cell: &std::sync::atomic::AtomicU64, now_ms: u64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stored = cell.load(Relaxed);
+    warn_due(stored.checked_sub(1), now_ms)
+        && cell
+            .compare_exchange(stored, now_ms.saturating_add(1), Relaxed, Relaxed)
+            .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +225,9 @@ mod tests {
         assert!(warn_due(Some(1_000), 1_000 + WARN_EVERY_MS));
         // A clock that went back (not expected) does not log every time.
         assert!(!warn_due(Some(5_000), 1_000));
+        let cell = std::sync::atomic::AtomicU64::new(0);
+        assert!(claim_warning(&cell, 1_000));
+        assert!(!claim_warning(&cell, 1_000 + WARN_EVERY_MS - 1));
+        assert!(claim_warning(&cell, 1_000 + WARN_EVERY_MS));
     }
 }
