@@ -250,6 +250,28 @@ async fn http_by_host_forwarding_headers_and_404() {
     assert!(r.contains("no route"), "{r}");
     let r = raw_http(at, "blog.other.test", "").await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    // Heads the parser refuses (smuggling probes: a coding the hub cannot
+    // frame, two lengths) get 400 and are counted as bad requests.
+    for probe in [
+        "Transfer-Encoding: gzip\r\n",
+        "Content-Length: 3\r\nContent-Length: 4\r\n",
+    ] {
+        let r = raw_http(at, "blog.gw.test", probe).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{probe}: {r}");
+    }
+    // (Counted as the connection ends, which may be just after the client
+    // read its end.)
+    let bad = || {
+        let st = p.stats();
+        let l = st.iter().find(|s| s.route == "listener").unwrap();
+        l.errors.get("bad_request").copied().unwrap_or(0)
+    };
+    for _ in 0..100 {
+        if bad() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let st = p.stats();
     let blog = st.iter().find(|s| s.route == "name:blog").unwrap();
@@ -258,6 +280,7 @@ async fn http_by_host_forwarding_headers_and_404() {
     assert_eq!(blog.hosts, vec!["blog.gw.test".to_string()]);
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("unknown_host"), Some(&2));
+    assert_eq!(l.errors.get("bad_request"), Some(&2));
 }
 
 #[tokio::test]
@@ -1073,10 +1096,14 @@ async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 async fn terminate_with_file_cert_http1_and_h2() {
     let pki_a = pki(&["blog.gw.test"]);
     let pki_b = pki(&["shop.gw.test"]);
+    let pki_v = pki(&["vault.gw.test"]);
     let b = http_backend("tb").await;
+    let mut vault = terminate_route("vault", &pki_v, b);
+    vault.access = access(&[], &["127.0.0.0/8"]);
     let p = Proxy::start(settings(vec![
         terminate_route("blog", &pki_a, b),
         terminate_route("shop", &pki_b, b),
+        vault,
     ]))
     .await
     .unwrap();
@@ -1103,6 +1130,21 @@ async fn terminate_with_file_cert_http1_and_h2() {
     let mut out = String::new();
     let _ = t.read_to_string(&mut out).await;
     assert!(out.starts_with("HTTP/1.1 421"), "{out}");
+    // ... before the Host's route's own rules: a route that denies this
+    // client answers 421 too (its rules are not probed from another name's
+    // connection), and counts no denial.
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let mut t = conn
+        .connect(ServerName::try_from("blog.gw.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nHost: vault.gw.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = t.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 421"), "{out}");
+    assert_eq!(denied(&p, "name:vault"), 0);
 
     // HTTP/2 over ALPN.
     let mut send = h2_client(at, "blog.gw.test", &pki_a.cert_der).await;
@@ -2965,14 +3007,12 @@ async fn udp_max_connections_caps_flows() {
     for _ in 0..3 {
         clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     }
-    assert_eq!(
-        udp_ask(&clients[0], at, b"one").await.as_deref(),
-        Some(&b"one"[..])
-    );
-    assert_eq!(
-        udp_ask(&clients[1], at, b"two").await.as_deref(),
-        Some(&b"two"[..])
-    );
+    // Two flows whose clients came back after the backend answered.
+    for (c, m) in [(0, &b"one"[..]), (1, b"two")] {
+        for _ in 0..2 {
+            assert_eq!(udp_ask(&clients[c], at, m).await.as_deref(), Some(m));
+        }
+    }
     assert_eq!(
         udp_ask(&clients[2], at, b"three").await,
         None,
@@ -2996,6 +3036,80 @@ async fn udp_max_connections_caps_flows() {
         Some(&b"three"[..])
     );
     assert_eq!(over(&p), (3, Some(1)));
+}
+
+/// A reload that denies a client ends its flow within the table's sweep,
+/// though the client stays silent: the backend's datagrams stop reaching it.
+#[tokio::test]
+async fn udp_flow_of_a_client_denied_by_a_reload_ends_while_it_is_silent() {
+    // A backend that, once asked, keeps sending to the asker every 20 ms.
+    let chatty = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend = chatty.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        let Ok((_, from)) = chatty.recv_from(&mut buf).await else {
+            return;
+        };
+        loop {
+            let _ = chatty.send_to(b"tick", from).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut s = settings(vec![]);
+    s.udp = vec![udp_forward(backend)];
+    let p = Proxy::start(s.clone()).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(udp_ask(&c, at, b"hi").await.as_deref(), Some(&b"tick"[..]));
+    s.udp[0].access = access(&[], &["127.0.0.0/8"]);
+    p.reload(s).await.unwrap();
+    // Within a sweep (250 ms) the ticks stop; none arrive after.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut buf = [0u8; 64];
+    while c.try_recv(&mut buf).is_ok() {}
+    let late = tokio::time::timeout(Duration::from_millis(300), c.recv(&mut buf)).await;
+    assert!(
+        late.is_err(),
+        "the denied client still gets the backend's datagrams"
+    );
+    let st = p.stats();
+    let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+    assert_eq!(u.errors.get("denied"), Some(&1));
+}
+
+/// Flows whose clients never came back (one-shot or forged sources) do not
+/// hold the places of `max_connections`: a new client takes the place of the
+/// one quiet longest.
+#[tokio::test]
+async fn udp_flows_never_confirmed_give_their_places_up() {
+    let echo = udp_echo().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        balance: Balance {
+            max_connections: Some(2),
+            ..Balance::default()
+        },
+        ..udp_forward(echo)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let mut c = Vec::new();
+    for _ in 0..4 {
+        c.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    assert_eq!(udp_ask(&c[0], at, b"a").await.as_deref(), Some(&b"a"[..]));
+    assert_eq!(udp_ask(&c[1], at, b"b").await.as_deref(), Some(&b"b"[..]));
+    // Both places taken by flows never confirmed: the third gets one.
+    assert_eq!(udp_ask(&c[2], at, b"c").await.as_deref(), Some(&b"c"[..]));
+    // The second comes back (confirmed, kept); the fourth takes the place
+    // of the third, not of the second.
+    assert_eq!(udp_ask(&c[1], at, b"b").await.as_deref(), Some(&b"b"[..]));
+    assert_eq!(udp_ask(&c[3], at, b"d").await.as_deref(), Some(&b"d"[..]));
+    assert_eq!(udp_ask(&c[1], at, b"b").await.as_deref(), Some(&b"b"[..]));
+    let st = p.stats();
+    let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+    assert_eq!(u.requests, 4, "flows started: a, b, c, d");
+    assert_eq!(u.errors.get("over_capacity"), None);
 }
 
 /// A client that keeps sending (well within the idle timeout) still leaves
@@ -3539,6 +3653,7 @@ async fn proxy_headers_from_a_balancer_in_front() {
     }];
     // The balancer is 127.0.0.1; 127.0.0.2 is an ordinary client.
     s.proxy_protocol_from = Some(access(&["127.0.0.1"], &[]));
+    s.limits.max_connections_per_source = 2;
     let p = Proxy::start(s).await.unwrap();
     let http = p.http_addrs()[0];
     let get = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -3651,6 +3766,32 @@ async fn proxy_headers_from_a_balancer_in_front() {
     let st = p.stats();
     let l = st.iter().find(|s| s.route == "listener").unwrap();
     assert_eq!(l.errors.get("bad_proxy_header"), Some(&2));
+    assert_eq!(l.errors.get("over_capacity"), None);
+    // The client a header names holds its share of the slots, as one
+    // connecting directly does: its third open connection is closed.
+    let held = "198.51.100.50:1".parse().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.1", http).await;
+        let mut v1 = Vec::new();
+        encode_v1(&mut v1, held, http);
+        c.write_all(&v1).await.unwrap();
+        open.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, held, http);
+    let r = via(v1, "lb.gw.test").await;
+    assert!(r.is_empty(), "a third connection of one client: {r}");
+    let st = p.stats();
+    let l = st.iter().find(|s| s.route == "listener").unwrap();
+    assert_eq!(l.errors.get("over_capacity"), Some(&1));
+    // Another client through the same balancer is served.
+    let mut v1 = Vec::new();
+    encode_v1(&mut v1, "198.51.100.51:1".parse().unwrap(), http);
+    let r = via(v1, "lb.gw.test").await;
+    assert!(r.contains("xff=198.51.100.51 "), "{r}");
+    drop(open);
 }
 
 /// POSTs `len` bytes to `host` on `at` and returns the time until the

@@ -9,8 +9,10 @@
 //! to. With `proxy_protocol`, every datagram to the backend starts with a
 //! PROXY v2 header (`DGRAM`) naming the client and that address. A flow that
 //! ends writes one access-log line. With `max_connections`, a forward holds
-//! at most that many flows at once: a datagram that would start one more is
-//! dropped and counted as `over_capacity`.
+//! at most that many flows at once: a datagram that would start one more
+//! takes the place of a flow whose client never came back after its backend
+//! answered (quiet longest first; a forged or one-shot source holds no place
+//! for long), else it is dropped and counted as `over_capacity`.
 
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::io::{Activity, FlowOrder, Standing, UdpListener, UDP_BATCH};
@@ -104,18 +106,33 @@ impl Drop for Flow {
     }
 }
 
+/// A place for one more flow under the forward's `max_connections` (which
+/// counts flows): when they are all taken, an unconfirmed flow of `table`
+/// gives its place up (one per datagram: bounded work), else `None`, the
+/// datagram dropped and counted.
+fn admit_flow(fwd: &Forward, table: &mut Table) -> Option<Option<OwnedSemaphorePermit>> {
+    if let Ok(slot) = fwd.upstreams.admit() {
+        return Some(slot);
+    }
+    if table
+        .order
+        .evict_unconfirmed(&mut table.flows, &Flow::standing)
+    {
+        if let Ok(slot) = fwd.upstreams.admit() {
+            return Some(slot);
+        }
+    }
+    fwd.counters.error(ErrorKind::OverCapacity);
+    None
+}
+
 async fn new_flow(
     listen: Arc<UdpListener>,
     fwd: &Arc<Forward>,
     (client, local_ip): FlowKey,
     id: u64,
+    slot: Option<OwnedSemaphorePermit>,
 ) -> Option<Flow> {
-    // The forward's `max_connections` counts flows: beyond it a new one is
-    // not started (its datagram is dropped) until another ends.
-    let Ok(slot) = fwd.upstreams.admit() else {
-        fwd.counters.error(ErrorKind::OverCapacity);
-        return None;
-    };
     let Some((backend, lease)) = fwd.upstreams.pick(Some(client.ip())) else {
         fwd.counters.error(ErrorKind::NoHealthyBackend);
         return None;
@@ -264,16 +281,20 @@ async fn on_datagram(
         return;
     }
     if !live {
+        let Some(slot) = admit_flow(fwd, table) else {
+            return;
+        };
         let id = table.order.next_id();
-        let Some(f) = new_flow(listen.clone(), fwd, key, id).await else {
+        let Some(f) = new_flow(listen.clone(), fwd, key, id, slot).await else {
             return;
         };
         // Only a datagram that does start a flow (let in, a backend
         // picked, its socket set up) makes another flow go.
         table
             .order
-            .insert(flows, cfg.max_flows, key, f, Flow::standing);
+            .insert(&mut table.flows, cfg.max_flows, key, f, Flow::standing);
     }
+    let flows = &mut table.flows;
     let Some(f) = flows.get_mut(&key) else { return };
     f.activity.touch();
     f.seen = Instant::now();
@@ -371,14 +392,21 @@ pub(crate) async fn udp_loop(
                 // flow to a backend that is up. The backend's datagrams do
                 // not keep a flow whose client went quiet: they may be going
                 // to a forged address, or to one that went away.
+                // Nor does a flow whose client a reload denied: the
+                // backend's datagrams stop reaching it now, not at its next.
                 let current = lookup();
-                table.flows.retain(|_, f| {
+                table.flows.retain(|(client, _), f| {
                     let idle = f.fwd.udp.as_ref().map_or(Duration::ZERO, |u| u.flow_idle_timeout);
                     let served = current.as_ref().is_none_or(|c| c.upstreams.serves(f.backend));
                     if !served {
                         debug!(backend = %f.backend, "udp flow moved off its backend");
                     }
-                    served && !f.task.is_finished() && f.seen.elapsed() < idle
+                    let permitted = current.as_ref().is_none_or(|c| c.access.permits(client.ip()));
+                    if !permitted {
+                        debug!(client = %client, "udp flow ended: client address denied");
+                        f.fwd.counters.error(ErrorKind::Denied);
+                    }
+                    served && permitted && !f.task.is_finished() && f.seen.elapsed() < idle
                 });
             }
             _ = stop.changed() => break,

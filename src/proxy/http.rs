@@ -1391,20 +1391,28 @@ fn switch_answers(asked: Option<&HeaderValue>, answer: Option<&HeaderValue>) -> 
             .any(|t| t.trim().eq_ignore_ascii_case(answer))
 }
 
+/// Appends `value` to header `name`'s list (its lines joined into one), as
+/// bytes: a value a client wrote in bytes that are not text (which HTTP/1.1
+/// lets through as opaque) stays as it came, and the hub's entry is still
+/// the last, never the only one.
 fn append(h: &mut HeaderMap, name: HeaderName, value: &str) {
-    let prior: Vec<String> = h
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    let joined = if prior.is_empty() {
-        value.to_string()
-    } else {
-        format!("{}, {value}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        h.insert(name, v);
+    let mut joined: Vec<u8> = Vec::new();
+    for v in h.get_all(&name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(value.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(v) => {
+            h.insert(name, v);
+        }
+        // Not reached (every part is a valid value); the hub's own entry
+        // alone rather than none.
+        Err(_) => {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        }
     }
 }
 
@@ -1794,16 +1802,18 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
 /// not itself a trusted proxy (`trusts`), the proxies in front having
 /// appended the one each saw (the left part may be anything the client
 /// sent); the leftmost when all are trusted. `None` without the header, or
-/// when an address on the way is not one.
+/// when an address on the way is not one. Only the entries walked are read:
+/// what lies left of the client's address (bytes that are not text, say)
+/// changes nothing.
 fn forwarded_client(h: &HeaderMap, trusts: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
-    let values: Vec<&str> = h
+    let values: Vec<&[u8]> = h
         .get_all("x-forwarded-for")
         .iter()
-        .map(|v| v.to_str().ok())
-        .collect::<Option<_>>()?;
+        .map(HeaderValue::as_bytes)
+        .collect();
     let mut client = None;
-    for entry in values.iter().flat_map(|v| v.split(',')).rev() {
-        let e = entry.trim();
+    for entry in values.iter().rev().flat_map(|v| v.rsplit(|b| *b == b',')) {
+        let e = std::str::from_utf8(entry).ok()?.trim();
         // Some proxies add the port (`192.0.2.7:1234`, `[2001:db8::7]:1234`).
         let ip = e
             .parse::<IpAddr>()
@@ -1945,6 +1955,20 @@ async fn proxy_request(
     let c = route.counters.clone();
     c.request();
     Record::note(rec, |e| e.route = Some(route.id.clone()));
+    // Before the route's own rules: a request that came on another route's
+    // connection (a browser reusing an HTTP/2 connection across names of a
+    // wildcard certificate) is sent to a connection of its own, spending
+    // none of the client's rate and learning nothing of the route's rules.
+    if let Some(sni) = &conn.sni_route {
+        if !Arc::ptr_eq(sni, &route) {
+            return Ok(err(
+                &c,
+                ErrorKind::Misdirected,
+                StatusCode::MISDIRECTED_REQUEST,
+                "421 misdirected request: Host does not match the TLS server name",
+            ));
+        }
+    }
     if !route.settings.access.permits(source) {
         return Ok(err(
             &c,
@@ -1973,16 +1997,6 @@ async fn proxy_request(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: the route is paused",
         ));
-    }
-    if let Some(sni) = &conn.sni_route {
-        if !Arc::ptr_eq(sni, &route) {
-            return Ok(err(
-                &c,
-                ErrorKind::Misdirected,
-                StatusCode::MISDIRECTED_REQUEST,
-                "421 misdirected request: Host does not match the TLS server name",
-            ));
-        }
     }
     // Behind a trusted proxy that took the client's TLS (a CDN, a load
     // balancer talking plain HTTP to the hub), its `X-Forwarded-Proto`
@@ -3153,6 +3167,31 @@ mod tests {
         assert_eq!(of(&["unknown"]), None);
         assert_eq!(of(&["198.51.100.7, unknown, 10.0.0.1"]), None);
         assert_eq!(of(&[""]), None);
+        // Bytes that are not text left of the client's address (what
+        // nginx passes on as the client wrote it) do not hide it.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xc3\xa9, 198.51.100.7").unwrap(),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        assert_eq!(
+            forwarded_client(&h, trusts),
+            Some("198.51.100.7".parse().unwrap())
+        );
+        // ... and the hub appends its entry to them, dropping nothing.
+        add_forwarding(&mut h, "10.0.0.2".parse().unwrap(), false, "a.b", true);
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap().as_bytes(),
+            b"\xc3\xa9, 198.51.100.7, 10.0.0.1, 10.0.0.2"
+        );
+        // Not text where the walk reaches it: none.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xc3\xa9, 10.0.0.1").unwrap(),
+        );
+        assert_eq!(forwarded_client(&h, trusts), None);
     }
 
     #[test]

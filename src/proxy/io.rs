@@ -352,6 +352,17 @@ impl<K: Copy + Eq + std::hash::Hash> FlowOrder<K> {
         flows: &mut std::collections::HashMap<K, V>,
         standing: &impl Fn(&V) -> Standing,
     ) -> bool {
+        self.evict_unconfirmed(flows, standing) || self.evict_confirmed(flows, standing)
+    }
+
+    /// Removes one flow whose client never came back after its backend
+    /// answered (quiet longest first): `false` if there is none, every flow
+    /// left being confirmed.
+    pub fn evict_unconfirmed<V>(
+        &mut self,
+        flows: &mut std::collections::HashMap<K, V>,
+        standing: &impl Fn(&V) -> Standing,
+    ) -> bool {
         // A flow queued again has its last activity as its mark: met again
         // in this pass, it goes. One found confirmed keeps its mark (its
         // activity since counts in the other queue).
@@ -368,6 +379,14 @@ impl<K: Copy + Eq + std::hash::Hash> FlowOrder<K> {
                 return true;
             }
         }
+        false
+    }
+
+    fn evict_confirmed<V>(
+        &mut self,
+        flows: &mut std::collections::HashMap<K, V>,
+        standing: &impl Fn(&V) -> Standing,
+    ) -> bool {
         while let Some(q) = self.confirmed.pop_front() {
             let Some(s) = flows.get(&q.key).map(standing).filter(|s| s.id == q.id) else {
                 continue;

@@ -142,6 +142,11 @@ fn now_ms() -> u64 {
     crate::proxy::io::mono_ns() / 1_000_000
 }
 
+/// A route's or forward's rate-limit client: an IPv4 address, or an IPv6 /56
+/// (as `max_connections_per_source` counts one: spreading over the
+/// subscriber's 256 /64s gets no more).
+use crate::per_source::subscriber_key;
+
 /// Takes a token of `limiter` for `ip`: `None` if within the limit, else the
 /// milliseconds until the client's next token.
 pub(crate) fn over_limit(
@@ -149,7 +154,7 @@ pub(crate) fn over_limit(
     ip: std::net::IpAddr,
 ) -> Option<u64> {
     let l = limiter.as_ref()?;
-    let r = l.lock().check(ip, now_ms());
+    let r = l.lock().check(subscriber_key(ip), now_ms());
     r.err()
 }
 
@@ -158,7 +163,7 @@ pub(crate) fn over_limit(
 pub(crate) fn limited(limiter: &Option<Arc<Mutex<Limiter>>>, ip: std::net::IpAddr) -> bool {
     limiter
         .as_ref()
-        .is_some_and(|l| l.lock().is_limited(ip, now_ms()))
+        .is_some_and(|l| l.lock().is_limited(subscriber_key(ip), now_ms()))
 }
 
 /// One generation of routing state, shared by every connection accepted under it.
@@ -1509,6 +1514,7 @@ async fn accept_loop(
         let _ = sock.set_nodelay(true);
         let cut = slot.cut();
         let retired = shared.retired.subscribe();
+        let per_source = Arc::clone(&rt.per_source);
         let span = info_span!("conn", client = %peer);
         let fut = async move {
             let mut sock = sock;
@@ -1526,6 +1532,8 @@ async fn accept_loop(
             let sealed = web && mesh.as_ref().is_some_and(|m| m.seal_key().is_some());
             let limit = shared.limits.handshake_timeout;
             let mut from_hub = false;
+            // A `proxy_protocol_from` balancer's header named the client.
+            let mut via_balancer = false;
             // The next header is a hub's.
             let mut hub_next = trusts(peer.ip());
             let mut expect = hub_next
@@ -1591,6 +1599,7 @@ async fn accept_loop(
                 if hub_next {
                     continue;
                 }
+                via_balancer = true;
                 let another = trusts(client.ip())
                     || (sealed
                         && match starts_with_proxy_v2(&sock, left(), silent).await {
@@ -1603,6 +1612,22 @@ async fn accept_loop(
                     (hub_next, expect) = (true, true);
                 }
             }
+            // The client a balancer named is held to its share of the
+            // slots as one connecting directly is (the balancer itself is
+            // not: it speaks for many).
+            let _client_slot = if via_balancer && !from_hub {
+                let key = crate::per_source::subscriber_key(peer.ip());
+                match per_source.take(key, shared.limits.max_connections_per_source) {
+                    Some(s) => Some(s),
+                    None => {
+                        debug!(client = %peer, "over max_connections_per_source (through a balancer)");
+                        shared.listener.error(ErrorKind::OverCapacity);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             match kind {
                 Kind::Http => {
@@ -2307,7 +2332,14 @@ async fn serve_http<IO>(
                 // The connection first: a head completed in the same wake-up
                 // as the deadline is served.
                 biased;
-                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "http/1 connection ended") },
+                r = conn.as_mut() => if let Err(e) = r {
+                    debug!(error = %e, "http/1 connection ended");
+                    // A head the parser refused (hyper answered 400 or
+                    // 431 itself): a smuggling probe is seen in the counts.
+                    if e.is_parse() || e.is_parse_too_large() {
+                        listener.listener.error(ErrorKind::BadRequest);
+                    }
+                },
                 _ = retired(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -2812,6 +2844,24 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A route's rate limit counts an IPv6 client by its /56: another /64
+    /// of the same subscriber shares its bucket; another /56 does not.
+    #[test]
+    fn rate_limits_count_an_ipv6_subscriber_by_its_slash_56() {
+        use crate::proxy::ratelimit::RateLimit;
+        let l = Some(Arc::new(Mutex::new(Limiter::new(RateLimit {
+            per_second: 1,
+            burst: 1,
+        }))));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(over_limit(&l, ip("2001:db8:0:400::1")), None);
+        assert!(limited(&l, ip("2001:db8:0:4ff::9")));
+        assert!(over_limit(&l, ip("2001:db8:0:401::1")).is_some());
+        assert_eq!(over_limit(&l, ip("2001:db8:0:500::1")), None);
+        assert_eq!(over_limit(&l, ip("192.0.2.1")), None);
+        assert!(over_limit(&l, ip("::ffff:192.0.2.1")).is_some());
+    }
 
     /// A reload that keeps a route's upstreams applies a new
     /// `backend_down_for` to them; one that fails (a port it cannot bind)

@@ -76,7 +76,7 @@ pub enum ErrorKind {
     /// A request the hub does not pass on: more than one `Host`, none on
     /// HTTP/1.1, a `Host` that disagrees with an HTTP/2 request's authority
     /// (400), a `CONNECT` (405), a transfer coding other than `chunked`
-    /// (501).
+    /// (501 or 400), an HTTP/1 head the parser refuses (400, 431).
     BadRequest,
     /// A client that took nothing of its response for `idle_timeout` (its
     /// TCP window, or its HTTP/2 stream's window, stayed shut): the
