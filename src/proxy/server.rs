@@ -2103,8 +2103,10 @@ async fn http_via_mesh(
     let cap = limits.max_header_bytes.max(1024);
     let read = async {
         let mut buf = [0u8; 4096];
-        // Parsed again only when a line may have ended (a client sending a
-        // byte at a time costs no more than one sending it all).
+        // Parsed again only when the head may have ended (a blank line came
+        // in) or grown past the cap: a client sending a line, or a byte, at
+        // a time costs no more than one sending it all (the head is read
+        // once more per blank line, not once per line).
         let mut scan = true;
         loop {
             if scan {
@@ -2122,8 +2124,10 @@ async fn http_via_mesh(
                 Ok(0) | Err(_) => return None,
                 Ok(n) => {
                     let chunk = buf.get(..n).unwrap_or_default();
+                    // The two bytes before the chunk may begin its blank line.
+                    let from = first.len().saturating_sub(2);
                     first.extend_from_slice(chunk);
-                    scan = chunk.contains(&b'\n') || first.len() > cap;
+                    scan = first.len() > cap || blank_line(first.get(from..).unwrap_or_default());
                 }
             }
         }
@@ -2144,6 +2148,14 @@ async fn http_via_mesh(
     let conn = (sock, peer, dest, first);
     via_mesh(shared.clone(), mesh, &hubs, &host, false, conn, slot).await;
     None
+}
+
+/// Whether `bytes` hold the end of an HTTP/1 head (`\n\n` or `\n\r\n`).
+fn blank_line(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
 }
 
 /// The hubs to send `client`'s connection for `host` to, in order: none
@@ -2844,6 +2856,31 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        assert!(blank_line(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(blank_line(b"\n\n"));
+        assert!(blank_line(b"\n\r\n"));
+        assert!(!blank_line(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!blank_line(b"\r\n\r"));
+        assert!(!blank_line(b""));
+        // As `http_via_mesh` reads: the two bytes before each chunk with it.
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\nbody";
+        for split in 1..head.len() {
+            let (a, b) = head.split_at(split);
+            let mut seen = Vec::new();
+            let mut found = None;
+            for chunk in [a, b] {
+                let from = seen.len().saturating_sub(2);
+                seen.extend_from_slice(chunk);
+                if found.is_none() && blank_line(&seen[from..]) {
+                    found = Some(seen.len());
+                }
+            }
+            assert!(found.is_some(), "split at {split}");
+        }
+    }
 
     /// A route's rate limit counts an IPv6 client by its /56: another /64
     /// of the same subscriber shares its bucket; another /56 does not.
