@@ -561,6 +561,10 @@ pub struct Peer {
     /// Handshake initiations sent since the peer was last heard from (an
     /// authenticated datagram) or `tunn` was made.
     unanswered: AtomicU32,
+    /// `tunn` replaced another ([`Peer::install`]) and the peer has not
+    /// proved itself to it since (see [`Peer::receive`]). Written with
+    /// `tunn` locked.
+    replaced: AtomicBool,
     endpoint: RwLock<Option<Endpoint>>,
     preshared_key: Mutex<Option<PresharedKey>>,
     persistent_keepalive: AtomicU32,
@@ -613,6 +617,7 @@ impl Peer {
             tunn: Mutex::new(tunn),
             stamp_base: Mutex::new(stamp_base),
             unanswered: AtomicU32::new(0),
+            replaced: AtomicBool::new(false),
             endpoint: RwLock::new(None),
             preshared_key: Mutex::new(preshared_key),
             persistent_keepalive: AtomicU32::new(u32::from(persistent_keepalive)),
@@ -741,8 +746,37 @@ impl Peer {
     fn install(&self, slot: &mut Tunn, tunn: Tunn, base: stamp::Base) {
         *slot = tunn;
         *self.stamp_base.lock() = base;
+        self.replaced.store(true, Ordering::Relaxed);
         self.unanswered.store(0, Ordering::Relaxed);
         self.answers.reset();
+    }
+    /// Hands `datagram` to the peer's `Tunn` (`source`: the address a
+    /// handshake's cookie binds to), what it gives written into `out`: the
+    /// outcome, whether the datagram authenticates ([`authenticates`]), and
+    /// whether it may move the peer's endpoint. An answered initiation may
+    /// not while the `Tunn` is a replacement the peer has not proved itself
+    /// to: a new `Tunn` forgot the last timestamp accepted, so it answers
+    /// an initiation recorded long ago, sent again from anywhere. A
+    /// response or a session datagram (`liveness::proves_two_way`) proves
+    /// the peer.
+    fn receive(&self, datagram: &[u8], source: IpAddr, out: &mut [u8]) -> (Out, bool, bool) {
+        let mut t = self.tunn.lock();
+        let base = out.as_ptr() as usize;
+        let r = classify(base, t.decapsulate(Some(source), datagram, out));
+        let authenticated = authenticates(datagram, &r, out);
+        // Under the lock `install` takes: a datagram of the old `Tunn`
+        // proves nothing to the new one.
+        let roams = authenticated
+            && if liveness::proves_two_way(datagram) {
+                if self.replaced.load(Ordering::Relaxed) {
+                    self.replaced.store(false, Ordering::Relaxed);
+                }
+                true
+            } else {
+                !self.replaced.load(Ordering::Relaxed)
+            };
+        drop(t);
+        (r, authenticated, roams)
     }
     /// Encrypts `pkt` into `dst` on the current session of `t`, the
     /// peer's `Tunn` (locked by the caller). Without one, `Tunn::encapsulate`
@@ -2309,15 +2343,7 @@ impl Inner {
         let Some(peer) = self.find_peer(sock, table, datagram, at, source, out) else {
             return;
         };
-        let result = {
-            let mut t = peer.tunn.lock();
-            let base = out.as_ptr() as usize;
-            // The address a handshake's cookie binds to (for other messages
-            // it is not read).
-            let r = t.decapsulate(Some(source.ip()), datagram, out);
-            classify(base, r)
-        };
-        let authenticated = authenticates(datagram, &result, out);
+        let (result, authenticated, roams) = peer.receive(datagram, source.ip(), out);
         if let (false, Out::Network(a, b)) = (authenticated, &result) {
             // A cookie for an unproven handshake goes back where it came
             // from; the peer's endpoint stays.
@@ -2328,8 +2354,10 @@ impl Inner {
         }
         if authenticated {
             // One look at the endpoint per datagram; a write only on a change.
+            // An initiation a replaced `Tunn` answered moves nothing
+            // ([`Peer::receive`]): the answer goes back where it came from.
             let seen = peer.route();
-            if seen.map(|e| e.addr) != Some(from) {
+            if roams && seen.map(|e| e.addr) != Some(from) {
                 let into_tun = self.tun_routes.read();
                 let loops = loops_back(&into_tun, &table.routes, from.ip(), |o| {
                     Arc::ptr_eq(o, &peer)
@@ -2349,7 +2377,7 @@ impl Inner {
                         f(&peer.public_key, from);
                     }
                 }
-            } else if seen != Some(at) {
+            } else if roams && seen != Some(at) {
                 // Same peer address, another of this side's.
                 peer.set_route(at);
             }
@@ -2383,7 +2411,11 @@ impl Inner {
                 }
                 if let Some(d) = out.get(a..b) {
                     peer.answers.answered(d);
-                    self.send_net(&peer, d).await;
+                    if roams {
+                        self.send_net(&peer, d).await;
+                    } else {
+                        self.send_to(&peer, at, d, false).await;
+                    }
                 }
                 // A completed handshake may release what boringtun queued:
                 // only keepalives its timers made without a session (the
@@ -3180,6 +3212,65 @@ mod tests {
             h.decapsulate(from, &fresh, &mut out),
             TunnResult::WriteToNetwork(_)
         ));
+    }
+
+    /// Through boringtun: a replaced `Tunn` forgot the last timestamp
+    /// accepted, so it answers an initiation recorded before; sent again
+    /// from another address, that moves no endpoint. The node's use of an
+    /// answer proves it, and from then on what it sends moves the endpoint
+    /// (a roam). A new peer's first initiation moves it at once.
+    #[test]
+    fn a_replayed_initiation_to_a_replaced_tunn_moves_no_endpoint() {
+        use crate::wg::liveness::tests::exchange;
+        let hub = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let tunn = || {
+            let k = node.public_key().as_x25519();
+            Tunn::new(hub.secret(), k, None, None, 1 << 8, None)
+        };
+        let base = stamp::Base {
+            wall_ms: 0,
+            mono_ms: 0,
+        };
+        let pool = Arc::new(staged::Pool::for_mtu(1420, Arc::default()));
+        let peer = Peer::new(node.public_key(), 1, tunn(), base, None, 0, pool);
+        let hub_pub = hub.public_key().as_x25519();
+        let mut n = Tunn::new(node.secret(), hub_pub, None, None, 2 << 8, None);
+        let (home, away): (IpAddr, IpAddr) = ([192, 0, 2, 1].into(), [203, 0, 113, 9].into());
+        let mut out = vec![0u8; 2048];
+        let mut answer = |d: &[u8], from: IpAddr| {
+            let (r, authenticated, roams) = peer.receive(d, from, &mut out);
+            let resp = match r {
+                Out::Network(a, b) => out[a..b].to_vec(),
+                _ => Vec::new(),
+            };
+            (resp, authenticated, roams)
+        };
+        // First contact.
+        let recorded = initiation(&mut n);
+        let (resp, auth, roams) = answer(&recorded, home);
+        assert!(auth && roams);
+        let ka = exchange(&mut n, &resp);
+        assert_eq!(answer(&ka, home), (Vec::new(), true, true));
+        // A new `Tunn` (a preshared key changed, say); a recorded
+        // initiation sent again from elsewhere.
+        peer.install(&mut peer.tunn.lock(), tunn(), base);
+        let (resp, auth, roams) = answer(&recorded, away);
+        assert_eq!(resp.first(), Some(&2), "the replay is answered");
+        assert!(auth);
+        assert!(!roams, "a replay moved the endpoint");
+        // The node, roamed, handshakes anew: answered, unproven till it
+        // uses the answer.
+        std::thread::sleep(Duration::from_millis(2));
+        let (resp, auth, roams) = answer(&initiation(&mut n), away);
+        assert!(auth && !roams);
+        let ka = exchange(&mut n, &resp);
+        assert_eq!(answer(&ka, away), (Vec::new(), true, true));
+        // Proved: the recorded one is stale again, a new one roams.
+        assert!(!answer(&recorded, home).1);
+        std::thread::sleep(Duration::from_millis(2));
+        let (_, auth, roams) = answer(&initiation(&mut n), home);
+        assert!(auth && roams);
     }
 
     /// Through boringtun: under load, an initiation carrying a valid cookie

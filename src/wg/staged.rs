@@ -7,7 +7,9 @@
 //! 90 s later. The device never hands it a packet without a session
 //! (`Peer::seal`); they come here instead, bounded: at most [`PACKETS`] a
 //! peer and [`PACKETS`] times the MTU of bytes, held [`HOLD_MS`] at most,
-//! and all peers together within the device's [`Pool`]. Whatever is not
+//! and all peers together within the device's [`Pool`], but for one packet
+//! of at most the MTU for a peer that holds none (peers that fill the pool
+//! never starve another's first packet). Whatever is not
 //! held, or is given up, is counted as `no_session`: a packet given to
 //! [`Staged::push`] is either taken back by [`Staged::pop`] or counted.
 
@@ -51,7 +53,8 @@ impl Pool {
         Self::new(DEVICE_BYTES, PACKETS * usize::from(mtu), drops)
     }
 
-    /// Bytes held now, all peers together.
+    /// Bytes held now, all peers together, but for the packets held past
+    /// the pool ([`Staged::push`]).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -88,6 +91,21 @@ struct Held {
 struct Queue {
     held: VecDeque<Held>,
     bytes: usize,
+    /// The oldest packet is held past the pool (its bytes are not the
+    /// pool's).
+    past: bool,
+}
+
+impl Queue {
+    /// The oldest packet, no longer held: its bytes go back to `pool`.
+    fn pop_front(&mut self, pool: &Pool) -> Option<Held> {
+        let h = self.held.pop_front()?;
+        self.bytes -= h.pkt.len();
+        if !std::mem::take(&mut self.past) {
+            pool.give(h.pkt.len());
+        }
+        Some(h)
+    }
 }
 
 /// One peer's staged packets.
@@ -125,6 +143,9 @@ impl Staged {
 
     /// Holds a copy of `pkt`, staged at `now_ms`, letting the peer's oldest
     /// go if its share is full; whether it is held (if not, it is counted).
+    /// A peer that holds nothing holds a packet of at most the MTU even when
+    /// the pool is full, past it: one a peer, so all peers together hold
+    /// at most the pool plus an MTU each.
     pub fn push(&self, pkt: &[u8], now_ms: u64) -> bool {
         let n = pkt.len();
         if n > self.pool.peer_limit {
@@ -134,14 +155,16 @@ impl Staged {
         let mut q = self.queue.lock();
         let mut lost = 0;
         while q.held.len() >= PACKETS || q.bytes + n > self.pool.peer_limit {
-            let Some(old) = q.held.pop_front() else {
+            if q.pop_front(&self.pool).is_none() {
                 break;
-            };
-            q.bytes -= old.pkt.len();
-            self.pool.give(old.pkt.len());
+            }
             lost += 1;
         }
-        let held = self.pool.take(n);
+        let mut held = self.pool.take(n);
+        if !held && q.held.is_empty() && n <= self.pool.peer_limit / PACKETS {
+            q.past = true;
+            held = true;
+        }
         if held {
             q.held.push_back(Held {
                 at_ms: now_ms,
@@ -160,11 +183,8 @@ impl Staged {
     /// The oldest packet held, no longer held.
     pub fn pop(&self) -> Option<Box<[u8]>> {
         let mut q = self.queue.lock();
-        let h = q.held.pop_front()?;
-        q.bytes -= h.pkt.len();
+        let h = q.pop_front(&self.pool)?;
         self.len.store(q.held.len(), Ordering::Relaxed);
-        drop(q);
-        self.pool.give(h.pkt.len());
         Some(h.pkt)
     }
 
@@ -175,21 +195,18 @@ impl Staged {
             return;
         }
         let mut q = self.queue.lock();
-        let (mut lost, mut bytes) = (0, 0);
+        let mut lost = 0;
         while q
             .held
             .front()
             .is_some_and(|h| now_ms.saturating_sub(h.at_ms) >= HOLD_MS)
         {
-            if let Some(h) = q.held.pop_front() {
-                bytes += h.pkt.len();
+            if q.pop_front(&self.pool).is_some() {
                 lost += 1;
             }
         }
-        q.bytes -= bytes;
         self.len.store(q.held.len(), Ordering::Relaxed);
         drop(q);
-        self.pool.give(bytes);
         self.pool.lost(lost);
     }
 }
@@ -198,8 +215,9 @@ impl Drop for Staged {
     /// A peer removed with packets held: they are given up, and counted.
     fn drop(&mut self) {
         let q = self.queue.get_mut();
-        self.pool.give(q.bytes);
-        self.pool.lost(q.held.len());
+        let n = q.held.len();
+        while q.pop_front(&self.pool).is_some() {}
+        self.pool.lost(n);
     }
 }
 
@@ -265,20 +283,67 @@ mod tests {
                 }
             }
         }
-        assert_eq!(held, 10);
+        // Ten within the budget, and one each past it for the three peers
+        // that found it full holding nothing.
+        assert_eq!(held, 13);
         assert_eq!(p.used(), 10_000);
-        assert_eq!(lost(&d), (5 * PACKETS - 10) as u64);
+        assert_eq!(lost(&d), (5 * PACKETS - 13) as u64);
         // What a peer lets go is another's to take.
         assert!(peers[0].pop().is_some());
         assert!(peers[4].push(&[0; 1000], 0));
+        assert!(!peers[4].push(&[0; 1000], 0));
         assert_eq!(p.used(), 10_000);
+        assert_eq!(peers[4].packets(), 2);
         // A peer removed gives its bytes back; its packets count as lost.
         let before = lost(&d);
-        let n = peers[0].packets();
         drop(peers);
         assert_eq!(p.used(), 0);
-        assert!(n > 0);
-        assert_eq!(lost(&d), before + 10);
+        assert_eq!(lost(&d), before + 13);
+    }
+
+    /// Peers that keep the pool full never starve another's first packet:
+    /// a peer holding nothing holds one (of at most the MTU) past the
+    /// limit, one only; whatever else finds the pool full is counted.
+    #[test]
+    fn a_full_pool_still_holds_a_quiet_peers_first_packet() {
+        let mtu = 1000;
+        let (p, d) = pool(10 * mtu, PACKETS * mtu);
+        let busy: Vec<Staged> = (0..2).map(|_| Staged::new(Arc::clone(&p))).collect();
+        for s in &busy {
+            for _ in 0..PACKETS {
+                s.push(&[0; 1000], 0);
+            }
+        }
+        assert_eq!(p.used(), 10 * mtu);
+        let filled = lost(&d);
+        let quiet = Staged::new(Arc::clone(&p));
+        assert!(
+            !quiet.push(&[1; 1001], 0),
+            "past the MTU: never past the pool"
+        );
+        assert_eq!(lost(&d), filled + 1);
+        assert!(quiet.push(&[1; 1000], 0));
+        assert_eq!((quiet.bytes(), p.used()), (mtu, 10 * mtu));
+        // One only: the next waits for room, counted meanwhile.
+        assert!(!quiet.push(&[2; 1000], 0));
+        assert_eq!((quiet.packets(), lost(&d)), (1, filled + 2));
+        // A busy peer's next still takes the room its oldest leaves.
+        assert!(busy[0].push(&[3; 1000], 0));
+        assert_eq!((p.used(), lost(&d)), (10 * mtu, filled + 3));
+        // Taken back or given up, the one past the pool leaves it as it was.
+        assert_eq!(quiet.pop().unwrap()[0], 1);
+        assert_eq!(p.used(), 10 * mtu);
+        assert!(quiet.push(&[4; 1000], 0));
+        quiet.expire(HOLD_MS);
+        assert_eq!((quiet.packets(), lost(&d)), (0, filled + 4));
+        assert_eq!(p.used(), 10 * mtu);
+        assert!(quiet.push(&[5; 1000], 0));
+        drop(busy);
+        assert_eq!(p.used(), 0);
+        drop(quiet);
+        assert_eq!(p.used(), 0);
+        // The ten the busy peers held, and the quiet one's last.
+        assert_eq!(lost(&d), filled + 4 + 10 + 1);
     }
 
     #[test]

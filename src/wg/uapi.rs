@@ -159,6 +159,15 @@ impl SetParser {
                     .collect(),
             )
         })?;
+        // Device keys come before the first peer's, as wireguard-go requires.
+        if !self.set.peers.is_empty()
+            && matches!(
+                key,
+                "private_key" | "listen_port" | "fwmark" | "replace_peers"
+            )
+        {
+            return Err(UapiError::UnknownKey(key.to_string()));
+        }
         match key {
             "private_key" => {
                 let k = PrivateKey::from_hex(value).map_err(|_| bad_secret(key, value))?;
@@ -343,6 +352,36 @@ mod tests {
         ));
         assert!(matches!(p.feed("noequals"), Err(UapiError::NoEquals(_))));
         assert_eq!(parse_op("get=2").unwrap_err().errno(), EIO);
+    }
+
+    /// A device key after a peer's section began is refused, whatever its
+    /// value, as wireguard-go refuses it: nothing of the request applies.
+    #[test]
+    fn device_keys_after_a_peer_are_refused() {
+        let pk = format!("public_key={}", hex::encode([7u8; 32]));
+        for line in [
+            format!("private_key={}", hex::encode([1u8; 32])),
+            "listen_port=51821".into(),
+            "fwmark=7".into(),
+            "replace_peers=true".into(),
+        ] {
+            let mut p = SetParser::new();
+            p.feed(&pk).unwrap();
+            let e = p.feed(&line).unwrap_err();
+            assert!(matches!(e, UapiError::UnknownKey(_)), "{line}: {e:?}");
+            assert_eq!(e.errno(), EINVAL);
+            assert!(!e.to_string().contains(&hex::encode([1u8; 32])));
+            let s = p.finish();
+            assert_eq!(
+                (s.private_key, s.listen_port, s.fwmark, s.replace_peers),
+                (None, None, None, false)
+            );
+        }
+        // Before the first peer, as ever.
+        let mut p = SetParser::new();
+        p.feed("listen_port=51821").unwrap();
+        p.feed(&pk).unwrap();
+        assert_eq!(p.finish().listen_port, Some(51821));
     }
 
     /// A mistyped key is never repeated in the error (logged, sent back).
