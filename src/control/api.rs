@@ -7,7 +7,7 @@
 
 use crate::control::runtime::Control;
 use crate::control::state::{self, api_key, NameRecord, ServiceStatus};
-use crate::per_source::{source_key, PerSource, SourceSlot};
+use crate::per_source::{subscriber_key, PerSource, SourceSlot};
 use crate::proxy::settings::RawRoute;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -29,16 +29,21 @@ use tracing::{debug, info};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 1 << 20;
+/// Largest `POST /v1/join` body, which needs no admin token: a token
+/// (at most [`crate::control::token::MAX_TOKEN_LEN`] characters), a key
+/// and a name, with room for JSON's escapes.
+const MAX_JOIN_BODY: usize = 8 * 1024;
 /// Time a client has to send a request's body once its head arrived.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to read a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once per listener.
 const MAX_CONNS: usize = 256;
-/// Connections open at once from one source (an IPv4 address, an IPv6 /64)
-/// on a TCP listener: room for a fleet of machines in one cloud /64 joining
-/// at boot, while a refused token closes its connection at once.
-const MAX_CONNS_PER_SOURCE: usize = 64;
+/// Connections open at once from one source (an IPv4 address, an IPv6 /56,
+/// as the proxy counts a subscriber) on a TCP listener: sixteen sources
+/// are needed to take every slot. A refused join or admin token closes its
+/// connection at once.
+const MAX_CONNS_PER_SOURCE: usize = MAX_CONNS / 16;
 /// Longest life of an API connection, and the time it then has to finish
 /// the request in flight (see [`serve_bounded`]).
 pub(crate) const CONN_LIFE: Duration = Duration::from_secs(120);
@@ -682,31 +687,88 @@ fn respond(a: Answer) -> Response<Full<Bytes>> {
     r
 }
 
-/// The answer to a request without the admin token. It closes the
-/// connection (hyper closes after writing an answer that says
-/// `Connection: close`), so a client without the token cannot keep a slot
-/// open with a refused request every few seconds.
-fn unauthorized() -> Response<Full<Bytes>> {
-    let mut r = respond(Answer::json(
-        StatusCode::UNAUTHORIZED,
-        json!({"error": "this API needs `Authorization: Bearer <admin token>`"}),
-    ));
-    let h = r.headers_mut();
-    h.insert(
-        hyper::header::WWW_AUTHENTICATE,
-        hyper::header::HeaderValue::from_static("Bearer"),
-    );
-    h.insert(
+/// `r` saying `Connection: close`: hyper closes the connection once it is
+/// written.
+fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
         hyper::header::CONNECTION,
         hyper::header::HeaderValue::from_static("close"),
     );
     r
 }
 
+/// The answer to a request without the admin token. It closes the
+/// connection, so a client without the token cannot keep a slot open with
+/// a refused request every few seconds.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = respond(Answer::json(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "this API needs `Authorization: Bearer <admin token>`"}),
+    ));
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
+    closing(r)
+}
+
+/// Whether a request is a join: it needs no admin token.
+fn is_join(method: &Method, path: &str) -> bool {
+    method == Method::POST && path == "/v1/join"
+}
+
+/// The answer as sent. A refused join closes its connection, as a request
+/// without the admin token does (hyper gives every request of a connection
+/// its own header timeout, so refused joins one after another would keep
+/// a slot); so does a body too large or too slow, left unread.
+fn finish(join: bool, a: Answer) -> Response<Full<Bytes>> {
+    let close = (join && a.status.is_client_error())
+        || matches!(
+            a.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        );
+    let r = respond(a);
+    if close {
+        closing(r)
+    } else {
+        r
+    }
+}
+
+/// A request's body, read within [`BODY_TIMEOUT`] and its limit
+/// ([`MAX_JOIN_BODY`] for a join, else [`MAX_BODY`]), or the answer that
+/// refuses it.
+async fn read_body(body: Incoming, join: bool) -> Result<Bytes, Answer> {
+    let limit = if join { MAX_JOIN_BODY } else { MAX_BODY };
+    // The head had its timeout (hyper's header_read_timeout); the body gets
+    // one too, or a client that stops mid-body (`POST /v1/join` needs no
+    // token) would hold a connection slot for good.
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(Answer::json(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"error": format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())}),
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Answer::json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": format!("the body is larger than {limit} bytes")}),
+            ))
+        }
+        Ok(Err(e)) => Err(Answer::json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("body: {e}")}),
+        )),
+    }
+}
+
 /// A slot for one more TCP connection from `peer`, or `None` when its
-/// source (an IPv4 address, an IPv6 /64) has [`MAX_CONNS_PER_SOURCE`] open.
+/// source (an IPv4 address, an IPv6 /56) has [`MAX_CONNS_PER_SOURCE`] open.
 fn admit(per_source: &Arc<PerSource>, peer: SocketAddr) -> Option<SourceSlot> {
-    per_source.take(source_key(peer.ip()), MAX_CONNS_PER_SOURCE)
+    per_source.take(subscriber_key(peer.ip()), MAX_CONNS_PER_SOURCE)
 }
 
 async fn serve_req(
@@ -717,7 +779,8 @@ async fn serve_req(
     c.counters.api_requests.fetch_add(1, Relaxed);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    if t == Transport::Tcp && !(method == Method::POST && path == "/v1/join") {
+    let join = is_join(&method, &path);
+    if t == Transport::Tcp && !join {
         let ok = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -730,35 +793,11 @@ async fn serve_req(
             return Ok(unauthorized());
         }
     }
-    // The head had its timeout (hyper's header_read_timeout); the body gets
-    // one too, or a client that stops mid-body (`POST /v1/join` needs no
-    // token) would hold a connection slot for good.
-    let body = Limited::new(req.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
-        Err(_) => {
+    let body = match read_body(req.into_body(), join).await {
+        Ok(b) => b,
+        Err(a) => {
             c.counters.api_errors.fetch_add(1, Relaxed);
-            return Ok(respond(Answer::json(
-                StatusCode::REQUEST_TIMEOUT,
-                json!({"error": format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())}),
-            )));
-        }
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
-            c.counters.api_errors.fetch_add(1, Relaxed);
-            let too_big = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            return Ok(respond(if too_big {
-                Answer::json(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    json!({"error": format!("the body is larger than {MAX_BODY} bytes")}),
-                )
-            } else {
-                Answer::json(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": format!("body: {e}")}),
-                )
-            }));
+            return Ok(finish(join, a));
         }
     };
     // A task of its own, run to the end even when the client goes away
@@ -780,7 +819,7 @@ async fn serve_req(
         c.counters.api_errors.fetch_add(1, Relaxed);
         debug!(%method, %path, status = a.status.as_u16(), "API error");
     }
-    Ok(respond(a))
+    Ok(finish(join, a))
 }
 
 async fn serve_conn<S>(c: Arc<Control>, t: Transport, io: S)
@@ -970,31 +1009,104 @@ mod tests {
         drop(client);
     }
 
-    /// Sends one keep-alive request to a connection served by `answer` and
-    /// reads until the server closes it (or `wait` passes): the bytes read
-    /// and whether it closed.
-    async fn one_request(answer: fn() -> Response<Full<Bytes>>, wait: Duration) -> (String, bool) {
+    /// Sends `request` to a connection served by `svc` and reads until the
+    /// server closes it (or `wait` passes): the bytes read and whether it
+    /// closed.
+    async fn exchange<S>(svc: S, request: &[u8], wait: Duration) -> (String, bool)
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Full<Bytes>>,
+                Error = std::convert::Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (server, mut client) = tokio::io::duplex(64 * 1024);
-        let svc = hyper::service::service_fn(move |_req| async move {
-            Ok::<_, std::convert::Infallible>(answer())
-        });
         let serving = tokio::spawn(serve_bounded(
             TokioIo::new(server),
             svc,
             64 * 1024,
             (Duration::from_secs(60), Duration::from_secs(1)),
         ));
-        client
-            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
-            .await
-            .unwrap();
+        client.write_all(request).await.unwrap();
         let mut got = Vec::new();
         let closed = tokio::time::timeout(wait, client.read_to_end(&mut got))
             .await
             .is_ok();
         serving.abort();
         (String::from_utf8_lossy(&got).into_owned(), closed)
+    }
+
+    /// Sends one keep-alive request to a connection served by `answer`: see
+    /// [`exchange`].
+    async fn one_request(answer: fn() -> Response<Full<Bytes>>, wait: Duration) -> (String, bool) {
+        let svc = hyper::service::service_fn(move |_req| async move {
+            Ok::<_, std::convert::Infallible>(answer())
+        });
+        let req = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+        exchange(svc, req, wait).await
+    }
+
+    /// A keep-alive `POST` of `body` to `path` on a connection whose
+    /// requests are read as the API reads them and answered as it answers:
+    /// a join that gets its body is refused 401 (a token not valid), any
+    /// other request 200.
+    async fn post(path: &str, body: &[u8], wait: Duration) -> (String, bool) {
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let join = is_join(req.method(), req.uri().path());
+            let a = match read_body(req.into_body(), join).await {
+                Err(a) => a,
+                Ok(_) if join => {
+                    Answer::err(state::Error::unauthorized("the join token is not valid"))
+                }
+                Ok(_) => Answer::ok(json!({})),
+            };
+            Ok::<_, std::convert::Infallible>(finish(join, a))
+        });
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        exchange(svc, &req, wait).await
+    }
+
+    /// A refused join loses its connection, as a request without the admin
+    /// token does: refused joins one after another cannot keep a slot.
+    #[tokio::test]
+    async fn a_refused_join_closes_its_connection() {
+        let join = br#"{"token": "gwj1.x", "public_key": "k"}"#;
+        let (text, closed) = post("/v1/join", join, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(text.to_lowercase().contains("connection: close"), "{text}");
+        assert!(closed, "the connection stayed open after a refused join");
+        // Another request's answer keeps its connection.
+        let (text, closed) = post("/v1/peers", b"{}", Duration::from_millis(300)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(!closed, "a keep-alive connection was closed after a 200");
+    }
+
+    /// A join's body is small: one over [`MAX_JOIN_BODY`] is refused with
+    /// 413 and its connection closed, while other requests take up to
+    /// [`MAX_BODY`].
+    #[tokio::test]
+    async fn an_oversized_join_body_is_refused() {
+        let big = vec![b' '; MAX_JOIN_BODY + 1];
+        let (text, closed) = post("/v1/join", &big, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(
+            text.contains(&format!("larger than {MAX_JOIN_BODY} bytes")),
+            "{text}"
+        );
+        assert!(closed, "the connection stayed open after a 413");
+        let (text, _) = post("/v1/peers", &big, Duration::from_millis(300)).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let (text, _) = post("/v1/join", &big[..MAX_JOIN_BODY], Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     }
 
     /// A request without the admin token gets 401 and loses its connection,
@@ -1012,19 +1124,22 @@ mod tests {
         assert!(!closed, "a keep-alive connection was closed after a 200");
     }
 
-    /// The per-source cap counts an IPv6 client's /64 as one source.
+    /// The per-source cap counts an IPv6 client's /56 as one source, and
+    /// takes sixteen sources to fill the listener.
     #[test]
-    fn addresses_in_one_ipv6_64_share_the_cap() {
+    fn addresses_in_one_ipv6_56_share_the_cap() {
+        assert_eq!(MAX_CONNS_PER_SOURCE * 16, MAX_CONNS);
         let p = Arc::new(PerSource::default());
         let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 40000);
+        // Spread over the /64s of one /56.
         let held: Vec<_> = (0..MAX_CONNS_PER_SOURCE)
-            .map(|i| admit(&p, at(&format!("2001:db8:1:2::{:x}", i + 1))).unwrap())
+            .map(|i| admit(&p, at(&format!("2001:db8:1:2{i:02x}::1"))).unwrap())
             .collect();
-        assert!(admit(&p, at("2001:db8:1:2:ffff::9")).is_none());
-        assert!(admit(&p, at("2001:db8:1:3::1")).is_some(), "another /64");
+        assert!(admit(&p, at("2001:db8:1:2ff:ffff::9")).is_none());
+        assert!(admit(&p, at("2001:db8:1:300::1")).is_some(), "another /56");
         assert!(admit(&p, at("192.0.2.7")).is_some());
         drop(held);
-        assert!(admit(&p, at("2001:db8:1:2::1")).is_some());
+        assert!(admit(&p, at("2001:db8:1:200::1")).is_some());
     }
 
     fn segs(template: &str) -> Vec<String> {

@@ -782,11 +782,31 @@ fn forward_port_busy(
     }
 }
 
+/// The endpoints of the config file's `[[peer]]`s: a control-plane peer's
+/// prefix that holds one gets no route, as a `[[peer]]`'s gets none
+/// (`hub::add_peer_routes`).
+fn file_endpoints(cfg: &HubConfig) -> Vec<IpAddr> {
+    cfg.peers
+        .iter()
+        .filter_map(|p| p.endpoint.map(|e| e.ip()))
+        .collect()
+}
+
+/// The routes for the prefixes of added control-plane peers, and those
+/// skipped (default routes, prefixes holding a [`file_endpoints`] address).
+fn plan_routes(cfg: &HubConfig, added: &[IpNet]) -> crate::wg::route::Plan {
+    crate::wg::route::plan(&cfg.addresses, &file_endpoints(cfg), added)
+}
+
 /// Routes the off-link prefixes of added peers into the TUN, and takes
 /// away those of removed peers that no remaining peer (`held`) holds.
 fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet], held: &[IpNet]) {
     use crate::wg::route;
-    for net in route::plan(&cfg.addresses, &[], added).add {
+    let plan = plan_routes(cfg, added);
+    for (net, why) in &plan.skipped {
+        warn!(route = %net, interface = %cfg.interface, "a control-plane peer's allowed_ips prefix gets no route: {why}");
+    }
+    for net in plan.add {
         match route::replace(&net, &cfg.interface) {
             Ok(()) => {
                 dev.add_tun_routes([net]);
@@ -799,7 +819,7 @@ fn sync_routes(cfg: &HubConfig, dev: &Inner, added: &[IpNet], removed: &[IpNet],
     }
     let (gone, added) = route::withdraw(
         &cfg.addresses,
-        &[],
+        &file_endpoints(cfg),
         removed,
         held,
         &cfg.interface,
@@ -950,6 +970,37 @@ mod tests {
         assert_eq!(
             s.add_node(&ctx, &key(9), None, None).unwrap_err().status,
             409
+        );
+    }
+
+    /// A control-plane peer's prefix that holds a config-file peer's
+    /// endpoint gets no route, as a `[[peer]]`'s gets none: the tunnel's
+    /// own packets to that peer would go into a node's tunnel.
+    #[test]
+    fn a_control_plane_prefix_holding_a_file_peers_endpoint_is_not_routed() {
+        let text = "[hub]\nprivate_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"\n\
+                    addresses = [\"100.64.0.1/10\"]\n\
+                    [control]\nstate_dir = \"/var/lib/gw\"\n\
+                    [[peer]]\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\n\
+                    allowed_ips = [\"100.64.2.0/24\"]\nendpoint = \"198.51.100.7:51820\"\n\
+                    [[peer]]\npublic_key = \"TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\"\n\
+                    allowed_ips = [\"100.64.3.0/24\"]\nendpoint = \"[2001:db8:7::9]:51820\"\n";
+        let cfg = HubConfig::parse("hub.toml", text, std::path::Path::new("/etc/gw")).unwrap();
+        let nets = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|n| n.parse().unwrap()).collect() };
+        let added = nets(&[
+            "198.51.100.0/24",
+            "2001:db8:7::/48",
+            "192.0.2.0/24",
+            "2001:db8:8::/48",
+            "100.64.1.2/32",
+        ]);
+        let plan = plan_routes(&cfg, &added);
+        assert_eq!(plan.add, nets(&["192.0.2.0/24", "2001:db8:8::/48"]));
+        let skipped: Vec<IpNet> = plan.skipped.iter().map(|(n, _)| *n).collect();
+        assert_eq!(skipped, nets(&["198.51.100.0/24", "2001:db8:7::/48"]));
+        assert_eq!(
+            plan.skipped[0].1,
+            crate::wg::route::Skip::Endpoint("198.51.100.7".parse().unwrap())
         );
     }
 

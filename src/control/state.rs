@@ -14,11 +14,11 @@
 use crate::control::registry::{NameRegistry, Verdict};
 use crate::proxy::names::{DomainName, Label};
 use crate::proxy::settings::{RawPp, RawRoute, RawTcp, RawUdp};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A failed operation: an HTTP status and a message naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -713,6 +713,11 @@ impl State {
                     if n.trunc() != *n {
                         return Err(Error::bad(format!("allowed_ips: `{n}` has host bits set")));
                     }
+                    if let Some(why) = special_prefix(n) {
+                        return Err(Error::bad(format!(
+                            "allowed_ips: `{n}` holds {why} addresses, which are no node's"
+                        )));
+                    }
                     if used.overlaps(n) {
                         return Err(Error::conflict(format!(
                             "allowed_ips: `{n}` overlaps an address in use"
@@ -1041,6 +1046,12 @@ impl State {
         if decls.len() > 256 {
             return Err(Error::bad("at most 256 services per node"));
         }
+        let rules: usize = decls.iter().map(|d| d.allow.len() + d.deny.len()).sum();
+        if rules > MAX_NODE_RULES {
+            return Err(Error::bad(format!(
+                "allow and deny: at most {MAX_NODE_RULES} networks over all of a node's services"
+            )));
+        }
         let old = self.services.get(key).map_or(&[][..], Vec::as_slice);
         let mut out: Vec<ServiceRecord> = Vec::new();
         for (i, d) in decls.into_iter().enumerate() {
@@ -1288,6 +1299,51 @@ fn check_peer_name(n: &str) -> Result<()> {
     Ok(())
 }
 
+/// Client address rules (`allow` and `deny` together) of one declared
+/// service, and of all of a node's: the state file holds them, and every
+/// change writes it whole.
+pub const MAX_SERVICE_RULES: usize = 1024;
+pub const MAX_NODE_RULES: usize = 4096;
+
+/// Prefixes no node's allowed IPs may touch: routed into a node's tunnel,
+/// they would take the hub's own traffic there (`ip route replace`).
+const SPECIAL: [IpNet; 9] = [
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 8)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::BROADCAST, 32)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+    )),
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+    )),
+];
+
+/// What special addresses `n` holds (loopback, link-local, multicast,
+/// unspecified, broadcast: as [`crate::proxy::settings::forbidden_reason`]
+/// names them), if any. An IPv4-mapped IPv6 prefix is its IPv4 one.
+fn special_prefix(n: &IpNet) -> Option<&'static str> {
+    let n = match n {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|a| Ipv4Net::new(a, v6.prefix_len() - 96).ok())
+            .map_or(*n, IpNet::V4),
+        _ => *n,
+    }
+    .trunc();
+    SPECIAL
+        .iter()
+        .find(|s| s.contains(&n) || n.contains(*s))
+        .map(|s| crate::proxy::settings::forbidden_reason(s.network()).unwrap_or("special"))
+}
+
 fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
     let who = |m: String| Error::bad(format!("services #{}: {m}", i + 1));
     match (&d.name, &d.fqdn) {
@@ -1337,6 +1393,11 @@ fn check_decl(i: usize, mut d: ServiceDecl) -> Result<ServiceDecl> {
                 return Err(who("http2 is for http services".into()));
             }
         }
+    }
+    if d.allow.len() + d.deny.len() > MAX_SERVICE_RULES {
+        return Err(who(format!(
+            "allow and deny: at most {MAX_SERVICE_RULES} networks together"
+        )));
     }
     // Canonical lists, so replicas that spell the same rules differently agree.
     let rules = crate::proxy::access::Access::parse(&d.allow, &d.deny).map_err(who)?;

@@ -32,6 +32,11 @@ pub struct FileStore {
 
 pub const STATE_FILE: &str = "state.json";
 
+/// The number of this process's next temporary file: a save's name of its
+/// own, so two saves never write one file (the writer lock orders saves,
+/// but a save outlives a cancelled caller).
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl FileStore {
     /// Creates the directory (mode 0700) if it does not exist.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
@@ -66,9 +71,6 @@ impl FileStore {
     fn save_sync(&self, state: &State) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let body = serde_json::to_vec_pretty(state)?;
-        // A name of this save's own: two saves never write one file (the
-        // writer lock orders saves, but a save outlives a cancelled caller).
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
             .dir
@@ -105,25 +107,33 @@ impl FileStore {
 
 /// Removes the temporary files of saves that a process which is gone
 /// (killed between writing and renaming) left behind: each is a whole copy
-/// of the state.
+/// of the state. One named with this process's PID and a number it has not
+/// given out yet is an earlier process's (the PID used again after a
+/// crash): left, it would fail the save that comes to its number.
 fn remove_stale_temps(dir: &Path) {
+    let issued = SEQ.load(std::sync::atomic::Ordering::Relaxed);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name
+        let Some((pid, seq)) = name
             .to_str()
             .and_then(|n| n.strip_prefix(STATE_FILE)?.strip_prefix('.'))
             .and_then(|n| n.strip_suffix(".tmp"))
             .and_then(|n| n.split_once('.'))
-            .and_then(|(pid, seq)| seq.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+            .and_then(|(pid, seq)| Some((pid.parse::<u32>().ok()?, seq.parse::<u64>().ok()?)))
         else {
             continue;
         };
-        // A live process's save may be under way (and this one's never is
-        // yet).
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        // A live process's save may be under way; this one's only under a
+        // number it gave out.
+        let live = if pid == std::process::id() {
+            seq < issued
+        } else {
+            Path::new(&format!("/proc/{pid}")).exists()
+        };
+        if live {
             continue;
         }
         match std::fs::remove_file(e.path()) {
@@ -211,10 +221,11 @@ mod tests {
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0);
         // The next start removes what interrupted saves of processes that
-        // are gone left, and nothing else.
+        // are gone left, and nothing else (this process gave out number 0:
+        // a save of its own may be under it).
         let st_dir = d.path().join("st");
         let dead = st_dir.join("state.json.4294967295.3.tmp");
-        let own = st_dir.join(format!("state.json.{}.9.tmp", std::process::id()));
+        let own = st_dir.join(format!("state.json.{}.0.tmp", std::process::id()));
         let other = st_dir.join("state.json.notes.tmp");
         for f in [&dead, &own, &other] {
             std::fs::write(f, b"{}").unwrap();
@@ -264,6 +275,44 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["state.json".to_string()], "{names:?}");
+    }
+
+    /// Temp files an earlier process of the same PID left (a crash, the
+    /// PID used again) are removed at open: the saves that come to their
+    /// numbers succeed.
+    #[tokio::test]
+    async fn an_earlier_process_of_this_pid_fails_no_save() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = tempdir();
+        let dir = d.path().join("st");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Every number the saves below may get, other tests' saves
+        // running at once taking some.
+        let from = SEQ.load(Relaxed);
+        let left: Vec<(u64, PathBuf)> = (from..from + 256)
+            .map(|n| {
+                (
+                    n,
+                    dir.join(format!("state.json.{}.{n}.tmp", std::process::id())),
+                )
+            })
+            .collect();
+        for (_, f) in &left {
+            std::fs::write(f, b"{").unwrap();
+        }
+        let s = FileStore::open(&dir).unwrap();
+        let next = SEQ.load(Relaxed);
+        for (n, f) in &left {
+            assert!(*n < next || !f.exists(), "{} kept", f.display());
+        }
+        for v in 1..=4 {
+            let st = State {
+                version: v,
+                ..State::default()
+            };
+            s.save(&st).await.unwrap();
+        }
+        assert_eq!(s.load().await.unwrap().unwrap().version, 4);
     }
 
     #[tokio::test]

@@ -1089,3 +1089,106 @@ fn a_file_peer_gone_from_the_file_leaves_no_services() {
     assert!(s.drop_services_of_non_peers(&e.file_keys).is_empty());
     assert_eq!(s.version, v);
 }
+
+/// A peer's allowed IPs are routed into its tunnel: loopback, link-local,
+/// multicast, unspecified and broadcast prefixes (or any holding one) are
+/// refused with 400 naming the prefix, and nothing is stored.
+#[test]
+fn special_prefixes_are_no_peers() {
+    let e = env();
+    let mut s = State::default();
+    for (n, why) in [
+        ("169.254.169.254/32", "link-local"),
+        ("127.0.0.0/8", "loopback"),
+        ("127.0.0.1/32", "loopback"),
+        ("0.0.0.0/0", "unspecified"),
+        ("0.0.0.0/1", "unspecified"),
+        ("64.0.0.0/2", "loopback"),
+        ("160.0.0.0/3", "link-local"),
+        ("239.1.2.0/24", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+        ("fe80::/64", "link-local"),
+        ("::1/128", "loopback"),
+        ("::/0", "unspecified"),
+        ("ff02::1/128", "multicast"),
+        ("::ffff:169.254.0.0/112", "link-local"),
+    ] {
+        let err = s
+            .add_node(&ctx(&e, 1), K1, None, Some(vec![n.parse().unwrap()]))
+            .unwrap_err();
+        assert_eq!(err.status, 400, "{n}: {err}");
+        assert!(err.message.contains(&format!("`{n}`")), "{n}: {err}");
+        assert!(err.message.contains(why), "{n}: {err}");
+    }
+    assert!(s.nodes.is_empty());
+    assert_eq!(s.version, 0);
+    // Next to them, ordinary prefixes are taken.
+    for (k, n) in [
+        (K1, "192.0.2.0/24"),
+        (K2, "2001:db8::/48"),
+        (K3, "169.253.0.0/16"),
+    ] {
+        s.add_node(&ctx(&e, 2), k, None, Some(vec![n.parse().unwrap()]))
+            .unwrap();
+    }
+}
+
+/// A node's client address rules are capped per service and over all of
+/// its services: beyond, the call is refused with 400 naming the limit.
+#[test]
+fn a_nodes_allow_and_deny_rules_are_capped() {
+    let e = env();
+    let mut s = State::default();
+    let ip1 = s.add_node(&ctx(&e, 1), K1, None, None).unwrap().allowed_ips[0].addr();
+    // Distinct networks: 10.a.b.0/24.
+    let nets = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect()
+    };
+    let ruled = |name: &str, allow: Vec<String>, deny: Vec<String>| ServiceDecl {
+        allow,
+        deny,
+        ..http(name, 80)
+    };
+    let full = ruled(
+        "a",
+        nets(0, MAX_SERVICE_RULES - 1),
+        nets(MAX_SERVICE_RULES, 1),
+    );
+    assert!(s
+        .declare_services(&ctx(&e, 2), K1, ip1, vec![full.clone()])
+        .unwrap());
+    let over = ruled("a", nets(0, MAX_SERVICE_RULES), nets(MAX_SERVICE_RULES, 1));
+    let err = s
+        .declare_services(&ctx(&e, 3), K1, ip1, vec![over])
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(
+        err.message.contains(&MAX_SERVICE_RULES.to_string()),
+        "{err}"
+    );
+    // Four full services fit; a fifth rule more does not.
+    let per = MAX_NODE_RULES / MAX_SERVICE_RULES;
+    let mut set: Vec<ServiceDecl> = (0..per)
+        .map(|i| {
+            ruled(
+                &format!("s{i}"),
+                nets(i * MAX_SERVICE_RULES, MAX_SERVICE_RULES),
+                vec![],
+            )
+        })
+        .collect();
+    assert!(s
+        .declare_services(&ctx(&e, 4), K1, ip1, set.clone())
+        .unwrap());
+    set.push(ruled("more", vec![], nets(MAX_NODE_RULES, 1)));
+    let err = s.declare_services(&ctx(&e, 5), K1, ip1, set).unwrap_err();
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains(&MAX_NODE_RULES.to_string()), "{err}");
+    assert_eq!(
+        s.services[K1].len(),
+        per,
+        "the refused call changed nothing"
+    );
+}
