@@ -2791,6 +2791,7 @@ fn udp_forward(backend: SocketAddr) -> UdpForwardSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         backends: vec![be(backend)],
         max_flows: 16,
+        max_flows_per_source: 16,
         flow_idle_timeout: Duration::from_secs(60),
         balance: Balance::default(),
         access: Default::default(),
@@ -2909,6 +2910,51 @@ async fn udp_spray_of_new_sources_keeps_confirmed_flows() {
     // The sprayed flows made way for each other: the first one is gone.
     assert!(udp_ask(&spray[0], at, b"y").await.is_some());
     assert_eq!(flows(&p), 14, "a new flow for the first sprayed source");
+}
+
+/// One host opening and confirming flow after flow from its ports makes its
+/// own flows go (`max_flows_per_source`), not another client's, however
+/// quiet that one is.
+#[tokio::test]
+async fn udp_flows_of_one_host_make_way_for_each_other_only() {
+    let echo = udp_port_echo().await;
+    let mut s = settings(vec![]);
+    s.udp = vec![UdpForwardSettings {
+        max_flows: 8,
+        max_flows_per_source: 3,
+        ..udp_forward(echo)
+    }];
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.udp_addrs()[0];
+    let quiet = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let port = udp_ask(&quiet, at, b"1").await.expect("an answer");
+    assert_eq!(udp_ask(&quiet, at, b"2").await, Some(port.clone()));
+    // Another host confirms ten flows, one port after another.
+    let mut host = Vec::new();
+    for i in 0..10 {
+        let c = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+        for _ in 0..2 {
+            assert!(udp_ask(&c, at, b"x").await.is_some(), "port {i}");
+        }
+        host.push(c);
+    }
+    assert_eq!(
+        udp_ask(&quiet, at, b"3").await,
+        Some(port),
+        "the quiet client's flow kept its socket"
+    );
+    let flows = || {
+        let st = p.stats();
+        let u = st.iter().find(|s| s.route.starts_with("udp:")).unwrap();
+        (u.requests, u.errors.get("over_capacity").copied())
+    };
+    assert_eq!(flows(), (11, None));
+    // The host's last three are kept, its first went.
+    let before = udp_ask(&host[9], at, b"y").await;
+    assert!(before.is_some());
+    assert_eq!(flows(), (11, None), "the last port's flow was kept");
+    assert!(udp_ask(&host[0], at, b"y").await.is_some());
+    assert_eq!(flows(), (12, None), "the first port's flow had gone");
 }
 
 /// Only the client's datagrams keep a flow: a backend that keeps sending

@@ -12,8 +12,12 @@
 //! at most that many flows at once: a datagram that would start one more
 //! takes the place of a flow whose client never came back after its backend
 //! answered (quiet longest first; a forged or one-shot source holds no place
-//! for long), else it is dropped and counted as `over_capacity`.
+//! for long), else it is dropped and counted as `over_capacity`. One client
+//! (an IPv4 address, an IPv6 /56) holds at most `max_flows_per_source`
+//! flows: beyond, its new flow takes the place of its own flow quiet
+//! longest, never of another client's.
 
+use crate::per_source::{subscriber_key, PerSource, SourceSlot};
 use crate::proxy::access_log::{AccessLog, Entry, Kind as LogKind};
 use crate::proxy::io::{Activity, FlowOrder, Standing, UdpListener, UDP_BATCH};
 use crate::proxy::proxy_protocol::{encode_v2, Transport};
@@ -79,6 +83,8 @@ struct Flow {
     /// The flow's place under the forward's `max_connections`, given back
     /// when the flow ends.
     _slot: Option<OwnedSemaphorePermit>,
+    /// The flow's place among its client's (`max_flows_per_source`).
+    _source: SourceSlot,
 }
 
 impl Flow {
@@ -106,6 +112,25 @@ impl Drop for Flow {
     }
 }
 
+/// A place for one more flow of `client` among its own: when it holds
+/// `max` (a port after port from one host), one of its flows gives its
+/// place up: one never confirmed if it has any, quiet longest. (A scan of
+/// the table, made only for a client at its cap.)
+fn admit_source(table: &mut Table, client: IpAddr, max: usize) -> Option<SourceSlot> {
+    let key = subscriber_key(client);
+    if let Some(s) = table.sources.take(key, max) {
+        return Some(s);
+    }
+    let oldest = table
+        .flows
+        .iter()
+        .filter(|(k, _)| subscriber_key(k.0.ip()) == key)
+        .min_by_key(|(_, f)| (f.confirmed, f.seen))
+        .map(|(k, _)| *k)?;
+    table.flows.remove(&oldest);
+    table.sources.take(key, max)
+}
+
 /// A place for one more flow under the forward's `max_connections` (which
 /// counts flows): when they are all taken, an unconfirmed flow of `table`
 /// gives its place up (one per datagram: bounded work), else `None`, the
@@ -131,7 +156,7 @@ async fn new_flow(
     fwd: &Arc<Forward>,
     (client, local_ip): FlowKey,
     id: u64,
-    slot: Option<OwnedSemaphorePermit>,
+    (slot, source): (Option<OwnedSemaphorePermit>, SourceSlot),
 ) -> Option<Flow> {
     let Some((backend, lease)) = fwd.upstreams.pick(Some(client.ip())) else {
         fwd.counters.error(ErrorKind::NoHealthyBackend);
@@ -230,6 +255,7 @@ async fn new_flow(
         tally,
         log,
         _slot: slot,
+        _source: source,
     })
 }
 
@@ -239,6 +265,8 @@ struct Table {
     flows: HashMap<FlowKey, Flow>,
     /// The order in which a full table lets flows go.
     order: FlowOrder<FlowKey>,
+    /// Flows per client (`max_flows_per_source`).
+    sources: Arc<PerSource>,
     /// A datagram to a backend behind its PROXY header (one buffer for all
     /// flows).
     out: Vec<u8>,
@@ -281,11 +309,15 @@ async fn on_datagram(
         return;
     }
     if !live {
+        let Some(source) = admit_source(table, client.ip(), cfg.max_flows_per_source) else {
+            fwd.counters.error(ErrorKind::OverCapacity);
+            return;
+        };
         let Some(slot) = admit_flow(fwd, table) else {
             return;
         };
         let id = table.order.next_id();
-        let Some(f) = new_flow(listen.clone(), fwd, key, id, slot).await else {
+        let Some(f) = new_flow(listen.clone(), fwd, key, id, (slot, source)).await else {
             return;
         };
         // Only a datagram that does start a flow (let in, a backend

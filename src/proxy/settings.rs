@@ -311,6 +311,8 @@ pub struct RawUdp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_flows_per_source: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_idle_timeout: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balance: Option<String>,
@@ -728,6 +730,9 @@ pub struct UdpForwardSettings {
     pub backends: Vec<Backend>,
     /// Flow table bound; the least recently active flow is evicted beyond it.
     pub max_flows: usize,
+    /// Flows of one client (an IPv4 address, an IPv6 /56) at once: beyond
+    /// it, its own flow quiet longest goes for its new one.
+    pub max_flows_per_source: usize,
     /// A flow with no packet in either direction for this long is dropped.
     pub flow_idle_timeout: Duration,
     /// Load balancing (no active health checks for UDP).
@@ -771,6 +776,12 @@ pub struct Limits {
     /// A backend inside a node's allowed IPs counts as down when nothing was
     /// received from that node for this long (or never).
     pub tunnel_down_after: Duration,
+}
+
+/// The default `max_flows_per_source` of a UDP forward for `max_flows`: a
+/// sixteenth, at least 64 (all of them below 64).
+pub fn default_flows_per_source(max_flows: usize) -> usize {
+    (max_flows / 16).max(64).min(max_flows)
 }
 
 /// The default `max_connections_per_source` for `max_connections`: a
@@ -1903,12 +1914,21 @@ pub(crate) fn validate(
         if !(1..=1_000_000).contains(&max_flows) {
             return Err(format!("{who}: max_flows: must be 1 to 1000000"));
         }
+        let max_flows_per_source = u
+            .max_flows_per_source
+            .unwrap_or_else(|| default_flows_per_source(max_flows));
+        if !(1..=max_flows).contains(&max_flows_per_source) {
+            return Err(format!(
+                "{who}: max_flows_per_source: must be 1 to max_flows ({max_flows})"
+            ));
+        }
         let bal = balance(&who, raw_bal!(u), true)?;
         out_udp.push(UdpForwardSettings {
             listen,
             balance: bal,
             backends: backends(&who, &u.backends, false, &own)?,
             max_flows,
+            max_flows_per_source,
             flow_idle_timeout: secs(
                 &format!("{who}: flow_idle_timeout"),
                 u.flow_idle_timeout,
@@ -2169,12 +2189,35 @@ mod toml_tests {
         assert_eq!(p.routes[1].host.to_string(), "fqdn:www.example.com");
         assert_eq!(p.tcp.len(), 1);
         assert_eq!(p.udp[0].max_flows, 4096);
+        assert_eq!(p.udp[0].max_flows_per_source, 256);
         assert_eq!(p.udp[0].proxy_protocol, super::ProxyProtocol::Off);
         assert_eq!(p.udp[1].proxy_protocol, super::ProxyProtocol::V2);
         let e = parse("[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\nproxy_protocol = \"v1\"\n")
             .unwrap_err();
         assert!(e.contains("[[udp]] #1") && e.contains("no UDP form"), "{e}");
         assert!(parse("").unwrap().proxy.is_none());
+        let udp = |extra: &str| {
+            parse(&format!(
+                "[[udp]]\nlisten = \"0.0.0.0:53\"\nbackends = [\"100.64.0.9:53\"]\n{extra}"
+            ))
+            .map(|c| {
+                let u = &c.proxy.unwrap().udp[0];
+                (u.max_flows, u.max_flows_per_source)
+            })
+        };
+        assert_eq!(udp("max_flows = 100\n"), Ok((100, 64)));
+        assert_eq!(udp("max_flows = 10\n"), Ok((10, 10)));
+        assert_eq!(udp("max_flows_per_source = 1\n"), Ok((4096, 1)));
+        for bad in [
+            "max_flows_per_source = 0\n",
+            "max_flows = 10\nmax_flows_per_source = 11\n",
+        ] {
+            let e = udp(bad).unwrap_err();
+            assert!(
+                e.contains("max_flows_per_source: must be 1 to max_flows"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
