@@ -530,7 +530,10 @@ async fn bind_retrying(p: &ForwardPlan) -> socket2::Socket {
     }
 }
 
-async fn tcp_forwarder(p: ForwardPlan, counters: Arc<Counters>) {
+/// Forwards the TCP connections the plan's listener takes. Each connection
+/// ends with the forwarder: when `stop`'s sender (held by [`Forwarder`]) is
+/// dropped, the service was removed or changed.
+async fn tcp_forwarder(p: ForwardPlan, counters: Arc<Counters>, stop: watch::Receiver<()>) {
     let s = bind_retrying(&p).await;
     let l = match TcpListener::from_std(s.into()) {
         Ok(l) => l,
@@ -559,8 +562,8 @@ async fn tcp_forwarder(p: ForwardPlan, counters: Arc<Counters>) {
         };
         counters.connection();
         let (target, service, counters) = (p.target, p.service.clone(), counters.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        let mut stop = stop.clone();
+        let conn = async move {
             let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
                 .await
             {
@@ -585,6 +588,13 @@ async fn tcp_forwarder(p: ForwardPlan, counters: Arc<Counters>) {
                     .result
             {
                 debug!(service, %from, error = %e, "forwarded connection ended");
+            }
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                () = conn => {}
+                _ = stop.changed() => debug!(%from, "forwarder stopped: its connection closed"),
             }
         });
     }
@@ -723,11 +733,13 @@ impl Drop for Services {
 }
 
 /// A running forwarder: its plan, its task (aborted when dropped) and what
-/// it counted.
+/// it counted. Dropped, it also ends the connections it forwards (TCP: each
+/// waits on `_stop`; UDP flows are its task's own).
 struct Forwarder {
     plan: ForwardPlan,
     task: JoinHandle<()>,
     counters: Arc<Counters>,
+    _stop: watch::Sender<()>,
 }
 
 impl Drop for Forwarder {
@@ -739,15 +751,17 @@ impl Drop for Forwarder {
 impl Forwarder {
     fn spawn(p: ForwardPlan) -> Forwarder {
         let counters = Arc::new(Counters::default());
+        let (stop, stopped) = watch::channel(());
         let task = if p.udp {
             tokio::spawn(udp_forwarder(p.clone(), counters.clone()))
         } else {
-            tokio::spawn(tcp_forwarder(p.clone(), counters.clone()))
+            tokio::spawn(tcp_forwarder(p.clone(), counters.clone(), stopped))
         };
         Forwarder {
             plan: p,
             task,
             counters,
+            _stop: stop,
         }
     }
 
@@ -1203,6 +1217,7 @@ mod tests {
             hubs: vec!["127.0.0.1".parse().unwrap()],
         }));
         let tc = Arc::new(Counters::default());
+        let (_stop, stopped) = watch::channel(());
         let t = tokio::spawn(tcp_forwarder(
             ForwardPlan {
                 listen,
@@ -1212,6 +1227,7 @@ mod tests {
                 admit: admit.clone(),
             },
             tc.clone(),
+            stopped,
         ));
         // Another node is accepted and closed at once, never forwarded.
         let mut other = loop {
@@ -1305,5 +1321,51 @@ mod tests {
         assert_eq!(shown["requests"], 1, "{shown}");
         assert!(shown["bytes_out"].as_u64().unwrap() >= 4, "{shown}");
         u.abort();
+    }
+
+    /// A forwarder dropped (its service removed or changed on reload) ends
+    /// the connections it forwards, not only its listener.
+    #[tokio::test]
+    async fn a_stopped_forwarder_ends_its_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut b = [0u8; 64];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let probe = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let listen = probe.local_addr().unwrap();
+        drop(probe);
+        let f = Forwarder::spawn(ForwardPlan {
+            listen,
+            target,
+            udp: false,
+            service: "t".into(),
+            admit: None,
+        });
+        let mut c = loop {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut b = [0u8; 5];
+        c.write_all(b"hello").await.unwrap();
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"hello");
+        drop(f);
+        let r = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = c.write_all(b"again").await;
+            c.read(&mut b).await
+        })
+        .await
+        .expect("the connection outlived its forwarder");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     }
 }
