@@ -678,6 +678,9 @@ impl HubConfig {
             .map(|m| crate::mesh::settings::validate(m, base, has_listener))
             .transpose()
             .map_err(|m| ctx.err(m))?;
+        if let Some(p) = &proxy {
+            crate::proxy::settings::check_acme(p, mesh.is_some()).map_err(|m| ctx.err(m))?;
+        }
         Ok(HubConfig {
             interface,
             listen_port: raw.hub.listen_port.unwrap_or(DEFAULT_PORT),

@@ -875,9 +875,25 @@ pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
 }
 
 /// The system's CA bundle: what checks a `wss://` carrier's certificate
-/// unless its hub has `websocket_ca`, and the ACME server's without
-/// `directory_ca`.
+/// unless its hub has `websocket_ca`.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Where systems keep their CA bundle, in the order looked at: Debian and
+/// Ubuntu, RHEL and Fedora, openSUSE, Alpine.
+pub const SYSTEM_BUNDLES: [&str; 4] = [
+    SYSTEM_ROOTS,
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The first of [`SYSTEM_BUNDLES`] there: what checks the ACME server's
+/// certificate without `directory_ca`.
+pub fn system_bundle() -> Option<&'static str> {
+    SYSTEM_BUNDLES
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+}
 
 /// How a node checks the certificate of a `wss://` carrier's server.
 #[derive(Clone, PartialEq, Eq)]

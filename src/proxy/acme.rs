@@ -594,24 +594,7 @@ struct AcmeHttp {
 
 impl AcmeHttp {
     fn new(ca: Option<&Path>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        let file = ca
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(crate::carrier::SYSTEM_ROOTS));
-        use rustls::pki_types::pem::PemObject;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&file)
-            .map_err(|e| format!("acme directory_ca {}: {e}", file.display()))?
-            .filter_map(Result::ok)
-            .collect();
-        for c in certs {
-            let _ = roots.add(c);
-        }
-        if roots.is_empty() {
-            return Err(format!(
-                "acme directory_ca {}: no usable certificate",
-                file.display()
-            ));
-        }
+        let roots = acme_roots(ca)?;
         let cfg = rustls::ClientConfig::builder_with_provider(crate::proxy::upstream::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -622,6 +605,36 @@ impl AcmeHttp {
             timeout: REQUEST_TIMEOUT,
         })
     }
+}
+
+/// The CA certificates that check the ACME server's: `directory_ca`'s, or
+/// the system bundle's ([`crate::carrier::system_bundle`]). Errors name
+/// which, and the file.
+pub(crate) fn acme_roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let (what, file) = match ca {
+        Some(f) => ("[proxy.acme] directory_ca", f.to_path_buf()),
+        None => (
+            "the system CA bundle",
+            PathBuf::from(crate::carrier::system_bundle().ok_or_else(|| {
+                format!(
+                    "[proxy.acme]: no system CA bundle found (looked for {}): \
+                     install the CA certificates, or set directory_ca",
+                    crate::carrier::SYSTEM_BUNDLES.join(", ")
+                )
+            })?),
+        ),
+    };
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&file)
+        .map_err(|e| format!("{what} {}: {e}", file.display()))?
+        .filter_map(Result::ok)
+        .collect();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(certs);
+    if roots.is_empty() {
+        return Err(format!("{what} {}: no usable certificate", file.display()));
+    }
+    Ok(roots)
 }
 
 fn other(e: impl std::fmt::Display) -> instant_acme::Error {
@@ -1101,6 +1114,8 @@ async fn issue_inner(
         Some((sh, held)) => (Some(sh), held),
         None => (None, None),
     };
+    // `issue` gives up at the same time.
+    let deadline = tokio::time::Instant::now() + ORDER_TIMEOUT;
     let acct = account(cfg).await?;
     let ids = [Identifier::Dns(host.to_string())];
     let mut order = acct
@@ -1232,7 +1247,9 @@ async fn issue_inner(
         .finalize(csr.der())
         .await
         .map_err(|e| format!("finalize: {e}"))?;
-    let mut delay = Duration::from_millis(250);
+    // A CA slow to issue is waited for until the order's time is up: an
+    // order again would count against its duplicate certificate limit.
+    let mut delay = None;
     let chain = loop {
         match order
             .certificate()
@@ -1241,11 +1258,19 @@ async fn issue_inner(
         {
             Some(c) => break c,
             None => {
-                if delay > Duration::from_secs(20) {
-                    return Err("certificate not issued in time".into());
+                let d = cert_poll_delay(delay);
+                if tokio::time::Instant::now() + d >= deadline {
+                    return Err(format!(
+                        "the certificate was not issued within {ORDER_TIMEOUT:?} of the order"
+                    ));
                 }
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                tokio::time::sleep(d).await;
+                delay = Some(d);
+                if let Some(sh) = share {
+                    if let Err(e) = keep_shared(sh, host, &mut held, &answers.published).await {
+                        warn!(host = %host, error = %e, "ACME order: waiting for the certificate without the mesh lock");
+                    }
+                }
             }
         }
     };
@@ -1259,6 +1284,15 @@ async fn issue_inner(
 
 /// An order's error when its host was dropped from the config meanwhile.
 const NOT_WANTED: &str = "the host is no longer wanted";
+
+/// The longest wait between two requests for an issued certificate.
+const CERT_POLL_MAX: Duration = Duration::from_secs(10);
+
+/// The wait before asking for the certificate again after waiting `last`
+/// (none: the first time): 250 ms, doubling up to [`CERT_POLL_MAX`].
+fn cert_poll_delay(last: Option<Duration>) -> Duration {
+    last.map_or(Duration::from_millis(250), |d| (d * 2).min(CERT_POLL_MAX))
+}
 
 /// Whether an order whose validation ended in `status` can be finalized
 /// with a key made now. One already valid was finalized before (the CA
@@ -1947,11 +1981,13 @@ async fn keep(
             state.failures.write().remove(host);
             None
         }
-        Err(_) if state.is_stopped() => {
+        // Given up for it alone: any other error (the CA's) is noted, so
+        // that the host wanted again, or a restart, waits as well.
+        Err(e) if e == NOT_WANTED && state.is_stopped() => {
             info!(host = %host, "ACME order given up: the proxy stopped");
             None
         }
-        Err(_) if !state.wants(host) => {
+        Err(e) if e == NOT_WANTED => {
             info!(host = %host, "ACME order given up: the host is no longer wanted");
             None
         }
@@ -2843,6 +2879,60 @@ mod tests {
         round(&st, &mut Rounds::default()).await;
         assert_eq!(orders(), 3);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_order_failing_while_its_host_is_dropped_keeps_its_wait() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let dir = tmpdir("dropped");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = cfg_at(&dir, l.local_addr().unwrap().port());
+        let host = "shop.gw.test";
+        let st = Arc::new(AcmeState::default());
+        st.set_wanted(Some(cfg.clone()), vec![host.into()], Vec::new());
+        // A CA that fails every order, the first one while a reload drops
+        // the host.
+        let n = Arc::new(AtomicUsize::new(0));
+        {
+            let (st, cfg, n) = (st.clone(), cfg.clone(), n.clone());
+            tokio::spawn(async move {
+                while let Ok((c, _)) = l.accept().await {
+                    if n.fetch_add(1, SeqCst) == 0 {
+                        st.set_wanted(Some(cfg.clone()), Vec::new(), Vec::new());
+                    }
+                    drop(c);
+                }
+            });
+        }
+        let mut rounds = Rounds::default();
+        round(&st, &mut rounds).await;
+        assert_eq!(n.load(SeqCst), 1);
+        assert!(host_dir(&cfg, host).join(RETRY_FILE).exists());
+        // Wanted again: it waits.
+        st.set_wanted(Some(cfg.clone()), vec![host.into()], Vec::new());
+        round(&st, &mut rounds).await;
+        assert_eq!(n.load(SeqCst), 1, "no order during the wait");
+        assert!(st.failures.read().contains_key(host));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_certificate_is_asked_for_until_the_order_times_out() {
+        let ms = Duration::from_millis;
+        let mut last = None;
+        let mut waits = Vec::new();
+        let mut waited = Duration::ZERO;
+        while waited < ORDER_TIMEOUT {
+            let d = cert_poll_delay(last);
+            assert!(d <= CERT_POLL_MAX, "{d:?}");
+            waits.push(d);
+            waited += d;
+            last = Some(d);
+        }
+        assert_eq!(waits[..4], [ms(250), ms(500), ms(1000), ms(2000)]);
+        assert_eq!(waits.last(), Some(&CERT_POLL_MAX));
+        // Every 10 s once there: about 60 requests in 600 s.
+        assert!((60..70).contains(&waits.len()), "{}", waits.len());
     }
 
     #[tokio::test]

@@ -770,7 +770,7 @@ fn file_cert(host: &str, key: &rustls::sign::CertifiedKey) -> CertStatus {
 
 /// Host names whose certificates ACME should keep (with `wildcard`, one
 /// `*.<domain>` for the names under each gateway domain).
-fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
+pub(crate) fn acme_hosts(settings: &ProxySettings) -> Vec<String> {
     let wildcard = settings.acme.as_ref().is_some_and(|a| a.wildcard);
     // A name one label under a gateway domain, and that domain.
     let gateway_domain = |h: &str| {

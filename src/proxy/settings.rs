@@ -1440,6 +1440,41 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// Checks `[proxy.acme]` as the file has it, once at load (not for each
+/// route of the control plane): the CA certificates that check the ACME
+/// server's can be read; and, without a `[mesh]` (`mesh`) whose hubs
+/// answer too, `challenge` has a listener when some name would need it
+/// (any name without `wildcard`, else one outside the gateway domains'
+/// wildcards).
+pub fn check_acme(settings: &ProxySettings, mesh: bool) -> Result<(), String> {
+    let Some(a) = &settings.acme else {
+        return Ok(());
+    };
+    crate::proxy::acme::acme_roots(a.directory_ca.as_deref())?;
+    if mesh {
+        return Ok(());
+    }
+    let (name, key, empty) = match a.challenge {
+        AcmeChallenge::Http01 => ("http-01", "http_listen", settings.http_listen.is_empty()),
+        AcmeChallenge::TlsAlpn01 => (
+            "tls-alpn-01",
+            "https_listen",
+            settings.https_listen.is_empty(),
+        ),
+    };
+    let needed = !a.wildcard
+        || crate::proxy::server::acme_hosts(settings)
+            .iter()
+            .any(|h| !h.starts_with("*."));
+    if empty && needed {
+        return Err(format!(
+            "[proxy.acme] challenge = `{name}` needs [proxy] {key}: with it empty (and no [mesh] \
+             whose hubs answer), no order can be validated"
+        ));
+    }
+    Ok(())
+}
+
 /// Validates the proxy sections of a hub file. `hub_addrs` are the `[hub]`
 /// addresses; `base` resolves relative file names. Returns `None` when the file
 /// has neither a `[proxy]` section nor any route or forward.
@@ -2516,6 +2551,69 @@ mod toml_tests {
             .unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn acme_challenge_needs_its_listener() {
+        let acme = "[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n";
+        let px = "[proxy]\ndomains = [\"gw.example.org\"]\n";
+        let e = parse(&format!("{px}http_listen = []\n{acme}")).unwrap_err();
+        assert!(
+            e.contains("[proxy.acme] challenge = `http-01`") && e.contains("http_listen"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{px}https_listen = []\n{acme}challenge = \"tls-alpn-01\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("[proxy.acme] challenge = `tls-alpn-01`") && e.contains("https_listen"),
+            "{e}"
+        );
+        // The other listener is not needed.
+        parse(&format!(
+            "{px}http_listen = []\n{acme}challenge = \"tls-alpn-01\"\n"
+        ))
+        .unwrap();
+        parse(&format!("{px}https_listen = []\n{acme}")).unwrap();
+        // Another hub of the mesh answers.
+        parse(&format!(
+            "{px}http_listen = []\n{acme}[mesh]\nname = \"hub-a\"\n\
+             etcd = [\"http://192.0.2.9:2379\"]\nadvertise = [\"198.51.100.1\"]\n"
+        ))
+        .unwrap();
+        // With wildcard, names under the gateway domains use DNS-01; a name
+        // outside them still needs the challenge.
+        let wild = format!(
+            "{px}http_listen = []\n{acme}wildcard = true\ndns_listen = [\"203.0.113.1:53\"]\n"
+        );
+        parse(&wild).unwrap();
+        let e = parse(&format!(
+            "{wild}[[route]]\nfqdn = \"a.example\"\nacme = true\nbackends = [\"100.64.0.9:80\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("http_listen"), "{e}");
+    }
+
+    #[test]
+    fn acme_directory_ca_is_checked_at_load() {
+        let acme = "[proxy.acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"acme\"\n";
+        let dir = std::env::temp_dir().join(format!("gw-acme-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let e = parse(&format!("{acme}directory_ca = \"{}\"\n", missing.display())).unwrap_err();
+        assert!(
+            e.contains("[proxy.acme] directory_ca") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = parse(&format!("{acme}directory_ca = \"{}\"\n", empty.display())).unwrap_err();
+        assert!(
+            e.contains("[proxy.acme] directory_ca") && e.contains("no usable certificate"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
