@@ -6,7 +6,9 @@
 //!
 //! * From the TUN: an IPv4 packet to an EAM IPv4 range or to the NAT64 pool4
 //!   address is translated 4→6 (then, for pool4, mapped back to the node by
-//!   its NAT64 session); an IPv6 packet to pool6 is translated 6→4.
+//!   its NAT64 session), its source through pool6 only: one inside an EAM
+//!   IPv4 range takes no node's IPv6 address. An IPv6 packet to pool6 that
+//!   no peer owns is translated 6→4.
 //! * From a peer (after cryptokey routing, when no other peer owns the
 //!   destination): an IPv6 packet to pool6 or to an EAM IPv6 range is
 //!   translated 6→4; when its source has no EAM mapping it goes through NAT64
@@ -280,8 +282,11 @@ impl XlatPath {
                 {
                     return None;
                 }
+                // From the IPv4 side: its source is no node's, so it is
+                // mapped through pool6 only (an EAM IPv6 address names a node).
                 if !to_pool4 {
-                    return self.done(xlat::translate_4to6(&self.cfg, pkt, out), now);
+                    let o = xlat::translate_4to6_pool6_src(&self.cfg, pkt, out);
+                    return self.done(o, now);
                 }
                 let o = xlat::translate_4to6(&self.nat_in_cfg, pkt, out);
                 self.done(self.nat_inbound(o, out, now), now)
@@ -297,6 +302,11 @@ impl XlatPath {
                     return self.done(Outcome::Drop(DropReason::EamNoPeer), now);
                 }
                 if !self.in_pool6(&dst) {
+                    return None;
+                }
+                // A peer's address (an `ipv4_via_pool6` node's) goes to it as
+                // it is.
+                if peer_owns(dst.into()) {
                     return None;
                 }
                 // NAT64 sessions count against the source address.
@@ -334,11 +344,19 @@ impl XlatPath {
                 {
                     return None;
                 }
+                // A source in an EAM range: `on_tun` maps it through pool6.
+                let src: [u8; 4] = pkt.get(12..16)?.try_into().ok()?;
+                if xlat::addr::eam_lookup_v4(&self.cfg.eamt, src).is_some() {
+                    return None;
+                }
             }
             Some(6) => {
                 let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
                 // To an EAM IPv6 range: a peer's, or dropped by `on_tun`.
-                if !self.in_pool6(&dst) || xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
+                // To pool6 that a peer owns: the peer's, as it is.
+                if !self.in_pool6(&dst)
+                    || xlat::addr::eam_lookup_v6(&self.cfg.eamt, &dst).is_some()
+                    || peer_owns(std::net::Ipv6Addr::from(dst).into())
                 {
                     return None;
                 }
@@ -397,7 +415,15 @@ impl XlatPath {
             xlat::addr::eam_lookup_v6(&self.cfg.eamt, &src).is_some() || self.in_pool6(&src)
         });
         let (Some(nat), Some(pool6), false) = (&self.nat, &self.cfg.pool6, stateless) else {
-            return xlat::translate_6to4(&self.cfg, pkt, out);
+            // To `pool6 + pool4` (an answer to a NAT64 session): the hub's
+            // own address, as `nat_cfg` has it.
+            let dst = pkt.get(24..40).and_then(|d| <[u8; 16]>::try_from(d).ok());
+            let to_pool4 = self.pool4.is_some()
+                && dst
+                    .zip(self.cfg.pool6.as_ref())
+                    .is_some_and(|(d, p)| p.extract(&d) == self.pool4);
+            let cfg = if to_pool4 { &self.nat_cfg } else { &self.cfg };
+            return xlat::translate_6to4(cfg, pkt, out);
         };
         let Some(owner) = owner.or(src) else {
             return Outcome::Drop(DropReason::Truncated);
@@ -973,6 +999,190 @@ mod tests {
             PEER,
             |_| false
         )));
+    }
+
+    /// An EAM table 192.0.2.0/24 <-> 2001:db8:e::/120 over pool6.
+    fn eam_cfg() -> xlat::Config {
+        xlat::Config {
+            pool6: Some(pool6()),
+            eamt: vec![xlat::Eam::new(
+                "192.0.2.0".parse().unwrap(),
+                24,
+                "2001:db8:e::".parse().unwrap(),
+                120,
+            )
+            .unwrap()],
+            ..xlat::Config::default()
+        }
+    }
+
+    /// An IPv4 UDP packet from `src` to `dst`, checksums right.
+    fn udp4_between(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 32, 0, 1, 0x40, 0, 64, 17, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 12, 0, 0, 1, 2, 3, 4]);
+        let c = xlat::csum::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let u = xlat::csum::finish(xlat::csum::add(
+            xlat::csum::pseudo_v4(&src, &dst, 17, 12),
+            xlat::csum::sum(&p[20..]),
+        ));
+        p[26..28].copy_from_slice(&u.to_be_bytes());
+        p
+    }
+
+    /// An offload TUN frame (with [`xlat::gso::HEADROOM`] in front): a TCP
+    /// super-packet of two 500-byte segments, `ip` its IP header (checksums
+    /// left to fill for IPv4).
+    fn super_frame(mut ip: Vec<u8>) -> (Vec<u8>, std::ops::Range<usize>) {
+        let v6 = ip[0] >> 4 == 6;
+        let iph = ip.len();
+        let mut tcp = vec![0x30, 0x39, 0x1f, 0x90, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10];
+        tcp.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        let len = tcp.len() + 1000;
+        if v6 {
+            ip[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            ip[2..4].copy_from_slice(&((iph + len) as u16).to_be_bytes());
+            let c = xlat::csum::checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let v = xlat::gso::VnetHdr {
+            flags: xlat::gso::F_NEEDS_CSUM,
+            gso_type: if v6 {
+                xlat::gso::GSO_TCPV6
+            } else {
+                xlat::gso::GSO_TCPV4
+            },
+            hdr_len: (iph + 20) as u16,
+            gso_size: 500,
+            csum_start: iph as u16,
+            csum_offset: 16,
+        };
+        let mut buf = vec![0u8; xlat::gso::HEADROOM];
+        buf.extend_from_slice(&v.to_bytes());
+        buf.extend_from_slice(&ip);
+        buf.extend_from_slice(&tcp);
+        buf.extend(std::iter::repeat_n(0x5a, 1000));
+        let frame = xlat::gso::HEADROOM..buf.len();
+        (buf, frame)
+    }
+
+    /// An IPv4 packet from the TUN whose source is a node's EAM IPv4
+    /// address (the internet, or a peer routing 0.0.0.0/0, can send one)
+    /// does not take that node's IPv6 address: its source goes through
+    /// pool6. A TCP super-packet from one is left to the per-packet path.
+    #[test]
+    fn an_eam_source_from_the_ipv4_side_is_no_node() {
+        let x = XlatPath::new(Arc::new(eam_cfg()), None, Vec::new(), 10);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let p = udp4_between([192, 0, 2, 5], [192, 0, 2, 9]);
+        let o = x.on_tun(&p, &mut out, 10, |_| false);
+        let Some(Outcome::Forward(pk)) = o else {
+            panic!("translated: {o:?}");
+        };
+        let v6 = pk.iter(&out).next().unwrap().to_vec();
+        let node_a: Ipv6Addr = "2001:db8:e::5".parse().unwrap();
+        assert_ne!(&v6[8..24], &node_a.octets(), "not node A's address");
+        assert_eq!(&v6[8..24], &embed(&pool6(), [192, 0, 2, 5]).octets());
+        let node_b: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+        assert_eq!(&v6[24..40], &node_b.octets());
+        let ip4 = |src: [u8; 4]| {
+            let mut h = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
+            h.extend_from_slice(&src);
+            h.extend_from_slice(&[192, 0, 2, 9]);
+            h
+        };
+        let (mut buf, frame) = super_frame(ip4([192, 0, 2, 5]));
+        assert_eq!(x.on_tun_gso(&mut buf, frame, |_| false), None);
+        let (mut buf, frame) = super_frame(ip4([198, 51, 100, 2]));
+        assert!(x.on_tun_gso(&mut buf, frame, |_| false).is_some());
+    }
+
+    /// IPv6 from the TUN to a pool6 address a peer owns (an
+    /// `ipv4_via_pool6` node's) goes to the peer as it is, per packet and
+    /// as a TCP super-packet.
+    #[test]
+    fn pool6_address_a_peer_owns_is_not_translated_from_the_tun() {
+        let via = vec!["10.9.0.0/16".parse().unwrap()];
+        let x = XlatPath::new(Arc::new(eam_cfg()), None, via, 10);
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let node: Ipv6Addr = "2001:db8:e::5".parse().unwrap();
+        let peer_c = embed(&pool6(), [10, 9, 1, 2]);
+        let p = udp6_between(node, peer_c, 64, 4);
+        assert_eq!(x.on_tun(&p, &mut out, 10, |a| a == peer_c), None);
+        assert!(matches!(
+            x.on_tun(&p, &mut out, 10, |_| false),
+            Some(Outcome::Forward(_))
+        ));
+        let mut ip = vec![0x60, 0, 0, 0, 0, 0, 6, 64];
+        ip.extend_from_slice(&node.octets());
+        ip.extend_from_slice(&peer_c.octets());
+        let (mut buf, frame) = super_frame(ip);
+        let c = std::net::IpAddr::V6(peer_c);
+        assert_eq!(
+            x.on_tun_gso(&mut buf.clone(), frame.clone(), |a| a == c),
+            None
+        );
+        assert!(x.on_tun_gso(&mut buf, frame, |_| false).is_some());
+    }
+
+    /// With the Well-Known Prefix and a non-global pool4, an EAM node's
+    /// answer to a NAT64 node (to `64:ff9b::` + pool4) goes out all the same.
+    #[test]
+    fn eam_node_answers_a_nat64_node_through_the_well_known_prefix() {
+        let wkp = xlat::Pool6::new("64:ff9b::".parse().unwrap(), 96).unwrap();
+        let eam_v6: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
+        let x = nat_path_with(xlat::Config {
+            pool6: Some(wkp),
+            eamt: vec![xlat::Eam::new(
+                "1.0.0.0".parse().unwrap(),
+                24,
+                "2001:db8:e::".parse().unwrap(),
+                120,
+            )
+            .unwrap()],
+            ..xlat::Config::default()
+        });
+        let mut out = vec![0u8; xlat::OUT_BUF_LEN];
+        let node: Ipv6Addr = NODE.parse().unwrap();
+        let owns = |a: Ipv6Addr| a == eam_v6 || a == node;
+        let p = udp6_between(node, embed(&wkp, [1, 0, 0, 9]), 64, 4);
+        let o = x.on_peer(&p, &mut out, 10, PEER, owns);
+        let Some(Outcome::Hairpin(pk)) = o else {
+            panic!("through NAT64 and back: {o:?}");
+        };
+        let v6 = pk.iter(&out).next().unwrap().to_vec();
+        let pool4_v6 = embed(&wkp, [198, 51, 100, 200]);
+        assert_eq!(&v6[8..24], &pool4_v6.octets());
+        assert_eq!(&v6[24..40], &eam_v6.octets());
+        let mut answer = udp6_between(eam_v6, pool4_v6, 64, 4);
+        answer[40..42].copy_from_slice(&v6[42..44]);
+        answer[42..44].copy_from_slice(&v6[40..42]);
+        answer[46..48].fill(0);
+        let c = xlat::csum::finish(xlat::csum::add(
+            xlat::csum::pseudo_v6(&eam_v6.octets(), &pool4_v6.octets(), 17, 12),
+            xlat::csum::sum(&answer[40..]),
+        ));
+        answer[46..48].copy_from_slice(&c.to_be_bytes());
+        const EAM_NODE: nat64::Owner = [9; 16];
+        let o = x.on_peer(&answer, &mut out, 11, EAM_NODE, owns);
+        let Some(Outcome::Forward(pk)) = o else {
+            panic!("the answer goes out to pool4: {o:?}");
+        };
+        let v4 = pk.iter(&out).next().unwrap().to_vec();
+        assert_eq!(
+            (&v4[12..16], &v4[16..20]),
+            (&[1, 0, 0, 9][..], &[198, 51, 100, 200][..])
+        );
+        let o = x.on_tun(&v4, &mut out, 11, owns);
+        let Some(Outcome::Forward(pk)) = o else {
+            panic!("the answer reaches the NAT64 node: {o:?} {:?}", x.drops());
+        };
+        let back = pk.iter(&out).next().unwrap().to_vec();
+        assert_eq!(&back[8..24], &embed(&wkp, [1, 0, 0, 9]).octets());
+        assert_eq!(&back[24..40], &node.octets());
     }
 
     #[test]

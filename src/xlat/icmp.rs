@@ -128,8 +128,7 @@ pub(super) fn reply_v6(
     let dst = super::buf::arr16(orig, 8)?;
     // Never answer multicast or unspecified sources, nor an ICMPv6 error
     // (RFC 4443 §2.4 (e)).
-    let about_error = u8at(orig, 6)? == 58 && orig.get(40).is_some_and(|&t| t < 128);
-    if dst.first() == Some(&0xff) || dst == [0; 16] || about_error {
+    if dst.first() == Some(&0xff) || dst == [0; 16] || carries_v6_error(orig) {
         return Err(cause);
     }
     let n = orig.len().min(MAX_ICMP6_ERR - 48);
@@ -147,6 +146,33 @@ pub(super) fn reply_v6(
     put16(out, 42, c)?;
     v4_to_v6::write_v6(out, 0, 0, len16(8 + n)?, 58, 64, &src, &dst)?;
     Ok(Res::Reply(Packets::one(48 + n)?, cause))
+}
+
+/// Whether IPv6 packet `p` is an ICMPv6 error: its upper layer, past any
+/// Hop-by-Hop, Routing, Destination Options and first Fragment headers, is
+/// ICMPv6 with a type below 128. A chain that cannot be read is not one.
+fn carries_v6_error(p: &[u8]) -> bool {
+    let mut nh = u8at(p, 6).ok();
+    let mut off = 40usize;
+    while let Some(h) = nh {
+        match h {
+            58 => return u8at(p, off).is_ok_and(|t| t < 128),
+            0 | 43 | 60 => {
+                let Ok(len) = u8at(p, off + 1) else {
+                    return false;
+                };
+                nh = u8at(p, off).ok();
+                off += (usize::from(len) + 1) * 8;
+            }
+            // A later fragment carries no ICMPv6 header.
+            44 if u16at(p, off + 2).is_ok_and(|f| f & 0xfff8 == 0) => {
+                nh = u8at(p, off).ok();
+                off += 8;
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Splits an ICMP error body into (original datagram, extension) per RFC 4884.

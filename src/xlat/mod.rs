@@ -360,7 +360,14 @@ impl From<Result<Res, DropReason>> for Outcome {
 ///
 /// Output packets are written back to back at the start of `out`.
 pub fn translate_4to6(cfg: &Config, input: &[u8], out: &mut [u8]) -> Outcome {
-    v4_to_v6::translate(cfg, input, out, false).into()
+    v4_to_v6::translate(cfg, input, out, false, false).into()
+}
+
+/// [`translate_4to6`] with the source mapped through pool6 only, never into
+/// an EAM IPv6 range: for packets from the IPv4 side, whose sources are no
+/// IPv6 node's (an EAM IPv6 address is a node's identity).
+pub fn translate_4to6_pool6_src(cfg: &Config, input: &[u8], out: &mut [u8]) -> Outcome {
+    v4_to_v6::translate(cfg, input, out, false, true).into()
 }
 
 /// Translates one IPv6 packet (raw bytes starting at the IPv6 header) to IPv4.

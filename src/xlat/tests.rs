@@ -1211,3 +1211,26 @@ fn a_fragmented_icmp_error_is_fragmented_icmp() {
         Outcome::Drop(DropReason::FragmentedIcmp)
     );
 }
+
+/// RFC 4443 §2.4 (e): an ICMPv6 error behind extension headers gets no
+/// error either; an echo request behind them does.
+#[test]
+fn an_icmpv6_error_behind_extension_headers_gets_no_error() {
+    let c = cfg();
+    let mut out = vec![0; OUT];
+    let src: Ipv6Addr = "2001:db8:e::5".parse().unwrap();
+    let dst: Ipv6Addr = "2001:db8:64::cb00:7105".parse().unwrap();
+    for (ty, answered) in [(1u8, false), (128, true)] {
+        // Destination Options (empty), then a Routing header with Segments
+        // Left = 1, then ICMPv6.
+        let mut payload = vec![43, 0, 1, 4, 0, 0, 0, 0];
+        payload.extend_from_slice(&[58, 0, 0, 1, 0, 0, 0, 0]);
+        payload.extend_from_slice(&[ty, 0, 0, 0, 0, 0, 0, 0]);
+        let p = ipv6(src, dst, 60, 64, &payload);
+        match translate_6to4(&c, &p, &mut out) {
+            Outcome::Reply { cause, .. } if answered => assert_eq!(cause, DropReason::SourceRoute),
+            Outcome::Drop(cause) if !answered => assert_eq!(cause, DropReason::SourceRoute),
+            o => panic!("type {ty}: {o:?}"),
+        }
+    }
+}

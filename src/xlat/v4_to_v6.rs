@@ -256,12 +256,14 @@ pub(super) fn l4_patch(
 }
 
 /// Main IPv4 → IPv6 entry. `hairpin`: second pass of a hairpinned packet
-/// (no TTL decrement, source mapped through pool6 only).
+/// (no TTL decrement, source mapped through pool6 only). `src_pool6_only`:
+/// source mapped through pool6 only (never into an EAM IPv6 range).
 pub(super) fn translate(
     cfg: &Config,
     input: &[u8],
     out: &mut [u8],
     hairpin: bool,
+    src_pool6_only: bool,
 ) -> Result<Res, DropReason> {
     let h = parse(input, false)?;
     let pkt = get(input, 0, h.total)?;
@@ -288,7 +290,7 @@ pub(super) fn translate(
     let pool6 = cfg.pool6.as_ref();
     let (dst6, dst_via) =
         map_4to6_via(&cfg.eamt, pool6, h.dst, false).ok_or(DropReason::Untranslatable)?;
-    let src = map_4to6_via(&cfg.eamt, pool6, h.src, hairpin);
+    let src = map_4to6_via(&cfg.eamt, pool6, h.src, hairpin || src_pool6_only);
     let src6 = match src {
         Some((a, _)) => a,
         None if is_err => cfg

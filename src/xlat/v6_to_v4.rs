@@ -389,7 +389,7 @@ pub(super) fn translate(cfg: &Config, input: &[u8], out: &mut [u8]) -> Result<Re
     }
     let (front, back) = out.split_at_mut(base);
     let v4 = back.get(..len).ok_or(DropReason::OutputTooSmall)?;
-    match v4_to_v6::translate(cfg, v4, front, true)? {
+    match v4_to_v6::translate(cfg, v4, front, true, true)? {
         Res::Forward(p) => Ok(Res::Hairpin(p)),
         Res::Reply(_, cause) => Err(cause),
         Res::Hairpin(_) => Err(DropReason::BadHeader),
