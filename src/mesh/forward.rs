@@ -15,7 +15,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
-/// Longest wait for another hub to accept a connection.
+/// Longest time one other hub gets to take a connection, over all its
+/// addresses.
 pub const MAX_CONNECT: Duration = Duration::from_secs(3);
 
 /// The answer a plain HTTP client gets when no hub that serves its host answered.
@@ -47,6 +48,19 @@ async fn connect(mesh: &Mesh, to: SocketAddr, timeout: Duration) -> std::io::Res
             "connect timed out",
         )),
     }
+}
+
+/// Whether `to` may be tried: without a secret the other hub knows this one
+/// only by its advertised addresses, and from a family this hub advertises
+/// none of, the kernel's source would be a stranger's (its PROXY header read
+/// as a client's first bytes).
+fn may_try(mesh: &Mesh, to: SocketAddr) -> bool {
+    mesh.seal_key().is_some()
+        || mesh
+            .settings
+            .advertise
+            .iter()
+            .any(|ip| ip.is_ipv4() == to.is_ipv4())
 }
 
 /// Where a connection went, and what the splice moved.
@@ -89,9 +103,12 @@ pub(crate) fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
 /// that took it and what the splice moved, or the error to count when none
 /// accepted (the client is then still open, for the caller to answer).
 ///
-/// All the tries together take at most `connect_timeout` (each address at
-/// most [`MAX_CONNECT`] of it, for the connect and again for writing the
-/// header and `c.first`: a hub that accepts and does not read is left).
+/// All the tries together take at most `connect_timeout`; each hub at most
+/// [`MAX_CONNECT`] of it over all its addresses (the connects, and writing
+/// the header and `c.first`: a hub that accepts and does not read is left),
+/// and at most half of what is left while other hubs follow. Without a
+/// secret, addresses of a family this hub advertises none of are not tried
+/// ([`may_try`]).
 pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
@@ -108,15 +125,34 @@ pub async fn forward(
     let deadline = tokio::time::Instant::now() + limits.connect_timeout;
     let idle = limits.idle_timeout;
     let mut kind = ErrorKind::NoHealthyBackend;
+    let reachable = |h: &PeerHub| h.addrs(tls).iter().any(|&a| may_try(mesh, a));
+    let mut rest = hubs.iter().filter(|h| reachable(h)).count();
     for hub in hubs {
-        let addrs = hub.addrs(tls);
-        for &to in addrs {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                debug!(hub = %hub.name, "no time left to try more hubs");
-                return Err((client, ErrorKind::BackendTimeout));
+        // (A hub with no listener of this kind, or none this hub may try,
+        // did not fail.)
+        if !reachable(hub) {
+            if !hub.addrs(tls).is_empty() {
+                debug!(hub = %hub.name, "no address of a family this hub advertises");
             }
-            let timeout = left.min(MAX_CONNECT);
+            continue;
+        }
+        rest -= 1;
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let share = if rest > 0 { left / 2 } else { left };
+        let hub_deadline = now + share.min(MAX_CONNECT);
+        let mut tried = false;
+        for &to in hub.addrs(tls) {
+            if !may_try(mesh, to) {
+                continue;
+            }
+            let timeout = hub_deadline.saturating_duration_since(tokio::time::Instant::now());
+            if timeout.is_zero() {
+                debug!(hub = %hub.name, "no time left for more of its addresses");
+                kind = ErrorKind::BackendTimeout;
+                break;
+            }
+            tried = true;
             let mut up = match connect(mesh, to, timeout).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -143,6 +179,7 @@ pub async fn forward(
                 None => encode_v2(&mut head, Transport::Tcp, peer, dest),
             }
             head.extend_from_slice(&first);
+            let timeout = hub_deadline.saturating_duration_since(tokio::time::Instant::now());
             match tokio::time::timeout(timeout, up.write_all(&head)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -171,8 +208,7 @@ pub async fn forward(
                 spliced,
             });
         }
-        // (A hub with no listener of this kind did not fail.)
-        if !addrs.is_empty() {
+        if tried {
             mesh.note_failure(&hub.name);
         }
     }
@@ -184,6 +220,131 @@ pub async fn forward(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn mesh(extra: &str, dir: &std::path::Path) -> Arc<Mesh> {
+        let raw: super::super::settings::RawMesh = toml::from_str(&format!(
+            "name = \"a\"\netcd = [\"http://192.0.2.9:2379\"]\n{extra}"
+        ))
+        .unwrap();
+        Mesh::new(super::super::settings::validate(raw, dir, true).unwrap())
+    }
+
+    fn hub(name: &str, http: Vec<SocketAddr>) -> Arc<PeerHub> {
+        Arc::new(PeerHub {
+            name: name.into(),
+            http,
+            https: Vec::new(),
+            hosts: 1,
+        })
+    }
+
+    /// A client connection (the hub's end) and the client's own end.
+    async fn client(first: Vec<u8>) -> (Client, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (sock, peer) = l.accept().await.unwrap();
+        let c = Client {
+            sock,
+            peer,
+            dest: "198.51.100.1:80".parse().unwrap(),
+            first,
+        };
+        (c, own)
+    }
+
+    /// A hub that takes connections and never reads them.
+    async fn deaf() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    }
+
+    fn failed(m: &Mesh) -> Vec<String> {
+        let mut v: Vec<String> = m.failed_at.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_hangs_leaves_time_for_the_next_and_is_marked() {
+        let m = mesh(
+            "advertise = [\"198.51.100.1\"]\n",
+            std::path::Path::new("/"),
+        );
+        let limits = Limits {
+            connect_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        // More than the sockets of a connection nobody reads hold.
+        let first = vec![b'x'; 16 << 20];
+        let (_b1, b1) = deaf().await;
+        let (_b2, b2) = deaf().await;
+        let c = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c_addr = c.local_addr().unwrap();
+        let want = first.len();
+        let reader = tokio::spawn(async move {
+            let (mut s, _) = c.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap()
+        });
+        let hubs = [hub("b", vec![b1, b2]), hub("c", vec![c_addr])];
+        let (cl, own) = client(first).await;
+        drop(own);
+        let started = tokio::time::Instant::now();
+        let sent = forward(&m, &hubs, false, cl, &limits).await.unwrap();
+        assert_eq!(sent.hub, "c");
+        assert!(
+            reader.await.unwrap() > want,
+            "the header and the first bytes"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(failed(&m), ["b"]);
+
+        // When every hub hangs, each is marked and the error counted.
+        m.failed_at.lock().clear();
+        let (_c1, c1) = deaf().await;
+        let hubs = [hub("b", vec![b1, b2]), hub("c", vec![c1])];
+        let (cl, _own) = client(vec![b'x'; 16 << 20]).await;
+        let started = tokio::time::Instant::now();
+        let Err((_, kind)) = forward(&m, &hubs, false, cl, &limits).await else {
+            panic!("a deaf hub took it");
+        };
+        assert_eq!(kind, ErrorKind::BackendTimeout);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(m.counters.errors_of(ErrorKind::BackendTimeout), 1);
+        assert_eq!(failed(&m), ["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn without_a_secret_no_address_of_a_family_this_hub_does_not_advertise() {
+        let m = mesh("advertise = [\"2001:db8::1\"]\n", std::path::Path::new("/"));
+        let (l, to) = deaf().await;
+        assert!(!may_try(&m, to));
+        let (cl, _own) = client(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+        let Err((_, kind)) =
+            forward(&m, &[hub("b", vec![to])], false, cl, &Limits::default()).await
+        else {
+            panic!("sent from an address b does not know");
+        };
+        assert_eq!(kind, ErrorKind::NoHealthyBackend);
+        assert_eq!(m.counters.errors_of(ErrorKind::NoHealthyBackend), 1);
+        assert!(failed(&m).is_empty());
+        let nothing = tokio::time::timeout(Duration::from_millis(100), l.accept()).await;
+        assert!(nothing.is_err(), "b got a connection");
+        // With a secret the seal vouches for any source.
+        let dir = std::env::temp_dir().join(format!("gw-fwd-family-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("s.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let sealed = mesh(
+            "advertise = [\"2001:db8::1\"]\nsecret_file = \"s.key\"\n",
+            &dir,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(may_try(&sealed, to));
+        assert!(may_try(&m, "[2001:db8::2]:443".parse().unwrap()));
+    }
 
     #[test]
     fn clients_are_spread_over_the_hubs_and_each_keeps_its_own() {

@@ -182,6 +182,13 @@ pub fn validate(raw: RawMesh, base: &Path, has_listener: bool) -> Result<MeshSet
             advertise.push(ip);
         }
     }
+    // The other hubs drop a record with more (every peer would lose this hub).
+    if advertise.len() > super::table::MAX_ADDRS {
+        return Err(format!(
+            "[mesh] advertise: at most {} addresses",
+            super::table::MAX_ADDRS
+        ));
+    }
     let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
     if !prefix.starts_with('/') || !prefix.ends_with('/') {
         return Err(format!(
@@ -269,6 +276,24 @@ mod tests {
         let off = parse(&format!("{OK}share_certificates = false\n")).unwrap();
         assert!(!off.share_certificates);
         assert!(parse(&format!("{OK}share_certificates = \"no\"\n")).is_err());
+    }
+
+    #[test]
+    fn at_most_16_advertised_addresses() {
+        let with = |ips: &[u8]| {
+            let list: Vec<String> = ips.iter().map(|i| format!("\"198.51.100.{i}\"")).collect();
+            parse(&format!(
+                "name = \"hub-a\"\netcd = [\"http://192.0.2.9:2379\"]\nadvertise = [{}]\n",
+                list.join(", ")
+            ))
+        };
+        let sixteen: Vec<u8> = (1..=16).collect();
+        assert_eq!(with(&sixteen).unwrap().advertise.len(), 16);
+        let e = with(&(1..=17).collect::<Vec<u8>>()).unwrap_err();
+        assert_eq!(e, "[mesh] advertise: at most 16 addresses");
+        // Repeats do not count.
+        let repeated = [sixteen.as_slice(), &[1]].concat();
+        assert_eq!(with(&repeated).unwrap().advertise.len(), 16);
     }
 
     #[test]
