@@ -832,17 +832,7 @@ mod tests {
     #[test]
     fn nat64_node_reaches_an_eam_node_and_back() {
         let eam_v6: Ipv6Addr = "2001:db8:e::9".parse().unwrap();
-        let x = nat_path_with(xlat::Config {
-            pool6: Some(pool6()),
-            eamt: vec![xlat::Eam::new(
-                "192.0.2.0".parse().unwrap(),
-                24,
-                "2001:db8:e::".parse().unwrap(),
-                120,
-            )
-            .unwrap()],
-            ..xlat::Config::default()
-        });
+        let x = nat_path_with(eam_cfg());
         let mut out = vec![0u8; xlat::OUT_BUF_LEN];
         let node: Ipv6Addr = NODE.parse().unwrap();
         let owns = |a: Ipv6Addr| a == eam_v6 || a == node;

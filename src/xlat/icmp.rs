@@ -150,29 +150,14 @@ pub(super) fn reply_v6(
 
 /// Whether IPv6 packet `p` is an ICMPv6 error: its upper layer, past any
 /// Hop-by-Hop, Routing, Destination Options and first Fragment headers, is
-/// ICMPv6 with a type below 128. A chain that cannot be read is not one.
+/// ICMPv6 with a type below 128 (a later fragment carries no ICMPv6
+/// header). A chain that cannot be read is not one.
 fn carries_v6_error(p: &[u8]) -> bool {
-    let mut nh = u8at(p, 6).ok();
-    let mut off = 40usize;
-    while let Some(h) = nh {
-        match h {
-            58 => return u8at(p, off).is_ok_and(|t| t < 128),
-            0 | 43 | 60 => {
-                let Ok(len) = u8at(p, off + 1) else {
-                    return false;
-                };
-                nh = u8at(p, off).ok();
-                off += (usize::from(len) + 1) * 8;
-            }
-            // A later fragment carries no ICMPv6 header.
-            44 if u16at(p, off + 2).is_ok_and(|f| f & 0xfff8 == 0) => {
-                nh = u8at(p, off).ok();
-                off += 8;
-            }
-            _ => return false,
-        }
-    }
-    false
+    super::nat64::find_l4(p).is_ok_and(|h| {
+        h.nh == 58
+            && !h.frag.is_some_and(|(_, later)| later)
+            && u8at(p, h.off).is_ok_and(|t| t < 128)
+    })
 }
 
 /// Splits an ICMP error body into (original datagram, extension) per RFC 4884.

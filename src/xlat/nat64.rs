@@ -345,16 +345,16 @@ enum Parsed {
 }
 
 /// Headers found before the upper-layer data.
-struct Headers {
-    nh: u8,
-    off: usize,
+pub(super) struct Headers {
+    pub(super) nh: u8,
+    pub(super) off: usize,
     /// Fragment identification and whether this is a later fragment.
-    frag: Option<(u32, bool)>,
+    pub(super) frag: Option<(u32, bool)>,
 }
 
 /// Finds the upper-layer header of an IPv6 packet, skipping Hop-by-Hop,
 /// Routing and Destination Options headers and noting a Fragment header.
-fn find_l4(pkt: &[u8]) -> Result<Headers, DropReason> {
+pub(super) fn find_l4(pkt: &[u8]) -> Result<Headers, DropReason> {
     if buf::u8at(pkt, 0)? >> 4 != 6 {
         return Err(DropReason::BadHeader);
     }
