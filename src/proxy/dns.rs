@@ -335,8 +335,13 @@ pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
     let msg = Message::from_vec(query).map_err(|_| Dropped::Malformed)?;
     let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     reply.metadata = Metadata::response_from_request(&msg.metadata);
+    // An EDNS query gets this hub's OPT record back, as from `respond`
+    // (RFC 6891 §7), and BADVERS for a version it does not speak.
+    reply.edns = msg.edns.as_ref().map(our_edns);
     if unexpected_authority(&msg) {
         reply.metadata.response_code = ResponseCode::FormErr;
+    } else if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        reply.metadata.response_code = ResponseCode::BADVERS;
     } else {
         reply.metadata.truncation = true;
     }
@@ -347,10 +352,12 @@ pub fn respond_truncated(query: &[u8]) -> Result<Reply, Dropped> {
     let mut bytes = reply.to_vec().map_err(|_| Dropped::Malformed)?;
     if bytes.len() > query.len() {
         // A question written compressed (pointing into the header) comes
-        // out longer: the header alone, with no question.
+        // out longer: the header alone, with no question and no OPT record.
         bytes.truncate(12);
-        if let Some(qd) = bytes.get_mut(4..6) {
-            qd.copy_from_slice(&[0, 0]);
+        for count in [4..6, 10..12] {
+            if let Some(c) = bytes.get_mut(count) {
+                c.copy_from_slice(&[0, 0]);
+            }
         }
     }
     Ok(Reply {
@@ -452,19 +459,24 @@ fn lookup_name(name: &Name) -> String {
     out
 }
 
+/// The OPT record of a reply to a query that carried `theirs` (RFC 6891
+/// §7: a responder that speaks EDNS answers an EDNS query with one): this
+/// hub's payload size, version 0, and the query's DNSSEC OK bit.
+fn our_edns(theirs: &Edns) -> Edns {
+    let mut ours = Edns::new();
+    ours.set_max_payload(UDP_EDNS_MAX)
+        .set_version(0)
+        .set_dnssec_ok(theirs.flags().dnssec_ok);
+    ours
+}
+
 /// Builds the reply message (before the size rule), and why it is REFUSED
 /// if it is.
 fn answer(msg: &Message, lookup: impl Fn(&str) -> Lookup) -> (Message, Option<Refusal>) {
     let mut reply = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     // Id, opcode, RD and CD from the query; AA, TC, RA, AD clear.
     reply.metadata = Metadata::response_from_request(&msg.metadata);
-    if let Some(edns) = &msg.edns {
-        let mut ours = Edns::new();
-        ours.set_max_payload(UDP_EDNS_MAX)
-            .set_version(0)
-            .set_dnssec_ok(edns.flags().dnssec_ok);
-        reply.edns = Some(ours);
-    }
+    reply.edns = msg.edns.as_ref().map(our_edns);
     let rcode = |mut reply: Message, rcode| {
         reply.metadata.response_code = rcode;
         let refused = (rcode == ResponseCode::Refused).then_some(Refusal::Query);
@@ -1368,7 +1380,28 @@ mod tests {
         assert!(m.metadata.truncation);
         assert!(!m.metadata.authoritative);
         assert_eq!(m.queries.len(), 1);
-        assert!(m.answers.is_empty() && m.authorities.is_empty() && m.edns.is_none());
+        assert!(m.answers.is_empty() && m.authorities.is_empty());
+        // The EDNS query gets an OPT record back (RFC 6891 §7), with the
+        // query's DNSSEC OK bit; one without EDNS gets none.
+        let edns = m.edns.expect("OPT record");
+        assert_eq!((edns.max_payload(), edns.version()), (UDP_EDNS_MAX, 0));
+        assert!(!edns.flags().dnssec_ok);
+        let mut q = DIG_TXT;
+        q[48] = 0x80; // DO
+        let m = Message::from_vec(&respond_truncated(&q).unwrap().bytes).unwrap();
+        assert!(m.edns.unwrap().flags().dnssec_ok);
+        let plain = query(ZONE, RecordType::TXT).to_vec().unwrap();
+        let m = Message::from_vec(&respond_truncated(&plain).unwrap().bytes).unwrap();
+        assert!(m.metadata.truncation && m.edns.is_none());
+        // An EDNS version it does not speak: BADVERS, not truncated.
+        let mut q = DIG_TXT;
+        q[47] = 1;
+        let bad = respond_truncated(&q).unwrap();
+        assert_eq!(bad.rcode, ResponseCode::BADVERS);
+        assert!(bad.bytes.len() <= q.len());
+        let m = Message::from_vec(&bad.bytes).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.edns.unwrap().rcode_high(), 1);
         // Never larger than the query: nothing to amplify.
         assert!(r.bytes.len() <= DIG_TXT.len());
         // The same rules as respond for what is dropped.
