@@ -1159,6 +1159,164 @@ async fn terminate_with_file_cert_http1_and_h2() {
     assert!(body.contains("tb /h2path host=blog.gw.test"), "{body}");
 }
 
+/// A WebSocket backend speaking HTTP/1.1 only: it sends each opening
+/// request's head to the returned channel, answers it with `101` (with
+/// `Sec-WebSocket-Accept` for the request's key, or a wrong one when
+/// `wrong_accept`), subprotocol `chat`, and echoes what follows.
+async fn websocket_backend(
+    wrong_accept: bool,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let _ = tx.send(head);
+                let accept = if wrong_accept {
+                    gatewire::carrier::ws::accept_for("not the key")
+                } else {
+                    gatewire::carrier::ws::accept_for(&key)
+                };
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441): the hub offers extended CONNECT,
+/// opens the backend's WebSocket with an HTTP/1.1 upgrade of its own key,
+/// answers the client `200` once the backend's `101` answers that key, and
+/// relays the stream, which outlives the connection's idle closing; a `101`
+/// that does not answer the key is a `502`; a plain `CONNECT` stays refused.
+#[tokio::test]
+async fn websocket_over_http2_reaches_an_http1_backend() {
+    let pki_ws = pki(&["ws.gw.test", "bad.gw.test"]);
+    let (good, mut heads) = websocket_backend(false).await;
+    let (bad, _) = websocket_backend(true).await;
+    let mut s = settings(vec![
+        terminate_route("ws", &pki_ws, good),
+        terminate_route("bad", &pki_ws, bad),
+    ]);
+    s.limits.header_timeout = Duration::from_secs(1);
+    let p = Proxy::start(s).await.unwrap();
+    let at = p.https_addrs()[0];
+    let mut send = h2_client(at, "ws.gw.test", &pki_ws.cert_der).await;
+    let connect = |host: &str| {
+        let mut req = hyper::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://{host}/chat?room=1"))
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "chat, superchat")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // Any answer first: the hub's SETTINGS (which offer extended CONNECT)
+    // have then been read.
+    let req = hyper::Request::builder()
+        .uri("https://other.gw.test/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 404);
+    let mut resp = tokio::time::timeout(T, send.send_request(connect("ws.gw.test")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat");
+    assert!(!resp.headers().contains_key("sec-websocket-accept"));
+    let head = heads.recv().await.unwrap().to_lowercase();
+    assert!(head.starts_with("get /chat?room=1 http/1.1\r\n"), "{head}");
+    for want in [
+        "host: ws.gw.test",
+        "upgrade: websocket",
+        "connection: upgrade",
+        "sec-websocket-version: 13",
+        "sec-websocket-protocol: chat, superchat",
+        "sec-websocket-key: ",
+        "x-forwarded-proto: https",
+    ] {
+        assert!(head.contains(want), "{want} in {head}");
+    }
+    let up = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut io = TokioIo::new(up);
+    assert_eq!(
+        round_trip(&mut io, b"hello over h2").await,
+        b"hello over h2"
+    );
+    // Quiet for longer than an idle connection is kept: the WebSocket's
+    // stream keeps it open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(round_trip(&mut io, b"still here").await, b"still here");
+
+    let mut send = h2_client(at, "bad.gw.test", &pki_ws.cert_der).await;
+    let req = hyper::Request::builder()
+        .uri("https://other.gw.test/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 404);
+    let resp = tokio::time::timeout(T, send.send_request(connect("bad.gw.test")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let stats = p.stats();
+    let bad = stats.iter().find(|r| r.route == "name:bad").unwrap();
+    assert_eq!(
+        bad.errors.get("backend_protocol"),
+        Some(&1),
+        "{:?}",
+        bad.errors
+    );
+    // Any other CONNECT is not tunnelled.
+    let req = hyper::Request::builder()
+        .method("CONNECT")
+        .uri("ws.gw.test:443")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(T, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+}
+
 /// An HTTP/2 client connection over TLS (ALPN `h2`) to the proxy at `at`.
 async fn h2_client(
     at: SocketAddr,

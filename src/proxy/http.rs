@@ -1011,7 +1011,7 @@ pub async fn handle(
 /// disagrees with its authority (RFC 9113 §8.3.1). An HTTP/1.1 request in
 /// absolute form goes by its target, whatever its `Host` (RFC 9112 §3.2.2).
 fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
-    if req.method() == http::Method::CONNECT {
+    if req.method() == http::Method::CONNECT && !websocket_over_h2(req) {
         return Some((
             StatusCode::METHOD_NOT_ALLOWED,
             "405 method not allowed: the hub does not tunnel CONNECT",
@@ -1362,6 +1362,54 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
         return None;
     }
     HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// Whether `req` opens a WebSocket over HTTP/2 (RFC 8441: an extended
+/// `CONNECT` whose `:protocol` is `websocket`, which the hub offers with
+/// `SETTINGS_ENABLE_CONNECT_PROTOCOL`). The hub passes it to the backend as
+/// an HTTP/1.1 upgrade; any other `CONNECT` is refused.
+fn websocket_over_h2<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req.version() == Version::HTTP_2
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// The `Sec-WebSocket-Key` of the HTTP/1.1 upgrade a WebSocket over HTTP/2
+/// becomes (RFC 8441 §5: the HTTP/2 request has none; the backend's
+/// `Sec-WebSocket-Accept` must answer this one).
+fn websocket_key() -> String {
+    let mut random = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut random);
+    crate::carrier::ws::client_key(random)
+}
+
+/// Turns the head of a WebSocket over HTTP/2 into the HTTP/1.1 opening
+/// handshake (RFC 8441 §5; `strip_hop_by_hop` adds `Connection` and
+/// `Upgrade`): `GET`, the key, and version 13 unless the client named one
+/// (a backend that speaks another answers `426` itself).
+fn websocket_request_head(parts: &mut http::request::Parts, key: &str) {
+    parts.method = http::Method::GET;
+    parts.extensions.remove::<hyper::ext::Protocol>();
+    if let Ok(k) = HeaderValue::from_str(key) {
+        parts.headers.insert(header::SEC_WEBSOCKET_KEY, k);
+    }
+    if !parts.headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+        parts.headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
+}
+
+/// Whether a backend's `101` to the HTTP/1.1 handshake made of a WebSocket
+/// over HTTP/2 accepts it: `Sec-WebSocket-Accept` answers `key` (anything
+/// else did not take part in the WebSocket handshake the client asked for).
+fn websocket_accepted(h: &HeaderMap, key: &str) -> bool {
+    h.get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes() == crate::carrier::ws::accept_for(key).as_bytes())
 }
 
 /// Whether a (trusted) proxy in front says the client came over https: the
@@ -2158,7 +2206,13 @@ async fn forward(
             return Ok(too_large());
         }
     }
-    let upgrade = upgrade_of(&req);
+    // A WebSocket over HTTP/2 goes to the backend as an HTTP/1.1 upgrade
+    // with a key of the hub's, and its `101` comes back as a `200`.
+    let ws_key = websocket_over_h2(&req).then(websocket_key);
+    let upgrade = match ws_key {
+        Some(_) => Some(HeaderValue::from_static("websocket")),
+        None => upgrade_of(&req),
+    };
     let h2 = up.protocol() == BackendProtocol::Http2;
     if h2 && upgrade.is_some() {
         return Ok(err(
@@ -2178,6 +2232,13 @@ async fn forward(
         &route.settings.request_headers,
         route.auth.is_some(),
     );
+    if let Some(key) = &ws_key {
+        websocket_request_head(&mut parts, key);
+    }
+    let ws_stream = ws_key
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<Arc<Streams>>())
+        .map(|s| s.open());
     strip_hop_by_hop(&mut parts.headers, upgrade.clone());
     one_length(&mut parts.headers);
     add_forwarding(
@@ -2353,6 +2414,18 @@ async fn forward(
             "502 bad gateway: the backend switched to a protocol the client did not ask for",
         ));
     }
+    if let Some(key) = &ws_key {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && !websocket_accepted(resp.headers(), key)
+        {
+            return Ok(err(
+                &c,
+                ErrorKind::BackendProtocol,
+                StatusCode::BAD_GATEWAY,
+                "502 bad gateway: the backend's WebSocket handshake does not answer the hub's key",
+            ));
+        }
+    }
     if other_coding(is_head, resp.status(), resp.headers()) {
         // (The backend connection goes with the response, dropped unread.)
         return Ok(err(
@@ -2378,14 +2451,17 @@ async fn forward(
             let c2 = c.clone();
             let bw = Some(route.bandwidth.clone());
             // The splice keeps the connection's place, busy: it is not
-            // closed to make room.
-            let h = (hold.take(), conn.slot.clone(), conn.slot.busy());
+            // closed to make room; an HTTP/2 stream's keeps the stream open,
+            // so that its connection is not closed as idle.
+            let h = (hold.take(), conn.slot.clone(), conn.slot.busy(), ws_stream);
             // Cut with the client connection's other holders when the
             // proxy's drain is over.
             let cut = conn.slot.cut();
-            let queue = conn.queue;
+            // An HTTP/2 stream's writes wait on the stream's flow control,
+            // not on the socket (which the connection's watch judges).
+            let queue = if ws_key.is_some() { None } else { conn.queue };
             // (An HTTP/1.1 connection's: no stream's.)
-            let stall = Arc::clone(&conn.stall);
+            let stall = ws_key.is_none().then(|| Arc::clone(&conn.stall));
             let relay = async move {
                 match tokio::try_join!(cu, bu) {
                     Ok((cio, bio)) => {
@@ -2393,7 +2469,7 @@ async fn forward(
                         let r = splice(cio, bio, c2.clone(), idle, bw, queue).await;
                         // Its watch, still under it, cut a client that took
                         // nothing: the route counts it.
-                        if stall.take_cut() {
+                        if stall.is_some_and(|s| s.take_cut()) {
                             c2.error(ErrorKind::ClientNotReading);
                         }
                         debug!(result = ?r, "upgraded connection ended");
@@ -2411,12 +2487,19 @@ async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    let keep = if switching {
+    let keep = if switching && ws_key.is_none() {
         parts.headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
     response_head(&mut parts, keep, &route.settings.response_headers);
+    if switching && ws_key.is_some() {
+        // RFC 8441 §5: the HTTP/2 client's WebSocket opens with a `200`;
+        // the subprotocol and extensions the backend chose stay.
+        parts.status = StatusCode::OK;
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let bw = route.bandwidth.clone();
     Ok(Response::from_parts(
         parts,

@@ -2258,7 +2258,11 @@ async fn serve_http<IO>(
     if h2 {
         let streams = Streams::new();
         let open = Arc::clone(&streams);
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let open_streams = Arc::clone(&open);
+            // A WebSocket over HTTP/2 keeps its stream open past its
+            // response, for as long as its splice runs.
+            req.extensions_mut().insert(open_streams);
             let open = open.open();
             let busy = info.slot().busy();
             let r = handle(shared.clone(), info.clone(), req);
@@ -2275,6 +2279,8 @@ async fn serve_http<IO>(
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .max_concurrent_streams(H2_MAX_STREAMS)
+                // WebSocket over HTTP/2 (RFC 8441).
+                .enable_connect_protocol()
                 // A client gone without a word (its streams open, nothing
                 // moving) is noticed by the PINGs it leaves unanswered.
                 .keep_alive_interval(H2_PING_EVERY)
