@@ -3,8 +3,8 @@
 //! times, into a small table so that full-table, host-limit, port exhaustion
 //! and expiry paths are reached. Outbound packets come from one of four
 //! owners (nodes), whatever their source address. The table must never panic
-//! nor exceed its bounds (sessions, sessions per owner, tracked datagrams,
-//! held fragment bytes).
+//! nor exceed its bounds (sessions, sessions per owner, strangers' sessions
+//! per owner, tracked datagrams, held fragment bytes).
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -63,11 +63,17 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(t.sessions() <= 8);
         assert!(t.bindings() <= t.sessions());
-        // Every owner with a session holds at most 3 (strangers' sessions on
-        // a node's UDP mapping count against no one).
+        // Every owner with a session holds at most 3 of its own, and at
+        // most 3 strangers' on its UDP mappings; every session is in one
+        // of those counts.
         assert!(t.owners() <= t.sessions());
         assert!(owners.iter().all(|&o| t.owner_sessions(o) <= 3));
-        assert!(owners.iter().map(|&o| t.owner_sessions(o)).sum::<usize>() <= t.sessions());
+        assert!(owners.iter().all(|&o| t.stranger_sessions(o) <= 3));
+        let counted: usize = owners
+            .iter()
+            .map(|&o| t.owner_sessions(o) + t.stranger_sessions(o))
+            .sum();
+        assert_eq!(counted, t.sessions());
         assert!(t.fragment_flows() <= gatewire::xlat::nat64::MAX_FRAG_FLOWS);
         let (held, bytes) = t.held_fragments();
         assert!(bytes <= gatewire::xlat::nat64::MAX_HELD_BYTES);

@@ -173,6 +173,10 @@ pub enum DropReason {
     /// whatever addresses it sends from; from the hub's own side, a source
     /// address) has its most sessions (`max_sessions_per_host`).
     Nat64HostLimit,
+    /// NAT64: a datagram from the IPv4 side would open a session on a node's
+    /// UDP mapping, and IPv4 hosts already have as many sessions on that
+    /// node's mappings as it may open itself (`max_sessions_per_host`).
+    Nat64InboundLimit,
     /// Hub: to an address in an EAM IPv6 range that no peer owns. It has
     /// nowhere to go (translated, it would come back to the TUN).
     EamNoPeer,
@@ -202,12 +206,13 @@ impl DropReason {
             DropReason::Nat64TableFull => "nat64_table_full",
             DropReason::Nat64PortsExhausted => "nat64_ports_exhausted",
             DropReason::Nat64HostLimit => "nat64_host_limit",
+            DropReason::Nat64InboundLimit => "nat64_inbound_limit",
             DropReason::EamNoPeer => "eam_no_peer",
         }
     }
 
     /// Every reason, in a fixed order (see [`DropReason::index`]).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Truncated,
         DropReason::BadHeader,
         DropReason::BadChecksum,
@@ -228,6 +233,7 @@ impl DropReason {
         DropReason::Nat64TableFull,
         DropReason::Nat64PortsExhausted,
         DropReason::Nat64HostLimit,
+        DropReason::Nat64InboundLimit,
         DropReason::EamNoPeer,
     ];
 

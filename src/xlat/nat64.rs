@@ -35,9 +35,15 @@
 //! count when it expires, whoever sends on it meanwhile. A new session for an
 //! owner at its bound is refused with [`DropReason::Nat64HostLimit`] after
 //! expired sessions are swept; its existing sessions go on. Sessions IPv4
-//! hosts open on a node's UDP mapping count against no one (anyone can send
-//! those, and would use up the node's own room); their own bounds (below)
-//! keep them in check.
+//! hosts open on a node's UDP mapping (endpoint-independent filtering) are
+//! counted apart, against the node the mapping belongs to (the owner whose
+//! session made the binding), at most [`Settings::max_sessions_per_host`]
+//! on all of one node's mappings together: anyone can send those, so they
+//! must not use up the node's own room, and one node's mappings, however
+//! many it opens, must not take the other nodes' room for them. Past that
+//! bound such a session is refused with [`DropReason::Nat64InboundLimit`].
+//! They are also opened only while the table is under three quarters full,
+//! and at most [`MAX_INBOUND_PER_MAPPING`] on one mapping.
 //! Fragments other than the first carry no port: the mapping a first
 //! fragment gets is kept for [`FRAG_TIMEOUT`] seconds under its addresses,
 //! protocol and fragment identification, and the later fragments of that
@@ -130,7 +136,9 @@ pub struct Settings {
     /// Most sessions one node opens with its own packets, all protocols
     /// together: the sessions of one [`Owner`] (on a hub, one peer, whatever
     /// addresses it sends from; for packets from the hub's own TUN, one
-    /// source address), not those IPv4 hosts open on its UDP mappings.
+    /// source address), not those IPv4 hosts open on its UDP mappings;
+    /// and, counted apart, most sessions IPv4 hosts open on its UDP
+    /// mappings.
     pub max_sessions_per_host: usize,
 }
 
@@ -255,6 +263,12 @@ pub struct Released {
 struct Bib {
     v6: V6Key,
     sessions: u32,
+    /// The node whose session made the binding: sessions IPv4 hosts open on
+    /// it count against that node's strangers' bound. A binding keeps it
+    /// for as long as it lasts, also once that node's own sessions on it
+    /// have ended (strangers' sessions hold it) or another node sends from
+    /// its address (after a reload): so no change of hands resets the count.
+    owner: Owner,
 }
 
 /// Simplified RFC 6146 §3.5.2 TCP states.
@@ -272,15 +286,23 @@ pub enum TcpState {
     Trans,
 }
 
+/// Which count a session is in, and whose, from when it is opened until it
+/// expires (whoever sends on it meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Opened by the node's own packet: one of its
+    /// [`Settings::max_sessions_per_host`].
+    Own(Owner),
+    /// Opened by an IPv4 host's datagram on a UDP mapping of the node's:
+    /// one of the strangers' sessions bounded for it, apart from its own.
+    Stranger(Owner),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Session {
     expires: u64,
     tcp: TcpState,
-    /// The node whose own packet opened it, and whose
-    /// [`Settings::max_sessions_per_host`] it counts against until it
-    /// expires; `None` for a session an IPv4 host's datagram opened on a
-    /// node's UDP mapping (it counts against no one).
-    owner: Option<Owner>,
+    counted: Counted,
 }
 
 /// What [`Table::lookup`] reports about a session (for tests and `show`).
@@ -291,8 +313,8 @@ pub struct SessionInfo {
     pub port4: u16,
     pub expires: u64,
     pub tcp: TcpState,
-    /// The owner it counts against (`None`: opened by an IPv4 host).
-    pub owner: Option<Owner>,
+    /// Whose count it is in, and which.
+    pub counted: Counted,
 }
 
 /// The BIB and session table.
@@ -304,6 +326,9 @@ pub struct Table {
     sessions: HashMap<SessKey, Session>,
     /// Sessions each owner opened itself (no entry for 0).
     owners: HashMap<Owner, u32>,
+    /// Sessions IPv4 hosts opened on each owner's UDP mappings (no entry
+    /// for 0).
+    strangers: HashMap<Owner, u32>,
     frags: HashMap<FragKey, FragFlow>,
     /// Every tracked datagram, oldest first (the one a full table gives up).
     frag_age: BTreeMap<u64, FragKey>,
@@ -474,6 +499,7 @@ impl Table {
             bib4: HashMap::new(),
             sessions: HashMap::new(),
             owners: HashMap::new(),
+            strangers: HashMap::new(),
             frags: HashMap::new(),
             frag_age: BTreeMap::new(),
             frag_senders: HashMap::new(),
@@ -515,6 +541,12 @@ impl Table {
     /// Owners with at least one session of their own.
     pub fn owners(&self) -> usize {
         self.owners.len()
+    }
+
+    /// Sessions IPv4 hosts opened on `owner`'s UDP mappings (expired ones
+    /// count until swept).
+    pub fn stranger_sessions(&self, owner: Owner) -> usize {
+        self.strangers.get(&owner).map_or(0, |&n| n as usize)
     }
 
     /// Fragmented datagrams whose first fragment's mapping is kept.
@@ -693,7 +725,7 @@ impl Table {
     /// Removes every session that expired at or before `now`, and the BIB
     /// entries left without a session.
     pub fn expire(&mut self, now: u64) {
-        let (bib4, owners) = (&mut self.bib4, &mut self.owners);
+        let (bib4, owners, strangers) = (&mut self.bib4, &mut self.owners, &mut self.strangers);
         self.sessions.retain(|k, s| {
             if s.expires > now {
                 return true;
@@ -704,14 +736,10 @@ impl Table {
             }) {
                 b.sessions = b.sessions.saturating_sub(1);
             }
-            // The owner it was opened under, whoever sent on it since.
-            if let Some(o) = &s.owner {
-                if let Some(n) = owners.get_mut(o) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        owners.remove(o);
-                    }
-                }
+            // The count it was opened in, whoever sent on it since.
+            match &s.counted {
+                Counted::Own(o) => leave(owners, o),
+                Counted::Stranger(o) => leave(strangers, o),
             }
             false
         });
@@ -777,7 +805,7 @@ impl Table {
             port4,
             expires: s.expires,
             tcp: s.tcp,
-            owner: s.owner,
+            counted: s.counted,
         })
     }
 
@@ -858,7 +886,11 @@ impl Table {
                         proto: v6.proto,
                         port: p,
                     },
-                    Bib { v6, sessions: 0 },
+                    Bib {
+                        v6,
+                        sessions: 0,
+                        owner,
+                    },
                 );
                 if let Some(n) = self.bound.get_mut(v6.proto.idx()) {
                     *n = n.saturating_add(1);
@@ -872,21 +904,17 @@ impl Table {
             remote,
             rport,
         };
-        self.insert_session(k, now, Some(owner))?;
+        self.insert_session(k, now, Counted::Own(owner))?;
         Ok((port4, k))
     }
 
     /// Adds a new session on the binding its key names, counting it on the
-    /// binding and, when a node's own packet opens it, on its `owner` (kept
-    /// in the session, so that it leaves the same count). Every session is
-    /// added here, and [`Self::expire`] is the only place one leaves, so the
-    /// counts always match the sessions.
-    fn insert_session(
-        &mut self,
-        k: SessKey,
-        now: u64,
-        owner: Option<Owner>,
-    ) -> Result<(), DropReason> {
+    /// binding and in the count `counted` names (kept in the session, so
+    /// that it leaves the same count). Every session is added here, and
+    /// [`Self::expire`] is the only place one leaves, so the counts always
+    /// match the sessions. A session already there stays as it is, in the
+    /// count it was opened in.
+    fn insert_session(&mut self, k: SessKey, now: u64, counted: Counted) -> Result<(), DropReason> {
         let b = self
             .bib4
             .get_mut(&V4Key {
@@ -894,19 +922,16 @@ impl Table {
                 port: k.port4,
             })
             .ok_or(DropReason::Nat64NoSession)?;
-        let old = self.sessions.insert(
-            k,
-            Session {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.sessions.entry(k) {
+            v.insert(Session {
                 expires: now,
                 tcp: TcpState::V6Init,
-                owner,
-            },
-        );
-        if old.is_none() {
+                counted,
+            });
             b.sessions = b.sessions.saturating_add(1);
-            if let Some(o) = owner {
-                let n = self.owners.entry(o).or_insert(0);
-                *n = n.saturating_add(1);
+            match counted {
+                Counted::Own(o) => join(&mut self.owners, o),
+                Counted::Stranger(o) => join(&mut self.strangers, o),
             }
         }
         Ok(())
@@ -927,6 +952,19 @@ impl Table {
     /// Whether `owner` has [`Settings::max_sessions_per_host`] sessions.
     fn owner_full(&self, owner: Owner) -> bool {
         self.owner_sessions(owner) >= self.settings.max_sessions_per_host
+    }
+
+    /// Whether IPv4 hosts have opened as many sessions on `owner`'s UDP
+    /// mappings as the node may open itself
+    /// ([`Settings::max_sessions_per_host`]). The same bound, because a
+    /// node's inbound flows (replies on its mappings from servers it did
+    /// not write to first, peers reaching a service of its) may be as many
+    /// as its outbound ones; and with the default bound, a quarter of the
+    /// table, one node and the strangers on its mappings hold at most half
+    /// of it, short of the three quarters at which no mapping takes a
+    /// stranger's session: the other nodes' mappings still do.
+    fn strangers_full(&self, owner: Owner) -> bool {
+        self.stranger_sessions(owner) >= self.settings.max_sessions_per_host
     }
 
     /// Refuses a new session for `owner` at its bound (after a sweep, at most
@@ -987,7 +1025,9 @@ impl Table {
     /// place. The caller then translates it with [`super::translate_6to4`].
     /// `owner` names the node that sent it: a session the packet opens
     /// counts against that owner's [`Settings::max_sessions_per_host`] until
-    /// it expires (packets on existing sessions are not checked against it).
+    /// it expires (packets on existing sessions are not checked against it),
+    /// and a binding it makes is that owner's: the sessions IPv4 hosts open
+    /// on it count against that owner's strangers' bound.
     pub fn outbound(
         &mut self,
         pkt: &mut [u8],
@@ -1123,16 +1163,24 @@ impl Table {
                     return Err(DropReason::Nat64TableFull);
                 }
             }
+            // Nor take the other nodes' share of those three quarters
+            // through one node's mappings, however many it opens: they
+            // count against the node the mapping belongs to, apart from its
+            // own sessions (anyone can send these, from any address and
+            // port: they must not shut the node out of its own flows).
+            if self.strangers_full(bib.owner) {
+                self.maybe_sweep(now);
+                if self.strangers_full(bib.owner) {
+                    return Err(DropReason::Nat64InboundLimit);
+                }
+            }
             self.room(now)?;
-            // Not counted against the node the mapping belongs to (anyone
-            // can send these, from any address and port): their own bounds
-            // above keep them from the room the nodes' own flows need.
             // A sweep just now may have ended the mapping (its last session
             // expired): then there is nothing to open a session on.
             if !self.bib4.contains_key(&v4k) {
                 return Err(DropReason::Nat64NoSession);
             }
-            self.insert_session(k, now, None)?;
+            self.insert_session(k, now, Counted::Stranger(bib.owner))?;
         }
         self.touch(&k, false, flags, now);
         rewrite(
@@ -1280,6 +1328,22 @@ impl Table {
         )?;
         buf::put(pkt, 8, &mapped)?;
         icmp6_checksum(pkt, icmp_off)
+    }
+}
+
+/// Counts one more session for `o` in `counts`.
+fn join(counts: &mut HashMap<Owner, u32>, o: Owner) {
+    let n = counts.entry(o).or_insert(0);
+    *n = n.saturating_add(1);
+}
+
+/// Counts one session fewer for `o` in `counts`, leaving no entry at 0.
+fn leave(counts: &mut HashMap<Owner, u32>, o: &Owner) {
+    if let Some(n) = counts.get_mut(o) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(o);
+        }
     }
 }
 

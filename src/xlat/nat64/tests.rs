@@ -59,23 +59,36 @@ impl Table {
     }
 }
 
-/// The sessions per owner, counted afresh from the sessions (every one a
-/// node opened keeps its owner; every session has its binding).
-fn recount_owners(t: &Table) -> HashMap<Owner, u32> {
-    let mut m = HashMap::new();
+/// The sessions per owner, counted afresh from the sessions: those the
+/// owner opened itself, and those IPv4 hosts opened on its mappings (every
+/// session has its binding, and a stranger's counts against the binding's
+/// owner).
+type Recount = (HashMap<Owner, u32>, HashMap<Owner, u32>);
+fn recount_owners(t: &Table) -> Recount {
+    let (mut own, mut strangers) = (HashMap::new(), HashMap::new());
     for (k, s) in &t.sessions {
-        assert!(
-            t.bib4.contains_key(&V4Key {
-                proto: k.proto,
-                port: k.port4,
-            }),
-            "a session without its binding"
-        );
-        if let Some(o) = s.owner {
-            *m.entry(o).or_insert(0) += 1;
+        let b = t.bib4.get(&V4Key {
+            proto: k.proto,
+            port: k.port4,
+        });
+        let b = b.expect("a session without its binding");
+        match s.counted {
+            Counted::Own(o) => *own.entry(o).or_insert(0) += 1,
+            Counted::Stranger(o) => {
+                assert_eq!(o, b.owner, "a stranger's session off its mapping's owner");
+                *strangers.entry(o).or_insert(0) += 1;
+            }
         }
     }
-    m
+    (own, strangers)
+}
+
+/// A datagram from `host:sport` to the pool4 port `port4` (UDP), as the
+/// translator hands it to the table.
+fn stranger_udp(host: [u8; 4], sport: u16, port4: u16) -> Vec<u8> {
+    let from = pool6().embed(host);
+    let to = pool6().embed(POOL4.octets());
+    v6_packet(from, to, 17, &udp(sport, port4, b"s"))
 }
 
 /// An IPv6 packet with a correct transport checksum.
@@ -608,8 +621,8 @@ fn a_host_at_its_bound_leaves_room_for_the_others() {
 }
 
 /// Sessions IPv4 hosts open on a node's UDP mapping do not count against
-/// that node: it keeps its own room up to its bound, and the sessions it
-/// has still pass.
+/// that node's own bound: it keeps its own room up to its bound, and the
+/// sessions it has still pass.
 #[test]
 fn strangers_sessions_leave_a_hosts_bound_alone() {
     let mut t = table_per_host(64, 2);
@@ -621,13 +634,18 @@ fn strangers_sessions_leave_a_hosts_bound_alone() {
         s[12..16].copy_from_slice(&[192, 0, 2, last]);
         v4_reply(&v4_reply(&s, None), None)
     };
-    // Strangers open sessions on the node's UDP mapping: they reach the
-    // node and do not count against it.
-    for last in 100..110 {
+    // Strangers open sessions on the node's UDP mapping, up to their own
+    // bound: they reach the node and do not count against its own.
+    for last in 100..102 {
         let back = in_v6(&mut t, &stranger(last), 1).unwrap();
         assert_eq!(&back[24..40], &NODE);
     }
-    assert_eq!((t.sessions(), t.owner_sessions(NODE)), (11, 1));
+    assert_eq!(
+        in_v6(&mut t, &stranger(102), 1),
+        Err(DropReason::Nat64InboundLimit)
+    );
+    assert_eq!((t.sessions(), t.owner_sessions(NODE)), (3, 1));
+    assert_eq!(t.stranger_sessions(NODE), 2);
     // The node still has its own room: one more, then its bound.
     let mut q = v6_packet(NODE, dst, 17, &udp(5354, 53, b"x"));
     assert!(t.outbound_by_source(&mut q, &pool6(), 1).is_ok());
@@ -640,11 +658,154 @@ fn strangers_sessions_leave_a_hosts_bound_alone() {
     assert!(in_v6(&mut t, &stranger(100), 2).is_ok());
     assert!(in_v6(&mut t, &v4_reply(&v4, None), 2).is_ok());
     assert_eq!(t.owner_sessions(NODE), 2);
-    // When they expire, the count stays right.
+    assert_eq!(t.stranger_sessions(NODE), 2);
+    // When they expire, the counts stay right.
     t.expire(10_000);
     assert_eq!(
         (t.sessions(), t.owner_sessions(NODE), t.owners()),
         (0, 0, 0)
+    );
+    assert_eq!(t.stranger_sessions(NODE), 0);
+}
+
+/// One node's mappings, however many, take at most its bound of the
+/// sessions IPv4 hosts open: a host spraying datagrams at them from port
+/// after port is refused past it, while another node's mapping still takes
+/// a new flow from it and the first node still opens its own flows.
+#[test]
+fn one_nodes_mappings_take_at_most_its_bound_of_strangers() {
+    let mut t = table_per_host(64, 8);
+    let (a, b): (Owner, Owner) = ([0xa; 16], [0xb; 16]);
+    let dst = pool6().embed(REMOTE);
+    let mut ports = Vec::new();
+    for sport in 5000..5006 {
+        let mut p = v6_packet(NODE, dst, 17, &udp(sport, 53, b"x"));
+        let v4 = out_v4_owned(&mut t, &mut p, a, 0).unwrap();
+        ports.push(u16::from_be_bytes([v4[20], v4[21]]));
+    }
+    assert_eq!(t.owner_sessions(a), 6);
+    // A host sprays the mappings from port after port, two more hosts too.
+    let mut opened = 0;
+    for i in 0..120u16 {
+        let host = [192, 0, 2, 1 + (i % 3) as u8];
+        let mut s = stranger_udp(host, 10_000 + i, ports[usize::from(i) % 6]);
+        match t.inbound(&mut s, &pool6(), 1) {
+            Ok(_) => opened += 1,
+            Err(e) => assert_eq!(e, DropReason::Nat64InboundLimit, "{i}"),
+        }
+    }
+    assert_eq!(opened, 8);
+    assert_eq!((t.stranger_sessions(a), t.owner_sessions(a)), (8, 6));
+    assert_eq!(t.sessions(), 6 + 8);
+    // Another node's mapping still takes a new flow, from the same host.
+    let mut p = v6_packet(node(2), dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4_owned(&mut t, &mut p, b, 1).unwrap();
+    let port_b = u16::from_be_bytes([v4[20], v4[21]]);
+    let mut s = stranger_udp([192, 0, 2, 1], 20_000, port_b);
+    assert_eq!(t.inbound(&mut s, &pool6(), 1), Ok(Step::Mapped));
+    assert_eq!(&s[24..40], &node(2));
+    assert_eq!((t.stranger_sessions(b), t.stranger_sessions(a)), (1, 8));
+    // The first node still opens its own flows, up to its own bound.
+    for sport in 6000..6002 {
+        let mut p = v6_packet(NODE, dst, 17, &udp(sport, 53, b"x"));
+        assert_eq!(t.outbound(&mut p, &pool6(), a, 2), Ok(Step::Mapped));
+        ports.push(u16::from_be_bytes([p[40], p[41]]));
+    }
+    let mut p = v6_packet(NODE, dst, 17, &udp(6002, 53, b"x"));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), a, 2),
+        Err(DropReason::Nat64HostLimit)
+    );
+    // Its new mappings take no stranger past the bound either, and the
+    // strangers' sessions it has still pass.
+    let mut s = stranger_udp([192, 0, 2, 9], 30_000, ports[7]);
+    assert_eq!(
+        t.inbound(&mut s, &pool6(), 2),
+        Err(DropReason::Nat64InboundLimit)
+    );
+    let mut s = stranger_udp([192, 0, 2, 1], 10_000, ports[0]);
+    assert_eq!(t.inbound(&mut s, &pool6(), 2), Ok(Step::Mapped));
+    assert_eq!(&s[24..40], &NODE);
+    assert_eq!(t.stranger_sessions(a), 8);
+}
+
+/// The strangers' sessions leave their node's count as they expire: the
+/// counts come back to zero, and the node's mappings take new flows again.
+#[test]
+fn strangers_counts_come_back_to_zero_as_they_expire() {
+    let mut t = table_per_host(64, 3);
+    let a: Owner = [0xa; 16];
+    let dst = pool6().embed(REMOTE);
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4_owned(&mut t, &mut p, a, 0).unwrap();
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    for (sport, now) in [(1, 10), (2, 20), (3, 30)] {
+        let mut s = stranger_udp([192, 0, 2, 1], sport, port4);
+        assert_eq!(t.inbound(&mut s, &pool6(), now), Ok(Step::Mapped));
+    }
+    let mut s = stranger_udp([192, 0, 2, 1], 4, port4);
+    assert_eq!(
+        t.inbound(&mut s, &pool6(), 30),
+        Err(DropReason::Nat64InboundLimit)
+    );
+    // The node's own session (from 0) goes first, then the strangers' one
+    // by one; the binding lasts while any holds it.
+    t.expire(UDP_TIMEOUT);
+    assert_eq!((t.owner_sessions(a), t.stranger_sessions(a)), (0, 3));
+    t.expire(10 + UDP_TIMEOUT);
+    assert_eq!((t.stranger_sessions(a), t.bindings()), (2, 1));
+    // Room again, within the same bound.
+    let mut s = stranger_udp([192, 0, 2, 2], 5, port4);
+    assert_eq!(
+        t.inbound(&mut s, &pool6(), 10 + UDP_TIMEOUT),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(t.stranger_sessions(a), 3);
+    t.expire(10 + 2 * UDP_TIMEOUT);
+    assert_eq!((t.sessions(), t.bindings()), (0, 0));
+    assert_eq!((t.stranger_sessions(a), t.owner_sessions(a)), (0, 0));
+    assert!(t.strangers.is_empty() && t.owners.is_empty());
+    assert_eq!(recount_owners(&t), (HashMap::new(), HashMap::new()));
+}
+
+/// A mapping stays its maker's while it lasts: once that node's own
+/// sessions on it have ended (strangers' hold it), and when another node
+/// sends from its address (a reload gave it to another peer), strangers'
+/// sessions on it still count against the node that made it, and its
+/// bound stays the same.
+#[test]
+fn a_mapping_keeps_the_owner_that_made_it() {
+    let mut t = table_per_host(64, 2);
+    let (a, b): (Owner, Owner) = ([0xa; 16], [0xb; 16]);
+    let dst = pool6().embed(REMOTE);
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
+    let v4 = out_v4_owned(&mut t, &mut p, a, 0).unwrap();
+    let port4 = u16::from_be_bytes([v4[20], v4[21]]);
+    let mut s = stranger_udp([192, 0, 2, 1], 1, port4);
+    assert_eq!(t.inbound(&mut s, &pool6(), 100), Ok(Step::Mapped));
+    t.expire(UDP_TIMEOUT);
+    assert_eq!((t.owner_sessions(a), t.owners(), t.bindings()), (0, 0, 1));
+    // Another node now sends from the address: a session of its own on
+    // the same mapping.
+    let mut p = v6_packet(NODE, dst, 17, &udp(5353, 54, b"x"));
+    assert_eq!(
+        t.outbound(&mut p, &pool6(), b, UDP_TIMEOUT),
+        Ok(Step::Mapped)
+    );
+    assert_eq!(&p[40..42], &port4.to_be_bytes(), "the same mapping");
+    assert_eq!((t.owner_sessions(b), t.stranger_sessions(b)), (1, 0));
+    // Strangers still count against the node that made it, to its bound.
+    let mut s = stranger_udp([192, 0, 2, 2], 2, port4);
+    assert_eq!(t.inbound(&mut s, &pool6(), UDP_TIMEOUT), Ok(Step::Mapped));
+    let info = t
+        .lookup(Proto::Udp, port4, [192, 0, 2, 2].into(), 2)
+        .unwrap();
+    assert_eq!(info.counted, Counted::Stranger(a));
+    assert_eq!((t.stranger_sessions(a), t.stranger_sessions(b)), (2, 0));
+    let mut s = stranger_udp([192, 0, 2, 3], 3, port4);
+    assert_eq!(
+        t.inbound(&mut s, &pool6(), UDP_TIMEOUT),
+        Err(DropReason::Nat64InboundLimit)
     );
 }
 
@@ -725,21 +886,22 @@ fn a_session_keeps_the_owner_it_was_opened_under() {
     let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
     assert_eq!(t.outbound(&mut p, &pool6(), b, 100), Ok(Step::Mapped));
     let s = t.lookup(Proto::Udp, port4, REMOTE.into(), 53).unwrap();
-    assert_eq!(s.owner, Some(a));
+    assert_eq!(s.counted, Counted::Own(a));
     assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (1, 0));
     // A new flow from that address counts against `b`.
     let mut p = v6_packet(NODE, dst, 17, &udp(5353, 54, b"x"));
     assert_eq!(t.outbound(&mut p, &pool6(), b, 200), Ok(Step::Mapped));
     assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (1, 1));
     let s = t.lookup(Proto::Udp, port4, REMOTE.into(), 54).unwrap();
-    assert_eq!(s.owner, Some(b));
+    assert_eq!(s.counted, Counted::Own(b));
     // `a`'s session (last refreshed at 100) expires first, from `a`'s count.
     t.expire(100 + UDP_TIMEOUT);
     assert_eq!((t.owner_sessions(a), t.owner_sessions(b)), (0, 1));
     assert_eq!(t.owners(), 1);
     t.expire(200 + UDP_TIMEOUT);
     assert_eq!((t.sessions(), t.owners()), (0, 0));
-    // A stranger's session on a node's UDP mapping has no owner.
+    // A stranger's session on a node's UDP mapping counts among the
+    // strangers' of the node the mapping belongs to, not its own.
     let mut p = v6_packet(NODE, dst, 17, &udp(5353, 53, b"x"));
     let v4 = out_v4_owned(&mut t, &mut p, a, 1000).unwrap();
     let mut s = v4_reply(&v4, None);
@@ -750,8 +912,9 @@ fn a_session_keeps_the_owner_it_was_opened_under() {
     let info = t
         .lookup(Proto::Udp, port4, [192, 0, 2, 99].into(), 53)
         .unwrap();
-    assert_eq!(info.owner, None);
+    assert_eq!(info.counted, Counted::Stranger(a));
     assert_eq!((t.sessions(), t.owner_sessions(a)), (2, 1));
+    assert_eq!(t.stranger_sessions(a), 1);
 }
 
 #[test]
@@ -812,8 +975,9 @@ proptest! {
     /// advancing times (mostly close together, so that the bounds are
     /// reached, sometimes far apart, so that sessions expire): the table and
     /// every owner stay within their bounds, whatever addresses they use,
-    /// refuse only at them, the per-owner counts always match the sessions,
-    /// and the rewritten checksums hold.
+    /// and so do the strangers' sessions on each owner's mappings; they
+    /// refuse only at them, the per-owner counts (own and strangers') always
+    /// match the sessions, and the rewritten checksums hold.
     #[test]
     fn bounded_and_checksums_stay_valid(
         ops in proptest::collection::vec(
@@ -848,19 +1012,36 @@ proptest! {
             let owner = owners[if who < 3 { mine } else { (mine + 1) % 3 }];
             let dst = pool6().embed(REMOTE);
             if kind == 3 {
-                // A stranger's datagram to a pool4 port (a UDP mapping's,
-                // often: they are allocated from the lowest up).
+                // A stranger's datagram to a pool4 port: most of the time a
+                // UDP mapping's, sometimes one of the lowest (a mapping's or
+                // none).
                 let from = pool6().embed([192, 0, 2, (sport % 200) as u8 + 1]);
                 let to = pool6().embed(POOL4.octets());
-                let port4 = 1024 + dport % 8;
+                let mut mapped: Vec<u16> = t
+                    .bib4
+                    .keys()
+                    .filter(|k| k.proto == Proto::Udp)
+                    .map(|k| k.port)
+                    .collect();
+                mapped.sort_unstable();
+                let port4 = match mapped.get(usize::from(dport / 8) % mapped.len().max(1)) {
+                    Some(&p) if dport % 8 != 0 => p,
+                    _ => 1024 + dport % 8,
+                };
                 let mut p = v6_packet(from, to, 17, &udp(sport, port4, &payload));
+                let mapping = t.bib4.get(&V4Key { proto: Proto::Udp, port: port4 }).map(|b| b.owner);
                 match t.inbound(&mut p, &pool6(), now) {
                     Ok(_) => {
                         prop_assert!(v6_csum_ok(&p));
                         prop_assert!(addrs.iter().any(|n| p[24..40] == n[..]));
                     }
-                    // Strangers' sessions never count against a node.
+                    // Strangers' sessions never count against a node's own.
                     Err(DropReason::Nat64HostLimit) => prop_assert!(false, "a stranger hit a node's bound"),
+                    // Only at the strangers' bound of the mapping's node.
+                    Err(DropReason::Nat64InboundLimit) => {
+                        let o = mapping.expect("refused on no mapping");
+                        prop_assert_eq!(t.stranger_sessions(o), 5);
+                    }
                     // Strangers open sessions only under three quarters full.
                     Err(DropReason::Nat64TableFull) => {
                         prop_assert!(t.sessions() >= 9);
@@ -896,12 +1077,19 @@ proptest! {
             prop_assert!(t.sessions() <= 12);
             prop_assert!(t.bindings() <= t.sessions());
             // The per-owner counts are the sessions, counted afresh.
-            prop_assert_eq!(&recount_owners(&t), &t.owners);
+            let (own_counts, stranger_counts) = recount_owners(&t);
+            prop_assert_eq!(&own_counts, &t.owners);
+            prop_assert_eq!(&stranger_counts, &t.strangers);
             let per_owner: Vec<usize> = owners.iter().map(|&o| t.owner_sessions(o)).collect();
-            let own = t.sessions.values().filter(|s| s.owner.is_some()).count();
+            let per_owner_strangers: Vec<usize> =
+                owners.iter().map(|&o| t.stranger_sessions(o)).collect();
+            let own = t.sessions.values().filter(|s| matches!(s.counted, Counted::Own(_))).count();
             prop_assert_eq!(per_owner.iter().sum::<usize>(), own);
+            prop_assert_eq!(per_owner_strangers.iter().sum::<usize>(), t.sessions() - own);
             prop_assert!(per_owner.iter().all(|&n| n <= 5), "{:?}", per_owner);
+            prop_assert!(per_owner_strangers.iter().all(|&n| n <= 5), "{:?}", per_owner_strangers);
             prop_assert!(t.owners.values().all(|&n| n > 0));
+            prop_assert!(t.strangers.values().all(|&n| n > 0));
         }
     }
 }
