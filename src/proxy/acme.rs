@@ -144,6 +144,9 @@ pub struct AcmeState {
     /// The proxy stopped ([`AcmeState::stop`]): nothing is ordered any more
     /// and the manager ends, though connections still open hold the state.
     stopped: AtomicBool,
+    /// Where the next order stops, for tests of what follows.
+    #[cfg(test)]
+    test_stop: parking_lot::Mutex<Option<TestStop>>,
 }
 
 /// Whether orders made with `a` and with `b` may end differently: any
@@ -202,6 +205,29 @@ fn settings_digest(cfg: &AcmeSettings) -> String {
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The [`PENDING_FILE`]s that go when the wanted hosts change from
+/// `old_hosts` under `old` to `hosts` under `new`: those of hosts no longer
+/// wanted, and all of them when the settings changed (an order of other
+/// settings is not resumed). A host wanted again orders anew; the keys of
+/// orders nobody resumes do not stay on disk.
+fn pending_dropped(
+    old: &Option<AcmeSettings>,
+    old_hosts: &[String],
+    new: Option<&AcmeSettings>,
+    hosts: &[String],
+) -> Vec<PathBuf> {
+    let Some(old) = old else {
+        return Vec::new();
+    };
+    let same = new.is_some_and(|n| !orders_differ(old, n));
+    let kept: std::collections::HashSet<&str> = hosts.iter().map(String::as_str).collect();
+    old_hosts
+        .iter()
+        .filter(|h| !same || !kept.contains(h.as_str()))
+        .map(|h| host_dir(old, h).join(PENDING_FILE))
         .collect()
 }
 
@@ -323,14 +349,16 @@ impl AcmeState {
     /// not order again each time it comes): only a change of the ACME
     /// settings (all hosts) has failed orders run again at once, or deleting
     /// a host's `retry` file. The first call (the start) keeps them too: the
-    /// `retry` files say how long to wait.
+    /// `retry` files say how long to wait. Orders waiting for their
+    /// certificate do not outlive their host or their settings, though
+    /// ([`pending_dropped`]).
     pub fn set_wanted(
         &self,
         settings: Option<AcmeSettings>,
         hosts: Vec<String>,
         dns_zones: Vec<String>,
     ) {
-        {
+        let dropped = {
             let mut wanted = self.wanted.write();
             let changed = match (&wanted.0, &settings) {
                 (Some(old), Some(new)) => orders_differ(old, new),
@@ -341,7 +369,12 @@ impl AcmeState {
             if self.started.swap(true, Ordering::Relaxed) && changed {
                 self.settings_changed.store(true, Ordering::Relaxed);
             }
+            let dropped = pending_dropped(&wanted.0, &wanted.1, settings.as_ref(), &hosts);
             *wanted = (settings, hosts);
+            dropped
+        };
+        for f in dropped {
+            remove_pending_at(&f);
         }
         *self.dns_zones.write() = dns_zones;
         self.prune();
@@ -637,6 +670,26 @@ pub(crate) fn acme_roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, Str
     Ok(roots)
 }
 
+/// A problem document (RFC 7807, `about:blank`: the status says it all) for
+/// an error response that carries none, such as a 404 with an empty body:
+/// instant-acme would report only a body it cannot read, and the status,
+/// which tells an order the CA no longer knows from one it cannot serve
+/// now ([`order_refused`]), would be lost. `None`: the body stays.
+fn problem_for(status: http::StatusCode, body: &[u8]) -> Option<Bytes> {
+    if !status.is_client_error() && !status.is_server_error() {
+        return None;
+    }
+    if serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
+        return None;
+    }
+    let problem = serde_json::json!({
+        "type": "about:blank",
+        "detail": format!("HTTP {status}"),
+        "status": status.as_u16(),
+    });
+    Some(Bytes::from(problem.to_string()))
+}
+
 fn other(e: impl std::fmt::Display) -> instant_acme::Error {
     instant_acme::Error::Other(e.to_string().into())
 }
@@ -686,13 +739,20 @@ impl HttpClient for AcmeHttp {
                 // The whole body, within the timeout: one read later by
                 // instant-acme would have none, and a server that stalls
                 // mid-body would hold the manager for good.
-                let (parts, body) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
                 let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
                     body, BODY_LIMIT,
                 ))
                 .await
                 .map_err(|e| other(format!("ACME response body: {e}")))?
                 .to_bytes();
+                if let Some(made) = problem_for(parts.status, &body) {
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    return Ok(BytesResponse::from(http::Response::from_parts(
+                        parts,
+                        Full::new(made),
+                    )));
+                }
                 Ok(BytesResponse::from(http::Response::from_parts(
                     parts,
                     Full::new(body),
@@ -720,6 +780,146 @@ const CHAIN_FILE: &str = "fullchain.pem";
 /// (Unix seconds), the last wait (seconds), the directory URL and the
 /// [`settings_digest`] the orders failed with, then the last error.
 const RETRY_FILE: &str = "retry";
+/// In a host's directory from just before this hub finalizes an order until
+/// the order's certificate is installed: a [`Pending`] record (mode 0600, it
+/// holds the new private key). Should the wait for the certificate stop (the
+/// order's deadline, a restart, a network error), the next try fetches that
+/// order's certificate instead of ordering again: a new order counts against
+/// the CA's limits on new orders and on duplicate certificates. It is this
+/// hub's alone, never shared in a mesh: the key is no other hub's until the
+/// certificate is published with it.
+const PENDING_FILE: &str = "pending-order";
+/// How long a [`PENDING_FILE`] is resumed after it was written: by then the
+/// order has expired (Let's Encrypt keeps an order for 7 days).
+const PENDING_KEPT: Duration = Duration::from_secs(7 * 86_400);
+
+/// An order this hub finalized, or is about to, whose certificate it has not
+/// installed yet (see [`PENDING_FILE`]). `Debug` leaves the key out.
+struct Pending {
+    /// The order's URL.
+    order: String,
+    /// The URL of the account that made it.
+    account: String,
+    /// The [`settings_digest`] it was made with.
+    settings: String,
+    /// When the record was written (Unix seconds).
+    written: u64,
+    /// The private key its certificate request was signed with (PEM).
+    key: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("order", &self.order)
+            .field("account", &self.account)
+            .field("settings", &self.settings)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// The file's content: the order URL, the account URL, the settings
+    /// digest and the time on their own lines, then the key.
+    fn text(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(format!(
+            "{}\n{}\n{} {}\n{}",
+            self.order, self.account, self.settings, self.written, *self.key
+        ))
+    }
+
+    /// Reads [`Pending::text`]; an error says what is missing or wrong
+    /// (never the key).
+    fn parse(text: &str) -> Result<Pending, String> {
+        let mut lines = text.splitn(4, '\n');
+        let order = lines
+            .next()
+            .filter(|l| !l.is_empty())
+            .ok_or("no order URL")?;
+        if !order.starts_with("https://") || order.contains(char::is_whitespace) {
+            return Err("the order URL is not an https URL".into());
+        }
+        let account = lines
+            .next()
+            .filter(|l| !l.is_empty() && !l.contains(char::is_whitespace))
+            .ok_or("no account URL")?;
+        let mut head = lines.next().unwrap_or_default().split_whitespace();
+        let settings = head
+            .next()
+            .filter(|d| d.len() == 16 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or("no settings digest")?;
+        let written = head
+            .next()
+            .and_then(|t| t.parse().ok())
+            .ok_or("no time written")?;
+        let key = lines
+            .next()
+            .filter(|k| k.starts_with("-----BEGIN "))
+            .ok_or("no private key")?;
+        rcgen::KeyPair::from_pem(key).map_err(|e| format!("the private key does not load: {e}"))?;
+        Ok(Pending {
+            order: order.to_string(),
+            account: account.to_string(),
+            settings: settings.to_string(),
+            written,
+            key: zeroize::Zeroizing::new(key.to_string()),
+        })
+    }
+
+    /// Why this record is not resumed with `cfg` by the account `account`
+    /// at `now` (Unix seconds), if it is not: an order of other settings
+    /// (another CA directory, another `state_dir`), of another account, or
+    /// one expired by now.
+    fn unusable(&self, cfg: &AcmeSettings, account: &str, now: u64) -> Option<&'static str> {
+        if self.settings != settings_digest(cfg) {
+            Some("it was made with other ACME settings")
+        } else if self.account != account {
+            Some("it was made by another ACME account")
+        } else if now.saturating_sub(self.written) > PENDING_KEPT.as_secs() {
+            Some("it has expired")
+        } else {
+            None
+        }
+    }
+}
+
+/// Writes the [`PENDING_FILE`] of `host`.
+fn save_pending(cfg: &AcmeSettings, host: &str, p: &Pending) -> Result<(), String> {
+    let dir = host_dir(cfg, host);
+    let path = dir.join(PENDING_FILE);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| write_private(&path, p.text().as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads the [`PENDING_FILE`] of `host`; `None` when there is none. An error
+/// names the file and what is wrong with it.
+fn read_pending(cfg: &AcmeSettings, host: &str) -> Option<Result<Pending, String>> {
+    let path = host_dir(cfg, host).join(PENDING_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => zeroize::Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("{}: {e}", path.display()))),
+    };
+    Some(Pending::parse(&text).map_err(|e| format!("{}: {e}", path.display())))
+}
+
+/// Removes the [`PENDING_FILE`] at `path`, if there is one.
+fn remove_pending_at(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(file = %path.display(), "ACME pending order record removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "ACME pending order record not removed")
+        }
+    }
+}
+
+/// Removes the [`PENDING_FILE`] of `host`, if there is one.
+fn remove_pending(cfg: &AcmeSettings, host: &str) {
+    remove_pending_at(&host_dir(cfg, host).join(PENDING_FILE));
+}
 
 /// Whether the stored certificate of `host` was issued by another CA than
 /// the configured one (`directory` changed since): it is served until the
@@ -1117,6 +1317,9 @@ async fn issue_inner(
     // `issue` gives up at the same time.
     let deadline = tokio::time::Instant::now() + ORDER_TIMEOUT;
     let acct = account(cfg).await?;
+    if let Some(pem) = resume(state, cfg, host, &acct, deadline, share, &mut held).await? {
+        return Ok(pem);
+    }
     let ids = [Identifier::Dns(host.to_string())];
     let mut order = acct
         .new_order(&NewOrder { identifiers: &ids })
@@ -1237,49 +1440,241 @@ async fn issue_inner(
     .await;
     result?;
     finalizable(order.state().status)?;
-
+    // A name dropped meanwhile gets no certificate (nor a record to resume).
+    if !state.wants(host) {
+        return Err(NOT_WANTED.into());
+    }
     let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = params.serialize_request(&kp).map_err(|e| e.to_string())?;
-    order
-        .finalize(csr.der())
-        .await
-        .map_err(|e| format!("finalize: {e}"))?;
+    let pending = Pending {
+        order: order.url().to_string(),
+        account: acct.id().to_string(),
+        settings: settings_digest(cfg),
+        written: unix_secs(),
+        key: zeroize::Zeroizing::new(kp.serialize_pem()),
+    };
+    if let Err(e) = save_pending(cfg, host, &pending) {
+        warn!(host = %host, error = %e, "ACME pending order not written: should the wait for its certificate stop, the next try orders again");
+    }
+    let fetched = fetch(
+        state,
+        cfg,
+        host,
+        &mut order,
+        &pending.key,
+        deadline,
+        share,
+        &mut held,
+        &answers.published,
+    )
+    .await?;
+    match fetched {
+        Fetched::Installed(pem) => Ok(pem),
+        Fetched::Useless(e) => Err(e),
+    }
+}
+
+/// What became of an order's certificate ([`fetch`]).
+enum Fetched {
+    /// Issued, checked and installed.
+    Installed(CertPem),
+    /// The order gives none this hub can use (the CA refused it, it is
+    /// invalid or gone, the certificate does not match the key or the
+    /// host): why.
+    Useless(String),
+}
+
+/// Stops an order at a point the test names, once.
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TestStop {
+    BeforeFinalize,
+    AfterFinalize,
+}
+
+#[cfg(test)]
+fn test_stop(state: &AcmeState, at: TestStop) -> Result<(), String> {
+    let mut stop = state.test_stop.lock();
+    if *stop == Some(at) {
+        *stop = None;
+        return Err("stopped by the test".into());
+    }
+    Ok(())
+}
+
+/// Finalizes `order` with `key` (PEM) unless it was finalized before, waits
+/// for its certificate until `deadline`, then checks and installs it with
+/// `key`. The host's [`PENDING_FILE`] goes once the order is done with, an
+/// installed certificate or a useless order; an error (the CA did not
+/// answer, the certificate is not issued yet) keeps it for the next try.
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    host: &str,
+    order: &mut instant_acme::Order,
+    key: &str,
+    deadline: tokio::time::Instant,
+    share: Option<&dyn AcmeShare>,
+    held: &mut Option<i64>,
+    published: &[Challenge],
+) -> Result<Fetched, String> {
+    let useless = |e: String| {
+        remove_pending(cfg, host);
+        Ok(Fetched::Useless(e))
+    };
+    if order.state().status == OrderStatus::Ready {
+        let csr = csr_for(host, key)?;
+        #[cfg(test)]
+        test_stop(state, TestStop::BeforeFinalize)?;
+        match order.finalize(&csr).await {
+            Ok(()) => {}
+            Err(e) if order_refused(&e) => return useless(format!("finalize: {e}")),
+            Err(e) => return Err(format!("finalize: {e}")),
+        }
+        #[cfg(test)]
+        test_stop(state, TestStop::AfterFinalize)?;
+    }
     // A CA slow to issue is waited for until the order's time is up: an
     // order again would count against its duplicate certificate limit.
     let mut delay = None;
     let chain = loop {
-        match order
-            .certificate()
-            .await
-            .map_err(|e| format!("certificate: {e}"))?
-        {
-            Some(c) => break c,
-            None => {
+        match order.certificate().await {
+            Ok(Some(c)) => break c,
+            Ok(None) => {
                 let d = cert_poll_delay(delay);
                 if tokio::time::Instant::now() + d >= deadline {
                     return Err(format!(
-                        "the certificate was not issued within {ORDER_TIMEOUT:?} of the order"
+                        "the certificate was not issued within {ORDER_TIMEOUT:?} of the order \
+                         (the next try fetches it)"
                     ));
                 }
                 tokio::time::sleep(d).await;
                 delay = Some(d);
                 if let Some(sh) = share {
-                    if let Err(e) = keep_shared(sh, host, &mut held, &answers.published).await {
+                    if let Err(e) = keep_shared(sh, host, held, published).await {
                         warn!(host = %host, error = %e, "ACME order: waiting for the certificate without the mesh lock");
                     }
                 }
             }
+            Err(e) if order_refused(&e) => return useless(format!("certificate: {e}")),
+            Err(e) => return Err(format!("certificate: {e}")),
         }
     };
     let pem = CertPem {
         chain,
-        key: kp.serialize_pem(),
+        key: key.to_string(),
     };
-    install(state, cfg, host, &pem)?;
-    Ok(pem)
+    if let Err(e) = install(state, cfg, host, &pem) {
+        return useless(e);
+    }
+    remove_pending(cfg, host);
+    Ok(Fetched::Installed(pem))
+}
+
+/// A certificate request for `host` signed with `key` (PEM), as DER.
+fn csr_for(host: &str, key: &str) -> Result<Vec<u8>, String> {
+    let kp = rcgen::KeyPair::from_pem(key).map_err(|e| format!("the order's key: {e}"))?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&kp).map_err(|e| e.to_string())?;
+    Ok(csr.der().to_vec())
+}
+
+/// Whether the CA's answer `e` about an order means it will never give the
+/// order's certificate: a problem document but for the CA's own trouble and
+/// its rate limits (the order is gone, another account's, invalid, or the
+/// request refused), or an order left in a state that has none. Anything
+/// else (no answer, a timeout, a server error) may pass: the order is asked
+/// about again on the next try.
+fn order_refused(e: &instant_acme::Error) -> bool {
+    match e {
+        instant_acme::Error::Api(p) => {
+            let passing = p.status.is_some_and(|s| s == 429 || s >= 500)
+                || p.r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":rateLimited") || t.ends_with(":serverInternal"));
+            !passing
+        }
+        // instant-acme's: "invalid order state", "no certificate URL found".
+        instant_acme::Error::Str(_) => true,
+        _ => false,
+    }
+}
+
+/// Before a new order: fetches the certificate of the order this hub
+/// finalized for `host` and did not see issued (its [`PENDING_FILE`]).
+/// `Ok(None)`: there is none, or none this hub can use (a record that does
+/// not load, of other settings or another account, expired; an order gone,
+/// invalid, or whose certificate does not match the key): the record goes,
+/// said why in the log, and a new order follows. An error (the CA did not
+/// answer, the certificate is still not issued) keeps the record for the
+/// next try, which asks again rather than ordering.
+#[allow(clippy::too_many_arguments)]
+async fn resume(
+    state: &AcmeState,
+    cfg: &AcmeSettings,
+    host: &str,
+    acct: &Account,
+    deadline: tokio::time::Instant,
+    share: Option<&dyn AcmeShare>,
+    held: &mut Option<i64>,
+) -> Result<Option<CertPem>, String> {
+    let p = match read_pending(cfg, host) {
+        None => return Ok(None),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            warn!(host = %host, error = %e, "ACME pending order record unusable: removed, ordering anew");
+            remove_pending(cfg, host);
+            return Ok(None);
+        }
+    };
+    if let Some(why) = p.unusable(cfg, acct.id(), unix_secs()) {
+        info!(host = %host, order = %p.order, "ACME pending order not resumed ({why}): ordering anew");
+        remove_pending(cfg, host);
+        return Ok(None);
+    }
+    info!(host = %host, order = %p.order, "ACME order finalized before: fetching its certificate instead of ordering again");
+    let mut order = match acct.order(p.order.clone()).await {
+        Ok(o) => o,
+        Err(e) if order_refused(&e) => {
+            warn!(host = %host, order = %p.order, error = %e, "ACME pending order gone: ordering anew");
+            remove_pending(cfg, host);
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("the pending order {}: {e}", p.order)),
+    };
+    let status = order.state().status;
+    if !matches!(
+        status,
+        OrderStatus::Ready | OrderStatus::Processing | OrderStatus::Valid
+    ) {
+        warn!(host = %host, order = %p.order, ?status, "ACME pending order gives no certificate: ordering anew");
+        remove_pending(cfg, host);
+        return Ok(None);
+    }
+    match fetch(
+        state,
+        cfg,
+        host,
+        &mut order,
+        &p.key,
+        deadline,
+        share,
+        held,
+        &[],
+    )
+    .await?
+    {
+        Fetched::Installed(pem) => {
+            info!(host = %host, order = %p.order, "ACME certificate of the pending order installed");
+            Ok(Some(pem))
+        }
+        Fetched::Useless(e) => {
+            warn!(host = %host, order = %p.order, error = %e, "ACME pending order gives no usable certificate: ordering anew");
+            Ok(None)
+        }
+    }
 }
 
 /// An order's error when its host was dropped from the config meanwhile.
@@ -1854,9 +2249,11 @@ async fn keep(
         sync_shared(state, cfg, sh, host).await;
     }
     if !due(state) {
-        // (A certificate loaded or taken from the mesh ends a failure too.)
+        // (A certificate loaded or taken from the mesh ends a failure too,
+        // and makes an order waiting for its certificate useless.)
         state.failures.write().remove(host);
         clear_retry(cfg, retry_at, host);
+        remove_pending(cfg, host);
         refused.remove(host);
         // Due before the next round: the manager looks again then (a
         // certificate due a second after it was loaded waited a whole round).
@@ -1947,6 +2344,7 @@ async fn keep(
             if !due(state) {
                 unlock(sh, host, unlocks).await;
                 clear_retry(cfg, retry_at, host);
+                remove_pending(cfg, host);
                 state.failures.write().remove(host);
                 return None;
             }
@@ -1989,9 +2387,17 @@ async fn keep(
         }
         Err(e) if e == NOT_WANTED => {
             info!(host = %host, "ACME order given up: the host is no longer wanted");
+            remove_pending(cfg, host);
             None
         }
-        Err(e) => Some(failed(state, cfg, retry_at, host, &e)),
+        Err(e) => {
+            // Dropped by a reload while the certificate was waited for (a
+            // stopped proxy keeps it: a restart fetches it).
+            if !state.wants(host) && !state.is_stopped() {
+                remove_pending(cfg, host);
+            }
+            Some(failed(state, cfg, retry_at, host, &e))
+        }
     }
 }
 
@@ -3438,5 +3844,489 @@ mod tests {
         let c = p.self_signed(&kp).unwrap();
         assert_eq!(cert_not_after(c.der()), Some(2_840_140_800));
         assert_eq!(cert_not_after(b"\x30\x03\x02\x01"), None);
+    }
+
+    // ------------------------------------------------ orders waiting for
+    // their certificate
+
+    fn pending_for(cfg: &AcmeSettings, order: &str) -> Pending {
+        Pending {
+            order: order.into(),
+            account: "https://ca.gw.test/my-account/1".into(),
+            settings: settings_digest(cfg),
+            written: 1_800_000_000,
+            key: zeroize::Zeroizing::new(rcgen::KeyPair::generate().unwrap().serialize_pem()),
+        }
+    }
+
+    #[test]
+    fn a_pending_order_record_reads_back_and_a_broken_one_is_an_error() {
+        let cfg = cfg_in(Path::new("/nonexistent"));
+        let p = pending_for(&cfg, "https://ca.gw.test/my-order/7");
+        let text = p.text();
+        let back = Pending::parse(&text).unwrap();
+        assert_eq!(back.order, p.order);
+        assert_eq!(back.account, p.account);
+        assert_eq!(back.settings, p.settings);
+        assert_eq!(back.written, p.written);
+        assert_eq!(*back.key, *p.key);
+        // The key shows in no Debug output.
+        let body: Vec<&str> = p.key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let debug = format!("{back:?}");
+        assert!(debug.contains("my-order/7"), "{debug}");
+        assert!(
+            !debug.contains("PRIVATE") && body.iter().all(|l| !debug.contains(l)),
+            "{debug}"
+        );
+        let (order, account) = (p.order.as_str(), p.account.as_str());
+        let (digest, key) = (p.settings.as_str(), p.key.as_str());
+        let broken = [
+            (String::new(), "no order URL"),
+            ("garbage".into(), "not an https URL"),
+            (
+                format!("http://ca.gw.test/o\n{account}\n{digest} 1\n{key}"),
+                "https",
+            ),
+            (format!("{order}\n"), "no account URL"),
+            (format!("{order}\n\n{digest} 1\n{key}"), "no account URL"),
+            (format!("{order}\n{account}\n"), "no settings digest"),
+            (
+                format!("{order}\n{account}\n{} 1\n{key}", &digest[1..]),
+                "digest",
+            ),
+            (
+                format!("{order}\n{account}\nzz{} 1\n{key}", &digest[2..]),
+                "digest",
+            ),
+            (
+                format!("{order}\n{account}\n{digest}\n{key}"),
+                "no time written",
+            ),
+            (
+                format!("{order}\n{account}\n{digest} soon\n{key}"),
+                "no time written",
+            ),
+            (
+                format!("{order}\n{account}\n{digest} 1\n"),
+                "no private key",
+            ),
+            (
+                format!("{order}\n{account}\n{digest} 1\nkey"),
+                "no private key",
+            ),
+            (
+                format!(
+                    "{order}\n{account}\n{digest} 1\n{}",
+                    pem_for("a.gw.test", 2031).chain
+                ),
+                "does not load",
+            ),
+        ];
+        for (text, want) in &broken {
+            let e = Pending::parse(text).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        // Cut anywhere before the end of the key (a crash, a full disk).
+        let end = text.len() - "-----END PRIVATE KEY-----\n".len();
+        for at in 0..end {
+            let e = Pending::parse(&text[..at]).unwrap_err();
+            assert!(body.iter().all(|l| !e.contains(l)), "{at}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_pending_order_of_other_settings_another_account_or_expired_is_not_resumed() {
+        let dir = Path::new("/nonexistent");
+        let cfg = cfg_in(dir);
+        let p = pending_for(&cfg, "https://ca.gw.test/my-order/7");
+        let now = p.written + 60;
+        assert_eq!(p.unusable(&cfg, &p.account, now), None);
+        // Only when to renew changed: the same order.
+        let later = AcmeSettings {
+            renew_before: Duration::from_secs(86_400),
+            ..cfg.clone()
+        };
+        assert_eq!(p.unusable(&later, &p.account, now), None);
+        let others = [
+            AcmeSettings {
+                directory: "https://other-ca.gw.test/dir".into(),
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                contact: vec!["mailto:ops@gw.test".into()],
+                ..cfg.clone()
+            },
+            AcmeSettings {
+                state_dir: dir.join("other"),
+                ..cfg.clone()
+            },
+        ];
+        for other in &others {
+            let why = p.unusable(other, &p.account, now).unwrap();
+            assert!(why.contains("settings"), "{other:?}: {why}");
+        }
+        let why = p.unusable(&cfg, "https://ca.gw.test/my-account/2", now);
+        assert!(why.unwrap().contains("account"));
+        let kept = p.written + PENDING_KEPT.as_secs();
+        assert_eq!(p.unusable(&cfg, &p.account, kept), None);
+        assert!(p
+            .unusable(&cfg, &p.account, kept + 1)
+            .unwrap()
+            .contains("expired"));
+        // A clock set back since: still resumed.
+        assert_eq!(p.unusable(&cfg, &p.account, p.written - 3600), None);
+    }
+
+    #[test]
+    fn only_an_answer_that_the_order_is_done_with_drops_it() {
+        let problem = |json: &str| {
+            instant_acme::Error::Api(serde_json::from_str::<instant_acme::Problem>(json).unwrap())
+        };
+        let refused = [
+            r#"{"type":"urn:ietf:params:acme:error:malformed","detail":"no order","status":404}"#,
+            r#"{"type":"urn:ietf:params:acme:error:unauthorized","status":403}"#,
+            r#"{"type":"urn:ietf:params:acme:error:orderNotReady"}"#,
+            r#"{"type":"urn:ietf:params:acme:error:badCSR","status":400}"#,
+        ];
+        for p in refused {
+            assert!(order_refused(&problem(p)), "{p}");
+        }
+        assert!(order_refused(&instant_acme::Error::Str(
+            "invalid order state"
+        )));
+        let passing = [
+            r#"{"type":"urn:ietf:params:acme:error:serverInternal","status":500}"#,
+            r#"{"type":"about:blank","status":503}"#,
+            r#"{"type":"urn:ietf:params:acme:error:rateLimited","status":429}"#,
+            r#"{"type":"urn:ietf:params:acme:error:rateLimited"}"#,
+        ];
+        for p in passing {
+            assert!(!order_refused(&problem(p)), "{p}");
+        }
+        assert!(!order_refused(&other("ACME request timed out")));
+        assert!(!order_refused(&other("connection refused")));
+    }
+
+    /// An error answered without a problem document keeps its status (a
+    /// CA that answers an order it no longer knows with a bare 404).
+    #[test]
+    fn an_error_without_a_problem_document_gets_one_with_its_status() {
+        use http::StatusCode;
+        let read = |status: StatusCode, body: &[u8]| {
+            let made = problem_for(status, body).unwrap();
+            serde_json::from_slice::<instant_acme::Problem>(&made).unwrap()
+        };
+        let p = read(StatusCode::NOT_FOUND, b"");
+        assert_eq!(p.status, Some(404));
+        assert!(order_refused(&instant_acme::Error::Api(p.clone())));
+        assert!(p.to_string().contains("404 Not Found"), "{p}");
+        let p = read(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
+        assert_eq!(p.status, Some(502));
+        assert!(!order_refused(&instant_acme::Error::Api(p)));
+        assert_eq!(read(StatusCode::BAD_REQUEST, b"[1]").status, Some(400));
+        // The CA's own problem document, and answers that are no error,
+        // stay as they are.
+        let own = br#"{"type":"urn:ietf:params:acme:error:badNonce","status":400}"#;
+        assert_eq!(problem_for(StatusCode::BAD_REQUEST, own), None);
+        assert_eq!(problem_for(StatusCode::OK, b""), None);
+        assert_eq!(problem_for(StatusCode::CREATED, b"not json"), None);
+    }
+
+    /// A host dropped by a reload loses its pending order's record (the key
+    /// of an order nobody resumes does not stay); one kept keeps it, unless
+    /// the settings changed.
+    #[test]
+    fn a_pending_order_goes_with_its_host_or_its_settings() {
+        let dir = tmpdir("pending-drop");
+        let cfg = cfg_in(&dir);
+        let (kept, gone) = ("kept.gw.test", "gone.gw.test");
+        let write = |cfg: &AcmeSettings, h: &str| {
+            save_pending(cfg, h, &pending_for(cfg, "https://ca.gw.test/my-order/1")).unwrap();
+            host_dir(cfg, h).join(PENDING_FILE)
+        };
+        let st = AcmeState::default();
+        st.set_wanted(
+            Some(cfg.clone()),
+            vec![kept.into(), gone.into()],
+            Vec::new(),
+        );
+        let (k, g) = (write(&cfg, kept), write(&cfg, gone));
+        let mode = std::fs::metadata(&k).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
+        st.set_wanted(Some(cfg.clone()), vec![kept.into()], Vec::new());
+        assert!(k.exists());
+        assert!(!g.exists());
+        // Only `renew_before` changed: kept.
+        let later = AcmeSettings {
+            renew_before: Duration::from_secs(86_400),
+            ..cfg.clone()
+        };
+        st.set_wanted(Some(later.clone()), vec![kept.into()], Vec::new());
+        assert!(k.exists());
+        // Other settings: gone, also for a host still wanted.
+        let other = AcmeSettings {
+            contact: vec!["mailto:ops@gw.test".into()],
+            ..later.clone()
+        };
+        st.set_wanted(Some(other.clone()), vec![kept.into()], Vec::new());
+        assert!(!k.exists());
+        // ACME turned off.
+        let k = write(&other, kept);
+        st.set_wanted(None, vec![kept.into()], Vec::new());
+        assert!(!k.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A certificate there and not due (loaded, or taken from the mesh)
+    /// makes an order still waiting for its certificate useless: its record
+    /// goes, with no order.
+    #[tokio::test]
+    async fn a_pending_order_goes_once_the_host_has_a_certificate_not_due() {
+        let dir = tmpdir("pending-not-due");
+        let (port, orders) = counting_ca().await;
+        let cfg = cfg_at(&dir, port);
+        let host = "shop.gw.test";
+        save_issued(&cfg, host, &pem_for(host, 2031)).unwrap();
+        save_pending(
+            &cfg,
+            host,
+            &pending_for(&cfg, "https://ca.gw.test/my-order/1"),
+        )
+        .unwrap();
+        let file = host_dir(&cfg, host).join(PENDING_FILE);
+        assert!(file.exists());
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.to_string()], Vec::new());
+        round(&st, &mut Rounds::default()).await;
+        assert!(st.cert(host).is_some());
+        assert!(!file.exists());
+        assert_eq!(orders.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Debian's `pebble` on loopback (the tests using it are skipped when
+    /// it is not installed), validating every challenge without looking:
+    /// what these tests are about comes after validation. Killed when
+    /// dropped.
+    struct Pebble {
+        child: std::process::Child,
+        dir_url: String,
+        ca: PathBuf,
+        log: PathBuf,
+    }
+
+    impl Drop for Pebble {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Pebble {
+        /// How many requests its log shows that start with `what`.
+        fn count(&self, what: &str) -> usize {
+            std::fs::read_to_string(&self.log)
+                .unwrap()
+                .matches(what)
+                .count()
+        }
+
+        /// Settings ordering from it, with `state_dir` in `dir`.
+        fn cfg(&self, dir: &Path) -> AcmeSettings {
+            AcmeSettings {
+                directory: self.dir_url.clone(),
+                directory_ca: Some(self.ca.clone()),
+                ..cfg_in(&dir.join("state"))
+            }
+        }
+    }
+
+    const PEBBLE: &str = "/usr/bin/pebble";
+
+    async fn pebble(dir: &Path) -> Option<Pebble> {
+        if !Path::new(PEBBLE).exists() {
+            eprintln!("pebble not installed; skipping");
+            return None;
+        }
+        // Started again on other ports when it exits before listening (a
+        // port found free was taken meanwhile).
+        for _ in 0..3 {
+            if let Some(p) = try_pebble(dir).await {
+                return Some(p);
+            }
+        }
+        panic!(
+            "pebble exited before listening, three times (see {})",
+            dir.display()
+        );
+    }
+
+    async fn try_pebble(dir: &Path) -> Option<Pebble> {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let tls = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let ca = dir.join("pebble-tls.pem");
+        std::fs::write(&ca, tls.cert.pem()).unwrap();
+        std::fs::write(dir.join("pebble-key.pem"), tls.key_pair.serialize_pem()).unwrap();
+        let (acme, mgmt) = (free(), free());
+        let conf = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{acme}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+            "certificate": ca,
+            "privateKey": dir.join("pebble-key.pem"),
+            "httpPort": free(),
+            "tlsPort": free(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false
+        }});
+        std::fs::write(dir.join("pebble.json"), conf.to_string()).unwrap();
+        let log = dir.join("pebble.log");
+        let mut p = Pebble {
+            child: std::process::Command::new(PEBBLE)
+                .arg("-config")
+                .arg(dir.join("pebble.json"))
+                .env("PEBBLE_VA_ALWAYS_VALID", "1")
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_AUTHZREUSE", "0")
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::create(dir.join("pebble.err")).unwrap())
+                .spawn()
+                .unwrap(),
+            dir_url: format!("https://127.0.0.1:{acme}/dir"),
+            ca,
+            log,
+        };
+        let t0 = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", acme)).await.is_err() {
+            if p.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "pebble never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(p)
+    }
+
+    const NEW_ORDER: &str = "POST /order-plz";
+    const FINALIZE: &str = "POST /finalize-order/";
+
+    /// Orders `host` from `p` in a round that `stop`s; then, after `edit`
+    /// changed its pending order's record, tries again as after a restart
+    /// (the wait after the failed try ended by deleting its `retry` file,
+    /// as an operator does). The record as it was after the first round,
+    /// and the state after the second.
+    async fn stopped_then_again(
+        p: &Pebble,
+        cfg: &AcmeSettings,
+        host: &str,
+        stop: TestStop,
+        edit: impl FnOnce(&Path),
+    ) -> (Pending, AcmeState) {
+        let orders = p.count(NEW_ORDER);
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.to_string()], Vec::new());
+        *st.test_stop.lock() = Some(stop);
+        round(&st, &mut Rounds::default()).await;
+        assert!(st.cert(host).is_none());
+        let e = st.failures.read().get(host).unwrap().0.clone();
+        assert!(e.contains("stopped by the test"), "{e}");
+        assert_eq!(p.count(NEW_ORDER), orders + 1);
+        let file = host_dir(cfg, host).join(PENDING_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
+        let record = Pending::parse(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert!(
+            record.order.starts_with(&p.dir_url.replace("/dir", "/")),
+            "{record:?}"
+        );
+        edit(&file);
+        std::fs::remove_file(host_dir(cfg, host).join(RETRY_FILE)).unwrap();
+        let st = AcmeState::default();
+        st.set_wanted(Some(cfg.clone()), vec![host.to_string()], Vec::new());
+        round(&st, &mut Rounds::default()).await;
+        assert!(
+            st.cert(host).is_some(),
+            "{:?}",
+            st.failures.read().get(host)
+        );
+        assert!(st.failures.read().is_empty());
+        assert!(!host_dir(cfg, host).join(RETRY_FILE).exists());
+        assert!(
+            !file.exists(),
+            "the record goes with the installed certificate"
+        );
+        (record, st)
+    }
+
+    #[tokio::test]
+    async fn an_order_stopped_after_finalize_gives_its_certificate_to_the_next_try() {
+        let dir = tmpdir("pending-finalized");
+        let Some(p) = pebble(&dir).await else { return };
+        let cfg = p.cfg(&dir);
+        let host = "site.gw.test";
+        let (record, _) = stopped_then_again(&p, &cfg, host, TestStop::AfterFinalize, |_| {}).await;
+        assert_eq!(p.count(NEW_ORDER), 1, "no new order");
+        assert_eq!(p.count(FINALIZE), 1, "finalized once");
+        // The certificate is the stored key's.
+        let stored = stored_pem(&cfg, host).unwrap();
+        assert_eq!(stored.key, *record.key);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_order_stopped_before_finalize_is_finalized_with_the_stored_key() {
+        let dir = tmpdir("pending-ready");
+        let Some(p) = pebble(&dir).await else { return };
+        let cfg = p.cfg(&dir);
+        let host = "site.gw.test";
+        let (record, _) =
+            stopped_then_again(&p, &cfg, host, TestStop::BeforeFinalize, |_| {}).await;
+        assert_eq!(p.count(NEW_ORDER), 1, "no new order");
+        assert_eq!(p.count(FINALIZE), 1, "finalized by the second try");
+        assert_eq!(stored_pem(&cfg, host).unwrap().key, *record.key);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A record whose order gives nothing usable (its certificate is not
+    /// for the stored key, the CA no longer knows it, the file is cut
+    /// short) goes, and a new order follows in the same try.
+    #[tokio::test]
+    async fn a_pending_order_that_gives_no_usable_certificate_is_ordered_anew() {
+        let dir = tmpdir("pending-useless");
+        let Some(p) = pebble(&dir).await else { return };
+        let cfg = p.cfg(&dir);
+        let other_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let rewrite = |f: &Path, change: &dyn Fn(&mut Pending)| {
+            let mut r = Pending::parse(&std::fs::read_to_string(f).unwrap()).unwrap();
+            change(&mut r);
+            std::fs::write(f, r.text().as_bytes()).unwrap();
+        };
+        let hosts = ["another-key.gw.test", "gone.gw.test", "cut.gw.test"];
+        for (n, host) in hosts.into_iter().enumerate() {
+            let edit = |f: &Path| match n {
+                0 => rewrite(f, &|r: &mut Pending| r.key = other_key.clone().into()),
+                1 => rewrite(f, &|r: &mut Pending| r.order.push_str("-no-such-order")),
+                _ => {
+                    let t = std::fs::read_to_string(f).unwrap();
+                    std::fs::write(f, &t[..t.len() / 2]).unwrap();
+                }
+            };
+            let (record, _) =
+                stopped_then_again(&p, &cfg, host, TestStop::AfterFinalize, edit).await;
+            assert_eq!(p.count(NEW_ORDER), 2 * (n + 1), "{host}: ordered anew");
+            let stored = stored_pem(&cfg, host).unwrap();
+            assert_ne!(stored.key, *record.key, "{host}");
+            assert_ne!(stored.key, other_key, "{host}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
