@@ -2259,10 +2259,11 @@ async fn serve_http<IO>(
         let streams = Streams::new();
         let open = Arc::clone(&streams);
         let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let open_streams = Arc::clone(&open);
             // A WebSocket over HTTP/2 keeps its stream open past its
             // response, for as long as its splice runs.
-            req.extensions_mut().insert(open_streams);
+            if req.method() == hyper::Method::CONNECT {
+                req.extensions_mut().insert(Arc::clone(&open));
+            }
             let open = open.open();
             let busy = info.slot().busy();
             let r = handle(shared.clone(), info.clone(), req);
