@@ -562,6 +562,13 @@ fn carrier_lines(v: &serde_json::Value) -> Vec<String> {
             count(n(m, "forwarded"), "connection", "connections"),
             n(m, "received"),
         ));
+        let (refused, silent, declined) =
+            (n(m, "refused"), n(m, "unacknowledged"), n(m, "declined"));
+        if refused + silent + declined > 0 {
+            out.push(format!(
+                "  not taken: {refused} refused by other hubs, {silent} unanswered (the next hub tried); {declined} refused here"
+            ));
+        }
         for h in m
             .get("hubs")
             .and_then(|x| x.as_array())
@@ -899,6 +906,12 @@ mod tests {
         let sealed = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
             "hubs": [], "sealed": true, "bad_seals": 2}});
         assert!(carrier_lines(&sealed)[0].ends_with("0 received; headers sealed, 2 refused"));
+        let refused = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
+            "hubs": [], "refused": 3, "unacknowledged": 1, "declined": 2}});
+        assert_eq!(
+            carrier_lines(&refused)[1],
+            "  not taken: 3 refused by other hubs, 1 unanswered (the next hub tried); 2 refused here"
+        );
         let acme = serde_json::json!({"mesh": {"name": "hub-a", "etcd_connected": true,
             "hubs": [], "acme_certificates": 2, "acme_answered": 1,
             "acme_orders": [{"host": "blog.gw.test", "hub": "hub-b"}]}});

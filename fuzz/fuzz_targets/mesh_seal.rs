@@ -4,11 +4,14 @@
 //! Invariants checked beyond "no panic":
 //! * arbitrary bytes never verify under a key they were not sealed with
 //!   (whatever they are, the MAC decides);
-//! * a header sealed from the input's addresses and time verifies at that
-//!   time and gives those addresses back, fails at a hub of another name,
-//!   and fails once any one byte of it chosen by the input is changed.
+//! * a header sealed from the input's addresses and time (with or without
+//!   an acknowledgement request) verifies at that time and gives those
+//!   addresses back, carries the request when asked to, fails at a hub of
+//!   another name, and fails once any one byte of it chosen by the input is
+//!   changed.
 #![no_main]
 
+use gatewire::mesh::ack::requested;
 use gatewire::mesh::seal::{carries_seal, seal, verify, SealKey};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -19,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((src, dst)) = verify(&key, "hub-a", data, 1_700_000_000) {
         assert!(carries_seal(data));
         // Only a header made with this key verifies: make it again.
-        let again = seal(&key, "hub-a", src, dst, 1_700_000_000, [0; 8]);
+        let ack = requested(data).expect("a sealed header's TLVs are sound");
+        let again = seal(&key, "hub-a", src, dst, 1_700_000_000, [0; 8], ack);
         assert_eq!(again.len(), data.len());
     }
     // A header made from the input verifies, and any one change breaks it.
@@ -44,8 +48,10 @@ fuzz_target!(|data: &[u8]| {
     // The receiving hub's name, from the input too (up to 63 bytes after
     // the addresses; names are ASCII in practice, any bytes here).
     let to = String::from_utf8_lossy(data.get(40..data.len().min(103)).unwrap_or_default());
-    let h = seal(&key, &to, src, dst, now, [b(5); 8]);
+    let ack = b(8) & 1 == 1;
+    let h = seal(&key, &to, src, dst, now, [b(5); 8], ack);
     let (s, d) = verify(&key, &to, &h, now).expect("a fresh seal verifies");
+    assert_eq!(requested(&h), Ok(ack), "the acknowledgement request");
     assert_eq!(s.port(), src.port());
     assert_eq!(d.port(), dst.port());
     let other = SealKey::new(&[8u8; 32]).expect("32 bytes");

@@ -18,6 +18,11 @@
 # (ttl 3 s) and meanwhile hub A answers 502 quickly; restarted, they come
 # back. With etcd down, hub A keeps serving beta from its last table, and
 # reconnects when etcd is back. Unknown names still get 404 and a TLS alert.
+# A hub that will not serve a connection another hub sent says so before
+# anything reaches the client: gamma, paused at hub B, gets 502 through hub
+# A (hub B refused it; both count it); a stale record lists beta at hub A's
+# own listeners, and through hub A beta still reaches hub B over HTTP and
+# HTTPS once that stale hub (hub A itself) has refused it.
 # Then both hubs restart with a shared secret (`secret_file`): their PROXY
 # headers are sealed; a sealed header made with the secret for hub A is taken
 # from any address, one made with another secret, for another hub or as
@@ -229,6 +234,55 @@ ectl del /gatewire/mesh/hubs/evil >/dev/null
 ectl del /gatewire/mesh/hubs/hub-b >/dev/null
 check "hub B writes its deleted record again" wait_for 5 knows hub hub-b 2
 
+# --- a hub that will not serve a connection says so, and the next hub is tried
+cp "$confB" "$GW_TMP/confB.before"
+cat >>"$confB" <<EOF
+
+[[route]]
+name = "gamma"
+paused = true
+backends = ["http://[$(lab_ov6 n2)]:8080"]
+EOF
+must "hub A learns hub B's paused route" wait_for 15 knows hub hub-b 3
+GAMMA="gamma.$DOMAIN"
+counter() { mesh_json "$1" | jq -r ".$2"; }
+refused0=$(counter hub refused)
+declined0=$(counter hub2 declined)
+# gamma_via_a : gamma through hub A's HTTP status (hub B refuses it, and is
+# then tried after the others for 5 s)
+gamma_via_a() { pcurl -o /dev/null -w '%{http_code}' --resolve "$GAMMA:80:$HUB4" "http://$GAMMA/" || true; }
+assert_eq "gamma, paused at hub B, the one hub that has it: hub B refuses, hub A answers 502" 502 "$(gamma_via_a)"
+check "hub A counts hub B's refusal" test "$(counter hub refused)" -gt "$refused0"
+check "hub B counts the connection it refused" test "$(counter hub2 declined)" -gt "$declined0"
+# A stale record: it lists beta at hub A's own listeners, where there is no
+# route for beta, for a hub that answers whether it takes a connection.
+ectl put /gatewire/mesh/hubs/ghost "{\"v\":1,\"name\":\"ghost\",\"http\":[\"$HUB4:80\"],\"https\":[\"$HUB4:443\"],\"hosts\":[\"$BETA\"],\"ack\":1}" >/dev/null
+must "hub A takes the stale record" wait_for 5 knows hub ghost 1
+refused1=$(counter hub refused)
+declined1=$(counter hub declined)
+# Hub B has just refused gamma: for 5 s hub A tries it last, the stale hub first.
+assert_eq "gamma again (hub B now tried last)" 502 "$(gamma_via_a)"
+body=$(pcurl --resolve "$BETA:80:$HUB4" "http://$BETA/past-ghost" || true)
+check "HTTP: beta through hub A, the stale hub refusing first, reaches n2 through hub B" \
+    grep -q "$MARK2 path=/past-ghost xff=$PUB4 " <<<"$body"
+check "hub A counts both refusals (gamma at hub B, beta at the stale hub)" \
+    test "$(counter hub refused)" -ge $((refused1 + 2))
+check "hub A, as the stale hub, counts the connection it refused" \
+    test "$(counter hub declined)" -gt "$declined1"
+sleep 5.5 # (hub A tries the stale hub, which refused, last for 5 s)
+assert_eq "gamma once more" 502 "$(gamma_via_a)"
+body=$(pcurl --cacert "$CERT_DIR/beta.pem" --resolve "$BETA:443:$HUB4" "https://$BETA/tls-past-ghost" || true)
+check "HTTPS: beta through hub A past the stale hub, hub B's certificate end to end" \
+    grep -q "$MARK2 path=/tls-past-ghost xff=$PUB4 xfp=https" <<<"$body"
+check "hub A counts that refusal too" test "$(counter hub refused)" -ge $((refused1 + 4))
+check "hub A logs gamma's 502s with hub B's refusal as their cause" \
+    jq -e -s 'map(select(.kind == "mesh" and .host == "gamma.gw.test" and .status == 502 and .error == "backend_refused")) | length == 3' \
+    "$GW_TMP/access-hub.log"
+ectl del /gatewire/mesh/hubs/ghost >/dev/null
+cp "$GW_TMP/confB.before" "$confB"
+must "the stale record gone from hub A's table" wait_for 5 forgot hub ghost
+must "gamma gone from hub B" wait_for 15 knows hub hub-b 2
+
 # --- hub B stops: its names leave hub A at once
 lab_stop hub2
 check "hub B stopping withdraws its record at once" wait_for 3 forgot hub hub-b
@@ -252,7 +306,7 @@ check "and within 4 s (took $((t1 - t0)) ms)" test $((t1 - t0)) -lt 4000
 if [ "$code" = 502 ]; then
     sleep 0.5 # (the access log is written by a task of its own)
     check "the 502 is in hub A's access log with its cause" \
-        jq -e -s 'map(select(.kind == "mesh" and .status == 502 and .error == "backend_refused")) | length == 1' \
+        jq -e -s 'map(select(.kind == "mesh" and .host == "beta.gw.test" and .status == 502 and .error == "backend_refused")) | length == 1' \
         "$GW_TMP/access-hub.log"
 fi
 check "hub B's record goes when its lease runs out (ttl 3 s)" wait_for 10 forgot hub hub-b

@@ -48,6 +48,7 @@
 //! | `gatewire_mesh_etcd_connected` | gauge (1/0) | |
 //! | `gatewire_mesh_hubs`, `gatewire_mesh_published_hosts` | gauge | |
 //! | `gatewire_mesh_forwarded_total`, `gatewire_mesh_received_total`, `gatewire_mesh_bad_records_total` | counter | |
+//! | `gatewire_mesh_refused_total`, `gatewire_mesh_unacknowledged_total`, `gatewire_mesh_declined_total` | counter | |
 //! | `gatewire_mesh_acme_certificates`, `gatewire_mesh_acme_orders` | gauge | |
 //! | `gatewire_mesh_acme_answered_total`, `gatewire_mesh_bad_seals_total` | counter | |
 //! | `gatewire_mesh_name_claims`, `gatewire_mesh_name_conflicts` | gauge | |
@@ -144,7 +145,7 @@ pub fn render_at(input: &MetricsInput, now: u64) -> String {
 }
 
 fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
-    let families: [(&'static str, &'static str, Kind, u64); 12] = [
+    let families: [(&'static str, &'static str, Kind, u64); 15] = [
         (
             "gatewire_mesh_etcd_connected",
             "1 while the mesh's etcd session is up (else the last table serves).",
@@ -174,6 +175,24 @@ fn mesh(w: &mut Writer, m: &crate::mesh::MeshView) {
             "Connections other hubs sent here.",
             Kind::Counter,
             m.received,
+        ),
+        (
+            "gatewire_mesh_refused_total",
+            "Tries of another hub that refused a connection (no route, paused, full): the next hub was tried.",
+            Kind::Counter,
+            m.refused,
+        ),
+        (
+            "gatewire_mesh_unacknowledged_total",
+            "Tries of another hub that closed a connection, or did not answer whether it took it in time.",
+            Kind::Counter,
+            m.unacknowledged,
+        ),
+        (
+            "gatewire_mesh_declined_total",
+            "Connections another hub sent that this hub refused (it tried the next).",
+            Kind::Counter,
+            m.declined,
         ),
         (
             "gatewire_mesh_bad_records_total",
@@ -1450,6 +1469,9 @@ mod tests {
                 }],
                 forwarded: 7,
                 received: 5,
+                refused: 8,
+                unacknowledged: 9,
+                declined: 10,
                 bad_records: 1,
                 acme_certificates: 2,
                 acme_orders: vec![crate::mesh::AcmeOrder {
@@ -1477,6 +1499,10 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_published_hosts", &[]), Some(3));
         assert_eq!(p.get("gatewire_mesh_forwarded_total", &[]), Some(7));
         assert_eq!(p.get("gatewire_mesh_received_total", &[]), Some(5));
+        assert_eq!(p.get("gatewire_mesh_refused_total", &[]), Some(8));
+        assert_eq!(p.get("gatewire_mesh_unacknowledged_total", &[]), Some(9));
+        assert_eq!(p.get("gatewire_mesh_declined_total", &[]), Some(10));
+        assert_eq!(p.types["gatewire_mesh_declined_total"], "counter");
         assert_eq!(p.get("gatewire_mesh_bad_records_total", &[]), Some(1));
         assert_eq!(p.get("gatewire_mesh_acme_certificates", &[]), Some(2));
         assert_eq!(p.get("gatewire_mesh_acme_orders", &[]), Some(1));
@@ -1485,6 +1511,6 @@ mod tests {
         assert_eq!(p.get("gatewire_mesh_bad_seals_total", &[]), Some(6));
         assert_eq!(p.get("gatewire_mesh_name_claims", &[]), Some(3));
         assert_eq!(p.get("gatewire_mesh_name_conflicts", &[]), Some(1));
-        assert_eq!(p.types.len(), 21);
+        assert_eq!(p.types.len(), 24);
     }
 }

@@ -1,17 +1,18 @@
 //! Moves one client connection to another hub of the mesh.
 
+use super::ack;
 use super::table::PeerHub;
 use super::Mesh;
 use crate::clock::unix_secs;
 use crate::proxy::io::{splice, Spliced};
-use crate::proxy::proxy_protocol::{encode_v2, Transport};
+use crate::proxy::proxy_protocol::{encode_v2, push_tlv, Transport};
 use crate::proxy::settings::Limits;
 use crate::proxy::stall::SendQueue;
 use crate::proxy::stats::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
@@ -63,6 +64,17 @@ fn may_try(mesh: &Mesh, to: SocketAddr) -> bool {
             .any(|ip| ip.is_ipv4() == to.is_ipv4())
 }
 
+/// Reads a hub's answer ([`ack::ANSWER_LEN`] bytes) within `timeout`, and
+/// not a byte more: what follows is the client's.
+async fn answer(up: &mut TcpStream, timeout: Duration) -> ack::Reply {
+    let mut b = [0u8; ack::ANSWER_LEN];
+    match tokio::time::timeout(timeout, up.read_exact(&mut b)).await {
+        Ok(Ok(_)) => ack::Reply::Bytes(b),
+        Ok(Err(_)) => ack::Reply::Closed,
+        Err(_) => ack::Reply::TimedOut,
+    }
+}
+
 /// Where a connection went, and what the splice moved.
 #[derive(Debug)]
 pub struct Sent {
@@ -103,12 +115,20 @@ pub(crate) fn first_hub(n: usize, ip: std::net::IpAddr) -> usize {
 /// that took it and what the splice moved, or the error to count when none
 /// accepted (the client is then still open, for the caller to answer).
 ///
+/// A hub whose record says it answers ([`PeerHub::ack`]) is asked to
+/// ([`super::ack`]) and has taken the connection only once its acceptance
+/// is read: a refusal, a close, anything else or nothing in its time, and
+/// the next hub gets the same first bytes (the client has had nothing yet).
+/// A hub that does not answer has taken it once the header and `c.first`
+/// are written.
+///
 /// All the tries together take at most `connect_timeout`; each hub at most
-/// [`MAX_CONNECT`] of it over all its addresses (the connects, and writing
-/// the header and `c.first`: a hub that accepts and does not read is left),
-/// and at most half of what is left while other hubs follow. Without a
-/// secret, addresses of a family this hub advertises none of are not tried
-/// ([`may_try`]).
+/// [`MAX_CONNECT`] of it over all its addresses (the connects, writing the
+/// header and `c.first`, and its answer: a hub that accepts and does not
+/// read, or does not answer, is left), and at most half of what is left
+/// while other hubs follow. Without a secret, addresses of a family this hub
+/// advertises none of are not tried ([`may_try`]). A hub that fails is tried
+/// after the others for a while ([`Mesh::candidates`]).
 pub async fn forward(
     mesh: &Mesh,
     hubs: &[Arc<PeerHub>],
@@ -175,8 +195,14 @@ pub async fn forward(
                     dest,
                     unix_secs(),
                     rand_core::RngCore::next_u64(&mut rand_core::OsRng).to_be_bytes(),
+                    hub.ack,
                 )),
-                None => encode_v2(&mut head, Transport::Tcp, peer, dest),
+                None => {
+                    encode_v2(&mut head, Transport::Tcp, peer, dest);
+                    if hub.ack {
+                        push_tlv(&mut head, ack::TLV_TYPE, &[ack::VERSION]);
+                    }
+                }
             }
             head.extend_from_slice(&first);
             let timeout = hub_deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -195,6 +221,16 @@ pub async fn forward(
             }
             // Not held for the life of the connection.
             drop(head);
+            if hub.ack {
+                let timeout = hub_deadline.saturating_duration_since(tokio::time::Instant::now());
+                if let Err(f) = ack::outcome(answer(&mut up, timeout).await) {
+                    debug!(hub = %hub.name, to = %to, why = f.as_str(), "hub did not take the connection; trying the next");
+                    mesh.note_unaccepted(f);
+                    kind = f.kind();
+                    // Its other addresses reach the same hub.
+                    break;
+                }
+            }
             mesh.note_success(&hub.name);
             mesh.counters.connection();
             mesh.counters.add_in(first.len() as u64);
@@ -237,6 +273,7 @@ mod tests {
             http,
             https: Vec::new(),
             hosts: 1,
+            ack: false,
         })
     }
 
@@ -315,6 +352,146 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
         assert_eq!(m.counters.errors_of(ErrorKind::BackendTimeout), 1);
         assert_eq!(failed(&m), ["b", "c"]);
+    }
+
+    /// What a fake hub does once it has read the PROXY header and the first
+    /// bytes.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Writes these bytes and closes.
+        Write(&'static [u8]),
+        /// Closes.
+        Close,
+        /// Says nothing and keeps the connection open.
+        Hold,
+    }
+
+    /// A hub that takes one connection, reads its PROXY header and
+    /// `first_len` bytes, then does `then`; gives back the header and the
+    /// bytes.
+    async fn fake_hub(
+        first_len: usize,
+        then: Then,
+    ) -> (SocketAddr, tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = vec![0u8; 16];
+            s.read_exact(&mut head).await.unwrap();
+            let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+            head.resize(16 + len, 0);
+            s.read_exact(&mut head[16..]).await.unwrap();
+            let mut first = vec![0u8; first_len];
+            s.read_exact(&mut first).await.unwrap();
+            match then {
+                Then::Write(b) => s.write_all(b).await.unwrap(),
+                Then::Close => {}
+                Then::Hold => tokio::time::sleep(Duration::from_secs(30)).await,
+            }
+            (head, first)
+        });
+        (a, task)
+    }
+
+    fn acking(name: &str, to: SocketAddr) -> Arc<PeerHub> {
+        Arc::new(PeerHub {
+            name: name.into(),
+            http: vec![to],
+            https: Vec::new(),
+            hosts: 1,
+            ack: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_refuses_is_left_for_the_next_with_the_same_first_bytes() {
+        let m = mesh(
+            "advertise = [\"198.51.100.1\"]\n",
+            std::path::Path::new("/"),
+        );
+        let first = b"GET / HTTP/1.1\r\nHost: x.gw.test\r\n\r\n".to_vec();
+        let n = first.len();
+        let no_route = ack::encode(Err(ack::Refusal::NoRoute));
+        let no_route: &'static [u8] = Box::leak(Box::new(no_route));
+        let (b, b_got) = fake_hub(n, Then::Write(no_route)).await;
+        let (c, c_got) = fake_hub(n, Then::Write(b"GW\x01\x00served by c")).await;
+        let hubs = [acking("b", b), acking("c", c)];
+        let (cl, mut own) = client(first.clone()).await;
+        let limits = Limits::default();
+        let m2 = m.clone();
+        let sent = tokio::spawn(async move { forward(&m2, &hubs, false, cl, &limits).await });
+        // The client reads c's answer, and nothing of the acknowledgements.
+        let mut got = Vec::new();
+        own.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"served by c");
+        drop(own);
+        let sent = sent.await.unwrap().unwrap();
+        assert_eq!(sent.hub, "c");
+        // Both got the header with the request, and the same first bytes.
+        for (hub, got) in [("b", b_got.await.unwrap()), ("c", c_got.await.unwrap())] {
+            assert_eq!(ack::requested(&got.0), Ok(true), "{hub}");
+            assert_eq!(got.1, first, "{hub}");
+        }
+        assert_eq!(failed(&m), ["b"]);
+        let v = m.view();
+        assert_eq!((v.forwarded, v.refused, v.unacknowledged), (1, 1, 0));
+        assert_eq!(m.counters.errors_of(ErrorKind::BackendRefused), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_closes_says_nothing_or_something_else_is_left() {
+        let m = mesh(
+            "advertise = [\"198.51.100.1\"]\n",
+            std::path::Path::new("/"),
+        );
+        let limits = Limits {
+            connect_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let first = b"GET / HTTP/1.1\r\nHost: x.gw.test\r\n\r\n".to_vec();
+        let n = first.len();
+        let (b, _b) = fake_hub(n, Then::Close).await;
+        let (c, c_task) = fake_hub(n, Then::Hold).await;
+        // A hub of another release: its client's answer comes first.
+        let (d, _d) = fake_hub(n, Then::Write(b"HTTP/1.1 404 Not Found\r\n\r\n")).await;
+        let hubs = [acking("b", b), acking("c", c), acking("d", d)];
+        let (cl, _own) = client(first).await;
+        let started = tokio::time::Instant::now();
+        let Err((_, kind)) = forward(&m, &hubs, false, cl, &limits).await else {
+            panic!("a hub that did not accept took it");
+        };
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // c, which held it, had its share of the time and no more; d then
+        // had the rest.
+        assert_eq!(kind, ErrorKind::BackendProtocol);
+        assert_eq!(m.counters.errors_of(ErrorKind::BackendProtocol), 1);
+        assert_eq!(failed(&m), ["b", "c", "d"]);
+        let v = m.view();
+        assert_eq!((v.forwarded, v.refused, v.unacknowledged), (0, 0, 3));
+        c_task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_does_not_answer_is_not_asked() {
+        let m = mesh(
+            "advertise = [\"198.51.100.1\"]\n",
+            std::path::Path::new("/"),
+        );
+        let first = b"GET / HTTP/1.1\r\nHost: x.gw.test\r\n\r\n".to_vec();
+        let (b, b_got) = fake_hub(first.len(), Then::Write(b"HTTP/1.1 200 OK\r\n\r\n")).await;
+        let (cl, mut own) = client(first).await;
+        let m2 = m.clone();
+        let sent = tokio::spawn(async move {
+            forward(&m2, &[hub("b", vec![b])], false, cl, &Limits::default()).await
+        });
+        let mut got = Vec::new();
+        own.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+        drop(own);
+        assert_eq!(sent.await.unwrap().unwrap().hub, "b");
+        assert_eq!(ack::requested(&b_got.await.unwrap().0), Ok(false));
+        assert_eq!(m.view().forwarded, 1);
     }
 
     #[tokio::test]

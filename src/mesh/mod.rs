@@ -19,7 +19,11 @@
 //! the last table it had; a hub that stops revokes its lease (its record goes
 //! at once), one that dies loses it after `ttl`. Forwarding tries the hubs that
 //! serve a host in turn, starting at a rotating point, and skips for a few
-//! seconds a hub that did not answer.
+//! seconds a hub that did not answer. A hub whose record says so is asked
+//! whether it takes the connection ([`ack`]) and answers before any byte to
+//! the client: one that refuses (a stale table, a paused route), closes or
+//! says nothing is left like one that did not answer, and the next hub gets
+//! the same first bytes.
 //!
 //! ACME is coordinated through the same etcd ([`acme`], [`share`]): one hub
 //! at a time orders a host's certificate, its challenge answers are
@@ -31,10 +35,11 @@
 //! ([`claims`]): the first hub to grant a host holds it for its node, so two
 //! hubs cannot give one name to two nodes.
 //!
-//! [`table`], [`acme`] and [`claims`] are the pure cores; [`etcd`] publishes
+//! [`table`], [`ack`], [`acme`] and [`claims`] are the pure cores; [`etcd`] publishes
 //! and watches; [`forward`] moves a connection; [`share`] is the ACME side of
 //! the store.
 
+pub mod ack;
 pub mod acme;
 pub mod claims;
 pub mod etcd;
@@ -75,6 +80,12 @@ pub struct Mesh {
     status: Mutex<Status>,
     forwarded: AtomicU64,
     received: AtomicU64,
+    /// Tries of another hub that refused a connection ([`ack`]), and of one
+    /// that closed it, answered nothing in its time or something else.
+    refused: AtomicU64,
+    unacknowledged: AtomicU64,
+    /// Connections another hub sent that this one refused.
+    declined: AtomicU64,
     bad_records: AtomicU64,
     /// The etcd client and lease of the running session (for the ACME side).
     session: Mutex<Option<(etcd_client::Client, i64)>>,
@@ -158,6 +169,14 @@ pub struct MeshView {
     pub forwarded: u64,
     /// Connections another hub sent here.
     pub received: u64,
+    /// Tries of another hub that answered it would not serve the
+    /// connection (no route, paused, ...): the next hub was tried.
+    pub refused: u64,
+    /// Tries of another hub asked for an acknowledgement that closed the
+    /// connection, answered nothing in its time, or something else.
+    pub unacknowledged: u64,
+    /// Connections another hub sent here that this hub refused.
+    pub declined: u64,
     /// Records of other hubs that were not used (malformed).
     pub bad_records: u64,
     /// ACME certificates stored in the mesh.
@@ -204,6 +223,9 @@ impl Mesh {
             status: Mutex::new(Status::default()),
             forwarded: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            unacknowledged: AtomicU64::new(0),
+            declined: AtomicU64::new(0),
             bad_records: AtomicU64::new(0),
             session: Mutex::new(None),
             acme: parking_lot::RwLock::new(acme::Shared::default()),
@@ -393,6 +415,20 @@ impl Mesh {
 
     pub(crate) fn note_received(&self) {
         self.received.fetch_add(1, Relaxed);
+    }
+
+    /// A hub asked to acknowledge a connection did not take it.
+    pub(crate) fn note_unaccepted(&self, f: ack::Failure) {
+        if f.is_refusal() {
+            self.refused.fetch_add(1, Relaxed);
+        } else {
+            self.unacknowledged.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// This hub refused a connection another hub sent.
+    pub(crate) fn note_declined(&self) {
+        self.declined.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn note_bad_record(&self) {
@@ -653,6 +689,9 @@ impl Mesh {
                 .collect(),
             forwarded: self.forwarded.load(Relaxed),
             received: self.received.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            unacknowledged: self.unacknowledged.load(Relaxed),
+            declined: self.declined.load(Relaxed),
             bad_records: self.bad_records.load(Relaxed),
             acme_certificates,
             acme_orders,
@@ -712,6 +751,7 @@ mod tests {
                 "198.51.100.1:80".parse().unwrap(),
                 unix_secs() - secs_ago,
                 [7; 8],
+                false,
             )
         };
         let old = at(30);
@@ -741,6 +781,7 @@ mod tests {
                 "198.51.100.1:80".parse().unwrap(),
                 unix_secs(),
                 [n; 8],
+                false,
             )
         };
         let (h1, h2) = (header(1), header(2));
@@ -766,6 +807,7 @@ mod tests {
                 "198.51.100.1:80".parse().unwrap(),
                 unix_secs(),
                 [1; 8],
+                false,
             )
         };
         // The same secret, the same time and nonce: only the name differs.

@@ -13,7 +13,9 @@
 //! `now` (Unix seconds) and the nonce.
 //!
 //! Layout of the TLV (type [`TLV_TYPE`], in the PROXY v2 range for custom
-//! use), always the last 52 bytes of the header and its only TLV:
+//! use), always the last 52 bytes of the header and its only TLV but for an
+//! acknowledgement request ([`super::ack::REQUEST`]) right before it, which
+//! the MAC then covers:
 //!
 //! | bytes | field |
 //! |---|---|
@@ -30,6 +32,7 @@
 //! version 2.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use super::ack::REQUEST;
 use crate::proxy::proxy_protocol::{decode_v2, encode_v2, Command, Transport};
 use ring::hmac;
 use std::collections::HashSet;
@@ -208,7 +211,7 @@ pub fn seal_id(header: &[u8]) -> Option<u128> {
 
 /// A PROXY v2 header for a TCP connection from `src` to `dst`, sealed with
 /// `key` for the hub named `to` (its `[mesh] name`) at `now` (Unix seconds)
-/// with `nonce`.
+/// with `nonce`; with an acknowledgement request when `ack`.
 pub fn seal(
     key: &SealKey,
     to: &str,
@@ -216,9 +219,13 @@ pub fn seal(
     dst: SocketAddr,
     now: u64,
     nonce: [u8; 8],
+    ack: bool,
 ) -> Vec<u8> {
-    let mut h = Vec::with_capacity(16 + 36 + TLV_LEN);
+    let mut h = Vec::with_capacity(16 + 36 + REQUEST.len() + TLV_LEN);
     encode_v2(&mut h, Transport::Tcp, src, dst);
+    if ack {
+        h.extend_from_slice(&REQUEST);
+    }
     // The header's length (bytes 14 and 15) takes the TLV in.
     let body = h.len().saturating_sub(16) + TLV_LEN;
     let len = u16::try_from(body).unwrap_or(u16::MAX).to_be_bytes();
@@ -257,16 +264,24 @@ pub fn verify(
     if d.len != header.len() {
         return Err(SealError::NotProxy);
     }
-    // The addresses, then exactly one TLV: the seal.
+    // The addresses, then the seal, with at most an acknowledgement request
+    // between.
     let addr_len = if src.is_ipv4() && dst.is_ipv4() {
         12
     } else {
         36
     };
-    if header.len() != 16 + addr_len + TLV_LEN {
-        return Err(SealError::Missing);
+    let tlv_at = header
+        .len()
+        .checked_sub(TLV_LEN)
+        .filter(|&at| at >= 16 + addr_len)
+        .ok_or(SealError::Missing)?;
+    match header.get(16 + addr_len..tlv_at) {
+        Some([]) => {}
+        Some(between) if between == REQUEST => {}
+        _ => return Err(SealError::Missing),
     }
-    let tlv = header.get(16 + addr_len..).ok_or(SealError::Missing)?;
+    let tlv = header.get(tlv_at..).ok_or(SealError::Missing)?;
     let (head, mac) = header.split_at(header.len() - 32);
     match tlv {
         [TLV_TYPE, 0, l, version, rest @ ..] if usize::from(*l) == TLV_VALUE_LEN => {
@@ -323,7 +338,7 @@ mod tests {
     #[test]
     fn a_sealed_header_is_a_proxy_header_and_verifies() {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
-        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8]);
+        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8], false);
         assert_eq!(h.len(), 16 + 12 + TLV_LEN);
         assert_eq!(h[16 + 12 + 3], SEAL_VERSION);
         // Any PROXY v2 reader sees the addresses (and skips the TLV).
@@ -333,7 +348,7 @@ mod tests {
         assert_eq!(verify(&key(1), "a", &h, 1_000_000), Ok((src, dst)));
         assert_eq!(verify(&key(1), "a", &h, 1_000_060), Ok((src, dst)));
         assert_eq!(verify(&key(1), "a", &h, 999_940), Ok((src, dst)));
-        let v6 = seal(&key(1), "a", sa("[2001:db8::7]:1"), dst, 5, [0; 8]);
+        let v6 = seal(&key(1), "a", sa("[2001:db8::7]:1"), dst, 5, [0; 8], false);
         assert_eq!(v6.len(), 16 + 36 + TLV_LEN);
         assert!(verify(&key(1), "a", &v6, 5).is_ok());
     }
@@ -349,6 +364,7 @@ mod tests {
             sa("203.0.113.1:443"),
             1_000_000,
             [9; 8],
+            false,
         );
         let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
@@ -360,9 +376,56 @@ mod tests {
     }
 
     #[test]
+    fn an_acknowledgement_request_is_sealed_with_the_header() {
+        let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
+        let h = seal(&key(1), "hub-a", src, dst, 1_000_000, [9; 8], true);
+        // Made independently (Python's hmac), as the pinned vector above.
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "0d0a0d0a000d0a515549540a21110044c6336407cb0071019c4001bb\
+             e8000101\
+             e700310200000000000f42400909090909090909\
+             270d680c605c0ffc35c367d61a65df0fe9ddae0cd12ee28c1ce804f965df9d6d"
+        );
+        assert_eq!(verify(&key(1), "hub-a", &h, 1_000_000), Ok((src, dst)));
+        assert!(carries_seal(&h));
+        assert_eq!(crate::mesh::ack::requested(&h), Ok(true));
+        let plain = seal(&key(1), "hub-a", src, dst, 1_000_000, [9; 8], false);
+        assert_eq!(crate::mesh::ack::requested(&plain), Ok(false));
+        // The request taken out (the length put right), or put into a seal
+        // made without it: the MAC no longer holds.
+        let mut cut = h.clone();
+        cut.drain(28..32);
+        cut[15] -= 4;
+        assert_eq!(
+            verify(&key(1), "hub-a", &cut, 1_000_000),
+            Err(SealError::Mac)
+        );
+        let mut added = plain.clone();
+        added.splice(28..28, crate::mesh::ack::REQUEST);
+        added[15] += 4;
+        assert_eq!(
+            verify(&key(1), "hub-a", &added, 1_000_000),
+            Err(SealError::Mac)
+        );
+        // Any other TLV before the seal: no seal this hub takes.
+        let mut other = plain.clone();
+        other.splice(28..28, [0x04, 0, 1, 1]);
+        other[15] += 4;
+        assert_eq!(
+            verify(&key(1), "hub-a", &other, 1_000_000),
+            Err(SealError::Missing)
+        );
+        let v6 = seal(&key(1), "a", sa("[2001:db8::7]:1"), dst, 5, [0; 8], true);
+        assert_eq!(v6.len(), 16 + 36 + 4 + TLV_LEN);
+        assert!(verify(&key(1), "a", &v6, 5).is_ok());
+    }
+
+    #[test]
     fn a_seal_holds_only_at_the_hub_it_was_made_for() {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
-        let h = seal(&key(1), "hub-a", src, dst, 1_000_000, [9; 8]);
+        let h = seal(&key(1), "hub-a", src, dst, 1_000_000, [9; 8], false);
         assert_eq!(verify(&key(1), "hub-a", &h, 1_000_000), Ok((src, dst)));
         // The same bytes at another hub: refused like another secret's.
         for other in ["hub-b", "hub-ab", "hub-", "HUB-A", ""] {
@@ -374,7 +437,7 @@ mod tests {
         }
         // The name is in the MAC only: the header is as long as ever, and
         // one made for another hub differs in nothing but the MAC.
-        let b = seal(&key(1), "hub-b", src, dst, 1_000_000, [9; 8]);
+        let b = seal(&key(1), "hub-b", src, dst, 1_000_000, [9; 8], false);
         assert_eq!(b.len(), h.len());
         assert_eq!(b[..b.len() - 32], h[..h.len() - 32]);
         assert_ne!(b[b.len() - 32..], h[h.len() - 32..]);
@@ -387,7 +450,10 @@ mod tests {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
         let old = seal_v1(&key(1), src, dst, 1_000_000);
         // A genuine seal of an older hub: its layout is the same ...
-        assert_eq!(old.len(), seal(&key(1), "a", src, dst, 1, [0; 8]).len());
+        assert_eq!(
+            old.len(),
+            seal(&key(1), "a", src, dst, 1, [0; 8], false).len()
+        );
         assert!(carries_seal(&old));
         // ... but it is bound to no hub, so it is not taken, whatever the
         // name or the secret.
@@ -416,7 +482,7 @@ mod tests {
     #[test]
     fn every_fault_is_named() {
         let (src, dst) = (sa("198.51.100.7:40000"), sa("203.0.113.1:443"));
-        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8]);
+        let h = seal(&key(1), "a", src, dst, 1_000_000, [9; 8], false);
         assert_eq!(verify(&key(2), "a", &h, 1_000_000), Err(SealError::Mac));
         assert_eq!(
             verify(&key(1), "a", &h, 1_000_061),
@@ -467,6 +533,7 @@ mod tests {
             sa("192.0.2.2:80"),
             1_000,
             [1; 8],
+            false,
         );
         let id = seal_id(&h).unwrap();
         assert_eq!(g.admit(id, 1_000), Admit::New);
@@ -537,9 +604,10 @@ mod tests {
             bit in 0u8..8,
             now in 0u64..u64::MAX / 2,
             to in "[a-z0-9_.-]{1,63}",
+            ack in any::<bool>(),
         ) {
             let src = if v6 { sa("[2001:db8::1]:5") } else { sa("192.0.2.1:5") };
-            let h = seal(&key(3), &to, src, sa("192.0.2.2:80"), now, [1; 8]);
+            let h = seal(&key(3), &to, src, sa("192.0.2.2:80"), now, [1; 8], ack);
             prop_assert!(verify(&key(3), &to, &h, now).is_ok());
             let mut bad = h.clone();
             let i = at % bad.len();
@@ -554,7 +622,7 @@ mod tests {
             me in "[a-z0-9_.-]{1,63}",
             now in 0u64..u64::MAX / 2,
         ) {
-            let h = seal(&key(3), &to, sa("192.0.2.1:5"), sa("192.0.2.2:80"), now, [1; 8]);
+            let h = seal(&key(3), &to, sa("192.0.2.1:5"), sa("192.0.2.2:80"), now, [1; 8], false);
             if me == to {
                 prop_assert!(verify(&key(3), &me, &h, now).is_ok());
             } else {

@@ -51,6 +51,11 @@ pub struct HubRecord {
     /// when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<IpAddr>,
+    /// The version of acknowledgements it answers ([`super::ack`]), when it
+    /// answers them: 0 (a hub of an older release writes none) is asked for
+    /// none, and its connections count as taken once the header is written.
+    #[serde(default)]
+    pub ack: u8,
 }
 
 impl HubRecord {
@@ -97,6 +102,7 @@ impl HubRecord {
             hosts,
             dns: Vec::new(),
             from,
+            ack: super::ack::VERSION,
         }
     }
 
@@ -227,6 +233,8 @@ pub struct PeerHub {
     pub https: Vec<SocketAddr>,
     /// How many hosts it serves.
     pub hosts: usize,
+    /// It answers whether it takes a connection ([`super::ack`]).
+    pub ack: bool,
 }
 
 impl PeerHub {
@@ -266,6 +274,8 @@ impl Table {
                 http: r.http.clone(),
                 https: r.https.clone(),
                 hosts: r.hosts.len(),
+                // (A newer version's hub answers this one's too.)
+                ack: r.ack >= super::ack::VERSION,
             });
             let listeners = r.http.iter().chain(&r.https).map(|a| a.ip());
             for ip in listeners.chain(r.from.iter().copied()) {
@@ -398,6 +408,12 @@ mod tests {
         let old = decode_record("a", br#"{"v":1,"name":"a","http":["198.51.100.1:80"]}"#).unwrap();
         assert!(old.from.is_empty());
         assert!(Table::build("me", [&old]).trusts(v4));
+        // Such a hub answers no acknowledgements; this release's does.
+        assert_eq!(old.ack, 0);
+        assert!(!Table::build("me", [&old]).hubs()[0].ack);
+        assert_eq!(a.ack, super::super::ack::VERSION);
+        assert!(String::from_utf8(a.encode()).unwrap().contains("\"ack\":1"));
+        assert!(Table::build("me", [&back]).hubs()[0].ack);
         for bad in ["127.0.0.1", "::", "ff02::1", "255.255.255.255"] {
             let json = format!(r#"{{"v":1,"name":"a","from":["{bad}"]}}"#);
             assert!(

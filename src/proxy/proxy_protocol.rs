@@ -86,6 +86,9 @@ pub enum DecodeError {
     /// A version 1 line that breaks the grammar.
     #[error("bad PROXY v1 header: {0}")]
     Malformed(&'static str),
+    /// A v2 TLV that runs past the end of its header.
+    #[error("PROXY v2 TLV runs past the end of the header")]
+    Tlv,
 }
 
 /// Longest version 1 header, `\r\n` included.
@@ -242,6 +245,60 @@ pub fn encode_v2_local(out: &mut Vec<u8>) {
     out.push(0x20);
     out.push(0x00);
     out.extend_from_slice(&0u16.to_be_bytes());
+}
+
+/// Appends the TLV `kind`, `value` to `header` (one v2 header from its
+/// first byte, as [`encode_v2`] writes it) and makes its length field take
+/// the TLV in. A value longer than a TLV holds is cut to 65,535 bytes.
+pub fn push_tlv(header: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    let value = value
+        .get(..value.len().min(usize::from(u16::MAX)))
+        .unwrap_or(value);
+    header.push(kind);
+    header.extend_from_slice(&u16::try_from(value.len()).unwrap_or(u16::MAX).to_be_bytes());
+    header.extend_from_slice(value);
+    let body = u16::try_from(header.len().saturating_sub(FIXED_LEN)).unwrap_or(u16::MAX);
+    if let Some(l) = header.get_mut(14..FIXED_LEN) {
+        l.copy_from_slice(&body.to_be_bytes());
+    }
+}
+
+/// One TLV of a v2 header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tlv<'a> {
+    /// Its type (`0xE0` to `0xEF` are for custom use).
+    pub kind: u8,
+    pub value: &'a [u8],
+}
+
+/// The TLVs of the v2 header at the start of `buf`, in order: what follows
+/// the address block of its family, up to the end its length field sets.
+/// A header of a family with no known address block (neither `AF_INET`,
+/// `AF_INET6`, `AF_UNIX` nor `AF_UNSPEC`) has none that can be found.
+pub fn tlvs_v2(buf: &[u8]) -> Result<Vec<Tlv<'_>>, DecodeError> {
+    let d = decode_v2(buf)?;
+    let fam = buf.get(13).copied().unwrap_or(0) >> 4;
+    let addr_len = match fam {
+        0 => 0,
+        1 => V4_ADDR_LEN,
+        2 => V6_ADDR_LEN,
+        3 => 216,
+        _ => return Ok(Vec::new()),
+    };
+    let body = buf.get(FIXED_LEN..d.len).ok_or(DecodeError::Incomplete)?;
+    let mut rest = body.get(addr_len..).ok_or(DecodeError::Short)?;
+    let mut out = Vec::new();
+    while let [kind, l0, l1, tail @ ..] = rest {
+        let n = usize::from(u16::from_be_bytes([*l0, *l1]));
+        let value = tail.get(..n).ok_or(DecodeError::Tlv)?;
+        out.push(Tlv { kind: *kind, value });
+        rest = tail.get(n..).unwrap_or_default();
+    }
+    if rest.is_empty() {
+        Ok(out)
+    } else {
+        Err(DecodeError::Tlv)
+    }
 }
 
 fn arr<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
@@ -411,6 +468,63 @@ mod tests {
     }
 
     #[test]
+    fn tlvs_are_listed_and_overruns_refused() {
+        let mut out = Vec::new();
+        encode_v2(&mut out, Transport::Tcp, sa("1.2.3.4:5"), sa("6.7.8.9:10"));
+        assert_eq!(tlvs_v2(&out).unwrap(), []);
+        push_tlv(&mut out, 0xE8, &[1]);
+        push_tlv(&mut out, 0x04, b"");
+        push_tlv(&mut out, 0xE7, b"xyz");
+        assert_eq!(decode_v2(&out).unwrap().len, out.len());
+        assert_eq!(
+            tlvs_v2(&out).unwrap(),
+            [
+                Tlv {
+                    kind: 0xE8,
+                    value: &[1]
+                },
+                Tlv {
+                    kind: 0x04,
+                    value: b""
+                },
+                Tlv {
+                    kind: 0xE7,
+                    value: b"xyz"
+                },
+            ]
+        );
+        // Bytes after the header are not its TLVs.
+        let mut more = out.clone();
+        more.extend_from_slice(&[0xE9, 0, 0]);
+        assert_eq!(tlvs_v2(&more).unwrap().len(), 3);
+        // A TLV longer than the header, or a stub of one.
+        let mut over = out.clone();
+        let at = over.len() - 4;
+        over[at] = 9;
+        assert_eq!(tlvs_v2(&over), Err(DecodeError::Tlv));
+        let mut stub = Vec::new();
+        encode_v2(&mut stub, Transport::Tcp, sa("1.2.3.4:5"), sa("6.7.8.9:10"));
+        stub.extend_from_slice(&[0xE8, 0]);
+        stub[15] += 2;
+        assert_eq!(tlvs_v2(&stub), Err(DecodeError::Tlv));
+        // IPv6 and LOCAL headers.
+        let mut v6 = Vec::new();
+        encode_v2(
+            &mut v6,
+            Transport::Tcp,
+            sa("[2001:db8::1]:5"),
+            sa("[2001:db8::2]:6"),
+        );
+        push_tlv(&mut v6, 0xE8, &[1]);
+        assert_eq!(tlvs_v2(&v6).unwrap().len(), 1);
+        let mut local = Vec::new();
+        encode_v2_local(&mut local);
+        push_tlv(&mut local, 0x01, b"h2");
+        assert_eq!(tlvs_v2(&local).unwrap()[0].value, b"h2");
+        assert_eq!(tlvs_v2(b"PROXY TCP4 "), Err(DecodeError::NoSignature));
+    }
+
+    #[test]
     fn v1_vectors() {
         let d = decode(b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 443\r\nGET /").unwrap();
         assert_eq!(d.len, 44);
@@ -526,6 +640,7 @@ mod tests {
             let mut s = SIGNATURE.to_vec();
             s.extend_from_slice(&b);
             let _ = decode_v2(&s);
+            let _ = tlvs_v2(&s);
         }
     }
 }

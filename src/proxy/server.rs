@@ -1532,6 +1532,9 @@ async fn accept_loop(
             let sealed = web && mesh.as_ref().is_some_and(|m| m.seal_key().is_some());
             let limit = shared.limits.handshake_timeout;
             let mut from_hub = false;
+            // The hub that sent it asked to be told whether this hub serves
+            // it (`mesh::ack`).
+            let mut ack_asked = false;
             // A `proxy_protocol_from` balancer's header named the client.
             let mut via_balancer = false;
             // The next header is a hub's.
@@ -1585,6 +1588,14 @@ async fn accept_loop(
                             }
                         }
                     }
+                    match crate::mesh::ack::requested(&raw) {
+                        Ok(asked) => ack_asked = asked,
+                        Err(e) => {
+                            debug!(from = %peer, error = %e, "mesh: a hub's PROXY header asks for an answer this hub cannot give");
+                            shared.listener.error(ErrorKind::BadProxyHeader);
+                            return;
+                        }
+                    }
                     from_hub = true;
                     if let Some(m) = &mesh {
                         m.note_received();
@@ -1628,6 +1639,7 @@ async fn accept_loop(
             } else {
                 None
             };
+            let mut ack = mesh.clone().filter(|_| from_hub && ack_asked);
             let mesh = mesh.filter(|m| !from_hub && !m.is_empty());
             match kind {
                 Kind::Http => {
@@ -1652,6 +1664,15 @@ async fn accept_loop(
                             }
                             _ => (sock, first),
                         };
+                        let (sock, first) = if ack.is_some() {
+                            match http_answer_hub(&shared, sock, first, h2c, left(), &mut ack).await
+                            {
+                                Some(x) => x,
+                                None => return,
+                            }
+                        } else {
+                            (sock, first)
+                        };
                         let trusted = shared.trusts_forwarding(peer.ip());
                         let queue = Some(SendQueue::of(&sock));
                         let info =
@@ -1665,7 +1686,8 @@ async fn accept_loop(
                     }
                 }
                 Kind::Https => {
-                    serve_tls(shared, sock, peer, dest, retired, mesh, left(), slot).await
+                    let hub = (mesh, ack);
+                    serve_tls(shared, sock, peer, dest, retired, hub, left(), slot).await
                 }
                 Kind::Tcp => {
                     let fwd = shared
@@ -2098,6 +2120,30 @@ async fn http_via_mesh(
     wait: Duration,
     slot: &ConnSlot,
 ) -> Option<(TcpStream, Vec<u8>)> {
+    let host = read_head_host(shared, &mut sock, &mut first, wait).await?;
+    let hubs = host
+        .as_ref()
+        .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h, peer.ip()));
+    let (Some(host), false) = (host, hubs.is_empty()) else {
+        return Some((sock, first));
+    };
+    let conn = (sock, peer, dest, first);
+    via_mesh(shared.clone(), mesh, &hubs, &host, false, conn, slot).await;
+    None
+}
+
+/// Reads the first request's head (after `first`, what was read already,
+/// which takes what comes) until its `Host` shows: `Some(Some(host))`;
+/// `Some(None)` when the connection is this hub's whatever the host (a
+/// node's WebSocket tunnel) or the head is one hyper answers (unreadable);
+/// `None` when the client closed or stalled past `wait`, as hyper would have
+/// closed it.
+async fn read_head_host(
+    shared: &Shared,
+    sock: &mut TcpStream,
+    first: &mut Vec<u8>,
+    wait: Duration,
+) -> Option<Option<DomainName>> {
     use crate::proxy::detect::{sniff_http_host_capped, SniffError};
     let limits = &shared.limits;
     let cap = limits.max_header_bytes.max(1024);
@@ -2110,7 +2156,7 @@ async fn http_via_mesh(
         let mut scan = true;
         loop {
             if scan {
-                match sniff_http_host_capped(&first, cap) {
+                match sniff_http_host_capped(first, cap) {
                     Err(SniffError::Incomplete) => {}
                     // A node's WebSocket tunnel is this hub's, whatever
                     // the host.
@@ -2132,22 +2178,73 @@ async fn http_via_mesh(
             }
         }
     };
-    let host = match tokio::time::timeout(wait, read).await {
-        Ok(h) => h?,
+    match tokio::time::timeout(wait, read).await {
+        Ok(h) => h,
         Err(_) => {
             head_late(shared);
-            return None;
+            None
+        }
+    }
+}
+
+/// On a plain HTTP listener, a connection another hub sent asking to be
+/// told whether this hub serves it: reads the first request's head as far
+/// as the sending hub did (its `Host`) and answers for this hub's route for
+/// that host ([`answer_hub`]). The socket and what was read, to be served
+/// here; `None` when refused, or when the client closed or stalled.
+async fn http_answer_hub(
+    shared: &Shared,
+    mut sock: TcpStream,
+    mut first: Vec<u8>,
+    h2c: bool,
+    wait: Duration,
+    ack: &mut Option<Arc<crate::mesh::Mesh>>,
+) -> Option<(TcpStream, Vec<u8>)> {
+    use crate::mesh::ack::{verdict, RouteState};
+    // (A hub sends on no h2c connection; one that comes is served here.)
+    let v = if h2c {
+        Ok(())
+    } else {
+        match read_head_host(shared, &mut sock, &mut first, wait).await? {
+            Some(host) => verdict(shared.table.lookup(&host).map(|r| RouteState {
+                servable: true,
+                paused: r.settings.paused,
+            })),
+            None => Ok(()),
         }
     };
-    let hubs = host
-        .as_ref()
-        .map_or_else(Vec::new, |h| mesh_hubs(shared, mesh, h, peer.ip()));
-    let (Some(host), false) = (host, hubs.is_empty()) else {
-        return Some((sock, first));
+    answer_hub(&mut sock, ack, v).await.then_some((sock, first))
+}
+
+/// Tells the hub that sent this connection whether this hub serves it
+/// (`v`), when it asked (`ack`, taken: one answer a connection), before any
+/// byte of the client's answer. Whether this hub goes on with the
+/// connection: not when it refused (the sending hub tries the next hub
+/// that serves the host, and answers the client), nor when the answer
+/// could not be written (the sending hub is gone). Without a request,
+/// always: the client gets this hub's answer, refusal or not.
+async fn answer_hub(
+    sock: &mut TcpStream,
+    ack: &mut Option<Arc<crate::mesh::Mesh>>,
+    v: crate::mesh::ack::Verdict,
+) -> bool {
+    let Some(m) = ack.take() else {
+        return true;
     };
-    let conn = (sock, peer, dest, first);
-    via_mesh(shared.clone(), mesh, &hubs, &host, false, conn, slot).await;
-    None
+    if let Err(r) = v {
+        m.note_declined();
+        debug!(
+            why = r.as_str(),
+            "mesh: not served here; the sending hub tries the next"
+        );
+    }
+    match sock.write_all(&crate::mesh::ack::encode(v)).await {
+        Ok(()) => v.is_ok(),
+        Err(e) => {
+            debug!(error = %e, "mesh: the sending hub went before its answer");
+            false
+        }
+    }
 }
 
 /// Whether `bytes` hold the end of an HTTP/1 head (`\n\n` or `\n\r\n`).
@@ -2638,10 +2735,16 @@ async fn serve_tls(
     peer: SocketAddr,
     dest: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
-    mesh: Option<Arc<crate::mesh::Mesh>>,
+    // The mesh to send the connection on through, when it came from a
+    // client; the hub that sent it, when that hub asked for an answer.
+    (mesh, mut ack): (
+        Option<Arc<crate::mesh::Mesh>>,
+        Option<Arc<crate::mesh::Mesh>>,
+    ),
     hello_wait: Duration,
     slot: Arc<ConnSlot>,
 ) {
+    use crate::mesh::ack::{verdict, Refusal, RouteState};
     let limits = shared.limits.clone();
     // One wait for the whole handshake, ClientHello included: no stage
     // starts a fresh one for a slow client.
@@ -2658,6 +2761,9 @@ async fn serve_tls(
             let key = sni.as_ref().and_then(|s| shared.acme.alpn01(s.as_str()));
             match key.map(tls::acme_alpn_config) {
                 Some(Ok(cfg)) => {
+                    if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                        return;
+                    }
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
                     let io = Prefixed::new(bytes, sock);
                     if let Ok(Ok(mut t)) = tokio::time::timeout(left(), acceptor.accept(io)).await {
@@ -2674,6 +2780,10 @@ async fn serve_tls(
                             via_mesh(shared, m, &hubs, h, true, conn, &slot).await;
                             return;
                         }
+                    }
+                    // Perhaps another hub that serves the name has it.
+                    if !answer_hub(&mut sock, &mut ack, Err(Refusal::NoRoute)).await {
+                        return;
                     }
                     shared.listener.error(ErrorKind::UnknownSni);
                     tls::send_alert(&mut sock, &tls::ALERT_UNRECOGNIZED_NAME).await;
@@ -2696,6 +2806,9 @@ async fn serve_tls(
             drop(shared);
             drop(slot);
             if let Some(hub) = hub {
+                if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                    return;
+                }
                 let wait = left();
                 let io = Prefixed::new(bytes, sock);
                 tokio::spawn(async move { hub.serve(io, peer, wait).await }.in_current_span());
@@ -2726,6 +2839,15 @@ async fn serve_tls(
             return;
         }
     }
+    // Refused here, another hub that serves the host may take it; taken,
+    // the sending hub hears so before the client's answer (below).
+    let v = verdict(route.as_ref().map(|r| RouteState {
+        servable: r.settings.tls == TlsMode::Passthrough || r.has_cert,
+        paused: r.settings.paused,
+    }));
+    if v.is_err() && !answer_hub(&mut sock, &mut ack, v).await {
+        return;
+    }
     let Some(route) = route.filter(|r| r.settings.tls == TlsMode::Passthrough || r.has_cert) else {
         debug!(sni = ?sni.as_ref().map(|s| s.as_str()), "unknown SNI");
         shared.listener.error(ErrorKind::UnknownSni);
@@ -2746,13 +2868,21 @@ async fn serve_tls(
     match route.settings.tls {
         // Terminated routes answer 403 per request (the same on :80 and
         // :443); on :443 they refuse the handshake first (below).
+        // (A client the route refuses gets its answer from this hub: the
+        // route is served here.)
         TlsMode::Passthrough if !route.settings.access.permits(peer.ip()) => {
+            if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                return;
+            }
             refuse(&c, &mut rec, ErrorKind::Denied);
             tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
         }
         // The guard takes a token (after the address rules: refused clients
         // take none).
         TlsMode::Passthrough if over_limit(&route.limiter, peer.ip()).is_some() => {
+            if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                return;
+            }
             refuse(&c, &mut rec, ErrorKind::RateLimited);
             tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
         }
@@ -2764,6 +2894,9 @@ async fn serve_tls(
             // Spliced as it is: never idle to the count.
             slot.hold();
             let Ok(_slot) = route.upstreams.admit() else {
+                if !answer_hub(&mut sock, &mut ack, Err(Refusal::Full)).await {
+                    return;
+                }
                 refuse(&c, &mut rec, ErrorKind::OverCapacity);
                 tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
                 return;
@@ -2771,6 +2904,9 @@ async fn serve_tls(
             let Some(local) = dest.or_else(|| sock.local_addr().ok()) else {
                 return;
             };
+            if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                return;
+            }
             let (b, _lease, backend) = match open_backend(
                 &route.upstreams,
                 &c,
@@ -2814,12 +2950,18 @@ async fn serve_tls(
             // speaks for many, each judged per request.
             if !shared.trusts_forwarding(peer.ip()) {
                 if !route.settings.access.permits(peer.ip()) {
+                    if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                        return;
+                    }
                     c.error(ErrorKind::Denied);
                     debug!(route = %route.id, "client address denied: no TLS handshake");
                     tls::send_alert(&mut sock, &tls::ALERT_ACCESS_DENIED).await;
                     return;
                 }
                 if limited(&route.limiter, peer.ip()) {
+                    if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                        return;
+                    }
                     c.error(ErrorKind::RateLimited);
                     debug!(route = %route.id, "client over the rate limit: no TLS handshake");
                     tls::send_alert(&mut sock, &tls::ALERT_INTERNAL_ERROR).await;
@@ -2829,6 +2971,9 @@ async fn serve_tls(
             let Some(cfg) = shared.tls.clone() else {
                 return;
             };
+            if !answer_hub(&mut sock, &mut ack, Ok(())).await {
+                return;
+            }
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             let queue = Some(SendQueue::of(&sock));
             let io = Prefixed::new(bytes, sock);
