@@ -575,6 +575,23 @@ mod tests {
         p
     }
 
+    /// The answer to the IPv6 UDP packet `to` (addresses and ports
+    /// swapped), with `len` bytes of payload, checksum right.
+    fn udp6_answer(to: &[u8], len: usize) -> Vec<u8> {
+        let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&to[at..at + 16]).unwrap());
+        let (src, dst) = (addr(24), addr(8));
+        let mut a = udp6_between(src, dst, 64, len);
+        a[40..42].copy_from_slice(&to[42..44]);
+        a[42..44].copy_from_slice(&to[40..42]);
+        a[46..48].fill(0);
+        let c = xlat::csum::finish(xlat::csum::add(
+            xlat::csum::pseudo_v6(&src.octets(), &dst.octets(), 17, (8 + len) as u32),
+            xlat::csum::sum(&a[40..]),
+        ));
+        a[46..48].copy_from_slice(&c.to_be_bytes());
+        a
+    }
+
     /// An IPv6 UDP packet from pool6 + 198.51.100.2 to pool6 + 192.0.2.1
     /// with hop limit `hop`.
     fn udp6(hop: u8) -> Vec<u8> {
@@ -846,15 +863,7 @@ mod tests {
         assert_eq!(&v6[8..24], &pool4_v6.octets());
         assert_eq!(&v6[24..40], &eam_v6.octets());
         // Its answer.
-        let mut answer = udp6_between(eam_v6, pool4_v6, 64, 4);
-        answer[40..42].copy_from_slice(&v6[42..44]);
-        answer[42..44].copy_from_slice(&v6[40..42]);
-        answer[46..48].fill(0);
-        let c = xlat::csum::finish(xlat::csum::add(
-            xlat::csum::pseudo_v6(&eam_v6.octets(), &pool4_v6.octets(), 17, 12),
-            xlat::csum::sum(&answer[40..]),
-        ));
-        answer[46..48].copy_from_slice(&c.to_be_bytes());
+        let answer = udp6_answer(&v6, 4);
         const EAM_NODE: nat64::Owner = [9; 16];
         let Some(Outcome::Forward(pk)) = x.on_peer(&answer, &mut out, 11, EAM_NODE, owns) else {
             panic!("the answer goes out to pool4");
@@ -1147,15 +1156,7 @@ mod tests {
         let pool4_v6 = embed(&wkp, [198, 51, 100, 200]);
         assert_eq!(&v6[8..24], &pool4_v6.octets());
         assert_eq!(&v6[24..40], &eam_v6.octets());
-        let mut answer = udp6_between(eam_v6, pool4_v6, 64, 4);
-        answer[40..42].copy_from_slice(&v6[42..44]);
-        answer[42..44].copy_from_slice(&v6[40..42]);
-        answer[46..48].fill(0);
-        let c = xlat::csum::finish(xlat::csum::add(
-            xlat::csum::pseudo_v6(&eam_v6.octets(), &pool4_v6.octets(), 17, 12),
-            xlat::csum::sum(&answer[40..]),
-        ));
-        answer[46..48].copy_from_slice(&c.to_be_bytes());
+        let answer = udp6_answer(&v6, 4);
         const EAM_NODE: nat64::Owner = [9; 16];
         let o = x.on_peer(&answer, &mut out, 11, EAM_NODE, owns);
         let Some(Outcome::Forward(pk)) = o else {
